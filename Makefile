@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU-only machines take the CPU build of torch 2.13.0; machines with an NVIDIA driver take the CUDA build.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-gpu bench bench-smoke report clean
+
+$(STAMP): setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" triton numpy tqdm pytest pytest-benchmark
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m interformer demo
+
+# On a machine without a GPU the Triton kernels run under the interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1); GPU-only checks are marked `gpu`.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench -q --benchmark-json=bench/results/latest.json
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m pytest bench -q --benchmark-disable
+
+report: $(STAMP)
+	$(BIN)/python bench/report.py bench/results/latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

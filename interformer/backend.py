@@ -1,0 +1,113 @@
+"""Backend selection for fused-capable modules.
+
+Every fused-capable module takes ``backend=`` with one of:
+
+* ``"auto"``   -- Triton when the module's parameters live on a CUDA device and Triton imports,
+  the eager reference otherwise (CPU tensors never go through the Triton interpreter by accident).
+* ``"eager"``  -- always the plain PyTorch reference of :mod:`interformer.reference`.
+* ``"triton"`` -- always the fused kernels of :mod:`interformer.kernels`; on CPU tensors this needs
+  ``TRITON_INTERPRET=1`` set before Triton is imported.
+
+Decision: ``"auto"`` looks at the module's *parameters*, not at the input tensor. Parameters are
+real tensors even while ``torch.fx.symbolic_trace`` or ``torch.compile`` traces the forward, so the
+choice never depends on a traced value and the traced graph holds the op that will actually run.
+
+The process-wide default for newly built modules comes from the environment variable
+``INTERFORMER_BACKEND`` (``auto`` when unset).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "eager", "triton")
+ENV_VAR = "INTERFORMER_BACKEND"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def default_backend() -> str:
+    """The backend named by ``$INTERFORMER_BACKEND``, or ``"auto"``."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"${ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernel_function(module_name: str, op: str) -> Callable | None:
+    """The fused implementation ``interformer.kernels.<module_name>.<op>``, or None if absent."""
+    if not triton_available():
+        return None
+    try:
+        mod = importlib.import_module(f"interformer.kernels.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"interformer.kernels.{module_name}":
+            return None
+        raise
+    return getattr(mod, op, None)
+
+
+def resolve(module_name: str, op: str, backend: str, device: torch.device) -> Callable:
+    """Pick the implementation of ``op`` for ``backend`` on ``device``.
+
+    The eager reference is ``interformer.reference.<op>``; the fused one is
+    ``interformer.kernels.<module_name>.<op>`` with the same signature.
+    """
+    if backend == "eager":
+        return getattr(reference, op)
+    if backend == "auto" and device.type != "cuda":
+        return getattr(reference, op)
+    fn = _kernel_function(module_name, op)
+    if fn is not None:
+        return fn
+    if backend == "auto":
+        return getattr(reference, op)
+    if not triton_available():
+        raise ImportError(
+            f"backend='triton' for op {op!r} needs the 'triton' package (pip install triton)"
+        )
+    raise NotImplementedError(f"no fused Triton kernel for op {op!r} yet (interformer.kernels.{module_name})")
+
+
+class FusedModule(torch.nn.Module):
+    """Base class of modules with an eager and a fused path.
+
+    Subclasses call ``self._op(kernel_module, op)`` in ``forward`` to get the implementation;
+    the eager and fused paths share every parameter, so switching ``backend`` never touches the
+    ``state_dict``.
+    """
+
+    def __init__(self, backend: str | None = None) -> None:
+        super().__init__()
+        self.backend = check_backend(backend if backend is not None else default_backend())
+
+    def _device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def _op(self, module_name: str, op: str) -> Callable:
+        return resolve(module_name, op, self.backend, self._device())
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"

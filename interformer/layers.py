@@ -1,0 +1,288 @@
+"""Fused-capable modules: one per op of DESIGN §4.
+
+Each module owns its parameters and picks its implementation through ``backend``
+(see :mod:`interformer.backend`). The eager path calls :mod:`interformer.reference`; the fused
+path calls the function of the same name in :mod:`interformer.kernels`. Both paths read the same
+parameters, so ``state_dict`` keys and values never depend on the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backend import FusedModule
+from .reference import row_mask
+
+__all__ = [
+    "GatedLCE",
+    "PersonalizedFFN",
+    "CrossNet",
+    "LowRankCrossNet",
+    "DotInteraction",
+    "RotaryMultiHeadAttention",
+    "PoolingMultiHeadAttention",
+]
+
+
+class GatedLCE(FusedModule):
+    """Self-gating linear compressed embedding: ``n_in`` tokens -> ``n_out`` tokens.
+
+    ``Y[b, m] = sum_n weight[n, m] X[b, n] + bias[m]``, ``out = Y * sigmoid(gate(Y))`` with
+    ``gate = nn.Linear(d_model, d_model)``. The paper prints the gate alone; like every port we
+    multiply it by ``Y``. ``weight`` is initialised as ``nn.Linear(n_in, n_out)`` would be.
+    """
+
+    def __init__(self, n_in: int, n_out: int, d_model: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
+        if min(n_in, n_out, d_model) < 1:
+            raise ValueError(f"GatedLCE sizes must be positive, got n_in={n_in}, n_out={n_out}, d_model={d_model}")
+        self.n_in, self.n_out, self.d_model = n_in, n_out, d_model
+        bound = 1.0 / math.sqrt(n_in)
+        self.weight = nn.Parameter(torch.empty(n_in, n_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound))
+        self.gate = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._op("gated_lce", "gated_lce")
+        return fn(x, self.weight, self.bias, self.gate.weight, self.gate.bias)
+
+    def extra_repr(self) -> str:
+        return f"n_in={self.n_in}, n_out={self.n_out}, d_model={self.d_model}, {super().extra_repr()}"
+
+
+class PersonalizedFFN(FusedModule):
+    """Personalized FFN: ``S_mid = S + LN(S) @ W_b`` with a per-sample ``d x d`` weight ``W_b``.
+
+    * ``mode="mlp"`` (paper main text): ``W_b = reshape(hyper(flatten X_sum_b)) / sqrt(d)`` with
+      ``hyper = Linear(n_sum*d, hidden) -> SiLU -> Linear(hidden, d*d)``. The hypernetwork runs on
+      cuBLAS in both paths; the fused kernel does LN + per-sample matmul + residual + padding.
+    * ``mode="linear"`` (paper appendix): ``W_b = X_sum_b^T A`` with ``A [n_sum, d]`` initialised
+      ``N(0, 1/(n_sum*d))``; computed as ``(LN(S) @ X_sum_b^T) @ A`` so ``W_b`` is never formed.
+
+    forward ``(s [B, L, d], x_sum [B, n_sum, d], lengths [B])``: ``lengths`` counts the valid
+    leading rows of ``s`` (CLS tokens included); rows past it are returned as exact zeros.
+    """
+
+    MODES = ("mlp", "linear")
+
+    def __init__(
+        self,
+        d_model: int,
+        n_sum: int,
+        mode: str = "mlp",
+        hidden: int = 256,
+        eps: float = 1e-5,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(backend)
+        if mode not in self.MODES:
+            raise ValueError(f"PersonalizedFFN mode must be one of {self.MODES}, got {mode!r}")
+        self.d_model, self.n_sum, self.mode, self.hidden, self.eps = d_model, n_sum, mode, hidden, eps
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        if mode == "mlp":
+            self.hyper = nn.Sequential(
+                nn.Linear(n_sum * d_model, hidden), nn.SiLU(), nn.Linear(hidden, d_model * d_model)
+            )
+        else:
+            self.A = nn.Parameter(torch.randn(n_sum, d_model) / math.sqrt(n_sum * d_model))
+
+    def personal_weight(self, x_sum: torch.Tensor) -> torch.Tensor:
+        """``W_b [B, d, d]`` (materialised; the fused linear mode never calls this)."""
+        d = self.d_model
+        if self.mode == "mlp":
+            return self.hyper(x_sum.flatten(1)).view(-1, d, d) / math.sqrt(d)
+        return torch.matmul(x_sum.transpose(1, 2), self.A)
+
+    def forward(self, s: torch.Tensor, x_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.mode == "mlp":
+            fn = self._op("pffn", "pffn_mlp")
+            return fn(s, lengths, self.personal_weight(x_sum), self.norm.weight, self.norm.bias, self.eps)
+        fn = self._op("pffn", "pffn_linear")
+        return fn(s, lengths, x_sum, self.A, self.norm.weight, self.norm.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_sum={self.n_sum}, mode={self.mode!r}, {super().extra_repr()}"
+
+
+def _load_bias_column(state_dict, prefix, num_layers):
+    """Accept biases saved as ``[D]`` (older torchrec) by viewing them as ``[D, 1]``."""
+    for i in range(num_layers):
+        key = f"{prefix}bias.{i}"
+        if key in state_dict and state_dict[key].dim() == 1:
+            state_dict[key] = state_dict[key].unsqueeze(-1)
+
+
+class CrossNet(FusedModule):
+    """DCNv2 full-rank cross layers, a drop-in for ``torchrec.modules.crossnet.CrossNet``.
+
+    ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``. Parameters as torchrec's: ``kernels`` (ParameterList of
+    ``[D, D]``, Xavier-normal) and ``bias`` (ParameterList of ``[D, 1]``, zeros), so torchrec
+    ``state_dict``s load unchanged.
+    """
+
+    def __init__(self, in_features: int, num_layers: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
+        if in_features < 1 or num_layers < 1:
+            raise ValueError(f"CrossNet needs in_features >= 1 and num_layers >= 1, got {in_features}, {num_layers}")
+        self.in_features, self._num_layers = in_features, num_layers
+        self.kernels = nn.ParameterList(
+            [nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, in_features))) for _ in range(num_layers)]
+        )
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(in_features, 1)) for _ in range(num_layers)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_bias_column(state_dict, prefix, self._num_layers)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        fn = self._op("crossnet", "cross_net")
+        return fn(x0, list(self.kernels), list(self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_layers={self._num_layers}, {super().extra_repr()}"
+
+
+class LowRankCrossNet(FusedModule):
+    """DCNv2 low-rank cross layers, a drop-in for ``torchrec.modules.crossnet.LowRankCrossNet``.
+
+    ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
+    (``[r, D]``), both Xavier-normal, and ``bias`` (``[D, 1]``, zeros) -- torchrec's names and shapes.
+    """
+
+    def __init__(self, in_features: int, num_layers: int, low_rank: int = 1, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
+        if in_features < 1 or num_layers < 1 or low_rank < 1:
+            raise ValueError(
+                f"LowRankCrossNet needs positive in_features, num_layers, low_rank; got {in_features}, {num_layers}, {low_rank}"
+            )
+        self.in_features, self._num_layers, self._low_rank = in_features, num_layers, low_rank
+        self.W_kernels = nn.ParameterList(
+            [nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, low_rank))) for _ in range(num_layers)]
+        )
+        self.V_kernels = nn.ParameterList(
+            [nn.Parameter(nn.init.xavier_normal_(torch.empty(low_rank, in_features))) for _ in range(num_layers)]
+        )
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(in_features, 1)) for _ in range(num_layers)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _load_bias_column(state_dict, prefix, self._num_layers)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        fn = self._op("crossnet", "low_rank_cross_net")
+        return fn(x0, list(self.W_kernels), list(self.V_kernels), list(self.bias))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_layers={self._num_layers}, low_rank={self._low_rank}, "
+            f"{super().extra_repr()}"
+        )
+
+
+class DotInteraction(FusedModule):
+    """DOT interaction module of the Interaction Arch.
+
+    ``P = strict_upper(Z Z^T)`` (``N(N-1)/2`` values, the fused op) -> ``Linear -> [B, N*d]`` -> tokens
+    ``[B, N, d]``. With a single token there is no pair; the module then returns the projection's
+    bias broadcast over the batch.
+    """
+
+    def __init__(self, num_tokens: int, d_model: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
+        self.num_tokens, self.d_model = num_tokens, d_model
+        self.num_pairs = num_tokens * (num_tokens - 1) // 2
+        self.proj = nn.Linear(self.num_pairs, num_tokens * d_model)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        fn = self._op("dot_interaction", "dot_interaction")
+        return self.proj(fn(z)).view(z.shape[0], self.num_tokens, self.d_model)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, d_model={self.d_model}, {super().extra_repr()}"
+
+
+class RotaryMultiHeadAttention(FusedModule):
+    """Multi-head self-attention with rotary positions and key/query padding from lengths.
+
+    ``q, k, v = split(qkv(s))`` into ``num_heads`` heads; rotary (rotate-half, ``rope_base``) on q and
+    k at positions ``0 .. L-1``; keys at positions ``>= valid_lengths[b]`` masked; output
+    ``out_proj(attention)`` with rows at padded positions set to exactly 0. The caller owns the
+    pre-norm and the residual (the Sequence Arch does ``S + attn(LN(S))``). ``causal=True`` restricts
+    each query to keys at or before it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        rope_base: float = 10000.0,
+        causal: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(backend)
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        if (d_model // num_heads) % 2:
+            raise ValueError(f"rotary needs an even head dim, got d_model/num_heads={d_model // num_heads}")
+        self.d_model, self.num_heads, self.rope_base, self.causal = d_model, num_heads, float(rope_base), causal
+        self.head_dim = d_model // num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
+        B, L, _ = s.shape
+        q, k, v = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        fn = self._op("attention", "attention")
+        o = fn(q, k, v, valid_lengths, causal=self.causal, rope_base=self.rope_base, rope_q=True, mask_queries=True)
+        out = self.out_proj(o.reshape(B, L, self.d_model))
+        return out * row_mask(valid_lengths, L).unsqueeze(-1).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, rope_base={self.rope_base}, "
+            f"causal={self.causal}, {super().extra_repr()}"
+        )
+
+
+class PoolingMultiHeadAttention(FusedModule):
+    """PMA pooling: ``num_queries`` learned queries attend over the valid rows of a sequence.
+
+    The queries are parameters (``query [num_queries, d]``, so no query projection); keys, values
+    and output have their own projections (``k_proj``, ``v_proj``, ``o_proj``); no rotary. A row
+    with length 0 returns exact zeros (the output projection's bias included).
+
+    forward ``(s [B, L, d], lengths [B])`` -> ``[B, num_queries, d]``.
+    """
+
+    def __init__(self, num_queries: int, d_model: int, num_heads: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        self.num_queries, self.d_model, self.num_heads = num_queries, d_model, num_heads
+        self.head_dim = d_model // num_heads
+        self.query = nn.Parameter(torch.randn(num_queries, d_model) / math.sqrt(d_model))
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, L, _ = s.shape
+        H, dh = self.num_heads, self.head_dim
+        k = self.k_proj(s).view(B, L, H, dh)
+        v = self.v_proj(s).view(B, L, H, dh)
+        q = self.query.to(k.dtype).view(1, self.num_queries, H, dh)  # autocast leaves raw parameters in fp32
+        fn = self._op("attention", "attention")
+        o = fn(q, k, v, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False)
+        out = self.o_proj(o.reshape(B, self.num_queries, self.d_model))
+        return out * (lengths > 0).to(out.dtype)[:, None, None]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_queries={self.num_queries}, d_model={self.d_model}, num_heads={self.num_heads}, "
+            f"{super().extra_repr()}"
+        )

@@ -1,0 +1,196 @@
+"""Eager PyTorch references of every fused op: one function per op.
+
+These functions are the eager path of the modules, the reference the fused kernels are tested
+against, and the baseline the benchmarks time. Each fused kernel in ``interformer.kernels.<file>``
+exposes a function of the same name and signature.
+
+They compute in the dtype of their inputs (so that an eager run in fp16/bf16 gives the
+low-precision error bound of DESIGN §5) and treat ``lengths`` as "the number of valid leading rows"
+of the tensor they are given: rows at positions ``>= lengths[b]`` are padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "row_mask",
+    "gated_lce",
+    "pffn_mlp",
+    "pffn_linear",
+    "cross_net",
+    "low_rank_cross_net",
+    "dot_interaction",
+    "rotary",
+    "attention",
+]
+
+
+def row_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean ``[B, length]``: True where position < lengths[b]."""
+    return torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# ----------------------------------------------------------------------------- gated LCE
+def gated_lce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Self-gating linear compressed embedding.
+
+    ``Y[b, m, :] = sum_n weight[n, m] * x[b, n, :] + bias[m]``; ``out = Y * sigmoid(Y @ gate_weight^T + gate_bias)``.
+
+    x ``[B, n_in, d]``, weight ``[n_in, n_out]``, bias ``[n_out]``, gate_weight ``[d, d]``
+    (``nn.Linear`` layout), gate_bias ``[d]`` -> ``[B, n_out, d]``.
+    """
+    y = torch.einsum("bnd,nm->bmd", x, weight) + bias[None, :, None]
+    return y * torch.sigmoid(F.linear(y, gate_weight, gate_bias))
+
+
+# ----------------------------------------------------------------------------- PFFN
+def pffn_mlp(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    w_b: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """``s + LN(s) @ w_b[b]`` per sample, padded rows zero.
+
+    s ``[B, L, d]``, lengths ``[B]`` (valid rows of s), w_b ``[B, d, d]`` (already scaled).
+    """
+    h = F.layer_norm(s, (s.shape[-1],), ln_weight, ln_bias, eps)
+    out = s + torch.bmm(h, w_b)
+    return out * row_mask(lengths, s.shape[1]).unsqueeze(-1).to(out.dtype)
+
+
+def pffn_linear(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    x_sum: torch.Tensor,
+    a: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Linear-mode PFFN, ``W_b = x_sum[b]^T a``: ``s + (LN(s) @ x_sum[b]^T) @ a``, padded rows zero.
+
+    s ``[B, L, d]``, x_sum ``[B, n_sum, d]``, a ``[n_sum, d]``. The ``d x d`` matrix is never formed.
+    """
+    h = F.layer_norm(s, (s.shape[-1],), ln_weight, ln_bias, eps)
+    out = s + torch.matmul(torch.bmm(h, x_sum.transpose(1, 2)), a)
+    return out * row_mask(lengths, s.shape[1]).unsqueeze(-1).to(out.dtype)
+
+
+# ----------------------------------------------------------------------------- DCN
+def cross_net(
+    x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Full-rank DCNv2 cross layers, ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``.
+
+    x0 ``[B, D]``; kernels ``[D, D]`` each; biases ``[D, 1]`` each (torchrec layout).
+    """
+    x = x0
+    for w, b in zip(kernels, biases):
+        x = x0 * (F.linear(x, w) + b.reshape(-1)) + x
+    return x
+
+
+def low_rank_cross_net(
+    x0: torch.Tensor,
+    w_kernels: Sequence[torch.Tensor],
+    v_kernels: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Low-rank cross layers, ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i``.
+
+    w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D, 1]`` each.
+    """
+    x = x0
+    for w, v, b in zip(w_kernels, v_kernels, biases):
+        x = x0 * (F.linear(F.linear(x, v), w) + b.reshape(-1)) + x
+    return x
+
+
+# ----------------------------------------------------------------------------- DOT
+def dot_interaction(z: torch.Tensor) -> torch.Tensor:
+    """Pairwise inner products of the tokens, strict upper triangle.
+
+    z ``[B, N, d]`` -> ``[B, N(N-1)/2]`` ordered as ``torch.triu_indices(N, N, 1)`` (row-major, i < j).
+    """
+    n = z.shape[1]
+    p = torch.bmm(z, z.transpose(1, 2))
+    iu = torch.triu_indices(n, n, 1, device=z.device)
+    return p[:, iu[0], iu[1]]
+
+
+# ----------------------------------------------------------------------------- attention
+def rotary(x: torch.Tensor, base: float, sign: float = 1.0) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention, at positions ``0 .. L-1``.
+
+    x ``[B, L, H, dh]`` (dh even). Pair ``(i, i + dh/2)`` rotates by angle ``pos * base^(-2i/dh)``.
+    ``sign=-1`` applies the inverse rotation.
+    """
+    L, dh = x.shape[1], x.shape[-1]
+    half = dh // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / dh)
+    angle = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos = angle.cos().to(x.dtype)[None, :, None, :]
+    sin = (sign * angle.sin()).to(x.dtype)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool = False,
+    rope_base: Optional[float] = None,
+    rope_q: bool = True,
+    mask_queries: bool = True,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Multi-head attention with key padding from ``lengths`` and optional in-place rotary.
+
+    q ``[Bq, Lq, H, dh]`` with ``Bq`` equal to B or 1 (queries shared over the batch, e.g. PMA's
+    learned queries); k, v ``[B, Lk, H, dh]``; lengths ``[B]``: keys at positions ``>= lengths[b]``
+    are masked. Returns ``[B, Lq, H, dh]``.
+
+    * ``rope_base``: None = no rotary; otherwise rotary (rotate-half) on k at positions
+      ``0 .. Lk-1`` and, when ``rope_q``, on q at positions ``0 .. Lq-1``.
+    * ``mask_queries``: query rows at positions ``>= lengths[b]`` output exactly 0 (self-attention).
+    * ``causal``: key j is visible to query i only when ``j <= i``.
+    * A query with no visible key outputs 0, never NaN, and passes no gradient.
+    * ``sm_scale`` defaults to ``1/sqrt(dh)``.
+    """
+    B, Lk, H, dh = k.shape
+    Lq = q.shape[1]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(dh)
+    if rope_base is not None:
+        k = rotary(k, rope_base)
+        if rope_q:
+            q = rotary(q, rope_base)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.expand(B, -1, -1, -1), k) * sm_scale
+    visible = row_mask(lengths, Lk)[:, None, None, :]  # [B,1,1,Lk]
+    if causal:
+        tri = torch.arange(Lk, device=k.device)[None, :] <= torch.arange(Lq, device=k.device)[:, None]
+        visible = visible & tri[None, None]
+    # A finite fill keeps empty rows free of NaN (their softmax is uniform and is zeroed below).
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    keep = visible.any(dim=-1, keepdim=True)  # [B,1,Lq or 1,1]
+    if mask_queries:
+        keep = keep & row_mask(lengths, Lq)[:, None, :, None]
+    p = p * keep.to(p.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)

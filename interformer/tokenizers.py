@@ -1,0 +1,82 @@
+"""Feature tokenizers (eager only): dense, sparse and the MaskNet sequence tokenizer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .reference import row_mask
+
+
+class DenseTokenizer(nn.Module):
+    """Numeric fields -> tokens.
+
+    ``mode="single"``: one token, ``Linear(n_dense -> d)(dense)``.
+    ``mode="per_field"``: field j -> ``dense[:, j] * weight[j] + bias[j]``, one token per field.
+    With ``n_dense == 0`` it returns ``[B, 0, d]``.
+    """
+
+    def __init__(self, n_dense: int, d_model: int, mode: str = "single") -> None:
+        super().__init__()
+        if mode not in ("single", "per_field"):
+            raise ValueError(f"DenseTokenizer mode must be 'single' or 'per_field', got {mode!r}")
+        self.n_dense, self.d_model, self.mode = n_dense, d_model, mode
+        if n_dense == 0:
+            self.num_tokens = 0
+        elif mode == "single":
+            self.num_tokens = 1
+            self.linear = nn.Linear(n_dense, d_model)
+        else:
+            self.num_tokens = n_dense
+            self.weight = nn.Parameter(torch.randn(n_dense, d_model) / d_model**0.5)
+            self.bias = nn.Parameter(torch.zeros(n_dense, d_model))
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        if self.num_tokens == 0:
+            return dense.new_zeros(dense.shape[0], 0, self.d_model)
+        if self.mode == "single":
+            return self.linear(dense).unsqueeze(1)
+        return dense.unsqueeze(-1) * self.weight + self.bias
+
+
+class SparseTokenizer(nn.Module):
+    """One embedding table per categorical field (``padding_idx=0``: a missing id gives a zero token)."""
+
+    def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=0) for v in vocab_sizes)
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                t.weight[0].zero_()
+
+    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        if not len(self.tables):
+            return torch.zeros(sparse.shape[0], 0, 0, device=sparse.device)
+        return torch.stack([t(sparse[:, j]) for j, t in enumerate(self.tables)], dim=1)
+
+
+class SequenceMaskNet(nn.Module):
+    """MaskNet sequence tokenizer: ``S = Linear(kd -> d)(Z * MLP_mask(Z))`` with padding rows zero.
+
+    ``Z [B, T, k*d]`` concatenates the k channel embeddings of each event;
+    ``MLP_mask = Linear(kd, kd) -> SiLU -> Linear(kd, kd)``.
+    """
+
+    def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
+        super().__init__()
+        k = len(vocab_sizes)
+        self.tables = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=0) for v in vocab_sizes)
+        for t in self.tables:
+            nn.init.normal_(t.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                t.weight[0].zero_()
+        self.mask_mlp = nn.Sequential(nn.Linear(k * d_model, k * d_model), nn.SiLU(), nn.Linear(k * d_model, k * d_model))
+        self.proj = nn.Linear(k * d_model, d_model)
+
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([t(seq[:, c]) for c, t in enumerate(self.tables)], dim=-1)  # [B, T, k*d]
+        s = self.proj(z * self.mask_mlp(z))
+        return s * row_mask(lengths, seq.shape[-1]).unsqueeze(-1).to(s.dtype)

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests: relative errors, float64 copies and the low-precision rule."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# DESIGN §5: fp32 <= 1e-5 under the interpreter, <= 1e-3 on GPU (tf32 where documented).
+FP32_TOL = 1e-3 if HAS_CUDA else 1e-5
+# dtypes exercised by kernel tests on this machine (the interpreter has no bfloat16)
+KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (``||out - ref||`` when ref is all zero). NaN stays NaN."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
+    num = torch.linalg.vector_norm(out - ref)
+    den = torch.linalg.vector_norm(ref)
+    return float(num / den) if den > 0 else float(num)
+
+
+def first_mismatch(out: torch.Tensor, ref: torch.Tensor, k: int = 5) -> str:
+    diff = (out.detach().double() - ref.detach().double().to(out.device)).abs()
+    flat = diff.flatten()
+    idx = torch.topk(flat, min(k, flat.numel())).indices
+    rows = [f"{tuple(int(i) for i in torch.unravel_index(j, diff.shape))}: out={out.flatten()[j].item():.6g} ref={ref.flatten()[j].item():.6g}" for j in idx]
+    return "; ".join(rows)
+
+
+def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err == err, f"{name}: NaN in result"
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}; largest differences at {first_mismatch(out, ref)}"
+
+
+def assert_lowp(out: torch.Tensor, eager_lowp: torch.Tensor, ref64: torch.Tensor, name: str = "output", floor: float = 1e-6) -> None:
+    """DESIGN §5 low-precision rule: the kernel's error against float64 is at most twice the error
+    of the eager path run in the same low precision (``floor`` guards the case where the eager
+    error is exactly zero)."""
+    k_err, e_err = rel_err(out, ref64), rel_err(eager_lowp, ref64)
+    assert k_err == k_err, f"{name}: NaN in kernel result"
+    assert k_err <= 2 * max(e_err, floor), (
+        f"{name}: kernel error {k_err:.3e} > 2 x eager low-precision error {e_err:.3e}; "
+        f"largest differences at {first_mismatch(out, ref64)}"
+    )
+
+
+def grads(tensors: Iterable[torch.Tensor]):
+    return [t.grad for t in tensors]
+
+
+def random_lengths(B: int, L: int, generator=None) -> torch.Tensor:
+    """Random lengths in ``[0, L]`` that include 0 and L whenever B >= 2 (B == 1 gets L)."""
+    lengths = torch.randint(0, L + 1, (B,), generator=generator)
+    if B >= 1:
+        lengths[0] = L
+    if B >= 2:
+        lengths[1] = 0
+    return lengths
