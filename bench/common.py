@@ -1,0 +1,256 @@
+"""Shared benchmark machinery: canonical shapes, providers, CUDA-event timing and result rows.
+
+Every benchmark is a pytest-benchmark test that calls :func:`run` with a callable. On a GPU the
+callable is timed with CUDA events (``triton.testing.do_bench``, median of many runs, the device
+synchronised inside), and pytest-benchmark records a synchronised host-clock run as well. Each row's
+``extra_info`` carries device, versions, dtype, commit, median/p20/p80 in ms, samples/s, peak
+memory and achieved GB/s or TFLOP/s against ceilings measured in the same run.
+
+Without a GPU the suite is a smoke test: shapes shrink to tiny ones (``smoke``) and kernels run
+under the Triton interpreter; timings there are NOT meaningful and rows say so.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# bf16 on GPU (DESIGN §6); the interpreter has no bf16, so smoke runs use fp32.
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+SMOKE_NOTE = "CPU smoke run under the Triton interpreter: timings are not meaningful"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A canonical benchmark shape (DESIGN §6) and the InterFormer sizes derived from it."""
+
+    name: str
+    B: int
+    n: int  # non-sequence tokens
+    k: int  # behaviour channels
+    T: int  # events per sequence
+    d: int
+    heads: int
+    layers: int
+    n_sum: int = 4
+    n_pma: int = 2
+    n_recent: int = 2
+    n_ssum: int = 8
+    dcn_rank: int = 32
+
+    @property
+    def n_cls(self) -> int:
+        return self.n_sum
+
+    @property
+    def L(self) -> int:
+        """Sequence Arch length: CLS tokens + events."""
+        return self.n_cls + self.T
+
+    @property
+    def Nz(self) -> int:
+        """Interaction Arch tokens ``n + n_ssum``."""
+        return self.n + self.n_ssum
+
+    @property
+    def D(self) -> int:
+        """DCN width ``(n + n_ssum) * d``."""
+        return self.Nz * self.d
+
+    @property
+    def head_dim(self) -> int:
+        return self.d // self.heads
+
+
+GPU_SHAPES = {
+    "taobao": Shape("taobao", B=2048, n=20, k=3, T=50, d=64, heads=4, layers=3),
+    "amazon": Shape("amazon", B=2048, n=4, k=2, T=100, d=64, heads=4, layers=3),
+    "long": Shape("long", B=512, n=64, k=2, T=1000, d=128, heads=4, layers=3),
+}
+SMOKE_SHAPES = {
+    "smoke": Shape("smoke", B=3, n=5, k=2, T=7, d=32, heads=2, layers=1, n_ssum=3, dcn_rank=4),
+}
+SHAPES = GPU_SHAPES if ON_GPU else SMOKE_SHAPES
+SHAPE_NAMES = list(SHAPES)
+MODES = ("fwd", "bwd", "full")
+
+
+def lengths_for(shape: Shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Event counts uniform in ``[0, T]`` (a realistic padded batch), with one empty and one full row."""
+    g = generator or torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, shape.T + 1, (shape.B,), generator=g)
+    lengths[0] = shape.T
+    if shape.B > 1:
+        lengths[1] = 0
+    return lengths.to(DEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def environment() -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except Exception:  # not a checkout
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        "device": torch.cuda.get_device_name() if ON_GPU else "cpu (smoke)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings() -> dict:
+    """Measured ceilings of this device: copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    if not ON_GPU:
+        return {"copy_GBps": float("nan"), "bf16_TFLOPs": float("nan")}
+    from triton.testing import do_bench
+
+    n = 1 << 28  # 512 MiB of bf16 per buffer
+    src = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=DEVICE, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, return_mode="median")
+    tflops = 2 * m**3 / (ms * 1e-3) / 1e12
+    return {"copy_GBps": copy, "bf16_TFLOPs": tflops}
+
+
+def mode_fn(forward: Callable[[], torch.Tensor], mode: str, leaves: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """A callable that runs ``forward`` in ``mode``: ``fwd``, ``bwd`` (backward of a saved graph) or
+    ``full`` (forward + backward). ``leaves`` are the tensors whose ``.grad`` is reset each call."""
+    if mode == "fwd":
+        def run_fwd():
+            with torch.no_grad():
+                forward()
+        return run_fwd
+
+    def zero():
+        for t in leaves:
+            t.grad = None
+
+    if mode == "full":
+        def run_full():
+            zero()
+            out = forward()
+            out.backward(torch.ones_like(out))
+        return run_full
+
+    if mode == "bwd":
+        out = forward()
+        grad = torch.randn_like(out)
+
+        def run_bwd():
+            zero()
+            out.backward(grad, retain_graph=True)
+        return run_bwd
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def time_median(fn: Callable[[], None]) -> dict:
+    """Median, p20 and p80 in ms: CUDA events on a GPU, one synchronised host run otherwise."""
+    if ON_GPU:
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
+    import time
+
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}
+
+
+def synchronized(fn: Callable[[], None]) -> Callable[[], None]:
+    def call():
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+    return call
+
+
+def run(
+    benchmark,
+    fn: Callable[[], None],
+    *,
+    op: str,
+    shape: Shape,
+    provider: str,
+    mode: str,
+    dtype: torch.dtype = DTYPE,
+    bytes_moved: Optional[float] = None,
+    flops: Optional[float] = None,
+    samples: Optional[int] = None,
+) -> dict:
+    """Time ``fn`` (already warm or not) and record one result row in ``benchmark.extra_info``.
+
+    ``bytes_moved`` (fewest bytes: each input read once, each output written once) gives GB/s and a
+    fraction of the measured copy bandwidth; ``flops`` gives TFLOP/s and a fraction of the bf16
+    matmul rate. The floor time is the larger of the two lower bounds, reported as ``x_floor``.
+    """
+    fn()  # warm-up: compilation, autotuning, caches
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    timing = time_median(fn)
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if ON_GPU else float("nan")
+    ms = timing["median_ms"]
+    row = {
+        "op": op, "shape": shape.name, "provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
+        **timing, "peak_extra_MiB": peak_mb, "samples_per_s": (samples or shape.B) / (ms * 1e-3),
+        **environment(),
+    }
+    ceil = ceilings()
+    floor_ms = 0.0
+    if bytes_moved:
+        row["GBps"] = bytes_moved / (ms * 1e-3) / 1e9
+        row["frac_copy_bw"] = row["GBps"] / ceil["copy_GBps"]
+        floor_ms = max(floor_ms, bytes_moved / (ceil["copy_GBps"] * 1e9) * 1e3)
+    if flops:
+        row["TFLOPs"] = flops / (ms * 1e-3) / 1e12
+        row["frac_bf16_peak"] = row["TFLOPs"] / ceil["bf16_TFLOPs"]
+        floor_ms = max(floor_ms, flops / (ceil["bf16_TFLOPs"] * 1e12) * 1e3)
+    if floor_ms > 0:
+        row["floor_ms"] = floor_ms
+        row["x_floor"] = ms / floor_ms
+    if not ON_GPU:
+        row["note"] = SMOKE_NOTE
+    benchmark.extra_info.update(row)
+    benchmark.pedantic(synchronized(fn), rounds=3 if ON_GPU else 1, iterations=1, warmup_rounds=0)
+    return row
+
+
+def compiled(fn: Callable, provider: str) -> Callable:
+    """``fn`` for a provider name: ``eager``/``fused`` as is, ``compile`` and ``compile-max-autotune``
+    through ``torch.compile``."""
+    if provider.endswith("compile") or provider == "compile":
+        return torch.compile(fn)
+    if provider.endswith("compile-max-autotune"):
+        return torch.compile(fn, mode="max-autotune-no-cudagraphs")
+    return fn
