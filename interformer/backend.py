@@ -95,6 +95,9 @@ class FusedModule(torch.nn.Module):
     ``state_dict``.
     """
 
+    #: ``(kernel file, function)`` pairs this module's forward may call; used by :meth:`has_kernels`.
+    kernel_ops: tuple = ()
+
     def __init__(self, backend: str | None = None) -> None:
         super().__init__()
         self.backend = check_backend(backend if backend is not None else default_backend())
@@ -108,6 +111,10 @@ class FusedModule(torch.nn.Module):
 
     def _op(self, module_name: str, op: str) -> Callable:
         return resolve(module_name, op, self.backend, self._device())
+
+    def has_kernels(self) -> bool:
+        """True when every fused kernel this module needs is importable."""
+        return all(_kernel_function(f, op) is not None for f, op in self.kernel_ops)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -37,6 +37,8 @@ class GatedLCE(FusedModule):
     multiply it by ``Y``. ``weight`` is initialised as ``nn.Linear(n_in, n_out)`` would be.
     """
 
+    kernel_ops = (("gated_lce", "gated_lce"),)
+
     def __init__(self, n_in: int, n_out: int, d_model: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
         if min(n_in, n_out, d_model) < 1:
@@ -67,6 +69,8 @@ class PersonalizedFFN(FusedModule):
     forward ``(s [B, L, d], x_sum [B, n_sum, d], lengths [B])``: ``lengths`` counts the valid
     leading rows of ``s`` (CLS tokens included); rows past it are returned as exact zeros.
     """
+
+    kernel_ops = (("pffn", "pffn_mlp"), ("pffn", "pffn_linear"))
 
     MODES = ("mlp", "linear")
 
@@ -125,6 +129,8 @@ class CrossNet(FusedModule):
     ``state_dict``s load unchanged.
     """
 
+    kernel_ops = (("crossnet", "cross_net"),)
+
     def __init__(self, in_features: int, num_layers: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
         if in_features < 1 or num_layers < 1:
@@ -153,6 +159,8 @@ class LowRankCrossNet(FusedModule):
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
     (``[r, D]``), both Xavier-normal, and ``bias`` (``[D, 1]``, zeros) -- torchrec's names and shapes.
     """
+
+    kernel_ops = (("crossnet", "low_rank_cross_net"),)
 
     def __init__(self, in_features: int, num_layers: int, low_rank: int = 1, backend: Optional[str] = None) -> None:
         super().__init__(backend)
@@ -192,6 +200,8 @@ class DotInteraction(FusedModule):
     bias broadcast over the batch.
     """
 
+    kernel_ops = (("dot_interaction", "dot_interaction"),)
+
     def __init__(self, num_tokens: int, d_model: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
         self.num_tokens, self.d_model = num_tokens, d_model
@@ -215,6 +225,8 @@ class RotaryMultiHeadAttention(FusedModule):
     pre-norm and the residual (the Sequence Arch does ``S + attn(LN(S))``). ``causal=True`` restricts
     each query to keys at or before it.
     """
+
+    kernel_ops = (("attention", "attention"),)
 
     def __init__(
         self,
@@ -258,6 +270,8 @@ class PoolingMultiHeadAttention(FusedModule):
 
     forward ``(s [B, L, d], lengths [B])`` -> ``[B, num_queries, d]``.
     """
+
+    kernel_ops = (("attention", "attention"),)
 
     def __init__(self, num_queries: int, d_model: int, num_heads: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
