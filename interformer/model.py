@@ -162,6 +162,26 @@ class InterFormerBlock(nn.Module):
         self.cross = CrossArch(config)
         self.interaction = InteractionArch(config)
         self.sequence = SequenceArch(config)
+        #: run the Interaction Arch on a side CUDA stream, concurrently with the Sequence Arch
+        #: (paper §5.3.2); see :meth:`InterFormer.use_streams`. Ignored on CPU and while compiling.
+        self.use_streams = False
+        self._side_stream = None
+
+    def _arches_on_two_streams(self, x, s, lengths, x_sum, s_sum):
+        main = torch.cuda.current_stream(x.device)
+        if self._side_stream is None or self._side_stream.device != x.device:
+            self._side_stream = torch.cuda.Stream(x.device)
+        side = self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            x_next = self.interaction(x, s_sum)
+        s_next = self.sequence(s, x_sum, lengths + self.n_cls)
+        main.wait_stream(side)
+        # the caching allocator must not recycle these while the other stream still uses them
+        for t in (x, s_sum):
+            t.record_stream(side)
+        x_next.record_stream(main)
+        return x_next, s_next
 
     def forward(
         self, x: torch.Tensor, s: torch.Tensor, lengths: torch.Tensor, x_sum: Optional[torch.Tensor] = None
@@ -170,6 +190,8 @@ class InterFormerBlock(nn.Module):
         if x_sum is None:
             x_sum = self.cross.summarize_nonseq(x)
         s_sum = self.cross.summarize_seq(s, lengths)
+        if self.use_streams and x.is_cuda and not torch.compiler.is_compiling():
+            return self._arches_on_two_streams(x, s, lengths, x_sum, s_sum)
         x_next = self.interaction(x, s_sum)
         s_next = self.sequence(s, x_sum, lengths + self.n_cls)
         return x_next, s_next
@@ -194,6 +216,12 @@ class InterFormer(nn.Module):
         self.seq_tokenizer = SequenceMaskNet(c.seq_vocab_sizes, c.d_model)
         self.blocks = nn.ModuleList(InterFormerBlock(c) for _ in range(c.num_layers))
         self.final_cross = CrossArch(c)
+
+    def use_streams(self, enabled: bool = True) -> "InterFormer":
+        """Overlap each block's Interaction Arch (side CUDA stream) with its Sequence Arch."""
+        for block in self.blocks:
+            block.use_streams = enabled
+        return self
 
     def tokenize(
         self, dense: torch.Tensor, sparse: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor

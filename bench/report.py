@@ -1,0 +1,120 @@
+"""Turn pytest-benchmark JSON into a markdown table and a PNG speedup chart.
+
+    python bench/report.py bench/results/latest.json [more.json ...] [--out bench/results/NAME]
+
+Each benchmark row carries its measurements in ``extra_info`` (see bench/common.py). The table
+has one line per (op, shape, mode): the median time of every provider, the fused path's speedup
+over eager and over ``torch.compile``, and its time as a multiple of the op's floor (bytes over
+measured copy bandwidth, or FLOPs over measured bf16 matmul rate). The chart plots each
+provider's speedup over eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
+             "flex", "flash_attn", "nn.MultiheadAttention", "eager-cudagraph", "fused", "fused-compile",
+             "fused-streams", "fused-cudagraph"]
+
+
+def load_rows(paths):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for bench in data.get("benchmarks", []):
+            info = bench.get("extra_info") or {}
+            if "median_ms" in info:
+                rows.append(info)
+    return rows
+
+
+def order_providers(names):
+    known = [p for p in PREFERRED if p in names]
+    return known + sorted(n for n in names if n not in known)
+
+
+def markdown(rows) -> str:
+    if not rows:
+        return "_no benchmark rows_\n"
+    env = rows[0]
+    out = [f"Device: **{env.get('device')}**, torch {env.get('torch')}, triton {env.get('triton')}, "
+           f"commit `{env.get('commit')}`, dtype {env.get('dtype')}. Median of CUDA-event timings (ms).", ""]
+    if env.get("note"):
+        out += [f"> {env['note']}", ""]
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r
+    providers = order_providers({r["provider"] for r in rows})
+    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused x floor"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for (op, shape, mode), by in sorted(groups.items()):
+        cells = [op, shape, mode]
+        for p in providers:
+            cells.append(f"{by[p]['median_ms']:.4g}" if p in by else "–")
+        fused = by.get("fused")
+        best_fused = min((by[p]["median_ms"] for p in by if p.startswith("fused")), default=None)
+        eager, comp = by.get("eager"), by.get("compile")
+        cells.append(f"{eager['median_ms'] / best_fused:.2f}×" if eager and best_fused else "–")
+        cells.append(f"{comp['median_ms'] / best_fused:.2f}×" if comp and best_fused else "–")
+        cells.append(f"{fused['x_floor']:.1f}" if fused and "x_floor" in fused else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Speedups use the best fused variant (fused, fused-compile, fused-streams, fused-cudagraph) of the row."]
+    return "\n".join(out) + "\n"
+
+
+def chart(rows, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r["median_ms"]
+    keys = sorted(k for k in groups if "eager" in groups[k])
+    if not keys:
+        return False
+    providers = [p for p in order_providers({r["provider"] for r in rows}) if p != "eager"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(1, len(providers)) / 3), 5))
+    width = 0.8 / max(1, len(providers))
+    for i, p in enumerate(providers):
+        xs = [j + i * width for j, k in enumerate(keys)]
+        ys = [groups[k]["eager"] / groups[k][p] if p in groups[k] else 0 for k in keys]
+        ax.bar(xs, ys, width, label=p)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels(["/".join(k) for k in keys], rotation=75, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over eager (×)")
+    ax.set_title(f"{rows[0].get('device')} · {rows[0].get('dtype')} · commit {rows[0].get('commit')}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="+")
+    parser.add_argument("--out", default=None, help="output stem (default: the first JSON path without .json)")
+    args = parser.parse_args(argv)
+    rows = load_rows(args.json)
+    stem = args.out or os.path.splitext(args.json[0])[0]
+    md = markdown(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    has_png = chart(rows, stem + ".png")
+    print(md)
+    print(f"wrote {stem}.md" + (f" and {stem}.png" if has_png else " (matplotlib missing: no chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

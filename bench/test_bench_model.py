@@ -1,0 +1,110 @@
+"""Whole-model benchmarks: InterFormerCTR training step (forward + backward under bf16 autocast)
+and inference forward, at the DESIGN §6 shapes, for every provider.
+
+Providers: ``eager``; ``compile`` and ``compile-max-autotune`` (torch.compile of the eager model);
+``fused`` (every op on its Triton kernel); ``fused-compile``; ``fused-streams`` (fused, with the
+Interaction and Sequence arches of each block on two CUDA streams); and for inference
+``eager-cudagraph`` / ``fused-cudagraph`` (the forward captured once and replayed, which removes
+launch overhead at these small shapes).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import common
+from interformer import InterFormerConfig, InterFormerCTR, optimize
+
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "fused-streams",
+             "eager-cudagraph", "fused-cudagraph"]
+# max-autotune compiles for minutes per shape; $INTERFORMER_BENCH_AUTOTUNE_SHAPES limits where it runs.
+AUTOTUNE_SHAPES = os.environ.get("INTERFORMER_BENCH_AUTOTUNE_SHAPES", "taobao,amazon").split(",")
+
+
+def config_for(shape: common.Shape) -> InterFormerConfig:
+    """An InterFormer config with ``shape``'s sizes: one dense token plus ``n - 1`` sparse fields."""
+    return InterFormerConfig(
+        n_dense=8, sparse_vocab_sizes=(1000,) * (shape.n - 1), seq_vocab_sizes=(1000,) * shape.k,
+        max_seq_len=shape.T, d_model=shape.d, num_heads=shape.heads, num_layers=shape.layers,
+        n_sum=shape.n_sum, n_pma=shape.n_pma, n_recent=shape.n_recent, n_ssum=shape.n_ssum,
+        dcn_rank=shape.dcn_rank, validate_inputs=False, backend="eager",
+    )
+
+
+def batch_for(shape: common.Shape, cfg: InterFormerConfig):
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(shape.B, cfg.n_dense, generator=g)
+    sparse = torch.randint(1, 1000, (shape.B, len(cfg.sparse_vocab_sizes)), generator=g)
+    lengths = common.lengths_for(shape, g).cpu()
+    seq = torch.randint(1, 1000, (shape.B, shape.k, shape.T), generator=g)
+    seq = seq * (torch.arange(shape.T)[None, None, :] < lengths[:, None, None])
+    label = (torch.rand(shape.B, generator=g) < 0.3).float()
+    return [t.to(common.DEVICE) for t in (dense, sparse, seq, lengths)], label.to(common.DEVICE)
+
+
+def build(provider: str, shape: common.Shape):
+    cfg = config_for(shape)
+    torch.manual_seed(0)
+    model = InterFormerCTR(cfg).to(common.DEVICE)
+    if provider.startswith("fused"):
+        optimize(model, "triton")
+    if provider == "fused-streams":
+        model.backbone.use_streams(True)
+    if provider in ("compile", "fused-compile"):
+        model = torch.compile(model)
+    elif provider == "compile-max-autotune":
+        model = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    return model
+
+
+def _skip_unsupported(provider: str, shape: common.Shape, mode: str) -> None:
+    if not common.ON_GPU and (provider not in ("eager", "fused")):
+        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+    if provider == "compile-max-autotune" and shape.name not in AUTOTUNE_SHAPES:
+        pytest.skip(f"max-autotune not run at {shape.name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
+    if provider.endswith("cudagraph") and mode != "inference":
+        pytest.skip("CUDA-graph variants are measured for inference only")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
+def test_model(benchmark, shape_name, mode, provider):
+    shape = common.SHAPES[shape_name]
+    _skip_unsupported(provider, shape, mode)
+    if not common.ON_GPU:
+        shape = common.Shape("smoke", B=2, n=3, k=2, T=5, d=16, heads=2, layers=1, n_ssum=2, dcn_rank=4)
+    model = build(provider, shape)
+    inputs, label = batch_for(shape, model.config if hasattr(model, "config") else config_for(shape))
+    autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU)
+
+    if mode == "train":
+        model.train()
+        params = [p for p in model.parameters()]
+
+        def step():
+            for p in params:
+                p.grad = None
+            with autocast:
+                loss = InterFormerCTR.loss(model(*inputs), label)
+            loss.backward()
+        fn = step
+    else:
+        model.eval()
+
+        def infer():
+            with torch.no_grad(), autocast:
+                return model(*inputs)
+        fn = infer
+        if provider.endswith("cudagraph"):
+            infer()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                infer()
+            fn = graph.replay
+    common.run(benchmark, fn, op="model-" + mode, shape=shape, provider=provider, mode=mode)
