@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backend import FusedModule
+from .profiling import ranged
 from .reference import row_mask
 
 __all__ = [
@@ -49,6 +50,7 @@ class GatedLCE(FusedModule):
         self.bias = nn.Parameter(torch.empty(n_out).uniform_(-bound, bound))
         self.gate = nn.Linear(d_model, d_model)
 
+    @ranged("GatedLCE")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self._op("gated_lce", "gated_lce")
         return fn(x, self.weight, self.bias, self.gate.weight, self.gate.bias)
@@ -102,6 +104,7 @@ class PersonalizedFFN(FusedModule):
             return self.hyper(x_sum.flatten(1)).view(-1, d, d) / math.sqrt(d)
         return torch.matmul(x_sum.transpose(1, 2), self.A)
 
+    @ranged("PersonalizedFFN")
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.mode == "mlp":
             fn = self._op("pffn", "pffn_mlp")
@@ -145,6 +148,7 @@ class CrossNet(FusedModule):
         _load_bias_column(state_dict, prefix, self._num_layers)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @ranged("CrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         fn = self._op("crossnet", "cross_net")
         return fn(x0, list(self.kernels), list(self.bias))
@@ -181,6 +185,7 @@ class LowRankCrossNet(FusedModule):
         _load_bias_column(state_dict, prefix, self._num_layers)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @ranged("LowRankCrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         fn = self._op("crossnet", "low_rank_cross_net")
         return fn(x0, list(self.W_kernels), list(self.V_kernels), list(self.bias))
@@ -208,6 +213,7 @@ class DotInteraction(FusedModule):
         self.num_pairs = num_tokens * (num_tokens - 1) // 2
         self.proj = nn.Linear(self.num_pairs, num_tokens * d_model)
 
+    @ranged("DotInteraction")
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         fn = self._op("dot_interaction", "dot_interaction")
         return self.proj(fn(z)).view(z.shape[0], self.num_tokens, self.d_model)
@@ -246,6 +252,7 @@ class RotaryMultiHeadAttention(FusedModule):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
+    @ranged("RotaryMultiHeadAttention")
     def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
         B, L, _ = s.shape
         q, k, v = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim).unbind(2)
@@ -284,6 +291,7 @@ class PoolingMultiHeadAttention(FusedModule):
         self.v_proj = nn.Linear(d_model, d_model)
         self.o_proj = nn.Linear(d_model, d_model)
 
+    @ranged("PoolingMultiHeadAttention")
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, L, _ = s.shape
         H, dh = self.num_heads, self.head_dim

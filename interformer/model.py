@@ -19,6 +19,7 @@ from .layers import (
     RotaryMultiHeadAttention,
 )
 from .tokenizers import DenseTokenizer, SequenceMaskNet, SparseTokenizer
+from .profiling import ranged
 from .validation import validate_batch
 
 __all__ = [
@@ -63,9 +64,11 @@ class CrossArch(nn.Module):
         self.pma = PoolingMultiHeadAttention(c.n_pma, c.d_model, c.num_heads, backend=c.backend) if c.n_pma else None
         self.seq = GatedLCE(c.n_cls + c.n_pma + c.n_recent, c.n_ssum, c.d_model, backend=c.backend)
 
+    @ranged("CrossArch.nonseq")
     def summarize_nonseq(self, x: torch.Tensor) -> torch.Tensor:
         return self.nonseq(x)
 
+    @ranged("CrossArch.seq")
     def summarize_seq(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         body = s[:, self.n_cls:]
         parts = [s[:, : self.n_cls]]
@@ -127,6 +130,7 @@ class InteractionArch(nn.Module):
         )
         self.norm = nn.LayerNorm(c.d_model, eps=c.ln_eps)
 
+    @ranged("InteractionArch")
     def forward(self, x: torch.Tensor, s_sum: torch.Tensor) -> torch.Tensor:
         z = torch.cat([x, s_sum], dim=1)
         for layer in self.layers:
@@ -148,6 +152,7 @@ class SequenceArch(nn.Module):
         self.attn_norm = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.attn = RotaryMultiHeadAttention(c.d_model, c.num_heads, c.rope_base, c.causal, backend=c.backend)
 
+    @ranged("SequenceArch")
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
         s_mid = self.pffn(s, x_sum, valid_lengths)
         return s_mid + self.attn(self.attn_norm(s_mid), valid_lengths)
