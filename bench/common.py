@@ -97,8 +97,9 @@ def lengths_for(shape: Shape, generator: Optional[torch.Generator] = None) -> to
 
 @functools.lru_cache(maxsize=None)
 def environment() -> dict:
+    commit = os.environ.get("INTERFORMER_COMMIT")  # set by bench/gpu_session.sh where no .git travels
     try:
-        commit = subprocess.run(
+        commit = commit or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
