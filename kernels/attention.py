@@ -1,0 +1,755 @@
+"""Flash-style rotary attention with padding from lengths: Triton forward and backward.
+
+One kernel family serves both attention faces of InterFormer (DESIGN §3/§4):
+
+* the Sequence Arch's self-attention (``RotaryMultiHeadAttention``): per-sample q, k, v, rotary on
+  q and k, key padding and query padding from ``valid_lengths``;
+* the Cross Arch's PMA pooling (``PoolingMultiHeadAttention``): ``Lq`` (= 2) learned queries shared
+  over the batch (``q.shape[0] == 1``) over the valid body tokens, no rotary, no query masking.
+
+Public function (same name and signature as :func:`interformer.reference.attention`)::
+
+    attention(q, k, v, lengths, causal=False, rope_base=None, rope_q=True, mask_queries=True, sm_scale=None)
+
+Layout and contract
+-------------------
+* q ``[Bq, Lq, H, dh]`` with ``Bq`` in ``{B, 1}``; k, v ``[B, Lk, H, dh]``; fp32, fp16 or bf16 (all
+  three the same dtype). ``dh`` in ``{16, 32, 64, 128}`` is the fast path (no padded columns); any
+  other ``dh <= 128`` (even with rotary; e.g. 6 or 10 for DESIGN's odd d_model 24 and 40) runs in a
+  register tile padded to the next power of two >= 16 with masked columns. With rotary, the two
+  halves of a padded head are placed at the starts of the two halves of the tile, so the rotate-half
+  partner of every register column is the column DHP/2 away, as in the unpadded case. Every tensor is read through its four strides, so
+  the non-contiguous views ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` (row stride ``3*H*dh``) are
+  read in place: no transpose, no ``.contiguous()``. A shared query (``Bq == 1``) is read with batch
+  stride 0. The output is a new contiguous ``[B, Lq, H, dh]`` tensor in the input dtype.
+* ``lengths [B]`` (any integer dtype) is clamped to ``[0, Lk]`` for keys and ``[0, Lq]`` for query
+  rows. Key ``j`` is visible to query ``i`` when ``j < lengths[b]`` (and ``j <= i`` if ``causal``).
+  With ``mask_queries``, rows ``i >= lengths[b]`` output exact zeros and pass zero gradient. A row
+  with no visible key outputs 0 and passes zero gradient, never NaN (``lengths[b] == 0``).
+* Rotary (rotate-half, pair ``(i, i + dh/2)`` rotated by ``pos * base^(-2i/dh)``) is applied inside
+  the kernels to every q/k tile right after it is loaded: ``x_rot = x * cos + x_swapped * sin_signed``,
+  where ``x_swapped`` is a second (cache-hitting) load of the same rows with the two halves of the
+  head dim exchanged. The angles come from a small fp32 table ``[2, max(Lq, Lk), dh/2]`` (cos, sin)
+  built once per (device, length, dh, base) with exactly the reference's formula and cached; the
+  kernels never evaluate sin/cos (fp32 sin/cos of angles up to ~1000 rad would cost more ALU than the
+  whole softmax at dh = 16). Backward applies the inverse rotation (the same with sin negated) to the
+  dq/dk accumulators in registers (a half swap through ``reshape/permute/split/join``).
+
+Forward (``_attn_fwd_kernel``)
+------------------------------
+One program per (b, h, query block of ``BLOCK_M`` rows); 1-D grid ordered query block fastest, then
+head, then batch, so programs that share k/v rows (same b) run next to each other and hit L2.
+Online softmax in the log2 domain (``exp2``) with fp32 statistics and fp32 accumulator; scores are
+never stored. The key loop stops at ``min(lengths[b], Lk)`` (and at the diagonal when causal), and a
+query block whose rows are all masked (``start >= lengths[b]`` with ``mask_queries``) skips the loop
+and only writes its zeros: at the benchmark shapes lengths are uniform in ``[0, T]``, so about half of
+all blocks are padding and never read. The key loop is split in two: blocks that are fully visible
+run without any masking arithmetic, only the last partial block (and the causal diagonal) is masked.
+Stores ``O`` and the natural-log log-sum-exp ``lse [B, H, Lq]`` (fp32; ``-inf`` for rows that output 0).
+
+Block sizes (fixed by the shape, no autotune, so backward never depends on a hidden choice)::
+
+    Lq <= 64 : BLOCK_M = next_pow2(Lq) (min 16; PMA's 2 queries pad to 16 rows with masks)
+    Lq <= 256: BLOCK_M = 64                     (amazon L = 104: two query blocks)
+    else     : BLOCK_M = 128, 8 warps           (long L = 1004)
+    BLOCK_N  = next_pow2(Lk) capped at 64 (128 when BLOCK_M <= 32: PMA streams keys in wide blocks)
+
+Backward
+--------
+``delta = rowsum(dO * O)``; ``P = exp2(S * scale * log2e - lse * log2e)`` recomputed from q, k and
+lse; ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``,
+then dq/dk are rotated back. Two structures, chosen by the shape:
+
+* **single query block** (``Lq <= 128``: taobao, amazon, PMA) -- ``_attn_bwd_fused_kernel``: ONE launch,
+  one program per (b, h). It loads q, dO, O and lse of the whole sequence once, computes delta in
+  registers, loops over the valid key blocks computing and storing dk, dv of each block (complete, as
+  every query is in the program) while dq accumulates in registers; key blocks past the length get
+  their zeros stored without any compute. Every tensor is read once and written once.
+* **general** (``Lq > 128``: long) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``
+  (delta), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks from the
+  diagonal when causal, up to the query limit), ``_attn_bwd_dq_kernel`` (one program per query block,
+  loop over valid key blocks). Fully padded key/query blocks skip their loops and only store zeros.
+  No atomics, so results are deterministic. 64 x 64 tiles.
+
+Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp32 ``[B, Lq, H, dh]``
+buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
+the only part of the op that is not a Triton kernel. Nothing goes to cuBLAS.
+
+On GPU, fp32 inputs use tf32 ``tl.dot`` (DESIGN §5 allows 1e-3 there); fp16/bf16 inputs feed the
+tensor cores directly with fp32 accumulation; P and dS are rounded to the input dtype before their
+matmuls (as in flash-attention). Under ``TRITON_INTERPRET=1`` everything is exact fp32.
+
+``torch.library``: ``interformer::attention_fwd`` (returns ``(out, lse)``) and
+``interformer::attention_bwd`` (returns ``(dq, dk, dv)``) are ``custom_op`` s with fake
+implementations; the forward has a registered autograd formula that calls the backward op, so
+``torch.compile(fullgraph=True)`` traces forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (16, 32, 64, 128)  # no padded columns
+MAX_HEAD_DIM = 128
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest query length handled by the single-program-per-(b, h) backward.
+_FUSED_BWD_MAX_LQ = 128
+
+
+# ============================================================================ Triton helpers
+@triton.jit
+def _colmap(c, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """Memory column of register columns ``c`` of a ``DHP``-wide tile holding a ``DH``-wide head,
+    and whether that column exists. With SPLIT (rotary), each half of the head sits at the start of
+    one half of the tile, so the rotate-half partner of register column c is always c +- DHP/2."""
+    if SPLIT:
+        col = tl.where(c < DHP // 2, c, DH // 2 + c - DHP // 2)
+        ok = (c % (DHP // 2)) < DH // 2
+    else:
+        col = c
+        ok = c < DH
+    return col, ok
+
+
+@triton.jit
+def _mask2(row_ok, col_ok, DH: tl.constexpr, DHP: tl.constexpr):
+    if DH == DHP:
+        m = row_ok[:, None]
+    else:
+        m = row_ok[:, None] & col_ok[None, :]
+    return m
+
+
+@triton.jit
+def _rope_cos_sin(TAB, offs_l, row_ok, tab_len, DH: tl.constexpr, DHP: tl.constexpr):
+    """cos and signed sin ``[rows, DHP]`` for positions ``offs_l`` (0 where ``row_ok`` is False).
+
+    The table is fp32 ``[2, tab_len, DH/2]``. Register column c uses frequency ``c % (DHP/2)``; the sin
+    is negated on the first half, so that ``rot(x) = x * cos + swap_halves(x) * sin_signed``.
+    """
+    c = tl.arange(0, DHP)
+    fi = c % (DHP // 2)
+    m = _mask2(row_ok, fi < DH // 2, DH, DHP)
+    ptr = TAB + offs_l[:, None] * (DH // 2) + fi[None, :]
+    cs = tl.load(ptr, mask=m, other=0.0)
+    sn = tl.load(ptr + tab_len * (DH // 2), mask=m, other=0.0)
+    sn = tl.where((c < DHP // 2)[None, :], -sn, sn)
+    return cs, sn
+
+
+@triton.jit
+def _load_rows(base, offs_l, lim, stride_l, stride_d, TAB, tab_len,
+               ROPE: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """Rows ``offs_l`` (< ``lim``; zero elsewhere and in padded columns) of a ``[L, DH]`` slice as a
+    ``[rows, DHP]`` tile, rotary applied if ROPE. The rotated tile is computed in fp32 from a second
+    load of the same rows with the halves exchanged, and returned in the input dtype (for ``tl.dot``)."""
+    c = tl.arange(0, DHP)
+    col, col_ok = _colmap(c, DH, DHP, SPLIT)
+    ok = offs_l < lim
+    row_ptr = base + offs_l[:, None] * stride_l
+    x = tl.load(row_ptr + col[None, :] * stride_d, mask=_mask2(ok, col_ok, DH, DHP), other=0.0)
+    if ROPE:
+        col_sw, col_sw_ok = _colmap((c + DHP // 2) % DHP, DH, DHP, SPLIT)
+        xs = tl.load(row_ptr + col_sw[None, :] * stride_d, mask=_mask2(ok, col_sw_ok, DH, DHP), other=0.0)
+        cs, sn = _rope_cos_sin(TAB, offs_l, ok, tab_len, DH, DHP)
+        x = (x.to(tl.float32) * cs + xs.to(tl.float32) * sn).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, offs_l, lim, stride_l, stride_d,
+                DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    col, col_ok = _colmap(tl.arange(0, DHP), DH, DHP, SPLIT)
+    tl.store(base + offs_l[:, None] * stride_l + col[None, :] * stride_d,
+             x.to(base.dtype.element_ty), mask=_mask2(offs_l < lim, col_ok, DH, DHP))
+
+
+@triton.jit
+def _swap_halves(x, ROWS: tl.constexpr, DHP: tl.constexpr):
+    """``[x[:, DHP/2:], x[:, :DHP/2]]`` of a register tile ``[ROWS, DHP]``."""
+    x3 = tl.permute(tl.reshape(x, (ROWS, 2, DHP // 2)), (0, 2, 1))
+    lo, hi = tl.split(x3)
+    y = tl.permute(tl.join(hi, lo), (0, 2, 1))
+    return tl.reshape(y, (ROWS, DHP))
+
+
+@triton.jit
+def _unrotate(g, TAB, offs_l, lim, tab_len, ROWS: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr):
+    """Inverse rotary of a gradient tile (rows >= ``lim`` become 0): ``g * cos - swap(g) * sin_signed``."""
+    cs, sn = _rope_cos_sin(TAB, offs_l, offs_l < lim, tab_len, DH, DHP)
+    return g * cs - _swap_halves(g, ROWS, DHP) * sn
+
+
+@triton.jit
+def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
+    """(k_lim, q_lim): visible keys are ``j < k_lim``, live query rows ``i < q_lim``."""
+    seq_len = tl.maximum(tl.load(LENS + b).to(tl.int32), 0)
+    k_lim = tl.minimum(seq_len, Lk)
+    if MASK_Q:
+        q_lim = tl.minimum(seq_len, Lq)
+    else:
+        q_lim = Lq + 0 * seq_len
+    return k_lim, q_lim
+
+
+# ============================================================================ forward
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale,
+               skl, skd, svl, svd, TAB, tab_len,
+               CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            vis = (offs_n < k_lim)[None, :]
+            if CAUSAL:
+                vis = vis & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    O, LSE,
+    Q, K, V, LENS, TAB,
+    qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
+    sqb, sql, sqh, sqd,
+    skb, skl, skh, skd,
+    svb, svl, svh, svd,
+    sob, sol, soh, sod,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = (pid % n_m_blocks).to(tl.int32)
+    bh = pid // n_m_blocks
+    b = bh // H
+    h = bh % H
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no visible key never makes NaN
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DHP], tl.float32)
+
+    hi = k_lim
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    hi = tl.where(start_m < q_lim, hi, 0)  # a block of masked query rows reads nothing
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi_full = tl.minimum(hi_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, hi_full, k_lim, qk_scale,
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, BLOCK_N, DH, DHP, SPLIT)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, hi_full, hi, k_lim, qk_scale,
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, BLOCK_N, DH, DHP, SPLIT)
+
+    keep = (offs_m < q_lim) & (l_i > 0.0)
+    l_safe = tl.where(keep, l_i, 1.0)
+    out = tl.where(keep[:, None], acc / l_safe[:, None], 0.0)
+    _store_rows(O + b * sob + h * soh, out, offs_m, Lq, sol, sod, DH, DHP, SPLIT)
+    lse = tl.where(keep, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+# ============================================================================ backward
+@triton.jit
+def _attn_bwd_fused_kernel(
+    DQ, DK, DV,
+    DO, Q, K, V, O, LSE, LENS, TAB,
+    sm_scale, qk_scale, Lq, Lk, H, tab_len,
+    sdqb, sdql, sdqh, sdqd,
+    sdkb, sdkl, sdkh, sdkd,
+    sdvb, sdvl, sdvh, sdvd,
+    sdob, sdol, sdoh, sdod,
+    sqb, sql, sqh, sqd,
+    skb, skl, skh, skd,
+    svb, svl, svh, svd,
+    sob, sol, soh, sod,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
+    o = _load_rows(O + b * sob + h * soh, offs_m, q_lim, sol, sod, TAB, tab_len, False, DH, DHP, SPLIT)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+
+    dk_base = DK + b * sdkb + h * sdkh
+    dv_base = DV + b * sdvb + h * sdvh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, DHP], tl.float32)
+    hi = k_lim
+    if CAUSAL:
+        hi = tl.minimum(hi, q_lim)
+    hi = tl.where(q_lim > 0, hi, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale
+        dq += tl.dot(ds.to(k.dtype), k)
+        if ROPE_K:
+            dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
+        _store_rows(dk_base, dk, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
+        _store_rows(dv_base, dv, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+    # keys past the valid length (or past the last query when causal): zero gradient, no compute
+    zero = tl.zeros([BLOCK_N, DHP], tl.float32)
+    for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        _store_rows(dk_base, zero, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
+        _store_rows(dv_base, zero, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+
+    dq = dq * sm_scale
+    if ROPE_Q:
+        dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
+    _store_rows(DQ + b * sdqb + h * sdqh, dq, offs_m, Lq, sdql, sdqd, DH, DHP, SPLIT)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    DELTA, DO, O, Lq, H, n_m_blocks,
+    sdob, sdol, sdoh, sdod,
+    sob, sol, soh, sod,
+    BLOCK_M: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
+):
+    """``delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` in fp32."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = (pid % n_m_blocks).to(tl.int32)
+    bh = pid // n_m_blocks
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, sdod, DO, 1, False, DH, DHP, False)
+    o = _load_rows(O + b * sob + h * soh, offs_m, Lq, sol, sod, O, 1, False, DH, DHP, False)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    DK, DV,
+    DO, Q, K, V, LSE, DELTA, LENS, TAB,
+    sm_scale, qk_scale, Lq, Lk, H, tab_len, n_n_blocks,
+    sdkb, sdkl, sdkh, sdkd,
+    sdvb, sdvl, sdvh, sdvd,
+    sdob, sdol, sdoh, sdod,
+    sqb, sql, sqh, sqd,
+    skb, skl, skh, skd,
+    svb, svl, svh, svd,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """dk, dv of one key block of one (b, h): loop over the query blocks that can see it."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = (pid % n_n_blocks).to(tl.int32)
+    bh = pid // n_n_blocks
+    b = bh // H
+    h = bh % H
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K + b * skb + h * skh, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+    v = _load_rows(V + b * svb + h * svh, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+    kv_ok = (offs_n < k_lim)[:, None]
+
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    dk = tl.zeros([BLOCK_N, DHP], tl.float32)
+    dv = tl.zeros([BLOCK_N, DHP], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = tl.where(start_n < k_lim, q_lim, 0)  # a padded key block skips the loop: zero gradient
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_lim
+        q = _load_rows(q_base, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
+        do = _load_rows(do_base, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
+        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        vis = kv_ok & row_ok[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[:, None] <= offs_m[None, :])
+        p_t = tl.where(vis, tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = dk * sm_scale
+    if ROPE_K:
+        dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
+    _store_rows(DK + b * sdkb + h * sdkh, dk, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
+    _store_rows(DV + b * sdvb + h * sdvh, dv, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    DQ,
+    DO, Q, K, V, LSE, DELTA, LENS, TAB,
+    sm_scale, qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
+    sdqb, sdql, sdqh, sdqd,
+    sdob, sdol, sdoh, sdod,
+    sqb, sql, sqh, sqd,
+    skb, skl, skh, skd,
+    svb, svl, svh, svd,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """dq of one query block of one (b, h): loop over the visible key blocks."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = (pid % n_m_blocks).to(tl.int32)
+    bh = pid // n_m_blocks
+    b = bh // H
+    h = bh % H
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, DHP], tl.float32)
+    hi = k_lim
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    hi = tl.where(start_m < q_lim, hi, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * sm_scale
+    if ROPE_Q:
+        dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
+    _store_rows(DQ + b * sdqb + h * sdqh, dq, offs_m, Lq, sdql, sdqd, DH, DHP, SPLIT)
+
+
+# ============================================================================ launchers
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _padded_dh(dh: int) -> int:
+    """Register width of a head: next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
+    return max(16, _next_pow2(dh))
+
+
+def _fwd_config(Lq: int, Lk: int, dh: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; see the module docstring."""
+    if Lq <= 64:
+        block_m = max(16, _next_pow2(Lq))
+    elif Lq <= 256:
+        block_m = 64
+    else:
+        block_m = 128
+    block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return block_m, block_n, num_warps, 3 if block_m >= 128 else 2
+
+
+def _fused_bwd_config(Lq: int, Lk: int, dh: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (Lq <= 128)."""
+    block_m = max(16, _next_pow2(Lq))
+    block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
+    if block_m >= 128 and dh >= 128:
+        block_n = 32
+    num_warps = 8 if block_m * block_n >= 128 * 64 or block_m * dh >= 128 * 128 else 4
+    return block_m, block_n, num_warps
+
+
+# Tiles of the general (long sequence) backward.
+_BWD_BLOCK_M, _BWD_BLOCK_N = 64, 64
+
+_ROPE_TABLES: dict = {}
+
+
+def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
+    """fp32 ``[2, length, dh/2]``: cos and sin of ``pos * base^(-2i/dh)``, the reference's exact formula.
+
+    Cached per (device, length, dh, base); during CUDA-graph capture a fresh table is built (and
+    recorded in the graph) instead of caching memory from the graph's pool.
+    """
+    key = (device.type, device.index, length, dh, float(base))
+    table = _ROPE_TABLES.get(key)
+    if table is not None:
+        return table
+    half = dh // 2
+    inv_freq = base ** (-torch.arange(half, device=device, dtype=torch.float32) * 2.0 / dh)
+    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    table = torch.stack([angle.cos(), angle.sin()]).contiguous()
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        if len(_ROPE_TABLES) >= 64:
+            _ROPE_TABLES.clear()
+        _ROPE_TABLES[key] = table
+    return table
+
+
+def _resolve_scale(sm_scale: Optional[float], dh: int) -> float:
+    return 1.0 / math.sqrt(dh) if sm_scale is None else float(sm_scale)
+
+
+def _tab(q, k, rope_base, Lq, Lk, dh):
+    if rope_base is None:
+        return q, 1  # never read: ROPE_Q = ROPE_K = False
+    t = _rope_table(max(Lq, Lk), dh, rope_base, k.device)
+    return t, t.shape[1]
+
+
+def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    B, Lk, H, dh = k.shape
+    Lq = q.shape[1]
+    out = torch.empty((B, Lq, H, dh), device=k.device, dtype=k.dtype)
+    lse = torch.empty((B, H, Lq), device=k.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    if Lk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    scale = _resolve_scale(sm_scale, dh)
+    tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh)
+    dhp = _padded_dh(dh)
+    block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp)
+    n_m = triton.cdiv(Lq, block_m)
+    sqb = 0 if q.shape[0] == 1 else q.stride(0)
+    _attn_fwd_kernel[(B * H * n_m,)](
+        out, lse, q, k, v, lengths, tab,
+        scale * LOG2E, Lq, Lk, H, tab_len, n_m,
+        sqb, q.stride(1), q.stride(2), q.stride(3),
+        *k.stride(), *v.stride(), *out.stride(),
+        CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
+        MASK_Q=bool(mask_queries), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp, SPLIT=rope_base is not None,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    B, Lk, H, dh = k.shape
+    Bq, Lq = q.shape[0], q.shape[1]
+    shared = Bq == 1 and B > 1
+    # per-sample dq for shared queries goes to an fp32 buffer reduced over B below
+    dq_buf = torch.empty((B, Lq, H, dh), device=q.device, dtype=torch.float32 if shared else q.dtype)
+    dk = torch.empty((B, Lk, H, dh), device=k.device, dtype=k.dtype)
+    dv = torch.empty((B, Lk, H, dh), device=v.device, dtype=v.dtype)
+    if dq_buf.numel() == 0 or Lk == 0 or do is None:
+        dq_buf.zero_(), dk.zero_(), dv.zero_()
+    else:
+        scale = _resolve_scale(sm_scale, dh)
+        tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh)
+        dhp = _padded_dh(dh)
+        sqb = 0 if Bq == 1 else q.stride(0)
+        flags = dict(
+            CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
+            MASK_Q=bool(mask_queries), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
+        )
+        q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
+        if Lq <= _FUSED_BWD_MAX_LQ:
+            block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp)
+            _attn_bwd_fused_kernel[(B * H,)](
+                dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,
+                scale, scale * LOG2E, Lq, Lk, H, tab_len,
+                *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
+                *q_strides, *k.stride(), *v.stride(), *out.stride(),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, **flags,
+            )
+        else:
+            bm, bn = _BWD_BLOCK_M, _BWD_BLOCK_N
+            warps = 8 if dhp >= 128 else 4
+            delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+            n_m, n_n = triton.cdiv(Lq, bm), triton.cdiv(Lk, bn)
+            _attn_bwd_preprocess_kernel[(B * H * n_m,)](
+                delta, do, out, Lq, H, n_m, *do.stride(), *out.stride(), BLOCK_M=bm, DH=dh, DHP=dhp,
+            )
+            _attn_bwd_dkdv_kernel[(B * H * n_n,)](
+                dk, dv, do, q, k, v, lse, delta, lengths, tab,
+                scale, scale * LOG2E, Lq, Lk, H, tab_len, n_n,
+                *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2, **flags,
+            )
+            _attn_bwd_dq_kernel[(B * H * n_m,)](
+                dq_buf, do, q, k, v, lse, delta, lengths, tab,
+                scale, scale * LOG2E, Lq, Lk, H, tab_len, n_m,
+                *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2, **flags,
+            )
+    dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf.reshape(q.shape)
+    return dq, dk, dv
+
+
+# ============================================================================ torch.library
+@torch.library.custom_op("interformer::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    rope_base: Optional[float],
+    rope_q: bool,
+    mask_queries: bool,
+    sm_scale: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out [B, Lq, H, dh], lse [B, H, Lq] fp32)``."""
+    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    B, Lk, H, dh = k.shape
+    Lq = q.shape[1]
+    return k.new_empty((B, Lq, H, dh)), k.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("interformer::attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    rope_base: Optional[float],
+    rope_q: bool,
+    mask_queries: bool,
+    sm_scale: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous)."""
+    return _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # lse is an internal output: its gradient (if any) is ignored.
+    q, k, v, out, lse, lengths = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None, None
+    dq, dk, dv = torch.ops.interformer.attention_bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ============================================================================ public function
+def _check(q, k, v, lengths, rope_base):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, dh], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    B, Lk, H, dh = k.shape
+    if q.shape[0] not in (1, B) or q.shape[2] != H or q.shape[3] != dh:
+        raise ValueError(f"attention: q {tuple(q.shape)} must be [B or 1, Lq, H={H}, dh={dh}] to match k {tuple(k.shape)}")
+    if not 1 <= dh <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim {dh} not supported by the Triton kernel (1 .. {MAX_HEAD_DIM}; "
+                         f"fast path {HEAD_DIMS})")
+    if rope_base is not None and dh % 2:
+        raise ValueError(f"attention: rotary needs an even head dim, got {dh}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"attention: lengths must be a 1-D tensor [B={B}], got "
+                         f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"attention: lengths must be an integer tensor, got {lengths.dtype}")
+    devices = {t.device for t in (q, k, v, lengths)}
+    if len(devices) != 1:
+        raise ValueError(f"attention: q, k, v and lengths must be on one device, got {sorted(map(str, devices))}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool = False,
+    rope_base: Optional[float] = None,
+    rope_q: bool = True,
+    mask_queries: bool = True,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused rotary attention with padding from lengths; same contract as
+    :func:`interformer.reference.attention` (see the module docstring for the kernel design).
+
+    q ``[Bq, Lq, H, dh]`` (Bq = B or 1), k, v ``[B, Lk, H, dh]`` (any strides), lengths ``[B]``
+    -> contiguous ``[B, Lq, H, dh]``.
+    """
+    _check(q, k, v, lengths, rope_base)
+    out, _ = torch.ops.interformer.attention_fwd(
+        q, k, v, lengths, bool(causal),
+        None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
+        None if sm_scale is None else float(sm_scale),
+    )
+    return out

@@ -1,0 +1,387 @@
+"""Fused rotary attention (``interformer.kernels.attention``) against the eager reference and float64.
+
+Every case compares the output and the gradients of q, k and v with (a) the eager reference
+``interformer.reference.attention`` run in the same dtype and (b) a float64 evaluation of the same
+formulas (``attention64`` below): fp32 within ``FP32_TOL`` of both, fp16/bf16 by the DESIGN §5 rule
+(kernel error vs float64 <= 2x the eager low-precision error). The cases cover L = 1, 5, 54, 100,
+129, 300; head dims 16, 32, 64, 128 (plus the padded odd sizes 5 and 6); shared (PMA) and per-sample
+queries; causal on/off; rotary on q and k, on k only, off; mask_queries on/off; lengths with 0 and
+the full length; the non-contiguous ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views the module
+makes, transposed layouts, and stride-0 upstream gradients (``out.sum()``). Both kernel paths of the
+backward are reached (single query block: Lq <= 128; general dkdv + dq kernels: Lq > 128), and the
+forward's 16/64/128-row query blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from interformer import reference as R
+from interformer.layers import PoolingMultiHeadAttention, RotaryMultiHeadAttention
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, random_lengths, rel_err
+
+A = pytest.importorskip("interformer.kernels.attention")
+BASE = 10000.0
+
+
+def attention64(q, k, v, lengths, causal=False, rope_base=None, rope_q=True, mask_queries=True, sm_scale=None):
+    """The reference's math evaluated entirely in float64.
+
+    ``reference.attention`` on float64 inputs is not usable as the float64 evaluation: it fills
+    masked scores with ``finfo(float64).min``, which becomes ``-inf`` under its ``.float()`` softmax,
+    so rows without a visible key turn NaN (and the softmax runs in fp32 anyway). This copy keeps
+    the rotary of the reference (its fp32 angle table) and does everything else in float64.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, Lk, H, dh = k.shape
+    Lq = q.shape[1]
+    scale = 1.0 / math.sqrt(dh) if sm_scale is None else sm_scale
+    if rope_base is not None:
+        k = R.rotary(k, rope_base)
+        if rope_q:
+            q = R.rotary(q, rope_base)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.expand(B, -1, -1, -1), k) * scale
+    vis = R.row_mask(lengths, Lk)[:, None, None, :]
+    if causal:
+        vis = vis & (torch.arange(Lk, device=k.device)[None, :] <= torch.arange(Lq, device=k.device)[:, None])
+    s = s.masked_fill(~vis, -1e300)
+    keep = vis.any(-1, keepdim=True)
+    if mask_queries:
+        keep = keep & R.row_mask(lengths, Lq)[:, None, :, None]
+    p = torch.softmax(s, -1) * keep
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    B: int
+    shared: bool  # q [1, Lq, H, dh] broadcast over the batch (PMA)
+    Lq: int
+    Lk: int
+    H: int
+    dh: int
+    causal: bool
+    rope: Optional[str]  # "qk", "k" (rope_q=False) or None
+    mask_q: bool
+    layout: str  # "qkv" (module views, row stride 3*H*dh), "transposed" ([B, H, L, dh].transpose(1, 2)), "contiguous"
+    grad: str = "random"  # "random" upstream gradient, or "sum" (stride-0 expanded ones)
+    sm_scale: Optional[float] = None
+
+
+CASES = [
+    Case("L1", 3, False, 1, 1, 2, 16, False, "qk", True, "qkv"),
+    Case("L5-causal-ropek", 3, False, 5, 5, 2, 32, True, "k", False, "qkv", grad="sum"),
+    Case("L54-taobao", 3, False, 54, 54, 2, 16, False, "qk", True, "qkv"),
+    Case("L100-amazon", 3, False, 100, 100, 2, 16, False, "qk", True, "qkv"),
+    Case("L129-general-dh64", 3, False, 129, 129, 2, 64, False, "qk", True, "qkv"),
+    Case("L129-causal-norope", 3, False, 129, 129, 2, 16, True, None, False, "transposed", sm_scale=0.3),
+    Case("L300-causal-block128", 2, False, 300, 300, 1, 16, True, "qk", True, "qkv"),
+    Case("pma-54", 3, True, 2, 54, 2, 16, False, None, False, "contiguous"),
+    Case("pma-129-dh32", 3, True, 2, 129, 2, 32, False, None, False, "transposed", grad="sum"),
+    Case("cross-7x54-dh128", 3, False, 7, 54, 2, 128, False, "qk", True, "transposed"),
+    Case("shared-54x5-causal", 3, True, 54, 5, 2, 32, True, "qk", True, "contiguous"),
+    Case("shared-129x54-general-ropek", 3, True, 129, 54, 2, 16, False, "k", True, "contiguous"),
+    Case("dh6-padded-rope-causal", 3, False, 13, 13, 2, 6, True, "qk", True, "qkv"),
+    Case("dh5-padded-pma", 3, True, 3, 13, 2, 5, False, None, False, "contiguous"),
+]
+
+
+def make_leaves(case: Case, gen: torch.Generator):
+    """Float64 master copies of the leaves of ``case`` and a function building (q, k, v) from leaves."""
+    B, H, dh = case.B, case.H, case.dh
+    Bq = 1 if case.shared else B
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if case.layout == "qkv":
+        assert case.Lq == case.Lk and not case.shared
+        leaves = [rnd(B, case.Lq, 3, H, dh)]
+        return leaves, lambda ls: ls[0].unbind(2)
+    if case.layout == "transposed":
+        leaves = [rnd(Bq, H, case.Lq, dh), rnd(B, H, case.Lk, dh), rnd(B, H, case.Lk, dh)]
+        return leaves, lambda ls: tuple(t.transpose(1, 2) for t in ls)
+    leaves = [rnd(Bq, case.Lq, H, dh), rnd(B, case.Lk, H, dh), rnd(B, case.Lk, H, dh)]
+    return leaves, lambda ls: tuple(ls)
+
+
+def run(fn, case: Case, masters, build, lengths, grad, dtype):
+    leaves = [m.to(DEVICE, dtype).requires_grad_() for m in masters]
+    q, k, v = build(leaves)
+    out = fn(q, k, v, lengths, causal=case.causal, rope_base=None if case.rope is None else BASE,
+             rope_q=case.rope == "qk", mask_queries=case.mask_q, sm_scale=case.sm_scale)
+    if case.grad == "sum":
+        out.sum().backward()  # the gradient reaching the op is a stride-0 expand
+    else:
+        out.backward(grad.to(dtype))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def split_grads(case, grads):
+    """(dq, dk, dv) from the leaves' gradients."""
+    if case.layout == "qkv":
+        return grads[0].unbind(2)
+    if case.layout == "transposed":
+        return tuple(g.transpose(1, 2) for g in grads)
+    return tuple(grads)
+
+
+def check_padding_exact(case: Case, out, dq, dk, dv, lengths):
+    """Masked rows are exact zeros: outputs and q-gradients of padded query rows (mask_queries),
+    rows of empty samples, and k/v gradients of padded keys."""
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(dk[b, n:] == 0) and torch.all(dv[b, n:] == 0), f"sample {b}: padded keys got a gradient"
+        if case.mask_q:
+            assert torch.all(out[b, n:] == 0), f"sample {b}: padded query rows are not zero"
+            if not case.shared:
+                assert torch.all(dq[b, n:] == 0), f"sample {b}: padded query rows got a gradient"
+        if n == 0:
+            assert torch.all(out[b] == 0), f"sample {b} (length 0) is not zero"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_attention_matches_reference(case, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    masters, build = make_leaves(case, gen)
+    lengths = random_lengths(case.B, max(case.Lq, case.Lk), generator=gen).to(DEVICE)
+    grad = torch.randn(case.B, case.Lq, case.H, case.dh, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    out, g_k = run(A.attention, case, masters, build, lengths, grad, dtype)
+    out_e, g_e = run(R.attention, case, masters, build, lengths, grad, dtype)
+    out_64, g_64 = run(attention64, case, masters, build, lengths, grad, torch.float64)
+
+    assert out.shape == (case.B, case.Lq, case.H, case.dh) and out.dtype == dtype and out.is_contiguous()
+    names = ["out", "dq", "dk", "dv"]
+    kern = [out, *split_grads(case, g_k)]
+    eager = [out_e, *split_grads(case, g_e)]
+    ref64 = [out_64, *split_grads(case, g_64)]
+    for name, a, e, r in zip(names, kern, eager, ref64):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        if dtype == torch.float32:
+            assert_rel(a, r, FP32_TOL, name + " vs float64")
+            assert_rel(a, e, FP32_TOL, name + " vs eager fp32")
+        else:
+            assert_lowp(a, e, r, name)
+    check_padding_exact(case, *kern, lengths.cpu())
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shared,causal,rope", [(False, False, True), (False, True, True), (True, False, False)])
+def test_all_padding_rows_are_zero_never_nan(shared, causal, rope, dtype):
+    """Every row empty (lengths 0) with large inputs: exact zeros forward and backward, no NaN."""
+    B, L, H, dh = 2, 20, 2, 32
+    q = (100 * torch.randn(1 if shared else B, 2 if shared else L, H, dh, device=DEVICE)).to(dtype).requires_grad_()
+    k = (100 * torch.randn(B, L, H, dh, device=DEVICE)).to(dtype).requires_grad_()
+    v = torch.randn(B, L, H, dh, device=DEVICE).to(dtype).requires_grad_()
+    lengths = torch.zeros(B, dtype=torch.long, device=DEVICE)
+    for mask_q in (True, False):
+        for t in (q, k, v):
+            t.grad = None
+        out = A.attention(q, k, v, lengths, causal=causal, rope_base=BASE if rope else None, mask_queries=mask_q)
+        out.backward(torch.randn_like(out))
+        for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            assert not torch.isnan(t).any(), f"{name} has NaN"
+            assert torch.all(t == 0), f"{name} is not exactly zero"
+
+
+def test_length_zero_row_amid_full_rows_large_scores():
+    """A zero-length row next to rows whose scores are huge (fp16 overflow territory for naive code)."""
+    B, L, H, dh = 3, 33, 2, 16
+    q = (30 * torch.randn(B, L, H, dh, device=DEVICE)).half().requires_grad_()
+    k = (30 * torch.randn(B, L, H, dh, device=DEVICE)).half().requires_grad_()
+    v = torch.randn(B, L, H, dh, device=DEVICE).half().requires_grad_()
+    lengths = torch.tensor([L, 0, 7], device=DEVICE)
+    out = A.attention(q, k, v, lengths, rope_base=BASE)
+    out.backward(torch.randn_like(out))
+    ref = attention64(q.detach(), k.detach(), v.detach(), lengths, rope_base=BASE)
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+    assert torch.all(out[1] == 0) and torch.all(q.grad[1] == 0) and torch.all(k.grad[1] == 0)
+    assert rel_err(out, ref) < 2e-2
+
+
+# ----------------------------------------------------------------------------- modules
+def _module_pair(cls, args, dtype, backend_kw=None):
+    torch.manual_seed(0)
+    eager = cls(*args, backend="eager", **(backend_kw or {})).to(DEVICE, dtype)
+    fused = cls(*args, backend="triton", **(backend_kw or {})).to(DEVICE, dtype)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def _module_run(module, s, lengths, grad):
+    s = s.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = module(s, lengths)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), s.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def _compare_modules(cls, args, kw, B, L, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    d = args[-2] if cls is RotaryMultiHeadAttention else args[1]
+    s = torch.randn(B, L, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    lengths = random_lengths(B, L, generator=gen).to(DEVICE)
+    eager, fused = _module_pair(cls, args, dtype, kw)
+    ref = cls(*args, backend="eager", **(kw or {})).to(DEVICE, torch.float64)
+    ref.load_state_dict(eager.state_dict())
+    n_out = args[0] if cls is PoolingMultiHeadAttention else L
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    o_f, ds_f, g_f = _module_run(fused, s.to(dtype), lengths, grad)
+    o_e, ds_e, g_e = _module_run(eager, s.to(dtype), lengths, grad)
+    with monkeypatch.context() as mp:
+        # the float64 module evaluation goes through attention64 (see its docstring for why)
+        mp.setattr(R, "attention", attention64)
+        o_r, ds_r, g_r = _module_run(ref, s, lengths, grad)
+    pairs = [("out", o_f, o_e, o_r), ("d_input", ds_f, ds_e, ds_r)]
+    pairs += [(f"grad {n}", g_f[n], g_e[n], g_r[n]) for n in g_e]
+    assert set(g_f) == set(g_e)
+    scale = float(ds_r.norm())
+    for name, f, e, r in pairs:
+        if float(r.norm()) <= 1e-9 * scale:
+            # zero in exact arithmetic (the key bias: softmax is shift-invariant), so only rounding noise
+            # is left and a relative error means nothing: bound the absolute error by the input grad's scale
+            f_err, e_err = float((f.double() - r).norm()), float((e.double() - r).norm())
+            bound = FP32_TOL * scale if dtype == torch.float32 else max(2 * e_err, 1e-3 * scale)
+            assert f_err <= bound, f"{name}: absolute error {f_err:.3e} > {bound:.3e} on a gradient that is exactly 0"
+        elif dtype == torch.float32:
+            assert_rel(f, e, FP32_TOL, name + " (triton vs eager)")
+        else:
+            assert_lowp(f, e, r, name)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("d_model,heads,causal", [(64, 4, False), (24, 2, True)])
+def test_rotary_module_triton_matches_eager(d_model, heads, causal, dtype, monkeypatch):
+    _compare_modules(RotaryMultiHeadAttention, (d_model, heads), {"causal": causal}, B=3, L=13, dtype=dtype,
+                     monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("num_queries,d_model,heads", [(2, 64, 4), (3, 40, 2)])
+def test_pma_module_triton_matches_eager(num_queries, d_model, heads, dtype, monkeypatch):
+    _compare_modules(PoolingMultiHeadAttention, (num_queries, d_model, heads), None, B=3, L=11, dtype=dtype,
+                     monkeypatch=monkeypatch)
+
+
+# ----------------------------------------------------------------------------- torch.library
+@pytest.mark.parametrize("shared,rope,causal", [(False, True, False), (True, False, True)])
+def test_opcheck(shared, rope, causal):
+    B, L, H, dh = 2, 5, 2, 16
+    q = torch.randn(1 if shared else B, 3 if shared else L, H, dh, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, L, H, dh, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, L, H, dh, device=DEVICE, requires_grad=True)
+    lengths = torch.tensor([L, 2], device=DEVICE)
+    base = BASE if rope else None
+    torch.library.opcheck(torch.ops.interformer.attention_fwd.default,
+                          (q, k, v, lengths, causal, base, True, not shared, None))
+    out, lse = torch.ops.interformer.attention_fwd(q.detach(), k.detach(), v.detach(), lengths, causal, base, True,
+                                                   not shared, 0.5)
+    torch.library.opcheck(torch.ops.interformer.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, lengths,
+                           causal, base, True, not shared, 0.5))
+
+
+def test_compile_fullgraph_traces_forward_and_backward():
+    """torch.compile(fullgraph=True) through the custom ops (eager backend: Inductor is a GPU test)."""
+    B, L, H, dh = 2, 6, 2, 16
+    qkv = torch.randn(B, L, 3, H, dh, device=DEVICE, requires_grad=True)
+    lengths = torch.tensor([6, 3], device=DEVICE)
+
+    def f(x):
+        q, k, v = x.unbind(2)
+        return A.attention(q, k, v, lengths, rope_base=BASE).square().sum()
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(qkv).backward()
+    g_c = qkv.grad.clone()
+    qkv.grad = None
+    f(qkv).backward()
+    assert_rel(g_c, qkv.grad, FP32_TOL, "compiled grad")
+
+
+# ----------------------------------------------------------------------------- validation, harness
+def test_invalid_inputs_raise_value_error():
+    q = torch.randn(2, 5, 2, 16)
+    lengths = torch.tensor([5, 3])
+    with pytest.raises(ValueError, match="4-D"):
+        A.attention(q[0], q, q, lengths)
+    with pytest.raises(ValueError, match="same shape"):
+        A.attention(q, q, q[:, :4], lengths)
+    with pytest.raises(ValueError, match=r"\[B or 1"):
+        A.attention(torch.randn(3, 5, 2, 16), q, q, lengths)
+    with pytest.raises(ValueError, match="dtype"):
+        A.attention(q.half(), q, q, lengths)
+    with pytest.raises(ValueError, match="head dim"):
+        x = torch.randn(2, 5, 1, 256)
+        A.attention(x, x, x, lengths)
+    with pytest.raises(ValueError, match="even head dim"):
+        x = torch.randn(2, 5, 2, 5)
+        A.attention(x, x, x, lengths, rope_base=BASE)
+    with pytest.raises(ValueError, match="lengths"):
+        A.attention(q, q, q, torch.tensor([5]))
+    with pytest.raises(ValueError, match="integer"):
+        A.attention(q, q, q, lengths.float())
+
+
+def test_harness_catches_a_wrong_kernel():
+    """The comparisons are sharp enough to see a plausible bug: the same kernel with rotary on k only,
+    or with lengths off by one, is far outside the fp32 tolerance of the correct reference."""
+    B, L, H, dh = 3, 9, 2, 16
+    q, k, v = torch.randn(3, B, L, H, dh, device=DEVICE).unbind(0)
+    lengths = torch.tensor([9, 4, 1], device=DEVICE)
+    ref = attention64(q, k, v, lengths, rope_base=BASE)
+    assert rel_err(A.attention(q, k, v, lengths, rope_base=BASE), ref) <= FP32_TOL
+    assert rel_err(A.attention(q, k, v, lengths, rope_base=BASE, rope_q=False), ref) > 100 * FP32_TOL
+    assert rel_err(A.attention(q, k, v, (lengths - 1).clamp(min=0), rope_base=BASE), ref) > 100 * FP32_TOL
+    assert rel_err(A.attention(q, k, v, lengths, rope_base=BASE, causal=True), ref) > 100 * FP32_TOL
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Bq,Lq,Lk,H,dh,mask_q,rope", [
+    (256, 256, 54, 54, 4, 16, True, True),     # taobao self-attention
+    (256, 256, 104, 104, 4, 16, True, True),   # amazon
+    (16, 16, 1004, 1004, 4, 32, True, True),   # long
+    (256, 1, 2, 100, 4, 16, False, False),     # PMA
+])
+def test_gpu_bf16_benchmark_shapes(B, Bq, Lq, Lk, H, dh, mask_q, rope):
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, Lk + 1, (B,), generator=gen)
+    lengths[0], lengths[1] = Lk, 0
+    lengths = lengths.cuda()
+    masters = [torch.randn(Bq, Lq, H, dh, generator=gen, dtype=torch.float64),
+               torch.randn(B, Lk, H, dh, generator=gen, dtype=torch.float64),
+               torch.randn(B, Lk, H, dh, generator=gen, dtype=torch.float64)]
+    grad = torch.randn(B, Lq, H, dh, generator=gen, dtype=torch.float64).cuda()
+    kw = dict(rope_base=BASE if rope else None, mask_queries=mask_q)
+    results = []
+    for fn, dtype in ((A.attention, torch.bfloat16), (R.attention, torch.bfloat16), (attention64, torch.float64)):
+        ts = [m.cuda().to(dtype).requires_grad_() for m in masters]
+        out = fn(*ts, lengths, **kw)
+        out.backward(grad.to(dtype))
+        results.append([out.detach()] + [t.grad for t in ts])
+    for name, a, e, r in zip(["out", "dq", "dk", "dv"], *results):
+        assert_lowp(a, e, r, name)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compile_of_module():
+    m = RotaryMultiHeadAttention(64, 4, backend="triton").cuda()
+    s = torch.randn(8, 54, 64, device="cuda", requires_grad=True)
+    lengths = torch.randint(0, 55, (8,), device="cuda")
+    out_c = torch.compile(m, fullgraph=True)(s, lengths)
+    out_c.sum().backward()
+    g_c = s.grad.clone()
+    s.grad = None
+    out = m(s, lengths)
+    out.sum().backward()
+    assert_rel(out_c, out, FP32_TOL, "compiled out")
+    assert_rel(g_c, s.grad, FP32_TOL, "compiled grad")
