@@ -1,0 +1,253 @@
+"""Attention benchmarks: the Sequence Arch's rotary self-attention and the Cross Arch's PMA pooling.
+
+``test_self_attention`` times ``attention(q, k, v, valid_lengths, rope_base=10000)`` (rotary on q and
+k, key padding and query padding from lengths, bidirectional) at the DESIGN §6 shapes, with
+``L = n_cls + T`` tokens, ``H = heads``, ``dh = d / heads`` and valid lengths ``n_cls + len`` (len
+uniform in ``[0, T]``, one empty and one full row). q, k, v are the non-contiguous views
+``qkv.view(B, L, 3, H, dh).unbind(2)`` the module makes; ``qkv`` is the leaf whose gradient is taken.
+Providers, each computing the same function:
+
+* ``eager`` -- :func:`interformer.reference.attention`; ``compile`` -- ``torch.compile`` of it;
+* ``sdpa-math`` / ``sdpa-efficient`` / ``sdpa-flash`` / ``sdpa-cudnn`` -- the pipeline a user writes
+  around ``F.scaled_dot_product_attention`` under ``sdpa_kernel(<backend>)``: the reference's
+  ``rotary()`` on q and k, transposes to ``[B, H, L, dh]``, a boolean key-padding mask ``[B, 1, 1, L]``
+  built from lengths (an empty row keeps key 0 visible so SDPA returns no NaN), SDPA, transpose back and
+  zero the padded query rows. A backend that rejects this call (flash takes no arbitrary mask) is
+  recorded as a skip with the error as reason;
+* ``flex`` -- ``torch.compile(flex_attention)`` with a ``mask_mod`` from lengths (key AND query
+  padding, so fully padded blocks are skipped) and the reference's ``rotary()`` applied separately;
+  the block mask is rebuilt inside the timed forward, as it must be for every new batch of lengths;
+* ``flash_attn`` -- ``flash_attn_varlen_func`` on the unpadded tokens (rotary separately, gather
+  before and scatter after are timed; ``cu_seqlens`` and the gather index are built outside the timed
+  region, as a data loader would) when the ``flash_attn`` package imports;
+* ``fused`` -- :func:`interformer.kernels.attention.attention`.
+
+FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
+``n_b = valid_length_b`` live queries and keys), 2.5x that for the backward, 3.5x for ``full``;
+padded rows and columns are not counted (they are about 2/3 of the dense ``L x L`` work at these
+length distributions). Bytes: every element of q, k, v and out read or written once (fwd), plus
+dO read and dq, dk, dv written (bwd: q, k, v, O, dO read, dq, dk, dv written).
+
+``test_pma`` times the whole ``PoolingMultiHeadAttention`` module (``n_pma = 2`` learned queries over
+the ``T`` body tokens: k/v projections, attention, output projection) with ``backend="eager"``,
+``torch.compile`` of the eager module, ``backend="triton"`` (``fused``), against
+``torch.nn.MultiheadAttention(batch_first=True)`` with a ``key_padding_mask`` from lengths (the learned
+queries expanded over the batch; an empty row keeps key 0 so no NaN; rows of empty samples zeroed),
+which is what a user would otherwise write. Bytes: the sequence read once and the pooled tokens
+written once.
+
+Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke shape, under the Triton interpreter;
+every other provider is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from interformer import reference as R
+from interformer.layers import PoolingMultiHeadAttention
+
+BASE = 10000.0
+SELF_PROVIDERS = ["eager", "compile", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
+                  "flash_attn", "fused"]
+PMA_PROVIDERS = ["eager", "compile", "nn.MultiheadAttention", "fused"]
+CPU_PROVIDERS = ("eager", "fused")
+
+
+def _fused_attention():
+    from interformer.kernels.attention import attention
+
+    return attention
+
+
+def _skip_unsupported(provider: str) -> None:
+    if provider == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            pytest.skip("flash_attn not installed")
+    if not common.ON_GPU and provider not in CPU_PROVIDERS:
+        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+
+
+def _try(fn, provider: str):
+    """Run ``fn`` once; a provider that rejects the call or runs out of memory becomes a skip."""
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        pytest.skip(f"{provider}: out of memory ({str(exc).splitlines()[0]})")
+    except RuntimeError as exc:
+        pytest.skip(f"{provider}: unsupported here ({str(exc).splitlines()[0][:200]})")
+
+
+# ----------------------------------------------------------------------------- self-attention providers
+_SDPA_BACKENDS = {
+    "sdpa-math": "MATH",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+}
+
+
+def _sdpa_pipeline(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def fn(q, k, v, lengths):
+        L = k.shape[1]
+        q, k = R.rotary(q, BASE), R.rotary(k, BASE)
+        key_mask = R.row_mask(lengths.clamp(min=1), L)[:, None, None, :]
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=key_mask)
+        return o.transpose(1, 2) * R.row_mask(lengths, L)[:, :, None, None].to(o.dtype)
+
+    return fn
+
+
+def _flex_pipeline():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v, lengths):
+        B, L = k.shape[0], k.shape[1]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < lengths[b]) & (q_idx < lengths[b])
+
+        try:
+            block_mask = create_block_mask(mask_mod, B, None, L, L, device=k.device, _compile=True)
+        except TypeError:  # newer torch without the _compile flag
+            block_mask = create_block_mask(mask_mod, B, None, L, L, device=k.device)
+        q, k = R.rotary(q, BASE), R.rotary(k, BASE)
+        o = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return o.transpose(1, 2)
+
+    return fn
+
+
+def _flash_attn_pipeline(lengths: torch.Tensor, L: int):
+    from flash_attn import flash_attn_varlen_func
+
+    B = lengths.shape[0]
+    idx = torch.nonzero(R.row_mask(lengths, L).flatten()).flatten()
+    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+    def fn(q, k, v, lengths):
+        H, dh = k.shape[2], k.shape[3]
+        q, k = R.rotary(q, BASE), R.rotary(k, BASE)
+        qu, ku, vu = (t.reshape(B * L, H, dh).index_select(0, idx) for t in (q, k, v))
+        o = flash_attn_varlen_func(qu, ku, vu, cu, cu, L, L)
+        return torch.zeros(B * L, H, dh, device=o.device, dtype=o.dtype).index_copy(0, idx, o).view(B, L, H, dh)
+
+    return fn
+
+
+def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
+    if provider == "eager":
+        return lambda q, k, v, n: R.attention(q, k, v, n, rope_base=BASE)
+    if provider == "compile":
+        compiled = torch.compile(R.attention, dynamic=False)
+        return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
+    if provider == "fused":
+        fused = _fused_attention()
+        return lambda q, k, v, n: fused(q, k, v, n, rope_base=BASE)
+    if provider in _SDPA_BACKENDS:
+        return _sdpa_pipeline(_SDPA_BACKENDS[provider])
+    if provider == "flex":
+        return _flex_pipeline()
+    if provider == "flash_attn":
+        return _flash_attn_pipeline(lengths, L)
+    raise ValueError(provider)
+
+
+def attention_flops(lengths: torch.Tensor, H: int, dh: int, mode: str) -> float:
+    """Valid-work FLOPs: ``4 * H * dh * sum_b n_b^2`` forward; x2.5 backward; x3.5 forward+backward."""
+    fwd = 4.0 * H * dh * float((lengths.double() ** 2).sum())
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
+
+
+def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> float:
+    """Each of q, k, v, O read/written once forward; q, k, v, O, dO read and dq, dk, dv written backward."""
+    n = B * L * H * dh * elt
+    return n * {"fwd": 4, "bwd": 8, "full": 12}[mode]
+
+
+@pytest.mark.parametrize("provider", SELF_PROVIDERS)
+@pytest.mark.parametrize("mode", common.MODES)
+@pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
+def test_self_attention(benchmark, shape_name, mode, provider):
+    _skip_unsupported(provider)
+    shape = common.SHAPES[shape_name]
+    B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
+    g = torch.Generator().manual_seed(0)
+    lengths = common.lengths_for(shape, g) + shape.n_cls  # valid tokens: CLS + events
+    qkv = torch.randn(B, L, 3, H, dh, generator=g).to(common.DEVICE, common.DTYPE).requires_grad_()
+    attn = _self_attention_fn(provider, lengths, L)
+
+    def forward():
+        q, k, v = qkv.unbind(2)
+        return attn(q, k, v, lengths)
+
+    _try(forward if mode == "fwd" else (lambda: forward().sum().backward()), provider)
+    qkv.grad = None
+    fn = common.mode_fn(forward, mode, [qkv])
+    common.run(benchmark, fn, op="attention", shape=shape, provider=provider, mode=mode,
+               flops=attention_flops(lengths, H, dh, mode),
+               bytes_moved=attention_bytes(B, L, H, dh, qkv.element_size(), mode))
+
+
+# ----------------------------------------------------------------------------- PMA
+class MHAPooling(torch.nn.Module):
+    """PMA as a user writes it with ``nn.MultiheadAttention`` and a key padding mask."""
+
+    def __init__(self, num_queries: int, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(num_queries, d_model) / d_model ** 0.5)
+        self.mha = torch.nn.MultiheadAttention(d_model, num_heads, batch_first=True)
+
+    def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, _ = s.shape
+        pad = ~R.row_mask(lengths.clamp(min=1), T)  # True = ignore; an empty row keeps key 0 (no NaN)
+        q = self.query.to(s.dtype).expand(B, -1, -1)
+        out = self.mha(q, s, s, key_padding_mask=pad, need_weights=False)[0]
+        return out * (lengths > 0).to(out.dtype)[:, None, None]
+
+
+@pytest.mark.parametrize("provider", PMA_PROVIDERS)
+@pytest.mark.parametrize("mode", common.MODES)
+@pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
+def test_pma(benchmark, shape_name, mode, provider):
+    _skip_unsupported(provider)
+    shape = common.SHAPES[shape_name]
+    B, T, d = shape.B, shape.T, shape.d
+    g = torch.Generator().manual_seed(0)
+    lengths = common.lengths_for(shape, g)
+    s = torch.randn(B, T, d, generator=g).to(common.DEVICE, common.DTYPE).requires_grad_()
+    torch.manual_seed(0)
+    if provider == "nn.MultiheadAttention":
+        module = MHAPooling(shape.n_pma, d, shape.heads)
+    else:
+        module = PoolingMultiHeadAttention(shape.n_pma, d, shape.heads,
+                                           backend="triton" if provider == "fused" else "eager")
+    module = module.to(common.DEVICE, common.DTYPE)
+    call = torch.compile(module, dynamic=False) if provider == "compile" else module
+
+    def forward():
+        return call(s, lengths)
+
+    _try(forward if mode == "fwd" else (lambda: forward().sum().backward()), provider)
+    leaves = [s, *module.parameters()]
+    for t in leaves:
+        t.grad = None
+    fn = common.mode_fn(forward, mode, leaves)
+    elt = s.element_size()
+    read_write = B * T * d * elt + B * shape.n_pma * d * elt
+    common.run(benchmark, fn, op="pma", shape=shape, provider=provider, mode=mode,
+               bytes_moved=read_write * {"fwd": 1, "bwd": 2, "full": 3}[mode])
