@@ -581,14 +581,21 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     return out, lse
 
 
-def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                        grads=None):
+    """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the
+    views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only."""
     B, Lk, H, dh = k.shape
     Bq, Lq = q.shape[0], q.shape[1]
     shared = Bq == 1 and B > 1
-    # per-sample dq for shared queries goes to an fp32 buffer reduced over B below
-    dq_buf = torch.empty((B, Lq, H, dh), device=q.device, dtype=torch.float32 if shared else q.dtype)
-    dk = torch.empty((B, Lk, H, dh), device=k.device, dtype=k.dtype)
-    dv = torch.empty((B, Lk, H, dh), device=v.device, dtype=v.dtype)
+    if grads is not None:
+        assert not shared
+        dq_buf, dk, dv = grads
+    else:
+        # per-sample dq for shared queries goes to an fp32 buffer reduced over B below
+        dq_buf = torch.empty((B, Lq, H, dh), device=q.device, dtype=torch.float32 if shared else q.dtype)
+        dk = torch.empty((B, Lk, H, dh), device=k.device, dtype=k.dtype)
+        dv = torch.empty((B, Lk, H, dh), device=v.device, dtype=v.dtype)
     if dq_buf.numel() == 0 or Lk == 0 or do is None:
         dq_buf.zero_(), dk.zero_(), dv.zero_()
     else:
@@ -630,7 +637,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
                 *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2, **flags,
             )
-    dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf.reshape(q.shape)
+    dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf
     return dq, dk, dv
 
 
@@ -701,6 +708,108 @@ def _backward(ctx, grad_out, grad_lse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Packed self-attention: q, k, v are the three slices of one [B, L, 3, H, dh] tensor (the module's
+# ``qkv(s).view(B, L, 3, H, dh).unbind(2)``). Same kernels; the backward writes dq, dk, dv straight
+# into one contiguous [B, L, 3, H, dh] gradient, which saves autograd's ``torch.stack`` of the three
+# gradients in UnbindBackward (a full extra read and write of 3 x B x L x d elements).
+@torch.library.custom_op("interformer::attention_qkv_fwd", mutates_args=())
+def attention_qkv_fwd(
+    qkv: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    rope_base: Optional[float],
+    rope_q: bool,
+    mask_queries: bool,
+    sm_scale: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of packed ``qkv [B, L, 3, H, dh]``: ``(out [B, L, H, dh], lse [B, H, L] fp32)``."""
+    q, k, v = qkv.unbind(2)
+    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+@attention_qkv_fwd.register_fake
+def _attention_qkv_fwd_fake(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    B, L, _, H, dh = qkv.shape
+    return qkv.new_empty((B, L, H, dh)), qkv.new_empty((B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("interformer::attention_qkv_bwd", mutates_args=())
+def attention_qkv_bwd(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool,
+    rope_base: Optional[float],
+    rope_q: bool,
+    mask_queries: bool,
+    sm_scale: Optional[float],
+) -> torch.Tensor:
+    """Backward of packed ``qkv``: the contiguous ``[B, L, 3, H, dh]`` gradient."""
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = qkv.unbind(2)
+    _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                        grads=dqkv.unbind(2))
+    return dqkv
+
+
+@attention_qkv_bwd.register_fake
+def _attention_qkv_bwd_fake(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, lengths)
+    ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+def _backward_qkv(ctx, grad_out, grad_lse):
+    qkv, out, lse, lengths = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None, None, None
+    dqkv = torch.ops.interformer.attention_qkv_bwd(grad_out, qkv, out, lse, lengths, *ctx.args)
+    return dqkv, None, None, None, None, None, None
+
+
+attention_qkv_fwd.register_autograd(_backward_qkv, setup_context=_setup_context_qkv)
+
+#: Route q, k, v that are the three ``unbind(2)`` slices of one packed tensor to the packed op
+#: (tests switch it off to exercise the generic op on the same views).
+PACK_QKV = True
+
+
+def _packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``[B, L, 3, H, dh]`` tensor whose slices ``[:, :, 0|1|2]`` are exactly q, k, v, or None.
+
+    Only when it is safe to take the gradient through that tensor instead of through q, k, v:
+    eager mode with grad enabled (under torch.compile the generic op is traced), all three views of
+    one contiguous base with the standard packed strides and offsets, and base, q, k, v all
+    requiring grad (a detached slice has no ``_base``, so it never matches).
+    """
+    if not PACK_QKV or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    base = q._base
+    if base is None or k._base is not base or v._base is not base:
+        return None
+    if not (q.shape == k.shape == v.shape) or not (base.requires_grad and q.requires_grad and k.requires_grad
+                                                   and v.requires_grad):
+        return None
+    B, L, H, dh = q.shape
+    hd = H * dh
+    packed = (L * 3 * hd, 3 * hd, dh, 1)
+    off = q.storage_offset()
+    if not (q.stride() == k.stride() == v.stride() == packed) or B * L * 3 * hd == 0:
+        return None
+    if k.storage_offset() != off + hd or v.storage_offset() != off + 2 * hd:
+        return None
+    if not base.is_contiguous() or base.numel() != B * L * 3 * hd or base.storage_offset() != off:
+        return None
+    return base.view(B, L, 3, H, dh)
+
+
 # ============================================================================ public function
 def _check(q, k, v, lengths, rope_base):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -747,9 +856,11 @@ def attention(
     -> contiguous ``[B, Lq, H, dh]``.
     """
     _check(q, k, v, lengths, rope_base)
-    out, _ = torch.ops.interformer.attention_fwd(
-        q, k, v, lengths, bool(causal),
-        None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
-        None if sm_scale is None else float(sm_scale),
-    )
+    flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
+             None if sm_scale is None else float(sm_scale))
+    qkv = _packed_qkv(q, k, v)
+    if qkv is not None:
+        out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags)
+    else:
+        out, _ = torch.ops.interformer.attention_fwd(q, k, v, lengths, *flags)
     return out

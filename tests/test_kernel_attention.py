@@ -208,6 +208,45 @@ def test_length_zero_row_amid_full_rows_large_scores():
     assert rel_err(out, ref) < 2e-2
 
 
+def test_packed_qkv_detection():
+    """The module's ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views are routed to the packed op; anything
+    else (transposed layouts, detached slices, no grad, a permuted slice order) is not."""
+    B, L, H, dh = 2, 5, 2, 16
+    lin = torch.nn.Linear(8, 3 * H * dh).to(DEVICE)
+    x = lin(torch.randn(B, L, 8, device=DEVICE))
+    q, k, v = x.view(B, L, 3, H, dh).unbind(2)
+    packed = A._packed_qkv(q, k, v)
+    assert packed is not None and packed.data_ptr() == q.data_ptr() and packed.shape == (B, L, 3, H, dh)
+    assert A._packed_qkv(k, q, v) is None
+    assert A._packed_qkv(q.detach(), k.detach(), v.detach()) is None
+    with torch.no_grad():
+        assert A._packed_qkv(q, k, v) is None
+    t = torch.randn(B, 3, H, L, dh, device=DEVICE, requires_grad=True) * 1
+    assert A._packed_qkv(*(u.transpose(1, 2)[:, :, :, :] for u in t.unbind(1))) is None
+    y = lin(torch.randn(B, L, 8, device=DEVICE)).view(B, L, H, 3, dh)  # per-head interleaved layout
+    assert A._packed_qkv(*y.unbind(3)) is None
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_packed_and_generic_ops_agree_bitwise(dtype, monkeypatch):
+    """The same views through the packed op and through the generic op give identical results."""
+    B, L, H, dh = 3, 21, 2, 32
+    base = torch.randn(B, L, 3 * H * dh, device=DEVICE, dtype=dtype)
+    lengths = torch.tensor([21, 0, 9], device=DEVICE)
+    grad = torch.randn(B, L, H, dh, device=DEVICE, dtype=dtype)
+    results = []
+    for pack in (True, False):
+        monkeypatch.setattr(A, "PACK_QKV", pack)
+        leaf = base.clone().requires_grad_()
+        x = leaf * 1  # a non-leaf, as a Linear output is
+        q, k, v = x.view(B, L, 3, H, dh).unbind(2)
+        assert (A._packed_qkv(q, k, v) is not None) == pack
+        out = A.attention(q, k, v, lengths, causal=True, rope_base=BASE)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
 # ----------------------------------------------------------------------------- modules
 def _module_pair(cls, args, dtype, backend_kw=None):
     torch.manual_seed(0)
@@ -288,6 +327,16 @@ def test_opcheck(shared, rope, causal):
     torch.library.opcheck(torch.ops.interformer.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, lengths,
                            causal, base, True, not shared, 0.5))
+
+
+def test_opcheck_packed():
+    B, L, H, dh = 2, 5, 2, 16
+    qkv = torch.randn(B, L, 3, H, dh, device=DEVICE, requires_grad=True)
+    lengths = torch.tensor([L, 2], device=DEVICE)
+    torch.library.opcheck(torch.ops.interformer.attention_qkv_fwd.default, (qkv, lengths, False, BASE, True, True, None))
+    out, lse = torch.ops.interformer.attention_qkv_fwd(qkv.detach(), lengths, True, BASE, True, True, None)
+    torch.library.opcheck(torch.ops.interformer.attention_qkv_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, lengths, True, BASE, True, True, None))
 
 
 def test_compile_fullgraph_traces_forward_and_backward():
