@@ -18,10 +18,17 @@ Layout and contract
   other ``dh <= 128`` (even with rotary; e.g. 6 or 10 for DESIGN's odd d_model 24 and 40) runs in a
   register tile padded to the next power of two >= 16 with masked columns. With rotary, the two
   halves of a padded head are placed at the starts of the two halves of the tile, so the rotate-half
-  partner of every register column is the column DHP/2 away, as in the unpadded case. Every tensor is read through its four strides, so
-  the non-contiguous views ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` (row stride ``3*H*dh``) are
-  read in place: no transpose, no ``.contiguous()``. A shared query (``Bq == 1``) is read with batch
-  stride 0. The output is a new contiguous ``[B, Lq, H, dh]`` tensor in the input dtype.
+  partner of every register column is the column DHP/2 away, as in the unpadded case.
+* Every tensor is read through its four strides, so the non-contiguous views
+  ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` (row stride ``3*H*dh``) are read in place: no transpose,
+  no ``.contiguous()``. A shared query (``Bq == 1``) is read with batch stride 0. The output is a new
+  contiguous ``[B, Lq, H, dh]`` tensor in the input dtype.
+* Packed q, k, v: when q, k, v are exactly the three ``unbind(2)`` slices of one contiguous
+  ``[B, L, 3, H, dh]`` tensor that requires grad (what ``RotaryMultiHeadAttention`` passes), eager calls
+  go to the packed op ``interformer::attention_qkv_fwd``: same kernels, but the backward writes dq, dk,
+  dv straight into one contiguous ``[B, L, 3, H, dh]`` gradient of that tensor, so autograd's
+  ``UnbindBackward`` never has to ``torch.stack`` three separate gradients (one read and one write of
+  ``3 B L d`` elements saved). Under ``torch.compile`` the generic op is traced instead.
 * ``lengths [B]`` (any integer dtype) is clamped to ``[0, Lk]`` for keys and ``[0, Lq]`` for query
   rows. Key ``j`` is visible to query ``i`` when ``j < lengths[b]`` (and ``j <= i`` if ``causal``).
   With ``mask_queries``, rows ``i >= lengths[b]`` output exact zeros and pass zero gradient. A row
@@ -75,14 +82,18 @@ Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp3
 buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
 the only part of the op that is not a Triton kernel. Nothing goes to cuBLAS.
 
-On GPU, fp32 inputs use tf32 ``tl.dot`` (DESIGN §5 allows 1e-3 there); fp16/bf16 inputs feed the
-tensor cores directly with fp32 accumulation; P and dS are rounded to the input dtype before their
-matmuls (as in flash-attention). Under ``TRITON_INTERPRET=1`` everything is exact fp32.
+On GPU, fp32 inputs use ``tl.dot(input_precision="tf32x3")`` (three tf32 tensor-core passes, about
+fp32 accuracy: plain tf32 would sit right at DESIGN §5's 1e-3 GPU tolerance after the softmax's
+amplification); fp16/bf16 inputs feed the tensor cores directly with fp32 accumulation; P and dS
+are rounded to the input dtype before their matmuls (as in flash-attention). Under
+``TRITON_INTERPRET=1`` everything is exact fp32.
 
-``torch.library``: ``interformer::attention_fwd`` (returns ``(out, lse)``) and
-``interformer::attention_bwd`` (returns ``(dq, dk, dv)``) are ``custom_op`` s with fake
-implementations; the forward has a registered autograd formula that calls the backward op, so
-``torch.compile(fullgraph=True)`` traces forward and backward.
+``torch.library``: ``interformer::attention_fwd`` (``float? rope_base``, ``float? sm_scale``; returns
+``(out, lse)``) and ``interformer::attention_bwd`` (returns ``(dq, dk, dv)``), plus the packed pair
+``interformer::attention_qkv_fwd`` / ``interformer::attention_qkv_bwd``, are ``custom_op`` s with fake
+implementations; each forward has a registered autograd formula that calls its backward op, so
+``torch.compile(fullgraph=True)`` traces forward and backward. Scalars reach the kernels as Python
+floats (fp32 kernel arguments); the op boundary is opaque to Inductor.
 """
 
 from __future__ import annotations
@@ -206,12 +217,13 @@ def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale,
                skl, skd, svl, svd, TAB, tab_len,
                CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, MASKED: tl.constexpr,
-               BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+               BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+               PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
         v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
             vis = (offs_n < k_lim)[None, :]
             if CAUSAL:
@@ -221,7 +233,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -237,6 +249,7 @@ def _attn_fwd_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_m = (pid % n_m_blocks).to(tl.int32)
@@ -263,9 +276,9 @@ def _attn_fwd_kernel(
     if CAUSAL:
         hi_full = tl.minimum(hi_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, hi_full, k_lim, qk_scale,
-                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, BLOCK_N, DH, DHP, SPLIT)
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, BLOCK_N, DH, DHP, SPLIT, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, hi_full, hi, k_lim, qk_scale,
-                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, BLOCK_N, DH, DHP, SPLIT)
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, BLOCK_N, DH, DHP, SPLIT, PREC)
 
     keep = (offs_m < q_lim) & (l_i > 0.0)
     l_safe = tl.where(keep, l_i, 1.0)
@@ -291,6 +304,7 @@ def _attn_bwd_fused_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -320,16 +334,16 @@ def _attn_bwd_fused_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
         v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale
-        dq += tl.dot(ds.to(k.dtype), k)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if ROPE_K:
             dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
         _store_rows(dk_base, dk, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
@@ -380,6 +394,7 @@ def _attn_bwd_dkdv_kernel(
     svb, svl, svh, svd,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dk, dv of one key block of one (b, h): loop over the query blocks that can see it."""
     pid = tl.program_id(0).to(tl.int64)
@@ -411,15 +426,15 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
         lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         vis = kv_ok & row_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[:, None] <= offs_m[None, :])
         p_t = tl.where(vis, tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
     dk = dk * sm_scale
     if ROPE_K:
         dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
@@ -439,6 +454,7 @@ def _attn_bwd_dq_kernel(
     svb, svl, svh, svd,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dq of one query block of one (b, h): loop over the visible key blocks."""
     pid = tl.program_id(0).to(tl.int64)
@@ -468,14 +484,14 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
         v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None])
         p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     dq = dq * sm_scale
     if ROPE_Q:
         dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
@@ -485,6 +501,12 @@ def _attn_bwd_dq_kernel(
 # ============================================================================ launchers
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 inputs use 3-pass tf32 ("tf32x3", about fp32 accuracy on tensor
+    cores); for fp16/bf16 the option is ignored."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _padded_dh(dh: int) -> int:
@@ -576,6 +598,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
         *k.stride(), *v.stride(), *out.stride(),
         CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
         MASK_Q=bool(mask_queries), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp, SPLIT=rope_base is not None,
+        PREC=_precision(k.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -606,6 +629,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         flags = dict(
             CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
             MASK_Q=bool(mask_queries), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
+            PREC=_precision(k.dtype),
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
         if Lq <= _FUSED_BWD_MAX_LQ:
