@@ -514,8 +514,11 @@ def _padded_dh(dh: int) -> int:
     return max(16, _next_pow2(dh))
 
 
-def _fwd_config(Lq: int, Lk: int, dh: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; see the module docstring."""
+def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; see the module docstring.
+
+    Wide heads (128) and fp32 (tf32x3 splits every operand in two) narrow the key block so the
+    tiles stay in registers (checked by compiling for sm_90: no spills at the DESIGN shapes)."""
     if Lq <= 64:
         block_m = max(16, _next_pow2(Lq))
     elif Lq <= 256:
@@ -523,22 +526,32 @@ def _fwd_config(Lq: int, Lk: int, dh: int) -> Tuple[int, int, int, int]:
     else:
         block_m = 128
     block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
-    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    if dhp >= 128 or (dtype == torch.float32 and dhp >= 64):
+        block_n = min(block_n, 32)
+    num_warps = 8 if block_m * block_n >= 128 * 64 or block_m * dhp >= 64 * 64 else 4
     return block_m, block_n, num_warps, 3 if block_m >= 128 else 2
 
 
-def _fused_bwd_config(Lq: int, Lk: int, dh: int) -> Tuple[int, int, int]:
+def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (Lq <= 128)."""
     block_m = max(16, _next_pow2(Lq))
     block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
-    if block_m >= 128 and dh >= 128:
-        block_n = 32
-    num_warps = 8 if block_m * block_n >= 128 * 64 or block_m * dh >= 128 * 128 else 4
+    if dhp >= 128:
+        block_n = 16
+    elif dtype == torch.float32:
+        block_n = min(block_n, 16 if block_m >= 128 or dhp >= 64 else 32)
+    num_warps = 8 if block_m * block_n >= 128 * 64 or block_m >= 128 or block_m * dhp >= 64 * 64 else 4
     return block_m, block_n, num_warps
 
 
-# Tiles of the general (long sequence) backward.
-_BWD_BLOCK_M, _BWD_BLOCK_N = 64, 64
+def _general_bwd_config(dhp: int, dtype: torch.dtype) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
+    """((dkdv BLOCK_M, BLOCK_N), (dq BLOCK_M, BLOCK_N), num_warps) of the long-sequence backward."""
+    if dhp >= 128:
+        return (32, 32), (32, 32), 4
+    if dtype == torch.float32:
+        return (32, 64), (64, 64), 4
+    return (64, 64), (64, 64), 8 if dhp >= 64 else 4
+
 
 _ROPE_TABLES: dict = {}
 
@@ -588,7 +601,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     scale = _resolve_scale(sm_scale, dh)
     tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh)
     dhp = _padded_dh(dh)
-    block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp)
+    block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, k.dtype)
     n_m = triton.cdiv(Lq, block_m)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
     _attn_fwd_kernel[(B * H * n_m,)](
@@ -633,7 +646,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
         if Lq <= _FUSED_BWD_MAX_LQ:
-            block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp)
+            block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, k.dtype)
             _attn_bwd_fused_kernel[(B * H,)](
                 dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len,
@@ -642,24 +655,25 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, **flags,
             )
         else:
-            bm, bn = _BWD_BLOCK_M, _BWD_BLOCK_N
-            warps = 8 if dhp >= 128 else 4
+            (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, k.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-            n_m, n_n = triton.cdiv(Lq, bm), triton.cdiv(Lk, bn)
-            _attn_bwd_preprocess_kernel[(B * H * n_m,)](
-                delta, do, out, Lq, H, n_m, *do.stride(), *out.stride(), BLOCK_M=bm, DH=dh, DHP=dhp,
+            n_pre = triton.cdiv(Lq, 64)
+            _attn_bwd_preprocess_kernel[(B * H * n_pre,)](
+                delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
             )
+            n_n = triton.cdiv(Lk, kv_bn)
             _attn_bwd_dkdv_kernel[(B * H * n_n,)](
                 dk, dv, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_n,
                 *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2, **flags,
+                BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=warps, num_stages=2, **flags,
             )
+            n_m = triton.cdiv(Lq, q_bm)
             _attn_bwd_dq_kernel[(B * H * n_m,)](
                 dq_buf, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_m,
                 *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
-                BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2, **flags,
+                BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
             )
     dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf
     return dq, dk, dv
