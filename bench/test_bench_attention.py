@@ -16,7 +16,8 @@ Providers, each computing the same function:
   recorded as a skip with the error as reason;
 * ``flex`` -- ``torch.compile(flex_attention)`` with a ``mask_mod`` from lengths (key AND query
   padding, so fully padded blocks are skipped) and the reference's ``rotary()`` applied separately;
-  the block mask is rebuilt inside the timed forward, as it must be for every new batch of lengths;
+  the block mask is rebuilt inside the timed forward (compiled builder), as it must be for every new
+  batch of lengths;
 * ``flash_attn`` -- ``flash_attn_varlen_func`` on the unpadded tokens (rotary separately, gather
   before and scatter after are timed; ``cu_seqlens`` and the gather index are built outside the timed
   region, as a data loader would) when the ``flash_attn`` package imports;
@@ -77,8 +78,9 @@ def _try(fn, provider: str):
     """Run ``fn`` once; a provider that rejects the call or runs out of memory becomes a skip."""
     try:
         fn()
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
+    except torch.OutOfMemoryError as exc:
+        if common.ON_GPU:
+            torch.cuda.empty_cache()
         pytest.skip(f"{provider}: out of memory ({str(exc).splitlines()[0]})")
     except RuntimeError as exc:
         pytest.skip(f"{provider}: unsupported here ({str(exc).splitlines()[0][:200]})")
@@ -110,17 +112,18 @@ def _sdpa_pipeline(backend_name: str):
     return fn
 
 
-def _flex_pipeline():
+def _flex_pipeline(batch_lengths: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
 
+    # one mask_mod object (a new closure per call would make the compiled block-mask builder recompile)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < batch_lengths[b]) & (q_idx < batch_lengths[b])
+
     def fn(q, k, v, lengths):
+        assert lengths is batch_lengths
         B, L = k.shape[0], k.shape[1]
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx < lengths[b]) & (q_idx < lengths[b])
-
         try:
             block_mask = create_block_mask(mask_mod, B, None, L, L, device=k.device, _compile=True)
         except TypeError:  # newer torch without the _compile flag
@@ -161,7 +164,7 @@ def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if provider in _SDPA_BACKENDS:
         return _sdpa_pipeline(_SDPA_BACKENDS[provider])
     if provider == "flex":
-        return _flex_pipeline()
+        return _flex_pipeline(lengths)
     if provider == "flash_attn":
         return _flash_attn_pipeline(lengths, L)
     raise ValueError(provider)
