@@ -311,6 +311,67 @@ def test_pma_module_triton_matches_eager(num_queries, d_model, heads, dtype, mon
                      monkeypatch=monkeypatch)
 
 
+def test_attention_modules_inside_the_model_match_eager(monkeypatch):
+    """InterFormerCTR with only its attention modules (Sequence Arch MHA, Cross Arch PMA) on Triton,
+    against a float64 evaluation of the same model, a zero-length row included: the loss within
+    FP32_TOL; every parameter gradient within FP32_TOL relative, or within 2x the eager fp32 model's
+    error, or -- for gradients made tiny by cancellation (the PMA query and key projection at
+    near-uniform attention, ~1e-4 of their module's other gradients) -- within FP32_TOL * 1e-2 of the
+    largest gradient of the same attention module."""
+    import copy
+
+    from interformer import InterFormerConfig, InterFormerCTR
+    from interformer.data import make_synthetic
+
+    cfg = InterFormerConfig(backend="eager", d_model=32, num_heads=2, num_layers=2, max_seq_len=9, pffn_hidden=16,
+                            head=(16,), dcn_rank=4)
+    torch.manual_seed(0)
+    eager = InterFormerCTR(cfg).to(DEVICE)
+    fused = copy.deepcopy(eager)
+    ref = copy.deepcopy(eager).double()
+    switched = 0
+    for mod in fused.modules():
+        if isinstance(mod, (RotaryMultiHeadAttention, PoolingMultiHeadAttention)):
+            mod.backend = "triton"
+            switched += 1
+    assert switched == 2 * cfg.num_layers + 1  # MHA + PMA per block, PMA of the final Cross Arch
+    batch = make_synthetic(5, cfg, seed=3)
+    batch.lengths[1] = 0
+    batch.seq[1] = 0
+    batch = batch.to(DEVICE)
+    results = []
+    for model in (eager, fused, ref):
+        inputs = list(batch.inputs())
+        if model is ref:
+            inputs[0] = inputs[0].double()
+        with monkeypatch.context() as mp:
+            if model is ref:
+                mp.setattr(R, "attention", attention64)
+            loss = InterFormerCTR.loss(model(*inputs), batch.label.to(inputs[0].dtype))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_e, g_e), (loss_f, g_f), (loss_r, g_r) = results
+    assert_rel(loss_f, loss_r, FP32_TOL, "loss")
+    assert g_e.keys() == g_f.keys() == g_r.keys()
+    attn_names = [n for n, m in fused.named_modules()
+                  if isinstance(m, (RotaryMultiHeadAttention, PoolingMultiHeadAttention))]
+
+    def group(param_name):  # the attention module owning the parameter, or the parameter's own module
+        return next((n for n in attn_names if param_name.startswith(n + ".")), param_name.rsplit(".", 1)[0])
+
+    module_scale = {}  # largest gradient norm within each group
+    for name, g in g_r.items():
+        module_scale[group(name)] = max(module_scale.get(group(name), 0.0), float(g.norm()))
+    for name in g_r:
+        r = g_r[name]
+        f_err, e_err = float((g_f[name].double() - r).norm()), float((g_e[name].double() - r).norm())
+        # relative to the gradient itself (FP32_TOL, or 2x the eager fp32 error), or, for gradients that are
+        # tiny by cancellation (PMA query / key projection at near-uniform attention), to the largest gradient
+        # of the same attention module
+        bound = max(FP32_TOL * float(r.norm()), 2 * e_err, FP32_TOL * 1e-2 * module_scale[group(name)])
+        assert f_err <= bound, f"grad {name}: error {f_err:.3e} > {bound:.3e} (eager fp32 error {e_err:.3e})"
+
+
 # ----------------------------------------------------------------------------- torch.library
 @pytest.mark.parametrize("shared,rope,causal", [(False, True, False), (True, False, True)])
 def test_opcheck(shared, rope, causal):
