@@ -590,6 +590,7 @@ def _tab(q, k, rope_base, Lq, Lk, dh):
 
 
 def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    lengths = lengths.contiguous()  # read as lengths[b] with stride 1
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
     out = torch.empty((B, Lq, H, dh), device=k.device, dtype=k.dtype)
@@ -621,6 +622,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
                         grads=None):
     """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the
     views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only."""
+    lengths = lengths.contiguous()
     B, Lk, H, dh = k.shape
     Bq, Lq = q.shape[0], q.shape[1]
     shared = Bq == 1 and B > 1

@@ -192,6 +192,17 @@ def test_all_padding_rows_are_zero_never_nan(shared, causal, rope, dtype):
             assert torch.all(t == 0), f"{name} is not exactly zero"
 
 
+def test_strided_int32_lengths():
+    """lengths may be int32 and non-contiguous (a column of a bigger tensor)."""
+    B, L, H, dh = 3, 10, 2, 16
+    q, k, v = (torch.randn(B, L, H, dh, device=DEVICE) for _ in range(3))
+    table = torch.tensor([[10, 99], [0, 99], [6, 99]], dtype=torch.int32, device=DEVICE)
+    lengths = table[:, 0]
+    assert not lengths.is_contiguous()
+    ref = attention64(q, k, v, lengths.long(), rope_base=BASE)
+    assert_rel(A.attention(q, k, v, lengths, rope_base=BASE), ref, FP32_TOL, "out")
+
+
 def test_length_zero_row_amid_full_rows_large_scores():
     """A zero-length row next to rows whose scores are huge (fp16 overflow territory for naive code)."""
     B, L, H, dh = 3, 33, 2, 16
