@@ -54,12 +54,18 @@ all blocks are padding and never read. The key loop is split in two: blocks that
 run without any masking arithmetic, only the last partial block (and the causal diagonal) is masked.
 Stores ``O`` and the natural-log log-sum-exp ``lse [B, H, Lq]`` (fp32; ``-inf`` for rows that output 0).
 
-Block sizes (fixed by the shape, no autotune, so backward never depends on a hidden choice)::
+Block sizes (fixed by the shape and dtype, no autotune, so backward never depends on a hidden
+choice; ``_fwd_config``)::
 
     Lq <= 64 : BLOCK_M = next_pow2(Lq) (min 16; PMA's 2 queries pad to 16 rows with masks)
     Lq <= 256: BLOCK_M = 64                     (amazon L = 104: two query blocks)
     else     : BLOCK_M = 128, 8 warps           (long L = 1004)
-    BLOCK_N  = next_pow2(Lk) capped at 64 (128 when BLOCK_M <= 32: PMA streams keys in wide blocks)
+    BLOCK_N  = next_pow2(Lk) capped at 64 (128 when BLOCK_M <= 32: PMA streams keys in wide blocks),
+               capped at 32 for 128-wide heads and for fp32 heads >= 64 (tf32x3 doubles operands)
+
+At the DESIGN shapes in bf16 (taobao/amazon dh 16, long dh 32, PMA) every kernel compiles for sm_90
+without register spills (checked with an ahead-of-time ``triton.compile`` for ``GPUTarget("cuda", 90,
+32)``); 128-wide heads and fp32 at dh >= 64 spill a few dozen bytes.
 
 Backward
 --------
@@ -76,7 +82,8 @@ then dq/dk are rotated back. Two structures, chosen by the shape:
   (delta), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks from the
   diagonal when causal, up to the query limit), ``_attn_bwd_dq_kernel`` (one program per query block,
   loop over valid key blocks). Fully padded key/query blocks skip their loops and only store zeros.
-  No atomics, so results are deterministic. 64 x 64 tiles.
+  No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
+  128-wide heads, 32-row key blocks in dkdv for fp32).
 
 Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp32 ``[B, Lq, H, dh]``
 buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
