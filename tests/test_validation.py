@@ -1,0 +1,225 @@
+"""Bad input raises ValueError naming the tensor (DESIGN §2); config validation; backend resolution.
+
+Every bad batch goes through the model's forward (``validate_inputs=True``, the default), and the
+message must start with the offending tensor's name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interformer
+from interformer import InterFormerConfig, InterFormerCTR
+from interformer.backend import FusedModule, resolve
+
+CFG = dict(d_model=8, num_heads=2, num_layers=1, n_dense=3, sparse_vocab_sizes=(10, 5), seq_vocab_sizes=(7, 4),
+           max_seq_len=5, pffn_hidden=8, head=(8,), dcn_rank=2, backend="eager")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return InterFormerCTR(InterFormerConfig(**CFG))
+
+
+def good_batch(B=3, T=5):
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(B, 3, generator=g)
+    sparse = torch.stack([torch.randint(0, 10, (B,), generator=g), torch.randint(0, 5, (B,), generator=g)], 1)
+    lengths = torch.tensor([0, T, 2])[:B]
+    seq = torch.stack([torch.randint(1, 7, (B, T), generator=g), torch.randint(1, 4, (B, T), generator=g)], 1)
+    seq = seq * (torch.arange(T)[None, None, :] < lengths[:, None, None])
+    return dict(dense=dense, sparse=sparse, seq=seq, lengths=lengths)
+
+
+def test_good_batch_runs(model):
+    out = model(**good_batch())
+    assert out.shape == (3,) and torch.isfinite(out).all()
+
+
+def _with(**changes):
+    b = good_batch()
+    b.update(changes)
+    return b
+
+
+def _nan_dense():
+    d = good_batch()["dense"].clone()
+    d[1, 2] = float("nan")
+    return d
+
+
+def _set(name, idx, value):
+    t = good_batch()[name].clone()
+    t[idx] = value
+    return t
+
+
+BAD = {
+    # wrong rank
+    "dense rank 1": ("dense", lambda: _with(dense=torch.randn(3))),
+    "dense rank 3": ("dense", lambda: _with(dense=torch.randn(3, 3, 1))),
+    "sparse rank 1": ("sparse", lambda: _with(sparse=torch.zeros(3, dtype=torch.int64))),
+    "seq rank 2": ("seq", lambda: _with(seq=torch.zeros(3, 5, dtype=torch.int64))),
+    "seq rank 4": ("seq", lambda: _with(seq=torch.zeros(3, 2, 5, 1, dtype=torch.int64))),
+    "lengths rank 2": ("lengths", lambda: _with(lengths=torch.zeros(3, 1, dtype=torch.int64))),
+    # wrong dtype
+    "dense int64": ("dense", lambda: _with(dense=torch.zeros(3, 3, dtype=torch.int64))),
+    "sparse int32": ("sparse", lambda: _with(sparse=good_batch()["sparse"].int())),
+    "sparse float": ("sparse", lambda: _with(sparse=good_batch()["sparse"].float())),
+    "seq int32": ("seq", lambda: _with(seq=good_batch()["seq"].int())),
+    "lengths int32": ("lengths", lambda: _with(lengths=good_batch()["lengths"].int())),
+    "lengths float": ("lengths", lambda: _with(lengths=good_batch()["lengths"].float())),
+    # wrong shape
+    "dense columns": ("dense", lambda: _with(dense=torch.randn(3, 4))),
+    "sparse fields": ("sparse", lambda: _with(sparse=torch.zeros(3, 3, dtype=torch.int64))),
+    "seq channels": ("seq", lambda: _with(seq=torch.zeros(3, 3, 5, dtype=torch.int64))),
+    "lengths batch": ("lengths", lambda: _with(lengths=torch.zeros(2, dtype=torch.int64))),
+    # lengths out of range
+    "lengths negative": ("lengths", lambda: _with(lengths=torch.tensor([0, -1, 2]))),
+    "lengths above T": ("lengths", lambda: _with(lengths=torch.tensor([0, 6, 2]))),
+    # ids out of vocabulary
+    "sparse id = vocab": ("sparse", lambda: _with(sparse=_set("sparse", (2, 0), 10))),
+    "sparse id > vocab, 2nd field": ("sparse", lambda: _with(sparse=_set("sparse", (0, 1), 9))),
+    "sparse id negative": ("sparse", lambda: _with(sparse=_set("sparse", (1, 1), -1))),
+    "seq id = vocab": ("seq", lambda: _with(seq=_set("seq", (1, 0, 3), 7))),
+    "seq id > vocab, 2nd channel": ("seq", lambda: _with(seq=_set("seq", (1, 1, 0), 100))),
+    "seq id negative": ("seq", lambda: _with(seq=_set("seq", (2, 0, 0), -3))),
+    # bad values in dense
+    "dense NaN": ("dense", lambda: _with(dense=_nan_dense())),
+    "dense inf": ("dense", lambda: _with(dense=_set("dense", (0, 0), float("inf")))),
+    # not a tensor
+    "lengths list": ("lengths", lambda: _with(lengths=[0, 5, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_raises_naming_the_tensor(model, case):
+    name, make = BAD[case]
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        model(**make())
+
+
+def test_seq_id_out_of_vocab_even_at_padding(model):
+    """An id >= vocab is invalid anywhere, padded positions included (it would index past the table)."""
+    b = good_batch()
+    b["seq"][0, 0, 4] = 7  # row 0 has length 0: position 4 is padding
+    with pytest.raises(ValueError, match=r"^seq\b"):
+        model(**b)
+
+
+def test_validate_batch_checks_label():
+    c = InterFormerConfig(**CFG)
+    b = good_batch()
+    interformer.validate_batch(c, **b, label=torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"^label\b"):
+        interformer.validate_batch(c, **b, label=torch.tensor([0.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"^label\b"):
+        interformer.validate_batch(c, **b, label=torch.tensor([0.0, 1.0]))
+
+
+def test_validation_can_be_turned_off():
+    m = InterFormerCTR(InterFormerConfig(**{**CFG, "validate_inputs": False}))
+    b = good_batch()
+    b["dense"][0, 0] = float("nan")
+    assert torch.isnan(m(**b)[0])  # no check: the NaN flows through (the caller asked for it)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+BAD_CONFIG = [
+    (dict(d_model=10, num_heads=4), "d_model"),
+    (dict(d_model=12, num_heads=4), "head dim"),  # dh = 3, rotary needs it even
+    (dict(d_model=0), "d_model"),
+    (dict(num_heads=0), "num_heads"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(n_sum=0), "n_sum"),
+    (dict(n_ssum=0), "n_ssum"),
+    (dict(n_pma=-1), "n_pma"),
+    (dict(n_recent=-1), "n_recent"),
+    (dict(n_dense=-1), "n_dense"),
+    (dict(dcn_layers=0), "dcn_layers"),
+    (dict(dhen_layers=0), "dhen_layers"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(backbone="transformer"), "backbone"),
+    (dict(pffn_mode="conv"), "pffn_mode"),
+    (dict(dense_tokens="pooled"), "dense_tokens"),
+    (dict(dcn_rank=0), "dcn_rank"),
+    (dict(seq_vocab_sizes=()), "seq_vocab_sizes"),
+    (dict(sparse_vocab_sizes=(10, 1)), "vocabulary"),
+    (dict(seq_vocab_sizes=(1,)), "vocabulary"),
+    (dict(n_dense=0, sparse_vocab_sizes=()), "non-sequence token"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
+    (dict(backend="cuda"), "backend"),
+]
+
+
+@pytest.mark.parametrize("kw,word", BAD_CONFIG, ids=[f"{list(k)[0]}={list(k.values())[0]}" for k, _ in BAD_CONFIG])
+def test_config_rejects(kw, word):
+    with pytest.raises(ValueError, match=word):
+        InterFormerConfig(**{**CFG, **kw})
+
+
+def test_config_accepts_edge_values():
+    InterFormerConfig(**{**CFG, "n_dense": 0})
+    InterFormerConfig(**{**CFG, "n_pma": 0, "n_recent": 0})
+    InterFormerConfig(**{**CFG, "sparse_vocab_sizes": (), "n_dense": 2})
+    InterFormerConfig(**{**CFG, "dcn_rank": None})
+
+
+def test_module_constructors_reject_bad_sizes():
+    with pytest.raises(ValueError, match="divisible"):
+        interformer.RotaryMultiHeadAttention(10, 4, backend="eager")
+    with pytest.raises(ValueError, match="even head dim"):
+        interformer.RotaryMultiHeadAttention(6, 2, backend="eager")
+    with pytest.raises(ValueError, match="divisible"):
+        interformer.PoolingMultiHeadAttention(2, 10, 4, backend="eager")
+    with pytest.raises(ValueError, match="mode"):
+        interformer.PersonalizedFFN(8, 2, mode="conv", backend="eager")
+    with pytest.raises(ValueError, match="mode"):
+        interformer.DenseTokenizer(3, 8, mode="pooled")
+    with pytest.raises(ValueError):
+        interformer.GatedLCE(0, 2, 8, backend="eager")
+    with pytest.raises(ValueError):
+        interformer.CrossNet(8, 0, backend="eager")
+    with pytest.raises(ValueError):
+        interformer.LowRankCrossNet(8, 2, 0, backend="eager")
+
+
+# ----------------------------------------------------------------------------- backend resolution
+
+
+def test_resolve_missing_kernel_file_names_the_op():
+    """backend='triton' with no kernel file: NotImplementedError naming the op (made-up names, so the
+    test does not depend on which kernel files exist yet)."""
+    pytest.importorskip("triton")
+    with pytest.raises(NotImplementedError, match="not_a_real_op"):
+        resolve("not_a_real_kernel_file", "not_a_real_op", "triton", torch.device("cpu"))
+
+
+def test_resolve_eager_and_auto_on_cpu_use_the_reference():
+    from interformer import reference
+
+    assert resolve("not_a_real_kernel_file", "gated_lce", "eager", torch.device("cpu")) is reference.gated_lce
+    assert resolve("not_a_real_kernel_file", "gated_lce", "auto", torch.device("cpu")) is reference.gated_lce
+
+
+def test_module_without_kernel_raises_on_triton_backend():
+    pytest.importorskip("triton")
+
+    class Fake(FusedModule):
+        kernel_ops = (("not_a_real_kernel_file", "not_a_real_op"),)
+
+        def __init__(self, backend=None):
+            super().__init__(backend)
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self._op("not_a_real_kernel_file", "not_a_real_op")(x)
+
+    m = Fake(backend="triton")
+    assert not m.has_kernels()
+    with pytest.raises(NotImplementedError, match="not_a_real_op"):
+        m(torch.ones(2))
