@@ -1,0 +1,292 @@
+"""Fused self-gating LCE (``interformer.kernels.gated_lce``) against the eager reference and float64.
+
+Every case compares the output and the gradients of x, weight, bias, gate_weight and gate_bias with
+(a) :func:`interformer.reference.gated_lce` run in the same dtype and (b) the same reference run on
+float64 copies: fp32 within ``FP32_TOL`` of both, fp16/bf16 by the DESIGN §5 rule (kernel error vs
+float64 <= 2x the eager low-precision error). Sizes: odd n_in (5, 13, 7, 68), n_out 3, 4, 8,
+d = 24, 40 (padded in registers), 64, 16; batches that are not a multiple of the samples-per-program
+block and larger than one persistent backward program's share (the backward loop over sample blocks
+runs several times under the interpreter's 2-program grid); x contiguous, transposed
+(``[B, d, n_in].transpose(1, 2)``) and sliced out of a wider tensor; random and stride-0
+(``out.sum()``) upstream gradients. Also: the ``GatedLCE`` module with backend="triton" vs "eager",
+``torch.library.opcheck`` of both ops, ``torch.compile(fullgraph=True)`` through forward and backward,
+autocast, input validation and a check that the comparison catches a wrong kernel.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import torch
+
+from interformer import reference as R
+from interformer.layers import GatedLCE
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, rel_err
+
+K = pytest.importorskip("interformer.kernels.gated_lce")
+
+NAMES = ["out", "dx", "dweight", "dbias", "dgate_weight", "dgate_bias"]
+DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+
+def make_masters(B, n_in, n_out, d, gen):
+    """float64 master copies: x, weight, bias, gate_weight, gate_bias (nn.Linear-like scales)."""
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    return [rnd(B, n_in, d), rnd(n_in, n_out, scale=n_in ** -0.5), rnd(n_out, scale=0.5),
+            rnd(d, d, scale=d ** -0.5), rnd(d, scale=0.5)]
+
+
+def layout_x(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x in the requested memory layout (a leaf is built first; the view is what the op sees)."""
+    if layout == "transposed":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "sliced":  # every other token of a wider tensor, d a slice of a wider row
+        B, n, d = x.shape
+        wide = torch.zeros(B, 2 * n, d + 3, dtype=x.dtype, device=x.device)
+        wide[:, ::2, 1:d + 1] = x
+        return wide[:, ::2, 1:d + 1]
+    return x
+
+
+def run(fn, masters, dtype, layout, grad):
+    leaves = [m.to(DEVICE, dtype).requires_grad_() for m in masters]
+    x = layout_x(leaves[0].detach(), layout).requires_grad_()
+    out = fn(x, *leaves[1:])
+    if grad is None:
+        out.sum().backward()  # the gradient reaching the op is a stride-0 expand
+    else:
+        out.backward(grad.to(DEVICE, dtype))
+    return [out.detach(), x.grad] + [t.grad for t in leaves[1:]]
+
+
+def compare(kern, eager, ref64, dtype):
+    for name, k, e, r in zip(NAMES, kern, eager, ref64):
+        assert k is not None and torch.isfinite(k).all(), f"{name}: missing or non-finite"
+        if dtype == torch.float32:
+            assert_rel(k, r, FP32_TOL, name + " vs float64")
+            assert_rel(k, e, FP32_TOL, name + " vs eager fp32")
+        else:
+            assert_lowp(k, e, r, name)
+
+
+CASES = [
+    # (id, B, n_in, n_out, d, layout, grad)
+    ("odd-5x4-d24", 3, 5, 4, 24, "transposed", "random"),
+    ("odd-13x8-d40", 5, 13, 8, 40, "contiguous", "random"),
+    ("taobao-like-20x4-d64", 11, 20, 4, 64, "sliced", "random"),
+    ("n_out3-sum-grad", 7, 7, 3, 16, "contiguous", "sum"),
+    ("n_in68", 3, 68, 4, 16, "transposed", "random"),
+    ("B1", 1, 5, 8, 24, "contiguous", "random"),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_gated_lce_matches_reference(case, dtype):
+    cid, B, n_in, n_out, d, layout, grad_kind = case
+    gen = torch.Generator().manual_seed(zlib.crc32(cid.encode()))
+    masters = make_masters(B, n_in, n_out, d, gen)
+    grad = None if grad_kind == "sum" else torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
+    kern = run(K.gated_lce, masters, dtype, layout, grad)
+    eager = run(R.gated_lce, masters, dtype, layout, grad)
+    ref64 = run(R.gated_lce, masters, torch.float64, layout, grad)
+    out = kern[0]
+    assert out.shape == (B, n_out, d) and out.dtype == dtype and out.is_contiguous()
+    for g, m in zip(kern[1:], masters):
+        assert g.shape == m.shape and g.dtype == dtype
+    compare(kern, eager, ref64, dtype)
+
+
+def test_many_blocks_per_persistent_program():
+    """B much larger than the 2-program backward grid x samples per block: each program loops over
+    many sample blocks and accumulates the weight gradients across them (fp32)."""
+    B, n_in, n_out, d = 40, 6, 4, 16
+    bs = K._config(n_in, n_out, d, True)[0]
+    assert B // bs >= 8
+    gen = torch.Generator().manual_seed(1)
+    masters = make_masters(B, n_in, n_out, d, gen)
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
+    compare(run(K.gated_lce, masters, torch.float32, "contiguous", grad),
+            run(R.gated_lce, masters, torch.float32, "contiguous", grad),
+            run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n_in,n_out,d", [(5, 4, 24), (13, 8, 40)])
+def test_module_triton_matches_eager(n_in, n_out, d, dtype):
+    """GatedLCE(backend="triton") vs the same module (same state_dict) with backend="eager"."""
+    torch.manual_seed(0)
+    eager = GatedLCE(n_in, n_out, d, backend="eager").to(DEVICE, dtype)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    ref = copy.deepcopy(eager).double()
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    x0 = torch.randn(3, n_in, d, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(3, n_out, d, dtype=torch.float64, device=DEVICE)
+    results = []
+    for mod, dt in ((fused, dtype), (eager, dtype), (ref, torch.float64)):
+        x = x0.to(dt).requires_grad_()
+        out = mod(x)
+        out.backward(grad.to(dt))
+        results.append([out.detach(), x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
+    names = ["out", "dx"] + [n for n, _ in sorted(eager.named_parameters())]
+    for name, k, e, r in zip(names, *results):
+        if dtype == torch.float32:
+            assert_rel(k, e, FP32_TOL, name + " (triton vs eager)")
+            assert_rel(k, r, FP32_TOL, name + " vs float64")
+        else:
+            assert_lowp(k, e, r, name)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, device=DEVICE, requires_grad=True)
+    gw = torch.randn(24, 24, device=DEVICE, requires_grad=True)
+    gb = torch.randn(24, device=DEVICE, requires_grad=True)
+    out = K.gated_lce(x, w, b, gw, gb)
+    assert out.shape == (0, 4, 24)
+    out.sum().backward()
+    assert torch.all(w.grad == 0) and torch.all(gw.grad == 0)
+
+
+def test_autocast_fp16_params_stay_fp32():
+    """Under autocast, x is cast to the autocast dtype and fp32 parameters are read as they are; the
+    result is in the autocast dtype, parameter gradients in fp32, and the accuracy obeys the
+    low-precision rule against eager autocast (both vs float64)."""
+    if not HAS_CUDA:
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                pass
+        except Exception as exc:  # pragma: no cover - depends on the torch build
+            pytest.skip(f"CPU autocast with float16 unavailable: {exc}")
+    ac_dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    torch.manual_seed(0)
+    mod = GatedLCE(13, 4, 40, backend="eager").to(DEVICE)
+    ref = copy.deepcopy(mod).double()
+    x0 = torch.randn(5, 13, 40, device=DEVICE, dtype=torch.float64)
+    grad = torch.randn(5, 4, 40, device=DEVICE, dtype=torch.float64)
+    results = []
+    for backend in ("triton", "eager"):
+        mod.backend = backend
+        mod.zero_grad(set_to_none=True)
+        x = x0.float().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=ac_dtype):
+            out = mod(x)
+        if backend == "triton":
+            assert out.dtype == ac_dtype
+        out.backward(grad.to(out.dtype))
+        results.append([out.detach(), x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
+        assert all(p.grad.dtype == torch.float32 for p in mod.parameters())
+    x = x0.clone().requires_grad_()
+    out = ref(x)
+    out.backward(grad)
+    results.append([out.detach(), x.grad] + [p.grad for _, p in sorted(ref.named_parameters())])
+    names = ["out", "dx"] + [n for n, _ in sorted(mod.named_parameters())]
+    for name, k, e, r in zip(names, *results):
+        assert_lowp(k, e, r, name)
+
+
+# ----------------------------------------------------------------------------- torch.library
+def test_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    x, w, b, gw, gb = (m.float().to(DEVICE) for m in make_masters(3, 5, 4, 24, gen))
+    args = [t.requires_grad_() for t in (x, w, b, gw, gb)]
+    torch.library.opcheck(torch.ops.interformer.gated_lce_fwd.default, tuple(args))
+    g = torch.randn(3, 4, 24, device=DEVICE)
+    torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, (g, *(t.detach() for t in args)))
+
+
+def test_compile_fullgraph_traces_forward_and_backward():
+    """torch.compile(fullgraph=True) through the custom ops (aot_eager: Inductor is a GPU test)."""
+    gen = torch.Generator().manual_seed(3)
+    leaves = [m.float().to(DEVICE).requires_grad_() for m in make_masters(4, 7, 3, 24, gen)]
+
+    def f(x, *p):
+        return K.gated_lce(x.transpose(1, 2).contiguous().transpose(1, 2), *p).square().sum()
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    g_c = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    f(*leaves).backward()
+    for name, a, e in zip(NAMES[1:], g_c, [t.grad for t in leaves]):
+        assert_rel(a, e, FP32_TOL, "compiled " + name)
+
+
+# ----------------------------------------------------------------------------- validation, harness
+def test_invalid_inputs_raise_value_error():
+    x = torch.randn(2, 5, 8)
+    w, b, gw, gb = torch.randn(5, 3), torch.randn(3), torch.randn(8, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="x must be a 3-D"):
+        K.gated_lce(x[0], w, b, gw, gb)
+    with pytest.raises(ValueError, match="weight"):
+        K.gated_lce(x, torch.randn(4, 3), b, gw, gb)
+    with pytest.raises(ValueError, match="bias"):
+        K.gated_lce(x, w, torch.randn(4), gw, gb)
+    with pytest.raises(ValueError, match="gate_weight"):
+        K.gated_lce(x, w, b, torch.randn(8, 7), gb)
+    with pytest.raises(ValueError, match="gate_bias"):
+        K.gated_lce(x, w, b, gw, torch.randn(7))
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.gated_lce(x.half(), w, b, gw, gb)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        K.gated_lce(x.double(), w.double(), b.double(), gw.double(), gb.double())
+
+
+def test_harness_catches_a_wrong_kernel():
+    """The comparison is sharp enough to see plausible bugs: the printed-paper variant (gate alone,
+    no multiplication by Y), a missing gate bias, or the compression weight transposed in meaning
+    (here: the bias dropped) are all far outside the fp32 tolerance of the correct kernel."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b, gw, gb = (m.float().to(DEVICE) for m in make_masters(3, 5, 4, 24, gen))
+    ref = R.gated_lce(x.double(), w.double(), b.double(), gw.double(), gb.double())
+    out = K.gated_lce(x, w, b, gw, gb)
+    assert rel_err(out, ref) <= FP32_TOL
+    y = torch.einsum("bnd,nm->bmd", x, w) + b[None, :, None]
+    assert rel_err(torch.sigmoid(torch.nn.functional.linear(y, gw, gb)), ref) > 100 * FP32_TOL
+    assert rel_err(K.gated_lce(x, w, b, gw, torch.zeros_like(gb)), ref) > 100 * FP32_TOL
+    assert rel_err(K.gated_lce(x, w, torch.zeros_like(b), gw, gb), ref) > 100 * FP32_TOL
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n_in,n_out,d", [
+    (2048, 20, 4, 64),   # taobao nonseq
+    (2048, 8, 8, 64),    # taobao / amazon seq summary (n_cls + n_pma + n_recent -> n_ssum)
+    (2048, 4, 4, 64),    # amazon nonseq
+    (512, 64, 4, 128),   # long nonseq
+    (512, 8, 8, 128),    # long seq summary
+])
+def test_gpu_bf16_benchmark_shapes(B, n_in, n_out, d):
+    gen = torch.Generator().manual_seed(0)
+    masters = make_masters(B, n_in, n_out, d, gen)
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
+    compare(run(K.gated_lce, masters, torch.bfloat16, "contiguous", grad),
+            run(R.gated_lce, masters, torch.bfloat16, "contiguous", grad),
+            run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compile():
+    """Inductor traces the custom ops (forward and backward) with surrounding ops."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64).cuda()
+    w, b = torch.randn(20, 4, device="cuda"), torch.randn(4, device="cuda")
+    x = torch.randn(256, 20, 64, device="cuda", requires_grad=True)
+
+    def f(t):
+        return K.gated_lce(torch.tanh(t), w, b, lin.weight, lin.bias)
+
+    out_c = torch.compile(f, fullgraph=True)(x)
+    out_c.sum().backward()
+    g_c = x.grad.clone()
+    x.grad = None
+    out = f(x)
+    out.sum().backward()
+    assert_rel(out_c, out, FP32_TOL, "compiled out")
+    assert_rel(g_c, x.grad, FP32_TOL, "compiled grad")
