@@ -17,40 +17,57 @@ so the op is purely memory-bound: the floor is "read x once, write out once". Ea
 a bias add, a linear, a sigmoid and a multiply (and their backwards), each a full HBM round trip of
 ``Y`` or the gate. Here ``Y`` and the gate never leave registers, forward and backward.
 
-Forward (``_glce_fwd_kernel``): one launch, one program per block of ``BS`` samples
----------------------------------------------------------------------------------------
-* The program loads its samples' tokens as one register tile ``x [BS, NIP, DP]`` (``NIP`` = n_in and
-  ``DP`` = d padded to powers of two >= 16, padded entries masked to 0; x is read through its three
-  strides, so transposed or sliced views need no copy).
-* Compression on tensor cores as a batched (3-D) ``tl.dot``: ``Y = W^T x`` with ``W^T`` broadcast to
-  ``[BS, NOP, NIP]``. ``tl.dot`` needs every dimension >= 16, so ``n_out`` (4 or 8 in InterFormer) is
-  padded to ``NOP = 16`` rows: the padded rows are zero (masked weight and bias) and are never stored.
-  The MMA work is wasted on them, which costs nothing here: the kernel is memory-bound.
-* ``Y`` (fp32) is viewed as ``[BS*NOP, DP]`` rows and the gate is one 2-D ``tl.dot`` with the
-  ``[d, d]`` gate weight (loaded once per program, L2-resident across programs); the sigmoid (fp32)
-  and the multiply run in registers and only ``out`` is stored.
-* Block sizes (``_config``, fixed by the shape, no autotune): ``BS = clamp(8192 // (NIP * DP), 1, 8)``
-  samples per program in the forward (taobao nonseq n_in = 20, d = 64 -> 4 samples, 64 gate rows; the
-  seq summary n_in = 8 -> 8 samples, 128 gate rows; long n_in = 64, d = 128 -> 1 sample), half that in
-  the backward (more live tiles); 4 warps, 8 when a ``[BS*NOP, DP]`` tile exceeds 4096 elements.
+Row layout: samples flattened into token rows
+---------------------------------------------
+A program handles a block of ``n_per`` consecutive samples. Their ``n_per * n_in`` input tokens are
+one register tile ``x [KX, DP]`` (row ``k`` = sample ``k // n_in``, token ``k % n_in``; ``KX``, ``DP``
+= powers of two >= 16; padding masked to 0; x read through its three strides, so transposed or
+sliced views need no copy), and their ``n_per * n_out`` output tokens are the rows of ``[RO, DP]``
+tiles. The compression is then ONE 2-D ``tl.dot`` with a block-diagonal matrix ``Wbd [RO, KX]``
+(``Wbd[r, k] = weight[k % n_in, r % n_out]`` when r and k belong to the same sample, else 0), built
+once per program by a masked gather from the (L1-resident) weight. Its zeros waste tensor-core work,
+which is free here, while no register is spent on padding n_out up to the 16 rows ``tl.dot`` needs
+(a per-sample 3-D dot would pad 4 output tokens to 16 and quadruple every ``[rows, d]`` tile).
 
-Backward (``_glce_bwd_kernel`` + ``_sum_partials_kernel``): two launches
+Block sizes (``_config``, fixed by the shape, no autotune): forward ``n_per = min(8192/DP // n_in,
+64 // n_out)`` (taobao nonseq n_in = 20, d = 64: 6 samples, 120 token rows in a 128-row tile, 24
+output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in = 64, d = 128: one
+sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
+reaches 8192 elements or in the backward at d >= 64 (checked by compiling for sm_90 ahead of time:
+no spills in bf16 at the DESIGN shapes, except a few dozen bytes in the d = 128 backward; fp32
+spills some).
+
+Forward (``_glce_fwd_kernel``): one launch, one program per sample block
 ------------------------------------------------------------------------
+``Y = Wbd @ x + bias`` (fp32 accumulator), ``Z = Y @ gate_weight^T + gate_bias`` (one ``tl.dot``
+with the ``[d, d]`` gate weight, L2-resident across programs), ``out = Y * sigmoid(Z)`` in fp32
+registers; only ``out`` is stored.
+
+Backward (``_glce_bwd_kernel`` + one reduction): ``Y``, ``Z`` recomputed, nothing else saved
+-----------------------------------------------------------------------------------------
 With ``s = sigmoid(Z)``: ``dZ = dO * Y * s * (1 - s)``, ``dY = dO * s + dZ @ gate_weight``,
-``dgate_weight = dZ^T Y``, ``dgate_bias = sum dZ``, ``dx[b] = W dY[b]``, ``dW = sum_b x[b] dY[b]^T``,
-``dbias = sum dY``. ``Y``, ``Z`` and ``s`` are recomputed from x (nothing but the inputs is saved for
-backward). The kernel is persistent: ``G`` programs (``G`` = number of SMs on a GPU, 2 under the
-interpreter so the loop is exercised; never more than the number of sample blocks) loop over sample
-blocks ``pid, pid + G, ...``; per block it recomputes Y, Z, loads dO, writes dx, and accumulates the
-cross-sample weight gradients (``dgate_weight [d, d]``, ``dgate_bias``, ``dW``, ``dbias``) in fp32
-registers. Each program writes its partial sums once to an fp32 ``[G, d*d + d + n_in*n_out + n_out]``
-buffer, and ``_sum_partials_kernel`` reduces it over ``G`` and writes the four gradients in their
-parameters' dtypes (one launch for all four). This is the split-K of the ``[d, B*n_out] x [B*n_out, d]``
-weight-gradient GEMM: at the DESIGN shapes it moves ``2*G*d*d*4`` bytes (about 4 MB at G = 132,
-d = 64), less than cuBLAS would (it would need dZ and Y materialised, ``2*B*n_out*d`` elements
-written and read back) and without atomics, so results are deterministic for a given device.
-Nothing goes to cuBLAS. The upstream gradient is read through its strides (a stride-0 expand after
-``out.sum()`` is fine).
+``dx = Wbd^T @ dY`` (stored per block), ``dgate_bias = sum dZ``, ``dbias = sum dY``,
+``dW[n, m] = sum x[b, n] . dY[b, m]`` (per program: ``x @ dY^T`` accumulated as ``[KX, RO]`` fp32,
+its same-sample entries folded into ``[n_in, n_out]`` once at the end by two exact one-hot matmuls),
+and ``dgate_weight = dZ^T Y`` -- a ``[d, B*n_out] x [B*n_out, d]`` reduction over all samples, done
+one of two ways (``_gw_mode``, chosen from the bytes each moves):
+
+* ``"store"``: one program per sample block; dZ and Y are written once in the compute dtype
+  (``2 * B * n_out * d`` elements) and ``torch.mm(dZ^T, Y)`` (cuBLAS, fp32 accumulation) forms
+  dgate_weight -- the one place this op uses cuBLAS: a fused split-K would need either atomics or
+  per-program ``[d, d]`` fp32 partials, which cost more bytes than dZ and Y when few samples share a
+  program (e.g. ``long``: d = 128, B = 512);
+* ``"acc"``: ``G`` = SM-count persistent programs (2 under the interpreter, so tests run the loop)
+  loop over sample blocks ``pid, pid + G, ...`` and accumulate dgate_weight in fp32 registers;
+  chosen when the ``[G, d, d]`` fp32 partials move fewer than half the bytes of dZ and Y (large
+  batches with many output tokens per sample; at the DESIGN shapes on an H100, 132 SMs, "store"
+  wins everywhere, the seq summary at B = 2048 only just: 8.7 MB of partials vs 8.4 MB).
+
+Each program writes its cross-sample partial sums (dgate_bias, dW, dbias, and in "acc" mode
+dgate_weight) once to an fp32 ``[programs, P]`` buffer, which ``_sum_partials_kernel`` reduces in a
+fixed order (deterministic, no atomics) straight into the parameters' gradients, in their dtypes
+(one launch for all of them). The upstream gradient is read through its strides (a stride-0 expand
+after ``out.sum()`` is fine). ``GW_MODE`` forces a mode (tests run both).
 
 Dtypes and precision
 --------------------
@@ -90,122 +107,138 @@ MAX_N_IN = 256
 
 # ============================================================================ kernels
 @triton.jit
-def _glce_load_params(W, BIAS, GW, GB, N_IN, N_OUT, D, swn, swm, sgo, sgi,
-                      NIP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr, CDT: tl.constexpr):
-    """W^T ``[NOP, NIP]`` and W ``[NIP, NOP]`` (compute dtype), bias ``[NOP]`` (fp32),
-    gate weight ``gw[k, j]`` ``[DP, DP]`` (compute dtype), gate bias ``[DP]`` (fp32); padding zero."""
-    n = tl.arange(0, NIP)
-    m = tl.arange(0, NOP)
-    k = tl.arange(0, DP)
-    n_ok = n < N_IN
-    m_ok = m < N_OUT
-    k_ok = k < D
-    wt = tl.load(W + m[:, None] * swm + n[None, :] * swn, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(CDT)
-    w = tl.load(W + n[:, None] * swn + m[None, :] * swm, mask=n_ok[:, None] & m_ok[None, :], other=0.0).to(CDT)
-    bias = tl.load(BIAS + m, mask=m_ok, other=0.0).to(tl.float32)
-    gw = tl.load(GW + k[:, None] * sgo + k[None, :] * sgi, mask=k_ok[:, None] & k_ok[None, :], other=0.0).to(CDT)
-    gb = tl.load(GB + k, mask=k_ok, other=0.0).to(tl.float32)
-    return wt, w, bias, gw, gb
+def _glce_tile_index(N_IN, N_OUT, n_per, KX: tl.constexpr, RO: tl.constexpr):
+    """Flattened row indices of a block of ``n_per`` samples: token rows ``k`` (sample ``k // n_in``,
+    token ``k % n_in``) and output rows ``r`` (sample ``r // n_out``, output token ``r % n_out``)."""
+    k = tl.arange(0, KX)
+    r = tl.arange(0, RO)
+    ks = k // N_IN
+    rs = r // N_OUT
+    return k, ks, k - ks * N_IN, r, rs, r - rs * N_OUT, k < n_per * N_IN, r < n_per * N_OUT
 
 
 @triton.jit
-def _glce_recompute(X, b0, B, N_IN, D, sxb, sxn, sxd, wt, bias, gw, gb,
-                    BS: tl.constexpr, NIP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr,
-                    PREC: tl.constexpr):
-    """x tile ``[BS, NIP, DP]`` of samples ``b0 ..``, then Y and Z as ``[BS*NOP, DP]`` fp32."""
-    bs = tl.arange(0, BS)
-    n = tl.arange(0, NIP)
+def _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT: tl.constexpr, KX: tl.constexpr, RO: tl.constexpr):
+    """Compression matrix of a block, ``[RO, KX]``: ``W[k % n_in, r % n_out]`` where output row r and
+    token row k belong to the same sample, 0 elsewhere (so ``Y = Wbd @ x`` is one 2-D ``tl.dot``)."""
+    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
+    same = (rs[:, None] == ks[None, :]) & r_ok[:, None] & k_ok[None, :]
+    return tl.load(W + kn[None, :] * swn + rm[:, None] * swm, mask=same, other=0.0).to(CDT)
+
+
+@triton.jit
+def _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, sgo, sgi,
+                    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+    """Token tile x ``[KX, DP]`` of the block starting at sample b0 (zero padded), then ``Y`` and the
+    gate pre-activation ``Z`` as ``[RO, DP]`` fp32, the output-row validity and the gate weight."""
+    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    b_ok = (b0 + bs) < B
-    xm = b_ok[:, None, None] & (n < N_IN)[None, :, None] & (j < D)[None, None, :]
-    x = tl.load(X + (b0 + bs)[:, None, None] * sxb + n[None, :, None] * sxn + j[None, None, :] * sxd,
-                mask=xm, other=0.0)
-    y = tl.dot(tl.broadcast_to(wt[None, :, :], (BS, NOP, NIP)), x, input_precision=PREC)
-    y = y + bias[None, :, None]
-    y = tl.reshape(y, (BS * NOP, DP))
+    j_ok = j < D
+    kb = b0 + ks
+    xm = (k_ok & (kb < B))[:, None] & j_ok[None, :]
+    x = tl.load(X + kb[:, None] * sxb + kn[:, None] * sxn + j[None, :] * sxd, mask=xm, other=0.0)
+    bias = tl.load(BIAS + rm, mask=r_ok, other=0.0).to(tl.float32)
+    y = tl.dot(wbd, x, input_precision=PREC) + bias[:, None]
+    gw = tl.load(GW + j[:, None] * sgo + j[None, :] * sgi, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    gw = gw.to(x.dtype)  # gw[k_out, j_in]
+    gb = tl.load(GB + j, mask=j_ok, other=0.0).to(tl.float32)
     z = tl.dot(y.to(x.dtype), tl.trans(gw), input_precision=PREC) + gb[None, :]
-    return x, y, z
+    row_ok = r_ok & ((b0 + rs) < B)
+    return x, y, z, gw, row_ok
 
 
 @triton.jit
 def _glce_fwd_kernel(
     OUT,
     X, W, BIAS, GW, GB,
-    B, N_IN, N_OUT, D,
+    B, N_IN, N_OUT, D, n_per,
     sxb, sxn, sxd, swn, swm, sgo, sgi, sob, som, sod,
-    BS: tl.constexpr, NIP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    b0 = pid * BS
+    b0 = pid * n_per
     CDT: tl.constexpr = X.dtype.element_ty
-    wt, w, bias, gw, gb = _glce_load_params(W, BIAS, GW, GB, N_IN, N_OUT, D, swn, swm, sgo, sgi, NIP, NOP, DP, CDT)
-    x, y, z = _glce_recompute(X, b0, B, N_IN, D, sxb, sxn, sxd, wt, bias, gw, gb, BS, NIP, NOP, DP, PREC)
+    wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
+    x, y, z, gw, row_ok = _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
+                                          sgo, sgi, KX, RO, DP, PREC)
     out = y * tl.sigmoid(z)
-    r = tl.arange(0, BS * NOP)
-    rb = b0 + r // NOP
-    rm = r % NOP
+    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    om = ((rb < B) & (rm < N_OUT))[:, None] & (j < D)[None, :]
-    tl.store(OUT + rb[:, None] * sob + rm[:, None] * som + j[None, :] * sod, out.to(OUT.dtype.element_ty), mask=om)
+    tl.store(OUT + (b0 + rs)[:, None] * sob + rm[:, None] * som + j[None, :] * sod, out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (j < D)[None, :])
 
 
 @triton.jit
 def _glce_bwd_kernel(
-    DX, PART,
+    DX, PART, DZ, YS,
     DO, X, W, BIAS, GW, GB,
-    B, N_IN, N_OUT, D, n_blocks,
+    B, N_IN, N_OUT, D, n_per, n_blocks,
     sdxb, sdxn, sdxd, sdob, sdom, sdod,
     sxb, sxn, sxd, swn, swm, sgo, sgi, spg,
-    BS: tl.constexpr, NIP: tl.constexpr, NOP: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+    STORE_DZY: tl.constexpr, KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr,
+    NIP: tl.constexpr, NOP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
     CDT: tl.constexpr = X.dtype.element_ty
-    wt, w, bias, gw, gb = _glce_load_params(W, BIAS, GW, GB, N_IN, N_OUT, D, swn, swm, sgo, sgi, NIP, NOP, DP, CDT)
-    r = tl.arange(0, BS * NOP)
-    n = tl.arange(0, NIP)
-    m = tl.arange(0, NOP)
+    wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
+    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    bs = tl.arange(0, BS)
     j_ok = j < D
 
-    acc_gw = tl.zeros([DP, DP], tl.float32)   # dgate_weight[k, j]
+    acc_p = tl.zeros([KX, RO], tl.float32)    # x @ dY^T; its same-sample entries sum to dW
+    acc_db = tl.zeros([RO], tl.float32)
     acc_gb = tl.zeros([DP], tl.float32)
-    acc_w = tl.zeros([NIP, NOP], tl.float32)  # dW[n, m]
-    acc_b = tl.zeros([NOP], tl.float32)
+    if not STORE_DZY:
+        acc_gw = tl.zeros([DP, DP], tl.float32)  # dgate_weight[k_out, j_in]
     for blk in range(pid, n_blocks, G):
-        b0 = blk * BS
-        x, y, z = _glce_recompute(X, b0, B, N_IN, D, sxb, sxn, sxd, wt, bias, gw, gb, BS, NIP, NOP, DP, PREC)
-        rb = b0 + r // NOP
-        rm = r % NOP
-        row_ok = (rb < B) & (rm < N_OUT)
-        do = tl.load(DO + rb[:, None] * sdob + rm[:, None] * sdom + j[None, :] * sdod,
-                     mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+        b0 = blk * n_per
+        x, y, z, gw, row_ok = _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
+                                              sgo, sgi, KX, RO, DP, PREC)
+        rb = b0 + rs
+        om = row_ok[:, None] & j_ok[None, :]
+        do = tl.load(DO + rb[:, None] * sdob + rm[:, None] * sdom + j[None, :] * sdod, mask=om,
+                     other=0.0).to(tl.float32)
         s = tl.sigmoid(z)
         dz = do * y * s * (1.0 - s)
         dz_c = dz.to(CDT)
         dy = do * s + tl.dot(dz_c, gw, input_precision=PREC)
-        acc_gw += tl.dot(tl.trans(dz_c), y.to(CDT), input_precision=PREC)
+        dy_c = dy.to(CDT)
         acc_gb += tl.sum(dz, 0)
-        dy3 = tl.reshape(dy, (BS, NOP, DP))
-        acc_b += tl.sum(tl.sum(dy3, 2), 0)
-        dy3_c = dy3.to(CDT)
-        dx = tl.dot(tl.broadcast_to(w[None, :, :], (BS, NIP, NOP)), dy3_c, input_precision=PREC)
-        dwb = tl.dot(x, tl.permute(dy3_c, (0, 2, 1)), input_precision=PREC)
-        acc_w += tl.sum(dwb, 0)
-        xm = ((b0 + bs) < B)[:, None, None] & (n < N_IN)[None, :, None] & j_ok[None, None, :]
-        tl.store(DX + (b0 + bs)[:, None, None] * sdxb + n[None, :, None] * sdxn + j[None, None, :] * sdxd,
-                 dx.to(DX.dtype.element_ty), mask=xm)
+        acc_db += tl.sum(dy, 1)
+        acc_p += tl.dot(x, tl.trans(dy_c), input_precision=PREC)
+        if STORE_DZY:
+            rows = rb * N_OUT + rm
+            tl.store(DZ + rows[:, None] * D + j[None, :], dz_c, mask=om)
+            tl.store(YS + rows[:, None] * D + j[None, :], y.to(CDT), mask=om)
+        else:
+            acc_gw += tl.dot(tl.trans(dz_c), y.to(CDT), input_precision=PREC)
+        dx = tl.dot(tl.trans(wbd), dy_c, input_precision=PREC)
+        kb = b0 + ks
+        tl.store(DX + kb[:, None] * sdxb + kn[:, None] * sdxn + j[None, :] * sdxd, dx.to(DX.dtype.element_ty),
+                 mask=(k_ok & (kb < B))[:, None] & j_ok[None, :])
 
-    # partial sums of this program: [dgate_weight (d*d) | dgate_bias (d) | dW (n_in*n_out) | dbias (n_out)]
+    # dW[n, m] = sum over same-sample entries (k, r) with k % n_in == n, r % n_out == m of acc_p:
+    # two exact one-hot matmuls (fp32, "ieee"), once per program.
+    same = (ks[:, None] == rs[None, :]) & k_ok[:, None] & r_ok[None, :]
+    acc_p = tl.where(same, acc_p, 0.0)
+    n_i = tl.arange(0, NIP)
+    m_i = tl.arange(0, NOP)
+    sel_n = ((kn[None, :] == n_i[:, None]) & k_ok[None, :]).to(tl.float32)       # [NIP, KX]
+    sel_m = ((rm[:, None] == m_i[None, :]) & r_ok[:, None]).to(tl.float32)       # [RO, NOP]
+    dw = tl.dot(tl.dot(sel_n, acc_p, input_precision="ieee"), sel_m, input_precision="ieee")  # [NIP, NOP]
+    db = tl.sum(acc_db[:, None] * sel_m, 0)                                       # [NOP]
+
+    # partial sums of this program: [dgate_bias (d) | dW (n_in*n_out) | dbias (n_out) | dgate_weight (d*d)]
     base = PART + pid * spg
-    tl.store(base + j[:, None] * D + j[None, :], acc_gw, mask=j_ok[:, None] & j_ok[None, :])
-    base += D * D
     tl.store(base + j, acc_gb, mask=j_ok)
     base += D
-    tl.store(base + n[:, None] * N_OUT + m[None, :], acc_w, mask=(n < N_IN)[:, None] & (m < N_OUT)[None, :])
+    tl.store(base + n_i[:, None] * N_OUT + m_i[None, :], dw, mask=(n_i < N_IN)[:, None] & (m_i < N_OUT)[None, :])
     base += N_IN * N_OUT
-    tl.store(base + m, acc_b, mask=m < N_OUT)
+    tl.store(base + m_i, db, mask=m_i < N_OUT)
+    if not STORE_DZY:
+        base += N_OUT
+        tl.store(base + j[:, None] * D + j[None, :], acc_gw, mask=j_ok[:, None] & j_ok[None, :])
 
 
 @triton.jit
@@ -270,22 +303,38 @@ def _precision(dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, int, int, int]:
-    """(BS, NIP, NOP, DP, num_warps); see the module docstring."""
-    nip, nop, dp = max(16, _next_pow2(n_in)), max(16, _next_pow2(n_out)), max(16, _next_pow2(d))
-    bs = max(1, min(8, 8192 // (nip * dp)))
-    if backward:
-        bs = max(1, bs // 2)
-    bs = 1 << (bs.bit_length() - 1)  # power of two
-    warps = 8 if bs * nop * dp > 4096 or (backward and dp >= 128) else 4
-    return bs, nip, nop, dp, warps
+    """(samples per block, KX, RO, DP, num_warps); see the module docstring."""
+    dp = max(16, _next_pow2(d))
+    rows_x = max(16, (4096 if backward else 8192) // dp)   # target token rows per block
+    rows_o = 32 if backward else 64                          # cap on output rows per block
+    n_per = max(1, min(rows_x // n_in, rows_o // n_out))
+    kx = max(16, _next_pow2(n_per * n_in))
+    ro = max(16, _next_pow2(n_per * n_out))
+    warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
+    return n_per, kx, ro, dp, warps
 
 
 @functools.lru_cache(maxsize=None)
-def _max_programs(device: torch.device) -> int:
-    """Persistent-grid size of the backward: the SM count on a GPU, 2 under the interpreter."""
+def _num_sms(device: torch.device) -> int:
+    """Persistent-grid size of the backward's register-accumulation mode: the SM count on a GPU,
+    2 under the interpreter (so the loop over sample blocks runs several times in tests)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+#: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
+GW_MODE = None
+
+
+def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
+    """"store": write dZ and Y once (``4 * B * n_out * d * elt`` bytes with the GEMM's read-back) and
+    let cuBLAS form ``dZ^T Y``; "acc": accumulate it in registers of ``G`` persistent programs and
+    reduce ``[G, d, d]`` fp32 partials (``2 * G * d * d * 4`` bytes). "acc" must win by 2x: its
+    persistent programs hide less memory latency than one program per block."""
+    if GW_MODE is not None:
+        return GW_MODE
+    return "acc" if 2 * (2 * G * d * d * 4) < 4 * B * n_out * d * elt else "store"
 
 
 def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
@@ -294,12 +343,12 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     out = torch.empty((B, n_out, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    bs, nip, nop, dp, warps = _config(n_in, n_out, d, False)
-    _glce_fwd_kernel[(triton.cdiv(B, bs),)](
+    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
+    _glce_fwd_kernel[(triton.cdiv(B, n_per),)](
         out, x, weight, bias, gate_weight, gate_bias,
-        B, n_in, n_out, d,
+        B, n_in, n_out, d, n_per,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        BS=bs, NIP=nip, NOP=nop, DP=dp, PREC=_precision(x.dtype), num_warps=warps,
+        KX=kx, RO=ro, DP=dp, PREC=_precision(x.dtype), num_warps=warps,
     )
     return out
 
@@ -307,26 +356,38 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
 def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
     n_out = weight.shape[1]
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_weight, gate_bias, weight, bias)]
-    bs, nip, nop, dp, warps = _config(n_in, n_out, d, True)
-    n_blocks = triton.cdiv(B, bs)
+    dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
+    dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
+    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
+    n_blocks = triton.cdiv(B, n_per)
     if n_blocks == 0:
-        for g in grads:
-            g.zero_()
-        return (dx, grads[2], grads[3], grads[0], grads[1])
-    G = min(n_blocks, _max_programs(x.device))
-    P = d * d + d + n_in * n_out + n_out
+        return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
+    mode = _gw_mode(B, n_out, d, x.element_size(), _num_sms(x.device))
+    store = mode == "store"
+    G = n_blocks if store else min(n_blocks, _num_sms(x.device))
+    P = d + n_in * n_out + n_out + (0 if store else d * d)
     part = torch.empty((G, P), device=x.device, dtype=torch.float32)
+    if store:
+        dz = torch.empty((B * n_out, d), device=x.device, dtype=x.dtype)
+        ys = torch.empty((B * n_out, d), device=x.device, dtype=x.dtype)
+    else:
+        dz = ys = part  # unused
     _glce_bwd_kernel[(G,)](
-        dx, part, grad_out, x, weight, bias, gate_weight, gate_bias,
-        B, n_in, n_out, d, n_blocks,
+        dx, part, dz, ys, grad_out, x, weight, bias, gate_weight, gate_bias,
+        B, n_in, n_out, d, n_per, n_blocks,
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
-        BS=bs, NIP=nip, NOP=nop, DP=dp, PREC=_precision(x.dtype), num_warps=warps,
+        STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, _next_pow2(n_in)), NOP=max(16, _next_pow2(n_out)),
+        PREC=_precision(x.dtype), num_warps=warps,
     )
-    sum_partials(part, grads)
-    dgw, dgb, dw, db = grads
+    if store:
+        sum_partials(part, [dgb, dw, db])
+        dgw = torch.mm(dz.t(), ys)  # cuBLAS: [d, B*n_out] x [B*n_out, d], fp32 accumulation
+        if dgw.dtype != gate_weight.dtype:
+            dgw = dgw.to(gate_weight.dtype)
+    else:
+        dgw = torch.empty(gate_weight.shape, device=x.device, dtype=gate_weight.dtype)
+        sum_partials(part, [dgb, dw, db, dgw])
     return dx, dw, db, dgw, dgb
 
 

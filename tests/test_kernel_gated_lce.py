@@ -53,7 +53,7 @@ def layout_x(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def run(fn, masters, dtype, layout, grad):
-    leaves = [m.to(DEVICE, dtype).requires_grad_() for m in masters]
+    leaves = [m.detach().to(DEVICE, dtype).clone().requires_grad_() for m in masters]
     x = layout_x(leaves[0].detach(), layout).requires_grad_()
     out = fn(x, *leaves[1:])
     if grad is None:
@@ -84,9 +84,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("gw_mode", ["acc", "store"])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
-def test_gated_lce_matches_reference(case, dtype):
+def test_gated_lce_matches_reference(case, dtype, gw_mode, monkeypatch):
+    """Both strategies of the backward's dgate_weight ("acc": persistent programs accumulate it in
+    registers; "store": dZ and Y written once, cuBLAS forms dZ^T Y)."""
+    monkeypatch.setattr(K, "GW_MODE", gw_mode)
     cid, B, n_in, n_out, d, layout, grad_kind = case
     gen = torch.Generator().manual_seed(zlib.crc32(cid.encode()))
     masters = make_masters(B, n_in, n_out, d, gen)
@@ -101,12 +105,14 @@ def test_gated_lce_matches_reference(case, dtype):
     compare(kern, eager, ref64, dtype)
 
 
-def test_many_blocks_per_persistent_program():
-    """B much larger than the 2-program backward grid x samples per block: each program loops over
-    many sample blocks and accumulates the weight gradients across them (fp32)."""
-    B, n_in, n_out, d = 40, 6, 4, 16
-    bs = K._config(n_in, n_out, d, True)[0]
-    assert B // bs >= 8
+@pytest.mark.parametrize("gw_mode", ["acc", "store"])
+def test_many_blocks_per_program(gw_mode, monkeypatch):
+    """Many sample blocks: in "acc" mode each of the 2 persistent programs loops over about ten of
+    them and accumulates the weight gradients across them (fp32)."""
+    monkeypatch.setattr(K, "GW_MODE", gw_mode)
+    B, n_in, n_out, d = 150, 6, 4, 16
+    n_per = K._config(n_in, n_out, d, True)[0]
+    assert B // n_per >= 18
     gen = torch.Generator().manual_seed(1)
     masters = make_masters(B, n_in, n_out, d, gen)
     grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)

@@ -1,0 +1,537 @@
+"""Personalized FFN (PFFN) of the Sequence Arch: fused Triton forward and backward.
+
+Public functions (same names and signatures as in :mod:`interformer.reference`)::
+
+    pffn_mlp(s, lengths, w_b, ln_weight, ln_bias, eps)              # s + LN(s) @ w_b[b]
+    pffn_linear(s, lengths, x_sum, a, ln_weight, ln_bias, eps)      # s + (LN(s) @ x_sum[b]^T) @ a
+
+s ``[B, L, d]`` (any strides), lengths ``[B]`` (integer; the number of valid leading rows of s,
+clamped to ``[0, L]``), w_b ``[B, d, d]`` (the per-sample weight, already scaled), x_sum
+``[B, n_sum, d]``, a ``[n_sum, d]``, ln_weight/ln_bias ``[d]`` -> contiguous ``[B, L, d]`` in s's
+dtype. Rows ``>= lengths[b]`` of the output are exact zeros; those rows of s are never read and the
+incoming gradient at those rows is never read either (it cannot leak into any gradient).
+
+Forward (``_pffn_fwd_kernel``): ONE launch for both modes
+---------------------------------------------------------
+One program per (sample b, chunk of up to ``CHUNK = 256`` rows); the grid is ``B * cdiv(L, CHUNK)``,
+so at the DESIGN shapes (L = 54, 104) a program owns a whole sample and loads its weight once, and
+at ``long`` (L = 1004) four programs share a sample. Per block of ``BLOCK_L`` rows:
+
+* prologue: LayerNorm of the rows in fp32 (mean, biased variance, ``rsqrt``), masked to the valid
+  rows and the d real columns (d is padded to ``DP`` = next power of two >= 16 in registers);
+* mlp: ``acc = tl.dot(LN(s), w_b[b])`` with ``w_b[b]`` ``[DP, DP]`` held in registers for the whole
+  chunk; linear: ``t = tl.dot(LN(s), x_sum[b]^T)`` ``[BLOCK_L, NP]`` then ``acc = tl.dot(t, a)`` with
+  ``NP = max(16, next_pow2(n_sum))`` (padded rows of x_sum and a are zero) -- the ``d x d`` matrix
+  ``W_b = x_sum[b]^T a`` is never formed, in registers or in memory, forward or backward;
+* epilogue: ``out = s + acc`` (fp32), rows past the length set to 0, cast on store.
+
+A block entirely past ``lengths[b]`` skips all of that and stores zeros (at the benchmark shapes
+about half of all rows are padding), and a chunk with no valid row does not even load the weight.
+
+Backward (``_pffn_bwd_kernel`` + the shared partial-sum reduction): two launches
+-----------------------------------------------------------------------------
+Persistent grid of ``G`` programs (``4 x`` the SM count on a GPU, 2 under the interpreter; at most
+B), each looping over samples ``pid, pid + G, ...``; per sample it loads the weight (w_b[b], or
+x_sum[b] and a) once and loops over the VALID row blocks only, recomputing the LayerNorm from s
+(mean and rstd are not stored: s has to be read anyway, and recomputing saves a ``[B, L]`` write and
+read). With ``g = dout`` masked to the valid rows:
+
+* mlp: ``dh = g @ w_b[b]^T``; ``dw_b[b] = LN(s)^T @ g`` accumulated in fp32 registers over the
+  sample's valid rows and stored once (zeros for an empty sample);
+* linear: ``t = LN(s) @ x_sum[b]^T`` (recomputed), ``dt = g @ a^T``, ``dh = dt @ x_sum[b]``,
+  ``dx_sum[b] = dt^T @ LN(s)`` (per sample, stored once) and ``da += t^T @ g`` (per program);
+* LayerNorm backward in fp32: ``dgamma += sum(dh * xhat)``, ``dbeta += sum(dh)`` (per program), and
+  ``ds = rstd * (dh*gamma - mean(dh*gamma) - xhat * mean(dh*gamma*xhat)) + g``;
+* row blocks past the length only store zeros into ds.
+
+The cross-sample parameter gradients (dgamma, dbeta and, in linear mode, da) are written by each
+program once into an fp32 ``[G, 2d (+ n_sum*d)]`` buffer and reduced over G in one launch by
+:func:`interformer.kernels.gated_lce.sum_partials` (fixed order: deterministic on a given device; no
+atomics), which writes each gradient in its parameter's dtype. The per-sample gradients (dw_b,
+dx_sum) need no reduction. Nothing goes to cuBLAS.
+
+Block sizes (fixed by the shape, no autotune; ``_config``): forward ``BLOCK_L = 64`` rows (less for
+short sequences, at least 16 for ``tl.dot``), backward ``BLOCK_L = 32`` (it keeps the weight, the
+fp32 ``[DP, DP]`` weight-gradient accumulator and about six ``[BLOCK_L, DP]`` fp32 tiles live);
+4 warps, 8 when ``DP = 128``. d <= 128 (``MAX_D``); larger d goes to the eager reference.
+
+Dtypes and precision
+--------------------
+s may be fp32, fp16 or bf16; out and ds are in s's dtype. w_b (x_sum, a) must have s's dtype,
+except under ``torch.autocast`` on s's device type, where s, w_b and x_sum are cast to the autocast
+dtype (as eager's bmm would) and ``a`` may stay fp32: it is read in its own dtype and cast in
+registers, and its gradient comes back in its own dtype. ln_weight/ln_bias may be any float dtype
+(read as fp32; eager's autocast runs LayerNorm in fp32 too); their gradients come back in their
+dtype. ``None`` means weight 1 / bias 0. The normalised rows are rounded to the compute dtype only as
+``tl.dot`` operands (like eager's LayerNorm output), the residual add is fp32. fp32 inputs use
+``tl.dot(input_precision="tf32x3")`` on a GPU (about fp32 accuracy); under ``TRITON_INTERPRET=1``
+dots are exact fp32.
+
+``torch.library``: ``interformer::pffn_mlp_fwd`` / ``interformer::pffn_mlp_bwd`` and
+``interformer::pffn_linear_fwd`` / ``interformer::pffn_linear_bwd`` are ``custom_op`` s with fake
+implementations; each forward's autograd formula calls its backward op, so
+``torch.compile(fullgraph=True)`` traces forward and backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .gated_lce import sum_partials
+
+__all__ = ["pffn_mlp", "pffn_linear"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_D = 128
+_FWD_CHUNK_ROWS = 256
+
+
+# ============================================================================ kernels
+@triton.jit
+def _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP: tl.constexpr):
+    """Rows ``offs`` (< n, zero elsewhere) of sample b: (x fp32, xhat, rstd, h = xhat*gamma + beta)."""
+    c = tl.arange(0, DP)
+    c_ok = c < D
+    valid = offs < n
+    x = tl.load(S + b * ssb + offs[:, None] * ssl + c[None, :] * ssd,
+                mask=valid[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / D
+    xc = tl.where(c_ok[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / D
+    rstd = tl.rsqrt(var + eps)
+    xhat = xc * rstd[:, None]
+    h = xhat * gamma[None, :] + beta[None, :]
+    return x, xhat, rstd, h
+
+
+@triton.jit
+def _pffn_fwd_kernel(
+    OUT,
+    S, LENS, WX, A, LNW, LNB,
+    eps, L, D, NS, n_chunks,
+    ssb, ssl, ssd, slen,
+    swb, swk, swn,  # mlp: w_b[b, k, n]; linear: x_sum[b, i, k] as (b, i, k)
+    san, sad,
+    sob, sol, sod,
+    LINEAR: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, DP: tl.constexpr, NP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_chunks
+    row0 = (pid % n_chunks) * CHUNK
+    n = tl.minimum(tl.maximum(tl.load(LENS + b * slen).to(tl.int32), 0), L)
+    d_live = tl.where(row0 < n, D, 0)  # a chunk without valid rows loads no weight
+    CDT: tl.constexpr = S.dtype.element_ty
+
+    c = tl.arange(0, DP)
+    c_ok = c < D
+    gamma = tl.load(LNW + c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + c, mask=c_ok, other=0.0).to(tl.float32)
+    if LINEAR:
+        i = tl.arange(0, NP)
+        im = (i < NS)[:, None] & (c < d_live)[None, :]
+        xs = tl.load(WX + b * swb + i[:, None] * swk + c[None, :] * swn, mask=im, other=0.0)      # [NP, DP]
+        a = tl.load(A + i[:, None] * san + c[None, :] * sad, mask=im, other=0.0).to(CDT)          # [NP, DP]
+    else:
+        wm = c_ok[:, None] & (c < d_live)[None, :]
+        w = tl.load(WX + b * swb + c[:, None] * swk + c[None, :] * swn, mask=wm, other=0.0)       # [DP, DP]
+
+    o_base = OUT + b * sob
+    hi = tl.minimum(row0 + CHUNK, L)
+    for r0 in range(row0, hi, BLOCK_L):
+        offs = r0 + tl.arange(0, BLOCK_L)
+        st_mask = (offs < L)[:, None] & c_ok[None, :]
+        o_ptr = o_base + offs[:, None] * sol + c[None, :] * sod
+        if r0 < n:
+            x, xhat, rstd, h = _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP)
+            if LINEAR:
+                t = tl.dot(h.to(CDT), tl.trans(xs), input_precision=PREC)
+                acc = tl.dot(t.to(CDT), a, input_precision=PREC)
+            else:
+                acc = tl.dot(h.to(CDT), w, input_precision=PREC)
+            out = tl.where((offs < n)[:, None], x + acc, 0.0)
+            tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=st_mask)
+        else:
+            tl.store(o_ptr, tl.zeros([BLOCK_L, DP], OUT.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _pffn_bwd_kernel(
+    DS, DWX, PART,
+    DO, S, LENS, WX, A, LNW, LNB,
+    eps, B, L, D, NS,
+    sdsb, sdsl, sdsd,
+    sdwb, sdwk, sdwn,
+    sdob, sdol, sdod,
+    ssb, ssl, ssd, slen,
+    swb, swk, swn,
+    san, sad, spg,
+    LINEAR: tl.constexpr, BLOCK_L: tl.constexpr, DP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    G = tl.num_programs(0)
+    CDT: tl.constexpr = S.dtype.element_ty
+    c = tl.arange(0, DP)
+    c_ok = c < D
+    i = tl.arange(0, NP)
+    gamma = tl.load(LNW + c, mask=c_ok, other=0.0).to(tl.float32)
+    beta = tl.load(LNB + c, mask=c_ok, other=0.0).to(tl.float32)
+    acc_g = tl.zeros([DP], tl.float32)
+    acc_b = tl.zeros([DP], tl.float32)
+    if LINEAR:
+        a = tl.load(A + i[:, None] * san + c[None, :] * sad, mask=(i < NS)[:, None] & c_ok[None, :],
+                    other=0.0).to(CDT)
+        acc_a = tl.zeros([NP, DP], tl.float32)
+
+    for b in range(pid, B, G):
+        n = tl.minimum(tl.maximum(tl.load(LENS + b * slen).to(tl.int32), 0), L)
+        d_live = tl.where(n > 0, D, 0)  # an empty sample loads no weight
+        if LINEAR:
+            im = (i < NS)[:, None] & (c < d_live)[None, :]
+            xs = tl.load(WX + b * swb + i[:, None] * swk + c[None, :] * swn, mask=im, other=0.0)
+            acc_w = tl.zeros([NP, DP], tl.float32)   # dx_sum[b]
+        else:
+            w = tl.load(WX + b * swb + c[:, None] * swk + c[None, :] * swn,
+                        mask=c_ok[:, None] & (c < d_live)[None, :], other=0.0)
+            acc_w = tl.zeros([DP, DP], tl.float32)   # dw_b[b]
+        for r0 in range(0, n, BLOCK_L):
+            offs = r0 + tl.arange(0, BLOCK_L)
+            valid = offs < n
+            x, xhat, rstd, h = _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP)
+            g = tl.load(DO + b * sdob + offs[:, None] * sdol + c[None, :] * sdod,
+                        mask=valid[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            g_c = g.to(CDT)
+            h_c = h.to(CDT)
+            if LINEAR:
+                t_c = tl.dot(h_c, tl.trans(xs), input_precision=PREC).to(CDT)        # [BL, NP]
+                dt_c = tl.dot(g_c, tl.trans(a), input_precision=PREC).to(CDT)       # [BL, NP]
+                dh = tl.dot(dt_c, xs, input_precision=PREC)                          # [BL, DP]
+                acc_w += tl.dot(tl.trans(dt_c), h_c, input_precision=PREC)
+                acc_a += tl.dot(tl.trans(t_c), g_c, input_precision=PREC)
+            else:
+                dh = tl.dot(g_c, tl.trans(w), input_precision=PREC)
+                acc_w += tl.dot(tl.trans(h_c), g_c, input_precision=PREC)
+            acc_g += tl.sum(dh * xhat, 0)
+            acc_b += tl.sum(dh, 0)
+            dxh = dh * gamma[None, :]
+            c1 = tl.sum(dxh * xhat, 1) / D
+            c2 = tl.sum(dxh, 1) / D
+            ds = rstd[:, None] * (dxh - xhat * c1[:, None] - c2[:, None]) + g
+            ds = tl.where(valid[:, None], ds, 0.0)
+            tl.store(DS + b * sdsb + offs[:, None] * sdsl + c[None, :] * sdsd, ds.to(DS.dtype.element_ty),
+                     mask=(offs < L)[:, None] & c_ok[None, :])
+        zero = tl.zeros([BLOCK_L, DP], DS.dtype.element_ty)
+        for r0 in range(tl.cdiv(n, BLOCK_L) * BLOCK_L, L, BLOCK_L):
+            offs = r0 + tl.arange(0, BLOCK_L)
+            tl.store(DS + b * sdsb + offs[:, None] * sdsl + c[None, :] * sdsd, zero,
+                     mask=(offs < L)[:, None] & c_ok[None, :])
+        if LINEAR:
+            tl.store(DWX + b * sdwb + i[:, None] * sdwk + c[None, :] * sdwn, acc_w.to(DWX.dtype.element_ty),
+                     mask=(i < NS)[:, None] & c_ok[None, :])
+        else:
+            tl.store(DWX + b * sdwb + c[:, None] * sdwk + c[None, :] * sdwn, acc_w.to(DWX.dtype.element_ty),
+                     mask=c_ok[:, None] & c_ok[None, :])
+
+    # partial sums of this program: [dgamma (d) | dbeta (d) | da (n_sum * d), linear only]
+    base = PART + pid * spg
+    tl.store(base + c, acc_g, mask=c_ok)
+    tl.store(base + D + c, acc_b, mask=c_ok)
+    if LINEAR:
+        tl.store(base + 2 * D + i[:, None] * D + c[None, :], acc_a, mask=(i < NS)[:, None] & c_ok[None, :])
+
+
+# ============================================================================ launchers
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots as 3-pass tf32 on GPU (about fp32 accuracy); ignored for fp16/bf16."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_L, DP, NP, num_warps); see the module docstring."""
+    dp = max(16, _next_pow2(d))
+    np_ = max(16, _next_pow2(n_sum))
+    block_l = min(32 if backward else 64, max(16, _next_pow2(L)))
+    warps = 8 if dp >= 128 else 4
+    return block_l, dp, np_, warps
+
+
+@functools.lru_cache(maxsize=None)
+def _max_programs(device: torch.device) -> int:
+    """Persistent-grid size of the backward: 4 x the SM count on a GPU, 2 under the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
+    B, L, d = s.shape
+    out = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
+    if out.numel() == 0:
+        return out
+    n_sum = wx.shape[1] if linear else 1
+    block_l, dp, np_, warps = _config(L, d, n_sum, False)
+    chunk = max(block_l, _FWD_CHUNK_ROWS)
+    n_chunks = triton.cdiv(L, chunk)
+    a_ = a if linear else wx
+    _pffn_fwd_kernel[(B * n_chunks,)](
+        out, s, lengths, wx, a_, ln_weight, ln_bias,
+        float(eps), L, d, n_sum, n_chunks,
+        *s.stride(), lengths.stride(0), *wx.stride(), a_.stride(0), a_.stride(1), *out.stride(),
+        LINEAR=linear, BLOCK_L=block_l, CHUNK=chunk, DP=dp, NP=np_, PREC=_precision(s.dtype), num_warps=warps,
+    )
+    return out
+
+
+def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
+    """(ds, dwx, da or None, dln_weight, dln_bias)."""
+    B, L, d = s.shape
+    n_sum = wx.shape[1] if linear else 1
+    ds = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
+    dwx = torch.empty(wx.shape, device=wx.device, dtype=wx.dtype)
+    dgamma = torch.empty(ln_weight.shape, device=s.device, dtype=ln_weight.dtype)
+    dbeta = torch.empty(ln_bias.shape, device=s.device, dtype=ln_bias.dtype)
+    da = torch.empty(a.shape, device=a.device, dtype=a.dtype) if linear else None
+    if B == 0 or d == 0 or L == 0:
+        for t in (ds, dwx, dgamma, dbeta, da):
+            if t is not None:
+                t.zero_()
+        return ds, dwx, da, dgamma, dbeta
+    block_l, dp, np_, warps = _config(L, d, n_sum, True)
+    G = min(B, _max_programs(s.device))
+    P = 2 * d + (n_sum * d if linear else 0)
+    part = torch.empty((G, P), device=s.device, dtype=torch.float32)
+    a_ = a if linear else wx
+    _pffn_bwd_kernel[(G,)](
+        ds, dwx, part, grad_out, s, lengths, wx, a_, ln_weight, ln_bias,
+        float(eps), B, L, d, n_sum,
+        *ds.stride(), *dwx.stride(), *grad_out.stride(), *s.stride(), lengths.stride(0), *wx.stride(),
+        a_.stride(0), a_.stride(1), part.stride(0),
+        LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=_precision(s.dtype), num_warps=warps,
+    )
+    sum_partials(part, [dgamma, dbeta, da] if linear else [dgamma, dbeta])
+    return ds, dwx, da, dgamma, dbeta
+
+
+# ============================================================================ torch.library
+@torch.library.custom_op("interformer::pffn_mlp_fwd", mutates_args=())
+def pffn_mlp_fwd(
+    s: torch.Tensor, lengths: torch.Tensor, w_b: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Forward of mlp-mode PFFN: ``[B, L, d]`` in s's dtype."""
+    return _fwd_impl(s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+
+
+@pffn_mlp_fwd.register_fake
+def _pffn_mlp_fwd_fake(s, lengths, w_b, ln_weight, ln_bias, eps):
+    return s.new_empty(s.shape)
+
+
+@torch.library.custom_op("interformer::pffn_mlp_bwd", mutates_args=())
+def pffn_mlp_bwd(
+    grad_out: torch.Tensor, s: torch.Tensor, lengths: torch.Tensor, w_b: torch.Tensor, ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor, eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of mlp-mode PFFN: ``(ds, dw_b, dln_weight, dln_bias)``."""
+    ds, dw, _, dg, db = _bwd_impl(grad_out, s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+    return ds, dw, dg, db
+
+
+@pffn_mlp_bwd.register_fake
+def _pffn_mlp_bwd_fake(grad_out, s, lengths, w_b, ln_weight, ln_bias, eps):
+    return s.new_empty(s.shape), w_b.new_empty(w_b.shape), ln_weight.new_empty(ln_weight.shape), \
+        ln_bias.new_empty(ln_bias.shape)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    s, lengths, w_b, ln_weight, ln_bias, eps = inputs
+    ctx.save_for_backward(s, lengths, w_b, ln_weight, ln_bias)
+    ctx.eps = eps
+
+
+def _mlp_backward(ctx, grad_out):
+    if grad_out is None:
+        return None, None, None, None, None, None
+    s, lengths, w_b, ln_weight, ln_bias = ctx.saved_tensors
+    ds, dw, dg, db = torch.ops.interformer.pffn_mlp_bwd(grad_out, s, lengths, w_b, ln_weight, ln_bias, ctx.eps)
+    return ds, None, dw, dg, db, None
+
+
+pffn_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+@torch.library.custom_op("interformer::pffn_linear_fwd", mutates_args=())
+def pffn_linear_fwd(
+    s: torch.Tensor, lengths: torch.Tensor, x_sum: torch.Tensor, a: torch.Tensor, ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """Forward of linear-mode PFFN: ``[B, L, d]`` in s's dtype (``W_b`` never formed)."""
+    return _fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+
+
+@pffn_linear_fwd.register_fake
+def _pffn_linear_fwd_fake(s, lengths, x_sum, a, ln_weight, ln_bias, eps):
+    return s.new_empty(s.shape)
+
+
+@torch.library.custom_op("interformer::pffn_linear_bwd", mutates_args=())
+def pffn_linear_bwd(
+    grad_out: torch.Tensor, s: torch.Tensor, lengths: torch.Tensor, x_sum: torch.Tensor, a: torch.Tensor,
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of linear-mode PFFN: ``(ds, dx_sum, da, dln_weight, dln_bias)``."""
+    ds, dx, da, dg, db = _bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+    return ds, dx, da, dg, db
+
+
+@pffn_linear_bwd.register_fake
+def _pffn_linear_bwd_fake(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps):
+    return tuple(t.new_empty(t.shape) for t in (s, x_sum, a, ln_weight, ln_bias))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    s, lengths, x_sum, a, ln_weight, ln_bias, eps = inputs
+    ctx.save_for_backward(s, lengths, x_sum, a, ln_weight, ln_bias)
+    ctx.eps = eps
+
+
+def _linear_backward(ctx, grad_out):
+    if grad_out is None:
+        return None, None, None, None, None, None, None
+    s, lengths, x_sum, a, ln_weight, ln_bias = ctx.saved_tensors
+    ds, dx, da, dg, db = torch.ops.interformer.pffn_linear_bwd(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias,
+                                                               ctx.eps)
+    return ds, None, dx, da, dg, db, None
+
+
+pffn_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ============================================================================ public functions
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_common(op, s, lengths, ln_weight, ln_bias):
+    if not isinstance(s, torch.Tensor) or s.dim() != 3:
+        raise ValueError(f"{op}: s must be a 3-D tensor [B, L, d], got {_shape(s)}")
+    if s.dtype not in _DTYPES:
+        raise ValueError(f"{op}: s must be float32, float16 or bfloat16, got {s.dtype}")
+    B, L, d = s.shape
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"{op}: lengths must be a 1-D tensor [B={B}], got {_shape(lengths)}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (d,):
+            raise ValueError(f"{op}: {name} must be a tensor [d={d}], got {_shape(t)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_devices(op, tensors):
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _ln_params(s, ln_weight, ln_bias):
+    d = s.shape[-1]
+    if ln_weight is None:
+        ln_weight = torch.ones(d, device=s.device, dtype=torch.float32)
+    if ln_bias is None:
+        ln_bias = torch.zeros(d, device=s.device, dtype=torch.float32)
+    return ln_weight, ln_bias
+
+
+def _fallback(fn_name, s, *args):
+    from interformer import reference
+
+    return getattr(reference, fn_name)(s, *args)
+
+
+def pffn_mlp(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    w_b: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Fused ``s + LN(s) @ w_b[b]`` with padded rows zero; same contract as
+    :func:`interformer.reference.pffn_mlp` (see the module docstring for the kernel design).
+
+    s ``[B, L, d]`` (any strides), lengths ``[B]``, w_b ``[B, d, d]``, ln_weight/ln_bias ``[d]``
+    -> contiguous ``[B, L, d]``.
+    """
+    op = "pffn_mlp"
+    _check_common(op, s, lengths, ln_weight, ln_bias)
+    B, L, d = s.shape
+    if not isinstance(w_b, torch.Tensor) or w_b.shape != (B, d, d):
+        raise ValueError(f"{op}: w_b must be a tensor [B={B}, d={d}, d={d}], got {_shape(w_b)}")
+    if w_b.dtype not in _DTYPES:
+        raise ValueError(f"{op}: w_b must be float32, float16 or bfloat16, got {w_b.dtype}")
+    _check_devices(op, (s, lengths, w_b, ln_weight, ln_bias))
+    dev = s.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        s, w_b = s.to(cdt), w_b.to(cdt)
+    elif w_b.dtype != s.dtype:
+        raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
+    if d > MAX_D:
+        return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
+    ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
+    return torch.ops.interformer.pffn_mlp_fwd(s, lengths, w_b, ln_weight, ln_bias, float(eps))
+
+
+def pffn_linear(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    x_sum: torch.Tensor,
+    a: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Fused linear-mode PFFN ``s + (LN(s) @ x_sum[b]^T) @ a`` with padded rows zero, the ``d x d``
+    weight never formed; same contract as :func:`interformer.reference.pffn_linear`.
+
+    s ``[B, L, d]`` (any strides), lengths ``[B]``, x_sum ``[B, n_sum, d]``, a ``[n_sum, d]``,
+    ln_weight/ln_bias ``[d]`` -> contiguous ``[B, L, d]``.
+    """
+    op = "pffn_linear"
+    _check_common(op, s, lengths, ln_weight, ln_bias)
+    B, L, d = s.shape
+    if not isinstance(x_sum, torch.Tensor) or x_sum.dim() != 3 or x_sum.shape[0] != B or x_sum.shape[2] != d:
+        raise ValueError(f"{op}: x_sum must be a tensor [B={B}, n_sum, d={d}], got {_shape(x_sum)}")
+    n_sum = x_sum.shape[1]
+    if not isinstance(a, torch.Tensor) or a.shape != (n_sum, d):
+        raise ValueError(f"{op}: a must be a tensor [n_sum={n_sum}, d={d}], got {_shape(a)}")
+    for name, t in (("x_sum", x_sum), ("a", a)):
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    _check_devices(op, (s, lengths, x_sum, a, ln_weight, ln_bias))
+    dev = s.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+        s, x_sum = s.to(cdt), x_sum.to(cdt)
+    elif x_sum.dtype != s.dtype or a.dtype != s.dtype:
+        raise ValueError(
+            f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"
+        )
+    if d > MAX_D or n_sum == 0:
+        return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
+    ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
+    return torch.ops.interformer.pffn_linear_fwd(s, lengths, x_sum, a, ln_weight, ln_bias, float(eps))

@@ -1,0 +1,374 @@
+"""Fused personalized FFN (``interformer.kernels.pffn``) against the eager reference and float64.
+
+Both modes (``pffn_mlp``: per-sample ``w_b``; ``pffn_linear``: ``W_b = x_sum[b]^T a`` never formed).
+Every case compares the output and the gradients of every input (s, w_b or x_sum and a, ln_weight,
+ln_bias) with (a) the eager reference in the same dtype and (b) the reference on float64 copies:
+fp32 within ``FP32_TOL`` of both, fp16/bf16 by the DESIGN §5 rule. Sizes: d = 24, 40 (padded in
+registers), 64; L = 1, 7, 70 (several row blocks) and 300 (several forward chunks per sample);
+B = 1, 3, 5 (the interpreter's 2-program backward grid loops over samples); lengths with 0 and L;
+s contiguous, transposed (``[B, d, L].transpose(1, 2)``) and sliced out of a wider tensor; random and
+stride-0 (``out.sum()``) upstream gradients. Padded output rows and their s-gradients must be exact
+zeros, and NaN planted in the padded rows of s and of the upstream gradient must not reach anything.
+Also: the ``PersonalizedFFN`` module (both modes) with backend="triton" vs "eager", ``opcheck`` of
+the four ops, ``torch.compile(fullgraph=True)``, autocast, validation and a wrong-kernel check.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import torch
+
+from interformer import reference as R
+from interformer.layers import PersonalizedFFN
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, random_lengths, rel_err
+
+K = pytest.importorskip("interformer.kernels.pffn")
+
+EPS = 1e-5
+DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+
+def make_masters(mode, B, L, d, n_sum, gen):
+    """float64 master copies of the differentiable inputs, s first."""
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift
+
+    s = rnd(B, L, d, shift=0.3)
+    ln = [rnd(d, scale=0.2, shift=1.0), rnd(d, scale=0.2)]
+    if mode == "mlp":
+        return [s, rnd(B, d, d, scale=d ** -0.5), *ln]
+    return [s, rnd(B, n_sum, d), rnd(n_sum, d, scale=(n_sum * d) ** -0.5), *ln]
+
+
+def names_for(mode):
+    return ["out", "ds", "dw_b", "dln_weight", "dln_bias"] if mode == "mlp" else \
+        ["out", "ds", "dx_sum", "da", "dln_weight", "dln_bias"]
+
+
+def layout_s(s: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return s.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "sliced":  # rows of a wider row-major buffer, with a column offset
+        B, L, d = s.shape
+        wide = torch.zeros(B, L, d + 5, dtype=s.dtype, device=s.device)
+        wide[:, :, 2:d + 2] = s
+        return wide[:, :, 2:d + 2]
+    return s
+
+
+def call(fn_mlp, fn_linear, mode, s, lengths, params):
+    if mode == "mlp":
+        return fn_mlp(s, lengths, *params, EPS)
+    return fn_linear(s, lengths, *params, EPS)
+
+
+def run(kernel, mode, masters, lengths, dtype, layout, grad):
+    fns = (K.pffn_mlp, K.pffn_linear) if kernel else (R.pffn_mlp, R.pffn_linear)
+    leaves = [m.detach().to(DEVICE, dtype).clone().requires_grad_() for m in masters[1:]]
+    s = layout_s(masters[0].detach().to(DEVICE, dtype).clone(), layout).requires_grad_()
+    out = call(*fns, mode, s, lengths, leaves)
+    if grad is None:
+        out.sum().backward()
+    else:
+        out.backward(grad.to(DEVICE, dtype))
+    return [out.detach(), s.grad] + [t.grad for t in leaves]
+
+
+def compare(names, kern, eager, ref64, dtype):
+    for name, k, e, r in zip(names, kern, eager, ref64):
+        assert k is not None and torch.isfinite(k).all(), f"{name}: missing or non-finite"
+        if dtype == torch.float32:
+            assert_rel(k, r, FP32_TOL, name + " vs float64")
+            assert_rel(k, e, FP32_TOL, name + " vs eager fp32")
+        else:
+            assert_lowp(k, e, r, name)
+
+
+def check_padding(out, ds, lengths):
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(out[b, n:] == 0), f"sample {b}: padded output rows are not exactly zero"
+        assert torch.all(ds[b, n:] == 0), f"sample {b}: padded rows of s got a gradient"
+
+
+CASES = [
+    # (id, B, L, d, n_sum, layout, grad)
+    ("d24-L7-transposed", 3, 7, 24, 4, "transposed", "random"),
+    ("d40-L1", 3, 1, 40, 3, "contiguous", "random"),
+    ("d64-L7-sliced-B1", 1, 7, 64, 4, "sliced", "random"),
+    ("d24-L70-blocks-sum-grad", 5, 70, 24, 4, "contiguous", "sum"),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_pffn_matches_reference(case, mode, dtype):
+    cid, B, L, d, n_sum, layout, grad_kind = case
+    gen = torch.Generator().manual_seed(zlib.crc32((cid + mode).encode()))
+    masters = make_masters(mode, B, L, d, n_sum, gen)
+    lengths = random_lengths(B, L, generator=gen).to(DEVICE)
+    grad = None if grad_kind == "sum" else torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    kern = run(True, mode, masters, lengths, dtype, layout, grad)
+    eager = run(False, mode, masters, lengths, dtype, layout, grad)
+    ref64 = run(False, mode, masters, lengths, torch.float64, layout, grad)
+    assert kern[0].shape == (B, L, d) and kern[0].dtype == dtype and kern[0].is_contiguous()
+    for g, m in zip(kern[1:], masters):
+        assert g.shape == m.shape and g.dtype == dtype
+    compare(names_for(mode), kern, eager, ref64, dtype)
+    check_padding(kern[0], kern[1], lengths.cpu())
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_long_sequence_several_forward_chunks(mode):
+    """L = 300 > the 256-row forward chunk: two programs share a sample in the forward; the backward
+    walks ten 32-row blocks per sample; lengths 300, 0, 257 (a chunk holding a single valid row)."""
+    B, L, d = 3, 300, 24
+    gen = torch.Generator().manual_seed(5)
+    masters = make_masters(mode, B, L, d, 4, gen)
+    lengths = torch.tensor([L, 0, 257], device=DEVICE)
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    kern = run(True, mode, masters, lengths, torch.float32, "contiguous", grad)
+    compare(names_for(mode), kern, run(False, mode, masters, lengths, torch.float32, "contiguous", grad),
+            run(False, mode, masters, lengths, torch.float64, "contiguous", grad), torch.float32)
+    check_padding(kern[0], kern[1], lengths.cpu())
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_padding_never_leaks(mode):
+    """NaN in the padded rows of s and of the upstream gradient: the kernel never reads them, so the
+    output and every gradient equal those of the same call with zeros there, bit for bit."""
+    B, L, d = 3, 9, 24
+    gen = torch.Generator().manual_seed(6)
+    masters = make_masters(mode, B, L, d, 4, gen)
+    lengths = torch.tensor([9, 0, 4], device=DEVICE)
+    pad = ~R.row_mask(lengths, L).cpu()
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    results = []
+    for fill in (0.0, float("nan")):
+        m = [t.clone() for t in masters]
+        m[0][pad] = fill
+        g = grad.clone()
+        g[pad] = fill
+        results.append(run(True, mode, m, lengths, torch.float32, "contiguous", g))
+    for name, a, b in zip(names_for(mode), *results):
+        assert torch.isfinite(b).all(), f"{name}: NaN from padded rows leaked"
+        assert torch.equal(a, b), f"{name}: padded rows changed the result"
+
+
+def test_all_rows_empty():
+    B, L, d = 2, 5, 40
+    s = torch.randn(B, L, d, device=DEVICE, requires_grad=True)
+    w = torch.randn(B, d, d, device=DEVICE, requires_grad=True)
+    lw = torch.randn(d, device=DEVICE, requires_grad=True)
+    lb = torch.randn(d, device=DEVICE, requires_grad=True)
+    out = K.pffn_mlp(s, torch.zeros(B, dtype=torch.long, device=DEVICE), w, lw, lb, EPS)
+    out.backward(torch.randn_like(out))
+    for name, t in (("out", out), ("ds", s.grad), ("dw_b", w.grad), ("dln_weight", lw.grad), ("dln_bias", lb.grad)):
+        assert torch.all(t == 0), f"{name} is not exactly zero"
+
+
+def test_int32_strided_lengths_and_lengths_out_of_range_are_clamped():
+    B, L, d = 3, 6, 24
+    gen = torch.Generator().manual_seed(7)
+    s, w, lw, lb = (m.float() for m in make_masters("mlp", B, L, d, 4, gen))
+    table = torch.tensor([[6, 9], [0, 9], [3, 9]], dtype=torch.int32)
+    lengths = table[:, 0]
+    assert not lengths.is_contiguous()
+    ref = R.pffn_mlp(s.double(), lengths.long(), w.double(), lw.double(), lb.double(), EPS)
+    assert_rel(K.pffn_mlp(s, lengths, w, lw, lb, EPS), ref, FP32_TOL, "int32 strided lengths")
+    big = torch.tensor([100, -3, 3])
+    ref = R.pffn_mlp(s.double(), big.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
+    assert_rel(K.pffn_mlp(s, big, w, lw, lb, EPS), ref, FP32_TOL, "clamped lengths")
+
+
+# ----------------------------------------------------------------------------- module
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("mode,d", [("mlp", 24), ("linear", 40), ("mlp", 64)])
+def test_module_triton_matches_eager(mode, d, dtype):
+    """PersonalizedFFN(backend="triton") vs the same module (same state_dict) with backend="eager":
+    output and the gradients of s, x_sum and every parameter (hyper-MLP weights or A, the norm)."""
+    torch.manual_seed(0)
+    B, L, n_sum = 3, 7, 4
+    eager = PersonalizedFFN(d, n_sum, mode=mode, hidden=16, backend="eager").to(DEVICE, dtype)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    ref = copy.deepcopy(eager).double()
+    s0 = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
+    x0 = torch.randn(B, n_sum, d, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([L, 0, 4], device=DEVICE)
+    results = []
+    for mod, dt in ((fused, dtype), (eager, dtype), (ref, torch.float64)):
+        s, x = s0.to(dt).requires_grad_(), x0.to(dt).requires_grad_()
+        out = mod(s, x, lengths)
+        out.backward(grad.to(dt))
+        results.append([out.detach(), s.grad, x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
+    names = ["out", "ds", "dx_sum"] + [n for n, _ in sorted(eager.named_parameters())]
+    for name, k, e, r in zip(names, *results):
+        assert k is not None, name
+        if dtype == torch.float32:
+            assert_rel(k, e, FP32_TOL, name + " (triton vs eager)")
+            assert_rel(k, r, FP32_TOL, name + " vs float64")
+        else:
+            assert_lowp(k, e, r, name)
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_autocast_keeps_fp32_parameters(mode):
+    """Under autocast s (and w_b / x_sum) run in the autocast dtype, LayerNorm parameters and ``A`` stay
+    fp32 (their gradients too); accuracy obeys the low-precision rule against eager autocast."""
+    if not HAS_CUDA:
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                pass
+        except Exception as exc:  # pragma: no cover - depends on the torch build
+            pytest.skip(f"CPU autocast with float16 unavailable: {exc}")
+    ac_dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    torch.manual_seed(0)
+    B, L, d, n_sum = 3, 7, 40, 4
+    mod = PersonalizedFFN(d, n_sum, mode=mode, hidden=16, backend="eager").to(DEVICE)
+    ref = copy.deepcopy(mod).double()
+    s0 = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
+    x0 = torch.randn(B, n_sum, d, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([L, 0, 4], device=DEVICE)
+    results = []
+    for backend in ("triton", "eager"):
+        mod.backend = backend
+        mod.zero_grad(set_to_none=True)
+        s, x = s0.to(ac_dtype).requires_grad_(), x0.float().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=ac_dtype):
+            out = mod(s, x, lengths)
+        if backend == "triton":
+            assert out.dtype == ac_dtype
+        out.backward(grad.to(out.dtype))
+        assert all(p.grad.dtype == torch.float32 for p in mod.parameters())
+        results.append([out.detach(), s.grad, x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
+    s, x = s0.clone().requires_grad_(), x0.clone().requires_grad_()
+    out = ref(s, x, lengths)
+    out.backward(grad)
+    results.append([out.detach(), s.grad, x.grad] + [p.grad for _, p in sorted(ref.named_parameters())])
+    names = ["out", "ds", "dx_sum"] + [n for n, _ in sorted(mod.named_parameters())]
+    for name, k, e, r in zip(names, *results):
+        assert_lowp(k, e, r, name)
+
+
+# ----------------------------------------------------------------------------- torch.library
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_opcheck(mode):
+    B, L, d = 2, 5, 24
+    gen = torch.Generator().manual_seed(8)
+    leaves = [m.float().to(DEVICE).requires_grad_() for m in make_masters(mode, B, L, d, 3, gen)]
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    s, params = leaves[0], leaves[1:]
+    fwd = torch.ops.interformer.pffn_mlp_fwd if mode == "mlp" else torch.ops.interformer.pffn_linear_fwd
+    bwd = torch.ops.interformer.pffn_mlp_bwd if mode == "mlp" else torch.ops.interformer.pffn_linear_bwd
+    torch.library.opcheck(fwd.default, (s, lengths, *params, EPS))
+    g = torch.randn(B, L, d, device=DEVICE)
+    torch.library.opcheck(bwd.default, (g, s.detach(), lengths, *(p.detach() for p in params), EPS))
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_compile_fullgraph_traces_forward_and_backward(mode):
+    """torch.compile(fullgraph=True) through the custom ops (aot_eager: Inductor is a GPU test)."""
+    B, L, d = 2, 6, 24
+    gen = torch.Generator().manual_seed(9)
+    leaves = [m.float().to(DEVICE).requires_grad_() for m in make_masters(mode, B, L, d, 3, gen)]
+    lengths = torch.tensor([6, 3], device=DEVICE)
+
+    def f(s, *p):
+        return call(K.pffn_mlp, K.pffn_linear, mode, s * 2, lengths, p).square().sum()
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    g_c = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    f(*leaves).backward()
+    for name, a, e in zip(names_for(mode)[1:], g_c, [t.grad for t in leaves]):
+        assert_rel(a, e, FP32_TOL, "compiled " + name)
+
+
+# ----------------------------------------------------------------------------- validation, harness
+def test_invalid_inputs_raise_value_error():
+    s, lengths = torch.randn(2, 5, 8), torch.tensor([5, 3])
+    w, lw, lb = torch.randn(2, 8, 8), torch.randn(8), torch.randn(8)
+    xs, a = torch.randn(2, 3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="s must be a 3-D"):
+        K.pffn_mlp(s[0], lengths, w, lw, lb, EPS)
+    with pytest.raises(ValueError, match="lengths"):
+        K.pffn_mlp(s, torch.tensor([5]), w, lw, lb, EPS)
+    with pytest.raises(ValueError, match="integer"):
+        K.pffn_mlp(s, lengths.float(), w, lw, lb, EPS)
+    with pytest.raises(ValueError, match="w_b"):
+        K.pffn_mlp(s, lengths, w[:, :7], lw, lb, EPS)
+    with pytest.raises(ValueError, match="ln_weight"):
+        K.pffn_mlp(s, lengths, w, lw[:7], lb, EPS)
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.pffn_mlp(s.half(), lengths, w, lw, lb, EPS)
+    with pytest.raises(ValueError, match="x_sum"):
+        K.pffn_linear(s, lengths, xs[:, :, :7], a, lw, lb, EPS)
+    with pytest.raises(ValueError, match="a must be"):
+        K.pffn_linear(s, lengths, xs, a[:2], lw, lb, EPS)
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.pffn_linear(s, lengths, xs, a.half(), lw, lb, EPS)
+
+
+def test_harness_catches_a_wrong_kernel():
+    """The comparison sees plausible bugs: lengths off by one, the weight transposed, the residual
+    forgotten, LayerNorm without its affine parameters -- each far outside the fp32 tolerance."""
+    B, L, d = 3, 7, 24
+    gen = torch.Generator().manual_seed(10)
+    s, w, lw, lb = (m.float().to(DEVICE) for m in make_masters("mlp", B, L, d, 4, gen))
+    lengths = torch.tensor([7, 2, 5], device=DEVICE)
+    ref = R.pffn_mlp(s.double(), lengths, w.double(), lw.double(), lb.double(), EPS)
+    assert rel_err(K.pffn_mlp(s, lengths, w, lw, lb, EPS), ref) <= FP32_TOL
+    assert rel_err(K.pffn_mlp(s, lengths - 1, w, lw, lb, EPS), ref) > 100 * FP32_TOL
+    assert rel_err(K.pffn_mlp(s, lengths, w.transpose(1, 2), lw, lb, EPS), ref) > 100 * FP32_TOL
+    assert rel_err(K.pffn_mlp(s, lengths, w, lw, lb, EPS) - s * R.row_mask(lengths, L)[..., None], ref) > 0.1
+    assert rel_err(K.pffn_mlp(s, lengths, w, None, None, EPS), ref) > 100 * FP32_TOL
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+@pytest.mark.parametrize("B,L,d,n_sum", [
+    (2048, 54, 64, 4),    # taobao (n_cls + T)
+    (2048, 104, 64, 4),   # amazon
+    (64, 1004, 128, 4),   # long (fewer samples: the float64 reference is large)
+])
+def test_gpu_bf16_benchmark_shapes(mode, B, L, d, n_sum):
+    gen = torch.Generator().manual_seed(0)
+    masters = make_masters(mode, B, L, d, n_sum, gen)
+    lengths = random_lengths(B, L, generator=gen).to(DEVICE)
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    kern = run(True, mode, masters, lengths, torch.bfloat16, "contiguous", grad)
+    compare(names_for(mode), kern, run(False, mode, masters, lengths, torch.bfloat16, "contiguous", grad),
+            run(False, mode, masters, lengths, torch.float64, "contiguous", grad), torch.bfloat16)
+    check_padding(kern[0], kern[1], lengths.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_gpu_inductor_compile(mode):
+    """Inductor traces the custom ops (forward and backward) with surrounding ops."""
+    B, L, d = 64, 54, 64
+    gen = torch.Generator().manual_seed(1)
+    leaves = [m.float().cuda().requires_grad_() for m in make_masters(mode, B, L, d, 4, gen)]
+    lengths = random_lengths(B, L, generator=gen).cuda()
+
+    def f(s, *p):
+        return call(K.pffn_mlp, K.pffn_linear, mode, torch.tanh(s), lengths, p)
+
+    out_c = torch.compile(f, fullgraph=True)(*leaves)
+    out_c.sum().backward()
+    g_c = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    out = f(*leaves)
+    out.sum().backward()
+    assert_rel(out_c, out, FP32_TOL, "compiled out")
+    for name, a, e in zip(names_for(mode)[1:], g_c, [t.grad for t in leaves]):
+        assert_rel(a, e, FP32_TOL, "compiled " + name)
