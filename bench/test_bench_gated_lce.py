@@ -1,0 +1,79 @@
+"""Self-gating LCE benchmarks at the DESIGN §6 shapes, in its two uses in the Cross Arch:
+
+* ``nonseq``: ``X_sum = GatedLCE(n -> n_sum)(X)`` over the ``n`` non-sequence tokens;
+* ``seq``: ``S_sum = GatedLCE(n_cls + n_pma + n_recent -> n_ssum)([S_CLS; S_PMA; S_recent])``.
+
+Providers, each computing ``gated_lce(x, weight, bias, gate_weight, gate_bias)``: ``eager``
+(:func:`interformer.reference.gated_lce`), ``compile`` (``torch.compile`` of it), ``fused``
+(:func:`interformer.kernels.gated_lce.gated_lce`) and ``fused-compile`` (``torch.compile`` around the
+fused function; the custom ops stay opaque). Without a GPU only ``eager`` and ``fused`` run, on the
+tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
+
+Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
+parameters and writes out; backward reads x, the parameters and the upstream gradient and writes dx
+and the four parameter gradients; ``full`` is both. FLOPs: ``2 B n_out d (n_in + d)`` forward (the
+compression and the gate), twice that backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import common
+from interformer import reference as R
+
+PROVIDERS = ["eager", "compile", "fused", "fused-compile"]
+CPU_PROVIDERS = ("eager", "fused")
+
+
+def sizes(shape: common.Shape, use: str):
+    """(n_in, n_out) of the two GatedLCE uses."""
+    if use == "nonseq":
+        return shape.n, shape.n_sum
+    return shape.n_cls + shape.n_pma + shape.n_recent, shape.n_ssum
+
+
+def lce_bytes(B: int, n_in: int, n_out: int, d: int, elt: int, mode: str) -> float:
+    params = n_in * n_out + n_out + d * d + d
+    fwd = (B * n_in * d + params + B * n_out * d) * elt
+    bwd = (2 * B * n_in * d + B * n_out * d + 2 * params) * elt
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def lce_flops(B: int, n_in: int, n_out: int, d: int, mode: str) -> float:
+    fwd = 2.0 * B * n_out * d * (n_in + d)
+    return fwd * {"fwd": 1, "bwd": 2, "full": 3}[mode]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", common.MODES)
+@pytest.mark.parametrize("use", ["nonseq", "seq"])
+@pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
+def test_gated_lce(benchmark, shape_name, use, mode, provider):
+    if not common.ON_GPU and provider not in CPU_PROVIDERS:
+        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+    shape = common.SHAPES[shape_name]
+    B, d = shape.B, shape.d
+    n_in, n_out = sizes(shape, use)
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*size, scale=1.0):
+        return (torch.randn(*size, generator=g) * scale).to(common.DEVICE, common.DTYPE).requires_grad_()
+
+    x = leaf(B, n_in, d)
+    params = [leaf(n_in, n_out, scale=n_in ** -0.5), leaf(n_out, scale=0.1), leaf(d, d, scale=d ** -0.5),
+              leaf(d, scale=0.1)]
+    if provider.startswith("fused"):
+        from interformer.kernels.gated_lce import gated_lce as base
+    else:
+        base = R.gated_lce
+    fn = common.compiled(base, provider)
+
+    def forward():
+        return fn(x, *params)
+
+    run = common.mode_fn(forward, mode, [x, *params])
+    common.run(benchmark, run, op=f"gated_lce_{use}", shape=shape, provider=provider, mode=mode,
+               bytes_moved=lce_bytes(B, n_in, n_out, d, x.element_size(), mode),
+               flops=lce_flops(B, n_in, n_out, d, mode))
