@@ -372,3 +372,51 @@ def test_gpu_inductor_compile(mode):
     assert_rel(out_c, out, FP32_TOL, "compiled out")
     for name, a, e in zip(names_for(mode)[1:], g_c, [t.grad for t in leaves]):
         assert_rel(a, e, FP32_TOL, "compiled " + name)
+
+
+# ----------------------------------------------------------------------------- inside the model
+@pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
+def test_model_with_fused_pffn_and_gated_lce_matches_float64(pffn_mode):
+    """InterFormerCTR with only its PersonalizedFFN and GatedLCE modules on Triton (every block's
+    PFFN and both summaries of every Cross Arch), rows of length 1 and T included, against the same
+    model in float64 (no empty row: the float64 eager attention reference turns it into NaN; empty
+    rows are covered op by op above): the loss within FP32_TOL, every parameter gradient within FP32_TOL relative or
+    within 2x the eager fp32 model's error, or -- for gradients made tiny by cancellation (the PMA
+    query at near-uniform attention, ~1e-12) -- within FP32_TOL * 1e-3 of the largest gradient."""
+    from interformer import InterFormerConfig, InterFormerCTR
+    from interformer.layers import GatedLCE
+
+    cfg = InterFormerConfig(backend="eager", d_model=24, num_heads=2, num_layers=1, max_seq_len=7, pffn_hidden=16,
+                            head=(16,), dcn_rank=4, pffn_mode=pffn_mode)
+    torch.manual_seed(0)
+    eager = InterFormerCTR(cfg).to(DEVICE)
+    fused = copy.deepcopy(eager)
+    ref = copy.deepcopy(eager).double()
+    switched = {PersonalizedFFN: 0, GatedLCE: 0}
+    for mod in fused.modules():
+        if isinstance(mod, (PersonalizedFFN, GatedLCE)):
+            mod.backend = "triton"
+            switched[type(mod)] += 1
+    assert switched[PersonalizedFFN] == cfg.num_layers and switched[GatedLCE] >= 2 * cfg.num_layers
+    from interformer.data import make_synthetic
+
+    batch = make_synthetic(4, cfg, seed=3)
+    batch.lengths[0], batch.lengths[1] = cfg.max_seq_len, 1
+    batch.seq[1, :, 1:] = 0
+    batch = batch.to(DEVICE)
+    results = []
+    for model in (eager, fused, ref):
+        inputs = list(batch.inputs())
+        if model is ref:
+            inputs[0] = inputs[0].double()
+        loss = InterFormerCTR.loss(model(*inputs), batch.label.to(inputs[0].dtype))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_e, g_e), (loss_f, g_f), (loss_r, g_r) = results
+    assert_rel(loss_f, loss_r, FP32_TOL, "loss")
+    assert g_e.keys() == g_f.keys() == g_r.keys()
+    scale = max(float(g.norm()) for g in g_r.values())
+    for name, r in g_r.items():
+        f_err, e_err = float((g_f[name].double() - r).norm()), float((g_e[name].double() - r).norm())
+        bound = max(FP32_TOL * float(r.norm()), 2 * e_err, FP32_TOL * 1e-3 * scale)
+        assert f_err <= bound, f"grad {name}: error {f_err:.3e} > {bound:.3e} (eager fp32 error {e_err:.3e})"
