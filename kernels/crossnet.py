@@ -1,0 +1,827 @@
+"""DCNv2 cross layers, full rank and low rank: fused Triton forward and backward.
+
+Public functions (same names and signatures as :mod:`interformer.reference`)::
+
+    cross_net(x0, kernels, biases)                        # x_{i+1} = x0 * (W_i x_i + b_i) + x_i
+    low_rank_cross_net(x0, w_kernels, v_kernels, biases)  # x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i
+
+x0 ``[B, D]``; torchrec layouts: ``kernels[i]`` (W) ``[D, D]`` (the layer computes ``x_i @ W^T``),
+``w_kernels[i]`` (U) ``[D, r]``, ``v_kernels[i]`` (V) ``[r, D]``, ``biases[i]`` ``[D, 1]`` (``[D]`` also
+accepted). Output: a new contiguous ``[B, D]`` tensor in x0's dtype. Any number of layers ``L >= 1``
+(``L = 0`` returns x0, as the reference does).
+
+How the per-layer parameter lists reach the kernels
+---------------------------------------------------
+The kernels take the L parameter tensors of a list as one Triton *tuple* argument and unroll the
+layer loops at compile time (``tl.static_range``; one compiled variant per L). Nothing is stacked:
+no ``torch.stack`` copies (each would be one more launch plus a copy of every parameter per step),
+and the parameters are read where they are. Gradients come back as one stacked ``[L, ...]`` tensor
+per parameter kind, written directly by the kernels (or by cuBLAS for the full-rank ``dW``), and
+are handed to autograd as ``unbind(0)`` views: no copy either.
+
+Low rank (``low_rank_cross_net``) -- memory-bound, row-block kernels
+--------------------------------------------------------------------
+Per row: ``p_i = x_i V_i^T`` (``[r]``), ``y_i = p_i U_i^T + b_i``, ``x_{i+1} = x0 * y_i + x_i``. At the
+DESIGN shapes (r = 32) the FLOPs are negligible, so the op is about moving ``[B, D]`` tensors.
+
+*Forward* (``_lr_fwd_kernel``): ONE launch for all layers. One program owns ``BLOCK_B = 16`` rows
+(the ``tl.dot`` minimum) and makes ``L + 1`` passes over D in chunks of ``BLOCK_D`` columns. Pass k
+recomputes ``x_k`` on the chunk from the x0 chunk by the recurrence, using the rows' ``p_0 .. p_{k-1}``
+(``[BLOCK_B, r]`` fp32, kept by the program in a small ``P [L, B, r]`` fp32 buffer), and accumulates
+``p_k = x_k V_k^T``; the last pass writes the output. So x_i never goes to memory, in any precision:
+between layers it lives in fp32 registers (eager rounds it to the input dtype every layer), and x0
+is read ``L + 1`` times, the later passes from L2 (a program's rows are re-read right away).
+``P`` (``L * B * r * 4`` bytes, 0.5 MB at taobao) is the only thing saved for backward besides the
+inputs; a ``tl.debug_barrier`` after each ``p_k`` store makes it visible to the program's other warps.
+
+*Backward*: ``dy_i = g_{i+1} * x0``, ``dp_i = dy_i U_i``, ``g_i = g_{i+1} + dp_i V_i`` (``g_L`` = the
+upstream gradient), ``dx0 = g_0 + sum_i g_{i+1} * y_i``, ``dU_i = dy_i^T p_i``, ``dV_i = dp_i^T x_i``,
+``db_i = sum_b dy_i``. Three launches, nothing of size ``[B, D]`` stored except dx0:
+
+* ``_lr_bwd_rows_kernel`` (one program per 16 rows, like the forward): L passes over D compute
+  ``dp_{L-1} .. dp_0`` (each pass rebuilds ``g_{i+1}`` on the chunk from the upstream gradient and
+  the ``dp`` s already found, kept in a ``dP [L, B, r]`` fp32 buffer), then one more pass writes
+  ``dx0`` (``y_i`` rebuilt from ``P``).
+* ``_lr_bwd_weights_kernel`` (grid ``(cdiv(D, BLOCK_DW), SPLIT)``): a program owns a column chunk
+  and a range of rows and, per layer, loops over its rows rebuilding ``x_i``, ``g_{i+1}`` and ``dy_i``
+  on the tile (from x0, the upstream gradient, P and dP), accumulating ``dU_i``, ``dV_i``, ``db_i``
+  for its columns in fp32 registers. This is the split-K of the weight-gradient GEMMs over the
+  batch without ever materialising ``dy_i`` or ``x_i``: the alternative (write ``dY, X [L, B, D]``,
+  then ``torch.mm``) would move ``4 L B D`` more elements. ``SPLIT`` row ranges (about 128 programs in
+  all, capped so that the fp32 partials are no bigger than x0) write partial sums to an fp32
+  ``[SPLIT, L*(2*D*r + D)]`` buffer, and
+* ``_sum_partials_kernel`` reduces them over SPLIT and writes the three stacked gradients in the
+  parameters' dtype (one launch for all). With ``SPLIT == 1`` (e.g. D = 9216 at ``long``) the weight
+  kernel writes the gradients directly and this launch is skipped. No atomics: deterministic.
+
+Recomputing ``x_i`` / ``g_{i+1}`` on a chunk costs ``O(L)`` small ``[16, r] x [r, chunk]`` dots per
+chunk and pass (``O(L^2)`` in all), which is free next to the memory traffic for the L <= 4 of DCN
+practice. Block sizes (fixed by shape, no autotune): ``BLOCK_B = 16``, ``BLOCK_R = max(16,
+next_pow2(r))``, ``BLOCK_D = min(128, 8192 // BLOCK_R)`` (forward, rows kernel; at least 16),
+weight kernel ``32`` rows x ``min(64, 4096 // BLOCK_R)`` columns, 4 warps. Ranks with
+``BLOCK_R > 512`` (r > 512: use full rank) and empty batches go to the eager reference.
+
+Parallelism limit: the row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon
+(B = 2048), only 32 at ``long`` (B = 512), where the forward and the rows kernel cannot use the
+whole GPU. A split over D would need a cross-program reduction of ``p`` per layer (a grid-wide sync or
+one launch per layer); that is the next step if measurements show it matters.
+
+Full rank (``cross_net``) -- GEMM-bound, one fused GEMM per layer
+-----------------------------------------------------------------
+Each layer is a ``[B, D] x [D, D]`` GEMM (13 GFLOP at taobao), so the kernel is a tiled Triton GEMM
+(``BLOCK_M x BLOCK_N`` output tiles, ``BLOCK_K`` steps, grouped ordering for L2 reuse) with the layer's
+element-wise work fused into its epilogue: ``y = acc + b`` and ``x_{i+1} = x0 * y + x_i``.
+
+*One launch per layer at large D*: layer i+1 needs all of ``x_i``'s columns for every output tile,
+and a program that owned whole rows (to loop over the layers in one launch) would leave the GPU
+nearly idle (``B / BLOCK_M`` = 16-32 programs for a compute-bound GEMM); a grid-wide barrier between
+layers would deadlock the interpreter and is fragile on GPU. So with ``D > BLOCK_N`` (all DESIGN
+shapes) ``_fr_fwd_kernel`` is launched once per layer. When ``D <= BLOCK_N`` (D <= 128) each program
+owns whole rows anyway and ONE launch runs all layers (``tl.debug_barrier`` between them).
+``x_i`` (i = 1 .. L-1) and ``y_i`` are written by the epilogues and saved for backward
+(``xs [L-1, B, D]``, ``ys [L, B, D]`` in the input dtype; ``x_i`` has to be written anyway as the next
+GEMM's operand, and ``y_i`` -- needed by ``dx0`` -- could only be recomputed by another GEMM).
+
+*Backward*, one launch of ``_fr_bwd_kernel`` per layer from the top: the GEMM ``dy_i @ W_i`` with
+``g_i = g_{i+1} + acc`` in its epilogue, which also writes the next layer's ``dy_{i-1} = g_i * x0``,
+its per-tile column sums (for ``db``), and a running ``s = sum_{j >= i-1} g_{j+1} * y_j`` for dx0
+(carried as ``g_1 + s`` into the last layer, whose epilogue writes ``dx0 = g_0 + s``). The top layer's
+``A`` operand ``dy_{L-1} = g_L * x0`` is formed while loading (its programs with ``pid_n == 0`` also
+store it, for ``dW``). The weight gradients ``dW_i = dy_i^T x_i`` go to cuBLAS (``torch.mm``, one per
+layer): a ``[D, B] x [B, D]`` GEMM with nothing to fuse. ``db`` partial sums are reduced by
+``_sum_partials_kernel``.
+
+Block sizes: ``BLOCK_M = min(128, next_pow2(B))``, ``BLOCK_N = min(128, next_pow2(D))``, ``BLOCK_K =
+min(64, next_pow2(D))`` (32 for fp32), all at least 16, ``GROUP_M = 8``, 8 warps for 128 x 128
+tiles (4 otherwise), 3 stages (4 for 16-bit).
+
+Dtypes and precision
+--------------------
+fp32, fp16, bf16. Parameters must have x0's dtype, except under ``torch.autocast`` on x0's device
+type, where x0 is cast to the autocast dtype (as eager's ``F.linear`` would) and the parameters may
+stay in their own dtype (all one dtype): the kernels read them as they are, cast to the compute
+dtype in registers, and return their gradients in their own dtype. Under autocast the output is in
+the autocast dtype (eager's type promotion returns fp32 there). fp32 accumulation everywhere;
+operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
+inputs). fp32 inputs use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32
+accuracy); under ``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made
+contiguous (a copy only when they are not).
+
+``torch.library``: ``interformer::low_rank_cross_net_fwd`` -> ``(out, P)``,
+``interformer::low_rank_cross_net_bwd`` -> ``(dx0, dU [L,D,r], dV [L,r,D], db [L,D])``,
+``interformer::cross_net_fwd`` -> ``(out, xs, ys)``, ``interformer::cross_net_bwd`` ->
+``(dx0, dW [L,D,D], db [L,D])``; parameter lists are ``Tensor[]``. All are ``custom_op`` s with fake
+implementations; each forward's autograd formula calls its backward op, so
+``torch.compile(fullgraph=True)`` traces forward and backward. Under ``torch.fx.symbolic_trace`` the
+public functions skip their checks and emit the op call (``torch.ops.interformer.*_fwd``) as a node.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["cross_net", "low_rank_cross_net"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCK_R = 512
+# Low-rank weight-gradient kernel: aim for about this many programs (columns x row splits).
+_TARGET_PROGRAMS = 128
+
+
+# ============================================================================ shared helpers
+@triton.jit
+def _sum_partials_kernel(OUT0, OUT1, OUT2, PART, S, N, N1, N2,
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``sum_s PART[s, c]`` for columns c of an fp32 ``[S, N]`` buffer, written (cast) to
+    ``OUT0[c]`` for ``c < N1``, ``OUT1[c - N1]`` for ``N1 <= c < N2``, ``OUT2[c - N2]`` for ``c >= N2``."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < N
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+        part = tl.load(PART + ss[:, None] * N + cols[None, :], mask=(ss < S)[:, None] & ok[None, :], other=0.0)
+        acc += tl.sum(part, axis=0)
+    in0 = ok & (cols < N1)
+    in1 = ok & (cols >= N1) & (cols < N2)
+    in2 = ok & (cols >= N2)
+    tl.store(OUT0 + tl.where(in0, cols, 0), acc.to(OUT0.dtype.element_ty), mask=in0)
+    tl.store(OUT1 + tl.where(in1, cols - N1, 0), acc.to(OUT1.dtype.element_ty), mask=in1)
+    tl.store(OUT2 + tl.where(in2, cols - N2, 0), acc.to(OUT2.dtype.element_ty), mask=in2)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots use 3-pass tf32 on GPU (about fp32 accuracy); ignored for fp16/bf16."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    """Reduce an fp32 ``[S, N]`` buffer over S into up to three flat outputs covering N in order."""
+    S, N = part.shape
+    sizes = [o.numel() for o in outs]
+    assert sum(sizes) == N
+    outs = list(outs) + [outs[-1]] * (3 - len(outs))
+    n1 = sizes[0]
+    n2 = n1 + (sizes[1] if len(sizes) > 1 else 0)
+    BLOCK_C = 256
+    BLOCK_S = min(16, max(2, _next_pow2(S)))
+    _sum_partials_kernel[(triton.cdiv(N, BLOCK_C),)](
+        outs[0], outs[1], outs[2], part, S, N, n1, n2, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=4
+    )
+
+
+# ============================================================================ low rank: Triton
+@triton.jit
+def _lr_y(P, U, Bias, j, rows, row_ok, cols, col_ok, rk, r_ok, B, R,
+          DT: tl.constexpr, PREC: tl.constexpr):
+    """``y_j = p_j U_j^T + b_j`` on a ``[BLOCK_B, BLOCK_D]`` tile, fp32."""
+    p = tl.load(P + (j * B + rows[:, None]) * R + rk[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    u = tl.load(U + cols[:, None] * R + rk[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.dot(p.to(DT), tl.trans(u.to(DT)), input_precision=PREC) + b[None, :]
+
+
+@triton.jit
+def _lr_x(x0, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R,
+          K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``x_K`` on the tile (fp32) by the recurrence ``x_{j+1} = x0 * y_j + x_j`` from the x0 tile."""
+    x = x0
+    for j in tl.static_range(K):
+        y = _lr_y(P, Us[j], Bs[j], j, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
+        x = x0 * y + x
+    return x
+
+
+@triton.jit
+def _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+          FROM: tl.constexpr, NUM_LAYERS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``g_FROM = g_L + sum_{j >= FROM} dp_j V_j`` on the tile (fp32), from the upstream-gradient tile."""
+    for j in tl.static_range(FROM, NUM_LAYERS):
+        dp = tl.load(DP + (j * B + rows[:, None]) * R + rk[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        v = tl.load(Vs[j] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.dot(dp.to(DT), v.to(DT), g, input_precision=PREC)
+    return g
+
+
+@triton.jit
+def _lr_fwd_kernel(
+    OUT, P,
+    X0, Us, Vs, Bs,
+    B, D, R,
+    NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    DT: tl.constexpr = X0.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    for k in tl.static_range(NUM_LAYERS + 1):
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            m = row_ok[:, None] & col_ok[None, :]
+            x0 = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            x = _lr_x(x0, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, k, DT, PREC)
+            if k < NUM_LAYERS:
+                v = tl.load(Vs[k] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(x.to(DT), tl.trans(v.to(DT)), acc, input_precision=PREC)
+            else:
+                tl.store(OUT + rows[:, None] * D + cols[None, :], x.to(OUT.dtype.element_ty), mask=m)
+        if k < NUM_LAYERS:
+            tl.store(P + (k * B + rows[:, None]) * R + rk[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+            tl.debug_barrier()
+
+
+@triton.jit
+def _lr_bwd_rows_kernel(
+    DX0, DP,
+    G, X0, P, Us, Vs, Bs,
+    B, D, R,
+    NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    DT: tl.constexpr = X0.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    # dp_i = sum over D of (g_{i+1} * x0) U_i, from the top layer down
+    for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
+        acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            m = row_ok[:, None] & col_ok[None, :]
+            off = rows[:, None] * D + cols[None, :]
+            g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i + 1, NUM_LAYERS, DT, PREC)
+            dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+            u = tl.load(Us[i] + cols[:, None] * R + rk[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = tl.dot(dy.to(DT), u.to(DT), acc, input_precision=PREC)
+        tl.store(DP + (i * B + rows[:, None]) * R + rk[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+        tl.debug_barrier()
+    # dx0 = g_0 + sum_i g_{i+1} * y_i
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        m = row_ok[:, None] & col_ok[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+        s = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
+            y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
+            s += g * y
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
+        tl.store(DX0 + off, (s + g).to(DX0.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _lr_bwd_weights_kernel(
+    DU, DV, DB, PART,
+    G, X0, P, DP, Us, Vs, Bs,
+    B, D, R, ROWS_PER_SPLIT, TOTAL,
+    NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    DT: tl.constexpr = X0.dtype.element_ty
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    r_begin = pid_s * ROWS_PER_SPLIT
+    r_end = tl.minimum(B, r_begin + ROWS_PER_SPLIT)
+    if DIRECT:
+        du_base = DU
+        dv_base = DV
+        db_base = DB
+    else:
+        du_base = PART + pid_s.to(tl.int64) * TOTAL
+        dv_base = du_base + NUM_LAYERS * D * R
+        db_base = dv_base + NUM_LAYERS * D * R
+    for i in tl.static_range(NUM_LAYERS):
+        acc_u = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r0 in range(r_begin, r_end, BLOCK_B):
+            rows = (r0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+            row_ok = rows < r_end
+            m = row_ok[:, None] & col_ok[None, :]
+            off = rows[:, None] * D + cols[None, :]
+            x0 = tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+            x = _lr_x(x0, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, i, DT, PREC)
+            g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i + 1, NUM_LAYERS, DT, PREC)
+            dy = g * x0
+            pr_mask = row_ok[:, None] & r_ok[None, :]
+            p = tl.load(P + (i * B + rows[:, None]) * R + rk[None, :], mask=pr_mask, other=0.0)
+            dp = tl.load(DP + (i * B + rows[:, None]) * R + rk[None, :], mask=pr_mask, other=0.0)
+            acc_u = tl.dot(tl.trans(dy.to(DT)), p.to(DT), acc_u, input_precision=PREC)
+            acc_v = tl.dot(tl.trans(dp.to(DT)), x.to(DT), acc_v, input_precision=PREC)
+            acc_b += tl.sum(dy, axis=0)
+        wmask_u = col_ok[:, None] & r_ok[None, :]
+        wmask_v = r_ok[:, None] & col_ok[None, :]
+        tl.store(du_base + i * D * R + cols[:, None] * R + rk[None, :],
+                 acc_u.to(du_base.dtype.element_ty), mask=wmask_u)
+        tl.store(dv_base + i * D * R + rk[:, None] * D + cols[None, :],
+                 acc_v.to(dv_base.dtype.element_ty), mask=wmask_v)
+        tl.store(db_base + i * D + cols, acc_b.to(db_base.dtype.element_ty), mask=col_ok)
+
+
+# ============================================================================ low rank: launchers
+def _lr_blocks(D: int, R: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_R, BLOCK_BW, BLOCK_DW): row-kernel and weight-kernel tiles."""
+    block_r = max(16, _next_pow2(R))
+    dp2 = max(16, _next_pow2(D))
+    block_d = max(16, min(128, 8192 // block_r, dp2))
+    block_dw = max(16, min(64, 4096 // block_r, dp2))
+    return 16, block_d, block_r, 32, block_dw
+
+
+def _flat_bias(bs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    return tuple(b.reshape(-1).contiguous() for b in bs)
+
+
+def _lr_fwd_impl(x0, ws, vs, bs):
+    x0 = x0.contiguous()
+    ws = tuple(w.contiguous() for w in ws)
+    vs = tuple(v.contiguous() for v in vs)
+    bs = _flat_bias(bs)
+    B, D = x0.shape
+    L, R = len(ws), ws[0].shape[1]
+    out = torch.empty((B, D), device=x0.device, dtype=x0.dtype)
+    p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
+    BB, BD, BR, _, _ = _lr_blocks(D, R)
+    _lr_fwd_kernel[(triton.cdiv(B, BB),)](
+        out, p, x0, ws, vs, bs, B, D, R,
+        NUM_LAYERS=L, BLOCK_B=BB, BLOCK_D=BD, BLOCK_R=BR, PREC=_precision(x0.dtype), num_warps=4,
+    )
+    return out, p
+
+
+def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem: int) -> Tuple[int, int]:
+    """(SPLIT, rows per split) of the low-rank weight-gradient kernel."""
+    n_col = triton.cdiv(D, block_dw)
+    split = max(1, triton.cdiv(_TARGET_PROGRAMS, n_col))
+    # keep the fp32 partials no bigger than x0 itself
+    part_bytes = L * (2 * D * R + D) * 4
+    split = min(split, max(1, (B * D * elem) // part_bytes), triton.cdiv(B, block_bw))
+    rows = triton.cdiv(triton.cdiv(B, split), block_bw) * block_bw
+    return triton.cdiv(B, rows), rows
+
+
+def _lr_bwd_impl(g, x0, ws, vs, bs, p):
+    g = g.contiguous()
+    x0 = x0.contiguous()
+    ws = tuple(w.contiguous() for w in ws)
+    vs = tuple(v.contiguous() for v in vs)
+    bs = _flat_bias(bs)
+    B, D = x0.shape
+    L, R = len(ws), ws[0].shape[1]
+    pdt = ws[0].dtype
+    dev = x0.device
+    prec = _precision(x0.dtype)
+    BB, BD, BR, BBW, BDW = _lr_blocks(D, R)
+    dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
+    dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
+    _lr_bwd_rows_kernel[(triton.cdiv(B, BB),)](
+        dx0, dp, g, x0, p, ws, vs, bs, B, D, R,
+        NUM_LAYERS=L, BLOCK_B=BB, BLOCK_D=BD, BLOCK_R=BR, PREC=prec, num_warps=4,
+    )
+    du = torch.empty((L, D, R), device=dev, dtype=pdt)
+    dv = torch.empty((L, R, D), device=dev, dtype=pdt)
+    db = torch.empty((L, D), device=dev, dtype=pdt)
+    split, rows = _lr_split(B, D, R, L, BBW, BDW, x0.element_size())
+    total = L * (2 * D * R + D)
+    part = du if split == 1 else torch.empty((split, total), device=dev, dtype=torch.float32)
+    _lr_bwd_weights_kernel[(triton.cdiv(D, BDW), split)](
+        du, dv, db, part, g, x0, p, dp, ws, vs, bs, B, D, R, rows, total,
+        NUM_LAYERS=L, DIRECT=split == 1, BLOCK_B=BBW, BLOCK_D=BDW, BLOCK_R=BR, PREC=prec, num_warps=4,
+    )
+    if split > 1:
+        _sum_partials(part, (du, dv, db))
+    return dx0, du, dv, db
+
+
+# ============================================================================ full rank: Triton
+@triton.jit
+def _grouped_tile(pid, B, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    num_m = tl.cdiv(B, BLOCK_M)
+    num_n = tl.cdiv(D, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fr_fwd_kernel(
+    DST, XS, YS,
+    SRC, X0, Ws, Bs,
+    B, D,
+    NUM_LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PREC: tl.constexpr,
+):
+    """Layers ``0 .. NUM_LAYERS-1`` of this launch; layer l reads ``x_l`` from SRC (l = 0) or
+    ``XS[l-1]`` and writes ``y_l`` to ``YS[l]`` and ``x_{l+1}`` to ``XS[l]`` (DST for the last one).
+    More than one layer per launch only when one column tile covers D (each program owns its rows)."""
+    DT: tl.constexpr = X0.dtype.element_ty
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    for l in tl.static_range(NUM_LAYERS):
+        if l == 0:
+            src = SRC + rows[:, None] * D
+        else:
+            src = XS + ((l - 1) * B + rows[:, None]) * D
+        w_ptr = Ws[l]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            a = tl.load(src + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(DT), w.to(DT), acc, input_precision=PREC)
+        b = tl.load(Bs[l] + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = acc + b[None, :]
+        tl.store(YS + (l * B + rows[:, None]) * D + cols[None, :], y.to(YS.dtype.element_ty), mask=m)
+        xi = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x0 = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        xn = (x0 * y + xi).to(DST.dtype.element_ty)
+        if l == NUM_LAYERS - 1:
+            tl.store(DST + rows[:, None] * D + cols[None, :], xn, mask=m)
+        else:
+            tl.store(XS + (l * B + rows[:, None]) * D + cols[None, :], xn, mask=m)
+            tl.debug_barrier()
+
+
+@triton.jit
+def _fr_bwd_kernel(
+    DY_OUT, G_OUT, S_OUT, DX0, DBP, DY_TOP,
+    DY_IN, G_IN, S_IN, X0, W, Y_CUR, Y_PREV,
+    B, D, DB_ROW, DB_ROW_TOP, DB_STRIDE,
+    TOP: tl.constexpr, LAST: tl.constexpr, NEXT_LAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Layer i of the backward: ``g_i = g_{i+1} + dy_i W_i`` plus the element-wise epilogue (see the
+    module docstring). TOP: i = L-1 (A operand ``g_L * x0`` formed on load, stored by pid_n == 0);
+    LAST: i = 0 (writes dx0); NEXT_LAST: i = 1 (carries ``g_1 + s`` in G_OUT)."""
+    DT: tl.constexpr = X0.dtype.element_ty
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < B
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        am = row_ok[:, None] & k_ok[None, :]
+        a_off = rows[:, None] * D + ks[None, :]
+        if TOP:
+            af = tl.load(G_IN + a_off, mask=am, other=0.0).to(tl.float32) * \
+                tl.load(X0 + a_off, mask=am, other=0.0).to(tl.float32)
+            a = af.to(DT)
+            if pid_n == 0:
+                tl.store(DY_TOP + a_off, a, mask=am)
+                tl.store(DBP + pid_m * DB_STRIDE + DB_ROW_TOP + ks, tl.sum(af, axis=0), mask=k_ok)
+        else:
+            a = tl.load(DY_IN + a_off, mask=am, other=0.0)
+        w = tl.load(W + ks[:, None] * D + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w.to(DT), acc, input_precision=PREC)
+    off = rows[:, None] * D + cols[None, :]
+    g_next = tl.load(G_IN + off, mask=m, other=0.0).to(tl.float32)
+    g = g_next + acc
+    if LAST:
+        if TOP:
+            g += g_next * tl.load(Y_CUR + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(DX0 + off, g.to(DX0.dtype.element_ty), mask=m)
+    else:
+        if TOP:
+            s = g_next * tl.load(Y_CUR + off, mask=m, other=0.0).to(tl.float32)
+        else:
+            s = tl.load(S_IN + off, mask=m, other=0.0).to(tl.float32)
+        dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(DY_OUT + off, dy.to(DY_OUT.dtype.element_ty), mask=m)
+        tl.store(DBP + pid_m * DB_STRIDE + DB_ROW + cols, tl.sum(dy, axis=0), mask=col_ok)
+        s += g * tl.load(Y_PREV + off, mask=m, other=0.0).to(tl.float32)
+        if NEXT_LAST:
+            tl.store(G_OUT + off, (g + s).to(G_OUT.dtype.element_ty), mask=m)
+        else:
+            tl.store(G_OUT + off, g.to(G_OUT.dtype.element_ty), mask=m)
+            tl.store(S_OUT + off, s.to(S_OUT.dtype.element_ty), mask=m)
+
+
+# ============================================================================ full rank: launchers
+def _fr_config(B: int, D: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the full-rank GEMM kernels."""
+    bm = max(16, min(128, _next_pow2(B)))
+    bn = max(16, min(128, _next_pow2(D)))
+    bk = max(16, min(32 if dtype == torch.float32 else 64, _next_pow2(D)))
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = 3 if dtype == torch.float32 else 4
+    return bm, bn, bk, warps, stages
+
+
+_GROUP_M = 8
+
+
+def _fr_fwd_impl(x0, ws, bs):
+    x0 = x0.contiguous()
+    ws = tuple(w.contiguous() for w in ws)
+    bs = _flat_bias(bs)
+    B, D = x0.shape
+    L = len(ws)
+    dev, dt = x0.device, x0.dtype
+    out = torch.empty((B, D), device=dev, dtype=dt)
+    xs = torch.empty((L - 1, B, D), device=dev, dtype=dt)
+    ys = torch.empty((L, B, D), device=dev, dtype=dt)
+    bm, bn, bk, warps, stages = _fr_config(B, D, dt)
+    grid = (triton.cdiv(B, bm) * triton.cdiv(D, bn),)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=_precision(dt),
+                num_warps=warps, num_stages=stages)
+    xs_arg = xs if L > 1 else out  # never hand Triton an empty tensor
+    if D <= bn:  # one column tile: every program owns its rows, all layers in one launch
+        _fr_fwd_kernel[grid](out, xs_arg, ys, x0, x0, ws, bs, B, D, NUM_LAYERS=L, **meta)
+    else:
+        for i in range(L):
+            src = x0 if i == 0 else xs[i - 1]
+            dst = out if i == L - 1 else xs[i]
+            _fr_fwd_kernel[grid](dst, xs_arg, ys[i], src, x0, (ws[i],), (bs[i],), B, D, NUM_LAYERS=1, **meta)
+    return out, xs, ys
+
+
+def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
+    g = g.contiguous()
+    x0 = x0.contiguous()
+    ws = tuple(w.contiguous() for w in ws)
+    B, D = x0.shape
+    L = len(ws)
+    dev, dt, pdt = x0.device, x0.dtype, ws[0].dtype
+    bm, bn, bk, warps, stages = _fr_config(B, D, dt)
+    n_m = triton.cdiv(B, bm)
+    grid = (n_m * triton.cdiv(D, bn),)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=_precision(dt),
+                num_warps=warps, num_stages=stages)
+    dx0 = torch.empty((B, D), device=dev, dtype=dt)
+    dw = torch.empty((L, D, D), device=dev, dtype=pdt)
+    db = torch.empty((L, D), device=dev, dtype=pdt)
+    dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
+    dy = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L, 2))]
+    carry_g = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
+    carry_s = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 2, 2))] if L >= 3 else []
+    g_in, s_in = g, x0  # s_in unused at the top layer
+    for i in reversed(range(L)):
+        top, last, next_last = i == L - 1, i == 0, i == 1
+        dy_i = dy[i % 2]
+        dy_out = dy[(i - 1) % 2] if not last else dy_i
+        g_out = carry_g[i % len(carry_g)] if not last else g
+        s_out = carry_s[i % len(carry_s)] if (not last and not next_last) else g
+        y_prev = ys[i - 1] if not last else ys[i]
+        _fr_bwd_kernel[grid](
+            dy_out, g_out, s_out, dx0, dbp, dy_i,
+            dy_i, g_in, s_in, x0, ws[i], ys[i], y_prev,
+            B, D, max(i - 1, 0) * D, (L - 1) * D, L * D,
+            TOP=top, LAST=last, NEXT_LAST=next_last, **meta,
+        )
+        x_i = x0 if i == 0 else xs[i - 1]
+        with torch.autocast(dev.type, enabled=False):
+            if pdt == dt:
+                torch.mm(dy_i.t(), x_i, out=dw[i])
+            else:
+                dw[i].copy_(torch.mm(dy_i.t(), x_i))
+        g_in, s_in = g_out, s_out
+    _sum_partials(dbp.view(n_m, L * D), (db,))
+    return dx0, dw, db
+
+
+# ============================================================================ torch.library
+@torch.library.custom_op("interformer::low_rank_cross_net_fwd", mutates_args=())
+def low_rank_cross_net_fwd(
+    x0: torch.Tensor, w_kernels: List[torch.Tensor], v_kernels: List[torch.Tensor], biases: List[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out [B, D], P [L, B, r] fp32)``; P (``p_i = x_i V_i^T``) is saved for backward."""
+    return _lr_fwd_impl(x0, w_kernels, v_kernels, biases)
+
+
+@low_rank_cross_net_fwd.register_fake
+def _lr_fwd_fake(x0, w_kernels, v_kernels, biases):
+    B, D = x0.shape
+    return x0.new_empty((B, D)), x0.new_empty((len(w_kernels), B, w_kernels[0].shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("interformer::low_rank_cross_net_bwd", mutates_args=())
+def low_rank_cross_net_bwd(
+    grad_out: torch.Tensor, x0: torch.Tensor, w_kernels: List[torch.Tensor], v_kernels: List[torch.Tensor],
+    biases: List[torch.Tensor], p: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx0 [B, D], dU [L, D, r], dV [L, r, D], db [L, D])``, weights in their dtype."""
+    return _lr_bwd_impl(grad_out, x0, w_kernels, v_kernels, biases, p)
+
+
+@low_rank_cross_net_bwd.register_fake
+def _lr_bwd_fake(grad_out, x0, w_kernels, v_kernels, biases, p):
+    B, D = x0.shape
+    L, R = len(w_kernels), w_kernels[0].shape[1]
+    pdt = w_kernels[0].dtype
+    return (x0.new_empty((B, D)), x0.new_empty((L, D, R), dtype=pdt), x0.new_empty((L, R, D), dtype=pdt),
+            x0.new_empty((L, D), dtype=pdt))
+
+
+def _lr_setup_context(ctx, inputs, output):
+    x0, ws, vs, bs = inputs
+    _, p = output
+    ctx.num_layers = len(ws)
+    ctx.bias_shapes = [b.shape for b in bs]
+    ctx.save_for_backward(x0, p, *ws, *vs, *bs)
+
+
+def _lr_backward(ctx, grad_out, grad_p):
+    x0, p, *params = ctx.saved_tensors
+    L = ctx.num_layers
+    if grad_out is None:
+        return None, [None] * L, [None] * L, [None] * L
+    ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
+    dx0, du, dv, db = torch.ops.interformer.low_rank_cross_net_bwd(grad_out, x0, ws, vs, bs, p)
+    return (dx0, list(du.unbind(0)), list(dv.unbind(0)),
+            [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)])
+
+
+low_rank_cross_net_fwd.register_autograd(_lr_backward, setup_context=_lr_setup_context)
+
+
+@torch.library.custom_op("interformer::cross_net_fwd", mutates_args=())
+def cross_net_fwd(
+    x0: torch.Tensor, kernels: List[torch.Tensor], biases: List[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: ``(out [B, D], xs [L-1, B, D], ys [L, B, D])``; ``xs`` (x_1 .. x_{L-1}) and ``ys``
+    (``y_i = x_i W_i^T + b_i``) are saved for backward."""
+    return _fr_fwd_impl(x0, kernels, biases)
+
+
+@cross_net_fwd.register_fake
+def _fr_fwd_fake(x0, kernels, biases):
+    B, D = x0.shape
+    L = len(kernels)
+    return x0.new_empty((B, D)), x0.new_empty((L - 1, B, D)), x0.new_empty((L, B, D))
+
+
+@torch.library.custom_op("interformer::cross_net_bwd", mutates_args=())
+def cross_net_bwd(
+    grad_out: torch.Tensor, x0: torch.Tensor, kernels: List[torch.Tensor], biases: List[torch.Tensor],
+    xs: torch.Tensor, ys: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx0 [B, D], dW [L, D, D], db [L, D])``, weights in their dtype."""
+    return _fr_bwd_impl(grad_out, x0, kernels, biases, xs, ys)
+
+
+@cross_net_bwd.register_fake
+def _fr_bwd_fake(grad_out, x0, kernels, biases, xs, ys):
+    B, D = x0.shape
+    L = len(kernels)
+    pdt = kernels[0].dtype
+    return x0.new_empty((B, D)), x0.new_empty((L, D, D), dtype=pdt), x0.new_empty((L, D), dtype=pdt)
+
+
+def _fr_setup_context(ctx, inputs, output):
+    x0, ws, bs = inputs
+    _, xs, ys = output
+    ctx.num_layers = len(ws)
+    ctx.bias_shapes = [b.shape for b in bs]
+    ctx.save_for_backward(x0, xs, ys, *ws, *bs)
+
+
+def _fr_backward(ctx, grad_out, grad_xs, grad_ys):
+    x0, xs, ys, *params = ctx.saved_tensors
+    L = ctx.num_layers
+    if grad_out is None:
+        return None, [None] * L, [None] * L
+    ws, bs = params[:L], params[L:]
+    dx0, dw, db = torch.ops.interformer.cross_net_bwd(grad_out, x0, ws, bs, xs, ys)
+    return dx0, list(dw.unbind(0)), [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)]
+
+
+cross_net_fwd.register_autograd(_fr_backward, setup_context=_fr_setup_context)
+
+
+# ============================================================================ public functions
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_common(op: str, x0, named_lists) -> Tuple[int, int]:
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
+        raise ValueError(f"{op}: x0 must be a 2-D tensor [B, D], got {_shape(x0)}")
+    if x0.dtype not in _DTYPES:
+        raise ValueError(f"{op}: x0 must be one of {_DTYPES}, got {x0.dtype}")
+    lens = {name: len(lst) for name, lst in named_lists}
+    if len(set(lens.values())) != 1:
+        raise ValueError(f"{op}: parameter lists must have one length (one entry per layer), got {lens}")
+    B, D = x0.shape
+    params = [t for _, lst in named_lists for t in lst]
+    for name, lst in named_lists:
+        for i, t in enumerate(lst):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+            if t.dtype not in _DTYPES:
+                raise ValueError(f"{op}: {name}[{i}] must be one of {_DTYPES}, got {t.dtype}")
+    for i, b in enumerate(dict(named_lists)["biases"]):
+        if b.shape not in ((D, 1), (D,)):
+            raise ValueError(f"{op}: biases[{i}] {_shape(b)} must be [D={D}, 1] (or [D])")
+    devices = {t.device for t in [x0, *params]}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: x0 and all parameters must be on one device, got {sorted(map(str, devices))}")
+    return B, D
+
+
+def _compute_dtype(op: str, x0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """x0 cast to the autocast dtype under autocast (parameters may then keep one dtype of their
+    own); outside autocast every tensor must share x0's dtype."""
+    dev = x0.device.type
+    pdts = {t.dtype for t in params}
+    if torch.is_autocast_enabled(dev):
+        if len(pdts) > 1:
+            raise ValueError(f"{op}: all parameters must share one dtype, got {sorted(map(str, pdts))}")
+        return x0.to(torch.get_autocast_dtype(dev))
+    if pdts - {x0.dtype}:
+        raise ValueError(f"{op}: x0 ({x0.dtype}) and all parameters must share one dtype outside autocast, "
+                         f"got parameters in {sorted(map(str, pdts))}")
+    return x0
+
+
+def _eager(op_name: str, x0: torch.Tensor, *lists):
+    """The eager reference in x0's dtype (fallback for shapes the kernels do not take)."""
+    from interformer import reference
+
+    with torch.autocast(x0.device.type, enabled=False):
+        return getattr(reference, op_name)(x0, *([t.to(x0.dtype) for t in lst] for lst in lists))
+
+
+def low_rank_cross_net(
+    x0: torch.Tensor,
+    w_kernels: Sequence[torch.Tensor],
+    v_kernels: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Fused low-rank cross layers ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i``; same contract as
+    :func:`interformer.reference.low_rank_cross_net` (see the module docstring for the design).
+
+    x0 ``[B, D]``; w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D, 1]`` each.
+    """
+    ws, vs, bs = list(w_kernels), list(v_kernels), list(biases)
+    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
+        return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+    op = "low_rank_cross_net"
+    B, D = _check_common(op, x0, (("w_kernels", ws), ("v_kernels", vs), ("biases", bs)))
+    if not ws:
+        return x0
+    R = ws[0].shape[-1] if ws[0].dim() == 2 else -1
+    for i, (w, v) in enumerate(zip(ws, vs)):
+        if w.shape != (D, R) or R < 1:
+            raise ValueError(f"{op}: w_kernels[{i}] {_shape(w)} must be [D={D}, r] with one r >= 1 for all layers")
+        if v.shape != (R, D):
+            raise ValueError(f"{op}: v_kernels[{i}] {_shape(v)} must be [r={R}, D={D}]")
+    x0 = _compute_dtype(op, x0, ws + vs + bs)
+    if B == 0 or max(16, _next_pow2(R)) > MAX_BLOCK_R:
+        return _eager(op, x0, ws, vs, bs)
+    return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+
+
+def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Fused full-rank cross layers ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``; same contract as
+    :func:`interformer.reference.cross_net` (see the module docstring for the design).
+
+    x0 ``[B, D]``; kernels ``[D, D]`` each (``x_i @ W^T``); biases ``[D, 1]`` each.
+    """
+    ws, bs = list(kernels), list(biases)
+    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
+        return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
+    op = "cross_net"
+    B, D = _check_common(op, x0, (("kernels", ws), ("biases", bs)))
+    if not ws:
+        return x0
+    for i, w in enumerate(ws):
+        if w.shape != (D, D):
+            raise ValueError(f"{op}: kernels[{i}] {_shape(w)} must be [D={D}, D={D}]")
+    x0 = _compute_dtype(op, x0, ws + bs)
+    if B == 0:
+        return _eager(op, x0, ws, bs)
+    return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]

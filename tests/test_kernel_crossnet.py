@@ -1,0 +1,387 @@
+"""Fused DCNv2 cross layers (``interformer.kernels.crossnet``) against the eager reference and float64.
+
+Every case compares the output and the gradients of x0 and of every kernel / W / V / bias with
+(a) ``interformer.reference.{cross_net, low_rank_cross_net}`` run in the same dtype and (b) the same
+reference run on float64 copies: fp32 within ``FP32_TOL`` of both, fp16 (bf16 on GPU) by the DESIGN §5
+rule (kernel error vs float64 <= 2x the eager low-precision error).
+
+Cases: D = 40 and 312 (= 24 * 13, a multiple of no block size), rank 1, 8, 32 and ranks above D/2
+(24 of 40, 200 of 312), 1 to 4 layers, B = 1, 3, 5, 70 and 130. Kernel paths reached: low rank with
+the weight-gradient kernel writing directly (SPLIT = 1) and through fp32 partials (SPLIT = 2, B = 70);
+full rank with all layers in one launch (D <= 128), one launch per layer with several column tiles
+(D = 312), two row tiles (B = 130), and every backward carry variant (L = 1 .. 4). Also: non-contiguous
+x0 and stride-0 upstream gradients, torch.autocast with fp32 parameters, the modules with
+``backend="triton"`` vs ``"eager"``, a torchrec ``state_dict`` round trip, a golden 2 x 3 example,
+``torch.fx.symbolic_trace``, ``torch.library.opcheck``, ``torch.compile``, and input errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from interformer import reference as R
+from interformer.layers import CrossNet, LowRankCrossNet
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
+
+C = pytest.importorskip("interformer.kernels.crossnet")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _lr_inputs(B, D, r, L, dtype, device=DEVICE):
+    """Random x0 and parameters of moderate scale (the output stays O(1) over 4 layers)."""
+    x0 = torch.randn(B, D, device=device)
+    ws = [torch.randn(D, r, device=device) * (0.5 / math.sqrt(r)) for _ in range(L)]
+    vs = [torch.randn(r, D, device=device) / math.sqrt(D) for _ in range(L)]
+    bs = [torch.randn(D, 1, device=device) * 0.1 for _ in range(L)]
+    return [t.to(dtype) for t in (x0, *ws, *vs, *bs)]
+
+
+def _fr_inputs(B, D, L, dtype, device=DEVICE):
+    x0 = torch.randn(B, D, device=device)
+    ws = [torch.randn(D, D, device=device) * (0.5 / math.sqrt(D)) for _ in range(L)]
+    bs = [torch.randn(D, 1, device=device) * 0.1 for _ in range(L)]
+    return [t.to(dtype) for t in (x0, *ws, *bs)]
+
+
+def _split(flat, L, kinds):
+    x0, rest = flat[0], flat[1:]
+    return (x0, *[rest[k * L:(k + 1) * L] for k in range(kinds)])
+
+
+def _run(fn, flat, L, kinds, grad_out=None):
+    """Output and gradients of every tensor in ``flat`` (leaves made here)."""
+    leaves = [t.detach().clone().requires_grad_() for t in flat]
+    out = fn(*_split(leaves, L, kinds))
+    g = torch.randn_like(out) if grad_out is None else grad_out.to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+    return out.detach(), [x.detach() for x in grads], g
+
+
+def _names(L, kinds):
+    per = {2: ["kernels", "biases"], 3: ["w_kernels", "v_kernels", "biases"]}[kinds]
+    return ["x0"] + [f"{n}[{i}]" for n in per for i in range(L)]
+
+
+def _check(kernel_fn, ref_fn, flat, L, kinds, dtype):
+    out, grads, g = _run(kernel_fn, flat, L, kinds)
+    ref_out, ref_grads, _ = _run(ref_fn, flat, L, kinds, grad_out=g)
+    out64, grads64, _ = _run(ref_fn, [t.double() for t in flat], L, kinds, grad_out=g.double())
+    names = ["out"] + [f"d{n}" for n in _names(L, kinds)]
+    for name, k, e, r64 in zip(names, [out, *grads], [ref_out, *ref_grads], [out64, *grads64]):
+        assert k.dtype == e.dtype, f"{name}: dtype {k.dtype} != {e.dtype}"
+        if dtype == torch.float32:
+            assert_rel(k, e, FP32_TOL, name + " vs eager")
+            assert_rel(k, r64, FP32_TOL, name + " vs float64")
+        else:
+            assert_lowp(k, e, r64, name)
+
+
+# ----------------------------------------------------------------------------- against the references
+LR_CASES = [  # B, D, r, L
+    (3, 40, 1, 1),      # rank 1, one layer
+    (1, 40, 24, 4),     # B = 1, rank > D/2, four layers
+    (3, 312, 32, 2),    # the model's rank, D a multiple of no block size, D in chunks
+    (5, 312, 200, 3),   # rank > D/2 at D = 312 (BLOCK_R = 256)
+    (70, 40, 8, 2),     # the weight-gradient kernel splits the batch in 2 (fp32 partials + reduction)
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,r,L", LR_CASES)
+def test_low_rank_cross_net(B, D, r, L, dtype):
+    flat = _lr_inputs(B, D, r, L, dtype)
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+
+
+def test_low_rank_split_path_is_exercised():
+    """The (70, 40, 8, 2) case above really goes through the split weight-gradient path."""
+    _, _, _, bbw, bdw = C._lr_blocks(40, 8)
+    split, _ = C._lr_split(70, 40, 8, 2, bbw, bdw, 4)
+    assert split == 2
+
+
+FR_CASES = [  # B, D, L
+    (3, 40, 1),     # one layer: the backward's top and last layer in one launch
+    (1, 40, 4),     # all four layers in one forward launch (D <= BLOCK_N); L = 4 backward carries
+    (3, 312, 2),    # one launch per layer, three column tiles, K loop with a tail
+    (5, 312, 3),    # L = 3: the running-sum carry between the top and next-to-last launches
+    (130, 40, 2),   # two row tiles: db partial sums over row tiles
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,L", FR_CASES)
+def test_cross_net(B, D, L, dtype):
+    if B == 130 and dtype != torch.float32:
+        pytest.skip("the row-tile case is a layout check; fp32 covers it")
+    flat = _fr_inputs(B, D, L, dtype)
+    _check(C.cross_net, R.cross_net, flat, L, 2, dtype)
+
+
+@pytest.mark.parametrize("rank", [None, 16])
+def test_noncontiguous_x0_and_stride0_grad(rank):
+    """x0 as a transposed view, upstream gradient a stride-0 expand (``out.sum()``)."""
+    B, D, L = 3, 40, 2
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    kinds = 2 if rank is None else 3
+    fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
+    results = []
+    for fn in (fused, ref):
+        leaves = [t.detach().clone().requires_grad_() for t in flat[1:]]
+        x0 = flat[0].t().contiguous().t().requires_grad_()  # same values, strides (1, B)
+        assert not x0.is_contiguous()
+        out = fn(*_split([x0, *leaves], L, kinds))
+        out.sum().backward()
+        results.append([out.detach(), x0.grad, *[t.grad for t in leaves]])
+    for name, k, e in zip(["out"] + _names(L, kinds), *results):
+        assert_rel(k, e, FP32_TOL, name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check; the GPU path is covered by the bf16 tests")
+@pytest.mark.parametrize("rank", [None, 8])
+def test_autocast_fp32_parameters(rank):
+    """Under autocast x0 goes to the autocast dtype, fp32 parameters are read as they are and get fp32
+    gradients. Everything but the parameters is then computed in the autocast dtype (eager's autocast
+    would keep the element-wise part in fp32), so the low-precision baseline is the eager path run
+    in that dtype throughout."""
+    B, D, L = 3, 40, 2
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    kinds = 2 if rank is None else 3
+    fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
+    g = torch.randn(B, D)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, grads, _ = _run(fused, flat, L, kinds, grad_out=g)
+    e_out, e_grads, _ = _run(ref, [t.half() for t in flat], L, kinds, grad_out=g)
+    out64, grads64, _ = _run(ref, [t.double() for t in flat], L, kinds, grad_out=g.double())
+    assert out.dtype == torch.float16
+    for name, k, e, r64 in zip(["out"] + _names(L, kinds), [out, *grads], [e_out, *e_grads], [out64, *grads64]):
+        if name != "out":
+            assert k.dtype == torch.float32, f"{name}: gradient dtype {k.dtype}"
+        assert_lowp(k, e, r64, name)
+
+
+def test_a_perturbed_reference_is_caught():
+    """The fp32 comparison is sharp: a 1e-4 relative change of one kernel fails it."""
+    flat = _lr_inputs(3, 40, 8, 2, torch.float32)
+    x0, ws, vs, bs = _split(flat, 2, 3)
+    out = C.low_rank_cross_net(x0, ws, vs, bs)
+    assert_rel(out, R.low_rank_cross_net(x0, ws, vs, bs), FP32_TOL)
+    bad = [vs[0] * (1 + 1e-4), vs[1]]
+    with pytest.raises(AssertionError):
+        assert_rel(out, R.low_rank_cross_net(x0, ws, bad, bs), FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- modules
+def _randomize(module: nn.Module) -> nn.Module:
+    """Xavier init leaves the biases at zero: give every parameter random values."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "bias" in name else 1.0 / math.sqrt(p.shape[-1])))
+    return module
+
+
+@pytest.mark.parametrize("make", [lambda b: CrossNet(40, 3, backend=b), lambda b: LowRankCrossNet(312, 2, 16, backend=b)],
+                         ids=["CrossNet", "LowRankCrossNet"])
+def test_module_triton_vs_eager(make):
+    eager = _randomize(make("eager")).to(DEVICE)
+    fused = make("triton").to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    x = torch.randn(5, eager.in_features, device=DEVICE)
+    outs, grads = [], []
+    for m in (fused, eager):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        out.backward(torch.ones_like(out) * 0.5 + torch.arange(out.shape[1], device=DEVICE) / out.shape[1])
+        outs.append(out.detach())
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert_rel(outs[0], outs[1], FP32_TOL, "out")
+    names = ["x"] + [n for n, _ in eager.named_parameters()]
+    for name, k, e in zip(names, grads[0], grads[1]):
+        assert k.shape == e.shape
+        assert_rel(k, e, FP32_TOL, f"grad {name}")
+
+
+# torchrec (not installed) -- a minimal copy of the public module logic of torchrec.modules.crossnet,
+# written from its documentation: parameters kept as [D, D] / [D, r] / [r, D] matrices and [D, 1]
+# biases, the input handled as a column per sample ([B, D, 1]).
+class _TorchrecCrossNet(nn.Module):
+    def __init__(self, in_features: int, num_layers: int) -> None:
+        super().__init__()
+        self._num_layers = num_layers
+        self.kernels = nn.ParameterList(
+            nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, in_features))) for _ in range(num_layers))
+        self.bias = nn.ParameterList(nn.Parameter(nn.init.zeros_(torch.empty(in_features, 1))) for _ in range(num_layers))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x_0 = input.unsqueeze(2)
+        x_l = x_0
+        for layer in range(self._num_layers):
+            x_l = x_0 * (torch.matmul(self.kernels[layer], x_l) + self.bias[layer]) + x_l
+        return torch.squeeze(x_l, dim=2)
+
+
+class _TorchrecLowRankCrossNet(nn.Module):
+    def __init__(self, in_features: int, num_layers: int, low_rank: int = 1) -> None:
+        super().__init__()
+        self._num_layers = num_layers
+        self.W_kernels = nn.ParameterList(
+            nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, low_rank))) for _ in range(num_layers))
+        self.V_kernels = nn.ParameterList(
+            nn.Parameter(nn.init.xavier_normal_(torch.empty(low_rank, in_features))) for _ in range(num_layers))
+        self.bias = nn.ParameterList(nn.Parameter(nn.init.zeros_(torch.empty(in_features, 1))) for _ in range(num_layers))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x_0 = input.unsqueeze(2)
+        x_l = x_0
+        for layer in range(self._num_layers):
+            xl_w = torch.matmul(self.W_kernels[layer], torch.matmul(self.V_kernels[layer], x_l))
+            x_l = x_0 * (xl_w + self.bias[layer]) + x_l
+        return torch.squeeze(x_l, dim=2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+@pytest.mark.parametrize("low_rank", [None, 6])
+def test_torchrec_state_dict_round_trip(low_rank, backend):
+    D, L = 40, 2
+    if low_rank is None:
+        theirs, ours = _TorchrecCrossNet(D, L), CrossNet(D, L, backend=backend)
+    else:
+        theirs, ours = _TorchrecLowRankCrossNet(D, L, low_rank), LowRankCrossNet(D, L, low_rank, backend=backend)
+    _randomize(theirs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # and back
+    x = torch.randn(3, D)
+    expected = theirs(x)
+    assert_rel(ours.to(DEVICE)(x.to(DEVICE)), expected, FP32_TOL)
+
+
+def test_golden_2x3():
+    """Computed by hand. x0 rows (1, 2, 3) and (0.5, -1, 2).
+
+    Full rank, W0 = [[1,0,0],[0,2,0],[1,1,1]], b0 = (0.1, 0.2, 0.3); W1 = I, b1 = 0:
+      x1 = x0 * (W0 x0 + b0) + x0 = (2.1, 10.4, 21.9), (0.8, 0.8, 5.6); x2 = x0 * x1 + x1 = x1 * (x0 + 1).
+    Low rank, U = (1, 0, 2)^T, V = (1, 1, 0), b = (0, 0, 1):
+      row 1: V x0 = 3, U*3 + b = (3, 0, 7), x1 = (4, 2, 24); row 2: V x0 = -0.5, (-0.5, 0, 0), x1 = (0.25, -1, 2).
+    """
+    x0 = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], device=DEVICE)
+    full = CrossNet(3, 2, backend="triton").to(DEVICE)
+    low = LowRankCrossNet(3, 1, 1, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        full.kernels[0].copy_(torch.tensor([[1.0, 0, 0], [0, 2, 0], [1, 1, 1]]))
+        full.bias[0].copy_(torch.tensor([[0.1], [0.2], [0.3]]))
+        full.kernels[1].copy_(torch.eye(3))
+        full.bias[1].zero_()
+        low.W_kernels[0].copy_(torch.tensor([[1.0], [0.0], [2.0]]))
+        low.V_kernels[0].copy_(torch.tensor([[1.0, 1.0, 0.0]]))
+        low.bias[0].copy_(torch.tensor([[0.0], [0.0], [1.0]]))
+    expected_full = torch.tensor([[4.2, 31.2, 87.6], [1.2, 0.0, 16.8]], device=DEVICE)
+    expected_low = torch.tensor([[4.0, 2.0, 24.0], [0.25, -1.0, 2.0]], device=DEVICE)
+    torch.testing.assert_close(full(x0), expected_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low(x0), expected_low, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(R.cross_net(x0, list(full.kernels), list(full.bias)), expected_full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("make", [lambda b: CrossNet(40, 2, backend=b), lambda b: LowRankCrossNet(40, 2, 8, backend=b)],
+                         ids=["CrossNet", "LowRankCrossNet"])
+def test_fx_symbolic_trace(make, backend):
+    module = _randomize(make(backend)).to(DEVICE)
+    gm = torch.fx.symbolic_trace(module)
+    assert isinstance(gm, torch.fx.GraphModule)
+    if backend == "triton" or DEVICE.type == "cuda":
+        assert "torch.ops.interformer" in gm.code, gm.code
+    x = torch.randn(3, 40, device=DEVICE)
+    assert_rel(gm(x), module(x), FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- torch.library
+def test_opcheck_low_rank():
+    x0, *params = _lr_inputs(3, 40, 8, 2, torch.float32)
+    ws, vs, bs = params[:2], params[2:4], params[4:]
+    args = (x0.requires_grad_(), [w.requires_grad_() for w in ws], [v.requires_grad_() for v in vs],
+            [b.requires_grad_() for b in bs])
+    torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_fwd.default, args)
+    _, p = torch.ops.interformer.low_rank_cross_net_fwd(*args)
+    bwd_args = (torch.randn(3, 40, device=DEVICE), x0.detach(), [w.detach() for w in ws], [v.detach() for v in vs],
+                [b.detach() for b in bs], p.detach())
+    torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_bwd.default, bwd_args)
+
+
+def test_opcheck_full_rank():
+    x0, *params = _fr_inputs(3, 40, 2, torch.float32)
+    ws, bs = params[:2], params[2:]
+    args = (x0.requires_grad_(), [w.requires_grad_() for w in ws], [b.requires_grad_() for b in bs])
+    torch.library.opcheck(torch.ops.interformer.cross_net_fwd.default, args)
+    _, xs, ys = torch.ops.interformer.cross_net_fwd(*args)
+    bwd_args = (torch.randn(3, 40, device=DEVICE), x0.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
+                xs.detach(), ys.detach())
+    torch.library.opcheck(torch.ops.interformer.cross_net_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph_through_the_ops():
+    """``torch.compile(fullgraph=True)`` traces both public functions (forward and backward ops)."""
+    torch._dynamo.reset()
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    for fused, ref, flat, kinds in (
+        (C.low_rank_cross_net, R.low_rank_cross_net, _lr_inputs(3, 40, 8, 2, torch.float32), 3),
+        (C.cross_net, R.cross_net, _fr_inputs(3, 40, 2, torch.float32), 2),
+    ):
+        compiled = torch.compile(fused, fullgraph=True, backend=backend)
+        out, grads, g = _run(compiled, flat, 2, kinds)
+        e_out, e_grads, _ = _run(ref, flat, 2, kinds, grad_out=g)
+        for k, e in zip([out, *grads], [e_out, *e_grads]):
+            assert_rel(k, e, FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- input errors
+def test_input_errors():
+    x0, *params = _lr_inputs(3, 40, 8, 1, torch.float32)
+    w, v, b = params
+    with pytest.raises(ValueError, match="x0"):
+        C.low_rank_cross_net(x0[0], [w], [v], [b])
+    with pytest.raises(ValueError, match="v_kernels"):
+        C.low_rank_cross_net(x0, [w], [v.t()], [b])
+    with pytest.raises(ValueError, match="one length"):
+        C.low_rank_cross_net(x0, [w, w], [v], [b])
+    with pytest.raises(ValueError, match="biases"):
+        C.low_rank_cross_net(x0, [w], [v], [b[:-1]])
+    with pytest.raises(ValueError, match="share one dtype"):
+        C.low_rank_cross_net(x0.half(), [w], [v], [b])
+    with pytest.raises(ValueError, match="kernels"):
+        C.cross_net(x0, [w], [b])
+    with pytest.raises(ValueError, match="share one dtype"):
+        C.cross_net(x0, [torch.randn(40, 40, device=DEVICE).half()], [b])
+    assert C.cross_net(x0, [], []) is x0  # no layer: the input, as the reference returns
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [None, 32])
+@pytest.mark.parametrize("B,n_tokens,d", [(2048, 28, 64), (2048, 12, 64), (512, 72, 128)],
+                         ids=["taobao", "amazon", "long"])
+def test_design_shapes_bf16(B, n_tokens, d, rank):
+    D, L = n_tokens * d, 2
+    if rank is None and D > 2000:
+        B = 128  # the long full-rank layer is 85M parameters: keep the float64 reference small
+    if rank is None:
+        flat = _fr_inputs(B, D, L, torch.bfloat16)
+        _check(C.cross_net, R.cross_net, flat, L, 2, torch.bfloat16)
+    else:
+        flat = _lr_inputs(B, D, rank, L, torch.bfloat16)
+        _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [None, 32])
+def test_module_compiled_with_inductor(rank):
+    torch._dynamo.reset()
+    D = 28 * 64
+    m = (CrossNet(D, 2, backend="triton") if rank is None else LowRankCrossNet(D, 2, rank, backend="triton"))
+    m = _randomize(m).to(DEVICE)
+    x = torch.randn(256, D, device=DEVICE)
+    assert_rel(torch.compile(m)(x), m(x), FP32_TOL)
