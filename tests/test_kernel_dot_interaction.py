@@ -1,0 +1,149 @@
+"""Fused DOT interaction (``interformer.kernels.dot_interaction``) against the eager reference and float64.
+
+Each case compares the output (the strict upper triangle of ``Z Z^T`` in ``triu_indices`` order) and
+the gradient of z with (a) ``interformer.reference.dot_interaction`` in the same dtype and (b) the
+reference on float64 copies: fp32 within ``FP32_TOL`` of both, fp16 (bf16 on GPU) by the DESIGN §5 rule.
+Cases: N in {1 (no pair: ``[B, 0]`` and a zero gradient), 2, 5, 13}, d in {24, 40}, B in {1, 3};
+several token blocks per sample (block size lowered to 16, N = 40), several samples per program
+(B = 5 with a partial last group), d over two chunks (d = 130); non-contiguous z and a stride-0
+upstream gradient; the module with ``backend="triton"`` vs ``"eager"``; ``torch.fx.symbolic_trace``;
+``torch.library.opcheck``; ``torch.compile``; input errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interformer import reference as R
+from interformer.layers import DotInteraction
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
+
+K = pytest.importorskip("interformer.kernels.dot_interaction")
+
+
+def _grad_and_out(fn, z, g):
+    z = z.detach().clone().requires_grad_()
+    out = fn(z)
+    (dz,) = torch.autograd.grad(out, [z], g.to(out.dtype))
+    return out.detach(), dz
+
+
+def _check(z, dtype):
+    B, N, _ = z.shape
+    g = torch.randn(B, N * (N - 1) // 2, device=z.device)
+    out, dz = _grad_and_out(K.dot_interaction, z, g)
+    e_out, e_dz = _grad_and_out(R.dot_interaction, z, g)
+    out64, dz64 = _grad_and_out(R.dot_interaction, z.double(), g.double())
+    for name, k, e, r64 in (("out", out, e_out, out64), ("dz", dz, e_dz, dz64)):
+        assert k.dtype == e.dtype and k.shape == e.shape, f"{name}: {k.dtype} {tuple(k.shape)}"
+        if dtype == torch.float32:
+            assert_rel(k, e, FP32_TOL, name + " vs eager")
+            assert_rel(k, r64, FP32_TOL, name + " vs float64")
+        else:
+            assert_lowp(k, e, r64, name)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [24, 40])
+@pytest.mark.parametrize("N", [2, 5, 13])
+def test_dot_interaction(N, d, dtype):
+    B = 1 if N == 5 else 3
+    _check(torch.randn(B, N, d, device=DEVICE).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_single_token_has_no_pair(dtype):
+    z = torch.randn(3, 1, 24, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = K.dot_interaction(z)
+    assert out.shape == (3, 0) and out.dtype == dtype
+    out.sum().backward()
+    assert z.grad is not None and z.grad.shape == z.shape and not z.grad.any()
+
+
+def test_multi_block_and_multi_sample_paths(monkeypatch):
+    """Token blocks of 16 (N = 40: 3 blocks, 6 block pairs), 2 samples per program (B = 5: the last
+    program has one), and d = 130 over two 128-wide chunks."""
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 2)
+    assert K._config(5, 40, 24)[2:4] == (3, 2)
+    _check(torch.randn(5, 40, 24, device=DEVICE), torch.float32)
+    _check(torch.randn(2, 13, 130, device=DEVICE), torch.float32)
+    _check(torch.randn(5, 40, 24, device=DEVICE).half(), torch.float16)
+
+
+def test_noncontiguous_z_and_stride0_grad():
+    base = torch.randn(3, 24, 13, device=DEVICE)
+    results = []
+    for fn in (K.dot_interaction, R.dot_interaction):
+        z = base.clone().transpose(1, 2).requires_grad_()  # [3, 13, 24] with strides (312, 1, 13)
+        assert not z.is_contiguous()
+        out = fn(z)
+        out.sum().backward()  # stride-0 upstream gradient
+        results.append((out.detach(), z.grad))
+    assert_rel(results[0][0], results[1][0], FP32_TOL, "out")
+    assert_rel(results[0][1], results[1][1], FP32_TOL, "dz")
+    # a strided slice of the token axis
+    z = torch.randn(2, 26, 40, device=DEVICE)[:, ::2]
+    assert_rel(K.dot_interaction(z), R.dot_interaction(z), FP32_TOL, "sliced")
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("num_tokens", [1, 13])
+def test_module_triton_vs_eager(num_tokens):
+    eager = DotInteraction(num_tokens, 24, backend="eager").to(DEVICE)
+    fused = DotInteraction(num_tokens, 24, backend="triton").to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    z = torch.randn(3, num_tokens, 24, device=DEVICE)
+    outs, grads = [], []
+    for m in (fused, eager):
+        zi = z.clone().requires_grad_()
+        out = m(zi)
+        out.backward(torch.randn_like(out, generator=torch.Generator(DEVICE).manual_seed(1)))
+        outs.append(out.detach())
+        grads.append([zi.grad] + [p.grad for p in m.parameters()])
+    assert_rel(outs[0], outs[1], FP32_TOL, "out")
+    for name, k, e in zip(["z", "proj.weight", "proj.bias"], grads[0], grads[1]):
+        assert_rel(k, e, FP32_TOL, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_fx_symbolic_trace(backend):
+    module = DotInteraction(13, 24, backend=backend).to(DEVICE)
+    gm = torch.fx.symbolic_trace(module)
+    if backend == "triton" or DEVICE.type == "cuda":
+        assert "torch.ops.interformer" in gm.code, gm.code
+    z = torch.randn(3, 13, 24, device=DEVICE)
+    assert_rel(gm(z), module(z), FP32_TOL)
+
+
+def test_opcheck():
+    z = torch.randn(3, 13, 24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.interformer.dot_interaction_fwd.default, (z,))
+    g = torch.randn(3, 78, device=DEVICE)
+    torch.library.opcheck(torch.ops.interformer.dot_interaction_bwd.default, (g, z.detach()))
+    torch.library.opcheck(torch.ops.interformer.dot_interaction_fwd.default, (torch.randn(2, 1, 24, device=DEVICE),))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    compiled = torch.compile(K.dot_interaction, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    z = torch.randn(3, 13, 24, device=DEVICE)
+    g = torch.randn(3, 78, device=DEVICE)
+    out, dz = _grad_and_out(compiled, z, g)
+    e_out, e_dz = _grad_and_out(R.dot_interaction, z, g)
+    assert_rel(out, e_out, FP32_TOL, "out")
+    assert_rel(dz, e_dz, FP32_TOL, "dz")
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match="3-D"):
+        K.dot_interaction(torch.randn(3, 13, device=DEVICE))
+    with pytest.raises(ValueError, match="one of"):
+        K.dot_interaction(torch.randn(3, 13, 24, device=DEVICE).double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,d", [(2048, 28, 64), (2048, 12, 64), (512, 72, 128)], ids=["taobao", "amazon", "long"])
+def test_design_shapes_bf16(B, N, d):
+    _check(torch.randn(B, N, d, device=DEVICE).to(torch.bfloat16), torch.bfloat16)
