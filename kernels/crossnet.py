@@ -61,10 +61,15 @@ next_pow2(r))``, ``BLOCK_D = min(128, 8192 // BLOCK_R)`` (forward, rows kernel; 
 weight kernel ``32`` rows x ``min(64, 4096 // BLOCK_R)`` columns, 4 warps. Ranks with
 ``BLOCK_R > 512`` (r > 512: use full rank) and empty batches go to the eager reference.
 
-Parallelism limit: the row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon
-(B = 2048), only 32 at ``long`` (B = 512), where the forward and the rows kernel cannot use the
-whole GPU. A split over D would need a cross-program reduction of ``p`` per layer (a grid-wide sync or
-one launch per layer); that is the next step if measurements show it matters.
+Costs and limits: every 16-row program streams all of U and V (``L * 2 * D * r`` elements, 0.46 MB
+at taobao in bf16) through L2 once or twice per pass; that L2 traffic (about 10x the HBM traffic of
+x0 at BLOCK_B = 16) is the price of keeping x_i on chip with enough programs to fill the GPU. The
+row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon (B = 2048), only 32 at
+``long`` (B = 512), where the forward and the rows kernel cannot use the whole GPU. A split over D
+would need a cross-program reduction of ``p`` per layer (a grid-wide sync or one launch per layer);
+that is the next step if measurements show it matters. At the DESIGN shapes every kernel compiles
+for sm_90 without register spills (checked with an ahead-of-time ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)``).
 
 Full rank (``cross_net``) -- GEMM-bound, one fused GEMM per layer
 -----------------------------------------------------------------
@@ -101,7 +106,8 @@ fp32, fp16, bf16. Parameters must have x0's dtype, except under ``torch.autocast
 type, where x0 is cast to the autocast dtype (as eager's ``F.linear`` would) and the parameters may
 stay in their own dtype (all one dtype): the kernels read them as they are, cast to the compute
 dtype in registers, and return their gradients in their own dtype. Under autocast the output is in
-the autocast dtype (eager's type promotion returns fp32 there). fp32 accumulation everywhere;
+the autocast dtype (eager's type promotion returns fp32 there, and eager keeps the element-wise
+part in fp32 while only its GEMMs run in the autocast dtype). fp32 accumulation everywhere;
 operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
 inputs). fp32 inputs use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32
 accuracy); under ``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made
