@@ -33,9 +33,10 @@ Block sizes (``_config``, fixed by the shape, no autotune): forward ``n_per = mi
 64 // n_out)`` (taobao nonseq n_in = 20, d = 64: 6 samples, 120 token rows in a 128-row tile, 24
 output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in = 64, d = 128: one
 sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
-reaches 8192 elements or in the backward at d >= 64 (checked by compiling for sm_90 ahead of time:
-no spills in bf16 at the DESIGN shapes, except a few dozen bytes in the d = 128 backward; fp32
-spills some).
+reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm_90 ahead of time
+(16-byte aligned contiguous inputs): in bf16 at the DESIGN shapes the forward uses 63-214 registers
+and never spills; the backward uses 180-255 (one 8-warp program per SM at d = 64) and spills up to
+~110 bytes at d = 128; fp32 spills more (correct, not tuned). These are the knobs to tune on a GPU.
 
 Forward (``_glce_fwd_kernel``): one launch, one program per sample block
 ------------------------------------------------------------------------
@@ -52,9 +53,9 @@ its same-sample entries folded into ``[n_in, n_out]`` once at the end by two exa
 and ``dgate_weight = dZ^T Y`` -- a ``[d, B*n_out] x [B*n_out, d]`` reduction over all samples, done
 one of two ways (``_gw_mode``, chosen from the bytes each moves):
 
-* ``"store"``: one program per sample block; dZ and Y are written once in the compute dtype
-  (``2 * B * n_out * d`` elements) and ``torch.mm(dZ^T, Y)`` (cuBLAS, fp32 accumulation) forms
-  dgate_weight -- the one place this op uses cuBLAS: a fused split-K would need either atomics or
+* ``"store"``: up to 4 programs per SM, so about one sample block per program; dZ and Y are
+  written once in the compute dtype (``2 * B * n_out * d`` elements) and ``torch.mm(dZ^T, Y)``
+  (cuBLAS, fp32 accumulation) forms dgate_weight -- the one place this op uses cuBLAS: a fused split-K would need either atomics or
   per-program ``[d, d]`` fp32 partials, which cost more bytes than dZ and Y when few samples share a
   program (e.g. ``long``: d = 128, B = 512);
 * ``"acc"``: ``G`` = SM-count persistent programs (2 under the interpreter, so tests run the loop)
@@ -127,23 +128,23 @@ def _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT: tl.constexpr, KX: tl.
 
 
 @triton.jit
-def _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, sgo, sgi,
+def _glce_recompute(Xb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, sgo, sgi,
                     KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
-    """Token tile x ``[KX, DP]`` of the block starting at sample b0 (zero padded), then ``Y`` and the
-    gate pre-activation ``Z`` as ``[RO, DP]`` fp32, the output-row validity and the gate weight."""
+    """Token tile x ``[KX, DP]`` of the ``nb`` samples of a block (``Xb`` points at its first sample;
+    offsets inside the block are int32; padding zero), then ``Y`` and the gate pre-activation ``Z``
+    as ``[RO, DP]`` fp32, the output-row validity and the gate weight."""
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
     j_ok = j < D
-    kb = b0 + ks
-    xm = (k_ok & (kb < B))[:, None] & j_ok[None, :]
-    x = tl.load(X + kb[:, None] * sxb + kn[:, None] * sxn + j[None, :] * sxd, mask=xm, other=0.0)
+    xm = (k < nb * N_IN)[:, None] & j_ok[None, :]
+    x = tl.load(Xb + (ks * sxb + kn * sxn)[:, None] + j[None, :] * sxd, mask=xm, other=0.0)
     bias = tl.load(BIAS + rm, mask=r_ok, other=0.0).to(tl.float32)
     y = tl.dot(wbd, x, input_precision=PREC) + bias[:, None]
     gw = tl.load(GW + j[:, None] * sgo + j[None, :] * sgi, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
     gw = gw.to(x.dtype)  # gw[k_out, j_in]
     gb = tl.load(GB + j, mask=j_ok, other=0.0).to(tl.float32)
     z = tl.dot(y.to(x.dtype), tl.trans(gw), input_precision=PREC) + gb[None, :]
-    row_ok = r_ok & ((b0 + rs) < B)
+    row_ok = r < nb * N_OUT
     return x, y, z, gw, row_ok
 
 
@@ -157,14 +158,15 @@ def _glce_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     b0 = pid * n_per
+    nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
-    x, y, z, gw, row_ok = _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
-                                          sgo, sgi, KX, RO, DP, PREC)
+    x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
+                                          sxb, sxn, sxd, sgo, sgi, KX, RO, DP, PREC)
     out = y * tl.sigmoid(z)
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    tl.store(OUT + (b0 + rs)[:, None] * sob + rm[:, None] * som + j[None, :] * sod, out.to(OUT.dtype.element_ty),
+    tl.store(OUT + b0 * sob + (rs * sob + rm * som)[:, None] + j[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & (j < D)[None, :])
 
 
@@ -193,11 +195,11 @@ def _glce_bwd_kernel(
         acc_gw = tl.zeros([DP, DP], tl.float32)  # dgate_weight[k_out, j_in]
     for blk in range(pid, n_blocks, G):
         b0 = blk * n_per
-        x, y, z, gw, row_ok = _glce_recompute(X, BIAS, GW, GB, wbd, b0, B, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
-                                              sgo, sgi, KX, RO, DP, PREC)
-        rb = b0 + rs
+        nb = tl.minimum(B - b0, n_per).to(tl.int32)
+        x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
+                                              sxb, sxn, sxd, sgo, sgi, KX, RO, DP, PREC)
         om = row_ok[:, None] & j_ok[None, :]
-        do = tl.load(DO + rb[:, None] * sdob + rm[:, None] * sdom + j[None, :] * sdod, mask=om,
+        do = tl.load(DO + b0 * sdob + (rs * sdob + rm * sdom)[:, None] + j[None, :] * sdod, mask=om,
                      other=0.0).to(tl.float32)
         s = tl.sigmoid(z)
         dz = do * y * s * (1.0 - s)
@@ -208,15 +210,14 @@ def _glce_bwd_kernel(
         acc_db += tl.sum(dy, 1)
         acc_p += tl.dot(x, tl.trans(dy_c), input_precision=PREC)
         if STORE_DZY:
-            rows = rb * N_OUT + rm
-            tl.store(DZ + rows[:, None] * D + j[None, :], dz_c, mask=om)
-            tl.store(YS + rows[:, None] * D + j[None, :], y.to(CDT), mask=om)
+            zy_off = b0 * N_OUT * D
+            tl.store(DZ + zy_off + (r * D)[:, None] + j[None, :], dz_c, mask=om)
+            tl.store(YS + zy_off + (r * D)[:, None] + j[None, :], y.to(CDT), mask=om)
         else:
             acc_gw += tl.dot(tl.trans(dz_c), y.to(CDT), input_precision=PREC)
         dx = tl.dot(tl.trans(wbd), dy_c, input_precision=PREC)
-        kb = b0 + ks
-        tl.store(DX + kb[:, None] * sdxb + kn[:, None] * sdxn + j[None, :] * sdxd, dx.to(DX.dtype.element_ty),
-                 mask=(k_ok & (kb < B))[:, None] & j_ok[None, :])
+        tl.store(DX + b0 * sdxb + (ks * sdxb + kn * sdxn)[:, None] + j[None, :] * sdxd, dx.to(DX.dtype.element_ty),
+                 mask=(k < nb * N_IN)[:, None] & j_ok[None, :])
 
     # dW[n, m] = sum over same-sample entries (k, r) with k % n_in == n, r % n_out == m of acc_p:
     # two exact one-hot matmuls (fp32, "ieee"), once per program.
@@ -284,10 +285,11 @@ def sum_partials(part: torch.Tensor, outs) -> None:
     e3 = e2 + sizes[2]
     if P == 0:
         return
-    BLOCK_C = 128
+    # [128, 32] fp32 tiles: a few hundred partial rows take a handful of iterations per program
+    BLOCK_C, BLOCK_G = 32, 128
     _sum_partials_kernel[(triton.cdiv(P, BLOCK_C),)](
         outs[0], outs[1], outs[2], outs[3], part, G, P, e1, e2, e3, part.stride(0),
-        BLOCK_G=16, BLOCK_C=BLOCK_C,
+        BLOCK_G=BLOCK_G, BLOCK_C=BLOCK_C, num_warps=4,
     )
 
 
@@ -316,8 +318,8 @@ def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, in
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    """Persistent-grid size of the backward's register-accumulation mode: the SM count on a GPU,
-    2 under the interpreter (so the loop over sample blocks runs several times in tests)."""
+    """SM count on a GPU (sizes the backward's grid); 2 under the interpreter, so that the loop
+    over sample blocks runs several times in tests."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
@@ -364,7 +366,9 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
     mode = _gw_mode(B, n_out, d, x.element_size(), _num_sms(x.device))
     store = mode == "store"
-    G = n_blocks if store else min(n_blocks, _num_sms(x.device))
+    # "store": about one block per program (4 per SM; fewer partial rows to reduce than one program
+    # per block); "acc": one persistent program per SM
+    G = min(n_blocks, (4 if store else 1) * _num_sms(x.device))
     P = d + n_in * n_out + n_out + (0 if store else d * d)
     part = torch.empty((G, P), device=x.device, dtype=torch.float32)
     if store:
