@@ -52,17 +52,28 @@ def triton_available() -> bool:
     return True
 
 
+# (kernel file, op) -> fused function or None. Filled outside tracing (module construction, a
+# backend switch, or the first eager call), so that under torch.compile ``_op`` is a plain dict
+# lookup: dynamo cannot trace ``importlib`` and would break the graph there.
+_KERNELS: dict[tuple[str, str], Callable | None] = {}
+
+
 def _kernel_function(module_name: str, op: str) -> Callable | None:
     """The fused implementation ``interformer.kernels.<module_name>.<op>``, or None if absent."""
-    if not triton_available():
-        return None
-    try:
-        mod = importlib.import_module(f"interformer.kernels.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"interformer.kernels.{module_name}":
-            return None
-        raise
-    return getattr(mod, op, None)
+    key = (module_name, op)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    fn = None
+    if triton_available():
+        try:
+            mod = importlib.import_module(f"interformer.kernels.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"interformer.kernels.{module_name}":
+                raise
+        else:
+            fn = getattr(mod, op, None)
+    _KERNELS[key] = fn
+    return fn
 
 
 def resolve(module_name: str, op: str, backend: str, device: torch.device) -> Callable:
@@ -100,7 +111,19 @@ class FusedModule(torch.nn.Module):
 
     def __init__(self, backend: str | None = None) -> None:
         super().__init__()
-        self.backend = check_backend(backend if backend is not None else default_backend())
+        self.backend = backend if backend is not None else default_backend()
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = check_backend(value)
+        if value != "eager":
+            # Resolve the kernels now, outside any trace (see ``_KERNELS``).
+            for file, op in self.kernel_ops:
+                _kernel_function(file, op)
 
     def _device(self) -> torch.device:
         for p in self.parameters():

@@ -141,8 +141,9 @@ def rotary(x: torch.Tensor, base: float, sign: float = 1.0) -> torch.Tensor:
     """
     L, dh = x.shape[1], x.shape[-1]
     half = dh // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2.0 / dh)
-    angle = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    ct = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (the reference checks)
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=ct) * 2.0 / dh)
+    angle = torch.arange(L, device=x.device, dtype=ct)[:, None] * inv_freq[None, :]
     cos = angle.cos().to(x.dtype)[None, :, None, :]
     sin = (sign * angle.sin()).to(x.dtype)[None, :, None, :]
     x1, x2 = x[..., :half], x[..., half:]
@@ -186,9 +187,11 @@ def attention(
     if causal:
         tri = torch.arange(Lk, device=k.device)[None, :] <= torch.arange(Lq, device=k.device)[:, None]
         visible = visible & tri[None, None]
-    # A finite fill keeps empty rows free of NaN (their softmax is uniform and is zeroed below).
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # Softmax in at least fp32. The fill is the finite minimum of that accumulation dtype, so a row
+    # with no visible key stays free of NaN (its softmax is uniform and is zeroed below).
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    scores = scores.to(acc).masked_fill(~visible, torch.finfo(acc).min)
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
     keep = visible.any(dim=-1, keepdim=True)  # [B,1,Lq or 1,1]
     if mask_queries:
         keep = keep & row_mask(lengths, Lq)[:, None, :, None]
