@@ -243,6 +243,12 @@ def run(
     if not ON_GPU:
         row["note"] = SMOKE_NOTE
     benchmark.extra_info.update(row)
+    rows_path = os.environ.get("INTERFORMER_BENCH_ROWS")
+    if rows_path:  # one JSON line per row as it is measured: a run cut short still keeps its rows
+        import json
+
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
     benchmark.pedantic(synchronized(fn), rounds=3 if ON_GPU else 1, iterations=1, warmup_rounds=0)
     return row
 

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
-#   benchmarks), profile (per-range table of one training step). Logs and JSON go to $OUT.
+#   benchmarks), profile (per-range table of one training step). Logs, JSON and JSONL go to $OUT.
+# Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
+# limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
+#   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
+#   TESTS_K           pytest -k expression for the test stage (default: everything)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -9,20 +13,29 @@ OUT="${OUT:-$(pwd)/bench/results/tmp}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 python3 - <<'PY' | tee "$OUT/env.txt"
 import torch, triton
-print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| triton", triton.__version__)
 PY
+bench() {  # bench STAGE FILES... : time-boxed pytest-benchmark run, rows to JSONL, report from them
+  local stage="$1" sel="$2"; shift 2
+  INTERFORMER_BENCH_ROWS="$OUT/$stage.jsonl" timeout "${TIMEOUT}" python3 -m pytest "$@" -q -p no:cacheprovider \
+    ${sel:+-k "$sel"} --benchmark-json="$OUT/$stage.json" --benchmark-columns=median >"$OUT/$stage.log" 2>&1
+  echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/$stage.log" | tail -n 3
+  grep -E "^(FAILED|ERROR)" "$OUT/$stage.log" | head -n 20
+  [ -s "$OUT/$stage.jsonl" ] && python3 bench/report.py "$OUT/$stage.jsonl" --out "$OUT/$stage" | tail -n 70
+}
 for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
-    tests)   python3 -m pytest tests -q -x -n 6 -p no:cacheprovider 2>&1 | tail -n 60 >"$OUT/tests.log"; tail -n 25 "$OUT/tests.log" ;;
-    ops)     python3 -m pytest bench -q -k "not test_model" -p no:cacheprovider --benchmark-json="$OUT/ops.json" \
-               --benchmark-columns=median >"$OUT/ops.log" 2>&1; tail -n 5 "$OUT/ops.log"
-             python3 bench/report.py "$OUT/ops.json" --out "$OUT/ops" | tail -n 60 ;;
-    model)   python3 -m pytest bench/test_bench_model.py -q -p no:cacheprovider --benchmark-json="$OUT/model.json" \
-               --benchmark-columns=median >"$OUT/model.log" 2>&1; tail -n 5 "$OUT/model.log"
-             python3 bench/report.py "$OUT/model.json" --out "$OUT/model" | tail -n 30 ;;
-    profile) python3 profiling/train_step.py --shape taobao --backend triton --torch-profiler >"$OUT/profile.log" 2>&1
-             head -n 20 "$OUT/profile.log" ;;
+    tests)   TIMEOUT="${TESTS_TIMEOUT:-300}"
+             timeout "$TIMEOUT" python3 -m pytest tests -q -rfE -n 8 -p no:cacheprovider --timeout 240 \
+               ${TESTS_K:+-k "$TESTS_K"} >"$OUT/tests.log" 2>&1
+             echo "pytest exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40; tail -n 3 "$OUT/tests.log" ;;
+    ops)     TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" bench --ignore=bench/test_bench_model.py ;;
+    model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;
+    profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
+               --torch-profiler >"$OUT/profile.log" 2>&1
+             echo "exit $?"; head -n 40 "$OUT/profile.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - start ))s"

@@ -2,6 +2,9 @@
 
     python bench/report.py bench/results/latest.json [more.json ...] [--out bench/results/NAME]
 
+Inputs are pytest-benchmark JSON files or ``.jsonl`` files of rows (one per line, as written when
+``$INTERFORMER_BENCH_ROWS`` is set; such a file survives a run that was cut short).
+
 Each benchmark row carries its measurements in ``extra_info`` (see bench/common.py). The table
 has one line per (op, shape, mode): the median time of every provider, the fused path's speedup
 over eager and over ``torch.compile``, and its time as a multiple of the op's floor (bytes over
@@ -25,6 +28,9 @@ def load_rows(paths):
     rows = []
     for path in paths:
         with open(path) as f:
+            if path.endswith(".jsonl"):
+                rows += [json.loads(line) for line in f if line.strip()]
+                continue
             data = json.load(f)
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info") or {}
@@ -50,7 +56,8 @@ def markdown(rows) -> str:
     for r in rows:
         groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r
     providers = order_providers({r["provider"] for r in rows})
-    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused x floor"]
+    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused x floor",
+                                                  "fused/eager peak mem"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for (op, shape, mode), by in sorted(groups.items()):
@@ -63,8 +70,12 @@ def markdown(rows) -> str:
         cells.append(f"{eager['median_ms'] / best_fused:.2f}×" if eager and best_fused else "–")
         cells.append(f"{comp['median_ms'] / best_fused:.2f}×" if comp and best_fused else "–")
         cells.append(f"{fused['x_floor']:.1f}" if fused and "x_floor" in fused else "–")
+        peak_e, peak_f = (eager or {}).get("peak_extra_MiB"), (fused or {}).get("peak_extra_MiB")
+        cells.append(f"{peak_f / peak_e:.2f}" if peak_e and peak_f and peak_e == peak_e and peak_e > 0 else "–")
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Speedups use the best fused variant (fused, fused-compile, fused-streams, fused-cudagraph) of the row."]
+    out += ["", "Speedups use the best fused variant (fused, fused-compile, fused-streams, fused-cudagraph) of the row. "
+            "Peak memory: extra device memory allocated during one timed call (activations, gradients, "
+            "workspaces) of `fused` over `eager`."]
     return "\n".join(out) + "\n"
 
 
