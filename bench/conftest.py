@@ -6,3 +6,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The "bwd" mode times backward() of one saved graph repeatedly (retain_graph=True). Compiled
+# backward graphs donate their saved buffers by default, which forbids retain_graph; turn that
+# off so compiled providers can be timed in that mode (it costs them nothing in fwd/full modes).
+try:
+    import torch._functorch.config as _functorch_config
+
+    _functorch_config.donated_buffer = False
+except (ImportError, AttributeError):  # an older/newer torch without the flag
+    pass

@@ -87,7 +87,10 @@ elements, go to the eager reference (same math, same autograd).
 
 ``torch.library``: ``interformer::gated_lce_fwd`` and ``interformer::gated_lce_bwd`` are
 ``custom_op`` s with fake implementations; the forward's autograd formula calls the backward op, so
-``torch.compile(fullgraph=True)`` traces both. The op boundary is opaque to Inductor.
+``torch.compile(fullgraph=True)`` traces both. The op boundary is opaque to Inductor. Outside
+tracing, :func:`gated_lce` calls the same launchers through a plain ``autograd.Function`` (or none
+when no input needs a gradient), which skips the custom op's dispatch overhead (see
+:mod:`interformer.kernels._dispatch`).
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
 
@@ -435,13 +440,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_out):
-    if grad_out is None:
-        return None, None, None, None, None
-    return torch.ops.interformer.gated_lce_bwd(grad_out, *ctx.saved_tensors)
+def _backward_with(bwd):
+    """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None
+        return tuple(bwd(grad_out, *ctx.saved_tensors))
+    return backward
 
 
-gated_lce_fwd.register_autograd(_backward, setup_context=_setup_context)
+gated_lce_fwd.register_autograd(_backward_with(torch.ops.interformer.gated_lce_bwd), setup_context=_setup_context)
+
+
+def _lean_forward(ctx, *inputs):
+    out = _gated_lce_fwd_impl(*inputs)
+    _setup_context(ctx, inputs, out)
+    return out
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
+_GatedLCE = lean_function("_GatedLCE", _lean_forward, _backward_with(_gated_lce_bwd_impl))
 
 
 # ============================================================================ public function
@@ -502,4 +520,9 @@ def gated_lce(
 
         with torch.autocast(dev, enabled=False):
             return reference.gated_lce(x, *(t.to(x.dtype) for t in (weight, bias, gate_weight, gate_bias)))
-    return torch.ops.interformer.gated_lce_fwd(x, weight, bias, gate_weight, gate_bias)
+    args = (x, weight, bias, gate_weight, gate_bias)
+    if tracing(args):
+        return torch.ops.interformer.gated_lce_fwd(*args)
+    if needs_grad(args):
+        return _GatedLCE.apply(*args)
+    return _gated_lce_fwd_impl(*args)

@@ -1,0 +1,52 @@
+"""Two entry points to every fused op: the ``torch.library`` custom op, and a lean eager path.
+
+Every op of this package is registered as a ``torch.library.custom_op`` pair (``<op>_fwd`` /
+``<op>_bwd``, fake implementations, an autograd formula). That registration is what
+``torch.compile``, ``torch.export`` and ``opcheck`` need, and it is what runs whenever a graph is
+being traced.
+
+Outside tracing, a custom op call pays for its generality: Python-level dispatch through the
+autograd, ADInplaceOrView and backend keys, schema checks and the autograd wrapper, about
+50 us per forward call and another 100 us or more per backward on a typical host. At the DESIGN §6
+shapes a fused kernel runs for tens of microseconds, so that overhead, not the GPU, sets the
+time of an eager training step. The eager path therefore calls the same ``_impl`` launchers through
+a plain ``torch.autograd.Function`` (one Python frame and the C++ autograd node), and skips
+autograd entirely when no input needs a gradient.
+
+Decision: both paths run the same launcher functions with the same arguments, so their results
+are bitwise identical; tests run both (the module tests use the eager path, ``opcheck`` and the
+``torch.compile`` tests the custom ops). The custom op is used whenever
+``torch.compiler.is_compiling()`` is true (dynamo, export) or any tensor argument is a
+``FakeTensor``/functional wrapper rather than a plain tensor; ``torch.fx.symbolic_trace`` records
+the custom op (see the public functions).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def tracing(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the call must go through the registered custom op: a compiler is tracing, or an
+    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass)."""
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return True
+    return False
+
+
+def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def lean_function(name: str, forward: Callable, backward: Callable) -> type:
+    """A ``torch.autograd.Function`` named ``name`` whose forward is ``forward(ctx, *args)`` and
+    backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes."""
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
