@@ -100,7 +100,11 @@ are rounded to the input dtype before their matmuls (as in flash-attention). Und
 ``interformer::attention_qkv_fwd`` / ``interformer::attention_qkv_bwd``, are ``custom_op`` s with fake
 implementations; each forward has a registered autograd formula that calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Scalars reach the kernels as Python
-floats (fp32 kernel arguments); the op boundary is opaque to Inductor.
+floats (fp32 kernel arguments); the op boundary is opaque to Inductor. Outside tracing,
+:func:`attention` calls the same launchers (generic or packed) through a plain ``autograd.Function``
+with the same saved tensors and the same differentiable ``(out, lse)`` outputs, or calls the forward
+launcher alone when no input needs a gradient; this skips the custom op's dispatch overhead (see
+:mod:`interformer.kernels._dispatch`).
 """
 
 from __future__ import annotations
@@ -111,6 +115,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["attention"]
 
@@ -743,16 +749,43 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    # lse is an internal output: its gradient (if any) is ignored.
-    q, k, v, out, lse, lengths = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None, None, None, None, None
-    dq, dk, dv = torch.ops.interformer.attention_bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+def _backward_with(bwd):
+    """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out, grad_lse):
+        # lse is an internal output: its gradient (if any) is ignored.
+        q, k, v, out, lse, lengths = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None, None, None, None
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+    return backward
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+attention_fwd.register_autograd(_backward_with(torch.ops.interformer.attention_bwd), setup_context=_setup_context)
+
+
+def _lean_forward(ctx, *inputs):
+    output = _attention_fwd_impl(*inputs)
+    _setup_context(ctx, inputs, output)
+    return output
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch; like the
+# custom op's autograd wrapper, both outputs are differentiable and lse's gradient is ignored
+_Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl))
+
+
+def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    q, k, v = qkv.unbind(2)
+    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+
+
+def _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    q, k, v = qkv.unbind(2)
+    _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                        grads=dqkv.unbind(2))
+    return dqkv
 
 
 # Packed self-attention: q, k, v are the three slices of one [B, L, 3, H, dh] tensor (the module's
@@ -770,8 +803,7 @@ def attention_qkv_fwd(
     sm_scale: Optional[float],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of packed ``qkv [B, L, 3, H, dh]``: ``(out [B, L, H, dh], lse [B, H, L] fp32)``."""
-    q, k, v = qkv.unbind(2)
-    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    return _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
 @attention_qkv_fwd.register_fake
@@ -794,11 +826,8 @@ def attention_qkv_bwd(
     sm_scale: Optional[float],
 ) -> torch.Tensor:
     """Backward of packed ``qkv``: the contiguous ``[B, L, 3, H, dh]`` gradient."""
-    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-    q, k, v = qkv.unbind(2)
-    _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
-                        grads=dqkv.unbind(2))
-    return dqkv
+    return _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries,
+                                   sm_scale)
 
 
 @attention_qkv_bwd.register_fake
@@ -813,15 +842,28 @@ def _setup_context_qkv(ctx, inputs, output):
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
-def _backward_qkv(ctx, grad_out, grad_lse):
-    qkv, out, lse, lengths = ctx.saved_tensors
-    if grad_out is None:
-        return None, None, None, None, None, None, None
-    dqkv = torch.ops.interformer.attention_qkv_bwd(grad_out, qkv, out, lse, lengths, *ctx.args)
-    return dqkv, None, None, None, None, None, None
+def _backward_qkv_with(bwd):
+    """The packed autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out, grad_lse):
+        qkv, out, lse, lengths = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None, None
+        dqkv = bwd(grad_out, qkv, out, lse, lengths, *ctx.args)
+        return dqkv, None, None, None, None, None, None
+    return backward
 
 
-attention_qkv_fwd.register_autograd(_backward_qkv, setup_context=_setup_context_qkv)
+attention_qkv_fwd.register_autograd(_backward_qkv_with(torch.ops.interformer.attention_qkv_bwd),
+                                    setup_context=_setup_context_qkv)
+
+
+def _lean_forward_qkv(ctx, *inputs):
+    output = _attention_qkv_fwd_impl(*inputs)
+    _setup_context_qkv(ctx, inputs, output)
+    return output
+
+
+_AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl))
 
 #: Route q, k, v that are the three ``unbind(2)`` slices of one packed tensor to the packed op
 #: (tests switch it off to exercise the generic op on the same views).
@@ -907,7 +949,16 @@ def attention(
              None if sm_scale is None else float(sm_scale))
     qkv = _packed_qkv(q, k, v)
     if qkv is not None:
-        out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags)
+        if tracing((qkv, lengths)):
+            out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags)
+        else:  # _packed_qkv only matches tensors that require grad, with grad enabled
+            out, _ = _AttentionQKV.apply(qkv, lengths, *flags)
+        return out
+    tensors = (q, k, v, lengths)
+    if tracing(tensors):
+        out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags)
+    elif needs_grad(tensors):
+        out, _ = _Attention.apply(*tensors, *flags)
     else:
-        out, _ = torch.ops.interformer.attention_fwd(q, k, v, lengths, *flags)
+        out, _ = _attention_fwd_impl(*tensors, *flags)
     return out

@@ -74,7 +74,10 @@ dots are exact fp32.
 ``torch.library``: ``interformer::pffn_mlp_fwd`` / ``interformer::pffn_mlp_bwd`` and
 ``interformer::pffn_linear_fwd`` / ``interformer::pffn_linear_bwd`` are ``custom_op`` s with fake
 implementations; each forward's autograd formula calls its backward op, so
-``torch.compile(fullgraph=True)`` traces forward and backward.
+``torch.compile(fullgraph=True)`` traces forward and backward. Outside tracing, :func:`pffn_mlp` and
+:func:`pffn_linear` call the same launchers through a plain ``autograd.Function`` (or none when no
+input needs a gradient), which skips the custom op's dispatch overhead (see
+:mod:`interformer.kernels._dispatch`).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import lean_function, needs_grad, tracing
 from .gated_lce import sum_partials
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -326,6 +330,25 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     return ds, dwx, da, dgamma, dbeta
 
 
+def _mlp_fwd_impl(s, lengths, w_b, ln_weight, ln_bias, eps):
+    return _fwd_impl(s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+
+
+def _mlp_bwd_impl(grad_out, s, lengths, w_b, ln_weight, ln_bias, eps):
+    """(ds, dw_b, dln_weight, dln_bias)."""
+    ds, dw, _, dg, db = _bwd_impl(grad_out, s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+    return ds, dw, dg, db
+
+
+def _linear_fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps):
+    return _fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+
+
+def _linear_bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps):
+    """(ds, dx_sum, da, dln_weight, dln_bias)."""
+    return _bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+
+
 # ============================================================================ torch.library
 @torch.library.custom_op("interformer::pffn_mlp_fwd", mutates_args=())
 def pffn_mlp_fwd(
@@ -333,7 +356,7 @@ def pffn_mlp_fwd(
     eps: float,
 ) -> torch.Tensor:
     """Forward of mlp-mode PFFN: ``[B, L, d]`` in s's dtype."""
-    return _fwd_impl(s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+    return _mlp_fwd_impl(s, lengths, w_b, ln_weight, ln_bias, eps)
 
 
 @pffn_mlp_fwd.register_fake
@@ -347,8 +370,7 @@ def pffn_mlp_bwd(
     ln_bias: torch.Tensor, eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of mlp-mode PFFN: ``(ds, dw_b, dln_weight, dln_bias)``."""
-    ds, dw, _, dg, db = _bwd_impl(grad_out, s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
-    return ds, dw, dg, db
+    return _mlp_bwd_impl(grad_out, s, lengths, w_b, ln_weight, ln_bias, eps)
 
 
 @pffn_mlp_bwd.register_fake
@@ -363,15 +385,29 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _mlp_backward(ctx, grad_out):
-    if grad_out is None:
-        return None, None, None, None, None, None
-    s, lengths, w_b, ln_weight, ln_bias = ctx.saved_tensors
-    ds, dw, dg, db = torch.ops.interformer.pffn_mlp_bwd(grad_out, s, lengths, w_b, ln_weight, ln_bias, ctx.eps)
-    return ds, None, dw, dg, db, None
+def _mlp_backward_with(bwd):
+    """The mlp autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None, None
+        s, lengths, w_b, ln_weight, ln_bias = ctx.saved_tensors
+        ds, dw, dg, db = bwd(grad_out, s, lengths, w_b, ln_weight, ln_bias, ctx.eps)
+        return ds, None, dw, dg, db, None
+    return backward
 
 
-pffn_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+pffn_mlp_fwd.register_autograd(_mlp_backward_with(torch.ops.interformer.pffn_mlp_bwd),
+                               setup_context=_mlp_setup_context)
+
+
+def _mlp_lean_forward(ctx, *inputs):
+    out = _mlp_fwd_impl(*inputs)
+    _mlp_setup_context(ctx, inputs, out)
+    return out
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
+_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl))
 
 
 @torch.library.custom_op("interformer::pffn_linear_fwd", mutates_args=())
@@ -380,7 +416,7 @@ def pffn_linear_fwd(
     ln_bias: torch.Tensor, eps: float,
 ) -> torch.Tensor:
     """Forward of linear-mode PFFN: ``[B, L, d]`` in s's dtype (``W_b`` never formed)."""
-    return _fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+    return _linear_fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps)
 
 
 @pffn_linear_fwd.register_fake
@@ -394,8 +430,7 @@ def pffn_linear_bwd(
     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of linear-mode PFFN: ``(ds, dx_sum, da, dln_weight, dln_bias)``."""
-    ds, dx, da, dg, db = _bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
-    return ds, dx, da, dg, db
+    return _linear_bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps)
 
 
 @pffn_linear_bwd.register_fake
@@ -409,16 +444,29 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _linear_backward(ctx, grad_out):
-    if grad_out is None:
-        return None, None, None, None, None, None, None
-    s, lengths, x_sum, a, ln_weight, ln_bias = ctx.saved_tensors
-    ds, dx, da, dg, db = torch.ops.interformer.pffn_linear_bwd(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias,
-                                                               ctx.eps)
-    return ds, None, dx, da, dg, db, None
+def _linear_backward_with(bwd):
+    """The linear autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None, None, None, None
+        s, lengths, x_sum, a, ln_weight, ln_bias = ctx.saved_tensors
+        ds, dx, da, dg, db = bwd(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, ctx.eps)
+        return ds, None, dx, da, dg, db, None
+    return backward
 
 
-pffn_linear_fwd.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+pffn_linear_fwd.register_autograd(_linear_backward_with(torch.ops.interformer.pffn_linear_bwd),
+                                  setup_context=_linear_setup_context)
+
+
+def _linear_lean_forward(ctx, *inputs):
+    out = _linear_fwd_impl(*inputs)
+    _linear_setup_context(ctx, inputs, out)
+    return out
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
+_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl))
 
 
 # ============================================================================ public functions
@@ -497,7 +545,12 @@ def pffn_mlp(
     if d > MAX_D:
         return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
-    return torch.ops.interformer.pffn_mlp_fwd(s, lengths, w_b, ln_weight, ln_bias, float(eps))
+    tensors = (s, lengths, w_b, ln_weight, ln_bias)
+    if tracing(tensors):
+        return torch.ops.interformer.pffn_mlp_fwd(*tensors, float(eps))
+    if needs_grad(tensors):
+        return _PFFNMLP.apply(*tensors, float(eps))
+    return _mlp_fwd_impl(*tensors, float(eps))
 
 
 def pffn_linear(
@@ -538,4 +591,9 @@ def pffn_linear(
     if d > MAX_D or n_sum == 0:
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
-    return torch.ops.interformer.pffn_linear_fwd(s, lengths, x_sum, a, ln_weight, ln_bias, float(eps))
+    tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)
+    if tracing(tensors):
+        return torch.ops.interformer.pffn_linear_fwd(*tensors, float(eps))
+    if needs_grad(tensors):
+        return _PFFNLinear.apply(*tensors, float(eps))
+    return _linear_fwd_impl(*tensors, float(eps))

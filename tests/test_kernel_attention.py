@@ -9,7 +9,8 @@ queries; causal on/off; rotary on q and k, on k only, off; mask_queries on/off; 
 the full length; the non-contiguous ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views the module
 makes, transposed layouts, and stride-0 upstream gradients (``out.sum()``). Both kernel paths of the
 backward are reached (single query block: Lq <= 128; general dkdv + dq kernels: Lq > 128), and the
-forward's 16/64/128-row query blocks.
+forward's 16/64/128-row query blocks. The eager entry (plain autograd.Function, generic and packed, and
+the no-grad launcher) must match the custom ops bit for bit.
 """
 
 from __future__ import annotations
@@ -426,6 +427,96 @@ def test_compile_fullgraph_traces_forward_and_backward():
     qkv.grad = None
     f(qkv).backward()
     assert_rel(g_c, qkv.grad, FP32_TOL, "compiled grad")
+
+
+# ----------------------------------------------------------------------------- eager entry vs custom op
+LEAN_CASES = [
+    # (id, shared, Lq, Lk, causal, rope_base, rope_q, mask_queries, sm_scale, requires_grad of q, k, v)
+    ("self-rope-causal", False, 9, 9, True, BASE, True, True, None, (True, True, True)),
+    ("pma-shared", True, 2, 11, False, None, True, False, None, (True, True, True)),
+    ("cross-ropek-scale-k-only", False, 5, 11, False, BASE, False, True, 0.3, (False, True, False)),
+    ("general-bwd-L129", False, 129, 129, False, BASE, True, True, None, (True, True, True)),
+]
+
+
+@pytest.mark.parametrize("case", LEAN_CASES, ids=lambda c: c[0])
+def test_eager_entry_matches_custom_op_bitwise(case):
+    """Outside tracing :func:`attention` runs the launchers through a plain autograd.Function (no
+    custom-op dispatch); ``interformer::attention_fwd`` called directly (what torch.compile records)
+    must give the very same output, lse and gradients, bit for bit, with the same dtypes and the same
+    differentiable outputs; under no_grad the forward launcher alone gives the same output."""
+    cid, shared, Lq, Lk, causal, rope_base, rope_q, mask_q, sm_scale, req = case
+    B, H, dh = 3, 2, 16
+    gen = torch.Generator().manual_seed(zlib.crc32(cid.encode()))
+    masters = [torch.randn(1 if shared else B, Lq, H, dh, generator=gen), torch.randn(B, Lk, H, dh, generator=gen),
+               torch.randn(B, Lk, H, dh, generator=gen)]
+    lengths = torch.tensor([Lk, 0, max(Lk // 2, 1)], device=DEVICE)
+    flags = (causal, rope_base, rope_q, mask_q, sm_scale)
+    grad = torch.randn(B, Lq, H, dh, generator=gen).to(DEVICE)
+
+    def go(fn):
+        leaves = [m.to(DEVICE).clone().requires_grad_(r) for m, r in zip(masters, req)]
+        out, lse = fn(*leaves, lengths, *flags)
+        meta = (type(out.grad_fn).__name__, out.requires_grad, lse.requires_grad, lse.dtype)
+        out.backward(grad)
+        return out.detach(), lse.detach(), meta, [t.grad for t in leaves]
+
+    lean = go(A._Attention.apply)
+    op = go(torch.ops.interformer.attention_fwd)
+    assert lean[2][0] == "_AttentionBackward" and op[2][0].startswith("GeneratedBackwardFor_interformer_attention")
+    assert lean[2][1:] == op[2][1:] == (True, True, torch.float32)
+    assert torch.equal(lean[0], op[0]) and torch.equal(lean[1], op[1])
+    for name, a, b, r in zip(("dq", "dk", "dv"), lean[3], op[3], req):
+        if not r:
+            assert a is None and b is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{name}: eager entry and custom op differ"
+        assert bool(a.abs().sum() > 0), name
+    # the public function: autograd.Function with grad, the launcher alone without
+    q, k, v = (m.to(DEVICE).clone().requires_grad_(r) for m, r in zip(masters, req))
+    out = A.attention(q, k, v, lengths, *flags)
+    assert type(out.grad_fn).__name__ == "_AttentionBackward" and torch.equal(out, op[0])
+    with torch.no_grad():
+        out_ng = A.attention(q, k, v, lengths, *flags)
+    assert out_ng.grad_fn is None and not out_ng.requires_grad and torch.equal(out_ng, op[0])
+    out_plain = A.attention(q.detach(), k.detach(), v.detach(), lengths, *flags)
+    assert out_plain.grad_fn is None and torch.equal(out_plain, op[0])
+
+
+@pytest.mark.parametrize("L", [13, 130])
+def test_eager_entry_packed_matches_custom_op_bitwise(L):
+    """The packed path: :func:`attention` on the module's ``unbind(2)`` views runs the packed launchers
+    through a plain autograd.Function; ``interformer::attention_qkv_fwd`` called directly on the
+    packed tensor gives the very same output, lse and gradient (contiguous [B, L, 3, H, dh])."""
+    B, H, dh = 3, 2, 16
+    gen = torch.Generator().manual_seed(L)
+    base = torch.randn(B, L, 3 * H * dh, generator=gen).to(DEVICE)
+    lengths = torch.tensor([L, 0, L // 2], device=DEVICE)
+    grad = torch.randn(B, L, H, dh, generator=gen).to(DEVICE)
+    flags = (True, BASE, True, True, None)
+    results = []
+    for path in ("public", "lean", "op"):
+        leaf = base.clone().requires_grad_()
+        qkv = (leaf * 1).view(B, L, 3, H, dh)  # a non-leaf, as a Linear output is
+        if path == "public":
+            out = A.attention(*qkv.unbind(2), lengths, *flags)
+            lse = None
+        else:
+            out, lse = (A._AttentionQKV.apply if path == "lean" else torch.ops.interformer.attention_qkv_fwd)(
+                qkv, lengths, *flags)
+            assert lse.requires_grad and lse.dtype == torch.float32
+        grad_fn = type(out.grad_fn).__name__
+        out.backward(grad)
+        results.append((grad_fn, out.detach(), None if lse is None else lse.detach(), leaf.grad))
+    (pub_fn, pub_out, _, pub_g), (lean_fn, lean_out, lean_lse, lean_g), (op_fn, op_out, op_lse, op_g) = results
+    assert pub_fn == lean_fn == "_AttentionQKVBackward" and op_fn.startswith("GeneratedBackwardFor_interformer")
+    assert torch.equal(pub_out, op_out) and torch.equal(lean_out, op_out) and torch.equal(lean_lse, op_lse)
+    assert pub_g.dtype == op_g.dtype and torch.equal(pub_g, op_g) and torch.equal(lean_g, op_g)
+    assert bool(op_g.abs().sum() > 0)
+    with torch.no_grad():
+        q, k, v = base.view(B, L, 3, H, dh).unbind(2)
+        out_ng = A.attention(q, k, v, lengths, *flags)
+    assert out_ng.grad_fn is None and torch.equal(out_ng, op_out)
 
 
 # ----------------------------------------------------------------------------- validation, harness

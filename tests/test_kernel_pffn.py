@@ -10,7 +10,8 @@ s contiguous, transposed (``[B, d, L].transpose(1, 2)``) and sliced out of a wid
 stride-0 (``out.sum()``) upstream gradients. Padded output rows and their s-gradients must be exact
 zeros, and NaN planted in the padded rows of s and of the upstream gradient must not reach anything.
 Also: the ``PersonalizedFFN`` module (both modes) with backend="triton" vs "eager", ``opcheck`` of
-the four ops, ``torch.compile(fullgraph=True)``, autocast, validation and a wrong-kernel check.
+the four ops, ``torch.compile(fullgraph=True)``, autocast, validation and a wrong-kernel check, and the
+eager entry (plain autograd.Function / no-grad launcher) against the custom ops, bit for bit.
 """
 
 from __future__ import annotations
@@ -289,6 +290,74 @@ def test_compile_fullgraph_traces_forward_and_backward(mode):
     f(*leaves).backward()
     for name, a, e in zip(names_for(mode)[1:], g_c, [t.grad for t in leaves]):
         assert_rel(a, e, FP32_TOL, "compiled " + name)
+
+
+# ----------------------------------------------------------------------------- eager entry vs custom op
+def _custom_op(mode):
+    return torch.ops.interformer.pffn_mlp_fwd if mode == "mlp" else torch.ops.interformer.pffn_linear_fwd
+
+
+def _grads_of(mode, fn, masters, lengths, grad, which):
+    """Output, grad_fn and leaf gradients of ``fn(s, lengths, *params, EPS)`` on fp32 copies of
+    ``masters``; ``which`` = "all" (every input requires grad) or "s" (only s)."""
+    leaves = [m.float().to(DEVICE).clone().requires_grad_(which == "all" or i == 0) for i, m in enumerate(masters)]
+    s = layout_s(leaves[0], "transposed")  # a non-contiguous view, as in the module
+    out = fn(s, lengths, *leaves[1:], EPS)
+    grad_fn = type(out.grad_fn).__name__
+    out.backward(grad)
+    return out.detach(), grad_fn, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("which", ["all", "s"])
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_eager_entry_matches_custom_op_bitwise(mode, which):
+    """Outside tracing the public function runs the launchers through a plain autograd.Function (no
+    custom-op dispatch); the custom op called directly (what torch.compile records) must give the very
+    same output and gradients, bit for bit, with the same dtypes; under no_grad the forward launcher
+    alone gives the same output."""
+    B, L, d, n_sum = 3, 9, 24, 4
+    gen = torch.Generator().manual_seed(zlib.crc32(f"lean-{mode}-{which}".encode()))
+    masters = make_masters(mode, B, L, d, n_sum, gen)
+    lengths = torch.tensor([9, 0, 4], device=DEVICE)
+    grad = torch.randn(B, L, d, generator=gen).to(DEVICE)
+    public = K.pffn_mlp if mode == "mlp" else K.pffn_linear
+    lean = _grads_of(mode, public, masters, lengths, grad, which)
+    op = _grads_of(mode, _custom_op(mode), masters, lengths, grad, which)
+    assert lean[1] == ("_PFFNMLPBackward" if mode == "mlp" else "_PFFNLinearBackward")  # the eager entry ran
+    assert op[1].startswith("GeneratedBackwardFor_interformer_pffn_")  # the custom op's autograd wrapper ran
+    assert lean[0].dtype == op[0].dtype == torch.float32 and torch.equal(lean[0], op[0])
+    for name, a, b in zip(names_for(mode)[1:], lean[2], op[2]):
+        if which == "s" and name != "ds":
+            assert a is None and b is None, name
+            continue
+        assert a is not None and a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: eager entry and custom op differ"
+    assert rel_err(lean[2][0], torch.zeros_like(lean[2][0])) > 0  # non-trivial gradients were compared
+    leaves = [m.float().to(DEVICE) for m in masters]
+    with torch.no_grad():
+        out_ng = public(layout_s(leaves[0], "transposed"), lengths, *(t.requires_grad_() for t in leaves[1:]), EPS)
+    assert out_ng.grad_fn is None and not out_ng.requires_grad and torch.equal(out_ng, op[0])
+    out_plain = public(layout_s(leaves[0], "transposed"), lengths, *(t.detach() for t in leaves[1:]), EPS)
+    assert out_plain.grad_fn is None and torch.equal(out_plain, op[0])
+
+
+def test_eager_entry_default_layer_norm_params():
+    """ln_weight/ln_bias None (fp32 ones/zeros made by the public function) through the eager entry
+    equals the custom op given those tensors."""
+    B, L, d = 2, 5, 24
+    gen = torch.Generator().manual_seed(11)
+    s, w = (m.float().to(DEVICE) for m in make_masters("mlp", B, L, d, 1, gen)[:2])
+    lengths = torch.tensor([5, 3], device=DEVICE)
+    ones, zeros = torch.ones(d, device=DEVICE), torch.zeros(d, device=DEVICE)
+    results = []
+    for lean in (True, False):
+        sl, wl = s.clone().requires_grad_(), w.clone().requires_grad_()
+        out = K.pffn_mlp(sl, lengths, wl, None, None, EPS) if lean else \
+            torch.ops.interformer.pffn_mlp_fwd(sl, lengths, wl, ones, zeros, EPS)
+        out.square().sum().backward()
+        results.append((out.detach(), sl.grad, wl.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- validation, harness
