@@ -56,10 +56,29 @@ upstream gradient), ``dx0 = g_0 + sum_i g_{i+1} * y_i``, ``dU_i = dy_i^T p_i``, 
 
 Recomputing ``x_i`` / ``g_{i+1}`` on a chunk costs ``O(L)`` small ``[16, r] x [r, chunk]`` dots per
 chunk and pass (``O(L^2)`` in all), which is free next to the memory traffic for the L <= 4 of DCN
-practice. Block sizes (fixed by shape, no autotune): ``BLOCK_B = 16``, ``BLOCK_R = max(16,
-next_pow2(r))``, ``BLOCK_D = min(128, 8192 // BLOCK_R)`` (forward, rows kernel; at least 16),
-weight kernel ``32`` rows x ``min(64, 4096 // BLOCK_R)`` columns, 4 warps. Ranks with
-``BLOCK_R > 512`` (r > 512: use full rank) and empty batches go to the eager reference.
+practice.
+
+Block sizes and shared memory (``_lr_plan``, fixed by shape, no autotune): ``BLOCK_B = 16``,
+``BLOCK_R = max(16, next_pow2(r))``, 4 warps; the column tile and ``num_stages`` are the first that
+fit an H100's 227 KiB (232448 bytes) of shared memory per program by an upper estimate
+(``_lr_smem``), trying 3 stages (Triton's default), then 2, then 1, each from the widest tile down to
+16 columns: at most ``min(128, 8192 // BLOCK_R)`` columns for the forward and rows kernels, ``32``
+(then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel. The estimate is the
+largest over a kernel's loops of ``num_stages`` copies of every tile the loop loads (stored dtype:
+x0 / gradient ``[16, BLOCK_D]``, U / V ``[BLOCK_D, BLOCK_R]``, fp32 P / dP rows ``[16, BLOCK_R]``,
+the loop-invariant ones included), at least two copies of the weight kernel's loop-invariant fp32
+U / V tiles (``tf32x3`` stages hi and lo halves), and a staging copy of each dot operand computed in
+registers. Every pass of a row kernel holds one tile per layer (the recurrences), so the bytes grow
+as ``L * BLOCK_D * BLOCK_R``: at r = 200 (BLOCK_R = 256), L = 3, fp32 the old fixed 32-column,
+3-stage forward asked 296960 bytes (over the H100's limit); the plan takes 16 columns and 2 stages
+(estimate 199040, compiled 117888). At the benchmark shapes (r = 32, L = 2, bf16) the plan is the
+old fixed one (128 / 128 columns, 32 x 64 weight tiles, 3 stages; compiled 46 / 84 / 43 KB). The
+estimate is 1.4x to 6x the ``metadata.shared`` of ahead-of-time sm_90 builds
+(tests/test_kernel_crossnet.py builds the planned kernels and checks both bounds). On a GPU the
+budget is the device's own per-block limit. Ranks with ``BLOCK_R > 512`` (r > 512: use full rank),
+shapes with no fitting tile (large ranks with many layers; fp32: r > 256 with L >= 2, r > 128 with
+L >= 4, r > 64 with L >= 8; 16-bit: r > 256 with L >= 3, r > 128 with L >= 5) and empty batches go
+to the eager reference.
 
 Costs and limits: every 16-row program streams all of U and V (``L * 2 * D * r`` elements, 0.46 MB
 at taobao in bf16) through L2 once or twice per pass; that L2 traffic (about 10x the HBM traffic of
@@ -124,7 +143,8 @@ public functions skip their checks and emit the op call (``torch.ops.interformer
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -134,6 +154,8 @@ __all__ = ["cross_net", "low_rank_cross_net"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_R = 512
+#: Shared memory one program may use: the opt-in limit per block of an H100 (sm_90, 227 KiB).
+SMEM_LIMIT = 232448
 # Low-rank weight-gradient kernel: aim for about this many programs (columns x row splits).
 _TARGET_PROGRAMS = 128
 
@@ -345,13 +367,116 @@ def _lr_bwd_weights_kernel(
 
 
 # ============================================================================ low rank: launchers
-def _lr_blocks(D: int, R: int) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_D, BLOCK_R, BLOCK_BW, BLOCK_DW): row-kernel and weight-kernel tiles."""
-    block_r = max(16, _next_pow2(R))
+class _LRPlan(NamedTuple):
+    """Tiles of the low-rank kernels for one (D, r, L, dtypes). ``fwd`` and ``rows``: ``(BLOCK_D,
+    num_stages)`` of the forward and of the backward rows kernel (``BLOCK_B = 16``); ``weights``:
+    ``(BLOCK_B, BLOCK_D, num_stages)`` of the weight-gradient kernel."""
+    block_r: int
+    fwd: Tuple[int, int]
+    rows: Tuple[int, int]
+    weights: Tuple[int, int, int]
+
+
+_LR_BLOCK_B = 16
+
+
+def _lr_smem(kind: str, L: int, bb: int, bd: int, br: int, stages: int, x_bytes: int, p_bytes: int) -> int:
+    """Upper estimate (bytes) of the shared memory of one program of a low-rank kernel (``kind`` =
+    ``"fwd"``, ``"rows"`` or ``"weights"``): the largest over the kernel's D / row loops of
+
+    * ``num_stages`` copies of every tile the loop loads, in its stored dtype (x0 / gradient
+      ``[bb, bd]`` in x0's dtype; U, V ``[bd, br]`` and biases in the parameters' dtype; P, dP
+      ``[bb, br]`` fp32), loop-invariant ones (P / dP rows, hoisted out of the D loop) included: the
+      software pipeline keeps ``num_stages - 1`` buffers per load, plus one for the operand's staging;
+    * at least two copies of the loop-invariant fp32 weight tiles of the weight kernel (``tf32x3``
+      stages their hi and lo halves), and
+    * a staging copy of each dot operand computed in registers (two, hi and lo, for fp32).
+
+    Checked against the ``metadata.shared`` of ahead-of-time sm_90 builds over a grid of tiles,
+    stages, ranks and layers: the estimate was 1.1x to 8x the compiled value (the planned kernels are
+    built and checked by tests/test_kernel_crossnet.py)."""
+    fp32 = x_bytes == 4
+    x = bb * bd * x_bytes
+    w = bd * br * p_bytes
+    b = bd * p_bytes
+    pt = bb * br * 4
+    stage = bb * bd * (8 if fp32 else x_bytes)
+    loops = []  # (bytes loaded per iteration, loop-invariant bytes, invariant copies, staged bytes)
+    if kind == "fwd":  # pass k: x0, U_j and b_j (j < k), V_k (k < L); P_j rows invariant
+        for k in range(L + 1):
+            loops.append((x + k * (w + b) + (w if k < L else 0), k * pt, stages, stage if k < L else 0))
+    elif kind == "rows":  # dp pass i: g, x0, V_j (j > i), U_i; dP_j rows invariant. dx0 pass: g, U, V, b
+        for i in range(L):
+            loops.append((2 * x + (L - i) * w, (L - 1 - i) * pt, stages, stage))
+        loops.append((x + L * (2 * w + b), 2 * L * pt, stages, 0))
+    elif kind == "weights":  # layer i: x0, g, L + 1 P / dP row tiles; U_j / V_j (j != i) invariant
+        for i in range(L):
+            loops.append((2 * x + (L + 1) * pt, (L - 1) * w + i * b, max(stages, 2 if fp32 else 1), 2 * stage))
+    else:
+        raise ValueError(kind)
+    return max(stages * per_iter + copies * inv + staged for per_iter, inv, copies, staged in loops)
+
+
+def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: int, p_bytes: int, budget: int):
+    """The first ``(BLOCK_B, BLOCK_D, num_stages)`` whose :func:`_lr_smem` is within ``budget``: 3
+    stages (Triton's default) before 2 before 1, then the widest tile; None if even 16 columns and
+    one stage do not fit."""
+    for stages in (3, 2, 1):
+        for bb in bbs:
+            bd = cap
+            while bd >= 16:
+                if _lr_smem(kind, L, bb, bd, br, stages, x_bytes, p_bytes) <= budget:
+                    return bb, bd, stages
+                bd //= 2
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
+             budget: int = SMEM_LIMIT) -> Optional[_LRPlan]:
+    """Block sizes and stages of the three low-rank kernels, or None when they cannot run (``BLOCK_R >
+    512``, or no tile of 16 columns fits ``budget`` bytes of shared memory: large ranks with many
+    layers; the public function then uses the eager reference)."""
+    br = max(16, _next_pow2(R))
+    if br > MAX_BLOCK_R:
+        return None
+    xb, pb = x_dtype.itemsize, p_dtype.itemsize
     dp2 = max(16, _next_pow2(D))
-    block_d = max(16, min(128, 8192 // block_r, dp2))
-    block_dw = max(16, min(64, 4096 // block_r, dp2))
-    return 16, block_d, block_r, 32, block_dw
+    row_cap = max(16, min(128, 8192 // br, dp2))
+    w_cap = max(16, min(64, 4096 // br, dp2))
+    fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
+    rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
+    weights = _lr_pick("weights", L, br, w_cap, (32, 16), xb, pb, budget)
+    if fwd is None or rows is None or weights is None:
+        return None
+    return _LRPlan(br, fwd[1:], rows[1:], weights)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_limit(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def _smem_budget(device: torch.device) -> int:
+    """Shared memory a program may use on ``device``: the GPU's opt-in limit per block (232448 bytes
+    on an H100), :data:`SMEM_LIMIT` elsewhere (the interpreter plans for an H100)."""
+    if device.type == "cuda":
+        return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return SMEM_LIMIT
+
+
+def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
+    B, D = x0.shape
+    return _lr_plan(D, ws[0].shape[1], L, x0.dtype, ws[0].dtype, _smem_budget(x0.device))
+
+
+def _lr_plan_or_raise(x0, ws, L) -> _LRPlan:
+    plan = _lr_plan_for(x0, ws, L)
+    if plan is None:
+        raise ValueError(f"low_rank_cross_net: no kernel configuration for D={x0.shape[1]}, r={ws[0].shape[1]}, "
+                         f"L={L} (rank above {MAX_BLOCK_R}, or too large for shared memory): use the public "
+                         f"function, which falls back to the eager reference")
+    return plan
 
 
 def _flat_bias(bs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -367,10 +492,12 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     L, R = len(ws), ws[0].shape[1]
     out = torch.empty((B, D), device=x0.device, dtype=x0.dtype)
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
-    BB, BD, BR, _, _ = _lr_blocks(D, R)
-    _lr_fwd_kernel[(triton.cdiv(B, BB),)](
+    plan = _lr_plan_or_raise(x0, ws, L)
+    bd, stages = plan.fwd
+    _lr_fwd_kernel[(triton.cdiv(B, _LR_BLOCK_B),)](
         out, p, x0, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=BB, BLOCK_D=BD, BLOCK_R=BR, PREC=_precision(x0.dtype), num_warps=4,
+        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=_precision(x0.dtype),
+        num_warps=4, num_stages=stages,
     )
     return out, p
 
@@ -397,12 +524,15 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     pdt = ws[0].dtype
     dev = x0.device
     prec = _precision(x0.dtype)
-    BB, BD, BR, BBW, BDW = _lr_blocks(D, R)
+    plan = _lr_plan_or_raise(x0, ws, L)
+    BR = plan.block_r
+    bd, stages = plan.rows
+    BBW, BDW, w_stages = plan.weights
     dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
-    _lr_bwd_rows_kernel[(triton.cdiv(B, BB),)](
+    _lr_bwd_rows_kernel[(triton.cdiv(B, _LR_BLOCK_B),)](
         dx0, dp, g, x0, p, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=BB, BLOCK_D=BD, BLOCK_R=BR, PREC=prec, num_warps=4,
+        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, num_warps=4, num_stages=stages,
     )
     du = torch.empty((L, D, R), device=dev, dtype=pdt)
     dv = torch.empty((L, R, D), device=dev, dtype=pdt)
@@ -413,6 +543,7 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     _lr_bwd_weights_kernel[(triton.cdiv(D, BDW), split)](
         du, dv, db, part, g, x0, p, dp, ws, vs, bs, B, D, R, rows, total,
         NUM_LAYERS=L, DIRECT=split == 1, BLOCK_B=BBW, BLOCK_D=BDW, BLOCK_R=BR, PREC=prec, num_warps=4,
+        num_stages=w_stages,
     )
     if split > 1:
         _sum_partials(part, (du, dv, db))
@@ -806,7 +937,7 @@ def low_rank_cross_net(
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
-    if B == 0 or max(16, _next_pow2(R)) > MAX_BLOCK_R:
+    if B == 0 or _lr_plan_for(x0, ws, len(ws)) is None:
         return _eager(op, x0, ws, vs, bs)
     return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
 

@@ -99,9 +99,195 @@ def test_low_rank_cross_net(B, D, r, L, dtype):
 
 def test_low_rank_split_path_is_exercised():
     """The (70, 40, 8, 2) case above really goes through the split weight-gradient path."""
-    _, _, _, bbw, bdw = C._lr_blocks(40, 8)
+    bbw, bdw, _ = C._lr_plan(40, 8, 2, torch.float32, torch.float32).weights
     split, _ = C._lr_split(70, 40, 8, 2, bbw, bdw, 4)
     assert split == 2
+
+
+# ----------------------------------------------------------------------------- shared memory of the low-rank tiles
+# An H100 (sm_90) gives one program at most 232448 bytes of shared memory; a launch asking more fails
+# with OutOfResources (it did at D = 312, r = 200, L = 3 before the tiles were planned by estimate).
+H100_SMEM = 232448
+# the benchmark's D = (n + 8) * 64 for n = 20 and 4, and (64 + 8) * 128; r = 32, 2 layers
+BENCH_SHAPES = [((20 + 8) * 64, 32, 2), ((4 + 8) * 64, 32, 2), ((64 + 8) * 128, 32, 2)]
+SMEM_GRID = [(D, r, L) for D in (40, 312, 768, 1792, 9216) for r in (1, 8, 24, 32, 64, 100, 128, 200, 256, 400, 512)
+             for L in (1, 2, 3, 4, 6)]
+_DT_PAIRS = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+             (torch.bfloat16, torch.float32)]  # the last: autocast, fp32 parameters
+
+
+def _plan_estimates(D, r, L, xdt, pdt):
+    plan = C._lr_plan(D, r, L, xdt, pdt)
+    if plan is None:
+        return None, {}
+    xb, pb = xdt.itemsize, pdt.itemsize
+    est = {
+        "fwd": C._lr_smem("fwd", L, C._LR_BLOCK_B, plan.fwd[0], plan.block_r, plan.fwd[1], xb, pb),
+        "rows": C._lr_smem("rows", L, C._LR_BLOCK_B, plan.rows[0], plan.block_r, plan.rows[1], xb, pb),
+        "weights": C._lr_smem("weights", L, *plan.weights[:2], plan.block_r, plan.weights[2], xb, pb),
+    }
+    return plan, est
+
+
+@pytest.mark.parametrize("xdt,pdt", _DT_PAIRS, ids=lambda t: str(t).replace("torch.", ""))
+def test_low_rank_plans_fit_h100_shared_memory(xdt, pdt):
+    """Every plan the kernels run with stays within an H100's shared memory by the estimate, for a
+    grid of D, r (up to 512) and L; the failing case and the benchmark shapes get kernels (no eager
+    fallback); every rank <= 512 gets kernels at L = 1; a shape with no plan is one with a large
+    rank and many layers."""
+    for D, r, L in SMEM_GRID + BENCH_SHAPES + [(312, 200, 3)]:
+        plan, est = _plan_estimates(D, r, L, xdt, pdt)
+        if plan is None:
+            assert r > 64 and L > 1, (D, r, L)
+            continue
+        for kind, bytes_ in est.items():
+            assert bytes_ <= H100_SMEM, f"D={D} r={r} L={L} {kind}: estimate {bytes_} > {H100_SMEM} ({plan})"
+        assert all(b >= 16 for b in (plan.fwd[0], plan.rows[0], *plan.weights[:2]))
+    for D, r, L in BENCH_SHAPES + [(312, 200, 3)] + [(D, r, 1) for D, r, _ in SMEM_GRID]:
+        assert C._lr_plan(D, r, L, xdt, pdt) is not None, (D, r, L)
+    # the benchmark tiles are the ones measured before the plans existed: 3 stages, full-width tiles
+    if xdt == pdt != torch.float32:
+        for D, r, L in BENCH_SHAPES:
+            assert C._lr_plan(D, r, L, xdt, pdt) == C._LRPlan(32, (128, 3), (128, 3), (32, 64, 3))
+
+
+def test_low_rank_estimate_counts_stages_layers_and_tiles():
+    """The estimate grows with every quantity it is made of, and matches a hand count at the
+    failing shape: fp32, r = 200 (BLOCK_R = 256), L = 3, forward with 32-column tiles and 3 stages
+    (the configuration that asked for 296960 bytes on an H100): its last pass loads x0 [16, 32],
+    U_0..2 [32, 256], b_0..2 [32] per step and holds P_0..2 [16, 256] (fp32)."""
+    per_step = 16 * 32 * 4 + 3 * (32 * 256 * 4 + 32 * 4)
+    invariant = 3 * 16 * 256 * 4
+    assert C._lr_smem("fwd", 3, 16, 32, 256, 3, 4, 4) == 3 * per_step + 3 * invariant
+    assert C._lr_smem("fwd", 3, 16, 32, 256, 3, 4, 4) > 296960  # an upper estimate of the compiled value
+    for kind in ("fwd", "rows", "weights"):
+        base = C._lr_smem(kind, 2, 16, 32, 64, 2, 2, 2)
+        assert C._lr_smem(kind, 3, 16, 32, 64, 2, 2, 2) > base
+        assert C._lr_smem(kind, 2, 16, 64, 64, 2, 2, 2) > base
+        assert C._lr_smem(kind, 2, 16, 32, 128, 2, 2, 2) > base
+        assert C._lr_smem(kind, 2, 16, 32, 64, 3, 2, 2) > base
+        assert C._lr_smem(kind, 2, 16, 32, 64, 2, 4, 4) > base
+    with pytest.raises(ValueError):
+        C._lr_smem("other", 1, 16, 16, 16, 1, 4, 4)
+
+
+def test_low_rank_without_a_plan_falls_back_to_eager():
+    """r = 512 with 4 fp32 layers has no tile that fits: the public function runs the reference
+    (same values, same autograd) instead of a launch that would fail on the GPU."""
+    assert C._lr_plan(40, 512, 4, torch.float32, torch.float32) is None
+    flat = _lr_inputs(2, 40, 512, 4, torch.float32)
+    out, grads, g = _run(C.low_rank_cross_net, flat, 4, 3)
+    e_out, e_grads, _ = _run(R.low_rank_cross_net, flat, 4, 3, grad_out=g)
+    for k, e in zip([out, *grads], [e_out, *e_grads]):
+        assert torch.equal(k, e)
+    x0, ws, vs, bs = _split(flat, 4, 3)
+    with pytest.raises(ValueError, match="no kernel configuration"):
+        torch.ops.interformer.low_rank_cross_net_fwd(x0, list(ws), list(vs), list(bs))
+
+
+# Ahead-of-time sm_90 build of the planned kernels, in a child process without TRITON_INTERPRET
+# (the interpreter replaces triton.jit); prints one JSON line per case with ``metadata.shared``.
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import interformer.kernels.crossnet as C
+
+TY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+KERNELS = {"fwd": C._lr_fwd_kernel, "rows": C._lr_bwd_rows_kernel, "weights": C._lr_bwd_weights_kernel}
+
+
+def shared(kind, args, constexprs, num_stages):
+    fn = KERNELS[kind]
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            consts[(i,)] = constexprs[name]
+            continue
+        a = args[name]
+        if isinstance(a, list):  # a tuple of pointers
+            sig[name] = tuple("*" + TY[t] for t in a)
+            for j in range(len(a)):
+                attrs[(i, j)] = [["tt.divisibility", 16]]
+        elif isinstance(a, str):  # a pointer
+            sig[name] = "*" + TY[a]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]] if a % 16 == 0 else []
+    src = ASTSource(fn, sig, consts, attrs)
+    opts = dict(num_warps=4, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+
+
+for case in json.loads(sys.argv[1]):
+    print(json.dumps(dict(case, shared=shared(case["kind"], case["args"], case["constexprs"], case["stages"]))),
+          flush=True)
+"""
+
+
+def _aot_cases(B, D, r, L, xdt, pdt):
+    plan, est = _plan_estimates(D, r, L, xdt, pdt)
+    x, p, f = (str(t).replace("torch.", "") for t in (xdt, pdt, torch.float32))
+    params = dict(Us=[p] * L, Vs=[p] * L, Bs=[p] * L)
+    common = dict(NUM_LAYERS=L, BLOCK_R=plan.block_r, PREC=C._precision(xdt))
+    return [
+        dict(kind="fwd", shape=[D, r, L, x, p], est=est["fwd"], stages=plan.fwd[1],
+             args=dict(OUT=x, P=f, X0=x, **params, B=B, D=D, R=r),
+             constexprs=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
+        dict(kind="rows", shape=[D, r, L, x, p], est=est["rows"], stages=plan.rows[1],
+             args=dict(DX0=x, DP=f, G=x, X0=x, P=f, **params, B=B, D=D, R=r),
+             constexprs=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
+        dict(kind="weights", shape=[D, r, L, x, p], est=est["weights"], stages=plan.weights[2],
+             args=dict(DU=p, DV=p, DB=p, PART=f, G=x, X0=x, P=f, DP=f, **params, B=B, D=D, R=r,
+                       ROWS_PER_SPLIT=64, TOTAL=L * (2 * D * r + D)),
+             constexprs=dict(common, DIRECT=False, BLOCK_B=plan.weights[0], BLOCK_D=plan.weights[1])),
+    ]
+
+
+def test_low_rank_plans_compile_within_h100_shared_memory():
+    """Ahead-of-time builds for sm_90 (no GPU needed: Triton's CUDA backend compiles on any host) of
+    the three low-rank kernels with their planned tiles: the shared memory the compiled kernel asks
+    for (``metadata.shared``, what the launch checks against 232448) is within the H100 limit and
+    within the estimate, at the shape that failed (D = 312, r = 200, L = 3; fp32, fp16, bf16) and at
+    the benchmark shapes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as e:  # noqa: BLE001 -- a Triton build without the CUDA backend
+        pytest.skip(f"no Triton CUDA backend to compile for sm_90: {e}")
+    shapes = [(5, 312, 200, 3, dt, dt) for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    shapes += [(2048, D, r, L, torch.bfloat16, torch.bfloat16) for D, r, L in BENCH_SHAPES[::2]]
+    shapes += [(2048, BENCH_SHAPES[0][0], 32, 2, torch.float32, torch.float32)]
+    cases = [c for s in shapes for c in _aot_cases(*s)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    workers = max(1, min(8, os.cpu_count() or 1))
+    chunks = [cases[i::workers] for i in range(workers)]
+
+    def build(chunk):
+        res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(chunk)], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = [r for rs in pool.map(build, [c for c in chunks if c]) for r in rs]
+    assert len(results) == len(cases)
+    for r in results:
+        what = f"{r['kind']} D, r, L, x, params = {r['shape']}: compiled {r['shared']} B, estimate {r['est']} B"
+        assert r["shared"] <= H100_SMEM, what
+        assert r["shared"] <= r["est"], what
 
 
 FR_CASES = [  # B, D, L
