@@ -74,8 +74,9 @@ as ``L * BLOCK_D * BLOCK_R``: at r = 200 (BLOCK_R = 256), L = 3, fp32 the old fi
 (estimate 199040, compiled 117888). At the benchmark shapes (r = 32, L = 2, bf16) the plan is the
 old fixed one (128 / 128 columns, 32 x 64 weight tiles, 3 stages; compiled 46 / 84 / 43 KB). The
 estimate is 1.4x to 6x the ``metadata.shared`` of ahead-of-time sm_90 builds
-(tests/test_kernel_crossnet.py builds the planned kernels and checks both bounds). On a GPU the
-budget is the device's own per-block limit. Ranks with ``BLOCK_R > 512`` (r > 512: use full rank),
+(tests/test_kernel_crossnet.py builds the planned kernels and checks both bounds). The budget is
+the H100's on every device (the H200 has the same; an A100's 163 KiB would need a smaller one).
+Ranks with ``BLOCK_R > 512`` (r > 512: use full rank),
 shapes with no fitting tile (large ranks with many layers; fp32: r > 256 with L >= 2, r > 128 with
 L >= 4, r > 64 with L >= 8; 16-bit: r > 256 with L >= 3, r > 128 with L >= 5) and empty batches go
 to the eager reference.
@@ -452,22 +453,9 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
     return _LRPlan(br, fwd[1:], rows[1:], weights)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_smem_limit(index: int) -> int:
-    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-
-
-def _smem_budget(device: torch.device) -> int:
-    """Shared memory a program may use on ``device``: the GPU's opt-in limit per block (232448 bytes
-    on an H100), :data:`SMEM_LIMIT` elsewhere (the interpreter plans for an H100)."""
-    if device.type == "cuda":
-        return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
-    return SMEM_LIMIT
-
-
 def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
-    B, D = x0.shape
-    return _lr_plan(D, ws[0].shape[1], L, x0.dtype, ws[0].dtype, _smem_budget(x0.device))
+    plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
+    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype)
 
 
 def _lr_plan_or_raise(x0, ws, L) -> _LRPlan:
