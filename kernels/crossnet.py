@@ -140,6 +140,12 @@ contiguous (a copy only when they are not).
 implementations; each forward's autograd formula calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Under ``torch.fx.symbolic_trace`` the
 public functions skip their checks and emit the op call (``torch.ops.interformer.*_fwd``) as a node.
+Outside tracing they call the same launchers through a plain ``autograd.Function``
+(``_LowRankCrossNet``, ``_CrossNet``: the parameter lists passed flat, ``x0, L, *params``, as
+autograd tracks positional tensors only; the backward formula is the custom op's, with the
+launcher in place of the backward op), or the forward launcher alone when no input needs a
+gradient: no custom-op dispatch overhead (see :mod:`interformer.kernels._dispatch`); results are
+bitwise those of the custom ops.
 """
 
 from __future__ import annotations
@@ -150,6 +156,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -779,18 +787,43 @@ def _lr_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x0, p, *ws, *vs, *bs)
 
 
-def _lr_backward(ctx, grad_out, grad_p):
+def _lr_grads(ctx, grad_out, bwd):
+    """``(dx0, [dU_i], [dV_i], [db_i])`` from ``bwd`` (the backward op when traced, the launcher in
+    eager); the per-layer gradients are views of the stacked ones, db in the biases' shapes."""
     x0, p, *params = ctx.saved_tensors
     L = ctx.num_layers
     if grad_out is None:
         return None, [None] * L, [None] * L, [None] * L
     ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
-    dx0, du, dv, db = torch.ops.interformer.low_rank_cross_net_bwd(grad_out, x0, ws, vs, bs, p)
+    dx0, du, dv, db = bwd(grad_out, x0, ws, vs, bs, p)
     return (dx0, list(du.unbind(0)), list(dv.unbind(0)),
             [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)])
 
 
+def _lr_backward(ctx, grad_out, grad_p):
+    return _lr_grads(ctx, grad_out, torch.ops.interformer.low_rank_cross_net_bwd)
+
+
 low_rank_cross_net_fwd.register_autograd(_lr_backward, setup_context=_lr_setup_context)
+
+
+def _lr_lean_forward(ctx, x0, num_layers, *params):
+    """``(out, P)`` of the launcher; the parameters come flat (``*U, *V, *b``) so that autograd tracks them."""
+    L = num_layers
+    ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
+    output = _lr_fwd_impl(x0, ws, vs, bs)
+    ctx.set_materialize_grads(False)  # no zero gradient for P
+    _lr_setup_context(ctx, (x0, ws, vs, bs), output)
+    return output
+
+
+def _lr_lean_backward(ctx, grad_out, grad_p):
+    dx0, du, dv, db = _lr_grads(ctx, grad_out, _lr_bwd_impl)
+    return (dx0, None, *du, *dv, *db)
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
+_LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_backward)
 
 
 @torch.library.custom_op("interformer::cross_net_fwd", mutates_args=())
@@ -834,17 +867,39 @@ def _fr_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x0, xs, ys, *ws, *bs)
 
 
-def _fr_backward(ctx, grad_out, grad_xs, grad_ys):
+def _fr_grads(ctx, grad_out, bwd):
+    """``(dx0, [dW_i], [db_i])`` from ``bwd`` (the backward op when traced, the launcher in eager)."""
     x0, xs, ys, *params = ctx.saved_tensors
     L = ctx.num_layers
     if grad_out is None:
         return None, [None] * L, [None] * L
     ws, bs = params[:L], params[L:]
-    dx0, dw, db = torch.ops.interformer.cross_net_bwd(grad_out, x0, ws, bs, xs, ys)
+    dx0, dw, db = bwd(grad_out, x0, ws, bs, xs, ys)
     return dx0, list(dw.unbind(0)), [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)]
 
 
+def _fr_backward(ctx, grad_out, grad_xs, grad_ys):
+    return _fr_grads(ctx, grad_out, torch.ops.interformer.cross_net_bwd)
+
+
 cross_net_fwd.register_autograd(_fr_backward, setup_context=_fr_setup_context)
+
+
+def _fr_lean_forward(ctx, x0, num_layers, *params):
+    """``(out, xs, ys)`` of the launcher; the parameters come flat (``*W, *b``)."""
+    ws, bs = params[:num_layers], params[num_layers:]
+    output = _fr_fwd_impl(x0, ws, bs)
+    ctx.set_materialize_grads(False)  # no zero gradients of the size of xs and ys
+    _fr_setup_context(ctx, (x0, ws, bs), output)
+    return output
+
+
+def _fr_lean_backward(ctx, grad_out, grad_xs, grad_ys):
+    dx0, dw, db = _fr_grads(ctx, grad_out, _fr_bwd_impl)
+    return (dx0, None, *dw, *db)
+
+
+_CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward)
 
 
 # ============================================================================ public functions
@@ -927,7 +982,12 @@ def low_rank_cross_net(
     x0 = _compute_dtype(op, x0, ws + vs + bs)
     if B == 0 or _lr_plan_for(x0, ws, len(ws)) is None:
         return _eager(op, x0, ws, vs, bs)
-    return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+    tensors = [x0, *ws, *vs, *bs]
+    if tracing(tensors):
+        return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+    if needs_grad(tensors):
+        return _LowRankCrossNet.apply(x0, len(ws), *ws, *vs, *bs)[0]
+    return _lr_fwd_impl(x0, ws, vs, bs)[0]
 
 
 def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -949,4 +1009,9 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
     x0 = _compute_dtype(op, x0, ws + bs)
     if B == 0:
         return _eager(op, x0, ws, bs)
-    return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
+    tensors = [x0, *ws, *bs]
+    if tracing(tensors):
+        return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
+    if needs_grad(tensors):
+        return _CrossNet.apply(x0, len(ws), *ws, *bs)[0]
+    return _fr_fwd_impl(x0, ws, bs)[0]

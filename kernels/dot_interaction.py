@@ -41,7 +41,10 @@ dtype first (as eager's ``bmm`` would). Dots take the input dtype with fp32 accu
 
 ``torch.library``: ``interformer::dot_interaction_fwd`` and ``interformer::dot_interaction_bwd`` are
 ``custom_op`` s with fake implementations; the forward's autograd formula calls the backward op, so
-``torch.compile(fullgraph=True)`` traces both.
+``torch.compile(fullgraph=True)`` traces both. Outside tracing, :func:`dot_interaction` calls the same
+launchers through a plain ``autograd.Function`` (``_DotInteraction``, the same backward formula with
+the launcher in place of the backward op), or the forward launcher alone when z needs no gradient:
+no custom-op dispatch overhead (see :mod:`interformer.kernels._dispatch`), bitwise the same results.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
 
@@ -237,12 +242,28 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(z)
 
 
-def _backward(ctx, grad_out):
-    (z,) = ctx.saved_tensors
-    return torch.ops.interformer.dot_interaction_bwd(grad_out, z)
+def _backward_with(bwd):
+    """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None
+        (z,) = ctx.saved_tensors
+        return bwd(grad_out, z)
+    return backward
 
 
-dot_interaction_fwd.register_autograd(_backward, setup_context=_setup_context)
+dot_interaction_fwd.register_autograd(_backward_with(torch.ops.interformer.dot_interaction_bwd),
+                                      setup_context=_setup_context)
+
+
+def _lean_forward(ctx, z):
+    out = _fwd_impl(z)
+    _setup_context(ctx, (z,), out)
+    return out
+
+
+# eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
+_DotInteraction = lean_function("_DotInteraction", _lean_forward, _backward_with(_bwd_impl))
 
 
 def dot_interaction(z: torch.Tensor) -> torch.Tensor:
@@ -263,4 +284,8 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
     dev = z.device.type
     if torch.is_autocast_enabled(dev):
         z = z.to(torch.get_autocast_dtype(dev))
-    return torch.ops.interformer.dot_interaction_fwd(z)
+    if tracing((z,)):
+        return torch.ops.interformer.dot_interaction_fwd(z)
+    if needs_grad((z,)):
+        return _DotInteraction.apply(z)
+    return _fwd_impl(z)

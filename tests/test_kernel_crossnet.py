@@ -12,7 +12,10 @@ full rank with all layers in one launch (D <= 128), one launch per layer with se
 (D = 312), two row tiles (B = 130), and every backward carry variant (L = 1 .. 4). Also: non-contiguous
 x0 and stride-0 upstream gradients, torch.autocast with fp32 parameters, the modules with
 ``backend="triton"`` vs ``"eager"``, a torchrec ``state_dict`` round trip, a golden 2 x 3 example,
-``torch.fx.symbolic_trace``, ``torch.library.opcheck``, ``torch.compile``, and input errors.
+``torch.fx.symbolic_trace``, ``torch.library.opcheck``, ``torch.compile``, and input errors. The
+eager entry (plain autograd.Function over the launchers, or the forward launcher alone without grad)
+must match the custom ops bit for bit. The planned low-rank tiles must fit an H100's shared memory
+(by the estimate, and by ahead-of-time sm_90 builds).
 """
 
 from __future__ import annotations
@@ -524,6 +527,111 @@ def test_compile_fullgraph_through_the_ops():
         e_out, e_grads, _ = _run(ref, flat, 2, kinds, grad_out=g)
         for k, e in zip([out, *grads], [e_out, *e_grads]):
             assert_rel(k, e, FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- eager entry vs custom op
+LEAN_CASES = [  # (id, rank or None, B, D, L, requires_grad of x0 / of the parameters, 1-D biases)
+    ("low-rank", 8, 3, 40, 2, True, True, False),
+    ("low-rank-frozen-params-1d-bias", 24, 2, 40, 3, True, False, True),
+    ("full-rank-one-launch", None, 3, 40, 3, True, True, False),
+    ("full-rank-per-layer-frozen-x0", None, 2, 160, 2, False, True, True),
+]
+
+
+def _lean_masters(rank, B, D, L, bias_1d):
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    return flat[:-L] + [b.reshape(-1) for b in flat[-L:]] if bias_1d else flat
+
+
+def _lean_leaves(masters, req_x0, req_p):
+    return [t.detach().clone().requires_grad_(req_x0 if i == 0 else req_p) for i, t in enumerate(masters)]
+
+
+@pytest.mark.parametrize("case", LEAN_CASES, ids=lambda c: c[0])
+def test_eager_entry_matches_custom_op_bitwise(case, monkeypatch):
+    """Outside tracing the public functions run the launchers through a plain autograd.Function (the
+    parameter lists passed flat); the custom op called directly (what torch.compile records) gives
+    the very same outputs (out and the saved P, or xs and ys) and gradients, bit for bit, with the
+    same dtypes, shapes and differentiable outputs; the public function with the custom-op route
+    forced gives the same too; under no_grad, or with no input requiring grad, the forward launcher
+    alone gives the same output."""
+    cid, rank, B, D, L, req_x0, req_p, bias_1d = case
+    kinds = 2 if rank is None else 3
+    lean_fn, op, public = ((C._CrossNet, torch.ops.interformer.cross_net_fwd, C.cross_net) if rank is None else
+                           (C._LowRankCrossNet, torch.ops.interformer.low_rank_cross_net_fwd, C.low_rank_cross_net))
+    grad = torch.randn(B, D, device=DEVICE)
+    masters = _lean_masters(rank, B, D, L, bias_1d)
+
+    def go(path):
+        leaves = _lean_leaves(masters, req_x0, req_p)
+        x0, *lists = _split(leaves, L, kinds)
+        if path == "lean":
+            outs = lean_fn.apply(x0, L, *leaves[1:])
+        else:
+            outs = op(x0, *[list(t) for t in lists])
+        meta = (type(outs[0].grad_fn).__name__, [(o.dtype, o.shape, o.requires_grad) for o in outs])
+        outs[0].backward(grad)
+        return [o.detach() for o in outs], meta, [t.grad for t in leaves]
+
+    lean, ref = go("lean"), go("op")
+    assert lean[1][0] == lean_fn.__name__ + "Backward" and ref[1][0].startswith("GeneratedBackwardFor_interformer")
+    assert lean[1][1] == ref[1][1]
+    for a, b in zip(lean[0], ref[0]):
+        assert torch.equal(a, b)
+    names = _names(L, kinds)
+    for name, a, b, leaf in zip(names, lean[2], ref[2], _lean_leaves(masters, req_x0, req_p)):
+        if not leaf.requires_grad:
+            assert a is None and b is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape == leaf.shape, name
+        assert torch.equal(a, b), f"d{name}: eager entry and custom op differ"
+        assert bool(a.abs().sum() > 0), name
+
+    def public_run():
+        leaves = _lean_leaves(masters, req_x0, req_p)
+        out = public(*_split(leaves, L, kinds))
+        fn_name = type(out.grad_fn).__name__
+        out.backward(grad)
+        return out.detach(), fn_name, [t.grad for t in leaves]
+
+    out, fn_name, grads = public_run()
+    assert fn_name == lean_fn.__name__ + "Backward" and torch.equal(out, ref[0][0])
+    with monkeypatch.context() as m:  # the public function down the custom-op route
+        m.setattr(C, "tracing", lambda tensors: True)
+        op_out, op_fn_name, op_grads = public_run()
+    assert op_fn_name.startswith("GeneratedBackwardFor_interformer") and torch.equal(op_out, out)
+    for name, a, b in zip(names, grads, op_grads):
+        assert (a is None and b is None) or (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)), name
+    leaves = _lean_leaves(masters, req_x0, req_p)
+    with torch.no_grad():
+        out_ng = public(*_split(leaves, L, kinds))
+    assert out_ng.grad_fn is None and torch.equal(out_ng, out)
+    out_plain = public(*_split([t.detach() for t in leaves], L, kinds))
+    assert out_plain.grad_fn is None and not out_plain.requires_grad and torch.equal(out_plain, out)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check")
+@pytest.mark.parametrize("rank", [None, 8])
+def test_eager_entry_matches_custom_op_under_autocast(rank, monkeypatch):
+    """Under autocast (x0 cast to fp16, fp32 parameters read as they are) both routes of the public
+    function give the same fp16 output and the same gradients (fp32 for the parameters)."""
+    B, D, L = 3, 40, 2
+    kinds = 2 if rank is None else 3
+    public = C.cross_net if rank is None else C.low_rank_cross_net
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    g = torch.randn(B, D)
+    results = []
+    for route in ("lean", "op"):
+        with monkeypatch.context() as m:
+            if route == "op":
+                m.setattr(C, "tracing", lambda tensors: True)
+            with torch.autocast("cpu", dtype=torch.float16):
+                out, grads, _ = _run(public, flat, L, kinds, grad_out=g)
+        results.append((out, grads))
+    (out, grads), (op_out, op_grads) = results
+    assert out.dtype == op_out.dtype == torch.float16 and torch.equal(out, op_out)
+    for a, b in zip(grads, op_grads):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- input errors

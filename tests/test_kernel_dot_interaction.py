@@ -7,7 +7,8 @@ Cases: N in {1 (no pair: ``[B, 0]`` and a zero gradient), 2, 5, 13}, d in {24, 4
 several token blocks per sample (block size lowered to 16, N = 40), several samples per program
 (B = 5 with a partial last group), d over two chunks (d = 130); non-contiguous z and a stride-0
 upstream gradient; the module with ``backend="triton"`` vs ``"eager"``; ``torch.fx.symbolic_trace``;
-``torch.library.opcheck``; ``torch.compile``; input errors.
+``torch.library.opcheck``; ``torch.compile``; input errors; the eager entry (plain autograd.Function,
+or the forward launcher alone without grad) against the custom ops, bit for bit.
 """
 
 from __future__ import annotations
@@ -134,6 +135,42 @@ def test_compile_fullgraph():
     e_out, e_dz = _grad_and_out(R.dot_interaction, z, g)
     assert_rel(out, e_out, FP32_TOL, "out")
     assert_rel(dz, e_dz, FP32_TOL, "dz")
+
+
+def test_eager_entry_matches_custom_op_bitwise(monkeypatch):
+    """Outside tracing :func:`dot_interaction` runs the launchers through a plain autograd.Function;
+    the custom op called directly (what torch.compile records) gives the very same output and
+    gradient, bit for bit (non-contiguous z, stride-0 upstream gradient, several token blocks); the
+    public function down the custom-op route too; without grad the forward launcher alone gives the
+    same output."""
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)
+    base = torch.randn(3, 24, 20, device=DEVICE)
+
+    def go(fn):
+        z = base.clone().transpose(1, 2).requires_grad_()  # [3, 20, 24], not contiguous
+        out = fn(z)
+        meta = (type(out.grad_fn).__name__, out.dtype, out.shape, out.requires_grad)
+        out.sum().backward()
+        return out.detach(), meta, z.grad
+
+    lean, op, public = go(K._DotInteraction.apply), go(torch.ops.interformer.dot_interaction_fwd), go(K.dot_interaction)
+    assert lean[1][0] == public[1][0] == "_DotInteractionBackward"
+    assert op[1][0].startswith("GeneratedBackwardFor_interformer_dot_interaction")
+    assert lean[1][1:] == op[1][1:] == public[1][1:]
+    for a, b, c in ((lean[0], op[0], public[0]), (lean[2], op[2], public[2])):
+        assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(c, b)
+    assert bool(op[2].abs().sum() > 0)
+    with monkeypatch.context() as m:
+        m.setattr(K, "tracing", lambda tensors: True)
+        forced = go(K.dot_interaction)
+    assert forced[1][0].startswith("GeneratedBackwardFor_interformer") and torch.equal(forced[0], op[0])
+    assert torch.equal(forced[2], op[2])
+    z = base.transpose(1, 2)
+    with torch.no_grad():
+        out_ng = K.dot_interaction(z.clone().requires_grad_())
+    out_plain = K.dot_interaction(z)
+    for o in (out_ng, out_plain):
+        assert o.grad_fn is None and not o.requires_grad and torch.equal(o, op[0])
 
 
 def test_input_errors():
