@@ -2,7 +2,7 @@
 
 How a sample is drawn (defaults of :class:`InterFormerConfig`):
 
-* ``sparse`` = ``[user_id, target_item, target_category, context]``; ``seq`` has two channels,
+* ``sparse`` = ``[user_id, target_item, target_category, context]`` (``group`` = user id, for gAUC); ``seq`` has two channels,
   ``[item_id, category_id]`` of the user's recent behaviour, oldest first, ``lengths`` uniform in
   ``0 .. T`` (so empty and full histories both occur).
 * Every item belongs to one category (a fixed random map). Each sample has a short-lived *session
@@ -28,25 +28,40 @@ from .config import InterFormerConfig
 
 @dataclass
 class Batch:
-    """One batch of the DESIGN §2 data contract."""
+    """One batch of the DESIGN §2 data contract.
+
+    ``group`` (optional, int64 ``[B]``) is the key that per-user metrics such as gAUC group by;
+    it is not a model input.
+    """
 
     dense: torch.Tensor
     sparse: torch.Tensor
     seq: torch.Tensor
     lengths: torch.Tensor
     label: torch.Tensor
+    group: Optional[torch.Tensor] = None
 
     def inputs(self):
         return self.dense, self.sparse, self.seq, self.lengths
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.dense, self.sparse, self.seq, self.lengths, self.label)))
+        moved = (t.to(device, non_blocking=True) for t in (self.dense, self.sparse, self.seq, self.lengths, self.label))
+        return Batch(*moved, group=self.group)  # the group key stays on the CPU, where metrics run
 
     def __len__(self) -> int:
         return self.label.shape[0]
 
     def __getitem__(self, idx) -> "Batch":
-        return Batch(self.dense[idx], self.sparse[idx], self.seq[idx], self.lengths[idx], self.label[idx])
+        group = None if self.group is None else self.group[idx]
+        return Batch(self.dense[idx], self.sparse[idx], self.seq[idx], self.lengths[idx], self.label[idx], group)
+
+    @staticmethod
+    def cat(batches) -> "Batch":
+        """Concatenate batches along the sample axis (``group`` kept only if every batch has it)."""
+        batches = list(batches)
+        fields = [torch.cat([getattr(b, f) for b in batches]) for f in ("dense", "sparse", "seq", "lengths", "label")]
+        groups = [b.group for b in batches]
+        return Batch(*fields, group=None if any(g is None for g in groups) else torch.cat(groups))
 
 
 def synthetic_config(**overrides) -> InterFormerConfig:
@@ -125,7 +140,7 @@ def make_synthetic(
     label = (torch.rand(N, generator=g) < torch.sigmoid(logit)).float()
     sparse = torch.stack([user, target_item, target_cat, ctx], dim=1)
     seq = torch.stack([hist_item, hist_cat], dim=1)
-    return Batch(dense, sparse, seq, lengths, label)
+    return Batch(dense, sparse, seq, lengths, label, group=user.clone())
 
 
 def iterate_batches(data: Batch, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
