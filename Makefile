@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" triton numpy tqdm pytest pytest-benchmark
+	$(BIN)/python -m pip install -q "$(TORCH)" triton numpy tqdm pyyaml pyarrow matplotlib scikit-learn pytest pytest-benchmark
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

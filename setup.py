@@ -20,7 +20,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "triton>=3.0"],
+        "train": ["pyyaml", "pyarrow", "matplotlib"],
+        "test": ["pytest>=7", "triton>=3.0", "scikit-learn", "pyyaml", "pyarrow"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "triton>=3.0"],
         "profile": ["nvtx"],
     },

@@ -1,6 +1,8 @@
-"""Offline CTR metrics: AUC (ties averaged) and LogLoss."""
+"""Offline CTR metrics: AUC (ties averaged), gAUC, LogLoss and Normalized Entropy."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -32,3 +34,40 @@ def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(
         torch.nn.functional.binary_cross_entropy_with_logits(logits.detach().double().cpu(), labels.detach().double().cpu())
     )
+
+
+def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
+    """Group AUC: the AUC of each group (user), averaged with the group's click count as weight.
+
+    Groups whose samples are all of one class have no AUC and are skipped (their clicks do not
+    count in the weights either). Returns NaN when no group has both classes.
+    """
+    scores = scores.detach().double().flatten().cpu()
+    labels = labels.detach().flatten().cpu() > 0.5
+    groups = groups.detach().flatten().cpu()
+    if not (scores.numel() == labels.numel() == groups.numel()):
+        raise ValueError(f"gauc: scores, labels and groups must have the same length, got "
+                         f"{scores.numel()}, {labels.numel()}, {groups.numel()}")
+    order = torch.argsort(groups, stable=True)
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    total, weight = 0.0, 0.0
+    for idx in torch.split(order, counts.tolist()):
+        clicks = int(labels[idx].sum())
+        if 0 < clicks < idx.numel():
+            total += clicks * auc(scores[idx], labels[idx].double())
+            weight += clicks
+    return total / weight if weight else float("nan")
+
+
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Normalized Entropy (He et al., 2014): LogLoss divided by the entropy of the empirical click rate.
+
+    Below 1 means the model beats always predicting the average click rate. Returns NaN when the
+    labels hold one class only (the baseline entropy is 0).
+    """
+    y = labels.detach().double().flatten().cpu()
+    p = float(y.mean())
+    if p <= 0.0 or p >= 1.0:
+        return float("nan")
+    base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    return logloss(logits, labels) / base

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from interformer.metrics import auc, logloss
+from interformer.metrics import auc, gauc, logloss, normalized_entropy
 
 
 def brute_auc(scores, labels):
@@ -63,3 +63,69 @@ def test_logloss_stable_for_large_logits():
     v = logloss(torch.tensor([200.0, -200.0]), torch.tensor([1.0, 0.0]))
     assert 0.0 <= v < 1e-12
     assert math.isclose(logloss(torch.tensor([200.0]), torch.tensor([0.0])), 200.0, rel_tol=1e-12)
+
+
+# --- against scikit-learn on random data -----------------------------------------------------
+import sklearn.metrics as sklearn_metrics  # noqa: E402  (installed by `make test`; its absence is a failure, not a skip)
+
+
+def _random_ctr(seed, n=997, n_users=40, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < 0.25).float()
+    logits = torch.randn(n, generator=g) * 2 + 1.5 * labels
+    if ties:
+        logits = torch.round(logits)
+    users = torch.randint(0, n_users, (n,), generator=g) * 7919 + 3  # arbitrary int64 keys
+    return logits, labels, users
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ties", [False, True])
+def test_auc_and_logloss_match_sklearn(seed, ties):
+    logits, labels, _ = _random_ctr(seed, ties=ties)
+    p = torch.sigmoid(logits.double()).numpy()
+    assert math.isclose(auc(logits, labels), sklearn_metrics.roc_auc_score(labels.numpy(), p), abs_tol=1e-12)
+    assert math.isclose(logloss(logits, labels), sklearn_metrics.log_loss(labels.numpy(), p), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ties", [False, True])
+def test_gauc_matches_sklearn_per_user(seed, ties):
+    logits, labels, users = _random_ctr(seed, ties=ties)
+    total = weight = 0.0
+    for u in torch.unique(users).tolist():
+        sel = users == u
+        y = labels[sel].double().numpy()
+        if 0 < y.sum() < len(y):  # users with one class have no AUC and are skipped
+            total += float(y.sum()) * float(sklearn_metrics.roc_auc_score(y, logits[sel].double().numpy()))
+            weight += float(y.sum())
+    assert weight > 0
+    assert math.isclose(gauc(logits, labels, users), total / weight, abs_tol=1e-12)
+
+
+def test_gauc_edge_cases():
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    s = torch.tensor([0.9, 0.1, 0.2, 0.3])
+    # user 5 has one class only and is skipped; user 1 is perfectly ranked
+    assert gauc(s, y, torch.tensor([1, 1, 5, 5])) == 1.0
+    # clicks weight the users: user 1 (1 click, AUC 1), user 2 (2 clicks, AUC 0)
+    y2 = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    s2 = torch.tensor([0.9, 0.1, 0.1, 0.2, 0.8])
+    assert math.isclose(gauc(s2, y2, torch.tensor([1, 1, 2, 2, 2])), 1.0 / 3.0, abs_tol=1e-15)
+    assert math.isnan(gauc(s, torch.ones(4), torch.tensor([1, 1, 2, 2])))
+    with pytest.raises(ValueError, match="same length"):
+        gauc(s, y, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalized_entropy_matches_sklearn(seed):
+    logits, labels, _ = _random_ctr(seed)
+    y = labels.numpy()
+    p = torch.sigmoid(logits.double()).numpy()
+    base_rate = y.mean()
+    baseline = sklearn_metrics.log_loss(y, [base_rate] * len(y))  # entropy of the click rate
+    assert math.isclose(normalized_entropy(logits, labels), sklearn_metrics.log_loss(y, p) / baseline, rel_tol=1e-9)
+    # predicting the base rate everywhere scores exactly 1
+    const = torch.full_like(logits, math.log(base_rate / (1 - base_rate)))
+    assert math.isclose(normalized_entropy(const, labels), 1.0, rel_tol=1e-9)
+    assert math.isnan(normalized_entropy(logits, torch.zeros_like(labels)))
