@@ -308,6 +308,22 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _bwd_launch_options(dtype: torch.dtype) -> dict:
+    """Dot precision and pipelining of the backward kernel.
+
+    fp32 inputs take exact fp32 FMA dots ("ieee") and no software pipelining of the sample-block
+    loop. Reason: on an H100 with Triton 3.6 (2026-11-23), compute-sanitizer reported an invalid
+    shared-memory read at the ``tl.trans(wbd)`` dot of this kernel for fp32 inputs with tf32x3 dots
+    (n_in=20, n_out=4, d=64, both dgate_weight modes), which then poisoned the CUDA context; bf16
+    runs were clean. This setting keeps fp32 off the tensor-core and multi-buffered paths where that
+    read came from. It is a mitigation not yet re-run on a GPU (no device was lent since), and fp32
+    is a correctness mode here, not a performance target. fp16/bf16 keep the tuned defaults.
+    """
+    if dtype == torch.float32:
+        return {"PREC": "ieee", "num_stages": 1}
+    return {"PREC": _precision(dtype)}
+
+
 @functools.lru_cache(maxsize=None)
 def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, int, int, int]:
     """(samples per block, KX, RO, DP, num_warps); see the module docstring."""
@@ -387,7 +403,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, _next_pow2(n_in)), NOP=max(16, _next_pow2(n_out)),
-        PREC=_precision(x.dtype), num_warps=warps,
+        **_bwd_launch_options(x.dtype), num_warps=warps,
     )
     if store:
         sum_partials(part, [dgb, dw, db])
