@@ -1,10 +1,75 @@
-"""Command line: ``python -m interformer demo``."""
+"""Command line: ``python -m interformer {demo,train,evaluate}`` (``--help`` on each)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import typing
+
+
+def _interpret_on_cpu(device) -> None:
+    """On a machine without a GPU the fused path runs under Triton's interpreter, which must be
+    switched on before triton is imported."""
+    import torch
+
+    if not torch.cuda.is_available() and device in (None, "cpu"):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _parse_value(text: str):
+    """``KEY=VALUE`` values: JSON when it parses (numbers, lists, null, true), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, all defaulting to "not given" so that the settings
+    file and the dataclass defaults fill what the command line leaves out."""
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    p.add_argument("--config", help="YAML or JSON file of training settings (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if f.name == "model":
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", default=None,
+                           help="an InterFormerConfig field, e.g. --model d_model=32 (repeatable)")
+        elif hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(hint) in (list, typing.List):
+            p.add_argument(flag, nargs="+", default=None, metavar="FILE")
+        elif f.name == "schema":
+            p.add_argument(flag, default=None, metavar="FILE", help="schema file (.json/.yaml) of the data columns")
+        else:
+            p.add_argument(flag, type=base if base in (int, float, str) else str, default=None)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .train import TrainConfig, load_settings
+
+    settings = load_settings(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "model":
+            model = dict(settings.get("model") or {})
+            for item in value:
+                key, sep, text = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"--model expects KEY=VALUE, got {item!r}")
+                model[key.strip()] = _parse_value(text)
+            value = model
+        settings[f.name] = value
+    return TrainConfig.from_dict(settings)
 
 
 def main(argv=None) -> int:
@@ -19,16 +84,43 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="train InterFormerCTR (synthetic data, BARS CSV or Parquet); torchrun for several processes")
+    _add_train_flags(train)
+
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")
+    ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
+    ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
+    ev.add_argument("--data", choices=("csv", "parquet"), default=None)
+    ev.add_argument("--batch-size", type=int, default=1024)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--backend", default=None, choices=("auto", "eager", "triton"))
+    ev.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
 
-    import torch
+    if args.command == "demo":
+        _interpret_on_cpu(args.device)
+        from .demo import run_demo
 
-    if not torch.cuda.is_available() and args.device in (None, "cpu"):
-        # The fused path runs under Triton's interpreter on a CPU; it must be set before triton imports.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .demo import run_demo
+        run_demo(args)
+        return 0
+    if args.command == "train":
+        cfg = train_config_from_args(args)
+        _interpret_on_cpu(cfg.device)
+        from .train import train as run_train
 
-    run_demo(args)
+        summary = run_train(cfg)
+        return 0 if summary["status"] in ("finished", "early_stopped", "stopped") else 1
+    _interpret_on_cpu(args.device)
+    from .train import evaluate_checkpoint, metrics_table
+
+    results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
+                                  device=args.device, backend=args.backend, amp=args.amp)
+    print(metrics_table(results, args.checkpoint))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
     return 0
 
 

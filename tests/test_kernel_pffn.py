@@ -174,13 +174,13 @@ def test_all_rows_empty():
 def test_int32_strided_lengths_and_lengths_out_of_range_are_clamped():
     B, L, d = 3, 6, 24
     gen = torch.Generator().manual_seed(7)
-    s, w, lw, lb = (m.float() for m in make_masters("mlp", B, L, d, 4, gen))
-    table = torch.tensor([[6, 9], [0, 9], [3, 9]], dtype=torch.int32)
+    s, w, lw, lb = (m.float().to(DEVICE) for m in make_masters("mlp", B, L, d, 4, gen))
+    table = torch.tensor([[6, 9], [0, 9], [3, 9]], dtype=torch.int32, device=DEVICE)
     lengths = table[:, 0]
     assert not lengths.is_contiguous()
     ref = R.pffn_mlp(s.double(), lengths.long(), w.double(), lw.double(), lb.double(), EPS)
     assert_rel(K.pffn_mlp(s, lengths, w, lw, lb, EPS), ref, FP32_TOL, "int32 strided lengths")
-    big = torch.tensor([100, -3, 3])
+    big = torch.tensor([100, -3, 3], device=DEVICE)
     ref = R.pffn_mlp(s.double(), big.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
     assert_rel(K.pffn_mlp(s, big, w, lw, lb, EPS), ref, FP32_TOL, "clamped lengths")
 
