@@ -1,0 +1,775 @@
+"""Training and evaluation of InterFormerCTR on synthetic data or on the user's click logs.
+
+``python -m interformer train`` and ``python -m interformer evaluate`` (see ``--help``) wrap
+:func:`train` and :func:`evaluate_checkpoint`. Settings come from :class:`TrainConfig`: its
+defaults, then a YAML/JSON file (``--config``), then command-line flags, later ones winning.
+
+Decisions:
+
+* **Optimisers.** Dense parameters use AdamW; weight decay applies to matrices only (not to biases,
+  LayerNorm or embedding tables). Embedding tables get their own optimiser
+  (``embedding_optimizer``): ``"adamw"`` (same as the dense parameters, no decay), ``"adagrad"``
+  (rows that no sample touched keep their weights and their state: the usual choice for large
+  tables), or ``"sparse_adam"`` (the tables emit sparse gradients and ``torch.optim.SparseAdam``
+  updates only the rows in the batch; not under DistributedDataParallel, and gradient clipping then
+  covers the dense parameters only).
+* **Learning rate**: linear warm-up from 0 over ``warmup_steps`` optimiser steps, then constant.
+* **AMP**: ``bf16`` runs forward and loss under ``torch.autocast(dtype=bfloat16)``; ``fp16`` adds a
+  ``GradScaler`` (its state is checkpointed). Weights and optimiser states stay float32.
+* **Checkpoints** (``output_dir``): ``last.pt`` at the end of every epoch, every
+  ``checkpoint_every`` steps and when a run stops early (``max_steps``, SIGINT/SIGTERM);
+  ``best.pt`` whenever validation AUC improves. Each holds the model, optimisers, scheduler, scaler,
+  epoch, position in the epoch, global step, best AUC, early-stopping counter, metric history, the
+  RNG states of every rank (torch, CUDA, ``random``, NumPy), the full config and the vocabularies,
+  so ``evaluate`` needs nothing else. Written to a temporary file and renamed, so a crash never
+  leaves half a checkpoint.
+* **Resume** (``--resume``) continues from ``last.pt``: the order of batches is a pure function of
+  (seed, epoch, rank), so the resumed run skips the batches already seen in the interrupted epoch and
+  then takes exactly the steps the uninterrupted run would have taken; on the same machine both end
+  with the same weights.
+* **Validation** runs on rank 0 only, over the whole validation split (exact metrics, no padded
+  duplicates), and the result is broadcast so every rank takes the same early-stopping decision.
+  Early stopping: after ``patience`` epochs without a better validation AUC.
+* **Multi-process**: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+  DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank reads its own shard of each epoch
+  (equal batch counts per rank), and only rank 0 writes checkpoints, ``run.json`` and the plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import __version__
+from .config import InterFormerConfig
+from .data import Batch, make_synthetic
+from .metrics import auc, gauc, logloss, normalized_entropy
+from .model import InterFormerCTR
+
+AMP_MODES = ("off", "bf16", "fp16")
+EMBEDDING_OPTIMIZERS = ("adamw", "adagrad", "sparse_adam")
+DATA_KINDS = ("synthetic", "csv", "parquet")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Paths may be one string or a list of files."""
+
+    # data
+    data: str = "synthetic"
+    train: List[str] = field(default_factory=list)
+    valid: List[str] = field(default_factory=list)
+    test: List[str] = field(default_factory=list)
+    schema: Optional[Any] = None  # path of a schema file, or the schema itself as a dict
+    on_bad_rows: str = "raise"  # or "skip": counted, reported, excluded
+    synthetic_train: int = 16384
+    synthetic_valid: int = 4096
+    synthetic_test: int = 0
+    # model
+    model: Dict[str, Any] = field(default_factory=dict)  # InterFormerConfig fields
+    backend: str = "auto"
+    # optimisation
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    embedding_optimizer: str = "adamw"
+    embedding_lr: Optional[float] = None  # default: lr
+    warmup_steps: int = 0
+    clip_grad_norm: Optional[float] = None
+    amp: str = "off"
+    compile: bool = False
+    compile_backend: str = "inductor"
+    seed: int = 0
+    device: Optional[str] = None
+    # run control
+    output_dir: str = "runs/interformer"
+    resume: bool = False
+    patience: Optional[int] = None  # early stopping
+    max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimiser steps in total
+    checkpoint_every: Optional[int] = None
+    log_every: int = 20
+    progress: bool = True
+    plot: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("train", "valid", "test"):
+            value = getattr(self, name)
+            setattr(self, name, [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []])
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"data must be one of {DATA_KINDS}, got {self.data!r}")
+        if self.data != "synthetic":
+            if not self.train:
+                raise ValueError(f"data={self.data!r} needs training files (train)")
+            if self.schema is None:
+                raise ValueError(f"data={self.data!r} needs a schema (a file or a dict)")
+        if self.on_bad_rows not in ("raise", "skip"):
+            raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {self.on_bad_rows!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.embedding_optimizer!r}")
+        for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps",):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("patience", "max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        if self.lr <= 0 or (self.embedding_lr is not None and self.embedding_lr <= 0):
+            raise ValueError("learning rates must be > 0")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be > 0 (or unset), got {self.clip_grad_norm}")
+        unknown = set(self.model) - {f.name for f in dataclasses.fields(InterFormerConfig)}
+        if unknown:
+            raise ValueError(f"model: unknown InterFormerConfig field(s) {sorted(unknown)}")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_settings(path: str) -> Dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict."""
+    text = Path(path).read_text(encoding="utf-8")
+    if str(path).endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - pyyaml is installed by make
+            raise ImportError("YAML settings need PyYAML: pip install pyyaml") from e
+        d = yaml.safe_load(text) or {}
+    else:
+        d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: settings must be a mapping, got {type(d).__name__}")
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# processes, devices, seeds
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: Optional[str]) -> tuple:
+    """Join the process group torchrun describes (if any); return (Dist, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and device in (None, "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        return Dist(rank, world, local), dev
+    return Dist(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def build_data(cfg: TrainConfig, vocabs=None) -> tuple:
+    """(model config overrides, {split: dataset}, vocabularies or None, schema dict or None)."""
+    from .dataio import MemoryDataset, Schema, TabularDataset, build_vocabularies
+
+    if cfg.data == "synthetic":
+        model_cfg = InterFormerConfig(**{**cfg.model, "backend": "eager"})
+        splits = {"train": MemoryDataset(make_synthetic(cfg.synthetic_train, model_cfg, seed=cfg.seed))}
+        if cfg.synthetic_valid:
+            splits["valid"] = MemoryDataset(make_synthetic(cfg.synthetic_valid, model_cfg, seed=cfg.seed + 1))
+        if cfg.synthetic_test:
+            splits["test"] = MemoryDataset(make_synthetic(cfg.synthetic_test, model_cfg, seed=cfg.seed + 2))
+        return {}, splits, None, None
+    schema = Schema.from_dict(cfg.schema) if isinstance(cfg.schema, dict) else Schema.from_file(cfg.schema)
+    fmt = cfg.data
+    if vocabs is None:
+        vocabs, _ = build_vocabularies(cfg.train, schema, fmt=fmt, on_error=cfg.on_bad_rows)
+    splits = {}
+    for split in ("train", "valid", "test"):
+        paths = getattr(cfg, split)
+        if paths:
+            splits[split] = TabularDataset(paths, schema, vocabs, fmt=fmt, on_error=cfg.on_bad_rows)
+    return splits["train"].model_overrides(), splits, vocabs, schema.to_dict()
+
+
+def vocabularies_to_dict(vocabs) -> Optional[dict]:
+    if vocabs is None:
+        return None
+    import tempfile
+
+    from .dataio import save_vocabularies
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "vocab.json")
+        save_vocabularies(vocabs, path)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def vocabularies_from_dict(d: Optional[dict]):
+    if d is None:
+        return None
+    import tempfile
+
+    from .dataio import load_vocabularies
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "vocab.json")
+        Path(path).write_text(json.dumps(d), encoding="utf-8")
+        return load_vocabularies(path)
+
+
+# --------------------------------------------------------------------------------------------
+# model, optimisers
+
+
+def build_model(cfg: TrainConfig, overrides: Dict[str, Any]) -> InterFormerCTR:
+    model_cfg = InterFormerConfig(**{**cfg.model, **overrides, "backend": cfg.backend})
+    return InterFormerCTR(model_cfg)
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
+    """AdamW for dense parameters (decay on matrices only) plus the embedding optimiser."""
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    table_ids = {id(m.weight) for m in tables}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if id(p) in table_ids:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    emb_params = [m.weight for m in tables]
+    emb_lr = cfg.embedding_lr or cfg.lr
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.embedding_optimizer == "adamw":
+        groups.append({"params": emb_params, "weight_decay": 0.0, "lr": emb_lr})
+        return [torch.optim.AdamW(groups, lr=cfg.lr)]
+    dense_opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.embedding_optimizer == "adagrad":
+        return [dense_opt, torch.optim.Adagrad(emb_params, lr=emb_lr)]
+    for m in tables:
+        m.sparse = True
+    return [dense_opt, torch.optim.SparseAdam(emb_params, lr=emb_lr)]
+
+
+def warmup_schedulers(optimizers, warmup_steps: int) -> list:
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+
+def make_scaler(cfg: TrainConfig, device: torch.device):
+    return torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def unwrap(model: nn.Module) -> InterFormerCTR:
+    """The InterFormerCTR under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cfg: TrainConfig):
+    """(logits, labels, groups or None, samples/s) over a whole split, in file order, one process."""
+    model.eval()
+    logits, labels, groups = [], [], []
+    t0 = time.perf_counter()
+    for batch in dataset.batches(batch_size, shuffle=False):
+        b = batch.to(device)
+        with autocast(cfg, device):
+            logits.append(model(*b.inputs()).float())
+        labels.append(batch.label)
+        groups.append(batch.group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    logits = torch.cat(logits).cpu()
+    group = None if any(g is None for g in groups) else torch.cat(groups)
+    return logits, torch.cat(labels), group, logits.numel() / max(seconds, 1e-9)
+
+
+def metrics_of(logits: torch.Tensor, labels: torch.Tensor, groups: Optional[torch.Tensor]) -> Dict[str, float]:
+    out = {"auc": auc(logits, labels), "logloss": logloss(logits, labels), "ne": normalized_entropy(logits, labels)}
+    if groups is not None:
+        out["gauc"] = gauc(logits, labels, groups)
+    out["samples"] = int(labels.numel())
+    return out
+
+
+def evaluate_split(model, dataset, cfg: TrainConfig, device) -> Dict[str, float]:
+    logits, labels, groups, sps = predict(unwrap(model), dataset, cfg.eval_batch_size, device, cfg)
+    m = metrics_of(logits, labels, groups)
+    m["samples_per_s"] = sps
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def versions() -> Dict[str, Any]:
+    out = {"interformer": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "platform": platform.platform()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _any_rank(flag: bool, d: Dist, device) -> bool:
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _broadcast(obj, d: Dist):
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
+    """Run (or resume) training as ``cfg`` says.
+
+    Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
+    :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``).
+    """
+    d, device = setup_distributed(cfg.device)
+    out_dir = Path(cfg.output_dir)
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    say = log if d.is_main else (lambda *a, **k: None)
+
+    resume_state = None
+    if cfg.resume:
+        last = out_dir / "last.pt"
+        if last.is_file():
+            resume_state = load_checkpoint(last)
+            if resume_state["world_size"] != d.world_size:
+                raise ValueError(f"{last} was written by {resume_state['world_size']} process(es); "
+                                 f"resume with the same number (now {d.world_size})")
+        else:
+            say(f"resume: no {last} yet, starting a new run")
+    if cfg.embedding_optimizer == "sparse_adam" and d.enabled:
+        raise ValueError("embedding_optimizer='sparse_adam' is not supported under DistributedDataParallel; use 'adagrad'")
+
+    seed_everything(cfg.seed)
+    vocabs = vocabularies_from_dict(resume_state["vocabularies"]) if resume_state else None
+    overrides, splits, vocabs, schema = build_data(cfg, vocabs)
+    train_set = splits["train"]
+
+    seed_everything(cfg.seed)  # the same initial weights on every rank and for every data source
+    model = build_model(cfg, overrides).to(device)
+    optimizers = build_optimizers(model, cfg)
+    schedulers = warmup_schedulers(optimizers, cfg.warmup_steps)
+    scaler = make_scaler(cfg, device)
+
+    epoch, batch_in_epoch, step, best_auc, stale, history = 0, 0, 0, -math.inf, 0, []
+    carry_loss = (0.0, 0)  # (sum, count) of the training losses of the interrupted epoch, on resume
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        for opt, s in zip(optimizers, resume_state["optimizers"]):
+            opt.load_state_dict(s)
+        for sch, s in zip(schedulers, resume_state["schedulers"]):
+            sch.load_state_dict(s)
+        scaler.load_state_dict(resume_state["scaler"])
+        epoch, batch_in_epoch, step = resume_state["epoch"], resume_state["batch_in_epoch"], resume_state["step"]
+        best_auc, stale, history = resume_state["best_auc"], resume_state["stale_epochs"], resume_state["history"]
+        carry_loss = tuple(resume_state["epoch_loss"][d.rank])
+        set_rng_state(resume_state["rng"][d.rank])
+        say(f"resumed from {out_dir / 'last.pt'}: epoch {epoch + 1}, batch {batch_in_epoch}, step {step}")
+
+    net: nn.Module = model
+    if d.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net, backend=cfg.compile_backend)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"InterFormerCTR: {n_params:,} parameters, backend={model.config.backend}, device={device}, "
+        f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}")
+    say(f"data: {cfg.data}, " + ", ".join(f"{k} {v.num_rows:,} rows" for k, v in splits.items()))
+
+    def checkpoint(name: str, epoch_loss=(0.0, 0)) -> None:
+        """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's losses so far in an
+        unfinished epoch, so a resumed run reports the same epoch loss as an uninterrupted one."""
+        mine = (rng_state(), tuple(epoch_loss))
+        if d.enabled:
+            per_rank = [None] * d.world_size
+            dist.all_gather_object(per_rank, mine)
+        else:
+            per_rank = [mine]
+        rngs, epoch_losses = [r for r, _ in per_rank], [e for _, e in per_rank]
+        if not d.is_main:
+            return
+        state = {
+            "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_auc": best_auc,
+            "stale_epochs": stale, "history": history, "rng": rngs, "world_size": d.world_size,
+            "epoch_loss": epoch_losses,
+            "train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "schema": schema,
+            "vocabularies": vocabularies_to_dict(vocabs), "versions": versions(),
+        }
+        save_checkpoint(out_dir / name, state)
+
+    def write_run_json(status: str) -> Dict[str, Any]:
+        summary = {
+            "status": status, "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
+            "schema": schema, "versions": versions(), "device": str(device), "world_size": d.world_size,
+            "parameters": n_params, "epochs": history, "best_valid_auc": None if best_auc == -math.inf else best_auc,
+            "step": step, "skipped_rows": {k: v.skipped for k, v in splits.items()},
+        }
+        if d.is_main:
+            (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        return summary
+
+    n_batches = math.ceil(math.ceil(train_set.num_rows / d.world_size) / cfg.batch_size)
+    dense_params = [p for g in optimizers[0].param_groups for p in g["params"]]
+    clip_params = dense_params if cfg.embedding_optimizer == "sparse_adam" else list(model.parameters())
+    status, t_start = "finished", time.perf_counter()
+    with _StopRequest() as stop:
+        while epoch < cfg.epochs:
+            net.train()
+            bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.is_main)
+            if bar is not None:
+                bar.update(batch_in_epoch)
+            loss_sum, seen, t0 = torch.tensor(carry_loss[0], device=device, dtype=torch.float64), 0, time.perf_counter()
+            loss_n, carry_loss = carry_loss[1], (0.0, 0)
+            batches = train_set.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=d.rank,
+                                        world_size=d.world_size, skip_batches=batch_in_epoch)
+            halted = False
+            for batch in batches:
+                b = batch.to(device)
+                with autocast(cfg, device):
+                    logits = net(*b.inputs())
+                loss = InterFormerCTR.loss(logits, b.label)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad_norm is not None:
+                    for opt in optimizers:
+                        scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(clip_params, cfg.clip_grad_norm)
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                for sch in schedulers:
+                    sch.step()
+                step += 1
+                batch_in_epoch += 1
+                seen += len(b)
+                loss_sum += loss.detach().double()
+                loss_n += 1
+                if bar is not None:
+                    bar.update(1)
+                    if batch_in_epoch % cfg.log_every == 0:
+                        sps = seen * d.world_size / (time.perf_counter() - t0)
+                        bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=f"{sps:,.0f}")
+                stop_now = (cfg.max_steps is not None and step >= cfg.max_steps) or stop.requested
+                if _any_rank(stop_now, d, device):
+                    halted = True
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint("last.pt", (float(loss_sum), loss_n))
+            if bar is not None:
+                bar.close()
+            finished_epoch = batch_in_epoch >= n_batches
+            if halted and not finished_epoch:
+                status = "stopped"
+                checkpoint("last.pt", (float(loss_sum), loss_n))
+                say(f"stopped at epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}, step {step}; "
+                    f"`--resume` continues from {out_dir / 'last.pt'}")
+                break
+            # --- end of epoch: validation, best/last checkpoints, early stopping ---------------
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
+            train_loss = (loss_sum / max(loss_n, 1)).item()
+            if d.enabled:
+                t = torch.tensor([train_loss], device=device)
+                dist.all_reduce(t)
+                train_loss = t.item() / d.world_size
+            record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_samples_per_s": train_sps,
+                      "lr": schedulers[0].get_last_lr()[0]}
+            if "valid" in splits:
+                valid = evaluate_split(model, splits["valid"], cfg, device) if d.is_main else None
+                valid = _broadcast(valid, d)
+                record["valid"] = valid
+                improved = valid["auc"] > best_auc
+                best_auc, stale = (valid["auc"], 0) if improved else (best_auc, stale + 1)
+            else:
+                improved = False
+            history.append(record)
+            say(_epoch_line(record))
+            epoch, batch_in_epoch = epoch + 1, 0
+            if improved:
+                checkpoint("best.pt")
+            checkpoint("last.pt")
+            write_run_json("running")
+            if cfg.patience is not None and stale >= cfg.patience:
+                say(f"early stopping: no better validation AUC for {stale} epoch(s)")
+                status = "early_stopped"
+                break
+            if halted:
+                status = "stopped" if epoch < cfg.epochs else "finished"
+                break
+
+    summary_status = status
+    final = {}
+    if status != "stopped" and d.is_main:
+        source = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else None
+        final_model = model
+        if source is not None:
+            final_model = copy.deepcopy(model)
+            final_model.load_state_dict(load_checkpoint(source)["model"])
+        for split in ("valid", "test"):
+            if split in splits:
+                final[split] = evaluate_split(final_model, splits[split], cfg, device)
+    summary = write_run_json(summary_status)
+    summary["final"] = final
+    summary["seconds"] = time.perf_counter() - t_start
+    if d.is_main:
+        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+        run["final"] = final
+        run["seconds"] = summary["seconds"]
+        (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+        if final:
+            say("")
+            say(metrics_table(final, "best checkpoint" if (out_dir / "best.pt").is_file() else "last weights"))
+        if cfg.plot and history:
+            say(f"curves: {plot_curves(history, out_dir / 'curves.png')}")
+        for split, ds in splits.items():
+            if ds.skipped:
+                say(f"note: skipped {ds.skipped} malformed row(s) in {split} "
+                    f"(e.g. {'; '.join(ds.skipped_examples[:3])})")
+    summary["model"] = model  # the trained module itself (not in run.json), on every rank
+    return summary
+
+
+def _epoch_line(r: Dict[str, Any]) -> str:
+    line = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}, {r['train_samples_per_s']:,.0f} samples/s"
+    v = r.get("valid")
+    if v:
+        line += f" | valid AUC {v['auc']:.4f}" + (f", gAUC {v['gauc']:.4f}" if "gauc" in v else "")
+        line += f", LogLoss {v['logloss']:.4f}, NE {v['ne']:.4f}"
+    return line
+
+
+def metrics_table(results: Dict[str, Dict[str, float]], source: str = "") -> str:
+    """A fixed-width table: one row per split, AUC, gAUC, LogLoss, NE, samples, samples/s."""
+    head = f"{'split':<8} {'AUC':>7} {'gAUC':>7} {'LogLoss':>8} {'NE':>7} {'samples':>9} {'samples/s':>11}"
+    lines = [f"final metrics ({source})" if source else "metrics", head, "-" * len(head)]
+    for split, m in results.items():
+        g = f"{m['gauc']:>7.4f}" if "gauc" in m else f"{'-':>7}"
+        lines.append(f"{split:<8} {m['auc']:>7.4f} {g} {m['logloss']:>8.4f} {m['ne']:>7.4f} "
+                     f"{m['samples']:>9,} {m.get('samples_per_s', float('nan')):>11,.0f}")
+    return "\n".join(lines)
+
+
+def plot_curves(history: List[Dict[str, Any]], path: Path) -> Path:
+    """Train loss and validation LogLoss / AUC per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
+    if all("valid" in r for r in history):
+        ax_loss.plot(epochs, [r["valid"]["logloss"] for r in history], marker="o", label="valid LogLoss")
+        ax_auc.plot(epochs, [r["valid"]["auc"] for r in history], marker="o", label="valid AUC")
+        if all("gauc" in r["valid"] for r in history):
+            ax_auc.plot(epochs, [r["valid"]["gauc"] for r in history], marker="o", label="valid gAUC")
+    for ax, title in ((ax_loss, "loss"), (ax_auc, "AUC")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
+                        batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
+                        amp: str = "off") -> Dict[str, Dict[str, float]]:
+    """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
+    own validation/test splits when ``paths`` is not given."""
+    from .dataio import Schema, TabularDataset
+
+    state = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(state["train_config"])
+    cfg.eval_batch_size, cfg.amp, cfg.device = batch_size, amp, device
+    if backend is not None:
+        cfg.backend = backend
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_cfg = InterFormerConfig(**{**state["model_config"], "backend": cfg.backend})
+    model = InterFormerCTR(model_cfg).to(dev)
+    model.load_state_dict(state["model"])
+    if paths:
+        if state["schema"] is None:
+            raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
+        vocabs = vocabularies_from_dict(state["vocabularies"])
+        ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or cfg.data, on_error=cfg.on_bad_rows)
+        splits = {"eval": ds}
+    else:
+        _, splits, _, _ = build_data(cfg, vocabularies_from_dict(state["vocabularies"]))
+        splits.pop("train")
+        if not splits:
+            raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
+    return {name: evaluate_split(model, ds, cfg, dev) for name, ds in splits.items()}
