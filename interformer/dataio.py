@@ -104,6 +104,8 @@ __all__ = [
     "group_key",
     "load_vocabularies",
     "save_vocabularies",
+    "vocabularies_from_dict",
+    "vocabularies_to_dict",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -628,12 +630,8 @@ def build_vocabularies(paths: PathsArg, schema: Schema, fmt: Optional[str] = Non
 _VOCAB_FORMAT = "interformer-vocabularies"
 
 
-def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: PathLike) -> None:
-    """Write ``{column: Vocabulary}`` as JSON; columns holding the same object stay shared on load.
-
-    The file is written next to its destination and renamed into place, so a reader never sees a
-    half-written file.
-    """
+def vocabularies_to_dict(vocabs: Mapping[str, Vocabulary]) -> dict:
+    """``{column: Vocabulary}`` as a JSON-able dict; columns holding the same object stay shared."""
     owner: Dict[int, str] = {}
     columns: Dict[str, str] = {}
     tables: Dict[str, dict] = {}
@@ -642,10 +640,30 @@ def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: PathLike) -> None:
             owner[id(v)] = col
             tables[col] = v.to_dict()
         columns[col] = owner[id(v)]
+    return {"format": _VOCAB_FORMAT, "version": 1, "columns": columns, "vocabularies": tables}
+
+
+def vocabularies_from_dict(d: Mapping, where: str = "vocabularies") -> Dict[str, Vocabulary]:
+    """Inverse of :func:`vocabularies_to_dict` (``where`` names the source in errors)."""
+    if not isinstance(d, Mapping) or d.get("format") != _VOCAB_FORMAT:
+        raise ValueError(f"{where}: not vocabularies written by save_vocabularies / vocabularies_to_dict")
+    tables = {name: Vocabulary.from_dict(t) for name, t in d["vocabularies"].items()}
+    try:
+        return {col: tables[name] for col, name in d["columns"].items()}
+    except KeyError as e:
+        raise ValueError(f"{where}: column refers to a missing vocabulary {e}") from None
+
+
+def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: PathLike) -> None:
+    """Write ``{column: Vocabulary}`` as JSON; columns holding the same object stay shared on load.
+
+    The file is written next to its destination and renamed into place, so a reader never sees a
+    half-written file.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"format": _VOCAB_FORMAT, "version": 1, "columns": columns, "vocabularies": tables}, fh)
+        json.dump(vocabularies_to_dict(vocabs), fh)
     os.replace(tmp, path)
 
 
@@ -653,13 +671,7 @@ def load_vocabularies(path: PathLike) -> Dict[str, Vocabulary]:
     """Read what :func:`save_vocabularies` wrote."""
     with open(path, encoding="utf-8") as fh:
         d = json.load(fh)
-    if not isinstance(d, dict) or d.get("format") != _VOCAB_FORMAT:
-        raise ValueError(f"{path}: not a vocabulary file written by save_vocabularies")
-    tables = {name: Vocabulary.from_dict(t) for name, t in d["vocabularies"].items()}
-    try:
-        return {col: tables[name] for col, name in d["columns"].items()}
-    except KeyError as e:
-        raise ValueError(f"{path}: column refers to a missing vocabulary {e}") from None
+    return vocabularies_from_dict(d, str(path))
 
 
 # ------------------------------------------------------------------------------------------ datasets

@@ -269,30 +269,16 @@ def build_data(cfg: TrainConfig, vocabs=None) -> tuple:
     return splits["train"].model_overrides(), splits, vocabs, schema.to_dict()
 
 
-def vocabularies_to_dict(vocabs) -> Optional[dict]:
-    if vocabs is None:
-        return None
-    import tempfile
+def _vocabs_to_dict(vocabs) -> Optional[dict]:
+    from .dataio import vocabularies_to_dict
 
-    from .dataio import save_vocabularies
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "vocab.json")
-        save_vocabularies(vocabs, path)
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+    return None if vocabs is None else vocabularies_to_dict(vocabs)
 
 
-def vocabularies_from_dict(d: Optional[dict]):
-    if d is None:
-        return None
-    import tempfile
+def _vocabs_from_dict(d: Optional[dict]):
+    from .dataio import vocabularies_from_dict
 
-    from .dataio import load_vocabularies
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "vocab.json")
-        Path(path).write_text(json.dumps(d), encoding="utf-8")
-        return load_vocabularies(path)
+    return None if d is None else vocabularies_from_dict(d, "checkpoint vocabularies")
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +492,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
         raise ValueError("embedding_optimizer='sparse_adam' is not supported under DistributedDataParallel; use 'adagrad'")
 
     seed_everything(cfg.seed)
-    vocabs = vocabularies_from_dict(resume_state["vocabularies"]) if resume_state else None
+    vocabs = _vocabs_from_dict(resume_state["vocabularies"]) if resume_state else None
     overrides, splits, vocabs, schema = build_data(cfg, vocabs)
     train_set = splits["train"]
 
@@ -561,7 +547,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
             "stale_epochs": stale, "history": history, "rng": rngs, "world_size": d.world_size,
             "epoch_loss": epoch_losses,
             "train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "schema": schema,
-            "vocabularies": vocabularies_to_dict(vocabs), "versions": versions(),
+            "vocabularies": _vocabs_to_dict(vocabs), "versions": versions(),
         }
         save_checkpoint(out_dir / name, state)
 
@@ -764,11 +750,11 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     if paths:
         if state["schema"] is None:
             raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
-        vocabs = vocabularies_from_dict(state["vocabularies"])
+        vocabs = _vocabs_from_dict(state["vocabularies"])
         ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or cfg.data, on_error=cfg.on_bad_rows)
         splits = {"eval": ds}
     else:
-        _, splits, _, _ = build_data(cfg, vocabularies_from_dict(state["vocabularies"]))
+        _, splits, _, _ = build_data(cfg, _vocabs_from_dict(state["vocabularies"]))
         splits.pop("train")
         if not splits:
             raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
