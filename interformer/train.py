@@ -196,7 +196,7 @@ def setup_distributed(device: Optional[str]) -> tuple:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device in (None, "cuda")
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         if use_cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():

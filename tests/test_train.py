@@ -299,7 +299,7 @@ torch.save(s["model"].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ[
 
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     """torchrun with 2 CPU processes (gloo): DDP keeps the replicas equal; only rank 0 writes the run."""
-    cfg = tiny_config(tmp_path / "run", epochs=1, synthetic_train=256, synthetic_valid=64).to_dict()
+    cfg = tiny_config(tmp_path / "run", epochs=1, synthetic_train=256, synthetic_valid=64, device="cpu").to_dict()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
