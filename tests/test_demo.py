@@ -18,7 +18,10 @@ def test_demo_prints_agreement_throughputs_and_metrics(capsys):
     assert logits < 1e-4 and loss < 1e-4 and grad < 1e-4, out
     m = re.search(r"eager ([\d,.]+) samples/s, fused ([\d,.]+) samples/s", out)
     assert m and all(float(v.replace(",", "")) > 0 for v in m.groups()), out
-    assert "interpreter" in out
+    import torch
+
+    if not torch.cuda.is_available():  # the note on what CPU (interpreter) throughput means
+        assert "interpreter" in out
     row = re.search(r"^\s+eager\s+(\S+)\s+(\S+)\s+([\d,]+)\s+([\d,]+)$", out, re.M)
     assert row, out
     auc, ll = float(row.group(1)), float(row.group(2))
