@@ -13,26 +13,40 @@ Decisions:
   tables), or ``"sparse_adam"`` (the tables emit sparse gradients and ``torch.optim.SparseAdam``
   updates only the rows in the batch; not under DistributedDataParallel, and gradient clipping then
   covers the dense parameters only).
-* **Learning rate**: linear warm-up from 0 over ``warmup_steps`` optimiser steps, then constant.
+* **Learning rate**: linear warm-up over the first ``warmup_steps`` optimiser steps, then constant:
+  optimiser step ``k`` (1-based) uses ``lr * min(1, k / warmup_steps)``, so the first step already
+  uses ``lr / warmup_steps`` and step ``warmup_steps`` the full ``lr``.
 * **AMP**: ``bf16`` runs forward and loss under ``torch.autocast(dtype=bfloat16)``; ``fp16`` adds a
   ``GradScaler`` (its state is checkpointed). Weights and optimiser states stay float32.
 * **Checkpoints** (``output_dir``): ``last.pt`` at the end of every epoch, every
   ``checkpoint_every`` steps and when a run stops early (``max_steps``, SIGINT/SIGTERM);
   ``best.pt`` whenever validation AUC improves. Each holds the model, optimisers, scheduler, scaler,
   epoch, position in the epoch, global step, best AUC, early-stopping counter, metric history, the
-  RNG states of every rank (torch, CUDA, ``random``, NumPy), the full config and the vocabularies,
-  so ``evaluate`` needs nothing else. Written to a temporary file and renamed, so a crash never
-  leaves half a checkpoint.
+  RNG states of every rank (torch, the CUDA generator of the rank's own device, ``random``, NumPy),
+  the full config, the schema and the vocabularies, so ``evaluate`` needs nothing else (not even the
+  schema file). Written to a temporary file and renamed, so a crash never leaves half a checkpoint.
 * **Resume** (``--resume``) continues from ``last.pt``: the order of batches is a pure function of
   (seed, epoch, rank), so the resumed run skips the batches already seen in the interrupted epoch and
   then takes exactly the steps the uninterrupted run would have taken; on the same machine both end
-  with the same weights.
+  with the same weights, as far as the operations themselves are reproducible: on CUDA some PyTorch
+  operations accumulate with atomics unless ``deterministic`` is on, and with ``--compile`` on CUDA
+  the generated kernels may use atomics as well, which is not bitwise reproducible, so there the
+  equality holds to rounding only (as it does between two uninterrupted compiled runs).
+* **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
+  for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
+  must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
+  Operations without a deterministic implementation warn rather than fail. Off by default: it
+  slows some CUDA operations and changes nothing on CPU.
 * **Validation** runs on rank 0 only, over the whole validation split (exact metrics, no padded
   duplicates), and the result is broadcast so every rank takes the same early-stopping decision.
   Early stopping: after ``patience`` epochs without a better validation AUC.
 * **Multi-process**: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank reads its own shard of each epoch
   (equal batch counts per rank), and only rank 0 writes checkpoints, ``run.json`` and the plot.
+  The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
+  ranks wait in a collective while rank 0 alone runs validation, so it must exceed that.
+* **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary and
+  restores the previous handlers, so a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -40,6 +54,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
+import functools
 import json
 import math
 import os
@@ -48,6 +64,7 @@ import random
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -99,6 +116,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     seed: int = 0
     device: Optional[str] = None
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True) for the run
     # run control
     output_dir: str = "runs/interformer"
     resume: bool = False
@@ -110,6 +128,8 @@ class TrainConfig:
     plot: bool = False
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _train_config_hints()[f.name]))
         for name in ("train", "valid", "test"):
             value = getattr(self, name)
             setattr(self, name, [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []])
@@ -156,6 +176,59 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@functools.lru_cache(maxsize=None)
+def _train_config_hints() -> Dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_KIND = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` says, for the int, float and bool fields (optionally None).
+
+    Settings files and ``KEY=VALUE`` text give strings for some numbers (PyYAML reads ``1e-3`` as a
+    string: YAML 1.1 floats need a dot). Accepted: numbers or numeric strings for numbers (an int
+    field takes ``"1e3"`` or ``2.0``, not ``2.5``; ``True`` is not a number), ``true/false/yes/no/
+    on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field. Anything else raises
+    ValueError naming the field. Other fields pass through unchanged."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if base not in (int, float, bool):
+        return value
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {_KIND[base]}, got None")
+    bad = ValueError(f"{name} must be {_KIND[base]}{' or None' if optional else ''}, got {value!r}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        if base is float:
+            return float(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+        number = float(value)
+    except ValueError:
+        raise bad from None
+    if not number.is_integer():
+        raise bad
+    return int(number)
+
+
 def load_settings(path: str) -> Dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict."""
     text = Path(path).read_text(encoding="utf-8")
@@ -191,19 +264,35 @@ class Dist:
         return self.world_size > 1
 
 
+def dist_timeout() -> datetime.timedelta:
+    """The process group's timeout: ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60). Every
+    collective must complete within it, and the other ranks wait in one while rank 0 validates."""
+    return datetime.timedelta(minutes=int(os.environ.get("INTERFORMER_DIST_TIMEOUT_MIN", "60")))
+
+
+def _device_for(device: Optional[str], d: "Dist") -> torch.device:
+    """The device a process uses: under torchrun CUDA device ``LOCAL_RANK`` (unless ``device`` names
+    another type; ``cuda:N`` only selects CUDA), else ``device`` or CUDA when there is one."""
+    if d.enabled:
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        return torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def setup_distributed(device: Optional[str]) -> tuple:
-    """Join the process group torchrun describes (if any); return (Dist, device)."""
+    """Join the process group torchrun describes (if any; timeout :func:`dist_timeout`); return
+    (Dist, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        if use_cuda:
-            torch.cuda.set_device(local)
+        d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        dev = _device_for(device, d)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        return Dist(rank, world, local), dev
-    return Dist(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
+        return d, dev
+    d = Dist()
+    return d, _device_for(device, d)
 
 
 def seed_everything(seed: int) -> None:
@@ -217,10 +306,12 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's RNG states. CUDA: only the generator of ``device`` (the ``*_all`` variants
+    would create a context on every GPU of the machine)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     try:
         import numpy as np
 
@@ -230,11 +321,11 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         import numpy as np
 
@@ -429,11 +520,18 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        """The first signal: ask for a checkpoint and hand the signals back, so a second one acts
+        as it would have without us (Ctrl-C raises KeyboardInterrupt at once)."""
         self.requested = True
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._old.items():
+            # None: a handler not installed from Python; the default is the closest we can restore
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
+        self._restore()
 
 
 def threading_main() -> bool:
@@ -470,8 +568,17 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     """Run (or resume) training as ``cfg`` says.
 
     Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
-    :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``).
+    :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``). The process's
+    deterministic-algorithms setting is restored on return.
     """
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     d, device = setup_distributed(cfg.device)
     out_dir = Path(cfg.output_dir)
     if d.is_main:
@@ -490,6 +597,9 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
             say(f"resume: no {last} yet, starting a new run")
     if cfg.embedding_optimizer == "sparse_adam" and d.enabled:
         raise ValueError("embedding_optimizer='sparse_adam' is not supported under DistributedDataParallel; use 'adagrad'")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     seed_everything(cfg.seed)
     vocabs = _vocabs_from_dict(resume_state["vocabularies"]) if resume_state else None
@@ -514,7 +624,7 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
         epoch, batch_in_epoch, step = resume_state["epoch"], resume_state["batch_in_epoch"], resume_state["step"]
         best_auc, stale, history = resume_state["best_auc"], resume_state["stale_epochs"], resume_state["history"]
         carry_loss = tuple(resume_state["epoch_loss"][d.rank])
-        set_rng_state(resume_state["rng"][d.rank])
+        set_rng_state(resume_state["rng"][d.rank], device)
         say(f"resumed from {out_dir / 'last.pt'}: epoch {epoch + 1}, batch {batch_in_epoch}, step {step}")
 
     net: nn.Module = model
@@ -525,13 +635,13 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"InterFormerCTR: {n_params:,} parameters, backend={model.config.backend}, device={device}, "
-        f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}")
+        f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}, deterministic={cfg.deterministic}")
     say(f"data: {cfg.data}, " + ", ".join(f"{k} {v.num_rows:,} rows" for k, v in splits.items()))
 
     def checkpoint(name: str, epoch_loss=(0.0, 0)) -> None:
         """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's losses so far in an
         unfinished epoch, so a resumed run reports the same epoch loss as an uninterrupted one."""
-        mine = (rng_state(), tuple(epoch_loss))
+        mine = (rng_state(device), tuple(epoch_loss))
         if d.enabled:
             per_rank = [None] * d.world_size
             dist.all_gather_object(per_rank, mine)
@@ -735,7 +845,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
                         amp: str = "off") -> Dict[str, Dict[str, float]]:
     """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
-    own validation/test splits when ``paths`` is not given."""
+    own validation/test splits when ``paths`` is not given: the files its config names, read with
+    the schema and vocabularies it carries (the schema file it was trained from is not read)."""
     from .dataio import Schema, TabularDataset
 
     state = load_checkpoint(checkpoint)
@@ -754,6 +865,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or cfg.data, on_error=cfg.on_bad_rows)
         splits = {"eval": ds}
     else:
+        if state["schema"] is not None:
+            cfg.schema = state["schema"]
         _, splits, _, _ = build_data(cfg, _vocabs_from_dict(state["vocabularies"]))
         splits.pop("train")
         if not splits:

@@ -5,6 +5,7 @@ Every run is a tiny model on a few hundred rows (seconds on 2 CPU threads)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -51,6 +52,10 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def quiet(*a, **k) -> None:
+    pass
+
+
 # ------------------------------------------------------------------------------- synthetic, CLI
 def test_cli_trains_on_synthetic_data_and_writes_its_artifacts(tmp_path, capsys):
     out = tmp_path / "run"
@@ -89,6 +94,13 @@ def test_settings_file_then_flags_win(tmp_path):
     cfg = train_config_from_args(p.parse_args(parser_args))
     assert (cfg.epochs, cfg.lr, cfg.model) == (3, 0.01, {"d_model": 32, "num_heads": 4})
     assert cfg.batch_size == T.TrainConfig().batch_size  # untouched default
+    # PyYAML reads 1e-3 as a string (YAML 1.1 floats need a dot): numbers and booleans are converted
+    settings.write_text("lr: 1e-3\nmax_steps: 1e3\nclip_grad_norm: 1\nembedding_lr: null\nprogress: 'off'\n"
+                        "warmup_steps: '5'\n")
+    cfg = train_config_from_args(p.parse_args(["train", "--config", str(settings)]))
+    got = (cfg.lr, cfg.max_steps, cfg.clip_grad_norm, cfg.embedding_lr, cfg.progress, cfg.warmup_steps)
+    assert got == (1e-3, 1000, 1.0, None, False, 5)
+    assert [type(v) for v in got] == [float, int, float, type(None), bool, int]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -99,10 +111,97 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(data="csv", train=["x.csv"]), "needs a schema"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(epoch=2), "unknown training setting"),
+    (dict(lr="fast"), "lr must be a number, got 'fast'"),
+    (dict(epochs="2.5"), "epochs must be an integer, got '2.5'"),
+    (dict(max_steps=[3]), "max_steps must be an integer or None"),
+    (dict(compile="maybe"), "compile must be true or false"),
+    (dict(batch_size=True), "batch_size must be an integer"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         T.TrainConfig.from_dict(bad)
+
+
+def test_warmup_step_k_uses_lr_times_k_over_warmup_steps():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.4)
+    (sch,) = T.warmup_schedulers([opt], 4)
+    used = []
+    for _ in range(6):
+        used.append(opt.param_groups[0]["lr"])  # the lr the next optimiser step uses
+        opt.step()
+        sch.step()
+    assert used == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    real_loss = T.InterFormerCTR.loss
+
+    def loss(logits, label):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()))
+        return real_loss(logits, label)
+
+    monkeypatch.setattr(T.InterFormerCTR, "loss", staticmethod(loss))
+    T.train(tiny_config(tmp_path / "d", epochs=1, synthetic_train=128, deterministic=True), log=quiet)
+    assert seen and set(seen) == {(True, True)}
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is back
+    seen.clear()
+    T.train(tiny_config(tmp_path / "n", epochs=1, synthetic_train=128), log=quiet)
+    assert set(seen) == {(False, False)}
+
+
+def test_rng_state_touches_only_this_devices_cuda_generator(monkeypatch):
+    """Faked CUDA: the ``*_all`` functions would open a context on every GPU; only the rank's own
+    device's generator is saved and restored."""
+    calls = []
+
+    def forbidden(*a, **k):
+        raise AssertionError("an *_all CUDA RNG function was called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or "S")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", state, device)))
+    dev = torch.device("cuda", 1)
+    state = T.rng_state(dev)
+    assert state["cuda"] == "S"
+    T.set_rng_state(state, dev)
+    assert calls == [("get", dev), ("set", "S", dev)]
+    assert "cuda" not in T.rng_state(torch.device("cpu"))
+
+
+def test_process_group_timeout_from_the_environment(monkeypatch):
+    got = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(T.dist, "init_process_group", lambda backend, **kw: got.update(kw, backend=backend))
+    monkeypatch.setenv("INTERFORMER_DIST_TIMEOUT_MIN", "7")
+    d, dev = T.setup_distributed("cpu")
+    assert (d.rank, d.world_size, dev.type) == (1, 2, "cpu")
+    assert got == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}
+    monkeypatch.delenv("INTERFORMER_DIST_TIMEOUT_MIN")
+    T.setup_distributed("cpu")
+    assert got["timeout"] == datetime.timedelta(minutes=60)
+
+
+def test_a_second_sigint_aborts_at_once():
+    """The first SIGINT only asks for a checkpoint; it hands the signals back, so the second one
+    raises KeyboardInterrupt right away (Python's own handler)."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with T._StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+            assert signal.getsignal(signal.SIGINT) is before
+            os.kill(os.getpid(), signal.SIGINT)
+            pytest.fail("the second SIGINT was swallowed")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ------------------------------------------------------------------------------- resume
@@ -242,6 +341,12 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     for k in ("auc", "gauc", "logloss", "ne"):
         assert m[k] == pytest.approx(final[k], abs=1e-9), k
     assert "eval" in capsys.readouterr().out
+    # without files: the checkpoint's own validation split, read with the schema it carries
+    (bars / "schema.yaml").unlink()
+    main(["evaluate", str(out / "best.pt"), "--output", str(bars / "own.json")])
+    own = json.loads((bars / "own.json").read_text())["valid"]
+    for k in ("auc", "gauc", "logloss", "ne"):
+        assert own[k] == pytest.approx(final[k], abs=1e-9), k
 
 
 def test_parquet_with_the_same_schema_trains(bars):
