@@ -18,20 +18,36 @@ Decisions:
   uses ``lr / warmup_steps`` and step ``warmup_steps`` the full ``lr``.
 * **AMP**: ``bf16`` runs forward and loss under ``torch.autocast(dtype=bfloat16)``; ``fp16`` adds a
   ``GradScaler`` (its state is checkpointed). Weights and optimiser states stay float32.
+* **Output directory.** A new run refuses a directory that already holds a run (``last.pt``,
+  ``best.pt`` or ``run.json``): ``--resume`` continues it, ``--overwrite`` deletes those files (and
+  ``curves.png``) first. So the final table never shows another run's ``best.pt``; it is also only
+  read when this run (or the run it resumes) wrote it.
 * **Checkpoints** (``output_dir``): ``last.pt`` at the end of every epoch, every
   ``checkpoint_every`` steps and when a run stops early (``max_steps``, SIGINT/SIGTERM);
   ``best.pt`` whenever validation AUC improves. Each holds the model, optimisers, scheduler, scaler,
   epoch, position in the epoch, global step, best AUC, early-stopping counter, metric history, the
-  RNG states of every rank (torch, the CUDA generator of the rank's own device, ``random``, NumPy),
-  the full config, the schema and the vocabularies, so ``evaluate`` needs nothing else (not even the
-  schema file). Written to a temporary file and renamed, so a crash never leaves half a checkpoint.
-* **Resume** (``--resume``) continues from ``last.pt``: the order of batches is a pure function of
-  (seed, epoch, rank), so the resumed run skips the batches already seen in the interrupted epoch and
-  then takes exactly the steps the uninterrupted run would have taken; on the same machine both end
-  with the same weights, as far as the operations themselves are reproducible: on CUDA some PyTorch
-  operations accumulate with atomics unless ``deterministic`` is on, and with ``--compile`` on CUDA
-  the generated kernels may use atomics as well, which is not bitwise reproducible, so there the
-  equality holds to rounding only (as it does between two uninterrupted compiled runs).
+  run status (``running``, ``stopped``, ``early_stopped`` or ``finished``), the RNG states of every
+  rank (torch, the CUDA generator of the rank's own device, ``random``, NumPy), the full config, the
+  schema and the vocabularies, so ``evaluate`` needs nothing else (not even the schema file).
+  Written to a temporary file and renamed, so a crash never leaves half a checkpoint.
+* **Resume** (``--resume``) continues from ``last.pt`` with the checkpoint's own settings, so
+  ``train --resume --output-dir X`` alone is enough. A setting counts as given when it differs from
+  the :class:`TrainConfig` default. The run-control settings (:data:`RUN_CONTROL`: epochs,
+  max_steps, patience, checkpoint_every, log_every, progress, plot, device, eval_batch_size) may be
+  changed on resume (e.g. a larger ``--epochs`` or ``--max-steps`` continues a finished or stopped
+  run); any other given setting that differs from the checkpoint's raises ValueError, since it would
+  silently make a different run. (A run-control setting cannot be set back to its default this way:
+  pass a large ``--max-steps`` rather than "none".) A resumed run that has nothing left to do
+  (``max_steps`` reached, its epochs done, or early stopping's patience used up) trains no step; it
+  says so, rescores the final table and rewrites ``run.json``. A larger ``--patience`` continues an
+  early-stopped run, like a larger ``--epochs`` a finished one. The order of batches is a pure
+  function of (seed, epoch, rank), so the resumed run skips the batches already seen in the
+  interrupted epoch and then takes exactly the steps the uninterrupted run would have taken; on the
+  same machine both end with the same weights, as far as the operations themselves are
+  reproducible: on CUDA some PyTorch operations accumulate with atomics unless ``deterministic``
+  is on, and with ``--compile`` on CUDA the generated kernels may use atomics as well, which is not
+  bitwise reproducible, so there the equality holds to rounding only (as it does between two
+  uninterrupted compiled runs).
 * **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
   for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
   must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
@@ -42,9 +58,14 @@ Decisions:
   Early stopping: after ``patience`` epochs without a better validation AUC.
 * **Multi-process**: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank reads its own shard of each epoch
-  (equal batch counts per rank), and only rank 0 writes checkpoints, ``run.json`` and the plot.
+  (equal batch counts per rank), and only rank 0 touches the output directory: it checks (and with
+  ``overwrite`` clears) it, reads ``last.pt`` on resume and broadcasts it to the other ranks (so
+  ranks never disagree and no shared disk is needed), writes checkpoints, ``run.json`` and the plot.
   The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
   ranks wait in a collective while rank 0 alone runs validation, so it must exceed that.
+* **Skipped rows** (``on_bad_rows: skip``): ``run.json``'s ``skipped_rows`` and the closing note
+  give the malformed rows of ONE pass over each split (the first, counting pass), not a sum over
+  the epochs.
 * **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary and
   restores the previous handlers, so a second Ctrl-C aborts at once.
 """
@@ -120,6 +141,7 @@ class TrainConfig:
     # run control
     output_dir: str = "runs/interformer"
     resume: bool = False
+    overwrite: bool = False  # a new run may delete the run already in output_dir
     patience: Optional[int] = None  # early stopping
     max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimiser steps in total
     checkpoint_every: Optional[int] = None
@@ -176,6 +198,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Settings that steer one invocation rather than define the run; a resumed run may change them.
+RUN_CONTROL = ("epochs", "max_steps", "patience", "checkpoint_every", "log_every", "progress", "plot",
+               "output_dir", "resume", "overwrite", "device", "eval_batch_size")
+# Of those, the ones that always come from the invocation (where to look, whether to resume).
+_INVOCATION = ("output_dir", "resume", "overwrite")
+
+
 @functools.lru_cache(maxsize=None)
 def _train_config_hints() -> Dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
@@ -227,6 +256,35 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if not number.is_integer():
         raise bad
     return int(number)
+
+
+def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
+    """The settings of a resumed run: the checkpoint's ``train_config`` (``saved``), with the
+    run-control fields (:data:`RUN_CONTROL`) that ``given`` sets. Returns (config, {field: (old, new)}
+    of the run-control settings changed).
+
+    A field of ``given`` at its :class:`TrainConfig` default counts as not given; ``output_dir``,
+    ``resume`` and ``overwrite`` always come from ``given``. Any other field given with a value that
+    differs from the checkpoint's raises ValueError naming them (values compare by ``==``, so dicts
+    and lists by content)."""
+    defaults, mine = TrainConfig().to_dict(), given.to_dict()
+    merged, changed, conflicts = {}, {}, []
+    for name, value in mine.items():
+        old = saved.get(name, defaults[name])  # a field added after the checkpoint was written
+        if name in _INVOCATION:
+            merged[name] = value
+        elif value == defaults[name] or value == old:
+            merged[name] = old
+        elif name in RUN_CONTROL:
+            merged[name], changed[name] = value, (old, value)
+        else:
+            merged[name] = old
+            conflicts.append(f"{name} (checkpoint {old!r}, given {value!r})")
+    if conflicts:
+        raise ValueError(f"resume: {'; '.join(conflicts)}: a resumed run keeps the checkpoint's settings except "
+                         f"{', '.join(n for n in RUN_CONTROL if n not in _INVOCATION)}; drop the other(s), or start "
+                         "a new run (another --output-dir, or --overwrite)")
+    return TrainConfig.from_dict(merged), changed
 
 
 def load_settings(path: str) -> Dict[str, Any]:
@@ -336,8 +394,11 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 # data
 
 
-def build_data(cfg: TrainConfig, vocabs=None) -> tuple:
-    """(model config overrides, {split: dataset}, vocabularies or None, schema dict or None)."""
+def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> tuple:
+    """(model config overrides, {split: dataset}, vocabularies or None, schema dict or None).
+
+    ``vocabs`` and ``schema`` (a dict), when given, replace building the vocabularies and reading
+    ``cfg.schema``: a resumed run uses its checkpoint's, whatever happened to the files since."""
     from .dataio import MemoryDataset, Schema, TabularDataset, build_vocabularies
 
     if cfg.data == "synthetic":
@@ -348,7 +409,8 @@ def build_data(cfg: TrainConfig, vocabs=None) -> tuple:
         if cfg.synthetic_test:
             splits["test"] = MemoryDataset(make_synthetic(cfg.synthetic_test, model_cfg, seed=cfg.seed + 2))
         return {}, splits, None, None
-    schema = Schema.from_dict(cfg.schema) if isinstance(cfg.schema, dict) else Schema.from_file(cfg.schema)
+    source = cfg.schema if schema is None else schema
+    schema = Schema.from_dict(source) if isinstance(source, dict) else Schema.from_file(source)
     fmt = cfg.data
     if vocabs is None:
         vocabs, _ = build_vocabularies(cfg.train, schema, fmt=fmt, on_error=cfg.on_bad_rows)
@@ -564,8 +626,56 @@ def _broadcast(obj, d: Dist):
     return box[0]
 
 
+def _on_rank0(fn, d: Dist):
+    """``fn()`` run by rank 0 alone, its result broadcast to every rank. An exception on rank 0 is
+    raised there and, as a RuntimeError with its message, on the other ranks (instead of leaving
+    them waiting for a broadcast that never comes)."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            if not d.enabled:
+                raise
+            error = e
+    if d.enabled:
+        box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"rank 0: {message}")
+    return result
+
+
+RUN_FILES = ("last.pt", "best.pt", "run.json")  # their presence means: output_dir holds a run
+
+
+def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
+    """Rank 0: create ``output_dir``; return ``last.pt``'s state when resuming from it, else check
+    that no other run lives there (ValueError) or, with ``overwrite``, delete it."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = out_dir / "last.pt"
+    if cfg.resume:
+        if last.is_file():
+            return load_checkpoint(last)
+        say(f"resume: no {last} yet, starting a new run")
+    existing = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if existing and not cfg.overwrite:
+        hint = "--overwrite to start a new run there" if cfg.resume else "--resume to continue it or --overwrite to replace it"
+        raise ValueError(f"{out_dir} already holds a run ({', '.join(existing)}); pass {hint}, "
+                         "or choose another --output-dir")
+    if existing:
+        say(f"overwrite: deleting the run in {out_dir}")
+        for name in (*RUN_FILES, "curves.png", "last.pt.tmp", "best.pt.tmp"):
+            (out_dir / name).unlink(missing_ok=True)
+    return None
+
+
 def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
-    """Run (or resume) training as ``cfg`` says.
+    """Run (or resume) training as ``cfg`` says (module docstring: output directory, resume).
 
     Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
     :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``). The process's
@@ -580,21 +690,21 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
 
 def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     d, device = setup_distributed(cfg.device)
-    out_dir = Path(cfg.output_dir)
-    if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     say = log if d.is_main else (lambda *a, **k: None)
-
-    resume_state = None
-    if cfg.resume:
-        last = out_dir / "last.pt"
-        if last.is_file():
-            resume_state = load_checkpoint(last)
-            if resume_state["world_size"] != d.world_size:
-                raise ValueError(f"{last} was written by {resume_state['world_size']} process(es); "
-                                 f"resume with the same number (now {d.world_size})")
-        else:
-            say(f"resume: no {last} yet, starting a new run")
+    resume_state = _on_rank0(lambda: _open_output_dir(cfg, say), d)
+    if resume_state is not None:
+        cfg, changed = resume_config(resume_state["train_config"], cfg)
+        for name, (old, new) in changed.items():
+            say(f"resume: {name} {old!r} -> {new!r}")
+        if _device_for(cfg.device, d) != device:
+            if d.enabled:
+                raise ValueError(f"resume: the checkpoint's device {cfg.device!r} is not this process group's "
+                                 f"{device}; pass --device")
+            device = _device_for(cfg.device, d)
+        if resume_state["world_size"] != d.world_size:
+            raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
+                             f"process(es); resume with the same number (now {d.world_size})")
+    out_dir = Path(cfg.output_dir)
     if cfg.embedding_optimizer == "sparse_adam" and d.enabled:
         raise ValueError("embedding_optimizer='sparse_adam' is not supported under DistributedDataParallel; use 'adagrad'")
     if cfg.deterministic:
@@ -602,9 +712,15 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     seed_everything(cfg.seed)
-    vocabs = _vocabs_from_dict(resume_state["vocabularies"]) if resume_state else None
-    overrides, splits, vocabs, schema = build_data(cfg, vocabs)
+    if resume_state is not None:
+        data = build_data(cfg, _vocabs_from_dict(resume_state["vocabularies"]), resume_state["schema"])
+    else:
+        data = build_data(cfg)
+    overrides, splits, vocabs, schema = data
     train_set = splits["train"]
+    rows = {k: v.num_rows for k, v in splits.items()}
+    # the counting pass above was the first full pass: ``skipped`` now holds one pass's bad rows
+    skipped = {k: v.skipped for k, v in splits.items()}
 
     seed_everything(cfg.seed)  # the same initial weights on every rank and for every data source
     model = build_model(cfg, overrides).to(device)
@@ -616,16 +732,20 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     carry_loss = (0.0, 0)  # (sum, count) of the training losses of the interrupted epoch, on resume
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
-        for opt, s in zip(optimizers, resume_state["optimizers"]):
+        for opt, s in zip(optimizers, resume_state["optimizers"], strict=True):
             opt.load_state_dict(s)
-        for sch, s in zip(schedulers, resume_state["schedulers"]):
+        for sch, s in zip(schedulers, resume_state["schedulers"], strict=True):
             sch.load_state_dict(s)
         scaler.load_state_dict(resume_state["scaler"])
         epoch, batch_in_epoch, step = resume_state["epoch"], resume_state["batch_in_epoch"], resume_state["step"]
         best_auc, stale, history = resume_state["best_auc"], resume_state["stale_epochs"], resume_state["history"]
         carry_loss = tuple(resume_state["epoch_loss"][d.rank])
         set_rng_state(resume_state["rng"][d.rank], device)
-        say(f"resumed from {out_dir / 'last.pt'}: epoch {epoch + 1}, batch {batch_in_epoch}, step {step}")
+        say(f"resumed from {out_dir / 'last.pt'} ({resume_state.get('status', 'running')}): epoch {epoch + 1}, "
+            f"batch {batch_in_epoch}, step {step}")
+    # best.pt is written exactly when the validation AUC improves, so this run (or the one it
+    # resumes) wrote it iff best_auc is finite; a best.pt found otherwise is not ours
+    best_written = best_auc > -math.inf
 
     net: nn.Module = model
     if d.enabled:
@@ -636,9 +756,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"InterFormerCTR: {n_params:,} parameters, backend={model.config.backend}, device={device}, "
         f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}, deterministic={cfg.deterministic}")
-    say(f"data: {cfg.data}, " + ", ".join(f"{k} {v.num_rows:,} rows" for k, v in splits.items()))
+    say(f"data: {cfg.data}, " + ", ".join(f"{k} {v:,} rows" for k, v in rows.items()))
 
-    def checkpoint(name: str, epoch_loss=(0.0, 0)) -> None:
+    def checkpoint(name: str, status: str, epoch_loss=(0.0, 0)) -> None:
         """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's losses so far in an
         unfinished epoch, so a resumed run reports the same epoch loss as an uninterrupted one."""
         mine = (rng_state(device), tuple(epoch_loss))
@@ -655,7 +775,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_auc": best_auc,
             "stale_epochs": stale, "history": history, "rng": rngs, "world_size": d.world_size,
-            "epoch_loss": epoch_losses,
+            "epoch_loss": epoch_losses, "status": status,
             "train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "schema": schema,
             "vocabularies": _vocabs_to_dict(vocabs), "versions": versions(),
         }
@@ -666,18 +786,32 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             "status": status, "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
             "schema": schema, "versions": versions(), "device": str(device), "world_size": d.world_size,
             "parameters": n_params, "epochs": history, "best_valid_auc": None if best_auc == -math.inf else best_auc,
-            "step": step, "skipped_rows": {k: v.skipped for k, v in splits.items()},
+            "step": step, "skipped_rows": skipped,
         }
         if d.is_main:
             (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
         return summary
 
+    def max_steps_reached() -> bool:
+        return cfg.max_steps is not None and step >= cfg.max_steps
+
     n_batches = math.ceil(math.ceil(train_set.num_rows / d.world_size) / cfg.batch_size)
     dense_params = [p for g in optimizers[0].param_groups for p in g["params"]]
     clip_params = dense_params if cfg.embedding_optimizer == "sparse_adam" else list(model.parameters())
     status, t_start = "finished", time.perf_counter()
+    if resume_state is not None and cfg.patience is not None and stale >= cfg.patience:
+        status = "early_stopped"
+        say(f"resume: the run stopped early ({stale} epoch(s) without a better validation AUC, patience "
+            f"{cfg.patience}); nothing to train (a larger --patience continues it)")
+    elif resume_state is not None and epoch >= cfg.epochs:
+        say(f"resume: the run finished its {cfg.epochs} epoch(s); nothing to train (a larger --epochs continues it)")
     with _StopRequest() as stop:
-        while epoch < cfg.epochs:
+        while status != "early_stopped" and epoch < cfg.epochs:
+            if max_steps_reached():  # before any step: a resumed run may already be there
+                status = "stopped"
+                say(f"max_steps={cfg.max_steps} reached at step {step}; nothing to train (a larger --max-steps "
+                    "continues)")
+                break
             net.train()
             bar = _progress(n_batches, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and d.is_main)
             if bar is not None:
@@ -714,18 +848,17 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                     if batch_in_epoch % cfg.log_every == 0:
                         sps = seen * d.world_size / (time.perf_counter() - t0)
                         bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=f"{sps:,.0f}")
-                stop_now = (cfg.max_steps is not None and step >= cfg.max_steps) or stop.requested
-                if _any_rank(stop_now, d, device):
+                if _any_rank(max_steps_reached() or stop.requested, d, device):
                     halted = True
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint("last.pt", (float(loss_sum), loss_n))
+                    checkpoint("last.pt", "running", (float(loss_sum), loss_n))
             if bar is not None:
                 bar.close()
             finished_epoch = batch_in_epoch >= n_batches
             if halted and not finished_epoch:
                 status = "stopped"
-                checkpoint("last.pt", (float(loss_sum), loss_n))
+                checkpoint("last.pt", status, (float(loss_sum), loss_n))
                 say(f"stopped at epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}, step {step}; "
                     f"`--resume` continues from {out_dir / 'last.pt'}")
                 break
@@ -751,30 +884,40 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             history.append(record)
             say(_epoch_line(record))
             epoch, batch_in_epoch = epoch + 1, 0
-            if improved:
-                checkpoint("best.pt")
-            checkpoint("last.pt")
-            write_run_json("running")
             if cfg.patience is not None and stale >= cfg.patience:
-                say(f"early stopping: no better validation AUC for {stale} epoch(s)")
                 status = "early_stopped"
-                break
-            if halted:
-                status = "stopped" if epoch < cfg.epochs else "finished"
+            elif epoch >= cfg.epochs:
+                status = "finished"
+            elif halted:
+                status = "stopped"
+            else:
+                status = "running"
+            if improved:
+                checkpoint("best.pt", status)
+                best_written = True
+            checkpoint("last.pt", status)
+            write_run_json(status)
+            if status == "early_stopped":
+                say(f"early stopping: no better validation AUC for {stale} epoch(s)")
+            elif status == "stopped":
+                say(f"stopped after epoch {epoch}, step {step}; `--resume` continues from {out_dir / 'last.pt'}")
+            if status != "running":
                 break
 
-    summary_status = status
-    final = {}
+    final, source = {}, "last weights"
     if status != "stopped" and d.is_main:
-        source = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else None
         final_model = model
-        if source is not None:
+        best = out_dir / "best.pt"
+        if best_written and best.is_file():
             final_model = copy.deepcopy(model)
-            final_model.load_state_dict(load_checkpoint(source)["model"])
+            final_model.load_state_dict(load_checkpoint(best)["model"])
+            source = "best checkpoint"
+        elif best_written:
+            say(f"note: {best} is gone; the final metrics are the last weights'")
         for split in ("valid", "test"):
             if split in splits:
                 final[split] = evaluate_split(final_model, splits[split], cfg, device)
-    summary = write_run_json(summary_status)
+    summary = write_run_json(status)
     summary["final"] = final
     summary["seconds"] = time.perf_counter() - t_start
     if d.is_main:
@@ -784,12 +927,12 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
         if final:
             say("")
-            say(metrics_table(final, "best checkpoint" if (out_dir / "best.pt").is_file() else "last weights"))
+            say(metrics_table(final, source))
         if cfg.plot and history:
             say(f"curves: {plot_curves(history, out_dir / 'curves.png')}")
         for split, ds in splits.items():
-            if ds.skipped:
-                say(f"note: skipped {ds.skipped} malformed row(s) in {split} "
+            if skipped[split]:
+                say(f"note: skipped {skipped[split]} malformed row(s) in {split} "
                     f"(e.g. {'; '.join(ds.skipped_examples[:3])})")
     summary["model"] = model  # the trained module itself (not in run.json), on every rank
     return summary

@@ -6,6 +6,7 @@ Every run is a tiny model on a few hundred rows (seconds on 2 CPU threads)."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -52,14 +53,51 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_same_state(a, b, where="state") -> None:
+    """Exact equality of nested checkpoint state (dicts, lists, tensors, numbers), keys and lengths
+    included: nothing escapes through a ``zip`` that stops at the shorter side."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints: the same weights, optimiser states, scheduler states and AMP scaler state."""
+    assert_same_weights(a["model"], b["model"])
+    for key in ("optimizers", "schedulers", "scaler"):
+        assert_same_state(a[key], b[key], key)
+
+
 def quiet(*a, **k) -> None:
     pass
+
+
+def test_state_comparison_sees_a_missing_optimiser_and_scaler_changes():
+    """assert_same_training_state can fail: one optimiser fewer, or another loss scale."""
+    state = {"model": {"w": torch.ones(2)}, "optimizers": [{"state": {}}, {"state": {0: {"step": torch.tensor(1.0)}}}],
+             "schedulers": [{"last_epoch": 3}], "scaler": {"scale": 65536.0}}
+    assert_same_training_state(state, state)
+    with pytest.raises(AssertionError, match="lengths"):
+        assert_same_training_state(state, dict(state, optimizers=state["optimizers"][:1]))
+    with pytest.raises(AssertionError, match="scaler"):
+        assert_same_training_state(state, dict(state, scaler={"scale": 32768.0}))
+    with pytest.raises(AssertionError, match="schedulers"):
+        assert_same_training_state(state, dict(state, schedulers=[{"last_epoch": 4}]))
 
 
 # ------------------------------------------------------------------------------- synthetic, CLI
 def test_cli_trains_on_synthetic_data_and_writes_its_artifacts(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["train", *SYNTH, *TINY_FLAGS, "--epochs", "2", "--output-dir", str(out), "--plot", "--seed", "3"])
+    assert main(["train", *SYNTH, *TINY_FLAGS, "--epochs", "2", "--output-dir", str(out), "--plot", "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert {"best.pt", "last.pt", "run.json", "curves.png"} <= {p.name for p in out.iterdir()}
     run = json.loads((out / "run.json").read_text())
@@ -215,22 +253,21 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, case):
-    """max_steps stops mid-epoch 2 (8 batches per epoch); --resume continues: same weights, optimiser
-    state and per-epoch history as the uninterrupted run."""
+    """max_steps stops mid-epoch 2 (8 batches per epoch); --resume with a larger --max-steps
+    continues: same weights, optimiser, scheduler and scaler state and per-epoch history as the
+    uninterrupted run."""
     kw = RESUME_CASES[case]
-    full = T.train(tiny_config(tmp_path / "full", **kw), log=lambda *a: None)
-    part = T.train(tiny_config(tmp_path / "part", max_steps=11, **kw), log=lambda *a: None)
+    full = T.train(tiny_config(tmp_path / "full", **kw), log=quiet)
+    part = T.train(tiny_config(tmp_path / "part", max_steps=11, **kw), log=quiet)
     assert part["status"] == "stopped"
-    assert T.load_checkpoint(tmp_path / "part" / "last.pt")["batch_in_epoch"] == 3
-    resumed = T.train(tiny_config(tmp_path / "part", resume=True, **kw), log=lambda *a: None)
+    stopped = T.load_checkpoint(tmp_path / "part" / "last.pt")
+    assert (stopped["batch_in_epoch"], stopped["status"]) == (3, "stopped")
+    resumed = T.train(tiny_config(tmp_path / "part", resume=True, max_steps=100, **kw), log=quiet)
     assert resumed["status"] == "finished" and resumed["step"] == full["step"] == 16
     a, b = T.load_checkpoint(tmp_path / "full" / "last.pt"), T.load_checkpoint(tmp_path / "part" / "last.pt")
-    assert_same_weights(a["model"], b["model"])
+    assert_same_training_state(a, b)
+    assert a["status"] == b["status"] == "finished"
     assert_same_weights(weights(tmp_path / "full" / "best.pt"), weights(tmp_path / "part" / "best.pt"))
-    for sa, sb in zip(a["optimizers"], b["optimizers"]):
-        for pa, pb in zip(sa["state"].values(), sb["state"].values()):
-            for k in pa:
-                assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
     strip = lambda h: [{k: v for k, v in e.items() if k != "train_samples_per_s" and k != "valid"} for e in h]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     assert [e["valid"]["auc"] for e in a["history"]] == [e["valid"]["auc"] for e in b["history"]]
@@ -244,7 +281,7 @@ def test_a_resume_that_skipped_the_restore_would_be_caught(tmp_path):
     state = T.load_checkpoint(tmp_path / "part" / "last.pt")
     state["optimizers"] = [{"state": {}, "param_groups": o["param_groups"]} for o in state["optimizers"]]
     T.save_checkpoint(tmp_path / "part" / "last.pt", state)
-    T.train(tiny_config(tmp_path / "part", resume=True), log=lambda *a: None)
+    T.train(tiny_config(tmp_path / "part", resume=True, max_steps=100), log=lambda *a: None)
     a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
@@ -270,8 +307,10 @@ def test_sigint_checkpoints_and_resume_matches(tmp_path, monkeypatch):
     assert_same_weights(weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt"))
 
 
-def test_early_stopping_after_patience_epochs(tmp_path, monkeypatch):
-    aucs = iter([0.70, 0.72, 0.71, 0.715, 0.9, 0.9])
+def test_early_stopping_after_patience_epochs_and_its_resume_trains_no_more(tmp_path, monkeypatch):
+    """Stops after 2 epochs without a better AUC; --resume of that run takes no step (its status is
+    in last.pt); a larger --patience continues it."""
+    aucs = itertools.chain([0.70, 0.72, 0.71, 0.715], itertools.repeat(0.5))
     real = T.evaluate_split
 
     def fake(model, dataset, cfg, device):
@@ -280,11 +319,148 @@ def test_early_stopping_after_patience_epochs(tmp_path, monkeypatch):
         return m
 
     monkeypatch.setattr(T, "evaluate_split", fake)
-    s = T.train(tiny_config(tmp_path, epochs=6, patience=2), log=lambda *a: None)
+    s = T.train(tiny_config(tmp_path, epochs=6, patience=2), log=quiet)
     assert s["status"] == "early_stopped"
     assert [e["epoch"] for e in s["epochs"]] == [1, 2, 3, 4]
     assert T.load_checkpoint(tmp_path / "best.pt")["epoch"] == 2  # saved after epoch 2 (0-based next epoch)
     assert s["best_valid_auc"] == 0.72
+    stopped = T.load_checkpoint(tmp_path / "last.pt")
+    assert (stopped["status"], stopped["step"], stopped["stale_epochs"]) == ("early_stopped", 32, 2)
+    lines = []
+    again = T.train(tiny_config(tmp_path, resume=True, epochs=6), log=lines.append)  # patience=2 from last.pt
+    assert again["status"] == "early_stopped" and again["step"] == 32 and len(again["epochs"]) == 4
+    assert_same_training_state(stopped, T.load_checkpoint(tmp_path / "last.pt"))
+    assert any("nothing to train" in str(line) for line in lines)
+    more = T.train(tiny_config(tmp_path, resume=True, epochs=6, patience=3), log=quiet)
+    assert more["status"] == "early_stopped" and [e["epoch"] for e in more["epochs"]] == [1, 2, 3, 4, 5]
+    assert more["step"] == 40
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted 2-epoch run (8 steps per epoch): the reference of the resume tests below."""
+    out = tmp_path_factory.mktemp("full")
+    T.train(tiny_config(out), log=quiet)
+    return T.load_checkpoint(out / "last.pt")
+
+
+def test_max_steps_on_an_epoch_end_then_resume(tmp_path, full_run):
+    """max_steps=8 ends exactly with epoch 1: the epoch is validated and checkpointed as complete;
+    resuming with max_steps still 8 takes no (extra) step; a larger one ends as the full run."""
+    out = tmp_path / "part"
+    part = T.train(tiny_config(out, max_steps=8), log=quiet)
+    assert part["status"] == "stopped" and part["step"] == 8 and len(part["epochs"]) == 1
+    stopped = T.load_checkpoint(out / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["status"]) == (1, 0, "stopped")
+    again = T.train(tiny_config(out, resume=True, max_steps=8), log=quiet)
+    assert again["status"] == "stopped" and again["step"] == 8 and len(again["epochs"]) == 1
+    assert_same_training_state(stopped, T.load_checkpoint(out / "last.pt"))
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"
+    T.train(tiny_config(out, resume=True), log=quiet)  # max_steps=8 comes from the checkpoint
+    assert T.load_checkpoint(out / "last.pt")["step"] == 8
+    done = T.train(tiny_config(out, resume=True, max_steps=16), log=quiet)
+    assert done["status"] == "finished" and done["step"] == 16
+    assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
+    assert done["epochs"][1]["train_loss"] == full_run["history"][1]["train_loss"]
+
+
+def test_resuming_a_finished_run_trains_only_with_more_epochs(tmp_path, full_run):
+    out = tmp_path / "one"
+    T.train(tiny_config(out, epochs=1), log=quiet)
+    finished = T.load_checkpoint(out / "last.pt")
+    assert (finished["status"], finished["step"]) == ("finished", 8)
+    same = T.train(tiny_config(out, resume=True, epochs=1), log=quiet)
+    assert same["status"] == "finished" and same["step"] == 8
+    assert_same_training_state(finished, T.load_checkpoint(out / "last.pt"))
+    more = T.train(tiny_config(out, resume=True, epochs=2), log=quiet)
+    assert more["status"] == "finished" and more["step"] == 16
+    assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
+
+
+def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tmp_path, capsys):
+    """No --resume into a run directory: ValueError naming it; --overwrite deletes the old run, so
+    its best.pt can not end up in the new run's final table."""
+    out = tmp_path / "run"
+    T.train(tiny_config(out, epochs=1, plot=True), log=quiet)
+    assert {"best.pt", "last.pt", "run.json", "curves.png"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(ValueError, match=rf"{out}.*--resume.*--overwrite"):
+        T.train(tiny_config(out, epochs=1, synthetic_valid=0, synthetic_test=64), log=quiet)
+    (out / "last.pt").unlink()  # what is left is still a run: resume has nothing to resume from
+    with pytest.raises(ValueError, match="--overwrite"):
+        T.train(tiny_config(out, epochs=1, resume=True, synthetic_valid=0, synthetic_test=64), log=quiet)
+    s = T.train(tiny_config(out, epochs=1, overwrite=True, synthetic_valid=0, synthetic_test=64), log=print)
+    assert {p.name for p in out.iterdir()} == {"last.pt", "run.json"}  # no validation: no best.pt
+    assert "final metrics (last weights)" in capsys.readouterr().out
+    mine = T.evaluate_checkpoint(str(out / "last.pt"))["test"]
+    assert s["final"]["test"]["auc"] == mine["auc"] and s["final"]["test"]["logloss"] == mine["logloss"]
+    # a mistake through the CLI: refused, exit with the message
+    with pytest.raises(ValueError, match="already holds a run"):
+        main(["train", *SYNTH, *TINY_FLAGS, "--output-dir", str(out)])
+
+
+def test_the_final_table_ignores_a_best_pt_this_run_did_not_write(tmp_path, capsys):
+    """A run without validation, resumed in a directory where a best.pt of another run appeared:
+    its final metrics are its own last weights."""
+    other, out = tmp_path / "other", tmp_path / "run"
+    T.train(tiny_config(other, epochs=1, synthetic_test=64, lr=1e-2), log=quiet)  # other weights, same data
+    T.train(tiny_config(out, epochs=1, max_steps=4, synthetic_valid=0, synthetic_test=64), log=quiet)
+    (out / "best.pt").write_bytes((other / "best.pt").read_bytes())
+    s = T.train(tiny_config(out, epochs=1, resume=True, max_steps=8, synthetic_valid=0, synthetic_test=64), log=print)
+    assert s["status"] == "finished"
+    assert "final metrics (last weights)" in capsys.readouterr().out
+    mine = T.evaluate_checkpoint(str(out / "last.pt"))["test"]
+    assert s["final"]["test"]["auc"] == mine["auc"]
+    assert s["final"]["test"]["auc"] != T.evaluate_checkpoint(str(other / "best.pt"))["test"]["auc"]
+
+
+def test_resume_takes_the_checkpoint_settings(tmp_path):
+    """Run-control settings given on resume replace the checkpoint's; a given setting at its default
+    is "not given"; any other difference is refused, naming the fields."""
+    saved = tiny_config(tmp_path, lr=3e-3, epochs=2, max_steps=5, embedding_optimizer="adagrad").to_dict()
+    cfg, changed = T.resume_config(saved, T.TrainConfig(output_dir="elsewhere", resume=True))
+    assert cfg.to_dict() == dict(saved, output_dir="elsewhere", resume=True) and changed == {}
+    given = T.TrainConfig(output_dir="o", resume=True, epochs=4, max_steps=20, progress=True, plot=True, lr="0.003",
+                          model=dict(TINY), embedding_optimizer="adagrad")
+    cfg, changed = T.resume_config(saved, given)
+    assert (cfg.epochs, cfg.max_steps, cfg.plot, cfg.lr, cfg.model) == (4, 20, True, 3e-3, TINY)
+    assert changed == {"epochs": (2, 4), "max_steps": (5, 20), "plot": (False, True)}
+    bad = T.TrainConfig(resume=True, lr=0.01, model=dict(TINY, d_model=32), batch_size=64, seed=1)
+    with pytest.raises(ValueError, match=r"model \(.*\); lr \(checkpoint 0.003, given 0.01\); seed \(checkpoint 0, given 1\)") as e:
+        T.resume_config(saved, bad)
+    assert " batch_size (" not in str(e.value)  # given, but equal to the checkpoint's
+    # a checkpoint written before a field existed: that field is at its default there
+    old = {k: v for k, v in saved.items() if k not in ("deterministic", "overwrite")}
+    assert T.resume_config(old, T.TrainConfig(resume=True))[0].deterministic is False
+
+
+def test_cli_resume_needs_only_the_output_dir(bars, monkeypatch):
+    """`train --resume --output-dir X` alone continues a CSV run (data, schema, model, optimiser all
+    from last.pt) to the weights of the uninterrupted run; a conflicting --lr is refused."""
+    settings = dict(data="csv", train=[str(bars / "train.csv")], valid=[str(bars / "valid.csv")],
+                    schema=str(bars / "schema.yaml"), epochs=2, batch_size=64, lr=3e-3, progress=False,
+                    model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
+    (bars / "settings.json").write_text(json.dumps(settings))
+    main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "full")])
+    calls = {"n": 0}
+    real_loss = T.InterFormerCTR.loss
+
+    def loss_with_interrupt(logits, label):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(logits, label)
+
+    monkeypatch.setattr(T.InterFormerCTR, "loss", staticmethod(loss_with_interrupt))
+    main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "part")])
+    monkeypatch.undo()
+    assert T.load_checkpoint(bars / "part" / "last.pt")["step"] == 3
+    with pytest.raises(ValueError, match=r"lr \(checkpoint 0.003, given 0.5\)"):
+        main(["train", "--resume", "--output-dir", str(bars / "part"), "--lr", "0.5"])
+    (bars / "schema.yaml").unlink()  # the resumed run reads its schema from the checkpoint
+    assert main(["train", "--resume", "--output-dir", str(bars / "part")]) == 0
+    run = json.loads((bars / "part" / "run.json").read_text())
+    assert run["status"] == "finished" and run["step"] == 10
+    assert_same_training_state(T.load_checkpoint(bars / "full" / "last.pt"), T.load_checkpoint(bars / "part" / "last.pt"))
 
 
 # ------------------------------------------------------------------------------- BARS CSV, Parquet
@@ -379,7 +555,7 @@ def test_parquet_with_the_same_schema_trains(bars):
 def test_malformed_rows_raise_with_file_and_line_or_are_counted(bars, capsys):
     write_bars(bars / "train.csv", 320, seed=1, bad_lines=[(5, "1,7,8,9,1,0.5,1^2,3"), (40, "x,1,2,3,4,0.1,,")])
     base = ["train", "--data", "csv", "--train", str(bars / "train.csv"), "--valid", str(bars / "valid.csv"),
-            "--schema", str(bars / "schema.yaml"), "--epochs", "1", "--batch-size", "64", "--no-progress",
+            "--schema", str(bars / "schema.yaml"), "--epochs", "2", "--batch-size", "64", "--no-progress",
             *model_flags(skip=("backend", "max_seq_len"))]
     from interformer.dataio import DataError, DataWarning
 
@@ -388,40 +564,82 @@ def test_malformed_rows_raise_with_file_and_line_or_are_counted(bars, capsys):
     with pytest.warns(DataWarning, match=r"train\.csv:41: "):
         main(base + ["--output-dir", str(bars / "r2"), "--on-bad-rows", "skip"])
     run = json.loads((bars / "r2" / "run.json").read_text())
-    assert run["status"] == "finished" and run["skipped_rows"]["train"] >= 2
-    assert "skipped" in capsys.readouterr().out
+    # 2 bad rows, however many passes (counting, 2 epochs) read the file
+    assert run["status"] == "finished" and run["skipped_rows"] == {"train": 2, "valid": 0}
+    assert "skipped 2 malformed row(s) in train" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------- DDP
 _DDP_SCRIPT = r"""
 import json, os, sys, torch
 from interformer import train as T
+if os.environ["RANK"] != "0":  # only rank 0 may read the run directory: no shared disk needed
+    def no_reading(*a, **k):
+        raise AssertionError("rank %s read a checkpoint" % os.environ["RANK"])
+    T.load_checkpoint = no_reading
 cfg = T.TrainConfig.from_dict(json.loads(sys.argv[1]))
 s = T.train(cfg, log=lambda *a: None)
 torch.save(s["model"].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 """
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
-    """torchrun with 2 CPU processes (gloo): DDP keeps the replicas equal; only rank 0 writes the run."""
-    cfg = tiny_config(tmp_path / "run", epochs=1, synthetic_train=256, synthetic_valid=64, device="cpu").to_dict()
+def torchrun2(cfg: dict, where: Path) -> None:
+    """``cfg`` trained by 2 CPU processes (gloo) under torchrun; each rank saves its final weights
+    as ``where/rank{r}.pt``."""
+    where.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          "--no-python", sys.executable, "-c", _DDP_SCRIPT, json.dumps(cfg),
-                          str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--no-python", sys.executable, "-c", _DDP_SCRIPT, json.dumps(cfg), str(where)],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+
+
+def ddp_config(out, **kw) -> dict:
+    """256 rows, 2 ranks, batch 32: 4 steps per rank per epoch, 2 epochs."""
+    return tiny_config(out, synthetic_train=256, synthetic_valid=64, batch_size=32, device="cpu", **kw).to_dict()
+
+
+@pytest.fixture(scope="module")
+def ddp_full(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = ddp_config(tmp / "run")
+    torchrun2(cfg, tmp / "w")
+    return cfg, tmp
+
+
+def test_two_gloo_processes_end_with_identical_weights(ddp_full):
+    """torchrun with 2 CPU processes (gloo): DDP keeps the replicas equal; only rank 0 writes the run."""
+    cfg, tmp = ddp_full
+    r0, r1 = (torch.load(tmp / "w" / f"rank{r}.pt") for r in (0, 1))
     assert_same_weights(r0, r1)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run = json.loads((tmp / "run" / "run.json").read_text())
     assert run["world_size"] == 2 and run["status"] == "finished"
-    # 256 rows, 2 ranks, batch 64: 2 steps per rank; the weights moved from their initial values
-    assert run["step"] == 2
-    assert_same_weights(weights(tmp_path / "run" / "last.pt"), r0)
+    assert run["step"] == 8
+    assert_same_weights(weights(tmp / "run" / "last.pt"), r0)
     T.seed_everything(cfg["seed"])
     init = T.build_model(T.TrainConfig.from_dict(cfg), {})  # what both ranks started from
     assert any(not torch.equal(v, r0[k]) for k, v in init.state_dict().items())
+
+
+def test_two_gloo_processes_stopped_mid_epoch_and_resumed_match_the_uninterrupted_run(tmp_path, ddp_full):
+    """max_steps=6 stops both ranks in the middle of epoch 2 (checkpoint_every=3 also checkpoints
+    mid-epoch 1); the resumed run (rank 0 reads last.pt and broadcasts it; rank 1 reads nothing) ends
+    with the weights and optimiser state of the uninterrupted 2-process run."""
+    _, full = ddp_full
+    out = tmp_path / "run"
+    torchrun2(ddp_config(out, max_steps=6, checkpoint_every=3), tmp_path / "w1")
+    stopped = T.load_checkpoint(out / "last.pt")
+    assert (stopped["status"], stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == ("stopped", 1, 2, 6)
+    assert len(stopped["rng"]) == 2 and len(stopped["epoch_loss"]) == 2
+    torchrun2(ddp_config(out, resume=True, max_steps=100), tmp_path / "w2")
+    r0, r1 = (torch.load(tmp_path / "w2" / f"rank{r}.pt") for r in (0, 1))
+    assert_same_weights(r0, r1)
+    resumed, reference = T.load_checkpoint(out / "last.pt"), T.load_checkpoint(full / "run" / "last.pt")
+    assert (resumed["status"], resumed["step"]) == ("finished", 8)
+    assert_same_training_state(reference, resumed)
+    assert [e["train_loss"] for e in resumed["history"]] == [e["train_loss"] for e in reference["history"]]
 
 
 def test_compiled_training_checkpoints_plain_state_dict_keys(tmp_path):
