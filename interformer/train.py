@@ -383,7 +383,12 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per GPU
+            index = torch.cuda.current_device() if device.index is None else device.index
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
     if "numpy" in state:
         import numpy as np
 

@@ -210,6 +210,10 @@ def test_rng_state_touches_only_this_devices_cuda_generator(monkeypatch):
     T.set_rng_state(state, dev)
     assert calls == [("get", dev), ("set", "S", dev)]
     assert "cuda" not in T.rng_state(torch.device("cpu"))
+    # a checkpoint written by the earlier get_rng_state_all(): this device's entry is restored
+    calls.clear()
+    T.set_rng_state(dict(state, cuda=["S0", "S1"]), dev)
+    assert calls == [("set", "S1", dev)]
 
 
 def test_process_group_timeout_from_the_environment(monkeypatch):
