@@ -656,3 +656,18 @@ def test_compiled_training_checkpoints_plain_state_dict_keys(tmp_path):
     assert wc.keys() == we.keys()
     for k in we:
         torch.testing.assert_close(wc[k], we[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_mode_reaches_torch_compile_and_is_validated(tmp_path, monkeypatch):
+    seen = {}
+    real = torch.compile
+
+    def spy(model, **kw):
+        seen.update(kw)
+        return real(model, backend="eager")  # the spy only records; nothing to build here
+
+    monkeypatch.setattr(torch, "compile", spy)
+    T.train(tiny_config(tmp_path, epochs=1, compile=True, compile_mode="reduce-overhead"), log=lambda *a: None)
+    assert seen == {"backend": "inductor", "mode": "reduce-overhead"}
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        tiny_config(tmp_path, compile_mode="fast")
