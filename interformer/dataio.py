@@ -42,11 +42,12 @@ Decisions (what the code below does, and why):
   columns, undecodable bytes, broken CSV quoting) always raise, whatever ``on_error`` says: after
   them nothing in the file can be trusted. Completely blank CSV lines are not rows and are passed
   over (they carry no sample).
-* **Streaming.** Nothing reads a whole file: CSV goes through the :mod:`csv` module line by line
-  (gzip when the name ends in ``.gz``), Parquet through ``ParquetFile.iter_batches`` (pyarrow is
-  imported only when a Parquet file is read). Batches are built from ``batch_size`` rows at a time,
-  so the first batch arrives before the rest of the file has been read. Reading CSV raises the
-  process-wide ``csv.field_size_limit`` so that long histories fit in one field.
+* **Streaming.** Nothing reads a whole file: CSV is read line by line (gzip when the name ends in
+  ``.gz``), Parquet through ``ParquetFile.iter_batches`` (pyarrow is imported only when it is
+  used). The per-row path builds batches from ``batch_size`` rows at a time; the vectorised path
+  reads 8192 rows (one Parquet record batch) ahead. Either way the first batch arrives before the
+  rest of the file has been read. Reading CSV raises the process-wide ``csv.field_size_limit`` so
+  that long histories fit in one field.
 * **Groups for gAUC.** When ``schema.user`` is set, ``Batch.group`` holds a stable 63-bit hash
   (blake2b, 8 bytes) of the raw user string, not the vocabulary id: users unseen in training
   would otherwise all collapse into the OOV id and be scored as one user.
@@ -61,11 +62,29 @@ Decisions (what the code below does, and why):
   one file a rank therefore sees the same rows every epoch, in a new order (a stream cannot be
   permuted globally without holding it all). ``skip_batches=k`` drops the first
   ``k`` batches of exactly that order, for resuming mid-epoch; the skipped rows are still read.
-* **Speed.** Parsing and id lookup are plain Python, one code path for CSV and Parquet with no
-  required dependency beyond torch. Measured on the development machine's CPU: about 25k rows/s
-  in one process for two channels of up to 50 kept events (most of it the per-event dictionary
-  lookups), i.e. about 80 ms per 2048-row batch. Each DDP rank reads in its own process; within
-  one process, reading is not overlapped with the model step.
+* **Two paths, one result.** The *per-row* path (``vectorized=False``, and the only one without
+  pyarrow) parses each row in Python (``_Parser``) and looks each id up in a dict: it is the
+  reference. The *vectorised* path (the default when pyarrow is installed) reads the same rows a
+  chunk at a time and converts them column by column with ``pyarrow.compute`` and numpy. CSV
+  lines that hold no quote and no NUL character are split by Arrow (the :mod:`csv` module reads
+  such a line as ``line.split(",")``); from the first line that holds one, the :mod:`csv` module
+  reads the rest of the file, and lines are taken from the file one at a time as it takes them, so
+  that a read error happens at the same line. Histories are split with ``split_pattern``, the
+  most recent ``T`` events laid out oldest -> newest by index arithmetic on the list offsets, ids
+  found with ``index_in`` against each vocabulary's tokens, group keys computed once per distinct
+  user string. The column checks accept a row only where they can vouch for the parser giving the
+  same values: the label by the parser's own check, once per distinct string; a dense cell only
+  as a plain decimal literal, which Arrow's cast and ``float()`` both round correctly (the tests
+  compare them bit for bit); whitespace stripped with exactly ``str.strip``'s characters. Every
+  other row, malformed or merely unusual (``" 1_000 "``), is decided by the parser, which writes
+  the error message; a chunk in which anything unexpected happens is decided by the parser row by
+  row. Vocabularies, batches (bit for bit), errors with their lines and skip counts are therefore
+  the same on both paths; the tests compare them on files holding every feature and every kind of
+  malformed row, and a dataset's ``vectorized`` switch changes nothing but the speed.
+* **Speed.** On the vectorised path a row travels through sharding, the shuffle buffer and
+  batching as one packed ``bytes`` record (about 450 bytes for two channels of T = 50), so a full
+  65536-row shuffle buffer holds about 30 MB. Each DDP rank reads in its own process; within one
+  process, reading is not overlapped with the model step.
 * :class:`MemoryDataset` gives the same interface over an in-memory :class:`~interformer.data.Batch`
   (the synthetic data). Being in memory, it shuffles with a full permutation seeded by
   ``(seed, epoch)`` and then shards the permuted order, as ``DistributedSampler`` does, so the rows
@@ -77,8 +96,10 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import itertools
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -89,6 +110,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from .data import Batch
@@ -419,38 +441,55 @@ def _header_columns(path: Path, where, header: List[str], columns: List[str]) ->
     return [header.index(c) for c in columns]
 
 
-_RawRow = Tuple[Union[int, str], Optional[list], Optional[str]]  # (where, cells, problem)
+_RawRow = Tuple[Union[int, str], Optional[Sequence], Optional[str]]  # (where, cells, problem)
+
+
+def _open_csv(path: Path):
+    _raise_csv_field_limit()
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+def _csv_header(path: Path, reader, columns: List[str]) -> Tuple[int, List[int]]:
+    """Read the header row (line 1): the number of fields and the positions of ``columns``."""
+    try:
+        cells = next(reader)
+    except StopIteration:
+        raise DataError(path, 1, "empty file: a header row is required") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DataError(path, 1, f"unreadable CSV ({e})") from None
+    header = [h.strip() for h in cells]
+    return len(header), _header_columns(path, 1, header, columns)
+
+
+def _csv_records(path: Path, reader, width: int, positions: List[int], line0: int = 0) -> Iterator[_RawRow]:
+    """The rows ``reader`` parses, ``line0`` lines into the file."""
+    # a tuple (the schema has at least 3 columns), not a list: a tuple of strings drops out of the
+    # cyclic garbage collector's view, so chunks of held rows do not trigger full collections
+    pick = operator.itemgetter(*positions)
+    last = reader.line_num
+    while True:
+        start = line0 + last + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(path, start, f"unreadable CSV ({e})") from None
+        last = reader.line_num
+        if not cells:
+            continue  # a blank line is not a row
+        if len(cells) != width:
+            yield start, None, f"expected {width} fields, got {len(cells)}"
+        else:
+            yield start, pick(cells), None
 
 
 def _csv_rows(path: Path, columns: List[str]) -> Iterator[_RawRow]:
-    _raise_csv_field_limit()
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+    with _open_csv(path) as fh:
         reader = csv.reader(fh)
-        last = 0
-        header = None
-        while True:
-            start = last + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                if header is None:
-                    raise DataError(path, 1, "empty file: a header row is required") from None
-                return
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DataError(path, start, f"unreadable CSV ({e})") from None
-            last = reader.line_num
-            if header is None:
-                header = [h.strip() for h in cells]
-                width = len(header)
-                positions = _header_columns(path, start, header, columns)
-                continue
-            if not cells:
-                continue  # a blank line is not a row
-            if len(cells) != width:
-                yield start, None, f"expected {width} fields, got {len(cells)}"
-            else:
-                yield start, [cells[p] for p in positions], None
+        width, positions = _csv_header(path, reader, columns)
+        yield from _csv_records(path, reader, width, positions)
 
 
 def _import_parquet():
@@ -462,8 +501,9 @@ def _import_parquet():
     return pq
 
 
-def _parquet_rows(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator[_RawRow]:
-    """Rows of a Parquet file; only ``list_columns`` (the sequence channels) may be nested types."""
+def _parquet_batches(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator:
+    """Record batches of a Parquet file, its schema checked first; only ``list_columns`` (the
+    sequence channels) may be nested types."""
     pq = _import_parquet()
     import pyarrow.types as pat
 
@@ -475,15 +515,25 @@ def _parquet_rows(path: Path, columns: List[str], list_columns: Sequence[str]) -
             t = arrow.field(c).type
             if pat.is_nested(t) and (c not in list_columns or not (pat.is_list(t) or pat.is_large_list(t))):
                 raise DataError(path, "schema", f"column {c!r} has type {t}; only sequence columns may hold lists")
-        row = 0
-        for rb in pf.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=columns):
-            names = rb.schema.names
-            cols = [rb.column(names.index(c)).to_pylist() for c in columns]
-            for cells in zip(*cols):
-                row += 1
-                yield f"row {row}", [_parquet_cell(v) for v in cells], None
+        yield from pf.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=columns)
     finally:
         pf.close()
+
+
+def _parquet_batch_rows(rb, columns: List[str], row0: int) -> Iterator[_RawRow]:
+    """The rows of one record batch whose first row is row ``row0 + 1`` of its file."""
+    names = rb.schema.names
+    cols = [rb.column(names.index(c)).to_pylist() for c in columns]
+    for row, cells in enumerate(zip(*cols), row0 + 1):
+        yield f"row {row}", [_parquet_cell(v) for v in cells], None
+
+
+def _parquet_rows(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator[_RawRow]:
+    """Rows of a Parquet file (:func:`_parquet_batches` says which types it may hold)."""
+    row = 0
+    for rb in _parquet_batches(path, columns, list_columns):
+        yield from _parquet_batch_rows(rb, columns, row)
+        row += rb.num_rows
 
 
 class _Malformed(Exception):
@@ -509,15 +559,20 @@ class _Parser:
         self.T = schema.max_seq_len
         self.reverse = schema.seq_order == "newest_first"
 
-    def parse(self, cells: list) -> _Record:
-        s = self.schema
-        raw = cells[0].strip()
+    def label(self, cell: str) -> float:
+        """The label of one cell (also called once per distinct label string by the vectorised path)."""
+        raw = cell.strip()
         try:
             label = float(raw)
         except ValueError:
             label = -1.0
         if label != 0.0 and label != 1.0:
-            raise _Malformed(f"column {s.label!r}: label must be 0 or 1, got {raw!r}")
+            raise _Malformed(f"column {self.schema.label!r}: label must be 0 or 1, got {raw!r}")
+        return label
+
+    def parse(self, cells: list) -> _Record:
+        s = self.schema
+        label = self.label(cells[0])
         dense = []
         for name, cell in zip(s.dense, cells[self.d0:self.s0]):
             raw = cell.strip()
@@ -565,6 +620,25 @@ class _Source:
         self.files = [(p, _file_format(p, fmt)) for p in _as_paths(paths)]
         self.columns = schema.columns()
         self.parser = _Parser(schema)
+        self._columnar: Optional[_Columnar] = None
+
+    def columnar(self) -> Optional["_Columnar"]:
+        """The vectorised checks, or None without pyarrow (the per-row path is then used)."""
+        if self._columnar is None and _pyarrow() is not None:
+            self._columnar = _Columnar(self.schema, self.parser)
+        return self._columnar
+
+    def chunks(self, order: Optional[Sequence[int]] = None) -> Iterator:
+        """The rows of :meth:`records`, before parsing, in chunks (for the vectorised path)."""
+        files = self.files if order is None else [self.files[i] for i in order]
+        for path, fmt in files:
+            if fmt == "csv":
+                yield from _csv_chunks(path, self.columns)
+                continue
+            row = 0
+            for rb in _parquet_batches(path, self.columns, self.schema.sequences):
+                yield _ParquetChunk(path, rb, self.columns, row)
+                row += rb.num_rows
 
     def records(self, on_error: str, on_skip: Callable[[str], None],
                 order: Optional[Sequence[int]] = None) -> Iterator[_Record]:
@@ -585,17 +659,515 @@ class _Source:
                 on_skip(f"{path}:{where}: {problem}")
 
 
+# --------------------------------------------------------------------------------- vectorised reading
+#
+# The vectorised path (module docstring) reads the same rows as :meth:`_Source.records`, with the
+# same line numbers, but checks and converts them a chunk at a time, column by column, with
+# pyarrow.compute and numpy. A row whose cells the column checks cannot vouch for (a failed check,
+# an unusual number, ...) is decided by the per-row :class:`_Parser`, which stays the reference and
+# writes every error message; a chunk in which anything unexpected happens is decided by it row by
+# row. The column checks only ever accept rows that the parser would turn into the same values,
+# which the tests compare bit for bit.
+
+_CHUNK_ROWS = 8192  # CSV rows checked together (a Parquet chunk is one record batch of the same size)
+# Strings that Python's float() and Arrow's string->float64 cast both read, as the same double
+# (both round correctly); anything else (underscores, "inf", "nan", non-ASCII digits, ...) goes to
+# the parser.
+_NUMBER_RE = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
+_NUMBER_MAX_LEN = 64
+# The characters str.strip() removes: those for which str.isspace() holds (a test checks every
+# code point), so that pyarrow's utf8_trim strips exactly as str.strip() does.
+_PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+                  "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_GROUP_CACHE = 1 << 18  # group keys remembered across chunks (the cache is emptied when full)
+_TALLY_MERGE = 1 << 20  # distinct strings a vocabulary count holds unmerged (beyond twice its merged size)
+
+
+def _pyarrow():
+    """``(pyarrow, pyarrow.compute)``, or None when pyarrow is not installed."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+    except ImportError:
+        return None
+    return pa, pc
+
+
+def _np(arr) -> np.ndarray:
+    """An Arrow array as numpy (float nulls become NaN); the result may be read-only."""
+    return arr.to_numpy(zero_copy_only=False)
+
+
+class _CsvChunk:
+    """Consecutive rows of one CSV file as :func:`_csv_rows` yields them, kept as columns of
+    ``wheres``, ``raw`` cells (None for a row with the wrong number of fields) and ``bad``
+    ``{row: problem}``; ``error`` (an exception the reader raised after the last of these rows) is
+    raised once those rows are out."""
+
+    def __init__(self, path: Path, wheres: list, raw: list, bad: Dict[int, str],
+                 error: Optional[BaseException]) -> None:
+        self.path, self.wheres, self.raw, self.bad, self.error, self.n = path, wheres, raw, bad, error, len(raw)
+
+    def where(self, i: int):
+        return self.wheres[i]
+
+    def cells(self, i: int):
+        return self.raw[i]
+
+    def rows(self) -> Iterator[_RawRow]:
+        for i, (where, cells) in enumerate(zip(self.wheres, self.raw)):
+            yield where, cells, self.bad.get(i)
+
+    def problems(self) -> Dict[int, str]:
+        return self.bad
+
+    def arrays(self, columnar: "_Columnar") -> list:
+        pa, _ = _pyarrow()
+        blank = ("",) * len(columnar.columns)  # the cells of a row with the wrong number of fields
+        rows = [blank if cells is None else cells for cells in self.raw] if self.bad else self.raw
+        return [pa.array(col, pa.string()) for col in zip(*rows)]
+
+
+class _CsvBlock:
+    """Consecutive lines of a CSV file that hold no quote and no NUL character, split by Arrow.
+
+    On such a line the csv module reads exactly ``line.split(",")`` after the line's terminator
+    (``\\n``, ``\\r\\n`` or ``\\r``: a text file opened with ``newline=""`` ends a line at the
+    first of them), and a line with nothing else is blank; so these lines need no per-row parsing.
+    ``line0``: the lines before the block. ``error``: raised once the block's rows are out.
+    """
+
+    def __init__(self, path: Path, line0: int, lines: List[str], width: int, positions: List[int],
+                 error: Optional[BaseException]) -> None:
+        pa, pc = _pyarrow()
+        self.path, self.error = path, error
+        text = pc.utf8_rtrim(pa.array(lines, pa.string()), characters="\r\n")
+        keep = np.flatnonzero(_np(pc.binary_length(text)) > 0)  # a blank line is not a row
+        self.n = len(keep)
+        self.wheres = line0 + 1 + keep
+        fields = pc.split_pattern(text.take(pa.array(keep, pa.int64())), pattern=",")
+        count = _np(pc.list_value_length(fields)).astype(np.int64)
+        flat = pc.list_flatten(fields)
+        first = np.cumsum(count) - count
+        wrong = count != width
+        self.bad = {i: f"expected {width} fields, got {count[i]}" for i in np.flatnonzero(wrong).tolist()}
+        self.cols = [pc.fill_null(flat.take(pa.array(np.where(wrong, 0, first + p), mask=wrong)), "")
+                     for p in positions]
+
+    def where(self, i: int) -> int:
+        return int(self.wheres[i])
+
+    def cells(self, i: int) -> tuple:
+        return tuple(col[i].as_py() for col in self.cols)
+
+    def rows(self) -> Iterator[_RawRow]:
+        for i, cells in enumerate(zip(*(col.to_pylist() for col in self.cols))):
+            yield int(self.wheres[i]), None if i in self.bad else cells, self.bad.get(i)
+
+    def problems(self) -> Dict[int, str]:
+        return self.bad
+
+    def arrays(self, columnar: "_Columnar") -> list:
+        return self.cols
+
+
+def _raising(error: BaseException) -> Iterator[str]:
+    raise error
+    yield ""  # pragma: no cover - makes this a generator
+
+
+def _csv_chunks(path: Path, columns: List[str]) -> Iterator:
+    """The rows of :func:`_csv_rows` in chunks: :class:`_CsvBlock` s while the lines are simple,
+    then, from the first line with a quote or a NUL on, :class:`_CsvChunk` s of the csv module's rows.
+
+    Lines are taken from the file one ``next`` at a time, as the csv module takes them, so that a
+    read error (undecodable bytes) happens at the same line as on the per-row path.
+    """
+    size = _CHUNK_ROWS
+    with _open_csv(path) as fh:
+        reader = csv.reader(fh)
+        width, positions = _csv_header(path, reader, columns)
+        line0 = reader.line_num
+        while True:
+            lines: List[str] = []
+            error = None
+            try:
+                for line in fh:
+                    lines.append(line)
+                    if len(lines) == size:
+                        break
+            except Exception as e:  # noqa: BLE001 - raised after the rows before it, as the per-row path does
+                error = e
+            j = len(lines)
+            text = "".join(lines)
+            if '"' in text or "\0" in text:
+                j = next(k for k, line in enumerate(lines) if '"' in line or "\0" in line)
+            if j == len(lines) and isinstance(error, UnicodeDecodeError):
+                error = DataError(path, line0 + j + 1, f"unreadable CSV ({error})")
+                error.__suppress_context__ = True  # as ``raise ... from None``
+            if j:
+                yield _CsvBlock(path, line0, lines[:j], width, positions, error if j == len(lines) else None)
+            elif error is not None and j == len(lines):
+                raise error
+            line0 += j
+            if j < len(lines):  # the csv module takes over at line j (and meets the error, if any, after it)
+                more = fh if error is None else _raising(error)
+                reader = csv.reader(itertools.chain(lines[j:], more))
+                yield from _chunked(path, _csv_records(path, reader, width, positions, line0))
+                return
+            if error is not None or len(lines) < size:
+                return
+
+
+def _chunked(path: Path, rows: Iterator[_RawRow]) -> Iterator[_CsvChunk]:
+    size = _CHUNK_ROWS
+    while True:
+        wheres: list = []
+        raw: list = []
+        bad: Dict[int, str] = {}
+        error = None
+        try:
+            for where, cells, problem in rows:
+                if problem is not None:
+                    bad[len(raw)] = problem
+                wheres.append(where)
+                raw.append(cells)
+                if len(raw) == size:
+                    break
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer after the rows before it
+            error = e
+        if raw or error is not None:
+            yield _CsvChunk(path, wheres, raw, bad, error)
+        if error is not None or len(raw) < size:
+            return
+
+
+class _Floats:
+    """A Parquet float column read as dense values without a detour through strings."""
+
+    def __init__(self, values: np.ndarray, valid: np.ndarray) -> None:
+        self.values, self.valid = values, valid
+
+
+class _Lists:
+    """A Parquet list column: every event of the chunk as strings, and each row's event count."""
+
+    def __init__(self, values, counts: np.ndarray) -> None:
+        self.values, self.counts = values, counts
+
+
+def _arrow_strings(arr):
+    """Each value of an Arrow array as :func:`_cell_str` writes it, a null as ``""``.
+
+    Strings, integers, booleans and integral float32/float64 values (below 2**53) are converted by
+    Arrow; other floats and every other type by :func:`_cell_str` itself, value by value.
+    """
+    pa, pc = _pyarrow()
+    import pyarrow.types as pat
+
+    if pat.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    is_view = getattr(pat, "is_string_view", lambda _: False)
+    if pat.is_string(t) or pat.is_large_string(t) or is_view(t) or pat.is_integer(t):
+        out = pc.cast(arr, pa.string())
+    elif pat.is_boolean(t):
+        out = pc.if_else(arr, "1", "0")
+    elif pat.is_float32(t) or pat.is_float64(t):
+        v = _np(pc.cast(arr, pa.float64()))
+        valid = _np(arr.is_valid())
+        with np.errstate(invalid="ignore"):
+            integral = valid & np.isfinite(v) & (np.trunc(v) == v) & (np.abs(v) < 2.0 ** 53)
+        out = pc.cast(pa.array(np.where(integral, v, 0.0).astype(np.int64), mask=~integral), pa.string())
+        other = np.flatnonzero(valid & ~integral).tolist()
+        if other:
+            strs = out.to_pylist()
+            for i in other:
+                strs[i] = _cell_str(float(v[i]))
+            out = pa.array(strs, pa.string())
+    else:
+        out = pa.array([_cell_str(v) for v in arr.to_pylist()], pa.string())
+    return pc.fill_null(out, "")
+
+
+class _ParquetChunk:
+    """One record batch of a Parquet file, its first row being row ``row0 + 1``."""
+
+    error = None
+
+    def __init__(self, path: Path, batch, columns: List[str], row0: int) -> None:
+        self.path, self.batch, self.columns, self.row0, self.n = path, batch, columns, row0, batch.num_rows
+        names = batch.schema.names
+        self.positions = [names.index(c) for c in columns]
+
+    def where(self, i: int) -> str:
+        return f"row {self.row0 + i + 1}"
+
+    def cells(self, i: int) -> list:
+        return [_parquet_cell(self.batch.column(j)[i].as_py()) for j in self.positions]
+
+    def rows(self) -> Iterator[_RawRow]:
+        return _parquet_batch_rows(self.batch, self.columns, self.row0)
+
+    def problems(self) -> Dict[int, str]:
+        return {}
+
+    def arrays(self, columnar: "_Columnar") -> list:
+        pa, pc = _pyarrow()
+        import pyarrow.types as pat
+
+        out = []
+        for name, j in zip(self.columns, self.positions):
+            arr = self.batch.column(j)
+            t = arr.type
+            if name in columnar.list_columns and (pat.is_list(t) or pat.is_large_list(t)):
+                counts = _np(pc.fill_null(pc.list_value_length(arr), 0)).astype(np.int64)
+                out.append(_Lists(_arrow_strings(pc.list_flatten(arr)), counts))
+            elif name in columnar.dense_columns and (pat.is_float32(t) or pat.is_float64(t)):
+                out.append(_Floats(_np(pc.cast(arr, pa.float64())), _np(arr.is_valid())))
+            else:
+                out.append(_arrow_strings(arr))
+        return out
+
+
+class _Checked:
+    """What the vectorised checks made of one chunk of ``n`` rows.
+
+    ``ok``: the valid rows. ``stops``: ``(row, reason)`` for every other row in order, where the
+    reason is a malformed-row message or an exception to raise there (after which no row of the
+    chunk is ok). ``records``: the parser's records of the valid rows it decided. ``fast``: the
+    valid rows the column checks accepted, described by the other fields (meaningless elsewhere):
+    ``label`` and ``dense`` (float64), ``sparse`` and ``user`` (stripped strings), ``lengths``
+    (events kept) and, per channel, ``kept`` (the kept events, in ``seq`` order, of row ``rows[e]``
+    at position ``pos[e]``).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ok = np.zeros(n, dtype=bool)
+        self.fast = np.zeros(n, dtype=bool)
+        self.stops: List[Tuple[int, Union[str, BaseException]]] = []
+        self.records: Dict[int, _Record] = {}
+
+
+class _Columnar:
+    """The column checks of the vectorised path (see the comment above :data:`_CHUNK_ROWS`)."""
+
+    def __init__(self, schema: Schema, parser: _Parser) -> None:
+        self.schema, self.parser = schema, parser
+        self.columns = schema.columns()
+        self.list_columns = set(schema.sequences)
+        self.dense_columns = set(schema.dense)
+        self.chunk_fallbacks = 0  # chunks the parser decided row by row (tests expect 0 on ordinary files)
+
+    def check(self, chunk) -> _Checked:
+        if chunk.n == 0:
+            return _Checked(0)
+        try:
+            return self._check_columns(chunk)
+        except Exception:  # noqa: BLE001 - anything unexpected: the reference decides every row
+            return self.check_rows(chunk)
+
+    def check_rows(self, chunk) -> _Checked:
+        self.chunk_fallbacks += 1
+        out = _Checked(chunk.n)
+        done = 0
+        try:
+            for _, cells, problem in chunk.rows():
+                if problem is None:
+                    try:
+                        out.records[done] = self.parser.parse(cells)
+                    except _Malformed as e:
+                        problem = str(e)
+                    else:
+                        out.ok[done] = True
+                if problem is not None:
+                    out.stops.append((done, problem))
+                done += 1
+        except Exception as e:  # noqa: BLE001 - raised where the per-row path raises it
+            out.stops.append((done, e))
+        return out
+
+    def _check_columns(self, chunk) -> _Checked:
+        pa, pc = _pyarrow()
+        s, p, n = self.schema, self.parser, chunk.n
+        cols = chunk.arrays(self)
+        out = _Checked(n)
+        need = np.zeros(n, dtype=bool)  # rows the parser must decide
+
+        # label: the parser's own check, once per distinct string
+        distinct = pc.unique(cols[0])
+        values, good = [], []
+        for u in distinct.to_pylist():
+            try:
+                values.append(p.label(u))
+                good.append(True)
+            except _Malformed:
+                values.append(0.0)
+                good.append(False)
+        at = _np(pc.index_in(cols[0], value_set=distinct))
+        out.label = np.array(values, dtype=np.float64)[at]
+        need |= ~np.array(good, dtype=bool)[at]
+
+        out.dense = np.zeros((n, p.nd), dtype=np.float64)
+        null = pa.scalar(None, pa.string())
+        for j in range(p.nd):
+            col = cols[p.d0 + j]
+            with np.errstate(invalid="ignore"):
+                if isinstance(col, _Floats):  # _cell_str then float() gives the value itself, -0.0 as 0.0
+                    empty = ~col.valid
+                    v = col.values + 0.0
+                    ok = col.valid & np.isfinite(v) & (np.abs(v) <= _FLOAT32_MAX)
+                else:
+                    t = pc.utf8_trim(col, _PY_WHITESPACE)
+                    length = _np(pc.binary_length(t))
+                    empty = length == 0
+                    number = _np(pc.match_substring_regex(t, _NUMBER_RE)) & (length <= _NUMBER_MAX_LEN)
+                    v = _np(pc.cast(pc.if_else(pa.array(number), t, null), pa.float64()))
+                    ok = number & np.isfinite(v) & (np.abs(v) <= _FLOAT32_MAX)
+            if s.dense_fill is None:
+                need |= ~ok
+                out.dense[:, j] = np.where(ok, v, 0.0)
+            else:
+                need |= ~(ok | empty)
+                out.dense[:, j] = np.where(ok, v, s.dense_fill)
+
+        out.sparse = [pc.utf8_trim(cols[p.s0 + j], _PY_WHITESPACE) for j in range(p.ns)]
+        out.user = None if p.user_pos is None else pc.utf8_trim(cols[p.user_pos], _PY_WHITESPACE)
+
+        events, counts = [], []
+        for c in range(p.nk):
+            col = cols[p.q0 + c]
+            if isinstance(col, _Lists):
+                ev, cnt = col.values, col.counts
+            else:  # an empty or all-whitespace cell is an empty history; others are split unstripped
+                blank = _np(pc.binary_length(pc.utf8_trim(col, _PY_WHITESPACE))) == 0
+                lists = pc.split_pattern(pc.if_else(pa.array(~blank), col, null), pattern=s.seq_sep)
+                cnt = _np(pc.fill_null(pc.list_value_length(lists), 0)).astype(np.int64)
+                ev = pc.list_flatten(lists)
+            ev = pc.utf8_trim(ev, _PY_WHITESPACE)
+            if len(ev) != cnt.sum():
+                raise RuntimeError("event counts do not add up")  # -> the parser decides the chunk
+            hole = _np(pc.binary_length(ev)) == 0
+            if hole.any():  # an empty event
+                need[np.repeat(np.arange(n), cnt)[hole]] = True
+            events.append(ev)
+            counts.append(cnt)
+        for cnt in counts[1:]:
+            need |= cnt != counts[0]
+
+        problems = chunk.problems()
+        bad = np.zeros(n, dtype=bool)
+        bad[list(problems)] = True
+        out.fast = ~need & ~bad
+        out.ok = out.fast.copy()
+        for i in np.flatnonzero(need | bad).tolist():
+            if i in problems:
+                out.stops.append((i, problems[i]))
+                continue
+            try:
+                out.records[i] = p.parse(chunk.cells(i))
+            except _Malformed as e:
+                out.stops.append((i, str(e)))
+            else:
+                out.ok[i] = True
+
+        # the kept events: the most recent T, oldest -> newest
+        keep = np.where(out.fast, np.minimum(counts[0], p.T), 0)
+        ends = np.cumsum(keep)
+        out.lengths = keep
+        out.rows = np.repeat(np.arange(n), keep)
+        out.pos = np.arange(int(ends[-1])) - np.repeat(ends - keep, keep)
+        out.kept = []
+        for ev, cnt in zip(events, counts):
+            first = (np.cumsum(cnt) - cnt)[out.rows]  # the row's first event
+            if p.reverse:  # newest first in the file: its first T events, reversed
+                idx = first + keep[out.rows] - 1 - out.pos
+            else:
+                idx = first + cnt[out.rows] - keep[out.rows] + out.pos
+            out.kept.append(ev.take(pa.array(idx, pa.int64())))
+        return out
+
+
+def _lookup(vocab: Vocabulary, tokens, values) -> np.ndarray:
+    """The ids of ``values`` (strings, none of them empty where it matters) in ``vocab``.
+
+    ``index_in`` hashes its value set on every call (about 25 ns a token), so it is used unless the
+    vocabulary is more than 16 times larger than the values to look up; then each distinct value
+    is looked up in the vocabulary's dict instead (about 0.5 us each), a cost that follows the
+    chunk, not a vocabulary of millions of ids.
+    """
+    _, pc = _pyarrow()
+    if len(tokens) <= 16 * len(values):
+        return _np(pc.fill_null(pc.index_in(values, value_set=tokens), -1)).astype(np.int64) + 2  # missing -> 1
+    distinct = pc.unique(values)
+    index = vocab._index
+    ids = np.array([index.get(t, Vocabulary.OOV) for t in distinct.to_pylist()], dtype=np.int64)
+    return ids[_np(pc.index_in(values, value_set=distinct))]
+
+
+def _stop(chunk, row: int, reason: Union[str, BaseException], on_error: str, on_skip: Callable[[str], None]) -> None:
+    """Act on a row that is not valid, as :meth:`_Source.records` does."""
+    if isinstance(reason, BaseException):
+        raise reason
+    if on_error == "raise":
+        raise DataError(chunk.path, chunk.where(row), reason)
+    on_skip(f"{chunk.path}:{chunk.where(row)}: {reason}")
+
+
+class _Tally:
+    """String counts accumulated chunk by chunk in Arrow tables, merged now and then."""
+
+    def __init__(self) -> None:
+        self.parts: list = []
+        self.size = 0
+        self.merged_size = 0
+
+    def add(self, values) -> None:
+        pa, pc = _pyarrow()
+        if len(values) == 0:
+            return
+        vc = pc.value_counts(values)
+        self.parts.append(pa.table({"v": vc.field("values"), "c": vc.field("counts")}))
+        self.size += len(vc)
+        if self.size > 2 * self.merged_size + _TALLY_MERGE:  # amortised: a merge at least doubles merged_size
+            self._merge()
+
+    def _merge(self) -> None:
+        pa, _ = _pyarrow()
+        if len(self.parts) > 1:
+            t = pa.concat_tables(self.parts).group_by("v").aggregate([("c", "sum")])
+            self.parts = [pa.table({"v": t["v"], "c": t["c_sum"]})]
+        self.size = self.merged_size = sum(len(t) for t in self.parts)
+
+    def vocabulary(self, extra: Counter, min_count: int) -> Vocabulary:
+        """The vocabulary of these counts plus ``extra`` (as :meth:`Vocabulary.from_counts`)."""
+        pa, pc = _pyarrow()
+        if extra:
+            self.parts.append(pa.table({"v": pa.array(list(extra), pa.string()),
+                                        "c": pa.array(list(extra.values()), pa.int64())}))
+        self._merge()
+        if not self.parts:
+            return Vocabulary([], [])  # as Vocabulary.from_counts({}) gives
+        t = self.parts[0]
+        t = t.filter(pc.and_(pc.greater_equal(t["c"], min_count), pc.not_equal(t["v"], "")))
+        # descending count, then ascending string: UTF-8 byte order is code point order, as str's
+        t = t.take(pc.sort_indices(t, sort_keys=[("c", "descending"), ("v", "ascending")]))
+        return Vocabulary(t["v"].to_pylist(), t["c"].to_pylist())
+
+
 # ------------------------------------------------------------------------------------- vocabularies
 
 
-def build_vocabularies(paths: PathsArg, schema: Schema, fmt: Optional[str] = None,
-                       on_error: str = "raise") -> Tuple[Dict[str, Vocabulary], int]:
+def build_vocabularies(paths: PathsArg, schema: Schema, fmt: Optional[str] = None, on_error: str = "raise",
+                       vectorized: bool = True) -> Tuple[Dict[str, Vocabulary], int]:
     """One streaming pass over the TRAINING files: ``({column: Vocabulary}, valid rows)``.
 
     Every sparse and sequence column gets an entry; columns that share a vocabulary
     (``schema.shared_vocab``) get the same object, counted over all of them. Skipped malformed rows
     (``on_error="skip"``) are reported with a :class:`DataWarning` giving their number and the first
-    few locations.
+    few locations. ``vectorized`` counts with pyarrow when it is installed (same result, faster;
+    ``False`` forces the per-row reference path).
     """
     _check_on_error(on_error)
     source = _Source(paths, schema, fmt)
@@ -612,18 +1184,49 @@ def build_vocabularies(paths: PathsArg, schema: Schema, fmt: Optional[str] = Non
         if len(skipped) < _MAX_EXAMPLES:
             skipped.append(msg)
 
+    def count(records: Iterable[_Record]) -> None:
+        for _, _, sparse, hists, _ in records:
+            for counter, raw in zip(sparse_counters, sparse):
+                if raw:
+                    counter[raw] += 1
+            for counter, events in zip(seq_counters, hists):
+                counter.update(events)
+
     n = 0
-    for _, _, sparse, hists, _ in source.records(on_error, on_skip):
-        n += 1
-        for counter, raw in zip(sparse_counters, sparse):
-            if raw:
-                counter[raw] += 1
-        for counter, events in zip(seq_counters, hists):
-            counter.update(events)
+    columnar = source.columnar() if vectorized else None
+    if columnar is None:
+        def valid() -> Iterator[_Record]:
+            nonlocal n
+            for record in source.records(on_error, on_skip):
+                n += 1
+                yield record
+
+        count(valid())
+        by_root = {r: Vocabulary.from_counts(c, schema.min_count) for r, c in counters.items()}
+    else:
+        pa, pc = _pyarrow()
+        tallies = {r: _Tally() for r in counters}
+        for chunk in source.chunks():
+            checked = columnar.check(chunk)
+            for row, reason in checked.stops:
+                _stop(chunk, row, reason, on_error, on_skip)
+            n += int(checked.ok.sum())
+            if checked.fast.any():  # the rows the column checks accepted, per vocabulary
+                parts: Dict[str, list] = {r: [] for r in counters}
+                for j, c in enumerate(schema.sparse):
+                    raw = checked.sparse[j]
+                    parts[roots[c]].append(raw.filter(pa.array(checked.fast & (_np(pc.binary_length(raw)) > 0))))
+                for k, c in enumerate(schema.sequences):
+                    parts[roots[c]].append(checked.kept[k])
+                for r, arrays in parts.items():
+                    tallies[r].add(pa.concat_arrays(arrays))
+            count(checked.records.values())  # the rows the parser decided, as the per-row path counts
+            if chunk.error is not None:
+                raise chunk.error
+        by_root = {r: tallies[r].vocabulary(counters[r], schema.min_count) for r in counters}
     if n_skipped:
         warnings.warn(f"build_vocabularies skipped {n_skipped} malformed row(s); first: " + "; ".join(skipped),
                       DataWarning, stacklevel=2)
-    by_root = {r: Vocabulary.from_counts(c, schema.min_count) for r, c in counters.items()}
     return {c: by_root[r] for c, r in roots.items()}, n
 
 
@@ -731,6 +1334,9 @@ class TabularDataset:
     overrides the suffix-based format. ``on_error``: ``"raise"`` or ``"skip"`` malformed rows
     (module docstring). ``shuffle_buffer``: rows held by the streaming shuffle.
 
+    ``vectorized``: use the vectorised path when pyarrow is installed (module docstring; the
+    result is the same, ``False`` forces the per-row reference path).
+
     ``num_rows`` (valid rows) is counted by one streaming pass the first time it is needed and
     cached; a complete pass of :meth:`batches` also fills it, and a later pass that finds a
     different number raises RuntimeError (the files changed under us). ``skipped`` counts the
@@ -739,7 +1345,7 @@ class TabularDataset:
     """
 
     def __init__(self, paths: PathsArg, schema: Schema, vocabs: Mapping[str, Vocabulary], fmt: Optional[str] = None,
-                 on_error: str = "raise", shuffle_buffer: int = 65536) -> None:
+                 on_error: str = "raise", shuffle_buffer: int = 65536, vectorized: bool = True) -> None:
         _check_on_error(on_error)
         if not _is_int(shuffle_buffer) or shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be an integer >= 1, got {shuffle_buffer!r}")
@@ -757,6 +1363,17 @@ class TabularDataset:
         self.skipped_examples: List[str] = []
         self._sparse_index = [self.vocabs[c]._index for c in schema.sparse]
         self._seq_index = [self.vocabs[c]._index for c in schema.sequences]
+        self.vectorized = vectorized
+        self._lookups: Optional[list] = None  # vectorised path: [(Arrow tokens, [("sparse"|"seq", j), ...])]
+        self._group_cache: Dict[str, int] = {}
+        seq_int = "<i4" if max(len(self.vocabs[c]) for c in schema.sequences) <= 2**31 else "<i8"
+        self._row_dtype = np.dtype([("label", "<f4"), ("dense", "<f4", (len(schema.dense),)),
+                                    ("sparse", "<i8", (len(schema.sparse),)),
+                                    ("seq", seq_int, (len(schema.sequences), schema.max_seq_len)),
+                                    ("length", "<i8"), ("group", "<i8")])
+
+    def _columnar(self) -> Optional[_Columnar]:
+        return self._source.columnar() if self.vectorized else None
 
     # -- counting
 
@@ -776,8 +1393,18 @@ class TabularDataset:
     def num_rows(self) -> int:
         if self._num_rows is None:
             total = 0
-            for _ in self._source.records(self.on_error, self._on_skip):
-                total += 1
+            columnar = self._columnar()
+            if columnar is None:
+                for _ in self._source.records(self.on_error, self._on_skip):
+                    total += 1
+            else:
+                for chunk in self._source.chunks():
+                    checked = columnar.check(chunk)
+                    for row, reason in checked.stops:
+                        _stop(chunk, row, reason, self.on_error, self._on_skip)
+                    total += int(checked.ok.sum())
+                    if chunk.error is not None:
+                        raise chunk.error
             self._seen_total(total)
         return self._num_rows
 
@@ -843,6 +1470,129 @@ class TabularDataset:
             group=group,
         )
 
+    def _rank_rows_vectorized(self, columnar: _Columnar, shuffle: bool, seed: int, epoch: int, rank: int,
+                              world_size: int) -> Iterator[bytes]:
+        """:meth:`_rank_rows` for the vectorised path: each row packed as one ``bytes`` record of
+        ``_row_dtype`` (a few hundred bytes, so a full shuffle buffer stays small)."""
+        order = None
+        if shuffle and len(self._source.files) > 1:
+            order = list(range(len(self._source.files)))
+            random.Random(_seed_of(seed, epoch, "files")).shuffle(order)
+        first: Optional[bytes] = None
+        taken = total = 0
+        size = self._row_dtype.itemsize
+        for chunk in self._source.chunks(order):
+            checked = columnar.check(chunk)
+            try:
+                packed = self._pack(checked)
+            except Exception:  # noqa: BLE001 - anything unexpected: the reference decides every row
+                if not checked.fast.any():
+                    raise
+                checked = columnar.check_rows(chunk)
+                packed = self._pack(checked)
+            start = 0
+            for stop, reason in [*checked.stops, (checked.n, None)]:
+                run = np.flatnonzero(checked.ok[start:stop]) + start  # valid rows before the stop
+                mine = run[(total + np.arange(len(run))) % world_size == rank]
+                total += len(run)
+                if len(mine):
+                    buf = packed[mine].tobytes()
+                    for at in range(0, len(buf), size):
+                        row = buf[at:at + size]
+                        if first is None:
+                            first = row
+                        taken += 1
+                        yield row
+                if reason is not None:
+                    _stop(chunk, stop, reason, self.on_error, self._on_skip)
+                start = stop + 1
+            if chunk.error is not None:
+                raise chunk.error
+        self._seen_total(total)
+        if taken < -(-total // world_size):  # one short: repeat the first row (DistributedSampler padding)
+            yield first
+
+    def _pack(self, checked: _Checked) -> np.ndarray:
+        """The chunk's rows as ``_row_dtype`` records (meaningful for its valid rows)."""
+        pa, pc = _pyarrow()
+        out = np.zeros(checked.n, self._row_dtype)
+        if checked.fast.any():
+            out["label"] = checked.label
+            out["dense"] = checked.dense
+            out["length"] = checked.lengths
+            sparse, seq = out["sparse"], out["seq"]
+            for vocab, tokens, members in self._lookup_plan():
+                parts = [checked.sparse[j] if kind == "sparse" else checked.kept[j] for kind, j in members]
+                ids = _lookup(vocab, tokens, pa.concat_arrays(parts))
+                at = 0
+                for (kind, j), part in zip(members, parts):
+                    part_ids = ids[at:at + len(part)]
+                    at += len(part)
+                    if kind == "sparse":
+                        part_ids[_np(pc.binary_length(part)) == 0] = 0  # an empty cell -> 0 (missing)
+                        sparse[:, j] = part_ids
+                    else:
+                        seq[checked.rows, j, checked.pos] = part_ids
+            if self.schema.user is not None:
+                out["group"] = self._group_keys(checked.user)
+        for i, record in checked.records.items():  # rows the parser decided
+            label, dense, sparse_ids, seq_ids, n, group = self._encode(record)
+            out["label"][i] = label
+            out["dense"][i] = dense
+            out["sparse"][i] = sparse_ids
+            for c, ids in enumerate(seq_ids):
+                out["seq"][i, c, :n] = ids
+            out["length"][i] = n
+            if group is not None:
+                out["group"][i] = group
+        return out
+
+    def _lookup_plan(self) -> list:
+        """One ``index_in`` per distinct vocabulary object per chunk: its tokens and the columns using it."""
+        if self._lookups is None:
+            pa, _ = _pyarrow()
+            by_vocab: Dict[int, list] = {}
+            vocab_of: Dict[int, Vocabulary] = {}
+            columns = [("sparse", j, c) for j, c in enumerate(self.schema.sparse)]
+            columns += [("seq", j, c) for j, c in enumerate(self.schema.sequences)]
+            for kind, j, c in columns:
+                v = self.vocabs[c]
+                vocab_of[id(v)] = v
+                by_vocab.setdefault(id(v), []).append((kind, j))
+            self._lookups = [(vocab_of[k], pa.array(vocab_of[k].tokens, pa.string()), members)
+                             for k, members in by_vocab.items()]
+        return self._lookups
+
+    def _group_keys(self, users) -> np.ndarray:
+        """:func:`group_key` of each user string, computed once per distinct string."""
+        _, pc = _pyarrow()
+        distinct = pc.unique(users)
+        cache = self._group_cache
+        keys = []
+        for u in distinct.to_pylist():
+            k = cache.get(u)
+            if k is None:
+                if len(cache) >= _GROUP_CACHE:
+                    cache.clear()
+                k = cache[u] = group_key(u)
+            keys.append(k)
+        return np.array(keys, dtype=np.int64)[_np(pc.index_in(users, value_set=distinct))]
+
+    def _collate_packed(self, rows: List[bytes]) -> Batch:
+        a = np.frombuffer(b"".join(rows), self._row_dtype)
+
+        def column(name, dtype):
+            return torch.from_numpy(np.array(a[name], dtype=dtype))  # a writable, contiguous copy
+
+        return Batch(
+            dense=column("dense", np.float32),
+            sparse=column("sparse", np.int64),
+            seq=column("seq", np.int64),
+            lengths=column("length", np.int64),
+            label=column("label", np.float32),
+            group=None if self.schema.user is None else column("group", np.int64),
+        )
+
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
                 world_size: int = 1, skip_batches: int = 0, drop_last: bool = False) -> Iterator[Batch]:
         """This rank's batches for one epoch (module docstring: sharding, shuffling, resuming).
@@ -856,20 +1606,26 @@ class TabularDataset:
         return self._batches(batch_size, shuffle, seed, epoch, rank, world_size, skip_batches, drop_last)
 
     def _batches(self, batch_size, shuffle, seed, epoch, rank, world_size, skip_batches, drop_last):
-        rows: Iterable[_Row] = self._rank_rows(shuffle, seed, epoch, rank, world_size)
+        columnar = self._columnar()
+        if columnar is None:
+            rows: Iterable = self._rank_rows(shuffle, seed, epoch, rank, world_size)
+            collate: Callable[[list], Batch] = self._collate
+        else:
+            rows = self._rank_rows_vectorized(columnar, shuffle, seed, epoch, rank, world_size)
+            collate = self._collate_packed
         if shuffle:
             rows = _shuffle_buffer(rows, self.shuffle_buffer, random.Random(_seed_of(seed, epoch, rank)))
-        chunk: List[_Row] = []
+        chunk: list = []
         done = 0
         for row in rows:
             chunk.append(row)
             if len(chunk) == batch_size:
                 if done >= skip_batches:
-                    yield self._collate(chunk)
+                    yield collate(chunk)
                 done += 1
                 chunk = []
         if chunk and not drop_last and done >= skip_batches:
-            yield self._collate(chunk)
+            yield collate(chunk)
 
 
 class MemoryDataset:

@@ -12,6 +12,7 @@ import gzip
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -475,3 +476,396 @@ def test_model_overrides_build_a_model_that_runs(amazon):
     logits = model(*b.inputs())
     assert logits.shape == (16,) and torch.isfinite(logits).all()
     assert torch.isfinite(model.loss(logits, b.label))
+
+
+# ---------------------------------------------------------------------------------- vectorised path
+#
+# The vectorised path (the default) must give exactly what the per-row reference path
+# (``vectorized=False``) gives: the same vocabularies, the same batches bit for bit, the same
+# errors at the same lines, the same skip counts. The "messy" files below hold every feature and
+# every kind of malformed row; small chunks make the rows cross many chunk boundaries.
+
+MESSY_COLUMNS = ["label", "price", "score", "user_id", "item_id", "cate_id", "item_history", "cate_history", "title"]
+MESSY = dict(label="label", dense=["price", "score"], sparse=["user_id", "item_id", "cate_id"],
+             sequences=["item_history", "cate_history"], user="user_id",
+             shared_vocab={"item_history": "item_id", "cate_history": "cate_id"}, max_seq_len=6)
+GOOD_LABELS = ["0", "1", "1.0", " 0 ", "0.00", "+1", "-0", "1e0", "\u30001"]
+BAD_LABELS = ["2", "yes", "", "nan", "0x1"]
+GOOD_DENSE = ["1e5", " 3.5 ", "", "-0", "+.5", "5.", "1_0", "\u0663", "1e-320", "-1e-45", "3.4028234663852886e38",
+              "0.1", "-2.5E-3", "00012", "  "]
+BAD_DENSE = ["inf", "nan", "1e39", "abc", "0x10", "3.4028235e38", "1e400"]
+
+
+def messy_rows(n, seed, n_items=60, bad=0.06, quotes_from=0):
+    """Rows of MESSY_COLUMNS: whitespace, unicode, empty cells, OOV ids, long histories, every
+    kind of bad row and, from row ``quotes_from`` on (None: never), titles that the CSV writer must
+    quote (newlines, commas, quotes), which hands the rest of the file to the csv module."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        hist = [rng.randint(1, n_items) for _ in range(rng.choice([0, 1, 3, 6, 7, 10]))]
+        items = [f"i{h}" if rng.random() > 0.05 else f"\u00e9{h}" for h in hist]
+        cats = [f"c{h % 7}" for h in hist]
+        if items and rng.random() < 0.1:
+            items[0] = f" {items[0]}\t"  # whitespace around an event
+        ih, ch = "^".join(items), "^".join(cats)
+        if not items and rng.random() < 0.3:
+            ih, ch = "  ", ""  # an all-whitespace cell is an empty history
+        price = rng.choice([repr(rng.uniform(-1e3, 1e3)), str(rng.randint(-5, 5)), rng.choice(GOOD_DENSE)])
+        score = rng.choice(GOOD_DENSE + [repr(rng.random())])
+        user = rng.choice(["u1", "u2", " u3 ", "u\u00e94", "u5\u3000", "", f"u{rng.randint(1, 40)}"])
+        item = rng.choice(["", f"i{rng.randint(1, n_items + 10)}", f" i{rng.randint(1, 5)}"])
+        row = [rng.choice(GOOD_LABELS), price, score, user, item, f"c{rng.randint(0, 8)}", ih, ch,
+               rng.choice(["t", "two\nlines", "a,b", 'say "hi"'] if quotes_from is not None and i >= quotes_from
+                          else ["t", "", "plain title"])]
+        if rng.random() < bad:
+            kind = rng.randrange(6)
+            if kind == 0:
+                row[0] = rng.choice(BAD_LABELS)
+            elif kind == 1:
+                row[rng.choice([1, 2])] = rng.choice(BAD_DENSE)
+            elif kind == 2:
+                row[6], row[7] = "i1^^i2", "c1^c2^c3"  # an empty event
+            elif kind == 3:
+                row[6], row[7] = "i1^i2", "c1"  # channels of different lengths
+            elif kind == 4:
+                row[6], row[7] = "i1^", "c1^c2"  # a trailing separator
+            else:
+                row = row[:rng.randint(1, 8)] if rng.random() < 0.5 else row + ["extra"]  # wrong field count
+        out.append(row)
+    return out
+
+
+def write_messy(path, rows, opener=open, newline="\r\n"):
+    """csv.writer's output (lines end in ``newline``), a blank line now and then."""
+    with opener(path, "wt", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator=newline)
+        w.writerow(MESSY_COLUMNS)
+        for k, row in enumerate(rows):
+            w.writerow(row)
+            if k % 17 == 5:
+                fh.write("\n")  # a blank line is not a row
+    return path
+
+
+def write_messy_parquet(path, n, seed):
+    """Arrow types the CSV cannot have: float ids with nulls, float dense values with NaN/inf/-0.0/
+    null, int labels, a dictionary column, list<int64> histories with null lists and null events,
+    a large_string history, non-integral float and binary sparse columns."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = random.Random(seed)
+    cols = {c: [] for c in ["label", "price", "score", "user_id", "item_id", "cate_id", "item_history",
+                            "cate_history", "ctx", "tag"]}
+    for i in range(n):
+        hist = [rng.randint(1, 50) for _ in range(rng.choice([0, 2, 6, 9]))]
+        cats = "^".join(f"c{h % 7}" for h in hist)
+        if rng.random() < 0.05:
+            hist = hist + [None]  # a null event: malformed
+            cats += "^c1"
+        elif rng.random() < 0.04:
+            cats = "c1^c2^c3^c4^c5"  # different lengths: malformed (unless the history has 5 events)
+        cols["item_history"].append(None if not hist and rng.random() < 0.5 else hist)
+        cols["cate_history"].append(cats)
+        cols["label"].append(rng.choice([0, 1, 1, 0, 0, 1, 2]) if rng.random() < 0.1 else rng.randint(0, 1))
+        cols["price"].append(rng.choice([None, -0.0, float("nan"), float("inf"), 1e39, 2.0, 1e-320])
+                             if rng.random() < 0.2 else rng.uniform(-100, 100))
+        cols["score"].append(rng.choice(GOOD_DENSE + BAD_DENSE[:1]))
+        cols["user_id"].append(None if rng.random() < 0.05 else float(rng.randint(1, 30)))
+        cols["item_id"].append(None if rng.random() < 0.05 else rng.randint(1, 60))
+        cols["cate_id"].append(f"c{rng.randint(0, 8)}")
+        cols["ctx"].append(rng.choice([1.5, 2.0, -0.0, 1e20, 0.1 + 0.2, None]))
+        cols["tag"].append(rng.choice([b"x", b" y ", b"", None]))
+    table = pa.table({
+        "label": pa.array(cols["label"], pa.int64()),
+        "price": pa.array(cols["price"], pa.float64()),
+        "score": pa.array(cols["score"], pa.string()),
+        "user_id": pa.array(cols["user_id"], pa.float64()),
+        "item_id": pa.array(cols["item_id"], pa.int64()),
+        "cate_id": pa.array(cols["cate_id"], pa.string()).dictionary_encode(),
+        "item_history": pa.array(cols["item_history"], pa.list_(pa.int64())),
+        "cate_history": pa.array(cols["cate_history"], pa.large_string()),
+        "ctx": pa.array(cols["ctx"], pa.float32()),
+        "tag": pa.array(cols["tag"], pa.binary()),
+    })
+    pq.write_table(table, path, row_group_size=50)
+    return path
+
+
+MESSY_PARQUET = dict(MESSY, sparse=["user_id", "item_id", "cate_id", "ctx", "tag"])
+
+
+def bit_identical(xs, ys):
+    """Same batches: same dtypes, shapes and bytes (so -0.0 differs from 0.0), same group."""
+    xs, ys = list(xs), list(ys)
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        for f in ("dense", "sparse", "seq", "lengths", "label", "group"):
+            a, b = getattr(x, f), getattr(y, f)
+            assert (a is None) == (b is None), f
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous() and b.is_contiguous(), f
+                assert a.numpy().tobytes() == b.numpy().tobytes(), f
+    return True
+
+
+def outcome(batches):
+    """The batches until the end or a DataError, and the error's message (or None)."""
+    out = []
+    try:
+        for b in batches:
+            out.append(b)
+    except DataError as e:
+        return out, str(e)
+    return out, None
+
+
+def attempt(f):
+    """``(f(), None)``, or ``(None, message)`` when it raises a DataError."""
+    try:
+        return f(), None
+    except DataError as e:
+        return None, str(e)
+
+
+def same_outcome(a, b):
+    (xs, ex), (ys, ey) = outcome(a), outcome(b)
+    assert ex == ey
+    return bit_identical(xs, ys)
+
+
+def vocabs_of(paths, schema, **kw):
+    """build_vocabularies' result and its warnings (as text), or the DataError's message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            vocabs, n = build_vocabularies(paths, schema, **kw)
+        except DataError as e:
+            return str(e)
+    return {c: v.to_dict() for c, v in vocabs.items()}, n, [str(w.message) for w in caught]
+
+
+def check_paths_agree(paths, schema, vocab_paths=None):
+    """Everything the two paths produce on ``paths`` (vocabularies from ``vocab_paths``)."""
+    vocab_paths = vocab_paths or paths
+    for on_error in ("raise", "skip"):
+        assert vocabs_of(vocab_paths, schema, on_error=on_error) == \
+            vocabs_of(vocab_paths, schema, on_error=on_error, vectorized=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        vocabs, _ = build_vocabularies(vocab_paths, schema, on_error="skip")
+    shared = vocabs["item_history"] is vocabs["item_id"]
+    assert shared == ("item_history" in schema.shared_vocab)
+    for on_error in ("raise", "skip"):
+        vec = TabularDataset(paths, schema, vocabs, on_error=on_error, shuffle_buffer=23)
+        ref = TabularDataset(paths, schema, vocabs, on_error=on_error, shuffle_buffer=23, vectorized=False)
+        for kw in [dict(), dict(shuffle=True, seed=3, epoch=1), dict(rank=1, world_size=3, skip_batches=2),
+                   dict(shuffle=True, rank=2, world_size=3, drop_last=True)]:
+            if kw.get("world_size", 1) > 1:  # batches() counts the rows first
+                counted = attempt(lambda: vec.num_rows)
+                assert counted == attempt(lambda: ref.num_rows)
+                if counted[1] is not None:
+                    continue
+            assert same_outcome(vec.batches(13, **kw), ref.batches(13, **kw))
+        if on_error == "skip":
+            assert vec.num_rows == ref.num_rows
+        assert (vec.skipped, vec.skipped_examples) == (ref.skipped, ref.skipped_examples)
+        assert vec._source.columnar().chunk_fallbacks == 0  # the column checks did the work
+    return vocabs
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    import interformer.dataio as dataio
+    monkeypatch.setattr(dataio, "_CHUNK_ROWS", 37)
+    monkeypatch.setattr(dataio, "_PARQUET_READ_ROWS", 41)
+
+
+def test_whitespace_set_is_what_str_strip_removes():
+    from interformer.dataio import _PY_WHITESPACE
+    assert _PY_WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+@pytest.mark.parametrize("change", [dict(), dict(seq_order="newest_first", dense_fill=None),
+                                    dict(shared_vocab={}, max_seq_len=3, dense_fill=-2.0, min_count=2)])
+def test_vectorized_equals_per_row_on_messy_csv(tmp_path, small_chunks, change):
+    schema = Schema(**dict(MESSY, **change))
+    train = write_messy(tmp_path / "train.csv", messy_rows(300, seed=1, quotes_from=None))  # Arrow splits every line
+    valid = write_messy(tmp_path / "valid.csv.gz", messy_rows(200, seed=2, n_items=80, quotes_from=150),
+                        opener=gzip.open, newline="\n")  # the csv module takes over after 4 chunks
+    vocabs = check_paths_agree([valid, train], schema, vocab_paths=train)
+    assert any(v.lookup("i75") == 1 for v in [vocabs["item_id"]])  # the validation file has OOV ids
+
+
+def test_vectorized_equals_per_row_on_clean_and_late_bad_rows(tmp_path, small_chunks):
+    rows = messy_rows(250, seed=3, bad=0.0, quotes_from=0)
+    schema = Schema(**MESSY)
+    check_paths_agree(write_messy(tmp_path / "clean.csv", rows), schema)
+    rows[240][0] = "7"  # one bad row near the end, after many good chunks
+    check_paths_agree(write_messy(tmp_path / "late.csv", rows), schema)
+    plain = messy_rows(250, seed=3, bad=0.0, quotes_from=None)
+    plain[240][0] = "7"
+    check_paths_agree(write_messy(tmp_path / "late_cr.csv", plain, newline="\r"), schema)
+
+
+def test_vectorized_equals_per_row_on_messy_parquet(tmp_path, small_chunks):
+    paths = [write_messy_parquet(tmp_path / f"p{i}.parquet", 180, seed=i) for i in range(2)]
+    csv_path = write_messy(tmp_path / "c.csv", [r[:8] + ["1.5", "tag"] for r in messy_rows(60, seed=5)])
+    schema = Schema(**MESSY_PARQUET)
+    check_paths_agree(paths, schema)
+    # a CSV among Parquet files: the CSV's 'title' column becomes 'ctx' + 'tag' via the header
+    Path(csv_path).write_text(Path(csv_path).read_text(encoding="utf-8").replace(",title", ",ctx,tag", 1),
+                              encoding="utf-8")
+    check_paths_agree([paths[0], csv_path, paths[1]], schema)
+
+
+@pytest.mark.parametrize("quotes_from", [None, 300, 590])
+def test_vectorized_file_level_error_after_the_rows_before_it(tmp_path, small_chunks, quotes_from):
+    rows = messy_rows(600, seed=4, bad=0.0, quotes_from=quotes_from)  # ~36 kB: several 8 kB reads come first
+    path = write_messy(tmp_path / "bad_bytes.csv", rows)
+    with open(path, "ab") as fh:
+        fh.write(b"1,2.5,,u1,i1,c1,i1,c1,\xff\xfe\n")  # undecodable: the whole file's problem
+    schema = Schema(**MESSY)
+    with pytest.raises(DataError, match="unreadable CSV") as e1:
+        build_vocabularies(path, schema, on_error="skip")
+    with pytest.raises(DataError, match="unreadable CSV") as e2:
+        build_vocabularies(path, schema, on_error="skip", vectorized=False)
+    assert str(e1.value) == str(e2.value)
+    clean = write_messy(tmp_path / "clean.csv", rows)
+    vocabs, _ = build_vocabularies(clean, schema)
+    vec, ref = (TabularDataset(path, schema, vocabs, on_error="skip", vectorized=v) for v in (True, False))
+    xs, err = outcome(vec.batches(16))
+    assert "unreadable CSV" in err and len(xs) >= 20
+    assert same_outcome(vec.batches(16), ref.batches(16))
+    assert (vec.skipped, vec.skipped_examples) == (ref.skipped, ref.skipped_examples)
+
+
+def test_vectorized_unexpected_trouble_falls_back_to_the_parser(tmp_path, small_chunks, monkeypatch):
+    import interformer.dataio as dataio
+    schema = Schema(**MESSY)
+    path = write_messy(tmp_path / "m.csv", messy_rows(150, seed=6))
+    ref_vocab = vocabs_of(path, schema, on_error="skip", vectorized=False)
+    vocabs = {c: Vocabulary.from_dict(v) for c, v in ref_vocab[0].items()}
+    ref_ds = TabularDataset(path, schema, vocabs, on_error="skip", vectorized=False)
+    ref = list(ref_ds.batches(16))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(dataio, "_lookup", broken)  # fails while packing: the chunk is re-read row by row
+    ds = TabularDataset(path, schema, vocabs, on_error="skip")
+    assert bit_identical(ds.batches(16), ref)
+    assert (ds.skipped, ds.skipped_examples) == (ref_ds.skipped, ref_ds.skipped_examples) and ds.skipped > 0
+    assert ds._source.columnar().chunk_fallbacks > 0
+    monkeypatch.setattr(dataio._Columnar, "_check_columns", broken)  # fails while checking
+    assert vocabs_of(path, schema, on_error="skip") == ref_vocab
+    ds = TabularDataset(path, schema, vocabs, on_error="skip")
+    assert bit_identical(ds.batches(16), ref)
+    assert (ds.skipped, ds.skipped_examples) == (ref_ds.skipped, ref_ds.skipped_examples)
+
+
+def test_vectorized_parquet_types_negative_zero_and_undecodable_bytes(tmp_path, small_chunks):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    n = 90
+    table = pa.table({"label": pa.array([i % 3 == 0 for i in range(n)], pa.bool_()),
+                      "price": pa.array([-0.0 if i % 2 else 2.5 for i in range(n)], pa.float32()),
+                      "u": pa.array([None if i % 5 == 0 else float(i % 4) for i in range(n)], pa.float64()),
+                      "tag": pa.array([b"t%d" % (i % 3) for i in range(n)], pa.binary()),
+                      "h": pa.array([list(range(i % 6)) for i in range(n)], pa.list_(pa.int64()))})
+    path = tmp_path / "z.parquet"
+    pq.write_table(table, path)
+    schema = Schema(label="label", dense=["price"], sparse=["u", "tag"], sequences=["h"], user="u", max_seq_len=4)
+    assert vocabs_of(path, schema) == vocabs_of(path, schema, vectorized=False)
+    vocabs, _ = build_vocabularies(path, schema)
+    assert sorted(vocabs["u"].tokens) == ["0", "1", "2", "3"]  # float ids as integers; a null is an empty cell
+    b = list(TabularDataset(path, schema, vocabs).batches(32))
+    assert bit_identical(b, TabularDataset(path, schema, vocabs, vectorized=False).batches(32))
+    assert b[0].dense[1].numpy().tobytes() == b"\x00\x00\x00\x00"  # -0.0 -> "0" -> +0.0, as _cell_str writes it
+    assert b[0].label[:3].tolist() == [1.0, 0.0, 0.0]
+
+    # bytes that are not UTF-8: the per-row path raises UnicodeDecodeError at that row; so does this one
+    tags = table["tag"].to_pylist()
+    tags[70] = b"\xff"
+    pq.write_table(table.set_column(3, "tag", pa.array(tags, pa.binary())), path)
+    results = []
+    for vectorized in (True, False):
+        ds, got = TabularDataset(path, schema, vocabs, vectorized=vectorized), []
+        with pytest.raises(UnicodeDecodeError):
+            for batch in ds.batches(8):
+                got.append(batch)
+        results.append(got)
+    assert len(results[0]) == 8 and bit_identical(*results)
+
+
+def test_vectorized_vocabulary_edge_cases(tmp_path, small_chunks, monkeypatch):
+    import interformer.dataio as dataio
+    schema = Schema(**MESSY)
+    empty = write_text(tmp_path / "empty.csv", "")
+    assert vocabs_of(empty, schema) == vocabs_of(empty, schema, vectorized=False)  # the same file error
+    bad = [r[:] for r in messy_rows(50, seed=7)]
+    for r in bad:
+        r[0] = "yes"
+    path = write_messy(tmp_path / "bad.csv", bad)  # every row malformed: empty vocabularies
+    assert vocabs_of(path, schema, on_error="skip") == vocabs_of(path, schema, on_error="skip", vectorized=False)
+    monkeypatch.setattr(dataio, "_TALLY_MERGE", 5)  # merge the counts many times
+    path = write_messy(tmp_path / "m.csv", messy_rows(300, seed=8, n_items=500))
+    assert vocabs_of(path, schema, on_error="skip") == vocabs_of(path, schema, on_error="skip", vectorized=False)
+
+
+@pytest.mark.parametrize("chunk, quote", [(1, False), (37, True), (5000, True), (5000, False)])
+def test_vectorized_quote_and_read_error_in_one_chunk(tmp_path, monkeypatch, chunk, quote):
+    import interformer.dataio as dataio
+    monkeypatch.setattr(dataio, "_CHUNK_ROWS", chunk)
+    plain = "1,0.5,,u1,i1,c1,i1^i2,c1^c2,t\n"
+    line_502 = '0,1.5,,u2,i2,c2,i2,c2,"a ""quoted"", title"\n' if quote else plain
+    text = ",".join(MESSY_COLUMNS) + "\n" + plain * 250 + "\n" + plain * 250 + line_502 + plain * 100
+    path = tmp_path / "q.csv"  # undecodable bytes in the third 8 kB block, which is read at about line 550
+    path.write_bytes(text.encode() + b"1,2.5,,u1,i1,c1,i1,c1,\xff\n" + plain.encode() * 10)
+    schema = Schema(**MESSY)
+    vocabs, _ = build_vocabularies(write_text(tmp_path / "ok.csv", text), schema)
+    vec, ref = (TabularDataset(path, schema, vocabs, vectorized=v) for v in (True, False))
+    xs, err = outcome(vec.batches(64))
+    assert "unreadable CSV" in err and 502 < int(err.split(":")[1]) < 600 and len(xs) >= 7
+    assert same_outcome(vec.batches(64), ref.batches(64))
+
+
+def test_plain_decimal_literals_parse_like_float():
+    """The vectorised path reads a dense cell that matches _NUMBER_RE with Arrow's cast; that must
+    be float() to the bit (both round correctly), halfway cases and long mantissas included."""
+    pa = pytest.importorskip("pyarrow")
+    pc = pytest.importorskip("pyarrow.compute")
+    import struct
+    from decimal import Decimal
+
+    import numpy as np
+
+    from interformer.dataio import _NUMBER_MAX_LEN, _NUMBER_RE
+    rng = random.Random(0)
+    digits = lambda k: "".join(rng.choice("0123456789") for _ in range(k))  # noqa: E731
+    xs = []
+    for _ in range(20000):
+        k = rng.random()
+        if k < 0.25:  # any double, shortest repr
+            xs.append(repr(struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]))
+        elif k < 0.4:  # any float32 value
+            xs.append(repr(struct.unpack("<f", struct.pack("<I", rng.getrandbits(32)))[0]))
+        elif k < 0.55:  # exactly halfway between two doubles
+            x = rng.uniform(0, 1000)
+            xs.append(format((Decimal(x) + Decimal(float(np.nextafter(x, 2000)))) / 2, "f")[:60])
+        else:
+            s = rng.choice(["", "+", "-"]) + digits(rng.randint(0, 25))
+            if rng.random() < 0.6:
+                s += "." + digits(rng.randint(0, 25))
+            if rng.random() < 0.5:
+                s += rng.choice("eE") + rng.choice(["", "+", "-"]) + str(rng.randint(0, 400))
+            xs.append(s)
+    arr = pa.array(xs)
+    ok = np.asarray(pc.match_substring_regex(arr, _NUMBER_RE)) & (np.asarray(pc.binary_length(arr)) <= _NUMBER_MAX_LEN)
+    accepted = [x for x, k in zip(xs, ok) if k]
+    assert len(accepted) > 15000
+    got = pc.cast(pa.array(accepted), pa.float64()).to_numpy()
+    want = np.array([float(x) for x in accepted])
+    assert got.tobytes() == want.tobytes()
+    finite = want[np.isfinite(want) & (np.abs(want) <= 3.4028234663852886e38)]
+    assert finite.astype(np.float32).tobytes() == torch.tensor(finite.tolist(), dtype=torch.float32).numpy().tobytes()
