@@ -83,8 +83,15 @@ Decisions (what the code below does, and why):
   malformed row, and a dataset's ``vectorized`` switch changes nothing but the speed.
 * **Speed.** On the vectorised path a row travels through sharding, the shuffle buffer and
   batching as one packed ``bytes`` record (about 450 bytes for two channels of T = 50), so a full
-  65536-row shuffle buffer holds about 30 MB. Each DDP rank reads in its own process; within one
-  process, reading is not overlapped with the model step.
+  65536-row shuffle buffer holds about 30 MB.
+* **Prefetch.** ``batches(..., prefetch=k)`` builds the batches in a daemon thread, at most ``k``
+  waiting in a queue (plus the one being built); the order is unchanged, and an exception in the
+  thread is raised in the consumer after the batches before it. Arrow's kernels release the
+  GIL, so building batches overlaps a training step (the Python parts of reading
+  still take turns with it). Stopping early (``break``, ``close()``, an exception, the iterator
+  dropped) stops the thread and waits for it, so no thread outlives the iteration. The thread
+  updates ``skipped`` as it reads, so during an iteration it may count rows of batches not yet
+  consumed; after a complete pass it is exact. Each DDP rank reads in its own process.
 * :class:`MemoryDataset` gives the same interface over an in-memory :class:`~interformer.data.Batch`
   (the synthetic data). Being in memory, it shuffles with a full permutation seeded by
   ``(seed, epoch)`` and then shards the permuted order, as ``DistributedSampler`` does, so the rows
@@ -101,9 +108,11 @@ import json
 import math
 import operator
 import os
+import queue
 import random
 import re
 import sys
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -1594,16 +1603,25 @@ class TabularDataset:
         )
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
-                world_size: int = 1, skip_batches: int = 0, drop_last: bool = False) -> Iterator[Batch]:
+                world_size: int = 1, skip_batches: int = 0, drop_last: bool = False,
+                prefetch: int = 0) -> Iterator[Batch]:
         """This rank's batches for one epoch (module docstring: sharding, shuffling, resuming).
 
         Arguments are checked at the call; with ``world_size > 1`` the call also counts
         ``num_rows`` (one pass, cached) and raises ValueError if there are fewer rows than ranks.
+        ``prefetch > 0`` builds the batches in a background thread, up to that many ahead of the
+        consumer (module docstring).
         """
         _check_batch_args(batch_size, rank, world_size, skip_batches)
+        if not _is_int(prefetch) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
         if world_size > 1 and self.num_rows < world_size:
             raise ValueError(f"{self.num_rows} valid rows cannot be shared among {world_size} ranks")
-        return self._batches(batch_size, shuffle, seed, epoch, rank, world_size, skip_batches, drop_last)
+
+        def make() -> Iterator[Batch]:
+            return self._batches(batch_size, shuffle, seed, epoch, rank, world_size, skip_batches, drop_last)
+
+        return _prefetched(make, prefetch) if prefetch else make()
 
     def _batches(self, batch_size, shuffle, seed, epoch, rank, world_size, skip_batches, drop_last):
         columnar = self._columnar()
@@ -1626,6 +1644,63 @@ class TabularDataset:
                 chunk = []
         if chunk and not drop_last and done >= skip_batches:
             yield collate(chunk)
+
+
+def _prefetched(make: Callable[[], Iterator], depth: int) -> Iterator:
+    """``make()``'s items, produced by a daemon thread into a queue of ``depth`` items.
+
+    The thread starts at the first ``next``. An exception in the thread is raised in the consumer
+    after the items produced before it. When the consumer stops early (``close()``, garbage
+    collection, an exception), the thread is told to stop, the queue is emptied so that a blocked
+    ``put`` returns, and the consumer waits for the thread to end (at most the time to finish the
+    item it is building), so no thread outlives the iteration.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        it = None
+        try:
+            it = make()
+            for item in it:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((False, e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="interformer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+    finally:
+        stop.set()
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        thread.join()
 
 
 class MemoryDataset:

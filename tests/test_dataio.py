@@ -478,7 +478,7 @@ def test_model_overrides_build_a_model_that_runs(amazon):
     assert torch.isfinite(model.loss(logits, b.label))
 
 
-# ---------------------------------------------------------------------------------- vectorised path
+# ------------------------------------------------------------------------ vectorised path, prefetch
 #
 # The vectorised path (the default) must give exactly what the per-row reference path
 # (``vectorized=False``) gives: the same vocabularies, the same batches bit for bit, the same
@@ -811,6 +811,51 @@ def test_vectorized_vocabulary_edge_cases(tmp_path, small_chunks, monkeypatch):
     monkeypatch.setattr(dataio, "_TALLY_MERGE", 5)  # merge the counts many times
     path = write_messy(tmp_path / "m.csv", messy_rows(300, seed=8, n_items=500))
     assert vocabs_of(path, schema, on_error="skip") == vocabs_of(path, schema, on_error="skip", vectorized=False)
+
+
+def prefetch_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "interformer-prefetch" and t.is_alive()]
+
+
+def test_prefetch_same_batches_and_errors(tmp_path, amazon):
+    path, schema, vocabs, rows = amazon
+    ds = TabularDataset(path, schema, vocabs, shuffle_buffer=32)
+    kw = dict(shuffle=True, seed=2, epoch=1, rank=1, world_size=2, skip_batches=1)
+    assert bit_identical(ds.batches(16, prefetch=2, **kw), ds.batches(16, **kw))
+    assert bit_identical(ds.batches(7, prefetch=1), TabularDataset(path, schema, vocabs, vectorized=False).batches(7))
+    with pytest.raises(ValueError, match="prefetch"):
+        ds.batches(16, prefetch=-1)
+    bad = write_csv(tmp_path / "late.csv", rows)
+    with open(bad, "a", encoding="utf-8") as fh:
+        fh.write("7,1001,3,c1,1,c1,0.5\n")  # line 203
+    late = TabularDataset(bad, schema, vocabs)
+    xs, err = outcome(late.batches(16, prefetch=3))
+    assert err.startswith(f"{bad}:203: ") and len(xs) == 12
+    assert same_outcome(late.batches(16, prefetch=3), late.batches(16))
+    assert not prefetch_threads()
+
+
+def test_prefetch_early_stop_leaves_no_thread(amazon):
+    import gc
+    path, schema, vocabs, _ = amazon
+    ds = TabularDataset(path, schema, vocabs)
+    it = ds.batches(4, prefetch=2)
+    assert not prefetch_threads()  # nothing starts before the first next()
+    next(it)
+    assert len(prefetch_threads()) == 1
+    it.close()
+    assert not prefetch_threads()
+    for b in ds.batches(4, prefetch=3):  # a consumer that breaks out and drops the iterator
+        break
+    del b
+    gc.collect()
+    assert not prefetch_threads()
+    with pytest.raises(KeyError):
+        for b in ds.batches(4, prefetch=1):
+            raise KeyError("consumer failed")
+    gc.collect()
+    assert not prefetch_threads()
 
 
 @pytest.mark.parametrize("chunk, quote", [(1, False), (37, True), (5000, True), (5000, False)])
