@@ -1316,6 +1316,11 @@ def _check_batch_args(batch_size, rank, world_size, skip_batches) -> None:
         raise ValueError(f"skip_batches must be an integer >= 0, got {skip_batches!r}")
 
 
+def _check_prefetch(prefetch) -> None:
+    if not _is_int(prefetch) or prefetch < 0:
+        raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+
+
 def _count_batches(num_rows: int, batch_size: int, world_size: int, drop_last: bool) -> int:
     per_rank = -(-num_rows // world_size)
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
@@ -1617,8 +1622,7 @@ class TabularDataset:
         consumer (module docstring).
         """
         _check_batch_args(batch_size, rank, world_size, skip_batches)
-        if not _is_int(prefetch) or prefetch < 0:
-            raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+        _check_prefetch(prefetch)
         if world_size > 1 and self.num_rows < world_size:
             raise ValueError(f"{self.num_rows} valid rows cannot be shared among {world_size} ranks")
 
@@ -1712,7 +1716,9 @@ class MemoryDataset:
 
     ``batches`` shards, pads, shuffles and skips as :meth:`TabularDataset.batches` does, except
     that shuffling is a full permutation seeded by ``(seed, epoch)``, applied before sharding (module
-    docstring). ``group`` is the Batch's own. ``skipped`` is always 0.
+    docstring). ``group`` is the Batch's own. ``skipped`` is always 0. ``prefetch`` is accepted, so
+    that a caller can pass it to either dataset, and ignored: a batch here is one index gather in
+    memory, cheaper than handing it over from a thread.
     """
 
     def __init__(self, data: Batch) -> None:
@@ -1730,8 +1736,10 @@ class MemoryDataset:
         return _count_batches(self.num_rows, batch_size, world_size, drop_last)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
-                world_size: int = 1, skip_batches: int = 0, drop_last: bool = False) -> Iterator[Batch]:
+                world_size: int = 1, skip_batches: int = 0, drop_last: bool = False,
+                prefetch: int = 0) -> Iterator[Batch]:
         _check_batch_args(batch_size, rank, world_size, skip_batches)
+        _check_prefetch(prefetch)
         n = len(self.data)
         if world_size > 1 and n < world_size:
             raise ValueError(f"{n} rows cannot be shared among {world_size} ranks")

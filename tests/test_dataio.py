@@ -463,6 +463,9 @@ def test_memory_dataset_same_semantics():
     assert all(len(b) == 8 for b in ds.batches(8, drop_last=True))
     with pytest.raises(ValueError):
         ds.batches(8, world_size=102)
+    assert same_batches(ds.batches(8, prefetch=2, **kw), ds.batches(8, **kw))  # accepted, and ignored
+    with pytest.raises(ValueError, match="prefetch"):
+        ds.batches(8, prefetch=-1)
 
 
 def test_model_overrides_build_a_model_that_runs(amazon):
