@@ -153,6 +153,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimiser steps in total
     checkpoint_every: Optional[int] = None
     log_every: int = 20
+    prefetch: int = 2  # batches built ahead by a background thread (file data; 0 = none)
     progress: bool = True
     plot: bool = False
 
@@ -180,7 +181,7 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps",):
+        for name in ("warmup_steps", "prefetch"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("patience", "max_steps", "checkpoint_every"):
@@ -209,7 +210,7 @@ class TrainConfig:
 
 # Settings that steer one invocation rather than define the run; a resumed run may change them.
 RUN_CONTROL = ("epochs", "max_steps", "patience", "checkpoint_every", "log_every", "progress", "plot",
-               "output_dir", "resume", "overwrite", "device", "eval_batch_size", "compile_mode")
+               "output_dir", "resume", "overwrite", "device", "eval_batch_size", "compile_mode", "prefetch")
 # Of those, the ones that always come from the invocation (where to look, whether to resume).
 _INVOCATION = ("output_dir", "resume", "overwrite")
 
@@ -512,13 +513,24 @@ def unwrap(model: nn.Module) -> InterFormerCTR:
 # evaluation
 
 
+def _closing(batches):
+    """Iterate ``batches`` and close it however the loop ends (a prefetching generator joins its
+    thread on close)."""
+    try:
+        yield from batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cfg: TrainConfig):
     """(logits, labels, groups or None, samples/s) over a whole split, in file order, one process."""
     model.eval()
     logits, labels, groups = [], [], []
     t0 = time.perf_counter()
-    for batch in dataset.batches(batch_size, shuffle=False):
+    for batch in _closing(dataset.batches(batch_size, shuffle=False, prefetch=cfg.prefetch)):
         b = batch.to(device)
         with autocast(cfg, device):
             logits.append(model(*b.inputs()).float())
@@ -834,9 +846,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             loss_sum, seen, t0 = torch.tensor(carry_loss[0], device=device, dtype=torch.float64), 0, time.perf_counter()
             loss_n, carry_loss = carry_loss[1], (0.0, 0)
             batches = train_set.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=d.rank,
-                                        world_size=d.world_size, skip_batches=batch_in_epoch)
+                                        world_size=d.world_size, skip_batches=batch_in_epoch, prefetch=cfg.prefetch)
             halted = False
-            for batch in batches:
+            for batch in _closing(batches):
                 b = batch.to(device)
                 with autocast(cfg, device):
                     logits = net(*b.inputs())

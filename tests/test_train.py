@@ -671,3 +671,20 @@ def test_compile_mode_reaches_torch_compile_and_is_validated(tmp_path, monkeypat
     assert seen == {"backend": "inductor", "mode": "reduce-overhead"}
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         tiny_config(tmp_path, compile_mode="fast")
+
+
+def test_prefetching_changes_nothing_and_leaves_no_thread(bars):
+    """Batches built ahead by a background thread: the same training run as without, and a run that
+    stops mid-epoch (max_steps) leaves no prefetch thread behind."""
+    import threading
+
+    kw = dict(data="csv", train=[str(bars / "train.csv")], valid=[str(bars / "valid.csv")], epochs=1,
+              schema=str(bars / "schema.yaml"), batch_size=64, progress=False,
+              model={k: v for k, v in TINY.items() if k != "max_seq_len"})
+    before = threading.active_count()
+    T.train(T.TrainConfig(output_dir=str(bars / "p0"), prefetch=0, **kw), log=lambda *a: None)
+    T.train(T.TrainConfig(output_dir=str(bars / "p3"), prefetch=3, **kw), log=lambda *a: None)
+    assert_same_weights(weights(bars / "p0" / "last.pt"), weights(bars / "p3" / "last.pt"))
+    s = T.train(T.TrainConfig(output_dir=str(bars / "stop"), prefetch=3, max_steps=2, **kw), log=lambda *a: None)
+    assert s["status"] == "stopped"
+    assert threading.active_count() == before
