@@ -179,5 +179,5 @@ def run_demo(args) -> None:
     for name, a, ll, tr, inf in rows:
         print(f"  {name:<6} {a:>7.4f} {ll:>8.4f} {tr:>16,.0f} {inf:>16,.0f}")
     if device.type != "cuda":
-        print("\n  note: CPU throughput of the eager path only; the fused kernels need a GPU to be fast "
-              "(on a CPU they run under Triton's interpreter, for correctness only).")
+        print("\n  note: on a CPU only the eager path trains here; the fused kernels need a GPU to be fast "
+              "(the fused throughput above is Triton's interpreter, a correctness check).")
