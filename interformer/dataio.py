@@ -38,10 +38,24 @@ Decisions (what the code below does, and why):
   With ``on_error="skip"`` it is counted in :attr:`TabularDataset.skipped` (the first few messages
   are kept in ``skipped_examples``), and it takes no part in ``num_rows`` or sharding;
   :func:`build_vocabularies` reports its skips with a :class:`DataWarning`. A wrong number of CSV
-  fields is a malformed row. Problems with a whole file (no header, missing or duplicated required
-  columns, undecodable bytes, broken CSV quoting) always raise, whatever ``on_error`` says: after
-  them nothing in the file can be trusted. Completely blank CSV lines are not rows and are passed
-  over (they carry no sample).
+  fields, and a quoting error (below), are malformed rows. Problems with a whole file (no header,
+  missing or duplicated required columns, bytes that are not UTF-8, a file that cannot be read
+  such as a corrupt or truncated ``.gz``) always raise, whatever ``on_error`` says: after them
+  nothing in the file can be trusted. Undecodable bytes are reported at their own physical line
+  (``"not valid UTF-8 (byte 0xff at character 23 of the line)"``), a read error at the line it
+  was reading (``"unreadable file (EOFError: ...)"``). Completely blank CSV lines, before the
+  header too, are not rows and are passed over (they carry no sample); the header is the first
+  line that is not blank, and its line number is the one errors about it give.
+* **Quoting.** By default one CSV row is one physical line: a quoted field may hold commas and
+  doubled quotes, but not a line break. A row whose quote is still open at the end of its line (a
+  stray quote) is malformed at that line (``"a quoted field runs past the end of line 12 (a stray
+  quote? ...)"``) and reading goes on at the next line, so a stray quote costs one row, not the
+  rows up to the next quote, and an unclosed quote at the end of the file costs one row too.
+  Quoting is strict (``'"a"b'`` is a malformed row, not the field ``ab``). A schema that sets
+  ``csv_multiline: true`` lets a quoted field span lines (the row's line is then the line it
+  starts on); a quote still open at the end of the file is then the whole file's problem and
+  raises, naming the row's first line and the file's last, and so does any other quoting error
+  (where the next row starts is then unknown). Line breaks are ``\n``, ``\r\n`` and ``\r``.
 * **Streaming.** Nothing reads a whole file: CSV is read line by line (gzip when the name ends in
   ``.gz``), Parquet through ``ParquetFile.iter_batches`` (pyarrow is imported only when it is
   used). The per-row path builds batches from ``batch_size`` rows at a time; the vectorised path
@@ -118,6 +132,7 @@ import re
 import sys
 import threading
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -193,7 +208,9 @@ class Schema:
     ``"newest_first"``. ``shared_vocab``: ``{column: column whose vocabulary it uses}``, e.g.
     ``{"item_history": "item_id"}``; the target must not itself be shared (no chains).
     ``min_count``: ids seen fewer times than this in training map to OOV. ``dense_fill``: the value
-    of an empty dense cell, or None to treat an empty dense cell as malformed.
+    of an empty dense cell, or None to treat an empty dense cell as malformed. ``csv_multiline``:
+    whether a quoted CSV field may hold line breaks, so that one row spans several lines (module
+    docstring, "Quoting"); off by default, so that a stray quote costs one row.
     """
 
     label: str
@@ -207,6 +224,7 @@ class Schema:
     shared_vocab: Dict[str, str] = field(default_factory=dict)
     min_count: int = 1
     dense_fill: Optional[float] = 0.0
+    csv_multiline: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label.strip():
@@ -265,6 +283,8 @@ class Schema:
                     or not math.isfinite(self.dense_fill) or abs(self.dense_fill) > _FLOAT32_MAX:
                 raise ValueError(f"schema key 'dense_fill': expected a finite number or null, got {self.dense_fill!r}")
             self.dense_fill = float(self.dense_fill)
+        if not isinstance(self.csv_multiline, bool):
+            raise ValueError(f"schema key 'csv_multiline': expected true or false, got {self.csv_multiline!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Schema":
@@ -458,38 +478,120 @@ _RawRow = Tuple[Union[int, str], Optional[Sequence], Optional[str]]  # (where, c
 
 
 def _open_csv(path: Path):
+    # errors="surrogateescape": an undecodable byte becomes a lone surrogate, which _next_line finds
+    # on its own physical line (a decode error would surface wherever the decoder's 8 kB read ends)
     _raise_csv_field_limit()
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8-sig", newline="")
+    return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _csv_header(path: Path, reader, columns: List[str]) -> Tuple[int, List[int]]:
-    """Read the header row (line 1): the number of fields and the positions of ``columns``."""
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # a corrupt or truncated (gzip) file, a failing disk
+
+
+def _unreadable(path: Path, line: int, error: BaseException) -> DataError:
+    e = DataError(path, line, f"unreadable file ({type(error).__name__}: {error})")
+    e.__suppress_context__ = True  # as ``raise ... from None``
+    return e
+
+
+def _undecodable(path: Path, line: int, text: str, at: int) -> DataError:
+    byte = ord(text[at]) - 0xDC00
+    return DataError(path, line, f"not valid UTF-8 (byte 0x{byte:02x} at character {at + 1} of the line)")
+
+
+def _next_line(path: Path, lines: Iterator[str], line_no: int) -> str:
+    """The next physical line (line ``line_no + 1``), checked; StopIteration at the end."""
     try:
-        cells = next(reader)
-    except StopIteration:
-        raise DataError(path, 1, "empty file: a header row is required") from None
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise DataError(path, 1, f"unreadable CSV ({e})") from None
+        line = next(lines)
+    except _READ_ERRORS as e:
+        raise _unreadable(path, line_no + 1, e) from None
+    m = _SURROGATE.search(line)
+    if m is not None:
+        raise _undecodable(path, line_no + 1, line, m.start())
+    return line
+
+
+class _Spans(Exception):
+    """The csv module asked for a second physical line for one record."""
+
+
+class _LineFeed:
+    """The physical lines of a CSV file, as the csv module's input, counted (``line_no``: the lines
+    given so far) and checked (:func:`_next_line`). With ``one_line``, a record may not go on past
+    its first line: when the reader asks for another line before the record has ended (a quote left
+    open), ``next`` raises :class:`_Spans` instead, without reading that line, so reading goes on at
+    the next line. ``start()`` is called before each record."""
+
+    def __init__(self, path: Path, lines: Iterable[str], line0: int = 0, one_line: bool = True) -> None:
+        self.path, self.lines, self.line_no, self.one_line = path, iter(lines), line0, one_line
+        self.given = False
+
+    def start(self) -> int:
+        """Begin a record; its first line's number."""
+        self.given = False
+        return self.line_no + 1
+
+    def __iter__(self) -> "_LineFeed":
+        return self
+
+    def __next__(self) -> str:
+        if self.given and self.one_line:
+            raise _Spans
+        line = _next_line(self.path, self.lines, self.line_no)
+        self.line_no += 1
+        self.given = True
+        return line
+
+
+def _csv_reader(feed: _LineFeed):
+    # strict: a quote that is not followed by a separator, or left open at the end of the file, is
+    # an error, not silently part of the field
+    return csv.reader(feed, strict=True)
+
+
+def _csv_header(path: Path, reader, feed: _LineFeed, columns: List[str]) -> Tuple[int, List[int]]:
+    """Read the header row (the first line that is not blank): the number of fields and the
+    positions of ``columns``."""
+    while True:
+        where = feed.start()
+        try:
+            cells = next(reader)
+        except StopIteration:
+            raise DataError(path, where, "empty file: a header row is required") from None
+        except _Spans:
+            raise DataError(path, where, "unreadable CSV header (a quote is not closed on its line)") from None
+        except csv.Error as e:
+            raise DataError(path, where, f"unreadable CSV header ({e})") from None
+        if cells:
+            break
     header = [h.strip() for h in cells]
-    return len(header), _header_columns(path, 1, header, columns)
+    return len(header), _header_columns(path, where, header, columns)
 
 
-def _csv_records(path: Path, reader, width: int, positions: List[int], line0: int = 0) -> Iterator[_RawRow]:
-    """The rows ``reader`` parses, ``line0`` lines into the file."""
+def _csv_records(path: Path, reader, feed: _LineFeed, width: int, positions: List[int]) -> Iterator[_RawRow]:
+    """The rows ``reader`` parses from ``feed``; each row's ``where`` is the line it starts on."""
     # a tuple (the schema has at least 3 columns), not a list: a tuple of strings drops out of the
     # cyclic garbage collector's view, so chunks of held rows do not trigger full collections
     pick = operator.itemgetter(*positions)
-    last = reader.line_num
     while True:
-        start = line0 + last + 1
+        start = feed.start()
         try:
             cells = next(reader)
         except StopIteration:
             return
-        except (csv.Error, UnicodeDecodeError) as e:
+        except _Spans:
+            yield start, None, (f"a quoted field runs past the end of line {start} (a stray quote? a field may "
+                                "not span lines unless the schema sets csv_multiline)")
+            continue
+        except csv.Error as e:
+            if feed.one_line:  # the error is confined to this line: reading goes on at the next one
+                yield start, None, f"bad CSV quoting ({e})"
+                continue
+            if str(e) == "unexpected end of data":
+                raise DataError(path, start, f"the quoted field of the row that starts here is still open at the "
+                                             f"end of the file (line {feed.line_no})") from None
             raise DataError(path, start, f"unreadable CSV ({e})") from None
-        last = reader.line_num
         if not cells:
             continue  # a blank line is not a row
         if len(cells) != width:
@@ -498,11 +600,12 @@ def _csv_records(path: Path, reader, width: int, positions: List[int], line0: in
             yield start, pick(cells), None
 
 
-def _csv_rows(path: Path, columns: List[str]) -> Iterator[_RawRow]:
+def _csv_rows(path: Path, columns: List[str], multiline: bool) -> Iterator[_RawRow]:
     with _open_csv(path) as fh:
-        reader = csv.reader(fh)
-        width, positions = _csv_header(path, reader, columns)
-        yield from _csv_records(path, reader, width, positions)
+        feed = _LineFeed(path, fh, one_line=not multiline)
+        reader = _csv_reader(feed)
+        width, positions = _csv_header(path, reader, feed, columns)
+        yield from _csv_records(path, reader, feed, width, positions)
 
 
 def _import_parquet():
@@ -646,7 +749,7 @@ class _Source:
         files = self.files if order is None else [self.files[i] for i in order]
         for path, fmt in files:
             if fmt == "csv":
-                yield from _csv_chunks(path, self.columns)
+                yield from _csv_chunks(path, self.columns, self.schema.csv_multiline)
                 continue
             row = 0
             for rb in _parquet_batches(path, self.columns, self.schema.sequences):
@@ -657,7 +760,7 @@ class _Source:
                 order: Optional[Sequence[int]] = None) -> Iterator[_Record]:
         files = self.files if order is None else [self.files[i] for i in order]
         for path, fmt in files:
-            rows = _csv_rows(path, self.columns) if fmt == "csv" else _parquet_rows(path, self.columns, self.schema.sequences)
+            rows = _csv_rows(path, self.columns, self.schema.csv_multiline) if fmt == "csv" else _parquet_rows(path, self.columns, self.schema.sequences)
             for where, cells, problem in rows:
                 if problem is None:
                     try:
@@ -789,35 +892,40 @@ def _raising(error: BaseException) -> Iterator[str]:
     yield ""  # pragma: no cover - makes this a generator
 
 
-def _csv_chunks(path: Path, columns: List[str]) -> Iterator:
+def _csv_chunks(path: Path, columns: List[str], multiline: bool) -> Iterator:
     """The rows of :func:`_csv_rows` in chunks: :class:`_CsvBlock` s while the lines are simple,
     then, from the first line with a quote or a NUL on, :class:`_CsvChunk` s of the csv module's rows.
 
     Lines are taken from the file one ``next`` at a time, as the csv module takes them, so that a
-    read error (undecodable bytes) happens at the same line as on the per-row path.
+    read error (a corrupt gzip stream) happens at the same line as on the per-row path; a line with
+    undecodable bytes ends the block before it, and raises once the rows before it are out.
     """
     size = _CHUNK_ROWS
     with _open_csv(path) as fh:
-        reader = csv.reader(fh)
-        width, positions = _csv_header(path, reader, columns)
-        line0 = reader.line_num
+        feed = _LineFeed(path, fh, one_line=not multiline)
+        reader = _csv_reader(feed)
+        width, positions = _csv_header(path, reader, feed, columns)
+        line0 = feed.line_no
         while True:
             lines: List[str] = []
-            error = None
+            error: Optional[BaseException] = None
             try:
                 for line in fh:
                     lines.append(line)
                     if len(lines) == size:
                         break
-            except Exception as e:  # noqa: BLE001 - raised after the rows before it, as the per-row path does
-                error = e
+            except _READ_ERRORS as e:  # raised after the rows before it, as the per-row path does
+                error = _unreadable(path, line0 + len(lines) + 1, e)
             j = len(lines)
             text = "".join(lines)
             if '"' in text or "\0" in text:
                 j = next(k for k, line in enumerate(lines) if '"' in line or "\0" in line)
-            if j == len(lines) and isinstance(error, UnicodeDecodeError):
-                error = DataError(path, line0 + j + 1, f"unreadable CSV ({error})")
-                error.__suppress_context__ = True  # as ``raise ... from None``
+            if _SURROGATE.search(text) is not None:
+                k, m = next((k, m) for k, m in enumerate(map(_SURROGATE.search, lines)) if m is not None)
+                if k < j:  # undecodable bytes before any quote: the block ends there
+                    error = _undecodable(path, line0 + k + 1, lines[k], m.start())
+                    del lines[k:]
+                    j = k
             if j:
                 yield _CsvBlock(path, line0, lines[:j], width, positions, error if j == len(lines) else None)
             elif error is not None and j == len(lines):
@@ -825,8 +933,9 @@ def _csv_chunks(path: Path, columns: List[str]) -> Iterator:
             line0 += j
             if j < len(lines):  # the csv module takes over at line j (and meets the error, if any, after it)
                 more = fh if error is None else _raising(error)
-                reader = csv.reader(itertools.chain(lines[j:], more))
-                yield from _chunked(path, _csv_records(path, reader, width, positions, line0))
+                feed = _LineFeed(path, itertools.chain(lines[j:], more), line0, one_line=not multiline)
+                reader = _csv_reader(feed)
+                yield from _chunked(path, _csv_records(path, reader, feed, width, positions))
                 return
             if error is not None or len(lines) < size:
                 return
