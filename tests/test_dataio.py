@@ -405,6 +405,47 @@ def test_multiline_opt_in_reads_across_lines_and_raises_on_a_quote_open_at_the_e
         assert str(info.value) == message
 
 
+def test_corrupt_or_truncated_gzip_raises_naming_the_file_and_line(tmp_path, amazon):
+    _, schema, vocabs, _ = amazon
+    text = Path(write_csv(tmp_path / "big.csv", amazon_rows(6000, seed=2))).read_bytes()
+    data = gzip.compress(text)
+    truncated = tmp_path / "cut.csv.gz"
+    truncated.write_bytes(data[:len(data) // 2])
+    not_gzip = tmp_path / "plain.csv.gz"
+    not_gzip.write_bytes(text)
+    for path, pattern in [(truncated, r"(\d+): unreadable file \(EOFError: Compressed file ended"),
+                          (not_gzip, r"(1): unreadable file \(BadGzipFile: Not a gzipped file")]:
+        messages = []
+        for vectorized in (True, False):  # whatever on_error says
+            with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{pattern}") as info:
+                build_vocabularies(path, schema, on_error="skip", vectorized=vectorized)
+            messages.append(str(info.value))
+            xs, err = outcome(TabularDataset(path, schema, vocabs, on_error="skip", vectorized=vectorized).batches(256))
+            messages.append(err)
+            line = int(re.match(rf"^{re.escape(str(path))}:{pattern}", err).group(1))
+            assert row_ids(xs) == list(range(len(xs) * 256)) and max(line - 2, 0) // 256 == len(xs)  # the rows before it
+        assert len(set(messages)) == 1
+        if path == truncated:
+            assert 1000 < line < 6000
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path, amazon):
+    _, schema, vocabs, _ = amazon
+    text = "\n\r\n" + Path(write_csv(tmp_path / "ok.csv", amazon_rows(5))).read_text(encoding="utf-8")
+    path = write_text(tmp_path / "blank_first.csv", text + "7,1001,3,c1,1,c1,5.25\n")  # header on line 3, bad row on line 9
+    for vectorized in (True, False):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:9: .*label must be 0 or 1"):
+            build_vocabularies(path, schema, vectorized=vectorized)
+        ds = TabularDataset(path, schema, vocabs, on_error="skip", vectorized=vectorized)
+        assert row_ids(ds.batches(4)) == [0, 1, 2, 3, 4] and ds.skipped_examples[0].startswith(f"{path}:9: ")
+        wrong = write_text(tmp_path / "wrong.csv", "\n\nlabel,user_id\n1,2\n")
+        with pytest.raises(DataError, match=rf"^{re.escape(str(wrong))}:3: missing required column"):
+            build_vocabularies(wrong, schema, vectorized=vectorized)
+        blank = write_text(tmp_path / "blank.csv", "\n\n")
+        with pytest.raises(DataError, match=rf"^{re.escape(str(blank))}:3: empty file"):
+            build_vocabularies(blank, schema, vectorized=vectorized)
+
+
 def test_csv_gzip_and_parquet_give_identical_batches(tmp_path, amazon):
     path, schema, vocabs, rows = amazon
     gz = write_csv(tmp_path / "train.csv.gz", rows, opener=gzip.open)
