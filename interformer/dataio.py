@@ -107,7 +107,9 @@ Decisions (what the code below does, and why):
   thread is raised in the consumer after the batches before it. Arrow's kernels release the GIL,
   so building batches overlaps a training step (the Python parts of reading still take turns
   with it). Stopping early (``break``, ``close()``, an exception, the iterator dropped) stops the
-  thread and waits for it, so no thread outlives the iteration. The thread updates ``skipped`` as
+  thread (it builds no further batch) and waits for it, so no thread outlives the iteration (when
+  the dropped iterator is freed by a garbage collection in the thread itself, the thread cannot
+  wait for itself: it ends as soon as that collection returns). The thread updates ``skipped`` as
   it reads, so during an iteration it may count rows of batches not yet consumed; after a
   complete pass it is exact. Each DDP rank reads in its own process.
 * :class:`MemoryDataset` gives the same interface over an in-memory :class:`~interformer.data.Batch`
@@ -1789,7 +1791,7 @@ def _prefetched(make: Callable[[], Iterator], depth: int) -> Iterator:
         try:
             it = make()
             for item in it:
-                if not put((True, item)):
+                if not put((True, item)) or stop.is_set():  # stopped while the item went in: build no more
                     return
             put((False, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -1817,7 +1819,11 @@ def _prefetched(make: Callable[[], Iterator], depth: int) -> Iterator:
                 q.get_nowait()
             except queue.Empty:
                 break
-        thread.join()
+        # The generator may be finalised in the producer thread itself (a reference cycle collected
+        # by a garbage collection that an allocation there triggered): that thread, seeing ``stop``,
+        # ends on its own, and joining it from itself would raise.
+        if threading.current_thread() is not thread:
+            thread.join()
 
 
 class MemoryDataset:

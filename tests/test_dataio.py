@@ -973,6 +973,67 @@ def test_prefetch_early_stop_leaves_no_thread(amazon):
     assert not prefetch_threads()
 
 
+def test_prefetch_stopped_while_an_item_goes_in_builds_no_more():
+    import time
+
+    from interformer.dataio import _prefetched
+    built = []
+
+    def make():
+        for k in range(100):
+            built.append(k)
+            yield k
+
+    it = _prefetched(make, 1)
+    assert next(it) == 0
+    deadline = time.monotonic() + 5
+    while len(built) < 3 and time.monotonic() < deadline:  # 1 queued, 2 waiting to go in
+        time.sleep(0.005)
+    time.sleep(0.1)
+    it.close()  # emptying the queue lets 2 in: the thread must then stop, not build 3
+    assert built == [0, 1, 2] and not prefetch_threads()
+
+
+def test_prefetch_iterator_collected_in_its_own_thread(amazon, monkeypatch):
+    import gc
+    import sys
+    import threading
+    path, schema, vocabs, _ = amazon
+    ds = TabularDataset(path, schema, vocabs)
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: errors.append(repr(u.exc_value)))
+    dropped, collected, calls = threading.Event(), threading.Event(), []
+
+    def collating(collate):
+        def wrapped(rows):
+            calls.append(threading.current_thread().name)
+            if len(calls) == 3:  # in the thread: a collection frees the consumer's dropped iterator
+                dropped.wait(5)
+                gc.collect()
+                collected.set()
+            return collate(rows)
+        return wrapped
+
+    ds._collate_packed, ds._collate = collating(ds._collate_packed), collating(ds._collate)
+
+    class Holder:
+        pass
+
+    gc.disable()
+    try:
+        holder = Holder()
+        holder.self, holder.it = holder, ds.batches(10, prefetch=2)  # a reference cycle
+        next(holder.it)
+        del holder
+        dropped.set()
+        assert collected.wait(5)
+        for t in prefetch_threads():
+            t.join(5)
+    finally:
+        gc.enable()
+    assert calls[2] == "interformer-prefetch" and errors == [] and not prefetch_threads()
+
+
 @pytest.mark.parametrize("chunk, quote", [(1, False), (37, True), (5000, True), (5000, False)])
 def test_vectorized_quote_and_read_error_in_one_chunk(tmp_path, monkeypatch, chunk, quote):
     import interformer.dataio as dataio
