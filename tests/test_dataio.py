@@ -478,18 +478,47 @@ def test_parquet_malformed_row_number(tmp_path):
     assert ds.skipped_examples == [f"{path}:row 7: column 'label': label must be 0 or 1, got '3'"]
 
 
-def test_streaming_yields_before_a_late_bad_row(tmp_path, amazon):
+class CountingFile:
+    """A text file whose lines are counted as the reader takes them."""
+
+    def __init__(self, fh):
+        self.fh, self.lines = fh, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = next(self.fh)
+        self.lines += 1
+        return line
+
+
+def test_streaming_yields_before_a_late_bad_row(tmp_path, amazon, monkeypatch):
+    import interformer.dataio as dataio
     _, schema, vocabs, _ = amazon
-    rows = amazon_rows(3000, seed=1)
+    rows = amazon_rows(9000, seed=1, max_hist=3)
     path = write_csv(tmp_path / "big.csv", rows)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write("7,1001,3,c1,1,c1,0.5\n")  # line 3002
-    it = TabularDataset(path, schema, vocabs).batches(64)
-    first = next(it)
-    assert row_ids([first]) == list(range(64))
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3002: "):
-        for _ in it:
-            pass
+        fh.write("7,1001,3,c1,1,c1,0.5\n")  # line 9002
+    opened = []
+    open_csv = dataio._open_csv
+    monkeypatch.setattr(dataio, "_open_csv", lambda p: opened.append(CountingFile(open_csv(p))) or opened[-1])
+    for vectorized, ahead in [(False, 1 + 64), (True, 1 + 8192)]:  # the header, then one batch or one chunk
+        opened.clear()
+        it = TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(64)
+        first = next(it)
+        assert row_ids([first]) == list(range(64))
+        assert len(opened) == 1 and opened[0].lines == ahead  # of 9002 lines: the file is not read whole
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:9002: "):
+            for _ in it:
+                pass
+        assert opened[0].lines == 9002
 
 
 # --------------------------------------------------------------------- sharding, shuffling, resuming
@@ -517,15 +546,26 @@ def test_sharding_equal_batches_union_and_padding(amazon):
 
 def test_sharding_over_several_files_with_shuffled_file_order(tmp_path):
     rows = amazon_rows(90)
-    paths = [write_csv(tmp_path / f"part{i}.csv", rows[30 * i:30 * i + 30]) for i in range(3)]
+    bounds = [(0, 31), (31, 60), (60, 90)]  # unequal files: the file order decides which rows a rank gets
+    paths = [write_csv(tmp_path / f"part{i}.csv", rows[a:b]) for i, (a, b) in enumerate(bounds)]
     schema = Schema(dense=["price"], **AMAZON)
     vocabs, n = build_vocabularies(paths, schema)
     ds = TabularDataset(paths, schema, vocabs, shuffle_buffer=8)
     assert n == ds.num_rows == 90
-    for epoch in range(3):
+    in_order = TabularDataset(paths, schema, vocabs, shuffle_buffer=1)  # shuffles the file order only
+    orders, rank0 = [], []
+    for epoch in range(4):
         shards = [row_ids(ds.batches(7, shuffle=True, seed=0, epoch=epoch, rank=r, world_size=3)) for r in range(3)]
         assert [len(s) for s in shards] == [30, 30, 30]
         assert sorted(sum(shards, [])) == list(range(90))
+        ordered = row_ids(in_order.batches(90, shuffle=True, seed=0, epoch=epoch))
+        order = sorted(range(3), key=lambda f: ordered.index(bounds[f][0]))  # the files in the order read
+        assert ordered == [i for f in order for i in range(*bounds[f])]
+        orders.append(tuple(order))
+        rank0.append(tuple(sorted(shards[0])))
+        read = [i for f in order for i in range(*bounds[f])]
+        assert rank0[-1] == tuple(sorted(read[0::3]))  # rank 0 takes every third row in that order
+    assert len(set(orders)) > 1 and len(set(rank0)) > 1  # both change between epochs
 
 
 def test_shuffle_is_deterministic_per_seed_and_epoch(amazon):
@@ -539,6 +579,73 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(amazon):
     assert row_ids(ds.batches(10)) == list(range(201))
     big = TabularDataset(path, schema, vocabs)  # default buffer holds the whole file: a full permutation
     assert sorted(row_ids(big.batches(10, shuffle=True))) == list(range(201))
+
+
+SHUFFLED_ORDER = """
+import json, sys
+from interformer.dataio import Schema, TabularDataset, build_vocabularies
+paths, schema = sys.argv[1:-1], Schema.from_file(sys.argv[-1])
+vocabs, _ = build_vocabularies(paths, schema)
+out = {"vocab": {c: v.tokens for c, v in vocabs.items()}}
+for vectorized in (True, False):
+    ds = TabularDataset(paths, schema, vocabs, shuffle_buffer=16, vectorized=vectorized)
+    out[str(vectorized)] = [[b.dense[:, 0].tolist(), b.group.tolist(), b.sparse.tolist()]
+                            for b in ds.batches(16, shuffle=True, seed=4, epoch=3, rank=1, world_size=2)]
+print(json.dumps(out))
+"""
+
+
+def test_shuffled_order_does_not_depend_on_the_hash_seed(tmp_path):
+    import os
+    import subprocess
+    import sys
+    rows = amazon_rows(120)
+    paths = [str(write_csv(tmp_path / f"part{i}.csv", rows[40 * i:40 * i + 40])) for i in range(3)]
+    (tmp_path / "schema.json").write_text(json.dumps(dict(AMAZON, dense=["price"])))
+    args = [*paths, str(tmp_path / "schema.json")]
+    script = tmp_path / "order.py"
+    script.write_text(SHUFFLED_ORDER)
+    root = str(Path(__file__).resolve().parents[1])
+    here = os.environ.get("PYTHONHASHSEED", "random")  # a different seed from this process's
+    env = dict(os.environ, PYTHONHASHSEED="7" if here != "7" else "8",
+               PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    done = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    there = json.loads(done.stdout)
+    saved = sys.argv
+    try:  # the same script in this process
+        sys.argv = ["order.py", *args]
+        from contextlib import redirect_stdout
+        from io import StringIO
+        buf = StringIO()
+        with redirect_stdout(buf):
+            exec(compile(SHUFFLED_ORDER, "order.py", "exec"), {})
+    finally:
+        sys.argv = saved
+    assert json.loads(buf.getvalue()) == there and there["True"] == there["False"]
+    ids = [int(v) for b in there["True"] for v in b[0]]
+    assert sorted(ids) == list(range(1, 120, 2)) and ids != sorted(ids)  # rank 1's rows, shuffled
+
+
+def test_malformed_row_just_past_the_real_chunk_boundary(tmp_path):
+    """8193 data rows, the last one (line 8194) malformed: the first row of the vectorised path's
+    second 8192-row chunk (no monkeypatched chunk size here)."""
+    import interformer.dataio as dataio
+    assert dataio._CHUNK_ROWS == 8192
+    schema = Schema(label="label", dense=["price"], sparse=["u"], sequences=["h"], max_seq_len=3)
+    lines = [f"{i % 2},{i}.25,u{i % 50},{i % 7}^{i % 5}" for i in range(8192)] + ["2,8192.25,u1,1"]
+    path = write_text(tmp_path / "boundary.csv", "\n".join(["label,price,u,h", *lines, ""]))
+    results = []
+    for vectorized in (True, False):
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:8194: column 'label'"):
+            build_vocabularies(path, schema, vectorized=vectorized)
+        with pytest.warns(DataWarning, match="skipped 1 malformed"):
+            vocabs, n = build_vocabularies(path, schema, on_error="skip", vectorized=vectorized)
+        assert n == 8192
+        xs, err = outcome(TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(4096))
+        assert err.startswith(f"{path}:8194: ") and len(xs) == 2
+        results.append(([v.to_dict() for v in vocabs.values()], xs))
+    assert results[0][0] == results[1][0] and bit_identical(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
