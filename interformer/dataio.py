@@ -55,7 +55,7 @@ Decisions (what the code below does, and why):
   ``csv_multiline: true`` lets a quoted field span lines (the row's line is then the line it
   starts on); a quote still open at the end of the file is then the whole file's problem and
   raises, naming the row's first line and the file's last, and so does any other quoting error
-  (where the next row starts is then unknown). Line breaks are ``\n``, ``\r\n`` and ``\r``.
+  (where the next row starts is then unknown). Line breaks are ``\\n``, ``\\r\\n`` and ``\\r``.
 * **Streaming.** Nothing reads a whole file: CSV is read line by line (gzip when the name ends in
   ``.gz``), Parquet through ``ParquetFile.iter_batches`` (pyarrow is imported only when it is
   used). The per-row path builds batches from ``batch_size`` rows at a time; the vectorised path
