@@ -1562,11 +1562,17 @@ class TabularDataset:
         group = None if user is None else group_key(user)
         return label, tuple(dense), sparse_ids, seq_ids, len(hists[0]), group
 
+    def _file_order(self, shuffle: bool, seed: int, epoch: int) -> Optional[List[int]]:
+        """The order the files are read in: shuffled by (seed, epoch) alone, so every rank agrees on
+        the row indices; None (as listed) without shuffling or with one file."""
+        if not shuffle or len(self._source.files) < 2:
+            return None
+        order = list(range(len(self._source.files)))
+        random.Random(_seed_of(seed, epoch, "files")).shuffle(order)
+        return order
+
     def _rank_rows(self, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> Iterator[_Row]:
-        order = None
-        if shuffle and len(self._source.files) > 1:
-            order = list(range(len(self._source.files)))
-            random.Random(_seed_of(seed, epoch, "files")).shuffle(order)
+        order = self._file_order(shuffle, seed, epoch)
         first: Optional[_Row] = None
         taken = total = 0
         for record in self._source.records(self.on_error, self._on_skip, order):
@@ -1603,10 +1609,7 @@ class TabularDataset:
                               world_size: int) -> Iterator[bytes]:
         """:meth:`_rank_rows` for the vectorised path: each row packed as one ``bytes`` record of
         ``_row_dtype`` (a few hundred bytes, so a full shuffle buffer stays small)."""
-        order = None
-        if shuffle and len(self._source.files) > 1:
-            order = list(range(len(self._source.files)))
-            random.Random(_seed_of(seed, epoch, "files")).shuffle(order)
+        order = self._file_order(shuffle, seed, epoch)
         first: Optional[bytes] = None
         taken = total = 0
         size = self._row_dtype.itemsize
