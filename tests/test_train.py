@@ -290,20 +290,26 @@ def test_a_resume_that_skipped_the_restore_would_be_caught(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigint_checkpoints_and_resume_matches(tmp_path, monkeypatch):
-    """A real SIGINT in the middle of a step: the loop finishes the step, writes last.pt and stops;
-    the resumed run ends where the uninterrupted one does."""
-    T.train(tiny_config(tmp_path / "full"), log=lambda *a: None)
+def interrupt_at_step(monkeypatch, n: int) -> None:
+    """Send this process a real SIGINT from inside the n-th loss computation (undo with
+    ``monkeypatch.undo()``)."""
     calls = {"n": 0}
     real_loss = T.InterFormerCTR.loss
 
     def loss_with_interrupt(logits, label):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == n:
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(logits, label)
 
     monkeypatch.setattr(T.InterFormerCTR, "loss", staticmethod(loss_with_interrupt))
+
+
+def test_sigint_checkpoints_and_resume_matches(tmp_path, monkeypatch):
+    """A real SIGINT in the middle of a step: the loop finishes the step, writes last.pt and stops;
+    the resumed run ends where the uninterrupted one does."""
+    T.train(tiny_config(tmp_path / "full"), log=lambda *a: None)
+    interrupt_at_step(monkeypatch, 6)
     part = T.train(tiny_config(tmp_path / "part"), log=lambda *a: None)
     monkeypatch.undo()
     assert part["status"] == "stopped" and part["step"] == 6
@@ -445,16 +451,7 @@ def test_cli_resume_needs_only_the_output_dir(bars, monkeypatch):
                     model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
     (bars / "settings.json").write_text(json.dumps(settings))
     main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "full")])
-    calls = {"n": 0}
-    real_loss = T.InterFormerCTR.loss
-
-    def loss_with_interrupt(logits, label):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(logits, label)
-
-    monkeypatch.setattr(T.InterFormerCTR, "loss", staticmethod(loss_with_interrupt))
+    interrupt_at_step(monkeypatch, 3)
     main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "part")])
     monkeypatch.undo()
     assert T.load_checkpoint(bars / "part" / "last.pt")["step"] == 3
