@@ -808,12 +808,12 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         }
         save_checkpoint(out_dir / name, state)
 
-    def write_run_json(status: str) -> Dict[str, Any]:
+    def write_run_json(status: str, **extra) -> Dict[str, Any]:
         summary = {
             "status": status, "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
             "schema": schema, "versions": versions(), "device": str(device), "world_size": d.world_size,
             "parameters": n_params, "epochs": history, "best_valid_auc": None if best_auc == -math.inf else best_auc,
-            "step": step, "skipped_rows": skipped,
+            "step": step, "skipped_rows": skipped, **extra,
         }
         if d.is_main:
             (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
@@ -944,14 +944,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         for split in ("valid", "test"):
             if split in splits:
                 final[split] = evaluate_split(final_model, splits[split], cfg, device)
-    summary = write_run_json(status)
-    summary["final"] = final
-    summary["seconds"] = time.perf_counter() - t_start
+    summary = write_run_json(status, final=final, seconds=time.perf_counter() - t_start)
     if d.is_main:
-        run = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-        run["final"] = final
-        run["seconds"] = summary["seconds"]
-        (out_dir / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
         if final:
             say("")
             say(metrics_table(final, source))
