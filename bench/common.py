@@ -6,6 +6,17 @@ synchronised inside), and pytest-benchmark records a synchronised host-clock run
 ``extra_info`` carries device, versions, dtype, commit, median/p20/p80 in ms, samples/s, peak
 memory and achieved GB/s or TFLOP/s against ceilings measured in the same run.
 
+Host time versus device time: at the DESIGN shapes most single ops run for tens of microseconds
+on the GPU, less than the Python and launch work that issues them, so a plain timing of
+``eager`` or ``fused`` measures the host. Every op and the model therefore also have
+``<provider>-cudagraph`` variants (``full`` mode): the same callable captured once in a CUDA graph
+(:func:`captured`) and replayed, which measures the device time alone. Compare graphed with
+graphed and plain with plain; the report keeps them in separate columns.
+
+Peak memory is measured on one extra call after the warm-up, outside ``do_bench`` (whose 256 MB
+L2-flush buffer would otherwise be counted in every row); for a graphed provider it is the memory
+allocated while warming up and capturing (the graph's private pool holds it from then on).
+
 Without a GPU the suite is a smoke test: shapes shrink to tiny ones (``smoke``) and kernels run
 under the Triton interpreter; timings there are NOT meaningful and rows say so.
 """
@@ -83,6 +94,25 @@ SMOKE_SHAPES = {
 SHAPES = GPU_SHAPES if ON_GPU else SMOKE_SHAPES
 SHAPE_NAMES = list(SHAPES)
 MODES = ("fwd", "bwd", "full")
+#: Provider-name suffix of the CUDA-graph variants (see :func:`captured`).
+GRAPH_SUFFIX = "-cudagraph"
+CPU_PROVIDERS = ("eager", "fused")
+
+
+def base_provider(provider: str) -> str:
+    """``provider`` without the CUDA-graph suffix: the implementation a graphed variant captures."""
+    return provider[: -len(GRAPH_SUFFIX)] if provider.endswith(GRAPH_SUFFIX) else provider
+
+
+def skip_unless_runnable(provider: str, mode: str, cpu_providers: Sequence[str] = CPU_PROVIDERS) -> None:
+    """Skip (with the reason) a provider this machine cannot run, and graphed variants outside
+    ``full`` mode (one graphed mode per op keeps the suite's GPU time down)."""
+    import pytest
+
+    if not ON_GPU and provider not in cpu_providers:
+        pytest.skip(f"{provider}: GPU only ({SMOKE_NOTE})")
+    if provider.endswith(GRAPH_SUFFIX) and mode != "full":
+        pytest.skip(f"{provider}: CUDA-graph variants run in full mode only")
 
 
 def lengths_for(shape: Shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -187,6 +217,39 @@ def time_median(fn: Callable[[], None]) -> dict:
     return {"median_ms": ms, "p20_ms": ms, "p80_ms": ms}
 
 
+def _start_peak() -> int:
+    """Reset the peak-memory counter; returns the bytes allocated now (0 without a GPU)."""
+    if not ON_GPU:
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _peak_since(base: int) -> float:
+    """MiB allocated above ``base`` at the peak since :func:`_start_peak` (NaN without a GPU)."""
+    if not ON_GPU:
+        return float("nan")
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def captured(fn: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` warmed up on a side stream (Triton compilation, allocator, autotuning), then captured
+    in a CUDA graph; returns the graph's replay. ``fn`` must be capturable: no host syncs, no CPU
+    tensors created per call, and under autocast ``cache_enabled=False``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def synchronized(fn: Callable[[], None]) -> Callable[[], None]:
     def call():
         fn()
@@ -214,13 +277,24 @@ def run(
     fraction of the measured copy bandwidth; ``flops`` gives TFLOP/s and a fraction of the bf16
     matmul rate. The floor time is the larger of the two lower bounds, reported as ``x_floor``.
     """
+    graphed = provider.endswith(GRAPH_SUFFIX)
+    if graphed:
+        base = _start_peak()
+        try:
+            fn = captured(fn)  # compiles, warms up and captures; the pool is allocated here
+        except RuntimeError as exc:
+            if base_provider(provider).startswith("fused"):
+                raise  # our ops promise to be capturable (DESIGN; tests/test_gpu_*): a failure is a bug
+            import pytest
+
+            pytest.skip(f"{provider}: not capturable ({str(exc).splitlines()[0][:200]})")
+        peak_mb = _peak_since(base)
     fn()  # warm-up: compilation, autotuning, caches
-    if ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    if not graphed:
+        base = _start_peak()
+        fn()
+        peak_mb = _peak_since(base)
     timing = time_median(fn)
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if ON_GPU else float("nan")
     ms = timing["median_ms"]
     row = {
         "op": op, "shape": shape.name, "provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),

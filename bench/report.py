@@ -20,8 +20,20 @@ import os
 from collections import defaultdict
 
 PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
-             "flex", "flash_attn", "nn.MultiheadAttention", "eager-cudagraph", "fused", "fused-compile",
-             "fused-streams", "fused-cudagraph"]
+             "flex", "flash_attn", "nn.MultiheadAttention", "fused", "fused-compile", "fused-streams",
+             "eager-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
+             "nn.MultiheadAttention-cudagraph", "compile-reduce-overhead", "fused-cudagraph",
+             "fused-compile-reduce-overhead"]
+GRAPHED_SUFFIXES = ("-cudagraph", "-reduce-overhead")
+
+
+def is_graphed(provider: str) -> bool:
+    """CUDA-graph providers (captured by the benchmark, or torch.compile's reduce-overhead mode)."""
+    return provider.endswith(GRAPHED_SUFFIXES)
+
+
+def is_fused(provider: str) -> bool:
+    return provider.startswith("fused")
 
 
 def load_rows(paths):
@@ -56,7 +68,8 @@ def markdown(rows) -> str:
     for r in rows:
         groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r
     providers = order_providers({r["provider"] for r in rows})
-    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused x floor",
+    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused vs best other",
+                                                  "graphed: fused vs best other", "fused x floor",
                                                   "fused/eager peak mem"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -65,18 +78,40 @@ def markdown(rows) -> str:
         for p in providers:
             cells.append(f"{by[p]['median_ms']:.4g}" if p in by else "–")
         fused = by.get("fused")
-        best_fused = min((by[p]["median_ms"] for p in by if p.startswith("fused")), default=None)
-        eager, comp = by.get("eager"), by.get("compile")
-        cells.append(f"{eager['median_ms'] / best_fused:.2f}×" if eager and best_fused else "–")
-        cells.append(f"{comp['median_ms'] / best_fused:.2f}×" if comp and best_fused else "–")
+        plain = {p: r["median_ms"] for p, r in by.items() if not is_graphed(p)}
+        graphed = {p: r["median_ms"] for p, r in by.items() if is_graphed(p)}
+        best_fused = _best(plain, fused=True)
+        eager, comp = plain.get("eager"), plain.get("compile")
+        cells.append(_ratio(eager, best_fused))
+        cells.append(_ratio(comp, best_fused))
+        cells.append(_versus_best(plain, best_fused))
+        cells.append(_versus_best(graphed, _best(graphed, fused=True)))
         cells.append(f"{fused['x_floor']:.1f}" if fused and "x_floor" in fused else "–")
-        peak_e, peak_f = (eager or {}).get("peak_extra_MiB"), (fused or {}).get("peak_extra_MiB")
+        peak_e, peak_f = (by.get("eager") or {}).get("peak_extra_MiB"), (fused or {}).get("peak_extra_MiB")
         cells.append(f"{peak_f / peak_e:.2f}" if peak_e and peak_f and peak_e == peak_e and peak_e > 0 else "–")
         out.append("| " + " | ".join(cells) + " |")
-    out += ["", "Speedups use the best fused variant (fused, fused-compile, fused-streams, fused-cudagraph) of the row. "
-            "Peak memory: extra device memory allocated during one timed call (activations, gradients, "
-            "workspaces) of `fused` over `eager`."]
+    out += ["", "Plain providers are compared with plain ones and CUDA-graph providers (`-cudagraph`: captured "
+            "and replayed by the benchmark; `-reduce-overhead`: torch.compile's CUDA-graph mode) with graphed "
+            "ones: a plain timing at these shapes is mostly host time, a graphed one device time. "
+            "\"fused\" is the best plain fused variant (fused, fused-compile, fused-streams); \"best other\" the "
+            "fastest non-fused provider of the same kind, named in brackets. Peak memory: extra device memory "
+            "allocated during one call after warm-up (outside the timing loop) of `fused` over `eager`."]
     return "\n".join(out) + "\n"
+
+
+def _best(times: dict, fused: bool):
+    """(provider, ms) of the fastest fused (or non-fused) provider in ``times``, or None."""
+    cands = [(ms, p) for p, ms in times.items() if is_fused(p) == fused]
+    return (min(cands)[1], min(cands)[0]) if cands else None
+
+
+def _ratio(base_ms, best) -> str:
+    return f"{base_ms / best[1]:.2f}×" if base_ms and best else "–"
+
+
+def _versus_best(times: dict, best_fused) -> str:
+    other = _best(times, fused=False)
+    return f"{other[1] / best_fused[1]:.2f}× ({other[0]})" if other and best_fused else "–"
 
 
 def chart(rows, path: str) -> bool:

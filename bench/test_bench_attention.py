@@ -37,6 +37,11 @@ queries expanded over the batch; an empty row keeps key 0 so no NaN; rows of emp
 which is what a user would otherwise write. Bytes: the sequence read once and the pooled tokens
 written once.
 
+CUDA-graph variants (``<provider>-cudagraph``, ``full`` mode only; see bench/common.py): the same
+callable captured once and replayed, which times the device alone. Self-attention graphs ``eager``,
+the two SDPA backends that take a mask on every GPU (``sdpa-efficient``, ``sdpa-cudnn``) and ``fused``;
+PMA graphs ``nn.MultiheadAttention`` and ``fused``.
+
 Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke shape, under the Triton interpreter;
 every other provider is skipped with its reason.
 """
@@ -53,9 +58,10 @@ from interformer.layers import PoolingMultiHeadAttention
 
 BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
-                  "flash_attn", "fused"]
-PMA_PROVIDERS = ["eager", "compile", "nn.MultiheadAttention", "fused"]
-CPU_PROVIDERS = ("eager", "fused")
+                  "flash_attn", "fused", "eager-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
+                  "fused-cudagraph"]
+PMA_PROVIDERS = ["eager", "compile", "nn.MultiheadAttention", "fused", "nn.MultiheadAttention-cudagraph",
+                 "fused-cudagraph"]
 
 
 def _fused_attention():
@@ -64,14 +70,13 @@ def _fused_attention():
     return attention
 
 
-def _skip_unsupported(provider: str) -> None:
+def _skip_unsupported(provider: str, mode: str) -> None:
     if provider == "flash_attn":
         try:
             import flash_attn  # noqa: F401
         except ImportError:
             pytest.skip("flash_attn not installed")
-    if not common.ON_GPU and provider not in CPU_PROVIDERS:
-        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+    common.skip_unless_runnable(provider, mode)
 
 
 def _try(fn, provider: str):
@@ -186,13 +191,13 @@ def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> flo
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_self_attention(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider)
+    _skip_unsupported(provider, mode)
     shape = common.SHAPES[shape_name]
     B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
     g = torch.Generator().manual_seed(0)
     lengths = common.lengths_for(shape, g) + shape.n_cls  # valid tokens: CLS + events
     qkv = torch.randn(B, L, 3, H, dh, generator=g).to(common.DEVICE, common.DTYPE).requires_grad_()
-    attn = _self_attention_fn(provider, lengths, L)
+    attn = _self_attention_fn(common.base_provider(provider), lengths, L)
 
     def forward():
         q, k, v = qkv.unbind(2)
@@ -227,20 +232,21 @@ class MHAPooling(torch.nn.Module):
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_pma(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider)
+    _skip_unsupported(provider, mode)
+    impl = common.base_provider(provider)
     shape = common.SHAPES[shape_name]
     B, T, d = shape.B, shape.T, shape.d
     g = torch.Generator().manual_seed(0)
     lengths = common.lengths_for(shape, g)
     s = torch.randn(B, T, d, generator=g).to(common.DEVICE, common.DTYPE).requires_grad_()
     torch.manual_seed(0)
-    if provider == "nn.MultiheadAttention":
+    if impl == "nn.MultiheadAttention":
         module = MHAPooling(shape.n_pma, d, shape.heads)
     else:
         module = PoolingMultiHeadAttention(shape.n_pma, d, shape.heads,
-                                           backend="triton" if provider == "fused" else "eager")
+                                           backend="triton" if impl == "fused" else "eager")
     module = module.to(common.DEVICE, common.DTYPE)
-    call = torch.compile(module, dynamic=False) if provider == "compile" else module
+    call = torch.compile(module, dynamic=False) if impl == "compile" else module
 
     def forward():
         return call(s, lengths)

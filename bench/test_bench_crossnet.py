@@ -9,7 +9,9 @@ grad. Providers, each computing the same function:
 * ``compile`` -- ``torch.compile`` of the reference (Inductor; GPU only);
 * ``fused`` -- :mod:`interformer.kernels.crossnet`;
 * ``fused-compile`` -- ``torch.compile`` of the fused function (the custom ops inside a compiled
-  graph; GPU only).
+  graph; GPU only);
+* ``eager-cudagraph`` / ``fused-cudagraph`` -- ``full`` mode captured in a CUDA graph and replayed:
+  device time alone (GPU only; see bench/common.py).
 
 Full rank at ``long`` is ``9216 x 9216`` (85M parameters, 170 MB in bf16) per layer; with two layers,
 their gradients and the activations it needs well under 2 GB, so it runs (an out-of-memory error
@@ -32,8 +34,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile"]
-CPU_PROVIDERS = ("eager", "fused")
+PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 NUM_LAYERS = 2
 
 
@@ -44,7 +45,7 @@ def _fused(name: str):
 
 
 def _fn(provider: str, name: str):
-    if provider in ("eager", "compile"):
+    if not common.base_provider(provider).startswith("fused"):
         fn = getattr(R, name)
     else:
         fn = _fused(name)
@@ -80,8 +81,7 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("rank", ["full", "low"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_crossnet(benchmark, shape_name, rank, mode, provider):
-    if not common.ON_GPU and provider not in CPU_PROVIDERS:
-        pytest.skip(f"{provider}: GPU only (Inductor on CPU under the interpreter is pointless; {common.SMOKE_NOTE})")
+    common.skip_unless_runnable(provider, mode)
     shape = common.SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank

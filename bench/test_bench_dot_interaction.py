@@ -7,7 +7,9 @@ function:
 * ``eager`` -- :func:`interformer.reference.dot_interaction` (``bmm`` + ``triu_indices`` gather);
 * ``compile`` -- ``torch.compile`` of the reference (GPU only);
 * ``fused`` -- :func:`interformer.kernels.dot_interaction.dot_interaction`;
-* ``fused-compile`` -- ``torch.compile`` of the fused function (GPU only).
+* ``fused-compile`` -- ``torch.compile`` of the fused function (GPU only);
+* ``eager-cudagraph`` / ``fused-cudagraph`` -- ``full`` mode captured in a CUDA graph and replayed:
+  device time alone (GPU only; see bench/common.py).
 
 Formulas (M = N(N-1)/2 pairs, element size e): bytes forward ``(B N d + B M) e`` (z in, pairs out),
 backward ``(B M + 2 B N d) e`` (dout and z in, dz out), ``full`` the sum; FLOPs of the useful work
@@ -23,12 +25,11 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile"]
-CPU_PROVIDERS = ("eager", "fused")
+PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 
 
 def _fn(provider: str):
-    if provider in ("eager", "compile"):
+    if not common.base_provider(provider).startswith("fused"):
         fn = R.dot_interaction
     else:
         from interformer.kernels.dot_interaction import dot_interaction as fn
@@ -50,8 +51,7 @@ def dot_flops(B: int, N: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_dot_interaction(benchmark, shape_name, mode, provider):
-    if not common.ON_GPU and provider not in CPU_PROVIDERS:
-        pytest.skip(f"{provider}: GPU only (Inductor on CPU under the interpreter is pointless; {common.SMOKE_NOTE})")
+    common.skip_unless_runnable(provider, mode)
     shape = common.SHAPES[shape_name]
     B, N, d = shape.B, shape.Nz, shape.d
     g = torch.Generator().manual_seed(0)

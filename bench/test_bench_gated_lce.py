@@ -6,7 +6,8 @@
 Providers, each computing ``gated_lce(x, weight, bias, gate_weight, gate_bias)``: ``eager``
 (:func:`interformer.reference.gated_lce`), ``compile`` (``torch.compile`` of it), ``fused``
 (:func:`interformer.kernels.gated_lce.gated_lce`) and ``fused-compile`` (``torch.compile`` around the
-fused function; the custom ops stay opaque). Without a GPU only ``eager`` and ``fused`` run, on the
+fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full``
+mode captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
 
 Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
@@ -23,8 +24,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile"]
-CPU_PROVIDERS = ("eager", "fused")
+PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 
 
 def sizes(shape: common.Shape, use: str):
@@ -51,8 +51,7 @@ def lce_flops(B: int, n_in: int, n_out: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("use", ["nonseq", "seq"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_gated_lce(benchmark, shape_name, use, mode, provider):
-    if not common.ON_GPU and provider not in CPU_PROVIDERS:
-        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+    common.skip_unless_runnable(provider, mode)
     shape = common.SHAPES[shape_name]
     B, d = shape.B, shape.d
     n_in, n_out = sizes(shape, use)

@@ -5,10 +5,14 @@ Providers: ``eager``; ``compile`` and ``compile-max-autotune`` (torch.compile of
 ``fused`` (every op on its Triton kernel); ``fused-compile``; ``fused-streams`` (fused, with the
 Interaction and Sequence arches of each block on two CUDA streams); ``eager-cudagraph`` /
 ``fused-cudagraph``: the inference forward, or the whole training step (forward and backward,
-gradients written into static buffers), captured once in a CUDA graph and replayed, which removes
-the launch overhead that dominates at these shapes (a training-step profile on an H200 showed
-82 ms of CPU time per step against 35 ms of GPU time). Autocast runs with ``cache_enabled=False``
-in the graph variants, as CUDA-graph capture requires.
+gradients written into static buffers), captured once in a CUDA graph and replayed
+(:func:`common.captured`), which removes the launch overhead that dominates at these shapes (a
+training-step profile on an H200 showed 82 ms of CPU time per step against 35 ms of GPU time);
+``compile-reduce-overhead`` / ``fused-compile-reduce-overhead``: ``torch.compile(mode=
+"reduce-overhead")`` of the eager / fused model, PyTorch's own CUDA-graph path (what
+``python -m interformer train --compile --compile-mode reduce-overhead`` runs), the fair
+counterpart of the graphed variants. Autocast runs with ``cache_enabled=False`` in the graph
+variants, as CUDA-graph capture requires.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 import common
 from interformer import InterFormerConfig, InterFormerCTR, optimize
 
-PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "fused-streams",
-             "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused", "fused-compile",
+             "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph", "fused-cudagraph"]
 # max-autotune compiles for minutes per shape; $INTERFORMER_BENCH_AUTOTUNE_SHAPES limits where it runs.
 AUTOTUNE_SHAPES = os.environ.get("INTERFORMER_BENCH_AUTOTUNE_SHAPES", "taobao,amazon").split(",")
 
@@ -61,6 +65,8 @@ def build(provider: str, shape: common.Shape):
         model = torch.compile(model)
     elif provider == "compile-max-autotune":
         model = torch.compile(model, mode="max-autotune-no-cudagraphs")
+    elif provider.endswith("reduce-overhead"):
+        model = torch.compile(model, mode="reduce-overhead")
     return model
 
 
@@ -69,21 +75,6 @@ def _skip_unsupported(provider: str, shape: common.Shape, mode: str) -> None:
         pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
     if provider == "compile-max-autotune" and shape.name not in AUTOTUNE_SHAPES:
         pytest.skip(f"max-autotune not run at {shape.name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
-
-
-def _captured(fn):
-    """``fn`` warmed up on a side stream (Triton compilation, allocator), then captured in a CUDA
-    graph; returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -110,14 +101,12 @@ def test_model(benchmark, shape_name, mode, provider):
             with autocast:
                 loss = InterFormerCTR.loss(model(*inputs), label)
             loss.backward()
-        fn = step
-        if graphed:
-            fn = _captured(step)
+        fn = step  # common.run captures it for the -cudagraph providers
     else:
         model.eval()
 
         def infer():
             with torch.no_grad(), autocast:
                 return model(*inputs)
-        fn = _captured(infer) if graphed else infer
+        fn = infer
     common.run(benchmark, fn, op="model-" + mode, shape=shape, provider=provider, mode=mode)

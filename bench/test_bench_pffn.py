@@ -10,7 +10,8 @@ are valid (len uniform in ``[0, T]``, one empty and one full row, as ``common.le
 Providers, each computing the same function: ``eager`` (:mod:`interformer.reference`), ``compile``
 (``torch.compile`` of it), ``fused`` (:mod:`interformer.kernels.pffn`) and ``fused-compile``
 (``torch.compile`` around the fused function: the custom ops stay opaque, so this measures what the
-op costs inside a compiled model). Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke
+op costs inside a compiled model), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full`` mode
+captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke
 shape, under the Triton interpreter; the compile providers are skipped with their reason.
 
 Bytes (each tensor read or written once, full padded tensors, in the benchmark dtype): forward reads
@@ -27,8 +28,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile"]
-CPU_PROVIDERS = ("eager", "fused")
+PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 EPS = 1e-5
 
 
@@ -62,8 +62,7 @@ def pffn_flops(shape: common.Shape, pffn_mode: str, mode: str) -> float:
 @pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_pffn(benchmark, shape_name, pffn_mode, mode, provider):
-    if not common.ON_GPU and provider not in CPU_PROVIDERS:
-        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
+    common.skip_unless_runnable(provider, mode)
     shape = common.SHAPES[shape_name]
     B, L, d, n_sum = shape.B, shape.L, shape.d, shape.n_sum
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,66 @@
+"""bench/report.py: plain and CUDA-graph providers are compared within their own kind.
+
+A plain timing at the DESIGN shapes is mostly host time and a graphed one device time, so a
+"speedup" of a graphed fused step over a plain eager one would mix the two; the table keeps them
+apart. Rows here are written by hand (the report is pure bookkeeping over them).
+"""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(BENCH, "report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(provider, ms, **extra):
+    return {"op": "model-train", "shape": "taobao", "mode": "train", "provider": provider, "median_ms": ms,
+            "device": "dev", "torch": "t", "triton": "tr", "commit": "c", "dtype": "bfloat16", **extra}
+
+
+def _table_row(md: str, op: str) -> dict:
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        if cells[0] == op:
+            return dict(zip(head, cells))
+    raise AssertionError(f"no row for {op}")
+
+
+def test_graphed_and_plain_are_compared_separately(report):
+    rows = [_row("eager", 40.0, peak_extra_MiB=200.0), _row("compile", 30.0), _row("fused", 32.0, peak_extra_MiB=120.0),
+            _row("fused-compile", 35.0), _row("eager-cudagraph", 20.0), _row("compile-reduce-overhead", 16.0),
+            _row("fused-cudagraph", 8.0), _row("fused-compile-reduce-overhead", 10.0)]
+    row = _table_row(report.markdown(rows), "model-train")
+    assert row["fused vs eager"] == "1.25×"          # 40 / 32: best plain fused, not the graphed 8 ms
+    assert row["fused vs compile"] == "0.94×"        # 30 / 32
+    assert row["fused vs best other"] == "0.94× (compile)"
+    assert row["graphed: fused vs best other"] == "2.00× (compile-reduce-overhead)"  # 16 / 8
+    assert row["fused/eager peak mem"] == "0.60"
+    assert row["fused-cudagraph"] == "8"
+
+
+def test_missing_kinds_leave_dashes(report):
+    row = _table_row(report.markdown([_row("eager", 2.0), _row("fused", 1.0)]), "model-train")
+    assert row["fused vs eager"] == "2.00×"
+    assert row["fused vs compile"] == "–"
+    assert row["graphed: fused vs best other"] == "–"
+
+
+def test_jsonl_rows_round_trip(report, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [_row("eager", 3.0), _row("fused-cudagraph", 1.0)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report.load_rows([str(path)]) == rows
+    assert report.is_graphed("fused-cudagraph") and report.is_graphed("compile-reduce-overhead")
+    assert not report.is_graphed("fused-compile")
