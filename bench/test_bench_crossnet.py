@@ -11,7 +11,10 @@ grad. Providers, each computing the same function:
 * ``fused-compile`` -- ``torch.compile`` of the fused function (the custom ops inside a compiled
   graph; GPU only);
 * ``eager-cudagraph`` / ``fused-cudagraph`` -- ``full`` mode captured in a CUDA graph and replayed:
-  device time alone (GPU only; see bench/common.py).
+  device time alone (GPU only; see bench/common.py);
+* ``fused-triton-gemm`` (and its ``-cudagraph``) -- full rank only: the fused function with
+  ``FULL_RANK_GEMM = "triton"`` (Triton GEMM kernels with fused epilogues instead of cuBLAS GEMMs
+  with Triton element-wise kernels), to keep the default's choice measured.
 
 Full rank at ``long`` is ``9216 x 9216`` (85M parameters, 170 MB in bf16) per layer; with two layers,
 their gradients and the activations it needs well under 2 GB, so it runs (an out-of-memory error
@@ -34,14 +37,19 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph",
+             "fused-triton-gemm", "fused-triton-gemm-cudagraph"]
 NUM_LAYERS = 2
 
 
-def _fused(name: str):
+def _fused_module():
     from interformer.kernels import crossnet
 
-    return getattr(crossnet, name)
+    return crossnet
+
+
+def _fused(name: str):
+    return getattr(_fused_module(), name)
 
 
 def _fn(provider: str, name: str):
@@ -80,8 +88,12 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("rank", ["full", "low"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
-def test_crossnet(benchmark, shape_name, rank, mode, provider):
-    common.skip_unless_runnable(provider, mode)
+def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
+    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm"))
+    if "triton-gemm" in provider:
+        if rank != "full":
+            pytest.skip(f"{provider}: a full-rank setting")
+        monkeypatch.setattr(_fused_module(), "FULL_RANK_GEMM", "triton")
     shape = common.SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank

@@ -8,8 +8,10 @@ rule (kernel error vs float64 <= 2x the eager low-precision error).
 Cases: D = 40 and 312 (= 24 * 13, a multiple of no block size), rank 1, 8, 32 and ranks above D/2
 (24 of 40, 200 of 312), 1 to 4 layers, B = 1, 3, 5, 70 and 130. Kernel paths reached: low rank with
 the weight-gradient kernel writing directly (SPLIT = 1) and through fp32 partials (SPLIT = 2, B = 70);
-full rank with all layers in one launch (D <= 128), one launch per layer with several column tiles
-(D = 312), two row tiles (B = 130), and every backward carry variant (L = 1 .. 4). Also: non-contiguous
+full rank with all layers in one launch (D <= 128), and for D = 312 both ways of running wider layers
+(``FULL_RANK_GEMM``: cuBLAS GEMMs with Triton element-wise kernels, the default, and the Triton GEMM
+kernels, one launch per layer with several column tiles), two row tiles (B = 130), every backward
+carry variant (L = 1 .. 4), and a forward taken one way with its backward the other. Also: non-contiguous
 x0 and stride-0 upstream gradients, torch.autocast with fp32 parameters, the modules with
 ``backend="triton"`` vs ``"eager"``, a torchrec ``state_dict`` round trip, a golden 2 x 3 example,
 ``torch.fx.symbolic_trace``, ``torch.library.opcheck``, ``torch.compile``, and input errors. The
@@ -296,19 +298,56 @@ def test_low_rank_plans_compile_within_h100_shared_memory():
 FR_CASES = [  # B, D, L
     (3, 40, 1),     # one layer: the backward's top and last layer in one launch
     (1, 40, 4),     # all four layers in one forward launch (D <= BLOCK_N); L = 4 backward carries
-    (3, 312, 2),    # one launch per layer, three column tiles, K loop with a tail
-    (5, 312, 3),    # L = 3: the running-sum carry between the top and next-to-last launches
+    (3, 312, 1),    # wide layer, L = 1: the top layer is the last (cuBLAS dx0 from C = g + g * y)
+    (3, 312, 2),    # wide layers: three column tiles, K loop with a tail
+    (5, 312, 3),    # L = 3: the running-sum carry between the top and next-to-last layers
+    (2, 200, 4),    # L = 4: ping-pong buffers of the carries reused
     (130, 40, 2),   # two row tiles: db partial sums over row tiles
 ]
 
 
+@pytest.fixture(params=["cublas", "triton"])
+def full_rank_gemm(request, monkeypatch):
+    """Both ways of running full-rank layers wider than one column tile (``FULL_RANK_GEMM``)."""
+    monkeypatch.setattr(C, "FULL_RANK_GEMM", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("B,D,L", FR_CASES)
-def test_cross_net(B, D, L, dtype):
+def test_cross_net(B, D, L, dtype, full_rank_gemm):
     if B == 130 and dtype != torch.float32:
         pytest.skip("the row-tile case is a layout check; fp32 covers it")
+    if D <= 128 and full_rank_gemm != "cublas":
+        pytest.skip("D <= 128 runs the one-launch Triton path whatever FULL_RANK_GEMM says")
+    if (B, D, L) == (2, 200, 4) and dtype != torch.float32 and full_rank_gemm == "triton":
+        pytest.skip("the Triton GEMM's L = 4 carries are covered at D = 40; fp32 covers this layout")
     flat = _fr_inputs(B, D, L, dtype)
     _check(C.cross_net, R.cross_net, flat, L, 2, dtype)
+
+
+def test_cross_net_paths_share_saved_tensors(monkeypatch):
+    """A forward taken one way and its backward the other give the reference gradients: both ways
+    save the same ``xs``/``ys``, so a change of ``FULL_RANK_GEMM`` between them is harmless."""
+    B, D, L = 3, 312, 3
+    flat = _fr_inputs(B, D, L, torch.float32)
+    g = torch.randn(B, D, device=DEVICE)
+    _, ref_grads, _ = _run(R.cross_net, flat, L, 2, grad_out=g)
+    for fwd, bwd in (("triton", "cublas"), ("cublas", "triton")):
+        leaves = [t.detach().clone().requires_grad_() for t in flat]
+        monkeypatch.setattr(C, "FULL_RANK_GEMM", fwd)
+        out = C.cross_net(*_split(leaves, L, 2))
+        monkeypatch.setattr(C, "FULL_RANK_GEMM", bwd)
+        grads = torch.autograd.grad(out, leaves, g)
+        for name, k, e in zip(_names(L, 2), grads, ref_grads):
+            assert_rel(k, e, FP32_TOL, f"{name} ({fwd} forward, {bwd} backward)")
+
+
+def test_cross_net_rejects_unknown_gemm_setting(monkeypatch):
+    monkeypatch.setattr(C, "FULL_RANK_GEMM", "cutlass")
+    x0, ws, bs = _split(_fr_inputs(3, 312, 1, torch.float32), 1, 2)
+    with pytest.raises(ValueError, match="FULL_RANK_GEMM"):
+        C.cross_net(x0, ws, bs)
 
 
 @pytest.mark.parametrize("rank", [None, 16])
@@ -331,13 +370,14 @@ def test_noncontiguous_x0_and_stride0_grad(rank):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check; the GPU path is covered by the bf16 tests")
-@pytest.mark.parametrize("rank", [None, 8])
-def test_autocast_fp32_parameters(rank):
-    """Under autocast x0 goes to the autocast dtype, fp32 parameters are read as they are and get fp32
-    gradients. Everything but the parameters is then computed in the autocast dtype (eager's autocast
-    would keep the element-wise part in fp32), so the low-precision baseline is the eager path run
-    in that dtype throughout."""
-    B, D, L = 3, 40, 2
+@pytest.mark.parametrize("rank,D", [(None, 40), (None, 312), (8, 40)])
+def test_autocast_fp32_parameters(rank, D):
+    """Under autocast x0 goes to the autocast dtype, fp32 parameters are read as they are (the Triton
+    GEMMs cast them in registers; the cuBLAS path at D = 312 casts a copy) and get fp32 gradients.
+    Everything but the parameters is then computed in the autocast dtype (eager's autocast would keep
+    the element-wise part in fp32), so the low-precision baseline is the eager path run in that dtype
+    throughout."""
+    B, L = 3, 2
     flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
     kinds = 2 if rank is None else 3
     fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
@@ -503,13 +543,14 @@ def test_opcheck_low_rank():
     torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_bwd.default, bwd_args)
 
 
-def test_opcheck_full_rank():
-    x0, *params = _fr_inputs(3, 40, 2, torch.float32)
+@pytest.mark.parametrize("D", [40, 312], ids=["one-launch", "wide"])
+def test_opcheck_full_rank(D):
+    x0, *params = _fr_inputs(3, D, 2, torch.float32)
     ws, bs = params[:2], params[2:]
     args = (x0.requires_grad_(), [w.requires_grad_() for w in ws], [b.requires_grad_() for b in bs])
     torch.library.opcheck(torch.ops.interformer.cross_net_fwd.default, args)
     _, xs, ys = torch.ops.interformer.cross_net_fwd(*args)
-    bwd_args = (torch.randn(3, 40, device=DEVICE), x0.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
+    bwd_args = (torch.randn(3, D, device=DEVICE), x0.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
                 xs.detach(), ys.detach())
     torch.library.opcheck(torch.ops.interformer.cross_net_bwd.default, bwd_args)
 
