@@ -1,11 +1,17 @@
 """Run InterFormerCTR training steps with NVTX ranges, for Nsight Systems / Nsight Compute.
 
-    python profiling/train_step.py --shape taobao --backend triton --steps 10 [--torch-profiler]
+    python profiling/train_step.py --shape taobao --backend triton --steps 10 [--torch-profiler] [--host]
 
 Warm-up steps run first; the measured steps sit between ``cudaProfilerStart``/``Stop`` so
 ``nsys profile --capture-range=cudaProfilerApi`` records only them. With ``--torch-profiler`` the
 script also records the steps with ``torch.profiler`` and prints a per-range CUDA time table (the
 same range names as the NVTX ones), which works where Nsight Systems is not available.
+
+``--host`` answers "is this step launch-bound, and where does the host time go?": it prints the
+plain step time, the same step captured in a CUDA graph and replayed (device time alone; GPU only),
+and a cProfile of the plain steps, summed by where the Python time is spent (Triton's launcher,
+the fused ops' launchers, the model code, ``torch.nn`` module machinery, the autograd engine, which
+includes the C++ of every backward op and the fused ops' backward launchers) plus the top entries.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--torch-profiler", action="store_true", help="print a per-range CUDA time table")
+    parser.add_argument("--host", action="store_true",
+                        help="plain vs CUDA-graph step time and a cProfile of the host side")
     args = parser.parse_args(argv)
 
     shape = common.SHAPES[args.shape]
@@ -76,6 +84,9 @@ def main(argv=None) -> int:
         torch.cuda.profiler.stop()
     enable_nvtx(False)
 
+    if args.host:
+        host_breakdown(model, inputs, label, step, args.steps)
+
     if prof is not None:
         totals = defaultdict(lambda: [0.0, 0.0, 0])
         for evt in prof.key_averages():
@@ -94,6 +105,77 @@ def main(argv=None) -> int:
         print("\nkernels by device time:")
         print(prof.key_averages().table(sort_by="device_time_total" if common.ON_GPU else "cpu_time_total", row_limit=15))
     return 0
+
+
+#: cProfile entries by file: the first matching fragment names the group.
+HOST_GROUPS = (("triton/", "Triton launcher (triton.runtime)"), ("interformer/kernels/", "fused-op launchers"),
+               ("/kernels/", "fused-op launchers"), ("interformer/", "model code (interformer)"),
+               ("torch/nn/", "torch.nn module machinery"), ("run_backward", "autograd engine (backward ops, C++ and Python)"))
+
+
+def _group(func) -> str:
+    filename, _, name = func
+    where = f"{filename}:{name}"
+    for fragment, group in HOST_GROUPS:
+        if fragment in where:
+            return group
+    return "torch ops and the rest"
+
+
+def _timed(fn, steps: int) -> float:
+    """ms per call of ``fn`` over ``steps`` calls, the device synchronised at the end."""
+    import time
+
+    import common
+
+    if common.ON_GPU:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if common.ON_GPU:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def host_breakdown(model, inputs, label, step, steps: int) -> dict:
+    """Print (and return) plain and graphed step times and the host time by group."""
+    import cProfile
+    import pstats
+
+    import common
+
+    plain = _timed(step, steps)
+    graphed = None
+    if common.ON_GPU:
+        params = list(model.parameters())
+
+        def graph_step():  # autocast without its cast cache, as capture requires
+            for p in params:
+                p.grad = None
+            with torch.autocast("cuda", dtype=common.DTYPE, cache_enabled=False):
+                loss = model.loss(model(*inputs), label)
+            loss.backward()
+
+        graphed = _timed(common.captured(graph_step), steps)
+    prof = cProfile.Profile()
+    prof.enable()
+    _timed(step, steps)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    groups = defaultdict(float)
+    for func, (_, _, tottime, _, _) in stats.stats.items():
+        groups[_group(func)] += tottime
+    total = sum(groups.values())
+    print(f"\nplain step: {plain:.2f} ms" + (f"; the same step as a CUDA graph replay: {graphed:.2f} ms "
+                                              f"(device time; the plain step is {plain / graphed:.2f}x that)"
+                                              if graphed else " (no GPU: no CUDA-graph replay)"))
+    print(f"host time under cProfile, {total / steps * 1e3:.1f} ms/step (profiling inflates it), by group:")
+    for group, t in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"  {group:<48} {t / steps * 1e3:8.2f} ms/step  {100 * t / total:5.1f}%")
+    print("\ntop entries by own time:")
+    stats.sort_stats("tottime").print_stats(20)
+    return {"plain_ms": plain, "graphed_ms": graphed, "host_groups_ms": {k: v / steps * 1e3 for k, v in groups.items()}}
 
 
 if __name__ == "__main__":
