@@ -7,7 +7,8 @@
 * ``torch.compile(fullgraph=True)`` traces the fused model (custom ops, no graph break) and the
   compiled model agrees with the eager one, forward and backward.
 * On a GPU, a whole fused training step captures in a CUDA graph (no host syncs) and replays
-  correctly on new data.
+  correctly on new data, and ``torch.compile(mode="reduce-overhead")`` runs it in CUDA graphs
+  without Inductor skipping any.
 * Every ``interformer::`` operator registered by ``interformer.kernels`` is covered by an
   ``opcheck`` in the kernel tests.
 """
@@ -187,3 +188,29 @@ def test_fused_training_step_captures_in_a_cuda_graph():
     for (n, pe), pf in zip(eager.named_parameters(), fused.parameters()):
         diff = float((pf.grad - pe.grad).norm())
         assert diff <= TOL * max(float(pe.grad.norm()), 1e-3 * total), f"grad of {n} after replay ({diff:.3e})"
+
+
+@pytest.mark.gpu
+def test_fused_model_under_compile_reduce_overhead():
+    """``torch.compile(mode="reduce-overhead")`` (what ``python -m interformer train --compile
+    --compile-mode reduce-overhead`` runs) puts the fused model's training step in CUDA graphs:
+    Inductor does not skip cudagraphs because of any fused op (no CPU tensor, no sync), and after
+    the warm-up and recording steps a replayed step gives the eager model's logits, loss and
+    gradients on new data."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _variant("default")
+    eager, fused = _fused_pair(cfg, seed=4)
+    compiled = torch.compile(fused, mode="reduce-overhead")
+    compiled.loss = fused.loss
+    for seed in (4, 5, 6):  # warm-up, record, then replays
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled.zero_grad(set_to_none=True)
+        batch = _batch(cfg, seed=seed)
+        compiled.loss(compiled(*batch[:4]), batch[4]).backward()
+    skips = dict(counters["inductor"])
+    assert skips.get("cudagraph_skips", 0) == 0, f"Inductor skipped CUDA graphs: {skips}"
+    torch.compiler.cudagraph_mark_step_begin()
+    _compare(eager, compiled, _batch(cfg, seed=7), TOL, "reduce-overhead")
