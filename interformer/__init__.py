@@ -13,6 +13,7 @@ from .layers import (
     LowRankCrossNet,
     PersonalizedFFN,
     PoolingMultiHeadAttention,
+    ResidualLayerNorm,
     RotaryMultiHeadAttention,
 )
 from .model import (
@@ -65,6 +66,7 @@ __all__ = [
     "LowRankCrossNet",
     "PersonalizedFFN",
     "PoolingMultiHeadAttention",
+    "ResidualLayerNorm",
     "RotaryMultiHeadAttention",
     "SequenceArch",
     "SequenceMaskNet",

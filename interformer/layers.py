@@ -1,4 +1,4 @@
-"""Fused-capable modules: one per op of DESIGN §4.
+"""Fused-capable modules: one per op of DESIGN §4, and the residual LayerNorm the model uses.
 
 Each module owns its parameters and picks its implementation through ``backend``
 (see :mod:`interformer.backend`). The eager path calls :mod:`interformer.reference`; the fused
@@ -27,6 +27,7 @@ __all__ = [
     "DotInteraction",
     "RotaryMultiHeadAttention",
     "PoolingMultiHeadAttention",
+    "ResidualLayerNorm",
 ]
 
 
@@ -308,3 +309,29 @@ class PoolingMultiHeadAttention(FusedModule):
             f"num_queries={self.num_queries}, d_model={self.d_model}, num_heads={self.num_heads}, "
             f"{super().extra_repr()}"
         )
+
+
+class ResidualLayerNorm(nn.LayerNorm, FusedModule):
+    """``nn.LayerNorm(d_model, eps)`` with an optional residual: ``forward(x, residual=None)`` returns
+    ``LayerNorm(x + residual)``.
+
+    A drop-in ``nn.LayerNorm`` (it is one: same ``weight``/``bias`` parameters, initialisation and
+    ``state_dict``, ``isinstance(m, nn.LayerNorm)`` holds) that is also fused-capable: on the
+    ``triton`` backend the add and the normalisation run in one kernel, with a backward whose
+    weight/bias reduction is split over row tiles (:mod:`interformer.kernels.layernorm`, where the
+    reason is measured). Normalises over the last dimension only.
+    """
+
+    kernel_ops = (("layernorm", "add_layer_norm"),)
+
+    def __init__(self, d_model: int, eps: float = 1e-5, backend: Optional[str] = None) -> None:
+        super().__init__(d_model, eps=eps)
+        self.backend = backend if backend is not None else self.backend
+
+    @ranged("ResidualLayerNorm")
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fn = self._op("layernorm", "add_layer_norm")
+        return fn(x, residual, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"

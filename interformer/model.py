@@ -16,6 +16,7 @@ from .layers import (
     LowRankCrossNet,
     PersonalizedFFN,
     PoolingMultiHeadAttention,
+    ResidualLayerNorm,
     RotaryMultiHeadAttention,
 )
 from .tokenizers import DenseTokenizer, SequenceMaskNet, SparseTokenizer
@@ -106,7 +107,7 @@ class DHENLayer(nn.Module):
             self.dcn = None
         n_modules = (self.dot is not None) + (self.dcn is not None)
         self.mix = nn.Linear(n_modules * c.d_model, c.d_model)
-        self.norm = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.norm = ResidualLayerNorm(c.d_model, eps=c.ln_eps, backend=c.backend)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         outs = []
@@ -114,7 +115,7 @@ class DHENLayer(nn.Module):
             outs.append(self.dot(z))
         if self.dcn is not None:
             outs.append(self.dcn(z.flatten(1)).view_as(z))
-        return self.norm(z + self.mix(torch.cat(outs, dim=-1)))
+        return self.norm(z, self.mix(torch.cat(outs, dim=-1)))  # LN(z + mix(...))
 
 
 class InteractionArch(nn.Module):
@@ -128,14 +129,14 @@ class InteractionArch(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(c.d_model, 4 * c.d_model), nn.SiLU(), nn.Dropout(c.dropout), nn.Linear(4 * c.d_model, c.d_model)
         )
-        self.norm = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.norm = ResidualLayerNorm(c.d_model, eps=c.ln_eps, backend=c.backend)
 
     @ranged("InteractionArch")
     def forward(self, x: torch.Tensor, s_sum: torch.Tensor) -> torch.Tensor:
         z = torch.cat([x, s_sum], dim=1)
         for layer in self.layers:
             z = layer(z)
-        return self.norm(x + self.ffn(z[:, : self.n]))
+        return self.norm(x, self.ffn(z[:, : self.n]))  # LN(x + FFN(...))
 
 
 class SequenceArch(nn.Module):
@@ -149,7 +150,7 @@ class SequenceArch(nn.Module):
         super().__init__()
         c = config
         self.pffn = PersonalizedFFN(c.d_model, c.n_sum, c.pffn_mode, c.pffn_hidden, c.ln_eps, backend=c.backend)
-        self.attn_norm = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.attn_norm = ResidualLayerNorm(c.d_model, eps=c.ln_eps, backend=c.backend)
         self.attn = RotaryMultiHeadAttention(c.d_model, c.num_heads, c.rope_base, c.causal, backend=c.backend)
 
     @ranged("SequenceArch")

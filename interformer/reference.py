@@ -27,6 +27,7 @@ __all__ = [
     "dot_interaction",
     "rotary",
     "attention",
+    "add_layer_norm",
 ]
 
 
@@ -197,3 +198,13 @@ def attention(
         keep = keep & row_mask(lengths, Lq)[:, None, :, None]
     p = p * keep.to(p.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+# ----------------------------------------------------------------------------- residual + LayerNorm
+def add_layer_norm(
+    x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(x + residual)`` over the last dimension (``residual=None``: ``LayerNorm(x)``),
+    exactly ``nn.LayerNorm(N, eps)(x + residual)`` with ``weight``/``bias`` ``[N]``."""
+    h = x if residual is None else x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)

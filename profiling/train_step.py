@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
 
 RANGES = ("CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE", "PersonalizedFFN",
           "CrossNet", "LowRankCrossNet", "DotInteraction", "RotaryMultiHeadAttention", "PoolingMultiHeadAttention",
-          "train_step")
+          "ResidualLayerNorm", "train_step")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,227 @@
+"""Fused residual + LayerNorm (``interformer.kernels.layernorm``) against the eager reference and float64.
+
+Every case compares the output and the gradients of x, the residual, weight and bias with (a)
+``interformer.reference.add_layer_norm`` run in the same dtypes and (b) the same reference on float64
+copies: fp32 within ``FP32_TOL`` of both, fp16 (bf16 on GPU) by the DESIGN §5 rule. Cases: N = 1,
+24, 40, 64 and 200 (no power of two among most), row counts that are not a multiple of the row tile,
+2-D to 4-D inputs, with and without a residual, enough rows for the backward's persistent programs
+to loop (two programs under the interpreter), a residual of another dtype than x, non-contiguous
+inputs and a stride-0 upstream gradient, torch.autocast, zero rows, the eager fallback for very
+wide rows; the module (a drop-in ``nn.LayerNorm``) and its ``state_dict``; opcheck,
+``torch.compile(fullgraph=True)``, ``torch.fx.symbolic_trace``; input errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from interformer import reference as R
+from interformer.layers import ResidualLayerNorm
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
+
+K = pytest.importorskip("interformer.kernels.layernorm")
+
+
+def _inputs(shape, dtype, residual=True, r_dtype=None):
+    N = shape[-1]
+    x = torch.randn(*shape, device=DEVICE) * 2 + 0.5  # a non-zero mean per row
+    r = torch.randn(*shape, device=DEVICE) if residual else None
+    w = 1 + 0.3 * torch.randn(N, device=DEVICE)
+    b = 0.2 * torch.randn(N, device=DEVICE)
+    return [x.to(dtype), None if r is None else r.to(r_dtype or dtype), w.to(dtype), b.to(dtype)]
+
+
+def _run(fn, ins, grad=None, eps=1e-5):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in ins]
+    out = fn(*leaves, eps)
+    g = torch.randn_like(out) if grad is None else grad.to(out.dtype)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, g)
+    return out.detach(), list(grads), g
+
+
+def _check(ins, dtype):
+    out, grads, g = _run(K.add_layer_norm, ins)
+    e_out, e_grads, _ = _run(R.add_layer_norm, ins, grad=g)
+    r_out, r_grads, _ = _run(R.add_layer_norm, [None if t is None else t.double() for t in ins], grad=g.double())
+    names = ["out", "dx"] + (["dresidual"] if ins[1] is not None else []) + ["dweight", "dbias"]
+    for name, k, e, r64 in zip(names, [out, *grads], [e_out, *e_grads], [r_out, *r_grads]):
+        assert k.dtype == e.dtype, f"{name}: dtype {k.dtype} != eager {e.dtype}"
+        if float(r64.abs().max()) <= 1e-9:  # a zero truth (dx at N = 1): relative errors are all noise
+            assert float(k.abs().max()) <= FP32_TOL, f"{name}: {float(k.abs().max()):.3e} where 0 is exact"
+        elif k.dtype == torch.float32:
+            assert_rel(k, r64, FP32_TOL, name + " vs float64")
+            assert_rel(k, e, FP32_TOL, name + " vs eager")
+        else:
+            assert_lowp(k, e, r64, name)
+
+
+CASES = [  # shape, residual
+    ((3, 5, 24), True),      # 15 rows, one row tile
+    ((300, 40), True),       # 5 row tiles of 64: the two backward programs loop
+    ((2, 3, 7, 64), False),  # 4-D, no residual, N a power of two
+    ((70, 200), True),       # BLOCK_N = 256 with masked columns, 16-row tiles
+    ((4, 1), True),          # N = 1: the output is the bias, dx is zero
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,residual", CASES)
+def test_add_layer_norm(shape, residual, dtype):
+    _check(_inputs(shape, dtype, residual), dtype)
+
+
+def test_residual_of_another_dtype():
+    """x fp32 + residual fp16 (the model's fp32 stream plus a low-precision branch): computed as
+    the promoted sum, out in fp32, each gradient in its input's dtype."""
+    ins = _inputs((33, 40), torch.float32, r_dtype=torch.float16)
+    out, grads, _ = _run(K.add_layer_norm, ins)
+    assert out.dtype == torch.float32
+    assert [t.dtype for t in grads] == [torch.float32, torch.float16, torch.float32, torch.float32]
+    _check(ins, torch.float32)
+
+
+def test_noncontiguous_inputs_and_stride0_grad():
+    """x a transposed view (rows not contiguous), the residual a column-strided slice, and the
+    upstream gradient a stride-0 expand (``out.sum()``)."""
+    x_base, r_base = torch.randn(40, 9, device=DEVICE), torch.randn(9, 80, device=DEVICE)
+    w, b = torch.randn(40, device=DEVICE), torch.randn(40, device=DEVICE)
+    results = []
+    for fn in (K.add_layer_norm, R.add_layer_norm):
+        leaves = [t.clone().requires_grad_() for t in (x_base, r_base, w, b)]
+        x, r = leaves[0].t(), leaves[1][:, ::2]
+        assert not x.is_contiguous() and not r.is_contiguous()
+        out = fn(x, r, leaves[2], leaves[3], 1e-5)
+        out.sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, k, e in zip(["out", "dx", "dresidual", "dweight", "dbias"], *results):
+        assert_rel(k, e, FP32_TOL, name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check; the GPU model tests run autocast on CUDA")
+def test_autocast_runs_in_fp32():
+    """Under autocast layer_norm runs in fp32 (autocast's policy); so does the fused op, whatever the
+    input dtypes, and its gradients come back in each input's dtype."""
+    ins = _inputs((20, 24), torch.float32, r_dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, grads, g = _run(K.add_layer_norm, ins)
+        e_out, e_grads, _ = _run(R.add_layer_norm, ins, grad=g)
+    assert out.dtype == e_out.dtype == torch.float32
+    for name, k, e in zip(["out", "dx", "dresidual", "dweight", "dbias"], [out, *grads], [e_out, *e_grads]):
+        assert k.dtype == e.dtype, name
+        assert_rel(k, e, 1e-3 if e.dtype == torch.float16 else FP32_TOL, name)
+
+
+def test_zero_rows_and_wide_rows():
+    out, grads, _ = _run(K.add_layer_norm, _inputs((0, 5, 24), torch.float32))
+    assert out.shape == (0, 5, 24)
+    assert all(float(gr.abs().sum()) == 0 for gr in grads[2:])  # weight and bias get zero gradients
+    wide = _inputs((2, K.MAX_N + 1), torch.float32)  # the eager fallback: same math, same autograd
+    _check(wide, torch.float32)
+
+
+def test_a_broken_kernel_is_caught(monkeypatch):
+    """The comparison is sharp: a backward that forgets the ``mean(g * xhat)`` term fails it."""
+    ins = _inputs((30, 40), torch.float32)
+    real = K._bwd_impl
+
+    def broken(grad_out, x, residual, weight, mean, rstd):
+        dh, dw, db = real(grad_out, x, residual, weight, mean, rstd)
+        h = x if residual is None else x + residual
+        xhat = (h - mean.view(*h.shape[:-1], 1)) * rstd.view(*h.shape[:-1], 1)
+        c1 = (grad_out * weight * xhat).mean(-1, keepdim=True)
+        return dh + xhat * c1 * rstd.view(*h.shape[:-1], 1), dw, db
+
+    monkeypatch.setattr(K, "_bwd_impl", broken)
+    with pytest.raises(AssertionError, match="dx"):
+        _check(ins, torch.float32)
+
+
+# ----------------------------------------------------------------------------- module
+def test_module_is_a_drop_in_layernorm():
+    ln = nn.LayerNorm(40, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    fused = ResidualLayerNorm(40, eps=1e-6, backend="triton").to(DEVICE)
+    assert isinstance(fused, nn.LayerNorm)
+    assert fused.load_state_dict(ln.state_dict()) is not None
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    x, r = torch.randn(6, 7, 40, device=DEVICE), torch.randn(6, 7, 40, device=DEVICE)
+    assert_rel(fused(x, r), ln(x + r), FP32_TOL, "with residual")
+    assert_rel(fused(x), ln(x), FP32_TOL, "without residual")
+    eager = ResidualLayerNorm(40, eps=1e-6, backend="eager").to(DEVICE)
+    eager.load_state_dict(ln.state_dict())
+    torch.testing.assert_close(eager(x, r), ln(x + r), rtol=0, atol=0)  # eager is exactly nn.LayerNorm
+    assert "backend='triton'" in repr(fused) and "(40,)" in repr(fused)
+
+
+def test_module_symbolic_trace():
+    m = ResidualLayerNorm(24, backend="triton").to(DEVICE)
+    gm = torch.fx.symbolic_trace(m)
+    assert any("add_layer_norm_fwd" in str(n.target) for n in gm.graph.nodes)
+    x, r = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
+    assert_rel(gm(x, r), m(x, r), FP32_TOL)
+
+
+# ----------------------------------------------------------------------------- torch.library
+def test_opcheck():
+    x, r, w, b = _inputs((33, 24), torch.float32)
+    args = (x.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, None)
+    torch.library.opcheck(torch.ops.interformer.add_layer_norm_fwd.default, args)
+    torch.library.opcheck(torch.ops.interformer.add_layer_norm_fwd.default, (x, None, w, b, 1e-5, torch.float32))
+    _, mean, rstd = torch.ops.interformer.add_layer_norm_fwd(*args)
+    bwd_args = (torch.randn(33, 24, device=DEVICE), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach())
+    torch.library.opcheck(torch.ops.interformer.add_layer_norm_bwd.default, bwd_args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    compiled = torch.compile(K.add_layer_norm, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    ins = _inputs((3, 5, 24), torch.float32)
+    out, grads, g = _run(compiled, ins)
+    e_out, e_grads, _ = _run(R.add_layer_norm, ins, grad=g)
+    for k, e in zip([out, *grads], [e_out, *e_grads]):
+        assert_rel(k, e, FP32_TOL)
+
+
+def test_lean_path_matches_the_custom_op_bitwise():
+    ins = _inputs((50, 40), torch.float32)
+    out, grads, g = _run(K.add_layer_norm, ins)
+
+    def via_op(x, r, w, b, eps):
+        return torch.ops.interformer.add_layer_norm_fwd(x, r, w, b, eps, None)[0]
+
+    o_out, o_grads, _ = _run(via_op, ins, grad=g)
+    for k, e in zip([out, *grads], [o_out, *o_grads]):
+        torch.testing.assert_close(k, e, rtol=0, atol=0)
+
+
+def test_input_errors():
+    x, r, w, b = _inputs((4, 24), torch.float32)
+    with pytest.raises(ValueError, match="residual"):
+        K.add_layer_norm(x, r[:, :12], w, b, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        K.add_layer_norm(x, r, w[:12], b, 1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        K.add_layer_norm(x, r, w, b[None], 1e-5)
+    with pytest.raises(ValueError, match="one of"):
+        K.add_layer_norm(x.double(), None, w, b, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,N", [(2048 * 54, 64), (2048 * 28, 64), (512 * 1004, 128)],
+                         ids=["taobao-seq", "taobao-z", "long-seq"])
+def test_design_shapes_bf16(rows, N):
+    """The model's LayerNorms at the DESIGN shapes: an fp32 stream plus a bf16 branch, under autocast."""
+    x = torch.randn(rows, N, device=DEVICE)
+    r = torch.randn(rows, N, device=DEVICE).bfloat16()
+    w, b = 1 + 0.3 * torch.randn(N, device=DEVICE), 0.2 * torch.randn(N, device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, grads, g = _run(K.add_layer_norm, [x, r, w, b])
+        e_out, e_grads, _ = _run(R.add_layer_norm, [x, r, w, b], grad=g)
+    for name, k, e in zip(["out", "dx", "dresidual", "dweight", "dbias"], [out, *grads], [e_out, *e_grads]):
+        assert k.dtype == e.dtype, name
+        assert_rel(k, e, 1e-2 if e.dtype == torch.bfloat16 else FP32_TOL, name)
