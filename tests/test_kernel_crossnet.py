@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from interformer import reference as R
 from interformer.layers import CrossNet, LowRankCrossNet
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
 C = pytest.importorskip("interformer.kernels.crossnet")
 
@@ -722,3 +722,18 @@ def test_module_compiled_with_inductor(rank):
     m = _randomize(m).to(DEVICE)
     x = torch.randn(256, D, device=DEVICE)
     assert_rel(torch.compile(m)(x), m(x), FP32_TOL)
+
+
+def test_cublas_path_kernels_build_for_sm90():
+    """The element-wise kernels of the cuBLAS full-rank path compile ahead of time for an H100."""
+    bm, bn = C._BWD_TILE
+    ptr = "bf16"
+    cases = [dict(module="interformer.kernels.crossnet", kernel="_fr_residual_kernel",
+                  consts=dict(BLOCK=C._ELTWISE_BLOCK), ptrs=dict(DST=ptr, X0=ptr, Y=ptr, XI=ptr))]
+    for has_s, last in ((False, False), (True, False), (True, True), (False, True)):
+        cases.append(dict(module="interformer.kernels.crossnet", kernel="_fr_bwd_eltwise_kernel",
+                          consts=dict(HAS_S=has_s, LAST=last, BLOCK_M=bm, BLOCK_N=bn),
+                          ptrs=dict(DY=ptr, S_OUT="fp32", C_OUT=ptr, DBP="fp32", G=ptr, X0=ptr, Y=ptr, S_IN="fp32")))
+    builds = aot_build_sm90(cases)
+    assert len(builds) == len(cases)
+    assert all(b["shared"] <= H100_SMEM for b in builds), builds

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from interformer import reference as R
 from interformer.layers import ResidualLayerNorm
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
 K = pytest.importorskip("interformer.kernels.layernorm")
 
@@ -225,3 +225,23 @@ def test_design_shapes_bf16(rows, N):
     for name, k, e in zip(["out", "dx", "dresidual", "dweight", "dbias"], [out, *grads], [e_out, *e_grads]):
         assert k.dtype == e.dtype, name
         assert_rel(k, e, 1e-2 if e.dtype == torch.bfloat16 else FP32_TOL, name)
+
+
+def test_kernels_build_for_sm90():
+    """Both kernels compile ahead of time for an H100 (sm_90) at the model's row widths, an fp32
+    stream plus a bf16 residual, and fit its shared memory."""
+    cases = []
+    for N in (64, 128):
+        bm, bn, warps = K._config(N)
+        for has_r in (True, False):
+            consts = dict(HAS_R=has_r, BLOCK_M=bm, BLOCK_N=bn)
+            cases.append(dict(module="interformer.kernels.layernorm", kernel="_ln_fwd_kernel", consts=consts,
+                              ptrs=dict(Y="fp32", MEAN="fp32", RSTD="fp32", X="fp32", R="bf16", W="fp32", Bias="fp32"),
+                              fp32_scalars=["eps"], num_warps=warps))
+            cases.append(dict(module="interformer.kernels.layernorm", kernel="_ln_bwd_kernel", consts=consts,
+                              ptrs=dict(DH="fp32", PART="fp32", DY="fp32", X="fp32", R="bf16", W="fp32",
+                                        MEAN="fp32", RSTD="fp32"), num_warps=warps))
+    builds = aot_build_sm90(cases)
+    assert len(builds) == len(cases)
+    for b in builds:
+        assert b["shared"] <= 232448, b

@@ -61,3 +61,43 @@ def random_lengths(B: int, L: int, generator=None) -> torch.Tensor:
     if B >= 2:
         lengths[1] = 0
     return lengths
+
+
+# Ahead-of-time sm_90 builds, in a child process without TRITON_INTERPRET (the interpreter replaces
+# triton.jit, so it cannot compile). A case names a kernel and the types of its arguments; every
+# argument not listed as a pointer or a constexpr is an i32 scalar, except those in "fp32_scalars".
+_AOT_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+for case in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    sig, consts, attrs = {}, {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in case["consts"]:
+            sig[arg], consts[(i,)] = "constexpr", case["consts"][arg]
+        elif arg in case["ptrs"]:
+            sig[arg], attrs[(i,)] = "*" + case["ptrs"][arg], [["tt.divisibility", 16]]
+        else:
+            sig[arg] = "fp32" if arg in case.get("fp32_scalars", ()) else "i32"
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=case.get("num_warps", 4)))
+    print(json.dumps(dict(kernel=case["kernel"], shared=k.metadata.shared)))
+"""
+
+
+def aot_build_sm90(cases, timeout: int = 600):
+    """Compile each case for sm_90 (no GPU needed); returns one dict per case: kernel, shared bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
