@@ -7,6 +7,10 @@
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
 #   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
+# A lease of about ten minutes fits, in order of value:
+#   OPS_K="taobao and full and not max-autotune" MODEL_K="taobao and not max-autotune" \
+#   OPS_TIMEOUT=200 MODEL_TIMEOUT=170 HOST_TIMEOUT=60 TESTS_TIMEOUT=150 \
+#   bench/gpu_session.sh COMMIT ops model host tests
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -34,14 +38,24 @@ bench() {  # bench STAGE FILES... : time-boxed pytest-benchmark run, rows to JSO
 for stage in "$@"; do
   start=$(date +%s)
   case "$stage" in
-    tests)   # one process per test file (a CUDA fault in one file cannot poison the others), TESTS_JOBS
-             # at a time, each under TESTS_TIMEOUT; the per-file logs are joined into one tests.log
-             # because only a handful of files come back from a device call.
-             TIMEOUT="${TESTS_TIMEOUT:-300}"; logs=$(mktemp -d)
-             ls tests/test_*.py | TESTS_K="${TESTS_K:-}" LOGS="$logs" TIMEOUT="$TIMEOUT" xargs -P "${TESTS_JOBS:-4}" -I{} \
-               sh -c 'timeout "$TIMEOUT" python3 -m pytest -q -rfE -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} {} \
-                      > "$LOGS/$(basename {} .py).log" 2>&1; echo "{} exit $?"' | sort | tee "$OUT/tests_summary.txt"
-             for f in "$logs"/*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done > "$OUT/tests.log"
+    tests)   # the CUDA test suite in TESTS_JOBS shards (round-robin over the collected test ids, so
+             # a file of many slow-to-compile cases -- attention -- is spread over all of them), each
+             # its own process under TESTS_TIMEOUT (a CUDA fault poisons one shard only); the shard
+             # logs are joined into one tests.log because only a handful of files come back.
+             TIMEOUT="${TESTS_TIMEOUT:-300}"; logs=$(mktemp -d); jobs="${TESTS_JOBS:-8}"
+             python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests 2>/dev/null \
+               | grep "::" > "$logs/ids.txt"
+             echo "$(wc -l < "$logs/ids.txt") tests in $jobs shards"
+             for i in $(seq 0 $((jobs - 1))); do awk -v n="$jobs" -v i="$i" 'NR % n == i' "$logs/ids.txt" > "$logs/shard$i.ids"; done
+             for i in $(seq 0 $((jobs - 1))); do
+               ( timeout "$TIMEOUT" python3 -c 'import sys, pytest
+ids = [l for l in open(sys.argv[1]).read().splitlines() if l]
+sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else 0)' "$logs/shard$i.ids" \
+                   > "$logs/shard$i.log" 2>&1; echo "shard $i exit $?" ) &
+             done | sort | tee "$OUT/tests_summary.txt"
+             wait
+             for f in "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done > "$OUT/tests.log"
+             grep -hE "^[0-9]+ (passed|failed)|passed|failed" "$logs"/shard*.log | grep -E "passed|failed" | tail -n "$jobs"
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
     ops)     TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" bench --ignore=bench/test_bench_model.py ;;
     model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;
