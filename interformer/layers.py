@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .backend import FusedModule
 from .profiling import ranged
+from .reference import add_layer_norm as _reference_add_layer_norm
 from .reference import row_mask
 
 __all__ = [
@@ -320,6 +321,13 @@ class ResidualLayerNorm(nn.LayerNorm, FusedModule):
     ``triton`` backend the add and the normalisation run in one kernel, with a backward whose
     weight/bias reduction is split over row tiles (:mod:`interformer.kernels.layernorm`, where the
     reason is measured). Normalises over the last dimension only.
+
+    Decision: while ``torch.compile`` traces the module, it takes the reference ops whatever the
+    backend. Inductor generates its own fused add + LayerNorm with a split weight/bias reduction
+    and can also fold in the producer of the residual (a bias add, an activation); the custom op
+    would be an opaque boundary in its graph, paid for with a dispatch per call. The fused kernel
+    is for the paths Inductor does not see. (``interformer.kernels.layernorm.add_layer_norm`` called
+    directly still goes through the custom op under ``torch.compile``.)
     """
 
     kernel_ops = (("layernorm", "add_layer_norm"),)
@@ -330,6 +338,8 @@ class ResidualLayerNorm(nn.LayerNorm, FusedModule):
 
     @ranged("ResidualLayerNorm")
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _reference_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
 

@@ -245,3 +245,21 @@ def test_kernels_build_for_sm90():
     assert len(builds) == len(cases)
     for b in builds:
         assert b["shared"] <= 232448, b
+
+
+def test_module_leaves_layernorm_to_the_compiler():
+    """Under torch.compile the module traces the reference ops (Inductor fuses add + LayerNorm
+    itself, with the residual's producer); the custom op stays out of the graph, and the result
+    is the fused module's."""
+    torch._dynamo.reset()
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    m = ResidualLayerNorm(24, backend="triton").to(DEVICE)
+    x, r = torch.randn(5, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
+    out = torch.compile(m, backend=record, fullgraph=True)(x, r)
+    assert seen and not any("add_layer_norm" in t for t in seen), seen
+    assert_rel(out, m(x, r), FP32_TOL)
