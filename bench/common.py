@@ -13,6 +13,10 @@ on the GPU, less than the Python and launch work that issues them, so a plain ti
 (:func:`captured`) and replayed, which measures the device time alone. Compare graphed with
 graphed and plain with plain; the report keeps them in separate columns.
 
+Every op and the model also have ``compile-max-autotune`` (``torch.compile(mode=
+"max-autotune-no-cudagraphs")``), run only at the shapes named by ``$INTERFORMER_BENCH_AUTOTUNE_SHAPES``
+(default ``taobao,amazon``): its autotuning takes minutes per shape.
+
 Peak memory is measured on one extra call after the warm-up, outside ``do_bench`` (whose 256 MB
 L2-flush buffer would otherwise be counted in every row); for a graphed provider it is the memory
 allocated while warming up and capturing (the graph's private pool holds it from then on).
@@ -97,6 +101,8 @@ MODES = ("fwd", "bwd", "full")
 #: Provider-name suffix of the CUDA-graph variants (see :func:`captured`).
 GRAPH_SUFFIX = "-cudagraph"
 CPU_PROVIDERS = ("eager", "fused")
+# max-autotune compiles for minutes per shape; $INTERFORMER_BENCH_AUTOTUNE_SHAPES limits where it runs.
+AUTOTUNE_SHAPES = os.environ.get("INTERFORMER_BENCH_AUTOTUNE_SHAPES", "taobao,amazon").split(",")
 
 
 def base_provider(provider: str) -> str:
@@ -104,15 +110,19 @@ def base_provider(provider: str) -> str:
     return provider[: -len(GRAPH_SUFFIX)] if provider.endswith(GRAPH_SUFFIX) else provider
 
 
-def skip_unless_runnable(provider: str, mode: str, cpu_providers: Sequence[str] = CPU_PROVIDERS) -> None:
-    """Skip (with the reason) a provider this machine cannot run, and graphed variants outside
-    ``full`` mode (one graphed mode per op keeps the suite's GPU time down)."""
+def skip_unless_runnable(provider: str, mode: str, cpu_providers: Sequence[str] = CPU_PROVIDERS,
+                         shape_name: Optional[str] = None) -> None:
+    """Skip (with the reason) a provider this machine cannot run, graphed variants outside ``full``
+    mode (one graphed mode per op keeps the suite's GPU time down), and max-autotune at shapes
+    outside ``$INTERFORMER_BENCH_AUTOTUNE_SHAPES``."""
     import pytest
 
     if not ON_GPU and provider not in cpu_providers:
         pytest.skip(f"{provider}: GPU only ({SMOKE_NOTE})")
     if provider.endswith(GRAPH_SUFFIX) and mode != "full":
         pytest.skip(f"{provider}: CUDA-graph variants run in full mode only")
+    if provider == "compile-max-autotune" and shape_name is not None and shape_name not in AUTOTUNE_SHAPES:
+        pytest.skip(f"max-autotune not run at {shape_name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
 
 
 def lengths_for(shape: Shape, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -57,10 +57,10 @@ from interformer import reference as R
 from interformer.layers import PoolingMultiHeadAttention
 
 BASE = 10000.0
-SELF_PROVIDERS = ["eager", "compile", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
+SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
                   "flash_attn", "fused", "eager-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
                   "fused-cudagraph"]
-PMA_PROVIDERS = ["eager", "compile", "nn.MultiheadAttention", "fused", "nn.MultiheadAttention-cudagraph",
+PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "nn.MultiheadAttention-cudagraph",
                  "fused-cudagraph"]
 
 
@@ -70,13 +70,13 @@ def _fused_attention():
     return attention
 
 
-def _skip_unsupported(provider: str, mode: str) -> None:
+def _skip_unsupported(provider: str, mode: str, shape_name: str) -> None:
     if provider == "flash_attn":
         try:
             import flash_attn  # noqa: F401
         except ImportError:
             pytest.skip("flash_attn not installed")
-    common.skip_unless_runnable(provider, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
 
 
 def _try(fn, provider: str):
@@ -160,8 +160,9 @@ def _flash_attn_pipeline(lengths: torch.Tensor, L: int):
 def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if provider == "eager":
         return lambda q, k, v, n: R.attention(q, k, v, n, rope_base=BASE)
-    if provider == "compile":
-        compiled = torch.compile(R.attention, dynamic=False)
+    if provider in ("compile", "compile-max-autotune"):
+        mode = {"mode": "max-autotune-no-cudagraphs"} if provider == "compile-max-autotune" else {}
+        compiled = torch.compile(R.attention, dynamic=False, **mode)
         return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
     if provider == "fused":
         fused = _fused_attention()
@@ -191,7 +192,7 @@ def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> flo
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_self_attention(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider, mode)
+    _skip_unsupported(provider, mode, shape_name)
     shape = common.SHAPES[shape_name]
     B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
     g = torch.Generator().manual_seed(0)
@@ -232,7 +233,7 @@ class MHAPooling(torch.nn.Module):
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_pma(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider, mode)
+    _skip_unsupported(provider, mode, shape_name)
     impl = common.base_provider(provider)
     shape = common.SHAPES[shape_name]
     B, T, d = shape.B, shape.T, shape.d
@@ -246,7 +247,10 @@ def test_pma(benchmark, shape_name, mode, provider):
         module = PoolingMultiHeadAttention(shape.n_pma, d, shape.heads,
                                            backend="triton" if impl == "fused" else "eager")
     module = module.to(common.DEVICE, common.DTYPE)
-    call = torch.compile(module, dynamic=False) if impl == "compile" else module
+    call = module
+    if impl in ("compile", "compile-max-autotune"):
+        mode = {"mode": "max-autotune-no-cudagraphs"} if impl == "compile-max-autotune" else {}
+        call = torch.compile(module, dynamic=False, **mode)
 
     def forward():
         return call(s, lengths)

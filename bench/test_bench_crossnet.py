@@ -37,8 +37,8 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph",
-             "fused-triton-gemm", "fused-triton-gemm-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph",
+             "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph"]
 NUM_LAYERS = 2
 
 
@@ -89,7 +89,8 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("rank", ["full", "low"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
-    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm"))
+    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm"),
+                                shape_name=shape_name)
     if "triton-gemm" in provider:
         if rank != "full":
             pytest.skip(f"{provider}: a full-rank setting")

@@ -25,7 +25,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 
 
 def _fn(provider: str):
@@ -33,7 +33,7 @@ def _fn(provider: str):
         fn = R.dot_interaction
     else:
         from interformer.kernels.dot_interaction import dot_interaction as fn
-    return common.compiled(fn, provider) if provider.endswith("compile") else fn
+    return common.compiled(fn, provider)
 
 
 def dot_bytes(B: int, N: int, d: int, elt: int, mode: str) -> float:
@@ -51,7 +51,7 @@ def dot_flops(B: int, N: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_dot_interaction(benchmark, shape_name, mode, provider):
-    common.skip_unless_runnable(provider, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.SHAPES[shape_name]
     B, N, d = shape.B, shape.Nz, shape.d
     g = torch.Generator().manual_seed(0)

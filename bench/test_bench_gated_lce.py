@@ -24,7 +24,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 
 
 def sizes(shape: common.Shape, use: str):
@@ -51,7 +51,7 @@ def lce_flops(B: int, n_in: int, n_out: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("use", ["nonseq", "seq"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_gated_lce(benchmark, shape_name, use, mode, provider):
-    common.skip_unless_runnable(provider, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.SHAPES[shape_name]
     B, d = shape.B, shape.d
     n_in, n_out = sizes(shape, use)

@@ -25,7 +25,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 EPS = 1e-5
 
 
@@ -45,7 +45,7 @@ def ln_bytes(rows: int, d: int, x_elt: int, r_elt: int, mode: str) -> float:
 @pytest.mark.parametrize("use", ["dhen", "interaction", "seq"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_layernorm(benchmark, shape_name, use, mode, provider):
-    common.skip_unless_runnable(provider, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.SHAPES[shape_name]
     rows, d = rows_for(shape, use), shape.d
     g = torch.Generator().manual_seed(0)

@@ -18,7 +18,6 @@ variants, as CUDA-graph capture requires.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -28,8 +27,6 @@ from interformer import InterFormerConfig, InterFormerCTR, optimize
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused", "fused-compile",
              "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph", "fused-cudagraph"]
-# max-autotune compiles for minutes per shape; $INTERFORMER_BENCH_AUTOTUNE_SHAPES limits where it runs.
-AUTOTUNE_SHAPES = os.environ.get("INTERFORMER_BENCH_AUTOTUNE_SHAPES", "taobao,amazon").split(",")
 
 
 def config_for(shape: common.Shape) -> InterFormerConfig:
@@ -73,7 +70,7 @@ def build(provider: str, shape: common.Shape):
 def _skip_unsupported(provider: str, shape: common.Shape, mode: str) -> None:
     if not common.ON_GPU and (provider not in ("eager", "fused")):
         pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
-    if provider == "compile-max-autotune" and shape.name not in AUTOTUNE_SHAPES:
+    if provider == "compile-max-autotune" and shape.name not in common.AUTOTUNE_SHAPES:
         pytest.skip(f"max-autotune not run at {shape.name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
 
 

@@ -28,7 +28,7 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
 EPS = 1e-5
 
 
@@ -62,7 +62,7 @@ def pffn_flops(shape: common.Shape, pffn_mode: str, mode: str) -> float:
 @pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_pffn(benchmark, shape_name, pffn_mode, mode, provider):
-    common.skip_unless_runnable(provider, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.SHAPES[shape_name]
     B, L, d, n_sum = shape.B, shape.L, shape.d, shape.n_sum
     g = torch.Generator().manual_seed(0)
