@@ -43,8 +43,11 @@ for stage in "$@"; do
              # its own process under TESTS_TIMEOUT (a CUDA fault poisons one shard only); the shard
              # logs are joined into one tests.log because only a handful of files come back.
              TIMEOUT="${TESTS_TIMEOUT:-300}"; logs=$(mktemp -d); jobs="${TESTS_JOBS:-8}"
-             python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests 2>/dev/null \
-               | grep "::" > "$logs/ids.txt"
+             python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests \
+               > "$logs/collect.log" 2>&1
+             echo "collection exit $?"  # a file that fails to import is listed here, not in the shards
+             grep -E "^(ERROR|E  )" "$logs/collect.log" | head -n 20
+             grep "::" "$logs/collect.log" > "$logs/ids.txt"
              echo "$(wc -l < "$logs/ids.txt") tests in $jobs shards"
              for i in $(seq 0 $((jobs - 1))); do awk -v n="$jobs" -v i="$i" 'NR % n == i' "$logs/ids.txt" > "$logs/shard$i.ids"; done
              for i in $(seq 0 $((jobs - 1))); do
@@ -54,8 +57,9 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                    > "$logs/shard$i.log" 2>&1; echo "shard $i exit $?" ) &
              done | sort | tee "$OUT/tests_summary.txt"
              wait
-             for f in "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done > "$OUT/tests.log"
-             grep -hE "^[0-9]+ (passed|failed)|passed|failed" "$logs"/shard*.log | grep -E "passed|failed" | tail -n "$jobs"
+             for f in "$logs"/collect.log "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done \
+               > "$OUT/tests.log"
+             for f in "$logs"/shard*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
     ops)     TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" bench --ignore=bench/test_bench_model.py ;;
     model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;

@@ -128,17 +128,23 @@ def chart(rows, path: str) -> bool:
     keys = sorted(k for k in groups if "eager" in groups[k])
     if not keys:
         return False
-    providers = [p for p in order_providers({r["provider"] for r in rows}) if p != "eager"]
+    providers = [p for p in order_providers({r["provider"] for r in rows}) if p not in ("eager", "eager-cudagraph")]
+
+    def speedup(by, p):
+        """Over eager of the same kind: graphed providers over eager-cudagraph, plain over eager."""
+        base = by.get("eager-cudagraph") if is_graphed(p) else by.get("eager")
+        return base / by[p] if p in by and base else 0
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(1, len(providers)) / 3), 5))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         xs = [j + i * width for j, k in enumerate(keys)]
-        ys = [groups[k]["eager"] / groups[k][p] if p in groups[k] else 0 for k in keys]
+        ys = [speedup(groups[k], p) for k in keys]
         ax.bar(xs, ys, width, label=p)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
     ax.set_xticklabels(["/".join(k) for k in keys], rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("speedup over eager (×)")
+    fig.text(0.01, 0.01, "graphed providers (-cudagraph, -reduce-overhead) over eager-cudagraph", fontsize=7)
     ax.set_title(f"{rows[0].get('device')} · {rows[0].get('dtype')} · commit {rows[0].get('commit')}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

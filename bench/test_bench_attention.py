@@ -161,8 +161,8 @@ def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if provider == "eager":
         return lambda q, k, v, n: R.attention(q, k, v, n, rope_base=BASE)
     if provider in ("compile", "compile-max-autotune"):
-        mode = {"mode": "max-autotune-no-cudagraphs"} if provider == "compile-max-autotune" else {}
-        compiled = torch.compile(R.attention, dynamic=False, **mode)
+        compile_kw = {"mode": "max-autotune-no-cudagraphs"} if provider == "compile-max-autotune" else {}
+        compiled = torch.compile(R.attention, dynamic=False, **compile_kw)
         return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
     if provider == "fused":
         fused = _fused_attention()
@@ -249,8 +249,8 @@ def test_pma(benchmark, shape_name, mode, provider):
     module = module.to(common.DEVICE, common.DTYPE)
     call = module
     if impl in ("compile", "compile-max-autotune"):
-        mode = {"mode": "max-autotune-no-cudagraphs"} if impl == "compile-max-autotune" else {}
-        call = torch.compile(module, dynamic=False, **mode)
+        compile_kw = {"mode": "max-autotune-no-cudagraphs"} if impl == "compile-max-autotune" else {}
+        call = torch.compile(module, dynamic=False, **compile_kw)
 
     def forward():
         return call(s, lengths)

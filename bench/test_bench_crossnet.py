@@ -57,7 +57,7 @@ def _fn(provider: str, name: str):
         fn = getattr(R, name)
     else:
         fn = _fused(name)
-    return common.compiled(fn, provider) if provider.endswith("compile") else fn
+    return common.compiled(fn, provider)
 
 
 def _try(fn, provider: str):

@@ -109,8 +109,9 @@ class FusedModule(torch.nn.Module):
     #: ``(kernel file, function)`` pairs this module's forward may call; used by :meth:`has_kernels`.
     kernel_ops: tuple = ()
 
-    def __init__(self, backend: str | None = None) -> None:
-        super().__init__()
+    def __init__(self, backend: str | None = None, *args, **kwargs) -> None:
+        # *args/**kwargs go to the next class in the MRO (e.g. nn.LayerNorm for ResidualLayerNorm)
+        super().__init__(*args, **kwargs)
         self.backend = backend if backend is not None else default_backend()
 
     @property

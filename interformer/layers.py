@@ -312,7 +312,7 @@ class PoolingMultiHeadAttention(FusedModule):
         )
 
 
-class ResidualLayerNorm(nn.LayerNorm, FusedModule):
+class ResidualLayerNorm(FusedModule, nn.LayerNorm):
     """``nn.LayerNorm(d_model, eps)`` with an optional residual: ``forward(x, residual=None)`` returns
     ``LayerNorm(x + residual)``.
 
@@ -333,8 +333,7 @@ class ResidualLayerNorm(nn.LayerNorm, FusedModule):
     kernel_ops = (("layernorm", "add_layer_norm"),)
 
     def __init__(self, d_model: int, eps: float = 1e-5, backend: Optional[str] = None) -> None:
-        super().__init__(d_model, eps=eps)
-        self.backend = backend if backend is not None else self.backend
+        super().__init__(backend, d_model, eps=eps)  # FusedModule, then nn.LayerNorm(d_model, eps)
 
     @ranged("ResidualLayerNorm")
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -302,6 +302,7 @@ FR_CASES = [  # B, D, L
     (3, 312, 2),    # wide layers: three column tiles, K loop with a tail
     (5, 312, 3),    # L = 3: the running-sum carry between the top and next-to-last layers
     (2, 200, 4),    # L = 4: ping-pong buffers of the carries reused
+    (70, 200, 2),   # wide layers over three row tiles: db partial sums of the element-wise backward
     (130, 40, 2),   # two row tiles: db partial sums over row tiles
 ]
 

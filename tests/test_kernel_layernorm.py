@@ -263,3 +263,11 @@ def test_module_leaves_layernorm_to_the_compiler():
     out = torch.compile(m, backend=record, fullgraph=True)(x, r)
     assert seen and not any("add_layer_norm" in t for t in seen), seen
     assert_rel(out, m(x, r), FP32_TOL)
+
+
+def test_explicit_backend_ignores_the_environment(monkeypatch):
+    """Like every fused module, an explicit backend does not consult $INTERFORMER_BACKEND."""
+    monkeypatch.setenv("INTERFORMER_BACKEND", "bogus")
+    assert ResidualLayerNorm(8, backend="eager").backend == "eager"
+    with pytest.raises(ValueError, match="INTERFORMER_BACKEND"):
+        ResidualLayerNorm(8)

@@ -11,11 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def train_step():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)  # train_step imports bench/common.py as "common"
     spec = importlib.util.spec_from_file_location("profiling_train_step", os.path.join(ROOT, "profiling", "train_step.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    yield mod
+    sys.path.remove(bench)
+    for name in ("common", "test_bench_model"):  # no bench module left importable by other tests
+        sys.modules.pop(name, None)
 
 
 def test_host_breakdown_groups_the_profile(train_step, capsys):
