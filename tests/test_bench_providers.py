@@ -1,0 +1,146 @@
+"""Each benchmark provider times the implementation its name promises.
+
+A provider that silently measures the wrong thing (a ``compile-max-autotune`` column filled with
+plain eager times, a ``fused-*`` row running the reference) corrupts every comparison built on it,
+and the GPU-only providers never run on a CPU. So here every op benchmark is called once per
+provider at the smoke shape with ``common.run`` replaced by a single call and ``torch.compile``
+by a recorder, and spies on the reference and fused functions say which one ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+import interformer.kernels as kernels_pkg  # noqa: F401  (the fused modules below import from it)
+from interformer import backend as backend_mod
+from interformer import reference as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+# bench module -> (test function, extra parametrisations, reference name, kernel module, kernel function)
+OPS = {
+    "test_bench_gated_lce": ("test_gated_lce", [dict(use="nonseq")], "gated_lce", "gated_lce", "gated_lce"),
+    "test_bench_pffn": ("test_pffn", [dict(pffn_mode="mlp"), dict(pffn_mode="linear")], None, "pffn", None),
+    "test_bench_dot_interaction": ("test_dot_interaction", [{}], "dot_interaction", "dot_interaction", "dot_interaction"),
+    "test_bench_crossnet": ("test_crossnet", [dict(rank="full"), dict(rank="low")], None, "crossnet", None),
+    "test_bench_layernorm": ("test_layernorm", [dict(use="dhen")], "add_layer_norm", "layernorm", "add_layer_norm"),
+    "test_bench_attention": ("test_self_attention", [{}], "attention", "attention", "attention"),
+}
+# providers whose implementation is neither the reference nor ours (a user's pipeline)
+FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    for name in ["common"] + list(OPS):
+        sys.modules.pop(name, None)
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "skip_unless_runnable", lambda *a, **k: None)
+    monkeypatch.setattr(common, "run", lambda benchmark, fn, **kw: fn())
+    compiled = []
+
+    def fake_compile(fn=None, **kw):
+        compiled.append(kw.get("mode", "default"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    yield common, compiled
+    for name in ["common"] + list(OPS):
+        sys.modules.pop(name, None)
+
+
+def _spy(monkeypatch, module, name, calls, tag):
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(tag)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def _expected_compile_mode(provider):
+    if provider == "compile-max-autotune":
+        return "max-autotune-no-cudagraphs"
+    if provider.endswith("reduce-overhead"):
+        return "reduce-overhead"
+    if provider in ("compile", "fused-compile"):
+        return "default"
+    return None
+
+
+@pytest.mark.parametrize("bench_module", list(OPS))
+def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
+    common, compiled = bench
+    test_name, variants, ref_name, kmod_name, kfn_name = OPS[bench_module]
+    mod = importlib.import_module(bench_module)
+    kmod = importlib.import_module(f"interformer.kernels.{kmod_name}")
+    calls = []
+    ref_names = [ref_name] if ref_name else {"test_bench_pffn": ["pffn_mlp", "pffn_linear"],
+                                              "test_bench_crossnet": ["cross_net", "low_rank_cross_net"]}[bench_module]
+    for name in ref_names:
+        _spy(monkeypatch, R, name, calls, "reference")
+        _spy(monkeypatch, kmod, kfn_name or name, calls, "fused")
+    providers = getattr(mod, "PROVIDERS", None) or getattr(mod, "SELF_PROVIDERS")
+    checked = 0
+    for provider in providers:
+        if provider.startswith(FOREIGN):
+            continue
+        for extra in variants:
+            if "triton-gemm" in provider and extra.get("rank") == "low":
+                continue
+            calls.clear()
+            compiled.clear()
+            kwargs = dict(benchmark=None, shape_name="smoke", mode="full", provider=provider, **extra)
+            if "monkeypatch" in getattr(mod, test_name).__code__.co_varnames:
+                kwargs["monkeypatch"] = monkeypatch
+            getattr(mod, test_name)(**kwargs)
+            want = "fused" if common.base_provider(provider).startswith("fused") else "reference"
+            assert calls and set(calls) == {want}, f"{bench_module} {provider} {extra}: ran {calls}, want {want}"
+            mode = _expected_compile_mode(provider)
+            assert compiled == ([mode] if mode else []), f"{bench_module} {provider}: torch.compile calls {compiled}"
+            checked += 1
+    assert checked >= 4
+
+
+def test_pma_providers_run_what_they_name(bench, monkeypatch):
+    common, compiled = bench
+    mod = importlib.import_module("test_bench_attention")
+    import interformer.kernels.attention as A
+
+    calls = []
+    _spy(monkeypatch, A, "attention", calls, "fused")
+    _spy(monkeypatch, R, "attention", calls, "reference")
+    monkeypatch.delitem(backend_mod._KERNELS, ("attention", "attention"), raising=False)  # resolve to the spy
+    for provider in mod.PMA_PROVIDERS:
+        calls.clear()
+        compiled.clear()
+        mod.test_pma(benchmark=None, shape_name="smoke", mode="full", provider=provider)
+        base = common.base_provider(provider)
+        want = {"fused": {"fused"}, "nn.MultiheadAttention": set()}.get(base, {"reference"})
+        assert set(calls) == want, f"pma {provider}: ran {calls}"
+        mode = _expected_compile_mode(provider)
+        assert compiled == ([mode] if mode else []), f"pma {provider}: torch.compile calls {compiled}"
+
+
+def test_model_providers_build_what_they_name(bench):
+    common, compiled = bench
+    mod = importlib.import_module("test_bench_model")
+    shape = common.Shape("smoke", B=2, n=3, k=2, T=5, d=16, heads=2, layers=1, n_ssum=2, dcn_rank=4)
+    for provider in mod.PROVIDERS:
+        compiled.clear()
+        model = mod.build(provider, shape)
+        backends = {m.backend for m in model.modules() if isinstance(m, backend_mod.FusedModule)}
+        want = "triton" if provider.startswith("fused") else "eager"
+        assert backends == {want}, f"model {provider}: backends {backends}"
+        mode = _expected_compile_mode(provider)
+        assert compiled == ([mode] if mode else []), f"model {provider}: torch.compile calls {compiled}"
+        streams = any(getattr(b, "use_streams", False) for b in model.modules() if hasattr(b, "_side_stream"))
+        assert streams == provider.startswith("fused-streams"), f"model {provider}: streams {streams}"
