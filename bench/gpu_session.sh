@@ -7,10 +7,11 @@
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
 #   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
-# A lease of about ten minutes fits, in order of value:
-#   OPS_K="taobao and full and not max-autotune" MODEL_K="taobao and not max-autotune" \
-#   OPS_TIMEOUT=200 MODEL_TIMEOUT=170 HOST_TIMEOUT=60 TESTS_TIMEOUT=150 \
-#   bench/gpu_session.sh COMMIT ops model host tests
+# One call of at most ~540 s (a 15-minute lease minus the machine's start) fits, in order of value
+# (each model compile takes tens of seconds, so op rows skip the compile providers measured before):
+#   MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
+#   OPS_K="taobao and full and not compile" OPS_TIMEOUT=130 HOST_TIMEOUT=40 TESTS_TIMEOUT=120 \
+#   bench/gpu_session.sh COMMIT model ops host tests
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
