@@ -190,65 +190,24 @@ def test_low_rank_without_a_plan_falls_back_to_eager():
         torch.ops.interformer.low_rank_cross_net_fwd(x0, list(ws), list(vs), list(bs))
 
 
-# Ahead-of-time sm_90 build of the planned kernels, in a child process without TRITON_INTERPRET
-# (the interpreter replaces triton.jit); prints one JSON line per case with ``metadata.shared``.
-_AOT_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import interformer.kernels.crossnet as C
-
-TY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-KERNELS = {"fwd": C._lr_fwd_kernel, "rows": C._lr_bwd_rows_kernel, "weights": C._lr_bwd_weights_kernel}
-
-
-def shared(kind, args, constexprs, num_stages):
-    fn = KERNELS[kind]
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-            consts[(i,)] = constexprs[name]
-            continue
-        a = args[name]
-        if isinstance(a, list):  # a tuple of pointers
-            sig[name] = tuple("*" + TY[t] for t in a)
-            for j in range(len(a)):
-                attrs[(i, j)] = [["tt.divisibility", 16]]
-        elif isinstance(a, str):  # a pointer
-            sig[name] = "*" + TY[a]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]] if a % 16 == 0 else []
-    src = ASTSource(fn, sig, consts, attrs)
-    opts = dict(num_warps=4, num_stages=num_stages)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
-
-
-for case in json.loads(sys.argv[1]):
-    print(json.dumps(dict(case, shared=shared(case["kind"], case["args"], case["constexprs"], case["stages"]))),
-          flush=True)
-"""
-
-
 def _aot_cases(B, D, r, L, xdt, pdt):
     plan, est = _plan_estimates(D, r, L, xdt, pdt)
     x, p, f = (str(t).replace("torch.", "") for t in (xdt, pdt, torch.float32))
     params = dict(Us=[p] * L, Vs=[p] * L, Bs=[p] * L)
     common = dict(NUM_LAYERS=L, BLOCK_R=plan.block_r, PREC=C._precision(xdt))
+    mod = "interformer.kernels.crossnet"
     return [
-        dict(kind="fwd", shape=[D, r, L, x, p], est=est["fwd"], stages=plan.fwd[1],
-             args=dict(OUT=x, P=f, X0=x, **params, B=B, D=D, R=r),
-             constexprs=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
-        dict(kind="rows", shape=[D, r, L, x, p], est=est["rows"], stages=plan.rows[1],
-             args=dict(DX0=x, DP=f, G=x, X0=x, P=f, **params, B=B, D=D, R=r),
-             constexprs=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
-        dict(kind="weights", shape=[D, r, L, x, p], est=est["weights"], stages=plan.weights[2],
+        dict(module=mod, kernel="_lr_fwd_kernel", kind="fwd", shape=[D, r, L, x, p], est=est["fwd"],
+             num_stages=plan.fwd[1], args=dict(OUT=x, P=f, X0=x, **params, B=B, D=D, R=r),
+             consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
+        dict(module=mod, kernel="_lr_bwd_rows_kernel", kind="rows", shape=[D, r, L, x, p], est=est["rows"],
+             num_stages=plan.rows[1], args=dict(DX0=x, DP=f, G=x, X0=x, P=f, **params, B=B, D=D, R=r),
+             consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
+        dict(module=mod, kernel="_lr_bwd_weights_kernel", kind="weights", shape=[D, r, L, x, p],
+             est=est["weights"], num_stages=plan.weights[2],
              args=dict(DU=p, DV=p, DB=p, PART=f, G=x, X0=x, P=f, DP=f, **params, B=B, D=D, R=r,
                        ROWS_PER_SPLIT=64, TOTAL=L * (2 * D * r + D)),
-             constexprs=dict(common, DIRECT=False, BLOCK_B=plan.weights[0], BLOCK_D=plan.weights[1])),
+             consts=dict(common, DIRECT=False, BLOCK_B=plan.weights[0], BLOCK_D=plan.weights[1])),
     ]
 
 
@@ -258,11 +217,7 @@ def test_low_rank_plans_compile_within_h100_shared_memory():
     for (``metadata.shared``, what the launch checks against 232448) is within the H100 limit and
     within the estimate, at the shape that failed (D = 312, r = 200, L = 3; fp32, fp16, bf16) and at
     the benchmark shapes."""
-    import json
     import os
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
 
     try:
         from triton.backends.compiler import GPUTarget
@@ -274,20 +229,7 @@ def test_low_rank_plans_compile_within_h100_shared_memory():
     shapes += [(2048, D, r, L, torch.bfloat16, torch.bfloat16) for D, r, L in BENCH_SHAPES[::2]]
     shapes += [(2048, BENCH_SHAPES[0][0], 32, 2, torch.float32, torch.float32)]
     cases = [c for s in shapes for c in _aot_cases(*s)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    workers = max(1, min(8, os.cpu_count() or 1))
-    chunks = [cases[i::workers] for i in range(workers)]
-
-    def build(chunk):
-        res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(chunk)], env=env, cwd=root,
-                             capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-
-    with ThreadPoolExecutor(workers) as pool:
-        results = [r for rs in pool.map(build, [c for c in chunks if c]) for r in rs]
+    results = aot_build_sm90(cases, workers=max(1, min(8, os.cpu_count() or 1)))
     assert len(results) == len(cases)
     for r in results:
         what = f"{r['kind']} D, r, L, x, params = {r['shape']}: compiled {r['shared']} B, estimate {r['est']} B"
@@ -730,11 +672,11 @@ def test_cublas_path_kernels_build_for_sm90():
     bm, bn = C._BWD_TILE
     ptr = "bf16"
     cases = [dict(module="interformer.kernels.crossnet", kernel="_fr_residual_kernel",
-                  consts=dict(BLOCK=C._ELTWISE_BLOCK), ptrs=dict(DST=ptr, X0=ptr, Y=ptr, XI=ptr))]
+                  consts=dict(BLOCK=C._ELTWISE_BLOCK), args=dict(DST=ptr, X0=ptr, Y=ptr, XI=ptr))]
     for has_s, last in ((False, False), (True, False), (True, True), (False, True)):
         cases.append(dict(module="interformer.kernels.crossnet", kernel="_fr_bwd_eltwise_kernel",
                           consts=dict(HAS_S=has_s, LAST=last, BLOCK_M=bm, BLOCK_N=bn),
-                          ptrs=dict(DY=ptr, S_OUT="fp32", C_OUT=ptr, DBP="fp32", G=ptr, X0=ptr, Y=ptr, S_IN="fp32")))
+                          args=dict(DY=ptr, S_OUT="fp32", C_OUT=ptr, DBP="fp32", G=ptr, X0=ptr, Y=ptr, S_IN="fp32")))
     builds = aot_build_sm90(cases)
     assert len(builds) == len(cases)
     assert all(b["shared"] <= H100_SMEM for b in builds), builds

@@ -23,7 +23,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import GatedLCE
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, rel_err
+from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, rel_err
 
 K = pytest.importorskip("interformer.kernels.gated_lce")
 
@@ -298,61 +298,24 @@ def test_gpu_inductor_compile():
     assert_rel(g_c, x.grad, FP32_TOL, "compiled grad")
 
 
-# Ahead-of-time sm_90 build of the backward kernel, in a child process without TRITON_INTERPRET (the
-# interpreter replaces triton.jit); prints (shared bytes, warp-group dots, async copies) per case.
-_AOT_BWD = r"""
-import json, sys
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import interformer.kernels.gated_lce as G
-
-TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-fn = G._glce_bwd_kernel
-n_in, n_out, d = 20, 4, 64  # the taobao-like case of the sanitizer report
-n_per, kx, ro, dp, warps = G._config(n_in, n_out, d, True)
-for name in ("float32", "bfloat16"):
-    dtype = getattr(torch, name)
-    for store in (True, False):
-        opts = G._bwd_launch_options(dtype)
-        ce = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"))
-        ptr = dict(DX=TY[dtype], PART="fp32", DZ=TY[dtype], YS=TY[dtype], DO=TY[dtype], X=TY[dtype], W=TY[dtype],
-                   BIAS=TY[dtype], GW=TY[dtype], GB=TY[dtype])
-        sig, consts, attrs = {}, {}, {}
-        for i, arg in enumerate(fn.arg_names):
-            if arg in ce:
-                sig[arg], consts[(i,)] = "constexpr", ce[arg]
-            elif arg in ptr:
-                sig[arg], attrs[(i,)] = "*" + ptr[arg], [["tt.divisibility", 16]]
-            else:
-                sig[arg] = "i32"
-        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=warps, **opts))
-        ir = k.asm["ttgir"]
-        print(json.dumps(dict(dtype=name, store=store, shared=k.metadata.shared,
-                              wgmma=ir.count("warp_group_dot"), async_copies=ir.count("async_copy"))))
-"""
-
-
 def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
     """The fp32 backward crashed on an H100 (Triton 3.6, compute-sanitizer: invalid shared read at the
     ``tl.trans(wbd)`` dot) while bf16 was clean. An sm_90 build shows what differed: only the fp32
     (tf32x3) build pipelined the block loop through async copies into shared memory. This checks the
     mitigation of ``_bwd_launch_options``: the fp32 build has no warp-group dots and no async copies,
     the bf16 build keeps its tensor-core dots, and both fit an H100's shared memory."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    res = subprocess.run([sys.executable, "-c", _AOT_BWD], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    builds = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    n_in, n_out, d = 20, 4, 64  # the taobao-like case of the sanitizer report
+    n_per, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        for store in (True, False):
+            opts = K._bwd_launch_options(dtype)
+            consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"))
+            ptrs = dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, X=name, W=name, BIAS=name, GW=name, GB=name)
+            cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
+                              args=ptrs, num_warps=warps, dtype=name, store=store, **opts))
+    builds = aot_build_sm90(cases)
     assert len(builds) == 4
     for b in builds:
         assert b["shared"] <= 232448, b

@@ -236,10 +236,10 @@ def test_kernels_build_for_sm90():
         for has_r in (True, False):
             consts = dict(HAS_R=has_r, BLOCK_M=bm, BLOCK_N=bn)
             cases.append(dict(module="interformer.kernels.layernorm", kernel="_ln_fwd_kernel", consts=consts,
-                              ptrs=dict(Y="fp32", MEAN="fp32", RSTD="fp32", X="fp32", R="bf16", W="fp32", Bias="fp32"),
-                              fp32_scalars=["eps"], num_warps=warps))
+                              args=dict(Y="fp32", MEAN="fp32", RSTD="fp32", X="fp32", R="bf16", W="fp32", Bias="fp32",
+                                        eps=1e-5), num_warps=warps))
             cases.append(dict(module="interformer.kernels.layernorm", kernel="_ln_bwd_kernel", consts=consts,
-                              ptrs=dict(DH="fp32", PART="fp32", DY="fp32", X="fp32", R="bf16", W="fp32",
+                              args=dict(DH="fp32", PART="fp32", DY="fp32", X="fp32", R="bf16", W="fp32",
                                         MEAN="fp32", RSTD="fp32"), num_warps=warps))
     builds = aot_build_sm90(cases)
     assert len(builds) == len(cases)
