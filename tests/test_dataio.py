@@ -337,6 +337,15 @@ def test_file_level_errors(tmp_path, amazon):
         build_vocabularies(tmp_path / "nested.parquet", schema)
 
 
+def vocabularies_past_one_bad_row(path, schema, message, **kw):
+    """``build_vocabularies`` raises a DataError matching ``message`` at the one malformed row, and
+    with ``on_error="skip"`` warns that it skipped that row; returns the skipping run's result."""
+    with pytest.raises(DataError, match=message):
+        build_vocabularies(path, schema, **kw)
+    with pytest.warns(DataWarning, match="skipped 1 malformed"):
+        return build_vocabularies(path, schema, on_error="skip", **kw)
+
+
 def stray_quote_csv(path, close_at=None, extra=()):
     """1000 rows (price = index + 0.25) on lines 2..1001 with a title column. Row 10 (line 12) opens
     a quote in its title that, with ``close_at``, the title of that row closes; row 3 has a harmless
@@ -359,10 +368,8 @@ def test_a_stray_quote_costs_one_row_on_both_paths(tmp_path, closed):
     schema = Schema(dense=["price"], **AMAZON)
     reason = "a quoted field runs past the end of line 12 (a stray quote?"
     for vectorized in (True, False):
-        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:12: {re.escape(reason)}"):
-            build_vocabularies(path, schema, vectorized=vectorized)
-        with pytest.warns(DataWarning, match="skipped 1 malformed"):
-            vocabs, n = build_vocabularies(path, schema, on_error="skip", vectorized=vectorized)
+        vocabs, n = vocabularies_past_one_bad_row(path, schema, rf"^{re.escape(str(path))}:12: {re.escape(reason)}",
+                                                  vectorized=vectorized)
         assert n == 999
         ds = TabularDataset(path, schema, vocabs, on_error="skip", vectorized=vectorized)
         assert ds.num_rows == 999 and ds.skipped == 1 and ds.skipped_examples[0].startswith(f"{path}:12: {reason}")
@@ -637,10 +644,8 @@ def test_malformed_row_just_past_the_real_chunk_boundary(tmp_path):
     path = write_text(tmp_path / "boundary.csv", "\n".join(["label,price,u,h", *lines, ""]))
     results = []
     for vectorized in (True, False):
-        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:8194: column 'label'"):
-            build_vocabularies(path, schema, vectorized=vectorized)
-        with pytest.warns(DataWarning, match="skipped 1 malformed"):
-            vocabs, n = build_vocabularies(path, schema, on_error="skip", vectorized=vectorized)
+        vocabs, n = vocabularies_past_one_bad_row(path, schema, rf"^{re.escape(str(path))}:8194: column 'label'",
+                                                  vectorized=vectorized)
         assert n == 8192
         xs, err = outcome(TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(4096))
         assert err.startswith(f"{path}:8194: ") and len(xs) == 2
