@@ -60,6 +60,7 @@ import triton.language as tl
 
 from ._dispatch import lean_function, needs_grad, tracing
 from .gated_lce import sum_partials
+from .pffn import _max_programs  # 4 x the SM count on a GPU, 2 under the interpreter
 
 __all__ = ["add_layer_norm"]
 
@@ -130,23 +131,12 @@ def _ln_bwd_kernel(
 
 
 # ============================================================================ launchers
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def _config(N: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps)."""
-    bn = max(16, _next_pow2(N))
+    bn = max(16, triton.next_power_of_2(N))
     bm = max(1, min(64, 4096 // bn))
     return bm, bn, 8 if bm * bn >= 8192 else 4
-
-
-@functools.lru_cache(maxsize=None)
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
