@@ -111,16 +111,16 @@ def base_provider(provider: str) -> str:
 
 
 def skip_unless_runnable(provider: str, mode: str, cpu_providers: Sequence[str] = CPU_PROVIDERS,
-                         shape_name: Optional[str] = None) -> None:
-    """Skip (with the reason) a provider this machine cannot run, graphed variants outside ``full``
-    mode (one graphed mode per op keeps the suite's GPU time down), and max-autotune at shapes
-    outside ``$INTERFORMER_BENCH_AUTOTUNE_SHAPES``."""
+                         shape_name: Optional[str] = None, graph_modes: Sequence[str] = ("full",)) -> None:
+    """Skip (with the reason) a provider this machine cannot run, graphed variants outside
+    ``graph_modes`` (for ops, one graphed mode keeps the suite's GPU time down), and max-autotune at
+    shapes outside ``$INTERFORMER_BENCH_AUTOTUNE_SHAPES``."""
     import pytest
 
     if not ON_GPU and provider not in cpu_providers:
         pytest.skip(f"{provider}: GPU only ({SMOKE_NOTE})")
-    if provider.endswith(GRAPH_SUFFIX) and mode != "full":
-        pytest.skip(f"{provider}: CUDA-graph variants run in full mode only")
+    if provider.endswith(GRAPH_SUFFIX) and mode not in graph_modes:
+        pytest.skip(f"{provider}: CUDA-graph variants run in {', '.join(graph_modes)} mode only")
     if provider == "compile-max-autotune" and shape_name is not None and shape_name not in AUTOTUNE_SHAPES:
         pytest.skip(f"max-autotune not run at {shape_name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
 
@@ -337,11 +337,18 @@ def run(
     return row
 
 
-def compiled(fn: Callable, provider: str) -> Callable:
-    """``fn`` for a provider name: ``eager``/``fused`` as is, ``compile`` and ``compile-max-autotune``
-    through ``torch.compile``."""
-    if provider.endswith("compile") or provider == "compile":
-        return torch.compile(fn)
+def compile_options(provider: str) -> Optional[dict]:
+    """The ``torch.compile`` keyword arguments a provider's name asks for; None: not compiled."""
     if provider.endswith("compile-max-autotune"):
-        return torch.compile(fn, mode="max-autotune-no-cudagraphs")
-    return fn
+        return {"mode": "max-autotune-no-cudagraphs"}
+    if provider.endswith("compile-reduce-overhead"):
+        return {"mode": "reduce-overhead"}
+    if provider.endswith("compile"):
+        return {}
+    return None
+
+
+def compiled(fn: Callable, provider: str) -> Callable:
+    """``fn`` for a provider name: as is, or through ``torch.compile`` (:func:`compile_options`)."""
+    options = compile_options(provider)
+    return fn if options is None else torch.compile(fn, **options)

@@ -160,9 +160,8 @@ def _flash_attn_pipeline(lengths: torch.Tensor, L: int):
 def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if provider == "eager":
         return lambda q, k, v, n: R.attention(q, k, v, n, rope_base=BASE)
-    if provider in ("compile", "compile-max-autotune"):
-        compile_kw = {"mode": "max-autotune-no-cudagraphs"} if provider == "compile-max-autotune" else {}
-        compiled = torch.compile(R.attention, dynamic=False, **compile_kw)
+    if common.compile_options(provider) is not None:
+        compiled = torch.compile(R.attention, dynamic=False, **common.compile_options(provider))
         return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
     if provider == "fused":
         fused = _fused_attention()
@@ -247,10 +246,8 @@ def test_pma(benchmark, shape_name, mode, provider):
         module = PoolingMultiHeadAttention(shape.n_pma, d, shape.heads,
                                            backend="triton" if impl == "fused" else "eager")
     module = module.to(common.DEVICE, common.DTYPE)
-    call = module
-    if impl in ("compile", "compile-max-autotune"):
-        compile_kw = {"mode": "max-autotune-no-cudagraphs"} if impl == "compile-max-autotune" else {}
-        call = torch.compile(module, dynamic=False, **compile_kw)
+    options = common.compile_options(impl)
+    call = module if options is None else torch.compile(module, dynamic=False, **options)
 
     def forward():
         return call(s, lengths)

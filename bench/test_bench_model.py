@@ -61,20 +61,7 @@ def build(provider: str, shape: common.Shape):
         optimize(model, "triton")
     if provider.startswith("fused-streams"):
         model.backbone.use_streams(True)
-    if provider in ("compile", "fused-compile"):
-        model = torch.compile(model)
-    elif provider == "compile-max-autotune":
-        model = torch.compile(model, mode="max-autotune-no-cudagraphs")
-    elif provider.endswith("reduce-overhead"):
-        model = torch.compile(model, mode="reduce-overhead")
-    return model
-
-
-def _skip_unsupported(provider: str, shape: common.Shape, mode: str) -> None:
-    if not common.ON_GPU and (provider not in ("eager", "fused")):
-        pytest.skip(f"{provider}: GPU only ({common.SMOKE_NOTE})")
-    if provider == "compile-max-autotune" and shape.name not in common.AUTOTUNE_SHAPES:
-        pytest.skip(f"max-autotune not run at {shape.name} (INTERFORMER_BENCH_AUTOTUNE_SHAPES)")
+    return common.compiled(model, provider)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -82,7 +69,7 @@ def _skip_unsupported(provider: str, shape: common.Shape, mode: str) -> None:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_model(benchmark, shape_name, mode, provider):
     shape = common.SHAPES[shape_name]
-    _skip_unsupported(provider, shape, mode)
+    common.skip_unless_runnable(provider, mode, shape_name=shape.name, graph_modes=("train", "inference"))
     if not common.ON_GPU:
         shape = common.Shape("smoke", B=2, n=3, k=2, T=5, d=16, heads=2, layers=1, n_ssum=2, dcn_rank=4)
     model = build(provider, shape)
