@@ -102,7 +102,10 @@ def markdown(rows) -> str:
 def _best(times: dict, fused: bool):
     """(provider, ms) of the fastest fused (or non-fused) provider in ``times``, or None."""
     cands = [(ms, p) for p, ms in times.items() if is_fused(p) == fused]
-    return (min(cands)[1], min(cands)[0]) if cands else None
+    if not cands:
+        return None
+    ms, provider = min(cands)
+    return provider, ms
 
 
 def _ratio(base_ms, best) -> str:

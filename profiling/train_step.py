@@ -53,15 +53,23 @@ def main(argv=None) -> int:
     cfg = config_for(shape)
     model = optimize(InterFormerCTR(cfg).to(common.DEVICE), args.backend)
     inputs, label = batch_for(shape, cfg)
-    autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU)
+    params = list(model.parameters())
 
-    def step():
-        with nvtx_range("train_step"):
-            for p in model.parameters():
-                p.grad = None
-            with autocast:
-                loss = model.loss(model(*inputs), label)
-            loss.backward()
+    def make_step(cache_enabled: bool = True):
+        """One training step; CUDA-graph capture needs autocast without its cast cache."""
+        autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
+                                  cache_enabled=cache_enabled)
+
+        def step():
+            with nvtx_range("train_step"):
+                for p in params:
+                    p.grad = None
+                with autocast:
+                    loss = model.loss(model(*inputs), label)
+                loss.backward()
+        return step
+
+    step = make_step()
 
     for _ in range(args.warmup):
         step()
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
     enable_nvtx(False)
 
     if args.host:
-        host_breakdown(model, inputs, label, step, args.steps)
+        host_breakdown(make_step, args.steps)
 
     if prof is not None:
         totals = defaultdict(lambda: [0.0, 0.0, 0])
@@ -138,26 +146,17 @@ def _timed(fn, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def host_breakdown(model, inputs, label, step, steps: int) -> dict:
-    """Print (and return) plain and graphed step times and the host time by group."""
+def host_breakdown(make_step, steps: int) -> dict:
+    """Print (and return) plain and graphed step times and the host time by group;
+    ``make_step(cache_enabled)`` builds the training step."""
     import cProfile
     import pstats
 
     import common
 
+    step = make_step()
     plain = _timed(step, steps)
-    graphed = None
-    if common.ON_GPU:
-        params = list(model.parameters())
-
-        def graph_step():  # autocast without its cast cache, as capture requires
-            for p in params:
-                p.grad = None
-            with torch.autocast("cuda", dtype=common.DTYPE, cache_enabled=False):
-                loss = model.loss(model(*inputs), label)
-            loss.backward()
-
-        graphed = _timed(common.captured(graph_step), steps)
+    graphed = _timed(common.captured(make_step(cache_enabled=False)), steps) if common.ON_GPU else None
     prof = cProfile.Profile()
     prof.enable()
     _timed(step, steps)
