@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backend import FusedModule
 from .profiling import ranged

@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 
-import interformer.kernels as kernels_pkg  # noqa: F401  (the fused modules below import from it)
 from interformer import backend as backend_mod
 from interformer import reference as R
 

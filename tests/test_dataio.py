@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from interformer import InterFormerConfig, InterFormerCTR
-from interformer.data import Batch, make_synthetic
+from interformer.data import make_synthetic
 from interformer.dataio import (
     DataError,
     DataWarning,

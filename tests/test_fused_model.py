@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from interformer import FusedModule, InterFormerCTR, optimize
-from test_model import random_batch, run, tiny_config
+from test_model import random_batch, tiny_config
 from utils import DEVICE, HAS_CUDA
 
 # DESIGN §5, fp32: the fused path against the eager path. On the GPU TF32-free fp32 kernels still
