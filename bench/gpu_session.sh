@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
-#   benchmarks), profile (per-range table of one training step), host (plain vs CUDA-graph step
-#   time and where the host time goes, fused and eager). Logs, JSON and JSONL go to $OUT.
+#   benchmarks), profile (per-range table of one training step), host (per-launch host cost, plain
+#   vs CUDA-graph step time and where the host time goes, fused and eager). Logs, JSON and JSONL go to $OUT.
 # Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
 #   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
@@ -67,7 +67,10 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1
              echo "exit $?"; head -n 40 "$OUT/profile.log" ;;
-    host)    # plain vs CUDA-graph step time and the host time by group, both backends
+    host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), then plain vs CUDA-graph
+             # step time and the host time by group, both backends
+             timeout 60 python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
+             echo "launch_overhead exit $?"; tail -n 8 "$OUT/launch.log"
              for be in triton eager; do
                timeout "${HOST_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                  --steps 10 --host >"$OUT/host-$be.log" 2>&1

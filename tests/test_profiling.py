@@ -37,3 +37,31 @@ def test_groups_by_file(train_step):
     assert train_step._group(("/repo/interformer/model.py", 1, "forward")) == "model code (interformer)"
     assert train_step._group(("~", 0, "<method 'run_backward' of 'torch._C._EngineBase' objects>")).startswith("autograd")
     assert train_step._group(("~", 0, "<built-in method torch.mm>")) == "torch ops and the rest"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"profiling_{name}", os.path.join(ROOT, "profiling", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_launch_overhead_measures_every_launcher():
+    import torch
+
+    lo = _load("launch_overhead")
+    result = lo.measure(calls=2)
+    times, notes = result["us_per_call"], result["notes"]
+    assert set(times) == {"torch.add (aten op)", "Triton JIT, 3 args", "Triton direct, 3 args",
+                          f"Triton JIT, {lo.MANY + 3} args", f"Triton direct, {lo.MANY + 3} args"}
+    for name, us in times.items():
+        if "direct" in name and not torch.cuda.is_available():
+            assert us is None and notes[name] == "needs a GPU"
+        elif "direct" not in name or not notes.get(name):
+            assert us is not None and us > 0, name
+    # the many-argument kernel really reads every argument (none is dead code the compiler drops)
+    many = lo._many_kernel()
+    x = torch.randn(64, device="cuda" if torch.cuda.is_available() else "cpu")
+    y = torch.empty_like(x)
+    many[(1,)](x, y, x.numel(), *range(lo.MANY), BLOCK=64)
+    torch.testing.assert_close(y, x + sum(range(lo.MANY)))
