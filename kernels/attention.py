@@ -116,6 +116,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["attention"]
@@ -512,19 +513,11 @@ def _attn_bwd_dq_kernel(
 
 
 # ============================================================================ launchers
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 inputs use 3-pass tf32 ("tf32x3", about fp32 accuracy on tensor
-    cores); for fp16/bf16 the option is ignored."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _padded_dh(dh: int) -> int:
     """Register width of a head: next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
-    return max(16, _next_pow2(dh))
+    return max(16, next_pow2(dh))
 
 
 def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
@@ -533,12 +526,12 @@ def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, in
     Wide heads (128) and fp32 (tf32x3 splits every operand in two) narrow the key block so the
     tiles stay in registers (checked by compiling for sm_90: no spills at the DESIGN shapes)."""
     if Lq <= 64:
-        block_m = max(16, _next_pow2(Lq))
+        block_m = max(16, next_pow2(Lq))
     elif Lq <= 256:
         block_m = 64
     else:
         block_m = 128
-    block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
+    block_n = min(max(16, next_pow2(Lk)), 128 if block_m <= 32 else 64)
     if dhp >= 128 or (dtype == torch.float32 and dhp >= 64):
         block_n = min(block_n, 32)
     num_warps = 8 if block_m * block_n >= 128 * 64 or block_m * dhp >= 64 * 64 else 4
@@ -547,8 +540,8 @@ def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, in
 
 def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (Lq <= 128)."""
-    block_m = max(16, _next_pow2(Lq))
-    block_n = min(max(16, _next_pow2(Lk)), 128 if block_m <= 32 else 64)
+    block_m = max(16, next_pow2(Lq))
+    block_n = min(max(16, next_pow2(Lk)), 128 if block_m <= 32 else 64)
     if dhp >= 128:
         block_n = 16
     elif dtype == torch.float32:
@@ -625,7 +618,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
         *k.stride(), *v.stride(), *out.stride(),
         CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
         MASK_Q=bool(mask_queries), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp, SPLIT=rope_base is not None,
-        PREC=_precision(k.dtype),
+        PREC=dot_precision(k.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -657,7 +650,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         flags = dict(
             CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
             MASK_Q=bool(mask_queries), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
-            PREC=_precision(k.dtype),
+            PREC=dot_precision(k.dtype),
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
         if Lq <= _FUSED_BWD_MAX_LQ:

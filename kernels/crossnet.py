@@ -50,7 +50,7 @@ upstream gradient), ``dx0 = g_0 + sum_i g_{i+1} * y_i``, ``dU_i = dy_i^T p_i``, 
   then ``torch.mm``) would move ``4 L B D`` more elements. ``SPLIT`` row ranges (about 128 programs in
   all, capped so that the fp32 partials are no bigger than x0) write partial sums to an fp32
   ``[SPLIT, L*(2*D*r + D)]`` buffer, and
-* ``_sum_partials_kernel`` reduces them over SPLIT and writes the three stacked gradients in the
+* :func:`._common.sum_partials` reduces them over SPLIT and writes the three stacked gradients in the
   parameters' dtype (one launch for all). With ``SPLIT == 1`` (e.g. D = 9216 at ``long``) the weight
   kernel writes the gradients directly and this launch is skipped. No atomics: deterministic.
 
@@ -133,7 +133,7 @@ the setting at its own call, whatever the forward used.
   ``dy_{L-1} = g_L * x0`` is formed while loading (its programs with ``pid_n == 0`` also store it, for
   ``dW``). ``dW_i`` on cuBLAS (a ``[D, B] x [B, D]`` GEMM with nothing to fuse).
 
-Either way ``db`` partial sums are reduced by ``_sum_partials_kernel``. The cuBLAS GEMMs run in the
+Either way ``db`` partial sums are reduced by :func:`._common.sum_partials`. The cuBLAS GEMMs run in the
 compute dtype (parameters of another dtype, under autocast, are cast to it first, as eager's
 autocast does), outside autocast, with fp32 accumulation; fp32 GEMMs follow
 ``torch.backends.cuda.matmul.allow_tf32`` as eager's do (off by default: full fp32).
@@ -180,6 +180,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, next_pow2, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -190,51 +191,6 @@ MAX_BLOCK_R = 512
 SMEM_LIMIT = 232448
 # Low-rank weight-gradient kernel: aim for about this many programs (columns x row splits).
 _TARGET_PROGRAMS = 128
-
-
-# ============================================================================ shared helpers
-@triton.jit
-def _sum_partials_kernel(OUT0, OUT1, OUT2, PART, S, N, N1, N2,
-                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``sum_s PART[s, c]`` for columns c of an fp32 ``[S, N]`` buffer, written (cast) to
-    ``OUT0[c]`` for ``c < N1``, ``OUT1[c - N1]`` for ``N1 <= c < N2``, ``OUT2[c - N2]`` for ``c >= N2``."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cols < N
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        ss = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
-        part = tl.load(PART + ss[:, None] * N + cols[None, :], mask=(ss < S)[:, None] & ok[None, :], other=0.0)
-        acc += tl.sum(part, axis=0)
-    in0 = ok & (cols < N1)
-    in1 = ok & (cols >= N1) & (cols < N2)
-    in2 = ok & (cols >= N2)
-    tl.store(OUT0 + tl.where(in0, cols, 0), acc.to(OUT0.dtype.element_ty), mask=in0)
-    tl.store(OUT1 + tl.where(in1, cols - N1, 0), acc.to(OUT1.dtype.element_ty), mask=in1)
-    tl.store(OUT2 + tl.where(in2, cols - N2, 0), acc.to(OUT2.dtype.element_ty), mask=in2)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots use 3-pass tf32 on GPU (about fp32 accuracy); ignored for fp16/bf16."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-def _sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
-    """Reduce an fp32 ``[S, N]`` buffer over S into up to three flat outputs covering N in order."""
-    S, N = part.shape
-    sizes = [o.numel() for o in outs]
-    assert sum(sizes) == N
-    outs = list(outs) + [outs[-1]] * (3 - len(outs))
-    n1 = sizes[0]
-    n2 = n1 + (sizes[1] if len(sizes) > 1 else 0)
-    BLOCK_C = 256
-    BLOCK_S = min(16, max(2, _next_pow2(S)))
-    _sum_partials_kernel[(triton.cdiv(N, BLOCK_C),)](
-        outs[0], outs[1], outs[2], part, S, N, n1, n2, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=4
-    )
 
 
 # ============================================================================ low rank: Triton
@@ -469,11 +425,11 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
     """Block sizes and stages of the three low-rank kernels, or None when they cannot run (``BLOCK_R >
     512``, or no tile of 16 columns fits ``budget`` bytes of shared memory: large ranks with many
     layers; the public function then uses the eager reference)."""
-    br = max(16, _next_pow2(R))
+    br = max(16, next_pow2(R))
     if br > MAX_BLOCK_R:
         return None
     xb, pb = x_dtype.itemsize, p_dtype.itemsize
-    dp2 = max(16, _next_pow2(D))
+    dp2 = max(16, next_pow2(D))
     row_cap = max(16, min(128, 8192 // br, dp2))
     w_cap = max(16, min(64, 4096 // br, dp2))
     fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
@@ -515,7 +471,7 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     bd, stages = plan.fwd
     _lr_fwd_kernel[(triton.cdiv(B, _LR_BLOCK_B),)](
         out, p, x0, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=_precision(x0.dtype),
+        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
         num_warps=4, num_stages=stages,
     )
     return out, p
@@ -542,7 +498,7 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     L, R = len(ws), ws[0].shape[1]
     pdt = ws[0].dtype
     dev = x0.device
-    prec = _precision(x0.dtype)
+    prec = dot_precision(x0.dtype)
     plan = _lr_plan_or_raise(x0, ws, L)
     BR = plan.block_r
     bd, stages = plan.rows
@@ -565,7 +521,7 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
         num_stages=w_stages,
     )
     if split > 1:
-        _sum_partials(part, (du, dv, db))
+        sum_partials(part, (du, dv, db))
     return dx0, du, dv, db
 
 
@@ -731,9 +687,9 @@ def _fr_bwd_eltwise_kernel(
 # ============================================================================ full rank: launchers
 def _fr_config(B: int, D: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the full-rank GEMM kernels."""
-    bm = max(16, min(128, _next_pow2(B)))
-    bn = max(16, min(128, _next_pow2(D)))
-    bk = max(16, min(32 if dtype == torch.float32 else 64, _next_pow2(D)))
+    bm = max(16, min(128, next_pow2(B)))
+    bn = max(16, min(128, next_pow2(D)))
+    bk = max(16, min(32 if dtype == torch.float32 else 64, next_pow2(D)))
     warps = 8 if bm * bn >= 128 * 128 else 4
     stages = 3 if dtype == torch.float32 else 4
     return bm, bn, bk, warps, stages
@@ -783,7 +739,7 @@ def _fr_fwd_impl(x0, ws, bs):
         return out, xs, ys
     bm, bn, bk, warps, stages = _fr_config(B, D, dt)
     grid = (triton.cdiv(B, bm) * triton.cdiv(D, bn),)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=_precision(dt),
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
                 num_warps=warps, num_stages=stages)
     xs_arg = xs if L > 1 else out  # never hand Triton an empty tensor
     if D <= bn:  # one column tile: every program owns its rows, all layers in one launch
@@ -836,7 +792,7 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
                 g_out = g_buf[i % len(g_buf)]
                 torch.addmm(g_in, dy, w, out=g_out)
                 g_in, s_in = g_out, s_out
-    _sum_partials(dbp.view(n_m, L * D), (db,))
+    sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
 
 
@@ -852,7 +808,7 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
     bm, bn, bk, warps, stages = _fr_config(B, D, dt)
     n_m = triton.cdiv(B, bm)
     grid = (n_m * triton.cdiv(D, bn),)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=_precision(dt),
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
                 num_warps=warps, num_stages=stages)
     dx0 = torch.empty((B, D), device=dev, dtype=dt)
     dw = torch.empty((L, D, D), device=dev, dtype=pdt)
@@ -882,7 +838,7 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
             else:
                 dw[i].copy_(torch.mm(dy_i.t(), x_i))
         g_in, s_in = g_out, s_out
-    _sum_partials(dbp.view(n_m, L * D), (db,))
+    sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
 
 

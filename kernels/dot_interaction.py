@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
@@ -169,18 +170,12 @@ def _dot_bwd_kernel(
                          mask=(ri < n_b)[:, None] & (dd < DM)[None, :])
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _config(B: int, N: int, d: int) -> Tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_D, number of token blocks, samples per program, num_warps)."""
-    bn = min(MAX_BLOCK_N, max(16, _next_pow2(N)))
-    bd = min(128, max(16, _next_pow2(d)))
+    bn = min(MAX_BLOCK_N, max(16, next_pow2(N)))
+    bd = min(128, max(16, next_pow2(d)))
     samples = max(1, min(8, B // TARGET_PROGRAMS))
     warps = 8 if bn * bd >= 64 * 128 else 4
     return bn, bd, triton.cdiv(N, bn), samples, warps
@@ -195,7 +190,7 @@ def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     bn, bd, nb, spp, warps = _config(B, N, d)
     _dot_fwd_kernel[(triton.cdiv(B, spp), nb, nb)](
         out, z, B, N, d, M, *z.stride(),
-        SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=_precision(z.dtype), num_warps=warps,
+        SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )
     return out
 
@@ -209,7 +204,7 @@ def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     bn, bd, nb, spp, warps = _config(B, N, d)
     _dot_bwd_kernel[(triton.cdiv(B, spp), nb)](
         dz, grad, z, B, N, d, M, *grad.stride(), *z.stride(), nb,
-        SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=_precision(z.dtype), num_warps=warps,
+        SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )
     return dz
 

@@ -65,7 +65,7 @@ one of two ways (``_gw_mode``, chosen from the bytes each moves):
   wins everywhere, the seq summary at B = 2048 only just: 8.7 MB of partials vs 8.4 MB).
 
 Each program writes its cross-sample partial sums (dgate_bias, dW, dbias, and in "acc" mode
-dgate_weight) once to an fp32 ``[programs, P]`` buffer, which ``_sum_partials_kernel`` reduces in a
+dgate_weight) once to an fp32 ``[programs, P]`` buffer, which :func:`._common.sum_partials` reduces in a
 fixed order (deterministic, no atomics) straight into the parameters' gradients, in their dtypes
 (one launch for all of them). The upstream gradient is read through its strides (a stride-0 expand
 after ``out.sum()`` is fine). ``GW_MODE`` forces a mode (tests run both).
@@ -102,6 +102,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, next_pow2, num_sms, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
@@ -247,67 +248,6 @@ def _glce_bwd_kernel(
         tl.store(base + j[:, None] * D + j[None, :], acc_gw, mask=j_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
-def _sum_partials_kernel(
-    OUT0, OUT1, OUT2, OUT3,
-    PART,
-    G, P, e1, e2, e3, spg,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """``sum_g PART[g, c]`` for columns ``c`` of a ``[G, P]`` fp32 buffer, written to four outputs:
-    columns ``[0, e1)`` to OUT0, ``[e1, e2)`` to OUT1, ``[e2, e3)`` to OUT2, ``[e3, P)`` to OUT3
-    (each cast to its output's dtype; an empty segment writes nothing). Fixed summation order."""
-    pid = tl.program_id(0).to(tl.int64)
-    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < P
-    acc = tl.zeros([BLOCK_C], tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        v = tl.load(PART + g[:, None] * spg + c[None, :], mask=(g < G)[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.sum(v, 0)
-    s0 = c < e1
-    s1 = (c >= e1) & (c < e2)
-    s2 = (c >= e2) & (c < e3)
-    s3 = (c >= e3) & c_ok
-    tl.store(OUT0 + tl.where(s0, c, 0), acc.to(OUT0.dtype.element_ty), mask=s0)
-    tl.store(OUT1 + tl.where(s1, c - e1, 0), acc.to(OUT1.dtype.element_ty), mask=s1)
-    tl.store(OUT2 + tl.where(s2, c - e2, 0), acc.to(OUT2.dtype.element_ty), mask=s2)
-    tl.store(OUT3 + tl.where(s3, c - e3, 0), acc.to(OUT3.dtype.element_ty), mask=s3)
-
-
-def sum_partials(part: torch.Tensor, outs) -> None:
-    """Reduce an fp32 ``[G, P]`` partial-sum buffer over G into up to four contiguous outputs whose
-    sizes add up to P (one launch). Shared with :mod:`interformer.kernels.pffn`."""
-    outs = list(outs)
-    sizes = [o.numel() for o in outs]
-    assert 1 <= len(outs) <= 4 and sum(sizes) == part.shape[1]
-    while len(outs) < 4:
-        outs.append(outs[0])
-        sizes.append(0)
-    G, P = part.shape
-    e1 = sizes[0]
-    e2 = e1 + sizes[1]
-    e3 = e2 + sizes[2]
-    if P == 0:
-        return
-    # [128, 32] fp32 tiles: a few hundred partial rows take a handful of iterations per program
-    BLOCK_C, BLOCK_G = 32, 128
-    _sum_partials_kernel[(triton.cdiv(P, BLOCK_C),)](
-        outs[0], outs[1], outs[2], outs[3], part, G, P, e1, e2, e3, part.stride(0),
-        BLOCK_G=BLOCK_G, BLOCK_C=BLOCK_C, num_warps=4,
-    )
-
-
-# ============================================================================ launchers
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots as 3-pass tf32 on GPU (about fp32 accuracy); ignored for fp16/bf16."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _bwd_launch_options(dtype: torch.dtype) -> dict:
     """Dot precision and pipelining of the backward kernel.
 
@@ -321,29 +261,20 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
     """
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1}
-    return {"PREC": _precision(dtype)}
+    return {"PREC": dot_precision(dtype)}
 
 
 @functools.lru_cache(maxsize=None)
 def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, int, int, int]:
     """(samples per block, KX, RO, DP, num_warps); see the module docstring."""
-    dp = max(16, _next_pow2(d))
+    dp = max(16, next_pow2(d))
     rows_x = max(16, (4096 if backward else 8192) // dp)   # target token rows per block
     rows_o = 32 if backward else 64                          # cap on output rows per block
     n_per = max(1, min(rows_x // n_in, rows_o // n_out))
-    kx = max(16, _next_pow2(n_per * n_in))
-    ro = max(16, _next_pow2(n_per * n_out))
+    kx = max(16, next_pow2(n_per * n_in))
+    ro = max(16, next_pow2(n_per * n_out))
     warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
     return n_per, kx, ro, dp, warps
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    """SM count on a GPU (sizes the backward's grid); 2 under the interpreter, so that the loop
-    over sample blocks runs several times in tests."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 #: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
@@ -371,7 +302,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, PREC=_precision(x.dtype), num_warps=warps,
+        KX=kx, RO=ro, DP=dp, PREC=dot_precision(x.dtype), num_warps=warps,
     )
     return out
 
@@ -385,11 +316,11 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     n_blocks = triton.cdiv(B, n_per)
     if n_blocks == 0:
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
-    mode = _gw_mode(B, n_out, d, x.element_size(), _num_sms(x.device))
+    mode = _gw_mode(B, n_out, d, x.element_size(), num_sms(x.device))
     store = mode == "store"
     # "store": about one block per program (4 per SM; fewer partial rows to reduce than one program
     # per block); "acc": one persistent program per SM
-    G = min(n_blocks, (4 if store else 1) * _num_sms(x.device))
+    G = min(n_blocks, (4 if store else 1) * num_sms(x.device))
     P = d + n_in * n_out + n_out + (0 if store else d * d)
     part = torch.empty((G, P), device=x.device, dtype=torch.float32)
     if store:
@@ -402,7 +333,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
         B, n_in, n_out, d, n_per, n_blocks,
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
-        STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, _next_pow2(n_in)), NOP=max(16, _next_pow2(n_out)),
+        STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
         **_bwd_launch_options(x.dtype), num_warps=warps,
     )
     if store:

@@ -27,7 +27,7 @@ With ``xhat = (h - mean) * rstd`` and ``g = weight * dy``:
 residual; ``dweight = sum_rows dy * xhat``, ``dbias = sum_rows dy``. ``G`` persistent programs (4 x
 the SM count on a GPU, 2 under the interpreter so that tests run the loop) walk the row tiles
 ``pid, pid + G, ...``, write dh, and keep their dweight/dbias partial sums in fp32 registers; they
-store them once to an fp32 ``[G, 2N]`` buffer that ``sum_partials`` (shared with the gated LCE)
+store them once to an fp32 ``[G, 2N]`` buffer that ``sum_partials`` (shared by every kernel file)
 reduces in a fixed order into the parameters' gradients. No atomics: deterministic.
 
 Block sizes (fixed by N, no autotune): ``BLOCK_N = max(16, next_pow2(N))``, ``BLOCK_M = max(1,
@@ -58,9 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
-from .gated_lce import sum_partials
-from .pffn import _max_programs  # 4 x the SM count on a GPU, 2 under the interpreter
 
 __all__ = ["add_layer_norm"]
 
@@ -134,7 +133,7 @@ def _ln_bwd_kernel(
 @functools.lru_cache(maxsize=None)
 def _config(N: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps)."""
-    bn = max(16, triton.next_power_of_2(N))
+    bn = max(16, next_pow2(N))
     bm = max(1, min(64, 4096 // bn))
     return bm, bn, 8 if bm * bn >= 8192 else 4
 
@@ -184,7 +183,7 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd):
         db.zero_()
         return dh.view(x.shape), dw, db
     bm, bn, warps = _config(N)
-    G = min(triton.cdiv(M, bm), _max_programs(dev))
+    G = min(triton.cdiv(M, bm), persistent_programs(dev))
     part = torch.empty((G, 2 * N), device=dev, dtype=torch.float32)
     _ln_bwd_kernel[(G,)](
         dh, part, dy, x2, r2 if r2 is not None else x2, weight, mean, rstd,

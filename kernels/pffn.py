@@ -46,7 +46,7 @@ read). With ``g = dout`` masked to the valid rows:
 
 The cross-sample parameter gradients (dgamma, dbeta and, in linear mode, da) are written by each
 program once into an fp32 ``[G, 2d (+ n_sum*d)]`` buffer and reduced over G in one launch by
-:func:`interformer.kernels.gated_lce.sum_partials` (fixed order: deterministic on a given device; no
+:func:`interformer.kernels._common.sum_partials` (fixed order: deterministic on a given device; no
 atomics), which writes each gradient in its parameter's dtype. The per-sample gradients (dw_b,
 dx_sum) need no reduction. Nothing goes to cuBLAS.
 
@@ -89,8 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
-from .gated_lce import sum_partials
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -254,31 +254,16 @@ def _pffn_bwd_kernel(
 
 
 # ============================================================================ launchers
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots as 3-pass tf32 on GPU (about fp32 accuracy); ignored for fp16/bf16."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @functools.lru_cache(maxsize=None)
 def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_L, DP, NP, num_warps); see the module docstring."""
-    dp = max(16, _next_pow2(d))
-    np_ = max(16, _next_pow2(n_sum))
-    block_l = min(32 if backward else 64, max(16, _next_pow2(L)))
+    dp = max(16, next_pow2(d))
+    np_ = max(16, next_pow2(n_sum))
+    block_l = min(32 if backward else 64, max(16, next_pow2(L)))
     warps = 8 if dp >= 128 else 4
     return block_l, dp, np_, warps
-
-
-@functools.lru_cache(maxsize=None)
-def _max_programs(device: torch.device) -> int:
-    """Persistent-grid size of the backward: 4 x the SM count on a GPU, 2 under the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
@@ -295,7 +280,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
         out, s, lengths, wx, a_, ln_weight, ln_bias,
         float(eps), L, d, n_sum, n_chunks,
         *s.stride(), lengths.stride(0), *wx.stride(), a_.stride(0), a_.stride(1), *out.stride(),
-        LINEAR=linear, BLOCK_L=block_l, CHUNK=chunk, DP=dp, NP=np_, PREC=_precision(s.dtype), num_warps=warps,
+        LINEAR=linear, BLOCK_L=block_l, CHUNK=chunk, DP=dp, NP=np_, PREC=dot_precision(s.dtype), num_warps=warps,
     )
     return out
 
@@ -315,7 +300,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
                 t.zero_()
         return ds, dwx, da, dgamma, dbeta
     block_l, dp, np_, warps = _config(L, d, n_sum, True)
-    G = min(B, _max_programs(s.device))
+    G = min(B, persistent_programs(s.device))
     P = 2 * d + (n_sum * d if linear else 0)
     part = torch.empty((G, P), device=s.device, dtype=torch.float32)
     a_ = a if linear else wx
@@ -324,7 +309,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
         float(eps), B, L, d, n_sum,
         *ds.stride(), *dwx.stride(), *grad_out.stride(), *s.stride(), lengths.stride(0), *wx.stride(),
         a_.stride(0), a_.stride(1), part.stride(0),
-        LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=_precision(s.dtype), num_warps=warps,
+        LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=dot_precision(s.dtype), num_warps=warps,
     )
     sum_partials(part, [dgamma, dbeta, da] if linear else [dgamma, dbeta])
     return ds, dwx, da, dgamma, dbeta

@@ -194,7 +194,7 @@ def _aot_cases(B, D, r, L, xdt, pdt):
     plan, est = _plan_estimates(D, r, L, xdt, pdt)
     x, p, f = (str(t).replace("torch.", "") for t in (xdt, pdt, torch.float32))
     params = dict(Us=[p] * L, Vs=[p] * L, Bs=[p] * L)
-    common = dict(NUM_LAYERS=L, BLOCK_R=plan.block_r, PREC=C._precision(xdt))
+    common = dict(NUM_LAYERS=L, BLOCK_R=plan.block_r, PREC=C.dot_precision(xdt))
     mod = "interformer.kernels.crossnet"
     return [
         dict(module=mod, kernel="_lr_fwd_kernel", kind="fwd", shape=[D, r, L, x, p], est=est["fwd"],

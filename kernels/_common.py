@@ -1,0 +1,100 @@
+"""Helpers every kernel file uses: block-size arithmetic, ``tl.dot`` precision, grid sizing from the
+device, and the fixed-order reduction of per-program partial sums.
+
+Partial sums: a backward that computes a gradient shared by every sample (a weight, a bias, a
+LayerNorm's gamma) lets each program accumulate its share in fp32 registers and store it once into
+an fp32 ``[G, P]`` buffer; :func:`sum_partials` then reduces over G in one launch, in a fixed
+order (deterministic on a given device, no atomics), and writes up to four gradients, each cast to
+its own dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision``: fp32 operands use 3-pass tf32 on a GPU ("tf32x3", about fp32
+    accuracy on tensor cores); for fp16/bf16 operands the option is ignored."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """The GPU's SM count; 2 under the interpreter, so that persistent loops run several times in tests."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Grid size of a persistent kernel: 4 programs per SM on a GPU, 2 under the interpreter."""
+    return 4 * num_sms(device) if device.type == "cuda" else 2
+
+
+@triton.jit
+def _sum_partials_kernel(
+    OUT0, OUT1, OUT2, OUT3,
+    PART,
+    G, P, e1, e2, e3, spg,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``sum_g PART[g, c]`` for columns ``c`` of a ``[G, P]`` fp32 buffer, written to four outputs:
+    columns ``[0, e1)`` to OUT0, ``[e1, e2)`` to OUT1, ``[e2, e3)`` to OUT2, ``[e3, P)`` to OUT3
+    (each cast to its output's dtype; an empty segment writes nothing). Fixed summation order."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < P
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = (g0 + tl.arange(0, BLOCK_G)).to(tl.int64)
+        v = tl.load(PART + g[:, None] * spg + c[None, :], mask=(g < G)[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.sum(v, 0)
+    s0 = c < e1
+    s1 = (c >= e1) & (c < e2)
+    s2 = (c >= e2) & (c < e3)
+    s3 = (c >= e3) & c_ok
+    tl.store(OUT0 + tl.where(s0, c, 0), acc.to(OUT0.dtype.element_ty), mask=s0)
+    tl.store(OUT1 + tl.where(s1, c - e1, 0), acc.to(OUT1.dtype.element_ty), mask=s1)
+    tl.store(OUT2 + tl.where(s2, c - e2, 0), acc.to(OUT2.dtype.element_ty), mask=s2)
+    tl.store(OUT3 + tl.where(s3, c - e3, 0), acc.to(OUT3.dtype.element_ty), mask=s3)
+
+
+def sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
+    """Reduce an fp32 ``[G, P]`` partial-sum buffer (unit column stride) over G into one to four
+    contiguous outputs whose sizes add up to P, in that order (one launch).
+
+    Tiles: many partial rows (a persistent grid's G of several hundred) take ``[128, 32]`` tiles,
+    a few rows (row tiles of a batch) over many columns ``[<=16, 256]``; either way a program reads
+    a handful of tiles and the order of the sum is fixed by (G, P) alone."""
+    outs = list(outs)
+    sizes = [o.numel() for o in outs]
+    G, P = part.shape
+    if not 1 <= len(outs) <= 4 or sum(sizes) != P:
+        raise ValueError(f"sum_partials: {len(outs)} outputs of sizes {sizes} for a [{G}, {P}] buffer")
+    if P == 0:
+        return
+    assert part.dtype == torch.float32 and (P == 1 or part.stride(1) == 1)
+    while len(outs) < 4:
+        outs.append(outs[0])
+        sizes.append(0)
+    e1 = sizes[0]
+    e2 = e1 + sizes[1]
+    e3 = e2 + sizes[2]
+    if G >= 64:
+        block_g, block_c = 128, 32
+    else:
+        block_g, block_c = min(16, max(2, next_pow2(G))), 256
+    _sum_partials_kernel[(triton.cdiv(P, block_c),)](
+        outs[0], outs[1], outs[2], outs[3], part, G, P, e1, e2, e3, part.stride(0),
+        BLOCK_G=block_g, BLOCK_C=block_c, num_warps=4,
+    )
