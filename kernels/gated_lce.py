@@ -82,8 +82,13 @@ registers (eager rounds them to the low dtype), and operands are cast to the com
 before each ``tl.dot``. fp32 inputs use ``tl.dot(input_precision="tf32x3")`` on a GPU (about fp32
 accuracy on tensor cores); under ``TRITON_INTERPRET=1`` dots are exact fp32.
 
-Limits: d <= 128 and n_in <= 256 (the register tiles above); larger sizes, and inputs with no
-elements, go to the eager reference (same math, same autograd).
+Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
+the eager reference (same math, same autograd). The bound is the backward's shared memory: its
+``dW`` fold multiplies fp32 one-hot selection tiles ``[NIP, KX]`` and ``[RO, NOP]``, and sm_90
+builds at the corner (n_in 128, n_out 64, d 128) take 229,376 bytes in fp32 against an H100's
+232,448; n_in 129..256 took 279,552 and n_out 128 at n_in 128 took 262,144 (too much to launch).
+At the DESIGN shapes the model's gated LCEs take at most 64 tokens in (``long``'s n) and give at
+most 8 out (n_ssum).
 
 ``torch.library``: ``interformer::gated_lce_fwd`` and ``interformer::gated_lce_bwd`` are
 ``custom_op`` s with fake implementations; the forward's autograd formula calls the backward op, so
@@ -109,7 +114,8 @@ __all__ = ["gated_lce"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_D = 128
-MAX_N_IN = 256
+MAX_N_IN = 128
+MAX_N_OUT = 64
 
 
 # ============================================================================ kernels
@@ -462,7 +468,7 @@ def gated_lce(
                 f"{x.dtype}, {weight.dtype}, {bias.dtype}, {gate_weight.dtype}, {gate_bias.dtype}"
             )
     B, n_in, d = x.shape
-    if d > MAX_D or n_in > MAX_N_IN or x.numel() == 0 or weight.shape[1] == 0:
+    if d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0:
         from interformer import reference
 
         with torch.autocast(dev, enabled=False):

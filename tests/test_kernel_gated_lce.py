@@ -323,3 +323,43 @@ def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
             assert b["wgmma"] == 0 and b["async_copies"] == 0, b
         else:
             assert b["wgmma"] > 0, b
+
+
+@pytest.mark.parametrize("n_in, n_out", [(K.MAX_N_IN + 1, 4), (8, K.MAX_N_OUT + 1)])
+def test_sizes_past_the_kernel_limits_use_the_reference(n_in, n_out, monkeypatch):
+    """Past n_in 128 / n_out 64 the backward would not fit an H100's shared memory (see
+    ``test_limit_corner_builds_within_h100_shared_memory``): the op runs the reference instead,
+    with the same results and gradients, and launches no kernel."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched past the limits")
+    monkeypatch.setattr(K, "_gated_lce_fwd_impl", no_launch)
+    monkeypatch.setattr(K, "_gated_lce_bwd_impl", no_launch)
+    masters = make_masters(2, n_in, n_out, 16, torch.Generator().manual_seed(n_in + n_out))
+    got = run(K.gated_lce, masters, torch.float32, "contiguous", None)
+    ref = run(R.gated_lce, masters, torch.float64, "contiguous", None)
+    for name, g, r in zip(NAMES, got, ref):
+        assert_rel(g, r, FP32_TOL, name)
+
+
+def test_limit_corner_builds_within_h100_shared_memory():
+    """At the largest sizes the fused op accepts (n_in 128, n_out 64, d 128) both kernels, in fp32
+    and bf16 and both dgate_weight strategies, compile for sm_90 within an H100's 232,448 bytes of
+    shared memory (the backward's fp32 one-hot fold is what grows; n_out 128 took 262,144)."""
+    n_in, n_out, d = K.MAX_N_IN, K.MAX_N_OUT, K.MAX_D
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        ptrs = dict(X=name, W=name, BIAS=name, GW=name, GB=name)
+        _, kx, ro, dp, warps = K._config(n_in, n_out, d, False)
+        cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel", args=dict(OUT=name, **ptrs),
+                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=K.dot_precision(dtype)), num_warps=warps))
+        _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
+        for store in (True, False):
+            opts = K._bwd_launch_options(dtype)
+            consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=K.next_pow2(n_in), NOP=K.next_pow2(n_out),
+                          PREC=opts.pop("PREC"))
+            cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
+                              args=dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, **ptrs), num_warps=warps,
+                              **opts))
+    for b in aot_build_sm90(cases, workers=2):
+        assert b["shared"] <= 232448, b
