@@ -217,12 +217,12 @@ def _unrotate(g, TAB, offs_l, lim, tab_len, ROWS: tl.constexpr, DH: tl.constexpr
 @triton.jit
 def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
     """(k_lim, q_lim): visible keys are ``j < k_lim``, live query rows ``i < q_lim``."""
-    seq_len = tl.maximum(tl.load(LENS + b).to(tl.int32), 0)
-    k_lim = tl.minimum(seq_len, Lk)
+    seq_len = tl.maximum(tl.load(LENS + b), 0)  # clamped in the lengths' own int type, then narrowed
+    k_lim = tl.minimum(seq_len, Lk).to(tl.int32)
     if MASK_Q:
-        q_lim = tl.minimum(seq_len, Lq)
+        q_lim = tl.minimum(seq_len, Lq).to(tl.int32)
     else:
-        q_lim = Lq + 0 * seq_len
+        q_lim = (Lq + 0 * seq_len).to(tl.int32)
     return k_lim, q_lim
 
 

@@ -299,6 +299,7 @@ def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
 
 def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
+    bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows
     n_out = weight.shape[1]
     out = torch.empty((B, n_out, d), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
@@ -315,6 +316,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
 
 def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
+    bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows
     n_out = weight.shape[1]
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))

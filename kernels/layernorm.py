@@ -146,6 +146,7 @@ def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
 
 def _fwd_impl(x, residual, weight, bias, eps, out_dtype):
     N = x.shape[-1]
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernels read them as unit-stride rows
     x2 = _rows(x, N)
     r2 = _rows(residual, N) if residual is not None else None
     M = x2.shape[0]
@@ -167,9 +168,11 @@ def _grad_dtype(x, residual):
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _bwd_impl(grad_out, x, residual, weight, mean, rstd):
-    """(dh, dweight, dbias); dh is the gradient of ``x + residual`` in their promoted dtype."""
+def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
+    """(dh, dweight, dbias); dh is the gradient of ``x + residual`` in their promoted dtype, dweight
+    and dbias in the weight's and the bias's dtype (each rounded once from its fp32 sum)."""
     N = x.shape[-1]
+    weight = weight.contiguous()
     dy = _rows(grad_out, N)
     x2 = _rows(x, N)
     r2 = _rows(residual, N) if residual is not None else None
@@ -177,7 +180,7 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd):
     dev = x.device
     dh = torch.empty((M, N), device=dev, dtype=_grad_dtype(x, residual))
     dw = torch.empty((N,), device=dev, dtype=weight.dtype)
-    db = torch.empty((N,), device=dev, dtype=weight.dtype)
+    db = torch.empty((N,), device=dev, dtype=bias_dtype)
     if M == 0:
         dw.zero_()
         db.zero_()
@@ -215,16 +218,16 @@ def _fwd_fake(x, residual, weight, bias, eps, out_dtype):
 @torch.library.custom_op("interformer::add_layer_norm_bwd", mutates_args=())
 def add_layer_norm_bwd(
     grad_out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, bias_dtype: torch.dtype,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dh, dweight, dbias)``; dh (the gradient of ``x + residual``) in their promoted dtype."""
-    return _bwd_impl(grad_out, x, residual, weight, mean, rstd)
+    return _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype)
 
 
 @add_layer_norm_bwd.register_fake
-def _bwd_fake(grad_out, x, residual, weight, mean, rstd):
+def _bwd_fake(grad_out, x, residual, weight, mean, rstd, bias_dtype):
     return (x.new_empty(x.shape, dtype=_grad_dtype(x, residual)), weight.new_empty(weight.shape),
-            weight.new_empty(weight.shape))
+            weight.new_empty(weight.shape, dtype=bias_dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -232,6 +235,7 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.has_residual = residual is not None
     ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+    ctx.bias_dtype = bias.dtype
     ctx.save_for_backward(x, residual, weight, mean, rstd)
 
 
@@ -241,7 +245,7 @@ def _grads(ctx, grad_out, bwd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None
-    dh, dw, db = bwd(grad_out, x, residual, weight, mean, rstd)
+    dh, dw, db = bwd(grad_out, x, residual, weight, mean, rstd, ctx.bias_dtype)
     x_dt, r_dt = ctx.dtypes
     dx = dh if dh.dtype == x_dt else dh.to(x_dt)
     dr = None

@@ -132,7 +132,7 @@ def _pffn_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_chunks
     row0 = ((pid % n_chunks) * CHUNK).to(tl.int32)  # int32 offsets inside a sample
-    n = tl.minimum(tl.maximum(tl.load(LENS + b * slen).to(tl.int32), 0), L)
+    n = tl.minimum(tl.maximum(tl.load(LENS + b * slen), 0), L).to(tl.int32)  # clamp before narrowing
     d_live = tl.where(row0 < n, D, 0)  # a chunk without valid rows loads no weight
     CDT: tl.constexpr = S.dtype.element_ty
 
@@ -197,7 +197,7 @@ def _pffn_bwd_kernel(
         acc_a = tl.zeros([NP, DP], tl.float32)
 
     for b in range(pid, B, G):
-        n = tl.minimum(tl.maximum(tl.load(LENS + b * slen).to(tl.int32), 0), L)
+        n = tl.minimum(tl.maximum(tl.load(LENS + b * slen), 0), L).to(tl.int32)  # clamp before narrowing
         d_live = tl.where(n > 0, D, 0)  # an empty sample loads no weight
         if LINEAR:
             im = (i < NS)[:, None] & (c < d_live)[None, :]
@@ -268,6 +268,7 @@ def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, 
 
 def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     B, L, d = s.shape
+    ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()  # read as unit-stride rows
     out = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
     if out.numel() == 0:
         return out
@@ -288,6 +289,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
 def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     """(ds, dwx, da or None, dln_weight, dln_bias)."""
     B, L, d = s.shape
+    ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()  # read as unit-stride rows
     n_sum = wx.shape[1] if linear else 1
     ds = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
     dwx = torch.empty(wx.shape, device=wx.device, dtype=wx.dtype)

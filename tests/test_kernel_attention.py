@@ -204,6 +204,16 @@ def test_strided_int32_lengths():
     assert_rel(A.attention(q, k, v, lengths, rope_base=BASE), ref, FP32_TOL, "out")
 
 
+def test_lengths_past_int32_and_negative_are_clamped():
+    """int64 lengths beyond int32 mean "all of L" and negative ones "none" (they are clamped in
+    int64 before the kernel narrows them; 2**32 + 2 once wrapped to 2)."""
+    B, L, H, dh = 3, 10, 2, 16
+    q, k, v = (torch.randn(B, L, H, dh, device=DEVICE) for _ in range(3))
+    lengths = torch.tensor([2 ** 32 + 2, -5, 2 ** 31], device=DEVICE)
+    ref = attention64(q, k, v, lengths.clamp(0, L), rope_base=BASE)
+    assert_rel(A.attention(q, k, v, lengths, rope_base=BASE), ref, FP32_TOL, "out")
+
+
 def test_length_zero_row_amid_full_rows_large_scores():
     """A zero-length row next to rows whose scores are huge (fp16 overflow territory for naive code)."""
     B, L, H, dh = 3, 33, 2, 16

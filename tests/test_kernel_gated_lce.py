@@ -363,3 +363,23 @@ def test_limit_corner_builds_within_h100_shared_memory():
                               **opts))
     for b in aot_build_sm90(cases, workers=2):
         assert b["shared"] <= 232448, b
+
+
+def test_strided_and_expanded_biases():
+    """bias [n_out] and gate_bias [d] as stride-2 views and as stride-0 expands, forward and
+    backward against float64 (the kernels once read them as ``ptr + column``: 5.4 off at stride 2)."""
+    B, n_in, n_out, d = 3, 5, 4, 24
+    masters = [m.to(DEVICE) for m in make_masters(B, n_in, n_out, d, torch.Generator().manual_seed(5))]
+    g = torch.randn(B, n_out, d, device=DEVICE, dtype=torch.float64)
+    views = {"stride 2": (lambda v: torch.stack([v, v - 1], 1).flatten(), lambda t, n: t[::2]),
+             "stride 0": (lambda v: v[:1].clone(), lambda t, n: t.expand(n))}
+    for name, (make_base, view) in views.items():
+        results = []
+        for fn, dtype in ((K.gated_lce, torch.float32), (R.gated_lce, torch.float64)):
+            x, w, bias, gw, gb = [t.detach().to(dtype).clone().requires_grad_() for t in
+                                  (masters[0], masters[1], make_base(masters[2]), masters[3], make_base(masters[4]))]
+            out = fn(x, w, view(bias, n_out), gw, view(gb, d))
+            out.backward(g.to(dtype))
+            results.append([out.detach()] + [t.grad for t in (x, w, bias, gw, gb)])
+        for what, k, e in zip(NAMES, *results):
+            assert_rel(k, e, FP32_TOL, f"{what} ({name})")

@@ -100,6 +100,39 @@ def test_noncontiguous_inputs_and_stride0_grad():
         assert_rel(k, e, FP32_TOL, name)
 
 
+def test_strided_and_expanded_weight_and_bias():
+    """weight and bias as stride-2 views of wider buffers, then as stride-0 expands of one value,
+    forward and backward (gradients reach the buffers through the views): the kernels once read
+    them as ``ptr + column`` (0.42 relative error at stride 2, reads past the storage at stride 0)."""
+    x, r = torch.randn(33, 24, device=DEVICE), torch.randn(33, 24, device=DEVICE)
+    g = torch.randn(33, 24, device=DEVICE)
+    views = {"stride 2": (lambda: torch.randn(48, device=DEVICE), lambda t: t[::2]),
+             "stride 0": (lambda: torch.randn(1, device=DEVICE), lambda t: t.expand(24))}
+    for name, (make_base, view) in views.items():
+        bases = [1 + 0.3 * make_base(), 0.2 * make_base()]
+        results = []
+        for fn in (K.add_layer_norm, R.add_layer_norm):
+            leaves = [t.clone().requires_grad_() for t in bases]
+            w, b = (view(t) for t in leaves)
+            assert w.stride(0) != 1
+            out = fn(x, r, w, b, 1e-5)
+            out.backward(g)
+            results.append([out.detach()] + [t.grad for t in leaves])
+        for what, k, e in zip(["out", "dweight", "dbias"], *results):
+            assert_rel(k, e, FP32_TOL, f"{what} ({name})")
+
+
+def test_bias_gradient_keeps_the_bias_dtype():
+    """An fp16 weight with an fp32 bias: dbias is rounded once, to fp32, from its fp32 sum (it was
+    rounded to the weight's fp16 first: 6.6e-3 relative error instead of ~1e-6)."""
+    x, r, w, b = _inputs((300, 40), torch.float32)
+    ins = [x, r, w.half(), b]
+    out, grads, g = _run(K.add_layer_norm, ins)
+    r_out, r_grads, _ = _run(R.add_layer_norm, [t.double() for t in ins], grad=g.double())
+    assert grads[3].dtype == torch.float32
+    assert_rel(grads[3], r_grads[3], FP32_TOL, "dbias")
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check; the GPU model tests run autocast on CUDA")
 def test_autocast_runs_in_fp32():
     """Under autocast layer_norm runs in fp32 (autocast's policy); so does the fused op, whatever the
@@ -127,8 +160,8 @@ def test_a_broken_kernel_is_caught(monkeypatch):
     ins = _inputs((30, 40), torch.float32)
     real = K._bwd_impl
 
-    def broken(grad_out, x, residual, weight, mean, rstd):
-        dh, dw, db = real(grad_out, x, residual, weight, mean, rstd)
+    def broken(grad_out, x, residual, weight, mean, rstd, bias_dtype):
+        dh, dw, db = real(grad_out, x, residual, weight, mean, rstd, bias_dtype)
         h = x if residual is None else x + residual
         xhat = (h - mean.view(*h.shape[:-1], 1)) * rstd.view(*h.shape[:-1], 1)
         c1 = (grad_out * weight * xhat).mean(-1, keepdim=True)
@@ -173,7 +206,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.add_layer_norm_fwd.default, args)
     torch.library.opcheck(torch.ops.interformer.add_layer_norm_fwd.default, (x, None, w, b, 1e-5, torch.float32))
     _, mean, rstd = torch.ops.interformer.add_layer_norm_fwd(*args)
-    bwd_args = (torch.randn(33, 24, device=DEVICE), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach())
+    bwd_args = (torch.randn(33, 24, device=DEVICE), x.detach(), r.detach(), w.detach(), mean.detach(), rstd.detach(),
+                torch.float32)
     torch.library.opcheck(torch.ops.interformer.add_layer_norm_bwd.default, bwd_args)
 
 

@@ -183,6 +183,34 @@ def test_int32_strided_lengths_and_lengths_out_of_range_are_clamped():
     big = torch.tensor([100, -3, 3], device=DEVICE)
     ref = R.pffn_mlp(s.double(), big.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
     assert_rel(K.pffn_mlp(s, big, w, lw, lb, EPS), ref, FP32_TOL, "clamped lengths")
+    # int64 lengths past int32 are clamped to L before they are narrowed (2**32 + 2 once wrapped to 2)
+    huge = torch.tensor([2 ** 32 + 2, 2 ** 31, 3], device=DEVICE)
+    ref = R.pffn_mlp(s.double(), huge.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
+    assert_rel(K.pffn_mlp(s, huge, w, lw, lb, EPS), ref, FP32_TOL, "lengths past int32")
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_strided_and_expanded_layer_norm_parameters(mode):
+    """ln_weight / ln_bias as stride-2 views and as stride-0 expands, forward and backward (the
+    kernels once read them as ``ptr + column``: 17.9 off at stride 2, past the storage at stride 0)."""
+    B, L, d, n_sum = 3, 6, 24, 4
+    gen = torch.Generator().manual_seed(11)
+    masters = [m.float().to(DEVICE) for m in make_masters(mode, B, L, d, n_sum, gen)]
+    lengths = random_lengths(B, L, gen).to(DEVICE)
+    g = torch.randn(B, L, d, generator=gen).to(DEVICE)
+    views = {"stride 2": (lambda v: torch.stack([v, v + 1], 1).flatten(), lambda t: t[::2]),
+             "stride 0": (lambda v: v[:1].clone(), lambda t: t.expand(d))}
+    for name, (make_base, view) in views.items():
+        results = []
+        for fns in ((K.pffn_mlp, K.pffn_linear), (R.pffn_mlp, R.pffn_linear)):
+            leaves = [t.clone().requires_grad_() for t in masters[:-2] + [make_base(t) for t in masters[-2:]]]
+            lw, lb = view(leaves[-2]), view(leaves[-1])
+            assert lw.stride(0) != 1
+            out = call(*fns, mode, leaves[0], lengths, leaves[1:-2] + [lw, lb])
+            out.backward(g)
+            results.append([out.detach()] + [t.grad for t in leaves])
+        for what, k, e in zip(names_for(mode), *results):
+            assert_rel(k, e, FP32_TOL, f"{what} ({name})")
 
 
 # ----------------------------------------------------------------------------- module
