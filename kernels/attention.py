@@ -59,7 +59,7 @@ choice; ``_fwd_config``)::
 
     Lq <= 64 : BLOCK_M = next_pow2(Lq) (min 16; PMA's 2 queries pad to 16 rows with masks)
     Lq <= 256: BLOCK_M = 64                     (amazon L = 104: two query blocks)
-    else     : BLOCK_M = 128, 8 warps           (long L = 1004)
+    else     : BLOCK_M = 128, 8 warps           (long L = 1004; 64 for fp32 128-wide heads)
     BLOCK_N  = next_pow2(Lk) capped at 64 (128 when BLOCK_M <= 32: PMA streams keys in wide blocks),
                capped at 32 for 128-wide heads and for fp32 heads >= 64 (tf32x3 doubles operands)
 
@@ -73,12 +73,13 @@ Backward
 lse; ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``,
 then dq/dk are rotated back. Two structures, chosen by the shape:
 
-* **single query block** (``Lq <= 128``: taobao, amazon, PMA) -- ``_attn_bwd_fused_kernel``: ONE launch,
+* **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
+  DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
   one program per (b, h). It loads q, dO, O and lse of the whole sequence once, computes delta in
   registers, loops over the valid key blocks computing and storing dk, dv of each block (complete, as
   every query is in the program) while dq accumulates in registers; key blocks past the length get
   their zeros stored without any compute. Every tensor is read once and written once.
-* **general** (``Lq > 128``: long) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``
+* **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``
   (delta), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks from the
   diagonal when causal, up to the query limit), ``_attn_bwd_dq_kernel`` (one program per query block,
   loop over valid key blocks). Fully padded key/query blocks skip their loops and only store zeros.
@@ -527,7 +528,7 @@ def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, in
     tiles stay in registers (checked by compiling for sm_90: no spills at the DESIGN shapes)."""
     if Lq <= 64:
         block_m = max(16, next_pow2(Lq))
-    elif Lq <= 256:
+    elif Lq <= 256 or (dtype == torch.float32 and dhp >= 128):  # fp32 128 x 128 tiles: 320 KB of shared memory
         block_m = 64
     else:
         block_m = 128
@@ -538,8 +539,19 @@ def _fwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, in
     return block_m, block_n, num_warps, 3 if block_m >= 128 else 2
 
 
+def _use_fused_bwd(Lq: int, dhp: int, dtype: torch.dtype) -> bool:
+    """Whether the single-query-block backward takes this shape: Lq <= 128, and in fp32 (tf32x3
+    splits every operand in two) only up to 4096 query-block elements (``next_pow2(Lq) * DHP``):
+    sm_90 builds of the fp32 kernel at 64 x 128 and 128 x 64 took 319,488 and 299,008 bytes of shared
+    memory, over an H100's 232,448; at 4096 elements 157,696-192,512. The rest takes the general
+    backward (separate dk/dv and dq kernels)."""
+    if Lq > _FUSED_BWD_MAX_LQ:
+        return False
+    return dtype != torch.float32 or max(16, next_pow2(Lq)) * dhp <= 4096
+
+
 def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (Lq <= 128)."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (``_use_fused_bwd``)."""
     block_m = max(16, next_pow2(Lq))
     block_n = min(max(16, next_pow2(Lk)), 128 if block_m <= 32 else 64)
     if dhp >= 128:
@@ -653,7 +665,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
             PREC=dot_precision(k.dtype),
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
-        if Lq <= _FUSED_BWD_MAX_LQ:
+        if _use_fused_bwd(Lq, dhp, k.dtype):
             block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, k.dtype)
             _attn_bwd_fused_kernel[(B * H,)](
                 dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,

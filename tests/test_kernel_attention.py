@@ -25,7 +25,8 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import PoolingMultiHeadAttention, RotaryMultiHeadAttention
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, random_lengths, rel_err
+from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths,
+                   rel_err)
 
 A = pytest.importorskip("interformer.kernels.attention")
 BASE = 10000.0
@@ -566,6 +567,62 @@ def test_harness_catches_a_wrong_kernel():
     assert rel_err(A.attention(q, k, v, lengths, rope_base=BASE, causal=True), ref) > 100 * FP32_TOL
 
 
+# ----------------------------------------------------------------------------- shared memory
+def _fp32_case(Lq, dh, causal=False):
+    """fp32 q, k, v [2, Lq, 1, dh] with one full and one partial row, forward and backward against float64."""
+    gen = torch.Generator().manual_seed(Lq * 1000 + dh)
+    q, k, v = (torch.randn(2, Lq, 1, dh, generator=gen, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([Lq, Lq // 3], device=DEVICE)
+    g = torch.randn(2, Lq, 1, dh, generator=gen, dtype=torch.float64).to(DEVICE)
+    results = []
+    for fn, dtype in ((A.attention, torch.float32), (attention64, torch.float64)):
+        ts = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*ts, lengths, causal=causal, rope_base=BASE)
+        out.backward(g.to(dtype))
+        results.append([out.detach()] + [t.grad for t in ts])
+    for name, a, r in zip(["out", "dq", "dk", "dv"], *results):
+        assert_rel(a, r, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("Lq,dh", [(100, 64), (40, 128)])
+def test_fp32_shapes_past_the_fused_backward_take_the_general_one(Lq, dh):
+    """fp32 shapes whose single-query-block backward would not fit an H100's shared memory go to the
+    general backward (``_use_fused_bwd``), which gives the same gradients."""
+    assert Lq <= 128 and not A._use_fused_bwd(Lq, A._padded_dh(dh), torch.float32)
+    assert A._use_fused_bwd(Lq, A._padded_dh(dh), torch.bfloat16)
+    _fp32_case(Lq, dh)
+
+
+def test_kernel_configs_fit_h100_shared_memory():
+    """sm_90 builds, with the launcher's own block sizes, of the shapes at the edges of each choice:
+    fp32 single-block backward at its 4096-element limit (128 x 32, 64 x 64, 32 x 128) and just past
+    it (general backward), fp32 128-wide heads over long sequences (forward BLOCK_M 64), and bf16 at
+    128-wide heads. Every kernel needs at most an H100's 232,448 bytes of shared memory (the fp32
+    forward at 128 x 32 x 128 took 327,680 and the fused backward at 128 x 64 took 299,008)."""
+    cases = []
+    shapes = [(torch.float32, 128, 32), (torch.float32, 64, 64), (torch.float32, 32, 128), (torch.float32, 128, 64),
+              (torch.float32, 300, 128), (torch.bfloat16, 128, 128), (torch.bfloat16, 1004, 128)]
+    for dtype, L, dh in shapes:
+        name = str(dtype).replace("torch.", "")
+        dhp = A._padded_dh(dh)
+        flags = dict(CAUSAL=False, ROPE_Q=True, ROPE_K=True, MASK_Q=True, DH=dh, DHP=dhp, SPLIT=True,
+                     PREC=A.dot_precision(dtype))
+        args = {n: name for n in ("O", "Q", "K", "V", "DQ", "DK", "DV", "DO")}
+        args.update(LSE="fp32", DELTA="fp32", TAB="fp32", LENS="i64", qk_scale=0.1, sm_scale=0.1)
+        bm, bn, warps, stages = A._fwd_config(L, L, dhp, dtype)
+        kernels = [("_attn_fwd_kernel", bm, bn, warps, stages)]
+        if A._use_fused_bwd(L, dhp, dtype):
+            kernels.append(("_attn_bwd_fused_kernel", *A._fused_bwd_config(L, L, dhp, dtype), 2))
+        else:
+            (kbm, kbn), (qbm, qbn), warps = A._general_bwd_config(dhp, dtype)
+            kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2), ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2)]
+        for kernel, bm, bn, warps, stages in kernels:
+            cases.append(dict(module="interformer.kernels.attention", kernel=kernel, args=args, num_warps=warps,
+                              num_stages=stages, consts=dict(flags, BLOCK_M=bm, BLOCK_N=bn), shape=[name, L, dh]))
+    for b in aot_build_sm90(cases, workers=2):
+        assert b["shared"] <= 232448, (b["kernel"], b["shape"], b["shared"])
+
+
 # ----------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,Bq,Lq,Lk,H,dh,mask_q,rope", [
@@ -615,3 +672,12 @@ def test_gpu_inductor_compile():
     out.sum().backward()
     assert_rel(out_c, out, FP32_TOL, "compiled out")
     assert_rel(g_c, s.grad, FP32_TOL, "compiled grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Lq,dh", [(128, 64), (128, 128), (64, 128), (300, 128)])
+def test_gpu_fp32_wide_heads(Lq, dh):
+    """fp32 at the shapes whose first block sizes needed more shared memory than an H100 has
+    (they raised OutOfResources at launch): they run, and match float64."""
+    _fp32_case(Lq, dh)
+    _fp32_case(Lq, dh, causal=True)
