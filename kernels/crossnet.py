@@ -1076,7 +1076,7 @@ def low_rank_cross_net(
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
-    if B == 0 or _lr_plan_for(x0, ws, len(ws)) is None:
+    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None:
         return _eager(op, x0, ws, vs, bs)
     tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):

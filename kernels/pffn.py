@@ -53,7 +53,8 @@ dx_sum) need no reduction. Nothing goes to cuBLAS.
 Block sizes (fixed by the shape, no autotune; ``_config``): forward ``BLOCK_L = 64`` rows (less for
 short sequences, at least 16 for ``tl.dot``), backward ``BLOCK_L = 32`` (it keeps the weight, the
 fp32 ``[DP, DP]`` weight-gradient accumulator and about six ``[BLOCK_L, DP]`` fp32 tiles live);
-4 warps, 8 when ``DP = 128``. d <= 128 (``MAX_D``); larger d goes to the eager reference.
+4 warps, 8 when ``DP = 128``. d <= 128 (``MAX_D``); larger d goes to the eager reference, and so
+do linear-mode shapes whose backward tiles would not fit the shared memory (``_linear_fits``).
 Checked by compiling for sm_90 ahead of time (16-byte aligned contiguous inputs), bf16 at the DESIGN
 shapes: forward 113-165 registers, backward 181-255 with at most 32 bytes spilled (d = 128, mlp);
 shared memory <= 53 KB. fp32 spills a few hundred bytes and needs up to 208 KB of shared memory at
@@ -495,6 +496,15 @@ def _ln_params(s, ln_weight, ln_bias):
     return ln_weight, ln_bias
 
 
+def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the linear-mode backward's ``[NP, DP]`` tiles (x_sum[b], a, and the fp32 dx_sum and da
+    accumulators) fit an H100's shared memory: ``NP * DP <= 4096`` in fp32, 16384 in fp16/bf16.
+    sm_90 builds at those limits took 147,456-196,608 (fp32) and 122,880-135,168 bytes (16-bit); fp32
+    at NP 64 x DP 128 took 294,912, over the 232,448 there are. Wider shapes use the reference."""
+    _, dp, np_, _ = _config(1, d, n_sum, True)
+    return np_ * dp <= (4096 if dtype == torch.float32 else 16384)
+
+
 def _fallback(fn_name, s, *args):
     from interformer import reference
 
@@ -575,7 +585,7 @@ def pffn_linear(
         raise ValueError(
             f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"
         )
-    if d > MAX_D or n_sum == 0:
+    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype):
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)

@@ -102,6 +102,25 @@ def test_low_rank_cross_net(B, D, r, L, dtype):
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
 
 
+@pytest.mark.parametrize("B,D", [(0, 24), (4, 0)])
+def test_empty_inputs_forward_and_backward(B, D):
+    """An empty batch or zero features: both ranks give the reference's (empty) output and gradients
+    (low rank with D = 0 divided by zero in the backward's split plan)."""
+    x0 = torch.randn(B, D, device=DEVICE)
+    low = [[torch.randn(D, 3, device=DEVICE)], [torch.randn(3, D, device=DEVICE)], [torch.randn(D, device=DEVICE)]]
+    full = [[torch.randn(D, D, device=DEVICE)], [torch.randn(D, device=DEVICE)]]
+    for fn, ref, params in ((C.low_rank_cross_net, R.low_rank_cross_net, low), (C.cross_net, R.cross_net, full)):
+        grads = []
+        for f in (fn, ref):
+            leaves = [x0.clone().requires_grad_()] + [[t.clone().requires_grad_() for t in ts] for ts in params]
+            out = f(leaves[0], *leaves[1:])
+            out.sum().backward()
+            grads.append([out.detach(), leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts])
+        for k, e in zip(*grads):
+            assert k.shape == e.shape
+            torch.testing.assert_close(k, e, rtol=FP32_TOL, atol=FP32_TOL)
+
+
 def test_low_rank_split_path_is_exercised():
     """The (70, 40, 8, 2) case above really goes through the split weight-gradient path."""
     bbw, bdw, _ = C._lr_plan(40, 8, 2, torch.float32, torch.float32).weights

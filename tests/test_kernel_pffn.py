@@ -24,7 +24,8 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import PersonalizedFFN
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel, random_lengths, rel_err
+from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths,
+                   rel_err)
 
 K = pytest.importorskip("interformer.kernels.pffn")
 
@@ -517,3 +518,41 @@ def test_model_with_fused_pffn_and_gated_lce_matches_float64(pffn_mode):
         f_err, e_err = float((g_f[name].double() - r).norm()), float((g_e[name].double() - r).norm())
         bound = max(FP32_TOL * float(r.norm()), 2 * e_err, FP32_TOL * 1e-3 * scale)
         assert f_err <= bound, f"grad {name}: error {f_err:.3e} > {bound:.3e} (eager fp32 error {e_err:.3e})"
+
+
+def test_linear_mode_past_the_shared_memory_limit_uses_the_reference(monkeypatch):
+    """fp32 with n_sum 64 at d 128 (a backward of 294,912 bytes of shared memory) runs the reference:
+    no kernel launch, same output and gradients."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched past the limit")
+    monkeypatch.setattr(K, "_fwd_impl", no_launch)
+    monkeypatch.setattr(K, "_bwd_impl", no_launch)
+    assert not K._linear_fits(64, 128, torch.float32) and K._linear_fits(64, 128, torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    masters = make_masters("linear", 2, 3, 128, 64, gen)
+    lengths = torch.tensor([3, 1], device=DEVICE)
+    kern = run(True, "linear", masters, lengths, torch.float32, "contiguous", None)
+    ref = run(False, "linear", masters, lengths, torch.float64, "contiguous", None)
+    for name, k, r in zip(names_for("linear"), kern, ref):
+        assert_rel(k, r, FP32_TOL, name)
+
+
+def test_kernels_at_their_limits_fit_h100_shared_memory():
+    """sm_90 builds at the largest shapes the kernels take (linear: NP x DP = 4096 in fp32, 16384 in
+    bf16; mlp: d = 128 in fp32), forward and backward, within an H100's 232,448 bytes."""
+    cases = []
+    for dtype, d, n_sum, linear in [(torch.float32, 128, 32, True), (torch.float32, 64, 64, True),
+                                    (torch.bfloat16, 128, 128, True), (torch.float32, 128, 1, False)]:
+        assert not linear or K._linear_fits(n_sum, d, dtype)
+        name = str(dtype).replace("torch.", "")
+        args = dict(OUT=name, S=name, LENS="i64", WX=name, A=name, LNW="fp32", LNB="fp32", eps=1e-5,
+                    DS=name, DWX=name, PART="fp32", DO=name)
+        for backward, kernel in ((False, "_pffn_fwd_kernel"), (True, "_pffn_bwd_kernel")):
+            block_l, dp, np_, warps = K._config(54, d, n_sum, backward)
+            consts = dict(LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=K.dot_precision(dtype))
+            if not backward:
+                consts["CHUNK"] = max(block_l, K._FWD_CHUNK_ROWS)
+            cases.append(dict(module="interformer.kernels.pffn", kernel=kernel, args=args, consts=consts,
+                              num_warps=warps, shape=[name, d, n_sum, linear]))
+    for b in aot_build_sm90(cases, workers=2):
+        assert b["shared"] <= 232448, (b["kernel"], b["shape"], b["shared"])
