@@ -816,7 +816,8 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
     dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
     dy = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L, 2))]
     carry_g = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
-    carry_s = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 2, 2))] if L >= 3 else []
+    # the running dx0 sum stays fp32 between layers (as the cuBLAS path's s_buf does)
+    carry_s = [torch.empty((B, D), device=dev, dtype=torch.float32) for _ in range(min(L - 2, 2))] if L >= 3 else []
     g_in, s_in = g, x0  # s_in unused at the top layer
     for i in reversed(range(L)):
         top, last, next_last = i == L - 1, i == 0, i == 1
