@@ -84,7 +84,13 @@ class InterFormerConfig:
             raise ValueError("the model needs at least one non-sequence token (n_dense > 0 or a sparse field)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        check_backend(self.backend)
+        if any(v < 1 for v in self.head):
+            raise ValueError(f"every head layer needs >= 1 unit, got head={self.head}")
+        if not self.ln_eps > 0:  # LN of an all-zero padded row would be 0/0
+            raise ValueError(f"ln_eps must be > 0, got {self.ln_eps}")
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
+        self.backend = check_backend(self.backend)
 
     @property
     def n_cls(self) -> int:

@@ -1,8 +1,11 @@
 """Input checks for one batch (DESIGN §2): bad input raises ``ValueError`` naming the tensor.
 
-The value checks (lengths range, id range, NaN) read the data, which costs a device-to-host sync;
-models skip them while being traced or compiled, or under CUDA graph capture, and when
-``InterFormerConfig.validate_inputs`` is False.
+The value checks (lengths range, id range, NaN/inf, labels) read the data. They are computed on
+the data's device as a handful of reductions (per-field and per-channel minima and maxima in one op
+each) and read back in ONE transfer, so a batch costs one device-to-host sync, not one per field;
+the error messages are then built on the host. Models skip these checks while being traced or
+compiled, or under CUDA graph capture (a sync there is not allowed), and when
+``InterFormerConfig.validate_inputs`` is False: such callers validate on the host before the call.
 """
 
 from __future__ import annotations
@@ -34,12 +37,16 @@ def validate_batch(
     seq: torch.Tensor,
     lengths: torch.Tensor,
     label: Optional[torch.Tensor] = None,
+    dense_dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Raise ``ValueError`` for a batch that breaks the data contract of ``config``."""
+    """Raise ``ValueError`` for a batch that breaks the data contract of ``config``. ``dense_dtype``:
+    the dtype the model's dense tokenizer computes in (its parameters'); None accepts any float."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
         _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
     _check(dense.dim() == 2, "dense", f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
     _check(dense.is_floating_point(), "dense", f"expected a floating dtype, got {dense.dtype}")
+    if dense_dtype is not None:
+        _check(dense.dtype == dense_dtype, "dense", f"expected {dense_dtype} (the model's parameter dtype), got {dense.dtype}")
     B = dense.shape[0]
     _check(dense.shape[1] == config.n_dense, "dense", f"expected {config.n_dense} columns, got {dense.shape[1]}")
     _check(sparse.dim() == 2, "sparse", f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
@@ -57,24 +64,36 @@ def validate_batch(
     if label is not None:
         _check(label.dim() == 1 and label.shape[0] == B, "label", f"expected shape [{B}], got {tuple(label.shape)}")
         _check(label.is_floating_point(), "label", f"expected a floating dtype, got {label.dtype}")
-    if not _value_checks_allowed(lengths):
+    if not _value_checks_allowed(lengths) or B == 0:
         return
+    _value_checks(config, dense, sparse, seq, lengths, label)
+
+
+def _value_checks(config, dense, sparse, seq, lengths, label) -> None:
+    """The data-dependent checks of a non-empty batch, read back from the device in one transfer."""
     T = seq.shape[2]
-    if B:
-        lo, hi = int(lengths.min()), int(lengths.max())
-        _check(lo >= 0 and hi <= T, "lengths", f"values must lie in [0, T={T}], got min {lo}, max {hi}")
+    parts = [lengths.min().view(1), lengths.max().view(1)]
     if dense.numel():
-        _check(not bool(torch.isnan(dense).any()), "dense", "contains NaN")
-        _check(bool(torch.isfinite(dense).all()), "dense", "contains inf")
-    for j, v in enumerate(config.sparse_vocab_sizes):
-        col = sparse[:, j]
-        if B:
-            lo, hi = int(col.min()), int(col.max())
-            _check(lo >= 0 and hi < v, "sparse", f"field {j}: ids must lie in [0, {v}), got min {lo}, max {hi}")
-    for c, v in enumerate(config.seq_vocab_sizes):
-        ch = seq[:, c]
-        if ch.numel():
-            lo, hi = int(ch.min()), int(ch.max())
-            _check(lo >= 0 and hi < v, "seq", f"channel {c}: ids must lie in [0, {v}), got min {lo}, max {hi}")
-    if label is not None and B:
-        _check(bool(((label == 0) | (label == 1)).all()), "label", "values must be 0 or 1")
+        parts += [torch.isnan(dense).any().view(1), (~torch.isfinite(dense)).any().view(1)]
+    if sparse.shape[1]:
+        parts += [sparse.amin(0), sparse.amax(0)]
+    if seq.shape[1]:
+        parts += [seq.amin((0, 2)), seq.amax((0, 2))]
+    if label is not None:
+        parts.append((~((label == 0) | (label == 1))).any().view(1))
+    values = iter(torch.cat([t.to(device=lengths.device, dtype=torch.int64) for t in parts]).tolist())
+    lo, hi = next(values), next(values)
+    _check(lo >= 0 and hi <= T, "lengths", f"values must lie in [0, T={T}], got min {lo}, max {hi}")
+    if dense.numel():
+        has_nan, has_inf = next(values), next(values)
+        _check(not has_nan, "dense", "contains NaN")
+        _check(not has_inf, "dense", "contains inf")
+    for name, what, vocab in (("sparse", "field", config.sparse_vocab_sizes), ("seq", "channel", config.seq_vocab_sizes)):
+        if not vocab:
+            continue
+        lows = [next(values) for _ in vocab]
+        highs = [next(values) for _ in vocab]
+        for j, (v, lo, hi) in enumerate(zip(vocab, lows, highs)):
+            _check(lo >= 0 and hi < v, name, f"{what} {j}: ids must lie in [0, {v}), got min {lo}, max {hi}")
+    if label is not None:
+        _check(not next(values), "label", "values must be 0 or 1")

@@ -118,6 +118,36 @@ def test_validate_batch_checks_label():
         interformer.validate_batch(c, **b, label=torch.tensor([0.0, 1.0]))
 
 
+def test_dense_must_have_the_model_parameter_dtype(model):
+    """float64 dense into an fp32 model: a ValueError naming dense (it was a RuntimeError from the matmul)."""
+    with pytest.raises(ValueError, match=r"^dense: expected torch.float32"):
+        model(**_with(dense=good_batch()["dense"].double()))
+    double = InterFormerCTR(InterFormerConfig(**CFG)).double()
+    b = _with(dense=good_batch()["dense"].double())
+    assert double(**b).dtype == torch.float64
+
+
+def test_value_checks_read_the_device_once(model):
+    """All value checks of a batch come back in one transfer: no per-field ``int()``/``bool()`` reads
+    (``aten._local_scalar_dense``; there were 16 per batch), one ``tolist`` of one concatenated tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    b = good_batch()
+    with Count() as c:
+        interformer.validate_batch(model.config, **b, label=torch.tensor([0.0, 1.0, 1.0]))
+    assert "aten._local_scalar_dense.default" not in c.ops
+    assert c.ops.count("aten.cat.default") == 1
+
+
 def test_validation_can_be_turned_off():
     m = InterFormerCTR(InterFormerConfig(**{**CFG, "validate_inputs": False}))
     b = good_batch()
@@ -153,6 +183,11 @@ BAD_CONFIG = [
     (dict(dropout=1.0), "dropout"),
     (dict(dropout=-0.1), "dropout"),
     (dict(backend="cuda"), "backend"),
+    (dict(head=(8, 0)), "head"),
+    (dict(ln_eps=0.0), "ln_eps"),
+    (dict(ln_eps=-1e-5), "ln_eps"),
+    (dict(rope_base=0.0), "rope_base"),
+    (dict(rope_base=float("nan")), "rope_base"),
 ]
 
 
