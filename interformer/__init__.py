@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .backend import BACKENDS, FusedModule, check_backend, default_backend
@@ -36,16 +38,19 @@ def optimize(model: torch.nn.Module, backend: str = "triton") -> torch.nn.Module
     """Switch every fused-capable submodule of ``model`` to ``backend``, in place; return ``model``.
 
     Works on any ``nn.Module`` that contains this package's modules. Parameters, buffers and the
-    ``state_dict`` are untouched; only the path each op takes changes. Configs held by
-    InterFormer models are updated so that a later copy built from them matches.
+    ``state_dict`` are untouched; only the path each op takes changes. An InterFormer model's
+    ``config`` is replaced by a copy with the new backend (so a model built from ``model.config``
+    matches); the config object the caller built the model from is not changed, as other models
+    may share it.
     """
-    check_backend(backend)
+    backend = check_backend(backend)
     for m in model.modules():
         if isinstance(m, FusedModule):
             m.backend = backend
         cfg = getattr(m, "config", None)
-        if isinstance(cfg, InterFormerConfig):
-            cfg.backend = backend
+        if isinstance(cfg, InterFormerConfig) and cfg.backend != backend:
+            # a copy: the caller's config object may be shared with other models
+            m.config = dataclasses.replace(cfg, backend=backend)
     return model
 
 

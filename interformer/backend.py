@@ -2,8 +2,9 @@
 
 Every fused-capable module takes ``backend=`` with one of:
 
-* ``"auto"``   -- Triton when the module's parameters live on a CUDA device and Triton imports,
-  the eager reference otherwise (CPU tensors never go through the Triton interpreter by accident).
+* ``"auto"``   -- Triton when the module's parameters live on a CUDA device in a dtype the kernels
+  take (fp32, fp16, bf16) and Triton imports, the eager reference otherwise (CPU tensors never go
+  through the Triton interpreter by accident; a float64 model runs as it would in eager).
 * ``"eager"``  -- always the plain PyTorch reference of :mod:`interformer.reference`.
 * ``"triton"`` -- always the fused kernels of :mod:`interformer.kernels`; on CPU tensors this needs
   ``TRITON_INTERPRET=1`` set before Triton is imported.
@@ -13,14 +14,15 @@ real tensors even while ``torch.fx.symbolic_trace`` or ``torch.compile`` traces 
 choice never depends on a traced value and the traced graph holds the op that will actually run.
 
 The process-wide default for newly built modules comes from the environment variable
-``INTERFORMER_BACKEND`` (``auto`` when unset).
+``INTERFORMER_BACKEND`` (``auto`` when unset). Names are case-insensitive everywhere (argument,
+config or environment), and ``None`` means that default.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -30,10 +32,18 @@ BACKENDS = ("auto", "eager", "triton")
 ENV_VAR = "INTERFORMER_BACKEND"
 
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
+#: dtypes the fused kernels take; ``"auto"`` leaves modules with other parameter dtypes on eager.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_backend(backend: Optional[str]) -> str:
+    """The canonical (lower-case) backend name; None means :func:`default_backend`."""
+    if backend is None:
+        return default_backend()
+    value = backend.strip().lower() if isinstance(backend, str) else backend
+    if value not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    return value
 
 
 def default_backend() -> str:
@@ -76,15 +86,17 @@ def _kernel_function(module_name: str, op: str) -> Callable | None:
     return fn
 
 
-def resolve(module_name: str, op: str, backend: str, device: Optional[torch.device]) -> Callable:
-    """Pick the implementation of ``op`` for ``backend`` on ``device`` (only ``"auto"`` reads it).
+def resolve(module_name: str, op: str, backend: str, device: Optional[torch.device],
+            dtype: Optional[torch.dtype] = None) -> Callable:
+    """Pick the implementation of ``op`` for ``backend`` on ``device`` with parameters of ``dtype``
+    (only ``"auto"`` reads them; a None dtype is not checked).
 
     The eager reference is ``interformer.reference.<op>``; the fused one is
     ``interformer.kernels.<module_name>.<op>`` with the same signature.
     """
     if backend == "eager":
         return getattr(reference, op)
-    if backend == "auto" and device.type != "cuda":
+    if backend == "auto" and (device.type != "cuda" or (dtype is not None and dtype not in KERNEL_DTYPES)):
         return getattr(reference, op)
     fn = _kernel_function(module_name, op)
     if fn is not None:
@@ -112,42 +124,43 @@ class FusedModule(torch.nn.Module):
     def __init__(self, backend: str | None = None, *args, **kwargs) -> None:
         # *args/**kwargs go to the next class in the MRO (e.g. nn.LayerNorm for ResidualLayerNorm)
         super().__init__(*args, **kwargs)
-        self.backend = backend if backend is not None else default_backend()
+        self.backend = backend
 
     @property
     def backend(self) -> str:
         return self._backend
 
     @backend.setter
-    def backend(self, value: str) -> None:
+    def backend(self, value: Optional[str]) -> None:
         self._backend = check_backend(value)
-        if value != "eager":
+        if self._backend != "eager":
             # Resolve the kernels now, outside any trace (see ``_KERNELS``).
             for file, op in self.kernel_ops:
                 _kernel_function(file, op)
 
-    def _device(self) -> torch.device:
-        """The device of the module's parameters: its own first, then its children's, then any.
-        (Called on every forward under ``backend="auto"``; walking ``self.parameters()`` took
-        1.5-2 us per call on the CI CPU, this 0.1-0.2 us.)"""
+    def _placement(self) -> Tuple[torch.device, Optional[torch.dtype]]:
+        """Device and dtype of the module's parameters: its own first, then its children's, then
+        any (a module with buffers only: their device, no dtype). Called on every forward under
+        ``backend="auto"``; walking ``self.parameters()`` took 1.5-2 us per call on the CI CPU,
+        this 0.1-0.2 us."""
         for p in self._parameters.values():
             if p is not None:
-                return p.device
+                return p.device, p.dtype
         for m in self._modules.values():
             if m is not None:
                 for p in m._parameters.values():
                     if p is not None:
-                        return p.device
+                        return p.device, p.dtype
         for p in self.parameters():
-            return p.device
+            return p.device, p.dtype
         for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
+            return b.device, None
+        return torch.device("cpu"), None
 
     def _op(self, module_name: str, op: str) -> Callable:
         backend = self._backend
         if backend == "auto":
-            return resolve(module_name, op, backend, self._device())
+            return resolve(module_name, op, backend, *self._placement())
         return resolve(module_name, op, backend, None)  # "eager"/"triton" never look at the device
 
     def has_kernels(self) -> bool:

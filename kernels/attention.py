@@ -18,7 +18,8 @@ Layout and contract
   other ``dh <= 128`` (even with rotary; e.g. 6 or 10 for DESIGN's odd d_model 24 and 40) runs in a
   register tile padded to the next power of two >= 16 with masked columns. With rotary, the two
   halves of a padded head are placed at the starts of the two halves of the tile, so the rotate-half
-  partner of every register column is the column DHP/2 away, as in the unpadded case.
+  partner of every register column is the column DHP/2 away, as in the unpadded case. Heads wider
+  than 128 go to the eager reference (same math and autograd), as the other ops' large shapes do.
 * Every tensor is read through its four strides, so the non-contiguous views
   ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` (row stride ``3*H*dh``) are read in place: no transpose,
   no ``.contiguous()``. A shared query (``Bq == 1``) is read with batch stride 0. The output is a new
@@ -915,9 +916,8 @@ def _check(q, k, v, lengths, rope_base):
     B, Lk, H, dh = k.shape
     if q.shape[0] not in (1, B) or q.shape[2] != H or q.shape[3] != dh:
         raise ValueError(f"attention: q {tuple(q.shape)} must be [B or 1, Lq, H={H}, dh={dh}] to match k {tuple(k.shape)}")
-    if not 1 <= dh <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim {dh} not supported by the Triton kernel (1 .. {MAX_HEAD_DIM}; "
-                         f"fast path {HEAD_DIMS})")
+    if dh < 1:
+        raise ValueError(f"attention: head dim must be >= 1, got {dh}")
     if rope_base is not None and dh % 2:
         raise ValueError(f"attention: rotary needs an even head dim, got {dh}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -950,6 +950,10 @@ def attention(
     -> contiguous ``[B, Lq, H, dh]``.
     """
     _check(q, k, v, lengths, rope_base)
+    if k.shape[3] > MAX_HEAD_DIM:  # wider heads than the register tiles hold: the reference, same math
+        from interformer import reference
+
+        return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
              None if sm_scale is None else float(sm_scale))
     qkv = _packed_qkv(q, k, v)

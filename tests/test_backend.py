@@ -59,7 +59,44 @@ def test_bad_backend_names_raise():
     with pytest.raises(ValueError, match="backend"):
         optimize(InterFormerCTR(InterFormerConfig(**TINY)), "fast")
     with pytest.raises(ValueError, match="backend"):
-        interformer.GatedLCE(2, 2, 4, backend="Triton")
+        interformer.GatedLCE(2, 2, 4, backend="trition")
+
+
+def test_backend_names_are_case_insensitive_and_none_is_the_default(monkeypatch):
+    """As in ``$INTERFORMER_BACKEND``: an argument or config value in any case, stored lower-case;
+    None (module or config) means the environment's default."""
+    assert interformer.GatedLCE(2, 2, 4, backend=" Triton").backend == "triton"
+    assert InterFormerConfig(backend="EAGER", **TINY).backend == "eager"
+    assert optimize(interformer.GatedLCE(2, 2, 4, backend="eager"), "Auto").backend == "auto"
+    monkeypatch.setenv("INTERFORMER_BACKEND", "eager")
+    assert interformer.GatedLCE(2, 2, 4, backend=None).backend == "eager"
+    assert InterFormerConfig(backend=None, **TINY).backend == "eager"
+
+
+def test_optimize_leaves_a_shared_config_alone():
+    """Two models from one config object: switching one changes neither the other nor the config the
+    user holds, and a model built later from that config gets the backend it names."""
+    cfg = InterFormerConfig(backend="eager", **TINY)
+    a, b = InterFormerCTR(cfg), InterFormerCTR(cfg)
+    optimize(a, "triton")
+    assert a.config.backend == "triton" and cfg.backend == "eager" and b.config.backend == "eager"
+    assert all(m.backend == "eager" for m in fused_modules(b))
+    assert all(m.backend == "eager" for m in fused_modules(InterFormerCTR(cfg)))
+    assert all(m.backend == "triton" for m in fused_modules(InterFormerCTR(a.config)))
+
+
+def test_auto_leaves_float64_modules_on_eager():
+    """``auto`` takes Triton only for parameters in a kernel dtype; a float64 model runs as in eager
+    (the kernels take fp32/fp16/bf16 only). Checked through ``resolve`` with a CUDA device, which
+    needs no GPU."""
+    from interformer import reference
+    from interformer.backend import resolve
+
+    cuda = torch.device("cuda")
+    assert resolve("gated_lce", "gated_lce", "auto", cuda, torch.float64) is reference.gated_lce
+    assert resolve("gated_lce", "gated_lce", "auto", cuda, torch.float32) is not reference.gated_lce
+    lce = interformer.GatedLCE(3, 2, 8, backend="auto").double()
+    assert lce._placement() == (torch.device("cpu"), torch.float64)
 
 
 def test_environment_variable_sets_the_default():

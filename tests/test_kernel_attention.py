@@ -215,6 +215,20 @@ def test_lengths_past_int32_and_negative_are_clamped():
     assert_rel(A.attention(q, k, v, lengths, rope_base=BASE), ref, FP32_TOL, "out")
 
 
+def test_heads_wider_than_128_use_the_reference(monkeypatch):
+    """dh = 256 runs the reference (no kernel launch), forward and backward, like the other ops' large shapes."""
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for dh > 128")
+    monkeypatch.setattr(A, "_attention_fwd_impl", no_launch)
+    monkeypatch.setattr(A, "_attention_qkv_fwd_impl", no_launch)
+    q, k, v = (torch.randn(2, 5, 1, 256, device=DEVICE, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    out = A.attention(q, k, v, lengths, rope_base=BASE)
+    assert_rel(out, attention64(q, k, v, lengths, rope_base=BASE), FP32_TOL, "out")
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
 def test_length_zero_row_amid_full_rows_large_scores():
     """A zero-length row next to rows whose scores are huge (fp16 overflow territory for naive code)."""
     B, L, H, dh = 3, 33, 2, 16
@@ -543,7 +557,7 @@ def test_invalid_inputs_raise_value_error():
     with pytest.raises(ValueError, match="dtype"):
         A.attention(q.half(), q, q, lengths)
     with pytest.raises(ValueError, match="head dim"):
-        x = torch.randn(2, 5, 1, 256)
+        x = torch.randn(2, 5, 1, 0)
         A.attention(x, x, x, lengths)
     with pytest.raises(ValueError, match="even head dim"):
         x = torch.randn(2, 5, 2, 5)
