@@ -46,6 +46,7 @@ class SparseTokenizer(nn.Module):
 
     def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
         super().__init__()
+        self.d_model = d_model
         self.tables = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=0) for v in vocab_sizes)
         for t in self.tables:
             nn.init.normal_(t.weight, std=d_model**-0.5)
@@ -54,7 +55,7 @@ class SparseTokenizer(nn.Module):
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         if not len(self.tables):
-            return torch.zeros(sparse.shape[0], 0, 0, device=sparse.device)
+            return torch.zeros(sparse.shape[0], 0, self.d_model, device=sparse.device)  # [B, 0, d], as DenseTokenizer
         return torch.stack([t(sparse[:, j]) for j, t in enumerate(self.tables)], dim=1)
 
 

@@ -201,3 +201,14 @@ def test_every_parameter_gets_a_gradient(overrides):
     assert not missing, f"parameters without a gradient: {missing}"
     last = f"backbone.blocks.{c.num_layers - 1}."
     assert any(n.startswith(last) for n in grads) and any(n.startswith("backbone.final_cross.") for n in grads)
+
+
+def test_tokenizers_without_fields_give_empty_tokens_of_width_d():
+    """Both tokenizers with no fields return [B, 0, d] (the sparse one returned [B, 0, 0]), so their
+    outputs concatenate along the token axis whatever the mix of fields."""
+    from interformer import DenseTokenizer, SparseTokenizer
+
+    dense = DenseTokenizer(0, 8)(torch.zeros(3, 0))
+    sparse = SparseTokenizer((), 8)(torch.zeros(3, 0, dtype=torch.int64))
+    assert dense.shape == sparse.shape == (3, 0, 8)
+    assert torch.cat([dense, sparse, SparseTokenizer((5,), 8)(torch.ones(3, 1, dtype=torch.int64))], 1).shape == (3, 1, 8)
