@@ -501,7 +501,8 @@ def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
     accumulators) fit an H100's shared memory: ``NP * DP <= 4096`` in fp32, 16384 in fp16/bf16.
     sm_90 builds at those limits took 147,456-196,608 (fp32) and 122,880-135,168 bytes (16-bit); fp32
     at NP 64 x DP 128 took 294,912, over the 232,448 there are. Wider shapes use the reference."""
-    _, dp, np_, _ = _config(1, d, n_sum, True)
+    # the tile widths of ``_config``, recomputed here: dynamo would trace through its lru_cache
+    dp, np_ = max(16, next_pow2(d)), max(16, next_pow2(n_sum))
     return np_ * dp <= (4096 if dtype == torch.float32 else 16384)
 
 
