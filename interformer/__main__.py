@@ -48,6 +48,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, nargs="+", default=None, metavar="FILE")
         elif f.name == "schema":
             p.add_argument(flag, default=None, metavar="FILE", help="schema file (.json/.yaml) of the data columns")
+        elif type(None) in args and base in (int, float):  # "none" unsets what a settings file sets
+            p.add_argument(flag, type=str, default=None, metavar=f"{base.__name__.upper()}|none")  # TrainConfig converts
         else:
             p.add_argument(flag, type=base if base in (int, float, str) else str, default=None)
 
@@ -110,17 +112,20 @@ def main(argv=None) -> int:
         _interpret_on_cpu(cfg.device)
         from .train import train as run_train
 
-        run_train(cfg)  # every way it returns is a success ("stopped" included: --resume continues)
-        return 0
+        summary = run_train(cfg)
+        # stopped by SIGINT/SIGTERM (checkpointed; --resume continues): 128 + the signal, as a shell
+        # reports a process killed by it, so that a batch scheduler sees an unfinished job and can requeue it
+        signum = summary.get("stopped_by_signal")
+        return 128 + signum if signum else 0
     _interpret_on_cpu(args.device)
-    from .train import evaluate_checkpoint, metrics_table
+    from .train import evaluate_checkpoint, json_safe, metrics_table
 
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp)
     print(metrics_table(results, args.checkpoint))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+            json.dump(json_safe(results), fh, indent=2)
     return 0
 
 

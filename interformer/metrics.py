@@ -10,13 +10,14 @@ import torch
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """ROC AUC by the rank-sum formula, tied scores sharing their average rank.
 
-    Returns NaN when only one class is present.
+    Returns NaN when only one class is present, or when any score is NaN or infinite (a diverged
+    model: ranking NaNs would give a plausible-looking number).
     """
     scores = scores.detach().double().flatten().cpu()
     labels = labels.detach().flatten().cpu() > 0.5
     n_pos = int(labels.sum())
     n_neg = labels.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not bool(torch.isfinite(scores).all()):
         return float("nan")
     sorted_scores, order = torch.sort(scores)
     ranks = torch.empty_like(scores)
@@ -40,9 +41,12 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     """Group AUC: the AUC of each group (user), averaged with the group's click count as weight.
 
     Groups whose samples are all of one class have no AUC and are skipped (their clicks do not
-    count in the weights either). Returns NaN when no group has both classes.
+    count in the weights either). Returns NaN when no group has both classes, or when any score is
+    NaN or infinite.
     """
     scores = scores.detach().double().flatten().cpu()
+    if not bool(torch.isfinite(scores).all()):
+        return float("nan")
     labels = labels.detach().flatten().cpu() > 0.5
     groups = groups.detach().flatten().cpu()
     if not (scores.numel() == labels.numel() == groups.numel()):

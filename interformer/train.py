@@ -20,7 +20,8 @@ Decisions:
   ``GradScaler`` (its state is checkpointed). Weights and optimiser states stay float32.
 * **Output directory.** A new run refuses a directory that already holds a run (``last.pt``,
   ``best.pt`` or ``run.json``): ``--resume`` continues it, ``--overwrite`` deletes those files (and
-  ``curves.png``) first. So the final table never shows another run's ``best.pt``; it is also only
+  ``curves.png``) once the new run's data and model are built (a mistake in the new settings
+  leaves the old run in place). So the final table never shows another run's ``best.pt``; it is also only
   read when this run (or the run it resumes) wrote it.
 * **Checkpoints** (``output_dir``): ``last.pt`` at the end of every epoch, every
   ``checkpoint_every`` steps and when a run stops early (``max_steps``, SIGINT/SIGTERM);
@@ -52,7 +53,8 @@ Decisions:
   compiled (DDP first, as PyTorch recommends). ``compile_mode="reduce-overhead"`` adds CUDA graphs;
   at the DESIGN shapes a training step is launch-bound (an H200 profile of the fused model's step:
   82 ms of CPU time against 35 ms of GPU time, about 13 ms of it in kernels), so that is the mode to
-  try on a GPU. It does not change the math, so a resumed run may switch it.
+  try on a GPU. It does not change the math, so a resumed run may switch ``compile_mode`` (not
+  ``compile`` itself).
 * **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
   for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
   must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
@@ -195,14 +197,26 @@ class TrainConfig:
         unknown = set(self.model) - {f.name for f in dataclasses.fields(InterFormerConfig)}
         if unknown:
             raise ValueError(f"model: unknown InterFormerConfig field(s) {sorted(unknown)}")
+        # numbers written as strings (PyYAML reads ``1e-6`` as one) are converted here too
+        hints = typing.get_type_hints(InterFormerConfig)
+        self.model = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
+        given_files = [n for n in ("train", "valid", "test") if getattr(self, n)] + (["schema"] if self.schema else [])
+        if self.data == "synthetic" and given_files:
+            raise ValueError(f"{', '.join(given_files)} given but data is 'synthetic' (the default): set data to "
+                             "'csv' or 'parquet' to train on the files")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """The config of a settings dict; its keys are remembered as the fields the user gave
+        (``given_fields``: on resume, a given field that differs from the checkpoint is refused even
+        when its value is the default)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.given_fields = frozenset(d)
+        return cfg
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,17 +287,21 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
     run-control fields (:data:`RUN_CONTROL`) that ``given`` sets. Returns (config, {field: (old, new)}
     of the run-control settings changed).
 
-    A field of ``given`` at its :class:`TrainConfig` default counts as not given; ``output_dir``,
+    The fields ``given`` was built with (:meth:`TrainConfig.from_dict`'s ``given_fields``: the
+    command line's flags and settings file) count as given, whatever their value; for a config built
+    otherwise, a field at its :class:`TrainConfig` default counts as not given. ``output_dir``,
     ``resume`` and ``overwrite`` always come from ``given``. Any other field given with a value that
     differs from the checkpoint's raises ValueError naming them (values compare by ``==``, so dicts
     and lists by content)."""
     defaults, mine = TrainConfig().to_dict(), given.to_dict()
+    given_names = getattr(given, "given_fields", None)
     merged, changed, conflicts = {}, {}, []
     for name, value in mine.items():
         old = saved.get(name, defaults[name])  # a field added after the checkpoint was written
+        explicit = name in given_names if given_names is not None else value != defaults[name]
         if name in _INVOCATION:
             merged[name] = value
-        elif value == defaults[name] or value == old:
+        elif not explicit or value == old:
             merged[name] = old
         elif name in RUN_CONTROL:
             merged[name], changed[name] = value, (old, value)
@@ -466,7 +484,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Opt
     for p in model.parameters():
         if id(p) in table_ids:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # matrices only: a [D, 1] tensor (torchrec's DCN bias layout) is a bias, not a matrix
+        (decay if p.dim() >= 2 and min(p.shape) > 1 else no_decay).append(p)
     emb_params = [m.weight for m in tables]
     emb_lr = cfg.embedding_lr or cfg.lr
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -536,6 +555,8 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cf
             logits.append(model(*b.inputs()).float())
         labels.append(batch.label)
         groups.append(batch.group)
+    if not logits:
+        raise ValueError("no rows to evaluate (an empty file, or every row skipped as malformed)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -599,6 +620,7 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: Optional[int] = None  # the signal that asked to stop (the CLI exits with 128 + it)
         self._old = {}
 
     def __enter__(self):
@@ -611,6 +633,7 @@ class _StopRequest:
         """The first signal: ask for a checkpoint and hand the signals back, so a second one acts
         as it would have without us (Ctrl-C raises KeyboardInterrupt at once)."""
         self.requested = True
+        self.signum = signum
         self._restore()
 
     def _restore(self) -> None:
@@ -678,9 +701,22 @@ def _on_rank0(fn, d: Dist):
 RUN_FILES = ("last.pt", "best.pt", "run.json")  # their presence means: output_dir holds a run
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that ``json.dumps`` writes strict
+    JSON (``NaN`` is not JSON; a metric with no value, e.g. gAUC when no user has both classes, is null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
     """Rank 0: create ``output_dir``; return ``last.pt``'s state when resuming from it, else check
-    that no other run lives there (ValueError) or, with ``overwrite``, delete it."""
+    that no other run lives there (ValueError) unless ``overwrite`` (:func:`_clear_old_run` deletes
+    it later)."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
@@ -693,11 +729,16 @@ def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
         hint = "--overwrite to start a new run there" if cfg.resume else "--resume to continue it or --overwrite to replace it"
         raise ValueError(f"{out_dir} already holds a run ({', '.join(existing)}); pass {hint}, "
                          "or choose another --output-dir")
-    if existing:
+    return None
+
+
+def _clear_old_run(out_dir: Path, say) -> None:
+    """``--overwrite``: delete the run in ``out_dir``; called once the new run's data and model are
+    built, so a mistake in the new settings does not cost the old run."""
+    if any((out_dir / n).exists() for n in RUN_FILES):
         say(f"overwrite: deleting the run in {out_dir}")
         for name in (*RUN_FILES, "curves.png", "last.pt.tmp", "best.pt.tmp"):
             (out_dir / name).unlink(missing_ok=True)
-    return None
 
 
 def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
@@ -745,11 +786,16 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     overrides, splits, vocabs, schema = data
     train_set = splits["train"]
     rows = {k: v.num_rows for k, v in splits.items()}
+    empty = [k for k, n in rows.items() if n == 0]
+    if empty:  # found now, not after an epoch of training
+        raise ValueError(f"{', '.join(empty)}: no rows (an empty file, or every row skipped as malformed)")
     # the counting pass above was the first full pass: ``skipped`` now holds one pass's bad rows
     skipped = {k: v.skipped for k, v in splits.items()}
 
     seed_everything(cfg.seed)  # the same initial weights on every rank and for every data source
     model = build_model(cfg, overrides).to(device)
+    if resume_state is None and cfg.overwrite:
+        _on_rank0(lambda: _clear_old_run(out_dir, say), d)
     optimizers = build_optimizers(model, cfg)
     schedulers = warmup_schedulers(optimizers, cfg.warmup_steps)
     scaler = make_scaler(cfg, device)
@@ -816,7 +862,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             "step": step, "skipped_rows": skipped, **extra,
         }
         if d.is_main:
-            (out_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+            (out_dir / "run.json").write_text(json.dumps(json_safe(summary), indent=2, default=str), encoding="utf-8")
         return summary
 
     def max_steps_reached() -> bool:
@@ -944,7 +990,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         for split in ("valid", "test"):
             if split in splits:
                 final[split] = evaluate_split(final_model, splits[split], cfg, device)
-    summary = write_run_json(status, final=final, seconds=time.perf_counter() - t_start)
+    stopped_by = stop.signum if status == "stopped" else None  # None: finished, or stopped by max_steps
+    summary = write_run_json(status, final=final, seconds=time.perf_counter() - t_start, stopped_by_signal=stopped_by)
     if d.is_main:
         if final:
             say("")
@@ -1005,6 +1052,12 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _format_of(paths: List[str], fallback: str) -> Optional[str]:
+    """None (dataio infers each file's format from its suffix) when every suffix tells it, else ``fallback``."""
+    known = (".csv", ".csv.gz", ".parquet", ".pq")
+    return None if all(str(p).lower().endswith(known) for p in paths) else fallback
+
+
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
                         amp: str = "off") -> Dict[str, Dict[str, float]]:
@@ -1026,13 +1079,16 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         if state["schema"] is None:
             raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
         vocabs = _vocabs_from_dict(state["vocabularies"])
-        ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or cfg.data, on_error=cfg.on_bad_rows)
+        ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or _format_of(paths, cfg.data),
+                            on_error=cfg.on_bad_rows)
         splits = {"eval": ds}
-    else:
-        if state["schema"] is not None:
-            cfg.schema = state["schema"]
-        _, splits, _, _ = build_data(cfg, _vocabs_from_dict(state["vocabularies"]))
+    elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
+        _, splits, _, _ = build_data(cfg)
         splits.pop("train")
-        if not splits:
-            raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
+    else:  # the validation/test files its config names; the training files need not exist any more
+        schema, vocabs = Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"])
+        splits = {name: TabularDataset(getattr(cfg, name), schema, vocabs, fmt=cfg.data, on_error=cfg.on_bad_rows)
+                  for name in ("valid", "test") if getattr(cfg, name)}
+    if not splits:
+        raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
     return {name: evaluate_split(model, ds, cfg, dev) for name, ds in splits.items()}

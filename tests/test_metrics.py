@@ -129,3 +129,13 @@ def test_normalized_entropy_matches_sklearn(seed):
     const = torch.full_like(logits, math.log(base_rate / (1 - base_rate)))
     assert math.isclose(normalized_entropy(const, labels), 1.0, rel_tol=1e-9)
     assert math.isnan(normalized_entropy(logits, torch.zeros_like(labels)))
+
+
+
+def test_nan_or_inf_scores_give_nan_not_a_plausible_auc():
+    """A diverged model's NaN logits: AUC and gAUC are NaN (ranking NaNs gave 0.75 for all-NaN scores)."""
+    labels = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    for scores in (torch.full((4,), float("nan")), torch.tensor([float("nan"), 0.1, 0.3, 0.2]),
+                   torch.tensor([0.1, float("inf"), 0.3, 0.2])):
+        assert math.isnan(auc(scores, labels))
+        assert math.isnan(gauc(scores, labels, torch.tensor([0, 0, 0, 0])))

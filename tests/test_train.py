@@ -452,7 +452,8 @@ def test_cli_resume_needs_only_the_output_dir(bars, monkeypatch):
     (bars / "settings.json").write_text(json.dumps(settings))
     main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "full")])
     interrupt_at_step(monkeypatch, 3)
-    main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "part")])
+    # stopped by SIGINT (checkpointed): the exit status says so, 128 + 2, as a shell would report it
+    assert main(["train", "--config", str(bars / "settings.json"), "--output-dir", str(bars / "part")]) == 130
     monkeypatch.undo()
     assert T.load_checkpoint(bars / "part" / "last.pt")["step"] == 3
     with pytest.raises(ValueError, match=r"lr \(checkpoint 0.003, given 0.5\)"):
@@ -518,8 +519,10 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     for k in ("auc", "gauc", "logloss", "ne"):
         assert m[k] == pytest.approx(final[k], abs=1e-9), k
     assert "eval" in capsys.readouterr().out
-    # without files: the checkpoint's own validation split, read with the schema it carries
+    # without files: the checkpoint's own validation split, read with the schema it carries (neither
+    # the schema file nor the training files need to exist any more)
     (bars / "schema.yaml").unlink()
+    (bars / "train.csv").unlink()
     main(["evaluate", str(out / "best.pt"), "--output", str(bars / "own.json")])
     own = json.loads((bars / "own.json").read_text())["valid"]
     for k in ("auc", "gauc", "logloss", "ne"):
@@ -685,3 +688,81 @@ def test_prefetching_changes_nothing_and_leaves_no_thread(bars):
     s = T.train(T.TrainConfig(output_dir=str(bars / "stop"), prefetch=3, max_steps=2, **kw), log=lambda *a: None)
     assert s["status"] == "stopped"
     assert threading.active_count() == before
+
+
+
+# ------------------------------------------------------------------------------- review fixes
+def test_resume_refuses_a_given_flag_at_its_default_that_differs_from_the_checkpoint():
+    """A flag given on the command line counts as given even at TrainConfig's default: --lr 0.001
+    (the default) against a run trained at 0.003 is refused, and a run-control flag may go back to
+    its default (--progress after --no-progress)."""
+    saved = T.TrainConfig(lr=3e-3, progress=False, amp="bf16").to_dict()
+    given = T.TrainConfig.from_dict({"resume": True, "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"lr \(checkpoint 0.003, given 0.001\)"):
+        T.resume_config(saved, given)
+    cfg, changed = T.resume_config(saved, T.TrainConfig.from_dict({"resume": True, "progress": True}))
+    assert cfg.progress is True and changed == {"progress": (False, True)} and cfg.amp == "bf16"
+    # not given: the checkpoint's value, whatever the default
+    assert T.resume_config(saved, T.TrainConfig.from_dict({"resume": True}))[0].lr == 3e-3
+
+
+def test_model_numbers_written_as_strings_are_converted():
+    cfg = T.TrainConfig(model={"ln_eps": "1e-6", "d_model": "16", "rope_base": "1e4", "dcn_rank": "none"})
+    assert cfg.model == {"ln_eps": 1e-6, "d_model": 16, "rope_base": 1e4, "dcn_rank": None}
+    with pytest.raises(ValueError, match="model.d_model"):
+        T.TrainConfig(model={"d_model": "wide"})
+
+
+def test_files_with_synthetic_data_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="data is 'synthetic'"):
+        T.TrainConfig(train=[str(tmp_path / "train.csv")])
+
+
+def test_an_empty_validation_split_is_refused_before_training(bars):
+    (bars / "empty.csv").write_text((bars / "valid.csv").read_text().splitlines()[0] + "\n")
+    cfg = T.TrainConfig(data="csv", train=[str(bars / "train.csv")], valid=[str(bars / "empty.csv")],
+                        schema=str(bars / "schema.yaml"), progress=False, output_dir=str(bars / "run"),
+                        model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
+    with pytest.raises(ValueError, match="valid: no rows"):
+        T.train(cfg, log=quiet)
+    assert not (bars / "run" / "last.pt").exists()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, bars):
+    out = tmp_path / "run"
+    T.train(tiny_config(out, epochs=1), log=quiet)
+    cfg = T.TrainConfig(data="csv", train=[str(bars / "no-such-file.csv")], schema=str(bars / "schema.yaml"),
+                        output_dir=str(out), overwrite=True, progress=False)
+    with pytest.raises(FileNotFoundError):
+        T.train(cfg, log=quiet)
+    assert all((out / n).exists() for n in ("last.pt", "run.json"))
+
+
+def test_dcn_biases_get_no_weight_decay():
+    model = T.build_model(T.TrainConfig(model=dict(TINY)), {})
+    decay = {id(p) for p in T.build_optimizers(model, T.TrainConfig())[0].param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decay}
+    assert names and all(p.dim() >= 2 and min(p.shape) > 1 for n, p in model.named_parameters() if n in names)
+    assert not any(".bias" in n for n in names)
+
+
+def test_cli_none_unsets_a_settings_file_value(tmp_path):
+    import argparse
+
+    from interformer.__main__ import _add_train_flags, train_config_from_args
+
+    (tmp_path / "s.json").write_text(json.dumps({"patience": 3, "clip_grad_norm": 1.0}))
+    parser = argparse.ArgumentParser()
+    _add_train_flags(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "s.json"), "--patience", "none", "--clip-grad-norm", "None"])
+    cfg = train_config_from_args(args)
+    assert cfg.patience is None and cfg.clip_grad_norm is None
+    assert train_config_from_args(parser.parse_args(["--patience", "4"])).patience == 4
+
+
+def test_json_safe_writes_strict_json_and_evaluate_infers_the_format():
+    text = json.dumps(T.json_safe({"gauc": float("nan"), "x": [1.0, float("inf")], "n": 3}))
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"gauc": None, "x": [1.0, None], "n": 3}
+    assert T._format_of(["a.parquet", "b.PQ"], "csv") is None  # each file by its suffix
+    assert T._format_of(["a.txt"], "csv") == "csv"  # no telling suffix: the checkpoint's format
