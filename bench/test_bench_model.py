@@ -7,7 +7,7 @@ Interaction and Sequence arches of each block on two CUDA streams); ``eager-cuda
 ``fused-cudagraph``: the inference forward, or the whole training step (forward and backward,
 gradients written into static buffers), captured once in a CUDA graph and replayed
 (:func:`common.captured`), which removes the launch overhead that dominates at these shapes (a
-training-step profile on an H200 showed 82 ms of CPU time per step against 35 ms of GPU time);
+fused training step on an H200 took 45.5 ms with 12.9 ms of kernel time);
 ``fused-streams-cudagraph``: the two-stream model captured (the arches become parallel branches of
 the graph; a capture the streams do not allow is recorded as a skip with its reason);
 ``compile-reduce-overhead`` / ``fused-compile-reduce-overhead``: ``torch.compile(mode=

@@ -96,23 +96,46 @@ def main(argv=None) -> int:
         host_breakdown(make_step, args.steps)
 
     if prof is not None:
-        totals = defaultdict(lambda: [0.0, 0.0, 0])
-        for evt in prof.key_averages():
-            if evt.key in RANGES:
-                dev = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
-                totals[evt.key][0] += dev
-                totals[evt.key][1] += evt.cpu_time_total
-                totals[evt.key][2] += evt.count
+        averages = prof.key_averages()
         print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}, {common.environment()['device']})")
-        print(f"{'range':<28} {'calls':>6} {'GPU ms/step':>12} {'CPU ms/step':>12}")
-        for name in RANGES:
-            if name in totals:
-                gpu, cpu, n = totals[name]
-                print(f"{name:<28} {n:>6} {gpu / 1e3 / args.steps:>12.3f} {cpu / 1e3 / args.steps:>12.3f}")
-        print("(GPU time of a range = device time of the kernels launched inside it; ranges nest.)")
+        print(range_table(averages, args.steps))
         print("\nkernels by device time:")
-        print(prof.key_averages().table(sort_by="device_time_total" if common.ON_GPU else "cpu_time_total", row_limit=15))
+        print(averages.table(sort_by="device_time_total" if common.ON_GPU else "cpu_time_total", row_limit=15))
     return 0
+
+
+def range_table(averages, steps: int) -> str:
+    """The per-range table of a ``torch.profiler`` run (its ``key_averages()``).
+
+    The profiler reports a named range twice: a host row (its CPU time, its call count, and the
+    device time of the kernels launched from that thread inside it) and a device row (the range's
+    span on the GPU timeline, first kernel start to last kernel end, idle gaps included). Adding the
+    two, as this script once did, doubled the calls and mixed a span with a kernel sum. Here they
+    are separate columns; backward kernels run on autograd's own thread, so a range around a
+    module's forward has only forward kernels in "kernels". The last line is the device time of all
+    kernels per step (range rows excluded)."""
+    cpu_type = torch.autograd.DeviceType.CPU
+    host, span, kernels_total = {}, defaultdict(float), 0.0
+    for evt in averages:
+        on_host = getattr(evt, "device_type", cpu_type) == cpu_type
+        device_total = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.key in RANGES:
+            if on_host:
+                host[evt.key] = (evt.count, evt.cpu_time_total, device_total)
+            else:
+                span[evt.key] += device_total
+        elif not on_host:
+            kernels_total += getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+    lines = [f"{'range':<28} {'calls/step':>10} {'CPU ms':>9} {'kernels ms':>11} {'GPU span ms':>12}   (per step)"]
+    for name in RANGES:
+        if name in host or name in span:
+            n, cpu, kern = host.get(name, (0, 0.0, 0.0))
+            lines.append(f"{name:<28} {n / steps:>10.1f} {cpu / 1e3 / steps:>9.3f} {kern / 1e3 / steps:>11.3f} "
+                         f"{span.get(name, 0.0) / 1e3 / steps:>12.3f}")
+    lines.append(f"all kernels: {kernels_total / 1e3 / steps:.3f} ms of device time per step")
+    lines.append("(kernels = device time of the kernels launched inside the range from its thread; GPU span = "
+                 "first kernel start to last kernel end; ranges nest)")
+    return "\n".join(lines)
 
 
 #: cProfile entries by file: the first matching fragment names the group.

@@ -65,3 +65,26 @@ def test_launch_overhead_measures_every_launcher():
     y = torch.empty_like(x)
     many[(1,)](x, y, x.numel(), *range(lo.MANY), BLOCK=64)
     torch.testing.assert_close(y, x + sum(range(lo.MANY)))
+
+
+def test_range_table_keeps_host_and_device_rows_apart(train_step):
+    """The profiler lists a range twice (host row, device span row): the table must not add them
+    (it once did: calls doubled, a 31.5 ms span plus 3.6 ms of forward kernels read as 35 ms of GPU
+    time per step, against 12.9 ms of kernel time)."""
+    import torch
+    from types import SimpleNamespace as Row
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    rows = [Row(key="train_step", device_type=cpu, count=10, cpu_time_total=821_252.0, device_time_total=36_066.0),
+            Row(key="train_step", device_type=cuda, count=10, cpu_time_total=0.0, device_time_total=314_791.0,
+                self_device_time_total=314_791.0),
+            Row(key="aten::mm", device_type=cpu, count=50, cpu_time_total=9_000.0, device_time_total=60_000.0,
+                self_device_time_total=0.0),
+            Row(key="sm90_gemm_kernel", device_type=cuda, count=50, cpu_time_total=0.0, device_time_total=60_000.0,
+                self_device_time_total=60_000.0),
+            Row(key="triton_kernel", device_type=cuda, count=20, cpu_time_total=0.0, device_time_total=68_715.0,
+                self_device_time_total=68_715.0)]
+    table = train_step.range_table(rows, steps=10)
+    line = next(l for l in table.splitlines() if l.startswith("train_step"))
+    assert line.split()[1:] == ["1.0", "82.125", "3.607", "31.479"]
+    assert "all kernels: 12.872 ms" in table
