@@ -140,13 +140,23 @@ def rotary(x: torch.Tensor, base: float, sign: float = 1.0) -> torch.Tensor:
     x ``[B, L, H, dh]`` (dh even). Pair ``(i, i + dh/2)`` rotates by angle ``pos * base^(-2i/dh)``.
     ``sign=-1`` applies the inverse rotation.
     """
-    L, dh = x.shape[1], x.shape[-1]
+    cos, sin = rotary_table(x.shape[1], x.shape[-1], base, x.dtype, x.device, sign)
+    return apply_rotary(x, cos, sin)
+
+
+def rotary_table(L: int, dh: int, base: float, dtype: torch.dtype, device: torch.device, sign: float = 1.0):
+    """``(cos, sin)``, each ``[1, L, 1, dh/2]`` in ``dtype``: the angles of :func:`rotary` (computed
+    in fp32, or fp64 for fp64), for callers that build the table once and reuse it."""
     half = dh // 2
-    ct = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (the reference checks)
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=ct) * 2.0 / dh)
-    angle = torch.arange(L, device=x.device, dtype=ct)[:, None] * inv_freq[None, :]
-    cos = angle.cos().to(x.dtype)[None, :, None, :]
-    sin = (sign * angle.sin()).to(x.dtype)[None, :, None, :]
+    ct = torch.promote_types(dtype, torch.float32)  # float64 stays float64 (the reference checks)
+    inv_freq = base ** (-torch.arange(half, device=device, dtype=ct) * 2.0 / dh)
+    angle = torch.arange(L, device=device, dtype=ct)[:, None] * inv_freq[None, :]
+    return angle.cos().to(dtype)[None, :, None, :], (sign * angle.sin()).to(dtype)[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary of x ``[B, L, H, dh]`` with a :func:`rotary_table`."""
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 

@@ -143,3 +143,16 @@ def test_model_providers_build_what_they_name(bench):
         assert compiled == ([mode] if mode else []), f"model {provider}: torch.compile calls {compiled}"
         streams = any(getattr(b, "use_streams", False) for b in model.modules() if hasattr(b, "_side_stream"))
         assert streams == provider.startswith("fused-streams"), f"model {provider}: streams {streams}"
+
+
+def test_timing_quantiles_and_plain_timing_on_cpu(bench):
+    """The per-call statistics of ``time_median``: median, p20 and p80 of the samples; without a
+    GPU one synchronised run (the steady-state and do_bench paths need CUDA events)."""
+    common, _ = bench
+    q = common._quantiles([float(v) for v in range(1, 12)])
+    assert q == {"median_ms": 6.0, "p20_ms": 3.0, "p80_ms": 9.0}
+    calls = []
+    t = common.time_median(lambda: calls.append(1))
+    assert set(t) == {"median_ms", "p20_ms", "p80_ms"} and t["median_ms"] >= 0
+    if not torch.cuda.is_available():
+        assert len(calls) == 1
