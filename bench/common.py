@@ -29,9 +29,13 @@ Every op and the model also have ``compile-max-autotune`` (``torch.compile(mode=
 "max-autotune-no-cudagraphs")``), run only at the shapes named by ``$INTERFORMER_BENCH_AUTOTUNE_SHAPES``
 (default ``taobao,amazon``): its autotuning takes minutes per shape.
 
-Peak memory is measured on one extra call after the warm-up, outside ``do_bench`` (whose 256 MB
-L2-flush buffer would otherwise be counted in every row); for a graphed provider it is the memory
-allocated while warming up and capturing (the graph's private pool holds it from then on).
+Peak memory (``peak_extra_MiB``) is the peak allocated above what was allocated before the
+provider's first call (parameters and inputs): activations, gradients, and whatever the warm-up
+left allocated. For a plain provider the peak is taken over one extra call after the warm-up,
+outside the timing (``do_bench``'s 256 MB L2-flush buffer would otherwise be counted); for a
+graphed provider over warming up and capturing (the graph's private pool holds it from then on).
+Both kinds share the baseline, so gradients count in both (plain rows once measured from a baseline
+taken after the warm-up, which already held the previous call's gradients).
 
 Without a GPU the suite is a smoke test: shapes shrink to tiny ones (``smoke``) and kernels run
 under the Triton interpreter; timings there are NOT meaningful and rows say so.
@@ -329,8 +333,8 @@ def run(
     matmul rate. The floor time is the larger of the two lower bounds, reported as ``x_floor``.
     """
     graphed = provider.endswith(GRAPH_SUFFIX)
+    base = _start_peak()  # before any call: parameters and inputs only
     if graphed:
-        base = _start_peak()
         try:
             fn = captured(fn)  # compiles, warms up and captures; the pool is allocated here
         except RuntimeError as exc:
@@ -342,7 +346,7 @@ def run(
         peak_mb = _peak_since(base)
     fn()  # warm-up: compilation, autotuning, caches
     if not graphed:
-        base = _start_peak()
+        _start_peak()  # resets the peak counter; the baseline stays the one taken before the warm-up
         fn()
         peak_mb = _peak_since(base)
     timing = time_median(fn, graphed=graphed)
