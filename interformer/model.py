@@ -242,9 +242,8 @@ class InterFormer(nn.Module):
         self, dense: torch.Tensor, sparse: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.config.validate_inputs:
-            tokenizer_params = list(self.dense_tokenizer.parameters())
-            validate_batch(self.config, dense, sparse, seq, lengths,
-                           dense_dtype=tokenizer_params[0].dtype if tokenizer_params else None)
+            first = next(self.dense_tokenizer.parameters(), None)  # none without dense fields
+            validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=None if first is None else first.dtype)
         x, body = self.tokenize(dense, sparse, seq, lengths)
         x_sum = self.blocks[0].cross.summarize_nonseq(x)
         s = torch.cat([x_sum, body], dim=1)

@@ -17,6 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from interformer import backend as _backend
+
+#: the dtypes every kernel takes (one definition, shared with ``backend="auto"``'s choice)
+KERNEL_DTYPES = _backend.KERNEL_DTYPES
+
 
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""

@@ -118,16 +118,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["attention"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-HEAD_DIMS = (16, 32, 64, 128)  # no padded columns
 MAX_HEAD_DIM = 128
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 # Largest query length handled by the single-program-per-(b, h) backward.
 _FUSED_BWD_MAX_LQ = 128
 
@@ -515,8 +514,6 @@ def _attn_bwd_dq_kernel(
 
 
 # ============================================================================ launchers
-
-
 def _padded_dh(dh: int) -> int:
     """Register width of a head: next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
     return max(16, next_pow2(dh))

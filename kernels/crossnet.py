@@ -180,12 +180,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, sum_partials
+from ._common import KERNEL_DTYPES, dot_precision, next_pow2, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 MAX_BLOCK_R = 512
 #: Shared memory one program may use: the opt-in limit per block of an H100 (sm_90, 227 KiB).
 SMEM_LIMIT = 232448

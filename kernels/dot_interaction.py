@@ -55,12 +55,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 #: Largest token block of one program (tests lower it to exercise the multi-block path).
 MAX_BLOCK_N = 64
 #: Samples per program = clamp(B // TARGET_PROGRAMS, 1, 8): a few samples per program at large B
@@ -170,8 +170,7 @@ def _dot_bwd_kernel(
                          mask=(ri < n_b)[:, None] & (dd < DM)[None, :])
 
 
-
-
+# ============================================================================ launchers
 def _config(B: int, N: int, d: int) -> Tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_D, number of token blocks, samples per program, num_warps)."""
     bn = min(MAX_BLOCK_N, max(16, next_pow2(N)))

@@ -107,12 +107,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, num_sms, sum_partials
+from ._common import KERNEL_DTYPES, dot_precision, next_pow2, num_sms, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 MAX_D = 128
 MAX_N_IN = 128
 MAX_N_OUT = 64
@@ -254,6 +254,7 @@ def _glce_bwd_kernel(
         tl.store(base + j[:, None] * D + j[None, :], acc_gw, mask=j_ok[:, None] & j_ok[None, :])
 
 
+# ============================================================================ launchers
 def _bwd_launch_options(dtype: torch.dtype) -> dict:
     """Dot precision and pipelining of the backward kernel.
 

@@ -58,12 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["add_layer_norm"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 MAX_N = 16384
 
 

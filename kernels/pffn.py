@@ -90,12 +90,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, dot_precision, next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = KERNEL_DTYPES
 MAX_D = 128
 _FWD_CHUNK_ROWS = 256
 
@@ -501,8 +501,7 @@ def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
     accumulators) fit an H100's shared memory: ``NP * DP <= 4096`` in fp32, 16384 in fp16/bf16.
     sm_90 builds at those limits took 147,456-196,608 (fp32) and 122,880-135,168 bytes (16-bit); fp32
     at NP 64 x DP 128 took 294,912, over the 232,448 there are. Wider shapes use the reference."""
-    # the tile widths of ``_config``, recomputed here: dynamo would trace through its lru_cache
-    dp, np_ = max(16, next_pow2(d)), max(16, next_pow2(n_sum))
+    _, dp, np_, _ = _config.__wrapped__(1, d, n_sum, True)  # uncached: dynamo warns on tracing lru_cache
     return np_ * dp <= (4096 if dtype == torch.float32 else 16384)
 
 
