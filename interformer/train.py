@@ -103,7 +103,7 @@ from torch import nn
 
 from . import __version__
 from .config import InterFormerConfig
-from .data import Batch, make_synthetic
+from .data import make_synthetic
 from .metrics import auc, gauc, logloss, normalized_entropy
 from .model import InterFormerCTR
 

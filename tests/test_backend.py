@@ -1,7 +1,6 @@
 """Backend switching: optimize(), config backend, the environment default, state_dict stability,
 torch.compile of the eager model, two-stream flag on CPU."""
 
-import copy
 import os
 import subprocess
 import sys

@@ -25,8 +25,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import PoolingMultiHeadAttention, RotaryMultiHeadAttention
-from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths,
-                   rel_err)
+from utils import DEVICE, FP32_TOL, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths, rel_err
 
 A = pytest.importorskip("interformer.kernels.attention")
 BASE = 10000.0

@@ -650,7 +650,7 @@ def test_compiled_training_checkpoints_plain_state_dict_keys(tmp_path):
     """--compile wraps the model in torch.compile (aot_eager here: no C++ toolchain needed); the
     checkpoint's keys are the module's own (no ``_orig_mod.``), and training matches the eager run."""
     s = T.train(tiny_config(tmp_path / "c", epochs=1, compile=True, compile_backend="aot_eager"), log=lambda *a: None)
-    e = T.train(tiny_config(tmp_path / "e", epochs=1), log=lambda *a: None)
+    T.train(tiny_config(tmp_path / "e", epochs=1), log=lambda *a: None)
     assert s["status"] == "finished"
     wc, we = weights(tmp_path / "c" / "last.pt"), weights(tmp_path / "e" / "last.pt")
     assert wc.keys() == we.keys()
