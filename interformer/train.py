@@ -652,11 +652,15 @@ def threading_main() -> bool:
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar, or None when disabled: a disabled tqdm still starts tqdm's monitor thread, and
+    the loop would still read the running loss to the host (``.item()``) for its postfix."""
+    if not enabled:
+        return None
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def _any_rank(flag: bool, d: Dist, device) -> bool:
