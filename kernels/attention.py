@@ -38,7 +38,9 @@ Layout and contract
   the kernels to every q/k tile right after it is loaded: ``x_rot = x * cos + x_swapped * sin_signed``,
   where ``x_swapped`` is a second (cache-hitting) load of the same rows with the two halves of the
   head dim exchanged. The angles come from a small fp32 table ``[2, max(Lq, Lk), dh/2]`` (cos, sin)
-  built once per (device, length, dh, base) with exactly the reference's formula and cached; the
+  built with exactly the reference's formula: cached per (device, length, dh, base) in eager mode,
+  built by ops recorded in the graph under torch.compile (the custom ops' ``rope_table`` argument), so
+  compiled code, CUDA-graph pools included, never holds a cached tensor. The
   kernels never evaluate sin/cos (fp32 sin/cos of angles up to ~1000 rad would cost more ALU than the
   whole softmax at dh = 16). Backward applies the inverse rotation (the same with sin negated) to the
   dq/dk accumulators in registers (a half swap through ``reshape/permute/split/join``).
@@ -97,8 +99,8 @@ amplification); fp16/bf16 inputs feed the tensor cores directly with fp32 accumu
 are rounded to the input dtype before their matmuls (as in flash-attention). Under
 ``TRITON_INTERPRET=1`` everything is exact fp32.
 
-``torch.library``: ``interformer::attention_fwd`` (``float? rope_base``, ``float? sm_scale``; returns
-``(out, lse)``) and ``interformer::attention_bwd`` (returns ``(dq, dk, dv)``), plus the packed pair
+``torch.library``: ``interformer::attention_fwd`` (``float? rope_base``, ``float? sm_scale``, a last
+``Tensor? rope_table`` that traced calls fill, None meaning the cached table; returns ``(out, lse)``) and ``interformer::attention_bwd`` (returns ``(dq, dk, dv)``), plus the packed pair
 ``interformer::attention_qkv_fwd`` / ``interformer::attention_qkv_bwd``, are ``custom_op`` s with fake
 implementations; each forward has a registered autograd formula that calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Scalars reach the kernels as Python
@@ -572,20 +574,29 @@ def _general_bwd_config(dhp: int, dtype: torch.dtype) -> Tuple[Tuple[int, int], 
 _ROPE_TABLES: dict = {}
 
 
-def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
-    """fp32 ``[2, length, dh/2]``: cos and sin of ``pos * base^(-2i/dh)``, the reference's exact formula.
+def rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
+    """fp32 ``[2, length, dh/2]``: cos and sin of ``pos * base^(-2i/dh)``, the reference's exact formula
+    (built anew on every call: what a traced graph records, see :func:`attention`)."""
+    half = dh // 2
+    inv_freq = base ** (-torch.arange(half, device=device, dtype=torch.float32) * 2.0 / dh)
+    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.stack([angle.cos(), angle.sin()]).contiguous()
 
-    Cached per (device, length, dh, base); during CUDA-graph capture a fresh table is built (and
-    recorded in the graph) instead of caching memory from the graph's pool.
+
+def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
+    """:func:`rope_table`, cached per (device, length, dh, base) for the eager entry points.
+
+    Compiled code never reaches this cache (the traced call passes its own table): a table first
+    built inside ``torch.compile(mode="reduce-overhead")``'s warm-up would sit in the CUDA-graph
+    pool, which refuses memory that outlives its graphs ("tensor(s) in the cudagraph pool not
+    tracked as outputs", seen on an H100). During CUDA-graph capture a fresh table is built and
+    recorded in the graph rather than cached from the graph's pool.
     """
     key = (device.type, device.index, length, dh, float(base))
     table = _ROPE_TABLES.get(key)
     if table is not None:
         return table
-    half = dh // 2
-    inv_freq = base ** (-torch.arange(half, device=device, dtype=torch.float32) * 2.0 / dh)
-    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    table = torch.stack([angle.cos(), angle.sin()]).contiguous()
+    table = rope_table(length, dh, base, device)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if not capturing:
         if len(_ROPE_TABLES) >= 64:
@@ -598,14 +609,21 @@ def _resolve_scale(sm_scale: Optional[float], dh: int) -> float:
     return 1.0 / math.sqrt(dh) if sm_scale is None else float(sm_scale)
 
 
-def _tab(q, k, rope_base, Lq, Lk, dh):
+def _tab(q, k, rope_base, Lq, Lk, dh, table=None):
+    """The rotary table the kernels read and its length: ``table`` when given (checked), else the
+    cached one."""
     if rope_base is None:
         return q, 1  # never read: ROPE_Q = ROPE_K = False
-    t = _rope_table(max(Lq, Lk), dh, rope_base, k.device)
-    return t, t.shape[1]
+    if table is None:
+        table = _rope_table(max(Lq, Lk), dh, rope_base, k.device)
+    elif (table.dtype != torch.float32 or table.dim() != 3 or table.shape[0] != 2 or table.shape[2] != dh // 2
+          or table.shape[1] < max(Lq, Lk) or not table.is_contiguous() or table.device != k.device):
+        raise ValueError(f"attention: rope_table must be a contiguous fp32 [2, >= {max(Lq, Lk)}, {dh // 2}] tensor "
+                         f"on {k.device}, got {table.dtype} {tuple(table.shape)} on {table.device}")
+    return table, table.shape[1]
 
 
-def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     lengths = lengths.contiguous()  # read as lengths[b] with stride 1
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
@@ -616,7 +634,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     if Lk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     scale = _resolve_scale(sm_scale, dh)
-    tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh)
+    tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
     dhp = _padded_dh(dh)
     block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, k.dtype)
     n_m = triton.cdiv(Lq, block_m)
@@ -635,7 +653,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
 
 
 def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
-                        grads=None):
+                        rope_table=None, grads=None):
     """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the
     views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only."""
     lengths = lengths.contiguous()
@@ -654,7 +672,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         dq_buf.zero_(), dk.zero_(), dv.zero_()
     else:
         scale = _resolve_scale(sm_scale, dh)
-        tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh)
+        tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
         dhp = _padded_dh(dh)
         sqb = 0 if Bq == 1 else q.stride(0)
         flags = dict(
@@ -709,13 +727,15 @@ def attention_fwd(
     rope_q: bool,
     mask_queries: bool,
     sm_scale: Optional[float],
+    rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [B, Lq, H, dh], lse [B, H, Lq] fp32)``."""
-    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    """Forward: ``(out [B, Lq, H, dh], lse [B, H, Lq] fp32)``; ``rope_table`` (None: the cached one)
+    is :func:`rope_table`'s ``[2, >= max(Lq, Lk), dh/2]``."""
+    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_fwd_fake(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
     return k.new_empty((B, Lq, H, dh)), k.new_empty((B, H, Lq), dtype=torch.float32)
@@ -735,20 +755,23 @@ def attention_bwd(
     rope_q: bool,
     mask_queries: bool,
     sm_scale: Optional[float],
+    rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous)."""
-    return _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    return _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                               rope_table)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                        rope_table=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale = inputs
+    q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, *table = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, lengths)
+    ctx.save_for_backward(q, k, v, out, lse, lengths, table[0] if table else None)
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
@@ -756,11 +779,11 @@ def _backward_with(bwd):
     """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
     def backward(ctx, grad_out, grad_lse):
         # lse is an internal output: its gradient (if any) is ignored.
-        q, k, v, out, lse, lengths = ctx.saved_tensors
+        q, k, v, out, lse, lengths, table = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None, None, None, None, None, None
-        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+            return (None,) * 10
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args, table)
+        return (dq, dk, dv) + (None,) * 7
     return backward
 
 
@@ -778,16 +801,17 @@ def _lean_forward(ctx, *inputs):
 _Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl))
 
 
-def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     q, k, v = qkv.unbind(2)
-    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
 
-def _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                            rope_table=None):
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     q, k, v = qkv.unbind(2)
     _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
-                        grads=dqkv.unbind(2))
+                        rope_table, grads=dqkv.unbind(2))
     return dqkv
 
 
@@ -804,13 +828,14 @@ def attention_qkv_fwd(
     rope_q: bool,
     mask_queries: bool,
     sm_scale: Optional[float],
+    rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of packed ``qkv [B, L, 3, H, dh]``: ``(out [B, L, H, dh], lse [B, H, L] fp32)``."""
-    return _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    return _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
 
 @attention_qkv_fwd.register_fake
-def _attention_qkv_fwd_fake(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_qkv_fwd_fake(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     B, L, _, H, dh = qkv.shape
     return qkv.new_empty((B, L, H, dh)), qkv.new_empty((B, H, L), dtype=torch.float32)
 
@@ -827,32 +852,34 @@ def attention_qkv_bwd(
     rope_q: bool,
     mask_queries: bool,
     sm_scale: Optional[float],
+    rope_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Backward of packed ``qkv``: the contiguous ``[B, L, 3, H, dh]`` gradient."""
     return _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries,
-                                   sm_scale)
+                                   sm_scale, rope_table)
 
 
 @attention_qkv_bwd.register_fake
-def _attention_qkv_bwd_fake(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale):
+def _attention_qkv_bwd_fake(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+                            rope_table=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context_qkv(ctx, inputs, output):
-    qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale = inputs
+    qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, *table = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, lengths)
+    ctx.save_for_backward(qkv, out, lse, lengths, table[0] if table else None)
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
 def _backward_qkv_with(bwd):
     """The packed autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
     def backward(ctx, grad_out, grad_lse):
-        qkv, out, lse, lengths = ctx.saved_tensors
+        qkv, out, lse, lengths, table = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None, None, None, None
-        dqkv = bwd(grad_out, qkv, out, lse, lengths, *ctx.args)
-        return dqkv, None, None, None, None, None, None
+            return (None,) * 8
+        dqkv = bwd(grad_out, qkv, out, lse, lengths, *ctx.args, table)
+        return (dqkv,) + (None,) * 7
     return backward
 
 
@@ -929,6 +956,14 @@ def _check(q, k, v, lengths, rope_base):
         raise ValueError(f"attention: q, k, v and lengths must be on one device, got {sorted(map(str, devices))}")
 
 
+def _traced_table(q, k, rope_base) -> Optional[torch.Tensor]:
+    """The rotary table a traced call passes to the custom op: built by ops recorded in the graph, so
+    compiled code owns it like any other intermediate and never fills the module-level cache."""
+    if rope_base is None:
+        return None
+    return rope_table(max(q.shape[1], k.shape[1]), k.shape[3], float(rope_base), k.device)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -956,13 +991,13 @@ def attention(
     qkv = _packed_qkv(q, k, v)
     if qkv is not None:
         if tracing((qkv, lengths)):
-            out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags)
+            out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
         else:  # _packed_qkv only matches tensors that require grad, with grad enabled
             out, _ = _AttentionQKV.apply(qkv, lengths, *flags)
         return out
     tensors = (q, k, v, lengths)
     if tracing(tensors):
-        out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags)
+        out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
     elif needs_grad(tensors):
         out, _ = _Attention.apply(*tensors, *flags)
     else:

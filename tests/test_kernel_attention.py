@@ -453,6 +453,47 @@ def test_compile_fullgraph_traces_forward_and_backward():
     assert_rel(g_c, qkv.grad, FP32_TOL, "compiled grad")
 
 
+def test_compiled_calls_build_their_own_rotary_table(monkeypatch):
+    """A traced call passes a rotary table built in the graph, so compiled code never fills the
+    module-level cache: a table cached during ``torch.compile(mode="reduce-overhead")``'s warm-up
+    would live in the CUDA-graph pool, which Inductor refuses ("tensor(s) in the cudagraph pool not
+    tracked as outputs"; the H100 run of test_fused_model_under_compile_reduce_overhead). The eager
+    entry does fill it (so this test can fail), and both give the same gradients."""
+    monkeypatch.setattr(A, "_ROPE_TABLES", {})
+    B, L, H, dh = 2, 6, 2, 16
+    lengths = torch.tensor([6, 3], device=DEVICE)
+    x = torch.randn(B, L, 3, H, dh, device=DEVICE)
+
+    def f(t, packed):
+        q, k, v = t.unbind(2) if packed else (u.contiguous() for u in t.unbind(2))
+        return A.attention(q, k, v, lengths, rope_base=BASE).square().sum()
+
+    for packed in (True, False):
+        grads = []
+        for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+            t = x.clone().requires_grad_()
+            fn(t, packed).backward()
+            grads.append(t.grad)
+            if fn is not f:
+                assert A._ROPE_TABLES == {}, "compiled code filled the rotary-table cache"
+        assert len(A._ROPE_TABLES) == 1  # the eager call
+        assert_rel(grads[0], grads[1], FP32_TOL, f"compiled vs eager grad (packed={packed})")
+        A._ROPE_TABLES.clear()
+
+
+def test_custom_op_checks_a_given_rotary_table():
+    B, L, H, dh = 2, 5, 2, 16
+    q, k, v = (torch.randn(B, L, H, dh, device=DEVICE) for _ in range(3))
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    good = A.rope_table(L, dh, BASE, q.device)
+    out, _ = torch.ops.interformer.attention_fwd(q, k, v, lengths, False, BASE, True, True, None, good)
+    ref, _ = torch.ops.interformer.attention_fwd(q, k, v, lengths, False, BASE, True, True, None)
+    assert torch.equal(out, ref)  # the same formula as the cached table
+    for bad in (good[:, : L - 1], good.double(), good[:, :, :-1], good.transpose(1, 2).contiguous()):
+        with pytest.raises(ValueError, match="rope_table"):
+            torch.ops.interformer.attention_fwd(q, k, v, lengths, False, BASE, True, True, None, bad)
+
+
 # ----------------------------------------------------------------------------- eager entry vs custom op
 LEAN_CASES = [
     # (id, shared, Lq, Lk, causal, rope_base, rope_q, mask_queries, sm_scale, requires_grad of q, k, v)
