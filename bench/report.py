@@ -60,8 +60,8 @@ def markdown(rows) -> str:
     if not rows:
         return "_no benchmark rows_\n"
     env = rows[0]
-    out = [f"Device: **{env.get('device')}**, torch {env.get('torch')}, triton {env.get('triton')}, "
-           f"commit `{env.get('commit')}`, dtype {env.get('dtype')}. Median of CUDA-event timings (ms).", ""]
+    out = [f"Device: **{_values(rows, 'device')}**, torch {_values(rows, 'torch')}, triton {_values(rows, 'triton')}, "
+           f"commit `{_values(rows, 'commit')}`, dtype {_values(rows, 'dtype')}. Median of CUDA-event timings (ms).", ""]
     if env.get("note"):
         out += [f"> {env['note']}", ""]
     groups = defaultdict(dict)
@@ -77,7 +77,6 @@ def markdown(rows) -> str:
         cells = [op, shape, mode]
         for p in providers:
             cells.append(f"{by[p]['median_ms']:.4g}" if p in by else "–")
-        fused = by.get("fused")
         plain = {p: r["median_ms"] for p, r in by.items() if not is_graphed(p)}
         graphed = {p: r["median_ms"] for p, r in by.items() if is_graphed(p)}
         best_fused = _best(plain, fused=True)
@@ -86,17 +85,34 @@ def markdown(rows) -> str:
         cells.append(_ratio(comp, best_fused))
         cells.append(_versus_best(plain, best_fused))
         cells.append(_versus_best(graphed, _best(graphed, fused=True)))
-        cells.append(f"{fused['x_floor']:.1f}" if fused and "x_floor" in fused else "–")
-        peak_e, peak_f = (by.get("eager") or {}).get("peak_extra_MiB"), (fused or {}).get("peak_extra_MiB")
+        # the floor is a device-time bound: measured against the fastest fused row (a graphed one,
+        # device time, where there is one; a plain one is mostly host time at these shapes)
+        floored = [r for p, r in by.items() if is_fused(p) and "x_floor" in r]
+        cells.append(f"{min(r['x_floor'] for r in floored):.1f}" if floored else "–")
+        peak_e = (by.get("eager") or {}).get("peak_extra_MiB")
+        peak_f = by[best_fused[0]].get("peak_extra_MiB") if best_fused else None
         cells.append(f"{peak_f / peak_e:.2f}" if peak_e and peak_f and peak_e == peak_e and peak_e > 0 else "–")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Plain providers are compared with plain ones and CUDA-graph providers (`-cudagraph`: captured "
             "and replayed by the benchmark; `-reduce-overhead`: torch.compile's CUDA-graph mode) with graphed "
             "ones: a plain timing at these shapes is mostly host time, a graphed one device time. "
             "\"fused\" is the best plain fused variant (fused, fused-compile, fused-streams); \"best other\" the "
-            "fastest non-fused provider of the same kind, named in brackets. Peak memory: extra device memory "
-            "allocated during one call after warm-up (outside the timing loop) of `fused` over `eager`."]
+            "fastest non-fused provider of the same kind, named in brackets. \"fused x floor\": the fastest fused "
+            "row (graphed, where measured) over the op's floor time. Peak memory: device memory above "
+            "the parameters and inputs at the peak of one call after warm-up (outside the timing loop; the "
+            "previous call's gradients included), of that best plain fused variant over `eager`."]
     return "\n".join(out) + "\n"
+
+
+def _values(rows, key: str) -> str:
+    """The distinct values of ``key`` over the rows, in order of first appearance (rows of several
+    runs, e.g. two commits, are all named)."""
+    seen = []
+    for r in rows:
+        v = str(r.get(key))
+        if v not in seen:
+            seen.append(v)
+    return ", ".join(seen)
 
 
 def _best(times: dict, fused: bool):
@@ -148,7 +164,7 @@ def chart(rows, path: str) -> bool:
     ax.set_xticklabels(["/".join(k) for k in keys], rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("speedup over eager (×)")
     fig.text(0.01, 0.01, "graphed providers (-cudagraph, -reduce-overhead) over eager-cudagraph", fontsize=7)
-    ax.set_title(f"{rows[0].get('device')} · {rows[0].get('dtype')} · commit {rows[0].get('commit')}")
+    ax.set_title(f"{_values(rows, 'device')} · {_values(rows, 'dtype')} · commit {_values(rows, 'commit')}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

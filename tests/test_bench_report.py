@@ -64,3 +64,18 @@ def test_jsonl_rows_round_trip(report, tmp_path):
     assert report.load_rows([str(path)]) == rows
     assert report.is_graphed("fused-cudagraph") and report.is_graphed("compile-reduce-overhead")
     assert not report.is_graphed("fused-compile")
+
+
+def test_header_names_every_commit_and_memory_follows_the_best_fused_variant(report):
+    rows = [_row("eager", 40.0, peak_extra_MiB=200.0), _row("fused", 32.0, peak_extra_MiB=150.0),
+            _row("fused-compile", 20.0, peak_extra_MiB=100.0, commit="d")]
+    md = report.markdown(rows)
+    assert "commit `c, d`" in md.splitlines()[0]
+    row = _table_row(md, "model-train")
+    assert row["fused vs eager"] == "2.00×"          # fused-compile, the fastest plain fused variant
+    assert row["fused/eager peak mem"] == "0.50"     # ... and its memory, not plain fused's 0.75
+
+
+def test_floor_multiple_is_taken_from_the_fastest_fused_row(report):
+    rows = [_row("eager", 4.0, x_floor=40.0), _row("fused", 2.0, x_floor=20.0), _row("fused-cudagraph", 0.5, x_floor=5.0)]
+    assert _table_row(report.markdown(rows), "model-train")["fused x floor"] == "5.0"
