@@ -7,4 +7,6 @@ out="${NSYS_OUT:-$here/out/interformer}"
 mkdir -p "$(dirname "$out")"
 nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop -t cuda,nvtx -o "$out" --force-overwrite true \
   python "$here/train_step.py" "$@"
-nsys stats --report nvtx_sum --report cuda_gpu_kern_sum "$out.nsys-rep"
+# nvtx_sum: each range's host (push-to-pop) time; nvtx_gpu_proj_sum: the GPU time of the work
+# launched inside each range, projected onto it (what the range costs the device); then per kernel.
+nsys stats --report nvtx_sum --report nvtx_gpu_proj_sum --report cuda_gpu_kern_sum "$out.nsys-rep"
