@@ -7,11 +7,18 @@
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
 #   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
-# One call of at most ~540 s (a 15-minute lease minus the machine's start) fits, in order of value
-# (each model compile takes tens of seconds, so op rows skip the compile providers measured before):
+#   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
+#                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
+# Seen on an H100 (2026-11-26, 15-minute lease; a start took about 30 s): the model stage's taobao
+# training rows (8 providers, 4 of them compiled) and 4 plain/graphed inference rows took about 200 s;
+# amazon's compiled training rows did not finish in 92 s, a compiled inference row not in 38 s; the
+# op stage (taobao, full, no compile) 76 s; the host stage 26 s; the whole test suite needs more
+# than 8 shards x 140 s (attention and cross-net compile slowly). One call of at most ~540 s:
 #   MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
-#   OPS_K="taobao and full and not compile" OPS_TIMEOUT=130 HOST_TIMEOUT=40 TESTS_TIMEOUT=120 \
+#   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
 #   bench/gpu_session.sh COMMIT model ops host tests
+# and the next lease takes what that leaves: TESTS_IDS=bench/gpu_rerun.txt, the amazon and
+# inference compile rows (MODEL_K="(amazon and train and compile) or (inference and compile)").
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -44,11 +51,15 @@ for stage in "$@"; do
              # its own process under TESTS_TIMEOUT (a CUDA fault poisons one shard only); the shard
              # logs are joined into one tests.log because only a handful of files come back.
              TIMEOUT="${TESTS_TIMEOUT:-300}"; logs=$(mktemp -d); jobs="${TESTS_JOBS:-8}"
-             python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests \
-               > "$logs/collect.log" 2>&1
-             echo "collection exit $?"  # a file that fails to import is listed here, not in the shards
-             grep -E "^(ERROR|E  )" "$logs/collect.log" | head -n 20
-             grep "::" "$logs/collect.log" > "$logs/ids.txt"
+             if [ -n "${TESTS_IDS:-}" ]; then
+               grep "::" "$TESTS_IDS" > "$logs/ids.txt"; : > "$logs/collect.log"
+             else
+               python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests \
+                 > "$logs/collect.log" 2>&1
+               echo "collection exit $?"  # a file that fails to import is listed here, not in the shards
+               grep -E "^(ERROR|E  )" "$logs/collect.log" | head -n 20
+               grep "::" "$logs/collect.log" > "$logs/ids.txt"
+             fi
              echo "$(wc -l < "$logs/ids.txt") tests in $jobs shards"
              for i in $(seq 0 $((jobs - 1))); do awk -v n="$jobs" -v i="$i" 'NR % n == i' "$logs/ids.txt" > "$logs/shard$i.ids"; done
              for i in $(seq 0 $((jobs - 1))); do
