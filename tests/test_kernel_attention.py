@@ -424,6 +424,13 @@ def test_opcheck(shared, rope, causal):
     torch.library.opcheck(torch.ops.interformer.attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, lengths,
                            causal, base, True, not shared, 0.5))
+    if rope:  # the table a traced call passes (see test_compiled_calls_build_their_own_rotary_table)
+        table = A.rope_table(L, dh, BASE, k.device)
+        torch.library.opcheck(torch.ops.interformer.attention_fwd.default,
+                              (q, k, v, lengths, causal, base, True, not shared, None, table))
+        torch.library.opcheck(torch.ops.interformer.attention_bwd.default,
+                              (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, lengths,
+                               causal, base, True, not shared, 0.5, table))
 
 
 def test_opcheck_packed():
