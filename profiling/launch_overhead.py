@@ -15,8 +15,17 @@ synchronised before and after. The default 500 calls stay below the roughly 1,00
 driver queues, so the loop never waits for a full queue and the number is host time. "direct" calls the compiled kernel's own launcher
 (``CompiledKernel.run``), skipping the JIT's argument binding and cache lookup; it is checked
 against the expected output before it is timed and reported as unavailable where this Triton's
-launcher takes other arguments. On a machine without a GPU the Triton kernels run under the
-interpreter and the numbers say nothing about launch cost.
+launcher takes other arguments.
+
+The "fwd+bwd" rows time one forward and ``backward()`` of a one-op graph, the way a fused op runs
+in a training step: an aten op with its built-in autograd, an ``autograd.Function`` around aten
+ops, and an ``autograd.Function`` whose forward and backward each launch the Triton kernel (the
+backward from the autograd engine's device thread). The H100 run of 2026-11-26 timed single fused
+ops plainly at 80-200 us of host time per launch (``bench/results/nvidia-h100-2026-11-26-ops.md``
+against ``-host.md``'s 20-46 us per JIT launch in a loop); these rows say whether the Function and
+the engine's thread make up the difference. Each iteration issues two launches, so these rows run
+half as many iterations. On a machine without a GPU the Triton kernels run under the interpreter
+and the numbers say nothing about launch cost.
 """
 
 from __future__ import annotations
@@ -102,6 +111,39 @@ def _direct(compiled, args, y, expected):
     return launch, ""
 
 
+class _AtenFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2.0
+
+
+def _triton_copy(x):
+    y = torch.empty_like(x)
+    _copy_kernel[(1,)](x, y, x.numel(), BLOCK=64)
+    return y
+
+
+class _TritonFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _triton_copy(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _triton_copy(g)
+
+
+def _fwd_bwd(op, x, g):
+    def step():
+        x.grad = None
+        op(x).backward(g)
+    return step
+
+
 def measure(calls: int) -> dict:
     """Microseconds of host time per launch, by launcher (None where unavailable), and notes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +167,13 @@ def measure(calls: int) -> dict:
     launch, why = _direct(compiled, (x, y, x.numel(), *ints, 64), y, x)
     out[f"Triton direct, {MANY + 3} args"] = _per_call_us(launch, calls) if launch else None
     notes[f"Triton direct, {MANY + 3} args"] = why
+
+    xg = torch.randn(64, device=device, requires_grad=True)
+    g = torch.randn(64, device=device)
+    half = max(1, calls // 2)
+    out["fwd+bwd, aten op"] = _per_call_us(_fwd_bwd(lambda t: t * 2.0, xg, g), half)
+    out["fwd+bwd, Function of aten ops"] = _per_call_us(_fwd_bwd(_AtenFn.apply, xg, g), half)
+    out["fwd+bwd, Function of Triton JIT"] = _per_call_us(_fwd_bwd(_TritonFn.apply, xg, g), half)
     return {"us_per_call": out, "notes": notes}
 
 

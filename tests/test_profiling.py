@@ -53,12 +53,20 @@ def test_launch_overhead_measures_every_launcher():
     result = lo.measure(calls=2)
     times, notes = result["us_per_call"], result["notes"]
     assert set(times) == {"torch.add (aten op)", "Triton JIT, 3 args", "Triton direct, 3 args",
-                          f"Triton JIT, {lo.MANY + 3} args", f"Triton direct, {lo.MANY + 3} args"}
+                          f"Triton JIT, {lo.MANY + 3} args", f"Triton direct, {lo.MANY + 3} args",
+                          "fwd+bwd, aten op", "fwd+bwd, Function of aten ops", "fwd+bwd, Function of Triton JIT"}
     for name, us in times.items():
         if "direct" in name and not torch.cuda.is_available():
             assert us is None and notes[name] == "needs a GPU"
         elif "direct" not in name or not notes.get(name):
             assert us is not None and us > 0, name
+    # the fwd+bwd rows compute what they claim: each Function's gradient is its op's
+    x = torch.randn(64, device="cuda" if torch.cuda.is_available() else "cpu", requires_grad=True)
+    g = torch.randn_like(x)
+    lo._fwd_bwd(lo._AtenFn.apply, x, g)()
+    torch.testing.assert_close(x.grad, 2 * g)
+    lo._fwd_bwd(lo._TritonFn.apply, x, g)()
+    torch.testing.assert_close(x.grad, g)
     # the many-argument kernel really reads every argument (none is dead code the compiler drops)
     many = lo._many_kernel()
     x = torch.randn(64, device="cuda" if torch.cuda.is_available() else "cpu")
