@@ -72,7 +72,7 @@ def _ln_fwd_kernel(
     Y, MEAN, RSTD,
     X, R, W, Bias,
     M, N, eps, sxm, srm, sym,
-    HAS_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_R: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -89,8 +89,9 @@ def _ln_fwd_kernel(
     b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = diff * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(Y + rows[:, None] * sym + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
-    tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    if STATS:  # for the backward; an inference call allocates and writes none
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -138,34 +139,49 @@ def _config(N: int) -> Tuple[int, int, int]:
     return bm, bn, 8 if bm * bn >= 8192 else 4
 
 
-def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
-    """``t`` as ``[M, N]`` rows with a unit column stride (a view when possible)."""
+def _rows(t: torch.Tensor, N: int) -> Tuple[torch.Tensor, int]:
+    """``(t', row stride)``: ``t`` read as ``[M, N]`` rows with a unit column stride. A contiguous
+    tensor is taken as it is (row stride N, no view op: each op is host time in a launch-bound step);
+    otherwise a ``[M, N]`` view when possible, else a copy."""
+    if t.is_contiguous():
+        return t, N
     t2 = t.reshape(-1, N)
-    return t2 if t2.stride(1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+    if t2.stride(1) != 1 and t2.shape[0] != 0:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
 
 
-def _fwd_impl(x, residual, weight, bias, eps, out_dtype):
+def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
+    """``(y, mean, rstd)``, y shaped like x; with ``stats=False`` (no backward will follow) the
+    kernel stores no statistics and mean and rstd are None."""
     N = x.shape[-1]
     weight, bias = weight.contiguous(), bias.contiguous()  # the kernels read them as unit-stride rows
-    x2 = _rows(x, N)
-    r2 = _rows(residual, N) if residual is not None else None
-    M = x2.shape[0]
+    x2, sx = _rows(x, N)
+    r2, sr = _rows(residual, N) if residual is not None else (x2, 0)
+    M = x.numel() // N if N else 0
     dev = x.device
-    y = torch.empty((M, N), device=dev, dtype=out_dtype)
-    mean = torch.empty((M,), device=dev, dtype=torch.float32)
-    rstd = torch.empty((M,), device=dev, dtype=torch.float32)
+    y = torch.empty(x.shape, device=dev, dtype=out_dtype)
+    mean = rstd = None
+    if stats:
+        mean = torch.empty((M,), device=dev, dtype=torch.float32)
+        rstd = torch.empty((M,), device=dev, dtype=torch.float32)
     if M > 0:
         bm, bn, warps = _config(N)
         _ln_fwd_kernel[(triton.cdiv(M, bm),)](
-            y, mean, rstd, x2, r2 if r2 is not None else x2, weight, bias,
-            M, N, float(eps), x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
-            HAS_R=r2 is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            y, mean if stats else y, rstd if stats else y, x2, r2, weight, bias,
+            M, N, float(eps), sx, sr, N,
+            HAS_R=residual is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
         )
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
+
+
+@functools.lru_cache(maxsize=None)
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.promote_types(a, b)  # an op call each time; cached, a dict look-up
 
 
 def _grad_dtype(x, residual):
-    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return x.dtype if residual is None else _promote(x.dtype, residual.dtype)
 
 
 def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
@@ -173,28 +189,28 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
     and dbias in the weight's and the bias's dtype (each rounded once from its fp32 sum)."""
     N = x.shape[-1]
     weight = weight.contiguous()
-    dy = _rows(grad_out, N)
-    x2 = _rows(x, N)
-    r2 = _rows(residual, N) if residual is not None else None
-    M = x2.shape[0]
+    dy, sdy = _rows(grad_out, N)
+    x2, sx = _rows(x, N)
+    r2, sr = _rows(residual, N) if residual is not None else (x2, 0)
+    M = x.numel() // N if N else 0
     dev = x.device
-    dh = torch.empty((M, N), device=dev, dtype=_grad_dtype(x, residual))
+    dh = torch.empty(x.shape, device=dev, dtype=_grad_dtype(x, residual))
     dw = torch.empty((N,), device=dev, dtype=weight.dtype)
     db = torch.empty((N,), device=dev, dtype=bias_dtype)
     if M == 0:
         dw.zero_()
         db.zero_()
-        return dh.view(x.shape), dw, db
+        return dh, dw, db
     bm, bn, warps = _config(N)
     G = min(triton.cdiv(M, bm), persistent_programs(dev))
     part = torch.empty((G, 2 * N), device=dev, dtype=torch.float32)
     _ln_bwd_kernel[(G,)](
-        dh, part, dy, x2, r2 if r2 is not None else x2, weight, mean, rstd,
-        M, N, dy.stride(0), x2.stride(0), r2.stride(0) if r2 is not None else 0, dh.stride(0),
-        HAS_R=r2 is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+        dh, part, dy, x2, r2, weight, mean, rstd,
+        M, N, sdy, sx, sr, N,
+        HAS_R=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
     )
     sum_partials(part, [dw, db])
-    return dh.view(x.shape), dw, db
+    return dh, dw, db
 
 
 # ============================================================================ torch.library
@@ -321,4 +337,4 @@ def add_layer_norm(
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):
         return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), out_dtype)[0]
-    return _fwd_impl(x, residual, weight, bias, eps, out_dtype)[0]
+    return _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=False)[0]
