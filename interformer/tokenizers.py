@@ -56,7 +56,8 @@ class SparseTokenizer(nn.Module):
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         if not len(self.tables):
             return torch.zeros(sparse.shape[0], 0, self.d_model, device=sparse.device)  # [B, 0, d], as DenseTokenizer
-        return torch.stack([t(sparse[:, j]) for j, t in enumerate(self.tables)], dim=1)
+        # unbind: the F columns as views in one op (F indexing ops otherwise, host time per field)
+        return torch.stack([t(col) for col, t in zip(sparse.unbind(1), self.tables)], dim=1)
 
 
 class SequenceMaskNet(nn.Module):
