@@ -81,7 +81,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout 60 python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
-             echo "launch_overhead exit $?"; tail -n 8 "$OUT/launch.log"
+             echo "launch_overhead exit $?"; tail -n 10 "$OUT/launch.log"
              for be in triton eager; do
                timeout "${HOST_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                  --steps 10 --host >"$OUT/host-$be.log" 2>&1
