@@ -56,8 +56,11 @@ class SparseTokenizer(nn.Module):
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         if not len(self.tables):
             return torch.zeros(sparse.shape[0], 0, self.d_model, device=sparse.device)  # [B, 0, d], as DenseTokenizer
-        # unbind: the F columns as views in one op (F indexing ops otherwise, host time per field)
-        return torch.stack([t(col) for col, t in zip(sparse.unbind(1), self.tables)], dim=1)
+        if isinstance(sparse, torch.fx.Proxy):  # torch.fx.symbolic_trace: a Proxy cannot be unbound
+            cols = [sparse[:, j] for j in range(len(self.tables))]
+        else:  # the F columns as views in one op (F indexing ops otherwise: host time per field)
+            cols = sparse.unbind(1)
+        return torch.stack([t(col) for col, t in zip(cols, self.tables)], dim=1)
 
 
 class SequenceMaskNet(nn.Module):

@@ -212,3 +212,16 @@ def test_tokenizers_without_fields_give_empty_tokens_of_width_d():
     sparse = SparseTokenizer((), 8)(torch.zeros(3, 0, dtype=torch.int64))
     assert dense.shape == sparse.shape == (3, 0, 8)
     assert torch.cat([dense, sparse, SparseTokenizer((5,), 8)(torch.ones(3, 1, dtype=torch.int64))], 1).shape == (3, 1, 8)
+
+
+def test_sparse_tokenizer_is_one_lookup_per_field_and_traces():
+    """Field j's ids go through table j (the columns are taken with one ``unbind``), and
+    ``torch.fx.symbolic_trace`` still records the module (a Proxy cannot be unbound)."""
+    from interformer import SparseTokenizer
+
+    tok = SparseTokenizer((10, 12, 7), 8)
+    ids = torch.tensor([[1, 2, 3], [4, 0, 6]])
+    want = torch.stack([tok.tables[j](ids[:, j]) for j in range(3)], dim=1)
+    assert torch.equal(tok(ids), want)
+    gm = torch.fx.symbolic_trace(tok)
+    assert torch.equal(gm(ids), want)
