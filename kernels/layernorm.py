@@ -175,13 +175,15 @@ def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
     return y, mean, rstd
 
 
-@functools.lru_cache(maxsize=None)
-def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return torch.promote_types(a, b)  # an op call each time; cached, a dict look-up
+#: torch.promote_types over the kernel dtypes, built once: the call is an op dispatch each time, a
+#: read-only table look-up is not (and torch.compile traces it without a cache-wrapper warning)
+_PROMOTED = {(a, b): torch.promote_types(a, b) for a in _DTYPES for b in _DTYPES}
 
 
 def _grad_dtype(x, residual):
-    return x.dtype if residual is None else _promote(x.dtype, residual.dtype)
+    if residual is None:
+        return x.dtype
+    return _PROMOTED.get((x.dtype, residual.dtype)) or torch.promote_types(x.dtype, residual.dtype)
 
 
 def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
