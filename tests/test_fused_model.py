@@ -113,15 +113,39 @@ def test_fused_model_is_sensitive_to_a_broken_kernel(monkeypatch):
         _compare(eager, fused, _batch(cfg), TOL, "broken")
 
 
-def test_fused_model_compiles_fullgraph():
+def _module_level_tensors():
+    """Names of tensors held in module-level containers of the kernel modules (caches)."""
+    import sys
+
+    found = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("interformer.kernels"):
+            continue
+        for attr, value in vars(mod).items():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+            if any(isinstance(v, torch.Tensor) for v in items):
+                found.append(f"{name}.{attr}")
+    return found
+
+
+def test_fused_model_compiles_fullgraph(monkeypatch):
     """No graph break through any fused op: the custom ops' fake implementations trace, their
     autograd formulas give the backward graph. aot_eager on CPU (no C++ toolchain needed);
-    the GPU run uses Inductor."""
+    the GPU run uses Inductor. The compiled step leaves no tensor in a module-level cache: one
+    first filled inside ``reduce-overhead``'s warm-up would sit in the CUDA-graph pool, which
+    Inductor refuses (the rotary table did, on an H100)."""
+    from interformer.kernels import attention
+
+    monkeypatch.setattr(attention, "_ROPE_TABLES", {})
+    assert _module_level_tensors() == []
     cfg = _variant("default")
     eager, fused = _fused_pair(cfg, seed=1)
     compiled = torch.compile(fused, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     compiled.loss = fused.loss
     _compare(eager, compiled, _batch(cfg, seed=1), TOL, "compiled")
+    assert _module_level_tensors() == [], "a compiled step filled a module-level tensor cache"
+    fused(*_batch(cfg, seed=2)[:4])  # the eager entry points do cache: the scan sees it
+    assert "interformer.kernels.attention._ROPE_TABLES" in _module_level_tensors()
 
 
 def test_every_registered_op_has_an_opcheck():
