@@ -59,6 +59,9 @@ class SparseTokenizer(nn.Module):
         if isinstance(sparse, torch.fx.Proxy):  # torch.fx.symbolic_trace: a Proxy cannot be unbound
             cols = [sparse[:, j] for j in range(len(self.tables))]
         else:  # the F columns as views in one op (F indexing ops otherwise: host time per field)
+            if sparse.dim() != 2 or sparse.shape[1] != len(self.tables):
+                raise ValueError(f"SparseTokenizer: sparse must be [B, {len(self.tables)}] (one id per field), "
+                                 f"got {tuple(sparse.shape)}")
             cols = sparse.unbind(1)
         return torch.stack([t(col) for col, t in zip(cols, self.tables)], dim=1)
 

@@ -16,8 +16,9 @@ Forward (``_ln_fwd_kernel``)
 ----------------------------
 One program per ``BLOCK_M`` rows (the whole row, ``BLOCK_N = next_pow2(N)`` columns, in registers):
 ``h = x + residual`` in fp32, ``mean``, ``rstd = 1 / sqrt(var + eps)`` (biased variance, as
-``F.layer_norm``), ``y = (h - mean) * rstd * weight + bias``. Writes y and the per-row ``mean`` and
-``rstd`` (fp32 ``[M]``, saved for backward). ``h`` is not stored: the backward re-reads x and the
+``F.layer_norm``), ``y = (h - mean) * rstd * weight + bias``. Writes y and, when a backward will
+follow (``STATS``; an inference call allocates none), the per-row ``mean`` and ``rstd`` (fp32 ``[M]``,
+saved for backward). Contiguous inputs are read in place with row stride N. ``h`` is not stored: the backward re-reads x and the
 residual and re-adds them (one extra read instead of a write plus a read).
 
 Backward (``_ln_bwd_kernel``)
