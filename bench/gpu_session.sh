@@ -13,8 +13,9 @@
 # training rows (8 providers, 4 of them compiled) and 4 plain/graphed inference rows took about 200 s;
 # amazon's compiled training rows did not finish in 92 s, a compiled inference row not in 38 s; the
 # op stage (taobao, full, no compile) 76 s; the host stage 26 s; the whole test suite needs more
-# than 8 shards x 140 s (attention and cross-net compile slowly). One call of at most ~540 s:
-#   MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
+# than 8 shards x 140 s (attention and cross-net compile slowly). One call of at most ~540 s
+# (PACK=1: everything comes back as $OUT/results.tgz):
+#   PACK=1 MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
 #   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
 #   bench/gpu_session.sh COMMIT model ops host tests
 # and the next lease takes what that leaves: TESTS_IDS=bench/gpu_rerun.txt, the amazon and
@@ -23,6 +24,11 @@ set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
 OUT="${OUT:-$(pwd)/bench/results/tmp}"; mkdir -p "$OUT"
+# The device tool brings back at most 8 files from its $OUT: with PACK=1 the stages write to a work
+# folder and every finished stage packs it into $OUT/results.tgz (one file; a call cut short keeps
+# the stages done before it).
+if [ "${PACK:-0}" = 1 ]; then PACK_DEST="$OUT"; OUT="$(mktemp -d)"; fi
+pack() { [ -n "${PACK_DEST:-}" ] && tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"; }
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
   # Offline images can fail an editable install (setuptools' develop shim fetches build deps).
   # The source tree works as is once interformer.kernels (the top-level kernels/) is reachable.
@@ -90,4 +96,5 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - start ))s"
+  pack
 done
