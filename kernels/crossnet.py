@@ -718,6 +718,15 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _weight_grad(dw_i: torch.Tensor, dy: torch.Tensor, x_i: torch.Tensor) -> None:
+    """``dw_i = dy^T x_i`` on cuBLAS (fp32 accumulation), written straight into ``dw_i`` when it has
+    the operands' dtype, else rounded once into it. Call outside autocast."""
+    if dw_i.dtype == dy.dtype:
+        torch.mm(dy.t(), x_i, out=dw_i)
+    else:
+        dw_i.copy_(torch.mm(dy.t(), x_i))
+
+
 def _fr_fwd_impl(x0, ws, bs):
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
@@ -780,11 +789,7 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
                 B, D, i * D, L * D,
                 HAS_S=s_in is not None, LAST=last, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
             )
-            x_i = x0 if last else xs[i - 1]
-            if pdt == dt:
-                torch.mm(dy.t(), x_i, out=dw[i])
-            else:
-                dw[i].copy_(torch.mm(dy.t(), x_i))
+            _weight_grad(dw[i], dy, x0 if last else xs[i - 1])
             w = _in_dtype(ws[i], dt)
             if last:
                 torch.addmm(c, dy, w, out=dx0)
@@ -832,12 +837,8 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
             B, D, max(i - 1, 0) * D, (L - 1) * D, L * D,
             TOP=top, LAST=last, NEXT_LAST=next_last, **meta,
         )
-        x_i = x0 if i == 0 else xs[i - 1]
         with torch.autocast(dev.type, enabled=False):
-            if pdt == dt:
-                torch.mm(dy_i.t(), x_i, out=dw[i])
-            else:
-                dw[i].copy_(torch.mm(dy_i.t(), x_i))
+            _weight_grad(dw[i], dy_i, x0 if i == 0 else xs[i - 1])
         g_in, s_in = g_out, s_out
     sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
