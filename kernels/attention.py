@@ -120,6 +120,8 @@ import torch
 import triton
 import triton.language as tl
 
+from interformer import reference
+
 from ._common import KERNEL_DTYPES, dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
@@ -575,12 +577,11 @@ _ROPE_TABLES: dict = {}
 
 
 def rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
-    """fp32 ``[2, length, dh/2]``: cos and sin of ``pos * base^(-2i/dh)``, the reference's exact formula
-    (built anew on every call: what a traced graph records, see :func:`attention`)."""
-    half = dh // 2
-    inv_freq = base ** (-torch.arange(half, device=device, dtype=torch.float32) * 2.0 / dh)
-    angle = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    return torch.stack([angle.cos(), angle.sin()]).contiguous()
+    """fp32 ``[2, length, dh/2]``: cos and sin of ``pos * base^(-2i/dh)``, from the reference's own
+    :func:`interformer.reference.rotary_table` (built anew on every call: what a traced graph
+    records, see :func:`attention`)."""
+    cos, sin = reference.rotary_table(length, dh, base, torch.float32, device)
+    return torch.stack([cos.view(length, dh // 2), sin.view(length, dh // 2)])
 
 
 def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
@@ -983,8 +984,6 @@ def attention(
     """
     _check(q, k, v, lengths, rope_base)
     if k.shape[3] > MAX_HEAD_DIM:  # wider heads than the register tiles hold: the reference, same math
-        from interformer import reference
-
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
              None if sm_scale is None else float(sm_scale))
