@@ -32,8 +32,8 @@ Every op and the model also have ``compile-max-autotune`` (``torch.compile(mode=
 Peak memory (``peak_extra_MiB``) is the peak allocated above what was allocated before the
 provider's first call (parameters and inputs): activations, gradients, and whatever the warm-up
 left allocated. For a plain provider the peak is taken over one extra call after the warm-up,
-outside the timing (``do_bench``'s 256 MB L2-flush buffer would otherwise be counted); for a
-graphed provider over warming up and capturing (the graph's private pool holds it from then on).
+outside the timing; for a graphed provider over warming up and capturing (outside ``do_bench``,
+whose 256 MB L2-flush buffer would otherwise be counted) (the graph's private pool holds it from then on).
 Both kinds share the baseline, so gradients count in both (plain rows once measured from a baseline
 taken after the warm-up, which already held the previous call's gradients).
 

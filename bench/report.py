@@ -107,12 +107,7 @@ def markdown(rows) -> str:
 def _values(rows, key: str) -> str:
     """The distinct values of ``key`` over the rows, in order of first appearance (rows of several
     runs, e.g. two commits, are all named)."""
-    seen = []
-    for r in rows:
-        v = str(r.get(key))
-        if v not in seen:
-            seen.append(v)
-    return ", ".join(seen)
+    return ", ".join(dict.fromkeys(str(r.get(key)) for r in rows))
 
 
 def _best(times: dict, fused: bool):

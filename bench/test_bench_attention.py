@@ -174,8 +174,9 @@ def _flash_attn_pipeline(lengths: torch.Tensor, L: int):
 def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if provider == "eager":
         return lambda q, k, v, n: R.attention(q, k, v, n, rope_base=BASE)
-    if common.compile_options(provider) is not None:
-        compiled = torch.compile(R.attention, dynamic=False, **common.compile_options(provider))
+    options = common.compile_options(provider)
+    if options is not None:
+        compiled = torch.compile(R.attention, dynamic=False, **options)
         return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
     if provider == "fused":
         fused = _fused_attention()

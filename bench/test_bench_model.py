@@ -19,7 +19,6 @@ variants, as CUDA-graph capture requires.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
