@@ -113,6 +113,8 @@ SMOKE_SHAPES = {
     "smoke": Shape("smoke", B=3, n=5, k=2, T=7, d=32, heads=2, layers=1, n_ssum=3, dcn_rank=4),
 }
 SHAPES = GPU_SHAPES if ON_GPU else SMOKE_SHAPES
+#: every shape by name, smoke included whatever the machine (quick checks on a GPU)
+ALL_SHAPES = {**GPU_SHAPES, **SMOKE_SHAPES}
 SHAPE_NAMES = list(SHAPES)
 MODES = ("fwd", "bwd", "full")
 #: Provider-name suffix of the CUDA-graph variants (see :func:`captured`).

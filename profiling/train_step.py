@@ -40,8 +40,7 @@ def main(argv=None) -> int:
     from interformer.profiling import enable_nvtx, nvtx_range
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shapes = {**common.GPU_SHAPES, **common.SMOKE_SHAPES}  # smoke runs on a GPU too (a quick check)
-    parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(shapes))
+    parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(common.ALL_SHAPES))
     parser.add_argument("--backend", default="triton", choices=["eager", "triton", "auto"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
                         help="plain vs CUDA-graph step time and a cProfile of the host side")
     args = parser.parse_args(argv)
 
-    shape = shapes[args.shape]
+    shape = common.ALL_SHAPES[args.shape]
     cfg = config_for(shape)
     model = optimize(InterFormerCTR(cfg).to(common.DEVICE), args.backend)
     inputs, label = batch_for(shape, cfg)

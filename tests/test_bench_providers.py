@@ -43,7 +43,7 @@ def bench(monkeypatch):
     common = importlib.import_module("common")
     monkeypatch.setattr(common, "skip_unless_runnable", lambda *a, **k: None)
     # the smoke shape is what runs here, also on a GPU, where common.SHAPES holds the GPU shapes only
-    monkeypatch.setattr(common, "SHAPES", {**common.SHAPES, **common.SMOKE_SHAPES})
+    monkeypatch.setattr(common, "SHAPES", common.ALL_SHAPES)
     monkeypatch.setattr(common, "run", lambda benchmark, fn, **kw: fn())
     compiled = []
 
