@@ -9,14 +9,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"profiling_{name}", os.path.join(ROOT, "profiling", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def train_step():
     bench = os.path.join(ROOT, "bench")
     sys.path.insert(0, bench)  # train_step imports bench/common.py as "common"
-    spec = importlib.util.spec_from_file_location("profiling_train_step", os.path.join(ROOT, "profiling", "train_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
+    yield _load("train_step")
     sys.path.remove(bench)
     for name in ("common", "test_bench_model"):  # no bench module left importable by other tests
         sys.modules.pop(name, None)
@@ -37,13 +41,6 @@ def test_groups_by_file(train_step):
     assert train_step._group(("/repo/interformer/model.py", 1, "forward")) == "model code (interformer)"
     assert train_step._group(("~", 0, "<method 'run_backward' of 'torch._C._EngineBase' objects>")).startswith("autograd")
     assert train_step._group(("~", 0, "<built-in method torch.mm>")) == "torch ops and the rest"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"profiling_{name}", os.path.join(ROOT, "profiling", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_launch_overhead_measures_every_launcher():
