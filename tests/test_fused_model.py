@@ -4,6 +4,8 @@
   loss and every parameter gradient of the eager model, with variable lengths including 0 and T,
   for the default structure and for the other structural options (full-rank DCN, linear PFFN,
   the DOT backbone with causal attention).
+* The same holds when every fresh allocation is filled with NaN and the grids are sized as on an
+  H100 (:mod:`poison`): no kernel reads memory it did not write, or leaves part of an output unset.
 * ``torch.compile(fullgraph=True)`` traces the fused model (custom ops, no graph break) and the
   compiled model agrees with the eager one, forward and backward.
 * On a GPU, a whole fused training step captures in a CUDA graph (no host syncs) and replays
@@ -24,6 +26,7 @@ import torch
 
 from interformer import FusedModule, InterFormerCTR, optimize
 from test_model import random_batch, tiny_config
+from poison import PoisonedAllocations, gpu_sized_grids
 from utils import DEVICE, HAS_CUDA
 
 # DESIGN §5, fp32: the fused path against the eager path. On the GPU TF32-free fp32 kernels still
@@ -93,6 +96,20 @@ def test_fused_model_matches_eager(variant):
     cfg = _variant(variant)
     eager, fused = _fused_pair(cfg)
     _compare(eager, fused, _batch(cfg), TOL, variant)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_model_writes_everything_it_reads(variant, monkeypatch):
+    """The same comparison with every fresh allocation filled with NaN and the grids sized for an
+    H100: an output element, padded row or partial-sum row that a kernel leaves unwritten (which
+    the interpreter's zeroed CPU memory would hide) turns the logits or a gradient into NaN."""
+    cfg = _variant(variant)
+    eager, fused = _fused_pair(cfg)
+    batch = _batch(cfg)
+    gpu_sized_grids(monkeypatch)
+    with PoisonedAllocations() as poisoned:
+        _compare(eager, fused, batch, TOL, f"{variant}, poisoned")
+    assert poisoned.count > 50, f"only {poisoned.count} allocations poisoned: the launchers' buffers were not seen"
 
 
 def test_fused_model_is_sensitive_to_a_broken_kernel(monkeypatch):

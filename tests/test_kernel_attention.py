@@ -25,6 +25,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import PoolingMultiHeadAttention, RotaryMultiHeadAttention
+from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths, rel_err
 
 A = pytest.importorskip("interformer.kernels.attention")
@@ -443,6 +444,7 @@ def test_opcheck_packed():
                           (torch.randn_like(out), qkv.detach(), out, lse, lengths, True, BASE, True, True, None))
 
 
+@NO_POISON
 def test_compile_fullgraph_traces_forward_and_backward():
     """torch.compile(fullgraph=True) through the custom ops (eager backend: Inductor is a GPU test)."""
     B, L, H, dh = 2, 6, 2, 16
@@ -460,6 +462,7 @@ def test_compile_fullgraph_traces_forward_and_backward():
     assert_rel(g_c, qkv.grad, FP32_TOL, "compiled grad")
 
 
+@NO_POISON
 def test_compiled_calls_build_their_own_rotary_table(monkeypatch):
     """A traced call passes a rotary table built in the graph, so compiled code never fills the
     module-level cache: a table cached during ``torch.compile(mode="reduce-overhead")``'s warm-up

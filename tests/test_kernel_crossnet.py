@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from interformer import reference as R
 from interformer.layers import CrossNet, LowRankCrossNet
+from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
 C = pytest.importorskip("interformer.kernels.crossnet")
@@ -517,6 +518,7 @@ def test_opcheck_full_rank(D):
     torch.library.opcheck(torch.ops.interformer.cross_net_bwd.default, bwd_args)
 
 
+@NO_POISON
 def test_compile_fullgraph_through_the_ops():
     """``torch.compile(fullgraph=True)`` traces both public functions (forward and backward ops)."""
     torch._dynamo.reset()

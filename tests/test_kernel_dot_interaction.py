@@ -18,6 +18,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import DotInteraction
+from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, assert_lowp, assert_rel
 
 K = pytest.importorskip("interformer.kernels.dot_interaction")
@@ -126,6 +127,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.dot_interaction_fwd.default, (torch.randn(2, 1, 24, device=DEVICE),))
 
 
+@NO_POISON
 def test_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(K.dot_interaction, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")

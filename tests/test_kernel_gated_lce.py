@@ -23,6 +23,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import GatedLCE
+from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, rel_err
 
 K = pytest.importorskip("interformer.kernels.gated_lce")
@@ -207,6 +208,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, (g, *(t.detach() for t in args)))
 
 
+@NO_POISON
 def test_compile_fullgraph_traces_forward_and_backward():
     """torch.compile(fullgraph=True) through the custom ops (aot_eager: Inductor is a GPU test)."""
     gen = torch.Generator().manual_seed(3)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from interformer import reference as R
 from interformer.layers import ResidualLayerNorm
+from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
 K = pytest.importorskip("interformer.kernels.layernorm")
@@ -211,6 +212,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.add_layer_norm_bwd.default, bwd_args)
 
 
+@NO_POISON
 def test_compile_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(K.add_layer_norm, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
@@ -300,6 +302,7 @@ def test_kernels_build_for_sm90():
         assert b["shared"] <= 232448, b
 
 
+@NO_POISON
 def test_module_leaves_layernorm_to_the_compiler():
     """Under torch.compile the module traces the reference ops (Inductor fuses add + LayerNorm
     itself, with the residual's producer); the custom op stays out of the graph, and the result

@@ -24,6 +24,7 @@ import torch
 
 from interformer import reference as R
 from interformer.layers import PersonalizedFFN
+from poison import NO_POISON
 from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths,
                    rel_err)
 
@@ -301,6 +302,7 @@ def test_opcheck(mode):
     torch.library.opcheck(bwd.default, (g, s.detach(), lengths, *(p.detach() for p in params), EPS))
 
 
+@NO_POISON
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
 def test_compile_fullgraph_traces_forward_and_backward(mode):
     """torch.compile(fullgraph=True) through the custom ops (aot_eager: Inductor is a GPU test)."""

@@ -1,0 +1,82 @@
+"""Two things the Triton interpreter hides, switched on for a test.
+
+* :class:`PoisonedAllocations` fills every tensor that ``torch.empty`` and its relatives return
+  (``aten.empty*``, ``new_empty``, ``empty_like``) with NaN (floating point) or a large negative
+  sentinel (integers) while it is active. On a CPU, fresh allocations of small tensors usually come
+  back zeroed, so a kernel that forgets to write part of an output (a padded row, an empty sequence,
+  a partial-sum row of a program that had no work) passes under the interpreter; on a GPU the
+  caching allocator hands back whatever the last user left. Under this mode such a gap shows up as
+  NaN (or as an out-of-range index) in the result.
+* :func:`gpu_sized_grids` makes the launchers size their grids for an H100 (132 SMs) instead of the
+  interpreter's 2, so persistent grids, split-K partial buffers and the gated LCE's choice between
+  its two weight-gradient modes follow the path they take on a GPU, where a grid can be larger than
+  the work and some programs get nothing to do.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: what a fresh integer allocation holds while poisoned: an index or length read from it before it
+#: is written is far out of range
+INT_SENTINEL = -(2**30)
+H100_SMS = 132
+#: marks a kernel test that runs without poisoning: ``torch.compile`` refuses to trace while a
+#: Python dispatch mode is active ("non-infra torch dispatch mode present")
+NO_POISON = pytest.mark.no_poison
+
+_EMPTY = {
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+    torch.ops.aten.empty_permuted.default,
+}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    elif t.dtype in (torch.int8, torch.uint8):
+        t.fill_(-99 if t.dtype == torch.int8 else 199)
+    else:
+        t.fill_(INT_SENTINEL)
+    return t
+
+
+class PoisonedAllocations(TorchDispatchMode):
+    """While active, every uninitialised allocation made through the dispatcher is poisoned (see
+    the module docstring). ``count`` says how many were, so a test can check the mode saw the
+    launchers' allocations at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _EMPTY and isinstance(out, torch.Tensor) and out.numel():
+            self.count += 1
+            poison_(out)
+        return out
+
+
+def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:
+    """Make every kernel module size its grids as on a GPU with ``sms`` SMs (see module docstring)."""
+    for mod in _kernel_modules():
+        if hasattr(mod, "num_sms"):
+            monkeypatch.setattr(mod, "num_sms", lambda device: sms)
+        if hasattr(mod, "persistent_programs"):
+            monkeypatch.setattr(mod, "persistent_programs", lambda device: 4 * sms)
+
+
+def _kernel_modules():
+    import importlib
+
+    names = ("_common", "attention", "crossnet", "dot_interaction", "gated_lce", "layernorm", "pffn")
+    return [importlib.import_module(f"interformer.kernels.{n}") for n in names]
