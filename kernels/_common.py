@@ -23,6 +23,12 @@ from interformer import backend as _backend
 KERNEL_DTYPES = _backend.KERNEL_DTYPES
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for grid sizes on the host: a plain function (``triton.cdiv`` is a
+    ``constexpr_function`` in recent Triton, a few microseconds per call from Python)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -99,7 +105,7 @@ def sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         block_g, block_c = 128, 32
     else:
         block_g, block_c = min(16, max(2, next_pow2(G))), 256
-    _sum_partials_kernel[(triton.cdiv(P, block_c),)](
+    _sum_partials_kernel[(cdiv(P, block_c),)](
         outs[0], outs[1], outs[2], outs[3], part, G, P, e1, e2, e3, part.stride(0),
         BLOCK_G=block_g, BLOCK_C=block_c, num_warps=4,
     )

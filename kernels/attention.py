@@ -122,7 +122,7 @@ import triton.language as tl
 
 from interformer import reference
 
-from ._common import KERNEL_DTYPES, dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["attention"]
@@ -638,7 +638,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
     dhp = _padded_dh(dh)
     block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, k.dtype)
-    n_m = triton.cdiv(Lq, block_m)
+    n_m = cdiv(Lq, block_m)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
     _attn_fwd_kernel[(B * H * n_m,)](
         out, lse, q, k, v, lengths, tab,
@@ -694,18 +694,18 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, k.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-            n_pre = triton.cdiv(Lq, 64)
+            n_pre = cdiv(Lq, 64)
             _attn_bwd_preprocess_kernel[(B * H * n_pre,)](
                 delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
             )
-            n_n = triton.cdiv(Lk, kv_bn)
+            n_n = cdiv(Lk, kv_bn)
             _attn_bwd_dkdv_kernel[(B * H * n_n,)](
                 dk, dv, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_n,
                 *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=warps, num_stages=2, **flags,
             )
-            n_m = triton.cdiv(Lq, q_bm)
+            n_m = cdiv(Lq, q_bm)
             _attn_bwd_dq_kernel[(B * H * n_m,)](
                 dq_buf, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_m,

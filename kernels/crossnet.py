@@ -180,7 +180,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, dot_precision, next_pow2, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -469,7 +469,7 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
     plan = _lr_plan_or_raise(x0, ws, L)
     bd, stages = plan.fwd
-    _lr_fwd_kernel[(triton.cdiv(B, _LR_BLOCK_B),)](
+    _lr_fwd_kernel[(cdiv(B, _LR_BLOCK_B),)](
         out, p, x0, ws, vs, bs, B, D, R,
         NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
         num_warps=4, num_stages=stages,
@@ -479,13 +479,13 @@ def _lr_fwd_impl(x0, ws, vs, bs):
 
 def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem: int) -> Tuple[int, int]:
     """(SPLIT, rows per split) of the low-rank weight-gradient kernel."""
-    n_col = triton.cdiv(D, block_dw)
-    split = max(1, triton.cdiv(_TARGET_PROGRAMS, n_col))
+    n_col = cdiv(D, block_dw)
+    split = max(1, cdiv(_TARGET_PROGRAMS, n_col))
     # keep the fp32 partials no bigger than x0 itself
     part_bytes = L * (2 * D * R + D) * 4
-    split = min(split, max(1, (B * D * elem) // part_bytes), triton.cdiv(B, block_bw))
-    rows = triton.cdiv(triton.cdiv(B, split), block_bw) * block_bw
-    return triton.cdiv(B, rows), rows
+    split = min(split, max(1, (B * D * elem) // part_bytes), cdiv(B, block_bw))
+    rows = cdiv(cdiv(B, split), block_bw) * block_bw
+    return cdiv(B, rows), rows
 
 
 def _lr_bwd_impl(g, x0, ws, vs, bs, p):
@@ -505,7 +505,7 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     BBW, BDW, w_stages = plan.weights
     dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
-    _lr_bwd_rows_kernel[(triton.cdiv(B, _LR_BLOCK_B),)](
+    _lr_bwd_rows_kernel[(cdiv(B, _LR_BLOCK_B),)](
         dx0, dp, g, x0, p, ws, vs, bs, B, D, R,
         NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, num_warps=4, num_stages=stages,
     )
@@ -515,7 +515,7 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     split, rows = _lr_split(B, D, R, L, BBW, BDW, x0.element_size())
     total = L * (2 * D * R + D)
     part = du if split == 1 else torch.empty((split, total), device=dev, dtype=torch.float32)
-    _lr_bwd_weights_kernel[(triton.cdiv(D, BDW), split)](
+    _lr_bwd_weights_kernel[(cdiv(D, BDW), split)](
         du, dv, db, part, g, x0, p, dp, ws, vs, bs, B, D, R, rows, total,
         NUM_LAYERS=L, DIRECT=split == 1, BLOCK_B=BBW, BLOCK_D=BDW, BLOCK_R=BR, PREC=prec, num_warps=4,
         num_stages=w_stages,
@@ -738,7 +738,7 @@ def _fr_fwd_impl(x0, ws, bs):
     xs = torch.empty((L - 1, B, D), device=dev, dtype=dt)
     ys = torch.empty((L, B, D), device=dev, dtype=dt)
     if _use_cublas(D, dt):
-        grid = (triton.cdiv(B * D, _ELTWISE_BLOCK),)
+        grid = (cdiv(B * D, _ELTWISE_BLOCK),)
         with torch.autocast(dev.type, enabled=False):
             for i in range(L):
                 src = x0 if i == 0 else xs[i - 1]
@@ -747,7 +747,7 @@ def _fr_fwd_impl(x0, ws, bs):
                 _fr_residual_kernel[grid](dst, x0, ys[i], src, B * D, BLOCK=_ELTWISE_BLOCK, num_warps=4)
         return out, xs, ys
     bm, bn, bk, warps, stages = _fr_config(B, D, dt)
-    grid = (triton.cdiv(B, bm) * triton.cdiv(D, bn),)
+    grid = (cdiv(B, bm) * cdiv(D, bn),)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
                 num_warps=warps, num_stages=stages)
     xs_arg = xs if L > 1 else out  # never hand Triton an empty tensor
@@ -769,8 +769,8 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
     L = len(ws)
     dev, dt, pdt = x0.device, x0.dtype, ws[0].dtype
     bm, bn = _BWD_TILE
-    n_m = triton.cdiv(B, bm)
-    grid = (n_m, triton.cdiv(D, bn))
+    n_m = cdiv(B, bm)
+    grid = (n_m, cdiv(D, bn))
     dx0 = torch.empty((B, D), device=dev, dtype=dt)
     dw = torch.empty((L, D, D), device=dev, dtype=pdt)
     db = torch.empty((L, D), device=dev, dtype=pdt)
@@ -811,8 +811,8 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
     if _use_cublas(D, dt):
         return _fr_bwd_cublas(g, x0, ws, xs, ys)
     bm, bn, bk, warps, stages = _fr_config(B, D, dt)
-    n_m = triton.cdiv(B, bm)
-    grid = (n_m * triton.cdiv(D, bn),)
+    n_m = cdiv(B, bm)
+    grid = (n_m * cdiv(D, bn),)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
                 num_warps=warps, num_stages=stages)
     dx0 = torch.empty((B, D), device=dev, dtype=dt)

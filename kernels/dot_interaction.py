@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
@@ -177,7 +177,7 @@ def _config(B: int, N: int, d: int) -> Tuple[int, int, int, int, int]:
     bd = min(128, max(16, next_pow2(d)))
     samples = max(1, min(8, B // TARGET_PROGRAMS))
     warps = 8 if bn * bd >= 64 * 128 else 4
-    return bn, bd, triton.cdiv(N, bn), samples, warps
+    return bn, bd, cdiv(N, bn), samples, warps
 
 
 def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     if B == 0 or M == 0:
         return out
     bn, bd, nb, spp, warps = _config(B, N, d)
-    _dot_fwd_kernel[(triton.cdiv(B, spp), nb, nb)](
+    _dot_fwd_kernel[(cdiv(B, spp), nb, nb)](
         out, z, B, N, d, M, *z.stride(),
         SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )
@@ -201,7 +201,7 @@ def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.zeros((B, N, d), device=z.device, dtype=z.dtype)
     dz = torch.empty((B, N, d), device=z.device, dtype=z.dtype)
     bn, bd, nb, spp, warps = _config(B, N, d)
-    _dot_bwd_kernel[(triton.cdiv(B, spp), nb)](
+    _dot_bwd_kernel[(cdiv(B, spp), nb)](
         dz, grad, z, B, N, d, M, *grad.stride(), *z.stride(), nb,
         SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )

@@ -107,7 +107,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, dot_precision, next_pow2, num_sms, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, num_sms, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
@@ -306,7 +306,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     if out.numel() == 0:
         return out
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
-    _glce_fwd_kernel[(triton.cdiv(B, n_per),)](
+    _glce_fwd_kernel[(cdiv(B, n_per),)](
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
@@ -322,7 +322,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
-    n_blocks = triton.cdiv(B, n_per)
+    n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
     mode = _gw_mode(B, n_out, d, x.element_size(), num_sms(x.device))

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["add_layer_norm"]
@@ -168,7 +168,7 @@ def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
         rstd = torch.empty((M,), device=dev, dtype=torch.float32)
     if M > 0:
         bm, bn, warps = _config(N)
-        _ln_fwd_kernel[(triton.cdiv(M, bm),)](
+        _ln_fwd_kernel[(cdiv(M, bm),)](
             y, mean if stats else y, rstd if stats else y, x2, r2, weight, bias,
             M, N, float(eps), sx, sr, N,
             HAS_R=residual is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -205,7 +205,7 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
         db.zero_()
         return dh, dw, db
     bm, bn, warps = _config(N)
-    G = min(triton.cdiv(M, bm), persistent_programs(dev))
+    G = min(cdiv(M, bm), persistent_programs(dev))
     part = torch.empty((G, 2 * N), device=dev, dtype=torch.float32)
     _ln_bwd_kernel[(G,)](
         dh, part, dy, x2, r2, weight, mean, rstd,

@@ -90,7 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, dot_precision, next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -276,7 +276,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     n_sum = wx.shape[1] if linear else 1
     block_l, dp, np_, warps = _config(L, d, n_sum, False)
     chunk = max(block_l, _FWD_CHUNK_ROWS)
-    n_chunks = triton.cdiv(L, chunk)
+    n_chunks = cdiv(L, chunk)
     a_ = a if linear else wx
     _pffn_fwd_kernel[(B * n_chunks,)](
         out, s, lengths, wx, a_, ln_weight, ln_bias,
