@@ -84,10 +84,13 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1
              echo "exit $?"; head -n 40 "$OUT/profile.log" ;;
-    host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), then plain vs CUDA-graph
+    host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout 60 python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
              echo "launch_overhead exit $?"; tail -n 10 "$OUT/launch.log"
+             # one fused op's plain fwd+bwd: as benchmarked, with its Triton launches skipped, eager
+             timeout "${OP_HOST_TIMEOUT:-90}" python3 profiling/op_host.py --profile >"$OUT/op_host.log" 2>&1
+             echo "op_host exit $?"; grep -E "^  [a-z_]+ +(fused|eager)" "$OUT/op_host.log"
              for be in triton eager; do
                timeout "${HOST_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                  --steps 10 --host >"$OUT/host-$be.log" 2>&1

@@ -72,6 +72,44 @@ def test_launch_overhead_measures_every_launcher():
     torch.testing.assert_close(y, x + sum(range(lo.MANY)))
 
 
+@pytest.fixture(scope="module")
+def op_host():
+    bench = os.path.join(ROOT, "bench")
+    sys.path.insert(0, bench)  # op_host imports the op benchmarks (bench/test_bench_*.py)
+    yield _load("op_host")
+    sys.path.remove(bench)
+    for name in [n for n in sys.modules if n == "common" or n.startswith("test_bench_")]:
+        sys.modules.pop(name, None)
+
+
+def test_op_host_times_the_benchmarked_callables(op_host, capsys):
+    """Every op's fused and eager callables are found; the skipped-launch variant launches nothing
+    (and counts what it skipped), the counting one runs the kernels; the JIT is restored after."""
+    import torch
+
+    assert op_host.main(["--shape", "smoke", "--calls", "1", "--ops", "layernorm_dhen,dot_interaction"]) == 0
+    out = capsys.readouterr().out
+    for op in ("layernorm_dhen", "dot_interaction"):
+        for variant in ("fused", "fused, launches skipped", "eager"):
+            assert f"{op:<16} {variant:<24}" in out
+    rows = op_host.measure("dot_interaction", "smoke", calls=1)
+    assert rows["fused"]["launches"] == rows["fused, launches skipped"]["launches"] == 2  # forward, backward
+    assert rows["eager"]["launches"] == 0 and rows["eager"]["aten_ops"] > 0
+    # with launches skipped the output is never written; restored, the kernel runs again
+    from interformer.kernels.dot_interaction import dot_interaction
+
+    z = torch.randn(2, 3, 16)
+    ref = (z @ z.transpose(1, 2))[:, *torch.triu_indices(3, 3, 1)]
+    with op_host.launches("skip") as skipped:
+        dot_interaction(z)
+    assert sum(skipped.values()) == 1
+    torch.testing.assert_close(dot_interaction(z), ref)
+    fn = op_host.benchmarked_callable("pma", "fused", "smoke")
+    assert callable(fn)
+    with pytest.raises(SystemExit):
+        op_host.main(["--ops", "no_such_op"])
+
+
 def test_range_table_keeps_host_and_device_rows_apart(train_step):
     """The profiler lists a range twice (host row, device span row): the table must not add them
     (it once did: calls doubled, a 31.5 ms span plus 3.6 ms of forward kernels read as 35 ms of GPU
