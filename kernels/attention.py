@@ -793,6 +793,7 @@ attention_fwd.register_autograd(_backward_with(torch.ops.interformer.attention_b
 
 def _lean_forward(ctx, *inputs):
     output = _attention_fwd_impl(*inputs)
+    ctx.set_materialize_grads(False)  # no zero tensor for lse's (ignored) gradient; backward takes None
     _setup_context(ctx, inputs, output)
     return output
 
@@ -890,6 +891,7 @@ attention_qkv_fwd.register_autograd(_backward_qkv_with(torch.ops.interformer.att
 
 def _lean_forward_qkv(ctx, *inputs):
     output = _attention_qkv_fwd_impl(*inputs)
+    ctx.set_materialize_grads(False)  # as _lean_forward
     _setup_context_qkv(ctx, inputs, output)
     return output
 
