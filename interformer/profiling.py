@@ -1,4 +1,4 @@
-"""NVTX ranges around each arch and each fused op, for Nsight Systems.
+"""NVTX ranges around each arch and each fused op, for Nsight Systems; counting Triton launches.
 
 Off by default, and then free: :func:`nvtx_range` returns one shared ``nullcontext``. Turn them on
 with ``INTERFORMER_NVTX=1`` in the environment or :func:`enable_nvtx`. When on, each range is both
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections import Counter
+from typing import Iterator
 
 import torch
 
@@ -68,3 +70,33 @@ def ranged(name: str):
         return inner
 
     return wrap
+
+
+@contextlib.contextmanager
+def triton_launches(run: bool = True) -> Iterator[Counter]:
+    """Count the Triton kernel launches made inside the block, by kernel name (yields the Counter).
+
+    ``run=False`` skips them: each launch returns at once and its kernel never runs, so the fused
+    ops' outputs are left unwritten (garbage), while everything around the launches -- the
+    launchers' Python, their allocations, autograd -- runs as usual. That separates the cost of the
+    launches from the rest (``profiling/op_host.py``) and lets tests see what an op allocates and
+    launches at sizes the interpreter could not run.
+
+    Works by replacing ``run`` on the class of this package's ``@triton.jit`` functions (the JIT
+    class on a GPU, the interpreter's under ``TRITON_INTERPRET=1``) for the duration of the block:
+    not thread-safe, and every Triton kernel of the process goes through it, not only ours.
+    """
+    from interformer.kernels import layernorm  # imports Triton
+
+    cls = type(layernorm._ln_fwd_kernel)
+    original, counter = cls.run, Counter()
+
+    def counted(self, *args, **kwargs):
+        counter[getattr(self, "__name__", None) or self.fn.__name__] += 1
+        return original(self, *args, **kwargs) if run else None
+
+    cls.run = counted
+    try:
+        yield counter
+    finally:
+        cls.run = original

@@ -28,7 +28,6 @@ the fused calls, top entries by own time. Without a GPU the kernels run under th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import importlib
 import io
@@ -36,9 +35,10 @@ import os
 import pstats
 import sys
 import time
-from collections import Counter
 
 import torch
+
+from interformer.profiling import triton_launches
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 if not torch.cuda.is_available():
@@ -83,34 +83,6 @@ def benchmarked_callable(op: str, provider: str, shape_name: str):
     return captured[0]
 
 
-def _jit_class():
-    """The class whose ``run`` every ``kernel[grid](...)`` goes through (the interpreter's on CPU)."""
-    from interformer.kernels import layernorm
-
-    return type(layernorm._ln_fwd_kernel)
-
-
-@contextlib.contextmanager
-def launches(mode: str):
-    """``mode="count"``: launches run and are counted (yields the Counter); ``"skip"``: every launch
-    returns at once without running (yields an empty Counter that counts the skipped ones)."""
-    cls = _jit_class()
-    original = cls.run
-    counter = Counter()
-
-    def run(self, *args, **kwargs):
-        counter[getattr(self, "__name__", None) or self.fn.__name__] += 1
-        if mode == "count":
-            return original(self, *args, **kwargs)
-        return None
-
-    cls.run = run
-    try:
-        yield counter
-    finally:
-        cls.run = original
-
-
 def aten_ops(fn) -> int:
     """Aten ops dispatched by one call of ``fn`` (views and allocations included)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -146,9 +118,8 @@ def measure(op: str, shape_name: str, calls: int) -> dict:
     fused = benchmarked_callable(op, "fused", shape_name)
     eager = benchmarked_callable(op, "eager", shape_name)
     rows = {}
-    for name, fn, mode in (("fused", fused, "count"), ("fused, launches skipped", fused, "skip"),
-                           ("eager", eager, "count")):
-        with launches(mode) as counter:
+    for name, fn, run in (("fused", fused, True), ("fused, launches skipped", fused, False), ("eager", eager, True)):
+        with triton_launches(run) as counter:
             fn()  # warm: compilation, caches
             counter.clear()
             ops = aten_ops(fn)

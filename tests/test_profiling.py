@@ -83,10 +83,8 @@ def op_host():
 
 
 def test_op_host_times_the_benchmarked_callables(op_host, capsys):
-    """Every op's fused and eager callables are found; the skipped-launch variant launches nothing
-    (and counts what it skipped), the counting one runs the kernels; the JIT is restored after."""
-    import torch
-
+    """Every op's fused and eager callables are found; the skipped-launch variant counts the
+    launches it skipped, the plain one those it ran, eager none."""
     assert op_host.main(["--shape", "smoke", "--calls", "1", "--ops", "layernorm_dhen,dot_interaction"]) == 0
     out = capsys.readouterr().out
     for op in ("layernorm_dhen", "dot_interaction"):
@@ -95,19 +93,32 @@ def test_op_host_times_the_benchmarked_callables(op_host, capsys):
     rows = op_host.measure("dot_interaction", "smoke", calls=1)
     assert rows["fused"]["launches"] == rows["fused, launches skipped"]["launches"] == 2  # forward, backward
     assert rows["eager"]["launches"] == 0 and rows["eager"]["aten_ops"] > 0
-    # with launches skipped the output is never written; restored, the kernel runs again
-    from interformer.kernels.dot_interaction import dot_interaction
-
-    z = torch.randn(2, 3, 16)
-    ref = (z @ z.transpose(1, 2))[:, *torch.triu_indices(3, 3, 1)]
-    with op_host.launches("skip") as skipped:
-        dot_interaction(z)
-    assert sum(skipped.values()) == 1
-    torch.testing.assert_close(dot_interaction(z), ref)
     fn = op_host.benchmarked_callable("pma", "fused", "smoke")
     assert callable(fn)
     with pytest.raises(SystemExit):
         op_host.main(["--ops", "no_such_op"])
+
+
+def test_triton_launches_counts_runs_and_skips():
+    """``triton_launches()`` counts launches by kernel and runs them; ``run=False`` counts and skips
+    them (the output stays as allocated); on leaving, the JIT's own ``run`` is back."""
+    import torch
+
+    from interformer.kernels.dot_interaction import dot_interaction
+    from interformer.profiling import triton_launches
+    from poison import PoisonedAllocations
+    from utils import DEVICE
+
+    z = torch.randn(2, 3, 16, device=DEVICE)
+    ref = (z @ z.transpose(1, 2))[:, *torch.triu_indices(3, 3, 1, device=DEVICE)]
+    close = dict(rtol=1e-4, atol=1e-4)  # fp32 on a GPU: tf32x3 dots
+    with triton_launches() as ran:
+        torch.testing.assert_close(dot_interaction(z), ref, **close)
+    assert ran == {"_dot_fwd_kernel": 1}
+    with triton_launches(run=False) as skipped, PoisonedAllocations():  # fresh memory is NaN
+        out = dot_interaction(z)
+    assert skipped == {"_dot_fwd_kernel": 1} and out.isnan().all()
+    torch.testing.assert_close(dot_interaction(z), ref, **close)
 
 
 def test_range_table_keeps_host_and_device_rows_apart(train_step):
