@@ -24,7 +24,10 @@ import re
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from interformer import FusedModule, InterFormerCTR, optimize
+from interformer import reference as R
 from test_model import random_batch, tiny_config
 from poison import PoisonedAllocations, gpu_sized_grids
 from utils import DEVICE, HAS_CUDA
@@ -184,6 +187,46 @@ def test_every_registered_op_has_an_opcheck():
     assert not unchecked, f"ops without an opcheck test: {sorted(unchecked)}"
     for name in registered:
         assert hasattr(torch.ops.interformer, name), f"interformer::{name} is not registered"
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the aten ops that need a tensor's values on the host: ``.item()``/``bool()``
+    (``_local_scalar_dense``, ``is_nonzero``, tagged ``data_dependent_output``) and ops whose output
+    shape depends on the data (``nonzero``, boolean indexing, ``unique``: ``dynamic_output_shape``).
+    On a GPU each of them is a device-to-host sync, which CUDA-graph capture refuses."""
+
+    TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.is_nonzero.default or any(t in func.tags for t in self.TAGS):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_step_reads_nothing_back_to_the_host(variant):
+    """The CPU stand-in for the CUDA-graph capture test below (which needs a GPU): a fused training
+    step (forward, loss, backward) and an inference forward, input validation off (the model skips
+    it under capture), dispatch no op that needs device values on the host. Launches are skipped
+    (:func:`interformer.profiling.triton_launches`): only the Python and aten ops around them matter
+    here. The check can fail: the eager DOT interaction's gather, and an ``.item()``, are seen."""
+    from interformer.profiling import triton_launches
+
+    cfg = tiny_config(**VARIANTS[variant], validate_inputs=False)
+    _, fused = _fused_pair(cfg)
+    batch = _batch(cfg)
+    with triton_launches(run=False), _HostReads() as reads:
+        fused.loss(fused(*batch[:4]), batch[4]).backward()
+        with torch.no_grad():
+            fused(*batch[:4])
+    assert reads.ops == [], f"{variant}: host reads {reads.ops}"
+    with _HostReads() as reads:
+        float(fused.loss(R.dot_interaction(torch.randn(2, 3, 4))[:, :1], torch.ones(2, 1)))
+    assert reads.ops == ["aten.index.Tensor", "aten._local_scalar_dense.default"]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,272 @@
+"""What each fused op launches and writes: the structural claims of the kernel issues, checked.
+
+The other kernel tests show that the fused ops compute the right numbers; these show that they do it
+the way their docstrings (and issues #3-#5) say, which is where the speed comes from:
+
+* the forward of every op is ONE Triton launch (PFFN: LayerNorm, per-sample matmul and residual;
+  cross nets: all layers; gated LCE: compression and gate), and the backward launches exactly the
+  kernels its docstring lists;
+* no aten op does compute next to the kernels, except the cuBLAS GEMMs a docstring names (the
+  full-rank cross net's weight gradients and wide layers, the gated LCE's ``dZ^T Y`` in "store" mode)
+  and the reduction of a shared query's gradient over the batch -- in particular no element-wise
+  chain falls back to eager, and no zero tensor is materialised for an unused output's gradient;
+* the intermediates the issues say are never written are never allocated: the per-sample ``d x d``
+  matrix of linear-mode PFFN, the ``N x N`` Gram matrix of the DOT interaction, the ``Lq x Lk``
+  scores of attention (or a mask), Y and the gate of the gated LCE, ``x_i`` of the low-rank cross net.
+
+How: Triton launches are counted and skipped (:func:`interformer.profiling.triton_launches`, so no
+kernel runs and the sizes can be larger than the interpreter could afford), and a ``TorchDispatchMode`` records
+every aten op of one forward and of its backward, after a warm-up call (cached rotary tables are
+steady state). The launchers' Python is unchanged by the skip: what they allocate and call is what
+they do on a GPU. On a GPU the same tests run with the GPU's launchers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from interformer.profiling import triton_launches
+from poison import _EMPTY
+from utils import DEVICE
+
+attention = pytest.importorskip("interformer.kernels.attention")
+from interformer.kernels import crossnet, dot_interaction, gated_lce, layernorm, pffn  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- recording
+@dataclass
+class Made:
+    """One tensor an aten op returned: the op, whether it is a fresh allocation, a view, or computed."""
+
+    op: str
+    kind: str  # "alloc" | "view" | "compute"
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Record(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.made: List[Made] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = "alloc" if func in _EMPTY else "view" if func.is_view or func is torch.ops.aten.detach.default else "compute"
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.made.append(Made(str(func).removeprefix("aten."), kind, tuple(t.shape), t.dtype))
+        return out
+
+
+@dataclass
+class Phase:
+    launches: Counter
+    made: List[Made]
+
+    def compute_ops(self) -> FrozenSet[str]:
+        return frozenset(m.op for m in self.made if m.kind == "compute")
+
+    def new(self) -> List[Made]:
+        """Tensors with fresh memory (allocations and computed results, not views)."""
+        return [m for m in self.made if m.kind != "view"]
+
+
+def run_phases(fn: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor]) -> Tuple[Phase, Phase, list]:
+    """(forward, backward, gradients of ``leaves``) of ``fn()`` and ``torch.autograd.grad``, after one
+    warm-up of both. ``autograd.grad`` returns the gradients instead of accumulating them into
+    ``.grad`` (which would add autograd's own copies and sums to the record)."""
+    with triton_launches(run=False):
+        out = fn()
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    with triton_launches(run=False) as fwd_launches, Record() as fwd:
+        out = fn()
+    g = torch.ones_like(out)
+    with triton_launches(run=False) as bwd_launches, Record() as bwd:
+        grads = torch.autograd.grad(out, leaves, g, allow_unused=True)
+    return Phase(Counter(fwd_launches), fwd.made), Phase(Counter(bwd_launches), bwd.made), list(grads)
+
+
+# ----------------------------------------------------------------------------- the claims
+def leaf(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def has_adjacent(shape: Sequence[int], a: int, b: int) -> bool:
+    return any(shape[i] == a and shape[i + 1] == b for i in range(len(shape) - 1))
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], Tuple[Callable[[], torch.Tensor], List[torch.Tensor]]]
+    fwd_launches: Dict[str, int]
+    bwd_launches: Dict[str, int]
+    fwd_compute: FrozenSet[str] = frozenset()  # aten ops allowed to compute in the forward
+    bwd_compute: FrozenSet[str] = frozenset()
+    #: what must never be written: (description, predicate on a fresh tensor)
+    never: Optional[Tuple[str, Callable[[Made], bool]]] = None
+    #: (description, predicate, how many fresh tensors of the forward may match): e.g. only the output
+    fwd_at_most: Optional[Tuple[str, Callable[[Made], bool], int]] = None
+    bwd_at_most: Optional[Tuple[str, Callable[[Made], bool], int]] = None
+
+
+B = 3
+# PFFN: L < d, so a per-sample d x d matrix ([B, d, d]) would be the largest tensor in sight
+P_L, P_D, P_NS = 7, 24, 2
+# gated LCE: B * n_out * d is the size of Y, of the gate and of the output
+G_NIN, G_NOUT, G_D = 5, 3, 24
+# DOT: N > d, so an N x N Gram matrix would outgrow z itself
+Z_N, Z_D = 40, 16
+# attention: L = 33 (fused backward), 129 (the general three-kernel backward); PMA: 5 shared queries
+A_B, A_H, A_DH = 2, 2, 16
+
+
+def _pffn_linear():
+    s, xs, a = leaf(B, P_L, P_D), leaf(B, P_NS, P_D), leaf(P_NS, P_D)
+    w, b = leaf(P_D), leaf(P_D)
+    lengths = torch.tensor([0, 3, P_L], device=DEVICE)
+    return (lambda: pffn.pffn_linear(s, lengths, xs, a, w, b, 1e-5)), [s, xs, a, w, b]
+
+
+def _pffn_mlp():
+    s, wb, w, b = leaf(B, P_L, P_D), leaf(B, P_D, P_D), leaf(P_D), leaf(P_D)
+    lengths = torch.tensor([0, 3, P_L], device=DEVICE)
+    return (lambda: pffn.pffn_mlp(s, lengths, wb, w, b, 1e-5)), [s, wb, w, b]
+
+
+def _gated_lce():
+    x, w, b, gw, gb = leaf(B, G_NIN, G_D), leaf(G_NIN, G_NOUT), leaf(G_NOUT), leaf(G_D, G_D), leaf(G_D)
+    return (lambda: gated_lce.gated_lce(x, w, b, gw, gb)), [x, w, b, gw, gb]
+
+
+def _cross_net(D, L):
+    def build():
+        x0 = leaf(B, D)
+        ks, bs = [leaf(D, D) for _ in range(L)], [leaf(D, 1) for _ in range(L)]
+        return (lambda: crossnet.cross_net(x0, ks, bs)), [x0, *ks, *bs]
+    return build
+
+
+def _low_rank(D, r, L):
+    def build():
+        x0 = leaf(B, D)
+        us, vs, bs = [leaf(D, r) for _ in range(L)], [leaf(r, D) for _ in range(L)], [leaf(D, 1) for _ in range(L)]
+        return (lambda: crossnet.low_rank_cross_net(x0, us, vs, bs)), [x0, *us, *vs, *bs]
+    return build
+
+
+def _dot():
+    z = leaf(B, Z_N, Z_D)
+    return (lambda: dot_interaction.dot_interaction(z)), [z]
+
+
+def _attention(L, packed=False):
+    def build():
+        lengths = torch.tensor([0, L - 4], device=DEVICE)
+        if packed:  # the three unbind(2) slices of one QKV projection: the packed op
+            qkv = leaf(A_B, L, 3, A_H, A_DH)
+            return (lambda: attention.attention(*qkv.unbind(2), lengths, rope_base=1e4)), [qkv]
+        q, k, v = (leaf(A_B, L, A_H, A_DH) for _ in range(3))
+        return (lambda: attention.attention(q, k, v, lengths, rope_base=1e4)), [q, k, v]
+    return build
+
+
+def _pma(Lq, Lk):
+    def build():
+        q, k, v = leaf(1, Lq, A_H, A_DH), leaf(A_B, Lk, A_H, A_DH), leaf(A_B, Lk, A_H, A_DH)
+        lengths = torch.tensor([0, Lk - 4], device=DEVICE)
+        return (lambda: attention.attention(q, k, v, lengths, rope_q=False, mask_queries=False)), [q, k, v]
+    return build
+
+
+def _layernorm():
+    x, r, w, b = leaf(5, 24), leaf(5, 24), leaf(24), leaf(24)
+    return (lambda: layernorm.add_layer_norm(x, r, w, b, 1e-5)), [x, r, w, b]
+
+
+def _scores(Lq, Lk):
+    return (f"an {Lq} x {Lk} score matrix or a boolean mask",
+            lambda m: has_adjacent(m.shape, Lq, Lk) or m.dtype == torch.bool)
+
+
+SUM_PARTIALS = "_sum_partials_kernel"
+CASES = [
+    Case("pffn_linear", _pffn_linear, {"_pffn_fwd_kernel": 1}, {"_pffn_bwd_kernel": 1, SUM_PARTIALS: 1},
+         never=(f"a per-sample {P_D} x {P_D} matrix", lambda m: has_adjacent(m.shape, P_D, P_D))),
+    # mlp mode: w_b comes from the hypernetwork, but the per-sample matmul is not on cuBLAS
+    Case("pffn_mlp", _pffn_mlp, {"_pffn_fwd_kernel": 1}, {"_pffn_bwd_kernel": 1, SUM_PARTIALS: 1}),
+    Case("gated_lce", _gated_lce, {"_glce_fwd_kernel": 1}, {"_glce_bwd_kernel": 1, SUM_PARTIALS: 1},
+         bwd_compute=frozenset({"mm.default"}),  # "store" mode: dgate_weight = dZ^T Y on cuBLAS
+         fwd_at_most=("a tensor of Y's / the gate's size (only the output may have it)",
+                      lambda m: m.shape == (B, G_NOUT, G_D) or m.shape == (B * G_NOUT, G_D), 1)),
+    # D <= 128: one Triton GEMM launch runs every layer; backward one launch per layer, dW on cuBLAS
+    Case("cross_net, D=40, 3 layers", _cross_net(40, 3), {"_fr_fwd_kernel": 1}, {"_fr_bwd_kernel": 3, SUM_PARTIALS: 1},
+         bwd_compute=frozenset({"mm.out"})),
+    # D > 128 ("cublas"): GEMMs on cuBLAS, every element-wise chain in a Triton kernel
+    Case("cross_net, D=136, 2 layers", _cross_net(136, 2), {"_fr_residual_kernel": 2},
+         {"_fr_bwd_eltwise_kernel": 2, SUM_PARTIALS: 1},
+         fwd_compute=frozenset({"addmm.out"}), bwd_compute=frozenset({"mm.out", "addmm.out"})),
+    Case("low_rank_cross_net, D=40, r=4, 2 layers", _low_rank(40, 4, 2), {"_lr_fwd_kernel": 1},
+         {"_lr_bwd_rows_kernel": 1, "_lr_bwd_weights_kernel": 1},
+         fwd_at_most=("a [B, D] tensor (x_i never goes to memory; only the output)", lambda m: m.shape[-2:] == (B, 40), 1),
+         bwd_at_most=("a [B, D] tensor (only dx0)", lambda m: m.shape[-2:] == (B, 40), 1)),
+    Case("dot_interaction", _dot, {"_dot_fwd_kernel": 1}, {"_dot_bwd_kernel": 1},
+         never=(f"the {Z_N} x {Z_N} Gram matrix", lambda m: has_adjacent(m.shape, Z_N, Z_N))),
+    Case("attention, L=33", _attention(33), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
+         never=_scores(33, 33)),
+    Case("attention, packed qkv, L=33", _attention(33, packed=True), {"_attn_fwd_kernel": 1},
+         {"_attn_bwd_fused_kernel": 1}, never=_scores(33, 33)),
+    Case("attention, L=129", _attention(129), {"_attn_fwd_kernel": 1},
+         {"_attn_bwd_preprocess_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
+         never=_scores(129, 129)),
+    # shared queries: per-sample dq reduced over the batch by one aten sum
+    Case("pma, 5 queries, 33 keys", _pma(5, 33), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
+         bwd_compute=frozenset({"sum.dim_IntList"}), never=_scores(5, 33)),
+    Case("add_layer_norm", _layernorm, {"_ln_fwd_kernel": 1}, {"_ln_bwd_kernel": 1, SUM_PARTIALS: 1}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fused_op_launches_and_writes_what_its_docstring_says(case: Case):
+    fn, inputs = case.build()
+    fwd, bwd, grads = run_phases(fn, inputs)
+    assert fwd.launches == Counter(case.fwd_launches), f"forward launches {dict(fwd.launches)}"
+    assert bwd.launches == Counter(case.bwd_launches), f"backward launches {dict(bwd.launches)}"
+    for name, phase, allowed in (("forward", fwd, case.fwd_compute), ("backward", bwd, case.bwd_compute)):
+        extra = phase.compute_ops() - allowed
+        assert not extra, f"{name}: aten ops computing next to the kernels: {sorted(extra)}"
+        if case.never is not None:
+            what, bad = case.never
+            hits = [(m.op, m.shape) for m in phase.new() if bad(m)]
+            assert not hits, f"{name} wrote {what}: {hits}"
+    for name, phase, limit in (("forward", fwd, case.fwd_at_most), ("backward", bwd, case.bwd_at_most)):
+        if limit is not None:
+            what, match, n = limit
+            hits = [(m.op, m.shape) for m in phase.new() if match(m)]
+            assert len(hits) <= n, f"{name} wrote {what} {len(hits)} times: {hits}"
+    # every input got its gradient from the backward that was recorded
+    assert all(g is not None for g in grads)
+
+
+def test_the_recorder_sees_what_it_must_reject():
+    """The checks above can fail: the eager DOT interaction writes its Gram matrix and computes with
+    aten ops, the eager attention its scores and mask, the eager gated LCE Y and the gate."""
+    from interformer import reference as R
+
+    z = leaf(B, Z_N, Z_D)
+    fwd, _, _ = run_phases(lambda: R.dot_interaction(z), [z])
+    assert any(has_adjacent(m.shape, Z_N, Z_N) for m in fwd.new()) and "bmm.default" in fwd.compute_ops()
+    q, k, v = (leaf(A_B, 33, A_H, A_DH) for _ in range(3))
+    fwd, _, _ = run_phases(lambda: R.attention(q, k, v, torch.tensor([0, 29], device=DEVICE), rope_base=1e4), [q, k, v])
+    what, bad = _scores(33, 33)
+    assert any(bad(m) for m in fwd.new())
+    x, w, b, gw, gb = leaf(B, G_NIN, G_D), leaf(G_NIN, G_NOUT), leaf(G_NOUT), leaf(G_D, G_D), leaf(G_D)
+    fwd, _, _ = run_phases(lambda: R.gated_lce(x, w, b, gw, gb), [x, w, b, gw, gb])
+    assert sum(m.shape == (B, G_NOUT, G_D) for m in fwd.new()) > 1
