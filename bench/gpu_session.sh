@@ -18,8 +18,15 @@
 #   PACK=1 MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
 #   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
 #   bench/gpu_session.sh COMMIT model ops host tests
-# and the next lease takes what that leaves: TESTS_IDS=bench/gpu_rerun.txt, the amazon and
-# inference compile rows (MODEL_K="(amazon and train and compile) or (inference and compile)").
+# and the next lease takes what that leaves. Planned for it (two calls of at most ~500 s each):
+#   1. PACK=1 HOST_TIMEOUT=30 OP_HOST_TIMEOUT=90 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 \
+#      MODEL_K="fused-compile and not max-autotune and not reduce-overhead and ((amazon and train) or (taobao and inference))" \
+#      MODEL_TIMEOUT=200 bench/gpu_session.sh COMMIT host tests model
+#      (host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
+#      fused ops' host time; amazon's compiled training took 28 s to compile on this 2-core CPU)
+#   2. PACK=1 OPS_K="full and not max-autotune and (amazon or long)" OPS_TIMEOUT=300 \
+#      TESTS_K="test_kernel_" TESTS_TIMEOUT=180 bench/gpu_session.sh COMMIT ops tests
+#      (the attention targets at amazon and long; every kernel test on CUDA, now with poisoned allocations)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
