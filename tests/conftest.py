@@ -4,6 +4,7 @@
 module imports a kernel.
 """
 
+import inspect
 import os
 
 import torch
@@ -22,7 +23,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "no_poison: a kernel test that runs without poisoned allocations (torch.compile)")
 
 
+def _poisoned(item) -> bool:
+    """Whether ``item`` runs under :class:`poison.PoisonedAllocations` (see the fixture below)."""
+    return item.module.__name__.startswith("test_kernel_") and "no_poison" not in item.keywords
+
+
 def pytest_collection_modifyitems(config, items):
+    # A poisoned test that calls torch.compile fails (fullgraph) or silently runs eagerly: caught
+    # here, at collection, so that a GPU-only test is caught on a CPU too.
+    unmarked = [i.nodeid for i in items if _poisoned(i) and "torch.compile(" in inspect.getsource(i.function)]
+    if unmarked:
+        raise pytest.UsageError("kernel tests calling torch.compile must be marked no_poison: " + ", ".join(unmarked))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; CPU CI runs the interpreter tests instead")
@@ -48,10 +59,15 @@ def _poisoned_kernel_tests(request):
     out-of-range integer (see :mod:`poison`), so that no test passes because the interpreter's CPU
     memory happened to come back zeroed; ``no_poison`` marks the few that ``torch.compile`` needs
     to run without a dispatch mode."""
-    if not request.node.module.__name__.startswith("test_kernel_") or "no_poison" in request.keywords:
+    if not _poisoned(request.node):
         yield
         return
     from poison import PoisonedAllocations
 
-    with PoisonedAllocations():
+    def refuse(*args, **kwargs):  # a helper's torch.compile, which the collection check cannot see
+        raise AssertionError("torch.compile in a poisoned kernel test: dynamo does not trace under a Python "
+                             "dispatch mode (it fails, or runs the function eagerly); mark the test no_poison")
+
+    with pytest.MonkeyPatch.context() as patch, PoisonedAllocations():
+        patch.setattr(torch, "compile", refuse)
         yield

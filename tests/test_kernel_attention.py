@@ -715,6 +715,7 @@ def test_gpu_bf16_benchmark_shapes(B, Bq, Lq, Lk, H, dh, mask_q, rope):
         assert_lowp(a, e, r, name)
 
 
+@NO_POISON
 @pytest.mark.gpu
 def test_gpu_inductor_compile():
     """Inductor traces the custom ops (forward and backward) around the projections of the module.

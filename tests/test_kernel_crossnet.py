@@ -677,6 +677,7 @@ def test_design_shapes_bf16(B, n_tokens, d, rank):
         _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, torch.bfloat16)
 
 
+@NO_POISON
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [None, 32])
 def test_module_compiled_with_inductor(rank):

@@ -279,6 +279,7 @@ def test_gpu_bf16_benchmark_shapes(B, n_in, n_out, d):
             run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.bfloat16)
 
 
+@NO_POISON
 @pytest.mark.gpu
 def test_gpu_inductor_compile():
     """Inductor traces the custom ops (forward and backward) with surrounding ops."""

@@ -450,6 +450,7 @@ def test_gpu_bf16_benchmark_shapes(mode, B, L, d, n_sum):
     check_padding(kern[0], kern[1], lengths.cpu())
 
 
+@NO_POISON
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
 def test_gpu_inductor_compile(mode):
