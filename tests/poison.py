@@ -51,7 +51,8 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 class PoisonedAllocations(TorchDispatchMode):
     """While active, every uninitialised allocation made through the dispatcher is poisoned (see
-    the module docstring). ``count`` says how many were, so a test can check the mode saw the
+    the module docstring), including those inside this package's custom ops (``interformer::*``,
+    whose Python implementations run with the mode active). ``count`` says how many were, so a test can check the mode saw the
     launchers' allocations at all."""
 
     def __init__(self) -> None:
@@ -59,11 +60,34 @@ class PoisonedAllocations(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        impl = _custom_op_impl(func, args, kwargs)
+        if impl is not None:
+            # calling ``func`` would run the op's Python implementation with this mode switched
+            # off (a mode steps aside while it handles an op), so its allocations would go unpoisoned
+            with self:
+                return impl(*args, **kwargs)
+        out = func(*args, **kwargs)
         if func in _EMPTY and isinstance(out, torch.Tensor) and out.numel():
             self.count += 1
             poison_(out)
         return out
+
+
+def _custom_op_impl(func, args, kwargs):
+    """The Python implementation of an ``interformer::`` custom op called on plain tensors (the
+    function ``torch.library.custom_op`` decorated), or None for any other op or call."""
+    if getattr(func, "namespace", None) != "interformer":
+        return None
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._pytree import tree_flatten
+
+    if any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+           for t in tree_flatten((args, kwargs))[0]):
+        return None  # fake or functional tensors (opcheck, tracing): their own mode runs the op
+    opdef = OPDEFS.get(func.name())
+    assert opdef is not None, f"{func.name()} is not a torch.library.custom_op: cannot poison inside it"
+    return opdef._init_fn
 
 
 def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:

@@ -23,6 +23,23 @@ def test_fresh_allocations_are_poisoned_and_initialised_ones_are_not():
     assert mode.count == 4
 
 
+def test_allocations_inside_a_custom_op_are_poisoned_too():
+    """A dispatch mode steps aside while it handles an op, so the buffers a ``torch.library`` custom
+    op's implementation allocates would escape it; the mode runs ``interformer::`` implementations
+    itself. With the launch skipped the output is never written: NaN through both entry points."""
+    from interformer.kernels import dot_interaction
+    from interformer.profiling import triton_launches
+
+    z = torch.randn(2, 3, 4, device=DEVICE)
+    for call in (lambda: dot_interaction.dot_interaction(z), lambda: torch.ops.interformer.dot_interaction_fwd(z)):
+        with triton_launches(run=False), PoisonedAllocations() as mode:
+            out = call()
+        assert mode.count == 1 and out.isnan().all()
+    with PoisonedAllocations():  # and with the launch, the custom op's result is the lean one's
+        out = torch.ops.interformer.dot_interaction_fwd(z)
+    assert torch.equal(out, dot_interaction.dot_interaction(z))
+
+
 def test_a_partial_row_left_unwritten_poisons_the_reduction():
     """What the mode is for: a [G, P] partial-sum buffer whose last program had no work and wrote
     nothing gives NaN once reduced, instead of whatever the memory held."""
