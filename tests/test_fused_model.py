@@ -190,21 +190,51 @@ def test_every_registered_op_has_an_opcheck():
 
 
 class _HostReads(TorchDispatchMode):
-    """Records the aten ops that need a tensor's values on the host: ``.item()``/``bool()``
-    (``_local_scalar_dense``, ``is_nonzero``, tagged ``data_dependent_output``) and ops whose output
-    shape depends on the data (``nonzero``, boolean indexing, ``unique``: ``dynamic_output_shape``).
-    On a GPU each of them is a device-to-host sync, which CUDA-graph capture refuses."""
+    """Records what needs a tensor's values on the host: ``.item()``/``bool()`` (ops tagged
+    ``data_dependent_output``, ``is_nonzero``), ops whose output shape depends on the data
+    (``dynamic_output_shape``: ``nonzero``, boolean indexing, ``unique``; integer indexing carries
+    the tag too but reads nothing), copies from a device to the CPU, and ``tolist``/``numpy`` (which
+    on a CPU tensor dispatch nothing). On a GPU each of them is a device-to-host sync, which
+    CUDA-graph capture refuses."""
 
     TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+    INDEX = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
 
     def __init__(self):
         super().__init__()
         self.ops = []
+        self._patch = pytest.MonkeyPatch()
+
+    def __enter__(self):
+        for name in ("tolist", "numpy", "__array__"):
+            original = getattr(torch.Tensor, name)
+            self._patch.setattr(torch.Tensor, name, self._recording(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._patch.undo()
+        return super().__exit__(*exc)
+
+    def _recording(self, name, original):
+        def method(tensor, *args, **kwargs):
+            self.ops.append(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+        return method
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.is_nonzero.default or any(t in func.tags for t in self.TAGS):
+        kwargs = kwargs or {}
+        if func in self.INDEX:
+            indices = args[1] if len(args) > 1 else ()
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
+                self.ops.append(str(func))
+        elif func is torch.ops.aten.is_nonzero.default or any(t in func.tags for t in self.TAGS):
             self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        elif func is torch.ops.aten._to_copy.default and args[0].device.type != "cpu" \
+                and str(kwargs.get("device", args[0].device)) == "cpu":
+            self.ops.append(str(func))
+        elif func is torch.ops.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -213,7 +243,8 @@ def test_fused_step_reads_nothing_back_to_the_host(variant):
     step (forward, loss, backward) and an inference forward, input validation off (the model skips
     it under capture), dispatch no op that needs device values on the host. Launches are skipped
     (:func:`interformer.profiling.triton_launches`): only the Python and aten ops around them matter
-    here. The check can fail: the eager DOT interaction's gather, and an ``.item()``, are seen."""
+    here. The check can fail: a boolean mask, a ``tolist`` and an ``.item()`` are seen, an integer
+    gather is not."""
     from interformer.profiling import triton_launches
 
     cfg = tiny_config(**VARIANTS[variant], validate_inputs=False)
@@ -224,9 +255,12 @@ def test_fused_step_reads_nothing_back_to_the_host(variant):
         with torch.no_grad():
             fused(*batch[:4])
     assert reads.ops == [], f"{variant}: host reads {reads.ops}"
+    x = torch.randn(2, 3, 4, device=DEVICE)
     with _HostReads() as reads:
-        float(fused.loss(R.dot_interaction(torch.randn(2, 3, 4))[:, :1], torch.ones(2, 1)))
-    assert reads.ops == ["aten.index.Tensor", "aten._local_scalar_dense.default"]
+        R.dot_interaction(x)  # an integer gather: no read
+        x[x > 0].sum().item()
+        batch[3].tolist()
+    assert reads.ops == ["aten.index.Tensor", "aten._local_scalar_dense.default", "Tensor.tolist"], reads.ops
 
 
 @pytest.mark.gpu
