@@ -83,8 +83,10 @@ def triton_launches(run: bool = True) -> Iterator[Counter]:
     launches at sizes the interpreter could not run.
 
     Works by replacing ``run`` on the class of this package's ``@triton.jit`` functions (the JIT
-    class on a GPU, the interpreter's under ``TRITON_INTERPRET=1``) for the duration of the block:
-    not thread-safe, and every Triton kernel of the process goes through it, not only ours.
+    class on a GPU, the interpreter's under ``TRITON_INTERPRET=1``) for the duration of the block,
+    so it sees every kernel launched as ``kernel[grid](...)`` in the process, ours or not, but not
+    the kernels ``torch.compile`` generates (Inductor launches those through its own launchers).
+    Not thread-safe.
     """
     from interformer.kernels import layernorm  # imports Triton
 

@@ -16,14 +16,22 @@ def _load(name):
     return mod
 
 
+def _with_bench(script: str):
+    """Load ``profiling/<script>.py`` with ``bench/`` importable (the scripts import bench/common.py
+    and the benchmark modules), then leave no bench module importable by other tests: every path
+    entry that is bench/ (the scripts add their own, spelled ``profiling/../bench``) goes, and so do
+    the modules imported from it."""
+    bench = os.path.realpath(os.path.join(ROOT, "bench"))
+    sys.path.insert(0, bench)
+    yield _load(script)
+    sys.path[:] = [p for p in sys.path if not p or os.path.realpath(p) != bench]
+    for name in [n for n in sys.modules if n == "common" or n.startswith("test_bench_")]:
+        sys.modules.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def train_step():
-    bench = os.path.join(ROOT, "bench")
-    sys.path.insert(0, bench)  # train_step imports bench/common.py as "common"
-    yield _load("train_step")
-    sys.path.remove(bench)
-    for name in ("common", "test_bench_model"):  # no bench module left importable by other tests
-        sys.modules.pop(name, None)
+    yield from _with_bench("train_step")
 
 
 def test_host_breakdown_groups_the_profile(train_step, capsys):
@@ -74,12 +82,7 @@ def test_launch_overhead_measures_every_launcher():
 
 @pytest.fixture(scope="module")
 def op_host():
-    bench = os.path.join(ROOT, "bench")
-    sys.path.insert(0, bench)  # op_host imports the op benchmarks (bench/test_bench_*.py)
-    yield _load("op_host")
-    sys.path.remove(bench)
-    for name in [n for n in sys.modules if n == "common" or n.startswith("test_bench_")]:
-        sys.modules.pop(name, None)
+    yield from _with_bench("op_host")
 
 
 def test_op_host_times_the_benchmarked_callables(op_host, capsys):
@@ -110,7 +113,8 @@ def test_triton_launches_counts_runs_and_skips():
     from utils import DEVICE
 
     z = torch.randn(2, 3, 16, device=DEVICE)
-    ref = (z @ z.transpose(1, 2))[:, *torch.triu_indices(3, 3, 1, device=DEVICE)]
+    iu = torch.triu_indices(3, 3, 1, device=DEVICE)
+    ref = (z @ z.transpose(1, 2))[:, iu[0], iu[1]]
     close = dict(rtol=1e-4, atol=1e-4)  # fp32 on a GPU: tf32x3 dots
     with triton_launches() as ran:
         torch.testing.assert_close(dot_interaction(z), ref, **close)
