@@ -249,6 +249,9 @@ CASES = [
 def test_fused_op_launches_and_writes_what_its_docstring_says(case: Case):
     fn, inputs = case.build()
     fwd, bwd, grads = run_phases(fn, inputs)
+    # the gradients are allocated in the backward: an empty record saw nothing (on a GPU the
+    # backward runs on the autograd engine's thread, which must inherit the dispatch mode)
+    assert bwd.new(), "the backward recorded no allocation at all"
     # nothing fresh is larger than all inputs together or the output (the cross nets return each
     # gradient kind stacked over the layers); the forbidden intermediates of the "never" checks are
     # larger at these sizes, so a padded or flattened copy of one is caught here
