@@ -26,7 +26,8 @@ def test_fresh_allocations_are_poisoned_and_initialised_ones_are_not():
 def test_allocations_inside_a_custom_op_are_poisoned_too():
     """A dispatch mode steps aside while it handles an op, so the buffers a ``torch.library`` custom
     op's implementation allocates would escape it; the mode runs ``interformer::`` implementations
-    itself. With the launch skipped the output is never written: NaN through both entry points."""
+    itself. With the launch skipped the output is never written: NaN through both entry points,
+    and in the backward."""
     from interformer.kernels import dot_interaction
     from interformer.profiling import triton_launches
 
@@ -38,6 +39,12 @@ def test_allocations_inside_a_custom_op_are_poisoned_too():
     with PoisonedAllocations():  # and with the launch, the custom op's result is the lean one's
         out = torch.ops.interformer.dot_interaction_fwd(z)
     assert torch.equal(out, dot_interaction.dot_interaction(z))
+    # a backward's allocations too (on a GPU it runs on the autograd engine's device thread)
+    z.requires_grad_()
+    out = dot_interaction.dot_interaction(z)
+    with triton_launches(run=False), PoisonedAllocations() as mode:
+        (dz,) = torch.autograd.grad(out, z, torch.ones_like(out))
+    assert mode.count >= 1 and dz.isnan().all()
 
 
 def test_a_partial_row_left_unwritten_poisons_the_reduction():
