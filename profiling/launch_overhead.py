@@ -23,8 +23,10 @@ ops, and an ``autograd.Function`` whose forward and backward each launch the Tri
 backward from the autograd engine's device thread). The H100 run of 2026-11-26 timed single fused
 ops plainly at 80-200 us of host time per launch (``bench/results/nvidia-h100-2026-11-26-ops.md``
 against ``-host.md``'s 20-46 us per JIT launch in a loop); these rows say whether the Function and
-the engine's thread make up the difference. Each iteration issues two launches, so these rows run
-half as many iterations. On a machine without a GPU the Triton kernels run under the interpreter
+the engine's thread make up the difference; the "one thread" rows repeat the two Functions with
+autograd's multithreading off (the backward on the calling thread), which isolates the thread
+hand-off and the GIL the engine's thread must take for a Python backward. Each iteration issues
+two launches, so these rows run half as many iterations. On a machine without a GPU the Triton kernels run under the interpreter
 and the numbers say nothing about launch cost.
 """
 
@@ -174,6 +176,10 @@ def measure(calls: int) -> dict:
     out["fwd+bwd, aten op"] = _per_call_us(_fwd_bwd(lambda t: t * 2.0, xg, g), half)
     out["fwd+bwd, Function of aten ops"] = _per_call_us(_fwd_bwd(_AtenFn.apply, xg, g), half)
     out["fwd+bwd, Function of Triton JIT"] = _per_call_us(_fwd_bwd(_TritonFn.apply, xg, g), half)
+    # the same with the backward on this thread instead of the autograd engine's device thread
+    with torch.autograd.set_multithreading_enabled(False):
+        out["fwd+bwd, Function of aten ops, one thread"] = _per_call_us(_fwd_bwd(_AtenFn.apply, xg, g), half)
+        out["fwd+bwd, Function of Triton JIT, one thread"] = _per_call_us(_fwd_bwd(_TritonFn.apply, xg, g), half)
     return {"us_per_call": out, "notes": notes}
 
 
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
     result = measure(args.calls)
     for name, us in result["us_per_call"].items():
         why = result["notes"].get(name, "")
-        print(f"  {name:<28} " + (f"{us:9.2f} us" if us is not None else f"{'n/a':>9}     ({why})"))
+        print(f"  {name:<44} " + (f"{us:9.2f} us" if us is not None else f"{'n/a':>9}     ({why})"))
     return 0
 
 

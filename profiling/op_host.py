@@ -14,6 +14,9 @@ capture. Each callable is then timed in a loop of ``--calls`` calls without sync
 (fewer than the ~1,000 launches the driver queues, so the loop does not wait for the device):
 
 * ``fused``: as benchmarked;
+* ``fused, one thread``: the same with autograd's multithreading off, so that the backward runs
+  on the calling thread (on a GPU it otherwise runs on the engine's device thread, which takes the
+  GIL for each Python backward: the fused ops' are Python, eager's are not);
 * ``fused, launches skipped``: the same with every Triton launch returning at once (the JIT's
   ``run`` replaced), leaving the launchers' Python, the aten ops around the kernels and autograd;
 * ``eager``: the eager provider.
@@ -118,8 +121,10 @@ def measure(op: str, shape_name: str, calls: int) -> dict:
     fused = benchmarked_callable(op, "fused", shape_name)
     eager = benchmarked_callable(op, "eager", shape_name)
     rows = {}
-    for name, fn, run in (("fused", fused, True), ("fused, launches skipped", fused, False), ("eager", eager, True)):
-        with triton_launches(run) as counter:
+    variants = (("fused", fused, True, True), ("fused, one thread", fused, True, False),
+                ("fused, launches skipped", fused, False, True), ("eager", eager, True, True))
+    for name, fn, run, threads in variants:
+        with triton_launches(run) as counter, torch.autograd.set_multithreading_enabled(threads):
             fn()  # warm: compilation, caches
             counter.clear()
             ops = aten_ops(fn)
@@ -138,7 +143,11 @@ def profile(fn, calls: int, top: int = 14) -> str:
     _sync()
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    # where a Triton launch's own time goes (binding, cache lookup, the driver's launcher, or a
+    # compile or disk-cache load that should not happen in steady state)
+    stats.sort_stats("cumulative").print_callees(r"triton/runtime/\w+\.py:\d+\(run\)")
     return out.getvalue()
 
 

@@ -8,7 +8,8 @@ script also records the steps with ``torch.profiler`` and prints a per-range CUD
 same range names as the NVTX ones), which works where Nsight Systems is not available.
 
 ``--host`` answers "is this step launch-bound, and where does the host time go?": it prints the
-plain step time, the same step captured in a CUDA graph and replayed (device time alone; GPU only),
+plain step time, the same with the backward on the calling thread instead of the autograd
+engine's device thread, the same step captured in a CUDA graph and replayed (device time alone; GPU only),
 and a cProfile of the plain steps, summed by where the Python time is spent (Triton's launcher,
 the fused ops' launchers, the model code, ``torch.nn`` module machinery, the autograd engine, which
 includes the C++ of every backward op and the fused ops' backward launchers) plus the top entries.
@@ -179,6 +180,10 @@ def host_breakdown(make_step, steps: int) -> dict:
 
     step = make_step()
     plain = _timed(step, steps)
+    # on a GPU the autograd engine runs the backward on its own device thread, which must take the
+    # GIL for every Python backward (each fused op's); the same step with the backward on this thread
+    with torch.autograd.set_multithreading_enabled(False):
+        one_thread = _timed(step, steps)
     graphed = _timed(common.captured(make_step(cache_enabled=False)), steps) if common.ON_GPU else None
     prof = cProfile.Profile()
     prof.enable()
@@ -192,12 +197,14 @@ def host_breakdown(make_step, steps: int) -> dict:
     print(f"\nplain step: {plain:.2f} ms" + (f"; the same step as a CUDA graph replay: {graphed:.2f} ms "
                                               f"(device time; the plain step is {plain / graphed:.2f}x that)"
                                               if graphed else " (no GPU: no CUDA-graph replay)"))
+    print(f"plain step with the backward on the calling thread (autograd multithreading off): {one_thread:.2f} ms")
     print(f"host time under cProfile, {total / steps * 1e3:.1f} ms/step (profiling inflates it), by group:")
     for group, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {group:<48} {t / steps * 1e3:8.2f} ms/step  {100 * t / total:5.1f}%")
     print("\ntop entries by own time:")
     stats.sort_stats("tottime").print_stats(20)
-    return {"plain_ms": plain, "graphed_ms": graphed, "host_groups_ms": {k: v / steps * 1e3 for k, v in groups.items()}}
+    return {"plain_ms": plain, "one_thread_ms": one_thread, "graphed_ms": graphed,
+            "host_groups_ms": {k: v / steps * 1e3 for k, v in groups.items()}}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def train_step():
 def test_host_breakdown_groups_the_profile(train_step, capsys):
     assert train_step.main(["--shape", "smoke", "--steps", "1", "--warmup", "0", "--host"]) == 0
     out = capsys.readouterr().out
-    assert "plain step:" in out and "by group:" in out
+    assert "plain step:" in out and "by group:" in out and "backward on the calling thread" in out
     # the fused path's time is found where it is spent: Triton's launcher (the interpreter on CPU)
     # and the fused ops' own launchers are both named
     assert "Triton launcher" in out and "fused-op launchers" in out
@@ -59,7 +59,8 @@ def test_launch_overhead_measures_every_launcher():
     times, notes = result["us_per_call"], result["notes"]
     assert set(times) == {"torch.add (aten op)", "Triton JIT, 3 args", "Triton direct, 3 args",
                           f"Triton JIT, {lo.MANY + 3} args", f"Triton direct, {lo.MANY + 3} args",
-                          "fwd+bwd, aten op", "fwd+bwd, Function of aten ops", "fwd+bwd, Function of Triton JIT"}
+                          "fwd+bwd, aten op", "fwd+bwd, Function of aten ops", "fwd+bwd, Function of Triton JIT",
+                          "fwd+bwd, Function of aten ops, one thread", "fwd+bwd, Function of Triton JIT, one thread"}
     for name, us in times.items():
         if "direct" in name and not torch.cuda.is_available():
             assert us is None and notes[name] == "needs a GPU"
@@ -91,10 +92,11 @@ def test_op_host_times_the_benchmarked_callables(op_host, capsys):
     assert op_host.main(["--shape", "smoke", "--calls", "1", "--ops", "layernorm_dhen,dot_interaction"]) == 0
     out = capsys.readouterr().out
     for op in ("layernorm_dhen", "dot_interaction"):
-        for variant in ("fused", "fused, launches skipped", "eager"):
+        for variant in ("fused", "fused, one thread", "fused, launches skipped", "eager"):
             assert f"{op:<16} {variant:<24}" in out
     rows = op_host.measure("dot_interaction", "smoke", calls=1)
-    assert rows["fused"]["launches"] == rows["fused, launches skipped"]["launches"] == 2  # forward, backward
+    assert rows["fused"]["launches"] == rows["fused, one thread"]["launches"] == 2  # forward, backward
+    assert rows["fused, launches skipped"]["launches"] == 2
     assert rows["eager"]["launches"] == 0 and rows["eager"]["aten_ops"] > 0
     fn = op_host.benchmarked_callable("pma", "fused", "smoke")
     assert callable(fn)
