@@ -45,8 +45,34 @@ def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
 
 def lean_function(name: str, forward: Callable, backward: Callable) -> type:
     """A ``torch.autograd.Function`` named ``name`` whose forward is ``forward(ctx, *args)`` and
-    backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes."""
+    backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes.
+
+    The backward is first-order only (its kernels are not differentiable): under
+    ``create_graph=True`` its gradients come back with the right values but a ``grad_fn`` that
+    raises, naming the op, if anything differentiates through them. Without that they would have
+    no ``grad_fn`` at all, and a second-order gradient would silently leave out this op's part
+    (``once_differentiable`` does the same only when the incoming gradients require grad, which
+    misses e.g. ``dz = (G + G^T) z`` after ``out.sum()``)."""
+    message = (f"interformer: the fused op {name} has no second-order gradient (its backward runs Triton "
+               "kernels); differentiate twice through the eager path (backend='eager')").encode()
+
+    def first_order_backward(ctx, *grads):
+        if not torch.is_grad_enabled():  # a plain backward (create_graph=False)
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if single else outputs
+        # the raising node's inputs include the saved tensors that require grad (the op's inputs),
+        # so that a second gradient with respect to them has to pass through it: an ``inputs=``
+        # of ``autograd.grad`` prunes every node that leads nowhere near them
+        links = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        marked = torch._C._functions.DelayedError(message, len(outputs) + len(links))(
+            *[None if t is None else t.detach() for t in outputs], *links)
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked[0] if single else tuple(marked[: len(outputs)])
+
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(first_order_backward),
     })

@@ -293,3 +293,20 @@ def test_the_recorder_sees_what_it_must_reject():
     x, w, b, gw, gb = leaf(B, G_NIN, G_D), leaf(G_NIN, G_NOUT), leaf(G_NOUT), leaf(G_D, G_D), leaf(G_D)
     fwd, _, _ = run_phases(lambda: R.gated_lce(x, w, b, gw, gb), [x, w, b, gw, gb])
     assert sum(numel(m) >= B * G_NOUT * G_D for m in fwd.new()) > 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_second_order_gradients_raise_instead_of_dropping_the_op(case: Case):
+    """The fused backwards are first order. Under ``create_graph=True`` their gradients keep their
+    values (same code, no_grad) but carry a ``grad_fn`` that raises, naming the op, when a second
+    gradient reaches it -- also through ``autograd.grad(inputs=...)``, which prunes every node
+    that does not lead to those inputs. Before, the gradients had no ``grad_fn`` and a second-order
+    gradient silently left the fused op's part out."""
+    fn, inputs = case.build()
+    with triton_launches(run=False):
+        out = fn()
+        first = torch.autograd.grad(out.sum(), inputs, create_graph=True, allow_unused=True)
+        assert all(g is not None and g.requires_grad for g in first)
+        total = sum(g.float().sum() for g in first)
+        with pytest.raises(RuntimeError, match="has no second-order gradient"):
+            torch.autograd.grad(total, inputs, allow_unused=True)
