@@ -115,6 +115,22 @@ def test_fused_model_writes_everything_it_reads(variant, monkeypatch):
     assert poisoned.count > 50, f"only {poisoned.count} allocations poisoned: the launchers' buffers were not seen"
 
 
+def test_fused_inference_under_inference_mode():
+    """Serving code runs under ``torch.inference_mode()``: the fused model gives there the logits it
+    gives under ``no_grad`` (bitwise: the same forward launchers, no statistics kept for a
+    backward) and the eager model's within tolerance, with lengths including 0."""
+    cfg = _variant("default")
+    eager, fused = _fused_pair(cfg)
+    eager.eval(), fused.eval()
+    batch = _batch(cfg)
+    with torch.no_grad():
+        ref = fused(*batch[:4])
+    with torch.inference_mode():
+        out, out_e = fused(*batch[:4]), eager(*batch[:4])
+    assert out.is_inference() and torch.equal(out, ref)
+    assert float((out - out_e).norm() / out_e.norm()) <= TOL
+
+
 def test_fused_model_under_activation_checkpointing(monkeypatch):
     """Each block under ``torch.utils.checkpoint`` (non-reentrant: its forward, fused ops included,
     runs again in the backward from the saved inputs) gives the loss and every parameter gradient
