@@ -43,6 +43,16 @@ def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _WithSaved:
+    """``ctx`` with its ``saved_tensors`` already unpacked (every other attribute is ctx's)."""
+
+    def __init__(self, ctx, saved) -> None:
+        self._ctx, self.saved_tensors = ctx, saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
 def lean_function(name: str, forward: Callable, backward: Callable) -> type:
     """A ``torch.autograd.Function`` named ``name`` whose forward is ``forward(ctx, *args)`` and
     backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes.
@@ -59,14 +69,16 @@ def lean_function(name: str, forward: Callable, backward: Callable) -> type:
     def first_order_backward(ctx, *grads):
         if not torch.is_grad_enabled():  # a plain backward (create_graph=False)
             return backward(ctx, *grads)
+        # saved tensors are unpacked once (non-reentrant checkpointing allows no second unpack)
+        saved = ctx.saved_tensors
         with torch.no_grad():
-            outputs = backward(ctx, *grads)
+            outputs = backward(_WithSaved(ctx, saved), *grads)
         single = not isinstance(outputs, tuple)
         outputs = (outputs,) if single else outputs
-        # the raising node's inputs include the saved tensors that require grad (the op's inputs),
-        # so that a second gradient with respect to them has to pass through it: an ``inputs=``
-        # of ``autograd.grad`` prunes every node that leads nowhere near them
-        links = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        # the raising node's inputs are everything the gradients depend on that requires grad (the
+        # saved inputs, the incoming gradients), so that a second gradient with respect to any of
+        # them has to pass through it: ``autograd.grad(inputs=...)`` prunes every other node
+        links = [t for t in (*saved, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
         marked = torch._C._functions.DelayedError(message, len(outputs) + len(links))(
             *[None if t is None else t.detach() for t in outputs], *links)
         marked = marked if isinstance(marked, tuple) else (marked,)

@@ -156,6 +156,14 @@ def test_fused_model_under_activation_checkpointing(monkeypatch):
     (l1, g1, plain), (l2, g2, recomputed) = results
     fwd = lambda launched: sum(n for k, n in launched.items() if "_fwd_" in k)  # noqa: E731
     assert fwd(plain) == 0 and fwd(recomputed) > 0  # the checkpointed blocks really ran again
+    # and under create_graph=True (a gradient penalty's first pass): each saved tensor is unpacked
+    # once, as non-reentrant checkpointing requires
+    grads = []
+    for m in (fused, checkpointed):
+        m.zero_grad(set_to_none=True)
+        params = [p for _, p in m.named_parameters()]
+        grads.append(torch.autograd.grad(m.loss(m(*batch[:4]), batch[4]), params, create_graph=True))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert torch.equal(l1, l2)
     assert all(g1[n] is not None and torch.equal(g1[n], g2[n]) for n in g1), \
         [n for n in g1 if g1[n] is None or not torch.equal(g1[n], g2[n])]

@@ -310,3 +310,9 @@ def test_second_order_gradients_raise_instead_of_dropping_the_op(case: Case):
         total = sum(g.float().sum() for g in first)
         with pytest.raises(RuntimeError, match="has no second-order gradient"):
             torch.autograd.grad(total, inputs, allow_unused=True)
+        # with respect to the incoming gradient (a vector-Jacobian product differentiated in its
+        # vector, the double-vjp trick): the first-order gradients depend on it too
+        u = torch.ones_like(out).requires_grad_()
+        first = torch.autograd.grad(fn(), inputs, u, create_graph=True, allow_unused=True)
+        with pytest.raises(RuntimeError, match="has no second-order gradient"):
+            torch.autograd.grad(sum(g.float().sum() for g in first), u)
