@@ -61,12 +61,13 @@ class PoisonedAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        impl = _custom_op_impl(func, args, kwargs)
-        if impl is not None:
+        if _own_custom_op(func, args, kwargs):
             # calling ``func`` would run the op's Python implementation with this mode switched
-            # off (a mode steps aside while it handles an op), so its allocations would go unpoisoned
+            # off (a mode steps aside while it handles an op), so its allocations would go
+            # unpoisoned: run the registered implementation (torch.library's checks included,
+            # e.g. no output aliasing an input) with the mode active
             with self:
-                return impl(*args, **kwargs)
+                return func.redispatch(_IMPL_KEYS, *args, **kwargs)
         out = func(*args, **kwargs)
         if func in _EMPTY and isinstance(out, torch.Tensor) and out.numel():
             self.count += 1
@@ -74,20 +75,19 @@ class PoisonedAllocations(TorchDispatchMode):
         return out
 
 
-def _custom_op_impl(func, args, kwargs):
-    """The Python implementation of an ``interformer::`` custom op called on plain tensors (the
-    function ``torch.library.custom_op`` decorated), or None for any other op or call."""
+#: where ``torch.library.custom_op`` registers an op's implementation (one for every device)
+_IMPL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def _own_custom_op(func, args, kwargs) -> bool:
+    """Whether ``func`` is an ``interformer::`` custom op called on plain tensors (fake or functional
+    tensors, under opcheck or tracing, are left to their own mode)."""
     if getattr(func, "namespace", None) != "interformer":
-        return None
-    from torch._library.custom_ops import OPDEFS
+        return False
     from torch.utils._pytree import tree_flatten
 
-    if any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-           for t in tree_flatten((args, kwargs))[0]):
-        return None  # fake or functional tensors (opcheck, tracing): their own mode runs the op
-    opdef = OPDEFS.get(func.name())
-    assert opdef is not None, f"{func.name()} is not a torch.library.custom_op: cannot poison inside it"
-    return opdef._init_fn
+    return not any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
+                   for t in tree_flatten((args, kwargs))[0])
 
 
 def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:
