@@ -585,6 +585,7 @@ if os.environ["RANK"] != "0":  # only rank 0 may read the run directory: no shar
     T.load_checkpoint = no_reading
 cfg = T.TrainConfig.from_dict(json.loads(sys.argv[1]))
 s = T.train(cfg, log=lambda *a: None)
+assert not torch.distributed.is_initialized()  # train() leaves no process group it created
 torch.save(s["model"].state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
 """
 
