@@ -17,9 +17,12 @@ import torch
 from .config import InterFormerConfig
 
 
-def _check(cond: bool, name: str, problem: str) -> None:
+def _check(cond: bool, name: str, problem) -> None:
+    """Raise ``ValueError("<name>: <problem>")`` unless ``cond``. ``problem`` may be a callable
+    that builds the message: the shape checks run while ``torch.compile`` traces, where formatting a
+    symbolic size into a string would specialise the graph to that size (a recompile per batch size)."""
     if not cond:
-        raise ValueError(f"{name}: {problem}")
+        raise ValueError(f"{name}: {problem() if callable(problem) else problem}")
 
 
 def _value_checks_allowed(t: torch.Tensor) -> bool:
@@ -43,27 +46,27 @@ def validate_batch(
     the dtype the model's dense tokenizer computes in (its parameters'); None accepts any float."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
         _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
-    _check(dense.dim() == 2, "dense", f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
-    _check(dense.is_floating_point(), "dense", f"expected a floating dtype, got {dense.dtype}")
+    _check(dense.dim() == 2, "dense", lambda: f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
+    _check(dense.is_floating_point(), "dense", lambda: f"expected a floating dtype, got {dense.dtype}")
     if dense_dtype is not None:
-        _check(dense.dtype == dense_dtype, "dense", f"expected {dense_dtype} (the model's parameter dtype), got {dense.dtype}")
+        _check(dense.dtype == dense_dtype, "dense", lambda: f"expected {dense_dtype} (the model's parameter dtype), got {dense.dtype}")
     B = dense.shape[0]
-    _check(dense.shape[1] == config.n_dense, "dense", f"expected {config.n_dense} columns, got {dense.shape[1]}")
-    _check(sparse.dim() == 2, "sparse", f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
-    _check(sparse.dtype == torch.int64, "sparse", f"expected dtype int64, got {sparse.dtype}")
+    _check(dense.shape[1] == config.n_dense, "dense", lambda: f"expected {config.n_dense} columns, got {dense.shape[1]}")
+    _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
+    _check(sparse.dtype == torch.int64, "sparse", lambda: f"expected dtype int64, got {sparse.dtype}")
     n_sparse = len(config.sparse_vocab_sizes)
-    _check(tuple(sparse.shape) == (B, n_sparse), "sparse", f"expected shape {(B, n_sparse)}, got {tuple(sparse.shape)}")
-    _check(seq.dim() == 3, "seq", f"expected rank 3 [B, k, T], got shape {tuple(seq.shape)}")
-    _check(seq.dtype == torch.int64, "seq", f"expected dtype int64, got {seq.dtype}")
+    _check(tuple(sparse.shape) == (B, n_sparse), "sparse", lambda: f"expected shape {(B, n_sparse)}, got {tuple(sparse.shape)}")
+    _check(seq.dim() == 3, "seq", lambda: f"expected rank 3 [B, k, T], got shape {tuple(seq.shape)}")
+    _check(seq.dtype == torch.int64, "seq", lambda: f"expected dtype int64, got {seq.dtype}")
     k = config.n_seq_channels
-    _check(seq.shape[0] == B and seq.shape[1] == k, "seq", f"expected shape [{B}, {k}, T], got {tuple(seq.shape)}")
+    _check(seq.shape[0] == B and seq.shape[1] == k, "seq", lambda: f"expected shape [{B}, {k}, T], got {tuple(seq.shape)}")
     _check(seq.shape[2] >= 1, "seq", "needs T >= 1 positions")
-    _check(lengths.dim() == 1, "lengths", f"expected rank 1 [B], got shape {tuple(lengths.shape)}")
-    _check(lengths.dtype == torch.int64, "lengths", f"expected dtype int64, got {lengths.dtype}")
-    _check(lengths.shape[0] == B, "lengths", f"expected {B} entries, got {lengths.shape[0]}")
+    _check(lengths.dim() == 1, "lengths", lambda: f"expected rank 1 [B], got shape {tuple(lengths.shape)}")
+    _check(lengths.dtype == torch.int64, "lengths", lambda: f"expected dtype int64, got {lengths.dtype}")
+    _check(lengths.shape[0] == B, "lengths", lambda: f"expected {B} entries, got {lengths.shape[0]}")
     if label is not None:
-        _check(label.dim() == 1 and label.shape[0] == B, "label", f"expected shape [{B}], got {tuple(label.shape)}")
-        _check(label.is_floating_point(), "label", f"expected a floating dtype, got {label.dtype}")
+        _check(label.dim() == 1 and label.shape[0] == B, "label", lambda: f"expected shape [{B}], got {tuple(label.shape)}")
+        _check(label.is_floating_point(), "label", lambda: f"expected a floating dtype, got {label.dtype}")
     if not _value_checks_allowed(lengths) or B == 0:
         return
     _value_checks(config, dense, sparse, seq, lengths, label)

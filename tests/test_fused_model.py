@@ -222,6 +222,30 @@ def test_fused_model_compiles_fullgraph(monkeypatch):
     assert "interformer.kernels.attention._ROPE_TABLES" in _module_level_tensors()
 
 
+def test_compiled_model_serves_new_batch_sizes_without_recompiling():
+    """Serving under ``torch.compile``: after the one recompile that makes the batch size and the
+    sequence length dynamic, further batches of other sizes reuse the graph (eager and fused
+    alike), and the fused logits stay those of the eager model. Formatting a symbolic size into a
+    validation message once specialised every graph to its batch size: a recompile per size, and
+    eager fallback after ``torch._dynamo.config.recompile_limit`` of them."""
+    from torch._dynamo.utils import counters
+
+    cfg = _variant("default")
+    eager, fused = _fused_pair(cfg, seed=3)
+    eager.eval(), fused.eval()
+    for model in (eager, fused):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="inductor" if HAS_CUDA else "aot_eager")
+        for lengths, T in (([0, 6, 3, 1, 6, 2], 6), ([1, 2, 3, 4, 5, 6, 7, 0, 2], 7), ([3, 3, 1], 5), ([5] * 12, 5)):
+            batch = [t.to(DEVICE) for t in random_batch(cfg, lengths, T)]
+            with torch.no_grad():
+                out, ref = compiled(*batch[:4]), eager(*batch[:4])
+            assert float((out - ref).norm() / ref.norm()) <= TOL, (len(lengths), T)
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_every_registered_op_has_an_opcheck():
     import interformer.kernels.attention  # noqa: F401  (register every op)
     import interformer.kernels.crossnet  # noqa: F401
