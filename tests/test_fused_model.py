@@ -225,7 +225,8 @@ def test_fused_model_compiles_fullgraph(monkeypatch):
 def test_compiled_model_serves_new_batch_sizes_without_recompiling():
     """Serving under ``torch.compile``: after the one recompile that makes the batch size and the
     sequence length dynamic, further batches of other sizes reuse the graph (eager and fused
-    alike), and the fused logits stay those of the eager model. Formatting a symbolic size into a
+    alike), and the fused logits stay those of the eager model; a fused training step likewise,
+    with eager's gradients. Formatting a symbolic size into a
     validation message once specialised every graph to its batch size: a recompile per size, and
     eager fallback after ``torch._dynamo.config.recompile_limit`` of them."""
     from torch._dynamo.utils import counters
@@ -243,6 +244,15 @@ def test_compiled_model_serves_new_batch_sizes_without_recompiling():
                 out, ref = compiled(*batch[:4]), eager(*batch[:4])
             assert float((out - ref).norm() / ref.norm()) <= TOL, (len(lengths), T)
         assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # training too: the dynamic graph's backward through the fused ops gives eager's gradients
+    eager.train(), fused.train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fused, backend="inductor" if HAS_CUDA else "aot_eager")
+    compiled.loss = fused.loss
+    for lengths, T in (([0, 6, 3, 1, 6, 2], 6), ([1, 2, 3, 4, 5, 6, 7, 0, 2], 7), ([3, 3, 1], 5)):
+        _compare(eager, compiled, [t.to(DEVICE) for t in random_batch(cfg, lengths, T)], TOL, f"B={len(lengths)}")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     torch._dynamo.reset()
 
 
