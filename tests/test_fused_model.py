@@ -30,7 +30,7 @@ from interformer import FusedModule, InterFormerCTR, optimize
 from interformer import reference as R
 from test_model import random_batch, tiny_config
 from poison import PoisonedAllocations, gpu_sized_grids
-from utils import DEVICE, HAS_CUDA
+from utils import DEVICE, HAS_CUDA, rel_err
 
 # DESIGN §5, fp32: the fused path against the eager path. On the GPU TF32-free fp32 kernels still
 # reorder sums over whole tiles; the interpreter computes tile dots in fp32 numpy.
@@ -167,6 +167,39 @@ def test_fused_model_under_activation_checkpointing(monkeypatch):
     assert torch.equal(l1, l2)
     assert all(g1[n] is not None and torch.equal(g1[n], g2[n]) for n in g1), \
         [n for n in g1 if g1[n] is None or not torch.equal(g1[n], g2[n])]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_model_in_float16_meets_the_low_precision_rule(variant):
+    """The whole model in float16 (``model.half()``, fp16 parameters and dense input; bf16 where
+    the hardware has it is the same code), against the same weights in float64, by DESIGN §5's
+    rule: the fused path's error at most twice the eager path's in the same precision, for the
+    logits, the loss and the gradients. Gradients are compared as one vector in which every
+    parameter's gradient is scaled by its float64 norm (floored at 1e-3 of the whole gradient),
+    so that each parameter counts, not only the largest."""
+    low = torch.float16
+    cfg = _variant(variant)
+    eager, fused = _fused_pair(cfg)
+    batch = _batch(cfg)
+
+    def run(model, dtype):
+        model = copy.deepcopy(model).to(dtype)
+        logits = model(batch[0].to(dtype), *batch[1:4])
+        loss = model.loss(logits, batch[4].to(dtype))
+        loss.backward()
+        return logits.detach().double(), loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+    (l64, s64, g64), (le, se, ge), (lf, sf, gf) = run(eager, torch.float64), run(eager, low), run(fused, low)
+    total = float(torch.sqrt(sum(g.norm() ** 2 for g in g64.values())))
+    scale = {n: 1.0 / max(float(g.norm()), 1e-3 * total) for n, g in g64.items()}
+
+    def flat(grads):
+        return torch.cat([(grads[n] * scale[n]).flatten() for n in g64])
+
+    assert set(gf) == set(g64) and all(torch.isfinite(g).all() for g in gf.values())
+    for name, f, e, r in (("logits", lf, le, l64), ("loss", sf, se, s64), ("gradients", flat(gf), flat(ge), flat(g64))):
+        f_err, e_err = rel_err(f, r), rel_err(e, r)
+        assert f_err <= 2 * max(e_err, 1e-6), f"{variant}, {name}: fused fp16 error {f_err:.2e} > 2 x eager's {e_err:.2e}"
 
 
 def test_fused_model_is_sensitive_to_a_broken_kernel(monkeypatch):
