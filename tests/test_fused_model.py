@@ -289,6 +289,29 @@ def test_compiled_model_serves_new_batch_sizes_without_recompiling():
     torch._dynamo.reset()
 
 
+def test_fused_model_exports_with_a_dynamic_batch_and_length(tmp_path):
+    """``torch.export`` (the route to AOTInductor serving) of the fused inference model with the
+    batch size and the sequence length dynamic: the graph keeps the fused ops as ``interformer::``
+    custom ops, survives ``torch.export.save``/``load``, and the loaded program gives the eager
+    model's logits on a batch of another size and length."""
+    from torch.export import Dim
+
+    cfg = _variant("default")
+    eager, fused = _fused_pair(cfg, seed=4)
+    eager.eval(), fused.eval()
+    B, T = Dim("B", min=2, max=4096), Dim("T", min=2, max=1024)
+    program = torch.export.export(fused, tuple(_batch(cfg)[:4]),
+                                  dynamic_shapes=({0: B}, {0: B}, {0: B, 2: T}, {0: B}))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any(op.startswith("interformer.") for op in ops), sorted(ops)
+    torch.export.save(program, tmp_path / "fused.pt2")
+    loaded = torch.export.load(tmp_path / "fused.pt2").module()
+    batch = [t.to(DEVICE) for t in random_batch(cfg, [1, 2, 3, 4, 5, 0, 7, 7, 2], 7, seed=5)]
+    with torch.no_grad():
+        out, ref = loaded(*batch[:4]), eager(*batch[:4])
+    assert float((out - ref).norm() / ref.norm()) <= TOL
+
+
 def test_every_registered_op_has_an_opcheck():
     import interformer.kernels.attention  # noqa: F401  (register every op)
     import interformer.kernels.crossnet  # noqa: F401
