@@ -18,8 +18,11 @@
 from __future__ import annotations
 
 import copy
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -293,7 +296,8 @@ def test_fused_model_exports_with_a_dynamic_batch_and_length(tmp_path):
     """``torch.export`` (the route to AOTInductor serving) of the fused inference model with the
     batch size and the sequence length dynamic: the graph keeps the fused ops as ``interformer::``
     custom ops, survives ``torch.export.save``/``load``, and the loaded program gives the eager
-    model's logits on a batch of another size and length."""
+    model's logits on a batch of another size and length -- also in a fresh process that only
+    called ``interformer.kernels.register_ops()``."""
     from torch.export import Dim
 
     cfg = _variant("default")
@@ -310,6 +314,22 @@ def test_fused_model_exports_with_a_dynamic_batch_and_length(tmp_path):
     with torch.no_grad():
         out, ref = loaded(*batch[:4]), eager(*batch[:4])
     assert float((out - ref).norm() / ref.norm()) <= TOL
+    # a serving process that has never built the model: register_ops() is all it needs
+    torch.save([t.cpu() for t in batch[:4]], tmp_path / "batch.pt")
+    script = (
+        "import os, sys, torch\n"
+        "import interformer.kernels as K\n"
+        "K.register_ops()\n"
+        "m = torch.export.load(sys.argv[1]).module()\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "batch = [t.to(dev) for t in torch.load(sys.argv[2])]\n"
+        "torch.save(m(*batch).cpu(), sys.argv[3])\n"
+    )
+    env = dict(os.environ, **({} if HAS_CUDA else {"TRITON_INTERPRET": "1"}))
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "fused.pt2"), str(tmp_path / "batch.pt"),
+                          str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), out.cpu())
 
 
 def test_every_registered_op_has_an_opcheck():
@@ -331,6 +351,10 @@ def test_every_registered_op_has_an_opcheck():
     assert not unchecked, f"ops without an opcheck test: {sorted(unchecked)}"
     for name in registered:
         assert hasattr(torch.ops.interformer, name), f"interformer::{name} is not registered"
+    # what a process loading an exported fused model calls: it registers exactly these
+    from interformer.kernels import register_ops
+
+    assert set(register_ops()) == registered
 
 
 class _HostReads(TorchDispatchMode):
