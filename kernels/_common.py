@@ -10,6 +10,7 @@ its own dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -21,6 +22,33 @@ from interformer import backend as _backend
 
 #: the dtypes every kernel takes (one definition, shared with ``backend="auto"``'s choice)
 KERNEL_DTYPES = _backend.KERNEL_DTYPES
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def device_guard(device: torch.device):
+    """A context making ``device`` the current CUDA device for the Triton launches inside it (Triton
+    launches on the current device, not on the tensors'), or a shared no-op when it already is one,
+    or for a CPU tensor (the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
+
+
+def on_input_device(launcher):
+    """Decorator for a launcher (a function that launches Triton kernels): its launches go to the
+    device of its first tensor argument. Without it, a model on ``cuda:1`` run while ``cuda:0`` is
+    current would hand Triton pointers of another device (an error from Triton's launcher at best).
+    Every launcher in ``kernels/`` carries it (``tests/test_kernel_common.py`` checks)."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                with device_guard(a.device):
+                    return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+    return guarded
 
 
 def cdiv(a: int, b: int) -> int:

@@ -122,7 +122,7 @@ import triton.language as tl
 
 from interformer import reference
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["attention"]
@@ -624,6 +624,7 @@ def _tab(q, k, rope_base, Lq, Lk, dh, table=None):
     return table, table.shape[1]
 
 
+@on_input_device
 def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     lengths = lengths.contiguous()  # read as lengths[b] with stride 1
     B, Lk, H, dh = k.shape
@@ -653,6 +654,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     return out, lse
 
 
+@on_input_device
 def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                         rope_table=None, grads=None):
     """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the

@@ -180,7 +180,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -458,6 +458,7 @@ def _flat_bias(bs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     return tuple(b.reshape(-1).contiguous() for b in bs)
 
 
+@on_input_device
 def _lr_fwd_impl(x0, ws, vs, bs):
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
@@ -488,6 +489,7 @@ def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem
     return cdiv(B, rows), rows
 
 
+@on_input_device
 def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     g = g.contiguous()
     x0 = x0.contiguous()
@@ -727,6 +729,7 @@ def _weight_grad(dw_i: torch.Tensor, dy: torch.Tensor, x_i: torch.Tensor) -> Non
         dw_i.copy_(torch.mm(dy.t(), x_i))
 
 
+@on_input_device
 def _fr_fwd_impl(x0, ws, bs):
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
@@ -801,6 +804,7 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
     return dx0, dw, db
 
 
+@on_input_device
 def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
     g = g.contiguous()
     x0 = x0.contiguous()

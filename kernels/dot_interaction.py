@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
@@ -180,6 +180,7 @@ def _config(B: int, N: int, d: int) -> Tuple[int, int, int, int, int]:
     return bn, bd, cdiv(N, bn), samples, warps
 
 
+@on_input_device
 def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     B, N, d = z.shape
     M = N * (N - 1) // 2
@@ -194,6 +195,7 @@ def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_input_device
 def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     B, N, d = z.shape
     M = N * (N - 1) // 2

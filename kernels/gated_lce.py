@@ -107,7 +107,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, num_sms, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, num_sms, on_input_device, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
@@ -298,6 +298,7 @@ def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
     return "acc" if 2 * (2 * G * d * d * 4) < 4 * B * n_out * d * elt else "store"
 
 
+@on_input_device
 def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
     bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows
@@ -315,6 +316,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     return out
 
 
+@on_input_device
 def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
     bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows

@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, next_pow2, on_input_device, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["add_layer_norm"]
@@ -152,6 +152,7 @@ def _rows(t: torch.Tensor, N: int) -> Tuple[torch.Tensor, int]:
     return t2, t2.stride(0)
 
 
+@on_input_device
 def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
     """``(y, mean, rstd)``, y shaped like x; with ``stats=False`` (no backward will follow) the
     kernel stores no statistics and mean and rstd are None."""
@@ -187,6 +188,7 @@ def _grad_dtype(x, residual):
     return _PROMOTED.get((x.dtype, residual.dtype)) or torch.promote_types(x.dtype, residual.dtype)
 
 
+@on_input_device
 def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
     """(dh, dweight, dbias); dh is the gradient of ``x + residual`` in their promoted dtype, dweight
     and dbias in the weight's and the bias's dtype (each rounded once from its fp32 sum)."""

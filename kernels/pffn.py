@@ -90,7 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs, sum_partials
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -267,6 +267,7 @@ def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, 
     return block_l, dp, np_, warps
 
 
+@on_input_device
 def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     B, L, d = s.shape
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()  # read as unit-stride rows
@@ -287,6 +288,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     return out
 
 
+@on_input_device
 def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     """(ds, dwx, da or None, dln_weight, dln_bias)."""
     B, L, d = s.shape
