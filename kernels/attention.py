@@ -585,23 +585,29 @@ def rope_table(length: int, dh: int, base: float, device: torch.device) -> torch
 
 
 def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
-    """:func:`rope_table`, cached per (device, length, dh, base) for the eager entry points.
+    """A :func:`rope_table` of at least ``length`` positions, cached per (device, dh, base) for the
+    eager entry points.
+
+    One table per key, grown to the next power of two (at least 64 positions) when a longer
+    sequence comes: the kernels read rows ``0 .. L-1`` of any table at least that long, and a row
+    does not depend on the table's length (``pos * base^(-2i/dh)`` element-wise), so results are
+    bitwise those of an exact-length table. Serving batches of many lengths then costs a handful of
+    builds (about ten small kernels each) and one table's memory per key, instead of one table
+    per length.
 
     Compiled code never reaches this cache (the traced call passes its own table): a table first
     built inside ``torch.compile(mode="reduce-overhead")``'s warm-up would sit in the CUDA-graph
     pool, which refuses memory that outlives its graphs ("tensor(s) in the cudagraph pool not
-    tracked as outputs", seen on an H100). During CUDA-graph capture a fresh table is built and
-    recorded in the graph rather than cached from the graph's pool.
+    tracked as outputs", seen on an H100). During CUDA-graph capture a table long enough is taken
+    from the cache, else a fresh one is built and recorded in the graph rather than cached from
+    the graph's pool.
     """
-    key = (device.type, device.index, length, dh, float(base))
+    key = (device.type, device.index, dh, float(base))
     table = _ROPE_TABLES.get(key)
-    if table is not None:
+    if table is not None and table.shape[1] >= length:
         return table
-    table = rope_table(length, dh, base, device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        if len(_ROPE_TABLES) >= 64:
-            _ROPE_TABLES.clear()
+    table = rope_table(max(64, next_pow2(length)), dh, base, device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _ROPE_TABLES[key] = table
     return table
 

@@ -746,3 +746,21 @@ def test_gpu_fp32_wide_heads(Lq, dh):
     (they raised OutOfResources at launch): they run, and match float64."""
     _fp32_case(Lq, dh)
     _fp32_case(Lq, dh, causal=True)
+
+
+def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
+    """Serving sequences of many lengths: the eager entry points build a rotary table only when a
+    longer one is needed (powers of two, at least 64 positions) and keep one per (device, dh,
+    base); results are bitwise those of an exact-length table (what a traced call passes)."""
+    monkeypatch.setattr(A, "_ROPE_TABLES", {})
+    builds, exact = [], A.rope_table
+    monkeypatch.setattr(A, "rope_table", lambda length, *a: builds.append(length) or exact(length, *a))
+    dh = 16
+    for L in (5, 54, 7, 129, 33):
+        q, k, v = (torch.randn(2, L, 1, dh, device=DEVICE) for _ in range(3))
+        lengths = torch.tensor([L, L // 2], device=DEVICE)
+        out = A.attention(q, k, v, lengths, rope_base=BASE)
+        own = A._attention_fwd_impl(q, k, v, lengths, False, BASE, True, True, None, exact(L, dh, BASE, q.device))[0]
+        assert torch.equal(out, own), L
+    assert builds == [64, 256]
+    assert len(A._ROPE_TABLES) == 1
