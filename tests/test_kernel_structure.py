@@ -316,3 +316,20 @@ def test_second_order_gradients_raise_instead_of_dropping_the_op(case: Case):
         first = torch.autograd.grad(fn(), inputs, u, create_graph=True, allow_unused=True)
         with pytest.raises(RuntimeError, match="has no second-order gradient"):
             torch.autograd.grad(sum(g.float().sum() for g in first), u)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fused_op_is_deterministic(case: Case, monkeypatch):
+    """The docstrings' "no atomics, fixed-order reductions": the same inputs give bitwise the same
+    output and gradients, run after run (grids sized for an H100, so that partial sums come from
+    many programs; under the interpreter programs run in order anyway, the GPU run is the test)."""
+    from poison import gpu_sized_grids
+
+    gpu_sized_grids(monkeypatch)
+    fn, inputs = case.build()
+    runs = []
+    for _ in range(2):
+        out = fn()
+        g = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out)
+        runs.append([out.detach(), *torch.autograd.grad(out, inputs, g)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
