@@ -750,18 +750,22 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
 
     Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
     :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``). The process's
-    deterministic-algorithms setting is restored on return, and a process group this call joined
-    (under torchrun, when none existed) is destroyed: left to the interpreter's exit, gloo's was
-    seen to abort a rank ("terminate called without an active exception") once in CI.
+    deterministic-algorithms setting is restored on return. A process group this call joined
+    (under torchrun, when none existed) is destroyed when it returns normally: left to the
+    interpreter's exit, gloo's was seen to abort a rank ("terminate called without an active
+    exception") once in CI. Not after an exception: NCCL's destroy waits for the other ranks, which
+    may sit in a collective the failed rank will never join (the job would hang until the timeout
+    instead of failing).
     """
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
-        return _train(cfg, log)
+        result = _train(cfg, log)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        if joins and dist.is_initialized():
-            dist.destroy_process_group()
+    if joins and dist.is_initialized():
+        dist.destroy_process_group()
+    return result
 
 
 def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
