@@ -574,6 +574,9 @@ def _general_bwd_config(dhp: int, dtype: torch.dtype) -> Tuple[Tuple[int, int], 
 
 
 _ROPE_TABLES: dict = {}
+#: tables replaced by longer ones, kept alive: a captured CUDA graph holds only their addresses
+#: (sizes double, so all of them together are smaller than the current table)
+_ROPE_RETIRED: list = []
 
 
 def rope_table(length: int, dh: int, base: float, device: torch.device) -> torch.Tensor:
@@ -592,8 +595,9 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
     sequence comes: the kernels read rows ``0 .. L-1`` of any table at least that long, and a row
     does not depend on the table's length (``pos * base^(-2i/dh)`` element-wise), so results are
     bitwise those of an exact-length table. Serving batches of many lengths then costs a handful of
-    builds (about ten small kernels each) and one table's memory per key, instead of one table
-    per length.
+    builds (about ten small kernels each) and under twice one table's memory per key, instead of
+    one table per length. A replaced table is kept (``_ROPE_RETIRED``), never freed: a CUDA graph
+    captured while it was current reads it by address.
 
     Compiled code never reaches this cache (the traced call passes its own table): a table first
     built inside ``torch.compile(mode="reduce-overhead")``'s warm-up would sit in the CUDA-graph
@@ -606,10 +610,12 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
     table = _ROPE_TABLES.get(key)
     if table is not None and table.shape[1] >= length:
         return table
-    table = rope_table(max(64, next_pow2(length)), dh, base, device)
+    grown = rope_table(max(64, next_pow2(length)), dh, base, device)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _ROPE_TABLES[key] = table
-    return table
+        if table is not None:  # a CUDA graph captured earlier may still read it: never free it
+            _ROPE_RETIRED.append(table)
+        _ROPE_TABLES[key] = grown
+    return grown
 
 
 def _resolve_scale(sm_scale: Optional[float], dh: int) -> float:

@@ -751,8 +751,10 @@ def test_gpu_fp32_wide_heads(Lq, dh):
 def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
     """Serving sequences of many lengths: the eager entry points build a rotary table only when a
     longer one is needed (powers of two, at least 64 positions) and keep one per (device, dh,
-    base); results are bitwise those of an exact-length table (what a traced call passes)."""
+    base), never freeing a replaced one; results are bitwise those of an exact-length table (what
+    a traced call passes)."""
     monkeypatch.setattr(A, "_ROPE_TABLES", {})
+    monkeypatch.setattr(A, "_ROPE_RETIRED", [])
     builds, exact = [], A.rope_table
     monkeypatch.setattr(A, "rope_table", lambda length, *a: builds.append(length) or exact(length, *a))
     dh = 16
@@ -764,3 +766,5 @@ def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
         assert torch.equal(out, own), L
     assert builds == [64, 256]
     assert len(A._ROPE_TABLES) == 1
+    # the replaced 64-row table is kept alive: a CUDA graph captured while it was current reads it
+    assert [t.shape[1] for t in A._ROPE_RETIRED] == [64]
