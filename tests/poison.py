@@ -52,8 +52,8 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 class PoisonedAllocations(TorchDispatchMode):
     """While active, every uninitialised allocation made through the dispatcher is poisoned (see
     the module docstring), including those inside this package's custom ops (``interformer::*``,
-    whose Python implementations run with the mode active). ``count`` says how many were, so a test can check the mode saw the
-    launchers' allocations at all."""
+    whose Python implementations run with the mode active). ``count`` says how many were, so a
+    test can check the mode saw the launchers' allocations at all."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,13 +81,15 @@ _IMPL_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutog
 
 def _own_custom_op(func, args, kwargs) -> bool:
     """Whether ``func`` is an ``interformer::`` custom op called on plain tensors (fake or functional
-    tensors, under opcheck or tracing, are left to their own mode)."""
+    tensors, under opcheck or tracing, are left to their own mode: the package's own
+    :func:`interformer.kernels._dispatch.tracing` test)."""
     if getattr(func, "namespace", None) != "interformer":
         return False
     from torch.utils._pytree import tree_flatten
 
-    return not any(isinstance(t, torch.Tensor) and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter)
-                   for t in tree_flatten((args, kwargs))[0])
+    from interformer.kernels._dispatch import tracing
+
+    return not tracing([t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)])
 
 
 def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:
@@ -102,5 +104,6 @@ def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:
 def _kernel_modules():
     import importlib
 
-    names = ("_common", "attention", "crossnet", "dot_interaction", "gated_lce", "layernorm", "pffn")
-    return [importlib.import_module(f"interformer.kernels.{n}") for n in names]
+    from interformer.kernels import OP_MODULES
+
+    return [importlib.import_module(f"interformer.kernels.{n}") for n in ("_common", *OP_MODULES)]
