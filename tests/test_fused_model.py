@@ -250,6 +250,7 @@ def test_fused_model_compiles_fullgraph(monkeypatch):
     from interformer.kernels import attention
 
     monkeypatch.setattr(attention, "_ROPE_TABLES", {})
+    monkeypatch.setattr(attention, "_ROPE_RETIRED", [])  # tables earlier tests outgrew
     assert _module_level_tensors() == []
     cfg = _variant("default")
     eager, fused = _fused_pair(cfg, seed=1)
