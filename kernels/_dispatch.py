@@ -62,7 +62,11 @@ def lean_function(name: str, forward: Callable, backward: Callable) -> type:
     raises, naming the op, if anything differentiates through them. Without that they would have
     no ``grad_fn`` at all, and a second-order gradient would silently leave out this op's part
     (``once_differentiable`` does the same only when the incoming gradients require grad, which
-    misses e.g. ``dz = (G + G^T) z`` after ``out.sum()``)."""
+    misses e.g. ``dz = (G + G^T) z`` after ``out.sum()``).
+
+    Gradients are not materialised: an output that does not reach the loss (attention's lse, the
+    cross nets' saved intermediates, LayerNorm's statistics) hands the backward None, not a zero
+    tensor allocated and filled on every call."""
     message = (f"interformer: the fused op {name} has no second-order gradient (its backward runs Triton "
                "kernels); differentiate twice through the eager path (backend='eager')").encode()
 
@@ -84,7 +88,11 @@ def lean_function(name: str, forward: Callable, backward: Callable) -> type:
         marked = marked if isinstance(marked, tuple) else (marked,)
         return marked[0] if single else tuple(marked[: len(outputs)])
 
+    def lean_forward(ctx, *args):
+        ctx.set_materialize_grads(False)
+        return forward(ctx, *args)
+
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
+        "forward": staticmethod(lean_forward),
         "backward": staticmethod(first_order_backward),
     })

@@ -38,7 +38,8 @@ Layout and contract
   the kernels to every q/k tile right after it is loaded: ``x_rot = x * cos + x_swapped * sin_signed``,
   where ``x_swapped`` is a second (cache-hitting) load of the same rows with the two halves of the
   head dim exchanged. The angles come from a small fp32 table ``[2, max(Lq, Lk), dh/2]`` (cos, sin)
-  built with exactly the reference's formula: cached per (device, length, dh, base) in eager mode,
+  built with exactly the reference's formula: cached per (device, dh, base) in eager mode (one
+  table, grown when a longer sequence comes; see ``_rope_table``),
   built by ops recorded in the graph under torch.compile (the custom ops' ``rope_table`` argument), so
   compiled code, CUDA-graph pools included, never holds a cached tensor. The
   kernels never evaluate sin/cos (fp32 sin/cos of angles up to ~1000 rad would cost more ALU than the
@@ -807,7 +808,6 @@ attention_fwd.register_autograd(_backward_with(torch.ops.interformer.attention_b
 
 def _lean_forward(ctx, *inputs):
     output = _attention_fwd_impl(*inputs)
-    ctx.set_materialize_grads(False)  # no zero tensor for lse's (ignored) gradient; backward takes None
     _setup_context(ctx, inputs, output)
     return output
 
@@ -905,7 +905,6 @@ attention_qkv_fwd.register_autograd(_backward_qkv_with(torch.ops.interformer.att
 
 def _lean_forward_qkv(ctx, *inputs):
     output = _attention_qkv_fwd_impl(*inputs)
-    ctx.set_materialize_grads(False)  # as _lean_forward
     _setup_context_qkv(ctx, inputs, output)
     return output
 

@@ -914,7 +914,6 @@ def _lr_lean_forward(ctx, x0, num_layers, *params):
     L = num_layers
     ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
     output = _lr_fwd_impl(x0, ws, vs, bs)
-    ctx.set_materialize_grads(False)  # no zero gradient for P
     _lr_setup_context(ctx, (x0, ws, vs, bs), output)
     return output
 
@@ -991,7 +990,6 @@ def _fr_lean_forward(ctx, x0, num_layers, *params):
     """``(out, xs, ys)`` of the launcher; the parameters come flat (``*W, *b``)."""
     ws, bs = params[:num_layers], params[num_layers:]
     output = _fr_fwd_impl(x0, ws, bs)
-    ctx.set_materialize_grads(False)  # no zero gradients of the size of xs and ys
     _fr_setup_context(ctx, (x0, ws, bs), output)
     return output
 

@@ -285,7 +285,6 @@ add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _lean_forward(ctx, x, residual, weight, bias, eps, out_dtype):
     output = _fwd_impl(x, residual, weight, bias, eps, out_dtype)
-    ctx.set_materialize_grads(False)
     _setup_context(ctx, (x, residual, weight, bias, eps, out_dtype), output)
     ctx.mark_non_differentiable(output[1], output[2])
     return output
