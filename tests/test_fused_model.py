@@ -506,3 +506,23 @@ def test_fused_model_under_compile_reduce_overhead():
     assert skips.get("cudagraph_skips", 0) == 0, f"Inductor skipped CUDA graphs: {skips}"
     torch.compiler.cudagraph_mark_step_begin()
     _compare(eager, compiled, _batch(cfg, seed=7), TOL, "reduce-overhead")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_backward_runs_twice_on_a_retained_graph(variant):
+    """``loss.backward(retain_graph=True)`` then ``loss.backward()`` (what a user doing two losses
+    over one forward, or a gradient penalty, does): the second backward through the same fused
+    nodes gives the first's gradients again, so every parameter's accumulated gradient is exactly
+    twice the first. A backward that used a saved buffer as scratch (the low-rank cross net's
+    ``P``, attention's ``lse``, a partial-sum buffer kept on ``ctx``) would change the second."""
+    cfg = _variant(variant)
+    _, fused = _fused_pair(cfg)
+    dense, sparse, seq, lengths, label = _batch(cfg)
+    loss = fused.loss(fused(dense, sparse, seq, lengths), label)
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in fused.named_parameters()}
+    loss.backward()
+    for n, p in fused.named_parameters():
+        assert torch.equal(p.grad, 2 * first[n]), (
+            f"{variant}: second backward gave a different gradient for {n} "
+            f"(max |diff| {float((p.grad - 2 * first[n]).abs().max()):.3e})")
