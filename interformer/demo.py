@@ -26,11 +26,13 @@ from .model import InterFormerCTR
 
 
 def _progress(iterable, total, desc, disable):
+    """A tqdm bar over ``iterable``; off with ``--no-progress``, and when stderr is not a terminal
+    (``disable=None``: a log file or CI would otherwise get every redraw as text)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, disable=True if disable else None, leave=False, dynamic_ncols=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

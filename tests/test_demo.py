@@ -26,3 +26,25 @@ def test_demo_prints_agreement_throughputs_and_metrics(capsys):
     assert row, out
     auc, ll = float(row.group(1)), float(row.group(2))
     assert 0.0 <= auc <= 1.0 and ll > 0
+
+
+def test_demo_progress_bar_only_on_a_terminal(monkeypatch):
+    """The epoch bar draws on a terminal, is off when stderr is a pipe or file (a CI log would get
+    every redraw as text), and off everywhere with ``--no-progress``."""
+    import io
+    import sys
+
+    from interformer.demo import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Pipe(io.StringIO):
+        def isatty(self):
+            return False
+
+    for stream, no_progress, drawn in ((Terminal(), False, True), (Pipe(), False, False), (Terminal(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(_progress(range(3), 3, "epoch", no_progress)) == [0, 1, 2]
+        assert bool(stream.getvalue()) == drawn, (type(stream).__name__, no_progress, stream.getvalue())
