@@ -652,9 +652,11 @@ def threading_main() -> bool:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar, or None when disabled: a disabled tqdm still starts tqdm's monitor thread, and
-    the loop would still read the running loss to the host (``.item()``) for its postfix."""
-    if not enabled:
+    """A tqdm bar, or None when disabled or when stderr is not a terminal (a log file would get
+    every redraw as text; the per-epoch lines say the same). None rather than a disabled tqdm: that
+    still starts tqdm's monitor thread, and the loop would still read the running loss to the host
+    (``.item()``) for its postfix."""
+    if not enabled or not getattr(sys.stderr, "isatty", lambda: False)():
         return None
     try:
         from tqdm import tqdm

@@ -770,3 +770,24 @@ def test_json_safe_writes_strict_json_and_evaluate_infers_the_format():
         {"gauc": None, "x": [1.0, None], "n": 3}
     assert T._format_of(["a.parquet", "b.PQ"], "csv") is None  # each file by its suffix
     assert T._format_of(["a.txt"], "csv") == "csv"  # no telling suffix: the checkpoint's format
+
+
+def test_training_progress_bar_only_on_a_terminal(monkeypatch):
+    """The epoch bar of ``train()`` draws on a terminal; with stderr piped to a log, or
+    ``progress=False``, there is no bar (and so no host read of the running loss for it)."""
+    import io
+
+    from interformer.train import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, enabled, drawn in ((Terminal(), True, True), (io.StringIO(), True, False), (Terminal(), False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = _progress(3, "epoch 1/1", enabled)
+        assert (bar is not None) == drawn, (type(stream).__name__, enabled)
+        if bar is not None:
+            bar.update(3)
+            bar.close()
+            assert stream.getvalue()
