@@ -57,6 +57,20 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def int32_block(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """``t``, or a contiguous copy of it when an element offset inside a block of ``samples`` entries
+    of its first dimension could reach 2**31.
+
+    Kernels take the offset of a block's first sample (or of a sample) in int64 and the offsets
+    inside it in int32 (half the registers of an int64 offset tile). For a contiguous tensor the
+    inside offsets are far below 2**31 at every size the kernels accept; only a view whose strides
+    are huge (e.g. a slice of an enormous buffer) could pass it, and that view is copied first.
+    ``tests/test_int64_offsets.py`` runs every op on such views."""
+    span = (min(samples, t.shape[0]) - 1) * abs(t.stride(0)) + sum(
+        (n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]) if n > 0)
+    return t if span < 2**31 else t.contiguous()
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

@@ -107,7 +107,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, num_sms, on_input_device, sum_partials
+from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, num_sms, on_input_device,
+                      sum_partials)
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["gated_lce"]
@@ -143,8 +144,9 @@ def _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT: tl.constexpr, KX: tl.
 def _glce_recompute(Xb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, sgo, sgi,
                     KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
     """Token tile x ``[KX, DP]`` of the ``nb`` samples of a block (``Xb`` points at its first sample;
-    offsets inside the block are int32; padding zero), then ``Y`` and the gate pre-activation ``Z``
-    as ``[RO, DP]`` fp32, the output-row validity and the gate weight."""
+    offsets inside the block are int32, see :func:`._common.int32_block`; padding zero), then ``Y``
+    and the gate pre-activation ``Z`` as ``[RO, DP]`` fp32, the output-row validity and the gate
+    weight."""
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
     j_ok = j < D
@@ -206,7 +208,7 @@ def _glce_bwd_kernel(
     if not STORE_DZY:
         acc_gw = tl.zeros([DP, DP], tl.float32)  # dgate_weight[k_out, j_in]
     for blk in range(pid, n_blocks, G):
-        b0 = blk * n_per
+        b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)
         x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
                                               sxb, sxn, sxd, sgo, sgi, KX, RO, DP, PREC)
@@ -307,6 +309,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     if out.numel() == 0:
         return out
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
+    x = int32_block(x, n_per)
     _glce_fwd_kernel[(cdiv(B, n_per),)](
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per,
@@ -324,6 +327,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
+    x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()

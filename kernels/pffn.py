@@ -197,7 +197,8 @@ def _pffn_bwd_kernel(
                     other=0.0).to(CDT)
         acc_a = tl.zeros([NP, DP], tl.float32)
 
-    for b in range(pid, B, G):
+    for bi in range(pid, B, G):
+        b = tl.cast(bi, tl.int64)  # int64 offsets b * stride (the interpreter's loop variable is a Python int)
         n = tl.minimum(tl.maximum(tl.load(LENS + b * slen), 0), L).to(tl.int32)  # clamp before narrowing
         d_live = tl.where(n > 0, D, 0)  # an empty sample loads no weight
         if LINEAR:
