@@ -60,7 +60,6 @@ def far_apart(*tensors: torch.Tensor):
 def _inputs(case: str, device):
     """``(fn, far, near, grad_index)``: the op, its argument list with the batch tensors far apart,
     the same arguments contiguous, and which arguments get gradients."""
-    from interformer import kernels  # noqa: F401  (imports every kernel module)
     from interformer.kernels import attention, crossnet, dot_interaction, gated_lce, layernorm, pffn
 
     g = torch.Generator().manual_seed(0)
