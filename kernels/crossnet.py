@@ -88,8 +88,9 @@ row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon (B = 2048)
 ``long`` (B = 512), where the forward and the rows kernel cannot use the whole GPU. A split over D
 would need a cross-program reduction of ``p`` per layer (a grid-wide sync or one launch per layer);
 that is the next step if measurements show it matters. At the DESIGN shapes every kernel compiles
-for sm_90 without register spills (checked with an ahead-of-time ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``).
+for sm_90 without register spills with Triton 3.6, the GPU machines' version (ahead-of-time builds
+for ``GPUTarget("cuda", 90, 32)``: ``profiling/sm90_audit.py``); Triton 3.9 spills in the weight
+kernel at taobao (255 registers, 21 spill stores).
 
 Full rank (``cross_net``) -- GEMM-bound
 ---------------------------------------

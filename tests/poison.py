@@ -19,10 +19,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from interformer.kernel_audit import H100_SMS
+
 #: what a fresh integer allocation holds while poisoned: an index or length read from it before it
 #: is written is far out of range
 INT_SENTINEL = -(2**30)
-H100_SMS = 132
 #: marks a kernel test that runs without poisoning: ``torch.compile`` refuses to trace while a
 #: Python dispatch mode is active ("non-infra torch dispatch mode present")
 NO_POISON = pytest.mark.no_poison
@@ -94,16 +95,9 @@ def _own_custom_op(func, args, kwargs) -> bool:
 
 def gpu_sized_grids(monkeypatch, sms: int = H100_SMS) -> None:
     """Make every kernel module size its grids as on a GPU with ``sms`` SMs (see module docstring)."""
-    for mod in _kernel_modules():
-        if hasattr(mod, "num_sms"):
-            monkeypatch.setattr(mod, "num_sms", lambda device: sms)
-        if hasattr(mod, "persistent_programs"):
-            monkeypatch.setattr(mod, "persistent_programs", lambda device: 4 * sms)
+    from interformer.kernel_audit import gpu_sized_patches
+
+    for mod, attr, value in gpu_sized_patches(sms):
+        monkeypatch.setattr(mod, attr, value)
 
 
-def _kernel_modules():
-    import importlib
-
-    from interformer.kernels import OP_MODULES
-
-    return [importlib.import_module(f"interformer.kernels.{n}") for n in ("_common", *OP_MODULES)]

@@ -148,3 +148,66 @@ def test_range_table_keeps_host_and_device_rows_apart(train_step):
     line = next(l for l in table.splitlines() if l.startswith("train_step"))
     assert line.split()[1:] == ["1.0", "82.125", "3.607", "31.479"]
     assert "all kernels: 12.872 ms" in table
+
+
+@pytest.fixture(scope="module")
+def sm90_audit():
+    yield from _with_bench("sm90_audit")
+
+
+def test_recorded_launches_describe_each_kernel_as_triton_specialises_it():
+    """``record_launches`` sees every launch ``triton_launches`` counts, skips them (outputs stay as
+    allocated) and describes each by its kernel's own parameters: the constexprs by value, every
+    other argument by what Triton specialises on (a pointer's dtype, an int's width and
+    divisibility by 16, the constexpr 1)."""
+    import inspect
+
+    import torch
+
+    from interformer.kernel_audit import gpu_sized, record_launches, unique_cases
+    from interformer.kernels import dot_interaction as dot_mod
+    from interformer.kernels.gated_lce import gated_lce
+    from interformer.profiling import triton_launches
+    from utils import DEVICE
+
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    w, b = torch.randn(5, 3, device=DEVICE, requires_grad=True), torch.zeros(3, device=DEVICE)
+    gw, gb = torch.randn(24, 24, device=DEVICE), torch.zeros(24, device=DEVICE)
+    z = torch.randn(3, 4, 16, device=DEVICE)
+    with triton_launches(run=False) as counted:
+        gated_lce(x, w, b, gw, gb).sum().backward()
+        dot_mod.dot_interaction(z)
+    with gpu_sized(), record_launches() as cases:
+        gated_lce(x, w, b, gw, gb).sum().backward()
+        out = dot_mod.dot_interaction(z)
+    assert sorted(c["kernel"] for c in cases) == sorted(counted.elements())
+    assert out.shape == (3, 6)
+    for case in cases:
+        params = inspect.signature(getattr(__import__(case["module"], fromlist=["_"]), case["kernel"]).fn).parameters
+        assert set(case["consts"]) | set(case["args"]) == set(params), case["kernel"]
+        assert all("constexpr" in str(params[n].annotation) for n in case["consts"]), case["kernel"]
+    dot = next(c for c in cases if c["kernel"] == "_dot_fwd_kernel")
+    assert dot["args"]["OUT"] == dot["args"]["Z"] == "float32"
+    assert dot["args"]["DM"] == 16 and dot["args"]["N"] == 17      # 16 divides d = 16, not N = 4
+    assert dot["args"]["stride_zd"] == 1                          # the constexpr 1, as Triton has it
+    assert [c["launches"] for c in unique_cases(cases + cases)] == [2] * len(unique_cases(cases))
+
+
+def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, tmp_path):
+    """The audit compiles each distinct kernel of the smoke shape's fused training step for sm_90
+    and reports registers, spills and shared memory for each (Triton's wheel ships cuobjdump)."""
+    import json
+
+    out_json = tmp_path / "audit.json"
+    assert sm90_audit.main(["--shape", "smoke", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    builds = report["builds"]
+    kernels = {b["kernel"] for b in builds}
+    for k in ("_glce_fwd_kernel", "_glce_bwd_kernel", "_attn_fwd_kernel", "_pffn_fwd_kernel", "_pffn_bwd_kernel",
+              "_ln_fwd_kernel", "_ln_bwd_kernel", "_lr_fwd_kernel", "_sum_partials_kernel"):
+        assert k in kernels, (k, sorted(kernels))
+        assert k.lstrip("_") in text
+    for b in builds:
+        assert 0 < b["registers"] <= 255 and b["stack"] >= 0 and b["shared"] <= 232448, b
+    assert f"{sum(b['launches'] for b in builds)} launches, {len(builds)} distinct kernels" in text

@@ -1,0 +1,232 @@
+"""What each Triton kernel compiles to on an H100 (sm_90), found without a GPU.
+
+Two parts:
+
+* :func:`record_launches` -- a context manager that records every ``kernel[grid](...)`` launch made
+  inside it as a *case*: the kernel's module and name, its constexprs, the types of its other
+  arguments as Triton specialises them, ``num_warps`` / ``num_stages``. The launches are skipped
+  (as with :func:`interformer.profiling.triton_launches` ``(run=False)``), so a whole training step
+  at a benchmark shape costs only its eager parts, under the interpreter too: block sizes are
+  chosen by the launchers from the shapes alone, never from the device, so the cases are the ones
+  a GPU would compile (grid sizes, which are not part of a kernel's specialisation, aside).
+* :func:`build_sm90` -- compiles cases ahead of time for ``GPUTarget("cuda", 90, 32)`` in child
+  processes (without ``TRITON_INTERPRET``, which replaces ``triton.jit``) and reports, per case, the
+  shared memory, the number of warp-group (``wgmma``) dots and async copies in the TTGIR, and from
+  the cubin (``cuobjdump``, bundled with Triton's NVIDIA backend) the registers per thread, the
+  stack frame and the spill store / load instructions in the SASS.
+
+``profiling/sm90_audit.py`` runs both over a training step and prints the table; the tests use
+:func:`build_sm90` to check shared-memory limits and compiler choices at chosen shapes. The result
+depends on the Triton that compiles: run it with the version a GPU machine has (e.g. a second
+environment on ``PYTHONPATH``) to see what that machine builds.
+
+Case format (JSON-able): ``module``, ``kernel``, ``consts`` (name -> value), ``args`` (name -> a
+dtype name for a pointer -- "fp32", "bf16", ... or torch's "float32", "bfloat16" --, a list of them
+for a tuple of pointers, an int, a bool, a float, or None), options ``num_warps`` (4) and ``num_stages``
+(Triton's default). Pointers are taken as 16-byte aligned. An int is specialised as Triton does: 1
+becomes the constexpr 1, a multiple of 16 an i32 with that divisibility, one outside int32 an i64;
+None is the constexpr None; an argument a case does not name is a plain i32. Other keys pass
+through to the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+
+#: shared memory per block an H100 (and H200) allows, in bytes
+H100_SHARED_MEMORY = 232448
+
+_BUILD_SCRIPT = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+ALIGNED = [["tt.divisibility", 16]]
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def cubin_usage(cubin):
+    if not os.path.exists(CUOBJDUMP):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if not m:
+        return {}
+    return dict(registers=int(m.group(1)), stack=int(m.group(2)),
+                spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)))
+
+
+for case in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        a = case.get("args", {}).get(name, 0)
+        if name in case["consts"]:
+            sig[name], consts[(i,)] = "constexpr", case["consts"][name]
+        elif a is None or (type(a) is int and a == 1):  # Triton specialises these as constexprs
+            sig[name], consts[(i,)] = "constexpr", a
+        elif isinstance(a, list):  # a tuple of pointers
+            sig[name] = tuple("*" + TY.get(t, t) for t in a)
+            for j in range(len(a)):
+                attrs[(i, j)] = ALIGNED
+        elif isinstance(a, str):  # a pointer
+            sig[name], attrs[(i,)] = "*" + TY.get(a, a), ALIGNED
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        elif isinstance(a, bool):
+            sig[name] = "i1"
+        else:
+            sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            attrs[(i,)] = ALIGNED if a and a % 16 == 0 else []
+    opts = {k: case[k] for k in ("num_warps", "num_stages") if k in case}
+    opts.setdefault("num_warps", 4)
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    ir = k.asm["ttgir"]
+    print(json.dumps(dict(case, shared=k.metadata.shared, wgmma=ir.count("warp_group_dot"),
+                          async_copies=ir.count("async_copy"), **cubin_usage(k.asm["cubin"]))), flush=True)
+"""
+
+
+def build_sm90(cases: Sequence[dict], workers: int = 1, timeout: int = 900) -> List[dict]:
+    """Compile each case (see the module docstring) for sm_90 in ``workers`` child processes; returns
+    the cases, in the given order, with ``shared``, ``wgmma``, ``async_copies`` added, and
+    ``registers``, ``stack``, ``spill_stores``, ``spill_loads`` where Triton ships ``cuobjdump``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), root) if p])
+    indexed = [dict(case, _index=i) for i, case in enumerate(cases)]
+    chunks = [c for c in (indexed[i::workers] for i in range(max(1, workers))) if c]
+
+    def build(chunk):
+        res = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(chunk)], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            raise RuntimeError(f"sm_90 build failed:\n{res.stderr[-3000:]}")
+        return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+    if not chunks:
+        return []
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        results = [r for rs in pool.map(build, chunks) for r in rs]
+    if len(results) != len(cases):
+        raise RuntimeError(f"{len(results)} sm_90 builds for {len(cases)} cases")
+    return [{k: v for k, v in r.items() if k != "_index"} for r in sorted(results, key=lambda r: r["_index"])]
+
+
+def _constexpr_names(fn) -> set:
+    """The parameters of a ``@triton.jit`` function annotated ``tl.constexpr`` (strings under
+    ``from __future__ import annotations``)."""
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if "constexpr" in str(p.annotation)}
+
+
+def _arg_spec(value):
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).replace("torch.", "")
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return [str(v.dtype).replace("torch.", "") for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value != 1:
+        # only the class Triton specialises on matters: int32 or int64, a multiple of 16 or not
+        wide = 0 if -2**31 <= value < 2**31 else 2**31
+        return wide + (16 if value % 16 == 0 else 17)
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    raise TypeError(f"cannot describe a kernel argument of type {type(value).__name__}")
+
+
+def _const_spec(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)  # e.g. a tl.dtype
+
+
+#: SMs of an H100 SXM (the H200 has the same)
+H100_SMS = 132
+
+
+def gpu_sized_patches(sms: int = H100_SMS) -> List[tuple]:
+    """``(module, attribute, replacement)`` for every kernel module's ``num_sms`` and
+    ``persistent_programs``, so that launchers size their grids, and choose what depends on the SM
+    count (the gated LCE's dgate_weight strategy), as on a GPU with ``sms`` SMs."""
+    import importlib
+
+    from interformer.kernels import OP_MODULES
+
+    patches = []
+    for name in ("_common", *OP_MODULES):
+        mod = importlib.import_module(f"interformer.kernels.{name}")
+        for attr, value in (("num_sms", lambda device: sms), ("persistent_programs", lambda device: 4 * sms)):
+            if hasattr(mod, attr):
+                patches.append((mod, attr, value))
+    return patches
+
+
+@contextlib.contextmanager
+def gpu_sized(sms: int = H100_SMS) -> Iterator[None]:
+    """Inside the block, the launchers act as on a GPU with ``sms`` SMs (:func:`gpu_sized_patches`)."""
+    patches = gpu_sized_patches(sms)
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in patches]
+    for mod, attr, value in patches:
+        setattr(mod, attr, value)
+    try:
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[dict]]:
+    """Record (and skip) every Triton launch inside the block as a case for :func:`build_sm90`;
+    yields the list, filled as launches happen. Duplicates stay: see :func:`unique_cases`."""
+    from interformer.kernels import layernorm  # imports Triton, as the kernels see it
+
+    cls = type(layernorm._ln_fwd_kernel)
+    original, cases = cls.run, []
+
+    def record(self, *args, grid=None, warmup=False, **kwargs):
+        fn = self.fn
+        names = list(self.arg_names)
+        constexprs = _constexpr_names(fn)
+        bound = dict(zip(names, args))
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound.update(kwargs)
+        case = dict(module=fn.__module__, kernel=fn.__name__,
+                    consts={n: _const_spec(bound[n]) for n in names if n in constexprs and n in bound},
+                    args={n: _arg_spec(bound[n]) for n in names if n not in constexprs and n in bound},
+                    **options)
+        cases.append(case)
+        return None
+
+    cls.run = record
+    try:
+        yield cases
+    finally:
+        cls.run = original
+
+
+def unique_cases(cases: Sequence[dict]) -> List[dict]:
+    """``cases`` without repeats, counting them (``launches``), in first-seen order."""
+    seen: Dict[str, dict] = {}
+    for case in cases:
+        key = json.dumps(case, sort_keys=True)
+        if key in seen:
+            seen[key]["launches"] += 1
+        else:
+            seen[key] = dict(case, launches=1)
+    return list(seen.values())
