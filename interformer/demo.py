@@ -23,16 +23,20 @@ from .data import iterate_batches, make_synthetic
 from .backend import FusedModule
 from .metrics import auc, logloss
 from .model import InterFormerCTR
+from .train import interactive_stderr
 
 
 def _progress(iterable, total, desc, disable):
-    """A tqdm bar over ``iterable``; off with ``--no-progress``, and when stderr is not a terminal
-    (``disable=None``: a log file or CI would otherwise get every redraw as text)."""
+    """A tqdm bar over ``iterable``, or ``iterable`` itself with ``--no-progress`` or when stderr is
+    not interactive (:func:`interformer.train.interactive_stderr`): then no bar, no monitor thread,
+    and no loss read back to the host each step for the bar's postfix."""
+    if disable or not interactive_stderr():
+        return iterable
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
-    return tqdm(iterable, total=total, desc=desc, disable=True if disable else None, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

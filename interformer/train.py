@@ -156,7 +156,7 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None
     log_every: int = 20
     prefetch: int = 2  # batches built ahead by a background thread (file data; 0 = none)
-    progress: bool = True
+    progress: bool = True  # an epoch bar on stderr, where it renders (a terminal or Jupyter; not in a log file)
     plot: bool = False
 
     def __post_init__(self) -> None:
@@ -651,12 +651,19 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def interactive_stderr() -> bool:
+    """Whether a progress bar on stderr is seen as one: a terminal, or a Jupyter kernel (whose
+    stderr is not a TTY but renders tqdm's redraws). Elsewhere -- a log file, CI -- every redraw
+    would land as a line of text."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+
+
 def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar, or None when disabled or when stderr is not a terminal (a log file would get
-    every redraw as text; the per-epoch lines say the same). None rather than a disabled tqdm: that
-    still starts tqdm's monitor thread, and the loop would still read the running loss to the host
-    (``.item()``) for its postfix."""
-    if not enabled or not getattr(sys.stderr, "isatty", lambda: False)():
+    """A tqdm bar, or None when disabled or when stderr is not interactive (:func:`interactive_stderr`;
+    the per-epoch lines say the same). None rather than a disabled tqdm: that still starts tqdm's
+    monitor thread, and the loop would still read the running loss to the host (``.item()``) for
+    its postfix."""
+    if not enabled or not interactive_stderr():
         return None
     try:
         from tqdm import tqdm

@@ -772,9 +772,10 @@ def test_json_safe_writes_strict_json_and_evaluate_infers_the_format():
     assert T._format_of(["a.txt"], "csv") == "csv"  # no telling suffix: the checkpoint's format
 
 
-def test_training_progress_bar_only_on_a_terminal(monkeypatch):
-    """The epoch bar of ``train()`` draws on a terminal; with stderr piped to a log, or
-    ``progress=False``, there is no bar (and so no host read of the running loss for it)."""
+def test_training_progress_bar_only_where_it_renders(monkeypatch):
+    """The epoch bar of ``train()`` draws on a terminal and in a Jupyter kernel (whose stderr is no
+    TTY); with stderr piped to a log, or ``progress=False``, there is no bar (and so no host read
+    of the running loss for it)."""
     import io
 
     from interformer.train import _progress
@@ -783,6 +784,7 @@ def test_training_progress_bar_only_on_a_terminal(monkeypatch):
         def isatty(self):
             return True
 
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     for stream, enabled, drawn in ((Terminal(), True, True), (io.StringIO(), True, False), (Terminal(), False, False)):
         monkeypatch.setattr(sys, "stderr", stream)
         bar = _progress(3, "epoch 1/1", enabled)
@@ -791,3 +793,8 @@ def test_training_progress_bar_only_on_a_terminal(monkeypatch):
             bar.update(3)
             bar.close()
             assert stream.getvalue()
+    monkeypatch.setitem(sys.modules, "ipykernel", type(sys)("ipykernel"))  # as inside Jupyter
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar = _progress(3, "epoch 1/1", True)
+    assert bar is not None
+    bar.close()
