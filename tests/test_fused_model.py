@@ -510,8 +510,8 @@ def test_fused_model_under_compile_reduce_overhead():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_backward_runs_twice_on_a_retained_graph(variant):
-    """``loss.backward(retain_graph=True)`` then ``loss.backward()`` (what a user doing two losses
-    over one forward, or a gradient penalty, does): the second backward through the same fused
+    """``loss.backward(retain_graph=True)`` then ``loss.backward()`` (what a user with two losses
+    over one forward, or several backward passes over one graph, does): the second backward through the same fused
     nodes gives the first's gradients again, so every parameter's accumulated gradient is exactly
     twice the first. A backward that used a saved buffer as scratch (the low-rank cross net's
     ``P``, attention's ``lse``, a partial-sum buffer kept on ``ctx``) would change the second."""

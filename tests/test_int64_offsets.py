@@ -1,12 +1,14 @@
-"""Element offsets past 2**31: every kernel computes its addresses in int64 where they can overflow.
+"""Element offsets past 2**31: the kernels read their inputs and upstream gradients in int64 where
+an offset can overflow.
 
 A kernel that forms ``b * stride_b`` in int32 reads the wrong memory once a tensor is big enough
 (``[B, D]`` activations past 2**31 elements: B = 262144 at D = 9216 in serving). Allocating such a
 tensor and running the kernels over all of it is out of reach here (the interpreter), so each
 case gives the op its inputs, and the upstream gradient, as views whose *batch stride* is
 ``2**30 + a little``: sample 2 then starts past element 2**31 while the data stays tiny. The views
-share one lazily allocated storage (about 4 GiB of address space, a few pages touched). A launcher
-hands those strides to its kernels as they are, so an int32 product there wraps around:
+share one storage of about 4 GiB (fp16): on a CPU lazily allocated address space of which a few
+pages are touched, on a GPU real memory (the child holds two such, input and gradient). A
+launcher hands those strides to its kernels as they are, so an int32 product there wraps around:
 
 * under ``TRITON_INTERPRET=1`` (numpy int32 arithmetic) to an address outside the tensor, which
   crashes the process, or reads another sample's rows;
@@ -15,6 +17,11 @@ hands those strides to its kernels as they are, so an int32 product there wraps 
 Each case therefore runs in a child process (a crash fails that case only, with its op named) and
 checks the forward and every input gradient against the same op on contiguous copies of the same
 values. Removing one ``.to(tl.int64)`` (the DOT forward's sample index) makes its case crash.
+
+What this does not reach: the outputs, gradients and scratch buffers the launchers allocate stay
+small and contiguous, so their offsets are checked only by reading the kernels. The cases cover
+every kernel of the ops' usual paths, attention's long-sequence backward (Lq > 128) included;
+the full-rank cross net's wide-layer kernels take contiguous copies (below).
 
 Where a launcher copies instead, a case checks that copy rather than the kernels' arithmetic:
 the cross nets take x0 and the gradient as contiguous rows, and the gated LCE, whose blocks of
@@ -36,7 +43,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 #: batch stride of the far-apart views, in elements: sample 2 starts past 2**31
 FAR = 2**30 + 64
-CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_linear", "attention_self", "attention_shared_query",
+CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_linear", "attention_self", "attention_long", "attention_shared_query",
          "add_layer_norm", "low_rank_cross_net", "cross_net"]
 
 
@@ -87,6 +94,10 @@ def _inputs(case: str, device):
     elif case == "attention_self":
         fn = lambda q, k, v: attention.attention(q, k, v, lengths, causal=False, rope_base=10000.0)  # noqa: E731
         batch, rest, grads = [r(B, 5, 2, 16), r(B, 5, 2, 16), r(B, 5, 2, 16)], [], [0, 1, 2]
+    elif case == "attention_long":  # Lq > 128: the three-kernel backward (preprocess, dk/dv, dq)
+        long_lengths = torch.tensor([129, 0, 77], device=device)
+        fn = lambda q, k, v: attention.attention(q, k, v, long_lengths, causal=True, rope_base=10000.0)  # noqa: E731
+        batch, rest, grads = [r(B, 129, 1, 16), r(B, 129, 1, 16), r(B, 129, 1, 16)], [], [0, 1, 2]
     elif case == "attention_shared_query":
         q = r(1, 2, 2, 16)
         fn = lambda k, v, q: attention.attention(q, k, v, lengths, rope_base=None, rope_q=False,  # noqa: E731
@@ -138,7 +149,7 @@ def test_offsets_past_two_to_the_31(case):
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
     proc = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=300)
     log = (proc.stdout + proc.stderr)[-3000:]
     if proc.returncode < 0:
@@ -146,9 +157,6 @@ def test_offsets_past_two_to_the_31(case):
                     f"addressed memory outside its tensors (an int32 offset overflow?)\n{log}")
     assert proc.returncode == 0 and f"{case}: ok" in proc.stdout, log
 
-
-if __name__ == "__main__":
-    run_case(sys.argv[1])
 
 
 def test_int32_block_copies_only_views_whose_block_spans_two_to_the_31():
@@ -158,10 +166,14 @@ def test_int32_block_copies_only_views_whose_block_spans_two_to_the_31():
 
     t = torch.zeros(6, 4, 8)
     assert int32_block(t, 4) is t
-    store = torch.empty(FAR * 3 + 32)  # lazily allocated: no page of it is touched here
+    store = torch.empty(FAR * 3 + 32, dtype=torch.uint8)  # 3 GiB of address space, no page touched
     far = store.as_strided((4, 4, 8), (FAR, 8, 1))
     assert int32_block(far, 1) is far          # one sample per block: its offsets stay small
     two = far[:2]
     assert int32_block(two, 2) is two           # FAR + one sample < 2**31
     copy = int32_block(far, 3)                 # samples 0..2 of a block span 2 * FAR > 2**31
     assert copy.is_contiguous() and copy.data_ptr() != far.data_ptr()
+
+
+if __name__ == "__main__":
+    run_case(sys.argv[1])
