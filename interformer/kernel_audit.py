@@ -22,10 +22,13 @@ environment on ``PYTHONPATH``) to see what that machine builds.
 
 Case format (JSON-able): ``module``, ``kernel``, ``consts`` (name -> value), ``args`` (name -> a
 dtype name for a pointer -- "fp32", "bf16", ... or torch's "float32", "bfloat16" --, a list of them
-for a tuple of pointers, an int, a bool, a float, or None), options ``num_warps`` (4) and ``num_stages``
-(Triton's default). Pointers are taken as 16-byte aligned. An int is specialised as Triton does: 1
-becomes the constexpr 1, a multiple of 16 an i32 with that divisibility, one outside int32 an i64;
-None is the constexpr None; an argument a case does not name is a plain i32. Other keys pass
+for a tuple of pointers, an int, a bool, a float, or None), optionally ``unaligned`` (pointers whose
+address is not a multiple of 16: ``name``, or ``name[j]`` inside a tuple), options ``num_warps``
+(4) and ``num_stages`` (Triton's default). Other pointers are taken as 16-byte aligned. An int is
+specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
+divisibility, one outside int32 an i64; a bool is a u1; None is the constexpr None; an argument a
+case does not name is a plain i32. Not modelled: ``do_not_specialize`` (no kernel here uses it)
+and constexprs that are not JSON values (a ``tl.dtype``: recording one raises). Other keys pass
 through to the result.
 """
 
@@ -45,14 +48,46 @@ import torch
 #: shared memory per block an H100 (and H200) allows, in bytes
 H100_SHARED_MEMORY = 232448
 
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
+                 "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+_ALIGNED = [["tt.divisibility", 16]]
+
+
+def triton_signature(case: dict, arg_names: Sequence[str]):
+    """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` from a case (see the
+    module docstring), for a kernel whose parameters are ``arg_names``."""
+    sig, consts, attrs = {}, {}, {}
+    unaligned = set(case.get("unaligned", ()))
+    for i, name in enumerate(arg_names):
+        a = case.get("args", {}).get(name, 0)
+        if name in case["consts"]:
+            sig[name], consts[(i,)] = "constexpr", case["consts"][name]
+        elif a is None or (type(a) is int and a == 1):  # Triton specialises these as constexprs
+            sig[name], consts[(i,)] = "constexpr", a
+        elif isinstance(a, list):  # a tuple of pointers
+            sig[name] = tuple("*" + _TRITON_TYPES.get(t, t) for t in a)
+            for j in range(len(a)):
+                attrs[(i, j)] = [] if f"{name}[{j}]" in unaligned else _ALIGNED
+        elif isinstance(a, str):  # a pointer
+            sig[name], attrs[(i,)] = "*" + _TRITON_TYPES.get(a, a), [] if name in unaligned else _ALIGNED
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        elif isinstance(a, bool):
+            sig[name] = "u1"
+        else:
+            sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+            attrs[(i,)] = _ALIGNED if a % 16 == 0 else []
+    return sig, consts, attrs
+
+
 _BUILD_SCRIPT = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-TY = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
-ALIGNED = [["tt.divisibility", 16]]
+from interformer.kernel_audit import triton_signature
+
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -73,26 +108,7 @@ def cubin_usage(cubin):
 
 for case in json.loads(sys.argv[1]):
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        a = case.get("args", {}).get(name, 0)
-        if name in case["consts"]:
-            sig[name], consts[(i,)] = "constexpr", case["consts"][name]
-        elif a is None or (type(a) is int and a == 1):  # Triton specialises these as constexprs
-            sig[name], consts[(i,)] = "constexpr", a
-        elif isinstance(a, list):  # a tuple of pointers
-            sig[name] = tuple("*" + TY.get(t, t) for t in a)
-            for j in range(len(a)):
-                attrs[(i, j)] = ALIGNED
-        elif isinstance(a, str):  # a pointer
-            sig[name], attrs[(i,)] = "*" + TY.get(a, a), ALIGNED
-        elif isinstance(a, float):
-            sig[name] = "fp32"
-        elif isinstance(a, bool):
-            sig[name] = "i1"
-        else:
-            sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
-            attrs[(i,)] = ALIGNED if a and a % 16 == 0 else []
+    sig, consts, attrs = triton_signature(case, fn.arg_names)
     opts = {k: case[k] for k in ("num_warps", "num_stages") if k in case}
     opts.setdefault("num_warps", 4)
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
@@ -109,8 +125,9 @@ def build_sm90(cases: Sequence[dict], workers: int = 1, timeout: int = 900) -> L
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), root) if p])
+    workers = max(1, workers)
     indexed = [dict(case, _index=i) for i, case in enumerate(cases)]
-    chunks = [c for c in (indexed[i::workers] for i in range(max(1, workers))) if c]
+    chunks = [c for c in (indexed[i::workers] for i in range(workers)) if c]
 
     def build(chunk):
         res = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(chunk)], env=env, cwd=root,
@@ -149,10 +166,22 @@ def _arg_spec(value):
     raise TypeError(f"cannot describe a kernel argument of type {type(value).__name__}")
 
 
+def _unaligned(args: dict) -> List[str]:
+    """Pointer arguments whose address is not a multiple of 16 (Triton gives those no divisibility):
+    ``name`` or, inside a tuple, ``name[j]``."""
+    out = []
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor) and value.data_ptr() % 16:
+            out.append(name)
+        elif isinstance(value, (tuple, list)):
+            out += [f"{name}[{j}]" for j, v in enumerate(value) if isinstance(v, torch.Tensor) and v.data_ptr() % 16]
+    return out
+
+
 def _const_spec(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
-    return str(value)  # e.g. a tl.dtype
+    raise TypeError(f"cannot describe a constexpr of type {type(value).__name__} (e.g. a tl.dtype) as JSON")
 
 
 #: SMs of an H100 SXM (the H200 has the same)
@@ -210,6 +239,9 @@ def record_launches() -> Iterator[List[dict]]:
                     consts={n: _const_spec(bound[n]) for n in names if n in constexprs and n in bound},
                     args={n: _arg_spec(bound[n]) for n in names if n not in constexprs and n in bound},
                     **options)
+        unaligned = _unaligned({n: bound[n] for n in names if n not in constexprs and n in bound})
+        if unaligned:
+            case["unaligned"] = unaligned
         cases.append(case)
         return None
 

@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.join(HERE, "..", "bench"))
 import torch  # noqa: E402
 
 
-
 def step_cases(shape_name: str, step: str):
     """The kernel launches (cases) of one training step or inference forward at ``shape_name``."""
     import common

@@ -156,9 +156,9 @@ def sm90_audit():
 
 
 def test_recorded_launches_describe_each_kernel_as_triton_specialises_it():
-    """``record_launches`` sees every launch ``triton_launches`` counts, skips them (outputs stay as
-    allocated) and describes each by its kernel's own parameters: the constexprs by value, every
-    other argument by what Triton specialises on (a pointer's dtype, an int's width and
+    """``record_launches`` sees every launch ``triton_launches`` counts (both skipping them, with the
+    same H100 sizing) and describes each by its kernel's own parameters: the constexprs by value,
+    every other argument by what Triton specialises on (a pointer's dtype, an int's width and
     divisibility by 16, the constexpr 1)."""
     import inspect
 
@@ -174,7 +174,7 @@ def test_recorded_launches_describe_each_kernel_as_triton_specialises_it():
     w, b = torch.randn(5, 3, device=DEVICE, requires_grad=True), torch.zeros(3, device=DEVICE)
     gw, gb = torch.randn(24, 24, device=DEVICE), torch.zeros(24, device=DEVICE)
     z = torch.randn(3, 4, 16, device=DEVICE)
-    with triton_launches(run=False) as counted:
+    with gpu_sized(), triton_launches(run=False) as counted:
         gated_lce(x, w, b, gw, gb).sum().backward()
         dot_mod.dot_interaction(z)
     with gpu_sized(), record_launches() as cases:
@@ -198,6 +198,8 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
     and reports registers, spills and shared memory for each (Triton's wheel ships cuobjdump)."""
     import json
 
+    from interformer.kernel_audit import H100_SHARED_MEMORY
+
     out_json = tmp_path / "audit.json"
     assert sm90_audit.main(["--shape", "smoke", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
@@ -209,5 +211,35 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
         assert k in kernels, (k, sorted(kernels))
         assert k.lstrip("_") in text
     for b in builds:
-        assert 0 < b["registers"] <= 255 and b["stack"] >= 0 and b["shared"] <= 232448, b
+        assert 0 < b["registers"] <= 255 and b["stack"] >= 0 and b["shared"] <= H100_SHARED_MEMORY, b
     assert f"{sum(b['launches'] for b in builds)} launches, {len(builds)} distinct kernels" in text
+
+
+def test_recorded_argument_types_match_tritons_own_specialisation():
+    """What ``record_launches`` writes for a kernel argument, turned into a type and attributes by
+    the sm_90 build (``triton_signature``), is what the installed Triton's own specialisation
+    gives: the same type, divisibility by 16 exactly where Triton finds it, constexprs alike."""
+    import torch
+
+    jit = pytest.importorskip("triton.runtime.jit")
+    native = getattr(jit, "native_specialize_impl", None)
+    if native is None:
+        pytest.skip("this Triton does not expose native_specialize_impl")
+    from triton.backends.compiler import BaseBackend
+
+    from interformer.kernel_audit import _arg_spec, triton_signature
+
+    values = [1, 0, 8, 16, 17, 24, -16, -3, 2**31 - 16, 2**31, 2**31 + 17, -2**31 - 1, 0.5, True, None,
+              torch.zeros(4, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.int64), torch.zeros(4)[1:]]
+    for v in values:
+        case = dict(consts={}, args={"a": _arg_spec(v)})
+        if isinstance(v, torch.Tensor) and v.data_ptr() % 16:
+            case["unaligned"] = ["a"]
+        sig, consts, attrs = triton_signature(case, ["a"])
+        kind, key = native(BaseBackend, v, False, True, True)
+        if kind == "constexpr":
+            assert sig["a"] == "constexpr" and consts[(0,)] == key, (v, sig, consts)
+            continue
+        assert sig["a"] == kind, (v, sig["a"], kind)
+        if key in ("D", ""):  # ints and pointers: divisible by 16 or not
+            assert bool(attrs[(0,)]) == (key == "D"), (v, attrs, key)
