@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def record_launches() -> Iterator[List[dict]]:
         unaligned = _unaligned({n: bound[n] for n in names if n not in constexprs and n in bound})
         if unaligned:
             case["unaligned"] = unaligned
+        dims = grid(bound) if callable(grid) else grid
+        case["programs"] = math.prod(int(g) for g in (dims if isinstance(dims, (tuple, list)) else (dims,)))
         cases.append(case)
         return None
 
@@ -253,12 +256,36 @@ def record_launches() -> Iterator[List[dict]]:
 
 
 def unique_cases(cases: Sequence[dict]) -> List[dict]:
-    """``cases`` without repeats, counting them (``launches``), in first-seen order."""
+    """One case per distinct specialisation, in first-seen order, with its number of ``launches``
+    and, from the recorded grids, the most ``programs`` any of them had."""
     seen: Dict[str, dict] = {}
     for case in cases:
-        key = json.dumps(case, sort_keys=True)
+        key = json.dumps({k: v for k, v in case.items() if k != "programs"}, sort_keys=True)
+        programs = case.get("programs", 0)
         if key in seen:
             seen[key]["launches"] += 1
+            seen[key]["programs"] = max(seen[key]["programs"], programs)
         else:
-            seen[key] = dict(case, launches=1)
+            seen[key] = dict(case, launches=1, programs=programs)
     return list(seen.values())
+
+
+#: per-SM limits of an H100 (compute capability 9.0) that bound how many programs run at once
+H100_LIMITS = dict(registers=65536, warps=64, blocks=32, shared=233472, shared_reserved=1024, reg_unit=256)
+
+
+def occupancy(build: dict, sms: int = H100_SMS) -> dict:
+    """From a build's registers, shared memory and warps: programs one SM holds at once
+    (``blocks_per_sm``, by the H100's limits, as the CUDA occupancy calculator counts), and for the
+    recorded grid (``programs``) the ``waves`` it takes and the warps resident per SM in the first
+    (``resident_warps``; 64 is the most an SM holds). Memory-bound kernels want many."""
+    lim = H100_LIMITS
+    warps = build.get("num_warps", 4)
+    regs_per_warp = -(-build["registers"] * 32 // lim["reg_unit"]) * lim["reg_unit"]
+    by_regs = lim["registers"] // (regs_per_warp * warps)
+    by_smem = lim["shared"] // (build["shared"] + lim["shared_reserved"])
+    per_sm = max(0, min(lim["blocks"], lim["warps"] // warps, by_regs, by_smem))
+    programs = build.get("programs", 0)
+    on_one_sm = min(per_sm, -(-programs // sms)) if programs else per_sm
+    return dict(blocks_per_sm=per_sm, waves=programs / (sms * per_sm) if per_sm else float("inf"),
+                resident_warps=on_one_sm * warps)

@@ -7,8 +7,11 @@ Triton launch recorded and skipped (:func:`interformer.kernel_audit.record_launc
 SM-count choices sized for an H100), compiles each distinct kernel specialisation ahead of time
 for sm_90 (:func:`interformer.kernel_audit.build_sm90`) and prints, per specialisation: launches per
 step, warps and stages, registers per thread, the stack frame and spill store / load
-instructions in the SASS, shared memory, and the TTGIR's warp-group dots (wgmma) and async copies.
-A row with spills is marked ``!``.
+instructions in the SASS, shared memory, and the TTGIR's warp-group dots (wgmma) and async copies;
+then, for the largest grid launched (``programs``), how many programs an SM holds at once by the
+H100's register, shared-memory and warp limits (``per SM``), the warps resident on an SM in the
+first wave (``warps/SM``, at most 64: a memory-bound kernel wants many in flight) and the number of
+waves. A row with spills is marked ``!``.
 
 The table describes the Triton that runs this script. The GPU machines have their own: to see what
 they build, put that version first on ``PYTHONPATH`` (e.g. ``pip install --target /tmp/t36
@@ -65,14 +68,20 @@ def _consts(case: dict) -> str:
 
 
 def table(builds) -> str:
-    head = ["kernel", "n/step", "warps", "stages", "regs", "stack", "STL/LDL", "smem KB", "wgmma", "async", "constexprs"]
+    from interformer.kernel_audit import occupancy
+
+    head = ["kernel", "n/step", "warps", "stages", "regs", "stack", "STL/LDL", "smem KB", "wgmma", "async",
+            "programs", "per SM", "warps/SM", "waves", "constexprs"]
     rows = []
     for b in builds:
         spills = b.get("spill_stores", 0) + b.get("spill_loads", 0)
+        occ = occupancy(b) if "registers" in b else None
         rows.append([("! " if spills else "  ") + b["kernel"].lstrip("_"), str(b["launches"]),
                      str(b.get("num_warps", 4)), str(b.get("num_stages", "-")), str(b.get("registers", "?")),
                      str(b.get("stack", "?")), f"{b.get('spill_stores', '?')}/{b.get('spill_loads', '?')}",
-                     f"{b['shared'] / 1024:.0f}", str(b["wgmma"]), str(b["async_copies"]), _consts(b)])
+                     f"{b['shared'] / 1024:.0f}", str(b["wgmma"]), str(b["async_copies"]), str(b.get("programs", "?")),
+                     str(occ["blocks_per_sm"]) if occ else "?", str(occ["resident_warps"]) if occ else "?",
+                     f"{occ['waves']:.2f}" if occ else "?", _consts(b)])
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -212,7 +212,9 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
         assert k.lstrip("_") in text
     for b in builds:
         assert 0 < b["registers"] <= 255 and b["stack"] >= 0 and b["shared"] <= H100_SHARED_MEMORY, b
+        assert b["programs"] >= 1, b  # from the recorded grid
     assert f"{sum(b['launches'] for b in builds)} launches, {len(builds)} distinct kernels" in text
+    assert "warps/SM" in text and "waves" in text
 
 
 def test_recorded_argument_types_match_tritons_own_specialisation():
@@ -243,3 +245,19 @@ def test_recorded_argument_types_match_tritons_own_specialisation():
         assert sig["a"] == kind, (v, sig["a"], kind)
         if key in ("D", ""):  # ints and pointers: divisible by 16 or not
             assert bool(attrs[(0,)]) == (key == "D"), (v, attrs, key)
+
+
+def test_occupancy_follows_the_h100_limits():
+    """Programs per SM from registers, shared memory and warps, against limits everyone quotes for
+    an H100: 64K registers (a 256-thread program at 255 registers fills them), 64 warps, 228 KB of
+    shared memory; and the waves and resident warps of a grid."""
+    from interformer.kernel_audit import occupancy
+
+    assert occupancy(dict(registers=255, num_warps=8, shared=0))["blocks_per_sm"] == 1
+    assert occupancy(dict(registers=32, num_warps=4, shared=0))["blocks_per_sm"] == 16      # 64 warps
+    assert occupancy(dict(registers=32, num_warps=1, shared=0))["blocks_per_sm"] == 32      # 32 programs
+    assert occupancy(dict(registers=64, num_warps=4, shared=100 * 1024))["blocks_per_sm"] == 2  # 228 KB
+    occ = occupancy(dict(registers=64, num_warps=4, shared=0, programs=128), sms=132)
+    assert occ["resident_warps"] == 4 and occ["waves"] == 128 / (132 * 8)
+    occ = occupancy(dict(registers=64, num_warps=4, shared=0, programs=132 * 8 * 3), sms=132)
+    assert occ["resident_warps"] == 32 and occ["waves"] == 3.0
