@@ -62,12 +62,16 @@ def int32_block(t: torch.Tensor, samples: int) -> torch.Tensor:
     of its first dimension could reach 2**31.
 
     Kernels take the offset of a block's first sample (or of a sample) in int64 and the offsets
-    inside it in int32 (half the registers of an int64 offset tile). For a contiguous tensor the
-    inside offsets are far below 2**31 at every size the kernels accept; only a view whose strides
-    are huge (e.g. a slice of an enormous buffer) could pass it, and that view is copied first.
+    inside it in int32 (half the registers of an int64 offset tile). A contiguous block is as small
+    as the kernel's tiles (a few thousand elements), so a contiguous tensor is returned at once;
+    only a view whose strides are huge (e.g. a slice of an enormous buffer) can pass 2**31, and it
+    is copied (contiguous, its block is tile-sized again).
     ``tests/test_int64_offsets.py`` runs every op on such views."""
-    span = (min(samples, t.shape[0]) - 1) * abs(t.stride(0)) + sum(
-        (n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]) if n > 0)
+    if t.is_contiguous():  # the common case, decided without a loop over the dimensions (host time)
+        return t
+    span = (min(samples, t.shape[0]) - 1) * abs(t.stride(0))
+    for n, st in zip(t.shape[1:], t.stride()[1:]):
+        span += (n - 1) * abs(st) if n > 0 else 0
     return t if span < 2**31 else t.contiguous()
 
 
