@@ -18,15 +18,22 @@
 #   PACK=1 MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
 #   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
 #   bench/gpu_session.sh COMMIT model ops host tests
-# and the next lease takes what that leaves. Planned for it (two calls of at most ~500 s each):
-#   1. PACK=1 HOST_TIMEOUT=30 OP_HOST_TIMEOUT=90 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 \
+# and the next lease takes what that leaves. Planned for it (15 minutes of device time in all, a
+# start included: two calls of about 410 s and 370 s):
+#   1. PACK=1 HOST_TIMEOUT=30 OP_HOST_TIMEOUT=60 PROFILE_TIMEOUT=45 TESTS_IDS=bench/gpu_rerun.txt \
+#      TESTS_TIMEOUT=120 MODEL_TIMEOUT=150 \
 #      MODEL_K="fused-compile and not max-autotune and not reduce-overhead and ((amazon and train) or (taobao and inference))" \
-#      MODEL_TIMEOUT=200 bench/gpu_session.sh COMMIT host tests model
+#      bench/gpu_session.sh COMMIT host profile tests model
 #      (host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
-#      fused ops' host time; amazon's compiled training took 28 s to compile on this 2-core CPU)
-#   2. PACK=1 OPS_K="full and not max-autotune and (amazon or long)" OPS_TIMEOUT=300 \
-#      TESTS_K="test_kernel_" TESTS_TIMEOUT=180 bench/gpu_session.sh COMMIT ops tests
-#      (the attention targets at amazon and long; every kernel test on CUDA, now with poisoned allocations)
+#      fused ops' host time; profile: device time per fused kernel, e.g. the low-rank cross net's
+#      kernels, which profiling/sm90-audit-triton3.6.md shows at 4 resident warps per SM; amazon's
+#      compiled training took 28 s to compile on this 2-core CPU)
+#   2. PACK=1 OPS_TIMEOUT=250 TESTS_K="test_kernel_" TESTS_TIMEOUT=120 \
+#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile))" \
+#      bench/gpu_session.sh COMMIT ops tests
+#      (attention and PMA at amazon and long against SDPA and FlexAttention, issue 5's targets; the
+#      torch.compile rows at taobao that issues 3 and 4 compare against and the last H100 run left
+#      out; every kernel test on CUDA, now with poisoned allocations)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -90,7 +97,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1
-             echo "exit $?"; head -n 40 "$OUT/profile.log" ;;
+             echo "exit $?"; head -n 70 "$OUT/profile.log" ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout 60 python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1

@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         averages = prof.key_averages()
         print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}, {common.environment()['device']})")
         print(range_table(averages, args.steps))
+        print("\nthis package's Triton kernels by device time:")
+        print(kernel_table(averages, args.steps, package_kernel_names()))
         print("\nkernels by device time:")
         print(averages.table(sort_by="device_time_total" if common.ON_GPU else "cpu_time_total", row_limit=15))
     return 0
@@ -136,6 +138,42 @@ def range_table(averages, steps: int) -> str:
     lines.append(f"all kernels: {kernels_total / 1e3 / steps:.3f} ms of device time per step")
     lines.append("(kernels = device time of the kernels launched inside the range from its thread; GPU span = "
                  "first kernel start to last kernel end; ranges nest)")
+    return "\n".join(lines)
+
+
+def package_kernel_names() -> set:
+    """Names of every ``@triton.jit`` kernel of ``interformer.kernels`` (as the profiler names them)."""
+    import importlib
+
+    from interformer.kernels import OP_MODULES
+
+    names = set()
+    for mod_name in ("_common", *OP_MODULES):
+        mod = importlib.import_module(f"interformer.kernels.{mod_name}")
+        for attr, value in vars(mod).items():
+            if attr.endswith("_kernel") and hasattr(value, "arg_names"):  # a JIT (or interpreted) kernel
+                names.add(attr)
+    return names
+
+
+def kernel_table(averages, steps: int, names: set) -> str:
+    """Device time per step of each of this package's Triton kernels (``names``), largest first,
+    with launches per step and time per launch, and their sum against all kernels' time: which
+    fused kernel to look at next (the range table only says which module)."""
+    cpu_type = torch.autograd.DeviceType.CPU
+    rows, total = [], 0.0
+    for evt in averages:
+        if getattr(evt, "device_type", cpu_type) == cpu_type:
+            continue
+        t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+        total += t
+        if evt.key in names:
+            rows.append((t, evt.count, evt.key))
+    rows.sort(reverse=True)
+    mine = sum(t for t, _, _ in rows)
+    lines = [f"{'fused kernel':<28} {'launches/step':>13} {'us/step':>9} {'us/launch':>10}"]
+    lines += [f"{k:<28} {n / steps:>13.1f} {t / steps:>9.1f} {t / max(n, 1):>10.2f}" for t, n, k in rows]
+    lines.append(f"these kernels: {mine / 1e3 / steps:.3f} ms of {total / 1e3 / steps:.3f} ms device time per step")
     return "\n".join(lines)
 
 

@@ -150,6 +150,27 @@ def test_range_table_keeps_host_and_device_rows_apart(train_step):
     assert "all kernels: 12.872 ms" in table
 
 
+def test_kernel_table_lists_this_packages_kernels_by_device_time(train_step):
+    """Every Triton kernel of ``interformer.kernels`` is known by name; the table keeps their device
+    rows only (not host rows, not cuBLAS or other kernels), largest first, per step and per launch."""
+    import torch
+    from types import SimpleNamespace as Row
+
+    names = train_step.package_kernel_names()
+    for k in ("_lr_fwd_kernel", "_lr_bwd_weights_kernel", "_sum_partials_kernel", "_attn_bwd_dq_kernel",
+              "_glce_bwd_kernel", "_pffn_fwd_kernel", "_ln_bwd_kernel", "_dot_fwd_kernel", "_fr_residual_kernel"):
+        assert k in names, (k, sorted(names))
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    rows = [Row(key="_lr_fwd_kernel", device_type=cpu, count=30, self_device_time_total=0.0),
+            Row(key="_lr_fwd_kernel", device_type=cuda, count=30, self_device_time_total=600.0),
+            Row(key="_sum_partials_kernel", device_type=cuda, count=230, self_device_time_total=920.0),
+            Row(key="sm90_gemm_kernel", device_type=cuda, count=50, self_device_time_total=2480.0)]
+    table = train_step.kernel_table(rows, steps=10, names=names).splitlines()
+    assert table[1].split() == ["_sum_partials_kernel", "23.0", "92.0", "4.00"]
+    assert table[2].split() == ["_lr_fwd_kernel", "3.0", "60.0", "20.00"]
+    assert len(table) == 4 and "0.152 ms of 0.400 ms" in table[3]
+
+
 @pytest.fixture(scope="module")
 def sm90_audit():
     yield from _with_bench("sm90_audit")
