@@ -28,12 +28,13 @@
 #      fused ops' host time; profile: device time per fused kernel, e.g. the low-rank cross net's
 #      kernels, which profiling/sm90-audit-triton3.6.md shows at 4 resident warps per SM; amazon's
 #      compiled training took 28 s to compile on this 2-core CPU)
-#   2. PACK=1 OPS_TIMEOUT=250 TESTS_K="test_kernel_" TESTS_TIMEOUT=120 \
-#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile))" \
+#   2. PACK=1 OPS_TIMEOUT=270 TESTS_K="test_kernel_" TESTS_TIMEOUT=100 \
+#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile) or (taobao and low and (fused-cudagraph or 8warps)))" \
 #      bench/gpu_session.sh COMMIT ops tests
 #      (attention and PMA at amazon and long against SDPA and FlexAttention, issue 5's targets; the
 #      torch.compile rows at taobao that issues 3 and 4 compare against and the last H100 run left
-#      out; every kernel test on CUDA, now with poisoned allocations)
+#      out; the low-rank cross net with LOW_RANK_ROW_WARPS = 8 against the default, both graphed and
+#      plain in the same call; every kernel test on CUDA, now with poisoned allocations)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1

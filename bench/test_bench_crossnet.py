@@ -12,6 +12,9 @@ grad. Providers, each computing the same function:
   graph; GPU only);
 * ``eager-cudagraph`` / ``fused-cudagraph`` -- ``full`` mode captured in a CUDA graph and replayed:
   device time alone (GPU only; see bench/common.py);
+* ``fused-8warps`` (and its ``-cudagraph``) -- low rank only: the fused function with
+  ``LOW_RANK_ROW_WARPS = 8`` (8-warp forward and rows kernels with up to 256-column tiles), to
+  measure against the default's 4 warps;
 * ``fused-triton-gemm`` (and its ``-cudagraph``) -- full rank only: the fused function with
   ``FULL_RANK_GEMM = "triton"`` (Triton GEMM kernels with fused epilogues instead of cuBLAS GEMMs
   with Triton element-wise kernels), to keep the default's choice measured.
@@ -38,7 +41,8 @@ import common
 from interformer import reference as R
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph",
-             "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph"]
+             "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph", "fused-8warps",
+             "fused-8warps-cudagraph"]
 NUM_LAYERS = 2
 
 
@@ -89,12 +93,16 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("rank", ["full", "low"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
-    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm"),
+    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm", "fused-8warps"),
                                 shape_name=shape_name)
     if "triton-gemm" in provider:
         if rank != "full":
             pytest.skip(f"{provider}: a full-rank setting")
         monkeypatch.setattr(_fused_module(), "FULL_RANK_GEMM", "triton")
+    if "8warps" in provider:
+        if rank != "low":
+            pytest.skip(f"{provider}: a low-rank setting")
+        monkeypatch.setattr(_fused_module(), "LOW_RANK_ROW_WARPS", 8)
     shape = common.SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank

@@ -59,10 +59,12 @@ chunk and pass (``O(L^2)`` in all), which is free next to the memory traffic for
 practice.
 
 Block sizes and shared memory (``_lr_plan``, fixed by shape, no autotune): ``BLOCK_B = 16``,
-``BLOCK_R = max(16, next_pow2(r))``, 4 warps; the column tile and ``num_stages`` are the first that
+``BLOCK_R = max(16, next_pow2(r))``, 4 warps (the forward and rows kernels: ``LOW_RANK_ROW_WARPS``,
+a setting kept for measuring 8); the column tile and ``num_stages`` are the first that
 fit an H100's 227 KiB (232448 bytes) of shared memory per program by an upper estimate
 (``_lr_smem``), trying 3 stages (Triton's default), then 2, then 1, each from the widest tile down to
-16 columns: at most ``min(128, 8192 // BLOCK_R)`` columns for the forward and rows kernels, ``32``
+16 columns: at most ``min(32 w, 2048 w // BLOCK_R)`` columns at ``w`` warps (``min(128, 8192 //
+BLOCK_R)`` at the default 4) for the forward and rows kernels, ``32
 (then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel. The estimate is the
 largest over a kernel's loops of ``num_stages`` copies of every tile the loop loads (stored dtype:
 x0 / gradient ``[16, BLOCK_D]``, U / V ``[BLOCK_D, BLOCK_R]``, fp32 P / dP rows ``[16, BLOCK_R]``,
@@ -192,6 +194,14 @@ MAX_BLOCK_R = 512
 SMEM_LIMIT = 232448
 # Low-rank weight-gradient kernel: aim for about this many programs (columns x row splits).
 _TARGET_PROGRAMS = 128
+#: Warps of the low-rank forward and backward rows kernels; their column tiles are capped at 32
+#: columns per warp (128 at 4 warps). 4 is the default; 8 (tiles up to 256 columns) is kept for
+#: measurement: at B / 16 programs these kernels hold 4 of an SM's 64 warps at the DESIGN shapes
+#: (profiling/sm90-audit-triton3.6.md), and each program runs its D loop once per layer. At the
+#: taobao benchmark shape (bf16) the 8-warp builds (Triton 3.6, sm_90) take 256 columns, 244
+#: registers and 153 KB in the forward, 128 columns, 186 registers and 148 KB in the rows kernel,
+#: no spills: 8 resident warps per SM. Not timed yet (benchmark provider ``fused-8warps``).
+LOW_RANK_ROW_WARPS = 4
 
 
 # ============================================================================ low rank: Triton
@@ -422,16 +432,17 @@ def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: 
 
 @functools.lru_cache(maxsize=4096)
 def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
-             budget: int = SMEM_LIMIT) -> Optional[_LRPlan]:
+             budget: int = SMEM_LIMIT, row_warps: int = 4) -> Optional[_LRPlan]:
     """Block sizes and stages of the three low-rank kernels, or None when they cannot run (``BLOCK_R >
     512``, or no tile of 16 columns fits ``budget`` bytes of shared memory: large ranks with many
-    layers; the public function then uses the eager reference)."""
+    layers; the public function then uses the eager reference). ``row_warps``: see
+    :data:`LOW_RANK_ROW_WARPS`."""
     br = max(16, next_pow2(R))
     if br > MAX_BLOCK_R:
         return None
     xb, pb = x_dtype.itemsize, p_dtype.itemsize
     dp2 = max(16, next_pow2(D))
-    row_cap = max(16, min(128, 8192 // br, dp2))
+    row_cap = max(16, min(32 * row_warps, 2048 * row_warps // br, dp2))
     w_cap = max(16, min(64, 4096 // br, dp2))
     fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
     rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
@@ -443,7 +454,7 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
 
 def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
     plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
-    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype)
+    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS)
 
 
 def _lr_plan_or_raise(x0, ws, L) -> _LRPlan:
@@ -474,7 +485,7 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     _lr_fwd_kernel[(cdiv(B, _LR_BLOCK_B),)](
         out, p, x0, ws, vs, bs, B, D, R,
         NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
-        num_warps=4, num_stages=stages,
+        num_warps=LOW_RANK_ROW_WARPS, num_stages=stages,
     )
     return out, p
 
@@ -510,7 +521,8 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
     _lr_bwd_rows_kernel[(cdiv(B, _LR_BLOCK_B),)](
         dx0, dp, g, x0, p, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, num_warps=4, num_stages=stages,
+        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, num_warps=LOW_RANK_ROW_WARPS,
+        num_stages=stages,
     )
     du = torch.empty((L, D, R), device=dev, dtype=pdt)
     dv = torch.empty((L, R, D), device=dev, dtype=pdt)

@@ -95,7 +95,8 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
         if provider.startswith(FOREIGN):
             continue
         for extra in variants:
-            if "triton-gemm" in provider and extra.get("rank") == "low":
+            if ("triton-gemm" in provider and extra.get("rank") == "low"
+                    or "8warps" in provider and extra.get("rank") == "full"):
                 continue
             calls.clear()
             compiled.clear()
@@ -158,3 +159,27 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
     assert set(t) == {"median_ms", "p20_ms", "p80_ms"} and t["median_ms"] >= 0
     if not torch.cuda.is_available():
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("provider, warps, gemm", [("fused", 4, "cublas"), ("fused-8warps", 8, "cublas"),
+                                                   ("fused-triton-gemm", 4, "triton")])
+def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm):
+    """``fused-8warps`` times the low-rank op with ``LOW_RANK_ROW_WARPS = 8`` in effect, and
+    ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"``; plain ``fused`` with
+    neither (the settings seen inside the launchers, as they are called)."""
+    mod = importlib.import_module("test_bench_crossnet")
+    import interformer.kernels.crossnet as C
+
+    seen = []
+    for name in ("_lr_fwd_impl", "_fr_fwd_impl"):
+        real = getattr(C, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append((C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(C, name, spy)
+    rank = "full" if "gemm" in provider else "low"
+    mod.test_crossnet(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", rank=rank, mode="full",
+                      provider=provider)
+    assert seen and set(seen) == {(warps, gemm)}, seen

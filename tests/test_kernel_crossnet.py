@@ -103,6 +103,21 @@ def test_low_rank_cross_net(B, D, r, L, dtype):
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,r,L", [(3, 312, 32, 2), (5, 312, 200, 3)])
+def test_low_rank_cross_net_with_eight_row_warps(B, D, r, L, dtype, monkeypatch):
+    """``LOW_RANK_ROW_WARPS = 8`` (kept for measurement): its plan takes column tiles up to 256 where
+    they fit (the forward at r = 32 in 16-bit: 256 columns, so D = 312 is one full and one partial
+    tile), and the op still meets the reference in every output and gradient."""
+    monkeypatch.setattr(C, "LOW_RANK_ROW_WARPS", 8)
+    plan = C._lr_plan_for(torch.empty(1, D, dtype=dtype), [torch.empty(D, r, dtype=dtype)], L)
+    if r == 32 and dtype != torch.float32:
+        assert plan.fwd[0] == 256, plan
+    assert plan.fwd[0] <= 256 and plan.rows[0] <= 256
+    flat = _lr_inputs(B, D, r, L, dtype)
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+
+
 @pytest.mark.parametrize("B,D", [(0, 24), (4, 0)])
 def test_empty_inputs_forward_and_backward(B, D):
     """An empty batch or zero features: both ranks give the reference's (empty) output and gradients
@@ -141,8 +156,8 @@ _DT_PAIRS = [(torch.float32, torch.float32), (torch.float16, torch.float16), (to
              (torch.bfloat16, torch.float32)]  # the last: autocast, fp32 parameters
 
 
-def _plan_estimates(D, r, L, xdt, pdt):
-    plan = C._lr_plan(D, r, L, xdt, pdt)
+def _plan_estimates(D, r, L, xdt, pdt, row_warps=4):
+    plan = C._lr_plan(D, r, L, xdt, pdt, row_warps=row_warps)
     if plan is None:
         return None, {}
     xb, pb = xdt.itemsize, pdt.itemsize
@@ -210,8 +225,8 @@ def test_low_rank_without_a_plan_falls_back_to_eager():
         torch.ops.interformer.low_rank_cross_net_fwd(x0, list(ws), list(vs), list(bs))
 
 
-def _aot_cases(B, D, r, L, xdt, pdt):
-    plan, est = _plan_estimates(D, r, L, xdt, pdt)
+def _aot_cases(B, D, r, L, xdt, pdt, row_warps=4):
+    plan, est = _plan_estimates(D, r, L, xdt, pdt, row_warps)
     x, p, f = (str(t).replace("torch.", "") for t in (xdt, pdt, torch.float32))
     params = dict(Us=[p] * L, Vs=[p] * L, Bs=[p] * L)
     common = dict(NUM_LAYERS=L, BLOCK_R=plan.block_r, PREC=C.dot_precision(xdt))
@@ -249,6 +264,9 @@ def test_low_rank_plans_compile_within_h100_shared_memory():
     shapes += [(2048, D, r, L, torch.bfloat16, torch.bfloat16) for D, r, L in BENCH_SHAPES[::2]]
     shapes += [(2048, BENCH_SHAPES[0][0], 32, 2, torch.float32, torch.float32)]
     cases = [c for s in shapes for c in _aot_cases(*s)]
+    # LOW_RANK_ROW_WARPS = 8 at the taobao benchmark shape: 8-warp builds of its (wider) tiles
+    wide = _aot_cases(2048, *BENCH_SHAPES[0], torch.bfloat16, torch.bfloat16, row_warps=8)
+    cases += [dict(c, num_warps=8, shape=c["shape"] + ["8 warps"]) for c in wide if c["kind"] != "weights"]
     results = aot_build_sm90(cases, workers=max(1, min(8, os.cpu_count() or 1)))
     assert len(results) == len(cases)
     for r in results:
