@@ -760,21 +760,37 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
     :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``). The process's
     deterministic-algorithms setting is restored on return. A process group this call joined
-    (under torchrun, when none existed) is destroyed when it returns normally: left to the
-    interpreter's exit, gloo's was seen to abort a rank ("terminate called without an active
-    exception") once in CI. Not after an exception: NCCL's destroy waits for the other ranks, which
+    (under torchrun, when none existed) is destroyed when it returns normally. Under torchrun it
+    first lets the backend's worker threads have the GIL (:func:`_let_collectives_settle`; without
+    that a rank could abort at exit). The group is not destroyed after an exception: NCCL's destroy waits for the other ranks, which
     may sit in a collective the failed rank will never join (the job would hang until the timeout
     instead of failing).
     """
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    joins = distributed and not dist.is_initialized()
     try:
         result = _train(cfg, log)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if distributed:  # also when the group is the caller's, and after an exception
+            _let_collectives_settle()
     if joins and dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def _let_collectives_settle(seconds: float = 0.05) -> None:
+    """Give gloo's worker threads the GIL before the process can exit.
+
+    A finished collective's ``Work`` is destroyed on the backend's worker thread, and when it holds
+    tensors whose Python objects were already dropped (``all_gather_object``'s, for instance), that
+    thread must take the GIL to release them. If the main thread returns from ``train()`` and the
+    script ends first, the interpreter kills the thread in the middle of that C++ destructor and the
+    process aborts ("terminate called without an active exception"; a core dump shows
+    ``~AsyncAllgatherWork`` in ``ProcessGroupGloo::runLoop`` under ``Py_FinalizeEx``). That was one
+    torchrun test in 25 on a 2-core CPU. Sleeping releases the GIL, so the workers finish first."""
+    time.sleep(seconds)
 
 
 def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
