@@ -19,9 +19,11 @@
 #   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
 #   bench/gpu_session.sh COMMIT model ops host tests
 # and the next lease takes what that leaves. Planned for it (15 minutes of device time in all, a
-# start included: two calls of about 410 s and 370 s):
-#   1. PACK=1 HOST_TIMEOUT=30 OP_HOST_TIMEOUT=60 PROFILE_TIMEOUT=45 TESTS_IDS=bench/gpu_rerun.txt \
-#      TESTS_TIMEOUT=120 MODEL_TIMEOUT=150 \
+# start included): two calls whose stage time boxes add up to 445 s and 370 s at worst (run them
+# with the device tool's timeout_s = 480 and 400; a stage cut by timeout_s loses its rows, one cut
+# by its own box keeps them):
+#   1. PACK=1 LAUNCH_TIMEOUT=30 OP_HOST_TIMEOUT=60 HOST_TIMEOUT=30 PROFILE_TIMEOUT=45 \
+#      TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 MODEL_TIMEOUT=130 \
 #      MODEL_K="fused-compile and not max-autotune and not reduce-overhead and ((amazon and train) or (taobao and inference))" \
 #      bench/gpu_session.sh COMMIT host profile tests model
 #      (host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
@@ -29,12 +31,14 @@
 #      kernels, which profiling/sm90-audit-triton3.6.md shows at 4 resident warps per SM; amazon's
 #      compiled training took 28 s to compile on this 2-core CPU)
 #   2. PACK=1 OPS_TIMEOUT=270 TESTS_K="test_kernel_" TESTS_TIMEOUT=100 \
-#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile) or (taobao and low and (fused-cudagraph or 8warps)))" \
+#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_attention.py bench/test_bench_pffn.py bench/test_bench_gated_lce.py bench/test_bench_dot_interaction.py" \
+#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and not triton-gemm and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile) or (taobao and low and fused))" \
 #      bench/gpu_session.sh COMMIT ops tests
-#      (attention and PMA at amazon and long against SDPA and FlexAttention, issue 5's targets; the
-#      torch.compile rows at taobao that issues 3 and 4 compare against and the last H100 run left
-#      out; the low-rank cross net with LOW_RANK_ROW_WARPS = 8 against the default, both graphed and
-#      plain in the same call; every kernel test on CUDA, now with poisoned allocations)
+#      (first the low-rank cross net with LOW_RANK_ROW_WARPS = 8 beside the default, plain and
+#      graphed, and the cross nets' torch.compile rows; then attention and PMA at amazon and long
+#      against SDPA and FlexAttention, issue 5's targets; then the torch.compile rows at taobao that
+#      issue 3 compares against and the last H100 run left out; every kernel test on CUDA, now with
+#      poisoned allocations)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -94,14 +98,15 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                > "$OUT/tests.log"
              for f in "$logs"/shard*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
-    ops)     TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" bench --ignore=bench/test_bench_model.py ;;
+    ops)     # OPS_FILES: the op benchmark files in the order to run them (default: all, alphabetically)
+             TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" ${OPS_FILES:-bench --ignore=bench/test_bench_model.py} ;;
     model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1
              echo "exit $?"; head -n 70 "$OUT/profile.log" ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
-             timeout 60 python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
+             timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
              echo "launch_overhead exit $?"; tail -n 10 "$OUT/launch.log"
              # one fused op's plain fwd+bwd: as benchmarked, with its Triton launches skipped, eager
              timeout "${OP_HOST_TIMEOUT:-90}" python3 profiling/op_host.py --profile >"$OUT/op_host.log" 2>&1

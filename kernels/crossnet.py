@@ -64,7 +64,7 @@ a setting kept for measuring 8); the column tile and ``num_stages`` are the firs
 fit an H100's 227 KiB (232448 bytes) of shared memory per program by an upper estimate
 (``_lr_smem``), trying 3 stages (Triton's default), then 2, then 1, each from the widest tile down to
 16 columns: at most ``min(32 w, 2048 w // BLOCK_R)`` columns at ``w`` warps (``min(128, 8192 //
-BLOCK_R)`` at the default 4) for the forward and rows kernels, ``32
+BLOCK_R)`` at the default 4) for the forward and rows kernels, ``32``
 (then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel. The estimate is the
 largest over a kernel's loops of ``num_stages`` copies of every tile the loop loads (stored dtype:
 x0 / gradient ``[16, BLOCK_D]``, U / V ``[BLOCK_D, BLOCK_R]``, fp32 P / dP rows ``[16, BLOCK_R]``,
@@ -453,6 +453,8 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
 
 
 def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
+    if LOW_RANK_ROW_WARPS not in (4, 8):  # the tile caps (32 columns a warp) must stay powers of two
+        raise ValueError(f"LOW_RANK_ROW_WARPS must be 4 or 8, got {LOW_RANK_ROW_WARPS!r}")
     plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
     return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS)
 

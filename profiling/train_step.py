@@ -165,6 +165,8 @@ def kernel_table(averages, steps: int, names: set) -> str:
     for evt in averages:
         if getattr(evt, "device_type", cpu_type) == cpu_type:
             continue
+        if evt.key in RANGES or getattr(evt, "is_user_annotation", False):
+            continue  # a range's device row is its span on the GPU timeline, not a kernel
         t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
         total += t
         if evt.key in names:

@@ -118,6 +118,28 @@ def test_low_rank_cross_net_with_eight_row_warps(B, D, r, L, dtype, monkeypatch)
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
 
 
+def test_low_rank_row_warps_may_change_between_forward_and_backward(monkeypatch):
+    """The forward saves ``P [L, B, r]`` whatever its tiles, so a backward run with the other
+    ``LOW_RANK_ROW_WARPS`` (and other column tiles) still gives the reference gradients; any value
+    but 4 or 8 is refused by name."""
+    B, D, r, L = 3, 312, 32, 2  # fp16: the forward's tile is 256 columns at 8 warps, 128 at 4
+    flat = _lr_inputs(B, D, r, L, torch.float16)
+    g = torch.randn(B, D, device=DEVICE, dtype=torch.float16)
+    _, ref_grads, _ = _run(R.low_rank_cross_net, [t.double() for t in flat], L, 3, grad_out=g.double())
+    _, eager_grads, _ = _run(R.low_rank_cross_net, flat, L, 3, grad_out=g)
+    for fwd, bwd in ((8, 4), (4, 8)):
+        leaves = [t.detach().clone().requires_grad_() for t in flat]
+        monkeypatch.setattr(C, "LOW_RANK_ROW_WARPS", fwd)
+        out = C.low_rank_cross_net(*_split(leaves, L, 3))
+        monkeypatch.setattr(C, "LOW_RANK_ROW_WARPS", bwd)
+        out.backward(g)
+        for name, leaf, eager, ref in zip(_names(L, 3), leaves, eager_grads, ref_grads):
+            assert_lowp(leaf.grad, eager, ref, f"{name}, forward {fwd} warps, backward {bwd}")
+    monkeypatch.setattr(C, "LOW_RANK_ROW_WARPS", 6)
+    with pytest.raises(ValueError, match="LOW_RANK_ROW_WARPS must be 4 or 8"):
+        C.low_rank_cross_net(*_split(flat, L, 3))
+
+
 @pytest.mark.parametrize("B,D", [(0, 24), (4, 0)])
 def test_empty_inputs_forward_and_backward(B, D):
     """An empty batch or zero features: both ranks give the reference's (empty) output and gradients

@@ -152,7 +152,8 @@ def test_range_table_keeps_host_and_device_rows_apart(train_step):
 
 def test_kernel_table_lists_this_packages_kernels_by_device_time(train_step):
     """Every Triton kernel of ``interformer.kernels`` is known by name; the table keeps their device
-    rows only (not host rows, not cuBLAS or other kernels), largest first, per step and per launch."""
+    rows only (not host rows, not cuBLAS or other kernels), largest first, per step and per launch,
+    and sums all kernels for the total (not the device rows of ranges, which are GPU-timeline spans)."""
     import torch
     from types import SimpleNamespace as Row
 
@@ -164,7 +165,9 @@ def test_kernel_table_lists_this_packages_kernels_by_device_time(train_step):
     rows = [Row(key="_lr_fwd_kernel", device_type=cpu, count=30, self_device_time_total=0.0),
             Row(key="_lr_fwd_kernel", device_type=cuda, count=30, self_device_time_total=600.0),
             Row(key="_sum_partials_kernel", device_type=cuda, count=230, self_device_time_total=920.0),
-            Row(key="sm90_gemm_kernel", device_type=cuda, count=50, self_device_time_total=2480.0)]
+            Row(key="sm90_gemm_kernel", device_type=cuda, count=50, self_device_time_total=2480.0),
+            Row(key="train_step", device_type=cuda, count=10, self_device_time_total=314_791.0),  # a span
+            Row(key="my_range", device_type=cuda, count=10, self_device_time_total=9_000.0, is_user_annotation=True)]
     table = train_step.kernel_table(rows, steps=10, names=names).splitlines()
     assert table[1].split() == ["_sum_partials_kernel", "23.0", "92.0", "4.00"]
     assert table[2].split() == ["_lr_fwd_kernel", "3.0", "60.0", "20.00"]
