@@ -285,3 +285,30 @@ def test_occupancy_follows_the_h100_limits():
     assert occ["resident_warps"] == 4 and occ["waves"] == 128 / (132 * 8)
     occ = occupancy(dict(registers=64, num_warps=4, shared=0, programs=132 * 8 * 3), sms=132)
     assert occ["resident_warps"] == 32 and occ["waves"] == 3.0
+
+
+@pytest.mark.gpu
+def test_recorded_cases_are_the_same_on_cpu_and_cuda(sm90_audit):
+    """The audit records on whatever device it has (a CPU, under the interpreter) and claims the
+    cases are those a GPU compiles: the launchers choose block sizes from shapes alone. On a GPU,
+    the smoke training step recorded on CUDA and on the CPU gives the same specialisations."""
+    import json
+
+    import torch
+
+    import common
+    from interformer.kernel_audit import unique_cases
+
+    def key(case):
+        return json.dumps({k: v for k, v in case.items() if k not in ("programs", "launches", "unaligned")},
+                          sort_keys=True)
+
+    seen = {}
+    for device in ("cuda", "cpu"):
+        old = common.DEVICE
+        common.DEVICE = torch.device(device)
+        try:
+            seen[device] = {key(c) for c in unique_cases(sm90_audit.step_cases("smoke", "train"))}
+        finally:
+            common.DEVICE = old
+    assert seen["cuda"] == seen["cpu"], (sorted(seen["cuda"] - seen["cpu"]), sorted(seen["cpu"] - seen["cuda"]))
