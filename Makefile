@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-gpu bench bench-smoke report clean
+.PHONY: demo test test-gpu bench bench-smoke report audit clean
 
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench-smoke: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/python bench/report.py bench/results/latest.json
+
+# What every kernel of a fused training step compiles to for an H100 (registers, spills, shared
+# memory, occupancy), without a GPU: SHAPE=taobao|amazon|long|smoke
+audit: $(STAMP)
+	$(BIN)/python profiling/sm90_audit.py --shape $(or $(SHAPE),taobao)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
