@@ -193,17 +193,10 @@ def gpu_sized_patches(sms: int = H100_SMS) -> List[tuple]:
     """``(module, attribute, replacement)`` for every kernel module's ``num_sms`` and
     ``persistent_programs``, so that launchers size their grids, and choose what depends on the SM
     count (the gated LCE's dgate_weight strategy), as on a GPU with ``sms`` SMs."""
-    import importlib
+    from interformer.kernels import kernel_modules
 
-    from interformer.kernels import OP_MODULES
-
-    patches = []
-    for name in ("_common", *OP_MODULES):
-        mod = importlib.import_module(f"interformer.kernels.{name}")
-        for attr, value in (("num_sms", lambda device: sms), ("persistent_programs", lambda device: 4 * sms)):
-            if hasattr(mod, attr):
-                patches.append((mod, attr, value))
-    return patches
+    replacements = (("num_sms", lambda device: sms), ("persistent_programs", lambda device: 4 * sms))
+    return [(mod, attr, value) for mod in kernel_modules() for attr, value in replacements if hasattr(mod, attr)]
 
 
 @contextlib.contextmanager
@@ -224,10 +217,9 @@ def gpu_sized(sms: int = H100_SMS) -> Iterator[None]:
 def record_launches() -> Iterator[List[dict]]:
     """Record (and skip) every Triton launch inside the block as a case for :func:`build_sm90`;
     yields the list, filled as launches happen. Duplicates stay: see :func:`unique_cases`."""
-    from interformer.kernels import layernorm  # imports Triton, as the kernels see it
+    from interformer.profiling import replaced_triton_run
 
-    cls = type(layernorm._ln_fwd_kernel)
-    original, cases = cls.run, []
+    cases = []
 
     def record(self, *args, grid=None, warmup=False, **kwargs):
         fn = self.fn
@@ -236,11 +228,11 @@ def record_launches() -> Iterator[List[dict]]:
         bound = dict(zip(names, args))
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound.update(kwargs)
+        plain = {n: bound[n] for n in names if n not in constexprs and n in bound}
         case = dict(module=fn.__module__, kernel=fn.__name__,
                     consts={n: _const_spec(bound[n]) for n in names if n in constexprs and n in bound},
-                    args={n: _arg_spec(bound[n]) for n in names if n not in constexprs and n in bound},
-                    **options)
-        unaligned = _unaligned({n: bound[n] for n in names if n not in constexprs and n in bound})
+                    args={n: _arg_spec(v) for n, v in plain.items()}, **options)
+        unaligned = _unaligned(plain)
         if unaligned:
             case["unaligned"] = unaligned
         dims = grid(bound) if callable(grid) else grid
@@ -248,11 +240,8 @@ def record_launches() -> Iterator[List[dict]]:
         cases.append(case)
         return None
 
-    cls.run = record
-    try:
+    with replaced_triton_run(lambda original: record):
         yield cases
-    finally:
-        cls.run = original
 
 
 def unique_cases(cases: Sequence[dict]) -> List[dict]:

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import os
 from collections import Counter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -73,6 +73,28 @@ def ranged(name: str):
 
 
 @contextlib.contextmanager
+def replaced_triton_run(make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Inside the block, every ``kernel[grid](...)`` launch goes to ``make(original_run)`` instead of
+    Triton's own ``run`` (restored on leaving). The replacement receives ``(self, *args, **kwargs)``
+    as ``run`` does; it may call the original or not.
+
+    Works by replacing ``run`` on the class of this package's ``@triton.jit`` functions (the JIT
+    class on a GPU, the interpreter's under ``TRITON_INTERPRET=1``), so it sees every kernel
+    launched as ``kernel[grid](...)`` in the process, ours or not, but not the kernels
+    ``torch.compile`` generates (Inductor launches those through its own launchers). Not
+    thread-safe. Used by :func:`triton_launches` and :func:`interformer.kernel_audit.record_launches`."""
+    from interformer.kernels import layernorm  # imports Triton
+
+    cls = type(layernorm._ln_fwd_kernel)
+    original = cls.run
+    cls.run = make(original)
+    try:
+        yield
+    finally:
+        cls.run = original
+
+
+@contextlib.contextmanager
 def triton_launches(run: bool = True) -> Iterator[Counter]:
     """Count the Triton kernel launches made inside the block, by kernel name (yields the Counter).
 
@@ -80,25 +102,15 @@ def triton_launches(run: bool = True) -> Iterator[Counter]:
     ops' outputs are left unwritten (garbage), while everything around the launches -- the
     launchers' Python, their allocations, autograd -- runs as usual. That separates the cost of the
     launches from the rest (``profiling/op_host.py``) and lets tests see what an op allocates and
-    launches at sizes the interpreter could not run.
-
-    Works by replacing ``run`` on the class of this package's ``@triton.jit`` functions (the JIT
-    class on a GPU, the interpreter's under ``TRITON_INTERPRET=1``) for the duration of the block,
-    so it sees every kernel launched as ``kernel[grid](...)`` in the process, ours or not, but not
-    the kernels ``torch.compile`` generates (Inductor launches those through its own launchers).
-    Not thread-safe.
+    launches at sizes the interpreter could not run. Sees what :func:`replaced_triton_run` sees.
     """
-    from interformer.kernels import layernorm  # imports Triton
+    counter = Counter()
 
-    cls = type(layernorm._ln_fwd_kernel)
-    original, counter = cls.run, Counter()
+    def make(original):
+        def counted(self, *args, **kwargs):
+            counter[getattr(self, "__name__", None) or self.fn.__name__] += 1
+            return original(self, *args, **kwargs) if run else None
+        return counted
 
-    def counted(self, *args, **kwargs):
-        counter[getattr(self, "__name__", None) or self.fn.__name__] += 1
-        return original(self, *args, **kwargs) if run else None
-
-    cls.run = counted
-    try:
+    with replaced_triton_run(make):
         yield counter
-    finally:
-        cls.run = original

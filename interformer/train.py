@@ -762,9 +762,9 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     deterministic-algorithms setting is restored on return. A process group this call joined
     (under torchrun, when none existed) is destroyed when it returns normally. Under torchrun it
     first lets the backend's worker threads have the GIL (:func:`_let_collectives_settle`; without
-    that a rank could abort at exit). The group is not destroyed after an exception: NCCL's destroy waits for the other ranks, which
-    may sit in a collective the failed rank will never join (the job would hang until the timeout
-    instead of failing).
+    that a rank could abort at exit). The group is not destroyed after an exception: NCCL's destroy
+    waits for the other ranks, which may sit in a collective the failed rank will never join (the
+    job would hang until the timeout instead of failing).
     """
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -7,10 +7,17 @@ does (:func:`register_ops` imports them all).
 """
 
 import importlib
+from types import ModuleType
 from typing import List
 
 #: the op modules, each registering its ``interformer::`` custom ops when imported
 OP_MODULES = ("attention", "crossnet", "dot_interaction", "gated_lce", "layernorm", "pffn")
+
+
+def kernel_modules() -> List[ModuleType]:
+    """Every module of this package that defines Triton kernels (``_common`` and the op modules),
+    imported (which imports Triton and registers the ops)."""
+    return [importlib.import_module(f"{__name__}.{name}") for name in ("_common", *OP_MODULES)]
 
 
 def register_ops() -> List[str]:
@@ -20,6 +27,5 @@ def register_ops() -> List[str]:
     package has run on the fused path."""
     import torch
 
-    for name in OP_MODULES:
-        importlib.import_module(f"{__name__}.{name}")
+    kernel_modules()
     return sorted(n for n in dir(torch.ops.interformer) if n.endswith(("_fwd", "_bwd")))

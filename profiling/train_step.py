@@ -107,6 +107,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _self_device_time(evt) -> float:
+    return getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+
+
+def _kernel_rows(averages):
+    """The rows of a ``torch.profiler`` ``key_averages()`` that are device kernels: device rows that
+    are not a range's (a range's device row is its span on the GPU timeline, not a kernel)."""
+    cpu_type = torch.autograd.DeviceType.CPU
+    return [evt for evt in averages if getattr(evt, "device_type", cpu_type) != cpu_type
+            and evt.key not in RANGES and not getattr(evt, "is_user_annotation", False)]
+
+
 def range_table(averages, steps: int) -> str:
     """The per-range table of a ``torch.profiler`` run (its ``key_averages()``).
 
@@ -118,17 +130,15 @@ def range_table(averages, steps: int) -> str:
     module's forward has only forward kernels in "kernels". The last line is the device time of all
     kernels per step (range rows excluded)."""
     cpu_type = torch.autograd.DeviceType.CPU
-    host, span, kernels_total = {}, defaultdict(float), 0.0
+    host, span = {}, defaultdict(float)
     for evt in averages:
-        on_host = getattr(evt, "device_type", cpu_type) == cpu_type
-        device_total = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
         if evt.key in RANGES:
-            if on_host:
+            device_total = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+            if getattr(evt, "device_type", cpu_type) == cpu_type:
                 host[evt.key] = (evt.count, evt.cpu_time_total, device_total)
             else:
                 span[evt.key] += device_total
-        elif not on_host:
-            kernels_total += getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+    kernels_total = sum(_self_device_time(evt) for evt in _kernel_rows(averages))
     lines = [f"{'range':<28} {'calls/step':>10} {'CPU ms':>9} {'kernels ms':>11} {'GPU span ms':>12}   (per step)"]
     for name in RANGES:
         if name in host or name in span:
@@ -143,35 +153,19 @@ def range_table(averages, steps: int) -> str:
 
 def package_kernel_names() -> set:
     """Names of every ``@triton.jit`` kernel of ``interformer.kernels`` (as the profiler names them)."""
-    import importlib
+    from interformer.kernels import kernel_modules
 
-    from interformer.kernels import OP_MODULES
-
-    names = set()
-    for mod_name in ("_common", *OP_MODULES):
-        mod = importlib.import_module(f"interformer.kernels.{mod_name}")
-        for attr, value in vars(mod).items():
-            if attr.endswith("_kernel") and hasattr(value, "arg_names"):  # a JIT (or interpreted) kernel
-                names.add(attr)
-    return names
+    return {attr for mod in kernel_modules() for attr, value in vars(mod).items()
+            if attr.endswith("_kernel") and hasattr(value, "arg_names")}  # a JIT (or interpreted) kernel
 
 
 def kernel_table(averages, steps: int, names: set) -> str:
     """Device time per step of each of this package's Triton kernels (``names``), largest first,
     with launches per step and time per launch, and their sum against all kernels' time: which
     fused kernel to look at next (the range table only says which module)."""
-    cpu_type = torch.autograd.DeviceType.CPU
-    rows, total = [], 0.0
-    for evt in averages:
-        if getattr(evt, "device_type", cpu_type) == cpu_type:
-            continue
-        if evt.key in RANGES or getattr(evt, "is_user_annotation", False):
-            continue  # a range's device row is its span on the GPU timeline, not a kernel
-        t = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
-        total += t
-        if evt.key in names:
-            rows.append((t, evt.count, evt.key))
-    rows.sort(reverse=True)
+    kernels = _kernel_rows(averages)
+    total = sum(_self_device_time(evt) for evt in kernels)
+    rows = sorted(((_self_device_time(evt), evt.count, evt.key) for evt in kernels if evt.key in names), reverse=True)
     mine = sum(t for t, _, _ in rows)
     lines = [f"{'fused kernel':<28} {'launches/step':>13} {'us/step':>9} {'us/launch':>10}"]
     lines += [f"{k:<28} {n / steps:>13.1f} {t / steps:>9.1f} {t / max(n, 1):>10.2f}" for t, n, k in rows]
