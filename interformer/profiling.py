@@ -13,7 +13,7 @@ import contextlib
 import functools
 import os
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Tuple
 
 import torch
 
@@ -70,6 +70,24 @@ def ranged(name: str):
         return inner
 
     return wrap
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int, warmup: int = 0) -> Tuple[float, float]:
+    """``(issued, finished)``: wall seconds per call of ``fn`` over ``calls`` calls after ``warmup``
+    unmeasured ones, before and after the final device synchronisation (the first is host time
+    while the host is the bottleneck; on a CPU the two agree). The profiling scripts' one timer."""
+    import time
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter() - t0
+    sync()
+    return issued / calls, (time.perf_counter() - t0) / calls
 
 
 @contextlib.contextmanager

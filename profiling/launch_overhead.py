@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
@@ -43,6 +42,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is set)
 import triton.language as tl  # noqa: E402
+
+from interformer.profiling import seconds_per_call  # noqa: E402
 
 #: how many int arguments the "many arguments" kernel takes: as many as the attention backward
 #: (four 4-D tensors' strides and the sizes) has.
@@ -82,17 +83,8 @@ def _many_kernel():
 
 
 def _per_call_us(fn, calls: int) -> float:
-    for _ in range(min(20, calls)):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - t0
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    """Host microseconds per call (before the final synchronisation), after 20 warm-up calls."""
+    return seconds_per_call(fn, calls, warmup=min(20, calls))[0] * 1e6
 
 
 def _direct(compiled, args, y, expected):

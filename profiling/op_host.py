@@ -37,11 +37,10 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 
-from interformer.profiling import triton_launches
+from interformer.profiling import seconds_per_call, triton_launches
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 if not torch.cuda.is_available():
@@ -104,16 +103,8 @@ def aten_ops(fn) -> int:
 
 def per_call_us(fn, calls: int):
     """(issue, with device): microseconds per call before and after the final synchronisation."""
-    for _ in range(min(5, calls)):
-        fn()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    issued = time.perf_counter() - t0
-    _sync()
-    done = time.perf_counter() - t0
-    return issued / calls * 1e6, done / calls * 1e6
+    issued, done = seconds_per_call(fn, calls, warmup=min(5, calls))
+    return issued * 1e6, done * 1e6
 
 
 def measure(op: str, shape_name: str, calls: int) -> dict:

@@ -190,18 +190,9 @@ def _group(func) -> str:
 
 def _timed(fn, steps: int) -> float:
     """ms per call of ``fn`` over ``steps`` calls, the device synchronised at the end."""
-    import time
+    from interformer.profiling import seconds_per_call
 
-    import common
-
-    if common.ON_GPU:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if common.ON_GPU:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e3
+    return seconds_per_call(fn, steps)[1] * 1e3
 
 
 def host_breakdown(make_step, steps: int) -> dict:
