@@ -36,11 +36,9 @@ def test_demo_progress_bar_only_where_it_renders(monkeypatch):
     import sys
 
     from interformer.demo import _progress
+    from utils import TerminalStream as Terminal
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # not inside Jupyter (which draws)
     batches = range(3)
     for stream, no_progress, drawn in ((Terminal(), False, True), (io.StringIO(), False, False), (Terminal(), True, False)):
         monkeypatch.setattr(sys, "stderr", stream)

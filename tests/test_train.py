@@ -779,10 +779,7 @@ def test_training_progress_bar_only_where_it_renders(monkeypatch):
     import io
 
     from interformer.train import _progress
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+    from utils import TerminalStream as Terminal
 
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     for stream, enabled, drawn in ((Terminal(), True, True), (io.StringIO(), True, False), (Terminal(), False, False)):

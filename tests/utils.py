@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Iterable
 
 import torch
@@ -51,6 +52,13 @@ def assert_lowp(out: torch.Tensor, eager_lowp: torch.Tensor, ref64: torch.Tensor
 
 def grads(tensors: Iterable[torch.Tensor]):
     return [t.grad for t in tensors]
+
+
+class TerminalStream(io.StringIO):
+    """A text stream that says it is a terminal (``isatty()``): stderr as an interactive user has it."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def random_lengths(B: int, L: int, generator=None) -> torch.Tensor:
