@@ -54,6 +54,21 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _checked_kernel_accesses():
+    """Under the interpreter every test's kernel launches have their loads and stores checked
+    against their tensor arguments' bounds (see :mod:`memcheck`): an access past a tensor, which
+    the interpreter lets through and a GPU does not, fails the test. About 2% of the kernel tests'
+    time. On a GPU the kernels are compiled and nothing is checked here."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from memcheck import checked_accesses
+
+    with checked_accesses():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _poisoned_kernel_tests(request):
     """Every kernel test (``test_kernel_*``) runs with each fresh allocation filled with NaN or an
     out-of-range integer (see :mod:`poison`), so that no test passes because the interpreter's CPU

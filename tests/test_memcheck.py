@@ -1,0 +1,80 @@
+"""The bounds check of :mod:`memcheck` catches what the kernel tests rely on it for, and only that."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from memcheck import OutOfBounds, checked_accesses, view_range
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="checks the interpreter's accesses; a GPU has compute-sanitizer")
+
+
+@triton.jit
+def _shifted_copy(X, Y, N, SHIFT, STORE_SHIFT, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    ok = o < N
+    tl.store(Y + o + STORE_SHIFT, tl.load(X + o + SHIFT, mask=ok), mask=ok)
+
+
+def _cause(excinfo) -> BaseException:
+    e = excinfo.value
+    while e.__cause__ is not None:  # the interpreter wraps a kernel's exception in InterpreterError
+        e = e.__cause__
+    return e
+
+
+def test_in_bounds_and_masked_off_lanes_pass():
+    x, y = torch.arange(10.0), torch.empty(10)
+    with checked_accesses() as seen:
+        _shifted_copy[(1,)](x, y, 10, 0, 0, BLOCK=16)  # lanes 10..15 masked off: their addresses are past x
+    assert torch.equal(x, y)
+    assert len(seen) == 1 and seen[0].checked == 20  # 10 loads, 10 stores
+
+
+@pytest.mark.parametrize("load_shift,store_shift,what", [(1, 0, "load"), (-1, 0, "load"), (0, 1, "store")])
+def test_an_access_past_either_end_raises(load_shift, store_shift, what):
+    x, y = torch.arange(10.0), torch.empty(10)
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _shifted_copy[(1,)](x, y, 10, load_shift, store_shift, BLOCK=16)
+    err = _cause(e)
+    assert isinstance(err, OutOfBounds) and f"_shifted_copy: {what} of 1 lane(s)" in str(err)
+
+
+def test_reading_past_a_view_into_the_rest_of_its_buffer_raises():
+    """Stricter than a GPU's memcheck: the rest of the allocation is another tensor's data."""
+    buf = torch.arange(10.0)
+    x, y = buf[:5], torch.empty(5)
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _shifted_copy[(1,)](x, y, 5, 1, 0, BLOCK=8)
+    assert isinstance(_cause(e), OutOfBounds)
+    with checked_accesses():  # the same read of the whole buffer is fine
+        _shifted_copy[(1,)](buf, torch.empty(10), 9, 1, 0, BLOCK=16)
+
+
+def test_view_range_covers_strided_transposed_and_empty_views():
+    t = torch.empty(4, 6)
+    es = t.element_size()
+    assert view_range(t) == (t.data_ptr(), t.data_ptr() + 24 * es)
+    assert view_range(t.t()) == view_range(t)
+    sub = t[1:3, 2:4]  # rows 1-2, columns 2-3: elements 8 .. 15
+    assert view_range(sub) == (t.data_ptr() + 8 * es, t.data_ptr() + 16 * es)
+    lo, hi = view_range(t[:0])
+    assert lo == hi
+    expanded = torch.empty(3, 1).expand(3, 7)  # stride 0: three elements
+    assert view_range(expanded) == (expanded.data_ptr(), expanded.data_ptr() + 3 * es)
+
+
+def test_the_suite_runs_under_the_check():
+    """conftest's autouse fixture: a kernel launched by any test is checked."""
+    from interformer.kernels.dot_interaction import dot_interaction
+    from triton.runtime import interpreter
+
+    assert interpreter.InterpreterBuilder.create_masked_load.__name__ == "load"  # memcheck's wrapper
+    x = torch.randn(2, 5, 8)
+    assert torch.allclose(dot_interaction(x), (x @ x.transpose(1, 2))[:, *torch.triu_indices(5, 5, 1)])
