@@ -129,7 +129,7 @@ class TrainConfig:
     synthetic_test: int = 0
     # model
     model: Dict[str, Any] = field(default_factory=dict)  # InterFormerConfig fields
-    backend: str = "auto"
+    backend: str = "auto"  # the model's backend; while "auto", a model["backend"] given decides (model_backend())
     # optimisation
     batch_size: int = 256
     eval_batch_size: int = 1024
@@ -200,10 +200,21 @@ class TrainConfig:
         # numbers written as strings (PyYAML reads ``1e-6`` as one) are converted here too
         hints = typing.get_type_hints(InterFormerConfig)
         self.model = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
+        inner = self.model.get("backend")
+        if inner is not None and self.backend.lower() != "auto" and str(inner).lower() != self.backend.lower():
+            raise ValueError(f"backend {self.backend!r} and model.backend {inner!r} disagree: give one of them")
         given_files = [n for n in ("train", "valid", "test") if getattr(self, n)] + (["schema"] if self.schema else [])
         if self.data == "synthetic" and given_files:
             raise ValueError(f"{', '.join(given_files)} given but data is 'synthetic' (the default): set data to "
                              "'csv' or 'parquet' to train on the files")
+
+    def model_backend(self) -> str:
+        """The backend the model is built with: ``backend``, or ``model["backend"]`` while ``backend``
+        is "auto" (its default). Decision: a backend written into the model's settings is kept rather
+        than silently replaced by the run's default; two that disagree are refused when built."""
+        if self.backend.lower() == "auto" and self.model.get("backend") is not None:
+            return self.model["backend"]
+        return self.backend
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -472,7 +483,7 @@ def _vocabs_from_dict(d: Optional[dict]):
 
 
 def build_model(cfg: TrainConfig, overrides: Dict[str, Any]) -> InterFormerCTR:
-    model_cfg = InterFormerConfig(**{**cfg.model, **overrides, "backend": cfg.backend})
+    model_cfg = InterFormerConfig(**{**cfg.model, **overrides, "backend": cfg.model_backend()})
     return InterFormerCTR(model_cfg)
 
 
@@ -1115,7 +1126,7 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     if backend is not None:
         cfg.backend = backend
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_cfg = InterFormerConfig(**{**state["model_config"], "backend": cfg.backend})
+    model_cfg = InterFormerConfig(**{**state["model_config"], "backend": cfg.model_backend()})
     model = InterFormerCTR(model_cfg).to(dev)
     model.load_state_dict(state["model"])
     if paths:
