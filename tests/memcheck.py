@@ -1,24 +1,36 @@
-"""Out-of-bounds accesses, which the Triton interpreter lets through, made errors for a test.
+"""Two kinds of kernel bug the Triton interpreter lets through, made errors for a test.
 
 Under ``TRITON_INTERPRET=1`` a kernel's ``tl.load`` and ``tl.store`` read and write raw host
-addresses: an access past the end of a tensor touches whatever the process holds there and goes
-unnoticed (a load usually returns a harmless neighbour, often zeros). On a GPU the same access
-reads another tensor's data or garbage from the caching allocator (a wrong result, a NaN that
-shows up steps later), writes over it, or faults. :func:`checked_accesses` is the interpreter's
-counterpart of ``compute-sanitizer --tool memcheck``, stricter than it in one way:
+addresses, and the programs of a launch run one after another. So:
+
+* an access past the end of a tensor touches whatever the process holds there and goes unnoticed
+  (a load usually returns a harmless neighbour, often zeros). On a GPU the same access reads
+  another tensor's data or garbage from the caching allocator (a wrong result, a NaN that shows up
+  steps later), writes over it, or faults;
+* a program that loads an element another program of the same launch stores gets, in the
+  interpreter, whatever the program order leaves there. On a GPU programs run in no set order (nor
+  all at once), so it is a race. Two programs storing one element race the same way.
+
+:func:`checked_accesses` is the interpreter's counterpart of ``compute-sanitizer`` (its memcheck
+and racecheck), stricter than it in one way:
 
 * every launch's tensor arguments (tuples of tensors included) each give the byte range their
   view spans -- from the lowest to the highest element its sizes and strides reach, not the whole
   allocation, so reading a neighbouring part of the same buffer counts as out of bounds too;
 * every element a load or store touches with its mask true must lie inside one of those ranges,
-  whole (its first and last byte), or the launch raises :class:`OutOfBounds` naming the kernel,
+  whole (its first and last byte), or the launch raises :class:`AccessError` naming the kernel,
   load or store, the number of offending lanes, the first address and where it lies relative to
-  the nearest argument.
+  the nearest argument;
+* at the end of the launch, an element stored by one program and loaded or stored by another
+  raises :class:`AccessError` naming the two programs (this package's kernels use no atomics or
+  inter-program synchronisation, which would make such an access legitimate).
 
-Masked-off lanes are not checked: their addresses are never dereferenced, on a GPU either. A
-store into a range that is a strided view's extent but no element of the view (a gap between
-rows) is not caught; the poisoned allocations of :mod:`poison` catch what such a store would have
-to leave unwritten. Works only under the interpreter (it patches the interpreter's builder).
+Masked-off lanes are not checked: their addresses are never dereferenced, on a GPU either. Not
+caught: a store into a strided view's extent that is no element of the view (a gap between rows;
+the poisoned allocations of :mod:`poison` catch what such a store would leave unwritten), and a
+race between the threads of one program (a store read back by other threads without a
+``tl.debug_barrier``), which the interpreter cannot see: it runs a program as whole tiles. Works
+only under the interpreter (it patches the interpreter's builder).
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ import numpy as np
 import torch
 
 
-class OutOfBounds(AssertionError):
-    """A load or store of an interpreted kernel outside every tensor argument's view."""
+class AccessError(AssertionError):
+    """A load or store of an interpreted kernel outside every tensor argument's view, or one that
+    races with another program of the launch."""
 
 
 def view_range(t: torch.Tensor) -> Tuple[int, int]:
@@ -61,6 +74,8 @@ class _Launch:
         self.starts = np.array([r[0] for r in ranges], dtype=np.uint64)
         self.ends = np.array([r[1] for r in ranges], dtype=np.uint64)
         self.checked = 0
+        self.program = 0  # the linear id of the program being interpreted
+        self._accesses = {"load": [], "store": []}  # (addresses, program) per access
 
     def check(self, what: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
         addr = np.asarray(ptrs, dtype=np.uint64)
@@ -69,6 +84,7 @@ class _Launch:
         if addr.size == 0:
             return
         self.checked += int(addr.size)
+        self._accesses[what].append((addr, self.program))
         end = addr + np.uint64(itemsize)
         inside = np.zeros(addr.shape, dtype=bool)
         for lo, hi in zip(self.starts, self.ends):  # a handful of arguments; views may overlap
@@ -78,15 +94,51 @@ class _Launch:
         bad = addr[~inside]
         first = int(bad[0])
         if not len(self.starts):
-            raise OutOfBounds(f"{self.name}: {what} of {bad.size} lane(s) in a launch without tensor arguments")
+            raise AccessError(f"{self.name}: {what} of {bad.size} lane(s) in a launch without tensor arguments")
         near = min(range(len(self.starts)), key=lambda j: min(abs(first - int(self.starts[j])),
                                                               abs(first - int(self.ends[j]))))
         lo, hi = int(self.starts[near]), int(self.ends[near])
         where = (f"{first - hi} bytes past the end of" if first >= hi else
                  f"{lo - first} bytes before" if first < lo else "straddling the end of")
-        raise OutOfBounds(f"{self.name}: {what} of {bad.size} lane(s) outside every tensor argument; the "
+        raise AccessError(f"{self.name}: {what} of {bad.size} lane(s) outside every tensor argument; the "
                           f"first at {where} the nearest argument's view ([{lo:#x}, {hi:#x}), "
                           f"{hi - lo} bytes)")
+
+
+    def check_races(self) -> None:
+        """At the end of the launch: no element stored by one program is loaded or stored by
+        another (programs of a launch run in no set order on a GPU, and these kernels have no
+        atomics or inter-program synchronisation)."""
+        def flat(what):
+            acc = self._accesses[what]
+            if not acc:
+                return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+            return (np.concatenate([a for a, _ in acc]),
+                    np.concatenate([np.full(a.size, p, np.int64) for a, p in acc]))
+
+        w, wp = flat("store")
+        if w.size == 0:
+            return
+        order = np.lexsort((wp, w))
+        w, wp = w[order], wp[order]
+        clash = (w[1:] == w[:-1]) & (wp[1:] != wp[:-1])
+        if clash.any():
+            i = int(np.argmax(clash))
+            raise AccessError(f"{self.name}: {int(clash.sum())} store(s) to an element another program of the "
+                              f"launch also stores (programs {wp[i]} and {wp[i + 1]}, address {int(w[i]):#x})")
+        r, rp = flat("load")
+        addr, first = np.unique(w, return_index=True)
+        last = np.append(first[1:], w.size) - 1
+        k = np.searchsorted(addr, r)
+        hit = k < addr.size
+        hit[hit] = addr[k[hit]] == r[hit]
+        other = hit.copy()
+        other[hit] = (wp[first[k[hit]]] != rp[hit]) | (wp[last[k[hit]]] != rp[hit])
+        if other.any():
+            i = int(np.argmax(other))
+            raise AccessError(f"{self.name}: {int(other.sum())} load(s) of an element another program of the "
+                              f"launch stores (program {rp[i]} loads address {int(r[i]):#x}, program "
+                              f"{wp[first[k[i]]]} stores it)")
 
 
 _current: List[_Launch] = []  # the launch being interpreted (a list: empty outside a launch)
@@ -117,6 +169,7 @@ def _patched_interpreter() -> Iterator[None]:
 
     orig_call, orig_init = I.GridExecutor.__call__, I.GridExecutor._init_args_hst
     orig_load, orig_store = I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store
+    orig_idx = I.InterpreterBuilder.set_grid_idx
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
@@ -130,9 +183,17 @@ def _patched_interpreter() -> Iterator[None]:
 
     def call(self, *args, **kwargs):
         try:
-            return orig_call(self, *args, **kwargs)
+            out = orig_call(self, *args, **kwargs)
+            if _current:
+                _current[0].check_races()
+            return out
         finally:
             _current.clear()
+
+    def set_grid_idx(self, x, y, z):
+        orig_idx(self, x, y, z)
+        if _current:
+            _current[0].program = (z * self.grid_dim[1] + y) * self.grid_dim[0] + x
 
     def itemsize(ptrs) -> int:
         return np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
@@ -149,8 +210,10 @@ def _patched_interpreter() -> Iterator[None]:
 
     I.GridExecutor.__call__, I.GridExecutor._init_args_hst = call, init_args_hst
     I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = load, store
+    I.InterpreterBuilder.set_grid_idx = set_grid_idx
     try:
         yield
     finally:
         I.GridExecutor.__call__, I.GridExecutor._init_args_hst = orig_call, orig_init
         I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = orig_load, orig_store
+        I.InterpreterBuilder.set_grid_idx = orig_idx

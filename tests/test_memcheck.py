@@ -1,4 +1,5 @@
-"""The bounds check of :mod:`memcheck` catches what the kernel tests rely on it for, and only that."""
+"""The checks of :mod:`memcheck` (bounds, and races between the programs of a launch) catch what the
+kernel tests rely on them for, and only that."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memcheck import OutOfBounds, checked_accesses, view_range
+from memcheck import AccessError, checked_accesses, view_range
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="checks the interpreter's accesses; a GPU has compute-sanitizer")
@@ -43,7 +44,7 @@ def test_an_access_past_either_end_raises(load_shift, store_shift, what):
     with checked_accesses(), pytest.raises(Exception) as e:
         _shifted_copy[(1,)](x, y, 10, load_shift, store_shift, BLOCK=16)
     err = _cause(e)
-    assert isinstance(err, OutOfBounds) and f"_shifted_copy: {what} of 1 lane(s)" in str(err)
+    assert isinstance(err, AccessError) and f"_shifted_copy: {what} of 1 lane(s)" in str(err)
 
 
 def test_reading_past_a_view_into_the_rest_of_its_buffer_raises():
@@ -52,9 +53,46 @@ def test_reading_past_a_view_into_the_rest_of_its_buffer_raises():
     x, y = buf[:5], torch.empty(5)
     with checked_accesses(), pytest.raises(Exception) as e:
         _shifted_copy[(1,)](x, y, 5, 1, 0, BLOCK=8)
-    assert isinstance(_cause(e), OutOfBounds)
+    assert isinstance(_cause(e), AccessError)
     with checked_accesses():  # the same read of the whole buffer is fine
         _shifted_copy[(1,)](buf, torch.empty(10), 9, 1, 0, BLOCK=16)
+
+
+@triton.jit
+def _neighbour_sum(X, Y, N, READ_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p writes block p of Y; with READ_NEXT it first reads block p+1 of Y (another
+    program's output: a race on a GPU). Without it, it only writes its own block."""
+    p = tl.program_id(0)
+    o = p * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + o, mask=o < N, other=0.0)
+    if READ_NEXT:
+        x += tl.load(Y + o + BLOCK, mask=o + BLOCK < N, other=0.0)
+    tl.store(Y + o, x, mask=o < N)
+
+
+@triton.jit
+def _all_store_first(X, Y, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o * 0, tl.load(X + o), mask=o == 0)  # every program writes Y[0]
+
+
+def test_a_program_reading_another_programs_output_raises():
+    x, y = torch.arange(8.0), torch.zeros(8)
+    with checked_accesses():
+        _neighbour_sum[(4,)](x, y, 8, READ_NEXT=False, BLOCK=2)
+    assert torch.equal(x, y)
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _neighbour_sum[(4,)](x, y, 8, READ_NEXT=True, BLOCK=2)
+    assert isinstance(_cause(e), AccessError) and "load(s) of an element another program" in str(_cause(e))
+
+
+def test_two_programs_storing_one_element_raises():
+    x, y = torch.arange(4.0), torch.zeros(4)
+    with checked_accesses():
+        _all_store_first[(1,)](x, y, BLOCK=4)  # one program: fine
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _all_store_first[(3,)](x, y, BLOCK=4)
+    assert isinstance(_cause(e), AccessError) and "programs 0 and 1" in str(_cause(e))
 
 
 def test_view_range_covers_strided_transposed_and_empty_views():
