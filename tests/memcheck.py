@@ -23,14 +23,18 @@ and racecheck), stricter than it in one way:
   the nearest argument;
 * at the end of the launch, an element stored by one program and loaded or stored by another
   raises :class:`AccessError` naming the two programs (this package's kernels use no atomics or
-  inter-program synchronisation, which would make such an access legitimate).
+  inter-program synchronisation, which would make such an access legitimate);
+* a program that loads an element it stored itself with no ``tl.debug_barrier()`` in between
+  raises too: the threads that load an element of a tile need not be those that stored it, and
+  Triton orders global memory between a program's threads only at a barrier. (Where the layouts
+  happen to give both to the same thread the access is safe; the check does not know layouts, so
+  a kernel re-reading its own output needs the barrier anyway, as the cross nets' have.)
 
 Masked-off lanes are not checked: their addresses are never dereferenced, on a GPU either. Not
 caught: a store into a strided view's extent that is no element of the view (a gap between rows;
 the poisoned allocations of :mod:`poison` catch what such a store would leave unwritten), and a
-race between the threads of one program (a store read back by other threads without a
-``tl.debug_barrier``), which the interpreter cannot see: it runs a program as whole tiles. Works
-only under the interpreter (it patches the interpreter's builder).
+store after a load of the same element by another thread of the program (an in-place update),
+which no kernel here makes. Works only under the interpreter (it patches the interpreter's builder).
 """
 
 from __future__ import annotations
@@ -76,6 +80,14 @@ class _Launch:
         self.checked = 0
         self.program = 0  # the linear id of the program being interpreted
         self._accesses = {"load": [], "store": []}  # (addresses, program) per access
+        self._unfenced: List[np.ndarray] = []  # this program's stores since its last barrier
+
+    def new_program(self, program: int) -> None:
+        self.program = program
+        self._unfenced = []
+
+    def barrier(self) -> None:
+        self._unfenced = []
 
     def check(self, what: str, ptrs: np.ndarray, mask: np.ndarray, itemsize: int) -> None:
         addr = np.asarray(ptrs, dtype=np.uint64)
@@ -85,6 +97,11 @@ class _Launch:
             return
         self.checked += int(addr.size)
         self._accesses[what].append((addr, self.program))
+        if what == "store":
+            self._unfenced.append(addr)
+        elif self._unfenced and np.isin(addr, np.concatenate(self._unfenced)).any():
+            raise AccessError(f"{self.name}: a load of an element this program stored with no tl.debug_barrier() "
+                              "since (another thread of the program may not see the store yet)")
         end = addr + np.uint64(itemsize)
         inside = np.zeros(addr.shape, dtype=bool)
         for lo, hi in zip(self.starts, self.ends):  # a handful of arguments; views may overlap
@@ -169,7 +186,7 @@ def _patched_interpreter() -> Iterator[None]:
 
     orig_call, orig_init = I.GridExecutor.__call__, I.GridExecutor._init_args_hst
     orig_load, orig_store = I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store
-    orig_idx = I.InterpreterBuilder.set_grid_idx
+    orig_idx, orig_barrier = I.InterpreterBuilder.set_grid_idx, I.InterpreterBuilder.create_barrier
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
@@ -193,7 +210,12 @@ def _patched_interpreter() -> Iterator[None]:
     def set_grid_idx(self, x, y, z):
         orig_idx(self, x, y, z)
         if _current:
-            _current[0].program = (z * self.grid_dim[1] + y) * self.grid_dim[0] + x
+            _current[0].new_program((z * self.grid_dim[1] + y) * self.grid_dim[0] + x)
+
+    def barrier(self):
+        if _current:
+            _current[0].barrier()
+        return orig_barrier(self)
 
     def itemsize(ptrs) -> int:
         return np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
@@ -210,10 +232,10 @@ def _patched_interpreter() -> Iterator[None]:
 
     I.GridExecutor.__call__, I.GridExecutor._init_args_hst = call, init_args_hst
     I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = load, store
-    I.InterpreterBuilder.set_grid_idx = set_grid_idx
+    I.InterpreterBuilder.set_grid_idx, I.InterpreterBuilder.create_barrier = set_grid_idx, barrier
     try:
         yield
     finally:
         I.GridExecutor.__call__, I.GridExecutor._init_args_hst = orig_call, orig_init
         I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = orig_load, orig_store
-        I.InterpreterBuilder.set_grid_idx = orig_idx
+        I.InterpreterBuilder.set_grid_idx, I.InterpreterBuilder.create_barrier = orig_idx, orig_barrier

@@ -1,5 +1,5 @@
-"""The checks of :mod:`memcheck` (bounds, and races between the programs of a launch) catch what the
-kernel tests rely on them for, and only that."""
+"""The checks of :mod:`memcheck` (bounds, races between the programs of a launch, a program reading back
+its own store without a barrier) catch what the kernel tests rely on them for, and only that."""
 
 from __future__ import annotations
 
@@ -93,6 +93,25 @@ def test_two_programs_storing_one_element_raises():
     with checked_accesses(), pytest.raises(Exception) as e:
         _all_store_first[(3,)](x, y, BLOCK=4)
     assert isinstance(_cause(e), AccessError) and "programs 0 and 1" in str(_cause(e))
+
+
+@triton.jit
+def _reverse_through_y(X, Y, BARRIER: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o, tl.load(X + o))
+    if BARRIER:
+        tl.debug_barrier()
+    tl.store(Y + o, tl.load(Y + BLOCK - 1 - o))  # element i read back by the thread that holds BLOCK-1-i
+
+
+def test_reading_back_a_store_needs_a_barrier():
+    x, y = torch.arange(8.0), torch.empty(8)
+    with checked_accesses():
+        _reverse_through_y[(1,)](x, y, BARRIER=True, BLOCK=8)
+    assert torch.equal(y, x.flip(0))
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _reverse_through_y[(1,)](x, y, BARRIER=False, BLOCK=8)
+    assert isinstance(_cause(e), AccessError) and "no tl.debug_barrier()" in str(_cause(e))
 
 
 def test_view_range_covers_strided_transposed_and_empty_views():
