@@ -16,7 +16,9 @@ launcher hands those strides to its kernels as they are, so an int32 product the
 
 Each case therefore runs in a child process (a crash fails that case only, with its op named) and
 checks the forward and every input gradient against the same op on contiguous copies of the same
-values. Removing one ``.to(tl.int64)`` (the DOT forward's sample index) makes its case crash.
+values. Under the interpreter the child checks every access (:mod:`memcheck`), so a wrapped offset
+fails there naming the kernel and the distance (removing the DOT forward's ``.to(tl.int64)``: a
+load 2**32 - 256 bytes before z's view); on a GPU it crashes or reads the wrong sample.
 
 What this does not reach: the outputs, gradients and scratch buffers the launchers allocate stay
 small and contiguous, so their offsets are checked only by reading the kernels. The cases cover
@@ -124,19 +126,25 @@ def _inputs(case: str, device):
 def run_case(case: str) -> None:
     """The child process: the op on far-apart views against the op on contiguous copies."""
     sys.path.insert(0, str(HERE))
+    from contextlib import nullcontext
+
+    from memcheck import checked_accesses
     from utils import assert_rel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fn, far, near, grads = _inputs(case, device)
     results = []
-    for args, far_grad in ((near, False), (far, True)):
-        args = [a.detach().requires_grad_(i in grads) for i, a in enumerate(args)]
-        out = fn(*args)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-        if far_grad:  # the upstream gradient far apart too (a backward reads it through its strides)
-            (g,) = far_apart(g)
-        d = torch.autograd.grad(out, [args[i] for i in grads], g)
-        results.append((out, d))
+    # under the interpreter an access outside the views raises, naming the kernel, before it can crash
+    checked = checked_accesses() if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+    with checked:
+        for args, far_grad in ((near, False), (far, True)):
+            args = [a.detach().requires_grad_(i in grads) for i, a in enumerate(args)]
+            out = fn(*args)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+            if far_grad:  # the upstream gradient far apart too (a backward reads it through its strides)
+                (g,) = far_apart(g)
+            d = torch.autograd.grad(out, [args[i] for i in grads], g)
+            results.append((out, d))
     (out_n, d_n), (out_f, d_f) = results
     assert_rel(out_f, out_n, 1e-3, f"{case}: output")
     for i, a, b in zip(grads, d_f, d_n):
