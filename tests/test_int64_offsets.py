@@ -11,7 +11,7 @@ pages are touched, on a GPU real memory (the child holds two such, input and gra
 launcher hands those strides to its kernels as they are, so an int32 product there wraps around:
 
 * under ``TRITON_INTERPRET=1`` (numpy int32 arithmetic) to an address outside the tensor, which
-  crashes the process, or reads another sample's rows;
+  the access check below reports (unchecked, it crashes the process), or into another sample's rows;
 * on a GPU, the same, in the compiled kernel.
 
 Each case therefore runs in a child process (a crash fails that case only, with its op named) and
