@@ -70,7 +70,8 @@ def _tensors(args) -> Iterator[torch.Tensor]:
 
 
 class _Launch:
-    """The byte ranges of the tensor arguments of the launch being interpreted, and its kernel's name."""
+    """One interpreted launch: its kernel's name, its tensor arguments' byte ranges, and while it
+    runs the addresses each program accessed (dropped once the launch is checked)."""
 
     def __init__(self, name: str, tensors: List[torch.Tensor]) -> None:
         self.name = name
@@ -120,7 +121,6 @@ class _Launch:
         raise AccessError(f"{self.name}: {what} of {bad.size} lane(s) outside every tensor argument; the "
                           f"first at {where} the nearest argument's view ([{lo:#x}, {hi:#x}), "
                           f"{hi - lo} bytes)")
-
 
     def check_races(self) -> None:
         """At the end of the launch: no element stored by one program is loaded or stored by
@@ -205,6 +205,8 @@ def _patched_interpreter() -> Iterator[None]:
                 _current[0].check_races()
             return out
         finally:
+            if _current:  # keep the counts, free the addresses (a test may launch thousands of times)
+                _current[0]._accesses = _current[0]._unfenced = None
             _current.clear()
 
     def set_grid_idx(self, x, y, z):
