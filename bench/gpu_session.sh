@@ -26,7 +26,10 @@
 #      TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 MODEL_TIMEOUT=130 \
 #      MODEL_K="fused-compile and not max-autotune and not reduce-overhead and ((amazon and train) or (taobao and inference))" \
 #      bench/gpu_session.sh COMMIT host profile tests model
-#      (host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
+#      (the rerun list holds test_fused_training_at_a_high_learning_rate_stays_finite_and_tracks_eager:
+#      the H100's NaN validation AUC came from the fused fp32 path, and on failure that test names the
+#      first non-finite module and says whether exact fp32 dots avoid it;
+#      host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
 #      fused ops' host time; profile: device time per fused kernel, e.g. the low-rank cross net's
 #      kernels, which profiling/sm90-audit-triton3.6.md shows at 4 resident warps per SM; amazon's
 #      compiled training took 28 s to compile on this 2-core CPU)
