@@ -200,21 +200,31 @@ class TrainConfig:
         # numbers written as strings (PyYAML reads ``1e-6`` as one) are converted here too
         hints = typing.get_type_hints(InterFormerConfig)
         self.model = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
-        inner = self.model.get("backend")
-        if inner is not None and self.backend.lower() != "auto" and str(inner).lower() != self.backend.lower():
-            raise ValueError(f"backend {self.backend!r} and model.backend {inner!r} disagree: give one of them")
         given_files = [n for n in ("train", "valid", "test") if getattr(self, n)] + (["schema"] if self.schema else [])
         if self.data == "synthetic" and given_files:
             raise ValueError(f"{', '.join(given_files)} given but data is 'synthetic' (the default): set data to "
                              "'csv' or 'parquet' to train on the files")
 
-    def model_backend(self) -> str:
-        """The backend the model is built with: ``backend``, or ``model["backend"]`` while ``backend``
-        is "auto" (its default). Decision: a backend written into the model's settings is kept rather
-        than silently replaced by the run's default; two that disagree are refused when built."""
-        if self.backend.lower() == "auto" and self.model.get("backend") is not None:
-            return self.model["backend"]
-        return self.backend
+    def model_backend(self) -> Optional[str]:
+        """The backend a new run builds its model with: ``backend`` when it names one, else
+        ``model["backend"]`` when given, else ``backend`` ("auto", or None: ``$INTERFORMER_BACKEND``).
+
+        Decision: a backend written into the model's settings is kept while the run's is left at
+        "auto" (it used to be replaced by "auto" without a word); when both name one, the run's
+        wins, as it always did, and a new run refuses the pair if they disagree
+        (:meth:`check_backends`). A resumed run and ``evaluate`` use the backend the checkpoint's
+        model was built with (its ``model_config``), so old checkpoints keep theirs."""
+        top, inner = self.backend, self.model.get("backend")
+        if top is not None and str(top).strip().lower() != "auto":
+            return top
+        return inner if inner is not None else top
+
+    def check_backends(self) -> None:
+        """Raise if ``backend`` and ``model["backend"]`` both name a backend and disagree (a new run)."""
+        top, inner = (None if v is None else str(v).strip().lower() for v in (self.backend, self.model.get("backend")))
+        if top not in (None, "auto") and inner not in (None, "auto") and top != inner:
+            raise ValueError(f"backend {self.backend!r} and model.backend {self.model['backend']!r} disagree: "
+                             "give one of them")
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
@@ -482,8 +492,11 @@ def _vocabs_from_dict(d: Optional[dict]):
 # model, optimisers
 
 
-def build_model(cfg: TrainConfig, overrides: Dict[str, Any]) -> InterFormerCTR:
-    model_cfg = InterFormerConfig(**{**cfg.model, **overrides, "backend": cfg.model_backend()})
+def build_model(cfg: TrainConfig, overrides: Dict[str, Any], backend: Optional[str] = None) -> InterFormerCTR:
+    """The run's model; ``backend`` (a resumed run's, from its checkpoint) replaces
+    :meth:`TrainConfig.model_backend` when given."""
+    model_cfg = InterFormerConfig(**{**cfg.model, **overrides,
+                                     "backend": cfg.model_backend() if backend is None else backend})
     return InterFormerCTR(model_cfg)
 
 
@@ -825,6 +838,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         if resume_state["world_size"] != d.world_size:
             raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
                              f"process(es); resume with the same number (now {d.world_size})")
+    else:
+        cfg.check_backends()
     out_dir = Path(cfg.output_dir)
     if cfg.embedding_optimizer == "sparse_adam" and d.enabled:
         raise ValueError("embedding_optimizer='sparse_adam' is not supported under DistributedDataParallel; use 'adagrad'")
@@ -847,7 +862,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     skipped = {k: v.skipped for k, v in splits.items()}
 
     seed_everything(cfg.seed)  # the same initial weights on every rank and for every data source
-    model = build_model(cfg, overrides).to(device)
+    # a resumed run keeps the backend its model was built with (its checkpoint's model_config)
+    model = build_model(cfg, overrides, None if resume_state is None else resume_state["model_config"]["backend"])
+    model = model.to(device)
     if resume_state is None and cfg.overwrite:
         _on_rank0(lambda: _clear_old_run(out_dir, say), d)
     optimizers = build_optimizers(model, cfg)
@@ -1126,7 +1143,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     if backend is not None:
         cfg.backend = backend
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_cfg = InterFormerConfig(**{**state["model_config"], "backend": cfg.model_backend()})
+    # the backend given, else the one the checkpoint's model was built with
+    model_cfg = InterFormerConfig(**{**state["model_config"], **({} if backend is None else {"backend": backend})})
     model = InterFormerCTR(model_cfg).to(dev)
     model.load_state_dict(state["model"])
     if paths:

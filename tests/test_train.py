@@ -154,7 +154,6 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(max_steps=[3]), "max_steps must be an integer or None"),
     (dict(compile="maybe"), "compile must be true or false"),
     (dict(batch_size=True), "batch_size must be an integer"),
-    (dict(backend="triton", model={"backend": "eager"}), "backend 'triton' and model.backend 'eager' disagree"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -162,15 +161,54 @@ def test_bad_settings_are_named(bad, match):
 
 
 def test_a_backend_in_the_model_settings_is_kept():
-    """``model.backend`` decides while ``backend`` is left at "auto". It used to be replaced by
-    "auto" without a word, so these tests' tiny runs (TINY says eager) trained the fused model on
-    the H100."""
+    """``model.backend`` decides while ``backend`` is left at "auto" (or unset). It used to be
+    replaced by "auto" without a word, so these tests' tiny runs (TINY says eager) trained the
+    fused model on the H100. When both name one the run's wins, as before."""
     cfg = T.TrainConfig(model=dict(TINY))
     assert cfg.model_backend() == "eager" and T.build_model(cfg, {}).config.backend == "eager"
-    assert T.TrainConfig(model=dict(TINY), backend="auto").model_backend() == "eager"
-    assert T.TrainConfig(model=dict(TINY), backend="Eager").model_backend() == "Eager"  # names: any case
+    assert T.TrainConfig(model=dict(TINY), backend="AUTO").model_backend() == "eager"  # names: any case
+    assert T.TrainConfig(model=dict(TINY), backend=None).model_backend() == "eager"
     assert T.TrainConfig(model=dict(TINY, backend="triton")).model_backend() == "triton"
-    assert T.TrainConfig().model_backend() == "auto"
+    assert T.TrainConfig(model=dict(TINY, backend="auto"), backend="eager").model_backend() == "eager"
+    assert T.TrainConfig().model_backend() == "auto" and T.TrainConfig(backend=None).model_backend() is None
+    assert T.build_model(T.TrainConfig(backend=None), {}).config.backend == "auto"  # $INTERFORMER_BACKEND's default
+    # a saved config whose two disagree (the run's won) still loads: old checkpoints stay readable
+    old = T.TrainConfig.from_dict(dict(T.TrainConfig().to_dict(), backend="triton", model=dict(TINY)))
+    assert old.model_backend() == "triton"
+
+
+def test_a_new_run_refuses_two_backends_that_disagree(tmp_path):
+    with pytest.raises(ValueError, match="backend 'triton' and model.backend 'eager' disagree"):
+        T.train(tiny_config(tmp_path, backend="triton"), log=quiet)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_and_evaluate_use_the_backend_the_checkpoint_was_built_with(tmp_path, monkeypatch):
+    """Not a backend its settings resolve to now: a run saved before ``model.backend`` was honoured
+    (backend "auto", model.backend "triton", built on "auto") resumes on "auto". ``evaluate``'s
+    backend argument, "auto" included, replaces it."""
+    T.train(tiny_config(tmp_path, epochs=2, max_steps=2, synthetic_valid=0, synthetic_test=32), log=quiet)
+    ckpt = T.load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["model_config"]["backend"] == "eager"
+    ckpt["train_config"]["model"]["backend"] = "triton"  # as an old run with model.backend "triton" saved it
+    ckpt["model_config"]["backend"] = "auto"
+    torch.save(ckpt, tmp_path / "last.pt")
+    built = []
+
+    class Spy(T.InterFormerCTR):
+        def __init__(self, config):
+            built.append(config.backend)
+            super().__init__(config)
+
+    monkeypatch.setattr(T, "InterFormerCTR", Spy)
+    s = T.train(tiny_config(tmp_path, epochs=2, max_steps=3, synthetic_valid=0, synthetic_test=32, resume=True,
+                            model=dict(TINY, backend="triton")), log=quiet)
+    assert s["status"] == "stopped" and built[0] == "auto"
+    built.clear()
+    T.evaluate_checkpoint(str(tmp_path / "last.pt"))
+    T.evaluate_checkpoint(str(tmp_path / "last.pt"), backend="auto")
+    T.evaluate_checkpoint(str(tmp_path / "last.pt"), backend="eager")
+    assert built == ["auto", "auto", "eager"]
 
 
 def test_warmup_step_k_uses_lr_times_k_over_warmup_steps():
