@@ -55,11 +55,11 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _checked_kernel_accesses():
-    """Under the interpreter every test's kernel launches have their loads and stores checked
-    against their tensor arguments' bounds and for races (see :mod:`memcheck`): an access past a
-    tensor, to an element another program stores, or to one the program stored itself before a
-    barrier, which the interpreter lets through and a GPU does not, fails the test. About 7% of the kernel tests'
-    time. On a GPU the kernels are compiled and nothing is checked here."""
+    """Under the interpreter every kernel launch a test makes in its own process has its loads and
+    stores checked against the bounds of its tensor arguments and for races (see :mod:`memcheck`):
+    an access past a tensor, to an element another program stores, or to one the program stored
+    itself before a barrier, which the interpreter lets through and a GPU does not, fails the test.
+    About 7% of the kernel tests' time. On a GPU the kernels are compiled and nothing is checked."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         yield
         return

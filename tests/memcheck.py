@@ -11,12 +11,14 @@ addresses, and the programs of a launch run one after another. So:
   interpreter, whatever the program order leaves there. On a GPU programs run in no set order (nor
   all at once), so it is a race. Two programs storing one element race the same way.
 
-:func:`checked_accesses` is the interpreter's counterpart of ``compute-sanitizer`` (its memcheck
-and racecheck), stricter than it in one way:
+:func:`checked_accesses` is the interpreter's counterpart of ``compute-sanitizer --tool memcheck``,
+plus race checks on global memory that compute-sanitizer does not make (its racecheck covers
+shared memory only):
 
 * every launch's tensor arguments (tuples of tensors included) each give the byte range their
   view spans -- from the lowest to the highest element its sizes and strides reach, not the whole
-  allocation, so reading a neighbouring part of the same buffer counts as out of bounds too;
+  allocation, so reading a neighbouring part of the same buffer that is not itself an argument of
+  the launch counts as out of bounds too (memcheck sees only allocations);
 * every element a load or store touches with its mask true must lie inside one of those ranges,
   whole (its first and last byte), or the launch raises :class:`AccessError` naming the kernel,
   load or store, the number of offending lanes, the first address and where it lies relative to
@@ -31,10 +33,13 @@ and racecheck), stricter than it in one way:
   a kernel re-reading its own output needs the barrier anyway, as the cross nets' have.)
 
 Masked-off lanes are not checked: their addresses are never dereferenced, on a GPU either. Not
-caught: a store into a strided view's extent that is no element of the view (a gap between rows;
-the poisoned allocations of :mod:`poison` catch what such a store would leave unwritten), and a
-store after a load of the same element by another thread of the program (an in-place update),
-which no kernel here makes. Works only under the interpreter (it patches the interpreter's builder).
+caught: an access that leaves one argument's view but lands in another's (the check asks only
+that each element lie in some argument); a load or store in a strided view's extent that is no
+element of the view (a gap between rows; the poisoned allocations of :mod:`poison` catch what
+such a store would leave unwritten); a store after a load of the same element by another thread of
+the program (an in-place update), which no kernel here makes; and launches in child processes
+(the tests' export, DDP and offset children; the last enables the check itself). Works only
+under the interpreter (it patches the interpreter's builder).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import triton.language as tl
 from memcheck import AccessError, checked_accesses, view_range
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="checks the interpreter's accesses; a GPU has compute-sanitizer")
+                                reason="checks the interpreter's accesses; on a GPU the kernels are compiled")
 
 
 @triton.jit
