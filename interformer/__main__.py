@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     ev.add_argument("--data", choices=("csv", "parquet"), default=None)
     ev.add_argument("--batch-size", type=int, default=1024)
     ev.add_argument("--device", default=None)
-    ev.add_argument("--backend", default=None, choices=("auto", "eager", "triton"))
+    ev.add_argument("--backend", default=None, choices=("auto", "eager", "triton"),
+                    help="the model's path (default: the one the checkpoint's model was built with)")
     ev.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
