@@ -6,6 +6,8 @@
 * Every parameter receives a non-zero gradient (the last block and the final Cross Arch included),
   for the default structure at tiny sizes and for each structural option.
 * The sequence is actually read: changing a valid event changes the logit of that row only.
+* The model wires its arches as DESIGN §3 "Model" says (float64, composed from its parts), and
+  ``InterFormerConfig()`` holds DESIGN §3's defaults.
 """
 
 from __future__ import annotations
@@ -228,3 +230,54 @@ def test_sparse_tokenizer_is_one_lookup_per_field_and_traces():
     for bad in (ids[:, :2], torch.cat([ids, ids[:, :1]], 1), ids[0]):  # a field short, one extra, 1-D
         with pytest.raises(ValueError, match=r"\[B, 3\]"):
             tok(bad)
+
+
+def _design_logits(m: InterFormerCTR, dense, sparse, seq, lengths) -> torch.Tensor:
+    """DESIGN §3 "Model", composed here from the model's own parts (each part's math is checked
+    against its formula in ``test_reference_math``): tokenize; ``X_sum¹`` of the first block's Cross
+    Arch is prepended as the ``n_cls`` CLS tokens; each block computes both summaries from its
+    input and then runs the Interaction and Sequence Arches on that input; a final Cross Arch
+    re-summarises; ``logit = MLP([flatten X_sum || flatten S_sum])``."""
+    bb, c = m.backbone, m.config
+    x = torch.cat([bb.dense_tokenizer(dense), bb.sparse_tokenizer(sparse)], dim=1)
+    body = bb.seq_tokenizer(seq, lengths)
+    s = torch.cat([bb.blocks[0].cross.summarize_nonseq(x), body], dim=1)
+    for block in bb.blocks:
+        x_sum = block.cross.summarize_nonseq(x)
+        s_sum = block.cross.summarize_seq(s, lengths)
+        x, s = block.interaction(x, s_sum), block.sequence(s, x_sum, lengths + c.n_cls)
+    x_sum, s_sum = bb.final_cross.summarize_nonseq(x), bb.final_cross.summarize_seq(s, lengths)
+    assert s.shape[1] == c.n_cls + seq.shape[-1] and x_sum.shape[1] == c.n_sum and s_sum.shape[1] == c.n_ssum
+    return m.head(torch.cat([x_sum.flatten(1), s_sum.flatten(1)], dim=1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_layers=3, n_recent=3), dict(backbone="dot", causal=True)],
+                         ids=["default", "three blocks", "dot backbone"])
+def test_the_model_wires_its_arches_as_design_says(overrides):
+    """The whole model against DESIGN §3's wiring, in float64 (the arch tests alone would not see,
+    e.g., zeros as CLS tokens, summaries taken from a block's output, or the head's halves swapped)."""
+    c = tiny_config(**overrides)
+    torch.manual_seed(0)
+    m = InterFormerCTR(c).double().eval()
+    dense, sparse, seq, lengths, _ = random_batch(c, [0, 3, 6, 1], 6, dtype=torch.float64)
+    got = m(dense, sparse, seq, lengths)
+    want = _design_logits(m, dense, sparse, seq, lengths)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (got, want)
+    # and the composition is sensitive to the wiring it checks: CLS tokens of zeros give other logits
+    bb = m.backbone
+    x = torch.cat([bb.dense_tokenizer(dense), bb.sparse_tokenizer(sparse)], dim=1)
+    assert bb.blocks[0].cross.summarize_nonseq(x).abs().amax() > 1e-3
+
+
+def test_defaults_are_designs():
+    """DESIGN §3 "Defaults" (and §3's fixed choices: rotary base 10000, DHEN, the mlp PFFN, SiLU)."""
+    c = InterFormerConfig()
+    got = {k: getattr(c, k) for k in ("d_model", "num_heads", "num_layers", "n_sum", "n_cls", "n_pma", "n_recent",
+                                       "n_ssum", "dhen_layers", "dcn_layers", "dcn_rank", "pffn_mode", "pffn_hidden",
+                                       "head", "dropout", "rope_base", "backbone", "causal")}
+    assert got == dict(d_model=64, num_heads=4, num_layers=3, n_sum=4, n_cls=4, n_pma=2, n_recent=2, n_ssum=8,
+                       dhen_layers=1, dcn_layers=2, dcn_rank=32, pffn_mode="mlp", pffn_hidden=256, head=(256, 128),
+                       dropout=0.0, rope_base=10000.0, backbone="dhen", causal=False)
+    head = InterFormerCTR(tiny_config(head=(16, 8))).head
+    assert [type(l).__name__ for l in head if not isinstance(l, torch.nn.Dropout)] == \
+        ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
