@@ -92,6 +92,8 @@ CASES = [
     Case("shared-129x54-general-ropek", 3, True, 129, 54, 2, 16, False, "k", True, "contiguous"),
     Case("dh6-padded-rope-causal", 3, False, 13, 13, 2, 6, True, "qk", True, "qkv"),
     Case("dh5-padded-pma", 3, True, 3, 13, 2, 5, False, None, False, "contiguous"),
+    Case("B1-L54", 1, False, 54, 54, 2, 16, False, "qk", True, "qkv"),  # B = 1 (DESIGN §5)
+    Case("B1-pma-54", 1, True, 2, 54, 2, 32, False, None, False, "contiguous"),
 ]
 
 

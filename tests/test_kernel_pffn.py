@@ -102,6 +102,7 @@ CASES = [
     ("d40-L1", 3, 1, 40, 3, "contiguous", "random"),
     ("d64-L7-sliced-B1", 1, 7, 64, 4, "sliced", "random"),
     ("d24-L70-blocks-sum-grad", 5, 70, 24, 4, "contiguous", "sum"),
+    ("d40-L50", 3, 50, 40, 4, "contiguous", "random"),  # T = 50 (DESIGN §5: taobao's length)
 ]
 
 
