@@ -276,4 +276,8 @@ class InterFormerCTR(nn.Module):
 
     @staticmethod
     def loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Mean binary cross-entropy with logits, in fp32. Decision: the label's values are not
+        checked here (that is a device-to-host read in every training step, and no read may happen
+        under CUDA-graph capture); the data loaders check them, and
+        :func:`interformer.validate_batch` (``label=...``) does for a batch built by hand."""
         return F.binary_cross_entropy_with_logits(logits.float(), label.float())

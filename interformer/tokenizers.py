@@ -15,7 +15,9 @@ class DenseTokenizer(nn.Module):
 
     ``mode="single"``: one token, ``Linear(n_dense -> d)(dense)``.
     ``mode="per_field"``: field j -> ``dense[:, j] * weight[j] + bias[j]``, one token per field.
-    With ``n_dense == 0`` it returns ``[B, 0, d]``.
+    With ``n_dense == 0`` it returns ``[B, 0, d]``. ``dense`` is float32 by the data contract
+    (DESIGN §2) whatever the model's dtype: it is cast to the parameters' dtype here (a ``.half()``
+    or ``.double()`` model takes the same batches).
     """
 
     def __init__(self, n_dense: int, d_model: int, mode: str = "single") -> None:
@@ -37,8 +39,8 @@ class DenseTokenizer(nn.Module):
         if self.num_tokens == 0:
             return dense.new_zeros(dense.shape[0], 0, self.d_model)
         if self.mode == "single":
-            return self.linear(dense).unsqueeze(1)
-        return dense.unsqueeze(-1) * self.weight + self.bias
+            return self.linear(dense.to(self.linear.weight.dtype)).unsqueeze(1)
+        return dense.to(self.weight.dtype).unsqueeze(-1) * self.weight + self.bias
 
 
 class SparseTokenizer(nn.Module):

@@ -43,13 +43,15 @@ def validate_batch(
     dense_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """Raise ``ValueError`` for a batch that breaks the data contract of ``config``. ``dense_dtype``:
-    the dtype the model's dense tokenizer computes in (its parameters'); None accepts any float."""
+    the dtype the model's dense tokenizer computes in (its parameters'): dense must be float32 (the
+    contract's dtype, cast by the tokenizer) or that dtype; None accepts any float."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
         _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
     _check(dense.dim() == 2, "dense", lambda: f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
     _check(dense.is_floating_point(), "dense", lambda: f"expected a floating dtype, got {dense.dtype}")
     if dense_dtype is not None:
-        _check(dense.dtype == dense_dtype, "dense", lambda: f"expected {dense_dtype} (the model's parameter dtype), got {dense.dtype}")
+        _check(dense.dtype in (torch.float32, dense_dtype), "dense",
+               lambda: f"expected torch.float32 (or {dense_dtype}, the model's parameter dtype), got {dense.dtype}")
     B = dense.shape[0]
     _check(dense.shape[1] == config.n_dense, "dense", lambda: f"expected {config.n_dense} columns, got {dense.shape[1]}")
     _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")

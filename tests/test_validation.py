@@ -118,13 +118,19 @@ def test_validate_batch_checks_label():
         interformer.validate_batch(c, **b, label=torch.tensor([0.0, 1.0]))
 
 
-def test_dense_must_have_the_model_parameter_dtype(model):
-    """float64 dense into an fp32 model: a ValueError naming dense (it was a RuntimeError from the matmul)."""
+def test_dense_is_float32_or_the_model_parameter_dtype(model):
+    """float64 dense into an fp32 model: a ValueError naming dense (it was a RuntimeError from the
+    matmul). float32 dense, the data contract's dtype, goes into a model of any dtype (cast by the
+    dense tokenizer; a half model refused it before), as does dense in the model's own dtype."""
     with pytest.raises(ValueError, match=r"^dense: expected torch.float32"):
         model(**_with(dense=good_batch()["dense"].double()))
-    double = InterFormerCTR(InterFormerConfig(**CFG)).double()
-    b = _with(dense=good_batch()["dense"].double())
-    assert double(**b).dtype == torch.float64
+    for dtype in (torch.float64, torch.float16):
+        for mode in ("single", "per_field"):
+            m = InterFormerCTR(InterFormerConfig(**{**CFG, "dense_tokens": mode})).to(dtype)
+            b = good_batch()  # float32 dense
+            out = m(**b)
+            assert out.dtype == dtype
+            assert torch.equal(out, m(**_with(dense=b["dense"].to(dtype))))  # the cast, nothing else
 
 
 def test_value_checks_read_the_device_once(model):
