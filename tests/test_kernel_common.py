@@ -104,3 +104,21 @@ def test_every_launcher_is_guarded():
     assert not unguarded, f"launchers without @on_input_device: {unguarded}"
     for name in helpers:  # the exemptions still exist (a rename would leave them unchecked)
         assert any(f"def {name}(" in p.read_text() for p in (pathlib.Path(__file__).resolve().parents[1] / "kernels").glob("*.py"))
+
+
+def test_every_masked_load_says_what_masked_lanes_hold():
+    """Every ``tl.load`` with a mask in kernels/ gives ``other``. Without it a masked-off lane holds
+    whatever the register had on a GPU (a NaN can flow into a sum or a dot), while the interpreter
+    fills it with 0, so no CPU test would see the difference."""
+    import ast
+    import pathlib
+
+    missing = []
+    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                    and ast.unparse(node.func.value) == "tl"):
+                names = {k.arg for k in node.keywords}
+                if (len(node.args) >= 2 or "mask" in names) and len(node.args) < 3 and "other" not in names:
+                    missing.append(f"{path.name}:{node.lineno}")
+    assert not missing, f"masked tl.load without other=: {missing}"
