@@ -23,6 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# On a GPU machine: only the checks marked `gpu` (bf16 cases, CUDA graphs, torch.compile with Inductor, ...)
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench -q --benchmark-json=bench/results/latest.json
 

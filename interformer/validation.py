@@ -51,7 +51,9 @@ def validate_batch(
     _check(dense.is_floating_point(), "dense", lambda: f"expected a floating dtype, got {dense.dtype}")
     if dense_dtype is not None:
         _check(dense.dtype in (torch.float32, dense_dtype), "dense",
-               lambda: f"expected torch.float32 (or {dense_dtype}, the model's parameter dtype), got {dense.dtype}")
+               lambda: f"expected torch.float32" + ("" if dense_dtype == torch.float32 else
+                                                     f" (or {dense_dtype}, the model's parameter dtype)") +
+               f", got {dense.dtype}")
     B = dense.shape[0]
     _check(dense.shape[1] == config.n_dense, "dense", lambda: f"expected {config.n_dense} columns, got {dense.shape[1]}")
     _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
@@ -71,15 +73,20 @@ def validate_batch(
         _check(label.is_floating_point(), "label", lambda: f"expected a floating dtype, got {label.dtype}")
     if not _value_checks_allowed(lengths) or B == 0:
         return
-    _value_checks(config, dense, sparse, seq, lengths, label)
+    _value_checks(config, dense, sparse, seq, lengths, label, dense_dtype)
 
 
-def _value_checks(config, dense, sparse, seq, lengths, label) -> None:
-    """The data-dependent checks of a non-empty batch, read back from the device in one transfer."""
+def _value_checks(config, dense, sparse, seq, lengths, label, dense_dtype=None) -> None:
+    """The data-dependent checks of a non-empty batch, read back from the device in one transfer.
+    float32 ``dense`` bound for a narrower parameter dtype (a ``.half()`` model) must also be finite
+    once cast to it: a value past fp16's 65504 would become inf in the tokenizer."""
     T = seq.shape[2]
     parts = [lengths.min().view(1), lengths.max().view(1)]
+    narrowing = dense_dtype is not None and dense.dtype != dense_dtype and dense.numel() > 0
     if dense.numel():
         parts += [torch.isnan(dense).any().view(1), (~torch.isfinite(dense)).any().view(1)]
+    if narrowing:
+        parts.append((~torch.isfinite(dense.to(dense_dtype))).any().view(1))
     if sparse.shape[1]:
         parts += [sparse.amin(0), sparse.amax(0)]
     if seq.shape[1]:
@@ -93,6 +100,10 @@ def _value_checks(config, dense, sparse, seq, lengths, label) -> None:
         has_nan, has_inf = next(values), next(values)
         _check(not has_nan, "dense", "contains NaN")
         _check(not has_inf, "dense", "contains inf")
+    if narrowing:
+        limit = torch.finfo(dense_dtype).max
+        _check(not next(values), "dense", f"has values beyond {dense_dtype}'s range (|x| > {limit:g}), the model's "
+               "parameter dtype it is cast to")
     for name, what, vocab in (("sparse", "field", config.sparse_vocab_sizes), ("seq", "channel", config.seq_vocab_sizes)):
         if not vocab:
             continue

@@ -131,6 +131,14 @@ def test_dense_is_float32_or_the_model_parameter_dtype(model):
             out = m(**b)
             assert out.dtype == dtype
             assert torch.equal(out, m(**_with(dense=b["dense"].to(dtype))))  # the cast, nothing else
+    # float32 values a half model cannot hold would be inf after the cast: refused, not NaN logits
+    half = InterFormerCTR(InterFormerConfig(**CFG)).half()
+    b = good_batch()
+    b["dense"][0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"^dense: has values beyond torch.float16's range"):
+        half(**b)
+    with pytest.raises(ValueError, match=r"^dense: expected torch.float32, got torch.float64$"):
+        model(**_with(dense=good_batch()["dense"].double()))
 
 
 def test_value_checks_read_the_device_once(model):
