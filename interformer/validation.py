@@ -51,7 +51,7 @@ def validate_batch(
     _check(dense.is_floating_point(), "dense", lambda: f"expected a floating dtype, got {dense.dtype}")
     if dense_dtype is not None:
         _check(dense.dtype in (torch.float32, dense_dtype), "dense",
-               lambda: f"expected torch.float32" + ("" if dense_dtype == torch.float32 else
+               lambda: "expected torch.float32" + ("" if dense_dtype == torch.float32 else
                                                      f" (or {dense_dtype}, the model's parameter dtype)") +
                f", got {dense.dtype}")
     B = dense.shape[0]
