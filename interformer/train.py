@@ -113,6 +113,12 @@ EMBEDDING_OPTIMIZERS = ("adamw", "adagrad", "sparse_adam")
 DATA_KINDS = ("synthetic", "csv", "parquet")
 
 
+def _named_backend(value) -> Optional[str]:
+    """A backend setting's canonical name when it names one; None for unset or "auto"."""
+    name = None if value is None else str(value).strip().lower()
+    return None if name in (None, "auto") else name
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Paths may be one string or a list of files."""
@@ -214,15 +220,15 @@ class TrainConfig:
         wins, as it always did, and a new run refuses the pair if they disagree
         (:meth:`check_backends`). A resumed run and ``evaluate`` use the backend the checkpoint's
         model was built with (its ``model_config``), so old checkpoints keep theirs."""
-        top, inner = self.backend, self.model.get("backend")
-        if top is not None and str(top).strip().lower() != "auto":
-            return top
-        return inner if inner is not None else top
+        inner = self.model.get("backend")
+        if _named_backend(self.backend) or inner is None:
+            return self.backend
+        return inner
 
     def check_backends(self) -> None:
         """Raise if ``backend`` and ``model["backend"]`` both name a backend and disagree (a new run)."""
-        top, inner = (None if v is None else str(v).strip().lower() for v in (self.backend, self.model.get("backend")))
-        if top not in (None, "auto") and inner not in (None, "auto") and top != inner:
+        top, inner = _named_backend(self.backend), _named_backend(self.model.get("backend"))
+        if top and inner and top != inner:
             raise ValueError(f"backend {self.backend!r} and model.backend {self.model['backend']!r} disagree: "
                              "give one of them")
 
@@ -1140,12 +1146,11 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["train_config"])
     cfg.eval_batch_size, cfg.amp, cfg.device = batch_size, amp, device
-    if backend is not None:
-        cfg.backend = backend
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # the backend given, else the one the checkpoint's model was built with
-    model_cfg = InterFormerConfig(**{**state["model_config"], **({} if backend is None else {"backend": backend})})
-    model = InterFormerCTR(model_cfg).to(dev)
+    settings = dict(state["model_config"])  # with the backend the checkpoint's model was built with,
+    if backend is not None:                 # unless one is given
+        settings["backend"] = backend
+    model = InterFormerCTR(InterFormerConfig(**settings)).to(dev)
     model.load_state_dict(state["model"])
     if paths:
         if state["schema"] is None:

@@ -82,11 +82,11 @@ def _value_checks(config, dense, sparse, seq, lengths, label, dense_dtype=None) 
     once cast to it: a value past fp16's 65504 would become inf in the tokenizer."""
     T = seq.shape[2]
     parts = [lengths.min().view(1), lengths.max().view(1)]
-    narrowing = dense_dtype is not None and dense.dtype != dense_dtype and dense.numel() > 0
+    narrowing = dense_dtype is not None and dense.dtype != dense_dtype
     if dense.numel():
         parts += [torch.isnan(dense).any().view(1), (~torch.isfinite(dense)).any().view(1)]
-    if narrowing:
-        parts.append((~torch.isfinite(dense.to(dense_dtype))).any().view(1))
+        if narrowing:
+            parts.append((~torch.isfinite(dense.to(dense_dtype))).any().view(1))
     if sparse.shape[1]:
         parts += [sparse.amin(0), sparse.amax(0)]
     if seq.shape[1]:
@@ -100,10 +100,10 @@ def _value_checks(config, dense, sparse, seq, lengths, label, dense_dtype=None) 
         has_nan, has_inf = next(values), next(values)
         _check(not has_nan, "dense", "contains NaN")
         _check(not has_inf, "dense", "contains inf")
-    if narrowing:
-        limit = torch.finfo(dense_dtype).max
-        _check(not next(values), "dense", f"has values beyond {dense_dtype}'s range (|x| > {limit:g}), the model's "
-               "parameter dtype it is cast to")
+        if narrowing:
+            limit = torch.finfo(dense_dtype).max
+            _check(not next(values), "dense", f"has values beyond {dense_dtype}'s range (|x| > {limit:g}), the "
+                   "model's parameter dtype it is cast to")
     for name, what, vocab in (("sparse", "field", config.sparse_vocab_sizes), ("seq", "channel", config.seq_vocab_sizes)):
         if not vocab:
             continue
