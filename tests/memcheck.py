@@ -48,6 +48,7 @@ import contextlib
 from typing import Iterator, List, Tuple
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -237,12 +238,11 @@ def _patched_interpreter() -> Iterator[None]:
             _current[0].check("store", ptrs.data, mask.data, itemsize(ptrs))
         return orig_store(self, ptrs, value, mask, cache_policy)
 
-    I.GridExecutor.__call__, I.GridExecutor._init_args_hst = call, init_args_hst
-    I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = load, store
-    I.InterpreterBuilder.set_grid_idx, I.InterpreterBuilder.create_barrier = set_grid_idx, barrier
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for cls, name, fn in ((I.GridExecutor, "__call__", call), (I.GridExecutor, "_init_args_hst", init_args_hst),
+                              (I.InterpreterBuilder, "create_masked_load", load),
+                              (I.InterpreterBuilder, "create_masked_store", store),
+                              (I.InterpreterBuilder, "set_grid_idx", set_grid_idx),
+                              (I.InterpreterBuilder, "create_barrier", barrier)):
+            patch.setattr(cls, name, fn)
         yield
-    finally:
-        I.GridExecutor.__call__, I.GridExecutor._init_args_hst = orig_call, orig_init
-        I.InterpreterBuilder.create_masked_load, I.InterpreterBuilder.create_masked_store = orig_load, orig_store
-        I.InterpreterBuilder.set_grid_idx, I.InterpreterBuilder.create_barrier = orig_idx, orig_barrier

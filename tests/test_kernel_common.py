@@ -1,10 +1,15 @@
 """kernels/_common.py: the fixed-order partial-sum reduction every backward shares, and the sizing helpers."""
 
+import pathlib
+
 import pytest
 import torch
 
 from interformer.kernels import _common as C
 from utils import DEVICE
+
+#: the kernel sources
+KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 
 
 @pytest.mark.parametrize("G", [1, 3, 63, 64, 200])  # both tile shapes (G < 64: [<=16, 256]; else [128, 32])
@@ -87,11 +92,10 @@ def test_every_launcher_is_guarded():
     """Every function in kernels/ that launches a Triton kernel carries ``@on_input_device``, except
     the helpers only ever called from a guarded launcher."""
     import ast
-    import pathlib
 
     helpers = {"sum_partials", "_fr_bwd_cublas"}  # called from guarded launchers only
     unguarded = []
-    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+    for path in sorted(KERNELS.glob("*.py")):
         text = path.read_text()
         for node in ast.parse(text).body:
             if not isinstance(node, ast.FunctionDef) or node.name in helpers:
@@ -103,7 +107,7 @@ def test_every_launcher_is_guarded():
                 unguarded.append(f"{path.name}:{node.name}")
     assert not unguarded, f"launchers without @on_input_device: {unguarded}"
     for name in helpers:  # the exemptions still exist (a rename would leave them unchecked)
-        assert any(f"def {name}(" in p.read_text() for p in (pathlib.Path(__file__).resolve().parents[1] / "kernels").glob("*.py"))
+        assert any(f"def {name}(" in p.read_text() for p in KERNELS.glob("*.py"))
 
 
 def test_every_masked_load_says_what_masked_lanes_hold():
@@ -111,10 +115,9 @@ def test_every_masked_load_says_what_masked_lanes_hold():
     whatever the register had on a GPU (a NaN can flow into a sum or a dot), while the interpreter
     fills it with 0, so no CPU test would see the difference."""
     import ast
-    import pathlib
 
     missing = []
-    for path in sorted((pathlib.Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+    for path in sorted(KERNELS.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
                     and ast.unparse(node.func.value) == "tl"):
