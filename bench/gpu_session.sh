@@ -2,7 +2,8 @@
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
 #   benchmarks), profile (per-range table of one training step), host (per-launch host cost, plain
-#   vs CUDA-graph step time and where the host time goes, fused and eager). Logs, JSON and JSONL go to $OUT.
+#   vs CUDA-graph step time and where the host time goes, fused and eager), threads (the autograd
+#   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
 # Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
 #   OPS_K / MODEL_K   pytest -k expressions for the benchmark stages (default: everything)
@@ -103,7 +104,11 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
     ops)     # OPS_FILES: the op benchmark files in the order to run them (default: all, alphabetically)
              TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" ${OPS_FILES:-bench --ignore=bench/test_bench_model.py} ;;
-    model)   TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" bench/test_bench_model.py ;;
+    model)   # MODEL_FILES: the model benchmark's file or node ids, run in the order given
+             TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" ${MODEL_FILES:-bench/test_bench_model.py} ;;
+    threads) # where the plain backward's extra host time on the engine's device thread goes
+             timeout "${THREADS_TIMEOUT:-60}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
+             echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1
              echo "exit $?"; head -n 70 "$OUT/profile.log" ;;

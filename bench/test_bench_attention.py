@@ -207,7 +207,7 @@ def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> flo
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_self_attention(benchmark, shape_name, mode, provider):
     _skip_unsupported(provider, mode, shape_name)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
     g = torch.Generator().manual_seed(0)
     lengths = common.lengths_for(shape, g) + shape.n_cls  # valid tokens: CLS + events
@@ -249,7 +249,7 @@ class MHAPooling(torch.nn.Module):
 def test_pma(benchmark, shape_name, mode, provider):
     _skip_unsupported(provider, mode, shape_name)
     impl = common.base_provider(provider)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, T, d = shape.B, shape.T, shape.d
     g = torch.Generator().manual_seed(0)
     lengths = common.lengths_for(shape, g)

@@ -103,7 +103,7 @@ def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
         if rank != "low":
             pytest.skip(f"{provider}: a low-rank setting")
         monkeypatch.setattr(_fused_module(), "LOW_RANK_ROW_WARPS", 8)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank
     g = torch.Generator().manual_seed(0)

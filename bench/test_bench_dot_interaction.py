@@ -52,7 +52,7 @@ def dot_flops(B: int, N: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_dot_interaction(benchmark, shape_name, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, N, d = shape.B, shape.Nz, shape.d
     g = torch.Generator().manual_seed(0)
     z = torch.randn(B, N, d, generator=g).to(common.DEVICE, common.DTYPE).requires_grad_()

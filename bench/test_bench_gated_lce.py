@@ -52,7 +52,7 @@ def lce_flops(B: int, n_in: int, n_out: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_gated_lce(benchmark, shape_name, use, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, d = shape.B, shape.d
     n_in, n_out = sizes(shape, use)
     g = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def ln_bytes(rows: int, d: int, x_elt: int, r_elt: int, mode: str) -> float:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_layernorm(benchmark, shape_name, use, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     rows, d = rows_for(shape, use), shape.d
     g = torch.Generator().manual_seed(0)
 

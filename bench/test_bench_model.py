@@ -66,7 +66,7 @@ def build(provider: str, shape: common.Shape):
 @pytest.mark.parametrize("mode", ["train", "inference"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_model(benchmark, shape_name, mode, provider):
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     common.skip_unless_runnable(provider, mode, shape_name=shape.name, graph_modes=("train", "inference"))
     if not common.ON_GPU:
         shape = common.Shape("smoke", B=2, n=3, k=2, T=5, d=16, heads=2, layers=1, n_ssum=2, dcn_rank=4)

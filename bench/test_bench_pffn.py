@@ -63,7 +63,7 @@ def pffn_flops(shape: common.Shape, pffn_mode: str, mode: str) -> float:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_pffn(benchmark, shape_name, pffn_mode, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
-    shape = common.SHAPES[shape_name]
+    shape = common.ALL_SHAPES[shape_name]
     B, L, d, n_sum = shape.B, shape.L, shape.d, shape.n_sum
     g = torch.Generator().manual_seed(0)
     lengths = common.lengths_for(shape, g) + shape.n_cls  # valid rows: CLS tokens + events

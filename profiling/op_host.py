@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     import triton
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(common.SHAPES))
+    parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(common.ALL_SHAPES))
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
     parser.add_argument("--calls", type=int, default=100 if common.ON_GPU else 3)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of each fused op")

@@ -312,3 +312,31 @@ def test_recorded_cases_are_the_same_on_cpu_and_cuda(sm90_audit):
         finally:
             common.DEVICE = old
     assert seen["cuda"] == seen["cpu"], (sorted(seen["cuda"] - seen["cpu"]), sorted(seen["cpu"] - seen["cuda"]))
+
+
+@pytest.fixture(scope="module")
+def autograd_threads():
+    yield from _with_bench("autograd_threads")
+
+
+def test_autograd_threads_times_both_threads(autograd_threads, capsys):
+    """Part 1 times every operation on all three threads and knows which thread ran the backward
+    (the engine's device thread exists on a GPU only); part 2 runs the same autograd nodes in both
+    modes and accounts a backward's wall time as node spans plus gaps."""
+    import torch
+
+    rows = autograd_threads.inside_backward(torch.device("cuda" if torch.cuda.is_available() else "cpu"), 2)
+    on_caller = rows.pop("thread")
+    assert on_caller == {"in backward, device thread": not torch.cuda.is_available(), "in backward, one thread": True}
+    assert set(rows) == {"torch.add", "torch.empty", "Triton JIT launch"}
+    for r in rows.values():
+        assert set(r) == {"calling thread", "in backward, device thread", "in backward, one thread"}
+        assert all(us > 0 for us in r.values())
+    step = autograd_threads._train_step("smoke", "triton")
+    on, off = (autograd_threads.node_spans(step, 1, threads) for threads in (True, False))
+    assert on["nodes"] == off["nodes"] > 0 and on["count_by_name"] == off["count_by_name"]
+    for r in (on, off):
+        assert 0 <= r["gap_us"] <= r["backward_us"] and 0 < r["node_span_us"] <= r["backward_us"]
+    assert autograd_threads.main(["--shape", "smoke", "--steps", "1", "--ops", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "backend=triton" in out and "backend=eager" in out and "the backward ran on the calling thread" in out
