@@ -89,7 +89,8 @@ def _step_throughput(model, b, device, steps: int = 2) -> float:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        model.loss(model(*b.inputs()), b.label).backward()
+        with torch.autograd.set_multithreading_enabled(False):  # as the trainer runs it (train.py)
+            model.loss(model(*b.inputs()), b.label).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return steps * len(b) / (time.perf_counter() - t0)
@@ -107,7 +108,8 @@ def train(model, data, args, desc: str, device) -> float:
             b = batch.to(device)
             loss = model.loss(model(*b.inputs()), b.label)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.autograd.set_multithreading_enabled(False):  # as the trainer runs it (train.py)
+                loss.backward()
             opt.step()
             seen += len(b)
             if hasattr(bar, "set_postfix"):

@@ -55,6 +55,14 @@ Decisions:
   held 12.9 ms of kernel time), so that is the mode to
   try on a GPU. It does not change the math, so a resumed run may switch ``compile_mode`` (not
   ``compile`` itself).
+* **Backward thread** (``autograd_multithreading``, off by default): the backward runs on the
+  thread that calls it (``torch.autograd.set_multithreading_enabled(False)`` around each
+  ``backward()``), not on autograd's own thread for the GPU, PyTorch's default. Decision: a plain
+  training step at the DESIGN shapes is bound by the host, and on an H200 (2026-11-27,
+  ``profiling/train_step.py --host``) the device thread cost the fused model's ``taobao`` step
+  37.2 ms against 26.6 ms on the calling thread, eager's 41.3 against 35.7 ms. The math and the
+  kernels are the same either way, so a resumed run may switch it. On a CPU there is no such
+  thread and the setting changes nothing.
 * **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
   for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
   must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
@@ -153,6 +161,7 @@ class TrainConfig:
     seed: int = 0
     device: Optional[str] = None
     deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True) for the run
+    autograd_multithreading: bool = False  # backward on autograd's GPU thread (PyTorch's default), not the caller's
     # run control
     output_dir: str = "runs/interformer"
     resume: bool = False
@@ -251,7 +260,8 @@ class TrainConfig:
 
 # Settings that steer one invocation rather than define the run; a resumed run may change them.
 RUN_CONTROL = ("epochs", "max_steps", "patience", "checkpoint_every", "log_every", "progress", "plot",
-               "output_dir", "resume", "overwrite", "device", "eval_batch_size", "compile_mode", "prefetch")
+               "output_dir", "resume", "overwrite", "device", "eval_batch_size", "compile_mode", "prefetch",
+               "autograd_multithreading")
 # Of those, the ones that always come from the invocation (where to look, whether to resume).
 _INVOCATION = ("output_dir", "resume", "overwrite")
 
@@ -976,7 +986,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                 with autocast(cfg, device):
                     logits = net(*b.inputs())
                 loss = InterFormerCTR.loss(logits, b.label)
-                scaler.scale(loss).backward()
+                with torch.autograd.set_multithreading_enabled(cfg.autograd_multithreading):
+                    scaler.scale(loss).backward()
                 if cfg.clip_grad_norm is not None:
                     for opt in optimizers:
                         scaler.unscale_(opt)
