@@ -107,7 +107,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     model)   # MODEL_FILES: the model benchmark's file or node ids, run in the order given
              TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" ${MODEL_FILES:-bench/test_bench_model.py} ;;
     threads) # where the plain backward's extra host time on the engine's device thread goes
-             timeout "${THREADS_TIMEOUT:-60}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
+             timeout "${THREADS_TIMEOUT:-120}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
              echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
                --torch-profiler >"$OUT/profile.log" 2>&1

@@ -108,7 +108,7 @@ def node_spans(step, steps: int, threads: bool) -> dict:
     with torch.autograd.set_multithreading_enabled(threads):
         step()
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], acc_events=True) as prof:
             for _ in range(steps):
                 step()
             if torch.cuda.is_available():
