@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import reference
 from .backend import FusedModule
 from .profiling import ranged
 from .reference import add_layer_norm as _reference_add_layer_norm
@@ -269,6 +270,21 @@ class RotaryMultiHeadAttention(FusedModule):
         )
 
 
+class _ZeroGradient(torch.autograd.Function):
+    """``x`` unchanged; each of ``params`` gets an exact zero gradient (a parameter whose true
+    gradient is zero stays in the graph, so optimisers and weight decay see it as they would on
+    the eager path, where the same gradient is rounding noise)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.save_for_backward(*params)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros_like(p) for p in ctx.saved_tensors))
+
+
 class PoolingMultiHeadAttention(FusedModule):
     """PMA pooling: ``num_queries`` learned queries attend over the valid rows of a sequence.
 
@@ -277,6 +293,27 @@ class PoolingMultiHeadAttention(FusedModule):
     with length 0 returns exact zeros (the output projection's bias included).
 
     forward ``(s [B, L, d], lengths [B])`` -> ``[B, num_queries, d]``.
+
+    Fused path (DESIGN §4: "reads the sequence once"): the projections are folded into the few
+    queries and into one output matrix, so neither K nor V is ever computed. For head ``h`` with
+    rows ``W_k,h``, ``W_v,h`` of the key and value projections and columns ``W_o,h`` of the output one,
+
+    * ``q_h . (W_k,h s_l + b_k,h) = (W_k,h^T q_h) . s_l + q_h . b_k,h``; the last term is the same
+      for every key of a row and softmax ignores it, so the scores are those of the folded queries
+      ``W_k,h^T q_h`` (``num_queries * num_heads`` of them, ``d`` wide) against ``s`` itself;
+    * the probabilities sum to 1 over the valid keys, so ``sum_l p_l (W_v,h s_l + b_v,h) =
+      W_v,h a_h + b_v,h`` with ``a_h = sum_l p_l s_l``, and the output projection of the heads'
+      concatenation is ``sum_h (W_o,h W_v,h) a_h + W_o b_v + b_o``: one ``[B*num_queries, H*d] x
+      [H*d, d]`` GEMM.
+
+    So the fused attention kernel runs once with one ``d``-wide head, the folded queries shared
+    over the batch and ``s`` as both keys and values (``sm_scale = 1/sqrt(head_dim)``): it reads
+    the sequence and writes ``B * num_queries * H * d`` values, where the unfolded path writes
+    and reads back K and V (``2 B L d`` each way). Its backward gives ``ds`` as the kernel's dk +
+    dv. The weights are folded on every call (``H * d * d`` products, nothing cached, so a
+    training step and ``torch.compile`` see the parameters as they are). ``k_proj.bias`` has an
+    exact zero gradient on this path (``_ZeroGradient``); on the eager path its gradient is
+    rounding noise around zero. Heads of width ``d > 128`` go through the kernel's eager fallback.
     """
 
     kernel_ops = (("attention", "attention"),)
@@ -296,12 +333,36 @@ class PoolingMultiHeadAttention(FusedModule):
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         B, L, _ = s.shape
         H, dh = self.num_heads, self.head_dim
+        fn = self._op("attention", "attention")
+        if fn is not reference.attention:  # the fused kernel (looked up now: tests swap the reference)
+            return self._folded(fn, s, lengths)
         k = self.k_proj(s).view(B, L, H, dh)
         v = self.v_proj(s).view(B, L, H, dh)
         q = self.query.to(k.dtype).view(1, self.num_queries, H, dh)  # autocast leaves raw parameters in fp32
-        fn = self._op("attention", "attention")
         o = fn(q, k, v, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False)
         out = self.o_proj(o.reshape(B, self.num_queries, self.d_model))
+        return out * (lengths > 0).to(out.dtype)[:, None, None]
+
+    def _folded(self, fn, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The fused path: projections folded into the queries and one output matrix (class docstring)."""
+        B, L, d = s.shape
+        H, dh, nq = self.num_heads, self.head_dim, self.num_queries
+        # folded queries [H, nq, d] = query_h [nq, dh] @ W_k,h [dh, d], then ordered (query, head) so
+        # that the kernel's output is [B, nq, H*d] as is; under autocast the products run in its
+        # dtype, and s follows them (as nn.Linear's input would). bmm rather than einsum: a third
+        # of the aten ops, forward and backward (plain calls are bound by the host)
+        q = torch.bmm(self.query.view(nq, H, dh).transpose(0, 1), self.k_proj.weight.view(H, dh, d))
+        if torch.is_grad_enabled() and self.k_proj.bias.requires_grad:
+            q = _ZeroGradient.apply(q, self.k_proj.bias)
+        q = q.transpose(0, 1).reshape(1, nq * H, 1, d)
+        kv = s.to(q.dtype).unsqueeze(2)
+        a = fn(q, kv, kv, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False,
+               sm_scale=1.0 / math.sqrt(dh))
+        # [H, d, d]: W_v,h^T [d, dh] @ W_o,h^T [dh, d], stacked over the heads into [H*d, d]
+        w_ov = torch.bmm(self.v_proj.weight.view(H, dh, d).transpose(1, 2),
+                         self.o_proj.weight.view(d, H, dh).permute(1, 2, 0)).view(H * d, d)
+        bias = torch.addmv(self.o_proj.bias, self.o_proj.weight, self.v_proj.bias)
+        out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d)
         return out * (lengths > 0).to(out.dtype)[:, None, None]
 
     def extra_repr(self) -> str:

@@ -4,8 +4,11 @@ One kernel family serves both attention faces of InterFormer (DESIGN §3/§4):
 
 * the Sequence Arch's self-attention (``RotaryMultiHeadAttention``): per-sample q, k, v, rotary on
   q and k, key padding and query padding from ``valid_lengths``;
-* the Cross Arch's PMA pooling (``PoolingMultiHeadAttention``): ``Lq`` (= 2) learned queries shared
-  over the batch (``q.shape[0] == 1``) over the valid body tokens, no rotary, no query masking.
+* the Cross Arch's PMA pooling (``PoolingMultiHeadAttention``): learned queries shared over the
+  batch (``q.shape[0] == 1``) over the valid body tokens, no rotary, no query masking. The module
+  folds its key and value projections into the call (its docstring): ``num_queries * num_heads``
+  queries of width ``d_model`` in ONE head, the sequence itself as both k and v, so K and V are
+  never computed.
 
 Public function (same name and signature as :func:`interformer.reference.attention`)::
 

@@ -350,6 +350,49 @@ def test_pma_module_triton_matches_eager(num_queries, d_model, heads, dtype, mon
                      monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_fused_pma_reads_the_sequence_once(backend):
+    """DESIGN §4, PMA "reads the sequence once": on the fused path the key and value projections
+    are folded into the queries and the output matrix (``PoolingMultiHeadAttention`` docstring),
+    so the forward is one attention launch over ``s`` itself and makes no tensor as large as the
+    sequence (K and V never exist), and the backward is the attention backward alone. The eager
+    path, which does project K and V, is the check that the recorder sees them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from interformer.profiling import triton_launches
+
+    B, L, d, H, nq = 3, 33, 32, 2, 2  # the folded weight [H*d, d] is smaller than s, as at DESIGN's shapes
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.large = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor) and out.numel() >= B * L * d:
+                self.large.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    module = PoolingMultiHeadAttention(nq, d, H, backend=backend).to(DEVICE)
+    s = torch.randn(B, L, d, device=DEVICE, requires_grad=True)
+    lengths = torch.tensor([0, L, 7], device=DEVICE)
+    with triton_launches(run=False) as launches:
+        with Sizes() as fwd:
+            out = module(s, lengths)
+        forward_launches = dict(launches)
+        launches.clear()
+        out.sum().backward()
+    if backend == "eager":
+        assert len(fwd.large) >= 2, fwd.large  # K and V
+        return
+    assert fwd.large == [], f"the fused forward made sequence-sized tensors: {fwd.large}"
+    assert forward_launches == {"_attn_fwd_kernel": 1}
+    assert dict(launches) == {"_attn_bwd_fused_kernel": 1}
+    assert s.grad is not None and all(p.grad is not None for p in module.parameters())
+
+
 def test_attention_modules_inside_the_model_match_eager(monkeypatch):
     """InterFormerCTR with only its attention modules (Sequence Arch MHA, Cross Arch PMA) on Triton,
     against a float64 evaluation of the same model, a zero-length row included: the loss within
