@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
-#   benchmarks), profile (per-range table of one training step), host (per-launch host cost, plain
+#   benchmarks), profile (per-range and per-kernel tables of one training step), host (per-launch host cost, plain
 #   vs CUDA-graph step time and where the host time goes, fused and eager), threads (the autograd
 #   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
 # Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
@@ -10,39 +10,28 @@
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
 #   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
 #                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
-# Seen on an H100 (2026-11-26, 15-minute lease; a start took about 30 s): the model stage's taobao
-# training rows (8 providers, 4 of them compiled) and 4 plain/graphed inference rows took about 200 s;
-# amazon's compiled training rows did not finish in 92 s, a compiled inference row not in 38 s; the
-# op stage (taobao, full, no compile) 76 s; the host stage 26 s; the whole test suite needs more
-# than 8 shards x 140 s (attention and cross-net compile slowly). One call of at most ~540 s
-# (PACK=1: everything comes back as $OUT/results.tgz):
-#   PACK=1 MODEL_K="taobao and train and not max-autotune and not fused-streams" MODEL_TIMEOUT=200 \
-#   OPS_K="taobao and full and not compile" OPS_TIMEOUT=110 HOST_TIMEOUT=30 TESTS_TIMEOUT=140 \
-#   bench/gpu_session.sh COMMIT model ops host tests
-# and the next lease takes what that leaves. Planned for it (15 minutes of device time in all, a
-# start included): two calls whose stage time boxes add up to 445 s and 370 s at worst (run them
-# with the device tool's timeout_s = 480 and 400; a stage cut by timeout_s loses its rows, one cut
-# by its own box keeps them):
-#   1. PACK=1 LAUNCH_TIMEOUT=30 OP_HOST_TIMEOUT=60 HOST_TIMEOUT=30 PROFILE_TIMEOUT=45 \
-#      TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 MODEL_TIMEOUT=130 \
-#      MODEL_K="fused-compile and not max-autotune and not reduce-overhead and ((amazon and train) or (taobao and inference))" \
-#      bench/gpu_session.sh COMMIT host profile tests model
-#      (the rerun list holds test_fused_training_at_a_high_learning_rate_stays_finite_and_tracks_eager:
-#      the H100's NaN validation AUC came from the fused fp32 path, and on failure that test names the
-#      first non-finite module and says whether exact fp32 dots avoid it;
-#      host first: op_host.py and launch_overhead's forward+backward rows are what explain the plain
-#      fused ops' host time; profile: device time per fused kernel, e.g. the low-rank cross net's
-#      kernels, which profiling/sm90-audit-triton3.6.md shows at 4 resident warps per SM; amazon's
-#      compiled training took 28 s to compile on this 2-core CPU)
-#   2. PACK=1 OPS_TIMEOUT=270 TESTS_K="test_kernel_" TESTS_TIMEOUT=100 \
-#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_attention.py bench/test_bench_pffn.py bench/test_bench_gated_lce.py bench/test_bench_dot_interaction.py" \
-#      OPS_K="full and not max-autotune and not fused-compile and not fwd and not bwd and not triton-gemm and ((taobao and compile and not attention and not layernorm) or ((amazon or long) and attention and not compile) or (taobao and low and fused))" \
-#      bench/gpu_session.sh COMMIT ops tests
-#      (first the low-rank cross net with LOW_RANK_ROW_WARPS = 8 beside the default, plain and
-#      graphed, and the cross nets' torch.compile rows; then attention and PMA at amazon and long
-#      against SDPA and FlexAttention, issue 5's targets; then the torch.compile rows at taobao that
-#      issue 3 compares against and the last H100 run left out; every kernel test on CUDA, now with
-#      poisoned allocations)
+# Seen on an H200 (2026-11-27, 15-minute lease, the device tool's default kind then; a start took
+# about 30 s, each call's transfers a few seconds): 106 listed tests in 8 shards of 120 s; the op
+# stage (taobao: every op with eager, compile, fused and both graphed variants; amazon and long:
+# attention and PMA against SDPA, FlexAttention and nn.MultiheadAttention) 136 s for 92 rows; the
+# host stage 48 s; amazon's training rows with torch.compile about 60 s each, taobao's inference
+# rows about 30 s each, so 12 model rows did not fit 210 s (taobao's compiled training rows were
+# left). Two calls used 728 s of the 900.
+# Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 300,
+# which leaves the starts and transfers room inside 900 s):
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=90 OPS_TIMEOUT=60 \
+#      OPS_FILES=bench/test_bench_attention.py OPS_K="pma and full and not compile" MODEL_TIMEOUT=120 \
+#      MODEL_FILES="bench/test_bench_model.py::test_model[taobao-train-compile] bench/test_bench_model.py::test_model[taobao-train-fused-compile] bench/test_bench_model.py::test_model[taobao-train-fused]" \
+#      bench/gpu_session.sh COMMIT tests ops threads model
+#      (the tests this session added or changed: the folded PMA, the backward thread, the profiling
+#      scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
+#      last target; autograd_threads.py's eager half, cut by its box last time; taobao's compiled
+#      training rows on the H200, beside a plain fused row of the same run)
+#   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=100 \
+#      LAUNCH_TIMEOUT=20 OP_HOST_TIMEOUT=50 HOST_TIMEOUT=25 bench/gpu_session.sh COMMIT profile host
+#      (why the compiled fused model's inference, 12.2 ms, was slower than the plain one, 9.4 ms,
+#      and than compiled eager, 5.3 ms, on the H200: per-range and per-kernel tables of both;
+#      then the host stage again, now with the folded PMA)
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -109,9 +98,12 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     threads) # where the plain backward's extra host time on the engine's device thread goes
              timeout "${THREADS_TIMEOUT:-120}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
              echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
-    profile) timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend triton \
-               --torch-profiler >"$OUT/profile.log" 2>&1
-             echo "exit $?"; head -n 70 "$OUT/profile.log" ;;
+    profile) # PROFILE_BACKENDS (default triton), PROFILE_ARGS: more train_step.py flags (--compile --inference)
+             for be in ${PROFILE_BACKENDS:-triton}; do
+               timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
+                 --torch-profiler ${PROFILE_ARGS:-} >"$OUT/profile-$be.log" 2>&1
+               echo "profile $be exit $?"; head -n 70 "$OUT/profile-$be.log"
+             done ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1

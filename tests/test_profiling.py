@@ -340,3 +340,24 @@ def test_autograd_threads_times_both_threads(autograd_threads, capsys):
     assert autograd_threads.main(["--shape", "smoke", "--steps", "1", "--ops", "1"]) == 0
     out = capsys.readouterr().out
     assert "backend=triton" in out and "backend=eager" in out and "the backward ran on the calling thread" in out
+
+
+def test_train_step_profiles_a_compiled_inference_forward(train_step, capsys, monkeypatch):
+    """``--compile --inference``: the model goes through ``torch.compile`` with the backend named,
+    the steps run the forward alone (no gradient anywhere) and the per-range table is printed."""
+    import torch
+
+    compiled = []
+    real = torch.compile
+
+    def spy(model, **kw):
+        compiled.append((model, kw))
+        return real(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    assert train_step.main(["--shape", "smoke", "--steps", "1", "--warmup", "1", "--compile", "--compile-backend",
+                            "aot_eager", "--inference", "--torch-profiler"]) == 0
+    (model, kw), = compiled
+    assert kw == {"backend": "aot_eager"}
+    assert all(p.grad is None for p in model.parameters())
+    assert "per-range time over 1 steps" in capsys.readouterr().out
