@@ -313,7 +313,10 @@ class PoolingMultiHeadAttention(FusedModule):
     dv. The weights are folded on every call (``H * d * d`` products, nothing cached, so a
     training step and ``torch.compile`` see the parameters as they are). ``k_proj.bias`` has an
     exact zero gradient on this path (``_ZeroGradient``); on the eager path its gradient is
-    rounding noise around zero. Heads of width ``d > 128`` go through the kernel's eager fallback.
+    rounding noise around zero. Under autocast the sequence is cast to the autocast dtype first
+    where it arrives wider (in the model it comes in fp32): one copy, where each of the unfolded
+    path's two projections casts it too. The kernel takes heads up to 128 wide, so a module with
+    ``d_model > 128`` keeps the unfolded path (``d_model / num_heads``-wide heads).
     """
 
     kernel_ops = (("attention", "attention"),)
@@ -334,7 +337,9 @@ class PoolingMultiHeadAttention(FusedModule):
         B, L, _ = s.shape
         H, dh = self.num_heads, self.head_dim
         fn = self._op("attention", "attention")
-        if fn is not reference.attention:  # the fused kernel (looked up now: tests swap the reference)
+        # the fused kernel (looked up now: tests swap the reference) takes heads up to 128 wide;
+        # wider models keep their projections so that the kernel sees d/H-wide heads
+        if fn is not reference.attention and self.d_model <= 128:
             return self._folded(fn, s, lengths)
         k = self.k_proj(s).view(B, L, H, dh)
         v = self.v_proj(s).view(B, L, H, dh)
@@ -361,7 +366,8 @@ class PoolingMultiHeadAttention(FusedModule):
         # [H, d, d]: W_v,h^T [d, dh] @ W_o,h^T [dh, d], stacked over the heads into [H*d, d]
         w_ov = torch.bmm(self.v_proj.weight.view(H, dh, d).transpose(1, 2),
                          self.o_proj.weight.view(d, H, dh).permute(1, 2, 0)).view(H * d, d)
-        bias = torch.addmv(self.o_proj.bias, self.o_proj.weight, self.v_proj.bias)
+        # with no key at all (L = 0) the probabilities sum to 0, not 1, and b_v never reaches the output
+        bias = torch.addmv(self.o_proj.bias, self.o_proj.weight, self.v_proj.bias, alpha=1.0 if L else 0.0)
         out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d)
         return out * (lengths > 0).to(out.dtype)[:, None, None]
 

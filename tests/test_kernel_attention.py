@@ -350,6 +350,32 @@ def test_pma_module_triton_matches_eager(num_queries, d_model, heads, dtype, mon
                      monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("d_model,heads,L,lengths", [(16, 2, 0, [3, 0]), (16, 2, 5, [9, 0, 5]), (144, 4, 6, [6, 2])],
+                         ids=["no-keys-at-all", "lengths-past-L", "wider-than-the-kernel"])
+def test_pma_module_edges_match_eager(d_model, heads, L, lengths):
+    """The folded fused PMA where its algebra has edges: an empty sequence with lengths > 0 (the
+    probabilities sum to 0, so b_v must not reach the output), lengths beyond L (clamped), and
+    ``d_model > 128`` (the unfolded path, so that the kernel, whose heads stop at 128, still runs
+    it rather than its eager fallback). fp32, against eager."""
+    from interformer.profiling import triton_launches
+
+    eager, fused = _module_pair(PoolingMultiHeadAttention, (2, d_model, heads), torch.float32, None)
+    s = torch.randn(len(lengths), L, d_model, device=DEVICE, dtype=torch.float64)
+    lengths = torch.tensor(lengths, device=DEVICE)
+    grad = torch.randn(len(lengths), 2, d_model, device=DEVICE, dtype=torch.float64)
+    with triton_launches() as launches:
+        o_f, ds_f, g_f = _module_run(fused, s.float(), lengths, grad)
+    if L:  # (with no key at all the kernel has nothing to do)
+        assert launches["_attn_fwd_kernel"] == 1, dict(launches)
+    o_e, ds_e, g_e = _module_run(eager, s.float(), lengths, grad)
+    assert_rel(o_f, o_e, FP32_TOL, "out")
+    if L:
+        assert_rel(ds_f, ds_e, FP32_TOL, "d_input")
+    scale = max(float(g.norm()) for g in g_e.values())
+    for name in g_e:
+        torch.testing.assert_close(g_f[name], g_e[name], rtol=FP32_TOL, atol=FP32_TOL * scale, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_fused_pma_reads_the_sequence_once(backend):
     """DESIGN §4, PMA "reads the sequence once": on the fused path the key and value projections
