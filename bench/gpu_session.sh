@@ -17,17 +17,18 @@
 # host stage 48 s; amazon's training rows with torch.compile about 60 s each, taobao's inference
 # rows about 30 s each, so 12 model rows did not fit 210 s (taobao's compiled training rows were
 # left). Two calls used 728 s of the 900.
-# Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 300,
+# Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 320,
 # which leaves the starts and transfers room inside 900 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=90 OPS_TIMEOUT=60 \
-#      OPS_FILES=bench/test_bench_attention.py OPS_K="pma and full and not compile" MODEL_TIMEOUT=120 \
-#      MODEL_FILES="bench/test_bench_model.py::test_model[taobao-train-compile] bench/test_bench_model.py::test_model[taobao-train-fused-compile] bench/test_bench_model.py::test_model[taobao-train-fused]" \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=70 OPS_TIMEOUT=60 \
+#      OPS_FILES=bench/test_bench_attention.py OPS_K="pma and full and not compile" MODEL_TIMEOUT=140 \
+#      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-compile train-fused-compile; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops threads model
 #      (the tests this session added or changed: the folded PMA, the backward thread, the profiling
 #      scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
-#      last target; autograd_threads.py's eager half, cut by its box last time; taobao's compiled
-#      training rows on the H200, beside a plain fused row of the same run)
-#   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=100 \
+#      last target; autograd_threads.py's eager half, cut by its box last time; the training step
+#      with the backward on the calling thread, as interformer train runs it, fused and eager;
+#      taobao's compiled training rows on the H200, beside a plain fused row of the same run)
+#   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
 #      LAUNCH_TIMEOUT=20 OP_HOST_TIMEOUT=50 HOST_TIMEOUT=25 bench/gpu_session.sh COMMIT profile host
 #      (why the compiled fused model's inference, 12.2 ms, was slower than the plain one, 9.4 ms,
 #      and than compiled eager, 5.3 ms, on the H200: per-range and per-kernel tables of both;

@@ -38,7 +38,7 @@ FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
-    for name in ["common"] + list(OPS):
+    for name in ["common", "test_bench_model"] + list(OPS):  # each bound to the common it imported
         sys.modules.pop(name, None)
     common = importlib.import_module("common")
     monkeypatch.setattr(common, "skip_unless_runnable", lambda *a, **k: None)
@@ -53,7 +53,7 @@ def bench(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     yield common, compiled
-    for name in ["common"] + list(OPS):
+    for name in ["common", "test_bench_model"] + list(OPS):
         sys.modules.pop(name, None)
 
 
@@ -183,3 +183,24 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
     mod.test_crossnet(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", rank=rank, mode="full",
                       provider=provider)
     assert seen and set(seen) == {(warps, gemm)}, seen
+
+
+def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):
+    """``train`` leaves autograd's threading as PyTorch has it; ``train-calling-thread`` runs the
+    backward with multithreading off (as ``interformer train`` does); inference runs none."""
+    common, _ = bench
+    mod = importlib.import_module("test_bench_model")
+    seen = []
+    real = torch.Tensor.backward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    default = torch._C._is_multithreading_enabled()
+    for mode, want in (("train", [default]), ("train-calling-thread", [False]), ("inference", [])):
+        seen.clear()
+        mod.test_model(None, "smoke", mode, "eager")
+        assert seen == want, f"{mode}: backward ran with multithreading {seen}"
+        assert torch._C._is_multithreading_enabled() == default
