@@ -19,13 +19,15 @@
 # left). Two calls used 728 s of the 900.
 # Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 320,
 # which leaves the starts and transfers room inside 900 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=70 OPS_TIMEOUT=60 \
-#      OPS_FILES=bench/test_bench_attention.py OPS_K="pma and full and not compile" MODEL_TIMEOUT=140 \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=60 OPS_TIMEOUT=70 \
+#      OPS_FILES="bench/test_bench_attention.py bench/test_bench_crossnet.py" MODEL_TIMEOUT=140 \
+#      OPS_K="(pma and full and not compile) or (taobao and low and full and fused and not compile and not triton)" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-compile train-fused-compile; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops threads model
 #      (the tests this session added or changed: the folded PMA, the backward thread, the profiling
 #      scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
-#      last target; autograd_threads.py's eager half, cut by its box last time; the training step
+#      last target, and the low-rank cross net with 8 warps per row block beside the default 4
+#      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md); autograd_threads.py's eager half, cut by its box last time; the training step
 #      with the backward on the calling thread, as interformer train runs it, fused and eager;
 #      taobao's compiled training rows on the H200, beside a plain fused row of the same run)
 #   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
