@@ -27,8 +27,9 @@
 #      (the tests this session added or changed: the folded PMA, the backward thread, the profiling
 #      scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
 #      last target, and the low-rank cross net with 8 warps per row block beside the default 4
-#      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md); autograd_threads.py's eager half, cut by its box last time; the training step
-#      with the backward on the calling thread, as interformer train runs it, fused and eager;
+#      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md);
+#      autograd_threads.py's eager half, cut by its box last time; the training step with the
+#      backward on the calling thread, as interformer train runs it, fused and eager;
 #      taobao's compiled training rows on the H200, beside a plain fused row of the same run)
 #   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
 #      LAUNCH_TIMEOUT=20 OP_HOST_TIMEOUT=50 HOST_TIMEOUT=25 bench/gpu_session.sh COMMIT profile host

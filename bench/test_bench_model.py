@@ -25,6 +25,8 @@ alone. A CUDA graph replays no autograd, so the graphed providers have no callin
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -92,10 +94,7 @@ def test_model(benchmark, shape_name, mode, provider):
                 p.grad = None
             with autocast:
                 loss = InterFormerCTR.loss(model(*inputs), label)
-            if calling_thread:
-                with torch.autograd.set_multithreading_enabled(False):
-                    loss.backward()
-            else:
+            with torch.autograd.set_multithreading_enabled(False) if calling_thread else contextlib.nullcontext():
                 loss.backward()
         fn = step  # common.run captures it for the -cudagraph providers
     else:

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import reference
 from .backend import FusedModule
 from .profiling import ranged
 from .reference import add_layer_norm as _reference_add_layer_norm
@@ -337,9 +336,9 @@ class PoolingMultiHeadAttention(FusedModule):
         B, L, _ = s.shape
         H, dh = self.num_heads, self.head_dim
         fn = self._op("attention", "attention")
-        # the fused kernel (looked up now: tests swap the reference) takes heads up to 128 wide;
-        # wider models keep their projections so that the kernel sees d/H-wide heads
-        if fn is not reference.attention and self.d_model <= 128:
+        # the fold needs the fused kernel (the reference has no max_head_dim) and one d_model-wide
+        # head; wider models keep their projections so that the kernel sees d/H-wide heads
+        if self.d_model <= getattr(fn, "max_head_dim", 0):
             return self._folded(fn, s, lengths)
         k = self.k_proj(s).view(B, L, H, dh)
         v = self.v_proj(s).view(B, L, H, dh)

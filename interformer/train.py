@@ -33,10 +33,9 @@ Decisions:
   Written to a temporary file and renamed, so a crash never leaves half a checkpoint.
 * **Resume** (``--resume``) continues from ``last.pt`` with the checkpoint's own settings, so
   ``train --resume --output-dir X`` alone is enough. A setting counts as given when it differs from
-  the :class:`TrainConfig` default. The run-control settings (:data:`RUN_CONTROL`: epochs,
-  max_steps, patience, checkpoint_every, log_every, progress, plot, device, eval_batch_size,
-  compile_mode, prefetch, autograd_multithreading) may be changed on resume (e.g. a larger ``--epochs`` or ``--max-steps`` continues a finished or stopped
-  run); any other given setting that differs from the checkpoint's raises ValueError, since it would
+  the :class:`TrainConfig` default. The run-control settings (:data:`RUN_CONTROL`) may be changed
+  on resume (e.g. a larger ``--epochs`` or ``--max-steps`` continues a finished or stopped run);
+  any other given setting that differs from the checkpoint's raises ValueError, since it would
   silently make a different run. (A run-control setting cannot be set back to its default this way:
   pass a large ``--max-steps`` rather than "none".) A resumed run that has nothing left to do
   (``max_steps`` reached, its epochs done, or early stopping's patience used up) trains no step; it

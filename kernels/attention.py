@@ -1020,3 +1020,8 @@ def attention(
     else:
         out, _ = _attention_fwd_impl(*tensors, *flags)
     return out
+
+
+#: the widest head the kernels take (wider ones run the reference): callers that choose a head
+#: width, such as PoolingMultiHeadAttention's folded path, read it from the function they were given
+attention.max_head_dim = MAX_HEAD_DIM

@@ -37,10 +37,15 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import train_step  # noqa: E402  (profiling/, after TRITON_INTERPRET is set)
+
 NODE = "autograd::engine::evaluate_function: "
+#: the profiler range around each backward() call (train_step.build's backward_range)
+BACKWARD = "backward_wall"
 
 
 def _loop_us(body, n: int) -> float:
@@ -53,7 +58,6 @@ def _loop_us(body, n: int) -> float:
 
 def _bodies(device):
     """name -> zero-argument callable of one small host-side operation."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from launch_overhead import _copy_kernel
 
     x = torch.ones(64, device=device)
@@ -115,7 +119,7 @@ def node_spans(step, steps: int, threads: bool) -> dict:
                 torch.cuda.synchronize()
     events = prof.events()
     nodes = [e for e in events if e.name.startswith(NODE)]
-    backward = [e for e in events if e.name == "backward_wall"]
+    backward = [e for e in events if e.name == BACKWARD]
     by_thread = defaultdict(list)
     for e in nodes:
         by_thread[e.thread].append((e.time_range.start, e.time_range.end))
@@ -147,28 +151,6 @@ def node_spans(step, steps: int, threads: bool) -> dict:
     }
 
 
-def _train_step(shape_name: str, backend: str):
-    import common
-    from test_bench_model import batch_for, config_for
-
-    from interformer import InterFormerCTR, optimize
-
-    shape = common.ALL_SHAPES[shape_name]
-    cfg = config_for(shape)
-    model = optimize(InterFormerCTR(cfg).to(common.DEVICE), backend)
-    inputs, label = batch_for(shape, cfg)
-    params = list(model.parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        with torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU):
-            loss = model.loss(model(*inputs), label)
-        with torch.profiler.record_function("backward_wall"):
-            loss.backward()
-    return step
-
-
 def main(argv=None) -> int:
     import common
 
@@ -191,7 +173,7 @@ def main(argv=None) -> int:
           + ", ".join(f"{c[len('in backward, '):]}: {'yes' if on_caller[c] else 'no'}" for c in cols[1:]) + ")")
 
     for backend in ("triton", "eager"):
-        step = _train_step(args.shape, backend)
+        step = train_step.build(args.shape, backend, backward_range=BACKWARD)[1]()
         on, off = node_spans(step, args.steps, True), node_spans(step, args.steps, False)
         print(f"\ntraining step, {args.shape}, backend={backend}, {args.steps} steps under torch.profiler "
               f"(host events; profiling inflates every number), per step:")

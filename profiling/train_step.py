@@ -24,9 +24,11 @@ includes the C++ of every backward op and the fused ops' backward launchers) plu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections import defaultdict
+from typing import Optional
 
 import torch
 
@@ -39,12 +41,51 @@ RANGES = ("CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch"
           "ResidualLayerNorm", "train_step")
 
 
-def main(argv=None) -> int:
+def build(shape_name: str, backend: str, compile: bool = False, compile_backend: str = "inductor",
+          inference: bool = False, backward_range: Optional[str] = None):
+    """``(model, make_step)`` at the benchmark shape ``shape_name``: ``make_step(cache_enabled=True)``
+    builds one training step (bf16 autocast on a GPU; CUDA-graph capture needs autocast without its
+    cast cache), or the inference forward under ``torch.no_grad()``; ``compile`` runs the model
+    through ``torch.compile``; ``backward_range`` names a ``torch.profiler.record_function`` range
+    around ``backward()`` (``profiling/autograd_threads.py`` finds the backward by it)."""
     import common
     from test_bench_model import batch_for, config_for
 
     from interformer import InterFormerCTR, optimize
-    from interformer.profiling import enable_nvtx, nvtx_range
+    from interformer.profiling import nvtx_range
+
+    shape = common.ALL_SHAPES[shape_name]
+    cfg = config_for(shape)
+    model = optimize(InterFormerCTR(cfg).to(common.DEVICE), backend)
+    inputs, label = batch_for(shape, cfg)
+    params = list(model.parameters())
+    run = torch.compile(model, backend=compile_backend) if compile else model
+
+    def make_step(cache_enabled: bool = True):
+        autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
+                                  cache_enabled=cache_enabled)
+        marked = torch.profiler.record_function(backward_range) if backward_range else contextlib.nullcontext()
+
+        def step():
+            with nvtx_range("train_step"):
+                if inference:
+                    with torch.no_grad(), autocast:
+                        run(*inputs)
+                    return
+                for p in params:
+                    p.grad = None
+                with autocast:
+                    loss = model.loss(run(*inputs), label)
+                with marked:
+                    loss.backward()
+        return step
+    return model, make_step
+
+
+def main(argv=None) -> int:
+    import common
+
+    from interformer.profiling import enable_nvtx
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(common.ALL_SHAPES))
@@ -59,31 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inference", action="store_true", help="the forward alone, under torch.no_grad()")
     args = parser.parse_args(argv)
 
-    shape = common.ALL_SHAPES[args.shape]
-    cfg = config_for(shape)
-    model = optimize(InterFormerCTR(cfg).to(common.DEVICE), args.backend)
-    inputs, label = batch_for(shape, cfg)
-    params = list(model.parameters())
-    run = torch.compile(model, backend=args.compile_backend) if args.compile else model
-
-    def make_step(cache_enabled: bool = True):
-        """One training step (or inference forward); CUDA-graph capture needs autocast without its cast cache."""
-        autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
-                                  cache_enabled=cache_enabled)
-
-        def step():
-            with nvtx_range("train_step"):
-                if args.inference:
-                    with torch.no_grad(), autocast:
-                        run(*inputs)
-                    return
-                for p in params:
-                    p.grad = None
-                with autocast:
-                    loss = model.loss(run(*inputs), label)
-                loss.backward()
-        return step
-
+    _, make_step = build(args.shape, args.backend, args.compile, args.compile_backend, args.inference)
     step = make_step()
 
     for _ in range(args.warmup):

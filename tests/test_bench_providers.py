@@ -18,6 +18,7 @@ import torch
 
 from interformer import backend as backend_mod
 from interformer import reference as R
+from utils import backward_threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -190,14 +191,7 @@ def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):
     backward with multithreading off (as ``interformer train`` does); inference runs none."""
     common, _ = bench
     mod = importlib.import_module("test_bench_model")
-    seen = []
-    real = torch.Tensor.backward
-
-    def spy(self, *args, **kwargs):
-        seen.append(torch._C._is_multithreading_enabled())
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    seen = backward_threading(monkeypatch)
     default = torch._C._is_multithreading_enabled()
     for mode, want in (("train", [default]), ("train-calling-thread", [False]), ("inference", [])):
         seen.clear()

@@ -332,7 +332,7 @@ def test_autograd_threads_times_both_threads(autograd_threads, capsys):
     for r in rows.values():
         assert set(r) == {"calling thread", "in backward, device thread", "in backward, one thread"}
         assert all(us > 0 for us in r.values())
-    step = autograd_threads._train_step("smoke", "triton")
+    step = autograd_threads.train_step.build("smoke", "triton", backward_range=autograd_threads.BACKWARD)[1]()
     on, off = (autograd_threads.node_spans(step, 1, threads) for threads in (True, False))
     assert on["nodes"] == off["nodes"] > 0 and on["count_by_name"] == off["count_by_name"]
     for r in (on, off):

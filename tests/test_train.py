@@ -781,14 +781,9 @@ def test_backward_runs_on_the_calling_thread_unless_asked(tmp_path, monkeypatch)
     """Every training backward runs with autograd's multithreading off (the GPU's device thread
     unused) by default, on when ``autograd_multithreading`` says so, and the process's own setting
     is back afterwards (whatever it was). On a CPU the setting changes nothing else: both runs give the same weights."""
-    seen = []
-    real = torch.Tensor.backward
+    from utils import backward_threading
 
-    def spy(self, *args, **kwargs):
-        seen.append(torch._C._is_multithreading_enabled())
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    seen = backward_threading(monkeypatch)
     before = torch._C._is_multithreading_enabled()  # PyTorch's default (on, as of 2.13)
     runs = {}
     for threads in (False, True):

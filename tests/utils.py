@@ -81,3 +81,17 @@ def aot_build_sm90(cases, timeout: int = 900, workers: int = 1):
     from interformer.kernel_audit import build_sm90
 
     return build_sm90(cases, workers=workers, timeout=timeout)
+
+
+def backward_threading(monkeypatch) -> list:
+    """Spy on ``Tensor.backward``: the returned list gets, for every call, whether autograd's
+    multithreading was on at that moment (off: the backward runs on the calling thread)."""
+    seen = []
+    real = torch.Tensor.backward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    return seen
