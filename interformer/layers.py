@@ -308,8 +308,8 @@ class PoolingMultiHeadAttention(FusedModule):
     So the fused attention kernel runs once with one ``d``-wide head, the folded queries shared
     over the batch and ``s`` as both keys and values (``sm_scale = 1/sqrt(head_dim)``): it reads
     the sequence and writes ``B * num_queries * H * d`` values, where the unfolded path writes
-    and reads back K and V (``2 B L d`` each way). Its backward gives ``ds`` as the kernel's dk +
-    dv. The weights are folded on every call (``H * d * d`` products, nothing cached, so a
+    and reads back K and V (``2 B L d`` each way). Its backward kernel writes ``ds = dk + dv`` itself
+    (k and v being one tensor). The weights are folded on every call (``H * d * d`` products, nothing cached, so a
     training step and ``torch.compile`` see the parameters as they are). ``k_proj.bias`` has an
     exact zero gradient on this path (``_ZeroGradient``); on the eager path its gradient is
     rounding noise around zero. Under autocast the sequence is cast to the autocast dtype first

@@ -93,6 +93,12 @@ then dq/dk are rotated back. Two structures, chosen by the shape:
   No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
   128-wide heads, 32-row key blocks in dkdv for fp32).
 
+k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``): every kernel reads a key
+tile once for both when k is not rotated (the forward checks for the same data pointer and
+strides), and the eager entry has the backward kernels store the tensor's whole gradient, dk + dv,
+in one output (``SAME_KV``): no separate dv, and no add of the two by autograd, which would read
+both and write a third ``B x L x d`` tensor. Traced calls keep the custom op's (dq, dk, dv).
+
 Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp32 ``[B, Lq, H, dh]``
 buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
 the only part of the op that is not a Triton kernel. Nothing goes to cuBLAS.
@@ -200,11 +206,34 @@ def _load_rows(base, offs_l, lim, stride_l, stride_d, TAB, tab_len,
 
 
 @triton.jit
+def _load_v(k, v_base, offs_l, lim, stride_l, stride_d, TAB, tab_len, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
+            DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """The v tile of rows ``offs_l``: the k tile itself when k and v are one tensor (SAME_KV) and k is
+    not rotated, else a load of its own."""
+    if SAME_KV and not ROPE_K:
+        v = k
+    else:
+        v = _load_rows(v_base, offs_l, lim, stride_l, stride_d, TAB, tab_len, False, DH, DHP, SPLIT)
+    return v
+
+
+@triton.jit
 def _store_rows(base, x, offs_l, lim, stride_l, stride_d,
                 DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
     col, col_ok = _colmap(tl.arange(0, DHP), DH, DHP, SPLIT)
     tl.store(base + offs_l[:, None] * stride_l + col[None, :] * stride_d,
              x.to(base.dtype.element_ty), mask=_mask2(offs_l < lim, col_ok, DH, DHP))
+
+
+@triton.jit
+def _store_dkdv(dk_base, dv_base, dk, dv, offs_l, lim, sdkl, sdkd, sdvl, sdvd, SAME_KV: tl.constexpr,
+                DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """Store a key block's gradients: dk and dv, or with SAME_KV their sum into dk alone."""
+    if SAME_KV:
+        _store_rows(dk_base, dk + dv, offs_l, lim, sdkl, sdkd, DH, DHP, SPLIT)
+    else:
+        _store_rows(dk_base, dk, offs_l, lim, sdkl, sdkd, DH, DHP, SPLIT)
+        _store_rows(dv_base, dv, offs_l, lim, sdvl, sdvd, DH, DHP, SPLIT)
 
 
 @triton.jit
@@ -239,13 +268,13 @@ def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale,
                skl, skd, svl, svd, TAB, tab_len,
-               CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, MASKED: tl.constexpr, SAME_KV: tl.constexpr,
                BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
                PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
-        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
             vis = (offs_n < k_lim)[None, :]
@@ -270,7 +299,7 @@ def _attn_fwd_kernel(
     skb, skl, skh, skd,
     svb, svl, svh, svd,
     sob, sol, soh, sod,
-    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -299,9 +328,11 @@ def _attn_fwd_kernel(
     if CAUSAL:
         hi_full = tl.minimum(hi_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, hi_full, k_lim, qk_scale,
-                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, BLOCK_N, DH, DHP, SPLIT, PREC)
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, SAME_KV, BLOCK_N, DH, DHP,
+                               SPLIT, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, hi_full, hi, k_lim, qk_scale,
-                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, BLOCK_N, DH, DHP, SPLIT, PREC)
+                               skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, SAME_KV, BLOCK_N, DH, DHP,
+                               SPLIT, PREC)
 
     keep = (offs_m < q_lim) & (l_i > 0.0)
     l_safe = tl.where(keep, l_i, 1.0)
@@ -325,11 +356,12 @@ def _attn_bwd_fused_kernel(
     skb, skl, skh, skd,
     svb, svl, svh, svd,
     sob, sol, soh, sod,
-    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``)."""
+    """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``). With SAME_KV (k
+    and v one tensor) DK receives dk + dv and DV is never touched."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -356,7 +388,7 @@ def _attn_bwd_fused_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
-        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
@@ -369,14 +401,12 @@ def _attn_bwd_fused_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if ROPE_K:
             dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
-        _store_rows(dk_base, dk, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
-        _store_rows(dv_base, dv, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+        _store_dkdv(dk_base, dv_base, dk, dv, offs_n, Lk, sdkl, sdkd, sdvl, sdvd, SAME_KV, DH, DHP, SPLIT)
     # keys past the valid length (or past the last query when causal): zero gradient, no compute
     zero = tl.zeros([BLOCK_N, DHP], tl.float32)
     for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        _store_rows(dk_base, zero, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
-        _store_rows(dv_base, zero, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+        _store_dkdv(dk_base, dv_base, zero, zero, offs_n, Lk, sdkl, sdkd, sdvl, sdvd, SAME_KV, DH, DHP, SPLIT)
 
     dq = dq * sm_scale
     if ROPE_Q:
@@ -415,11 +445,12 @@ def _attn_bwd_dkdv_kernel(
     sqb, sql, sqh, sqd,
     skb, skl, skh, skd,
     svb, svl, svh, svd,
-    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dk, dv of one key block of one (b, h): loop over the query blocks that can see it."""
+    """dk, dv of one key block of one (b, h): loop over the query blocks that can see it (with
+    SAME_KV, dk + dv into DK)."""
     pid = tl.program_id(0).to(tl.int64)
     pid_n = (pid % n_n_blocks).to(tl.int32)
     bh = pid // n_n_blocks
@@ -430,7 +461,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + b * skb + h * skh, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
-    v = _load_rows(V + b * svb + h * svh, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+    v = _load_v(k, V + b * svb + h * svh, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
     kv_ok = (offs_n < k_lim)[:, None]
 
     q_base = Q + b * sqb + h * sqh
@@ -461,8 +492,8 @@ def _attn_bwd_dkdv_kernel(
     dk = dk * sm_scale
     if ROPE_K:
         dk = _unrotate(dk, TAB, offs_n, k_lim, tab_len, BLOCK_N, DH, DHP)
-    _store_rows(DK + b * sdkb + h * sdkh, dk, offs_n, Lk, sdkl, sdkd, DH, DHP, SPLIT)
-    _store_rows(DV + b * sdvb + h * sdvh, dv, offs_n, Lk, sdvl, sdvd, DH, DHP, SPLIT)
+    _store_dkdv(DK + b * sdkb + h * sdkh, DV + b * sdvb + h * sdvh, dk, dv, offs_n, Lk, sdkl, sdkd, sdvl, sdvd,
+                SAME_KV, DH, DHP, SPLIT)
 
 
 @triton.jit
@@ -475,7 +506,7 @@ def _attn_bwd_dq_kernel(
     sqb, sql, sqh, sqd,
     skb, skl, skh, skd,
     svb, svl, svh, svd,
-    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -506,7 +537,7 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
-        v = _load_rows(v_base, offs_n, k_lim, svl, svd, TAB, tab_len, False, DH, DHP, SPLIT)
+        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
@@ -663,30 +694,40 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
         sqb, q.stride(1), q.stride(2), q.stride(3),
         *k.stride(), *v.stride(), *out.stride(),
         CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
-        MASK_Q=bool(mask_queries), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp, SPLIT=rope_base is not None,
-        PREC=dot_precision(k.dtype),
+        MASK_Q=bool(mask_queries), SAME_KV=_one_tensor(k, v), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp,
+        SPLIT=rope_base is not None, PREC=dot_precision(k.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
 
 
+def _one_tensor(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether k and v are the same elements (same data pointer and strides; shapes are checked
+    equal): the kernels then read each key tile once for both (PMA's folded call passes the
+    sequence as both)."""
+    return k is v or (k.data_ptr() == v.data_ptr() and k.stride() == v.stride())
+
+
 @on_input_device
 def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
-                        rope_table=None, grads=None):
+                        rope_table=None, grads=None, same_kv=False):
     """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the
-    views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only."""
+    views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only.
+
+    ``same_kv`` (k and v one tensor, the caller's promise): the kernels write the gradient of that
+    tensor, dk + dv, into dk, and dv comes back None; autograd would otherwise add the two."""
     lengths = lengths.contiguous()
     B, Lk, H, dh = k.shape
     Bq, Lq = q.shape[0], q.shape[1]
     shared = Bq == 1 and B > 1
     if grads is not None:
-        assert not shared
+        assert not shared and not same_kv
         dq_buf, dk, dv = grads
     else:
         # per-sample dq for shared queries goes to an fp32 buffer reduced over B below
         dq_buf = torch.empty((B, Lq, H, dh), device=q.device, dtype=torch.float32 if shared else q.dtype)
         dk = torch.empty((B, Lk, H, dh), device=k.device, dtype=k.dtype)
-        dv = torch.empty((B, Lk, H, dh), device=v.device, dtype=v.dtype)
+        dv = dk if same_kv else torch.empty((B, Lk, H, dh), device=v.device, dtype=v.dtype)
     if dq_buf.numel() == 0 or Lk == 0 or do is None:
         dq_buf.zero_(), dk.zero_(), dv.zero_()
     else:
@@ -696,7 +737,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         sqb = 0 if Bq == 1 else q.stride(0)
         flags = dict(
             CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
-            MASK_Q=bool(mask_queries), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
+            MASK_Q=bool(mask_queries), SAME_KV=bool(same_kv), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
             PREC=dot_precision(k.dtype),
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
@@ -731,7 +772,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
                 BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
             )
     dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf
-    return dq, dk, dv
+    return dq, dk, None if same_kv else dv
 
 
 # ============================================================================ torch.library
@@ -794,14 +835,20 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
-def _backward_with(bwd):
-    """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+def _backward_with(bwd, lean=False):
+    """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager).
+
+    ``lean`` (the eager entry): k and v given as one tensor (PMA's folded call) have the kernels
+    write that tensor's whole gradient, dk + dv, and v's slot gets None, where autograd would
+    otherwise add the two (one more kernel, two more ``B x L x d`` tensors). Traced calls keep
+    the op's (dq, dk, dv) schema."""
     def backward(ctx, grad_out, grad_lse):
         # lse is an internal output: its gradient (if any) is ignored.
         q, k, v, out, lse, lengths, table = ctx.saved_tensors
         if grad_out is None:
             return (None,) * 10
-        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args, table)
+        extra = {"same_kv": ctx.same_kv} if lean else {}
+        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args, table, **extra)
         return (dq, dk, dv) + (None,) * 7
     return backward
 
@@ -812,12 +859,13 @@ attention_fwd.register_autograd(_backward_with(torch.ops.interformer.attention_b
 def _lean_forward(ctx, *inputs):
     output = _attention_fwd_impl(*inputs)
     _setup_context(ctx, inputs, output)
+    ctx.same_kv = inputs[1] is inputs[2]
     return output
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch; like the
 # custom op's autograd wrapper, both outputs are differentiable and lse's gradient is ignored
-_Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl))
+_Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl, lean=True))
 
 
 def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):

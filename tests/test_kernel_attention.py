@@ -7,7 +7,8 @@ formulas (``attention64`` below): fp32 within ``FP32_TOL`` of both, fp16/bf16 by
 129, 300; head dims 16, 32, 64, 128 (plus the padded odd sizes 5 and 6); shared (PMA) and per-sample
 queries; causal on/off; rotary on q and k, on k only, off; mask_queries on/off; lengths with 0 and
 the full length; the non-contiguous ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views the module
-makes, transposed layouts, and stride-0 upstream gradients (``out.sum()``). Both kernel paths of the
+makes, transposed layouts, k and v given as one tensor (PMA's folded call: the kernels write its
+gradient dk + dv themselves), and stride-0 upstream gradients (``out.sum()``). Both kernel paths of the
 backward are reached (single query block: Lq <= 128; general dkdv + dq kernels: Lq > 128), and the
 forward's 16/64/128-row query blocks. The eager entry (plain autograd.Function, generic and packed, and
 the no-grad launcher) must match the custom ops bit for bit.
@@ -72,7 +73,9 @@ class Case:
     causal: bool
     rope: Optional[str]  # "qk", "k" (rope_q=False) or None
     mask_q: bool
-    layout: str  # "qkv" (module views, row stride 3*H*dh), "transposed" ([B, H, L, dh].transpose(1, 2)), "contiguous"
+    # "qkv" (module views, row stride 3*H*dh), "transposed" ([B, H, L, dh].transpose(1, 2)), "contiguous",
+    # "kv" (k and v one tensor)
+    layout: str
     grad: str = "random"  # "random" upstream gradient, or "sum" (stride-0 expanded ones)
     sm_scale: Optional[float] = None
 
@@ -94,6 +97,9 @@ CASES = [
     Case("dh5-padded-pma", 3, True, 3, 13, 2, 5, False, None, False, "contiguous"),
     Case("B1-L54", 1, False, 54, 54, 2, 16, False, "qk", True, "qkv"),  # B = 1 (DESIGN §5)
     Case("B1-pma-54", 1, True, 2, 54, 2, 32, False, None, False, "contiguous"),
+    Case("pma-folded-kv-54-dh64", 3, True, 8, 54, 1, 64, False, None, False, "kv"),
+    Case("kv-13-causal-ropek", 3, False, 13, 13, 2, 32, True, "k", False, "kv", grad="sum"),
+    Case("kv-129-general-rope", 2, False, 129, 129, 2, 16, False, "qk", True, "kv"),
 ]
 
 
@@ -112,6 +118,8 @@ def make_leaves(case: Case, gen: torch.Generator):
     if case.layout == "transposed":
         leaves = [rnd(Bq, H, case.Lq, dh), rnd(B, H, case.Lk, dh), rnd(B, H, case.Lk, dh)]
         return leaves, lambda ls: tuple(t.transpose(1, 2) for t in ls)
+    if case.layout == "kv":
+        return [rnd(Bq, case.Lq, H, dh), rnd(B, case.Lk, H, dh)], lambda ls: (ls[0], ls[1], ls[1])
     leaves = [rnd(Bq, case.Lq, H, dh), rnd(B, case.Lk, H, dh), rnd(B, case.Lk, H, dh)]
     return leaves, lambda ls: tuple(ls)
 
@@ -129,9 +137,11 @@ def run(fn, case: Case, masters, build, lengths, grad, dtype):
 
 
 def split_grads(case, grads):
-    """(dq, dk, dv) from the leaves' gradients."""
+    """(dq, dk, dv) from the leaves' gradients (with k and v one tensor, its gradient dk + dv twice)."""
     if case.layout == "qkv":
         return grads[0].unbind(2)
+    if case.layout == "kv":
+        return grads[0], grads[1], grads[1]
     if case.layout == "transposed":
         return tuple(g.transpose(1, 2) for g in grads)
     return tuple(grads)

@@ -198,6 +198,23 @@ def _pma(Lq, Lk):
     return build
 
 
+def _one_kv(Lq, Lk, shared):
+    """k and v given as one tensor s (PMA's folded call when shared, rotary self-attention else)."""
+    def build():
+        q, s = leaf(1 if shared else A_B, Lq, A_H, A_DH), leaf(A_B, Lk, A_H, A_DH)
+        lengths = torch.tensor([0, Lk - 4], device=DEVICE)
+        if shared:
+            return (lambda: attention.attention(q, s, s, lengths, rope_q=False, mask_queries=False)), [q, s]
+        return (lambda: attention.attention(q, s, s, lengths, rope_base=1e4)), [q, s]
+    return build
+
+
+def _kv_sized(Lk, n):
+    """(description, predicate, n): the backward writes one [B, Lk, H, dh] tensor for the shared k/v
+    (plus dq where q is as large), and neither a separate dv nor a sum of dk and dv."""
+    return ("[B, Lk, H, dh] tensors (ds = dk + dv from the kernel; dq)", lambda m: numel(m) == A_B * Lk * A_H * A_DH, n)
+
+
 def _layernorm():
     x, r, w, b = leaf(5, 24), leaf(5, 24), leaf(24), leaf(24)
     return (lambda: layernorm.add_layer_norm(x, r, w, b, 1e-5)), [x, r, w, b]
@@ -241,6 +258,12 @@ CASES = [
     # shared queries: per-sample dq reduced over the batch by one aten sum
     Case("pma, 5 queries, 33 keys", _pma(5, 33), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
          bwd_compute=frozenset({"sum.dim_IntList"}), never=_scores(5, 33)),
+    # k = v = s: the kernel writes ds = dk + dv (no dv, no aten add of the two)
+    Case("pma, k and v one tensor", _one_kv(5, 33, True), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
+         bwd_compute=frozenset({"sum.dim_IntList"}), never=_scores(5, 33), bwd_at_most=_kv_sized(33, 1)),
+    Case("attention, k and v one tensor, L=129", _one_kv(129, 129, False), {"_attn_fwd_kernel": 1},
+         {"_attn_bwd_preprocess_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
+         never=_scores(129, 129), bwd_at_most=_kv_sized(129, 2)),
     Case("add_layer_norm", _layernorm, {"_ln_fwd_kernel": 1}, {"_ln_bwd_kernel": 1, SUM_PARTIALS: 1}),
 ]
 
