@@ -269,21 +269,6 @@ class RotaryMultiHeadAttention(FusedModule):
         )
 
 
-class _ZeroGradient(torch.autograd.Function):
-    """``x`` unchanged; each of ``params`` gets an exact zero gradient (a parameter whose true
-    gradient is zero stays in the graph, so optimisers and weight decay see it as they would on
-    the eager path, where the same gradient is rounding noise)."""
-
-    @staticmethod
-    def forward(ctx, x, *params):
-        ctx.save_for_backward(*params)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (grad, *(torch.zeros_like(p) for p in ctx.saved_tensors))
-
-
 class PoolingMultiHeadAttention(FusedModule):
     """PMA pooling: ``num_queries`` learned queries attend over the valid rows of a sequence.
 
@@ -308,17 +293,20 @@ class PoolingMultiHeadAttention(FusedModule):
     So the fused attention kernel runs once with one ``d``-wide head, the folded queries shared
     over the batch and ``s`` as both keys and values (``sm_scale = 1/sqrt(head_dim)``): it reads
     the sequence and writes ``B * num_queries * H * d`` values, where the unfolded path writes
-    and reads back K and V (``2 B L d`` each way). Its backward kernel writes ``ds = dk + dv`` itself
-    (k and v being one tensor). The weights are folded on every call (``H * d * d`` products, nothing cached, so a
-    training step and ``torch.compile`` see the parameters as they are). ``k_proj.bias`` has an
-    exact zero gradient on this path (``_ZeroGradient``); on the eager path its gradient is
-    rounding noise around zero. Under autocast the sequence is cast to the autocast dtype first
-    where it arrives wider (in the model it comes in fp32): one copy, where each of the unfolded
-    path's two projections casts it too. The kernel takes heads up to 128 wide, so a module with
-    ``d_model > 128`` keeps the unfolded path (``d_model / num_heads``-wide heads).
+    and reads back K and V (``2 B L d`` each way); its backward kernel writes ``ds = dk + dv``
+    itself. The weights are folded on every call (``H * d * d`` products, nothing cached, so a
+    training step and ``torch.compile`` see the parameters as they are), and outside tracing the
+    whole fused op is one autograd node with closed-form gradients
+    (:func:`interformer.kernels.attention.pooled_attention`). ``k_proj.bias`` has an exact zero
+    gradient on this path; on the eager path its gradient is rounding noise around zero. Under
+    autocast the sequence is cast to the autocast dtype first where it arrives wider (in the model
+    it comes in fp32): one copy, where each of the unfolded path's two projections casts it too.
+    The kernel takes heads up to 128 wide, so a module with ``d_model > 128`` keeps the unfolded
+    path (``d_model / num_heads``-wide heads). The math of both paths: ``pooled_attention`` in
+    :mod:`interformer.reference` and :mod:`interformer.kernels.attention`.
     """
 
-    kernel_ops = (("attention", "attention"),)
+    kernel_ops = (("attention", "pooled_attention"),)
 
     def __init__(self, num_queries: int, d_model: int, num_heads: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
@@ -333,42 +321,9 @@ class PoolingMultiHeadAttention(FusedModule):
 
     @ranged("PoolingMultiHeadAttention")
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        B, L, _ = s.shape
-        H, dh = self.num_heads, self.head_dim
-        fn = self._op("attention", "attention")
-        # the fold needs the fused kernel (the reference has no max_head_dim) and one d_model-wide
-        # head; wider models keep their projections so that the kernel sees d/H-wide heads
-        if self.d_model <= getattr(fn, "max_head_dim", 0):
-            return self._folded(fn, s, lengths)
-        k = self.k_proj(s).view(B, L, H, dh)
-        v = self.v_proj(s).view(B, L, H, dh)
-        q = self.query.to(k.dtype).view(1, self.num_queries, H, dh)  # autocast leaves raw parameters in fp32
-        o = fn(q, k, v, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False)
-        out = self.o_proj(o.reshape(B, self.num_queries, self.d_model))
-        return out * (lengths > 0).to(out.dtype)[:, None, None]
-
-    def _folded(self, fn, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The fused path: projections folded into the queries and one output matrix (class docstring)."""
-        B, L, d = s.shape
-        H, dh, nq = self.num_heads, self.head_dim, self.num_queries
-        # folded queries [H, nq, d] = query_h [nq, dh] @ W_k,h [dh, d], then ordered (query, head) so
-        # that the kernel's output is [B, nq, H*d] as is; under autocast the products run in its
-        # dtype, and s follows them (as nn.Linear's input would). bmm rather than einsum: 82 aten
-        # ops forward and backward instead of 118 (plain calls are bound by the host)
-        q = torch.bmm(self.query.view(nq, H, dh).transpose(0, 1), self.k_proj.weight.view(H, dh, d))
-        if torch.is_grad_enabled() and self.k_proj.bias.requires_grad:
-            q = _ZeroGradient.apply(q, self.k_proj.bias)
-        q = q.transpose(0, 1).reshape(1, nq * H, 1, d)
-        kv = s.to(q.dtype).unsqueeze(2)
-        a = fn(q, kv, kv, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False,
-               sm_scale=1.0 / math.sqrt(dh))
-        # [H, d, d]: W_v,h^T [d, dh] @ W_o,h^T [dh, d], stacked over the heads into [H*d, d]
-        w_ov = torch.bmm(self.v_proj.weight.view(H, dh, d).transpose(1, 2),
-                         self.o_proj.weight.view(d, H, dh).permute(1, 2, 0)).view(H * d, d)
-        # with no key at all (L = 0) the probabilities sum to 0, not 1, and b_v never reaches the output
-        bias = torch.addmv(self.o_proj.bias, self.o_proj.weight, self.v_proj.bias, alpha=1.0 if L else 0.0)
-        out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d)
-        return out * (lengths > 0).to(out.dtype)[:, None, None]
+        fn = self._op("attention", "pooled_attention")
+        return fn(s, lengths, self.query, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
+                  self.o_proj.weight, self.o_proj.bias, self.num_heads)
 
     def extra_repr(self) -> str:
         return (

@@ -27,6 +27,7 @@ __all__ = [
     "dot_interaction",
     "rotary",
     "attention",
+    "pooled_attention",
     "add_layer_norm",
 ]
 
@@ -208,6 +209,39 @@ def attention(
         keep = keep & row_mask(lengths, Lq)[:, None, :, None]
     p = p * keep.to(p.dtype)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def pooled_attention(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    query: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """PMA pooling (``PoolingMultiHeadAttention``): the learned ``query [nq, d]`` (no projection)
+    attends over the valid rows of ``s [B, L, d]`` through the key and value projections, then the
+    output projection; a row with ``lengths[b] == 0`` returns exact zeros. Weights and biases are
+    ``nn.Linear``'s (``[d, d]``, ``[d]``). Returns ``[B, nq, d]``."""
+    return projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, num_heads)
+
+
+def projected_pma(attn, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, num_heads):
+    """:func:`pooled_attention` with K and V projected and ``attn`` (an attention function with
+    :func:`attention`'s signature) over ``d / num_heads``-wide heads; the fused op uses it, with its
+    kernel, for models too wide to fold."""
+    B, L, d = s.shape
+    nq, H = query.shape[0], num_heads
+    k = F.linear(s, k_weight, k_bias).view(B, L, H, d // H)
+    v = F.linear(s, v_weight, v_bias).view(B, L, H, d // H)
+    q = query.to(k.dtype).view(1, nq, H, d // H)  # autocast leaves raw parameters in fp32
+    o = attn(q, k, v, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False)
+    out = F.linear(o.reshape(B, nq, d), o_weight, o_bias)
+    return out * (lengths > 0).to(out.dtype)[:, None, None]
 
 
 # ----------------------------------------------------------------------------- residual + LayerNorm

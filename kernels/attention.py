@@ -10,9 +10,14 @@ One kernel family serves both attention faces of InterFormer (DESIGN §3/§4):
   queries of width ``d_model`` in ONE head, the sequence itself as both k and v, so K and V are
   never computed.
 
-Public function (same name and signature as :func:`interformer.reference.attention`)::
+Public functions (same names and signatures as in :mod:`interformer.reference`)::
 
     attention(q, k, v, lengths, causal=False, rope_base=None, rope_q=True, mask_queries=True, sm_scale=None)
+    pooled_attention(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, num_heads)
+
+``pooled_attention`` is the whole PMA op (``PoolingMultiHeadAttention``) with the key and value
+projections folded into the queries and one output matrix, around one ``attention`` launch
+(its docstring, and the module's for the algebra).
 
 Layout and contract
 -------------------
@@ -135,7 +140,7 @@ from interformer import reference
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
 from ._dispatch import lean_function, needs_grad, tracing
 
-__all__ = ["attention"]
+__all__ = ["attention", "pooled_attention"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1013,14 +1018,18 @@ def _check(q, k, v, lengths, rope_base):
         raise ValueError(f"attention: rotary needs an even head dim, got {dh}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_lengths_and_device("attention", "q, k, v and lengths", lengths, B, (q, k, v))
+
+
+def _check_lengths_and_device(op: str, names: str, lengths, B: int, tensors) -> None:
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"attention: lengths must be a 1-D tensor [B={B}], got "
+        raise ValueError(f"{op}: lengths must be a 1-D tensor [B={B}], got "
                          f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise ValueError(f"attention: lengths must be an integer tensor, got {lengths.dtype}")
-    devices = {t.device for t in (q, k, v, lengths)}
+        raise ValueError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
+    devices = {t.device for t in (*tensors, lengths)}
     if len(devices) != 1:
-        raise ValueError(f"attention: q, k, v and lengths must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{op}: {names} must be on one device, got {sorted(map(str, devices))}")
 
 
 def _traced_table(q, k, rope_base) -> Optional[torch.Tensor]:
@@ -1073,3 +1082,159 @@ def attention(
 #: the widest head the kernels take (wider ones run the reference): callers that choose a head
 #: width, such as PoolingMultiHeadAttention's folded path, read it from the function they were given
 attention.max_head_dim = MAX_HEAD_DIM
+
+
+# ============================================================================ PMA pooling, folded
+class _ZeroGradient(torch.autograd.Function):
+    """``x`` unchanged; each of ``params`` gets an exact zero gradient (a parameter whose true
+    gradient is zero stays in the graph, so optimisers and weight decay see it as they would on
+    the eager path, where the same gradient is rounding noise)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.save_for_backward(*params)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros_like(p) for p in ctx.saved_tensors))
+
+
+def _compute_dtype(s: torch.Tensor, query: torch.Tensor) -> torch.dtype:
+    """The dtype the folded products run in: autocast's where it is on (as for the GEMMs of the
+    eager path's projections), else the parameters'."""
+    dev = s.device.type
+    if torch.is_autocast_enabled(dev) and query.dtype in _DTYPES:
+        return torch.get_autocast_dtype(dev)
+    return query.dtype
+
+
+def _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, H):
+    """The folded PMA forward (:func:`pooled_attention`), no autograd: ``(out, saved)`` with
+    ``saved`` what the backward needs."""
+    B, L, d = s.shape
+    nq, dh = query.shape[0], d // H
+    c = _compute_dtype(s, query)
+    # folded queries W_k,h^T q_h: [H, nq, dh] x [H, dh, d], ordered (query, head) for the kernel, so
+    # that its output [B, nq * H, 1, d] is the [B * nq, H * d] operand of the output GEMM as is
+    qh = query.to(c).view(nq, H, dh).transpose(0, 1)
+    wkh = k_weight.to(c).view(H, dh, d)
+    q_in = torch.bmm(qh, wkh).transpose(0, 1).reshape(1, nq * H, 1, d)
+    kv = s.to(c).unsqueeze(2)
+    a, lse = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
+    # W_ov [H * d, d]: per head W_v,h^T [d, dh] x W_o,h^T [dh, d]
+    wvh = v_weight.to(c).view(H, dh, d)
+    o_w = o_weight.to(c)
+    woh = o_w.view(d, H, dh).permute(1, 2, 0)
+    w_ov = torch.bmm(wvh.transpose(1, 2), woh).view(H * d, d)
+    v_b = v_bias.to(c)
+    # with no key at all (L = 0) the probabilities sum to 0, not 1, and b_v never reaches the output
+    bias = torch.addmv(o_bias.to(c), o_w, v_b, alpha=1.0 if L else 0.0)
+    mask = (lengths > 0).to(c)[:, None, None]
+    out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d).mul_(mask)
+    return out, (q_in, kv, a, lse, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask)
+
+
+def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
+    out, saved = _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, H)
+    ctx.save_for_backward(*saved)
+    ctx.heads, ctx.empty = H, s.shape[1] == 0
+    ctx.dtypes = tuple(t.dtype for t in (s, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias))
+    return out
+
+
+def _pooled_lean_backward(ctx, grad):
+    """Gradients of :func:`_pooled_forward` in closed form: the output GEMM's (two GEMMs and a
+    column sum), the attention kernels' backward (dq of the folded queries and ds = dk + dv in one
+    tensor, ``SAME_KV``), and the fold's (four small batched GEMMs); each gradient is returned in
+    its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift)."""
+    if grad is None:
+        return (None,) * 10
+    q_in, kv, a, lse, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask = ctx.saved_tensors
+    H = ctx.heads
+    B, L, _, d = kv.shape
+    nq, dh = qh.shape[1], d // H
+    g = (grad.to(mask.dtype) * mask).reshape(B * nq, d)  # the upstream gradient may be any view
+    d_a = torch.mm(g, w_ov.t()).view(B, nq * H, 1, d)
+    d_wov = torch.mm(a.view(B * nq, H * d).t(), g).view(H, d, d)
+    d_bias = g.sum(0)
+    dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False,
+                                       1.0 / math.sqrt(dh), same_kv=True)
+    dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
+    d_query = torch.bmm(dqf, wkh.transpose(1, 2)).transpose(0, 1).reshape(nq, d)
+    d_wk = torch.bmm(qh.transpose(1, 2), dqf).view(d, d)
+    d_wv = torch.bmm(woh, d_wov.transpose(1, 2)).view(d, d)
+    d_wo = torch.bmm(wvh, d_wov).permute(2, 0, 1).reshape(d, d)
+    if ctx.empty:  # alpha = 0: b_v does not reach the output
+        d_bv = torch.zeros_like(v_b)
+    else:
+        d_wo = d_wo.addr_(d_bias, v_b)
+        d_bv = torch.mv(o_w.t(), d_bias)
+    s_dt, q_dt, kw_dt, kb_dt, vw_dt, vb_dt, ow_dt, ob_dt = ctx.dtypes
+    return (ds.view(B, L, d).to(s_dt), None, d_query.to(q_dt), d_wk.to(kw_dt), torch.zeros(d, dtype=kb_dt, device=kv.device),
+            d_wv.to(vw_dt), d_bv.to(vb_dt), d_wo.to(ow_dt), d_bias.to(ob_dt), None)
+
+
+_PooledAttention = lean_function("_PooledAttention", _pooled_lean_forward, _pooled_lean_backward)
+
+
+def _pooled_traced(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
+    """The folded PMA built from the attention custom op and aten ops, for tracers (torch.compile,
+    export), which differentiate it themselves: same products as :func:`_pooled_forward`."""
+    B, L, d = s.shape
+    nq, dh = query.shape[0], d // H
+    q = torch.bmm(query.view(nq, H, dh).transpose(0, 1), k_weight.view(H, dh, d))
+    if torch.is_grad_enabled() and k_bias.requires_grad:
+        q = _ZeroGradient.apply(q, k_bias)
+    q = q.transpose(0, 1).reshape(1, nq * H, 1, d)
+    kv = s.to(q.dtype).unsqueeze(2)
+    a = attention(q, kv, kv, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False,
+                  sm_scale=1.0 / math.sqrt(dh))
+    w_ov = torch.bmm(v_weight.view(H, dh, d).transpose(1, 2), o_weight.view(d, H, dh).permute(1, 2, 0)).view(H * d, d)
+    bias = torch.addmv(o_bias, o_weight, v_bias, alpha=1.0 if L else 0.0)
+    out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d)
+    return out * (lengths > 0).to(out.dtype)[:, None, None]
+
+
+def pooled_attention(
+    s: torch.Tensor,
+    lengths: torch.Tensor,
+    query: torch.Tensor,
+    k_weight: torch.Tensor,
+    k_bias: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """PMA pooling on the fused kernel; same contract as :func:`interformer.reference.pooled_attention`.
+
+    The key and value projections are folded into the queries and one output matrix
+    (``PoolingMultiHeadAttention``'s docstring gives the algebra): one attention launch with
+    ``nq * num_heads`` shared queries over ``s`` itself as keys and values, so K and V never exist.
+    Outside tracing the whole op is one ``autograd.Function`` (:func:`_pooled_lean_backward` gives
+    every gradient in closed form: one autograd node where the same ops recorded one by one made
+    about thirty); traced calls build it from the attention custom op and aten ops. Models wider
+    than the kernel's widest head (``d > 128``) project K and V and run the kernel over
+    ``d / num_heads``-wide heads.
+    """
+    if not isinstance(s, torch.Tensor) or s.dim() != 3 or query.dim() != 2 or s.shape[2] != query.shape[1]:
+        raise ValueError(f"pooled_attention: s must be [B, L, d] and query [nq, d], got "
+                         f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__} and {tuple(query.shape)}")
+    d = s.shape[2]
+    if num_heads < 1 or d % num_heads:
+        raise ValueError(f"pooled_attention: d={d} is not divisible by num_heads={num_heads}")
+    if d > MAX_HEAD_DIM:
+        return reference.projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight,
+                                       o_bias, num_heads)
+    tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
+    if tracing(tensors):
+        return _pooled_traced(*tensors, num_heads)
+    c = _compute_dtype(s, query)
+    if c not in _DTYPES or s.dtype not in _DTYPES:
+        raise ValueError(f"pooled_attention: the sequence ({s.dtype}) and the products ({c}) must be among {_DTYPES}")
+    _check_lengths_and_device("pooled_attention", "s, lengths and the parameters", lengths, s.shape[0], tensors[2:] + (s,))
+    if needs_grad(tensors):
+        return _PooledAttention.apply(*tensors, num_heads)
+    return _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, num_heads)[0]

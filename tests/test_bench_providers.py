@@ -119,9 +119,9 @@ def test_pma_providers_run_what_they_name(bench, monkeypatch):
     import interformer.kernels.attention as A
 
     calls = []
-    _spy(monkeypatch, A, "attention", calls, "fused")
-    _spy(monkeypatch, R, "attention", calls, "reference")
-    monkeypatch.delitem(backend_mod._KERNELS, ("attention", "attention"), raising=False)  # resolve to the spy
+    _spy(monkeypatch, A, "pooled_attention", calls, "fused")
+    _spy(monkeypatch, R, "pooled_attention", calls, "reference")
+    monkeypatch.delitem(backend_mod._KERNELS, ("attention", "pooled_attention"), raising=False)  # resolve to the spy
     for provider in mod.PMA_PROVIDERS:
         calls.clear()
         compiled.clear()

@@ -386,6 +386,71 @@ def test_pma_module_edges_match_eager(d_model, heads, L, lengths):
         torch.testing.assert_close(g_f[name], g_e[name], rtol=FP32_TOL, atol=FP32_TOL * scale, msg=name)
 
 
+POOLED_NAMES = ["out", "ds", "query", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias"]
+
+
+def _pooled_run(fn, s64, lengths, params64, heads, dtype, grad):
+    """Output and the gradients of s and every parameter of ``fn`` (a pooled_attention) on copies
+    of the float64 masters in ``dtype``; ``grad`` None means ``out.sum()`` (a stride-0 gradient)."""
+    s = s64.to(DEVICE, dtype).detach().requires_grad_()  # a leaf of its own, also in float64
+    params = [p.to(DEVICE, dtype).detach().requires_grad_() for p in params64]
+    out = fn(s, lengths, *params, heads)
+    (out.sum() if grad is None else (out * grad.to(DEVICE, dtype)).sum()).backward()
+    return [out.detach(), s.grad, *(p.grad for p in params)]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("L,lengths,grad", [(11, [11, 0, 4], "random"), (11, [5, 20, 1], "sum"), (0, [2, 0, 1], "random")],
+                         ids=["lengths-0-and-full", "past-L-stride0-grad", "no-keys"])
+def test_pooled_attention_paths_agree(L, lengths, grad, dtype):
+    """The fused PMA op (``kernels.attention.pooled_attention``, folded projections): its eager
+    entry, one autograd node whose backward is written out by hand, and the same op built from the
+    attention custom op and aten ops, which torch.compile traces and autograd differentiates
+    (``_pooled_traced``), both against the reference (the unfolded projections): output, ds and
+    every parameter's gradient. 3 queries, d = 24 in 2 heads of 12 (a padded kernel head of 24).
+    fp32 within FP32_TOL of float64, fp16 by the DESIGN §5 rule. k_bias: exact zeros on both
+    fused paths (the reference's is rounding noise around its true value, 0). Also: the no-grad
+    call returns the eager entry's output bitwise, and a second-order gradient raises."""
+    gen = torch.Generator().manual_seed(1000 + L + len(grad))
+    B, d, H, nq = len(lengths), 24, 2, 3
+    s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
+    for _ in range(3):
+        params64 += [torch.randn(d, d, generator=gen, dtype=torch.float64) / 5, torch.randn(d, generator=gen, dtype=torch.float64)]
+    lengths = torch.tensor(lengths, device=DEVICE)
+    g = None if grad == "sum" else torch.randn(B, nq, d, generator=gen, dtype=torch.float64)
+
+    lean = _pooled_run(A.pooled_attention, s64, lengths, params64, H, dtype, g)
+    traced = _pooled_run(A._pooled_traced, s64, lengths, params64, H, dtype, g)
+    eager = _pooled_run(R.pooled_attention, s64, lengths, params64, H, dtype, g)
+    ref64 = _pooled_run(R.pooled_attention, s64, lengths, params64, H, torch.float64, g)
+    for name, a, t, e, r in zip(POOLED_NAMES, lean, traced, eager, ref64):
+        if name == "k_bias":
+            assert torch.equal(a, torch.zeros_like(a)) and torch.equal(t, torch.zeros_like(t)), name
+            continue
+        if L == 0 and name == "ds":
+            continue  # [B, 0, d]
+        for path, x in (("eager entry", a), ("traced", t)):
+            assert x.dtype == dtype and torch.isfinite(x).all(), f"{name} ({path})"
+            if dtype == torch.float32:
+                assert_rel(x, r, FP32_TOL, f"{name} ({path}) vs float64")
+            else:
+                assert_lowp(x, e, r, f"{name} ({path})")
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            assert torch.equal(lean[0][b], torch.zeros_like(lean[0][b])), "a row without keys is not exactly zero"
+
+    with torch.no_grad():
+        params = [p.to(DEVICE, dtype) for p in params64]
+        assert torch.equal(A.pooled_attention(s64.to(DEVICE, dtype), lengths, *params, H), lean[0])
+    s = s64.to(DEVICE, dtype).requires_grad_()
+    (gs,) = torch.autograd.grad(A.pooled_attention(s, lengths, *params, H).sum(), s, create_graph=True)
+    torch.testing.assert_close(gs, _pooled_run(A.pooled_attention, s64, lengths, params64, H, dtype, None)[1])
+    if L:
+        with pytest.raises(RuntimeError, match="no second-order gradient"):
+            gs.sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["triton", "eager"])
 def test_fused_pma_reads_the_sequence_once(backend):
     """DESIGN §4, PMA "reads the sequence once": on the fused path the key and value projections
