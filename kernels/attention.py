@@ -103,6 +103,10 @@ tile once for both when k is not rotated (the forward checks for the same data p
 strides), and the eager entry has the backward kernels store the tensor's whole gradient, dk + dv,
 in one output (``SAME_KV``): no separate dv, and no add of the two by autograd, which would read
 both and write a third ``B x L x d`` tensor. Traced calls keep the custom op's (dq, dk, dv).
+The launchers also take k and v in a dtype other than q's (``pooled_attention`` passes the
+sequence in fp32 under a 16-bit autocast): each k/v tile is rounded to q's dtype as it is loaded,
+exactly what a cast before the call would do, without the cast's copy; the output has q's dtype,
+dk and dv k's. The public :func:`attention` keeps one dtype for all three (the reference's contract).
 
 Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp32 ``[B, Lq, H, dh]``
 buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
@@ -213,12 +217,12 @@ def _load_rows(base, offs_l, lim, stride_l, stride_d, TAB, tab_len,
 @triton.jit
 def _load_v(k, v_base, offs_l, lim, stride_l, stride_d, TAB, tab_len, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
             DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
-    """The v tile of rows ``offs_l``: the k tile itself when k and v are one tensor (SAME_KV) and k is
-    not rotated, else a load of its own."""
+    """The v tile of rows ``offs_l`` in the dtype of the k tile (q's): the k tile itself when k and v
+    are one tensor (SAME_KV) and k is not rotated, else a load of its own."""
     if SAME_KV and not ROPE_K:
         v = k
     else:
-        v = _load_rows(v_base, offs_l, lim, stride_l, stride_d, TAB, tab_len, False, DH, DHP, SPLIT)
+        v = _load_rows(v_base, offs_l, lim, stride_l, stride_d, TAB, tab_len, False, DH, DHP, SPLIT).to(k.dtype)
     return v
 
 
@@ -278,7 +282,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale
                PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if MASKED:
@@ -392,7 +396,7 @@ def _attn_bwd_fused_kernel(
     hi = tl.where(q_lim > 0, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
@@ -466,6 +470,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K + b * skb + h * skh, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+    k = k.to(Q.dtype.element_ty)
     v = _load_v(k, V + b * svb + h * svh, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
     kv_ok = (offs_n < k_lim)[:, None]
 
@@ -541,7 +546,7 @@ def _attn_bwd_dq_kernel(
     hi = tl.where(start_m < q_lim, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
+        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
@@ -681,7 +686,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     lengths = lengths.contiguous()  # read as lengths[b] with stride 1
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
-    out = torch.empty((B, Lq, H, dh), device=k.device, dtype=k.dtype)
+    out = torch.empty((B, Lq, H, dh), device=k.device, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), device=k.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -690,7 +695,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     scale = _resolve_scale(sm_scale, dh)
     tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
     dhp = _padded_dh(dh)
-    block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, k.dtype)
+    block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, q.dtype)
     n_m = cdiv(Lq, block_m)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
     _attn_fwd_kernel[(B * H * n_m,)](
@@ -700,7 +705,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
         *k.stride(), *v.stride(), *out.stride(),
         CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
         MASK_Q=bool(mask_queries), SAME_KV=_one_tensor(k, v), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp,
-        SPLIT=rope_base is not None, PREC=dot_precision(k.dtype),
+        SPLIT=rope_base is not None, PREC=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse
@@ -743,11 +748,11 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         flags = dict(
             CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
             MASK_Q=bool(mask_queries), SAME_KV=bool(same_kv), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
-            PREC=dot_precision(k.dtype),
+            PREC=dot_precision(q.dtype),
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
-        if _use_fused_bwd(Lq, dhp, k.dtype):
-            block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, k.dtype)
+        if _use_fused_bwd(Lq, dhp, q.dtype):
+            block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, q.dtype)
             _attn_bwd_fused_kernel[(B * H,)](
                 dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len,
@@ -756,7 +761,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, **flags,
             )
         else:
-            (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, k.dtype)
+            (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
             n_pre = cdiv(Lq, 64)
             _attn_bwd_preprocess_kernel[(B * H * n_pre,)](
@@ -1120,7 +1125,10 @@ def _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_b
     qh = query.to(c).view(nq, H, dh).transpose(0, 1)
     wkh = k_weight.to(c).view(H, dh, d)
     q_in = torch.bmm(qh, wkh).transpose(0, 1).reshape(1, nq * H, 1, d)
-    kv = s.to(c).unsqueeze(2)
+    # s as it comes (it may be fp32 under a 16-bit autocast): the kernels round its tiles to the
+    # folded queries' dtype as they load them, which is what a cast before the call would do,
+    # without the cast's copy (and its backward's: ds comes back in s's dtype)
+    kv = s.unsqueeze(2)
     a, lse = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
     # W_ov [H * d, d]: per head W_v,h^T [d, dh] x W_o,h^T [dh, d]
     wvh = v_weight.to(c).view(H, dh, d)

@@ -16,6 +16,7 @@ the no-grad launcher) must match the custom ops bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -449,6 +450,65 @@ def test_pooled_attention_paths_agree(L, lengths, grad, dtype):
     if L:
         with pytest.raises(RuntimeError, match="no second-order gradient"):
             gs.sum().backward()
+
+
+def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is():
+    """Under autocast (fp16 here, bf16 on a GPU) with an fp32 sequence, as in the model: the fused
+    PMA hands s to the kernels uncast (they round each tile to the folded queries' dtype as they
+    load it), so no 16-bit copy of s is made and ds comes back in fp32 from the kernel, with no
+    cast after it. Output and every gradient against the eager op under the same autocast and
+    float64 (DESIGN §5 low-precision rule), for the eager entry and the traced build."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    gen = torch.Generator().manual_seed(7)
+    B, L, d, H, nq = 3, 13, 32, 2, 2
+    s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
+    for _ in range(3):
+        params64 += [torch.randn(d, d, generator=gen, dtype=torch.float64) / 5, torch.randn(d, generator=gen, dtype=torch.float64)]
+    lengths = torch.tensor([L, 0, 6], device=DEVICE)
+    g = torch.randn(B, nq, d, generator=gen, dtype=torch.float64)
+
+    class SequenceSized(TorchDispatchMode):
+        """Every non-view aten result as large as s: (op, dtype)."""
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and isinstance(out, torch.Tensor) and out.numel() == B * L * d:
+                self.made.append((str(func), out.dtype))
+            return out
+
+    def run(fn, record=False):
+        s = s64.to(DEVICE, torch.float32).requires_grad_()
+        params = [p.to(DEVICE, torch.float32).requires_grad_() for p in params64]
+        rec_f, rec_b = SequenceSized(), SequenceSized()
+        with torch.autocast(DEVICE.type, dtype=low), (rec_f if record else contextlib.nullcontext()):
+            out = fn(s, lengths, *params, H)
+        with rec_b if record else contextlib.nullcontext():
+            (out.float() * g.to(DEVICE, torch.float32)).sum().backward()
+        return [out.detach(), s.grad, *(p.grad for p in params)], rec_f.made, rec_b.made
+
+    from interformer.profiling import triton_launches
+
+    with triton_launches(run=False):  # what the aten ops make (the interpreter's own copies left out)
+        _, fwd_made, bwd_made = run(A.pooled_attention, record=True)
+    assert fwd_made == [], f"the forward made sequence-sized tensors (a cast copy of s?): {fwd_made}"
+    assert [dt for _, dt in bwd_made] == [torch.float32], f"the backward made {bwd_made}: want ds alone, in fp32"
+    lean, _, _ = run(A.pooled_attention)
+    traced, _, _ = run(A._pooled_traced)
+    eager, _, _ = run(R.pooled_attention)
+    ref64 = _pooled_run(R.pooled_attention, s64, lengths, params64, H, torch.float64, g)
+    assert lean[0].dtype == low and lean[1].dtype == torch.float32
+    for name, a, t, e, r in zip(POOLED_NAMES, lean, traced, eager, ref64):
+        if name == "k_bias":
+            assert torch.equal(a, torch.zeros_like(a)), name
+            continue
+        assert_lowp(a, e, r, f"{name} (eager entry)")
+        assert_lowp(t, e, r, f"{name} (traced)")
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
