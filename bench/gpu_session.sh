@@ -24,8 +24,9 @@
 #      OPS_K="(pma and full and not compile) or (taobao and low and full and fused and not compile and not triton)" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-compile train-fused-compile; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops threads model
-#      (the tests this session added or changed: the folded PMA, the backward thread, the profiling
-#      scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
+#      (the tests the last two sessions added or changed: the folded PMA, now one autograd node
+#      (pooled_attention) whose attention reads k = v = s once and writes ds = dk + dv itself, the
+#      backward thread, the profiling scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
 #      last target, and the low-rank cross net with 8 warps per row block beside the default 4
 #      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md);
 #      autograd_threads.py's eager half, cut by its box last time; the training step with the
