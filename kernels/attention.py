@@ -98,15 +98,18 @@ then dq/dk are rotated back. Two structures, chosen by the shape:
   No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
   128-wide heads, 32-row key blocks in dkdv for fp32).
 
-k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``): every kernel reads a key
-tile once for both when k is not rotated (the forward checks for the same data pointer and
-strides), and the eager entry has the backward kernels store the tensor's whole gradient, dk + dv,
-in one output (``SAME_KV``): no separate dv, and no add of the two by autograd, which would read
-both and write a third ``B x L x d`` tensor. Traced calls keep the custom op's (dq, dk, dv).
+k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``), the ``SAME_KV`` variants:
+when the eager entry is given the same tensor object as k and v, its backward kernels store that
+tensor's whole gradient, dk + dv, in one output (no separate dv, and no add of the two by autograd,
+which would read both and write a third ``B x L x d`` tensor), and every kernel of the call reads
+a key tile once for both where k is not rotated. The forward alone also takes the one-load
+variant for two tensors with the same data pointer, dtype and strides (their gradients stay
+separate). Traced calls keep the custom op's (dq, dk, dv).
 The launchers also take k and v in a dtype other than q's (``pooled_attention`` passes the
-sequence in fp32 under a 16-bit autocast): each k/v tile is rounded to q's dtype as it is loaded,
-exactly what a cast before the call would do, without the cast's copy; the output has q's dtype,
-dk and dv k's. The public :func:`attention` keeps one dtype for all three (the reference's contract).
+sequence in fp32 under a 16-bit autocast): each k/v tile is rounded to q's dtype as it is loaded
+(without rotary exactly what a cast before the call would do; with it, the fp32 tile is rotated
+before its one rounding), without the cast's copy; the output has q's dtype, dk and dv k's. The
+public :func:`attention` keeps one dtype for all three (the reference's contract).
 
 Shared queries (``Bq == 1 < B``): the kernels write each sample's dq into an fp32 ``[B, Lq, H, dh]``
 buffer and ``torch.sum`` reduces it over B (a tiny reduction: Lq = 2 rows per sample for PMA); this is
@@ -712,10 +715,9 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
 
 
 def _one_tensor(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether k and v are the same elements (same data pointer and strides; shapes are checked
-    equal): the kernels then read each key tile once for both (PMA's folded call passes the
-    sequence as both)."""
-    return k is v or (k.data_ptr() == v.data_ptr() and k.stride() == v.stride())
+    """Whether k and v are the same elements (same data pointer, strides and dtype; shapes are
+    checked equal): the forward kernel then reads each key tile once for both."""
+    return k is v or (k.data_ptr() == v.data_ptr() and k.stride() == v.stride() and k.dtype == v.dtype)
 
 
 @on_input_device
@@ -808,7 +810,7 @@ def attention_fwd(
 def _attention_fwd_fake(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
-    return k.new_empty((B, Lq, H, dh)), k.new_empty((B, H, Lq), dtype=torch.float32)
+    return k.new_empty((B, Lq, H, dh), dtype=q.dtype), k.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("interformer::attention_bwd", mutates_args=())
@@ -1084,10 +1086,6 @@ def attention(
     return out
 
 
-#: the widest head the kernels take (wider ones run the reference): callers that choose a head
-#: width, such as PoolingMultiHeadAttention's folded path, read it from the function they were given
-attention.max_head_dim = MAX_HEAD_DIM
-
 
 # ============================================================================ PMA pooling, folded
 class _ZeroGradient(torch.autograd.Function):
@@ -1168,6 +1166,8 @@ def _pooled_lean_backward(ctx, grad):
     d_bias = g.sum(0)
     dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False,
                                        1.0 / math.sqrt(dh), same_kv=True)
+    if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
+        dq_in = dq_in.sum(0, keepdim=True)
     dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
     d_query = torch.bmm(dqf, wkh.transpose(1, 2)).transpose(0, 1).reshape(nq, d)
     d_wk = torch.bmm(qh.transpose(1, 2), dqf).view(d, d)

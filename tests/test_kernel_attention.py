@@ -258,6 +258,31 @@ def test_length_zero_row_amid_full_rows_large_scores():
     assert rel_err(out, ref) < 2e-2
 
 
+def test_k_and_v_are_one_tensor_only_when_they_are_the_same_object():
+    """The backward writes dk + dv as one gradient only for the same tensor object given as k and
+    v: two autograd inputs over the same data (``x`` and ``x.detach()``) keep their own gradients
+    (x gets dk alone). The forward's one-load check (``_one_tensor``) also refuses views of the same
+    data pointer with other strides or another dtype, and such a view gives the reference's output."""
+    gen = torch.Generator().manual_seed(3)
+    B, L, H, dh = 2, 9, 16, 16  # H == dh: a transposed view has k's shape and data pointer
+    q64, x64 = torch.randn(B, L, H, dh, generator=gen), torch.randn(B, L, H, dh, generator=gen)
+    lengths = torch.tensor([L, 4], device=DEVICE)
+    grads = []
+    for fn in (A.attention, R.attention):
+        q, x = (t.to(DEVICE).detach().requires_grad_() for t in (q64, x64))  # fresh leaves each time
+        fn(q, x, x.detach(), lengths, rope_base=None).sum().backward()
+        grads.append(x.grad)
+    assert_rel(grads[0], grads[1], FP32_TOL, "dk with v = k.detach()")
+
+    x = x64.to(DEVICE)
+    assert A._one_tensor(x, x) and A._one_tensor(x, x.view(x.shape))
+    assert not A._one_tensor(x, x.transpose(2, 3))
+    assert not A._one_tensor(x, torch.as_strided(x.view(torch.float16), x.shape, x.stride()))
+    q = q64.to(DEVICE)
+    assert_rel(A.attention(q, x, x.transpose(2, 3), lengths), R.attention(q, x, x.transpose(2, 3), lengths),
+               FP32_TOL, "v a transposed view of k")
+
+
 def test_packed_qkv_detection():
     """The module's ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views are routed to the packed op; anything
     else (transposed layouts, detached slices, no grad, a permuted slice order) is not."""
@@ -401,19 +426,21 @@ def _pooled_run(fn, s64, lengths, params64, heads, dtype, grad):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("L,lengths,grad", [(11, [11, 0, 4], "random"), (11, [5, 20, 1], "sum"), (0, [2, 0, 1], "random")],
-                         ids=["lengths-0-and-full", "past-L-stride0-grad", "no-keys"])
-def test_pooled_attention_paths_agree(L, lengths, grad, dtype):
+@pytest.mark.parametrize("L,lengths,grad,H", [(11, [11, 0, 4], "random", 2), (11, [5, 20, 1], "sum", 2),
+                                              (0, [2, 0, 1], "random", 2), (9, [4], "random", 1)],
+                         ids=["lengths-0-and-full", "past-L-stride0-grad", "no-keys", "B1-one-head"])
+def test_pooled_attention_paths_agree(L, lengths, grad, H, dtype, monkeypatch):
     """The fused PMA op (``kernels.attention.pooled_attention``, folded projections): its eager
     entry, one autograd node whose backward is written out by hand, and the same op built from the
-    attention custom op and aten ops, which torch.compile traces and autograd differentiates
-    (``_pooled_traced``), both against the reference (the unfolded projections): output, ds and
-    every parameter's gradient. 3 queries, d = 24 in 2 heads of 12 (a padded kernel head of 24).
-    fp32 within FP32_TOL of float64, fp16 by the DESIGN §5 rule. k_bias: exact zeros on both
-    fused paths (the reference's is rounding noise around its true value, 0). Also: the no-grad
-    call returns the eager entry's output bitwise, and a second-order gradient raises."""
-    gen = torch.Generator().manual_seed(1000 + L + len(grad))
-    B, d, H, nq = len(lengths), 24, 2, 3
+    attention custom op (its registered autograd formula) and aten ops, as torch.compile traces it
+    (``_pooled_traced``, run here with the custom op forced), both against the reference (the
+    unfolded projections): output, ds and every parameter's gradient. 3 queries, d = 24 in 2 heads
+    of 12 or one of 24 (a padded kernel head of 32). fp32 within FP32_TOL of float64, fp16 by the
+    DESIGN §5 rule. k_bias: exact zeros on both fused paths (the reference's is rounding noise
+    around its true value, 0). Also: the no-grad call returns the eager entry's output bitwise, and
+    a second-order gradient raises."""
+    gen = torch.Generator().manual_seed(1000 + L + len(grad) + H)
+    B, d, nq = len(lengths), 24, 3
     s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
     params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
     for _ in range(3):
@@ -422,7 +449,9 @@ def test_pooled_attention_paths_agree(L, lengths, grad, dtype):
     g = None if grad == "sum" else torch.randn(B, nq, d, generator=gen, dtype=torch.float64)
 
     lean = _pooled_run(A.pooled_attention, s64, lengths, params64, H, dtype, g)
-    traced = _pooled_run(A._pooled_traced, s64, lengths, params64, H, dtype, g)
+    with monkeypatch.context() as m:
+        m.setattr(A, "tracing", lambda tensors: True)  # attention() takes its custom op
+        traced = _pooled_run(A._pooled_traced, s64, lengths, params64, H, dtype, g)
     eager = _pooled_run(R.pooled_attention, s64, lengths, params64, H, dtype, g)
     ref64 = _pooled_run(R.pooled_attention, s64, lengths, params64, H, torch.float64, g)
     for name, a, t, e, r in zip(POOLED_NAMES, lean, traced, eager, ref64):
@@ -452,17 +481,36 @@ def test_pooled_attention_paths_agree(L, lengths, grad, dtype):
             gs.sum().backward()
 
 
-def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is():
-    """Under autocast (fp16 here, bf16 on a GPU) with an fp32 sequence, as in the model: the fused
-    PMA hands s to the kernels uncast (they round each tile to the folded queries' dtype as they
-    load it), so no 16-bit copy of s is made and ds comes back in fp32 from the kernel, with no
-    cast after it. Output and every gradient against the eager op under the same autocast and
-    float64 (DESIGN §5 low-precision rule), for the eager entry and the traced build."""
+def test_pooled_attention_on_an_empty_batch():
+    """B = 0: an empty output, and zero gradients for every parameter (the kernels have no sample
+    to reduce the shared queries' gradient over)."""
+    d, H, nq = 16, 2, 2
+    s = torch.randn(0, 5, d, device=DEVICE, requires_grad=True)
+    params = [torch.randn(nq, d, device=DEVICE)] + [torch.randn(*shape, device=DEVICE) for _ in range(3)
+                                                     for shape in ((d, d), (d,))]
+    params = [p.requires_grad_() for p in params]
+    out = A.pooled_attention(s, torch.zeros(0, dtype=torch.long, device=DEVICE), *params, H)
+    assert out.shape == (0, nq, d)
+    out.sum().backward()
+    assert s.grad.shape == s.shape
+    for p in params:
+        assert torch.equal(p.grad, torch.zeros_like(p)), p.shape
+
+
+@pytest.mark.parametrize("nq,H", [(2, 2), (33, 4)], ids=["fused-backward", "general-backward"])
+def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is(nq, H):
+    """Under autocast (fp16 here, bf16 on a GPU) with an fp32 sequence (a standalone module's input;
+    in the model the sequence arrives in the autocast dtype): the fused PMA hands s to the kernels
+    uncast (they round each tile to the folded queries' dtype as they load it), so no 16-bit copy of
+    s is made and ds comes back in fp32 from the kernel, with no cast after it. Output and every
+    gradient against the eager op under the same autocast and float64 (DESIGN §5 low-precision
+    rule), for the eager entry and the traced build; with ``nq * H`` = 4 folded queries (the
+    single-query-block backward) and 132 (the general dk/dv and dq kernels)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     gen = torch.Generator().manual_seed(7)
-    B, L, d, H, nq = 3, 13, 32, 2, 2
+    B, L, d = 3, 13, 32
     s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
     params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
     for _ in range(3):
