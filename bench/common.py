@@ -11,7 +11,10 @@ on the GPU, less than the Python and launch work that issues them, so a plain ti
 ``eager`` or ``fused`` measures the host. Every op and the model therefore also have
 ``<provider>-cudagraph`` variants (``full`` mode): the same callable captured once in a CUDA graph
 (:func:`captured`) and replayed, which measures the device time alone. Compare graphed with
-graphed and plain with plain; the report keeps them in separate columns.
+graphed and plain with plain; the report keeps them in separate columns. ``compile-cudagraph``
+captures the ``torch.compile``d eager op the same way (after its warm-up has compiled it): the
+device time of what Inductor makes of the eager code, which says for each op whether the fused
+kernel or Inductor's own should run inside a compiled model.
 
 How each kind is timed (:func:`time_median`):
 * plain providers -- steady state: each sample is the mean time per call over back-to-back calls
@@ -397,5 +400,5 @@ def compile_options(provider: str) -> Optional[dict]:
 
 def compiled(fn: Callable, provider: str) -> Callable:
     """``fn`` for a provider name: as is, or through ``torch.compile`` (:func:`compile_options`)."""
-    options = compile_options(provider)
+    options = compile_options(base_provider(provider))  # "compile-cudagraph": compiled, then captured
     return fn if options is None else torch.compile(fn, **options)

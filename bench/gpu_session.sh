@@ -37,6 +37,10 @@
 #      (why the compiled fused model's inference, 12.2 ms, was slower than the plain one, 9.4 ms,
 #      and than compiled eager, 5.3 ms, on the H200: per-range and per-kernel tables of both;
 #      then the host stage again, now with the folded PMA)
+#   3. (next, if a lease has room) OPS_TIMEOUT=280 OPS_K="taobao and full and (compile-cudagraph or fused-cudagraph)" \
+#      bench/gpu_session.sh COMMIT ops: Inductor's device time per op beside the fused kernel's,
+#      which decides which fused ops a compiled model should keep as custom ops (as
+#      ResidualLayerNorm already leaves its add + LayerNorm to Inductor) - issue 6's compile target
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
              "flex", "flash_attn", "nn.MultiheadAttention", "fused", "fused-compile", "fused-streams",
-             "eager-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
+             "eager-cudagraph", "compile-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
              "nn.MultiheadAttention-cudagraph", "compile-reduce-overhead", "fused-cudagraph",
              "fused-compile-reduce-overhead"]
 GRAPHED_SUFFIXES = ("-cudagraph", "-reduce-overhead")

@@ -59,10 +59,10 @@ from interformer.layers import PoolingMultiHeadAttention
 
 BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
-                  "flash_attn", "fused", "eager-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
-                  "fused-cudagraph"]
-PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "nn.MultiheadAttention-cudagraph",
-                 "fused-cudagraph"]
+                  "flash_attn", "fused", "eager-cudagraph", "compile-cudagraph", "sdpa-efficient-cudagraph",
+                  "sdpa-cudnn-cudagraph", "fused-cudagraph"]
+PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "compile-cudagraph",
+                 "nn.MultiheadAttention-cudagraph", "fused-cudagraph"]
 
 
 def _fused_attention():

@@ -41,7 +41,7 @@ import common
 from interformer import reference as R
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph",
-             "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph", "fused-8warps",
+             "compile-cudagraph", "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph", "fused-8warps",
              "fused-8warps-cudagraph"]
 NUM_LAYERS = 2
 

@@ -28,7 +28,8 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "compile-cudagraph",
+             "fused-cudagraph"]
 EPS = 1e-5
 
 
