@@ -1112,27 +1112,38 @@ def _compute_dtype(s: torch.Tensor, query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
+def _fold_queries(query, k_weight, H):
+    """The folded queries W_k,h^T q_h ([H, nq, dh] x [H, dh, d]), ordered (query, head) for the
+    kernel, so that its output [B, nq * H, 1, d] is the [B * nq, H * d] operand of the output GEMM
+    as is: ``(qh [H, nq, dh], wkh [H, dh, d], q_in [1, nq * H, 1, d])``."""
+    nq, d = query.shape
+    qh = query.view(nq, H, d // H).transpose(0, 1)
+    wkh = k_weight.view(H, d // H, d)
+    return qh, wkh, torch.bmm(qh, wkh).transpose(0, 1).reshape(1, nq * H, 1, d)
+
+
+def _fold_values(v_weight, o_weight, H):
+    """W_ov [H * d, d], per head W_v,h^T [d, dh] x W_o,h^T [dh, d]: ``(wvh [H, dh, d], woh [H, dh, d], w_ov)``."""
+    d = v_weight.shape[0]
+    wvh = v_weight.view(H, d // H, d)
+    woh = o_weight.view(d, H, d // H).permute(1, 2, 0)
+    return wvh, woh, torch.bmm(wvh.transpose(1, 2), woh).view(H * d, d)
+
+
 def _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, H):
     """The folded PMA forward (:func:`pooled_attention`), no autograd: ``(out, saved)`` with
     ``saved`` what the backward needs."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
     c = _compute_dtype(s, query)
-    # folded queries W_k,h^T q_h: [H, nq, dh] x [H, dh, d], ordered (query, head) for the kernel, so
-    # that its output [B, nq * H, 1, d] is the [B * nq, H * d] operand of the output GEMM as is
-    qh = query.to(c).view(nq, H, dh).transpose(0, 1)
-    wkh = k_weight.to(c).view(H, dh, d)
-    q_in = torch.bmm(qh, wkh).transpose(0, 1).reshape(1, nq * H, 1, d)
+    qh, wkh, q_in = _fold_queries(query.to(c), k_weight.to(c), H)
     # s as it comes (it may be fp32 under a 16-bit autocast): the kernels round its tiles to the
     # folded queries' dtype as they load them, which is what a cast before the call would do,
     # without the cast's copy (and its backward's: ds comes back in s's dtype)
     kv = s.unsqueeze(2)
     a, lse = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
-    # W_ov [H * d, d]: per head W_v,h^T [d, dh] x W_o,h^T [dh, d]
-    wvh = v_weight.to(c).view(H, dh, d)
     o_w = o_weight.to(c)
-    woh = o_w.view(d, H, dh).permute(1, 2, 0)
-    w_ov = torch.bmm(wvh.transpose(1, 2), woh).view(H * d, d)
+    wvh, woh, w_ov = _fold_values(v_weight.to(c), o_w, H)
     v_b = v_bias.to(c)
     # with no key at all (L = 0) the probabilities sum to 0, not 1, and b_v never reaches the output
     bias = torch.addmv(o_bias.to(c), o_w, v_b, alpha=1.0 if L else 0.0)
@@ -1191,14 +1202,13 @@ def _pooled_traced(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weig
     export), which differentiate it themselves: same products as :func:`_pooled_forward`."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
-    q = torch.bmm(query.view(nq, H, dh).transpose(0, 1), k_weight.view(H, dh, d))
+    q = _fold_queries(query, k_weight, H)[2]
     if torch.is_grad_enabled() and k_bias.requires_grad:
         q = _ZeroGradient.apply(q, k_bias)
-    q = q.transpose(0, 1).reshape(1, nq * H, 1, d)
     kv = s.to(q.dtype).unsqueeze(2)
     a = attention(q, kv, kv, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False,
                   sm_scale=1.0 / math.sqrt(dh))
-    w_ov = torch.bmm(v_weight.view(H, dh, d).transpose(1, 2), o_weight.view(d, H, dh).permute(1, 2, 0)).view(H * d, d)
+    w_ov = _fold_values(v_weight, o_weight, H)[2]
     bias = torch.addmv(o_bias, o_weight, v_bias, alpha=1.0 if L else 0.0)
     out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d)
     return out * (lengths > 0).to(out.dtype)[:, None, None]

@@ -24,6 +24,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from interformer import reference as R
 from interformer.layers import PoolingMultiHeadAttention, RotaryMultiHeadAttention
@@ -412,6 +413,30 @@ def test_pma_module_edges_match_eager(d_model, heads, L, lengths):
         torch.testing.assert_close(g_f[name], g_e[name], rtol=FP32_TOL, atol=FP32_TOL * scale, msg=name)
 
 
+class ResultSizes(TorchDispatchMode):
+    """``(op, dtype)`` of every non-view aten result whose element count ``keep`` accepts."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep, self.made = keep, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and isinstance(out, torch.Tensor) and self.keep(out.numel()):
+            self.made.append((str(func), out.dtype))
+        return out
+
+
+def _pooled_masters(gen, B, L, d, nq):
+    """Float64 masters of a pooled_attention call: s ``[B, L, d]`` and the parameters in signature
+    order (query, then weight and bias of the k, v and o projections)."""
+    s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
+    for _ in range(3):
+        params64 += [torch.randn(d, d, generator=gen, dtype=torch.float64) / 5, torch.randn(d, generator=gen, dtype=torch.float64)]
+    return s64, params64
+
+
 POOLED_NAMES = ["out", "ds", "query", "k_weight", "k_bias", "v_weight", "v_bias", "o_weight", "o_bias"]
 
 
@@ -441,10 +466,7 @@ def test_pooled_attention_paths_agree(L, lengths, grad, H, dtype, monkeypatch):
     a second-order gradient raises."""
     gen = torch.Generator().manual_seed(1000 + L + len(grad) + H)
     B, d, nq = len(lengths), 24, 3
-    s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
-    params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
-    for _ in range(3):
-        params64 += [torch.randn(d, d, generator=gen, dtype=torch.float64) / 5, torch.randn(d, generator=gen, dtype=torch.float64)]
+    s64, params64 = _pooled_masters(gen, B, L, d, nq)
     lengths = torch.tensor(lengths, device=DEVICE)
     g = None if grad == "sum" else torch.randn(B, nq, d, generator=gen, dtype=torch.float64)
 
@@ -506,34 +528,17 @@ def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is(nq, H):
     gradient against the eager op under the same autocast and float64 (DESIGN §5 low-precision
     rule), for the eager entry and the traced build; with ``nq * H`` = 4 folded queries (the
     single-query-block backward) and 132 (the general dk/dv and dq kernels)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     gen = torch.Generator().manual_seed(7)
     B, L, d = 3, 13, 32
-    s64 = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
-    params64 = [torch.randn(nq, d, generator=gen, dtype=torch.float64) / 5]
-    for _ in range(3):
-        params64 += [torch.randn(d, d, generator=gen, dtype=torch.float64) / 5, torch.randn(d, generator=gen, dtype=torch.float64)]
+    s64, params64 = _pooled_masters(gen, B, L, d, nq)
     lengths = torch.tensor([L, 0, 6], device=DEVICE)
     g = torch.randn(B, nq, d, generator=gen, dtype=torch.float64)
-
-    class SequenceSized(TorchDispatchMode):
-        """Every non-view aten result as large as s: (op, dtype)."""
-        def __init__(self):
-            super().__init__()
-            self.made = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and isinstance(out, torch.Tensor) and out.numel() == B * L * d:
-                self.made.append((str(func), out.dtype))
-            return out
 
     def run(fn, record=False):
         s = s64.to(DEVICE, torch.float32).requires_grad_()
         params = [p.to(DEVICE, torch.float32).requires_grad_() for p in params64]
-        rec_f, rec_b = SequenceSized(), SequenceSized()
+        rec_f, rec_b = (ResultSizes(lambda n: n == B * L * d) for _ in range(2))  # as large as s
         with torch.autocast(DEVICE.type, dtype=low), (rec_f if record else contextlib.nullcontext()):
             out = fn(s, lengths, *params, H)
         with rec_b if record else contextlib.nullcontext():
@@ -566,37 +571,24 @@ def test_fused_pma_reads_the_sequence_once(backend):
     so the forward is one attention launch over ``s`` itself and makes no tensor as large as the
     sequence (K and V never exist), and the backward is the attention backward alone. The eager
     path, which does project K and V, is the check that the recorder sees them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from interformer.profiling import triton_launches
 
     B, L, d, H, nq = 3, 33, 32, 2, 2  # the folded weight [H*d, d] is smaller than s, as at DESIGN's shapes
-
-    class Sizes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.large = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not func.is_view and isinstance(out, torch.Tensor) and out.numel() >= B * L * d:
-                self.large.append(str(func))
-            return out
 
     torch.manual_seed(0)
     module = PoolingMultiHeadAttention(nq, d, H, backend=backend).to(DEVICE)
     s = torch.randn(B, L, d, device=DEVICE, requires_grad=True)
     lengths = torch.tensor([0, L, 7], device=DEVICE)
     with triton_launches(run=False) as launches:
-        with Sizes() as fwd:
+        with ResultSizes(lambda n: n >= B * L * d) as fwd:
             out = module(s, lengths)
         forward_launches = dict(launches)
         launches.clear()
         out.sum().backward()
     if backend == "eager":
-        assert len(fwd.large) >= 2, fwd.large  # K and V
+        assert len(fwd.made) >= 2, fwd.made  # K and V
         return
-    assert fwd.large == [], f"the fused forward made sequence-sized tensors: {fwd.large}"
+    assert fwd.made == [], f"the fused forward made sequence-sized tensors: {fwd.made}"
     assert forward_launches == {"_attn_fwd_kernel": 1}
     assert dict(launches) == {"_attn_bwd_fused_kernel": 1}
     assert s.grad is not None and all(p.grad is not None for p in module.parameters())
