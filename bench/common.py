@@ -46,6 +46,7 @@ under the Triton interpreter; timings there are NOT meaningful and rows say so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -387,8 +388,37 @@ def run(
     return row
 
 
+#: Fused providers compiled with some ops left to Inductor (``interformer.set_compile_reference_ops``),
+#: by name -> the fused ops that stay custom ops in the compiled graph. ``fused-compile-attention``
+#: keeps the attention kernels alone (where the fused kernel beats Inductor's code for the reference
+#: math most: 2-9x in the op benchmarks) and leaves every other op to Inductor to fuse with its
+#: neighbours: against ``fused-compile`` it says whether the other custom ops cost the compiled
+#: model more (opaque graph boundaries, a dispatch each) than their kernels save.
+COMPILE_KEEPS = {"fused-compile-attention": ("attention", "pooled_attention")}
+
+
+@contextlib.contextmanager
+def compile_reference(provider: str):
+    """Inside the block, the ops ``provider`` leaves to Inductor take the reference while
+    ``torch.compile`` traces (only the providers of :data:`COMPILE_KEEPS`; the setting is restored
+    on leaving). Hold it over the compiled model's every call: dynamo guards on it."""
+    keeps = COMPILE_KEEPS.get(base_provider(provider))
+    if keeps is None:
+        yield
+        return
+    from interformer.backend import FUSED_OPS, set_compile_reference_ops
+
+    before = set_compile_reference_ops([op for op in FUSED_OPS if op not in keeps])
+    try:
+        yield
+    finally:
+        set_compile_reference_ops(before)
+
+
 def compile_options(provider: str) -> Optional[dict]:
     """The ``torch.compile`` keyword arguments a provider's name asks for; None: not compiled."""
+    if provider in COMPILE_KEEPS:
+        return {}
     if provider.endswith("compile-max-autotune"):
         return {"mode": "max-autotune-no-cudagraphs"}
     if provider.endswith("compile-reduce-overhead"):

@@ -33,10 +33,15 @@
 #      backward on the calling thread, as interformer train runs it, fused and eager;
 #      taobao's compiled training rows on the H200, beside a plain fused row of the same run)
 #   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
-#      LAUNCH_TIMEOUT=20 OP_HOST_TIMEOUT=50 HOST_TIMEOUT=25 bench/gpu_session.sh COMMIT profile host
+#      MODEL_TIMEOUT=200 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
+#      amazon-train-fused-compile-attention taobao-inference-fused-compile-attention; do \
+#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT profile model
 #      (why the compiled fused model's inference, 12.2 ms, was slower than the plain one, 9.4 ms,
 #      and than compiled eager, 5.3 ms, on the H200: per-range and per-kernel tables of both;
-#      then the host stage again, now with the folded PMA)
+#      then issue 6's compile target at amazon with fused-compile-attention beside it: the fused
+#      model compiled with only the attention kernels as custom ops, every other op left to
+#      Inductor (interformer.set_compile_reference_ops). If it beats fused-compile, the default
+#      set should grow; the host stage, dropped here to make room, can follow in a later lease)
 #   3. (next, if a lease has room) OPS_TIMEOUT=280 OPS_K="taobao and full and (compile-cudagraph or fused-cudagraph)" \
 #      bench/gpu_session.sh COMMIT ops: Inductor's device time per op beside the fused kernel's,
 #      which decides which fused ops a compiled model should keep as custom ops (as

@@ -2,7 +2,9 @@
 and inference forward, at the DESIGN §6 shapes, for every provider.
 
 Providers: ``eager``; ``compile`` and ``compile-max-autotune`` (torch.compile of the eager model);
-``fused`` (every op on its Triton kernel); ``fused-compile``; ``fused-streams`` (fused, with the
+``fused`` (every op on its Triton kernel); ``fused-compile``; ``fused-compile-attention`` (the
+fused model compiled with only the attention kernels kept as custom ops, every other op left to
+Inductor: :data:`common.COMPILE_KEEPS`); ``fused-streams`` (fused, with the
 Interaction and Sequence arches of each block on two CUDA streams); ``eager-cudagraph`` /
 ``fused-cudagraph``: the inference forward, or the whole training step (forward and backward,
 gradients written into static buffers), captured once in a CUDA graph and replayed
@@ -34,8 +36,8 @@ import common
 from interformer import InterFormerConfig, InterFormerCTR, optimize
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused", "fused-compile",
-             "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph", "fused-cudagraph",
-             "fused-streams-cudagraph"]
+             "fused-compile-attention", "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph",
+             "fused-cudagraph", "fused-streams-cudagraph"]
 
 
 def config_for(shape: common.Shape) -> InterFormerConfig:
@@ -78,6 +80,11 @@ def test_model(benchmark, shape_name, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape.name, graph_modes=("train", "inference"))
     if not common.ON_GPU:
         shape = common.Shape("smoke", B=2, n=3, k=2, T=5, d=16, heads=2, layers=1, n_ssum=2, dcn_rank=4)
+    with common.compile_reference(provider):  # held over every call: dynamo guards on it
+        _measure(benchmark, provider, shape, mode)
+
+
+def _measure(benchmark, provider, shape, mode):
     model = build(provider, shape)
     inputs, label = batch_for(shape, model.config if hasattr(model, "config") else config_for(shape))
     graphed = provider.endswith("cudagraph")

@@ -6,7 +6,14 @@ import dataclasses
 
 import torch
 
-from .backend import BACKENDS, FusedModule, check_backend, default_backend
+from .backend import (
+    BACKENDS,
+    FusedModule,
+    check_backend,
+    compile_reference_ops,
+    default_backend,
+    set_compile_reference_ops,
+)
 from .config import InterFormerConfig
 from .layers import (
     CrossNet,
@@ -76,8 +83,10 @@ __all__ = [
     "SequenceArch",
     "SequenceMaskNet",
     "SparseTokenizer",
+    "compile_reference_ops",
     "default_backend",
     "optimize",
     "recent_tokens",
+    "set_compile_reference_ops",
     "validate_batch",
 ]

@@ -16,6 +16,19 @@ choice never depends on a traced value and the traced graph holds the op that wi
 The process-wide default for newly built modules comes from the environment variable
 ``INTERFORMER_BACKEND`` (``auto`` when unset). Names are case-insensitive everywhere (argument,
 config or environment), and ``None`` means that default.
+
+Under ``torch.compile`` a fused op is a custom op: an opaque node in Inductor's graph, which
+Inductor can neither fuse with its neighbours nor schedule into, and which costs a dispatch per
+call. Where Inductor's own code for the reference math is as fast, the reference is the better
+choice inside a compiled model. :func:`set_compile_reference_ops` names the ops that, while
+``torch.compile`` (or ``torch.export``) traces a fused-capable module, take the eager reference
+whatever the module's backend; outside tracing nothing changes. The default is
+``{"add_layer_norm"}``: Inductor generates its own fused add + LayerNorm with a split weight/bias
+reduction and can fold in the residual's producer (a bias add, an activation). The environment
+variable ``INTERFORMER_COMPILE_REFERENCE`` (read once, at import) sets the starting value: op names
+separated by commas, ``none`` or ``all``. The choice is read while tracing, so it is baked into a
+compiled graph; dynamo guards on it, and a change recompiles on the next call. Calling an op
+function of :mod:`interformer.kernels` directly is not affected.
 """
 
 from __future__ import annotations
@@ -34,6 +47,55 @@ ENV_VAR = "INTERFORMER_BACKEND"
 
 #: dtypes the fused kernels take; ``"auto"`` leaves modules with other parameter dtypes on eager.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: every op a fused-capable module resolves (the second item of its ``kernel_ops`` pairs)
+FUSED_OPS = ("gated_lce", "pffn_mlp", "pffn_linear", "cross_net", "low_rank_cross_net", "dot_interaction",
+             "attention", "pooled_attention", "add_layer_norm")
+COMPILE_ENV_VAR = "INTERFORMER_COMPILE_REFERENCE"
+#: the ops a compiled model leaves to Inductor unless told otherwise (see the module docstring)
+DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm"})
+
+
+def _compile_reference_set(ops, source: str) -> frozenset:
+    """The op set that ``ops`` names: None or "default" the default, "none", "all", a comma-separated
+    string or an iterable of names from :data:`FUSED_OPS` (``source`` names the setting in errors)."""
+    if ops is None:
+        return DEFAULT_COMPILE_REFERENCE
+    if isinstance(ops, str):
+        word = ops.strip().lower()
+        if word in ("", "default"):
+            return DEFAULT_COMPILE_REFERENCE
+        if word == "none":
+            return frozenset()
+        if word == "all":
+            return frozenset(FUSED_OPS)
+        ops = [name.strip() for name in word.split(",") if name.strip()]
+    names = frozenset(ops)
+    unknown = sorted(str(n) for n in names - set(FUSED_OPS))
+    if unknown:
+        raise ValueError(f"{source}: unknown op(s) {unknown}; choose from {list(FUSED_OPS)}, 'none' or 'all'")
+    return names
+
+
+_COMPILE_REFERENCE = _compile_reference_set(os.environ.get(COMPILE_ENV_VAR), f"${COMPILE_ENV_VAR}")
+
+
+def compile_reference_ops() -> frozenset:
+    """The ops that take the eager reference while ``torch.compile`` traces a fused-capable module."""
+    return _COMPILE_REFERENCE
+
+
+def set_compile_reference_ops(ops) -> frozenset:
+    """Make ``ops`` the ops that take the eager reference while ``torch.compile`` traces a
+    fused-capable module (names from :data:`FUSED_OPS`, ``"none"``, ``"all"``, or None for the
+    default, ``{"add_layer_norm"}``); returns the previous set, so a caller can restore it.
+
+    Process-wide, and read at trace time: a model compiled before the change recompiles on its
+    next call (dynamo guards on the setting). Unknown names raise ``ValueError``."""
+    global _COMPILE_REFERENCE
+    previous = _COMPILE_REFERENCE
+    _COMPILE_REFERENCE = _compile_reference_set(ops, "set_compile_reference_ops")
+    return previous
 
 
 def check_backend(backend: Optional[str]) -> str:
@@ -158,6 +220,8 @@ class FusedModule(torch.nn.Module):
         return torch.device("cpu"), None
 
     def _op(self, module_name: str, op: str) -> Callable:
+        if op in _COMPILE_REFERENCE and torch.compiler.is_compiling():
+            return getattr(reference, op)  # left to Inductor (set_compile_reference_ops)
         backend = self._backend
         if backend == "auto":
             return resolve(module_name, op, backend, *self._placement())

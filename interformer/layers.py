@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from .backend import FusedModule
 from .profiling import ranged
-from .reference import add_layer_norm as _reference_add_layer_norm
 from .reference import row_mask
 
 __all__ = [
@@ -344,7 +343,8 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
     reason is measured). Normalises over the last dimension only.
 
     Decision: while ``torch.compile`` traces the module, it takes the reference ops whatever the
-    backend. Inductor generates its own fused add + LayerNorm with a split weight/bias reduction
+    backend (``add_layer_norm`` is in :func:`interformer.backend.set_compile_reference_ops`'s default
+    set). Inductor generates its own fused add + LayerNorm with a split weight/bias reduction
     and can also fold in the producer of the residual (a bias add, an activation); the custom op
     would be an opaque boundary in its graph, paid for with a dispatch per call. The fused kernel
     is for the paths Inductor does not see. (``interformer.kernels.layernorm.add_layer_norm`` called
@@ -358,8 +358,6 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
 
     @ranged("ResidualLayerNorm")
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return _reference_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
 

@@ -12,6 +12,8 @@ import interformer
 from interformer import FusedModule, InterFormerConfig, InterFormerCTR, optimize
 from interformer.data import make_synthetic
 
+from utils import DEVICE
+
 TINY = dict(d_model=16, num_heads=2, num_layers=2, max_seq_len=6, pffn_hidden=16, head=(16,), dcn_rank=4)
 
 
@@ -136,3 +138,122 @@ def test_streams_flag_is_harmless_on_cpu():
     ref = model(*batch.inputs())
     model.backbone.use_streams(True)
     torch.testing.assert_close(model(*batch.inputs()), ref, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- compile policy
+def _kernel_op_names():
+    """The op names the package's fused-capable modules resolve, from their ``kernel_ops``."""
+    import interformer.layers as layers
+
+    classes = [c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, FusedModule)]
+    return {op for c in classes for _, op in c.kernel_ops}
+
+
+def test_fused_ops_names_every_modules_op_and_each_has_a_reference():
+    from interformer import reference
+    from interformer.backend import FUSED_OPS
+
+    assert set(FUSED_OPS) == _kernel_op_names()
+    assert all(callable(getattr(reference, op, None)) for op in FUSED_OPS)
+
+
+@pytest.fixture
+def compile_reference():
+    """``set_compile_reference_ops``, with the process's setting restored after the test."""
+    before = interformer.compile_reference_ops()
+    yield interformer.set_compile_reference_ops
+    interformer.set_compile_reference_ops(before)
+
+
+def test_compile_reference_setting_parses_and_rejects(compile_reference):
+    from interformer.backend import DEFAULT_COMPILE_REFERENCE, FUSED_OPS
+
+    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {"add_layer_norm"}
+    assert compile_reference("none") == DEFAULT_COMPILE_REFERENCE  # returns the previous setting
+    assert interformer.compile_reference_ops() == frozenset()
+    compile_reference("ALL")
+    assert interformer.compile_reference_ops() == frozenset(FUSED_OPS)
+    compile_reference(" Gated_LCE, dot_interaction ,")
+    assert interformer.compile_reference_ops() == {"gated_lce", "dot_interaction"}
+    compile_reference(["attention"])
+    assert interformer.compile_reference_ops() == {"attention"}
+    compile_reference(None)
+    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE
+    with pytest.raises(ValueError, match=r"unknown op\(s\) \['layer_norm'\]"):
+        compile_reference("attention,layer_norm")
+    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE  # unchanged by the error
+
+
+def test_compile_reference_environment_variable():
+    code = "import interformer as I; print(sorted(I.compile_reference_ops()))"
+    env = dict(os.environ, INTERFORMER_COMPILE_REFERENCE="pffn_mlp,pffn_linear")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['pffn_linear', 'pffn_mlp']"
+    env["INTERFORMER_COMPILE_REFERENCE"] = "pffn"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "INTERFORMER_COMPILE_REFERENCE" in bad.stderr and "'pffn'" in bad.stderr
+
+
+def _traced_custom_ops(model):
+    """``(compiled model, graphs)``: ``model`` under ``torch.compile(fullgraph=True)`` with a backend
+    that appends, for each graph dynamo builds, the interformer custom ops in it, and runs the graph
+    as traced (no Inductor). Dynamo's caches are reset first."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(sorted({str(n.target).split(".")[1] for n in gm.graph.nodes
+                              if str(n.target).startswith("interformer.")}))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    return compiled, graphs
+
+
+def test_compile_reference_ops_leave_the_graph_and_a_change_recompiles(compile_reference):
+    """While torch.compile traces, the ops named take the reference (no custom op in the graph)
+    and the others stay custom ops; outside tracing the modules stay fused; changing the setting
+    recompiles on the next call (dynamo guards on it), and every variant computes the same."""
+    d = 8
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lce = interformer.GatedLCE(4, 3, d, backend="triton")
+            self.dot = interformer.DotInteraction(3, d, backend="triton")
+            self.norm = interformer.ResidualLayerNorm(d, backend="triton")
+
+        def forward(self, x):
+            y = self.lce(x)
+            return self.norm(y, y).sum() + self.dot(y).sum()
+
+    model = Small().to(DEVICE)
+    x = torch.randn(2, 4, d, device=DEVICE)
+    ref = model(x)
+    close = dict(rtol=1e-4, atol=1e-5)  # fp32 kernels against the reference math in the graph
+    compiled, graphs = _traced_custom_ops(model)
+    torch.testing.assert_close(compiled(x), ref, **close)  # the default: add_layer_norm left to the compiler
+    assert graphs == [["dot_interaction_fwd", "gated_lce_fwd"]]
+    compile_reference("gated_lce")
+    torch.testing.assert_close(compiled(x), ref, **close)
+    assert graphs[1:] == [["add_layer_norm_fwd", "dot_interaction_fwd"]]
+    compile_reference("all")
+    torch.testing.assert_close(compiled(x), ref, **close)
+    assert graphs[2:] == [[]]
+    compiled(x)
+    assert len(graphs) == 3  # an unchanged setting reuses the graph
+    assert model.lce._op("gated_lce", "gated_lce") is not interformer.reference.gated_lce  # eager call: fused
+
+
+def test_all_ops_as_reference_leaves_no_custom_op_in_the_fused_model(compile_reference):
+    """With every op named, the compiled fused model traces no custom op at all: every module
+    resolves its ops through the setting (none calls a kernel around it)."""
+    cfg = InterFormerConfig(backend="triton", **TINY)
+    model = InterFormerCTR(cfg).to(DEVICE)
+    inputs = [t.to(DEVICE) for t in make_synthetic(3, cfg, seed=5).inputs()]
+    compile_reference("all")
+    compiled, graphs = _traced_custom_ops(model)
+    with torch.no_grad():
+        out, fused = compiled(*inputs), model(*inputs)
+    torch.testing.assert_close(out, fused, rtol=1e-4, atol=1e-5)  # reference math against the kernels, fp32
+    assert graphs == [[]]

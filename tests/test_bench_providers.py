@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import interformer
 from interformer import backend as backend_mod
 from interformer import reference as R
 from utils import backward_threading
@@ -74,7 +75,7 @@ def _expected_compile_mode(provider):
         return "max-autotune-no-cudagraphs"
     if provider.endswith("reduce-overhead"):
         return "reduce-overhead"
-    if provider in ("compile", "fused-compile"):
+    if provider in ("compile", "fused-compile", "fused-compile-attention"):
         return "default"
     return None
 
@@ -148,6 +149,28 @@ def test_model_providers_build_what_they_name(bench):
         assert compiled == ([mode] if mode else []), f"model {provider}: torch.compile calls {compiled}"
         streams = any(getattr(b, "use_streams", False) for b in model.modules() if hasattr(b, "_side_stream"))
         assert streams == provider.startswith("fused-streams"), f"model {provider}: streams {streams}"
+
+
+def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkeypatch):
+    """``fused-compile-attention`` runs (traces and calls) the compiled model with every op but
+    attention's left to Inductor, and leaves the process's setting as it found it; the other
+    providers run under the default setting."""
+    common, _ = bench
+    mod = importlib.import_module("test_bench_model")
+    before = interformer.compile_reference_ops()
+    seen = {}
+
+    def run(benchmark, fn, provider, **kw):
+        seen[provider] = interformer.compile_reference_ops()
+        fn()
+
+    monkeypatch.setattr(common, "run", run)
+    for provider in ("fused-compile", "fused-compile-attention"):
+        mod.test_model(None, "smoke", "inference", provider)
+        assert interformer.compile_reference_ops() == before
+    assert seen["fused-compile"] == before
+    assert seen["fused-compile-attention"] == set(backend_mod.FUSED_OPS) - {"attention", "pooled_attention"}
+    assert "fused-compile-attention" in mod.PROVIDERS
 
 
 def test_timing_quantiles_and_plain_timing_on_cpu(bench):
