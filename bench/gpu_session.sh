@@ -20,8 +20,8 @@
 # Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 320,
 # which leaves the starts and transfers room inside 900 s):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=60 OPS_TIMEOUT=70 \
-#      OPS_FILES="bench/test_bench_attention.py bench/test_bench_crossnet.py" MODEL_TIMEOUT=140 \
-#      OPS_K="(pma and full and not compile) or (taobao and low and full and fused and not compile and not triton)" \
+#      OPS_FILES="bench/test_bench_pffn.py bench/test_bench_attention.py bench/test_bench_crossnet.py" MODEL_TIMEOUT=140 \
+#      OPS_K="(pma and full and not compile) or (taobao and low and full and fused and not compile and not triton) or (taobao and linear and full and (eager or fused) and not compile and not cudagraph)" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-compile train-fused-compile; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops threads model
 #      (the tests the last two sessions added or changed: the folded PMA, now one autograd node
@@ -31,7 +31,12 @@
 #      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md);
 #      autograd_threads.py's eager half, cut by its box last time; the training step with the
 #      backward on the calling thread, as interformer train runs it, fused and eager;
-#      taobao's compiled training rows on the H200, beside a plain fused row of the same run)
+#      taobao's compiled training rows on the H200, beside a plain fused row of the same run;
+#      first of all, the plain linear PFFN, fused and eager, in a process that has run nothing
+#      else: on 2026-11-27 the op stage and op_host.py's loop of the same callables, two processes
+#      of one call at one commit, disagreed on plain rows by up to a third, either way (fused PFFN
+#      0.61 vs 0.38 ms, attention 0.71 vs 0.48, DHEN LayerNorm 0.32 vs 0.42; eager LCE 0.71 vs
+#      0.94): these rows, against the op stage's later ones, say how far a plain ratio repeats)
 #   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
 #      MODEL_TIMEOUT=200 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
 #      amazon-train-fused-compile-attention taobao-inference-fused-compile-attention; do \
