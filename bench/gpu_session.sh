@@ -37,12 +37,15 @@
 #      of one call at one commit, disagreed on plain rows by up to a third, either way (fused PFFN
 #      0.61 vs 0.38 ms, attention 0.71 vs 0.48, DHEN LayerNorm 0.32 vs 0.42; eager LCE 0.71 vs
 #      0.94): these rows, against the op stage's later ones, say how far a plain ratio repeats)
-#   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=90 \
+#   2. PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--compile --inference;--inference --host" PROFILE_TIMEOUT=60 \
 #      MODEL_TIMEOUT=200 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
 #      amazon-train-fused-compile-attention taobao-inference-fused-compile-attention; do \
 #      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT profile model
 #      (why the compiled fused model's inference, 12.2 ms, was slower than the plain one, 9.4 ms,
 #      and than compiled eager, 5.3 ms, on the H200: per-range and per-kernel tables of both;
+#      then the plain inference with --host: where its host time goes (issue 6's inference target,
+#      2x eager, was 1.43x: 9.4 ms plain against 3.5 ms graphed, with 424 aten ops and 33 Triton
+#      launches per forward, counted on a CPU, against eager's 1,177 aten ops);
 #      then issue 6's compile target at amazon with fused-compile-attention beside it: the fused
 #      model compiled with only the attention kernels as custom ops, every other op left to
 #      Inductor (interformer.set_compile_reference_ops). If it beats fused-compile, the default
@@ -117,11 +120,16 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     threads) # where the plain backward's extra host time on the engine's device thread goes
              timeout "${THREADS_TIMEOUT:-120}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
              echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
-    profile) # PROFILE_BACKENDS (default triton), PROFILE_ARGS: more train_step.py flags (--compile --inference)
-             for be in ${PROFILE_BACKENDS:-triton}; do
-               timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
-                 --torch-profiler ${PROFILE_ARGS:-} >"$OUT/profile-$be.log" 2>&1
-               echo "profile $be exit $?"; head -n 70 "$OUT/profile-$be.log"
+    profile) # PROFILE_BACKENDS (default triton); PROFILE_ARGS: more train_step.py flags, several runs
+             # separated by ";" (e.g. "--compile --inference;--inference --host"), each run per backend
+             IFS=';' read -r -a arg_sets <<< "${PROFILE_ARGS:-}"; [ ${#arg_sets[@]} -gt 0 ] || arg_sets=("")
+             for i in "${!arg_sets[@]}"; do
+               for be in ${PROFILE_BACKENDS:-triton}; do
+                 log="$OUT/profile-$be$([ "$i" -gt 0 ] && echo "-$i").log"
+                 timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
+                   --torch-profiler ${arg_sets[$i]} >"$log" 2>&1
+                 echo "profile $be ${arg_sets[$i]} exit $?"; head -n 70 "$log"
+               done
              done ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
