@@ -375,6 +375,10 @@ def run(
     if floor_ms > 0:
         row["floor_ms"] = floor_ms
         row["x_floor"] = ms / floor_ms
+    if compile_options(base_provider(provider)) is not None and provider.startswith("fused"):
+        from interformer import compile_reference_ops  # what the compiled fused model left to Inductor
+
+        row["compile_reference"] = ",".join(sorted(compile_reference_ops())) or "none"
     if not ON_GPU:
         row["note"] = SMOKE_NOTE
     benchmark.extra_info.update(row)

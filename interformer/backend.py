@@ -26,7 +26,8 @@ whatever the module's backend; outside tracing nothing changes. The default is
 ``{"add_layer_norm"}``: Inductor generates its own fused add + LayerNorm with a split weight/bias
 reduction and can fold in the residual's producer (a bias add, an activation). The environment
 variable ``INTERFORMER_COMPILE_REFERENCE`` (read once, at import) sets the starting value: op names
-separated by commas, ``none`` or ``all``. The choice is read while tracing, so it is baked into a
+separated by commas, ``none`` or ``all``; a value that names an unknown op fails the first module
+construction (as a bad ``INTERFORMER_BACKEND`` does), not the import. The choice is read while tracing, so it is baked into a
 compiled graph; dynamo guards on it, and a change recompiles on the next call. Calling an op
 function of :mod:`interformer.kernels` directly is not affected.
 """
@@ -58,7 +59,8 @@ DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm"})
 
 def _compile_reference_set(ops, source: str) -> frozenset:
     """The op set that ``ops`` names: None or "default" the default, "none", "all", a comma-separated
-    string or an iterable of names from :data:`FUSED_OPS` (``source`` names the setting in errors)."""
+    string or an iterable of names from :data:`FUSED_OPS`, any case (``source`` names the setting in
+    errors)."""
     if ops is None:
         return DEFAULT_COMPILE_REFERENCE
     if isinstance(ops, str):
@@ -70,31 +72,45 @@ def _compile_reference_set(ops, source: str) -> frozenset:
         if word == "all":
             return frozenset(FUSED_OPS)
         ops = [name.strip() for name in word.split(",") if name.strip()]
-    names = frozenset(ops)
+    names = frozenset(name.strip().lower() if isinstance(name, str) else name for name in ops)
     unknown = sorted(str(n) for n in names - set(FUSED_OPS))
     if unknown:
         raise ValueError(f"{source}: unknown op(s) {unknown}; choose from {list(FUSED_OPS)}, 'none' or 'all'")
     return names
 
 
-_COMPILE_REFERENCE = _compile_reference_set(os.environ.get(COMPILE_ENV_VAR), f"${COMPILE_ENV_VAR}")
+try:
+    _COMPILE_REFERENCE = _compile_reference_set(os.environ.get(COMPILE_ENV_VAR), f"${COMPILE_ENV_VAR}")
+    _COMPILE_ENV_ERROR = None
+except ValueError as _exc:  # raised where a module is built (check_compile_environment), not at import
+    _COMPILE_REFERENCE, _COMPILE_ENV_ERROR = DEFAULT_COMPILE_REFERENCE, str(_exc)
+
+
+def check_compile_environment() -> None:
+    """Raise the ``ValueError`` of a bad ``$INTERFORMER_COMPILE_REFERENCE`` until
+    :func:`set_compile_reference_ops` replaces it."""
+    if _COMPILE_ENV_ERROR is not None:
+        raise ValueError(_COMPILE_ENV_ERROR)
 
 
 def compile_reference_ops() -> frozenset:
     """The ops that take the eager reference while ``torch.compile`` traces a fused-capable module."""
+    check_compile_environment()
     return _COMPILE_REFERENCE
 
 
 def set_compile_reference_ops(ops) -> frozenset:
     """Make ``ops`` the ops that take the eager reference while ``torch.compile`` traces a
-    fused-capable module (names from :data:`FUSED_OPS`, ``"none"``, ``"all"``, or None for the
-    default, ``{"add_layer_norm"}``); returns the previous set, so a caller can restore it.
+    fused-capable module (names from :data:`FUSED_OPS` in any case, as an iterable or one string
+    separated by commas; ``"none"``; ``"all"``; None or ``"default"`` for the default,
+    ``{"add_layer_norm"}``); returns the previous set, so a caller can restore it.
 
     Process-wide, and read at trace time: a model compiled before the change recompiles on its
     next call (dynamo guards on the setting). Unknown names raise ``ValueError``."""
-    global _COMPILE_REFERENCE
+    global _COMPILE_REFERENCE, _COMPILE_ENV_ERROR
     previous = _COMPILE_REFERENCE
     _COMPILE_REFERENCE = _compile_reference_set(ops, "set_compile_reference_ops")
+    _COMPILE_ENV_ERROR = None  # an explicit setting replaces the environment's
     return previous
 
 
@@ -194,6 +210,7 @@ class FusedModule(torch.nn.Module):
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
+        check_compile_environment()
         self._backend = check_backend(value)
         if self._backend != "eager":
             # Resolve the kernels now, outside any trace (see ``_KERNELS``).

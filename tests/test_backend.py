@@ -159,8 +159,9 @@ def test_fused_ops_names_every_modules_op_and_each_has_a_reference():
 
 @pytest.fixture
 def compile_reference():
-    """``set_compile_reference_ops``, with the process's setting restored after the test."""
-    before = interformer.compile_reference_ops()
+    """``set_compile_reference_ops``, starting from the default whatever the environment says, with
+    the process's setting restored after the test."""
+    before = interformer.set_compile_reference_ops(None)
     yield interformer.set_compile_reference_ops
     interformer.set_compile_reference_ops(before)
 
@@ -175,23 +176,33 @@ def test_compile_reference_setting_parses_and_rejects(compile_reference):
     assert interformer.compile_reference_ops() == frozenset(FUSED_OPS)
     compile_reference(" Gated_LCE, dot_interaction ,")
     assert interformer.compile_reference_ops() == {"gated_lce", "dot_interaction"}
-    compile_reference(["attention"])
-    assert interformer.compile_reference_ops() == {"attention"}
+    compile_reference(["Attention", "pooled_attention"])
+    assert interformer.compile_reference_ops() == {"attention", "pooled_attention"}
     compile_reference(None)
     assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE
-    with pytest.raises(ValueError, match=r"unknown op\(s\) \['layer_norm'\]"):
-        compile_reference("attention,layer_norm")
-    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE  # unchanged by the error
+    for bad in ("attention,layer_norm", ["attention", "layer_norm"]):
+        with pytest.raises(ValueError, match=r"unknown op\(s\) \['layer_norm'\]"):
+            compile_reference(bad)
+        assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE  # unchanged by the error
 
 
 def test_compile_reference_environment_variable():
+    """The variable sets the starting value; a bad one leaves the package importable and fails the
+    first module construction (naming the variable and the op), until an explicit setting."""
     code = "import interformer as I; print(sorted(I.compile_reference_ops()))"
-    env = dict(os.environ, INTERFORMER_COMPILE_REFERENCE="pffn_mlp,pffn_linear")
+    env = dict(os.environ, INTERFORMER_COMPILE_REFERENCE="pffn_mlp,PFFN_linear")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['pffn_linear', 'pffn_mlp']"
     env["INTERFORMER_COMPILE_REFERENCE"] = "pffn"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "INTERFORMER_COMPILE_REFERENCE" in bad.stderr and "'pffn'" in bad.stderr
+    code = ("import interformer as I\n"
+            "try:\n    I.GatedLCE(2, 2, 4, backend='eager')\nexcept ValueError as e:\n    print('module:', e)\n"
+            "try:\n    I.compile_reference_ops()\nexcept ValueError as e:\n    print('query:', e)\n"
+            "I.set_compile_reference_ops('none'); I.GatedLCE(2, 2, 4); print('set:', sorted(I.compile_reference_ops()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["module", "query", "set"], out.stdout
+    assert all("$INTERFORMER_COMPILE_REFERENCE" in line and "'pffn'" in line for line in lines[:2]), out.stdout
+    assert lines[2] == "set: []"
 
 
 def _traced_custom_ops(model):
@@ -225,7 +236,7 @@ def test_compile_reference_ops_leave_the_graph_and_a_change_recompiles(compile_r
 
         def forward(self, x):
             y = self.lce(x)
-            return self.norm(y, y).sum() + self.dot(y).sum()
+            return self.norm(y, y), self.dot(y)  # whole tensors: a LayerNorm's row sums are about 0
 
     model = Small().to(DEVICE)
     x = torch.randn(2, 4, d, device=DEVICE)

@@ -173,6 +173,35 @@ def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkey
     assert "fused-compile-attention" in mod.PROVIDERS
 
 
+def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
+    """A compiled fused provider's row names the ops the compiled model left to Inductor (the process
+    setting can come from the environment); other rows carry no such field."""
+    monkeypatch.syspath_prepend(BENCH)
+    sys.modules.pop("common", None)
+    common = importlib.import_module("common")
+
+    class Bench:
+        extra_info = {}
+
+        def pedantic(self, fn, **kw):
+            fn()
+
+    before = interformer.set_compile_reference_ops(None)
+    try:
+        rows = {}
+        for provider in ("fused", "compile", "fused-compile", "fused-compile-attention"):
+            with common.compile_reference(provider):
+                rows[provider] = common.run(Bench(), lambda: None, op="x", shape=common.ALL_SHAPES["smoke"],
+                                            provider=provider, mode="full")
+    finally:
+        interformer.set_compile_reference_ops(before)
+        sys.modules.pop("common", None)
+    assert "compile_reference" not in rows["fused"] and "compile_reference" not in rows["compile"]
+    assert rows["fused-compile"]["compile_reference"] == "add_layer_norm"
+    kept = {"attention", "pooled_attention"}
+    assert rows["fused-compile-attention"]["compile_reference"] == ",".join(sorted(set(backend_mod.FUSED_OPS) - kept))
+
+
 def test_timing_quantiles_and_plain_timing_on_cpu(bench):
     """The per-call statistics of ``time_median``: median, p20 and p80 of the samples; without a
     GPU one synchronised run (the steady-state and do_bench paths need CUDA events)."""
