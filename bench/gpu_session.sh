@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
-#   benchmarks), profile (per-range and per-kernel tables of one training step), host (per-launch host cost, plain
+#   benchmarks), profile (per-range and per-kernel tables of one training step), embed (the
+#   tokenizers' embedding backward, profiling/embedding_backward.py), host (per-launch host cost, plain
 #   vs CUDA-graph step time and where the host time goes, fused and eager), threads (the autograd
 #   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
 # Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
@@ -40,8 +41,8 @@
 #   2. PACK=1 MODEL_TIMEOUT=160 MODEL_FILES="$(for p in amazon-train-fused-compile-attention \
 #      amazon-train-fused-compile taobao-inference-fused-compile-attention; do \
 #      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" PROFILE_BACKENDS=triton \
-#      PROFILE_ARGS="--compile --inference;--inference --host" PROFILE_TIMEOUT=60 \
-#      bench/gpu_session.sh COMMIT model profile        (device timeout_s = 320: 160 + 2 x 60 at most)
+#      PROFILE_ARGS="--compile --inference;--inference --host" PROFILE_TIMEOUT=60 EMBED_TIMEOUT=25 \
+#      bench/gpu_session.sh COMMIT model profile embed  (device timeout_s = 320: 160 + 2 x 60 + 25 at most)
 #      (issue 6's compile target at amazon, fused+compile >= 1.15x compile (25.3 ms on the H200 of
 #      2026-11-27): fused-compile-attention, the fused model compiled with only the attention
 #      kernels as custom ops and every other op left to Inductor (interformer.
@@ -51,8 +52,10 @@
 #      the per-range and per-kernel tables of the compiled fused inference; and the plain fused
 #      inference with --host: where its host time goes (issue 6's inference target, 2x eager, was
 #      1.43x: 9.4 ms plain against 3.5 ms graphed, with 424 aten ops and 33 Triton launches per
-#      forward, counted on a CPU, against eager's 1,177 aten ops). The host stage and the eager
-#      profiles wait for a later lease)
+#      forward, counted on a CPU, against eager's 1,177 aten ops). Last, the embedding backward
+#      (profiling/embedding_backward.py): 2.05 ms of a fused taobao step's device time on the H200
+#      of 2026-11-26, in eager and fused alike; whether index_add_ or index_put_ forms the same
+#      gradient faster. The host stage and the eager profiles wait for a later lease)
 #   3. (next, if a lease has room) OPS_TIMEOUT=280 OPS_K="taobao and full and (compile-cudagraph or fused-cudagraph)" \
 #      bench/gpu_session.sh COMMIT ops: Inductor's device time per op beside the fused kernel's,
 #      which decides which fused ops a compiled model should keep as custom ops (as
@@ -120,6 +123,9 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" ${OPS_FILES:-bench --ignore=bench/test_bench_model.py} ;;
     model)   # MODEL_FILES: the model benchmark's file or node ids, run in the order given
              TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" ${MODEL_FILES:-bench/test_bench_model.py} ;;
+    embed)   # the tokenizers' embedding backward against two other eager formulations (plain, graphed, deterministic)
+             timeout "${EMBED_TIMEOUT:-60}" python3 profiling/embedding_backward.py >"$OUT/embed.log" 2>&1
+             echo "exit $?"; cat "$OUT/embed.log" ;;
     threads) # where the plain backward's extra host time on the engine's device thread goes
              timeout "${THREADS_TIMEOUT:-120}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
              echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;

@@ -361,3 +361,44 @@ def test_train_step_profiles_a_compiled_inference_forward(train_step, capsys, mo
     assert kw == {"backend": "aot_eager"}
     assert all(p.grad is None for p in model.parameters())
     assert "per-range time over 1 steps" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def embedding_backward():
+    yield from _with_bench("embedding_backward")
+
+
+def test_embedding_backward_variants_agree_and_are_timed(embedding_backward, capsys):
+    """The alternative backwards give nn.Embedding's weight gradient (padding row 0 left at zero, the
+    rows it reads included), a broken one is refused before timing, and every variant gets a
+    number for both tables."""
+    import torch
+
+    E = embedding_backward
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids, weight, upstream = E._case(64, 8, device, padded=0.25)
+    assert (ids == 0).any() and weight.grad is None
+    for variant in E.VARIANTS:
+        weight.grad = None
+        E.lookup(variant)(ids, weight).backward(upstream)
+        assert torch.all(weight.grad[0] == 0) and weight.grad.abs().sum() > 0, variant
+    E.check(64, 8, device)
+
+    real = E._ScatterEmbedding.backward
+
+    def no_padding_zeroing(ctx, grad):  # the gradient of a lookup without padding_idx
+        (ids,) = ctx.saved_tensors
+        dw = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        return None, dw.index_add_(0, ids, grad), None, None
+
+    E._ScatterEmbedding.backward = staticmethod(no_padding_zeroing)
+    try:
+        with pytest.raises(AssertionError, match="weight gradient"):
+            E.check(64, 8, device)
+    finally:
+        E._ScatterEmbedding.backward = staticmethod(real)
+
+    assert E.main(["--shape", "smoke", "--calls", "3"]) == 0
+    out = capsys.readouterr().out
+    for table in ("sparse field", "behaviour channel"):
+        assert sum(line.strip().startswith(table) for line in out.splitlines()) == len(E.VARIANTS), out
