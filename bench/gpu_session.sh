@@ -38,24 +38,26 @@
 #      of one call at one commit, disagreed on plain rows by up to a third, either way (fused PFFN
 #      0.61 vs 0.38 ms, attention 0.71 vs 0.48, DHEN LayerNorm 0.32 vs 0.42; eager LCE 0.71 vs
 #      0.94): these rows, against the op stage's later ones, say how far a plain ratio repeats)
-#   2. PACK=1 MODEL_TIMEOUT=160 MODEL_FILES="$(for p in amazon-train-fused-compile-attention \
-#      amazon-train-fused-compile taobao-inference-fused-compile-attention; do \
-#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" PROFILE_BACKENDS=triton \
-#      PROFILE_ARGS="--compile --inference;--inference --host" PROFILE_TIMEOUT=60 EMBED_TIMEOUT=25 \
-#      bench/gpu_session.sh COMMIT model profile embed  (device timeout_s = 320: 160 + 2 x 60 + 25 at most)
-#      (issue 6's compile target at amazon, fused+compile >= 1.15x compile (25.3 ms on the H200 of
+#   2. PACK=1 MODEL_TIMEOUT=130 MODEL_FILES="$(for p in amazon-train-fused-compile-attention \
+#      amazon-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      PROFILE_BACKENDS=triton PROFILE_ARGS=";--compile --inference;--inference --host" PROFILE_TIMEOUT=50 \
+#      EMBED_TIMEOUT=25 bench/gpu_session.sh COMMIT model profile embed
+#      (device timeout_s = 320: 130 + 3 x 50 + 25 at most, about 260 s expected)
+#      Issue 6's compile target at amazon, fused+compile >= 1.15x compile (25.3 ms on the H200 of
 #      2026-11-27): fused-compile-attention, the fused model compiled with only the attention
 #      kernels as custom ops and every other op left to Inductor (interformer.
 #      set_compile_reference_ops; each row records the setting), beside fused-compile in the same
-#      run; if it wins, the default set should grow. Then why the compiled fused model's
-#      inference, 12.2 ms, was slower than the plain one, 9.4 ms, and than compiled eager, 5.3 ms:
-#      the per-range and per-kernel tables of the compiled fused inference; and the plain fused
-#      inference with --host: where its host time goes (issue 6's inference target, 2x eager, was
+#      run; if it wins, the default set should grow. Then three profiles of the fused model at
+#      taobao: the training step's per-range and per-kernel device time (the newest is from
+#      2026-11-26, before the fused LayerNorm and the folded PMA); the compiled inference (12.2 ms
+#      on the H200, slower than the plain fused 9.4 ms and than compiled eager 5.3 ms); the plain
+#      inference with --host, where its host time goes (issue 6's inference target, 2x eager, was
 #      1.43x: 9.4 ms plain against 3.5 ms graphed, with 424 aten ops and 33 Triton launches per
-#      forward, counted on a CPU, against eager's 1,177 aten ops). Last, the embedding backward
+#      forward, counted on a CPU, against eager's 1,177). Last, the embedding backward
 #      (profiling/embedding_backward.py): 2.05 ms of a fused taobao step's device time on the H200
 #      of 2026-11-26, in eager and fused alike; whether index_add_ or index_put_ forms the same
-#      gradient faster. The host stage and the eager profiles wait for a later lease)
+#      gradient faster. Left for a later lease: the host stage, the eager profiles, and
+#      fused-compile-attention's taobao inference row.
 #   3. (next, if a lease has room) OPS_TIMEOUT=280 OPS_K="taobao and full and (compile-cudagraph or fused-cudagraph)" \
 #      bench/gpu_session.sh COMMIT ops: Inductor's device time per op beside the fused kernel's,
 #      which decides which fused ops a compiled model should keep as custom ops (as
