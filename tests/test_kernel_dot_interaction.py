@@ -74,6 +74,24 @@ def test_multi_block_and_multi_sample_paths(monkeypatch):
     _check(torch.randn(5, 40, 24, device=DEVICE).half(), torch.float16)
 
 
+def test_one_tile_with_several_samples_per_program(monkeypatch):
+    """The DESIGN shapes' path (every token in one tile, several samples per program), which the
+    interpreter's default of one program per sample never takes: B = 5 over programs of 2 samples
+    (the last has one). A backward accumulator carried from one sample to the next fails here."""
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 2)
+    assert K._config(5, 13, 24)[2:4] == (1, 2)
+    _check(torch.randn(5, 13, 24, device=DEVICE), torch.float32)
+    _check(torch.randn(5, 13, 24, device=DEVICE).half(), torch.float16)
+
+
+def test_several_token_blocks_and_several_d_chunks_together(monkeypatch):
+    """Off-diagonal block pairs (N = 40 in blocks of 16) whose products loop over d = 130 in two
+    chunks: the other tests take one of the two loops at a time."""
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)
+    assert K._config(2, 40, 130)[:3] == (16, 128, 3)
+    _check(torch.randn(2, 40, 130, device=DEVICE), torch.float32)
+
+
 def test_noncontiguous_z_and_stride0_grad():
     base = torch.randn(3, 24, 13, device=DEVICE)
     results = []

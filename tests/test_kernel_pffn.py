@@ -62,17 +62,17 @@ def layout_s(s: torch.Tensor, layout: str) -> torch.Tensor:
     return s
 
 
-def call(fn_mlp, fn_linear, mode, s, lengths, params):
+def call(fn_mlp, fn_linear, mode, s, lengths, params, eps=EPS):
     if mode == "mlp":
-        return fn_mlp(s, lengths, *params, EPS)
-    return fn_linear(s, lengths, *params, EPS)
+        return fn_mlp(s, lengths, *params, eps)
+    return fn_linear(s, lengths, *params, eps)
 
 
-def run(kernel, mode, masters, lengths, dtype, layout, grad):
+def run(kernel, mode, masters, lengths, dtype, layout, grad, eps=EPS):
     fns = (K.pffn_mlp, K.pffn_linear) if kernel else (R.pffn_mlp, R.pffn_linear)
     leaves = [m.detach().to(DEVICE, dtype).clone().requires_grad_() for m in masters[1:]]
     s = layout_s(masters[0].detach().to(DEVICE, dtype).clone(), layout).requires_grad_()
-    out = call(*fns, mode, s, lengths, leaves)
+    out = call(*fns, mode, s, lengths, leaves, eps)
     if grad is None:
         out.sum().backward()
     else:
@@ -174,22 +174,55 @@ def test_all_rows_empty():
         assert torch.all(t == 0), f"{name} is not exactly zero"
 
 
-def test_int32_strided_lengths_and_lengths_out_of_range_are_clamped():
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_int32_strided_lengths_and_lengths_out_of_range_are_clamped(mode):
+    """Forward and backward read lengths through their stride and dtype and clamp them to [0, L]
+    (an int64 length past int32 is clamped before it is narrowed: 2**32 + 2 once wrapped to 2)."""
     B, L, d = 3, 6, 24
     gen = torch.Generator().manual_seed(7)
-    s, w, lw, lb = (m.float().to(DEVICE) for m in make_masters("mlp", B, L, d, 4, gen))
-    table = torch.tensor([[6, 9], [0, 9], [3, 9]], dtype=torch.int32, device=DEVICE)
-    lengths = table[:, 0]
-    assert not lengths.is_contiguous()
-    ref = R.pffn_mlp(s.double(), lengths.long(), w.double(), lw.double(), lb.double(), EPS)
-    assert_rel(K.pffn_mlp(s, lengths, w, lw, lb, EPS), ref, FP32_TOL, "int32 strided lengths")
-    big = torch.tensor([100, -3, 3], device=DEVICE)
-    ref = R.pffn_mlp(s.double(), big.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
-    assert_rel(K.pffn_mlp(s, big, w, lw, lb, EPS), ref, FP32_TOL, "clamped lengths")
-    # int64 lengths past int32 are clamped to L before they are narrowed (2**32 + 2 once wrapped to 2)
-    huge = torch.tensor([2 ** 32 + 2, 2 ** 31, 3], device=DEVICE)
-    ref = R.pffn_mlp(s.double(), huge.clamp(0, L), w.double(), lw.double(), lb.double(), EPS)
-    assert_rel(K.pffn_mlp(s, huge, w, lw, lb, EPS), ref, FP32_TOL, "lengths past int32")
+    masters = make_masters(mode, B, L, d, 4, gen)
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    table = torch.tensor([[6, 9], [2, 9], [4, 9]], dtype=torch.int32, device=DEVICE)
+    assert not table[:, 0].is_contiguous()
+    for lengths in (table[:, 0], torch.tensor([100, -3, 3], device=DEVICE),
+                    torch.tensor([2 ** 32 + 2, 2 ** 31, 5], device=DEVICE)):
+        kern = run(True, mode, masters, lengths, torch.float32, "contiguous", grad)
+        ref = run(False, mode, masters, lengths.long().clamp(0, L), torch.float64, "contiguous", grad)
+        for name, k, r in zip(names_for(mode), kern, ref):
+            assert_rel(k, r, FP32_TOL, f"{name}, lengths {lengths.tolist()}")
+
+
+@pytest.mark.parametrize("eps", [1e-1, 1e-3])
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_layer_norm_eps_reaches_forward_and_backward(mode, eps):
+    """The caller's eps, not the default, in both kernels: rows of variance about 1e-3, where eps
+    changes every output and gradient."""
+    B, L, d = 3, 7, 24
+    gen = torch.Generator().manual_seed(22)
+    masters = make_masters(mode, B, L, d, 4, gen)
+    masters[0] = masters[0] * 0.03
+    lengths = torch.tensor([7, 0, 4], device=DEVICE)
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    kern = run(True, mode, masters, lengths, torch.float32, "contiguous", grad, eps)
+    ref = run(False, mode, masters, lengths, torch.float64, "contiguous", grad, eps)
+    for name, k, r in zip(names_for(mode), kern, ref):
+        assert_rel(k, r, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("n_sum", [17, 40])
+def test_linear_mode_with_more_than_16_summary_rows(n_sum):
+    """Linear mode's summary axis padded past 16 (NP = 32, 64), forward and backward; every other
+    test uses n_sum <= 4."""
+    B, L, d = 3, 7, 24
+    assert K._linear_fits(n_sum, d, torch.float32)  # the kernel, not the reference fallback
+    gen = torch.Generator().manual_seed(23)
+    masters = make_masters("linear", B, L, d, n_sum, gen)
+    lengths = torch.tensor([7, 0, 4], device=DEVICE)
+    grad = torch.randn(B, L, d, generator=gen, dtype=torch.float64)
+    kern = run(True, "linear", masters, lengths, torch.float32, "contiguous", grad)
+    ref = run(False, "linear", masters, lengths, torch.float64, "contiguous", grad)
+    for name, k, r in zip(names_for("linear"), kern, ref):
+        assert_rel(k, r, FP32_TOL, name)
 
 
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
