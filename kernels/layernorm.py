@@ -37,8 +37,11 @@ go to the eager reference (not this package's use).
 
 Dtypes: x, residual, weight and bias may each be fp32, fp16 or bf16; the kernels read every tensor
 in its own dtype and compute in fp32. The output dtype is that of ``x + residual`` (type promotion),
-or fp32 under ``torch.autocast`` on x's device type (autocast runs ``layer_norm`` in fp32, and the
-reference does exactly that). Gradients come back in each input's dtype. Inputs of any layout are
+or fp32 under ``torch.autocast`` on x's device type. On CUDA that is what the reference gives
+(CUDA autocast runs ``layer_norm`` in fp32). CPU autocast leaves ``layer_norm`` in its input's
+dtype, so there an fp16/bf16 ``x + residual`` gives eager a low-precision output and this op an
+fp32 one of at least the same accuracy; CPU runs of the kernels are the interpreter's tests, and
+one rule for every device keeps them testing the GPU's. Gradients come back in each input's dtype. Inputs of any layout are
 viewed as ``[M, N]`` rows (a copy only when the last dimension is not contiguous or the rows cannot
 be viewed with one stride).
 
@@ -330,7 +333,7 @@ def add_layer_norm(
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     if torch.is_autocast_enabled(x.device.type):
-        out_dtype = torch.float32  # autocast runs layer_norm in fp32
+        out_dtype = torch.float32  # CUDA autocast runs layer_norm in fp32 (the module docstring: CPU)
     else:
         out_dtype = _grad_dtype(x, residual)
     if N == 0 or N > MAX_N:  # not this package's use: the eager reference, same math and autograd

@@ -742,3 +742,93 @@ def test_cublas_path_kernels_build_for_sm90():
     builds = aot_build_sm90(cases)
     assert len(builds) == len(cases)
     assert all(b["shared"] <= H100_SMEM for b in builds), builds
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_low_rank_split_path_with_three_layers(dtype):
+    """The weight-gradient kernel's fp32 partials with L = 3 (the split case above has L = 2, where a
+    partial buffer laid out for two layers is indistinguishable): per split, the ``dU`` block of all
+    layers, then ``dV``, then ``db``, each ``L`` layers long, as ``sum_partials`` reads them. Also rank 1
+    with more than one layer, and B a multiple of neither row block (16, 32)."""
+    B, D, r, L = 40, 40, 1, 3
+    bbw, bdw, _ = C._lr_plan(D, r, L, dtype, dtype).weights
+    split, _ = C._lr_split(B, D, r, L, bbw, bdw, dtype.itemsize)
+    assert split == 2
+    flat = _lr_inputs(B, D, r, L, dtype)
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_noncontiguous_parameters(rank):
+    """Parameters handed over as strided views (transposed kernels, biases sliced out of one
+    ``[D, L]`` tensor, so that ``reshape(-1)`` is a stride-L view): the launchers must read them as
+    the views they are (a kernel indexes its operands as contiguous rows). D = 40: the full-rank
+    one-launch Triton GEMM, which reads W in the kernel."""
+    B, D, L = 3, 40, 2
+    kinds = 2 if rank is None else 3
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
+    x0, *lists = _split(flat, L, kinds)
+    # leaves: transposed copies of every matrix, and one [D, L] tensor holding all biases
+    mats = [m.t().contiguous().requires_grad_() for lst in lists[:-1] for m in lst]
+    bcat = torch.cat(list(lists[-1]), dim=1).contiguous().requires_grad_()
+    x0 = x0.clone().requires_grad_()
+    g = torch.randn(B, D, device=DEVICE)
+
+    def params():
+        views = [m.t() for m in mats]
+        biases = [bcat[:, i:i + 1] for i in range(L)]
+        assert not any(v.is_contiguous() for v in views) and not biases[0].reshape(-1).is_contiguous()
+        return [views[k * L:(k + 1) * L] for k in range(kinds - 1)] + [biases]
+
+    out = fused(x0, *params())
+    grads = torch.autograd.grad(out, [x0, *mats, bcat], g)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x0, *mats, bcat)]
+    x64, *mats64, b64 = leaves64
+    views64 = [m.t() for m in mats64]
+    lists64 = [views64[k * L:(k + 1) * L] for k in range(kinds - 1)] + [[b64[:, i:i + 1] for i in range(L)]]
+    out64 = ref(x64, *lists64)
+    grads64 = torch.autograd.grad(out64, leaves64, g.double())
+    assert_rel(out, out64, FP32_TOL, "out")
+    for name, k, e in zip(["dx0"] + [f"dparam{i}" for i in range(len(mats))] + ["dbiases"], grads, grads64):
+        assert_rel(k, e, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("B,D,gemm", [(1100, 16, "cublas"), (1030, 136, "triton")],
+                         ids=["one-launch", "wide-triton"])
+def test_cross_net_more_than_eight_row_tiles(B, D, gemm, monkeypatch):
+    """More than GROUP_M = 8 row tiles of 128 (B > 1024): the grouped tile order of the Triton GEMMs
+    (``_grouped_tile``) starts a second group, whose programs must cover the remaining row tiles --
+    the one-launch path (D <= 128, one column tile) and the wide Triton path (two column tiles). The
+    other cases have at most two row tiles, all in the first group."""
+    monkeypatch.setattr(C, "FULL_RANK_GEMM", gemm)
+    L = 1 if gemm == "triton" else 2
+    assert C.cdiv(B, C._fr_config(B, D, torch.float32)[0]) > C._GROUP_M
+    flat = _fr_inputs(B, D, L, torch.float32)
+    _check(C.cross_net, R.cross_net, flat, L, 2, torch.float32)
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_backward_ops_return_parameter_gradients_in_parameter_dtype(rank):
+    """The backward ops under autocast's dtypes (x0 and the upstream gradient fp16, parameters fp32)
+    return the parameter gradients in the parameters' dtype, as their fake implementations say:
+    autograd would silently cast an fp16 gradient to the fp32 leaf's dtype (and autocast's loose
+    fp16 tolerance hides the rounding), so the op's own outputs are checked here, by dtype and by
+    ``opcheck`` (real vs fake)."""
+    B, D, L = 3, 40, 2
+    x0 = torch.randn(B, D, device=DEVICE).half()
+    g = torch.randn(B, D, device=DEVICE).half()
+    if rank is None:
+        _, *params = _fr_inputs(B, D, L, torch.float32)
+        ws, bs = params[:L], params[L:]
+        _, xs, ys = torch.ops.interformer.cross_net_fwd(x0, ws, bs)
+        op, args = torch.ops.interformer.cross_net_bwd, (g, x0, ws, bs, xs, ys)
+    else:
+        _, *params = _lr_inputs(B, D, rank, L, torch.float32)
+        ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
+        _, p = torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)
+        op, args = torch.ops.interformer.low_rank_cross_net_bwd, (g, x0, ws, vs, bs, p)
+    dx0, *param_grads = op(*args)
+    assert dx0.dtype == torch.float16
+    assert [t.dtype for t in param_grads] == [torch.float32] * len(param_grads)
+    torch.library.opcheck(op.default, args)

@@ -386,3 +386,67 @@ def test_strided_and_expanded_biases():
             results.append([out.detach()] + [t.grad for t in (x, w, bias, gw, gb)])
         for what, k, e in zip(NAMES, *results):
             assert_rel(k, e, FP32_TOL, f"{what} ({name})")
+
+
+def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A copy of ``t`` (2-D or 3-D) whose last two dimensions are laid out non-contiguously: "transposed"
+    (column-major storage) or "sliced" (every other column of a wider buffer, row stride not the width)."""
+    if how == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 3, dtype=t.dtype, device=t.device)
+    wide[..., 1:2 * t.shape[-1] + 1:2] = t
+    return wide[..., 1:2 * t.shape[-1] + 1:2]
+
+
+@pytest.mark.parametrize("gw_mode", ["acc", "store"])
+@pytest.mark.parametrize("how", ["transposed", "sliced"])
+def test_strided_weights_and_upstream_gradient(how, gw_mode, monkeypatch):
+    """weight [n_in, n_out], gate_weight [d, d] and the upstream gradient [B, n_out, d] as
+    non-contiguous views: the kernels take their strides (swn/swm, sgo/sgi, sdob/sdom/sdod) and must
+    use them, in the forward and in the backward's recompute. Every other test passes contiguous
+    weights and a contiguous or stride-0 gradient, so a kernel that indexed them as contiguous
+    (``kn * n_out + rm``, ``j_out * d + j_in``, dO's rows taken as dense, ``rm * d * sdod``)
+    passed them all.
+    Five samples in one (partial) block, d = 24 padded to 32; forward and all five gradients vs float64."""
+    monkeypatch.setattr(K, "GW_MODE", gw_mode)
+    B, n_in, n_out, d = 5, 5, 4, 24
+    gen = torch.Generator().manual_seed(6)
+    masters = [m.to(DEVICE) for m in make_masters(B, n_in, n_out, d, gen)]
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    results = []
+    for fn, dtype in ((K.gated_lce, torch.float32), (R.gated_lce, torch.float64)):
+        x, w, b, gw, gb = (m.to(dtype) for m in masters)
+        w, gw = _strided(w, how), _strided(gw, how)
+        assert not w.is_contiguous() and not gw.is_contiguous()
+        leaves = [t.detach().requires_grad_() for t in (x, w, b, gw, gb)]
+        g = _strided(grad.to(dtype), how)
+        assert g.stride(-1) != 1
+        out = fn(*leaves)
+        out.backward(g)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, k, r in zip(NAMES, *results):
+        assert k is not None and torch.isfinite(k).all(), f"{name}: missing or non-finite"
+        assert_rel(k, r, FP32_TOL, f"{name} ({how}, {gw_mode})")
+
+
+@pytest.mark.parametrize("gw_mode", ["acc", "store"])
+def test_backward_op_returns_each_gradient_in_its_parameters_dtype(gw_mode, monkeypatch):
+    """The autocast case at the op level: fp16 x and upstream gradient with fp32 parameters.
+    ``gated_lce_bwd`` promises each gradient "shaped and typed like its input" (its fake says so,
+    and torch.compile relies on it), so dgate_weight must be fp32 in both modes ("store": cuBLAS's
+    fp16 ``dZ^T Y`` cast back; "acc": reduced straight into an fp32 buffer). Through autograd the
+    engine silently casts a wrong dtype back, which is why ``test_autocast_fp16_params_stay_fp32``
+    cannot see it (and it only reaches "store"). Values vs float64 of the same fp16 inputs."""
+    monkeypatch.setattr(K, "GW_MODE", gw_mode)
+    B, n_in, n_out, d = 5, 13, 4, 40
+    gen = torch.Generator().manual_seed(8)
+    x, w, b, gw, gb = (m.to(DEVICE) for m in make_masters(B, n_in, n_out, d, gen))
+    g = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    params = [t.float() for t in (w, b, gw, gb)]
+    got = torch.ops.interformer.gated_lce_bwd(g.half(), x.half(), *params)
+    for name, k, t in zip(NAMES[1:], got, (x.half(), *params)):
+        assert k.dtype == t.dtype and k.shape == t.shape, f"{name}: {k.dtype} {tuple(k.shape)}"
+    leaves = [t.double().requires_grad_() for t in (x.half(), *params)]
+    ref = torch.autograd.grad(R.gated_lce(*leaves), leaves, g.half().double())
+    for name, k, r in zip(NAMES[1:], got, ref):
+        assert_rel(k, r, 5e-3, name)  # fp16 operands of the dots (Y, dZ, dY rounded): ~5e-4 here

@@ -327,3 +327,78 @@ def test_explicit_backend_ignores_the_environment(monkeypatch):
     assert ResidualLayerNorm(8, backend="eager").backend == "eager"
     with pytest.raises(ValueError, match="INTERFORMER_BACKEND"):
         ResidualLayerNorm(8)
+
+
+def test_rows_with_different_row_strides():
+    """x, the residual and the upstream gradient as row slices of buffers of three different widths
+    (unit column stride, so ``_rows`` passes them as views, no copy): each kernel must read each
+    tensor with its own row stride. Elsewhere every tensor reaching the kernels has row stride N
+    (contiguous, or copied by ``_rows``) or all share one (the int64 test's FAR), so a kernel reading
+    the residual or dY with x's row stride passed every test."""
+    M, N = 20, 24
+    xs = torch.randn(M, N + 3, device=DEVICE) * 2 + 0.5
+    rs = torch.randn(M, N + 9, device=DEVICE)
+    gs = torch.randn(M, N + 5, device=DEVICE)
+    w, b = 1 + 0.3 * torch.randn(N, device=DEVICE), 0.2 * torch.randn(N, device=DEVICE)
+    results = []
+    for fn, dt in ((K.add_layer_norm, torch.float32), (R.add_layer_norm, torch.float64)):
+        x, r = xs.to(dt)[:, :N], rs.to(dt)[:, 2:N + 2]
+        g = gs.to(dt)[:, 1:N + 1]
+        leaves = [t.detach().requires_grad_() for t in (x, r, w.to(dt), b.to(dt))]
+        assert len({leaves[0].stride(0), leaves[1].stride(0), g.stride(0)}) == 3
+        out = fn(*leaves, 1e-5)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, g)))
+    for name, k, r64 in zip(["out", "dx", "dresidual", "dweight", "dbias"], *results):
+        assert_rel(k, r64, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_eps_matters_for_rows_of_small_variance(eps):
+    """Rows whose variance is about eps (x = 0.5 + 3e-3 * noise): ``rstd = 1 / sqrt(var + eps)`` then
+    depends on eps at the 10-100% level, so an eps dropped, squared or replaced by the default is
+    seen. (At the other tests' variance of ~5, eps moves the result by ~1e-6, under FP32_TOL.)"""
+    gen = torch.Generator().manual_seed(7)
+    M, N = 30, 40
+    x = (0.5 + 3e-3 * torch.randn(M, N, generator=gen, dtype=torch.float64)).to(DEVICE)
+    r = (1e-3 * torch.randn(M, N, generator=gen, dtype=torch.float64)).to(DEVICE)
+    w = (1 + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)).to(DEVICE)
+    b = (0.2 * torch.randn(N, generator=gen, dtype=torch.float64)).to(DEVICE)
+    ins = [t.float() for t in (x, r, w, b)]
+    out, grads, g = _run(K.add_layer_norm, ins, eps=eps)
+    r_out, r_grads, _ = _run(R.add_layer_norm, [t.double() for t in ins], grad=g.double(), eps=eps)
+    for name, k, r64 in zip(["out", "dx", "dresidual", "dweight", "dbias"], [out, *grads], [r_out, *r_grads]):
+        assert_rel(k, r64, 10 * FP32_TOL, f"{name} (eps={eps})")  # var ~ eps: fp32 cancellation in h - mean
+
+
+def test_low_precision_x_with_fp32_residual():
+    """x fp16 plus an fp32 residual (the other way round from ``test_residual_of_another_dtype``):
+    the sum, the output and the residual's gradient are fp32 (type promotion), x's gradient fp16.
+    With x the fp32 operand, promotion returns x's dtype anyway, so a kernel that took x's dtype
+    for the output or for dh passed every other test; here that loses the fp32 residual gradient's
+    accuracy (fp16 rounding, ~3e-4)."""
+    x, r, w, b = _inputs((33, 40), torch.float32)
+    ins = [x.half(), r, w, b]
+    out, grads, _ = _run(K.add_layer_norm, ins)
+    assert out.dtype == torch.float32
+    assert [t.dtype for t in grads] == [torch.float16, torch.float32, torch.float32, torch.float32]
+    _check(ins, torch.float32)  # fp32 results vs float64 within FP32_TOL, dx by the low-precision rule
+
+
+def test_autocast_output_is_fp32_for_low_precision_inputs():
+    """Under autocast the output is fp32 whatever the inputs' dtypes (the module docstring): with
+    fp16 x and residual (promoted dtype fp16) the fused op still returns fp32, accurate to fp32
+    against float64 of the same fp16 values; gradients in each input's dtype.
+    (``test_autocast_runs_in_fp32`` uses an fp32 x, whose promoted dtype is fp32 anyway.)
+    On a CPU, eager ``F.layer_norm`` under fp16 autocast returns fp16 (CPU autocast leaves it out
+    of its fp32 list; the kernel module's docstring says why the fused op keeps one rule), so this
+    compares with float64 rather than with eager."""
+    x, r, w, b = _inputs((20, 24), torch.float16)
+    ins = [x, r, w.float(), b.float()]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads, g = _run(K.add_layer_norm, ins)
+    assert out.dtype == torch.float32
+    assert [t.dtype for t in grads] == [torch.float16, torch.float16, torch.float32, torch.float32]
+    r_out, r_grads, _ = _run(R.add_layer_norm, [t.double() for t in ins], grad=g.double())
+    assert_rel(out, r_out, FP32_TOL, "out")
+    for name, k, r64 in zip(["dweight", "dbias"], grads[2:], r_grads[2:]):
+        assert_rel(k, r64, FP32_TOL, name)
