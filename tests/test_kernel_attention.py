@@ -1014,3 +1014,83 @@ def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
     assert len(A._ROPE_TABLES) == 1
     # the replaced 64-row table is kept alive: a CUDA graph captured while it was current reads it
     assert [t.shape[1] for t in A._ROPE_RETIRED] == [64]
+
+
+def _fwd_bwd_vs_float64(q64, k64, v64, lengths, g64, **kw):
+    """fp32 kernel output and (dq, dk, dv) against float64 evaluation of the same formulas."""
+    results = []
+    for fn, dtype in ((A.attention, torch.float32), (attention64, torch.float64)):
+        ts = [t.to(DEVICE, dtype).requires_grad_() for t in (q64, k64, v64)]
+        out = fn(*ts, lengths, **kw)
+        out.backward(g64.to(DEVICE, dtype))
+        results.append([out.detach()] + [t.grad for t in ts])
+    for name, a, r in zip(["out", "dq", "dk", "dv"], *results):
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert_rel(a, r, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("L", [13, 130], ids=["fused-backward", "general-backward"])
+def test_rotary_queries_without_query_masking(L):
+    """rope on q and k with ``mask_queries=False`` and lengths < L: query rows past a sample's length
+    still attend to its valid keys, so their dq is non-zero and must be un-rotated like any other
+    row (the backward must not cut dq's inverse rotation at the key limit)."""
+    gen = torch.Generator().manual_seed(L)
+    B, H, dh = 3, 2, 16
+    q, k, v, g = (torch.randn(B, L, H, dh, generator=gen, dtype=torch.float64) for _ in range(4))
+    lengths = torch.tensor([L, L // 2, 3], device=DEVICE)
+    _fwd_bwd_vs_float64(q, k, v, lengths, g, rope_base=BASE, mask_queries=False)
+
+
+@pytest.mark.parametrize("L,lengths", [(20, [20, 1, 17, 0]), (100, [100, 65, 17, 33])],
+                         ids=["one-key-block", "lengths-one-past-a-key-block"])
+def test_causal_fused_backward_covers_the_last_query_rows_key_block(L, lengths):
+    """Causal single-query-block backward with query masking: the key loop stops at the last live
+    query row (keys past it are invisible), and must still include the key block that starts exactly
+    at that row -- lengths 1 (key 0, seen by row 0 alone) and 17, 33, 65 (one past a 16-, 32- or
+    64-key block boundary)."""
+    assert A._use_fused_bwd(L, 16, torch.float32)
+    gen = torch.Generator().manual_seed(L + 1)
+    B, H, dh = len(lengths), 1, 16
+    q, k, v, g = (torch.randn(B, L, H, dh, generator=gen, dtype=torch.float64) for _ in range(4))
+    _fwd_bwd_vs_float64(q, k, v, torch.tensor(lengths, device=DEVICE), g, causal=True, rope_base=BASE)
+
+
+def test_padded_rotary_head_in_the_general_backward():
+    """A head width that is not a power of two (dh = 6, a 16-wide register tile whose two halves each
+    start a tile half) with rotary, over Lq > 128 (preprocess, dk/dv and dq kernels): every kernel
+    must read and write the split layout, not only the forward and the single-block backward."""
+    L, dh = 130, 6
+    assert not A._use_fused_bwd(L, A._padded_dh(dh), torch.float32)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, g = (torch.randn(2, L, 1, dh, generator=gen, dtype=torch.float64) for _ in range(4))
+    _fwd_bwd_vs_float64(q, k, v, torch.tensor([L, 77], device=DEVICE), g, causal=True, rope_base=BASE)
+
+
+@pytest.mark.parametrize("L,same_kv", [(13, False), (13, True), (130, False), (130, True)])
+def test_mixed_dtype_launchers_round_kv_tiles_to_the_query_dtype(L, same_kv):
+    """The launchers take k and v in another dtype than q (pooled_attention's fp32 sequence under a
+    16-bit autocast): each k/v tile is rounded to q's dtype as it is loaded, which is exactly what a
+    cast before the call does. So the forward (output and lse) equals, bit for bit, the call on
+    fp16 copies, and so do dq and (rounded to fp16) dk, dv; for k and v one tensor and two, over the
+    single-block and the general backward."""
+    gen = torch.Generator().manual_seed(L + same_kv)
+    B, H, dh = 3, 1, 16
+    q = torch.randn(1, 2 if L == 13 else L, H, dh, generator=gen).to(DEVICE, torch.float16)
+    k32 = torch.randn(B, L, H, dh, generator=gen).to(DEVICE)
+    v32 = k32 if same_kv else torch.randn(B, L, H, dh, generator=gen).to(DEVICE)
+    k16 = k32.half()
+    v16 = k16 if same_kv else v32.half()  # k and v one tensor: the same object, as pooled_attention passes
+    lengths = torch.tensor([L, 0, 5], device=DEVICE)
+    flags = (False, None, False, False, 0.25)
+    out32, lse32 = A._attention_fwd_impl(q, k32, v32, lengths, *flags)
+    out16, lse16 = A._attention_fwd_impl(q, k16, v16, lengths, *flags)
+    assert out32.dtype == torch.float16 and torch.equal(out32, out16) and torch.equal(lse32, lse16)
+    do = torch.randn(out16.shape, generator=gen).to(DEVICE, torch.float16)
+    g32 = A._attention_bwd_impl(do, q, k32, v32, out16, lse16, lengths, *flags, same_kv=same_kv)
+    g16 = A._attention_bwd_impl(do, q, k16, v16, out16, lse16, lengths, *flags, same_kv=same_kv)
+    assert torch.equal(g32[0], g16[0]), "dq"
+    for name, a, b in zip(("dk", "dv"), g32[1:], g16[1:]):
+        if same_kv and name == "dv":
+            assert a is None and b is None
+            continue
+        assert a.dtype == torch.float32 and torch.equal(a.half(), b), name
