@@ -281,3 +281,59 @@ def test_defaults_are_designs():
     head = InterFormerCTR(tiny_config(head=(16, 8))).head
     assert [type(l).__name__ for l in head if not isinstance(l, torch.nn.Dropout)] == \
         ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+
+
+class _FakeStream:
+    """Stand-in for torch.cuda.Stream on CPU: the two-stream path's arithmetic is the point here,
+    not the overlap."""
+
+    def __init__(self, device=None):
+        self.device = device
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_two_stream_block_path_computes_designs_arches(monkeypatch):
+    """``InterFormerBlock._arches_on_two_streams`` (``use_streams``, CUDA only) must compute exactly
+    DESIGN §3's Interaction Arch on ``(X, S_sum)`` and Sequence Arch on ``(S, X_sum)`` with valid length
+    ``n_cls + len``. Run on CPU in float64 with the CUDA stream API stubbed out and compared with the
+    float64 formulas of ``test_reference_math``."""
+    import contextlib
+
+    from interformer import InterFormerBlock
+    from test_reference_math import (arch_config, cross_arch_f, interaction_arch_f, sequence_arch_f,
+                                     valid_rows, _perturb_norms)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device))
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: None)
+
+    c = arch_config()
+    torch.manual_seed(8)
+    block = InterFormerBlock(c).double()
+    _perturb_norms(block)
+    B, T = 3, c.max_seq_len
+    lengths = torch.tensor([7, 0, 3])
+    L = c.n_cls + T
+    x = torch.randn(B, c.n_tokens, c.d_model, dtype=torch.float64)
+    s = torch.randn(B, L, c.d_model, dtype=torch.float64) * valid_rows(lengths + c.n_cls, L)
+    x_sum, s_sum = block.cross(x, s, lengths)
+    with torch.no_grad():
+        x_next, s_next = block._arches_on_two_streams(x, s, lengths, x_sum, s_sum)
+
+        def P(pre):
+            return {n[len(pre):]: p for n, p in block.named_parameters() if n.startswith(pre)}
+
+        xs_ref, ss_ref = cross_arch_f(P("cross."), x, s, lengths, c)
+        assert torch.allclose(x_sum, xs_ref, rtol=1e-10, atol=1e-12) and torch.allclose(s_sum, ss_ref, rtol=1e-10, atol=1e-12)
+        x_ref = interaction_arch_f(P("interaction."), x, ss_ref, c)
+        s_ref = sequence_arch_f(P("sequence."), s, xs_ref, lengths + c.n_cls, c)
+    assert float((x_next - x_ref).norm() / x_ref.norm()) <= 1e-10
+    assert float((s_next - s_ref).norm() / s_ref.norm()) <= 1e-10
+    # and the public switch routes through that path only on CUDA tensors: on CPU the result is the same
+    block.use_streams = True
+    with torch.no_grad():
+        x2, s2 = block(x, s, lengths)
+    assert torch.allclose(x2, x_next, rtol=1e-12, atol=1e-14) and torch.allclose(s2, s_next, rtol=1e-12, atol=1e-14)

@@ -554,3 +554,57 @@ def test_gradcheck_rotary_attention_with_padding():
 def test_gradcheck_pma_with_padding():
     lens = torch.tensor([4, 1, 0])
     gradcheck_module(PoolingMultiHeadAttention(2, 8, 2, backend="eager"), [randn(3, 4, 8)], lambda f, s: f(s, lens))
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_pffn_personal_weight_is_designs_w_b(mode):
+    """``PersonalizedFFN.personal_weight`` (the materialised ``W_b`` of DESIGN §3, public, and not on
+    the eager forward path in linear mode) against the formula: mlp ``reshape(hyper(flatten X_sum_b)) / sqrt(d)``,
+    linear ``X_sum_b^T A``; and the module's forward is ``S + LN(S) @ W_b`` with that very ``W_b``."""
+    B, L, d, n_sum = 3, 7, 24, 3
+    m = PersonalizedFFN(d, n_sum, mode=mode, hidden=9, backend="eager").double()
+    with torch.no_grad():
+        m.norm.weight.normal_(1.0, 0.3)
+        m.norm.bias.normal_(0.0, 0.3)
+    P = dict(m.named_parameters())
+    x_sum = randn(B, n_sum, d)
+    if mode == "mlp":
+        h = silu(lin(x_sum.reshape(B, -1), P["hyper.0.weight"], P["hyper.0.bias"]))
+        want = lin(h, P["hyper.2.weight"], P["hyper.2.bias"]).reshape(B, d, d) / math.sqrt(d)
+    else:  # W_b[i, j] = sum_n X_sum[b, n, i] A[n, j], by an explicit loop
+        want = torch.stack([sum(torch.outer(x_sum[b, n], P["A"][n]) for n in range(n_sum)) for b in range(B)])
+    got = m.personal_weight(x_sum)
+    assert got.shape == (B, d, d)
+    assert rel_err(got, want) <= TOL, rel_err(got, want)
+    s, lens = randn(B, L, d), torch.tensor([7, 0, 3])
+    hn = layer_norm(s, P["norm.weight"], P["norm.bias"])
+    ref = (s + torch.einsum("bli,bij->blj", hn, want)) * valid_rows(lens, L)
+    assert rel_err(m(s, x_sum, lens), ref) <= TOL
+
+
+# ---- Kills M07 (rotary angle table shifted by a constant position). Through the model's
+# ---- attention a common shift of q and k cancels (RoPE is relative), and the kernels share
+# ---- reference.rotary_table, so only a direct float64 check of the positions sees it.
+
+
+@pytest.mark.parametrize("L,dh", [(1, 8), (7, 6), (50, 16)])
+def test_rotary_positions_start_at_zero(L, dh):
+    """DESIGN §3: rotary at positions ``0 .. L-1`` (CLS tokens take ``0 .. n_cls-1``): row 0 is left
+    unrotated and row p turns pair ``(i, i + dh/2)`` by ``p * base^(-2i/dh)``; ``rope_q=False``
+    (rotary on the keys alone, where a constant shift would not cancel) matches the formula too."""
+    from interformer import reference as R
+
+    B, H, base = 2, 3, 10000.0
+    x = randn(B, L, H, dh)
+    got = R.rotary(x, base)
+    want = torch.stack([torch.stack([rope_f(x[b, :, h], base) for h in range(H)], dim=1) for b in range(B)])
+    assert torch.equal(got[:, 0], x[:, 0]), "position 0 must be the identity"
+    assert rel_err(got, want) <= TOL
+    q, k, v = randn(1, 2, H, dh), randn(B, L, H, dh), randn(B, L, H, dh)
+    lens = torch.tensor([L, max(L - 3, 1)])
+    out = R.attention(q, k, v, lens, rope_base=base, rope_q=False, mask_queries=False)
+    for b in range(B):
+        n = int(lens[b])
+        for h in range(H):
+            p = softmax(q[0, :, h] @ rope_f(k[b, :n, h], base).T / math.sqrt(dh))
+            assert rel_err(out[b, :, h], p @ v[b, :n, h]) <= TOL
