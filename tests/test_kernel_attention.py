@@ -166,8 +166,14 @@ def check_padding_exact(case: Case, out, dq, dk, dv, lengths):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_attention_matches_reference(case, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
-    masters, build = make_leaves(case, gen)
     lengths = random_lengths(case.B, max(case.Lq, case.Lk), generator=gen).to(DEVICE)
+    check_case(case, lengths, gen, dtype)
+
+
+def check_case(case: Case, lengths, gen, dtype):
+    """The kernel's output and (dq, dk, dv) for ``case`` at ``lengths`` against eager in ``dtype`` and
+    float64 (DESIGN §5), and the exact zeros of masked rows; inputs drawn from ``gen``."""
+    masters, build = make_leaves(case, gen)
     grad = torch.randn(case.B, case.Lq, case.H, case.dh, generator=gen, dtype=torch.float64).to(DEVICE)
 
     out, g_k = run(A.attention, case, masters, build, lengths, grad, dtype)
@@ -1016,29 +1022,13 @@ def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
     assert [t.shape[1] for t in A._ROPE_RETIRED] == [64]
 
 
-def _fwd_bwd_vs_float64(q64, k64, v64, lengths, g64, **kw):
-    """fp32 kernel output and (dq, dk, dv) against float64 evaluation of the same formulas."""
-    results = []
-    for fn, dtype in ((A.attention, torch.float32), (attention64, torch.float64)):
-        ts = [t.to(DEVICE, dtype).requires_grad_() for t in (q64, k64, v64)]
-        out = fn(*ts, lengths, **kw)
-        out.backward(g64.to(DEVICE, dtype))
-        results.append([out.detach()] + [t.grad for t in ts])
-    for name, a, r in zip(["out", "dq", "dk", "dv"], *results):
-        assert torch.isfinite(a).all(), f"{name}: non-finite values"
-        assert_rel(a, r, FP32_TOL, name)
-
-
 @pytest.mark.parametrize("L", [13, 130], ids=["fused-backward", "general-backward"])
 def test_rotary_queries_without_query_masking(L):
     """rope on q and k with ``mask_queries=False`` and lengths < L: query rows past a sample's length
     still attend to its valid keys, so their dq is non-zero and must be un-rotated like any other
     row (the backward must not cut dq's inverse rotation at the key limit)."""
-    gen = torch.Generator().manual_seed(L)
-    B, H, dh = 3, 2, 16
-    q, k, v, g = (torch.randn(B, L, H, dh, generator=gen, dtype=torch.float64) for _ in range(4))
-    lengths = torch.tensor([L, L // 2, 3], device=DEVICE)
-    _fwd_bwd_vs_float64(q, k, v, lengths, g, rope_base=BASE, mask_queries=False)
+    case = Case(f"ropeq-unmasked-{L}", 3, False, L, L, 2, 16, False, "qk", False, "contiguous")
+    check_case(case, torch.tensor([L, L // 2, 3], device=DEVICE), torch.Generator().manual_seed(L), torch.float32)
 
 
 @pytest.mark.parametrize("L,lengths", [(20, [20, 1, 17, 0]), (100, [100, 65, 17, 33])],
@@ -1049,10 +1039,8 @@ def test_causal_fused_backward_covers_the_last_query_rows_key_block(L, lengths):
     at that row -- lengths 1 (key 0, seen by row 0 alone) and 17, 33, 65 (one past a 16-, 32- or
     64-key block boundary)."""
     assert A._use_fused_bwd(L, 16, torch.float32)
-    gen = torch.Generator().manual_seed(L + 1)
-    B, H, dh = len(lengths), 1, 16
-    q, k, v, g = (torch.randn(B, L, H, dh, generator=gen, dtype=torch.float64) for _ in range(4))
-    _fwd_bwd_vs_float64(q, k, v, torch.tensor(lengths, device=DEVICE), g, causal=True, rope_base=BASE)
+    case = Case(f"causal-fused-{L}", len(lengths), False, L, L, 1, 16, True, "qk", True, "contiguous")
+    check_case(case, torch.tensor(lengths, device=DEVICE), torch.Generator().manual_seed(L + 1), torch.float32)
 
 
 def test_padded_rotary_head_in_the_general_backward():
@@ -1061,9 +1049,8 @@ def test_padded_rotary_head_in_the_general_backward():
     must read and write the split layout, not only the forward and the single-block backward."""
     L, dh = 130, 6
     assert not A._use_fused_bwd(L, A._padded_dh(dh), torch.float32)
-    gen = torch.Generator().manual_seed(6)
-    q, k, v, g = (torch.randn(2, L, 1, dh, generator=gen, dtype=torch.float64) for _ in range(4))
-    _fwd_bwd_vs_float64(q, k, v, torch.tensor([L, 77], device=DEVICE), g, causal=True, rope_base=BASE)
+    case = Case("dh6-general-rope-causal", 2, False, L, L, 1, dh, True, "qk", True, "contiguous")
+    check_case(case, torch.tensor([L, 77], device=DEVICE), torch.Generator().manual_seed(6), torch.float32)
 
 
 @pytest.mark.parametrize("L,same_kv", [(13, False), (13, True), (130, False), (130, True)])
