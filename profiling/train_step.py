@@ -103,9 +103,13 @@ def main(argv=None) -> int:
     _, make_step = build(args.shape, args.backend, args.compile, args.compile_backend, args.inference)
     step = make_step()
 
+    # Ranges on before the warm-up: ``ranged`` reads the flag, dynamo guards on it, and turning it
+    # on after a compiled warm-up recompiled inside the measured steps (H200, 2026-11-27: the
+    # compiled profile's "Torch-Compiled Region: 0/1" and its fake-tensor dispatches). The capture
+    # range (cudaProfilerStart/Stop) still starts after the warm-up.
+    enable_nvtx(True)
     for _ in range(args.warmup):
         step()
-    enable_nvtx(True)
     if common.ON_GPU:
         torch.cuda.synchronize()
         torch.cuda.profiler.start()

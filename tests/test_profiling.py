@@ -402,3 +402,20 @@ def test_embedding_backward_variants_agree_and_are_timed(embedding_backward, cap
     out = capsys.readouterr().out
     for table in ("sparse field", "behaviour channel"):
         assert sum(line.strip().startswith(table) for line in out.splitlines()) == len(E.VARIANTS), out
+
+
+def test_compiled_steps_do_not_recompile_when_the_ranges_turn_on(train_step):
+    """The ranges are on from the warm-up: ``ranged`` reads the flag, dynamo guards on it, and
+    turning it on after a compiled warm-up recompiled inside the measured steps (seen in an H200
+    profile). Dynamo's own backend (no Inductor) keeps this quick on a CPU."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert train_step.main(["--shape", "smoke", "--backend", "eager", "--steps", "2", "--warmup", "1",
+                                "--compile", "--compile-backend", "eager", "--inference"]) == 0
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
