@@ -218,8 +218,8 @@ class InterFormer(nn.Module):
         super().__init__()
         self.config = c = config if config is not None else InterFormerConfig()
         self.dense_tokenizer = DenseTokenizer(c.n_dense, c.d_model, c.dense_tokens)
-        self.sparse_tokenizer = SparseTokenizer(c.sparse_vocab_sizes, c.d_model)
-        self.seq_tokenizer = SequenceMaskNet(c.seq_vocab_sizes, c.d_model)
+        self.sparse_tokenizer = SparseTokenizer(c.sparse_vocab_sizes, c.d_model, backend=c.backend)
+        self.seq_tokenizer = SequenceMaskNet(c.seq_vocab_sizes, c.d_model, backend=c.backend)
         self.blocks = nn.ModuleList(InterFormerBlock(c) for _ in range(c.num_layers))
         self.final_cross = CrossArch(c)
 

@@ -29,6 +29,7 @@ __all__ = [
     "attention",
     "pooled_attention",
     "add_layer_norm",
+    "grouped_embedding",
 ]
 
 
@@ -252,3 +253,21 @@ def add_layer_norm(
     exactly ``nn.LayerNorm(N, eps)(x + residual)`` with ``weight``/``bias`` ``[N]``."""
     h = x if residual is None else x + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- embedding lookups
+def grouped_embedding(ids: torch.Tensor, tables: Sequence[torch.nn.Module]) -> torch.Tensor:
+    """One lookup per field, stacked: ``out[b, ..., j, :] = tables[j](ids[b, j, ...])``.
+
+    ids ``[B, F, *rest]`` (integer, field axis 1), ``tables`` F ``nn.Embedding`` of one width d ->
+    ``[B, *rest, F, d]``. Each table MODULE is called, so its own options (``padding_idx``,
+    ``max_norm``, ``sparse``, ``scale_grad_by_freq``) hold: one autograd node per table.
+    """
+    if isinstance(ids, torch.fx.Proxy):  # torch.fx.symbolic_trace: a Proxy cannot be unbound
+        cols = [ids[:, j] for j in range(len(tables))]
+    else:
+        if ids.dim() < 2 or ids.shape[1] != len(tables):
+            raise ValueError(f"grouped_embedding: ids must be [B, {len(tables)}, ...] (one field per table), "
+                             f"got {tuple(ids.shape)}")
+        cols = ids.unbind(1)  # the F fields as views in one op
+    return torch.stack([t(col) for t, col in zip(tables, cols)], dim=-2)

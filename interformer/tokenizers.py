@@ -1,12 +1,20 @@
-"""Feature tokenizers (eager only): dense, sparse and the MaskNet sequence tokenizer."""
+"""Feature tokenizers: dense, sparse and the MaskNet sequence tokenizer.
+
+The math is eager PyTorch on every backend (DESIGN §3). ``SparseTokenizer`` and ``SequenceMaskNet``
+are fused-capable for their embedding lookups only: on the fused path
+(:func:`interformer.kernels.embedding.grouped_embedding`) all tables of a tokenizer share one
+autograd node and one ``embedding_dense_backward`` call instead of one per table; on the eager path
+each table module is called. The tables and the ``state_dict`` are the same on both.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from .backend import FusedModule
 from .reference import row_mask
 
 
@@ -43,11 +51,16 @@ class DenseTokenizer(nn.Module):
         return dense.to(self.weight.dtype).unsqueeze(-1) * self.weight + self.bias
 
 
-class SparseTokenizer(nn.Module):
-    """One embedding table per categorical field (``padding_idx=0``: a missing id gives a zero token)."""
+class SparseTokenizer(FusedModule):
+    """One embedding table per categorical field (``padding_idx=0``: a missing id gives a zero token).
 
-    def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
-        super().__init__()
+    forward ``(sparse [B, F])`` -> ``[B, F, d]``; no field gives ``[B, 0, d]``.
+    """
+
+    kernel_ops = (("embedding", "grouped_embedding"),)
+
+    def __init__(self, vocab_sizes: Sequence[int], d_model: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
         self.d_model = d_model
         self.tables = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=0) for v in vocab_sizes)
         for t in self.tables:
@@ -58,25 +71,23 @@ class SparseTokenizer(nn.Module):
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         if not len(self.tables):
             return torch.zeros(sparse.shape[0], 0, self.d_model, device=sparse.device)  # [B, 0, d], as DenseTokenizer
-        if isinstance(sparse, torch.fx.Proxy):  # torch.fx.symbolic_trace: a Proxy cannot be unbound
-            cols = [sparse[:, j] for j in range(len(self.tables))]
-        else:  # the F columns as views in one op (F indexing ops otherwise: host time per field)
-            if sparse.dim() != 2 or sparse.shape[1] != len(self.tables):
-                raise ValueError(f"SparseTokenizer: sparse must be [B, {len(self.tables)}] (one id per field), "
-                                 f"got {tuple(sparse.shape)}")
-            cols = sparse.unbind(1)
-        return torch.stack([t(col) for col, t in zip(cols, self.tables)], dim=1)
+        if not isinstance(sparse, torch.fx.Proxy) and (sparse.dim() != 2 or sparse.shape[1] != len(self.tables)):
+            raise ValueError(f"SparseTokenizer: sparse must be [B, {len(self.tables)}] (one id per field), "
+                             f"got {tuple(sparse.shape)}")
+        return self._op("embedding", "grouped_embedding")(sparse, self.tables)
 
 
-class SequenceMaskNet(nn.Module):
+class SequenceMaskNet(FusedModule):
     """MaskNet sequence tokenizer: ``S = Linear(kd -> d)(Z * MLP_mask(Z))`` with padding rows zero.
 
     ``Z [B, T, k*d]`` concatenates the k channel embeddings of each event;
     ``MLP_mask = Linear(kd, kd) -> SiLU -> Linear(kd, kd)``.
     """
 
-    def __init__(self, vocab_sizes: Sequence[int], d_model: int) -> None:
-        super().__init__()
+    kernel_ops = (("embedding", "grouped_embedding"),)
+
+    def __init__(self, vocab_sizes: Sequence[int], d_model: int, backend: Optional[str] = None) -> None:
+        super().__init__(backend)
         k = len(vocab_sizes)
         self.tables = nn.ModuleList(nn.Embedding(v, d_model, padding_idx=0) for v in vocab_sizes)
         for t in self.tables:
@@ -87,6 +98,6 @@ class SequenceMaskNet(nn.Module):
         self.proj = nn.Linear(k * d_model, d_model)
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([t(seq[:, c]) for c, t in enumerate(self.tables)], dim=-1)  # [B, T, k*d]
+        z = self._op("embedding", "grouped_embedding")(seq, self.tables).flatten(-2)  # [B, T, k, d] -> [B, T, k*d]
         s = self.proj(z * self.mask_mlp(z))
         return s * row_mask(lengths, seq.shape[-1]).unsqueeze(-1).to(s.dtype)

@@ -144,8 +144,10 @@ def test_streams_flag_is_harmless_on_cpu():
 def _kernel_op_names():
     """The op names the package's fused-capable modules resolve, from their ``kernel_ops``."""
     import interformer.layers as layers
+    import interformer.tokenizers as tokenizers
 
-    classes = [c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, FusedModule)]
+    classes = [c for mod in (layers, tokenizers) for c in vars(mod).values()
+               if isinstance(c, type) and issubclass(c, FusedModule)]
     return {op for c in classes for _, op in c.kernel_ops}
 
 
@@ -169,7 +171,7 @@ def compile_reference():
 def test_compile_reference_setting_parses_and_rejects(compile_reference):
     from interformer.backend import DEFAULT_COMPILE_REFERENCE, FUSED_OPS
 
-    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {"add_layer_norm"}
+    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {"add_layer_norm", "grouped_embedding"}
     assert compile_reference("none") == DEFAULT_COMPILE_REFERENCE  # returns the previous setting
     assert interformer.compile_reference_ops() == frozenset()
     compile_reference("ALL")

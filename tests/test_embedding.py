@@ -1,0 +1,399 @@
+"""The tokenizers' grouped embedding lookups (:mod:`interformer.kernels.embedding`).
+
+* ``grouped_embedding`` gives the output of the per-table ``nn.Embedding`` lookups bit for bit and
+  their weight gradients (fp32 within 1e-6, fp64 within 1e-12: the same sums, possibly in another
+  order), padding rows zero, for tables of different sizes, repeated ids, all-padding ids, one
+  field, one sample, ``[B, k, T]`` ids, int32 and non-contiguous ids, a non-contiguous upstream
+  gradient, frozen tables and accumulation into existing gradients.
+* The claim of the change: one backward is ONE autograd node and ONE ``aten::embedding_dense_backward``
+  call for all F tables (F on the eager path); in the whole model, one per tokenizer.
+* Tables the one call cannot serve (``sparse``, ``max_norm``, ``scale_grad_by_freq``, another
+  ``padding_idx``, mixed dtypes) and ``torch.fx`` Proxies take the reference, with its results.
+* ``SparseTokenizer`` and ``SequenceMaskNet`` on ``backend="triton"`` match eager, keep their
+  ``state_dict`` keys, are switched by ``interformer.optimize``, trace with ``torch.fx`` and compile
+  with ``fullgraph=True`` (the reference under the default compile setting, the Function under
+  ``"none"``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import interformer
+from interformer import InterFormerCTR, SequenceMaskNet, SparseTokenizer, optimize
+from interformer import reference as R
+from interformer.backend import triton_available
+from interformer.kernels import embedding as E
+from test_model import random_batch, tiny_config
+from utils import DEVICE
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="backend='triton' needs the triton package")
+EMBEDDING_BWD = torch.ops.aten.embedding_dense_backward.default
+CLOSE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def embedding_nodes(out: torch.Tensor) -> Counter:
+    """Names of the autograd nodes behind ``out`` with "Embedding" in them, counted."""
+    seen, stack, names = set(), [out.grad_fn], Counter()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Embedding" in type(node).__name__:
+            names[type(node).__name__] += 1
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def make_tables(sizes, d, dtype=torch.float32, **kw):
+    """Tables with random weights everywhere, their padding rows too (a lookup of id 0 returns the
+    row as stored; only its gradient is zero)."""
+    tables = nn.ModuleList(nn.Embedding(v, d, padding_idx=0, **kw) for v in sizes).to(DEVICE, dtype)
+    with torch.no_grad():
+        for t in tables:
+            t.weight.normal_()
+    return tables
+
+
+def random_ids(sizes, B, rest=(), pad=0.3, dtype=torch.int64):
+    """``[B, F, *rest]``, field j's ids in ``[0, V_j)`` with about ``pad`` of them 0 (at least one
+    per field when ``pad > 0``)."""
+    cols = [torch.randint(1, v, (B, *rest)) for v in sizes]
+    ids = torch.stack(cols, 1)
+    ids = ids * (torch.rand(ids.shape) >= pad)
+    if pad > 0:
+        ids.view(B, len(sizes), -1)[0, :, 0] = 0
+    return ids.to(DEVICE, dtype)
+
+
+def per_table(ids, tables):
+    """What ``nn.Embedding`` gives table by table: ``[B, *rest, F, d]``."""
+    return torch.stack([t(ids[:, j]) for j, t in enumerate(tables)], dim=-2)
+
+
+def run(fn, ids, tables, upstream):
+    """``(out, weight gradients)`` of ``fn(ids, tables)`` backpropagating ``upstream``, into fresh ``.grad``."""
+    tables.zero_grad(set_to_none=True)
+    out = fn(ids, tables)
+    out.backward(upstream)
+    return out.detach(), [t.weight.grad for t in tables]
+
+
+CASES = {
+    # name: (vocab sizes, B, rest of the ids' shape, fraction of padding)
+    "fields": ((13, 3, 40, 2, 7), 9, (), 0.3),
+    "seq [B, k, T]": ((11, 6, 5), 3, (7,), 0.3),
+    "one field": ((5,), 8, (), 0.3),
+    "one sample": ((9, 4, 6), 1, (), 0.0),
+    "all padding": ((5, 3, 4), 4, (3,), 1.0),
+    "repeated ids": ((3, 2), 40, (), 0.1),  # every id many times per batch
+    # tables of one size take another path to the flat ids (offsets from arange on the device)
+    "fields, one size": ((7, 7, 7, 7), 9, (), 0.3),
+    "seq, one size": ((6, 6, 6), 3, (7,), 0.3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_embedding_matches_per_table_lookups(case, dtype):
+    sizes, B, rest, pad = CASES[case]
+    d = 6
+    tables = make_tables(sizes, d, dtype)
+    ids = random_ids(sizes, B, rest, pad)
+    upstream = torch.randn(B, *rest, len(sizes), d, device=DEVICE, dtype=dtype)
+    want, want_g = run(per_table, ids, tables, upstream)
+    for fn in (E.grouped_embedding, R.grouped_embedding):
+        out, grads = run(fn, ids, tables, upstream)
+        assert torch.equal(out, want), fn.__module__  # the same lookups
+        for j, (g, w) in enumerate(zip(grads, want_g)):
+            torch.testing.assert_close(g, w, **CLOSE[dtype], msg=f"{fn.__module__}: table {j}")
+            assert torch.all(g[0] == 0), f"{fn.__module__}: padding row of table {j} got a gradient"
+    if pad < 1:
+        assert all(g.abs().sum() > 0 for g in want_g)  # the comparison is not between zeros
+    else:
+        assert all(torch.all(g == 0) for g in grads)
+
+
+def test_grouped_embedding_with_strided_ids_int32_and_a_strided_gradient():
+    sizes, d, B = (17, 4, 9), 5, 6
+    tables = make_tables(sizes, d)
+    base = random_ids(sizes, 2 * B).transpose(0, 1).contiguous().transpose(0, 1)  # [2B, F], column-major
+    ids = base[::2]
+    assert not ids.is_contiguous()
+    upstream = torch.randn(len(sizes), d, B, device=DEVICE).permute(2, 0, 1)  # [B, F, d], not contiguous
+    want, want_g = run(per_table, ids, tables, upstream)
+    for i in (ids, ids.to(torch.int32)):
+        out, grads = run(E.grouped_embedding, i, tables, upstream)
+        assert torch.equal(out, want)
+        for g, w in zip(grads, want_g):
+            torch.testing.assert_close(g, w, **CLOSE[torch.float32])
+
+
+def test_one_autograd_node_and_one_backward_call_for_all_tables():
+    """The point of the op: F tables, one node and one ``embedding_dense_backward`` in the backward;
+    the reference makes F of each."""
+    sizes = (13, 3, 40, 2, 7)
+    tables = make_tables(sizes, 4)
+    ids = random_ids(sizes, 5, (3,))
+    for fn, nodes, calls in ((E.grouped_embedding, {"_GroupedEmbeddingBackward": 1}, 1),
+                             (R.grouped_embedding, {"EmbeddingBackward0": len(sizes)}, len(sizes))):
+        out = fn(ids, tables)
+        assert embedding_nodes(out) == nodes, fn.__module__
+        with CountOps() as counted:
+            out.sum().backward()
+        assert counted.ops[EMBEDDING_BWD] == calls, (fn.__module__, counted.ops)
+
+
+def test_grads_accumulate_and_frozen_tables_get_none():
+    sizes, d = (6, 5, 4), 3
+    tables = make_tables(sizes, d)
+    ids = random_ids(sizes, 7)
+    upstream = torch.randn(7, 3, d, device=DEVICE)
+    _, once = run(E.grouped_embedding, ids, tables, upstream)
+    once = [g.clone() for g in once]
+    E.grouped_embedding(ids, tables).backward(upstream)  # into the existing .grad
+    for g, t in zip(once, tables):
+        torch.testing.assert_close(t.weight.grad, 2 * g, rtol=0, atol=0)
+    tables[1].weight.requires_grad_(False)
+    _, want = run(per_table, ids, tables, upstream)
+    _, grads = run(E.grouped_embedding, ids, tables, upstream)
+    assert grads[1] is None and want[1] is None
+    for j in (0, 2):
+        torch.testing.assert_close(grads[j], want[j], **CLOSE[torch.float32])
+    for t in tables:
+        t.weight.requires_grad_(False)
+    out = E.grouped_embedding(ids, tables)  # nothing needs a gradient: no node at all
+    assert out.grad_fn is None and torch.equal(out, per_table(ids, tables))
+
+
+def test_bad_ids_raise_as_in_the_reference():
+    tables = make_tables((5, 3), 4)
+    for fn in (E.grouped_embedding, R.grouped_embedding):
+        for bad in (torch.ones(4, 3, dtype=torch.int64), torch.ones(4, dtype=torch.int64)):
+            with pytest.raises(ValueError, match=r"\[B, 2, \.\.\.\]"):
+                fn(bad.to(DEVICE), tables)
+    if DEVICE.type == "cpu":  # on a GPU an out-of-range id is a device-side assert
+        with pytest.raises(IndexError):
+            E.grouped_embedding(torch.tensor([[1, 3]], device=DEVICE), tables)  # 3 >= V_1
+
+
+@pytest.mark.parametrize("option", ["sparse", "max_norm", "scale_grad_by_freq", "padding_idx", "no padding_idx",
+                                    "dtypes"])
+def test_tables_the_one_call_cannot_serve_take_the_reference(option):
+    """A table with an option the single dense backward would ignore sends all the lookups to the
+    reference: nn.Embedding's results (sparse gradients, renormalised rows, frequency scaling,
+    its own padding row), one node per table."""
+    sizes, d = (9, 4, 6), 3
+    tables = make_tables(sizes, d)
+    ids = random_ids(sizes, 6, pad=0.2)
+    ids[:, 1] = torch.tensor([1, 1, 2, 0, 1, 3])  # repeats and padding in the table that changes
+    t = tables[1]
+    if option == "sparse":
+        t.sparse = True  # what interformer.train does for SparseAdam
+    elif option == "max_norm":
+        t.max_norm = 0.5
+    elif option == "scale_grad_by_freq":
+        t.scale_grad_by_freq = True
+    elif option == "padding_idx":
+        t.padding_idx = 2
+    elif option == "no padding_idx":
+        t.padding_idx = None
+    else:
+        t.double()
+    copies = copy.deepcopy(tables)
+    upstream = torch.randn(6, 3, d, device=DEVICE, dtype=torch.float64 if option == "dtypes" else torch.float32)
+    out = E.grouped_embedding(ids, tables)
+    assert embedding_nodes(out)["EmbeddingBackward0"] == len(sizes)
+    out.backward(upstream)
+    want = per_table(ids, copies)
+    want.backward(upstream)
+    assert torch.equal(out, want)
+    for a, b in zip(tables, copies):
+        assert torch.equal(a.weight, b.weight)  # max_norm renormalises the rows it reads, in place
+        assert a.weight.grad.is_sparse == b.weight.grad.is_sparse == (a.sparse and a is t)
+        assert torch.equal(a.weight.grad.to_dense(), b.weight.grad.to_dense())
+
+
+def test_deterministic_mode():
+    sizes = (7, 5, 30)
+    tables = make_tables(sizes, 8)
+    ids = random_ids(sizes, 64, (3,))
+    upstream = torch.randn(64, 3, 3, 8, device=DEVICE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out, grads = run(E.grouped_embedding, ids, tables, upstream)
+        grads = [g.clone() for g in grads]
+        again, grads2 = run(E.grouped_embedding, ids, tables, upstream)
+        want, want_g = run(per_table, ids, tables, upstream)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(out, want) and torch.equal(again, want)
+    for g, g2, w in zip(grads, grads2, want_g):
+        assert torch.equal(g, g2)  # run to run: bitwise
+        torch.testing.assert_close(g, w, **CLOSE[torch.float32])
+
+
+# ----------------------------------------------------------------------------- the tokenizers
+@needs_triton
+def test_sparse_tokenizer_fused_matches_eager_and_keeps_its_state_dict():
+    eager = SparseTokenizer((13, 7, 5), 8, backend="eager").to(DEVICE)
+    fused = SparseTokenizer((13, 7, 5), 8, backend="triton").to(DEVICE)
+    assert list(fused.state_dict()) == ["tables.0.weight", "tables.1.weight", "tables.2.weight"]
+    fused.load_state_dict(eager.state_dict())
+    assert fused._op("embedding", "grouped_embedding") is E.grouped_embedding
+    ids = random_ids((13, 7, 5), 6)
+    outs = []
+    for m in (eager, fused):
+        out = m(ids)
+        out.backward(torch.ones_like(out))
+        outs.append((out, [t.weight.grad for t in m.tables]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(b, a, **CLOSE[torch.float32])
+    assert embedding_nodes(fused(ids)) == {"_GroupedEmbeddingBackward": 1}
+    with pytest.raises(ValueError, match=r"\[B, 3\]"):
+        fused(ids[:, :2])
+    empty = SparseTokenizer((), 8, backend="triton")(torch.zeros(3, 0, dtype=torch.int64))
+    assert empty.shape == (3, 0, 8)
+
+
+@needs_triton
+def test_sequence_masknet_fused_matches_eager():
+    """``Z`` is the channels' embeddings side by side, as ``torch.cat`` of the per-channel lookups
+    gave it; the output and every gradient match eager."""
+    vocabs, d, T = (11, 6, 9), 4, 7
+    eager = SequenceMaskNet(vocabs, d, backend="eager").to(DEVICE)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    assert list(fused.state_dict()) == ["tables.0.weight", "tables.1.weight", "tables.2.weight",
+                                        "mask_mlp.0.weight", "mask_mlp.0.bias", "mask_mlp.2.weight",
+                                        "mask_mlp.2.bias", "proj.weight", "proj.bias"]
+    lengths = torch.tensor([0, 7, 3, 1], device=DEVICE)
+    seq = random_ids(vocabs, 4, (T,), pad=0.0) * (torch.arange(T, device=DEVICE) < lengths[:, None])[:, None]
+    z = torch.cat([t(seq[:, c]) for c, t in enumerate(eager.tables)], dim=-1)
+    want_s = eager.proj(z * eager.mask_mlp(z)) * (torch.arange(T, device=DEVICE) < lengths[:, None])[..., None]
+    upstream = torch.randn(4, T, d, device=DEVICE)
+    grads = []
+    for m in (eager, fused):
+        s = m(seq, lengths)
+        assert torch.equal(s, want_s.detach())
+        s.backward(upstream)
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], **CLOSE[torch.float32], msg=n)
+
+
+@needs_triton
+def test_model_tokenizers_follow_the_backend_and_group_their_backward():
+    """In the whole model ``optimize`` switches both tokenizers; a training step makes one
+    ``embedding_dense_backward`` per tokenizer (one per table in eager); the state_dict keys are
+    the eager model's. Only the tokenizers switched here, so the rest of the step is the same
+    eager math and the logits are bitwise eager's."""
+    cfg = tiny_config()
+    eager = InterFormerCTR(cfg).to(DEVICE)
+    fused = copy.deepcopy(eager)
+    for tok in (fused.backbone.sparse_tokenizer, fused.backbone.seq_tokenizer):
+        optimize(tok, "triton")
+    assert fused.state_dict().keys() == eager.state_dict().keys()
+    assert "backbone.sparse_tokenizer.tables.0.weight" in fused.state_dict()
+    dense, sparse, seq, lengths, label = [t.to(DEVICE) for t in random_batch(cfg, [0, 6, 3, 1], 6)]
+    results = []
+    for m in (eager, fused):
+        with CountOps() as counted:
+            logits = m(dense, sparse, seq, lengths)
+            m.loss(logits, label).backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if "tables" in n}
+        results.append((logits, grads, counted.ops[EMBEDDING_BWD]))
+    (le, ge, ce), (lf, gf, cf) = results
+    assert torch.equal(lf, le)
+    assert ge.keys() == gf.keys() and len(ge) == len(cfg.sparse_vocab_sizes) + len(cfg.seq_vocab_sizes)
+    for n in ge:
+        torch.testing.assert_close(gf[n], ge[n], **CLOSE[torch.float32], msg=n)
+    assert (ce, cf) == (len(ge), 2)
+
+
+@needs_triton
+def test_whole_fused_model_matches_eager_in_the_tables():
+    """``InterFormerConfig(backend="triton")`` builds fused tokenizers, and ``optimize`` switches an
+    eager model's; logits and the embedding gradients of the whole fused model agree with eager
+    (DESIGN §5 fp32 tolerance: the Triton kernels around the tokenizers reorder sums)."""
+    from utils import FP32_TOL, rel_err
+
+    cfg = tiny_config()
+    built = InterFormerCTR(tiny_config(backend="triton"))
+    assert built.backbone.sparse_tokenizer.backend == built.backbone.seq_tokenizer.backend == "triton"
+    eager = InterFormerCTR(cfg).to(DEVICE)
+    fused = optimize(copy.deepcopy(eager), "triton")
+    for tok in (fused.backbone.sparse_tokenizer, fused.backbone.seq_tokenizer):
+        assert tok.backend == "triton" and tok._op("embedding", "grouped_embedding") is E.grouped_embedding
+    batch = [t.to(DEVICE) for t in random_batch(cfg, [0, 6, 3, 1], 6)]
+    outs = []
+    for m in (eager, fused):
+        logits = m(*batch[:4])
+        m.loss(logits, batch[4]).backward()
+        outs.append((logits, {n: p.grad for n, p in m.named_parameters() if "tables" in n}))
+    assert rel_err(outs[1][0], outs[0][0]) <= FP32_TOL
+    for n, g in outs[0][1].items():
+        assert rel_err(outs[1][1][n], g) <= FP32_TOL, n
+
+
+@needs_triton
+def test_fx_symbolic_trace_of_a_fused_tokenizer_records_the_reference():
+    tok = SparseTokenizer((10, 12, 7), 8, backend="triton").to(DEVICE)
+    ids = torch.tensor([[1, 2, 3], [4, 0, 6]], device=DEVICE)
+    gm = torch.fx.symbolic_trace(tok)
+    assert torch.equal(gm(ids), tok(ids))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["tables.0", "tables.1", "tables.2"]
+
+
+@pytest.fixture
+def compile_reference():
+    before = interformer.set_compile_reference_ops(None)
+    yield interformer.set_compile_reference_ops
+    interformer.set_compile_reference_ops(before)
+
+
+@needs_triton
+@pytest.mark.parametrize("setting", ["default", "none"])
+def test_fused_tokenizer_compiles_fullgraph(setting, compile_reference):
+    """Under the default setting the compiled tokenizer takes the reference (F lookups, F backward
+    calls, left to the compiler); with ``"none"`` dynamo traces the Function: one backward call.
+    Either way the results are eager's."""
+    compile_reference(setting)
+    sizes = (10, 12, 7)
+    eager = SparseTokenizer(sizes, 8, backend="eager").to(DEVICE)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    ids = random_ids(sizes, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    want = eager(ids)
+    want.sum().backward()
+    out = compiled(ids)
+    assert torch.equal(out, want)
+    with CountOps() as counted:
+        out.sum().backward()
+    assert counted.ops[EMBEDDING_BWD] == (len(sizes) if setting == "default" else 1)
+    for a, b in zip(eager.tables, fused.tables):
+        torch.testing.assert_close(b.weight.grad, a.weight.grad, **CLOSE[torch.float32])
+    torch._dynamo.reset()
