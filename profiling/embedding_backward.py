@@ -28,6 +28,15 @@ replayed from a CUDA graph (device time), and the plain time under
 ``torch.use_deterministic_algorithms(True)`` (what ``interformer train --deterministic`` sets;
 "error" where the variant has no deterministic version). Without a GPU every number is CPU time
 and says nothing about a GPU.
+
+Measured on the H200 (``bench/results/nvidia-h200-2026-11-27b-embed.txt``): ``index_add_`` was 6.4x
+(sparse field) and 1.4x (behaviour channel) faster on the device, but it accumulates with atomics,
+its deterministic mode was up to 60x slower and plainly it cost more host time. What the package
+adopted instead keeps the aten op and changes how often it runs: the fused path of the tokenizers
+(:func:`interformer.kernels.embedding.grouped_embedding`) looks up all of a tokenizer's tables in
+one autograd node with one ``embedding_dense_backward`` call. The second table printed here times
+that against the per-table lookups of the eager path (:func:`interformer.reference.grouped_embedding`)
+for each tokenizer at the shape: all its tables, forward and backward, same three columns.
 """
 
 from __future__ import annotations
@@ -148,6 +157,81 @@ def measure(shape, calls: int, device) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- whole tokenizers
+GROUPINGS = ("per table", "grouped")
+
+
+def grouping(name: str):
+    """``f(ids, tables) -> [B, *rest, F, d]`` for a grouping name."""
+    if name == "per table":
+        from interformer.reference import grouped_embedding
+    else:
+        from interformer.kernels.embedding import grouped_embedding
+    return grouped_embedding
+
+
+def tokenizer_cases(shape) -> dict:
+    """tokenizer -> (ids shape, fraction of padding ids): the sparse tokenizer's ``[B, n - 1]`` (one
+    id per field) and the sequence tokenizer's ``[B, k, T]`` (about half padding)."""
+    return {"sparse fields": ((shape.B, shape.n - 1), 0.0), "behaviour channels": ((shape.B, shape.k, shape.T), 0.5)}
+
+
+def _tokenizer_case(ids_shape, d: int, device, padded: float = 0.0):
+    g = torch.Generator().manual_seed(sum(ids_shape))
+    ids = torch.randint(1, VOCAB, ids_shape, generator=g)
+    ids[torch.rand(ids_shape, generator=g) < padded] = 0
+    tables = torch.nn.ModuleList(torch.nn.Embedding(VOCAB, d, padding_idx=0) for _ in range(ids_shape[1]))
+    upstream = torch.randn(ids_shape[0], *ids_shape[2:], ids_shape[1], d, generator=g)
+    return ids.to(device), tables.to(device), upstream.to(device)
+
+
+def _tokenizer_step(name: str, ids, tables, upstream):
+    fn = grouping(name)
+
+    def step():
+        for t in tables:
+            t.weight.grad = None
+        fn(ids, tables).backward(upstream)
+    return step
+
+
+def check_grouped(ids_shape, d: int, device, padded: float = 0.5) -> None:
+    """The grouped lookup's rows and every table's weight gradient match the per-table ones
+    (raise otherwise)."""
+    ids, tables, upstream = _tokenizer_case(ids_shape, d, device, padded)
+    results = []
+    for name in GROUPINGS:
+        for t in tables:
+            t.weight.grad = None
+        out = grouping(name)(ids, tables)
+        out.backward(upstream)
+        results.append((out.detach(), [t.weight.grad.clone() for t in tables]))
+    (ref_out, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0, msg="grouped: rows")
+    for j, (g, r) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=f"grouped: weight gradient of table {j}")
+
+
+def measure_grouped(shape, calls: int, device) -> dict:
+    """``{tokenizer: {grouping: {"plain": us, "graphed": us or None, "deterministic": us}}}``."""
+    out = {}
+    for case, (ids_shape, padded) in tokenizer_cases(shape).items():
+        check_grouped(ids_shape, shape.d, device)
+        rows = out[case] = {}
+        for name in GROUPINGS:
+            step = _tokenizer_step(name, *_tokenizer_case(ids_shape, shape.d, device, padded))
+            plain = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
+            graphed = _graphed_us(step, calls) if device.type == "cuda" else None
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                det = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
+            finally:
+                torch.use_deterministic_algorithms(before)
+            rows[name] = {"plain": plain, "graphed": graphed, "deterministic": det}
+    return out
+
+
 def main(argv=None) -> int:
     import common
 
@@ -167,6 +251,13 @@ def main(argv=None) -> int:
             print(f"  {table:<18} {n:>8}  {variant:<10} {fmt(r['plain']):>9} {fmt(r['graphed']):>11} "
                   f"{fmt(r['deterministic']):>17}")
     print("(each model step runs one lookup per sparse field and per behaviour channel: 19 and 3 at taobao)")
+    print(f"\neach tokenizer's tables together, per-table lookups (eager path) against one grouped node (fused path)")
+    print(f"  {'tokenizer':<20} {'ids':>14}  {'lookup':<10} {'plain us':>9} {'graphed us':>11} {'deterministic us':>17}")
+    for case, rows in measure_grouped(shape, args.calls, common.DEVICE).items():
+        ids_shape = tokenizer_cases(shape)[case][0]
+        for grouping, r in rows.items():
+            print(f"  {case:<20} {'x'.join(map(str, ids_shape)):>14}  {grouping:<10} {fmt(r['plain']):>9} "
+                  f"{fmt(r['graphed']):>11} {fmt(r['deterministic']):>17}")
     return 0
 
 

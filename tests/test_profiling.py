@@ -400,8 +400,37 @@ def test_embedding_backward_variants_agree_and_are_timed(embedding_backward, cap
 
     assert E.main(["--shape", "smoke", "--calls", "3"]) == 0
     out = capsys.readouterr().out
-    for table in ("sparse field", "behaviour channel"):
+    for table in ("sparse field ", "behaviour channel "):
         assert sum(line.strip().startswith(table) for line in out.splitlines()) == len(E.VARIANTS), out
+    for tokenizer in ("sparse fields", "behaviour channels"):
+        assert sum(line.strip().startswith(tokenizer) for line in out.splitlines()) == len(E.GROUPINGS), out
+
+
+def test_embedding_backward_checks_the_grouped_lookup_before_timing(embedding_backward, monkeypatch):
+    """The grouped lookup passes the script's check against the per-table one at both tokenizer
+    layouts, and a grouped backward that drops the tables' offsets (every table's gradient landing
+    in table 0's rows) is refused."""
+    import torch
+
+    import interformer.kernels.embedding as emb
+
+    E = embedding_backward
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for ids_shape, _ in E.tokenizer_cases(_smoke()).values():
+        E.check_grouped(ids_shape, 8, device)
+
+    def no_offsets(ids, cols, sizes):
+        return torch.stack(list(cols), dim=-1)
+
+    monkeypatch.setattr(emb, "_flat_ids", no_offsets)
+    with pytest.raises(AssertionError, match="weight gradient of table"):
+        E.check_grouped((5, 3), 8, device)
+
+
+def _smoke():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(B=4, n=4, k=2, T=5)
 
 
 def test_compiled_steps_do_not_recompile_when_the_ranges_turn_on(train_step):
