@@ -23,13 +23,21 @@ call. Where Inductor's own code for the reference math is as fast, the reference
 choice inside a compiled model. :func:`set_compile_reference_ops` names the ops that, while
 ``torch.compile`` (or ``torch.export``) traces a fused-capable module, take the eager reference
 whatever the module's backend; outside tracing nothing changes. The default is
-``{"add_layer_norm", "grouped_embedding"}``. Inductor generates its own fused add + LayerNorm with a
-split weight/bias reduction and can fold in the residual's producer (a bias add, an activation).
-``grouped_embedding`` (the tokenizers' one autograd node and one ``embedding_dense_backward`` for
-all tables: a ``torch.autograd.Function`` of aten ops, not a custom op, which dynamo traces when
-the op is left out of the set) saves host time and launches in plain and CUDA-graph runs; a
-compiled model keeps the per-table lookups, which Inductor handles itself (the grouping is
-unmeasured under compile). The environment variable ``INTERFORMER_COMPILE_REFERENCE`` (read once, at import) sets the starting value: op names
+:data:`DEFAULT_COMPILE_REFERENCE`, ``{"add_layer_norm", "cross_net", "grouped_embedding",
+"low_rank_cross_net"}``. Decision, from device time measured op by op on an H200 (bf16,
+``taobao``, forward+backward replayed from CUDA graphs, one process;
+``bench/results/nvidia-h200-2026-11-27b.md``): Inductor's code for the reference was as fast as
+the fused kernels or faster for exactly these ops (add + LayerNorm 0.86-0.96x the fused time
+where the residual is the interaction or DHEN input, full-rank cross net 0.99x, low-rank cross net
+0.88x), and 1.4-4.5x slower for every other op; inside a compiled model a custom op also costs a
+dispatch per call and stops Inductor fusing its neighbours into it. Inductor generates its own
+fused add + LayerNorm with a split weight/bias reduction and can fold in the residual's producer
+(a bias add, an activation). ``grouped_embedding`` (the tokenizers' one autograd node and one
+``embedding_dense_backward`` for all tables: a ``torch.autograd.Function`` of aten ops, not a
+custom op, which dynamo traces when the op is left out of the set) saves host time and launches in
+plain and CUDA-graph runs; a compiled model keeps the per-table lookups, which Inductor handles
+itself (the grouping is unmeasured under compile). The whole compiled model with this default is
+not measured yet. The environment variable ``INTERFORMER_COMPILE_REFERENCE`` (read once, at import) sets the starting value: op names
 separated by commas, ``none`` or ``all``; a value that names an unknown op fails the first module
 construction (as a bad ``INTERFORMER_BACKEND`` does), not the import. The choice is read while tracing, so it is baked into a
 compiled graph; dynamo guards on it, and a change recompiles on the next call. Calling an op
@@ -58,7 +66,7 @@ FUSED_OPS = ("gated_lce", "pffn_mlp", "pffn_linear", "cross_net", "low_rank_cros
              "attention", "pooled_attention", "add_layer_norm", "grouped_embedding")
 COMPILE_ENV_VAR = "INTERFORMER_COMPILE_REFERENCE"
 #: the ops a compiled model leaves to Inductor unless told otherwise (see the module docstring)
-DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm", "grouped_embedding"})
+DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm", "cross_net", "grouped_embedding", "low_rank_cross_net"})
 
 
 def _compile_reference_set(ops, source: str) -> frozenset:
@@ -107,7 +115,7 @@ def set_compile_reference_ops(ops) -> frozenset:
     """Make ``ops`` the ops that take the eager reference while ``torch.compile`` traces a
     fused-capable module (names from :data:`FUSED_OPS` in any case, as an iterable or one string
     separated by commas; ``"none"``; ``"all"``; None or ``"default"`` for the default,
-    ``{"add_layer_norm", "grouped_embedding"}``); returns the previous set, so a caller can restore it.
+    :data:`DEFAULT_COMPILE_REFERENCE`); returns the previous set, so a caller can restore it.
 
     Process-wide, and read at trace time: a model compiled before the change recompiles on its
     next call (dynamo guards on the setting). Unknown names raise ``ValueError``."""

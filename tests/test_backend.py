@@ -171,7 +171,8 @@ def compile_reference():
 def test_compile_reference_setting_parses_and_rejects(compile_reference):
     from interformer.backend import DEFAULT_COMPILE_REFERENCE, FUSED_OPS
 
-    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {"add_layer_norm", "grouped_embedding"}
+    assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {
+        "add_layer_norm", "cross_net", "grouped_embedding", "low_rank_cross_net"}
     assert compile_reference("none") == DEFAULT_COMPILE_REFERENCE  # returns the previous setting
     assert interformer.compile_reference_ops() == frozenset()
     compile_reference("ALL")

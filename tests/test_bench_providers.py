@@ -197,7 +197,7 @@ def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
         interformer.set_compile_reference_ops(before)
         sys.modules.pop("common", None)
     assert "compile_reference" not in rows["fused"] and "compile_reference" not in rows["compile"]
-    assert rows["fused-compile"]["compile_reference"] == "add_layer_norm,grouped_embedding"
+    assert rows["fused-compile"]["compile_reference"] == "add_layer_norm,cross_net,grouped_embedding,low_rank_cross_net"
     kept = {"attention", "pooled_attention"}
     assert rows["fused-compile-attention"]["compile_reference"] == ",".join(sorted(set(backend_mod.FUSED_OPS) - kept))
 

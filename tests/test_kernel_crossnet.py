@@ -720,13 +720,23 @@ def test_design_shapes_bf16(B, n_tokens, d, rank):
 @NO_POISON
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [None, 32])
-def test_module_compiled_with_inductor(rank):
+@pytest.mark.parametrize("setting", ["default", "none"])
+def test_module_compiled_with_inductor(rank, setting):
+    """Compiled with Inductor, under the default compile-reference set (the cross nets are in it:
+    Inductor compiles the reference) and with ``"none"`` (the custom ops in Inductor's graph)."""
+    import interformer
+
     torch._dynamo.reset()
-    D = 28 * 64
-    m = (CrossNet(D, 2, backend="triton") if rank is None else LowRankCrossNet(D, 2, rank, backend="triton"))
-    m = _randomize(m).to(DEVICE)
-    x = torch.randn(256, D, device=DEVICE)
-    assert_rel(torch.compile(m)(x), m(x), FP32_TOL)
+    before = interformer.set_compile_reference_ops(setting)
+    try:
+        D = 28 * 64
+        m = (CrossNet(D, 2, backend="triton") if rank is None else LowRankCrossNet(D, 2, rank, backend="triton"))
+        m = _randomize(m).to(DEVICE)
+        x = torch.randn(256, D, device=DEVICE)
+        assert_rel(torch.compile(m)(x), m(x), FP32_TOL)
+    finally:
+        interformer.set_compile_reference_ops(before)
+        torch._dynamo.reset()
 
 
 def test_cublas_path_kernels_build_for_sm90():
