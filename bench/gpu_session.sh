@@ -11,57 +11,35 @@
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
 #   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
 #                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
-# Seen on an H200 (2026-11-27, 15-minute lease, the device tool's default kind then; a start took
-# about 30 s, each call's transfers a few seconds): 106 listed tests in 8 shards of 120 s; the op
-# stage (taobao: every op with eager, compile, fused and both graphed variants; amazon and long:
-# attention and PMA against SDPA, FlexAttention and nn.MultiheadAttention) 136 s for 92 rows; the
-# host stage 48 s; amazon's training rows with torch.compile about 60 s each, taobao's inference
-# rows about 30 s each, so 12 model rows did not fit 210 s (taobao's compiled training rows were
-# left). Two calls used 728 s of the 900.
-# Planned for the next lease (two calls; run them with the device tool's timeout_s = 420 and 320,
-# which leaves the starts and transfers room inside 900 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=120 THREADS_TIMEOUT=60 OPS_TIMEOUT=70 \
-#      OPS_FILES="bench/test_bench_pffn.py bench/test_bench_attention.py bench/test_bench_crossnet.py" MODEL_TIMEOUT=140 \
-#      OPS_K="(pma and full and not compile) or (taobao and low and full and fused and not compile and not triton) or (taobao and linear and full and (eager or fused) and not compile and not cudagraph)" \
-#      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-compile train-fused-compile; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT tests ops threads model
-#      (the tests the last two sessions added or changed: the folded PMA, now one autograd node
-#      (pooled_attention) whose attention reads k = v = s once and writes ds = dk + dv itself, the
-#      backward thread, the profiling scripts; then the folded PMA's rows at every shape against nn.MultiheadAttention, issue 5's
-#      last target, and the low-rank cross net with 8 warps per row block beside the default 4
-#      (its 128 programs at taobao fill half an H100's slots: profiling/sm90-audit-triton3.6.md);
-#      autograd_threads.py's eager half, cut by its box last time; the training step with the
-#      backward on the calling thread, as interformer train runs it, fused and eager;
-#      taobao's compiled training rows on the H200, beside a plain fused row of the same run;
-#      first of all, the plain linear PFFN, fused and eager, in a process that has run nothing
-#      else: on 2026-11-27 the op stage and op_host.py's loop of the same callables, two processes
-#      of one call at one commit, disagreed on plain rows by up to a third, either way (fused PFFN
-#      0.61 vs 0.38 ms, attention 0.71 vs 0.48, DHEN LayerNorm 0.32 vs 0.42; eager LCE 0.71 vs
-#      0.94): these rows, against the op stage's later ones, say how far a plain ratio repeats)
-#   2. PACK=1 MODEL_TIMEOUT=130 MODEL_FILES="$(for p in amazon-train-fused-compile-attention \
-#      amazon-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
-#      PROFILE_BACKENDS=triton PROFILE_ARGS=";--compile --inference;--inference --host" PROFILE_TIMEOUT=50 \
-#      EMBED_TIMEOUT=25 bench/gpu_session.sh COMMIT model profile embed
-#      (device timeout_s = 320: 130 + 3 x 50 + 25 at most, about 260 s expected)
-#      Issue 6's compile target at amazon, fused+compile >= 1.15x compile (25.3 ms on the H200 of
-#      2026-11-27): fused-compile-attention, the fused model compiled with only the attention
-#      kernels as custom ops and every other op left to Inductor (interformer.
-#      set_compile_reference_ops; each row records the setting), beside fused-compile in the same
-#      run; if it wins, the default set should grow. Then three profiles of the fused model at
-#      taobao: the training step's per-range and per-kernel device time (the newest is from
-#      2026-11-26, before the fused LayerNorm and the folded PMA); the compiled inference (12.2 ms
-#      on the H200, slower than the plain fused 9.4 ms and than compiled eager 5.3 ms); the plain
-#      inference with --host, where its host time goes (issue 6's inference target, 2x eager, was
-#      1.43x: 9.4 ms plain against 3.5 ms graphed, with 424 aten ops and 33 Triton launches per
-#      forward, counted on a CPU, against eager's 1,177). Last, the embedding backward
-#      (profiling/embedding_backward.py): 2.05 ms of a fused taobao step's device time on the H200
-#      of 2026-11-26, in eager and fused alike; whether index_add_ or index_put_ forms the same
-#      gradient faster. Left for a later lease: the host stage, the eager profiles, and
-#      fused-compile-attention's taobao inference row.
-#   3. (next, if a lease has room) OPS_TIMEOUT=280 OPS_K="taobao and full and (compile-cudagraph or fused-cudagraph)" \
-#      bench/gpu_session.sh COMMIT ops: Inductor's device time per op beside the fused kernel's,
-#      which decides which fused ops a compiled model should keep as custom ops (as
-#      ResidualLayerNorm already leaves its add + LayerNorm to Inductor) - issue 6's compile target
+# Seen on an H200 (2026-11-27, second 15-minute lease, four calls at 80ba0f2, 765 s held;
+# bench/results/nvidia-h200-2026-11-27b.md): a start about 30 s, each call's install and transfers
+# 10-25 s; 116 listed tests in 8 shards of 120 s took 106 s; 21 op rows 29 s; the threads stage 48 s;
+# taobao's five training rows (calling-thread fused and eager, fused, compile, fused-compile) 111 s;
+# two amazon compiled training rows 79 s; three profiles 68 s; the embed stage 32 s (a 25 s box
+# ended before its first row); every taobao op graphed, compile against fused, 74 s.
+# Planned for the next lease (two calls; device-tool timeout_s 420 and 330):
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
+#      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 \
+#      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
+#      bench/gpu_session.sh COMMIT tests model embed profile
+#      (the 87 tests of gpu_rerun.txt: the tokenizers' grouped lookups, the whole fused model with
+#      them, the compile-reference default with the cross nets; then what the grouped lookups
+#      change in a taobao training step, fused against eager, on the calling thread and on the
+#      device thread: on the H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread,
+#      fused 42.50 on the device thread; the embed stage's second table (per-table against grouped,
+#      both tokenizers, plain, graphed, deterministic); the fused training step's profile, whose
+#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls)
+#   2. PACK=1 MODEL_TIMEOUT=230 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference;--inference --host" \
+#      PROFILE_TIMEOUT=45 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
+#      amazon-train-fused-compile-attention taobao-train-compile taobao-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      bench/gpu_session.sh COMMIT model profile
+#      (issue 6's compile target, fused + compile >= 1.15x compile, with the new default set (the
+#      cross nets and LayerNorm to Inductor), beside compile and the attention-only set, all in one
+#      process per shape: at 80ba0f2 amazon was 0.89x with attention only, taobao 1.00x with the
+#      old default; then the compiled inference's host columns, spoiled last time by a recompile
+#      inside the measured steps (fixed: train_step.py turns the ranges on before the warm-up), and
+#      the plain inference's host breakdown (11.17 ms plain against 2.31 ms graphed))
+#   Left for a later lease: the host stage, the eager profiles, the op stage at amazon and long.
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
