@@ -39,6 +39,14 @@
 #      old default; then the compiled inference's host columns, spoiled last time by a recompile
 #      inside the measured steps (fixed: train_step.py turns the ranges on before the warm-up), and
 #      the plain inference's host breakdown (11.17 ms plain against 2.31 ms graphed))
+#      then, in the same device call (its own results.tgz under $OUT/nolt):
+#      OUT="$OUT/nolt" DISABLE_ADDMM_CUDA_LT=1 PACK=1 PROFILE_BACKENDS=triton \
+#      PROFILE_ARGS="--inference --host" PROFILE_TIMEOUT=45 bench/gpu_session.sh COMMIT profile
+#      (in the plain inference profile at 80ba0f2 aten::addmm took 42 us of self CPU time a call,
+#      aten::copy_ 5.6 us: whether addmm's cuBLASLt path, which PyTorch takes for a linear with a
+#      1-D bias, is that cost; compare its plain step with call 2's own --inference --host run.
+#      The setting is PyTorch's and would move eager too; call 2 is then about 330 s: drop a
+#      model row if the lease is short)
 #   Left for a later lease: the host stage, the eager profiles, the op stage at amazon and long.
 set -uo pipefail
 commit="$1"; shift
