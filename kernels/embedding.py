@@ -6,9 +6,9 @@ Public function (same name and signature as :func:`interformer.reference.grouped
 
 No Triton kernel: the tokenizers stay eager PyTorch (DESIGN §3). What this saves is host time and
 launches in the backward. Called table by table, ``nn.Embedding`` builds F ``EmbeddingBackward0``
-nodes and F ``aten::embedding_dense_backward`` calls (each several launches, a sort of the ids and
-segmented sums: about 100 us of host time per node, and 77 us of device time for 2048 ids into a
-1000 x 64 table in a CUDA graph on an H200; 22 of them per taobao training step). Here the F lookups run in one
+nodes and F ``aten::embedding_dense_backward`` calls (on an H200: about 100 us of host time per
+node, and 77 us of device time for one table's lookup and backward, 2048 ids into 1000 x 64, replayed
+from a CUDA graph; 22 tables per taobao training step). Here the F lookups run in one
 ``torch.autograd.Function``: its forward looks up each table with ``F.embedding`` (an out-of-range
 id raises as in ``nn.Embedding``) and saves the ids moved into one concatenated vocabulary (table
 j's rows start at ``offset_j = V_0 + ... + V_{j-1}``); its backward makes ONE
