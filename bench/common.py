@@ -51,7 +51,7 @@ import functools
 import math
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -116,9 +116,15 @@ GPU_SHAPES = {
 SMOKE_SHAPES = {
     "smoke": Shape("smoke", B=3, n=5, k=2, T=7, d=32, heads=2, layers=1, n_ssum=3, dcn_rank=4),
 }
+#: Shapes outside DESIGN §6, each for one question, run only by the benchmarks that name them (not in
+#: SHAPE_NAMES). ``taobao-b64k``: taobao's sizes at 32x its batch, where a memory-bound op's bytes
+#: take far longer than its launches, so its time says what fraction of the copy bandwidth the
+#: kernels reach when they are not bound by launch latency (issue 3's gated LCE target; at taobao
+#: itself the bytes of a forward+backward take 2.5-4.3 us at copy speed).
+EXTRA_SHAPES = {"taobao-b64k": replace(GPU_SHAPES["taobao"], name="taobao-b64k", B=65536)}
 SHAPES = GPU_SHAPES if ON_GPU else SMOKE_SHAPES
 #: every shape by name, smoke included whatever the machine (quick checks on a GPU)
-ALL_SHAPES = {**GPU_SHAPES, **SMOKE_SHAPES}
+ALL_SHAPES = {**GPU_SHAPES, **SMOKE_SHAPES, **EXTRA_SHAPES}
 SHAPE_NAMES = list(SHAPES)
 MODES = ("fwd", "bwd", "full")
 #: Provider-name suffix of the CUDA-graph variants (see :func:`captured`).

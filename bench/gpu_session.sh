@@ -19,16 +19,18 @@
 # ended before its first row); every taobao op graphed, compile against fused, 74 s.
 # Planned for the next lease (two calls; device-tool timeout_s 420 and 330):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
-#      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 \
+#      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=60 OPS_FILES=bench/test_bench_gated_lce.py OPS_K=bandwidth \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT tests model embed profile
+#      bench/gpu_session.sh COMMIT tests model embed profile ops
 #      (the 87 tests of gpu_rerun.txt: the tokenizers' grouped lookups, the whole fused model with
 #      them, the compile-reference default with the cross nets; then what the grouped lookups
 #      change in a taobao training step, fused against eager, on the calling thread and on the
 #      device thread: on the H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread,
 #      fused 42.50 on the device thread; the embed stage's second table (per-table against grouped,
 #      both tokenizers, plain, graphed, deterministic); the fused training step's profile, whose
-#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls)
+#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last,
+#      the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth: what fraction of the copy
+#      bandwidth its kernels reach when launches no longer set the time, issue 3's 70% target)
 #   2. PACK=1 MODEL_TIMEOUT=230 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference;--inference --host" \
 #      PROFILE_TIMEOUT=45 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
 #      amazon-train-fused-compile-attention taobao-train-compile taobao-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \

@@ -9,6 +9,8 @@ Providers, each computing ``gated_lce(x, weight, bias, gate_weight, gate_bias)``
 fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full``
 mode captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
+``test_gated_lce_bandwidth`` runs ``full`` mode at 32x taobao's batch (``taobao-b64k``), where the
+bytes, not the launches, set the time.
 
 Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
 parameters and writes out; backward reads x, the parameters and the upstream gradient and writes dx
@@ -52,6 +54,21 @@ def lce_flops(B: int, n_in: int, n_out: int, d: int, mode: str) -> float:
 @pytest.mark.parametrize("use", ["nonseq", "seq"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_gated_lce(benchmark, shape_name, use, mode, provider):
+    _bench(benchmark, shape_name, use, mode, provider)
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "fused", "eager-cudagraph", "compile-cudagraph",
+                                      "fused-cudagraph"])
+@pytest.mark.parametrize("use", ["nonseq", "seq"])
+def test_gated_lce_bandwidth(benchmark, use, provider):
+    """Forward+backward at ``taobao-b64k`` (32x taobao's batch, bench/common.py's EXTRA_SHAPES; the
+    smoke shape without a GPU): the fraction of the copy bandwidth the kernels reach once launch
+    latency no longer sets the time (the report's "fused x floor", the fused time over the bytes'
+    time at copy speed)."""
+    _bench(benchmark, "taobao-b64k" if common.ON_GPU else "smoke", use, "full", provider)
+
+
+def _bench(benchmark, shape_name, use, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.ALL_SHAPES[shape_name]
     B, d = shape.B, shape.d

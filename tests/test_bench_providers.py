@@ -115,6 +115,25 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
     assert checked >= 4
 
 
+def test_gated_lce_bandwidth_rows_run_32x_taobao_on_a_gpu(bench, monkeypatch):
+    """The bandwidth rows run the op benchmark's body at ``taobao-b64k`` on a GPU (the smoke shape
+    otherwise), in full mode; that shape is taobao with 32x the batch, and no other benchmark
+    iterates over it."""
+    import dataclasses
+
+    common, _ = bench
+    mod = importlib.import_module("test_bench_gated_lce")
+    seen = []
+    monkeypatch.setattr(mod, "_bench", lambda benchmark, shape_name, use, mode, provider: seen.append((shape_name, mode)))
+    for on_gpu in (False, True):
+        monkeypatch.setattr(common, "ON_GPU", on_gpu)
+        mod.test_gated_lce_bandwidth(None, "seq", "fused")
+    assert seen == [("smoke", "full"), ("taobao-b64k", "full")]
+    wide, taobao = common.ALL_SHAPES["taobao-b64k"], common.ALL_SHAPES["taobao"]
+    assert wide.B == 32 * taobao.B and dataclasses.replace(wide, name="taobao", B=taobao.B) == taobao
+    assert "taobao-b64k" not in common.SHAPE_NAMES
+
+
 def test_pma_providers_run_what_they_name(bench, monkeypatch):
     common, compiled = bench
     mod = importlib.import_module("test_bench_attention")
