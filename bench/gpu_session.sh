@@ -22,7 +22,7 @@
 #      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=60 OPS_FILES=bench/test_bench_gated_lce.py OPS_K=bandwidth \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests model embed profile ops
-#      (the 87 tests of gpu_rerun.txt: the tokenizers' grouped lookups, the whole fused model with
+#      (the 98 tests of gpu_rerun.txt: the tokenizers' grouped lookups, the whole fused model with
 #      them, the compile-reference default with the cross nets; then what the grouped lookups
 #      change in a taobao training step, fused against eager, on the calling thread and on the
 #      device thread: on the H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread,

@@ -17,7 +17,7 @@ The process-wide default for newly built modules comes from the environment vari
 ``INTERFORMER_BACKEND`` (``auto`` when unset). Names are case-insensitive everywhere (argument,
 config or environment), and ``None`` means that default.
 
-Under ``torch.compile`` a fused op is a custom op: an opaque node in Inductor's graph, which
+Under ``torch.compile`` a fused Triton op is a custom op: an opaque node in Inductor's graph, which
 Inductor can neither fuse with its neighbours nor schedule into, and which costs a dispatch per
 call. Where Inductor's own code for the reference math is as fast, the reference is the better
 choice inside a compiled model. :func:`set_compile_reference_ops` names the ops that, while
@@ -26,13 +26,14 @@ whatever the module's backend; outside tracing nothing changes. The default is
 :data:`DEFAULT_COMPILE_REFERENCE`, ``{"add_layer_norm", "cross_net", "grouped_embedding",
 "low_rank_cross_net"}``. Decision, from device time measured op by op on an H200 (bf16,
 ``taobao``, forward+backward replayed from CUDA graphs, one process;
-``bench/results/nvidia-h200-2026-11-27b.md``): Inductor's code for the reference was as fast as
-the fused kernels or faster for exactly these ops (add + LayerNorm 0.86-0.96x the fused time
-where the residual is the interaction or DHEN input, full-rank cross net 0.99x, low-rank cross net
-0.88x), and 1.4-4.5x slower for every other op; inside a compiled model a custom op also costs a
-dispatch per call and stops Inductor fusing its neighbours into it. Inductor generates its own
-fused add + LayerNorm with a split weight/bias reduction and can fold in the residual's producer
-(a bias add, an activation). ``grouped_embedding`` (the tokenizers' one autograd node and one
+``bench/results/nvidia-h200-2026-11-27b.md``): Inductor's code for the reference took 0.99x the
+fused time for the full-rank cross net and 0.88x for the low-rank one, and 1.4-4.5x longer for
+attention, PMA, DOT, PFFN and the gated LCE; inside a compiled model a custom op also costs a
+dispatch per call and stops Inductor fusing its neighbours into it. ``add_layer_norm`` was in the
+default before that measurement and is a mixed result in it: Inductor took 0.86x and 0.96x the
+fused time at the interaction and DHEN LayerNorms, 1.37x at the sequence one; it stays, since
+Inductor can also fold the residual's producer (a bias add, an activation) into its fused add +
+LayerNorm (with a split weight/bias reduction), which the op-level rows do not show. ``grouped_embedding`` (the tokenizers' one autograd node and one
 ``embedding_dense_backward`` for all tables: a ``torch.autograd.Function`` of aten ops, not a
 custom op, which dynamo traces when the op is left out of the set) saves host time and launches in
 plain and CUDA-graph runs; a compiled model keeps the per-table lookups, which Inductor handles

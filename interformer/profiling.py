@@ -4,7 +4,9 @@ Off by default, and then free: :func:`nvtx_range` returns one shared ``nullconte
 with ``INTERFORMER_NVTX=1`` in the environment or :func:`enable_nvtx`. When on, each range is both
 an NVTX range (the ``nvtx`` package when installed, else ``torch.cuda.nvtx``) and a
 ``torch.profiler.record_function`` of the same name, so the same names show in Nsight Systems and
-in the PyTorch profiler. Ranges are host-side markers: under ``torch.compile`` leave them off.
+in the PyTorch profiler. Ranges are host-side markers and are left out of what ``torch.compile``
+traces; dynamo guards on the flag, so turning them on or off recompiles a compiled model on its
+next call (``profiling/train_step.py`` turns them on before its warm-up).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Two entry points to every fused op: the ``torch.library`` custom op, and a lean eager path.
 
-Every op of this package is registered as a ``torch.library.custom_op`` pair (``<op>_fwd`` /
-``<op>_bwd``, fake implementations, an autograd formula). That registration is what
+Every Triton op of this package is registered as a ``torch.library.custom_op`` pair (``<op>_fwd`` /
+``<op>_bwd``, fake implementations, an autograd formula; the tokenizers' grouped lookups,
+``embedding.py``, are aten ops in a plain ``torch.autograd.Function`` that tracers trace through). That registration is what
 ``torch.compile``, ``torch.export`` and ``opcheck`` need, and it is what runs whenever a graph is
 being traced.
 

@@ -20,12 +20,18 @@ Padding: every padding id (0) is saved as flat id 0, table 0's padding row, and 
 ``padding_idx=0``, so no padding id contributes; a nonzero id of table j > 0 is saved as at least
 ``offset_j >= V_0 >= 1``.
 
-Decision: the fast path needs every table to be an ``nn.Embedding`` with ``padding_idx=0``, no
-``max_norm``, no ``scale_grad_by_freq``, ``sparse=False`` (``interformer.train`` sets
-``sparse=True`` for SparseAdam), and all weights on one device in one dtype; otherwise, and under
-``torch.fx.symbolic_trace`` (ids a Proxy), the reference runs (one node per table, each table
-module called). The fast path reads the weights and does not call the table modules (their hooks do
-not run). Without a weight that needs a gradient the lookups run without the Function. Under
+Decision: the fast path reads the weights and does not call the table modules, so it is taken
+only where calling them would give the same: every table an ``nn.Embedding`` whose ``forward`` is
+``nn.Embedding``'s (a subclass that overrides it, such as a QAT embedding, is not), no forward
+hook or pre-hook (the table's or a global one: an old-style ``weight_norm`` recomputes the weight
+in one), ``padding_idx=0``, no ``max_norm``, no ``scale_grad_by_freq``, ``sparse=False``
+(``interformer.train`` sets ``sparse=True`` for SparseAdam), all weights on one device in one
+dtype, and all trainable or all frozen (the one gradient buffer has rows for every table, and each
+trainable table's gradient, a view of it, keeps it alive: a large frozen table would cost its full
+gradient every step). Otherwise, and under ``torch.fx.symbolic_trace`` (ids a Proxy), the
+reference runs: each table module called, one node per table. ``nn.utils.parametrize``
+parametrisations keep the fast path (reading ``weight`` computes them, with their gradients).
+Without a weight that needs a gradient the lookups run without the Function. Under
 ``torch.compile`` the op is in the default compile-reference set (:mod:`interformer.backend`).
 """
 
@@ -38,19 +44,34 @@ import torch.nn.functional as F
 
 from interformer import reference
 
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
 from ._dispatch import needs_grad
+
+#: ``nn.Embedding.forward`` (``type(t).forward`` of a subclass that keeps it, or of a table with
+#: ``nn.utils.parametrize`` parametrisations, whose ``weight`` the fast path reads as they compute it)
+_EMBEDDING_FORWARD = torch.nn.Embedding.forward
 
 
 def _eligible(ids, tables: Sequence[torch.nn.Module]) -> bool:
+    """Whether the one backward call gives exactly what calling each table would (see the module
+    docstring): plain ``nn.Embedding`` forwards (a subclass that overrides ``forward``, e.g. a QAT
+    embedding's fake quantisation, or a forward hook, global or the table's, would be skipped by
+    reading the weights directly), options the dense call ignores, one device and dtype, and every
+    table trainable or none (a frozen table would still get its rows in the one gradient buffer,
+    which every trainable table's gradient view keeps alive)."""
     if isinstance(ids, torch.fx.Proxy) or not len(tables):
         return False
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    for t in tables:
+        if (type(t).forward is not _EMBEDDING_FORWARD or t._forward_hooks or t._forward_pre_hooks
+                or t.padding_idx != 0 or t.max_norm is not None or t.scale_grad_by_freq or t.sparse):
+            return False
     w0 = tables[0].weight
     for t in tables:
-        if not isinstance(t, torch.nn.Embedding):
-            return False
         w = t.weight
-        if (t.padding_idx != 0 or t.max_norm is not None or t.scale_grad_by_freq or t.sparse
-                or w.device != w0.device or w.dtype != w0.dtype):
+        if w.device != w0.device or w.dtype != w0.dtype or w.requires_grad != w0.requires_grad:
             return False
     return True
 
@@ -83,13 +104,19 @@ def _flat_ids(ids: torch.Tensor, cols: Sequence[torch.Tensor], sizes: List[int])
 
 
 class _GroupedEmbedding(torch.autograd.Function):
+    # forward / setup_context apart and a generated vmap rule: torch.func (grad, vmap) takes it,
+    # as it takes nn.Embedding (its body is aten ops)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, ids, *weights):
-        cols = ids.unbind(1)
-        out = _lookups(cols, weights)  # first: a bad id raises here, as in nn.Embedding
+    def forward(ids, *weights):
+        return _lookups(ids.unbind(1), weights)  # a bad id raises here, as in nn.Embedding
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ids, *weights = inputs
         ctx.sizes = [w.shape[0] for w in weights]
-        ctx.save_for_backward(_flat_ids(ids, cols, ctx.sizes))
-        return out
+        ctx.save_for_backward(_flat_ids(ids, ids.unbind(1), ctx.sizes))
 
     @staticmethod
     def backward(ctx, grad):

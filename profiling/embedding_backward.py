@@ -5,10 +5,11 @@
 Why: in the H200 profile of 2026-11-26 (``bench/results/nvidia-h200-2026-11-26-profile.txt``)
 ``aten::embedding_dense_backward`` took 20.5 ms of device time over 10 fused ``taobao`` training
 steps. That is 2.05 ms a step, in 22 calls (19 sparse fields and 3 behaviour channels), about a
-sixth of the step's kernel time, and 3.8 ms a step of host time under the profiler. Eager and
-fused models share the tokenizers, so this time is in both. The tokenizers stay eager by design
-(DESIGN §3), so no Triton kernel is on the table; this script says whether another eager
-formulation of the same gradient is worth adopting, before anything changes.
+sixth of the step's kernel time, and 3.8 ms a step of host time under the profiler; eager and
+fused models then shared the tokenizers' per-table lookups. The tokenizers stay eager by design
+(DESIGN §3), so no Triton kernel is on the table; the first table this script prints says whether
+another eager formulation of one table's gradient is worth adopting, the second what the grouped
+lookups the fused path adopted instead change (below).
 
 Variants, each a forward and backward of one lookup ``ids [N] -> table [V, d]`` (padding row 0
 gets no gradient), with the same upstream gradient:

@@ -108,25 +108,27 @@ def main(argv=None) -> int:
     # compiled profile's "Torch-Compiled Region: 0/1" and its fake-tensor dispatches). The capture
     # range (cudaProfilerStart/Stop) still starts after the warm-up.
     enable_nvtx(True)
-    for _ in range(args.warmup):
-        step()
-    if common.ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
     prof = None
-    if args.torch_profiler:
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if common.ON_GPU else [])
-        prof = torch.profiler.profile(activities=acts)
-        prof.__enter__()
-    for _ in range(args.steps):
-        step()
-    if common.ON_GPU:
-        torch.cuda.synchronize()
-    if prof is not None:
-        prof.__exit__(None, None, None)
-    if common.ON_GPU:
-        torch.cuda.profiler.stop()
-    enable_nvtx(False)
+    try:  # the flag is process-wide: never left on (tests call main in-process)
+        for _ in range(args.warmup):
+            step()
+        if common.ON_GPU:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        if args.torch_profiler:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if common.ON_GPU else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+        for _ in range(args.steps):
+            step()
+        if common.ON_GPU:
+            torch.cuda.synchronize()
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        if common.ON_GPU:
+            torch.cuda.profiler.stop()
+        enable_nvtx(False)
 
     if args.host:
         host_breakdown(make_step, args.steps)
@@ -239,6 +241,7 @@ def host_breakdown(make_step, steps: int) -> dict:
     import common
 
     step = make_step()
+    step()  # untimed: a compiled model recompiles here once the ranges are off again (main's flag)
     plain = _timed(step, steps)
     # on a GPU the autograd engine runs the backward on its own device thread, which must take the
     # GIL for every Python backward (each fused op's); the same step with the backward on this thread

@@ -271,3 +271,25 @@ def test_all_ops_as_reference_leaves_no_custom_op_in_the_fused_model(compile_ref
         out, fused = compiled(*inputs), model(*inputs)
     torch.testing.assert_close(out, fused, rtol=1e-4, atol=1e-5)  # reference math against the kernels, fp32
     assert graphs == [[]]
+
+
+def test_the_default_leaves_the_cross_nets_and_layernorm_of_a_whole_model_to_the_compiler(compile_reference):
+    """In a whole fused model compiled under the default set, the cross net and the residual
+    LayerNorms are the compiler's (no custom op of theirs in the graph) and every other fused op is a
+    custom op; under ``"none"`` the graph gains exactly those two ops."""
+    from test_model import random_batch, tiny_config
+
+    cfg = tiny_config(backend="triton")
+    model = InterFormerCTR(cfg).to(DEVICE)
+    cross_op = "low_rank_cross_net_fwd" if any(isinstance(m, interformer.LowRankCrossNet) for m in model.modules()) \
+        else "cross_net_fwd"
+    assert any(isinstance(m, (interformer.LowRankCrossNet, interformer.CrossNet)) for m in model.modules())
+    batch = [t.to(DEVICE) for t in random_batch(cfg, [0, 3, 5], 5)][:4]
+    compiled, graphs = _traced_custom_ops(model)
+    compiled(*batch)
+    compile_reference("none")
+    compiled(*batch)
+    assert len(graphs) == 2, graphs
+    default, none = set(graphs[0]), set(graphs[1])
+    assert none - default == {cross_op, "add_layer_norm_fwd"}, (default, none)
+    assert default and default < none

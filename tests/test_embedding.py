@@ -173,12 +173,13 @@ def test_grads_accumulate_and_frozen_tables_get_none():
     E.grouped_embedding(ids, tables).backward(upstream)  # into the existing .grad
     for g, t in zip(once, tables):
         torch.testing.assert_close(t.weight.grad, 2 * g, rtol=0, atol=0)
-    tables[1].weight.requires_grad_(False)
+    tables[1].weight.requires_grad_(False)  # partly frozen: the reference (see the next test)
     _, want = run(per_table, ids, tables, upstream)
     _, grads = run(E.grouped_embedding, ids, tables, upstream)
     assert grads[1] is None and want[1] is None
     for j in (0, 2):
         torch.testing.assert_close(grads[j], want[j], **CLOSE[torch.float32])
+    assert embedding_nodes(E.grouped_embedding(ids, tables)) == {"EmbeddingBackward0": 2}
     for t in tables:
         t.weight.requires_grad_(False)
     out = E.grouped_embedding(ids, tables)  # nothing needs a gradient: no node at all
@@ -231,6 +232,130 @@ def test_tables_the_one_call_cannot_serve_take_the_reference(option):
         assert torch.equal(a.weight, b.weight)  # max_norm renormalises the rows it reads, in place
         assert a.weight.grad.is_sparse == b.weight.grad.is_sparse == (a.sparse and a is t)
         assert torch.equal(a.weight.grad.to_dense(), b.weight.grad.to_dense())
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """A subclass with its own forward (as a QAT embedding has): reading its weight is not calling it."""
+
+    def forward(self, ids):
+        return 2 * super().forward(ids)
+
+
+@pytest.mark.parametrize("change", ["subclass forward", "forward hook", "forward pre-hook", "global hook",
+                                    "module without weight"])
+def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
+    """The fast path reads the weights instead of calling the tables, so a table whose call does
+    more (its own forward, a hook of its own or a global one) sends the lookups to the reference:
+    the result is what calling the tables gives."""
+    sizes, d = (9, 4, 6), 3
+    tables = make_tables(sizes, d)
+    ids = random_ids(sizes, 6, pad=0.2)
+    handles = []
+    if change == "subclass forward":
+        scaled = _ScaledEmbedding(4, d, padding_idx=0).to(DEVICE)
+        scaled.load_state_dict(tables[1].state_dict())
+        tables[1] = scaled
+    elif change == "forward hook":
+        handles.append(tables[2].register_forward_hook(lambda m, i, o: o * 3))
+    elif change == "forward pre-hook":
+        handles.append(tables[0].register_forward_pre_hook(lambda m, i: (i[0].clamp(max=1),)))
+    elif change == "global hook":
+        handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: o + 1))
+    else:  # a module that is no nn.Embedding, first (its attributes are not read)
+        class Lookup(nn.Module):
+            def __init__(self, table):
+                super().__init__()
+                self.inner = table
+
+            def forward(self, ids):
+                return self.inner(ids)
+
+        tables[0] = Lookup(tables[0])
+    try:
+        want = per_table(ids, tables)
+        out = E.grouped_embedding(ids, tables)
+        assert torch.equal(out, want)
+        assert "_GroupedEmbeddingBackward" not in embedding_nodes(out)
+        assert not E._eligible(ids, tables)
+    finally:
+        for h in handles:
+            h.remove()
+    if handles:  # the hook was the only reason
+        assert E._eligible(ids, tables)
+
+
+def test_parametrized_tables_keep_the_fast_path_and_their_gradients():
+    """A parametrisation (``nn.utils.parametrize``) is computed by reading ``weight``: the one node
+    stays, and the gradient reaches the parametrisation's own parameter."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, w):
+            return w * self.s
+
+    sizes, d = (7, 5), 4
+    tables = make_tables(sizes, d)
+    parametrize.register_parametrization(tables[1], "weight", Scale().to(DEVICE))
+    ids = random_ids(sizes, 6, pad=0.2)
+    upstream = torch.randn(6, 2, d, device=DEVICE)
+    out = E.grouped_embedding(ids, tables)
+    assert embedding_nodes(out) == {"_GroupedEmbeddingBackward": 1}
+    out.backward(upstream)
+    got = tables[1].parametrizations.weight.original.grad.clone(), tables[1].parametrizations.weight[0].s.grad.clone()
+    tables.zero_grad(set_to_none=True)
+    per_table(ids, tables).backward(upstream)
+    want = tables[1].parametrizations.weight.original.grad, tables[1].parametrizations.weight[0].s.grad
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **CLOSE[torch.float32])
+
+
+def test_flat_ids_widen_int32_past_two_to_the_31():
+    """Flat ids of int32 ids over tables whose rows add up past 2**31 are int64 (both the one-size
+    and the mixed-size paths); the sizes alone decide it, no table is allocated."""
+    ids = torch.tensor([[1, 0, 7], [0, 2, 3]], dtype=torch.int32)
+    for sizes in ([2**30 + 5] * 3, [2**30 + 5, 2**30, 2**30 + 7]):
+        flat = E._flat_ids(ids, ids.unbind(1), sizes)
+        assert flat.dtype == torch.int64, sizes
+        offsets = torch.tensor([0, sizes[0], sizes[0] + sizes[1]])
+        want = torch.where(ids == 0, 0, ids.long() + offsets)
+        assert torch.equal(flat, want), sizes
+    small = E._flat_ids(ids, ids.unbind(1), [10, 10, 10])
+    assert small.dtype == torch.int32 and torch.equal(small.long(), torch.where(ids == 0, 0, ids.long() + torch.tensor([0, 10, 20])))
+
+
+def test_torch_func_grad_and_vmap_through_the_fused_lookups():
+    """``torch.func.grad`` and ``vmap`` take the Function (split forward/setup_context, generated vmap
+    rule), as they take ``nn.Embedding``: the same gradients and per-row values as the reference."""
+    from torch.func import functional_call, grad, vmap
+
+    sizes = (7, 5, 9)
+    tables = make_tables(sizes, 4)
+    ids = random_ids(sizes, 5, pad=0.3)
+
+    class Lookup(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.tables, self.fn = tables, fn
+
+        def forward(self, i):
+            return self.fn(i, self.tables)
+
+    results = []
+    for fn in (R.grouped_embedding, E.grouped_embedding):
+        m = Lookup(fn)
+        p = {k: v.detach() for k, v in m.named_parameters()}
+        g = grad(lambda p: functional_call(m, p, (ids,)).pow(2).sum())(p)
+        rows = vmap(lambda row: functional_call(m, p, (row[None],)).sum())(ids)
+        results.append((g, rows))
+    (g_ref, rows_ref), (g, rows) = results
+    assert g.keys() == g_ref.keys()
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], **CLOSE[torch.float32], msg=k)
+    torch.testing.assert_close(rows, rows_ref, rtol=0, atol=0)
 
 
 def test_deterministic_mode():

@@ -242,14 +242,21 @@ def _module_level_tensors():
     return found
 
 
-def test_fused_model_compiles_fullgraph(monkeypatch):
+@pytest.mark.parametrize("setting", ["default", "none"])
+def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     """No graph break through any fused op: the custom ops' fake implementations trace, their
     autograd formulas give the backward graph. aot_eager on CPU (no C++ toolchain needed);
     the GPU run uses Inductor. The compiled step leaves no tensor in a module-level cache: one
     first filled inside ``reduce-overhead``'s warm-up would sit in the CUDA-graph pool, which
-    Inductor refuses (the rotary table did, on an H100)."""
+    Inductor refuses (the rotary table did, on an H100). Under the default compile-reference set
+    and under ``"none"``, where every fused op (the cross nets and LayerNorm too) stays a custom op
+    and the tokenizers' grouped Function is traced."""
+    from interformer import backend
     from interformer.kernels import attention
 
+    # what set_compile_reference_ops(setting) sets, restored at teardown
+    monkeypatch.setattr(backend, "_COMPILE_REFERENCE", backend._compile_reference_set(setting, "test"))
+    torch._dynamo.reset()
     monkeypatch.setattr(attention, "_ROPE_TABLES", {})
     monkeypatch.setattr(attention, "_ROPE_RETIRED", [])  # tables earlier tests outgrew
     assert _module_level_tensors() == []

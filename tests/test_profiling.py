@@ -446,5 +446,21 @@ def test_compiled_steps_do_not_recompile_when_the_ranges_turn_on(train_step):
         assert train_step.main(["--shape", "smoke", "--backend", "eager", "--steps", "2", "--warmup", "1",
                                 "--compile", "--compile-backend", "eager", "--inference"]) == 0
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        # --host times the steps with the ranges off again: that recompile happens before its timings
+        timed, real = [], train_step._timed
+
+        def watched(fn, steps):
+            before = counters["stats"]["unique_graphs"]
+            out = real(fn, steps)
+            timed.append(counters["stats"]["unique_graphs"] - before)
+            return out
+
+        train_step._timed = watched
+        try:
+            assert train_step.main(["--shape", "smoke", "--backend", "eager", "--steps", "1", "--warmup", "1",
+                                    "--compile", "--compile-backend", "eager", "--inference", "--host"]) == 0
+        finally:
+            train_step._timed = real
+        assert timed and not any(timed), timed
     finally:
         torch._dynamo.reset()
