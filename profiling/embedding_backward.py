@@ -252,7 +252,7 @@ def main(argv=None) -> int:
             print(f"  {table:<18} {n:>8}  {variant:<10} {fmt(r['plain']):>9} {fmt(r['graphed']):>11} "
                   f"{fmt(r['deterministic']):>17}")
     print("(each model step runs one lookup per sparse field and per behaviour channel: 19 and 3 at taobao)")
-    print(f"\neach tokenizer's tables together, per-table lookups (eager path) against one grouped node (fused path)")
+    print("\neach tokenizer's tables together, per-table lookups (eager path) against one grouped node (fused path)")
     print(f"  {'tokenizer':<20} {'ids':>14}  {'lookup':<10} {'plain us':>9} {'graphed us':>11} {'deterministic us':>17}")
     for case, rows in measure_grouped(shape, args.calls, common.DEVICE).items():
         ids_shape = tokenizer_cases(shape)[case][0]
