@@ -81,7 +81,7 @@ def _lookups(cols: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> t
     return torch.stack([F.embedding(c, w, padding_idx=0) for c, w in zip(cols, weights)], dim=-2)
 
 
-def _flat_ids(ids: torch.Tensor, cols: Sequence[torch.Tensor], sizes: List[int]) -> torch.Tensor:
+def _flat_ids(ids: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     """``[B, *rest, F]``: field j's ids plus ``offset_j``, padding ids 0. A device tensor of the
     offsets from the host would cost a host-to-device copy per call (which a CUDA-graph capture
     refuses): tables of one size (the common case, and every benchmark shape) get theirs from
@@ -93,6 +93,7 @@ def _flat_ids(ids: torch.Tensor, cols: Sequence[torch.Tensor], sizes: List[int])
         offsets = torch.arange(0, len(sizes) * sizes[0], sizes[0], device=ids.device, dtype=dtype)
         flat = fields + offsets
     else:
+        cols = ids.unbind(1)
         if wide:
             cols = [c.long() for c in cols]
         shifted, offset = [], 0
@@ -116,7 +117,7 @@ class _GroupedEmbedding(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ids, *weights = inputs
         ctx.sizes = [w.shape[0] for w in weights]
-        ctx.save_for_backward(_flat_ids(ids, ids.unbind(1), ctx.sizes))
+        ctx.save_for_backward(_flat_ids(ids, ctx.sizes))
 
     @staticmethod
     def backward(ctx, grad):

@@ -318,12 +318,12 @@ def test_flat_ids_widen_int32_past_two_to_the_31():
     and the mixed-size paths); the sizes alone decide it, no table is allocated."""
     ids = torch.tensor([[1, 0, 7], [0, 2, 3]], dtype=torch.int32)
     for sizes in ([2**30 + 5] * 3, [2**30 + 5, 2**30, 2**30 + 7]):
-        flat = E._flat_ids(ids, ids.unbind(1), sizes)
+        flat = E._flat_ids(ids, sizes)
         assert flat.dtype == torch.int64, sizes
         offsets = torch.tensor([0, sizes[0], sizes[0] + sizes[1]])
         want = torch.where(ids == 0, 0, ids.long() + offsets)
         assert torch.equal(flat, want), sizes
-    small = E._flat_ids(ids, ids.unbind(1), [10, 10, 10])
+    small = E._flat_ids(ids, [10, 10, 10])
     assert small.dtype == torch.int32 and torch.equal(small.long(), torch.where(ids == 0, 0, ids.long() + torch.tensor([0, 10, 20])))
 
 
