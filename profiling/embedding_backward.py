@@ -136,6 +136,23 @@ def _graphed_us(step, calls: int) -> float:
     return do_bench(replay, warmup=10, rep=max(20, calls // 10)) * 1e3
 
 
+def _timings(step, calls: int, device) -> dict:
+    """``{"plain": us, "graphed": us or None, "deterministic": us or "error"}`` of one step: back to
+    back, replayed from a CUDA graph (GPU only), and under ``torch.use_deterministic_algorithms``
+    ("error" where the step has no deterministic version)."""
+    plain = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
+    graphed = _graphed_us(step, calls) if device.type == "cuda" else None
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
+    except RuntimeError:
+        det = "error"
+    finally:
+        torch.use_deterministic_algorithms(before)
+    return {"plain": plain, "graphed": graphed, "deterministic": det}
+
+
 def measure(shape, calls: int, device) -> dict:
     """``{table: {variant: {"plain": us, "graphed": us or None, "deterministic": us or "error"}}}``."""
     out = {}
@@ -143,18 +160,7 @@ def measure(shape, calls: int, device) -> dict:
         check(n, shape.d, device)
         rows = out[table] = {}
         for variant in VARIANTS:
-            step = _step(variant, *_case(n, shape.d, device, padded))
-            plain = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
-            graphed = _graphed_us(step, calls) if device.type == "cuda" else None
-            before = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
-                det = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
-            except RuntimeError:
-                det = "error"
-            finally:
-                torch.use_deterministic_algorithms(before)
-            rows[variant] = {"plain": plain, "graphed": graphed, "deterministic": det}
+            rows[variant] = _timings(_step(variant, *_case(n, shape.d, device, padded)), calls, device)
     return out
 
 
@@ -214,22 +220,14 @@ def check_grouped(ids_shape, d: int, device, padded: float = 0.5) -> None:
 
 
 def measure_grouped(shape, calls: int, device) -> dict:
-    """``{tokenizer: {grouping: {"plain": us, "graphed": us or None, "deterministic": us}}}``."""
+    """``{tokenizer: {grouping: {"plain": us, "graphed": us or None, "deterministic": us or "error"}}}``."""
     out = {}
     for case, (ids_shape, padded) in tokenizer_cases(shape).items():
         check_grouped(ids_shape, shape.d, device)
         rows = out[case] = {}
         for name in GROUPINGS:
-            step = _tokenizer_step(name, *_tokenizer_case(ids_shape, shape.d, device, padded))
-            plain = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
-            graphed = _graphed_us(step, calls) if device.type == "cuda" else None
-            before = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
-                det = seconds_per_call(step, calls, warmup=min(10, calls))[1] * 1e6
-            finally:
-                torch.use_deterministic_algorithms(before)
-            rows[name] = {"plain": plain, "graphed": graphed, "deterministic": det}
+            rows[name] = _timings(_tokenizer_step(name, *_tokenizer_case(ids_shape, shape.d, device, padded)),
+                                  calls, device)
     return out
 
 
@@ -245,20 +243,22 @@ def main(argv=None) -> int:
     print(f"embedding forward+backward per table, shape {args.shape} (vocabulary {VOCAB}, d {shape.d}), "
           f"{env['device']}; torch {env['torch']}")
     fmt = lambda v: "-" if v is None else (v if isinstance(v, str) else f"{v:.1f}")  # noqa: E731
+
+    def times(r):  # the three timing columns of a row
+        return f"{fmt(r['plain']):>9} {fmt(r['graphed']):>11} {fmt(r['deterministic']):>17}"
+
     print(f"  {'table':<18} {'ids':>8}  {'variant':<10} {'plain us':>9} {'graphed us':>11} {'deterministic us':>17}")
     for table, rows in measure(shape, args.calls, common.DEVICE).items():
         n = tables(shape)[table][0]
         for variant, r in rows.items():
-            print(f"  {table:<18} {n:>8}  {variant:<10} {fmt(r['plain']):>9} {fmt(r['graphed']):>11} "
-                  f"{fmt(r['deterministic']):>17}")
+            print(f"  {table:<18} {n:>8}  {variant:<10} {times(r)}")
     print("(each model step runs one lookup per sparse field and per behaviour channel: 19 and 3 at taobao)")
     print("\neach tokenizer's tables together, per-table lookups (eager path) against one grouped node (fused path)")
     print(f"  {'tokenizer':<20} {'ids':>14}  {'lookup':<10} {'plain us':>9} {'graphed us':>11} {'deterministic us':>17}")
     for case, rows in measure_grouped(shape, args.calls, common.DEVICE).items():
         ids_shape = tokenizer_cases(shape)[case][0]
         for grouping, r in rows.items():
-            print(f"  {case:<20} {'x'.join(map(str, ids_shape)):>14}  {grouping:<10} {fmt(r['plain']):>9} "
-                  f"{fmt(r['graphed']):>11} {fmt(r['deterministic']):>17}")
+            print(f"  {case:<20} {'x'.join(map(str, ids_shape)):>14}  {grouping:<10} {times(r)}")
     return 0
 
 
