@@ -3,7 +3,7 @@
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
 #   benchmarks), profile (per-range and per-kernel tables of one training step), embed (the
 #   tokenizers' embedding backward, profiling/embedding_backward.py), host (per-launch host cost, plain
-#   vs CUDA-graph step time and where the host time goes, fused and eager), threads (the autograd
+#   vs CUDA-graph step time and where the host time goes, fused and eager; profiling/step_ops.py), threads (the autograd
 #   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
 # Each stage is time-boxed ($<STAGE>_TIMEOUT seconds) so one call never loses everything to its
 # limit: benchmark rows are appended to $OUT/<stage>.jsonl as they are measured. Selections:
@@ -137,6 +137,14 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              # one fused op's plain fwd+bwd: as benchmarked, with its Triton launches skipped, eager
              timeout "${OP_HOST_TIMEOUT:-90}" python3 profiling/op_host.py --profile >"$OUT/op_host.log" 2>&1
              echo "op_host exit $?"; grep -E "^  [a-z_]+ +(fused|eager)" "$OUT/op_host.log"
+             # what a step issues (aten ops, launches, autograd nodes by arch) under CUDA's autocast, and
+             # its time with the launches skipped (the host time minus the launches' own)
+             for mode in "" --inference; do
+               timeout "${STEP_OPS_TIMEOUT:-60}" python3 profiling/step_ops.py --shape taobao --time $mode \
+                 >>"$OUT/step_ops.log" 2>&1
+               echo "step_ops $mode exit $?"
+             done
+             tail -n 40 "$OUT/step_ops.log"
              for be in triton eager; do
                timeout "${HOST_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                  --steps 10 --host >"$OUT/host-$be.log" 2>&1

@@ -464,3 +464,71 @@ def test_compiled_steps_do_not_recompile_when_the_ranges_turn_on(train_step):
         assert timed and not any(timed), timed
     finally:
         torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def step_ops():
+    yield from _with_bench("step_ops")
+
+
+def test_step_ops_counts_a_training_step_of_each_backend(step_ops, capsys):
+    """The counts are what the design says of a fused step: fewer forward and backward aten ops and
+    fewer autograd nodes than eager, the fused ops' own Functions among the nodes, Triton launches
+    only on the fused path, one ``AccumulateGrad`` per parameter either way (no parameter lost from
+    the graph); and they do not depend on the batch."""
+    counts = {}
+    for backend in ("eager", "triton"):
+        model, inputs, label = step_ops.build("smoke", backend, B=2)
+        counts[backend] = step_ops.count(model, inputs, label, inference=False)
+        n_params = sum(1 for _ in model.parameters())
+        assert counts[backend]["nodes"]["AccumulateGrad"] == n_params
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+    eager, fused = counts["eager"], counts["triton"]
+    assert sum(fused["forward"].values()) < sum(eager["forward"].values())
+    assert fused["backward"] < eager["backward"]
+    assert sum(fused["nodes"].values()) < sum(eager["nodes"].values())
+    assert fused["nodes"]["fused-op Functions"] > 0 and eager["nodes"]["fused-op Functions"] == 0
+    assert fused["launches_fwd"] > 0 and fused["launches_bwd"] > 0
+    assert eager["launches_fwd"] == eager["launches_bwd"] == 0
+    # every arch issued something on the eager path, and its linear layers show apart
+    assert set(step_ops.ARCHES) <= set(eager["forward"])
+    assert eager["forward"]["Sequence Arch, nn.Linear"] > 0
+    model, inputs, label = step_ops.build("smoke", "triton", B=5)
+    assert step_ops.count(model, inputs, label, inference=False) == fused
+
+    assert step_ops.main(["--shape", "smoke", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "autograd nodes, all" in out and "backward Triton launches" in out
+
+
+def test_step_ops_inference_and_timing(step_ops, capsys):
+    """``--inference`` counts a forward under no_grad (no backward rows); ``--time`` prints both
+    backends' step times and their ratio."""
+    assert step_ops.main(["--shape", "smoke", "--inference", "--time"]) == 0
+    out = capsys.readouterr().out
+    assert "forward aten ops, all" in out and "backward aten ops" not in out and "autograd nodes" not in out
+    assert "eager / triton:" in out
+    with pytest.raises(SystemExit):
+        step_ops.main(["--batch", "1"])
+
+
+def test_step_ops_hooks_leave_the_grouped_lookups_alone(step_ops):
+    """No embedding table gets a hook from the counting (a hooked table sends the fused tokenizers
+    down their per-table path, which would change what is counted): with the hooks on, each fused
+    tokenizer's tables still share one grouped-lookup node."""
+    import torch
+
+    model, inputs, label = step_ops.build("smoke", "triton", B=2)
+    where = step_ops._Where(model)
+    try:
+        assert any(m._forward_pre_hooks for m in model.modules() if isinstance(m, torch.nn.Linear))
+        names, seen, todo = [], set(), [model.loss(model(*inputs), label).grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                names.append(type(node).__name__)
+                todo.extend(fn for fn, _ in node.next_functions)
+    finally:
+        where.remove()
+    assert names.count("_GroupedEmbeddingBackward") == 2 and "EmbeddingBackward0" not in names

@@ -1,0 +1,292 @@
+"""What one model step asks of the host, counted: aten ops, Triton launches and autograd nodes of the
+eager and the fused model, by arch. No GPU needed.
+
+    python profiling/step_ops.py [--shape taobao] [--batch 4] [--inference] [--time]
+
+Why: at the DESIGN §6 shapes a plain (not CUDA-graphed, not compiled) step is bound by the host
+(H200: the fused ``taobao`` training step took 31.6 ms on the calling thread, 10.8 ms as a graph
+replay), so its time follows what the host issues: every aten op goes through the dispatcher,
+every Triton launch through Triton's launcher, every autograd node through the engine. This
+script counts those for one step of each backend and says where they come from, so that a change
+meant to save host time can be judged on a CPU before a GPU times it.
+
+Method: the bench model (``bench/test_bench_model.py``'s config at ``--shape``) at a small batch
+(counts do not depend on it), bf16 autocast on the model's device, every Triton launch counted and
+skipped (``interformer.profiling.triton_launches(run=False)``: outputs are garbage, which the
+counts do not read). One warm-up step, then one counted step:
+
+* forward aten ops (``TorchDispatchMode``, views and allocations included), by the arch whose
+  forward issued them (forward hooks on the arches and on every ``nn.Linear``, so each arch's
+  linear layers, which neither backend fuses, show apart);
+* backward aten ops (the engine's thread runs them; no attribution);
+* Triton launches, forward and backward;
+* autograd nodes reachable from the loss, by kind: ``AccumulateGrad`` (one per parameter),
+  ``ToCopyBackward0`` (autocast's casts), the fused ops' own Functions, and the rest.
+
+``--inference`` counts the forward alone under ``torch.no_grad()`` (no backward, no nodes).
+``--time`` also times each backend's step on this machine with the launches still skipped, at the
+shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching):
+on a CPU, a rough proxy of the plain step's host time. On 2026-11-27 the CI CPU gave 1.54-1.60x
+for the fused inference against eager in three runs (the H200 measured 1.43x for the plain
+inference step) and 1.28-1.34x for the training step (the H200, backward on the calling thread:
+1.18x; the proxy leaves out the launches' own cost, 89 of them a fused step). One machine against
+one GPU: read it as a direction, not a number. Autocast on a CPU
+follows the CPU's op lists, which differ from CUDA's in a few ops (e.g. which casts a LayerNorm
+gets), so a GPU's counts differ slightly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections import Counter
+from typing import Dict, Optional
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+#: the arches, in the order of the table; the last takes what no arch's forward issued (the model's
+#: glue between arches, the CTR head, the loss)
+ARCHES = ("tokenizers", "Cross Arch", "Interaction Arch", "Sequence Arch", "other (glue, head, loss)")
+OTHER = ARCHES[-1]
+
+
+def _arch_of(name: str) -> Optional[str]:
+    """The arch a submodule's qualified name belongs to (None: none of the hooked ones)."""
+    parts = name.split(".")
+    if parts[:1] == ["backbone"] and len(parts) >= 2:
+        if parts[1].endswith("tokenizer"):
+            return "tokenizers"
+        if parts[1] == "final_cross" or (parts[1] == "blocks" and parts[3:4] == ["cross"]):
+            return "Cross Arch"
+        if parts[1] == "blocks" and parts[3:4] == ["interaction"]:
+            return "Interaction Arch"
+        if parts[1] == "blocks" and parts[3:4] == ["sequence"]:
+            return "Sequence Arch"
+    return None
+
+
+class _Where:
+    """Forward hooks that keep a stack of ``(arch, is a linear layer)`` while the model runs; the top
+    names where an aten op comes from. Hooked: every module of an arch and every ``nn.Linear``, but
+    no ``nn.Embedding`` (a table with a forward hook makes the fused tokenizers take their per-table
+    path, which would change what is counted)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack = []
+        self.handles = []
+        for name, module in model.named_modules():
+            arch = _arch_of(name)
+            linear = isinstance(module, torch.nn.Linear)
+            if isinstance(module, torch.nn.Embedding) or (arch is None and not linear):
+                continue
+            entry = (arch or OTHER, linear)
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, entry=entry: self.stack.append(entry)))
+            self.handles.append(module.register_forward_hook(self._pop))
+
+    def _pop(self, module, args, output) -> None:  # a forward hook's return value would replace the output
+        self.stack.pop()
+
+    def key(self) -> str:
+        if not self.stack:
+            return OTHER
+        arch, linear = self.stack[-1]
+        return f"{arch}, nn.Linear" if linear else arch
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _counting_mode(counter: Counter, where: Optional[_Where]):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counter[where.key() if where is not None else "backward"] += 1
+            return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+def _nodes(root) -> Counter:
+    """Autograd nodes reachable from ``root`` (a grad_fn), by kind."""
+    kinds, seen, todo = Counter(), set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = type(node).__name__
+        if name in ("AccumulateGrad", "ToCopyBackward0"):
+            kinds[name] += 1
+        elif name.startswith("_"):  # this package's Functions (_GatedLCE, _AttentionQKV, ...)
+            kinds["fused-op Functions"] += 1
+        else:
+            kinds["other aten backward"] += 1
+        todo.extend(fn for fn, _ in node.next_functions)
+    return kinds
+
+
+#: the sizes :func:`seconds_per_step` runs at: the shape's structure (tokens, channels, layers) with
+#: d = 16, T = 6 and B = 2, so that the CPU's arithmetic is small next to its dispatching
+TIMING_SIZES = {"B": 2, "T": 6, "d": 16}
+
+
+def build(shape_name: str, backend: str, **sizes):
+    """``(model, inputs, label)``: the bench config at ``shape_name``, with ``sizes`` (e.g. ``B=4``)
+    replacing the shape's."""
+    from dataclasses import replace
+
+    import common
+    from test_bench_model import batch_for, config_for
+
+    from interformer import InterFormerCTR, optimize
+
+    shape = replace(common.ALL_SHAPES[shape_name], **sizes)
+    cfg = config_for(shape)
+    torch.manual_seed(0)
+    model = optimize(InterFormerCTR(cfg).to(common.DEVICE), backend)
+    inputs, label = batch_for(shape, cfg)
+    return model, inputs, label
+
+
+def count(model, inputs, label, inference: bool) -> Dict[str, object]:
+    """One counted step of ``model`` (after one warm-up): ``{"forward": Counter by arch,
+    "backward": int, "launches_fwd": int, "launches_bwd": int, "nodes": Counter by kind}``."""
+    from interformer.profiling import triton_launches
+
+    device = inputs[0].device.type
+    params = [p for p in model.parameters()]
+
+    def forward():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(*inputs)
+            return out if inference else model.loss(out, label)
+
+    result = {"forward": Counter(), "backward": 0, "launches_fwd": 0, "launches_bwd": 0, "nodes": Counter()}
+    grad = contextlib.nullcontext() if not inference else torch.no_grad()
+    where = _Where(model)
+    try:
+        with triton_launches(run=False) as launches, grad:
+            for counted in (False, True):
+                for p in params:
+                    p.grad = None
+                launches.clear()
+                with _counting_mode(result["forward"], where) if counted else contextlib.nullcontext():
+                    loss = forward()
+                if counted:
+                    result["launches_fwd"] = sum(launches.values())
+                if inference:
+                    continue
+                if counted:
+                    result["nodes"] = _nodes(loss.grad_fn)
+                launches.clear()
+                backward = Counter()
+                with _counting_mode(backward, None) if counted else contextlib.nullcontext():
+                    with torch.autograd.set_multithreading_enabled(False):
+                        loss.backward()
+                if counted:
+                    result["backward"] = backward["backward"]
+                    result["launches_bwd"] = sum(launches.values())
+    finally:
+        where.remove()
+    return result
+
+
+def seconds_per_step(model, inputs, label, inference: bool, steps: int = 20) -> float:
+    """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``)."""
+    from interformer.profiling import triton_launches
+
+    device = inputs[0].device.type
+    params = list(model.parameters())
+
+    def step():
+        if inference:
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+                model(*inputs)
+            return
+        for p in params:
+            p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model.loss(model(*inputs), label)
+        with torch.autograd.set_multithreading_enabled(False):
+            loss.backward()
+
+    best = float("inf")
+    with triton_launches(run=False):
+        step()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def table(results: Dict[str, Dict[str, object]], inference: bool) -> str:
+    """The side-by-side table of :func:`count`'s results for each backend."""
+    names = list(results)
+    rows = []
+    keys = [k for a in ARCHES for k in (a, f"{a}, nn.Linear")
+            if any(r["forward"].get(k) for r in results.values())]
+    rows += [(f"forward aten ops: {k}", [r["forward"].get(k, 0) for r in results.values()]) for k in keys]
+    rows.append(("forward aten ops, all", [sum(r["forward"].values()) for r in results.values()]))
+    rows.append(("forward Triton launches", [r["launches_fwd"] for r in results.values()]))
+    if not inference:
+        rows.append(("backward aten ops", [r["backward"] for r in results.values()]))
+        rows.append(("backward Triton launches", [r["launches_bwd"] for r in results.values()]))
+        kinds = sorted({k for r in results.values() for k in r["nodes"]})
+        rows += [(f"autograd nodes: {k}", [r["nodes"].get(k, 0) for r in results.values()]) for k in kinds]
+        rows.append(("autograd nodes, all", [sum(r["nodes"].values()) for r in results.values()]))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'':<{width}} " + " ".join(f"{n:>9}" for n in names)]
+    lines += [f"{label:<{width}} " + " ".join(f"{v:>9}" for v in values) for label, values in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import common
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="taobao", choices=list(common.ALL_SHAPES))
+    parser.add_argument("--batch", type=int, default=4, help="samples per step (the counts do not depend on it)")
+    parser.add_argument("--inference", action="store_true", help="the forward alone, under torch.no_grad()")
+    parser.add_argument("--time", action="store_true", help="also time each step, launches skipped (a host proxy)")
+    args = parser.parse_args(argv)
+    if args.batch < 2:
+        parser.error("--batch must be at least 2 (the bench batch has one full and one empty sequence)")
+
+    results, seconds = {}, {}
+    for backend in ("eager", "triton"):
+        model, inputs, label = build(args.shape, backend, B=args.batch)
+        model.train(not args.inference)
+        results[backend] = count(model, inputs, label, args.inference)
+        if args.time:
+            model, inputs, label = build(args.shape, backend, **TIMING_SIZES)
+            model.train(not args.inference)
+            seconds[backend] = seconds_per_step(model, inputs, label, args.inference)
+    what = "inference forward" if args.inference else "training step (forward, loss, backward)"
+    print(f"one {what} at {args.shape}'s sizes (batch {args.batch}), bf16 autocast on "
+          f"{common.DEVICE.type}, Triton launches counted and skipped")
+    print(table(results, args.inference))
+    if seconds:
+        sizes = ", ".join(f"{k} = {v}" for k, v in TIMING_SIZES.items())
+        print(f"\nstep time with every launch skipped, at {sizes} (this machine's host; on a CPU a rough proxy, "
+              f"see --help):")
+        for backend, s in seconds.items():
+            print(f"  {backend:<7} {s * 1e3:8.3f} ms")
+        print(f"  eager / triton: {seconds['eager'] / seconds['triton']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
