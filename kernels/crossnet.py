@@ -54,6 +54,28 @@ upstream gradient), ``dx0 = g_0 + sum_i g_{i+1} * y_i``, ``dU_i = dy_i^T p_i``, 
   parameters' dtype (one launch for all). With ``SPLIT == 1`` (e.g. D = 9216 at ``long``) the weight
   kernel writes the gradients directly and this launch is skipped. No atomics: deterministic.
 
+``LOW_RANK_BACKWARD = "phases"`` (not the default; kept for measurement) replaces the rows kernel
+by launches with more programs. The rows kernel runs ``cdiv(B, 16)`` programs (128 at taobao, one
+per SM, 4 of an SM's 64 warps) that each make L + 1 dependent passes over D; on an H200 it took 84 us
+of a taobao step's low-rank backward against 51 us for the weight kernel. Instead:
+
+* ``_lr_bwd_phase_kernel``, one launch per layer from the top, grid ``(cdiv(B, 16), S)``: the
+  program of a row block and column range s adds ``dy_i U_i`` over its ``CHUNKS`` column tiles
+  into a partial ``DPP[i, s]`` (fp32 ``[L, S, B, r]``); ``S`` is the smallest split that gives about
+  4 programs per SM (5 at taobao on an H100: 640 programs). It rebuilds ``g_{i+1}`` on its tiles
+  from the upstream gradient, ``dp_{i+1}`` (summed from its S partials, s = 0 .. S-1 in order; the
+  ``s = 0`` programs also store it, final, in ``dP``) and the ``dp_j`` above that (read from ``dP``).
+* ``_lr_bwd_dx0_kernel``, grid ``(cdiv(B, 16), cdiv(D, BLOCK_D))``, one tile per program: ``dx0``
+  as in the rows kernel's last pass, ``dp_0`` summed from its partials (the column-tile-0 programs
+  store it in ``dP``).
+
+The weight kernel and its reduction follow unchanged. ``L + 1`` launches where the rows kernel is
+one (more host time per call) and ``L * S * B * r`` fp32 partials (2.6 MB at taobao); the same sums
+in a fixed order (deterministic). Tiles, stages and warps are the rows kernel's plan, each loop's
+loads a subset of its loops' (so its shared-memory estimate bounds them; the sm_90 builds are
+checked against it). Built with Triton 3.6 for sm_90 at taobao: 44-72 registers for the phase
+kernel, 96 for the dx0 kernel, no spills. Not timed yet.
+
 Recomputing ``x_i`` / ``g_{i+1}`` on a chunk costs ``O(L)`` small ``[16, r] x [r, chunk]`` dots per
 chunk and pass (``O(L^2)`` in all), which is free next to the memory traffic for the L <= 4 of DCN
 practice.
@@ -183,7 +205,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, sum_partials
+from ._common import (KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs,
+                      sum_partials)
 from ._dispatch import lean_function, needs_grad, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -202,6 +225,12 @@ _TARGET_PROGRAMS = 128
 #: registers and 153 KB in the forward, 128 columns, 186 registers and 148 KB in the rows kernel,
 #: no spills: 8 resident warps per SM. Not timed yet (benchmark provider ``fused-8warps``).
 LOW_RANK_ROW_WARPS = 4
+#: How the low-rank backward finds ``dp_i`` and ``dx0`` (module docstring): ``"rows"`` (the default,
+#: measured: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per
+#: layer over row blocks x column ranges, with column-split partial sums, then one launch over
+#: every tile for dx0: ``L + 1`` launches instead of one, and ``cdiv(B, 16) x S`` programs instead
+#: of ``cdiv(B, 16)``). Not timed yet (benchmark provider ``fused-phases``).
+LOW_RANK_BACKWARD = "rows"
 
 
 # ============================================================================ low rank: Triton
@@ -365,6 +394,96 @@ def _lr_bwd_weights_kernel(
         tl.store(db_base + i * D + cols, acc_b.to(db_base.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _lr_dp_rows(DPP, j, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``dp_j`` on a row block (``[BLOCK_B, BLOCK_R]`` fp32): the ``S`` column-split partials of layer
+    j (``DPP [L, S, B, R]``) added in the order s = 0 .. S-1, the same in every kernel that reads them."""
+    m = row_ok[:, None] & r_ok[None, :]
+    acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(DPP + ((j * S + s) * B + rows[:, None]) * R + rk[None, :], mask=m, other=0.0)
+    return acc
+
+
+@triton.jit
+def _lr_bwd_phase_kernel(
+    DPP, DP,
+    G, X0, Us, Vs,
+    B, D, R, S, CHUNKS,
+    LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, PREC: tl.constexpr,
+):
+    """``LOW_RANK_BACKWARD = "phases"``, one launch per layer from the top: program ``(row block,
+    s)`` adds up ``(g_{LAYER+1} * x0) U_LAYER`` over its ``CHUNKS`` column tiles into the partial
+    ``DPP[LAYER, s]``. ``g_{LAYER+1}`` is rebuilt on each tile from the upstream gradient and the
+    layers above: ``dp_{LAYER+1}`` summed here from its partials (the ``s = 0`` programs also store
+    it, final, in ``DP``), the ones above that read from ``DP``."""
+    DT: tl.constexpr = X0.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    s = tl.program_id(1)
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    pr_mask = row_ok[:, None] & r_ok[None, :]
+    if LAYER + 1 < NUM_LAYERS:
+        dp_up = _lr_dp_rows(DPP, LAYER + 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
+        if s == 0:
+            tl.store(DP + ((LAYER + 1) * B + rows[:, None]) * R + rk[None, :], dp_up, mask=pr_mask)
+    acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+    for c in range(0, CHUNKS):
+        cols = (s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        m = row_ok[:, None] & col_ok[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+        if LAYER + 1 < NUM_LAYERS:
+            v = tl.load(Vs[LAYER + 1] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            g = tl.dot(dp_up.to(DT), v.to(DT), g, input_precision=PREC)
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, LAYER + 2, NUM_LAYERS, DT, PREC)
+        dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(Us[LAYER] + cols[:, None] * R + rk[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(dy.to(DT), u.to(DT), acc, input_precision=PREC)
+    tl.store(DPP + ((LAYER * S + s) * B + rows[:, None]) * R + rk[None, :], acc, mask=pr_mask)
+
+
+@triton.jit
+def _lr_bwd_dx0_kernel(
+    DX0, DP,
+    DPP, G, P, Us, Vs, Bs,
+    B, D, R, S,
+    NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``LOW_RANK_BACKWARD = "phases"``, after the phase launches: ``dx0 = g_0 + sum_i g_{i+1} * y_i``
+    on one ``[BLOCK_B, BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with
+    ``dp_0`` summed from its partials (the column-tile-0 programs store it, final, in ``DP`` for the
+    weight kernel) and the other ``dp_i`` read from ``DP``."""
+    DT: tl.constexpr = DX0.dtype.element_ty  # x0's, the dots' operand dtype (as in the rows kernel)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    dp0 = _lr_dp_rows(DPP, 0, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
+    if pid_d == 0:
+        tl.store(DP + rows[:, None] * R + rk[None, :], dp0, mask=row_ok[:, None] & r_ok[None, :])
+    m = row_ok[:, None] & col_ok[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
+        y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
+        acc += g * y
+        if i > 0:
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
+        else:
+            v = tl.load(Vs[0] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            g = tl.dot(dp0.to(DT), v.to(DT), g, input_precision=PREC)
+    tl.store(DX0 + off, (acc + g).to(DX0.dtype.element_ty), mask=m)
+
+
 # ============================================================================ low rank: launchers
 class _LRPlan(NamedTuple):
     """Tiles of the low-rank kernels for one (D, r, L, dtypes). ``fwd`` and ``rows``: ``(BLOCK_D,
@@ -503,6 +622,21 @@ def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem
     return cdiv(B, rows), rows
 
 
+def _low_rank_backward() -> str:
+    if LOW_RANK_BACKWARD not in ("rows", "phases"):
+        raise ValueError(f'LOW_RANK_BACKWARD must be "rows" or "phases", got {LOW_RANK_BACKWARD!r}')
+    return LOW_RANK_BACKWARD
+
+
+def _lr_phase_split(row_blocks: int, col_tiles: int, device: torch.device) -> Tuple[int, int]:
+    """``(S, CHUNKS)`` of the phase kernels: the column tiles split into S ranges of CHUNKS tiles
+    (the last may be shorter), S as small as gives about :func:`persistent_programs` programs with
+    the row blocks (4 per SM on a GPU; 2 under the interpreter, so tests split D too)."""
+    split = max(1, min(col_tiles, cdiv(persistent_programs(device), row_blocks)))
+    chunks = cdiv(col_tiles, split)
+    return cdiv(col_tiles, chunks), chunks
+
+
 @on_input_device
 def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     g = g.contiguous()
@@ -521,11 +655,18 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     BBW, BDW, w_stages = plan.weights
     dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
-    _lr_bwd_rows_kernel[(cdiv(B, _LR_BLOCK_B),)](
-        dx0, dp, g, x0, p, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, num_warps=LOW_RANK_ROW_WARPS,
-        num_stages=stages,
-    )
+    row_blocks = cdiv(B, _LR_BLOCK_B)
+    rows_kw = dict(NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec,
+                   num_warps=LOW_RANK_ROW_WARPS, num_stages=stages)
+    if _low_rank_backward() == "rows":
+        _lr_bwd_rows_kernel[(row_blocks,)](dx0, dp, g, x0, p, ws, vs, bs, B, D, R, **rows_kw)
+    else:  # "phases"
+        split, chunks = _lr_phase_split(row_blocks, cdiv(D, bd), dev)
+        dpp = torch.empty((L, split, B, R), device=dev, dtype=torch.float32)
+        for i in range(L - 1, -1, -1):
+            _lr_bwd_phase_kernel[(row_blocks, split)](dpp, dp, g, x0, ws, vs, B, D, R, split, chunks, LAYER=i,
+                                                      **rows_kw)
+        _lr_bwd_dx0_kernel[(row_blocks, cdiv(D, bd))](dx0, dp, dpp, g, p, ws, vs, bs, B, D, R, split, **rows_kw)
     du = torch.empty((L, D, R), device=dev, dtype=pdt)
     dv = torch.empty((L, R, D), device=dev, dtype=pdt)
     db = torch.empty((L, D), device=dev, dtype=pdt)

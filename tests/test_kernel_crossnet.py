@@ -118,6 +118,41 @@ def test_low_rank_cross_net_with_eight_row_warps(B, D, r, L, dtype, monkeypatch)
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,r,L", LR_CASES + [(33, 312, 8, 3)])
+def test_low_rank_cross_net_phased_backward(B, D, r, L, dtype, monkeypatch):
+    """``LOW_RANK_BACKWARD = "phases"`` (kept for measurement): the same outputs and gradients as the
+    references in every case above, and in (33, 312, 8, 3): three row blocks, D in three column tiles."""
+    monkeypatch.setattr(C, "LOW_RANK_BACKWARD", "phases")
+    flat = _lr_inputs(B, D, r, L, dtype)
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+
+
+def test_low_rank_phase_split_covers_every_column_tile(monkeypatch):
+    """``_lr_phase_split``: S ranges of CHUNKS tiles cover every tile, none of them empty, with at
+    least half of the ``persistent_programs`` aimed at where there are tiles enough; and the phased
+    cases above really split D under the interpreter (S = 2 at D = 312, and at D = 40 with r = 24)."""
+    cpu = torch.device("cpu")
+    for programs in (2, 528):
+        monkeypatch.setattr(C, "persistent_programs", lambda device, n=programs: n)
+        for row_blocks in (1, 2, 3, 128, 1000):
+            for tiles in (1, 2, 3, 7, 14, 28):
+                split, chunks = C._lr_phase_split(row_blocks, tiles, cpu)
+                assert 1 <= split <= tiles and split * chunks >= tiles and (split - 1) * chunks < tiles
+                assert row_blocks * split >= min(programs, row_blocks * tiles) // 2
+    monkeypatch.undo()
+    for B, D, r, L in [(3, 312, 32, 2), (5, 312, 200, 3), (1, 40, 24, 4)]:
+        bd = C._lr_plan(D, r, L, torch.float32, torch.float32).rows[0]
+        assert C._lr_phase_split(C.cdiv(B, C._LR_BLOCK_B), C.cdiv(D, bd), cpu)[0] == 2
+
+
+def test_low_rank_backward_setting_is_checked(monkeypatch):
+    flat = _lr_inputs(3, 40, 4, 2, torch.float32)
+    monkeypatch.setattr(C, "LOW_RANK_BACKWARD", "columns")
+    with pytest.raises(ValueError, match="LOW_RANK_BACKWARD must be"):
+        _run(C.low_rank_cross_net, flat, 2, 3)
+
+
 def test_low_rank_row_warps_may_change_between_forward_and_backward(monkeypatch):
     """The forward saves ``P [L, B, r]`` whatever its tiles, so a backward run with the other
     ``LOW_RANK_ROW_WARPS`` (and other column tiles) still gives the reference gradients; any value
@@ -259,6 +294,14 @@ def _aot_cases(B, D, r, L, xdt, pdt, row_warps=4):
              consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
         dict(module=mod, kernel="_lr_bwd_rows_kernel", kind="rows", shape=[D, r, L, x, p], est=est["rows"],
              num_stages=plan.rows[1], args=dict(DX0=x, DP=f, G=x, X0=x, P=f, **params, B=B, D=D, R=r),
+             consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
+        # LOW_RANK_BACKWARD = "phases": the rows kernel's tiles, and each loop a subset of its loads
+        dict(module=mod, kernel="_lr_bwd_phase_kernel", kind="rows", shape=[D, r, L, x, p, "phase 0"],
+             est=est["rows"], num_stages=plan.rows[1],
+             args=dict(DPP=f, DP=f, G=x, X0=x, Us=[p] * L, Vs=[p] * L, B=B, D=D, R=r, S=4, CHUNKS=2),
+             consts=dict(common, LAYER=0, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
+        dict(module=mod, kernel="_lr_bwd_dx0_kernel", kind="rows", shape=[D, r, L, x, p, "dx0"], est=est["rows"],
+             num_stages=plan.rows[1], args=dict(DX0=x, DP=f, DPP=f, G=x, P=f, **params, B=B, D=D, R=r, S=4),
              consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
         dict(module=mod, kernel="_lr_bwd_weights_kernel", kind="weights", shape=[D, r, L, x, p],
              est=est["weights"], num_stages=plan.weights[2],

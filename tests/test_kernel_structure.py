@@ -126,6 +126,12 @@ class Case:
     #: (description, predicate, how many fresh tensors of the forward may match): e.g. only the output
     fwd_at_most: Optional[Tuple[str, Callable[[Made], bool], int]] = None
     bwd_at_most: Optional[Tuple[str, Callable[[Made], bool], int]] = None
+    #: module-level settings of ``interformer.kernels.crossnet`` the case runs with (name -> value)
+    settings: Tuple[Tuple[str, object], ...] = ()
+
+    def apply(self, monkeypatch) -> None:
+        for name, value in self.settings:
+            monkeypatch.setattr(crossnet, name, value)
 
 
 B = 3
@@ -246,6 +252,14 @@ CASES = [
          {"_lr_bwd_rows_kernel": 1, "_lr_bwd_weights_kernel": 1},
          fwd_at_most=("[B, D] tensors (x_i never goes to memory; only the output)", lambda m: is_rows(m, 40), 1),
          bwd_at_most=("[B, D] tensors (only dx0)", lambda m: is_rows(m, 40), 1)),
+    # LOW_RANK_BACKWARD = "phases": one launch per layer for dp_i, one for dx0; still no [B, D]
+    # (4 layers: 3 would make [L, D, r] a multiple of B * D, which is_rows cannot tell apart)
+    # intermediate (the column-split partial sums are [L, S, B, r])
+    Case("low_rank_cross_net, phased backward, D=40, r=4, 4 layers", _low_rank(40, 4, 4), {"_lr_fwd_kernel": 1},
+         {"_lr_bwd_phase_kernel": 4, "_lr_bwd_dx0_kernel": 1, "_lr_bwd_weights_kernel": 1},
+         fwd_at_most=("[B, D] tensors (x_i never goes to memory; only the output)", lambda m: is_rows(m, 40), 1),
+         bwd_at_most=("[B, D] tensors (only dx0)", lambda m: is_rows(m, 40), 1),
+         settings=(("LOW_RANK_BACKWARD", "phases"),)),
     Case("dot_interaction", _dot, {"_dot_fwd_kernel": 1}, {"_dot_bwd_kernel": 1},
          never=(f"the {Z_N} x {Z_N} Gram matrix", lambda m: has_adjacent(m.shape, Z_N, Z_N))),
     Case("attention, L=65", _attention(65), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
@@ -269,7 +283,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_fused_op_launches_and_writes_what_its_docstring_says(case: Case):
+def test_fused_op_launches_and_writes_what_its_docstring_says(case: Case, monkeypatch):
+    case.apply(monkeypatch)
     fn, inputs = case.build()
     fwd, bwd, grads = run_phases(fn, inputs)
     # the gradients are allocated in the backward: an empty record saw nothing (on a GPU the
@@ -319,12 +334,13 @@ def test_the_recorder_sees_what_it_must_reject():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_second_order_gradients_raise_instead_of_dropping_the_op(case: Case):
+def test_second_order_gradients_raise_instead_of_dropping_the_op(case: Case, monkeypatch):
     """The fused backwards are first order. Under ``create_graph=True`` their gradients keep their
     values (same code, no_grad) but carry a ``grad_fn`` that raises, naming the op, when a second
     gradient reaches it -- also through ``autograd.grad(inputs=...)``, which prunes every node
     that does not lead to those inputs. Before, the gradients had no ``grad_fn`` and a second-order
     gradient silently left the fused op's part out."""
+    case.apply(monkeypatch)
     fn, inputs = case.build()
     with triton_launches(run=False):
         out = fn()
@@ -349,6 +365,7 @@ def test_fused_op_is_deterministic(case: Case, monkeypatch):
     from poison import gpu_sized_grids
 
     gpu_sized_grids(monkeypatch)
+    case.apply(monkeypatch)
     fn, inputs = case.build()
     runs = []
     for _ in range(2):
