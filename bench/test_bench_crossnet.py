@@ -17,7 +17,8 @@ grad. Providers, each computing the same function:
   measure against the default's 4 warps;
 * ``fused-phases`` (and its ``-cudagraph``) -- low rank only, ``bwd`` and ``full``: the fused
   function with ``LOW_RANK_BACKWARD = "phases"`` (dp_i and dx0 by launches over row blocks x column
-  ranges instead of one 16-row program per row block), to measure against the default's backward;
+  ranges instead of one 16-row program per row block, and a wider batch split of the weight-gradient
+  kernel), to measure against the default's backward;
 * ``fused-triton-gemm`` (and its ``-cudagraph``) -- full rank only: the fused function with
   ``FULL_RANK_GEMM = "triton"`` (Triton GEMM kernels with fused epilogues instead of cuBLAS GEMMs
   with Triton element-wise kernels), to keep the default's choice measured.

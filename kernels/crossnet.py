@@ -69,9 +69,12 @@ of a taobao step's low-rank backward against 51 us for the weight kernel. Instea
   as in the rows kernel's last pass, ``dp_0`` summed from its partials (the column-tile-0 programs
   store it in ``dP``).
 
-The weight kernel and its reduction follow unchanged. ``L + 1`` launches where the rows kernel is
-one (more host time per call) and ``L * S * B * r`` fp32 partials (2.6 MB at taobao); the same sums
-in a fixed order (deterministic). Tiles, stages and warps are the rows kernel's plan, each loop's
+The weight kernel follows, with its batch split aimed at about 4 programs per SM as well instead
+of 128 programs in all, and its fp32 partials allowed up to twice x0's bytes instead of once (at
+taobao on an H100: SPLIT 13, 364 programs of 160 rows, 12 MB of partials, against SPLIT 5, 140
+programs of 416 rows; 51 us on the H200 with the latter). ``L + 1`` launches where the rows kernel
+is one (more host time per call) and ``L * S * B * r`` more fp32 partials (2.6 MB at taobao); the
+same sums in a fixed order (deterministic). Tiles, stages and warps are the rows kernel's plan, each loop's
 loads a subset of its loops' (so its shared-memory estimate bounds them; the sm_90 builds are
 checked against it). Built with Triton 3.6 for sm_90 at taobao: 44-72 registers for the phase
 kernel, 96 for the dx0 kernel, no spills. Not timed yet.
@@ -229,7 +232,8 @@ LOW_RANK_ROW_WARPS = 4
 #: measured: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per
 #: layer over row blocks x column ranges, with column-split partial sums, then one launch over
 #: every tile for dx0: ``L + 1`` launches instead of one, and ``cdiv(B, 16) x S`` programs instead
-#: of ``cdiv(B, 16)``). Not timed yet (benchmark provider ``fused-phases``).
+#: of ``cdiv(B, 16)``; the weight kernel then splits the batch wider). Not timed yet (benchmark
+#: provider ``fused-phases``).
 LOW_RANK_BACKWARD = "rows"
 
 
@@ -611,13 +615,14 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     return out, p
 
 
-def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem: int) -> Tuple[int, int]:
-    """(SPLIT, rows per split) of the low-rank weight-gradient kernel."""
+def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem: int,
+              target: int = _TARGET_PROGRAMS, cap: int = 1) -> Tuple[int, int]:
+    """(SPLIT, rows per split) of the low-rank weight-gradient kernel: about ``target`` programs,
+    with the fp32 partials at most ``cap`` times the bytes of x0."""
     n_col = cdiv(D, block_dw)
-    split = max(1, cdiv(_TARGET_PROGRAMS, n_col))
-    # keep the fp32 partials no bigger than x0 itself
+    split = max(1, cdiv(target, n_col))
     part_bytes = L * (2 * D * R + D) * 4
-    split = min(split, max(1, (B * D * elem) // part_bytes), cdiv(B, block_bw))
+    split = min(split, max(1, (cap * B * D * elem) // part_bytes), cdiv(B, block_bw))
     rows = cdiv(cdiv(B, split), block_bw) * block_bw
     return cdiv(B, rows), rows
 
@@ -658,7 +663,8 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     row_blocks = cdiv(B, _LR_BLOCK_B)
     rows_kw = dict(NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec,
                    num_warps=LOW_RANK_ROW_WARPS, num_stages=stages)
-    if _low_rank_backward() == "rows":
+    mode = _low_rank_backward()
+    if mode == "rows":
         _lr_bwd_rows_kernel[(row_blocks,)](dx0, dp, g, x0, p, ws, vs, bs, B, D, R, **rows_kw)
     else:  # "phases"
         split, chunks = _lr_phase_split(row_blocks, cdiv(D, bd), dev)
@@ -670,7 +676,9 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
     du = torch.empty((L, D, R), device=dev, dtype=pdt)
     dv = torch.empty((L, R, D), device=dev, dtype=pdt)
     db = torch.empty((L, D), device=dev, dtype=pdt)
-    split, rows = _lr_split(B, D, R, L, BBW, BDW, x0.element_size())
+    # "phases" fills the GPU here too: about 4 programs per SM, partials up to twice x0's bytes
+    wide = {} if mode == "rows" else dict(target=max(_TARGET_PROGRAMS, persistent_programs(dev)), cap=2)
+    split, rows = _lr_split(B, D, R, L, BBW, BDW, x0.element_size(), **wide)
     total = L * (2 * D * R + D)
     part = du if split == 1 else torch.empty((split, total), device=dev, dtype=torch.float32)
     _lr_bwd_weights_kernel[(cdiv(D, BDW), split)](

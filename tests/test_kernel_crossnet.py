@@ -146,6 +146,28 @@ def test_low_rank_phase_split_covers_every_column_tile(monkeypatch):
         assert C._lr_phase_split(C.cdiv(B, C._LR_BLOCK_B), C.cdiv(D, bd), cpu)[0] == 2
 
 
+def test_low_rank_phased_backward_splits_the_weight_kernel_wider(monkeypatch):
+    """In "phases" mode the weight kernel aims at ``persistent_programs`` (4 per SM) with partials
+    up to twice x0's bytes: at taobao (bf16 x0, fp32 parameters, an H100's 132 SMs) SPLIT 13 of 160
+    rows where the default takes 5 of 416; under the interpreter the (70, 40, 8, 2) case of the
+    phased test takes 3 splits where the default takes 2 (the cap, not the target, is what moves)."""
+    bbw, bdw, _ = C._lr_plan(1792, 32, 2, torch.bfloat16, torch.float32).weights
+    assert C._lr_split(2048, 1792, 32, 2, bbw, bdw, 2) == (5, 416)
+    split, rows = C._lr_split(2048, 1792, 32, 2, bbw, bdw, 2, target=4 * 132, cap=2)
+    assert (split, rows) == (13, 160)
+    assert split * 2 * (2 * 1792 * 32 + 1792) * 4 <= 2 * 2048 * 1792 * 2
+    bbw, bdw, _ = C._lr_plan(40, 8, 2, torch.float32, torch.float32).weights
+    assert C._lr_split(70, 40, 8, 2, bbw, bdw, 4)[0] == 2
+    assert C._lr_split(70, 40, 8, 2, bbw, bdw, 4, target=max(C._TARGET_PROGRAMS, 2), cap=2)[0] == 3
+    splits = []
+    real = C._lr_split
+    monkeypatch.setattr(C, "_lr_split", lambda *a, **k: splits.append(real(*a, **k)) or splits[-1])
+    for mode in ("rows", "phases"):
+        monkeypatch.setattr(C, "LOW_RANK_BACKWARD", mode)
+        _run(C.low_rank_cross_net, _lr_inputs(70, 40, 8, 2, torch.float32), 2, 3)
+    assert [s[0] for s in splits] == [2, 3]
+
+
 def test_low_rank_backward_setting_is_checked(monkeypatch):
     flat = _lr_inputs(3, 40, 4, 2, torch.float32)
     monkeypatch.setattr(C, "LOW_RANK_BACKWARD", "columns")
