@@ -157,44 +157,52 @@ def build(shape_name: str, backend: str, **sizes):
     return model, inputs, label
 
 
+def _step(model, inputs, label, inference: bool):
+    """``(forward, backward)``, the two halves of one step as the benchmark runs it: ``forward()``
+    (bf16 autocast; a training step first drops the gradients) returns the logits or the loss,
+    ``backward(loss)`` runs on the calling thread; and the grad mode the step runs in."""
+    device = inputs[0].device.type
+    params = list(model.parameters())
+
+    def forward():
+        if not inference:
+            for p in params:
+                p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(*inputs)
+            return out if inference else model.loss(out, label)
+
+    def backward(loss):
+        if not inference:
+            with torch.autograd.set_multithreading_enabled(False):
+                loss.backward()
+
+    return forward, backward, (torch.no_grad() if inference else contextlib.nullcontext())
+
+
 def count(model, inputs, label, inference: bool) -> Dict[str, object]:
     """One counted step of ``model`` (after one warm-up): ``{"forward": Counter by arch,
     "backward": int, "launches_fwd": int, "launches_bwd": int, "nodes": Counter by kind}``."""
     from interformer.profiling import triton_launches
 
-    device = inputs[0].device.type
-    params = [p for p in model.parameters()]
-
-    def forward():
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = model(*inputs)
-            return out if inference else model.loss(out, label)
-
+    forward, backward, grad_mode = _step(model, inputs, label, inference)
     result = {"forward": Counter(), "backward": 0, "launches_fwd": 0, "launches_bwd": 0, "nodes": Counter()}
-    grad = contextlib.nullcontext() if not inference else torch.no_grad()
     where = _Where(model)
     try:
-        with triton_launches(run=False) as launches, grad:
-            for counted in (False, True):
-                for p in params:
-                    p.grad = None
+        with triton_launches(run=False) as launches, grad_mode:
+            backward(forward())  # warm-up
+            launches.clear()
+            with _counting_mode(result["forward"], where):
+                loss = forward()
+            result["launches_fwd"] = sum(launches.values())
+            if not inference:
+                result["nodes"] = _nodes(loss.grad_fn)
                 launches.clear()
-                with _counting_mode(result["forward"], where) if counted else contextlib.nullcontext():
-                    loss = forward()
-                if counted:
-                    result["launches_fwd"] = sum(launches.values())
-                if inference:
-                    continue
-                if counted:
-                    result["nodes"] = _nodes(loss.grad_fn)
-                launches.clear()
-                backward = Counter()
-                with _counting_mode(backward, None) if counted else contextlib.nullcontext():
-                    with torch.autograd.set_multithreading_enabled(False):
-                        loss.backward()
-                if counted:
-                    result["backward"] = backward["backward"]
-                    result["launches_bwd"] = sum(launches.values())
+                counted = Counter()
+                with _counting_mode(counted, None):
+                    backward(loss)
+                result["backward"] = counted["backward"]
+                result["launches_bwd"] = sum(launches.values())
     finally:
         where.remove()
     return result
@@ -204,28 +212,14 @@ def seconds_per_step(model, inputs, label, inference: bool, steps: int = 20) -> 
     """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``)."""
     from interformer.profiling import triton_launches
 
-    device = inputs[0].device.type
-    params = list(model.parameters())
-
-    def step():
-        if inference:
-            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-                model(*inputs)
-            return
-        for p in params:
-            p.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model.loss(model(*inputs), label)
-        with torch.autograd.set_multithreading_enabled(False):
-            loss.backward()
-
+    forward, backward, grad_mode = _step(model, inputs, label, inference)
     best = float("inf")
-    with triton_launches(run=False):
-        step()
+    with triton_launches(run=False), grad_mode:
+        backward(forward())
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(steps):
-                step()
+                backward(forward())
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             best = min(best, (time.perf_counter() - t0) / steps)
