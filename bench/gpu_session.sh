@@ -23,19 +23,24 @@
 #      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py" \
 #      OPS_K="bandwidth or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT tests model embed profile ops
-#      (the 98 tests of gpu_rerun.txt: the tokenizers' grouped lookups, the whole fused model with
-#      them, the compile-reference default with the cross nets; then what the grouped lookups
-#      change in a taobao training step, fused against eager, on the calling thread and on the
-#      device thread: on the H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread,
-#      fused 42.50 on the device thread; the embed stage's second table (per-table against grouped,
-#      both tokenizers, plain, graphed, deterministic); the fused training step's profile, whose
-#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last,
-#      the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth: what fraction of the copy
-#      bandwidth its kernels reach when launches no longer set the time, issue 3's 70% target; and
-#      the low-rank cross net at taobao, full, with the phased backward (fused-phases, plain and
-#      graphed) beside the default and eager / Inductor graphed, one process: issue 4's 1.5x eager
-#      and 1.2x compile in graphs, at 80ba0f2 fused 0.140, eager 0.184, Inductor 0.123 ms graphed)
+#      bench/gpu_session.sh COMMIT tests model ops profile embed
+#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 140 once its
+#      function-level ids expand): the tokenizers' grouped lookups, the whole fused model with them,
+#      the compile-reference default with the cross nets, the low-rank cross net's phased backward in
+#      fp32, fp16 and bf16, profiling/step_ops.py; then what the grouped lookups change in a taobao
+#      training step, fused against eager, on the calling thread and on the device thread: on the
+#      H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread, fused 42.50 on the device
+#      thread; then the op rows: the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth, what
+#      fraction of the copy bandwidth its kernels reach when launches no longer set the time (issue
+#      3's 70% target), and the low-rank cross net at taobao, full, with the phased backward
+#      (fused-phases, plain and graphed) beside the default and eager / Inductor graphed, in one
+#      process (issue 4's 1.5x eager and 1.2x compile in graphs; at 80ba0f2 fused 0.140, eager 0.184,
+#      Inductor 0.123 ms graphed); then the fused training step's profile, whose
+#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last
+#      the embed stage's second table (per-table against grouped lookups, both tokenizers, plain,
+#      graphed, deterministic). The boxes add up to 475 s against the call's 420: the stages have
+#      run well inside them (tests 106 s, four plain training rows about 70 s), and the last ones
+#      are the ones a short call may cut)
 #   2. PACK=1 MODEL_TIMEOUT=230 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference;--inference --host" \
 #      PROFILE_TIMEOUT=45 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
 #      amazon-train-fused-compile-attention taobao-train-compile taobao-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
