@@ -39,8 +39,8 @@
 #      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last
 #      the embed stage's second table (per-table against grouped lookups, both tokenizers, plain,
 #      graphed, deterministic). The boxes add up to 475 s against the call's 420: the stages have
-#      run well inside them (tests 106 s, four plain training rows about 70 s), and the last ones
-#      are the ones a short call may cut)
+#      run well inside theirs (116 tests took 106 s; five training rows, two of them compiled, 111 s,
+#      so four plain ones should take less), and the last stages are the ones a short call may cut)
 #   2. PACK=1 MODEL_TIMEOUT=230 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference;--inference --host" \
 #      PROFILE_TIMEOUT=45 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
 #      amazon-train-fused-compile-attention taobao-train-compile taobao-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
