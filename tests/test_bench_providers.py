@@ -99,7 +99,7 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
             continue
         for extra in variants:
             if ("triton-gemm" in provider and extra.get("rank") == "low"
-                    or "8warps" in provider and extra.get("rank") == "full"):
+                    or ("8warps" in provider or "phases" in provider) and extra.get("rank") == "full"):
                 continue
             calls.clear()
             compiled.clear()
@@ -234,28 +234,33 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
-@pytest.mark.parametrize("provider, warps, gemm", [("fused", 4, "cublas"), ("fused-8warps", 8, "cublas"),
-                                                   ("fused-triton-gemm", 4, "triton")])
-def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm):
-    """``fused-8warps`` times the low-rank op with ``LOW_RANK_ROW_WARPS = 8`` in effect, and
-    ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"``; plain ``fused`` with
-    neither (the settings seen inside the launchers, as they are called)."""
+@pytest.mark.parametrize("provider, warps, gemm, backward", [("fused", 4, "cublas", "rows"),
+                                                             ("fused-8warps", 8, "cublas", "rows"),
+                                                             ("fused-triton-gemm", 4, "triton", "rows"),
+                                                             ("fused-phases", 4, "cublas", "phases")])
+def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm, backward):
+    """``fused-8warps`` times the low-rank op with ``LOW_RANK_ROW_WARPS = 8`` in effect,
+    ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"`` and ``fused-phases`` the
+    low-rank op with ``LOW_RANK_BACKWARD = "phases"``; plain ``fused`` with none of them (the settings
+    seen inside the launchers, forward and backward, as they are called)."""
     mod = importlib.import_module("test_bench_crossnet")
     import interformer.kernels.crossnet as C
 
     seen = []
-    for name in ("_lr_fwd_impl", "_fr_fwd_impl"):
+    for name in ("_lr_fwd_impl", "_fr_fwd_impl", "_lr_bwd_impl", "_fr_bwd_impl"):
         real = getattr(C, name)
 
-        def spy(*args, _real=real, **kwargs):
-            seen.append((C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM))
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen.append((_name, C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM, C.LOW_RANK_BACKWARD))
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(C, name, spy)
     rank = "full" if "gemm" in provider else "low"
     mod.test_crossnet(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", rank=rank, mode="full",
                       provider=provider)
-    assert seen and set(seen) == {(warps, gemm)}, seen
+    prefix = "_fr" if rank == "full" else "_lr"
+    assert {name for name, *_ in seen} == {f"{prefix}_fwd_impl", f"{prefix}_bwd_impl"}, seen
+    assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward)}, seen
 
 
 def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):
