@@ -10,7 +10,8 @@ fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``fused-c
 mode captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
 ``test_gated_lce_bandwidth`` runs ``full`` mode at 32x taobao's batch (``taobao-b64k``), where the
-bytes, not the launches, set the time.
+bytes, not the launches, set the time, with also ``fused-store`` (the backward's dgate_weight in
+"store" mode, which the batch would not pick).
 
 Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
 parameters and writes out; backward reads x, the parameters and the upstream gradient and writes dx
@@ -57,19 +58,29 @@ def test_gated_lce(benchmark, shape_name, use, mode, provider):
     _bench(benchmark, shape_name, use, mode, provider)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "fused", "eager-cudagraph", "compile-cudagraph",
-                                      "fused-cudagraph"])
+BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", "fused-store", "eager-cudagraph", "compile-cudagraph",
+                       "fused-cudagraph", "fused-store-cudagraph"]
+
+
+@pytest.mark.parametrize("provider", BANDWIDTH_PROVIDERS)
 @pytest.mark.parametrize("use", ["nonseq", "seq"])
-def test_gated_lce_bandwidth(benchmark, use, provider):
+def test_gated_lce_bandwidth(benchmark, monkeypatch, use, provider):
     """Forward+backward at ``taobao-b64k`` (32x taobao's batch, bench/common.py's EXTRA_SHAPES; the
     smoke shape without a GPU): the fraction of the copy bandwidth the kernels reach once launch
     latency no longer sets the time (the report's "fused x floor", the fused time over the bytes'
-    time at copy speed)."""
+    time at copy speed). At that batch the backward picks the "acc" dgate_weight mode (one
+    persistent program per SM); ``fused-store`` forces "store" (one program per sample block, dZ and
+    Y written for a cuBLAS GEMM: more bytes, more programs), to see which is faster there."""
+    if "store" in provider:
+        from interformer.kernels import gated_lce
+
+        monkeypatch.setattr(gated_lce, "GW_MODE", "store")
     _bench(benchmark, "taobao-b64k" if common.ON_GPU else "smoke", use, "full", provider)
 
 
 def _bench(benchmark, shape_name, use, mode, provider):
-    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
+    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + ("fused-store",),
+                                shape_name=shape_name)
     shape = common.ALL_SHAPES[shape_name]
     B, d = shape.B, shape.d
     n_in, n_out = sizes(shape, use)

@@ -127,11 +127,25 @@ def test_gated_lce_bandwidth_rows_run_32x_taobao_on_a_gpu(bench, monkeypatch):
     monkeypatch.setattr(mod, "_bench", lambda benchmark, shape_name, use, mode, provider: seen.append((shape_name, mode)))
     for on_gpu in (False, True):
         monkeypatch.setattr(common, "ON_GPU", on_gpu)
-        mod.test_gated_lce_bandwidth(None, "seq", "fused")
+        mod.test_gated_lce_bandwidth(None, monkeypatch, "seq", "fused")
     assert seen == [("smoke", "full"), ("taobao-b64k", "full")]
     wide, taobao = common.ALL_SHAPES["taobao-b64k"], common.ALL_SHAPES["taobao"]
     assert wide.B == 32 * taobao.B and dataclasses.replace(wide, name="taobao", B=taobao.B) == taobao
     assert "taobao-b64k" not in common.SHAPE_NAMES
+
+
+@pytest.mark.parametrize("provider, mode", [("fused", None), ("fused-store", "store"), ("fused-store-cudagraph", "store")])
+def test_gated_lce_bandwidth_store_provider_forces_the_store_mode(bench, monkeypatch, provider, mode):
+    """``fused-store`` runs the fused op with ``GW_MODE = "store"`` in effect in its backward;
+    ``fused`` leaves the choice to the op."""
+    mod = importlib.import_module("test_bench_gated_lce")
+    import interformer.kernels.gated_lce as G
+
+    seen = []
+    real = G._gw_mode  # called by the backward launcher, which reads the setting through it
+    monkeypatch.setattr(G, "_gw_mode", lambda *a, **k: seen.append(G.GW_MODE) or real(*a, **k))
+    mod.test_gated_lce_bandwidth(None, monkeypatch, "seq", provider)
+    assert seen and set(seen) == {mode}, seen
 
 
 def test_pma_providers_run_what_they_name(bench, monkeypatch):
