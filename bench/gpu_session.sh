@@ -32,7 +32,7 @@
 #      H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread, fused 42.50 on the device
 #      thread; then the op rows: the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth, what
 #      fraction of the copy bandwidth its kernels reach when launches no longer set the time (issue
-#      3's 70% target), and the low-rank cross net at taobao, full, with the phased backward
+#      3's 70% target; with fused-store beside the "acc" mode that batch picks), and the low-rank cross net at taobao, full, with the phased backward
 #      (fused-phases, plain and graphed) beside the default and eager / Inductor graphed, in one
 #      process (issue 4's 1.5x eager and 1.2x compile in graphs; at 80ba0f2 fused 0.140, eager 0.184,
 #      Inductor 0.123 ms graphed); then the fused training step's profile, whose
