@@ -20,8 +20,8 @@
 # Planned for the next lease (two calls; device-tool timeout_s 420 and 330):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
 #      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=90 \
-#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py" \
-#      OPS_K="bandwidth or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
+#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py" \
+#      OPS_K="(bandwidth and fused) or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests model ops profile embed
 #      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 140 once its
