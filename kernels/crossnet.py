@@ -113,11 +113,13 @@ at taobao in bf16) through L2 once or twice per pass; that L2 traffic (about 10x
 x0 at BLOCK_B = 16) is the price of keeping x_i on chip with enough programs to fill the GPU. The
 row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon (B = 2048), only 32 at
 ``long`` (B = 512), where the forward and the rows kernel cannot use the whole GPU. A split over D
-would need a cross-program reduction of ``p`` per layer (a grid-wide sync or one launch per layer);
-that is the next step if measurements show it matters. At the DESIGN shapes every kernel compiles
-for sm_90 without register spills with Triton 3.6, the GPU machines' version (ahead-of-time builds
-for ``GPUTarget("cuda", 90, 32)``: ``profiling/sm90_audit.py``); Triton 3.9 spills in the weight
-kernel at taobao (255 registers, 21 spill stores).
+needs a cross-program reduction of ``p`` per layer: a grid-wide sync (which would deadlock the
+interpreter, where programs run one after another) or one launch per layer. The backward has the
+latter as ``LOW_RANK_BACKWARD = "phases"`` (above); the forward keeps its one launch (DESIGN §4).
+At the DESIGN shapes every kernel compiles for sm_90 without register spills with Triton 3.6, the
+GPU machines' version (ahead-of-time builds for ``GPUTarget("cuda", 90, 32)``:
+``profiling/sm90_audit.py``); Triton 3.9 spills in the weight kernel at taobao (255 registers, 21
+spill stores).
 
 Full rank (``cross_net``) -- GEMM-bound
 ---------------------------------------
