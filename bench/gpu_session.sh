@@ -30,12 +30,13 @@
 #      fp32, fp16 and bf16, profiling/step_ops.py; then what the grouped lookups change in a taobao
 #      training step, fused against eager, on the calling thread and on the device thread: on the
 #      H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread, fused 42.50 on the device
-#      thread; then the op rows: the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth, what
-#      fraction of the copy bandwidth its kernels reach when launches no longer set the time (issue
-#      3's 70% target; with fused-store beside the "acc" mode that batch picks), and the low-rank cross net at taobao, full, with the phased backward
+#      thread; then the op rows: the low-rank cross net at taobao, full, with the phased backward
 #      (fused-phases, plain and graphed) beside the default and eager / Inductor graphed, in one
 #      process (issue 4's 1.5x eager and 1.2x compile in graphs; at 80ba0f2 fused 0.140, eager 0.184,
-#      Inductor 0.123 ms graphed); then the fused training step's profile, whose
+#      Inductor 0.123 ms graphed), and the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth,
+#      what fraction of the copy bandwidth its kernels reach when launches no longer set the time
+#      (issue 3's 70% target; fused-store beside the "acc" mode that batch picks); then the fused
+#      training step's profile, whose
 #      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last
 #      the embed stage's second table (per-table against grouped lookups, both tokenizers, plain,
 #      graphed, deterministic). The boxes add up to 475 s against the call's 420: the stages have
