@@ -273,6 +273,25 @@ def _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
 
 
 @triton.jit
+def _lr_dx0(g, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+            NUM_LAYERS: tl.constexpr, DP0_GIVEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr):
+    """``dx0 = g_0 + sum_i g_{i+1} * y_i`` on a tile (fp32), from ``g = g_L`` there: ``y_i`` rebuilt
+    from ``P``, ``g_i`` from the ``dp_i`` in ``DP``, except ``dp_0`` when ``DP0_GIVEN`` (then the
+    ``[BLOCK_B, BLOCK_R]`` registers ``dp0``; else ``dp0`` is not read)."""
+    s = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
+        y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
+        s += g * y
+        if i == 0 and DP0_GIVEN:
+            v = tl.load(Vs[0] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            g = tl.dot(dp0.to(DT), v.to(DT), g, input_precision=PREC)
+        else:
+            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
+    return s + g
+
+
+@triton.jit
 def _lr_fwd_kernel(
     OUT, P,
     X0, Us, Vs, Bs,
@@ -338,12 +357,9 @@ def _lr_bwd_rows_kernel(
         m = row_ok[:, None] & col_ok[None, :]
         off = rows[:, None] * D + cols[None, :]
         g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-        s = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
-            y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
-            s += g * y
-            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
-        tl.store(DX0 + off, (s + g).to(DX0.dtype.element_ty), mask=m)
+        dx0 = _lr_dx0(g, None, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+                      NUM_LAYERS, False, BLOCK_B, BLOCK_D, DT, PREC)
+        tl.store(DX0 + off, dx0.to(DX0.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -478,16 +494,9 @@ def _lr_bwd_dx0_kernel(
     m = row_ok[:, None] & col_ok[None, :]
     off = rows[:, None] * D + cols[None, :]
     g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
-        y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
-        acc += g * y
-        if i > 0:
-            g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
-        else:
-            v = tl.load(Vs[0] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            g = tl.dot(dp0.to(DT), v.to(DT), g, input_precision=PREC)
-    tl.store(DX0 + off, (acc + g).to(DX0.dtype.element_ty), mask=m)
+    dx0 = _lr_dx0(g, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+                  NUM_LAYERS, True, BLOCK_B, BLOCK_D, DT, PREC)
+    tl.store(DX0 + off, dx0.to(DX0.dtype.element_ty), mask=m)
 
 
 # ============================================================================ low rank: launchers
