@@ -10,8 +10,10 @@ from .backend import (
     BACKENDS,
     FusedModule,
     check_backend,
+    compile_inline,
     compile_reference_ops,
     default_backend,
+    set_compile_inline,
     set_compile_reference_ops,
 )
 from .config import InterFormerConfig
@@ -83,10 +85,12 @@ __all__ = [
     "SequenceArch",
     "SequenceMaskNet",
     "SparseTokenizer",
+    "compile_inline",
     "compile_reference_ops",
     "default_backend",
     "optimize",
     "recent_tokens",
+    "set_compile_inline",
     "set_compile_reference_ops",
     "validate_batch",
 ]

@@ -43,6 +43,21 @@ separated by commas, ``none`` or ``all``; a value that names an unknown op fails
 construction (as a bad ``INTERFORMER_BACKEND`` does), not the import. The choice is read while tracing, so it is baked into a
 compiled graph; dynamo guards on it, and a change recompiles on the next call. Calling an op
 function of :mod:`interformer.kernels` directly is not affected.
+
+The ops a compiled model keeps are opaque custom ops by default. :func:`set_compile_inline`
+(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, read once at import) makes
+them transparent instead, for the ops whose launchers allow it (attention, PFFN, the gated LCE,
+DOT, add + LayerNorm): while AOTAutograd traces, each such op is replaced by what its launcher
+does, its allocations as aten ops and its Triton launches as ``torch.library.wrap_triton`` calls,
+so Inductor launches the same kernels from its own generated code (no custom-op dispatch, no
+Python launcher per call) and plans their buffers with the rest of the graph; the kernels and
+their arguments are the launchers' own, so results do not change (a test checks that
+bitwise). Graphs traced with dynamic sizes keep the custom ops (the launchers pick block sizes
+from the sizes). This is what ``torch.library.triton_op`` does, kept switchable here
+(``kernels/_dispatch.py``, :func:`~interformer.kernels._dispatch.inline_when_compiled`). Off by
+default: it is not yet measured on a GPU (benchmark provider ``fused-compile-inline``). Read when a
+graph is traced and not guarded by dynamo: a model compiled before a change keeps its graph until
+it recompiles. ``torch.export`` always keeps the custom ops.
 """
 
 from __future__ import annotations
@@ -99,11 +114,51 @@ except ValueError as _exc:  # raised where a module is built (check_compile_envi
     _COMPILE_REFERENCE, _COMPILE_ENV_ERROR = DEFAULT_COMPILE_REFERENCE, str(_exc)
 
 
+INLINE_ENV_VAR = "INTERFORMER_COMPILE_INLINE"
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False, "": False}
+
+
+def _inline_from_env():
+    """``(flag, error)`` from ``$INTERFORMER_COMPILE_INLINE`` (unset: off)."""
+    value = os.environ.get(INLINE_ENV_VAR, "")
+    word = value.strip().lower()
+    if word not in _FLAG_WORDS:
+        return False, f"${INLINE_ENV_VAR} must be one of 1, 0, true, false, yes, no, on, off; got {value!r}"
+    return _FLAG_WORDS[word], None
+
+
+_COMPILE_INLINE, _INLINE_ENV_ERROR = _inline_from_env()
+
+
 def check_compile_environment() -> None:
     """Raise the ``ValueError`` of a bad ``$INTERFORMER_COMPILE_REFERENCE`` until
-    :func:`set_compile_reference_ops` replaces it."""
+    :func:`set_compile_reference_ops` replaces it, and of a bad ``$INTERFORMER_COMPILE_INLINE`` until
+    :func:`set_compile_inline` does."""
     if _COMPILE_ENV_ERROR is not None:
         raise ValueError(_COMPILE_ENV_ERROR)
+    if _INLINE_ENV_ERROR is not None:
+        raise ValueError(_INLINE_ENV_ERROR)
+
+
+def compile_inline() -> bool:
+    """Whether the custom ops a compiled model keeps are traced into their kernels (see the module
+    docstring); False by default."""
+    check_compile_environment()
+    return _COMPILE_INLINE
+
+
+def set_compile_inline(enabled: bool) -> bool:
+    """Trace the kept custom ops into their Triton kernels (True) or keep them opaque (False) in
+    graphs traced from now on; returns the previous setting. Process-wide, read by AOTAutograd
+    while it traces and not guarded by dynamo: a model already compiled keeps its graphs until it
+    recompiles (e.g. ``torch.compiler.reset()``)."""
+    global _COMPILE_INLINE, _INLINE_ENV_ERROR
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_compile_inline: enabled must be a bool, got {enabled!r}")
+    previous = _COMPILE_INLINE
+    _COMPILE_INLINE, _INLINE_ENV_ERROR = enabled, None  # an explicit setting replaces the environment's
+    return previous
 
 
 def compile_reference_ops() -> frozenset:

@@ -20,10 +20,16 @@ are bitwise identical; tests run both (the module tests use the eager path, ``op
 ``torch.compiler.is_compiling()`` is true (dynamo, export) or any tensor argument is a
 ``FakeTensor``/functional wrapper rather than a plain tensor; ``torch.fx.symbolic_trace`` records
 the custom op (see the public functions).
+
+Under ``torch.compile`` a custom op is one opaque call in the compiled code. With
+``interformer.set_compile_inline(True)`` the ops registered through :func:`inline_when_compiled`
+are traced into their launchers' aten ops and Triton launches instead (the last section of this
+file), which Inductor then runs from its own generated code.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -97,3 +103,251 @@ def lean_function(name: str, forward: Callable, backward: Callable) -> type:
         "forward": staticmethod(lean_forward),
         "backward": staticmethod(first_order_backward),
     })
+
+
+# ============================================================================ inlining under torch.compile
+# What follows lets a compiled graph launch the kernels itself (``interformer.set_compile_inline``):
+# while AOTAutograd traces, a registered op runs its own Python body under FunctionalTensorMode, with
+# every launch going through ``torch.library.wrap_triton``. That is ``torch.library.triton_op``'s
+# mechanism; it is done by hand here so that it can be switched off (the default, until measured on a
+# GPU) and so that the eager path keeps launching the kernels directly: ``wrap_triton`` dispatches
+# through a higher-order op whenever it is enabled, which ``triton_op`` itself avoids in eager.
+
+_TRACE = threading.local()
+
+
+def _decomposing() -> bool:
+    return getattr(_TRACE, "on", False)
+
+
+def launch(kernel):
+    """``kernel`` itself, or while :func:`inline_when_compiled` traces an op, a traceable wrapper
+    that records the launch in the graph (``kernel[grid](...)`` either way). Every launcher writes
+    its launches as ``launch(_my_kernel)[grid](...)``."""
+    return _traceable(kernel) if _decomposing() else kernel
+
+
+def unused_arg(like: torch.Tensor) -> torch.Tensor:
+    """A tensor to pass for a pointer the kernel will not touch (a disabled output, padding): ``like``
+    itself outside tracing, a fresh empty tensor while an op is traced into its kernels.
+
+    Reason: the traced launch treats each tensor argument a kernel may write as its own output
+    (functionalized: copied, written, copied back). Two arguments that are one tensor, one of them
+    written, would then be written back twice, and the later write-back (the untouched copy) would
+    undo the earlier. Which arguments a kernel can write is found from its Triton IR on a GPU, with
+    constexpr branches resolved, and by :func:`written_params` under the interpreter, without."""
+    return like.new_empty((0,)) if _decomposing() else like
+
+
+def inline_when_compiled(*ops) -> None:
+    """Register, for each ``torch.library.custom_op`` in ``ops``, the rule that replaces it by its own
+    Python body while AOTAutograd traces a graph (FunctionalTensorMode), when
+    :func:`interformer.backend.compile_inline` is on and the call's sizes are static; otherwise
+    (dynamic shapes, see :func:`_symbolic`), and always for ``torch.export``, the op stays one
+    opaque node. The body must launch through :func:`launch` and pass
+    :func:`unused_arg` for aliases of outputs."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for op in ops:
+        op.register_torch_dispatch(FunctionalTensorMode, _inline_rule(op._init_fn))
+
+
+def _export_keeps_ops() -> bool:
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # an older torch: no such switch
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+def _inline_rule(body: Callable) -> Callable:
+    def rule(mode, op, types, args, kwargs):
+        from interformer.backend import compile_inline
+
+        if not compile_inline() or _export_keeps_ops() or _symbolic(args, kwargs):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        from torch._subclasses import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
+            return NotImplemented  # another tensor subclass: let it handle the op
+        previous = _decomposing()
+        _TRACE.on = True
+        try:
+            with mode:
+                return body(*args, **kwargs)
+        finally:
+            _TRACE.on = previous
+    return rule
+
+
+def _symbolic(args, kwargs) -> bool:
+    """Whether a tensor argument has a symbolic size or stride (a graph traced with dynamic shapes).
+
+    Such a call stays one opaque op: the launchers choose block sizes and grids from the sizes,
+    and a traced launch takes its constexprs as constants, so inlining it would pin the graph to
+    one size (a guard per size) or fail in the launchers' caches."""
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and any(
+                    isinstance(x, torch.SymInt) for x in (*t.shape, *t.stride())):
+                return True
+    return False
+
+
+_INTERPRETED: dict = {}
+
+
+def _traceable(kernel):
+    """``wrap_triton(kernel)``; under ``TRITON_INTERPRET=1``, where ``wrap_triton`` hands back the
+    interpreted function (which a trace cannot record), a wrapper around a stand-in that the graph
+    can record and that runs the interpreted kernel when the graph runs (``aot_eager`` on a CPU; the
+    CPU tests' only way to run a traced launch)."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    stand_in = _INTERPRETED.get(kernel)
+    if stand_in is None:
+        stand_in = _INTERPRETED[kernel] = _interpreted_stand_in(kernel)
+    return TraceableTritonKernelWrapper(stand_in, None, None)
+
+
+def _interpreted_stand_in(kernel):
+    from triton.runtime.jit import JITFunction
+
+    _answer_writes_for_stand_ins()
+
+    class _StandIn(JITFunction):
+        """A JITFunction built from the interpreted kernel's source (what the trace records), whose
+        launches run the interpreted kernel; ``written`` names the parameters it can store to."""
+
+        written = written_params(kernel.fn)
+
+        @property
+        def cache_key(self):  # JITFunction's hashes the source of every helper, which it cannot do for
+            return f"interpreted-{id(self)}"  # interpreted helpers; one stand-in per kernel, so id serves
+
+        def __hash__(self):
+            return id(self)
+
+        def __getitem__(self, grid):
+            return kernel[grid]
+
+        def run(self, *args, grid, warmup=False, **kwargs):
+            return kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    return _StandIn(kernel.fn)
+
+
+def _answer_writes_for_stand_ins() -> None:
+    """Make the trace ask :func:`written_params` which arguments a stand-in kernel writes.
+
+    The trace finds them by compiling the kernel to Triton IR, which needs a GPU target; on a CPU it
+    fails, and the trace then takes every argument as written. That is correct for the kernel's own
+    outputs, not for a graph: a backward kernel's read-only inputs (an input of the forward, the
+    forward's output) would count as mutated in the backward, which AOTAutograd's partitioner
+    rejects. Installed once, under the interpreter only; kernels that are not stand-ins keep the
+    trace's own analysis."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    original = wrap.get_mutated_tensors
+    if getattr(original, "_interformer", False):
+        return
+
+    def get_mutated_tensors(kernel_idx, constant_args_idx, kwargs, *rest, **kw):
+        kernel = wrap.kernel_side_table.get_kernel(kernel_idx)
+        while not hasattr(kernel, "written") and hasattr(kernel, "fn"):  # launch options wrap it in an Autotuner
+            kernel = kernel.fn
+        written = getattr(kernel, "written", None)
+        if written is None:
+            return original(kernel_idx, constant_args_idx, kwargs, *rest, **kw)
+        return [name for name in kernel.arg_names if name in written and isinstance(kwargs.get(name), torch.Tensor)]
+
+    get_mutated_tensors._interformer = True
+    wrap.get_mutated_tensors = get_mutated_tensors
+
+
+#: calls whose arguments can carry a pointer on to the pointer they return
+_POINTER_CALLS = frozenset({"where", "multiple_of", "max_contiguous", "advance", "make_block_ptr"})
+
+
+def written_params(fn, _seen=None) -> frozenset:
+    """The parameters of the Triton function ``fn`` (its Python source) that can reach the pointer
+    operand of a ``tl.store`` or ``tl.atomic_*``, directly, through local assignments, or through
+    a call to another ``@triton.jit`` function whose such parameter they are passed as.
+
+    Syntactic, and exact only for kernels written as this package's are: a name counts if it appears
+    in the pointer expression or in what is assigned to a name that does, except inside the
+    arguments of calls (a loaded value, a cast), which yield values, not pointers (``tl.where`` and
+    the block-pointer helpers pass pointers through and are followed); constexpr branches are not
+    resolved, so an output written only in some configurations counts. Used for the interpreter's
+    stand-in kernels, where Triton's own IR cannot be built; ``tests/test_compile_inline.py`` checks
+    it against every kernel an inlined op launches."""
+    import ast
+    import inspect
+    import textwrap
+
+    _seen = {} if _seen is None else _seen
+    if fn in _seen:
+        return _seen[fn]
+    _seen[fn] = frozenset()  # recursion guard
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef))
+    params = [a.arg for a in node.args.args]
+
+    def names(expr):
+        found = set()
+
+        def visit(e):
+            if isinstance(e, ast.Name):
+                found.add(e.id)
+            elif isinstance(e, ast.Call):
+                if isinstance(e.func, ast.Attribute) and e.func.attr in _POINTER_CALLS:
+                    for a in (*e.args, *(k.value for k in e.keywords)):
+                        visit(a)
+            else:
+                for child in ast.iter_child_nodes(e):
+                    visit(child)
+        visit(expr)
+        return found
+
+    assigned = {}  # local name -> names its values come from
+    sinks = set()
+    for n in ast.walk(node):
+        if isinstance(n, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and n.value is not None:
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Name):
+                        assigned.setdefault(t.id, set()).update(names(n.value))
+        if not isinstance(n, ast.Call):
+            continue
+        if isinstance(n.func, ast.Attribute) and (n.func.attr == "store" or n.func.attr.startswith("atomic_")):
+            pointer = n.args[0] if n.args else next((k.value for k in n.keywords if k.arg == "pointer"), None)
+            if pointer is not None:
+                sinks |= names(pointer)
+        elif isinstance(n.func, ast.Name):
+            helper = getattr(fn, "__globals__", {}).get(n.func.id)
+            inner = getattr(helper, "fn", None)
+            if inner is None or not callable(inner):
+                continue
+            inner_params = [a for a in inspect.signature(inner).parameters]
+            written = written_params(inner, _seen)
+            for i, a in enumerate(n.args):
+                if i < len(inner_params) and inner_params[i] in written:
+                    sinks |= names(a)
+            for k in n.keywords:
+                if k.arg in written:
+                    sinks |= names(k.value)
+    reached, todo = set(), list(sinks)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(assigned.get(name, ()))
+    result = frozenset(p for p in params if p in reached)
+    _seen[fn] = result
+    return result

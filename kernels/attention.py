@@ -145,7 +145,7 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["attention", "pooled_attention"]
 
@@ -675,8 +675,8 @@ def _tab(q, k, rope_base, Lq, Lk, dh, table=None):
     cached one."""
     if rope_base is None:
         return q, 1  # never read: ROPE_Q = ROPE_K = False
-    if table is None:
-        table = _rope_table(max(Lq, Lk), dh, rope_base, k.device)
+    if table is None:  # a traced call (an op inlined by torch.compile) must not fill the cache with traced tensors
+        table = (rope_table if tracing((k,)) else _rope_table)(max(Lq, Lk), dh, rope_base, k.device)
     elif (table.dtype != torch.float32 or table.dim() != 3 or table.shape[0] != 2 or table.shape[2] != dh // 2
           or table.shape[1] < max(Lq, Lk) or not table.is_contiguous() or table.device != k.device):
         raise ValueError(f"attention: rope_table must be a contiguous fp32 [2, >= {max(Lq, Lk)}, {dh // 2}] tensor "
@@ -701,7 +701,7 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, q.dtype)
     n_m = cdiv(Lq, block_m)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
-    _attn_fwd_kernel[(B * H * n_m,)](
+    launch(_attn_fwd_kernel)[(B * H * n_m,)](
         out, lse, q, k, v, lengths, tab,
         scale * LOG2E, Lq, Lk, H, tab_len, n_m,
         sqb, q.stride(1), q.stride(2), q.stride(3),
@@ -716,8 +716,11 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
 
 def _one_tensor(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether k and v are the same elements (same data pointer, strides and dtype; shapes are
-    checked equal): the forward kernel then reads each key tile once for both."""
-    return k is v or (k.data_ptr() == v.data_ptr() and k.stride() == v.stride() and k.dtype == v.dtype)
+    checked equal): the forward kernel then reads each key tile once for both. A traced tensor has no
+    data pointer; there only ``k is v`` counts (False is always correct, one more load per tile)."""
+    if k is v:
+        return True
+    return not tracing((k, v)) and k.data_ptr() == v.data_ptr() and k.stride() == v.stride() and k.dtype == v.dtype
 
 
 @on_input_device
@@ -755,7 +758,7 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
         if _use_fused_bwd(Lq, dhp, q.dtype):
             block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, q.dtype)
-            _attn_bwd_fused_kernel[(B * H,)](
+            launch(_attn_bwd_fused_kernel)[(B * H,)](
                 dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len,
                 *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
@@ -766,18 +769,18 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
             n_pre = cdiv(Lq, 64)
-            _attn_bwd_preprocess_kernel[(B * H * n_pre,)](
+            launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
                 delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
             )
             n_n = cdiv(Lk, kv_bn)
-            _attn_bwd_dkdv_kernel[(B * H * n_n,)](
+            launch(_attn_bwd_dkdv_kernel)[(B * H * n_n,)](
                 dk, dv, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_n,
                 *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=warps, num_stages=2, **flags,
             )
             n_m = cdiv(Lq, q_bm)
-            _attn_bwd_dq_kernel[(B * H * n_m,)](
+            launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
                 dq_buf, do, q, k, v, lse, delta, lengths, tab,
                 scale, scale * LOG2E, Lq, Lk, H, tab_len, n_m,
                 *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
@@ -878,6 +881,7 @@ def _lean_forward(ctx, *inputs):
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch; like the
 # custom op's autograd wrapper, both outputs are differentiable and lse's gradient is ignored
 _Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl, lean=True))
+inline_when_compiled(attention_fwd, attention_bwd)
 
 
 def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
@@ -973,6 +977,7 @@ def _lean_forward_qkv(ctx, *inputs):
 
 
 _AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl))
+inline_when_compiled(attention_qkv_fwd, attention_qkv_bwd)
 
 #: Route q, k, v that are the three ``unbind(2)`` slices of one packed tensor to the packed op
 #: (tests switch it off to exercise the generic op on the same views).

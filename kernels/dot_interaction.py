@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
 
@@ -188,7 +188,7 @@ def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     if B == 0 or M == 0:
         return out
     bn, bd, nb, spp, warps = _config(B, N, d)
-    _dot_fwd_kernel[(cdiv(B, spp), nb, nb)](
+    launch(_dot_fwd_kernel)[(cdiv(B, spp), nb, nb)](
         out, z, B, N, d, M, *z.stride(),
         SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )
@@ -203,7 +203,7 @@ def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.zeros((B, N, d), device=z.device, dtype=z.dtype)
     dz = torch.empty((B, N, d), device=z.device, dtype=z.dtype)
     bn, bd, nb, spp, warps = _config(B, N, d)
-    _dot_bwd_kernel[(cdiv(B, spp), nb)](
+    launch(_dot_bwd_kernel)[(cdiv(B, spp), nb)](
         dz, grad, z, B, N, d, M, *grad.stride(), *z.stride(), nb,
         SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
     )
@@ -260,6 +260,7 @@ def _lean_forward(ctx, z):
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
 _DotInteraction = lean_function("_DotInteraction", _lean_forward, _backward_with(_bwd_impl))
+inline_when_compiled(dot_interaction_fwd, dot_interaction_bwd)
 
 
 def dot_interaction(z: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, num_sms, on_input_device,
                       sum_partials)
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing, unused_arg
 
 __all__ = ["gated_lce"]
 
@@ -310,7 +310,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         return out
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
     x = int32_block(x, n_per)
-    _glce_fwd_kernel[(cdiv(B, n_per),)](
+    launch(_glce_fwd_kernel)[(cdiv(B, n_per),)](
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
@@ -342,8 +342,8 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
         dz = torch.empty((B * n_out, d), device=x.device, dtype=x.dtype)
         ys = torch.empty((B * n_out, d), device=x.device, dtype=x.dtype)
     else:
-        dz = ys = part  # unused
-    _glce_bwd_kernel[(G,)](
+        dz, ys = unused_arg(part), unused_arg(part)  # not written (STORE_DZY off)
+    launch(_glce_bwd_kernel)[(G,)](
         dx, part, dz, ys, grad_out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per, n_blocks,
         *dx.stride(), *grad_out.stride(),
@@ -422,6 +422,7 @@ def _lean_forward(ctx, *inputs):
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
 _GatedLCE = lean_function("_GatedLCE", _lean_forward, _backward_with(_gated_lce_bwd_impl))
+inline_when_compiled(gated_lce_fwd, gated_lce_bwd)
 
 
 # ============================================================================ public function

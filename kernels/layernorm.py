@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, next_pow2, on_input_device, persistent_programs, sum_partials
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["add_layer_norm"]
 
@@ -172,7 +172,7 @@ def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
         rstd = torch.empty((M,), device=dev, dtype=torch.float32)
     if M > 0:
         bm, bn, warps = _config(N)
-        _ln_fwd_kernel[(cdiv(M, bm),)](
+        launch(_ln_fwd_kernel)[(cdiv(M, bm),)](
             y, mean if stats else y, rstd if stats else y, x2, r2, weight, bias,
             M, N, float(eps), sx, sr, N,
             HAS_R=residual is not None, STATS=stats, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -212,7 +212,7 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
     bm, bn, warps = _config(N)
     G = min(cdiv(M, bm), persistent_programs(dev))
     part = torch.empty((G, 2 * N), device=dev, dtype=torch.float32)
-    _ln_bwd_kernel[(G,)](
+    launch(_ln_bwd_kernel)[(G,)](
         dh, part, dy, x2, r2, weight, mean, rstd,
         M, N, sdy, sx, sr, N,
         HAS_R=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
@@ -299,6 +299,7 @@ def _lean_backward(ctx, grad_out, grad_mean, grad_rstd):
 
 
 _AddLayerNorm = lean_function("_AddLayerNorm", _lean_forward, _lean_backward)
+inline_when_compiled(add_layer_norm_fwd, add_layer_norm_bwd)
 
 
 # ============================================================================ public function

@@ -91,7 +91,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs, sum_partials
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -280,7 +280,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     chunk = max(block_l, _FWD_CHUNK_ROWS)
     n_chunks = cdiv(L, chunk)
     a_ = a if linear else wx
-    _pffn_fwd_kernel[(B * n_chunks,)](
+    launch(_pffn_fwd_kernel)[(B * n_chunks,)](
         out, s, lengths, wx, a_, ln_weight, ln_bias,
         float(eps), L, d, n_sum, n_chunks,
         *s.stride(), lengths.stride(0), *wx.stride(), a_.stride(0), a_.stride(1), *out.stride(),
@@ -310,7 +310,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     P = 2 * d + (n_sum * d if linear else 0)
     part = torch.empty((G, P), device=s.device, dtype=torch.float32)
     a_ = a if linear else wx
-    _pffn_bwd_kernel[(G,)](
+    launch(_pffn_bwd_kernel)[(G,)](
         ds, dwx, part, grad_out, s, lengths, wx, a_, ln_weight, ln_bias,
         float(eps), B, L, d, n_sum,
         *ds.stride(), *dwx.stride(), *grad_out.stride(), *s.stride(), lengths.stride(0), *wx.stride(),
@@ -399,6 +399,7 @@ def _mlp_lean_forward(ctx, *inputs):
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
 _PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl))
+inline_when_compiled(pffn_mlp_fwd, pffn_mlp_bwd)
 
 
 @torch.library.custom_op("interformer::pffn_linear_fwd", mutates_args=())
@@ -458,6 +459,7 @@ def _linear_lean_forward(ctx, *inputs):
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
 _PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl))
+inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 
 
 # ============================================================================ public functions

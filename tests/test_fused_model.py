@@ -242,7 +242,7 @@ def _module_level_tensors():
     return found
 
 
-@pytest.mark.parametrize("setting", ["default", "none"])
+@pytest.mark.parametrize("setting", ["default", "none", "none, inlined"])
 def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     """No graph break through any fused op: the custom ops' fake implementations trace, their
     autograd formulas give the backward graph. aot_eager on CPU (no C++ toolchain needed);
@@ -250,12 +250,15 @@ def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     first filled inside ``reduce-overhead``'s warm-up would sit in the CUDA-graph pool, which
     Inductor refuses (the rotary table did, on an H100). Under the default compile-reference set
     and under ``"none"``, where every fused op (the cross nets and LayerNorm too) stays a custom op
-    and the tokenizers' grouped Function is traced."""
+    and the tokenizers' grouped Function is traced; ``"none, inlined"`` with those ops traced into
+    their kernels (``set_compile_inline``; on a GPU Inductor launches them itself)."""
     from interformer import backend
     from interformer.kernels import attention
 
-    # what set_compile_reference_ops(setting) sets, restored at teardown
-    monkeypatch.setattr(backend, "_COMPILE_REFERENCE", backend._compile_reference_set(setting, "test"))
+    # what set_compile_reference_ops / set_compile_inline set, restored at teardown
+    reference, _, inlined = setting.partition(", ")
+    monkeypatch.setattr(backend, "_COMPILE_REFERENCE", backend._compile_reference_set(reference, "test"))
+    monkeypatch.setattr(backend, "_COMPILE_INLINE", bool(inlined))
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_ROPE_TABLES", {})
     monkeypatch.setattr(attention, "_ROPE_RETIRED", [])  # tables earlier tests outgrew
@@ -493,14 +496,18 @@ def test_fused_training_step_captures_in_a_cuda_graph():
 
 
 @pytest.mark.gpu
-def test_fused_model_under_compile_reduce_overhead():
+@pytest.mark.parametrize("inlined", [False, True], ids=["custom ops", "inlined"])
+def test_fused_model_under_compile_reduce_overhead(monkeypatch, inlined):
     """``torch.compile(mode="reduce-overhead")`` (what ``python -m interformer train --compile
     --compile-mode reduce-overhead`` runs) puts the fused model's training step in CUDA graphs:
     Inductor does not skip cudagraphs because of any fused op (no CPU tensor, no sync), and after
     the warm-up and recording steps a replayed step gives the eager model's logits, loss and
-    gradients on new data."""
+    gradients on new data. With the kept ops as custom ops and inlined (``set_compile_inline``)."""
     from torch._dynamo.utils import counters
 
+    from interformer import backend
+
+    monkeypatch.setattr(backend, "_COMPILE_INLINE", inlined)
     torch._dynamo.reset()
     counters.clear()
     cfg = _variant("default")

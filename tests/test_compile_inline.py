@@ -1,0 +1,312 @@
+"""``interformer.set_compile_inline``: the kept custom ops traced into their Triton kernels.
+
+On a CPU these graphs run through ``aot_eager`` (Inductor's code for user-defined Triton kernels
+needs a GPU), with each recorded launch running the interpreted kernel. What is checked here:
+
+* the setting (environment variable, setter, errors);
+* for every op with an inlining rule, forward and backward: with the setting on, the traced
+  graphs hold Triton launches (``triton_kernel_wrapper_functional``) and none of the package's
+  custom ops; off, they hold the custom ops; and the outputs and every gradient are bitwise those
+  of the custom ops (same launchers, same kernels, same arguments), in fp32 and fp16;
+* the whole fused model, every op kept: only the cross nets' ops (which have no rule) stay custom
+  ops, and logits, loss and every parameter's gradient are bitwise those without inlining;
+* a graph traced with dynamic shapes keeps the custom ops;
+* ``torch.export`` keeps the custom ops whatever the setting;
+* the interpreter's stand-in for Triton's write analysis, kernel by kernel;
+* the interpreted kernels are not left in the rotary-table cache as traced tensors.
+
+Inductor on the inlined fused model (a GPU), plain and under ``reduce-overhead``:
+``tests/test_fused_model.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import interformer
+from interformer import InterFormerCTR
+
+from utils import DEVICE, KERNEL_DTYPES
+
+LAUNCH = "triton_kernel_wrapper_functional"
+
+
+@pytest.fixture
+def settings():
+    """Every op kept as a custom op under compile, inlining set by the test; both restored after."""
+    reference = interformer.set_compile_reference_ops("none")
+    inline = interformer.set_compile_inline(False)
+    yield interformer.set_compile_inline
+    interformer.set_compile_inline(inline)
+    interformer.set_compile_reference_ops(reference)
+    torch._dynamo.reset()
+
+
+def _compiled(fn, dynamic=None):
+    """``(compiled fn, targets)``: ``fn`` under ``torch.compile(fullgraph=True, dynamic=dynamic)``
+    through AOTAutograd with no compiler behind it (``aot_eager``), appending the call targets of
+    every forward and backward graph to ``targets`` as they are traced."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    targets = []
+
+    def keep(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic), targets
+
+
+def _custom_ops(targets):
+    return sorted({t.split(".")[1] for t in targets if t.startswith("interformer.")})
+
+
+def _run(module, make_inputs, inline: bool, set_inline, dynamic=None):
+    """Outputs, input gradients and parameter gradients of ``module`` compiled with inlining
+    ``inline``, and the traced graphs' call targets."""
+    set_inline(inline)
+    module.zero_grad(set_to_none=True)
+    inputs = make_inputs()
+    compiled, targets = _compiled(module, dynamic)
+    out = compiled(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward([o.float().square().sum() for o in outs])
+    grads = [t.grad for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads += [p.grad for p in module.parameters()]
+    return [o.detach() for o in outs], grads, targets
+
+
+def _lengths(B, L):
+    return torch.tensor([L, 0, max(L - 2, 1)][:B], device=DEVICE)
+
+
+CASES = {
+    # name: (module builder, inputs builder, custom ops the module traces)
+    "gated_lce": (lambda: interformer.GatedLCE(5, 3, 24, backend="triton"),
+                  lambda dt: [torch.randn(3, 5, 24, device=DEVICE, dtype=dt, requires_grad=True)],
+                  ["gated_lce_bwd", "gated_lce_fwd"]),
+    "pffn_mlp": (lambda: interformer.PersonalizedFFN(24, 2, mode="mlp", hidden=16, backend="triton"),
+                 lambda dt: [torch.randn(3, 7, 24, device=DEVICE, dtype=dt, requires_grad=True),
+                             torch.randn(3, 2, 24, device=DEVICE, dtype=dt, requires_grad=True), _lengths(3, 7)],
+                 ["pffn_mlp_bwd", "pffn_mlp_fwd"]),
+    "pffn_linear": (lambda: interformer.PersonalizedFFN(24, 2, mode="linear", backend="triton"),
+                    lambda dt: [torch.randn(3, 7, 24, device=DEVICE, dtype=dt, requires_grad=True),
+                                torch.randn(3, 2, 24, device=DEVICE, dtype=dt, requires_grad=True), _lengths(3, 7)],
+                    ["pffn_linear_bwd", "pffn_linear_fwd"]),
+    "dot_interaction": (lambda: interformer.DotInteraction(5, 24, backend="triton"),
+                        lambda dt: [torch.randn(3, 5, 24, device=DEVICE, dtype=dt, requires_grad=True)],
+                        ["dot_interaction_bwd", "dot_interaction_fwd"]),
+    "add_layer_norm": (lambda: interformer.ResidualLayerNorm(24, backend="triton"),
+                       lambda dt: [torch.randn(3, 5, 24, device=DEVICE, dtype=dt, requires_grad=True),
+                                   torch.randn(3, 5, 24, device=DEVICE, dtype=dt, requires_grad=True)],
+                       ["add_layer_norm_bwd", "add_layer_norm_fwd"]),
+    "attention": (lambda: interformer.RotaryMultiHeadAttention(16, 2, backend="triton"),
+                  lambda dt: [torch.randn(3, 6, 16, device=DEVICE, dtype=dt, requires_grad=True), _lengths(3, 6)],
+                  ["attention_bwd", "attention_fwd"]),
+    "pooled_attention": (lambda: interformer.PoolingMultiHeadAttention(2, 16, 2, backend="triton"),
+                         lambda dt: [torch.randn(3, 6, 16, device=DEVICE, dtype=dt, requires_grad=True),
+                                     _lengths(3, 6)],
+                         ["attention_bwd", "attention_fwd"]),
+}
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_inlined_op_launches_its_kernels_with_bitwise_the_custom_ops_results(case, dtype, settings):
+    _check_inlined(case, dtype, settings)
+
+
+@pytest.mark.parametrize("mode", ["store", "acc"])
+def test_inlined_gated_lce_in_both_gate_weight_modes(mode, settings, monkeypatch):
+    """The gated LCE's backward in each way of forming the gate weight's gradient: "acc" passes
+    placeholders for the tensors only "store" writes (``unused_arg``)."""
+    from interformer.kernels import gated_lce
+
+    monkeypatch.setattr(gated_lce, "GW_MODE", mode)
+    _check_inlined("gated_lce", torch.float32, settings)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dynamic_shapes_keep_the_custom_ops(case, settings):
+    """A graph traced with symbolic sizes keeps each op opaque, inlining on or off (the launchers
+    pick block sizes from the sizes, which a traced launch needs as constants), and computes what
+    the custom ops do."""
+    _check_inlined(case, torch.float32, settings, dynamic=True)
+
+
+@pytest.mark.parametrize("case", ["attention", "pooled_attention"])
+def test_inlined_attention_with_the_general_backward(case, settings, monkeypatch):
+    """Attention's long-sequence backward (three kernels: delta, dk/dv, dq) inlined, forced at a
+    short length by lowering the threshold of the single-kernel backward."""
+    from interformer.kernels import attention
+
+    monkeypatch.setattr(attention, "_FUSED_BWD_MAX_LQ", 0)
+    _check_inlined(case, torch.float32, settings)
+
+
+def _check_inlined(case, dtype, settings, dynamic=None):
+    build, make_inputs, ops = CASES[case]
+    torch.manual_seed(0)
+    module = build().to(device=DEVICE, dtype=dtype)
+    torch.manual_seed(1)
+    fixed = make_inputs(dtype)
+
+    def inputs():  # fresh leaves holding the same values, for each run
+        return [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in fixed]
+
+    outs_op, grads_op, targets_op = _run(module, inputs, False, settings, dynamic)
+    outs_in, grads_in, targets_in = _run(module, inputs, True, settings, dynamic)
+    assert _custom_ops(targets_op) == ops and LAUNCH not in targets_op
+    if dynamic:
+        assert _custom_ops(targets_in) == ops and LAUNCH not in targets_in, targets_in
+    else:
+        assert _custom_ops(targets_in) == [], targets_in
+        assert targets_in.count(LAUNCH) >= 2, targets_in  # the forward's and the backward's kernels
+    assert all(g is not None for g in grads_in) and len(grads_in) == len(grads_op)
+    for a, b in zip(outs_op + grads_op, outs_in + grads_in):
+        assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
+
+
+def test_whole_model_inlined_keeps_only_the_cross_nets_as_custom_ops(settings):
+    """A fused model compiled with every op kept: inlined, only the cross net's ops (no rule: its
+    kernels take tuples of tensors) remain custom ops, and logits, loss and every parameter's
+    gradient are bitwise those of the custom ops; variable lengths, one of them 0."""
+    from test_model import random_batch, tiny_config
+
+    cfg = tiny_config(backend="triton")
+    torch.manual_seed(0)
+    model = InterFormerCTR(cfg).to(DEVICE)
+    *inputs, label = [t.to(DEVICE) for t in random_batch(cfg, [0, 3, 5], 5)]
+    results = {}
+    for inline in (False, True):
+        settings(inline)
+        model.zero_grad(set_to_none=True)
+        compiled, targets = _compiled(model)
+        logits = compiled(*inputs)
+        loss = InterFormerCTR.loss(logits, label)
+        loss.backward()
+        results[inline] = ([logits.detach(), loss.detach()] + [p.grad for p in model.parameters()], targets)
+    (ref, targets_op), (got, targets_in) = results[False], results[True]
+    cross = {op for op in _custom_ops(targets_op) if "cross_net" in op}
+    assert cross and set(_custom_ops(targets_op)) > cross
+    assert set(_custom_ops(targets_in)) == cross, _custom_ops(targets_in)
+    assert LAUNCH in targets_in and LAUNCH not in targets_op
+    assert all(g is not None for g in got[2:])
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+# (module, kernel): (pointer arguments it stores to, pointer arguments it only reads), from the kernels' code
+KERNEL_POINTERS = {
+    ("attention", "_attn_fwd_kernel"): ({"O", "LSE"}, {"Q", "K", "V", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_fused_kernel"): ({"DQ", "DK", "DV"}, {"DO", "Q", "K", "V", "O", "LSE", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_preprocess_kernel"): ({"DELTA"}, {"DO", "O"}),
+    ("attention", "_attn_bwd_dkdv_kernel"): ({"DK", "DV"}, {"DO", "Q", "K", "V", "LSE", "DELTA", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_dq_kernel"): ({"DQ"}, {"DO", "Q", "K", "V", "LSE", "DELTA", "LENS", "TAB"}),
+    ("gated_lce", "_glce_fwd_kernel"): ({"OUT"}, {"X", "W", "BIAS", "GW", "GB"}),
+    ("gated_lce", "_glce_bwd_kernel"): ({"DX", "PART", "DZ", "YS"}, {"DO", "X", "W", "BIAS", "GW", "GB"}),
+    ("pffn", "_pffn_fwd_kernel"): ({"OUT"}, {"S", "LENS", "WX", "A", "LNW", "LNB"}),
+    ("pffn", "_pffn_bwd_kernel"): ({"DS", "DWX", "PART"}, {"DO", "S", "LENS", "WX", "A", "LNW", "LNB"}),
+    ("dot_interaction", "_dot_fwd_kernel"): ({"OUT"}, {"Z"}),
+    ("dot_interaction", "_dot_bwd_kernel"): ({"DZ"}, {"G", "Z"}),
+    ("layernorm", "_ln_fwd_kernel"): ({"Y", "MEAN", "RSTD"}, {"X", "R", "W", "Bias"}),
+    ("layernorm", "_ln_bwd_kernel"): ({"DH", "PART"}, {"DY", "X", "R", "W", "MEAN", "RSTD"}),
+    ("_common", "_sum_partials_kernel"): ({"OUT0", "OUT1", "OUT2", "OUT3"}, {"PART"}),
+}
+
+
+@pytest.mark.parametrize("module, kernel", sorted(KERNEL_POINTERS))
+def test_written_params_finds_the_outputs_and_no_input_of_each_inlined_kernel(module, kernel):
+    """The interpreter's stand-in for Triton's analysis (which arguments a kernel writes) on every
+    kernel an inlined op launches: each output pointer found, no read-only pointer taken for one."""
+    import importlib
+
+    from interformer.kernels._dispatch import written_params
+
+    fn = getattr(importlib.import_module(f"interformer.kernels.{module}"), kernel).fn
+    writes, reads = KERNEL_POINTERS[(module, kernel)]
+    found = written_params(fn)
+    assert writes <= found, writes - found
+    assert not reads & found, reads & found
+
+
+@pytest.mark.parametrize("module", sorted({m for m, _ in KERNEL_POINTERS}))
+def test_every_launch_of_an_inlined_op_goes_through_launch(module):
+    """A launch written ``_kernel[grid](...)`` instead of ``launch(_kernel)[grid](...)`` would run
+    the kernel on traced tensors when the op is inlined; the tests above reach most launch sites,
+    this one all of them."""
+    import importlib
+    import inspect
+    import re
+
+    source = inspect.getsource(importlib.import_module(f"interformer.kernels.{module}"))
+    direct = re.findall(r"^\s*(_\w+_kernel)\[", source, flags=re.M)
+    assert direct == [], direct
+    assert re.search(r"launch\(_\w+_kernel\)\[", source)
+
+
+def test_export_keeps_the_custom_op(settings):
+    """An exported program keeps the op, also once decomposed to ATen (which traces it under
+    FunctionalTensorMode, like torch.compile): a Triton launch in it could not be serialised."""
+    settings(True)
+    module = interformer.DotInteraction(4, 8, backend="triton").to(DEVICE)
+    program = torch.export.export(module, (torch.randn(2, 4, 8, device=DEVICE),))
+    for graph in (program.graph, program.run_decompositions().graph):
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert "interformer.dot_interaction_fwd.default" in targets and LAUNCH not in targets, targets
+
+
+def test_an_inlined_trace_leaves_no_traced_table_in_the_rotary_cache(settings):
+    """A trace that reaches the attention launcher without a table (the op's ``rope_table=None``)
+    builds one in the graph instead of caching a traced tensor, which the next eager call would
+    read."""
+    from interformer.kernels import attention as A
+
+    settings(True)
+    A._ROPE_TABLES.clear()
+    q = torch.randn(2, 5, 2, 8, device=DEVICE)
+    lengths = torch.tensor([5, 3], device=DEVICE)
+
+    def f(q):
+        return torch.ops.interformer.attention_fwd(q, q, q, lengths, False, 10000.0, True, False, None)[0]
+
+    compiled, targets = _compiled(f)
+    out = compiled(q)
+    assert LAUNCH in targets
+    assert all(type(t) is torch.Tensor for t in A._ROPE_TABLES.values())
+    torch.testing.assert_close(out, f(q), rtol=0, atol=0)
+
+
+def test_setting_env_var_setter_and_errors():
+    code = "import interformer as I; print(I.compile_inline())"
+    for value, expected in [("1", "True"), ("on", "True"), ("0", "False"), ("", "False")]:
+        env = dict(os.environ, INTERFORMER_COMPILE_INLINE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stdout)
+    env = dict(os.environ, INTERFORMER_COMPILE_INLINE="maybe")
+    code = ("import interformer as I\n"
+            "try:\n    I.GatedLCE(2, 2, 4, backend='eager')\nexcept ValueError as e:\n    print('module:', e)\n"
+            "try:\n    I.compile_inline()\nexcept ValueError as e:\n    print('query:', e)\n"
+            "I.set_compile_inline(True); I.GatedLCE(2, 2, 4); print('set:', I.compile_inline())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["module", "query", "set"], out.stdout
+    assert all("$INTERFORMER_COMPILE_INLINE" in line and "'maybe'" in line for line in lines[:2]), out.stdout
+    assert lines[2] == "set: True"
+    before = interformer.set_compile_inline(True)
+    try:
+        assert interformer.set_compile_inline(False) is True and interformer.compile_inline() is False
+        with pytest.raises(TypeError, match="bool"):
+            interformer.set_compile_inline("yes")
+    finally:
+        interformer.set_compile_inline(before)
