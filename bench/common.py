@@ -384,7 +384,10 @@ def run(
     if compile_options(base_provider(provider)) is not None and provider.startswith("fused"):
         from interformer import compile_reference_ops  # what the compiled fused model left to Inductor
 
+        from interformer import compile_inline
+
         row["compile_reference"] = ",".join(sorted(compile_reference_ops())) or "none"
+        row["compile_inline"] = compile_inline()
     if not ON_GPU:
         row["note"] = SMOKE_NOTE
     benchmark.extra_info.update(row)
@@ -406,28 +409,37 @@ def run(
 #: model more (opaque graph boundaries, a dispatch each) than their kernels save.
 COMPILE_KEEPS = {"fused-compile-attention": ("attention", "pooled_attention")}
 
+#: Fused providers compiled with the kept custom ops traced into their Triton kernels
+#: (``interformer.set_compile_inline``): Inductor launches the kernels from its own code. Against
+#: ``fused-compile`` (same kept ops, opaque) it says what the custom ops' dispatch costs a compiled
+#: step.
+COMPILE_INLINE = ("fused-compile-inline",)
+
 
 @contextlib.contextmanager
 def compile_reference(provider: str):
-    """Inside the block, the ops ``provider`` leaves to Inductor take the reference while
-    ``torch.compile`` traces (only the providers of :data:`COMPILE_KEEPS`; the setting is restored
-    on leaving). Hold it over the compiled model's every call: dynamo guards on it."""
+    """Inside the block, the compile settings ``provider`` names hold: the ops it leaves to Inductor
+    take the reference while ``torch.compile`` traces (the providers of :data:`COMPILE_KEEPS`), and
+    the kept ops are traced into their kernels (:data:`COMPILE_INLINE`); both settings are restored
+    on leaving. Hold it over the compiled model's every call: dynamo guards on the first."""
     keeps = COMPILE_KEEPS.get(base_provider(provider))
-    if keeps is None:
-        yield
-        return
-    from interformer.backend import FUSED_OPS, set_compile_reference_ops
+    inline = base_provider(provider) in COMPILE_INLINE
+    from interformer.backend import FUSED_OPS, set_compile_inline, set_compile_reference_ops
 
-    before = set_compile_reference_ops([op for op in FUSED_OPS if op not in keeps])
+    before = set_compile_reference_ops([op for op in FUSED_OPS if op not in keeps]) if keeps is not None else None
+    inline_before = set_compile_inline(True) if inline else None
     try:
         yield
     finally:
-        set_compile_reference_ops(before)
+        if keeps is not None:
+            set_compile_reference_ops(before)
+        if inline:
+            set_compile_inline(inline_before)
 
 
 def compile_options(provider: str) -> Optional[dict]:
     """The ``torch.compile`` keyword arguments a provider's name asks for; None: not compiled."""
-    if provider in COMPILE_KEEPS:
+    if provider in COMPILE_KEEPS or provider in COMPILE_INLINE:
         return {}
     if provider.endswith("compile-max-autotune"):
         return {"mode": "max-autotune-no-cudagraphs"}

@@ -20,7 +20,8 @@ import os
 from collections import defaultdict
 
 PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
-             "flex", "flash_attn", "nn.MultiheadAttention", "fused", "fused-compile", "fused-streams",
+             "flex", "flash_attn", "nn.MultiheadAttention", "fused", "fused-compile", "fused-compile-attention",
+             "fused-compile-inline", "fused-streams",
              "eager-cudagraph", "compile-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
              "nn.MultiheadAttention-cudagraph", "compile-reduce-overhead", "fused-cudagraph",
              "fused-compile-reduce-overhead"]

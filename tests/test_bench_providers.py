@@ -75,7 +75,7 @@ def _expected_compile_mode(provider):
         return "max-autotune-no-cudagraphs"
     if provider.endswith("reduce-overhead"):
         return "reduce-overhead"
-    if provider in ("compile", "fused-compile", "fused-compile-attention"):
+    if provider in ("compile", "fused-compile", "fused-compile-attention", "fused-compile-inline"):
         return "default"
     return None
 
@@ -186,24 +186,28 @@ def test_model_providers_build_what_they_name(bench):
 
 def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkeypatch):
     """``fused-compile-attention`` runs (traces and calls) the compiled model with every op but
-    attention's left to Inductor, and leaves the process's setting as it found it; the other
-    providers run under the default setting."""
+    attention's left to Inductor, ``fused-compile-inline`` with the kept ops traced into their
+    kernels; each leaves the process's settings as it found them; the other providers run under
+    the default settings."""
     common, _ = bench
     mod = importlib.import_module("test_bench_model")
     before = interformer.compile_reference_ops()
+    inline_before = interformer.compile_inline()
     seen = {}
 
     def run(benchmark, fn, provider, **kw):
-        seen[provider] = interformer.compile_reference_ops()
+        seen[provider] = (interformer.compile_reference_ops(), interformer.compile_inline())
         fn()
 
     monkeypatch.setattr(common, "run", run)
-    for provider in ("fused-compile", "fused-compile-attention"):
+    for provider in ("fused-compile", "fused-compile-attention", "fused-compile-inline"):
         mod.test_model(None, "smoke", "inference", provider)
-        assert interformer.compile_reference_ops() == before
-    assert seen["fused-compile"] == before
-    assert seen["fused-compile-attention"] == set(backend_mod.FUSED_OPS) - {"attention", "pooled_attention"}
-    assert "fused-compile-attention" in mod.PROVIDERS
+        assert interformer.compile_reference_ops() == before and interformer.compile_inline() == inline_before
+    assert seen["fused-compile"] == (before, inline_before)
+    assert seen["fused-compile-attention"] == (set(backend_mod.FUSED_OPS) - {"attention", "pooled_attention"},
+                                               inline_before)
+    assert seen["fused-compile-inline"] == (before, True)
+    assert {"fused-compile-attention", "fused-compile-inline"} <= set(mod.PROVIDERS)
 
 
 def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
@@ -222,14 +226,16 @@ def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
     before = interformer.set_compile_reference_ops(None)
     try:
         rows = {}
-        for provider in ("fused", "compile", "fused-compile", "fused-compile-attention"):
+        for provider in ("fused", "compile", "fused-compile", "fused-compile-attention", "fused-compile-inline"):
             with common.compile_reference(provider):
                 rows[provider] = common.run(Bench(), lambda: None, op="x", shape=common.ALL_SHAPES["smoke"],
                                             provider=provider, mode="full")
     finally:
         interformer.set_compile_reference_ops(before)
         sys.modules.pop("common", None)
-    assert "compile_reference" not in rows["fused"] and "compile_reference" not in rows["compile"]
+    assert not {"compile_reference", "compile_inline"} & (set(rows["fused"]) | set(rows["compile"]))
+    assert [rows[p]["compile_inline"] for p in ("fused-compile", "fused-compile-attention", "fused-compile-inline")] \
+        == [interformer.compile_inline(), interformer.compile_inline(), True]
     assert rows["fused-compile"]["compile_reference"] == "add_layer_norm,cross_net,grouped_embedding,low_rank_cross_net"
     kept = {"attention", "pooled_attention"}
     assert rows["fused-compile-attention"]["compile_reference"] == ",".join(sorted(set(backend_mod.FUSED_OPS) - kept))
