@@ -18,16 +18,17 @@
 # two amazon compiled training rows 79 s; three profiles 68 s; the embed stage 32 s (a 25 s box
 # ended before its first row); every taobao op graphed, compile against fused, 74 s.
 # Planned for the next lease (two calls; device-tool timeout_s 420 and 330):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=150 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=170 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
 #      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=90 \
 #      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py" \
 #      OPS_K="(bandwidth and fused) or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests model ops profile embed
-#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 140 once its
-#      function-level ids expand): the tokenizers' grouped lookups, the whole fused model with them,
-#      the compile-reference default with the cross nets, the low-rank cross net's phased backward in
-#      fp32, fp16 and bf16, profiling/step_ops.py; then what the grouped lookups change in a taobao
+#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (167 once its
+#      function-level ids expand, 21 a shard): the tokenizers' grouped lookups, the whole fused model
+#      with them, the compile-reference default with the cross nets, the low-rank cross net's phased
+#      backward in fp32, fp16 and bf16, profiling/step_ops.py, the inlined ops (set_compile_inline)
+#      with Triton's own launches and Inductor on the inlined model; then what the grouped lookups change in a taobao
 #      training step, fused against eager, on the calling thread and on the device thread: on the
 #      H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread, fused 42.50 on the device
 #      thread; then the op rows: the low-rank cross net at taobao, full, with the phased backward
@@ -39,28 +40,29 @@
 #      training step's profile, whose
 #      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last
 #      the embed stage's second table (per-table against grouped lookups, both tokenizers, plain,
-#      graphed, deterministic). The boxes add up to 475 s against the call's 420: the stages have
+#      graphed, deterministic). The boxes add up to 495 s against the call's 420: the stages have
 #      run well inside theirs (116 tests took 106 s; five training rows, two of them compiled, 111 s,
 #      so four plain ones should take less), and the last stages are the ones a short call may cut)
-#   2. PACK=1 MODEL_TIMEOUT=230 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference;--inference --host" \
+#   2. PACK=1 MODEL_TIMEOUT=250 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference" \
 #      PROFILE_TIMEOUT=45 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile \
-#      amazon-train-fused-compile-attention taobao-train-compile taobao-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      amazon-train-fused-compile-inline taobao-train-compile taobao-train-fused-compile \
+#      taobao-train-fused-compile-inline; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT model profile
-#      (issue 6's compile target, fused + compile >= 1.15x compile, with the new default set (the
-#      cross nets and LayerNorm to Inductor), beside compile and the attention-only set, all in one
-#      process per shape: at 80ba0f2 amazon was 0.89x with attention only, taobao 1.00x with the
-#      old default; then the compiled inference's host columns, spoiled last time by a recompile
-#      inside the measured steps (fixed: train_step.py turns the ranges on before the warm-up), and
-#      the plain inference's host breakdown (11.17 ms plain against 2.31 ms graphed))
-#      then, in the same device call (its own results.tgz under $OUT/nolt):
-#      OUT="$OUT/nolt" DISABLE_ADDMM_CUDA_LT=1 PACK=1 PROFILE_BACKENDS=triton \
-#      PROFILE_ARGS="--inference --host" PROFILE_TIMEOUT=45 bench/gpu_session.sh COMMIT profile
-#      (in the plain inference profile at 80ba0f2 aten::addmm took 42 us of self CPU time a call,
-#      aten::copy_ 5.6 us: whether addmm's cuBLASLt path, which PyTorch takes for a linear with a
-#      1-D bias, is that cost; compare its plain step with call 2's own --inference --host run.
-#      The setting is PyTorch's and would move eager too; call 2 is then about 330 s: drop a
-#      model row if the lease is short)
-#   Left for a later lease: the host stage, the eager profiles, the op stage at amazon and long.
+#      (issue 6's compile target, fused + compile >= 1.15x compile, all in one process per shape:
+#      compile; fused + compile with the default set (the cross nets and LayerNorm to Inductor, the
+#      other ops opaque custom ops); and fused-compile-inline, the same set with the kept ops traced
+#      into their Triton kernels so that Inductor launches them itself (interformer.set_compile_inline,
+#      off by default until this row: on this CPU, under cProfile with launches skipped, a compiled
+#      fused taobao inference step spent 0.88 of its 2.4 ms in custom-op calls, 0.46 ms of it in the
+#      dispatch above the launchers). At 80ba0f2 amazon was 0.89x
+#      with attention only, taobao 1.00x with the old default. If the inline rows fail, the tests of
+#      call 1 (tests/test_compile_inline.py, Inductor on the inlined model) say where. Then the
+#      compiled inference's host columns, spoiled last time by a recompile inside the measured
+#      steps (fixed: train_step.py turns the ranges on before the warm-up))
+#   Left for a later lease: the host stage, the eager profiles, the op stage at amazon and long,
+#   amazon's fused-compile-attention row, the plain inference's --host profile and the same with
+#   DISABLE_ADDMM_CUDA_LT=1 (whether addmm's cuBLASLt path is the 42 us of self CPU time a call seen
+#   in the plain inference profile at 80ba0f2).
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
