@@ -177,10 +177,12 @@ def _check_inlined(case, dtype, settings, dynamic=None):
         assert a.dtype == b.dtype and torch.equal(a, b), (a - b).abs().max()
 
 
-def test_whole_model_inlined_keeps_only_the_cross_nets_as_custom_ops(settings):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "16-bit autocast"])
+def test_whole_model_inlined_keeps_only_the_cross_nets_as_custom_ops(settings, autocast):
     """A fused model compiled with every op kept: inlined, only the cross net's ops (no rule: its
     kernels take tuples of tensors) remain custom ops, and logits, loss and every parameter's
-    gradient are bitwise those of the custom ops; variable lengths, one of them 0."""
+    gradient are bitwise those of the custom ops; variable lengths, one of them 0; in fp32 and
+    under autocast (fp16 on the CPU, whose interpreter has no bf16; bf16 on a GPU, as trained)."""
     from test_model import random_batch, tiny_config
 
     cfg = tiny_config(backend="triton")
@@ -192,8 +194,10 @@ def test_whole_model_inlined_keeps_only_the_cross_nets_as_custom_ops(settings):
         settings(inline)
         model.zero_grad(set_to_none=True)
         compiled, targets = _compiled(model)
-        logits = compiled(*inputs)
-        loss = InterFormerCTR.loss(logits, label)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float16,
+                            enabled=autocast):
+            logits = compiled(*inputs)
+            loss = InterFormerCTR.loss(logits, label)
         loss.backward()
         results[inline] = ([logits.detach(), loss.detach()] + [p.grad for p in model.parameters()], targets)
     (ref, targets_op), (got, targets_in) = results[False], results[True]
