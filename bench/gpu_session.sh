@@ -17,7 +17,7 @@
 # taobao's five training rows (calling-thread fused and eager, fused, compile, fused-compile) 111 s;
 # two amazon compiled training rows 79 s; three profiles 68 s; the embed stage 32 s (a 25 s box
 # ended before its first row); every taobao op graphed, compile against fused, 74 s.
-# Planned for the next lease (two calls; device-tool timeout_s 420 and 330):
+# Planned for the next lease (two calls; device-tool timeout_s 420 and 360):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=170 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
 #      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=90 \
 #      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py" \
@@ -59,6 +59,11 @@
 #      call 1 (tests/test_compile_inline.py, Inductor on the inlined model) say where. Then the
 #      compiled inference's host columns, spoiled last time by a recompile inside the measured
 #      steps (fixed: train_step.py turns the ranges on before the warm-up))
+#      then, in the same device call, the same profile inlined (its own results.tgz under $OUT/inline):
+#      OUT="$OUT/inline" INTERFORMER_COMPILE_INLINE=1 PACK=1 PROFILE_BACKENDS=triton \
+#      PROFILE_ARGS="--compile --inference" PROFILE_TIMEOUT=45 bench/gpu_session.sh COMMIT profile
+#      (where the compiled fused step's host time goes once Inductor launches the kernels; the call
+#      is then about 350 s: give it timeout_s 360, or drop this part if the lease is short)
 #   Left for a later lease: the host stage, the eager profiles, the op stage at amazon and long,
 #   amazon's fused-compile-attention row, the plain inference's --host profile and the same with
 #   DISABLE_ADDMM_CUDA_LT=1 (whether addmm's cuBLASLt path is the 42 us of self CPU time a call seen

@@ -135,7 +135,14 @@ def main(argv=None) -> int:
 
     if prof is not None:
         averages = prof.key_averages()
-        print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}, {common.environment()['device']})")
+        compiled = ""
+        if args.compile:
+            from interformer import compile_inline, compile_reference_ops
+
+            compiled = (f", compiled: reference ops {','.join(sorted(compile_reference_ops())) or 'none'}, "
+                        f"kept ops {'inlined' if compile_inline() else 'custom ops'}")
+        print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}{compiled}, "
+              f"{common.environment()['device']})")
         print(range_table(averages, args.steps))
         print("\nthis package's Triton kernels by device time:")
         print(kernel_table(averages, args.steps, package_kernel_names()))

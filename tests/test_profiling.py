@@ -360,7 +360,14 @@ def test_train_step_profiles_a_compiled_inference_forward(train_step, capsys, mo
     (model, kw), = compiled
     assert kw == {"backend": "aot_eager"}
     assert all(p.grad is None for p in model.parameters())
-    assert "per-range time over 1 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "per-range time over 1 steps" in out
+    # the header names the compile settings the profile ran under
+    import interformer
+
+    kept = "inlined" if interformer.compile_inline() else "custom ops"
+    reference = ",".join(sorted(interformer.compile_reference_ops())) or "none"
+    assert f"compiled: reference ops {reference}, kept ops {kept}" in out
 
 
 @pytest.fixture(scope="module")
