@@ -45,19 +45,23 @@ compiled graph; dynamo guards on it, and a change recompiles on the next call. C
 function of :mod:`interformer.kernels` directly is not affected.
 
 The ops a compiled model keeps are opaque custom ops by default. :func:`set_compile_inline`
-(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, read once at import) makes
-them transparent instead, for the ops whose launchers allow it (attention, PFFN, the gated LCE,
-DOT, add + LayerNorm): while AOTAutograd traces, each such op is replaced by what its launcher
-does, its allocations as aten ops and its Triton launches as ``torch.library.wrap_triton`` calls,
-so Inductor launches the same kernels from its own generated code (no custom-op dispatch, no
-Python launcher per call) and plans their buffers with the rest of the graph; the kernels and
-their arguments are the launchers' own, so results do not change (a test checks that
-bitwise). Graphs traced with dynamic sizes keep the custom ops (the launchers pick block sizes
-from the sizes). This is what ``torch.library.triton_op`` does, kept switchable here
-(``kernels/_dispatch.py``, :func:`~interformer.kernels._dispatch.inline_when_compiled`). Off by
-default: it is not yet measured on a GPU (benchmark provider ``fused-compile-inline``). Read when a
-graph is traced and not guarded by dynamo: a model compiled before a change keeps its graph until
-it recompiles. ``torch.export`` always keeps the custom ops.
+(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, also true/false, yes/no,
+on/off; read once at import) makes them transparent instead, for the ops whose launchers allow it
+(attention, PFFN, the gated LCE, DOT, add + LayerNorm): while AOTAutograd traces, each such op is
+replaced by what its launcher does, its allocations as aten ops and its Triton launches as
+``torch.library.wrap_triton`` calls, so Inductor launches the same kernels from its own generated
+code (no custom-op dispatch and none of this package's launcher code per call) and plans their
+buffers with the rest of the graph. The kernels and their arguments are the launchers' own: under
+``aot_eager`` the results are bitwise those of the custom ops (tested on the CPU); under Inductor
+the aten ops around the launches become Inductor's code and may round differently (a reduction,
+a cast), within the usual tolerance. Only graphs traced with static sizes are inlined (the
+launchers pick block sizes from the sizes): after the recompile that makes a compiled model's
+sizes dynamic (a second batch size), its graph keeps the custom ops, so compile with
+``dynamic=False`` where inlining matters. This is what ``torch.library.triton_op`` does, kept
+switchable here (``kernels/_dispatch.py``, :func:`~interformer.kernels._dispatch.inline_when_compiled`).
+Off by default: it is not yet measured on a GPU (benchmark provider ``fused-compile-inline``). Like
+the reference set, dynamo guards on it (a change recompiles on the next call), and it is part of
+the compile caches' key. ``torch.export`` always keeps the custom ops.
 """
 
 from __future__ import annotations
@@ -128,7 +132,23 @@ def _inline_from_env():
     return _FLAG_WORDS[word], None
 
 
+_INLINE_TAG = "interformer-inline"
+
+
+def _tag_compile_caches(enabled: bool) -> None:
+    """Put the inline setting into ``torch.compiler.config.cache_key_tag`` (when on; off leaves the
+    tag as the user set it). Reason: the graph dynamo hands to AOTAutograd is the same either way,
+    so without it the compile caches (AOTAutograd's and Inductor's, on disk) would hand back a
+    graph compiled under the other setting. The user's own tag is kept."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):  # an older torch: no such key
+        return
+    parts = [p for p in config.cache_key_tag.split(";") if p and p != _INLINE_TAG]
+    config.cache_key_tag = ";".join(parts + ([_INLINE_TAG] if enabled else []))
+
+
 _COMPILE_INLINE, _INLINE_ENV_ERROR = _inline_from_env()
+_tag_compile_caches(_COMPILE_INLINE)
 
 
 def check_compile_environment() -> None:
@@ -149,15 +169,18 @@ def compile_inline() -> bool:
 
 
 def set_compile_inline(enabled: bool) -> bool:
-    """Trace the kept custom ops into their Triton kernels (True) or keep them opaque (False) in
-    graphs traced from now on; returns the previous setting. Process-wide, read by AOTAutograd
-    while it traces and not guarded by dynamo: a model already compiled keeps its graphs until it
-    recompiles (e.g. ``torch.compiler.reset()``)."""
+    """Trace the kept custom ops into their Triton kernels (True) or keep them opaque (False);
+    returns the previous setting. Process-wide; like :func:`set_compile_reference_ops`, dynamo
+    guards on it where a fused-capable module picks its op, so a model compiled before a change
+    recompiles on its next call (a compiled function that calls an op of
+    :mod:`interformer.kernels` directly keeps its graph until ``torch.compiler.reset()``), and the
+    compile caches are keyed on it (``torch.compiler.config.cache_key_tag``)."""
     global _COMPILE_INLINE, _INLINE_ENV_ERROR
     if not isinstance(enabled, bool):
         raise TypeError(f"set_compile_inline: enabled must be a bool, got {enabled!r}")
     previous = _COMPILE_INLINE
     _COMPILE_INLINE, _INLINE_ENV_ERROR = enabled, None  # an explicit setting replaces the environment's
+    _tag_compile_caches(enabled)
     return previous
 
 
@@ -305,8 +328,11 @@ class FusedModule(torch.nn.Module):
         return torch.device("cpu"), None
 
     def _op(self, module_name: str, op: str) -> Callable:
-        if op in _COMPILE_REFERENCE and torch.compiler.is_compiling():
-            return getattr(reference, op)  # left to Inductor (set_compile_reference_ops)
+        if torch.compiler.is_compiling():
+            if op in _COMPILE_REFERENCE:
+                return getattr(reference, op)  # left to Inductor (set_compile_reference_ops)
+            if _COMPILE_INLINE:  # read while dynamo traces, so that it guards on the setting
+                pass  # (AOTAutograd acts on it: kernels/_dispatch.py, inline_when_compiled)
         backend = self._backend
         if backend == "auto":
             return resolve(module_name, op, backend, *self._placement())

@@ -283,7 +283,9 @@ def written_params(fn, _seen=None) -> frozenset:
     in the pointer expression or in what is assigned to a name that does, except inside the
     arguments of calls (a loaded value, a cast), which yield values, not pointers (``tl.where`` and
     the block-pointer helpers pass pointers through and are followed); constexpr branches are not
-    resolved, so an output written only in some configurations counts. Used for the interpreter's
+    resolved, so an output written only in some configurations counts. It would miss a helper
+    called through an attribute (``module.helper(...)``), a pointer cast (``ptr.to(...)``) and a
+    store through a tensor descriptor; the kernels here use none. Used for the interpreter's
     stand-in kernels, where Triton's own IR cannot be built; ``tests/test_compile_inline.py`` checks
     it against every kernel an inlined op launches."""
     import ast

@@ -3,7 +3,8 @@
 On a CPU these graphs run through ``aot_eager`` (Inductor's code for user-defined Triton kernels
 needs a GPU), with each recorded launch running the interpreted kernel. What is checked here:
 
-* the setting (environment variable, setter, errors);
+* the setting (environment variable, setter, errors), the recompile a change causes and the
+  compile caches' key;
 * for every op with an inlining rule, forward and backward: with the setting on, the traced
   graphs hold Triton launches (``triton_kernel_wrapper_functional``) and none of the package's
   custom ops; off, they hold the custom ops; and the outputs and every gradient are bitwise those
@@ -59,12 +60,28 @@ def _compiled(fn, dynamic=None):
 
     def keep(gm, example_inputs):
         targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        LAUNCHES.extend(_launch(n) for n in gm.graph.nodes if str(n.target) == LAUNCH)
         return make_boxed_func(gm)
 
     def backend(gm, example_inputs):
         return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
 
     return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic), targets
+
+
+#: (kernel name, arguments the traced launch copies as written) of every launch traced by _compiled
+LAUNCHES = []
+
+
+def _launch(node):
+    import inspect
+
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    while not inspect.isfunction(kernel):  # an Autotuner (launch options), a JITFunction, a stand-in
+        kernel = kernel.fn
+    return kernel.__name__, set(node.kwargs["tensors_to_clone"])
 
 
 def _custom_ops(targets):
@@ -165,7 +182,11 @@ def _check_inlined(case, dtype, settings, dynamic=None):
         return [t.detach().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in fixed]
 
     outs_op, grads_op, targets_op = _run(module, inputs, False, settings, dynamic)
+    LAUNCHES.clear()
     outs_in, grads_in, targets_in = _run(module, inputs, True, settings, dynamic)
+    writes = {kernel: w for (_, kernel), (w, _) in KERNEL_POINTERS.items()}
+    for kernel, copied in LAUNCHES:  # what the trace took each launch to write: at most its outputs
+        assert copied <= writes[kernel], (kernel, copied - writes[kernel])
     assert _custom_ops(targets_op) == ops and LAUNCH not in targets_op
     if dynamic:
         assert _custom_ops(targets_in) == ops and LAUNCH not in targets_in, targets_in
@@ -289,6 +310,41 @@ def test_an_inlined_trace_leaves_no_traced_table_in_the_rotary_cache(settings):
     assert LAUNCH in targets
     assert all(type(t) is torch.Tensor for t in A._ROPE_TABLES.values())
     torch.testing.assert_close(out, f(q), rtol=0, atol=0)
+
+
+def test_a_change_of_setting_recompiles_a_compiled_module(settings):
+    """Dynamo guards on the setting (read where a module picks its op): the same compiled module,
+    called again after a change, is traced again, with launches in its graph."""
+    module = interformer.DotInteraction(4, 8, backend="triton").to(DEVICE)
+    z = torch.randn(2, 4, 8, device=DEVICE)
+    compiled, targets = _compiled(module)
+    compiled(z)
+    first = list(targets)
+    settings(True)
+    compiled(z)
+    second = targets[len(first):]
+    assert "interformer.dot_interaction_fwd.default" in first and LAUNCH not in first
+    assert second and LAUNCH in second and _custom_ops(second) == []
+    compiled(z)
+    assert targets[len(first) + len(second):] == []  # unchanged: the graph is reused
+
+
+def test_the_setting_keys_the_compile_caches(settings):
+    """The graph dynamo builds is the same either way, so the setting goes into
+    ``torch.compiler.config.cache_key_tag``: on adds the package's tag, off removes it, and a tag
+    the user set stays."""
+    config = torch.compiler.config
+    before = config.cache_key_tag
+    try:
+        config.cache_key_tag = "mine"
+        settings(True)
+        assert config.cache_key_tag.split(";") == ["mine", "interformer-inline"]
+        settings(True)
+        assert config.cache_key_tag.split(";") == ["mine", "interformer-inline"]
+        settings(False)
+        assert config.cache_key_tag == "mine"
+    finally:
+        config.cache_key_tag = before
 
 
 def test_setting_env_var_setter_and_errors():

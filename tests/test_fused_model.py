@@ -267,6 +267,11 @@ def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     eager, fused = _fused_pair(cfg, seed=1)
     compiled = torch.compile(fused, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     compiled.loss = fused.loss
+    if HAS_CUDA and inlined:  # Inductor's forward code launches the package's kernels itself
+        from torch._inductor.utils import run_and_get_code
+
+        _, code = run_and_get_code(compiled, *_batch(cfg, seed=1)[:4])
+        assert "_attn_fwd_kernel" in "".join(code) and "interformer.attention_fwd" not in "".join(code)
     _compare(eager, compiled, _batch(cfg, seed=1), TOL, "compiled")
     assert _module_level_tensors() == [], "a compiled step filled a module-level tensor cache"
     fused(*_batch(cfg, seed=2)[:4])  # the eager entry points do cache: the scan sees it
