@@ -280,6 +280,7 @@ def test_every_launch_of_an_inlined_op_goes_through_launch(module):
     assert re.search(r"launch\(_\w+_kernel\)\[", source)
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")  # torch's own
 def test_export_keeps_the_custom_op(settings):
     """An exported program keeps the op, also once decomposed to ATen (which traces it under
     FunctionalTensorMode, like torch.compile): a Triton launch in it could not be serialised."""
