@@ -382,9 +382,7 @@ def run(
         row["floor_ms"] = floor_ms
         row["x_floor"] = ms / floor_ms
     if compile_options(base_provider(provider)) is not None and provider.startswith("fused"):
-        from interformer import compile_reference_ops  # what the compiled fused model left to Inductor
-
-        from interformer import compile_inline
+        from interformer import compile_inline, compile_reference_ops  # how the fused model was compiled
 
         row["compile_reference"] = ",".join(sorted(compile_reference_ops())) or "none"
         row["compile_inline"] = compile_inline()

@@ -242,8 +242,17 @@ def _module_level_tensors():
     return found
 
 
+def _set_inline(request, inlined: bool) -> None:
+    """``set_compile_inline(inlined)`` for one test, restored after it (with the compile caches' key
+    tag, so that a graph compiled under one setting is never handed back under the other)."""
+    import interformer
+
+    before = interformer.set_compile_inline(inlined)
+    request.addfinalizer(lambda: interformer.set_compile_inline(before))
+
+
 @pytest.mark.parametrize("setting", ["default", "none", "none, inlined"])
-def test_fused_model_compiles_fullgraph(monkeypatch, setting):
+def test_fused_model_compiles_fullgraph(request, monkeypatch, setting):
     """No graph break through any fused op: the custom ops' fake implementations trace, their
     autograd formulas give the backward graph. aot_eager on CPU (no C++ toolchain needed);
     the GPU run uses Inductor. The compiled step leaves no tensor in a module-level cache: one
@@ -258,7 +267,7 @@ def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     # what set_compile_reference_ops / set_compile_inline set, restored at teardown
     reference, _, inlined = setting.partition(", ")
     monkeypatch.setattr(backend, "_COMPILE_REFERENCE", backend._compile_reference_set(reference, "test"))
-    monkeypatch.setattr(backend, "_COMPILE_INLINE", bool(inlined))
+    _set_inline(request, bool(inlined))
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_ROPE_TABLES", {})
     monkeypatch.setattr(attention, "_ROPE_RETIRED", [])  # tables earlier tests outgrew
@@ -268,9 +277,15 @@ def test_fused_model_compiles_fullgraph(monkeypatch, setting):
     compiled = torch.compile(fused, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     compiled.loss = fused.loss
     if HAS_CUDA and inlined:  # Inductor's forward code launches the package's kernels itself
+        import warnings
+
+        from torch._inductor import config as inductor_config
         from torch._inductor.utils import run_and_get_code
 
-        _, code = run_and_get_code(compiled, *_batch(cfg, seed=1)[:4])
+        # caches off: code compiled by an earlier run on this machine would come back unprinted
+        with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "dynamo_pgo force disabled", UserWarning)
+            _, code = run_and_get_code(compiled, *_batch(cfg, seed=1)[:4])
         assert "_attn_fwd_kernel" in "".join(code) and "interformer.attention_fwd" not in "".join(code)
     _compare(eager, compiled, _batch(cfg, seed=1), TOL, "compiled")
     assert _module_level_tensors() == [], "a compiled step filled a module-level tensor cache"
@@ -502,7 +517,7 @@ def test_fused_training_step_captures_in_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("inlined", [False, True], ids=["custom ops", "inlined"])
-def test_fused_model_under_compile_reduce_overhead(monkeypatch, inlined):
+def test_fused_model_under_compile_reduce_overhead(request, inlined):
     """``torch.compile(mode="reduce-overhead")`` (what ``python -m interformer train --compile
     --compile-mode reduce-overhead`` runs) puts the fused model's training step in CUDA graphs:
     Inductor does not skip cudagraphs because of any fused op (no CPU tensor, no sync), and after
@@ -510,9 +525,7 @@ def test_fused_model_under_compile_reduce_overhead(monkeypatch, inlined):
     gradients on new data. With the kept ops as custom ops and inlined (``set_compile_inline``)."""
     from torch._dynamo.utils import counters
 
-    from interformer import backend
-
-    monkeypatch.setattr(backend, "_COMPILE_INLINE", inlined)
+    _set_inline(request, inlined)
     torch._dynamo.reset()
     counters.clear()
     cfg = _variant("default")
