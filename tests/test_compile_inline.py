@@ -7,14 +7,17 @@ needs a GPU), with each recorded launch running the interpreted kernel. What is 
   compile caches' key;
 * for every op with an inlining rule, forward and backward: with the setting on, the traced
   graphs hold Triton launches (``triton_kernel_wrapper_functional``) and none of the package's
-  custom ops; off, they hold the custom ops; and the outputs and every gradient are bitwise those
-  of the custom ops (same launchers, same kernels, same arguments), in fp32 and fp16;
+  custom ops; off, they hold the custom ops; the outputs and every gradient are bitwise those of
+  the custom ops (same launchers, same kernels, same arguments), in fp32 and fp16 (bf16 too on a
+  GPU, where the launches and the analysis of what they write are Triton's own); and each traced
+  launch copies as written only that kernel's outputs;
 * the whole fused model, every op kept: only the cross nets' ops (which have no rule) stay custom
   ops, and logits, loss and every parameter's gradient are bitwise those without inlining;
 * a graph traced with dynamic shapes keeps the custom ops;
 * ``torch.export`` keeps the custom ops whatever the setting;
 * the interpreter's stand-in for Triton's write analysis, kernel by kernel;
-* the interpreted kernels are not left in the rotary-table cache as traced tensors.
+* a traced call leaves no traced tensor in the rotary-table cache;
+* every launch of an inlined op's launchers goes through ``launch``.
 
 Inductor on the inlined fused model (a GPU), plain and under ``reduce-overhead``:
 ``tests/test_fused_model.py``.
