@@ -273,12 +273,15 @@ def _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
 
 
 @triton.jit
-def _lr_dx0(g, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+def _lr_dx0(DX0, G, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
             NUM_LAYERS: tl.constexpr, DP0_GIVEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
             DT: tl.constexpr, PREC: tl.constexpr):
-    """``dx0 = g_0 + sum_i g_{i+1} * y_i`` on a tile (fp32), from ``g = g_L`` there: ``y_i`` rebuilt
-    from ``P``, ``g_i`` from the ``dp_i`` in ``DP``, except ``dp_0`` when ``DP0_GIVEN`` (then the
-    ``[BLOCK_B, BLOCK_R]`` registers ``dp0``; else ``dp0`` is not read)."""
+    """Store ``dx0 = g_0 + sum_i g_{i+1} * y_i`` on a tile, from ``g = g_L`` read there from ``G``:
+    ``y_i`` rebuilt from ``P``, ``g_i`` from the ``dp_i`` in ``DP``, except ``dp_0`` when
+    ``DP0_GIVEN`` (then the ``[BLOCK_B, BLOCK_R]`` registers ``dp0``; else ``dp0`` is not read)."""
+    m = row_ok[:, None] & col_ok[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
     s = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for i in tl.static_range(NUM_LAYERS - 1, -1, -1):
         y = _lr_y(P, Us[i], Bs[i], i, rows, row_ok, cols, col_ok, rk, r_ok, B, R, DT, PREC)
@@ -288,7 +291,7 @@ def _lr_dx0(g, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, 
             g = tl.dot(dp0.to(DT), v.to(DT), g, input_precision=PREC)
         else:
             g = _lr_g(g, DP, Vs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R, i, i + 1, DT, PREC)
-    return s + g
+    tl.store(DX0 + off, (s + g).to(DX0.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -354,12 +357,8 @@ def _lr_bwd_rows_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        m = row_ok[:, None] & col_ok[None, :]
-        off = rows[:, None] * D + cols[None, :]
-        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-        dx0 = _lr_dx0(g, None, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
-                      NUM_LAYERS, False, BLOCK_B, BLOCK_D, DT, PREC)
-        tl.store(DX0 + off, dx0.to(DX0.dtype.element_ty), mask=m)
+        _lr_dx0(DX0, G, None, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+                NUM_LAYERS, False, BLOCK_B, BLOCK_D, DT, PREC)
 
 
 @triton.jit
@@ -491,12 +490,8 @@ def _lr_bwd_dx0_kernel(
     dp0 = _lr_dp_rows(DPP, 0, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
     if pid_d == 0:
         tl.store(DP + rows[:, None] * R + rk[None, :], dp0, mask=row_ok[:, None] & r_ok[None, :])
-    m = row_ok[:, None] & col_ok[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-    dx0 = _lr_dx0(g, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
-                  NUM_LAYERS, True, BLOCK_B, BLOCK_D, DT, PREC)
-    tl.store(DX0 + off, dx0.to(DX0.dtype.element_ty), mask=m)
+    _lr_dx0(DX0, G, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
+            NUM_LAYERS, True, BLOCK_B, BLOCK_D, DT, PREC)
 
 
 # ============================================================================ low rank: launchers
