@@ -12,7 +12,7 @@ import interformer
 from interformer import FusedModule, InterFormerConfig, InterFormerCTR, optimize
 from interformer.data import make_synthetic
 
-from utils import DEVICE
+from utils import DEVICE, bad_compile_setting_run
 
 TINY = dict(d_model=16, num_heads=2, num_layers=2, max_seq_len=6, pffn_hidden=16, head=(16,), dcn_rank=4)
 
@@ -196,16 +196,8 @@ def test_compile_reference_environment_variable():
     env = dict(os.environ, INTERFORMER_COMPILE_REFERENCE="pffn_mlp,PFFN_linear")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['pffn_linear', 'pffn_mlp']"
-    env["INTERFORMER_COMPILE_REFERENCE"] = "pffn"
-    code = ("import interformer as I\n"
-            "try:\n    I.GatedLCE(2, 2, 4, backend='eager')\nexcept ValueError as e:\n    print('module:', e)\n"
-            "try:\n    I.compile_reference_ops()\nexcept ValueError as e:\n    print('query:', e)\n"
-            "I.set_compile_reference_ops('none'); I.GatedLCE(2, 2, 4); print('set:', sorted(I.compile_reference_ops()))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    lines = out.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["module", "query", "set"], out.stdout
-    assert all("$INTERFORMER_COMPILE_REFERENCE" in line and "'pffn'" in line for line in lines[:2]), out.stdout
-    assert lines[2] == "set: []"
+    assert bad_compile_setting_run("INTERFORMER_COMPILE_REFERENCE", "pffn", "compile_reference_ops",
+                                   "set_compile_reference_ops('none')") == "frozenset()"
 
 
 def _traced_custom_ops(model):

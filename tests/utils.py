@@ -95,3 +95,24 @@ def backward_threading(monkeypatch) -> list:
 
     monkeypatch.setattr(torch.Tensor, "backward", spy)
     return seen
+
+
+def bad_compile_setting_run(env_var: str, value: str, query: str, setter: str) -> str:
+    """Run a fresh interpreter with ``$env_var=value`` (an invalid compile setting) and check that
+    building a fused-capable module and calling ``interformer.<query>()`` both raise a ``ValueError``
+    naming the variable and the value, and that ``interformer.<setter>`` (a call, e.g.
+    ``"set_compile_inline(True)"``) then replaces it: returns what ``<query>()`` gave after that."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import interformer as I\n"
+            "try:\n    I.GatedLCE(2, 2, 4, backend='eager')\nexcept ValueError as e:\n    print('module:', e)\n"
+            f"try:\n    I.{query}()\nexcept ValueError as e:\n    print('query:', e)\n"
+            f"I.{setter}; I.GatedLCE(2, 2, 4); print('set:', repr(I.{query}()))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{env_var: value}),
+                         capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["module", "query", "set"], out.stdout
+    assert all(f"${env_var}" in line and repr(value) in line for line in lines[:2]), out.stdout
+    return lines[2].removeprefix("set: ")
