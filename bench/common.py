@@ -4,7 +4,10 @@ Every benchmark is a pytest-benchmark test that calls :func:`run` with a callabl
 callable is timed with CUDA events (:func:`time_median`), and pytest-benchmark records a
 synchronised host-clock run as well. Each row's
 ``extra_info`` carries device, versions, dtype, commit, median/p20/p80 in ms, samples/s, peak
-memory and achieved GB/s or TFLOP/s against ceilings measured in the same run.
+memory and achieved GB/s or TFLOP/s against ceilings measured in the same run. A compiled
+provider's row also counts what dynamo compiled over the row (``dynamo_frames``), during the timed
+calls alone (``dynamo_frames_timed``: nonzero means the median is not of compiled code alone) and
+its graph breaks; ``bench/report.py`` names the rows where either is nonzero.
 
 Host time versus device time: at the DESIGN shapes most single ops run for tens of microseconds
 on the GPU, less than the Python and launch work that issues them, so a plain timing of
@@ -325,6 +328,15 @@ def synchronized(fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
+def dynamo_counts() -> tuple:
+    """``(frames compiled, graph breaks)`` by ``torch.compile`` in this process so far. Dynamo's
+    frame callback runs only on a cache miss, so every frame it counts was compiled (or recompiled,
+    or looked at and skipped); a compiled model's call that hits its cache adds nothing."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"], sum(counters["graph_break"].values())
+
+
 def run(
     benchmark,
     fn: Callable[[], None],
@@ -345,6 +357,8 @@ def run(
     matmul rate. The floor time is the larger of the two lower bounds, reported as ``x_floor``.
     """
     graphed = provider.endswith(GRAPH_SUFFIX)
+    compiled_provider = compile_options(base_provider(provider)) is not None
+    frames0, breaks0 = dynamo_counts()
     base = _start_peak()  # before any call: parameters and inputs only
     if graphed:
         try:
@@ -361,7 +375,9 @@ def run(
         _start_peak()  # resets the peak counter; the baseline stays the one taken before the warm-up
         fn()
         peak_mb = _peak_since(base)
+    frames_warm = dynamo_counts()[0]
     timing = time_median(fn, graphed=graphed)
+    frames_end, breaks_end = dynamo_counts()
     ms = timing["median_ms"]
     row = {
         "op": op, "shape": shape.name, "provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
@@ -381,7 +397,14 @@ def run(
     if floor_ms > 0:
         row["floor_ms"] = floor_ms
         row["x_floor"] = ms / floor_ms
-    if compile_options(base_provider(provider)) is not None and provider.startswith("fused"):
+    if compiled_provider:
+        # a compiled row whose timed calls compiled, or whose model compiled many times (past dynamo's
+        # recompile limit a frame runs uncompiled), did not time the compiled code alone: the report
+        # names such rows
+        row["dynamo_frames"] = frames_end - frames0
+        row["dynamo_frames_timed"] = frames_end - frames_warm
+        row["graph_breaks"] = breaks_end - breaks0
+    if compiled_provider and provider.startswith("fused"):
         from interformer import compile_inline, compile_reference_ops  # how the fused model was compiled
 
         row["compile_reference"] = ",".join(sorted(compile_reference_ops())) or "none"

@@ -102,7 +102,26 @@ def markdown(rows) -> str:
             "row (graphed, where measured) over the op's floor time. Peak memory: device memory above "
             "the parameters and inputs at the peak of one call after warm-up (outside the timing loop; the "
             "previous call's gradients included), of that best plain fused variant over `eager`."]
+    out += _compile_warnings(rows)
     return "\n".join(out) + "\n"
+
+
+def _compile_warnings(rows) -> list:
+    """Lines naming the compiled rows whose time is not of compiled code alone: rows that compiled
+    during their timed calls (a guard that failed call after call; past dynamo's recompile limit
+    the frame runs uncompiled), and rows whose model broke into several graphs. Rows written before
+    the counts were recorded have none and are not named."""
+    timed = [r for r in rows if r.get("dynamo_frames_timed")]
+    broken = [r for r in rows if r.get("graph_breaks")]
+    name = lambda r: f"{r['op']} {r['shape']} {r['mode']} `{r['provider']}`"  # noqa: E731
+    out = []
+    if timed:
+        out += ["", "**Compiled while timed** (the median includes compilation or uncompiled calls): "
+                + "; ".join(f"{name(r)}: {r['dynamo_frames_timed']} of {r['dynamo_frames']} frames" for r in timed)
+                + "."]
+    if broken:
+        out += ["", "**Graph breaks**: " + "; ".join(f"{name(r)}: {r['graph_breaks']}" for r in broken) + "."]
+    return out
 
 
 def _values(rows, key: str) -> str:

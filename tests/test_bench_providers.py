@@ -210,25 +210,28 @@ def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkey
     assert {"fused-compile-attention", "fused-compile-inline"} <= set(mod.PROVIDERS)
 
 
+class _Bench:
+    """The part of pytest-benchmark's fixture ``common.run`` uses: one untimed call."""
+
+    def __init__(self):
+        self.extra_info = {}
+
+    def pedantic(self, fn, **kw):
+        fn()
+
+
 def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
     """A compiled fused provider's row names the ops the compiled model left to Inductor (the process
     setting can come from the environment); other rows carry no such field."""
     monkeypatch.syspath_prepend(BENCH)
     sys.modules.pop("common", None)
     common = importlib.import_module("common")
-
-    class Bench:
-        extra_info = {}
-
-        def pedantic(self, fn, **kw):
-            fn()
-
     before = interformer.set_compile_reference_ops(None)
     try:
         rows = {}
         for provider in ("fused", "compile", "fused-compile", "fused-compile-attention", "fused-compile-inline"):
             with common.compile_reference(provider):
-                rows[provider] = common.run(Bench(), lambda: None, op="x", shape=common.ALL_SHAPES["smoke"],
+                rows[provider] = common.run(_Bench(), lambda: None, op="x", shape=common.ALL_SHAPES["smoke"],
                                             provider=provider, mode="full")
     finally:
         interformer.set_compile_reference_ops(before)
@@ -295,3 +298,51 @@ def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):
         mod.test_model(None, "smoke", mode, "eager")
         assert seen == want, f"{mode}: backward ran with multithreading {seen}"
         assert torch._C._is_multithreading_enabled() == default
+
+
+def test_compiled_rows_count_what_dynamo_compiled_and_when(monkeypatch):
+    """A compiled provider's row counts the frames dynamo compiled over the row and during its timed
+    calls, and the graph breaks: a guard that fails on every call shows as compilation inside the
+    timing (H200, 2026-11-27: a compiled model toggled into recompiling in its measured steps);
+    an uncompiled provider's row has no such fields."""
+    monkeypatch.syspath_prepend(BENCH)
+    sys.modules.pop("common", None)
+    common = importlib.import_module("common")
+    x = torch.ones(3)
+    state = {"tag": ""}
+
+    def steady(t):
+        return t * 2
+
+    def drifting(t):  # dynamo guards on the string it reads (ints it would make dynamic): each call recompiles
+        return t + len(state["tag"])
+
+    def broken(t):
+        t = t + 1
+        torch._dynamo.graph_break()
+        return t * 3
+
+    def call(f):
+        def fn():
+            state["tag"] += "x"
+            f(x)
+        return fn
+
+    rows = {}
+    try:
+        for name, f in (("steady", steady), ("drifting", drifting), ("broken", broken)):
+            torch._dynamo.reset()
+            compiled = torch.compile(f, backend="eager")
+            rows[name] = common.run(_Bench(), call(compiled), op=name, shape=common.ALL_SHAPES["smoke"],
+                                    provider="compile", mode="full")
+        rows["plain"] = common.run(_Bench(), call(steady), op="plain", shape=common.ALL_SHAPES["smoke"],
+                                   provider="eager", mode="full")
+    finally:
+        torch._dynamo.reset()
+        sys.modules.pop("common", None)
+    assert (rows["steady"]["dynamo_frames"], rows["steady"]["dynamo_frames_timed"], rows["steady"]["graph_breaks"]) \
+        == (1, 0, 0)
+    assert rows["drifting"]["dynamo_frames_timed"] >= 1 and rows["drifting"]["dynamo_frames"] >= 3
+    assert rows["drifting"]["graph_breaks"] == 0
+    assert rows["broken"]["graph_breaks"] >= 1 and rows["broken"]["dynamo_frames_timed"] == 0
+    assert not {"dynamo_frames", "dynamo_frames_timed", "graph_breaks"} & set(rows["plain"])

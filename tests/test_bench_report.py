@@ -79,3 +79,19 @@ def test_header_names_every_commit_and_memory_follows_the_best_fused_variant(rep
 def test_floor_multiple_is_taken_from_the_fastest_fused_row(report):
     rows = [_row("eager", 4.0, x_floor=40.0), _row("fused", 2.0, x_floor=20.0), _row("fused-cudagraph", 0.5, x_floor=5.0)]
     assert _table_row(report.markdown(rows), "model-train")["fused x floor"] == "5.0"
+
+
+def test_compiled_rows_that_compiled_while_timed_or_broke_are_named(report):
+    rows = [_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_timed=0, graph_breaks=0),
+            _row("fused-compile", 12.0, dynamo_frames=9, dynamo_frames_timed=8, graph_breaks=0),
+            _row("fused-compile-inline", 4.0, dynamo_frames=2, dynamo_frames_timed=0, graph_breaks=1),
+            _row("fused", 8.0)]
+    md = report.markdown(rows)
+    timed = [ln for ln in md.splitlines() if ln.startswith("**Compiled while timed**")]
+    assert len(timed) == 1 and "`fused-compile`: 8 of 9 frames" in timed[0]
+    assert "`compile`" not in timed[0] and "inline" not in timed[0]
+    broken = [ln for ln in md.splitlines() if ln.startswith("**Graph breaks**")]
+    assert len(broken) == 1 and "`fused-compile-inline`: 1" in broken[0] and "`fused-compile`:" not in broken[0]
+    clean = report.markdown([_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_timed=0,
+                                                         graph_breaks=0)])
+    assert "Compiled while timed" not in clean and "Graph breaks" not in clean
