@@ -174,7 +174,9 @@ def set_compile_inline(enabled: bool) -> bool:
     guards on it where a fused-capable module picks its op, so a model compiled before a change
     recompiles on its next call (a compiled function that calls an op of
     :mod:`interformer.kernels` directly keeps its graph until ``torch.compiler.reset()``), and the
-    compile caches are keyed on it (``torch.compiler.config.cache_key_tag``)."""
+    compile caches are keyed on it (``torch.compiler.config.cache_key_tag``). Inductor launches
+    Triton kernels on a GPU only: on CPU tensors (the interpreter) an inlined graph runs under
+    backends such as ``aot_eager``, and Inductor fails at compile time."""
     global _COMPILE_INLINE, _INLINE_ENV_ERROR
     if not isinstance(enabled, bool):
         raise TypeError(f"set_compile_inline: enabled must be a bool, got {enabled!r}")
