@@ -154,17 +154,27 @@ _tag_compile_caches(_COMPILE_INLINE)
 def check_compile_environment() -> None:
     """Raise the ``ValueError`` of a bad ``$INTERFORMER_COMPILE_REFERENCE`` until
     :func:`set_compile_reference_ops` replaces it, and of a bad ``$INTERFORMER_COMPILE_INLINE`` until
-    :func:`set_compile_inline` does."""
+    :func:`set_compile_inline` does (a fused-capable module is built under both settings)."""
+    _check_reference_environment()
+    _check_inline_environment()
+
+
+def _check_reference_environment() -> None:
     if _COMPILE_ENV_ERROR is not None:
         raise ValueError(_COMPILE_ENV_ERROR)
+
+
+def _check_inline_environment() -> None:
     if _INLINE_ENV_ERROR is not None:
         raise ValueError(_INLINE_ENV_ERROR)
 
 
 def compile_inline() -> bool:
     """Whether the custom ops a compiled model keeps are traced into their kernels (see the module
-    docstring); False by default."""
-    check_compile_environment()
+    docstring); False by default. Raises the error of a bad ``$INTERFORMER_COMPILE_INLINE`` (not of
+    the other setting's variable: an op of :mod:`interformer.kernels` called directly in a compiled
+    function reads this setting alone)."""
+    _check_inline_environment()
     return _COMPILE_INLINE
 
 
@@ -188,7 +198,7 @@ def set_compile_inline(enabled: bool) -> bool:
 
 def compile_reference_ops() -> frozenset:
     """The ops that take the eager reference while ``torch.compile`` traces a fused-capable module."""
-    check_compile_environment()
+    _check_reference_environment()
     return _COMPILE_REFERENCE
 
 

@@ -35,13 +35,19 @@ from typing import Callable, Sequence
 import torch
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def tracing(tensors: Sequence[torch.Tensor]) -> bool:
     """True when the call must go through the registered custom op: a compiler is tracing, or an
-    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass)."""
+    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass). The
+    type is compared exactly: ``isinstance(t, nn.Parameter)`` also holds for a subclass tensor made a
+    parameter (``nn.Parameter(DTensor)``, a FakeTensor converted from a parameter), whose data the
+    launchers cannot read."""
     if torch.compiler.is_compiling():
         return True
     for t in tensors:
-        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        if type(t) not in _PLAIN:
             return True
     return False
 

@@ -191,13 +191,16 @@ def test_compile_reference_setting_parses_and_rejects(compile_reference):
 
 def test_compile_reference_environment_variable():
     """The variable sets the starting value; a bad one leaves the package importable and fails the
-    first module construction (naming the variable and the op), until an explicit setting."""
+    first module construction (naming the variable and the op), until an explicit setting; the
+    inline setting's query is unaffected."""
     code = "import interformer as I; print(sorted(I.compile_reference_ops()))"
     env = dict(os.environ, INTERFORMER_COMPILE_REFERENCE="pffn_mlp,PFFN_linear")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['pffn_linear', 'pffn_mlp']"
+    # the other setting's query does not raise it: an op called directly in a compiled function
+    # reads only the inline setting, and must compile
     assert bad_compile_setting_run("INTERFORMER_COMPILE_REFERENCE", "pffn", "compile_reference_ops",
-                                   "set_compile_reference_ops('none')") == "frozenset()"
+                                   "set_compile_reference_ops('none')", "compile_inline") == ("False", "[]")
 
 
 def _traced_custom_ops(model):

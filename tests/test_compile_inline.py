@@ -357,8 +357,9 @@ def test_setting_env_var_setter_and_errors():
         env = dict(os.environ, INTERFORMER_COMPILE_INLINE=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout)
+    default = repr(sorted(interformer.backend.DEFAULT_COMPILE_REFERENCE))
     assert bad_compile_setting_run("INTERFORMER_COMPILE_INLINE", "maybe", "compile_inline",
-                                   "set_compile_inline(True)") == "True"
+                                   "set_compile_inline(True)", "compile_reference_ops") == (default, "True")
     before = interformer.set_compile_inline(True)
     try:
         assert interformer.set_compile_inline(False) is True and interformer.compile_inline() is False

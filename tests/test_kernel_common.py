@@ -125,3 +125,27 @@ def test_every_masked_load_says_what_masked_lanes_hold():
                 if (len(node.args) >= 2 or "mask" in names) and len(node.args) < 3 and "other" not in names:
                     missing.append(f"{path.name}:{node.lineno}")
     assert not missing, f"masked tl.load without other=: {missing}"
+
+
+def test_a_subclass_tensor_made_a_parameter_takes_the_custom_op():
+    """``tracing`` sends every argument that is not exactly a tensor or a plain ``nn.Parameter`` to
+    the custom op, where the subclass handles it. ``isinstance(t, nn.Parameter)`` is also true of a
+    subclass tensor wrapped as a parameter (``nn.Parameter(DTensor)``, quantized weights) and of a
+    FakeTensor made from a parameter, whose data a launcher cannot read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from interformer import reference
+    from interformer.kernels._dispatch import tracing
+    from interformer.kernels.dot_interaction import dot_interaction
+
+    plain = torch.randn(2, 4, 8, device=DEVICE)
+    assert not tracing([plain, torch.nn.Parameter(plain.clone())])
+    param = torch.nn.Parameter(TwoTensor(plain, 2 * plain))
+    assert isinstance(param, torch.nn.Parameter) and tracing([plain, param])
+    mode = FakeTensorMode()
+    assert tracing([mode.from_tensor(torch.nn.Parameter(plain.clone()))])
+    out = dot_interaction(param)
+    assert type(out) is TwoTensor
+    torch.testing.assert_close(out.a, reference.dot_interaction(plain), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.b, reference.dot_interaction(2 * plain), rtol=1e-5, atol=1e-5)

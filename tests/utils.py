@@ -97,22 +97,27 @@ def backward_threading(monkeypatch) -> list:
     return seen
 
 
-def bad_compile_setting_run(env_var: str, value: str, query: str, setter: str) -> str:
+def bad_compile_setting_run(env_var: str, value: str, query: str, setter: str, other: str):
     """Run a fresh interpreter with ``$env_var=value`` (an invalid compile setting) and check that
     building a fused-capable module and calling ``interformer.<query>()`` both raise a ``ValueError``
-    naming the variable and the value, and that ``interformer.<setter>`` (a call, e.g.
-    ``"set_compile_inline(True)"``) then replaces it: returns what ``<query>()`` gave after that."""
+    naming the variable and the value, that ``interformer.<other>()``, the query of the other
+    compile setting, does not raise, and that ``interformer.<setter>`` (a call, e.g.
+    ``"set_compile_inline(True)"``) then replaces the bad value: returns ``(what <other>() gave,
+    what <query>() gave after the setter)``, each as ``repr``, a set as a sorted list."""
     import os
     import subprocess
     import sys
 
     code = ("import interformer as I\n"
+            "show = lambda v: repr(sorted(v) if isinstance(v, frozenset) else v)  # sets: in a fixed order\n"
             "try:\n    I.GatedLCE(2, 2, 4, backend='eager')\nexcept ValueError as e:\n    print('module:', e)\n"
             f"try:\n    I.{query}()\nexcept ValueError as e:\n    print('query:', e)\n"
-            f"I.{setter}; I.GatedLCE(2, 2, 4); print('set:', repr(I.{query}()))")
-    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{env_var: value}),
+            f"print('other:', show(I.{other}()))\n"
+            f"I.{setter}; I.GatedLCE(2, 2, 4); print('set:', show(I.{query}()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTERFORMER_COMPILE_")}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, **{env_var: value}),
                          capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines] == ["module", "query", "set"], out.stdout
+    assert [line.split(":")[0] for line in lines] == ["module", "query", "other", "set"], out.stdout
     assert all(f"${env_var}" in line and repr(value) in line for line in lines[:2]), out.stdout
-    return lines[2].removeprefix("set: ")
+    return lines[2].removeprefix("other: "), lines[3].removeprefix("set: ")
