@@ -27,6 +27,14 @@ def _parse_value(text: str):
         return text
 
 
+_FLAG_HELP = {
+    "data": "synthetic (the default), csv or parquet; a split whose files all end in .csv, .csv.gz, .parquet "
+            "or .pq is read by those suffixes",
+    "log_every": "steps between progress reports (default 20): the bar's loss and samples/s, or, without a bar "
+                 "(--no-progress, output to a file), a line 'step N: loss L, S samples/s (epoch ...)'",
+}
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, all defaulting to "not given" so that the settings
     file and the dataclass defaults fill what the command line leaves out."""
@@ -51,7 +59,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         elif type(None) in args and base in (int, float):  # "none" unsets what a settings file sets
             p.add_argument(flag, type=str, default=None, metavar=f"{base.__name__.upper()}|none")  # TrainConfig converts
         else:
-            p.add_argument(flag, type=base if base in (int, float, str) else str, default=None)
+            p.add_argument(flag, type=base if base in (int, float, str) else str, default=None,
+                           help=_FLAG_HELP.get(f.name))
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -40,10 +40,12 @@ Decisions (what the code below does, and why):
   :func:`build_vocabularies` reports its skips with a :class:`DataWarning`. A wrong number of CSV
   fields, and a quoting error (below), are malformed rows. Problems with a whole file (no header,
   missing or duplicated required columns, bytes that are not UTF-8, a file that cannot be read
-  such as a corrupt or truncated ``.gz``) always raise, whatever ``on_error`` says: after them
-  nothing in the file can be trusted. Undecodable bytes are reported at their own physical line
-  (``"not valid UTF-8 (byte 0xff at character 23 of the line)"``), a read error at the line it
-  was reading (``"unreadable file (EOFError: ...)"``). Completely blank CSV lines, before the
+  such as a corrupt or truncated ``.gz`` or Parquet file) always raise, whatever ``on_error``
+  says: after them nothing in the file can be trusted. Undecodable bytes are reported at their own
+  physical line (``"not valid UTF-8 (byte 0xff at character 23 of the line)"``), a read error at
+  the line it was reading (``"unreadable file (EOFError: ...)"``); a Parquet file that pyarrow
+  cannot read at ``metadata`` (its footer) or at the first row of the record batch it was reading
+  (``"row 8193: unreadable Parquet file (OSError: ...)"``). Completely blank CSV lines, before the
   header too, are not rows and are passed over (they carry no sample); the header is the first
   line that is not blank, and its line number is the one errors about it give.
 * **Quoting.** By default one CSV row is one physical line: a quoted field may hold commas and
@@ -174,7 +176,8 @@ class DataError(ValueError):
     """A file or a row that cannot be read; the message is ``"<path>:<where>: <reason>"``.
 
     ``where`` is the physical line number on which a CSV row starts (header = line 1), ``"row <i>"``
-    (1-based) for a Parquet row, or ``"schema"`` for a Parquet file whose columns do not fit.
+    (1-based) for a Parquet row, ``"schema"`` for a Parquet file whose columns do not fit, or
+    ``"metadata"`` for a Parquet file whose footer cannot be read (not Parquet, truncated).
     """
 
     def __init__(self, path: PathLike, where: Union[int, str], reason: str) -> None:
@@ -619,21 +622,52 @@ def _import_parquet():
     return pq
 
 
+def _unreadable_parquet(path: Path, where: str, error: BaseException) -> DataError:
+    e = DataError(path, where, f"unreadable Parquet file ({type(error).__name__}: {' '.join(str(error).split())})")
+    e.__suppress_context__ = True  # as ``raise ... from None``
+    return e
+
+
 def _parquet_batches(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator:
     """Record batches of a Parquet file, its schema checked first; only ``list_columns`` (the
-    sequence channels) may be nested types."""
+    sequence channels) may be nested types.
+
+    A file pyarrow cannot read (not Parquet, truncated, corrupt; pyarrow raises ``ArrowInvalid``,
+    ``OSError``, ...) raises :class:`DataError` ``"<path>:metadata: unreadable Parquet file (...)"``
+    when its footer (schema and row groups) cannot be read, or ``"<path>:row <i>: ..."`` for a
+    record batch that cannot be decoded, ``i`` being that batch's first row (the rows before it
+    have been yielded)."""
     pq = _import_parquet()
+    import pyarrow as pa
     import pyarrow.types as pat
 
-    pf = pq.ParquetFile(path)
+    errors = (pa.ArrowException, OSError)
     try:
-        arrow = pf.schema_arrow
+        pf = pq.ParquetFile(path)
+    except errors as e:
+        raise _unreadable_parquet(path, "metadata", e) from None
+    try:
+        try:
+            arrow = pf.schema_arrow
+        except errors as e:
+            raise _unreadable_parquet(path, "metadata", e) from None
         _header_columns(path, "schema", list(arrow.names), columns)
         for c in columns:
             t = arrow.field(c).type
             if pat.is_nested(t) and (c not in list_columns or not (pat.is_list(t) or pat.is_large_list(t))):
                 raise DataError(path, "schema", f"column {c!r} has type {t}; only sequence columns may hold lists")
-        yield from pf.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=columns)
+        batches, row = None, 0
+        while True:
+            try:
+                if batches is None:  # pyarrow may already read when it starts the iterator
+                    batches = pf.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=columns)
+                rb = next(batches)
+            except StopIteration:
+                return
+            except errors as e:
+                raise _unreadable_parquet(path, f"row {row + 1}", e) from None
+            yield rb
+            row += rb.num_rows
     finally:
         pf.close()
 

@@ -7,14 +7,34 @@ import math
 import torch
 
 
+def _binary_labels(name: str, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (flattened, on the CPU) as a bool tensor; ValueError unless every label is 0 or 1.
+
+    A NaN label would otherwise count as a negative and a 2 as a positive, without a word."""
+    labels = labels.detach().flatten().cpu()
+    if labels.dtype == torch.bool:
+        return labels
+    bad = (labels != 0) & (labels != 1)  # NaN compares unequal to both
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{name}: labels must be 0 or 1, got {labels[i].item()!r} at index {i} "
+                         f"({int(bad.sum())} such label(s))")
+    return labels == 1
+
+
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """ROC AUC by the rank-sum formula, tied scores sharing their average rank.
 
-    Returns NaN when only one class is present, or when any score is NaN or infinite (a diverged
-    model: ranking NaNs would give a plausible-looking number).
+    ``labels`` must be 0 or 1 (any dtype) and as many as ``scores``; anything else (a length
+    mismatch, a label such as 2 or NaN) raises ValueError. Returns NaN when only one class is
+    present, or when any score is NaN or infinite (a diverged model: ranking NaNs would give a
+    plausible-looking number).
     """
     scores = scores.detach().double().flatten().cpu()
-    labels = labels.detach().flatten().cpu() > 0.5
+    if scores.numel() != labels.numel():
+        raise ValueError(f"auc: scores and labels must have the same length, got {scores.numel()} and "
+                         f"{labels.numel()}")
+    labels = _binary_labels("auc", labels)
     n_pos = int(labels.sum())
     n_neg = labels.numel() - n_pos
     if n_pos == 0 or n_neg == 0 or not bool(torch.isfinite(scores).all()):
@@ -42,16 +62,17 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
 
     Groups whose samples are all of one class have no AUC and are skipped (their clicks do not
     count in the weights either). Returns NaN when no group has both classes, or when any score is
-    NaN or infinite.
+    NaN or infinite. Labels must be 0 or 1 and the three inputs equally long (ValueError), as in
+    :func:`auc`.
     """
     scores = scores.detach().double().flatten().cpu()
-    if not bool(torch.isfinite(scores).all()):
-        return float("nan")
-    labels = labels.detach().flatten().cpu() > 0.5
     groups = groups.detach().flatten().cpu()
     if not (scores.numel() == labels.numel() == groups.numel()):
         raise ValueError(f"gauc: scores, labels and groups must have the same length, got "
                          f"{scores.numel()}, {labels.numel()}, {groups.numel()}")
+    labels = _binary_labels("gauc", labels)
+    if not bool(torch.isfinite(scores).all()):
+        return float("nan")
     order = torch.argsort(groups, stable=True)
     _, counts = torch.unique_consecutive(groups[order], return_counts=True)
     total, weight = 0.0, 0.0

@@ -69,7 +69,11 @@ Decisions:
   slows some CUDA operations and changes nothing on CPU.
 * **Validation** runs on rank 0 only, over the whole validation split (exact metrics, no padded
   duplicates), and the result is broadcast so every rank takes the same early-stopping decision.
-  Early stopping: after ``patience`` epochs without a better validation AUC.
+  Early stopping: after ``patience`` epochs without a better validation AUC. An epoch whose
+  validation AUC is NaN (undefined: the validation rows hold one label class, or the scores are not
+  finite) prints a warning saying which, does not count toward ``patience`` and cannot write
+  ``best.pt``; when no epoch had a defined AUC, the run ends saying that no best checkpoint could
+  be chosen, and the final table is the last weights'.
 * **Multi-process**: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (NCCL on GPUs, gloo on CPUs), every rank reads its own shard of each epoch
   (equal batch counts per rank), and only rank 0 touches the output directory: it checks (and with
@@ -131,7 +135,8 @@ class TrainConfig:
     """Everything a training run needs. Paths may be one string or a list of files."""
 
     # data
-    data: str = "synthetic"
+    data: str = "synthetic"  # or "csv"/"parquet": then a split whose files all end in .csv, .csv.gz, .parquet
+    # or .pq is read by those suffixes (whatever ``data`` says), any other split as ``data`` says (_format_of)
     train: List[str] = field(default_factory=list)
     valid: List[str] = field(default_factory=list)
     test: List[str] = field(default_factory=list)
@@ -168,7 +173,7 @@ class TrainConfig:
     patience: Optional[int] = None  # early stopping
     max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimiser steps in total
     checkpoint_every: Optional[int] = None
-    log_every: int = 20
+    log_every: int = 20  # steps between progress reports: the bar's loss and samples/s, or without a bar a printed line
     prefetch: int = 2  # batches built ahead by a background thread (file data; 0 = none)
     progress: bool = True  # an epoch bar on stderr, where it renders (a terminal or Jupyter; not in a log file)
     plot: bool = False
@@ -480,14 +485,14 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
         return {}, splits, None, None
     source = cfg.schema if schema is None else schema
     schema = Schema.from_dict(source) if isinstance(source, dict) else Schema.from_file(source)
-    fmt = cfg.data
     if vocabs is None:
-        vocabs, _ = build_vocabularies(cfg.train, schema, fmt=fmt, on_error=cfg.on_bad_rows)
+        vocabs, _ = build_vocabularies(cfg.train, schema, fmt=_format_of(cfg.train, cfg.data), on_error=cfg.on_bad_rows)
     splits = {}
     for split in ("train", "valid", "test"):
         paths = getattr(cfg, split)
         if paths:
-            splits[split] = TabularDataset(paths, schema, vocabs, fmt=fmt, on_error=cfg.on_bad_rows)
+            splits[split] = TabularDataset(paths, schema, vocabs, fmt=_format_of(paths, cfg.data),
+                                           on_error=cfg.on_bad_rows)
     return splits["train"].model_overrides(), splits, vocabs, schema.to_dict()
 
 
@@ -1008,6 +1013,10 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                     if batch_in_epoch % cfg.log_every == 0:
                         sps = seen * d.world_size / (time.perf_counter() - t0)
                         bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=f"{sps:,.0f}")
+                elif d.is_main and step % cfg.log_every == 0:  # no bar (a log file, --no-progress): a line
+                    sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
+                    say(f"step {step}: loss {(loss_sum / loss_n).item():.4f}, {sps:,.0f} samples/s "
+                        f"(epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}; means over the epoch so far)")
                 if _any_rank(max_steps_reached() or stop.requested, d, device):
                     halted = True
                     break
@@ -1038,11 +1047,19 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                 valid = _broadcast(valid, d)
                 record["valid"] = valid
                 improved = valid["auc"] > best_auc
-                best_auc, stale = (valid["auc"], 0) if improved else (best_auc, stale + 1)
+                if improved:
+                    best_auc, stale = valid["auc"], 0
+                elif not math.isnan(valid["auc"]):
+                    stale += 1
+                # a NaN AUC is neither better nor worse: the epoch does not count toward patience
             else:
                 improved = False
             history.append(record)
             say(_epoch_line(record))
+            if "valid" in record and math.isnan(record["valid"]["auc"]):
+                say(f"warning: epoch {epoch + 1}: the validation AUC is undefined (NaN): "
+                    f"{_why_auc_is_nan(record['valid'])}. This epoch does not count toward early stopping "
+                    "and cannot become the best checkpoint.")
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.patience is not None and stale >= cfg.patience:
                 status = "early_stopped"
@@ -1074,6 +1091,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
             source = "best checkpoint"
         elif best_written:
             say(f"note: {best} is gone; the final metrics are the last weights'")
+        elif "valid" in splits and any("valid" in r for r in history):
+            say("note: no best checkpoint could be chosen by validation AUC (it was undefined, NaN, in every "
+                "epoch), so no best.pt was written; the final metrics are the last weights'")
         for split in ("valid", "test"):
             if split in splits:
                 final[split] = evaluate_split(final_model, splits[split], cfg, device)
@@ -1091,6 +1111,16 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                     f"(e.g. {'; '.join(ds.skipped_examples[:3])})")
     summary["model"] = model  # the trained module itself (not in run.json), on every rank
     return summary
+
+
+def _why_auc_is_nan(m: Dict[str, float]) -> str:
+    """Why :func:`~interformer.metrics.auc` gave NaN for split metrics ``m`` (:func:`metrics_of`):
+    NE is NaN exactly when the labels hold one class, LogLoss finite when the logits are."""
+    if not math.isfinite(m["logloss"]):
+        return "the model's scores are not all finite (NaN or infinite logits: has training diverged?)"
+    if math.isnan(m["ne"]):
+        return "the validation rows hold one label class only (all 0 or all 1), and AUC needs both"
+    return "the model's scores are not all finite"
 
 
 def _epoch_line(r: Dict[str, Any]) -> str:
@@ -1140,7 +1170,10 @@ def plot_curves(history: List[Dict[str, Any]], path: Path) -> Path:
 
 
 def _format_of(paths: List[str], fallback: str) -> Optional[str]:
-    """None (dataio infers each file's format from its suffix) when every suffix tells it, else ``fallback``."""
+    """The ``fmt`` one split's files are read with: None (dataio reads each file by its suffix) when
+    every suffix tells the format (.csv, .csv.gz, .parquet, .pq), else ``fallback`` (the ``data``
+    setting) for all of them. Training and ``evaluate`` both use it, so ``data: csv`` with a
+    ``.parquet`` file reads that file as Parquet."""
     known = (".csv", ".csv.gz", ".parquet", ".pq")
     return None if all(str(p).lower().endswith(known) for p in paths) else fallback
 
@@ -1174,7 +1207,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         splits.pop("train")
     else:  # the validation/test files its config names; the training files need not exist any more
         schema, vocabs = Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"])
-        splits = {name: TabularDataset(getattr(cfg, name), schema, vocabs, fmt=cfg.data, on_error=cfg.on_bad_rows)
+        splits = {name: TabularDataset(getattr(cfg, name), schema, vocabs, fmt=_format_of(getattr(cfg, name), cfg.data),
+                                       on_error=cfg.on_bad_rows)
                   for name in ("valid", "test") if getattr(cfg, name)}
     if not splits:
         raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")

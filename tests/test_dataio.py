@@ -485,6 +485,43 @@ def test_parquet_malformed_row_number(tmp_path):
     assert ds.skipped_examples == [f"{path}:row 7: column 'label': label must be 0 or 1, got '3'"]
 
 
+def test_unreadable_parquet_raises_a_data_error_naming_the_file(tmp_path, amazon, small_chunks):
+    """A truncated file, a file that is not Parquet and a corrupt page raise DataError naming the
+    path (pyarrow's ArrowInvalid/OSError named no file), on both paths and whatever on_error says;
+    a page that cannot be decoded is reported at the first row of the record batch being read,
+    after the rows before it."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    _, schema, vocabs, _ = amazon
+    good = write_parquet(tmp_path / "good.parquet", amazon_rows(201))  # row groups of 64 rows
+    data = good.read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(data[:len(data) // 2])
+    not_parquet = tmp_path / "text.parquet"
+    not_parquet.write_text("label,user_id\n1,2\n", encoding="utf-8")
+    chunk = pq.ParquetFile(good).metadata.row_group(2).column(0)  # the label column of rows 129..192
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    corrupt = bytearray(data)
+    corrupt[start:start + 4] = bytes(b ^ 0xFF for b in corrupt[start:start + 4])  # its first page header
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(corrupt))
+    cases = [(cut, r"(metadata): unreadable Parquet file \(ArrowInvalid: "),
+             (not_parquet, r"(metadata): unreadable Parquet file \(ArrowInvalid: "),
+             (tmp_path / "corrupt.parquet", r"row (\d+): unreadable Parquet file \((OSError|ArrowInvalid): ")]
+    for path, pattern in cases:
+        messages = []
+        for vectorized in (True, False):
+            with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{pattern}") as info:
+                build_vocabularies(path, schema, on_error="skip", vectorized=vectorized)
+            assert info.value.__cause__ is None and info.value.__suppress_context__  # one message, no pyarrow trace
+            messages.append(str(info.value))
+            xs, err = outcome(TabularDataset(path, schema, vocabs, on_error="skip", vectorized=vectorized).batches(10))
+            messages.append(err)
+            where = re.match(rf"^{re.escape(str(path))}:{pattern}", err).group(1)
+            if where != "metadata":  # the rows before the batch that failed came first
+                assert 1 < int(where) <= 129 and len(xs) == (int(where) - 1) // 10
+                assert row_ids(xs) == list(range(len(xs) * 10))
+        assert len(set(messages)) == 1, messages
+
+
 class CountingFile:
     """A text file whose lines are counted as the reader takes them."""
 

@@ -139,3 +139,28 @@ def test_nan_or_inf_scores_give_nan_not_a_plausible_auc():
                    torch.tensor([0.1, float("inf"), 0.3, 0.2])):
         assert math.isnan(auc(scores, labels))
         assert math.isnan(gauc(scores, labels, torch.tensor([0, 0, 0, 0])))
+
+
+def test_auc_refuses_labels_other_than_0_and_1_and_a_length_mismatch():
+    """A NaN label used to count as a negative and a 2 as a positive; a length mismatch raised an
+    IndexError from the ranking. Both are ValueErrors now, in auc as in gauc; NaN scores and one
+    class still give NaN."""
+    s = torch.tensor([0.1, 0.9, 0.2, 0.8])
+    for bad in (2.0, float("nan"), -1.0, 0.5, float("inf")):
+        labels = torch.tensor([0.0, 1.0, bad, 1.0])
+        with pytest.raises(ValueError, match="labels must be 0 or 1"):
+            auc(s, labels)
+        with pytest.raises(ValueError, match="labels must be 0 or 1"):
+            gauc(s, labels, torch.tensor([1, 1, 2, 2]))
+    with pytest.raises(ValueError, match="same length"):
+        auc(s, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="same length"):
+        auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="same length"):  # the lengths are checked before the scores
+        gauc(torch.full((4,), float("nan")), torch.tensor([0.0, 1.0, 1.0]), torch.tensor([1, 1, 2, 2]))
+    # 0/1 in any dtype is accepted and gives the same AUC
+    y = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    for labels in (y, y.long(), y.bool(), y.half()):
+        assert auc(s, labels) == 1.0
+    assert math.isnan(auc(torch.tensor([float("nan"), 0.9, 0.2, 0.8]), y))
+    assert math.isnan(auc(s, torch.zeros(4)))

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -916,3 +917,101 @@ def test_training_progress_bar_only_where_it_renders(monkeypatch):
     bar = _progress(3, "epoch 1/1", True)
     assert bar is not None
     bar.close()
+
+
+def _bars_config(bars, **kw) -> T.TrainConfig:
+    settings = dict(data="csv", train=[str(bars / "train.csv")], valid=[str(bars / "valid.csv")],
+                    schema=str(bars / "schema.yaml"), batch_size=64, epochs=1, progress=False,
+                    output_dir=str(bars / "run"), model={k: v for k, v in TINY.items() if k != "max_seq_len"})
+    settings.update(kw)
+    return T.TrainConfig.from_dict(settings)
+
+
+def test_a_validation_split_of_one_class_warns_and_does_not_stop_the_run_early(bars, capsys):
+    """Validation labels all 0: AUC is NaN every epoch. Each epoch warns and says why, none counts
+    toward patience (the run does all its epochs instead of 'early stopping' after one), no best.pt
+    is written, and the end of the run says that no best checkpoint could be chosen."""
+    lines = (bars / "valid.csv").read_text().splitlines()
+    (bars / "valid.csv").write_text("\n".join([lines[0]] + ["0" + line[1:] for line in lines[1:]]) + "\n")
+    s = T.train(_bars_config(bars, epochs=3, patience=1), log=print)
+    out = capsys.readouterr().out
+    assert s["status"] == "finished" and [e["epoch"] for e in s["epochs"]] == [1, 2, 3]
+    assert all(math.isnan(e["valid"]["auc"]) for e in s["epochs"])
+    assert T.load_checkpoint(bars / "run" / "last.pt")["stale_epochs"] == 0
+    assert not (bars / "run" / "best.pt").exists() and s["best_valid_auc"] is None
+    for epoch in (1, 2, 3):
+        assert (f"warning: epoch {epoch}: the validation AUC is undefined (NaN): the validation rows hold one "
+                "label class only") in out
+    assert "does not count toward early stopping" in out and "early stopping:" not in out
+    assert "no best checkpoint could be chosen by validation AUC" in out
+    assert "final metrics (last weights)" in out
+
+
+def test_a_nan_auc_epoch_between_defined_ones_keeps_the_patience_count(bars, monkeypatch, capsys):
+    """Normal epochs still count: AUCs 0.7, NaN, 0.6, 0.65 with patience 2 stop after epoch 4 (two
+    epochs worse than 0.7; the NaN epoch is left out), best.pt is epoch 1's, no closing note."""
+    aucs = iter([0.7, float("nan"), 0.6, 0.65, 0.9])
+    real = T.evaluate_split
+
+    def fake(model, dataset, cfg, device):
+        m = real(model, dataset, cfg, device)
+        m["auc"] = next(aucs)
+        return m
+
+    monkeypatch.setattr(T, "evaluate_split", fake)
+    s = T.train(_bars_config(bars, epochs=6, patience=2), log=print)
+    out = capsys.readouterr().out
+    assert s["status"] == "early_stopped" and len(s["epochs"]) == 4 and s["best_valid_auc"] == 0.7
+    assert T.load_checkpoint(bars / "run" / "best.pt")["epoch"] == 1
+    assert "warning: epoch 2: the validation AUC is undefined (NaN): the model's scores are not all finite" in out
+    assert "no best checkpoint" not in out
+
+
+def test_training_reads_each_split_by_its_files_suffix(bars):
+    """data: csv with Parquet files reads them as Parquet (as evaluate does), not as CSV text
+    (which failed with a misleading UTF-8 error); a corrupt Parquet file raises DataError naming it."""
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is installed by make test")
+    import pyarrow.csv as pacsv
+
+    from interformer.dataio import DataError
+
+    pq.write_table(pacsv.read_csv(bars / "train.csv", convert_options=pacsv.ConvertOptions(
+        column_types={"item_history": "string", "cate_history": "string"})), bars / "train.parquet")
+    s = T.train(_bars_config(bars, train=[str(bars / "train.parquet")]), log=quiet)
+    assert s["status"] == "finished" and s["epochs"][0]["valid"]["samples"] == 120
+    ref = T.train(_bars_config(bars, output_dir=str(bars / "ref")), log=quiet)
+    assert_same_weights(weights(bars / "run" / "last.pt"), weights(bars / "ref" / "last.pt"))
+    assert s["final"]["valid"]["auc"] == ref["final"]["valid"]["auc"]
+    # data: parquet with CSV files: read as CSV
+    T.train(_bars_config(bars, data="parquet", output_dir=str(bars / "pq")), log=quiet)
+    assert_same_weights(weights(bars / "pq" / "last.pt"), weights(bars / "ref" / "last.pt"))
+    # the checkpoint's own splits, as `evaluate` reads them, by the same rule
+    own = T.evaluate_checkpoint(str(bars / "pq" / "last.pt"))["valid"]
+    assert own["auc"] == ref["final"]["valid"]["auc"]
+    (bars / "bad.parquet").write_bytes((bars / "train.parquet").read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(bars / 'bad.parquet'))}:metadata: unreadable Parquet file"):
+        T.train(_bars_config(bars, train=[str(bars / "bad.parquet")], output_dir=str(bars / "bad")), log=quiet)
+
+
+def test_without_a_bar_log_every_prints_a_step_line(tmp_path, monkeypatch, capsys):
+    """No bar (progress off, or stderr not a terminal): a line every log_every steps; with a bar,
+    the bar shows them and no line is printed."""
+    lines = []
+    T.train(tiny_config(tmp_path / "a", log_every=3), log=lines.append)  # 8 steps an epoch, 2 epochs
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [int(line.split()[1].rstrip(":")) for line in steps] == [3, 6, 9, 12, 15]
+    for line in steps:
+        assert re.match(r"^step \d+: loss \d+\.\d{4}, [\d,]+ samples/s \(epoch [12], batch \d/8; ", line), line
+    assert "(epoch 2, batch 1/8;" in steps[2]  # step 9
+    lines.clear()
+    T.train(tiny_config(tmp_path / "b", epochs=1), log=lines.append)  # the default, 20: no line in 8 steps
+    assert not [line for line in lines if line.startswith("step ")]
+    # progress on, but stderr is a log file: lines
+    T.train(tiny_config(tmp_path / "c", epochs=1, progress=True, log_every=4), log=lines.append)
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 4", "step 8"]
+    # a bar that renders: no lines
+    monkeypatch.setattr(T, "interactive_stderr", lambda: True)
+    lines.clear()
+    T.train(tiny_config(tmp_path / "d", epochs=1, progress=True, log_every=4), log=lines.append)
+    assert not [line for line in lines if line.startswith("step ")]
+    assert capsys.readouterr().err  # the bar was drawn
