@@ -22,17 +22,23 @@ Padding: every padding id (0) is saved as flat id 0, table 0's padding row, and 
 
 Decision: the fast path reads the weights and does not call the table modules, so it is taken
 only where calling them would give the same: every table an ``nn.Embedding`` whose ``forward`` is
-``nn.Embedding``'s (a subclass that overrides it, such as a QAT embedding, is not), no forward
-hook or pre-hook (the table's or a global one: an old-style ``weight_norm`` recomputes the weight
-in one), ``padding_idx=0``, no ``max_norm``, no ``scale_grad_by_freq``, ``sparse=False``
-(``interformer.train`` sets ``sparse=True`` for SparseAdam), all weights on one device in one
-dtype, and all trainable or all frozen (the one gradient buffer has rows for every table, and each
-trainable table's gradient, a view of it, keeps it alive: a large frozen table would cost its full
-gradient every step). Otherwise, and under ``torch.fx.symbolic_trace`` (ids a Proxy), the
-reference runs: each table module called, one node per table. ``nn.utils.parametrize``
-parametrisations keep the fast path (reading ``weight`` computes them, with their gradients).
-Without a weight that needs a gradient the lookups run without the Function. Under
-``torch.compile`` the op is in the default compile-reference set (:mod:`interformer.backend`).
+``nn.Embedding``'s (a subclass that overrides it, such as a QAT embedding, is not, nor is a table
+given its own ``forward`` attribute, as offloading hooks do), no hook (forward, forward pre-,
+backward or backward pre-hook, the table's or a global one: an old-style ``weight_norm``
+recomputes the weight in a forward pre-hook, and a backward hook may change the gradient),
+``padding_idx=0``, no ``max_norm``, no ``scale_grad_by_freq``, ``sparse=False``
+(``interformer.train`` sets ``sparse=True`` for SparseAdam). Otherwise, and under
+``torch.fx.symbolic_trace`` (ids a Proxy) or ``torch.jit.trace``, the reference runs: each table
+module called, one node per table. Each ``weight`` is read once per call (an
+``nn.utils.parametrize`` parametrisation computes it there, with its gradient, as a call of the
+table would, once). The one node needs the weights on one device in one dtype, all trainable or
+all frozen (the one gradient buffer has rows for every table, and each trainable table's gradient,
+a view of it, keeps it alive: a large frozen table would cost its full gradient every step);
+otherwise, and without a weight that needs a gradient, the weights read are looked up one by one
+(``F.embedding``, what each table's ``forward`` does). Forward-mode AD (``torch.func.jvp``,
+``jacfwd``, ``torch.autograd.forward_ad``) has the Function's ``jvp``: the same lookups of the
+weights' tangents. Under ``torch.compile`` the op is in the default compile-reference set
+(:mod:`interformer.backend`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ import torch.nn.functional as F
 
 from interformer import reference
 
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 
 from ._dispatch import needs_grad
 
@@ -54,26 +61,28 @@ _EMBEDDING_FORWARD = torch.nn.Embedding.forward
 
 
 def _eligible(ids, tables: Sequence[torch.nn.Module]) -> bool:
-    """Whether the one backward call gives exactly what calling each table would (see the module
-    docstring): plain ``nn.Embedding`` forwards (a subclass that overrides ``forward``, e.g. a QAT
-    embedding's fake quantisation, or a forward hook, global or the table's, would be skipped by
-    reading the weights directly), options the dense call ignores, one device and dtype, and every
-    table trainable or none (a frozen table would still get its rows in the one gradient buffer,
-    which every trainable table's gradient view keeps alive)."""
-    if isinstance(ids, torch.fx.Proxy) or not len(tables):
+    """Whether reading the tables' weights gives exactly what calling each table would (see the
+    module docstring): plain ``nn.Embedding`` forwards (a subclass that overrides ``forward``, e.g.
+    a QAT embedding's fake quantisation, a ``forward`` set on the table object, or a hook, global or
+    the table's, forward or backward, would be skipped by reading the weights directly) and no
+    option the dense lookup ignores. Reads no weight (a parametrised one computes when read)."""
+    if isinstance(ids, torch.fx.Proxy) or torch.jit.is_tracing() or not len(tables):
         return False
-    if _global_forward_hooks or _global_forward_pre_hooks:
+    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
         return False
     for t in tables:
-        if (type(t).forward is not _EMBEDDING_FORWARD or t._forward_hooks or t._forward_pre_hooks
+        if (type(t).forward is not _EMBEDDING_FORWARD or "forward" in t.__dict__ or t._forward_hooks
+                or t._forward_pre_hooks or t._backward_hooks or t._backward_pre_hooks
                 or t.padding_idx != 0 or t.max_norm is not None or t.scale_grad_by_freq or t.sparse):
             return False
-    w0 = tables[0].weight
-    for t in tables:
-        w = t.weight
-        if w.device != w0.device or w.dtype != w0.dtype or w.requires_grad != w0.requires_grad:
-            return False
     return True
+
+
+def _groupable(weights: Sequence[torch.Tensor]) -> bool:
+    """Whether one node can serve these weights: one device, one dtype, all trainable or all frozen."""
+    w0 = weights[0]
+    return all(w.device == w0.device and w.dtype == w0.dtype and w.requires_grad == w0.requires_grad
+               for w in weights)
 
 
 def _lookups(cols: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +113,9 @@ def _flat_ids(ids: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     return flat.masked_fill_(fields == 0, 0)
 
 
-class _GroupedEmbedding(torch.autograd.Function):
+class _GroupedEmbeddingTraced(torch.autograd.Function):
+    """The one node, for dynamo to trace (it refuses a Function with a custom ``jvp``); outside
+    compilation :class:`_GroupedEmbedding` adds the jvp."""
     # forward / setup_context apart and a generated vmap rule: torch.func (grad, vmap) takes it,
     # as it takes nn.Embedding (its body is aten ops)
     generate_vmap_rule = True
@@ -127,6 +138,27 @@ class _GroupedEmbedding(torch.autograd.Function):
         return None, *(g if need else None for g, need in zip(dw.split(ctx.sizes), ctx.needs_input_grad[1:]))
 
 
+class _GroupedEmbedding(_GroupedEmbeddingTraced):
+    """:class:`_GroupedEmbeddingTraced` with a jvp: forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+    ``torch.autograd.forward_ad``) takes it, as it takes ``nn.Embedding``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _GroupedEmbeddingTraced.setup_context(ctx, inputs, output)
+        # for jvp: the ids (an input) and the output's width, dtype and device (not the output
+        # itself: ctx is reachable from it, a reference cycle)
+        ctx.ids, ctx.out_meta = inputs[0], (output.shape[-1], output.dtype, output.device)
+
+    @staticmethod
+    def jvp(ctx, ids_tangent, *weight_tangents):
+        """The output's tangent: each table's lookup, at the same ids, of its weight's tangent (the
+        output is linear in the weights; a padding id reads row 0, whose tangent counts as its value
+        does), zeros for a weight without one."""
+        d, dtype, device = ctx.out_meta
+        return torch.stack([F.embedding(c, t) if t is not None else torch.zeros(*c.shape, d, dtype=dtype, device=device)
+                            for c, t in zip(ctx.ids.unbind(1), weight_tangents)], dim=-2)
+
+
 def grouped_embedding(ids: torch.Tensor, tables: Sequence[torch.nn.Module]) -> torch.Tensor:
     """F embedding lookups with one autograd node; same contract as
     :func:`interformer.reference.grouped_embedding` (see the module docstring for when it takes
@@ -139,7 +171,8 @@ def grouped_embedding(ids: torch.Tensor, tables: Sequence[torch.nn.Module]) -> t
     if ids.dim() < 2 or ids.shape[1] != len(tables):
         raise ValueError(f"grouped_embedding: ids must be [B, {len(tables)}, ...] (one field per table), "
                          f"got {tuple(ids.shape)}")
-    weights = [t.weight for t in tables]
-    if needs_grad(weights):
-        return _GroupedEmbedding.apply(ids, *weights)
+    weights = [t.weight for t in tables]  # once: a parametrised weight computes here
+    if needs_grad(weights) and _groupable(weights):
+        node = _GroupedEmbeddingTraced if torch.compiler.is_compiling() else _GroupedEmbedding
+        return node.apply(ids, *weights)
     return _lookups(ids.unbind(1), weights)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 
@@ -241,12 +242,14 @@ class _ScaledEmbedding(nn.Embedding):
         return 2 * super().forward(ids)
 
 
-@pytest.mark.parametrize("change", ["subclass forward", "forward hook", "forward pre-hook", "global hook",
+@pytest.mark.parametrize("change", ["subclass forward", "forward on the object", "forward hook", "forward pre-hook",
+                                    "global hook", "backward hook", "backward pre-hook", "global backward hook",
                                     "module without weight"])
 def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
     """The fast path reads the weights instead of calling the tables, so a table whose call does
-    more (its own forward, a hook of its own or a global one) sends the lookups to the reference:
-    the result is what calling the tables gives."""
+    more (its own forward, set on the class or on the object as offloading hooks do, a hook of its
+    own or a global one, forward or backward) sends the lookups to the reference: the result and
+    the gradients are what calling the tables gives."""
     sizes, d = (9, 4, 6), 3
     tables = make_tables(sizes, d)
     ids = random_ids(sizes, 6, pad=0.2)
@@ -255,12 +258,23 @@ def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
         scaled = _ScaledEmbedding(4, d, padding_idx=0).to(DEVICE)
         scaled.load_state_dict(tables[1].state_dict())
         tables[1] = scaled
+    elif change == "forward on the object":
+        plain = tables[1].forward
+        tables[1].forward = lambda i: 2 * plain(i)
     elif change == "forward hook":
         handles.append(tables[2].register_forward_hook(lambda m, i, o: o * 3))
     elif change == "forward pre-hook":
         handles.append(tables[0].register_forward_pre_hook(lambda m, i: (i[0].clamp(max=1),)))
     elif change == "global hook":
         handles.append(nn.modules.module.register_module_forward_hook(lambda m, i, o: o + 1))
+    elif change == "backward hook":  # the full backward hook's gradient goes to the module's inputs (ids): no
+        # change of the weight's gradient, but it must fire
+        fired = []
+        handles.append(tables[1].register_full_backward_hook(lambda m, gi, go: fired.append(m) and None))
+    elif change == "backward pre-hook":  # scales the gradient the table's lookup receives
+        handles.append(tables[2].register_full_backward_pre_hook(lambda m, go: (go[0] * 10,)))
+    elif change == "global backward hook":
+        handles.append(nn.modules.module.register_module_full_backward_pre_hook(lambda m, go: (go[0] * 3,)))
     else:  # a module that is no nn.Embedding, first (its attributes are not read)
         class Lookup(nn.Module):
             def __init__(self, table):
@@ -271,16 +285,29 @@ def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
                 return self.inner(ids)
 
         tables[0] = Lookup(tables[0])
+    upstream = torch.randn(6, 3, d, device=DEVICE)
+    params = [p for t in tables for p in t.parameters()]
     try:
-        want = per_table(ids, tables)
-        out = E.grouped_embedding(ids, tables)
+        with pytest.warns(UserWarning, match="no inputs require gradients") if change == "backward hook" else \
+                contextlib.nullcontext():  # the ids are integers: PyTorch says the hook sees no input gradient
+            want = per_table(ids, tables)
+            want_grads = torch.autograd.grad(want, params, upstream)
+            out = E.grouped_embedding(ids, tables)
+            grads = torch.autograd.grad(out, params, upstream)
         assert torch.equal(out, want)
+        for g, w in zip(grads, want_grads):
+            assert torch.equal(g, w)
+        if change == "backward hook":
+            assert fired == [tables[1], tables[1]]
         assert "_GroupedEmbeddingBackward" not in embedding_nodes(out)
         assert not E._eligible(ids, tables)
     finally:
         for h in handles:
             h.remove()
     if handles:  # the hook was the only reason
+        assert E._eligible(ids, tables)
+    if change == "forward on the object":
+        del tables[1].forward
         assert E._eligible(ids, tables)
 
 
@@ -311,6 +338,65 @@ def test_parametrized_tables_keep_the_fast_path_and_their_gradients():
     want = tables[1].parametrizations.weight.original.grad, tables[1].parametrizations.weight[0].s.grad
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **CLOSE[torch.float32])
+
+
+def test_a_parametrized_weight_is_computed_once_per_call():
+    """Each table's ``weight`` is read once per call, as one call of each table reads it: a
+    parametrisation runs once (a stateful one, such as spectral norm's power iteration, would
+    otherwise drift from the per-table lookups). Also where the tables cannot share one node (one
+    frozen, one trainable), which looks them up one by one with the weights read."""
+    from torch.nn.utils import parametrize
+
+    runs = []
+
+    class Counted(nn.Module):
+        def forward(self, w):
+            runs.append(1)
+            return w * 1.0
+
+    for frozen in (False, True):
+        sizes, d = (7, 5), 4
+        tables = make_tables(sizes, d)
+        parametrize.register_parametrization(tables[1], "weight", Counted())
+        if frozen:
+            tables[0].weight.requires_grad_(False)
+        ids = random_ids(sizes, 6, pad=0.2)
+        runs.clear()
+        out = E.grouped_embedding(ids, tables)
+        assert len(runs) == 1, frozen
+        assert ("_GroupedEmbeddingBackward" in embedding_nodes(out)) == (not frozen)
+        torch.testing.assert_close(out, per_table(ids, tables), rtol=0, atol=0)
+
+
+def test_forward_mode_ad_through_the_fused_lookups():
+    """Forward-mode AD (``torch.func.jvp``, ``jacfwd``) has the Function's jvp: the output's tangent
+    is the lookups of the weights' tangents, as through ``nn.Embedding``; a weight that is not
+    differentiated (jacfwd over one table) contributes zeros."""
+    from torch.func import functional_call, jacfwd, jvp
+
+    sizes, d = (7, 5, 9), 3
+    tables = make_tables(sizes, d)
+    ids = random_ids(sizes, 4, pad=0.3)
+
+    class Lookup(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.tables, self.fn = tables, fn
+
+        def forward(self, i):
+            return self.fn(i, self.tables)
+
+    primals = {k: v.detach() for k, v in Lookup(None).named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in primals.items()}
+    results = {}
+    for name, fn in (("reference", R.grouped_embedding), ("fused", E.grouped_embedding)):
+        m = Lookup(fn)
+        out, tangent = jvp(lambda p: functional_call(m, p, (ids,)), (primals,), (tangents,))
+        jac = jacfwd(lambda w: functional_call(m, {"tables.1.weight": w}, (ids,)))(primals["tables.1.weight"])
+        results[name] = (out, tangent, jac)
+    for a, b in zip(results["fused"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert results["fused"][1].abs().sum() > 0 and results["fused"][2].abs().sum() > 0
 
 
 def test_flat_ids_widen_int32_past_two_to_the_31():
