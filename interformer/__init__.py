@@ -50,16 +50,20 @@ def optimize(model: torch.nn.Module, backend: str = "triton") -> torch.nn.Module
     ``state_dict`` are untouched; only the path each op takes changes. An InterFormer model's
     ``config`` is replaced by a copy with the new backend (so a model built from ``model.config``
     matches); the config object the caller built the model from is not changed, as other models
-    may share it.
+    may share it. Submodules that shared one config object (``InterFormerCTR`` and its backbone)
+    share its one copy.
     """
     backend = check_backend(backend)
+    copies = {}  # id(config) -> its copy: modules that shared a config keep sharing one
     for m in model.modules():
         if isinstance(m, FusedModule):
             m.backend = backend
         cfg = getattr(m, "config", None)
         if isinstance(cfg, InterFormerConfig) and cfg.backend != backend:
             # a copy: the caller's config object may be shared with other models
-            m.config = dataclasses.replace(cfg, backend=backend)
+            if id(cfg) not in copies:
+                copies[id(cfg)] = (cfg, dataclasses.replace(cfg, backend=backend))  # cfg kept alive: ids stay unique
+            m.config = copies[id(cfg)][1]
     return model
 
 

@@ -173,6 +173,12 @@ class InterFormerBlock(nn.Module):
         self.use_streams = False
         self._side_stream = None
 
+    def __getstate__(self):
+        """The module's state without its side stream (a CUDA stream cannot be pickled or deep-copied;
+        a copy makes its own on its first streamed forward)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return dict(state, _side_stream=None)
+
     def _arches_on_two_streams(self, x, s, lengths, x_sum, s_sum):
         main = torch.cuda.current_stream(x.device)
         if self._side_stream is None or self._side_stream.device != x.device:

@@ -84,6 +84,32 @@ def test_optimize_leaves_a_shared_config_alone():
     assert all(m.backend == "eager" for m in fused_modules(b))
     assert all(m.backend == "eager" for m in fused_modules(InterFormerCTR(cfg)))
     assert all(m.backend == "triton" for m in fused_modules(InterFormerCTR(a.config)))
+    # the model and its backbone shared one config object, and share its one copy: a setting the
+    # user changes on model.config (validate_inputs) still reaches the backbone's forward
+    assert a.config is a.backbone.config
+
+
+def test_a_model_that_ran_on_two_streams_still_copies_and_saves():
+    """The side CUDA stream a block makes on its first streamed forward is not state: deepcopy,
+    pickle and ``torch.save`` of the model drop it (a stream cannot be pickled), the copy makes its
+    own, and the original keeps its. A CPU stream stands in for the CUDA one a GPU forward stores."""
+    import copy
+    import io
+    import pickle
+
+    model = InterFormerCTR(InterFormerConfig(backend="eager", **TINY)).backbone.use_streams(True)
+    stream = torch.Stream(device="cpu")
+    for block in model.blocks:
+        block._side_stream = stream
+    with pytest.raises(TypeError):
+        pickle.dumps(stream)  # what the model's pickling met before
+    twin = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    torch.save(model, io.BytesIO())
+    for copied in (twin, loaded):
+        assert all(b._side_stream is None and b.use_streams for b in copied.blocks)
+        assert copied.state_dict().keys() == model.state_dict().keys()
+    assert all(b._side_stream is stream for b in model.blocks)
 
 
 def test_auto_leaves_float64_modules_on_eager():
