@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
+from ._common import KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device
 from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["dot_interaction"]
@@ -183,6 +183,7 @@ def _config(B: int, N: int, d: int) -> Tuple[int, int, int, int, int]:
 @on_input_device
 def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     B, N, d = z.shape
+    z = int32_block(z, 1)  # a sample's offset is int64, the offsets inside it int32
     M = N * (N - 1) // 2
     out = torch.empty((B, M), device=z.device, dtype=z.dtype)
     if B == 0 or M == 0:
@@ -202,6 +203,7 @@ def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     if B == 0 or M == 0:
         return torch.zeros((B, N, d), device=z.device, dtype=z.dtype)
     dz = torch.empty((B, N, d), device=z.device, dtype=z.dtype)
+    grad, z = int32_block(grad, 1), int32_block(z, 1)  # a sample's offset is int64, the offsets inside it int32
     bn, bd, nb, spp, warps = _config(B, N, d)
     launch(_dot_bwd_kernel)[(cdiv(B, spp), nb)](
         dz, grad, z, B, N, d, M, *grad.stride(), *z.stride(), nb,

@@ -340,7 +340,8 @@ def add_layer_norm(
     if N == 0 or N > MAX_N:  # not this package's use: the eager reference, same math and autograd
         from interformer import reference
 
-        return reference.add_layer_norm(x, residual, weight, bias, eps)
+        # F.layer_norm takes its parameters in x's dtype (the kernels take any float dtype)
+        return reference.add_layer_norm(x, residual, weight.to(x.dtype), bias.to(x.dtype), eps)
     if tracing(tensors):
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):

@@ -63,9 +63,11 @@ d = 128 (within the H100's 227 KB; correct, not tuned).
 Dtypes and precision
 --------------------
 s may be fp32, fp16 or bf16; out and ds are in s's dtype. w_b (x_sum, a) must have s's dtype,
-except under ``torch.autocast`` on s's device type, where s, w_b and x_sum are cast to the autocast
-dtype (as eager's bmm would) and ``a`` may stay fp32: it is read in its own dtype and cast in
-registers, and its gradient comes back in its own dtype. ln_weight/ln_bias may be any float dtype
+except under ``torch.autocast`` on s's device type, where w_b and x_sum are cast to the autocast
+dtype (as eager's bmm casts its operands) and the products run in it, while an fp32 s stays fp32:
+the kernels read it in fp32, add the residual in fp32 and give out and ds in fp32, as eager's
+``s + bmm(...)`` does (a 16-bit s of the other 16-bit dtype is cast); ``a`` may stay fp32: it is
+read in its own dtype and cast in registers, and its gradient comes back in its own dtype. ln_weight/ln_bias may be any float dtype
 (read as fp32; eager's autocast runs LayerNorm in fp32 too); their gradients come back in their
 dtype. ``None`` means weight 1 / bias 0. The normalised rows are rounded to the compute dtype only as
 ``tl.dot`` operands (like eager's LayerNorm output), the residual add is fp32. fp32 inputs use
@@ -90,7 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs, sum_partials
+from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device, persistent_programs,
+                      sum_partials)
 from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -135,7 +138,7 @@ def _pffn_fwd_kernel(
     row0 = ((pid % n_chunks) * CHUNK).to(tl.int32)  # int32 offsets inside a sample
     n = tl.minimum(tl.maximum(tl.load(LENS + b * slen), 0), L).to(tl.int32)  # clamp before narrowing
     d_live = tl.where(row0 < n, D, 0)  # a chunk without valid rows loads no weight
-    CDT: tl.constexpr = S.dtype.element_ty
+    CDT: tl.constexpr = WX.dtype.element_ty  # the products' dtype (s may be wider under autocast)
 
     c = tl.arange(0, DP)
     c_ok = c < D
@@ -184,7 +187,7 @@ def _pffn_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
-    CDT: tl.constexpr = S.dtype.element_ty
+    CDT: tl.constexpr = WX.dtype.element_ty  # the products' dtype (s may be wider under autocast)
     c = tl.arange(0, DP)
     c_ok = c < D
     i = tl.arange(0, NP)
@@ -268,9 +271,16 @@ def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, 
     return block_l, dp, np_, warps
 
 
+def _int32_views(s, wx, a):
+    """The kernels take a sample's offset in int64 and the offsets inside it in int32: a view whose
+    offsets inside one sample could reach 2**31 (huge row strides) is copied (``int32_block``)."""
+    return int32_block(s, 1), int32_block(wx, 1), (None if a is None else int32_block(a, a.shape[0]))
+
+
 @on_input_device
 def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     B, L, d = s.shape
+    s, wx, a = _int32_views(s, wx, a)
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()  # read as unit-stride rows
     out = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
     if out.numel() == 0:
@@ -284,7 +294,7 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
         out, s, lengths, wx, a_, ln_weight, ln_bias,
         float(eps), L, d, n_sum, n_chunks,
         *s.stride(), lengths.stride(0), *wx.stride(), a_.stride(0), a_.stride(1), *out.stride(),
-        LINEAR=linear, BLOCK_L=block_l, CHUNK=chunk, DP=dp, NP=np_, PREC=dot_precision(s.dtype), num_warps=warps,
+        LINEAR=linear, BLOCK_L=block_l, CHUNK=chunk, DP=dp, NP=np_, PREC=dot_precision(wx.dtype), num_warps=warps,
     )
     return out
 
@@ -293,6 +303,8 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
 def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     """(ds, dwx, da or None, dln_weight, dln_bias)."""
     B, L, d = s.shape
+    s, wx, a = _int32_views(s, wx, a)
+    grad_out = int32_block(grad_out, 1)
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()  # read as unit-stride rows
     n_sum = wx.shape[1] if linear else 1
     ds = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
@@ -315,7 +327,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
         float(eps), B, L, d, n_sum,
         *ds.stride(), *dwx.stride(), *grad_out.stride(), *s.stride(), lengths.stride(0), *wx.stride(),
         a_.stride(0), a_.stride(1), part.stride(0),
-        LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=dot_precision(s.dtype), num_warps=warps,
+        LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=dot_precision(wx.dtype), num_warps=warps,
     )
     sum_partials(part, [dgamma, dbeta, da] if linear else [dgamma, dbeta])
     return ds, dwx, da, dgamma, dbeta
@@ -510,10 +522,21 @@ def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
     return np_ * dp <= (4096 if dtype == torch.float32 else 16384)
 
 
+def _autocast_s(s: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """s under autocast: as it is when it is fp32 or already ``cdt`` (eager rounds only the bmm's
+    operands and adds the residual to s as it is, so an fp32 s gives an fp32 result), else (the
+    other 16-bit dtype) cast to ``cdt``."""
+    return s if s.dtype in (torch.float32, cdt) else s.to(cdt)
+
+
 def _fallback(fn_name, s, *args):
+    """The eager reference, for shapes the kernels do not take; the LayerNorm parameters (the two
+    arguments before eps) in s's dtype, as ``F.layer_norm`` takes them (the kernels take any)."""
     from interformer import reference
 
-    return getattr(reference, fn_name)(s, *args)
+    *rest, ln_weight, ln_bias, eps = args
+    ln_weight, ln_bias = (None if p is None else p.to(s.dtype) for p in (ln_weight, ln_bias))
+    return getattr(reference, fn_name)(s, *rest, ln_weight, ln_bias, eps)
 
 
 def pffn_mlp(
@@ -540,8 +563,8 @@ def pffn_mlp(
     _check_devices(op, (s, lengths, w_b, ln_weight, ln_bias))
     dev = s.device.type
     if torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        s, w_b = s.to(cdt), w_b.to(cdt)
+        w_b = w_b.to(torch.get_autocast_dtype(dev))  # s stays as it is: _autocast_s
+        s = _autocast_s(s, w_b.dtype)
     elif w_b.dtype != s.dtype:
         raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
     if d > MAX_D:
@@ -584,8 +607,8 @@ def pffn_linear(
     _check_devices(op, (s, lengths, x_sum, a, ln_weight, ln_bias))
     dev = s.device.type
     if torch.is_autocast_enabled(dev):
-        cdt = torch.get_autocast_dtype(dev)
-        s, x_sum = s.to(cdt), x_sum.to(cdt)
+        x_sum = x_sum.to(torch.get_autocast_dtype(dev))
+        s = _autocast_s(s, x_sum.dtype)
     elif x_sum.dtype != s.dtype or a.dtype != s.dtype:
         raise ValueError(
             f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"

@@ -25,6 +25,11 @@ small and contiguous, so their offsets are checked only by reading the kernels. 
 every kernel of the ops' usual paths, attention's long-sequence backward (Lq > 128) included;
 the full-rank cross net's wide-layer kernels take contiguous copies (below).
 
+The ``*_rows`` cases do the same with the rows (dim 1, tokens) of each sample ``2**30 + a little``
+elements apart (``far_rows``: a time-major buffer seen batch-major): the offsets inside one
+sample, which the kernels form in int32, would pass 2**31 at row 2; PFFN and DOT then copy the view
+(``int32_block`` with one sample), the gated LCE and LayerNorm already did.
+
 Where a launcher copies instead, a case checks that copy rather than the kernels' arithmetic:
 the cross nets take x0 and the gradient as contiguous rows, and the gated LCE, whose blocks of
 several samples use int32 offsets inside the block, copies a view whose block would span 2**31
@@ -47,6 +52,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 FAR = 2**30 + 64
 CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_linear", "attention_self", "attention_long", "attention_shared_query",
          "add_layer_norm", "low_rank_cross_net", "cross_net"]
+#: the same ops given views whose rows (dim 1: tokens) lie FAR apart, so that row 2 of every
+#: sample starts past 2**31 (a time-major buffer seen batch-major has such strides): the offsets
+#: inside one sample, which the kernels form in int32, would overflow; the launchers copy such views
+ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows"]
 
 
 def far_apart(*tensors: torch.Tensor):
@@ -66,6 +75,25 @@ def far_apart(*tensors: torch.Tensor):
     return views
 
 
+def far_rows(*tensors: torch.Tensor):
+    """Copies of ``tensors`` (each ``[B, R, ...]``, the same B and R <= 3) as views whose dim-1 stride
+    is :data:`FAR`, in one storage: row r of every sample sits past ``r * FAR`` elements (row 2
+    past 2**31), the samples and the other dims packed below FAR."""
+    B, R = tensors[0].shape[:2]
+    sizes = [t[:, 0].numel() for t in tensors]
+    assert all(t.shape[:2] == (B, R) for t in tensors) and R <= 3 and sum(sizes) <= FAR
+    store = torch.empty(FAR * (R - 1) + sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
+    views, offset = [], 0
+    for t, n in zip(tensors, sizes):
+        inner = t[:, 0].contiguous().stride()  # [B, ...] packed: the sample stride, then the rest
+        v = store.as_strided(t.shape, (inner[0], FAR, *inner[1:]), offset)
+        v.copy_(t)
+        views.append(v)
+        offset += n
+    assert views[0].stride(1) * (R - 1) >= 2**31
+    return views
+
+
 def _inputs(case: str, device):
     """``(fn, far, near, grad_index)``: the op, its argument list with the batch tensors far apart,
     the same arguments contiguous, and which arguments get gradients."""
@@ -79,6 +107,23 @@ def _inputs(case: str, device):
 
     B = 3
     lengths = torch.tensor([5, 0, 3], device=device)
+    if case in ROW_CASES:  # three rows a sample: row 2 past 2**31
+        row_lengths = torch.tensor([3, 0, 2], device=device)
+        if case == "dot_interaction_rows":
+            fn, batch, rest, grads = dot_interaction.dot_interaction, [r(B, 3, 8)], [], [0]
+        elif case == "pffn_mlp_rows":
+            fn = lambda s, w_b, *p: pffn.pffn_mlp(s, row_lengths, w_b, *p, 1e-5)  # noqa: E731
+            batch, rest, grads = [r(B, 3, 8)], [r(B, 8, 8, scale=0.3), r(8), r(8)], [0, 1, 2, 3]
+        elif case == "pffn_linear_rows":
+            fn = lambda s, x_sum, *p: pffn.pffn_linear(s, row_lengths, x_sum, *p, 1e-5)  # noqa: E731
+            batch, rest, grads = [r(B, 3, 8)], [r(B, 2, 8, scale=0.5), r(2, 8, scale=0.5), r(8), r(8)], [0, 1, 2, 3, 4]
+        elif case == "gated_lce_rows":
+            fn, batch = gated_lce.gated_lce, [r(B, 3, 8)]
+            rest, grads = [r(3, 3, scale=0.5), r(3), r(8, 8, scale=0.3), r(8)], [0, 1, 2, 3, 4]
+        else:
+            fn = lambda x, res, w, b: layernorm.add_layer_norm(x, res, w, b, 1e-5)  # noqa: E731
+            batch, rest, grads = [r(B, 3, 8), r(B, 3, 8)], [r(8), r(8)], [0, 1, 2, 3]
+        return fn, far_rows(*batch) + [t.clone() for t in rest], [t.clone() for t in batch] + rest, grads
     if case == "dot_interaction":
         fn, batch, rest, grads = dot_interaction.dot_interaction, [r(B, 5, 8)], [], [0]
     elif case == "gated_lce":
@@ -142,7 +187,7 @@ def run_case(case: str) -> None:
             out = fn(*args)
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
             if far_grad:  # the upstream gradient far apart too (a backward reads it through its strides)
-                (g,) = far_apart(g)
+                (g,) = far_rows(g) if case in ROW_CASES and g.dim() >= 2 and g.shape[1] == 3 else far_apart(g)
             d = torch.autograd.grad(out, [args[i] for i in grads], g)
             results.append((out, d))
     (out_n, d_n), (out_f, d_f) = results
@@ -152,7 +197,7 @@ def run_case(case: str) -> None:
     print(f"{case}: ok")
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + ROW_CASES)
 def test_offsets_past_two_to_the_31(case):
     env = dict(os.environ)
     if not torch.cuda.is_available():

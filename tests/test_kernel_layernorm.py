@@ -156,6 +156,18 @@ def test_zero_rows_and_wide_rows():
     _check(wide, torch.float32)
 
 
+def test_wide_rows_take_parameters_in_any_float_dtype():
+    """The kernels read weight and bias in any float dtype; so does the eager fallback for rows wider
+    than MAX_N (F.layer_norm alone refuses fp16 parameters for an fp32 input)."""
+    from interformer import reference
+
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(2, K.MAX_N + 1, generator=g).to(DEVICE) for _ in range(2))
+    w, b = (torch.randn(K.MAX_N + 1, generator=g).to(DEVICE, torch.float16) for _ in range(2))
+    out = K.add_layer_norm(x, r, w, b, 1e-5)
+    torch.testing.assert_close(out, reference.add_layer_norm(x, r, w.float(), b.float(), 1e-5), rtol=0, atol=0)
+
+
 def test_a_broken_kernel_is_caught(monkeypatch):
     """The comparison is sharp: a backward that forgets the ``mean(g * xhat)`` term fails it."""
     ins = _inputs((30, 40), torch.float32)

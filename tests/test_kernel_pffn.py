@@ -162,6 +162,25 @@ def test_padding_never_leaks(mode):
         assert torch.equal(a, b), f"{name}: padded rows changed the result"
 
 
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_wide_models_take_layer_norm_parameters_in_any_float_dtype(mode):
+    """d > MAX_D takes the eager reference; like the kernels it takes the LayerNorm parameters in any
+    float dtype (F.layer_norm alone refuses fp16 parameters for an fp32 input)."""
+    B, L, d, n_sum = 2, 3, K.MAX_D + 1, 2
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(B, L, d, generator=g).to(DEVICE)
+    lengths = torch.tensor([3, 1], device=DEVICE)
+    w, b = (torch.randn(d, generator=g).to(DEVICE, torch.float16) for _ in range(2))
+    if mode == "mlp":
+        extra = (torch.randn(B, d, d, generator=g).to(DEVICE) / d,)
+        got, want = K.pffn_mlp(s, lengths, *extra, w, b, 1e-5), R.pffn_mlp(s, lengths, *extra, w.float(), b.float(), 1e-5)
+    else:
+        extra = (torch.randn(B, n_sum, d, generator=g).to(DEVICE), torch.randn(n_sum, d, generator=g).to(DEVICE) / d)
+        got = K.pffn_linear(s, lengths, *extra, w, b, 1e-5)
+        want = R.pffn_linear(s, lengths, *extra, w.float(), b.float(), 1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_all_rows_empty():
     B, L, d = 2, 5, 40
     s = torch.randn(B, L, d, device=DEVICE, requires_grad=True)
@@ -282,9 +301,12 @@ def test_module_triton_matches_eager(mode, d, dtype):
 
 
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
-def test_autocast_keeps_fp32_parameters(mode):
-    """Under autocast s (and w_b / x_sum) run in the autocast dtype, LayerNorm parameters and ``A`` stay
-    fp32 (their gradients too); accuracy obeys the low-precision rule against eager autocast."""
+@pytest.mark.parametrize("s_dtype", ["autocast dtype", "float32"])
+def test_autocast_keeps_fp32_parameters(mode, s_dtype):
+    """Under autocast the products run in the autocast dtype (w_b / x_sum cast to it), LayerNorm
+    parameters and ``A`` stay fp32 (their gradients too); s keeps its dtype, so an fp32 s gives an
+    fp32 output and gradient with the residual added in fp32, as eager's ``s + bmm(...)`` does;
+    accuracy obeys the low-precision rule against eager autocast."""
     if not HAS_CUDA:
         try:
             with torch.autocast("cpu", dtype=torch.float16):
@@ -301,15 +323,16 @@ def test_autocast_keeps_fp32_parameters(mode):
     grad = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
     lengths = torch.tensor([L, 0, 4], device=DEVICE)
     results = []
+    s_dt = ac_dtype if s_dtype == "autocast dtype" else torch.float32
     for backend in ("triton", "eager"):
         mod.backend = backend
         mod.zero_grad(set_to_none=True)
-        s, x = s0.to(ac_dtype).requires_grad_(), x0.float().requires_grad_()
+        s, x = s0.to(s_dt).requires_grad_(), x0.float().requires_grad_()
         with torch.autocast(DEVICE.type, dtype=ac_dtype):
             out = mod(s, x, lengths)
-        if backend == "triton":
-            assert out.dtype == ac_dtype
+        assert out.dtype == s_dt, backend
         out.backward(grad.to(out.dtype))
+        assert s.grad.dtype == s_dt, backend
         assert all(p.grad.dtype == torch.float32 for p in mod.parameters())
         results.append([out.detach(), s.grad, x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
     s, x = s0.clone().requires_grad_(), x0.clone().requires_grad_()
