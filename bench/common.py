@@ -5,9 +5,10 @@ callable is timed with CUDA events (:func:`time_median`), and pytest-benchmark r
 synchronised host-clock run as well. Each row's
 ``extra_info`` carries device, versions, dtype, commit, median/p20/p80 in ms, samples/s, peak
 memory and achieved GB/s or TFLOP/s against ceilings measured in the same run. A compiled
-provider's row also counts what dynamo compiled over the row (``dynamo_frames``), during the timed
-calls alone (``dynamo_frames_timed``: nonzero means the median is not of compiled code alone) and
-its graph breaks; ``bench/report.py`` names the rows where either is nonzero.
+provider's row also counts the frames dynamo looked at over the row (``dynamo_frames``) and
+compiled (``dynamo_frames_compiled``: 0 means the row ran uncompiled code), those it looked at
+during the timed calls alone (``dynamo_frames_timed``: nonzero means the median is not of compiled
+code alone), and its graph breaks; ``bench/report.py`` names the rows where one of these is off.
 
 Host time versus device time: at the DESIGN shapes most single ops run for tens of microseconds
 on the GPU, less than the Python and launch work that issues them, so a plain timing of
@@ -329,12 +330,13 @@ def synchronized(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def dynamo_counts() -> tuple:
-    """``(frames compiled, graph breaks)`` by ``torch.compile`` in this process so far. Dynamo's
-    frame callback runs only on a cache miss, so every frame it counts was compiled (or recompiled,
-    or looked at and skipped); a compiled model's call that hits its cache adds nothing."""
+    """``(frames looked at, frames compiled, graph breaks)`` by ``torch.compile`` in this process so
+    far. Dynamo's frame callback runs only on a cache miss, so every frame it looks at is one it
+    compiles, recompiles, skips or gives up on (past ``recompile_limit`` the frame then runs
+    uncompiled: looked at, not compiled); a call that hits the cache adds nothing."""
     from torch._dynamo.utils import counters
 
-    return counters["frames"]["total"], sum(counters["graph_break"].values())
+    return counters["frames"]["total"], counters["frames"]["ok"], sum(counters["graph_break"].values())
 
 
 def run(
@@ -358,7 +360,7 @@ def run(
     """
     graphed = provider.endswith(GRAPH_SUFFIX)
     compiled_provider = compile_options(base_provider(provider)) is not None
-    frames0, breaks0 = dynamo_counts()
+    frames0, compiled0, breaks0 = dynamo_counts()
     base = _start_peak()  # before any call: parameters and inputs only
     if graphed:
         try:
@@ -377,7 +379,7 @@ def run(
         peak_mb = _peak_since(base)
     frames_warm = dynamo_counts()[0]
     timing = time_median(fn, graphed=graphed)
-    frames_end, breaks_end = dynamo_counts()
+    frames_end, compiled_end, breaks_end = dynamo_counts()
     ms = timing["median_ms"]
     row = {
         "op": op, "shape": shape.name, "provider": provider, "mode": mode, "dtype": str(dtype).replace("torch.", ""),
@@ -398,10 +400,11 @@ def run(
         row["floor_ms"] = floor_ms
         row["x_floor"] = ms / floor_ms
     if compiled_provider:
-        # a compiled row whose timed calls compiled, or whose model compiled many times (past dynamo's
+        # a compiled row whose timed calls compiled, or which compiled nothing (past dynamo's
         # recompile limit a frame runs uncompiled), did not time the compiled code alone: the report
-        # names such rows
+        # names such rows (bench/conftest.py resets dynamo before each benchmark)
         row["dynamo_frames"] = frames_end - frames0
+        row["dynamo_frames_compiled"] = compiled_end - compiled0
         row["dynamo_frames_timed"] = frames_end - frames_warm
         row["graph_breaks"] = breaks_end - breaks0
     if compiled_provider and provider.startswith("fused"):

@@ -16,3 +16,16 @@ try:
     _functorch_config.donated_buffer = False
 except (ImportError, AttributeError):  # an older/newer torch without the flag
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each benchmark starts with dynamo's caches empty. Compiled code is cached on the code object
+    it compiles (a model's ``forward``, an op's function), shared by every instance, and each row
+    adds an entry (other sizes, backend, settings): past ``recompile_limit`` (8) a row would time
+    the uncompiled code, and a shape seen after another would compile with dynamic sizes."""
+    torch._dynamo.reset()
+    yield

@@ -108,13 +108,17 @@ def markdown(rows) -> str:
 
 def _compile_warnings(rows) -> list:
     """Lines naming the compiled rows whose time is not of compiled code alone: rows that compiled
-    during their timed calls (a guard that failed call after call; past dynamo's recompile limit
-    the frame runs uncompiled), and rows whose model broke into several graphs. Rows written before
-    the counts were recorded have none and are not named."""
+    nothing (past dynamo's recompile limit a frame runs uncompiled), rows that compiled during their
+    timed calls (a guard that failed call after call), and rows whose model broke into several
+    graphs. Rows written before the counts were recorded have none and are not named."""
     timed = [r for r in rows if r.get("dynamo_frames_timed")]
     broken = [r for r in rows if r.get("graph_breaks")]
+    uncompiled = [r for r in rows if r.get("dynamo_frames_compiled") == 0]
     name = lambda r: f"{r['op']} {r['shape']} {r['mode']} `{r['provider']}`"  # noqa: E731
     out = []
+    if uncompiled:
+        out += ["", "**Not compiled** (dynamo compiled no frame: the row timed uncompiled code): "
+                + "; ".join(name(r) for r in uncompiled) + "."]
     if timed:
         out += ["", "**Compiled while timed** (the median includes compilation or uncompiled calls): "
                 + "; ".join(f"{name(r)}: {r['dynamo_frames_timed']} of {r['dynamo_frames']} frames" for r in timed)
@@ -148,20 +152,21 @@ def _versus_best(times: dict, best_fused) -> str:
     return f"{other[1] / best_fused[1]:.2f}× ({other[0]})" if other and best_fused else "–"
 
 
-def chart(rows, path: str) -> bool:
+def chart(rows, path: str) -> str:
+    """Write the speedup chart to ``path``; returns "" when written, else why not."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return "matplotlib missing"
     groups = defaultdict(dict)
     for r in rows:
         groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r["median_ms"]
     keys = sorted(k for k in groups if "eager" in groups[k])
     if not keys:
-        return False
+        return "no row group has a plain eager row to take speedups over"
     providers = [p for p in order_providers({r["provider"] for r in rows}) if p not in ("eager", "eager-cudagraph")]
 
     def speedup(by, p):
@@ -183,7 +188,7 @@ def chart(rows, path: str) -> bool:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
-    return True
+    return ""
 
 
 def main(argv=None) -> int:
@@ -196,9 +201,9 @@ def main(argv=None) -> int:
     md = markdown(rows)
     with open(stem + ".md", "w") as f:
         f.write(md)
-    has_png = chart(rows, stem + ".png")
+    why_not = chart(rows, stem + ".png")
     print(md)
-    print(f"wrote {stem}.md" + (f" and {stem}.png" if has_png else " (matplotlib missing: no chart)"))
+    print(f"wrote {stem}.md" + (f" (no chart: {why_not})" if why_not else f" and {stem}.png"))
     return 0
 
 

@@ -301,10 +301,11 @@ def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):
 
 
 def test_compiled_rows_count_what_dynamo_compiled_and_when(monkeypatch):
-    """A compiled provider's row counts the frames dynamo compiled over the row and during its timed
-    calls, and the graph breaks: a guard that fails on every call shows as compilation inside the
-    timing (H200, 2026-11-27: a compiled model toggled into recompiling in its measured steps);
-    an uncompiled provider's row has no such fields."""
+    """A compiled provider's row counts the frames dynamo looked at and compiled over the row and
+    looked at during its timed calls, and the graph breaks: a guard that fails on every call shows
+    as compilation inside the timing (H200, 2026-11-27: a compiled model toggled into recompiling
+    in its measured steps), a frame dynamo gave up on (past the recompile limit) as nothing
+    compiled; an uncompiled provider's row has no such fields."""
     monkeypatch.syspath_prepend(BENCH)
     sys.modules.pop("common", None)
     common = importlib.import_module("common")
@@ -337,12 +338,43 @@ def test_compiled_rows_count_what_dynamo_compiled_and_when(monkeypatch):
                                     provider="compile", mode="full")
         rows["plain"] = common.run(_Bench(), call(steady), op="plain", shape=common.ALL_SHAPES["smoke"],
                                    provider="eager", mode="full")
+        # past the recompile limit dynamo gives up on the frame: the row then runs uncompiled code
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(recompile_limit=2):
+            given_up = torch.compile(drifting, backend="eager")
+            for _ in range(3):
+                call(given_up)()
+            rows["given up"] = common.run(_Bench(), call(given_up), op="given up", shape=common.ALL_SHAPES["smoke"],
+                                          provider="compile", mode="full")
     finally:
         torch._dynamo.reset()
         sys.modules.pop("common", None)
-    assert (rows["steady"]["dynamo_frames"], rows["steady"]["dynamo_frames_timed"], rows["steady"]["graph_breaks"]) \
-        == (1, 0, 0)
+    assert [rows["steady"][k] for k in ("dynamo_frames", "dynamo_frames_compiled", "dynamo_frames_timed", "graph_breaks")] \
+        == [1, 1, 0, 0]
     assert rows["drifting"]["dynamo_frames_timed"] >= 1 and rows["drifting"]["dynamo_frames"] >= 3
     assert rows["drifting"]["graph_breaks"] == 0
     assert rows["broken"]["graph_breaks"] >= 1 and rows["broken"]["dynamo_frames_timed"] == 0
-    assert not {"dynamo_frames", "dynamo_frames_timed", "graph_breaks"} & set(rows["plain"])
+    assert rows["given up"]["dynamo_frames_compiled"] == 0 and rows["drifting"]["dynamo_frames_compiled"] >= 1
+    assert not {"dynamo_frames", "dynamo_frames_compiled", "dynamo_frames_timed", "graph_breaks"} & set(rows["plain"])
+
+
+def test_each_benchmark_starts_with_dynamo_reset(tmp_path):
+    """``bench/conftest.py`` resets dynamo before every benchmark: compiled code is cached on the code
+    object (shared by all rows of one model or op), so without it the rows of one process add
+    entries until dynamo gives up (past recompile_limit, the frame runs uncompiled) and a later
+    shape compiles with dynamic sizes. A copy of the conftest with two tests: the second compiles
+    the shared function again."""
+    import shutil
+    import subprocess
+
+    shutil.copy(os.path.join(BENCH, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_two_rows.py").write_text(
+        "import torch\n"
+        "from torch._dynamo.utils import counters\n"
+        "f = torch.compile(lambda t: t * 2, backend='eager')\n"
+        "seen = []\n"
+        "def test_first():\n    f(torch.ones(2)); seen.append(counters['frames']['ok'])\n"
+        "def test_second():\n    f(torch.ones(2)); assert counters['frames']['ok'] == seen[0] + 1, (seen, dict(counters['frames']))\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

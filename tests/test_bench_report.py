@@ -82,11 +82,17 @@ def test_floor_multiple_is_taken_from_the_fastest_fused_row(report):
 
 
 def test_compiled_rows_that_compiled_while_timed_or_broke_are_named(report):
-    rows = [_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_timed=0, graph_breaks=0),
-            _row("fused-compile", 12.0, dynamo_frames=9, dynamo_frames_timed=8, graph_breaks=0),
-            _row("fused-compile-inline", 4.0, dynamo_frames=2, dynamo_frames_timed=0, graph_breaks=1),
+    rows = [_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_compiled=1, dynamo_frames_timed=0,
+                                      graph_breaks=0),
+            _row("fused-compile", 12.0, dynamo_frames=9, dynamo_frames_compiled=8, dynamo_frames_timed=8, graph_breaks=0),
+            _row("fused-compile-inline", 4.0, dynamo_frames=2, dynamo_frames_compiled=2, dynamo_frames_timed=0,
+                 graph_breaks=1),
+            _row("compile-max-autotune", 9.0, dynamo_frames=1, dynamo_frames_compiled=0, dynamo_frames_timed=0,
+                 graph_breaks=0),
             _row("fused", 8.0)]
     md = report.markdown(rows)
+    uncompiled = [ln for ln in md.splitlines() if ln.startswith("**Not compiled**")]
+    assert len(uncompiled) == 1 and "`compile-max-autotune`" in uncompiled[0] and "`compile`" not in uncompiled[0]
     timed = [ln for ln in md.splitlines() if ln.startswith("**Compiled while timed**")]
     assert len(timed) == 1 and "`fused-compile`: 8 of 9 frames" in timed[0]
     assert "`compile`" not in timed[0] and "inline" not in timed[0]
@@ -94,4 +100,4 @@ def test_compiled_rows_that_compiled_while_timed_or_broke_are_named(report):
     assert len(broken) == 1 and "`fused-compile-inline`: 1" in broken[0] and "`fused-compile`:" not in broken[0]
     clean = report.markdown([_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_timed=0,
                                                          graph_breaks=0)])
-    assert "Compiled while timed" not in clean and "Graph breaks" not in clean
+    assert "Compiled while timed" not in clean and "Graph breaks" not in clean and "Not compiled" not in clean
