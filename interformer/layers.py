@@ -255,9 +255,11 @@ class RotaryMultiHeadAttention(FusedModule):
     @ranged("RotaryMultiHeadAttention")
     def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
         B, L, _ = s.shape
-        q, k, v = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim)
         fn = self._op("attention", "attention")
-        o = fn(q, k, v, valid_lengths, causal=self.causal, rope_base=self.rope_base, rope_q=True, mask_queries=True)
+        kw = dict(causal=self.causal, rope_base=self.rope_base, rope_q=True, mask_queries=True)
+        packed = getattr(fn, "packed", None)  # the fused attention's entry for one packed tensor
+        o = packed(qkv, valid_lengths, **kw) if packed is not None else fn(*qkv.unbind(2), valid_lengths, **kw)
         out = self.out_proj(o.reshape(B, L, self.d_model))
         return out * row_mask(valid_lengths, L).unsqueeze(-1).to(out.dtype)
 

@@ -40,16 +40,20 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def tracing(tensors: Sequence[torch.Tensor]) -> bool:
     """True when the call must go through the registered custom op: a compiler is tracing, or an
-    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass). The
+    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass, a
+    ``torch.func`` transform's wrapper, which is of type Tensor but has no storage). The
     type is compared exactly: ``isinstance(t, nn.Parameter)`` also holds for a subclass tensor made a
     parameter (``nn.Parameter(DTensor)``, a FakeTensor converted from a parameter), whose data the
     launchers cannot read."""
     if torch.compiler.is_compiling():
         return True
     for t in tensors:
-        if type(t) not in _PLAIN:
+        if type(t) not in _PLAIN or _functorch_wrapped(t):
             return True
     return False
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:

@@ -32,12 +32,15 @@ Layout and contract
   ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` (row stride ``3*H*dh``) are read in place: no transpose,
   no ``.contiguous()``. A shared query (``Bq == 1``) is read with batch stride 0. The output is a new
   contiguous ``[B, Lq, H, dh]`` tensor in the input dtype.
-* Packed q, k, v: when q, k, v are exactly the three ``unbind(2)`` slices of one contiguous
-  ``[B, L, 3, H, dh]`` tensor that requires grad (what ``RotaryMultiHeadAttention`` passes), eager calls
-  go to the packed op ``interformer::attention_qkv_fwd``: same kernels, but the backward writes dq, dk,
-  dv straight into one contiguous ``[B, L, 3, H, dh]`` gradient of that tensor, so autograd's
-  ``UnbindBackward`` never has to ``torch.stack`` three separate gradients (one read and one write of
-  ``3 B L d`` elements saved). Under ``torch.compile`` the generic op is traced instead.
+* Packed q, k, v: :func:`attention_packed` takes one contiguous ``[B, L, 3, H, dh]`` tensor (what
+  ``RotaryMultiHeadAttention``'s projection gives, viewed) and, when it requires grad, calls the packed
+  op ``interformer::attention_qkv_fwd``: same kernels, but the backward writes dq, dk, dv straight into
+  one contiguous gradient of that tensor, so autograd's ``UnbindBackward`` never has to
+  ``torch.stack`` three separate gradients (one read and one write of ``3 B L d`` elements saved).
+  Under ``torch.compile`` the generic op is traced instead. (Until 2026-11-27 :func:`attention`
+  recognised such slices by their views and took the packed op itself, which sent the gradient to
+  the packed tensor past the caller's q, k, v: ``autograd.grad`` with respect to q failed, and
+  hooks on q never fired.)
 * ``lengths [B]`` (any integer dtype) is clamped to ``[0, Lk]`` for keys and ``[0, Lq]`` for query
   rows. Key ``j`` is visible to query ``i`` when ``j < lengths[b]`` (and ``j <= i`` if ``causal``).
   With ``mask_queries``, rows ``i >= lengths[b]`` output exact zeros and pass zero gradient. A row
@@ -147,7 +150,7 @@ from interformer import reference
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
 from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
-__all__ = ["attention", "pooled_attention"]
+__all__ = ["attention", "attention_packed", "pooled_attention"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -979,38 +982,9 @@ def _lean_forward_qkv(ctx, *inputs):
 _AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl))
 inline_when_compiled(attention_qkv_fwd, attention_qkv_bwd)
 
-#: Route q, k, v that are the three ``unbind(2)`` slices of one packed tensor to the packed op
-#: (tests switch it off to exercise the generic op on the same views).
+#: Take the packed op in :func:`attention_packed` (tests switch it off to run the generic op on the
+#: same slices).
 PACK_QKV = True
-
-
-def _packed_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
-    """The ``[B, L, 3, H, dh]`` tensor whose slices ``[:, :, 0|1|2]`` are exactly q, k, v, or None.
-
-    Only when it is safe to take the gradient through that tensor instead of through q, k, v:
-    eager mode with grad enabled (under torch.compile the generic op is traced), all three views of
-    one contiguous base with the standard packed strides and offsets, and base, q, k, v all
-    requiring grad (a detached slice has no ``_base``, so it never matches).
-    """
-    if not PACK_QKV or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    base = q._base
-    if base is None or k._base is not base or v._base is not base:
-        return None
-    if not (q.shape == k.shape == v.shape) or not (base.requires_grad and q.requires_grad and k.requires_grad
-                                                   and v.requires_grad):
-        return None
-    B, L, H, dh = q.shape
-    hd = H * dh
-    packed = (L * 3 * hd, 3 * hd, dh, 1)
-    off = q.storage_offset()
-    if not (q.stride() == k.stride() == v.stride() == packed) or B * L * 3 * hd == 0:
-        return None
-    if k.storage_offset() != off + hd or v.storage_offset() != off + 2 * hd:
-        return None
-    if not base.is_contiguous() or base.numel() != B * L * 3 * hd or base.storage_offset() != off:
-        return None
-    return base.view(B, L, 3, H, dh)
 
 
 # ============================================================================ public function
@@ -1074,13 +1048,6 @@ def attention(
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
              None if sm_scale is None else float(sm_scale))
-    qkv = _packed_qkv(q, k, v)
-    if qkv is not None:
-        if tracing((qkv, lengths)):
-            out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
-        else:  # _packed_qkv only matches tensors that require grad, with grad enabled
-            out, _ = _AttentionQKV.apply(qkv, lengths, *flags)
-        return out
     tensors = (q, k, v, lengths)
     if tracing(tensors):
         out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
@@ -1090,6 +1057,45 @@ def attention(
         out, _ = _attention_fwd_impl(*tensors, *flags)
     return out
 
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    lengths: torch.Tensor,
+    causal: bool = False,
+    rope_base: Optional[float] = None,
+    rope_q: bool = True,
+    mask_queries: bool = True,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """:func:`attention` of ``q, k, v = qkv.unbind(2)``, for one packed ``qkv [B, L, 3, H, dh]`` (what
+    ``RotaryMultiHeadAttention``'s projection gives, viewed). When ``qkv`` is contiguous and needs a
+    gradient (outside torch.compile), the packed op: the same kernels, but the backward writes dq, dk,
+    dv straight into ``qkv``'s gradient, so autograd never stacks three separate gradients. The
+    gradient goes to ``qkv`` itself, so a caller that wants gradients of its own q, k, v (hooks,
+    ``autograd.grad`` with respect to them) calls :func:`attention` with them instead. Otherwise
+    (no gradient, a strided ``qkv``, compiling, wide heads) :func:`attention` on the three slices.
+    """
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_packed: qkv must be [B, L, 3, H, dh], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = qkv.unbind(2)
+    if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
+            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM):
+        return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    _check(q, k, v, lengths, rope_base)
+    flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
+             None if sm_scale is None else float(sm_scale))
+    if tracing((qkv, lengths)):  # a tensor subclass
+        out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
+    else:
+        out, _ = _AttentionQKV.apply(qkv, lengths, *flags)
+    return out
+
+
+#: what a module holding one packed projection calls when it resolved the fused :func:`attention`
+#: (the reference has no such attribute: the module then unbinds q, k, v itself)
+attention.packed = attention_packed
 
 
 # ============================================================================ PMA pooling, folded

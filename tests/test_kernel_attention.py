@@ -290,28 +290,71 @@ def test_k_and_v_are_one_tensor_only_when_they_are_the_same_object():
                FP32_TOL, "v a transposed view of k")
 
 
-def test_packed_qkv_detection():
-    """The module's ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views are routed to the packed op; anything
-    else (transposed layouts, detached slices, no grad, a permuted slice order) is not."""
+def _packed_nodes(out):
+    """The names of the autograd nodes ``out`` reaches."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def test_attention_packed_takes_the_packed_op_only_where_it_may():
+    """``attention_packed`` (what the module calls with its projection) takes the packed op for a
+    contiguous qkv that needs a gradient; without a gradient, or for a strided qkv, the generic op
+    on its slices (same results)."""
     B, L, H, dh = 2, 5, 2, 16
     lin = torch.nn.Linear(8, 3 * H * dh).to(DEVICE)
-    x = lin(torch.randn(B, L, 8, device=DEVICE))
-    q, k, v = x.view(B, L, 3, H, dh).unbind(2)
-    packed = A._packed_qkv(q, k, v)
-    assert packed is not None and packed.data_ptr() == q.data_ptr() and packed.shape == (B, L, 3, H, dh)
-    assert A._packed_qkv(k, q, v) is None
-    assert A._packed_qkv(q.detach(), k.detach(), v.detach()) is None
+    lengths = torch.tensor([5, 2], device=DEVICE)
+    qkv = lin(torch.randn(B, L, 8, device=DEVICE)).view(B, L, 3, H, dh)
+    out = A.attention_packed(qkv, lengths, rope_base=BASE)
+    assert "_AttentionQKVBackward" in _packed_nodes(out)
+    want = R.attention(*qkv.unbind(2), lengths, rope_base=BASE)
+    assert_rel(out, want, FP32_TOL, "packed")
+    strided = torch.randn(B, 3, L, H, dh, device=DEVICE, requires_grad=True).transpose(1, 2)
+    out = A.attention_packed(strided, lengths, rope_base=BASE)
+    assert "_AttentionQKVBackward" not in _packed_nodes(out) and "_AttentionBackward" in _packed_nodes(out)
     with torch.no_grad():
-        assert A._packed_qkv(q, k, v) is None
-    t = torch.randn(B, 3, H, L, dh, device=DEVICE, requires_grad=True) * 1
-    assert A._packed_qkv(*(u.transpose(1, 2)[:, :, :, :] for u in t.unbind(1))) is None
-    y = lin(torch.randn(B, L, 8, device=DEVICE)).view(B, L, H, 3, dh)  # per-head interleaved layout
-    assert A._packed_qkv(*y.unbind(3)) is None
+        assert_rel(A.attention_packed(qkv, lengths, rope_base=BASE), want, FP32_TOL, "no grad")
+    with pytest.raises(ValueError, match="qkv must be"):
+        A.attention_packed(qkv[:, :, :2], lengths)
+
+
+def test_slices_of_a_packed_tensor_keep_their_own_gradients():
+    """:func:`attention` on the three slices of one packed tensor differentiates through the slices:
+    ``autograd.grad`` with respect to q works, hooks on q and ``retain_grad`` on k see their
+    gradients, and slices made leaves get theirs, as with the reference. (It once recognised such
+    slices and sent the gradient to the packed tensor past them.)"""
+    B, L, H, dh = 2, 5, 2, 16
+    lengths = torch.tensor([5, 3], device=DEVICE)
+    grads = {}
+    for name, fn in (("reference", R.attention), ("fused", A.attention)):
+        x = torch.randn(B, L, 3 * H * dh, device=DEVICE, generator=None).requires_grad_() if name == "reference" \
+            else grads["x"].detach().clone().requires_grad_()
+        grads.setdefault("x", x.detach())
+        q, k, v = (x * 1).view(B, L, 3, H, dh).unbind(2)
+        fired = []
+        q.register_hook(lambda g: fired.append(g))
+        k.retain_grad()
+        out = fn(q, k, v, lengths, rope_base=BASE)
+        (dq,) = torch.autograd.grad(out.sum(), [q], retain_graph=True)
+        out.sum().backward()
+        assert fired and k.grad is not None, name
+        leaf = x.detach().view(B, L, 3, H, dh)
+        lq, lk, lv = (t.detach().requires_grad_() for t in leaf.unbind(2))
+        fn(lq, lk, lv, lengths, rope_base=BASE).sum().backward()
+        grads[name] = (dq, k.grad, lq.grad, lk.grad, lv.grad)
+    for name, a, b in zip(["dq", "k.grad", "leaf q", "leaf k", "leaf v"], grads["fused"], grads["reference"]):
+        assert a is not None, name
+        assert_rel(a, b, FP32_TOL, name)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_packed_and_generic_ops_agree_bitwise(dtype, monkeypatch):
-    """The same views through the packed op and through the generic op give identical results."""
+    """One packed tensor through the packed op and through the generic op on its slices gives
+    identical results."""
     B, L, H, dh = 3, 21, 2, 32
     base = torch.randn(B, L, 3 * H * dh, device=DEVICE, dtype=dtype)
     lengths = torch.tensor([21, 0, 9], device=DEVICE)
@@ -321,9 +364,8 @@ def test_packed_and_generic_ops_agree_bitwise(dtype, monkeypatch):
         monkeypatch.setattr(A, "PACK_QKV", pack)
         leaf = base.clone().requires_grad_()
         x = leaf * 1  # a non-leaf, as a Linear output is
-        q, k, v = x.view(B, L, 3, H, dh).unbind(2)
-        assert (A._packed_qkv(q, k, v) is not None) == pack
-        out = A.attention(q, k, v, lengths, causal=True, rope_base=BASE)
+        out = A.attention_packed(x.view(B, L, 3, H, dh), lengths, causal=True, rope_base=BASE)
+        assert ("_AttentionQKVBackward" in _packed_nodes(out)) == pack
         out.backward(grad)
         results.append((out.detach(), leaf.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -812,9 +854,9 @@ def test_eager_entry_matches_custom_op_bitwise(case):
 
 @pytest.mark.parametrize("L", [13, 130])
 def test_eager_entry_packed_matches_custom_op_bitwise(L):
-    """The packed path: :func:`attention` on the module's ``unbind(2)`` views runs the packed launchers
-    through a plain autograd.Function; ``interformer::attention_qkv_fwd`` called directly on the
-    packed tensor gives the very same output, lse and gradient (contiguous [B, L, 3, H, dh])."""
+    """The packed path: :func:`attention_packed` on the module's packed projection runs the packed
+    launchers through a plain autograd.Function; ``interformer::attention_qkv_fwd`` called directly
+    on the packed tensor gives the very same output, lse and gradient (contiguous [B, L, 3, H, dh])."""
     B, H, dh = 3, 2, 16
     gen = torch.Generator().manual_seed(L)
     base = torch.randn(B, L, 3 * H * dh, generator=gen).to(DEVICE)
@@ -826,7 +868,7 @@ def test_eager_entry_packed_matches_custom_op_bitwise(L):
         leaf = base.clone().requires_grad_()
         qkv = (leaf * 1).view(B, L, 3, H, dh)  # a non-leaf, as a Linear output is
         if path == "public":
-            out = A.attention(*qkv.unbind(2), lengths, *flags)
+            out = A.attention_packed(qkv, lengths, *flags)
             lse = None
         else:
             out, lse = (A._AttentionQKV.apply if path == "lean" else torch.ops.interformer.attention_qkv_fwd)(
@@ -841,8 +883,7 @@ def test_eager_entry_packed_matches_custom_op_bitwise(L):
     assert pub_g.dtype == op_g.dtype and torch.equal(pub_g, op_g) and torch.equal(lean_g, op_g)
     assert bool(op_g.abs().sum() > 0)
     with torch.no_grad():
-        q, k, v = base.view(B, L, 3, H, dh).unbind(2)
-        out_ng = A.attention(q, k, v, lengths, *flags)
+        out_ng = A.attention_packed(base.view(B, L, 3, H, dh), lengths, *flags)
     assert out_ng.grad_fn is None and torch.equal(out_ng, op_out)
 
 
@@ -1081,3 +1122,20 @@ def test_mixed_dtype_launchers_round_kv_tiles_to_the_query_dtype(L, same_kv):
             assert a is None and b is None
             continue
         assert a.dtype == torch.float32 and torch.equal(a.half(), b), name
+
+
+def test_vmap_takes_the_custom_op():
+    """A ``torch.func`` transform's wrapper is of type Tensor but has no storage: the call goes through
+    the custom op (``tracing``), which vmap runs sample by sample, as the reference does; the
+    launchers never see the wrapper (they failed reading its data pointer)."""
+    from torch.func import vmap
+
+    B, L, H, dh = 3, 4, 1, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, L, H, dh, generator=g).to(DEVICE) for _ in range(3))
+    lengths = torch.tensor([3], device=DEVICE)
+
+    def per_sample(fn):
+        return vmap(lambda a, b, c: fn(a[None], b[None], c[None], lengths, rope_base=BASE)[0])(q, k, v)
+
+    assert_rel(per_sample(A.attention), per_sample(R.attention), FP32_TOL, "vmap")

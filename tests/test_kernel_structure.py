@@ -188,9 +188,9 @@ def _dot():
 def _attention(L, packed=False):
     def build():
         lengths = torch.tensor([0, L - 4], device=DEVICE)
-        if packed:  # the three unbind(2) slices of one QKV projection: the packed op
+        if packed:  # one QKV projection: the packed op
             qkv = leaf(A_B, L, 3, A_H, A_DH)
-            return (lambda: attention.attention(*qkv.unbind(2), lengths, rope_base=1e4)), [qkv]
+            return (lambda: attention.attention_packed(qkv, lengths, rope_base=1e4)), [qkv]
         q, k, v = (leaf(A_B, L, A_H, A_DH) for _ in range(3))
         return (lambda: attention.attention(q, k, v, lengths, rope_base=1e4)), [q, k, v]
     return build
