@@ -10,13 +10,37 @@ import sys
 import typing
 
 
-def _interpret_on_cpu(device) -> None:
-    """On a machine without a GPU the fused path runs under Triton's interpreter, which must be
-    switched on before triton is imported."""
+def _runs_on_cpu(device) -> bool:
+    """Whether a command given ``--device device`` (None: cuda when available) runs on the CPU."""
     import torch
 
-    if not torch.cuda.is_available() and device in (None, "cpu"):
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device is None:
+        return not torch.cuda.is_available()
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError, ValueError):  # a bad name: the command reports it itself
+        return False
+
+
+def _interpret_on_cpu(device) -> None:
+    """When the command runs on the CPU (``--device cpu``, or no GPU), its fused path can only run
+    under Triton's interpreter: real Triton cannot launch a kernel on CPU tensors, even on a machine
+    that has a GPU. The interpreter must be switched on before triton is imported, which the
+    commands do only after this call (``import torch`` does not import triton). Decision: set to
+    "1" even where the environment set it otherwise, as a CPU run cannot work without it."""
+    if _runs_on_cpu(device):
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of the count flags (samples, batch size, epochs): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
 
 
 def _parse_value(text: str):
@@ -87,10 +111,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m interformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build InterFormer, compare eager and fused paths, train briefly on synthetic data")
-    demo.add_argument("--train-samples", type=int, default=16384)
-    demo.add_argument("--test-samples", type=int, default=4096)
-    demo.add_argument("--batch-size", type=int, default=256)
-    demo.add_argument("--epochs", type=int, default=1)
+    demo.add_argument("--train-samples", type=_positive_int, default=16384, help="synthetic training samples (>= 1)")
+    demo.add_argument("--test-samples", type=_positive_int, default=4096, help="synthetic held-out samples (>= 1)")
+    demo.add_argument("--batch-size", type=_positive_int, default=256, help="training batch size (>= 1)")
+    demo.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training samples (>= 1)")
     demo.add_argument("--lr", type=float, default=2e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -103,7 +127,7 @@ def main(argv=None) -> int:
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
     ev.add_argument("--data", choices=("csv", "parquet"), default=None)
-    ev.add_argument("--batch-size", type=int, default=1024)
+    ev.add_argument("--batch-size", type=_positive_int, default=1024)
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", default=None, choices=("auto", "eager", "triton"),
                     help="the model's path (default: the one the checkpoint's model was built with)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from .backend import check_backend, default_backend
 
@@ -23,6 +26,16 @@ class InterFormerConfig:
     The defaults of the schema match :func:`interformer.data.make_synthetic`.
     ``backend`` is applied to every fused-capable module at construction (default: the
     ``INTERFORMER_BACKEND`` environment variable, else ``"auto"``).
+
+    Types are checked at construction, and a wrong one raises ``ValueError`` naming the field and
+    the value: the size fields (``n_dense``, ``d_model``, ``dcn_rank``, ... and every entry of
+    ``sparse_vocab_sizes``, ``seq_vocab_sizes`` and ``head``) must be integers, ``causal`` and
+    ``validate_inputs`` must be ``bool`` (a string such as ``"false"`` would be truthy), and
+    ``dropout``, ``rope_base`` and ``ln_eps`` must be real numbers. Decision: an integral float
+    (``16.0``, as JSON or YAML may write a size) is accepted and stored as the ``int`` ``16``, as
+    :class:`interformer.train.TrainConfig` already converts it; a fractional one (``2.5``), a
+    ``bool`` (``True`` is not a size) and a string (``"16"``: the ``train`` command line and
+    settings files convert strings before they get here) are refused.
     """
 
     n_dense: int = 4
@@ -53,9 +66,23 @@ class InterFormerConfig:
     backend: str = field(default_factory=default_backend)
 
     def __post_init__(self) -> None:
-        self.sparse_vocab_sizes = tuple(int(v) for v in self.sparse_vocab_sizes)
-        self.seq_vocab_sizes = tuple(int(v) for v in self.seq_vocab_sizes)
-        self.head = tuple(int(v) for v in self.head)
+        for name in _INT_FIELDS:
+            setattr(self, name, _as_int(name, getattr(self, name)))
+        if self.dcn_rank is not None:
+            self.dcn_rank = _as_int("dcn_rank", self.dcn_rank)
+        for name in _INT_TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(f"InterFormerConfig.{name} must be a sequence of integers, got {value!r}")
+            setattr(self, name, tuple(_as_int(f"{name}[{i}]", v) for i, v in enumerate(value)))
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"InterFormerConfig.{name} must be a bool (True or False), got {value!r}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"InterFormerConfig.{name} must be a number, got {value!r}")
         positive = ("d_model", "num_heads", "num_layers", "n_sum", "n_ssum", "dhen_layers", "dcn_layers",
                     "pffn_hidden", "max_seq_len")
         for name in positive:
@@ -114,3 +141,26 @@ class InterFormerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+_INT_FIELDS = ("n_dense", "max_seq_len", "d_model", "num_heads", "num_layers", "n_sum", "n_pma", "n_recent",
+               "n_ssum", "dhen_layers", "dcn_layers", "pffn_hidden")
+_INT_TUPLE_FIELDS = ("sparse_vocab_sizes", "seq_vocab_sizes", "head")
+_BOOL_FIELDS = ("causal", "validate_inputs")
+_FLOAT_FIELDS = ("dropout", "rope_base", "ln_eps")
+
+
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as an ``int`` for the size field ``name``: an integer (a NumPy integer too), or a
+    float with an integral value (``16.0``); anything else (``2.5``, ``True``, ``"16"``, None) raises
+    ``ValueError`` naming the field and the value."""
+    if not isinstance(value, bool):
+        if isinstance(value, float):
+            if math.isfinite(value) and value.is_integer():
+                return int(value)
+        else:
+            try:
+                return operator.index(value)
+            except TypeError:
+                pass
+    raise ValueError(f"InterFormerConfig.{name} must be an integer, got {value!r}")

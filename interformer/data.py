@@ -45,7 +45,17 @@ class Batch:
         return self.dense, self.sparse, self.seq, self.lengths
 
     def to(self, device) -> "Batch":
-        moved = (t.to(device, non_blocking=True) for t in (self.dense, self.sparse, self.seq, self.lengths, self.label))
+        """The batch with ``dense``, ``sparse``, ``seq``, ``lengths`` and ``label`` on ``device``;
+        ``group`` stays where it is (on the CPU, where the metrics run).
+
+        The copies are asynchronous (``non_blocking=True``) only when ``device`` is a CUDA device:
+        a host-to-device copy is ordered on the stream before the kernels that read it (and from
+        pinned memory it overlaps with them). A copy to the CPU is blocking: a non-blocking
+        device-to-host copy may return before the data has arrived, and the host would read
+        stale memory."""
+        non_blocking = torch.device(device).type == "cuda"
+        moved = (t.to(device, non_blocking=non_blocking)
+                 for t in (self.dense, self.sparse, self.seq, self.lengths, self.label))
         return Batch(*moved, group=self.group)  # the group key stays on the CPU, where metrics run
 
     def __len__(self) -> int:

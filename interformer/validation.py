@@ -3,9 +3,15 @@
 The value checks (lengths range, id range, NaN/inf, labels) read the data. They are computed on
 the data's device as a handful of reductions (per-field and per-channel minima and maxima in one op
 each) and read back in ONE transfer, so a batch costs one device-to-host sync, not one per field;
-the error messages are then built on the host. Models skip these checks while being traced or
-compiled, or under CUDA graph capture (a sync there is not allowed), and when
-``InterFormerConfig.validate_inputs`` is False: such callers validate on the host before the call.
+the error messages are then built on the host.
+
+Models skip these value checks while being traced or compiled (``torch.compile``,
+``torch.fx``), under CUDA graph capture (a sync there is not allowed), and when
+``InterFormerConfig.validate_inputs`` is False: a compiled model checks only ranks, dtypes and
+shapes, and silently takes lengths out of ``[0, T]``, ids out of their vocabulary or NaN/inf in
+``dense``. Decision: they are not forced back in with ``torch.compiler.disable``, which would add a
+graph break (the fused model must compile with ``fullgraph=True``). Callers of a compiled model
+that need the checks call :func:`validate_batch` on each batch before the call.
 """
 
 from __future__ import annotations
@@ -33,6 +39,22 @@ def _value_checks_allowed(t: torch.Tensor) -> bool:
     return True
 
 
+def _check_batch_sizes(dense, sparse, seq, lengths) -> None:
+    """The four tensors must agree on the batch size (their leading dimension). The message starts
+    with the tensor(s) whose size differs from the others' (the most common size; on a tie, the size
+    of ``dense``) and lists every tensor's batch size."""
+    sizes = {"dense": dense.shape[0], "sparse": sparse.shape[0], "seq": seq.shape[0], "lengths": lengths.shape[0]}
+    B = sizes["dense"]
+    if all(b == B for b in sizes.values()):
+        return
+    values = [int(b) for b in sizes.values()]
+    common = max(values, key=lambda b: (values.count(b), b == int(B)))
+    odd = [n for n, b in sizes.items() if int(b) != common]
+    listed = ", ".join(f"{n} {int(b)}" for n, b in sizes.items())
+    raise ValueError(f"{', '.join(odd)}: batch size (leading dimension) differs from the other tensors' "
+                     f"({common}); batch sizes: {listed}")
+
+
 def validate_batch(
     config: InterFormerConfig,
     dense: torch.Tensor,
@@ -42,30 +64,43 @@ def validate_batch(
     label: Optional[torch.Tensor] = None,
     dense_dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Raise ``ValueError`` for a batch that breaks the data contract of ``config``. ``dense_dtype``:
-    the dtype the model's dense tokenizer computes in (its parameters'): dense must be float32 (the
-    contract's dtype, cast by the tokenizer) or that dtype; None accepts any float."""
+    """Raise ``ValueError`` for a batch that breaks the data contract of ``config``; the message
+    starts with the offending tensor's name. ``dense_dtype``: the dtype the model's dense tokenizer
+    computes in (its parameters'): dense must be float32 (the contract's dtype, cast by the
+    tokenizer) or that dtype; None accepts any float.
+
+    Order: types, then ranks, then the batch size (the leading dimension of the four tensors,
+    compared first so that the message names the tensor whose size differs), then dtypes and the
+    other sizes, then the values (lengths in ``[0, T]``, ids in their vocabularies, no NaN/inf in
+    ``dense``, labels 0 or 1).
+
+    The value checks are skipped while ``torch.compile`` (or ``torch.fx``) traces, which includes
+    every call of a compiled model, and under CUDA graph capture: a compiled model does not catch
+    bad values (see the module docstring). Called directly, outside the compiled region, this
+    function always runs them: call it on the batches you feed to a compiled model if you need
+    them."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
         _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
     _check(dense.dim() == 2, "dense", lambda: f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
+    _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
+    _check(seq.dim() == 3, "seq", lambda: f"expected rank 3 [B, k, T], got shape {tuple(seq.shape)}")
+    _check(lengths.dim() == 1, "lengths", lambda: f"expected rank 1 [B], got shape {tuple(lengths.shape)}")
+    B = dense.shape[0]
+    _check_batch_sizes(dense, sparse, seq, lengths)
     _check(dense.is_floating_point(), "dense", lambda: f"expected a floating dtype, got {dense.dtype}")
     if dense_dtype is not None:
         _check(dense.dtype in (torch.float32, dense_dtype), "dense",
                lambda: "expected torch.float32" + ("" if dense_dtype == torch.float32 else
                                                      f" (or {dense_dtype}, the model's parameter dtype)") +
                f", got {dense.dtype}")
-    B = dense.shape[0]
     _check(dense.shape[1] == config.n_dense, "dense", lambda: f"expected {config.n_dense} columns, got {dense.shape[1]}")
-    _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
     _check(sparse.dtype == torch.int64, "sparse", lambda: f"expected dtype int64, got {sparse.dtype}")
     n_sparse = len(config.sparse_vocab_sizes)
     _check(tuple(sparse.shape) == (B, n_sparse), "sparse", lambda: f"expected shape {(B, n_sparse)}, got {tuple(sparse.shape)}")
-    _check(seq.dim() == 3, "seq", lambda: f"expected rank 3 [B, k, T], got shape {tuple(seq.shape)}")
     _check(seq.dtype == torch.int64, "seq", lambda: f"expected dtype int64, got {seq.dtype}")
     k = config.n_seq_channels
     _check(seq.shape[0] == B and seq.shape[1] == k, "seq", lambda: f"expected shape [{B}, {k}, T], got {tuple(seq.shape)}")
     _check(seq.shape[2] >= 1, "seq", "needs T >= 1 positions")
-    _check(lengths.dim() == 1, "lengths", lambda: f"expected rank 1 [B], got shape {tuple(lengths.shape)}")
     _check(lengths.dtype == torch.int64, "lengths", lambda: f"expected dtype int64, got {lengths.dtype}")
     _check(lengths.shape[0] == B, "lengths", lambda: f"expected {B} entries, got {lengths.shape[0]}")
     if label is not None:

@@ -1239,3 +1239,36 @@ def test_plain_decimal_literals_parse_like_float():
     assert got.tobytes() == want.tobytes()
     finite = want[np.isfinite(want) & (np.abs(want) <= 3.4028234663852886e38)]
     assert finite.astype(np.float32).tobytes() == torch.tensor(finite.tolist(), dtype=torch.float32).numpy().tobytes()
+
+
+def test_batch_to_moves_every_field_and_blocks_unless_the_target_is_cuda():
+    """:meth:`interformer.data.Batch.to` moves dense, sparse, seq, lengths and label (group stays on
+    the CPU, where the metrics run) and passes ``non_blocking=True`` only for a CUDA target: a
+    non-blocking copy to the CPU may return before the data has arrived."""
+    from interformer.data import Batch
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def to(self, device, **kw):
+            self.calls.append((device, kw))
+            return (self.name, device)
+
+    for device, non_blocking in (("cpu", False), (torch.device("cpu"), False), ("meta", False),
+                                 ("cuda", True), ("cuda:1", True), (torch.device("cuda", 0), True)):
+        names = ("dense", "sparse", "seq", "lengths", "label")
+        spies = [Spy(n) for n in names]
+        group = torch.arange(3)
+        moved = Batch(*spies, group=group).to(device)
+        for name, spy in zip(names, spies):
+            assert spy.calls == [(device, {"non_blocking": non_blocking})], (device, name, spy.calls)
+            assert getattr(moved, name) == (name, device)
+        assert moved.group is group
+    # real tensors: every model input and the label end up on the target device
+    b = make_synthetic(4, InterFormerConfig(**TINY))
+    m = b.to("meta")
+    assert all(getattr(m, f).device.type == "meta" for f in ("dense", "sparse", "seq", "lengths", "label"))
+    assert m.group.device.type == "cpu" and torch.equal(m.group, b.group)
+    c = b.to("cpu")
+    assert all(torch.equal(getattr(c, f), getattr(b, f)) for f in ("dense", "sparse", "seq", "lengths", "label"))

@@ -46,3 +46,97 @@ def test_demo_progress_bar_only_where_it_renders(monkeypatch):
         assert (bar is not batches) == drawn, (type(stream).__name__, no_progress)
         assert list(bar) == [0, 1, 2]
         assert bool(stream.getvalue()) == drawn, (type(stream).__name__, no_progress, stream.getvalue())
+
+
+def _bad_flag(capsys, argv):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2  # argparse's usage error, before anything runs
+    return capsys.readouterr().err
+
+
+def test_demo_count_flags_must_be_positive_integers(capsys):
+    """--batch-size 0 divided by zero, -4 trained on nothing and printed numbers, --test-samples 0
+    failed inside torch.cat: argparse now refuses them, naming the flag."""
+    import argparse
+
+    import pytest
+
+    from interformer.demo import run_demo
+
+    for flag in ("--train-samples", "--test-samples", "--batch-size", "--epochs"):
+        for value in ("0", "-4"):
+            err = _bad_flag(capsys, ["demo", flag, value, "--no-progress"])
+            assert f"argument {flag}: must be a positive integer (>= 1), got {value}" in err, err
+        err = _bad_flag(capsys, ["demo", flag, "2.5"])
+        assert f"argument {flag}: expected a positive integer, got '2.5'" in err, err
+    err = _bad_flag(capsys, ["evaluate", "x.pt", "--batch-size", "0"])
+    assert "argument --batch-size: must be a positive integer" in err, err
+    # a hand-built args (run_demo called from Python) is checked too, before any work
+    args = argparse.Namespace(train_samples=64, test_samples=64, batch_size=0, epochs=1, lr=2e-3, seed=0,
+                              device="cpu", no_progress=True)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        run_demo(args)
+    assert capsys.readouterr().out == ""
+
+
+def test_interpret_on_cpu_whenever_the_command_runs_on_the_cpu(monkeypatch):
+    """TRITON_INTERPRET=1 whenever the run is on the CPU (--device cpu, or no GPU and no --device),
+    also on a machine with a GPU (it was set only where no GPU exists); not for a CUDA run."""
+    import torch
+
+    import interformer.__main__ as cli
+
+    for gpu, device, expected in ((True, "cpu", "1"), (True, "cpu:0", "1"), (True, None, None), (True, "cuda", None),
+                                  (False, None, "1"), (False, "cpu", "1")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        cli._interpret_on_cpu(device)
+        assert __import__("os").environ.get("TRITON_INTERPRET") == expected, (gpu, device)
+
+
+def test_demo_device_cpu_on_a_gpu_host_runs_the_fused_check_in_the_interpreter():
+    """`demo --device cpu` where torch.cuda.is_available() is True (simulated, in a fresh process
+    without TRITON_INTERPRET): the interpreter is switched on before triton is imported, and the
+    eager-vs-fused check runs on the CPU tensors (real Triton failed: "0 active drivers")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os, sys, torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "import interformer.__main__ as cli\n"
+        "rc = cli.main(['demo', '--device', 'cpu', '--train-samples', '64', '--test-samples', '64',"
+        " '--batch-size', '64', '--no-progress'])\n"
+        "print('TRITON_INTERPRET =', os.environ.get('TRITON_INTERPRET'))\n"
+        "sys.exit(rc)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    res = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "TRITON_INTERPRET = 1" in res.stdout, res.stdout
+    m = re.search(r"rel\. diff logits (\S+), loss (\S+), worst parameter gradient (\S+)", res.stdout)
+    assert m and all(float(v) < 1e-4 for v in m.groups()), res.stdout
+
+
+def test_run_demo_on_the_cpu_without_the_interpreter_skips_the_fused_check(monkeypatch, capsys):
+    """run_demo called from Python on the CPU with TRITON_INTERPRET unset (``python -m interformer
+    demo`` sets it; a caller of run_demo may not): real Triton cannot launch on CPU tensors, so the
+    eager-vs-fused check is skipped with a note instead of failing in Triton's driver."""
+    import argparse
+
+    from interformer.demo import run_demo
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    run_demo(argparse.Namespace(train_samples=64, test_samples=64, batch_size=64, epochs=1, lr=2e-3, seed=0,
+                                device="cpu", no_progress=True))
+    out = capsys.readouterr().out
+    assert "the kernels need Triton's interpreter" in out and "skipping the eager-vs-fused check" in out, out
+    assert "rel. diff logits" not in out and "fused throughput above" not in out, out
+    assert re.search(r"^\s+eager\s+\S+\s+\S+", out, re.M), out

@@ -272,3 +272,96 @@ def test_module_without_kernel_raises_on_triton_backend():
     assert not m.has_kernels()
     with pytest.raises(NotImplementedError, match="not_a_real_op"):
         m(torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- batch size, compiled models
+
+
+@pytest.mark.parametrize("odd", ["dense", "sparse", "seq", "lengths"])
+def test_batch_size_mismatch_names_the_tensor_whose_size_differs(model, odd):
+    """One tensor with 2 rows, the other three with 3: the message names that tensor and lists every
+    batch size (a short ``dense`` was blamed on ``sparse``: "expected shape (2, 2), got (3, 2)")."""
+    b = good_batch()
+    b[odd] = b[odd][:2]
+    sizes = {n: (2 if n == odd else 3) for n in ("dense", "sparse", "seq", "lengths")}
+    listed = ", ".join(f"{n} {s}" for n, s in sizes.items())
+    with pytest.raises(ValueError, match=rf"^{odd}: batch size .*\(3\); batch sizes: {listed}$"):
+        model(**b)
+    with pytest.raises(ValueError, match=rf"^{odd}: batch size"):
+        interformer.validate_batch(model.config, **b)
+
+
+def test_batch_size_tie_names_the_tensors_that_differ_from_dense(model):
+    b = good_batch()
+    b["seq"], b["lengths"] = b["seq"][:2], b["lengths"][:2]
+    with pytest.raises(ValueError, match=r"^seq, lengths: batch size .*\(3\); batch sizes: dense 3, sparse 3, seq 2, lengths 2$"):
+        model(**b)
+
+
+def test_compiled_model_skips_value_checks_but_validate_batch_runs_them():
+    """Under ``torch.compile`` the value checks are skipped (a check would read the data back and
+    break the graph; README "Data contract"): the compiled model takes a batch with lengths > T or
+    NaN in dense. ``interformer.validate_batch`` called on that batch before the compiled model
+    still raises, naming the tensor, which is what the README tells users of compiled models to do."""
+    torch._dynamo.reset()
+    try:
+        m = InterFormerCTR(InterFormerConfig(**CFG)).eval()
+        compiled = torch.compile(m, backend="eager", fullgraph=True)
+        for name, bad in (("lengths", _with(lengths=torch.tensor([0, 6, 2]))), ("dense", _with(dense=_nan_dense()))):
+            with pytest.raises(ValueError, match=rf"^{name}\b"):
+                m(**bad)  # eager: checked
+            compiled(**bad)  # compiled: not checked (documented)
+            with pytest.raises(ValueError, match=rf"^{name}\b"):
+                interformer.validate_batch(m.config, **bad)
+    finally:
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------- config types
+
+
+BAD_CONFIG_TYPES = [
+    (dict(d_model=16.5), "d_model", "16.5"),
+    (dict(d_model="16"), "d_model", "'16'"),
+    (dict(num_heads=True), "num_heads", "True"),
+    (dict(num_layers=1.5), "num_layers", "1.5"),
+    (dict(n_dense=2.5), "n_dense", "2.5"),
+    (dict(n_pma=1.5), "n_pma", "1.5"),
+    (dict(max_seq_len=None), "max_seq_len", "None"),
+    (dict(dcn_rank=2.5), "dcn_rank", "2.5"),
+    (dict(dcn_rank=float("inf")), "dcn_rank", "inf"),
+    (dict(sparse_vocab_sizes=(10.9, 5)), r"sparse_vocab_sizes\[0\]", "10.9"),
+    (dict(seq_vocab_sizes=(7, "4")), r"seq_vocab_sizes\[1\]", "'4'"),
+    (dict(sparse_vocab_sizes="105"), "sparse_vocab_sizes", "'105'"),
+    (dict(head=8), "head", "8"),
+    (dict(causal="false"), "causal", "'false'"),
+    (dict(causal=1), "causal", "1"),
+    (dict(validate_inputs="no"), "validate_inputs", "'no'"),
+    (dict(validate_inputs=None), "validate_inputs", "None"),
+    (dict(dropout="0.1"), "dropout", "'0.1'"),
+    (dict(rope_base=True), "rope_base", "True"),
+    (dict(ln_eps=None), "ln_eps", "None"),
+]
+
+
+@pytest.mark.parametrize("kw,field,value", BAD_CONFIG_TYPES,
+                         ids=[f"{list(k)[0]}={list(k.values())[0]!r}" for k, _, _ in BAD_CONFIG_TYPES])
+def test_config_rejects_wrong_types_naming_field_and_value(kw, field, value):
+    """Sizes must be integers and flags bools: a fractional size failed late inside torch (or a
+    vocabulary was truncated), ``causal="false"`` was truthy and turned causal attention on."""
+    with pytest.raises(ValueError, match=rf"InterFormerConfig\.{field} must be .*, got {value}$"):
+        InterFormerConfig(**{**CFG, **kw})
+
+
+def test_config_takes_integral_floats_and_numpy_integers_as_ints():
+    """Decision (InterFormerConfig's docstring): ``16.0`` is the size 16, stored as an ``int``."""
+    import numpy as np
+
+    c = InterFormerConfig(**{**CFG, "d_model": 8.0, "num_layers": np.int64(1), "dcn_rank": 2.0,
+                             "sparse_vocab_sizes": [10.0, np.int32(5)], "head": (8.0,)})
+    assert c == InterFormerConfig(**CFG)
+    for name in ("d_model", "num_layers", "dcn_rank"):
+        assert type(getattr(c, name)) is int, name
+    assert all(type(v) is int for v in c.sparse_vocab_sizes + c.head)
+    assert InterFormerConfig(**{**CFG, "causal": True, "validate_inputs": False}).causal is True
+    InterFormerCTR(c)  # builds
