@@ -2,7 +2,8 @@
 
 One file per op family; each exposes functions with the same names and signatures as the eager
 references in :mod:`interformer.reference`, registered with ``torch.library`` under the
-``interformer`` namespace. Importing this package does not import Triton; importing an op module
+``interformer`` namespace (one more, ``attention.attention_packed``, takes a packed q/k/v
+projection, which ``RotaryMultiHeadAttention`` calls; its reference is ``attention`` on the slices). Importing this package does not import Triton; importing an op module
 does (:func:`register_ops` imports them all). ``embedding.py`` is the exception: the tokenizers'
 grouped lookups are aten ops in one ``torch.autograd.Function`` (no Triton kernel, no custom op;
 DESIGN §3 keeps the tokenizers eager), so it is not in :data:`OP_MODULES`.
