@@ -84,8 +84,10 @@ Decisions:
 * **Skipped rows** (``on_bad_rows: skip``): ``run.json``'s ``skipped_rows`` and the closing note
   give the malformed rows of ONE pass over each split (the first, counting pass), not a sum over
   the epochs.
-* **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary and
-  restores the previous handlers, so a second Ctrl-C aborts at once.
+* **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary. A
+  second Ctrl-C aborts at once (SIGINT's previous handler is back after the first); repeated
+  SIGTERMs are ignored until the checkpoint is written, since schedulers and torchrun send it to
+  every process of a job at once (they escalate to SIGKILL after their grace period).
 """
 
 from __future__ import annotations
@@ -674,16 +676,26 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        """The first signal: ask for a checkpoint and hand the signals back, so a second one acts
-        as it would have without us (Ctrl-C raises KeyboardInterrupt at once)."""
+        """The first signal: ask for a checkpoint. SIGINT's handler is handed back, so a second
+        Ctrl-C acts as it would have without us (KeyboardInterrupt at once). SIGTERM stays caught
+        and its repeats are ignored until the checkpoint is written: a batch scheduler and torchrun
+        send it to every process of a job within milliseconds (torchrun forwards its own to each
+        worker), and a second one restoring the default action would kill the process before its
+        stop checkpoint (they escalate to SIGKILL after their grace period, so a stuck run still
+        ends)."""
+        first = not self.requested
         self.requested = True
-        self.signum = signum
-        self._restore()
+        if first:
+            self.signum = signum
+        if signum == signal.SIGINT and signal.SIGINT in self._old:
+            old = self._old.pop(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if old is None else old)
 
     def _restore(self) -> None:
         for sig, handler in self._old.items():
             # None: a handler not installed from Python; the default is the closest we can restore
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._old.clear()
 
     def __exit__(self, *exc) -> None:
         self._restore()

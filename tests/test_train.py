@@ -284,6 +284,29 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
     assert got["timeout"] == datetime.timedelta(minutes=60)
 
 
+def test_repeated_sigterms_wait_for_the_stop_checkpoint():
+    """SIGTERM stays caught after the first: a scheduler and torchrun send it to every process of a
+    job within milliseconds, and a second one must not kill the run before its stop checkpoint (the
+    default action, once restored, would). The first signal is the one the exit status names; on
+    leaving, the previous handlers are back. In a child process, so that a regression kills the
+    child, not the test run."""
+    code = (
+        "import os, signal\n"
+        "from interformer import train as T\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "with T._StopRequest() as stop:\n"
+        "    for _ in range(3):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    assert stop.requested and stop.signum == signal.SIGTERM\n"
+        "    assert signal.getsignal(signal.SIGTERM) == stop._handle\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # still only asks; SIGINT's own handler is back after it\n"
+        "    assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGINT) != stop._handle\n"
+        "assert signal.getsignal(signal.SIGTERM) is before\n"
+        "print('survived')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
 def test_a_second_sigint_aborts_at_once():
     """The first SIGINT only asks for a checkpoint; it hands the signals back, so the second one
     raises KeyboardInterrupt right away (Python's own handler)."""
