@@ -339,6 +339,18 @@ def dynamo_counts() -> tuple:
     return counters["frames"]["total"], counters["frames"]["ok"], sum(counters["graph_break"].values())
 
 
+#: :func:`dynamo_counts` when the current benchmark began (``bench/conftest.py`` sets it after
+#: resetting dynamo), so that a row counts what was compiled while its callable was built (a ``bwd``
+#: row runs the compiled forward then); None: :func:`run` takes its own when it starts
+_ROW_START: Optional[tuple] = None
+
+
+def start_row() -> None:
+    """Mark the start of a benchmark for the dynamo counts of its row (see :data:`_ROW_START`)."""
+    global _ROW_START
+    _ROW_START = dynamo_counts()
+
+
 def run(
     benchmark,
     fn: Callable[[], None],
@@ -360,7 +372,7 @@ def run(
     """
     graphed = provider.endswith(GRAPH_SUFFIX)
     compiled_provider = compile_options(base_provider(provider)) is not None
-    frames0, compiled0, breaks0 = dynamo_counts()
+    frames0, compiled0, breaks0 = _ROW_START if _ROW_START is not None else dynamo_counts()
     base = _start_peak()  # before any call: parameters and inputs only
     if graphed:
         try:

@@ -28,4 +28,9 @@ def _fresh_dynamo():
     adds an entry (other sizes, backend, settings): past ``recompile_limit`` (8) a row would time
     the uncompiled code, and a shape seen after another would compile with dynamic sizes."""
     torch._dynamo.reset()
+    common = sys.modules.get("common")  # the benchmarks' own module, imported by them at collection
+    if common is not None:
+        common.start_row()  # the row counts from here: its callable may compile before it is timed
     yield
+    if common is not None:
+        common._ROW_START = None

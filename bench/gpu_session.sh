@@ -44,12 +44,13 @@
 #      run well inside theirs (116 tests took 106 s; five training rows, two of them compiled, 111 s,
 #      so four plain ones should take less), and the last stages are the ones a short call may cut)
 #   2. (issue it as soon as call 1 returns: an idle machine is given back after about 30 s)
-#      PACK=1 MODEL_TIMEOUT=330 MODEL_FILES="$(for p in taobao-train-compile \
+#      PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in taobao-train-compile \
 #      taobao-train-fused-compile-inline taobao-inference-compile taobao-inference-fused-compile-inline \
 #      taobao-train-fused-compile taobao-inference-fused-compile amazon-train-compile \
 #      amazon-train-fused-compile-inline amazon-train-fused-compile; do \
 #      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT model
-#      (rows in order of need, a box of 330 s for about 9 x 35 s: the last ones are the ones a cut
+#      (rows in order of need, a box of 300 s for about 9 x 35 s (the call's 360 s also hold the
+#      install, 10-25 s, and the report and pack): the last ones are the ones a cut
 #      loses. bench/conftest.py resets dynamo before each row: without it this call's rows, in one
 #      process, shared the cache of InterFormerCTR.forward, the 9th passed dynamo's recompile limit
 #      and ran uncompiled, and the taobao rows after amazon's compiled with dynamic sizes (found by a
@@ -83,10 +84,16 @@ OUT="${OUT:-$(pwd)/bench/results/tmp}"; mkdir -p "$OUT"
 # folder and every finished stage packs it into $OUT/results.tgz (one file; a call cut short keeps
 # the stages done before it).
 if [ "${PACK:-0}" = 1 ]; then PACK_DEST="$OUT"; OUT="$(mktemp -d)"; fi
-# Everything printed also goes to session.log (packed with the rest): the device tool returns only
-# the last 12,000 characters of the output, and the stage times and pytest exit codes are printed.
-exec > >(tee -a "$OUT/session.log") 2>&1
-pack() { [ -n "${PACK_DEST:-}" ] && tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"; }
+# Everything printed also goes to a log copied into $OUT as session.log at every stage's end (and
+# so packed): the device tool returns only the last 12,000 characters of the output, and the stage
+# times and pytest exit codes are printed. tee writes a file outside $OUT, so tar never reads a
+# file that changes under it ("file changed as we read it" fails the pack).
+SESSION_LOG="$(mktemp)"
+exec > >(tee -a "$SESSION_LOG") 2>&1
+pack() {
+  cp "$SESSION_LOG" "$OUT/session.log"
+  [ -n "${PACK_DEST:-}" ] && tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"
+}
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
   # Offline images can fail an editable install (setuptools' develop shim fetches build deps).
   # The source tree works as is once interformer.kernels (the top-level kernels/) is reachable.

@@ -146,7 +146,7 @@ def _check_counts(args) -> None:
 def _interpreter_on() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (``python -m interformer demo`` sets
     it before triton is imported whenever the demo runs on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")  # as Triton reads it
 
 
 def run_demo(args) -> None:

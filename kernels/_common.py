@@ -77,6 +77,19 @@ def int32_block(t: torch.Tensor, samples: int) -> torch.Tensor:
     return t if span < 2**31 else t.contiguous()
 
 
+def layer_norm_params(dtype: torch.dtype, *params):
+    """LayerNorm parameters as ``F.layer_norm`` takes them for an input of ``dtype`` (the eager
+    fallbacks of shapes the kernels do not take; the kernels read them in any float dtype): as they
+    are when they have that dtype, or are fp32 with a 16-bit input (it takes those, and rounding
+    them would change the result); else cast to ``dtype`` (it refuses, e.g., fp16 parameters for an
+    fp32 input). None stays None."""
+    def fit(p):
+        if p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+            return p
+        return p.to(dtype)
+    return tuple(fit(p) for p in params)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

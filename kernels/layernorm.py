@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, next_pow2, on_input_device, persistent_programs, sum_partials
+from ._common import KERNEL_DTYPES, cdiv, layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials
 from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing, unused_arg
 
 __all__ = ["add_layer_norm"]
@@ -340,8 +340,8 @@ def add_layer_norm(
     if N == 0 or N > MAX_N:  # not this package's use: the eager reference, same math and autograd
         from interformer import reference
 
-        # F.layer_norm takes its parameters in x's dtype (the kernels take any float dtype)
-        return reference.add_layer_norm(x, residual, weight.to(x.dtype), bias.to(x.dtype), eps)
+        h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        return reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps)
     if tracing(tensors):
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):

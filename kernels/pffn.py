@@ -92,8 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device, persistent_programs,
-                      sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, layer_norm_params, next_pow2, on_input_device,
+                      persistent_programs, sum_partials)
 from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -531,12 +531,12 @@ def _autocast_s(s: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
 
 def _fallback(fn_name, s, *args):
     """The eager reference, for shapes the kernels do not take; the LayerNorm parameters (the two
-    arguments before eps) in s's dtype, as ``F.layer_norm`` takes them (the kernels take any)."""
+    arguments before eps) as ``F.layer_norm`` takes them for s (:func:`._common.layer_norm_params`;
+    the kernels take any float dtype)."""
     from interformer import reference
 
     *rest, ln_weight, ln_bias, eps = args
-    ln_weight, ln_bias = (None if p is None else p.to(s.dtype) for p in (ln_weight, ln_bias))
-    return getattr(reference, fn_name)(s, *rest, ln_weight, ln_bias, eps)
+    return getattr(reference, fn_name)(s, *rest, *layer_norm_params(s.dtype, ln_weight, ln_bias), eps)
 
 
 def pffn_mlp(

@@ -338,6 +338,15 @@ def test_compiled_rows_count_what_dynamo_compiled_and_when(monkeypatch):
                                     provider="compile", mode="full")
         rows["plain"] = common.run(_Bench(), call(steady), op="plain", shape=common.ALL_SHAPES["smoke"],
                                    provider="eager", mode="full")
+        # a row whose callable ran its compiled part while it was built (a bwd row's forward) counts
+        # that compile when the benchmark marked its start (bench/conftest.py does)
+        torch._dynamo.reset()
+        common.start_row()
+        early = torch.compile(steady, backend="eager")
+        early(x)
+        rows["built compiled"] = common.run(_Bench(), lambda: early(x), op="built", shape=common.ALL_SHAPES["smoke"],
+                                            provider="compile", mode="bwd")
+        common._ROW_START = None
         # past the recompile limit dynamo gives up on the frame: the row then runs uncompiled code
         torch._dynamo.reset()
         with torch._dynamo.config.patch(recompile_limit=2):
@@ -355,6 +364,7 @@ def test_compiled_rows_count_what_dynamo_compiled_and_when(monkeypatch):
     assert rows["drifting"]["graph_breaks"] == 0
     assert rows["broken"]["graph_breaks"] >= 1 and rows["broken"]["dynamo_frames_timed"] == 0
     assert rows["given up"]["dynamo_frames_compiled"] == 0 and rows["drifting"]["dynamo_frames_compiled"] >= 1
+    assert rows["built compiled"]["dynamo_frames_compiled"] == 1 and rows["built compiled"]["dynamo_frames_timed"] == 0
     assert not {"dynamo_frames", "dynamo_frames_compiled", "dynamo_frames_timed", "graph_breaks"} & set(rows["plain"])
 
 
@@ -363,18 +373,21 @@ def test_each_benchmark_starts_with_dynamo_reset(tmp_path):
     object (shared by all rows of one model or op), so without it the rows of one process add
     entries until dynamo gives up (past recompile_limit, the frame runs uncompiled) and a later
     shape compiles with dynamic sizes. A copy of the conftest with two tests: the second compiles
-    the shared function again."""
+    the shared function again; and each benchmark marks its row's start (``common.start_row``)."""
     import shutil
     import subprocess
 
     shutil.copy(os.path.join(BENCH, "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "common.py").write_text("starts = []\n_ROW_START = None\ndef start_row():\n    starts.append(1)\n")
     (tmp_path / "test_two_rows.py").write_text(
         "import torch\n"
+        "import common\n"
         "from torch._dynamo.utils import counters\n"
         "f = torch.compile(lambda t: t * 2, backend='eager')\n"
         "seen = []\n"
         "def test_first():\n    f(torch.ones(2)); seen.append(counters['frames']['ok'])\n"
-        "def test_second():\n    f(torch.ones(2)); assert counters['frames']['ok'] == seen[0] + 1, (seen, dict(counters['frames']))\n")
+        "def test_second():\n    f(torch.ones(2)); assert counters['frames']['ok'] == seen[0] + 1, (seen, dict(counters['frames']))\n"
+        "def test_each_row_marked_its_start():\n    assert len(common.starts) == 3\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

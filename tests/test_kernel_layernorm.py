@@ -156,16 +156,28 @@ def test_zero_rows_and_wide_rows():
     _check(wide, torch.float32)
 
 
-def test_wide_rows_take_parameters_in_any_float_dtype():
+@pytest.mark.parametrize("x_dt, r_dt, p_dt, autocast", [
+    (torch.float32, torch.float32, torch.float16, False),   # F.layer_norm alone refuses these parameters
+    (torch.float16, torch.float32, torch.float32, False),   # x + residual is fp32: the parameters stay fp32
+    (torch.float16, None, torch.float32, False),            # fp32 parameters with a 16-bit input: as they are
+    (torch.float16, None, torch.float32, True),             # under autocast too (not rounded to fp16)
+])
+def test_wide_rows_take_parameters_in_any_float_dtype(x_dt, r_dt, p_dt, autocast):
     """The kernels read weight and bias in any float dtype; so does the eager fallback for rows wider
-    than MAX_N (F.layer_norm alone refuses fp16 parameters for an fp32 input)."""
+    than MAX_N, which gives exactly what ``F.layer_norm`` gives with the parameters in the dtype of
+    ``x + residual`` (parameters it takes as they are, fp32 with a 16-bit input, stay as they are)."""
     from interformer import reference
 
     g = torch.Generator().manual_seed(3)
-    x, r = (torch.randn(2, K.MAX_N + 1, generator=g).to(DEVICE) for _ in range(2))
-    w, b = (torch.randn(K.MAX_N + 1, generator=g).to(DEVICE, torch.float16) for _ in range(2))
-    out = K.add_layer_norm(x, r, w, b, 1e-5)
-    torch.testing.assert_close(out, reference.add_layer_norm(x, r, w.float(), b.float(), 1e-5), rtol=0, atol=0)
+    x = torch.randn(2, K.MAX_N + 1, generator=g).to(DEVICE, x_dt)
+    r = None if r_dt is None else torch.randn(2, K.MAX_N + 1, generator=g).to(DEVICE, r_dt)
+    w, b = (torch.randn(K.MAX_N + 1, generator=g).to(DEVICE, p_dt) for _ in range(2))
+    h_dt = x_dt if r_dt is None else torch.promote_types(x_dt, r_dt)
+    want_p = (w, b) if p_dt == h_dt or p_dt == torch.float32 else (w.to(h_dt), b.to(h_dt))
+    with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+        out = K.add_layer_norm(x, r, w, b, 1e-5)
+        want = reference.add_layer_norm(x, r, *want_p, 1e-5)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_a_broken_kernel_is_caught(monkeypatch):

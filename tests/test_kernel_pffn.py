@@ -162,22 +162,28 @@ def test_padding_never_leaks(mode):
         assert torch.equal(a, b), f"{name}: padded rows changed the result"
 
 
+@pytest.mark.parametrize("s_dt, p_dt, autocast", [(torch.float32, torch.float16, False),
+                                                  (torch.float16, torch.float32, True)])
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
-def test_wide_models_take_layer_norm_parameters_in_any_float_dtype(mode):
+def test_wide_models_take_layer_norm_parameters_in_any_float_dtype(mode, s_dt, p_dt, autocast):
     """d > MAX_D takes the eager reference; like the kernels it takes the LayerNorm parameters in any
-    float dtype (F.layer_norm alone refuses fp16 parameters for an fp32 input)."""
+    float dtype: fp16 parameters with an fp32 s (F.layer_norm alone refuses them) as fp32, fp32
+    parameters with a 16-bit s as they are (under autocast too: not rounded)."""
     B, L, d, n_sum = 2, 3, K.MAX_D + 1, 2
     g = torch.Generator().manual_seed(5)
-    s = torch.randn(B, L, d, generator=g).to(DEVICE)
+    s = torch.randn(B, L, d, generator=g).to(DEVICE, s_dt)
     lengths = torch.tensor([3, 1], device=DEVICE)
-    w, b = (torch.randn(d, generator=g).to(DEVICE, torch.float16) for _ in range(2))
-    if mode == "mlp":
-        extra = (torch.randn(B, d, d, generator=g).to(DEVICE) / d,)
-        got, want = K.pffn_mlp(s, lengths, *extra, w, b, 1e-5), R.pffn_mlp(s, lengths, *extra, w.float(), b.float(), 1e-5)
-    else:
-        extra = (torch.randn(B, n_sum, d, generator=g).to(DEVICE), torch.randn(n_sum, d, generator=g).to(DEVICE) / d)
-        got = K.pffn_linear(s, lengths, *extra, w, b, 1e-5)
-        want = R.pffn_linear(s, lengths, *extra, w.float(), b.float(), 1e-5)
+    w, b = (torch.randn(d, generator=g).to(DEVICE, p_dt) for _ in range(2))
+    wp, bp = (w, b) if p_dt == torch.float32 else (w.to(s_dt), b.to(s_dt))
+    with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+        if mode == "mlp":
+            extra = (torch.randn(B, d, d, generator=g).to(DEVICE, s_dt) / d,)
+            got, want = K.pffn_mlp(s, lengths, *extra, w, b, 1e-5), R.pffn_mlp(s, lengths, *extra, wp, bp, 1e-5)
+        else:
+            extra = (torch.randn(B, n_sum, d, generator=g).to(DEVICE, s_dt),
+                     torch.randn(n_sum, d, generator=g).to(DEVICE, s_dt) / d)
+            got = K.pffn_linear(s, lengths, *extra, w, b, 1e-5)
+            want = R.pffn_linear(s, lengths, *extra, wp, bp, 1e-5)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
