@@ -47,12 +47,15 @@ def tracing(tensors: Sequence[torch.Tensor]) -> bool:
     launchers cannot read."""
     if torch.compiler.is_compiling():
         return True
+    transform = _functorch_transform() is not None  # its wrappers exist only inside one: cheap outside
     for t in tensors:
-        if type(t) not in _PLAIN or _functorch_wrapped(t):
+        if type(t) not in _PLAIN or (transform and _functorch_wrapped(t)):
             return True
     return False
 
 
+#: the innermost active ``torch.func`` transform (vmap, grad, jvp), None outside any
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
