@@ -67,9 +67,9 @@ except under ``torch.autocast`` on s's device type, where w_b and x_sum are cast
 dtype (as eager's bmm casts its operands) and the products run in it, while an fp32 s stays fp32:
 the kernels read it in fp32, add the residual in fp32 and give out and ds in fp32, as eager's
 ``s + bmm(...)`` does (a 16-bit s of the other 16-bit dtype is cast); ``a`` may stay fp32: it is
-read in its own dtype and cast in registers, and its gradient comes back in its own dtype. ln_weight/ln_bias may be any float dtype
-(read as fp32; eager's autocast runs LayerNorm in fp32 too); their gradients come back in their
-dtype. ``None`` means weight 1 / bias 0. The normalised rows are rounded to the compute dtype only as
+read in its own dtype and cast in registers, and its gradient comes back in its own dtype.
+ln_weight/ln_bias may be any float dtype (read as fp32; eager's autocast runs LayerNorm in fp32
+too); their gradients come back in their dtype. ``None`` means weight 1 / bias 0. The normalised rows are rounded to the compute dtype only as
 ``tl.dot`` operands (like eager's LayerNorm output), the residual add is fp32. fp32 inputs use
 ``tl.dot(input_precision="tf32x3")`` on a GPU (about fp32 accuracy); under ``TRITON_INTERPRET=1``
 dots are exact fp32.
