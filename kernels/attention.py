@@ -1026,6 +1026,12 @@ def _traced_table(q, k, rope_base) -> Optional[torch.Tensor]:
     return rope_table(max(q.shape[1], k.shape[1]), k.shape[3], float(rope_base), k.device)
 
 
+def _flags(causal, rope_base, rope_q, mask_queries, sm_scale) -> tuple:
+    """The options as the custom ops and launchers take them (plain bools and floats, None kept)."""
+    return (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
+            None if sm_scale is None else float(sm_scale))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1046,8 +1052,7 @@ def attention(
     _check(q, k, v, lengths, rope_base)
     if k.shape[3] > MAX_HEAD_DIM:  # wider heads than the register tiles hold: the reference, same math
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
-    flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
-             None if sm_scale is None else float(sm_scale))
+    flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     tensors = (q, k, v, lengths)
     if tracing(tensors):
         out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
@@ -1084,8 +1089,7 @@ def attention_packed(
             and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base)
-    flags = (bool(causal), None if rope_base is None else float(rope_base), bool(rope_q), bool(mask_queries),
-             None if sm_scale is None else float(sm_scale))
+    flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     if tracing((qkv, lengths)):  # a tensor subclass
         out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
     else:
