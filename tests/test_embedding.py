@@ -368,6 +368,18 @@ def test_a_parametrized_weight_is_computed_once_per_call():
         torch.testing.assert_close(out, per_table(ids, tables), rtol=0, atol=0)
 
 
+class _TablesLookup(nn.Module):
+    """``fn(ids, tables)`` (the reference or the fused grouped lookup) as a module whose parameters
+    are the tables' weights, for ``torch.func.functional_call``."""
+
+    def __init__(self, tables, fn):
+        super().__init__()
+        self.tables, self.fn = tables, fn
+
+    def forward(self, i):
+        return self.fn(i, self.tables)
+
+
 def test_forward_mode_ad_through_the_fused_lookups():
     """Forward-mode AD (``torch.func.jvp``, ``jacfwd``) has the Function's jvp: the output's tangent
     is the lookups of the weights' tangents, as through ``nn.Embedding``; a weight that is not
@@ -378,19 +390,11 @@ def test_forward_mode_ad_through_the_fused_lookups():
     tables = make_tables(sizes, d)
     ids = random_ids(sizes, 4, pad=0.3)
 
-    class Lookup(nn.Module):
-        def __init__(self, fn):
-            super().__init__()
-            self.tables, self.fn = tables, fn
-
-        def forward(self, i):
-            return self.fn(i, self.tables)
-
-    primals = {k: v.detach() for k, v in Lookup(None).named_parameters()}
+    primals = {k: v.detach() for k, v in _TablesLookup(tables, None).named_parameters()}
     tangents = {k: torch.randn_like(v) for k, v in primals.items()}
     results = {}
     for name, fn in (("reference", R.grouped_embedding), ("fused", E.grouped_embedding)):
-        m = Lookup(fn)
+        m = _TablesLookup(tables, fn)
         out, tangent = jvp(lambda p: functional_call(m, p, (ids,)), (primals,), (tangents,))
         jac = jacfwd(lambda w: functional_call(m, {"tables.1.weight": w}, (ids,)))(primals["tables.1.weight"])
         results[name] = (out, tangent, jac)
@@ -422,17 +426,9 @@ def test_torch_func_grad_and_vmap_through_the_fused_lookups():
     tables = make_tables(sizes, 4)
     ids = random_ids(sizes, 5, pad=0.3)
 
-    class Lookup(nn.Module):
-        def __init__(self, fn):
-            super().__init__()
-            self.tables, self.fn = tables, fn
-
-        def forward(self, i):
-            return self.fn(i, self.tables)
-
     results = []
     for fn in (R.grouped_embedding, E.grouped_embedding):
-        m = Lookup(fn)
+        m = _TablesLookup(tables, fn)
         p = {k: v.detach() for k, v in m.named_parameters()}
         g = grad(lambda p: functional_call(m, p, (ids,)).pow(2).sum())(p)
         rows = vmap(lambda row: functional_call(m, p, (row[None],)).sum())(ids)

@@ -58,40 +58,38 @@ CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_lin
 ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows"]
 
 
+def _far(dim: int, *tensors: torch.Tensor):
+    """Copies of ``tensors`` (the same sizes up to ``dim``) as views whose stride along ``dim`` is
+    :data:`FAR`, in one storage: index i along ``dim`` of every tensor sits past ``i * FAR``
+    elements (past 2**31 from i = 2), the other dims of all tensors packed below FAR."""
+    n = tensors[0].shape[dim]
+    sizes = [t.select(dim, 0).numel() for t in tensors]
+    assert all(t.shape[:dim + 1] == tensors[0].shape[:dim + 1] for t in tensors) and sum(sizes) <= FAR
+    store = torch.empty(FAR * (n - 1) + sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
+    views, offset = [], 0
+    for t, size in zip(tensors, sizes):
+        strides = list(t.select(dim, 0).contiguous().stride())  # the other dims packed
+        strides.insert(dim, FAR)
+        v = store.as_strided(t.shape, strides, offset)
+        v.copy_(t)
+        views.append(v)
+        offset += size
+    assert views[0].stride(dim) * (n - 1) >= 2**31
+    return views
+
+
 def far_apart(*tensors: torch.Tensor):
     """Copies of ``tensors`` (each ``[B, ...]``, the same B) as views with batch stride :data:`FAR`
     into one storage: sample b of every tensor sits at ``b * FAR`` elements, past 2**31 from b = 2."""
-    B = tensors[0].shape[0]
-    sizes = [t[0].numel() for t in tensors]
-    assert all(t.shape[0] == B for t in tensors) and sum(sizes) <= FAR
-    store = torch.empty(FAR * (B - 1) + sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
-    views, offset = [], 0
-    for t, n in zip(tensors, sizes):
-        v = store.as_strided(t.shape, (FAR, *t[0].contiguous().stride()), offset)
-        v.copy_(t)
-        views.append(v)
-        offset += n
-    assert views[0].stride(0) * (B - 1) >= 2**31
-    return views
+    return _far(0, *tensors)
 
 
 def far_rows(*tensors: torch.Tensor):
     """Copies of ``tensors`` (each ``[B, R, ...]``, the same B and R <= 3) as views whose dim-1 stride
     is :data:`FAR`, in one storage: row r of every sample sits past ``r * FAR`` elements (row 2
     past 2**31), the samples and the other dims packed below FAR."""
-    B, R = tensors[0].shape[:2]
-    sizes = [t[:, 0].numel() for t in tensors]
-    assert all(t.shape[:2] == (B, R) for t in tensors) and R <= 3 and sum(sizes) <= FAR
-    store = torch.empty(FAR * (R - 1) + sum(sizes), dtype=tensors[0].dtype, device=tensors[0].device)
-    views, offset = [], 0
-    for t, n in zip(tensors, sizes):
-        inner = t[:, 0].contiguous().stride()  # [B, ...] packed: the sample stride, then the rest
-        v = store.as_strided(t.shape, (inner[0], FAR, *inner[1:]), offset)
-        v.copy_(t)
-        views.append(v)
-        offset += n
-    assert views[0].stride(1) * (R - 1) >= 2**31
-    return views
+    assert tensors[0].shape[1] <= 3
+    return _far(1, *tensors)
 
 
 def _inputs(case: str, device):

@@ -78,6 +78,18 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert_same_state(a[key], b[key], key)
 
 
+def script_validation_aucs(monkeypatch, aucs) -> None:
+    """Make each validation report the next AUC of ``aucs`` (its other metrics as measured)."""
+    aucs, real = iter(aucs), T.evaluate_split
+
+    def scripted(model, dataset, cfg, device):
+        m = real(model, dataset, cfg, device)
+        m["auc"] = next(aucs)
+        return m
+
+    monkeypatch.setattr(T, "evaluate_split", scripted)
+
+
 def quiet(*a, **k) -> None:
     pass
 
@@ -395,15 +407,7 @@ def test_sigint_checkpoints_and_resume_matches(tmp_path, monkeypatch):
 def test_early_stopping_after_patience_epochs_and_its_resume_trains_no_more(tmp_path, monkeypatch):
     """Stops after 2 epochs without a better AUC; --resume of that run takes no step (its status is
     in last.pt); a larger --patience continues it."""
-    aucs = itertools.chain([0.70, 0.72, 0.71, 0.715], itertools.repeat(0.5))
-    real = T.evaluate_split
-
-    def fake(model, dataset, cfg, device):
-        m = real(model, dataset, cfg, device)
-        m["auc"] = next(aucs)
-        return m
-
-    monkeypatch.setattr(T, "evaluate_split", fake)
+    script_validation_aucs(monkeypatch, itertools.chain([0.70, 0.72, 0.71, 0.715], itertools.repeat(0.5)))
     s = T.train(tiny_config(tmp_path, epochs=6, patience=2), log=quiet)
     assert s["status"] == "early_stopped"
     assert [e["epoch"] for e in s["epochs"]] == [1, 2, 3, 4]
@@ -973,15 +977,7 @@ def test_a_validation_split_of_one_class_warns_and_does_not_stop_the_run_early(b
 def test_a_nan_auc_epoch_between_defined_ones_keeps_the_patience_count(bars, monkeypatch, capsys):
     """Normal epochs still count: AUCs 0.7, NaN, 0.6, 0.65 with patience 2 stop after epoch 4 (two
     epochs worse than 0.7; the NaN epoch is left out), best.pt is epoch 1's, no closing note."""
-    aucs = iter([0.7, float("nan"), 0.6, 0.65, 0.9])
-    real = T.evaluate_split
-
-    def fake(model, dataset, cfg, device):
-        m = real(model, dataset, cfg, device)
-        m["auc"] = next(aucs)
-        return m
-
-    monkeypatch.setattr(T, "evaluate_split", fake)
+    script_validation_aucs(monkeypatch, [0.7, float("nan"), 0.6, 0.65, 0.9])
     s = T.train(_bars_config(bars, epochs=6, patience=2), log=print)
     out = capsys.readouterr().out
     assert s["status"] == "early_stopped" and len(s["epochs"]) == 4 and s["best_valid_auc"] == 0.7
