@@ -18,6 +18,7 @@ How a sample is drawn (defaults of :class:`InterFormerConfig`):
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -79,6 +80,20 @@ def synthetic_config(**overrides) -> InterFormerConfig:
     return InterFormerConfig(**overrides)
 
 
+def _count(where: str, name: str, value, minimum: int, alternative: str = "") -> int:
+    """``value`` as an int (a bool is refused; numpy integers are taken), or ``ValueError`` naming it
+    if it is not one or is below ``minimum``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}{alternative}, got {value!r}")
+    return n
+
+
 def make_synthetic(
     num_samples: int,
     config: Optional[InterFormerConfig] = None,
@@ -92,12 +107,15 @@ def make_synthetic(
     terms (fewer dense fields drop those terms).
     """
     c = config if config is not None else InterFormerConfig()
+    num_samples = _count("make_synthetic", "num_samples", num_samples, 0)
+    if max_seq_len is not None:
+        max_seq_len = _count("make_synthetic", "max_seq_len", max_seq_len, 1, " or None (the config's)")
     if len(c.sparse_vocab_sizes) != 4 or len(c.seq_vocab_sizes) != 2:
         raise ValueError("make_synthetic needs 4 sparse fields (user, item, category, context) and 2 sequence channels")
     n_users, n_items, n_cats, n_ctx = (v - 1 for v in c.sparse_vocab_sizes)
     if c.seq_vocab_sizes != (n_items + 1, n_cats + 1):
         raise ValueError("sequence channel vocabularies must equal the item and category vocabularies")
-    T = max_seq_len or c.max_seq_len
+    T = c.max_seq_len if max_seq_len is None else max_seq_len
     # The world (item->category map, user and context effects) depends only on the schema, so
     # different seeds draw different samples from the same world.
     world = torch.Generator().manual_seed(1234)
@@ -154,7 +172,12 @@ def make_synthetic(
 
 
 def iterate_batches(data: Batch, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
-    """Mini-batches of ``data`` (the last one may be smaller)."""
+    """Mini-batches of ``data`` (the last one may be smaller). A bad ``batch_size`` raises here, not
+    at the first ``next``."""
+    return _batches(data, _count("iterate_batches", "batch_size", batch_size, 1), shuffle, seed)
+
+
+def _batches(data: Batch, batch_size: int, shuffle: bool, seed: int) -> Iterator[Batch]:
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):

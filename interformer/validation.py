@@ -55,6 +55,30 @@ def _check_batch_sizes(dense, sparse, seq, lengths) -> None:
                      f"({common}); batch sizes: {listed}")
 
 
+def _check_devices(dense, sparse, seq, lengths, label, device) -> None:
+    """The batch's tensors must share one device, ``device`` where given (the model's): a fused
+    kernel handed a tensor on another device would read it through a pointer that is not valid
+    there. The message starts with the first tensor that is elsewhere."""
+    tensors = {"dense": dense, "sparse": sparse, "seq": seq, "lengths": lengths}
+    if isinstance(label, torch.Tensor):
+        tensors["label"] = label
+    where = torch.device(device) if device is not None else dense.device
+    for name, t in tensors.items():
+        _check(_same_device(t.device, where), name, lambda: f"is on {t.device}, expected {where} ("
+               + ("the model's device" if device is not None else "the device of dense") + "); devices: "
+               + ", ".join(f"{n} {u.device}" for n, u in tensors.items()))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``a`` and ``b`` name one device; an index-less ``cuda`` means the current one."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index or a.type == "cpu"
+
+
 def validate_batch(
     config: InterFormerConfig,
     dense: torch.Tensor,
@@ -63,13 +87,15 @@ def validate_batch(
     lengths: torch.Tensor,
     label: Optional[torch.Tensor] = None,
     dense_dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
 ) -> None:
     """Raise ``ValueError`` for a batch that breaks the data contract of ``config``; the message
     starts with the offending tensor's name. ``dense_dtype``: the dtype the model's dense tokenizer
     computes in (its parameters'): dense must be float32 (the contract's dtype, cast by the
-    tokenizer) or that dtype; None accepts any float.
+    tokenizer) or that dtype; None accepts any float. ``device``: the device the tensors must be on
+    (the model's); None asks only that they share one device.
 
-    Order: types, then ranks, then the batch size (the leading dimension of the four tensors,
+    Order: types, then devices, then ranks, then the batch size (the leading dimension of the four tensors,
     compared first so that the message names the tensor whose size differs), then dtypes and the
     other sizes, then the values (lengths in ``[0, T]``, ids in their vocabularies, no NaN/inf in
     ``dense``, labels 0 or 1).
@@ -81,6 +107,7 @@ def validate_batch(
     them."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
         _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
+    _check_devices(dense, sparse, seq, lengths, label, device)
     _check(dense.dim() == 2, "dense", lambda: f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
     _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")
     _check(seq.dim() == 3, "seq", lambda: f"expected rank 3 [B, k, T], got shape {tuple(seq.shape)}")

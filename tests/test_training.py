@@ -76,3 +76,26 @@ def test_model_uses_the_sequence(aucs):
     assert with_seq - without > 0.03, (
         f"sequence model {with_seq:.4f} vs blanked {without:.4f}: margin below 0.03 (seen 0.061-0.081 over 5 seeds)"
     )
+
+
+def test_make_synthetic_honours_max_seq_len_and_refuses_bad_counts():
+    """``max_seq_len=0`` was taken as "the config's T" (``max_seq_len or T``); every count is now
+    checked, naming the argument."""
+    import numpy as np
+
+    cfg = InterFormerConfig(**CONFIG)
+    assert make_synthetic(4, cfg, max_seq_len=3).seq.shape == (4, 2, 3)
+    assert make_synthetic(np.int64(2), cfg).seq.shape == (2, 2, cfg.max_seq_len)
+    assert len(make_synthetic(0, cfg)) == 0
+    for kw, name in (({"num_samples": -1}, "num_samples"), ({"num_samples": 2.5}, "num_samples"),
+                     ({"num_samples": True}, "num_samples"), ({"num_samples": 4, "max_seq_len": 0}, "max_seq_len")):
+        with pytest.raises(ValueError, match=rf"^make_synthetic: {name} must be an int >= "):
+            make_synthetic(config=cfg, **kw)
+
+
+def test_iterate_batches_refuses_a_bad_batch_size_when_called():
+    data = make_synthetic(5, InterFormerConfig(**CONFIG))
+    assert [len(b) for b in iterate_batches(data, 2, shuffle=False)] == [2, 2, 1]
+    for bad in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=r"^iterate_batches: batch_size must be an int >= 1"):
+            iterate_batches(data, bad)  # before the first next()

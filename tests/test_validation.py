@@ -291,6 +291,29 @@ def test_batch_size_mismatch_names_the_tensor_whose_size_differs(model, odd):
         interformer.validate_batch(model.config, **b)
 
 
+@pytest.mark.parametrize("odd", ["dense", "sparse", "seq", "lengths"])
+def test_a_tensor_on_another_device_is_named(model, odd):
+    """The model's inputs must be on its device: one on another device (``meta`` stands in for a GPU
+    here) is named, before anything reads it (a fused kernel would read it through a pointer that is
+    not valid on its device)."""
+    b = good_batch()
+    b[odd] = b[odd].to("meta")
+    with pytest.raises(ValueError, match=rf"^{odd}: is on meta, expected cpu \(the model's device\); devices: .*{odd} meta"):
+        model(**b)
+    with pytest.raises(ValueError, match=rf"^{odd}: is on meta, expected cpu \(the device of dense\)" if odd != "dense"
+                       else r"^sparse: is on cpu, expected meta \(the device of dense\)"):
+        interformer.validate_batch(model.config, **b)
+
+
+def test_validate_batch_checks_the_label_and_the_given_device(model):
+    b = good_batch()
+    with pytest.raises(ValueError, match=r"^label: is on meta, expected cpu"):
+        interformer.validate_batch(model.config, **b, label=torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match=r"^dense: is on cpu, expected meta \(the model's device\)"):
+        interformer.validate_batch(model.config, **b, device="meta")
+    interformer.validate_batch(model.config, **b, label=torch.zeros(3), device=torch.device("cpu"))
+
+
 def test_batch_size_tie_names_the_tensors_that_differ_from_dense(model):
     b = good_batch()
     b["seq"], b["lengths"] = b["seq"][:2], b["lengths"][:2]
