@@ -97,12 +97,50 @@ def _step_throughput(model, b, device, steps: int = 2) -> float:
     return steps * len(b) / (time.perf_counter() - t0)
 
 
+#: steps of a training run left out of its throughput: the first calls compile the Triton kernels
+#: (seconds each on a GPU) and set up cuBLAS and the caching allocator, which would otherwise be
+#: charged to the fused path's samples/s. An evaluation leaves out its first batch (the forward
+#: kernels for its batch size).
+WARMUP_STEPS = 3
+
+
+class _Throughput:
+    """Samples/s over the steps after the first ``warmup``; over every step when there are no more
+    than that (then the warm-up is in the number)."""
+
+    def __init__(self, device: torch.device, warmup: int = WARMUP_STEPS) -> None:
+        self.device, self.warmup, self.steps, self.samples, self.t0 = device, warmup, 0, 0, time.perf_counter()
+        self.all_samples, self.all_t0 = 0, self.t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self, samples: int) -> None:
+        """Count one finished step of ``samples`` samples."""
+        self.steps += 1
+        self.all_samples += samples
+        if self.steps == self.warmup:
+            self._sync()
+            self.t0 = time.perf_counter()
+        elif self.steps > self.warmup:
+            self.samples += samples
+
+    def rate(self) -> float:
+        self._sync()
+        now = time.perf_counter()
+        if self.samples:
+            return self.samples / (now - self.t0)
+        return self.all_samples / (now - self.all_t0)
+
+
 def train(model, data, args, desc: str, device) -> float:
-    """One pass of AdamW over ``data``; returns training samples/s."""
+    """``args.epochs`` passes of AdamW over ``data``; returns training samples/s (after the first
+    :data:`WARMUP_STEPS` steps)."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     model.train()
     n_batches = (len(data) + args.batch_size - 1) // args.batch_size
-    seen, t0 = 0, time.perf_counter()
+    meter = _Throughput(device)
     for epoch in range(args.epochs):
         bar = _progress(iterate_batches(data, args.batch_size, True, args.seed + epoch), n_batches, f"{desc} epoch {epoch + 1}", args.no_progress)
         for batch in bar:
@@ -112,25 +150,22 @@ def train(model, data, args, desc: str, device) -> float:
             with torch.autograd.set_multithreading_enabled(False):  # as the trainer runs it (train.py)
                 loss.backward()
             opt.step()
-            seen += len(b)
+            meter.step(len(b))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - t0)
+    return meter.rate()
 
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int, device):
-    """Logits over ``data`` and inference samples/s."""
+    """Logits over ``data`` and inference samples/s (after the first batch)."""
     model.eval()
     logits = []
-    t0 = time.perf_counter()
+    meter = _Throughput(device, warmup=1)
     for batch in iterate_batches(data, batch_size, shuffle=False):
         logits.append(model(*batch.to(device).inputs()).float())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return torch.cat(logits).cpu(), len(data) / (time.perf_counter() - t0)
+        meter.step(len(batch))
+    return torch.cat(logits).cpu(), meter.rate()
 
 
 def _check_counts(args) -> None:
@@ -208,6 +243,8 @@ def run_demo(args) -> None:
     print(f"  {'path':<6} {'AUC':>7} {'LogLoss':>8} {'train samples/s':>16} {'infer samples/s':>16}")
     for name, a, ll, tr, inf in rows:
         print(f"  {name:<6} {a:>7.4f} {ll:>8.4f} {tr:>16,.0f} {inf:>16,.0f}")
+    print(f"  (samples/s leave out the first {WARMUP_STEPS} training steps and the first inference batch: "
+          "kernel compilation and warm-up)")
     if device.type != "cuda":
         print("\n  note: on a CPU only the eager path trains here; the fused kernels need a GPU to be fast" +
               (" (the fused throughput above is Triton's interpreter, a correctness check)." if checked else "."))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from interformer.__main__ import main
 
 
@@ -18,7 +20,6 @@ def test_demo_prints_agreement_throughputs_and_metrics(capsys):
     assert logits < 1e-4 and loss < 1e-4 and grad < 1e-4, out
     m = re.search(r"eager ([\d,.]+) samples/s, fused ([\d,.]+) samples/s", out)
     assert m and all(float(v.replace(",", "")) > 0 for v in m.groups()), out
-    import torch
 
     if not torch.cuda.is_available():  # the note on what CPU (interpreter) throughput means
         assert "interpreter" in out
@@ -85,8 +86,6 @@ def test_demo_count_flags_must_be_positive_integers(capsys):
 def test_interpret_on_cpu_whenever_the_command_runs_on_the_cpu(monkeypatch):
     """TRITON_INTERPRET=1 whenever the run is on the CPU (--device cpu, or no GPU and no --device),
     also on a machine with a GPU (it was set only where no GPU exists); not for a CUDA run."""
-    import torch
-
     import interformer.__main__ as cli
 
     for gpu, device, expected in ((True, "cpu", "1"), (True, "cpu:0", "1"), (True, None, None), (True, "cuda", None),
@@ -140,3 +139,25 @@ def test_run_demo_on_the_cpu_without_the_interpreter_skips_the_fused_check(monke
     assert "the kernels need Triton's interpreter" in out and "skipping the eager-vs-fused check" in out, out
     assert "rel. diff logits" not in out and "fused throughput above" not in out, out
     assert re.search(r"^\s+eager\s+\S+\s+\S+", out, re.M), out
+
+
+def test_demo_throughput_leaves_out_the_warm_up_steps(monkeypatch):
+    """The demo's samples/s start after the first steps, which compile the Triton kernels on a GPU
+    (seconds, once): a clock that charges 10 s to each warm-up step and 1 s to every later one must
+    give the later steps' rate; with no step past the warm-up, every step counts."""
+    from interformer import demo
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock["t"])
+    meter = demo._Throughput(torch.device("cpu"))
+    for i in range(demo.WARMUP_STEPS + 4):
+        clock["t"] += 10.0 if i < demo.WARMUP_STEPS else 1.0
+        meter.step(8)
+    assert meter.rate() == 8.0
+
+    clock["t"] = 0.0
+    short = demo._Throughput(torch.device("cpu"), warmup=3)
+    for _ in range(2):
+        clock["t"] += 10.0
+        short.step(5)
+    assert short.rate() == 0.5
