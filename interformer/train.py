@@ -435,6 +435,15 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random stream once the model is built (dropout masks): a fixed
+    function of ``(seed, rank)``, different for every rank, so that the ranks of one run do not
+    drop the same units."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def rng_state(device: torch.device) -> Dict[str, Any]:
     """This process's RNG states. CUDA: only the generator of ``device`` (the ``*_all`` variants
     would create a context on every GPU of the machine)."""
@@ -897,6 +906,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     # a resumed run keeps the backend its model was built with (its checkpoint's model_config)
     model = build_model(cfg, overrides, None if resume_state is None else resume_state["model_config"]["backend"])
     model = model.to(device)
+    if d.enabled:  # same weights on every rank; from here each rank draws its own (a resume restores them)
+        seed_everything(rank_seed(cfg.seed, d.rank))
     if resume_state is None and cfg.overwrite:
         _on_rank0(lambda: _clear_old_run(out_dir, say), d)
     optimizers = build_optimizers(model, cfg)

@@ -759,6 +759,16 @@ def test_two_gloo_processes_end_with_identical_weights(ddp_full):
     assert any(not torch.equal(v, r0[k]) for k, v in init.state_dict().items())
 
 
+def test_two_gloo_processes_draw_different_random_streams(ddp_full):
+    """Both ranks start from the same weights, but after that each draws its own random numbers
+    (dropout masks): every rank used the run's seed, so with dropout both dropped the same units.
+    The checkpoint keeps each rank's generator state: they differ."""
+    _, tmp = ddp_full
+    rngs = T.load_checkpoint(tmp / "run" / "last.pt")["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+    assert len({T.rank_seed(0, r) for r in range(8)}) == 8 and T.rank_seed(0, 1) == T.rank_seed(0, 1)
+
+
 def test_two_gloo_processes_stopped_mid_epoch_and_resumed_match_the_uninterrupted_run(tmp_path, ddp_full):
     """max_steps=6 stops both ranks in the middle of epoch 2 (checkpoint_every=3 also checkpoints
     mid-epoch 1); the resumed run (rank 0 reads last.pt and broadcasts it; rank 1 reads nothing) ends
