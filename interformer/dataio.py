@@ -45,9 +45,12 @@ Decisions (what the code below does, and why):
   physical line (``"not valid UTF-8 (byte 0xff at character 23 of the line)"``), a read error at
   the line it was reading (``"unreadable file (EOFError: ...)"``); a Parquet file that pyarrow
   cannot read at ``metadata`` (its footer) or at the first row of the record batch it was reading
-  (``"row 8193: unreadable Parquet file (OSError: ...)"``). Completely blank CSV lines, before the
-  header too, are not rows and are passed over (they carry no sample); the header is the first
-  line that is not blank, and its line number is the one errors about it give.
+  (``"row 8193: unreadable Parquet file (OSError: ...)"``); a binary Parquet value that is not UTF-8
+  at its row and column (``"row 71: column 'tag': not valid UTF-8 (byte 0xff at byte 1 of the
+  value)"``). A Parquet sequence column must hold strings or a list of scalars (a list of lists
+  is refused at ``schema``). Completely blank CSV lines, before the header too, are not rows and
+  are passed over (they carry no sample); the header is the first line that is not blank, and its
+  line number is the one errors about it give.
 * **Quoting.** By default one CSV row is one physical line: a quoted field may hold commas and
   doubled quotes, but not a line break. A row whose quote is still open at the end of its line (a
   stray quote) is malformed at that line (``"a quoted field runs past the end of line 12 (a stray
@@ -122,6 +125,7 @@ Decisions (what the code below does, and why):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -411,6 +415,9 @@ def _as_paths(paths: PathsArg) -> List[Path]:
     if not out:
         raise ValueError("no data files given")
     for p in out:
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a directory; give the data files in it (.csv, .csv.gz, .parquet, "
+                                    ".pq), not the directory")
         if not p.is_file():
             raise FileNotFoundError(f"data file not found: {p}")
     return out
@@ -654,8 +661,14 @@ def _parquet_batches(path: Path, columns: List[str], list_columns: Sequence[str]
         _header_columns(path, "schema", list(arrow.names), columns)
         for c in columns:
             t = arrow.field(c).type
-            if pat.is_nested(t) and (c not in list_columns or not (pat.is_list(t) or pat.is_large_list(t))):
+            if not pat.is_nested(t):
+                continue
+            if c not in list_columns:
                 raise DataError(path, "schema", f"column {c!r} has type {t}; only sequence columns may hold lists")
+            # a list of lists (or structs, maps) would reach the vocabulary as str(list) tokens
+            if not (pat.is_list(t) or pat.is_large_list(t)) or pat.is_nested(t.value_type):
+                raise DataError(path, "schema", f"sequence column {c!r} has type {t}; a sequence column holds "
+                                                "seq_sep-joined strings or a list (or large_list) of scalar ids")
         batches, row = None, 0
         while True:
             try:
@@ -672,19 +685,38 @@ def _parquet_batches(path: Path, columns: List[str], list_columns: Sequence[str]
         pf.close()
 
 
-def _parquet_batch_rows(rb, columns: List[str], row0: int) -> Iterator[_RawRow]:
+def _parquet_row_cells(path: Path, where: str, columns: List[str], values: Sequence) -> list:
+    """One Parquet row's values as :func:`_parquet_cell` s; a binary value that is not UTF-8 raises
+    :class:`DataError` naming the file, the row and the column (as undecodable CSV bytes do)."""
+    try:
+        return [_parquet_cell(v) for v in values]
+    except UnicodeDecodeError:
+        pass
+    for name, v in zip(columns, values):
+        for j, x in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+            try:
+                _cell_str(x)
+            except UnicodeDecodeError as e:
+                what = f"event {j + 1} of column {name!r}" if isinstance(v, (list, tuple)) else f"column {name!r}"
+                raise DataError(path, where, f"{what}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte "
+                                             f"{e.start + 1} of the value)") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _parquet_batch_rows(path: Path, rb, columns: List[str], row0: int) -> Iterator[_RawRow]:
     """The rows of one record batch whose first row is row ``row0 + 1`` of its file."""
     names = rb.schema.names
     cols = [rb.column(names.index(c)).to_pylist() for c in columns]
     for row, cells in enumerate(zip(*cols), row0 + 1):
-        yield f"row {row}", [_parquet_cell(v) for v in cells], None
+        where = f"row {row}"
+        yield where, _parquet_row_cells(path, where, columns, cells), None
 
 
 def _parquet_rows(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator[_RawRow]:
     """Rows of a Parquet file (:func:`_parquet_batches` says which types it may hold)."""
     row = 0
     for rb in _parquet_batches(path, columns, list_columns):
-        yield from _parquet_batch_rows(rb, columns, row)
+        yield from _parquet_batch_rows(path, rb, columns, row)
         row += rb.num_rows
 
 
@@ -797,18 +829,21 @@ class _Source:
         files = self.files if order is None else [self.files[i] for i in order]
         for path, fmt in files:
             rows = _csv_rows(path, self.columns, self.schema.csv_multiline) if fmt == "csv" else _parquet_rows(path, self.columns, self.schema.sequences)
-            for where, cells, problem in rows:
-                if problem is None:
-                    try:
-                        record = self.parser.parse(cells)
-                    except _Malformed as e:
-                        problem = str(e)
-                    else:
-                        yield record
-                        continue
-                if on_error == "raise":
-                    raise DataError(path, where, problem)
-                on_skip(f"{path}:{where}: {problem}")
+            # closing: a DataError raised here keeps this frame (and ``rows``) alive in its
+            # traceback; the file must not stay open for as long as the caller keeps the error
+            with contextlib.closing(rows):
+                for where, cells, problem in rows:
+                    if problem is None:
+                        try:
+                            record = self.parser.parse(cells)
+                        except _Malformed as e:
+                            problem = str(e)
+                        else:
+                            yield record
+                            continue
+                    if on_error == "raise":
+                        raise DataError(path, where, problem)
+                    on_skip(f"{path}:{where}: {problem}")
 
 
 # --------------------------------------------------------------------------------- vectorised reading
@@ -1062,10 +1097,11 @@ class _ParquetChunk:
         return f"row {self.row0 + i + 1}"
 
     def cells(self, i: int) -> list:
-        return [_parquet_cell(self.batch.column(j)[i].as_py()) for j in self.positions]
+        return _parquet_row_cells(self.path, self.where(i), self.columns,
+                                  [self.batch.column(j)[i].as_py() for j in self.positions])
 
     def rows(self) -> Iterator[_RawRow]:
-        return _parquet_batch_rows(self.batch, self.columns, self.row0)
+        return _parquet_batch_rows(self.path, self.batch, self.columns, self.row0)
 
     def problems(self) -> Dict[int, str]:
         return {}

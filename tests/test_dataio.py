@@ -485,6 +485,78 @@ def test_parquet_malformed_row_number(tmp_path):
     assert ds.skipped_examples == [f"{path}:row 7: column 'label': label must be 0 or 1, got '3'"]
 
 
+@pytest.mark.parametrize("history", [[[[1, 2], [3]], [[4]]], [[{"id": 1}], [{"id": 2}]]])
+def test_parquet_sequence_column_of_lists_is_refused(tmp_path, history):
+    # a list<list<int>> (or list<struct>) history used to become tokens such as "[1, 2]"
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"label": [1, 0], "u": ["a", "b"], "h": history}), path)
+    schema = Schema(label="label", sparse=["u"], sequences=["h"], max_seq_len=3)
+    for vectorized in (True, False):
+        with pytest.raises(DataError, match=r"nested\.parquet:schema: sequence column 'h' has type list<.*scalar ids"):
+            build_vocabularies(path, schema, vectorized=vectorized)
+        vocabs = {"u": Vocabulary(["a"]), "h": Vocabulary(["1"])}
+        with pytest.raises(DataError, match=r"nested\.parquet:schema: sequence column 'h'"):
+            list(TabularDataset(path, schema, vocabs, vectorized=vectorized, on_error="skip").batches(2))
+
+
+def test_parquet_bytes_that_are_not_utf8_name_the_file_row_and_column(tmp_path, small_chunks):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "bin.parquet"
+    events = [[b"1"], [b"2"], [b"3", b"x\xfe"], [b"4"]]
+    pq.write_table(pa.table({"label": [1, 0, 1, 0], "u": pa.array([b"a", b"b", b"c", b"d"], pa.binary()),
+                             "h": pa.array(events, pa.list_(pa.binary()))}), path)
+    schema = Schema(label="label", sparse=["u"], sequences=["h"], max_seq_len=3)
+    message = r"bin\.parquet:row 3: event 2 of column 'h': not valid UTF-8 \(byte 0xfe at byte 2 of the value\)"
+    vocabs = {"u": Vocabulary(["a"]), "h": Vocabulary(["1"])}
+    for vectorized in (True, False):
+        with pytest.raises(DataError, match=message):
+            build_vocabularies(path, schema, vectorized=vectorized, on_error="skip")  # a file problem: raises
+        ds, got = TabularDataset(path, schema, vocabs, vectorized=vectorized), []
+        with pytest.raises(DataError, match=message):
+            for batch in ds.batches(1):
+                got.append(batch)
+        assert len(got) == 2
+
+
+def test_a_data_error_leaves_no_file_open(tmp_path, amazon, monkeypatch):
+    # the error's traceback holds the reading frames: the file must be closed before it propagates,
+    # not when the caller (a notebook's sys.last_exc, a log, a retry loop) lets go of the error
+    import interformer.dataio as dataio
+    _, schema, vocabs, rows = amazon
+    rows = [dict(r) for r in rows[:30]]
+    rows[20]["label"] = 3
+    path = write_csv(tmp_path / "bad.csv", rows)
+    opened = []
+    real_open = dataio._open_csv
+
+    def recording_open(p):
+        fh = real_open(p)
+        opened.append(fh)
+        return fh
+
+    monkeypatch.setattr(dataio, "_open_csv", recording_open)
+    for vectorized in (False, True):
+        ds = TabularDataset(path, schema, vocabs, vectorized=vectorized)
+        for call in (lambda: build_vocabularies(path, schema, vectorized=vectorized),
+                     lambda: list(ds.batches(8)), lambda: list(ds.batches(8, prefetch=1)), lambda: ds.num_rows):
+            opened.clear()
+            with pytest.raises(DataError, match=r"bad\.csv:22: column 'label'") as caught:
+                call()
+            assert caught.value is not None and opened and all(fh.closed for fh in opened)
+
+
+def test_a_directory_is_reported_as_a_directory(tmp_path, amazon):
+    _, schema, vocabs, _ = amazon
+    (tmp_path / "train.parquet").mkdir()  # as Spark writes a "file"
+    with pytest.raises(IsADirectoryError, match=r"train\.parquet is a directory; give the data files in it"):
+        TabularDataset(tmp_path / "train.parquet", schema, vocabs)
+    with pytest.raises(IsADirectoryError):
+        build_vocabularies([tmp_path / "train.parquet"], schema)
+
+
 def test_unreadable_parquet_raises_a_data_error_naming_the_file(tmp_path, amazon, small_chunks):
     """A truncated file, a file that is not Parquet and a corrupt page raise DataError naming the
     path (pyarrow's ArrowInvalid/OSError named no file), on both paths and whatever on_error says;
@@ -1048,14 +1120,14 @@ def test_vectorized_parquet_types_negative_zero_and_undecodable_bytes(tmp_path, 
     assert b[0].dense[1].numpy().tobytes() == b"\x00\x00\x00\x00"  # -0.0 -> "0" -> +0.0, as _cell_str writes it
     assert b[0].label[:3].tolist() == [1.0, 0.0, 0.0]
 
-    # bytes that are not UTF-8: the per-row path raises UnicodeDecodeError at that row; so does this one
+    # bytes that are not UTF-8: the per-row path raises a DataError naming that row; so does this one
     tags = table["tag"].to_pylist()
     tags[70] = b"\xff"
     pq.write_table(table.set_column(3, "tag", pa.array(tags, pa.binary())), path)
     results = []
     for vectorized in (True, False):
         ds, got = TabularDataset(path, schema, vocabs, vectorized=vectorized), []
-        with pytest.raises(UnicodeDecodeError):
+        with pytest.raises(DataError, match=r"z\.parquet:row 71: column 'tag': not valid UTF-8 \(byte 0xff"):
             for batch in ds.batches(8):
                 got.append(batch)
         results.append(got)
