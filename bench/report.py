@@ -6,16 +6,29 @@ Inputs are pytest-benchmark JSON files or ``.jsonl`` files of rows (one per line
 ``$INTERFORMER_BENCH_ROWS`` is set; such a file survives a run that was cut short).
 
 Each benchmark row carries its measurements in ``extra_info`` (see bench/common.py). The table
-has one line per (op, shape, mode): the median time of every provider, the fused path's speedup
-over eager and over ``torch.compile``, and its time as a multiple of the op's floor (bytes over
-measured copy bandwidth, or FLOPs over measured bf16 matmul rate). The chart plots each
-provider's speedup over eager.
+has one line per (op, shape, mode, device, dtype): the median time of every provider, the fused
+path's speedup over eager and over ``torch.compile``, and its time as a multiple of the op's floor
+(bytes over measured copy bandwidth, or FLOPs over measured bf16 matmul rate). Rows of different
+devices or dtypes are never compared with each other (they get lines of their own); rows of
+different commits are (a rerun of one provider), and the header names every commit. A second table
+gives, for each line, the fused row the floor multiple comes from with its throughput, peak memory
+and achieved GB/s and TFLOP/s against the measured ceilings (DESIGN §6). The chart plots each
+provider's speedup over eager of the same kind (plain or graphed).
+
+Decisions: "fused" in the speedup columns is the fastest row of the fused path as it ships
+(:data:`FUSED_DEFAULTS`, plain or graphed); the setting variants the op benchmarks add to measure a
+non-default choice (``fused-8warps``, ``fused-phases``, ``fused-triton-gemm``, ``fused-store``) keep
+their own columns and are never taken as "fused" nor as "other". Where several rows share a cell
+(a rerun appended to the same ``.jsonl``), the last one read is shown and every such cell is named
+with all its values under the table. A row whose median is not a positive finite number is shown as
+``invalid``, named under the table, and left out of every ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -26,6 +39,12 @@ PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-effi
              "nn.MultiheadAttention-cudagraph", "compile-reduce-overhead", "fused-cudagraph",
              "fused-compile-reduce-overhead"]
 GRAPHED_SUFFIXES = ("-cudagraph", "-reduce-overhead")
+#: The fused path as a user runs it (plain; the graphed variants add a suffix of GRAPHED_SUFFIXES):
+#: the providers the "fused" speedup columns choose from. Any other ``fused-*`` provider is a
+#: setting variant measured beside the default (bench/test_bench_crossnet.py, test_bench_gated_lce.py).
+FUSED_DEFAULTS = ("fused", "fused-compile", "fused-compile-attention", "fused-compile-inline", "fused-streams")
+#: Columns that tell lines apart when the rows hold more than one value of them.
+SPLIT_KEYS = ("device", "dtype")
 
 
 def is_graphed(provider: str) -> bool:
@@ -34,7 +53,27 @@ def is_graphed(provider: str) -> bool:
 
 
 def is_fused(provider: str) -> bool:
+    """Any provider of the fused kernels, setting variants included (never an "other" provider)."""
     return provider.startswith("fused")
+
+
+def is_default_fused(provider: str) -> bool:
+    """The fused path with its default settings, plain or graphed (:data:`FUSED_DEFAULTS`)."""
+    for suffix in GRAPHED_SUFFIXES:
+        if provider.endswith(suffix):
+            provider = provider[: -len(suffix)]
+            break
+    return provider in FUSED_DEFAULTS
+
+
+def _valid(ms) -> bool:
+    """A usable timing: a positive finite number."""
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
+
+
+def _positive(x) -> bool:
+    """A positive finite number (a ceiling, a floor multiple, a peak to divide by)."""
+    return _valid(x)
 
 
 def load_rows(paths):
@@ -57,53 +96,160 @@ def order_providers(names):
     return known + sorted(n for n in names if n not in known)
 
 
+def _group(rows):
+    """``({key: {provider: row}}, duplicates, split)``: key (op, shape, mode, device, dtype); the last
+    row read wins a cell, ``duplicates`` maps each cell read more than once to all its rows; ``split``
+    the SPLIT_KEYS whose values differ over the rows (the table shows them as columns)."""
+    groups, seen = defaultdict(dict), defaultdict(list)
+    for r in rows:
+        key = (r["op"], r["shape"], r["mode"], str(r.get("device")), str(r.get("dtype")))
+        groups[key][r["provider"]] = r
+        seen[key + (r["provider"],)].append(r)
+    duplicates = {k: v for k, v in seen.items() if len(v) > 1}
+    split = [k for i, k in enumerate(SPLIT_KEYS) if len({key[3 + i] for key in groups}) > 1]
+    return groups, duplicates, split
+
+
+def _sort_key(key):
+    return tuple(str(k) for k in key)
+
+
+def _cell(row) -> str:
+    ms = row.get("median_ms")
+    return f"{ms:.4g}" if _valid(ms) else "invalid"
+
+
 def markdown(rows) -> str:
     if not rows:
         return "_no benchmark rows_\n"
-    env = rows[0]
     out = [f"Device: **{_values(rows, 'device')}**, torch {_values(rows, 'torch')}, triton {_values(rows, 'triton')}, "
            f"commit `{_values(rows, 'commit')}`, dtype {_values(rows, 'dtype')}. Median of CUDA-event timings (ms).", ""]
-    if env.get("note"):
-        out += [f"> {env['note']}", ""]
-    groups = defaultdict(dict)
-    for r in rows:
-        groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r
+    ceilings = _ceilings(rows)
+    if ceilings:
+        out += ["Measured ceilings: " + "; ".join(ceilings) + ".", ""]
+    notes = [n for n in dict.fromkeys(r.get("note") for r in rows) if n]
+    for note in notes:
+        out += [f"> {note}", ""]
+    groups, duplicates, split = _group(rows)
     providers = order_providers({r["provider"] for r in rows})
-    head = ["op", "shape", "mode"] + providers + ["fused vs eager", "fused vs compile", "fused vs best other",
-                                                  "graphed: fused vs best other", "fused x floor",
-                                                  "fused/eager peak mem"]
+    head = ["op", "shape", "mode"] + split + providers + [
+        "fused vs eager", "fused vs compile", "fused vs best other", "graphed: fused vs best other", "fused x floor",
+        "fused/eager peak mem", "fused (plain / graphed)"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
-    for (op, shape, mode), by in sorted(groups.items()):
-        cells = [op, shape, mode]
+    for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        op, shape, mode = key[:3]
+        cells = [op, shape, mode] + [key[3 + SPLIT_KEYS.index(k)] for k in split]
         for p in providers:
-            cells.append(f"{by[p]['median_ms']:.4g}" if p in by else "–")
-        plain = {p: r["median_ms"] for p, r in by.items() if not is_graphed(p)}
-        graphed = {p: r["median_ms"] for p, r in by.items() if is_graphed(p)}
-        best_fused = _best(plain, fused=True)
+            cells.append(_cell(by[p]) if p in by else "–")
+        valid = {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))}
+        plain = {p: ms for p, ms in valid.items() if not is_graphed(p)}
+        graphed = {p: ms for p, ms in valid.items() if is_graphed(p)}
+        best_fused, best_graphed = _best(plain, fused=True), _best(graphed, fused=True)
         eager, comp = plain.get("eager"), plain.get("compile")
         cells.append(_ratio(eager, best_fused))
         cells.append(_ratio(comp, best_fused))
         cells.append(_versus_best(plain, best_fused))
-        cells.append(_versus_best(graphed, _best(graphed, fused=True)))
+        cells.append(_versus_best(graphed, best_graphed))
         # the floor is a device-time bound: measured against the fastest fused row (a graphed one,
         # device time, where there is one; a plain one is mostly host time at these shapes)
-        floored = [r for p, r in by.items() if is_fused(p) and "x_floor" in r]
-        cells.append(f"{min(r['x_floor'] for r in floored):.1f}" if floored else "–")
-        peak_e = (by.get("eager") or {}).get("peak_extra_MiB")
+        floor_row = _floor_row(by, best_fused, best_graphed)
+        cells.append(f"{floor_row['x_floor']:.1f}" if floor_row else "–")
+        peak_e = (by.get("eager") or {}).get("peak_extra_MiB") if "eager" in plain else None
         peak_f = by[best_fused[0]].get("peak_extra_MiB") if best_fused else None
-        cells.append(f"{peak_f / peak_e:.2f}" if peak_e and peak_f and peak_e == peak_e and peak_e > 0 else "–")
+        cells.append(f"{peak_f / peak_e:.2f}" if _positive(peak_e) and _finite(peak_f) and peak_f >= 0 else "–")
+        cells.append(f"{best_fused[0] if best_fused else '–'} / {best_graphed[0] if best_graphed else '–'}")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Plain providers are compared with plain ones and CUDA-graph providers (`-cudagraph`: captured "
             "and replayed by the benchmark; `-reduce-overhead`: torch.compile's CUDA-graph mode) with graphed "
             "ones: a plain timing at these shapes is mostly host time, a graphed one device time. "
-            "\"fused\" is the best plain fused variant (fused, fused-compile, fused-streams); \"best other\" the "
-            "fastest non-fused provider of the same kind, named in brackets. \"fused x floor\": the fastest fused "
-            "row (graphed, where measured) over the op's floor time. Peak memory: device memory above "
+            "\"fused\" is the fastest plain fused variant as it ships (" + ", ".join(FUSED_DEFAULTS) + "), and "
+            "for the graphed column the fastest graphed one, both named in the last column; setting variants "
+            "(e.g. `fused-8warps`) are shown in their own columns only. \"best other\" is the fastest "
+            "non-fused provider of the same kind, named in brackets. \"fused x floor\": the fastest of those "
+            "fused rows (graphed, where measured) over the op's floor time. Peak memory: device memory above "
             "the parameters and inputs at the peak of one call after warm-up (outside the timing loop; the "
             "previous call's gradients included), of that best plain fused variant over `eager`."]
+    out += _details(groups, split)
+    out += _duplicates(duplicates)
+    out += _invalid(rows)
     out += _compile_warnings(rows)
     return "\n".join(out) + "\n"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _floor_row(by: dict, best_fused, best_graphed):
+    """The row "fused x floor" comes from: the fastest default fused graphed row with a floor, else
+    the fastest plain one (None: no such row)."""
+    for kind in (True, False):
+        cands = [r for p, r in by.items() if is_default_fused(p) and is_graphed(p) == kind
+                 and _valid(r.get("median_ms")) and _positive(r.get("x_floor"))]
+        if cands:
+            return min(cands, key=lambda r: r["median_ms"])
+    return None
+
+
+def _ceilings(rows) -> list:
+    """"device: copy X GB/s, bf16 matmul Y TFLOP/s" per device, from the rows' recorded ceilings (for
+    rows written before they were recorded: achieved over fraction)."""
+    found = {}
+    for r in rows:
+        copy, mm = r.get("ceil_copy_GBps"), r.get("ceil_bf16_TFLOPs")
+        if not _positive(copy) and _positive(r.get("GBps")) and _positive(r.get("frac_copy_bw")):
+            copy = r["GBps"] / r["frac_copy_bw"]
+        if not _positive(mm) and _positive(r.get("TFLOPs")) and _positive(r.get("frac_bf16_peak")):
+            mm = r["TFLOPs"] / r["frac_bf16_peak"]
+        dev = found.setdefault(str(r.get("device")), {})
+        if _positive(copy):
+            dev.setdefault("copy", f"copy {copy:.0f} GB/s")
+        if _positive(mm):
+            dev.setdefault("mm", f"bf16 matmul {mm:.0f} TFLOP/s")
+    return [f"{d}: " + ", ".join(v[k] for k in ("copy", "mm") if k in v) for d, v in found.items() if v]
+
+
+def _details(groups, split) -> list:
+    """DESIGN §6's measures for the row each "fused x floor" comes from: time, throughput, peak
+    memory, achieved GB/s and TFLOP/s as fractions of the measured ceilings, floor and multiple."""
+    lines = []
+    for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        valid = {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))}
+        r = _floor_row(by, _best({p: m for p, m in valid.items() if not is_graphed(p)}, fused=True),
+                       _best({p: m for p, m in valid.items() if is_graphed(p)}, fused=True))
+        if r is None:
+            continue
+
+        def num(k, fmt, scale=1.0):
+            v = r.get(k)
+            return fmt.format(v * scale) if _finite(v) else "–"
+        lines.append("| " + " | ".join(
+            list(key[:3]) + [key[3 + SPLIT_KEYS.index(k)] for k in split] + [
+                r["provider"], num("median_ms", "{:.4g}"), num("samples_per_s", "{:.3g}"), num("peak_extra_MiB", "{:.1f}"),
+                num("GBps", "{:.0f}"), num("frac_copy_bw", "{:.0%}"), num("TFLOPs", "{:.1f}"), num("frac_bf16_peak", "{:.1%}"),
+                num("floor_ms", "{:.1f}", 1e3), num("x_floor", "{:.1f}")]) + " |")
+    if not lines:
+        return []
+    head = ["op", "shape", "mode"] + split + ["fused row", "ms", "samples/s", "peak MiB", "GB/s", "of copy",
+                                                 "TFLOP/s", "of bf16", "floor µs", "x floor"]
+    return ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + lines
+
+
+def _duplicates(duplicates) -> list:
+    if not duplicates:
+        return []
+    return ["", "**Duplicate rows** (the last one read is shown): " + "; ".join(
+        f"{k[0]} {k[1]} {k[2]} `{k[5]}`" + (f" on {k[3]}" if k[3] != "None" else "") + ": "
+        + ", ".join(_cell(r) for r in v) for k, v in sorted(duplicates.items(), key=lambda kv: _sort_key(kv[0]))) + "."]
+
+
+def _invalid(rows) -> list:
+    bad = [r for r in rows if not _valid(r.get("median_ms"))]
+    if not bad:
+        return []
+    return ["", "**Invalid timings** (not a positive finite median; left out of every ratio): " + "; ".join(
+        f"{r['op']} {r['shape']} {r['mode']} `{r['provider']}`: {r.get('median_ms')!r}" for r in bad) + "."]
 
 
 def _compile_warnings(rows) -> list:
@@ -135,8 +281,9 @@ def _values(rows, key: str) -> str:
 
 
 def _best(times: dict, fused: bool):
-    """(provider, ms) of the fastest fused (or non-fused) provider in ``times``, or None."""
-    cands = [(ms, p) for p, ms in times.items() if is_fused(p) == fused]
+    """(provider, ms) of the fastest default fused (or non-fused) provider in ``times``, or None;
+    setting variants are neither. ``times`` holds valid timings only."""
+    cands = [(ms, p) for p, ms in times.items() if (is_default_fused(p) if fused else not is_fused(p))]
     if not cands:
         return None
     ms, provider = min(cands)
@@ -152,6 +299,26 @@ def _versus_best(times: dict, best_fused) -> str:
     return f"{other[1] / best_fused[1]:.2f}× ({other[0]})" if other and best_fused else "–"
 
 
+def speedups(rows) -> dict:
+    """``{label: {provider: speedup}}`` for the chart: each line of the table (label ``op/shape/mode``,
+    plus the device and dtype where the rows hold several) with an eager row, each provider's valid
+    time over eager of the same kind: graphed providers over ``eager-cudagraph``, plain ones over
+    ``eager``; a provider with no valid time or no eager of its kind has no entry."""
+    groups, _, split = _group(rows)
+    out = {}
+    for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        ms = {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))}
+        if "eager" not in ms and "eager-cudagraph" not in ms:
+            continue
+        label = "/".join(list(key[:3]) + [key[3 + SPLIT_KEYS.index(k)] for k in split])
+        out[label] = {}
+        for p, t in ms.items():
+            base = ms.get("eager-cudagraph") if is_graphed(p) else ms.get("eager")
+            if base:
+                out[label][p] = base / t
+    return out
+
+
 def chart(rows, path: str) -> str:
     """Write the speedup chart to ``path``; returns "" when written, else why not."""
     try:
@@ -161,27 +328,23 @@ def chart(rows, path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib missing"
-    groups = defaultdict(dict)
-    for r in rows:
-        groups[(r["op"], r["shape"], r["mode"])][r["provider"]] = r["median_ms"]
-    keys = sorted(k for k in groups if "eager" in groups[k])
-    if not keys:
-        return "no row group has a plain eager row to take speedups over"
+    bars = speedups(rows)
+    if not bars:
+        return "no row group has an eager row (plain or graphed) to take speedups over"
+    keys = list(bars)
     providers = [p for p in order_providers({r["provider"] for r in rows}) if p not in ("eager", "eager-cudagraph")]
 
-    def speedup(by, p):
-        """Over eager of the same kind: graphed providers over eager-cudagraph, plain over eager."""
-        base = by.get("eager-cudagraph") if is_graphed(p) else by.get("eager")
-        return base / by[p] if p in by and base else 0
+    def speedup(label, p):
+        return bars[label].get(p, 0.0)  # no bar: not run, or no eager of its kind to divide
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(1, len(providers)) / 3), 5))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         xs = [j + i * width for j, k in enumerate(keys)]
-        ys = [speedup(groups[k], p) for k in keys]
+        ys = [speedup(k, p) for k in keys]
         ax.bar(xs, ys, width, label=p)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels(["/".join(k) for k in keys], rotation=75, ha="right", fontsize=7)
+    ax.set_xticklabels(keys, rotation=75, ha="right", fontsize=7)
     ax.set_ylabel("speedup over eager (×)")
     fig.text(0.01, 0.01, "graphed providers (-cudagraph, -reduce-overhead) over eager-cudagraph", fontsize=7)
     ax.set_title(f"{_values(rows, 'device')} · {_values(rows, 'dtype')} · commit {_values(rows, 'commit')}")

@@ -13,8 +13,10 @@ Providers: ``eager`` (:func:`interformer.reference.add_layer_norm`: an add and `
 graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on
 the smoke shape, under the Triton interpreter, without autocast.
 
-Bytes (each tensor read or written once): forward reads x (and the residual) and writes y; backward
-reads the upstream gradient, x (and the residual) and writes their gradient(s); ``full`` both.
+Bytes (each tensor read or written once): forward reads x (and the residual) and the fp32 weight
+and bias and writes y; backward reads the upstream gradient, x (and the residual) and the weight and
+writes their gradient(s) and those of the weight and bias; ``full`` both. (The per-row mean and
+rstd a kernel may save are its choice, not counted.)
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ def rows_for(shape: common.Shape, use: str) -> int:
     return shape.B * {"dhen": shape.Nz, "interaction": shape.n, "seq": shape.L}[use]
 
 
-def ln_bytes(rows: int, d: int, x_elt: int, r_elt: int, mode: str) -> float:
+def ln_bytes(rows: int, d: int, x_elt: int, r_elt: int, mode: str, p_elt: int = 4) -> float:
     out_elt = 4  # fp32 under autocast (the GPU runs); the smoke run is fp32 too
-    fwd = rows * d * (x_elt + r_elt + out_elt)
-    bwd = rows * d * (out_elt + 2 * (x_elt + r_elt))
+    fwd = rows * d * (x_elt + r_elt + out_elt) + 2 * d * p_elt  # x, residual in, y out; weight, bias in
+    bwd = rows * d * (out_elt + 2 * (x_elt + r_elt)) + 3 * d * p_elt  # dy, x, residual in, dx, dres out; weight in, dw, db out
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
@@ -74,4 +76,5 @@ def test_layernorm(benchmark, shape_name, use, mode, provider):
     leaves = [t for t in (x, r, w, b) if t is not None]
     run = common.mode_fn(forward, mode, leaves)
     common.run(benchmark, run, op=f"layernorm_{use}", shape=shape, provider=provider, mode=mode,
-               bytes_moved=ln_bytes(rows, d, x.element_size(), r.element_size() if r is not None else 0, mode))
+               bytes_moved=ln_bytes(rows, d, x.element_size(), r.element_size() if r is not None else 0, mode,
+                                    w.element_size()))

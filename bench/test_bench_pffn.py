@@ -16,7 +16,9 @@ shape, under the Triton interpreter; the compile providers are skipped with thei
 
 Bytes (each tensor read or written once, full padded tensors, in the benchmark dtype): forward reads
 s, the weight (w_b, or x_sum and a) and the LayerNorm parameters and writes out; backward reads s,
-the weight and the upstream gradient and writes ds and the weight's gradient(s); ``full`` is both.
+the weight, the LayerNorm parameters and the upstream gradient and writes ds and the gradients of
+the weight(s) and the LayerNorm parameters; ``full`` is both (``lengths``, 8 bytes a sample, is left
+out, as in every op's count).
 FLOPs: ``2 B L d^2`` (mlp) or ``4 B L d n_sum`` (linear) forward, twice that backward.
 """
 
@@ -48,7 +50,7 @@ def pffn_bytes(shape: common.Shape, pffn_mode: str, elt: int, mode: str) -> floa
     rows = B * L * d
     weight = B * d * d if pffn_mode == "mlp" else B * n_sum * d + n_sum * d
     fwd = (2 * rows + weight + 2 * d) * elt
-    bwd = (3 * rows + 2 * weight + 2 * d) * elt
+    bwd = (3 * rows + 2 * weight + 4 * d) * elt  # s, dout in, ds out; weight(s) and LN params in, their grads out
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 

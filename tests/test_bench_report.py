@@ -101,3 +101,117 @@ def test_compiled_rows_that_compiled_while_timed_or_broke_are_named(report):
     clean = report.markdown([_row("eager", 10.0), _row("compile", 5.0, dynamo_frames=1, dynamo_frames_timed=0,
                                                          graph_breaks=0)])
     assert "Compiled while timed" not in clean and "Graph breaks" not in clean and "Not compiled" not in clean
+
+
+def _table_rows(md: str) -> list:
+    """Every line of the first table of ``md`` as a dict."""
+    lines = []
+    for ln in md.splitlines():
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:
+            break
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, [c.strip() for c in ln.strip("|").split("|")])) for ln in lines[2:]]
+
+
+def test_rows_of_different_devices_or_dtypes_are_never_compared(report):
+    """Two runs' files read together: an H100 eager row and an H200 fused row of one op are two
+    lines, never one ratio (found: they made one line, "fused vs eager" H100 eager over H200 fused)."""
+    rows = [_row("eager", 2.0), _row("fused", 1.0, device="H200"), _row("eager", 4.0, device="H200"),
+            _row("eager", 3.0, dtype="float16"), _row("fused", 1.5, dtype="float16")]
+    lines = _table_rows(report.markdown(rows))
+    assert len(lines) == 3
+    by = {(ln["device"], ln["dtype"]): ln for ln in lines}
+    assert by[("dev", "bfloat16")]["fused vs eager"] == "–"       # no fused row on that device
+    assert by[("H200", "bfloat16")]["fused vs eager"] == "4.00×"  # 4 / 1, both H200
+    assert by[("dev", "float16")]["fused vs eager"] == "2.00×"
+    # one device and dtype: no such columns
+    assert "device" not in _table_rows(report.markdown([_row("eager", 2.0), _row("fused", 1.0)]))[0]
+    assert set(report.speedups(rows)) == {"model-train/taobao/train/H200/bfloat16", "model-train/taobao/train/dev/bfloat16",
+                                          "model-train/taobao/train/dev/float16"}
+
+
+def test_duplicate_rows_are_named_with_every_value(report):
+    """A rerun appended to one ``.jsonl`` gives a cell two rows: the last is shown and the cell is
+    named with both values (found: H200 2026-11-27b, the low-rank cross net's fused-cudagraph row
+    0.1426 then 0.1397 ms, and amazon's fused-compile-attention training row 25.50 then 23.18 ms,
+    were chosen silently)."""
+    md = report.markdown([_row("eager", 2.0), _row("fused", 0.5), _row("fused", 1.0)])
+    assert _table_row(md, "model-train")["fused vs eager"] == "2.00×"
+    dup = [ln for ln in md.splitlines() if ln.startswith("**Duplicate rows**")]
+    assert len(dup) == 1 and "`fused`" in dup[0] and "0.5, 1" in dup[0]
+    assert "Duplicate" not in report.markdown([_row("eager", 2.0), _row("fused", 1.0)])
+
+
+def test_setting_variants_are_not_taken_for_the_fused_path(report):
+    """``fused-8warps`` and the like measure a non-default setting: they keep their own columns but
+    neither the "fused" ratios nor "fused x floor" come from them (found: the H200 2026-11-27b table
+    said 0.91x and x floor 14.9 for the low-rank cross net's graphed fused path, both of
+    ``fused-8warps-cudagraph``; the default's were 0.88x and 15.3)."""
+    rows = [_row("eager", 1.0), _row("fused", 0.8, x_floor=80.0), _row("fused-8warps", 0.5, x_floor=50.0),
+            _row("fused-phases", 0.4), _row("fused-triton-gemm", 0.3), _row("fused-store", 0.2),
+            _row("compile-cudagraph", 0.1234), _row("fused-cudagraph", 0.1397, x_floor=15.3),
+            _row("fused-8warps-cudagraph", 0.136, x_floor=14.9)]
+    row = _table_row(report.markdown(rows), "model-train")
+    assert row["fused vs eager"] == "1.25×"                                # 1.0 / 0.8
+    assert row["fused vs best other"] == "1.25× (eager)"                   # a setting variant is no "other"
+    assert row["graphed: fused vs best other"] == "0.88× (compile-cudagraph)"  # 0.1234 / 0.1397
+    assert row["fused x floor"] == "15.3"
+    assert row["fused (plain / graphed)"] == "fused / fused-cudagraph"
+    assert row["fused-8warps-cudagraph"] == "0.136"
+    assert report.is_default_fused("fused-compile-reduce-overhead") and report.is_default_fused("fused-streams-cudagraph")
+    assert not report.is_default_fused("fused-store-cudagraph")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, None, float("inf")])
+@pytest.mark.parametrize("bad_first", [True, False])
+def test_invalid_timings_are_named_and_left_out_of_every_ratio(report, bad, bad_first):
+    """A median that is not a positive finite number neither crashes the report (found: 0 raised
+    ZeroDivisionError in the table and the chart, None a TypeError) nor wins or loses a comparison
+    by the order of the rows (found: a NaN fused row read before fused-compile gave "nan×", after it
+    "2.00×")."""
+    rows = [_row("eager", 2.0, x_floor=4.0), _row("fused-compile", 1.0, x_floor=2.0),
+            _row("fused-cudagraph", 0.5, x_floor=1.0), _row("eager-cudagraph", 1.0)]
+    broken = _row("fused", bad, x_floor=bad)
+    rows = [broken] + rows if bad_first else rows + [broken]
+    md = report.markdown(rows)
+    row = _table_row(md, "model-train")
+    assert row["fused"] == "invalid"
+    assert row["fused vs eager"] == "2.00×" and row["graphed: fused vs best other"] == "2.00× (eager-cudagraph)"
+    assert row["fused x floor"] == "1.0"
+    assert any(ln.startswith("**Invalid timings**") and "`fused`" in ln for ln in md.splitlines())
+    assert report.speedups(rows)["model-train/taobao/train"] == {"eager": 1.0, "fused-compile": 2.0,
+                                                                "eager-cudagraph": 1.0, "fused-cudagraph": 2.0}
+
+
+def test_peak_memory_ratio_needs_finite_peaks(report):
+    rows = [_row("eager", 2.0, peak_extra_MiB=10.0), _row("fused", 1.0, peak_extra_MiB=float("nan"))]
+    assert _table_row(report.markdown(rows), "model-train")["fused/eager peak mem"] == "–"
+    rows = [_row("eager", 2.0, peak_extra_MiB=10.0), _row("fused", 1.0, peak_extra_MiB=0.0)]
+    assert _table_row(report.markdown(rows), "model-train")["fused/eager peak mem"] == "0.00"
+
+
+def test_every_runs_note_is_shown(report):
+    """The smoke note ("timings are not meaningful") shows whichever row comes first (found: only
+    the first row's note was read, so a GPU row first hid it)."""
+    md = report.markdown([_row("eager", 2.0), _row("eager", 2.0, device="cpu (smoke)", dtype="float32",
+                                                   note="CPU smoke run: timings are not meaningful")])
+    assert "> CPU smoke run: timings are not meaningful" in md
+
+
+def test_design_measures_are_reported_against_the_measured_ceilings(report):
+    """DESIGN §6: throughput, peak memory and achieved GB/s or TFLOP/s against the measured
+    ceilings, in the markdown, for the row the floor multiple comes from; the ceilings are named."""
+    rows = [_row("eager-cudagraph", 0.2), _row("fused", 1.0),
+            _row("fused-cudagraph", 0.1, samples_per_s=2.048e7, peak_extra_MiB=42.0, GBps=1500.0, frac_copy_bw=0.5,
+                 TFLOPs=8.0, frac_bf16_peak=0.01, floor_ms=0.05, x_floor=2.0, ceil_copy_GBps=3000.0,
+                 ceil_bf16_TFLOPs=800.0)]
+    md = report.markdown(rows)
+    assert "Measured ceilings: dev: copy 3000 GB/s, bf16 matmul 800 TFLOP/s." in md
+    details = [ln for ln in md.splitlines() if ln.startswith("| model-train | taobao | train | fused-cudagraph |")]
+    assert details == ["| model-train | taobao | train | fused-cudagraph | 0.1 | 2.05e+07 | 42.0 | 1500 | 50% | 8.0 "
+                       "| 1.0% | 50.0 | 2.0 |"]
+    # rows written before the ceilings were recorded: achieved over fraction
+    old = [_row("fused-cudagraph", 0.1, GBps=1500.0, frac_copy_bw=0.5, x_floor=2.0)]
+    assert "Measured ceilings: dev: copy 3000 GB/s." in report.markdown(old)
