@@ -69,7 +69,9 @@ Decisions (what the code below does, and why):
   that long histories fit in one field.
 * **Groups for gAUC.** When ``schema.user`` is set, ``Batch.group`` holds a stable 63-bit hash
   (blake2b, 8 bytes) of the raw user string, not the vocabulary id: users unseen in training
-  would otherwise all collapse into the OOV id and be scored as one user.
+  would otherwise all collapse into the OOV id and be scored as one user. A sample whose user is
+  missing (empty, or null in Parquet) gets the key -1, no group: gAUC leaves it out rather than
+  score every anonymous sample as one user.
 * **Sharding, shuffling, resuming** (:meth:`TabularDataset.batches`): rank ``r`` of ``world_size``
   takes the valid rows whose index ``i`` (counted over the files in the order they are read) has
   ``i % world_size == r``. Every rank yields exactly ``ceil(num_rows / world_size)`` rows, a rank
@@ -1480,8 +1482,17 @@ def _seed_of(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def group_key(raw_user: str) -> int:
-    """The gAUC group key of a raw user string: blake2b (8 bytes) masked to 63 bits."""
+#: the group key of a sample without a user (an empty or null user column): no group, and
+#: :func:`interformer.metrics.gauc` leaves such samples out
+NO_GROUP = -1
+
+
+def group_key(raw_user: Optional[str]) -> int:
+    """The gAUC group key of a raw user string: blake2b (8 bytes) masked to 63 bits, so >= 0;
+    :data:`NO_GROUP` for a missing user (empty or None), which would otherwise make every anonymous
+    sample one "user" and weigh that group by all their clicks."""
+    if not raw_user:
+        return NO_GROUP
     digest = hashlib.blake2b(raw_user.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 

@@ -61,7 +61,8 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     """Group AUC: the AUC of each group (user), averaged with the group's click count as weight.
 
     Groups whose samples are all of one class have no AUC and are skipped (their clicks do not
-    count in the weights either). Returns NaN when no group has both classes, or when any score is
+    count in the weights either); so are samples whose group is negative (no group: the data
+    readers give -1 to a sample without a user id). Returns NaN when no group has both classes, or when any score is
     NaN or infinite. Labels must be 0 or 1 and the three inputs equally long (ValueError), as in
     :func:`auc`.
     """
@@ -73,6 +74,9 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     labels = _binary_labels("gauc", labels)
     if not bool(torch.isfinite(scores).all()):
         return float("nan")
+    grouped = groups >= 0
+    if not bool(grouped.all()):
+        scores, labels, groups = scores[grouped], labels[grouped], groups[grouped]
     order = torch.argsort(groups, stable=True)
     _, counts = torch.unique_consecutive(groups[order], return_counts=True)
     total, weight = 0.0, 0.0

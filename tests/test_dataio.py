@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import io
 import random
 import re
 import warnings
@@ -213,6 +214,26 @@ def test_vocabulary_ids_oov_and_shared(tmp_path):
     (b,) = train.batches(8)
     assert b.sparse[2, 1].item() == 0  # empty item_id cell -> missing id 0
     assert b.group[0] == b.group[2] != b.group[1]  # group = raw user string
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_a_sample_without_a_user_has_no_group(tmp_path, fmt, vectorized):
+    """An empty (CSV) or null (Parquet) user cell gives the group key -1, which gAUC leaves out; it was
+    the hash of "", so every anonymous sample was scored as one user, weighted by all their clicks."""
+    schema = Schema(**dict(AMAZON, max_seq_len=5))
+    text = TRAIN + "0,,10,c1,11,c1\n1,,11,c2,,\n"
+    path = write_text(tmp_path / "t.csv", text)
+    if fmt == "parquet":  # every column a string, the missing users null
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        path = tmp_path / "t.parquet"
+        pq.write_table(pa.table({k: pa.array([r[k] or (None if k == "user_id" else "") for r in rows], pa.string())
+                                 for k in rows[0]}), path)
+    vocabs, _ = build_vocabularies(path, schema, vectorized=vectorized)
+    (b,) = TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(8)
+    assert b.group[3:].tolist() == [-1, -1] and bool((b.group[:3] >= 0).all())
+    assert b.group[0] == b.group[2] != b.group[1]
 
 
 def test_vocabulary_min_count_and_truncated_counting(tmp_path):

@@ -117,6 +117,16 @@ def test_gauc_edge_cases():
         gauc(s, y, torch.tensor([1, 2]))
 
 
+def test_gauc_leaves_out_samples_without_a_group():
+    """Group -1 (no user id): those samples are no group of their own and count nowhere; here as a
+    group they would have AUC 0 and 2 of the 3 clicks' weight."""
+    y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    s = torch.tensor([0.9, 0.1, 0.1, 0.2, 0.8])
+    assert gauc(s, y, torch.tensor([1, 1, -1, -1, -1])) == 1.0
+    assert math.isclose(gauc(s, y, torch.tensor([1, 1, 7, 7, 7])), 1.0 / 3.0, abs_tol=1e-15)
+    assert math.isnan(gauc(s, y, torch.full((5,), -1)))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_normalized_entropy_matches_sklearn(seed):
     logits, labels, _ = _random_ctr(seed)
