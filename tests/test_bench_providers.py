@@ -401,7 +401,7 @@ def _hand_counts(S, elt: int, valid_lengths) -> dict:
     and parameters under autocast); FLOPs of the matmuls, the backward twice the forward (input and
     weight gradients; a kernel's recomputation is its choice, not counted); ``full`` the sum. Not
     counted anywhere: the int64 lengths (8 bytes a sample)."""
-    B, d, H = S.B, S.d, S.heads
+    B, d = S.B, S.d
     L, Nz, D, r = S.n_cls + S.T, S.n + S.n_ssum, (S.n + S.n_ssum) * S.d, S.dcn_rank
     out = {}
 
