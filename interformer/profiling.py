@@ -1,12 +1,29 @@
 """NVTX ranges around each arch and each fused op, for Nsight Systems; counting Triton launches.
 
-Off by default, and then free: :func:`nvtx_range` returns one shared ``nullcontext``. Turn them on
-with ``INTERFORMER_NVTX=1`` in the environment or :func:`enable_nvtx`. When on, each range is both
-an NVTX range (the ``nvtx`` package when installed, else ``torch.cuda.nvtx``) and a
-``torch.profiler.record_function`` of the same name, so the same names show in Nsight Systems and
-in the PyTorch profiler. Ranges are host-side markers and are left out of what ``torch.compile``
-traces; dynamo guards on the flag, so turning them on or off recompiles a compiled model on its
-next call (``profiling/train_step.py`` turns them on before its warm-up).
+Off by default, and then free: :func:`nvtx_range` returns one shared ``nullcontext`` and
+:func:`ranged` calls the method after one flag check. Turn them on with ``INTERFORMER_NVTX=1`` in
+the environment (``0``, ``false``, ``no``, ``off`` or empty keep them off) or :func:`enable_nvtx`.
+When on, each range is both an NVTX push/pop range (the ``nvtx`` package when installed, else
+``torch.cuda.nvtx`` on a CUDA machine; resolved once) and a ``torch.profiler.record_function`` of the
+same name, so the same names show in Nsight Systems and in the PyTorch profiler.
+
+Backward ranges. A training step's backward does not run inside the forward ranges: autograd runs
+it after the forward returns and, on a GPU, on its own device thread, so the kernels it launches
+fall under no range of the calling thread (not even one around the whole step: Nsight Systems
+projects a push/pop range onto the GPU through the CUDA calls made on the range's own thread).
+With ranges on, :func:`ranged` therefore also marks each method's backward as ``<name>.backward``:
+two identity autograd nodes, one on the method's outputs (its backward opens the range once their
+gradients are ready) and one on its tensor inputs that require grad (its backward closes the range
+once the method's own gradient contributions to them are done). Both run on the thread that runs
+the backward, so the range sits on that thread's stack, around the backward kernels it launches;
+a range still open when the backward ends is closed then (same thread only). Methods without an
+input or output that requires grad get no backward range. ``enable_nvtx(True, backward=False)``
+keeps the forward ranges alone (the two nodes per call cost host time in the backward).
+
+Ranges are host-side markers and are left out of what ``torch.compile`` traces; dynamo guards on
+the flag, so turning them on or off recompiles a compiled model on its next call
+(``profiling/train_step.py`` turns them on before its warm-up). A step captured in a CUDA graph
+records its ranges once, at capture; replays have none.
 """
 
 from __future__ import annotations
@@ -14,59 +31,198 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections import Counter
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 
-_ENABLED = os.environ.get("INTERFORMER_NVTX", "0") not in ("", "0", "false", "False")
+
+def _env_flag(value: Optional[str]) -> bool:
+    """``INTERFORMER_NVTX``'s value as a flag: unset, empty, ``0``, ``false``, ``no``, ``off`` (any
+    case) are off, anything else on."""
+    return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_ENABLED = _env_flag(os.environ.get("INTERFORMER_NVTX"))
+_BACKWARD = True
 _OFF = contextlib.nullcontext()
 
 
-def enable_nvtx(enabled: bool = True) -> None:
-    global _ENABLED
+def enable_nvtx(enabled: bool = True, backward: bool = True) -> None:
+    """Turn the ranges on or off (process-wide); ``backward=False`` leaves out the backward ranges."""
+    global _ENABLED, _BACKWARD
     _ENABLED = bool(enabled)
+    _BACKWARD = bool(backward)
 
 
 def nvtx_enabled() -> bool:
     return _ENABLED
 
 
-@contextlib.contextmanager
-def _range(name: str):
+_UNRESOLVED = object()
+_MARKERS = _UNRESOLVED
+
+
+def _resolve_markers():
+    """``(push(name), pop())`` of the NVTX implementation to use, or None (no NVTX here)."""
     try:
         import nvtx
-
-        push, pop = (lambda: nvtx.push_range(name)), nvtx.pop_range
     except ImportError:
-        push, pop = (lambda: torch.cuda.nvtx.range_push(name)), torch.cuda.nvtx.range_pop
-    use_nvtx = torch.cuda.is_available()
-    if use_nvtx:
-        push()
-    try:
-        with torch.profiler.record_function(name):
-            yield
-    finally:
-        if use_nvtx:
+        if torch.cuda.is_available():
+            return torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+        return None
+    return nvtx.push_range, nvtx.pop_range
+
+
+def _markers():
+    """:func:`_resolve_markers`, once per process (a failed ``import nvtx`` is not cached by Python:
+    retried on every range it cost ~30 us each, inflating the host time the ranges measure)."""
+    global _MARKERS
+    if _MARKERS is _UNRESOLVED:
+        _MARKERS = _resolve_markers()
+    return _MARKERS
+
+
+class _Range:
+    """An NVTX push/pop range and a ``record_function`` of the same name; popped on any exit."""
+
+    __slots__ = ("name", "_rf", "_pushed")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self):
+        markers = _markers()
+        self._pushed = None
+        if markers is not None:
+            markers[0](self.name)
+            self._pushed = markers[1]
+        try:
+            self._rf = torch.profiler.record_function(self.name)
+            self._rf.__enter__()
+        except BaseException:
+            self._pop()
+            raise
+        return self
+
+    def _pop(self) -> None:
+        pop, self._pushed = self._pushed, None
+        if pop is not None:
             pop()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._rf.__exit__(*exc)
+        finally:
+            self._pop()
 
 
 def nvtx_range(name: str):
     """A context manager marking ``name``; a shared no-op unless ranges are enabled."""
     if not _ENABLED or torch.compiler.is_compiling():
         return _OFF
-    return _range(name)
+    return _Range(name)
+
+
+class _BackwardRange:
+    """The backward range of one call: opened and closed by :class:`_BackwardOpen` /
+    :class:`_BackwardClose` on the thread running the backward (closed only on the thread that
+    opened it, so a push is never popped from another thread's stack)."""
+
+    __slots__ = ("range", "thread")
+
+    def __init__(self, name: str) -> None:
+        self.range = _Range(name)
+        self.thread = None
+
+    def open(self) -> None:
+        if self.thread is not None:
+            return
+        self.range.__enter__()
+        self.thread = threading.get_ident()
+        # closes it at the end of this backward if the closing node never runs (e.g. a backward
+        # restricted by ``inputs=``): a push without a pop would shift every later range
+        torch.autograd.Variable._execution_engine.queue_callback(self.close)
+
+    def close(self) -> None:
+        if self.thread is None or self.thread != threading.get_ident():
+            return
+        self.thread = None
+        self.range.__exit__(None, None, None)
+
+
+class _BackwardOpen(torch.autograd.Function):
+    """Identity on a method's outputs; its backward (the method's backward begins) opens the range."""
+
+    @staticmethod
+    def forward(ctx, state, *tensors):
+        ctx.state = state
+        ctx.set_materialize_grads(False)
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.state.open()
+        return (None, *grads)
+
+
+class _BackwardClose(torch.autograd.Function):
+    """Identity on a method's inputs; its backward (the method's gradients for them are done)
+    closes the range."""
+
+    @staticmethod
+    def forward(ctx, state, *tensors):
+        ctx.state = state
+        ctx.set_materialize_grads(False)
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.state.close()
+        return (None, *grads)
+
+
+def _needs_grad(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _with_backward_range(fn, name: str, args, kwargs):
+    """``fn(*args, **kwargs)`` with its backward marked ``<name>.backward`` (see the module doc).
+    The inputs marked are the tensors passed directly (not inside containers, which are passed on
+    untouched); the outputs, every tensor of the returned structure."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    args, kwargs = list(args), dict(kwargs)
+    slots = [(args, i) for i, x in enumerate(args) if _needs_grad(x)]
+    slots += [(kwargs, k) for k, x in kwargs.items() if _needs_grad(x)]
+    if not slots:
+        return fn(*args, **kwargs)
+    state = _BackwardRange(name + ".backward")
+    for (where, key), x in zip(slots, _BackwardClose.apply(state, *(where[key] for where, key in slots))):
+        where[key] = x
+    out = fn(*args, **kwargs)
+    flat, spec = tree_flatten(out)
+    marked = [i for i, x in enumerate(flat) if _needs_grad(x)]
+    if not marked:
+        return out
+    for i, x in zip(marked, _BackwardOpen.apply(state, *(flat[i] for i in marked))):
+        flat[i] = x
+    return tree_unflatten(flat, spec)
 
 
 def ranged(name: str):
-    """Decorator form of :func:`nvtx_range` for a ``forward``."""
+    """Decorator form of :func:`nvtx_range` for a ``forward`` (or another method), which also marks
+    the method's backward as ``<name>.backward`` (see the module doc)."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
-            if not _ENABLED:
+            if not _ENABLED or torch.compiler.is_compiling():
                 return fn(*args, **kwargs)
-            with nvtx_range(name):
+            with _Range(name):
+                if _BACKWARD and torch.is_grad_enabled():
+                    return _with_backward_range(fn, name, args, kwargs)
                 return fn(*args, **kwargs)
 
         return inner

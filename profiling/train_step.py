@@ -4,9 +4,12 @@
                                    [--compile [--compile-backend inductor]] [--inference]
 
 Warm-up steps run first; the measured steps sit between ``cudaProfilerStart``/``Stop`` so
-``nsys profile --capture-range=cudaProfilerApi`` records only them. With ``--torch-profiler`` the
-script also records the steps with ``torch.profiler`` and prints a per-range CUDA time table (the
-same range names as the NVTX ones), which works where Nsight Systems is not available.
+``nsys profile --capture-range=cudaProfilerApi`` (and ``ncu --profile-from-start off``) records only
+them. With ``--torch-profiler`` the script also records the steps with ``torch.profiler`` and prints
+a per-range CUDA time table (the same range names as the NVTX ones), which works where Nsight
+Systems is not available (do not combine it with nsys or ncu: all three want CUPTI). The ranges:
+``train_step``, ``backward`` (the ``backward()`` call), each arch and fused op's forward and its
+``<name>.backward`` (on the thread running the backward; ``--no-backward-ranges`` leaves those out).
 
 ``--compile`` runs the model through ``torch.compile`` (warm-up steps included, so the measured
 steps are steady state), ``--inference`` times the forward alone under ``torch.no_grad()``: on
@@ -36,9 +39,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-RANGES = ("CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE", "PersonalizedFFN",
-          "CrossNet", "LowRankCrossNet", "DotInteraction", "RotaryMultiHeadAttention", "PoolingMultiHeadAttention",
-          "ResidualLayerNorm", "train_step")
+#: the ranges the model marks (``interformer.profiling.ranged``), each also as ``<name>.backward``
+MODEL_RANGES = ("CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE", "PersonalizedFFN",
+                "CrossNet", "LowRankCrossNet", "DotInteraction", "RotaryMultiHeadAttention",
+                "PoolingMultiHeadAttention", "ResidualLayerNorm")
+#: every range of a step, in the table's order: the step's own (``backward``: the ``backward()`` call
+#: on the calling thread), the model's forward ranges, then their backward ranges (on the thread
+#: that runs the backward: autograd's device thread on a GPU)
+RANGES = ("train_step", "backward") + MODEL_RANGES + tuple(f"{name}.backward" for name in MODEL_RANGES)
 
 
 def build(shape_name: str, backend: str, compile: bool = False, compile_backend: str = "inductor",
@@ -76,7 +84,7 @@ def build(shape_name: str, backend: str, compile: bool = False, compile_backend:
                     p.grad = None
                 with autocast:
                     loss = model.loss(run(*inputs), label)
-                with marked:
+                with nvtx_range("backward"), marked:
                     loss.backward()
         return step
     return model, make_step
@@ -96,9 +104,14 @@ def main(argv=None) -> int:
     parser.add_argument("--host", action="store_true",
                         help="plain vs CUDA-graph step time and a cProfile of the host side")
     parser.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile's backend (with --compile)")
+    parser.add_argument("--compile-backend", help="torch.compile's backend (with --compile; default inductor)")
     parser.add_argument("--inference", action="store_true", help="the forward alone, under torch.no_grad()")
+    parser.add_argument("--no-backward-ranges", action="store_true",
+                        help="mark the forward only (the backward ranges add two autograd nodes per marked call)")
     args = parser.parse_args(argv)
+    if args.compile_backend is not None and not args.compile:
+        parser.error("--compile-backend needs --compile")
+    args.compile_backend = args.compile_backend or "inductor"
 
     _, make_step = build(args.shape, args.backend, args.compile, args.compile_backend, args.inference)
     step = make_step()
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
     # on after a compiled warm-up recompiled inside the measured steps (H200, 2026-11-27: the
     # compiled profile's "Torch-Compiled Region: 0/1" and its fake-tensor dispatches). The capture
     # range (cudaProfilerStart/Stop) still starts after the warm-up.
-    enable_nvtx(True)
+    enable_nvtx(True, backward=not args.no_backward_ranges)
     prof = None
     try:  # the flag is process-wide: never left on (tests call main in-process)
         for _ in range(args.warmup):
@@ -170,9 +183,12 @@ def range_table(averages, steps: int) -> str:
     device time of the kernels launched from that thread inside it) and a device row (the range's
     span on the GPU timeline, first kernel start to last kernel end, idle gaps included). Adding the
     two, as this script once did, doubled the calls and mixed a span with a kernel sum. Here they
-    are separate columns; backward kernels run on autograd's own thread, so a range around a
-    module's forward has only forward kernels in "kernels". The last line is the device time of all
-    kernels per step (range rows excluded)."""
+    are separate columns. Backward kernels run on the thread that runs the backward (autograd's own
+    device thread on a GPU), so a module's forward range has only forward kernels in "kernels" and
+    its ``<name>.backward`` range (opened on that thread) the backward's; ``backward`` is the
+    ``backward()`` call on the calling thread (its host time; on a GPU its kernels are launched from
+    the device thread and show under the ``.backward`` ranges). The last line is the device time of
+    all kernels per step (range rows excluded)."""
     cpu_type = torch.autograd.DeviceType.CPU
     host, span = {}, defaultdict(float)
     for evt in averages:

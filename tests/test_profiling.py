@@ -539,3 +539,310 @@ def test_step_ops_hooks_leave_the_grouped_lookups_alone(step_ops):
     finally:
         where.remove()
     assert names.count("_GroupedEmbeddingBackward") == 2 and "EmbeddingBackward0" not in names
+
+
+# ----------------------------------------------------------------------------- NVTX ranges
+def _fake_nvtx(monkeypatch):
+    """A stand-in ``nvtx`` package recording ``(event, name, thread)``, made the ranges' NVTX
+    implementation (resolved afresh, and again after the test)."""
+    import threading
+    import types
+
+    from interformer import profiling
+
+    log = []
+    fake = types.ModuleType("nvtx")
+    fake.push_range = lambda message=None, **kw: log.append(("push", message, threading.get_ident()))
+    fake.pop_range = lambda **kw: log.append(("pop", None, threading.get_ident()))
+    monkeypatch.setitem(sys.modules, "nvtx", fake)
+    monkeypatch.setattr(profiling, "_MARKERS", getattr(profiling, "_UNRESOLVED", None), raising=False)
+    return log
+
+
+def _check_nesting(log):
+    """Each thread's pushes and pops pair up (never a pop on an empty stack, nothing left open);
+    returns ``{thread: [names pushed]}``."""
+    stacks, pushed = {}, {}
+    for event, name, thread in log:
+        stack = stacks.setdefault(thread, [])
+        if event == "push":
+            stack.append(name)
+            pushed.setdefault(thread, []).append(name)
+        else:
+            assert stack, f"pop without a push on thread {thread}: {log}"
+            stack.pop()
+    assert not any(stacks.values()), f"ranges left open: {stacks}"
+    return pushed
+
+
+@pytest.fixture
+def ranges_on():
+    from interformer import profiling
+
+    profiling.enable_nvtx(True)
+    yield profiling
+    profiling.enable_nvtx(False)
+
+
+def test_a_missing_nvtx_package_is_looked_for_once(monkeypatch, ranges_on):
+    """Without the ``nvtx`` package, each range used to retry ``import nvtx`` (Python does not cache
+    a failed import): ~30 us of path searching per range, inside the host time the ranges measure.
+    The NVTX implementation is resolved once."""
+    from interformer import profiling
+
+    attempts = []
+
+    class Hide:  # makes ``import nvtx`` fail here, installed or not, and counts the attempts
+        def find_spec(self, name, path=None, target=None):
+            if name == "nvtx":
+                attempts.append(name)
+                raise ModuleNotFoundError("No module named 'nvtx'")
+            return None
+
+    monkeypatch.delitem(sys.modules, "nvtx", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Hide()] + sys.meta_path)
+    monkeypatch.setattr(profiling, "_MARKERS", getattr(profiling, "_UNRESOLVED", None), raising=False)
+    for _ in range(50):
+        with profiling.nvtx_range("x"):
+            pass
+    assert len(attempts) <= 1, len(attempts)
+
+
+def test_nvtx_env_values_that_mean_off():
+    """``INTERFORMER_NVTX=off`` (or no, false, FALSE, 0, empty) leaves the ranges off; it used to turn
+    them on (only "", "0", "false", "False" counted as off)."""
+    import subprocess
+
+    code = ("import importlib, os, interformer.profiling as p\n"
+            "for v in ['off', 'no', 'FALSE', 'Off', '0', '', ' 0 ', '1', 'yes', 'on']:\n"
+            "    os.environ['INTERFORMER_NVTX'] = v\n"
+            "    print(repr(v), importlib.reload(p).nvtx_enabled())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env=dict(os.environ, TRITON_INTERPRET="1")).stdout
+    seen = dict(line.rsplit(" ", 1) for line in out.splitlines())
+    assert seen == {"'off'": "False", "'no'": "False", "'FALSE'": "False", "'Off'": "False", "'0'": "False",
+                    "''": "False", "' 0 '": "False", "'1'": "True", "'yes'": "True", "'on'": "True"}, seen
+
+
+def test_backward_ranges_sit_on_the_thread_that_runs_the_backward(train_step, monkeypatch, ranges_on):
+    """The backward of each arch and fused op is marked ``<name>.backward`` on the thread that runs
+    the backward (on a GPU autograd's device thread, where the backward's kernels are launched, so
+    Nsight projects them onto these ranges; before, they fell under no range at all), while the
+    forward ranges stay on the calling thread. Here ``backward()`` runs on another Python thread,
+    which the CPU engine then runs the backward on. Every thread's ranges nest, and the gradients
+    are the ones without ranges."""
+    import threading
+
+    import torch
+
+    log = _fake_nvtx(monkeypatch)
+    model, make_step = train_step.build("smoke", "eager")
+    model.eval()  # no dropout: the same gradients with and without ranges
+    import common
+    from test_bench_model import batch_for, config_for
+
+    inputs, label = batch_for(common.ALL_SHAPES["smoke"], config_for(common.ALL_SHAPES["smoke"]))
+
+    def grads(on):
+        ranges_on.enable_nvtx(on)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(model(*inputs), label)
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+        return worker.ident, [p.grad.clone() for p in model.parameters()]
+
+    _, plain = grads(False)
+    assert not log
+    backward_thread, marked = grads(True)
+    for a, b in zip(plain, marked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    pushed = _check_nesting(log)
+    forward = pushed.pop(threading.get_ident())
+    backward = pushed.pop(backward_thread)
+    assert not pushed, pushed
+    expected = {"CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE",
+                "PersonalizedFFN", "DotInteraction", "RotaryMultiHeadAttention", "PoolingMultiHeadAttention",
+                "ResidualLayerNorm"}
+    assert expected <= set(forward) and not any(n.endswith(".backward") for n in forward), forward
+    assert {f"{n}.backward" for n in expected} <= set(backward), backward
+    assert sorted(backward) == sorted(f"{n}.backward" for n in forward), (forward, backward)
+
+
+def test_backward_ranges_close_on_errors_and_partial_backwards(monkeypatch, ranges_on):
+    """A forward that raises pops its range; a backward that stops before a marked call's inputs
+    (``backward(inputs=...)``) still closes that call's backward range at its end; a call without
+    an input that requires grad gets no backward range. Nothing is left open on any thread."""
+    import torch
+
+    log = _fake_nvtx(monkeypatch)
+
+    class Op(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        @ranges_on.ranged("Op")
+        def forward(self, x, fail=False):
+            if fail:
+                raise ValueError("boom")
+            return self.lin(x).tanh()
+
+    op = Op()
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ValueError):
+        op(x, fail=True)
+    hidden = op(x)
+    out = op(hidden).sum()
+    out.backward(inputs=[op.lin.weight], retain_graph=True)  # never reaches the first call's inputs
+    out.backward()
+    op(torch.randn(2, 4)).sum().backward()  # only parameters need grad: no backward range
+    pushed = _check_nesting(log)
+    names = [n for thread in pushed.values() for n in thread]
+    assert names.count("Op") == 4 and names.count("Op.backward") == 4, names
+
+
+def test_ranges_under_torch_compile_fullgraph(monkeypatch):
+    """A marked module compiles with ``fullgraph=True`` with the ranges off and on (dynamo drops
+    them inside the compiled region) and trains to the same gradients."""
+    import torch
+
+    from interformer import profiling
+
+    log = _fake_nvtx(monkeypatch)
+
+    class Op(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        @profiling.ranged("Op")
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    op, x = Op(), torch.randn(3, 4)
+    op(x).sum().backward()
+    ref = op.lin.weight.grad.clone()
+    try:
+        for on in (False, True):
+            profiling.enable_nvtx(on)
+            torch._dynamo.reset()
+            op.zero_grad(set_to_none=True)
+            torch.compile(op, backend="eager", fullgraph=True)(x).sum().backward()
+            torch.testing.assert_close(op.lin.weight.grad, ref)
+    finally:
+        profiling.enable_nvtx(False)
+        torch._dynamo.reset()
+    _check_nesting(log)
+
+
+def test_train_step_table_has_the_backward_ranges(train_step, capsys):
+    """``--torch-profiler``'s per-range table has a row for ``backward()`` and for each arch's and
+    fused op's backward range; ``--compile-backend`` without ``--compile`` is refused (it did
+    nothing)."""
+    assert train_step.main(["--shape", "smoke", "--backend", "eager", "--steps", "1", "--warmup", "0",
+                            "--torch-profiler"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] for line in out.split("per-range time", 1)[1].splitlines()[2:] if line.strip()}
+    assert {"train_step", "backward", "SequenceArch", "SequenceArch.backward", "GatedLCE.backward",
+            "InteractionArch.backward"} <= rows, rows
+    with pytest.raises(SystemExit):
+        train_step.main(["--shape", "smoke", "--compile-backend", "eager"])
+
+
+# ----------------------------------------------------------------------------- nsys.sh / ncu.sh
+def _fake_tools(tmp_path, details_lines=5000):
+    """A directory with stand-ins for nsys, ncu and python that log their arguments to ``log`` and
+    write the report named by ``-o`` (ncu's ``--import`` prints a long details page)."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "log"
+    scripts = {
+        "nsys": 'if [[ "$1" == profile && -z "${NO_REPORT:-}" ]]; then\n'
+                '  while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && touch "$2.nsys-rep"; shift; done\nfi\n',
+        "ncu": 'if [[ " $* " == *" --import "* ]]; then\n'
+               f'  for i in $(seq 1 {details_lines}); do echo "    Metric $i ...................... 1.0"; done\n'
+               '  exit 0\nfi\n'
+               'if [[ -z "${NO_REPORT:-}" ]]; then\n'
+               '  while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && touch "$2.ncu-rep"; shift; done\nfi\n',
+        "python": "",
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "{name} $*" >> "{log}"\n' + body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, log
+
+
+def _run_script(name, args, env, where=None):
+    """Run ``profiling/<name>`` (or its copy in ``where``) with bash from another directory."""
+    import subprocess
+
+    script = os.path.join(where or os.path.join(ROOT, "profiling"), name)
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=dict(os.environ, **env),
+                          cwd="/")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("bash"), reason="needs bash")
+def test_ncu_script_profiles_the_measured_steps_and_prints_the_page(tmp_path):
+    """ncu.sh profiles inside the measured steps (``--profile-from-start off``; train_step.py calls
+    cudaProfilerStart after its warm-up), names the report after the regex without its special
+    characters, and prints the whole details page with exit status 0 (it piped the page into
+    ``head -n 120`` under ``pipefail``: a page longer than the pipe buffer ended the script with
+    141). A run that profiled nothing says so."""
+    bin_dir, log = _fake_tools(tmp_path)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NCU_OUT": str(tmp_path / "out" / "report"),
+           "PYTHON": str(bin_dir / "python")}
+    done = _run_script("ncu.sh", ["_attn_(fwd|bwd)", "--shape", "tao bao"], env)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert len(done.stdout.splitlines()) == 5000
+    profile, show = log.read_text().splitlines()[:2]
+    assert profile.startswith("ncu --profile-from-start off --kernel-name regex:_attn_(fwd|bwd) --launch-skip 0 "
+                              "--launch-count 1 --set full"), profile
+    assert profile.endswith(f"-o {tmp_path}/out/report {bin_dir}/python {ROOT}/profiling/train_step.py "
+                            "--steps 2 --warmup 3 --shape tao bao"), profile
+    assert show == f"ncu --import {tmp_path}/out/report.ncu-rep --page details --print-units base"
+
+    # the default report path, next to the script (a copy here), named after the regex
+    import shutil
+
+    copy = tmp_path / "profiling"
+    copy.mkdir()
+    for name in ("ncu.sh", "_nsight.sh"):
+        shutil.copy(os.path.join(ROOT, "profiling", name), copy / name)
+    env.pop("NCU_OUT")
+    log.unlink()
+    done = _run_script("ncu.sh", ["_attn_(fwd|bwd)"], dict(env, NCU_SKIP="4"), where=copy)
+    assert done.returncode == 0, done.stderr
+    assert f"-o {copy}/out/ncu-_attn__fwd_bwd_ " in log.read_text() and " --launch-skip 4 " in log.read_text()
+    assert (copy / "out" / "ncu-_attn__fwd_bwd_.ncu-rep").exists()
+
+    env.update(NO_REPORT="1", NCU_OUT=str(tmp_path / "none"))
+    done = _run_script("ncu.sh", ["_no_such_kernel"], env)
+    assert done.returncode == 1 and "no launch of a kernel matching 'regex:_no_such_kernel'" in done.stderr
+
+
+@pytest.mark.skipif(not __import__("shutil").which("bash"), reason="needs bash")
+def test_nsys_script_command_lines_and_missing_tools(tmp_path):
+    """nsys.sh records the cudaProfilerApi capture range with CUDA and NVTX traced, then prints the
+    three stats reports (re-exporting the SQLite file, never reusing an earlier run's); arguments
+    with spaces reach train_step.py intact. Without nsys it says where it looked and what to use
+    instead; a run that records nothing says so (it used to print the stats of the last run's report)."""
+    bin_dir, log = _fake_tools(tmp_path)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NSYS_OUT": str(tmp_path / "rep"),
+           "PYTHON": str(bin_dir / "python")}
+    done = _run_script("nsys.sh", ["--shape", "tao bao", "--backend", "triton"], env)
+    assert done.returncode == 0, done.stderr
+    profile, stats = log.read_text().splitlines()
+    assert profile == (f"nsys profile --trace=cuda,nvtx --capture-range=cudaProfilerApi --capture-range-end=stop "
+                       f"--force-overwrite=true -o {tmp_path}/rep {bin_dir}/python {ROOT}/profiling/train_step.py "
+                       "--shape tao bao --backend triton")
+    assert stats == (f"nsys stats --force-export=true --report nvtx_sum --report nvtx_gpu_proj_sum "
+                     f"--report cuda_gpu_kern_sum {tmp_path}/rep.nsys-rep")
+
+    done = _run_script("nsys.sh", [], dict(env, NSYS=str(tmp_path / "no-nsys")))
+    assert done.returncode == 127 and "no-nsys" in done.stderr and "not an executable" in done.stderr
+    done = _run_script("nsys.sh", [], dict(env, NO_REPORT="1"))
+    assert done.returncode == 1 and "wrote no" in done.stderr
