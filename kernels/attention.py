@@ -68,6 +68,10 @@ and only writes its zeros: at the benchmark shapes lengths are uniform in ``[0, 
 all blocks are padding and never read. The key loop is split in two: blocks that are fully visible
 run without any masking arithmetic, only the last partial block (and the causal diagonal) is masked.
 Stores ``O`` and the natural-log log-sum-exp ``lse [B, H, Lq]`` (fp32; ``-inf`` for rows that output 0).
+Non-finite values propagate as in the reference: a NaN or an inf in the scores of a live row makes
+its output (and lse) NaN, and a live row whose visible scores are all ``-inf`` is 0/0 = NaN; only
+masked rows and rows without a visible key (length 0) are zeros. (The row test was once
+``exp-sum > 0``, which is False for NaN, and turned such rows into zeros: tests/test_nonfinite.py.)
 
 Block sizes (fixed by the shape and dtype, no autotune, so backward never depends on a hidden
 choice; ``_fwd_config``)::
@@ -297,8 +301,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale
                 vis = vis & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a row whose scores are all -inf so far subtracts 0, not -inf: exp2(-inf - 0) = 0, where
+        # exp2(-inf - -inf) would be NaN (see _attn_fwd_kernel's m_i)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -331,7 +338,10 @@ def _attn_fwd_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no visible key never makes NaN
+    # the running maximum starts at -inf, not at a finite floor: with a floor of -1e30, a row whose
+    # scores are all below it (fp32 |q . k| past 1e30) had exp2(s - floor) = 0 everywhere, a zero
+    # sum and no output. A row with no visible key never enters the loop (and is zeroed below).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DHP], tl.float32)
 
@@ -349,7 +359,12 @@ def _attn_fwd_kernel(
                                skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, SAME_KV, BLOCK_N, DH, DHP,
                                SPLIT, PREC)
 
-    keep = (offs_m < q_lim) & (l_i > 0.0)
+    # A row outputs 0 only when it is masked or has no visible key (k_lim == 0; with a key, key 0 is
+    # visible to every row, causal included). Testing ``l_i > 0`` instead would also zero a row whose
+    # scores hold a NaN or an inf (l_i is NaN then, and NaN > 0 is False): the NaN the reference gives
+    # would become a finite 0 (and lse -inf), which a GradScaler cannot see. A row whose visible
+    # scores are all -inf has l_i = 0 and gives 0 / 0 = NaN, as the reference's softmax does.
+    keep = (offs_m < q_lim) & (k_lim > 0)
     l_safe = tl.where(keep, l_i, 1.0)
     out = tl.where(keep[:, None], acc / l_safe[:, None], 0.0)
     _store_rows(O + b * sob + h * soh, out, offs_m, Lq, sol, sod, DH, DHP, SPLIT)
@@ -1127,6 +1142,16 @@ def _compute_dtype(s: torch.Tensor, query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
+def _key_weight(k_weight, k_bias):
+    """``k_weight`` with its rows where ``k_bias`` is not finite made NaN (``k_weight + 0 * k_bias``,
+    exactly ``k_weight`` otherwise). The folded op drops the key bias (softmax is invariant to the
+    per-query shift ``q . b_k`` it adds) -- true only for a finite bias: with an inf or a NaN the
+    reference's scores, and so its output, are NaN. Folding this weight instead carries that NaN
+    into the folded queries of the head (all of its queries), as the reference has it, at the cost
+    of one ``[d, d]`` element-wise op."""
+    return torch.add(k_weight, k_bias[:, None], alpha=0.0)
+
+
 def _fold_queries(query, k_weight, H):
     """The folded queries W_k,h^T q_h ([H, nq, dh] x [H, dh, d]), ordered (query, head) for the
     kernel, so that its output [B, nq * H, 1, d] is the [B * nq, H * d] operand of the output GEMM
@@ -1145,13 +1170,13 @@ def _fold_values(v_weight, o_weight, H):
     return wvh, woh, torch.bmm(wvh.transpose(1, 2), woh).view(H * d, d)
 
 
-def _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, H):
+def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
     """The folded PMA forward (:func:`pooled_attention`), no autograd: ``(out, saved)`` with
     ``saved`` what the backward needs."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
     c = _compute_dtype(s, query)
-    qh, wkh, q_in = _fold_queries(query.to(c), k_weight.to(c), H)
+    qh, wkh, q_in = _fold_queries(query.to(c), _key_weight(k_weight, k_bias).to(c), H)
     # s as it comes (it may be fp32 under a 16-bit autocast): the kernels round its tiles to the
     # folded queries' dtype as they load them, which is what a cast before the call would do,
     # without the cast's copy (and its backward's: ds comes back in s's dtype)
@@ -1168,7 +1193,7 @@ def _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_b
 
 
 def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
-    out, saved = _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, H)
+    out, saved = _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H)
     ctx.save_for_backward(*saved)
     ctx.heads, ctx.empty = H, s.shape[1] == 0
     ctx.dtypes = tuple(t.dtype for t in (s, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias))
@@ -1217,7 +1242,7 @@ def _pooled_traced(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weig
     export), which differentiate it themselves: same products as :func:`_pooled_forward`."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
-    q = _fold_queries(query, k_weight, H)[2]
+    q = _fold_queries(query, _key_weight(k_weight, k_bias), H)[2]
     if torch.is_grad_enabled() and k_bias.requires_grad:
         q = _ZeroGradient.apply(q, k_bias)
     kv = s.to(q.dtype).unsqueeze(2)
@@ -1250,7 +1275,9 @@ def pooled_attention(
     every gradient in closed form: one autograd node where the same ops recorded one by one made
     about thirty); traced calls build it from the attention custom op and aten ops. Models wider
     than the kernel's widest head (``d > 128``) project K and V and run the kernel over
-    ``d / num_heads``-wide heads.
+    ``d / num_heads``-wide heads. The folding drops the key bias (a per-query shift of the scores),
+    except that an inf or a NaN in it still makes the output NaN, as in the reference
+    (:func:`_key_weight`).
     """
     if not isinstance(s, torch.Tensor) or s.dim() != 3 or query.dim() != 2 or s.shape[2] != query.shape[1]:
         raise ValueError(f"pooled_attention: s must be [B, L, d] and query [nq, d], got "
@@ -1270,4 +1297,4 @@ def pooled_attention(
     _check_lengths_and_device("pooled_attention", "s, lengths and the parameters", lengths, s.shape[0], tensors[2:] + (s,))
     if needs_grad(tensors):
         return _PooledAttention.apply(*tensors, num_heads)
-    return _pooled_forward(s, lengths, query, k_weight, v_weight, v_bias, o_weight, o_bias, num_heads)[0]
+    return _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, num_heads)[0]

@@ -44,6 +44,21 @@ Forward (``_glce_fwd_kernel``): one launch, one program per sample block
 with the ``[d, d]`` gate weight, L2-resident across programs), ``out = Y * sigmoid(Z)`` in fp32
 registers; only ``out`` is stored.
 
+Non-finite inputs: in ``Wbd @ x`` the zeros between samples multiply every token of the block, so
+one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the reference's output
+is non-finite in that sample only. The forward checks its x tile (one max-reduction) and, when it
+holds an inf or a NaN, computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
+broadcast multiply-adds of gathered rows): the output then has exactly the reference's non-finite
+elements (tests/test_nonfinite.py). Cost, from sm_90 builds with Triton 3.9 (2026-11-27): bf16
+registers 74-150 -> 77-217 at the DESIGN shapes (the 8 -> 8 sequence summary at d = 64 takes 217:
+two 4-warp programs per SM, at taobao's 256 programs one wave either way), no spills; shared memory
+at most 81,920 bytes (fp32 corner 196,608). With Triton 3.6, the GPU machines' version, at taobao
+(``profiling/sm90_audit.py``): the 20 -> 4 summary's forward 153 -> 117 registers (1 -> 2 programs
+per SM), the 8 -> 8 one's 112 -> 130 (4 -> 3 per SM), no spills. Not timed on a GPU. The backward keeps the dot: with a
+non-finite x or upstream gradient the reference's parameter gradients are non-finite too (so a
+GradScaler skips the step either way); only dx of the block's other samples, and more entries of
+dW / dbias (the one-hot fold), are NaN on top of the reference's.
+
 Backward (``_glce_bwd_kernel`` + one reduction): ``Y``, ``Z`` recomputed, nothing else saved
 -----------------------------------------------------------------------------------------
 With ``s = sigmoid(Z)``: ``dZ = dO * Y * s * (1 - s)``, ``dY = dO * s + dZ @ gate_weight``,
@@ -141,19 +156,57 @@ def _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT: tl.constexpr, KX: tl.
 
 
 @triton.jit
-def _glce_recompute(Xb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, sgo, sgi,
-                    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
+def _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm,
+                              CDT: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr):
+    """``sum_n weight[n, m] x[b, n, :]`` for the output rows of a block (``[RO, DP]`` fp32) sample by
+    sample: n_in broadcast multiply-adds of gathered token rows (operands rounded to the compute
+    dtype, as the dot's are; fp32 sums) instead of the block-diagonal ``tl.dot``, in which the zero
+    weights between samples times an inf or a NaN of one sample put NaN into every other sample of
+    the block. The slow path of :func:`_glce_recompute`, for a tile that holds an inf or a NaN."""
+    r = tl.arange(0, RO)
+    rs = r // N_OUT
+    rm = r - rs * N_OUT
+    r_live = r < nb * N_OUT
+    j = tl.arange(0, DP)
+    m = r_live[:, None] & (j < D)[None, :]
+    acc = tl.zeros([RO, DP], tl.float32)
+    for n in range(0, N_IN):
+        w = tl.load(W + n * swn + rm * swm, mask=r_live, other=0.0).to(CDT).to(tl.float32)
+        xv = tl.load(Xb + (rs * sxb + n * sxn)[:, None] + j[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        acc += w[:, None] * xv
+    return acc
+
+
+@triton.jit
+def _glce_recompute(Xb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, swn, swm, sgo, sgi,
+                    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+                    PER_SAMPLE_NONFINITE: tl.constexpr):
     """Token tile x ``[KX, DP]`` of the ``nb`` samples of a block (``Xb`` points at its first sample;
     offsets inside the block are int32, see :func:`._common.int32_block`; padding zero), then ``Y``
     and the gate pre-activation ``Z`` as ``[RO, DP]`` fp32, the output-row validity and the gate
-    weight."""
+    weight.
+
+    ``PER_SAMPLE_NONFINITE`` (the forward): a tile that holds an inf or a NaN takes
+    :func:`_glce_compress_per_sample` for ``Y`` instead of the dot, so that the value stays in its
+    own sample's output, as in the reference (the dot would make every sample of the block NaN).
+    The check is one reduction of the tile, the fast path's only extra work. The backward keeps the
+    dot: with a non-finite x the reference's parameter gradients are non-finite anyway, so only
+    which of the block's dx rows are NaN differs (its registers are the tighter budget)."""
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
     j_ok = j < D
     xm = (k < nb * N_IN)[:, None] & j_ok[None, :]
     x = tl.load(Xb + (ks * sxb + kn * sxn)[:, None] + j[None, :] * sxd, mask=xm, other=0.0)
     bias = tl.load(BIAS + rm, mask=r_ok, other=0.0).to(tl.float32)
-    y = tl.dot(wbd, x, input_precision=PREC) + bias[:, None]
+    if PER_SAMPLE_NONFINITE:
+        xf = x.to(tl.float32)
+        if tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32)) > 0:
+            y = _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, x.dtype, RO, DP)
+        else:
+            y = tl.dot(wbd, x, input_precision=PREC)
+    else:
+        y = tl.dot(wbd, x, input_precision=PREC)
+    y = y + bias[:, None]
     gw = tl.load(GW + j[:, None] * sgo + j[None, :] * sgi, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
     gw = gw.to(x.dtype)  # gw[k_out, j_in]
     gb = tl.load(GB + j, mask=j_ok, other=0.0).to(tl.float32)
@@ -175,8 +228,8 @@ def _glce_fwd_kernel(
     nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
-    x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
-                                          sxb, sxn, sxd, sgo, sgi, KX, RO, DP, PREC)
+    x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
+                                          sxb, sxn, sxd, swn, swm, sgo, sgi, KX, RO, DP, PREC, True)
     out = y * tl.sigmoid(z)
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
@@ -210,8 +263,8 @@ def _glce_bwd_kernel(
     for blk in range(pid, n_blocks, G):
         b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)
-        x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
-                                              sxb, sxn, sxd, sgo, sgi, KX, RO, DP, PREC)
+        x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
+                                              sxb, sxn, sxd, swn, swm, sgo, sgi, KX, RO, DP, PREC, False)
         om = row_ok[:, None] & j_ok[None, :]
         do = tl.load(DO + b0 * sdob + (rs * sdob + rm * sdom)[:, None] + j[None, :] * sdod, mask=om,
                      other=0.0).to(tl.float32)
