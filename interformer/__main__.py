@@ -157,6 +157,10 @@ def main(argv=None) -> int:
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp)
     print(metrics_table(results, args.checkpoint))
+    for split, m in results.items():
+        if m.get("skipped_rows"):  # the checkpoint's on_bad_rows is "skip": say what was left out
+            print(f"note: skipped {m['skipped_rows']} malformed row(s) in {split}, not scored "
+                  f"(e.g. {'; '.join(m.get('skipped_examples', []))})")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump(json_safe(results), fh, indent=2)

@@ -167,6 +167,13 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(max_steps=[3]), "max_steps must be an integer or None"),
     (dict(compile="maybe"), "compile must be true or false"),
     (dict(batch_size=True), "batch_size must be an integer"),
+    # numbers that used to train a run to NaN (or with negative decay) without a word
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(weight_decay="nan"), "weight_decay must be a finite number"),
+    (dict(lr=float("inf")), "lr must be a finite number"),
+    (dict(embedding_lr="inf"), "embedding_lr must be a finite number"),
+    (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite number"),
+    (dict(synthetic_valid=-1), "synthetic_valid must be >= 0"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -1044,3 +1051,152 @@ def test_without_a_bar_log_every_prints_a_step_line(tmp_path, monkeypatch, capsy
     T.train(tiny_config(tmp_path / "d", epochs=1, progress=True, log_every=4), log=lines.append)
     assert not [line for line in lines if line.startswith("step ")]
     assert capsys.readouterr().err  # the bar was drawn
+
+
+# ------------------------------------------------------------------------------- checkpoints, evaluate
+def test_checkpoints_hold_plain_values_and_a_foreign_object_is_not_unpickled(tmp_path):
+    """best.pt and last.pt load with ``torch.load(weights_only=True)`` (the NumPy RNG state and
+    ``versions()["torch"]`` used to force ``weights_only=False``, and so did a ``Path`` given as
+    ``output_dir``); load_checkpoint, which ``evaluate`` and ``--resume`` use, refuses a file that
+    would run code when unpickled instead of running it."""
+    out = tmp_path / "run"
+    T.train(tiny_config(out, epochs=1, synthetic_train=128, synthetic_valid=64, output_dir=out), log=quiet)
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert state["train_config"]["output_dir"] == str(out)
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    state = T.load_checkpoint(out / "last.pt")
+    state["extra"] = Payload()
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'evil.pt'))}: refused: .*weights_only=False"):
+        T.load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_numpy_rng_state_from_before_still_loads_and_resumes(tmp_path, full_run):
+    """A checkpoint as written before they held plain values only (NumPy's RNG state as an array,
+    the torch version as a TorchVersion) still loads with weights_only=True and resumes to the
+    weights of the uninterrupted run."""
+    import numpy as np
+
+    out = tmp_path / "part"
+    T.train(tiny_config(out, max_steps=11), log=quiet)
+    state = T.load_checkpoint(out / "last.pt")
+    for rng in state["rng"]:
+        name, keys, *rest = rng["numpy"]
+        rng["numpy"] = (name, np.asarray(keys, dtype=np.uint32), *rest)
+    state["versions"]["torch"] = torch.__version__  # a TorchVersion
+    torch.save(state, out / "last.pt")
+    with pytest.raises(Exception):  # what it holds is not plain: the allowlist below is what loads it
+        torch.load(out / "last.pt", weights_only=True)
+    assert isinstance(T.load_checkpoint(out / "last.pt")["rng"][0]["numpy"][1], np.ndarray)
+    T.train(tiny_config(out, resume=True, max_steps=100), log=quiet)
+    assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
+
+
+def test_an_unreadable_or_foreign_checkpoint_raises_naming_the_file(tmp_path):
+    """Truncated, empty, a bare state_dict, a directory: each error names the path and says what is
+    wrong (they were OSError "[Errno 22] Invalid argument", EOFError, KeyError 'train_config')."""
+    T.train(tiny_config(tmp_path / "run", epochs=1, synthetic_train=64, synthetic_valid=0, synthetic_test=32),
+            log=quiet)
+    whole = (tmp_path / "run" / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save(T.build_model(T.TrainConfig(model=dict(TINY)), {}).state_dict(), tmp_path / "bare.pt")
+    for name, match in (("truncated.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
+                        ("bare.pt", "not a checkpoint written by `python -m interformer train` .*bare state_dict")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}:? .*{match}"):
+            main(["evaluate", str(tmp_path / name)])
+    with pytest.raises(IsADirectoryError, match="pass its best.pt or last.pt"):
+        T.evaluate_checkpoint(str(tmp_path / "run"))
+    (tmp_path / "run" / "last.pt").write_bytes(whole[:5000])  # --resume reads it the same way
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'run' / 'last.pt'))}: not a readable"):
+        T.train(tiny_config(tmp_path / "run", resume=True), log=quiet)
+
+
+def test_overwrite_keeps_the_old_run_when_its_compile_backend_is_unknown(tmp_path):
+    """--overwrite deleted the old run before torch.compile looked up its backend; now it deletes
+    only once everything the run needs is built."""
+    out = tmp_path / "run"
+    T.train(tiny_config(out, epochs=1, synthetic_train=64, synthetic_valid=0), log=quiet)
+    before = {p.name for p in out.iterdir()}
+    with pytest.raises(Exception, match="nosuch"):
+        T.train(tiny_config(out, epochs=1, overwrite=True, compile=True, compile_backend="nosuch"), log=quiet)
+    assert {p.name for p in out.iterdir()} == before == {"last.pt", "run.json"}
+
+
+def test_an_unusable_cuda_device_is_refused_before_the_data_are_read(tmp_path, monkeypatch):
+    """No CUDA (or no such GPU): a ValueError naming the device, raised before the data are read
+    (it was PyTorch's AssertionError "Torch not compiled with CUDA enabled", after them)."""
+    T.train(tiny_config(tmp_path / "run", epochs=1, synthetic_train=64, synthetic_valid=32), log=quiet)
+    device = f"cuda:{torch.cuda.device_count()}"  # never there: the index is one past the last GPU
+
+    def no_reading(*a, **k):
+        raise AssertionError("the data were read before the device was checked")
+
+    monkeypatch.setattr(T, "build_data", no_reading)
+    with pytest.raises(ValueError, match=rf"device '{device}': (CUDA is not available|this machine has)"):
+        T.train(tiny_config(tmp_path / "new", device=device), log=quiet)
+    with pytest.raises(ValueError, match=rf"device '{device}'"):
+        T.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), device=device)
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when it is not installed
+    with pytest.raises(ImportError, match="--plot .*needs matplotlib"):
+        T.train(tiny_config(tmp_path, epochs=1, plot=True), log=quiet)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_evaluate_reports_skipped_rows_scores_right_and_names_an_empty_file(bars, capsys):
+    """A checkpoint trained with on_bad_rows=skip: evaluate says how many rows of the file it left
+    out (it said nothing); its metrics are those of the model's own logits; a header-only file
+    raises naming it."""
+    from interformer import metrics as M
+    from interformer.dataio import Schema, TabularDataset
+
+    T.train(_bars_config(bars, valid=[], on_bad_rows="skip"), log=quiet)
+    ckpt = str(bars / "run" / "last.pt")
+    (bars / "bad.csv").write_text((bars / "valid.csv").read_text() + "x,1,2,3,4,0.1,,\n2,1,2,3,4,0.1,,\n")
+    main(["evaluate", ckpt, str(bars / "bad.csv"), "--batch-size", "13", "--output", str(bars / "m.json")])
+    printed = capsys.readouterr().out
+    m = json.loads((bars / "m.json").read_text())["eval"]
+    assert m["samples"] == 120 and m["skipped_rows"] == 2
+    assert "note: skipped 2 malformed row(s) in eval" in printed and "bad.csv:122:" in printed
+    # the same numbers from the loaded model's logits, computed here
+    state = T.load_checkpoint(ckpt)
+    model = T.InterFormerCTR(InterFormerConfig(**state["model_config"])).eval()
+    model.load_state_dict(state["model"])
+    ds = TabularDataset([str(bars / "valid.csv")], Schema.from_dict(state["schema"]),
+                        T._vocabs_from_dict(state["vocabularies"]))
+    with torch.no_grad():
+        parts = [(model(*b.inputs()), b.label, b.group) for b in ds.batches(32, shuffle=False)]
+    logits, labels, groups = (torch.cat(x) for x in zip(*parts))
+    want = {"auc": M.auc(logits, labels), "gauc": M.gauc(logits, labels, groups),
+            "logloss": M.logloss(logits, labels), "ne": M.normalized_entropy(logits, labels)}
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert T.evaluate_checkpoint(ckpt, [str(bars / "valid.csv")])["eval"]["skipped_rows"] == 0
+    (bars / "empty.csv").write_text((bars / "valid.csv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bars / 'empty.csv'))}: no rows to evaluate"):
+        T.evaluate_checkpoint(ckpt, [str(bars / "empty.csv")])
+
+
+def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_path):
+    """The packed form a checkpoint holds (loadable with weights_only=True, and fast to load) gives
+    back the same tokens, counts and shared tables; the unpacked dict of older checkpoints reads too."""
+    from interformer.dataio import Vocabulary, vocabularies_to_dict
+
+    shared = Vocabulary(["7", "é😀", "a,b", "x\ny"], [5, 3, 2, 1])
+    vocabs = {"item_id": shared, "item_history": shared, "user_id": Vocabulary(["u1", "u22"])}
+    torch.save({"v": T._vocabs_to_dict(vocabs)}, tmp_path / "v.pt")
+    for d in (torch.load(tmp_path / "v.pt", weights_only=True)["v"], vocabularies_to_dict(vocabs)):
+        back = T._vocabs_from_dict(d)
+        assert back.keys() == vocabs.keys() and back["item_id"] is back["item_history"]
+        for k, v in vocabs.items():
+            assert (back[k].tokens, back[k].counts) == (v.tokens, v.counts), k
