@@ -73,9 +73,33 @@ class _WithSaved:
         return getattr(self._ctx, name)
 
 
-def lean_function(name: str, forward: Callable, backward: Callable) -> type:
+#: whether a tensor is one of the legacy vmap's batched tensors (``torch.autograd.grad(...,
+#: is_grads_batched=True)``, ``torch.autograd.functional.jacobian(..., vectorize=True)``); about 0.1 us
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _batched(grads) -> bool:
+    for g in grads:
+        if g is not None and _legacy_batched(g):
+            return True
+    return False
+
+
+def lean_function(name: str, forward: Callable, backward: Callable, batched_backward: Callable) -> type:
     """A ``torch.autograd.Function`` named ``name`` whose forward is ``forward(ctx, *args)`` and
     backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes.
+
+    ``batched_backward`` (same signature) computes the same gradients without handing a launcher a
+    batched tensor; it runs instead of ``backward`` when an incoming gradient is one of the legacy
+    vmap's batched tensors, under which ``torch.autograd.grad(..., is_grads_batched=True)`` runs the
+    backward (and ``torch.autograd.functional.jacobian(..., vectorize=True)`` with it). Eager's
+    backward takes those; a launcher cannot read one ("Cannot access storage of
+    BatchedTensorImpl"). The ops' ``batched_backward`` call their registered ``torch.library``
+    backward ops instead, which the dispatcher's batching fallback runs once per gradient of the
+    batch on plain tensors; the cross nets, whose backward ops take tensor lists (which the fallback
+    refuses), differentiate their eager reference. With ``create_graph=True`` as well it raises,
+    naming the op (``DelayedError`` below cannot take batched tensors). ``torch.func.vmap`` over a
+    backward is not covered (its tensors are functorch's, not the legacy ones).
 
     The backward is first-order only (its kernels are not differentiable): under
     ``create_graph=True`` its gradients come back with the right values but a ``grad_fn`` that
@@ -89,14 +113,20 @@ def lean_function(name: str, forward: Callable, backward: Callable) -> type:
     tensor allocated and filled on every call."""
     message = (f"interformer: the fused op {name} has no second-order gradient (its backward runs Triton "
                "kernels); differentiate twice through the eager path (backend='eager')").encode()
+    batched_message = (f"interformer: the fused op {name} cannot run a batched backward (is_grads_batched=True) "
+                       "with create_graph=True; use the eager path (backend='eager') for that")
 
     def first_order_backward(ctx, *grads):
+        batched = _batched(grads)
+        bwd = batched_backward if batched else backward
         if not torch.is_grad_enabled():  # a plain backward (create_graph=False)
-            return backward(ctx, *grads)
+            return bwd(ctx, *grads)
+        if batched:  # DelayedError, below, cannot take the legacy vmap's tensors (it corrupts memory)
+            raise RuntimeError(batched_message)
         # saved tensors are unpacked once (non-reentrant checkpointing allows no second unpack)
         saved = ctx.saved_tensors
         with torch.no_grad():
-            outputs = backward(_WithSaved(ctx, saved), *grads)
+            outputs = bwd(_WithSaved(ctx, saved), *grads)
         single = not isinstance(outputs, tuple)
         outputs = (outputs,) if single else outputs
         # the raising node's inputs are everything the gradients depend on that requires grad (the

@@ -898,7 +898,8 @@ def _lean_forward(ctx, *inputs):
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch; like the
 # custom op's autograd wrapper, both outputs are differentiable and lse's gradient is ignored
-_Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl, lean=True))
+_Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl, lean=True),
+                           _backward_with(torch.ops.interformer.attention_bwd))
 inline_when_compiled(attention_fwd, attention_bwd)
 
 
@@ -994,7 +995,8 @@ def _lean_forward_qkv(ctx, *inputs):
     return output
 
 
-_AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl))
+_AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl),
+                              _backward_qkv_with(torch.ops.interformer.attention_qkv_bwd))
 inline_when_compiled(attention_qkv_fwd, attention_qkv_bwd)
 
 #: Take the packed op in :func:`attention_packed` (tests switch it off to run the generic op on the
@@ -1200,7 +1202,21 @@ def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_b
     return out
 
 
-def _pooled_lean_backward(ctx, grad):
+def _pooled_attention_bwd_lean(d_a, q_in, kv, a, lse, lengths, scale):
+    """``(dq_in, ds)`` of the folded call: the launcher writes ``ds = dk + dv`` itself (``SAME_KV``)."""
+    dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False, scale,
+                                       same_kv=True)
+    return dq_in, ds
+
+
+def _pooled_attention_bwd_op(d_a, q_in, kv, a, lse, lengths, scale):
+    """``(dq_in, ds)`` through the registered backward op (batched gradients, see ``lean_function``)."""
+    dq_in, dk, dv = torch.ops.interformer.attention_bwd(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False,
+                                                        scale)
+    return dq_in, dk + dv
+
+
+def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     """Gradients of :func:`_pooled_forward` in closed form: the output GEMM's (two GEMMs and a
     column sum), the attention kernels' backward (dq of the folded queries and ds = dk + dv in one
     tensor, ``SAME_KV``), and the fold's (four small batched GEMMs); each gradient is returned in
@@ -1215,8 +1231,7 @@ def _pooled_lean_backward(ctx, grad):
     d_a = torch.mm(g, w_ov.t()).view(B, nq * H, 1, d)
     d_wov = torch.mm(a.view(B * nq, H * d).t(), g).view(H, d, d)
     d_bias = g.sum(0)
-    dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False,
-                                       1.0 / math.sqrt(dh), same_kv=True)
+    dq_in, ds = attention_bwd(d_a, q_in, kv, a, lse, lengths, 1.0 / math.sqrt(dh))
     if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
         dq_in = dq_in.sum(0, keepdim=True)
     dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
@@ -1234,7 +1249,12 @@ def _pooled_lean_backward(ctx, grad):
             d_wv.to(vw_dt), d_bv.to(vb_dt), d_wo.to(ow_dt), d_bias.to(ob_dt), None)
 
 
-_PooledAttention = lean_function("_PooledAttention", _pooled_lean_forward, _pooled_lean_backward)
+def _pooled_batched_backward(ctx, grad):
+    return _pooled_lean_backward(ctx, grad, _pooled_attention_bwd_op)
+
+
+_PooledAttention = lean_function("_PooledAttention", _pooled_lean_forward, _pooled_lean_backward,
+                                 _pooled_batched_backward)
 
 
 def _pooled_traced(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):

@@ -1093,8 +1093,37 @@ def _lr_lean_backward(ctx, grad_out, grad_p):
     return (dx0, None, *du, *dv, *db)
 
 
+def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, params: Sequence[torch.Tensor],
+                     num_layers: int):
+    """The gradients of ``x0`` and the flat parameters from the eager reference run again on the
+    saved inputs (each in x0's dtype, as :func:`_eager` does) and differentiated with ``grad_out``.
+
+    For a batched ``grad_out`` (``torch.autograd.grad(..., is_grads_batched=True)``, see
+    ``lean_function``): the launchers cannot read it, and the dispatcher's batching fallback takes
+    no op with tensor-list arguments such as the backward ops here, while the reference's aten ops
+    all have batching rules. Same math; not bitwise the kernels' (a vectorised Jacobian only)."""
+    from interformer import reference
+
+    L = num_layers
+    with torch.enable_grad(), torch.autocast(x0.device.type, enabled=False):
+        leaves = [t.detach().requires_grad_() for t in (x0, *params)]
+        cast = [t.to(x0.dtype) for t in leaves[1:]]
+        lists = [cast[i * L:(i + 1) * L] for i in range(len(cast) // L)]
+        out = getattr(reference, op_name)(leaves[0], *lists)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+
+def _lr_batched_backward(ctx, grad_out, grad_p):
+    """:func:`_lr_lean_backward` for batched gradients (``lean_function``): :func:`_reference_grads`."""
+    x0, p, *params = ctx.saved_tensors
+    if grad_out is None:
+        return (None, None, *[None] * len(params))
+    dx0, *dparams = _reference_grads("low_rank_cross_net", grad_out, x0, params, ctx.num_layers)
+    return (dx0, None, *dparams)
+
+
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_backward)
+_LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_backward, _lr_batched_backward)
 
 
 @torch.library.custom_op("interformer::cross_net_fwd", mutates_args=())
@@ -1169,7 +1198,16 @@ def _fr_lean_backward(ctx, grad_out, grad_xs, grad_ys):
     return (dx0, None, *dw, *db)
 
 
-_CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward)
+def _fr_batched_backward(ctx, grad_out, grad_xs, grad_ys):
+    """:func:`_fr_lean_backward` for batched gradients (``lean_function``): :func:`_reference_grads`."""
+    x0, xs, ys, *params = ctx.saved_tensors
+    if grad_out is None:
+        return (None, None, *[None] * len(params))
+    dx0, *dparams = _reference_grads("cross_net", grad_out, x0, params, ctx.num_layers)
+    return (dx0, None, *dparams)
+
+
+_CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _fr_batched_backward)
 
 
 # ============================================================================ public functions

@@ -261,7 +261,8 @@ def _lean_forward(ctx, z):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_DotInteraction = lean_function("_DotInteraction", _lean_forward, _backward_with(_bwd_impl))
+_DotInteraction = lean_function("_DotInteraction", _lean_forward, _backward_with(_bwd_impl),
+                                _backward_with(torch.ops.interformer.dot_interaction_bwd))
 inline_when_compiled(dot_interaction_fwd, dot_interaction_bwd)
 
 

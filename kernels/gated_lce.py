@@ -474,7 +474,8 @@ def _lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_GatedLCE = lean_function("_GatedLCE", _lean_forward, _backward_with(_gated_lce_bwd_impl))
+_GatedLCE = lean_function("_GatedLCE", _lean_forward, _backward_with(_gated_lce_bwd_impl),
+                          _backward_with(torch.ops.interformer.gated_lce_bwd))
 inline_when_compiled(gated_lce_fwd, gated_lce_bwd)
 
 

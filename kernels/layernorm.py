@@ -298,7 +298,7 @@ def _lean_backward(ctx, grad_out, grad_mean, grad_rstd):
     return dx, dr, dw, db, None, None
 
 
-_AddLayerNorm = lean_function("_AddLayerNorm", _lean_forward, _lean_backward)
+_AddLayerNorm = lean_function("_AddLayerNorm", _lean_forward, _lean_backward, _backward)
 inline_when_compiled(add_layer_norm_fwd, add_layer_norm_bwd)
 
 

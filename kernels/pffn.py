@@ -410,7 +410,8 @@ def _mlp_lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl))
+_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl),
+                         _mlp_backward_with(torch.ops.interformer.pffn_mlp_bwd))
 inline_when_compiled(pffn_mlp_fwd, pffn_mlp_bwd)
 
 
@@ -470,7 +471,8 @@ def _linear_lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl))
+_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl),
+                            _linear_backward_with(torch.ops.interformer.pffn_linear_bwd))
 inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 
 
