@@ -24,8 +24,11 @@
 #      OPS_K="(bandwidth and fused) or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests model ops profile embed
-#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 175 once its
-#      function-level ids expand, 21 a shard): the tokenizers' grouped lookups, the whole fused model
+#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 350 once its
+#      function-level ids expand, 44 a shard; the sixteenth session's 172, the non-finite tests and
+#      the changed attention and gated LCE forwards, are last in every shard, so a cut box loses
+#      them first; 116 tests took 106 s at 80ba0f2, so expect the box to cut: give the tests stage
+#      more of the call, or a call of its own, if the other stages can wait): the tokenizers' grouped lookups, the whole fused model
 #      with them, the compile-reference default with the cross nets, the low-rank cross net's phased
 #      backward in fp32, fp16 and bf16, profiling/step_ops.py, the inlined ops (set_compile_inline)
 #      with Triton's own launches and Inductor on the inlined model; then what the grouped lookups change in a taobao
