@@ -67,13 +67,8 @@ def is_default_fused(provider: str) -> bool:
 
 
 def _valid(ms) -> bool:
-    """A usable timing: a positive finite number."""
+    """A positive finite number: a usable timing (or ceiling, floor multiple, peak to divide by)."""
     return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
-
-
-def _positive(x) -> bool:
-    """A positive finite number (a ceiling, a floor multiple, a peak to divide by)."""
-    return _valid(x)
 
 
 def load_rows(paths):
@@ -153,11 +148,11 @@ def markdown(rows) -> str:
         cells.append(_versus_best(graphed, best_graphed))
         # the floor is a device-time bound: measured against the fastest fused row (a graphed one,
         # device time, where there is one; a plain one is mostly host time at these shapes)
-        floor_row = _floor_row(by, best_fused, best_graphed)
+        floor_row = _floor_row(by)
         cells.append(f"{floor_row['x_floor']:.1f}" if floor_row else "–")
         peak_e = (by.get("eager") or {}).get("peak_extra_MiB") if "eager" in plain else None
         peak_f = by[best_fused[0]].get("peak_extra_MiB") if best_fused else None
-        cells.append(f"{peak_f / peak_e:.2f}" if _positive(peak_e) and _finite(peak_f) and peak_f >= 0 else "–")
+        cells.append(f"{peak_f / peak_e:.2f}" if _valid(peak_e) and _finite(peak_f) and peak_f >= 0 else "–")
         cells.append(f"{best_fused[0] if best_fused else '–'} / {best_graphed[0] if best_graphed else '–'}")
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "Plain providers are compared with plain ones and CUDA-graph providers (`-cudagraph`: captured "
@@ -181,12 +176,12 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _floor_row(by: dict, best_fused, best_graphed):
+def _floor_row(by: dict):
     """The row "fused x floor" comes from: the fastest default fused graphed row with a floor, else
     the fastest plain one (None: no such row)."""
     for kind in (True, False):
         cands = [r for p, r in by.items() if is_default_fused(p) and is_graphed(p) == kind
-                 and _valid(r.get("median_ms")) and _positive(r.get("x_floor"))]
+                 and _valid(r.get("median_ms")) and _valid(r.get("x_floor"))]
         if cands:
             return min(cands, key=lambda r: r["median_ms"])
     return None
@@ -198,14 +193,14 @@ def _ceilings(rows) -> list:
     found = {}
     for r in rows:
         copy, mm = r.get("ceil_copy_GBps"), r.get("ceil_bf16_TFLOPs")
-        if not _positive(copy) and _positive(r.get("GBps")) and _positive(r.get("frac_copy_bw")):
+        if not _valid(copy) and _valid(r.get("GBps")) and _valid(r.get("frac_copy_bw")):
             copy = r["GBps"] / r["frac_copy_bw"]
-        if not _positive(mm) and _positive(r.get("TFLOPs")) and _positive(r.get("frac_bf16_peak")):
+        if not _valid(mm) and _valid(r.get("TFLOPs")) and _valid(r.get("frac_bf16_peak")):
             mm = r["TFLOPs"] / r["frac_bf16_peak"]
         dev = found.setdefault(str(r.get("device")), {})
-        if _positive(copy):
+        if _valid(copy):
             dev.setdefault("copy", f"copy {copy:.0f} GB/s")
-        if _positive(mm):
+        if _valid(mm):
             dev.setdefault("mm", f"bf16 matmul {mm:.0f} TFLOP/s")
     return [f"{d}: " + ", ".join(v[k] for k in ("copy", "mm") if k in v) for d, v in found.items() if v]
 
@@ -215,9 +210,7 @@ def _details(groups, split) -> list:
     memory, achieved GB/s and TFLOP/s as fractions of the measured ceilings, floor and multiple."""
     lines = []
     for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
-        valid = {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))}
-        r = _floor_row(by, _best({p: m for p, m in valid.items() if not is_graphed(p)}, fused=True),
-                       _best({p: m for p, m in valid.items() if is_graphed(p)}, fused=True))
+        r = _floor_row(by)
         if r is None:
             continue
 

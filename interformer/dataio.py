@@ -152,6 +152,7 @@ import numpy as np
 import torch
 
 from .data import Batch
+from .metrics import NO_GROUP
 
 __all__ = [
     "DataError",
@@ -1482,9 +1483,6 @@ def _seed_of(*parts) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-#: the group key of a sample without a user (an empty or null user column): no group, and
-#: :func:`interformer.metrics.gauc` leaves such samples out
-NO_GROUP = -1
 
 
 def group_key(raw_user: Optional[str]) -> int:

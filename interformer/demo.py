@@ -134,6 +134,21 @@ class _Throughput:
         return self.all_samples / (now - self.all_t0)
 
 
+EVAL_BATCH = 1024  # the held-out samples' batch size
+
+
+def warmup_note(args) -> str:
+    """What the printed samples/s leave out (:class:`_Throughput`: nothing where a run has no step
+    past its warm-up)."""
+    steps = args.epochs * -(-args.train_samples // args.batch_size)
+    parts = [f"the first {WARMUP_STEPS} training steps" if steps > WARMUP_STEPS else "",
+             "the first inference batch" if args.test_samples > EVAL_BATCH else ""]
+    parts = [p for p in parts if p]
+    if not parts:
+        return "samples/s include every step, kernel compilation and warm-up too: too few steps to leave any out"
+    return "samples/s leave out " + " and ".join(parts) + ": kernel compilation and warm-up"
+
+
 def train(model, data, args, desc: str, device) -> float:
     """``args.epochs`` passes of AdamW over ``data``; returns training samples/s (after the first
     :data:`WARMUP_STEPS` steps)."""
@@ -237,14 +252,13 @@ def run_demo(args) -> None:
         model = InterFormerCTR(config).to(device)
         model = optimize_available(model) if backend == "triton" else optimize(model, backend)
         train_sps = train(model, train_data, args, name, device)
-        logits, infer_sps = evaluate(model, test_data, 1024, device)
+        logits, infer_sps = evaluate(model, test_data, EVAL_BATCH, device)
         rows.append((name, auc(logits, test_data.label), logloss(logits, test_data.label), train_sps, infer_sps))
     print()
     print(f"  {'path':<6} {'AUC':>7} {'LogLoss':>8} {'train samples/s':>16} {'infer samples/s':>16}")
     for name, a, ll, tr, inf in rows:
         print(f"  {name:<6} {a:>7.4f} {ll:>8.4f} {tr:>16,.0f} {inf:>16,.0f}")
-    print(f"  (samples/s leave out the first {WARMUP_STEPS} training steps and the first inference batch: "
-          "kernel compilation and warm-up)")
+    print(f"  ({warmup_note(args)})")
     if device.type != "cuda":
         print("\n  note: on a CPU only the eager path trains here; the fused kernels need a GPU to be fast" +
               (" (the fused throughput above is Triton's interpreter, a correctness check)." if checked else "."))

@@ -6,6 +6,10 @@ import math
 
 import torch
 
+#: the group id of a sample that belongs to no group (``gauc`` leaves it out): what the data readers
+#: (:mod:`interformer.dataio`) give a sample without a user id
+NO_GROUP = -1
+
 
 def _binary_labels(name: str, labels: torch.Tensor) -> torch.Tensor:
     """``labels`` (flattened, on the CPU) as a bool tensor; ValueError unless every label is 0 or 1.
@@ -61,8 +65,8 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     """Group AUC: the AUC of each group (user), averaged with the group's click count as weight.
 
     Groups whose samples are all of one class have no AUC and are skipped (their clicks do not
-    count in the weights either); so are samples whose group is negative (no group: the data
-    readers give -1 to a sample without a user id). Returns NaN when no group has both classes, or when any score is
+    count in the weights either); so are samples whose group is -1 (:data:`NO_GROUP`: no group,
+    what the data readers give a sample without a user id). Other negative ids are groups like any. Returns NaN when no group has both classes, or when any score is
     NaN or infinite. Labels must be 0 or 1 and the three inputs equally long (ValueError), as in
     :func:`auc`.
     """
@@ -74,7 +78,7 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     labels = _binary_labels("gauc", labels)
     if not bool(torch.isfinite(scores).all()):
         return float("nan")
-    grouped = groups >= 0
+    grouped = groups != NO_GROUP
     if not bool(grouped.all()):
         scores, labels, groups = scores[grouped], labels[grouped], groups[grouped]
     order = torch.argsort(groups, stable=True)

@@ -16,9 +16,14 @@ two identity autograd nodes, one on the method's outputs (its backward opens the
 gradients are ready) and one on its tensor inputs that require grad (its backward closes the range
 once the method's own gradient contributions to them are done). Both run on the thread that runs
 the backward, so the range sits on that thread's stack, around the backward kernels it launches;
-a range still open when the backward ends is closed then (same thread only). Methods without an
-input or output that requires grad get no backward range. ``enable_nvtx(True, backward=False)``
-keeps the forward ranges alone (the two nodes per call cost host time in the backward).
+a range still open when the backward ends is closed then (same thread only). A call gets no
+backward range unless one of its tensor arguments (passed directly, not in a container) and one of
+its outputs require grad: a call over inputs that need no gradient (frozen tokenizers upstream, say)
+has no node to close the range at, though its parameters get gradients. While backward ranges are
+on, a marked method's outputs are outputs of the opening node, which returns its inputs unchanged,
+so autograd refuses to modify them in place ("Output 0 of _BackwardOpen is a view and is being
+modified inplace"); the package's model never does. ``enable_nvtx(True, backward=False)`` keeps the
+forward ranges alone (the two nodes per call cost host time in the backward) and lifts that limit.
 
 Ranges are host-side markers and are left out of what ``torch.compile`` traces; dynamo guards on
 the flag, so turning them on or off recompiles a compiled model on its next call

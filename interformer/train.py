@@ -469,7 +469,7 @@ def rank_seed(seed: int, rank: int) -> int:
     drop the same units."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1)[0])  # (negative seeds too)
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -715,12 +715,15 @@ CHECKPOINT_KEYS = ("model", "model_config", "train_config")  # what every checkp
 
 def _legacy_checkpoint_globals() -> list:
     """The classes and functions that checkpoints written before they held plain values only need
-    to unpickle: NumPy's RNG state (a uint32 array, under the module name of NumPy 1 or 2) and
-    ``versions()["torch"]`` (a ``TorchVersion``, a ``str`` subclass). None of them runs code of
-    the file's choosing."""
+    to unpickle: NumPy's RNG state (a uint32 array, under the module name of NumPy 1 or 2),
+    ``versions()["torch"]`` (a ``TorchVersion``, a ``str`` subclass) and the ``pathlib`` paths a
+    config built through the Python API held (``output_dir``, ``schema``). None of them runs code
+    of the file's choosing."""
+    import pathlib
+
     from torch.torch_version import TorchVersion
 
-    allowed: list = [TorchVersion]
+    allowed: list = [TorchVersion, pathlib.PosixPath, pathlib.WindowsPath]
     try:
         import numpy as np
     except ImportError:  # pragma: no cover
@@ -753,7 +756,7 @@ def load_checkpoint(path) -> Dict[str, Any]:
     allowed = _legacy_checkpoint_globals()
     scope = getattr(torch.serialization, "safe_globals", None)  # a context manager since torch 2.5
     if scope is None:  # pragma: no cover - torch 2.4: process-wide, and without the (function, name) pairs
-        torch.serialization.add_safe_globals([a for a in allowed if not isinstance(a, tuple)])
+        torch.serialization.add_safe_globals(list({a[0] if isinstance(a, tuple) else a: None for a in allowed}))
     try:
         with scope(allowed) if scope is not None else contextlib.nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -763,7 +766,8 @@ def load_checkpoint(path) -> Dict[str, Any]:
             detail = next((line.strip() for line in after.splitlines() if line.strip()), "")[:300]
             raise ValueError(f"{path}: refused: the file holds Python objects other than tensors and plain values "
                              f"({detail or 'see the error above'}), and unpickling them could run code of the "
-                             "file's choosing. Checkpoints of `python -m interformer train` never do; if you trust "
+                             "file's choosing. Checkpoints of `python -m interformer train` hold none but a few "
+                             "known types of older versions; if you trust "
                              "this file, read it with torch.load(path, weights_only=False) yourself") from e
         # zip reader errors, EOFError, KeyError, OSError...: a truncated or corrupt file
         raise ValueError(f"{path}: not a readable checkpoint ({path.stat().st_size:,} bytes: truncated, corrupt, "
@@ -991,7 +995,7 @@ def _let_collectives_settle(seconds: float = 0.05) -> None:
 
 def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     d, device = setup_distributed(cfg.device)
-    check_device(device)  # before the output directory is made (a resumed run's device is checked below)
+    check_device(device)  # before the output directory is made (a resumed run's own device: below)
     say = log if d.is_main else (lambda *a, **k: None)
     resume_state = _on_rank0(lambda: _open_output_dir(cfg, say), d)
     if resume_state is not None:
@@ -1003,12 +1007,12 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                 raise ValueError(f"resume: the checkpoint's device {cfg.device!r} is not this process group's "
                                  f"{device}; pass --device")
             device = _device_for(cfg.device, d)
+            check_device(device)
         if resume_state["world_size"] != d.world_size:
             raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
                              f"process(es); resume with the same number (now {d.world_size})")
     else:
         cfg.check_backends()
-    check_device(device)
     if cfg.plot:  # found now, not after the run has trained
         try:
             import matplotlib  # noqa: F401

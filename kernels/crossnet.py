@@ -1113,17 +1113,26 @@ def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, par
         return torch.autograd.grad(out, leaves, grad_out)
 
 
-def _lr_batched_backward(ctx, grad_out, grad_p):
-    """:func:`_lr_lean_backward` for batched gradients (``lean_function``): :func:`_reference_grads`."""
-    x0, p, *params = ctx.saved_tensors
-    if grad_out is None:
-        return (None, None, *[None] * len(params))
-    dx0, *dparams = _reference_grads("low_rank_cross_net", grad_out, x0, params, ctx.num_layers)
-    return (dx0, None, *dparams)
+def _batched_backward(op_name: str, n_activations: int):
+    """The lean Function's backward for batched gradients (``lean_function``) of ``op_name``, whose
+    ``ctx.saved_tensors`` are x0, ``n_activations`` saved activations, then the flat parameters:
+    :func:`_reference_grads`, in the forward's argument order (x0, the layer count's None, the
+    parameters)."""
+
+    def backward(ctx, grad_out, *unused_grads):
+        x0, *rest = ctx.saved_tensors
+        params = rest[n_activations:]
+        if grad_out is None:
+            return (None, None, *[None] * len(params))
+        dx0, *dparams = _reference_grads(op_name, grad_out, x0, params, ctx.num_layers)
+        return (dx0, None, *dparams)
+
+    return backward
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_backward, _lr_batched_backward)
+_LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_backward,
+                                 _batched_backward("low_rank_cross_net", 1))
 
 
 @torch.library.custom_op("interformer::cross_net_fwd", mutates_args=())
@@ -1198,16 +1207,7 @@ def _fr_lean_backward(ctx, grad_out, grad_xs, grad_ys):
     return (dx0, None, *dw, *db)
 
 
-def _fr_batched_backward(ctx, grad_out, grad_xs, grad_ys):
-    """:func:`_fr_lean_backward` for batched gradients (``lean_function``): :func:`_reference_grads`."""
-    x0, xs, ys, *params = ctx.saved_tensors
-    if grad_out is None:
-        return (None, None, *[None] * len(params))
-    dx0, *dparams = _reference_grads("cross_net", grad_out, x0, params, ctx.num_layers)
-    return (dx0, None, *dparams)
-
-
-_CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _fr_batched_backward)
+_CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _batched_backward("cross_net", 2))
 
 
 # ============================================================================ public functions

@@ -161,3 +161,18 @@ def test_demo_throughput_leaves_out_the_warm_up_steps(monkeypatch):
         clock["t"] += 10.0
         short.step(5)
     assert short.rate() == 0.5
+
+
+def test_the_warm_up_note_says_what_the_numbers_leave_out():
+    from argparse import Namespace
+
+    from interformer import demo
+
+    def note(train, test, batch, epochs=1):
+        return demo.warmup_note(Namespace(train_samples=train, test_samples=test, batch_size=batch, epochs=epochs))
+
+    assert note(16384, 4096, 256) == ("samples/s leave out the first 3 training steps and the first inference batch: "
+                                      "kernel compilation and warm-up")
+    assert note(512, 256, 128) == "samples/s leave out the first 3 training steps: kernel compilation and warm-up"
+    assert note(300, 256, 128).startswith("samples/s include every step")  # 3 steps: none past the warm-up
+    assert note(300, 256, 128, epochs=2).startswith("samples/s leave out the first 3 training steps")

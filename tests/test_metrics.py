@@ -125,6 +125,8 @@ def test_gauc_leaves_out_samples_without_a_group():
     assert gauc(s, y, torch.tensor([1, 1, -1, -1, -1])) == 1.0
     assert math.isclose(gauc(s, y, torch.tensor([1, 1, 7, 7, 7])), 1.0 / 3.0, abs_tol=1e-15)
     assert math.isnan(gauc(s, y, torch.full((5,), -1)))
+    # other negative ids (signed 64-bit hashes, say) are groups like any
+    assert math.isclose(gauc(s, y, torch.tensor([1, 1, -7, -7, -7])), 1.0 / 3.0, abs_tol=1e-15)
 
 
 @pytest.mark.parametrize("seed", range(3))

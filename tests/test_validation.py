@@ -388,3 +388,30 @@ def test_config_takes_integral_floats_and_numpy_integers_as_ints():
     assert all(type(v) is int for v in c.sparse_vocab_sizes + c.head)
     assert InterFormerConfig(**{**CFG, "causal": True, "validate_inputs": False}).causal is True
     InterFormerCTR(c)  # builds
+
+
+def test_a_data_parallel_replica_runs_its_checks():
+    """``nn.DataParallel`` runs the forward on replicas that register no parameters (they are plain
+    attributes, ``torch/nn/parallel/replicate.py``): the device check then asks only for one device
+    (reading "the model's device" from ``next(self.parameters())`` raised StopIteration). Built here
+    as ``replicate`` builds them, without the GPU broadcast."""
+    model = InterFormerCTR(InterFormerConfig(**CFG))
+    modules = list(model.modules())
+    copies = {m: m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = copies[m]
+        r._former_parameters = {}
+        for k, sub in m._modules.items():
+            setattr(r, k, None if sub is None else copies[sub])
+        for k, p in m._parameters.items():
+            if p is not None:
+                t = p.detach().clone().requires_grad_()
+                setattr(r, k, t)
+                r._former_parameters[k] = t
+    replica = copies[model]
+    assert not list(replica.parameters())
+    torch.testing.assert_close(replica(**good_batch()), model(**good_batch()))
+    b = good_batch()
+    b["lengths"] = b["lengths"].to("meta")
+    with pytest.raises(ValueError, match=r"^lengths: is on meta, expected cpu \(the device of dense\)"):
+        replica(**b)
