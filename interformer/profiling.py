@@ -21,7 +21,7 @@ backward range unless one of its tensor arguments (passed directly, not in a con
 its outputs require grad: a call over inputs that need no gradient (frozen tokenizers upstream, say)
 has no node to close the range at, though its parameters get gradients. While backward ranges are
 on, a marked method's outputs are outputs of the opening node, which returns its inputs unchanged,
-so autograd refuses to modify them in place ("Output 0 of _BackwardOpen is a view and is being
+so autograd refuses to modify them in place ("Output 0 of _BackwardMark is a view and is being
 modified inplace"); the package's model never does. ``enable_nvtx(True, backward=False)`` keeps the
 forward ranges alone (the two nodes per call cost host time in the backward) and lifts that limit.
 
@@ -131,8 +131,8 @@ def nvtx_range(name: str):
 
 
 class _BackwardRange:
-    """The backward range of one call: opened and closed by :class:`_BackwardOpen` /
-    :class:`_BackwardClose` on the thread running the backward (closed only on the thread that
+    """The backward range of one call: opened and closed by :class:`_BackwardMark` (opening and
+    closing) on the thread running the backward (closed only on the thread that
     opened it, so a push is never popped from another thread's stack)."""
 
     __slots__ = ("range", "thread")
@@ -157,35 +157,21 @@ class _BackwardRange:
         self.range.__exit__(None, None, None)
 
 
-class _BackwardOpen(torch.autograd.Function):
-    """Identity on a method's outputs; its backward (the method's backward begins) opens the range."""
+class _BackwardMark(torch.autograd.Function):
+    """Identity on tensors whose backward opens (``opening``: on a method's outputs, once their
+    gradients are ready) or closes (on its inputs, once its gradients for them are done) the
+    backward range ``state``."""
 
     @staticmethod
-    def forward(ctx, state, *tensors):
-        ctx.state = state
+    def forward(ctx, state, opening, *tensors):
+        ctx.state, ctx.opening = state, opening
         ctx.set_materialize_grads(False)
         return tensors
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.state.open()
-        return (None, *grads)
-
-
-class _BackwardClose(torch.autograd.Function):
-    """Identity on a method's inputs; its backward (the method's gradients for them are done)
-    closes the range."""
-
-    @staticmethod
-    def forward(ctx, state, *tensors):
-        ctx.state = state
-        ctx.set_materialize_grads(False)
-        return tensors
-
-    @staticmethod
-    def backward(ctx, *grads):
-        ctx.state.close()
-        return (None, *grads)
+        (ctx.state.open if ctx.opening else ctx.state.close)()
+        return (None, None, *grads)
 
 
 def _needs_grad(x) -> bool:
@@ -204,14 +190,14 @@ def _with_backward_range(fn, name: str, args, kwargs):
     if not slots:
         return fn(*args, **kwargs)
     state = _BackwardRange(name + ".backward")
-    for (where, key), x in zip(slots, _BackwardClose.apply(state, *(where[key] for where, key in slots))):
+    for (where, key), x in zip(slots, _BackwardMark.apply(state, False, *(where[key] for where, key in slots))):
         where[key] = x
     out = fn(*args, **kwargs)
     flat, spec = tree_flatten(out)
     marked = [i for i, x in enumerate(flat) if _needs_grad(x)]
     if not marked:
         return out
-    for i, x in zip(marked, _BackwardOpen.apply(state, *(flat[i] for i in marked))):
+    for i, x in zip(marked, _BackwardMark.apply(state, True, *(flat[i] for i in marked))):
         flat[i] = x
     return tree_unflatten(flat, spec)
 

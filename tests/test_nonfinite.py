@@ -92,6 +92,16 @@ def _poke(args: dict, name: str, idx, value) -> dict:
     return out
 
 
+def _poked(args: dict, grad: torch.Tensor, target: str, idx, value):
+    """``(args, grad)`` with element ``idx`` of ``target`` set to ``value``: ``target`` names an
+    argument (:func:`_poke`) or is ``"grad"``, the upstream gradient (copies; the inputs untouched)."""
+    if target != "grad":
+        return _poke(args, target, idx, value), grad
+    g = grad.clone()
+    g[idx] = value
+    return args, g
+
+
 def assert_same_nonfinite(fused: torch.Tensor, ref: torch.Tensor, name: str, valid=None) -> None:
     """The same elements non-finite in ``fused`` and ``ref`` (within ``valid``, a bool mask)."""
     nf_f, nf_r = ~torch.isfinite(fused), ~torch.isfinite(ref)
@@ -224,11 +234,7 @@ def test_attention_padding_never_reaches_anything(dtype):
     clean_out, clean_grads = _run(A.attention, args, ["q", "k", "v"], grad)
     for value in VALUES.values():
         for target in ("q", "k", "v", "grad"):
-            if target == "grad":
-                poked, g = args, grad.clone()
-                g[2, 4, 0, 3] = value
-            else:
-                poked, g = _poke(args, target, (2, 4, 0, 3), value), grad  # row 4 of a length-3 sample
+            poked, g = _poked(args, grad, target, (2, 4, 0, 3), value)  # row 4 of a length-3 sample
             out, grads = _run(A.attention, poked, ["q", "k", "v"], g)
             assert torch.equal(out, clean_out), f"{target}={value}: the output changed"
             for name, t in grads.items():
@@ -365,12 +371,7 @@ def test_gated_lce_nonfinite_parameters_and_gradient(dtype):
     cases = [("weight", (1, 0)), ("bias", (1,)), ("gate_weight", (3, 4)), ("gate_bias", (5,)), ("grad", (2, 1, 3))]
     for target, idx in cases:
         for name, value in VALUES.items():
-            a, gr = args, grad
-            if target == "grad":
-                gr = grad.clone()
-                gr[idx] = value
-            else:
-                a = _poke(args, target, idx, value)
+            a, gr = _poked(args, grad, target, idx, value)
             fo, fg = _run(G.gated_lce, a, diff, gr)
             eo, eg = _run(R.gated_lce, a, diff, gr)
             assert_same_nonfinite(fo, eo, f"{target}={name}: output")
@@ -417,12 +418,7 @@ def test_pffn_nonfinite_at_valid_positions(mode, dtype):
     cases = [("s", (2, 1, 3)), (wname, (2, 1, 4)), ("ln_weight", (3,)), ("ln_bias", (5,)), ("grad", (2, 2, 7))]
     for target, idx in cases:
         for value in VALUES.values():
-            a, g = args, grad
-            if target == "grad":
-                g = grad.clone()
-                g[idx] = value
-            else:
-                a = _poke(args, target, idx, value)
+            a, g = _poked(args, grad, target, idx, value)
             check_like_reference(ref, fused, a, diff, g, out_valid=rows, grad_valid=gv)
 
 
@@ -442,12 +438,7 @@ def test_pffn_padding_never_reaches_anything(mode, dtype):
     clean_out, clean_grads = _run(fused, args, diff, grad)
     for value in VALUES.values():
         for target, idx in (("s", (2, 4, 3)), ("s", (1, 0, 3)), (wname, (1, 1, 2)), ("grad", (2, 3, 5))):
-            a, g = args, grad
-            if target == "grad":
-                g = grad.clone()
-                g[idx] = value
-            else:
-                a = _poke(args, target, idx, value)
+            a, g = _poked(args, grad, target, idx, value)
             out, grads = _run(fused, a, diff, g)
             assert torch.equal(out, clean_out), f"{target}{idx}={value}: the output changed"
             for k, t in grads.items():

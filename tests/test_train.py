@@ -328,14 +328,17 @@ def test_repeated_sigterms_wait_for_the_stop_checkpoint():
 
 def test_a_second_sigint_aborts_at_once():
     """The first SIGINT only asks for a checkpoint; it hands the signals back, so the second one
-    raises KeyboardInterrupt right away (Python's own handler)."""
+    raises KeyboardInterrupt right away (Python's own handler). ``signal.raise_signal`` sends it to
+    this thread: ``os.kill`` to the process may land on another thread (one an earlier test left
+    running), and the main thread then runs the handler a few bytecodes later, after the check
+    (seen once in CI, 2026-11-27)."""
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with T._StopRequest() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             assert stop.requested
             assert signal.getsignal(signal.SIGINT) is before
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             pytest.fail("the second SIGINT was swallowed")
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -393,7 +396,7 @@ def interrupt_at_step(monkeypatch, n: int) -> None:
     def loss_with_interrupt(logits, label):
         calls["n"] += 1
         if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this thread (see test_a_second_sigint_aborts_at_once)
         return real_loss(logits, label)
 
     monkeypatch.setattr(T.InterFormerCTR, "loss", staticmethod(loss_with_interrupt))
