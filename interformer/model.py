@@ -249,8 +249,8 @@ class InterFormer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.config.validate_inputs:
             first = next(self.dense_tokenizer.parameters(), None)  # none without dense fields
-            # a DataParallel replica registers no parameters: then only "one device" is checked
-            anchor = next(self.parameters(), None)
+            # the model's device (a DataParallel replica registers no parameters: then only "one device")
+            anchor = first if first is not None else next(self.parameters(), None)
             validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=None if first is None else first.dtype,
                            device=None if anchor is None else anchor.device)
         x, body = self.tokenize(dense, sparse, seq, lengths)
