@@ -63,6 +63,12 @@ def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def needed(grads: Sequence, need: Sequence[bool]) -> tuple:
+    """``grads`` with None where ``need`` (``ctx.needs_input_grad``'s flags for them) is False, so
+    that a backward hands autograd no gradient it would drop (and frees the buffer sooner)."""
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
 class _WithSaved:
     """``ctx`` with its ``saved_tensors`` already unpacked (every other attribute is ctx's)."""
 

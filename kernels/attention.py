@@ -152,7 +152,7 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1220,7 +1220,9 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     """Gradients of :func:`_pooled_forward` in closed form: the output GEMM's (two GEMMs and a
     column sum), the attention kernels' backward (dq of the folded queries and ds = dk + dv in one
     tensor, ``SAME_KV``), and the fold's (four small batched GEMMs); each gradient is returned in
-    its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift)."""
+    its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift). With every
+    parameter frozen (``requires_grad=False``) only ds is computed; with some frozen, the others'
+    gradients are computed as usual and the frozen ones' are dropped."""
     if grad is None:
         return (None,) * 10
     q_in, kv, a, lse, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask = ctx.saved_tensors
@@ -1229,9 +1231,13 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     nq, dh = qh.shape[1], d // H
     g = (grad.to(mask.dtype) * mask).reshape(B * nq, d)  # the upstream gradient may be any view
     d_a = torch.mm(g, w_ov.t()).view(B, nq * H, 1, d)
+    dq_in, ds = attention_bwd(d_a, q_in, kv, a, lse, lengths, 1.0 / math.sqrt(dh))
+    ds = ds.view(B, L, d).to(ctx.dtypes[0])
+    need = ctx.needs_input_grad
+    if not any(need[2:9]):  # frozen parameters: the fold's gradients are skipped
+        return (ds, *(None,) * 9)
     d_wov = torch.mm(a.view(B * nq, H * d).t(), g).view(H, d, d)
     d_bias = g.sum(0)
-    dq_in, ds = attention_bwd(d_a, q_in, kv, a, lse, lengths, 1.0 / math.sqrt(dh))
     if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
         dq_in = dq_in.sum(0, keepdim=True)
     dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
@@ -1244,9 +1250,9 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     else:
         d_wo = d_wo.addr_(d_bias, v_b)
         d_bv = torch.mv(o_w.t(), d_bias)
-    s_dt, q_dt, kw_dt, kb_dt, vw_dt, vb_dt, ow_dt, ob_dt = ctx.dtypes
-    return (ds.view(B, L, d).to(s_dt), None, d_query.to(q_dt), d_wk.to(kw_dt), torch.zeros(d, dtype=kb_dt, device=kv.device),
-            d_wv.to(vw_dt), d_bv.to(vb_dt), d_wo.to(ow_dt), d_bias.to(ob_dt), None)
+    _, q_dt, kw_dt, kb_dt, vw_dt, vb_dt, ow_dt, ob_dt = ctx.dtypes
+    return (ds, None, *_needed((d_query.to(q_dt), d_wk.to(kw_dt), torch.zeros(d, dtype=kb_dt, device=kv.device),
+                                d_wv.to(vw_dt), d_bv.to(vb_dt), d_wo.to(ow_dt), d_bias.to(ob_dt)), need[2:9]), None)
 
 
 def _pooled_batched_backward(ctx, grad):

@@ -212,7 +212,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs,
                       sum_partials)
-from ._dispatch import lean_function, needs_grad, tracing
+from ._dispatch import lean_function, needs_grad, needed as _needed, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -649,7 +649,9 @@ def _lr_phase_split(row_blocks: int, col_tiles: int, device: torch.device) -> Tu
 
 
 @on_input_device
-def _lr_bwd_impl(g, x0, ws, vs, bs, p):
+def _lr_bwd_impl(g, x0, ws, vs, bs, p, weights: bool = True):
+    """``(dx0, dU, dV, db)``; with ``weights=False`` (no parameter needs a gradient: the eager
+    path's frozen cross nets) only dx0, the rest None, and the weight-gradient kernel is not run."""
     g = g.contiguous()
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
@@ -679,6 +681,8 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p):
             _lr_bwd_phase_kernel[(row_blocks, split)](dpp, dp, g, x0, ws, vs, B, D, R, split, chunks, LAYER=i,
                                                       **rows_kw)
         _lr_bwd_dx0_kernel[(row_blocks, cdiv(D, bd))](dx0, dp, dpp, g, p, ws, vs, bs, B, D, R, split, **rows_kw)
+    if not weights:
+        return dx0, None, None, None
     du = torch.empty((L, D, R), device=dev, dtype=pdt)
     dv = torch.empty((L, R, D), device=dev, dtype=pdt)
     db = torch.empty((L, D), device=dev, dtype=pdt)
@@ -934,7 +938,7 @@ def _fr_fwd_impl(x0, ws, bs):
     return out, xs, ys
 
 
-def _fr_bwd_cublas(g, x0, ws, xs, ys):
+def _fr_bwd_cublas(g, x0, ws, xs, ys, weights, biases):
     """Backward with cuBLAS GEMMs, from the top layer down: ``_fr_bwd_eltwise_kernel`` forms
     ``dy_i`` (and ``db_i`` partials, and the dx0 running sum), then ``dW_i = dy_i^T x_i`` and
     ``g_i = g_{i+1} + dy_i W_i`` (one ``addmm``; at i = 0 it yields dx0 directly)."""
@@ -945,8 +949,7 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
     n_m = cdiv(B, bm)
     grid = (n_m, cdiv(D, bn))
     dx0 = torch.empty((B, D), device=dev, dtype=dt)
-    dw = torch.empty((L, D, D), device=dev, dtype=pdt)
-    db = torch.empty((L, D), device=dev, dtype=pdt)
+    dw, db = _fr_grad_buffers(L, D, dev, pdt, weights, biases)
     dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
     dy = torch.empty((B, D), device=dev, dtype=dt)
     s_buf = [torch.empty((B, D), device=dev, dtype=torch.float32) for _ in range(min(L - 1, 2))]
@@ -962,7 +965,8 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
                 B, D, i * D, L * D,
                 HAS_S=s_in is not None, LAST=last, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
             )
-            _weight_grad(dw[i], dy, x0 if last else xs[i - 1])
+            if weights[i]:
+                _weight_grad(dw[i], dy, x0 if last else xs[i - 1])
             w = _in_dtype(ws[i], dt)
             if last:
                 torch.addmm(c, dy, w, out=dx0)
@@ -970,28 +974,39 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys):
                 g_out = g_buf[i % len(g_buf)]
                 torch.addmm(g_in, dy, w, out=g_out)
                 g_in, s_in = g_out, s_out
-    sum_partials(dbp.view(n_m, L * D), (db,))
+    if db is not None:
+        sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
 
 
+def _fr_grad_buffers(L, D, dev, pdt, weights, biases):
+    """``(dW [L, D, D], db [L, D])`` to fill, each None where no layer needs it."""
+    dw = torch.empty((L, D, D), device=dev, dtype=pdt) if any(weights) else None
+    db = torch.empty((L, D), device=dev, dtype=pdt) if biases else None
+    return dw, db
+
+
 @on_input_device
-def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
+def _fr_bwd_impl(g, x0, ws, bs, xs, ys, weights: Optional[Sequence[bool]] = None, biases: bool = True):
+    """``(dx0, dW, db)``. ``weights`` (one flag per layer; None: all) and ``biases`` say which
+    parameter gradients to compute (the eager path's frozen layers): a layer without its flag skips
+    its ``dW_i`` GEMM (its slice of dW is left unwritten), and dW or db is None when none is needed."""
     g = g.contiguous()
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
     B, D = x0.shape
     L = len(ws)
+    weights = (True,) * L if weights is None else tuple(weights)
     dev, dt, pdt = x0.device, x0.dtype, ws[0].dtype
     if _use_cublas(D, dt):
-        return _fr_bwd_cublas(g, x0, ws, xs, ys)
+        return _fr_bwd_cublas(g, x0, ws, xs, ys, weights, biases)
     bm, bn, bk, warps, stages = _fr_config(B, D, dt)
     n_m = cdiv(B, bm)
     grid = (n_m * cdiv(D, bn),)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
                 num_warps=warps, num_stages=stages)
     dx0 = torch.empty((B, D), device=dev, dtype=dt)
-    dw = torch.empty((L, D, D), device=dev, dtype=pdt)
-    db = torch.empty((L, D), device=dev, dtype=pdt)
+    dw, db = _fr_grad_buffers(L, D, dev, pdt, weights, biases)
     dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
     dy = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L, 2))]
     carry_g = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
@@ -1011,10 +1026,12 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys):
             B, D, max(i - 1, 0) * D, (L - 1) * D, L * D,
             TOP=top, LAST=last, NEXT_LAST=next_last, **meta,
         )
-        with torch.autocast(dev.type, enabled=False):
-            _weight_grad(dw[i], dy_i, x0 if i == 0 else xs[i - 1])
+        if weights[i]:
+            with torch.autocast(dev.type, enabled=False):
+                _weight_grad(dw[i], dy_i, x0 if i == 0 else xs[i - 1])
         g_in, s_in = g_out, s_out
-    sum_partials(dbp.view(n_m, L * D), (db,))
+    if db is not None:
+        sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
 
 
@@ -1061,13 +1078,16 @@ def _lr_setup_context(ctx, inputs, output):
 
 def _lr_grads(ctx, grad_out, bwd):
     """``(dx0, [dU_i], [dV_i], [db_i])`` from ``bwd`` (the backward op when traced, the launcher in
-    eager); the per-layer gradients are views of the stacked ones, db in the biases' shapes."""
+    eager); the per-layer gradients are views of the stacked ones, db in the biases' shapes (all
+    None where ``bwd`` computed no parameter gradient)."""
     x0, p, *params = ctx.saved_tensors
     L = ctx.num_layers
     if grad_out is None:
         return None, [None] * L, [None] * L, [None] * L
     ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
     dx0, du, dv, db = bwd(grad_out, x0, ws, vs, bs, p)
+    if du is None:
+        return dx0, [None] * L, [None] * L, [None] * L
     return (dx0, list(du.unbind(0)), list(dv.unbind(0)),
             [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)])
 
@@ -1089,8 +1109,9 @@ def _lr_lean_forward(ctx, x0, num_layers, *params):
 
 
 def _lr_lean_backward(ctx, grad_out, grad_p):
-    dx0, du, dv, db = _lr_grads(ctx, grad_out, _lr_bwd_impl)
-    return (dx0, None, *du, *dv, *db)
+    need = ctx.needs_input_grad[2:]
+    dx0, du, dv, db = _lr_grads(ctx, grad_out, functools.partial(_lr_bwd_impl, weights=any(need)))
+    return (dx0, None, *_needed((*du, *dv, *db), need))
 
 
 def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, params: Sequence[torch.Tensor],
@@ -1177,14 +1198,16 @@ def _fr_setup_context(ctx, inputs, output):
 
 
 def _fr_grads(ctx, grad_out, bwd):
-    """``(dx0, [dW_i], [db_i])`` from ``bwd`` (the backward op when traced, the launcher in eager)."""
+    """``(dx0, [dW_i], [db_i])`` from ``bwd`` (the backward op when traced, the launcher in eager;
+    None for a stacked gradient it did not compute)."""
     x0, xs, ys, *params = ctx.saved_tensors
     L = ctx.num_layers
     if grad_out is None:
         return None, [None] * L, [None] * L
     ws, bs = params[:L], params[L:]
     dx0, dw, db = bwd(grad_out, x0, ws, bs, xs, ys)
-    return dx0, list(dw.unbind(0)), [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)]
+    return (dx0, [None] * L if dw is None else list(dw.unbind(0)),
+            [None] * L if db is None else [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)])
 
 
 def _fr_backward(ctx, grad_out, grad_xs, grad_ys):
@@ -1203,8 +1226,11 @@ def _fr_lean_forward(ctx, x0, num_layers, *params):
 
 
 def _fr_lean_backward(ctx, grad_out, grad_xs, grad_ys):
-    dx0, dw, db = _fr_grads(ctx, grad_out, _fr_bwd_impl)
-    return (dx0, None, *dw, *db)
+    L = ctx.num_layers
+    need = ctx.needs_input_grad[2:]
+    bwd = functools.partial(_fr_bwd_impl, weights=need[:L], biases=any(need[L:]))
+    dx0, dw, db = _fr_grads(ctx, grad_out, bwd)
+    return (dx0, None, *_needed((*dw, *db), need))
 
 
 _CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _batched_backward("cross_net", 2))

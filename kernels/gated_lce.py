@@ -124,7 +124,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, num_sms, on_input_device,
                       sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing, unused_arg
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, unused_arg
 
 __all__ = ["gated_lce"]
 
@@ -373,7 +373,10 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
 
 
 @on_input_device
-def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
+def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, params: bool = True):
+    """``(dx, dweight, dbias, dgate_weight, dgate_bias)``; with ``params=False`` (no parameter needs
+    a gradient: the eager path's frozen module) only dx, the rest None: the kernel still forms its
+    partial sums (and in "store" mode dZ and Y), but they are neither reduced nor multiplied."""
     B, n_in, d = x.shape
     bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows
     n_out = weight.shape[1]
@@ -383,6 +386,8 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
+        if not params:
+            return dx, None, None, None, None
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
     mode = _gw_mode(B, n_out, d, x.element_size(), num_sms(x.device))
     store = mode == "store"
@@ -404,6 +409,8 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias):
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
         **_bwd_launch_options(x.dtype), num_warps=warps,
     )
+    if not params:
+        return dx, None, None, None, None
     if store:
         sum_partials(part, [dgb, dw, db])
         dgw = torch.mm(dz.t(), ys)  # cuBLAS: [d, B*n_out] x [B*n_out, d], fp32 accumulation
@@ -464,6 +471,15 @@ def _backward_with(bwd):
     return backward
 
 
+def _lean_backward(ctx, grad_out):
+    """The eager path's formula: as :func:`_backward_with`'s, without the parameters' reductions
+    when none of them needs a gradient (frozen), and with None for every gradient not needed."""
+    if grad_out is None:
+        return None, None, None, None, None
+    need = ctx.needs_input_grad
+    return _needed(_gated_lce_bwd_impl(grad_out, *ctx.saved_tensors, params=any(need[1:])), need)
+
+
 gated_lce_fwd.register_autograd(_backward_with(torch.ops.interformer.gated_lce_bwd), setup_context=_setup_context)
 
 
@@ -474,7 +490,7 @@ def _lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_GatedLCE = lean_function("_GatedLCE", _lean_forward, _backward_with(_gated_lce_bwd_impl),
+_GatedLCE = lean_function("_GatedLCE", _lean_forward, _lean_backward,
                           _backward_with(torch.ops.interformer.gated_lce_bwd))
 inline_when_compiled(gated_lce_fwd, gated_lce_bwd)
 

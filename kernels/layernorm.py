@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing, unused_arg
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, unused_arg
 
 __all__ = ["add_layer_norm"]
 
@@ -192,9 +192,11 @@ def _grad_dtype(x, residual):
 
 
 @on_input_device
-def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
+def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype, params: bool = True):
     """(dh, dweight, dbias); dh is the gradient of ``x + residual`` in their promoted dtype, dweight
-    and dbias in the weight's and the bias's dtype (each rounded once from its fp32 sum)."""
+    and dbias in the weight's and the bias's dtype (each rounded once from its fp32 sum). With
+    ``params=False`` (neither needs a gradient: the eager path's frozen LayerNorm) both are None and
+    their partial sums are not reduced."""
     N = x.shape[-1]
     weight = weight.contiguous()
     dy, sdy = _rows(grad_out, N)
@@ -203,11 +205,12 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
     M = x.numel() // N if N else 0
     dev = x.device
     dh = torch.empty(x.shape, device=dev, dtype=_grad_dtype(x, residual))
-    dw = torch.empty((N,), device=dev, dtype=weight.dtype)
-    db = torch.empty((N,), device=dev, dtype=bias_dtype)
+    dw = torch.empty((N,), device=dev, dtype=weight.dtype) if params else None
+    db = torch.empty((N,), device=dev, dtype=bias_dtype) if params else None
     if M == 0:
-        dw.zero_()
-        db.zero_()
+        if params:
+            dw.zero_()
+            db.zero_()
         return dh, dw, db
     bm, bn, warps = _config(N)
     G = min(cdiv(M, bm), persistent_programs(dev))
@@ -217,7 +220,8 @@ def _bwd_impl(grad_out, x, residual, weight, mean, rstd, bias_dtype):
         M, N, sdy, sx, sr, N,
         HAS_R=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
     )
-    sum_partials(part, [dw, db])
+    if params:
+        sum_partials(part, [dw, db])
     return dh, dw, db
 
 
@@ -294,8 +298,9 @@ def _lean_forward(ctx, x, residual, weight, bias, eps, out_dtype):
 
 
 def _lean_backward(ctx, grad_out, grad_mean, grad_rstd):
-    dx, dr, dw, db = _grads(ctx, grad_out, _bwd_impl)
-    return dx, dr, dw, db, None, None
+    need = ctx.needs_input_grad
+    dx, dr, dw, db = _grads(ctx, grad_out, functools.partial(_bwd_impl, params=need[2] or need[3]))
+    return (*_needed((dx, dr, dw, db), need[:4]), None, None)
 
 
 _AddLayerNorm = lean_function("_AddLayerNorm", _lean_forward, _lean_backward, _backward)

@@ -94,7 +94,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, layer_norm_params, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -300,8 +300,10 @@ def _fwd_impl(s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
 
 
 @on_input_device
-def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
-    """(ds, dwx, da or None, dln_weight, dln_bias)."""
+def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear, params: bool = True):
+    """(ds, dwx, da or None, dln_weight, dln_bias). With ``params=False`` (neither the LayerNorm's
+    parameters nor ``a`` need a gradient: the eager path's frozen module) those three are None and
+    the kernel's partial sums of them are not reduced."""
     B, L, d = s.shape
     s, wx, a = _int32_views(s, wx, a)
     grad_out = int32_block(grad_out, 1)
@@ -309,9 +311,9 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
     n_sum = wx.shape[1] if linear else 1
     ds = torch.empty((B, L, d), device=s.device, dtype=s.dtype)
     dwx = torch.empty(wx.shape, device=wx.device, dtype=wx.dtype)
-    dgamma = torch.empty(ln_weight.shape, device=s.device, dtype=ln_weight.dtype)
-    dbeta = torch.empty(ln_bias.shape, device=s.device, dtype=ln_bias.dtype)
-    da = torch.empty(a.shape, device=a.device, dtype=a.dtype) if linear else None
+    dgamma = torch.empty(ln_weight.shape, device=s.device, dtype=ln_weight.dtype) if params else None
+    dbeta = torch.empty(ln_bias.shape, device=s.device, dtype=ln_bias.dtype) if params else None
+    da = torch.empty(a.shape, device=a.device, dtype=a.dtype) if linear and params else None
     if B == 0 or d == 0 or L == 0:
         for t in (ds, dwx, dgamma, dbeta, da):
             if t is not None:
@@ -329,7 +331,8 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear):
         a_.stride(0), a_.stride(1), part.stride(0),
         LINEAR=linear, BLOCK_L=block_l, DP=dp, NP=np_, PREC=dot_precision(wx.dtype), num_warps=warps,
     )
-    sum_partials(part, [dgamma, dbeta, da] if linear else [dgamma, dbeta])
+    if params:
+        sum_partials(part, [dgamma, dbeta, da] if linear else [dgamma, dbeta])
     return ds, dwx, da, dgamma, dbeta
 
 
@@ -337,9 +340,9 @@ def _mlp_fwd_impl(s, lengths, w_b, ln_weight, ln_bias, eps):
     return _fwd_impl(s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
 
 
-def _mlp_bwd_impl(grad_out, s, lengths, w_b, ln_weight, ln_bias, eps):
-    """(ds, dw_b, dln_weight, dln_bias)."""
-    ds, dw, _, dg, db = _bwd_impl(grad_out, s, lengths, w_b, None, ln_weight, ln_bias, eps, False)
+def _mlp_bwd_impl(grad_out, s, lengths, w_b, ln_weight, ln_bias, eps, params: bool = True):
+    """(ds, dw_b, dln_weight, dln_bias) (the last two None with ``params=False``)."""
+    ds, dw, _, dg, db = _bwd_impl(grad_out, s, lengths, w_b, None, ln_weight, ln_bias, eps, False, params)
     return ds, dw, dg, db
 
 
@@ -347,9 +350,9 @@ def _linear_fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps):
     return _fwd_impl(s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
 
 
-def _linear_bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps):
-    """(ds, dx_sum, da, dln_weight, dln_bias)."""
-    return _bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, True)
+def _linear_bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, params: bool = True):
+    """(ds, dx_sum, da, dln_weight, dln_bias) (the last three None with ``params=False``)."""
+    return _bwd_impl(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, eps, True, params)
 
 
 # ============================================================================ torch.library
@@ -388,14 +391,19 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _mlp_backward_with(bwd):
-    """The mlp autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+def _mlp_backward_with(bwd, lean=False):
+    """The mlp autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager;
+    ``lean``: the launcher, told whether the LayerNorm's parameters need gradients, and None
+    returned for every gradient not needed)."""
     def backward(ctx, grad_out):
         if grad_out is None:
             return None, None, None, None, None, None
         s, lengths, w_b, ln_weight, ln_bias = ctx.saved_tensors
-        ds, dw, dg, db = bwd(grad_out, s, lengths, w_b, ln_weight, ln_bias, ctx.eps)
-        return ds, None, dw, dg, db, None
+        need = ctx.needs_input_grad
+        extra = (any(need[3:5]),) if lean else ()
+        ds, dw, dg, db = bwd(grad_out, s, lengths, w_b, ln_weight, ln_bias, ctx.eps, *extra)
+        grads = ds, None, dw, dg, db, None
+        return _needed(grads, need) if lean else grads
     return backward
 
 
@@ -410,7 +418,7 @@ def _mlp_lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl),
+_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl, lean=True),
                          _mlp_backward_with(torch.ops.interformer.pffn_mlp_bwd))
 inline_when_compiled(pffn_mlp_fwd, pffn_mlp_bwd)
 
@@ -449,14 +457,18 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _linear_backward_with(bwd):
-    """The linear autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
+def _linear_backward_with(bwd, lean=False):
+    """The linear autograd formula, calling ``bwd`` (as :func:`_mlp_backward_with`; here ``lean``
+    asks whether ``a`` or the LayerNorm's parameters need gradients)."""
     def backward(ctx, grad_out):
         if grad_out is None:
             return None, None, None, None, None, None, None
         s, lengths, x_sum, a, ln_weight, ln_bias = ctx.saved_tensors
-        ds, dx, da, dg, db = bwd(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, ctx.eps)
-        return ds, None, dx, da, dg, db, None
+        need = ctx.needs_input_grad
+        extra = (any(need[3:6]),) if lean else ()
+        ds, dx, da, dg, db = bwd(grad_out, s, lengths, x_sum, a, ln_weight, ln_bias, ctx.eps, *extra)
+        grads = ds, None, dx, da, dg, db, None
+        return _needed(grads, need) if lean else grads
     return backward
 
 
@@ -471,7 +483,7 @@ def _linear_lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl),
+_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl, lean=True),
                             _linear_backward_with(torch.ops.interformer.pffn_linear_bwd))
 inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 

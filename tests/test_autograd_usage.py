@@ -270,6 +270,95 @@ def test_frozen_parameters_leave_every_other_gradient_bitwise_unchanged(case):
     assert all(torch.equal(got[n], ref[n]) for n in ref), "inputs without gradient changed a parameter gradient"
 
 
+#: what the fused backward leaves out when every parameter of the module is frozen: Triton launches
+#: (the parameters' partial-sum reductions, the low-rank weight-gradient kernel) and aten matrix
+#: products (the full-rank weight GEMMs, the folded PMA's fold gradients); each module counts only
+#: what its fused op skips, not what its own nn.Linear layers skip on either path
+FROZEN_SKIPS = {
+    "gated_lce": ("launches",), "pffn_mlp": ("launches",), "pffn_linear": ("launches",),
+    "cross_net": ("launches", "matmuls"), "low_rank_cross_net": ("launches",),
+    "low_rank_cross_net_phases": ("launches",), "add_layer_norm": ("launches",), "pooled_attention": ("matmuls",),
+}
+_MATMULS = {getattr(torch.ops.aten, n) for n in ("mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "addr", "addr_")}
+
+
+def _backward_work(module, args):
+    """``({"launches": n, "matmuls": n}, [input gradients])`` of one backward of ``module`` (the
+    CPU runs it on this thread, where the dispatch mode sees its ops). Matrix products, not all aten
+    ops: every trainable parameter adds ops of its own (``AccumulateGrad``'s), skipped work or not."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from interformer.profiling import triton_launches
+
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            ops.append(func.overloadpacket)
+            return func(*a, **(kw or {}))
+
+    module.zero_grad(set_to_none=True)
+    out = module(*args)
+    with triton_launches() as launches, Count():
+        out.backward(_upstream(out))
+    return {"launches": sum(launches.values()), "matmuls": sum(op in _MATMULS for op in ops)}, \
+        [a.grad for a in _floats(args)]
+
+
+@by_name(list(FROZEN_SKIPS))
+def test_a_frozen_module_skips_its_parameter_gradients_and_keeps_the_input_gradients(case, request):
+    """Every parameter frozen (fine-tuning around a module, or gradients for the inputs alone): the
+    fused backward computes no parameter gradient (fewer launches or matrix products than with the
+    parameters trainable, as aten's own backward formulas skip what no input needs), and the input
+    gradients are bitwise those of the trainable module (the same kernels compute them) and match eager's."""
+    eager, fused, inputs = case
+    name = request.node.callspec.params["case"]
+    trainable, ref_in = _backward_work(fused, inputs())
+    for m in (fused, eager):
+        m.requires_grad_(False)
+    frozen, got_in = _backward_work(fused, inputs())
+    assert all(p.grad is None for p in fused.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(got_in, ref_in)), "an input gradient changed"
+    if got_in:
+        _, _, eager_in = _grads(eager, inputs())
+        _close(dict(enumerate(got_in)), dict(enumerate(eager_in)), "frozen: fused vs eager input gradients")
+    for kind in ("launches", "matmuls"):
+        assert frozen[kind] <= trainable[kind], f"frozen: more {kind} ({frozen[kind]} > {trainable[kind]})"
+    skipped = FROZEN_SKIPS[name]
+    assert all(frozen[k] < trainable[k] for k in skipped), \
+        f"{name} frozen: nothing skipped (frozen {frozen}, trainable {trainable}; expected fewer {skipped})"
+
+
+def test_a_frozen_cross_layer_skips_its_weight_gemm_alone():
+    """A full-rank cross net with one layer's kernel frozen runs one weight GEMM less; the other
+    layers' gradients are bitwise unchanged (the rest is pinned by the per-parameter test above)."""
+    torch.manual_seed(0)
+    net = Ly.CrossNet(12, 3, backend="triton").to(DEVICE)
+    x = torch.randn(B, 12, device=DEVICE)
+
+    def mms():
+        from torch.utils._python_dispatch import TorchDispatchMode
+        seen = []
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, a=(), kw=None):
+                seen.append(func)
+                return func(*a, **(kw or {}))
+
+        net.zero_grad(set_to_none=True)
+        out = net(x.clone().requires_grad_())
+        with Count():
+            out.backward(_upstream(out))
+        return sum(f.overloadpacket is torch.ops.aten.mm for f in seen), {n: p.grad for n, p in net.named_parameters()}
+
+    n_all, ref = mms()
+    net.kernels[1].requires_grad_(False)
+    n_one, got = mms()
+    assert (n_all, n_one) == (3, 2)
+    assert got["kernels.1"] is None
+    assert all(torch.equal(got[n], ref[n]) for n in got if n != "kernels.1")
+
+
 def _upstream_variants(out):
     g = _upstream(out)
     nd = out.dim()

@@ -185,8 +185,8 @@ def test_a_broken_kernel_is_caught(monkeypatch):
     ins = _inputs((30, 40), torch.float32)
     real = K._bwd_impl
 
-    def broken(grad_out, x, residual, weight, mean, rstd, bias_dtype):
-        dh, dw, db = real(grad_out, x, residual, weight, mean, rstd, bias_dtype)
+    def broken(grad_out, x, residual, weight, mean, rstd, bias_dtype, **kw):
+        dh, dw, db = real(grad_out, x, residual, weight, mean, rstd, bias_dtype, **kw)
         h = x if residual is None else x + residual
         xhat = (h - mean.view(*h.shape[:-1], 1)) * rstd.view(*h.shape[:-1], 1)
         c1 = (grad_out * weight * xhat).mean(-1, keepdim=True)
