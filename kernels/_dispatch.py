@@ -59,6 +59,26 @@ _functorch_transform = torch._C._functorch.peek_interpreter_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def transformed(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``,
+    ``hessian``, ...) has wrapped one of ``tensors`` outside ``torch.compile``: the fused ops then
+    run their eager reference, whose aten ops every transform knows.
+
+    Decision: the kernels have no batching rule and no forward-mode formula, and the autograd formula
+    of a ``torch.library`` custom op cannot be used under ``torch.func`` at all: the
+    ``autograd.Function`` PyTorch generates for it has no separate ``setup_context``, which functorch
+    requires (PyTorch issues 168393, 170834, 179652; a fused module failed ``torch.func.grad``
+    with that error). Per-sample gradients (``vmap(grad(...))``), Jacobians and Hessians of a fused
+    model are therefore the reference's, computed by aten ops, not the kernels. Under
+    ``torch.compile`` dynamo handles the transforms itself and the custom ops are kept."""
+    if _functorch_transform() is None or torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _functorch_wrapped(t):
+            return True
+    return False
+
+
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

@@ -152,7 +152,7 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1067,10 +1067,12 @@ def attention(
     -> contiguous ``[B, Lq, H, dh]``.
     """
     _check(q, k, v, lengths, rope_base)
-    if k.shape[3] > MAX_HEAD_DIM:  # wider heads than the register tiles hold: the reference, same math
+    tensors = (q, k, v, lengths)
+    # wider heads than the register tiles hold, or a torch.func transform (_dispatch.transformed):
+    # the reference, same math
+    if k.shape[3] > MAX_HEAD_DIM or transformed(tensors):
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
-    tensors = (q, k, v, lengths)
     if tracing(tensors):
         out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
     elif needs_grad(tensors):
@@ -1103,7 +1105,7 @@ def attention_packed(
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(2)
     if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
-            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM):
+            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not transformed((qkv,))):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
@@ -1311,10 +1313,12 @@ def pooled_attention(
     d = s.shape[2]
     if num_heads < 1 or d % num_heads:
         raise ValueError(f"pooled_attention: d={d} is not divisible by num_heads={num_heads}")
+    tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
+    if transformed(tensors):  # a torch.func transform (_dispatch.transformed): the reference
+        return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:
         return reference.projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight,
                                        o_bias, num_heads)
-    tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
     if tracing(tensors):
         return _pooled_traced(*tensors, num_heads)
     c = _compute_dtype(s, query)

@@ -124,7 +124,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, num_sms, on_input_device,
                       sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, unused_arg
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed,
+                        unused_arg)
 
 __all__ = ["gated_lce"]
 
@@ -548,12 +549,14 @@ def gated_lce(
                 f"{x.dtype}, {weight.dtype}, {bias.dtype}, {gate_weight.dtype}, {gate_bias.dtype}"
             )
     B, n_in, d = x.shape
-    if d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0:
+    args = (x, weight, bias, gate_weight, gate_bias)
+    # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
+    if (d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0
+            or transformed(args)):
         from interformer import reference
 
         with torch.autocast(dev, enabled=False):
             return reference.gated_lce(x, *(t.to(x.dtype) for t in (weight, bias, gate_weight, gate_bias)))
-    args = (x, weight, bias, gate_weight, gate_bias)
     if tracing(args):
         return torch.ops.interformer.gated_lce_fwd(*args)
     if needs_grad(args):

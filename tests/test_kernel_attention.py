@@ -1124,10 +1124,10 @@ def test_mixed_dtype_launchers_round_kv_tiles_to_the_query_dtype(L, same_kv):
         assert a.dtype == torch.float32 and torch.equal(a.half(), b), name
 
 
-def test_vmap_takes_the_custom_op():
-    """A ``torch.func`` transform's wrapper is of type Tensor but has no storage: the call goes through
-    the custom op (``tracing``), which vmap runs sample by sample, as the reference does; the
-    launchers never see the wrapper (they failed reading its data pointer)."""
+def test_vmap_takes_the_reference():
+    """A ``torch.func`` transform's wrapper is of type Tensor but has no storage: under a transform the
+    op runs the reference (``_dispatch.transformed``), with the reference's results; the launchers
+    never see the wrapper (they failed reading its data pointer)."""
     from torch.func import vmap
 
     B, L, H, dh = 3, 4, 1, 8

@@ -1,0 +1,185 @@
+"""``torch.func`` transforms over the fused modules and the fused model, against the eager ones.
+
+Under a transform (``grad``, ``vmap``, ``jvp``, and so ``jacrev``, ``jacfwd``, ``hessian``) the fused
+ops run their eager reference (``interformer.kernels._dispatch.transformed`` gives the reasons:
+the kernels have no batching or forward-mode rule, and PyTorch cannot use a custom op's autograd
+formula under ``torch.func``). Before that, ``torch.func.grad`` of every fused module with
+parameters failed ("it must override the setup_context staticmethod"), and ``vmap`` over a cross
+net had no batching rule. Pinned here, for each fused-capable module and for the whole model:
+
+* ``torch.func.grad`` (parameters and inputs), per-sample gradients ``vmap(grad(...))``, ``jvp``
+  and ``hessian`` (``jacfwd`` over ``jacrev``) give eager's results;
+* no Triton kernel is launched under a transform, and the same calls outside one launch them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from interformer import FusedModule, layers as Ly
+from utils import DEVICE, FP32_TOL, rel_err
+
+pytest.importorskip("triton")
+
+B, L, D = 3, 5, 8
+LENGTHS = [L, 0, 3]
+
+# name -> (module factory(backend), input shapes: float shapes are differentiated; "lengths" is not)
+MODULES = {
+    "gated_lce": (lambda be: Ly.GatedLCE(5, 3, D, backend=be), [(B, 5, D)]),
+    "pffn_mlp": (lambda be: Ly.PersonalizedFFN(D, 2, "mlp", 8, backend=be), [(B, L, D), (B, 2, D), "lengths"]),
+    "pffn_linear": (lambda be: Ly.PersonalizedFFN(D, 2, "linear", backend=be), [(B, L, D), (B, 2, D), "lengths"]),
+    "cross_net": (lambda be: Ly.CrossNet(12, 3, backend=be), [(B, 12)]),
+    "low_rank_cross_net": (lambda be: Ly.LowRankCrossNet(12, 2, 3, backend=be), [(B, 12)]),
+    "dot_interaction": (lambda be: Ly.DotInteraction(4, D, backend=be), [(B, 4, D)]),
+    "rotary_attention": (lambda be: Ly.RotaryMultiHeadAttention(D, 2, backend=be), [(B, L, D), "lengths"]),
+    "pooled_attention": (lambda be: Ly.PoolingMultiHeadAttention(2, D, 2, backend=be), [(B, L, D), "lengths"]),
+    "add_layer_norm": (lambda be: Ly.ResidualLayerNorm(D, backend=be), [(B, 4, D), (B, 4, D)]),
+}
+
+
+@pytest.fixture(params=list(MODULES))
+def case(request):
+    """(eager module, fused copy, inputs tuple, upstream weights of the output)."""
+    factory, shapes = MODULES[request.param]
+    torch.manual_seed(0)
+    eager = factory("eager").to(DEVICE)
+    with torch.no_grad():  # LayerNorm weights of 1 and biases of 0 would hide mistakes
+        for p in eager.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = copy.deepcopy(eager)
+    for m in fused.modules():
+        if isinstance(m, FusedModule):
+            m.backend = "triton"
+    g = torch.Generator().manual_seed(1)
+    inputs = tuple(torch.tensor(LENGTHS, device=DEVICE) if s == "lengths" else torch.randn(s, generator=g).to(DEVICE)
+                   for s in shapes)
+    weights = torch.randn(eager(*inputs).shape, generator=g).to(DEVICE)
+    return eager, fused, inputs, weights
+
+
+def _float_positions(inputs):
+    return [i for i, t in enumerate(inputs) if t.is_floating_point()]
+
+
+def _loss_fn(module, inputs, weights):
+    """``(f, positions)``: ``f(params, *floats) -> (output * weights).sum()``, the float inputs
+    (at ``positions``) replaced by ``floats`` and the others held fixed."""
+    pos = _float_positions(inputs)
+
+    def f(params, *floats):
+        args = list(inputs)
+        for i, t in zip(pos, floats):
+            args[i] = t
+        return (functional_call(module, params, tuple(args)) * weights).sum()
+
+    return f, pos
+
+
+def _params(m):
+    return {n: p.detach() for n, p in m.named_parameters()}
+
+
+def _close(got, want, what):
+    for n in want:
+        err = rel_err(got[n], want[n])
+        assert err <= FP32_TOL, f"{what}: {n} differs from eager's (relative error {err:.3e})"
+
+
+def _launches_of(fn):
+    from interformer.profiling import triton_launches
+
+    with triton_launches() as launches:
+        out = fn()
+    return out, sum(launches.values())
+
+
+def test_grad_of_a_fused_module_is_eager_and_launches_no_kernel(case):
+    eager, fused, inputs, weights = case
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        f, pos = _loss_fn(m, inputs, weights)
+        argnums = tuple(range(1 + len(pos)))
+        (grads, launches) = _launches_of(lambda: grad(f, argnums=argnums)(_params(m), *(inputs[i] for i in pos)))
+        flat = {**grads[0], **{f"input {i}": g for i, g in zip(pos, grads[1:])}}
+        results[name] = (flat, launches)
+    _close(results["fused"][0], results["eager"][0], "torch.func.grad")
+    assert results["fused"][1] == 0, "a Triton kernel was launched under torch.func.grad"
+    # outside a transform the fused module still runs its kernels
+    _, launches = _launches_of(lambda: fused(*inputs))
+    assert launches > 0
+
+
+def test_per_sample_gradients_of_a_fused_module_are_eager(case):
+    """``vmap(grad(...))`` over the samples (each as a batch of one): the per-sample parameter
+    gradients of DP-SGD and influence functions."""
+    eager, fused, inputs, weights = case
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        def one(params, sample, w, m=m):  # every input of one sample, as a batch of one
+            return grad(lambda p: (functional_call(m, p, tuple(t[None] for t in sample)) * w[None]).sum())(params)
+
+        results[name] = vmap(one, in_dims=(None, 0, 0))(_params(m), inputs, weights)
+    _close(results["fused"], results["eager"], "vmap(grad)")
+
+
+def test_jvp_of_a_fused_module_is_eager(case):
+    """Forward mode (``jvp``, and so ``jacfwd``) through the parameters and the float inputs."""
+    eager, fused, inputs, weights = case
+    g = torch.Generator().manual_seed(5)
+    pos = _float_positions(inputs)
+    tangents = ({n: torch.randn(p.shape, generator=g).to(DEVICE) for n, p in _params(eager).items()},
+                *(torch.randn(inputs[i].shape, generator=g).to(DEVICE) for i in pos))
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        params = _params(m)
+
+        def f(p, *floats, m=m):
+            args = list(inputs)
+            for i, t in zip(pos, floats):
+                args[i] = t
+            return functional_call(m, p, tuple(args))
+
+        out, tangent = jvp(f, (params, *(inputs[i] for i in pos)), tangents)
+        results[name] = {"output": out, "tangent": tangent}
+    _close(results["fused"], results["eager"], "jvp")
+
+
+def test_hessian_of_a_fused_module_is_eager(case):
+    """``torch.func.hessian`` (forward over reverse mode) of the weighted output sum with respect to
+    the first float input."""
+    eager, fused, inputs, weights = case
+    i = _float_positions(inputs)[0]
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        f, pos = _loss_fn(m, inputs, weights)
+        params, rest = _params(m), [inputs[j] for j in pos[1:]]
+        results[name] = {"hessian": torch.func.hessian(lambda x, f=f, p=params, r=rest: f(p, x, *r))(inputs[i])}
+    _close(results["fused"], results["eager"], "hessian")
+
+
+def test_torch_func_grad_of_the_fused_model_is_eager():
+    """The whole fused model (tiny config, variable lengths including 0) under ``torch.func.grad``:
+    the loss's gradients with respect to every parameter are eager's, and no kernel is launched."""
+    from interformer import InterFormerCTR, optimize
+    from test_model import random_batch, tiny_config
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    eager = InterFormerCTR(cfg).to(DEVICE)
+    fused = optimize(copy.deepcopy(eager), "triton")
+    batch = [t.to(DEVICE) for t in random_batch(cfg, [0, 6, 3, 1], 6, seed=0)]
+    *inputs, label = batch
+    grads = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        def loss(params):
+            return m.loss(functional_call(m, params, tuple(inputs)), label)
+
+        grads[name], launches = _launches_of(lambda: grad(loss)(_params(m)))
+        if m is fused:
+            assert launches == 0
+    _close(grads["fused"], grads["eager"], "model torch.func.grad")
