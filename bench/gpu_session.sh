@@ -18,16 +18,18 @@
 # two amazon compiled training rows 79 s; three profiles 68 s; the embed stage 32 s (a 25 s box
 # ended before its first row); every taobao op graphed, compile against fused, 74 s.
 # Planned for the next lease (two calls; device-tool timeout_s 420 and 360):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_TIMEOUT=170 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=14 TESTS_TIMEOUT=170 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
 #      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=90 \
 #      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py" \
 #      OPS_K="(bandwidth and fused) or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
 #      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests model ops profile embed
 #      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 350 once its
-#      function-level ids expand, 44 a shard; the sixteenth session's 172, the non-finite tests and
+#      function-level ids expand, 25 a shard; the sixteenth session's 172, the non-finite tests and
 #      the changed attention and gated LCE forwards, are last in every shard, so a cut box loses
-#      them first; 116 tests took 106 s at 80ba0f2, so expect the box to cut: give the tests stage
+#      them first; 116 tests took 106 s at 80ba0f2 in 8 shards, so expect the box to cut even with 14
+#      shards (one per core of the machine's 16, less two; if, as it seems but was not measured, a
+#      shard's time is mostly Triton compiling kernels on the host, more shards help): give the tests stage
 #      more of the call, or a call of its own, if the other stages can wait): the tokenizers' grouped lookups, the whole fused model
 #      with them, the compile-reference default with the cross nets, the low-rank cross net's phased
 #      backward in fp32, fp16 and bf16, profiling/step_ops.py, the inlined ops (set_compile_inline)
