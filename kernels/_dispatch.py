@@ -105,8 +105,11 @@ _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda
 
 
 def _batched(grads) -> bool:
+    """Whether an incoming gradient is batched: one of the legacy vmap's tensors, or a ``torch.func``
+    transform's wrapper (``vmap`` over ``torch.autograd.grad``), which a launcher cannot read either."""
+    transform = _functorch_transform() is not None
     for g in grads:
-        if g is not None and _legacy_batched(g):
+        if g is not None and (_legacy_batched(g) or (transform and _functorch_wrapped(g))):
             return True
     return False
 
@@ -125,7 +128,8 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
     batch on plain tensors; the cross nets, whose backward ops take tensor lists (which the fallback
     refuses), differentiate their eager reference. With ``create_graph=True`` as well it raises,
     naming the op (``DelayedError`` below cannot take batched tensors). ``torch.func.vmap`` over a
-    backward is not covered (its tensors are functorch's, not the legacy ones).
+    backward (``vmap(lambda g: torch.autograd.grad(out, x, g))``, whose gradients are functorch's
+    wrappers rather than the legacy batched tensors) takes the same ``batched_backward``.
 
     The backward is first-order only (its kernels are not differentiable): under
     ``create_graph=True`` its gradients come back with the right values but a ``grad_fn`` that

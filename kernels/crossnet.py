@@ -212,7 +212,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs,
                       sum_partials)
-from ._dispatch import lean_function, needs_grad, needed as _needed, tracing, transformed
+from ._dispatch import _functorch_wrapped, lean_function, needs_grad, needed as _needed, tracing, transformed
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -1122,16 +1122,23 @@ def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, par
     For a batched ``grad_out`` (``torch.autograd.grad(..., is_grads_batched=True)``, see
     ``lean_function``): the launchers cannot read it, and the dispatcher's batching fallback takes
     no op with tensor-list arguments such as the backward ops here, while the reference's aten ops
-    all have batching rules. Same math; not bitwise the kernels' (a vectorised Jacobian only)."""
+    all have batching rules. Same math; not bitwise the kernels' (a vectorised Jacobian only). Under
+    ``torch.func.vmap`` over the backward (``grad_out`` a functorch wrapper), where
+    ``requires_grad_`` is refused, the same through ``torch.func.vjp``."""
     from interformer import reference
 
     L = num_layers
-    with torch.enable_grad(), torch.autocast(x0.device.type, enabled=False):
-        leaves = [t.detach().requires_grad_() for t in (x0, *params)]
-        cast = [t.to(x0.dtype) for t in leaves[1:]]
-        lists = [cast[i * L:(i + 1) * L] for i in range(len(cast) // L)]
-        out = getattr(reference, op_name)(leaves[0], *lists)
-        return torch.autograd.grad(out, leaves, grad_out)
+
+    def ref(x, *flat):
+        cast = [t.to(x.dtype) for t in flat]
+        return getattr(reference, op_name)(x, *(cast[i * L:(i + 1) * L] for i in range(len(cast) // L)))
+
+    with torch.autocast(x0.device.type, enabled=False):
+        if _functorch_wrapped(grad_out):
+            return torch.func.vjp(ref, x0.detach(), *(t.detach() for t in params))[1](grad_out)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x0, *params)]
+            return torch.autograd.grad(ref(*leaves), leaves, grad_out)
 
 
 def _batched_backward(op_name: str, n_activations: int):
