@@ -32,10 +32,21 @@ class InterFormerConfig:
     ``sparse_vocab_sizes``, ``seq_vocab_sizes`` and ``head``) must be integers, ``causal`` and
     ``validate_inputs`` must be ``bool`` (a string such as ``"false"`` would be truthy), and
     ``dropout``, ``rope_base`` and ``ln_eps`` must be real numbers. Decision: an integral float
-    (``16.0``, as JSON or YAML may write a size) is accepted and stored as the ``int`` ``16``, as
-    :class:`interformer.train.TrainConfig` already converts it; a fractional one (``2.5``), a
-    ``bool`` (``True`` is not a size) and a string (``"16"``: the ``train`` command line and
-    settings files convert strings before they get here) are refused.
+    (``16.0``, as JSON or YAML may write a size; a NumPy ``float32`` too) is accepted and stored as the
+    ``int`` ``16``, as :class:`interformer.train.TrainConfig` already converts it; a fractional one
+    (``2.5``), a ``bool`` (``True`` is not a size) and a string (``"16"``: the ``train`` command line
+    and settings files convert strings before they get here) are refused. A NumPy bool is a bool
+    (stored as ``bool``), and the three real numbers are stored as Python ``float`` (a NumPy
+    ``float32`` or a ``Fraction`` would not serialise to JSON, and ``nn.Dropout`` fails on a
+    ``Fraction`` only when it first drops in training).
+
+    Decision on the ranges of the real numbers: ``ln_eps`` must be finite and at least the smallest
+    normal fp32 number (``2**-126``): the LayerNorm kernels add it in fp32, where a smaller value
+    rounds to 0 (or is flushed to 0), and the LayerNorm of a padded all-zero row is then 0/0 = NaN
+    (``ln_eps=1e-50`` gave NaN logits). ``rope_base`` must be finite and >= 1: rotary inverse
+    frequencies are ``rope_base**(-2i/dh)``, at most 1 rad per position for a base >= 1; a base below
+    1 turns the order around (the last pairs rotate fastest), and a small one overflows fp32 into
+    NaN attention (``rope_base=1e-60``).
     """
 
     n_dense: int = 4
@@ -77,12 +88,17 @@ class InterFormerConfig:
             setattr(self, name, tuple(_as_int(f"{name}[{i}]", v) for i, v in enumerate(value)))
         for name in _BOOL_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, bool):
+            if not isinstance(value, bool) and not _is_numpy_bool(value):
                 raise ValueError(f"InterFormerConfig.{name} must be a bool (True or False), got {value!r}")
+            setattr(self, name, bool(value))
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"InterFormerConfig.{name} must be a number, got {value!r}")
+            try:
+                setattr(self, name, float(value))
+            except OverflowError:  # an int or Fraction past fp64: refused by the range checks below
+                setattr(self, name, math.inf if value > 0 else -math.inf)
         positive = ("d_model", "num_heads", "num_layers", "n_sum", "n_ssum", "dhen_layers", "dcn_layers",
                     "pffn_hidden", "max_seq_len")
         for name in positive:
@@ -113,10 +129,12 @@ class InterFormerConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if any(v < 1 for v in self.head):
             raise ValueError(f"every head layer needs >= 1 unit, got head={self.head}")
-        if not self.ln_eps > 0:  # LN of an all-zero padded row would be 0/0
-            raise ValueError(f"ln_eps must be > 0, got {self.ln_eps}")
-        if not self.rope_base > 0:
-            raise ValueError(f"rope_base must be > 0, got {self.rope_base}")
+        if not (_FP32_TINY <= self.ln_eps < math.inf):  # LN of an all-zero padded row would be 0/0
+            raise ValueError(f"ln_eps must be finite and >= {_FP32_TINY:.6g} (the smallest normal fp32 number: a "
+                             f"smaller one is 0 in the fp32 LayerNorm, and a padded row's LN 0/0), got {self.ln_eps}")
+        if not (1.0 <= self.rope_base < math.inf):
+            raise ValueError(f"rope_base must be finite and >= 1 (rotary inverse frequencies rope_base**(-2i/dh) "
+                             f"at most 1), got {self.rope_base}")
         self.backend = check_backend(self.backend)
 
     @property
@@ -148,19 +166,29 @@ _INT_FIELDS = ("n_dense", "max_seq_len", "d_model", "num_heads", "num_layers", "
 _INT_TUPLE_FIELDS = ("sparse_vocab_sizes", "seq_vocab_sizes", "head")
 _BOOL_FIELDS = ("causal", "validate_inputs")
 _FLOAT_FIELDS = ("dropout", "rope_base", "ln_eps")
+_FP32_TINY = 2.0**-126  # the smallest normal fp32 number
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    """Whether ``value`` is a NumPy bool scalar (``numpy.bool_``, ``numpy.bool`` in NumPy 2), without
+    importing NumPy."""
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
 
 
 def _as_int(name: str, value: Any) -> int:
     """``value`` as an ``int`` for the size field ``name``: an integer (a NumPy integer too), or a
-    float with an integral value (``16.0``); anything else (``2.5``, ``True``, ``"16"``, None) raises
-    ``ValueError`` naming the field and the value."""
+    real number with an integral value (``16.0``, ``numpy.float32(16.0)``); anything else (``2.5``,
+    ``inf``, ``True``, ``"16"``, None) raises ``ValueError`` naming the field and the value."""
     if not isinstance(value, bool):
-        if isinstance(value, float):
-            if math.isfinite(value) and value.is_integer():
-                return int(value)
-        else:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+        if isinstance(value, numbers.Real):
             try:
-                return operator.index(value)
-            except TypeError:
-                pass
+                as_int = int(value)
+            except (OverflowError, ValueError):  # inf, nan
+                as_int = None
+            if as_int is not None and as_int == value:
+                return as_int
     raise ValueError(f"InterFormerConfig.{name} must be an integer, got {value!r}")

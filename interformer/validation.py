@@ -105,8 +105,9 @@ def validate_batch(
     bad values (see the module docstring). Called directly, outside the compiled region, this
     function always runs them: call it on the batches you feed to a compiled model if you need
     them."""
-    for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths)):
-        _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths), ("label", label)):
+        if t is not None or name != "label":  # a list or array label would fail below with an AttributeError
+            _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
     _check_devices(dense, sparse, seq, lengths, label, device)
     _check(dense.dim() == 2, "dense", lambda: f"expected rank 2 [B, n_dense], got shape {tuple(dense.shape)}")
     _check(sparse.dim() == 2, "sparse", lambda: f"expected rank 2 [B, n_sparse], got shape {tuple(sparse.shape)}")

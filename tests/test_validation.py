@@ -202,6 +202,12 @@ BAD_CONFIG = [
     (dict(ln_eps=-1e-5), "ln_eps"),
     (dict(rope_base=0.0), "rope_base"),
     (dict(rope_base=float("nan")), "rope_base"),
+    # ln_eps=1e-50 is 0 in the fp32 LayerNorm: NaN logits with padding (test_config_ln_eps_and_rope_base_bounds)
+    (dict(ln_eps=1e-50), "ln_eps"),
+    (dict(ln_eps=float("inf")), "ln_eps"),  # every LayerNorm would output its bias alone
+    (dict(rope_base=1e-60), "rope_base"),  # inverse frequencies overflow fp32: NaN attention
+    (dict(rope_base=0.5), "rope_base"),
+    (dict(rope_base=float("inf")), "rope_base"),
 ]
 
 
@@ -364,6 +370,7 @@ BAD_CONFIG_TYPES = [
     (dict(dropout="0.1"), "dropout", "'0.1'"),
     (dict(rope_base=True), "rope_base", "True"),
     (dict(ln_eps=None), "ln_eps", "None"),
+    (dict(n_sum=float("nan")), "n_sum", "nan"),
 ]
 
 
@@ -388,6 +395,59 @@ def test_config_takes_integral_floats_and_numpy_integers_as_ints():
     assert all(type(v) is int for v in c.sparse_vocab_sizes + c.head)
     assert InterFormerConfig(**{**CFG, "causal": True, "validate_inputs": False}).causal is True
     InterFormerCTR(c)  # builds
+
+
+def test_config_takes_numpy_scalars_and_stores_plain_python_types():
+    """Settings read through NumPy (or ``fractions``): a ``float32`` size was refused where a ``float64``
+    one was taken, a NumPy bool was refused, and a ``float32``/``Fraction`` real number was stored as
+    given: ``asdict`` then did not serialise to JSON, and a ``Fraction`` dropout built the model but
+    failed on the first training forward (``dropout(): argument 'p' must be float``)."""
+    import dataclasses
+    import fractions
+    import json
+
+    import numpy as np
+
+    c = InterFormerConfig(**{**CFG, "d_model": np.float32(8.0), "head": (np.float32(8.0),), "causal": np.bool_(False),
+                             "validate_inputs": np.bool_(True), "dropout": fractions.Fraction(1, 10),
+                             "ln_eps": np.float32(1e-5), "rope_base": np.float32(10000.0)})
+    assert type(c.d_model) is int and c.head == (8,) and type(c.head[0]) is int
+    assert c.causal is False and c.validate_inputs is True
+    assert all(type(getattr(c, n)) is float for n in ("dropout", "ln_eps", "rope_base"))
+    assert c.dropout == 0.1 and c.rope_base == 10000.0
+    assert InterFormerConfig(**json.loads(json.dumps(dataclasses.asdict(c)))) == c
+    m = InterFormerCTR(c).train()
+    m(**good_batch()).sum().backward()
+    with pytest.raises(ValueError, match=r"InterFormerConfig\.d_model must be an integer, got np\.True_$"):
+        InterFormerConfig(**{**CFG, "d_model": np.bool_(True)})
+    with pytest.raises(ValueError, match=r"InterFormerConfig\.d_model must be an integer, got np\.float32\(8\.5\)$"):
+        InterFormerConfig(**{**CFG, "d_model": np.float32(8.5)})
+
+
+def test_config_ln_eps_and_rope_base_bounds():
+    """An ``ln_eps`` below fp32's smallest normal number is 0 in the fp32 LayerNorm: ``ln_eps=1e-50``
+    was accepted (it is > 0) and gave NaN logits on a batch with a length-0 row; a tiny ``rope_base``
+    overflowed the rotary inverse frequencies into NaN. Both are refused (BAD_CONFIG); the smallest
+    accepted values give finite logits and gradients."""
+    for kw in (dict(ln_eps=2.0**-126), dict(rope_base=1.0)):
+        torch.manual_seed(0)
+        m = InterFormerCTR(InterFormerConfig(**{**CFG, **kw}))
+        out = m(**good_batch())  # row 0 has length 0: its sequence is all padding
+        out.sum().backward()
+        assert torch.isfinite(out).all(), kw
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None), kw
+    with pytest.raises(ValueError, match="ln_eps must be finite"):  # past fp64: refused, not an OverflowError
+        InterFormerConfig(**{**CFG, "ln_eps": 10**400})
+
+
+@pytest.mark.parametrize("label", [[0.0, 1.0, 1.0], "numpy"])
+def test_validate_batch_names_a_label_that_is_not_a_tensor(label):
+    """A list or NumPy label raised ``AttributeError: 'list' object has no attribute 'dim'``."""
+    import numpy as np
+
+    label = np.array([0.0, 1.0, 1.0], dtype=np.float32) if label == "numpy" else label
+    with pytest.raises(ValueError, match=r"^label: expected a torch.Tensor, got (list|ndarray)$"):
+        interformer.validate_batch(InterFormerConfig(**CFG), **good_batch(), label=label)
 
 
 def test_a_data_parallel_replica_runs_its_checks():
