@@ -218,10 +218,17 @@ def set_compile_reference_ops(ops) -> frozenset:
 
 
 def check_backend(backend: Optional[str]) -> str:
-    """The canonical (lower-case) backend name; None means :func:`default_backend`."""
+    """The canonical (lower-case) backend name; None means :func:`default_backend`.
+
+    A value that is not a string raises ``ValueError`` naming its type, not its ``repr``: the
+    likeliest one is a model passed where the backend goes (``optimize("triton", model)``), whose
+    ``repr`` would print the whole module tree into the message."""
     if backend is None:
         return default_backend()
-    value = backend.strip().lower() if isinstance(backend, str) else backend
+    if not isinstance(backend, str):
+        raise ValueError(f"backend must be a string, one of {BACKENDS}; got an object of type "
+                         f"{type(backend).__module__}.{type(backend).__qualname__}")
+    value = backend.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return value
@@ -315,16 +322,34 @@ class FusedModule(torch.nn.Module):
     def backend(self, value: Optional[str]) -> None:
         check_compile_environment()
         self._backend = check_backend(value)
+        self._load_kernels()
+
+    def _load_kernels(self) -> None:
+        """Resolve this module's kernels now, outside any trace (see ``_KERNELS``); nothing for eager."""
         if self._backend != "eager":
-            # Resolve the kernels now, outside any trace (see ``_KERNELS``).
             for file, op in self.kernel_ops:
                 _kernel_function(file, op)
+
+    def __setstate__(self, state) -> None:
+        """Unpickling (``torch.load`` of a whole model, ``copy.deepcopy``) restores ``_backend`` without
+        the setter, so the kernels are resolved here too. Reason: in a fresh process ``_KERNELS`` is
+        empty, and the first call of a loaded fused model under ``torch.compile`` would import the
+        kernel file while dynamo traces, which it cannot (a graph break; an error with
+        ``fullgraph=True``). The compile settings' environment is not checked here: a model that
+        was built once is loaded as it was saved."""
+        super().__setstate__(state)
+        self._load_kernels()
 
     def _placement(self) -> Tuple[torch.device, Optional[torch.dtype]]:
         """Device and dtype of the module's parameters: its own first, then its children's, then
         any (a module with buffers only: their device, no dtype). Called on every forward under
         ``backend="auto"``; walking ``self.parameters()`` took 1.5-2 us per call on the CI CPU,
-        this 0.1-0.2 us."""
+        this 0.1-0.2 us.
+
+        An ``nn.DataParallel`` replica registers no parameters: ``replicate`` stores each copy on
+        its GPU as a plain attribute and lists it in the replica's ``_former_parameters``, which
+        is read when nothing else is found. Without it every replica would look like a CPU module
+        and ``"auto"`` would run the eager reference on every GPU."""
         for p in self._parameters.values():
             if p is not None:
                 return p.device, p.dtype
@@ -335,6 +360,10 @@ class FusedModule(torch.nn.Module):
                         return p.device, p.dtype
         for p in self.parameters():
             return p.device, p.dtype
+        for m in self.modules():  # a DataParallel replica (see above); plain modules have no such dict
+            for p in getattr(m, "_former_parameters", {}).values():
+                if p is not None:
+                    return p.device, p.dtype
         for b in self.buffers():
             return b.device, None
         return torch.device("cpu"), None
