@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -10,6 +11,7 @@ from .backend import (
     BACKENDS,
     FusedModule,
     check_backend,
+    check_compile_environment,
     compile_inline,
     compile_reference_ops,
     default_backend,
@@ -52,18 +54,30 @@ def optimize(model: torch.nn.Module, backend: str = "triton") -> torch.nn.Module
     matches); the config object the caller built the model from is not changed, as other models
     may share it. Submodules that shared one config object (``InterFormerCTR`` and its backbone)
     share its one copy.
+
+    Every check runs before anything changes (a bad backend name, or a bad compile setting in the
+    environment, which each module's switch would raise), so a failed call leaves the model as it
+    was. A model with no fused-capable module (e.g. one ``torch.fx.symbolic_trace`` turned into
+    a graph of the chosen ops) is returned unchanged with a warning.
     """
     backend = check_backend(backend)
+    check_compile_environment()
     copies = {}  # id(config) -> its copy: modules that shared a config keep sharing one
+    switched = 0
     for m in model.modules():
         if isinstance(m, FusedModule):
             m.backend = backend
+            switched += 1
         cfg = getattr(m, "config", None)
         if isinstance(cfg, InterFormerConfig) and cfg.backend != backend:
             # a copy: the caller's config object may be shared with other models
             if id(cfg) not in copies:
                 copies[id(cfg)] = (cfg, dataclasses.replace(cfg, backend=backend))  # cfg kept alive: ids stay unique
             m.config = copies[id(cfg)][1]
+    if not switched:
+        warnings.warn(f"interformer.optimize: {type(model).__name__} holds no fused-capable module, nothing was "
+                      "switched (a torch.fx.symbolic_trace'd model holds the ops it traced, not the modules)",
+                      stacklevel=2)
     return model
 
 

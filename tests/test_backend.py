@@ -4,6 +4,7 @@ torch.compile of the eager model, two-stream flag on CPU."""
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -314,3 +315,91 @@ def test_the_default_leaves_the_cross_nets_and_layernorm_of_a_whole_model_to_the
     default, none = set(graphs[0]), set(graphs[1])
     assert none - default == {cross_op, "add_layer_norm_fwd"}, (default, none)
     assert default and default < none
+
+
+# ----------------------------------------------------------------------------- wrappers, pickling, errors
+def test_a_dataparallel_replica_reports_the_placement_of_its_parameter_copies(monkeypatch):
+    """``nn.DataParallel`` runs replicas that register no parameters (``replicate`` stores each copy as
+    a plain attribute, listed in ``_former_parameters``): ``auto`` must still see their device and
+    dtype, or every GPU replica runs the eager reference. torch's own ``replicate`` runs here with its
+    CUDA broadcast replaced by a copy; the copies are float64, so a replica that misses them shows."""
+    import sys
+
+    replicate = sys.modules["torch.nn.parallel.replicate"]
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+        [t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices])
+    modules = [interformer.GatedLCE(4, 3, 8, backend="auto"), interformer.ResidualLayerNorm(8, backend="auto"),
+               interformer.PersonalizedFFN(8, 2, hidden=8, backend="auto"),
+               interformer.SparseTokenizer([5, 6], 8, backend="auto")]
+    for module in modules:
+        (replica,) = replicate.replicate(module.double(), [0])
+        assert not list(replica.parameters())  # what DataParallel hands the module: no registered parameter
+        assert replica._placement() == (torch.device("cpu"), torch.float64), type(module).__name__
+
+
+def test_a_fused_model_loaded_in_a_fresh_process_compiles_with_fullgraph(tmp_path):
+    """``torch.load`` of a whole fused model restores its backend without the setter; its kernels are
+    resolved on load all the same, so the first compiled call does not import a kernel file while
+    dynamo traces (a graph break, an error under ``fullgraph=True``)."""
+    path = tmp_path / "lce.pt"
+    torch.save(interformer.GatedLCE(4, 3, 8, backend="triton"), path)
+    code = (
+        "import torch, interformer as I\n"
+        "I.set_compile_reference_ops('none')\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        "ops = []\n"
+        "def record(gm, example_inputs):\n"
+        "    ops.extend(str(n.target) for n in gm.graph.nodes if str(n.target).startswith('interformer.'))\n"
+        "    return gm.forward\n"
+        "x = torch.randn(2, 4, 8)\n"
+        "out = torch.compile(m, backend=record, fullgraph=True)(x)\n"
+        "assert torch.equal(out, m(x))\n"
+        "print(ops)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["['interformer.gated_lce_fwd']"]
+
+
+def test_a_backend_that_is_not_a_string_is_named_by_its_type():
+    """A model passed where the backend goes (``optimize("triton", model)``) raises a short error that
+    names the type, not one that prints the whole module tree."""
+    model = InterFormerCTR(InterFormerConfig(backend="eager", **TINY))
+    for call in (lambda: optimize("triton", model), lambda: optimize(model, model)):
+        with pytest.raises(ValueError, match=r"backend must be a string.*interformer\.model\.InterFormerCTR") as err:
+            call()
+        assert len(str(err.value)) < 200
+    with pytest.raises(ValueError, match="backend must be a string.*int"):
+        interformer.GatedLCE(2, 2, 4, backend=3)
+    with pytest.raises(ValueError, match="backend must be a string"):
+        InterFormerConfig(backend=["triton"], **TINY)
+
+
+def test_optimize_with_a_bad_compile_setting_changes_nothing(monkeypatch):
+    """A bad ``$INTERFORMER_COMPILE_REFERENCE`` (simulated: the error it leaves) makes every module's
+    switch raise: ``optimize`` raises it before touching anything, where it used to replace the
+    model's config first (config "triton", every module still "eager")."""
+    import interformer.backend as B
+
+    model = InterFormerCTR(InterFormerConfig(backend="eager", **TINY))
+    monkeypatch.setattr(B, "_COMPILE_ENV_ERROR", "INTERFORMER_COMPILE_REFERENCE: bad (simulated)")
+    with pytest.raises(ValueError, match="simulated"):
+        optimize(model, "triton")
+    assert model.config.backend == "eager" and model.backbone.config.backend == "eager"
+    assert all(m.backend == "eager" for m in fused_modules(model))
+
+
+def test_optimize_warns_when_there_is_nothing_to_switch():
+    """A model without fused-capable modules, e.g. one ``torch.fx.symbolic_trace`` made of a fused
+    module (the graph holds the ops, not the module), is returned unchanged with a warning."""
+    from interformer import GatedLCE
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="holds no fused-capable module"):
+        assert optimize(plain, "triton") is plain
+    traced = torch.fx.symbolic_trace(GatedLCE(3, 2, 4, backend="eager"))
+    with pytest.warns(UserWarning, match="GatedLCE holds no fused-capable module"):
+        optimize(traced, "triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimize(GatedLCE(3, 2, 4), "eager")  # one to switch: no warning
