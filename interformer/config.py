@@ -69,7 +69,7 @@ class InterFormerConfig:
     pffn_mode: str = "mlp"
     pffn_hidden: int = 256
     head: Tuple[int, ...] = (256, 128)
-    dropout: float = 0.0
+    dropout: float = 0.0  # after the SiLU of the Interaction Arch's FFN and of each head layer; nowhere else
     rope_base: float = 10000.0
     causal: bool = False
     ln_eps: float = 1e-5

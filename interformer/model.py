@@ -283,6 +283,11 @@ class InterFormerCTR(nn.Module):
         x_sum, s_sum = self.backbone(dense, sparse, seq, lengths)
         return self.head(torch.cat([x_sum.flatten(1), s_sum.flatten(1)], dim=1)).squeeze(-1)
 
+    def use_streams(self, enabled: bool = True) -> "InterFormerCTR":
+        """:meth:`InterFormer.use_streams` on the backbone (ignored on CPU and while compiling); returns self."""
+        self.backbone.use_streams(enabled)
+        return self
+
     @staticmethod
     def loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Mean binary cross-entropy with logits, in fp32. Decision: the label's values are not

@@ -337,3 +337,134 @@ def test_two_stream_block_path_computes_designs_arches(monkeypatch):
     with torch.no_grad():
         x2, s2 = block(x, s, lengths)
     assert torch.allclose(x2, x_next, rtol=1e-12, atol=1e-14) and torch.allclose(s2, s_next, rtol=1e-12, atol=1e-14)
+
+
+# ============================================================================ whole model vs DESIGN §3 formulas
+
+
+def _causal_mha_f(P, s, vlen, H, base, pre):
+    """``rotary_mha_f`` of test_reference_math with query i seeing keys 0..i only."""
+    import math
+
+    from test_reference_math import lin, rope_f, softmax
+
+    B, L, d = s.shape
+    dh = d // H
+    qkv = lin(s, P[pre + "qkv.weight"], P[pre + "qkv.bias"])
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    rows = []
+    for b in range(B):
+        n = int(vlen[b])
+        heads = []
+        for h in range(H):
+            sl = slice(h * dh, (h + 1) * dh)
+            qh, kh, vh = rope_f(q[b, :, sl], base), rope_f(k[b, :, sl], base), v[b, :, sl]
+            o = [softmax((kh[:i + 1] @ qh[i]) / math.sqrt(dh)) @ vh[:i + 1] for i in range(n)]
+            heads.append(torch.stack(o + [torch.zeros(dh, dtype=s.dtype)] * (L - n)))
+        y = lin(torch.cat(heads, -1), P[pre + "out_proj.weight"], P[pre + "out_proj.bias"])
+        rows.append(torch.cat([y[:n], torch.zeros(L - n, d, dtype=s.dtype)]))
+    return torch.stack(rows)
+
+
+def _model_f(P, c: InterFormerConfig, dense, sparse, seq, lengths):
+    """DESIGN §3 "Model" in float64 from test_reference_math's per-arch formulas (written from DESIGN
+    alone), with the model's parameters ``P`` by name: nothing of the model's own forward is used."""
+    from test_reference_math import (cross_arch_f, dense_f, gated_lce_f, interaction_arch_f, layer_norm, lin,
+                                     masknet_f, pffn_f, rotary_mha_f, silu)
+
+    def sub(pre):
+        return {n[len(pre):]: p for n, p in P.items() if n.startswith(pre)}
+
+    parts = [dense_f(sub("backbone.dense_tokenizer."), dense, c.dense_tokens)] if c.n_dense else []
+    if c.sparse_vocab_sizes:  # padding_idx 0: a missing id is a zero token
+        parts.append(torch.stack([P[f"backbone.sparse_tokenizer.tables.{j}.weight"][sparse[:, j]]
+                                  * (sparse[:, j] != 0)[:, None] for j in range(sparse.shape[1])], 1))
+    x = torch.cat(parts, 1)
+    s = torch.cat([gated_lce_f(sub("backbone.blocks.0.cross."), x, "nonseq."),
+                   masknet_f(sub("backbone.seq_tokenizer."), seq, lengths)], 1)
+    vlen = lengths + c.n_cls
+    for i in range(c.num_layers):
+        pb = f"backbone.blocks.{i}."
+        x_sum, s_sum = cross_arch_f(sub(pb + "cross."), x, s, lengths, c)
+        ps = sub(pb + "sequence.")
+        s_mid = pffn_f(ps, s, x_sum, vlen, c.pffn_mode, pre="pffn.")
+        h = layer_norm(s_mid, ps["attn_norm.weight"], ps["attn_norm.bias"], c.ln_eps)
+        mha = _causal_mha_f if c.causal else (lambda P_, s_, v_, H_, b_, pre: rotary_mha_f(P_, s_, v_, H_, b_, pre=pre))
+        x, s = interaction_arch_f(sub(pb + "interaction."), x, s_sum, c), s_mid + mha(ps, h, vlen, c.num_heads,
+                                                                                       c.rope_base, "attn.")
+    x_sum, s_sum = cross_arch_f(sub("backbone.final_cross."), x, s, lengths, c)
+    h = torch.cat([x_sum.flatten(1), s_sum.flatten(1)], 1)
+    for j in range(len(c.head)):
+        h = silu(lin(h, P[f"head.{3 * j}.weight"], P[f"head.{3 * j}.bias"]))
+    k = 3 * len(c.head)
+    return lin(h, P[f"head.{k}.weight"], P[f"head.{k}.bias"]).squeeze(-1)
+
+
+_SMALL = dict(d_model=8, num_heads=2, num_layers=2, n_dense=3, sparse_vocab_sizes=(13, 7), seq_vocab_sizes=(11, 6),
+              max_seq_len=6, pffn_hidden=8, head=(8,), dcn_rank=3, n_sum=2, n_ssum=3, backend="eager")
+_CORNERS = [  # (overrides, lengths, T)
+    ({"n_recent": 4}, [0, 1, 3, 6], 6),  # lengths 0 and < n_recent
+    ({"n_recent": 7}, [0, 1, 3, 6], 6),  # n_recent > T
+    ({"n_pma": 0, "n_recent": 0}, [0, 3, 6], 6),
+    ({"dense_tokens": "per_field", "pffn_mode": "linear"}, [0, 3, 6], 6),
+    ({"backbone": "dot", "dhen_layers": 3}, [0, 3, 6], 6),
+    ({"backbone": "dcn", "dhen_layers": 2, "dcn_rank": None}, [0, 3, 6], 6),
+    ({"dhen_layers": 2, "causal": True}, [0, 3, 6, 1], 6),
+    ({"head": ()}, [0, 2, 3], 3),  # T < max_seq_len
+    ({"head": (5, 4), "dropout": 0.3}, [2], 6),  # B = 1, eval
+    ({"sparse_vocab_sizes": ()}, [1], 1),  # T = 1
+    ({"n_dense": 0, "rope_base": 3.0}, [0, 0, 0], 4),  # every row empty
+]
+
+
+@pytest.mark.parametrize("overrides,lengths,T", _CORNERS, ids=[
+    ",".join(f"{k}={v}" for k, v in o.items()) + f",len={l},T={t}" for o, l, t in _CORNERS])
+def test_whole_model_matches_designs_formulas_in_corners(overrides, lengths, T):
+    """The eager model's logits and every gradient (parameters and ``dense``) against DESIGN §3 composed
+    from the float64 formulas of test_reference_math, in the corners: S_recent wider than a row's
+    history (and than T), empty rows (PMA zeros), per-field dense tokens, each backbone with several
+    DHEN layers, causal attention, no head hidden layer, T below max_seq_len, B = 1, T = 1."""
+    import math
+
+    c = InterFormerConfig(**{**_SMALL, **overrides})
+    torch.manual_seed(0)
+    m = InterFormerCTR(c).double().eval()
+    with torch.no_grad():  # move every parameter off its special init so each term shows
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+            elif "bias" in n and not p.any():
+                p.normal_(0, 0.3)
+            if "tables" in n:
+                p[1:].normal_()
+    dense, sparse, seq, lengths_t, _ = random_batch(c, lengths, T, torch.float64, seed=1)
+    up = torch.randn(len(lengths), dtype=torch.float64)
+    d_mod = dense.clone().requires_grad_()
+    got = m(d_mod, sparse, seq, lengths_t)
+    (got * up).sum().backward()
+    P = {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+    d_ref = dense.clone().requires_grad_()
+    want = _model_f(P, c, d_ref, sparse, seq, lengths_t)
+    (want * up).sum().backward()
+    assert float((got - want).detach().norm() / want.detach().norm()) <= 1e-10, (got, want)
+    if c.n_dense:
+        assert float((d_mod.grad - d_ref.grad).norm() / d_ref.grad.norm()) <= 1e-10
+    total = math.sqrt(sum(float(p.grad.norm()) ** 2 for p in P.values() if p.grad is not None))
+    for n, p in m.named_parameters():
+        ga = p.grad if p.grad is not None else torch.zeros_like(p)
+        gr = P[n].grad if P[n].grad is not None else torch.zeros_like(p)
+        assert float((ga - gr).norm()) <= 1e-10 * max(float(gr.norm()), 1e-3 * total), f"gradient of {n}"
+
+
+def test_ctr_model_switches_streams_like_its_backbone():
+    """``InterFormerCTR.use_streams`` sets every block's flag (as ``InterFormer.use_streams``) and
+    returns the model; on CPU tensors the flag changes nothing."""
+    c = tiny_config()
+    torch.manual_seed(0)
+    m = InterFormerCTR(c).double().eval()
+    dense, sparse, seq, lengths, _ = random_batch(c, [0, 3, 6], 6, torch.float64)
+    ref = m(dense, sparse, seq, lengths)
+    assert m.use_streams(True) is m and all(b.use_streams for b in m.backbone.blocks)
+    assert torch.equal(m(dense, sparse, seq, lengths), ref)
+    m.use_streams(False)
+    assert not any(b.use_streams for b in m.backbone.blocks)
