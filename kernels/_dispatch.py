@@ -57,26 +57,36 @@ def tracing(tensors: Sequence[torch.Tensor]) -> bool:
 #: the innermost active ``torch.func`` transform (vmap, grad, jvp), None outside any
 _functorch_transform = torch._C._functorch.peek_interpreter_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 
 
-def transformed(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``,
-    ``hessian``, ...) has wrapped one of ``tensors`` outside ``torch.compile``: the fused ops then
-    run their eager reference, whose aten ops every transform knows.
+def _functorch_interpreters():
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return retrieve_all_functorch_interpreters()
+
+
+def transformed() -> bool:
+    """True inside a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``,
+    ``hessian``, ...; not ``functionalize``, a tracing aid that keeps the custom ops) outside
+    ``torch.compile``: the fused ops then run their eager reference, whose aten ops every transform
+    knows. Any active transform counts, not only one that wrapped the op's own arguments: inside
+    ``grad`` an op of plain tensors (a batch the function closes over, real parameters) still makes
+    its outputs with the transform's wrappers, which a launcher cannot read, and its autograd node
+    would be the transform's.
 
     Decision: the kernels have no batching rule and no forward-mode formula, and the autograd formula
     of a ``torch.library`` custom op cannot be used under ``torch.func`` at all: the
     ``autograd.Function`` PyTorch generates for it has no separate ``setup_context``, which functorch
     requires (PyTorch issues 168393, 170834, 179652; a fused module failed ``torch.func.grad``
     with that error). Per-sample gradients (``vmap(grad(...))``), Jacobians and Hessians of a fused
-    model are therefore the reference's, computed by aten ops, not the kernels. Under
-    ``torch.compile`` dynamo handles the transforms itself and the custom ops are kept."""
+    model are therefore the reference's, computed by aten ops, not the kernels. While compiling the
+    custom ops are kept (what dynamo and export record); a transform inside a compiled function
+    (``torch.compile(torch.func.grad(f))``) over a fused op is not supported (the custom op's
+    autograd formula is refused there, as above): compile the eager model for that."""
     if _functorch_transform() is None or torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and _functorch_wrapped(t):
-            return True
-    return False
+    return any(i.key() != _FUNCTIONALIZE for i in _functorch_interpreters())
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
@@ -143,8 +153,9 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
     tensor allocated and filled on every call."""
     message = (f"interformer: the fused op {name} has no second-order gradient (its backward runs Triton "
                "kernels); differentiate twice through the eager path (backend='eager')").encode()
-    batched_message = (f"interformer: the fused op {name} cannot run a batched backward (is_grads_batched=True) "
-                       "with create_graph=True; use the eager path (backend='eager') for that")
+    batched_message = (f"interformer: the fused op {name} cannot run a batched backward (is_grads_batched=True, "
+                       "or a torch.func transform over autograd.grad) with create_graph=True; use the eager path "
+                       "(backend='eager') for that")
 
     def first_order_backward(ctx, *grads):
         batched = _batched(grads)

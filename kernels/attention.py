@@ -1070,7 +1070,7 @@ def attention(
     tensors = (q, k, v, lengths)
     # wider heads than the register tiles hold, or a torch.func transform (_dispatch.transformed):
     # the reference, same math
-    if k.shape[3] > MAX_HEAD_DIM or transformed(tensors):
+    if k.shape[3] > MAX_HEAD_DIM or transformed():
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     if tracing(tensors):
@@ -1105,7 +1105,7 @@ def attention_packed(
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(2)
     if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
-            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not transformed((qkv,))):
+            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not transformed()):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
@@ -1314,7 +1314,7 @@ def pooled_attention(
     if num_heads < 1 or d % num_heads:
         raise ValueError(f"pooled_attention: d={d} is not divisible by num_heads={num_heads}")
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
-    if transformed(tensors):  # a torch.func transform (_dispatch.transformed): the reference
+    if transformed():  # a torch.func transform (_dispatch.transformed): the reference
         return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:
         return reference.projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight,

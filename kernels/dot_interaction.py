@@ -284,7 +284,7 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
     dev = z.device.type
     if torch.is_autocast_enabled(dev):
         z = z.to(torch.get_autocast_dtype(dev))
-    if transformed((z,)):  # a torch.func transform (_dispatch.transformed): the reference
+    if transformed():  # a torch.func transform (_dispatch.transformed): the reference
         from interformer import reference
 
         return reference.dot_interaction(z)

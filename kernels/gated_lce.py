@@ -552,7 +552,7 @@ def gated_lce(
     args = (x, weight, bias, gate_weight, gate_bias)
     # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
     if (d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0
-            or transformed(args)):
+            or transformed()):
         from interformer import reference
 
         with torch.autocast(dev, enabled=False):

@@ -345,7 +345,7 @@ def add_layer_norm(
         out_dtype = _grad_dtype(x, residual)
     # not this package's sizes, or a torch.func transform (_dispatch.transformed): the eager
     # reference, same math and autograd
-    if N == 0 or N > MAX_N or transformed(tensors):
+    if N == 0 or N > MAX_N or transformed():
         from interformer import reference
 
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)

@@ -581,7 +581,7 @@ def pffn_mlp(
         s = _autocast_s(s, w_b.dtype)
     elif w_b.dtype != s.dtype:
         raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
-    if d > MAX_D or transformed((s, lengths, w_b, ln_weight, ln_bias)):  # as in pffn_linear
+    if d > MAX_D or transformed():  # as in pffn_linear
         return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, w_b, ln_weight, ln_bias)
@@ -627,9 +627,8 @@ def pffn_linear(
         raise ValueError(
             f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"
         )
-    given = (s, lengths, x_sum, a, ln_weight, ln_bias)
     # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
-    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or transformed(given):
+    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or transformed():
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)

@@ -186,6 +186,53 @@ def test_vmap_over_the_backward_of_a_fused_module_is_eager(case):
     _close(results["fused"], results["eager"], "vmap over autograd.grad")
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_a_fused_op_of_closed_over_tensors_inside_a_transform_is_eager(case, frozen):
+    """Inside ``grad`` with respect to something downstream (a head's weights), the module's own
+    arguments are plain tensors the function closes over and its parameters real ones: the op
+    still runs inside the transform (its outputs would be the transform's wrappers), so it must take
+    the reference too. It failed both ways: trainable ("must override the setup_context
+    staticmethod") and frozen ("Cannot access storage of TensorWrapper")."""
+    eager, fused, inputs, weights = case
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        m.requires_grad_(not frozen)
+        g, launches = _launches_of(lambda m=m: grad(lambda w: (m(*inputs) * w).sum())(weights))
+        assert name == "eager" or launches == 0
+        results[name] = {"grad": g}
+    _close(results["fused"], results["eager"], "closed over, inside grad")
+
+
+def test_vmap_over_the_lengths_alone_launches_no_kernel():
+    """``vmap`` over ``lengths`` only (the sequence and every parameter plain): the packed attention
+    took its custom op there, which the batching fallback ran kernel by kernel."""
+    factory, _ = MODULES["rotary_attention"]
+    torch.manual_seed(0)
+    eager = factory("eager").to(DEVICE)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    s = torch.randn(1, L, D, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    many = torch.tensor([[L], [0], [2]], device=DEVICE)
+    results = {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        out, launches = _launches_of(lambda m=m: vmap(lambda n: m(s, n))(many))
+        assert name == "eager" or launches == 0
+        results[name] = {"output": out}
+    _close(results["fused"], results["eager"], "vmap over lengths")
+
+
+def test_functionalize_keeps_the_custom_ops():
+    """``torch.func.functionalize`` is a functorch transform but a tracing aid: a graph made under it
+    (``make_fx``) records the fused op as its ``interformer::`` custom op, as before, not the
+    reference's aten ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    m = Ly.GatedLCE(5, 3, D, backend="triton").to(DEVICE)
+    x = torch.randn(B, 5, D, device=DEVICE)
+    gm = make_fx(torch.func.functionalize(lambda x: m(x)))(x)
+    assert any("interformer.gated_lce_fwd" in str(n.target) for n in gm.graph.nodes), gm.graph
+
+
 def test_torch_func_grad_of_the_fused_model_is_eager():
     """The whole fused model (tiny config, variable lengths including 0) under ``torch.func.grad``:
     the loss's gradients with respect to every parameter are eager's, and no kernel is launched."""
