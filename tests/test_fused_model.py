@@ -105,6 +105,31 @@ def test_fused_model_matches_eager(variant):
     _compare(eager, fused, _batch(cfg), TOL, variant)
 
 
+#: the model's corners (config overrides, lengths, T), as the eager model is checked against DESIGN's
+#: formulas in them (tests/test_model.py): a summary wider than a row's history or than T, no PMA or
+#: recent tokens, per-field dense tokens, several DHEN layers, no head layer with T below
+#: max_seq_len, one sample, T = 1, every row empty, an odd width
+CORNERS = {
+    "recent wider than T": (dict(n_recent=7), [0, 1, 3, 6], 6),
+    "no pma, no recent": (dict(n_pma=0, n_recent=0), [0, 3, 6], 6),
+    "per-field dense, 2 dhen layers": (dict(dense_tokens="per_field", dhen_layers=2), [0, 3, 6], 6),
+    "no head layer, T < max": (dict(head=()), [0, 2, 3], 3),
+    "one sample": (dict(), [2], 6),
+    "T = 1": (dict(sparse_vocab_sizes=(7,)), [1, 0], 1),
+    "every row empty": (dict(n_dense=0), [0, 0, 0], 4),
+    "d = 24": (dict(d_model=24, num_heads=2), [0, 5, 6], 6),
+}
+
+
+@pytest.mark.parametrize("corner", list(CORNERS))
+def test_fused_model_matches_eager_in_corners(corner):
+    kw, lengths, T = CORNERS[corner]
+    cfg = tiny_config(**kw)
+    eager, fused = _fused_pair(cfg)
+    batch = [t.to(DEVICE) for t in random_batch(cfg, lengths, T, seed=1)]
+    _compare(eager, fused, batch, TOL, corner)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_model_writes_everything_it_reads(variant, monkeypatch):
     """The same comparison with every fresh allocation filled with NaN and the grids sized for an
