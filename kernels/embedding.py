@@ -23,9 +23,11 @@ Padding: every padding id (0) is saved as flat id 0, table 0's padding row, and 
 Decision: the fast path reads the weights and does not call the table modules, so it is taken
 only where calling them would give the same: every table an ``nn.Embedding`` whose ``forward`` is
 ``nn.Embedding``'s (a subclass that overrides it, such as a QAT embedding, is not, nor is a table
-given its own ``forward`` attribute, as offloading hooks do), no hook (forward, forward pre-,
-backward or backward pre-hook, the table's or a global one: an old-style ``weight_norm``
-recomputes the weight in a forward pre-hook, and a backward hook may change the gradient),
+given its own ``forward`` attribute, as offloading hooks do) and whose call runs that ``forward``
+(no subclass that overrides ``__call__`` or ``_call_impl``, no ``_call_impl`` set on the table, no
+``Module.compile`` of the table), no hook (forward, forward pre-, backward or backward pre-hook,
+the table's or a global one: an old-style ``weight_norm`` recomputes the weight in a forward
+pre-hook, and a backward hook may change the gradient),
 ``padding_idx=0``, no ``max_norm``, no ``scale_grad_by_freq``, ``sparse=False``
 (``interformer.train`` sets ``sparse=True`` for SparseAdam). Otherwise, and under
 ``torch.fx.symbolic_trace`` (ids a Proxy) or ``torch.jit.trace``, the reference runs: each table
@@ -35,9 +37,11 @@ table would, once). The one node needs the weights on one device in one dtype, a
 all frozen (the one gradient buffer has rows for every table, and each trainable table's gradient,
 a view of it, keeps it alive: a large frozen table would cost its full gradient every step);
 otherwise, and without a weight that needs a gradient, the weights read are looked up one by one
-(``F.embedding``, what each table's ``forward`` does). Forward-mode AD (``torch.func.jvp``,
-``jacfwd``, ``torch.autograd.forward_ad``) has the Function's ``jvp``: the same lookups of the
-weights' tangents. Under ``torch.compile`` the op is in the default compile-reference set
+(``F.embedding``, what each table's ``forward`` does). Forward-mode AD works either way: where
+the one node is built (``torch.autograd.forward_ad`` duals of trainable weights, forward-over-reverse
+as in ``torch.func.hessian``) it has the Function's ``jvp``, the same lookups of the weights'
+tangents; ``torch.func.jvp`` and ``jacfwd`` of primals that need no gradient take the plain
+lookups. Under ``torch.compile`` the op is in the default compile-reference set
 (:mod:`interformer.backend`).
 """
 
@@ -58,12 +62,18 @@ from ._dispatch import needs_grad
 #: ``nn.Embedding.forward`` (``type(t).forward`` of a subclass that keeps it, or of a table with
 #: ``nn.utils.parametrize`` parametrisations, whose ``weight`` the fast path reads as they compute it)
 _EMBEDDING_FORWARD = torch.nn.Embedding.forward
+#: what calling a module runs before its ``forward`` (``Module.__call__`` -> ``_call_impl``): a subclass
+#: that overrides either, or a table given its own ``_call_impl`` or compiled with ``Module.compile``
+#: (``_compiled_call_impl``), is called through code that reading its weight would skip
+_MODULE_CALL = torch.nn.Module.__call__
+_MODULE_CALL_IMPL = torch.nn.Module._call_impl
 
 
 def _eligible(ids, tables: Sequence[torch.nn.Module]) -> bool:
     """Whether reading the tables' weights gives exactly what calling each table would (see the
     module docstring): plain ``nn.Embedding`` forwards (a subclass that overrides ``forward``, e.g.
-    a QAT embedding's fake quantisation, a ``forward`` set on the table object, or a hook, global or
+    a QAT embedding's fake quantisation, or ``__call__``/``_call_impl``, a ``forward`` or ``_call_impl``
+    set on the table object, a table compiled by ``Module.compile``, or a hook, global or
     the table's, forward or backward, would be skipped by reading the weights directly) and no
     option the dense lookup ignores. Reads no weight (a parametrised one computes when read)."""
     if isinstance(ids, torch.fx.Proxy) or torch.jit.is_tracing() or not len(tables):
@@ -71,7 +81,10 @@ def _eligible(ids, tables: Sequence[torch.nn.Module]) -> bool:
     if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
         return False
     for t in tables:
-        if (type(t).forward is not _EMBEDDING_FORWARD or "forward" in t.__dict__ or t._forward_hooks
+        cls = type(t)
+        if (cls.forward is not _EMBEDDING_FORWARD or cls.__call__ is not _MODULE_CALL
+                or cls._call_impl is not _MODULE_CALL_IMPL or "forward" in t.__dict__ or "_call_impl" in t.__dict__
+                or t._compiled_call_impl is not None or t._forward_hooks
                 or t._forward_pre_hooks or t._backward_hooks or t._backward_pre_hooks
                 or t.padding_idx != 0 or t.max_norm is not None or t.scale_grad_by_freq or t.sparse):
             return False

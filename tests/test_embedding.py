@@ -242,9 +242,22 @@ class _ScaledEmbedding(nn.Embedding):
         return 2 * super().forward(ids)
 
 
+class _ScaledCall(nn.Embedding):
+    """nn.Embedding's forward, but a call that does more: reading the weight is not calling it either."""
+
+    def __call__(self, ids):
+        return 2 * super().__call__(ids)
+
+
+class _ScaledCallImpl(nn.Embedding):
+    def _call_impl(self, ids):
+        return 2 * super()._call_impl(ids)
+
+
 @pytest.mark.parametrize("change", ["subclass forward", "forward on the object", "forward hook", "forward pre-hook",
                                     "global hook", "backward hook", "backward pre-hook", "global backward hook",
-                                    "module without weight"])
+                                    "module without weight", "subclass __call__", "subclass _call_impl",
+                                    "_call_impl on the object", "compiled table"])
 def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
     """The fast path reads the weights instead of calling the tables, so a table whose call does
     more (its own forward, set on the class or on the object as offloading hooks do, a hook of its
@@ -254,13 +267,22 @@ def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
     tables = make_tables(sizes, d)
     ids = random_ids(sizes, 6, pad=0.2)
     handles = []
-    if change == "subclass forward":
-        scaled = _ScaledEmbedding(4, d, padding_idx=0).to(DEVICE)
+    if change.startswith("subclass"):
+        cls = {"subclass forward": _ScaledEmbedding, "subclass __call__": _ScaledCall,
+               "subclass _call_impl": _ScaledCallImpl}[change]
+        scaled = cls(4, d, padding_idx=0).to(DEVICE)
         scaled.load_state_dict(tables[1].state_dict())
         tables[1] = scaled
     elif change == "forward on the object":
         plain = tables[1].forward
         tables[1].forward = lambda i: 2 * plain(i)
+    elif change == "_call_impl on the object":
+        plain = tables[1]._call_impl
+        tables[1]._call_impl = lambda i: 2 * plain(i)
+    elif change == "compiled table":  # what Module.compile sets: the table's call runs the compiled code (here
+        # a stand-in for a backend that changes the output), not its forward
+        plain = tables[1]._call_impl
+        tables[1]._compiled_call_impl = lambda i: 2 * plain(i)
     elif change == "forward hook":
         handles.append(tables[2].register_forward_hook(lambda m, i, o: o * 3))
     elif change == "forward pre-hook":
@@ -308,6 +330,12 @@ def test_tables_whose_call_is_not_their_weight_take_the_reference(change):
         assert E._eligible(ids, tables)
     if change == "forward on the object":
         del tables[1].forward
+        assert E._eligible(ids, tables)
+    elif change == "_call_impl on the object":
+        del tables[1]._call_impl
+        assert E._eligible(ids, tables)
+    elif change == "compiled table":
+        tables[1]._compiled_call_impl = None
         assert E._eligible(ids, tables)
 
 
@@ -401,6 +429,58 @@ def test_forward_mode_ad_through_the_fused_lookups():
     for a, b in zip(results["fused"], results["reference"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert results["fused"][1].abs().sum() > 0 and results["fused"][2].abs().sum() > 0
+
+
+def test_forward_ad_of_trainable_weights_runs_the_one_nodes_jvp():
+    """``torch.autograd.forward_ad`` with weights that require a gradient goes through the one node
+    (``torch.func.jvp``'s own primals need none, so the lookups there are plain ``F.embedding``):
+    its jvp gives the reference's tangent, zeros for the tables without one, and the same output's
+    backward still gives the reference's gradients."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+
+    sizes, d = (7, 5, 9), 3
+    tables = make_tables(sizes, d)
+    ids = random_ids(sizes, 4, (2,), pad=0.3)
+    upstream = torch.randn(4, 2, 3, d, device=DEVICE)
+    for dual in ((0, 1, 2), (1,)):
+        tangents = {j: torch.randn_like(tables[j].weight) for j in dual}
+        results = []
+        for fn in (R.grouped_embedding, E.grouped_embedding):
+            tables.zero_grad(set_to_none=True)
+            with fwAD.dual_level():
+                params = {f"tables.{j}.weight": fwAD.make_dual(tables[j].weight, t) for j, t in tangents.items()}
+                out = functional_call(_TablesLookup(tables, fn), params, (ids,))
+                primal, tangent = fwAD.unpack_dual(out)
+                nodes = embedding_nodes(out)
+            out.backward(upstream)
+            results.append((primal.detach(), tangent, [t.weight.grad for t in tables], nodes))
+        (want, want_t, want_g, _), (got, got_t, got_g, nodes) = results
+        assert nodes == {"_GroupedEmbeddingBackward": 1}, dual
+        assert torch.equal(got, want) and torch.equal(got_t, want_t), dual
+        assert got_t.abs().sum() > 0
+        for g, w in zip(got_g, want_g):
+            torch.testing.assert_close(g, w, **CLOSE[torch.float32])
+
+
+def test_double_backward_and_retain_graph_match_the_reference():
+    """The node's backward is differentiable (``create_graph``) and can run twice (``retain_graph``)."""
+    sizes, d = (7, 5, 9), 3
+    tables = make_tables(sizes, d, torch.float64)
+    ids = random_ids(sizes, 6, pad=0.3)
+    upstream = torch.randn(6, 3, d, device=DEVICE, dtype=torch.float64)
+    results = []
+    for fn in (per_table, E.grouped_embedding):
+        tables.zero_grad(set_to_none=True)
+        out = fn(ids, tables)
+        grads = torch.autograd.grad((out ** 3).sum(), list(tables.parameters()), create_graph=True)
+        sum((g ** 2).sum() for g in grads).backward(retain_graph=True)
+        out.backward(upstream, retain_graph=True)
+        out.backward(upstream)
+        results.append([t.weight.grad for t in tables])
+    for g, w in zip(*results[::-1]):
+        assert torch.all(g[0] == 0)
+        torch.testing.assert_close(g, w, **CLOSE[torch.float64])
 
 
 def test_flat_ids_widen_int32_past_two_to_the_31():
