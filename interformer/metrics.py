@@ -54,11 +54,25 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _logits_and_labels(name: str, logits: torch.Tensor, labels: torch.Tensor):
+    """``logits`` flattened as float64 on the CPU and ``labels`` as bool (:func:`_binary_labels`);
+    ValueError unless they are equally many."""
+    logits = logits.detach().double().flatten().cpu()
+    if logits.numel() != labels.numel():
+        raise ValueError(f"{name}: logits and labels must have the same length, got {logits.numel()} and "
+                         f"{labels.numel()}")
+    return logits, _binary_labels(name, labels)
+
+
 def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean binary cross-entropy of ``sigmoid(logits)`` against ``labels``."""
-    return float(
-        torch.nn.functional.binary_cross_entropy_with_logits(logits.detach().double().cpu(), labels.detach().double().cpu())
-    )
+    """Mean binary cross-entropy of ``sigmoid(logits)`` against ``labels``.
+
+    As in :func:`auc`, labels must be 0 or 1 (any dtype) and as many as ``logits`` (any shape, taken
+    flat): anything else raises ValueError (a label of -1 or 2 would otherwise give a plausible,
+    negative-weighted number). NaN logits give NaN; no samples give NaN.
+    """
+    logits, labels = _logits_and_labels("logloss", logits, labels)
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double()))
 
 
 def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
@@ -81,26 +95,52 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     grouped = groups != NO_GROUP
     if not bool(grouped.all()):
         scores, labels, groups = scores[grouped], labels[grouped], groups[grouped]
-    order = torch.argsort(groups, stable=True)
-    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
-    total, weight = 0.0, 0.0
-    for idx in torch.split(order, counts.tolist()):
-        clicks = int(labels[idx].sum())
-        if 0 < clicks < idx.numel():
-            total += clicks * auc(scores[idx], labels[idx].double())
-            weight += clicks
-    return total / weight if weight else float("nan")
+    n = scores.numel()
+    if n == 0:
+        return float("nan")
+    # Every group's AUC by the rank-sum formula at once (a Python loop over groups took tens of
+    # seconds for a million users): order by (group, score), rank within the group, ties sharing
+    # their average rank, and sum per group.
+    by_score = torch.argsort(scores, stable=True)
+    order = by_score[torch.argsort(groups[by_score], stable=True)]
+    g, s, y = groups[order], scores[order], labels[order]
+    new_group = torch.ones(n, dtype=torch.bool)
+    new_group[1:] = g[1:] != g[:-1]
+    new_run = new_group.clone()  # a run: equal scores within a group
+    new_run[1:] |= s[1:] != s[:-1]
+    pos = torch.arange(n, dtype=torch.float64)
+    group_of = torch.cumsum(new_group, 0) - 1
+    run_of = torch.cumsum(new_run, 0) - 1
+    group_start = pos[new_group]
+    run_start = pos[new_run]
+    run_end = torch.cat([run_start[1:], torch.tensor([float(n)], dtype=torch.float64)]) - 1
+    # 1-based rank within the group, averaged over the run
+    run_rank = (run_start + run_end) / 2 - group_start[group_of[new_run]] + 1
+    ranks = run_rank[run_of]
+    n_groups = group_start.numel()
+    size = torch.bincount(group_of, minlength=n_groups).double()
+    clicks = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_of, y.double())
+    pos_rank_sum = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_of, torch.where(y, ranks, 0.0))
+    both = (clicks > 0) & (clicks < size)
+    if not bool(both.any()):
+        return float("nan")
+    clicks, size, pos_rank_sum = clicks[both], size[both], pos_rank_sum[both]
+    group_auc = (pos_rank_sum - clicks * (clicks + 1) / 2) / (clicks * (size - clicks))
+    return float((clicks * group_auc).sum() / clicks.sum())
 
 
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Normalized Entropy (He et al., 2014): LogLoss divided by the entropy of the empirical click rate.
 
     Below 1 means the model beats always predicting the average click rate. Returns NaN when the
-    labels hold one class only (the baseline entropy is 0).
+    labels hold one class only (the baseline entropy is 0) or there are none. Labels must be 0 or 1
+    and as many as ``logits`` (ValueError), as in :func:`logloss`.
     """
-    y = labels.detach().double().flatten().cpu()
-    p = float(y.mean())
+    logits, labels = _logits_and_labels("normalized_entropy", logits, labels)
+    if labels.numel() == 0:
+        return float("nan")
+    p = float(labels.double().mean())
     if p <= 0.0 or p >= 1.0:
         return float("nan")
     base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    return logloss(logits, labels) / base
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double())) / base

@@ -176,3 +176,71 @@ def test_auc_refuses_labels_other_than_0_and_1_and_a_length_mismatch():
         assert auc(s, labels) == 1.0
     assert math.isnan(auc(torch.tensor([float("nan"), 0.9, 0.2, 0.8]), y))
     assert math.isnan(auc(s, torch.zeros(4)))
+
+
+def test_logloss_and_normalized_entropy_refuse_bad_labels_and_take_any_shape():
+    """auc and gauc refused a label such as -1, 2 or NaN, but logloss and NE took it: -1/+1 labels
+    gave a plausible LogLoss (a negative-weighted cross-entropy) and NE; logits [B, 1] against
+    labels [B] (which auc takes flat) failed in torch with "Target size ... must be the same as
+    input size". Both now check as auc does."""
+    s = torch.tensor([0.9, -0.1, 0.2, 1.3])
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    for bad in (2.0, -1.0, float("nan"), 0.5):
+        labels = y.clone()
+        labels[1] = bad
+        with pytest.raises(ValueError, match="logloss: labels must be 0 or 1"):
+            logloss(s, labels)
+        with pytest.raises(ValueError, match="normalized_entropy: labels must be 0 or 1"):
+            normalized_entropy(s, labels)
+    for f in (logloss, normalized_entropy):
+        with pytest.raises(ValueError, match="same length"):
+            f(s, y[:3])
+        with pytest.raises(ValueError, match="same length"):
+            f(s, y[:1])  # no broadcasting of one label over every logit
+        expected = f(s, y)
+        for logits, labels in ((s[:, None], y), (s, y[:, None]), (s.half(), y.bool()), (s, y.long())):
+            assert math.isclose(f(logits, labels), expected, rel_tol=1e-3 if logits.dtype == torch.half else 1e-15)
+    assert math.isnan(logloss(torch.tensor([]), torch.tensor([])))
+    assert math.isnan(normalized_entropy(torch.tensor([]), torch.tensor([])))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gauc_against_its_definition_with_ties_odd_ids_and_low_precision_scores(seed):
+    """Per-user sklearn AUC weighted by the user's clicks, users of one class and samples of
+    NO_GROUP left out; ids at both ends of int64 and negative ones; tied scores, fp16/bf16 scores,
+    labels as bool, int or float."""
+    from interformer.metrics import NO_GROUP
+
+    g = torch.Generator().manual_seed(seed)
+    n = 600
+    ids = torch.tensor([NO_GROUP, 2**63 - 1, -2**63, -2, 0, 1, 2**62, 12345])
+    users = ids[torch.randint(0, len(ids), (n,), generator=g)]
+    labels = torch.rand(n, generator=g) < 0.35
+    scores = (torch.randint(0, 6, (n,), generator=g).float() + labels.float()) * (0.37 if seed % 2 else 1.0)
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[seed % 3]
+    scores = scores.to(dtype)
+    total = weight = 0.0
+    for u in torch.unique(users).tolist():
+        if u == NO_GROUP:
+            continue
+        sel = users == u
+        y = labels[sel].numpy()
+        if 0 < y.sum() < len(y):
+            total += float(y.sum()) * sklearn_metrics.roc_auc_score(y, scores[sel].double().numpy())
+            weight += float(y.sum())
+    for lab in (labels, labels.long(), labels.float()):
+        assert math.isclose(gauc(scores, lab, users), total / weight, abs_tol=1e-12)
+    # all users of one class, or every sample without a user: NaN
+    assert math.isnan(gauc(scores, torch.ones(n), users))
+    assert math.isnan(gauc(scores, labels, torch.full((n,), NO_GROUP)))
+    # one group holding every sample: the AUC
+    assert math.isclose(gauc(scores, labels, torch.full((n,), 7)), auc(scores, labels), abs_tol=1e-15)
+    # many small groups (every group's AUC is formed at once, each group's ranks restarting at 1)
+    many = torch.randint(0, 150, (n,), generator=g)
+    total = weight = 0.0
+    for u in torch.unique(many).tolist():
+        y = labels[many == u].numpy()
+        if 0 < y.sum() < len(y):
+            total += float(y.sum()) * sklearn_metrics.roc_auc_score(y, scores[many == u].double().numpy())
+            weight += float(y.sum())
+    assert math.isclose(gauc(scores, labels, many), total / weight, abs_tol=1e-12)
