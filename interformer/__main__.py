@@ -137,9 +137,12 @@ def main(argv=None) -> int:
 
     if args.command == "demo":
         _interpret_on_cpu(args.device)
-        from .demo import run_demo
+        from .demo import DemoSettingError, run_demo
 
-        run_demo(args)
+        try:
+            run_demo(args)
+        except DemoSettingError as exc:  # checked before any work: a usage error, as argparse reports its own
+            demo.error(str(exc))
         return 0
     if args.command == "train":
         cfg = train_config_from_args(args)

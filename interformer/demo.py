@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 
@@ -183,6 +184,11 @@ def evaluate(model, data, batch_size: int, device):
     return torch.cat(logits).cpu(), meter.rate()
 
 
+class DemoSettingError(ValueError):
+    """A demo setting that cannot run (a count, the learning rate, the seed or the device), found before
+    any work; ``python -m interformer demo`` reports it as a usage error of the flag."""
+
+
 def _check_counts(args) -> None:
     """The count settings must be >= 1 (the command line's type already says so; this catches a
     hand-built ``args``): a batch size of 0 divided by zero, a negative one trained on nothing and
@@ -190,7 +196,42 @@ def _check_counts(args) -> None:
     for name in ("train_samples", "test_samples", "batch_size", "epochs"):
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise DemoSettingError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_lr_and_seed(args) -> None:
+    """``--lr`` must be a finite number >= 0 (AdamW takes an infinite one, and the run then printed a
+    table of NaNs) and ``--seed`` a signed 64-bit integer (the seeds derived from it, ``seed + 7`` at
+    most, must fit the generators): ValueError naming the setting, before any work."""
+    lr = args.lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise DemoSettingError(f"lr must be a finite number >= 0, got {lr!r}")
+    seed = args.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise DemoSettingError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+
+
+def demo_device(name) -> torch.device:
+    """The device ``--device name`` names (None: cuda when available, else cpu): a CPU or an existing
+    CUDA device, else ValueError saying why (before any work: an unknown name, a device type the demo
+    does not run on, such as ``meta``, which it took for the CPU, or cuda where there is none, which
+    failed after the header with torch's "Torch not compiled with CUDA enabled")."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DemoSettingError(f"device {name!r}: no CUDA device is available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DemoSettingError(f"device {name!r}: there are {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return device
 
 
 def _interpreter_on() -> bool:
@@ -201,8 +242,9 @@ def _interpreter_on() -> bool:
 
 def run_demo(args) -> None:
     _check_counts(args)
+    _check_lr_and_seed(args)
+    device = demo_device(args.device)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = InterFormerConfig(backend="eager")
     print(f"InterFormer demo on {device} (torch {torch.__version__})")

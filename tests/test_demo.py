@@ -176,3 +176,97 @@ def test_the_warm_up_note_says_what_the_numbers_leave_out():
     assert note(512, 256, 128) == "samples/s leave out the first 3 training steps: kernel compilation and warm-up"
     assert note(300, 256, 128).startswith("samples/s include every step")  # 3 steps: none past the warm-up
     assert note(300, 256, 128, epochs=2).startswith("samples/s leave out the first 3 training steps")
+
+
+def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsys):
+    """--device foo failed in torch.device (RuntimeError), --device meta was taken for the CPU and
+    failed inside the training loop, --device cuda without CUDA failed after the header with
+    "Torch not compiled with CUDA enabled", --lr inf trained to NaN and printed a table of NaNs, and
+    a seed past 64 bits overflowed in the data generator: each is a ValueError naming the setting
+    now, before anything is printed."""
+    import argparse
+
+    import pytest
+
+    from interformer.demo import run_demo
+
+    def args(**kw):
+        base = dict(train_samples=64, test_samples=64, batch_size=64, epochs=1, lr=2e-3, seed=0, device="cpu",
+                    no_progress=True)
+        base.update(kw)
+        return argparse.Namespace(**base)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(dict(device="foo"), "device must be cpu or cuda"), (dict(device="meta"), "device must be cpu or cuda"),
+             (dict(device="cuda:-1"), "device must be cpu or cuda"),
+             (dict(device="cuda"), "no CUDA device is available"),
+             (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+             (dict(lr=float("nan")), "lr must be a finite number >= 0"),
+             (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
+             (dict(seed=2**64 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+             (dict(seed=-2**63 - 1), "seed must be an integer")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run_demo(args(**kw))
+        assert capsys.readouterr().out == "", kw
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"there are 1 CUDA device\(s\), cuda:0 \.\. cuda:0"):
+        run_demo(args(device="cuda:3"))
+    assert capsys.readouterr().out == ""
+    from interformer.demo import demo_device
+
+    assert demo_device("cuda:0") == torch.device("cuda:0") and demo_device(None) == torch.device("cuda")
+    assert demo_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo_device(None) == torch.device("cpu")
+
+
+def test_demo_prints_the_metrics_of_its_held_out_logits_and_is_reproducible(monkeypatch, capsys):
+    """The table's AUC and LogLoss are those of the held-out logits (checked against scikit-learn),
+    and a second run with the same seed prints the same metrics."""
+    import argparse
+
+    import numpy as np
+    import sklearn.metrics as skm
+
+    from interformer import demo
+
+    captured = []
+    evaluate = demo.evaluate
+
+    def spy(model, data, batch_size, device):
+        logits, sps = evaluate(model, data, batch_size, device)
+        captured.append((logits.double().numpy(), data.label.numpy()))
+        return logits, sps
+
+    monkeypatch.setattr(demo, "evaluate", spy)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no eager-vs-fused check: this test is about the table
+    args = argparse.Namespace(train_samples=96, test_samples=80, batch_size=32, epochs=1, lr=2e-3, seed=3,
+                              device="cpu", no_progress=True)
+    rows = []
+    for _ in range(2):
+        demo.run_demo(args)
+        out = capsys.readouterr().out
+        row = re.search(r"^\s+eager\s+(\S+)\s+(\S+)\s+([\d,]+)\s+([\d,]+)$", out, re.M)
+        assert row, out
+        rows.append((row.group(1), row.group(2)))
+    logits, labels = captured[0]
+    assert rows[0] == (f"{skm.roc_auc_score(labels, logits):.4f}",
+                       f"{skm.log_loss(labels, 1 / (1 + np.exp(-logits)), labels=[0, 1]):.4f}")
+    assert rows[1] == rows[0]
+    np.testing.assert_array_equal(captured[0][0], captured[1][0])
+
+
+def test_the_demo_command_reports_a_bad_setting_as_a_usage_error(capsys):
+    """``python -m interformer demo --lr inf`` (checked by the demo before any work) exits as argparse
+    does for its own flags: status 2, the usage and the message, no traceback."""
+    import pytest
+
+    from interformer.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--lr", "inf", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "error: lr must be a finite number >= 0, got inf" in err and "Traceback" not in err
