@@ -24,25 +24,15 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from interformer import FusedModule, layers as Ly
+from test_autograd_usage import LENGTHS, B, D, L, MODULES as _AUTOGRAD_MODULES
 from utils import DEVICE, FP32_TOL, rel_err
 
 pytest.importorskip("triton")
 
-B, L, D = 3, 5, 8
-LENGTHS = [L, 0, 3]
-
-# name -> (module factory(backend), input shapes: float shapes are differentiated; "lengths" is not)
-MODULES = {
-    "gated_lce": (lambda be: Ly.GatedLCE(5, 3, D, backend=be), [(B, 5, D)]),
-    "pffn_mlp": (lambda be: Ly.PersonalizedFFN(D, 2, "mlp", 8, backend=be), [(B, L, D), (B, 2, D), "lengths"]),
-    "pffn_linear": (lambda be: Ly.PersonalizedFFN(D, 2, "linear", backend=be), [(B, L, D), (B, 2, D), "lengths"]),
-    "cross_net": (lambda be: Ly.CrossNet(12, 3, backend=be), [(B, 12)]),
-    "low_rank_cross_net": (lambda be: Ly.LowRankCrossNet(12, 2, 3, backend=be), [(B, 12)]),
-    "dot_interaction": (lambda be: Ly.DotInteraction(4, D, backend=be), [(B, 4, D)]),
-    "rotary_attention": (lambda be: Ly.RotaryMultiHeadAttention(D, 2, backend=be), [(B, L, D), "lengths"]),
-    "pooled_attention": (lambda be: Ly.PoolingMultiHeadAttention(2, D, 2, backend=be), [(B, L, D), "lengths"]),
-    "add_layer_norm": (lambda be: Ly.ResidualLayerNorm(D, backend=be), [(B, 4, D), (B, 4, D)]),
-}
+# the fused-capable modules of the autograd-usage tests (name -> (factory(backend), input shapes:
+# float shapes are differentiated, "lengths" is not)), but the tokenizer (its input is ids, and the
+# grouped lookups' transforms are tests/test_embedding.py's) and the phased cross-net setting
+MODULES = {n: v for n, v in _AUTOGRAD_MODULES.items() if n not in ("grouped_embedding", "low_rank_cross_net_phases")}
 
 
 @pytest.fixture(params=list(MODULES))

@@ -342,30 +342,6 @@ def test_two_stream_block_path_computes_designs_arches(monkeypatch):
 # ============================================================================ whole model vs DESIGN §3 formulas
 
 
-def _causal_mha_f(P, s, vlen, H, base, pre):
-    """``rotary_mha_f`` of test_reference_math with query i seeing keys 0..i only."""
-    import math
-
-    from test_reference_math import lin, rope_f, softmax
-
-    B, L, d = s.shape
-    dh = d // H
-    qkv = lin(s, P[pre + "qkv.weight"], P[pre + "qkv.bias"])
-    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-    rows = []
-    for b in range(B):
-        n = int(vlen[b])
-        heads = []
-        for h in range(H):
-            sl = slice(h * dh, (h + 1) * dh)
-            qh, kh, vh = rope_f(q[b, :, sl], base), rope_f(k[b, :, sl], base), v[b, :, sl]
-            o = [softmax((kh[:i + 1] @ qh[i]) / math.sqrt(dh)) @ vh[:i + 1] for i in range(n)]
-            heads.append(torch.stack(o + [torch.zeros(dh, dtype=s.dtype)] * (L - n)))
-        y = lin(torch.cat(heads, -1), P[pre + "out_proj.weight"], P[pre + "out_proj.bias"])
-        rows.append(torch.cat([y[:n], torch.zeros(L - n, d, dtype=s.dtype)]))
-    return torch.stack(rows)
-
-
 def _model_f(P, c: InterFormerConfig, dense, sparse, seq, lengths):
     """DESIGN §3 "Model" in float64 from test_reference_math's per-arch formulas (written from DESIGN
     alone), with the model's parameters ``P`` by name: nothing of the model's own forward is used."""
@@ -389,9 +365,8 @@ def _model_f(P, c: InterFormerConfig, dense, sparse, seq, lengths):
         ps = sub(pb + "sequence.")
         s_mid = pffn_f(ps, s, x_sum, vlen, c.pffn_mode, pre="pffn.")
         h = layer_norm(s_mid, ps["attn_norm.weight"], ps["attn_norm.bias"], c.ln_eps)
-        mha = _causal_mha_f if c.causal else (lambda P_, s_, v_, H_, b_, pre: rotary_mha_f(P_, s_, v_, H_, b_, pre=pre))
-        x, s = interaction_arch_f(sub(pb + "interaction."), x, s_sum, c), s_mid + mha(ps, h, vlen, c.num_heads,
-                                                                                       c.rope_base, "attn.")
+        attn = rotary_mha_f(ps, h, vlen, c.num_heads, c.rope_base, pre="attn.", causal=c.causal)
+        x, s = interaction_arch_f(sub(pb + "interaction."), x, s_sum, c), s_mid + attn
     x_sum, s_sum = cross_arch_f(sub("backbone.final_cross."), x, s, lengths, c)
     h = torch.cat([x_sum.flatten(1), s_sum.flatten(1)], 1)
     for j in range(len(c.head)):

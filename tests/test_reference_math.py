@@ -140,8 +140,9 @@ def rope_f(x, base):
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
 
-def rotary_mha_f(P, s, vlen, H, base=10000.0, pre=""):
-    """Self-attention over the first vlen[b] rows with rotary q/k; padded query rows output 0."""
+def rotary_mha_f(P, s, vlen, H, base=10000.0, pre="", causal=False):
+    """Self-attention over the first vlen[b] rows with rotary q/k; padded query rows output 0;
+    ``causal``: query i sees keys 0..i only."""
     B, L, d = s.shape
     dh = d // H
     qkv = lin(s, P[pre + "qkv.weight"], P[pre + "qkv.bias"])
@@ -155,7 +156,10 @@ def rotary_mha_f(P, s, vlen, H, base=10000.0, pre=""):
             qh, kh, vh = rope_f(q[b, :, sl], base), rope_f(k[b, :, sl], base), v[b, :, sl]
             o = torch.zeros(L, dh, dtype=F64)
             if n > 0:
-                p = softmax(torch.einsum("id,jd->ij", qh[:n], kh[:n]) / math.sqrt(dh))
+                scores = torch.einsum("id,jd->ij", qh[:n], kh[:n]) / math.sqrt(dh)
+                if causal:
+                    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+                p = softmax(scores)
                 o = torch.cat([torch.einsum("ij,jd->id", p, vh[:n]), torch.zeros(L - n, dh, dtype=F64)])
             heads.append(o)
         y = lin(torch.cat(heads, dim=-1), P[pre + "out_proj.weight"], P[pre + "out_proj.bias"])
