@@ -1067,12 +1067,12 @@ def attention(
     -> contiguous ``[B, Lq, H, dh]``.
     """
     _check(q, k, v, lengths, rope_base)
-    tensors = (q, k, v, lengths)
     # wider heads than the register tiles hold, or a torch.func transform (_dispatch.transformed):
     # the reference, same math
     if k.shape[3] > MAX_HEAD_DIM or transformed():
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
+    tensors = (q, k, v, lengths)
     if tracing(tensors):
         out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
     elif needs_grad(tensors):

@@ -1321,10 +1321,10 @@ def low_rank_cross_net(
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
-    tensors = [x0, *ws, *vs, *bs]
     # shapes the kernels do not take, or a torch.func transform (_dispatch.transformed): the reference
     if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or transformed():
         return _eager(op, x0, ws, vs, bs)
+    tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):
         return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
     if needs_grad(tensors):
@@ -1349,9 +1349,9 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
         if w.shape != (D, D):
             raise ValueError(f"{op}: kernels[{i}] {_shape(w)} must be [D={D}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + bs)
-    tensors = [x0, *ws, *bs]
     if B == 0 or transformed():  # as in low_rank_cross_net
         return _eager(op, x0, ws, bs)
+    tensors = [x0, *ws, *bs]
     if tracing(tensors):
         return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
     if needs_grad(tensors):

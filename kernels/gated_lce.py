@@ -549,7 +549,6 @@ def gated_lce(
                 f"{x.dtype}, {weight.dtype}, {bias.dtype}, {gate_weight.dtype}, {gate_bias.dtype}"
             )
     B, n_in, d = x.shape
-    args = (x, weight, bias, gate_weight, gate_bias)
     # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
     if (d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0
             or transformed()):
@@ -557,6 +556,7 @@ def gated_lce(
 
         with torch.autocast(dev, enabled=False):
             return reference.gated_lce(x, *(t.to(x.dtype) for t in (weight, bias, gate_weight, gate_bias)))
+    args = (x, weight, bias, gate_weight, gate_bias)
     if tracing(args):
         return torch.ops.interformer.gated_lce_fwd(*args)
     if needs_grad(args):
