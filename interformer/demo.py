@@ -25,7 +25,7 @@ from .data import iterate_batches, make_synthetic
 from .backend import FusedModule
 from .metrics import auc, logloss
 from .model import InterFormerCTR
-from .train import interactive_stderr
+from .train import check_device, interactive_stderr
 
 
 def _progress(iterable, total, desc, disable):
@@ -224,13 +224,10 @@ def demo_device(name) -> torch.device:
         raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
         raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DemoSettingError(f"device {name!r}: no CUDA device is available here (torch {torch.__version__}); "
-                             "use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise DemoSettingError(f"device {name!r}: there are {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    try:
+        check_device(device)  # the train command's check: CUDA there, and a GPU of that index
+    except ValueError as exc:
+        raise DemoSettingError(str(exc)) from None
     return device
 
 

@@ -199,7 +199,7 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [(dict(device="foo"), "device must be cpu or cuda"), (dict(device="meta"), "device must be cpu or cuda"),
              (dict(device="cuda:-1"), "device must be cpu or cuda"),
-             (dict(device="cuda"), "no CUDA device is available"),
+             (dict(device="cuda"), "CUDA is not available here"),
              (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
              (dict(lr=float("nan")), "lr must be a finite number >= 0"),
              (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
@@ -211,7 +211,7 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
         assert capsys.readouterr().out == "", kw
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ValueError, match=r"there are 1 CUDA device\(s\), cuda:0 \.\. cuda:0"):
+    with pytest.raises(ValueError, match=r"this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
         run_demo(args(device="cuda:3"))
     assert capsys.readouterr().out == ""
     from interformer.demo import demo_device
