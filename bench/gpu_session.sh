@@ -144,7 +144,7 @@ ids = [l for l in open(sys.argv[1]).read().splitlines() if l]
 sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else 0)' "$logs/shard$i.ids" \
                    > "$logs/shard$i.log" 2>&1; echo "shard $i exit $?" ) &
              done | sort | tee "$OUT/tests_summary.txt"
-             wait
+             # no bare wait here: it would also wait for the console tee (exec > >(tee ...)), which never ends
              for f in "$logs"/collect.log "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done \
                > "$OUT/tests.log"
              for f in "$logs"/shard*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
