@@ -24,7 +24,9 @@ Case format (JSON-able): ``module``, ``kernel``, ``consts`` (name -> value), ``a
 dtype name for a pointer -- "fp32", "bf16", ... or torch's "float32", "bfloat16" --, a list of them
 for a tuple of pointers, an int, a bool, a float, or None), optionally ``unaligned`` (pointers whose
 address is not a multiple of 16: ``name``, or ``name[j]`` inside a tuple), options ``num_warps``
-(4) and ``num_stages`` (Triton's default). Other pointers are taken as 16-byte aligned. An int is
+(4) and ``num_stages`` (Triton's default), and ``float_type``: how float arguments are typed, "fp32"
+(the default: a plain launch) or "fp64" (Inductor launching a kernel of a compiled graph, which
+types Python floats fp64 to keep their precision). Other pointers are taken as 16-byte aligned. An int is
 specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
 divisibility, one outside int32 an i64; a bool is a u1; None is the constexpr None; an argument a
 case does not name is a plain i32. Not modelled: ``do_not_specialize`` (no kernel here uses it)
@@ -71,8 +73,8 @@ def triton_signature(case: dict, arg_names: Sequence[str]):
                 attrs[(i, j)] = [] if f"{name}[{j}]" in unaligned else _ALIGNED
         elif isinstance(a, str):  # a pointer
             sig[name], attrs[(i,)] = "*" + _TRITON_TYPES.get(a, a), [] if name in unaligned else _ALIGNED
-        elif isinstance(a, float):
-            sig[name] = "fp32"
+        elif isinstance(a, float):  # a launch types a Python float fp32, Inductor fp64 (``float_type``)
+            sig[name] = case.get("float_type", "fp32")
         elif isinstance(a, bool):
             sig[name] = "u1"
         else:

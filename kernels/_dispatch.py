@@ -196,6 +196,15 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
 # mechanism; it is done by hand here so that it can be switched off (the default, until measured on a
 # GPU) and so that the eager path keeps launching the kernels directly: ``wrap_triton`` dispatches
 # through a higher-order op whenever it is enabled, which ``triton_op`` itself avoids in eager.
+#
+# Float arguments: a plain launch types a Python float fp32; Inductor, launching a traced kernel,
+# types it fp64 (``_use_fp64_for_unbacked_floats``, to keep a float's precision). A scale or an
+# epsilon of fp64 turns every product it touches fp64: slower, and a loop-carried accumulator that
+# changes type fails to compile (the H200 lease of 2026-11-27 at c77021c: attention's qk_scale, so
+# that no inlined model compiled). So each kernel that takes a float casts it to fp32 first
+# (``x = tl.cast(x, tl.float32)``, a no-op for a plain launch, and accepted by the interpreter,
+# which passes a Python float); tests/test_compile_inline.py builds every such kernel with its
+# floats typed fp64 for sm_90.
 
 _TRACE = threading.local()
 

@@ -325,6 +325,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
     pid_m = (pid % n_m_blocks).to(tl.int32)
     bh = pid // n_m_blocks
@@ -392,6 +393,8 @@ def _attn_bwd_fused_kernel(
 ):
     """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``). With SAME_KV (k
     and v one tensor) DK receives dk + dv and DV is never touched."""
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -481,6 +484,8 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dk, dv of one key block of one (b, h): loop over the query blocks that can see it (with
     SAME_KV, dk + dv into DK)."""
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
     pid_n = (pid % n_n_blocks).to(tl.int32)
     bh = pid // n_n_blocks
@@ -542,6 +547,8 @@ def _attn_bwd_dq_kernel(
     PREC: tl.constexpr,
 ):
     """dq of one query block of one (b, h): loop over the visible key blocks."""
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
     pid_m = (pid % n_m_blocks).to(tl.int32)
     bh = pid // n_m_blocks

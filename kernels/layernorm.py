@@ -79,6 +79,7 @@ def _ln_fwd_kernel(
     M, N, eps, sxm, srm, sym,
     HAS_R: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M

@@ -133,6 +133,7 @@ def _pffn_fwd_kernel(
     LINEAR: tl.constexpr, BLOCK_L: tl.constexpr, CHUNK: tl.constexpr, DP: tl.constexpr, NP: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_chunks
     row0 = ((pid % n_chunks) * CHUNK).to(tl.int32)  # int32 offsets inside a sample
@@ -185,6 +186,7 @@ def _pffn_bwd_kernel(
     san, sad, spg,
     LINEAR: tl.constexpr, BLOCK_L: tl.constexpr, DP: tl.constexpr, NP: tl.constexpr, PREC: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
     CDT: tl.constexpr = WX.dtype.element_ty  # the products' dtype (s may be wider under autocast)

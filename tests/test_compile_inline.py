@@ -367,3 +367,36 @@ def test_setting_env_var_setter_and_errors():
             interformer.set_compile_inline("yes")
     finally:
         interformer.set_compile_inline(before)
+
+
+def test_kernels_compile_with_their_float_arguments_typed_fp64():
+    """Inductor launches a traced kernel with its Python floats typed fp64, where a plain launch
+    types them fp32 (kernels/_dispatch.py, "Float arguments"). Attention's fp64 ``qk_scale`` reached
+    its fp32 accumulator in the key loop, and no inlined model compiled on the H200 (c77021c). Every
+    kernel that a fused training step and inference forward launch with a float argument, and the
+    general attention backward (two kernels the tiny model's short sequences do not take), must
+    compile for sm_90 with those floats typed fp64. No GPU needed (Triton's own compiler)."""
+    from interformer.kernel_audit import record_launches, unique_cases
+    from interformer.kernels import attention as A
+    from test_model import random_batch, tiny_config
+    from utils import aot_build_sm90
+
+    torch.manual_seed(0)
+    model = InterFormerCTR(tiny_config(backend="triton")).to(DEVICE)
+    *inputs, label = [t.to(DEVICE) for t in random_batch(model.config, [0, 3, 5], 5)]
+    q, k, v = (torch.randn(2, 150, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    assert not A._use_fused_bwd(150, 16, torch.float32)
+    with record_launches() as cases:
+        InterFormerCTR.loss(model(*inputs), label).backward()
+        with torch.no_grad():
+            model(*inputs)
+        A.attention(q, k, v, torch.tensor([150, 7], device=DEVICE), rope_base=10000.0).sum().backward()
+    floats = [dict(c, float_type="fp64") for c in unique_cases(cases)
+              if any(isinstance(a, float) for a in c["args"].values())]
+    for c in floats:
+        c.pop("launches"), c.pop("programs")
+    names = {c["kernel"] for c in floats}
+    assert {"_attn_fwd_kernel", "_attn_bwd_fused_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+            "_ln_fwd_kernel", "_pffn_fwd_kernel", "_pffn_bwd_kernel"} <= names, names
+    built = aot_build_sm90(floats, workers=2)
+    assert [b["kernel"] for b in built] == [c["kernel"] for c in floats]
