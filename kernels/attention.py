@@ -67,11 +67,27 @@ query block whose rows are all masked (``start >= lengths[b]`` with ``mask_queri
 and only writes its zeros: at the benchmark shapes lengths are uniform in ``[0, T]``, so about half of
 all blocks are padding and never read. The key loop is split in two: blocks that are fully visible
 run without any masking arithmetic, only the last partial block (and the causal diagonal) is masked.
-Stores ``O`` and the natural-log log-sum-exp ``lse [B, H, Lq]`` (fp32; ``-inf`` for rows that output 0).
-Non-finite values propagate as in the reference: a NaN or an inf in the scores of a live row makes
-its output (and lse) NaN, and a live row whose visible scores are all ``-inf`` is 0/0 = NaN; only
-masked rows and rows without a visible key (length 0) are zeros. (The row test was once
-``exp-sum > 0``, which is False for NaN, and turned such rows into zeros: tests/test_nonfinite.py.)
+Stores ``O`` and the softmax statistics ``stats [B, H, 2, Lq]`` (fp32; below). Non-finite values
+propagate as in the reference: a NaN or an inf in the scores of a live row makes its output NaN,
+and a live row whose visible scores are all ``-inf`` is 0/0 = NaN; only masked rows and rows
+without a visible key (length 0) are zeros. (The row test was once ``exp-sum > 0``, which is False
+for NaN, and turned such rows into zeros: tests/test_nonfinite.py.)
+
+Softmax statistics. The running maximum is taken over the raw scores ``S = Q K^T`` (negated when
+the scale is negative), and the scale is applied to differences: ``P = exp2((S - m) * |scale| *
+log2e)``. Per row the forward stores ``m`` and ``log2`` of the exp-sum (``stats[b, h, 0]`` and
+``[1]``; a row that outputs 0 stores 0 and +inf), and the backward recomputes ``P = exp2((S - m) *
+|scale| * log2e - log2(l))``. So the backward's ``S - m`` is the forward's, exactly: the same raw
+scores (the same ``tl.dot``) minus the same stored maximum, with no product before the subtraction
+that a compiler could fuse into it. The usual single log-sum-exp (``m * scale + log(l)``, scores
+scaled before the subtraction) breaks at large scores: ``exp2`` of a rounding error of ``|score| *
+2**-24`` (a log-sum-exp kept in natural log and turned back to log2 is one rounding off in about
+one row in seven; Triton fuses multiplies and adds by default, and a backward's ``S * scale -
+lse`` made one multiply-add subtracts from an unrounded product), and past ``2**24`` the
+log-sum-exp cannot hold ``log2(l)`` at all (two tied keys get p = 1 each). On the H200 (c77021c) dv was inf at scores of
+1e34. tests/test_nonfinite.py checks scores from 1e4 to 1e34 with a tie. (The dk/dv kernel of the
+general backward forms ``K Q^T``: that its scores are bitwise the transpose of ``Q K^T`` is the
+tensor cores', not a promise; the single-query-block backward forms ``Q K^T`` as the forward does.)
 
 Block sizes (fixed by the shape and dtype, no autotune, so backward never depends on a hidden
 choice; ``_fwd_config``)::
@@ -88,13 +104,13 @@ without register spills (checked with an ahead-of-time ``triton.compile`` for ``
 
 Backward
 --------
-``delta = rowsum(dO * O)``; ``P = exp2(S * scale * log2e - lse * log2e)`` recomputed from q, k and
-lse; ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``,
-then dq/dk are rotated back. Two structures, chosen by the shape:
+``delta = rowsum(dO * O)``; ``P`` recomputed from q, k and the statistics (above); ``dV = P^T dO``,
+``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``, then dq/dk
+are rotated back. Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
   DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
-  one program per (b, h). It loads q, dO, O and lse of the whole sequence once, computes delta in
+  one program per (b, h). It loads q, dO, O and the statistics of the whole sequence once, computes delta in
   registers, loops over the valid key blocks computing and storing dk, dv of each block (complete, as
   every query is in the program) while dq accumulates in registers; key blocks past the length get
   their zeros stored without any compute. Every tensor is read once and written once.
@@ -129,13 +145,13 @@ are rounded to the input dtype before their matmuls (as in flash-attention). Und
 ``TRITON_INTERPRET=1`` everything is exact fp32.
 
 ``torch.library``: ``interformer::attention_fwd`` (``float? rope_base``, ``float? sm_scale``, a last
-``Tensor? rope_table`` that traced calls fill, None meaning the cached table; returns ``(out, lse)``) and ``interformer::attention_bwd`` (returns ``(dq, dk, dv)``), plus the packed pair
+``Tensor? rope_table`` that traced calls fill, None meaning the cached table; returns ``(out, stats)``) and ``interformer::attention_bwd`` (returns ``(dq, dk, dv)``), plus the packed pair
 ``interformer::attention_qkv_fwd`` / ``interformer::attention_qkv_bwd``, are ``custom_op`` s with fake
 implementations; each forward has a registered autograd formula that calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Scalars reach the kernels as Python
 floats (fp32 kernel arguments); the op boundary is opaque to Inductor. Outside tracing,
 :func:`attention` calls the same launchers (generic or packed) through a plain ``autograd.Function``
-with the same saved tensors and the same differentiable ``(out, lse)`` outputs, or calls the forward
+with the same saved tensors and the same differentiable ``(out, stats)`` outputs, or calls the forward
 launcher alone when no input needs a gradient; this skips the custom op's dispatch overhead (see
 :mod:`interformer.kernels._dispatch`).
 """
@@ -285,27 +301,46 @@ def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
 
 # ============================================================================ forward
 @triton.jit
+def _raw_scores(a, b, PREC: tl.constexpr, NEG: tl.constexpr):
+    """``a @ b^T``, negated when the scale is negative (NEG): the scores in the raw domain, before
+    the scale (see "Softmax statistics" in the module docstring)."""
+    s = tl.dot(a, tl.trans(b), input_precision=PREC)
+    if NEG:
+        s = -s
+    return s
+
+
+@triton.jit
+def _load_stats(STATS, bh, Lq, offs_m, row_ok):
+    """A query block's softmax statistics: the raw-domain row maximum and log2 of the exp-sum."""
+    st = STATS + bh * 2 * Lq + offs_m
+    return tl.load(st, mask=row_ok, other=0.0), tl.load(st + Lq, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale,
                skl, skd, svl, svd, TAB, tab_len,
                CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, MASKED: tl.constexpr, SAME_KV: tl.constexpr,
                BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, NEG: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _raw_scores(q, k, PREC, NEG)
         if MASKED:
             vis = (offs_n < k_lim)[None, :]
             if CAUSAL:
                 vis = vis & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # (``s + 0.0``, the same maximum: reducing the dot's result itself took 47 more registers per
+        # thread at long's 128 x 64 tiles in an sm_90 build, Triton 3.6: 1 program per SM, not 2)
+        m_new = tl.maximum(m_i, tl.max(s + 0.0, 1))
         # a row whose scores are all -inf so far subtracts 0, not -inf: exp2(-inf - 0) = 0, where
         # exp2(-inf - -inf) would be NaN (see _attn_fwd_kernel's m_i)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2((m_i - m_sub) * qk_scale)
+        p = tl.exp2((s - m_sub[:, None]) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -314,7 +349,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale
 
 @triton.jit
 def _attn_fwd_kernel(
-    O, LSE,
+    O, STATS,
     Q, K, V, LENS, TAB,
     qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
     sqb, sql, sqh, sqd,
@@ -323,7 +358,7 @@ def _attn_fwd_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid = tl.program_id(0).to(tl.int64)
@@ -355,29 +390,32 @@ def _attn_fwd_kernel(
         hi_full = tl.minimum(hi_full, ((start_m + 1) // BLOCK_N) * BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, 0, hi_full, k_lim, qk_scale,
                                skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, False, SAME_KV, BLOCK_N, DH, DHP,
-                               SPLIT, PREC)
+                               SPLIT, PREC, NEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, hi_full, hi, k_lim, qk_scale,
                                skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, True, SAME_KV, BLOCK_N, DH, DHP,
-                               SPLIT, PREC)
+                               SPLIT, PREC, NEG)
 
     # A row outputs 0 only when it is masked or has no visible key (k_lim == 0; with a key, key 0 is
     # visible to every row, causal included). Testing ``l_i > 0`` instead would also zero a row whose
     # scores hold a NaN or an inf (l_i is NaN then, and NaN > 0 is False): the NaN the reference gives
-    # would become a finite 0 (and lse -inf), which a GradScaler cannot see. A row whose visible
+    # would become a finite 0, which a GradScaler cannot see. A row whose visible
     # scores are all -inf has l_i = 0 and gives 0 / 0 = NaN, as the reference's softmax does.
     keep = (offs_m < q_lim) & (k_lim > 0)
     l_safe = tl.where(keep, l_i, 1.0)
     out = tl.where(keep[:, None], acc / l_safe[:, None], 0.0)
     _store_rows(O + b * sob + h * soh, out, offs_m, Lq, sol, sod, DH, DHP, SPLIT)
-    lse = tl.where(keep, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    # the softmax statistics (module docstring): a row that outputs 0 stores (0, +inf), so that
+    # exp2(x - inf) = 0 for any key it would be recomputed against
+    st = STATS + bh * 2 * Lq + offs_m
+    tl.store(st, tl.where(keep, m_i, 0.0), mask=offs_m < Lq)
+    tl.store(st + Lq, tl.where(keep, tl.log2(l_safe), float("inf")), mask=offs_m < Lq)
 
 
 # ============================================================================ backward
 @triton.jit
 def _attn_bwd_fused_kernel(
     DQ, DK, DV,
-    DO, Q, K, V, O, LSE, LENS, TAB,
+    DO, Q, K, V, O, STATS, LENS, TAB,
     sm_scale, qk_scale, Lq, Lk, H, tab_len,
     sdqb, sdql, sdqh, sdqd,
     sdkb, sdkl, sdkh, sdkd,
@@ -389,7 +427,7 @@ def _attn_bwd_fused_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr,
 ):
     """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``). With SAME_KV (k
     and v one tensor) DK receives dk + dv and DV is never touched."""
@@ -406,8 +444,7 @@ def _attn_bwd_fused_kernel(
     o = _load_rows(O + b * sob + h * soh, offs_m, q_lim, sol, sod, TAB, tab_len, False, DH, DHP, SPLIT)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
 
     dk_base = DK + b * sdkb + h * sdkh
     dv_base = DV + b * sdvb + h * sdvh
@@ -422,11 +459,11 @@ def _attn_bwd_fused_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _raw_scores(q, k, PREC, NEG)
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -470,7 +507,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     DK, DV,
-    DO, Q, K, V, LSE, DELTA, LENS, TAB,
+    DO, Q, K, V, STATS, DELTA, LENS, TAB,
     sm_scale, qk_scale, Lq, Lk, H, tab_len, n_n_blocks,
     sdkb, sdkl, sdkh, sdkd,
     sdvb, sdvl, sdvh, sdvd,
@@ -480,7 +517,7 @@ def _attn_bwd_dkdv_kernel(
     svb, svl, svh, svd,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr,
 ):
     """dk, dv of one key block of one (b, h): loop over the query blocks that can see it (with
     SAME_KV, dk + dv into DK)."""
@@ -513,14 +550,13 @@ def _attn_bwd_dkdv_kernel(
         row_ok = offs_m < q_lim
         q = _load_rows(q_base, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
         do = _load_rows(do_base, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
-        lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+        m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = _raw_scores(k, q, PREC, NEG)  # [BLOCK_N, BLOCK_M]
         vis = kv_ok & row_ok[None, :]
         if CAUSAL:
             vis = vis & (offs_n[:, None] <= offs_m[None, :])
-        p_t = tl.where(vis, tl.exp2(s_t - lse2[None, :]), 0.0)
+        p_t = tl.where(vis, tl.exp2((s_t - m_row[None, :]) * qk_scale - lg_row[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -535,7 +571,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     DQ,
-    DO, Q, K, V, LSE, DELTA, LENS, TAB,
+    DO, Q, K, V, STATS, DELTA, LENS, TAB,
     sm_scale, qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
     sdqb, sdql, sdqh, sdqd,
     sdob, sdol, sdoh, sdod,
@@ -544,7 +580,7 @@ def _attn_bwd_dq_kernel(
     svb, svl, svh, svd,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr,
 ):
     """dq of one query block of one (b, h): loop over the visible key blocks."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
@@ -561,8 +597,7 @@ def _attn_bwd_dq_kernel(
     row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
     q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    lse2 = tl.where(row_ok, lse * 1.4426950408889634, 0.0)
+    m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
 
     k_base = K + b * skb + h * skh
@@ -576,11 +611,11 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
         v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _raw_scores(q, k, PREC, NEG)
         vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
         if CAUSAL:
             vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -692,7 +727,28 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
 
 
 def _resolve_scale(sm_scale: Optional[float], dh: int) -> float:
-    return 1.0 / math.sqrt(dh) if sm_scale is None else float(sm_scale)
+    """The softmax scale: ``1 / sqrt(dh)`` by default. A given one must be finite and nonzero: the
+    kernels scale differences of raw scores (module docstring), and a zero scale would turn the
+    masked keys' ``-inf - m`` into ``0 * inf`` = NaN (a zero-scale softmax is a plain average)."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(dh)
+    scale = float(sm_scale)
+    if not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"attention: sm_scale must be a finite nonzero number, got {sm_scale!r}")
+    return scale
+
+
+def _scale_args(scale: float) -> tuple:
+    """``(qk_scale, NEG)`` for the kernels: ``|scale| * log2(e)``, and whether the scores are negated
+    before it (a negative scale; the raw-domain maximum is then the scaled scores' maximum)."""
+    return abs(scale) * LOG2E, scale < 0
+
+
+def _empty_stats(B: int, H: int, Lq: int, device) -> torch.Tensor:
+    """The statistics of rows that output 0: maximum 0, log2 of the exp-sum +inf."""
+    stats = torch.zeros((B, H, 2, Lq), device=device, dtype=torch.float32)
+    stats[:, :, 1] = float("inf")
+    return stats
 
 
 def _tab(q, k, rope_base, Lq, Lk, dh, table=None):
@@ -715,28 +771,28 @@ def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_querie
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
     out = torch.empty((B, Lq, H, dh), device=k.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Lq), device=k.device, dtype=torch.float32)
     if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
+        return out, _empty_stats(B, H, Lq, k.device)
     if Lk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-    scale = _resolve_scale(sm_scale, dh)
+        return out.zero_(), _empty_stats(B, H, Lq, k.device)
+    stats = torch.empty((B, H, 2, Lq), device=k.device, dtype=torch.float32)
+    qk_scale, neg = _scale_args(_resolve_scale(sm_scale, dh))
     tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
     dhp = _padded_dh(dh)
     block_m, block_n, warps, stages = _fwd_config(Lq, Lk, dhp, q.dtype)
     n_m = cdiv(Lq, block_m)
     sqb = 0 if q.shape[0] == 1 else q.stride(0)
     launch(_attn_fwd_kernel)[(B * H * n_m,)](
-        out, lse, q, k, v, lengths, tab,
-        scale * LOG2E, Lq, Lk, H, tab_len, n_m,
+        out, stats, q, k, v, lengths, tab,
+        qk_scale, Lq, Lk, H, tab_len, n_m,
         sqb, q.stride(1), q.stride(2), q.stride(3),
         *k.stride(), *v.stride(), *out.stride(),
         CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
         MASK_Q=bool(mask_queries), SAME_KV=_one_tensor(k, v), BLOCK_M=block_m, BLOCK_N=block_n, DH=dh, DHP=dhp,
-        SPLIT=rope_base is not None, PREC=dot_precision(q.dtype),
+        SPLIT=rope_base is not None, PREC=dot_precision(q.dtype), NEG=neg,
         num_warps=warps, num_stages=stages,
     )
-    return out, lse
+    return out, stats
 
 
 def _one_tensor(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -749,7 +805,7 @@ def _one_tensor(k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @on_input_device
-def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                         rope_table=None, grads=None, same_kv=False):
     """(dq, dk, dv); ``grads`` optionally gives the three output tensors (any strides, e.g. the
     views of one packed ``[B, L, 3, H, dh]`` buffer), used for per-sample queries only.
@@ -772,20 +828,21 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
         dq_buf.zero_(), dk.zero_(), dv.zero_()
     else:
         scale = _resolve_scale(sm_scale, dh)
+        qk_scale, neg = _scale_args(scale)
         tab, tab_len = _tab(q, k, rope_base, Lq, Lk, dh, rope_table)
         dhp = _padded_dh(dh)
         sqb = 0 if Bq == 1 else q.stride(0)
         flags = dict(
             CAUSAL=bool(causal), ROPE_Q=rope_base is not None and bool(rope_q), ROPE_K=rope_base is not None,
             MASK_Q=bool(mask_queries), SAME_KV=bool(same_kv), DH=dh, DHP=dhp, SPLIT=rope_base is not None,
-            PREC=dot_precision(q.dtype),
+            PREC=dot_precision(q.dtype), NEG=neg,
         )
         q_strides = (sqb, q.stride(1), q.stride(2), q.stride(3))
         if _use_fused_bwd(Lq, dhp, q.dtype):
             block_m, block_n, warps = _fused_bwd_config(Lq, Lk, dhp, q.dtype)
             launch(_attn_bwd_fused_kernel)[(B * H,)](
-                dq_buf, dk, dv, do, q, k, v, out, lse, lengths, tab,
-                scale, scale * LOG2E, Lq, Lk, H, tab_len,
+                dq_buf, dk, dv, do, q, k, v, out, stats, lengths, tab,
+                scale, qk_scale, Lq, Lk, H, tab_len,
                 *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
                 *q_strides, *k.stride(), *v.stride(), *out.stride(),
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, **flags,
@@ -799,15 +856,15 @@ def _attention_bwd_impl(do, q, k, v, out, lse, lengths, causal, rope_base, rope_
             )
             n_n = cdiv(Lk, kv_bn)
             launch(_attn_bwd_dkdv_kernel)[(B * H * n_n,)](
-                dk, dv, do, q, k, v, lse, delta, lengths, tab,
-                scale, scale * LOG2E, Lq, Lk, H, tab_len, n_n,
+                dk, dv, do, q, k, v, stats, delta, lengths, tab,
+                scale, qk_scale, Lq, Lk, H, tab_len, n_n,
                 *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=warps, num_stages=2, **flags,
             )
             n_m = cdiv(Lq, q_bm)
             launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
-                dq_buf, do, q, k, v, lse, delta, lengths, tab,
-                scale, scale * LOG2E, Lq, Lk, H, tab_len, n_m,
+                dq_buf, do, q, k, v, stats, delta, lengths, tab,
+                scale, qk_scale, Lq, Lk, H, tab_len, n_m,
                 *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
             )
@@ -829,7 +886,7 @@ def attention_fwd(
     sm_scale: Optional[float],
     rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [B, Lq, H, dh], lse [B, H, Lq] fp32)``; ``rope_table`` (None: the cached one)
+    """Forward: ``(out [B, Lq, H, dh], stats [B, H, 2, Lq] fp32)``; ``rope_table`` (None: the cached one)
     is :func:`rope_table`'s ``[2, >= max(Lq, Lk), dh/2]``."""
     return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
@@ -838,7 +895,7 @@ def attention_fwd(
 def _attention_fwd_fake(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
-    return k.new_empty((B, Lq, H, dh), dtype=q.dtype), k.new_empty((B, H, Lq), dtype=torch.float32)
+    return k.new_empty((B, Lq, H, dh), dtype=q.dtype), k.new_empty((B, H, 2, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("interformer::attention_bwd", mutates_args=())
@@ -848,7 +905,7 @@ def attention_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     lengths: torch.Tensor,
     causal: bool,
     rope_base: Optional[float],
@@ -858,20 +915,20 @@ def attention_bwd(
     rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``(dq, dk, dv)`` shaped like q, k, v (contiguous)."""
-    return _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+    return _attention_bwd_impl(grad_out, q, k, v, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                                rope_table)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+def _attention_bwd_fake(grad_out, q, k, v, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                         rope_table=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, *table = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, lengths, table[0] if table else None)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, lengths, table[0] if table else None)
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
@@ -882,13 +939,13 @@ def _backward_with(bwd, lean=False):
     write that tensor's whole gradient, dk + dv, and v's slot gets None, where autograd would
     otherwise add the two (one more kernel, two more ``B x L x d`` tensors). Traced calls keep
     the op's (dq, dk, dv) schema."""
-    def backward(ctx, grad_out, grad_lse):
-        # lse is an internal output: its gradient (if any) is ignored.
-        q, k, v, out, lse, lengths, table = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_stats):
+        # the statistics are an internal output: their gradient (if any) is ignored.
+        q, k, v, out, stats, lengths, table = ctx.saved_tensors
         if grad_out is None:
             return (None,) * 10
         extra = {"same_kv": ctx.same_kv} if lean else {}
-        dq, dk, dv = bwd(grad_out, q, k, v, out, lse, lengths, *ctx.args, table, **extra)
+        dq, dk, dv = bwd(grad_out, q, k, v, out, stats, lengths, *ctx.args, table, **extra)
         return (dq, dk, dv) + (None,) * 7
     return backward
 
@@ -904,7 +961,7 @@ def _lean_forward(ctx, *inputs):
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch; like the
-# custom op's autograd wrapper, both outputs are differentiable and lse's gradient is ignored
+# custom op's autograd wrapper, both outputs are differentiable and the statistics' gradient is ignored
 _Attention = lean_function("_Attention", _lean_forward, _backward_with(_attention_bwd_impl, lean=True),
                            _backward_with(torch.ops.interformer.attention_bwd))
 inline_when_compiled(attention_fwd, attention_bwd)
@@ -915,11 +972,11 @@ def _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_querie
     return _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
 
-def _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+def _attention_qkv_bwd_impl(grad_out, qkv, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                             rope_table=None):
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     q, k, v = qkv.unbind(2)
-    _attention_bwd_impl(grad_out, q, k, v, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+    _attention_bwd_impl(grad_out, q, k, v, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                         rope_table, grads=dqkv.unbind(2))
     return dqkv
 
@@ -939,14 +996,14 @@ def attention_qkv_fwd(
     sm_scale: Optional[float],
     rope_table: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward of packed ``qkv [B, L, 3, H, dh]``: ``(out [B, L, H, dh], lse [B, H, L] fp32)``."""
+    """Forward of packed ``qkv [B, L, 3, H, dh]``: ``(out [B, L, H, dh], stats [B, H, 2, L] fp32)``."""
     return _attention_qkv_fwd_impl(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table)
 
 
 @attention_qkv_fwd.register_fake
 def _attention_qkv_fwd_fake(qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     B, L, _, H, dh = qkv.shape
-    return qkv.new_empty((B, L, H, dh)), qkv.new_empty((B, H, L), dtype=torch.float32)
+    return qkv.new_empty((B, L, H, dh)), qkv.new_empty((B, H, 2, L), dtype=torch.float32)
 
 
 @torch.library.custom_op("interformer::attention_qkv_bwd", mutates_args=())
@@ -954,7 +1011,7 @@ def attention_qkv_bwd(
     grad_out: torch.Tensor,
     qkv: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     lengths: torch.Tensor,
     causal: bool,
     rope_base: Optional[float],
@@ -964,30 +1021,30 @@ def attention_qkv_bwd(
     rope_table: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Backward of packed ``qkv``: the contiguous ``[B, L, 3, H, dh]`` gradient."""
-    return _attention_qkv_bwd_impl(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries,
+    return _attention_qkv_bwd_impl(grad_out, qkv, out, stats, lengths, causal, rope_base, rope_q, mask_queries,
                                    sm_scale, rope_table)
 
 
 @attention_qkv_bwd.register_fake
-def _attention_qkv_bwd_fake(grad_out, qkv, out, lse, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
+def _attention_qkv_bwd_fake(grad_out, qkv, out, stats, lengths, causal, rope_base, rope_q, mask_queries, sm_scale,
                             rope_table=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context_qkv(ctx, inputs, output):
     qkv, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, *table = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, lengths, table[0] if table else None)
+    out, stats = output
+    ctx.save_for_backward(qkv, out, stats, lengths, table[0] if table else None)
     ctx.args = (causal, rope_base, rope_q, mask_queries, sm_scale)
 
 
 def _backward_qkv_with(bwd):
     """The packed autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
-    def backward(ctx, grad_out, grad_lse):
-        qkv, out, lse, lengths, table = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_stats):
+        qkv, out, stats, lengths, table = ctx.saved_tensors
         if grad_out is None:
             return (None,) * 8
-        dqkv = bwd(grad_out, qkv, out, lse, lengths, *ctx.args, table)
+        dqkv = bwd(grad_out, qkv, out, stats, lengths, *ctx.args, table)
         return (dqkv,) + (None,) * 7
     return backward
 
@@ -1012,7 +1069,7 @@ PACK_QKV = True
 
 
 # ============================================================================ public function
-def _check(q, k, v, lengths, rope_base):
+def _check(q, k, v, lengths, rope_base, sm_scale=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D tensor [B, L, H, dh], got "
@@ -1029,6 +1086,8 @@ def _check(q, k, v, lengths, rope_base):
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share one dtype among {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     _check_lengths_and_device("attention", "q, k, v and lengths", lengths, B, (q, k, v))
+    if sm_scale is not None and not torch.compiler.is_compiling():  # traced: PMA's 1/sqrt(dh) may be symbolic
+        _resolve_scale(sm_scale, dh)
 
 
 def _check_lengths_and_device(op: str, names: str, lengths, B: int, tensors) -> None:
@@ -1071,9 +1130,10 @@ def attention(
     :func:`interformer.reference.attention` (see the module docstring for the kernel design).
 
     q ``[Bq, Lq, H, dh]`` (Bq = B or 1), k, v ``[B, Lk, H, dh]`` (any strides), lengths ``[B]``
-    -> contiguous ``[B, Lq, H, dh]``.
+    -> contiguous ``[B, Lq, H, dh]``. ``sm_scale`` (default ``1/sqrt(dh)``) must be finite and
+    nonzero (``ValueError``; the reference takes any float).
     """
-    _check(q, k, v, lengths, rope_base)
+    _check(q, k, v, lengths, rope_base, sm_scale)
     # wider heads than the register tiles hold, or a torch.func transform (_dispatch.transformed):
     # the reference, same math
     if k.shape[3] > MAX_HEAD_DIM or transformed():
@@ -1114,7 +1174,7 @@ def attention_packed(
     if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
             and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not transformed()):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
-    _check(q, k, v, lengths, rope_base)
+    _check(q, k, v, lengths, rope_base, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     if tracing((qkv, lengths)):  # a tensor subclass
         out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
@@ -1192,7 +1252,7 @@ def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_wei
     # folded queries' dtype as they load them, which is what a cast before the call would do,
     # without the cast's copy (and its backward's: ds comes back in s's dtype)
     kv = s.unsqueeze(2)
-    a, lse = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
+    a, stats = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
     o_w = o_weight.to(c)
     wvh, woh, w_ov = _fold_values(v_weight.to(c), o_w, H)
     v_b = v_bias.to(c)
@@ -1200,7 +1260,7 @@ def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_wei
     bias = torch.addmv(o_bias.to(c), o_w, v_b, alpha=1.0 if L else 0.0)
     mask = (lengths > 0).to(c)[:, None, None]
     out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d).mul_(mask)
-    return out, (q_in, kv, a, lse, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask)
+    return out, (q_in, kv, a, stats, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask)
 
 
 def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
@@ -1211,16 +1271,16 @@ def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_b
     return out
 
 
-def _pooled_attention_bwd_lean(d_a, q_in, kv, a, lse, lengths, scale):
+def _pooled_attention_bwd_lean(d_a, q_in, kv, a, stats, lengths, scale):
     """``(dq_in, ds)`` of the folded call: the launcher writes ``ds = dk + dv`` itself (``SAME_KV``)."""
-    dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False, scale,
+    dq_in, ds, _ = _attention_bwd_impl(d_a, q_in, kv, kv, a, stats, lengths, False, None, False, False, scale,
                                        same_kv=True)
     return dq_in, ds
 
 
-def _pooled_attention_bwd_op(d_a, q_in, kv, a, lse, lengths, scale):
+def _pooled_attention_bwd_op(d_a, q_in, kv, a, stats, lengths, scale):
     """``(dq_in, ds)`` through the registered backward op (batched gradients, see ``lean_function``)."""
-    dq_in, dk, dv = torch.ops.interformer.attention_bwd(d_a, q_in, kv, kv, a, lse, lengths, False, None, False, False,
+    dq_in, dk, dv = torch.ops.interformer.attention_bwd(d_a, q_in, kv, kv, a, stats, lengths, False, None, False, False,
                                                         scale)
     return dq_in, dk + dv
 
@@ -1234,13 +1294,13 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     gradients are computed as usual and the frozen ones' are dropped."""
     if grad is None:
         return (None,) * 10
-    q_in, kv, a, lse, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask = ctx.saved_tensors
+    q_in, kv, a, stats, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask = ctx.saved_tensors
     H = ctx.heads
     B, L, _, d = kv.shape
     nq, dh = qh.shape[1], d // H
     g = (grad.to(mask.dtype) * mask).reshape(B * nq, d)  # the upstream gradient may be any view
     d_a = torch.mm(g, w_ov.t()).view(B, nq * H, 1, d)
-    dq_in, ds = attention_bwd(d_a, q_in, kv, a, lse, lengths, 1.0 / math.sqrt(dh))
+    dq_in, ds = attention_bwd(d_a, q_in, kv, a, stats, lengths, 1.0 / math.sqrt(dh))
     ds = ds.view(B, L, d).to(ctx.dtypes[0])
     need = ctx.needs_input_grad
     if not any(need[2:9]):  # frozen parameters: the fold's gradients are skipped

@@ -236,11 +236,11 @@ def test_whole_model_inlined_keeps_only_the_cross_nets_as_custom_ops(settings, a
 
 # (module, kernel): (pointer arguments it stores to, pointer arguments it only reads), from the kernels' code
 KERNEL_POINTERS = {
-    ("attention", "_attn_fwd_kernel"): ({"O", "LSE"}, {"Q", "K", "V", "LENS", "TAB"}),
-    ("attention", "_attn_bwd_fused_kernel"): ({"DQ", "DK", "DV"}, {"DO", "Q", "K", "V", "O", "LSE", "LENS", "TAB"}),
+    ("attention", "_attn_fwd_kernel"): ({"O", "STATS"}, {"Q", "K", "V", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_fused_kernel"): ({"DQ", "DK", "DV"}, {"DO", "Q", "K", "V", "O", "STATS", "LENS", "TAB"}),
     ("attention", "_attn_bwd_preprocess_kernel"): ({"DELTA"}, {"DO", "O"}),
-    ("attention", "_attn_bwd_dkdv_kernel"): ({"DK", "DV"}, {"DO", "Q", "K", "V", "LSE", "DELTA", "LENS", "TAB"}),
-    ("attention", "_attn_bwd_dq_kernel"): ({"DQ"}, {"DO", "Q", "K", "V", "LSE", "DELTA", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_dkdv_kernel"): ({"DK", "DV"}, {"DO", "Q", "K", "V", "STATS", "DELTA", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_dq_kernel"): ({"DQ"}, {"DO", "Q", "K", "V", "STATS", "DELTA", "LENS", "TAB"}),
     ("gated_lce", "_glce_fwd_kernel"): ({"OUT"}, {"X", "W", "BIAS", "GW", "GB"}),
     ("gated_lce", "_glce_bwd_kernel"): ({"DX", "PART", "DZ", "YS"}, {"DO", "X", "W", "BIAS", "GW", "GB"}),
     ("pffn", "_pffn_fwd_kernel"): ({"OUT"}, {"S", "LENS", "WX", "A", "LNW", "LNB"}),

@@ -574,7 +574,7 @@ def test_fused_backward_runs_twice_on_a_retained_graph(variant):
     over one forward, or several backward passes over one graph, does): the second backward through the same fused
     nodes gives the first's gradients again, so every parameter's accumulated gradient is exactly
     twice the first. A backward that used a saved buffer as scratch (the low-rank cross net's
-    ``P``, attention's ``lse``, a partial-sum buffer kept on ``ctx``) would change the second."""
+    ``P``, attention's softmax statistics, a partial-sum buffer kept on ``ctx``) would change the second."""
     cfg = _variant(variant)
     _, fused = _fused_pair(cfg)
     dense, sparse, seq, lengths, label = _batch(cfg)

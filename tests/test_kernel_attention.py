@@ -102,6 +102,9 @@ CASES = [
     Case("pma-folded-kv-54-dh64", 3, True, 8, 54, 1, 64, False, None, False, "kv"),
     Case("kv-13-causal-ropek", 3, False, 13, 13, 2, 32, True, "k", False, "kv", grad="sum"),
     Case("kv-129-general-rope", 2, False, 129, 129, 2, 16, False, "qk", True, "kv"),
+    # a negative scale: the kernels take the maximum of the negated raw scores (NEG)
+    Case("L13-negative-scale", 2, False, 13, 13, 2, 16, False, "k", True, "contiguous", sm_scale=-0.5),
+    Case("L129-general-causal-negative-scale", 2, False, 129, 129, 1, 16, True, "qk", True, "qkv", sm_scale=-0.2),
 ]
 
 
@@ -812,7 +815,7 @@ LEAN_CASES = [
 def test_eager_entry_matches_custom_op_bitwise(case):
     """Outside tracing :func:`attention` runs the launchers through a plain autograd.Function (no
     custom-op dispatch); ``interformer::attention_fwd`` called directly (what torch.compile records)
-    must give the very same output, lse and gradients, bit for bit, with the same dtypes and the same
+    must give the very same output, softmax statistics and gradients, bit for bit, with the same dtypes and the same
     differentiable outputs; under no_grad the forward launcher alone gives the same output."""
     cid, shared, Lq, Lk, causal, rope_base, rope_q, mask_q, sm_scale, req = case
     B, H, dh = 3, 2, 16
@@ -856,7 +859,7 @@ def test_eager_entry_matches_custom_op_bitwise(case):
 def test_eager_entry_packed_matches_custom_op_bitwise(L):
     """The packed path: :func:`attention_packed` on the module's packed projection runs the packed
     launchers through a plain autograd.Function; ``interformer::attention_qkv_fwd`` called directly
-    on the packed tensor gives the very same output, lse and gradient (contiguous [B, L, 3, H, dh])."""
+    on the packed tensor gives the very same output, statistics and gradient (contiguous [B, L, 3, H, dh])."""
     B, H, dh = 3, 2, 16
     gen = torch.Generator().manual_seed(L)
     base = torch.randn(B, L, 3 * H * dh, generator=gen).to(DEVICE)
@@ -909,6 +912,11 @@ def test_invalid_inputs_raise_value_error():
         A.attention(q, q, q, torch.tensor([5]))
     with pytest.raises(ValueError, match="integer"):
         A.attention(q, q, q, lengths.float())
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sm_scale must be a finite nonzero"):
+            A.attention(q, q, q, lengths, sm_scale=bad)
+        with pytest.raises(ValueError, match="sm_scale must be a finite nonzero"):
+            A.attention_packed(torch.stack([q, q, q], 2), lengths, sm_scale=bad)
 
 
 def test_harness_catches_a_wrong_kernel():
@@ -963,9 +971,9 @@ def test_kernel_configs_fit_h100_shared_memory():
         name = str(dtype).replace("torch.", "")
         dhp = A._padded_dh(dh)
         flags = dict(CAUSAL=False, ROPE_Q=True, ROPE_K=True, MASK_Q=True, DH=dh, DHP=dhp, SPLIT=True,
-                     PREC=A.dot_precision(dtype))
+                     PREC=A.dot_precision(dtype), NEG=False)
         args = {n: name for n in ("O", "Q", "K", "V", "DQ", "DK", "DV", "DO")}
-        args.update(LSE="fp32", DELTA="fp32", TAB="fp32", LENS="i64", qk_scale=0.1, sm_scale=0.1)
+        args.update(STATS="fp32", DELTA="fp32", TAB="fp32", LENS="i64", qk_scale=0.1, sm_scale=0.1)
         bm, bn, warps, stages = A._fwd_config(L, L, dhp, dtype)
         kernels = [("_attn_fwd_kernel", bm, bn, warps, stages)]
         if A._use_fused_bwd(L, dhp, dtype):
@@ -1098,7 +1106,7 @@ def test_padded_rotary_head_in_the_general_backward():
 def test_mixed_dtype_launchers_round_kv_tiles_to_the_query_dtype(L, same_kv):
     """The launchers take k and v in another dtype than q (pooled_attention's fp32 sequence under a
     16-bit autocast): each k/v tile is rounded to q's dtype as it is loaded, which is exactly what a
-    cast before the call does. So the forward (output and lse) equals, bit for bit, the call on
+    cast before the call does. So the forward (output and statistics) equals, bit for bit, the call on
     fp16 copies, and so do dq and (rounded to fp16) dk, dv; for k and v one tensor and two, over the
     single-block and the general backward."""
     gen = torch.Generator().manual_seed(L + same_kv)

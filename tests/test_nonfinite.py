@@ -208,6 +208,39 @@ def test_attention_scores_far_below_zero_are_finite():
         assert torch.isfinite(grads[name]).all(), "d" + name
 
 
+@pytest.mark.parametrize("general", [False, True], ids=["one query block", "general backward"])
+def test_attention_backward_recomputes_the_forwards_probabilities_at_any_score_magnitude(general, monkeypatch):
+    """fp32 scores from -1e4 to -1e34, two keys tied for each row's maximum and the others far
+    below it: the probabilities are exactly [0, 0, 1/2, 1/2, 0, 0] at every magnitude, and the
+    backward, which recomputes them from q, k and the forward's softmax statistics, must find
+    those. A stored log-sum-exp cannot: at |score| past 2**24 the tie's log 2 is lost in it (p = 1
+    for both keys), and below that a log-sum-exp stored in natural log and turned back to log2 is
+    one rounding off in about one row in seven (exp2 of an error of |score| * 2**-24); and a
+    score the backward multiplies by the scale and subtracts in one fused multiply-add (a GPU)
+    differs from the forward's rounded one by as much, which at 1e34 made dv inf on the H200.
+    Output, dv and dk within FP32_TOL of float64; dq is 0 in exact arithmetic (the tied keys'
+    terms cancel) and fp32 rounding times the large q entries is not: finite only. Both backward
+    structures (the general one forced: its dk/dv kernel forms the scores as K Q^T)."""
+    if general:
+        monkeypatch.setattr(A, "_use_fused_bwd", lambda *shape: False)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (_rnd(g, torch.float32, 1, 6, 2, 16) for _ in range(3))
+    k[0, 3] = k[0, 2]  # the tie, in both heads
+    sign = torch.tensor([-1.0, 1.0], device=DEVICE)  # the scores are negative in both heads
+    q[0, :, :, 0] = sign * torch.tensor([10.0 ** (2 + 6 * i) for i in range(6)], device=DEVICE)[:, None]
+    k[0, :, :, 0] = -sign * torch.tensor([1e3, 3e3, 1e2, 1e2, 1e4, 2e3], device=DEVICE)[:, None]
+    lengths = torch.tensor([6], device=DEVICE)
+    grad = _rnd(g, torch.float32, 1, 6, 2, 16)
+    args = dict(q=q, k=k, v=v, lengths=lengths)
+    out, grads = _run(A.attention, args, ["q", "k", "v"], grad)
+    ref, ref_grads = _run(R.attention, {**args, "q": q.double(), "k": k.double(), "v": v.double()}, ["q", "k", "v"],
+                          grad.double())
+    assert_rel(out, ref, FP32_TOL, "out")
+    assert_rel(grads["v"], ref_grads["v"], FP32_TOL, "dv")
+    assert_rel(grads["k"], ref_grads["k"], FP32_TOL, "dk")
+    assert torch.isfinite(grads["q"]).all(), "dq"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_attention_nonfinite_upstream_gradient_at_a_valid_row(dtype):
     """An inf or a NaN in the upstream gradient of a valid query row reaches dq, dk, dv where the
