@@ -11,69 +11,39 @@
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
 #   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
 #                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
-# Seen on an H200 (2026-11-27, second 15-minute lease, four calls at 80ba0f2, 765 s held;
-# bench/results/nvidia-h200-2026-11-27b.md): a start about 30 s, each call's install and transfers
-# 10-25 s; 116 listed tests in 8 shards of 120 s took 106 s; 21 op rows 29 s; the threads stage 48 s;
-# taobao's five training rows (calling-thread fused and eager, fused, compile, fused-compile) 111 s;
-# two amazon compiled training rows 79 s; three profiles 68 s; the embed stage 32 s (a 25 s box
-# ended before its first row); every taobao op graphed, compile against fused, 74 s.
-# Planned for the next lease (two calls; device-tool timeout_s 420 and 360):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=14 TESTS_TIMEOUT=170 MODEL_TIMEOUT=130 EMBED_TIMEOUT=60 \
-#      PROFILE_BACKENDS=triton PROFILE_TIMEOUT=45 OPS_TIMEOUT=90 \
-#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py" \
-#      OPS_K="(bandwidth and fused) or (taobao and low and full and (phases or eager-cudagraph or compile-cudagraph or (fused and not compile and not 8warps)))" \
-#      MODEL_FILES="$(for p in train-calling-thread-fused train-calling-thread-eager train-fused train-eager; do printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT tests model ops profile embed
-#      (in order of what the lease must not lose: the tests of gpu_rerun.txt (about 350 once its
-#      function-level ids expand, 25 a shard; the sixteenth session's 172, the non-finite tests and
-#      the changed attention and gated LCE forwards, are last in every shard, so a cut box loses
-#      them first; 116 tests took 106 s at 80ba0f2 in 8 shards, so expect the box to cut even with 14
-#      shards (one per core of the machine's 16, less two; if, as it seems but was not measured, a
-#      shard's time is mostly Triton compiling kernels on the host, more shards help): give the tests stage
-#      more of the call, or a call of its own, if the other stages can wait): the tokenizers' grouped lookups, the whole fused model
-#      with them, the compile-reference default with the cross nets, the low-rank cross net's phased
-#      backward in fp32, fp16 and bf16, profiling/step_ops.py, the inlined ops (set_compile_inline)
-#      with Triton's own launches and Inductor on the inlined model; then what the grouped lookups change in a taobao
-#      training step, fused against eager, on the calling thread and on the device thread: on the
-#      H200 at 80ba0f2 fused 31.59 / eager 37.28 ms on the calling thread, fused 42.50 on the device
-#      thread; then the op rows: the low-rank cross net at taobao, full, with the phased backward
-#      (fused-phases, plain and graphed) beside the default and eager / Inductor graphed, in one
-#      process (issue 4's 1.5x eager and 1.2x compile in graphs; at 80ba0f2 fused 0.140, eager 0.184,
-#      Inductor 0.123 ms graphed), and the gated LCE at 32x taobao's batch, test_gated_lce_bandwidth,
-#      what fraction of the copy bandwidth its kernels reach when launches no longer set the time
-#      (issue 3's 70% target; fused-store beside the "acc" mode that batch picks); then the fused
-#      training step's profile, whose
-#      aten::embedding_dense_backward should fall from 22 calls and 2.06 ms a step to 2 calls; last
-#      the embed stage's second table (per-table against grouped lookups, both tokenizers, plain,
-#      graphed, deterministic). The boxes add up to 495 s against the call's 420: the stages have
-#      run well inside theirs (116 tests took 106 s; five training rows, two of them compiled, 111 s,
-#      so four plain ones should take less), and the last stages are the ones a short call may cut)
-#   2. (issue it as soon as call 1 returns: an idle machine is given back after about 30 s)
-#      PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in taobao-train-compile \
-#      taobao-train-fused-compile-inline taobao-inference-compile taobao-inference-fused-compile-inline \
-#      taobao-train-fused-compile taobao-inference-fused-compile amazon-train-compile \
-#      amazon-train-fused-compile-inline amazon-train-fused-compile; do \
-#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT model
-#      (rows in order of need, a box of 300 s for about 9 x 35 s (the call's 360 s also hold the
-#      install, 10-25 s, and the report and pack): the last ones are the ones a cut
-#      loses. bench/conftest.py resets dynamo before each row: without it this call's rows, in one
-#      process, shared the cache of InterFormerCTR.forward, the 9th passed dynamo's recompile limit
-#      and ran uncompiled, and the taobao rows after amazon's compiled with dynamic sizes (found by a
-#      CPU simulation of this call; the first lease's compiled rows ran the same way).
-#      Issue 6's compile target, fused + compile >= 1.15x compile, all in one process:
-#      compile; fused + compile with the default set (the cross nets and LayerNorm to Inductor, the
-#      other ops opaque custom ops); and fused-compile-inline, the same set with the kept ops traced
-#      into their Triton kernels so that Inductor launches them itself (interformer.set_compile_inline,
-#      off by default until this row: on this CPU, under cProfile with launches skipped, a compiled
-#      fused taobao inference step spent 0.88 of its 2.4 ms in custom-op calls, 0.46 ms of it in the
-#      dispatch above the launchers). At 80ba0f2 amazon was 0.89x
-#      with attention only, taobao 1.00x with the old default. If the inline rows fail, the tests of
-#      call 1 (tests/test_compile_inline.py, Inductor on the inlined model) say where. The three taobao
-#      inference rows recheck the first lease's compiled fused inference, 12.16 ms against 9.43 ms
-#      plain and 5.29 ms for compile, now with each compiled row's dynamo counts (frames compiled
-#      while timed, graph breaks; the report names rows where they are nonzero): a compiled fused
-#      inference near compile's time would put issue 6's inference >= 2x eager within reach of a
-#      fused variant. Give the call timeout_s 360)
+# Seen on an H200 (2026-11-27, third lease, bench/results/nvidia-h200-2026-11-27c.md): a start about
+# 30 s, each call's install and transfers 10-25 s; 384 listed tests in 15 shards of 165 s took 139 s
+# (the slowest shard 130 s); 14 op rows 44 s; four plain taobao model rows 35 s; one compiled
+# training row about 45 s (a box of 110 s held the compiled row and failed the inlined one). The
+# lease's first call hung after its tests on a bare `wait` (fixed since) and brought back nothing.
+# Planned for the next lease (two calls; device-tool timeout_s 330 and 400; issue call 2 as soon as
+# call 1 returns: an idle machine is given back after about 30 s):
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=70 MODEL_TIMEOUT=60 \
+#      OPS_FILES=bench/test_bench_attention.py \
+#      OPS_K="(taobao or long) and full and (fused-cudagraph or eager-cudagraph or compile-cudagraph)" \
+#      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
+#      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
+#      bench/gpu_session.sh COMMIT tests ops model
+#      (the tests of gpu_rerun.txt, about 185: the three that failed at c77021c, the fp32 casts of
+#      float arguments under Inductor (the inlined model, plain and reduce-overhead) and every
+#      attention test after the softmax-statistics change, in fp32, fp16 and bf16; then attention and
+#      PMA graphed at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor;
+#      PMA fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
+#      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says
+#      whether it cost time; then the plain taobao model rows, which repeat poorly (c77021c: inference
+#      1.59x, training 1.13x))
+#   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
+#      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
+#      taobao-inference-fused-compile amazon-train-compile amazon-train-fused-compile-inline \
+#      amazon-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      bench/gpu_session.sh COMMIT model
+#      (issue 6's compile target, fused + compile >= 1.15x compile, in one process, rows in order of
+#      need: compile, fused-compile-inline (the kept ops traced into their Triton kernels, so that
+#      Inductor launches them; it failed at c77021c on the fp64 scale), fused-compile (the default
+#      set kept as opaque custom ops). Compiled rows took about 35-45 s each, so the box of 340 s
+#      may end in the amazon rows. bench/conftest.py resets dynamo before each row. If the inline rows
+#      fail again, call 1's tests (tests/test_fused_model.py's inlined cases) say where. At c77021c
+#      taobao compile training was 26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)
 #   Left for a later lease: the compiled inference profiles, plain and inlined (PROFILE_BACKENDS=triton
 #   PROFILE_ARGS="--compile --inference" bench/gpu_session.sh COMMIT profile; the same with OUT="$OUT/inline"
 #   INTERFORMER_COMPILE_INLINE=1 PACK=1 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference"
