@@ -186,6 +186,15 @@ def test_attention_row_of_minus_inf_scores_is_nan(dtype):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def _fused_and_float64_attention(q, k, v, lengths, grad):
+    """(output, gradients) of the fused attention on fp32 q, k, v, then of the reference in float64."""
+    args = dict(q=q, k=k, v=v, lengths=lengths)
+    out, grads = _run(A.attention, args, ["q", "k", "v"], grad)
+    ref, ref_grads = _run(R.attention, {**args, "q": q.double(), "k": k.double(), "v": v.double()}, ["q", "k", "v"],
+                          grad.double())
+    return out, grads, ref, ref_grads
+
+
 def test_attention_scores_far_below_zero_are_finite():
     """fp32 scores below -1e30 (|q . k| that large needs entries near 1e17): the reference's softmax
     is finite, and so is the fused op's. The online softmax started its running maximum at the
@@ -197,10 +206,7 @@ def test_attention_scores_far_below_zero_are_finite():
     k[0, :, 0, 0] = torch.tensor([1e17, 2e17, 3e17])
     lengths = torch.tensor([3], device=DEVICE)
     grad = _rnd(g, torch.float32, 1, 3, 1, 16)
-    args = dict(q=q, k=k, v=v, lengths=lengths)
-    out, grads = _run(A.attention, args, ["q", "k", "v"], grad)
-    ref, ref_grads = _run(R.attention, {**args, "q": q.double(), "k": k.double(), "v": v.double()}, ["q", "k", "v"],
-                          grad.double())
+    out, grads, ref, ref_grads = _fused_and_float64_attention(q, k, v, lengths, grad)
     assert torch.isfinite(out).all()
     assert_rel(out, ref, FP32_TOL, "out")
     assert_rel(grads["v"], ref_grads["v"], FP32_TOL, "dv")
@@ -231,10 +237,7 @@ def test_attention_backward_recomputes_the_forwards_probabilities_at_any_score_m
     k[0, :, :, 0] = -sign * torch.tensor([1e3, 3e3, 1e2, 1e2, 1e4, 2e3], device=DEVICE)[:, None]
     lengths = torch.tensor([6], device=DEVICE)
     grad = _rnd(g, torch.float32, 1, 6, 2, 16)
-    args = dict(q=q, k=k, v=v, lengths=lengths)
-    out, grads = _run(A.attention, args, ["q", "k", "v"], grad)
-    ref, ref_grads = _run(R.attention, {**args, "q": q.double(), "k": k.double(), "v": v.double()}, ["q", "k", "v"],
-                          grad.double())
+    out, grads, ref, ref_grads = _fused_and_float64_attention(q, k, v, lengths, grad)
     assert_rel(out, ref, FP32_TOL, "out")
     assert_rel(grads["v"], ref_grads["v"], FP32_TOL, "dv")
     assert_rel(grads["k"], ref_grads["k"], FP32_TOL, "dk")
