@@ -1,0 +1,65 @@
+"""``bench/gpu_session.sh``, the script a GPU lease runs, run here on the CPU with tiny selections.
+
+Why: a lease is short and rare, and a change to the script that nobody ran costs it. On the H200
+lease of 2026-11-27 (third) the tests stage hung after every shard had ended: its bare ``wait``
+also waited on the console's ``tee``. The device tool cut the call at its limit, and the stage's
+logs were lost with a third of the lease (bench/results/nvidia-h200-2026-11-27c.md). Here the
+tests stage and one benchmark stage must end, and pack what the device tool brings back
+(``results.tgz``) with each stage's logs and the console log in it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+
+
+def _run(tmp_path: Path, env: dict, *stages: str) -> tuple[int, str, dict]:
+    """Run the script with ``stages``; returns its exit status, its console and the packed files by
+    name. Fails the test if the script has not ended after 180 s."""
+    out = tmp_path / "out"
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "OUT": str(out), "PACK": "1", "SKIP_INSTALL": "1", **env}
+    proc = subprocess.Popen(["bash", str(SCRIPT), "HEAD", *stages], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:  # about 12 s on an idle 2-core machine
+        console, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script, its shards and its console's tee
+        console, _ = proc.communicate()
+        pytest.fail(f"bench/gpu_session.sh {' '.join(stages)} did not end in 180 s; its console:\n{console[-3000:]}")
+    packed = {}
+    if (out / "results.tgz").exists():
+        with tarfile.open(out / "results.tgz") as tar:
+            packed = {Path(m.name).name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
+    return proc.returncode, console, packed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_the_tests_and_ops_stages_end_and_pack_their_logs(tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# a comment line, skipped\n"
+                   "tests/test_kernel_attention.py::test_invalid_inputs_raise_value_error\n"
+                   "tests/test_kernel_attention.py::test_strided_int32_lengths\n")
+    rc, console, packed = _run(tmp_path, {
+        "TESTS_IDS": str(ids), "TESTS_JOBS": "2", "TESTS_TIMEOUT": "200", "OPS_TIMEOUT": "200",
+        "OPS_FILES": "bench/test_bench_dot_interaction.py",
+        "OPS_K": "smoke and fwd and (fused or eager) and not compile and not cudagraph",
+    }, "tests", "ops")
+    assert rc == 0, console[-3000:]
+    assert "2 tests in 2 shards" in console
+    assert console.count("exit 0") >= 2 and "exit 1" not in console and "exit 124" not in console, console[-3000:]
+    assert {"tests.log", "tests_summary.txt", "session.log", "env.txt", "ops.jsonl", "ops.md"} <= set(packed), sorted(packed)
+    assert packed["tests.log"].count("1 passed") == 2, packed["tests.log"][-2000:]
+    assert "== stage tests took" in packed["session.log"] and "== stage ops took" in packed["session.log"]
+    assert len(packed["ops.jsonl"].splitlines()) == 2  # eager and fused rows, as measured
+    assert "device: cpu" in packed["env.txt"]
