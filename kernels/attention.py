@@ -84,8 +84,8 @@ scaled before the subtraction) breaks at large scores: ``exp2`` of a rounding er
 2**-24`` (a log-sum-exp kept in natural log and turned back to log2 is one rounding off in about
 one row in seven; Triton fuses multiplies and adds by default, and a backward's ``S * scale -
 lse`` made one multiply-add subtracts from an unrounded product), and past ``2**24`` the
-log-sum-exp cannot hold ``log2(l)`` at all (two tied keys get p = 1 each). On the H200 (c77021c) dv was inf at scores of
-1e34. tests/test_nonfinite.py checks scores from 1e4 to 1e34 with a tie. (The dk/dv kernel of the
+log-sum-exp cannot hold ``log2(l)`` at all (two tied keys get p = 1 each). On the H200 (c77021c)
+dv was inf at scores of 1e34. tests/test_nonfinite.py checks scores from 1e4 to 1e34 with a tie. (The dk/dv kernel of the
 general backward forms ``K Q^T``: that its scores are bitwise the transpose of ``Q K^T`` is the
 tensor cores', not a promise; the single-query-block backward forms ``Q K^T`` as the forward does.)
 
@@ -110,8 +110,8 @@ are rotated back. Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
   DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
-  one program per (b, h). It loads q, dO, O and the statistics of the whole sequence once, computes delta in
-  registers, loops over the valid key blocks computing and storing dk, dv of each block (complete, as
+  one program per (b, h). It loads q, dO, O and the statistics of the whole sequence once, computes
+  delta in registers, loops over the valid key blocks computing and storing dk, dv of each block (complete, as
   every query is in the program) while dq accumulates in registers; key blocks past the length get
   their zeros stored without any compute. Every tensor is read once and written once.
 * **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``

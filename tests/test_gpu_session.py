@@ -40,7 +40,8 @@ def _run(tmp_path: Path, env: dict, *stages: str) -> tuple[int, str, dict]:
     packed = {}
     if (out / "results.tgz").exists():
         with tarfile.open(out / "results.tgz") as tar:
-            packed = {Path(m.name).name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
+            packed = {Path(m.name).name: tar.extractfile(m).read().decode(errors="replace")
+                      for m in tar.getmembers() if m.isfile()}
     return proc.returncode, console, packed
 
 
@@ -58,7 +59,8 @@ def test_the_tests_and_ops_stages_end_and_pack_their_logs(tmp_path):
     assert rc == 0, console[-3000:]
     assert "2 tests in 2 shards" in console
     assert console.count("exit 0") >= 2 and "exit 1" not in console and "exit 124" not in console, console[-3000:]
-    assert {"tests.log", "tests_summary.txt", "session.log", "env.txt", "ops.jsonl", "ops.md"} <= set(packed), sorted(packed)
+    expected = {"tests.log", "tests_summary.txt", "session.log", "env.txt", "ops.jsonl", "ops.md"}
+    assert expected <= set(packed), sorted(packed)
     assert packed["tests.log"].count("1 passed") == 2, packed["tests.log"][-2000:]
     assert "== stage tests took" in packed["session.log"] and "== stage ops took" in packed["session.log"]
     assert len(packed["ops.jsonl"].splitlines()) == 2  # eager and fused rows, as measured
