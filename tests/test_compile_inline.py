@@ -17,7 +17,8 @@ needs a GPU), with each recorded launch running the interpreted kernel. What is 
 * ``torch.export`` keeps the custom ops whatever the setting;
 * the interpreter's stand-in for Triton's write analysis, kernel by kernel;
 * a traced call leaves no traced tensor in the rotary-table cache;
-* every launch of an inlined op's launchers goes through ``launch``.
+* every launch of an inlined op's launchers goes through ``launch``;
+* every kernel with a float argument builds for sm_90 with it typed fp64, as Inductor types it.
 
 Inductor on the inlined fused model (a GPU), plain and under ``reduce-overhead``:
 ``tests/test_fused_model.py``.
