@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from interformer import FusedModule, layers as Ly
 from interformer.tokenizers import SparseTokenizer
-from utils import DEVICE, FP32_TOL, rel_err
+from utils import DEVICE, FP32_TOL, CountOps, rel_err
 
 pytest.importorskip("triton")
 KC = pytest.importorskip("interformer.kernels.crossnet")
@@ -286,23 +286,14 @@ def _backward_work(module, args):
     """``({"launches": n, "matmuls": n}, [input gradients])`` of one backward of ``module`` (the
     CPU runs it on this thread, where the dispatch mode sees its ops). Matrix products, not all aten
     ops: every trainable parameter adds ops of its own (``AccumulateGrad``'s), skipped work or not."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from interformer.profiling import triton_launches
-
-    ops = []
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, a=(), kw=None):
-            ops.append(func.overloadpacket)
-            return func(*a, **(kw or {}))
 
     module.zero_grad(set_to_none=True)
     out = module(*args)
-    with triton_launches() as launches, Count():
+    with triton_launches() as launches, CountOps() as counted:
         out.backward(_upstream(out))
-    return {"launches": sum(launches.values()), "matmuls": sum(op in _MATMULS for op in ops)}, \
-        [a.grad for a in _floats(args)]
+    matmuls = sum(n for op, n in counted.ops.items() if op.overloadpacket in _MATMULS)
+    return {"launches": sum(launches.values()), "matmuls": matmuls}, [a.grad for a in _floats(args)]
 
 
 @by_name(list(FROZEN_SKIPS))
@@ -337,19 +328,12 @@ def test_a_frozen_cross_layer_skips_its_weight_gemm_alone():
     x = torch.randn(B, 12, device=DEVICE)
 
     def mms():
-        from torch.utils._python_dispatch import TorchDispatchMode
-        seen = []
-
-        class Count(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, a=(), kw=None):
-                seen.append(func)
-                return func(*a, **(kw or {}))
-
         net.zero_grad(set_to_none=True)
         out = net(x.clone().requires_grad_())
-        with Count():
+        with CountOps() as counted:
             out.backward(_upstream(out))
-        return sum(f.overloadpacket is torch.ops.aten.mm for f in seen), {n: p.grad for n, p in net.named_parameters()}
+        mm = sum(n for op, n in counted.ops.items() if op.overloadpacket is torch.ops.aten.mm)
+        return mm, {n: p.grad for n, p in net.named_parameters()}
 
     n_all, ref = mms()
     net.kernels[1].requires_grad_(False)

@@ -24,7 +24,6 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import interformer
 from interformer import InterFormerCTR, SequenceMaskNet, SparseTokenizer, optimize
@@ -32,23 +31,11 @@ from interformer import reference as R
 from interformer.backend import triton_available
 from interformer.kernels import embedding as E
 from test_model import random_batch, tiny_config
-from utils import DEVICE
+from utils import DEVICE, CountOps
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="backend='triton' needs the triton package")
 EMBEDDING_BWD = torch.ops.aten.embedding_dense_backward.default
 CLOSE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def embedding_nodes(out: torch.Tensor) -> Counter:

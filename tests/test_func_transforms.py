@@ -59,16 +59,21 @@ def _float_positions(inputs):
     return [i for i, t in enumerate(inputs) if t.is_floating_point()]
 
 
+def _with_floats(inputs, pos, floats) -> tuple:
+    """``inputs`` with the float ones (at ``pos``) replaced by ``floats``, the others kept."""
+    args = list(inputs)
+    for i, t in zip(pos, floats):
+        args[i] = t
+    return tuple(args)
+
+
 def _loss_fn(module, inputs, weights):
     """``(f, positions)``: ``f(params, *floats) -> (output * weights).sum()``, the float inputs
     (at ``positions``) replaced by ``floats`` and the others held fixed."""
     pos = _float_positions(inputs)
 
     def f(params, *floats):
-        args = list(inputs)
-        for i, t in zip(pos, floats):
-            args[i] = t
-        return (functional_call(module, params, tuple(args)) * weights).sum()
+        return (functional_call(module, params, _with_floats(inputs, pos, floats)) * weights).sum()
 
     return f, pos
 
@@ -132,10 +137,7 @@ def test_jvp_of_a_fused_module_is_eager(case):
         params = _params(m)
 
         def f(p, *floats, m=m):
-            args = list(inputs)
-            for i, t in zip(pos, floats):
-                args[i] = t
-            return functional_call(m, p, tuple(args))
+            return functional_call(m, p, _with_floats(inputs, pos, floats))
 
         out, tangent = jvp(f, (params, *(inputs[i] for i in pos)), tangents)
         results[name] = {"output": out, "tangent": tangent}

@@ -204,6 +204,22 @@ def test_logloss_and_normalized_entropy_refuse_bad_labels_and_take_any_shape():
     assert math.isnan(normalized_entropy(torch.tensor([]), torch.tensor([])))
 
 
+def _gauc_by_definition(scores, labels, users) -> float:
+    """Per-user sklearn AUC weighted by the user's clicks; users of one class and NO_GROUP left out."""
+    from interformer.metrics import NO_GROUP
+
+    total = weight = 0.0
+    for u in torch.unique(users).tolist():
+        if u == NO_GROUP:
+            continue
+        sel = users == u
+        y = labels[sel].numpy()
+        if 0 < y.sum() < len(y):
+            total += float(y.sum()) * sklearn_metrics.roc_auc_score(y, scores[sel].double().numpy())
+            weight += float(y.sum())
+    return total / weight
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_gauc_against_its_definition_with_ties_odd_ids_and_low_precision_scores(seed):
     """Per-user sklearn AUC weighted by the user's clicks, users of one class and samples of
@@ -219,17 +235,9 @@ def test_gauc_against_its_definition_with_ties_odd_ids_and_low_precision_scores(
     scores = (torch.randint(0, 6, (n,), generator=g).float() + labels.float()) * (0.37 if seed % 2 else 1.0)
     dtype = (torch.float32, torch.float16, torch.bfloat16)[seed % 3]
     scores = scores.to(dtype)
-    total = weight = 0.0
-    for u in torch.unique(users).tolist():
-        if u == NO_GROUP:
-            continue
-        sel = users == u
-        y = labels[sel].numpy()
-        if 0 < y.sum() < len(y):
-            total += float(y.sum()) * sklearn_metrics.roc_auc_score(y, scores[sel].double().numpy())
-            weight += float(y.sum())
+    want = _gauc_by_definition(scores, labels, users)
     for lab in (labels, labels.long(), labels.float()):
-        assert math.isclose(gauc(scores, lab, users), total / weight, abs_tol=1e-12)
+        assert math.isclose(gauc(scores, lab, users), want, abs_tol=1e-12)
     # all users of one class, or every sample without a user: NaN
     assert math.isnan(gauc(scores, torch.ones(n), users))
     assert math.isnan(gauc(scores, labels, torch.full((n,), NO_GROUP)))
@@ -237,10 +245,4 @@ def test_gauc_against_its_definition_with_ties_odd_ids_and_low_precision_scores(
     assert math.isclose(gauc(scores, labels, torch.full((n,), 7)), auc(scores, labels), abs_tol=1e-15)
     # many small groups (every group's AUC is formed at once, each group's ranks restarting at 1)
     many = torch.randint(0, 150, (n,), generator=g)
-    total = weight = 0.0
-    for u in torch.unique(many).tolist():
-        y = labels[many == u].numpy()
-        if 0 < y.sum() < len(y):
-            total += float(y.sum()) * sklearn_metrics.roc_auc_score(y, scores[many == u].double().numpy())
-            weight += float(y.sum())
-    assert math.isclose(gauc(scores, labels, many), total / weight, abs_tol=1e-12)
+    assert math.isclose(gauc(scores, labels, many), _gauc_by_definition(scores, labels, many), abs_tol=1e-12)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 from typing import Iterable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -121,3 +123,15 @@ def bad_compile_setting_run(env_var: str, value: str, query: str, setter: str, o
     assert [line.split(":")[0] for line in lines] == ["module", "query", "other", "set"], out.stdout
     assert all(f"${env_var}" in line and repr(value) in line for line in lines[:2]), out.stdout
     return lines[2].removeprefix("other: "), lines[3].removeprefix("set: ")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block (``ops``: op overload -> calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
