@@ -51,8 +51,11 @@ OPS = {
     "layernorm_dhen": ("test_bench_layernorm", "test_layernorm", {"use": "dhen"}),
     "dot_interaction": ("test_bench_dot_interaction", "test_dot_interaction", {}),
     "gated_lce_seq": ("test_bench_gated_lce", "test_gated_lce", {"use": "seq"}),
+    "gated_lce_nonseq": ("test_bench_gated_lce", "test_gated_lce", {"use": "nonseq"}),
     "pffn_linear": ("test_bench_pffn", "test_pffn", {"pffn_mode": "linear"}),
+    "pffn_mlp": ("test_bench_pffn", "test_pffn", {"pffn_mode": "mlp"}),
     "crossnet_low": ("test_bench_crossnet", "test_crossnet", {"rank": "low"}),
+    "crossnet_full": ("test_bench_crossnet", "test_crossnet", {"rank": "full"}),
     "attention": ("test_bench_attention", "test_self_attention", {}),
     "pma": ("test_bench_attention", "test_pma", {}),
 }

@@ -846,3 +846,97 @@ def test_nsys_script_command_lines_and_missing_tools(tmp_path):
     assert done.returncode == 127 and "no-nsys" in done.stderr and "not an executable" in done.stderr
     done = _run_script("nsys.sh", [], dict(env, NO_REPORT="1"))
     assert done.returncode == 1 and "wrote no" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def op_kernels():
+    yield from _with_bench("op_kernels")
+
+
+def test_op_kernels_table_lists_every_device_kernel_per_call(op_kernels):
+    """The per-call table keeps every device kernel row (cuBLAS, Inductor's, this package's, a
+    memset), not host rows (whose self device time repeats their kernels') nor user annotations; it
+    divides by the calls, sorts by device time and sums all kernels for the op's device time."""
+    import torch
+    from types import SimpleNamespace as Row
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    gemm = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off"
+    rows = [Row(key="aten::mm", device_type=cpu, count=60, self_device_time_total=2400.0),
+            Row(key="_lr_fwd_kernel", device_type=cpu, count=20, self_device_time_total=0.0),
+            Row(key="_lr_fwd_kernel", device_type=cuda, count=20, self_device_time_total=600.0),
+            Row(key="triton_per_fused_mul_sum_0", device_type=cuda, count=40, self_device_time_total=300.0),
+            Row(key=gemm, device_type=cuda, count=60, self_device_time_total=2400.0),
+            Row(key="Memset (Device)", device_type=cuda, count=20, self_device_time_total=40.0),
+            Row(key="CompiledFunction", device_type=cuda, count=20, self_device_time_total=9_000.0,
+                is_user_annotation=True)]
+    assert op_kernels.per_call_rows(rows, calls=20) == [
+        (gemm, 3.0, 120.0, 40.0), ("_lr_fwd_kernel", 1.0, 30.0, 30.0),
+        ("triton_per_fused_mul_sum_0", 2.0, 15.0, 7.5), ("Memset (Device)", 1.0, 2.0, 2.0)]
+    table = op_kernels.per_call_table(rows, calls=20).splitlines()
+    assert len(table) == 6 and table[0].split() == ["kernel", "launches/call", "us/call", "us/launch"]
+    assert table[1].startswith(f"  {gemm[:57]}... ") and table[1].split()[1:] == ["3.0", "120.00", "40.00"]
+    assert table[3].split() == ["triton_per_fused_mul_sum_0", "2.0", "15.00", "7.50"]
+    assert table[5] == "  all kernels: 167.00 us of device time per call, 7.0 kernels per call"
+
+
+def test_op_kernels_runs_each_provider_once_without_a_gpu(op_kernels, capsys):
+    """On the smoke shape each provider's callable is built and run (the fused one launches its two
+    kernels per call); without a GPU the script says there is nothing to time and prints no time,
+    on a GPU it prints each provider's kernel table."""
+    import torch
+
+    from interformer.profiling import triton_launches
+
+    argv = ["--shape", "smoke", "--calls", "1", "--ops", "dot_interaction", "--providers", "fused,eager"]
+    with triton_launches() as launches:
+        assert op_kernels.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("CUDA kernels of one plain forward+backward call: ")
+    assert "shape smoke, 1 calls, --set none" in lines[0]
+    if torch.cuda.is_available():
+        # the benchmark's own check when it is built, 3 warm-up calls, 1 profiled
+        assert dict(launches) == {"_dot_fwd_kernel": 5, "_dot_bwd_kernel": 5}
+        assert "no GPU" not in out and out.count("all kernels: ") == 2
+        fused = lines[lines.index("dot_interaction, fused:") + 2:]
+        assert {fused[0].split()[0], fused[1].split()[0]} == {"_dot_fwd_kernel", "_dot_bwd_kernel"}
+    else:
+        assert dict(launches) == {"_dot_fwd_kernel": 2, "_dot_bwd_kernel": 2}  # the benchmark's check, our call
+        assert lines[1:] == ["dot_interaction, fused: built and ran once on the CPU",
+                             "dot_interaction, eager: built and ran once on the CPU",
+                             "no GPU: each callable above ran once on the CPU; there are no device kernels to "
+                             "time, so no times are printed"]
+    assert op_kernels.main(argv[:-1] + ["compile"]) == 0
+    if not torch.cuda.is_available():  # the benchmark's skip, with its reason, not a failure
+        assert "dot_interaction, compile: skipped by the benchmark: compile: GPU only" in capsys.readouterr().out
+
+
+def test_op_kernels_set_applies_and_restores_settings(op_kernels):
+    """``--set`` holds a kernel module's setting inside the block only (an error inside included),
+    parses ints and None, and refuses unknown modules and attributes; a provider's own benchmark
+    setting (``fused-phases``), undone once the callable is captured, is held again around its calls."""
+    from interformer.kernels import crossnet, gated_lce
+
+    before = (gated_lce.GW_MODE, crossnet.LOW_RANK_ROW_WARPS, crossnet.LOW_RANK_BACKWARD)
+    with op_kernels.settings(["gated_lce.GW_MODE=store", "crossnet.LOW_RANK_ROW_WARPS=8"]):
+        assert gated_lce.GW_MODE == "store" and crossnet.LOW_RANK_ROW_WARPS == 8
+    assert (gated_lce.GW_MODE, crossnet.LOW_RANK_ROW_WARPS, crossnet.LOW_RANK_BACKWARD) == before
+    with pytest.raises(RuntimeError), op_kernels.settings(["crossnet.LOW_RANK_BACKWARD=phases"]):
+        assert crossnet.LOW_RANK_BACKWARD == "phases"
+        raise RuntimeError
+    assert crossnet.LOW_RANK_BACKWARD == before[2]
+    assert op_kernels.parse_setting("gated_lce.GW_MODE=None")[1:] == ("GW_MODE", None)
+    assert op_kernels.parse_setting("crossnet.LOW_RANK_ROW_WARPS=16")[2] == 16
+    for bad in ("no_such_module.X=1", "gated_lce.NO_SUCH=1", "gated_lce.gated_lce=1", "gated_lce.GW_MODE"):
+        with pytest.raises(ValueError), op_kernels.settings(["gated_lce.GW_MODE=store", bad]):
+            pass
+        assert gated_lce.GW_MODE == before[0]
+        with pytest.raises(SystemExit):
+            op_kernels.main(["--set", bad, "--ops", "dot_interaction", "--shape", "smoke"])
+
+    fn, patches = op_kernels.build("crossnet_low", "fused-phases", "smoke")
+    assert callable(fn) and crossnet.LOW_RANK_BACKWARD == before[2]
+    with op_kernels.with_patches(patches):
+        assert crossnet.LOW_RANK_BACKWARD == "phases"
+    assert crossnet.LOW_RANK_BACKWARD == before[2]
