@@ -19,6 +19,10 @@ grad. Providers, each computing the same function:
   function with ``LOW_RANK_BACKWARD = "phases"`` (dp_i and dx0 by launches over row blocks x column
   ranges instead of one 16-row program per row block, and a wider batch split of the weight-gradient
   kernel), to measure against the default's backward;
+* ``fused-fphases`` (and its ``-cudagraph``) -- low rank only, ``fwd`` and ``full``: the fused
+  function with ``LOW_RANK_FORWARD = "phases"`` (``p_i`` by one launch per layer over row blocks x
+  column ranges, then the output tiles, instead of DESIGN §4's one launch of one 16-row program per
+  row block), to measure against the default's forward;
 * ``fused-triton-gemm`` (and its ``-cudagraph``) -- full rank only: the fused function with
   ``FULL_RANK_GEMM = "triton"`` (Triton GEMM kernels with fused epilogues instead of cuBLAS GEMMs
   with Triton element-wise kernels), to keep the default's choice measured.
@@ -46,7 +50,8 @@ from interformer import reference as R
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph",
              "compile-cudagraph", "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph", "fused-8warps",
-             "fused-8warps-cudagraph", "fused-phases", "fused-phases-cudagraph"]
+             "fused-8warps-cudagraph", "fused-phases", "fused-phases-cudagraph", "fused-fphases",
+             "fused-fphases-cudagraph"]
 NUM_LAYERS = 2
 
 
@@ -98,7 +103,8 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
     common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm", "fused-8warps",
-                                                               "fused-phases"), shape_name=shape_name)
+                                                               "fused-phases", "fused-fphases"),
+                                shape_name=shape_name)
     if "triton-gemm" in provider:
         if rank != "full":
             pytest.skip(f"{provider}: a full-rank setting")
@@ -107,12 +113,18 @@ def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
         if rank != "low":
             pytest.skip(f"{provider}: a low-rank setting")
         monkeypatch.setattr(_fused_module(), "LOW_RANK_ROW_WARPS", 8)
-    if "phases" in provider:
+    if provider.startswith("fused-phases"):
         if rank != "low":
             pytest.skip(f"{provider}: a low-rank setting")
         if mode == "fwd":
             pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
         monkeypatch.setattr(_fused_module(), "LOW_RANK_BACKWARD", "phases")
+    if provider.startswith("fused-fphases"):
+        if rank != "low":
+            pytest.skip(f"{provider}: a low-rank setting")
+        if mode == "bwd":
+            pytest.skip(f"{provider}: a forward setting (the backward is the default's)")
+        monkeypatch.setattr(_fused_module(), "LOW_RANK_FORWARD", "phases")
     shape = common.ALL_SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank

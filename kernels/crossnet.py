@@ -115,7 +115,26 @@ row-block kernels have ``cdiv(B, 16)`` programs: 128 at taobao/amazon (B = 2048)
 ``long`` (B = 512), where the forward and the rows kernel cannot use the whole GPU. A split over D
 needs a cross-program reduction of ``p`` per layer: a grid-wide sync (which would deadlock the
 interpreter, where programs run one after another) or one launch per layer. The backward has the
-latter as ``LOW_RANK_BACKWARD = "phases"`` (above); the forward keeps its one launch (DESIGN §4).
+latter as ``LOW_RANK_BACKWARD = "phases"`` (above). The forward keeps its one launch by default
+(DESIGN §4 asks for one); ``LOW_RANK_FORWARD = "phases"`` (not the default, kept for measurement:
+benchmark provider ``fused-fphases``) is the same split for it:
+
+* ``_lr_fwd_phase_kernel``, one launch per layer from the bottom, grid ``(cdiv(B, 16), S)`` with the
+  backward's ``S`` and ``CHUNKS`` (:func:`_lr_phase_split`): the program of a row block and column
+  range s rebuilds ``x_i`` on its tiles from x0 and ``p_0 .. p_{i-1}`` (``p_{i-1}`` summed from its S
+  partials in a fixed order, and stored, final, in ``P`` by the ``s = 0`` programs) and adds
+  ``x_i V_i^T`` over its tiles into ``PP[i, s]`` (fp32 ``[L, S, B, r]``);
+* ``_lr_fwd_out_kernel``, grid ``(cdiv(B, 16), cdiv(D, BLOCK_D))``, one tile per program: ``x_L``,
+  with ``p_{L-1}`` summed from its partials (the column-tile-0 programs store it in ``P``).
+
+x_i still never goes to memory. ``P`` is the one-launch forward's up to fp32 rounding (the sums
+split over column ranges), so either backward takes it. Tiles and stages are the one-launch
+forward's. Built with Triton 3.6 for sm_90 at the model's taobao call (bf16 x0, fp32 parameters):
+the phase kernels take 56 and 128 registers and 40 and 77 KB of shared memory (5 and 2 programs per
+SM; 640 programs), the output kernel 114 registers (4 per SM; 1792 programs), where the one-launch
+kernel takes 168 registers and runs 128 programs, one per SM. Not timed yet: the H200 profile of a
+taobao training step (80ba0f2) gave the one-launch forward 49 us, where moving its bytes takes
+about 3 us.
 At the DESIGN shapes every kernel compiles for sm_90 without register spills with Triton 3.6, the
 GPU machines' version (ahead-of-time builds for ``GPUTarget("cuda", 90, 32)``:
 ``profiling/sm90_audit.py``); Triton 3.9 spills in the weight kernel at taobao (255 registers, 21
@@ -237,6 +256,12 @@ LOW_RANK_ROW_WARPS = 4
 #: of ``cdiv(B, 16)``; the weight kernel then splits the batch wider). Not timed yet (benchmark
 #: provider ``fused-phases``).
 LOW_RANK_BACKWARD = "rows"
+#: How the low-rank forward runs (module docstring): ``"rows"`` (the default, DESIGN §4's one launch:
+#: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per layer over row
+#: blocks x column ranges with column-split partial sums of ``p_i``, then one launch over every tile
+#: for the output: ``L + 1`` launches, ``cdiv(B, 16) x S`` programs). Not timed yet (benchmark
+#: provider ``fused-fphases``).
+LOW_RANK_FORWARD = "rows"
 
 
 # ============================================================================ low rank: Triton
@@ -417,8 +442,9 @@ def _lr_bwd_weights_kernel(
 
 @triton.jit
 def _lr_dp_rows(DPP, j, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``dp_j`` on a row block (``[BLOCK_B, BLOCK_R]`` fp32): the ``S`` column-split partials of layer
-    j (``DPP [L, S, B, R]``) added in the order s = 0 .. S-1, the same in every kernel that reads them."""
+    """``dp_j`` (or, from the forward's partials, ``p_j``) on a row block (``[BLOCK_B, BLOCK_R]`` fp32):
+    the ``S`` column-split partials of layer j (``DPP [L, S, B, R]``) added in the order s = 0 .. S-1,
+    the same in every kernel that reads them."""
     m = row_ok[:, None] & r_ok[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for s in range(S):
@@ -492,6 +518,85 @@ def _lr_bwd_dx0_kernel(
         tl.store(DP + rows[:, None] * R + rk[None, :], dp0, mask=row_ok[:, None] & r_ok[None, :])
     _lr_dx0(DX0, G, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
             NUM_LAYERS, True, BLOCK_B, BLOCK_D, DT, PREC)
+
+
+@triton.jit
+def _lr_x_after(x0, p_last, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R,
+                K: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``x_K`` (K >= 1) on the tile, fp32, as :func:`_lr_x` builds it, but with ``p_{K-1}`` given in
+    registers (``p_last``, ``[BLOCK_B, BLOCK_R]`` fp32) and only the earlier ``p_j`` read from ``P``."""
+    x = _lr_x(x0, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, K - 1, DT, PREC)
+    u = tl.load(Us[K - 1] + cols[:, None] * R + rk[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+    b = tl.load(Bs[K - 1] + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = tl.dot(p_last.to(DT), tl.trans(u.to(DT)), input_precision=PREC) + b[None, :]
+    return x0 * y + x
+
+
+@triton.jit
+def _lr_fwd_phase_kernel(
+    PP, P,
+    X0, Us, Vs, Bs,
+    B, D, R, S, CHUNKS,
+    LAYER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``LOW_RANK_FORWARD = "phases"``, one launch per layer from the bottom: program ``(row block,
+    s)`` adds up ``x_LAYER V_LAYER^T`` over its ``CHUNKS`` column tiles into the partial ``PP[LAYER,
+    s]``. ``x_LAYER`` is rebuilt on each tile from x0 and the layers below: ``p_{LAYER-1}`` summed
+    here from its partials (the ``s = 0`` programs also store it, final, in ``P``), the ones below
+    that read from ``P``."""
+    DT: tl.constexpr = X0.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    s = tl.program_id(1)
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    pr_mask = row_ok[:, None] & r_ok[None, :]
+    if LAYER > 0:
+        p_last = _lr_dp_rows(PP, LAYER - 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
+        if s == 0:
+            tl.store(P + ((LAYER - 1) * B + rows[:, None]) * R + rk[None, :], p_last, mask=pr_mask)
+    acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
+    for c in range(0, CHUNKS):
+        cols = (s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        m = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if LAYER > 0:
+            x = _lr_x_after(x, p_last, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, LAYER, DT, PREC)
+        v = tl.load(Vs[LAYER] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(DT), tl.trans(v.to(DT)), acc, input_precision=PREC)
+    tl.store(PP + ((LAYER * S + s) * B + rows[:, None]) * R + rk[None, :], acc, mask=pr_mask)
+
+
+@triton.jit
+def _lr_fwd_out_kernel(
+    OUT, P,
+    PP, X0, Us, Bs,
+    B, D, R, S,
+    NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``LOW_RANK_FORWARD = "phases"``, after the phase launches: the output ``x_L`` on one ``[BLOCK_B,
+    BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with ``p_{L-1}`` summed
+    from its partials (the column-tile-0 programs store it, final, in ``P`` for the backward) and
+    the other ``p_j`` read from ``P``."""
+    DT: tl.constexpr = X0.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < R
+    p_last = _lr_dp_rows(PP, NUM_LAYERS - 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
+    if pid_d == 0:
+        tl.store(P + ((NUM_LAYERS - 1) * B + rows[:, None]) * R + rk[None, :], p_last,
+                 mask=row_ok[:, None] & r_ok[None, :])
+    m = row_ok[:, None] & col_ok[None, :]
+    x0 = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    x = _lr_x_after(x0, p_last, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, NUM_LAYERS, DT, PREC)
+    tl.store(OUT + rows[:, None] * D + cols[None, :], x.to(OUT.dtype.element_ty), mask=m)
 
 
 # ============================================================================ low rank: launchers
@@ -613,11 +718,19 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
     plan = _lr_plan_or_raise(x0, ws, L)
     bd, stages = plan.fwd
-    _lr_fwd_kernel[(cdiv(B, _LR_BLOCK_B),)](
-        out, p, x0, ws, vs, bs, B, D, R,
-        NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
-        num_warps=LOW_RANK_ROW_WARPS, num_stages=stages,
-    )
+    row_blocks = cdiv(B, _LR_BLOCK_B)
+    kw = dict(BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
+              num_warps=LOW_RANK_ROW_WARPS, num_stages=stages)
+    if _low_rank_forward() == "rows":
+        _lr_fwd_kernel[(row_blocks,)](out, p, x0, ws, vs, bs, B, D, R, NUM_LAYERS=L, **kw)
+        return out, p
+    # "phases": p_0 .. p_{L-1} by column-split partials, one launch per layer, then the output tiles
+    tiles = cdiv(D, bd)
+    split, chunks = _lr_phase_split(row_blocks, tiles, x0.device)
+    pp = torch.empty((L, split, B, R), device=x0.device, dtype=torch.float32)
+    for k in range(L):
+        _lr_fwd_phase_kernel[(row_blocks, split)](pp, p, x0, ws, vs, bs, B, D, R, split, chunks, LAYER=k, **kw)
+    _lr_fwd_out_kernel[(row_blocks, tiles)](out, p, pp, x0, ws, bs, B, D, R, split, NUM_LAYERS=L, **kw)
     return out, p
 
 
@@ -631,6 +744,12 @@ def _lr_split(B: int, D: int, R: int, L: int, block_bw: int, block_dw: int, elem
     split = min(split, max(1, (cap * B * D * elem) // part_bytes), cdiv(B, block_bw))
     rows = cdiv(cdiv(B, split), block_bw) * block_bw
     return cdiv(B, rows), rows
+
+
+def _low_rank_forward() -> str:
+    if LOW_RANK_FORWARD not in ("rows", "phases"):
+        raise ValueError(f'LOW_RANK_FORWARD must be "rows" or "phases", got {LOW_RANK_FORWARD!r}')
+    return LOW_RANK_FORWARD
 
 
 def _low_rank_backward() -> str:

@@ -257,15 +257,17 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
-@pytest.mark.parametrize("provider, warps, gemm, backward", [("fused", 4, "cublas", "rows"),
-                                                             ("fused-8warps", 8, "cublas", "rows"),
-                                                             ("fused-triton-gemm", 4, "triton", "rows"),
-                                                             ("fused-phases", 4, "cublas", "phases")])
-def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm, backward):
+@pytest.mark.parametrize("provider, warps, gemm, backward, forward", [
+    ("fused", 4, "cublas", "rows", "rows"), ("fused-8warps", 8, "cublas", "rows", "rows"),
+    ("fused-triton-gemm", 4, "triton", "rows", "rows"), ("fused-phases", 4, "cublas", "phases", "rows"),
+    ("fused-fphases", 4, "cublas", "rows", "phases")])
+def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm, backward,
+                                                           forward):
     """``fused-8warps`` times the low-rank op with ``LOW_RANK_ROW_WARPS = 8`` in effect,
-    ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"`` and ``fused-phases`` the
-    low-rank op with ``LOW_RANK_BACKWARD = "phases"``; plain ``fused`` with none of them (the settings
-    seen inside the launchers, forward and backward, as they are called)."""
+    ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"``, ``fused-phases`` the
+    low-rank op with ``LOW_RANK_BACKWARD = "phases"`` and ``fused-fphases`` with ``LOW_RANK_FORWARD =
+    "phases"``; plain ``fused`` with none of them (the settings seen inside the launchers, forward and
+    backward, as they are called)."""
     mod = importlib.import_module("test_bench_crossnet")
     import interformer.kernels.crossnet as C
 
@@ -274,7 +276,7 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
         real = getattr(C, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            seen.append((_name, C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM, C.LOW_RANK_BACKWARD))
+            seen.append((_name, C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM, C.LOW_RANK_BACKWARD, C.LOW_RANK_FORWARD))
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(C, name, spy)
@@ -283,7 +285,7 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
                       provider=provider)
     prefix = "_fr" if rank == "full" else "_lr"
     assert {name for name, *_ in seen} == {f"{prefix}_fwd_impl", f"{prefix}_bwd_impl"}, seen
-    assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward)}, seen
+    assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward, forward)}, seen
 
 
 def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):

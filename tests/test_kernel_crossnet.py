@@ -128,6 +128,32 @@ def test_low_rank_cross_net_phased_backward(B, D, r, L, dtype, monkeypatch):
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
 
 
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,r,L", LR_CASES + [(33, 312, 8, 3)])
+def test_low_rank_cross_net_phased_forward(B, D, r, L, dtype, monkeypatch):
+    """``LOW_RANK_FORWARD = "phases"`` (kept for measurement): the same outputs and gradients as the
+    references in every case, the default backward taking the ``P`` the phased forward saved; and
+    that ``P`` is the one-launch forward's (the same sums, split over column ranges: fp32 rounding
+    apart)."""
+    flat = _lr_inputs(B, D, r, L, dtype)
+    x0, ws, vs, bs = _split(flat, L, 3)
+    _, p_rows = C._lr_fwd_impl(x0, ws, vs, bs)
+    monkeypatch.setattr(C, "LOW_RANK_FORWARD", "phases")
+    out, p = C._lr_fwd_impl(x0, ws, vs, bs)
+    assert out.shape == (B, D) and p.shape == (L, B, r)
+    assert_rel(p, p_rows, FP32_TOL, "P, phased forward vs one launch")
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+
+
+def test_low_rank_phased_forward_and_backward_together(monkeypatch):
+    """Both settings at once (three row blocks, D in three column tiles, split in two under the
+    interpreter): every output and gradient still meets the references."""
+    monkeypatch.setattr(C, "LOW_RANK_FORWARD", "phases")
+    monkeypatch.setattr(C, "LOW_RANK_BACKWARD", "phases")
+    for dtype in (torch.float32, torch.float16):
+        _check(C.low_rank_cross_net, R.low_rank_cross_net, _lr_inputs(33, 312, 8, 3, dtype), 3, 3, dtype)
+
+
 def test_low_rank_phase_split_covers_every_column_tile(monkeypatch):
     """``_lr_phase_split``: S ranges of CHUNKS tiles cover every tile, none of them empty, with at
     least half of the ``persistent_programs`` aimed at where there are tiles enough; and the phased
@@ -168,10 +194,11 @@ def test_low_rank_phased_backward_splits_the_weight_kernel_wider(monkeypatch):
     assert [s[0] for s in splits] == [2, 3]
 
 
-def test_low_rank_backward_setting_is_checked(monkeypatch):
+@pytest.mark.parametrize("setting", ["LOW_RANK_BACKWARD", "LOW_RANK_FORWARD"])
+def test_low_rank_direction_settings_are_checked(monkeypatch, setting):
     flat = _lr_inputs(3, 40, 4, 2, torch.float32)
-    monkeypatch.setattr(C, "LOW_RANK_BACKWARD", "columns")
-    with pytest.raises(ValueError, match="LOW_RANK_BACKWARD must be"):
+    monkeypatch.setattr(C, setting, "columns")
+    with pytest.raises(ValueError, match=f"{setting} must be"):
         _run(C.low_rank_cross_net, flat, 2, 3)
 
 
@@ -325,6 +352,15 @@ def _aot_cases(B, D, r, L, xdt, pdt, row_warps=4):
         dict(module=mod, kernel="_lr_bwd_dx0_kernel", kind="rows", shape=[D, r, L, x, p, "dx0"], est=est["rows"],
              num_stages=plan.rows[1], args=dict(DX0=x, DP=f, DPP=f, G=x, P=f, **params, B=B, D=D, R=r, S=4),
              consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.rows[0])),
+        # LOW_RANK_FORWARD = "phases": the forward's tiles; the phase kernel's loop loads what pass
+        # LAYER of the forward loads, the output kernel (no loop) what its last pass loads
+        dict(module=mod, kernel="_lr_fwd_phase_kernel", kind="fwd", shape=[D, r, L, x, p, f"phase {L - 1}"],
+             est=est["fwd"], num_stages=plan.fwd[1],
+             args=dict(PP=f, P=f, X0=x, **params, B=B, D=D, R=r, S=4, CHUNKS=2),
+             consts=dict(common, LAYER=L - 1, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
+        dict(module=mod, kernel="_lr_fwd_out_kernel", kind="fwd", shape=[D, r, L, x, p, "out"], est=est["fwd"],
+             num_stages=plan.fwd[1], args=dict(OUT=x, P=f, PP=f, X0=x, Us=[p] * L, Bs=[p] * L, B=B, D=D, R=r, S=4),
+             consts=dict(common, BLOCK_B=C._LR_BLOCK_B, BLOCK_D=plan.fwd[0])),
         dict(module=mod, kernel="_lr_bwd_weights_kernel", kind="weights", shape=[D, r, L, x, p],
              est=est["weights"], num_stages=plan.weights[2],
              args=dict(DU=p, DV=p, DB=p, PART=f, G=x, X0=x, P=f, DP=f, **params, B=B, D=D, R=r,

@@ -260,6 +260,13 @@ CASES = [
          fwd_at_most=("[B, D] tensors (x_i never goes to memory; only the output)", lambda m: is_rows(m, 40), 1),
          bwd_at_most=("[B, D] tensors (only dx0)", lambda m: is_rows(m, 40), 1),
          settings=(("LOW_RANK_BACKWARD", "phases"),)),
+    # LOW_RANK_FORWARD = "phases": one launch per layer for p_i, one for the output; x_i still never
+    # goes to memory (the column-split partial sums are [L, S, B, r])
+    Case("low_rank_cross_net, phased forward, D=40, r=4, 4 layers", _low_rank(40, 4, 4),
+         {"_lr_fwd_phase_kernel": 4, "_lr_fwd_out_kernel": 1}, {"_lr_bwd_rows_kernel": 1, "_lr_bwd_weights_kernel": 1},
+         fwd_at_most=("[B, D] tensors (x_i never goes to memory; only the output)", lambda m: is_rows(m, 40), 1),
+         bwd_at_most=("[B, D] tensors (only dx0)", lambda m: is_rows(m, 40), 1),
+         settings=(("LOW_RANK_FORWARD", "phases"),)),
     Case("dot_interaction", _dot, {"_dot_fwd_kernel": 1}, {"_dot_bwd_kernel": 1},
          never=(f"the {Z_N} x {Z_N} Gram matrix", lambda m: has_adjacent(m.shape, Z_N, Z_N))),
     Case("attention, L=65", _attention(65), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
