@@ -58,8 +58,13 @@ def test_gated_lce(benchmark, shape_name, use, mode, provider):
     _bench(benchmark, shape_name, use, mode, provider)
 
 
-BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", "fused-store", "eager-cudagraph", "compile-cudagraph",
-                       "fused-cudagraph", "fused-store-cudagraph"]
+BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", "fused-store", "fused-bigtile", "eager-cudagraph",
+                       "compile-cudagraph", "fused-cudagraph", "fused-store-cudagraph", "fused-bigtile-cudagraph"]
+#: ``fused-bigtile``: the backward's blocks at ``BWD_TILE`` = (128 token rows, 64 output rows, the
+#: rule's warps), twice to four times the default's rows: at taobao's sizes 6 samples a block (120
+#: token rows) instead of 3 for the non-sequence LCE, 8 instead of 4 for the sequence one; sm_90
+#: builds (Triton 3.6) 206 and 255 registers at 8 warps, no spills, one program per SM like the default
+BIG_TILE = (128, 64, None)
 
 
 @pytest.mark.parametrize("provider", BANDWIDTH_PROVIDERS)
@@ -70,16 +75,20 @@ def test_gated_lce_bandwidth(benchmark, monkeypatch, use, provider):
     latency no longer sets the time (the report's "fused x floor", the fused time over the bytes'
     time at copy speed). At that batch the backward picks the "acc" dgate_weight mode (one
     persistent program per SM); ``fused-store`` forces "store" (one program per sample block, dZ and
-    Y written for a cuBLAS GEMM: more bytes, more programs), to see which is faster there."""
-    if "store" in provider:
-        from interformer.kernels import gated_lce
+    Y written for a cuBLAS GEMM: more bytes, more programs), to see which is faster there, and
+    ``fused-bigtile`` (:data:`BIG_TILE`: more samples per backward block, so more bytes in flight
+    per program where every backward plan builds to 8 warps an SM)."""
+    from interformer.kernels import gated_lce
 
+    if "store" in provider:
         monkeypatch.setattr(gated_lce, "GW_MODE", "store")
+    if "bigtile" in provider:
+        monkeypatch.setattr(gated_lce, "BWD_TILE", BIG_TILE)
     _bench(benchmark, "taobao-b64k" if common.ON_GPU else "smoke", use, "full", provider)
 
 
 def _bench(benchmark, shape_name, use, mode, provider):
-    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + ("fused-store",),
+    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + ("fused-store", "fused-bigtile"),
                                 shape_name=shape_name)
     shape = common.ALL_SHAPES[shape_name]
     B, d = shape.B, shape.d

@@ -116,7 +116,7 @@ when no input needs a gradient), which skips the custom op's dispatch overhead (
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -328,16 +328,52 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, int, int, int]:
-    """(samples per block, KX, RO, DP, num_warps); see the module docstring."""
+def _config(n_in: int, n_out: int, d: int, backward: bool,
+            tile: Optional[Tuple[int, int, Optional[int]]] = None) -> Tuple[int, int, int, int, int]:
+    """(samples per block, KX, RO, DP, num_warps); see the module docstring. ``tile``: ``(token rows,
+    output rows, warps)`` a block aims at instead of the rule's (warps None: the rule's), as
+    :data:`BWD_TILE` sets it for the backward."""
     dp = max(16, next_pow2(d))
     rows_x = max(16, (4096 if backward else 8192) // dp)   # target token rows per block
     rows_o = 32 if backward else 64                          # cap on output rows per block
+    warps = None
+    if tile is not None:
+        rows_x, rows_o, warps = tile
     n_per = max(1, min(rows_x // n_in, rows_o // n_out))
     kx = max(16, next_pow2(n_per * n_in))
     ro = max(16, next_pow2(n_per * n_out))
-    warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
+    if warps is None:
+        warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
     return n_per, kx, ro, dp, warps
+
+
+#: Backward block plan, kept for measurement (``profiling/glce_sweep.py``): None (the rule of
+#: :func:`_config`: about ``4096 / DP`` token rows and at most 32 output rows a block, 8 warps at d >=
+#: 64), or ``(token rows, output rows, warps)`` a block aims at (warps None: the rule's). Why: at
+#: taobao's 32x batch the fused forward+backward reached 23-34% of the copy bandwidth on an H200
+#: (issue 3 asks 70%), and the "acc" backward builds (Triton 3.6, sm_90, bf16) to 138 registers (20 ->
+#: 4 tokens) and 219 (8 -> 8) at 8 warps: one program, 8 warps, an SM. Over a grid of plans (16 to 128
+#: token rows, 16 to 64 output rows, 2, 4 and 8 warps; 2026-11-27) none holds more than 8 warps an SM
+#: without spilling (2 warps: 4 programs, but 15 to 646 spill stores; 4 warps: 205-255 registers, 2
+#: programs): the five dots' operand layouts, not the tile, set the registers. What a plan changes is
+#: the bytes each program has in flight per dependent chain of dots: ``BIG_TILE`` of
+#: bench/test_bench_gated_lce.py doubles them. Not timed yet.
+BWD_TILE: Optional[Tuple[int, int, Optional[int]]] = None
+#: Persistent programs per SM of the backward's "acc" mode (1 by default: one per SM).
+ACC_PROGRAMS_PER_SM = 1
+
+
+def _bwd_tile() -> Optional[Tuple[int, int, Optional[int]]]:
+    if BWD_TILE is not None:
+        ok = (isinstance(BWD_TILE, tuple) and len(BWD_TILE) == 3 and all(isinstance(v, int) and v >= 1
+                                                                            for v in BWD_TILE[:2])
+              and BWD_TILE[2] in (None, 1, 2, 4, 8, 16))
+        if not ok:
+            raise ValueError(f"BWD_TILE must be None or (token rows >= 1, output rows >= 1, warps in None, 1, 2, 4, "
+                             f"8, 16), got {BWD_TILE!r}")
+    if not (isinstance(ACC_PROGRAMS_PER_SM, int) and ACC_PROGRAMS_PER_SM >= 1):
+        raise ValueError(f"ACC_PROGRAMS_PER_SM must be a positive int, got {ACC_PROGRAMS_PER_SM!r}")
+    return BWD_TILE
 
 
 #: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
@@ -383,18 +419,19 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     n_out = weight.shape[1]
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
-    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
+    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True, _bwd_tile())
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
         if not params:
             return dx, None, None, None, None
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
-    mode = _gw_mode(B, n_out, d, x.element_size(), num_sms(x.device))
+    acc_programs = ACC_PROGRAMS_PER_SM * num_sms(x.device)
+    mode = _gw_mode(B, n_out, d, x.element_size(), acc_programs)
     store = mode == "store"
     # "store": about one block per program (4 per SM; fewer partial rows to reduce than one program
-    # per block); "acc": one persistent program per SM
-    G = min(n_blocks, (4 if store else 1) * num_sms(x.device))
+    # per block); "acc": ACC_PROGRAMS_PER_SM persistent programs per SM (one by default)
+    G = min(n_blocks, 4 * num_sms(x.device) if store else acc_programs)
     P = d + n_in * n_out + n_out + (0 if store else d * d)
     part = torch.empty((G, P), device=x.device, dtype=torch.float32)
     if store:

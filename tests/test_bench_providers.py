@@ -134,18 +134,21 @@ def test_gated_lce_bandwidth_rows_run_32x_taobao_on_a_gpu(bench, monkeypatch):
     assert "taobao-b64k" not in common.SHAPE_NAMES
 
 
-@pytest.mark.parametrize("provider, mode", [("fused", None), ("fused-store", "store"), ("fused-store-cudagraph", "store")])
-def test_gated_lce_bandwidth_store_provider_forces_the_store_mode(bench, monkeypatch, provider, mode):
-    """``fused-store`` runs the fused op with ``GW_MODE = "store"`` in effect in its backward;
-    ``fused`` leaves the choice to the op."""
+@pytest.mark.parametrize("provider, mode, tile", [("fused", None, None), ("fused-store", "store", None),
+                                                 ("fused-store-cudagraph", "store", None),
+                                                 ("fused-bigtile", None, (128, 64, None))])
+def test_gated_lce_bandwidth_setting_providers_run_with_their_setting(bench, monkeypatch, provider, mode, tile):
+    """``fused-store`` runs the fused op with ``GW_MODE = "store"`` in effect in its backward,
+    ``fused-bigtile`` with ``BWD_TILE`` at the benchmark's ``BIG_TILE``; ``fused`` leaves both to the op."""
     mod = importlib.import_module("test_bench_gated_lce")
     import interformer.kernels.gated_lce as G
 
     seen = []
     real = G._gw_mode  # called by the backward launcher, which reads the setting through it
-    monkeypatch.setattr(G, "_gw_mode", lambda *a, **k: seen.append(G.GW_MODE) or real(*a, **k))
+    monkeypatch.setattr(G, "_gw_mode", lambda *a, **k: seen.append((G.GW_MODE, G.BWD_TILE)) or real(*a, **k))
     mod.test_gated_lce_bandwidth(None, monkeypatch, "seq", provider)
-    assert seen and set(seen) == {mode}, seen
+    assert seen and set(seen) == {(mode, tile)}, seen
+    assert tile is None or mod.BIG_TILE == tile
 
 
 def test_pma_providers_run_what_they_name(bench, monkeypatch):

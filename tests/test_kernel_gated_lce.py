@@ -122,6 +122,57 @@ def test_many_blocks_per_program(gw_mode, monkeypatch):
             run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.float32)
 
 
+@pytest.mark.parametrize("tile, per_sm", [((128, 64, None), 1), ((16, 16, 4), 2), ((32, 64, 2), 3)])
+def test_backward_tile_settings_keep_the_results(tile, per_sm, monkeypatch):
+    """``BWD_TILE`` and ``ACC_PROGRAMS_PER_SM`` (kept for measurement) change the backward's blocks,
+    warps and persistent grid, not its results: in both dgate_weight modes, every output and
+    gradient still meets the references (fp32), and the block plan and grid the launcher uses are
+    the ones the settings ask for."""
+    B, n_in, n_out, d = 37, 6, 4, 16
+    gen = torch.Generator().manual_seed(7)
+    masters = make_masters(B, n_in, n_out, d, gen)
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
+    eager = run(R.gated_lce, masters, torch.float32, "contiguous", grad)
+    ref64 = run(R.gated_lce, masters, torch.float64, "contiguous", grad)
+    monkeypatch.setattr(K, "BWD_TILE", tile)
+    monkeypatch.setattr(K, "ACC_PROGRAMS_PER_SM", per_sm)
+    plan = K._config(n_in, n_out, d, True, tile)
+    assert plan[0] == max(1, min(tile[0] // n_in, tile[1] // n_out)) and plan != K._config(n_in, n_out, d, True)
+    assert plan[4] == (tile[2] or K._config(n_in, n_out, d, True)[4])
+    seen = []
+    real_launch = K.launch
+
+    def spy(kernel):
+        launcher = real_launch(kernel)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), grid, kwargs))
+                    return launcher[grid](*args, **kwargs)
+                return call
+        return Grid()
+
+    monkeypatch.setattr(K, "launch", spy)
+    for mode in ("acc", "store"):
+        monkeypatch.setattr(K, "GW_MODE", mode)
+        seen.clear()
+        compare(run(K.gated_lce, masters, torch.float32, "contiguous", grad), eager, ref64, torch.float32)
+        (_, grid, kw), = [c for c in seen if "bwd" in c[0]]
+        assert (kw["KX"], kw["RO"], kw["num_warps"]) == (plan[1], plan[2], plan[4])
+        n_blocks = -(-B // plan[0])
+        assert grid == (min(n_blocks, (4 if mode == "store" else per_sm) * K.num_sms(torch.device(DEVICE))),)
+
+
+@pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
+                                            ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0)])
+def test_backward_tile_settings_are_checked(setting, value, monkeypatch):
+    monkeypatch.setattr(K, setting, value)
+    masters = make_masters(3, 5, 4, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=setting):
+        run(K.gated_lce, masters, torch.float32, "contiguous", None)
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n_in,n_out,d", [(5, 4, 24), (13, 8, 40)])
 def test_module_triton_matches_eager(n_in, n_out, d, dtype):
