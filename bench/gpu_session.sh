@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
-#   benchmarks), profile (per-range and per-kernel tables of one training step), embed (the
+#   benchmarks), profile (per-range and per-kernel tables of one training step), kernels (every
+#   kernel's device time in one call of an op, per provider: profiling/op_kernels.py), embed (the
 #   tokenizers' embedding backward, profiling/embedding_backward.py), host (per-launch host cost, plain
 #   vs CUDA-graph step time and where the host time goes, fused and eager; profiling/step_ops.py), threads (the autograd
 #   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
@@ -16,22 +17,29 @@
 # (the slowest shard 130 s); 14 op rows 44 s; four plain taobao model rows 35 s; one compiled
 # training row about 45 s (a box of 110 s held the compiled row and failed the inlined one). The
 # lease's first call hung after its tests on a bare `wait` (fixed since) and brought back nothing.
-# Planned for the next lease (two calls; device-tool timeout_s 330 and 400; issue call 2 as soon as
+# Planned for the next lease (two calls; device-tool timeout_s 360 and 400; issue call 2 as soon as
 # call 1 returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=70 MODEL_TIMEOUT=60 \
-#      OPS_FILES=bench/test_bench_attention.py \
-#      OPS_K="(taobao or long) and full and (fused-cudagraph or eager-cudagraph or compile-cudagraph)" \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=100 MODEL_TIMEOUT=60 \
+#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py bench/test_bench_attention.py" \
+#      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
+#      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph)) or \
+#      ((attention or pma) and (taobao or long) and full and (fused-cudagraph or eager-cudagraph or compile-cudagraph))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      (the tests of gpu_rerun.txt, about 185: the three that failed at c77021c, the fp32 casts of
-#      float arguments under Inductor (the inlined model, plain and reduce-overhead) and every
-#      attention test after the softmax-statistics change, in fp32, fp16 and bf16; then attention and
-#      PMA graphed at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor;
-#      PMA fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
+#      (the tests of gpu_rerun.txt, about 190: the three that failed at c77021c, the fp32 casts of
+#      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
+#      test after the softmax-statistics change, in fp32, fp16 and bf16, and the nineteenth session's
+#      new settings' tests; then, graphed, in one process: the low-rank cross net with
+#      LOW_RANK_FORWARD = "phases" (fused-fphases: its one-launch forward ran 49 us in 128
+#      one-per-SM programs in the 80ba0f2 step profile) beside the default and Inductor (issue 4:
+#      0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows with BWD_TILE = (128, 64,
+#      None) (fused-bigtile) beside the default (issue 3: 34% / 23% of copy at c77021c); attention and
+#      PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor; PMA
+#      fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
 #      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says
 #      whether it cost time; then the plain taobao model rows, which repeat poorly (c77021c: inference
-#      1.59x, training 1.13x))
+#      1.59x, training 1.13x). Device-tool timeout_s 360)
 #   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
 #      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
 #      taobao-inference-fused-compile amazon-train-compile amazon-train-fused-compile-inline \
@@ -44,6 +52,11 @@
 #      may end in the amazon rows. bench/conftest.py resets dynamo before each row. If the inline rows
 #      fail again, call 1's tests (tests/test_fused_model.py's inlined cases) say where. At c77021c
 #      taobao compile training was 26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)
+#   3. If 100 s or more are left: PACK=1 KERNELS_TIMEOUT=90 bench/gpu_session.sh COMMIT kernels (each
+#      cross-net kernel's device time: fused, both phased settings, Inductor, eager; which kernel of
+#      the fused op is slower than Inductor's code). For the gated LCE:
+#      KERNELS_ARGS="--ops gated_lce_nonseq,gated_lce_seq --shape taobao-b64k --providers fused --set
+#      gated_lce.GW_MODE=acc" (forward against backward at the bandwidth shape).
 #   Left for a later lease: the compiled inference profiles, plain and inlined (PROFILE_BACKENDS=triton
 #   PROFILE_ARGS="--compile --inference" bench/gpu_session.sh COMMIT profile; the same with OUT="$OUT/inline"
 #   INTERFORMER_COMPILE_INLINE=1 PACK=1 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference"
@@ -144,6 +157,15 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                  echo "profile $be ${arg_sets[$i]} exit $?"; head -n 70 "$log"
                done
              done ;;
+    kernels) # the device time of every kernel of one op call, per provider (profiling/op_kernels.py);
+             # KERNELS_ARGS: its flags, several runs separated by ";" (default: the cross nets' kernels, the
+             # default fused path, both phased settings, Inductor and eager)
+             IFS=';' read -r -a arg_sets <<< "${KERNELS_ARGS:---ops crossnet_low,crossnet_full --providers fused,fused-phases,fused-fphases,compile,eager}"
+             for i in "${!arg_sets[@]}"; do
+               timeout "${KERNELS_TIMEOUT:-150}" python3 profiling/op_kernels.py ${arg_sets[$i]} >>"$OUT/kernels.log" 2>&1
+               echo "op_kernels ${arg_sets[$i]} exit $?"
+             done
+             head -n 150 "$OUT/kernels.log" ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1

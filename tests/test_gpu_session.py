@@ -65,3 +65,18 @@ def test_the_tests_and_ops_stages_end_and_pack_their_logs(tmp_path):
     assert "== stage tests took" in packed["session.log"] and "== stage ops took" in packed["session.log"]
     assert len(packed["ops.jsonl"].splitlines()) == 2  # eager and fused rows, as measured
     assert "device: cpu" in packed["env.txt"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
+    """The ``kernels`` stage (profiling/op_kernels.py) runs once per ";"-separated set of
+    ``KERNELS_ARGS`` and packs the log of all of them (on the CPU: the callables run once, no times)."""
+    rc, console, packed = _run(tmp_path, {
+        "KERNELS_ARGS": "--shape smoke --calls 1 --ops dot_interaction --providers fused;"
+                        "--shape smoke --calls 1 --ops layernorm_dhen --providers eager",
+    }, "kernels")
+    assert rc == 0, console[-3000:]
+    assert console.count("op_kernels --shape smoke") == 2 and console.count(" exit 0") == 2, console[-3000:]
+    log = packed["kernels.log"]
+    assert "dot_interaction, fused: built and ran once" in log and "layernorm_dhen, eager: built and ran once" in log
+    assert log.count("no device kernels to time") == 2 and "== stage kernels took" in packed["session.log"]
