@@ -298,7 +298,8 @@ class PoolingMultiHeadAttention(FusedModule):
     itself. The weights are folded on every call (``H * d * d`` products, nothing cached, so a
     training step and ``torch.compile`` see the parameters as they are), and outside tracing the
     whole fused op is one autograd node with closed-form gradients
-    (:func:`interformer.kernels.attention.pooled_attention`). ``k_proj.bias`` has an exact zero
+    (:func:`interformer.kernels.attention.pooled_attention`), the fold one Triton launch and its
+    gradients one more. ``k_proj.bias`` has an exact zero
     gradient on this path; on the eager path its gradient is rounding noise around zero. Outside
     tracing a sequence wider than autocast's dtype (fp32 under bf16 autocast) is not copied to that
     dtype: the kernels round each tile as they load it, and its gradient comes back in fp32 from

@@ -17,7 +17,9 @@ Public functions (same names and signatures as in :mod:`interformer.reference`):
 
 ``pooled_attention`` is the whole PMA op (``PoolingMultiHeadAttention``) with the key and value
 projections folded into the queries and one output matrix, around one ``attention`` launch
-(its docstring, and the module's for the algebra).
+(its docstring, and the module's for the algebra). The fold itself is one more launch
+(``_pma_fold_kernel``, one program per head, over the parameters only), and so are its gradients
+(``_pma_fold_bwd_kernel``).
 
 Layout and contract
 -------------------
@@ -1241,26 +1243,180 @@ def _fold_values(v_weight, o_weight, H):
     return wvh, woh, torch.bmm(wvh.transpose(1, 2), woh).view(H * d, d)
 
 
+@triton.jit
+def _pma_fold_kernel(
+    QIN, WOV, BIAS,
+    QUERY, KW, KB, VW, VB, OW, OB,
+    NQ, D, DH,
+    H: tl.constexpr, HAS_KEYS: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The folded PMA operands of head ``h`` (program h), from the projections as they are stored
+    (any float dtype, rounded to the compute dtype of ``QIN`` as they load, as the casts of the
+    aten fold did): the folded queries ``q_in[q * H + h] = query_h[q] W_k,h`` (``W_k``'s rows NaN
+    where ``b_k`` is not finite, :func:`_key_weight`), the output matrix's block ``W_ov[h] =
+    W_v,h^T W_o,h^T`` and, in program 0, the output bias ``b_o + W_o b_v`` (``b_o`` alone without
+    keys). fp32 accumulation, one rounding to the compute dtype at the store."""
+    CDT: tl.constexpr = QIN.dtype.element_ty
+    h = tl.program_id(0)
+    i = tl.arange(0, DP)
+    i_ok = i < D
+    e = tl.arange(0, DHP)
+    e_ok = e < DH
+    q = tl.arange(0, NQP)
+    q_ok = q < NQ
+    hr = h * DH + e  # the head's rows of W_k and W_v, columns of W_o
+    he = e_ok[:, None] & i_ok[None, :]
+    vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_v[hr, :]
+    oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_o[:, hr]^T
+    wov = tl.dot(tl.trans(vh), oh, input_precision=PREC)
+    tl.store(WOV + (h * D + i[:, None]) * D + i[None, :], wov.to(CDT), mask=i_ok[:, None] & i_ok[None, :])
+    kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
+    kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
+    kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
+    qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(CDT)
+    qin = tl.dot(qh, kw, input_precision=PREC)  # [NQP, DP]
+    tl.store(QIN + (q[:, None] * H + h) * D + i[None, :], qin.to(CDT), mask=q_ok[:, None] & i_ok[None, :])
+    if h == 0:
+        bias = tl.load(OB + i, mask=i_ok, other=0.0).to(CDT).to(tl.float32)
+        if HAS_KEYS:
+            ow = tl.load(OW + i[:, None] * D + i[None, :], mask=i_ok[:, None] & i_ok[None, :], other=0.0)
+            vb = tl.load(VB + i, mask=i_ok, other=0.0).to(CDT).to(tl.float32)
+            bias += tl.sum(ow.to(CDT).to(tl.float32) * vb[None, :], 1)
+        tl.store(BIAS + i, bias.to(CDT), mask=i_ok)
+
+
+@triton.jit
+def _pma_fold_bwd_kernel(
+    DQUERY, DKW, DKB, DVW, DVB, DOW,
+    DQIN, DWOV, DBIAS,
+    QUERY, KW, KB, VW, VB, OW,
+    NQ, D, DH,
+    H: tl.constexpr, HAS_KEYS: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The gradients of :func:`_pma_fold_kernel`'s products for head ``h`` (program h), from those of
+    the folded queries (``DQIN [nq * H, d]``, summed over the batch), of ``W_ov`` (``DWOV [H * d,
+    d]``) and of the output bias (``DBIAS [d]``), all in the compute dtype: the head's columns of
+    dquery and dW_o and rows of dW_k, dW_v, db_v, and zeros for db_k (softmax ignores a per-query
+    shift). Each stored once in its parameter's dtype from fp32 sums of compute-dtype products."""
+    CDT: tl.constexpr = DQIN.dtype.element_ty
+    h = tl.program_id(0)
+    i = tl.arange(0, DP)
+    i_ok = i < D
+    e = tl.arange(0, DHP)
+    e_ok = e < DH
+    q = tl.arange(0, NQP)
+    q_ok = q < NQ
+    hr = h * DH + e
+    he = e_ok[:, None] & i_ok[None, :]
+    qe = q_ok[:, None] & e_ok[None, :]
+    ii = i_ok[:, None] & i_ok[None, :]
+    # the folded queries' part: dquery_h = dq_h W_k,h^T, dW_k,h = query_h^T dq_h
+    dq = tl.load(DQIN + (q[:, None] * H + h) * D + i[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
+    kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
+    kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
+    kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
+    qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=qe, other=0.0).to(CDT)
+    dquery = tl.dot(dq, tl.trans(kw), input_precision=PREC)  # [NQP, DHP]
+    tl.store(DQUERY + q[:, None] * D + hr[None, :], dquery.to(DQUERY.dtype.element_ty), mask=qe)
+    dkw = tl.dot(tl.trans(qh), dq, input_precision=PREC)  # [DHP, DP]
+    tl.store(DKW + hr[:, None] * D + i[None, :], dkw.to(DKW.dtype.element_ty), mask=he)
+    tl.store(DKB + hr, tl.zeros([DHP], tl.float32).to(DKB.dtype.element_ty), mask=e_ok)
+    # W_ov's part: dW_v,h = W_o,h^T dW_ov[h]^T, dW_o[:, hr] = (W_v,h dW_ov[h])^T (+ db_o b_v,h^T)
+    dwov = tl.load(DWOV + (h * D + i[:, None]) * D + i[None, :], mask=ii, other=0.0)  # [DP, DP]
+    vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)
+    oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)
+    dvw = tl.dot(oh, tl.trans(dwov), input_precision=PREC)  # [DHP, DP]
+    tl.store(DVW + hr[:, None] * D + i[None, :], dvw.to(DVW.dtype.element_ty), mask=he)
+    dow = tl.dot(vh, dwov, input_precision=PREC)  # [DHP, DP], indexed [e, j]
+    dbias = tl.load(DBIAS + i, mask=i_ok, other=0.0).to(tl.float32)
+    if HAS_KEYS:
+        vb = tl.load(VB + hr, mask=e_ok, other=0.0).to(CDT).to(tl.float32)
+        dow += vb[:, None] * dbias[None, :]
+        dvb = tl.sum(oh.to(tl.float32) * dbias[None, :], 1)  # [DHP]
+    else:  # no keys: b_v never reached the output
+        dvb = tl.zeros([DHP], tl.float32)
+    tl.store(DOW + i[None, :] * D + hr[:, None], dow.to(DOW.dtype.element_ty), mask=he)
+    tl.store(DVB + hr, dvb.to(DVB.dtype.element_ty), mask=e_ok)
+
+
+def _fold_plan(nq: int, d: int, H: int) -> dict:
+    return dict(H=H, NQP=max(16, next_pow2(nq)), DP=max(16, next_pow2(d)), DHP=max(16, next_pow2(d // H)),
+                num_warps=8 if d > 64 else 4)
+
+
+@on_input_device
+def _fold_params(query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H: int, c: torch.dtype, has_keys: bool):
+    """``(q_in [1, nq * H, 1, d], w_ov [H * d, d], bias [d])`` in ``c``: :func:`_pma_fold_kernel`, one
+    launch (H programs) where the aten fold took about twenty ops."""
+    nq, d = query.shape
+    dev = query.device
+    q_in = torch.empty((1, nq * H, 1, d), device=dev, dtype=c)
+    w_ov = torch.empty((H * d, d), device=dev, dtype=c)
+    bias = torch.empty((d,), device=dev, dtype=c)
+    params = [t.contiguous() for t in (query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)]
+    launch(_pma_fold_kernel)[(H,)](q_in, w_ov, bias, *params, nq, d, d // H, HAS_KEYS=has_keys,
+                                   PREC=dot_precision(c), **_fold_plan(nq, d, H))
+    return q_in, w_ov, bias
+
+
+@on_input_device
+def _fold_params_bwd(dq_in, d_wov, d_bias, query, k_weight, k_bias, v_weight, v_bias, o_weight, H: int,
+                     has_keys: bool):
+    """``(d_query, d_wk, d_kb, d_wv, d_bv, d_wo)``, each in its parameter's dtype, from the
+    gradients of the folded products (:func:`_pma_fold_bwd_kernel`, one launch)."""
+    nq, d = query.shape
+    params = [t.contiguous() for t in (query, k_weight, k_bias, v_weight, v_bias, o_weight)]
+    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in params]
+    launch(_pma_fold_bwd_kernel)[(H,)](*grads, dq_in.contiguous(), d_wov.contiguous(), d_bias.contiguous(), *params,
+                                       nq, d, d // H, HAS_KEYS=has_keys, PREC=dot_precision(dq_in.dtype),
+                                       **_fold_plan(nq, d, H))
+    return tuple(grads)
+
+
+def _fold_params_bwd_aten(dq_in, d_wov, d_bias, query, k_weight, k_bias, v_weight, v_bias, o_weight, H: int,
+                          has_keys: bool):
+    """:func:`_fold_params_bwd` in aten ops (small batched GEMMs in the compute dtype of ``dq_in``),
+    for the batched backward, whose gradients a launcher cannot read (``is_grads_batched``, vmap
+    over a backward). It reuses the traced path's fold helpers, whose folded products it drops."""
+    c = dq_in.dtype
+    nq, d = query.shape
+    qh, wkh, _ = _fold_queries(query.to(c), _key_weight(k_weight, k_bias).to(c), H)
+    o_w, v_b = o_weight.to(c), v_bias.to(c)
+    wvh, woh, _ = _fold_values(v_weight.to(c), o_w, H)
+    dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
+    d_wov = d_wov.view(H, d, d)
+    d_query = torch.bmm(dqf, wkh.transpose(1, 2)).transpose(0, 1).reshape(nq, d)
+    d_wk = torch.bmm(qh.transpose(1, 2), dqf).view(d, d)
+    d_wv = torch.bmm(woh, d_wov.transpose(1, 2)).view(d, d)
+    d_wo = torch.bmm(wvh, d_wov).permute(2, 0, 1).reshape(d, d)
+    if has_keys:
+        d_wo = d_wo.addr_(d_bias, v_b)
+        d_bv = torch.mv(o_w.t(), d_bias)
+    else:  # no keys: b_v never reached the output
+        d_bv = torch.zeros_like(v_b)
+    return (d_query.to(query.dtype), d_wk.to(k_weight.dtype), torch.zeros(d, dtype=k_bias.dtype, device=k_bias.device),
+            d_wv.to(v_weight.dtype), d_bv.to(v_bias.dtype), d_wo.to(o_weight.dtype))
+
+
 def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
     """The folded PMA forward (:func:`pooled_attention`), no autograd: ``(out, saved)`` with
     ``saved`` what the backward needs."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
     c = _compute_dtype(s, query)
-    qh, wkh, q_in = _fold_queries(query.to(c), _key_weight(k_weight, k_bias).to(c), H)
+    # the folded operands in one launch; with no key at all (L = 0) the probabilities sum to 0, not
+    # 1, and b_v never reaches the output
+    q_in, w_ov, bias = _fold_params(query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H, c, L > 0)
     # s as it comes (it may be fp32 under a 16-bit autocast): the kernels round its tiles to the
     # folded queries' dtype as they load them, which is what a cast before the call would do,
     # without the cast's copy (and its backward's: ds comes back in s's dtype)
     kv = s.unsqueeze(2)
     a, stats = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
-    o_w = o_weight.to(c)
-    wvh, woh, w_ov = _fold_values(v_weight.to(c), o_w, H)
-    v_b = v_bias.to(c)
-    # with no key at all (L = 0) the probabilities sum to 0, not 1, and b_v never reaches the output
-    bias = torch.addmv(o_bias.to(c), o_w, v_b, alpha=1.0 if L else 0.0)
     mask = (lengths > 0).to(c)[:, None, None]
     out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d).mul_(mask)
-    return out, (q_in, kv, a, stats, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask)
+    return out, (q_in, kv, a, stats, lengths, w_ov, mask, query, k_weight, k_bias, v_weight, v_bias, o_weight)
 
 
 def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H):
@@ -1285,19 +1441,19 @@ def _pooled_attention_bwd_op(d_a, q_in, kv, a, stats, lengths, scale):
     return dq_in, dk + dv
 
 
-def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
+def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean, fold_bwd=_fold_params_bwd):
     """Gradients of :func:`_pooled_forward` in closed form: the output GEMM's (two GEMMs and a
     column sum), the attention kernels' backward (dq of the folded queries and ds = dk + dv in one
-    tensor, ``SAME_KV``), and the fold's (four small batched GEMMs); each gradient is returned in
-    its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift). With every
+    tensor, ``SAME_KV``), and the fold's (one launch of :func:`_pma_fold_bwd_kernel`); each
+    gradient is returned in its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift). With every
     parameter frozen (``requires_grad=False``) only ds is computed; with some frozen, the others'
     gradients are computed as usual and the frozen ones' are dropped."""
     if grad is None:
         return (None,) * 10
-    q_in, kv, a, stats, lengths, qh, wkh, wvh, woh, w_ov, o_w, v_b, mask = ctx.saved_tensors
+    q_in, kv, a, stats, lengths, w_ov, mask, *params = ctx.saved_tensors
     H = ctx.heads
     B, L, _, d = kv.shape
-    nq, dh = qh.shape[1], d // H
+    nq, dh = params[0].shape[0], d // H
     g = (grad.to(mask.dtype) * mask).reshape(B * nq, d)  # the upstream gradient may be any view
     d_a = torch.mm(g, w_ov.t()).view(B, nq * H, 1, d)
     dq_in, ds = attention_bwd(d_a, q_in, kv, a, stats, lengths, 1.0 / math.sqrt(dh))
@@ -1305,27 +1461,16 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean):
     need = ctx.needs_input_grad
     if not any(need[2:9]):  # frozen parameters: the fold's gradients are skipped
         return (ds, *(None,) * 9)
-    d_wov = torch.mm(a.view(B * nq, H * d).t(), g).view(H, d, d)
+    d_wov = torch.mm(a.view(B * nq, H * d).t(), g)
     d_bias = g.sum(0)
     if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
         dq_in = dq_in.sum(0, keepdim=True)
-    dqf = dq_in.view(nq, H, d).transpose(0, 1)  # [H, nq, d]
-    d_query = torch.bmm(dqf, wkh.transpose(1, 2)).transpose(0, 1).reshape(nq, d)
-    d_wk = torch.bmm(qh.transpose(1, 2), dqf).view(d, d)
-    d_wv = torch.bmm(woh, d_wov.transpose(1, 2)).view(d, d)
-    d_wo = torch.bmm(wvh, d_wov).permute(2, 0, 1).reshape(d, d)
-    if ctx.empty:  # alpha = 0: b_v does not reach the output
-        d_bv = torch.zeros_like(v_b)
-    else:
-        d_wo = d_wo.addr_(d_bias, v_b)
-        d_bv = torch.mv(o_w.t(), d_bias)
-    _, q_dt, kw_dt, kb_dt, vw_dt, vb_dt, ow_dt, ob_dt = ctx.dtypes
-    return (ds, None, *_needed((d_query.to(q_dt), d_wk.to(kw_dt), torch.zeros(d, dtype=kb_dt, device=kv.device),
-                                d_wv.to(vw_dt), d_bv.to(vb_dt), d_wo.to(ow_dt), d_bias.to(ob_dt)), need[2:9]), None)
+    d_query, d_wk, d_kb, d_wv, d_bv, d_wo = fold_bwd(dq_in, d_wov, d_bias, *params, H, not ctx.empty)
+    return (ds, None, *_needed((d_query, d_wk, d_kb, d_wv, d_bv, d_wo, d_bias.to(ctx.dtypes[-1])), need[2:9]), None)
 
 
 def _pooled_batched_backward(ctx, grad):
-    return _pooled_lean_backward(ctx, grad, _pooled_attention_bwd_op)
+    return _pooled_lean_backward(ctx, grad, _pooled_attention_bwd_op, _fold_params_bwd_aten)
 
 
 _PooledAttention = lean_function("_PooledAttention", _pooled_lean_forward, _pooled_lean_backward,
@@ -1368,7 +1513,10 @@ def pooled_attention(
     ``nq * num_heads`` shared queries over ``s`` itself as keys and values, so K and V never exist.
     Outside tracing the whole op is one ``autograd.Function`` (:func:`_pooled_lean_backward` gives
     every gradient in closed form: one autograd node where the same ops recorded one by one made
-    about thirty); traced calls build it from the attention custom op and aten ops. Models wider
+    about thirty), and the fold and its gradients are one Triton launch each
+    (:func:`_pma_fold_kernel`, :func:`_pma_fold_bwd_kernel`: 4 launches and 3 allocations where the
+    aten fold and its gradients took about 40 ops per call, host time at the model's sizes); traced
+    calls build it from the attention custom op and aten ops. Models wider
     than the kernel's widest head (``d > 128``) project K and V and run the kernel over
     ``d / num_heads``-wide heads. The folding drops the key bias (a per-query shift of the scores),
     except that an inf or a NaN in it still makes the output NaN, as in the reference

@@ -619,9 +619,10 @@ def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is(nq, H):
 def test_fused_pma_reads_the_sequence_once(backend):
     """DESIGN §4, PMA "reads the sequence once": on the fused path the key and value projections
     are folded into the queries and the output matrix (``PoolingMultiHeadAttention`` docstring),
-    so the forward is one attention launch over ``s`` itself and makes no tensor as large as the
-    sequence (K and V never exist), and the backward is the attention backward alone. The eager
-    path, which does project K and V, is the check that the recorder sees them."""
+    so the forward is one attention launch over ``s`` itself (and one launch that folds the
+    parameters) and makes no tensor as large as the sequence (K and V never exist), and the backward
+    is the attention backward and the fold's. The eager path, which does project K and V, is the
+    check that the recorder sees them."""
     from interformer.profiling import triton_launches
 
     B, L, d, H, nq = 3, 33, 32, 2, 2  # the folded weight [H*d, d] is smaller than s, as at DESIGN's shapes
@@ -640,8 +641,8 @@ def test_fused_pma_reads_the_sequence_once(backend):
         assert len(fwd.made) >= 2, fwd.made  # K and V
         return
     assert fwd.made == [], f"the fused forward made sequence-sized tensors: {fwd.made}"
-    assert forward_launches == {"_attn_fwd_kernel": 1}
-    assert dict(launches) == {"_attn_bwd_fused_kernel": 1}
+    assert forward_launches == {"_attn_fwd_kernel": 1, "_pma_fold_kernel": 1}
+    assert dict(launches) == {"_attn_bwd_fused_kernel": 1, "_pma_fold_bwd_kernel": 1}
     assert s.grad is not None and all(p.grad is not None for p in module.parameters())
 
 
