@@ -1248,7 +1248,7 @@ def _pma_fold_kernel(
     QIN, WOV, BIAS,
     QUERY, KW, KB, VW, VB, OW, OB,
     NQ, D, DH,
-    H: tl.constexpr, HAS_KEYS: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
+    H: tl.constexpr, HAS_KEYS: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """The folded PMA operands of head ``h`` (program h), from the projections as they are stored
@@ -1263,8 +1263,6 @@ def _pma_fold_kernel(
     i_ok = i < D
     e = tl.arange(0, DHP)
     e_ok = e < DH
-    q = tl.arange(0, NQP)
-    q_ok = q < NQ
     hr = h * DH + e  # the head's rows of W_k and W_v, columns of W_o
     he = e_ok[:, None] & i_ok[None, :]
     vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_v[hr, :]
@@ -1274,9 +1272,12 @@ def _pma_fold_kernel(
     kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
     kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
     kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
-    qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(CDT)
-    qin = tl.dot(qh, kw, input_precision=PREC)  # [NQP, DP]
-    tl.store(QIN + (q[:, None] * H + h) * D + i[None, :], qin.to(CDT), mask=q_ok[:, None] & i_ok[None, :])
+    for q0 in range(0, NQ, QB):  # the queries in blocks of QB rows
+        q = q0 + tl.arange(0, QB)
+        q_ok = q < NQ
+        qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=q_ok[:, None] & e_ok[None, :], other=0.0).to(CDT)
+        qin = tl.dot(qh, kw, input_precision=PREC)  # [QB, DP]
+        tl.store(QIN + (q[:, None] * H + h) * D + i[None, :], qin.to(CDT), mask=q_ok[:, None] & i_ok[None, :])
     if h == 0:
         bias = tl.load(OB + i, mask=i_ok, other=0.0).to(CDT).to(tl.float32)
         if HAS_KEYS:
@@ -1292,7 +1293,7 @@ def _pma_fold_bwd_kernel(
     DQIN, DWOV, DBIAS,
     QUERY, KW, KB, VW, VB, OW,
     NQ, D, DH,
-    H: tl.constexpr, HAS_KEYS: tl.constexpr, NQP: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
+    H: tl.constexpr, HAS_KEYS: tl.constexpr, QB: tl.constexpr, DP: tl.constexpr, DHP: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """The gradients of :func:`_pma_fold_kernel`'s products for head ``h`` (program h), from those of
@@ -1306,21 +1307,24 @@ def _pma_fold_bwd_kernel(
     i_ok = i < D
     e = tl.arange(0, DHP)
     e_ok = e < DH
-    q = tl.arange(0, NQP)
-    q_ok = q < NQ
     hr = h * DH + e
     he = e_ok[:, None] & i_ok[None, :]
-    qe = q_ok[:, None] & e_ok[None, :]
     ii = i_ok[:, None] & i_ok[None, :]
-    # the folded queries' part: dquery_h = dq_h W_k,h^T, dW_k,h = query_h^T dq_h
-    dq = tl.load(DQIN + (q[:, None] * H + h) * D + i[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
+    # the folded queries' part: dquery_h = dq_h W_k,h^T, dW_k,h = query_h^T dq_h (summed over the
+    # query blocks)
     kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
     kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
     kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
-    qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=qe, other=0.0).to(CDT)
-    dquery = tl.dot(dq, tl.trans(kw), input_precision=PREC)  # [NQP, DHP]
-    tl.store(DQUERY + q[:, None] * D + hr[None, :], dquery.to(DQUERY.dtype.element_ty), mask=qe)
-    dkw = tl.dot(tl.trans(qh), dq, input_precision=PREC)  # [DHP, DP]
+    dkw = tl.zeros([DHP, DP], tl.float32)
+    for q0 in range(0, NQ, QB):
+        q = q0 + tl.arange(0, QB)
+        q_ok = q < NQ
+        qe = q_ok[:, None] & e_ok[None, :]
+        dq = tl.load(DQIN + (q[:, None] * H + h) * D + i[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
+        qh = tl.load(QUERY + q[:, None] * D + hr[None, :], mask=qe, other=0.0).to(CDT)
+        dquery = tl.dot(dq, tl.trans(kw), input_precision=PREC)  # [QB, DHP]
+        tl.store(DQUERY + q[:, None] * D + hr[None, :], dquery.to(DQUERY.dtype.element_ty), mask=qe)
+        dkw = tl.dot(tl.trans(qh), dq, dkw, input_precision=PREC)  # [DHP, DP]
     tl.store(DKW + hr[:, None] * D + i[None, :], dkw.to(DKW.dtype.element_ty), mask=he)
     tl.store(DKB + hr, tl.zeros([DHP], tl.float32).to(DKB.dtype.element_ty), mask=e_ok)
     # W_ov's part: dW_v,h = W_o,h^T dW_ov[h]^T, dW_o[:, hr] = (W_v,h dW_ov[h])^T (+ db_o b_v,h^T)
@@ -1341,9 +1345,11 @@ def _pma_fold_bwd_kernel(
     tl.store(DVB + hr, dvb.to(DVB.dtype.element_ty), mask=e_ok)
 
 
-def _fold_plan(nq: int, d: int, H: int) -> dict:
-    return dict(H=H, NQP=max(16, next_pow2(nq)), DP=max(16, next_pow2(d)), DHP=max(16, next_pow2(d // H)),
-                num_warps=8 if d > 64 else 4)
+def _fold_plan(d: int, H: int) -> dict:
+    """Tiles of the fold kernels: queries in blocks of 16 rows (the ``tl.dot`` minimum; the model's
+    few PMA queries are one block, and any number works), ``d`` and the head width padded to powers
+    of two (at least 16)."""
+    return dict(H=H, QB=16, DP=max(16, next_pow2(d)), DHP=max(16, next_pow2(d // H)), num_warps=8 if d > 64 else 4)
 
 
 @on_input_device
@@ -1357,7 +1363,7 @@ def _fold_params(query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H:
     bias = torch.empty((d,), device=dev, dtype=c)
     params = [t.contiguous() for t in (query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)]
     launch(_pma_fold_kernel)[(H,)](q_in, w_ov, bias, *params, nq, d, d // H, HAS_KEYS=has_keys,
-                                   PREC=dot_precision(c), **_fold_plan(nq, d, H))
+                                   PREC=dot_precision(c), **_fold_plan(d, H))
     return q_in, w_ov, bias
 
 
@@ -1371,7 +1377,7 @@ def _fold_params_bwd(dq_in, d_wov, d_bias, query, k_weight, k_bias, v_weight, v_
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in params]
     launch(_pma_fold_bwd_kernel)[(H,)](*grads, dq_in.contiguous(), d_wov.contiguous(), d_bias.contiguous(), *params,
                                        nq, d, d // H, HAS_KEYS=has_keys, PREC=dot_precision(dq_in.dtype),
-                                       **_fold_plan(nq, d, H))
+                                       **_fold_plan(d, H))
     return tuple(grads)
 
 

@@ -432,7 +432,7 @@ def test_rotary_module_triton_matches_eager(d_model, heads, causal, dtype, monke
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("num_queries,d_model,heads", [(2, 64, 4), (3, 40, 2)])
+@pytest.mark.parametrize("num_queries,d_model,heads", [(2, 64, 4), (3, 40, 2), (19, 24, 3)])
 def test_pma_module_triton_matches_eager(num_queries, d_model, heads, dtype, monkeypatch):
     _compare_modules(PoolingMultiHeadAttention, (num_queries, d_model, heads), None, B=3, L=11, dtype=dtype,
                      monkeypatch=monkeypatch)
