@@ -53,6 +53,16 @@ PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile
              "fused-8warps-cudagraph", "fused-phases", "fused-phases-cudagraph", "fused-fphases",
              "fused-fphases-cudagraph"]
 NUM_LAYERS = 2
+#: The setting variants (provider, and its -cudagraph): ``(the rank it applies to, the direction it
+#: changes ("fwd", "bwd", or None for both), the setting of interformer.kernels.crossnet, its value)``.
+#: A variant is skipped at the other rank and in the mode of the direction it leaves as it is.
+SETTING_PROVIDERS = {
+    "fused-triton-gemm": ("full", None, "FULL_RANK_GEMM", "triton"),
+    "fused-8warps": ("low", None, "LOW_RANK_ROW_WARPS", 8),
+    "fused-phases": ("low", "bwd", "LOW_RANK_BACKWARD", "phases"),
+    "fused-fphases": ("low", "fwd", "LOW_RANK_FORWARD", "phases"),
+}
+_WORDS = {"fwd": "forward", "bwd": "backward"}
 
 
 def _fused_module():
@@ -102,29 +112,16 @@ def cross_bytes(B: int, D: int, n_params: int, elt: int, mode: str) -> float:
 @pytest.mark.parametrize("rank", ["full", "low"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
-    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-triton-gemm", "fused-8warps",
-                                                               "fused-phases", "fused-fphases"),
+    common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", *SETTING_PROVIDERS),
                                 shape_name=shape_name)
-    if "triton-gemm" in provider:
-        if rank != "full":
-            pytest.skip(f"{provider}: a full-rank setting")
-        monkeypatch.setattr(_fused_module(), "FULL_RANK_GEMM", "triton")
-    if "8warps" in provider:
-        if rank != "low":
-            pytest.skip(f"{provider}: a low-rank setting")
-        monkeypatch.setattr(_fused_module(), "LOW_RANK_ROW_WARPS", 8)
-    if provider.startswith("fused-phases"):
-        if rank != "low":
-            pytest.skip(f"{provider}: a low-rank setting")
-        if mode == "fwd":
-            pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
-        monkeypatch.setattr(_fused_module(), "LOW_RANK_BACKWARD", "phases")
-    if provider.startswith("fused-fphases"):
-        if rank != "low":
-            pytest.skip(f"{provider}: a low-rank setting")
-        if mode == "bwd":
-            pytest.skip(f"{provider}: a forward setting (the backward is the default's)")
-        monkeypatch.setattr(_fused_module(), "LOW_RANK_FORWARD", "phases")
+    setting = SETTING_PROVIDERS.get(provider.removesuffix(common.GRAPH_SUFFIX))
+    if setting is not None:
+        only_rank, direction, name, value = setting
+        if rank != only_rank:
+            pytest.skip(f"{provider}: a {only_rank}-rank setting")
+        if direction is not None and mode not in ("full", direction):
+            pytest.skip(f"{provider}: a {_WORDS[direction]} setting (the {_WORDS[mode]} is the default's)")
+        monkeypatch.setattr(_fused_module(), name, value)
     shape = common.ALL_SHAPES[shape_name]
     B, D, L = shape.B, shape.D, NUM_LAYERS
     r = None if rank == "full" else shape.dcn_rank

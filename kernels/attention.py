@@ -1244,6 +1244,27 @@ def _fold_values(v_weight, o_weight, H):
 
 
 @triton.jit
+def _fold_head(D, DH, DP: tl.constexpr, DHP: tl.constexpr):
+    """Indices of the head a fold program owns (program h): model columns ``i`` (``[DP]``), the
+    head's rows ``hr = h * DH + e`` of W_k and W_v (columns of W_o; ``e`` in ``[DHP]``), their
+    validity and the ``[DHP, DP]`` mask of a head's rows."""
+    h = tl.program_id(0)
+    i = tl.arange(0, DP)
+    e = tl.arange(0, DHP)
+    i_ok = i < D
+    e_ok = e < DH
+    return h, i, i_ok, h * DH + e, e_ok, e_ok[:, None] & i_ok[None, :]
+
+
+@triton.jit
+def _fold_key_rows(KW, KB, hr, i, e_ok, he, D, CDT: tl.constexpr):
+    """The head's rows of W_k ``[DHP, DP]`` in ``CDT``, NaN where b_k is not finite (:func:`_key_weight`)."""
+    kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
+    kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
+    return tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
+
+
+@triton.jit
 def _pma_fold_kernel(
     QIN, WOV, BIAS,
     QUERY, KW, KB, VW, VB, OW, OB,
@@ -1258,20 +1279,12 @@ def _pma_fold_kernel(
     W_v,h^T W_o,h^T`` and, in program 0, the output bias ``b_o + W_o b_v`` (``b_o`` alone without
     keys). fp32 accumulation, one rounding to the compute dtype at the store."""
     CDT: tl.constexpr = QIN.dtype.element_ty
-    h = tl.program_id(0)
-    i = tl.arange(0, DP)
-    i_ok = i < D
-    e = tl.arange(0, DHP)
-    e_ok = e < DH
-    hr = h * DH + e  # the head's rows of W_k and W_v, columns of W_o
-    he = e_ok[:, None] & i_ok[None, :]
+    h, i, i_ok, hr, e_ok, he = _fold_head(D, DH, DP, DHP)
     vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_v[hr, :]
     oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_o[:, hr]^T
     wov = tl.dot(tl.trans(vh), oh, input_precision=PREC)
     tl.store(WOV + (h * D + i[:, None]) * D + i[None, :], wov.to(CDT), mask=i_ok[:, None] & i_ok[None, :])
-    kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
-    kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
-    kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
+    kw = _fold_key_rows(KW, KB, hr, i, e_ok, he, D, CDT)
     for q0 in range(0, NQ, QB):  # the queries in blocks of QB rows
         q = q0 + tl.arange(0, QB)
         q_ok = q < NQ
@@ -1302,19 +1315,10 @@ def _pma_fold_bwd_kernel(
     dquery and dW_o and rows of dW_k, dW_v, db_v, and zeros for db_k (softmax ignores a per-query
     shift). Each stored once in its parameter's dtype from fp32 sums of compute-dtype products."""
     CDT: tl.constexpr = DQIN.dtype.element_ty
-    h = tl.program_id(0)
-    i = tl.arange(0, DP)
-    i_ok = i < D
-    e = tl.arange(0, DHP)
-    e_ok = e < DH
-    hr = h * DH + e
-    he = e_ok[:, None] & i_ok[None, :]
-    ii = i_ok[:, None] & i_ok[None, :]
+    h, i, i_ok, hr, e_ok, he = _fold_head(D, DH, DP, DHP)
     # the folded queries' part: dquery_h = dq_h W_k,h^T, dW_k,h = query_h^T dq_h (summed over the
     # query blocks)
-    kb = tl.load(KB + hr, mask=e_ok, other=0.0).to(tl.float32)
-    kw = tl.load(KW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(tl.float32)
-    kw = tl.where((tl.abs(kb) < float("inf"))[:, None], kw, float("nan")).to(CDT)
+    kw = _fold_key_rows(KW, KB, hr, i, e_ok, he, D, CDT)
     dkw = tl.zeros([DHP, DP], tl.float32)
     for q0 in range(0, NQ, QB):
         q = q0 + tl.arange(0, QB)
@@ -1328,7 +1332,7 @@ def _pma_fold_bwd_kernel(
     tl.store(DKW + hr[:, None] * D + i[None, :], dkw.to(DKW.dtype.element_ty), mask=he)
     tl.store(DKB + hr, tl.zeros([DHP], tl.float32).to(DKB.dtype.element_ty), mask=e_ok)
     # W_ov's part: dW_v,h = W_o,h^T dW_ov[h]^T, dW_o[:, hr] = (W_v,h dW_ov[h])^T (+ db_o b_v,h^T)
-    dwov = tl.load(DWOV + (h * D + i[:, None]) * D + i[None, :], mask=ii, other=0.0)  # [DP, DP]
+    dwov = tl.load(DWOV + (h * D + i[:, None]) * D + i[None, :], mask=i_ok[:, None] & i_ok[None, :], other=0.0)
     vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)
     oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)
     dvw = tl.dot(oh, tl.trans(dwov), input_precision=PREC)  # [DHP, DP]

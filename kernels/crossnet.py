@@ -453,6 +453,33 @@ def _lr_dp_rows(DPP, j, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B: tl.constexpr, 
 
 
 @triton.jit
+def _lr_row_block(B, R, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``(rows, row_ok, rk, r_ok)`` of a phased launch's row block (axis 0 of its grid) and rank columns."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rk = tl.arange(0, BLOCK_R)
+    return rows, rows < B, rk, rk < R
+
+
+@triton.jit
+def _lr_store_partial(PART, acc, j, S, s, rows, row_ok, rk, r_ok, B, R):
+    """Store a phase program's column-range partial of layer j's ``p`` (or ``dp``) as ``PART[j, s]``
+    (``[L, S, B, R]`` fp32), which :func:`_lr_dp_rows` sums in a fixed order."""
+    tl.store(PART + ((j * S + s) * B + rows[:, None]) * R + rk[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lr_settled(PART, FINAL, j, S, first, rows, row_ok, rk, r_ok, B, R, BLOCK_B: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """Layer j's ``p`` (or ``dp``) on a row block, summed from its S column-split partials in ``PART``
+    (:func:`_lr_dp_rows`); the programs with ``first`` set also store it, final, in ``FINAL [L, B,
+    R]`` for the launches that follow (and the backward)."""
+    acc = _lr_dp_rows(PART, j, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
+    if first:
+        tl.store(FINAL + (j * B + rows[:, None]) * R + rk[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+    return acc
+
+
+@triton.jit
 def _lr_bwd_phase_kernel(
     DPP, DP,
     G, X0, Us, Vs,
@@ -466,16 +493,10 @@ def _lr_bwd_phase_kernel(
     layers above: ``dp_{LAYER+1}`` summed here from its partials (the ``s = 0`` programs also store
     it, final, in ``DP``), the ones above that read from ``DP``."""
     DT: tl.constexpr = X0.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
+    rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     s = tl.program_id(1)
-    rk = tl.arange(0, BLOCK_R)
-    r_ok = rk < R
-    pr_mask = row_ok[:, None] & r_ok[None, :]
     if LAYER + 1 < NUM_LAYERS:
-        dp_up = _lr_dp_rows(DPP, LAYER + 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
-        if s == 0:
-            tl.store(DP + ((LAYER + 1) * B + rows[:, None]) * R + rk[None, :], dp_up, mask=pr_mask)
+        dp_up = _lr_settled(DPP, DP, LAYER + 1, S, s == 0, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
     acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for c in range(0, CHUNKS):
         cols = (s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -490,7 +511,7 @@ def _lr_bwd_phase_kernel(
         dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
         u = tl.load(Us[LAYER] + cols[:, None] * R + rk[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(dy.to(DT), u.to(DT), acc, input_precision=PREC)
-    tl.store(DPP + ((LAYER * S + s) * B + rows[:, None]) * R + rk[None, :], acc, mask=pr_mask)
+    _lr_store_partial(DPP, acc, LAYER, S, s, rows, row_ok, rk, r_ok, B, R)
 
 
 @triton.jit
@@ -506,16 +527,11 @@ def _lr_bwd_dx0_kernel(
     ``dp_0`` summed from its partials (the column-tile-0 programs store it, final, in ``DP`` for the
     weight kernel) and the other ``dp_i`` read from ``DP``."""
     DT: tl.constexpr = DX0.dtype.element_ty  # x0's, the dots' operand dtype (as in the rows kernel)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
+    rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    rk = tl.arange(0, BLOCK_R)
-    r_ok = rk < R
-    dp0 = _lr_dp_rows(DPP, 0, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
-    if pid_d == 0:
-        tl.store(DP + rows[:, None] * R + rk[None, :], dp0, mask=row_ok[:, None] & r_ok[None, :])
+    dp0 = _lr_settled(DPP, DP, 0, S, pid_d == 0, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
     _lr_dx0(DX0, G, dp0, DP, P, Us, Vs, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, D, R,
             NUM_LAYERS, True, BLOCK_B, BLOCK_D, DT, PREC)
 
@@ -546,16 +562,10 @@ def _lr_fwd_phase_kernel(
     here from its partials (the ``s = 0`` programs also store it, final, in ``P``), the ones below
     that read from ``P``."""
     DT: tl.constexpr = X0.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
+    rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     s = tl.program_id(1)
-    rk = tl.arange(0, BLOCK_R)
-    r_ok = rk < R
-    pr_mask = row_ok[:, None] & r_ok[None, :]
     if LAYER > 0:
-        p_last = _lr_dp_rows(PP, LAYER - 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
-        if s == 0:
-            tl.store(P + ((LAYER - 1) * B + rows[:, None]) * R + rk[None, :], p_last, mask=pr_mask)
+        p_last = _lr_settled(PP, P, LAYER - 1, S, s == 0, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
     acc = tl.zeros([BLOCK_B, BLOCK_R], dtype=tl.float32)
     for c in range(0, CHUNKS):
         cols = (s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -566,7 +576,7 @@ def _lr_fwd_phase_kernel(
             x = _lr_x_after(x, p_last, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, LAYER, DT, PREC)
         v = tl.load(Vs[LAYER] + rk[:, None] * D + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x.to(DT), tl.trans(v.to(DT)), acc, input_precision=PREC)
-    tl.store(PP + ((LAYER * S + s) * B + rows[:, None]) * R + rk[None, :], acc, mask=pr_mask)
+    _lr_store_partial(PP, acc, LAYER, S, s, rows, row_ok, rk, r_ok, B, R)
 
 
 @triton.jit
@@ -582,17 +592,11 @@ def _lr_fwd_out_kernel(
     from its partials (the column-tile-0 programs store it, final, in ``P`` for the backward) and
     the other ``p_j`` read from ``P``."""
     DT: tl.constexpr = X0.dtype.element_ty
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
+    rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    rk = tl.arange(0, BLOCK_R)
-    r_ok = rk < R
-    p_last = _lr_dp_rows(PP, NUM_LAYERS - 1, S, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
-    if pid_d == 0:
-        tl.store(P + ((NUM_LAYERS - 1) * B + rows[:, None]) * R + rk[None, :], p_last,
-                 mask=row_ok[:, None] & r_ok[None, :])
+    p_last = _lr_settled(PP, P, NUM_LAYERS - 1, S, pid_d == 0, rows, row_ok, rk, r_ok, B, R, BLOCK_B, BLOCK_R)
     m = row_ok[:, None] & col_ok[None, :]
     x0 = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
     x = _lr_x_after(x0, p_last, P, Us, Bs, rows, row_ok, cols, col_ok, rk, r_ok, B, R, NUM_LAYERS, DT, PREC)
