@@ -1265,6 +1265,14 @@ def _fold_key_rows(KW, KB, hr, i, e_ok, he, D, CDT: tl.constexpr):
 
 
 @triton.jit
+def _fold_value_rows(VW, OW, hr, i, he, D, CDT: tl.constexpr):
+    """The head's rows of W_v and its columns of W_o, transposed: two ``[DHP, DP]`` tiles in ``CDT``."""
+    vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)
+    oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)
+    return vh, oh
+
+
+@triton.jit
 def _pma_fold_kernel(
     QIN, WOV, BIAS,
     QUERY, KW, KB, VW, VB, OW, OB,
@@ -1280,8 +1288,7 @@ def _pma_fold_kernel(
     keys). fp32 accumulation, one rounding to the compute dtype at the store."""
     CDT: tl.constexpr = QIN.dtype.element_ty
     h, i, i_ok, hr, e_ok, he = _fold_head(D, DH, DP, DHP)
-    vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_v[hr, :]
-    oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)  # [DHP, DP]: W_o[:, hr]^T
+    vh, oh = _fold_value_rows(VW, OW, hr, i, he, D, CDT)  # W_v[hr, :], W_o[:, hr]^T
     wov = tl.dot(tl.trans(vh), oh, input_precision=PREC)
     tl.store(WOV + (h * D + i[:, None]) * D + i[None, :], wov.to(CDT), mask=i_ok[:, None] & i_ok[None, :])
     kw = _fold_key_rows(KW, KB, hr, i, e_ok, he, D, CDT)
@@ -1333,8 +1340,7 @@ def _pma_fold_bwd_kernel(
     tl.store(DKB + hr, tl.zeros([DHP], tl.float32).to(DKB.dtype.element_ty), mask=e_ok)
     # W_ov's part: dW_v,h = W_o,h^T dW_ov[h]^T, dW_o[:, hr] = (W_v,h dW_ov[h])^T (+ db_o b_v,h^T)
     dwov = tl.load(DWOV + (h * D + i[:, None]) * D + i[None, :], mask=i_ok[:, None] & i_ok[None, :], other=0.0)
-    vh = tl.load(VW + hr[:, None] * D + i[None, :], mask=he, other=0.0).to(CDT)
-    oh = tl.load(OW + i[None, :] * D + hr[:, None], mask=he, other=0.0).to(CDT)
+    vh, oh = _fold_value_rows(VW, OW, hr, i, he, D, CDT)
     dvw = tl.dot(oh, tl.trans(dwov), input_precision=PREC)  # [DHP, DP]
     tl.store(DVW + hr[:, None] * D + i[None, :], dvw.to(DVW.dtype.element_ty), mask=he)
     dow = tl.dot(vh, dwov, input_precision=PREC)  # [DHP, DP], indexed [e, j]
@@ -1433,7 +1439,7 @@ def _pooled_lean_forward(ctx, s, lengths, query, k_weight, k_bias, v_weight, v_b
     out, saved = _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H)
     ctx.save_for_backward(*saved)
     ctx.heads, ctx.empty = H, s.shape[1] == 0
-    ctx.dtypes = tuple(t.dtype for t in (s, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias))
+    ctx.dtypes = s.dtype, o_bias.dtype  # ds and d_bias; the fold's gradients take their parameters' own
     return out
 
 
@@ -1455,8 +1461,8 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean, f
     """Gradients of :func:`_pooled_forward` in closed form: the output GEMM's (two GEMMs and a
     column sum), the attention kernels' backward (dq of the folded queries and ds = dk + dv in one
     tensor, ``SAME_KV``), and the fold's (one launch of :func:`_pma_fold_bwd_kernel`); each
-    gradient is returned in its input's dtype. k_bias gets an exact zero (softmax ignores a per-row shift). With every
-    parameter frozen (``requires_grad=False``) only ds is computed; with some frozen, the others'
+    gradient is returned in its input's dtype. k_bias gets an exact zero (softmax ignores a per-row
+    shift). With every parameter frozen (``requires_grad=False``) only ds is computed; with some frozen, the others'
     gradients are computed as usual and the frozen ones' are dropped."""
     if grad is None:
         return (None,) * 10
@@ -1476,7 +1482,7 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean, f
     if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
         dq_in = dq_in.sum(0, keepdim=True)
     d_query, d_wk, d_kb, d_wv, d_bv, d_wo = fold_bwd(dq_in, d_wov, d_bias, *params, H, not ctx.empty)
-    return (ds, None, *_needed((d_query, d_wk, d_kb, d_wv, d_bv, d_wo, d_bias.to(ctx.dtypes[-1])), need[2:9]), None)
+    return (ds, None, *_needed((d_query, d_wk, d_kb, d_wv, d_bv, d_wo, d_bias.to(ctx.dtypes[1])), need[2:9]), None)
 
 
 def _pooled_batched_backward(ctx, grad):
@@ -1524,9 +1530,9 @@ def pooled_attention(
     Outside tracing the whole op is one ``autograd.Function`` (:func:`_pooled_lean_backward` gives
     every gradient in closed form: one autograd node where the same ops recorded one by one made
     about thirty), and the fold and its gradients are one Triton launch each
-    (:func:`_pma_fold_kernel`, :func:`_pma_fold_bwd_kernel`: 4 launches and 3 allocations where the
-    aten fold and its gradients took about 40 ops per call, host time at the model's sizes); traced
-    calls build it from the attention custom op and aten ops. Models wider
+    (:func:`_pma_fold_kernel`, :func:`_pma_fold_bwd_kernel`, where the aten fold and its gradients
+    took about 40 ops per call: host time at the model's sizes); traced calls build it from the
+    attention custom op and aten ops. Models wider
     than the kernel's widest head (``d > 128``) project K and V and run the kernel over
     ``d / num_heads``-wide heads. The folding drops the key bias (a per-query shift of the scores),
     except that an inf or a NaN in it still makes the output NaN, as in the reference

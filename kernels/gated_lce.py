@@ -347,7 +347,7 @@ def _config(n_in: int, n_out: int, d: int, backward: bool,
     return n_per, kx, ro, dp, warps
 
 
-#: Backward block plan, kept for measurement (``profiling/glce_sweep.py``): None (the rule of
+#: Backward block plan, kept for measurement (the bandwidth benchmark's ``fused-bigtile``): None (the rule of
 #: :func:`_config`: about ``4096 / DP`` token rows and at most 32 output rows a block, 8 warps at d >=
 #: 64), or ``(token rows, output rows, warps)`` a block aims at (warps None: the rule's). Why: at
 #: taobao's 32x batch the fused forward+backward reached 23-34% of the copy bandwidth on an H200
@@ -363,7 +363,8 @@ BWD_TILE: Optional[Tuple[int, int, Optional[int]]] = None
 ACC_PROGRAMS_PER_SM = 1
 
 
-def _bwd_tile() -> Optional[Tuple[int, int, Optional[int]]]:
+def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
+    """``(BWD_TILE, ACC_PROGRAMS_PER_SM)``, checked (ValueError naming the bad one)."""
     if BWD_TILE is not None:
         ok = (isinstance(BWD_TILE, tuple) and len(BWD_TILE) == 3 and all(isinstance(v, int) and v >= 1
                                                                             for v in BWD_TILE[:2])
@@ -373,7 +374,7 @@ def _bwd_tile() -> Optional[Tuple[int, int, Optional[int]]]:
                              f"8, 16), got {BWD_TILE!r}")
     if not (isinstance(ACC_PROGRAMS_PER_SM, int) and ACC_PROGRAMS_PER_SM >= 1):
         raise ValueError(f"ACC_PROGRAMS_PER_SM must be a positive int, got {ACC_PROGRAMS_PER_SM!r}")
-    return BWD_TILE
+    return BWD_TILE, ACC_PROGRAMS_PER_SM
 
 
 #: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
@@ -419,14 +420,15 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     n_out = weight.shape[1]
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
-    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True, _bwd_tile())
+    tile, acc_per_sm = _bwd_settings()
+    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True, tile)
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
         if not params:
             return dx, None, None, None, None
         return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
-    acc_programs = ACC_PROGRAMS_PER_SM * num_sms(x.device)
+    acc_programs = acc_per_sm * num_sms(x.device)
     mode = _gw_mode(B, n_out, d, x.element_size(), acc_programs)
     store = mode == "store"
     # "store": about one block per program (4 per SM; fewer partial rows to reduce than one program

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from interformer import reference as R
+from interformer.kernel_audit import record_launches
 from interformer.layers import GatedLCE
 from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, rel_err
@@ -139,29 +140,17 @@ def test_backward_tile_settings_keep_the_results(tile, per_sm, monkeypatch):
     plan = K._config(n_in, n_out, d, True, tile)
     assert plan[0] == max(1, min(tile[0] // n_in, tile[1] // n_out)) and plan != K._config(n_in, n_out, d, True)
     assert plan[4] == (tile[2] or K._config(n_in, n_out, d, True)[4])
-    seen = []
-    real_launch = K.launch
-
-    def spy(kernel):
-        launcher = real_launch(kernel)
-
-        class Grid:
-            def __getitem__(self, grid):
-                def call(*args, **kwargs):
-                    seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), grid, kwargs))
-                    return launcher[grid](*args, **kwargs)
-                return call
-        return Grid()
-
-    monkeypatch.setattr(K, "launch", spy)
+    x, *params = (m.to(DEVICE, torch.float32) for m in masters)
+    n_blocks = -(-B // plan[0])
     for mode in ("acc", "store"):
         monkeypatch.setattr(K, "GW_MODE", mode)
-        seen.clear()
         compare(run(K.gated_lce, masters, torch.float32, "contiguous", grad), eager, ref64, torch.float32)
-        (_, grid, kw), = [c for c in seen if "bwd" in c[0]]
-        assert (kw["KX"], kw["RO"], kw["num_warps"]) == (plan[1], plan[2], plan[4])
-        n_blocks = -(-B // plan[0])
-        assert grid == (min(n_blocks, (4 if mode == "store" else per_sm) * K.num_sms(torch.device(DEVICE))),)
+        with record_launches() as cases:  # the same backward, launches recorded and skipped
+            K._gated_lce_bwd_impl(grad.to(DEVICE, torch.float32), x, *params)
+        (case,) = [c for c in cases if c["kernel"] == "_glce_bwd_kernel"]
+        assert (case["consts"]["KX"], case["consts"]["RO"], case["num_warps"]) == (plan[1], plan[2], plan[4])
+        expected = min(n_blocks, (4 if mode == "store" else per_sm) * K.num_sms(torch.device(DEVICE)))
+        assert case["programs"] == expected, (mode, case["programs"])
 
 
 @pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
