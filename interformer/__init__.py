@@ -22,6 +22,7 @@ from .config import InterFormerConfig
 from .layers import (
     CrossNet,
     DotInteraction,
+    FeedForward,
     GatedLCE,
     LowRankCrossNet,
     PersonalizedFFN,
@@ -88,6 +89,7 @@ __all__ = [
     "DHENLayer",
     "DenseTokenizer",
     "DotInteraction",
+    "FeedForward",
     "FusedModule",
     "GatedLCE",
     "InteractionArch",

@@ -23,8 +23,11 @@ call. Where Inductor's own code for the reference math is as fast, the reference
 choice inside a compiled model. :func:`set_compile_reference_ops` names the ops that, while
 ``torch.compile`` (or ``torch.export``) traces a fused-capable module, take the eager reference
 whatever the module's backend; outside tracing nothing changes. The default is
-:data:`DEFAULT_COMPILE_REFERENCE`, ``{"add_layer_norm", "cross_net", "grouped_embedding",
-"low_rank_cross_net"}``. Decision, from device time measured op by op on an H200 (bf16,
+:data:`DEFAULT_COMPILE_REFERENCE`, ``{"add_layer_norm", "cross_net", "feed_forward",
+"grouped_embedding", "low_rank_cross_net"}``. ``feed_forward`` (the fused ``Linear -> SiLU ->
+Linear`` block) is in it unmeasured: before the op existed a compiled model handed those layers to
+Inductor (cuBLAS GEMMs, SiLU fused into a neighbour), and it keeps doing so until a GPU shows the
+kernel faster inside a compiled graph. Decision, from device time measured op by op on an H200 (bf16,
 ``taobao``, forward+backward replayed from CUDA graphs, one process;
 ``bench/results/nvidia-h200-2026-11-27b.md``): Inductor's code for the reference took 0.99x the
 fused time for the full-rank cross net and 0.88x for the low-rank one, and 1.4-4.5x longer for
@@ -82,11 +85,12 @@ ENV_VAR = "INTERFORMER_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: every op a fused-capable module resolves (the second item of its ``kernel_ops`` pairs)
-FUSED_OPS = ("gated_lce", "pffn_mlp", "pffn_linear", "cross_net", "low_rank_cross_net", "dot_interaction",
+FUSED_OPS = ("gated_lce", "pffn_mlp", "pffn_linear", "cross_net", "low_rank_cross_net", "dot_interaction", "feed_forward",
              "attention", "pooled_attention", "add_layer_norm", "grouped_embedding")
 COMPILE_ENV_VAR = "INTERFORMER_COMPILE_REFERENCE"
 #: the ops a compiled model leaves to Inductor unless told otherwise (see the module docstring)
-DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm", "cross_net", "grouped_embedding", "low_rank_cross_net"})
+DEFAULT_COMPILE_REFERENCE = frozenset({"add_layer_norm", "cross_net", "feed_forward", "grouped_embedding",
+                                       "low_rank_cross_net"})
 
 
 def _compile_reference_set(ops, source: str) -> frozenset:

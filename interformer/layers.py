@@ -27,6 +27,7 @@ __all__ = [
     "RotaryMultiHeadAttention",
     "PoolingMultiHeadAttention",
     "ResidualLayerNorm",
+    "FeedForward",
 ]
 
 
@@ -366,3 +367,40 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
 
     def extra_repr(self) -> str:
         return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"
+
+
+class FeedForward(FusedModule, nn.Sequential):
+    """``Linear(d_in, hidden) -> SiLU [-> Dropout] -> Linear(hidden, d_out)``, fused-capable.
+
+    An ``nn.Sequential`` of exactly those layers (same children, parameter names, initialisation
+    and ``state_dict`` as the plain ``nn.Sequential`` it replaces: ``0.weight``, ``0.bias`` and
+    ``2.*``, or ``3.*`` with the dropout), whose forward on the ``triton`` backend runs the whole
+    block as one fused op (:func:`interformer.kernels.feed_forward.feed_forward`: the hidden
+    activation never goes to memory). The model uses it for the Interaction Arch's FFN and the
+    sequence tokenizer's mask MLP.
+
+    Decision: while the dropout can drop (training with ``p > 0``) the block runs its layers one
+    by one on either backend; the kernel has no dropout. With the dropout off (``p = 0``, the
+    default, or ``eval()``) both backends compute ``silu(x W1^T + b1) W2^T + b2``
+    (:func:`interformer.reference.feed_forward`).
+    """
+
+    kernel_ops = (("feed_forward", "feed_forward"),)
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, dropout: Optional[float] = None,
+                 backend: Optional[str] = None) -> None:
+        layers = [nn.Linear(d_in, hidden), nn.SiLU()]
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(hidden, d_out))
+        super().__init__(backend, *layers)  # FusedModule, then nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self[2] if len(self) == 4 else None
+        if drop is not None and drop.training and drop.p > 0:
+            return nn.Sequential.forward(self, x)
+        first, last = self[0], self[-1]
+        return self._op("feed_forward", "feed_forward")(x, first.weight, first.bias, last.weight, last.bias)
+
+    def extra_repr(self) -> str:
+        return FusedModule.extra_repr(self)

@@ -12,6 +12,7 @@ from .config import InterFormerConfig
 from .layers import (
     CrossNet,
     DotInteraction,
+    FeedForward,
     GatedLCE,
     LowRankCrossNet,
     PersonalizedFFN,
@@ -126,9 +127,7 @@ class InteractionArch(nn.Module):
         c = config
         self.n = c.n_tokens
         self.layers = nn.ModuleList(DHENLayer(c) for _ in range(c.dhen_layers))
-        self.ffn = nn.Sequential(
-            nn.Linear(c.d_model, 4 * c.d_model), nn.SiLU(), nn.Dropout(c.dropout), nn.Linear(4 * c.d_model, c.d_model)
-        )
+        self.ffn = FeedForward(c.d_model, 4 * c.d_model, c.d_model, dropout=c.dropout, backend=c.backend)
         self.norm = ResidualLayerNorm(c.d_model, eps=c.ln_eps, backend=c.backend)
 
     @ranged("InteractionArch")

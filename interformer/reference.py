@@ -25,6 +25,7 @@ __all__ = [
     "cross_net",
     "low_rank_cross_net",
     "dot_interaction",
+    "feed_forward",
     "rotary",
     "attention",
     "pooled_attention",
@@ -133,6 +134,16 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
     p = torch.bmm(z, z.transpose(1, 2))
     iu = torch.triu_indices(n, n, 1, device=z.device)
     return p[:, iu[0], iu[1]]
+
+
+# ----------------------------------------------------------------------------- feed-forward block
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ w1^T + b1) @ w2^T + b2``: ``nn.Linear -> SiLU -> nn.Linear`` (the Interaction Arch's
+    FFN with its dropout off; the sequence tokenizer's mask MLP).
+
+    x ``[..., K]``, w1 ``[H, K]``, b1 ``[H]``, w2 ``[N, H]``, b2 ``[N]`` -> ``[..., N]``.
+    """
+    return F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
 
 
 # ----------------------------------------------------------------------------- attention

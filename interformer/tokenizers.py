@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .backend import FusedModule
+from .layers import FeedForward
 from .reference import row_mask
 
 
@@ -94,7 +95,7 @@ class SequenceMaskNet(FusedModule):
             nn.init.normal_(t.weight, std=d_model**-0.5)
             with torch.no_grad():
                 t.weight[0].zero_()
-        self.mask_mlp = nn.Sequential(nn.Linear(k * d_model, k * d_model), nn.SiLU(), nn.Linear(k * d_model, k * d_model))
+        self.mask_mlp = FeedForward(k * d_model, k * d_model, k * d_model, backend=backend)
         self.proj = nn.Linear(k * d_model, d_model)
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

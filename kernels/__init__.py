@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import List
 
 #: the op modules, each registering its ``interformer::`` custom ops when imported
-OP_MODULES = ("attention", "crossnet", "dot_interaction", "gated_lce", "layernorm", "pffn")
+OP_MODULES = ("attention", "crossnet", "dot_interaction", "feed_forward", "gated_lce", "layernorm", "pffn")
 
 
 def kernel_modules() -> List[ModuleType]:
