@@ -48,23 +48,24 @@ compiled graph; dynamo guards on it, and a change recompiles on the next call. C
 function of :mod:`interformer.kernels` directly is not affected.
 
 The ops a compiled model keeps are opaque custom ops by default. :func:`set_compile_inline`
-(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, also true/false, yes/no,
-on/off; read once at import) makes them transparent instead, for the ops whose launchers allow it
-(attention, PFFN, the gated LCE, DOT, add + LayerNorm): while AOTAutograd traces, each such op is
-replaced by what its launcher does, its allocations as aten ops and its Triton launches as
-``torch.library.wrap_triton`` calls, so Inductor launches the same kernels from its own generated
-code (no custom-op dispatch and none of this package's launcher code per call) and plans their
-buffers with the rest of the graph. The kernels and their arguments are the launchers' own: under
-``aot_eager`` the results are bitwise those of the custom ops (tested on the CPU); under Inductor
-the aten ops around the launches become Inductor's code and may round differently (a reduction,
-a cast), within the usual tolerance. Only graphs traced with static sizes are inlined (the
-launchers pick block sizes from the sizes): after the recompile that makes a compiled model's
+(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, also true/false, yes/no, on/off;
+read once at import) makes them transparent instead, for the ops whose launchers allow it
+(attention, PFFN, the gated LCE, DOT, add + LayerNorm, the feed-forward block): while AOTAutograd
+traces, each such op is replaced by what its launcher does, its allocations as aten ops and its
+Triton launches as ``torch.library.wrap_triton`` calls, so Inductor launches the same kernels from
+its own generated code (no custom-op dispatch and none of this package's launcher code per call) and
+plans their buffers with the rest of the graph. The kernels and their arguments are the launchers'
+own: under ``aot_eager`` the results are bitwise those of the custom ops (tested on the CPU); under
+Inductor the aten ops around the launches become Inductor's code and may round differently (a
+reduction, a cast), within the usual tolerance. Only graphs traced with static sizes are inlined
+(the launchers pick block sizes from the sizes): after the recompile that makes a compiled model's
 sizes dynamic (a second batch size), its graph keeps the custom ops, so compile with
 ``dynamic=False`` where inlining matters. This is what ``torch.library.triton_op`` does, kept
-switchable here (``kernels/_dispatch.py``, :func:`~interformer.kernels._dispatch.inline_when_compiled`).
-Off by default: it is not yet measured on a GPU (benchmark provider ``fused-compile-inline``). Like
-the reference set, dynamo guards on it (a change recompiles on the next call), and it is part of
-the compile caches' key. ``torch.export`` always keeps the custom ops.
+switchable here (``kernels/_dispatch.py``,
+:func:`~interformer.kernels._dispatch.inline_when_compiled`). Off by default: it is not yet measured
+on a GPU (benchmark provider ``fused-compile-inline``). Like the reference set, dynamo guards on it
+(a change recompiles on the next call), and it is part of the compile caches' key. ``torch.export``
+always keeps the custom ops.
 """
 
 from __future__ import annotations

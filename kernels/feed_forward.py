@@ -54,10 +54,11 @@ by the shape, no autotune; ``_config``): ``BM = 64`` rows, ``BH = 32`` hidden un
 (``rows x K`` may pass 2**31); x and dy are read through their strides as ``[R1, R2, F]``
 (the Interaction Arch's input is a slice of the token tensor: no copy).
 
-Dtypes: fp32, fp16, bf16. Under ``torch.autocast`` on x's device type x is cast to the autocast
-dtype first (as eager's ``F.linear`` would) and the parameters may keep their own float dtype: the
-kernels round them to the compute dtype in registers, as autocast's casts would, and return their
-gradients in their own dtype. Outside autocast all five tensors share one dtype. Dots take the
+Dtypes: fp32, fp16, bf16. Under ``torch.autocast`` on x's device type the compute dtype is the
+autocast dtype and x and the parameters may keep their own float dtypes: the kernels round each
+tile to the compute dtype in registers as they load it, as eager's casts would (in the model x is
+the fp32 token stream, so this also saves the copy eager's cast makes, and its backward), and
+return every gradient in its input's own dtype; the output is in the compute dtype. Outside autocast all five tensors share one dtype. Dots take the
 compute dtype with fp32 accumulation (``tf32x3`` for fp32 on a GPU). Rounding differs from eager in
 one place: eager rounds ``h`` to the compute dtype before SiLU and SiLU's output again; here ``h``
 and ``silu(h)`` stay fp32 and ``a`` is rounded once, for the second dot.
@@ -70,7 +71,7 @@ through a plain ``autograd.Function`` (``_FeedForward``), as every op here does
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -132,12 +133,12 @@ def _ffn_fwd_kernel(
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h, stride_b2,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
-    DT: tl.constexpr = X.dtype.element_ty
+    DT: tl.constexpr = OUT.dtype.element_ty  # the compute dtype (autocast's, or x's)
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
     nn = tl.arange(0, NP)
-    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K)
+    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
     acc = tl.zeros([BM, NP], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
@@ -158,13 +159,13 @@ def _ffn_bwd_dx_kernel(
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
-    DT: tl.constexpr = X.dtype.element_ty
+    DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
     nn = tl.arange(0, NP)
-    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K)
-    dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N).to(DT)
+    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
+    dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N)
     dx = tl.zeros([BM, KP], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
@@ -182,7 +183,7 @@ def _ffn_bwd_w_kernel(
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h, stride_part,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
 ):
-    DT: tl.constexpr = X.dtype.element_ty
+    DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
     g = tl.program_id(0)
     c = tl.program_id(1)
     kk = tl.arange(0, KP)
@@ -199,8 +200,8 @@ def _ffn_bwd_w_kernel(
     for blk in range(g, ROW_BLOCKS, tl.num_programs(0)):
         r = tl.cast(blk, tl.int64) * BM + tl.arange(0, BM)  # (under the interpreter blk is a Python int)
         r_ok = r < R
-        x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K)
-        dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N).to(DT)
+        x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
+        dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N)
         _, h = _hidden_chunk(x, W1, B1, hh, kk, H, K, stride_w1h, stride_w1k, stride_b1, DT, PREC)
         dh = _dsilu(h, tl.dot(dy, w2, input_precision=PREC))  # rows past R: dy = 0, so dh = 0
         a = h * tl.sigmoid(h)  # rows past R: silu(b1) != 0, but their dy rows are 0
@@ -239,9 +240,11 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
 
 
 @on_input_device
-def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The output ``[..., N]`` in ``dtype`` (the compute dtype; None: x's)."""
     K, H, N = x.shape[-1], w1.shape[0], w2.shape[0]
-    out = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    out = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype if dtype is None else dtype)
     x, R, R2, s1, s2, sk = _rows(x)
     if R == 0 or N == 0:
         return out
@@ -249,7 +252,7 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     launch(_ffn_fwd_kernel)[(cdiv(R, bm),)](
         out, x, w1, b1, w2, b2, R, R2, K, H, N, s1, s2, sk,
         *w1.stride(), b1.stride(0), *w2.stride(), b2.stride(0),
-        BM=bm, KP=kp, NP=np_, BH=bh, PREC=dot_precision(x.dtype), num_warps=warps,
+        BM=bm, KP=kp, NP=np_, BH=bh, PREC=dot_precision(out.dtype), num_warps=warps,
     )
     return out
 
@@ -257,8 +260,9 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
 @on_input_device
 def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
               b2: torch.Tensor, params: bool = True):
-    """``(dx, dw1, db1, dw2, db2)``; with ``params=False`` (no parameter needs a gradient: frozen)
-    only dx, the rest None, and neither the weight kernel nor the reduction runs."""
+    """``(dx, dw1, db1, dw2, db2)``, each in its input's dtype; the dots run in ``grad``'s dtype (the
+    forward's compute dtype). With ``params=False`` (no parameter needs a gradient: frozen) only dx,
+    the rest None, and neither the weight kernel nor the reduction runs."""
     K, H, N = x.shape[-1], w1.shape[0], w2.shape[0]
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     x, R, R2, s1, s2, sk = _rows(x)
@@ -267,7 +271,7 @@ def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
     if R == 0 or N == 0:  # no row, or no output: every gradient is zero
         return (dx.zero_(), *(g.zero_() for g in grads)) if params else (dx.zero_(), None, None, None, None)
     kp, np_, bm, bh, bhw, warps = _config(K, N)
-    prec = dot_precision(x.dtype)
+    prec = dot_precision(grad.dtype)
     launch(_ffn_bwd_dx_kernel)[(cdiv(R, bm),)](
         dx, grad, x, w1, b1, w2, R, R2, K, H, N, s1, s2, sk, g1, g2, gn,
         *w1.stride(), b1.stride(0), *w2.stride(),
@@ -291,14 +295,14 @@ def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
 # ============================================================================ torch.library
 @torch.library.custom_op("interformer::feed_forward_fwd", mutates_args=())
 def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                     b2: torch.Tensor) -> torch.Tensor:
-    """Forward: ``[..., N]`` in x's dtype."""
-    return _fwd_impl(x, w1, b1, w2, b2)
+                     b2: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Forward: ``[..., N]`` in ``dtype``, the compute dtype (None: x's)."""
+    return _fwd_impl(x, w1, b1, w2, b2, dtype)
 
 
 @feed_forward_fwd.register_fake
-def _feed_forward_fwd_fake(x, w1, b1, w2, b2):
-    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+def _feed_forward_fwd_fake(x, w1, b1, w2, b2, dtype=None):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype if dtype is None else dtype)
 
 
 @torch.library.custom_op("interformer::feed_forward_bwd", mutates_args=())
@@ -315,15 +319,15 @@ def _feed_forward_bwd_fake(grad_out, x, w1, b1, w2, b2):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])  # x, w1, b1, w2, b2 (not the dtype)
 
 
 def _backward_with(bwd):
     """The autograd formula, calling ``bwd`` (the custom op when traced, the launcher in eager)."""
     def backward(ctx, grad_out):
         if grad_out is None:
-            return None, None, None, None, None
-        return tuple(bwd(grad_out, *ctx.saved_tensors))
+            return None, None, None, None, None, None
+        return (*bwd(grad_out, *ctx.saved_tensors), None)
     return backward
 
 
@@ -331,9 +335,9 @@ def _lean_backward(ctx, grad_out):
     """The eager path's formula: without the weight kernel when no parameter needs a gradient
     (frozen), and with None for every gradient not needed."""
     if grad_out is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     need = ctx.needs_input_grad
-    return needed(_bwd_impl(grad_out, *ctx.saved_tensors, params=any(need[1:])), need)
+    return (*needed(_bwd_impl(grad_out, *ctx.saved_tensors, params=any(need[1:5])), need), None)
 
 
 feed_forward_fwd.register_autograd(_backward_with(torch.ops.interformer.feed_forward_bwd),
@@ -392,8 +396,12 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
         return torch.ops.interformer.feed_forward_fwd(x, w1, b1, w2, b2)
     _check(x, w1, b1, w2, b2)
     dev = x.device.type
+    dtype = x.dtype
     if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
+        # x is read as it is (an fp32 token stream under bf16 autocast, say): the kernels round each
+        # tile to the compute dtype as they load it, which is what eager's cast of x does, without
+        # the cast's copy and its backward's (dx comes back in x's dtype from the kernel)
+        dtype = torch.get_autocast_dtype(dev)
     elif any(t.dtype != x.dtype for t in (w1, b1, w2, b2)):
         raise ValueError(f"feed_forward: x, w1, b1, w2 and b2 must share one dtype outside autocast, got "
                          f"{x.dtype}, {w1.dtype}, {b1.dtype}, {w2.dtype}, {b2.dtype}")
@@ -404,7 +412,7 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
         return reference.feed_forward(x, w1, b1, w2, b2)
     tensors = (x, w1, b1, w2, b2)
     if tracing(tensors):
-        return torch.ops.interformer.feed_forward_fwd(*tensors)
+        return torch.ops.interformer.feed_forward_fwd(*tensors, dtype)
     if needs_grad(tensors):
-        return _FeedForward.apply(*tensors)
-    return _fwd_impl(*tensors)
+        return _FeedForward.apply(*tensors, dtype)
+    return _fwd_impl(*tensors, dtype)

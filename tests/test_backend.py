@@ -199,7 +199,7 @@ def test_compile_reference_setting_parses_and_rejects(compile_reference):
     from interformer.backend import DEFAULT_COMPILE_REFERENCE, FUSED_OPS
 
     assert interformer.compile_reference_ops() == DEFAULT_COMPILE_REFERENCE == {
-        "add_layer_norm", "cross_net", "grouped_embedding", "low_rank_cross_net"}
+        "add_layer_norm", "cross_net", "feed_forward", "grouped_embedding", "low_rank_cross_net"}
     assert compile_reference("none") == DEFAULT_COMPILE_REFERENCE  # returns the previous setting
     assert interformer.compile_reference_ops() == frozenset()
     compile_reference("ALL")
@@ -295,10 +295,10 @@ def test_all_ops_as_reference_leaves_no_custom_op_in_the_fused_model(compile_ref
     assert graphs == [[]]
 
 
-def test_the_default_leaves_the_cross_nets_and_layernorm_of_a_whole_model_to_the_compiler(compile_reference):
-    """In a whole fused model compiled under the default set, the cross net and the residual
-    LayerNorms are the compiler's (no custom op of theirs in the graph) and every other fused op is a
-    custom op; under ``"none"`` the graph gains exactly those two ops."""
+def test_the_default_leaves_the_cross_nets_layernorm_and_ffn_of_a_whole_model_to_the_compiler(compile_reference):
+    """In a whole fused model compiled under the default set, the cross net, the residual
+    LayerNorms and the feed-forward blocks are the compiler's (no custom op of theirs in the graph)
+    and every other fused op is a custom op; under ``"none"`` the graph gains exactly those ops."""
     from test_model import random_batch, tiny_config
 
     cfg = tiny_config(backend="triton")
@@ -313,7 +313,7 @@ def test_the_default_leaves_the_cross_nets_and_layernorm_of_a_whole_model_to_the
     compiled(*batch)
     assert len(graphs) == 2, graphs
     default, none = set(graphs[0]), set(graphs[1])
-    assert none - default == {cross_op, "add_layer_norm_fwd"}, (default, none)
+    assert none - default == {cross_op, "add_layer_norm_fwd", "feed_forward_fwd"}, (default, none)
     assert default and default < none
 
 
