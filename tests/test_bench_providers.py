@@ -32,6 +32,8 @@ OPS = {
     "test_bench_crossnet": ("test_crossnet", [dict(rank="full"), dict(rank="low")], None, "crossnet", None),
     "test_bench_layernorm": ("test_layernorm", [dict(use="dhen")], "add_layer_norm", "layernorm", "add_layer_norm"),
     "test_bench_attention": ("test_self_attention", [{}], "attention", "attention", "attention"),
+    "test_bench_feed_forward": ("test_feed_forward", [dict(use="ffn"), dict(use="mask")], "feed_forward", "feed_forward",
+                                "feed_forward"),
 }
 # providers whose implementation is neither the reference nor ours (a user's pipeline)
 FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
@@ -242,7 +244,8 @@ def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
     assert not {"compile_reference", "compile_inline"} & (set(rows["fused"]) | set(rows["compile"]))
     assert [rows[p]["compile_inline"] for p in ("fused-compile", "fused-compile-attention", "fused-compile-inline")] \
         == [interformer.compile_inline(), interformer.compile_inline(), True]
-    assert rows["fused-compile"]["compile_reference"] == "add_layer_norm,cross_net,grouped_embedding,low_rank_cross_net"
+    assert rows["fused-compile"]["compile_reference"] == \
+        "add_layer_norm,cross_net,feed_forward,grouped_embedding,low_rank_cross_net"
     kept = {"attention", "pooled_attention"}
     assert rows["fused-compile-attention"]["compile_reference"] == ",".join(sorted(set(backend_mod.FUSED_OPS) - kept))
 
@@ -403,7 +406,8 @@ def _hand_counts(S, elt: int, valid_lengths) -> dict:
     """(bytes, FLOPs) of every op benchmark by (op, mode), derived from DESIGN §3/§4 and each op's
     signature, independently of bench/: each tensor the op (forward, backward) takes or gives read
     or written once, in the benchmark's element size ``elt`` (LayerNorm: fp32 stream, fp32 output
-    and parameters under autocast); FLOPs of the matmuls, the backward twice the forward (input and
+    and parameters under autocast; the feed-forward block: fp32 input and parameters, output in
+    ``elt`` under autocast); FLOPs of the matmuls, the backward twice the forward (input and
     weight gradients; a kernel's recomputation is its choice, not counted); ``full`` the sum. Not
     counted anywhere: the int64 lengths (8 bytes a sample)."""
     B, d = S.B, S.d
@@ -436,6 +440,13 @@ def _hand_counts(S, elt: int, valid_lengths) -> dict:
     for use, rows, x_elt, r_elt in (("dhen", B * Nz, 4, elt), ("interaction", B * S.n, 4, elt), ("seq", B * L, elt, 0)):
         put(f"layernorm_{use}", rows * d * (x_elt + r_elt + 4) + 2 * d * 4,
             rows * d * (4 + 2 * (x_elt + r_elt)) + 3 * d * 4)
+    kd = S.k * d
+    for use, rows, k_in, hidden, n_out in (("ffn", B * S.n, d, 4 * d, d), ("mask", B * S.T, kd, kd, kd)):
+        params = 4 * (hidden * k_in + hidden + n_out * hidden + n_out)  # w1, b1, w2, b2 in fp32
+        # fwd: x (fp32), parameters in; out. bwd: x, dout, parameters in; dx (fp32), their gradients out
+        put(f"feed_forward_{use}", rows * k_in * 4 + params + rows * n_out * elt,
+            rows * k_in * 4 + rows * n_out * elt + params + rows * k_in * 4 + params,
+            2 * rows * k_in * hidden + 2 * rows * hidden * n_out)
     return out
 
 
@@ -445,9 +456,10 @@ def _valid_lengths(common, shape):
 
 def _bench_counts(mods, common, S, elt: int) -> dict:
     """(bytes, FLOPs) by (op, mode) from the benchmark modules' own count functions."""
-    attn, pffn, lce, dcn, dot, ln = (mods[m] for m in ("test_bench_attention", "test_bench_pffn", "test_bench_gated_lce",
-                                                       "test_bench_crossnet", "test_bench_dot_interaction",
-                                                       "test_bench_layernorm"))
+    attn, pffn, lce, dcn, dot, ln, ff = (mods[m] for m in ("test_bench_attention", "test_bench_pffn",
+                                                           "test_bench_gated_lce", "test_bench_crossnet",
+                                                           "test_bench_dot_interaction", "test_bench_layernorm",
+                                                           "test_bench_feed_forward"))
     lengths = torch.tensor(_valid_lengths(common, S))
     out = {}
     for mode in common.MODES:
@@ -466,6 +478,10 @@ def _bench_counts(mods, common, S, elt: int) -> dict:
         out[("pma", mode)] = (attn.pma_bytes(S.B, S.T, S.d, S.n_pma, elt, mode), 0.0)
         for use, x_elt, r_elt in (("dhen", 4, elt), ("interaction", 4, elt), ("seq", elt, 0)):
             out[(f"layernorm_{use}", mode)] = (ln.ln_bytes(ln.rows_for(S, use), S.d, x_elt, r_elt, mode, 4), 0.0)
+        for use in ("ffn", "mask"):
+            rows, k_in, hidden, n_out = ff.sizes(S, use)
+            out[(f"feed_forward_{use}", mode)] = (ff.ffn_bytes(rows, k_in, hidden, n_out, elt, mode),
+                                                  ff.ffn_flops(rows, k_in, hidden, n_out, mode))
     return out
 
 
@@ -479,7 +495,7 @@ def test_floor_counts_match_the_hand_derivation_at_taobao(bench):
     common, _ = bench
     mods = {m: importlib.import_module(m) for m in ("test_bench_attention", "test_bench_pffn", "test_bench_gated_lce",
                                                     "test_bench_crossnet", "test_bench_dot_interaction",
-                                                    "test_bench_layernorm")}
+                                                    "test_bench_layernorm", "test_bench_feed_forward")}
     S = common.ALL_SHAPES["taobao"]
     hand = _hand_counts(S, 2, _valid_lengths(common, S))
     got = _bench_counts(mods, common, S, 2)
@@ -508,6 +524,8 @@ _COUNTED_BENCHMARKS = [  # (module, test function, extra arguments, op name of t
     ("test_bench_attention", "test_pma", {}, "pma"),
     ("test_bench_layernorm", "test_layernorm", dict(use="dhen"), "layernorm_dhen"),
     ("test_bench_layernorm", "test_layernorm", dict(use="seq"), "layernorm_seq"),
+    ("test_bench_feed_forward", "test_feed_forward", dict(use="ffn"), "feed_forward_ffn"),
+    ("test_bench_feed_forward", "test_feed_forward", dict(use="mask"), "feed_forward_mask"),
 ]
 
 
