@@ -395,6 +395,7 @@ class FeedForward(FusedModule, nn.Sequential):
         layers.append(nn.Linear(hidden, d_out))
         super().__init__(backend, *layers)  # FusedModule, then nn.Sequential(*layers)
 
+    @ranged("FeedForward")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         drop = self[2] if len(self) == 4 else None
         if drop is not None and drop.training and drop.p > 0:

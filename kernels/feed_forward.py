@@ -49,10 +49,13 @@ gradient) the weight kernel and the reduction are skipped.
 Sizes: ``K`` and ``N`` up to :data:`MAX_FEATURES` (256; padded to ``KP``/``NP``, the next power of
 two >= 16, held whole in registers), any ``H`` (looped). A larger ``K`` or ``N`` goes to the eager
 reference (the module's layers are ``d`` or ``k d`` wide: 64-256 at the DESIGN shapes). Tiles (fixed
-by the shape, no autotune; ``_config``): ``BM = 64`` rows, ``BH = 32`` hidden units, 4 warps; when
-``KP`` or ``NP`` exceeds 128, ``BM = 32``, ``BH = 16`` and 8 warps. Row offsets are int64
-(``rows x K`` may pass 2**31); x and dy are read through their strides as ``[R1, R2, F]``
-(the Interaction Arch's input is a slice of the token tensor: no copy).
+by the shape, no autotune; ``_config``), by the wider of ``KP`` and ``NP``: up to 64, ``BM = 64``
+rows, ``BH = 32`` hidden units, 4 warps; 128, ``BM = 128``, ``BH = 32``, 8 warps; 256, ``BM = 32``,
+``BH = 16``, 8 warps. Built ahead of time for sm_90 with Triton 3.6 (bf16, the DESIGN sites) none
+spills: 96-180 registers at ``KP = NP = 64``, 130-212 at 128, 124-142 at 256 (the same tiles as at
+64 with 4 warps spilled 8 stores in the weight kernel at 128; ``BM = 64`` spilled the dx kernel at
+256). Row offsets are int64 (``rows x K`` may pass 2**31); x and dy are read through their strides
+as ``[R1, R2, F]`` (the Interaction Arch's input is a slice of the token tensor: no copy).
 
 Dtypes: fp32, fp16, bf16. Under ``torch.autocast`` on x's device type the compute dtype is the
 autocast dtype and x and the parameters may keep their own float dtypes: the kernels round each
@@ -219,10 +222,14 @@ def _ffn_bwd_w_kernel(
 
 # ============================================================================ launchers
 def _config(K: int, N: int) -> Tuple[int, int, int, int, int, int]:
-    """``(KP, NP, BM, BH, BH of the weight kernel, num_warps)`` for K inputs and N outputs."""
+    """``(KP, NP, BM, BH, BH of the weight kernel, num_warps)`` for K inputs and N outputs (the three
+    tiers of the module docstring, each built for sm_90 without spills)."""
     kp, np_ = max(16, next_pow2(K)), max(16, next_pow2(N))
-    if max(kp, np_) > 128:
+    wide = max(kp, np_)
+    if wide > 128:
         return kp, np_, 32, 16, 16, 8
+    if wide > 64:
+        return kp, np_, 128, 32, 32, 8
     return kp, np_, 64, 32, 32, 4
 
 

@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
 #: the ranges the model marks (``interformer.profiling.ranged``), each also as ``<name>.backward``
 MODEL_RANGES = ("CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE", "PersonalizedFFN",
                 "CrossNet", "LowRankCrossNet", "DotInteraction", "RotaryMultiHeadAttention",
-                "PoolingMultiHeadAttention", "ResidualLayerNorm")
+                "PoolingMultiHeadAttention", "ResidualLayerNorm", "FeedForward")
 #: every range of a step, in the table's order: the step's own (``backward``: the ``backward()`` call
 #: on the calling thread), the model's forward ranges, then their backward ranges (on the thread
 #: that runs the backward: autograd's device thread on a GPU)

@@ -663,7 +663,7 @@ def test_backward_ranges_sit_on_the_thread_that_runs_the_backward(train_step, mo
     assert not pushed, pushed
     expected = {"CrossArch.nonseq", "CrossArch.seq", "InteractionArch", "SequenceArch", "GatedLCE",
                 "PersonalizedFFN", "DotInteraction", "RotaryMultiHeadAttention", "PoolingMultiHeadAttention",
-                "ResidualLayerNorm"}
+                "ResidualLayerNorm", "FeedForward"}
     assert expected <= set(forward) and not any(n.endswith(".backward") for n in forward), forward
     assert {f"{n}.backward" for n in expected} <= set(backward), backward
     assert sorted(backward) == sorted(f"{n}.backward" for n in forward), (forward, backward)
