@@ -62,6 +62,7 @@ MODULES = {
     "rotary_attention": (lambda be: Ly.RotaryMultiHeadAttention(D, 2, backend=be), [(B, L, D), "lengths"]),
     "pooled_attention": (lambda be: Ly.PoolingMultiHeadAttention(2, D, 2, backend=be), [(B, L, D), "lengths"]),
     "add_layer_norm": (lambda be: Ly.ResidualLayerNorm(D, backend=be), [(B, 4, D), (B, 4, D)]),
+    "feed_forward": (lambda be: Ly.FeedForward(D, 12, D, backend=be), [(B, L, D)]),
     "grouped_embedding": (lambda be: SparseTokenizer((7, 5, 6), D, backend=be), ["ids"]),
 }
 NAMES = list(MODULES)
@@ -278,6 +279,7 @@ FROZEN_SKIPS = {
     "gated_lce": ("launches",), "pffn_mlp": ("launches",), "pffn_linear": ("launches",),
     "cross_net": ("launches", "matmuls"), "low_rank_cross_net": ("launches",),
     "low_rank_cross_net_phases": ("launches",), "add_layer_norm": ("launches",), "pooled_attention": ("matmuls",),
+    "feed_forward": ("launches",),
 }
 _MATMULS = {getattr(torch.ops.aten, n) for n in ("mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "addr", "addr_")}
 

@@ -138,6 +138,10 @@ CASES = {
                          lambda dt: [torch.randn(3, 6, 16, device=DEVICE, dtype=dt, requires_grad=True),
                                      _lengths(3, 6)],
                          ["attention_bwd", "attention_fwd"]),
+    # H = 40: two hidden chunks (fwd, dx and weight kernels loop over them), the second partial
+    "feed_forward": (lambda: interformer.FeedForward(24, 40, 24, backend="triton"),
+                     lambda dt: [torch.randn(3, 5, 24, device=DEVICE, dtype=dt, requires_grad=True)],
+                     ["feed_forward_bwd", "feed_forward_fwd"]),
 }
 
 
@@ -250,6 +254,9 @@ KERNEL_POINTERS = {
     ("dot_interaction", "_dot_bwd_kernel"): ({"DZ"}, {"G", "Z"}),
     ("layernorm", "_ln_fwd_kernel"): ({"Y", "MEAN", "RSTD"}, {"X", "R", "W", "Bias"}),
     ("layernorm", "_ln_bwd_kernel"): ({"DH", "PART"}, {"DY", "X", "R", "W", "MEAN", "RSTD"}),
+    ("feed_forward", "_ffn_fwd_kernel"): ({"OUT"}, {"X", "W1", "B1", "W2", "B2"}),
+    ("feed_forward", "_ffn_bwd_dx_kernel"): ({"DX"}, {"DY", "X", "W1", "B1", "W2"}),
+    ("feed_forward", "_ffn_bwd_w_kernel"): ({"PART"}, {"DY", "X", "W1", "B1", "W2"}),
     ("_common", "_sum_partials_kernel"): ({"OUT0", "OUT1", "OUT2", "OUT3"}, {"PART"}),
 }
 

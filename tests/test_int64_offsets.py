@@ -28,7 +28,8 @@ the full-rank cross net's wide-layer kernels take contiguous copies (below).
 The ``*_rows`` cases do the same with the rows (dim 1, tokens) of each sample ``2**30 + a little``
 elements apart (``far_rows``: a time-major buffer seen batch-major): the offsets inside one
 sample, which the kernels form in int32, would pass 2**31 at row 2; PFFN and DOT then copy the view
-(``int32_block`` with one sample), the gated LCE and LayerNorm already did.
+(``int32_block`` with one sample), the gated LCE and LayerNorm already did; the feed-forward block
+copies nothing (its kernels form every row's offset in int64).
 
 Where a launcher copies instead, a case checks that copy rather than the kernels' arithmetic:
 the cross nets take x0 and the gradient as contiguous rows, and the gated LCE, whose blocks of
@@ -51,11 +52,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 #: batch stride of the far-apart views, in elements: sample 2 starts past 2**31
 FAR = 2**30 + 64
 CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_linear", "attention_self", "attention_long", "attention_shared_query",
-         "add_layer_norm", "low_rank_cross_net", "cross_net"]
+         "add_layer_norm", "low_rank_cross_net", "cross_net", "feed_forward"]
 #: the same ops given views whose rows (dim 1: tokens) lie FAR apart, so that row 2 of every
 #: sample starts past 2**31 (a time-major buffer seen batch-major has such strides): the offsets
 #: inside one sample, which the kernels form in int32, would overflow; the launchers copy such views
-ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows"]
+ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows",
+             "feed_forward_rows"]
 
 
 def _far(dim: int, *tensors: torch.Tensor):
@@ -95,7 +97,7 @@ def far_rows(*tensors: torch.Tensor):
 def _inputs(case: str, device):
     """``(fn, far, near, grad_index)``: the op, its argument list with the batch tensors far apart,
     the same arguments contiguous, and which arguments get gradients."""
-    from interformer.kernels import attention, crossnet, dot_interaction, gated_lce, layernorm, pffn
+    from interformer.kernels import attention, crossnet, dot_interaction, feed_forward, gated_lce, layernorm, pffn
 
     g = torch.Generator().manual_seed(0)
     dt = torch.float16
@@ -118,6 +120,9 @@ def _inputs(case: str, device):
         elif case == "gated_lce_rows":
             fn, batch = gated_lce.gated_lce, [r(B, 3, 8)]
             rest, grads = [r(3, 3, scale=0.5), r(3), r(8, 8, scale=0.3), r(8)], [0, 1, 2, 3, 4]
+        elif case == "feed_forward_rows":  # no copy: the kernels take every row's offset in int64
+            fn, batch = feed_forward.feed_forward, [r(B, 3, 8)]
+            rest, grads = [r(40, 8, scale=0.3), r(40), r(8, 40, scale=0.2), r(8)], [0, 1, 2, 3, 4]
         else:
             fn = lambda x, res, w, b: layernorm.add_layer_norm(x, res, w, b, 1e-5)  # noqa: E731
             batch, rest, grads = [r(B, 3, 8), r(B, 3, 8)], [r(8), r(8)], [0, 1, 2, 3]
@@ -159,6 +164,9 @@ def _inputs(case: str, device):
     elif case == "cross_net":
         fn = lambda x0, *p: crossnet.cross_net(x0, p[0:2], p[2:4])  # noqa: E731
         batch, rest, grads = [r(B, 24)], [r(24, 24, scale=0.2), r(24, 24, scale=0.2), r(24, 1), r(24, 1)], list(range(5))
+    elif case == "feed_forward":  # x read through its strides as [R1, R2, K] (no copy); H = 40: two hidden chunks
+        fn, batch = feed_forward.feed_forward, [r(B, 5, 8)]
+        rest, grads = [r(40, 8, scale=0.3), r(40), r(8, 40, scale=0.2), r(8)], [0, 1, 2, 3, 4]
     else:
         raise ValueError(case)
     near = [t.clone() for t in batch] + rest

@@ -12,7 +12,8 @@ the way their docstrings (and issues #3-#5) say, which is where the speed comes 
   chain falls back to eager, and no zero tensor is materialised for an unused output's gradient;
 * the intermediates the issues say are never written are never allocated: the per-sample ``d x d``
   matrix of linear-mode PFFN, the ``N x N`` Gram matrix of the DOT interaction, the ``Lq x Lk``
-  scores of attention (or a mask), Y and the gate of the gated LCE, ``x_i`` of the low-rank cross net.
+  scores of attention (or a mask), Y and the gate of the gated LCE, ``x_i`` of the low-rank cross net,
+  the ``[rows, H]`` hidden activation of the feed-forward block (and, under autocast, no cast copy).
 
 How: Triton launches are counted and skipped (:func:`interformer.profiling.triton_launches`, so no
 kernel runs and the sizes can be larger than the interpreter could afford), and a ``TorchDispatchMode`` records
@@ -38,7 +39,7 @@ from poison import _EMPTY
 from utils import DEVICE
 
 attention = pytest.importorskip("interformer.kernels.attention")
-from interformer.kernels import crossnet, dot_interaction, gated_lce, layernorm, pffn  # noqa: E402
+from interformer.kernels import crossnet, dot_interaction, feed_forward, gated_lce, layernorm, pffn  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- recording
@@ -144,6 +145,9 @@ Z_N, Z_D = 40, 16
 # attention: L = 65 (fused backward), 129 (the general three-kernel backward); with L > 3 dh the
 # scores [B, H, L, L] outgrow the packed qkv [B, L, 3, H, dh]. PMA: 5 shared queries
 A_B, A_H, A_DH = 2, 2, 16
+# feed-forward block: x [B, F_T, F_K] (150 rows: three 64-row blocks), H = 72 (three hidden chunks,
+# the last partial), so that the [rows, H] hidden activation outgrows all inputs together
+F_T, F_K, F_H, F_N = 50, 24, 72, 24
 
 
 def _pffn_linear():
@@ -226,6 +230,22 @@ def _layernorm():
     return (lambda: layernorm.add_layer_norm(x, r, w, b, 1e-5)), [x, r, w, b]
 
 
+def _feed_forward(autocast=False):
+    def build():
+        x, w1, b1, w2, b2 = leaf(B, F_T, F_K), leaf(F_H, F_K), leaf(F_H), leaf(F_N, F_H), leaf(F_N)
+
+        def fn():
+            # fp16 autocast on DEVICE (the interpreter has no bf16): x and the parameters stay fp32
+            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+                return feed_forward.feed_forward(x, w1, b1, w2, b2)
+        return fn, [x, w1, b1, w2, b2]
+    return build
+
+
+def _hidden():
+    return (f"a [{B * F_T}, {F_H}] hidden activation", lambda m: numel(m) > 0 and numel(m) % (B * F_T * F_H) == 0)
+
+
 def _scores(Lq, Lk):
     return (f"an {Lq} x {Lk} score matrix or a boolean mask",
             lambda m: has_adjacent(m.shape, Lq, Lk) or m.dtype == torch.bool)
@@ -286,6 +306,13 @@ CASES = [
          {"_attn_bwd_preprocess_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
          never=_scores(129, 129), bwd_at_most=_kv_sized(129, 2)),
     Case("add_layer_norm", _layernorm, {"_ln_fwd_kernel": 1}, {"_ln_bwd_kernel": 1, SUM_PARTIALS: 1}),
+    # the hidden activation is recomputed in both backward kernels, never stored
+    Case("feed_forward", _feed_forward(), {"_ffn_fwd_kernel": 1},
+         {"_ffn_bwd_dx_kernel": 1, "_ffn_bwd_w_kernel": 1, SUM_PARTIALS: 1}, never=_hidden()),
+    # under autocast no aten cast (_to_copy) of x or of a parameter, forward or backward: each tile is
+    # rounded to fp16 as it is loaded, and every gradient comes back in its input's fp32
+    Case("feed_forward, fp16 autocast", _feed_forward(autocast=True), {"_ffn_fwd_kernel": 1},
+         {"_ffn_bwd_dx_kernel": 1, "_ffn_bwd_w_kernel": 1, SUM_PARTIALS: 1}, never=_hidden()),
 ]
 
 
@@ -325,7 +352,8 @@ def test_fused_op_launches_and_writes_what_its_docstring_says(case: Case, monkey
 
 def test_the_recorder_sees_what_it_must_reject():
     """The checks above can fail: the eager DOT interaction writes its Gram matrix and computes with
-    aten ops, the eager attention its scores and mask, the eager gated LCE Y and the gate."""
+    aten ops, the eager attention its scores and mask, the eager gated LCE Y and the gate, the eager
+    feed-forward block its hidden activation (and, under autocast, casts its input and parameters)."""
     from interformer import reference as R
 
     z = leaf(B, Z_N, Z_D)
@@ -338,6 +366,15 @@ def test_the_recorder_sees_what_it_must_reject():
     x, w, b, gw, gb = leaf(B, G_NIN, G_D), leaf(G_NIN, G_NOUT), leaf(G_NOUT), leaf(G_D, G_D), leaf(G_D)
     fwd, _, _ = run_phases(lambda: R.gated_lce(x, w, b, gw, gb), [x, w, b, gw, gb])
     assert sum(numel(m) >= B * G_NOUT * G_D for m in fwd.new()) > 1
+    x, w1, b1, w2, b2 = leaf(B, F_T, F_K), leaf(F_H, F_K), leaf(F_H), leaf(F_N, F_H), leaf(F_N)
+    _, bad = _hidden()
+    for autocast in (False, True):
+        def ffn():
+            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+                return R.feed_forward(x, w1, b1, w2, b2)
+        fwd, bwd, _ = run_phases(ffn, [x, w1, b1, w2, b2])
+        assert any(bad(m) for m in fwd.new()) and any(bad(m) for m in bwd.new())
+        assert ("_to_copy.default" in fwd.compute_ops()) == autocast
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

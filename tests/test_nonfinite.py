@@ -43,6 +43,7 @@ P = pytest.importorskip("interformer.kernels.pffn")
 LN = pytest.importorskip("interformer.kernels.layernorm")
 C = pytest.importorskip("interformer.kernels.crossnet")
 D = pytest.importorskip("interformer.kernels.dot_interaction")
+FF = pytest.importorskip("interformer.kernels.feed_forward")
 
 # the interpreter computes with numpy, which warns on every inf - inf and 0 * inf these tests make
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -481,7 +482,7 @@ def test_pffn_padding_never_reaches_anything(mode, dtype):
                 assert torch.isfinite(t).all(), f"{target}{idx}={value}: d{k} is not finite"
 
 
-# ============================================================================ LayerNorm, DOT, DCN
+# ============================================================================ LayerNorm, DOT, DCN, FFN
 def _sweep(ref, fused, args, diff, grad, targets, grad_idx):
     for value in VALUES.values():
         for target, idx in targets:
@@ -507,6 +508,18 @@ def test_dot_interaction_nonfinite(dtype):
     g = torch.Generator().manual_seed(0)
     _sweep(R.dot_interaction, D.dot_interaction, dict(z=_rnd(g, dtype, 3, 5, 8)), ["z"], _rnd(g, dtype, 3, 10),
            [("z", (1, 2, 3)), ("z", (2, 0, 7))], (1, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_feed_forward_nonfinite(dtype):
+    # H = 40: two hidden chunks, the second partial; 15 rows in one 64-row block, so the padded rows
+    # (x = 0, dy = 0) meet every non-finite parameter in the backward kernels
+    g = torch.Generator().manual_seed(0)
+    K, H, N = 24, 40, 12
+    args = dict(x=_rnd(g, dtype, 3, 5, K), w1=_rnd(g, dtype, H, K, scale=K ** -0.5), b1=_rnd(g, dtype, H, scale=0.5),
+                w2=_rnd(g, dtype, N, H, scale=H ** -0.5), b2=_rnd(g, dtype, N, scale=0.5))
+    _sweep(R.feed_forward, FF.feed_forward, args, ["x", "w1", "b1", "w2", "b2"], _rnd(g, dtype, 3, 5, N),
+           [("x", (1, 2, 3)), ("w1", (35, 4)), ("b1", (5,)), ("w2", (7, 33)), ("b2", (11,))], (2, 4, 9))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)

@@ -24,6 +24,7 @@ from interformer import (
     CrossNet,
     DenseTokenizer,
     DotInteraction,
+    FeedForward,
     GatedLCE,
     InteractionArch,
     InterFormerConfig,
@@ -126,6 +127,14 @@ def dot_f(P, z, pre=""):
     else:
         p = z.new_zeros(B, 0)
     return lin(p, P[pre + "proj.weight"], P[pre + "proj.bias"]).reshape(B, N, d)
+
+
+def feed_forward_f(P, x, pre=""):
+    """``Linear(d_in, hidden) -> SiLU [-> Dropout] -> Linear(hidden, d_out)`` with the dropout off:
+    ``silu(x W1^T + b1) W2^T + b2``, ``silu(h) = h sigmoid(h)``; children 0 and 2 (3 after a dropout)."""
+    last = pre + ("3." if pre + "3.weight" in P else "2.")
+    h = lin(x, P[pre + "0.weight"], P[pre + "0.bias"])
+    return lin(h * sigmoid(h), P[last + "weight"], P[last + "bias"])
 
 
 def rope_f(x, base):
@@ -374,6 +383,18 @@ def test_dot_interaction(B, N, d):
 
 
 @pytest.mark.parametrize(
+    "lead,d_in,hidden,d_out,dropout",
+    [((), 24, 9, 24, None), ((3,), 24, 40, 24, None), ((3, 7), 40, 9, 24, 0.0), ((1, 3, 7), 24, 96, 40, None)],
+)
+def test_feed_forward(lead, d_in, hidden, d_out, dropout):
+    # dropout=0.0: the Interaction Arch's layout (the second Linear is child 3), nothing dropped
+    m = FeedForward(d_in, hidden, d_out, dropout=dropout, backend="eager").double()
+    x = randn(*lead, 2 * d_in)  # every other column: a non-contiguous [..., d_in]
+    check_against_formula(m, [x], lambda m, x: m(x), lambda P, x: feed_forward_f(P, x),
+                          make_view=lambda x: (x[..., ::2],))
+
+
+@pytest.mark.parametrize(
     "B,L,d,H,lengths",
     [(1, 1, 24, 2, [1]), (3, 7, 24, 3, [7, 0, 3]), (3, 7, 40, 4, [2, 7, 1]), (1, 7, 40, 2, [0])],
 )
@@ -540,6 +561,10 @@ def test_gradcheck_pffn(mode):
     m = PersonalizedFFN(4, 2, mode=mode, hidden=5, backend="eager")
     lens = torch.tensor([3, 1])
     gradcheck_module(m, [randn(2, 3, 4), randn(2, 2, 4)], lambda f, s, xs: f(s, xs, lens))
+
+
+def test_gradcheck_feed_forward():
+    gradcheck_module(FeedForward(4, 5, 3, backend="eager"), [randn(2, 3, 4)], lambda f, x: f(x))
 
 
 def test_gradcheck_low_rank_cross_net():
