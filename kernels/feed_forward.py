@@ -44,7 +44,7 @@ With ``dy`` the output gradient: ``da = dy w2``, ``dh = da * silu'(h)`` where
 The weight kernel recomputes ``h`` once more than a kernel that did both would; a single kernel
 would need either all of ``dw1`` and ``dw2`` in one program's registers or ``dx`` summed across
 hidden chunks (a ``[chunks, rows, K]`` fp32 buffer). With frozen parameters (none needs a
-gradient) the weight kernel and the reduction are skipped.
+gradient) the weight kernel and the reduction are skipped; when x needs no gradient, the dx kernel.
 
 Sizes: ``K`` and ``N`` up to :data:`MAX_FEATURES` (256; padded to ``KP``/``NP``, the next power of
 two >= 16, held whole in registers), any ``H`` (looped). A larger ``K`` or ``N`` goes to the eager
@@ -266,24 +266,27 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
 
 @on_input_device
 def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-              b2: torch.Tensor, params: bool = True):
+              b2: torch.Tensor, params: bool = True, inputs: bool = True):
     """``(dx, dw1, db1, dw2, db2)``, each in its input's dtype; the dots run in ``grad``'s dtype (the
-    forward's compute dtype). With ``params=False`` (no parameter needs a gradient: frozen) only dx,
-    the rest None, and neither the weight kernel nor the reduction runs."""
+    forward's compute dtype). With ``params=False`` (no parameter needs a gradient: frozen) the four
+    parameter gradients are None and neither the weight kernel nor the reduction runs; with
+    ``inputs=False`` (x needs none) dx is None and the dx kernel does not run."""
     K, H, N = x.shape[-1], w1.shape[0], w2.shape[0]
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if inputs else None
     x, R, R2, s1, s2, sk = _rows(x)
     grad, _, _, g1, g2, gn = _rows(grad)
     grads = [torch.empty(p.shape, device=p.device, dtype=p.dtype) for p in (w1, b1, w2, b2)] if params else None
     if R == 0 or N == 0:  # no row, or no output: every gradient is zero
-        return (dx.zero_(), *(g.zero_() for g in grads)) if params else (dx.zero_(), None, None, None, None)
+        dx = None if dx is None else dx.zero_()
+        return (dx, *(g.zero_() for g in grads)) if params else (dx, None, None, None, None)
     kp, np_, bm, bh, bhw, warps = _config(K, N)
     prec = dot_precision(grad.dtype)
-    launch(_ffn_bwd_dx_kernel)[(cdiv(R, bm),)](
-        dx, grad, x, w1, b1, w2, R, R2, K, H, N, s1, s2, sk, g1, g2, gn,
-        *w1.stride(), b1.stride(0), *w2.stride(),
-        BM=bm, KP=kp, NP=np_, BH=bh, PREC=prec, num_warps=warps,
-    )
+    if inputs:
+        launch(_ffn_bwd_dx_kernel)[(cdiv(R, bm),)](
+            dx, grad, x, w1, b1, w2, R, R2, K, H, N, s1, s2, sk, g1, g2, gn,
+            *w1.stride(), b1.stride(0), *w2.stride(),
+            BM=bm, KP=kp, NP=np_, BH=bh, PREC=prec, num_warps=warps,
+        )
     if not params:
         return dx, None, None, None, None
     chunks = max(1, cdiv(H, bhw))  # one chunk even when H = 0: chunk 0 writes db2
@@ -340,11 +343,12 @@ def _backward_with(bwd):
 
 def _lean_backward(ctx, grad_out):
     """The eager path's formula: without the weight kernel when no parameter needs a gradient
-    (frozen), and with None for every gradient not needed."""
+    (frozen), without the dx kernel when x needs none, and with None for every gradient not needed."""
     if grad_out is None:
         return None, None, None, None, None, None
     need = ctx.needs_input_grad
-    return (*needed(_bwd_impl(grad_out, *ctx.saved_tensors, params=any(need[1:5])), need), None)
+    grads = _bwd_impl(grad_out, *ctx.saved_tensors, params=any(need[1:5]), inputs=need[0])
+    return (*needed(grads, need), None)
 
 
 feed_forward_fwd.register_autograd(_backward_with(torch.ops.interformer.feed_forward_bwd),
