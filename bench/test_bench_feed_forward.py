@@ -1,17 +1,13 @@
-"""Feed-forward block benchmarks (``Linear -> SiLU -> Linear``) at the DESIGN §6 shapes, in its two
-uses in the model:
-
-* ``ffn``: the Interaction Arch's FFN, ``d -> 4d -> d`` over the ``n`` non-sequence tokens: x is
-  ``z[:, :n]``, a non-contiguous slice of the ``[B, n + n_ssum, d]`` token tensor (as the model
-  passes it), ``B * n`` rows (taobao 40,960 rows of 64, amazon 8,192 of 64, long 32,768 of 128);
-* ``mask``: the sequence tokenizer's mask MLP, ``k d -> k d -> k d`` over every event: x
-  ``[B, T, k d]`` contiguous, ``B * T`` rows (taobao 102,400 rows of 192, amazon 204,800 of 128,
-  long 512,000 of 256).
+"""Feed-forward block benchmarks (``Linear -> SiLU -> Linear``) at the DESIGN §6 shapes, where the
+model runs it: the Interaction Arch's FFN, ``d -> 4d -> d`` over the ``n`` non-sequence tokens. x is
+``z[:, :n]``, a non-contiguous slice of the ``[B, n + n_ssum, d]`` token tensor (as the model passes
+it), ``B * n`` rows (taobao 40,960 rows of 64, amazon 8,192 of 64, long 32,768 of 128). (The sequence
+tokenizer's mask MLP has the same form but stays eager, DESIGN §3, so it is not benchmarked here.)
 
 As in the training step, the block runs under bf16 autocast (GPU only) on fp32 inputs and fp32
 parameters (the model's token stream and embeddings are fp32: LayerNorm and the embedding return
-fp32 under autocast), returning bf16. Eager casts x to bf16 first (for the ``ffn`` slice a
-contiguous copy) and each weight and bias; the fused kernels read x through its strides and the
+fp32 under autocast), returning bf16. Eager casts x to bf16 first (for the slice a contiguous
+copy) and each weight and bias; the fused kernels read x through its strides and the
 fp32 parameters as they are stored, rounding each tile to bf16 in registers. Without a GPU: fp32,
 no autocast.
 
@@ -31,7 +27,7 @@ activation is not counted (the fused kernels never store it). FLOPs (K inputs, H
 outputs): ``2 rows (K H + H N)`` forward, twice that backward (input and weight gradients), 3x
 ``full``. The fused backward does more than that count: it recomputes ``h = x w1^T`` and
 ``da = dy w2`` in both of its kernels (dx, and the parameter gradients), ``2 rows (4 K H + 3 H N)``
-in all, 1.75x the counted backward where K = N (both uses); the count is of the useful work, the
+in all, 1.75x the counted backward where K = N (as here); the count is of the useful work, the
 same for every provider.
 """
 
@@ -49,12 +45,9 @@ PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile
 X_ELT = P_ELT = 4
 
 
-def sizes(shape: common.Shape, use: str):
-    """(rows, K, H, N) of the two uses."""
-    if use == "ffn":
-        return shape.B * shape.n, shape.d, 4 * shape.d, shape.d
-    kd = shape.k * shape.d
-    return shape.B * shape.T, kd, kd, kd
+def sizes(shape: common.Shape):
+    """(rows, K, H, N) of the Interaction Arch's FFN."""
+    return shape.B * shape.n, shape.d, 4 * shape.d, shape.d
 
 
 def ffn_bytes(rows: int, K: int, H: int, N: int, out_elt: int, mode: str, x_elt: int = X_ELT,
@@ -71,22 +64,18 @@ def ffn_flops(rows: int, K: int, H: int, N: int, mode: str) -> float:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", common.MODES)
-@pytest.mark.parametrize("use", ["ffn", "mask"])
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
-def test_feed_forward(benchmark, shape_name, use, mode, provider):
+def test_feed_forward(benchmark, shape_name, mode, provider):
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
     shape = common.ALL_SHAPES[shape_name]
-    rows, K, H, N = sizes(shape, use)
+    rows, K, H, N = sizes(shape)
     g = torch.Generator().manual_seed(0)
 
     def leaf(*size, scale=1.0):
         return (torch.randn(*size, generator=g) * scale).to(common.DEVICE, torch.float32).requires_grad_()
 
-    if use == "ffn":
-        z = leaf(shape.B, shape.Nz, shape.d)
-        x = z[:, : shape.n]  # the model's slice (a view: the gradient lands in z, the leaf)
-    else:
-        z = x = leaf(shape.B, shape.T, K)
+    z = leaf(shape.B, shape.Nz, shape.d)
+    x = z[:, : shape.n]  # the model's slice (a view: the gradient lands in z, the leaf)
     params = [leaf(H, K, scale=K ** -0.5), leaf(H, scale=0.1), leaf(N, H, scale=H ** -0.5), leaf(N, scale=0.1)]
     if common.base_provider(provider).startswith("fused"):
         from interformer.kernels.feed_forward import feed_forward as base
@@ -102,6 +91,6 @@ def test_feed_forward(benchmark, shape_name, use, mode, provider):
             return fn(x, *params)
 
     run = common.mode_fn(forward, mode, [z, *params])
-    common.run(benchmark, run, op=f"feed_forward_{use}", shape=shape, provider=provider, mode=mode,
+    common.run(benchmark, run, op="feed_forward", shape=shape, provider=provider, mode=mode,
                bytes_moved=ffn_bytes(rows, K, H, N, common.DTYPE.itemsize, mode),
                flops=ffn_flops(rows, K, H, N, mode))

@@ -9,14 +9,26 @@ parameters, so ``state_dict`` keys and values never depend on the backend.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
+from . import reference
 from .backend import FusedModule
 from .profiling import ranged
 from .reference import row_mask
+
+#: the layer classes a FeedForward's fused op stands for, exactly (a subclass may compute otherwise)
+_FFN_LAYERS = [nn.Linear, nn.SiLU, nn.Linear]
+_FFN_LAYERS_DROPOUT = [nn.Linear, nn.SiLU, nn.Dropout, nn.Linear]
 
 __all__ = [
     "GatedLCE",
@@ -374,15 +386,22 @@ class FeedForward(FusedModule, nn.Sequential):
 
     An ``nn.Sequential`` of exactly those layers (same children, parameter names, initialisation
     and ``state_dict`` as the plain ``nn.Sequential`` it replaces: ``0.weight``, ``0.bias`` and
-    ``2.*``, or ``3.*`` with the dropout), whose forward on the ``triton`` backend runs the whole
-    block as one fused op (:func:`interformer.kernels.feed_forward.feed_forward`: the hidden
-    activation never goes to memory). The model uses it for the Interaction Arch's FFN and the
-    sequence tokenizer's mask MLP.
+    ``2.*``, or ``3.*`` with the dropout), whose forward on the fused path runs the whole block as
+    one op (:func:`interformer.kernels.feed_forward.feed_forward`: the hidden activation never goes
+    to memory), computing ``silu(x W1^T + b1) W2^T + b2`` (:func:`interformer.reference.feed_forward`)
+    from the two layers' parameters. The model uses it for the Interaction Arch's FFN (the sequence
+    tokenizer's mask MLP has the same form but stays a plain ``nn.Sequential``: DESIGN §3 keeps the
+    tokenizers eager).
 
-    Decision: while the dropout can drop (training with ``p > 0``) the block runs its layers one
-    by one on either backend; the kernel has no dropout. With the dropout off (``p = 0``, the
-    default, or ``eval()``) both backends compute ``silu(x W1^T + b1) W2^T + b2``
-    (:func:`interformer.reference.feed_forward`).
+    Decision: the block calls its layers one by one, as ``nn.Sequential`` does, whenever the fused
+    op would not compute exactly what they compute: on the eager backend (and wherever the backend
+    resolves to the reference: ``"auto"`` on a CPU, an op left to Inductor under ``torch.compile``),
+    while the dropout can drop (training with ``p > 0``; the kernel has no dropout), and when a
+    layer is not the plain layer the fused op stands for: another class (a subclass, ``GELU`` in
+    place of ``SiLU``, a parametrised or quantised ``Linear``), a hook on a layer or a global one
+    (``torch.nn.utils.prune`` is a forward pre-hook), a ``forward`` or ``_call_impl`` set on the
+    layer object, or a layer compiled with ``Module.compile``. Slicing returns a plain
+    ``nn.Sequential`` of the chosen layers.
     """
 
     kernel_ops = (("feed_forward", "feed_forward"),)
@@ -395,13 +414,35 @@ class FeedForward(FusedModule, nn.Sequential):
         layers.append(nn.Linear(hidden, d_out))
         super().__init__(backend, *layers)  # FusedModule, then nn.Sequential(*layers)
 
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # nn.Sequential would build self.__class__ from the chosen layers
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return nn.Sequential.__getitem__(self, idx)
+
+    def _plain(self) -> bool:
+        """Whether calling the layers computes exactly the fused op: the plain layer classes, no
+        hook, no per-object override, the dropout unable to drop (see the class docstring)."""
+        layers = list(self._modules.values())
+        if [type(m) for m in layers] != (_FFN_LAYERS_DROPOUT if len(layers) == 4 else _FFN_LAYERS):
+            return False
+        if len(layers) == 4 and layers[2].training and layers[2].p > 0:
+            return False
+        if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
+            return False
+        for m in layers:
+            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or m._compiled_call_impl is not None or "forward" in m.__dict__ or "_call_impl" in m.__dict__):
+                return False
+        return True
+
     @ranged("FeedForward")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        drop = self[2] if len(self) == 4 else None
-        if drop is not None and drop.training and drop.p > 0:
-            return nn.Sequential.forward(self, x)
-        first, last = self[0], self[-1]
-        return self._op("feed_forward", "feed_forward")(x, first.weight, first.bias, last.weight, last.bias)
+        if self._backend != "eager" and self._plain():
+            fn = self._op("feed_forward", "feed_forward")
+            if fn is not reference.feed_forward:
+                first, last = self[0], self[-1]
+                return fn(x, first.weight, first.bias, last.weight, last.bias)
+        return nn.Sequential.forward(self, x)
 
     def extra_repr(self) -> str:
         return FusedModule.extra_repr(self)

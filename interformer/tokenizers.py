@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from .backend import FusedModule
-from .layers import FeedForward
 from .reference import row_mask
 
 
@@ -95,7 +94,8 @@ class SequenceMaskNet(FusedModule):
             nn.init.normal_(t.weight, std=d_model**-0.5)
             with torch.no_grad():
                 t.weight[0].zero_()
-        self.mask_mlp = FeedForward(k * d_model, k * d_model, k * d_model, backend=backend)
+        # a plain nn.Sequential, eager on every backend (DESIGN §3: the tokenizers are eager)
+        self.mask_mlp = nn.Sequential(nn.Linear(k * d_model, k * d_model), nn.SiLU(), nn.Linear(k * d_model, k * d_model))
         self.proj = nn.Linear(k * d_model, d_model)
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@ Public function (same name and signature as :func:`interformer.reference.feed_fo
     feed_forward(x, w1, b1, w2, b2)   # silu(x @ w1^T + b1) @ w2^T + b2
 
 x ``[..., K]`` (any number of leading dimensions, any strides), w1 ``[H, K]``, b1 ``[H]``, w2
-``[N, H]``, b2 ``[N]`` (``nn.Linear``'s layout) -> a new contiguous ``[..., N]``. The model has two
-such blocks: the Interaction Arch's FFN (``d -> 4d -> d`` over the ``n`` non-sequence tokens, its
-dropout off) and the sequence tokenizer's mask MLP (``k d -> k d -> k d`` over every event).
+``[N, H]``, b2 ``[N]`` (``nn.Linear``'s layout) -> a new contiguous ``[..., N]``. In the model: the
+Interaction Arch's FFN (``d -> 4d -> d`` over the ``n`` non-sequence tokens, its dropout off;
+``interformer.layers.FeedForward``). The sequence tokenizer's mask MLP has the same form but stays
+eager (DESIGN §3 keeps the tokenizers eager).
 
 Why fuse it: eagerly the block is two GEMMs and an activation, and the ``[rows, H]`` hidden
 activation goes to memory three times forward (the first GEMM writes it, SiLU reads it and writes
@@ -34,7 +35,8 @@ With ``dy`` the output gradient: ``da = dy w2``, ``dh = da * silu'(h)`` where
 * ``_ffn_bwd_dx_kernel``: one program per row block, looping over the hidden chunks (h recomputed,
   ``dx`` accumulated in fp32 registers, stored once in x's dtype).
 * ``_ffn_bwd_w_kernel``: a grid of ``G`` row groups x hidden chunks. Program ``(g, c)`` holds
-  ``w1[c]``, ``b1[c]`` and ``w2[:, c]`` in registers, loops over the row blocks ``g, g + G, ...``,
+  ``w2[:, c]`` in registers (``w1[c]`` and ``b1[c]`` are read again per row block, from cache),
+  loops over the row blocks ``g, g + G, ...``,
   recomputes ``h``, ``a`` and ``dh`` for its chunk, and accumulates ``dw1[c]``, ``db1[c]``,
   ``dw2[:, c]`` (and, in chunk 0, ``db2``) in fp32 registers; each is stored once into row g of an
   fp32 ``[G, H K + H + N H + N]`` buffer, which ``sum_partials`` reduces over G in a fixed order
@@ -48,14 +50,15 @@ gradient) the weight kernel and the reduction are skipped; when x needs no gradi
 
 Sizes: ``K`` and ``N`` up to :data:`MAX_FEATURES` (256; padded to ``KP``/``NP``, the next power of
 two >= 16, held whole in registers), any ``H`` (looped). A larger ``K`` or ``N`` goes to the eager
-reference (the module's layers are ``d`` or ``k d`` wide: 64-256 at the DESIGN shapes). Tiles (fixed
-by the shape, no autotune; ``_config``), by the wider of ``KP`` and ``NP``: up to 64, ``BM = 64``
-rows, ``BH = 32`` hidden units, 4 warps; 128, ``BM = 128``, ``BH = 32``, 8 warps; 256, ``BM = 32``,
-``BH = 16``, 8 warps. Built ahead of time for sm_90 with Triton 3.6 (bf16, the DESIGN sites) none
-spills: 96-180 registers at ``KP = NP = 64``, 130-212 at 128, 124-142 at 256 (the same tiles as at
-64 with 4 warps spilled 8 stores in the weight kernel at 128; ``BM = 64`` spilled the dx kernel at
-256). Row offsets are int64 (``rows x K`` may pass 2**31); x and dy are read through their strides
-as ``[R1, R2, F]`` (the Interaction Arch's input is a slice of the token tensor: no copy).
+reference (the model's FFN is ``d`` wide: 64 or 128 at the DESIGN shapes). Tiles (fixed by the
+shape, no autotune; ``_config``), by the wider of ``KP`` and ``NP``: up to 64, ``BM = 64`` rows,
+``BH = 32`` hidden units, 4 warps; 128, ``BM = 128``, ``BH = 32``, 8 warps; 256, ``BM = 32``,
+``BH = 16``, 8 warps. Built ahead of time for sm_90 with Triton 3.6 (bf16; the FFN at the DESIGN shapes,
+and rows of 192 for the 256 tier) none spills: 96-180 registers at ``KP = NP = 64``, 130-212 at 128,
+124-142 at 256 (the same tiles as at 64 with 4 warps spilled 8 stores in the weight kernel at 128;
+``BM = 64`` spilled the dx kernel at 256). Row offsets are int64 (``rows x K`` may pass 2**31); x
+and dy are read through their strides as ``[R1, R2, F]`` (the Interaction Arch's input is a slice of
+the token tensor: no copy).
 
 Dtypes: fp32, fp16, bf16. Under ``torch.autocast`` on x's device type the compute dtype is the
 autocast dtype and x and the parameters may keep their own float dtypes: the kernels round each
@@ -98,8 +101,9 @@ def _row_offsets(r, R2, stride1, stride2):
 
 @triton.jit
 def _load_rows(T, r, r_ok, R2, stride1, stride2, stride_f, cols, F):
-    """The ``[rows, cols]`` tile of T (rows past R and columns past F read as zero)."""
-    return tl.load(T + _row_offsets(r, R2, stride1, stride2)[:, None] + cols[None, :] * stride_f,
+    """The ``[rows, cols]`` tile of T (rows past R and columns past F read as zero). Column offsets
+    are int64 too: a feature-major view (``stride_f`` = the row count) can pass 2**31 there."""
+    return tl.load(T + _row_offsets(r, R2, stride1, stride2)[:, None] + cols.to(tl.int64)[None, :] * stride_f,
                    mask=r_ok[:, None] & (cols < F)[None, :], other=0.0)
 
 
@@ -238,7 +242,7 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
     ``[R1, R2, F]`` through its strides, so that a 1-, 2- or 3-D view needs no copy; a tensor of more
     dimensions is reshaped to 3-D first (a copy only when its leading dimensions cannot be merged)."""
     if t.dim() > 3:
-        t = t.reshape(-1, t.shape[-2], t.shape[-1])
+        t = t.flatten(0, -3)  # (not reshape(-1, ...): a 0 in the sizes would make -1 ambiguous)
     if t.dim() == 3:
         return (t, t.shape[0] * t.shape[1], t.shape[1], *t.stride())
     if t.dim() == 2:
@@ -247,10 +251,19 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
 
 
 @on_input_device
+def _check_width(K: int, N: int) -> None:
+    """The kernels hold a row's K inputs and N outputs whole (:func:`feed_forward` sends wider
+    blocks to the reference; a caller of the ops themselves, e.g. an fx graph, gets this error)."""
+    if K > MAX_FEATURES or N > MAX_FEATURES:
+        raise ValueError(f"feed_forward kernels: K={K} and N={N} must be at most MAX_FEATURES={MAX_FEATURES} "
+                         "(interformer.kernels.feed_forward.feed_forward runs the reference for wider blocks)")
+
+
 def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The output ``[..., N]`` in ``dtype`` (the compute dtype; None: x's)."""
     K, H, N = x.shape[-1], w1.shape[0], w2.shape[0]
+    _check_width(K, N)
     out = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype if dtype is None else dtype)
     x, R, R2, s1, s2, sk = _rows(x)
     if R == 0 or N == 0:
@@ -272,6 +285,7 @@ def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
     parameter gradients are None and neither the weight kernel nor the reduction runs; with
     ``inputs=False`` (x needs none) dx is None and the dx kernel does not run."""
     K, H, N = x.shape[-1], w1.shape[0], w2.shape[0]
+    _check_width(K, N)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if inputs else None
     x, R, R2, s1, s2, sk = _rows(x)
     grad, _, _, g1, g2, gn = _rows(grad)

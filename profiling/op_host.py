@@ -58,8 +58,7 @@ OPS = {
     "crossnet_full": ("test_bench_crossnet", "test_crossnet", {"rank": "full"}),
     "attention": ("test_bench_attention", "test_self_attention", {}),
     "pma": ("test_bench_attention", "test_pma", {}),
-    "feed_forward_ffn": ("test_bench_feed_forward", "test_feed_forward", {"use": "ffn"}),
-    "feed_forward_mask": ("test_bench_feed_forward", "test_feed_forward", {"use": "mask"}),
+    "feed_forward": ("test_bench_feed_forward", "test_feed_forward", {}),
 }
 
 

@@ -32,8 +32,7 @@ OPS = {
     "test_bench_crossnet": ("test_crossnet", [dict(rank="full"), dict(rank="low")], None, "crossnet", None),
     "test_bench_layernorm": ("test_layernorm", [dict(use="dhen")], "add_layer_norm", "layernorm", "add_layer_norm"),
     "test_bench_attention": ("test_self_attention", [{}], "attention", "attention", "attention"),
-    "test_bench_feed_forward": ("test_feed_forward", [dict(use="ffn"), dict(use="mask")], "feed_forward", "feed_forward",
-                                "feed_forward"),
+    "test_bench_feed_forward": ("test_feed_forward", [{}], "feed_forward", "feed_forward", "feed_forward"),
 }
 # providers whose implementation is neither the reference nor ours (a user's pipeline)
 FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
@@ -440,13 +439,12 @@ def _hand_counts(S, elt: int, valid_lengths) -> dict:
     for use, rows, x_elt, r_elt in (("dhen", B * Nz, 4, elt), ("interaction", B * S.n, 4, elt), ("seq", B * L, elt, 0)):
         put(f"layernorm_{use}", rows * d * (x_elt + r_elt + 4) + 2 * d * 4,
             rows * d * (4 + 2 * (x_elt + r_elt)) + 3 * d * 4)
-    kd = S.k * d
-    for use, rows, k_in, hidden, n_out in (("ffn", B * S.n, d, 4 * d, d), ("mask", B * S.T, kd, kd, kd)):
-        params = 4 * (hidden * k_in + hidden + n_out * hidden + n_out)  # w1, b1, w2, b2 in fp32
-        # fwd: x (fp32), parameters in; out. bwd: x, dout, parameters in; dx (fp32), their gradients out
-        put(f"feed_forward_{use}", rows * k_in * 4 + params + rows * n_out * elt,
-            rows * k_in * 4 + rows * n_out * elt + params + rows * k_in * 4 + params,
-            2 * rows * k_in * hidden + 2 * rows * hidden * n_out)
+    rows, k_in, hidden, n_out = B * S.n, d, 4 * d, d  # the Interaction Arch's FFN
+    params = 4 * (hidden * k_in + hidden + n_out * hidden + n_out)  # w1, b1, w2, b2 in fp32
+    # fwd: x (fp32), parameters in; out. bwd: x, dout, parameters in; dx (fp32), their gradients out
+    put("feed_forward", rows * k_in * 4 + params + rows * n_out * elt,
+        rows * k_in * 4 + rows * n_out * elt + params + rows * k_in * 4 + params,
+        2 * rows * k_in * hidden + 2 * rows * hidden * n_out)
     return out
 
 
@@ -478,10 +476,9 @@ def _bench_counts(mods, common, S, elt: int) -> dict:
         out[("pma", mode)] = (attn.pma_bytes(S.B, S.T, S.d, S.n_pma, elt, mode), 0.0)
         for use, x_elt, r_elt in (("dhen", 4, elt), ("interaction", 4, elt), ("seq", elt, 0)):
             out[(f"layernorm_{use}", mode)] = (ln.ln_bytes(ln.rows_for(S, use), S.d, x_elt, r_elt, mode, 4), 0.0)
-        for use in ("ffn", "mask"):
-            rows, k_in, hidden, n_out = ff.sizes(S, use)
-            out[(f"feed_forward_{use}", mode)] = (ff.ffn_bytes(rows, k_in, hidden, n_out, elt, mode),
-                                                  ff.ffn_flops(rows, k_in, hidden, n_out, mode))
+        rows, k_in, hidden, n_out = ff.sizes(S)
+        out[("feed_forward", mode)] = (ff.ffn_bytes(rows, k_in, hidden, n_out, elt, mode),
+                                       ff.ffn_flops(rows, k_in, hidden, n_out, mode))
     return out
 
 
@@ -524,8 +521,7 @@ _COUNTED_BENCHMARKS = [  # (module, test function, extra arguments, op name of t
     ("test_bench_attention", "test_pma", {}, "pma"),
     ("test_bench_layernorm", "test_layernorm", dict(use="dhen"), "layernorm_dhen"),
     ("test_bench_layernorm", "test_layernorm", dict(use="seq"), "layernorm_seq"),
-    ("test_bench_feed_forward", "test_feed_forward", dict(use="ffn"), "feed_forward_ffn"),
-    ("test_bench_feed_forward", "test_feed_forward", dict(use="mask"), "feed_forward_mask"),
+    ("test_bench_feed_forward", "test_feed_forward", {}, "feed_forward"),
 ]
 
 

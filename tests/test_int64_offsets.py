@@ -58,6 +58,9 @@ CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_lin
 #: inside one sample, which the kernels form in int32, would overflow; the launchers copy such views
 ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows",
              "feed_forward_rows"]
+#: an op given feature-major views (the last dimension's stride FAR: column 2 past 2**31), input and
+#: upstream gradient; the feed-forward kernels read x and dy through their strides, columns in int64
+COL_CASES = ["feed_forward_cols"]
 
 
 def _far(dim: int, *tensors: torch.Tensor):
@@ -107,6 +110,9 @@ def _inputs(case: str, device):
 
     B = 3
     lengths = torch.tensor([5, 0, 3], device=device)
+    if case == "feed_forward_cols":  # three features, FAR apart
+        x, rest = r(B, 2, 3), [r(40, 3, scale=0.3), r(40), r(3, 40, scale=0.2), r(3)]
+        return feed_forward.feed_forward, _far(2, x) + [t.clone() for t in rest], [x.clone()] + rest, [0, 1, 2, 3, 4]
     if case in ROW_CASES:  # three rows a sample: row 2 past 2**31
         row_lengths = torch.tensor([3, 0, 2], device=device)
         if case == "dot_interaction_rows":
@@ -193,7 +199,10 @@ def run_case(case: str) -> None:
             out = fn(*args)
             g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
             if far_grad:  # the upstream gradient far apart too (a backward reads it through its strides)
-                (g,) = far_rows(g) if case in ROW_CASES and g.dim() >= 2 and g.shape[1] == 3 else far_apart(g)
+                if case in COL_CASES:
+                    (g,) = _far(g.dim() - 1, g)
+                else:
+                    (g,) = far_rows(g) if case in ROW_CASES and g.dim() >= 2 and g.shape[1] == 3 else far_apart(g)
             d = torch.autograd.grad(out, [args[i] for i in grads], g)
             results.append((out, d))
     (out_n, d_n), (out_f, d_f) = results
@@ -203,7 +212,7 @@ def run_case(case: str) -> None:
     print(f"{case}: ok")
 
 
-@pytest.mark.parametrize("case", CASES + ROW_CASES)
+@pytest.mark.parametrize("case", CASES + ROW_CASES + COL_CASES)
 def test_offsets_past_two_to_the_31(case):
     env = dict(os.environ)
     if not torch.cuda.is_available():

@@ -733,6 +733,106 @@ def test_module_fx_symbolic_trace():
     assert_rel(gm(x), module(x), FP32_TOL)
 
 
+def _prune(m):
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(m[0], "weight", amount=0.5)  # a forward pre-hook
+
+
+def _hook(m):
+    m[0].register_forward_hook(lambda mod, args, out: out * 2.0)
+
+
+def _gelu(m):
+    m[1] = nn.GELU()
+
+
+def _subclass(m):
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    extra = MyLinear(m[0].in_features, m[0].out_features)
+    extra.load_state_dict(m[0].state_dict())
+    m[0] = extra
+
+
+def _object_forward(m):
+    m[2].forward = lambda x: F.linear(x, m[2].weight, m[2].bias) - 1.0
+
+
+@pytest.mark.parametrize("change", [_prune, _hook, _gelu, _subclass, _object_forward],
+                         ids=["prune", "hook", "gelu", "subclass", "object-forward"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_module_runs_its_layers_when_they_are_not_the_plain_ones(change, backend):
+    """A layer the fused op does not stand for (pruned, hooked, replaced, subclassed, given its own
+    forward): the block calls its layers, as nn.Sequential does, on either backend (no fused launch),
+    and gives the Sequential's result bit for bit. Unchanged, the triton backend launches the op."""
+    torch.manual_seed(5)
+    seq = _sequential(24, 40, 24).to(DEVICE)
+    mod = FeedForward(24, 40, 24, backend=backend).to(DEVICE)
+    mod.load_state_dict(seq.state_dict())
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    with triton_launches() as launched:
+        mod(x)
+    assert dict(launched) == ({"_ffn_fwd_kernel": 1} if backend == "triton" else {})
+    change(seq)
+    change(mod)
+    with triton_launches() as launched:
+        out = mod(x)
+    assert not launched, dict(launched)
+    assert torch.equal(out, nn.Sequential.forward(seq, x))
+    assert rel_err(out, R.feed_forward(x, seq[0].weight_orig if hasattr(seq[0], "weight_orig") else seq[0].weight,
+                                       seq[0].bias, seq[-1].weight, seq[-1].bias)) > 1e-3  # the change shows
+
+
+def test_module_global_hook_runs_the_layers():
+    mod = FeedForward(24, 40, 24, backend="triton").to(DEVICE)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    try:
+        with triton_launches() as launched:
+            mod(torch.randn(2, 24, device=DEVICE))
+    finally:
+        handle.remove()
+    assert not launched and {"Linear", "SiLU"} <= set(calls), (dict(launched), calls)
+
+
+def test_module_slices_are_plain_sequentials():
+    mod = FeedForward(24, 40, 16, dropout=0.0, backend="triton")
+    head = mod[:2]
+    assert type(head) is nn.Sequential and list(head) == [mod[0], mod[1]]
+    assert isinstance(mod[-1], nn.Linear) and mod[-1] is mod[3]
+
+
+def test_empty_inputs_of_any_rank():
+    """x with a zero-sized dimension anywhere, of up to five dimensions: the output's shape, zero
+    parameter gradients, no launch (``[2, 3, 0, 8]`` once failed in the launcher's reshape)."""
+    w = [torch.randn(40, 8, requires_grad=True), torch.randn(40, requires_grad=True),
+         torch.randn(6, 40, requires_grad=True), torch.randn(6, requires_grad=True)]
+    for shape in [(2, 3, 0, 8), (0, 3, 4, 8), (2, 0, 3, 8), (1, 2, 3, 0, 8)]:
+        x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+        with triton_launches() as launched:
+            out = K.feed_forward(x, *(t.to(DEVICE) for t in w))
+            grads = torch.autograd.grad(out, [x, *w], torch.ones_like(out))
+        assert out.shape == (*shape[:-1], 6) and not launched, (shape, dict(launched))
+        assert all(g is not None and not g.any() for g in grads), shape
+
+
+def test_the_ops_refuse_blocks_wider_than_the_kernels():
+    """The registered ops (what an fx graph or a direct call runs) refuse K or N past MAX_FEATURES
+    with an error naming the limit; feed_forward() itself sends such blocks to the reference."""
+    wide = K.MAX_FEATURES + 1
+    x = torch.randn(2, wide, device=DEVICE)
+    w1, b1 = torch.randn(8, wide, device=DEVICE), torch.randn(8, device=DEVICE)
+    w2, b2 = torch.randn(4, 8, device=DEVICE), torch.randn(4, device=DEVICE)
+    with pytest.raises(ValueError, match="MAX_FEATURES"):
+        torch.ops.interformer.feed_forward_fwd(x, w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="MAX_FEATURES"):
+        torch.ops.interformer.feed_forward_bwd(torch.randn(2, 4, device=DEVICE), x, w1, b1, w2, b2)
+    assert_rel(K.feed_forward(x, w1, b1, w2, b2), R.feed_forward(x, w1, b1, w2, b2), FP32_TOL)
+
+
 # ----------------------------------------------------------------------------- the comparison can fail
 class _SigmoidAsDSilu(torch.autograd.Function):
     """silu forward with a plausible wrong derivative, ``sigmoid(h)`` instead of ``s (1 + h (1 - s))``."""
