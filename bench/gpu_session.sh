@@ -20,10 +20,12 @@
 # Planned for the next lease (two calls; device-tool timeout_s 360 and 400; issue call 2 as soon as
 # call 1 returns: an idle machine is given back after about 30 s):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=100 MODEL_TIMEOUT=60 \
-#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py bench/test_bench_attention.py" \
+#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_gated_lce.py bench/test_bench_attention.py \
+#      bench/test_bench_feed_forward.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
 #      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph)) or \
-#      ((attention or pma) and (taobao or long) and full and (fused-cudagraph or eager-cudagraph or compile-cudagraph))" \
+#      ((attention or pma or feed_forward) and (taobao or long) and full and \
+#      (fused-cudagraph or eager-cudagraph or compile-cudagraph))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
@@ -39,7 +41,9 @@
 #      fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
 #      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says
 #      whether it cost time; then the plain taobao model rows, which repeat poorly (c77021c: inference
-#      1.59x, training 1.13x). Device-tool timeout_s 360)
+#      1.59x, training 1.13x). The twentieth session added the fused feed-forward block (the
+#      Interaction Arch's FFN; its tests are at the end of gpu_rerun.txt, its graphed op rows beside
+#      eager and Inductor are in the selection above; never run on a GPU). Device-tool timeout_s 360)
 #   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
 #      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
 #      taobao-inference-fused-compile amazon-train-compile amazon-train-fused-compile-inline \
