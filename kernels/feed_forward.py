@@ -50,15 +50,21 @@ gradient) the weight kernel and the reduction are skipped; when x needs no gradi
 
 Sizes: ``K`` and ``N`` up to :data:`MAX_FEATURES` (256; padded to ``KP``/``NP``, the next power of
 two >= 16, held whole in registers), any ``H`` (looped). A larger ``K`` or ``N`` goes to the eager
-reference (the model's FFN is ``d`` wide: 64 or 128 at the DESIGN shapes). Tiles (fixed by the
-shape, no autotune; ``_config``), by the wider of ``KP`` and ``NP``: up to 64, ``BM = 64`` rows,
-``BH = 32`` hidden units, 4 warps; 128, ``BM = 128``, ``BH = 32``, 8 warps; 256, ``BM = 32``,
-``BH = 16``, 8 warps. Built ahead of time for sm_90 with Triton 3.6 (bf16; the FFN at the DESIGN shapes,
-and rows of 192 for the 256 tier) none spills: 96-180 registers at ``KP = NP = 64``, 130-212 at 128,
-124-142 at 256 (the same tiles as at 64 with 4 warps spilled 8 stores in the weight kernel at 128;
-``BM = 64`` spilled the dx kernel at 256). Row offsets are int64 (``rows x K`` may pass 2**31); x
-and dy are read through their strides as ``[R1, R2, F]`` (the Interaction Arch's input is a slice of
-the token tensor: no copy).
+reference (the model's FFN is ``d`` wide: 64 or 128 at the DESIGN shapes). Tiles are fixed by the
+shape (no autotune; ``_TIERS``), by the wider of ``KP`` and ``NP``, as rows x hidden units of the
+forward, the dx and the weight kernel and the warps of all three: up to 64, 64 x 32 each, 4 warps;
+128, 64 x 32, 32 x 32 and 32 x 16, 8 warps; 256, 32 x 16 each, 8 warps. Built ahead of time for
+sm_90 with Triton 3.6 (bf16 autocast, x in fp32 as in the model;
+``profiling/sm90-audit-triton3.6.md``) none spills at the model's widths (64, 128) or at 100, 192
+and 256 features (64-row tiles in the dx and weight kernels at 128 spilled at 100 features and
+took 247-255 registers at 128). Widths that are not a power of two cost mask registers: at 40
+features the weight kernel spills 26 stores (32 x 16 tiles would not, but re-read x and dy for
+twice as many hidden chunks). The weight kernel's programs of one row group read the same x and dy
+tiles, one per hidden chunk, at about the same time, so most of those reads should hit L2 (not
+measured).
+Row offsets are int64 (``rows x K`` may pass 2**31), column offsets too where a view's columns lie
+2**31 elements apart (``COL64``; int32 otherwise); x and dy are read through their strides as
+``[R1, R2, F]`` (the Interaction Arch's input is a slice of the token tensor: no copy).
 
 Dtypes: fp32, fp16, bf16. Under ``torch.autocast`` on x's device type the compute dtype is the
 autocast dtype and x and the parameters may keep their own float dtypes: the kernels round each
@@ -100,10 +106,16 @@ def _row_offsets(r, R2, stride1, stride2):
 
 
 @triton.jit
-def _load_rows(T, r, r_ok, R2, stride1, stride2, stride_f, cols, F):
-    """The ``[rows, cols]`` tile of T (rows past R and columns past F read as zero). Column offsets
-    are int64 too: a feature-major view (``stride_f`` = the row count) can pass 2**31 there."""
-    return tl.load(T + _row_offsets(r, R2, stride1, stride2)[:, None] + cols.to(tl.int64)[None, :] * stride_f,
+def _load_rows(T, r, r_ok, R2, stride1, stride2, stride_f, cols, F, COL64: tl.constexpr):
+    """The ``[rows, cols]`` tile of T (rows past R and columns past F read as zero). ``COL64``: the
+    column offsets in int64 as well, for a view whose columns lie 2**31 elements apart or more (a
+    feature-major one: ``stride_f`` = the row count); int32 otherwise (fewer registers: int64
+    columns spilled the weight kernel at 128 features)."""
+    if COL64:
+        cols_off = cols.to(tl.int64)[None, :] * stride_f
+    else:
+        cols_off = cols[None, :] * stride_f
+    return tl.load(T + _row_offsets(r, R2, stride1, stride2)[:, None] + cols_off,
                    mask=r_ok[:, None] & (cols < F)[None, :], other=0.0)
 
 
@@ -139,13 +151,14 @@ def _ffn_fwd_kernel(
     stride_x1, stride_x2, stride_xk,
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h, stride_b2,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+    COL64: tl.constexpr,
 ):
     DT: tl.constexpr = OUT.dtype.element_ty  # the compute dtype (autocast's, or x's)
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
     nn = tl.arange(0, NP)
-    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
+    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K, COL64).to(DT)
     acc = tl.zeros([BM, NP], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
@@ -165,14 +178,15 @@ def _ffn_bwd_dx_kernel(
     stride_x1, stride_x2, stride_xk, stride_dy1, stride_dy2, stride_dyn,
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+    COL64: tl.constexpr,
 ):
     DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
     nn = tl.arange(0, NP)
-    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
-    dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N)
+    x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K, COL64).to(DT)
+    dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N, COL64)
     dx = tl.zeros([BM, KP], dtype=tl.float32)
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
@@ -189,6 +203,7 @@ def _ffn_bwd_w_kernel(
     stride_x1, stride_x2, stride_xk, stride_dy1, stride_dy2, stride_dyn,
     stride_w1h, stride_w1k, stride_b1, stride_w2n, stride_w2h, stride_part,
     BM: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, BH: tl.constexpr, PREC: tl.constexpr,
+    COL64: tl.constexpr,
 ):
     DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
     g = tl.program_id(0)
@@ -207,8 +222,8 @@ def _ffn_bwd_w_kernel(
     for blk in range(g, ROW_BLOCKS, tl.num_programs(0)):
         r = tl.cast(blk, tl.int64) * BM + tl.arange(0, BM)  # (under the interpreter blk is a Python int)
         r_ok = r < R
-        x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K).to(DT)
-        dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N)
+        x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K, COL64).to(DT)
+        dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N, COL64)
         _, h = _hidden_chunk(x, W1, B1, hh, kk, H, K, stride_w1h, stride_w1k, stride_b1, DT, PREC)
         dh = _dsilu(h, tl.dot(dy, w2, input_precision=PREC))  # rows past R: dy = 0, so dh = 0
         a = h * tl.sigmoid(h)  # rows past R: silu(b1) != 0, but their dy rows are 0
@@ -225,16 +240,19 @@ def _ffn_bwd_w_kernel(
 
 
 # ============================================================================ launchers
-def _config(K: int, N: int) -> Tuple[int, int, int, int, int, int]:
-    """``(KP, NP, BM, BH, BH of the weight kernel, num_warps)`` for K inputs and N outputs (the three
-    tiers of the module docstring, each built for sm_90 without spills)."""
+#: tiles by the wider of KP and NP (the tiers of the module docstring): ``(BM, BH)`` of the forward,
+#: the dx and the weight kernel, and the warps of all three
+_TIERS = {64: ((64, 32), (64, 32), (64, 32), 4),
+          128: ((64, 32), (32, 32), (32, 16), 8),
+          256: ((32, 16), (32, 16), (32, 16), 8)}
+
+
+def _config(K: int, N: int) -> Tuple[int, int, Tuple[int, int], Tuple[int, int], Tuple[int, int], int]:
+    """``(KP, NP, forward tile, dx tile, weight tile, num_warps)`` for K inputs and N outputs, each
+    tile ``(BM, BH)``."""
     kp, np_ = max(16, next_pow2(K)), max(16, next_pow2(N))
-    wide = max(kp, np_)
-    if wide > 128:
-        return kp, np_, 32, 16, 16, 8
-    if wide > 64:
-        return kp, np_, 128, 32, 32, 8
-    return kp, np_, 64, 32, 32, 4
+    fwd, dx, w, warps = _TIERS[max(64, kp, np_)]
+    return kp, np_, fwd, dx, w, warps
 
 
 def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
@@ -251,6 +269,11 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
 
 
 @on_input_device
+def _col64(F: int, stride_f: int) -> bool:
+    """Whether a row's column offsets (up to ``(F - 1) * stride_f``) can reach 2**31."""
+    return (F - 1) * abs(stride_f) >= 2**31
+
+
 def _check_width(K: int, N: int) -> None:
     """The kernels hold a row's K inputs and N outputs whole (:func:`feed_forward` sends wider
     blocks to the reference; a caller of the ops themselves, e.g. an fx graph, gets this error)."""
@@ -268,11 +291,11 @@ def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     x, R, R2, s1, s2, sk = _rows(x)
     if R == 0 or N == 0:
         return out
-    kp, np_, bm, bh, _, warps = _config(K, N)
+    kp, np_, (bm, bh), _, _, warps = _config(K, N)
     launch(_ffn_fwd_kernel)[(cdiv(R, bm),)](
         out, x, w1, b1, w2, b2, R, R2, K, H, N, s1, s2, sk,
         *w1.stride(), b1.stride(0), *w2.stride(), b2.stride(0),
-        BM=bm, KP=kp, NP=np_, BH=bh, PREC=dot_precision(out.dtype), num_warps=warps,
+        BM=bm, KP=kp, NP=np_, BH=bh, PREC=dot_precision(out.dtype), COL64=_col64(K, sk), num_warps=warps,
     )
     return out
 
@@ -293,24 +316,25 @@ def _bwd_impl(grad: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.T
     if R == 0 or N == 0:  # no row, or no output: every gradient is zero
         dx = None if dx is None else dx.zero_()
         return (dx, *(g.zero_() for g in grads)) if params else (dx, None, None, None, None)
-    kp, np_, bm, bh, bhw, warps = _config(K, N)
+    kp, np_, _, (bm, bh), (bmw, bhw), warps = _config(K, N)
     prec = dot_precision(grad.dtype)
+    col64 = _col64(K, sk) or _col64(N, gn)
     if inputs:
         launch(_ffn_bwd_dx_kernel)[(cdiv(R, bm),)](
             dx, grad, x, w1, b1, w2, R, R2, K, H, N, s1, s2, sk, g1, g2, gn,
             *w1.stride(), b1.stride(0), *w2.stride(),
-            BM=bm, KP=kp, NP=np_, BH=bh, PREC=prec, num_warps=warps,
+            BM=bm, KP=kp, NP=np_, BH=bh, PREC=prec, COL64=col64, num_warps=warps,
         )
     if not params:
         return dx, None, None, None, None
     chunks = max(1, cdiv(H, bhw))  # one chunk even when H = 0: chunk 0 writes db2
-    row_blocks = cdiv(R, bm)
+    row_blocks = cdiv(R, bmw)
     G = max(1, min(row_blocks, persistent_programs(x.device) // chunks))
     part = torch.empty((G, H * K + H + N * H + N), device=x.device, dtype=torch.float32)
     launch(_ffn_bwd_w_kernel)[(G, chunks)](
         part, grad, x, w1, b1, w2, R, R2, K, H, N, row_blocks, s1, s2, sk, g1, g2, gn,
         *w1.stride(), b1.stride(0), *w2.stride(), part.stride(0),
-        BM=bm, KP=kp, NP=np_, BH=bhw, PREC=prec, num_warps=warps,
+        BM=bmw, KP=kp, NP=np_, BH=bhw, PREC=prec, COL64=col64, num_warps=warps,
     )
     sum_partials(part, grads)
     return (dx, *grads)

@@ -6,7 +6,7 @@ float64 on the very inputs the kernel saw (the fp16 roundings of the masters for
 ``FP32_TOL`` of both, fp16 (bf16 on a GPU) by the DESIGN §5 rule (kernel error vs float64 <= 2x the
 eager low-precision error). Sizes: K in {24, 40}, H in {33, 40, 72} (not multiples of the hidden
 chunk of 32), N in {24, 40}, and K or N of 72-160 (padded to 128 and 256: the other tile tiers of
-``_config``, with more than one row block at 128); x 1-D, 2-D
+``_TIERS``, with more than one row block at 128); x 1-D, 2-D
 (B = 1, 3), 3-D (T = 1, 7) and 4-D. Layouts: contiguous, a slice of the token dimension (the
 Interaction Arch's ``z[:, :n]``), a slice of the feature dimension (stride 2 along K), the last two
 dimensions transposed, the leading dimensions transposed (a 4-D x the launcher has to copy); the
@@ -262,7 +262,7 @@ def test_weight_kernel_loops_over_row_blocks(lead, h, layout, programs, grids, m
     grad = torch.randn(*lead, 24, generator=gen, dtype=F64)
     grids.clear()
     kern = run(K.feed_forward, masters, torch.float32, layout, grad)
-    _, _, bm, _, bhw, _ = K._config(24, 24)
+    _, _, _, _, (bm, bhw), _ = K._config(24, 24)  # the weight kernel's tile
     rows, chunks = math.prod(lead), -(-h // bhw)
     row_blocks = -(-rows // bm)
     G = max(1, min(row_blocks, K.persistent_programs(torch.device(DEVICE)) // chunks))
