@@ -109,8 +109,7 @@ def _row_offsets(r, R2, stride1, stride2):
 def _load_rows(T, r, r_ok, R2, stride1, stride2, stride_f, cols, F, COL64: tl.constexpr):
     """The ``[rows, cols]`` tile of T (rows past R and columns past F read as zero). ``COL64``: the
     column offsets in int64 as well, for a view whose columns lie 2**31 elements apart or more (a
-    feature-major one: ``stride_f`` = the row count); int32 otherwise (fewer registers: int64
-    columns spilled the weight kernel at 128 features)."""
+    feature-major one: ``stride_f`` = the row count); int32 otherwise (fewer registers)."""
     if COL64:
         cols_off = cols.to(tl.int64)[None, :] * stride_f
     else:
@@ -268,7 +267,6 @@ def _rows(t: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
     return (t, 1, 1, 0, 0, t.stride(0))
 
 
-@on_input_device
 def _col64(F: int, stride_f: int) -> bool:
     """Whether a row's column offsets (up to ``(F - 1) * stride_f``) can reach 2**31."""
     return (F - 1) * abs(stride_f) >= 2**31
@@ -282,6 +280,7 @@ def _check_width(K: int, N: int) -> None:
                          "(interformer.kernels.feed_forward.feed_forward runs the reference for wider blocks)")
 
 
+@on_input_device
 def _fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The output ``[..., N]`` in ``dtype`` (the compute dtype; None: x's)."""
