@@ -90,6 +90,11 @@ def layer_norm_params(dtype: torch.dtype, *params):
     return tuple(fit(p) for p in params)
 
 
+def describe_shape(t) -> str:
+    """A tensor's shape for an error message (the type's name for anything else)."""
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

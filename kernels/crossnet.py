@@ -229,8 +229,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs,
-                      sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
+                      persistent_programs, sum_partials)
 from ._dispatch import _functorch_wrapped, lean_function, needs_grad, needed as _needed, tracing, transformed
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -1367,13 +1367,9 @@ _CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _bat
 
 
 # ============================================================================ public functions
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_common(op: str, x0, named_lists) -> Tuple[int, int]:
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
-        raise ValueError(f"{op}: x0 must be a 2-D tensor [B, D], got {_shape(x0)}")
+        raise ValueError(f"{op}: x0 must be a 2-D tensor [B, D], got {describe_shape(x0)}")
     if x0.dtype not in _DTYPES:
         raise ValueError(f"{op}: x0 must be one of {_DTYPES}, got {x0.dtype}")
     lens = {name: len(lst) for name, lst in named_lists}
@@ -1389,7 +1385,7 @@ def _check_common(op: str, x0, named_lists) -> Tuple[int, int]:
                 raise ValueError(f"{op}: {name}[{i}] must be one of {_DTYPES}, got {t.dtype}")
     for i, b in enumerate(dict(named_lists)["biases"]):
         if b.shape not in ((D, 1), (D,)):
-            raise ValueError(f"{op}: biases[{i}] {_shape(b)} must be [D={D}, 1] (or [D])")
+            raise ValueError(f"{op}: biases[{i}] {describe_shape(b)} must be [D={D}, 1] (or [D])")
     devices = {t.device for t in [x0, *params]}
     if len(devices) != 1:
         raise ValueError(f"{op}: x0 and all parameters must be on one device, got {sorted(map(str, devices))}")
@@ -1440,9 +1436,9 @@ def low_rank_cross_net(
     R = ws[0].shape[-1] if ws[0].dim() == 2 else -1
     for i, (w, v) in enumerate(zip(ws, vs)):
         if w.shape != (D, R) or R < 1:
-            raise ValueError(f"{op}: w_kernels[{i}] {_shape(w)} must be [D={D}, r] with one r >= 1 for all layers")
+            raise ValueError(f"{op}: w_kernels[{i}] {describe_shape(w)} must be [D={D}, r] with one r >= 1 for all layers")
         if v.shape != (R, D):
-            raise ValueError(f"{op}: v_kernels[{i}] {_shape(v)} must be [r={R}, D={D}]")
+            raise ValueError(f"{op}: v_kernels[{i}] {describe_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
     # shapes the kernels do not take, or a torch.func transform (_dispatch.transformed): the reference
     if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or transformed():
@@ -1470,7 +1466,7 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
         return x0
     for i, w in enumerate(ws):
         if w.shape != (D, D):
-            raise ValueError(f"{op}: kernels[{i}] {_shape(w)} must be [D={D}, D={D}]")
+            raise ValueError(f"{op}: kernels[{i}] {describe_shape(w)} must be [D={D}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + bs)
     if B == 0 or transformed():  # as in low_rank_cross_net
         return _eager(op, x0, ws, bs)

@@ -89,7 +89,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device, persistent_programs, sum_partials
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
+                      persistent_programs, sum_partials)
 from ._dispatch import inline_when_compiled, launch, lean_function, needed, needs_grad, tracing, transformed
 
 __all__ = ["feed_forward"]
@@ -405,24 +406,20 @@ inline_when_compiled(feed_forward_fwd, feed_forward_bwd)
 
 
 # ============================================================================ public function
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check(x, w1, b1, w2, b2) -> None:
     op = "feed_forward"
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{op}: x must be a tensor [..., K], got {_shape(x)}")
+        raise ValueError(f"{op}: x must be a tensor [..., K], got {describe_shape(x)}")
     K = x.shape[-1]
     if not isinstance(w1, torch.Tensor) or w1.dim() != 2 or w1.shape[1] != K:
-        raise ValueError(f"{op}: w1 must be a tensor [H, K={K}], got {_shape(w1)}")
+        raise ValueError(f"{op}: w1 must be a tensor [H, K={K}], got {describe_shape(w1)}")
     H = w1.shape[0]
     if not isinstance(w2, torch.Tensor) or w2.dim() != 2 or w2.shape[1] != H:
-        raise ValueError(f"{op}: w2 must be a tensor [N, H={H}], got {_shape(w2)}")
+        raise ValueError(f"{op}: w2 must be a tensor [N, H={H}], got {describe_shape(w2)}")
     N = w2.shape[0]
     for name, t, n in (("b1", b1, H), ("b2", b2, N)):
         if not isinstance(t, torch.Tensor) or t.shape != (n,):
-            raise ValueError(f"{op}: {name} must be a tensor [{n}], got {_shape(t)}")
+            raise ValueError(f"{op}: {name} must be a tensor [{n}], got {describe_shape(t)}")
     tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:

@@ -122,8 +122,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, num_sms, on_input_device,
-                      sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
+                      on_input_device, sum_partials)
 from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed,
                         unused_arg)
 
@@ -536,28 +536,24 @@ inline_when_compiled(gated_lce_fwd, gated_lce_bwd)
 
 
 # ============================================================================ public function
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check(x, weight, bias, gate_weight, gate_bias) -> None:
     named = (("x", x, 3), ("weight", weight, 2), ("bias", bias, 1), ("gate_weight", gate_weight, 2),
              ("gate_bias", gate_bias, 1))
     for name, t, rank in named:
         if not isinstance(t, torch.Tensor) or t.dim() != rank:
-            raise ValueError(f"gated_lce: {name} must be a {rank}-D tensor, got {_shape(t)}")
+            raise ValueError(f"gated_lce: {name} must be a {rank}-D tensor, got {describe_shape(t)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"gated_lce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     B, n_in, d = x.shape
     if weight.shape[0] != n_in:
-        raise ValueError(f"gated_lce: weight {_shape(weight)} must be [n_in={n_in}, n_out] for x {_shape(x)}")
+        raise ValueError(f"gated_lce: weight {describe_shape(weight)} must be [n_in={n_in}, n_out] for x {describe_shape(x)}")
     n_out = weight.shape[1]
     if bias.shape != (n_out,):
-        raise ValueError(f"gated_lce: bias {_shape(bias)} must be [n_out={n_out}]")
+        raise ValueError(f"gated_lce: bias {describe_shape(bias)} must be [n_out={n_out}]")
     if gate_weight.shape != (d, d):
-        raise ValueError(f"gated_lce: gate_weight {_shape(gate_weight)} must be [d={d}, d={d}]")
+        raise ValueError(f"gated_lce: gate_weight {describe_shape(gate_weight)} must be [d={d}, d={d}]")
     if gate_bias.shape != (d,):
-        raise ValueError(f"gated_lce: gate_bias {_shape(gate_bias)} must be [d={d}]")
+        raise ValueError(f"gated_lce: gate_bias {describe_shape(gate_bias)} must be [d={d}]")
     devices = {t.device for _, t, _ in named}
     if len(devices) != 1:
         raise ValueError(f"gated_lce: all inputs must be on one device, got {sorted(map(str, devices))}")

@@ -62,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KERNEL_DTYPES, cdiv, layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, layer_norm_params, next_pow2, on_input_device,
+                      persistent_programs, sum_partials)
 from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed,
                         unused_arg)
 
@@ -310,10 +311,6 @@ inline_when_compiled(add_layer_norm_fwd, add_layer_norm_bwd)
 
 
 # ============================================================================ public function
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def add_layer_norm(
     x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -326,13 +323,13 @@ def add_layer_norm(
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), None)[0]
     op = "add_layer_norm"
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"{op}: x must be a tensor [..., N], got {_shape(x)}")
+        raise ValueError(f"{op}: x must be a tensor [..., N], got {describe_shape(x)}")
     N = x.shape[-1]
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape):
-        raise ValueError(f"{op}: residual {_shape(residual)} must have x's shape {_shape(x)} (or be None)")
+        raise ValueError(f"{op}: residual {describe_shape(residual)} must have x's shape {describe_shape(x)} (or be None)")
     for name, p in (("weight", weight), ("bias", bias)):
         if not isinstance(p, torch.Tensor) or p.shape != (N,):
-            raise ValueError(f"{op}: {name} {_shape(p)} must be [N={N}]")
+            raise ValueError(f"{op}: {name} {describe_shape(p)} must be [N={N}]")
     tensors = [x, weight, bias] + ([residual] if residual is not None else [])
     for t in tensors:
         if t.dtype not in _DTYPES:

@@ -92,8 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, dot_precision, int32_block, layer_norm_params, next_pow2, on_input_device,
-                      persistent_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, layer_norm_params, next_pow2,
+                      on_input_device, persistent_programs, sum_partials)
 from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed
 
 __all__ = ["pffn_mlp", "pffn_linear"]
@@ -491,25 +491,21 @@ inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 
 
 # ============================================================================ public functions
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_common(op, s, lengths, ln_weight, ln_bias):
     if not isinstance(s, torch.Tensor) or s.dim() != 3:
-        raise ValueError(f"{op}: s must be a 3-D tensor [B, L, d], got {_shape(s)}")
+        raise ValueError(f"{op}: s must be a 3-D tensor [B, L, d], got {describe_shape(s)}")
     if s.dtype not in _DTYPES:
         raise ValueError(f"{op}: s must be float32, float16 or bfloat16, got {s.dtype}")
     B, L, d = s.shape
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"{op}: lengths must be a 1-D tensor [B={B}], got {_shape(lengths)}")
+        raise ValueError(f"{op}: lengths must be a 1-D tensor [B={B}], got {describe_shape(lengths)}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"{op}: lengths must be an integer tensor, got {lengths.dtype}")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.shape != (d,):
-            raise ValueError(f"{op}: {name} must be a tensor [d={d}], got {_shape(t)}")
+            raise ValueError(f"{op}: {name} must be a tensor [d={d}], got {describe_shape(t)}")
         if t.dtype not in _DTYPES:
             raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
@@ -573,7 +569,7 @@ def pffn_mlp(
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape
     if not isinstance(w_b, torch.Tensor) or w_b.shape != (B, d, d):
-        raise ValueError(f"{op}: w_b must be a tensor [B={B}, d={d}, d={d}], got {_shape(w_b)}")
+        raise ValueError(f"{op}: w_b must be a tensor [B={B}, d={d}, d={d}], got {describe_shape(w_b)}")
     if w_b.dtype not in _DTYPES:
         raise ValueError(f"{op}: w_b must be float32, float16 or bfloat16, got {w_b.dtype}")
     _check_devices(op, (s, lengths, w_b, ln_weight, ln_bias))
@@ -613,10 +609,10 @@ def pffn_linear(
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape
     if not isinstance(x_sum, torch.Tensor) or x_sum.dim() != 3 or x_sum.shape[0] != B or x_sum.shape[2] != d:
-        raise ValueError(f"{op}: x_sum must be a tensor [B={B}, n_sum, d={d}], got {_shape(x_sum)}")
+        raise ValueError(f"{op}: x_sum must be a tensor [B={B}, n_sum, d={d}], got {describe_shape(x_sum)}")
     n_sum = x_sum.shape[1]
     if not isinstance(a, torch.Tensor) or a.shape != (n_sum, d):
-        raise ValueError(f"{op}: a must be a tensor [n_sum={n_sum}, d={d}], got {_shape(a)}")
+        raise ValueError(f"{op}: a must be a tensor [n_sum={n_sum}, d={d}], got {describe_shape(a)}")
     for name, t in (("x_sum", x_sum), ("a", a)):
         if t.dtype not in _DTYPES:
             raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
