@@ -398,7 +398,8 @@ class FeedForward(FusedModule, nn.Sequential):
     resolves to the reference: ``"auto"`` on a CPU, an op left to Inductor under ``torch.compile``),
     while the dropout can drop (training with ``p > 0``; the kernel has no dropout), and when a
     layer is not the plain layer the fused op stands for: another class (a subclass, ``GELU`` in
-    place of ``SiLU``, a parametrised or quantised ``Linear``), a hook on a layer or a global one
+    place of ``SiLU``, a parametrised or quantised ``Linear``), a ``Linear`` without a bias, a hook
+    on a layer or a global one
     (``torch.nn.utils.prune`` is a forward pre-hook), a ``forward`` or ``_call_impl`` set on the
     layer object, or a layer compiled with ``Module.compile``. Slicing returns a plain
     ``nn.Sequential`` of the chosen layers.
@@ -426,6 +427,8 @@ class FeedForward(FusedModule, nn.Sequential):
         if [type(m) for m in layers] != (_FFN_LAYERS_DROPOUT if len(layers) == 4 else _FFN_LAYERS):
             return False
         if len(layers) == 4 and layers[2].training and layers[2].p > 0:
+            return False
+        if layers[0].bias is None or layers[-1].bias is None:  # the op takes both biases
             return False
         if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
             return False

@@ -761,8 +761,13 @@ def _object_forward(m):
     m[2].forward = lambda x: F.linear(x, m[2].weight, m[2].bias) - 1.0
 
 
-@pytest.mark.parametrize("change", [_prune, _hook, _gelu, _subclass, _object_forward],
-                         ids=["prune", "hook", "gelu", "subclass", "object-forward"])
+def _no_bias(m):
+    torch.manual_seed(7)
+    m[2] = nn.Linear(m[2].in_features, m[2].out_features, bias=False)
+
+
+@pytest.mark.parametrize("change", [_prune, _hook, _gelu, _subclass, _object_forward, _no_bias],
+                         ids=["prune", "hook", "gelu", "subclass", "object-forward", "no-bias"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_module_runs_its_layers_when_they_are_not_the_plain_ones(change, backend):
     """A layer the fused op does not stand for (pruned, hooked, replaced, subclassed, given its own
@@ -782,8 +787,9 @@ def test_module_runs_its_layers_when_they_are_not_the_plain_ones(change, backend
         out = mod(x)
     assert not launched, dict(launched)
     assert torch.equal(out, nn.Sequential.forward(seq, x))
+    b2 = seq[-1].bias if seq[-1].bias is not None else torch.zeros(seq[-1].out_features, device=DEVICE)
     assert rel_err(out, R.feed_forward(x, seq[0].weight_orig if hasattr(seq[0], "weight_orig") else seq[0].weight,
-                                       seq[0].bias, seq[-1].weight, seq[-1].bias)) > 1e-3  # the change shows
+                                       seq[0].bias, seq[-1].weight, b2)) > 1e-3 or change is _no_bias  # it shows
 
 
 def test_module_global_hook_runs_the_layers():
