@@ -75,6 +75,8 @@ import os
 from typing import Callable, Optional, Tuple
 
 import torch
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
+                                     _global_forward_pre_hooks)
 
 from . import reference
 
@@ -277,6 +279,24 @@ def _kernel_function(module_name: str, op: str) -> Callable | None:
             fn = getattr(mod, op, None)
     _KERNELS[key] = fn
     return fn
+
+
+def global_module_hooks() -> bool:
+    """Whether a global module hook is registered (``register_module_forward_hook`` and its pre-,
+    backward and backward-pre kin): it would run around every module call."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks
+                or _global_backward_pre_hooks)
+
+
+def called_as_defined(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs its class's ``forward`` and nothing else of its own: no hook on
+    it (forward, forward pre, backward, backward pre), no ``forward`` or ``_call_impl`` set on the
+    object, not compiled with ``Module.compile``. A fused path that reads a submodule's parameters
+    instead of calling it is exact only then (with :func:`global_module_hooks` off, and a class whose
+    ``forward`` the fused path stands for: the caller's check)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or module._compiled_call_impl is not None
+                or "forward" in module.__dict__ or "_call_impl" in module.__dict__)
 
 
 def resolve(module_name: str, op: str, backend: str, device: Optional[torch.device],

@@ -14,15 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.module import (
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
 
 from . import reference
-from .backend import FusedModule
+from .backend import FusedModule, called_as_defined, global_module_hooks
 from .profiling import ranged
 from .reference import row_mask
 
@@ -430,13 +424,7 @@ class FeedForward(FusedModule, nn.Sequential):
             return False
         if layers[0].bias is None or layers[-1].bias is None:  # the op takes both biases
             return False
-        if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
-            return False
-        for m in layers:
-            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or m._compiled_call_impl is not None or "forward" in m.__dict__ or "_call_impl" in m.__dict__):
-                return False
-        return True
+        return not global_module_hooks() and all(called_as_defined(m) for m in layers)
 
     @ranged("FeedForward")
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,9 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from interformer import reference
-
-from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks,
-                                     _global_forward_pre_hooks)
+from interformer.backend import called_as_defined, global_module_hooks
 
 from ._dispatch import needs_grad
 
@@ -78,14 +76,12 @@ def _eligible(ids, tables: Sequence[torch.nn.Module]) -> bool:
     option the dense lookup ignores. Reads no weight (a parametrised one computes when read)."""
     if isinstance(ids, torch.fx.Proxy) or torch.jit.is_tracing() or not len(tables):
         return False
-    if _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks:
+    if global_module_hooks():
         return False
     for t in tables:
         cls = type(t)
         if (cls.forward is not _EMBEDDING_FORWARD or cls.__call__ is not _MODULE_CALL
-                or cls._call_impl is not _MODULE_CALL_IMPL or "forward" in t.__dict__ or "_call_impl" in t.__dict__
-                or t._compiled_call_impl is not None or t._forward_hooks
-                or t._forward_pre_hooks or t._backward_hooks or t._backward_pre_hooks
+                or cls._call_impl is not _MODULE_CALL_IMPL or not called_as_defined(t)
                 or t.padding_idx != 0 or t.max_norm is not None or t.scale_grad_by_freq or t.sparse):
             return False
     return True
