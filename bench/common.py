@@ -333,6 +333,14 @@ def captured(fn: Callable[[], None], warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
+def autocast_for(provider: str) -> torch.autocast:
+    """The benchmarks' autocast: ``DTYPE`` on a GPU, off on the CPU; without its weight-cast cache
+    for a CUDA-graph provider (:func:`captured`: a cast cached during capture would be a tensor the
+    replays never refresh)."""
+    return torch.autocast(DEVICE.type, dtype=DTYPE, enabled=ON_GPU,
+                          cache_enabled=not provider.endswith(GRAPH_SUFFIX))
+
+
 def synchronized(fn: Callable[[], None]) -> Callable[[], None]:
     def call():
         fn()

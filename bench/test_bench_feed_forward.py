@@ -82,9 +82,7 @@ def test_feed_forward(benchmark, shape_name, mode, provider):
     else:
         base = R.feed_forward
     fn = common.compiled(base, provider)
-    graphed = provider.endswith(common.GRAPH_SUFFIX)
-    autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
-                              cache_enabled=not graphed)
+    autocast = common.autocast_for(provider)
 
     def forward():
         with autocast:

@@ -65,9 +65,7 @@ def test_layernorm(benchmark, shape_name, use, mode, provider):
     else:
         base = R.add_layer_norm
     fn = common.compiled(base, provider)
-    graphed = provider.endswith(common.GRAPH_SUFFIX)
-    autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
-                              cache_enabled=not graphed)
+    autocast = common.autocast_for(provider)
 
     def forward():
         with autocast:

@@ -89,9 +89,7 @@ def test_model(benchmark, shape_name, mode, provider):
 def _measure(benchmark, provider, shape, mode):
     model = build(provider, shape)
     inputs, label = batch_for(shape, model.config if hasattr(model, "config") else config_for(shape))
-    graphed = provider.endswith("cudagraph")
-    autocast = torch.autocast(common.DEVICE.type, dtype=common.DTYPE, enabled=common.ON_GPU,
-                              cache_enabled=not graphed)
+    autocast = common.autocast_for(provider)
 
     if mode.startswith("train"):
         model.train()
