@@ -313,10 +313,11 @@ class Schema:
 
     @classmethod
     def from_file(cls, path: PathLike) -> "Schema":
-        """Read a ``.json``, ``.yaml`` or ``.yml`` schema file; errors name the file and the key."""
+        """Read a ``.json``, ``.yaml`` or ``.yml`` schema file (UTF-8, with or without a byte-order mark);
+        errors name the file and the key."""
         path = Path(path)
         suffix = path.suffix.lower()
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             if suffix == ".json":
                 d = json.load(fh)
             elif suffix in (".yaml", ".yml"):
@@ -780,10 +781,11 @@ class _Parser:
         for name, cell in zip(s.sequences, cells[self.q0:self.q0 + self.nk]):
             if isinstance(cell, list):
                 events = [t.strip() for t in cell]
+            elif cell and _WHITESPACE.search(cell):  # rare: strip the cell, then its events
+                stripped = cell.strip()  # first, so that a separator that is whitespace splits no edge
+                events = [t.strip() for t in stripped.split(s.seq_sep)] if stripped else []
             else:
-                events = cell.split(s.seq_sep) if cell and not cell.isspace() else []
-                if _WHITESPACE.search(cell):  # rare: strip only when there is something to strip
-                    events = [t.strip() for t in events]
+                events = cell.split(s.seq_sep) if cell else []
             if "" in events:
                 raise _Malformed(f"column {name!r}: empty event in the history {cell!r}")
             hists.append(events)
@@ -1237,8 +1239,9 @@ class _Columnar:
             col = cols[p.q0 + c]
             if isinstance(col, _Lists):
                 ev, cnt = col.values, col.counts
-            else:  # an empty or all-whitespace cell is an empty history; others are split unstripped
-                blank = _np(pc.binary_length(pc.utf8_trim(col, _PY_WHITESPACE))) == 0
+            else:  # an empty or all-whitespace cell is an empty history; others are split stripped
+                col = pc.utf8_trim(col, _PY_WHITESPACE)  # as the row parser does (a whitespace seq_sep)
+                blank = _np(pc.binary_length(col)) == 0
                 lists = pc.split_pattern(pc.if_else(pa.array(~blank), col, null), pattern=s.seq_sep)
                 cnt = _np(pc.fill_null(pc.list_value_length(lists), 0)).astype(np.int64)
                 ev = pc.list_flatten(lists)

@@ -142,6 +142,9 @@ dense_fill: null
     assert a.to_dict() == dict(d, seq_sep="^", csv_multiline=False)
     assert Schema.from_dict(a.to_dict()) == a
     assert a.columns() == ["label", "price", "user_id", "item_id", "cate_id", "item_history", "cate_history"]
+    for name in ("s.json", "s.yaml"):  # as a Windows editor may save them: a byte-order mark first
+        (tmp_path / f"bom-{name}").write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+        assert Schema.from_file(tmp_path / f"bom-{name}") == a
 
 
 @pytest.mark.parametrize("change, key", [
@@ -234,6 +237,23 @@ def test_a_sample_without_a_user_has_no_group(tmp_path, fmt, vectorized):
     (b,) = TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(8)
     assert b.group[3:].tolist() == [-1, -1] and bool((b.group[:3] >= 0).all())
     assert b.group[0] == b.group[2] != b.group[1]
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_whitespace_around_a_history_is_stripped_before_it_is_split(tmp_path, vectorized):
+    """A cell is stripped of surrounding whitespace, a history cell too, before it is split: with a
+    whitespace ``seq_sep`` (space-separated histories) a leading or trailing space made an empty
+    first or last event, and the row was refused as malformed. A doubled separator inside still is."""
+    path = write_text(tmp_path / "h.csv", "label,u,h\n1,u1,3 5 7\n0,u2, 3 5\n1,u3,3^5 \n0,u4,  \n")
+    schema = Schema(label="label", sparse=["u"], sequences=["h"], seq_sep=" ", max_seq_len=4)
+    vocabs, _ = build_vocabularies(path, schema, vectorized=vectorized)
+    (b,) = TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(8)
+    assert b.lengths.tolist() == [3, 2, 1, 0]
+    ids = vocabs["h"].lookup
+    assert b.seq[1, 0, :2].tolist() == [ids("3"), ids("5")] and b.seq[2, 0, 0] == ids("3^5")
+    bad = write_text(tmp_path / "bad.csv", "label,u,h\n1,u1,3  5\n")
+    with pytest.raises(DataError, match="empty event"):
+        build_vocabularies(bad, schema, vectorized=vectorized)
 
 
 def test_vocabulary_min_count_and_truncated_counting(tmp_path):
