@@ -42,15 +42,16 @@ Decisions:
   unsets the limit; only a :class:`TrainConfig` built directly, not by ``from_dict``, cannot set a
   run-control setting back to its default this way.) A resumed run that has nothing left to do
   (``max_steps`` reached, its epochs done, or early stopping's patience used up) trains no step; it
-  says so, rescores the final table and rewrites ``run.json``. A larger ``--patience`` continues an
-  early-stopped run, like a larger ``--epochs`` a finished one. The order of batches is a pure
-  function of (seed, epoch, rank), so the resumed run skips the batches already seen in the
-  interrupted epoch and then takes exactly the steps the uninterrupted run would have taken; on the
-  same machine both end with the same weights, as far as the operations themselves are
-  reproducible: on CUDA some PyTorch operations accumulate with atomics unless ``deterministic``
-  is on, and with ``--compile`` on CUDA the generated kernels may use atomics as well, which is not
-  bitwise reproducible, so there the equality holds to rounding only (as it does between two
-  uninterrupted compiled runs).
+  says so and rewrites ``run.json``, and a finished or early-stopped one also rescores the final
+  table (a run stopped at ``max_steps`` has none, resumed or not: it is unfinished). A larger
+  ``--patience`` continues an early-stopped run, like a larger ``--epochs`` a finished one. The
+  order of batches is a pure function of (seed, epoch, rank), so the resumed run skips the batches
+  already seen in the interrupted epoch and then takes exactly the steps the uninterrupted run
+  would have taken; on the same machine both end with the same weights, as far as the operations
+  themselves are reproducible: on CUDA some PyTorch operations accumulate with atomics unless
+  ``deterministic`` is on, and with ``--compile`` on CUDA the generated kernels may use atomics as
+  well, which is not bitwise reproducible, so there the equality holds to rounding only (as it
+  does between two uninterrupted compiled runs).
 * **torch.compile** (``compile``, ``compile_backend``, ``compile_mode``): the DDP-wrapped model is
   compiled (DDP first, as PyTorch recommends). ``compile_mode="reduce-overhead"`` adds CUDA graphs;
   at the DESIGN shapes a training step is launch-bound (on an H200 the fused model's 45.5 ms step
@@ -296,19 +297,25 @@ _KIND = {int: "an integer", float: "a number", bool: "true or false"}
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` as the type ``hint`` says, for the int, float and bool fields (optionally None).
+    """``value`` as the type ``hint`` says, for the int, float and bool fields and the optional text
+    fields (each optionally None).
 
     Settings files and ``KEY=VALUE`` text give strings for some numbers (PyYAML reads ``1e-3`` as a
     string: YAML 1.1 floats need a dot). Accepted: numbers or numeric strings for numbers (an int
     field takes ``"1e3"`` or ``2.0``, not ``2.5``; ``True`` is not a number), ``true/false/yes/no/
-    on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field. Anything else raises
-    ValueError naming the field. Other fields pass through unchanged."""
+    on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field, text ones included (so
+    ``--device none`` and ``--compile-mode none`` unset a settings file's value, as ``--patience
+    none`` does). Anything else raises ValueError naming the field. Other fields pass through
+    unchanged."""
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) is typing.Union and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else hint
+    unset = optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
+    if base is str:
+        return None if unset else value
     if base not in (int, float, bool):
         return value
-    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+    if value is None or unset:
         if optional:
             return None
         raise ValueError(f"{name} must be {_KIND[base]}, got None")
@@ -373,8 +380,9 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
 
 
 def load_settings(path: str) -> Dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict (a UTF-8 byte-order mark, as some
+    Windows editors write, is skipped)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
     if str(path).endswith((".yaml", ".yml")):
         try:
             import yaml

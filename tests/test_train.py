@@ -927,13 +927,21 @@ def test_cli_none_unsets_a_settings_file_value(tmp_path):
 
     from interformer.__main__ import _add_train_flags, train_config_from_args
 
-    (tmp_path / "s.json").write_text(json.dumps({"patience": 3, "clip_grad_norm": 1.0}))
+    (tmp_path / "s.json").write_text(json.dumps({"patience": 3, "clip_grad_norm": 1.0, "device": "cuda",
+                                                 "compile_mode": "reduce-overhead"}))
     parser = argparse.ArgumentParser()
     _add_train_flags(parser)
-    args = parser.parse_args(["--config", str(tmp_path / "s.json"), "--patience", "none", "--clip-grad-norm", "None"])
+    args = parser.parse_args(["--config", str(tmp_path / "s.json"), "--patience", "none", "--clip-grad-norm", "None",
+                              "--device", "none", "--compile-mode", "NULL"])
     cfg = train_config_from_args(args)
     assert cfg.patience is None and cfg.clip_grad_norm is None
+    # the optional text settings too (before, "none" was taken as a device name, and refused as a mode)
+    assert cfg.device is None and cfg.compile_mode is None
     assert train_config_from_args(parser.parse_args(["--patience", "4"])).patience == 4
+    assert train_config_from_args(parser.parse_args(["--device", "cpu"])).device == "cpu"
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "s.json").read_bytes())  # a Windows editor's
+    assert T.load_settings(str(tmp_path / "bom.json"))["patience"] == 3
+    assert T.TrainConfig(data="synthetic").data == "synthetic"  # a text setting that cannot be None is kept
 
 
 def test_json_safe_writes_strict_json_and_evaluate_infers_the_format():
