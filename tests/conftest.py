@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
+# Under pytest-xdist (`make test` runs one test process per core) each process gets its share of the
+# cores for torch's intra-op threads, rather than every process starting one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 and performance checks)")
