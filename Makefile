@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 # CPU-only machines take the CPU build of torch 2.13.0; machines with an NVIDIA driver take the CUDA build.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STAMP  := $(VENV)/.installed
-# Test processes (pytest-xdist): one per core, at most 4 (each holds about 1 GB). On the 2-core CI
-# machine two processes take the suite from about 700 s to about 580 s (2026-11-27).
+# Test processes (pytest-xdist): one per core, at most 4 (each holds about 1 GB), each with its share
+# of torch's threads (tests/conftest.py). On the 2-core CI machine (2026-11-27) the suite took 417 s
+# in two processes, 580 s in two without the thread split, about 700 s in one.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test test-gpu bench bench-smoke report audit clean

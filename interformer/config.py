@@ -21,7 +21,10 @@ class InterFormerConfig:
       or one token per field (``"per_field"``);
     * ``sparse_vocab_sizes``: one vocabulary size per categorical field (id 0 = missing);
     * ``seq_vocab_sizes``: one vocabulary size per behaviour channel (id 0 = padding);
-    * ``max_seq_len``: T, the stored length of the behaviour sequences.
+    * ``max_seq_len``: T, the stored length of the behaviour sequences of the synthetic data
+      (:func:`interformer.data.make_synthetic`). No parameter depends on it and the model takes a
+      batch of any ``T >= 1`` (rotary positions are computed per call): a file's length is its
+      schema's ``max_seq_len`` (:class:`interformer.dataio.Schema`), whatever the model's says.
 
     The defaults of the schema match :func:`interformer.data.make_synthetic`.
     ``backend`` is applied to every fused-capable module at construction (default: the
