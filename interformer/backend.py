@@ -7,7 +7,8 @@ Every fused-capable module takes ``backend=`` with one of:
   through the Triton interpreter by accident; a float64 model runs as it would in eager).
 * ``"eager"``  -- always the plain PyTorch reference of :mod:`interformer.reference`.
 * ``"triton"`` -- always the fused kernels of :mod:`interformer.kernels`; on CPU tensors this needs
-  ``TRITON_INTERPRET=1`` set before Triton is imported.
+  ``TRITON_INTERPRET=1`` set before Triton is imported (without it the first fused op raises a
+  RuntimeError that says so: ``kernels._common.device_guard``).
 
 Decision: ``"auto"`` looks at the module's *parameters*, not at the input tensor. Parameters are
 real tensors even while ``torch.fx.symbolic_trace`` or ``torch.compile`` traces the forward, so the

@@ -430,6 +430,16 @@ def _device_for(device: Optional[str], d: "Dist") -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _interpret_on_cpu(device: torch.device) -> None:
+    """A resumed run that moves to its checkpoint's CPU device (the command line named none) switches
+    on Triton's interpreter, as the CLI does for ``--device cpu`` before anything imports Triton
+    (``interformer.__main__``): a fused model can run on CPU tensors only under it. Only while
+    Triton is not yet imported (it decides at import); otherwise the first fused op raises, saying
+    so (``kernels._common.device_guard``)."""
+    if device.type == "cpu" and "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def check_device(device: torch.device) -> None:
     """ValueError unless ``device`` can be used here: a CUDA device needs CUDA and a GPU of that
     index. Checked before the data are read (which can take long), instead of PyTorch's
@@ -1016,6 +1026,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                                  f"{device}; pass --device")
             device = _device_for(cfg.device, d)
             check_device(device)
+            _interpret_on_cpu(device)
         if resume_state["world_size"] != d.world_size:
             raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
                              f"process(es); resume with the same number (now {d.world_size})")

@@ -32,10 +32,31 @@ _NO_GUARD = contextlib.nullcontext()
 def device_guard(device: torch.device):
     """A context making ``device`` the current CUDA device for the Triton launches inside it (Triton
     launches on the current device, not on the tensors'), or a shared no-op when it already is one,
-    or for a CPU tensor (the interpreter)."""
-    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+    or for a CPU tensor (the interpreter). RuntimeError for a CPU tensor when this process's kernels
+    were built for a GPU (see :func:`interpreted`)."""
+    if device.type != "cuda":
+        if device.type == "cpu" and not interpreted():
+            raise RuntimeError(_NOT_INTERPRETED)
+        return _NO_GUARD
+    if device.index is None or device.index == torch.cuda.current_device():
         return _NO_GUARD
     return torch.cuda.device(device)
+
+
+_NOT_INTERPRETED = (
+    "interformer: a fused Triton op was given CPU tensors, but Triton runs kernels on CPU tensors only "
+    "through its interpreter, which must be switched on (TRITON_INTERPRET=1) before Triton is imported. "
+    "On the CPU use backend='auto' or 'eager' (the same math in PyTorch ops; 'auto' takes it for CPU "
+    "parameters), or start the process with TRITON_INTERPRET=1 (slow: for tests)")
+
+
+def interpreted() -> bool:
+    """Whether this process's kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` was set
+    when Triton decorated them (it decides once, at ``@triton.jit``; setting it later changes
+    nothing). Without it a launch on CPU tensors fails inside Triton with a message that names no
+    cause ("0 active drivers" on a machine without a GPU, a pointer error on one with), so
+    :func:`device_guard` refuses such a launch first, naming the fix."""
+    return _INTERPRETED
 
 
 def on_input_device(launcher):
@@ -144,6 +165,9 @@ def _sum_partials_kernel(
     tl.store(OUT1 + tl.where(s1, c - e1, 0), acc.to(OUT1.dtype.element_ty), mask=s1)
     tl.store(OUT2 + tl.where(s2, c - e2, 0), acc.to(OUT2.dtype.element_ty), mask=s2)
     tl.store(OUT3 + tl.where(s3, c - e3, 0), acc.to(OUT3.dtype.element_ty), mask=s3)
+
+
+_INTERPRETED = not isinstance(_sum_partials_kernel, triton.runtime.jit.JITFunction)
 
 
 def sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:

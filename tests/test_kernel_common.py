@@ -1,6 +1,9 @@
 """kernels/_common.py: the fixed-order partial-sum reduction every backward shares, and the sizing helpers."""
 
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +89,42 @@ def test_launches_go_to_the_first_tensor_arguments_device(monkeypatch):
     launcher("cpu", torch.zeros(2))
     assert seen == [("other device", [1], True), ("same device", [1, "exit"], False), ("cpu", [1, "exit"], False)]
     assert entered == [1, "exit"]
+
+
+def test_interpreted_says_how_triton_built_the_kernels():
+    assert C.interpreted() == (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def test_a_launch_on_cpu_tensors_without_the_interpreter_names_the_fix(monkeypatch):
+    """Kernels built for a GPU cannot run on CPU tensors; Triton's own error names no cause."""
+    monkeypatch.setattr(C, "_INTERPRETED", False)
+
+    @C.on_input_device
+    def launcher(x):
+        return x
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*backend='auto' or 'eager'"):
+        launcher(torch.zeros(2))
+    assert launcher(3) == 3  # no tensor argument: nothing to check
+
+
+def test_a_fused_model_on_the_cpu_without_the_interpreter_raises_the_named_fix():
+    """The same, end to end in a process that imported Triton without its interpreter (on a machine
+    without a GPU, Triton's launcher said "0 active drivers")."""
+    script = (
+        "import torch\n"
+        "from interformer import InterFormerCTR, InterFormerConfig\n"
+        "from interformer.data import make_synthetic\n"
+        "c = InterFormerConfig(d_model=16, num_heads=1, num_layers=1, max_seq_len=8, pffn_hidden=32, backend='triton')\n"
+        "try:\n"
+        "    InterFormerCTR(c)(*make_synthetic(4, c).inputs())\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "interformer: a fused Triton op was given CPU tensors" in res.stdout, res.stdout[-3000:]
 
 
 def test_every_launcher_is_guarded():

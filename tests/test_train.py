@@ -922,6 +922,27 @@ def test_dcn_biases_get_no_weight_decay():
     assert not any(".bias" in n for n in names)
 
 
+def test_a_run_resumed_onto_its_checkpoints_cpu_switches_on_the_interpreter():
+    """A resumed run takes its checkpoint's device; moved to the CPU that way (on a GPU machine, the
+    command line naming none) it switches on Triton's interpreter, as ``--device cpu`` does, while
+    Triton is not yet imported. In a fresh process: this one imported Triton long ago."""
+    script = ("import os, sys, torch\n"
+              "from interformer import train as T\n"
+              "assert 'triton' not in sys.modules\n"
+              "T._interpret_on_cpu(torch.device('cuda', 0))\n"
+              "print(os.environ.get('TRITON_INTERPRET'))\n"
+              "T._interpret_on_cpu(torch.device('cpu'))\n"
+              "print(os.environ.get('TRITON_INTERPRET'))\n"
+              "del os.environ['TRITON_INTERPRET']\n"
+              "import triton\n"
+              "T._interpret_on_cpu(torch.device('cpu'))\n"  # too late to matter: left alone
+              "print(os.environ.get('TRITON_INTERPRET'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["None", "1", "None"]
+
+
 def test_cli_none_unsets_a_settings_file_value(tmp_path):
     import argparse
 
