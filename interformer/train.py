@@ -73,7 +73,8 @@ Decisions:
   slows some CUDA operations and changes nothing on CPU.
 * **Validation** runs on rank 0 only, over the whole validation split (exact metrics, no padded
   duplicates), and the result is broadcast so every rank takes the same early-stopping decision.
-  Early stopping: after ``patience`` epochs without a better validation AUC. An epoch whose
+  Early stopping: after ``patience`` epochs without a better validation AUC (a run without a
+  validation split warns that ``patience`` has no effect, and trains every epoch). An epoch whose
   validation AUC is NaN (undefined: the validation rows hold one label class, or the scores are not
   finite) prints a warning saying which, does not count toward ``patience`` and cannot write
   ``best.pt``; when no epoch had a defined AUC, the run ends saying that no best checkpoint could
@@ -1057,6 +1058,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         raise ValueError(f"{', '.join(empty)}: no rows (an empty file, or every row skipped as malformed)")
     # the counting pass above was the first full pass: ``skipped`` now holds one pass's bad rows
     skipped = {k: v.skipped for k, v in splits.items()}
+    if cfg.patience is not None and "valid" not in splits:
+        say(f"warning: patience {cfg.patience} has no effect: early stopping follows the validation AUC, and "
+            "this run has no validation split (valid files, or synthetic_valid > 0)")
 
     seed_everything(cfg.seed)  # the same initial weights on every rank and for every data source
     # a resumed run keeps the backend its model was built with (its checkpoint's model_config)

@@ -922,6 +922,14 @@ def test_dcn_biases_get_no_weight_decay():
     assert not any(".bias" in n for n in names)
 
 
+def test_patience_without_a_validation_split_warns_and_trains_every_epoch(tmp_path, capsys):
+    s = T.train(tiny_config(tmp_path / "run", synthetic_train=128, synthetic_valid=0, patience=1, epochs=2))
+    assert s["status"] == "finished" and len(s["epochs"]) == 2
+    assert "warning: patience 1 has no effect" in capsys.readouterr().out
+    T.train(tiny_config(tmp_path / "run2", synthetic_train=128, synthetic_valid=64, patience=1, epochs=1))
+    assert "has no effect" not in capsys.readouterr().out
+
+
 def test_a_run_resumed_onto_its_checkpoints_cpu_switches_on_the_interpreter():
     """A resumed run takes its checkpoint's device; moved to the CPU that way (on a GPU machine, the
     command line naming none) it switches on Triton's interpreter, as ``--device cpu`` does, while
