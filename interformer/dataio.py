@@ -20,9 +20,10 @@ Decisions (what the code below does, and why):
   would get an embedding row that is never trained.
 * **Raw ids are strings.** A cell is stripped of surrounding whitespace. Parquet values are turned
   into the string a CSV writer would produce for them, with integral floats written as integers
-  (``123.0`` -> ``"123"``) and booleans as ``"1"``/``"0"``, so that CSV ``123`` and Parquet ``123``
-  share one key. (A CSV cell ``123.0`` stays the string ``"123.0"``: in a text file it is a
-  different token.)
+  (``123.0`` -> ``"123"``), a float NaN as an empty cell (missing, as a null is: pandas' ``to_csv``
+  writes it so, and a Spark-written file may hold NaN where pandas would have stored a null) and
+  booleans as ``"1"``/``"0"``, so that CSV ``123`` and Parquet ``123`` share one key. (A CSV cell
+  ``123.0`` stays the string ``"123.0"``: in a text file it is a different token.)
 * **Histories.** A history cell is split on ``seq_sep`` (Parquet cells may also hold lists); an
   empty cell is an empty history. An empty event inside a history (``"3^^5"``, a trailing ``^``)
   is a malformed row, not an id 0: id 0 inside the valid length would read as padding. All
@@ -457,6 +458,8 @@ def _cell_str(v) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
+        if v != v:  # NaN: missing, as a CSV writer (pandas' to_csv) writes it
+            return ""
         return str(int(v)) if v.is_integer() else repr(v)
     if isinstance(v, bytes):
         return v.decode("utf-8")
@@ -1073,7 +1076,7 @@ def _arrow_strings(arr):
         out = pc.if_else(arr, "1", "0")
     elif pat.is_float32(t) or pat.is_float64(t):
         v = _np(pc.cast(arr, pa.float64()))
-        valid = _np(arr.is_valid())
+        valid = _np(arr.is_valid()) & ~np.isnan(v)  # a NaN is missing, as a null is (_cell_str)
         with np.errstate(invalid="ignore"):
             integral = valid & np.isfinite(v) & (np.trunc(v) == v) & (np.abs(v) < 2.0 ** 53)
         out = pc.cast(pa.array(np.where(integral, v, 0.0).astype(np.int64), mask=~integral), pa.string())

@@ -256,6 +256,35 @@ def test_whitespace_around_a_history_is_stripped_before_it_is_split(tmp_path, ve
         build_vocabularies(bad, schema, vectorized=vectorized)
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_a_parquet_float_nan_is_a_missing_value_as_a_null_is(tmp_path, vectorized):
+    """A float NaN in a Parquet file (a Spark writer keeps NaN apart from null; pandas stores a null)
+    reads as an empty cell, as pandas' ``to_csv`` would write it: a missing id (0), no user group, a
+    dense value taking ``dense_fill``. Before, it was the token "nan" (one shared id, one gAUC user) and
+    a malformed dense value."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    nan = float("nan")
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({
+        "label": pa.array([1, 0, 1, 0], pa.int64()),
+        "price": pa.array([0.5, nan, None, 2.0], pa.float64()),
+        "user_id": pa.array([3.0, nan, 3.0, None], pa.float64()),
+        "item_id": pa.array([10.0, 11.0, nan, None], pa.float32()),
+        "item_history": pa.array(["10^11", "", "11", ""], pa.string())}), path)
+    schema = Schema(label="label", dense=["price"], sparse=["user_id", "item_id"], sequences=["item_history"],
+                    user="user_id", shared_vocab={"item_history": "item_id"}, max_seq_len=4, dense_fill=-1.0)
+    vocabs, _ = build_vocabularies(path, schema, vectorized=vectorized)
+    assert "nan" not in vocabs["item_id"].tokens and vocabs["user_id"].tokens == ["3"]
+    (b,) = TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(8)
+    assert b.dense.flatten().tolist() == [0.5, -1.0, -1.0, 2.0]
+    assert b.sparse[:, 0].tolist() == [2, 0, 2, 0] and b.sparse[:, 1].tolist()[2:] == [0, 0]
+    assert b.group.tolist()[1::2] == [-1, -1] and b.group[0] == b.group[2] >= 0
+    strict = Schema(**dict(schema.to_dict(), dense_fill=None))  # then a NaN is as malformed as a null
+    with pytest.warns(DataWarning, match="row 2: column 'price': empty dense value"):
+        _, skipped = build_vocabularies(path, strict, vectorized=vectorized, on_error="skip")
+    assert skipped == 2
+
+
 def test_vocabulary_min_count_and_truncated_counting(tmp_path):
     path = write_text(tmp_path / "train.csv", TRAIN)
     v, _ = build_vocabularies(path, Schema(**dict(AMAZON, max_seq_len=5, min_count=2)))
