@@ -1,7 +1,7 @@
 """What one model step asks of the host, counted: aten ops, Triton launches and autograd nodes of the
 eager and the fused model, by arch. No GPU needed.
 
-    python profiling/step_ops.py [--shape taobao] [--batch 4] [--inference] [--time]
+    python profiling/step_ops.py [--shape taobao] [--batch 4] [--inference] [--time] [--by-op N]
 
 Why: at the DESIGN §6 shapes a plain (not CUDA-graphed, not compiled) step is bound by the host
 (H200: the fused ``taobao`` training step took 31.6 ms on the calling thread, 10.8 ms as a graph
@@ -109,12 +109,16 @@ class _Where:
             h.remove()
 
 
-def _counting_mode(counter: Counter, where: Optional[_Where]):
+def _counting_mode(counter: Counter, where: Optional[_Where], ops: Counter):
+    """A dispatch mode counting each aten op under the arch it comes from (``counter``) and, by name,
+    under ``(arch, op)`` (``ops``; op = the overload packet's name, e.g. ``_to_copy``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            counter[where.key() if where is not None else "backward"] += 1
+            key = where.key() if where is not None else "backward"
+            counter[key] += 1
+            ops[key, func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
     return Count()
@@ -187,24 +191,26 @@ def _step(model, inputs, label, inference: bool):
 
 def count(model, inputs, label, inference: bool) -> Dict[str, object]:
     """One counted step of ``model`` (after one warm-up): ``{"forward": Counter by arch,
-    "backward": int, "launches_fwd": int, "launches_bwd": int, "nodes": Counter by kind}``."""
+    "backward": int, "launches_fwd": int, "launches_bwd": int, "nodes": Counter by kind, "ops":
+    Counter by (arch or "backward", aten op name)}``."""
     from interformer.profiling import triton_launches
 
     forward, backward, grad_mode = _step(model, inputs, label, inference)
-    result = {"forward": Counter(), "backward": 0, "launches_fwd": 0, "launches_bwd": 0, "nodes": Counter()}
+    result = {"forward": Counter(), "backward": 0, "launches_fwd": 0, "launches_bwd": 0, "nodes": Counter(),
+              "ops": Counter()}
     where = _Where(model)
     try:
         with triton_launches(run=False) as launches, grad_mode:
             backward(forward())  # warm-up
             launches.clear()
-            with _counting_mode(result["forward"], where):
+            with _counting_mode(result["forward"], where, result["ops"]):
                 loss = forward()
             result["launches_fwd"] = sum(launches.values())
             if not inference:
                 result["nodes"] = _nodes(loss.grad_fn)
                 launches.clear()
                 counted = Counter()
-                with _counting_mode(counted, None):
+                with _counting_mode(counted, None, result["ops"]):
                     backward(loss)
                 result["backward"] = counted["backward"]
                 result["launches_bwd"] = sum(launches.values())
@@ -252,6 +258,22 @@ def table(results: Dict[str, Dict[str, object]], inference: bool) -> str:
     return "\n".join(lines)
 
 
+def by_op(results: Dict[str, Dict[str, object]], most: int) -> str:
+    """Where each backend's aten ops come from, by name: for every arch (and the backward) the
+    ``most`` most frequent ops, ``name x count``. What a change meant to cut ops would remove."""
+    lines = []
+    for backend, r in results.items():
+        lines.append(f"{backend}:")
+        places = [a for a in ARCHES for a in (a, f"{a}, nn.Linear")] + ["backward"]
+        for place in places:
+            ops = Counter({op: n for (where, op), n in r["ops"].items() if where == place})
+            if ops:
+                top = ", ".join(f"{op} x{n}" for op, n in ops.most_common(most))
+                more = len(ops) - min(most, len(ops))
+                lines.append(f"  {place} ({sum(ops.values())}): {top}" + (f", ... ({more} more)" if more else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import common
 
@@ -260,6 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="samples per step (the counts do not depend on it)")
     parser.add_argument("--inference", action="store_true", help="the forward alone, under torch.no_grad()")
     parser.add_argument("--time", action="store_true", help="also time each step, launches skipped (a host proxy)")
+    parser.add_argument("--by-op", type=int, default=0, metavar="N",
+                        help="also list, per arch and for the backward, each backend's N most frequent aten ops")
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.error("--batch must be at least 2 (the bench batch has one full and one empty sequence)")
@@ -277,6 +301,9 @@ def main(argv=None) -> int:
     print(f"one {what} at {args.shape}'s sizes (batch {args.batch}), bf16 autocast on "
           f"{common.DEVICE.type}, Triton launches counted and skipped")
     print(table(results, args.inference))
+    if args.by_op > 0:
+        print(f"\nmost frequent aten ops by where they come from (top {args.by_op}):")
+        print(by_op(results, args.by_op))
     if seconds:
         sizes = ", ".join(f"{k} = {v}" for k, v in TIMING_SIZES.items())
         print(f"\nstep time with every launch skipped, at {sizes} (this machine's host; on a CPU a rough proxy, "

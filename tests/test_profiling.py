@@ -2,7 +2,9 @@
 
 import importlib.util
 import os
+import re
 import sys
+from collections import Counter
 
 import pytest
 
@@ -503,9 +505,18 @@ def test_step_ops_counts_a_training_step_of_each_backend(step_ops, capsys):
     model, inputs, label = step_ops.build("smoke", "triton", B=5)
     assert step_ops.count(model, inputs, label, inference=False) == fused
 
-    assert step_ops.main(["--shape", "smoke", "--batch", "2"]) == 0
+    for r in counts.values():  # the ops by name add up to the counts by arch, forward and backward
+        by_place = Counter()
+        for (place, _), n in r["ops"].items():
+            by_place[place] += n
+        assert by_place == Counter(dict(r["forward"], backward=r["backward"]))
+    assert fused["ops"]["backward", "mm"] < eager["ops"]["backward", "mm"]
+
+    assert step_ops.main(["--shape", "smoke", "--batch", "2", "--by-op", "3"]) == 0
     out = capsys.readouterr().out
     assert "autograd nodes, all" in out and "backward Triton launches" in out
+    listed = out.split("most frequent aten ops")[1]
+    assert "triton:" in listed and re.search(r"  backward \(\d+\): \w+ x\d+, \w+ x\d+, \w+ x\d+", listed)
 
 
 def test_step_ops_inference_and_timing(step_ops, capsys):
