@@ -572,6 +572,8 @@ def gated_lce(
     x ``[B, n_in, d]`` (any strides), weight ``[n_in, n_out]``, bias ``[n_out]``, gate_weight
     ``[d, d]``, gate_bias ``[d]`` -> contiguous ``[B, n_out, d]``.
     """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
+        return torch.ops.interformer.gated_lce_fwd(x, weight, bias, gate_weight, gate_bias)
     _check(x, weight, bias, gate_weight, gate_bias)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

@@ -565,6 +565,8 @@ def pffn_mlp(
     s ``[B, L, d]`` (any strides), lengths ``[B]``, w_b ``[B, d, d]``, ln_weight/ln_bias ``[d]``
     -> contiguous ``[B, L, d]``.
     """
+    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
+        return torch.ops.interformer.pffn_mlp_fwd(s, lengths, w_b, ln_weight, ln_bias, float(eps))
     op = "pffn_mlp"
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape
@@ -605,6 +607,8 @@ def pffn_linear(
     s ``[B, L, d]`` (any strides), lengths ``[B]``, x_sum ``[B, n_sum, d]``, a ``[n_sum, d]``,
     ln_weight/ln_bias ``[d]`` -> contiguous ``[B, L, d]``.
     """
+    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
+        return torch.ops.interformer.pffn_linear_fwd(s, lengths, x_sum, a, ln_weight, ln_bias, float(eps))
     op = "pffn_linear"
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape

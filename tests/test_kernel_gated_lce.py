@@ -490,3 +490,21 @@ def test_backward_op_returns_each_gradient_in_its_parameters_dtype(gw_mode, monk
     ref = torch.autograd.grad(R.gated_lce(*leaves), leaves, g.half().double())
     for name, k, r in zip(NAMES[1:], got, ref):
         assert_rel(k, r, 5e-3, name)  # fp16 operands of the dots (Y, dZ, dY rounded): ~5e-4 here
+
+
+def test_module_fx_symbolic_trace_records_the_op():
+    """``torch.fx.symbolic_trace`` of the fused module records the custom op (the argument checks
+    refused the Proxy before), and the traced module computes the module's output and gradients."""
+    module = GatedLCE(7, 3, 24, backend="triton").to(DEVICE)
+    gm = torch.fx.symbolic_trace(module)
+    assert "torch.ops.interformer.gated_lce_fwd" in gm.code, gm.code
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    leaves = [x, *module.parameters()]
+    results = []
+    for m in (gm, module):
+        out = m(x)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (out_gm, g_gm), (out_m, g_m) = results
+    assert_rel(out_gm, out_m, FP32_TOL, "out")
+    for i, (a, b) in enumerate(zip(g_gm, g_m)):
+        assert_rel(a, b, FP32_TOL, f"grad {i}")

@@ -622,3 +622,25 @@ def test_kernels_at_their_limits_fit_h100_shared_memory():
                               num_warps=warps, shape=[name, d, n_sum, linear]))
     for b in aot_build_sm90(cases, workers=2):
         assert b["shared"] <= 232448, (b["kernel"], b["shape"], b["shared"])
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_module_fx_symbolic_trace_records_the_op(mode):
+    """``torch.fx.symbolic_trace`` of the fused module records the custom op of its mode (the
+    argument checks refused the Proxy before), and the traced module computes the module's output
+    and gradients, padded rows included."""
+    module = PersonalizedFFN(24, 3, mode=mode, hidden=16, backend="triton").to(DEVICE)
+    gm = torch.fx.symbolic_trace(module)
+    assert f"torch.ops.interformer.pffn_{mode}_fwd" in gm.code, gm.code
+    s = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    x_sum = torch.randn(2, 3, 24, device=DEVICE, requires_grad=True)
+    lengths = torch.tensor([0, 5], device=DEVICE)
+    leaves = [s, x_sum, *module.parameters()]
+    results = []
+    for m in (gm, module):
+        out = m(s, x_sum, lengths)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (out_gm, g_gm), (out_m, g_m) = results
+    assert_rel(out_gm, out_m, FP32_TOL, "out")
+    for i, (a, b) in enumerate(zip(g_gm, g_m)):
+        assert_rel(a, b, FP32_TOL, f"grad {i}")
