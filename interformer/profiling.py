@@ -216,6 +216,11 @@ def ranged(name: str):
                     return _with_backward_range(fn, name, args, kwargs)
                 return fn(*args, **kwargs)
 
+        # each wrapper its own code object: dynamo keeps its compiled graphs, and its recompile
+        # limit (8), per code object, so with one shared code every fused module compiled on its own
+        # (regional compilation) spent one budget: the ninth graph failed under fullgraph=True, and
+        # without it ran uncompiled
+        inner.__code__ = inner.__code__.replace(co_name=f"{fn.__name__}_of_{name}")
         return inner
 
     return wrap

@@ -619,6 +619,32 @@ def test_a_missing_nvtx_package_is_looked_for_once(monkeypatch, ranges_on):
     assert len(attempts) <= 1, len(attempts)
 
 
+def test_each_ranged_forward_compiles_on_its_own_budget():
+    """Dynamo keeps compiled graphs and its recompile limit per code object. Every fused module's
+    forward is wrapped by ``ranged``; the wrappers shared one code object, so modules compiled one
+    by one (regional compilation) spent one limit between them: with the limit at 2 here, the third
+    module failed under ``fullgraph=True``."""
+    import torch
+
+    from interformer.layers import (DotInteraction, FeedForward, GatedLCE, LowRankCrossNet, ResidualLayerNorm,
+                                    RotaryMultiHeadAttention)
+
+    forwards = [cls.forward for cls in (DotInteraction, FeedForward, GatedLCE, LowRankCrossNet, ResidualLayerNorm,
+                                        RotaryMultiHeadAttention)]
+    assert len({f.__code__ for f in forwards}) == len(forwards)
+    assert GatedLCE.forward.__code__.co_name == "forward_of_GatedLCE"
+    modules = [(GatedLCE(5, 3, 8, backend="eager"), (torch.randn(2, 5, 8),)),
+               (DotInteraction(4, 8, backend="eager"), (torch.randn(2, 4, 8),)),
+               (ResidualLayerNorm(8, backend="eager"), (torch.randn(2, 3, 8),))]
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=2):
+            for module, args in modules:
+                torch.compile(module, backend="eager", fullgraph=True)(*args)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_nvtx_env_values_that_mean_off():
     """``INTERFORMER_NVTX=off`` (or no, false, FALSE, 0, empty) leaves the ranges off; it used to turn
     them on (only "", "0", "false", "False" counted as off)."""
