@@ -403,7 +403,11 @@ class FusedModule(torch.nn.Module):
         backend = self._backend
         if backend == "auto":
             return resolve(module_name, op, backend, *self._placement())
-        return resolve(module_name, op, backend, None)  # "eager"/"triton" never look at the device
+        if backend == "triton" and self._placement()[0].type == "meta":
+            # parameters without data (a model built on the meta device, run to infer shapes or
+            # count FLOPs): the reference's aten ops have meta kernels, the launchers nothing to read
+            return getattr(reference, op)
+        return resolve(module_name, op, backend, None)  # "eager" never looks at the device
 
     def has_kernels(self) -> bool:
         """True when every fused kernel this module needs is importable."""

@@ -6,7 +6,8 @@ each) and read back in ONE transfer, so a batch costs one device-to-host sync, n
 the error messages are then built on the host.
 
 Models skip these value checks while being traced or compiled (``torch.compile``,
-``torch.fx``), under CUDA graph capture (a sync there is not allowed), and when
+``torch.fx``), under CUDA graph capture (a sync there is not allowed), on the meta device (no
+data: a model run there to infer shapes or count FLOPs), and when
 ``InterFormerConfig.validate_inputs`` is False: a compiled model checks only ranks, dtypes and
 shapes, and silently takes lengths out of ``[0, T]``, ids out of their vocabulary or NaN/inf in
 ``dense``. Decision: they are not forced back in with ``torch.compiler.disable``, which would add a
@@ -32,7 +33,7 @@ def _check(cond: bool, name: str, problem) -> None:
 
 
 def _value_checks_allowed(t: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or isinstance(t, torch.fx.Proxy):
+    if torch.compiler.is_compiling() or isinstance(t, torch.fx.Proxy) or t.is_meta:
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

@@ -586,3 +586,21 @@ def test_fused_backward_runs_twice_on_a_retained_graph(variant):
         assert torch.equal(p.grad, 2 * first[n]), (
             f"{variant}: second backward gave a different gradient for {n} "
             f"(max |diff| {float((p.grad - 2 * first[n]).abs().max()):.3e})")
+
+
+def test_a_model_on_the_meta_device_runs_as_eager_does():
+    """A model built on the meta device (no data: run to infer shapes, or to count FLOPs before
+    allocating) runs forward and backward on meta inputs with the fused backend as with eager: the
+    fused modules take the reference there (nothing for a launcher to read), and the batch's value
+    checks, which read the data back, are skipped. Before, the first fused op failed (autocast
+    has no meta device) and, on either backend, the value checks ("Cannot copy out of meta tensor")."""
+    results = {}
+    for backend in ("eager", "triton"):
+        with torch.device("meta"):
+            model = InterFormerCTR(tiny_config(backend=backend))
+        *inputs, label = [t.to("meta") for t in random_batch(model.config, [0, 3, 6], 6)]
+        logits = model(*inputs)
+        model.loss(logits, label).backward()
+        assert logits.is_meta and all(p.grad is not None and p.grad.is_meta for p in model.parameters())
+        results[backend] = (logits.shape, logits.dtype, [(n, p.grad.shape) for n, p in model.named_parameters()])
+    assert results["triton"] == results["eager"]
