@@ -3,7 +3,10 @@
 Each module owns its parameters and picks its implementation through ``backend``
 (see :mod:`interformer.backend`). The eager path calls :mod:`interformer.reference`; the fused
 path calls the function of the same name in :mod:`interformer.kernels`. Both paths read the same
-parameters, so ``state_dict`` keys and values never depend on the backend.
+parameters, so ``state_dict`` keys and values never depend on the backend. Where an op reads a
+child module's parameters (``GatedLCE.gate``, ``PersonalizedFFN.norm``, PMA's projections,
+``FeedForward``'s layers), the module calls the child instead whenever that would compute
+something else (:func:`_read_as_called`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,18 @@ from .reference import row_mask
 #: the layer classes a FeedForward's fused op stands for, exactly (a subclass may compute otherwise)
 _FFN_LAYERS = [nn.Linear, nn.SiLU, nn.Linear]
 _FFN_LAYERS_DROPOUT = [nn.Linear, nn.SiLU, nn.Dropout, nn.Linear]
+
+
+def _read_as_called(*modules: nn.Module, cls: type) -> bool:
+    """Whether reading each of ``modules``' parameters computes what calling it would: exactly
+    ``cls`` (a subclass may compute otherwise) with a weight and a bias, called as defined (no
+    hook on it, ``prune`` included; no per-object forward; not ``Module.compile``'d) and no global
+    module hook. The modules below that read a child's parameters (into the fused op or the
+    reference alike) call the child instead when this is False, so that the hook runs, the pruned
+    weight is the one used, the swapped-in class computes, as in a plain ``nn.Module`` tree."""
+    return not global_module_hooks() and all(
+        type(m) is cls and m.weight is not None and m.bias is not None and called_as_defined(m) for m in modules)
+
 
 __all__ = [
     "GatedLCE",
@@ -59,6 +74,8 @@ class GatedLCE(FusedModule):
 
     @ranged("GatedLCE")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _read_as_called(self.gate, cls=nn.Linear):  # a hooked, pruned or swapped gate: call it
+            return reference._gated_lce_with(x, self.weight, self.bias, self.gate)
         fn = self._op("gated_lce", "gated_lce")
         return fn(x, self.weight, self.bias, self.gate.weight, self.gate.bias)
 
@@ -113,6 +130,10 @@ class PersonalizedFFN(FusedModule):
 
     @ranged("PersonalizedFFN")
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
+            if self.mode == "mlp":
+                return reference._pffn_mlp_with(s, lengths, self.personal_weight(x_sum), self.norm)
+            return reference._pffn_linear_with(s, lengths, x_sum, self.A, self.norm)
         if self.mode == "mlp":
             fn = self._op("pffn", "pffn_mlp")
             return fn(s, lengths, self.personal_weight(x_sum), self.norm.weight, self.norm.bias, self.eps)
@@ -331,6 +352,9 @@ class PoolingMultiHeadAttention(FusedModule):
 
     @ranged("PoolingMultiHeadAttention")
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not _read_as_called(self.k_proj, self.v_proj, self.o_proj, cls=nn.Linear):  # hooked, pruned, swapped
+            return reference._pma_with(reference.attention, s, lengths, self.query, self.k_proj, self.v_proj,
+                                       self.o_proj, self.num_heads)
         fn = self._op("attention", "pooled_attention")
         return fn(s, lengths, self.query, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
                   self.o_proj.weight, self.o_proj.bias, self.num_heads)

@@ -54,8 +54,14 @@ def gated_lce(
     x ``[B, n_in, d]``, weight ``[n_in, n_out]``, bias ``[n_out]``, gate_weight ``[d, d]``
     (``nn.Linear`` layout), gate_bias ``[d]`` -> ``[B, n_out, d]``.
     """
+    return _gated_lce_with(x, weight, bias, lambda y: F.linear(y, gate_weight, gate_bias))
+
+
+def _gated_lce_with(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate) -> torch.Tensor:
+    """:func:`gated_lce` with the gate a function of ``Y`` (``GatedLCE`` passes its ``gate`` module
+    when calling it differs from reading its weights: a hook, pruning, another class)."""
     y = torch.einsum("bnd,nm->bmd", x, weight) + bias[None, :, None]
-    return y * torch.sigmoid(F.linear(y, gate_weight, gate_bias))
+    return y * torch.sigmoid(gate(y))
 
 
 # ----------------------------------------------------------------------------- PFFN
@@ -71,8 +77,13 @@ def pffn_mlp(
 
     s ``[B, L, d]``, lengths ``[B]`` (valid rows of s), w_b ``[B, d, d]`` (already scaled).
     """
-    h = F.layer_norm(s, (s.shape[-1],), ln_weight, ln_bias, eps)
-    out = s + torch.bmm(h, w_b)
+    return _pffn_mlp_with(s, lengths, w_b, lambda t: F.layer_norm(t, (t.shape[-1],), ln_weight, ln_bias, eps))
+
+
+def _pffn_mlp_with(s: torch.Tensor, lengths: torch.Tensor, w_b: torch.Tensor, norm) -> torch.Tensor:
+    """:func:`pffn_mlp` with the LayerNorm a function (``PersonalizedFFN`` passes its ``norm``
+    module when calling it differs from reading its parameters)."""
+    out = s + torch.bmm(norm(s), w_b)
     return out * row_mask(lengths, s.shape[1]).unsqueeze(-1).to(out.dtype)
 
 
@@ -89,8 +100,14 @@ def pffn_linear(
 
     s ``[B, L, d]``, x_sum ``[B, n_sum, d]``, a ``[n_sum, d]``. The ``d x d`` matrix is never formed.
     """
-    h = F.layer_norm(s, (s.shape[-1],), ln_weight, ln_bias, eps)
-    out = s + torch.matmul(torch.bmm(h, x_sum.transpose(1, 2)), a)
+    return _pffn_linear_with(s, lengths, x_sum, a,
+                             lambda t: F.layer_norm(t, (t.shape[-1],), ln_weight, ln_bias, eps))
+
+
+def _pffn_linear_with(s: torch.Tensor, lengths: torch.Tensor, x_sum: torch.Tensor, a: torch.Tensor,
+                      norm) -> torch.Tensor:
+    """:func:`pffn_linear` with the LayerNorm a function (as :func:`_pffn_mlp_with`)."""
+    out = s + torch.matmul(torch.bmm(norm(s), x_sum.transpose(1, 2)), a)
     return out * row_mask(lengths, s.shape[1]).unsqueeze(-1).to(out.dtype)
 
 
@@ -246,13 +263,20 @@ def projected_pma(attn, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o
     """:func:`pooled_attention` with K and V projected and ``attn`` (an attention function with
     :func:`attention`'s signature) over ``d / num_heads``-wide heads; the fused op uses it, with its
     kernel, for models too wide to fold."""
+    return _pma_with(attn, s, lengths, query, lambda t: F.linear(t, k_weight, k_bias),
+                     lambda t: F.linear(t, v_weight, v_bias), lambda t: F.linear(t, o_weight, o_bias), num_heads)
+
+
+def _pma_with(attn, s, lengths, query, k_proj, v_proj, o_proj, num_heads):
+    """:func:`projected_pma` with the three projections functions (``PoolingMultiHeadAttention``
+    passes its modules when calling one differs from reading its weights: a hook, pruning, ...)."""
     B, L, d = s.shape
     nq, H = query.shape[0], num_heads
-    k = F.linear(s, k_weight, k_bias).view(B, L, H, d // H)
-    v = F.linear(s, v_weight, v_bias).view(B, L, H, d // H)
+    k = k_proj(s).view(B, L, H, d // H)
+    v = v_proj(s).view(B, L, H, d // H)
     q = query.to(k.dtype).view(1, nq, H, d // H)  # autocast leaves raw parameters in fp32
     o = attn(q, k, v, lengths, causal=False, rope_base=None, rope_q=False, mask_queries=False)
-    out = F.linear(o.reshape(B, nq, d), o_weight, o_bias)
+    out = o_proj(o.reshape(B, nq, d))
     return out * (lengths > 0).to(out.dtype)[:, None, None]
 
 

@@ -403,3 +403,127 @@ def test_optimize_warns_when_there_is_nothing_to_switch():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimize(GatedLCE(3, 2, 4), "eager")  # one to switch: no warning
+
+
+# ---------------------------------------------------------------------------- children read, not called
+# GatedLCE reads its gate's weights, PersonalizedFFN its norm's, PMA its three projections' (into the
+# fused op, or into the reference). Where calling such a child would compute something else (a hook on
+# it, pruning, a subclass, no bias), the module calls it instead, on either backend.
+
+def _gated_lce():
+    from interformer.layers import GatedLCE
+
+    def expected(m, x):  # DESIGN's gated LCE, with the gate called as the module it is
+        y = torch.einsum("bnd,nm->bmd", x, m.weight) + m.bias[None, :, None]
+        return y * torch.sigmoid(m.gate(y))
+    return GatedLCE(5, 3, 8), lambda m: m.gate, "gate", (torch.randn(2, 5, 8, device=DEVICE),), expected
+
+
+def _pffn(mode):
+    from interformer.layers import PersonalizedFFN
+
+    def expected(m, s, x_sum, lengths):
+        w_b = m.personal_weight(x_sum)
+        out = s + torch.bmm(m.norm(s), w_b)
+        return out * (torch.arange(s.shape[1], device=DEVICE)[None, :, None] < lengths[:, None, None])
+    inputs = (torch.randn(2, 6, 8, device=DEVICE), torch.randn(2, 3, 8, device=DEVICE),
+              torch.tensor([0, 4], device=DEVICE))
+    return PersonalizedFFN(8, 3, mode=mode, hidden=16), lambda m: m.norm, "norm", inputs, expected
+
+
+def _pma(proj):
+    from interformer.layers import PoolingMultiHeadAttention
+
+    def expected(m, s, lengths):  # softmax attention of the learned queries over the valid rows
+        B, L, d = s.shape
+        H, dh = m.num_heads, d // m.num_heads
+        k, v = m.k_proj(s).view(B, L, H, dh), m.v_proj(s).view(B, L, H, dh)
+        scores = torch.einsum("qhe,blhe->bhql", m.query.view(-1, H, dh), k) / dh ** 0.5
+        valid = torch.arange(L, device=DEVICE)[None, None, None, :] < lengths[:, None, None, None]
+        p = torch.softmax(scores.masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
+        o = torch.einsum("bhql,blhe->bqhe", p, v).reshape(B, -1, d)
+        return m.o_proj(o) * (lengths > 0)[:, None, None]
+    inputs = (torch.randn(2, 6, 8, device=DEVICE), torch.tensor([0, 4], device=DEVICE))
+    return PoolingMultiHeadAttention(2, 8, 2), lambda m: getattr(m, proj), proj, inputs, expected
+
+
+def _prune(child):
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(child, "weight", amount=0.5)
+
+
+def _hook(child):
+    child.register_forward_hook(lambda mod, args, out: out * 2.0)
+
+
+def _subclass(parent, name):
+    child = getattr(parent, name)
+
+    class Shifted(type(child)):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    swapped = Shifted(*([child.in_features, child.out_features] if isinstance(child, torch.nn.Linear)
+                        else [child.normalized_shape])).to(DEVICE)
+    swapped.load_state_dict(child.state_dict())
+    setattr(parent, name, swapped)
+
+
+def _no_bias(parent, name):
+    child = getattr(parent, name)
+    if isinstance(child, torch.nn.Linear):
+        setattr(parent, name, torch.nn.Linear(child.in_features, child.out_features, bias=False).to(DEVICE))
+    else:
+        setattr(parent, name, torch.nn.LayerNorm(child.normalized_shape, bias=False).to(DEVICE))
+
+
+@pytest.mark.parametrize("make", [_gated_lce, lambda: _pffn("mlp"), lambda: _pffn("linear"), lambda: _pma("k_proj"),
+                                  lambda: _pma("v_proj"), lambda: _pma("o_proj")],
+                         ids=["gated-lce", "pffn-mlp", "pffn-linear", "pma-k", "pma-v", "pma-o"])
+@pytest.mark.parametrize("change", ["prune", "hook", "subclass", "no-bias"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_a_child_that_is_not_plain_is_called(make, change, backend):
+    """Pruned (the weight used is the masked one, also after the unpruned weight is updated), hooked,
+    subclassed or bias-free: the module's output is what calling its child gives, on either backend
+    (no fused launch); a plain child is read, and the triton backend launches the op."""
+    from interformer.profiling import triton_launches
+
+    torch.manual_seed(3)
+    module, child_of, name, inputs, expected = make()
+    module = module.to(DEVICE)
+    module.backend = backend
+    with triton_launches() as launched:
+        module(*inputs)
+    assert bool(launched) == (backend == "triton"), dict(launched)
+    if change == "prune":
+        _prune(child_of(module))
+    elif change == "hook":
+        _hook(child_of(module))
+    elif change == "subclass":
+        _subclass(module, name)
+    else:
+        _no_bias(module, name)
+    with triton_launches() as launched:
+        out = module(*inputs)
+    assert not launched, dict(launched)
+    torch.testing.assert_close(out, expected(module, *inputs), rtol=1e-5, atol=1e-6)
+    if change == "prune":  # the masked weight follows the unpruned one (the pre-hook runs each call)
+        with torch.no_grad():
+            child_of(module).weight_orig.mul_(-1.5)
+        torch.testing.assert_close(module(*inputs), expected(module, *inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_global_module_hook_sees_the_children_called():
+    from interformer.layers import GatedLCE
+    from interformer.profiling import triton_launches
+
+    module = GatedLCE(5, 3, 8, backend="triton").to(DEVICE)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    try:
+        with triton_launches() as launched:
+            module(torch.randn(2, 5, 8, device=DEVICE))
+    finally:
+        handle.remove()
+    assert not launched and calls == ["Linear", "GatedLCE"], (dict(launched), calls)
