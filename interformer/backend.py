@@ -334,6 +334,10 @@ class FusedModule(torch.nn.Module):
 
     #: ``(kernel file, function)`` pairs this module's forward may call; used by :meth:`has_kernels`.
     kernel_ops: tuple = ()
+    #: names of the children whose parameters the forward reads instead of calling them (a hook on
+    #: one of them makes the module call it: ``layers._read_as_called``); tools that hook modules
+    #: to watch them (``profiling/step_ops.py``) leave these alone
+    read_children: tuple = ()
 
     def __init__(self, backend: str | None = None, *args, **kwargs) -> None:
         # *args/**kwargs go to the next class in the MRO (e.g. nn.LayerNorm for ResidualLayerNorm)

@@ -61,6 +61,7 @@ class GatedLCE(FusedModule):
     """
 
     kernel_ops = (("gated_lce", "gated_lce"),)
+    read_children = ("gate",)
 
     def __init__(self, n_in: int, n_out: int, d_model: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
@@ -97,6 +98,7 @@ class PersonalizedFFN(FusedModule):
     """
 
     kernel_ops = (("pffn", "pffn_mlp"), ("pffn", "pffn_linear"))
+    read_children = ("norm",)
 
     MODES = ("mlp", "linear")
 
@@ -338,6 +340,7 @@ class PoolingMultiHeadAttention(FusedModule):
     """
 
     kernel_ops = (("attention", "pooled_attention"),)
+    read_children = ("k_proj", "v_proj", "o_proj")
 
     def __init__(self, num_queries: int, d_model: int, num_heads: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
@@ -424,6 +427,10 @@ class FeedForward(FusedModule, nn.Sequential):
     """
 
     kernel_ops = (("feed_forward", "feed_forward"),)
+
+    @property
+    def read_children(self) -> tuple:  # every layer (see FusedModule.read_children)
+        return tuple(self._modules)
 
     def __init__(self, d_in: int, hidden: int, d_out: int, dropout: Optional[float] = None,
                  backend: Optional[str] = None) -> None:

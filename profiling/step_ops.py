@@ -75,21 +75,23 @@ def _arch_of(name: str) -> Optional[str]:
 class _Where:
     """Forward hooks that keep a stack of ``(arch, is a linear layer)`` while the model runs; the top
     names where an aten op comes from. Hooked: every module of an arch and every ``nn.Linear``, but
-    no ``nn.Embedding`` and no layer of a ``FeedForward`` (a table with a forward hook makes the fused
-    tokenizers take their per-table path, a hooked layer makes a ``FeedForward`` call its layers,
-    either of which would change what is counted)."""
+    no ``nn.Embedding`` and no child a fused module reads rather than calls (``read_children``: a
+    ``FeedForward``'s layers, a gated LCE's gate, ...): a table with a forward hook makes the fused
+    tokenizers take their per-table path, a hooked child makes its module call it, either of which
+    would change what is counted."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from interformer.layers import FeedForward
+        from interformer import FusedModule
 
         self.stack = []
         self.handles = []
-        blocks = [name + "." for name, module in model.named_modules() if isinstance(module, FeedForward)]
+        read = {f"{name}.{child}" for name, module in model.named_modules() if isinstance(module, FusedModule)
+                for child in module.read_children}
         for name, module in model.named_modules():
             arch = _arch_of(name)
             linear = isinstance(module, torch.nn.Linear)
             if (isinstance(module, torch.nn.Embedding) or (arch is None and not linear)
-                    or any(name.startswith(b) for b in blocks)):
+                    or any(name == r or name.startswith(r + ".") for r in read)):
                 continue
             entry = (arch or OTHER, linear)
             self.handles.append(module.register_forward_pre_hook(lambda m, a, entry=entry: self.stack.append(entry)))

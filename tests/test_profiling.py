@@ -502,6 +502,13 @@ def test_step_ops_counts_a_training_step_of_each_backend(step_ops, capsys):
     # every arch issued something on the eager path, and its linear layers show apart
     assert set(step_ops.ARCHES) <= set(eager["forward"])
     assert eager["forward"]["Sequence Arch, nn.Linear"] > 0
+    # the Cross Arch's linear layers are all children its fused modules read (gates, PMA's
+    # projections): left unhooked, never called (a hooked one would be called, and counted)
+    assert "Cross Arch, nn.Linear" not in fused["forward"] and "Cross Arch, nn.Linear" not in eager["forward"]
+    from interformer import FusedModule
+
+    read = [(m, c) for m in model.modules() if isinstance(m, FusedModule) for c in m.read_children]
+    assert read and all(c in m._modules for m, c in read)  # the names are children's (a rename fails here)
     model, inputs, label = step_ops.build("smoke", "triton", B=5)
     assert step_ops.count(model, inputs, label, inference=False) == fused
 
