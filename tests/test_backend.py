@@ -514,16 +514,26 @@ def test_a_child_that_is_not_plain_is_called(make, change, backend):
         torch.testing.assert_close(module(*inputs), expected(module, *inputs), rtol=1e-5, atol=1e-6)
 
 
-def test_a_global_module_hook_sees_the_children_called():
-    from interformer.layers import GatedLCE
+@pytest.mark.parametrize("kind", ["gated-lce", "pma", "feed-forward"])
+def test_a_global_module_hook_sees_the_children_called(kind):
+    """A global module hook runs around every module call: the children a fused op would read are
+    called instead (no fused launch), so that it sees them."""
+    from interformer.layers import FeedForward, GatedLCE, PoolingMultiHeadAttention
     from interformer.profiling import triton_launches
 
-    module = GatedLCE(5, 3, 8, backend="triton").to(DEVICE)
+    module, args, children = {
+        "gated-lce": (GatedLCE(5, 3, 8), (torch.randn(2, 5, 8, device=DEVICE),), {"Linear"}),
+        "pma": (PoolingMultiHeadAttention(2, 8, 2),
+                (torch.randn(2, 6, 8, device=DEVICE), torch.tensor([0, 4], device=DEVICE)), {"Linear"}),
+        "feed-forward": (FeedForward(8, 16, 8), (torch.randn(2, 8, device=DEVICE),), {"Linear", "SiLU"}),
+    }[kind]
+    module = module.to(DEVICE)
+    module.backend = "triton"
     calls = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
     try:
         with triton_launches() as launched:
-            module(torch.randn(2, 5, 8, device=DEVICE))
+            module(*args)
     finally:
         handle.remove()
-    assert not launched and calls == ["Linear", "GatedLCE"], (dict(launched), calls)
+    assert not launched and children <= set(calls) and calls[-1] == type(module).__name__, (dict(launched), calls)
