@@ -107,7 +107,8 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(settings)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (``demo``, ``train``, ``evaluate``); :func:`main` runs what it parses."""
     parser = argparse.ArgumentParser(prog="python -m interformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build InterFormer, compare eager and fused paths, train briefly on synthetic data")
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(usage_error=demo.error)  # a setting the demo refuses is reported as argparse's own
 
     train = sub.add_parser("train", help="train InterFormerCTR (synthetic data, BARS CSV or Parquet); torchrun for several processes")
     _add_train_flags(train)
@@ -133,6 +135,11 @@ def main(argv=None) -> int:
                     help="the model's path (default: the one the checkpoint's model was built with)")
     ev.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         try:
             run_demo(args)
         except DemoSettingError as exc:  # checked before any work: a usage error, as argparse reports its own
-            demo.error(str(exc))
+            args.usage_error(str(exc))
         return 0
     if args.command == "train":
         cfg = train_config_from_args(args)
