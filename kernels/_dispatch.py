@@ -17,7 +17,8 @@ autograd entirely when no input needs a gradient.
 Decision: both paths run the same launcher functions with the same arguments, so their results
 are bitwise identical; tests run both (the module tests use the eager path, ``opcheck`` and the
 ``torch.compile`` tests the custom ops). The custom op is used whenever
-``torch.compiler.is_compiling()`` is true (dynamo, export) or any tensor argument is a
+``torch.compiler.is_compiling()`` is true (dynamo, export), ``torch.jit.trace`` is tracing (which
+records a custom op as a node and would record nothing of a launch), or any tensor argument is a
 ``FakeTensor``/functional wrapper rather than a plain tensor; ``torch.fx.symbolic_trace`` records
 the custom op (see the public functions).
 
@@ -39,13 +40,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def tracing(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the call must go through the registered custom op: a compiler is tracing, or an
-    argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy, tensor subclass, a
-    ``torch.func`` transform's wrapper, which is of type Tensor but has no storage). The
-    type is compared exactly: ``isinstance(t, nn.Parameter)`` also holds for a subclass tensor made a
-    parameter (``nn.Parameter(DTensor)``, a FakeTensor converted from a parameter), whose data the
-    launchers cannot read."""
-    if torch.compiler.is_compiling():
+    """True when the call must go through the registered custom op: a compiler or ``torch.jit.trace``
+    is tracing, or an argument is not a plain tensor (FakeTensor, functional tensor, fx Proxy,
+    tensor subclass, a ``torch.func`` transform's wrapper, which is of type Tensor but has no
+    storage). The type is compared exactly: ``isinstance(t, nn.Parameter)`` also holds for a
+    subclass tensor made a parameter (``nn.Parameter(DTensor)``, a FakeTensor converted from a
+    parameter), whose data the launchers cannot read."""
+    if torch.compiler.is_compiling() or _jit_tracing():
         return True
     transform = _functorch_transform() is not None  # its wrappers exist only inside one: cheap outside
     for t in tensors:
@@ -54,6 +55,8 @@ def tracing(tensors: Sequence[torch.Tensor]) -> bool:
     return False
 
 
+#: whether ``torch.jit.trace`` is tracing (``torch.jit.is_tracing`` less its Python frames)
+_jit_tracing = torch._C._is_tracing
 #: the innermost active ``torch.func`` transform (vmap, grad, jvp), None outside any
 _functorch_transform = torch._C._functorch.peek_interpreter_stack
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor

@@ -394,6 +394,29 @@ def test_fused_model_exports_with_a_dynamic_batch_and_length(tmp_path):
     assert float((fresh - out.cpu()).norm() / out.norm()) <= TOL
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_fused_model_traces_with_torch_jit_trace(tmp_path):
+    """``torch.jit.trace`` (TorchScript serving) of the fused inference model records the fused ops
+    as ``interformer::`` custom ops, so the traced module launches the kernels at every call and
+    takes a batch of another size and length; it survives ``torch.jit.save``/``load``. Before, the
+    launchers ran under the tracer: the trace failed inside a kernel, and had it not, would have held
+    none of the kernels' work."""
+    cfg = _variant("default")
+    eager, fused = _fused_pair(cfg, seed=4)
+    eager.eval(), fused.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, tuple(_batch(cfg)[:4]), check_trace=False)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert {"interformer::gated_lce_fwd", "interformer::attention_fwd"} <= kinds, sorted(kinds)
+    torch.jit.save(traced, str(tmp_path / "fused.pt"))
+    loaded = torch.jit.load(str(tmp_path / "fused.pt"))
+    batch = [t.to(DEVICE) for t in random_batch(cfg, [1, 2, 3, 4, 5, 0, 7, 7, 2], 7, seed=5)]
+    with torch.no_grad():
+        ref = eager(*batch[:4])
+        for module in (traced, loaded):
+            assert float((module(*batch[:4]) - ref).norm() / ref.norm()) <= TOL
+
+
 def test_every_registered_op_has_an_opcheck():
     from interformer.kernels import OP_MODULES, register_ops
 
