@@ -169,6 +169,33 @@ def _sum_partials_kernel(
 
 _INTERPRETED = not isinstance(_sum_partials_kernel, triton.runtime.jit.JITFunction)
 
+_BF16_INTERPRETED = (
+    "interformer: a fused Triton op was given bfloat16 tensors under Triton's interpreter (TRITON_INTERPRET=1, "
+    "the fused path on the CPU), which has no bfloat16: its tl.dot results are wrong (garbage, not an error). "
+    "On the CPU run the fused path in float32 or float16 (autocast dtype=torch.float16, or none), or "
+    "backend='eager' for bfloat16; bfloat16 kernels need a GPU")
+
+
+def _refusing_bf16(run):
+    """``run`` of the interpreter's kernel class, refusing a launch of one of this package's kernels
+    with a bfloat16 tensor argument (see :data:`_BF16_INTERPRETED`).
+
+    Decision: checked at the interpreter's ``run``, the launch itself, so that launches counted and
+    skipped (:func:`interformer.profiling.triton_launches` with ``run=False``, which replaces ``run``
+    and does not call it) still work at bf16 on a CPU; a bf16 output tensor is among the arguments
+    of every kernel whose compute dtype is bf16 (the kernels take it from their output's type)."""
+    def checked(self, *args, **kwargs):
+        if self.fn.__module__.startswith(__package__) and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in (*args, *kwargs.values())):
+            raise RuntimeError(_BF16_INTERPRETED)
+        return run(self, *args, **kwargs)
+    checked.interformer_refuses_bf16 = True
+    return checked
+
+
+if _INTERPRETED and not getattr(type(_sum_partials_kernel).run, "interformer_refuses_bf16", False):
+    type(_sum_partials_kernel).run = _refusing_bf16(type(_sum_partials_kernel).run)
+
 
 def sum_partials(part: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
     """Reduce an fp32 ``[G, P]`` partial-sum buffer (unit column stride) over G into one to four

@@ -127,6 +127,26 @@ def test_a_fused_model_on_the_cpu_without_the_interpreter_raises_the_named_fix()
     assert "interformer: a fused Triton op was given CPU tensors" in res.stdout, res.stdout[-3000:]
 
 
+@pytest.mark.skipif(not C.interpreted(), reason="a check of Triton's interpreter (CPU runs); a GPU runs bf16")
+def test_bf16_under_the_interpreter_raises_instead_of_computing_garbage():
+    """The interpreter has no bfloat16: a bf16 ``tl.dot`` gave values off by 1e9 without an error
+    (a model's LogLoss of 1.7e9 on the CPU with --amp bf16 --backend triton). A launch of one of our
+    kernels with a bf16 tensor raises, naming the fix; counted and skipped launches still pass."""
+    from interformer.kernels.gated_lce import gated_lce
+    from interformer.profiling import triton_launches
+
+    args = [torch.randn(2, 5, 8), torch.randn(5, 3), torch.randn(3), torch.randn(8, 8), torch.randn(8)]
+    with pytest.raises(RuntimeError, match="has no bfloat16.*float16"):
+        gated_lce(*[a.bfloat16() for a in args])
+    with pytest.raises(RuntimeError, match="has no bfloat16"), torch.autocast("cpu", dtype=torch.bfloat16):
+        gated_lce(*args)  # fp32 tensors, bf16 compute: the kernel's output is bf16
+    with triton_launches(run=False) as launched, torch.autocast("cpu", dtype=torch.bfloat16):
+        gated_lce(*args)
+    assert launched
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.isfinite(gated_lce(*args)).all()
+
+
 def test_every_launcher_is_guarded():
     """Every function in kernels/ that launches a Triton kernel carries ``@on_input_device``, except
     the helpers only ever called from a guarded launcher."""
