@@ -25,5 +25,5 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib", "triton>=3.0"],
         "profile": ["nvtx"],
     },
-    entry_points={"console_scripts": ["interformer=interformer.__main__:main"]},
+    entry_points={"console_scripts": ["interformer=interformer.__main__:cli"]},
 )

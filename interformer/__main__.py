@@ -177,5 +177,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """:func:`main` as a command: a mistake of the user's (a ``ValueError`` -- bad settings, a
+    malformed row, a refused resume -- or an ``OSError`` such as a missing file) is printed as one
+    ``error:`` line with exit status 2, as argparse reports a bad flag, rather than as a traceback
+    whose last line is the message. ``INTERFORMER_TRACEBACK=1`` shows the traceback. :func:`main`
+    itself raises (tests and callers from Python see the exception)."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("INTERFORMER_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        print(f"python -m interformer: error: {exc}\n(INTERFORMER_TRACEBACK=1 shows where it was raised)",
+              file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -380,6 +380,18 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
     return TrainConfig.from_dict(merged), changed
 
 
+def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
+    """ValueError when a resumed run's ``epochs`` or ``max_steps`` is below what its ``last.pt`` has
+    already done: nothing could be trained, and ``run.json`` would record a limit its own history
+    exceeds (e.g. the original settings file, ``epochs: 3``, given to a run extended to 7)."""
+    for name, limit, done in (("epochs", cfg.epochs, state["epoch"]), ("max_steps", cfg.max_steps, state["step"])):
+        if limit is not None and limit < done:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"resume: {name} {limit} is below the {done} this run has already done ({name} of its "
+                             f"last.pt); give {flag} {done} or more to continue, or leave {name} out to keep the "
+                             "checkpoint's")
+
+
 def load_settings(path: str) -> Dict[str, Any]:
     """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict (a UTF-8 byte-order mark, as some
     Windows editors write, is skipped)."""
@@ -1019,6 +1031,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     resume_state = _on_rank0(lambda: _open_output_dir(cfg, say), d)
     if resume_state is not None:
         cfg, changed = resume_config(resume_state["train_config"], cfg)
+        _check_not_below_progress(cfg, resume_state)
         for name, (old, new) in changed.items():
             say(f"resume: {name} {old!r} -> {new!r}")
         if _device_for(cfg.device, d) != device:
@@ -1106,6 +1119,9 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     say(f"InterFormerCTR: {n_params:,} parameters, backend={model.config.backend}, device={device}, "
         f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}, deterministic={cfg.deterministic}")
     say(f"data: {cfg.data}, " + ", ".join(f"{k} {v:,} rows" for k, v in rows.items()))
+    if device.type == "cpu" and model.config.backend == "triton":
+        say("note: the fused kernels run in Triton's interpreter on the CPU: right, but hundreds of times "
+            "slower than eager (backend auto or eager trains on the CPU at PyTorch's speed)")
 
     def checkpoint(name: str, status: str, epoch_loss=(0.0, 0)) -> None:
         """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's losses so far in an

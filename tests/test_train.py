@@ -922,6 +922,23 @@ def test_dcn_biases_get_no_weight_decay():
     assert not any(".bias" in n for n in names)
 
 
+def test_a_resume_below_the_runs_progress_is_refused(tmp_path):
+    """Resuming with ``epochs`` (or ``max_steps``) below what last.pt has done -- the original
+    settings file given to a run since extended -- is refused, naming what would continue it. It
+    used to say "nothing to train" and rewrite run.json with the lower limit beside the longer
+    history."""
+    out = tmp_path / "run"
+    T.train(tiny_config(out, synthetic_train=128, synthetic_valid=0, epochs=2), log=quiet)
+    before = (out / "run.json").read_text()
+    with pytest.raises(ValueError, match=r"resume: epochs 1 is below the 2 .* --epochs 2 or more"):
+        T.train(tiny_config(out, synthetic_train=128, synthetic_valid=0, epochs=1, resume=True), log=quiet)
+    with pytest.raises(ValueError, match=r"resume: max_steps 1 is below the 4 .* --max-steps 4 or more"):
+        T.train(tiny_config(out, synthetic_train=128, synthetic_valid=0, max_steps=1, resume=True), log=quiet)
+    assert (out / "run.json").read_text() == before
+    s = T.train(tiny_config(out, synthetic_train=128, synthetic_valid=0, epochs=2, resume=True), log=quiet)
+    assert s["status"] == "finished"  # the same limit: nothing to do, not refused
+
+
 def test_patience_without_a_validation_split_warns_and_trains_every_epoch(tmp_path, capsys):
     s = T.train(tiny_config(tmp_path / "run", synthetic_train=128, synthetic_valid=0, patience=1, epochs=2))
     assert s["status"] == "finished" and len(s["epochs"]) == 2
@@ -1245,3 +1262,22 @@ def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_p
         assert back.keys() == vocabs.keys() and back["item_id"] is back["item_history"]
         for k, v in vocabs.items():
             assert (back[k].tokens, back[k].counts) == (v.tokens, v.counts), k
+
+
+def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
+    """``python -m interformer`` prints a refused run (here: an output directory that already holds
+    one) as one ``error:`` line with status 2, not as a traceback; INTERFORMER_TRACEBACK=1 shows the
+    traceback. A CPU run of the fused kernels says that the interpreter is slow."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "interformer", "train", *SYNTH, *TINY_FLAGS, "--epochs", "1", "--backend", "triton",
+            "--synthetic-train", "64", "--synthetic-valid", "0", "--batch-size", "64", "--no-progress",
+            "--device", "cpu", "--output-dir", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "INTERFORMER_TRACEBACK"}
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "note: the fused kernels run in Triton's interpreter" in first.stdout
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert re.search(r"^python -m interformer: error: .*already holds a run", again.stderr, flags=re.M)
+    shown = subprocess.run(argv, env=dict(env, INTERFORMER_TRACEBACK="1"), capture_output=True, text=True, timeout=600)
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "already holds a run" in shown.stderr
