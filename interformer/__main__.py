@@ -64,8 +64,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     file and the dataclass defaults fill what the command line leaves out."""
     from .train import TrainConfig
 
+    from . import train as T
+
     hints = typing.get_type_hints(TrainConfig)
-    p.add_argument("--config", help="YAML or JSON file of training settings (flags override it)")
+    choices = {"amp": T.AMP_MODES, "compile_mode": T.COMPILE_MODES + ("none",),
+               "embedding_optimizer": T.EMBEDDING_OPTIMIZERS, "backend": ("auto", "eager", "triton"),
+               "on_bad_rows": ("raise", "skip")}
+    p.add_argument("--config", help="YAML or JSON file of training settings (flags override it; its keys are "
+                                    "the flags' names with underscores, e.g. output_dir)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -83,8 +89,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         elif type(None) in args and base in (int, float):  # "none" unsets what a settings file sets
             p.add_argument(flag, type=str, default=None, metavar=f"{base.__name__.upper()}|none")  # TrainConfig converts
         else:
-            p.add_argument(flag, type=base if base in (int, float, str) else str, default=None,
-                           help=_FLAG_HELP.get(f.name))
+            default = f.default if f.default is not dataclasses.MISSING else None
+            text = _FLAG_HELP.get(f.name) or (f"one of {', '.join(choices[f.name])}" if f.name in choices else None)
+            if text is not None and default is not None and f.name not in _FLAG_HELP:
+                text += f" (default {default})"
+            p.add_argument(flag, type=base if base in (int, float, str) else str, default=None, help=text)
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -1281,3 +1281,14 @@ def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
     assert re.search(r"^python -m interformer: error: .*already holds a run", again.stderr, flags=re.M)
     shown = subprocess.run(argv, env=dict(env, INTERFORMER_TRACEBACK="1"), capture_output=True, text=True, timeout=600)
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "already holds a run" in shown.stderr
+
+
+def test_train_help_lists_the_choices_of_the_enumerated_settings(capsys):
+    from interformer.__main__ import build_parser
+    from interformer.train import AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    for values in (AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS, ("auto", "eager", "triton"), ("raise", "skip")):
+        assert "oneof" + ",".join(values) in text, values
