@@ -188,14 +188,17 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """:func:`main` as a command: a mistake of the user's (a ``ValueError`` -- bad settings, a
-    malformed row, a refused resume -- or an ``OSError`` such as a missing file) is printed as one
+    malformed row, a refused resume --, an ``OSError`` such as a missing file, or one of this
+    package's ``RuntimeError`` s, which start with "interformer:") is printed as one
     ``error:`` line with exit status 2, as argparse reports a bad flag, rather than as a traceback
     whose last line is the message. ``INTERFORMER_TRACEBACK=1`` shows the traceback. :func:`main`
     itself raises (tests and callers from Python see the exception)."""
     try:
         return main(argv)
-    except (ValueError, OSError) as exc:
-        if os.environ.get("INTERFORMER_TRACEBACK", "").strip() not in ("", "0"):
+    except (ValueError, OSError, RuntimeError) as exc:
+        # of RuntimeErrors only this package's own (bf16 under the interpreter, say), not PyTorch's
+        ours = not isinstance(exc, RuntimeError) or str(exc).startswith("interformer:")
+        if not ours or os.environ.get("INTERFORMER_TRACEBACK", "").strip() not in ("", "0"):
             raise
         print(f"python -m interformer: error: {exc}\n(INTERFORMER_TRACEBACK=1 shows where it was raised)",
               file=sys.stderr)

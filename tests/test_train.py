@@ -1266,11 +1266,12 @@ def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_p
 
 def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
     """``python -m interformer`` prints a refused run (here: an output directory that already holds
-    one) as one ``error:`` line with status 2, not as a traceback; INTERFORMER_TRACEBACK=1 shows the
-    traceback. A CPU run of the fused kernels says that the interpreter is slow."""
+    one), and this package's own RuntimeErrors (bf16 under the interpreter), as one ``error:`` line
+    with status 2, not as a traceback; INTERFORMER_TRACEBACK=1 shows the traceback. A CPU run of the
+    fused kernels says that the interpreter is slow."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "interformer", "train", *SYNTH, *TINY_FLAGS, "--epochs", "1", "--backend", "triton",
-            "--synthetic-train", "64", "--synthetic-valid", "0", "--batch-size", "64", "--no-progress",
+            "--synthetic-train", "64", "--synthetic-valid", "8", "--batch-size", "64", "--no-progress",
             "--device", "cpu", "--output-dir", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "INTERFORMER_TRACEBACK"}
     first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
@@ -1281,6 +1282,11 @@ def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
     assert re.search(r"^python -m interformer: error: .*already holds a run", again.stderr, flags=re.M)
     shown = subprocess.run(argv, env=dict(env, INTERFORMER_TRACEBACK="1"), capture_output=True, text=True, timeout=600)
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "already holds a run" in shown.stderr
+    # one of this package's RuntimeErrors too: bf16 under the interpreter (the fused path on the CPU)
+    bf16 = subprocess.run([sys.executable, "-m", "interformer", "evaluate", str(out / "last.pt"), "--amp", "bf16",
+                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert bf16.returncode == 2 and "Traceback" not in bf16.stderr, bf16.stderr[-3000:]
+    assert "error: interformer: a fused Triton op was given bfloat16 tensors" in bf16.stderr
 
 
 def test_train_help_lists_the_choices_of_the_enumerated_settings(capsys):
