@@ -40,7 +40,8 @@ from interformer import reference as R
 from interformer.layers import FeedForward
 from interformer.profiling import replaced_triton_run, triton_launches
 from poison import NO_POISON
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, CountOps, assert_lowp, assert_rel, rel_err
+from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, CountOps, assert_compiled_grads_match, assert_lowp,
+                   assert_rel, rel_err)
 
 K = pytest.importorskip("interformer.kernels.feed_forward")
 
@@ -632,15 +633,9 @@ def test_compile_fullgraph_traces_forward_and_backward():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("inductor" if HAS_CUDA else "aot_eager")
-    torch.compile(f, fullgraph=True, backend=counter)(*leaves).backward()
+    assert_compiled_grads_match(torch.compile(f, fullgraph=True, backend=counter), f, leaves, NAMES[1:], FP32_TOL)
     assert counter.frame_count == 1
     assert "torch.ops.interformer.feed_forward_fwd" in counter.graphs[0].code  # the op, not the reference
-    compiled = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    f(*leaves).backward()
-    for name, a, e in zip(NAMES[1:], compiled, [t.grad for t in leaves]):
-        assert_rel(a, e, FP32_TOL, "compiled " + name)
 
 
 # ----------------------------------------------------------------------------- the module

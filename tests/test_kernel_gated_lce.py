@@ -25,7 +25,8 @@ from interformer import reference as R
 from interformer.kernel_audit import record_launches
 from interformer.layers import GatedLCE
 from poison import NO_POISON
-from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, rel_err
+from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_compiled_grads_match,
+                   assert_lowp, assert_rel, rel_err)
 
 K = pytest.importorskip("interformer.kernels.gated_lce")
 
@@ -257,13 +258,7 @@ def test_compile_fullgraph_traces_forward_and_backward():
     def f(x, *p):
         return K.gated_lce(x.transpose(1, 2).contiguous().transpose(1, 2), *p).square().sum()
 
-    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
-    g_c = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    f(*leaves).backward()
-    for name, a, e in zip(NAMES[1:], g_c, [t.grad for t in leaves]):
-        assert_rel(a, e, FP32_TOL, "compiled " + name)
+    assert_compiled_grads_match(torch.compile(f, fullgraph=True, backend="aot_eager"), f, leaves, NAMES[1:], FP32_TOL)
 
 
 # ----------------------------------------------------------------------------- validation, harness

@@ -25,8 +25,8 @@ import torch
 from interformer import reference as R
 from interformer.layers import PersonalizedFFN
 from poison import NO_POISON
-from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel, random_lengths,
-                   rel_err)
+from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_compiled_grads_match, assert_lowp,
+                   assert_rel, random_lengths, rel_err)
 
 K = pytest.importorskip("interformer.kernels.pffn")
 
@@ -377,13 +377,8 @@ def test_compile_fullgraph_traces_forward_and_backward(mode):
     def f(s, *p):
         return call(K.pffn_mlp, K.pffn_linear, mode, s * 2, lengths, p).square().sum()
 
-    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
-    g_c = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    f(*leaves).backward()
-    for name, a, e in zip(names_for(mode)[1:], g_c, [t.grad for t in leaves]):
-        assert_rel(a, e, FP32_TOL, "compiled " + name)
+    assert_compiled_grads_match(torch.compile(f, fullgraph=True, backend="aot_eager"), f, leaves, names_for(mode)[1:],
+                                FP32_TOL)
 
 
 # ----------------------------------------------------------------------------- eager entry vs custom op

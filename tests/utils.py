@@ -59,6 +59,18 @@ def grads(tensors: Iterable[torch.Tensor]):
     return [t.grad for t in tensors]
 
 
+def assert_compiled_grads_match(compiled, f, leaves, names, tol: float) -> None:
+    """The gradients of ``leaves`` from ``compiled(*leaves)`` (a scalar loss; a ``torch.compile`` of
+    ``f``) against those of ``f(*leaves)`` run eagerly, each within ``tol`` (named by ``names``)."""
+    compiled(*leaves).backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    f(*leaves).backward()
+    for name, a, e in zip(names, got, grads(leaves)):
+        assert_rel(a, e, tol, "compiled " + name)
+
+
 class TerminalStream(io.StringIO):
     """A text stream that says it is a terminal (``isatty()``): stderr as an interactive user has it."""
 
