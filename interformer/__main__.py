@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", default=None, choices=BACKENDS,
                     help="the model's path (default: the one the checkpoint's model was built with)")
     ev.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    ev.add_argument("--on-bad-rows", default=None, choices=("raise", "skip"),
+                    help="what a malformed row does: stop with its file and line, or be counted and left out "
+                         "(default: the checkpoint's own setting)")
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     return parser
 
@@ -170,13 +173,16 @@ def main(argv=None) -> int:
         signum = summary.get("stopped_by_signal")
         return 128 + signum if signum else 0
     _interpret_on_cpu(args.device)
-    from .train import evaluate_checkpoint, json_safe, metrics_table
+    from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
 
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
-                                  device=args.device, backend=args.backend, amp=args.amp)
+                                  device=args.device, backend=args.backend, amp=args.amp,
+                                  on_bad_rows=args.on_bad_rows)
     print(metrics_table(results, args.checkpoint))
+    for note in metric_notes(results):
+        print(note)
     for split, m in results.items():
-        if m.get("skipped_rows"):  # the checkpoint's on_bad_rows is "skip": say what was left out
+        if m.get("skipped_rows"):  # on_bad_rows is "skip": say what was left out
             print(f"note: skipped {m['skipped_rows']} malformed row(s) in {split}, not scored "
                   f"(e.g. {'; '.join(m.get('skipped_examples', []))})")
     if args.output:

@@ -129,6 +129,20 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     return float((clicks * group_auc).sum() / clicks.sum())
 
 
+def scored_groups(labels: torch.Tensor, groups: torch.Tensor) -> int:
+    """How many groups :func:`gauc` scores: those (other than :data:`NO_GROUP`) holding both a click
+    and a non-click. Zero is why gAUC is NaN on finite scores, which a metrics report can say."""
+    labels = _binary_labels("scored_groups", labels).flatten()
+    groups = groups.detach().flatten().cpu()
+    if labels.numel() != groups.numel():
+        raise ValueError(f"scored_groups: labels and groups must have the same length, got {labels.numel()}, "
+                         f"{groups.numel()}")
+    grouped = groups != NO_GROUP
+    clicked = torch.unique(groups[grouped & labels])
+    unclicked = torch.unique(groups[grouped & ~labels])
+    return int(torch.isin(clicked, unclicked).sum())
+
+
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Normalized Entropy (He et al., 2014): LogLoss divided by the entropy of the empirical click rate.
 

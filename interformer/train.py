@@ -86,8 +86,8 @@ Decisions:
   ranks never disagree and no shared disk is needed), writes checkpoints, ``run.json`` and the plot.
   The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
   ranks wait in a collective while rank 0 alone runs validation, so it must exceed that.
-* **Skipped rows** (``on_bad_rows: skip``): ``run.json``'s ``skipped_rows`` and the closing note
-  give the malformed rows of ONE pass over each split (the first, counting pass), not a sum over
+* **Skipped rows** (``on_bad_rows: skip``): the ``data:`` line, ``run.json``'s ``skipped_rows`` and
+  the closing note (with examples) give the malformed rows of ONE pass over each split (the first, counting pass), not a sum over
   the epochs.
 * **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary. A
   second Ctrl-C aborts at once (SIGINT's previous handler is back after the first); repeated
@@ -111,6 +111,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -122,7 +123,7 @@ from torch import nn
 from . import __version__
 from .config import InterFormerConfig
 from .data import make_synthetic
-from .metrics import auc, gauc, logloss, normalized_entropy
+from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -278,6 +279,20 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The settings of one data source that the other ignores.
+_SYNTHETIC_ONLY = ("synthetic_train", "synthetic_valid", "synthetic_test")
+_FILES_ONLY = ("train", "valid", "test", "schema", "on_bad_rows")
+
+
+def run_settings(cfg: TrainConfig) -> Dict[str, Any]:
+    """``cfg`` as ``run.json`` lists it: :meth:`TrainConfig.to_dict` without the settings its data
+    source ignores (a CSV or Parquet run's ``synthetic_*`` sizes, a synthetic run's files, schema and
+    ``on_bad_rows``), so that a reader of a file run does not see synthetic sizes and wonder which data
+    it trained on. Checkpoints keep the whole config: a resume compares every setting."""
+    ignored = _FILES_ONLY if cfg.data == "synthetic" else _SYNTHETIC_ONLY
+    return {k: v for k, v in cfg.to_dict().items() if k not in ignored}
 
 
 # Settings that steer one invocation rather than define the run; a resumed run may change them.
@@ -546,8 +561,13 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
     """(model config overrides, {split: dataset}, vocabularies or None, schema dict or None).
 
     ``vocabs`` and ``schema`` (a dict), when given, replace building the vocabularies and reading
-    ``cfg.schema``: a resumed run uses its checkpoint's, whatever happened to the files since."""
-    from .dataio import MemoryDataset, Schema, TabularDataset, build_vocabularies
+    ``cfg.schema``: a resumed run uses its checkpoint's, whatever happened to the files since.
+
+    With ``on_bad_rows="skip"`` the vocabulary pass's :class:`~interformer.dataio.DataWarning` about
+    the training files' malformed rows is not shown: the training split's dataset counts the same
+    rows, and :func:`train` reports them once (the ``data:`` line gives each split's count, the
+    closing note examples), not as a raw warning pointing into this module."""
+    from .dataio import DataWarning, MemoryDataset, Schema, TabularDataset, build_vocabularies
 
     if cfg.data == "synthetic":
         model_cfg = InterFormerConfig(**{**cfg.model, "backend": "eager"})
@@ -560,7 +580,10 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
     source = cfg.schema if schema is None else schema
     schema = Schema.from_dict(source) if isinstance(source, dict) else Schema.from_file(source)
     if vocabs is None:
-        vocabs, _ = build_vocabularies(cfg.train, schema, fmt=_format_of(cfg.train, cfg.data), on_error=cfg.on_bad_rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            vocabs, _ = build_vocabularies(cfg.train, schema, fmt=_format_of(cfg.train, cfg.data),
+                                           on_error=cfg.on_bad_rows)
     splits = {}
     for split in ("train", "valid", "test"):
         paths = getattr(cfg, split)
@@ -720,6 +743,7 @@ def metrics_of(logits: torch.Tensor, labels: torch.Tensor, groups: Optional[torc
     out = {"auc": auc(logits, labels), "logloss": logloss(logits, labels), "ne": normalized_entropy(logits, labels)}
     if groups is not None:
         out["gauc"] = gauc(logits, labels, groups)
+        out["gauc_users"] = scored_groups(labels, groups)  # 0 says why a gAUC on finite scores is NaN
     out["samples"] = int(labels.numel())
     return out
 
@@ -1118,7 +1142,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"InterFormerCTR: {n_params:,} parameters, backend={model.config.backend}, device={device}, "
         f"processes={d.world_size}, amp={cfg.amp}, compile={cfg.compile}, deterministic={cfg.deterministic}")
-    say(f"data: {cfg.data}, " + ", ".join(f"{k} {v:,} rows" for k, v in rows.items()))
+    say(f"data: {cfg.data}, " + ", ".join(f"{k} {v:,} rows" + (f" ({skipped[k]:,} malformed, skipped)" if skipped[k]
+                                                                else "") for k, v in rows.items()))
     if device.type == "cpu" and model.config.backend == "triton":
         say("note: the fused kernels run in Triton's interpreter on the CPU: right, but hundreds of times "
             "slower than eager (backend auto or eager trains on the CPU at PyTorch's speed)")
@@ -1148,7 +1173,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
 
     def write_run_json(status: str, **extra) -> Dict[str, Any]:
         summary = {
-            "status": status, "train_config": cfg.to_dict(), "model_config": model.config.to_dict(),
+            "status": status, "train_config": run_settings(cfg), "model_config": model.config.to_dict(),
             "schema": schema, "versions": versions(), "device": str(device), "world_size": d.world_size,
             "parameters": n_params, "epochs": history, "best_valid_auc": None if best_auc == -math.inf else best_auc,
             "step": step, "skipped_rows": skipped, **extra,
@@ -1304,6 +1329,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
         if final:
             say("")
             say(metrics_table(final, source))
+            for note in metric_notes(final):
+                say(note)
         if cfg.plot and history:
             say(f"curves: {plot_curves(history, out_dir / 'curves.png')}")
         for split, ds in splits.items():
@@ -1314,14 +1341,33 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
     return summary
 
 
-def _why_auc_is_nan(m: Dict[str, float]) -> str:
+def _why_auc_is_nan(m: Dict[str, float], split: str = "validation") -> str:
     """Why :func:`~interformer.metrics.auc` gave NaN for split metrics ``m`` (:func:`metrics_of`):
     NE is NaN exactly when the labels hold one class, LogLoss finite when the logits are."""
     if not math.isfinite(m["logloss"]):
         return "the model's scores are not all finite (NaN or infinite logits: has training diverged?)"
     if math.isnan(m["ne"]):
-        return "the validation rows hold one label class only (all 0 or all 1), and AUC needs both"
+        return f"the {split} rows hold one label class only (all 0 or all 1), and AUC needs both"
     return "the model's scores are not all finite"
+
+
+def metric_notes(results: Dict[str, Dict[str, float]]) -> List[str]:
+    """One line per undefined (NaN) metric of :func:`metrics_table`'s ``results`` that says why, so
+    that a table's ``nan`` is never left unexplained: AUC as :func:`_why_auc_is_nan` reads it, gAUC
+    from ``gauc_users`` (the users holding both a click and a non-click; gAUC averages their AUCs)."""
+    notes = []
+    for split, m in results.items():
+        if math.isnan(m["auc"]):
+            what = "AUC and NE are" if math.isnan(m["ne"]) and math.isfinite(m["logloss"]) else "AUC is"
+            notes.append(f"note: {what} undefined on {split}: {_why_auc_is_nan(m, split)}")
+        if "gauc" in m and math.isnan(m["gauc"]):
+            if m.get("gauc_users", 1) == 0:
+                why = ("no user in it has both a click and a non-click (gAUC averages the AUCs of those who do; "
+                       "rows without a user id count for none)")
+            else:
+                why = "the model's scores are not all finite"
+            notes.append(f"note: gAUC is undefined on {split}: {why}")
+    return notes
 
 
 def _epoch_line(r: Dict[str, Any]) -> str:
@@ -1381,19 +1427,25 @@ def _format_of(paths: List[str], fallback: str) -> Optional[str]:
 
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
-                        amp: str = "off") -> Dict[str, Dict[str, float]]:
+                        amp: str = "off", on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
     own validation/test splits when ``paths`` is not given: the files its config names, read with
     the schema and vocabularies it carries (the schema file it was trained from is not read).
 
     Returns {split: metrics} (``"eval"`` for ``paths``: all of them as one split). For files, the
-    metrics also give ``skipped_rows``: the malformed rows left out, which only a checkpoint trained
-    with ``on_bad_rows="skip"`` skips (otherwise the first one raises, naming its file and line),
-    and, when there are any, ``skipped_examples`` (the first three reasons)."""
+    metrics also give ``skipped_rows``: the malformed rows left out, and, when there are any,
+    ``skipped_examples`` (the first three reasons). ``on_bad_rows`` ("raise" or "skip") decides
+    what a malformed row does; None (the default) takes the checkpoint's own setting, so that its
+    run's validation/test splits are read as they were in training. With "raise" the first one
+    raises, naming its file and line."""
     from .dataio import Schema, TabularDataset
 
     state = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(state["train_config"])
+    if on_bad_rows is not None:
+        if on_bad_rows not in ("raise", "skip"):
+            raise ValueError(f"on_bad_rows must be 'raise' or 'skip' (or None: the checkpoint's), got {on_bad_rows!r}")
+        cfg.on_bad_rows = on_bad_rows
     cfg.eval_batch_size, cfg.amp, cfg.device = batch_size, amp, device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(dev)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from interformer.metrics import auc, gauc, logloss, normalized_entropy
+from interformer.metrics import NO_GROUP, auc, gauc, logloss, normalized_entropy, scored_groups
 
 
 def brute_auc(scores, labels):
@@ -44,6 +44,27 @@ def test_auc_edge_cases():
     s = torch.randn(50)
     lab = (torch.rand(50) < 0.5).float()
     assert math.isclose(auc(s, lab), auc(torch.sigmoid(3 * s), lab), abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scored_groups_counts_the_users_with_both_classes(seed):
+    """``scored_groups`` against a per-user loop, and against gAUC: zero exactly when gAUC of finite
+    scores is NaN (what the metrics report's note says)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    users = torch.randint(-3, 12, (n,), generator=g)
+    users[torch.rand(n, generator=g) < 0.2] = NO_GROUP
+    labels = (torch.rand(n, generator=g) < [0.05, 0.3, 0.5, 0.95][seed]).float()
+    expected = sum(1 for u in set(users.tolist()) if u != NO_GROUP
+                   and 0 < float(labels[users == u].sum()) < int((users == u).sum()))
+    assert scored_groups(labels, users) == expected
+    scores = torch.randn(n, generator=g)
+    assert math.isnan(gauc(scores, labels, users)) == (expected == 0)
+    # every user alone, or every label one class: none scored
+    assert scored_groups(labels, torch.arange(n)) == 0
+    assert scored_groups(torch.zeros(n), users) == 0
+    with pytest.raises(ValueError, match="same length"):
+        scored_groups(labels, users[1:])
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -5,6 +5,7 @@ Every run is a tiny model on a few hundred rows (seconds on 2 CPU threads)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -14,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -709,12 +711,95 @@ def test_malformed_rows_raise_with_file_and_line_or_are_counted(bars, capsys):
 
     with pytest.raises(DataError, match=r"train\.csv:6: "):
         main(base + ["--output-dir", str(bars / "r1")])
-    with pytest.warns(DataWarning, match=r"train\.csv:41: "):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        # reported once by train itself, not also as the vocabulary pass's raw DataWarning
+        warnings.simplefilter("error", DataWarning)
         main(base + ["--output-dir", str(bars / "r2"), "--on-bad-rows", "skip"])
     run = json.loads((bars / "r2" / "run.json").read_text())
     # 2 bad rows, however many passes (counting, 2 epochs) read the file
     assert run["status"] == "finished" and run["skipped_rows"] == {"train": 2, "valid": 0}
-    assert "skipped 2 malformed row(s) in train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data: csv, train 320 rows (2 malformed, skipped), valid 120 rows\n" in out
+    assert out.count("note: skipped 2 malformed row(s) in train (e.g. ") == 1 and "train.csv:41: " in out
+
+
+def test_evaluate_on_bad_rows_overrides_the_checkpoints_setting(bars, capsys):
+    """A checkpoint trained on clean files (on_bad_rows "raise") can score a file with malformed rows
+    (``evaluate --on-bad-rows skip``), and a "skip" checkpoint can be made strict."""
+    base = ["--data", "csv", "--train", str(bars / "train.csv"), "--schema", str(bars / "schema.yaml"),
+            "--epochs", "1", "--batch-size", "64", "--no-progress", *model_flags(skip=("backend", "max_seq_len"))]
+    main(["train", *base, "--output-dir", str(bars / "strict")])
+    main(["train", *base, "--output-dir", str(bars / "lax"), "--on-bad-rows", "skip"])
+    write_bars(bars / "bad.csv", 40, seed=3, bad_lines=[(7, "1,2,3")])
+    from interformer.dataio import DataError
+
+    with pytest.raises(DataError, match=r"bad\.csv:8: "):  # the checkpoint's own setting
+        main(["evaluate", str(bars / "strict" / "last.pt"), str(bars / "bad.csv")])
+    capsys.readouterr()
+    main(["evaluate", str(bars / "strict" / "last.pt"), str(bars / "bad.csv"), "--on-bad-rows", "skip",
+          "--output", str(bars / "m.json")])
+    m = json.loads((bars / "m.json").read_text())["eval"]
+    assert m["samples"] == 40 and m["skipped_rows"] == 1
+    assert re.search(r"note: skipped 1 malformed row\(s\) in eval, not scored \(e\.g\. \S*bad\.csv:8: ",
+                     capsys.readouterr().out)
+    with pytest.raises(DataError, match=r"bad\.csv:8: "):
+        main(["evaluate", str(bars / "lax" / "last.pt"), str(bars / "bad.csv"), "--on-bad-rows", "raise"])
+    with pytest.raises(ValueError, match="on_bad_rows must be"):
+        T.evaluate_checkpoint(str(bars / "lax" / "last.pt"), [str(bars / "bad.csv")], on_bad_rows="ignore")
+
+
+def test_run_json_lists_the_settings_of_its_data_source(bars, tmp_path):
+    """A file run's run.json has no synthetic sizes (a reader would wonder which data it trained on),
+    a synthetic run's none of the file settings; the checkpoints keep the whole config (resume)."""
+    main(["train", "--data", "csv", "--train", str(bars / "train.csv"), "--schema", str(bars / "schema.yaml"),
+          "--epochs", "1", "--batch-size", "64", "--no-progress", *model_flags(skip=("backend", "max_seq_len")),
+          "--output-dir", str(bars / "csv")])
+    main(["train", "--synthetic-train", "128", "--synthetic-valid", "0", "--epochs", "1", "--batch-size", "64",
+          "--no-progress", *model_flags(), "--output-dir", str(tmp_path / "syn")])
+    full = set(dataclasses.asdict(T.TrainConfig()))
+    for run_dir, left_out in ((bars / "csv", {"synthetic_train", "synthetic_valid", "synthetic_test"}),
+                              (tmp_path / "syn", {"train", "valid", "test", "schema", "on_bad_rows"})):
+        listed = json.loads((run_dir / "run.json").read_text())["train_config"]
+        assert set(listed) == full - left_out, run_dir
+        assert set(T.load_checkpoint(run_dir / "last.pt")["train_config"]) == full, run_dir
+
+
+def test_undefined_metrics_are_explained_under_the_table(bars, capsys):
+    """A ``nan`` in the metrics table comes with a note saying why: gAUC when no user holds both
+    classes (here every row is its own user), AUC and NE when the rows hold one class."""
+    settings = ["--data", "csv", "--train", str(bars / "train.csv"), "--schema", str(bars / "schema.yaml"),
+                "--epochs", "1", "--batch-size", "64", "--no-progress",
+                *model_flags(skip=("backend", "max_seq_len")), "--output-dir", str(bars / "run")]
+    main(["train", *settings])
+    rows = (bars / "valid.csv").read_text().splitlines()
+    head, body = rows[0], rows[1:]
+    user = head.split(",").index("user_id")
+
+    def with_user(i, line, label=None):
+        cells = line.split(",")
+        cells[user] = str(900000 + i)
+        if label is not None:
+            cells[0] = label
+        return ",".join(cells)
+
+    (bars / "alone.csv").write_text("\n".join([head] + [with_user(i, r) for i, r in enumerate(body)]) + "\n")
+    (bars / "zeros.csv").write_text("\n".join([head] + [with_user(i, r, "0") for i, r in enumerate(body)]) + "\n")
+    capsys.readouterr()
+    main(["evaluate", str(bars / "run" / "last.pt"), str(bars / "alone.csv"), "--output", str(bars / "a.json")])
+    out = capsys.readouterr().out
+    m = json.loads((bars / "a.json").read_text())["eval"]
+    assert m["gauc"] is None and m["gauc_users"] == 0 and math.isfinite(m["auc"])
+    assert "note: gAUC is undefined on eval: no user in it has both a click and a non-click" in out
+    assert "AUC and NE" not in out
+    main(["evaluate", str(bars / "run" / "last.pt"), str(bars / "zeros.csv")])
+    out = capsys.readouterr().out
+    assert ("note: AUC and NE are undefined on eval: the eval rows hold one label class only (all 0 or all 1)"
+            in out)
+    assert "note: gAUC is undefined on eval" in out
+    # a defined gAUC: no note
+    main(["evaluate", str(bars / "run" / "last.pt"), str(bars / "valid.csv")])
+    assert "note:" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------- DDP
