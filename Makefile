@@ -15,7 +15,7 @@ TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; ec
 $(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" triton numpy tqdm pyyaml pyarrow matplotlib scikit-learn pytest pytest-benchmark pytest-xdist
+	$(BIN)/python -m pip install -q "$(TORCH)" triton numpy tqdm pyyaml pyarrow matplotlib scikit-learn pytest pytest-benchmark pytest-xdist onnxscript onnxruntime
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

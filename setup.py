@@ -21,7 +21,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "train": ["pyyaml", "pyarrow", "matplotlib"],
-        "test": ["pytest>=7", "triton>=3.0", "scikit-learn", "pyyaml", "pyarrow"],
+        "test": ["pytest>=7", "triton>=3.0", "scikit-learn", "pyyaml", "pyarrow", "onnxscript", "onnxruntime"],
+        "onnx": ["onnxscript"],
         "bench": ["pytest-benchmark>=4", "matplotlib", "triton>=3.0"],
         "profile": ["nvtx"],
     },

@@ -92,6 +92,27 @@ def transformed() -> bool:
     return any(i.key() != _FUNCTIONALIZE for i in _functorch_interpreters())
 
 
+def onnx_exporting() -> bool:
+    """True while ``torch.onnx.export`` traces a model (either exporter: ``dynamo=True``, which
+    traces with ``torch.export``, or the TorchScript one, which traces with ``torch.jit.trace``).
+    Checked only while something traces, so that the eager path pays nothing for it
+    (``torch.onnx.is_in_onnx_export`` takes about 1 us a call)."""
+    return (torch.compiler.is_compiling() or _jit_tracing()) and torch.onnx.is_in_onnx_export()
+
+
+def reference_only() -> bool:
+    """True where a fused op must run its eager reference instead of its kernels: inside a
+    ``torch.func`` transform (:func:`transformed`) and while ``torch.onnx.export`` traces
+    (:func:`onnx_exporting`).
+
+    Decision for ONNX: an ONNX graph runs on ONNX Runtime, TensorRT and the like, with their own
+    kernels; the custom ops (``interformer::*``) have no ONNX translation, and one for each would
+    only restate the reference math in ONNX operators. So the fused ops record the reference's aten
+    ops, which the exporter translates, and a fused model exports to the same graph as the eager
+    one (same parameters, same outputs). ``torch.export`` itself still keeps the custom ops."""
+    return transformed() or onnx_exporting()
+
+
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

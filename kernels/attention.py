@@ -170,7 +170,7 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1136,9 +1136,9 @@ def attention(
     nonzero (``ValueError``; the reference takes any float).
     """
     _check(q, k, v, lengths, rope_base, sm_scale)
-    # wider heads than the register tiles hold, or a torch.func transform (_dispatch.transformed):
+    # wider heads than the register tiles hold, or a torch.func transform, ONNX export (_dispatch.reference_only):
     # the reference, same math
-    if k.shape[3] > MAX_HEAD_DIM or transformed():
+    if k.shape[3] > MAX_HEAD_DIM or reference_only():
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     tensors = (q, k, v, lengths)
@@ -1174,7 +1174,7 @@ def attention_packed(
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(2)
     if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
-            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not transformed()):
+            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not reference_only()):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
@@ -1545,7 +1545,7 @@ def pooled_attention(
     if num_heads < 1 or d % num_heads:
         raise ValueError(f"pooled_attention: d={d} is not divisible by num_heads={num_heads}")
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
-    if transformed():  # a torch.func transform (_dispatch.transformed): the reference
+    if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:
         return reference.projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight,

@@ -231,7 +231,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import _functorch_wrapped, lean_function, needs_grad, needed as _needed, tracing, transformed
+from ._dispatch import _functorch_wrapped, lean_function, needs_grad, needed as _needed, reference_only, tracing
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -1440,8 +1440,8 @@ def low_rank_cross_net(
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {describe_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
-    # shapes the kernels do not take, or a torch.func transform (_dispatch.transformed): the reference
-    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or transformed():
+    # shapes the kernels do not take, or a torch.func transform, ONNX export (_dispatch.reference_only): the reference
+    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or reference_only():
         return _eager(op, x0, ws, vs, bs)
     tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):
@@ -1468,7 +1468,7 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
         if w.shape != (D, D):
             raise ValueError(f"{op}: kernels[{i}] {describe_shape(w)} must be [D={D}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + bs)
-    if B == 0 or transformed():  # as in low_rank_cross_net
+    if B == 0 or reference_only():  # as in low_rank_cross_net
         return _eager(op, x0, ws, bs)
     tensors = [x0, *ws, *bs]
     if tracing(tensors):

@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, tracing, transformed
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, reference_only, tracing
 
 __all__ = ["dot_interaction"]
 
@@ -284,7 +284,7 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
     dev = z.device.type
     if torch.is_autocast_enabled(dev):
         z = z.to(torch.get_autocast_dtype(dev))
-    if transformed():  # a torch.func transform (_dispatch.transformed): the reference
+    if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         from interformer import reference
 
         return reference.dot_interaction(z)

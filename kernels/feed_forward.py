@@ -91,7 +91,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needed, needs_grad, tracing, transformed
+from ._dispatch import inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only, tracing
 
 __all__ = ["feed_forward"]
 
@@ -450,8 +450,8 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     elif any(t.dtype != x.dtype for t in (w1, b1, w2, b2)):
         raise ValueError(f"feed_forward: x, w1, b1, w2 and b2 must share one dtype outside autocast, got "
                          f"{x.dtype}, {w1.dtype}, {b1.dtype}, {w2.dtype}, {b2.dtype}")
-    # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
-    if x.shape[-1] > MAX_FEATURES or w2.shape[0] > MAX_FEATURES or transformed():
+    # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
+    if x.shape[-1] > MAX_FEATURES or w2.shape[0] > MAX_FEATURES or reference_only():
         from interformer import reference
 
         return reference.feed_forward(x, w1, b1, w2, b2)

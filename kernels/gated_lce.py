@@ -124,7 +124,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
                       on_input_device, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed,
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing,
                         unused_arg)
 
 __all__ = ["gated_lce"]
@@ -586,9 +586,9 @@ def gated_lce(
                 f"{x.dtype}, {weight.dtype}, {bias.dtype}, {gate_weight.dtype}, {gate_bias.dtype}"
             )
     B, n_in, d = x.shape
-    # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
+    # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
     if (d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0
-            or transformed()):
+            or reference_only()):
         from interformer import reference
 
         with torch.autocast(dev, enabled=False):

@@ -64,7 +64,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, layer_norm_params, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed,
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing,
                         unused_arg)
 
 __all__ = ["add_layer_norm"]
@@ -341,9 +341,9 @@ def add_layer_norm(
         out_dtype = torch.float32  # CUDA autocast runs layer_norm in fp32 (the module docstring: CPU)
     else:
         out_dtype = _grad_dtype(x, residual)
-    # not this package's sizes, or a torch.func transform (_dispatch.transformed): the eager
+    # not this package's sizes, or a torch.func transform, ONNX export (_dispatch.reference_only): the eager
     # reference, same math and autograd
-    if N == 0 or N > MAX_N or transformed():
+    if N == 0 or N > MAX_N or reference_only():
         from interformer import reference
 
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)

@@ -94,7 +94,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, layer_norm_params, next_pow2,
                       on_input_device, persistent_programs, sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, tracing, transformed
+from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -581,7 +581,7 @@ def pffn_mlp(
         s = _autocast_s(s, w_b.dtype)
     elif w_b.dtype != s.dtype:
         raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
-    if d > MAX_D or transformed():  # as in pffn_linear
+    if d > MAX_D or reference_only():  # as in pffn_linear
         return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, w_b, ln_weight, ln_bias)
@@ -629,8 +629,8 @@ def pffn_linear(
         raise ValueError(
             f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"
         )
-    # past the kernels' limits, or under a torch.func transform (_dispatch.transformed): the reference
-    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or transformed():
+    # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
+    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or reference_only():
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
     ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)
