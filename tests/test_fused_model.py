@@ -33,7 +33,7 @@ from interformer import FusedModule, InterFormerCTR, optimize
 from interformer import reference as R
 from test_model import random_batch, tiny_config
 from poison import PoisonedAllocations, gpu_sized_grids
-from utils import DEVICE, HAS_CUDA, rel_err
+from utils import DEVICE, HAS_CUDA, perturb_constant_parameters, rel_err
 
 # DESIGN §5, fp32: the fused path against the eager path, 1e-5 under the interpreter (measured over
 # this file's comparisons: at most 2.2e-6 for a gradient, 1e-7 for the logits) and 1e-3 on a GPU,
@@ -87,8 +87,12 @@ def _compare(model_e, model_f, batch, tol, what):
 
 
 def _fused_pair(cfg, seed=0):
+    """The eager model and a fused copy with the same weights. The parameters built constant
+    (LayerNorm weights and biases, the cross nets' zero biases) are perturbed first: at their
+    built values a fused op that left one out would give eager's numbers exactly."""
     torch.manual_seed(seed)
     eager = InterFormerCTR(cfg).to(DEVICE)
+    assert perturb_constant_parameters(eager, seed=seed)
     fused = optimize(copy.deepcopy(eager), "triton")
     assert all(m.backend == "triton" for m in fused.modules() if isinstance(m, FusedModule))
     return eager, fused
@@ -234,20 +238,46 @@ def test_fused_model_in_float16_meets_the_low_precision_rule(variant):
         assert f_err <= 2 * max(e_err, floor), f"{variant}, {name}: fused fp16 error {f_err:.2e} > 2 x eager's {e_err:.2e}"
 
 
-def test_fused_model_is_sensitive_to_a_broken_kernel(monkeypatch):
-    """The comparison above can fail: a fused op that drops its residual is caught."""
-    from interformer.kernels import pffn
+def _value_only(real, wrong):
+    """``real`` with the forward value of ``wrong`` (same arguments) and ``real``'s gradients: a
+    bug the comparison must see in the values, since no gradient goes missing."""
+    def broken(*args):
+        out = real(*args)
+        return out + (wrong(*args) - out).detach()
+    return broken
+
+
+def _drop_pffn_residual(real):
+    return _value_only(real, lambda s, *args: real(s, *args) - s)
+
+
+def _drop_layer_norm_bias(real):
+    return _value_only(real, lambda x, residual, weight, bias, eps: real(x, residual, weight, torch.zeros_like(bias), eps))
+
+
+def _drop_cross_biases(real):
+    return _value_only(real, lambda x0, ws, vs, biases: real(x0, ws, vs, [torch.zeros_like(b) for b in biases]))
+
+
+@pytest.mark.parametrize("file,op,breaks", [
+    ("pffn", "pffn_mlp", _drop_pffn_residual),
+    ("layernorm", "add_layer_norm", _drop_layer_norm_bias),
+    ("crossnet", "low_rank_cross_net", _drop_cross_biases),
+], ids=["pffn-residual", "layernorm-bias", "cross-net-biases"])
+def test_fused_model_is_sensitive_to_a_broken_kernel(monkeypatch, file, op, breaks):
+    """The comparison above can fail: a fused op that drops its residual, or leaves out a
+    parameter that the model builds constant (a LayerNorm bias of 0, a cross net's zero biases),
+    is caught (the latter only because :func:`_fused_pair` perturbs those parameters)."""
+    import importlib
+
+    from interformer import backend
 
     cfg = _variant("default")
     eager, fused = _fused_pair(cfg)
-    real = pffn.pffn_mlp
-
-    def broken(s, *args, **kw):
-        return real(s, *args, **kw) - s
-
-    monkeypatch.setattr(pffn, "pffn_mlp", broken)
-    from interformer import backend
-    monkeypatch.setitem(backend._KERNELS, ("pffn", "pffn_mlp"), broken)
+    mod = importlib.import_module(f"interformer.kernels.{file}")
+    broken = breaks(getattr(mod, op))
+    monkeypatch.setattr(mod, op, broken)
+    monkeypatch.setitem(backend._KERNELS, (file, op), broken)
     with pytest.raises(AssertionError, match="differ"):
         _compare(eager, fused, _batch(cfg), TOL, "broken")
 

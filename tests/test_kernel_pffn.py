@@ -26,7 +26,7 @@ from interformer import reference as R
 from interformer.layers import PersonalizedFFN
 from poison import NO_POISON
 from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_compiled_grads_match, assert_lowp,
-                   assert_rel, random_lengths, rel_err)
+                   assert_rel, perturb_constant_parameters, random_lengths, rel_err)
 
 K = pytest.importorskip("interformer.kernels.pffn")
 
@@ -283,6 +283,7 @@ def test_module_triton_matches_eager(mode, d, dtype):
     torch.manual_seed(0)
     B, L, n_sum = 3, 7, 4
     eager = PersonalizedFFN(d, n_sum, mode=mode, hidden=16, backend="eager").to(DEVICE, dtype)
+    assert perturb_constant_parameters(eager) == ["norm.weight", "norm.bias"]  # built 1 and 0: they would hide a dropped one
     fused = copy.deepcopy(eager)
     fused.backend = "triton"
     ref = copy.deepcopy(eager).double()
@@ -323,6 +324,7 @@ def test_autocast_keeps_fp32_parameters(mode, s_dtype):
     torch.manual_seed(0)
     B, L, d, n_sum = 3, 7, 40, 4
     mod = PersonalizedFFN(d, n_sum, mode=mode, hidden=16, backend="eager").to(DEVICE)
+    assert perturb_constant_parameters(mod)  # the norm's 1 and 0 would hide a dropped one
     ref = copy.deepcopy(mod).double()
     s0 = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
     x0 = torch.randn(B, n_sum, d, dtype=torch.float64, device=DEVICE)
@@ -549,6 +551,7 @@ def test_model_with_fused_pffn_and_gated_lce_matches_float64(pffn_mode):
                             head=(16,), dcn_rank=4, pffn_mode=pffn_mode)
     torch.manual_seed(0)
     eager = InterFormerCTR(cfg).to(DEVICE)
+    assert perturb_constant_parameters(eager)  # LayerNorms and cross-net biases as built would hide a dropped one
     fused = copy.deepcopy(eager)
     ref = copy.deepcopy(eager).double()
     switched = {PersonalizedFFN: 0, GatedLCE: 0}

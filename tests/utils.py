@@ -55,6 +55,23 @@ def assert_lowp(out: torch.Tensor, eager_lowp: torch.Tensor, ref64: torch.Tensor
     )
 
 
+def perturb_constant_parameters(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> list:
+    """Add noise to every parameter of ``module`` whose elements are all equal (as built: LayerNorm
+    weights of 1 and biases of 0, torchrec's zero cross-net biases, any zero-initialised bias), in
+    place; returns their names. Reason: a fused forward that leaves out such a parameter (a dropped
+    LayerNorm bias or cross-net bias) gives the built model's numbers exactly, so a fused-vs-eager
+    comparison of a freshly built model cannot see it. Embedding tables (zero padding row, random
+    rest) are not constant and stay as they are."""
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.numel() > 1 and bool((p == p.reshape(-1)[0]).all()):
+                p.add_((scale * torch.randn(p.shape, generator=g)).to(p.device, p.dtype))
+                names.append(name)
+    return names
+
+
 def grads(tensors: Iterable[torch.Tensor]):
     return [t.grad for t in tensors]
 
