@@ -87,8 +87,8 @@ Decisions:
   The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
   ranks wait in a collective while rank 0 alone runs validation, so it must exceed that.
 * **Skipped rows** (``on_bad_rows: skip``): the ``data:`` line, ``run.json``'s ``skipped_rows`` and
-  the closing note (with examples) give the malformed rows of ONE pass over each split (the first, counting pass), not a sum over
-  the epochs.
+  the closing note (with examples) give the malformed rows of ONE pass over each split (the first,
+  counting pass), not a sum over the epochs.
 * **Signals**: the first SIGINT/SIGTERM asks for a checkpoint at the next step boundary. A
   second Ctrl-C aborts at once (SIGINT's previous handler is back after the first); repeated
   SIGTERMs are ignored until the checkpoint is written, since schedulers and torchrun send it to
