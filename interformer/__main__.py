@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)
-    print(metrics_table(results, args.checkpoint))
+    print(metrics_table(results, title=f"metrics of {args.checkpoint}"))
     for note in metric_notes(results):
         print(note)
     for split, m in results.items():

@@ -1379,10 +1379,13 @@ def _epoch_line(r: Dict[str, Any]) -> str:
     return line
 
 
-def metrics_table(results: Dict[str, Dict[str, float]], source: str = "") -> str:
-    """A fixed-width table: one row per split, AUC, gAUC, LogLoss, NE, samples, samples/s."""
+def metrics_table(results: Dict[str, Dict[str, float]], source: str = "", title: Optional[str] = None) -> str:
+    """A fixed-width table: one row per split, AUC, gAUC, LogLoss, NE, samples, samples/s; headed
+    ``title``, or by default "final metrics (source)" (a training run's closing table)."""
     head = f"{'split':<8} {'AUC':>7} {'gAUC':>7} {'LogLoss':>8} {'NE':>7} {'samples':>9} {'samples/s':>11}"
-    lines = [f"final metrics ({source})" if source else "metrics", head, "-" * len(head)]
+    if title is None:
+        title = f"final metrics ({source})" if source else "metrics"
+    lines = [title, head, "-" * len(head)]
     for split, m in results.items():
         g = f"{m['gauc']:>7.4f}" if "gauc" in m else f"{'-':>7}"
         lines.append(f"{split:<8} {m['auc']:>7.4f} {g} {m['logloss']:>8.4f} {m['ne']:>7.4f} "

@@ -660,11 +660,13 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     final = run["final"]["valid"]
     assert all(math.isfinite(final[k]) for k in ("auc", "gauc", "logloss", "ne"))
     # evaluate: the checkpoint carries schema and vocabularies; the same file gives the same metrics
+    capsys.readouterr()
     main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars / "m.json")])
     m = json.loads((bars / "m.json").read_text())["eval"]
     for k in ("auc", "gauc", "logloss", "ne"):
         assert m[k] == pytest.approx(final[k], abs=1e-9), k
-    assert "eval" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "eval" in printed and f"metrics of {out / 'best.pt'}\n" in printed and "final metrics" not in printed
     # without files: the checkpoint's own validation split, read with the schema it carries (neither
     # the schema file nor the training files need to exist any more)
     (bars / "schema.yaml").unlink()
