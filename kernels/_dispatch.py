@@ -148,6 +148,17 @@ def _batched(grads) -> bool:
     return False
 
 
+def saving_forward(impl: Callable, setup_context: Callable) -> Callable:
+    """The ``forward(ctx, *inputs)`` of a :func:`lean_function` for an op whose custom op registers
+    ``setup_context`` with its autograd formula: ``impl(*inputs)`` (the launcher), then
+    ``setup_context(ctx, inputs, output)``, so that both entry points save the same tensors."""
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+    return forward
+
+
 def lean_function(name: str, forward: Callable, backward: Callable, batched_backward: Callable) -> type:
     """A ``torch.autograd.Function`` named ``name`` whose forward is ``forward(ctx, *args)`` and
     backward ``backward(ctx, *grads)``; both receive exactly what ``Function`` passes.

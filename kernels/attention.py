@@ -181,7 +181,8 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
+                        saving_forward, tracing)
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1074,13 +1075,7 @@ attention_qkv_fwd.register_autograd(_backward_qkv_with(torch.ops.interformer.att
                                     setup_context=_setup_context_qkv)
 
 
-def _lean_forward_qkv(ctx, *inputs):
-    output = _attention_qkv_fwd_impl(*inputs)
-    _setup_context_qkv(ctx, inputs, output)
-    return output
-
-
-_AttentionQKV = lean_function("_AttentionQKV", _lean_forward_qkv, _backward_qkv_with(_attention_qkv_bwd_impl),
+_AttentionQKV = lean_function("_AttentionQKV", saving_forward(_attention_qkv_fwd_impl, _setup_context_qkv), _backward_qkv_with(_attention_qkv_bwd_impl),
                               _backward_qkv_with(torch.ops.interformer.attention_qkv_bwd))
 inline_when_compiled(attention_qkv_fwd, attention_qkv_bwd)
 

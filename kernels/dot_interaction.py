@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, reference_only, tracing
+from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, reference_only, saving_forward, tracing
 
 __all__ = ["dot_interaction"]
 
@@ -254,14 +254,8 @@ dot_interaction_fwd.register_autograd(_backward_with(torch.ops.interformer.dot_i
                                       setup_context=_setup_context)
 
 
-def _lean_forward(ctx, z):
-    out = _fwd_impl(z)
-    _setup_context(ctx, (z,), out)
-    return out
-
-
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_DotInteraction = lean_function("_DotInteraction", _lean_forward, _backward_with(_bwd_impl),
+_DotInteraction = lean_function("_DotInteraction", saving_forward(_fwd_impl, _setup_context), _backward_with(_bwd_impl),
                                 _backward_with(torch.ops.interformer.dot_interaction_bwd))
 inline_when_compiled(dot_interaction_fwd, dot_interaction_bwd)
 

@@ -91,7 +91,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only, tracing
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only, saving_forward,
+                        tracing)
 
 __all__ = ["feed_forward"]
 
@@ -393,14 +394,8 @@ feed_forward_fwd.register_autograd(_backward_with(torch.ops.interformer.feed_for
                                    setup_context=_setup_context)
 
 
-def _lean_forward(ctx, *inputs):
-    out = _fwd_impl(*inputs)
-    _setup_context(ctx, inputs, out)
-    return out
-
-
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_FeedForward = lean_function("_FeedForward", _lean_forward, _lean_backward,
+_FeedForward = lean_function("_FeedForward", saving_forward(_fwd_impl, _setup_context), _lean_backward,
                              _backward_with(torch.ops.interformer.feed_forward_bwd))
 inline_when_compiled(feed_forward_fwd, feed_forward_bwd)
 

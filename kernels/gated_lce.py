@@ -124,8 +124,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
                       on_input_device, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing,
-                        unused_arg)
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
+                        saving_forward, tracing, unused_arg)
 
 __all__ = ["gated_lce"]
 
@@ -523,14 +523,8 @@ def _lean_backward(ctx, grad_out):
 gated_lce_fwd.register_autograd(_backward_with(torch.ops.interformer.gated_lce_bwd), setup_context=_setup_context)
 
 
-def _lean_forward(ctx, *inputs):
-    out = _gated_lce_fwd_impl(*inputs)
-    _setup_context(ctx, inputs, out)
-    return out
-
-
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_GatedLCE = lean_function("_GatedLCE", _lean_forward, _lean_backward,
+_GatedLCE = lean_function("_GatedLCE", saving_forward(_gated_lce_fwd_impl, _setup_context), _lean_backward,
                           _backward_with(torch.ops.interformer.gated_lce_bwd))
 inline_when_compiled(gated_lce_fwd, gated_lce_bwd)
 

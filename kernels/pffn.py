@@ -94,7 +94,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, layer_norm_params, next_pow2,
                       on_input_device, persistent_programs, sum_partials)
-from ._dispatch import inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
+                        saving_forward, tracing)
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -413,14 +414,8 @@ pffn_mlp_fwd.register_autograd(_mlp_backward_with(torch.ops.interformer.pffn_mlp
                                setup_context=_mlp_setup_context)
 
 
-def _mlp_lean_forward(ctx, *inputs):
-    out = _mlp_fwd_impl(*inputs)
-    _mlp_setup_context(ctx, inputs, out)
-    return out
-
-
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNMLP = lean_function("_PFFNMLP", _mlp_lean_forward, _mlp_backward_with(_mlp_bwd_impl, lean=True),
+_PFFNMLP = lean_function("_PFFNMLP", saving_forward(_mlp_fwd_impl, _mlp_setup_context), _mlp_backward_with(_mlp_bwd_impl, lean=True),
                          _mlp_backward_with(torch.ops.interformer.pffn_mlp_bwd))
 inline_when_compiled(pffn_mlp_fwd, pffn_mlp_bwd)
 
@@ -478,14 +473,8 @@ pffn_linear_fwd.register_autograd(_linear_backward_with(torch.ops.interformer.pf
                                   setup_context=_linear_setup_context)
 
 
-def _linear_lean_forward(ctx, *inputs):
-    out = _linear_fwd_impl(*inputs)
-    _linear_setup_context(ctx, inputs, out)
-    return out
-
-
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNLinear = lean_function("_PFFNLinear", _linear_lean_forward, _linear_backward_with(_linear_bwd_impl, lean=True),
+_PFFNLinear = lean_function("_PFFNLinear", saving_forward(_linear_fwd_impl, _linear_setup_context), _linear_backward_with(_linear_bwd_impl, lean=True),
                             _linear_backward_with(torch.ops.interformer.pffn_linear_bwd))
 inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 
