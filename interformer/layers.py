@@ -39,6 +39,32 @@ def _read_as_called(*modules: nn.Module, cls: type) -> bool:
         type(m) is cls and m.weight is not None and m.bias is not None and called_as_defined(m) for m in modules)
 
 
+def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False) -> None:
+    """ValueError, naming ``module``'s class and the argument, unless ``t`` is a tensor of
+    ``len(sizes)`` dimensions whose sizes match ``sizes`` (None: any) and whose dtype is floating
+    point (``integer``: an integer dtype, bool excluded).
+
+    Decision: the modules check their inputs' ranks, sizes and kinds themselves, before the op, on
+    both backends. The fused ops check theirs, but the eager reference is PyTorch code that
+    broadcasts: a ``[B, 1, d]`` input to a ``GatedLCE`` of three tokens, lengths of shape ``[1]`` or
+    ``[B, 1]``, float lengths or a residual of another shape ran on the eager path, silently, where
+    the fused one raised. A drop-in must fail alike. Values (lengths in range, ids in their
+    vocabularies) are :func:`interformer.validate_batch`'s: reading them costs a device sync.
+    torch.fx's Proxies pass (they have no sizes to check)."""
+    if isinstance(t, torch.fx.Proxy):
+        return
+    ok = isinstance(t, torch.Tensor) and t.dim() == len(sizes) and all(
+        want is None or have == want for have, want in zip(t.shape, sizes))
+    if ok:
+        ok = (not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool) if integer \
+            else t.is_floating_point()
+    if not ok:
+        want = "[" + ", ".join("*" if n is None else str(n) for n in sizes) + "]"
+        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        kind = "an integer" if integer else "a floating-point"
+        raise ValueError(f"{type(module).__name__}: {name} must be {kind} tensor {want}, got {got}")
+
+
 __all__ = [
     "GatedLCE",
     "PersonalizedFFN",
@@ -75,6 +101,7 @@ class GatedLCE(FusedModule):
 
     @ranged("GatedLCE")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _expect(self, "x", x, (None, self.n_in, self.d_model))
         if not _read_as_called(self.gate, cls=nn.Linear):  # a hooked, pruned or swapped gate: call it
             return reference._gated_lce_with(x, self.weight, self.bias, self.gate)
         fn = self._op("gated_lce", "gated_lce")
@@ -132,6 +159,9 @@ class PersonalizedFFN(FusedModule):
 
     @ranged("PersonalizedFFN")
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _expect(self, "s", s, (None, None, self.d_model))
+        _expect(self, "x_sum", x_sum, (s.shape[0], self.n_sum, self.d_model))
+        _expect(self, "lengths", lengths, (s.shape[0],), integer=True)
         if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
             if self.mode == "mlp":
                 return reference._pffn_mlp_with(s, lengths, self.personal_weight(x_sum), self.norm)
@@ -180,6 +210,7 @@ class CrossNet(FusedModule):
 
     @ranged("CrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        _expect(self, "x0", x0, (None, self.in_features))
         fn = self._op("crossnet", "cross_net")
         return fn(x0, list(self.kernels), list(self.bias))
 
@@ -217,6 +248,7 @@ class LowRankCrossNet(FusedModule):
 
     @ranged("LowRankCrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        _expect(self, "x0", x0, (None, self.in_features))
         fn = self._op("crossnet", "low_rank_cross_net")
         return fn(x0, list(self.W_kernels), list(self.V_kernels), list(self.bias))
 
@@ -245,6 +277,7 @@ class DotInteraction(FusedModule):
 
     @ranged("DotInteraction")
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _expect(self, "z", z, (None, self.num_tokens, self.d_model))
         fn = self._op("dot_interaction", "dot_interaction")
         return self.proj(fn(z)).view(z.shape[0], self.num_tokens, self.d_model)
 
@@ -284,6 +317,8 @@ class RotaryMultiHeadAttention(FusedModule):
 
     @ranged("RotaryMultiHeadAttention")
     def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
+        _expect(self, "s", s, (None, None, self.d_model))
+        _expect(self, "valid_lengths", valid_lengths, (s.shape[0],), integer=True)
         B, L, _ = s.shape
         qkv = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim)
         fn = self._op("attention", "attention")
@@ -355,6 +390,8 @@ class PoolingMultiHeadAttention(FusedModule):
 
     @ranged("PoolingMultiHeadAttention")
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _expect(self, "s", s, (None, None, self.d_model))
+        _expect(self, "lengths", lengths, (s.shape[0],), integer=True)
         if not _read_as_called(self.k_proj, self.v_proj, self.o_proj, cls=nn.Linear):  # hooked, pruned, swapped
             return reference._pma_with(reference.attention, s, lengths, self.query, self.k_proj, self.v_proj,
                                        self.o_proj, self.num_heads)
@@ -395,6 +432,8 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
 
     @ranged("ResidualLayerNorm")
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if residual is not None and isinstance(x, torch.Tensor):  # LayerNorm(x + residual), not broadcast
+            _expect(self, "residual", residual, tuple(x.shape))
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
 

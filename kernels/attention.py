@@ -180,7 +180,7 @@ import triton.language as tl
 
 from interformer import reference
 
-from ._common import KERNEL_DTYPES, cdiv, dot_precision, next_pow2, on_input_device
+from ._common import KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device
 from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
                         saving_forward, tracing)
 
@@ -1558,6 +1558,13 @@ def pooled_attention(
     d = s.shape[2]
     if num_heads < 1 or d % num_heads:
         raise ValueError(f"pooled_attention: d={d} is not divisible by num_heads={num_heads}")
+    # the projections: the fold kernel reads [d, d] and [d] from each (a smaller one would be read
+    # past its end), so their shapes are checked on every path
+    for name, t, shape in (("k_weight", k_weight, (d, d)), ("k_bias", k_bias, (d,)), ("v_weight", v_weight, (d, d)),
+                           ("v_bias", v_bias, (d,)), ("o_weight", o_weight, (d, d)), ("o_bias", o_bias, (d,))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            raise ValueError(f"pooled_attention: {name} must be a floating-point tensor {list(shape)} for d={d}, got "
+                             f"{describe_shape(t)}{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.dtype)}")
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
     if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         return reference.pooled_attention(*tensors, num_heads)
@@ -1569,6 +1576,9 @@ def pooled_attention(
     c = _compute_dtype(s, query)
     if c not in _DTYPES or s.dtype not in _DTYPES:
         raise ValueError(f"pooled_attention: the sequence ({s.dtype}) and the products ({c}) must be among {_DTYPES}")
+    if any(t.dtype not in _DTYPES for t in tensors[3:]):
+        raise ValueError(f"pooled_attention: the projections' weights and biases must be among {_DTYPES}, got "
+                         f"{[str(t.dtype) for t in tensors[3:]]}")
     _check_lengths_and_device("pooled_attention", "s, lengths and the parameters", lengths, s.shape[0], tensors[2:] + (s,))
     if needs_grad(tensors):
         return _PooledAttention.apply(*tensors, num_heads)

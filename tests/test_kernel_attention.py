@@ -295,6 +295,27 @@ def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_
         assert_lowp(f, e, x, name)
 
 
+@pytest.mark.parametrize("name,shape", [("k_weight", (8, 4)), ("v_weight", (4, 8)), ("o_weight", (8, 7)),
+                                        ("k_bias", (1,)), ("v_bias", (1,)), ("o_bias", (3,))])
+def test_pooled_attention_checks_its_projections(name, shape):
+    """A projection of another shape is refused, naming it. Before, the fold kernel read [d, d] or
+    [d] from the smaller tensor, past its end: values like 1e20 or NaN, different in every process
+    (an error-handling audit, 2026-11-28); the module got there through a swapped-in projection."""
+    d, H = 8, 2
+    s, lengths, query = torch.randn(3, 5, d, device=DEVICE), torch.tensor([5, 2, 0], device=DEVICE), torch.randn(2, d, device=DEVICE)
+    params = dict(k_weight=torch.randn(d, d), k_bias=torch.randn(d), v_weight=torch.randn(d, d), v_bias=torch.randn(d),
+                  o_weight=torch.randn(d, d), o_bias=torch.randn(d))
+    params[name] = torch.randn(*shape)
+    params = {k: v.to(DEVICE) for k, v in params.items()}
+    with pytest.raises(ValueError, match=rf"pooled_attention: {name} must be a floating-point tensor"):
+        A.pooled_attention(s, lengths, query, *params.values(), H)
+    if name.startswith("v_weight"):
+        module = PoolingMultiHeadAttention(2, d, H, backend="triton").to(DEVICE)
+        module.v_proj = torch.nn.Linear(d, 4).to(DEVICE)
+        with pytest.raises(ValueError, match="v_weight must be"):
+            module(s, lengths)
+
+
 def test_k_and_v_are_one_tensor_only_when_they_are_the_same_object():
     """The backward writes dk + dv as one gradient only for the same tensor object given as k and
     v: two autograd inputs over the same data (``x`` and ``x.detach()``) keep their own gradients

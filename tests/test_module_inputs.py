@@ -1,0 +1,95 @@
+"""Bad inputs to the fused-capable modules fail alike on both backends.
+
+The fused ops check their inputs; the eager reference is PyTorch code that broadcasts. So a
+``[B, 1, d]`` input to a ``GatedLCE`` of three tokens, lengths of shape ``[1]`` or ``[B, 1]``, float
+lengths or a residual of another shape used to run on the eager path without a word (a wrong result,
+or a wrongly shaped one) where the fused path raised. Each module now checks the ranks, sizes and
+kinds of its inputs before its op (``layers._expect``), so that both backends raise the same
+``ValueError``, naming the module and the argument (an audit of 2026-11-28 listed the cases).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interformer.layers import (CrossNet, DotInteraction, GatedLCE, LowRankCrossNet, PersonalizedFFN,
+                                PoolingMultiHeadAttention, ResidualLayerNorm, RotaryMultiHeadAttention)
+from utils import DEVICE
+
+B, L = 3, 5
+F, I = dict(device=DEVICE), dict(device=DEVICE, dtype=torch.int64)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, **F)
+
+
+def _lengths(*shape, dtype=torch.int64):
+    return torch.ones(*shape, device=DEVICE).to(dtype)
+
+
+# (module factory, inputs, argument the error names)
+CASES = {
+    "gated_lce-one-token-for-three": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (_randn(B, 1, 4),), "x"),
+    "gated_lce-wrong-d": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (_randn(B, 3, 5),), "x"),
+    "gated_lce-integer-x": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (torch.ones(B, 3, 4, **I),), "x"),
+    "pffn-float-lengths": (lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b),
+                           lambda: (_randn(B, L, 4), _randn(B, 2, 4), torch.tensor([2.5, 2.0, 0.0], **F)), "lengths"),
+    "pffn-bool-lengths": (lambda b: PersonalizedFFN(4, 2, mode="linear", backend=b),
+                          lambda: (_randn(B, L, 4), _randn(B, 2, 4), _lengths(B, dtype=torch.bool)), "lengths"),
+    "pffn-lengths-of-one": (lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b),
+                            lambda: (_randn(B, L, 4), _randn(B, 2, 4), _lengths(1)), "lengths"),
+    "pffn-lengths-column": (lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b),
+                            lambda: (_randn(B, L, 4), _randn(B, 2, 4), _lengths(B, 1)), "lengths"),
+    "pffn-x_sum-of-another-batch": (lambda b: PersonalizedFFN(4, 2, mode="linear", backend=b),
+                                    lambda: (_randn(B, L, 4), _randn(1, 2, 4), _lengths(B)), "x_sum"),
+    "cross_net-wrong-width": (lambda b: CrossNet(6, 2, backend=b), lambda: (_randn(B, 5),), "x0"),
+    "cross_net-one-sample-as-1d": (lambda b: CrossNet(6, 2, backend=b), lambda: (_randn(6),), "x0"),
+    "low_rank-3d": (lambda b: LowRankCrossNet(6, 2, 2, backend=b), lambda: (_randn(1, B, 6),), "x0"),
+    "dot-wrong-d": (lambda b: DotInteraction(3, 4, backend=b), lambda: (_randn(B, 3, 5),), "z"),
+    "dot-wrong-token-count": (lambda b: DotInteraction(3, 4, backend=b), lambda: (_randn(B, 2, 4),), "z"),
+    "rotary-2d-s": (lambda b: RotaryMultiHeadAttention(8, 2, backend=b), lambda: (_randn(L, 8), _lengths(B)), "s"),
+    "rotary-lengths-of-one": (lambda b: RotaryMultiHeadAttention(8, 2, backend=b),
+                              lambda: (_randn(B, L, 8), _lengths(1)), "valid_lengths"),
+    "rotary-float-lengths": (lambda b: RotaryMultiHeadAttention(8, 2, backend=b),
+                             lambda: (_randn(B, L, 8), _lengths(B, dtype=torch.float32)), "valid_lengths"),
+    "pma-lengths-column": (lambda b: PoolingMultiHeadAttention(2, 8, 2, backend=b),
+                           lambda: (_randn(B, L, 8), _lengths(B, 1)), "lengths"),
+    "pma-wrong-d": (lambda b: PoolingMultiHeadAttention(2, 8, 2, backend=b), lambda: (_randn(B, L, 4), _lengths(B)), "s"),
+    "layernorm-residual-of-one-row": (lambda b: ResidualLayerNorm(4, backend=b), lambda: (_randn(B, L, 4), _randn(4)),
+                                      "residual"),
+    "layernorm-residual-of-one-sample": (lambda b: ResidualLayerNorm(4, backend=b),
+                                         lambda: (_randn(B, L, 4), _randn(1, L, 4)), "residual"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_raises_the_same_error_on_both_backends(case):
+    make, inputs, arg = CASES[case]
+    messages = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        module = make(backend).to(DEVICE)
+        with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} must be ") as info:
+            module(*inputs())
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def test_good_inputs_of_every_kind_still_run_alike():
+    """What the checks let through: int32 lengths, non-contiguous inputs, a batch of 0, the same
+    results on both backends (so the checks refuse only what they name)."""
+    torch.manual_seed(0)
+    s = _randn(B, L + 2, 4)[:, 1:L + 1]          # a strided view
+    x_sum = _randn(B, 4, 2).transpose(1, 2)        # [B, 2, 4], non-contiguous
+    lengths = torch.tensor([5, 0, 2], device=DEVICE, dtype=torch.int32)
+    eager = PersonalizedFFN(4, 2, hidden=8, backend="eager").to(DEVICE)
+    fused = PersonalizedFFN(4, 2, hidden=8, backend="triton").to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    torch.testing.assert_close(fused(s, x_sum, lengths), eager(s, x_sum, lengths), rtol=1e-5, atol=1e-5)
+    for backend in ("eager", "triton"):
+        lce = GatedLCE(3, 2, 4, backend=backend).to(DEVICE)
+        assert lce(_randn(0, 3, 4)).shape == (0, 2, 4)
+        norm = ResidualLayerNorm(4, backend=backend).to(DEVICE)
+        assert norm(_randn(B, L, 4), _randn(B, L, 4)).shape == (B, L, 4)
