@@ -12,6 +12,7 @@ something else (:func:`_read_as_called`).
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from . import reference
 from .backend import FusedModule, called_as_defined, global_module_hooks
+from .config import _FP32_TINY
 from .profiling import ranged
 from .reference import row_mask
 
@@ -37,6 +39,20 @@ def _read_as_called(*modules: nn.Module, cls: type) -> bool:
     weight is the one used, the swapped-in class computes, as in a plain ``nn.Module`` tree."""
     return not global_module_hooks() and all(
         type(m) is cls and m.weight is not None and m.bias is not None and called_as_defined(m) for m in modules)
+
+
+def _sizes(module: nn.Module, minimum: int = 1, **sizes) -> None:
+    """ValueError, naming ``module``'s class, unless every size is an integer (``int`` or what
+    ``operator.index`` takes, such as a NumPy integer; not a bool) >= ``minimum``: a zero or negative
+    head count or width used to fail later, as a ZeroDivisionError or in ``torch.empty``, or build a
+    module that returned NaN."""
+    for name, value in sizes.items():
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= minimum
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{type(module).__name__}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False) -> None:
@@ -141,6 +157,10 @@ class PersonalizedFFN(FusedModule):
         super().__init__(backend)
         if mode not in self.MODES:
             raise ValueError(f"PersonalizedFFN mode must be one of {self.MODES}, got {mode!r}")
+        _sizes(self, d_model=d_model, hidden=hidden)
+        _sizes(self, minimum=0, n_sum=n_sum)
+        if not (_FP32_TINY <= eps < math.inf):  # InterFormerConfig.ln_eps's rule (its docstring)
+            raise ValueError(f"PersonalizedFFN: eps must be finite and >= {_FP32_TINY:.6g}, got {eps}")
         self.d_model, self.n_sum, self.mode, self.hidden, self.eps = d_model, n_sum, mode, hidden, eps
         self.norm = nn.LayerNorm(d_model, eps=eps)
         if mode == "mlp":
@@ -271,6 +291,7 @@ class DotInteraction(FusedModule):
 
     def __init__(self, num_tokens: int, d_model: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
+        _sizes(self, num_tokens=num_tokens, d_model=d_model)
         self.num_tokens, self.d_model = num_tokens, d_model
         self.num_pairs = num_tokens * (num_tokens - 1) // 2
         self.proj = nn.Linear(self.num_pairs, num_tokens * d_model)
@@ -306,8 +327,11 @@ class RotaryMultiHeadAttention(FusedModule):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__(backend)
+        _sizes(self, d_model=d_model, num_heads=num_heads)
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        if not (1.0 <= rope_base < math.inf):  # InterFormerConfig.rope_base's rule (its docstring)
+            raise ValueError(f"RotaryMultiHeadAttention: rope_base must be finite and >= 1, got {rope_base}")
         if (d_model // num_heads) % 2:
             raise ValueError(f"rotary needs an even head dim, got d_model/num_heads={d_model // num_heads}")
         self.d_model, self.num_heads, self.rope_base, self.causal = d_model, num_heads, float(rope_base), causal
@@ -379,6 +403,8 @@ class PoolingMultiHeadAttention(FusedModule):
 
     def __init__(self, num_queries: int, d_model: int, num_heads: int, backend: Optional[str] = None) -> None:
         super().__init__(backend)
+        _sizes(self, d_model=d_model, num_heads=num_heads)
+        _sizes(self, minimum=0, num_queries=num_queries)
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
         self.num_queries, self.d_model, self.num_heads = num_queries, d_model, num_heads

@@ -93,3 +93,32 @@ def test_good_inputs_of_every_kind_still_run_alike():
         assert lce(_randn(0, 3, 4)).shape == (0, 2, 4)
         norm = ResidualLayerNorm(4, backend=backend).to(DEVICE)
         assert norm(_randn(B, L, 4), _randn(B, L, 4)).shape == (B, L, 4)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: RotaryMultiHeadAttention(8, 0), "num_heads must be an int >= 1"),
+    (lambda: RotaryMultiHeadAttention(8, -2), "num_heads must be an int >= 1"),
+    (lambda: RotaryMultiHeadAttention(8, 2, rope_base=0.0), "rope_base must be finite and >= 1"),
+    (lambda: RotaryMultiHeadAttention(8, 2, rope_base=float("nan")), "rope_base must be finite and >= 1"),
+    (lambda: PoolingMultiHeadAttention(2, 8, 0), "num_heads must be an int >= 1"),
+    (lambda: PoolingMultiHeadAttention(-1, 8, 2), "num_queries must be an int >= 0"),
+    (lambda: PersonalizedFFN(4, 2, eps=-1.0), "eps must be finite"),
+    (lambda: PersonalizedFFN(0, 2), "d_model must be an int >= 1"),
+    (lambda: PersonalizedFFN(4, 2, hidden=2.5), "hidden must be an int >= 1"),
+    (lambda: DotInteraction(3, 0), "d_model must be an int >= 1"),
+    (lambda: DotInteraction(True, 4), "num_tokens must be an int >= 1"),
+], ids=["rotary-0-heads", "rotary-negative-heads", "rotary-base-0", "rotary-base-nan", "pma-0-heads",
+        "pma-negative-queries", "pffn-negative-eps", "pffn-0-wide", "pffn-fractional-hidden", "dot-0-wide",
+        "dot-bool-tokens"])
+def test_constructors_refuse_sizes_and_settings_that_would_fail_later(make, message):
+    """Sizes and settings InterFormerConfig refuses are refused by the modules built on their own too:
+    they used to fail later (a ZeroDivisionError, an error inside torch.empty) or build a module that
+    returned NaN, differently on the two backends (a rotary base of 0, a negative LayerNorm eps)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_constructors_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert DotInteraction(np.int64(3), np.int32(4)).num_pairs == 3
+    assert RotaryMultiHeadAttention(8, np.int64(2)).head_dim == 4
