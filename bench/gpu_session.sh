@@ -47,10 +47,11 @@
 #      1.59x, training 1.13x). The twentieth session added the fused feed-forward block (the
 #      Interaction Arch's FFN; its tests are at the end of gpu_rerun.txt, its graphed op rows beside
 #      eager and Inductor are in the selection above; never run on a GPU). The twenty-second session
-#      changed the single-block attention backward (delta = rowsum(P * dP) where the keys fit one
-#      block: taobao's attention and PMA; sm_90 builds 98 -> 116 and 151 -> 153 registers, same
-#      occupancy): the attention and PMA rows above say whether it cost time, and its test is at the end
-#      of gpu_rerun.txt with the ONNX export's. Device-tool timeout_s 360)
+#      changed the single-block attention backward (ONE_BLOCK: delta = rowsum(P * dP) where the keys
+#      fit one block, taobao's attention and PMA; sm_90 builds with Triton 3.6: PMA 98 -> 96 registers,
+#      4 -> 5 programs per SM, self-attention 151 -> 155, 3 per SM): the attention and PMA rows above say
+#      whether it cost time, and its test is at the end of gpu_rerun.txt with the ONNX export's.
+#      Device-tool timeout_s 360)
 #   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
 #      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
 #      taobao-inference-fused-compile amazon-train-compile amazon-train-fused-compile-inline \

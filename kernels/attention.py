@@ -108,25 +108,31 @@ Backward
 --------
 ``P`` recomputed from q, k and the statistics (above); ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P *
 (dP - delta)`` with ``delta = rowsum(P * dP)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``,
-then dq/dk are rotated back. ``delta`` equals ``rowsum(dO * O)``, which flash attention reads from the
-stored output so as not to need every key block before the first ``dS``; this package does so where
-the keys span several blocks. Where they fit one (at most 64 keys; 128 for PMA's few queries) it
-forms ``rowsum(P * dP)`` from that block's P and dP, as the reference's softmax backward does, at no
-extra cost: with the output rounded to 16 bits, ``dP - delta`` of a near one-hot softmax (a few keys,
-large scores) carried O's rounding error, and fp16 dq was off by 0.76 (relative) where eager's was
-1.8e-2 (two keys, scores of standard deviation 36; tests/test_kernel_attention.py). Over more keys
-the weights spread and the two forms measured alike (fp16, 54 and 104 keys, score deviations up to
-16: 0.6-0.8x eager's error either way). Two structures, chosen by the shape:
+then dq/dk are rotated back. ``delta`` equals ``rowsum(dO * O)``, which flash attention reads from
+the stored output so as not to need every key block before the first ``dS``. Where all keys fit one
+block (``Lk <= BLOCK_N``: at most 64 keys, 128 for PMA's few queries; the ``ONE_BLOCK`` variant,
+chosen by the launcher) this package forms ``rowsum(P * dP)`` from that block's P and dP, as the
+reference's softmax backward does, in the loop's one pass, and never reads O. Reason: with the
+output rounded to 16 bits, ``dP - delta`` of a near one-hot softmax is a small difference that
+carried O's rounding error; fp16 dq was off by 0.76 (relative) where eager's was 1.8e-2 (two keys,
+scores of standard deviation 36). Known limit: past one block (more keys, and the general backward
+below) delta still comes from the stored output, and the same two keys among 66 (the others
+weighted about e^-200) give the same 0.76 (tests/test_kernel_attention.py, a strict xfail); random
+scores over 54 to 104 keys, deviation up to 16, measured 0.6-0.8x eager's error either way, fp16.
+Forming ``rowsum(P * dP)`` there takes a pass over the key blocks first (two more dots a block),
+not timed on a GPU yet. Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
   DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
   one program per (b, h). It loads q, dO and the statistics of the whole sequence once (O too, and
-  delta from it, when the keys span several blocks), loops over the valid key blocks computing and
-  storing dk, dv of each block (complete, as every query is in the program) while dq accumulates in
-  registers; key blocks past the length get their zeros stored without any compute. Every tensor is
-  read once and written once. Built for sm_90 with Triton 3.6 at taobao (bf16), the one-block delta
-  took the PMA backward from 98 to 116 registers and the self-attention's from 151 to 153, with the
-  same programs per SM and no spills.
+  delta from it, unless ``ONE_BLOCK``), loops over the valid key blocks computing and storing dk, dv
+  of each block (complete, as every query is in the program) while dq accumulates in registers; key
+  blocks past the length get their zeros stored without any compute. Every tensor is read once and
+  written once. sm_90 builds at taobao (bf16, ``profiling/sm90_audit.py``), ``ONE_BLOCK`` against the
+  O-based delta: PMA 96 registers against 98 (5 programs per SM against 4) with Triton 3.6 and 3.9,
+  self-attention 155 against 151 (3.6) and 157 against 150 (3.9), 3 per SM either way; no spills. (A
+  first version chose the delta form at run time and built to 202 registers with Triton 3.9 in a
+  review: 2 programs per SM.)
 * **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``
   (delta), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks from the
   diagonal when causal, up to the query limit), ``_attn_bwd_dq_kernel`` (one program per query block,
@@ -441,10 +447,11 @@ def _attn_bwd_fused_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, NEG: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
     """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``). With SAME_KV (k
-    and v one tensor) DK receives dk + dv and DV is never touched."""
+    and v one tensor) DK receives dk + dv and DV is never touched. ONE_BLOCK: every key fits one
+    block (``Lk <= BLOCK_N``), so the key loop runs at most once and O is not read."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     bh = tl.program_id(0).to(tl.int64)
@@ -467,12 +474,9 @@ def _attn_bwd_fused_kernel(
     if CAUSAL:
         hi = tl.minimum(hi, q_lim)
     hi = tl.where(q_lim > 0, hi, 0)
-    # delta (module docstring, "Backward"): rowsum(P * dP) when the visible keys are one block, formed
-    # in the loop's single pass; rowsum(dO * O) from the stored output otherwise
-    one_block = hi <= BLOCK_N
-    if one_block:
-        delta = tl.zeros([BLOCK_M], tl.float32)
-    else:
+    # delta (module docstring, "Backward"): with ONE_BLOCK (every key in one block: Lk <= BLOCK_N)
+    # rowsum(P * dP), formed in the loop's single pass; otherwise rowsum(dO * O) from the stored output
+    if not ONE_BLOCK:
         o = _load_rows(O + b * sob + h * soh, offs_m, q_lim, sol, sod, TAB, tab_len, False, DH, DHP, SPLIT)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     for start_n in range(0, hi, BLOCK_N):
@@ -486,7 +490,7 @@ def _attn_bwd_fused_kernel(
         p = tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if one_block:
+        if ONE_BLOCK:
             delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
@@ -867,7 +871,7 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                 scale, qk_scale, Lq, Lk, H, tab_len,
                 *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
                 *q_strides, *k.stride(), *v.stride(), *out.stride(),
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=Lk <= block_n, num_warps=warps, num_stages=2, **flags,
             )
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)

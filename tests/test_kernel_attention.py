@@ -268,25 +268,53 @@ def test_length_zero_row_amid_full_rows_large_scores():
     assert rel_err(out, ref) < 2e-2
 
 
-@pytest.mark.parametrize("L,lengths,shared_grad", [(2, [2, 1, 2], True), (5, [5, 3, 1], False), (40, [40, 9, 1], False)],
-                         ids=["2-keys", "5-keys", "40-keys"])
-def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_grad):
+_MULTI_BLOCK_DELTA = pytest.mark.xfail(strict=True, reason=(
+    "keys past one block: delta = rowsum(dO * O) from the fp16-rounded output (kernels/attention.py, 'Backward'); "
+    "dq 0.76 against eager's 1.8e-2"))
+
+
+@pytest.mark.parametrize("L,lengths,shared_grad,keys", [
+    (2, [2, 1, 2], True, None), (2, [2, 1, 2], True, 64), pytest.param(2, [2, 1, 2], True, 66, marks=_MULTI_BLOCK_DELTA),
+    (5, [5, 3, 1], False, None), (40, [40, 9, 1], False, None),
+], ids=["2-keys", "2-of-64-keys", "2-of-66-keys", "5-keys", "40-keys"])
+def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_grad, keys):
     """fp16 scores of standard deviation about 36 over a few keys, where the softmax is close to one-hot:
     dq and dk stay within twice eager's fp16 error (DESIGN §5). There ``dS = P * (dP - delta)`` is a
     small difference of two numbers of order one; with ``delta = rowsum(dO * O)`` from the output as
     stored (rounded to fp16) that difference carried O's rounding error, and dq was off by 0.76
     (relative) against eager's 1.8e-2 (2 keys, a fuzzing helper, 2026-11-28). The single-block backward
-    now forms ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's softmax backward does."""
+    now forms ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's softmax backward does.
+
+    ``keys``: the same problem with keys appended up to that count that no query weighs (scores about
+    -200, through one more head dimension), every row then valid. Up to 64 keys (one block) the rule
+    holds; at 66 the backward still forms delta from the stored output, and the case fails (strict
+    xfail: a change that fixes it must say so here). A review of the change found it."""
     g = torch.Generator().manual_seed(2)
     B, H, dh = len(lengths), 2, 8
     q, k = (6 * torch.randn(B, L, H, dh, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(B, L, H, dh, generator=g, dtype=torch.float64)
     go = torch.randn(1 if shared_grad else B, L, H, dh, generator=g, dtype=torch.float64).expand(B, L, H, dh)
+    sm_scale = dh ** -0.5
+    if keys is not None:  # one more head dim: 10 in every query, -60 in the appended keys (and in the keys
+        extra = keys - L  # past a row's length, which every row then sees), 0 in the others
+        q = torch.cat([torch.cat([q, torch.zeros(B, extra, H, dh, dtype=torch.float64)], 1),
+                       torch.full((B, keys, H, 1), 10.0, dtype=torch.float64)], 3)
+        k_extra = torch.zeros(B, keys, H, 1, dtype=torch.float64)
+        k_extra[:, L:] = -60.0
+        for b, n in enumerate(lengths):
+            k_extra[b, n:] = -60.0
+        k = torch.cat([torch.cat([k, torch.zeros(B, extra, H, dh, dtype=torch.float64)], 1), k_extra], 3)
+        k[:, :, :, :dh] *= (k_extra == 0)
+        v = torch.cat([torch.cat([v, torch.randn(B, extra, H, dh, generator=g, dtype=torch.float64)], 1),
+                       torch.zeros(B, keys, H, 1, dtype=torch.float64)], 3)
+        go = torch.cat([torch.cat([go, torch.zeros(B, extra, H, dh, dtype=torch.float64)], 1),
+                        torch.zeros(B, keys, H, 1, dtype=torch.float64)], 3)
+        lengths = [keys] * B
     lengths = torch.tensor(lengths, device=DEVICE)
 
     def run(fn, dtype):
         leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves, lengths, mask_queries=False)
+        out = fn(*leaves, lengths, mask_queries=False, sm_scale=sm_scale)
         out.backward(go.to(DEVICE, dtype))
         return [out] + [t.grad for t in leaves]
 
@@ -1024,15 +1052,17 @@ def test_kernel_configs_fit_h100_shared_memory():
         args = {n: name for n in ("O", "Q", "K", "V", "DQ", "DK", "DV", "DO")}
         args.update(STATS="fp32", DELTA="fp32", TAB="fp32", LENS="i64", qk_scale=0.1, sm_scale=0.1)
         bm, bn, warps, stages = A._fwd_config(L, L, dhp, dtype)
-        kernels = [("_attn_fwd_kernel", bm, bn, warps, stages)]
+        kernels = [("_attn_fwd_kernel", bm, bn, warps, stages, {})]
         if A._use_fused_bwd(L, dhp, dtype):
-            kernels.append(("_attn_bwd_fused_kernel", *A._fused_bwd_config(L, L, dhp, dtype), 2))
+            fbm, fbn, fwarps = A._fused_bwd_config(L, L, dhp, dtype)
+            kernels.append(("_attn_bwd_fused_kernel", fbm, fbn, fwarps, 2, dict(ONE_BLOCK=L <= fbn)))
         else:
             (kbm, kbn), (qbm, qbn), warps = A._general_bwd_config(dhp, dtype)
-            kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2), ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2)]
-        for kernel, bm, bn, warps, stages in kernels:
+            kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2, {}), ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2, {})]
+        for kernel, bm, bn, warps, stages, extra in kernels:
             cases.append(dict(module="interformer.kernels.attention", kernel=kernel, args=args, num_warps=warps,
-                              num_stages=stages, consts=dict(flags, BLOCK_M=bm, BLOCK_N=bn), shape=[name, L, dh]))
+                              num_stages=stages, consts=dict(flags, BLOCK_M=bm, BLOCK_N=bn, **extra),
+                              shape=[name, L, dh]))
     for b in aot_build_sm90(cases, workers=2):
         assert b["shared"] <= 232448, (b["kernel"], b["shape"], b["shared"])
 
