@@ -1548,7 +1548,7 @@ def pooled_attention(
     ``nq * num_heads`` shared queries over ``s`` itself as keys and values, so K and V never exist.
     Outside tracing the whole op is one ``autograd.Function`` (:func:`_pooled_lean_backward` gives
     every gradient in closed form: one autograd node where the same ops recorded one by one made
-    about thirty), and the fold and its gradients are one Triton launch each
+    26, counted on the CPU under fp16 autocast), and the fold and its gradients are one Triton launch each
     (:func:`_pma_fold_kernel`, :func:`_pma_fold_bwd_kernel`, where the aten fold and its gradients
     took about 40 ops per call: host time at the model's sizes); traced calls build it from the
     attention custom op and aten ops. Models wider

@@ -77,7 +77,8 @@ is one (more host time per call) and ``L * S * B * r`` more fp32 partials (2.6 M
 same sums in a fixed order (deterministic). Tiles, stages and warps are the rows kernel's plan, each loop's
 loads a subset of its loops' (so its shared-memory estimate bounds them; the sm_90 builds are
 checked against it). Built with Triton 3.6 for sm_90 at taobao: 44-72 registers for the phase
-kernel, 96 for the dx0 kernel, no spills. Not timed yet.
+kernel, 96 for the dx0 kernel, no spills. Timed in the third H200 lease at taobao (graphed,
+forward+backward): 0.1364 ms against the rows kernel's 0.1359, no gain.
 
 Recomputing ``x_i`` / ``g_{i+1}`` on a chunk costs ``O(L)`` small ``[16, r] x [r, chunk]`` dots per
 chunk and pass (``O(L^2)`` in all), which is free next to the memory traffic for the L <= 4 of DCN
@@ -247,14 +248,15 @@ _TARGET_PROGRAMS = 128
 #: (profiling/sm90-audit-triton3.6.md), and each program runs its D loop once per layer. At the
 #: taobao benchmark shape (bf16) the 8-warp builds (Triton 3.6, sm_90) take 256 columns, 244
 #: registers and 153 KB in the forward, 128 columns, 186 registers and 148 KB in the rows kernel,
-#: no spills: 8 resident warps per SM. Not timed yet (benchmark provider ``fused-8warps``).
+#: no spills: 8 resident warps per SM. Timed in the second H200 lease at taobao (benchmark provider
+#: ``fused-8warps``, graphed): about 5% faster than 4 warps (bench/results/nvidia-h200-2026-11-27b.md).
 LOW_RANK_ROW_WARPS = 4
 #: How the low-rank backward finds ``dp_i`` and ``dx0`` (module docstring): ``"rows"`` (the default,
 #: measured: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per
 #: layer over row blocks x column ranges, with column-split partial sums, then one launch over
 #: every tile for dx0: ``L + 1`` launches instead of one, and ``cdiv(B, 16) x S`` programs instead
-#: of ``cdiv(B, 16)``; the weight kernel then splits the batch wider). Not timed yet (benchmark
-#: provider ``fused-phases``).
+#: of ``cdiv(B, 16)``; the weight kernel then splits the batch wider). Timed in the third H200
+#: lease (provider ``fused-phases``): no faster at taobao (0.1364 against 0.1359 ms graphed).
 LOW_RANK_BACKWARD = "rows"
 #: How the low-rank forward runs (module docstring): ``"rows"`` (the default, DESIGN §4's one launch:
 #: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per layer over row
