@@ -249,7 +249,8 @@ _TARGET_PROGRAMS = 128
 #: taobao benchmark shape (bf16) the 8-warp builds (Triton 3.6, sm_90) take 256 columns, 244
 #: registers and 153 KB in the forward, 128 columns, 186 registers and 148 KB in the rows kernel,
 #: no spills: 8 resident warps per SM. Timed in the second H200 lease at taobao (benchmark provider
-#: ``fused-8warps``, graphed): about 5% faster than 4 warps (bench/results/nvidia-h200-2026-11-27b.md).
+#: ``fused-8warps``, graphed): 0.1360 ms against 0.1426 for 4 warps in the same run, about 5% faster
+#: (bench/results/nvidia-h200-2026-11-27b-ops.jsonl); another run of the default took 0.1397.
 LOW_RANK_ROW_WARPS = 4
 #: How the low-rank backward finds ``dp_i`` and ``dx0`` (module docstring): ``"rows"`` (the default,
 #: measured: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per
