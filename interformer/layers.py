@@ -57,8 +57,9 @@ def _sizes(module: nn.Module, minimum: int = 1, **sizes) -> None:
 
 def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False) -> None:
     """ValueError, naming ``module``'s class and the argument, unless ``t`` is a tensor of
-    ``len(sizes)`` dimensions whose sizes match ``sizes`` (None: any) and whose dtype is floating
-    point (``integer``: an integer dtype, bool excluded).
+    ``len(sizes)`` dimensions whose sizes match ``sizes`` (None: any; a leading ``...``: any number of
+    leading dimensions, the rest matched from the end) and whose dtype is floating point
+    (``integer``: an integer dtype, bool excluded).
 
     Decision: the modules check their inputs' ranks, sizes and kinds themselves, before the op, on
     both backends. The fused ops check theirs, but the eager reference is PyTorch code that
@@ -69,13 +70,15 @@ def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False
     torch.fx's Proxies pass (they have no sizes to check)."""
     if isinstance(t, torch.fx.Proxy):
         return
-    ok = isinstance(t, torch.Tensor) and t.dim() == len(sizes) and all(
-        want is None or have == want for have, want in zip(t.shape, sizes))
+    leading = sizes[:1] == (...,)
+    tail = sizes[1:] if leading else sizes
+    ok = isinstance(t, torch.Tensor) and (t.dim() >= len(tail) if leading else t.dim() == len(tail)) and all(
+        want is None or have == want for have, want in zip(t.shape[t.dim() - len(tail):], tail))
     if ok:
         ok = (not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool) if integer \
             else t.is_floating_point()
     if not ok:
-        want = "[" + ", ".join("*" if n is None else str(n) for n in sizes) + "]"
+        want = "[" + ", ".join("..." if n is ... else "*" if n is None else str(n) for n in sizes) + "]"
         got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         kind = "an integer" if integer else "a floating-point"
         raise ValueError(f"{type(module).__name__}: {name} must be {kind} tensor {want}, got {got}")
@@ -458,6 +461,7 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
 
     @ranged("ResidualLayerNorm")
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _expect(self, "x", x, (..., *self.normalized_shape))
         if residual is not None and isinstance(x, torch.Tensor):  # LayerNorm(x + residual), not broadcast
             _expect(self, "residual", residual, tuple(x.shape))
         fn = self._op("layernorm", "add_layer_norm")
@@ -524,6 +528,8 @@ class FeedForward(FusedModule, nn.Sequential):
 
     @ranged("FeedForward")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self[0], nn.Linear):  # (a user's own first layer checks its input itself)
+            _expect(self, "x", x, (..., self[0].in_features))
         if self._backend != "eager" and self._plain():
             fn = self._op("feed_forward", "feed_forward")
             if fn is not reference.feed_forward:

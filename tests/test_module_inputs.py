@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interformer.layers import (CrossNet, DotInteraction, GatedLCE, LowRankCrossNet, PersonalizedFFN,
+from interformer.layers import (CrossNet, DotInteraction, FeedForward, GatedLCE, LowRankCrossNet, PersonalizedFFN,
                                 PoolingMultiHeadAttention, ResidualLayerNorm, RotaryMultiHeadAttention)
 from utils import DEVICE
 
@@ -61,6 +61,10 @@ CASES = {
                                       "residual"),
     "layernorm-residual-of-one-sample": (lambda b: ResidualLayerNorm(4, backend=b),
                                          lambda: (_randn(B, L, 4), _randn(1, L, 4)), "residual"),
+    "layernorm-wrong-width": (lambda b: ResidualLayerNorm(4, backend=b), lambda: (_randn(B, L, 5),), "x"),
+    "layernorm-integer-x": (lambda b: ResidualLayerNorm(4, backend=b), lambda: (torch.ones(B, 4, **I),), "x"),
+    "feed_forward-wrong-width": (lambda b: FeedForward(4, 8, 4, backend=b), lambda: (_randn(B, L, 5),), "x"),
+    "feed_forward-scalar": (lambda b: FeedForward(4, 8, 4, backend=b), lambda: (_randn(()),), "x"),
 }
 
 
@@ -93,6 +97,9 @@ def test_good_inputs_of_every_kind_still_run_alike():
         assert lce(_randn(0, 3, 4)).shape == (0, 2, 4)
         norm = ResidualLayerNorm(4, backend=backend).to(DEVICE)
         assert norm(_randn(B, L, 4), _randn(B, L, 4)).shape == (B, L, 4)
+        assert norm(_randn(4)).shape == (4,)  # any leading dimensions, none included, as nn.LayerNorm
+        ffn = FeedForward(4, 8, 3, backend=backend).to(DEVICE)
+        assert ffn(_randn(2, B, L, 4)).shape == (2, B, L, 3) and ffn(_randn(4)).shape == (3,)
 
 
 @pytest.mark.parametrize("make,message", [
