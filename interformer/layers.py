@@ -55,6 +55,12 @@ def _sizes(module: nn.Module, minimum: int = 1, **sizes) -> None:
             raise ValueError(f"{type(module).__name__}: {name} must be an int >= {minimum}, got {value!r}")
 
 
+def _batch(t) -> Optional[int]:
+    """``t``'s batch size for :func:`_expect`, None (any) for a torch.fx Proxy, whose ``shape`` would
+    add a node to the traced graph."""
+    return None if isinstance(t, torch.fx.Proxy) else t.shape[0]
+
+
 def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False) -> None:
     """ValueError, naming ``module``'s class and the argument, unless ``t`` is a tensor of
     ``len(sizes)`` dimensions whose sizes match ``sizes`` (None: any; a leading ``...``: any number of
@@ -183,8 +189,8 @@ class PersonalizedFFN(FusedModule):
     @ranged("PersonalizedFFN")
     def forward(self, s: torch.Tensor, x_sum: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         _expect(self, "s", s, (None, None, self.d_model))
-        _expect(self, "x_sum", x_sum, (s.shape[0], self.n_sum, self.d_model))
-        _expect(self, "lengths", lengths, (s.shape[0],), integer=True)
+        _expect(self, "x_sum", x_sum, (_batch(s), self.n_sum, self.d_model))
+        _expect(self, "lengths", lengths, (_batch(s),), integer=True)
         if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
             if self.mode == "mlp":
                 return reference._pffn_mlp_with(s, lengths, self.personal_weight(x_sum), self.norm)
@@ -345,7 +351,7 @@ class RotaryMultiHeadAttention(FusedModule):
     @ranged("RotaryMultiHeadAttention")
     def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
         _expect(self, "s", s, (None, None, self.d_model))
-        _expect(self, "valid_lengths", valid_lengths, (s.shape[0],), integer=True)
+        _expect(self, "valid_lengths", valid_lengths, (_batch(s),), integer=True)
         B, L, _ = s.shape
         qkv = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim)
         fn = self._op("attention", "attention")
@@ -420,7 +426,7 @@ class PoolingMultiHeadAttention(FusedModule):
     @ranged("PoolingMultiHeadAttention")
     def forward(self, s: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         _expect(self, "s", s, (None, None, self.d_model))
-        _expect(self, "lengths", lengths, (s.shape[0],), integer=True)
+        _expect(self, "lengths", lengths, (_batch(s),), integer=True)
         if not _read_as_called(self.k_proj, self.v_proj, self.o_proj, cls=nn.Linear):  # hooked, pruned, swapped
             return reference._pma_with(reference.attention, s, lengths, self.query, self.k_proj, self.v_proj,
                                        self.o_proj, self.num_heads)

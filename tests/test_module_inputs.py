@@ -129,3 +129,12 @@ def test_constructors_take_numpy_integers():
     np = pytest.importorskip("numpy")
     assert DotInteraction(np.int64(3), np.int32(4)).num_pairs == 3
     assert RotaryMultiHeadAttention(8, np.int64(2)).head_dim == 4
+
+
+def test_the_checks_add_nothing_to_an_fx_graph():
+    """torch.fx.symbolic_trace passes the checks (Proxies have no sizes) without recording a ``shape``
+    read for them: the traced PFFN holds its op and nothing else of the checks."""
+    module = PersonalizedFFN(8, 2, hidden=8, backend="triton")  # the eager reference reads shapes itself
+    graph = torch.fx.symbolic_trace(module).graph
+    reads = [n for n in graph.nodes if n.target is getattr or n.target in ("size", "dim")]
+    assert not reads, graph
