@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .backend import FusedModule
+from .layers import _batch, _expect
 from .reference import row_mask
 
 
@@ -44,6 +45,7 @@ class DenseTokenizer(nn.Module):
             self.bias = nn.Parameter(torch.zeros(n_dense, d_model))
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        _expect(self, "dense", dense, (None, self.n_dense))
         if self.num_tokens == 0:
             return dense.new_zeros(dense.shape[0], 0, self.d_model)
         if self.mode == "single":
@@ -69,11 +71,9 @@ class SparseTokenizer(FusedModule):
                 t.weight[0].zero_()
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        _expect(self, "sparse", sparse, (None, len(self.tables)), integer=True)  # one id per field
         if not len(self.tables):
             return torch.zeros(sparse.shape[0], 0, self.d_model, device=sparse.device)  # [B, 0, d], as DenseTokenizer
-        if not isinstance(sparse, torch.fx.Proxy) and (sparse.dim() != 2 or sparse.shape[1] != len(self.tables)):
-            raise ValueError(f"SparseTokenizer: sparse must be [B, {len(self.tables)}] (one id per field), "
-                             f"got {tuple(sparse.shape)}")
         return self._op("embedding", "grouped_embedding")(sparse, self.tables)
 
 
@@ -99,6 +99,8 @@ class SequenceMaskNet(FusedModule):
         self.proj = nn.Linear(k * d_model, d_model)
 
     def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _expect(self, "seq", seq, (None, len(self.tables), None), integer=True)  # [B, k channels, T]
+        _expect(self, "lengths", lengths, (_batch(seq),), integer=True)
         z = self._op("embedding", "grouped_embedding")(seq, self.tables).flatten(-2)  # [B, T, k, d] -> [B, T, k*d]
         s = self.proj(z * self.mask_mlp(z))
         return s * row_mask(lengths, seq.shape[-1]).unsqueeze(-1).to(s.dtype)

@@ -15,6 +15,7 @@ import torch
 
 from interformer.layers import (CrossNet, DotInteraction, FeedForward, GatedLCE, LowRankCrossNet, PersonalizedFFN,
                                 PoolingMultiHeadAttention, ResidualLayerNorm, RotaryMultiHeadAttention)
+from interformer.tokenizers import DenseTokenizer, SequenceMaskNet, SparseTokenizer
 from utils import DEVICE
 
 B, L = 3, 5
@@ -138,3 +139,22 @@ def test_the_checks_add_nothing_to_an_fx_graph():
     graph = torch.fx.symbolic_trace(module).graph
     reads = [n for n in graph.nodes if n.target is getattr or n.target in ("size", "dim")]
     assert not reads, graph
+
+
+@pytest.mark.parametrize("make,inputs,arg", [
+    (lambda: SparseTokenizer([5, 7], 4), lambda: (torch.ones(B, 3, **I),), "sparse"),
+    (lambda: SparseTokenizer([5, 7], 4), lambda: (torch.ones(B, 2, **F),), "sparse"),
+    (lambda: SequenceMaskNet([5, 7], 4), lambda: (torch.ones(B, 3, L, **I), _lengths(B)), "seq"),
+    (lambda: SequenceMaskNet([5, 7], 4), lambda: (torch.ones(B, 2, L, **I), _lengths(B + 1)), "lengths"),
+    (lambda: SequenceMaskNet([5, 7], 4), lambda: (torch.ones(B, 2, L, **I), _lengths(B, dtype=torch.float32)),
+     "lengths"),
+    (lambda: DenseTokenizer(3, 4), lambda: (_randn(3),), "dense"),
+    (lambda: DenseTokenizer(3, 4, "per_field"), lambda: (_randn(B, 2),), "dense"),
+], ids=["sparse-fields", "sparse-float-ids", "seq-channels", "seq-lengths-batch", "seq-float-lengths",
+        "dense-1d", "dense-fields"])
+def test_the_tokenizers_name_a_bad_input(make, inputs, arg):
+    """Used on their own the tokenizers name the bad argument (they raised aten's errors, or
+    broadcast float or wrongly sized lengths); inside the model validate_batch checks first."""
+    module = make().to(DEVICE)
+    with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} must be "):
+        module(*inputs())
