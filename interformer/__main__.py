@@ -63,11 +63,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, all defaulting to "not given" so that the settings
     file and the dataclass defaults fill what the command line leaves out."""
     from .backend import BACKENDS
-    from .train import AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS, TrainConfig
+    from .train import AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS, ON_BAD_ROWS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     choices = {"amp": AMP_MODES, "compile_mode": COMPILE_MODES + ("none",), "embedding_optimizer": EMBEDDING_OPTIMIZERS,
-               "backend": BACKENDS, "on_bad_rows": ("raise", "skip")}
+               "backend": BACKENDS, "on_bad_rows": ON_BAD_ROWS}
     p.add_argument("--config", help="YAML or JSON file of training settings (flags override it; its keys are "
                                     "the flags' names with underscores, e.g. output_dir)")
     for f in dataclasses.fields(TrainConfig):
@@ -117,6 +117,8 @@ def train_config_from_args(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (``demo``, ``train``, ``evaluate``); :func:`main` runs what it parses."""
     from .backend import BACKENDS
+    from .train import AMP_MODES, ON_BAD_ROWS
+
     parser = argparse.ArgumentParser(prog="python -m interformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build InterFormer, compare eager and fused paths, train briefly on synthetic data")
@@ -141,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", default=None, choices=BACKENDS,
                     help="the model's path (default: the one the checkpoint's model was built with)")
-    ev.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
-    ev.add_argument("--on-bad-rows", default=None, choices=("raise", "skip"),
+    ev.add_argument("--amp", default="off", choices=AMP_MODES)
+    ev.add_argument("--on-bad-rows", default=None, choices=ON_BAD_ROWS,
                     help="what a malformed row does: stop with its file and line, or be counted and left out "
                          "(default: the checkpoint's own setting)")
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")

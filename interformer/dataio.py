@@ -173,7 +173,7 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 PathsArg = Union[PathLike, Sequence[PathLike]]
 
-_ON_ERROR = ("raise", "skip")
+ON_ERROR = ("raise", "skip")  # what a malformed row may do (on_error; train's on_bad_rows)
 _MAX_EXAMPLES = 10  # malformed-row messages kept in ``skipped_examples``
 _FLOAT32_MAX = 3.4028234663852886e38
 _PARQUET_READ_ROWS = 8192  # rows per Parquet record batch: small enough for long histories
@@ -443,7 +443,7 @@ def _file_format(path: Path, fmt: Optional[str]) -> str:
 
 
 def _check_on_error(on_error: str) -> None:
-    if on_error not in _ON_ERROR:
+    if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 

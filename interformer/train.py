@@ -123,6 +123,7 @@ from torch import nn
 from . import __version__
 from .config import InterFormerConfig
 from .data import make_synthetic
+from .dataio import ON_ERROR as ON_BAD_ROWS
 from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
 
@@ -204,7 +205,7 @@ class TrainConfig:
                 raise ValueError(f"data={self.data!r} needs training files (train)")
             if self.schema is None:
                 raise ValueError(f"data={self.data!r} needs a schema (a file or a dict)")
-        if self.on_bad_rows not in ("raise", "skip"):
+        if self.on_bad_rows not in ON_BAD_ROWS:
             raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {self.on_bad_rows!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
@@ -1444,11 +1445,9 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     from .dataio import Schema, TabularDataset
 
     state = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(state["train_config"])
-    if on_bad_rows is not None:
-        if on_bad_rows not in ("raise", "skip"):
-            raise ValueError(f"on_bad_rows must be 'raise' or 'skip' (or None: the checkpoint's), got {on_bad_rows!r}")
-        cfg.on_bad_rows = on_bad_rows
+    saved = state["train_config"]
+    # a given on_bad_rows replaces the checkpoint's, checked by TrainConfig as every setting is
+    cfg = TrainConfig.from_dict(saved if on_bad_rows is None else {**saved, "on_bad_rows": on_bad_rows})
     cfg.eval_batch_size, cfg.amp, cfg.device = batch_size, amp, device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(dev)
