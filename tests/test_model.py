@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from interformer import InterFormerConfig, InterFormerCTR
+from utils import perturb_constant_parameters
 
 TINY = dict(d_model=16, num_heads=2, num_layers=2, n_dense=3, sparse_vocab_sizes=(13, 7, 5), seq_vocab_sizes=(11, 6),
             max_seq_len=6, pffn_hidden=16, head=(16,), dcn_rank=4, backend="eager")
@@ -302,8 +303,7 @@ def test_two_stream_block_path_computes_designs_arches(monkeypatch):
     import contextlib
 
     from interformer import InterFormerBlock
-    from test_reference_math import (arch_config, cross_arch_f, interaction_arch_f, sequence_arch_f,
-                                     valid_rows, _perturb_norms)
+    from test_reference_math import arch_config, cross_arch_f, interaction_arch_f, sequence_arch_f, valid_rows
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(device))
     monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
@@ -313,7 +313,7 @@ def test_two_stream_block_path_computes_designs_arches(monkeypatch):
     c = arch_config()
     torch.manual_seed(8)
     block = InterFormerBlock(c).double()
-    _perturb_norms(block)
+    assert perturb_constant_parameters(block)
     B, T = 3, c.max_seq_len
     lengths = torch.tensor([7, 0, 3])
     L = c.n_cls + T
@@ -404,12 +404,9 @@ def test_whole_model_matches_designs_formulas_in_corners(overrides, lengths, T):
     c = InterFormerConfig(**{**_SMALL, **overrides})
     torch.manual_seed(0)
     m = InterFormerCTR(c).double().eval()
-    with torch.no_grad():  # move every parameter off its special init so each term shows
+    assert perturb_constant_parameters(m)  # move every parameter off its special init so each term shows
+    with torch.no_grad():
         for n, p in m.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
-            elif "bias" in n and not p.any():
-                p.normal_(0, 0.3)
             if "tables" in n:
                 p[1:].normal_()
     dense, sparse, seq, lengths_t, _ = random_batch(c, lengths, T, torch.float64, seed=1)

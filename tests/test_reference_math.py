@@ -36,7 +36,7 @@ from interformer import (
     SequenceMaskNet,
     recent_tokens,
 )
-from utils import first_mismatch, rel_err
+from utils import first_mismatch, perturb_constant_parameters, rel_err
 
 F64 = torch.float64
 TOL = 1e-10
@@ -489,21 +489,12 @@ def arch_config(**kw):
     return InterFormerConfig(**base)
 
 
-def _perturb_norms(module):
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            elif "bias" in name and not p.any():
-                p.normal_(0.0, 0.3)  # zero-initialised (torchrec-style cross) biases
-
-
 @pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
 @pytest.mark.parametrize("d,H,lengths", [(24, 3, [7, 0, 4]), (40, 4, [1, 7, 0])])
 def test_sequence_arch(pffn_mode, d, H, lengths):
     c = arch_config(d_model=d, num_heads=H, pffn_mode=pffn_mode)
     m = SequenceArch(c).double()
-    _perturb_norms(m)
+    assert perturb_constant_parameters(m)  # LayerNorms 1/0, zero cross biases: they would hide a term
     B, T = len(lengths), c.max_seq_len
     L = c.n_cls + T
     vlen = torch.tensor(lengths) + c.n_cls
@@ -516,7 +507,7 @@ def test_sequence_arch(pffn_mode, d, H, lengths):
 def test_interaction_arch(backbone, dcn_rank, dhen_layers):
     c = arch_config(backbone=backbone, dcn_rank=dcn_rank, dhen_layers=dhen_layers)
     m = InteractionArch(c).double()
-    _perturb_norms(m)
+    assert perturb_constant_parameters(m)  # LayerNorms 1/0, zero cross biases: they would hide a term
     B = 3
     x = randn(B, c.n_tokens, c.d_model)
     s_sum = randn(B, c.d_model, c.n_ssum)  # non-contiguous
