@@ -1080,7 +1080,8 @@ attention_qkv_fwd.register_autograd(_backward_qkv_with(torch.ops.interformer.att
                                     setup_context=_setup_context_qkv)
 
 
-_AttentionQKV = lean_function("_AttentionQKV", saving_forward(_attention_qkv_fwd_impl, _setup_context_qkv), _backward_qkv_with(_attention_qkv_bwd_impl),
+_AttentionQKV = lean_function("_AttentionQKV", saving_forward(_attention_qkv_fwd_impl, _setup_context_qkv),
+                              _backward_qkv_with(_attention_qkv_bwd_impl),
                               _backward_qkv_with(torch.ops.interformer.attention_qkv_bwd))
 inline_when_compiled(attention_qkv_fwd, attention_qkv_bwd)
 

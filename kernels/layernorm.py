@@ -64,8 +64,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, layer_norm_params, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only, tracing,
-                        unused_arg)
+from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
+                        tracing, unused_arg)
 
 __all__ = ["add_layer_norm"]
 

@@ -415,7 +415,8 @@ pffn_mlp_fwd.register_autograd(_mlp_backward_with(torch.ops.interformer.pffn_mlp
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNMLP = lean_function("_PFFNMLP", saving_forward(_mlp_fwd_impl, _mlp_setup_context), _mlp_backward_with(_mlp_bwd_impl, lean=True),
+_PFFNMLP = lean_function("_PFFNMLP", saving_forward(_mlp_fwd_impl, _mlp_setup_context),
+                         _mlp_backward_with(_mlp_bwd_impl, lean=True),
                          _mlp_backward_with(torch.ops.interformer.pffn_mlp_bwd))
 inline_when_compiled(pffn_mlp_fwd, pffn_mlp_bwd)
 
@@ -474,7 +475,8 @@ pffn_linear_fwd.register_autograd(_linear_backward_with(torch.ops.interformer.pf
 
 
 # eager entry point (see interformer.kernels._dispatch): same launchers, no custom-op dispatch
-_PFFNLinear = lean_function("_PFFNLinear", saving_forward(_linear_fwd_impl, _linear_setup_context), _linear_backward_with(_linear_bwd_impl, lean=True),
+_PFFNLinear = lean_function("_PFFNLinear", saving_forward(_linear_fwd_impl, _linear_setup_context),
+                            _linear_backward_with(_linear_bwd_impl, lean=True),
                             _linear_backward_with(torch.ops.interformer.pffn_linear_bwd))
 inline_when_compiled(pffn_linear_fwd, pffn_linear_bwd)
 
