@@ -13,7 +13,10 @@ Two parts:
   processes (without ``TRITON_INTERPRET``, which replaces ``triton.jit``) and reports, per case, the
   shared memory, the number of warp-group (``wgmma``) dots and async copies in the TTGIR, and from
   the cubin (``cuobjdump``, bundled with Triton's NVIDIA backend) the registers per thread, the
-  stack frame and the spill store / load instructions in the SASS.
+  stack frame, the spill store / load instructions in the SASS and ``sass_sha``, a fingerprint of
+  the SASS instructions (addresses and encodings left out): a change meant to leave a kernel's
+  machine code as it was (a refactor of its source) shows that it did when the fingerprints of
+  ``profiling/sm90_audit.py --json`` before and after agree.
 
 ``profiling/sm90_audit.py`` runs both over a training step and prints the table; the tests use
 :func:`build_sm90` to check shared-memory limits and compiler choices at chosen shapes. The result
@@ -84,7 +87,7 @@ def triton_signature(case: dict, arg_names: Sequence[str]):
 
 
 _BUILD_SCRIPT = r"""
-import importlib, json, os, re, subprocess, sys, tempfile
+import hashlib, importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -105,8 +108,11 @@ def cubin_usage(cubin):
     m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if not m:
         return {}
+    # the instructions alone (no addresses, encodings or file headers): equal for equal machine code
+    instructions = "\n".join(i.strip() for i in re.findall(r"/\*[0-9a-f]{4,}\*/\s*([^;]*;)", sass))
     return dict(registers=int(m.group(1)), stack=int(m.group(2)),
-                spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)))
+                spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)),
+                sass_sha=hashlib.sha256(instructions.encode()).hexdigest()[:16])
 
 
 for case in json.loads(sys.argv[1]):

@@ -241,6 +241,17 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
         assert b["programs"] >= 1, b  # from the recorded grid
     assert f"{sum(b['launches'] for b in builds)} launches, {len(builds)} distinct kernels" in text
     assert "warps/SM" in text and "waves" in text
+    # the SASS fingerprint (for showing that a refactor leaves the machine code as it was): the same
+    # for a case built again, different between two specialisations of one kernel
+    from interformer.kernel_audit import build_sm90
+
+    assert all(re.fullmatch(r"[0-9a-f]{16}", b["sass_sha"]) for b in builds)
+    twice = next(k for k in kernels if sum(b["kernel"] == k for b in builds) >= 2)
+    first, second = [b for b in builds if b["kernel"] == twice][:2]
+    assert first["sass_sha"] != second["sass_sha"], twice
+    case = {k: v for k, v in first.items() if k in ("module", "kernel", "consts", "args", "unaligned", "num_warps",
+                                                   "num_stages", "float_type")}
+    assert build_sm90([case])[0]["sass_sha"] == first["sass_sha"]
 
 
 def test_recorded_argument_types_match_tritons_own_specialisation():
