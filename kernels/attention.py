@@ -320,6 +320,25 @@ def _limits(LENS, b, Lq, Lk, MASK_Q: tl.constexpr):
     return k_lim, q_lim
 
 
+@triton.jit
+def _program_block(n_blocks, H):
+    """``(block, bh, b, h)`` of this program, where the grid enumerates ``(b, h, block)`` and
+    ``block`` indexes the ``n_blocks`` row blocks of one head's sequence."""
+    pid = tl.program_id(0).to(tl.int64)
+    blk = (pid % n_blocks).to(tl.int32)
+    bh = pid // n_blocks
+    return blk, bh, bh // H, bh % H
+
+
+@triton.jit
+def _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, CDT: tl.constexpr,
+             ROPE_K: tl.constexpr, SAME_KV: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """The k and v tiles of key rows ``offs_n`` in the compute dtype CDT (q's), k rotated if ROPE_K."""
+    k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(CDT)
+    v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
+    return k, v
+
+
 # ============================================================================ forward
 @triton.jit
 def _raw_scores(a, b, PREC: tl.constexpr, NEG: tl.constexpr):
@@ -346,8 +365,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, lo, hi, k_lim, qk_scale
                PREC: tl.constexpr, NEG: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
-        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
+        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                        DH, DHP, SPLIT)
         s = _raw_scores(q, k, PREC, NEG)
         if MASKED:
             vis = (offs_n < k_lim)[None, :]
@@ -382,11 +401,7 @@ def _attn_fwd_kernel(
     PREC: tl.constexpr, NEG: tl.constexpr,
 ):
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = (pid % n_m_blocks).to(tl.int32)
-    bh = pid // n_m_blocks
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
     k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
 
     start_m = pid_m * BLOCK_M
@@ -434,6 +449,43 @@ def _attn_fwd_kernel(
 
 # ============================================================================ backward
 @triton.jit
+def _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq, sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
+                     TAB, tab_len, ROPE_Q: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """What a backward program needs of its query rows ``offs_m``: the q tile (rotated if ROPE_Q), the
+    dO tile, which rows take part (live rows of a sequence with a visible key) and their softmax
+    statistics."""
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
+    row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
+    m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
+    return q, do, row_ok, m_row, lg_row
+
+
+@triton.jit
+def _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale,
+               CAUSAL: tl.constexpr, PREC: tl.constexpr, NEG: tl.constexpr):
+    """P of a ``[query rows, key rows]`` tile, recomputed from the forward's statistics (the module
+    docstring's "Softmax statistics"): 0 where a key is not visible or the row takes no part.
+    (``_attn_bwd_dkdv_kernel`` forms its transpose inline.)"""
+    s = _raw_scores(q, k, PREC, NEG)
+    vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None])
+    return tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len,
+                  ROPE_Q: tl.constexpr, BLOCK_M: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """Scale the accumulated ``dS @ K``, undo q's rotation and store dq's rows."""
+    dq = dq * sm_scale
+    if ROPE_Q:
+        dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
+    _store_rows(DQ + b * sdqb + h * sdqh, dq, offs_m, Lq, sdql, sdqd, DH, DHP, SPLIT)
+
+
+@triton.jit
 def _attn_bwd_fused_kernel(
     DQ, DK, DV,
     DO, Q, K, V, O, STATS, LENS, TAB,
@@ -461,10 +513,9 @@ def _attn_bwd_fused_kernel(
     k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
 
     offs_m = tl.arange(0, BLOCK_M)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
-    row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
-    m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
+    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
+                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
+                                                    ROPE_Q, DH, DHP, SPLIT)
 
     dk_base = DK + b * sdkb + h * sdkh
     dv_base = DV + b * sdvb + h * sdvh
@@ -482,13 +533,9 @@ def _attn_bwd_fused_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
-        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
-        s = _raw_scores(q, k, PREC, NEG)
-        vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
+        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                        DH, DHP, SPLIT)
+        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if ONE_BLOCK:
@@ -504,11 +551,8 @@ def _attn_bwd_fused_kernel(
     for start_n in range(tl.cdiv(hi, BLOCK_N) * BLOCK_N, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         _store_dkdv(dk_base, dv_base, zero, zero, offs_n, Lk, sdkl, sdkd, sdvl, sdvd, SAME_KV, DH, DHP, SPLIT)
-
-    dq = dq * sm_scale
-    if ROPE_Q:
-        dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
-    _store_rows(DQ + b * sdqb + h * sdqh, dq, offs_m, Lq, sdql, sdqd, DH, DHP, SPLIT)
+    _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len, ROPE_Q, BLOCK_M,
+                  DH, DHP, SPLIT)
 
 
 @triton.jit
@@ -519,11 +563,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
 ):
     """``delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` in fp32."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = (pid % n_m_blocks).to(tl.int32)
-    bh = pid // n_m_blocks
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, Lq, sdol, sdod, DO, 1, False, DH, DHP, False)
     o = _load_rows(O + b * sob + h * soh, offs_m, Lq, sol, sod, O, 1, False, DH, DHP, False)
@@ -550,18 +590,13 @@ def _attn_bwd_dkdv_kernel(
     SAME_KV, dk + dv into DK)."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid = tl.program_id(0).to(tl.int64)
-    pid_n = (pid % n_n_blocks).to(tl.int32)
-    bh = pid // n_n_blocks
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h = _program_block(n_n_blocks, H)
     k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + b * skb + h * skh, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT)
-    k = k.to(Q.dtype.element_ty)
-    v = _load_v(k, V + b * svb + h * svh, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
+    k, v = _load_kv(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len,
+                    Q.dtype.element_ty, ROPE_K, SAME_KV, DH, DHP, SPLIT)
     kv_ok = (offs_n < k_lim)[:, None]
 
     q_base = Q + b * sqb + h * sqh
@@ -612,19 +647,14 @@ def _attn_bwd_dq_kernel(
     """dq of one query block of one (b, h): loop over the visible key blocks."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = (pid % n_m_blocks).to(tl.int32)
-    bh = pid // n_m_blocks
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
     k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < tl.where(k_lim > 0, q_lim, 0)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
-    m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
+    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
+                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
+                                                    ROPE_Q, DH, DHP, SPLIT)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
 
     k_base = K + b * skb + h * skh
@@ -636,20 +666,14 @@ def _attn_bwd_dq_kernel(
     hi = tl.where(start_m < q_lim, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, k_lim, skl, skd, TAB, tab_len, ROPE_K, DH, DHP, SPLIT).to(q.dtype)
-        v = _load_v(k, v_base, offs_n, k_lim, svl, svd, TAB, tab_len, ROPE_K, SAME_KV, DH, DHP, SPLIT)
-        s = _raw_scores(q, k, PREC, NEG)
-        vis = row_ok[:, None] & (offs_n < k_lim)[None, :]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(vis, tl.exp2((s - m_row[:, None]) * qk_scale - lg_row[:, None]), 0.0)
+        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                        DH, DHP, SPLIT)
+        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    dq = dq * sm_scale
-    if ROPE_Q:
-        dq = _unrotate(dq, TAB, offs_m, q_lim, tab_len, BLOCK_M, DH, DHP)
-    _store_rows(DQ + b * sdqb + h * sdqh, dq, offs_m, Lq, sdql, sdqd, DH, DHP, SPLIT)
+    _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len, ROPE_Q, BLOCK_M,
+                  DH, DHP, SPLIT)
 
 
 # ============================================================================ launchers
