@@ -292,5 +292,7 @@ class InterFormerCTR(nn.Module):
         """Mean binary cross-entropy with logits, in fp32. Decision: the label's values are not
         checked here (that is a device-to-host read in every training step, and no read may happen
         under CUDA-graph capture); the data loaders check them, and
-        :func:`interformer.validate_batch` (``label=...``) does for a batch built by hand."""
+        :func:`interformer.validate_batch` (``label=...``) does for a batch built by hand. An empty
+        batch gives NaN, the mean of nothing, as ``F.binary_cross_entropy_with_logits`` does; the
+        loaders form batches from the rows they keep and never yield an empty one."""
         return F.binary_cross_entropy_with_logits(logits.float(), label.float())
