@@ -188,8 +188,19 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name() if ON_GPU else "cpu (smoke)",
         "torch": torch.__version__,
         "triton": triton_version,
+        "flash_attn": flash_attn_version(),
         "commit": commit,
     }
+
+
+def flash_attn_version() -> str:
+    """The optional ``flash_attn`` package's version, or "absent" where it does not import (DESIGN §6:
+    its absence is reported, never an error; every row says which, and bench/report.py names it)."""
+    try:
+        import flash_attn
+    except Exception:  # noqa: BLE001 - not installed, or installed for another torch / CUDA
+        return "absent"
+    return str(getattr(flash_attn, "__version__", "unknown"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -169,7 +169,22 @@ def markdown(rows) -> str:
     out += _duplicates(duplicates)
     out += _invalid(rows)
     out += _compile_warnings(rows)
+    out += _absent_providers(rows)
     return "\n".join(out) + "\n"
+
+
+def _absent_providers(rows) -> list:
+    """A line saying that the attention rows have no ``flash_attn`` column because the package did
+    not import where they ran (DESIGN §6: an optional provider whose absence is reported). Rows
+    written before they recorded it (no ``flash_attn`` key) are not taken as saying it is absent."""
+    attention = [r for r in rows if r.get("op") == "attention"]
+    if not attention or any(r["provider"] == "flash_attn" for r in attention):
+        return []
+    where = sorted({r.get("device", "?") for r in attention if r.get("flash_attn") == "absent"})
+    if not where:
+        return []
+    return ["", f"**Not measured**: `flash_attn` (flash-attn's `flash_attn_varlen_func`, an optional provider) did "
+                f"not import on {', '.join(where)}, so the attention rows have no column for it."]
 
 
 def _finite(x) -> bool:

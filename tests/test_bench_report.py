@@ -215,3 +215,18 @@ def test_design_measures_are_reported_against_the_measured_ceilings(report):
     # rows written before the ceilings were recorded: achieved over fraction
     old = [_row("fused-cudagraph", 0.1, GBps=1500.0, frac_copy_bw=0.5, x_floor=2.0)]
     assert "Measured ceilings: dev: copy 3000 GB/s." in report.markdown(old)
+
+
+def test_an_absent_flash_attn_is_reported_under_the_table(report):
+    """DESIGN §6: flash-attn is optional and "its absence is reported". Rows that ran without it say
+    so (``flash_attn: "absent"``) and the report names it; it says nothing when the provider was
+    measured, when there is no attention row, or for rows that never recorded the fact."""
+    def att(provider, **extra):
+        return _row(provider, 1.0, op="attention", mode="full", **extra)
+
+    absent = report.markdown([att("eager", flash_attn="absent"), att("fused", flash_attn="absent")])
+    assert "**Not measured**: `flash_attn`" in absent and "did not import on dev" in absent
+    measured = report.markdown([att("eager", flash_attn="2.7.4"), att("flash_attn", flash_attn="2.7.4")])
+    assert "Not measured" not in measured
+    assert "Not measured" not in report.markdown([_row("eager", 1.0, flash_attn="absent")])
+    assert "Not measured" not in report.markdown([att("eager"), att("fused")])
