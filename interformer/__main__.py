@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", default=None, choices=BACKENDS,
                     help="the model's path (default: the one the checkpoint's model was built with)")
-    ev.add_argument("--amp", default="off", choices=AMP_MODES)
+    ev.add_argument("--amp", default=None, choices=AMP_MODES,
+                    help="autocast of the model (default: the checkpoint's own setting, so that its splits score as "
+                         "in training)")
     ev.add_argument("--on-bad-rows", default=None, choices=ON_BAD_ROWS,
                     help="what a malformed row does: stop with its file and line, or be counted and left out "
                          "(default: the checkpoint's own setting)")

@@ -1431,7 +1431,7 @@ def _format_of(paths: List[str], fallback: str) -> Optional[str]:
 
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
-                        amp: str = "off", on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+                        amp: Optional[str] = None, on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
     own validation/test splits when ``paths`` is not given: the files its config names, read with
     the schema and vocabularies it carries (the schema file it was trained from is not read).
@@ -1441,14 +1441,16 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     ``skipped_examples`` (the first three reasons). ``on_bad_rows`` ("raise" or "skip") decides
     what a malformed row does; None (the default) takes the checkpoint's own setting, so that its
     run's validation/test splits are read as they were in training. With "raise" the first one
-    raises, naming its file and line."""
+    raises, naming its file and line. ``amp`` ("off", "bf16" or "fp16"): the autocast the model runs
+    under; None (the default) takes the checkpoint's, so that a split scores as it did in training."""
     from .dataio import Schema, TabularDataset
 
     state = load_checkpoint(checkpoint)
     saved = state["train_config"]
-    # a given on_bad_rows replaces the checkpoint's, checked by TrainConfig as every setting is
-    cfg = TrainConfig.from_dict(saved if on_bad_rows is None else {**saved, "on_bad_rows": on_bad_rows})
-    cfg.eval_batch_size, cfg.amp, cfg.device = batch_size, amp, device
+    # a given on_bad_rows or amp replaces the checkpoint's, checked by TrainConfig as every setting is
+    given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
+    cfg = TrainConfig.from_dict({**saved, **given})
+    cfg.eval_batch_size, cfg.device = batch_size, device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(dev)
     settings = dict(state["model_config"])  # with the backend the checkpoint's model was built with,

@@ -233,6 +233,19 @@ def test_resume_and_evaluate_use_the_backend_the_checkpoint_was_built_with(tmp_p
     assert built == ["auto", "auto", "eager"]
 
 
+def test_evaluate_runs_under_the_checkpoints_amp_unless_given_its_own(tmp_path):
+    """A bf16 run's checkpoint scores its splits under bf16 autocast, as its training did (it used
+    to run without autocast unless ``--amp`` was repeated); a given ``amp`` replaces it."""
+    T.train(tiny_config(tmp_path, epochs=1, amp="bf16"), log=quiet)
+    ckpt = str(tmp_path / "last.pt")
+    assert T.load_checkpoint(ckpt)["train_config"]["amp"] == "bf16"
+    default, bf16, off = (T.evaluate_checkpoint(ckpt, **kw)["valid"] for kw in ({}, dict(amp="bf16"), dict(amp="off")))
+    assert default["logloss"] == bf16["logloss"] and default["auc"] == bf16["auc"]
+    assert off["logloss"] != bf16["logloss"]
+    with pytest.raises(ValueError, match="amp must be one of"):
+        T.evaluate_checkpoint(ckpt, amp="fp8")
+
+
 def test_warmup_step_k_uses_lr_times_k_over_warmup_steps():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.4)
