@@ -1,4 +1,4 @@
-"""Command line: ``python -m interformer {demo,train,evaluate}`` (``--help`` on each)."""
+"""Command line: python -m interformer {demo,train,evaluate} (--help on each)."""
 
 from __future__ import annotations
 
@@ -51,17 +51,59 @@ def _parse_value(text: str):
         return text
 
 
+#: ``train --help`` text of each :class:`TrainConfig` field (every field has one: tests check it); the
+#: choices of an enumerated setting and the default are added to it by :func:`_add_train_flags`.
 _FLAG_HELP = {
-    "data": "synthetic (the default), csv or parquet; a split whose files all end in .csv, .csv.gz, .parquet "
-            "or .pq is read by those suffixes",
-    "log_every": "steps between progress reports (default 20): the bar's loss and samples/s, or, without a bar "
+    "data": "synthetic, csv or parquet; a split whose files all end in .csv, .csv.gz, .parquet or .pq is read "
+            "by those suffixes",
+    "train": "training files (csv/parquet data)",
+    "valid": "validation files: scored every epoch, for best.pt and early stopping",
+    "test": "test files, scored once at the end",
+    "schema": "schema file (.json/.yaml) of the data columns (csv/parquet data)",
+    "on_bad_rows": "what a malformed row does: stop the run naming its file and line, or be counted, reported "
+                   "and left out",
+    "synthetic_train": "training samples of the synthetic data",
+    "synthetic_valid": "validation samples of the synthetic data",
+    "synthetic_test": "test samples of the synthetic data",
+    "model": "an InterFormerConfig field, e.g. --model d_model=32 (repeatable)",
+    "backend": "the model's path: fused Triton kernels, eager PyTorch, or auto (Triton on a GPU)",
+    "batch_size": "training batch size",
+    "eval_batch_size": "batch size of validation and test scoring",
+    "epochs": "passes over the training split",
+    "lr": "learning rate of the dense parameters (AdamW)",
+    "weight_decay": "AdamW weight decay of the weight matrices (not of biases, LayerNorms or embeddings)",
+    "embedding_optimizer": "optimiser of the embedding tables",
+    "embedding_lr": "learning rate of the embedding tables (default: --lr)",
+    "warmup_steps": "linear learning-rate warm-up over this many optimiser steps (0: none)",
+    "clip_grad_norm": "clip the gradients' global norm to this (default: no clipping)",
+    "amp": "autocast dtype of forward and loss (fp16 adds a gradient scaler)",
+    "compile": "torch.compile the model",
+    "compile_backend": "torch.compile backend",
+    "compile_mode": "torch.compile mode (reduce-overhead adds CUDA graphs; default: torch's)",
+    "seed": "seed of the model's initialisation, the batch order and the synthetic data",
+    "device": "cuda, cuda:N or cpu (default: cuda when available)",
+    "deterministic": "PyTorch's deterministic algorithms for the run (matters on CUDA)",
+    "autograd_multithreading": "run the backward on autograd's GPU thread (PyTorch's default) instead of the "
+                               "calling thread",
+    "output_dir": "run directory: best.pt, last.pt, run.json (and curves.png with --plot)",
+    "resume": "continue the run in --output-dir from its last.pt, with its settings",
+    "overwrite": "a new run may delete the run already in --output-dir",
+    "patience": "stop after this many epochs without a better validation AUC (default: never)",
+    "max_steps": "stop, checkpointed, after this many optimiser steps in all (default: no limit)",
+    "checkpoint_every": "also write last.pt every this many steps (default: at each epoch's end only)",
+    "log_every": "steps between progress reports: the bar's loss and samples/s, or, without a bar "
                  "(--no-progress, output to a file), a line 'step N: loss L, S samples/s (epoch ...)'",
+    "prefetch": "batches of file data built ahead by a background thread (0: none)",
+    "progress": "an epoch progress bar on stderr where it renders (a terminal or Jupyter)",
+    "plot": "write curves.png (loss and metrics per epoch) into the run directory",
 }
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainConfig` field, all defaulting to "not given" so that the settings
-    file and the dataclass defaults fill what the command line leaves out."""
+    file and the dataclass defaults fill what the command line leaves out; the help shows the
+    dataclass default (an Optional number or string also takes "none", which unsets a settings
+    file's value)."""
     from .backend import BACKENDS
     from .train import AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS, ON_BAD_ROWS, TrainConfig
 
@@ -75,22 +117,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args else hint
+        text = _FLAG_HELP[f.name]
+        if f.name in choices:
+            text += f"; one of {', '.join(choices[f.name])}"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is not None and default != "":
+            text += f" (default {'on' if default is True else 'off' if default is False else default})"
         if f.name == "model":
-            p.add_argument(flag, action="append", metavar="KEY=VALUE", default=None,
-                           help="an InterFormerConfig field, e.g. --model d_model=32 (repeatable)")
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", default=None, help=text)
         elif hint is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(hint) in (list, typing.List):
-            p.add_argument(flag, nargs="+", default=None, metavar="FILE")
+            p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=text)
         elif f.name == "schema":
-            p.add_argument(flag, default=None, metavar="FILE", help="schema file (.json/.yaml) of the data columns")
+            p.add_argument(flag, default=None, metavar="FILE", help=text)
         elif type(None) in args and base in (int, float):  # "none" unsets what a settings file sets
-            p.add_argument(flag, type=str, default=None, metavar=f"{base.__name__.upper()}|none")  # TrainConfig converts
+            p.add_argument(flag, type=str, default=None, metavar=f"{base.__name__.upper()}|none",
+                           help=text)  # TrainConfig converts
         else:
-            default = f.default if f.default is not dataclasses.MISSING else None
-            text = _FLAG_HELP.get(f.name) or (f"one of {', '.join(choices[f.name])}" if f.name in choices else None)
-            if text is not None and default is not None and f.name not in _FLAG_HELP:
-                text += f" (default {default})"
             p.add_argument(flag, type=base if base in (int, float, str) else str, default=None, help=text)
 
 
@@ -122,12 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m interformer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="build InterFormer, compare eager and fused paths, train briefly on synthetic data")
-    demo.add_argument("--train-samples", type=_positive_int, default=16384, help="synthetic training samples (>= 1)")
-    demo.add_argument("--test-samples", type=_positive_int, default=4096, help="synthetic held-out samples (>= 1)")
-    demo.add_argument("--batch-size", type=_positive_int, default=256, help="training batch size (>= 1)")
-    demo.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training samples (>= 1)")
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--train-samples", type=_positive_int, default=16384,
+                      help="synthetic training samples (>= 1; default %(default)s)")
+    demo.add_argument("--test-samples", type=_positive_int, default=4096,
+                      help="synthetic held-out samples (>= 1; default %(default)s)")
+    demo.add_argument("--batch-size", type=_positive_int, default=256,
+                      help="training batch size (>= 1; default %(default)s)")
+    demo.add_argument("--epochs", type=_positive_int, default=1,
+                      help="passes over the training samples (>= 1; default %(default)s)")
+    demo.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the model's initialisation, the synthetic data and the batch order "
+                           "(default %(default)s)")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(usage_error=demo.error)  # a setting the demo refuses is reported as argparse's own
@@ -138,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
-    ev.add_argument("--data", choices=("csv", "parquet"), default=None)
-    ev.add_argument("--batch-size", type=_positive_int, default=1024)
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--data", choices=("csv", "parquet"), default=None,
+                    help="format of the files (default: by their suffixes, else the checkpoint's data setting)")
+    ev.add_argument("--batch-size", type=_positive_int, default=1024, help="scoring batch size (default %(default)s)")
+    ev.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ev.add_argument("--backend", default=None, choices=BACKENDS,
                     help="the model's path (default: the one the checkpoint's model was built with)")
     ev.add_argument("--amp", default=None, choices=AMP_MODES,

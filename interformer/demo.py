@@ -146,8 +146,8 @@ def warmup_note(args) -> str:
              "the first inference batch" if args.test_samples > EVAL_BATCH else ""]
     parts = [p for p in parts if p]
     if not parts:
-        return "samples/s include every step, kernel compilation and warm-up too: too few steps to leave any out"
-    return "samples/s leave out " + " and ".join(parts) + ": kernel compilation and warm-up"
+        return "samples/s include every step, warm-up too: too few steps to leave any out"
+    return "samples/s leave out " + " and ".join(parts) + ": warm-up (on a GPU, kernel compilation too)"
 
 
 def train(model, data, args, desc: str, device) -> float:

@@ -1239,10 +1239,10 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                     bar.update(1)
                     if batch_in_epoch % cfg.log_every == 0:
                         sps = seen * d.world_size / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=f"{sps:,.0f}")
+                        bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=rate(sps))
                 elif d.is_main and step % cfg.log_every == 0:  # no bar (a log file, --no-progress): a line
                     sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
-                    say(f"step {step}: loss {(loss_sum / loss_n).item():.4f}, {sps:,.0f} samples/s "
+                    say(f"step {step}: loss {(loss_sum / loss_n).item():.4f}, {rate(sps)} samples/s "
                         f"(epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}; means over the epoch so far)")
                 if _any_rank(max_steps_reached() or stop.requested, d, device):
                     halted = True
@@ -1371,8 +1371,14 @@ def metric_notes(results: Dict[str, Dict[str, float]]) -> List[str]:
     return notes
 
 
+def rate(per_s: float) -> str:
+    """A throughput as printed: whole numbers with thousands separators, three significant digits
+    below 100 (a run of a few samples on a slow machine printed "0 samples/s")."""
+    return f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.3g}"
+
+
 def _epoch_line(r: Dict[str, Any]) -> str:
-    line = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}, {r['train_samples_per_s']:,.0f} samples/s"
+    line = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}, {rate(r['train_samples_per_s'])} samples/s"
     v = r.get("valid")
     if v:
         line += f" | valid AUC {v['auc']:.4f}" + (f", gAUC {v['gauc']:.4f}" if "gauc" in v else "")
@@ -1390,7 +1396,7 @@ def metrics_table(results: Dict[str, Dict[str, float]], source: str = "", title:
     for split, m in results.items():
         g = f"{m['gauc']:>7.4f}" if "gauc" in m else f"{'-':>7}"
         lines.append(f"{split:<8} {m['auc']:>7.4f} {g} {m['logloss']:>8.4f} {m['ne']:>7.4f} "
-                     f"{m['samples']:>9,} {m.get('samples_per_s', float('nan')):>11,.0f}")
+                     f"{m['samples']:>9,} {rate(m.get('samples_per_s', float('nan'))):>11}")
     return "\n".join(lines)
 
 

@@ -172,10 +172,20 @@ def test_the_warm_up_note_says_what_the_numbers_leave_out():
         return demo.warmup_note(Namespace(train_samples=train, test_samples=test, batch_size=batch, epochs=epochs))
 
     assert note(16384, 4096, 256) == ("samples/s leave out the first 3 training steps and the first inference batch: "
-                                      "kernel compilation and warm-up")
-    assert note(512, 256, 128) == "samples/s leave out the first 3 training steps: kernel compilation and warm-up"
+                                      "warm-up (on a GPU, kernel compilation too)")
+    assert note(512, 256, 128) == ("samples/s leave out the first 3 training steps: warm-up (on a GPU, kernel "
+                                   "compilation too)")
     assert note(300, 256, 128).startswith("samples/s include every step")  # 3 steps: none past the warm-up
     assert note(300, 256, 128, epochs=2).startswith("samples/s leave out the first 3 training steps")
+
+
+def test_throughputs_below_100_per_second_keep_three_digits():
+    """A run of a few samples on a slow machine printed "0 samples/s"."""
+    from interformer.train import _epoch_line, rate
+
+    assert [rate(x) for x in (0.4567, 12.345, 99.94, 100.4, 123456.7)] == ["0.457", "12.3", "99.9", "100", "123,457"]
+    assert rate(float("nan")) == "nan"
+    assert "0.5 samples/s" in _epoch_line({"epoch": 1, "train_loss": 0.7, "train_samples_per_s": 0.5})
 
 
 def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsys):

@@ -1389,6 +1389,28 @@ def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
     assert "error: interformer: a fused Triton op was given bfloat16 tensors" in bf16.stderr
 
 
+def test_every_train_flag_says_what_it_does_and_its_default(capsys):
+    """``train --help`` had no text for most flags and showed defaults only for the enumerated ones:
+    each TrainConfig field's flag now has a description, and its default where it has one."""
+    import argparse
+
+    from interformer.__main__ import _FLAG_HELP, build_parser
+
+    assert set(_FLAG_HELP) == {f.name for f in dataclasses.fields(T.TrainConfig)}
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for f in dataclasses.fields(T.TrainConfig):
+        assert helps[f.name] and helps[f.name].startswith(_FLAG_HELP[f.name]), f.name
+        if f.default is not dataclasses.MISSING and f.default not in (None, ""):
+            want = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            assert helps[f.name].endswith(f"(default {want})"), (f.name, helps[f.name])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default 16384)" in text and "(default runs/interformer)" in text
+
+
 def test_train_help_lists_the_choices_of_the_enumerated_settings(capsys):
     from interformer.__main__ import build_parser
     from interformer.train import AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS
