@@ -1,4 +1,4 @@
-"""Command line: python -m interformer {demo,train,evaluate} (--help on each)."""
+"""Command line: python -m interformer {demo,train,evaluate,example-data} (--help on each)."""
 
 from __future__ import annotations
 
@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train InterFormerCTR (synthetic data, BARS CSV or Parquet); torchrun for several processes")
     _add_train_flags(train)
 
+    ex = sub.add_parser("example-data", help="write small CSV files of the synthetic data, their schema and a "
+                                             "settings file for `train --config`")
+    ex.add_argument("directory", help="where to write train.csv, valid.csv, test.csv, schema.yaml, settings.yaml")
+    for name, n in (("train", 4096), ("valid", 1024), ("test", 1024)):
+        ex.add_argument(f"--{name}", type=_positive_int, default=n, help=f"rows of {name}.csv (default %(default)s)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default %(default)s)")
+    ex.add_argument("--output-dir", default="runs/example",
+                    help="the run directory the settings file names (default %(default)s)")
+
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
@@ -227,6 +236,14 @@ def main(argv=None) -> int:
         # reports a process killed by it, so that a batch scheduler sees an unfinished job and can requeue it
         signum = summary.get("stopped_by_signal")
         return 128 + signum if signum else 0
+    if args.command == "example-data":
+        from .data import write_example_files
+
+        paths = write_example_files(args.directory, args.train, args.valid, args.test, seed=args.seed,
+                                    output_dir=args.output_dir)
+        print("wrote " + ", ".join(paths.values()))
+        print(f"train on them: python -m interformer train --config {paths['settings']}")
+        return 0
     _interpret_on_cpu(args.device)
     from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
 

@@ -182,3 +182,75 @@ def _batches(data: Batch, batch_size: int, shuffle: bool, seed: int) -> Iterator
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     for i in range(0, n, batch_size):
         yield data[order[i : i + batch_size]]
+
+
+#: Columns of :func:`write_example_files` ' CSVs, in the BARS/FuxiCTR layout the README describes.
+EXAMPLE_COLUMNS = ("label", "user_id", "item_id", "cate_id", "context", "dense_0", "dense_1", "dense_2",
+                   "item_history", "cate_history")
+
+_EXAMPLE_SCHEMA = """\
+# the columns of {files} (written by `python -m interformer example-data`)
+label: label
+dense: [dense_0, dense_1, dense_2]
+sparse: [user_id, item_id, cate_id, context]
+sequences: [item_history, cate_history]     # '^'-joined ids, oldest first
+shared_vocab: {{item_history: item_id, cate_history: cate_id}}
+user: user_id                               # groups for gAUC
+max_seq_len: {max_seq_len}
+"""
+
+_EXAMPLE_SETTINGS = """\
+# `python -m interformer train --config {settings}` trains on the example files; every flag of
+# `train --help` is a key here, and flags given on the command line win over this file.
+data: csv
+train: [{train}]
+valid: [{valid}]
+test: [{test}]
+schema: {schema}
+output_dir: {output_dir}
+epochs: 2
+batch_size: 256
+"""
+
+
+def write_example_files(directory, train: int = 4096, valid: int = 1024, test: int = 1024, seed: int = 0,
+                        output_dir: str = "runs/example") -> dict:
+    """Write the synthetic data (:func:`make_synthetic`, default config) as BARS-layout CSV files
+    ``train.csv``, ``valid.csv`` and ``test.csv`` in ``directory`` (created if needed), with
+    ``schema.yaml`` describing their columns and ``settings.yaml``, a ``train --config`` file for
+    them; returns ``{name: path}``. Ids are written as the raw values a click log would hold (the
+    loaders build vocabularies from the training file), histories ``^``-joined, oldest first.
+
+    Why: the README's file-based commands need files; these let a newcomer run them end to end.
+
+    Decision: the paths inside ``settings.yaml`` are written as ``directory`` was given, since a
+    settings file's paths are taken relative to the directory ``train`` runs from. Files already
+    in ``directory`` under these names are replaced."""
+    import json
+    import os
+
+    sizes = {name: _count("write_example_files", name, n, 1) for name, n in (("train", train), ("valid", valid),
+                                                                            ("test", test))}
+    os.makedirs(directory, exist_ok=True)
+    paths = {name: os.path.join(directory, f"{name}.csv") for name in sizes}
+    config = InterFormerConfig()
+    for i, (name, n) in enumerate(sizes.items()):
+        b = make_synthetic(n, config, seed=seed + i)
+        with open(paths[name], "w", encoding="utf-8", newline="") as fh:
+            fh.write(",".join(EXAMPLE_COLUMNS) + "\n")
+            for r in range(n):
+                L = int(b.lengths[r])
+                hist = ["^".join(str(int(v)) for v in b.seq[r, c, :L].tolist()) for c in range(2)]
+                ids = ",".join(str(int(v)) for v in b.sparse[r].tolist())
+                dense = ",".join(f"{float(v):.5f}" for v in b.dense[r, :3].tolist())
+                fh.write(f"{int(b.label[r])},{ids},{dense},{hist[0]},{hist[1]}\n")
+    paths["schema"] = os.path.join(directory, "schema.yaml")
+    with open(paths["schema"], "w", encoding="utf-8") as fh:
+        fh.write(_EXAMPLE_SCHEMA.format(files=", ".join(os.path.basename(paths[n]) for n in sizes),
+                                        max_seq_len=config.max_seq_len))
+    paths["settings"] = os.path.join(directory, "settings.yaml")
+    with open(paths["settings"], "w", encoding="utf-8") as fh:
+        # paths as JSON strings, which YAML reads as they are (spaces, colons, quotes and all)
+        quoted = {k: json.dumps(v) for k, v in paths.items() if k != "settings"}
+        fh.write(_EXAMPLE_SETTINGS.format(settings=paths["settings"], output_dir=json.dumps(output_dir), **quoted))
+    return paths

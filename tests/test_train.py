@@ -739,6 +739,33 @@ def test_malformed_rows_raise_with_file_and_line_or_are_counted(bars, capsys):
     assert out.count("note: skipped 2 malformed row(s) in train (e.g. ") == 1 and "train.csv:41: " in out
 
 
+def test_example_data_writes_files_a_run_trains_and_evaluates_on(tmp_path, capsys):
+    """``example-data DIR`` writes BARS-layout CSVs, their schema and a settings file that ``train
+    --config`` takes as it is (paths quoted: the directory has a space and a colon), so the README's
+    file-based commands run end to end without files of one's own."""
+    from interformer.data import EXAMPLE_COLUMNS, write_example_files
+
+    where = tmp_path / "my data: 1"
+    main(["example-data", str(where), "--train", "192", "--valid", "64", "--test", "48",
+          "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert f"train --config {where / 'settings.yaml'}" in out
+    for name, rows in (("train", 192), ("valid", 64), ("test", 48)):
+        lines = (where / f"{name}.csv").read_text().splitlines()
+        assert lines[0] == ",".join(EXAMPLE_COLUMNS) and len(lines) == rows + 1, name
+    settings = T.load_settings(str(where / "settings.yaml"))
+    assert settings["train"] == [str(where / "train.csv")] and settings["schema"] == str(where / "schema.yaml")
+    main(["train", "--config", str(where / "settings.yaml"), "--epochs", "1", "--batch-size", "64", "--no-progress",
+          *model_flags(skip=("backend", "max_seq_len"))])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "finished" and run["final"]["valid"]["samples"] == 64 and run["final"]["test"]["samples"] == 48
+    capsys.readouterr()
+    main(["evaluate", str(tmp_path / "run" / "last.pt"), str(where / "test.csv"), "--output", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["eval"]["samples"] == 48
+    with pytest.raises(ValueError, match="valid must be an int >= 1"):
+        write_example_files(tmp_path / "x", valid=0)
+
+
 def test_evaluate_on_bad_rows_overrides_the_checkpoints_setting(bars, capsys):
     """A checkpoint trained on clean files (on_bad_rows "raise") can score a file with malformed rows
     (``evaluate --on-bad-rows skip``), and a "skip" checkpoint can be made strict."""
