@@ -46,7 +46,12 @@ class InterFormerConfig:
     Decision on the ranges of the real numbers: ``ln_eps`` must be finite and at least the smallest
     normal fp32 number (``2**-126``): the LayerNorm kernels add it in fp32, where a smaller value
     rounds to 0 (or is flushed to 0), and the LayerNorm of a padded all-zero row is then 0/0 = NaN
-    (``ln_eps=1e-50`` gave NaN logits). ``rope_base`` must be finite and >= 1: rotary inverse
+    (``ln_eps=1e-50`` gave NaN logits). One limit is PyTorch's, not the kernels': a whole model in
+    fp16 (``model.half()``) on the *eager* path on a CPU, where ``F.layer_norm`` keeps its saved
+    ``1/sigma`` in fp16, needs ``ln_eps >= 2.4e-10``; below that a padded all-zero row's ``1/sigma``
+    overflows to inf and the backward is ``0 * inf = NaN`` in every parameter's gradient (found by
+    a model-level fuzzer at 1e-12). The fused path (fp32 statistics) and fp16 autocast (LayerNorm in
+    fp32) are finite at any accepted ``ln_eps``. ``rope_base`` must be finite and >= 1: rotary inverse
     frequencies are ``rope_base**(-2i/dh)``, at most 1 rad per position for a base >= 1; a base below
     1 turns the order around (the last pairs rotate fastest), and a small one overflows fp32 into
     NaN attention (``rope_base=1e-60``).

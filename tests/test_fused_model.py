@@ -238,6 +238,23 @@ def test_fused_model_in_float16_meets_the_low_precision_rule(variant):
         assert f_err <= 2 * max(e_err, floor), f"{variant}, {name}: fused fp16 error {f_err:.2e} > 2 x eager's {e_err:.2e}"
 
 
+def test_a_half_fused_model_with_the_smallest_ln_eps_has_finite_gradients():
+    """``model.half()`` with ``ln_eps`` below fp16's range of ``1/sigma`` (1e-12, and the smallest
+    accepted, 2**-126) and padded rows: the fused LayerNorms keep their statistics in fp32, so every
+    gradient is finite (the eager path on a CPU is not: config.py's ``ln_eps`` note)."""
+    for eps in (1e-12, 2.0 ** -126):
+        cfg = tiny_config(ln_eps=eps, num_layers=1)
+        torch.manual_seed(0)
+        fused = optimize(InterFormerCTR(cfg), "triton").half()
+        perturb_constant_parameters(fused)
+        dense, sparse, seq, lengths, label = random_batch(cfg, [0, 3, 6], 6)
+        logits = fused(dense.half(), sparse, seq, lengths)
+        fused.loss(logits, label).backward()
+        assert torch.isfinite(logits).all(), eps
+        bad = [n for n, p in fused.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not bad, (eps, bad)
+
+
 def _value_only(real, wrong):
     """``real`` with the forward value of ``wrong`` (same arguments) and ``real``'s gradients: a
     bug the comparison must see in the values, since no gradient goes missing."""
