@@ -184,7 +184,7 @@ def _batches(data: Batch, batch_size: int, shuffle: bool, seed: int) -> Iterator
         yield data[order[i : i + batch_size]]
 
 
-#: Columns of :func:`write_example_files` ' CSVs, in the BARS/FuxiCTR layout the README describes.
+#: Columns of the CSV files :func:`write_example_files` writes, in the BARS/FuxiCTR layout the README describes.
 EXAMPLE_COLUMNS = ("label", "user_id", "item_id", "cate_id", "context", "dense_0", "dense_1", "dense_2",
                    "item_history", "cate_history")
 
