@@ -174,13 +174,13 @@ def markdown(rows) -> str:
 
 
 def _absent_providers(rows) -> list:
-    """A line saying that the attention rows have no ``flash_attn`` column because the package did
-    not import where they ran (DESIGN §6: an optional provider whose absence is reported). Rows
-    written before they recorded it (no ``flash_attn`` key) are not taken as saying it is absent."""
+    """A line naming the devices whose attention rows have no ``flash_attn`` row because the package
+    did not import there (DESIGN §6: an optional provider whose absence is reported); a device
+    where it was measured is not named. Rows written before they recorded it (no ``flash_attn``
+    key) are not taken as saying it is absent."""
     attention = [r for r in rows if r.get("op") == "attention"]
-    if not attention or any(r["provider"] == "flash_attn" for r in attention):
-        return []
-    where = sorted({r.get("device", "?") for r in attention if r.get("flash_attn") == "absent"})
+    measured_on = {r.get("device", "?") for r in attention if r["provider"] == "flash_attn"}
+    where = sorted({r.get("device", "?") for r in attention if r.get("flash_attn") == "absent"} - measured_on)
     if not where:
         return []
     return ["", f"**Not measured**: `flash_attn` (flash-attn's `flash_attn_varlen_func`, an optional provider) did "

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import typing
 
@@ -70,11 +71,11 @@ _FLAG_HELP = {
     "batch_size": "training batch size",
     "eval_batch_size": "batch size of validation and test scoring",
     "epochs": "passes over the training split",
-    "lr": "learning rate of the dense parameters (AdamW)",
-    "weight_decay": "AdamW weight decay of the weight matrices (not of biases, LayerNorms or embeddings)",
+    "lr": "AdamW learning rate of the dense parameters",
+    "weight_decay": "AdamW weight decay of the weight matrices, not of biases, LayerNorms or embeddings",
     "embedding_optimizer": "optimiser of the embedding tables",
     "embedding_lr": "learning rate of the embedding tables (default: --lr)",
-    "warmup_steps": "linear learning-rate warm-up over this many optimiser steps (0: none)",
+    "warmup_steps": "optimiser steps of linear learning-rate warm-up, 0 for none",
     "clip_grad_norm": "clip the gradients' global norm to this (default: no clipping)",
     "amp": "autocast dtype of forward and loss (fp16 adds a gradient scaler)",
     "compile": "torch.compile the model",
@@ -83,8 +84,8 @@ _FLAG_HELP = {
     "seed": "seed of the model's initialisation, the batch order and the synthetic data",
     "device": "cuda, cuda:N or cpu (default: cuda when available)",
     "deterministic": "PyTorch's deterministic algorithms for the run (matters on CUDA)",
-    "autograd_multithreading": "run the backward on autograd's GPU thread (PyTorch's default) instead of the "
-                               "calling thread",
+    "autograd_multithreading": "run the backward on autograd's own device thread, as PyTorch does by default, "
+                               "instead of on the calling thread",
     "output_dir": "run directory: best.pt, last.pt, run.json (and curves.png with --plot)",
     "resume": "continue the run in --output-dir from its last.pt, with its settings",
     "overwrite": "a new run may delete the run already in --output-dir",
@@ -93,7 +94,7 @@ _FLAG_HELP = {
     "checkpoint_every": "also write last.pt every this many steps (default: at each epoch's end only)",
     "log_every": "steps between progress reports: the bar's loss and samples/s, or, without a bar "
                  "(--no-progress, output to a file), a line 'step N: loss L, S samples/s (epoch ...)'",
-    "prefetch": "batches of file data built ahead by a background thread (0: none)",
+    "prefetch": "batches of file data built ahead by a background thread, 0 for none",
     "progress": "an epoch progress bar on stderr where it renders (a terminal or Jupyter)",
     "plot": "write curves.png (loss and metrics per epoch) into the run directory",
 }
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         paths = write_example_files(args.directory, args.train, args.valid, args.test, seed=args.seed,
                                     output_dir=args.output_dir)
         print("wrote " + ", ".join(paths.values()))
-        print(f"train on them: python -m interformer train --config {paths['settings']}")
+        print(f"train on them: python -m interformer train --config {shlex.quote(paths['settings'])}")
         return 0
     _interpret_on_cpu(args.device)
     from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
@@ -250,7 +251,10 @@ def main(argv=None) -> int:
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)
-    print(metrics_table(results, title=f"metrics of {args.checkpoint}"))
+    amp = next(iter(results.values()))["amp"]
+    print(metrics_table(results, title=f"metrics of {args.checkpoint} (amp {amp})"))
+    for note in dict.fromkeys(m["amp_note"] for m in results.values() if "amp_note" in m):
+        print(f"note: {note}")
     for note in metric_notes(results):
         print(note)
     for split, m in results.items():

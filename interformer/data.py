@@ -185,13 +185,13 @@ def _batches(data: Batch, batch_size: int, shuffle: bool, seed: int) -> Iterator
 
 
 #: Columns of the CSV files :func:`write_example_files` writes, in the BARS/FuxiCTR layout the README describes.
-EXAMPLE_COLUMNS = ("label", "user_id", "item_id", "cate_id", "context", "dense_0", "dense_1", "dense_2",
+EXAMPLE_COLUMNS = ("label", "user_id", "item_id", "cate_id", "context", "dense_0", "dense_1", "dense_2", "dense_3",
                    "item_history", "cate_history")
 
 _EXAMPLE_SCHEMA = """\
 # the columns of {files} (written by `python -m interformer example-data`)
 label: label
-dense: [dense_0, dense_1, dense_2]
+dense: [dense_0, dense_1, dense_2, dense_3]
 sparse: [user_id, item_id, cate_id, context]
 sequences: [item_history, cate_history]     # '^'-joined ids, oldest first
 shared_vocab: {{item_history: item_id, cate_history: cate_id}}
@@ -200,7 +200,7 @@ max_seq_len: {max_seq_len}
 """
 
 _EXAMPLE_SETTINGS = """\
-# `python -m interformer train --config {settings}` trains on the example files; every flag of
+# `python -m interformer train --config {settings_arg}` trains on the example files; every flag of
 # `train --help` is a key here, and flags given on the command line win over this file.
 data: csv
 train: [{train}]
@@ -215,8 +215,9 @@ batch_size: 256
 
 def write_example_files(directory, train: int = 4096, valid: int = 1024, test: int = 1024, seed: int = 0,
                         output_dir: str = "runs/example") -> dict:
-    """Write the synthetic data (:func:`make_synthetic`, default config) as BARS-layout CSV files
-    ``train.csv``, ``valid.csv`` and ``test.csv`` in ``directory`` (created if needed), with
+    """Write the synthetic data (:func:`make_synthetic`, default config: 4 dense features, 4 sparse
+    fields, 2 behaviour channels) as BARS-layout CSV files ``train.csv``, ``valid.csv`` and
+    ``test.csv`` (seeds ``seed``, ``seed + 1``, ``seed + 2``) in ``directory`` (created if needed), with
     ``schema.yaml`` describing their columns and ``settings.yaml``, a ``train --config`` file for
     them; returns ``{name: path}``. Ids are written as the raw values a click log would hold (the
     loaders build vocabularies from the training file), histories ``^``-joined, oldest first.
@@ -228,6 +229,7 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     in ``directory`` under these names are replaced."""
     import json
     import os
+    import shlex
 
     sizes = {name: _count("write_example_files", name, n, 1) for name, n in (("train", train), ("valid", valid),
                                                                             ("test", test))}
@@ -242,7 +244,7 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
                 L = int(b.lengths[r])
                 hist = ["^".join(str(int(v)) for v in b.seq[r, c, :L].tolist()) for c in range(2)]
                 ids = ",".join(str(int(v)) for v in b.sparse[r].tolist())
-                dense = ",".join(f"{float(v):.5f}" for v in b.dense[r, :3].tolist())
+                dense = ",".join(f"{float(v):.5f}" for v in b.dense[r].tolist())
                 fh.write(f"{int(b.label[r])},{ids},{dense},{hist[0]},{hist[1]}\n")
     paths["schema"] = os.path.join(directory, "schema.yaml")
     with open(paths["schema"], "w", encoding="utf-8") as fh:
@@ -252,5 +254,6 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     with open(paths["settings"], "w", encoding="utf-8") as fh:
         # paths as JSON strings, which YAML reads as they are (spaces, colons, quotes and all)
         quoted = {k: json.dumps(v) for k, v in paths.items() if k != "settings"}
-        fh.write(_EXAMPLE_SETTINGS.format(settings=paths["settings"], output_dir=json.dumps(output_dir), **quoted))
+        fh.write(_EXAMPLE_SETTINGS.format(settings_arg=shlex.quote(paths["settings"]),
+                                          output_dir=json.dumps(output_dir), **quoted))
     return paths

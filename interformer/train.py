@@ -1448,7 +1448,10 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     what a malformed row does; None (the default) takes the checkpoint's own setting, so that its
     run's validation/test splits are read as they were in training. With "raise" the first one
     raises, naming its file and line. ``amp`` ("off", "bf16" or "fp16"): the autocast the model runs
-    under; None (the default) takes the checkpoint's, so that a split scores as it did in training."""
+    under; None (the default) takes the checkpoint's, so that a split scores as it did in training,
+    except where that cannot run: a bf16 checkpoint evaluated on the fused path on a CPU (Triton's
+    interpreter has no bfloat16) is scored without autocast and says so. Each split's metrics give
+    the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason."""
     from .dataio import Schema, TabularDataset
 
     state = load_checkpoint(checkpoint)
@@ -1464,6 +1467,12 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         settings["backend"] = backend
     model = InterFormerCTR(InterFormerConfig(**settings)).to(dev)
     model.load_state_dict(state["model"])
+    amp_note = None
+    if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
+        cfg.amp = "off"
+        amp_note = ("the checkpoint's amp, bf16, cannot run on the fused path on a CPU (Triton's interpreter has no "
+                    "bfloat16): scored without autocast (--amp fp16, or --backend eager with --amp bf16, choose "
+                    "otherwise)")
     if paths:
         if state["schema"] is None:
             raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
@@ -1484,6 +1493,9 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     results = {}
     for name, ds in splits.items():
         results[name] = evaluate_split(model, ds, cfg, dev)
+        results[name]["amp"] = cfg.amp
+        if amp_note:
+            results[name]["amp_note"] = amp_note
         if isinstance(ds, TabularDataset):  # one pass read the files: their malformed rows, left out (on_bad_rows)
             results[name]["skipped_rows"] = ds.skipped
             if ds.skipped:

@@ -230,3 +230,6 @@ def test_an_absent_flash_attn_is_reported_under_the_table(report):
     assert "Not measured" not in measured
     assert "Not measured" not in report.markdown([_row("eager", 1.0, flash_attn="absent")])
     assert "Not measured" not in report.markdown([att("eager"), att("fused")])
+    mixed = report.markdown([att("eager", flash_attn="2.7.4"), att("flash_attn", flash_attn="2.7.4"),
+                             att("eager", device="other", flash_attn="absent")])
+    assert "did not import on other," in mixed and "dev" not in mixed.split("**Not measured**")[1]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -244,6 +245,29 @@ def test_evaluate_runs_under_the_checkpoints_amp_unless_given_its_own(tmp_path):
     assert off["logloss"] != bf16["logloss"]
     with pytest.raises(ValueError, match="amp must be one of"):
         T.evaluate_checkpoint(ckpt, amp="fp8")
+    assert default["amp"] == "bf16" and off["amp"] == "off" and "amp_note" not in default
+    from interformer.__main__ import build_parser
+
+    assert build_parser().parse_args(["evaluate", ckpt]).amp is None  # the command line's default: the checkpoint's
+
+
+def test_evaluate_of_a_bf16_fused_checkpoint_on_a_cpu_scores_without_autocast_and_says_so(tmp_path, capsys):
+    """The checkpoint's bf16 cannot run on the fused path on a CPU (Triton's interpreter has no
+    bfloat16): ``evaluate`` without ``--amp`` scores it without autocast and says why, where it used
+    to stop with the interpreter's error; a given ``--amp bf16`` still raises that error."""
+    T.train(tiny_config(tmp_path, epochs=1, amp="bf16"), log=quiet)
+    state = T.load_checkpoint(tmp_path / "last.pt")
+    state["model_config"]["backend"] = "triton"  # as a run trained on the fused path on a GPU saves it
+    torch.save(state, tmp_path / "fused.pt")
+    ckpt = str(tmp_path / "fused.pt")
+    got, off = T.evaluate_checkpoint(ckpt)["valid"], T.evaluate_checkpoint(ckpt, amp="off")["valid"]
+    assert got["amp"] == "off" and "cannot run on the fused path on a CPU" in got["amp_note"]
+    assert got["logloss"] == off["logloss"] and "amp_note" not in off
+    main(["evaluate", ckpt])
+    printed = capsys.readouterr().out
+    assert f"metrics of {ckpt} (amp off)" in printed and "note: the checkpoint's amp, bf16, cannot run" in printed
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        T.evaluate_checkpoint(ckpt, amp="bf16")
 
 
 def test_warmup_step_k_uses_lr_times_k_over_warmup_steps():
@@ -679,7 +703,7 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     for k in ("auc", "gauc", "logloss", "ne"):
         assert m[k] == pytest.approx(final[k], abs=1e-9), k
     printed = capsys.readouterr().out
-    assert "eval" in printed and f"metrics of {out / 'best.pt'}\n" in printed and "final metrics" not in printed
+    assert "eval" in printed and f"metrics of {out / 'best.pt'} (amp off)\n" in printed and "final metrics" not in printed
     # without files: the checkpoint's own validation split, read with the schema it carries (neither
     # the schema file nor the training files need to exist any more)
     (bars / "schema.yaml").unlink()
@@ -749,7 +773,7 @@ def test_example_data_writes_files_a_run_trains_and_evaluates_on(tmp_path, capsy
     main(["example-data", str(where), "--train", "192", "--valid", "64", "--test", "48",
           "--output-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert f"train --config {where / 'settings.yaml'}" in out
+    assert f"train --config {shlex.quote(str(where / 'settings.yaml'))}" in out  # pasted into a shell as it is
     for name, rows in (("train", 192), ("valid", 64), ("test", 48)):
         lines = (where / f"{name}.csv").read_text().splitlines()
         assert lines[0] == ",".join(EXAMPLE_COLUMNS) and len(lines) == rows + 1, name
@@ -764,6 +788,40 @@ def test_example_data_writes_files_a_run_trains_and_evaluates_on(tmp_path, capsy
     assert json.loads((tmp_path / "m.json").read_text())["eval"]["samples"] == 48
     with pytest.raises(ValueError, match="valid must be an int >= 1"):
         write_example_files(tmp_path / "x", valid=0)
+
+
+def test_example_data_reads_back_as_the_synthetic_samples(tmp_path):
+    """What the loader makes of the example files is ``make_synthetic``'s samples: labels, lengths,
+    every dense feature (to the 5 decimals written), the raw ids of every sparse field and history
+    event (oldest first, padding 0; ids unseen in the training file become 1, the unknown id) and
+    the gAUC groups."""
+    from interformer.data import Batch, write_example_files
+    from interformer.dataio import Schema, TabularDataset, build_vocabularies, group_key
+
+    sizes = {"train": 300, "valid": 120, "test": 90}
+    paths = write_example_files(tmp_path, seed=7, **sizes)
+    schema = Schema.from_file(paths["schema"])
+    vocabs, _ = build_vocabularies([paths["train"]], schema, fmt="csv")
+    cfg = InterFormerConfig()
+    for i, (name, n) in enumerate(sizes.items()):
+        want = make_synthetic(n, cfg, seed=7 + i)
+        got = Batch.cat(list(TabularDataset([paths[name]], schema, vocabs, fmt="csv").batches(64)))
+        assert torch.equal(got.label, want.label) and torch.equal(got.lengths, want.lengths), name
+        assert got.dense.shape == want.dense.shape and torch.allclose(got.dense, want.dense, atol=5e-6), name
+
+        def raw(column, ids):  # the loader's index back to the id written (1: unseen, -1 here)
+            tokens = vocabs[schema.vocab_column(column)].tokens
+            return torch.tensor([0 if j == 0 else -1 if j == 1 else int(tokens[j - 2]) for j in ids.flatten().tolist()]
+                                ).view(ids.shape)
+
+        for c, column in enumerate(schema.sparse):
+            r = raw(column, got.sparse[:, c])
+            assert ((r == want.sparse[:, c]) | ((r == -1) & (name != "train"))).all(), (name, column)
+        for c, column in enumerate(schema.sequences):
+            r, w = raw(column, got.seq[:, c]), want.seq[:, c, :got.seq.shape[2]]
+            assert not want.seq[:, c, got.seq.shape[2]:].any()
+            assert ((r == w) | ((r == -1) & (name != "train"))).all(), (name, column)
+        assert torch.equal(got.group, torch.tensor([group_key(str(int(u))) for u in want.sparse[:, 0]])), name
 
 
 def test_evaluate_on_bad_rows_overrides_the_checkpoints_setting(bars, capsys):
