@@ -52,6 +52,8 @@ def _parse_value(text: str):
         return text
 
 
+_DEVICE_HELP = "cuda, cuda:N or cpu (default: cuda when available)"
+
 #: ``train --help`` text of each :class:`TrainConfig` field (every field has one: tests check it); the
 #: choices of an enumerated setting and the default are added to it by :func:`_add_train_flags`.
 _FLAG_HELP = {
@@ -82,7 +84,7 @@ _FLAG_HELP = {
     "compile_backend": "torch.compile backend",
     "compile_mode": "torch.compile mode (reduce-overhead adds CUDA graphs; default: torch's)",
     "seed": "seed of the model's initialisation, the batch order and the synthetic data",
-    "device": "cuda, cuda:N or cpu (default: cuda when available)",
+    "device": _DEVICE_HELP,
     "deterministic": "PyTorch's deterministic algorithms for the run (matters on CUDA)",
     "autograd_multithreading": "run the backward on autograd's own device thread, as PyTorch does by default, "
                                "instead of on the calling thread",
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="seed of the model's initialisation, the synthetic data and the batch order "
                            "(default %(default)s)")
-    demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    demo.add_argument("--device", default=None, help=_DEVICE_HELP)
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(usage_error=demo.error)  # a setting the demo refuses is reported as argparse's own
 
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", choices=("csv", "parquet"), default=None,
                     help="format of the files (default: by their suffixes, else the checkpoint's data setting)")
     ev.add_argument("--batch-size", type=_positive_int, default=1024, help="scoring batch size (default %(default)s)")
-    ev.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    ev.add_argument("--device", default=None, help=_DEVICE_HELP)
     ev.add_argument("--backend", default=None, choices=BACKENDS,
                     help="the model's path (default: the one the checkpoint's model was built with)")
     ev.add_argument("--amp", default=None, choices=AMP_MODES,

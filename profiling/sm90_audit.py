@@ -1,6 +1,7 @@
 """What every fused kernel of a training step compiles to for an H100 (sm_90): no GPU needed.
 
     python profiling/sm90_audit.py [--shape taobao] [--step train|infer] [--workers 2] [--json FILE]
+    python profiling/sm90_audit.py --compare BEFORE.json AFTER.json
 
 Runs one ``InterFormerCTR`` step at a DESIGN §6 shape (bf16 autocast, the bench config) with every
 Triton launch recorded and skipped (:func:`interformer.kernel_audit.record_launches`, grids and
@@ -88,6 +89,36 @@ def table(builds) -> str:
     return "\n".join(lines)
 
 
+def compare(before: str, after: str):
+    """``(report, same)`` for two ``--json`` files of one shape and step: each specialisation (kernel,
+    constexprs, argument types, warps and stages) whose SASS fingerprint or registers differ, or that
+    only one of them built.
+    ``same``: no such kernel. For a refactor meant to leave the machine code as it was."""
+    def builds(path):
+        with open(path) as f:
+            report = json.load(f)
+        # a specialisation: constexprs, argument types and launch options (two builds of one kernel can
+        # share constexprs and differ in an argument's dtype); shown by its kernel name and constexprs
+        key = lambda b: (b["kernel"], _consts(b), json.dumps([b["consts"], b.get("args"), b.get("num_warps"),  # noqa: E731
+                                                              b.get("num_stages")], sort_keys=True))
+        return report, {key(b): b for b in report["builds"]}
+
+    (ra, a), (rb, b) = builds(before), builds(after)
+    lines = [f"{before} ({ra['shape']}, {ra['step']}, Triton {ra['triton']}) against {after} ({rb['shape']}, "
+             f"{rb['step']}, Triton {rb['triton']})"]
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None:
+            lines.append(f"  only in {'after' if x is None else 'before'}: {key[0]} {key[1]}")
+        elif x.get("sass_sha") != y.get("sass_sha") or x.get("registers") != y.get("registers"):
+            lines.append(f"  differs: {key[0]} {key[1]}: registers {x.get('registers')} -> {y.get('registers')}, "
+                         f"SASS {x.get('sass_sha')} -> {y.get('sass_sha')}")
+    same = len(lines) == 1
+    lines.append(f"{len(set(a) & set(b))} kernels in both; " + ("the same code in every one" if same else
+                                                                f"{len(lines) - 1} differ or are missing"))
+    return "\n".join(lines), same
+
+
 def main(argv=None) -> int:
     import triton
 
@@ -98,7 +129,14 @@ def main(argv=None) -> int:
     parser.add_argument("--step", default="train", choices=["train", "infer"])
     parser.add_argument("--workers", type=int, default=2, help="compiler processes")
     parser.add_argument("--json", help="also write the builds to this file")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="compare two --json files kernel by kernel (SASS fingerprints, registers) instead of "
+                             "building; exit status 1 when a kernel's code differs")
     args = parser.parse_args(argv)
+    if args.compare:
+        text, same = compare(*args.compare)
+        print(text)
+        return 0 if same else 1
 
     cases = unique_cases(step_cases(args.shape, args.step))
     builds = build_sm90(cases, workers=args.workers)

@@ -254,6 +254,31 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
     assert build_sm90([case])[0]["sass_sha"] == first["sass_sha"]
 
 
+def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, capsys):
+    """``--compare BEFORE AFTER`` names each specialisation whose SASS fingerprint or registers
+    differ, or that one run lacks, and exits 1; two runs with the same code exit 0. Two builds of one
+    kernel with the same constexprs but another argument dtype are told apart."""
+    import json
+
+    def build(kernel, sha, regs=64, x="bf16", **consts):
+        return {"kernel": kernel, "consts": consts, "args": {"X": x}, "num_warps": 4, "sass_sha": sha,
+                "registers": regs}
+
+    base = [build("_k", "aaaa", BLOCK=16), build("_k", "bbbb", BLOCK=32), build("_k", "cccc", x="fp32", BLOCK=32),
+            build("_j", "dddd")]
+    runs = {"before": base, "same": [dict(b) for b in base],
+            "after": [base[0], build("_k", "eeee", BLOCK=32), base[2], build("_i", "ffff")]}
+    for name, builds in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(shape="smoke", step="train", triton="t",
+                                                              builds=builds)))
+    assert sm90_audit.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / "same.json")]) == 0
+    assert "4 kernels in both; the same code in every one" in capsys.readouterr().out
+    assert sm90_audit.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / "after.json")]) == 1
+    out = capsys.readouterr().out
+    assert "differs: _k BLOCK=32: registers 64 -> 64, SASS bbbb -> eeee" in out
+    assert "only in before: _j" in out and "only in after: _i" in out and "cccc" not in out
+
+
 def test_recorded_argument_types_match_tritons_own_specialisation():
     """What ``record_launches`` writes for a kernel argument, turned into a type and attributes by
     the sm_90 build (``triton_signature``), is what the installed Triton's own specialisation
