@@ -170,7 +170,7 @@ class PersonalizedFFN(FusedModule):
         _sizes(self, minimum=0, n_sum=n_sum)
         if not (_FP32_TINY <= eps < math.inf):  # InterFormerConfig.ln_eps's rule (its docstring)
             raise ValueError(f"PersonalizedFFN: eps must be finite and >= {_FP32_TINY:.6g}, got {eps}")
-        self.d_model, self.n_sum, self.mode, self.hidden, self.eps = d_model, n_sum, mode, hidden, eps
+        self.d_model, self.n_sum, self.mode, self.hidden = d_model, n_sum, mode, hidden
         self.norm = nn.LayerNorm(d_model, eps=eps)
         if mode == "mlp":
             self.hyper = nn.Sequential(
@@ -178,6 +178,12 @@ class PersonalizedFFN(FusedModule):
             )
         else:
             self.A = nn.Parameter(torch.randn(n_sum, d_model) / math.sqrt(n_sum * d_model))
+
+    @property
+    def eps(self) -> float:
+        """The LayerNorm's epsilon: ``norm.eps``, one value for both backends (the fused kernels get
+        it from here), so that setting ``norm.eps`` after construction changes both alike."""
+        return self.norm.eps
 
     def personal_weight(self, x_sum: torch.Tensor) -> torch.Tensor:
         """``W_b [B, d, d]`` (materialised; the fused linear mode never calls this)."""

@@ -308,6 +308,44 @@ def test_module_triton_matches_eager(mode, d, dtype):
 
 
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_module_eps_reaches_the_kernels_and_follows_norm_eps(mode):
+    """The module's eps, not the default, reaches the fused path (every module test used the
+    default, so a module that dropped it passed them all), and ``norm.eps`` set after construction
+    changes both backends alike (``PersonalizedFFN.eps`` is ``norm.eps``). Rows of variance about
+    1e-3, where eps changes every output and gradient; fp32 against float64."""
+    torch.manual_seed(0)
+    B, L, d, n_sum = 3, 7, 24, 3
+    eager = PersonalizedFFN(d, n_sum, mode=mode, hidden=16, eps=0.1, backend="eager").to(DEVICE)
+    perturb_constant_parameters(eager)
+    fused = copy.deepcopy(eager)
+    fused.backend = "triton"
+    s0 = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE) * 0.03
+    x0 = torch.randn(B, n_sum, d, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([L, 0, 4], device=DEVICE)
+
+    def run(mod, dt):
+        s, x = (t.to(dt, copy=True).requires_grad_() for t in (s0, x0))
+        out = mod(s, x, lengths)
+        out.backward(grad.to(dt))
+        got = [out.detach(), s.grad, x.grad] + [p.grad for _, p in sorted(mod.named_parameters())]
+        mod.zero_grad(set_to_none=True)
+        return got
+
+    names = ["out", "ds", "dx_sum"] + [n for n, _ in sorted(eager.named_parameters())]
+    outputs = []
+    for eps in (0.1, 0.4):
+        for m in (eager, fused):
+            m.norm.eps = eps
+        assert fused.eps == eps
+        ref = run(copy.deepcopy(eager).double(), torch.float64)
+        for name, k, r in zip(names, run(fused, torch.float32), ref):
+            assert_rel(k, r, FP32_TOL, f"{name} at eps {eps}")
+        outputs.append(ref[0])
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # eps matters at these rows
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
 @pytest.mark.parametrize("s_dtype", ["autocast dtype", "float32"])
 def test_autocast_keeps_fp32_parameters(mode, s_dtype):
     """Under autocast the products run in the autocast dtype (w_b / x_sum cast to it), LayerNorm
