@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import shlex
@@ -164,6 +165,7 @@ def train_config_from_args(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (``demo``, ``train``, ``evaluate``); :func:`main` runs what it parses."""
     from .backend import BACKENDS
+    from .data import write_example_files
     from .train import AMP_MODES, ON_BAD_ROWS
 
     parser = argparse.ArgumentParser(prog="python -m interformer", description=__doc__)
@@ -191,10 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("example-data", help="write small CSV files of the synthetic data, their schema and a "
                                              "settings file for `train --config`")
     ex.add_argument("directory", help="where to write train.csv, valid.csv, test.csv, schema.yaml, settings.yaml")
-    for name, n in (("train", 4096), ("valid", 1024), ("test", 1024)):
-        ex.add_argument(f"--{name}", type=_positive_int, default=n, help=f"rows of {name}.csv (default %(default)s)")
-    ex.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default %(default)s)")
-    ex.add_argument("--output-dir", default="runs/example",
+    example = inspect.signature(write_example_files).parameters  # its defaults are the command's
+    for name in ("train", "valid", "test"):
+        ex.add_argument(f"--{name}", type=_positive_int, default=example[name].default,
+                        help=f"rows of {name}.csv (default %(default)s)")
+    ex.add_argument("--seed", type=int, default=example["seed"].default,
+                    help="seed of the synthetic data (default %(default)s)")
+    ex.add_argument("--output-dir", default=example["output_dir"].default,
                     help="the run directory the settings file names (default %(default)s)")
 
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")

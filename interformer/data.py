@@ -191,7 +191,7 @@ EXAMPLE_COLUMNS = ("label", "user_id", "item_id", "cate_id", "context", "dense_0
 _EXAMPLE_SCHEMA = """\
 # the columns of {files} (written by `python -m interformer example-data`)
 label: label
-dense: [dense_0, dense_1, dense_2, dense_3]
+dense: [{dense}]
 sparse: [user_id, item_id, cate_id, context]
 sequences: [item_history, cate_history]     # '^'-joined ids, oldest first
 shared_vocab: {{item_history: item_id, cate_history: cate_id}}
@@ -236,6 +236,8 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     os.makedirs(directory, exist_ok=True)
     paths = {name: os.path.join(directory, f"{name}.csv") for name in sizes}
     config = InterFormerConfig()
+    dense_columns = [c for c in EXAMPLE_COLUMNS if c.startswith("dense_")]
+    assert len(dense_columns) == config.n_dense, "EXAMPLE_COLUMNS must name every dense feature of the config"
     for i, (name, n) in enumerate(sizes.items()):
         b = make_synthetic(n, config, seed=seed + i)
         with open(paths[name], "w", encoding="utf-8", newline="") as fh:
@@ -249,7 +251,7 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     paths["schema"] = os.path.join(directory, "schema.yaml")
     with open(paths["schema"], "w", encoding="utf-8") as fh:
         fh.write(_EXAMPLE_SCHEMA.format(files=", ".join(os.path.basename(paths[n]) for n in sizes),
-                                        max_seq_len=config.max_seq_len))
+                                        dense=", ".join(dense_columns), max_seq_len=config.max_seq_len))
     paths["settings"] = os.path.join(directory, "settings.yaml")
     with open(paths["settings"], "w", encoding="utf-8") as fh:
         # paths as JSON strings, which YAML reads as they are (spaces, colons, quotes and all)
