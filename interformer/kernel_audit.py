@@ -4,7 +4,7 @@ Two parts:
 
 * :func:`record_launches` -- a context manager that records every ``kernel[grid](...)`` launch made
   inside it as a *case*: the kernel's module and name, its constexprs, the types of its other
-  arguments as Triton specialises them, ``num_warps`` / ``num_stages``. The launches are skipped
+  arguments as Triton specialises them, ``num_warps`` / ``num_stages`` / ``maxnreg``. The launches are skipped
   (as with :func:`interformer.profiling.triton_launches` ``(run=False)``), so a whole training step
   at a benchmark shape costs only its eager parts, under the interpreter too: block sizes are
   chosen by the launchers from the shapes alone, never from the device, so the cases are the ones
@@ -27,7 +27,7 @@ Case format (JSON-able): ``module``, ``kernel``, ``consts`` (name -> value), ``a
 dtype name for a pointer -- "fp32", "bf16", ... or torch's "float32", "bfloat16" --, a list of them
 for a tuple of pointers, an int, a bool, a float, or None), optionally ``unaligned`` (pointers whose
 address is not a multiple of 16: ``name``, or ``name[j]`` inside a tuple), options ``num_warps``
-(4) and ``num_stages`` (Triton's default), and ``float_type``: how float arguments are typed, "fp32"
+(4), ``num_stages`` (Triton's default) and ``maxnreg`` (no cap), and ``float_type``: how float arguments are typed, "fp32"
 (the default: a plain launch) or "fp64" (Inductor launching a kernel of a compiled graph, which
 types Python floats fp64 to keep their precision). Other pointers are taken as 16-byte aligned. An int is
 specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
@@ -86,13 +86,16 @@ def triton_signature(case: dict, arg_names: Sequence[str]):
     return sig, consts, attrs
 
 
+#: the launch options a case records and a build passes on (``maxnreg``: a register cap per thread)
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
 _BUILD_SCRIPT = r"""
 import hashlib, importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from interformer.kernel_audit import triton_signature
+from interformer.kernel_audit import _OPTIONS, triton_signature
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -118,7 +121,7 @@ def cubin_usage(cubin):
 for case in json.loads(sys.argv[1]):
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
     sig, consts, attrs = triton_signature(case, fn.arg_names)
-    opts = {k: case[k] for k in ("num_warps", "num_stages") if k in case}
+    opts = {k: case[k] for k in _OPTIONS if k in case}
     opts.setdefault("num_warps", 4)
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
     ir = k.asm["ttgir"]
@@ -234,7 +237,7 @@ def record_launches() -> Iterator[List[dict]]:
         names = list(self.arg_names)
         constexprs = _constexpr_names(fn)
         bound = dict(zip(names, args))
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
         bound.update(kwargs)
         plain = {n: bound[n] for n in names if n not in constexprs and n in bound}
         case = dict(module=fn.__module__, kernel=fn.__name__,
@@ -267,21 +270,16 @@ def unique_cases(cases: Sequence[dict]) -> List[dict]:
     return list(seen.values())
 
 
-#: per-SM limits of an H100 (compute capability 9.0) that bound how many programs run at once
-H100_LIMITS = dict(registers=65536, warps=64, blocks=32, shared=233472, shared_reserved=1024, reg_unit=256)
-
-
 def occupancy(build: dict, sms: int = H100_SMS) -> dict:
     """From a build's registers, shared memory and warps: programs one SM holds at once
-    (``blocks_per_sm``, by the H100's limits, as the CUDA occupancy calculator counts), and for the
-    recorded grid (``programs``) the ``waves`` it takes and the warps resident per SM in the first
-    (``resident_warps``; 64 is the most an SM holds). Memory-bound kernels want many."""
-    lim = H100_LIMITS
+    (``blocks_per_sm``, by the H100's limits, as the CUDA occupancy calculator counts:
+    :func:`interformer.kernels._common.programs_per_sm`), and for the recorded grid (``programs``)
+    the ``waves`` it takes and the warps resident per SM in the first (``resident_warps``; 64 is the
+    most an SM holds). Memory-bound kernels want many."""
+    from interformer.kernels._common import programs_per_sm
+
     warps = build.get("num_warps", 4)
-    regs_per_warp = -(-build["registers"] * 32 // lim["reg_unit"]) * lim["reg_unit"]
-    by_regs = lim["registers"] // (regs_per_warp * warps)
-    by_smem = lim["shared"] // (build["shared"] + lim["shared_reserved"])
-    per_sm = max(0, min(lim["blocks"], lim["warps"] // warps, by_regs, by_smem))
+    per_sm = programs_per_sm(build["registers"], build["shared"], warps)
     programs = build.get("programs", 0)
     on_one_sm = min(per_sm, -(-programs // sms)) if programs else per_sm
     return dict(blocks_per_sm=per_sm, waves=programs / (sms * per_sm) if per_sm else float("inf"),

@@ -135,6 +135,50 @@ def num_sms(device: torch.device) -> int:
     return 2
 
 
+#: per-SM limits of compute capability 9.0 (H100, H200) that bound how many programs run at once:
+#: registers, warps, programs, shared memory (bytes; each program also takes ``shared_reserved``)
+#: and the register allocation unit per warp
+SM90_LIMITS = dict(registers=65536, warps=64, blocks=32, shared=233472, shared_reserved=1024, reg_unit=256)
+
+
+def programs_per_sm(registers: int, shared: int, warps: int, limits: dict = SM90_LIMITS) -> int:
+    """Programs of a kernel one SM holds at once, from its registers per thread, shared memory per
+    program (bytes) and warps per program, as the CUDA occupancy calculator counts (0: none fits)."""
+    regs_per_warp = -(-registers * 32 // limits["reg_unit"]) * limits["reg_unit"]
+    by_regs = limits["registers"] // max(1, regs_per_warp * warps)
+    by_smem = limits["shared"] // (shared + limits["shared_reserved"])
+    return max(0, min(limits["blocks"], limits["warps"] // warps, by_regs, by_smem))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device) -> dict:
+    """:data:`SM90_LIMITS` with what ``device`` reports in their place (torch's device properties)."""
+    props = torch.cuda.get_device_properties(device)
+    limits = dict(SM90_LIMITS)
+    for key, attr in (("registers", "regs_per_multiprocessor"), ("shared", "shared_memory_per_multiprocessor")):
+        value = getattr(props, attr, None)
+        if isinstance(value, int) and value > 0:
+            limits[key] = value
+    threads = getattr(props, "max_threads_per_multi_processor", None)
+    if isinstance(threads, int) and threads > 0:
+        limits["warps"] = threads // 32
+    return limits
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """Programs of the kernel a launch returned (``compiled = kernel[grid](...)``) one SM of
+    ``device`` holds at once, by its registers, shared memory and warps; 0 when that is not known:
+    not a GPU, or not a compiled kernel (the interpreter, a recorded, skipped or traced launch)."""
+    if device.type != "cuda":
+        return 0
+    registers = getattr(compiled, "n_regs", None)
+    meta = getattr(compiled, "metadata", None)
+    shared, warps = getattr(meta, "shared", None), getattr(meta, "num_warps", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (registers, shared, warps)) or registers <= 0:
+        return 0
+    return programs_per_sm(registers, shared, warps, _device_limits(device))
+
+
 def persistent_programs(device: torch.device) -> int:
     """Grid size of a persistent kernel: 4 programs per SM on a GPU, 2 under the interpreter."""
     return 4 * num_sms(device) if device.type == "cuda" else 2

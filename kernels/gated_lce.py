@@ -34,15 +34,20 @@ Block sizes (``_config``, fixed by the shape, no autotune): forward ``n_per = mi
 output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in = 64, d = 128: one
 sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
 reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm_90 ahead of time
-(16-byte aligned contiguous inputs): in bf16 at the DESIGN shapes the forward uses 63-214 registers
-and never spills; the backward uses 180-255 (one 8-warp program per SM at d = 64) and spills up to
-~110 bytes at d = 128; fp32 spills more (correct, not tuned). These are the knobs to tune on a GPU.
+with Triton 3.6, the GPU machines' version (``profiling/sm90_audit.py``; bf16 at the DESIGN shapes,
+2026-11-28): the forward takes 97-206 registers, no spills; the backward 137-255, one 8-warp
+program per SM, 6 spilled bytes at long's 8 -> 8 summary (d = 128); fp32 spills more (correct,
+not tuned). These are the knobs to tune on a GPU.
 
-Forward (``_glce_fwd_kernel``): one launch, one program per sample block
-------------------------------------------------------------------------
+Forward (``_glce_fwd_kernel``): one launch, programs looping over sample blocks
+-------------------------------------------------------------------------------
 ``Y = Wbd @ x + bias`` (fp32 accumulator), ``Z = Y @ gate_weight^T + gate_bias`` (one ``tl.dot``
 with the ``[d, d]`` gate weight, L2-resident across programs), ``out = Y * sigmoid(Z)`` in fp32
-registers; only ``out`` is stored.
+registers; only ``out`` is stored. A program takes the blocks ``pid, pid + G, ...``: it builds
+``Wbd`` and loads the gate weight and both biases once, and Triton pipelines the block loop (the
+next x tile is fetched while the current one is computed). G is one program per block until a
+launch has shown how many programs of that build an SM holds, then one wave of them
+(:func:`_fwd_programs`): the same output for any G, since each block is computed alone.
 
 Non-finite inputs: in ``Wbd @ x`` the zeros between samples multiply every token of the block, so
 one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the reference's output
@@ -94,8 +99,9 @@ their own dtype, cast them to the compute dtype in registers, and return their g
 own dtype (no cast kernels, no ``ToCopyBackward``). Under autocast the output is in the autocast
 dtype (eager's type promotion returns fp32 there). Accumulation is fp32; Y and the gate stay fp32 in
 registers (eager rounds them to the low dtype), and operands are cast to the compute dtype just
-before each ``tl.dot``. fp32 inputs use ``tl.dot(input_precision="tf32x3")`` on a GPU (about fp32
-accuracy on tensor cores); under ``TRITON_INTERPRET=1`` dots are exact fp32.
+before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
+the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
+:func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
 
 Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
 the eager reference (same math, same autograd). The bound is the backward's shared memory: its
@@ -116,14 +122,14 @@ when no input needs a gradient), which skips the custom op's dispatch overhead (
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
-                      on_input_device, sum_partials)
+                      on_input_device, resident_programs, sum_partials)
 from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
                         saving_forward, tracing, unused_arg)
 
@@ -179,13 +185,28 @@ def _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm
 
 
 @triton.jit
-def _glce_recompute(Xb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, swn, swm, sgo, sgi,
+def _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT: tl.constexpr, KX: tl.constexpr,
+                 RO: tl.constexpr, DP: tl.constexpr):
+    """What every block of a program shares, loaded once before its block loop: the bias of each
+    output row (fp32 ``[RO]``), the gate weight ``gw[k_out, j_in]`` (``[DP, DP]`` in the compute
+    dtype) and the gate bias (fp32 ``[DP]``)."""
+    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
+    j = tl.arange(0, DP)
+    j_ok = j < D
+    bias = tl.load(BIAS + rm, mask=r_ok, other=0.0).to(tl.float32)
+    gw = tl.load(GW + j[:, None] * sgo + j[None, :] * sgi, mask=j_ok[:, None] & j_ok[None, :], other=0.0).to(CDT)
+    gb = tl.load(GB + j, mask=j_ok, other=0.0).to(tl.float32)
+    return bias, gw, gb
+
+
+@triton.jit
+def _glce_recompute(Xb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, swn, swm,
                     KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
                     PER_SAMPLE_NONFINITE: tl.constexpr):
     """Token tile x ``[KX, DP]`` of the ``nb`` samples of a block (``Xb`` points at its first sample;
     offsets inside the block are int32, see :func:`._common.int32_block`; padding zero), then ``Y``
-    and the gate pre-activation ``Z`` as ``[RO, DP]`` fp32, the output-row validity and the gate
-    weight.
+    and the gate pre-activation ``Z`` as ``[RO, DP]`` fp32, and the output-row validity (``bias``,
+    ``gw``, ``gb``: :func:`_glce_params`).
 
     ``PER_SAMPLE_NONFINITE`` (the forward): a tile that holds an inf or a NaN takes
     :func:`_glce_compress_per_sample` for ``Y`` instead of the dot, so that the value stays in its
@@ -198,7 +219,6 @@ def _glce_recompute(Xb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sx
     j_ok = j < D
     xm = (k < nb * N_IN)[:, None] & j_ok[None, :]
     x = tl.load(Xb + (ks * sxb + kn * sxn)[:, None] + j[None, :] * sxd, mask=xm, other=0.0)
-    bias = tl.load(BIAS + rm, mask=r_ok, other=0.0).to(tl.float32)
     if PER_SAMPLE_NONFINITE:
         xf = x.to(tl.float32)
         if tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32)) > 0:
@@ -208,34 +228,34 @@ def _glce_recompute(Xb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sx
     else:
         y = tl.dot(wbd, x, input_precision=PREC)
     y = y + bias[:, None]
-    gw = tl.load(GW + j[:, None] * sgo + j[None, :] * sgi, mask=j_ok[:, None] & j_ok[None, :], other=0.0)
-    gw = gw.to(x.dtype)  # gw[k_out, j_in]
-    gb = tl.load(GB + j, mask=j_ok, other=0.0).to(tl.float32)
     z = tl.dot(y.to(x.dtype), tl.trans(gw), input_precision=PREC) + gb[None, :]
     row_ok = r < nb * N_OUT
-    return x, y, z, gw, row_ok
+    return x, y, z, row_ok
 
 
 @triton.jit
 def _glce_fwd_kernel(
     OUT,
     X, W, BIAS, GW, GB,
-    B, N_IN, N_OUT, D, n_per,
+    B, N_IN, N_OUT, D, n_per, n_blocks,
     sxb, sxn, sxd, swn, swm, sgo, sgi, sob, som, sod,
     KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    b0 = pid * n_per
-    nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
+    G = tl.num_programs(0)
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
-    x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
-                                          sxb, sxn, sxd, swn, swm, sgo, sgi, KX, RO, DP, PREC, True)
-    out = y * tl.sigmoid(z)
+    bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    tl.store(OUT + b0 * sob + (rs * sob + rm * som)[:, None] + j[None, :] * sod, out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (j < D)[None, :])
+    for blk in range(pid, n_blocks, G):
+        b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
+        nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
+        x, y, z, row_ok = _glce_recompute(X + b0 * sxb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per,
+                                          sxb, sxn, sxd, swn, swm, KX, RO, DP, PREC, True)
+        out = y * tl.sigmoid(z)
+        tl.store(OUT + b0 * sob + (rs * sob + rm * som)[:, None] + j[None, :] * sod, out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (j < D)[None, :])
 
 
 @triton.jit
@@ -246,7 +266,7 @@ def _glce_bwd_kernel(
     sdxb, sdxn, sdxd, sdob, sdom, sdod,
     sxb, sxn, sxd, swn, swm, sgo, sgi, spg,
     STORE_DZY: tl.constexpr, KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr,
-    NIP: tl.constexpr, NOP: tl.constexpr, PREC: tl.constexpr,
+    NIP: tl.constexpr, NOP: tl.constexpr, PREC: tl.constexpr, PARAMS_ONCE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
@@ -259,13 +279,17 @@ def _glce_bwd_kernel(
     acc_p = tl.zeros([KX, RO], tl.float32)    # x @ dY^T; its same-sample entries sum to dW
     acc_db = tl.zeros([RO], tl.float32)
     acc_gb = tl.zeros([DP], tl.float32)
+    if PARAMS_ONCE:  # (see _bwd_launch_options)
+        bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
     if not STORE_DZY:
         acc_gw = tl.zeros([DP, DP], tl.float32)  # dgate_weight[k_out, j_in]
     for blk in range(pid, n_blocks, G):
         b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)
-        x, y, z, gw, row_ok = _glce_recompute(X + b0 * sxb, W, BIAS, GW, GB, wbd, nb, N_IN, N_OUT, D, n_per,
-                                              sxb, sxn, sxd, swn, swm, sgo, sgi, KX, RO, DP, PREC, False)
+        if not PARAMS_ONCE:
+            bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
+        x, y, z, row_ok = _glce_recompute(X + b0 * sxb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per,
+                                          sxb, sxn, sxd, swn, swm, KX, RO, DP, PREC, False)
         om = row_ok[:, None] & j_ok[None, :]
         do = tl.load(DO + b0 * sdob + (rs * sdob + rm * sdom)[:, None] + j[None, :] * sdod, mask=om,
                      other=0.0).to(tl.float32)
@@ -312,7 +336,7 @@ def _glce_bwd_kernel(
 
 # ============================================================================ launchers
 def _bwd_launch_options(dtype: torch.dtype) -> dict:
-    """Dot precision and pipelining of the backward kernel.
+    """Dot precision, pipelining and parameter loads of the backward kernel.
 
     fp32 inputs take exact fp32 FMA dots ("ieee") and no software pipelining of the sample-block
     loop. Reason: on an H100 with Triton 3.6 (2026-11-23), compute-sanitizer reported an invalid
@@ -321,7 +345,27 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
     runs were clean. This setting keeps fp32 off the tensor-core and multi-buffered paths where that
     read came from. It is a mitigation not yet re-run on a GPU (no device was lent since), and fp32
     is a correctness mode here, not a performance target. fp16/bf16 keep the tuned defaults.
+
+    ``PARAMS_ONCE``: the gate weight and both biases are loaded once per program, before the block
+    loop (fp16/bf16; sm_90 builds with Triton 3.6 at taobao: 160 -> 140 registers for the 20 -> 4
+    summary, 227 -> 211 for the 8 -> 8 one, 255 -> 168 at long's 64 -> 4, and 40 -> 6 spilled
+    bytes at long's 8 -> 8), or again for every block (fp32: held across the loop, the fp32 gate
+    weight and its operand copies took 263,168 bytes of shared memory at the limit corner, n_in 128,
+    n_out 64, d 128, in the "acc" mode, more than an H100 has; reloaded, 212,992).
     """
+    if dtype == torch.float32:
+        return {"PREC": "ieee", "num_stages": 1, "PARAMS_ONCE": False}
+    return {"PREC": dot_precision(dtype), "PARAMS_ONCE": True}
+
+
+def _fwd_launch_options(dtype: torch.dtype) -> dict:
+    """Dot precision and pipelining of the forward kernel. fp32 inputs, as in the backward
+    (:func:`_bwd_launch_options`, where the H100 sanitizer report came from a pipelined tf32x3 fp32
+    build): exact fp32 dots ("ieee") and no software pipelining of the block loop. Also shared
+    memory: at the limit corner (n_in 128, n_out 64, d 128) the looping fp32 forward built to
+    425,984 bytes with three stages and tf32x3 dots, 294,912 with one stage (Triton 3.9), against an
+    H100's 232,448; "ieee" and one stage, 196,608 (3.6) and 98,304 (3.9). fp16/bf16 keep Triton's
+    defaults."""
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1}
     return {"PREC": dot_precision(dtype)}
@@ -351,20 +395,31 @@ def _config(n_in: int, n_out: int, d: int, backward: bool,
 #: :func:`_config`: about ``4096 / DP`` token rows and at most 32 output rows a block, 8 warps at d >=
 #: 64), or ``(token rows, output rows, warps)`` a block aims at (warps None: the rule's). Why: at
 #: taobao's 32x batch the fused forward+backward reached 23-34% of the copy bandwidth on an H200
-#: (issue 3 asks 70%), and the "acc" backward builds (Triton 3.6, sm_90, bf16) to 138 registers (20 ->
-#: 4 tokens) and 219 (8 -> 8) at 8 warps: one program, 8 warps, an SM. Over a grid of plans (16 to 128
-#: token rows, 16 to 64 output rows, 2, 4 and 8 warps; 2026-11-27) none holds more than 8 warps an SM
-#: without spilling (2 warps: 4 programs, but 15 to 646 spill stores; 4 warps: 205-255 registers, 2
-#: programs): the five dots' operand layouts, not the tile, set the registers. What a plan changes is
-#: the bytes each program has in flight per dependent chain of dots: ``BIG_TILE`` of
+#: (issue 3 asks 70%), and the "acc" backward built (Triton 3.6, sm_90, bf16) to 138 registers (20 ->
+#: 4 tokens) and 219 (8 -> 8) at 8 warps: one program, 8 warps, an SM (137 and 215 since the parameters
+#: are loaded once a program, 2026-11-28; :data:`ACC_MAXNREG` is the way to two). Over a grid of plans
+#: (16 to 128 token rows, 16 to 64 output rows, 2, 4 and 8 warps; 2026-11-27) none held more than 8
+#: warps an SM without spilling (2 warps: 4 programs, but 15 to 646 spill stores; 4 warps: 205-255
+#: registers, 2 programs): the five dots' operand layouts, not the tile, set the registers. What a plan
+#: changes is the bytes each program has in flight per dependent chain of dots: ``BIG_TILE`` of
 #: bench/test_bench_gated_lce.py doubles them. Not timed yet.
 BWD_TILE: Optional[Tuple[int, int, Optional[int]]] = None
 #: Persistent programs per SM of the backward's "acc" mode (1 by default: one per SM).
 ACC_PROGRAMS_PER_SM = 1
+#: Register cap of the "acc" backward (Triton's ``maxnreg`` launch option; None: none), kept for
+#: measurement with ``ACC_PROGRAMS_PER_SM = 2`` (the bandwidth benchmark's ``fused-acc2``). Why: at
+#: 32x taobao's batch the "acc" backward builds (sm_90, Triton 3.6, bf16) to 137 registers at the 20
+#: -> 4 summary and 215 at the 8 -> 8 one, so one 8-warp program an SM; capped at 128 they build to
+#: two an SM, the 20 -> 4 one without a spill, the 8 -> 8 one with 17 spill stores (all before
+#: the block loop) and three 4-byte stack loads a block. At d = 128 a program's shared memory
+#: already keeps it alone on its SM, and 4-warp or 64 x 32 tiles spill heavily under the cap
+#: (d 24 and 40: 166-318 spill stores): so not a default. Not timed yet.
+ACC_MAXNREG: Optional[int] = None
 
 
 def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
-    """``(BWD_TILE, ACC_PROGRAMS_PER_SM)``, checked (ValueError naming the bad one)."""
+    """``(BWD_TILE, ACC_PROGRAMS_PER_SM)``, checked (ValueError naming the bad one; also checks
+    ``ACC_MAXNREG``)."""
     if BWD_TILE is not None:
         ok = (isinstance(BWD_TILE, tuple) and len(BWD_TILE) == 3 and all(isinstance(v, int) and v >= 1
                                                                             for v in BWD_TILE[:2])
@@ -374,7 +429,41 @@ def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
                              f"8, 16), got {BWD_TILE!r}")
     if not (isinstance(ACC_PROGRAMS_PER_SM, int) and ACC_PROGRAMS_PER_SM >= 1):
         raise ValueError(f"ACC_PROGRAMS_PER_SM must be a positive int, got {ACC_PROGRAMS_PER_SM!r}")
+    if ACC_MAXNREG is not None and not (isinstance(ACC_MAXNREG, int) and not isinstance(ACC_MAXNREG, bool)
+                                        and 24 <= ACC_MAXNREG <= 255):
+        raise ValueError(f"ACC_MAXNREG must be None or an int in [24, 255], got {ACC_MAXNREG!r}")
     return BWD_TILE, ACC_PROGRAMS_PER_SM
+
+
+#: Forward grid: None (the default) runs one program per sample block the first time a kernel
+#: specialisation is launched on a GPU, then ``min(blocks, R * SMs)`` programs, R the programs an SM
+#: holds at once by that compiled kernel's registers, shared memory and warps
+#: (:func:`._common.resident_programs`): one wave, each program looping over the blocks ``pid, pid
+#: + G, ...``. A positive int sets R instead (tests, measurements). See :func:`_fwd_programs`.
+FWD_PROGRAMS_PER_SM: Optional[int] = None
+#: R found per forward specialisation and device (filled by :func:`_gated_lce_fwd_impl`)
+_FWD_RESIDENT: Dict[tuple, int] = {}
+
+
+def _fwd_programs(n_blocks: int, key: tuple, device: torch.device) -> int:
+    """Grid of the forward kernel for ``n_blocks`` sample blocks (see :data:`FWD_PROGRAMS_PER_SM`).
+
+    Why persistent: a program used to take one block (one x tile in flight, then its dots, then its
+    store), so at 32x taobao's batch an SM held two tiles in flight and reached about a third of the
+    copy bandwidth with the backward (issue 3). Looping, a program loads the block-diagonal
+    compression, the gate weight and the biases once, and Triton's pipeliner fetches the next x
+    tile while the current one is computed (sm_90 builds, Triton 3.6: three async copies, 117 -> 97
+    registers at taobao's 20 -> 4 tokens). One wave, not more programs: a program's work is fixed
+    by its share of the blocks, so a second, partial wave would add a whole program's time. Before
+    the first launch R is not known; one program per block is then the safe grid (the hardware
+    balances it). Under the interpreter: ``num_sms`` = 2 programs, so tests run the loop.
+    """
+    per_sm = FWD_PROGRAMS_PER_SM
+    if per_sm is not None and not (isinstance(per_sm, int) and not isinstance(per_sm, bool) and per_sm >= 1):
+        raise ValueError(f"FWD_PROGRAMS_PER_SM must be None or a positive int, got {per_sm!r}")
+    if per_sm is None:
+        per_sm = _FWD_RESIDENT.get(key, 0) if device.type == "cuda" else 1
+    return min(n_blocks, per_sm * num_sms(device)) if per_sm else n_blocks
 
 
 #: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
@@ -401,12 +490,18 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         return out
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
     x = int32_block(x, n_per)
-    launch(_glce_fwd_kernel)[(cdiv(B, n_per),)](
+    n_blocks = cdiv(B, n_per)
+    key = (x.device, x.dtype, weight.dtype, gate_weight.dtype, n_in, n_out, d)
+    compiled = launch(_glce_fwd_kernel)[(_fwd_programs(n_blocks, key, x.device),)](
         out, x, weight, bias, gate_weight, gate_bias,
-        B, n_in, n_out, d, n_per,
+        B, n_in, n_out, d, n_per, n_blocks,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, PREC=dot_precision(x.dtype), num_warps=warps,
+        KX=kx, RO=ro, DP=dp, num_warps=warps, **_fwd_launch_options(x.dtype),
     )
+    if key not in _FWD_RESIDENT and x.device.type == "cuda":
+        resident = resident_programs(compiled, x.device)
+        if resident:
+            _FWD_RESIDENT[key] = resident
     return out
 
 
@@ -448,6 +543,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
         **_bwd_launch_options(x.dtype), num_warps=warps,
+        **({"maxnreg": ACC_MAXNREG} if ACC_MAXNREG is not None and not store else {}),
     )
     if not params:
         return dx, None, None, None, None

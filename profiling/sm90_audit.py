@@ -65,7 +65,8 @@ def step_cases(shape_name: str, step: str):
 
 
 def _consts(case: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in case["consts"].items() if k != "PREC")
+    cap = [f"maxnreg={case['maxnreg']}"] if case.get("maxnreg") is not None else []
+    return " ".join([f"{k}={v}" for k, v in case["consts"].items() if k != "PREC"] + cap)
 
 
 def table(builds) -> str:
@@ -91,7 +92,7 @@ def table(builds) -> str:
 
 def compare(before: str, after: str):
     """``(report, same)`` for two ``--json`` files of one shape and step: each specialisation (kernel,
-    constexprs, argument types, warps and stages) whose SASS fingerprint or registers differ, or that
+    constexprs, argument types, warps, stages and register cap) whose SASS fingerprint or registers differ, or that
     only one of them built.
     ``same``: no such kernel. For a refactor meant to leave the machine code as it was."""
     def builds(path):
@@ -100,7 +101,7 @@ def compare(before: str, after: str):
         # a specialisation: constexprs, argument types and launch options (two builds of one kernel can
         # share constexprs and differ in an argument's dtype); shown by its kernel name and constexprs
         key = lambda b: (b["kernel"], _consts(b), json.dumps([b["consts"], b.get("args"), b.get("num_warps"),  # noqa: E731
-                                                              b.get("num_stages")], sort_keys=True))
+                                                              b.get("num_stages"), b.get("maxnreg")], sort_keys=True))
         return report, {key(b): b for b in report["builds"]}
 
     (ra, a), (rb, b) = builds(before), builds(after)

@@ -124,12 +124,120 @@ def test_many_blocks_per_program(gw_mode, monkeypatch):
             run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.float32)
 
 
-@pytest.mark.parametrize("tile, per_sm", [((128, 64, None), 1), ((16, 16, 4), 2), ((32, 64, 2), 3)])
-def test_backward_tile_settings_keep_the_results(tile, per_sm, monkeypatch):
-    """``BWD_TILE`` and ``ACC_PROGRAMS_PER_SM`` (kept for measurement) change the backward's blocks,
-    warps and persistent grid, not its results: in both dgate_weight modes, every output and
-    gradient still meets the references (fp32), and the block plan and grid the launcher uses are
-    the ones the settings ask for."""
+@pytest.mark.parametrize("per_sm, programs", [(None, 2), (1, 2), (2, 4), (1000, 10)])
+def test_forward_grid_keeps_the_results(per_sm, programs, monkeypatch):
+    """The forward's programs loop over sample blocks ``pid, pid + G, ...`` (``FWD_PROGRAMS_PER_SM``;
+    None: under the interpreter one program per "SM", 2): 10 blocks on 2, 4 and 10 programs give the
+    same output, bit for bit, within FP32_TOL of float64, from the grid asked for. A NaN in a block
+    that a program takes after another (block 5: program 1's third block on 2 programs) stays in
+    its sample (its block's other samples, computed sample by sample then, are finite and within
+    FP32_TOL of float64), and every other block, the ones the same program takes after it
+    included, is as without it, bit for bit."""
+    monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", per_sm)
+    B, n_in, n_out, d = 150, 6, 4, 16
+    n_per = K._config(n_in, n_out, d, False)[0]
+    assert -(-B // n_per) == 10
+    masters = make_masters(B, n_in, n_out, d, torch.Generator().manual_seed(11))
+    x, *params = (m.to(DEVICE, torch.float32) for m in masters)
+    with record_launches() as cases:
+        K._gated_lce_fwd_impl(x, *params)
+    assert [c["programs"] for c in cases] == [programs if x.device.type == "cpu" else 10]  # a GPU's SMs hold all 10
+    out = K._gated_lce_fwd_impl(x, *params)
+    assert_rel(out, R.gated_lce(*masters).to(out.device), FP32_TOL, "out vs float64")
+    monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", 1000)
+    assert torch.equal(out, K._gated_lce_fwd_impl(x, *params))  # one program per block
+    monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", per_sm)
+    sample = 5 * n_per + 2
+    x_nan = x.clone()
+    x_nan[sample, 1, 3] = float("nan")
+    out_nan = K._gated_lce_fwd_impl(x_nan, *params)
+    block = torch.arange(B, device=out.device) // n_per == 5
+    mates = block & (torch.arange(B, device=out.device) != sample)
+    assert torch.isnan(out_nan[sample]).any() and torch.equal(out_nan[~block], out[~block])
+    assert_rel(out_nan[mates], R.gated_lce(*masters)[mates.cpu()].to(out.device), FP32_TOL, "the NaN block's others")
+
+
+def test_forward_grid_rule(monkeypatch):
+    """On a GPU: one program per block until a launch of that specialisation has said how many
+    programs an SM holds (R), then ``min(blocks, R * SMs)``; ``FWD_PROGRAMS_PER_SM`` sets R; other
+    values are refused. Off a GPU, R = 1 (the interpreter's 2 "SMs")."""
+    monkeypatch.setattr(K, "num_sms", lambda device: 132 if device.type == "cuda" else 2)
+    monkeypatch.setattr(K, "_FWD_RESIDENT", {})
+    gpu, key = torch.device("cuda"), ("a specialisation",)
+    assert K._fwd_programs(10923, key, gpu) == 10923
+    K._FWD_RESIDENT[key] = 2
+    assert K._fwd_programs(10923, key, gpu) == 264 and K._fwd_programs(100, key, gpu) == 100
+    assert K._fwd_programs(10923, ("another",), gpu) == 10923
+    assert K._fwd_programs(10923, key, torch.device("cpu")) == 2
+    monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", 3)
+    assert K._fwd_programs(10923, key, gpu) == 396
+    for bad in (0, -1, 1.5, True, "2"):
+        monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", bad)
+        with pytest.raises(ValueError, match="FWD_PROGRAMS_PER_SM"):
+            K._fwd_programs(10, key, gpu)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: the grid after the first launch comes from the compiled kernel")
+def test_gpu_forward_grid_after_the_first_launch(monkeypatch):
+    """On a GPU the first forward of a specialisation runs one program per block, and records how
+    many programs of its build an SM holds (R); the next runs ``min(blocks, R * SMs)`` programs
+    (one wave, each looping) and gives the same output, bit for bit."""
+    from interformer.profiling import replaced_triton_run
+
+    monkeypatch.setattr(K, "_FWD_RESIDENT", {})
+    monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", None)
+    B, n_in, n_out, d = 8192, 20, 4, 64
+    masters = make_masters(B, n_in, n_out, d, torch.Generator().manual_seed(3))
+    x, *params = (m.to(DEVICE, torch.bfloat16) for m in masters)
+    grids = []
+
+    def make(original):
+        def run(self, *args, grid, **kwargs):
+            if self.fn.__name__ == "_glce_fwd_kernel":
+                grids.append(tuple(grid))
+            return original(self, *args, grid=grid, **kwargs)
+        return run
+
+    with replaced_triton_run(make):
+        first = K._gated_lce_fwd_impl(x, *params)
+        second = K._gated_lce_fwd_impl(x, *params)
+    n_blocks = -(-B // K._config(n_in, n_out, d, False)[0])
+    ((key, resident),) = K._FWD_RESIDENT.items()
+    assert 1 <= resident <= 32, resident
+    assert grids == [(n_blocks,), (min(n_blocks, resident * K.num_sms(x.device)),)], (grids, resident)
+    assert torch.equal(first, second)
+
+
+def test_resident_programs_of_a_compiled_kernel(monkeypatch):
+    """``_common.resident_programs``: from a launch's compiled kernel (registers, shared memory,
+    warps) and the device's limits, the programs an SM holds, as the occupancy calculator counts;
+    0 for what is not a compiled GPU kernel (the interpreter's launch returns None)."""
+    from types import SimpleNamespace
+
+    from interformer.kernels import _common
+
+    monkeypatch.setattr(_common, "_device_limits", lambda device: _common.SM90_LIMITS)
+    gpu = torch.device("cuda")
+
+    def kernel(regs, shared, warps):
+        return SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(shared=shared, num_warps=warps))
+
+    # 97 registers at 8 warps: 104 * 256 = 26,624 a program, 2 in 65,536 (taobao's 20 -> 4 forward)
+    assert _common.resident_programs(kernel(97, 57344, 8), gpu) == 2
+    assert _common.resident_programs(kernel(168, 49152, 4), gpu) == 3   # by registers
+    assert _common.resident_programs(kernel(32, 110000, 4), gpu) == 2   # by shared memory
+    assert _common.resident_programs(kernel(16, 0, 1), gpu) == 32       # by the program limit
+    assert _common.resident_programs(kernel(97, 57344, 8), torch.device("cpu")) == 0
+    for other in (None, SimpleNamespace(), kernel(0, 0, 4), kernel(None, 0, 4), kernel(97, 0, True)):
+        assert _common.resident_programs(other, gpu) == 0
+
+
+@pytest.mark.parametrize("tile, per_sm, cap", [((128, 64, None), 1, None), ((16, 16, 4), 2, 128), ((32, 64, 2), 3, None)])
+def test_backward_tile_settings_keep_the_results(tile, per_sm, cap, monkeypatch):
+    """``BWD_TILE``, ``ACC_PROGRAMS_PER_SM`` and ``ACC_MAXNREG`` (kept for measurement) change the
+    backward's blocks, warps, persistent grid and register cap, not its results: in both
+    dgate_weight modes, every output and gradient still meets the references (fp32), and the block
+    plan, grid and cap (the "acc" mode's only) the launcher uses are the ones the settings ask for."""
     B, n_in, n_out, d = 37, 6, 4, 16
     gen = torch.Generator().manual_seed(7)
     masters = make_masters(B, n_in, n_out, d, gen)
@@ -138,6 +246,7 @@ def test_backward_tile_settings_keep_the_results(tile, per_sm, monkeypatch):
     ref64 = run(R.gated_lce, masters, torch.float64, "contiguous", grad)
     monkeypatch.setattr(K, "BWD_TILE", tile)
     monkeypatch.setattr(K, "ACC_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(K, "ACC_MAXNREG", cap)
     plan = K._config(n_in, n_out, d, True, tile)
     assert plan[0] == max(1, min(tile[0] // n_in, tile[1] // n_out)) and plan != K._config(n_in, n_out, d, True)
     assert plan[4] == (tile[2] or K._config(n_in, n_out, d, True)[4])
@@ -152,10 +261,12 @@ def test_backward_tile_settings_keep_the_results(tile, per_sm, monkeypatch):
         assert (case["consts"]["KX"], case["consts"]["RO"], case["num_warps"]) == (plan[1], plan[2], plan[4])
         expected = min(n_blocks, (4 if mode == "store" else per_sm) * K.num_sms(torch.device(DEVICE)))
         assert case["programs"] == expected, (mode, case["programs"])
+        assert case.get("maxnreg") == (cap if mode == "acc" else None), (mode, case)
 
 
 @pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
-                                            ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0)])
+                                            ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0),
+                                            ("ACC_MAXNREG", 16), ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0)])
 def test_backward_tile_settings_are_checked(setting, value, monkeypatch):
     monkeypatch.setattr(K, setting, value)
     masters = make_masters(3, 5, 4, 16, torch.Generator().manual_seed(0))
@@ -349,7 +460,8 @@ def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
         name = str(dtype).replace("torch.", "")
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
-            consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"))
+            consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"),
+                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"))
             ptrs = dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, X=name, W=name, BIAS=name, GW=name, GB=name)
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=ptrs, num_warps=warps, dtype=name, store=store, **opts))
@@ -389,13 +501,14 @@ def test_limit_corner_builds_within_h100_shared_memory():
         name = str(dtype).replace("torch.", "")
         ptrs = dict(X=name, W=name, BIAS=name, GW=name, GB=name)
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, False)
+        opts = K._fwd_launch_options(dtype)
         cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel", args=dict(OUT=name, **ptrs),
-                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=K.dot_precision(dtype)), num_warps=warps))
+                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC")), num_warps=warps, **opts))
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=K.next_pow2(n_in), NOP=K.next_pow2(n_out),
-                          PREC=opts.pop("PREC"))
+                          PREC=opts.pop("PREC"), PARAMS_ONCE=opts.pop("PARAMS_ONCE"))
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, **ptrs), num_warps=warps,
                               **opts))

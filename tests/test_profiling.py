@@ -252,6 +252,26 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
     case = {k: v for k, v in first.items() if k in ("module", "kernel", "consts", "args", "unaligned", "num_warps",
                                                    "num_stages", "float_type")}
     assert build_sm90([case])[0]["sass_sha"] == first["sass_sha"]
+    # a register cap (Triton's maxnreg) is recorded from the launch and built with
+    import torch
+
+    from interformer.kernel_audit import record_launches
+    from interformer.kernels import gated_lce
+
+    busiest = max((b for b in builds if b["kernel"] == "_glce_bwd_kernel"), key=lambda b: b["registers"])
+    cap = max(24, busiest["registers"] // 8 * 4)
+    assert cap < busiest["registers"]
+    capped = build_sm90([dict(case, maxnreg=cap) for case in (busiest,)])[0]
+    assert capped["registers"] <= cap and capped["sass_sha"] != busiest["sass_sha"], (cap, capped)
+    old = (gated_lce.ACC_MAXNREG, gated_lce.GW_MODE)
+    try:
+        gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = cap, "acc"
+        with record_launches() as cases:
+            gated_lce.gated_lce(*(torch.randn(*s, requires_grad=True) for s in ((3, 5, 16), (5, 4), (4,), (16, 16), (16,)))
+                                ).sum().backward()
+    finally:
+        gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = old
+    assert [c.get("maxnreg") for c in cases if c["kernel"] == "_glce_bwd_kernel"] == [cap]
 
 
 def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, capsys):
