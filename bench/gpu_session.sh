@@ -23,7 +23,8 @@
 #      OPS_FILES="bench/test_bench_feed_forward.py bench/test_bench_crossnet.py bench/test_bench_gated_lce.py \
 #      bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
-#      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph)) or \
+#      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
+#      fused-acc2-cudagraph or fused-blockgrid-cudagraph)) or \
 #      ((attention or pma or feed_forward) and full and ((taobao and (fused-cudagraph or eager-cudagraph or \
 #      compile-cudagraph)) or (long and (fused-cudagraph or eager-cudagraph))))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
@@ -38,8 +39,12 @@
 #      new settings' tests; then, graphed, in one process: the low-rank cross net with
 #      LOW_RANK_FORWARD = "phases" (fused-fphases: its one-launch forward ran 49 us in 128
 #      one-per-SM programs in the 80ba0f2 step profile) beside the default and Inductor (issue 4:
-#      0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows with BWD_TILE = (128, 64,
-#      None) (fused-bigtile) beside the default (issue 3: 34% / 23% of copy at c77021c); attention and
+#      0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows (issue 3: 34% / 23% of copy
+#      at c77021c): the default (since the twenty-fourth session the forward's programs loop over the
+#      sample blocks in one wave, and the backward loads its parameters once a program), beside
+#      fused-blockgrid (the forward's old grid, one program per block: what the loop gained),
+#      fused-bigtile (BWD_TILE = (128, 64, None)) and fused-acc2 (two "acc" backward programs an SM
+#      under a 128-register cap, ACC_MAXNREG); attention and
 #      PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor; PMA
 #      fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
 #      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says

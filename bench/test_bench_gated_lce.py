@@ -10,8 +10,8 @@ fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``fused-c
 mode captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
 ``test_gated_lce_bandwidth`` runs ``full`` mode at 32x taobao's batch (``taobao-b64k``), where the
-bytes, not the launches, set the time, with also ``fused-store`` (the backward's dgate_weight in
-"store" mode, which the batch would not pick).
+bytes, not the launches, set the time, with also the fused variants of :data:`SETTINGS` (other
+launch plans for the forward and the backward).
 
 Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
 parameters and writes out; backward reads x, the parameters and the upstream gradient and writes dx
@@ -58,13 +58,26 @@ def test_gated_lce(benchmark, shape_name, use, mode, provider):
     _bench(benchmark, shape_name, use, mode, provider)
 
 
-BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", "fused-store", "fused-bigtile", "eager-cudagraph",
-                       "compile-cudagraph", "fused-cudagraph", "fused-store-cudagraph", "fused-bigtile-cudagraph"]
-#: ``fused-bigtile``: the backward's blocks at ``BWD_TILE`` = (128 token rows, 64 output rows, the
-#: rule's warps), twice to four times the default's rows: at taobao's sizes 6 samples a block (120
-#: token rows) instead of 3 for the non-sequence LCE, 8 instead of 4 for the sequence one; sm_90
-#: builds (Triton 3.6) 206 and 255 registers at 8 warps, no spills, one program per SM like the default
+#: the bandwidth rows' fused variants: what each sets in ``interformer.kernels.gated_lce`` (module
+#: attribute -> value) for its run; a ``-cudagraph`` row sets what its plain row does
 BIG_TILE = (128, 64, None)
+SETTINGS = {
+    # the backward's dgate_weight in "store" mode, which the batch would not pick
+    "fused-store": {"GW_MODE": "store"},
+    # the backward's blocks at BWD_TILE = (128 token rows, 64 output rows, the rule's warps), twice to
+    # four times the default's rows: at taobao's sizes 6 samples a block (120 token rows) instead of 3
+    # for the non-sequence LCE, 8 instead of 4 for the sequence one; sm_90 builds (Triton 3.6) 206 and
+    # 255 registers at 8 warps, no spills, one program per SM like the default
+    "fused-bigtile": {"BWD_TILE": BIG_TILE},
+    # the "acc" backward capped at 128 registers, two persistent programs an SM instead of one (see
+    # gated_lce.ACC_MAXNREG)
+    "fused-acc2": {"GW_MODE": "acc", "ACC_PROGRAMS_PER_SM": 2, "ACC_MAXNREG": 128},
+    # the forward's grid before its programs looped: one program per sample block (an R larger than
+    # any batch's block count; see gated_lce.FWD_PROGRAMS_PER_SM)
+    "fused-blockgrid": {"FWD_PROGRAMS_PER_SM": 1 << 30},
+}
+BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", *SETTINGS, "eager-cudagraph", "compile-cudagraph", "fused-cudagraph",
+                       *(p + common.GRAPH_SUFFIX for p in SETTINGS)]
 
 
 @pytest.mark.parametrize("provider", BANDWIDTH_PROVIDERS)
@@ -73,22 +86,18 @@ def test_gated_lce_bandwidth(benchmark, monkeypatch, use, provider):
     """Forward+backward at ``taobao-b64k`` (32x taobao's batch, bench/common.py's EXTRA_SHAPES; the
     smoke shape without a GPU): the fraction of the copy bandwidth the kernels reach once launch
     latency no longer sets the time (the report's "fused x floor", the fused time over the bytes'
-    time at copy speed). At that batch the backward picks the "acc" dgate_weight mode (one
-    persistent program per SM); ``fused-store`` forces "store" (one program per sample block, dZ and
-    Y written for a cuBLAS GEMM: more bytes, more programs), to see which is faster there, and
-    ``fused-bigtile`` (:data:`BIG_TILE`: more samples per backward block, so more bytes in flight
-    per program where every backward plan builds to 8 warps an SM)."""
+    time at copy speed). At that batch the backward picks the "acc" dgate_weight mode (persistent
+    programs, one per SM) and the forward loops over the blocks in one wave of programs; the
+    :data:`SETTINGS` rows change one of those choices each, to see which is faster there."""
     from interformer.kernels import gated_lce
 
-    if "store" in provider:
-        monkeypatch.setattr(gated_lce, "GW_MODE", "store")
-    if "bigtile" in provider:
-        monkeypatch.setattr(gated_lce, "BWD_TILE", BIG_TILE)
+    for name, value in SETTINGS.get(provider.removesuffix(common.GRAPH_SUFFIX), {}).items():
+        monkeypatch.setattr(gated_lce, name, value)
     _bench(benchmark, "taobao-b64k" if common.ON_GPU else "smoke", use, "full", provider)
 
 
 def _bench(benchmark, shape_name, use, mode, provider):
-    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + ("fused-store", "fused-bigtile"),
+    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + tuple(SETTINGS),
                                 shape_name=shape_name)
     shape = common.ALL_SHAPES[shape_name]
     B, d = shape.B, shape.d

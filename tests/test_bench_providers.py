@@ -135,21 +135,30 @@ def test_gated_lce_bandwidth_rows_run_32x_taobao_on_a_gpu(bench, monkeypatch):
     assert "taobao-b64k" not in common.SHAPE_NAMES
 
 
-@pytest.mark.parametrize("provider, mode, tile", [("fused", None, None), ("fused-store", "store", None),
-                                                 ("fused-store-cudagraph", "store", None),
-                                                 ("fused-bigtile", None, (128, 64, None))])
-def test_gated_lce_bandwidth_setting_providers_run_with_their_setting(bench, monkeypatch, provider, mode, tile):
-    """``fused-store`` runs the fused op with ``GW_MODE = "store"`` in effect in its backward,
-    ``fused-bigtile`` with ``BWD_TILE`` at the benchmark's ``BIG_TILE``; ``fused`` leaves both to the op."""
+@pytest.mark.parametrize("provider", ["fused", "fused-store", "fused-store-cudagraph", "fused-bigtile", "fused-acc2",
+                                      "fused-blockgrid"])
+def test_gated_lce_bandwidth_setting_providers_run_with_their_setting(bench, monkeypatch, provider):
+    """Each fused bandwidth row runs the op with its settings (``SETTINGS``) in effect in the
+    forward's and the backward's launchers and the others at their defaults: ``fused-store`` with
+    ``GW_MODE = "store"``, ``fused-bigtile`` with ``BWD_TILE = BIG_TILE``, ``fused-acc2`` with two
+    capped "acc" programs an SM, ``fused-blockgrid`` with one forward program per block; ``fused``
+    leaves every one to the op. A ``-cudagraph`` row as its plain row."""
     mod = importlib.import_module("test_bench_gated_lce")
     import interformer.kernels.gated_lce as G
 
+    names = ("GW_MODE", "BWD_TILE", "ACC_PROGRAMS_PER_SM", "ACC_MAXNREG", "FWD_PROGRAMS_PER_SM")
+    defaults = {n: getattr(G, n) for n in names}
     seen = []
-    real = G._gw_mode  # called by the backward launcher, which reads the setting through it
-    monkeypatch.setattr(G, "_gw_mode", lambda *a, **k: seen.append((G.GW_MODE, G.BWD_TILE)) or real(*a, **k))
+    for launcher in ("_gw_mode", "_fwd_programs"):  # called by the launchers, which read the settings then
+        real = getattr(G, launcher)
+        monkeypatch.setattr(G, launcher, lambda *a, _real=real, **k: seen.append({n: getattr(G, n) for n in names})
+                            or _real(*a, **k))
     mod.test_gated_lce_bandwidth(None, monkeypatch, "seq", provider)
-    assert seen and set(seen) == {(mode, tile)}, seen
-    assert tile is None or mod.BIG_TILE == tile
+    want = dict(defaults, **mod.SETTINGS.get(provider.removesuffix("-cudagraph"), {}))
+    assert len(seen) >= 2 and all(s == want for s in seen), seen
+    assert mod.SETTINGS["fused-bigtile"]["BWD_TILE"] == mod.BIG_TILE == (128, 64, None)
+    for setting in mod.SETTINGS.values():
+        assert set(setting) <= set(names)
 
 
 def test_pma_providers_run_what_they_name(bench, monkeypatch):
