@@ -20,7 +20,7 @@ are bitwise identical; tests run both (the module tests use the eager path, ``op
 ``torch.compiler.is_compiling()`` is true (dynamo, export), ``torch.jit.trace`` is tracing (which
 records a custom op as a node and would record nothing of a launch), or any tensor argument is a
 ``FakeTensor``/functional wrapper rather than a plain tensor; ``torch.fx.symbolic_trace`` records
-the custom op (see the public functions).
+a call of the public function itself (:func:`fx_call`).
 
 Under ``torch.compile`` a custom op is one opaque call in the compiled code. With
 ``interformer.set_compile_inline(True)`` the ops registered through :func:`inline_when_compiled`
@@ -53,6 +53,19 @@ def tracing(tensors: Sequence[torch.Tensor]) -> bool:
         if type(t) not in _PLAIN or (transform and _functorch_wrapped(t)):
             return True
     return False
+
+
+def fx_call(fn: Callable, proxy: "torch.fx.Proxy", *args):
+    """``fn(proxy, *args)`` recorded as one ``call_function`` node of ``fn`` itself: what a public
+    function does when ``torch.fx.symbolic_trace`` hands it a Proxy (no sizes to check). The traced
+    module then calls ``fn`` on its real tensors, so its checks, its autocast cast, its reference
+    fallback past the kernels' limits and its lean autograd path run as in the module.
+
+    Reason: until 2026-11-28 the custom op was recorded instead, and a traced module ran it with
+    none of those. Past the limits it launched a kernel anyway (a ``GatedLCE`` at d = 160: one
+    launch where the module runs the reference), and under autocast it computed in fp32 (fp16
+    autocast on a CPU: the module gave fp16, the traced one fp32)."""
+    return proxy.tracer.create_proxy("call_function", fn, (proxy, *args), {})
 
 
 #: whether ``torch.jit.trace`` is tracing (``torch.jit.is_tracing`` less its Python frames)

@@ -212,7 +212,8 @@ contiguous (a copy only when they are not).
 ``(dx0, dW [L,D,D], db [L,D])``; parameter lists are ``Tensor[]``. All are ``custom_op`` s with fake
 implementations; each forward's autograd formula calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Under ``torch.fx.symbolic_trace`` the
-public functions skip their checks and emit the op call (``torch.ops.interformer.*_fwd``) as a node.
+public functions record a call of themselves as a node (``_dispatch.fx_call``), which runs them,
+checks included, when the traced module runs.
 Outside tracing they call the same launchers through a plain ``autograd.Function``
 (``_LowRankCrossNet``, ``_CrossNet``: the parameter lists passed flat, ``x0, L, *params``, as
 autograd tracks positional tensors only; the backward formula is the custom op's, with the
@@ -232,7 +233,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import _functorch_wrapped, lean_function, needs_grad, needed as _needed, reference_only, tracing
+from ._dispatch import (_functorch_wrapped, fx_call, lean_function, needed as _needed, needs_grad, reference_only,
+                        tracing)
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -1430,8 +1432,8 @@ def low_rank_cross_net(
     x0 ``[B, D]``; w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D, 1]`` each.
     """
     ws, vs, bs = list(w_kernels), list(v_kernels), list(biases)
-    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(low_rank_cross_net, x0, ws, vs, bs)
     op = "low_rank_cross_net"
     B, D = _check_common(op, x0, (("w_kernels", ws), ("v_kernels", vs), ("biases", bs)))
     if not ws:
@@ -1461,8 +1463,8 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
     x0 ``[B, D]``; kernels ``[D, D]`` each (``x_i @ W^T``); biases ``[D, 1]`` each.
     """
     ws, bs = list(kernels), list(biases)
-    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
+    if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(cross_net, x0, ws, bs)
     op = "cross_net"
     B, D = _check_common(op, x0, (("kernels", ws), ("biases", bs)))
     if not ws:

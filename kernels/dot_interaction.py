@@ -56,7 +56,8 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device
-from ._dispatch import inline_when_compiled, launch, lean_function, needs_grad, reference_only, saving_forward, tracing
+from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needs_grad, reference_only,
+                        saving_forward, tracing)
 
 __all__ = ["dot_interaction"]
 
@@ -266,8 +267,8 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
 
     z ``[B, N, d]`` (any strides) -> contiguous ``[B, N(N-1)/2]`` in ``triu_indices(N, N, 1)`` order.
     """
-    if isinstance(z, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.dot_interaction_fwd(z)
+    if isinstance(z, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(dot_interaction, z)
     if not isinstance(z, torch.Tensor) or z.dim() != 3:
         raise ValueError(f"dot_interaction: z must be a 3-D tensor [B, N, d], got "
                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")

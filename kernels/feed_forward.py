@@ -91,8 +91,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only, saving_forward,
-                        tracing)
+from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only,
+                        saving_forward, tracing)
 
 __all__ = ["feed_forward"]
 
@@ -432,8 +432,8 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     x ``[..., K]`` (any strides), w1 ``[H, K]``, b1 ``[H]``, w2 ``[N, H]``, b2 ``[N]`` -> contiguous
     ``[..., N]``. K or N above :data:`MAX_FEATURES` runs the eager reference.
     """
-    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.feed_forward_fwd(x, w1, b1, w2, b2)
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(feed_forward, x, w1, b1, w2, b2)
     _check(x, w1, b1, w2, b2)
     dev = x.device.type
     dtype = x.dtype

@@ -130,8 +130,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
                       on_input_device, resident_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
-                        saving_forward, tracing, unused_arg)
+from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
+                        reference_only, saving_forward, tracing, unused_arg)
 
 __all__ = ["gated_lce"]
 
@@ -662,8 +662,8 @@ def gated_lce(
     x ``[B, n_in, d]`` (any strides), weight ``[n_in, n_out]``, bias ``[n_out]``, gate_weight
     ``[d, d]``, gate_bias ``[d]`` -> contiguous ``[B, n_out, d]``.
     """
-    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.gated_lce_fwd(x, weight, bias, gate_weight, gate_bias)
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(gated_lce, x, weight, bias, gate_weight, gate_bias)
     _check(x, weight, bias, gate_weight, gate_bias)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

@@ -64,8 +64,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, layer_norm_params, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
-                        tracing, unused_arg)
+from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
+                        reference_only, tracing, unused_arg)
 
 __all__ = ["add_layer_norm"]
 
@@ -319,8 +319,8 @@ def add_layer_norm(
 
     x ``[..., N]``; residual of x's shape or None; weight and bias ``[N]``.
     """
-    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), None)[0]
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(add_layer_norm, x, residual, weight, bias, eps)
     op = "add_layer_norm"
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError(f"{op}: x must be a tensor [..., N], got {describe_shape(x)}")

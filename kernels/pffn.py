@@ -94,8 +94,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, layer_norm_params, next_pow2,
                       on_input_device, persistent_programs, sum_partials)
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
-                        saving_forward, tracing)
+from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
+                        reference_only, saving_forward, tracing)
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -556,8 +556,8 @@ def pffn_mlp(
     s ``[B, L, d]`` (any strides), lengths ``[B]``, w_b ``[B, d, d]``, ln_weight/ln_bias ``[d]``
     -> contiguous ``[B, L, d]``.
     """
-    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.pffn_mlp_fwd(s, lengths, w_b, ln_weight, ln_bias, float(eps))
+    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(pffn_mlp, s, lengths, w_b, ln_weight, ln_bias, eps)
     op = "pffn_mlp"
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape
@@ -598,8 +598,8 @@ def pffn_linear(
     s ``[B, L, d]`` (any strides), lengths ``[B]``, x_sum ``[B, n_sum, d]``, a ``[n_sum, d]``,
     ln_weight/ln_bias ``[d]`` -> contiguous ``[B, L, d]``.
     """
-    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record the op, no checks
-        return torch.ops.interformer.pffn_linear_fwd(s, lengths, x_sum, a, ln_weight, ln_bias, float(eps))
+    if isinstance(s, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
+        return fx_call(pffn_linear, s, lengths, x_sum, a, ln_weight, ln_bias, eps)
     op = "pffn_linear"
     _check_common(op, s, lengths, ln_weight, ln_bias)
     B, L, d = s.shape

@@ -134,7 +134,7 @@ def test_constructors_take_numpy_integers():
 
 def test_the_checks_add_nothing_to_an_fx_graph():
     """torch.fx.symbolic_trace passes the checks (Proxies have no sizes) without recording a ``shape``
-    read for them: the traced PFFN holds its op and nothing else of the checks."""
+    read for them: the traced PFFN holds the call of its fused function and nothing else of the checks."""
     module = PersonalizedFFN(8, 2, hidden=8, backend="triton")  # the eager reference reads shapes itself
     graph = torch.fx.symbolic_trace(module).graph
     reads = [n for n in graph.nodes if n.target is getattr or n.target in ("size", "dim")]
@@ -158,3 +158,49 @@ def test_the_tokenizers_name_a_bad_input(make, inputs, arg):
     module = make().to(DEVICE)
     with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} must be "):
         module(*inputs())
+
+
+# ----------------------------------------------------------------------------- torch.fx traces
+FX_CASES = {
+    "gated_lce": (lambda: GatedLCE(3, 2, 16, backend="triton"), lambda: (_randn(B, 3, 16),)),
+    "gated_lce-past-the-kernel-limit": (lambda: GatedLCE(3, 2, 160, backend="triton"), lambda: (_randn(B, 3, 160),)),
+    "pffn-mlp": (lambda: PersonalizedFFN(16, 2, hidden=8, backend="triton"),
+                 lambda: (_randn(B, L, 16), _randn(B, 2, 16), torch.tensor([L, 0, 3], **I))),
+    "pffn-linear": (lambda: PersonalizedFFN(16, 2, mode="linear", backend="triton"),
+                    lambda: (_randn(B, L, 16), _randn(B, 2, 16), torch.tensor([L, 0, 3], **I))),
+    "feed_forward": (lambda: FeedForward(16, 24, 16, backend="triton"), lambda: (_randn(B, L, 16),)),
+    "cross_net": (lambda: CrossNet(16, 2, backend="triton"), lambda: (_randn(B, 16),)),
+    "low_rank_cross_net": (lambda: LowRankCrossNet(16, 2, 4, backend="triton"), lambda: (_randn(B, 16),)),
+    "layer_norm": (lambda: ResidualLayerNorm(16, backend="triton"), lambda: (_randn(B, 16), _randn(B, 16))),
+    "dot_interaction": (lambda: DotInteraction(3, 16, backend="triton"), lambda: (_randn(B, 3, 16),)),
+}
+
+
+@pytest.mark.parametrize("name", list(FX_CASES))
+def test_a_traced_fused_module_calls_its_op_as_the_module_does(name):
+    """``torch.fx.symbolic_trace`` of a fused module records a call of the public fused function
+    (``kernels._dispatch.fx_call``), not its custom op, so the traced module runs what the module
+    runs: the same output, bit for bit, plainly and under autocast (the op recorded before ran in
+    fp32 there, and past the kernels' limits it launched a kernel where the module runs the
+    reference: the ``past-the-kernel-limit`` case launches none), with the same gradients."""
+    from interformer.profiling import triton_launches
+
+    make, inputs = FX_CASES[name]
+    module = make().to(DEVICE)
+    gm = torch.fx.symbolic_trace(module)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert any(getattr(t, "__module__", "").startswith("interformer.kernels.") for t in calls), gm.code
+    assert not any(isinstance(t, torch._ops.OpOverloadPacket) or "interformer::" in str(t) for t in calls), gm.code
+    args = [a.requires_grad_() if a.is_floating_point() else a for a in inputs()]
+    low = torch.float16 if DEVICE.type == "cpu" else torch.bfloat16  # (the interpreter has no bfloat16)
+    for autocast in (False, True):
+        results = []
+        for m in (module, gm):
+            with torch.autocast(DEVICE.type, dtype=low, enabled=autocast), triton_launches() as launches:
+                out = m(*args)
+            grads = torch.autograd.grad(out.float().square().sum(), [a for a in args if a.requires_grad])
+            results.append((out, grads, sum(launches.values())))
+        (out_m, g_m, n_m), (out_gm, g_gm, n_gm) = results
+        assert out_gm.dtype == out_m.dtype and torch.equal(out_gm, out_m), (autocast, out_gm.dtype, out_m.dtype)
+        assert all(torch.equal(a, b) for a, b in zip(g_gm, g_m)), autocast
+        assert n_gm == n_m and (n_m == 0) == name.endswith("past-the-kernel-limit"), (n_gm, n_m)
