@@ -24,7 +24,7 @@
 #      bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
 #      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
-#      fused-acc2-cudagraph or fused-blockgrid-cudagraph)) or \
+#      fused-acc2-cudagraph or fused-blockgrid-cudagraph or fused-deep-cudagraph)) or \
 #      ((attention or pma or feed_forward) and full and ((taobao and (fused-cudagraph or eager-cudagraph or \
 #      compile-cudagraph)) or (long and (fused-cudagraph or eager-cudagraph))))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
@@ -43,8 +43,9 @@
 #      at c77021c): the default (since the twenty-fourth session the forward's programs loop over the
 #      sample blocks in one wave, and the backward loads its parameters once a program), beside
 #      fused-blockgrid (the forward's old grid, one program per block: what the loop gained),
-#      fused-bigtile (BWD_TILE = (128, 64, None)) and fused-acc2 (two "acc" backward programs an SM
-#      under a 128-register cap, ACC_MAXNREG); attention and
+#      fused-bigtile (BWD_TILE = (128, 64, None)), fused-acc2 (two "acc" backward programs an SM
+#      under a 128-register cap, ACC_MAXNREG) and fused-deep (5 and 6 pipeline stages instead of 3,
+#      FWD_STAGES / BWD_STAGES); attention and
 #      PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor; PMA
 #      fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
 #      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says

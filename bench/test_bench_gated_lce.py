@@ -75,6 +75,9 @@ SETTINGS = {
     # the forward's grid before its programs looped: one program per sample block (an R larger than
     # any batch's block count; see gated_lce.FWD_PROGRAMS_PER_SM)
     "fused-blockgrid": {"FWD_PROGRAMS_PER_SM": 1 << 30},
+    # deeper software pipelines of both block loops: 5 and 6 tiles fetched ahead instead of 3 (see
+    # gated_lce.FWD_STAGES)
+    "fused-deep": {"FWD_STAGES": 5, "BWD_STAGES": 6},
 }
 BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", *SETTINGS, "eager-cudagraph", "compile-cudagraph", "fused-cudagraph",
                        *(p + common.GRAPH_SUFFIX for p in SETTINGS)]

@@ -353,9 +353,10 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
     weight and its operand copies took 263,168 bytes of shared memory at the limit corner, n_in 128,
     n_out 64, d 128, in the "acc" mode, more than an H100 has; reloaded, 212,992).
     """
+    stages = _stages("BWD_STAGES", BWD_STAGES)
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1, "PARAMS_ONCE": False}
-    return {"PREC": dot_precision(dtype), "PARAMS_ONCE": True}
+    return {"PREC": dot_precision(dtype), "PARAMS_ONCE": True, **stages}
 
 
 def _fwd_launch_options(dtype: torch.dtype) -> dict:
@@ -365,10 +366,35 @@ def _fwd_launch_options(dtype: torch.dtype) -> dict:
     memory: at the limit corner (n_in 128, n_out 64, d 128) the looping fp32 forward built to
     425,984 bytes with three stages and tf32x3 dots, 294,912 with one stage (Triton 3.9), against an
     H100's 232,448; "ieee" and one stage, 196,608 (3.6) and 98,304 (3.9). fp16/bf16 keep Triton's
-    defaults."""
+    defaults (or :data:`FWD_STAGES`)."""
+    stages = _stages("FWD_STAGES", FWD_STAGES)
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1}
-    return {"PREC": dot_precision(dtype)}
+    return {"PREC": dot_precision(dtype), **stages}
+
+
+#: Software-pipeline depth of the fp16/bf16 forward's and backward's block loops (Triton's
+#: ``num_stages``: how many x tiles are being fetched ahead; None: Triton's default, 3), kept for
+#: measurement (the bandwidth benchmark's ``fused-deep``: 5 and 6). Why: at 32x taobao's batch one
+#: backward program an SM with 3 stages has about 19 KB of loads in flight (two x and upstream-
+#: gradient tiles ahead), below the roughly 30 KB an SM needs to keep an H100's memory busy. Deeper
+#: stages cost shared memory, hardly registers (sm_90, Triton 3.6, bf16, 2026-11-28): the backward at
+#: 6 stages 135 registers and 80 KB at the 20 -> 4 summary (137 and 48 KB at 3), 177 and 71 KB at
+#: the 8 -> 8 one (215 and 46 KB), one program an SM either way; the forward at 5 stages 103
+#: registers and 90 KB (97, 57 KB), 163 and 66 KB (168, 49 KB), 2 and 3 programs an SM as at 3.
+#: fp32 keeps one stage (:func:`_bwd_launch_options`). Not timed yet.
+FWD_STAGES: Optional[int] = None
+BWD_STAGES: Optional[int] = None
+
+
+def _stages(name: str, value: Optional[int]) -> dict:
+    """``{"num_stages": value}``, or nothing for None; ValueError naming the setting for anything
+    but an int in [1, 8]."""
+    if value is None:
+        return {}
+    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8):
+        raise ValueError(f"{name} must be None or an int in [1, 8], got {value!r}")
+    return {"num_stages": value}
 
 
 @functools.lru_cache(maxsize=None)

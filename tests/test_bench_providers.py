@@ -136,17 +136,19 @@ def test_gated_lce_bandwidth_rows_run_32x_taobao_on_a_gpu(bench, monkeypatch):
 
 
 @pytest.mark.parametrize("provider", ["fused", "fused-store", "fused-store-cudagraph", "fused-bigtile", "fused-acc2",
-                                      "fused-blockgrid"])
+                                      "fused-blockgrid", "fused-deep"])
 def test_gated_lce_bandwidth_setting_providers_run_with_their_setting(bench, monkeypatch, provider):
     """Each fused bandwidth row runs the op with its settings (``SETTINGS``) in effect in the
     forward's and the backward's launchers and the others at their defaults: ``fused-store`` with
     ``GW_MODE = "store"``, ``fused-bigtile`` with ``BWD_TILE = BIG_TILE``, ``fused-acc2`` with two
-    capped "acc" programs an SM, ``fused-blockgrid`` with one forward program per block; ``fused``
-    leaves every one to the op. A ``-cudagraph`` row as its plain row."""
+    capped "acc" programs an SM, ``fused-blockgrid`` with one forward program per block,
+    ``fused-deep`` with deeper pipelines; ``fused`` leaves every one to the op. A ``-cudagraph`` row
+    as its plain row."""
     mod = importlib.import_module("test_bench_gated_lce")
     import interformer.kernels.gated_lce as G
 
-    names = ("GW_MODE", "BWD_TILE", "ACC_PROGRAMS_PER_SM", "ACC_MAXNREG", "FWD_PROGRAMS_PER_SM")
+    names = ("GW_MODE", "BWD_TILE", "ACC_PROGRAMS_PER_SM", "ACC_MAXNREG", "FWD_PROGRAMS_PER_SM", "FWD_STAGES",
+             "BWD_STAGES")
     defaults = {n: getattr(G, n) for n in names}
     seen = []
     for launcher in ("_gw_mode", "_fwd_programs"):  # called by the launchers, which read the settings then

@@ -264,9 +264,32 @@ def test_backward_tile_settings_keep_the_results(tile, per_sm, cap, monkeypatch)
         assert case.get("maxnreg") == (cap if mode == "acc" else None), (mode, case)
 
 
+def test_pipeline_depth_settings_reach_the_launches(monkeypatch):
+    """``FWD_STAGES`` / ``BWD_STAGES`` (kept for measurement) set the fp16/bf16 kernels' ``num_stages``
+    and nothing else: fp32 launches keep one stage (the H100 sanitizer mitigation), and the results
+    stay within the references (fp16, the DESIGN §5 rule)."""
+    monkeypatch.setattr(K, "FWD_STAGES", 5)
+    monkeypatch.setattr(K, "BWD_STAGES", 6)
+    B, n_in, n_out, d = 37, 6, 4, 16
+    gen = torch.Generator().manual_seed(9)
+    masters = make_masters(B, n_in, n_out, d, gen)
+    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
+    for dtype, want in ((torch.float16, {"_glce_fwd_kernel": 5, "_glce_bwd_kernel": 6}),
+                        (torch.float32, {"_glce_fwd_kernel": 1, "_glce_bwd_kernel": 1})):
+        x, *params = (m.to(DEVICE, dtype) for m in masters)
+        with record_launches() as cases:
+            K._gated_lce_fwd_impl(x, *params)
+            K._gated_lce_bwd_impl(grad.to(DEVICE, dtype), x, *params)
+        assert {c["kernel"]: c.get("num_stages") for c in cases if c["kernel"] in want} == want, (dtype, cases)
+    compare(run(K.gated_lce, masters, torch.float16, "contiguous", grad),
+            run(R.gated_lce, masters, torch.float16, "contiguous", grad),
+            run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.float16)
+
+
 @pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
                                             ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0),
-                                            ("ACC_MAXNREG", 16), ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0)])
+                                            ("ACC_MAXNREG", 16), ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0),
+                                            ("FWD_STAGES", 0), ("BWD_STAGES", 9), ("BWD_STAGES", True)])
 def test_backward_tile_settings_are_checked(setting, value, monkeypatch):
     monkeypatch.setattr(K, setting, value)
     masters = make_masters(3, 5, 4, 16, torch.Generator().manual_seed(0))
