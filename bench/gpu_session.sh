@@ -42,7 +42,8 @@
 #      0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows (issue 3: 34% / 23% of copy
 #      at c77021c): the default (since the twenty-fourth session the forward's programs loop over the
 #      sample blocks in one wave, and the backward loads its parameters once a program), beside
-#      fused-blockgrid (the forward's old grid, one program per block: what the loop gained),
+#      fused-blockgrid (the looping forward on the old grid, one program per block: what one wave of
+#      looping programs gains),
 #      fused-bigtile (BWD_TILE = (128, 64, None)), fused-acc2 (two "acc" backward programs an SM
 #      under a 128-register cap, ACC_MAXNREG) and fused-deep (5 and 6 pipeline stages instead of 3,
 #      FWD_STAGES / BWD_STAGES); attention and

@@ -35,9 +35,9 @@ output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in =
 sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
 reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm_90 ahead of time
 with Triton 3.6, the GPU machines' version (``profiling/sm90_audit.py``; bf16 at the DESIGN shapes,
-2026-11-28): the forward takes 97-206 registers, no spills; the backward 137-255, one 8-warp
-program per SM, 6 spilled bytes at long's 8 -> 8 summary (d = 128); fp32 spills more (correct,
-not tuned). These are the knobs to tune on a GPU.
+2026-11-28): the forward takes 97-206 registers, no spills; the backward 140-255, one 8-warp
+program per SM, 6 spill stores (a 24-byte stack) at long's 8 -> 8 summary (d = 128); fp32 spills
+more (correct, not tuned). These are the knobs to tune on a GPU.
 
 Forward (``_glce_fwd_kernel``): one launch, programs looping over sample blocks
 -------------------------------------------------------------------------------
@@ -348,8 +348,8 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
 
     ``PARAMS_ONCE``: the gate weight and both biases are loaded once per program, before the block
     loop (fp16/bf16; sm_90 builds with Triton 3.6 at taobao: 160 -> 140 registers for the 20 -> 4
-    summary, 227 -> 211 for the 8 -> 8 one, 255 -> 168 at long's 64 -> 4, and 40 -> 6 spilled
-    bytes at long's 8 -> 8), or again for every block (fp32: held across the loop, the fp32 gate
+    summary, 227 -> 211 for the 8 -> 8 one, 255 -> 168 at long's 64 -> 4, and 40 -> 6 spill stores
+    at long's 8 -> 8), or again for every block (fp32: held across the loop, the fp32 gate
     weight and its operand copies took 263,168 bytes of shared memory at the limit corner, n_in 128,
     n_out 64, d 128, in the "acc" mode, more than an H100 has; reloaded, 212,992).
     """
@@ -482,7 +482,9 @@ def _fwd_programs(n_blocks: int, key: tuple, device: torch.device) -> int:
     registers at taobao's 20 -> 4 tokens). One wave, not more programs: a program's work is fixed
     by its share of the blocks, so a second, partial wave would add a whole program's time. Before
     the first launch R is not known; one program per block is then the safe grid (the hardware
-    balances it). Under the interpreter: ``num_sms`` = 2 programs, so tests run the loop.
+    balances it). Under the interpreter: ``num_sms`` = 2 programs, so tests run the loop. Under
+    ``torch.compile`` with ``set_compile_inline`` the grid is fixed when the graph is traced: one
+    program per block if no plain forward of that specialisation ran before.
     """
     per_sm = FWD_PROGRAMS_PER_SM
     if per_sm is not None and not (isinstance(per_sm, int) and not isinstance(per_sm, bool) and per_sm >= 1):
@@ -490,6 +492,18 @@ def _fwd_programs(n_blocks: int, key: tuple, device: torch.device) -> int:
     if per_sm is None:
         per_sm = _FWD_RESIDENT.get(key, 0) if device.type == "cuda" else 1
     return min(n_blocks, per_sm * num_sms(device)) if per_sm else n_blocks
+
+
+def _note_resident(key: tuple, compiled, device: torch.device) -> None:
+    """After a forward launch: R of the kernel it ran (:func:`._common.resident_programs`) for the
+    next launch of ``key``, from every launch, not the first alone. ``key`` names the dtypes and
+    sizes, not all of what Triton specialises on (alignment, an argument equal to 1, ...); another
+    build under the same key then sets R for the launches after it. Nothing for a launch that
+    returned no compiled GPU kernel (the interpreter, a recorded or traced launch)."""
+    if device.type == "cuda":
+        resident = resident_programs(compiled, device)
+        if resident:
+            _FWD_RESIDENT[key] = resident
 
 
 #: Force the backward's dgate_weight strategy ("store" or "acc"); None picks by bytes moved.
@@ -524,10 +538,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
         KX=kx, RO=ro, DP=dp, num_warps=warps, **_fwd_launch_options(x.dtype),
     )
-    if key not in _FWD_RESIDENT and x.device.type == "cuda":
-        resident = resident_programs(compiled, x.device)
-        if resident:
-            _FWD_RESIDENT[key] = resident
+    _note_resident(key, compiled, x.device)
     return out
 
 

@@ -134,6 +134,8 @@ def test_forward_grid_keeps_the_results(per_sm, programs, monkeypatch):
     FP32_TOL of float64), and every other block, the ones the same program takes after it
     included, is as without it, bit for bit."""
     monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setattr(K, "num_sms", lambda device: 2)  # on a GPU too, so that its programs loop
+    monkeypatch.setattr(K, "_FWD_RESIDENT", {})
     B, n_in, n_out, d = 150, 6, 4, 16
     n_per = K._config(n_in, n_out, d, False)[0]
     assert -(-B // n_per) == 10
@@ -141,7 +143,8 @@ def test_forward_grid_keeps_the_results(per_sm, programs, monkeypatch):
     x, *params = (m.to(DEVICE, torch.float32) for m in masters)
     with record_launches() as cases:
         K._gated_lce_fwd_impl(x, *params)
-    assert [c["programs"] for c in cases] == [programs if x.device.type == "cpu" else 10]  # a GPU's SMs hold all 10
+    # (None on a GPU: one program per block until a launch has said how many an SM holds)
+    assert [c["programs"] for c in cases] == [10 if per_sm is None and x.is_cuda else programs]
     out = K._gated_lce_fwd_impl(x, *params)
     assert_rel(out, R.gated_lce(*masters).to(out.device), FP32_TOL, "out vs float64")
     monkeypatch.setattr(K, "FWD_PROGRAMS_PER_SM", 1000)
@@ -225,11 +228,23 @@ def test_resident_programs_of_a_compiled_kernel(monkeypatch):
     # 97 registers at 8 warps: 104 * 256 = 26,624 a program, 2 in 65,536 (taobao's 20 -> 4 forward)
     assert _common.resident_programs(kernel(97, 57344, 8), gpu) == 2
     assert _common.resident_programs(kernel(168, 49152, 4), gpu) == 3   # by registers
+    assert _common.resident_programs(kernel(33, 0, 8), gpu) == 6        # 33 * 32 rounds up to 1,280 a warp
+    assert _common.resident_programs(kernel(16, 0, 4), gpu) == 16       # by the 64 warps
     assert _common.resident_programs(kernel(32, 110000, 4), gpu) == 2   # by shared memory
+    assert _common.resident_programs(kernel(32, 116000, 4), gpu) == 1   # ... with 1 KB reserved a program
     assert _common.resident_programs(kernel(16, 0, 1), gpu) == 32       # by the program limit
     assert _common.resident_programs(kernel(97, 57344, 8), torch.device("cpu")) == 0
     for other in (None, SimpleNamespace(), kernel(0, 0, 4), kernel(None, 0, 4), kernel(97, 0, True)):
         assert _common.resident_programs(other, gpu) == 0
+    # the forward's launcher keeps R per specialisation key, from every launch (a later build under
+    # the same key replaces it), and nothing from a launch without a compiled GPU kernel
+    monkeypatch.setattr(K, "_FWD_RESIDENT", {})
+    K._note_resident(("k",), kernel(97, 57344, 8), gpu)
+    K._note_resident(("k",), None, gpu)
+    K._note_resident(("cpu",), kernel(97, 57344, 8), torch.device("cpu"))
+    assert K._FWD_RESIDENT == {("k",): 2}
+    K._note_resident(("k",), kernel(168, 49152, 4), gpu)
+    assert K._FWD_RESIDENT == {("k",): 3}
 
 
 @pytest.mark.parametrize("tile, per_sm, cap", [((128, 64, None), 1, None), ((16, 16, 4), 2, 128), ((32, 64, 2), 3, None)])
