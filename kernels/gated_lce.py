@@ -335,6 +335,12 @@ def _glce_bwd_kernel(
 
 
 # ============================================================================ launchers
+# Settings, module attributes read at every launch (tests and the bandwidth benchmark's providers set
+# them; each is described where it is defined): GW_MODE (the backward's dgate_weight strategy),
+# BWD_TILE, ACC_PROGRAMS_PER_SM and ACC_MAXNREG (the backward's blocks, grid and register cap),
+# FWD_PROGRAMS_PER_SM (the forward's grid), FWD_STAGES and BWD_STAGES (pipeline depths). Their
+# defaults are the plan in use; the others are kept to be timed against it on a GPU, and go once
+# a GPU has said which wins.
 def _bwd_launch_options(dtype: torch.dtype) -> dict:
     """Dot precision, pipelining and parameter loads of the backward kernel.
 
