@@ -20,7 +20,7 @@
 # Planned for the next lease (two calls; device-tool timeout_s 360 and 400; issue call 2 as soon as
 # call 1 returns: an idle machine is given back after about 30 s):
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=100 MODEL_TIMEOUT=60 \
-#      OPS_FILES="bench/test_bench_feed_forward.py bench/test_bench_crossnet.py bench/test_bench_gated_lce.py \
+#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_feed_forward.py \
 #      bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
 #      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
@@ -30,9 +30,10 @@
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      (selection checked on a CPU with torch.cuda.is_available patched to True: 20 op rows, the
-#      never-timed feed-forward block's first, 4 of them Inductor compiles; a box of 100 s keeps the
-#      rows measured before it ends;
+#      (selection checked on a CPU with torch.cuda.is_available patched to True: 26 op rows, the
+#      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
+#      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
+#      short box loses;
 #      the tests of gpu_rerun.txt, about 190: the three that failed at c77021c, the fp32 casts of
 #      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
 #      test after the softmax-statistics change, in fp32, fp16 and bf16, and the nineteenth session's
