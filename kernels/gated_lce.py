@@ -60,9 +60,15 @@ two 4-warp programs per SM, at taobao's 256 programs one wave either way), no sp
 at most 81,920 bytes (fp32 corner 196,608). With Triton 3.6, the GPU machines' version, at taobao
 (``profiling/sm90_audit.py``): the 20 -> 4 summary's forward 153 -> 117 registers (1 -> 2 programs
 per SM), the 8 -> 8 one's 112 -> 130 (4 -> 3 per SM), no spills. Not timed on a GPU. The backward keeps the dot: with a
-non-finite x or upstream gradient the reference's parameter gradients are non-finite too (so a
-GradScaler skips the step either way); only dx of the block's other samples, and more entries of
-dW / dbias (the one-hot fold), are NaN on top of the reference's.
+non-finite x or upstream gradient some of the reference's parameter gradients are non-finite too
+(so a GradScaler skips the step either way). On top of the reference's, the dot spreads NaN to the
+tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
+samples and of the tile's padding rows (zero weights times the inf), more entries of every
+parameter gradient. A fuzzing helper (2026-11-28) saw one inf in x of a one-sample block (n_in
+48, n_out 5 padded to 16 rows, d 100) make the whole dgate_weight and all but one entry of
+dgate_bias NaN, where the reference's are non-finite in one row and one column, and in one entry.
+Every gradient entry the reference makes non-finite is non-finite here too
+(tests/test_nonfinite.py).
 
 Backward (``_glce_bwd_kernel`` + one reduction): ``Y``, ``Z`` recomputed, nothing else saved
 -----------------------------------------------------------------------------------------
