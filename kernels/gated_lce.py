@@ -64,11 +64,11 @@ non-finite x or upstream gradient some of the reference's parameter gradients ar
 (so a GradScaler skips the step either way). On top of the reference's, the dot spreads NaN to the
 tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
 samples and of the tile's padding rows (zero weights times the inf), more entries of every
-parameter gradient. A fuzzing helper (2026-11-28) saw one inf in x of a one-sample block (n_in
-48, n_out 5 padded to 16 rows, d 100) make the whole dgate_weight and all but one entry of
-dgate_bias NaN, where the reference's are non-finite in one row and one column, and in one entry.
-Every gradient entry the reference makes non-finite is non-finite here too
-(tests/test_nonfinite.py).
+parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample block (n_in
+48, n_out 5 padded to 16 rows, d 100) made all of dgate_bias NaN, and in the "acc" mode all of
+dgate_weight ("store" stores dZ and Y of valid rows only), where the reference's are non-finite in
+one entry, and in one row and one column; dW and dbias are non-finite in both. Every gradient
+entry the reference makes non-finite is non-finite here too (tests/test_nonfinite.py).
 
 Backward (``_glce_bwd_kernel`` + one reduction): ``Y``, ``Z`` recomputed, nothing else saved
 -----------------------------------------------------------------------------------------
