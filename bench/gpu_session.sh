@@ -23,14 +23,14 @@
 #      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_feed_forward.py \
 #      bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
-#      compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
+#      fused-deep-cudagraph or compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
 #      fused-acc2-cudagraph or fused-blockgrid-cudagraph or fused-deep-cudagraph)) or \
 #      ((attention or pma or feed_forward) and full and ((taobao and (fused-cudagraph or eager-cudagraph or \
 #      compile-cudagraph)) or (long and (fused-cudagraph or eager-cudagraph))))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      (selection checked on a CPU with torch.cuda.is_available patched to True: 26 op rows, the
+#      (selection checked on a CPU with torch.cuda.is_available patched to True: 27 op rows, the
 #      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
 #      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
 #      short box loses;
@@ -39,17 +39,17 @@
 #      test after the softmax-statistics change, in fp32, fp16 and bf16, and the nineteenth session's
 #      new settings' tests; then, graphed, in one process: the low-rank cross net with
 #      LOW_RANK_FORWARD = "phases" (fused-fphases: its one-launch forward ran 49 us in 128
-#      one-per-SM programs in the 80ba0f2 step profile) beside the default and Inductor (issue 4:
-#      0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows (issue 3: 34% / 23% of copy
-#      at c77021c): the default (since the twenty-fourth session the forward's programs loop over the
-#      sample blocks in one wave, and the backward loads its parameters once a program), beside
-#      fused-blockgrid (the looping forward on the old grid, one program per block: what one wave of
-#      looping programs gains),
-#      fused-bigtile (BWD_TILE = (128, 64, None)), fused-acc2 (two "acc" backward programs an SM
-#      under a 128-register cap, ACC_MAXNREG) and fused-deep (5 and 6 pipeline stages instead of 3,
-#      FWD_STAGES / BWD_STAGES); attention and
-#      PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x Inductor; PMA
-#      fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
+#      one-per-SM programs in the 80ba0f2 step profile) and with LOW_RANK_MAX_STAGES = 5 (fused-deep:
+#      5 pipeline stages in the forward and rows kernels, twenty-fourth session) beside the default
+#      and Inductor (issue 4: 0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows
+#      (issue 3: 34% / 23% of copy at c77021c): the default (since the twenty-fourth session the
+#      forward's programs loop over the sample blocks in one wave, and the backward loads its
+#      parameters once a program), beside fused-blockgrid (the looping forward on the old grid, one
+#      program per block: what one wave of looping programs gains), fused-bigtile (BWD_TILE = (128,
+#      64, None)), fused-acc2 (two "acc" backward programs an SM under a 128-register cap,
+#      ACC_MAXNREG) and fused-deep (5 and 6 pipeline stages instead of 3, FWD_STAGES / BWD_STAGES);
+#      attention and PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x
+#      Inductor; PMA fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
 #      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says
 #      whether it cost time; then the plain taobao model rows, which repeat poorly (c77021c: inference
 #      1.59x, training 1.13x). The twentieth session added the fused feed-forward block (the

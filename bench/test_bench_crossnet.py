@@ -23,6 +23,9 @@ grad. Providers, each computing the same function:
   function with ``LOW_RANK_FORWARD = "phases"`` (``p_i`` by one launch per layer over row blocks x
   column ranges, then the output tiles, instead of DESIGN §4's one launch of one 16-row program per
   row block), to measure against the default's forward;
+* ``fused-deep`` (and its ``-cudagraph``) -- low rank only: the fused function with
+  ``LOW_RANK_MAX_STAGES = 5`` (up to 5 software-pipeline stages in the forward and backward rows
+  kernels instead of 3), to measure against the default;
 * ``fused-triton-gemm`` (and its ``-cudagraph``) -- full rank only: the fused function with
   ``FULL_RANK_GEMM = "triton"`` (Triton GEMM kernels with fused epilogues instead of cuBLAS GEMMs
   with Triton element-wise kernels), to keep the default's choice measured.
@@ -51,7 +54,7 @@ from interformer import reference as R
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph",
              "compile-cudagraph", "fused-cudagraph", "fused-triton-gemm", "fused-triton-gemm-cudagraph", "fused-8warps",
              "fused-8warps-cudagraph", "fused-phases", "fused-phases-cudagraph", "fused-fphases",
-             "fused-fphases-cudagraph"]
+             "fused-fphases-cudagraph", "fused-deep", "fused-deep-cudagraph"]
 NUM_LAYERS = 2
 #: The setting variants (provider, and its -cudagraph): ``(the rank it applies to, the direction it
 #: changes ("fwd", "bwd", or None for both), the setting of interformer.kernels.crossnet, its value)``.
@@ -61,6 +64,7 @@ SETTING_PROVIDERS = {
     "fused-8warps": ("low", None, "LOW_RANK_ROW_WARPS", 8),
     "fused-phases": ("low", "bwd", "LOW_RANK_BACKWARD", "phases"),
     "fused-fphases": ("low", "fwd", "LOW_RANK_FORWARD", "phases"),
+    "fused-deep": ("low", None, "LOW_RANK_MAX_STAGES", 5),
 }
 _WORDS = {"fwd": "forward", "bwd": "backward"}
 

@@ -254,6 +254,13 @@ _TARGET_PROGRAMS = 128
 #: ``fused-8warps``, graphed): 0.1360 ms against 0.1426 for 4 warps in the same run, about 5% faster
 #: (bench/results/nvidia-h200-2026-11-27b-ops.jsonl); another run of the default took 0.1397.
 LOW_RANK_ROW_WARPS = 4
+#: Most software-pipeline stages of the low-rank forward and backward rows kernels (their D loops;
+#: the planner takes the most that fit shared memory, see :func:`_lr_pick`): 3, Triton's default.
+#: Larger values are kept for measurement (benchmark provider ``fused-deep``: 5). Why: at taobao each
+#: of these kernels runs 128 programs of 4 warps, about one an SM, and each D-loop iteration loads an
+#: x0 tile from HBM and U / V / bias tiles from L2 with nothing else in flight on the SM; more stages
+#: keep more of those loads in flight. Not timed yet.
+LOW_RANK_MAX_STAGES = 3
 #: How the low-rank backward finds ``dp_i`` and ``dx0`` (module docstring): ``"rows"`` (the default,
 #: measured: one program per 16 rows makes L + 1 passes over D) or ``"phases"`` (one launch per
 #: layer over row blocks x column ranges, with column-split partial sums, then one launch over
@@ -659,11 +666,12 @@ def _lr_smem(kind: str, L: int, bb: int, bd: int, br: int, stages: int, x_bytes:
     return max(stages * per_iter + copies * inv + staged for per_iter, inv, copies, staged in loops)
 
 
-def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: int, p_bytes: int, budget: int):
-    """The first ``(BLOCK_B, BLOCK_D, num_stages)`` whose :func:`_lr_smem` is within ``budget``: 3
-    stages (Triton's default) before 2 before 1, then the widest tile; None if even 16 columns and
-    one stage do not fit."""
-    for stages in (3, 2, 1):
+def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: int, p_bytes: int, budget: int,
+             max_stages: int = 3):
+    """The first ``(BLOCK_B, BLOCK_D, num_stages)`` whose :func:`_lr_smem` is within ``budget``:
+    ``max_stages`` stages (3, Triton's default, unless :data:`LOW_RANK_MAX_STAGES` says otherwise)
+    before fewer, down to 1, then the widest tile; None if even 16 columns and one stage do not fit."""
+    for stages in range(max_stages, 0, -1):
         for bb in bbs:
             bd = cap
             while bd >= 16:
@@ -675,11 +683,11 @@ def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: 
 
 @functools.lru_cache(maxsize=4096)
 def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
-             budget: int = SMEM_LIMIT, row_warps: int = 4) -> Optional[_LRPlan]:
+             budget: int = SMEM_LIMIT, row_warps: int = 4, row_stages: int = 3) -> Optional[_LRPlan]:
     """Block sizes and stages of the three low-rank kernels, or None when they cannot run (``BLOCK_R >
     512``, or no tile of 16 columns fits ``budget`` bytes of shared memory: large ranks with many
-    layers; the public function then uses the eager reference). ``row_warps``: see
-    :data:`LOW_RANK_ROW_WARPS`."""
+    layers; the public function then uses the eager reference). ``row_warps`` and ``row_stages``: see
+    :data:`LOW_RANK_ROW_WARPS` and :data:`LOW_RANK_MAX_STAGES`."""
     br = max(16, next_pow2(R))
     if br > MAX_BLOCK_R:
         return None
@@ -687,8 +695,8 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
     dp2 = max(16, next_pow2(D))
     row_cap = max(16, min(32 * row_warps, 2048 * row_warps // br, dp2))
     w_cap = max(16, min(64, 4096 // br, dp2))
-    fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
-    rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget)
+    fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget, row_stages)
+    rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget, row_stages)
     weights = _lr_pick("weights", L, br, w_cap, (32, 16), xb, pb, budget)
     if fwd is None or rows is None or weights is None:
         return None
@@ -698,8 +706,12 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
 def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
     if LOW_RANK_ROW_WARPS not in (4, 8):  # the tile caps (32 columns a warp) must stay powers of two
         raise ValueError(f"LOW_RANK_ROW_WARPS must be 4 or 8, got {LOW_RANK_ROW_WARPS!r}")
+    stages = LOW_RANK_MAX_STAGES
+    if not (isinstance(stages, int) and not isinstance(stages, bool) and 1 <= stages <= 8):
+        raise ValueError(f"LOW_RANK_MAX_STAGES must be an int in [1, 8], got {stages!r}")
     plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
-    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS)
+    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS,
+                row_stages=stages)
 
 
 def _lr_plan_or_raise(x0, ws, L) -> _LRPlan:

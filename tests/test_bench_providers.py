@@ -98,9 +98,10 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
     for provider in providers:
         if provider.startswith(FOREIGN):
             continue
+        # a setting variant of one rank (bench/test_bench_crossnet.py's SETTING_PROVIDERS) skips the other
+        only = getattr(mod, "SETTING_PROVIDERS", {}).get(provider.removesuffix(common.GRAPH_SUFFIX))
         for extra in variants:
-            if ("triton-gemm" in provider and extra.get("rank") == "low"
-                    or ("8warps" in provider or "phases" in provider) and extra.get("rank") == "full"):
+            if only is not None and extra.get("rank", only[0]) != only[0]:
                 continue
             calls.clear()
             compiled.clear()
@@ -273,17 +274,17 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
-@pytest.mark.parametrize("provider, warps, gemm, backward, forward", [
-    ("fused", 4, "cublas", "rows", "rows"), ("fused-8warps", 8, "cublas", "rows", "rows"),
-    ("fused-triton-gemm", 4, "triton", "rows", "rows"), ("fused-phases", 4, "cublas", "phases", "rows"),
-    ("fused-fphases", 4, "cublas", "rows", "phases")])
+@pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [
+    ("fused", 4, "cublas", "rows", "rows", 3), ("fused-8warps", 8, "cublas", "rows", "rows", 3),
+    ("fused-triton-gemm", 4, "triton", "rows", "rows", 3), ("fused-phases", 4, "cublas", "phases", "rows", 3),
+    ("fused-fphases", 4, "cublas", "rows", "phases", 3), ("fused-deep", 4, "cublas", "rows", "rows", 5)])
 def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, provider, warps, gemm, backward,
-                                                           forward):
+                                                           forward, stages):
     """``fused-8warps`` times the low-rank op with ``LOW_RANK_ROW_WARPS = 8`` in effect,
     ``fused-triton-gemm`` the full-rank op with ``FULL_RANK_GEMM = "triton"``, ``fused-phases`` the
-    low-rank op with ``LOW_RANK_BACKWARD = "phases"`` and ``fused-fphases`` with ``LOW_RANK_FORWARD =
-    "phases"``; plain ``fused`` with none of them (the settings seen inside the launchers, forward and
-    backward, as they are called)."""
+    low-rank op with ``LOW_RANK_BACKWARD = "phases"``, ``fused-fphases`` with ``LOW_RANK_FORWARD =
+    "phases"`` and ``fused-deep`` with ``LOW_RANK_MAX_STAGES = 5``; plain ``fused`` with none of them
+    (the settings seen inside the launchers, forward and backward, as they are called)."""
     mod = importlib.import_module("test_bench_crossnet")
     import interformer.kernels.crossnet as C
 
@@ -292,7 +293,8 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
         real = getattr(C, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            seen.append((_name, C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM, C.LOW_RANK_BACKWARD, C.LOW_RANK_FORWARD))
+            seen.append((_name, C.LOW_RANK_ROW_WARPS, C.FULL_RANK_GEMM, C.LOW_RANK_BACKWARD, C.LOW_RANK_FORWARD,
+                         C.LOW_RANK_MAX_STAGES))
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(C, name, spy)
@@ -301,7 +303,7 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
                       provider=provider)
     prefix = "_fr" if rank == "full" else "_lr"
     assert {name for name, *_ in seen} == {f"{prefix}_fwd_impl", f"{prefix}_bwd_impl"}, seen
-    assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward, forward)}, seen
+    assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward, forward, stages)}, seen
 
 
 def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):

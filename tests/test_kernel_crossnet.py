@@ -119,6 +119,32 @@ def test_low_rank_cross_net_with_eight_row_warps(B, D, r, L, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_low_rank_cross_net_with_deeper_pipelines(dtype, monkeypatch):
+    """``LOW_RANK_MAX_STAGES`` (kept for measurement): the forward and backward rows kernels' plans
+    take up to that many stages where shared memory allows (5 at taobao's shape in bf16, the
+    weight kernel's plan unchanged), the launches ask for them, the op still meets the reference,
+    and values outside [1, 8] are refused by name."""
+    from interformer.kernel_audit import record_launches
+
+    B, D, r, L = 3, 312, 32, 2
+    base = C._lr_plan(1792, 32, 2, torch.bfloat16, torch.float32)
+    deep = C._lr_plan(1792, 32, 2, torch.bfloat16, torch.float32, row_stages=5)
+    assert (base.fwd[1], base.rows[1], deep.fwd[1], deep.rows[1]) == (3, 3, 5, 5) and deep.weights == base.weights
+    monkeypatch.setattr(C, "LOW_RANK_MAX_STAGES", 5)
+    plan = C._lr_plan_for(torch.empty(1, D, dtype=dtype), [torch.empty(D, r, dtype=dtype)], L)
+    flat = _lr_inputs(B, D, r, L, dtype)
+    _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
+    with record_launches() as cases:
+        _run(C.low_rank_cross_net, [t.detach().clone().requires_grad_() for t in flat], L, 3)
+    stages = {c["kernel"]: c.get("num_stages") for c in cases if c["kernel"] in ("_lr_fwd_kernel", "_lr_bwd_rows_kernel")}
+    assert stages == {"_lr_fwd_kernel": plan.fwd[1], "_lr_bwd_rows_kernel": plan.rows[1]}, stages
+    for bad in (0, 9, 2.0, True):
+        monkeypatch.setattr(C, "LOW_RANK_MAX_STAGES", bad)
+        with pytest.raises(ValueError, match="LOW_RANK_MAX_STAGES must be"):
+            C.low_rank_cross_net(*_split(flat, L, 3))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("B,D,r,L", LR_CASES + [(33, 312, 8, 3)])
 def test_low_rank_cross_net_phased_backward(B, D, r, L, dtype, monkeypatch):
     """``LOW_RANK_BACKWARD = "phases"`` (kept for measurement): the same outputs and gradients as the
