@@ -88,7 +88,8 @@ Block sizes and shared memory (``_lr_plan``, fixed by shape, no autotune): ``BLO
 ``BLOCK_R = max(16, next_pow2(r))``, 4 warps (the forward and rows kernels: ``LOW_RANK_ROW_WARPS``,
 a setting kept for measuring 8); the column tile and ``num_stages`` are the first that
 fit an H100's 227 KiB (232448 bytes) of shared memory per program by an upper estimate
-(``_lr_smem``), trying 3 stages (Triton's default), then 2, then 1, each from the widest tile down to
+(``_lr_smem``), trying 3 stages (Triton's default; the forward and rows kernels up to
+``LOW_RANK_MAX_STAGES``, another setting kept for measurement), then fewer down to 1, each from the widest tile down to
 16 columns: at most ``min(32 w, 2048 w // BLOCK_R)`` columns at ``w`` warps (``min(128, 8192 //
 BLOCK_R)`` at the default 4) for the forward and rows kernels, ``32``
 (then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel. The estimate is the
