@@ -79,8 +79,8 @@ SETTINGS = {
     # gated_lce.FWD_STAGES)
     "fused-deep": {"FWD_STAGES": 5, "BWD_STAGES": 6},
 }
-BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", *SETTINGS, "eager-cudagraph", "compile-cudagraph", "fused-cudagraph",
-                       *(p + common.GRAPH_SUFFIX for p in SETTINGS)]
+BANDWIDTH_PROVIDERS = ["eager", "compile", "fused", *SETTINGS, "eager-cudagraph", "compile-cudagraph",
+                       "fused-cudagraph", *(p + common.GRAPH_SUFFIX for p in SETTINGS)]
 
 
 @pytest.mark.parametrize("provider", BANDWIDTH_PROVIDERS)

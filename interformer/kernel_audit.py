@@ -27,10 +27,10 @@ Case format (JSON-able): ``module``, ``kernel``, ``consts`` (name -> value), ``a
 dtype name for a pointer -- "fp32", "bf16", ... or torch's "float32", "bfloat16" --, a list of them
 for a tuple of pointers, an int, a bool, a float, or None), optionally ``unaligned`` (pointers whose
 address is not a multiple of 16: ``name``, or ``name[j]`` inside a tuple), options ``num_warps``
-(4), ``num_stages`` (Triton's default) and ``maxnreg`` (no cap), and ``float_type``: how float arguments are typed, "fp32"
-(the default: a plain launch) or "fp64" (Inductor launching a kernel of a compiled graph, which
-types Python floats fp64 to keep their precision). Other pointers are taken as 16-byte aligned. An int is
-specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
+(4), ``num_stages`` (Triton's default) and ``maxnreg`` (no cap), and ``float_type``: how float
+arguments are typed, "fp32" (the default: a plain launch) or "fp64" (Inductor launching a kernel of
+a compiled graph, which types Python floats fp64 to keep their precision). Other pointers are taken
+as 16-byte aligned. An int is specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
 divisibility, one outside int32 an i64; a bool is a u1; None is the constexpr None; an argument a
 case does not name is a plain i32. Not modelled: ``do_not_specialize`` (no kernel here uses it)
 and constexprs that are not JSON values (a ``tl.dtype``: recording one raises). Other keys pass

@@ -136,7 +136,8 @@ def test_low_rank_cross_net_with_deeper_pipelines(dtype, monkeypatch):
     _check(C.low_rank_cross_net, R.low_rank_cross_net, flat, L, 3, dtype)
     with record_launches() as cases:
         _run(C.low_rank_cross_net, [t.detach().clone().requires_grad_() for t in flat], L, 3)
-    stages = {c["kernel"]: c.get("num_stages") for c in cases if c["kernel"] in ("_lr_fwd_kernel", "_lr_bwd_rows_kernel")}
+    rows_kernels = ("_lr_fwd_kernel", "_lr_bwd_rows_kernel")
+    stages = {c["kernel"]: c.get("num_stages") for c in cases if c["kernel"] in rows_kernels}
     assert stages == {"_lr_fwd_kernel": plan.fwd[1], "_lr_bwd_rows_kernel": plan.rows[1]}, stages
     for bad in (0, 9, 2.0, True):
         monkeypatch.setattr(C, "LOW_RANK_MAX_STAGES", bad)

@@ -247,7 +247,8 @@ def test_resident_programs_of_a_compiled_kernel(monkeypatch):
     assert K._FWD_RESIDENT == {("k",): 3}
 
 
-@pytest.mark.parametrize("tile, per_sm, cap", [((128, 64, None), 1, None), ((16, 16, 4), 2, 128), ((32, 64, 2), 3, None)])
+@pytest.mark.parametrize("tile, per_sm, cap", [((128, 64, None), 1, None), ((16, 16, 4), 2, 128),
+                                               ((32, 64, 2), 3, None)])
 def test_backward_tile_settings_keep_the_results(tile, per_sm, cap, monkeypatch):
     """``BWD_TILE``, ``ACC_PROGRAMS_PER_SM`` and ``ACC_MAXNREG`` (kept for measurement) change the
     backward's blocks, warps, persistent grid and register cap, not its results: in both

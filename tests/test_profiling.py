@@ -267,8 +267,8 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
     try:
         gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = cap, "acc"
         with record_launches() as cases:
-            gated_lce.gated_lce(*(torch.randn(*s, requires_grad=True) for s in ((3, 5, 16), (5, 4), (4,), (16, 16), (16,)))
-                                ).sum().backward()
+            shapes = ((3, 5, 16), (5, 4), (4,), (16, 16), (16,))
+            gated_lce.gated_lce(*(torch.randn(*s, requires_grad=True) for s in shapes)).sum().backward()
     finally:
         gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = old
     assert [c.get("maxnreg") for c in cases if c["kernel"] == "_glce_bwd_kernel"] == [cap]
