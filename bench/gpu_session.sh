@@ -59,6 +59,10 @@
 #      fit one block, taobao's attention and PMA; sm_90 builds with Triton 3.6: PMA 98 -> 96 registers,
 #      4 -> 5 programs per SM, self-attention 151 -> 155, 3 per SM): the attention and PMA rows above say
 #      whether it cost time, and its test is at the end of gpu_rerun.txt with the ONNX export's.
+#      Reading the gated LCE and cross-net variant rows (graphed, same process): a variant that beats
+#      the default by more than the rows' p20-p80 spread in both uses becomes the default (its
+#      builds are in profiling/sm90-audit-triton3.6.md and the settings' comments), and the settings
+#      that lose are deleted with their providers and tests.
 #      Device-tool timeout_s 360)
 #   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
 #      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
