@@ -19,7 +19,7 @@
 # lease's first call hung after its tests on a bare `wait` (fixed since) and brought back nothing.
 # Planned for the next lease (two calls; device-tool timeout_s 360 and 400; issue call 2 as soon as
 # call 1 returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=15 TESTS_TIMEOUT=150 OPS_TIMEOUT=100 MODEL_TIMEOUT=60 \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=165 OPS_TIMEOUT=100 MODEL_TIMEOUT=55 \
 #      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_feed_forward.py \
 #      bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
@@ -34,7 +34,10 @@
 #      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
 #      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
 #      short box loses;
-#      the tests of gpu_rerun.txt, about 190: the three that failed at c77021c, the fp32 casts of
+#      the tests of gpu_rerun.txt, 499 (counted with a CUDA-patched collection; 424 before the
+#      twenty-fourth session, whose 75 are mostly the gated LCE's), in 16 shards of about 31 (the
+#      third H200 lease's slowest shard of 26 took 130 s: hence a box of 165 s; the three boxes and
+#      the install fill about 330 of the call's 360 s): the three that failed at c77021c, the fp32 casts of
 #      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
 #      test after the softmax-statistics change, in fp32, fp16 and bf16, and the nineteenth session's
 #      new settings' tests; then, graphed, in one process: the low-rank cross net with
