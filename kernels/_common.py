@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -177,6 +177,19 @@ def resident_programs(compiled, device: torch.device) -> int:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (registers, shared, warps)) or registers <= 0:
         return 0
     return programs_per_sm(registers, shared, warps, _device_limits(device))
+
+
+def int_setting(name: str, value, low: int, high: Optional[int] = None, optional: bool = True):
+    """``value``, the module setting ``name``, when it is None (where ``optional``) or an int, not a
+    bool, in ``[low, high]`` (no upper bound for None); ValueError naming the setting otherwise. The
+    kernel modules' integer settings (pipeline stages, register caps, programs per SM) are read
+    through it at every launch."""
+    if value is None and optional:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+        return value
+    what = f"an int in [{low}, {high}]" if high is not None else "a positive int" if low == 1 else f"an int >= {low}"
+    raise ValueError(f"{name} must be {'None or ' if optional else ''}{what}, got {value!r}")
 
 
 def persistent_programs(device: torch.device) -> int:

@@ -232,7 +232,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
 from ._dispatch import (_functorch_wrapped, fx_call, lean_function, needed as _needed, needs_grad, reference_only,
                         tracing)
@@ -707,9 +707,7 @@ def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
 def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
     if LOW_RANK_ROW_WARPS not in (4, 8):  # the tile caps (32 columns a warp) must stay powers of two
         raise ValueError(f"LOW_RANK_ROW_WARPS must be 4 or 8, got {LOW_RANK_ROW_WARPS!r}")
-    stages = LOW_RANK_MAX_STAGES
-    if not (isinstance(stages, int) and not isinstance(stages, bool) and 1 <= stages <= 8):
-        raise ValueError(f"LOW_RANK_MAX_STAGES must be an int in [1, 8], got {stages!r}")
+    stages = int_setting("LOW_RANK_MAX_STAGES", LOW_RANK_MAX_STAGES, 1, 8, optional=False)
     plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
     return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS,
                 row_stages=stages)

@@ -134,8 +134,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, num_sms,
-                      on_input_device, resident_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
+                      num_sms, on_input_device, resident_programs, sum_partials)
 from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
                         reference_only, saving_forward, tracing, unused_arg)
 
@@ -402,11 +402,8 @@ BWD_STAGES: Optional[int] = None
 def _stages(name: str, value: Optional[int]) -> dict:
     """``{"num_stages": value}``, or nothing for None; ValueError naming the setting for anything
     but an int in [1, 8]."""
-    if value is None:
-        return {}
-    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8):
-        raise ValueError(f"{name} must be None or an int in [1, 8], got {value!r}")
-    return {"num_stages": value}
+    value = int_setting(name, value, 1, 8)
+    return {} if value is None else {"num_stages": value}
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,9 +464,7 @@ def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
                              f"8, 16), got {BWD_TILE!r}")
     if not (isinstance(ACC_PROGRAMS_PER_SM, int) and ACC_PROGRAMS_PER_SM >= 1):
         raise ValueError(f"ACC_PROGRAMS_PER_SM must be a positive int, got {ACC_PROGRAMS_PER_SM!r}")
-    if ACC_MAXNREG is not None and not (isinstance(ACC_MAXNREG, int) and not isinstance(ACC_MAXNREG, bool)
-                                        and 24 <= ACC_MAXNREG <= 255):
-        raise ValueError(f"ACC_MAXNREG must be None or an int in [24, 255], got {ACC_MAXNREG!r}")
+    int_setting("ACC_MAXNREG", ACC_MAXNREG, 24, 255)
     return BWD_TILE, ACC_PROGRAMS_PER_SM
 
 
@@ -498,9 +493,7 @@ def _fwd_programs(n_blocks: int, key: tuple, device: torch.device) -> int:
     ``torch.compile`` with ``set_compile_inline`` the grid is fixed when the graph is traced: one
     program per block if no plain forward of that specialisation ran before.
     """
-    per_sm = FWD_PROGRAMS_PER_SM
-    if per_sm is not None and not (isinstance(per_sm, int) and not isinstance(per_sm, bool) and per_sm >= 1):
-        raise ValueError(f"FWD_PROGRAMS_PER_SM must be None or a positive int, got {per_sm!r}")
+    per_sm = int_setting("FWD_PROGRAMS_PER_SM", FWD_PROGRAMS_PER_SM, 1)
     if per_sm is None:
         per_sm = _FWD_RESIDENT.get(key, 0) if device.type == "cuda" else 1
     return min(n_blocks, per_sm * num_sms(device)) if per_sm else n_blocks
