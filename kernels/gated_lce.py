@@ -462,10 +462,8 @@ def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
         if not ok:
             raise ValueError(f"BWD_TILE must be None or (token rows >= 1, output rows >= 1, warps in None, 1, 2, 4, "
                              f"8, 16), got {BWD_TILE!r}")
-    if not (isinstance(ACC_PROGRAMS_PER_SM, int) and ACC_PROGRAMS_PER_SM >= 1):
-        raise ValueError(f"ACC_PROGRAMS_PER_SM must be a positive int, got {ACC_PROGRAMS_PER_SM!r}")
     int_setting("ACC_MAXNREG", ACC_MAXNREG, 24, 255)
-    return BWD_TILE, ACC_PROGRAMS_PER_SM
+    return BWD_TILE, int_setting("ACC_PROGRAMS_PER_SM", ACC_PROGRAMS_PER_SM, 1, optional=False)
 
 
 #: Forward grid: None (the default) runs one program per sample block the first time a kernel

@@ -304,6 +304,7 @@ def test_pipeline_depth_settings_reach_the_launches(monkeypatch):
 
 @pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
                                             ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0),
+                                            ("ACC_PROGRAMS_PER_SM", True), ("ACC_PROGRAMS_PER_SM", None),
                                             ("ACC_MAXNREG", 16), ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0),
                                             ("FWD_STAGES", 0), ("BWD_STAGES", 9), ("BWD_STAGES", True)])
 def test_backward_tile_settings_are_checked(setting, value, monkeypatch):
