@@ -68,17 +68,22 @@
 #      that lose are deleted with their providers and tests.
 #      Device-tool timeout_s 360)
 #   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
-#      taobao-train-fused-compile taobao-inference-compile taobao-inference-fused-compile-inline \
-#      taobao-inference-fused-compile amazon-train-compile amazon-train-fused-compile-inline \
-#      amazon-train-fused-compile; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      taobao-train-fused-compile taobao-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
+#      amazon-train-compile amazon-train-fused-compile-inline amazon-train-fused-compile \
+#      taobao-inference-compile taobao-inference-fused-compile-inline; do \
+#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT model
 #      (issue 6's compile target, fused + compile >= 1.15x compile, in one process, rows in order of
 #      need: compile, fused-compile-inline (the kept ops traced into their Triton kernels, so that
 #      Inductor launches them; it failed at c77021c on the fp64 scale), fused-compile (the default
-#      set kept as opaque custom ops). Compiled rows took about 35-45 s each, so the box of 340 s
-#      may end in the amazon rows. bench/conftest.py resets dynamo before each row. If the inline rows
-#      fail again, call 1's tests (tests/test_fused_model.py's inlined cases) say where. At c77021c
-#      taobao compile training was 26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)
+#      set kept as opaque custom ops); then the same comparison as CUDA graphs (reduce-overhead: device
+#      time, which repeats where a plain compiled row moves by 10-23% between processes; the H100's
+#      was 1.29x, never run on an H200); then amazon's training rows, then the inference rows (no
+#      target: whether the compiled fused inference is still slower than the plain one). Compiled rows
+#      took about 35-45 s each, so the box of 340 s may end in the amazon rows. bench/conftest.py
+#      resets dynamo before each row. If the inline rows fail again, call 1's tests
+#      (tests/test_fused_model.py's inlined cases) say where. At c77021c taobao compile training was
+#      26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)
 #   3. If 100 s or more are left: PACK=1 KERNELS_TIMEOUT=90 bench/gpu_session.sh COMMIT kernels (each
 #      cross-net kernel's device time: fused, both phased settings, Inductor, eager; which kernel of
 #      the fused op is slower than Inductor's code). For the gated LCE:
