@@ -18,7 +18,11 @@ One program per ``BLOCK_M`` rows (the whole row, ``BLOCK_N = next_pow2(N)`` colu
 ``h = x + residual`` in fp32, ``mean``, ``rstd = 1 / sqrt(var + eps)`` (biased variance, as
 ``F.layer_norm``), ``y = (h - mean) * rstd * weight + bias``. Writes y and, when a backward will
 follow (``STATS``; an inference call allocates none), the per-row ``mean`` and ``rstd`` (fp32 ``[M]``,
-saved for backward). Contiguous inputs are read in place with row stride N. ``h`` is not stored: the backward re-reads x and the
+saved for backward). The mean takes one correction step, ``mean += sum(h - mean) / N``: a row whose
+values are all equal then has its exact value as mean and normalises to exactly ``bias``, as eager's
+does (with ``sum(h) / N`` alone the mean of such a row was usually one rounding off, which ``rstd =
+1 / sqrt(eps)`` made a 0.15 relative error at N = 13, v = 1898.3; a fuzzing helper's case). It costs
+a second row reduction in registers, no memory traffic. Contiguous inputs are read in place with row stride N. ``h`` is not stored: the backward re-reads x and the
 residual and re-adds them (one extra read instead of a write plus a read).
 
 Backward (``_ln_bwd_kernel``)
@@ -90,6 +94,7 @@ def _ln_fwd_kernel(
     if HAS_R:
         h += tl.load(R + rows[:, None] * srm + cols[None, :], mask=m, other=0.0).to(tl.float32)
     mean = tl.sum(h, axis=1) / N
+    mean += tl.sum(tl.where(m, h - mean[:, None], 0.0), axis=1) / N  # one correction step (docstring)
     diff = tl.where(m, h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / N + eps)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)

@@ -17,8 +17,10 @@ One program per (sample b, chunk of up to ``CHUNK = 256`` rows); the grid is ``B
 so at the DESIGN shapes (L = 54, 104) a program owns a whole sample and loads its weight once, and
 at ``long`` (L = 1004) four programs share a sample. Per block of ``BLOCK_L`` rows:
 
-* prologue: LayerNorm of the rows in fp32 (mean, biased variance, ``rsqrt``), masked to the valid
-  rows and the d real columns (d is padded to ``DP`` = next power of two >= 16 in registers);
+* prologue: LayerNorm of the rows in fp32 (mean with one correction step as in
+  :mod:`interformer.kernels.layernorm`, so that a constant row normalises to exactly ``ln_bias``;
+  biased variance, ``rsqrt``), masked to the valid rows and the d real columns (d is padded to
+  ``DP`` = next power of two >= 16 in registers);
 * mlp: ``acc = tl.dot(LN(s), w_b[b])`` with ``w_b[b]`` ``[DP, DP]`` held in registers for the whole
   chunk; linear: ``t = tl.dot(LN(s), x_sum[b]^T)`` ``[BLOCK_L, NP]`` then ``acc = tl.dot(t, a)`` with
   ``NP = max(16, next_pow2(n_sum))`` (padded rows of x_sum and a are zero) -- the ``d x d`` matrix
@@ -113,8 +115,8 @@ def _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP: tl.c
     valid = offs < n
     x = tl.load(S + b * ssb + offs[:, None] * ssl + c[None, :] * ssd,
                 mask=valid[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / D
-    xc = tl.where(c_ok[None, :], x - mean[:, None], 0.0)
+    xc = tl.where(c_ok[None, :], x - (tl.sum(x, 1) / D)[:, None], 0.0)
+    xc = tl.where(c_ok[None, :], xc - (tl.sum(xc, 1) / D)[:, None], 0.0)  # the mean's correction step
     var = tl.sum(xc * xc, 1) / D
     rstd = tl.rsqrt(var + eps)
     xhat = xc * rstd[:, None]

@@ -426,3 +426,34 @@ def test_autocast_output_is_fp32_for_low_precision_inputs():
     assert_rel(out, r_out, FP32_TOL, "out")
     for name, k, r64 in zip(["dweight", "dbias"], grads[2:], r_grads[2:]):
         assert_rel(k, r64, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("N", [13, 24])
+def test_constant_rows_normalise_to_the_bias(N, residual):
+    """A row whose values are all equal has LayerNorm ``bias`` exactly (``x - mean = 0``), as eager
+    ``F.layer_norm`` gives it. The kernel's ``sum / N`` of such a row is usually one rounding off v,
+    and ``rstd = 1 / sqrt(eps)`` (316 at 1e-5) made that a visible error: 0.15 relative at N = 13,
+    v = 1898.3 (fp32; found by a fuzzing helper, 2026-11-28). The mean now takes one correction step,
+    ``mean += sum(h - mean) / N``, exact for such rows. Rows of several constants; with a residual,
+    ``x + residual`` is the constant row (x = 1000, residual = 0.1)."""
+    values = torch.tensor([3.3, 1000.1, 1898.3076171875, -77.7, 0.1])
+    x = values[:, None].expand(5, N).contiguous()
+    r = None
+    if residual:
+        x, r = torch.full((5, N), 1000.0), torch.full((5, N), 0.1)
+    gen = torch.Generator().manual_seed(5)
+    w, b = 1 + 0.3 * torch.randn(N, generator=gen), 0.3 * torch.randn(N, generator=gen)
+    ins = [t if t is None else t.to(DEVICE) for t in (x, r, w, b)]
+    out, grads, g = _run(K.add_layer_norm, ins)
+    assert torch.equal(out, R.add_layer_norm(*ins, 1e-5)), "not the eager result"
+    assert torch.equal(out, b.to(DEVICE).expand_as(out)), "a constant row's LayerNorm is not the bias"
+    # the gradients against float64 only: eager's are off by up to 7e-5 here (its variance of such
+    # a row is not exactly 0, which moves rstd = 1 / sqrt(var + eps) at eps = 1e-5)
+    _, r_grads, _ = _run(R.add_layer_norm, [t if t is None else t.double() for t in ins], grad=g.double())
+    names = ["dx"] + (["dresidual"] if residual else []) + ["dweight", "dbias"]
+    for name, k, r64 in zip(names, grads, r_grads):
+        if name == "dweight":  # sum of dy * xhat with xhat = 0: a zero truth
+            assert float(k.abs().max()) <= 1e-6, f"{name}: {float(k.abs().max()):.3e} where 0 is exact"
+        else:
+            assert_rel(k, r64, FP32_TOL, name)

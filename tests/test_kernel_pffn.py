@@ -680,3 +680,26 @@ def test_module_fx_symbolic_trace_records_the_op(mode):
     assert_rel(out_gm, out_m, FP32_TOL, "out")
     for i, (a, b) in enumerate(zip(g_gm, g_m)):
         assert_rel(a, b, FP32_TOL, f"grad {i}")
+
+
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_constant_rows_of_s(mode):
+    """Rows of s whose values are all equal (LayerNorm = ln_bias exactly): the output and every
+    gradient against float64. The kernels' LayerNorm prologue (``_layer_norm_rows``, forward and
+    backward) took ``mean = sum / d``, one rounding off v for most such rows, times ``rsqrt(eps)``:
+    at v = 1898.3 that put ``xhat`` about 0.04 off zero (found by a fuzzing helper, 2026-11-28). It
+    now takes one correction step, as ``kernels/layernorm.py`` does."""
+    B, L, d = 3, 4, 13
+    masters = make_masters(mode, B, L, d, 3, torch.Generator().manual_seed(31))
+    values = torch.tensor([[3.3, 1000.1, 1898.3076171875, -77.7], [1898.3076171875, 0.1, 5.0, 2.0],
+                           [-1898.3076171875, 41.9, 7.0, 1.0]], dtype=torch.float64)
+    masters[0] = values.float().double()[:, :, None].expand(B, L, d).clone()
+    lengths = torch.tensor([4, 3, 4], device=DEVICE)
+    grad = torch.randn(B, L, d, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    kern = run(True, mode, masters, lengths, torch.float32, "contiguous", grad)
+    ref = run(False, mode, masters, lengths, torch.float64, "contiguous", grad)
+    for name, k, r in zip(names_for(mode), kern, ref):
+        if name == "dln_weight":  # sum of dy * xhat with xhat = 0: a zero truth
+            assert float(k.abs().max()) <= 1e-6, f"{name}: {float(k.abs().max()):.3e} where 0 is exact"
+        else:
+            assert_rel(k, r, FP32_TOL, name)
