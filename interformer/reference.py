@@ -285,7 +285,8 @@ def add_layer_norm(
     x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """``LayerNorm(x + residual)`` over the last dimension (``residual=None``: ``LayerNorm(x)``),
-    exactly ``nn.LayerNorm(N, eps)(x + residual)`` with ``weight``/``bias`` ``[N]``."""
+    exactly ``nn.LayerNorm(N, eps)(x + residual)`` with ``weight``/``bias`` ``[N]`` (None: weight 1 / bias
+    0, as ``F.layer_norm`` takes them)."""
     h = x if residual is None else x + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 

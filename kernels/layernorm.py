@@ -322,7 +322,9 @@ def add_layer_norm(
     """Fused ``LayerNorm(x + residual)`` over the last dimension (``residual=None``: ``LayerNorm(x)``);
     same contract as :func:`interformer.reference.add_layer_norm` (see the module docstring).
 
-    x ``[..., N]``; residual of x's shape or None; weight and bias ``[N]``.
+    x ``[..., N]``; residual of x's shape or None; weight and bias ``[N]``, or None for weight 1 and
+    bias 0 (as ``F.layer_norm`` takes them: an ``nn.LayerNorm`` built with ``elementwise_affine=False``
+    or ``bias=False`` has them None; the kernels then read fp32 ones and zeros).
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
         return fx_call(add_layer_norm, x, residual, weight, bias, eps)
@@ -332,6 +334,10 @@ def add_layer_norm(
     N = x.shape[-1]
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape):
         raise ValueError(f"{op}: residual {describe_shape(residual)} must have x's shape {describe_shape(x)} (or be None)")
+    if weight is None:
+        weight = x.new_ones(N, dtype=torch.float32)
+    if bias is None:
+        bias = x.new_zeros(N, dtype=torch.float32)
     for name, p in (("weight", weight), ("bias", bias)):
         if not isinstance(p, torch.Tensor) or p.shape != (N,):
             raise ValueError(f"{op}: {name} {describe_shape(p)} must be [N={N}]")

@@ -457,3 +457,33 @@ def test_constant_rows_normalise_to_the_bias(N, residual):
             assert float(k.abs().max()) <= 1e-6, f"{name}: {float(k.abs().max()):.3e} where 0 is exact"
         else:
             assert_rel(k, r64, FP32_TOL, name)
+
+
+@pytest.mark.parametrize("missing", ["weight", "bias", "both"])
+def test_missing_affine_parameters_mean_weight_one_and_bias_zero(missing):
+    """``weight`` and/or ``bias`` None, as ``F.layer_norm`` takes them (an ``nn.LayerNorm`` with
+    ``elementwise_affine=False`` or ``bias=False`` has them None): the op and the module on the fused
+    path give what eager gives, output and gradients, against float64. Before, the fused op refused
+    them ('bias NoneType must be [N=8]') where the eager module ran (a fuzzing helper's case)."""
+    ins = _inputs((3, 5, 24), torch.float32)
+    if missing in ("weight", "both"):
+        ins[2] = None
+    if missing in ("bias", "both"):
+        ins[3] = None
+    out, grads, g = _run(K.add_layer_norm, ins)
+    r_out, r_grads, _ = _run(R.add_layer_norm, [None if t is None else t.double() for t in ins], grad=g.double())
+    for name, k, r64 in zip(["out", *("d" + n for n, t in zip(("x", "residual", "weight", "bias"), ins)
+                                      if t is not None)], [out, *grads], [r_out, *r_grads]):
+        assert_rel(k, r64, FP32_TOL, name)
+    module = ResidualLayerNorm(24, backend="triton").to(DEVICE)
+    for name, value in (("weight", ins[2]), ("bias", ins[3])):
+        if value is None:
+            module.register_parameter(name, None)
+        else:
+            with torch.no_grad():
+                getattr(module, name).copy_(value)
+    x, r = (t.detach().clone().requires_grad_() for t in ins[:2])
+    fused = module(x, r)
+    module.backend = "eager"
+    assert_rel(fused, module(x, r), FP32_TOL, "module: fused vs eager")
+    assert_rel(fused, r_out, FP32_TOL, "module vs float64")
