@@ -1475,7 +1475,12 @@ def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_wei
     kv = s.unsqueeze(2)
     a, stats = _attention_fwd_impl(q_in, kv, kv, lengths, False, None, False, False, 1.0 / math.sqrt(dh))
     mask = (lengths > 0).to(c)[:, None, None]
-    out = torch.addmm(bias, a.view(B * nq, H * d), w_ov).view(B, nq, d).mul_(mask)
+    # the output GEMM writes into the [B, nq, d] tensor it returns: a view of the GEMM's result,
+    # returned from the autograd.Function, could not be modified in place (autograd refuses it for
+    # a custom Function's view outputs), where the eager module's output can
+    out = torch.empty((B, nq, d), device=s.device, dtype=w_ov.dtype)
+    torch.addmm(bias, a.view(B * nq, H * d), w_ov, out=out.view(B * nq, d))
+    out.mul_(mask)
     return out, (q_in, kv, a, stats, lengths, w_ov, mask, query, k_weight, k_bias, v_weight, v_bias, o_weight)
 
 
@@ -1596,6 +1601,10 @@ def pooled_attention(
             raise ValueError(f"pooled_attention: {name} must be a floating-point tensor {list(shape)} for d={d}, got "
                              f"{describe_shape(t)}{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.dtype)}")
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
+    dtypes = {t.dtype for t in tensors if t is not lengths}
+    if len(dtypes) > 1 and not torch.is_autocast_enabled(s.device.type):  # as the eager projections fail
+        raise ValueError(f"pooled_attention: s and the parameters must share one dtype outside autocast, got s "
+                         f"{s.dtype}, query {query.dtype}, projections {[str(t.dtype) for t in tensors[3:]]}")
     if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:

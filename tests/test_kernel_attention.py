@@ -1226,3 +1226,46 @@ def test_vmap_takes_the_reference():
         return vmap(lambda a, b, c: fn(a[None], b[None], c[None], lengths, rope_base=BASE)[0])(q, k, v)
 
     assert_rel(per_sample(A.attention), per_sample(R.attention), FP32_TOL, "vmap")
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_pma_output_can_be_modified_in_place(frozen):
+    """``p = pma(s, lengths); p += 1`` while gradients flow, as on the eager module: the fused op's
+    output was a view made inside its autograd.Function, which autograd refuses to modify in place
+    ('Output 0 of _PooledAttention is a view and is being modified inplace'), also with every
+    parameter frozen (an API audit helper's case). Gradients against eager after the in-place ops."""
+    eager, fused = _module_pair(PoolingMultiHeadAttention, (2, 16, 2), torch.float32)
+    s = torch.randn(3, 5, 16, device=DEVICE)
+    lengths = torch.tensor([5, 0, 3], device=DEVICE)
+    grads = []
+    for module in (eager, fused):
+        module.requires_grad_(not frozen)
+        x = s.clone().requires_grad_()
+        p = module(x, lengths)
+        p += 1.0
+        p.mul_(2.0)
+        p.sum().backward()
+        grads.append([x.grad] + [t.grad for t in module.parameters()])
+    for e, f in zip(*grads):
+        assert (e is None) == (f is None)
+        if e is not None and float(e.abs().max()) > 1e-6:
+            assert_rel(f, e, FP32_TOL, "gradient")
+        elif e is not None:  # the key bias: 0 exactly on the fused path, rounding noise on eager
+            assert float(f.abs().max()) <= 1e-6
+
+
+def test_pma_refuses_mixed_dtypes_outside_autocast():
+    """s in another dtype than the parameters: the eager module fails (its projections' GEMMs), so
+    the fused one refuses it too (it ran, rounding s to the parameters' dtype: an API audit
+    helper's case); under autocast both run."""
+    eager, fused = _module_pair(PoolingMultiHeadAttention, (2, 16, 2), torch.float32)
+    s = torch.randn(3, 5, 16, device=DEVICE, dtype=torch.float16)
+    lengths = torch.tensor([5, 0, 3], device=DEVICE)
+    with pytest.raises(RuntimeError):
+        eager(s, lengths)
+    with pytest.raises(ValueError, match="must share one dtype outside autocast"):
+        fused(s, lengths)
+    with pytest.raises(ValueError, match="must share one dtype outside autocast"):
+        fused.half()(s.float(), lengths)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float16):
+        assert fused.float()(s, lengths).shape == (3, 2, 16)
