@@ -34,6 +34,7 @@ import threading
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -113,17 +114,31 @@ def onnx_exporting() -> bool:
     return (torch.compiler.is_compiling() or _jit_tracing()) and torch.onnx.is_in_onnx_export()
 
 
+def forward_ad() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()``, where tensors may carry tangents.
+
+    Decision: the fused ops run their eager reference there, whose aten ops propagate tangents, as
+    they do under ``torch.func.jvp`` (:func:`transformed`). Reason: the kernels have no forward-mode
+    formula, and a dual tensor is a plain tensor to :func:`tracing`, so before 2026-11-28 a fused
+    op given one launched its kernels and returned an output with no tangent, silently (no input
+    needing a gradient), or raised autograd's "jvp is not implemented" (an attention fuzzing
+    helper's case). Any active level counts, whether or not this op's inputs are duals: reading
+    each input's tangent would cost host time on every call, and a level is opened only for
+    forward-mode work. Reads a module global (``_current_level``, -1 outside any level)."""
+    return _forward_ad._current_level >= 0
+
+
 def reference_only() -> bool:
     """True where a fused op must run its eager reference instead of its kernels: inside a
-    ``torch.func`` transform (:func:`transformed`) and while ``torch.onnx.export`` traces
-    (:func:`onnx_exporting`).
+    ``torch.func`` transform (:func:`transformed`), inside a forward-mode AD level
+    (:func:`forward_ad`) and while ``torch.onnx.export`` traces (:func:`onnx_exporting`).
 
     Decision for ONNX: an ONNX graph runs on ONNX Runtime, TensorRT and the like, with their own
     kernels; the custom ops (``interformer::*``) have no ONNX translation, and one for each would
     only restate the reference math in ONNX operators. So the fused ops record the reference's aten
     ops, which the exporter translates, and a fused model exports to the same graph as the eager
     one (same parameters, same outputs). ``torch.export`` itself still keeps the custom ops."""
-    return transformed() or onnx_exporting()
+    return transformed() or forward_ad() or onnx_exporting()
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:

@@ -144,6 +144,34 @@ def test_jvp_of_a_fused_module_is_eager(case):
     _close(results["fused"], results["eager"], "jvp")
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_forward_ad_of_a_fused_module_is_eager_and_launches_no_kernel(case, frozen):
+    """``torch.autograd.forward_ad`` (dual tensors, no ``torch.func``): output and tangent as eager's,
+    with the parameters frozen or trainable, and no Triton launch inside the dual level. Before
+    (found by an attention fuzzing helper), a frozen fused module launched its kernels and returned
+    no tangent at all, silently, and a trainable one raised "jvp is not implemented"."""
+    import torch.autograd.forward_ad as fwad
+
+    eager, fused, inputs, weights = case
+    g = torch.Generator().manual_seed(6)
+    pos = _float_positions(inputs)
+    tangents = [torch.randn(inputs[i].shape, generator=g).to(DEVICE) for i in pos]
+    results, launches = {}, {}
+    for name, m in (("eager", eager), ("fused", fused)):
+        m.requires_grad_(not frozen)
+
+        def run(m=m):
+            with fwad.dual_level():
+                out = m(*_with_floats(inputs, pos, [fwad.make_dual(inputs[i], t) for i, t in zip(pos, tangents)]))
+                primal, tangent = fwad.unpack_dual(out)
+                assert tangent is not None, f"{name}: the output has no tangent"
+                return {"output": primal.detach().clone(), "tangent": tangent.detach().clone()}
+
+        results[name], launches[name] = _launches_of(run)
+    _close(results["fused"], results["eager"], "forward_ad")
+    assert launches["fused"] == 0, "a Triton kernel was launched inside a forward-AD level"
+
+
 def test_hessian_of_a_fused_module_is_eager(case):
     """``torch.func.hessian`` (forward over reverse mode) of the weighted output sum with respect to
     the first float input."""
