@@ -1250,13 +1250,14 @@ class _ZeroGradient(torch.autograd.Function):
         return (grad, *(torch.zeros_like(p) for p in ctx.saved_tensors))
 
 
-def _compute_dtype(s: torch.Tensor, query: torch.Tensor) -> torch.dtype:
+def _compute_dtype(s: torch.Tensor, k_weight: torch.Tensor) -> torch.dtype:
     """The dtype the folded products run in: autocast's where it is on (as for the GEMMs of the
-    eager path's projections), else the parameters'."""
+    eager path's projections), else the projections' (the eager path casts the query to its keys'
+    dtype; a query of another dtype used to set the dtype of every product here)."""
     dev = s.device.type
-    if torch.is_autocast_enabled(dev) and query.dtype in _DTYPES:
+    if torch.is_autocast_enabled(dev) and k_weight.dtype in _DTYPES:
         return torch.get_autocast_dtype(dev)
-    return query.dtype
+    return k_weight.dtype
 
 
 def _key_weight(k_weight, k_bias):
@@ -1465,7 +1466,7 @@ def _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_wei
     ``saved`` what the backward needs."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
-    c = _compute_dtype(s, query)
+    c = _compute_dtype(s, k_weight)
     # the folded operands in one launch; with no key at all (L = 0) the probabilities sum to 0, not
     # 1, and b_v never reaches the output
     q_in, w_ov, bias = _fold_params(query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, H, c, L > 0)
@@ -1547,7 +1548,7 @@ def _pooled_traced(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weig
     export), which differentiate it themselves: same products as :func:`_pooled_forward`."""
     B, L, d = s.shape
     nq, dh = query.shape[0], d // H
-    q = _fold_queries(query, _key_weight(k_weight, k_bias), H)[2]
+    q = _fold_queries(query.to(k_weight.dtype), _key_weight(k_weight, k_bias), H)[2]  # as eager casts it
     if torch.is_grad_enabled() and k_bias.requires_grad:
         q = _ZeroGradient.apply(q, k_bias)
     kv = s.to(q.dtype).unsqueeze(2)
@@ -1601,10 +1602,11 @@ def pooled_attention(
             raise ValueError(f"pooled_attention: {name} must be a floating-point tensor {list(shape)} for d={d}, got "
                              f"{describe_shape(t)}{'' if not isinstance(t, torch.Tensor) else ' ' + str(t.dtype)}")
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
-    dtypes = {t.dtype for t in tensors if t is not lengths}
-    if len(dtypes) > 1 and not torch.is_autocast_enabled(s.device.type):  # as the eager projections fail
-        raise ValueError(f"pooled_attention: s and the parameters must share one dtype outside autocast, got s "
-                         f"{s.dtype}, query {query.dtype}, projections {[str(t.dtype) for t in tensors[3:]]}")
+    # outside autocast the eager path's projections need s's dtype in their weights and biases (it
+    # casts the query to the keys' dtype itself): refused alike
+    if len({t.dtype for t in (s,) + tensors[3:]}) > 1 and not torch.is_autocast_enabled(s.device.type):
+        raise ValueError(f"pooled_attention: s and the projections must share one dtype outside autocast, got s "
+                         f"{s.dtype}, projections {[str(t.dtype) for t in tensors[3:]]}")
     if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:
@@ -1612,7 +1614,7 @@ def pooled_attention(
                                        o_bias, num_heads)
     if tracing(tensors):
         return _pooled_traced(*tensors, num_heads)
-    c = _compute_dtype(s, query)
+    c = _compute_dtype(s, k_weight)
     if c not in _DTYPES or s.dtype not in _DTYPES:
         raise ValueError(f"pooled_attention: the sequence ({s.dtype}) and the products ({c}) must be among {_DTYPES}")
     if any(t.dtype not in _DTYPES for t in tensors[3:]):

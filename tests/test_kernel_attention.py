@@ -1269,3 +1269,13 @@ def test_pma_refuses_mixed_dtypes_outside_autocast():
         fused.half()(s.float(), lengths)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float16):
         assert fused.float()(s, lengths).shape == (3, 2, 16)
+    # a query of another dtype: eager casts it to the keys' dtype, and so does the fused path (it
+    # used to run every product in the query's dtype), plainly and traced
+    eager, fused = _module_pair(PoolingMultiHeadAttention, (2, 16, 2), torch.float32)
+    for m in (eager, fused):
+        m.query.data = m.query.data.half()
+    want = eager(s.float(), lengths)
+    assert_rel(fused(s.float(), lengths), want, FP32_TOL, "fp16 query")
+    traced = A._pooled_traced(s.float(), lengths, fused.query, fused.k_proj.weight, fused.k_proj.bias,
+                              fused.v_proj.weight, fused.v_proj.bias, fused.o_proj.weight, fused.o_proj.bias, 2)
+    assert_rel(traced, want, FP32_TOL, "fp16 query, traced build")
