@@ -89,7 +89,12 @@ lse`` made one multiply-add subtracts from an unrounded product), and past ``2**
 log-sum-exp cannot hold ``log2(l)`` at all (two tied keys get p = 1 each). On the H200 (c77021c)
 dv was inf at scores of 1e34. tests/test_nonfinite.py checks scores from 1e4 to 1e34 with a tie. (The dk/dv kernel of the
 general backward forms ``K Q^T``: that its scores are bitwise the transpose of ``Q K^T`` is the
-tensor cores', not a promise; the single-query-block backward forms ``Q K^T`` as the forward does.)
+tensor cores', not a promise; the single-query-block backward forms ``Q K^T`` as the forward does.
+That the same ``tl.dot`` gives the same scores in tiles of other widths holds on a GPU, whose dot
+instructions sum each score over the head dimension in one order; under the interpreter numpy's
+matmul may choose another order for another tile shape, so there the fp32 backward's scores can
+differ from the forward's in their last bit, which a very peaked softmax makes visible in the
+gradients: an attention fuzzing helper saw dq 4-10x eager's error, where eager also missed 1e-5.)
 
 Block sizes (fixed by the shape and dtype, no autotune, so backward never depends on a hidden
 choice; ``_fwd_config``)::
@@ -1177,7 +1182,10 @@ def attention(
 
     q ``[Bq, Lq, H, dh]`` (Bq = B or 1), k, v ``[B, Lk, H, dh]`` (any strides), lengths ``[B]``
     -> contiguous ``[B, Lq, H, dh]``. ``sm_scale`` (default ``1/sqrt(dh)``) must be finite and
-    nonzero (``ValueError``; the reference takes any float).
+    nonzero (``ValueError``; the reference takes any float). The output is saved for the backward
+    (past one key block its delta is read from it), as SDPA's is: modified in place before the
+    backward, autograd refuses the backward with its version-counter error, where the reference's
+    einsum output can be (the modules apply their output projection to it first).
     """
     _check(q, k, v, lengths, rope_base, sm_scale)
     # wider heads than the register tiles hold, or a torch.func transform, ONNX export (_dispatch.reference_only):
