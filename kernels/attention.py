@@ -90,11 +90,13 @@ log-sum-exp cannot hold ``log2(l)`` at all (two tied keys get p = 1 each). On th
 dv was inf at scores of 1e34. tests/test_nonfinite.py checks scores from 1e4 to 1e34 with a tie. (The dk/dv kernel of the
 general backward forms ``K Q^T``: that its scores are bitwise the transpose of ``Q K^T`` is the
 tensor cores', not a promise; the single-query-block backward forms ``Q K^T`` as the forward does.
-That the same ``tl.dot`` gives the same scores in tiles of other widths holds on a GPU, whose dot
-instructions sum each score over the head dimension in one order; under the interpreter numpy's
-matmul may choose another order for another tile shape, so there the fp32 backward's scores can
-differ from the forward's in their last bit, which a very peaked softmax makes visible in the
-gradients: an attention fuzzing helper saw dq 4-10x eager's error, where eager also missed 1e-5.)
+"The same ``tl.dot``" is the same source, not a promise of the same bits in tiles of other widths:
+on a GPU each score is summed over the head dimension in the order of the dot instruction Triton
+picks for the tile, which the forward's and the backward's kernels may pick differently (not
+checked); under the interpreter numpy's matmul may sum in another order for another tile shape, and
+there the fp32 backward's scores do differ from the forward's in their last bits, which a very
+peaked softmax makes visible in the gradients: an attention fuzzing helper saw dq at 4-10x eager's
+error, where eager also missed 1e-5.)
 
 Block sizes (fixed by the shape and dtype, no autotune, so backward never depends on a hidden
 choice; ``_fwd_config``)::
