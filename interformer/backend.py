@@ -407,10 +407,18 @@ class FusedModule(torch.nn.Module):
         backend = self._backend
         if backend == "auto":
             return resolve(module_name, op, backend, *self._placement())
-        if backend == "triton" and self._placement()[0].type == "meta":
-            # parameters without data (a model built on the meta device, run to infer shapes or
-            # count FLOPs): the reference's aten ops have meta kernels, the launchers nothing to read
-            return getattr(reference, op)
+        if backend == "triton":
+            device, dtype = self._placement()
+            if device.type == "meta":
+                # parameters without data (a model built on the meta device, run to infer shapes or
+                # count FLOPs): the reference's aten ops have meta kernels, the launchers nothing to read
+                return getattr(reference, op)
+            if dtype is not None and dtype not in KERNEL_DTYPES and module_name != "embedding":
+                # (the tokenizers' grouped lookups are aten ops and take any dtype)
+                raise ValueError(
+                    f"{type(self).__name__}: backend='triton' runs its kernels on float32, float16 and bfloat16 "
+                    f"parameters, got {dtype}; backend='auto' runs other dtypes on the eager reference "
+                    f"(interformer.optimize(model, 'auto')), as does backend='eager'")
         return resolve(module_name, op, backend, None)  # "eager" never looks at the device
 
     def has_kernels(self) -> bool:

@@ -127,6 +127,20 @@ def test_auto_leaves_float64_modules_on_eager():
     assert lce._placement() == (torch.device("cpu"), torch.float64)
 
 
+def test_triton_backend_names_the_way_out_for_other_dtypes():
+    """A float64 module on an explicit ``triton`` backend: one ValueError naming the module and
+    ``backend='auto'`` (each op's own dtype error named neither: an API audit helper's note); the
+    tokenizers, whose grouped lookups are aten ops, run in any dtype; ``auto`` runs the reference."""
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    for module in (interformer.GatedLCE(3, 2, 8, backend="triton"), interformer.ResidualLayerNorm(8, backend="triton")):
+        with pytest.raises(ValueError, match=rf"{type(module).__name__}: backend='triton' .* backend='auto'"):
+            module.double()(x)
+        module.backend = "auto"
+        assert module(x).dtype == torch.float64
+    tok = interformer.SparseTokenizer([5, 6], 8, backend="triton").double()
+    assert tok(torch.tensor([[1, 2], [3, 0]])).dtype == torch.float64
+
+
 def test_environment_variable_sets_the_default():
     code = ("import interformer as I; m = I.GatedLCE(2, 2, 4); c = I.InterFormerConfig(); "
             "print(m.backend, c.backend)")
