@@ -873,7 +873,7 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
     lengths = lengths.contiguous()
     B, Lk, H, dh = k.shape
     Bq, Lq = q.shape[0], q.shape[1]
-    shared = Bq == 1 and B > 1
+    shared = Bq == 1 and B != 1  # (B = 0 too: dq is then [1, ...] zeros, as the fake says)
     if grads is not None:
         assert not shared and not same_kv
         dq_buf, dk, dv = grads

@@ -562,7 +562,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     if n_blocks == 0:
         if not params:
             return dx, None, None, None, None
-        return dx, dw.zero_(), db.zero_(), torch.zeros_like(gate_weight), dgb.zero_()
+        return dx, dw.zero_(), db.zero_(), gate_weight.new_zeros(gate_weight.shape), dgb.zero_()  # contiguous, as the fake
     acc_programs = acc_per_sm * num_sms(x.device)
     mode = _gw_mode(B, n_out, d, x.element_size(), acc_programs)
     store = mode == "store"

@@ -808,6 +808,31 @@ def test_opcheck(shared, rope, causal):
                                causal, base, True, not shared, 0.5, table))
 
 
+@NO_POISON
+def test_shared_queries_over_an_empty_batch_opcheck_and_compile():
+    """Shared queries (q ``[1, ...]``, PMA's folded ones) over an empty batch: the backward's dq has
+    q's shape, as its fake says. It was ``[0, ...]`` (the shared-query reduction was skipped at B = 0),
+    which opcheck's fake-tensor test caught, and a compiled ``pooled_attention`` failed its backward
+    on an empty batch ("shape '[2, 2, 8]' is invalid for input of size 0"; an opcheck fuzzing helper's
+    case)."""
+    q = torch.randn(1, 3, 2, 4, device=DEVICE)
+    k, v = torch.randn(0, 5, 2, 4, device=DEVICE), torch.randn(0, 5, 2, 4, device=DEVICE)
+    lengths = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    flags = (False, None, True, True, None)
+    out, stats = torch.ops.interformer.attention_fwd(q, k, v, lengths, *flags)
+    torch.library.opcheck(torch.ops.interformer.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, stats, lengths, *flags))
+    d, H = 8, 2
+    leaves = [torch.randn(*shape, device=DEVICE).requires_grad_()
+              for shape in ((0, 5, d), (2, d), (d, d), (d,), (d, d), (d,), (d, d), (d,))]
+
+    def f(s, *params):
+        return A.pooled_attention(s, lengths, *params, H).sum()
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in leaves)
+
+
 def test_opcheck_packed():
     B, L, H, dh = 2, 5, 2, 16
     qkv = torch.randn(B, L, 3, H, dh, device=DEVICE, requires_grad=True)

@@ -398,6 +398,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.gated_lce_fwd.default, tuple(args))
     g = torch.randn(3, 4, 24, device=DEVICE)
     torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, (g, *(t.detach() for t in args)))
+    # an empty batch with a transposed gate weight: dgate_weight contiguous, as the fake makes it (it
+    # kept the weight's strides; an opcheck fuzzing helper's case, reachable by a direct op call only)
+    empty = (torch.randn(0, 4, 24, device=DEVICE), x.detach()[:0], w.detach(), b.detach(),
+             gw.detach().t().contiguous().t(), gb.detach())
+    torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, empty)
 
 
 @NO_POISON
