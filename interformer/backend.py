@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from types import MethodType
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -294,10 +295,18 @@ def called_as_defined(module: torch.nn.Module) -> bool:
     it (forward, forward pre, backward, backward pre), no ``forward`` or ``_call_impl`` set on the
     object, not compiled with ``Module.compile``. A fused path that reads a submodule's parameters
     instead of calling it is exact only then (with :func:`global_module_hooks` off, and a class whose
-    ``forward`` the fused path stands for: the caller's check)."""
+    ``forward`` the fused path stands for: the caller's check).
+
+    The object's ``forward`` and ``_call_impl`` are compared with the class's through attribute
+    reads, which dynamo guards (a ``forward`` set after a compiled call recompiles), not through
+    ``module.__dict__``, on which it installs no guard (an embedding fuzzing helper's case: the
+    compiled fused lookup ignored a table's new ``forward``). ``getattr(method, "__func__", None)``
+    is avoided: dynamo does not return the class's function through it."""
+    cls, forward, call = type(module), module.forward, module._call_impl
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or module._compiled_call_impl is not None
-                or "forward" in module.__dict__ or "_call_impl" in module.__dict__)
+                or not (isinstance(forward, MethodType) and forward.__func__ is cls.forward)
+                or not (isinstance(call, MethodType) and call.__func__ is cls._call_impl))
 
 
 def resolve(module_name: str, op: str, backend: str, device: Optional[torch.device],

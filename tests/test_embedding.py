@@ -671,3 +671,22 @@ def test_fused_tokenizer_compiles_fullgraph(setting, compile_reference):
     for a, b in zip(eager.tables, fused.tables):
         torch.testing.assert_close(b.weight.grad, a.weight.grad, **CLOSE[torch.float32])
     torch._dynamo.reset()
+
+
+def test_a_forward_set_after_compiling_reaches_the_compiled_fused_lookup():
+    """``forward`` set on a table's instance after the first compiled call (as offloading wrappers
+    do): the compiled fused lookup recompiles and takes the per-table path, as the compiled
+    reference does. Its check read ``module.__dict__``, on which dynamo installs no guard, so the
+    compiled code kept the grouped lookup and ignored the new forward (0.8 relative off; an
+    embedding fuzzing helper's case); it now compares ``module.forward`` with the class's, which
+    dynamo guards."""
+    from interformer.kernels.embedding import grouped_embedding
+
+    torch.manual_seed(0)
+    tables = [nn.Embedding(5, 3, padding_idx=0), nn.Embedding(7, 3, padding_idx=0)]
+    ids = torch.tensor([[1, 2], [3, 6]])
+    compiled = torch.compile(lambda i: grouped_embedding(i, tables), backend="aot_eager")
+    compiled(ids)
+    t = tables[1]
+    t.forward = lambda x: nn.Embedding.forward(t, x) * 5
+    assert torch.equal(compiled(ids), R.grouped_embedding(ids, tables))
