@@ -34,9 +34,9 @@
 #      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
 #      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
 #      short box loses;
-#      the tests of gpu_rerun.txt, 517 (counted with a CUDA-patched collection; 424 before the
-#      twenty-fourth session, whose 75 are mostly the gated LCE's, and 18 of the twenty-fifth's
-#      LayerNorm and PMA changes at the end), in 16 shards of about 32 (the
+#      the tests of gpu_rerun.txt, 523 (counted with a CUDA-patched collection; 424 before the
+#      twenty-fourth session, whose 75 are mostly the gated LCE's, and 24 of the twenty-fifth's
+#      LayerNorm, PMA and empty-batch changes at the end), in 16 shards of about 33 (the
 #      third H200 lease's slowest shard of 26 took 130 s: hence a box of 165 s; the three boxes and
 #      the install fill about 330 of the call's 360 s): the three that failed at c77021c, the fp32 casts of
 #      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
@@ -81,7 +81,8 @@
 #      time, which repeats where a plain compiled row moves by 10-23% between processes; the H100's
 #      was 1.29x, never run on an H200); then amazon's training rows, then the inference rows (no
 #      target: whether the compiled fused inference is still slower than the plain one). Compiled rows
-#      took about 35-45 s each, so the box of 340 s may end in the amazon rows. bench/conftest.py
+#      took about 35-45 s each, so the box of 340 s will likely end in the amazon rows, and the
+#      inference rows run only if the rows before them are quicker. bench/conftest.py
 #      resets dynamo before each row. If the inline rows fail again, call 1's tests
 #      (tests/test_fused_model.py's inlined cases) say where. At c77021c taobao compile training was
 #      26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)

@@ -301,12 +301,15 @@ def called_as_defined(module: torch.nn.Module) -> bool:
     reads, which dynamo guards (a ``forward`` set after a compiled call recompiles), not through
     ``module.__dict__``, on which it installs no guard (an embedding fuzzing helper's case: the
     compiled fused lookup ignored a table's new ``forward``). ``getattr(method, "__func__", None)``
-    is avoided: dynamo does not return the class's function through it."""
+    is avoided: dynamo does not return the class's function through it. A method bound to another
+    object (``m.forward = other.forward``; a ``DataParallel`` replica, whose copied ``__dict__``
+    keeps the original's) is not this module's: not as defined."""
     cls, forward, call = type(module), module.forward, module._call_impl
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or module._compiled_call_impl is not None
-                or not (isinstance(forward, MethodType) and forward.__func__ is cls.forward)
-                or not (isinstance(call, MethodType) and call.__func__ is cls._call_impl))
+                or not (isinstance(forward, MethodType) and forward.__func__ is cls.forward
+                        and forward.__self__ is module)
+                or not (isinstance(call, MethodType) and call.__func__ is cls._call_impl and call.__self__ is module))
 
 
 def resolve(module_name: str, op: str, backend: str, device: Optional[torch.device],
@@ -331,6 +334,14 @@ def resolve(module_name: str, op: str, backend: str, device: Optional[torch.devi
             f"backend='triton' for op {op!r} needs the 'triton' package (pip install triton)"
         )
     raise NotImplementedError(f"no fused Triton kernel for op {op!r} yet (interformer.kernels.{module_name})")
+
+
+def _reference_only() -> bool:
+    """``interformer.kernels._dispatch.reference_only`` (imported when first needed: the kernels
+    package imports this module)."""
+    from .kernels._dispatch import reference_only
+
+    return reference_only()
 
 
 class FusedModule(torch.nn.Module):
@@ -422,8 +433,9 @@ class FusedModule(torch.nn.Module):
                 # parameters without data (a model built on the meta device, run to infer shapes or
                 # count FLOPs): the reference's aten ops have meta kernels, the launchers nothing to read
                 return getattr(reference, op)
-            if dtype is not None and dtype not in KERNEL_DTYPES and module_name != "embedding":
-                # (the tokenizers' grouped lookups are aten ops and take any dtype)
+            if dtype is not None and dtype not in KERNEL_DTYPES and module_name != "embedding" and not _reference_only():
+                # (the tokenizers' grouped lookups are aten ops and take any dtype; under a torch.func
+                # transform, forward-mode AD or ONNX export the ops run their reference in any dtype)
                 raise ValueError(
                     f"{type(self).__name__}: backend='triton' runs its kernels on float32, float16 and bfloat16 "
                     f"parameters, got {dtype}; backend='auto' runs other dtypes on the eager reference "

@@ -1539,8 +1539,6 @@ def _pooled_lean_backward(ctx, grad, attention_bwd=_pooled_attention_bwd_lean, f
         return (ds, *(None,) * 9)
     d_wov = torch.mm(a.view(B * nq, H * d).t(), g)
     d_bias = g.sum(0)
-    if dq_in.shape[0] != 1:  # B = 0: the kernels' dq has no sample to reduce over
-        dq_in = dq_in.sum(0, keepdim=True)
     d_query, d_wk, d_kb, d_wv, d_bv, d_wo = fold_bwd(dq_in, d_wov, d_bias, *params, H, not ctx.empty)
     return (ds, None, *_needed((d_query, d_wk, d_kb, d_wv, d_bv, d_wo, d_bias.to(ctx.dtypes[1])), need[2:9]), None)
 

@@ -18,7 +18,8 @@ so at the DESIGN shapes (L = 54, 104) a program owns a whole sample and loads it
 at ``long`` (L = 1004) four programs share a sample. Per block of ``BLOCK_L`` rows:
 
 * prologue: LayerNorm of the rows in fp32 (mean with one correction step as in
-  :mod:`interformer.kernels.layernorm`, so that a constant row normalises to exactly ``ln_bias``;
+  :mod:`interformer.kernels.layernorm`, so that a constant row normalises to ``ln_bias``: exactly
+  under the interpreter, and on a GPU up to its approximate fp32 division (see the kernel);
   biased variance, ``rsqrt``), masked to the valid rows and the d real columns (d is padded to
   ``DP`` = next power of two >= 16 in registers);
 * mlp: ``acc = tl.dot(LN(s), w_b[b])`` with ``w_b[b]`` ``[DP, DP]`` held in registers for the whole
@@ -116,7 +117,12 @@ def _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP: tl.c
     x = tl.load(S + b * ssb + offs[:, None] * ssl + c[None, :] * ssd,
                 mask=valid[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     xc = tl.where(c_ok[None, :], x - (tl.sum(x, 1) / D)[:, None], 0.0)
-    xc = tl.where(c_ok[None, :], xc - (tl.sum(xc, 1) / D)[:, None], 0.0)  # the mean's correction step
+    # the mean's correction step. A constant row's xc is then 0 under the interpreter; on a GPU fp32
+    # "/" is approximate (div.full.f32, up to 2 ulp), which leaves it about 2**-22 of the first mean's
+    # error (estimated, not measured; about 1e-8 of the output at v = 1898). A correctly rounded
+    # division (tl.math.div_rn) would make it 0 there too, for 113 -> 133 registers at taobao and
+    # one program an SM instead of two at long (sm_90 builds, Triton 3.6): not taken.
+    xc = tl.where(c_ok[None, :], xc - (tl.sum(xc, 1) / D)[:, None], 0.0)
     var = tl.sum(xc * xc, 1) / D
     rstd = tl.rsqrt(var + eps)
     xhat = xc * rstd[:, None]

@@ -139,6 +139,16 @@ def test_triton_backend_names_the_way_out_for_other_dtypes():
         assert module(x).dtype == torch.float64
     tok = interformer.SparseTokenizer([5, 6], 8, backend="triton").double()
     assert tok(torch.tensor([[1, 2], [3, 0]])).dtype == torch.float64
+    # where the ops run their reference anyway (a torch.func transform, forward-mode AD), no error
+    import torch.autograd.forward_ad as fwad
+
+    pma = interformer.PoolingMultiHeadAttention(2, 8, 2, backend="triton").double()
+    lengths = torch.tensor([3, 1])
+    s = torch.randn(2, 3, 8, dtype=torch.float64)
+    assert torch.func.grad(lambda t: pma(t, lengths).sum())(s).dtype == torch.float64
+    with fwad.dual_level():
+        out = pma(fwad.make_dual(s, torch.ones_like(s)), lengths)
+        assert fwad.unpack_dual(out).tangent is not None
 
 
 def test_environment_variable_sets_the_default():

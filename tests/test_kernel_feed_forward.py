@@ -761,8 +761,16 @@ def _no_bias(m):
     m[2] = nn.Linear(m[2].in_features, m[2].out_features, bias=False)
 
 
-@pytest.mark.parametrize("change", [_prune, _hook, _gelu, _subclass, _object_forward, _no_bias],
-                         ids=["prune", "hook", "gelu", "subclass", "object-forward", "no-bias"])
+def _borrowed_forward(m):
+    """The forward of another Linear of the same class (so the class's function, bound elsewhere);
+    bound to a Linear the block does not own (a list attribute: not registered as a child)."""
+    torch.manual_seed(8)
+    m._kept = [nn.Linear(m[0].in_features, m[0].out_features).to(m[0].weight.device)]
+    m[0].forward = m._kept[0].forward
+
+
+@pytest.mark.parametrize("change", [_prune, _hook, _gelu, _subclass, _object_forward, _no_bias, _borrowed_forward],
+                         ids=["prune", "hook", "gelu", "subclass", "object-forward", "no-bias", "borrowed-forward"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_module_runs_its_layers_when_they_are_not_the_plain_ones(change, backend):
     """A layer the fused op does not stand for (pruned, hooked, replaced, subclassed, given its own
