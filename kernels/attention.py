@@ -770,7 +770,9 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
     pool, which refuses memory that outlives its graphs ("tensor(s) in the cudagraph pool not
     tracked as outputs", seen on an H100). During CUDA-graph capture a table long enough is taken
     from the cache, else a fresh one is built and recorded in the graph rather than cached from
-    the graph's pool.
+    the graph's pool. Outside capture a new CUDA table is cached only once the stream that built
+    it has finished it (one host sync per build, a handful per process): the cache is shared by
+    every stream.
     """
     key = (device.type, device.index, dh, float(base))
     table = _ROPE_TABLES.get(key)
@@ -778,6 +780,11 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
         return table
     grown = rope_table(max(64, next_pow2(length)), dh, base, device)
     if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if device.type == "cuda":
+            # the cached table serves every stream: wait, once per build, for the kernels that wrote it
+            # on this one, so that a caller on another stream (threads serving with a stream each) never
+            # reads it half-written (a review of the GPU-only paths found the race)
+            torch.cuda.current_stream(device).synchronize()
         if table is not None:  # a CUDA graph captured earlier may still read it: never free it
             _ROPE_RETIRED.append(table)
         _ROPE_TABLES[key] = grown

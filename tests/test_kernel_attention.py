@@ -1175,6 +1175,35 @@ def test_rotary_cache_keeps_one_growing_table_per_head_dim(monkeypatch):
     assert [t.shape[1] for t in A._ROPE_RETIRED] == [64]
 
 
+def test_a_cuda_rotary_table_is_cached_once_its_stream_has_written_it(monkeypatch):
+    """The table cache serves every stream, so a CUDA table is cached only after the stream that
+    built it has finished it (one sync per build; a caller on another stream, e.g. serving threads
+    with a stream each, read a half-written table before: a review of the GPU-only paths). Checked
+    with CUDA mocked: a sync per build, none on a cache hit, none during capture (not cached)."""
+    monkeypatch.setattr(A, "_ROPE_TABLES", {})
+    monkeypatch.setattr(A, "_ROPE_RETIRED", [])
+    events, capturing = [], [False]
+
+    class _Stream:
+        def synchronize(self):
+            events.append(("sync", len(A._ROPE_TABLES)))
+
+    monkeypatch.setattr(A, "rope_table", lambda length, dh, base, device: events.append(("build", length)) or
+                        torch.zeros(2, length, dh // 2))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cuda = torch.device("cuda", 0)
+    A._rope_table(10, 16, BASE, cuda)
+    A._rope_table(50, 16, BASE, cuda)  # a hit: no build, no sync
+    capturing[0] = True
+    A._rope_table(100, 16, BASE, cuda)  # built inside a capture: not cached, no sync
+    capturing[0] = False
+    A._rope_table(100, 16, BASE, cuda)
+    # the sync comes before the table enters the cache (the cache's size when it ran)
+    assert events == [("build", 64), ("sync", 0), ("build", 128), ("build", 128), ("sync", 1)]
+    assert A._ROPE_TABLES[("cuda", 0, 16, float(BASE))].shape[1] == 128
+
+
 @pytest.mark.parametrize("L", [13, 130], ids=["fused-backward", "general-backward"])
 def test_rotary_queries_without_query_masking(L):
     """rope on q and k with ``mask_queries=False`` and lengths < L: query rows past a sample's length
