@@ -119,7 +119,7 @@ def _layer_norm_rows(S, b, offs, n, D, eps, ssb, ssl, ssd, gamma, beta, DP: tl.c
     xc = tl.where(c_ok[None, :], x - (tl.sum(x, 1) / D)[:, None], 0.0)
     # the mean's correction step. A constant row's xc is then 0 under the interpreter; on a GPU fp32
     # "/" is approximate (div.full.f32, up to 2 ulp), which leaves it about 2**-22 of the first mean's
-    # error (estimated, not measured; about 1e-8 of the output at v = 1898). A correctly rounded
+    # error (estimated, not measured: about 1e-8 in xhat at v = 1898). A correctly rounded
     # division (tl.math.div_rn) would make it 0 there too, for 113 -> 133 registers at taobao and
     # one program an SM instead of two at long (sm_90 builds, Triton 3.6): not taken.
     xc = tl.where(c_ok[None, :], xc - (tl.sum(xc, 1) / D)[:, None], 0.0)
