@@ -98,6 +98,18 @@ def int32_block(t: torch.Tensor, samples: int) -> torch.Tensor:
     return t if span < 2**31 else t.contiguous()
 
 
+def affine_params(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """A LayerNorm's ``(weight, bias)`` over ``x``'s last dimension with None taken as ``F.layer_norm``
+    takes it: fp32 ones for the weight, fp32 zeros for the bias (the kernels read them as they read
+    any parameter dtype)."""
+    n = x.shape[-1]
+    if weight is None:
+        weight = x.new_ones(n, dtype=torch.float32)
+    if bias is None:
+        bias = x.new_zeros(n, dtype=torch.float32)
+    return weight, bias
+
+
 def layer_norm_params(dtype: torch.dtype, *params):
     """LayerNorm parameters as ``F.layer_norm`` takes them for an input of ``dtype`` (the eager
     fallbacks of shapes the kernels do not take; the kernels read them in any float dtype): as they

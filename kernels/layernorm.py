@@ -71,8 +71,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, layer_norm_params, next_pow2, on_input_device,
-                      persistent_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, layer_norm_params, next_pow2,
+                      on_input_device, persistent_programs, sum_partials)
 from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
                         reference_only, tracing, unused_arg)
 
@@ -339,10 +339,7 @@ def add_layer_norm(
     N = x.shape[-1]
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != x.shape):
         raise ValueError(f"{op}: residual {describe_shape(residual)} must have x's shape {describe_shape(x)} (or be None)")
-    if weight is None:
-        weight = x.new_ones(N, dtype=torch.float32)
-    if bias is None:
-        bias = x.new_zeros(N, dtype=torch.float32)
+    weight, bias = affine_params(x, weight, bias)
     for name, p in (("weight", weight), ("bias", bias)):
         if not isinstance(p, torch.Tensor) or p.shape != (N,):
             raise ValueError(f"{op}: {name} {describe_shape(p)} must be [N={N}]")

@@ -95,8 +95,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, layer_norm_params, next_pow2,
-                      on_input_device, persistent_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, dot_precision, int32_block,
+                      layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials)
 from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
                         reference_only, saving_forward, tracing)
 
@@ -515,15 +515,6 @@ def _check_devices(op, tensors):
         raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
-def _ln_params(s, ln_weight, ln_bias):
-    d = s.shape[-1]
-    if ln_weight is None:
-        ln_weight = torch.ones(d, device=s.device, dtype=torch.float32)
-    if ln_bias is None:
-        ln_bias = torch.zeros(d, device=s.device, dtype=torch.float32)
-    return ln_weight, ln_bias
-
-
 def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the linear-mode backward's ``[NP, DP]`` tiles (x_sum[b], a, and the fp32 dx_sum and da
     accumulators) fit an H100's shared memory: ``NP * DP <= 4096`` in fp32, 16384 in fp16/bf16.
@@ -582,7 +573,7 @@ def pffn_mlp(
         raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
     if d > MAX_D or reference_only():  # as in pffn_linear
         return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
-    ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
+    ln_weight, ln_bias = affine_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, w_b, ln_weight, ln_bias)
     if tracing(tensors):
         return torch.ops.interformer.pffn_mlp_fwd(*tensors, float(eps))
@@ -631,7 +622,7 @@ def pffn_linear(
     # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
     if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or reference_only():
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
-    ln_weight, ln_bias = _ln_params(s, ln_weight, ln_bias)
+    ln_weight, ln_bias = affine_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)
     if tracing(tensors):
         return torch.ops.interformer.pffn_linear_fwd(*tensors, float(eps))
