@@ -17,10 +17,10 @@ provider's speedup over eager of the same kind (plain or graphed).
 
 Decisions: "fused" in the speedup columns is the fastest row of the fused path as it ships
 (:data:`FUSED_DEFAULTS`, plain or graphed); the setting variants the op benchmarks add to measure a
-non-default choice (``fused-8warps``, ``fused-phases``, ``fused-triton-gemm``, ``fused-store``) keep
-their own columns and are never taken as "fused" nor as "other". Where several rows share a cell
-(a rerun appended to the same ``.jsonl``), the last one read is shown and every such cell is named
-with all its values under the table. A row whose median is not a positive finite number is shown as
+non-default choice (``fused-8warps``, ``fused-phases``, ``fused-triton-gemm``, ``fused-store``,
+``fused-delta-output``) keep their own columns and are never taken as "fused" nor as "other". Where
+several rows share a cell (a rerun appended to the same ``.jsonl``), the last one read is shown and
+every such cell is named with all its values under the table. A row whose median is not a positive finite number is shown as
 ``invalid``, named under the table, and left out of every ratio.
 """
 

@@ -22,7 +22,12 @@ Providers, each computing the same function:
 * ``flash_attn`` -- ``flash_attn_varlen_func`` on the unpadded tokens (rotary separately, gather
   before and scatter after are timed; ``cu_seqlens`` and the gather index are built outside the timed
   region, as a data loader would) when the ``flash_attn`` package imports;
-* ``fused`` -- :func:`interformer.kernels.attention.attention`.
+* ``fused`` -- :func:`interformer.kernels.attention.attention`;
+* ``fused-delta-output`` (and its ``-cudagraph``) -- ``bwd`` and ``full`` only: the fused function with
+  ``BACKWARD_DELTA = "output"`` (the backward's delta from the stored output, flash attention's form,
+  instead of the default's pass over the key blocks; the kernel module's docstring, "Backward"):
+  what the pass costs where keys span more than one block (amazon, long; at taobao every key fits
+  one block and the two rows run the same kernels).
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,
@@ -66,8 +71,11 @@ from interformer.layers import PoolingMultiHeadAttention
 
 BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
-                  "flash_attn", "fused", "eager-cudagraph", "compile-cudagraph", "sdpa-efficient-cudagraph",
-                  "sdpa-cudnn-cudagraph", "fused-cudagraph"]
+                  "flash_attn", "fused", "fused-delta-output", "eager-cudagraph", "compile-cudagraph",
+                  "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph", "fused-cudagraph", "fused-delta-output-cudagraph"]
+#: setting variants of the fused self-attention (provider, and its -cudagraph): the settings of
+#: interformer.kernels.attention they run with; each changes the backward only
+SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}}
 PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "compile-cudagraph",
                  "nn.MultiheadAttention-cudagraph", "fused-cudagraph"]
 
@@ -182,7 +190,7 @@ def _self_attention_fn(provider: str, lengths: torch.Tensor, L: int):
     if options is not None:
         compiled = torch.compile(R.attention, dynamic=False, **options)
         return lambda q, k, v, n: compiled(q, k, v, n, rope_base=BASE)
-    if provider == "fused":
+    if provider == "fused" or provider in SETTINGS:
         fused = _fused_attention()
         return lambda q, k, v, n: fused(q, k, v, n, rope_base=BASE)
     if provider in _SDPA_BACKENDS:
@@ -210,8 +218,19 @@ def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> flo
 @pytest.mark.parametrize("provider", SELF_PROVIDERS)
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
-def test_self_attention(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider, mode, shape_name)
+def test_self_attention(benchmark, monkeypatch, shape_name, mode, provider):
+    settings = SETTINGS.get(common.base_provider(provider))
+    if settings is None:
+        _skip_unsupported(provider, mode, shape_name)
+    else:
+        common.skip_unless_runnable(provider, mode, cpu_providers=(*common.CPU_PROVIDERS, *SETTINGS),
+                                    shape_name=shape_name)
+        if mode == "fwd":
+            pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
+        import interformer.kernels.attention as kernel
+
+        for name, value in settings.items():
+            monkeypatch.setattr(kernel, name, value)
     shape = common.ALL_SHAPES[shape_name]
     B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
     g = torch.Generator().manual_seed(0)

@@ -116,36 +116,51 @@ Backward
 ``P`` recomputed from q, k and the statistics (above); ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P *
 (dP - delta)`` with ``delta = rowsum(P * dP)``, ``dQ = scale * dS K_rot``, ``dK = scale * dS^T Q_rot``,
 then dq/dk are rotated back. ``delta`` equals ``rowsum(dO * O)``, which flash attention reads from
-the stored output so as not to need every key block before the first ``dS``. Where all keys fit one
-block (``Lk <= BLOCK_N``: at most 64 keys, 128 for PMA's few queries; the ``ONE_BLOCK`` variant,
-chosen by the launcher) this package forms ``rowsum(P * dP)`` from that block's P and dP, as the
-reference's softmax backward does, in the loop's one pass, and never reads O. Reason: with the
-output rounded to 16 bits, ``dP - delta`` of a near one-hot softmax is a small difference that
-carried O's rounding error; fp16 dq was off by 0.76 (relative) where eager's was 1.8e-2 (two keys,
-scores of standard deviation 36). Known limit: past one block (more keys, and the general backward
-below) delta still comes from the stored output, and the same two keys among 66 (the others
-weighted about e^-200) give the same 0.76 (tests/test_kernel_attention.py, a strict xfail); random
-scores over 54 to 104 keys, deviation up to 16, measured 0.6-0.8x eager's error either way, and two
-keys raised by about 5 to 20 above the rest of 104 at most 1.2x (fp16, three seeds each).
-Forming ``rowsum(P * dP)`` there takes a pass over the key blocks first (two more dots a block),
-not timed on a GPU yet. Two structures, chosen by the shape:
+the stored output so as not to need every key block before the first ``dS``. This package forms
+``rowsum(P * dP)`` from the recomputed P and dP instead, as the reference's softmax backward does.
+Reason: with the output rounded to 16 bits, ``dP - delta`` of a near one-hot softmax is a small
+difference that carried O's rounding error; fp16 dq was off by 0.76 (relative) where eager's was
+1.8e-2 (two keys, scores of standard deviation 36; from P and dP, 8.8e-3). Where (the launcher's
+``DELTA`` constexpr, :func:`_delta_form`):
+
+* every key in one block (``Lk <= BLOCK_N``: at most 64 keys, 128 for PMA's few queries; taobao):
+  from that block's P and dP, in the gradient loop's one pass, at no cost (O is not read);
+* past one block, fp16/bf16 (amazon's 104 keys, long, PMA at long): a pass of its own over the key
+  blocks before the gradient loop (``_delta_pass``: the loop's loads and its ``Q K^T`` and ``dO
+  V^T`` dots, so ``dP - delta`` is a difference of consistent fp32 values), in the single-query-block
+  kernel, or in the general path's dq kernel, which stores it for the dk/dv kernel launched after
+  it. Cost: two more dots per key block (the gradient loop has five in the single-query-block
+  kernel; the general path seven per tile pair, split over its two kernels) and the k/v tiles loaded
+  twice (from L2 but for the first pass), O not read. sm_90 builds (Triton 3.6,
+  ``profiling/sm90-audit-triton3.6.md``): amazon's self-attention backward 157 -> 171 registers (one
+  8-warp program per SM either way), long's dq kernel 160 -> 151 (3 per SM either way; the
+  preprocess launch gone), PMA at long 84 either way. Not timed on a GPU yet: ``BACKWARD_DELTA =
+  "output"`` keeps the stored-output form for that (benchmark provider ``fused-delta-output``); the
+  near one-hot case over 66 and 130 keys gives its 0.76 error again
+  (tests/test_kernel_attention.py);
+* past one block, fp32: from the stored fp32 output (its rounding, 2**-24 of |O|, is that of the
+  pass's own sums).
+
+Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
   DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
   one program per (b, h). It loads q, dO and the statistics of the whole sequence once (O too, and
-  delta from it, unless ``ONE_BLOCK``), loops over the valid key blocks computing and storing dk, dv
-  of each block (complete, as every query is in the program) while dq accumulates in registers; key
-  blocks past the length get their zeros stored without any compute. Every tensor is read once and
-  written once. sm_90 builds at taobao (bf16, ``profiling/sm90_audit.py``), ``ONE_BLOCK`` against the
-  O-based delta: PMA 96 registers against 98 (5 programs per SM against 4) with Triton 3.6 and 3.9,
-  self-attention 155 against 151 (3.6) and 157 against 150 (3.9), 3 per SM either way; no spills. (A
+  delta from it, for fp32 past one key block), loops over the valid key blocks computing and
+  storing dk, dv of each block (complete, as every query is in the program) while dq accumulates in
+  registers; key blocks past the length get their zeros stored without any compute. Every tensor is read once and
+  written once (the delta pass aside). sm_90 builds at taobao (bf16, ``profiling/sm90_audit.py``),
+  delta in the loop against the O-based delta: PMA 96 registers against 98 (5 programs per SM
+  against 4) with Triton 3.6 and 3.9, self-attention 155 against 151 (3.6) and 157 against 150
+  (3.9), 3 per SM either way; no spills. (A
   first version chose the delta form at run time and built to 202 registers with Triton 3.9 in a
   review: 2 programs per SM.)
-* **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the standard flash-attention-2 split: ``_attn_bwd_preprocess_kernel``
-  (delta), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks from the
-  diagonal when causal, up to the query limit), ``_attn_bwd_dq_kernel`` (one program per query block,
-  loop over valid key blocks). Fully padded key/query blocks skip their loops and only store zeros.
-  No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
+* **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the flash-attention-2 split:
+  ``_attn_bwd_dq_kernel`` (one program per query block, loop over valid key blocks; for fp16/bf16
+  it forms delta first, above), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over
+  query blocks from the diagonal when causal, up to the query limit), and for fp32 (delta from O)
+  ``_attn_bwd_preprocess_kernel`` before them. Fully padded key/query blocks skip their loops and
+  only store zeros. No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
   128-wide heads, 32-row key blocks in dkdv for fp32).
 
 k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``), the ``SAME_KV`` variants:
@@ -206,6 +221,18 @@ MAX_HEAD_DIM = 128
 _DTYPES = KERNEL_DTYPES
 # Largest query length handled by the single-program-per-(b, h) backward.
 _FUSED_BWD_MAX_LQ = 128
+
+#: How the backward forms ``delta = rowsum(P * dP)`` of fp16/bf16 inputs whose keys span more than one
+#: block (module docstring, "Backward"): ``"probs"`` (the default) sums ``P * dP`` in a first pass over
+#: the key blocks, as the reference's softmax backward does; ``"output"`` reads ``rowsum(dO * O)`` from
+#: the stored output (flash attention's form: no pass, but off where the softmax is near one-hot), kept
+#: so that a GPU run can time the pass against it (benchmark provider ``fused-delta-output``).
+BACKWARD_DELTA = "probs"
+
+# the kernels' DELTA constexpr: where delta comes from (chosen by _delta_form)
+_DELTA_IN_LOOP = 0  # every key in one block: that block's P and dP, in the gradient loop's one pass
+_DELTA_FROM_O = 1  # rowsum(dO * O) from the stored output
+_DELTA_PASS = 2  # rowsum(P * dP) summed in a first pass over the key blocks
 
 
 # ============================================================================ Triton helpers
@@ -482,6 +509,27 @@ def _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale,
 
 
 @triton.jit
+def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd,
+                TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr, NEG: tl.constexpr):
+    """``delta = rowsum(P * dP)`` of query rows ``offs_m`` over the key blocks below ``hi``, from the
+    same loads and the same dots as the gradient loop that follows, so that its ``dP - delta`` is a
+    difference of consistent fp32 values (``_DELTA_PASS``; module docstring, "Backward"). The loop
+    is not software-pipelined (``num_stages=1``): pipelined, long's dq kernel built to 177 registers
+    (2 programs per SM, from 3), unpipelined to 151 (sm_90, Triton 3.6)."""
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in tl.range(0, hi, BLOCK_N, num_stages=1):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                        DH, DHP, SPLIT)
+        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        delta += tl.sum(p * dp, 1)
+    return delta
+
+
+@triton.jit
 def _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len,
                   ROPE_Q: tl.constexpr, BLOCK_M: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
                   SPLIT: tl.constexpr):
@@ -507,11 +555,12 @@ def _attn_bwd_fused_kernel(
     sob, sol, soh, sod,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, NEG: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr, DELTA: tl.constexpr,
 ):
     """Whole backward of one (b, h) whose queries fit one block (``Lq <= BLOCK_M``). With SAME_KV (k
-    and v one tensor) DK receives dk + dv and DV is never touched. ONE_BLOCK: every key fits one
-    block (``Lk <= BLOCK_N``), so the key loop runs at most once and O is not read."""
+    and v one tensor) DK receives dk + dv and DV is never touched. DELTA: where delta comes from
+    (``_DELTA_IN_LOOP``, every key in one block: the key loop runs at most once; ``_DELTA_FROM_O``;
+    ``_DELTA_PASS``); O is read only with ``_DELTA_FROM_O``."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     bh = tl.program_id(0).to(tl.int64)
@@ -533,11 +582,15 @@ def _attn_bwd_fused_kernel(
     if CAUSAL:
         hi = tl.minimum(hi, q_lim)
     hi = tl.where(q_lim > 0, hi, 0)
-    # delta (module docstring, "Backward"): with ONE_BLOCK (every key in one block: Lk <= BLOCK_N)
-    # rowsum(P * dP), formed in the loop's single pass; otherwise rowsum(dO * O) from the stored output
-    if not ONE_BLOCK:
+    # delta (module docstring, "Backward"): rowsum(P * dP) in the loop's single pass (_DELTA_IN_LOOP)
+    # or in a pass of its own (_DELTA_PASS), or rowsum(dO * O) from the stored output
+    if DELTA == 1:  # _DELTA_FROM_O
         o = _load_rows(O + b * sob + h * soh, offs_m, q_lim, sol, sod, TAB, tab_len, False, DH, DHP, SPLIT)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    elif DELTA == 2:  # _DELTA_PASS
+        delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd,
+                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC,
+                            NEG)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
@@ -545,7 +598,7 @@ def _attn_bwd_fused_kernel(
         p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if ONE_BLOCK:
+        if DELTA == 0:  # _DELTA_IN_LOOP
             delta = tl.sum(p * dp, 1)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
@@ -649,9 +702,11 @@ def _attn_bwd_dq_kernel(
     svb, svl, svh, svd,
     CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
-    PREC: tl.constexpr, NEG: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr, DELTA_PASS: tl.constexpr,
 ):
-    """dq of one query block of one (b, h): loop over the visible key blocks."""
+    """dq of one query block of one (b, h): loop over the visible key blocks. With DELTA_PASS it
+    first forms its rows' delta in a pass of its own (``_DELTA_PASS``) and stores it for the dk/dv
+    kernel, which runs after it; otherwise it reads the preprocess kernel's."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid_m, bh, b, h = _program_block(n_m_blocks, H)
@@ -662,8 +717,6 @@ def _attn_bwd_dq_kernel(
     q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
                                                     sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
                                                     ROPE_Q, DH, DHP, SPLIT)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, DHP], tl.float32)
@@ -671,6 +724,13 @@ def _attn_bwd_dq_kernel(
     if CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
     hi = tl.where(start_m < q_lim, hi, 0)
+    if DELTA_PASS:
+        delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd,
+                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC,
+                            NEG)
+        tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)  # rows that take no part: 0
+    else:
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
@@ -737,6 +797,24 @@ def _general_bwd_config(dhp: int, dtype: torch.dtype) -> Tuple[Tuple[int, int], 
     if dtype == torch.float32:
         return (32, 64), (64, 64), 4
     return (64, 64), (64, 64), 8 if dhp >= 64 else 4
+
+
+def _delta_by_pass(dtype: torch.dtype) -> bool:
+    """Whether a backward whose delta cannot come from its gradient loop's one pass forms it in a
+    pass of its own (module docstring, "Backward"): fp16/bf16 with ``BACKWARD_DELTA = "probs"``.
+    Otherwise it reads the stored output; an fp32 output is rounded at 2**-24 of |O|, as the pass's
+    own sums would be, so fp32 never takes the pass."""
+    if BACKWARD_DELTA not in ("probs", "output"):
+        raise ValueError(f'attention: BACKWARD_DELTA must be "probs" or "output", got {BACKWARD_DELTA!r}')
+    return dtype != torch.float32 and BACKWARD_DELTA == "probs"
+
+
+def _delta_form(Lk: int, block_n: int, dtype: torch.dtype) -> int:
+    """The single-query-block backward's DELTA constexpr: every key in one block, from that block's
+    P and dP; else as :func:`_delta_by_pass` says."""
+    if Lk <= block_n:
+        return _DELTA_IN_LOOP
+    return _DELTA_PASS if _delta_by_pass(dtype) else _DELTA_FROM_O
 
 
 _ROPE_TABLES: dict = {}
@@ -910,14 +988,24 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                 scale, qk_scale, Lq, Lk, H, tab_len,
                 *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
                 *q_strides, *k.stride(), *v.stride(), *out.stride(),
-                BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=Lk <= block_n, num_warps=warps, num_stages=2, **flags,
+                BLOCK_M=block_m, BLOCK_N=block_n, DELTA=_delta_form(Lk, block_n, q.dtype), num_warps=warps,
+                num_stages=2, **flags,
             )
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-            n_pre = cdiv(Lq, 64)
-            launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
-                delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
+            delta_pass = _delta_by_pass(q.dtype)  # in the dq kernel (even over one key block), else from O
+            if not delta_pass:
+                n_pre = cdiv(Lq, 64)
+                launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
+                    delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
+                )
+            n_m = cdiv(Lq, q_bm)  # before dk/dv: with delta_pass it forms delta
+            launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
+                dq_buf, do, q, k, v, stats, delta, lengths, tab,
+                scale, qk_scale, Lq, Lk, H, tab_len, n_m,
+                *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
+                BLOCK_M=q_bm, BLOCK_N=q_bn, DELTA_PASS=delta_pass, num_warps=warps, num_stages=2, **flags,
             )
             n_n = cdiv(Lk, kv_bn)
             launch(_attn_bwd_dkdv_kernel)[(B * H * n_n,)](
@@ -925,13 +1013,6 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                 scale, qk_scale, Lq, Lk, H, tab_len, n_n,
                 *dk.stride(), *dv.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
                 BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=warps, num_stages=2, **flags,
-            )
-            n_m = cdiv(Lq, q_bm)
-            launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
-                dq_buf, do, q, k, v, stats, delta, lengths, tab,
-                scale, qk_scale, Lq, Lk, H, tab_len, n_m,
-                *dq_buf.stride(), *do.stride(), *q_strides, *k.stride(), *v.stride(),
-                BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
             )
     dq = dq_buf.sum(0, keepdim=True).to(q.dtype) if shared else dq_buf
     return dq, dk, None if same_kv else dv

@@ -274,6 +274,33 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
+@pytest.mark.parametrize("provider, delta", [("fused", "probs"), ("fused-delta-output", "output"),
+                                             ("fused-delta-output-cudagraph", "output")])
+def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, provider, delta):
+    """``fused-delta-output`` (and its graphed row) times the self-attention backward with
+    ``BACKWARD_DELTA = "output"`` in effect, plain ``fused`` with the default (the setting seen where
+    the backward chooses its delta form); the variant skips the forward-only mode, which it leaves
+    as the default's."""
+    mod = importlib.import_module("test_bench_attention")
+    import interformer.kernels.attention as A
+
+    seen = []
+    real = A._delta_form
+
+    def spy(*args):
+        seen.append(A.BACKWARD_DELTA)
+        return real(*args)
+
+    monkeypatch.setattr(A, "_delta_form", spy)
+    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
+                            provider=provider)
+    assert seen and set(seen) == {delta}, seen
+    if provider != "fused":
+        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
+            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
+                                    provider=provider)
+
+
 @pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [
     ("fused", 4, "cublas", "rows", "rows", 3), ("fused-8warps", 8, "cublas", "rows", "rows", 3),
     ("fused-triton-gemm", 4, "triton", "rows", "rows", 3), ("fused-phases", 4, "cublas", "phases", "rows", 3),

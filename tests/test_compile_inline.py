@@ -245,7 +245,7 @@ KERNEL_POINTERS = {
     ("attention", "_attn_bwd_fused_kernel"): ({"DQ", "DK", "DV"}, {"DO", "Q", "K", "V", "O", "STATS", "LENS", "TAB"}),
     ("attention", "_attn_bwd_preprocess_kernel"): ({"DELTA"}, {"DO", "O"}),
     ("attention", "_attn_bwd_dkdv_kernel"): ({"DK", "DV"}, {"DO", "Q", "K", "V", "STATS", "DELTA", "LENS", "TAB"}),
-    ("attention", "_attn_bwd_dq_kernel"): ({"DQ"}, {"DO", "Q", "K", "V", "STATS", "DELTA", "LENS", "TAB"}),
+    ("attention", "_attn_bwd_dq_kernel"): ({"DQ", "DELTA"}, {"DO", "Q", "K", "V", "STATS", "LENS", "TAB"}),
     ("gated_lce", "_glce_fwd_kernel"): ({"OUT"}, {"X", "W", "BIAS", "GW", "GB"}),
     ("gated_lce", "_glce_bwd_kernel"): ({"DX", "PART", "DZ", "YS"}, {"DO", "X", "W", "BIAS", "GW", "GB"}),
     ("pffn", "_pffn_fwd_kernel"): ({"OUT"}, {"S", "LENS", "WX", "A", "LNW", "LNB"}),

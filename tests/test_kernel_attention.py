@@ -268,27 +268,11 @@ def test_length_zero_row_amid_full_rows_large_scores():
     assert rel_err(out, ref) < 2e-2
 
 
-_MULTI_BLOCK_DELTA = pytest.mark.xfail(strict=True, reason=(
-    "keys past one block: delta = rowsum(dO * O) from the fp16-rounded output (kernels/attention.py, 'Backward'); "
-    "dq 0.76 against eager's 1.8e-2"))
-
-
-@pytest.mark.parametrize("L,lengths,shared_grad,keys", [
-    (2, [2, 1, 2], True, None), (2, [2, 1, 2], True, 64), pytest.param(2, [2, 1, 2], True, 66, marks=_MULTI_BLOCK_DELTA),
-    (5, [5, 3, 1], False, None), (40, [40, 9, 1], False, None),
-], ids=["2-keys", "2-of-64-keys", "2-of-66-keys", "5-keys", "40-keys"])
-def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_grad, keys):
-    """fp16 scores of standard deviation about 36 over a few keys, where the softmax is close to one-hot:
-    dq and dk stay within twice eager's fp16 error (DESIGN §5). There ``dS = P * (dP - delta)`` is a
-    small difference of two numbers of order one; with ``delta = rowsum(dO * O)`` from the output as
-    stored (rounded to fp16) that difference carried O's rounding error, and dq was off by 0.76
-    (relative) against eager's 1.8e-2 (2 keys, a fuzzing helper, 2026-11-28). The single-block backward
-    now forms ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's softmax backward does.
-
-    ``keys``: the same problem with keys appended up to that count that no query weighs (scores about
-    -200, through one more head dimension), every row then valid. Up to 64 keys (one block) the rule
-    holds; at 66 the backward still forms delta from the stored output, and the case fails (strict
-    xfail: a change that fixes it must say so here). A review of the change found it."""
+def _near_one_hot_case(L, lengths, shared_grad, keys):
+    """fp16 scores of standard deviation about 36 over L keys (float64 q, k, v, upstream gradient,
+    lengths and scale); ``keys``: keys appended up to that count that no query weighs (scores about
+    -200, through one more head dimension), every row then valid, and as many query rows (zeros but
+    for that dimension: they weigh the L first keys alike, and their upstream gradient is zero)."""
     g = torch.Generator().manual_seed(2)
     B, H, dh = len(lengths), 2, 8
     q, k = (6 * torch.randn(B, L, H, dh, generator=g, dtype=torch.float64) for _ in range(2))
@@ -310,17 +294,61 @@ def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_
         go = torch.cat([torch.cat([go, torch.zeros(B, extra, H, dh, dtype=torch.float64)], 1),
                         torch.zeros(B, keys, H, 1, dtype=torch.float64)], 3)
         lengths = [keys] * B
-    lengths = torch.tensor(lengths, device=DEVICE)
+    return q, k, v, go, torch.tensor(lengths, device=DEVICE), sm_scale
 
-    def run(fn, dtype):
-        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves, lengths, mask_queries=False, sm_scale=sm_scale)
-        out.backward(go.to(DEVICE, dtype))
-        return [out] + [t.grad for t in leaves]
 
-    fused, eager, exact = run(A.attention, torch.float16), run(R.attention, torch.float16), run(R.attention, torch.float64)
+def _run_near_one_hot(case, fn, dtype):
+    """[out, dq, dk, dv] of ``fn`` on a :func:`_near_one_hot_case` in ``dtype``."""
+    q, k, v, go, lengths, sm_scale = case
+    leaves = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in (q, k, v)]  # (a copy: never the case's own)
+    out = fn(*leaves, lengths, mask_queries=False, sm_scale=sm_scale)
+    out.backward(go.to(DEVICE, dtype))
+    return [out] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("L,lengths,shared_grad,keys", [
+    (2, [2, 1, 2], True, None), (2, [2, 1, 2], True, 64), (2, [2, 1, 2], True, 66), (2, [2, 1, 2], True, 130),
+    (5, [5, 3, 1], False, None), (40, [40, 9, 1], False, None),
+], ids=["2-keys", "2-of-64-keys", "2-of-66-keys", "2-of-130-keys", "5-keys", "40-keys"])
+def test_a_near_one_hot_softmax_meets_the_low_precision_rule(L, lengths, shared_grad, keys):
+    """fp16 scores of standard deviation about 36 over a few keys, where the softmax is close to one-hot:
+    dq and dk stay within twice eager's fp16 error (DESIGN §5). There ``dS = P * (dP - delta)`` is a
+    small difference of two numbers of order one; with ``delta = rowsum(dO * O)`` from the output as
+    stored (rounded to fp16) that difference carried O's rounding error, and dq was off by 0.76
+    (relative) against eager's 1.8e-2 (2 keys, a fuzzing helper, 2026-11-28). The backward forms
+    ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's softmax backward does: in its
+    one pass where every key fits one block (up to 64), in a pass of its own past that (66 keys: the
+    single-query-block kernel; 130 keys and as many queries: the general dq kernel, which stores it for
+    the dk/dv kernel). :func:`test_the_output_delta_fails_a_near_one_hot_softmax` shows the last two
+    cases fail without that pass."""
+    case = _near_one_hot_case(L, lengths, shared_grad, keys)
+    fused, eager, exact = (_run_near_one_hot(case, fn, dtype) for fn, dtype in
+                           ((A.attention, torch.float16), (R.attention, torch.float16), (R.attention, torch.float64)))
     for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
         assert_lowp(f, e, x, name)
+
+
+@pytest.mark.parametrize("keys", [66, 130], ids=["single-query-block", "general"])
+def test_the_output_delta_fails_a_near_one_hot_softmax(monkeypatch, keys):
+    """``BACKWARD_DELTA = "output"`` (flash attention's ``delta = rowsum(dO * O)``, kept for timing)
+    breaks the rule on the near one-hot cases past one key block, by far: what the default pass
+    fixes, on both backward paths (the kernels chosen are checked by the case's shape: 66 queries
+    take the single-query-block kernel, 130 the general one)."""
+    case = _near_one_hot_case(2, [2, 1, 2], True, keys)
+    eager, exact = (_run_near_one_hot(case, R.attention, dtype) for dtype in (torch.float16, torch.float64))
+    assert A._use_fused_bwd(keys, 16, torch.float16) == (keys <= A._FUSED_BWD_MAX_LQ)
+    monkeypatch.setattr(A, "BACKWARD_DELTA", "output")
+    dq = _run_near_one_hot(case, A.attention, torch.float16)[1]
+    assert rel_err(dq, exact[1]) > 10 * rel_err(eager[1], exact[1])
+
+
+def test_backward_delta_setting_is_checked(monkeypatch):
+    """A misspelt ``BACKWARD_DELTA`` is refused at the backward's launch, naming the setting."""
+    monkeypatch.setattr(A, "BACKWARD_DELTA", "prob")
+    q, k, v = (torch.randn(1, 70, 1, 16, device=DEVICE, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = A.attention(q, k, v, torch.tensor([70], device=DEVICE))
+    with pytest.raises(ValueError, match="BACKWARD_DELTA must be"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("name,shape", [("k_weight", (8, 4)), ("v_weight", (4, 8)), ("o_weight", (8, 7)),
@@ -1080,10 +1108,11 @@ def test_kernel_configs_fit_h100_shared_memory():
         kernels = [("_attn_fwd_kernel", bm, bn, warps, stages, {})]
         if A._use_fused_bwd(L, dhp, dtype):
             fbm, fbn, fwarps = A._fused_bwd_config(L, L, dhp, dtype)
-            kernels.append(("_attn_bwd_fused_kernel", fbm, fbn, fwarps, 2, dict(ONE_BLOCK=L <= fbn)))
+            kernels.append(("_attn_bwd_fused_kernel", fbm, fbn, fwarps, 2, dict(DELTA=A._delta_form(L, fbn, dtype))))
         else:
             (kbm, kbn), (qbm, qbn), warps = A._general_bwd_config(dhp, dtype)
-            kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2, {}), ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2, {})]
+            kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2, {}),
+                        ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2, dict(DELTA_PASS=A._delta_by_pass(dtype)))]
         for kernel, bm, bn, warps, stages, extra in kernels:
             cases.append(dict(module="interformer.kernels.attention", kernel=kernel, args=args, num_warps=warps,
                               num_stages=stages, consts=dict(flags, BLOCK_M=bm, BLOCK_N=bn, **extra),

@@ -189,13 +189,13 @@ def _dot():
     return (lambda: dot_interaction.dot_interaction(z)), [z]
 
 
-def _attention(L, packed=False):
+def _attention(L, packed=False, dtype=torch.float32):
     def build():
         lengths = torch.tensor([0, L - 4], device=DEVICE)
         if packed:  # one QKV projection: the packed op
-            qkv = leaf(A_B, L, 3, A_H, A_DH)
+            qkv = leaf(A_B, L, 3, A_H, A_DH, dtype=dtype)
             return (lambda: attention.attention_packed(qkv, lengths, rope_base=1e4)), [qkv]
-        q, k, v = (leaf(A_B, L, A_H, A_DH) for _ in range(3))
+        q, k, v = (leaf(A_B, L, A_H, A_DH, dtype=dtype) for _ in range(3))
         return (lambda: attention.attention(q, k, v, lengths, rope_base=1e4)), [q, k, v]
     return build
 
@@ -296,6 +296,12 @@ CASES = [
     Case("attention, L=129", _attention(129), {"_attn_fwd_kernel": 1},
          {"_attn_bwd_preprocess_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
          never=_scores(129, 129)),
+    # fp16 past one key block: delta = rowsum(P * dP) in a pass of the backward's own (the dq kernel's
+    # in the general path: no preprocess launch), never a scores-sized tensor
+    Case("attention, fp16, L=65", _attention(65, dtype=torch.float16), {"_attn_fwd_kernel": 1},
+         {"_attn_bwd_fused_kernel": 1}, never=_scores(65, 65)),
+    Case("attention, fp16, L=129", _attention(129, dtype=torch.float16), {"_attn_fwd_kernel": 1},
+         {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}, never=_scores(129, 129)),
     # shared queries: per-sample dq reduced over the batch by one aten sum
     Case("pma, 5 queries, 33 keys", _pma(5, 33), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
          bwd_compute=frozenset({"sum.dim_IntList"}), never=_scores(5, 33)),
