@@ -41,7 +41,7 @@ from .model import (
     recent_tokens,
 )
 from .tokenizers import DenseTokenizer, SequenceMaskNet, SparseTokenizer
-from .validation import validate_batch
+from .validation import validate_batch, values_checked
 
 __version__ = "0.1.0"
 
@@ -113,4 +113,5 @@ __all__ = [
     "set_compile_inline",
     "set_compile_reference_ops",
     "validate_batch",
+    "values_checked",
 ]

@@ -25,7 +25,7 @@ from .data import iterate_batches, make_synthetic
 from .backend import FusedModule
 from .metrics import auc, logloss
 from .model import InterFormerCTR
-from .train import check_device, interactive_stderr
+from .train import check_device, interactive_stderr, on_device
 
 
 def _progress(iterable, total, desc, disable):
@@ -160,8 +160,9 @@ def train(model, data, args, desc: str, device) -> float:
     for epoch in range(args.epochs):
         bar = _progress(iterate_batches(data, args.batch_size, True, args.seed + epoch), n_batches, f"{desc} epoch {epoch + 1}", args.no_progress)
         for batch in bar:
-            b = batch.to(device)
-            loss = model.loss(model(*b.inputs()), b.label)
+            b, checked = on_device(batch, device, model)  # on a GPU: checked on the host, no sync
+            with checked:
+                loss = model.loss(model(*b.inputs()), b.label)
             opt.zero_grad(set_to_none=True)
             with torch.autograd.set_multithreading_enabled(False):  # as the trainer runs it (train.py)
                 loss.backward()
@@ -179,7 +180,9 @@ def evaluate(model, data, batch_size: int, device):
     logits = []
     meter = _Throughput(device, warmup=1)
     for batch in iterate_batches(data, batch_size, shuffle=False):
-        logits.append(model(*batch.to(device).inputs()).float())
+        b, checked = on_device(batch, device, model)
+        with checked:
+            logits.append(model(*b.inputs()).float())
         meter.step(len(batch))
     return torch.cat(logits).cpu(), meter.rate()
 

@@ -243,6 +243,12 @@ class InterFormer(nn.Module):
             parts.append(self.sparse_tokenizer(sparse))
         return torch.cat(parts, dim=1), self.seq_tokenizer(seq, lengths)
 
+    def dense_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the dense tokenizer computes in (its parameters'; None without dense fields):
+        what :func:`interformer.validate_batch` takes as ``dense_dtype`` for this model."""
+        first = next(self.dense_tokenizer.parameters(), None)
+        return None if first is None else first.dtype
+
     def forward(
         self, dense: torch.Tensor, sparse: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +256,7 @@ class InterFormer(nn.Module):
             first = next(self.dense_tokenizer.parameters(), None)  # none without dense fields
             # the model's device (a DataParallel replica registers no parameters: then only "one device")
             anchor = first if first is not None else next(self.parameters(), None)
-            validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=None if first is None else first.dtype,
+            validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=self.dense_dtype(),
                            device=None if anchor is None else anchor.device)
         x, body = self.tokenize(dense, sparse, seq, lengths)
         x_sum = self.blocks[0].cross.summarize_nonseq(x)

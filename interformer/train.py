@@ -66,6 +66,11 @@ Decisions:
   37.2 ms against 26.6 ms on the calling thread, eager's 41.3 against 35.7 ms. The math and the
   kernels are the same either way, so a resumed run may switch it. On a CPU there is no such
   thread and the setting changes nothing.
+* **Batches on a GPU** are checked on the host (``validate_batch``, where the model's
+  ``validate_inputs`` is on; a compiled model's batches too), pinned and copied without blocking,
+  and the step runs inside ``values_checked()`` (:func:`on_device`): the model's own value checks
+  would read the copied batch back, a device-to-host sync in every step that lets the host launch
+  the next step's kernels only once the device has run out of work. Not timed on a GPU.
 * **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
   for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
   must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
@@ -122,10 +127,11 @@ from torch import nn
 
 from . import __version__
 from .config import InterFormerConfig
-from .data import make_synthetic
+from .data import Batch, make_synthetic
 from .dataio import ON_ERROR as ON_BAD_ROWS
 from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
+from .validation import validate_batch, values_checked
 
 AMP_MODES = ("off", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -701,6 +707,23 @@ def unwrap(model: nn.Module) -> InterFormerCTR:
             return model
 
 
+def on_device(batch: Batch, device: torch.device, model: nn.Module):
+    """(``batch`` on ``device``, the context to call ``model`` in). On a GPU the batch's values are
+    checked here, on the host, where the model's input checks are on (``validate_batch``: what its
+    forward would check after the copy by reading the values back, a device-to-host sync in every
+    step, which drains the queue of launched kernels), and the model is called inside
+    :func:`interformer.validation.values_checked`; its tensors are pinned and copied without
+    blocking (a copy from pageable memory first waits for the stream's queued work). So a step
+    launches without waiting for the device. A compiled model, which skips the value checks in its
+    forward, has its batches checked too. On a CPU the model checks the batch itself."""
+    if device.type != "cuda":
+        return batch.to(device), contextlib.nullcontext()
+    core = unwrap(model)
+    if core.config.validate_inputs:
+        validate_batch(core.config, *batch.inputs(), label=batch.label, dense_dtype=core.backbone.dense_dtype())
+    return batch.pin_memory().to(device), values_checked()
+
+
 # --------------------------------------------------------------------------------------------
 # evaluation
 
@@ -723,8 +746,8 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cf
     logits, labels, groups = [], [], []
     t0 = time.perf_counter()
     for batch in _closing(dataset.batches(batch_size, shuffle=False, prefetch=cfg.prefetch)):
-        b = batch.to(device)
-        with autocast(cfg, device):
+        b, checked = on_device(batch, device, model)
+        with checked, autocast(cfg, device):
             logits.append(model(*b.inputs()).float())
         labels.append(batch.label)
         groups.append(batch.group)
@@ -1213,8 +1236,8 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                                         world_size=d.world_size, skip_batches=batch_in_epoch, prefetch=cfg.prefetch)
             halted = False
             for batch in _closing(batches):
-                b = batch.to(device)
-                with autocast(cfg, device):
+                b, checked = on_device(batch, device, net)
+                with checked, autocast(cfg, device):
                     logits = net(*b.inputs())
                 loss = InterFormerCTR.loss(logits, b.label)
                 with torch.autograd.set_multithreading_enabled(cfg.autograd_multithreading):

@@ -12,12 +12,17 @@ data: a model run there to infer shapes or count FLOPs), and when
 shapes, and silently takes lengths out of ``[0, T]``, ids out of their vocabulary or NaN/inf in
 ``dense``. Decision: they are not forced back in with ``torch.compiler.disable``, which would add a
 graph break (the fused model must compile with ``fullgraph=True``). Callers of a compiled model
-that need the checks call :func:`validate_batch` on each batch before the call.
+that need the checks call :func:`validate_batch` on each batch before the call. They are also
+skipped inside :func:`values_checked`, where the caller has run them already: the trainer checks
+each batch on the host, before its copy to a GPU, so that its steps never wait for that read (and
+so a compiled model's training run checks its batches too).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import threading
+from typing import Iterator, Optional
 
 import torch
 
@@ -32,12 +37,30 @@ def _check(cond: bool, name: str, problem) -> None:
         raise ValueError(f"{name}: {problem() if callable(problem) else problem}")
 
 
+_HOST_CHECKED = threading.local()
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Inside the block, in this thread, :func:`validate_batch` (and so a model's forward) skips its
+    value checks: the caller's promise that it has run them on the batch already. The trainer
+    (:mod:`interformer.train`) checks each batch on the host before copying it to a GPU and calls
+    the model in this block, since the model's own checks would read the copied values back from
+    the device, a sync in every step. The type, device, rank, size and dtype checks still run."""
+    previous = getattr(_HOST_CHECKED, "on", False)
+    _HOST_CHECKED.on = True
+    try:
+        yield
+    finally:
+        _HOST_CHECKED.on = previous
+
+
 def _value_checks_allowed(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or isinstance(t, torch.fx.Proxy) or t.is_meta:
-        return False
+        return False  # (first: dynamo never reads the thread-local below)
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    return True
+    return not getattr(_HOST_CHECKED, "on", False)
 
 
 def _check_batch_sizes(dense, sparse, seq, lengths) -> None:
@@ -102,8 +125,8 @@ def validate_batch(
     ``dense``, labels 0 or 1).
 
     The value checks are skipped while ``torch.compile`` (or ``torch.fx``) traces, which includes
-    every call of a compiled model, and under CUDA graph capture: a compiled model does not catch
-    bad values (see the module docstring). Called directly, outside the compiled region, this
+    every call of a compiled model, under CUDA graph capture, and inside :func:`values_checked`: a
+    compiled model does not catch bad values (see the module docstring). Called directly, outside the compiled region, this
     function always runs them: call it on the batches you feed to a compiled model if you need
     them."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths), ("label", label)):

@@ -1505,3 +1505,52 @@ def test_train_help_lists_the_choices_of_the_enumerated_settings(capsys):
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
     for values in (AMP_MODES, COMPILE_MODES, EMBEDDING_OPTIMIZERS, ("auto", "eager", "triton"), ("raise", "skip")):
         assert "oneof" + ",".join(values) in text, values
+
+
+def test_a_gpu_batch_is_checked_on_the_host_pinned_and_copied_without_blocking(monkeypatch):
+    """On a GPU (mocked: the batch's copy and pinning are recorded, not done) ``on_device`` checks
+    the batch's values on the host before anything is copied (a bad id raises there, before the
+    copy), pins it, copies it without blocking, and hands back ``values_checked()``, inside which the
+    model's forward makes no device-to-host read of the values; a model with its checks off is not
+    checked. On a CPU the batch is moved as before and the model checks it itself."""
+    import contextlib
+
+    from interformer import InterFormerCTR
+    from interformer import validation as V
+    from interformer.data import Batch
+
+    cfg = InterFormerConfig(**TINY)
+    model = InterFormerCTR(cfg)
+    calls = []
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: calls.append("pin") or self)
+    real_to = Batch.to
+    monkeypatch.setattr(Batch, "to", lambda self, device: calls.append(("to", str(device))) or real_to(self, "cpu"))
+    cuda = torch.device("cuda", 0)
+    batch = make_synthetic(4, cfg, seed=1)
+    b, checked = T.on_device(batch, cuda, model)
+    assert calls == ["pin", ("to", "cuda:0")]
+    reads = []
+    monkeypatch.setattr(V, "_value_checks", lambda *a, **k: reads.append(1))
+    with checked:
+        model(*b.inputs())
+    assert reads == []
+    model(*b.inputs())
+    assert reads == [1]  # outside the block the model reads them (the sync the block avoids)
+
+    bad = make_synthetic(4, cfg, seed=1)
+    bad.sparse[2, 0] = cfg.sparse_vocab_sizes[0]
+    calls.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(Batch, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(Batch, "to", lambda self, device: calls.append(("to", str(device))) or real_to(self, "cpu"))
+    with pytest.raises(ValueError, match=r"^sparse: field 0: ids must lie in"):
+        T.on_device(bad, cuda, model)
+    assert calls == []
+    unchecked = InterFormerCTR(dataclasses.replace(cfg, validate_inputs=False))
+    T.on_device(bad, cuda, unchecked)
+    assert calls == ["pin", ("to", "cuda:0")]
+
+    b, checked = T.on_device(batch, torch.device("cpu"), model)
+    assert isinstance(checked, contextlib.nullcontext) and calls[-1] == ("to", "cpu")
+    with pytest.raises(ValueError, match=r"^sparse"):
+        model(*T.on_device(bad, torch.device("cpu"), model)[0].inputs())

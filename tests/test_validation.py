@@ -346,6 +346,53 @@ def test_compiled_model_skips_value_checks_but_validate_batch_runs_them():
         torch._dynamo.reset()
 
 
+def test_values_checked_skips_the_value_checks_only(model):
+    """Inside ``values_checked()`` (the caller ran the value checks: the trainer, on the host before
+    its copy to a GPU) the model skips them, in this thread only, and still checks shapes and
+    dtypes; after the block (also one left by an exception, and an inner block of two) they run
+    again; a model compiled with ``fullgraph=True`` inside the block traces (dynamo never reads the
+    flag)."""
+    import threading
+
+    bad = _with(lengths=torch.tensor([0, 6, 2]))
+    with pytest.raises(ValueError, match=r"^lengths\b"):
+        model(**bad)
+    with interformer.values_checked():
+        model(**bad)
+        interformer.validate_batch(model.config, **bad)
+        with pytest.raises(ValueError, match=r"^dense: expected 3 columns"):
+            model(**_with(dense=torch.randn(3, 4)))
+        with interformer.values_checked():
+            pass
+        model(**bad)  # still inside the outer block
+        raised = []
+
+        def other_thread():
+            try:
+                model(**bad)
+            except ValueError as e:
+                raised.append(str(e))
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert raised and raised[0].startswith("lengths")
+    with pytest.raises(ValueError, match=r"^lengths\b"):
+        model(**bad)
+    with pytest.raises(KeyError):
+        with interformer.values_checked():
+            raise KeyError
+    with pytest.raises(ValueError, match=r"^lengths\b"):
+        model(**bad)
+    torch._dynamo.reset()
+    try:
+        with interformer.values_checked():
+            compiled = torch.compile(InterFormerCTR(InterFormerConfig(**CFG)).eval(), backend="eager", fullgraph=True)
+            compiled(**good_batch())
+    finally:
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- config types
 
 
