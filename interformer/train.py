@@ -90,7 +90,9 @@ Decisions:
   ``overwrite`` clears) it, reads ``last.pt`` on resume and broadcasts it to the other ranks (so
   ranks never disagree and no shared disk is needed), writes checkpoints, ``run.json`` and the plot.
   The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
-  ranks wait in a collective while rank 0 alone runs validation, so it must exceed that.
+  ranks wait in a collective while rank 0 alone runs validation, so it must exceed that. Whether
+  any rank must stop (``max_steps``, a signal) is asked after every step over gloo, also beside
+  NCCL (a second group), so that the question never waits for a GPU.
 * **Skipped rows** (``on_bad_rows: skip``): the ``data:`` line, ``run.json``'s ``skipped_rows`` and
   the closing note (with examples) give the malformed rows of ONE pass over each split (the first,
   counting pass), not a sum over the epochs.
@@ -440,6 +442,9 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: a gloo group over the same ranks for the per-step stop flag (:func:`_any_rank`) where the
+    #: default group is not gloo (NCCL on GPUs); None: the default group
+    control: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -498,8 +503,13 @@ def setup_distributed(device: Optional[str]) -> tuple:
         dev = _device_for(device, d)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
+        if dist.is_initialized():  # the caller's group
+            backend = dist.get_backend()
+        else:
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=dist_timeout())
+        if backend != "gloo":
+            d.control = dist.new_group(backend="gloo", timeout=dist_timeout())
         return d, dev
     d = Dist()
     return d, _device_for(device, d)
@@ -946,11 +956,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _any_rank(flag: bool, d: Dist, device) -> bool:
+def _any_rank(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on any rank, asked after every step: a MAX all-reduce of one CPU
+    number over gloo (``d.control``, or the default group where that is gloo), so that it never
+    waits for a GPU. Over NCCL the number would be a device tensor read back to the host (``.item()``),
+    a sync per step that lets the host launch the next step only once the device has run out of
+    work."""
     if not d.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
     return bool(t.item())
 
 
@@ -1267,7 +1282,7 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                     sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
                     say(f"step {step}: loss {(loss_sum / loss_n).item():.4f}, {rate(sps)} samples/s "
                         f"(epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}; means over the epoch so far)")
-                if _any_rank(max_steps_reached() or stop.requested, d, device):
+                if _any_rank(max_steps_reached() or stop.requested, d):
                     halted = True
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

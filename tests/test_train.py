@@ -342,6 +342,40 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
     assert got["timeout"] == datetime.timedelta(minutes=60)
 
 
+def test_the_per_step_stop_flag_goes_over_gloo_never_a_gpu(monkeypatch):
+    """Under NCCL (a GPU run, mocked) the setup also makes a gloo group over the same ranks, and the
+    stop flag asked after every step is a CPU number all-reduced over it: no device tensor read
+    back (a sync per step). Under gloo (CPU runs) the default group carries it; a caller's group is
+    asked its backend."""
+    made, reduced = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(T.torch.cuda, "set_device", lambda dev: None)
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(T.dist, "init_process_group", lambda backend, **kw: made.append(("init", backend)))
+    monkeypatch.setattr(T.dist, "new_group", lambda backend, **kw: made.append(("group", backend)) or "gloo-group")
+
+    def all_reduce(t, op, group):
+        reduced.append((t.device.type, group))
+        t.fill_(1.0)
+
+    monkeypatch.setattr(T.dist, "all_reduce", all_reduce)
+    d, dev = T.setup_distributed(None)
+    assert dev.type == "cuda" and made == [("init", "nccl"), ("group", "gloo")] and d.control == "gloo-group"
+    assert T._any_rank(False, d) is True and reduced == [("cpu", "gloo-group")]
+    made.clear()
+    d, dev = T.setup_distributed("cpu")
+    assert made == [("init", "gloo")] and d.control is None
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_backend", lambda: "nccl")
+    made.clear()
+    d, _ = T.setup_distributed(None)
+    assert made == [("group", "gloo")] and d.control == "gloo-group"
+    assert T._any_rank(True, T.Dist()) is True and len(reduced) == 1  # one process: no collective
+
+
 def test_repeated_sigterms_wait_for_the_stop_checkpoint():
     """SIGTERM stays caught after the first: a scheduler and torchrun send it to every process of a
     job within milliseconds, and a second one must not kill the run before its stop checkpoint (the
