@@ -27,18 +27,19 @@
 #      fused-acc2-cudagraph or fused-blockgrid-cudagraph or fused-deep-cudagraph)) or \
 #      ((attention or pma or feed_forward) and full and ((taobao and (fused-cudagraph or eager-cudagraph or \
 #      compile-cudagraph)) or (long and (fused-cudagraph or eager-cudagraph or fused-delta-output-cudagraph)))) or \
-#      (self_attention and full and amazon and (fused-cudagraph or fused-delta-output-cudagraph))" \
+#      (self_attention and full and amazon and (fused-cudagraph or fused-delta-output-cudagraph)) or \
+#      (pma and full and long and fused-delta-output-cudagraph)" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      (selection checked on a CPU with torch.cuda.is_available patched to True: 30 op rows, the
+#      (selection checked on a CPU with torch.cuda.is_available patched to True: 31 op rows, the
 #      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
 #      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
 #      short box loses;
-#      the tests of gpu_rerun.txt, 527 (counted with a CUDA-patched collection; 424 before the
+#      the tests of gpu_rerun.txt, 550 (counted with a CUDA-patched collection; 424 before the
 #      twenty-fourth session, whose 75 are mostly the gated LCE's, 24 of the twenty-fifth's
-#      LayerNorm, PMA and empty-batch changes and the twenty-sixth's 4 at the end), in 16 shards of
-#      about 33 (the
+#      LayerNorm, PMA and empty-batch changes and the twenty-sixth's 27 at the end), in 16 shards of
+#      about 34 (the
 #      third H200 lease's slowest shard of 26 took 130 s: hence a box of 165 s; the three boxes and
 #      the install fill about 330 of the call's 360 s): the three that failed at c77021c, the fp32 casts of
 #      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
@@ -65,11 +66,12 @@
 #      fit one block, taobao's attention and PMA; sm_90 builds with Triton 3.6: PMA 98 -> 96 registers,
 #      4 -> 5 programs per SM, self-attention 151 -> 155, 3 per SM): the attention and PMA rows above say
 #      whether it cost time, and its test is at the end of gpu_rerun.txt with the ONNX export's.
-#      The twenty-sixth session extended that delta to fp16/bf16 keys past one block (a pass of its
-#      own over the key blocks, BACKWARD_DELTA = "probs"; sm_90 builds in profiling/
-#      sm90-audit-triton3.6.md): the self-attention rows at amazon and long time it beside
-#      fused-delta-output (the stored-output delta it replaced), graphed. Same variant rule as below,
-#      but a loss keeps the pass (it fixes a 0.76 dq error): the rows say what it costs.
+#      The twenty-sixth session extended that delta to keys past one block and to the general
+#      backward (a pass of its own over the key blocks, BACKWARD_DELTA = "probs"; sm_90 builds in
+#      profiling/sm90-audit-triton3.6.md): the self-attention rows at amazon and long and PMA's at
+#      long time it beside fused-delta-output (the stored-output delta it replaced), graphed. Same
+#      variant rule as below, but a loss keeps the pass (it fixes a 0.76 fp16 dq error): the rows say
+#      what it costs.
 #      Reading the gated LCE and cross-net variant rows (graphed, same process): a variant that beats
 #      the default by more than the rows' p20-p80 spread in both uses becomes the default (its
 #      builds are in profiling/sm90-audit-triton3.6.md and the settings' comments), and the settings

@@ -23,11 +23,11 @@ Providers, each computing the same function:
   before and scatter after are timed; ``cu_seqlens`` and the gather index are built outside the timed
   region, as a data loader would) when the ``flash_attn`` package imports;
 * ``fused`` -- :func:`interformer.kernels.attention.attention`;
-* ``fused-delta-output`` (and its ``-cudagraph``) -- ``bwd`` and ``full`` only: the fused function with
-  ``BACKWARD_DELTA = "output"`` (the backward's delta from the stored output, flash attention's form,
-  instead of the default's pass over the key blocks; the kernel module's docstring, "Backward"):
-  what the pass costs where keys span more than one block (amazon, long; at taobao every key fits
-  one block and the two rows run the same kernels).
+* ``fused-delta-output`` (and its ``-cudagraph``) -- ``bwd`` and ``full`` only, for ``test_pma`` too:
+  the fused function with ``BACKWARD_DELTA = "output"`` (the backward's delta from the stored
+  output, flash attention's form, instead of the default's pass over the key blocks; the kernel
+  module's docstring, "Backward"): what the pass costs where keys span more than one block
+  (self-attention at amazon and long, PMA at long; elsewhere the two rows run the same kernels).
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,
@@ -52,11 +52,12 @@ the queries and the V projection into the output one, and the work left, ``~4 B 
 
 CUDA-graph variants (``<provider>-cudagraph``, ``full`` mode only; see bench/common.py): the same
 callable captured once and replayed, which times the device alone. Self-attention graphs ``eager``,
-the two SDPA backends that take a mask on every GPU (``sdpa-efficient``, ``sdpa-cudnn``) and ``fused``;
-PMA graphs ``nn.MultiheadAttention`` and ``fused``.
+the two SDPA backends that take a mask on every GPU (``sdpa-efficient``, ``sdpa-cudnn``), ``fused``
+and ``fused-delta-output``; PMA graphs ``nn.MultiheadAttention``, ``fused`` and
+``fused-delta-output``.
 
-Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke shape, under the Triton interpreter;
-every other provider is skipped with its reason.
+Without a GPU only ``eager``, ``fused`` and ``fused-delta-output`` run, on the tiny smoke shape,
+under the Triton interpreter; every other provider is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
                   "flash_attn", "fused", "fused-delta-output", "eager-cudagraph", "compile-cudagraph",
                   "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph", "fused-cudagraph", "fused-delta-output-cudagraph"]
-#: setting variants of the fused self-attention (provider, and its -cudagraph): the settings of
-#: interformer.kernels.attention they run with; each changes the backward only
+#: setting variants of the fused self-attention and PMA (provider, and its -cudagraph): the settings
+#: of interformer.kernels.attention they run with; each changes the backward only
 SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}}
-PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "compile-cudagraph",
-                 "nn.MultiheadAttention-cudagraph", "fused-cudagraph"]
+PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "fused-delta-output",
+                 "compile-cudagraph", "nn.MultiheadAttention-cudagraph", "fused-cudagraph",
+                 "fused-delta-output-cudagraph"]
 
 
 def _fused_attention():
@@ -90,6 +92,24 @@ def _skip_unsupported(provider: str, mode: str, shape_name: str) -> None:
     if provider == "flash_attn" and common.flash_attn_version() == "absent":
         pytest.skip("flash_attn not installed (an optional provider; bench/report.py notes its absence)")
     common.skip_unless_runnable(provider, mode, shape_name=shape_name)
+
+
+def _skip_or_apply(provider: str, mode: str, shape_name: str, monkeypatch) -> None:
+    """Skip what this machine, mode or shape does not run; for a setting variant (:data:`SETTINGS`),
+    which runs on a CPU too and changes the backward only, apply its settings (not in ``fwd``
+    mode, where it would time the default's forward again)."""
+    settings = SETTINGS.get(common.base_provider(provider))
+    if settings is None:
+        _skip_unsupported(provider, mode, shape_name)
+        return
+    common.skip_unless_runnable(provider, mode, cpu_providers=(*common.CPU_PROVIDERS, *SETTINGS),
+                                shape_name=shape_name)
+    if mode == "fwd":
+        pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
+    import interformer.kernels.attention as kernel
+
+    for name, value in settings.items():
+        monkeypatch.setattr(kernel, name, value)
 
 
 def _try(fn, provider: str):
@@ -219,18 +239,7 @@ def attention_bytes(B: int, L: int, H: int, dh: int, elt: int, mode: str) -> flo
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
 def test_self_attention(benchmark, monkeypatch, shape_name, mode, provider):
-    settings = SETTINGS.get(common.base_provider(provider))
-    if settings is None:
-        _skip_unsupported(provider, mode, shape_name)
-    else:
-        common.skip_unless_runnable(provider, mode, cpu_providers=(*common.CPU_PROVIDERS, *SETTINGS),
-                                    shape_name=shape_name)
-        if mode == "fwd":
-            pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
-        import interformer.kernels.attention as kernel
-
-        for name, value in settings.items():
-            monkeypatch.setattr(kernel, name, value)
+    _skip_or_apply(provider, mode, shape_name, monkeypatch)
     shape = common.ALL_SHAPES[shape_name]
     B, L, H, dh = shape.B, shape.L, shape.heads, shape.head_dim
     g = torch.Generator().manual_seed(0)
@@ -270,9 +279,9 @@ class MHAPooling(torch.nn.Module):
 @pytest.mark.parametrize("provider", PMA_PROVIDERS)
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
-def test_pma(benchmark, shape_name, mode, provider):
-    _skip_unsupported(provider, mode, shape_name)
-    impl = common.base_provider(provider)
+def test_pma(benchmark, monkeypatch, shape_name, mode, provider):
+    _skip_or_apply(provider, mode, shape_name, monkeypatch)
+    impl = "fused" if common.base_provider(provider) in SETTINGS else common.base_provider(provider)
     shape = common.ALL_SHAPES[shape_name]
     B, T, d = shape.B, shape.T, shape.d
     g = torch.Generator().manual_seed(0)

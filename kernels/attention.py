@@ -118,50 +118,52 @@ Backward
 then dq/dk are rotated back. ``delta`` equals ``rowsum(dO * O)``, which flash attention reads from
 the stored output so as not to need every key block before the first ``dS``. This package forms
 ``rowsum(P * dP)`` from the recomputed P and dP instead, as the reference's softmax backward does.
-Reason: with the output rounded to 16 bits, ``dP - delta`` of a near one-hot softmax is a small
-difference that carried O's rounding error; fp16 dq was off by 0.76 (relative) where eager's was
-1.8e-2 (two keys, scores of standard deviation 36; from P and dP, 8.8e-3). Where (the launcher's
-``DELTA`` constexpr, :func:`_delta_form`):
+Reason: ``dP - delta`` of a near one-hot softmax is a small difference of two numbers of order one,
+and with delta from O it carried the difference between the forward's P (its running maximum,
+the fp16 rounding of its P tile, O's own rounding) and the backward's: fp16 dq was off by 0.76
+(relative) where eager's was 1.8e-2 (two keys, scores of standard deviation 36; from P and dP,
+8.8e-3), and fp32 dq by 3.0e-3 where eager's was 2.4e-4 (past one key block; from P and dP the
+same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA`` constexpr,
+:func:`_delta_form`):
 
 * every key in one block (``Lk <= BLOCK_N``: at most 64 keys, 128 for PMA's few queries; taobao):
   from that block's P and dP, in the gradient loop's one pass, at no cost (O is not read);
-* past one block, fp16/bf16 (amazon's 104 keys, long, PMA at long): a pass of its own over the key
-  blocks before the gradient loop (``_delta_pass``: the loop's loads and its ``Q K^T`` and ``dO
-  V^T`` dots, so ``dP - delta`` is a difference of consistent fp32 values), in the single-query-block
-  kernel, or in the general path's dq kernel, which stores it for the dk/dv kernel launched after
-  it. Cost: two more dots per key block (the gradient loop has five in the single-query-block
-  kernel; the general path seven per tile pair, split over its two kernels) and the k/v tiles loaded
-  twice (from L2 but for the first pass), O not read. sm_90 builds (Triton 3.6,
-  ``profiling/sm90-audit-triton3.6.md``): amazon's self-attention backward 157 -> 171 registers (one
-  8-warp program per SM either way), long's dq kernel 160 -> 151 (3 per SM either way; the
+* past one block (amazon's 104 keys, long, PMA at long), and in the general backward however few the
+  keys: a pass of its own over the key blocks before the gradient loop (``_delta_pass``: the loop's
+  loads and its ``Q K^T`` and ``dO V^T`` dots, so that the loop's ``dP - delta`` is a difference of
+  consistent fp32 values; the dk/dv kernel's transposed ``dP`` agrees with them to fp32 rounding),
+  in the single-query-block kernel, or in the general path's dq kernel, which stores it for the
+  dk/dv kernel launched after it. Cost: two more dots per key block (the gradient loop has five in
+  the single-query-block kernel; the general path seven per tile pair, split over its two kernels)
+  and the k/v tiles loaded twice (from L2 but for the first pass), O not read. sm_90 builds (Triton
+  3.6, ``profiling/sm90-audit-triton3.6.md``): amazon's self-attention backward 157 -> 171 registers
+  (one 8-warp program per SM either way), long's dq kernel 160 -> 151 (3 per SM either way; the
   preprocess launch gone), PMA at long 84 either way. Not timed on a GPU yet: ``BACKWARD_DELTA =
-  "output"`` keeps the stored-output form for that (benchmark provider ``fused-delta-output``); the
-  near one-hot case over 66 and 130 keys gives its 0.76 error again
-  (tests/test_kernel_attention.py);
-* past one block, fp32: from the stored fp32 output (its rounding, 2**-24 of |O|, is that of the
-  pass's own sums).
+  "output"`` keeps the stored-output form for that (benchmark providers ``fused-delta-output``,
+  self-attention and PMA); the near one-hot case over 66 and 130 keys gives its 0.76 error again
+  (tests/test_kernel_attention.py).
 
 Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
   DHP <= 4096``, the shared memory an H100 has for it) -- ``_attn_bwd_fused_kernel``: ONE launch,
   one program per (b, h). It loads q, dO and the statistics of the whole sequence once (O too, and
-  delta from it, for fp32 past one key block), loops over the valid key blocks computing and
-  storing dk, dv of each block (complete, as every query is in the program) while dq accumulates in
-  registers; key blocks past the length get their zeros stored without any compute. Every tensor is read once and
-  written once (the delta pass aside). sm_90 builds at taobao (bf16, ``profiling/sm90_audit.py``),
-  delta in the loop against the O-based delta: PMA 96 registers against 98 (5 programs per SM
-  against 4) with Triton 3.6 and 3.9, self-attention 155 against 151 (3.6) and 157 against 150
-  (3.9), 3 per SM either way; no spills. (A
-  first version chose the delta form at run time and built to 202 registers with Triton 3.9 in a
-  review: 2 programs per SM.)
+  delta from it, with ``BACKWARD_DELTA = "output"`` past one key block), loops over the valid key
+  blocks computing and storing dk, dv of each block (complete, as every query is in the program)
+  while dq accumulates in registers; key blocks past the length get their zeros stored without any
+  compute. Every tensor is read once and written once (the delta pass aside). sm_90 builds at
+  taobao (bf16, ``profiling/sm90_audit.py``), delta in the loop against the O-based delta: PMA 96
+  registers against 98 (5 programs per SM against 4) with Triton 3.6 and 3.9, self-attention 155
+  against 151 (3.6) and 157 against 150 (3.9), 3 per SM either way; no spills. (A first version
+  chose the delta form at run time and built to 202 registers with Triton 3.9 in a review: 2
+  programs per SM.)
 * **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the flash-attention-2 split:
-  ``_attn_bwd_dq_kernel`` (one program per query block, loop over valid key blocks; for fp16/bf16
-  it forms delta first, above), ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over
-  query blocks from the diagonal when causal, up to the query limit), and for fp32 (delta from O)
-  ``_attn_bwd_preprocess_kernel`` before them. Fully padded key/query blocks skip their loops and
-  only store zeros. No atomics, so results are deterministic. 64 x 64 tiles (``_general_bwd_config``: 32-wide for
-  128-wide heads, 32-row key blocks in dkdv for fp32).
+  ``_attn_bwd_dq_kernel`` (one program per query block, loop over valid key blocks; it forms delta
+  first, above), then ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks
+  from the diagonal when causal, up to the query limit); with ``BACKWARD_DELTA = "output"``
+  ``_attn_bwd_preprocess_kernel`` forms delta from O before them. Fully padded key/query blocks skip
+  their loops and only store zeros. No atomics, so results are deterministic. 64 x 64 tiles
+  (``_general_bwd_config``: 32-wide for 128-wide heads, 32-row key blocks in dkdv for fp32).
 
 k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``), the ``SAME_KV`` variants:
 when the eager entry is given the same tensor object as k and v, its backward kernels store that
@@ -222,11 +224,12 @@ _DTYPES = KERNEL_DTYPES
 # Largest query length handled by the single-program-per-(b, h) backward.
 _FUSED_BWD_MAX_LQ = 128
 
-#: How the backward forms ``delta = rowsum(P * dP)`` of fp16/bf16 inputs whose keys span more than one
-#: block (module docstring, "Backward"): ``"probs"`` (the default) sums ``P * dP`` in a first pass over
-#: the key blocks, as the reference's softmax backward does; ``"output"`` reads ``rowsum(dO * O)`` from
-#: the stored output (flash attention's form: no pass, but off where the softmax is near one-hot), kept
-#: so that a GPU run can time the pass against it (benchmark provider ``fused-delta-output``).
+#: How the backward forms ``delta = rowsum(P * dP)`` where the keys span more than one block, and in
+#: the general backward (module docstring, "Backward"): ``"probs"`` (the default) sums ``P * dP`` in a
+#: first pass over the key blocks, as the reference's softmax backward does; ``"output"`` reads
+#: ``rowsum(dO * O)`` from the stored output (flash attention's form: no pass, but off where the
+#: softmax is near one-hot), kept so that a GPU run can time the pass against it (benchmark
+#: providers ``fused-delta-output``).
 BACKWARD_DELTA = "probs"
 
 # the kernels' DELTA constexpr: where delta comes from (chosen by _delta_form)
@@ -799,22 +802,22 @@ def _general_bwd_config(dhp: int, dtype: torch.dtype) -> Tuple[Tuple[int, int], 
     return (64, 64), (64, 64), 8 if dhp >= 64 else 4
 
 
-def _delta_by_pass(dtype: torch.dtype) -> bool:
-    """Whether a backward whose delta cannot come from its gradient loop's one pass forms it in a
-    pass of its own (module docstring, "Backward"): fp16/bf16 with ``BACKWARD_DELTA = "probs"``.
-    Otherwise it reads the stored output; an fp32 output is rounded at 2**-24 of |O|, as the pass's
-    own sums would be, so fp32 never takes the pass."""
+def _backward_delta() -> str:
+    """:data:`BACKWARD_DELTA`, checked (at every backward launch, whatever the shape)."""
     if BACKWARD_DELTA not in ("probs", "output"):
         raise ValueError(f'attention: BACKWARD_DELTA must be "probs" or "output", got {BACKWARD_DELTA!r}')
-    return dtype != torch.float32 and BACKWARD_DELTA == "probs"
+    return BACKWARD_DELTA
 
 
-def _delta_form(Lk: int, block_n: int, dtype: torch.dtype) -> int:
-    """The single-query-block backward's DELTA constexpr: every key in one block, from that block's
-    P and dP; else as :func:`_delta_by_pass` says."""
+def _delta_form(Lk: int, block_n: int) -> int:
+    """The single-query-block backward's DELTA constexpr (module docstring, "Backward"): every key
+    in one block, from that block's P and dP; past it, a pass of its own (``BACKWARD_DELTA =
+    "probs"``) or the stored output (``"output"``). The general backward takes the pass (in its dq
+    kernel) or the preprocess kernel by the setting alone."""
+    by_pass = _backward_delta() == "probs"
     if Lk <= block_n:
         return _DELTA_IN_LOOP
-    return _DELTA_PASS if _delta_by_pass(dtype) else _DELTA_FROM_O
+    return _DELTA_PASS if by_pass else _DELTA_FROM_O
 
 
 _ROPE_TABLES: dict = {}
@@ -988,13 +991,13 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                 scale, qk_scale, Lq, Lk, H, tab_len,
                 *dq_buf.stride(), *dk.stride(), *dv.stride(), *do.stride(),
                 *q_strides, *k.stride(), *v.stride(), *out.stride(),
-                BLOCK_M=block_m, BLOCK_N=block_n, DELTA=_delta_form(Lk, block_n, q.dtype), num_warps=warps,
+                BLOCK_M=block_m, BLOCK_N=block_n, DELTA=_delta_form(Lk, block_n), num_warps=warps,
                 num_stages=2, **flags,
             )
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-            delta_pass = _delta_by_pass(q.dtype)  # in the dq kernel (even over one key block), else from O
+            delta_pass = _backward_delta() == "probs"  # in the dq kernel (even over one key block), else from O
             if not delta_pass:
                 n_pre = cdiv(Lq, 64)
                 launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](

@@ -176,9 +176,10 @@ def test_pma_providers_run_what_they_name(bench, monkeypatch):
     for provider in mod.PMA_PROVIDERS:
         calls.clear()
         compiled.clear()
-        mod.test_pma(benchmark=None, shape_name="smoke", mode="full", provider=provider)
+        mod.test_pma(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full", provider=provider)
         base = common.base_provider(provider)
-        want = {"fused": {"fused"}, "nn.MultiheadAttention": set()}.get(base, {"reference"})
+        want = {"fused": {"fused"}, "fused-delta-output": {"fused"}, "nn.MultiheadAttention": set()}.get(
+            base, {"reference"})
         assert set(calls) == want, f"pma {provider}: ran {calls}"
         mode = _expected_compile_mode(provider)
         assert compiled == ([mode] if mode else []), f"pma {provider}: torch.compile calls {compiled}"
@@ -274,10 +275,11 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
+@pytest.mark.parametrize("test", ["test_self_attention", "test_pma"])
 @pytest.mark.parametrize("provider, delta", [("fused", "probs"), ("fused-delta-output", "output"),
                                              ("fused-delta-output-cudagraph", "output")])
-def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, provider, delta):
-    """``fused-delta-output`` (and its graphed row) times the self-attention backward with
+def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, provider, delta, test):
+    """``fused-delta-output`` (and its graphed row) times the self-attention and PMA backwards with
     ``BACKWARD_DELTA = "output"`` in effect, plain ``fused`` with the default (the setting seen where
     the backward chooses its delta form); the variant skips the forward-only mode, which it leaves
     as the default's."""
@@ -292,13 +294,12 @@ def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, 
         return real(*args)
 
     monkeypatch.setattr(A, "_delta_form", spy)
-    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
-                            provider=provider)
+    getattr(mod, test)(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full", provider=provider)
     assert seen and set(seen) == {delta}, seen
     if provider != "fused":
         with pytest.raises(pytest.skip.Exception, match="a backward setting"):
-            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
-                                    provider=provider)
+            getattr(mod, test)(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
+                               provider=provider)
 
 
 @pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [

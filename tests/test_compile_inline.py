@@ -169,14 +169,30 @@ def test_dynamic_shapes_keep_the_custom_ops(case, settings):
     _check_inlined(case, torch.float32, settings, dynamic=True)
 
 
+@pytest.mark.parametrize("delta", ["probs", "output"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("case", ["attention", "pooled_attention"])
-def test_inlined_attention_with_the_general_backward(case, settings, monkeypatch):
-    """Attention's long-sequence backward (three kernels: delta, dk/dv, dq) inlined, forced at a
-    short length by lowering the threshold of the single-kernel backward."""
+def test_inlined_attention_with_the_general_backward(case, dtype, delta, settings, monkeypatch):
+    """Attention's long-sequence backward inlined, forced at a short length by lowering the
+    threshold of the single-kernel backward: the dq kernel forming delta and storing it for the
+    dk/dv kernel after it (``BACKWARD_DELTA = "probs"``), or the preprocess kernel forming it from
+    O before both (``"output"``)."""
     from interformer.kernels import attention
 
     monkeypatch.setattr(attention, "_FUSED_BWD_MAX_LQ", 0)
-    _check_inlined(case, torch.float32, settings)
+    monkeypatch.setattr(attention, "BACKWARD_DELTA", delta)
+    _check_inlined(case, dtype, settings)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("case", ["attention", "pooled_attention"])
+def test_inlined_attention_with_the_delta_pass(case, dtype, settings, monkeypatch):
+    """The single-query-block backward with its delta pass (``DELTA=2``, keys past one block), forced
+    at the cases' few keys (a pass over one block gives the same delta)."""
+    from interformer.kernels import attention
+
+    monkeypatch.setattr(attention, "_delta_form", lambda Lk, block_n: attention._DELTA_PASS)
+    _check_inlined(case, dtype, settings)
 
 
 def _check_inlined(case, dtype, settings, dynamic=None):

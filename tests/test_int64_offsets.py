@@ -150,7 +150,7 @@ def _inputs(case: str, device):
     elif case == "attention_self":
         fn = lambda q, k, v: attention.attention(q, k, v, lengths, causal=False, rope_base=10000.0)  # noqa: E731
         batch, rest, grads = [r(B, 5, 2, 16), r(B, 5, 2, 16), r(B, 5, 2, 16)], [], [0, 1, 2]
-    elif case == "attention_long":  # Lq > 128: the three-kernel backward (preprocess, dk/dv, dq)
+    elif case == "attention_long":  # Lq > 128: the general backward (dq with its delta pass, dk/dv)
         long_lengths = torch.tensor([129, 0, 77], device=device)
         fn = lambda q, k, v: attention.attention(q, k, v, long_lengths, causal=True, rope_base=10000.0)  # noqa: E731
         batch, rest, grads = [r(B, 129, 1, 16), r(B, 129, 1, 16), r(B, 129, 1, 16)], [], [0, 1, 2]
