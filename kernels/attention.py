@@ -131,7 +131,9 @@ same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA
 * past one block (amazon's 104 keys, long, PMA at long), and in the general backward however few the
   keys: a pass of its own over the key blocks before the gradient loop (``_delta_pass``: the loop's
   loads and its ``Q K^T`` and ``dO V^T`` dots, so that the loop's ``dP - delta`` is a difference of
-  consistent fp32 values; the dk/dv kernel's transposed ``dP`` agrees with them to fp32 rounding),
+  consistent fp32 values, and the sum divided by the recomputed ``rowsum(P)``, which a few ulps of
+  score difference between forward and backward move off 1; the dk/dv kernel's transposed ``dP``
+  agrees with them to fp32 rounding),
   in the single-query-block kernel, or in the general path's dq kernel, which stores it for the
   dk/dv kernel launched after it. Cost: two more dots per key block (the gradient loop has five in
   the single-query-block kernel; the general path seven per tile pair, split over its two kernels)
@@ -516,12 +518,17 @@ def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
                 TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
                 SPLIT: tl.constexpr, PREC: tl.constexpr, NEG: tl.constexpr):
-    """``delta = rowsum(P * dP)`` of query rows ``offs_m`` over the key blocks below ``hi``, from the
-    same loads and the same dots as the gradient loop that follows, so that its ``dP - delta`` is a
-    difference of consistent fp32 values (``_DELTA_PASS``; module docstring, "Backward"). The loop
-    is not software-pipelined (``num_stages=1``): pipelined, long's dq kernel built to 177 registers
-    (2 programs per SM, from 3), unpipelined to 151 (sm_90, Triton 3.6)."""
+    """``delta = rowsum(P * dP) / rowsum(P)`` of query rows ``offs_m`` over the key blocks below
+    ``hi``, from the same loads and the same dots as the gradient loop that follows, so that its
+    ``dP - delta`` is a difference of consistent fp32 values (``_DELTA_PASS``; module docstring,
+    "Backward"). The division: where the recomputed scores are a few ulps off the forward's (the
+    interpreter sums another tile shape's dots in another order), ``rowsum(P)`` is off 1 by more than
+    rounding, and ``dP - rowsum(P * dP)`` carried that times ``dP``: fp32 dq 7.3x eager's error over
+    40 keys in two blocks, 1.0x with it. The loop is not software-pipelined (``num_stages=1``):
+    pipelined, long's dq kernel built to 177 registers (2 programs per SM, from 3), unpipelined to
+    151 (sm_90, Triton 3.6)."""
     delta = tl.zeros([BLOCK_M], tl.float32)
+    p_sum = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, hi, BLOCK_N, num_stages=1):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
@@ -529,7 +536,8 @@ def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
         p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         delta += tl.sum(p * dp, 1)
-    return delta
+        p_sum += tl.sum(p, 1)
+    return delta / tl.where(p_sum > 0, p_sum, 1.0)
 
 
 @triton.jit
