@@ -62,8 +62,9 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """The batch with its five CPU tensors in page-locked memory (``group`` as it is), so that a
         non-blocking copy to a GPU is asynchronous: from pageable memory the copy first waits for the
-        stream's queued work. Needs a CUDA build of torch with a GPU."""
-        pinned = (t.pin_memory() for t in (self.dense, self.sparse, self.seq, self.lengths, self.label))
+        stream's queued work; a strided tensor is made contiguous first, since its copy would go
+        through a pageable contiguous temporary. Needs a CUDA build of torch with a GPU."""
+        pinned = (t.contiguous().pin_memory() for t in (self.dense, self.sparse, self.seq, self.lengths, self.label))
         return Batch(*pinned, group=self.group)
 
     def __len__(self) -> int:

@@ -160,7 +160,7 @@ def train(model, data, args, desc: str, device) -> float:
     for epoch in range(args.epochs):
         bar = _progress(iterate_batches(data, args.batch_size, True, args.seed + epoch), n_batches, f"{desc} epoch {epoch + 1}", args.no_progress)
         for batch in bar:
-            b, checked = on_device(batch, device, model)  # on a GPU: checked on the host, no sync
+            b, checked = on_device(batch, device, model)  # on a GPU: checked on the host, before the copy
             with checked:
                 loss = model.loss(model(*b.inputs()), b.label)
             opt.zero_grad(set_to_none=True)

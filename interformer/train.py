@@ -67,10 +67,12 @@ Decisions:
   kernels are the same either way, so a resumed run may switch it. On a CPU there is no such
   thread and the setting changes nothing.
 * **Batches on a GPU** are checked on the host (``validate_batch``, where the model's
-  ``validate_inputs`` is on; a compiled model's batches too), pinned and copied without blocking,
-  and the step runs inside ``values_checked()`` (:func:`on_device`): the model's own value checks
-  would read the copied batch back, a device-to-host sync in every step that lets the host launch
-  the next step's kernels only once the device has run out of work. Not timed on a GPU.
+  ``validate_inputs`` is on), pinned and copied without blocking, and the step runs inside
+  ``values_checked()`` (:func:`on_device`): the model's own value checks would read the copied
+  batch back, a device-to-host sync in every step that lets the host launch the next step's
+  kernels only once the device has run out of work. A compiled model's batches are checked so on
+  any device (its forward skips the value checks). ``amp: fp16`` (the GradScaler's step) and
+  ``sparse_adam`` (coalescing its sparse gradients) still read back every step. Not timed on a GPU.
 * **Determinism** (``deterministic``): ``torch.use_deterministic_algorithms(True, warn_only=True)``
   for the run (restored afterwards), and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set (it
   must be set before cuBLAS starts, so set it yourself if CUDA was used earlier in the process).
@@ -92,7 +94,8 @@ Decisions:
   The process group's timeout is ``INTERFORMER_DIST_TIMEOUT_MIN`` minutes (default 60): the other
   ranks wait in a collective while rank 0 alone runs validation, so it must exceed that. Whether
   any rank must stop (``max_steps``, a signal) is asked after every step over gloo, also beside
-  NCCL (a second group), so that the question never waits for a GPU.
+  NCCL (a second group; on several nodes set ``GLOO_SOCKET_IFNAME`` as you set
+  ``NCCL_SOCKET_IFNAME``), so that the question never waits for a GPU.
 * **Skipped rows** (``on_bad_rows: skip``): the ``data:`` line, ``run.json``'s ``skipped_rows`` and
   the closing note (with examples) give the malformed rows of ONE pass over each split (the first,
   counting pass), not a sum over the epochs.
@@ -496,7 +499,10 @@ def check_device(device: torch.device) -> None:
 
 def setup_distributed(device: Optional[str]) -> tuple:
     """Join the process group torchrun describes (if any; timeout :func:`dist_timeout`); return
-    (Dist, device)."""
+    (Dist, device). Where the group's backend has no gloo (NCCL), also make a gloo group over the
+    same ranks for the per-step stop flag (:func:`_any_rank`; ``Dist.control``, with the same
+    timeout): a multi-node job then needs gloo to reach the other nodes too (set
+    ``GLOO_SOCKET_IFNAME`` where ``NCCL_SOCKET_IFNAME`` is set)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
@@ -508,7 +514,7 @@ def setup_distributed(device: Optional[str]) -> tuple:
         else:
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=dist_timeout())
-        if backend != "gloo":
+        if "gloo" not in str(backend):  # (a caller's "cpu:gloo,cuda:nccl" sends CPU tensors to gloo)
             d.control = dist.new_group(backend="gloo", timeout=dist_timeout())
         return d, dev
     d = Dist()
@@ -718,20 +724,27 @@ def unwrap(model: nn.Module) -> InterFormerCTR:
 
 
 def on_device(batch: Batch, device: torch.device, model: nn.Module):
-    """(``batch`` on ``device``, the context to call ``model`` in). On a GPU the batch's values are
-    checked here, on the host, where the model's input checks are on (``validate_batch``: what its
-    forward would check after the copy by reading the values back, a device-to-host sync in every
-    step, which drains the queue of launched kernels), and the model is called inside
-    :func:`interformer.validation.values_checked`; its tensors are pinned and copied without
-    blocking (a copy from pageable memory first waits for the stream's queued work). So a step
-    launches without waiting for the device. A compiled model, which skips the value checks in its
-    forward, has its batches checked too. On a CPU the model checks the batch itself."""
-    if device.type != "cuda":
-        return batch.to(device), contextlib.nullcontext()
+    """(``batch`` on ``device``, the context to call ``model`` in).
+
+    On a GPU the batch's values are checked here, on the host, where the model's input checks are
+    on (``validate_batch`` with the model's ``dense_dtype``: what its forward checks after the
+    copy by reading the values back, a device-to-host sync in every step, which drains the queue of
+    launched kernels), and the model is called inside
+    :func:`interformer.validation.values_checked`; the tensors are pinned and copied without
+    blocking (a copy from pageable memory first waits for the stream's queued work). So checking a
+    batch no longer makes the step wait for the device (with ``amp: fp16`` the GradScaler's step
+    and with ``sparse_adam`` the sparse gradients' coalescing still read back every step).
+
+    A compiled (or DDP-wrapped) model has its batches checked here on any device: a compiled
+    forward skips the value checks (``interformer.validation``). Otherwise, on a CPU, the batch
+    moves as it is and the model checks it itself."""
     core = unwrap(model)
+    cuda = device.type == "cuda"
+    if not cuda and core is model:
+        return batch.to(device), contextlib.nullcontext()
     if core.config.validate_inputs:
-        validate_batch(core.config, *batch.inputs(), label=batch.label, dense_dtype=core.backbone.dense_dtype())
-    return batch.pin_memory().to(device), values_checked()
+        validate_batch(core.config, *batch.inputs(), dense_dtype=core.backbone.dense_dtype())
+    return (batch.pin_memory() if cuda else batch).to(device), values_checked()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1049,7 +1062,8 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     Returns the run summary that ``run.json`` holds (on every rank), plus ``"model"``: the trained
     :class:`InterFormerCTR` (last weights, unwrapped from DDP and ``torch.compile``). The process's
     deterministic-algorithms setting is restored on return. A process group this call joined
-    (under torchrun, when none existed) is destroyed when it returns normally. Under torchrun it
+    (under torchrun, when none existed) is destroyed when it returns normally, and so is the gloo
+    group it made beside a caller's non-gloo group (:func:`setup_distributed`). Under torchrun it
     first lets the backend's worker threads have the GIL (:func:`_let_collectives_settle`; without
     that a rank could abort at exit). The group is not destroyed after an exception: NCCL's destroy
     waits for the other ranks, which may sit in a collective the failed rank will never join (the
@@ -1058,14 +1072,18 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     joins = distributed and not dist.is_initialized()
+    d = None
     try:
-        result = _train(cfg, log)
+        d, device = setup_distributed(cfg.device)
+        result = _train(cfg, log, d, device)
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         if distributed:  # also when the group is the caller's, and after an exception
             _let_collectives_settle()
     if joins and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (with every group made in it)
+    elif d.control is not None and dist.is_initialized():
+        dist.destroy_process_group(d.control)
     return result
 
 
@@ -1087,8 +1105,7 @@ def _let_collectives_settle(seconds: float = 0.05) -> None:
     time.sleep(seconds)
 
 
-def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
-    d, device = setup_distributed(cfg.device)
+def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, Any]:
     check_device(device)  # before the output directory is made (a resumed run's own device: below)
     say = log if d.is_main else (lambda *a, **k: None)
     resume_state = _on_rank0(lambda: _open_output_dir(cfg, say), d)
@@ -1276,11 +1293,13 @@ def _train(cfg: TrainConfig, log) -> Dict[str, Any]:
                 if bar is not None:
                     bar.update(1)
                     if batch_in_epoch % cfg.log_every == 0:
+                        mean = (loss_sum / loss_n).item()  # (first: it waits for the queued steps)
                         sps = seen * d.world_size / (time.perf_counter() - t0)
-                        bar.set_postfix(loss=f"{(loss_sum / loss_n).item():.4f}", samples_s=rate(sps))
+                        bar.set_postfix(loss=f"{mean:.4f}", samples_s=rate(sps))
                 elif d.is_main and step % cfg.log_every == 0:  # no bar (a log file, --no-progress): a line
+                    mean = (loss_sum / loss_n).item()  # (first: it waits for the queued steps)
                     sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
-                    say(f"step {step}: loss {(loss_sum / loss_n).item():.4f}, {rate(sps)} samples/s "
+                    say(f"step {step}: loss {mean:.4f}, {rate(sps)} samples/s "
                         f"(epoch {epoch + 1}, batch {batch_in_epoch}/{n_batches}; means over the epoch so far)")
                 if _any_rank(max_steps_reached() or stop.requested, d):
                     halted = True

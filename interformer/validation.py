@@ -14,8 +14,8 @@ shapes, and silently takes lengths out of ``[0, T]``, ids out of their vocabular
 graph break (the fused model must compile with ``fullgraph=True``). Callers of a compiled model
 that need the checks call :func:`validate_batch` on each batch before the call. They are also
 skipped inside :func:`values_checked`, where the caller has run them already: the trainer checks
-each batch on the host, before its copy to a GPU, so that its steps never wait for that read (and
-so a compiled model's training run checks its batches too).
+each batch on the host, before its copy to a GPU, so that its steps never wait for that read, and
+checks a compiled model's batches so on any device.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def values_checked() -> Iterator[None]:
 
 def _value_checks_allowed(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or isinstance(t, torch.fx.Proxy) or t.is_meta:
-        return False  # (first: dynamo never reads the thread-local below)
+        return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return not getattr(_HOST_CHECKED, "on", False)

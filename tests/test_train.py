@@ -5,6 +5,7 @@ Every run is a tiny model on a few hundred rows (seconds on 2 CPU threads)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -345,8 +346,9 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
 def test_the_per_step_stop_flag_goes_over_gloo_never_a_gpu(monkeypatch):
     """Under NCCL (a GPU run, mocked) the setup also makes a gloo group over the same ranks, and the
     stop flag asked after every step is a CPU number all-reduced over it: no device tensor read
-    back (a sync per step). Under gloo (CPU runs) the default group carries it; a caller's group is
-    asked its backend."""
+    back (a sync per step), with the run's timeout. Under gloo (CPU runs) the default group carries
+    it; a caller's group is asked its backend (one with gloo in it, "cpu:gloo,cuda:nccl", carries
+    it too)."""
     made, reduced = [], []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -355,7 +357,10 @@ def test_the_per_step_stop_flag_goes_over_gloo_never_a_gpu(monkeypatch):
     monkeypatch.setattr(T.torch.cuda, "set_device", lambda dev: None)
     monkeypatch.setattr(T.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(T.dist, "init_process_group", lambda backend, **kw: made.append(("init", backend)))
-    monkeypatch.setattr(T.dist, "new_group", lambda backend, **kw: made.append(("group", backend)) or "gloo-group")
+    monkeypatch.setattr(T.dist, "new_group", lambda backend, timeout: made.append(("group", backend, timeout))
+                        or "gloo-group")
+    monkeypatch.setenv("INTERFORMER_DIST_TIMEOUT_MIN", "9")
+    nine = datetime.timedelta(minutes=9)
 
     def all_reduce(t, op, group):
         reduced.append((t.device.type, group))
@@ -363,17 +368,39 @@ def test_the_per_step_stop_flag_goes_over_gloo_never_a_gpu(monkeypatch):
 
     monkeypatch.setattr(T.dist, "all_reduce", all_reduce)
     d, dev = T.setup_distributed(None)
-    assert dev.type == "cuda" and made == [("init", "nccl"), ("group", "gloo")] and d.control == "gloo-group"
+    assert dev.type == "cuda" and made == [("init", "nccl"), ("group", "gloo", nine)] and d.control == "gloo-group"
     assert T._any_rank(False, d) is True and reduced == [("cpu", "gloo-group")]
     made.clear()
     d, dev = T.setup_distributed("cpu")
     assert made == [("init", "gloo")] and d.control is None
     monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(T.dist, "get_backend", lambda: "nccl")
-    made.clear()
-    d, _ = T.setup_distributed(None)
-    assert made == [("group", "gloo")] and d.control == "gloo-group"
+    for backend, control in (("nccl", "gloo-group"), ("gloo", None), ("cpu:gloo,cuda:nccl", None)):
+        monkeypatch.setattr(T.dist, "get_backend", lambda: backend)
+        made.clear()
+        d, _ = T.setup_distributed(None)
+        assert made == ([("group", "gloo", nine)] if control else []) and d.control == control, backend
     assert T._any_rank(True, T.Dist()) is True and len(reduced) == 1  # one process: no collective
+
+
+def test_a_control_group_made_beside_a_callers_group_is_destroyed(monkeypatch):
+    """``train`` under a caller's NCCL group destroys the gloo group it made for the stop flag (and
+    only that) when it returns; after an exception it destroys nothing, as for its own group."""
+    destroyed = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "destroy_process_group", lambda group=None: destroyed.append(group))
+    monkeypatch.setattr(T, "setup_distributed", lambda device: (T.Dist(0, 2, 0, control="gloo-group"), None))
+    monkeypatch.setattr(T, "_train", lambda cfg, log, d, device: {"status": "finished"})
+    assert T.train(T.TrainConfig())["status"] == "finished"
+    assert destroyed == ["gloo-group"]
+
+    def fail(cfg, log, d, device):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(T, "_train", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        T.train(T.TrainConfig())
+    assert destroyed == ["gloo-group"]
 
 
 def test_repeated_sigterms_wait_for_the_stop_checkpoint():
@@ -1541,50 +1568,115 @@ def test_train_help_lists_the_choices_of_the_enumerated_settings(capsys):
         assert "oneof" + ",".join(values) in text, values
 
 
+def _mock_gpu_copies(monkeypatch):
+    """Record ``Tensor.pin_memory`` and ``Tensor.to`` (device, non_blocking) calls, doing neither:
+    a CPU stands in for the GPU of :func:`T.on_device`'s CUDA branch."""
+    calls = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        device = args[0] if args else kwargs.get("device")
+        if isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda":
+            calls.append(("to", str(device), kwargs.get("non_blocking", False)))
+            return self
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin", self.is_contiguous())) or self)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return calls
+
+
 def test_a_gpu_batch_is_checked_on_the_host_pinned_and_copied_without_blocking(monkeypatch):
-    """On a GPU (mocked: the batch's copy and pinning are recorded, not done) ``on_device`` checks
-    the batch's values on the host before anything is copied (a bad id raises there, before the
-    copy), pins it, copies it without blocking, and hands back ``values_checked()``, inside which the
+    """On a GPU (mocked: pinning and copies are recorded, not done) ``on_device`` checks the
+    batch's values on the host before anything is copied (a bad id, or a dense value past a
+    ``.half()`` model's range, raises there), pins its five tensors (contiguous; ``group`` stays on
+    the CPU), copies each without blocking, and hands back ``values_checked()``, inside which the
     model's forward makes no device-to-host read of the values; a model with its checks off is not
     checked. On a CPU the batch is moved as before and the model checks it itself."""
-    import contextlib
-
     from interformer import InterFormerCTR
     from interformer import validation as V
-    from interformer.data import Batch
 
     cfg = InterFormerConfig(**TINY)
     model = InterFormerCTR(cfg)
-    calls = []
-    monkeypatch.setattr(Batch, "pin_memory", lambda self: calls.append("pin") or self)
-    real_to = Batch.to
-    monkeypatch.setattr(Batch, "to", lambda self, device: calls.append(("to", str(device))) or real_to(self, "cpu"))
     cuda = torch.device("cuda", 0)
     batch = make_synthetic(4, cfg, seed=1)
+    batch.group = torch.arange(4)
+    batch.seq = batch.seq.transpose(0, 1).contiguous().transpose(0, 1)  # strided: pinned contiguous
+    calls = _mock_gpu_copies(monkeypatch)
     b, checked = T.on_device(batch, cuda, model)
-    assert calls == ["pin", ("to", "cuda:0")]
+    assert calls == [("pin", True)] * 5 + [("to", "cuda:0", True)] * 5, calls
+    assert b.group is batch.group
+    monkeypatch.undo()
     reads = []
     monkeypatch.setattr(V, "_value_checks", lambda *a, **k: reads.append(1))
+    b = batch.to("cpu")
     with checked:
         model(*b.inputs())
     assert reads == []
     model(*b.inputs())
     assert reads == [1]  # outside the block the model reads them (the sync the block avoids)
+    monkeypatch.undo()
 
     bad = make_synthetic(4, cfg, seed=1)
     bad.sparse[2, 0] = cfg.sparse_vocab_sizes[0]
-    calls.clear()
-    monkeypatch.undo()
-    monkeypatch.setattr(Batch, "pin_memory", lambda self: calls.append("pin") or self)
-    monkeypatch.setattr(Batch, "to", lambda self, device: calls.append(("to", str(device))) or real_to(self, "cpu"))
+    calls = _mock_gpu_copies(monkeypatch)
     with pytest.raises(ValueError, match=r"^sparse: field 0: ids must lie in"):
         T.on_device(bad, cuda, model)
+    half = InterFormerCTR(cfg).half()
+    wide = make_synthetic(4, cfg, seed=1)
+    wide.dense[1, 0] = 1e5
+    with pytest.raises(ValueError, match=r"^dense: has values beyond torch.float16's range"):
+        T.on_device(wide, cuda, half)
     assert calls == []
-    unchecked = InterFormerCTR(dataclasses.replace(cfg, validate_inputs=False))
-    T.on_device(bad, cuda, unchecked)
-    assert calls == ["pin", ("to", "cuda:0")]
+    T.on_device(bad, cuda, InterFormerCTR(dataclasses.replace(cfg, validate_inputs=False)))
+    assert len(calls) == 10
+    monkeypatch.undo()
 
     b, checked = T.on_device(batch, torch.device("cpu"), model)
-    assert isinstance(checked, contextlib.nullcontext) and calls[-1] == ("to", "cpu")
+    assert isinstance(checked, contextlib.nullcontext)
     with pytest.raises(ValueError, match=r"^sparse"):
         model(*T.on_device(bad, torch.device("cpu"), model)[0].inputs())
+
+
+def test_a_compiled_model_has_its_batches_checked_on_any_device():
+    """A compiled forward skips the value checks; ``on_device`` checks its batches on the host
+    (CPU too) and runs it inside ``values_checked()``."""
+    from interformer import InterFormerCTR
+
+    cfg = InterFormerConfig(**TINY)
+    compiled = torch.compile(InterFormerCTR(cfg), backend="eager")
+    bad = make_synthetic(4, cfg, seed=1)
+    bad.lengths[0] = cfg.max_seq_len + 1
+    with pytest.raises(ValueError, match=r"^lengths"):
+        T.on_device(bad, torch.device("cpu"), compiled)
+    b, checked = T.on_device(make_synthetic(4, cfg, seed=1), torch.device("cpu"), compiled)
+    assert not isinstance(checked, contextlib.nullcontext)
+
+
+def test_the_training_and_evaluation_loops_call_the_model_through_on_device(tmp_path, monkeypatch):
+    """Every training step and every evaluation batch gets its batch from :func:`T.on_device` and
+    calls the model inside the context it returns (a CPU run; the context recorded)."""
+    seen = {"calls": 0, "entered": 0}
+    real = T.on_device
+
+    class Recording(contextlib.AbstractContextManager):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            seen["entered"] += 1
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    def spy(batch, device, model):
+        seen["calls"] += 1
+        b, checked = real(batch, device, model)
+        return b, Recording(checked)
+
+    monkeypatch.setattr(T, "on_device", spy)
+    cfg = T.TrainConfig(output_dir=str(tmp_path / "run"), epochs=1, batch_size=64, synthetic_train=128,
+                        synthetic_valid=64, progress=False, model=dict(TINY))
+    T.train(cfg, log=lambda *a, **k: None)
+    assert seen["calls"] >= 3 and seen["entered"] == seen["calls"], seen  # 2 steps + 1 validation batch
