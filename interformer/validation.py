@@ -126,9 +126,9 @@ def validate_batch(
 
     The value checks are skipped while ``torch.compile`` (or ``torch.fx``) traces, which includes
     every call of a compiled model, under CUDA graph capture, and inside :func:`values_checked`: a
-    compiled model does not catch bad values (see the module docstring). Called directly, outside the compiled region, this
-    function always runs them: call it on the batches you feed to a compiled model if you need
-    them."""
+    compiled model does not catch bad values (see the module docstring). Called directly, outside
+    the compiled region and outside :func:`values_checked`, this function always runs them: call it
+    on the batches you feed to a compiled model if you need them."""
     for name, t in (("dense", dense), ("sparse", sparse), ("seq", seq), ("lengths", lengths), ("label", label)):
         if t is not None or name != "label":  # a list or array label would fail below with an AttributeError
             _check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
