@@ -133,9 +133,12 @@ same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA
   loads and its ``Q K^T`` and ``dO V^T`` dots, so that the loop's ``dP - delta`` is a difference of
   consistent fp32 values, and the sum divided by the recomputed ``rowsum(P)``, which a few ulps of
   score difference between forward and backward move off 1; the dk/dv kernel's transposed ``dP``
-  agrees with them to fp32 rounding),
-  in the single-query-block kernel, or in the general path's dq kernel, which stores it for the
-  dk/dv kernel launched after it. Cost: two more dots per key block (the gradient loop has five in
+  agrees with them to fp32 rounding), in the single-query-block kernel, or in the general path's dq
+  kernel, which stores it for the dk/dv kernel launched after it (in fp32 a kernel of its own,
+  ``_attn_bwd_delta_kernel``, forms it before both: the fp32 dq kernel with the pass built to 32
+  registers and a 7.9 KB stack at 128-wide heads, the delta kernel to 154, 248 and 255 registers at
+  32-, 64- and 128-wide heads, the last with a 904-byte stack where the dq kernel without the pass
+  has 1,208; sm_90, Triton 3.6). Cost: two more dots per key block (the gradient loop has five in
   the single-query-block kernel; the general path seven per tile pair, split over its two kernels)
   and the k/v tiles loaded twice (from L2 but for the first pass), O not read. sm_90 builds (Triton
   3.6, ``profiling/sm90-audit-triton3.6.md``): amazon's self-attention backward 157 -> 171 registers
@@ -160,11 +163,12 @@ Two structures, chosen by the shape:
   chose the delta form at run time and built to 202 registers with Triton 3.9 in a review: 2
   programs per SM.)
 * **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the flash-attention-2 split:
-  ``_attn_bwd_dq_kernel`` (one program per query block, loop over valid key blocks; it forms delta
-  first, above), then ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over query blocks
-  from the diagonal when causal, up to the query limit); with ``BACKWARD_DELTA = "output"``
-  ``_attn_bwd_preprocess_kernel`` forms delta from O before them. Fully padded key/query blocks skip
-  their loops and only store zeros. No atomics, so results are deterministic. 64 x 64 tiles
+  ``_attn_bwd_dq_kernel`` (one program per query block, loop over valid key blocks; for fp16/bf16 it
+  forms delta first, above), then ``_attn_bwd_dkdv_kernel`` (one program per key block, loop over
+  query blocks from the diagonal when causal, up to the query limit); in fp32
+  ``_attn_bwd_delta_kernel`` forms delta before them, and with ``BACKWARD_DELTA = "output"``
+  ``_attn_bwd_preprocess_kernel`` does, from O. Fully padded key/query blocks skip their loops and
+  only store zeros. No atomics, so results are deterministic. 64 x 64 tiles
   (``_general_bwd_config``: 32-wide for 128-wide heads, 32-row key blocks in dkdv for fp32).
 
 k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``), the ``SAME_KV`` variants:
@@ -627,6 +631,40 @@ def _attn_bwd_fused_kernel(
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(
+    DELTA, DO, Q, K, V, STATS, LENS, TAB,
+    qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
+    sdob, sdol, sdoh, sdod,
+    sqb, sql, sqh, sqd,
+    skb, skl, skh, skd,
+    svb, svl, svh, svd,
+    CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, ROPE_K: tl.constexpr, MASK_Q: tl.constexpr, SAME_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, NEG: tl.constexpr,
+):
+    """delta of one query block of one (b, h) by :func:`_delta_pass`, over the keys the dq kernel's
+    loop visits, stored for the dq and dk/dv kernels: the fp32 general backward's form (in fp32 the
+    pass inside the dq kernel, tf32x3 dots beside its accumulator, built to 32 registers and a 7.9 KB
+    stack at 128-wide heads, sm_90, Triton 3.6)."""
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
+                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
+                                                    ROPE_Q, DH, DHP, SPLIT)
+    hi = k_lim
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    hi = tl.where(start_m < q_lim, hi, 0)
+    delta = _delta_pass(q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim, m_row,
+                        lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
+                        BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)  # rows that take no part: 0
+
+
+@triton.jit
 def _attn_bwd_preprocess_kernel(
     DELTA, DO, O, Lq, H, n_m_blocks,
     sdob, sdol, sdoh, sdod,
@@ -717,7 +755,7 @@ def _attn_bwd_dq_kernel(
 ):
     """dq of one query block of one (b, h): loop over the visible key blocks. With DELTA_PASS it
     first forms its rows' delta in a pass of its own (``_DELTA_PASS``) and stores it for the dk/dv
-    kernel, which runs after it; otherwise it reads the preprocess kernel's."""
+    kernel, which runs after it; otherwise it reads the delta kernel's or the preprocess kernel's."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     pid_m, bh, b, h = _program_block(n_m_blocks, H)
@@ -1005,13 +1043,22 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
             delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-            delta_pass = _backward_delta() == "probs"  # in the dq kernel (even over one key block), else from O
-            if not delta_pass:
+            n_m = cdiv(Lq, q_bm)
+            # delta (module docstring, "Backward"): a pass over the keys, in the dq kernel (fp16/bf16)
+            # or in a kernel of its own (fp32), even over one key block; or from O
+            delta_pass = _backward_delta() == "probs" and q.dtype != torch.float32
+            if _backward_delta() == "output":
                 n_pre = cdiv(Lq, 64)
                 launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
                     delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
                 )
-            n_m = cdiv(Lq, q_bm)  # before dk/dv: with delta_pass it forms delta
+            elif not delta_pass:
+                launch(_attn_bwd_delta_kernel)[(B * H * n_m,)](
+                    delta, do, q, k, v, stats, lengths, tab,
+                    qk_scale, Lq, Lk, H, tab_len, n_m,
+                    *do.stride(), *q_strides, *k.stride(), *v.stride(),
+                    BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
+                )
             launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
                 dq_buf, do, q, k, v, stats, delta, lengths, tab,
                 scale, qk_scale, Lq, Lk, H, tab_len, n_m,

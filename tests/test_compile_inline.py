@@ -174,9 +174,9 @@ def test_dynamic_shapes_keep_the_custom_ops(case, settings):
 @pytest.mark.parametrize("case", ["attention", "pooled_attention"])
 def test_inlined_attention_with_the_general_backward(case, dtype, delta, settings, monkeypatch):
     """Attention's long-sequence backward inlined, forced at a short length by lowering the
-    threshold of the single-kernel backward: the dq kernel forming delta and storing it for the
-    dk/dv kernel after it (``BACKWARD_DELTA = "probs"``), or the preprocess kernel forming it from
-    O before both (``"output"``)."""
+    threshold of the single-kernel backward: delta formed by a pass over the keys
+    (``BACKWARD_DELTA = "probs"``: in the dq kernel, which stores it for the dk/dv kernel after it,
+    or in fp32 by a kernel of its own), or by the preprocess kernel from O (``"output"``)."""
     from interformer.kernels import attention
 
     monkeypatch.setattr(attention, "_FUSED_BWD_MAX_LQ", 0)
@@ -260,6 +260,7 @@ KERNEL_POINTERS = {
     ("attention", "_attn_fwd_kernel"): ({"O", "STATS"}, {"Q", "K", "V", "LENS", "TAB"}),
     ("attention", "_attn_bwd_fused_kernel"): ({"DQ", "DK", "DV"}, {"DO", "Q", "K", "V", "O", "STATS", "LENS", "TAB"}),
     ("attention", "_attn_bwd_preprocess_kernel"): ({"DELTA"}, {"DO", "O"}),
+    ("attention", "_attn_bwd_delta_kernel"): ({"DELTA"}, {"DO", "Q", "K", "V", "STATS", "LENS", "TAB"}),
     ("attention", "_attn_bwd_dkdv_kernel"): ({"DK", "DV"}, {"DO", "Q", "K", "V", "STATS", "DELTA", "LENS", "TAB"}),
     ("attention", "_attn_bwd_dq_kernel"): ({"DQ", "DELTA"}, {"DO", "Q", "K", "V", "STATS", "LENS", "TAB"}),
     ("gated_lce", "_glce_fwd_kernel"): ({"OUT"}, {"X", "W", "BIAS", "GW", "GB"}),

@@ -321,9 +321,13 @@ def _backward_kernels(monkeypatch, fn):
         monkeypatch.setattr(A, "launch", real)
 
 
-#: where each near one-hot case's backward forms delta: the kernels its backward launches
-_NEAR_ONE_HOT_BACKWARD = {None: {"_attn_bwd_fused_kernel"}, 64: {"_attn_bwd_fused_kernel"},
-                          66: {"_attn_bwd_fused_kernel"}, 130: {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}}
+def _near_one_hot_backward(keys, dtype):
+    """The kernels a near one-hot case's backward launches: the single-query-block one, or the
+    general dq (with its delta pass in fp16) and dk/dv, and in fp32 a delta kernel of its own."""
+    if keys != 130:
+        return {"_attn_bwd_fused_kernel"}
+    general = {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}
+    return general | {"_attn_bwd_delta_kernel"} if dtype == torch.float32 else general
 
 
 _NEAR_ONE_HOT = [(2, [2, 1, 2], True, None), (2, [2, 1, 2], True, 64), (2, [2, 1, 2], True, 66),
@@ -344,14 +348,14 @@ def test_a_near_one_hot_softmax_meets_the_low_precision_rule(monkeypatch, L, len
     review). The backward forms ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's
     softmax backward does: in its one pass where every key fits one block (up to 64; 32 in fp32), in
     a pass of its own past that (66 keys: the single-query-block kernel; 130 keys and as many
-    queries: the general dq kernel, which stores it for the dk/dv kernel; the kernels launched are
-    checked), divided there by the recomputed row sum of P (fp32 over 40 keys, two 32-key blocks:
+    queries: the general dq kernel, which stores it for the dk/dv kernel, or in fp32 a delta kernel
+    of its own; the kernels launched are checked), divided there by the recomputed row sum of P (fp32 over 40 keys, two 32-key blocks:
     dq 7.3x eager's error without the division, the interpreter's recomputed scores a few ulps off
     the forward's). :func:`test_the_output_delta_fails_a_near_one_hot_softmax` shows the 66- and
     130-key cases fail without the pass."""
     case = _near_one_hot_case(L, lengths, shared_grad, keys)
     fused, launched = _backward_kernels(monkeypatch, lambda: _run_near_one_hot(case, A.attention, dtype))
-    assert {n for n in launched if "_bwd_" in n} == _NEAR_ONE_HOT_BACKWARD[keys], launched
+    assert {n for n in launched if "_bwd_" in n} == _near_one_hot_backward(keys, dtype), launched
     eager, exact = (_run_near_one_hot(case, R.attention, t) for t in (dtype, torch.float64))
     for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
         if dtype == torch.float32:
@@ -1148,8 +1152,11 @@ def test_kernel_configs_fit_h100_shared_memory():
             kernels.append(("_attn_bwd_fused_kernel", fbm, fbn, fwarps, 2, dict(DELTA=A._delta_form(L, fbn))))
         else:
             (kbm, kbn), (qbm, qbn), warps = A._general_bwd_config(dhp, dtype)
+            in_dq = dtype != torch.float32  # fp32: delta by a kernel of its own
             kernels += [("_attn_bwd_dkdv_kernel", kbm, kbn, warps, 2, {}),
-                        ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2, dict(DELTA_PASS=A.BACKWARD_DELTA == "probs"))]
+                        ("_attn_bwd_dq_kernel", qbm, qbn, warps, 2, dict(DELTA_PASS=in_dq))]
+            if not in_dq:
+                kernels.append(("_attn_bwd_delta_kernel", qbm, qbn, warps, 2, {}))
         for kernel, bm, bn, warps, stages, extra in kernels:
             cases.append(dict(module="interformer.kernels.attention", kernel=kernel, args=args, num_warps=warps,
                               num_stages=stages, consts=dict(flags, BLOCK_M=bm, BLOCK_N=bn, **extra),

@@ -142,7 +142,7 @@ P_L, P_D, P_NS = 7, 24, 2
 G_NIN, G_NOUT, G_D = 5, 4, 24
 # DOT: N > d, so an N x N Gram matrix would outgrow z itself
 Z_N, Z_D = 40, 16
-# attention: L = 65 (fused backward), 129 (the general backward: dq, then dk/dv); with L > 3 dh the
+# attention: L = 65 (fused backward), 129 (the general backward: delta, dq, dk/dv); with L > 3 dh the
 # scores [B, H, L, L] outgrow the packed qkv [B, L, 3, H, dh]. PMA: 5 shared queries
 A_B, A_H, A_DH = 2, 2, 16
 # feed-forward block: x [B, F_T, F_K] (150 rows: three 64-row blocks), H = 72 (three hidden chunks,
@@ -293,10 +293,11 @@ CASES = [
          never=_scores(65, 65)),
     Case("attention, packed qkv, L=65", _attention(65, packed=True), {"_attn_fwd_kernel": 1},
          {"_attn_bwd_fused_kernel": 1}, never=_scores(65, 65)),
-    # the general backward: the dq kernel forms delta = rowsum(P * dP) and stores it for the dk/dv
-    # kernel (no preprocess launch, no scores-sized tensor), in fp32 and fp16
+    # the general backward: delta = rowsum(P * dP) formed in a pass over the keys, by a kernel of its
+    # own in fp32, by the dq kernel (which stores it for the dk/dv kernel) in fp16; no scores-sized tensor
     Case("attention, L=129", _attention(129), {"_attn_fwd_kernel": 1},
-         {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}, never=_scores(129, 129)),
+         {"_attn_bwd_delta_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
+         never=_scores(129, 129)),
     Case("attention, fp16, L=129", _attention(129, dtype=torch.float16), {"_attn_fwd_kernel": 1},
          {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1}, never=_scores(129, 129)),
     # shared queries: per-sample dq reduced over the batch by one aten sum
@@ -306,7 +307,7 @@ CASES = [
     Case("pma, k and v one tensor", _one_kv(5, 33, True), {"_attn_fwd_kernel": 1}, {"_attn_bwd_fused_kernel": 1},
          bwd_compute=frozenset({"sum.dim_IntList"}), never=_scores(5, 33), bwd_at_most=_kv_sized(33, 1)),
     Case("attention, k and v one tensor, L=129", _one_kv(129, 129, False), {"_attn_fwd_kernel": 1},
-         {"_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
+         {"_attn_bwd_delta_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
          never=_scores(129, 129), bwd_at_most=_kv_sized(129, 2)),
     Case("add_layer_norm", _layernorm, {"_ln_fwd_kernel": 1}, {"_ln_bwd_kernel": 1, SUM_PARTIALS: 1}),
     # the hidden activation is recomputed in both backward kernels, never stored
