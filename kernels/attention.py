@@ -126,8 +126,10 @@ the fp16 rounding of its P tile, O's own rounding) and the backward's: fp16 dq w
 same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA`` constexpr,
 :func:`_delta_form`):
 
-* every key in one block (``Lk <= BLOCK_N``: at most 64 keys, 128 for PMA's few queries; taobao):
-  from that block's P and dP, in the gradient loop's one pass, at no cost (O is not read);
+* every key in one block (``Lk <= BLOCK_N``: in 16-bit at most 64 keys, 128 for PMA's few queries;
+  in fp32 32 or 16; taobao): from that block's P and dP, divided by its ``rowsum(P)`` as below, in
+  the gradient loop's one pass (O is not read; fp32 with 64 < Lq <= 128 over 16 keys had dq 4-10x
+  eager's error without the division, the forward's 64-row tiles against the backward's 128);
 * past one block (amazon's 104 keys, long, PMA at long), and in the general backward however few the
   keys: a pass of its own over the key blocks before the gradient loop (``_delta_pass``: the loop's
   loads and its ``Q K^T`` and ``dO V^T`` dots, so that the loop's ``dP - delta`` is a difference of
@@ -159,7 +161,8 @@ Two structures, chosen by the shape:
   compute. Every tensor is read once and written once (the delta pass aside). sm_90 builds at
   taobao (bf16, ``profiling/sm90_audit.py``), delta in the loop against the O-based delta: PMA 96
   registers against 98 (5 programs per SM against 4) with Triton 3.6 and 3.9, self-attention 155
-  against 151 (3.6) and 157 against 150 (3.9), 3 per SM either way; no spills. (A first version
+  against 151 (3.6) and 157 against 150 (3.9), 3 per SM either way; no spills (with the division by
+  ``rowsum(P)``, Triton 3.6: PMA 96, self-attention 149). (A first version
   chose the delta form at run time and built to 202 registers with Triton 3.9 in a review: 2
   programs per SM.)
 * **general** (``Lq > 128``: long, and the wider fp32 shapes) -- the flash-attention-2 split:
@@ -169,7 +172,7 @@ Two structures, chosen by the shape:
   ``_attn_bwd_delta_kernel`` forms delta before them, and with ``BACKWARD_DELTA = "output"``
   ``_attn_bwd_preprocess_kernel`` does, from O. Fully padded key/query blocks skip their loops and
   only store zeros. No atomics, so results are deterministic. 64 x 64 tiles
-  (``_general_bwd_config``: 32-wide for 128-wide heads, 32-row key blocks in dkdv for fp32).
+  (``_general_bwd_config``: 32-wide for 128-wide heads, 32-row query steps in dk/dv for fp32).
 
 k and v as one tensor (PMA's folded call, ``attention(q, s, s, ...)``), the ``SAME_KV`` variants:
 when the eager entry is given the same tensor object as k and v, its backward kernels store that
@@ -239,9 +242,9 @@ _FUSED_BWD_MAX_LQ = 128
 BACKWARD_DELTA = "probs"
 
 # the kernels' DELTA constexpr: where delta comes from (chosen by _delta_form)
-_DELTA_IN_LOOP = 0  # every key in one block: that block's P and dP, in the gradient loop's one pass
+_DELTA_IN_LOOP = 0  # every key in one block: rowsum(P * dP) / rowsum(P) of that block, in the loop's one pass
 _DELTA_FROM_O = 1  # rowsum(dO * O) from the stored output
-_DELTA_PASS = 2  # rowsum(P * dP) summed in a first pass over the key blocks
+_DELTA_PASS = 2  # rowsum(P * dP) / rowsum(P) summed in a first pass over the key blocks
 
 
 # ============================================================================ Triton helpers
@@ -613,8 +616,9 @@ def _attn_bwd_fused_kernel(
         p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if DELTA == 0:  # _DELTA_IN_LOOP
-            delta = tl.sum(p * dp, 1)
+        if DELTA == 0:  # _DELTA_IN_LOOP, divided by rowsum(P) as in _delta_pass
+            p_sum = tl.sum(p, 1)
+            delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0, p_sum, 1.0)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -859,7 +863,7 @@ def _delta_form(Lk: int, block_n: int) -> int:
     """The single-query-block backward's DELTA constexpr (module docstring, "Backward"): every key
     in one block, from that block's P and dP; past it, a pass of its own (``BACKWARD_DELTA =
     "probs"``) or the stored output (``"output"``). The general backward takes the pass (in its dq
-    kernel) or the preprocess kernel by the setting alone."""
+    kernel for fp16/bf16, in a delta kernel for fp32) or the preprocess kernel by the setting."""
     by_pass = _backward_delta() == "probs"
     if Lk <= block_n:
         return _DELTA_IN_LOOP

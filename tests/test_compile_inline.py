@@ -188,7 +188,7 @@ def test_inlined_attention_with_the_general_backward(case, dtype, delta, setting
 @pytest.mark.parametrize("case", ["attention", "pooled_attention"])
 def test_inlined_attention_with_the_delta_pass(case, dtype, settings, monkeypatch):
     """The single-query-block backward with its delta pass (``DELTA=2``, keys past one block), forced
-    at the cases' few keys (a pass over one block gives the same delta)."""
+    at the cases' few keys (a pass over one block gives the in-loop delta, up to rounding)."""
     from interformer.kernels import attention
 
     monkeypatch.setattr(attention, "_delta_form", lambda Lk, block_n: attention._DELTA_PASS)
@@ -399,7 +399,7 @@ def test_kernels_compile_with_their_float_arguments_typed_fp64():
     types them fp32 (kernels/_dispatch.py, "Float arguments"). Attention's fp64 ``qk_scale`` reached
     its fp32 accumulator in the key loop, and no inlined model compiled on the H200 (c77021c). Every
     kernel that a fused training step and inference forward launch with a float argument, and the
-    general attention backward (two kernels the tiny model's short sequences do not take), must
+    general attention backward (three kernels in fp32 the tiny model's short sequences do not take), must
     compile for sm_90 with those floats typed fp64. No GPU needed (Triton's own compiler)."""
     from interformer.kernel_audit import record_launches, unique_cases
     from interformer.kernels import attention as A
@@ -422,6 +422,6 @@ def test_kernels_compile_with_their_float_arguments_typed_fp64():
         c.pop("launches"), c.pop("programs")
     names = {c["kernel"] for c in floats}
     assert {"_attn_fwd_kernel", "_attn_bwd_fused_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-            "_ln_fwd_kernel", "_pffn_fwd_kernel", "_pffn_bwd_kernel"} <= names, names
+            "_attn_bwd_delta_kernel", "_ln_fwd_kernel", "_pffn_fwd_kernel", "_pffn_bwd_kernel"} <= names, names
     built = aot_build_sm90(floats, workers=2)
     assert [b["kernel"] for b in built] == [c["kernel"] for c in floats]

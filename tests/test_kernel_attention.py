@@ -9,7 +9,8 @@ queries; causal on/off; rotary on q and k, on k only, off; mask_queries on/off; 
 the full length; the non-contiguous ``qkv(s).view(B, L, 3, H, dh).unbind(2)`` views the module
 makes, transposed layouts, k and v given as one tensor (PMA's folded call: the kernels write its
 gradient dk + dv themselves), and stride-0 upstream gradients (``out.sum()``). Both kernel paths of the
-backward are reached (single query block: Lq <= 128; general dkdv + dq kernels: Lq > 128), and the
+backward are reached (single query block: Lq <= 128; general dq + dk/dv kernels, and in fp32 the
+delta kernel: Lq > 128), and the
 forward's 16/64/128-row query blocks. The eager entry (plain autograd.Function, generic and packed, and
 the no-grad launcher) must match the custom ops bit for bit.
 """
@@ -346,7 +347,7 @@ def test_a_near_one_hot_softmax_meets_the_low_precision_rule(monkeypatch, L, len
     forward's P and O roundings, and dq was off by 0.76 (relative) against eager's 1.8e-2 in fp16 (2
     keys, a fuzzing helper, 2026-11-28), 3.0e-3 against 2.4e-4 in fp32 past one key block (a
     review). The backward forms ``delta = rowsum(P * dP)`` from the recomputed P, as the reference's
-    softmax backward does: in its one pass where every key fits one block (up to 64; 32 in fp32), in
+    softmax backward does: in its one pass where every key fits one block (up to 64; 32 or 16 in fp32), in
     a pass of its own past that (66 keys: the single-query-block kernel; 130 keys and as many
     queries: the general dq kernel, which stores it for the dk/dv kernel, or in fp32 a delta kernel
     of its own; the kernels launched are checked), divided there by the recomputed row sum of P (fp32 over 40 keys, two 32-key blocks:
@@ -362,6 +363,34 @@ def test_a_near_one_hot_softmax_meets_the_low_precision_rule(monkeypatch, L, len
             assert_rel(f, x, max(FP32_TOL, 2 * rel_err(e, x)), name)
         else:
             assert_lowp(f, e, x, name)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(80, 16), (100, 12)])
+def test_a_near_one_hot_softmax_over_one_key_block_divides_by_the_recomputed_row_sum(monkeypatch, Lq, Lk):
+    """fp32 queries past one query block over keys that fit one (64 < Lq <= 128, Lk <= 16: the
+    forward's 64-row query tiles, the backward's one 128-row tile): the backward's recomputed scores
+    are a few ulps off the forward's, ``rowsum(P)`` drifts off 1, and the in-loop
+    ``delta = rowsum(P * dP)`` carried it: dq 4-10x eager's error (a review, 2026-11-28). Divided by
+    the recomputed ``rowsum(P)``, as the pass does, dq and dk stay within 1e-5 or twice eager."""
+    g = torch.Generator().manual_seed(Lq)
+    B, H, dh = 3, 2, 8
+    q = 6 * torch.randn(B, Lq, H, dh, generator=g, dtype=torch.float64)
+    k = 6 * torch.randn(B, Lk, H, dh, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Lk, H, dh, generator=g, dtype=torch.float64)
+    go = torch.randn(B, Lq, H, dh, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([Lk, Lk // 2, 1], device=DEVICE)
+
+    def run(fn, dtype):
+        leaves = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, lengths, mask_queries=False, sm_scale=dh ** -0.5)
+        out.backward(go.to(DEVICE, dtype))
+        return [out] + [t.grad for t in leaves]
+
+    fused, launched = _backward_kernels(monkeypatch, lambda: run(A.attention, torch.float32))
+    assert {n for n in launched if "_bwd_" in n} == {"_attn_bwd_fused_kernel"}, launched
+    eager, exact = run(R.attention, torch.float32), run(R.attention, torch.float64)
+    for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
+        assert_rel(f, x, max(FP32_TOL, 2 * rel_err(e, x)), name)
 
 
 @pytest.mark.parametrize("dtype,factor", [(torch.float16, 10), (torch.float32, 5)], ids=["fp16", "fp32"])
