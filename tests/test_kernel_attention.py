@@ -103,6 +103,10 @@ CASES = [
     Case("pma-folded-kv-54-dh64", 3, True, 8, 54, 1, 64, False, None, False, "kv"),
     Case("kv-13-causal-ropek", 3, False, 13, 13, 2, 32, True, "k", False, "kv", grad="sum"),
     Case("kv-129-general-rope", 2, False, 129, 129, 2, 16, False, "qk", True, "kv"),
+    # k and v one tensor, unrotated (one load for both), past one key block: the delta pass of the
+    # general backward (dq kernel, or fp32's delta kernel) and of the folded PMA's shared queries
+    Case("kv-130-general-norope", 2, False, 130, 130, 1, 16, False, None, False, "kv"),
+    Case("pma-folded-kv-140-dh64", 2, True, 8, 140, 1, 64, False, None, False, "kv"),
     # a negative scale: the kernels take the maximum of the negated raw scores (NEG)
     Case("L13-negative-scale", 2, False, 13, 13, 2, 16, False, "k", True, "contiguous", sm_scale=-0.5),
     Case("L129-general-causal-negative-scale", 2, False, 129, 129, 1, 16, True, "qk", True, "qkv", sm_scale=-0.2),

@@ -148,11 +148,24 @@ def _query_rows():
     return R.row_mask(torch.tensor(_ALENS, device=DEVICE), _AL)[:, :, None, None].expand(_AB, _AL, _AH, _ADH)
 
 
+@pytest.fixture(params=["one-block", "delta-pass", "general"])
+def backward_path(request, monkeypatch):
+    """The attention backward the test's few keys take (delta in the loop of the single-query-block
+    kernel), that kernel with its delta pass forced (``DELTA=2``), or the general backward forced
+    (the dq kernel's pass in fp16, the delta kernel in fp32): where the delta of non-finite scores
+    is formed must not change what reaches the gradients."""
+    if request.param == "delta-pass":
+        monkeypatch.setattr(A, "_delta_form", lambda Lk, block_n: A._DELTA_PASS)
+    elif request.param == "general":
+        monkeypatch.setattr(A, "_use_fused_bwd", lambda Lq, dhp, dtype: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("target,idx", [("q", (2, 1, 0, 3)), ("q", (0, 0, 1, 6)), ("k", (2, 1, 0, 3)),
                                         ("k", (0, 4, 1, 2)), ("v", (0, 2, 1, 5))],
                          ids=["q-short-row", "q-full-row", "k-short-row", "k-full-row", "v"])
-def test_attention_nonfinite_scores_reach_the_output(target, idx, dtype):
+def test_attention_nonfinite_scores_reach_the_output(target, idx, dtype, backward_path):
     """An inf or a NaN in a valid q row or k row makes scores non-finite: the reference's softmax
     gives NaN rows, and so must the fused op. It gave exact zeros (and lse -inf), finite values a
     GradScaler never sees, because the forward zeroed every row whose exp-sum was not ``> 0`` -- a
@@ -246,7 +259,7 @@ def test_attention_backward_recomputes_the_forwards_probabilities_at_any_score_m
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_attention_nonfinite_upstream_gradient_at_a_valid_row(dtype):
+def test_attention_nonfinite_upstream_gradient_at_a_valid_row(dtype, backward_path):
     """An inf or a NaN in the upstream gradient of a valid query row reaches dq, dk, dv where the
     reference's does."""
     args = _attention_args(dtype, seed=4)
@@ -260,7 +273,7 @@ def test_attention_nonfinite_upstream_gradient_at_a_valid_row(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_attention_padding_never_reaches_anything(dtype):
+def test_attention_padding_never_reaches_anything(dtype, backward_path):
     """Pinned, where the fused op is right and the reference is not: an inf or a NaN in a padded
     key / value / query row or in the upstream gradient of a padded query row reaches nothing (the
     reference multiplies masked probabilities, 0, by it: NaN in every valid output or in dk, dv of
