@@ -635,6 +635,42 @@ def _attn_bwd_fused_kernel(
 
 
 @triton.jit
+def _general_query_block(Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks,
+                         sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
+                         CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, MASK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's query block in the general backward's dq and delta kernels: ``(b, h, bh,
+    offs_m, k_lim, q_lim, hi)`` and :func:`_bwd_query_block`'s tiles, where ``hi`` ends the keys its
+    rows see (0 for a block of masked rows)."""
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
+                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
+                                                    ROPE_Q, DH, DHP, SPLIT)
+    hi = k_lim
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    hi = tl.where(start_m < q_lim, hi, 0)
+    return b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row
+
+
+@triton.jit
+def _store_delta_pass(DELTA, bh, Lq, q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale,
+                      skl, skd, svl, svd, TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr,
+                      SAME_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr,
+                      DHP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, NEG: tl.constexpr):
+    """:func:`_delta_pass` of a general-backward query block, stored for the kernels that read it
+    (rows that take no part: 0), and returned."""
+    delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd,
+                        svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC,
+                        NEG)
+    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    return delta
+
+
+@triton.jit
 def _attn_bwd_delta_kernel(
     DELTA, DO, Q, K, V, STATS, LENS, TAB,
     qk_scale, Lq, Lk, H, tab_len, n_m_blocks,
@@ -651,21 +687,12 @@ def _attn_bwd_delta_kernel(
     pass inside the dq kernel, tf32x3 dots beside its accumulator, built to 32 registers and a 7.9 KB
     stack at 128-wide heads, sm_90, Triton 3.6)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid_m, bh, b, h = _program_block(n_m_blocks, H)
-    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
-                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
-                                                    ROPE_Q, DH, DHP, SPLIT)
-    hi = k_lim
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    hi = tl.where(start_m < q_lim, hi, 0)
-    delta = _delta_pass(q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim, m_row,
-                        lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
-                        BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
-    tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)  # rows that take no part: 0
+    b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
+        Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks, sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
+        CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
+    _store_delta_pass(DELTA, bh, Lq, q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim,
+                      m_row, lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
+                      BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
 
 
 @triton.jit
@@ -762,26 +789,16 @@ def _attn_bwd_dq_kernel(
     kernel, which runs after it; otherwise it reads the delta kernel's or the preprocess kernel's."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid_m, bh, b, h = _program_block(n_m_blocks, H)
-    k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
-
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
-                                                    sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
-                                                    ROPE_Q, DH, DHP, SPLIT)
+    b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
+        Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks, sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
+        CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, DHP], tl.float32)
-    hi = k_lim
-    if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M)
-    hi = tl.where(start_m < q_lim, hi, 0)
     if DELTA_PASS:
-        delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd,
-                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC,
-                            NEG)
-        tl.store(DELTA + bh * Lq + offs_m, delta, mask=offs_m < Lq)  # rows that take no part: 0
+        delta = _store_delta_pass(DELTA, bh, Lq, q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
+                                  qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
+                                  BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     for start_n in range(0, hi, BLOCK_N):
