@@ -1067,8 +1067,9 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
             n_m = cdiv(Lq, q_bm)
             # delta (module docstring, "Backward"): a pass over the keys, in the dq kernel (fp16/bf16)
             # or in a kernel of its own (fp32), even over one key block; or from O
-            delta_pass = _backward_delta() == "probs" and q.dtype != torch.float32
-            if _backward_delta() == "output":
+            by_pass = _backward_delta() == "probs"
+            delta_pass = by_pass and q.dtype != torch.float32
+            if not by_pass:
                 n_pre = cdiv(Lq, 64)
                 launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
                     delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
