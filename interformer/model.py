@@ -253,10 +253,10 @@ class InterFormer(nn.Module):
         self, dense: torch.Tensor, sparse: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.config.validate_inputs:
-            first = next(self.dense_tokenizer.parameters(), None)  # none without dense fields
+            first = next(self.dense_tokenizer.parameters(), None)  # none without dense fields (dense_dtype())
             # the model's device (a DataParallel replica registers no parameters: then only "one device")
             anchor = first if first is not None else next(self.parameters(), None)
-            validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=self.dense_dtype(),
+            validate_batch(self.config, dense, sparse, seq, lengths, dense_dtype=None if first is None else first.dtype,
                            device=None if anchor is None else anchor.device)
         x, body = self.tokenize(dense, sparse, seq, lengths)
         x_sum = self.blocks[0].cross.summarize_nonseq(x)
