@@ -225,6 +225,14 @@ class CrossNet(FusedModule):
     ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``. Parameters as torchrec's: ``kernels`` (ParameterList of
     ``[D, D]``, Xavier-normal) and ``bias`` (ParameterList of ``[D, 1]``, zeros), so torchrec
     ``state_dict``s load unchanged.
+
+    Decision: under ``torch.autocast`` the fused path returns the autocast dtype, where the eager
+    path, whose last ops are element-wise with x0, returns x0's (fp32 for an fp32 x0). The kernels
+    hold each ``x_i`` in fp32 and round once, on store: half the output's bytes. In the model the
+    output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway; alone under
+    fp16 autocast, outputs past fp16's range (65504) are inf where eager's stay finite.
+    (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
+    "Dtypes and precision".)
     """
 
     kernel_ops = (("crossnet", "cross_net"),)
@@ -258,6 +266,7 @@ class LowRankCrossNet(FusedModule):
 
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
     (``[r, D]``), both Xavier-normal, and ``bias`` (``[D, 1]``, zeros) -- torchrec's names and shapes.
+    Under autocast the fused path returns the autocast dtype, as :class:`CrossNet`'s does.
     """
 
     kernel_ops = (("crossnet", "low_rank_cross_net"),)
