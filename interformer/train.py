@@ -33,7 +33,9 @@ Decisions:
   Written to a temporary file and renamed, so a crash never leaves half a checkpoint. Only tensors
   and plain Python values, so :func:`load_checkpoint` reads them with ``weights_only=True``.
 * **Resume** (``--resume``) continues from ``last.pt`` with the checkpoint's own settings, so
-  ``train --resume --output-dir X`` alone is enough. A setting counts as given when the command line
+  ``train --resume --output-dir X`` alone is enough. Without a ``last.pt`` there, it starts a new
+  run if it is given one's settings, and is refused if given only run-control ones
+  (:func:`_new_run_settings`). A setting counts as given when the command line
   or settings file names it (:meth:`TrainConfig.from_dict`; for a config built otherwise, when it
   differs from the :class:`TrainConfig` default). The run-control settings (:data:`RUN_CONTROL`) may
   be changed on resume (e.g. a larger ``--epochs`` or ``--max-steps`` continues a finished or stopped run);
@@ -211,11 +213,8 @@ class TrainConfig:
             self.schema = os.fspath(self.schema)
         if self.data not in DATA_KINDS:
             raise ValueError(f"data must be one of {DATA_KINDS}, got {self.data!r}")
-        if self.data != "synthetic":
-            if not self.train:
-                raise ValueError(f"data={self.data!r} needs training files (train)")
-            if self.schema is None:
-                raise ValueError(f"data={self.data!r} needs a schema (a file or a dict)")
+        if not self.resume:  # a resumed run's data settings are its checkpoint's (check_data_source)
+            self.check_data_source()
         if self.on_bad_rows not in ON_BAD_ROWS:
             raise ValueError(f"on_bad_rows must be 'raise' or 'skip', got {self.on_bad_rows!r}")
         if self.amp not in AMP_MODES:
@@ -250,6 +249,19 @@ class TrainConfig:
         # numbers written as strings (PyYAML reads ``1e-6`` as one) are converted here too
         hints = typing.get_type_hints(InterFormerConfig)
         self.model = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
+
+    def check_data_source(self) -> None:
+        """ValueError unless ``data`` and the files agree: files need ``train`` and a ``schema``, and
+        ``synthetic`` takes no file. Run at construction, except for a config with ``resume`` set:
+        its command line may name a file and leave ``data`` to the checkpoint, whose settings
+        :func:`resume_config` merges in first (and refuses a file that differs from the checkpoint's,
+        naming both); a resume that finds no checkpoint starts a new run and checks it then.
+        (Before, ``--resume --train other.csv`` on a CSV run was told that data is 'synthetic'.)"""
+        if self.data != "synthetic":
+            if not self.train:
+                raise ValueError(f"data={self.data!r} needs training files (train)")
+            if self.schema is None:
+                raise ValueError(f"data={self.data!r} needs a schema (a file or a dict)")
         given_files = [n for n in ("train", "valid", "test") if getattr(self, n)] + (["schema"] if self.schema else [])
         if self.data == "synthetic" and given_files:
             raise ValueError(f"{', '.join(given_files)} given but data is 'synthetic' (the default): set data to "
@@ -859,6 +871,12 @@ def load_checkpoint(path) -> Dict[str, Any]:
     scope = getattr(torch.serialization, "safe_globals", None)  # a context manager since torch 2.5
     if scope is None:  # pragma: no cover - torch 2.4: process-wide, and without the (function, name) pairs
         torch.serialization.add_safe_globals(list({a[0] if isinstance(a, tuple) else a: None for a in allowed}))
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if len(head) == 4 and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip, legacy pickle
+        raise ValueError(f"{path} is not a checkpoint: torch.save writes a zip archive (or, in its legacy format, a "
+                         f"pickle), and this file is neither (it starts with {head!r}; a data file given in the "
+                         "checkpoint's place?)")
     try:
         with scope(allowed) if scope is not None else contextlib.nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -1033,18 +1051,38 @@ def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
     that no other run lives there (ValueError) unless ``overwrite`` (:func:`_clear_old_run` deletes
     it later)."""
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "last.pt"
     if cfg.resume:
         if last.is_file():
             return load_checkpoint(last)
+        if not _new_run_settings(cfg):
+            raise ValueError(f"resume: there is no {last} to resume, and no setting of a new run was given (only "
+                             "run-control flags): check --output-dir; to start a new run there, give its settings "
+                             "(a settings file, --data, ...)")
         say(f"resume: no {last} yet, starting a new run")
+    out_dir.mkdir(parents=True, exist_ok=True)
     existing = [n for n in RUN_FILES if (out_dir / n).exists()]
     if existing and not cfg.overwrite:
         hint = "--overwrite to start a new run there" if cfg.resume else "--resume to continue it or --overwrite to replace it"
         raise ValueError(f"{out_dir} already holds a run ({', '.join(existing)}); pass {hint}, "
                          "or choose another --output-dir")
     return None
+
+
+def _new_run_settings(cfg: TrainConfig) -> List[str]:
+    """The settings ``cfg`` was given that describe a run (not :data:`RUN_CONTROL`'s): what a
+    ``--resume`` that finds no checkpoint starts a new run with.
+
+    Decision: ``--resume`` in a directory without ``last.pt`` starts a new run, so that a job
+    requeued with its full command line (``--resume`` among its flags) before its first checkpoint
+    starts over; but ``train --resume --output-dir X`` alone names no run to start, and there a
+    typo in X used to start a new run with every default (the synthetic data) after one line of
+    output. Given fields as :func:`resume_config` counts them."""
+    given = getattr(cfg, "given_fields", None)
+    if given is None:
+        defaults = TrainConfig().to_dict()
+        given = [name for name, value in cfg.to_dict().items() if value != defaults[name]]
+    return sorted(name for name in given if name not in RUN_CONTROL)
 
 
 def _clear_old_run(out_dir: Path, say) -> None:
@@ -1125,6 +1163,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
                              f"process(es); resume with the same number (now {d.world_size})")
     else:
+        cfg.check_data_source()  # (deferred by --resume: no checkpoint was found, so this is a new run)
         cfg.check_backends()
     if cfg.plot:  # found now, not after the run has trained
         try:
@@ -1140,7 +1179,14 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
 
     seed_everything(cfg.seed)
     if resume_state is not None:
-        data = build_data(cfg, _vocabs_from_dict(resume_state["vocabularies"]), resume_state["schema"])
+        try:
+            data = build_data(cfg, _vocabs_from_dict(resume_state["vocabularies"]), resume_state["schema"])
+        except FileNotFoundError as e:  # the checkpoint's paths, as the run was started with them
+            relative = [p for n in ("train", "valid", "test") for p in getattr(cfg, n) if not Path(p).is_absolute()]
+            if not relative:
+                raise
+            raise FileNotFoundError(f"{e} (a resumed run reads its checkpoint's data files; a relative path there is "
+                                    f"relative to the directory the run was started in, not to {os.getcwd()})") from e
     else:
         data = build_data(cfg)
     overrides, splits, vocabs, schema = data

@@ -709,6 +709,46 @@ def test_cli_resume_needs_only_the_output_dir(bars, monkeypatch):
     assert_same_training_state(T.load_checkpoint(bars / "full" / "last.pt"), T.load_checkpoint(bars / "part" / "last.pt"))
 
 
+def test_resume_without_a_checkpoint_needs_the_settings_of_a_new_run(tmp_path):
+    """`--resume` where there is no last.pt: with only run-control flags (a typo in --output-dir, say)
+    it is refused and makes no directory (it used to train a new run with every default, the
+    synthetic data); with a run's settings (a job requeued before its first checkpoint) it starts
+    that run, and checks its data settings as a new run's then (they are deferred on resume)."""
+    with pytest.raises(ValueError, match=r"resume: there is no .*last\.pt to resume, and no setting of a new run"):
+        main(["train", "--resume", "--output-dir", str(tmp_path / "typo"), "--epochs", "3"])
+    assert not (tmp_path / "typo").exists()
+    T.train(tiny_config(tmp_path / "new", resume=True, epochs=1, synthetic_train=64, synthetic_valid=0,
+                        synthetic_test=0), log=quiet)
+    assert T.load_checkpoint(tmp_path / "new" / "last.pt")["status"] == "finished"
+    cfg = T.TrainConfig.from_dict(dict(resume=True, train=["x.csv"], output_dir=str(tmp_path / "files")))
+    with pytest.raises(ValueError, match=r"train given but data is 'synthetic'"):
+        T.train(cfg, log=quiet)
+    with pytest.raises(ValueError, match=r"train given but data is 'synthetic'"):  # the same, without --resume
+        T.TrainConfig.from_dict(dict(train=["x.csv"]))
+
+
+def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewhere(bars, monkeypatch):
+    """Resuming a CSV run with another --train (with or without --data csv) is refused naming the
+    checkpoint's file and the given one (it used to say that data is 'synthetic', or that csv needs
+    a schema: the checks ran before the checkpoint's settings were merged in). A run started with
+    relative paths and resumed from another directory says where they are relative to."""
+    monkeypatch.chdir(bars)
+    settings = dict(data="csv", train=["train.csv"], valid=["valid.csv"], schema="schema.yaml", epochs=1,
+                    batch_size=64, progress=False, model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
+    (bars / "settings.json").write_text(json.dumps(settings))
+    main(["train", "--config", "settings.json", "--output-dir", "run"])
+    for extra in (["--train", "valid.csv"], ["--data", "csv", "--train", "valid.csv"]):
+        with pytest.raises(ValueError, match=r"^resume: train \(checkpoint \['train.csv'\], given \['valid.csv'\]\)"):
+            main(["train", "--resume", "--output-dir", "run", "--epochs", "2", *extra])
+    (bars / "elsewhere").mkdir()
+    monkeypatch.chdir(bars / "elsewhere")
+    with pytest.raises(FileNotFoundError, match=r"train.csv \(a resumed run reads its checkpoint's data files; a "
+                                                r"relative path there is relative to the directory the run was started in"):
+        main(["train", "--resume", "--output-dir", str(bars / "run"), "--epochs", "2"])
+    monkeypatch.chdir(bars)
+    assert main(["train", "--resume", "--output-dir", "run", "--epochs", "2"]) == 0
+
+
 # ------------------------------------------------------------------------------- BARS CSV, Parquet
 def write_bars(path: Path, n: int, seed: int, bad_lines=()) -> None:
     """Synthetic samples in the AmazonElectronics_x1 layout (raw ids offset, histories ``^``-joined)."""
@@ -759,8 +799,11 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     assert all(math.isfinite(final[k]) for k in ("auc", "gauc", "logloss", "ne"))
     # evaluate: the checkpoint carries schema and vocabularies; the same file gives the same metrics
     capsys.readouterr()
-    main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars / "m.json")])
-    m = json.loads((bars / "m.json").read_text())["eval"]
+    with pytest.raises(ValueError, match=r"--output .* is a directory"):  # refused before the scoring
+        main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars)])
+    # --output's folder is made (it used to fail after the scoring)
+    main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars / "new" / "m.json")])
+    m = json.loads((bars / "new" / "m.json").read_text())["eval"]
     for k in ("auc", "gauc", "logloss", "ne"):
         assert m[k] == pytest.approx(final[k], abs=1e-9), k
     printed = capsys.readouterr().out
@@ -1416,7 +1459,9 @@ def test_an_unreadable_or_foreign_checkpoint_raises_naming_the_file(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 3])
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(T.build_model(T.TrainConfig(model=dict(TINY)), {}).state_dict(), tmp_path / "bare.pt")
+    (tmp_path / "data.csv").write_text("label,user_id\n1,7\n")  # a data file in the checkpoint's place
     for name, match in (("truncated.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
+                        ("data.csv", "not a checkpoint: torch.save writes a zip archive .* starts with b'labe'"),
                         ("bare.pt", "not a checkpoint written by `python -m interformer train` .*bare state_dict")):
         with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}:? .*{match}"):
             main(["evaluate", str(tmp_path / name)])
