@@ -675,6 +675,22 @@ def _vocabs_from_dict(d: Optional[dict]):
 # model, optimisers
 
 
+def _check_model_overrides(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
+    """ValueError when a new run's model settings give a size that its data files decide (the schema's
+    dense columns, the vocabularies' sizes, ``max_seq_len``) with another value: :func:`build_model`
+    takes the data's, and a run given ``n_dense=7`` used to build one with the schema's count without
+    a word. The same value is accepted. (A resumed run keeps its checkpoint's settings unchecked.)"""
+    clashes = [f"{name}={cfg.model[name]!r} (the data's: {value!r})" for name, value in overrides.items()
+               if name in cfg.model and _as_sizes(cfg.model[name]) != _as_sizes(value)]
+    if clashes:
+        raise ValueError(f"model: {'; '.join(clashes)}: with data={cfg.data!r} these come from the schema and the "
+                         "vocabularies; drop them from the model settings")
+
+
+def _as_sizes(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def build_model(cfg: TrainConfig, overrides: Dict[str, Any], backend: Optional[str] = None) -> InterFormerCTR:
     """The run's model; ``backend`` (a resumed run's, from its checkpoint) replaces
     :meth:`TrainConfig.model_backend` when given."""
@@ -1190,6 +1206,8 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
     else:
         data = build_data(cfg)
     overrides, splits, vocabs, schema = data
+    if resume_state is None:
+        _check_model_overrides(cfg, overrides)
     train_set = splits["train"]
     rows = {k: v.num_rows for k, v in splits.items()}
     empty = [k for k, n in rows.items() if n == 0]

@@ -749,6 +749,21 @@ def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewh
     assert main(["train", "--resume", "--output-dir", "run", "--epochs", "2"]) == 0
 
 
+def test_model_sizes_the_data_decides_are_refused_when_they_differ(bars):
+    """With files, n_dense, the vocabulary sizes and max_seq_len come from the schema and the
+    vocabularies: a model setting that gives another value is refused naming both (it was replaced
+    without a word); the data's own value is accepted."""
+    base = dict(data="csv", train=[str(bars / "train.csv")], schema=str(bars / "schema.yaml"), batch_size=64,
+                max_steps=1, progress=False, output_dir=str(bars / "run"))
+    model = {k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")}
+    with pytest.raises(ValueError, match=r"^model: n_dense=7 \(the data's: 1\); max_seq_len=3 \(the data's: 10\): "
+                                         r"with data='csv'"):
+        T.train(T.TrainConfig.from_dict({**base, "model": {**model, "n_dense": 7, "max_seq_len": 3}}), log=quiet)
+    assert not (bars / "run" / "last.pt").exists()
+    T.train(T.TrainConfig.from_dict({**base, "model": {**model, "n_dense": 1, "max_seq_len": 10}}), log=quiet)
+    assert T.load_checkpoint(bars / "run" / "last.pt")["model_config"]["n_dense"] == 1
+
+
 # ------------------------------------------------------------------------------- BARS CSV, Parquet
 def write_bars(path: Path, n: int, seed: int, bad_lines=()) -> None:
     """Synthetic samples in the AmazonElectronics_x1 layout (raw ids offset, histories ``^``-joined)."""
