@@ -103,6 +103,24 @@ def test_good_inputs_of_every_kind_still_run_alike():
         assert ffn(_randn(2, B, L, 4)).shape == (2, B, L, 3) and ffn(_randn(4)).shape == (3,)
 
 
+@pytest.mark.parametrize("make", [
+    lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b), lambda b: RotaryMultiHeadAttention(4, 2, backend=b),
+    lambda b: PoolingMultiHeadAttention(2, 4, 2, backend=b)], ids=["pffn", "rotary", "pma"])
+def test_lengths_out_of_range_read_as_clamped_alike_on_both_backends(make):
+    """What the README says the modules leave to the op: a length past the sequence counts as all of
+    it and a negative one as none, on both paths (the model's validate_batch refuses both)."""
+    s, x_sum = _randn(B, L, 4), _randn(B, 2, 4)
+    outs = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        module = make(backend).to(DEVICE)
+        extra = (x_sum,) if isinstance(module, PersonalizedFFN) else ()
+        wild = module(s, *extra, torch.tensor([L + 2, -1, 3], **I))
+        torch.testing.assert_close(wild, module(s, *extra, torch.tensor([L, 0, 3], **I)), rtol=0, atol=0)
+        outs.append(wild)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda: RotaryMultiHeadAttention(8, 0), "num_heads must be an int >= 1"),
     (lambda: RotaryMultiHeadAttention(8, -2), "num_heads must be an int >= 1"),
