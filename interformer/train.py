@@ -1556,6 +1556,30 @@ def _format_of(paths: List[str], fallback: str) -> Optional[str]:
     return None if all(str(p).lower().endswith(known) for p in paths) else fallback
 
 
+def _model_of(state: Dict[str, Any], backend: Optional[str], device: torch.device) -> InterFormerCTR:
+    """The checkpoint's model with its weights on ``device``, on the backend it was built with unless
+    ``backend`` names another."""
+    settings = dict(state["model_config"])
+    if backend is not None:
+        settings["backend"] = backend
+    model = InterFormerCTR(InterFormerConfig(**settings)).to(device)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def load_model(checkpoint, backend: Optional[str] = None, device: Optional[str] = None) -> InterFormerCTR:
+    """The trained :class:`InterFormerCTR` of a checkpoint of ``python -m interformer train``
+    (``best.pt`` or ``last.pt``), for use from Python: built from the checkpoint's model settings
+    on the backend it was trained with (``backend`` picks another: the weights are the same on
+    every backend), with its weights, on ``device`` (default: CUDA when available, else the CPU),
+    in eval mode. Its inputs are encoded batches (README, "Data contract"); the checkpoint's
+    ``schema`` and ``vocabularies`` map raw ids to them (:class:`interformer.dataio.TabularDataset`).
+    The file is read as :func:`load_checkpoint` reads it (tensors and plain values only)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_device(dev)
+    return _model_of(load_checkpoint(checkpoint), backend, dev).eval()
+
+
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
                         amp: Optional[str] = None, on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
@@ -1583,11 +1607,7 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     cfg.eval_batch_size, cfg.device = batch_size, device
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(dev)
-    settings = dict(state["model_config"])  # with the backend the checkpoint's model was built with,
-    if backend is not None:                 # unless one is given
-        settings["backend"] = backend
-    model = InterFormerCTR(InterFormerConfig(**settings)).to(dev)
-    model.load_state_dict(state["model"])
+    model = _model_of(state, backend, dev)
     amp_note = None
     if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
         cfg.amp = "off"

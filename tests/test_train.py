@@ -764,6 +764,26 @@ def test_model_sizes_the_data_decides_are_refused_when_they_differ(bars):
     assert T.load_checkpoint(bars / "run" / "last.pt")["model_config"]["n_dense"] == 1
 
 
+def test_load_model_gives_the_trained_model_on_either_backend(tmp_path):
+    """load_model: the checkpoint's model, its weights, in eval mode, on the backend it was trained
+    with or on one given; its logits are the trained model's (the fused path's within fp32 rounding)."""
+    summary = T.train(tiny_config(tmp_path, epochs=1, synthetic_train=64, synthetic_valid=0, synthetic_test=0),
+                      log=quiet)
+    trained = summary["model"].eval()
+    batch = make_synthetic(8, trained.config, seed=5)
+    with torch.no_grad():
+        want = trained(*batch.inputs())
+        model = T.load_model(tmp_path / "last.pt", device="cpu")
+        assert not model.training and model.config.backend == trained.config.backend == "eager"
+        assert torch.equal(model(*batch.inputs()), want)
+        fused = T.load_model(str(tmp_path / "last.pt"), backend="triton", device="cpu")
+        assert fused.config.backend == "triton"
+        torch.testing.assert_close(fused(*batch.inputs()), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        (tmp_path / "x.csv").write_text("label,a\n1,2\n")
+        T.load_model(tmp_path / "x.csv")
+
+
 # ------------------------------------------------------------------------------- BARS CSV, Parquet
 def write_bars(path: Path, n: int, seed: int, bad_lines=()) -> None:
     """Synthetic samples in the AmazonElectronics_x1 layout (raw ids offset, histories ``^``-joined)."""
