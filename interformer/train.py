@@ -1572,9 +1572,9 @@ def load_model(checkpoint, backend: Optional[str] = None, device: Optional[str] 
     (``best.pt`` or ``last.pt``), for use from Python: built from the checkpoint's model settings
     on the backend it was trained with (``backend`` picks another: the weights are the same on
     every backend), with its weights, on ``device`` (default: CUDA when available, else the CPU),
-    in eval mode. Its inputs are encoded batches (README, "Data contract"); the checkpoint's
-    ``schema`` and ``vocabularies`` map raw ids to them (:class:`interformer.dataio.TabularDataset`).
-    The file is read as :func:`load_checkpoint` reads it (tensors and plain values only)."""
+    in eval mode. Its inputs are encoded batches (README, "Data contract"; :func:`evaluate_checkpoint`
+    encodes files with the schema and vocabularies the checkpoint carries). The file is read as
+    :func:`load_checkpoint` reads it (tensors and plain values only)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(dev)
     return _model_of(load_checkpoint(checkpoint), backend, dev).eval()
