@@ -36,11 +36,11 @@
 #      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
 #      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
 #      short box loses;
-#      the tests of gpu_rerun.txt, 590 (counted with a CUDA-patched collection; 424 before the
+#      the tests of gpu_rerun.txt, 593 (counted with a CUDA-patched collection; 424 before the
 #      twenty-fourth session, whose 75 are mostly the gated LCE's, 24 of the twenty-fifth's
 #      LayerNorm, PMA and empty-batch changes, the twenty-sixth's 65: its new tests at the end,
 #      new cases and backward paths of listed attention tests where those are, and the
-#      twenty-seventh's 2, the last line), in 16 shards of about 37 (the
+#      twenty-seventh's 5, the last lines), in 16 shards of about 37 (the
 #      third H200 lease's slowest shard of 26 took 130 s: hence a box of 165 s; the three boxes and
 #      the install fill about 330 of the call's 360 s): the three that failed at c77021c, the fp32 casts of
 #      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention

@@ -256,8 +256,9 @@ def main(argv=None) -> int:
     from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
 
     if args.output:  # checked (and its folder made, as train makes --output-dir) before the scoring, not after
-        if os.path.isdir(args.output):
-            raise ValueError(f"--output {args.output} is a directory; give a file name (e.g. {args.output}/metrics.json)")
+        if os.path.isdir(args.output) or not os.path.basename(args.output):
+            raise ValueError(f"--output {args.output} is a directory; give a file name (e.g. "
+                             f"{os.path.join(args.output, 'metrics.json')})")
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,

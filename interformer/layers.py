@@ -229,8 +229,9 @@ class CrossNet(FusedModule):
     Decision: under ``torch.autocast`` the fused path returns the autocast dtype, where the eager
     path, whose last ops are element-wise with x0, returns x0's (fp32 for an fp32 x0). The kernels
     hold each ``x_i`` in fp32 and round once, on store: half the output's bytes. In the model the
-    output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway; alone under
-    fp16 autocast, outputs past fp16's range (65504) are inf where eager's stay finite.
+    output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway. Alone
+    under fp16 autocast, an output past fp16's range (65504) is inf, where eager's fp32 output can
+    hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
     (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
     "Dtypes and precision".)
     """

@@ -34,8 +34,8 @@ Decisions:
   and plain Python values, so :func:`load_checkpoint` reads them with ``weights_only=True``.
 * **Resume** (``--resume``) continues from ``last.pt`` with the checkpoint's own settings, so
   ``train --resume --output-dir X`` alone is enough. Without a ``last.pt`` there, it starts a new
-  run if it is given one's settings, and is refused if given only run-control ones
-  (:func:`_new_run_settings`). A setting counts as given when the command line
+  run if it names the data to train on, and is refused otherwise (:func:`_new_run_data`). A
+  setting counts as given when the command line
   or settings file names it (:meth:`TrainConfig.from_dict`; for a config built otherwise, when it
   differs from the :class:`TrainConfig` default). The run-control settings (:data:`RUN_CONTROL`) may
   be changed on resume (e.g. a larger ``--epochs`` or ``--max-steps`` continues a finished or stopped run);
@@ -255,7 +255,8 @@ class TrainConfig:
         ``synthetic`` takes no file. Run at construction, except for a config with ``resume`` set:
         its command line may name a file and leave ``data`` to the checkpoint, whose settings
         :func:`resume_config` merges in first (and refuses a file that differs from the checkpoint's,
-        naming both); a resume that finds no checkpoint starts a new run and checks it then.
+        naming both); a resume that finds no checkpoint starts a new run and checks it then, before
+        it makes the output directory.
         (Before, ``--resume --train other.csv`` on a CSV run was told that data is 'synthetic'.)"""
         if self.data != "synthetic":
             if not self.train:
@@ -687,8 +688,15 @@ def _check_model_overrides(cfg: TrainConfig, overrides: Dict[str, Any]) -> None:
                          "vocabularies; drop them from the model settings")
 
 
-def _as_sizes(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+def _as_sizes(value: Any) -> tuple:
+    """``value`` (a size or a list of sizes) as a tuple of floats where they read as numbers, so that
+    ``[10]``, ``(10,)``, ``10.0`` and ``"10"`` (a settings file may write numbers as strings) agree."""
+    def number(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+    return tuple(number(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
 
 
 def build_model(cfg: TrainConfig, overrides: Dict[str, Any], backend: Optional[str] = None) -> InterFormerCTR:
@@ -889,7 +897,10 @@ def load_checkpoint(path) -> Dict[str, Any]:
         torch.serialization.add_safe_globals(list({a[0] if isinstance(a, tuple) else a: None for a in allowed}))
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if len(head) == 4 and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip, legacy pickle
+    if 0 < len(head) < 4:  # (torch.load would unpickle it, and refuse it as holding Python objects)
+        raise ValueError(f"{path}: not a readable checkpoint ({len(head)} bytes: truncated, corrupt, or not written "
+                         "by torch.save)")
+    if head and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip, legacy pickle
         raise ValueError(f"{path} is not a checkpoint: torch.save writes a zip archive (or, in its legacy format, a "
                          f"pickle), and this file is neither (it starts with {head!r}; a data file given in the "
                          "checkpoint's place?)")
@@ -1068,37 +1079,44 @@ def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
     it later)."""
     out_dir = Path(cfg.output_dir)
     last = out_dir / "last.pt"
-    if cfg.resume:
-        if last.is_file():
-            return load_checkpoint(last)
-        if not _new_run_settings(cfg):
-            raise ValueError(f"resume: there is no {last} to resume, and no setting of a new run was given (only "
-                             "run-control flags): check --output-dir; to start a new run there, give its settings "
-                             "(a settings file, --data, ...)")
-        say(f"resume: no {last} yet, starting a new run")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and last.is_file():
+        return load_checkpoint(last)
     existing = [n for n in RUN_FILES if (out_dir / n).exists()]
     if existing and not cfg.overwrite:
         hint = "--overwrite to start a new run there" if cfg.resume else "--resume to continue it or --overwrite to replace it"
         raise ValueError(f"{out_dir} already holds a run ({', '.join(existing)}); pass {hint}, "
                          "or choose another --output-dir")
+    if cfg.resume:  # no checkpoint: a new run, if the command describes one (and its data settings agree)
+        if not _new_run_data(cfg):
+            raise ValueError(f"resume: there is no {last} to resume, and the command names no data for a new run "
+                             f"(it would need one of {', '.join(_RUN_DATA)}, on the command line or in a settings "
+                             "file): check --output-dir")
+        cfg.check_data_source()
+        say(f"resume: no {last} yet, starting a new run")
+    out_dir.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def _new_run_settings(cfg: TrainConfig) -> List[str]:
-    """The settings ``cfg`` was given that describe a run (not :data:`RUN_CONTROL`'s): what a
-    ``--resume`` that finds no checkpoint starts a new run with.
+#: the settings that say what a run trains on: a ``--resume`` that finds no checkpoint needs one of them
+_RUN_DATA = ("data", "train", "valid", "test", "schema", "synthetic_train", "synthetic_valid", "synthetic_test",
+             "model")
+
+
+def _new_run_data(cfg: TrainConfig) -> List[str]:
+    """The settings of :data:`_RUN_DATA` that ``cfg`` was given (a settings file gives each key it
+    holds), as :func:`resume_config` counts given fields.
 
     Decision: ``--resume`` in a directory without ``last.pt`` starts a new run, so that a job
     requeued with its full command line (``--resume`` among its flags) before its first checkpoint
-    starts over; but ``train --resume --output-dir X`` alone names no run to start, and there a
-    typo in X used to start a new run with every default (the synthetic data) after one line of
-    output. Given fields as :func:`resume_config` counts them."""
+    starts over; but ``train --resume --output-dir X``, with or without flags such as ``--epochs``,
+    ``--backend`` or ``--seed``, names no data to train on, and there a typo in X used to start a
+    new run on every default (the synthetic data) after one line of output. Such a command is
+    refused now; a first launch names its data (or drops ``--resume``)."""
     given = getattr(cfg, "given_fields", None)
     if given is None:
         defaults = TrainConfig().to_dict()
         given = [name for name, value in cfg.to_dict().items() if value != defaults[name]]
-    return sorted(name for name in given if name not in RUN_CONTROL)
+    return sorted(name for name in given if name in _RUN_DATA)
 
 
 def _clear_old_run(out_dir: Path, say) -> None:
@@ -1178,8 +1196,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
         if resume_state["world_size"] != d.world_size:
             raise ValueError(f"{Path(cfg.output_dir) / 'last.pt'} was written by {resume_state['world_size']} "
                              f"process(es); resume with the same number (now {d.world_size})")
-    else:
-        cfg.check_data_source()  # (deferred by --resume: no checkpoint was found, so this is a new run)
+    else:  # (a --resume that found no checkpoint checked its data source in _open_output_dir)
         cfg.check_backends()
     if cfg.plot:  # found now, not after the run has trained
         try:
@@ -1198,11 +1215,13 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
         try:
             data = build_data(cfg, _vocabs_from_dict(resume_state["vocabularies"]), resume_state["schema"])
         except FileNotFoundError as e:  # the checkpoint's paths, as the run was started with them
-            relative = [p for n in ("train", "valid", "test") for p in getattr(cfg, n) if not Path(p).is_absolute()]
-            if not relative:
+            lost = [p for n in ("train", "valid", "test") for p in getattr(cfg, n)
+                    if not Path(p).is_absolute() and not Path(p).exists()]
+            if not lost:
                 raise
-            raise FileNotFoundError(f"{e} (a resumed run reads its checkpoint's data files; a relative path there is "
-                                    f"relative to the directory the run was started in, not to {os.getcwd()})") from e
+            raise FileNotFoundError(f"{e} (a resumed run reads its checkpoint's data files, and a relative path there "
+                                    f"is relative to the directory the run was started in; this one is "
+                                    f"{os.getcwd()})") from e
     else:
         data = build_data(cfg)
     overrides, splits, vocabs, schema = data

@@ -211,15 +211,13 @@ def _sigmoid_and_slope(z):
     """``(sigmoid(z), sigmoid'(z))`` in fp32, the slope without cancellation: ``s * (1 - s)`` loses
     ``1 - s`` to rounding once ``s`` is within a few ulps of 1 (fp32: z past about 8; past about 17,
     ``s`` is 1 and the slope 0 where it is ``e**-z``), and eager's sigmoid backward forms it that way.
-    Here ``t = exp(-|z|)`` (in ``(0, 1]``: no overflow) gives ``sigmoid(|z|) = 1 / (1 + t)``,
-    ``sigmoid(-|z|) = t / (1 + t)`` and the slope ``t / (1 + t)**2``, exact to rounding at any z.
-    Measured under the interpreter in fp32: gates about 16 (``test_saturated_gates_keep_their_slope``)
-    put dgate_weight 0.7% off float64 with ``s * (1 - s)`` (eager: 0.7%), 2e-7 with this; over a
-    fuzzer's 369 fp32 cases, 38 missed 1e-5 before and 27 after, against a float64 reference
-    that forms its slope this way too (autograd's float64 ``s * (1 - s)`` fails past z = 37). No
-    fp16 error moved by more than 1.1x. Under fp16 autocast the errors that moved by more than 1.5x
-    were near 1e-7 (eager's: 1e-4), but for one case with every gate saturated, which went from 100%
-    off float64 (as eager) to 4.2x off: its Z, from a rounded Y, is wrong already."""
+    Here ``t = exp(-|z|)`` (in ``[0, 1]``: it never overflows, and past ``|z|`` of about 104 it
+    underflows to 0, as fp32's slope does) gives ``sigmoid(|z|) = 1 / (1 + t)``, ``sigmoid(-|z|) =
+    t / (1 + t)`` and the slope ``t / (1 + t)**2``, exact to rounding at any finite z (NaN and
+    infinite z give what ``s * (1 - s)`` gave). Measured under the interpreter in fp32, gates about
+    16 (``test_saturated_gates_keep_their_slope``): dgate_weight 0.7% off float64 with
+    ``s * (1 - s)`` (eager's: 0.7%), 2e-7 with this. In fp16 and under autocast Z itself comes from
+    a rounded Y, and the slope's form matters far less (closing note of the twenty-seventh session)."""
     t = tl.exp(-tl.abs(z))
     r = 1.0 / (1.0 + t)
     return tl.where(z >= 0, r, t * r), t * r * r

@@ -714,8 +714,10 @@ def test_resume_without_a_checkpoint_needs_the_settings_of_a_new_run(tmp_path):
     it is refused and makes no directory (it used to train a new run with every default, the
     synthetic data); with a run's settings (a job requeued before its first checkpoint) it starts
     that run, and checks its data settings as a new run's then (they are deferred on resume)."""
-    with pytest.raises(ValueError, match=r"resume: there is no .*last\.pt to resume, and no setting of a new run"):
-        main(["train", "--resume", "--output-dir", str(tmp_path / "typo"), "--epochs", "3"])
+    for flags in (["--epochs", "3"], ["--backend", "eager", "--seed", "1"], []):
+        with pytest.raises(ValueError, match=r"resume: there is no .*last\.pt to resume, and the command names "
+                                             r"no data"):
+            main(["train", "--resume", "--output-dir", str(tmp_path / "typo"), *flags])
     assert not (tmp_path / "typo").exists()
     T.train(tiny_config(tmp_path / "new", resume=True, epochs=1, synthetic_train=64, synthetic_valid=0,
                         synthetic_test=0), log=quiet)
@@ -723,8 +725,12 @@ def test_resume_without_a_checkpoint_needs_the_settings_of_a_new_run(tmp_path):
     cfg = T.TrainConfig.from_dict(dict(resume=True, train=["x.csv"], output_dir=str(tmp_path / "files")))
     with pytest.raises(ValueError, match=r"train given but data is 'synthetic'"):
         T.train(cfg, log=quiet)
+    assert not (tmp_path / "files").exists()  # checked before the directory is made
     with pytest.raises(ValueError, match=r"train given but data is 'synthetic'"):  # the same, without --resume
         T.TrainConfig.from_dict(dict(train=["x.csv"]))
+    (tmp_path / "new" / "last.pt").unlink()  # a run's other files but no last.pt: the --overwrite hint, as before
+    with pytest.raises(ValueError, match=r"already holds a run \(run\.json\); pass --overwrite"):
+        main(["train", "--resume", "--output-dir", str(tmp_path / "new"), "--epochs", "3"])
 
 
 def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewhere(bars, monkeypatch):
@@ -734,19 +740,27 @@ def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewh
     relative paths and resumed from another directory says where they are relative to."""
     monkeypatch.chdir(bars)
     settings = dict(data="csv", train=["train.csv"], valid=["valid.csv"], schema="schema.yaml", epochs=1,
-                    batch_size=64, progress=False, model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
+                    batch_size=64, progress=False,
+                    model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
     (bars / "settings.json").write_text(json.dumps(settings))
     main(["train", "--config", "settings.json", "--output-dir", "run"])
+    (bars / "moved.csv").write_text((bars / "valid.csv").read_text())
     for extra in (["--train", "valid.csv"], ["--data", "csv", "--train", "valid.csv"]):
         with pytest.raises(ValueError, match=r"^resume: train \(checkpoint \['train.csv'\], given \['valid.csv'\]\)"):
             main(["train", "--resume", "--output-dir", "run", "--epochs", "2", *extra])
     (bars / "elsewhere").mkdir()
     monkeypatch.chdir(bars / "elsewhere")
-    with pytest.raises(FileNotFoundError, match=r"train.csv \(a resumed run reads its checkpoint's data files; a "
-                                                r"relative path there is relative to the directory the run was started in"):
+    with pytest.raises(FileNotFoundError, match=r"train.csv \(a resumed run reads its checkpoint's data files, and "
+                                                r"a relative path there is relative to the directory the run was "
+                                                r"started in"):
         main(["train", "--resume", "--output-dir", str(bars / "run"), "--epochs", "2"])
     monkeypatch.chdir(bars)
     assert main(["train", "--resume", "--output-dir", "run", "--epochs", "2"]) == 0
+    # a missing absolute path gets no such hint
+    main(["train", "--config", "settings.json", "--output-dir", "abs", "--train", str(bars / "moved.csv")])
+    (bars / "moved.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"moved.csv$"):
+        main(["train", "--resume", "--output-dir", "abs", "--epochs", "2"])
 
 
 def test_model_sizes_the_data_decides_are_refused_when_they_differ(bars):
@@ -760,7 +774,8 @@ def test_model_sizes_the_data_decides_are_refused_when_they_differ(bars):
                                          r"with data='csv'"):
         T.train(T.TrainConfig.from_dict({**base, "model": {**model, "n_dense": 7, "max_seq_len": 3}}), log=quiet)
     assert not (bars / "run" / "last.pt").exists()
-    T.train(T.TrainConfig.from_dict({**base, "model": {**model, "n_dense": 1, "max_seq_len": 10}}), log=quiet)
+    # the data's values, however written (a settings file may give numbers as strings)
+    T.train(T.TrainConfig.from_dict({**base, "model": {**model, "n_dense": "1", "max_seq_len": 10.0}}), log=quiet)
     assert T.load_checkpoint(bars / "run" / "last.pt")["model_config"]["n_dense"] == 1
 
 
@@ -834,8 +849,9 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     assert all(math.isfinite(final[k]) for k in ("auc", "gauc", "logloss", "ne"))
     # evaluate: the checkpoint carries schema and vocabularies; the same file gives the same metrics
     capsys.readouterr()
-    with pytest.raises(ValueError, match=r"--output .* is a directory"):  # refused before the scoring
-        main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars)])
+    for where in (str(bars), str(bars / "newdir") + os.sep):  # refused before the scoring
+        with pytest.raises(ValueError, match=r"--output .* is a directory"):
+            main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", where])
     # --output's folder is made (it used to fail after the scoring)
     main(["evaluate", str(out / "best.pt"), str(bars / "valid.csv"), "--output", str(bars / "new" / "m.json")])
     m = json.loads((bars / "new" / "m.json").read_text())["eval"]
@@ -1495,7 +1511,10 @@ def test_an_unreadable_or_foreign_checkpoint_raises_naming_the_file(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(T.build_model(T.TrainConfig(model=dict(TINY)), {}).state_dict(), tmp_path / "bare.pt")
     (tmp_path / "data.csv").write_text("label,user_id\n1,7\n")  # a data file in the checkpoint's place
+    (tmp_path / "p.pt").write_bytes(b"PK")  # too short for any header (torch.load unpickled it and refused it)
+    (tmp_path / "xy.pt").write_bytes(b"xy")
     for name, match in (("truncated.pt", "not a readable checkpoint"), ("empty.pt", "not a readable checkpoint"),
+                        ("p.pt", "not a readable checkpoint"), ("xy.pt", r"not a readable checkpoint \(2 bytes"),
                         ("data.csv", "not a checkpoint: torch.save writes a zip archive .* starts with b'labe'"),
                         ("bare.pt", "not a checkpoint written by `python -m interformer train` .*bare state_dict")):
         with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}:? .*{match}"):
