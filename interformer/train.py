@@ -399,11 +399,11 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
     differs from the checkpoint's raises ValueError naming them (values compare by ``==``, so dicts
     and lists by content)."""
     defaults, mine = TrainConfig().to_dict(), given.to_dict()
-    given_names = getattr(given, "given_fields", None)
+    given_names = _given_fields(given)
     merged, changed, conflicts = {}, {}, []
     for name, value in mine.items():
         old = saved.get(name, defaults[name])  # a field added after the checkpoint was written
-        explicit = name in given_names if given_names is not None else value != defaults[name]
+        explicit = name in given_names
         if name in _INVOCATION:
             merged[name] = value
         elif not explicit or value == old:
@@ -418,6 +418,16 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
                          f"{', '.join(n for n in RUN_CONTROL if n not in _INVOCATION)}; drop the other(s), or start "
                          "a new run (another --output-dir, or --overwrite)")
     return TrainConfig.from_dict(merged), changed
+
+
+def _given_fields(cfg: TrainConfig) -> frozenset:
+    """The fields ``cfg`` counts as given (:func:`resume_config`'s rule): those it was built with by
+    :meth:`TrainConfig.from_dict`; for a config built otherwise, those not at their default."""
+    given = getattr(cfg, "given_fields", None)
+    if given is not None:
+        return frozenset(given)
+    defaults = TrainConfig().to_dict()
+    return frozenset(name for name, value in cfg.to_dict().items() if value != defaults[name])
 
 
 def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
@@ -483,6 +493,12 @@ def _device_for(device: Optional[str], d: "Dist") -> torch.device:
     if d.enabled:
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         return torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
+    return _default_device(device)
+
+
+def _default_device(device: Optional[str]) -> torch.device:
+    """``device``, or CUDA when there is one, else the CPU (one process: ``train``, ``evaluate``,
+    :func:`load_model`)."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -1104,7 +1120,7 @@ _RUN_DATA = ("data", "train", "valid", "test", "schema", "synthetic_train", "syn
 
 def _new_run_data(cfg: TrainConfig) -> List[str]:
     """The settings of :data:`_RUN_DATA` that ``cfg`` was given (a settings file gives each key it
-    holds), as :func:`resume_config` counts given fields.
+    holds), as :func:`resume_config` counts given fields (:func:`_given_fields`).
 
     Decision: ``--resume`` in a directory without ``last.pt`` starts a new run, so that a job
     requeued with its full command line (``--resume`` among its flags) before its first checkpoint
@@ -1112,11 +1128,7 @@ def _new_run_data(cfg: TrainConfig) -> List[str]:
     ``--backend`` or ``--seed``, names no data to train on, and there a typo in X used to start a
     new run on every default (the synthetic data) after one line of output. Such a command is
     refused now; a first launch names its data (or drops ``--resume``)."""
-    given = getattr(cfg, "given_fields", None)
-    if given is None:
-        defaults = TrainConfig().to_dict()
-        given = [name for name, value in cfg.to_dict().items() if value != defaults[name]]
-    return sorted(name for name in given if name in _RUN_DATA)
+    return sorted(_given_fields(cfg) & set(_RUN_DATA))
 
 
 def _clear_old_run(out_dir: Path, say) -> None:
@@ -1594,7 +1606,7 @@ def load_model(checkpoint, backend: Optional[str] = None, device: Optional[str] 
     in eval mode. Its inputs are encoded batches (README, "Data contract"; :func:`evaluate_checkpoint`
     encodes files with the schema and vocabularies the checkpoint carries). The file is read as
     :func:`load_checkpoint` reads it (tensors and plain values only)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _default_device(device)
     check_device(dev)
     return _model_of(load_checkpoint(checkpoint), backend, dev).eval()
 
@@ -1624,7 +1636,7 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
     cfg = TrainConfig.from_dict({**saved, **given})
     cfg.eval_batch_size, cfg.device = batch_size, device
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _default_device(device)
     check_device(dev)
     model = _model_of(state, backend, dev)
     amp_note = None
