@@ -120,6 +120,11 @@ Decisions (what the code below does, and why):
   wait for itself: it ends as soon as that collection returns). The thread updates ``skipped`` as
   it reads, so during an iteration it may count rows of batches not yet consumed; after a
   complete pass it is exact. Each DDP rank reads in its own process.
+* **Scoring.** ``TabularDataset(..., labels=False)`` does not read the label column (files
+  without one read; where there is one, its cells are not checked, so an empty or unusual label
+  does not make a row malformed) and gives NaN labels. :meth:`TabularDataset.positioned_batches`
+  gives every valid row once in file order with its file and its 0-based row index in it, so that
+  scores can be joined back to rows even where malformed rows were skipped.
 * :class:`MemoryDataset` gives the same interface over an in-memory :class:`~interformer.data.Batch`
   (the synthetic data). Being in memory, it shuffles with a full permutation seeded by
   ``(seed, epoch)`` and then shards the permuted order, as ``DistributedSampler`` does, so the rows
@@ -692,6 +697,14 @@ def _parquet_batches(path: Path, columns: List[str], list_columns: Sequence[str]
         pf.close()
 
 
+def _parquet_chunks(path: Path, columns: List[str], list_columns: Sequence[str]) -> Iterator["_ParquetChunk"]:
+    """The rows of :func:`_parquet_rows` in chunks, one record batch each (the vectorised path)."""
+    row = 0
+    for rb in _parquet_batches(path, columns, list_columns):
+        yield _ParquetChunk(path, rb, columns, row)
+        row += rb.num_rows
+
+
 def _parquet_row_cells(path: Path, where: str, columns: List[str], values: Sequence) -> list:
     """One Parquet row's values as :func:`_parquet_cell` s; a binary value that is not UTF-8 raises
     :class:`DataError` naming the file, the row and the column (as undecodable CSV bytes do)."""
@@ -737,13 +750,15 @@ _Record = Tuple[float, List[float], List[str], List[List[str]], Optional[str]]
 
 
 class _Parser:
-    """Validates one row's cells (in ``schema.columns()`` order) into a :data:`_Record`."""
+    """Validates one row's cells (in ``columns`` order) into a :data:`_Record`. ``labels=False``:
+    the label column is not read (not among ``columns``) and every record's label is NaN."""
 
-    def __init__(self, schema: Schema) -> None:
-        self.schema = schema
-        cols = schema.columns()
+    def __init__(self, schema: Schema, labels: bool = True) -> None:
+        self.schema, self.labels = schema, labels
+        #: the columns a row's cells hold: ``schema.columns()``, without the label when it is not read
+        self.columns = cols = schema.columns()[0 if labels else 1:]
         self.nd, self.ns, self.nk = len(schema.dense), len(schema.sparse), len(schema.sequences)
-        self.d0 = 1
+        self.d0 = 1 if labels else 0
         self.s0 = self.d0 + self.nd
         self.q0 = self.s0 + self.ns
         self.user_pos = None if schema.user is None else cols.index(schema.user)
@@ -763,7 +778,7 @@ class _Parser:
 
     def parse(self, cells: list) -> _Record:
         s = self.schema
-        label = self.label(cells[0])
+        label = self.label(cells[0]) if self.labels else math.nan
         dense = []
         for name, cell in zip(s.dense, cells[self.d0:self.s0]):
             raw = cell.strip()
@@ -805,13 +820,13 @@ class _Parser:
 
 
 class _Source:
-    """The files of one split, read row by row as validated records."""
+    """The files of one split, read row by row as validated records (``labels``: :class:`_Parser`)."""
 
-    def __init__(self, paths: PathsArg, schema: Schema, fmt: Optional[str]) -> None:
+    def __init__(self, paths: PathsArg, schema: Schema, fmt: Optional[str], labels: bool = True) -> None:
         self.schema = schema
         self.files = [(p, _file_format(p, fmt)) for p in _as_paths(paths)]
-        self.columns = schema.columns()
-        self.parser = _Parser(schema)
+        self.parser = _Parser(schema, labels)
+        self.columns = self.parser.columns
         self._columnar: Optional[_Columnar] = None
 
     def columnar(self) -> Optional["_Columnar"]:
@@ -821,33 +836,37 @@ class _Source:
         return self._columnar
 
     def chunks(self, order: Optional[Sequence[int]] = None) -> Iterator:
-        """The rows of :meth:`records`, before parsing, in chunks (for the vectorised path)."""
-        files = self.files if order is None else [self.files[i] for i in order]
-        for path, fmt in files:
+        """The rows of :meth:`records`, before parsing, in chunks (for the vectorised path); each
+        chunk's ``file`` is its file's index in ``files``."""
+        for f in range(len(self.files)) if order is None else order:
+            path, fmt = self.files[f]
             if fmt == "csv":
-                yield from _csv_chunks(path, self.columns, self.schema.csv_multiline)
-                continue
-            row = 0
-            for rb in _parquet_batches(path, self.columns, self.schema.sequences):
-                yield _ParquetChunk(path, rb, self.columns, row)
-                row += rb.num_rows
+                chunks = _csv_chunks(path, self.columns, self.schema.csv_multiline)
+            else:
+                chunks = _parquet_chunks(path, self.columns, self.schema.sequences)
+            for chunk in chunks:
+                chunk.file = f
+                yield chunk
 
-    def records(self, on_error: str, on_skip: Callable[[str], None],
-                order: Optional[Sequence[int]] = None) -> Iterator[_Record]:
-        files = self.files if order is None else [self.files[i] for i in order]
-        for path, fmt in files:
+    def records(self, on_error: str, on_skip: Callable[[str], None], order: Optional[Sequence[int]] = None,
+                positions: bool = False) -> Iterator:
+        """The valid rows' records, in file order (``order``: the files' indices, in the order to
+        read them); with ``positions``, ``(file, row, record)``: the file's index in ``files`` and
+        the row's 0-based index among the file's rows (:meth:`TabularDataset.positioned_batches`)."""
+        for f in range(len(self.files)) if order is None else order:
+            path, fmt = self.files[f]
             rows = _csv_rows(path, self.columns, self.schema.csv_multiline) if fmt == "csv" else _parquet_rows(path, self.columns, self.schema.sequences)
             # closing: a DataError raised here keeps this frame (and ``rows``) alive in its
             # traceback; the file must not stay open for as long as the caller keeps the error
             with contextlib.closing(rows):
-                for where, cells, problem in rows:
+                for i, (where, cells, problem) in enumerate(rows):
                     if problem is None:
                         try:
                             record = self.parser.parse(cells)
                         except _Malformed as e:
                             problem = str(e)
                         else:
-                            yield record
+                            yield (f, i, record) if positions else record
                             continue
                     if on_error == "raise":
                         raise DataError(path, where, problem)
@@ -1157,7 +1176,7 @@ class _Columnar:
 
     def __init__(self, schema: Schema, parser: _Parser) -> None:
         self.schema, self.parser = schema, parser
-        self.columns = schema.columns()
+        self.columns = parser.columns
         self.list_columns = set(schema.sequences)
         self.dense_columns = set(schema.dense)
         self.chunk_fallbacks = 0  # chunks the parser decided row by row (tests expect 0 on ordinary files)
@@ -1198,18 +1217,21 @@ class _Columnar:
         need = np.zeros(n, dtype=bool)  # rows the parser must decide
 
         # label: the parser's own check, once per distinct string
-        distinct = pc.unique(cols[0])
-        values, good = [], []
-        for u in distinct.to_pylist():
-            try:
-                values.append(p.label(u))
-                good.append(True)
-            except _Malformed:
-                values.append(0.0)
-                good.append(False)
-        at = _np(pc.index_in(cols[0], value_set=distinct))
-        out.label = np.array(values, dtype=np.float64)[at]
-        need |= ~np.array(good, dtype=bool)[at]
+        if p.labels:
+            distinct = pc.unique(cols[0])
+            values, good = [], []
+            for u in distinct.to_pylist():
+                try:
+                    values.append(p.label(u))
+                    good.append(True)
+                except _Malformed:
+                    values.append(0.0)
+                    good.append(False)
+            at = _np(pc.index_in(cols[0], value_set=distinct))
+            out.label = np.array(values, dtype=np.float64)[at]
+            need |= ~np.array(good, dtype=bool)[at]
+        else:
+            out.label = np.full(n, np.nan)
 
         out.dense = np.zeros((n, p.nd), dtype=np.float64)
         null = pa.scalar(None, pa.string())
@@ -1551,6 +1573,10 @@ class TabularDataset:
     ``vectorized``: use the vectorised path when pyarrow is installed (module docstring; the
     result is the same, ``False`` forces the per-row reference path).
 
+    ``labels=False`` reads files without labels, for scoring: the label column is not read (a
+    file need not have it, and where it has one its cells are not checked) and every batch's
+    ``label`` is NaN.
+
     ``num_rows`` (valid rows) is counted by one streaming pass the first time it is needed and
     cached; a complete pass of :meth:`batches` also fills it, and a later pass that finds a
     different number raises RuntimeError (the files changed under us). ``skipped`` counts the
@@ -1559,7 +1585,8 @@ class TabularDataset:
     """
 
     def __init__(self, paths: PathsArg, schema: Schema, vocabs: Mapping[str, Vocabulary], fmt: Optional[str] = None,
-                 on_error: str = "raise", shuffle_buffer: int = 65536, vectorized: bool = True) -> None:
+                 on_error: str = "raise", shuffle_buffer: int = 65536, vectorized: bool = True,
+                 labels: bool = True) -> None:
         _check_on_error(on_error)
         if not _is_int(shuffle_buffer) or shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be an integer >= 1, got {shuffle_buffer!r}")
@@ -1570,7 +1597,8 @@ class TabularDataset:
         self.vocabs = {c: vocabs[c] for c in [*schema.sparse, *schema.sequences]}
         self.on_error = on_error
         self.shuffle_buffer = shuffle_buffer
-        self._source = _Source(paths, schema, fmt)
+        self.labels = bool(labels)
+        self._source = _Source(paths, schema, fmt, self.labels)
         self.paths = [p for p, _ in self._source.files]
         self._num_rows: Optional[int] = None
         self.skipped = 0
@@ -1656,13 +1684,19 @@ class TabularDataset:
         random.Random(_seed_of(seed, epoch, "files")).shuffle(order)
         return order
 
-    def _rank_rows(self, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int) -> Iterator[_Row]:
+    def _rank_rows(self, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int,
+                   positions: bool = False) -> Iterator[_Row]:
+        """This rank's encoded rows; with ``positions``, ``(row, file, row index)`` (one rank only)."""
         order = self._file_order(shuffle, seed, epoch)
         first: Optional[_Row] = None
         taken = total = 0
-        for record in self._source.records(self.on_error, self._on_skip, order):
+        for record in self._source.records(self.on_error, self._on_skip, order, positions):
             if total % world_size == rank:
-                row = self._encode(record)
+                if positions:
+                    f, i, record = record
+                    row = self._encode(record), f, i
+                else:
+                    row = self._encode(record)
                 if first is None:
                     first = row
                 taken += 1
@@ -1691,14 +1725,17 @@ class TabularDataset:
         )
 
     def _rank_rows_vectorized(self, columnar: _Columnar, shuffle: bool, seed: int, epoch: int, rank: int,
-                              world_size: int) -> Iterator[bytes]:
+                              world_size: int, positions: bool = False) -> Iterator[bytes]:
         """:meth:`_rank_rows` for the vectorised path: each row packed as one ``bytes`` record of
         ``_row_dtype`` (a few hundred bytes, so a full shuffle buffer stays small)."""
         order = self._file_order(shuffle, seed, epoch)
         first: Optional[bytes] = None
         taken = total = 0
         size = self._row_dtype.itemsize
+        file = base = None  # the file being read, and its rows before this chunk
         for chunk in self._source.chunks(order):
+            if chunk.file != file:
+                file, base = chunk.file, 0
             checked = columnar.check(chunk)
             try:
                 packed = self._pack(checked)
@@ -1712,7 +1749,11 @@ class TabularDataset:
                 run = np.flatnonzero(checked.ok[start:stop]) + start  # valid rows before the stop
                 mine = run[(total + np.arange(len(run))) % world_size == rank]
                 total += len(run)
-                if len(mine):
+                if len(mine) and positions:
+                    for i in mine.tolist():
+                        yield packed[i].tobytes(), file, base + i
+                    taken += len(mine)
+                elif len(mine):
                     buf = packed[mine].tobytes()
                     for at in range(0, len(buf), size):
                         row = buf[at:at + size]
@@ -1723,6 +1764,7 @@ class TabularDataset:
                 if reason is not None:
                     _stop(chunk, stop, reason, self.on_error, self._on_skip)
                 start = stop + 1
+            base += checked.n
             if chunk.error is not None:
                 raise chunk.error
         self._seen_total(total)
@@ -1840,17 +1882,45 @@ class TabularDataset:
             collate = self._collate_packed
         if shuffle:
             rows = _shuffle_buffer(rows, self.shuffle_buffer, random.Random(_seed_of(seed, epoch, rank)))
-        chunk: list = []
-        done = 0
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == batch_size:
-                if done >= skip_batches:
-                    yield collate(chunk)
-                done += 1
-                chunk = []
-        if chunk and not drop_last and done >= skip_batches:
-            yield collate(chunk)
+        for done, chunk in enumerate(_groups(rows, batch_size)):
+            if done >= skip_batches and (len(chunk) == batch_size or not drop_last):
+                yield collate(chunk)
+
+    def positioned_batches(self, batch_size: int, prefetch: int = 0) -> Iterator[Tuple[Batch, torch.Tensor, torch.Tensor]]:
+        """Every valid row once, in the files' order (no sharding, no shuffling), as ``(batch,
+        file, row)`` (for scoring: which row each score belongs to). ``file[b]`` (int64) is the
+        index in ``paths`` of the file that row ``b`` of ``batch`` comes from, ``row[b]`` its 0-based
+        index among that file's rows: the first row after the header is 0, blank CSV lines are not
+        rows, a malformed row is (a skipped one leaves a gap), and a row that spans lines under
+        ``csv_multiline`` is one. ``prefetch``: as :meth:`batches`."""
+        _check_batch_args(batch_size, 0, 1, 0)
+        _check_prefetch(prefetch)
+
+        def make() -> Iterator[Tuple[Batch, torch.Tensor, torch.Tensor]]:
+            columnar = self._columnar()
+            if columnar is None:
+                rows: Iterable = self._rank_rows(False, 0, 0, 0, 1, positions=True)
+                collate: Callable[[list], Batch] = self._collate
+            else:
+                rows = self._rank_rows_vectorized(columnar, False, 0, 0, 0, 1, positions=True)
+                collate = self._collate_packed
+            for chunk in _groups(rows, batch_size):
+                encoded, files, at = zip(*chunk)
+                yield collate(list(encoded)), torch.tensor(files, dtype=torch.int64), torch.tensor(at, dtype=torch.int64)
+
+        return _prefetched(make, prefetch) if prefetch else make()
+
+
+def _groups(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size``, the last one shorter when they do not divide evenly."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _prefetched(make: Callable[[], Iterator], depth: int) -> Iterator:

@@ -8,6 +8,7 @@ Every file is written here, in ``tmp_path``, in the BARS/FuxiCTR AmazonElectroni
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import io
@@ -541,6 +542,61 @@ def test_csv_gzip_and_parquet_give_identical_batches(tmp_path, amazon):
     assert b.sparse[7, 1] == 0  # an empty item_id cell (CSV) and a null (Parquet) are both the missing id
 
 
+def _positioned(ds, batch_size=16):
+    """``(files, rows, price row ids)`` of every row ``positioned_batches`` gives, and its error."""
+    parts, error = outcome(ds.positioned_batches(batch_size))
+    return ([f for _, fs, _ in parts for f in fs.tolist()], [r for _, _, rs in parts for r in rs.tolist()],
+            row_ids(b for b, _, _ in parts), error)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_positioned_batches_give_each_rows_index_in_its_file(tmp_path, amazon, small_chunks, vectorized):
+    """``price`` is each row's index in its file (+ 0.25), an independent count to check ``row``
+    against: blank lines are not rows, a row that spans lines is one, a malformed row is (a skipped
+    one leaves a gap), a Parquet file counts from 0 again; a row with a bad label is malformed only
+    where labels are read. A label-less file reads without labels and is refused with them."""
+    _, _, vocabs, rows = amazon
+    schema = Schema(dense=["price"], **AMAZON, csv_multiline=True)
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(COLUMNS)
+        for i, row in enumerate(rows[:120]):
+            cells = csv_cells(row)
+            if i == 20:
+                cells[0] = "7"  # a bad label
+            if i == 40:
+                cells[3] = "c1\nc2"  # a quoted field over two lines: still one row
+            w.writerow(cells[:-2] if i == 33 else cells)  # row 33: too few fields
+            if i in (10, 50, 79):
+                fh.write("\n\n" if i == 50 else "\n")
+    pq_rows = [dict(r, price=i + 0.25) for i, r in enumerate(rows[120:])]
+    pq_rows[5]["label"] = 2
+    write_parquet(tmp_path / "b.parquet", pq_rows)
+    paths = [tmp_path / "a.csv", tmp_path / "b.parquet"]
+    n_pq = len(pq_rows)
+    for labels, bad_csv, bad_pq in [(True, {20, 33}, {5}), (False, {33}, set())]:
+        ds = TabularDataset(paths, schema, vocabs, on_error="skip", vectorized=vectorized, labels=labels)
+        files, at, ids, error = _positioned(ds)
+        assert error is None and ds.skipped == len(bad_csv) + len(bad_pq)
+        want = [i for i in range(120) if i not in bad_csv] + [i for i in range(n_pq) if i not in bad_pq]
+        assert at == ids == want
+        assert files == [0] * (120 - len(bad_csv)) + [1] * (n_pq - len(bad_pq))
+    ds = TabularDataset(paths, schema, vocabs, vectorized=vectorized)  # on_error="raise": the rows before it
+    files, at, ids, error = _positioned(ds, batch_size=4)
+    assert error == f"{paths[0]}:23: column 'label': label must be 0 or 1, got '7'"  # after 1 + 20 + 1 blank lines
+    assert at == ids == list(range(20))
+    # a file without the label column: read without labels, refused with them
+    write_csv(tmp_path / "c.csv", rows[:30])
+    text = (tmp_path / "c.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    write_text(tmp_path / "nolabel.csv", "".join(line.split(",", 1)[1] for line in text))
+    ds = TabularDataset(tmp_path / "nolabel.csv", schema, vocabs, vectorized=vectorized, labels=False)
+    want = [dataclasses.replace(b, label=torch.full_like(b.label, float("nan")))
+            for b in TabularDataset(tmp_path / "c.csv", schema, vocabs).batches(8)]
+    assert len(want) == 4 and bit_identical(ds.batches(8), want)
+    with pytest.raises(DataError, match=r"missing required column\(s\) \['label'\]"):
+        list(TabularDataset(tmp_path / "nolabel.csv", schema, vocabs, vectorized=vectorized).batches(8))
+
+
 def test_parquet_malformed_row_number(tmp_path):
     rows = amazon_rows(10)
     rows[6]["label"] = 3
@@ -1049,8 +1105,16 @@ def vocabs_of(paths, schema, **kw):
     return {c: v.to_dict() for c, v in vocabs.items()}, n, [str(w.message) for w in caught]
 
 
+def positioned_outcome(batches):
+    """:func:`outcome` of ``positioned_batches``: (batches, files, rows) until the end or a
+    DataError, and the error's message (or None)."""
+    parts, error = outcome(batches)
+    return [b for b, _, _ in parts], [f.tolist() for _, f, _ in parts], [r.tolist() for _, _, r in parts], error
+
+
 def check_paths_agree(paths, schema, vocab_paths=None):
-    """Everything the two paths produce on ``paths`` (vocabularies from ``vocab_paths``)."""
+    """Everything the two paths produce on ``paths`` (vocabularies from ``vocab_paths``), with and
+    without labels, as batches and as positioned batches."""
     vocab_paths = vocab_paths or paths
     for on_error in ("raise", "skip"):
         assert vocabs_of(vocab_paths, schema, on_error=on_error) == \
@@ -1071,6 +1135,17 @@ def check_paths_agree(paths, schema, vocab_paths=None):
                 if counted[1] is not None:
                     continue
             assert same_outcome(vec.batches(13, **kw), ref.batches(13, **kw))
+        for labels in (True, False):
+            v, r = (TabularDataset(paths, schema, vocabs, on_error=on_error, vectorized=x, labels=labels)
+                    for x in (True, False))
+            (xs, xf, xr, ex), (ys, yf, yr, ey) = (positioned_outcome(d.positioned_batches(13)) for d in (v, r))
+            assert (ex, xf, xr) == (ey, yf, yr) and bit_identical(xs, ys)
+            assert (v.skipped, v.skipped_examples) == (r.skipped, r.skipped_examples)
+            if labels:  # the same rows as batches() gives, in the same batches
+                plain, error = outcome(TabularDataset(paths, schema, vocabs, on_error=on_error).batches(13))
+                assert error == ex and bit_identical(xs, plain)
+            else:  # the labels are NaN, the rest is read as with labels, wherever a label is valid
+                assert all(b.label.isnan().all() for b in xs)
         if on_error == "skip":
             assert vec.num_rows == ref.num_rows
         assert (vec.skipped, vec.skipped_examples) == (ref.skipped, ref.skipped_examples)
