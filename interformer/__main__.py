@@ -1,4 +1,4 @@
-"""Command line: python -m interformer {demo,train,evaluate,example-data} (--help on each)."""
+"""Command line: python -m interformer {demo,train,evaluate,score,example-data} (--help on each)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,8 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line's parser (``demo``, ``train``, ``evaluate``); :func:`main` runs what it parses."""
+    """The command line's parser (``demo``, ``train``, ``example-data``, ``evaluate``, ``score``);
+    :func:`main` runs what it parses."""
     from .backend import BACKENDS
     from .data import write_example_files
     from .train import AMP_MODES, ON_BAD_ROWS
@@ -205,20 +206,41 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
-    ev.add_argument("--data", choices=("csv", "parquet"), default=None,
-                    help="format of the files (default: by their suffixes, else the checkpoint's data setting)")
-    ev.add_argument("--batch-size", type=_positive_int, default=1024, help="scoring batch size (default %(default)s)")
-    ev.add_argument("--device", default=None, help=_DEVICE_HELP)
-    ev.add_argument("--backend", default=None, choices=BACKENDS,
-                    help="the model's path (default: the one the checkpoint's model was built with)")
-    ev.add_argument("--amp", default=None, choices=AMP_MODES,
-                    help="autocast of the model (default: the checkpoint's own setting, so that its splits score as "
-                         "in training)")
-    ev.add_argument("--on-bad-rows", default=None, choices=ON_BAD_ROWS,
-                    help="what a malformed row does: stop with its file and line, or be counted and left out "
-                         "(default: the checkpoint's own setting)")
+    sc = sub.add_parser("score", help="click probabilities of a checkpoint's model for every row of files (no "
+                                      "labels needed), written to a CSV file")
+    sc.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
+    sc.add_argument("files", nargs="+", help="CSV/Parquet files read with the checkpoint's schema and vocabularies; "
+                                             "a label column is not needed (and not read)")
+    for p in (ev, sc):  # the flags both share, with the same meanings and defaults
+        p.add_argument("--data", choices=("csv", "parquet"), default=None,
+                       help="format of the files (default: by their suffixes, else the checkpoint's data setting)")
+        p.add_argument("--batch-size", type=_positive_int, default=1024, help="scoring batch size (default %(default)s)")
+        p.add_argument("--device", default=None, help=_DEVICE_HELP)
+        p.add_argument("--backend", default=None, choices=BACKENDS,
+                       help="the model's path (default: the one the checkpoint's model was built with)")
+        p.add_argument("--amp", default=None, choices=AMP_MODES,
+                       help="autocast of the model (default: the checkpoint's own setting, so that its splits score "
+                            "as in training)")
+        p.add_argument("--on-bad-rows", default=None, choices=ON_BAD_ROWS,
+                       help="what a malformed row does: stop with its file and line, or be counted and left out "
+                            "(default: the checkpoint's own setting)")
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+    sc.add_argument("--output", required=True,
+                    help="the CSV file to write: file,row,score (row: the row's 0-based index in its file, "
+                         "the header and blank lines not counted)")
     return parser
+
+
+def _check_output_file(output: str, example: str) -> None:
+    """Refuse an ``--output`` that names a directory and make its folder, before any scoring (as
+    ``train`` makes ``--output-dir``), so that a mistake costs no scoring pass."""
+    if os.path.isdir(output) or not os.path.basename(output):
+        raise ValueError(f"--output {output} is a directory; give a file name (e.g. {os.path.join(output, example)})")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+
+
+def _skipped_note(split: str, skipped: int, examples) -> str:
+    return f"note: skipped {skipped} malformed row(s) in {split}, not scored (e.g. {'; '.join(examples)})"
 
 
 def main(argv=None) -> int:
@@ -253,13 +275,25 @@ def main(argv=None) -> int:
         print(f"train on them: python -m interformer train --config {shlex.quote(paths['settings'])}")
         return 0
     _interpret_on_cpu(args.device)
+    if args.command == "score":
+        from .train import rate, score_checkpoint
+
+        _check_output_file(args.output, "scores.csv")
+        scores = score_checkpoint(args.checkpoint, args.files, data=args.data, batch_size=args.batch_size,
+                                  device=args.device, backend=args.backend, amp=args.amp,
+                                  on_bad_rows=args.on_bad_rows)
+        scores.write_csv(args.output)
+        print(f"scored {scores.score.numel()} row(s) of {len(scores.paths)} file(s) with {args.checkpoint} "
+              f"(amp {scores.amp}, {rate(scores.samples_per_s)} rows/s): wrote {args.output}")
+        if scores.amp_note:
+            print(f"note: {scores.amp_note}")
+        if scores.skipped_rows:
+            print(_skipped_note("the files", scores.skipped_rows, scores.skipped_examples))
+        return 0
     from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
 
-    if args.output:  # checked (and its folder made, as train makes --output-dir) before the scoring, not after
-        if os.path.isdir(args.output) or not os.path.basename(args.output):
-            raise ValueError(f"--output {args.output} is a directory; give a file name (e.g. "
-                             f"{os.path.join(args.output, 'metrics.json')})")
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    if args.output:  # checked before the scoring, not after
+        _check_output_file(args.output, "metrics.json")
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)
@@ -271,8 +305,7 @@ def main(argv=None) -> int:
         print(note)
     for split, m in results.items():
         if m.get("skipped_rows"):  # on_bad_rows is "skip": say what was left out
-            print(f"note: skipped {m['skipped_rows']} malformed row(s) in {split}, not scored "
-                  f"(e.g. {'; '.join(m.get('skipped_examples', []))})")
+            print(_skipped_note(split, m["skipped_rows"], m.get("skipped_examples", [])))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump(json_safe(results), fh, indent=2)

@@ -1,7 +1,7 @@
 """Training and evaluation of InterFormerCTR on synthetic data or on the user's click logs.
 
-``python -m interformer train`` and ``python -m interformer evaluate`` (see ``--help``) wrap
-:func:`train` and :func:`evaluate_checkpoint`. Settings come from :class:`TrainConfig`: its
+``python -m interformer train``, ``evaluate`` and ``score`` (see ``--help``) wrap :func:`train`,
+:func:`evaluate_checkpoint` and :func:`score_checkpoint`. Settings come from :class:`TrainConfig`: its
 defaults, then a YAML/JSON file (``--config``), then command-line flags, later ones winning.
 
 Decisions:
@@ -814,6 +814,14 @@ def _closing(batches):
             close()
 
 
+def _logits(model: nn.Module, batch: Batch, device: torch.device, cfg: TrainConfig) -> torch.Tensor:
+    """The model's fp32 logits of one batch, as evaluation and scoring call it (no grad, eval mode:
+    the caller's)."""
+    b, checked = on_device(batch, device, model)
+    with checked, autocast(cfg, device):
+        return model(*b.inputs()).float()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cfg: TrainConfig):
     """(logits, labels, groups or None, samples/s) over a whole split, in file order, one process."""
@@ -821,9 +829,7 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device, cf
     logits, labels, groups = [], [], []
     t0 = time.perf_counter()
     for batch in _closing(dataset.batches(batch_size, shuffle=False, prefetch=cfg.prefetch)):
-        b, checked = on_device(batch, device, model)
-        with checked, autocast(cfg, device):
-            logits.append(model(*b.inputs()).float())
+        logits.append(_logits(model, batch, device, cfg))
         labels.append(batch.label)
         groups.append(batch.group)
     if not logits:
@@ -1611,6 +1617,41 @@ def load_model(checkpoint, backend: Optional[str] = None, device: Optional[str] 
     return _model_of(load_checkpoint(checkpoint), backend, dev).eval()
 
 
+def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: Optional[str], amp: Optional[str],
+                   on_bad_rows: Optional[str]) -> tuple:
+    """``(state, cfg, device, model, amp_note)`` for :func:`evaluate_checkpoint` and
+    :func:`score_checkpoint`: the checkpoint, its training settings with the given ``amp`` and
+    ``on_bad_rows`` (None: its own), the device and the model on it, and why the amp used is not
+    the checkpoint's (None when it is)."""
+    state = load_checkpoint(checkpoint)
+    # a given on_bad_rows or amp replaces the checkpoint's, checked by TrainConfig as every setting is
+    given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
+    cfg = TrainConfig.from_dict({**state["train_config"], **given})
+    cfg.eval_batch_size, cfg.device = batch_size, device
+    dev = _default_device(device)
+    check_device(dev)
+    model = _model_of(state, backend, dev)
+    amp_note = None
+    if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
+        cfg.amp = "off"
+        amp_note = ("the checkpoint's amp, bf16, cannot run on the fused path on a CPU (Triton's interpreter has no "
+                    "bfloat16): scored without autocast (--amp fp16, or --backend eager with --amp bf16, choose "
+                    "otherwise)")
+    return state, cfg, dev, model, amp_note
+
+
+def _files_of(checkpoint, state: Dict[str, Any], cfg: TrainConfig, paths: List[str], data: Optional[str],
+              labels: bool = True):
+    """The :class:`~interformer.dataio.TabularDataset` of ``paths``, read with the checkpoint's
+    schema and vocabularies (``data``: their format, None: by suffix, else the checkpoint's)."""
+    from .dataio import Schema, TabularDataset
+
+    if state["schema"] is None:
+        raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
+    return TabularDataset(paths, Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"]),
+                          fmt=data or _format_of(paths, cfg.data), on_error=cfg.on_bad_rows, labels=labels)
+
+
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
                         amp: Optional[str] = None, on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
@@ -1630,28 +1671,9 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason."""
     from .dataio import Schema, TabularDataset
 
-    state = load_checkpoint(checkpoint)
-    saved = state["train_config"]
-    # a given on_bad_rows or amp replaces the checkpoint's, checked by TrainConfig as every setting is
-    given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
-    cfg = TrainConfig.from_dict({**saved, **given})
-    cfg.eval_batch_size, cfg.device = batch_size, device
-    dev = _default_device(device)
-    check_device(dev)
-    model = _model_of(state, backend, dev)
-    amp_note = None
-    if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
-        cfg.amp = "off"
-        amp_note = ("the checkpoint's amp, bf16, cannot run on the fused path on a CPU (Triton's interpreter has no "
-                    "bfloat16): scored without autocast (--amp fp16, or --backend eager with --amp bf16, choose "
-                    "otherwise)")
+    state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
     if paths:
-        if state["schema"] is None:
-            raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
-        vocabs = _vocabs_from_dict(state["vocabularies"])
-        ds = TabularDataset(paths, Schema.from_dict(state["schema"]), vocabs, fmt=data or _format_of(paths, cfg.data),
-                            on_error=cfg.on_bad_rows)
-        splits = {"eval": ds}
+        splits = {"eval": _files_of(checkpoint, state, cfg, paths, data)}
     elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
         _, splits, _, _ = build_data(cfg)
         splits.pop("train")
@@ -1673,3 +1695,74 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
             if ds.skipped:
                 results[name]["skipped_examples"] = ds.skipped_examples[:3]
     return results
+
+
+@dataclass
+class Scores:
+    """What :func:`score_checkpoint` returns: one score per scored row, in the files' order.
+
+    ``paths``: the files, as given. ``file`` (int64): each score's file, an index into ``paths``.
+    ``row`` (int64): its row's 0-based index among that file's rows (the first row after the
+    header is 0; blank CSV lines are not rows; a malformed row is, so a skipped one leaves a gap;
+    :meth:`~interformer.dataio.TabularDataset.positioned_batches`). ``score`` (float32): the
+    predicted click probability, ``sigmoid`` of the model's logit. ``skipped_rows``: the malformed
+    rows left out (``on_bad_rows="skip"``), ``skipped_examples`` the first reasons. ``amp``: the
+    autocast the model ran under, ``amp_note`` why it is not the checkpoint's (or None).
+    ``samples_per_s``: rows scored per second, reading included."""
+
+    paths: List[str]
+    file: torch.Tensor
+    row: torch.Tensor
+    score: torch.Tensor
+    skipped_rows: int
+    skipped_examples: List[str]
+    amp: str
+    amp_note: Optional[str]
+    samples_per_s: float
+
+    def write_csv(self, path) -> None:
+        """Write ``file,row,score`` (a header, then one line per score; the file as given, the score
+        with the 9 significant digits that give its float32 back exactly). The folder is made."""
+        import csv
+
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            out = csv.writer(fh)
+            out.writerow(["file", "row", "score"])
+            for f, r, v in zip(self.file.tolist(), self.row.tolist(), self.score.tolist()):
+                out.writerow([self.paths[f], r, f"{v:.9g}"])
+
+
+@torch.no_grad()
+def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = None, batch_size: int = 1024,
+                     device: Optional[str] = None, backend: Optional[str] = None, amp: Optional[str] = None,
+                     on_bad_rows: Optional[str] = None) -> Scores:
+    """Click probabilities of a checkpoint's model for every row of ``paths`` (CSV/Parquet files read
+    with the checkpoint's schema and vocabularies): :class:`Scores`.
+
+    The files need no label column; where they have one it is not read, so an unlabeled file with
+    an empty label column scores too. ``data``, ``batch_size``, ``device``, ``backend``, ``amp``
+    and ``on_bad_rows`` are those of :func:`evaluate_checkpoint`, defaults included: a malformed
+    row raises, naming its file and line, unless ``on_bad_rows`` (or the checkpoint's setting) is
+    "skip"; then it has no score, and ``row`` says which rows the scores belong to. A file with no
+    rows gives no scores (no error: there is nothing to score)."""
+    state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
+    ds = _files_of(checkpoint, state, cfg, list(paths), data, labels=False)
+    model.eval()
+    files, rows, scores = [], [], []
+    t0 = time.perf_counter()
+    for batch, f, r in _closing(ds.positioned_batches(batch_size, prefetch=cfg.prefetch)):
+        scores.append(torch.sigmoid(_logits(model, batch, dev, cfg)))
+        files.append(f)
+        rows.append(r)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+
+    def cat(parts, dtype):
+        return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype)
+
+    score = cat(scores, torch.float32)
+    return Scores(paths=[str(p) for p in paths], file=cat(files, torch.int64), row=cat(rows, torch.int64),
+                  score=score, skipped_rows=ds.skipped, skipped_examples=ds.skipped_examples[:3], amp=cfg.amp,
+                  amp_note=amp_note, samples_per_s=score.numel() / max(seconds, 1e-9))

@@ -6,6 +6,7 @@ Every run is a tiny model on a few hundred rows (seconds on 2 CPU threads)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime
 import itertools
@@ -1592,6 +1593,58 @@ def test_evaluate_reports_skipped_rows_scores_right_and_names_an_empty_file(bars
     (bars / "empty.csv").write_text((bars / "valid.csv").read_text().splitlines()[0] + "\n")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(bars / 'empty.csv'))}: no rows to evaluate"):
         T.evaluate_checkpoint(ckpt, [str(bars / "empty.csv")])
+
+
+def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_run):
+    """``score`` on a file without labels (a malformed row skipped, a blank line) and on a labeled
+    file with a label that is not 0/1 (not read, so not malformed): one CSV line per scored row with
+    its file, its 0-based row and sigmoid of the logit that the checkpoint's model, loaded here,
+    gives that row; the CSV's text reads back to the exact float32 scores. A directory as --output
+    is refused before scoring; a checkpoint of synthetic data has no schema to read files with."""
+    from interformer.dataio import Schema, TabularDataset
+
+    T.train(_bars_config(bars, valid=[], on_bad_rows="skip"), log=quiet)
+    ckpt = str(bars / "run" / "last.pt")
+    lines = (bars / "valid.csv").read_text().splitlines()
+    unlabeled = [line.split(",", 1)[1] for line in lines]
+    unlabeled[1 + 3] = unlabeled[1 + 3].rsplit(",", 2)[0]  # row 3: two fields short
+    unlabeled.insert(1 + 6, "")  # a blank line after row 5: not a row
+    (bars / "nolabel.csv").write_text("\n".join(unlabeled) + "\n")
+    lines[1 + 9] = "7" + lines[1 + 9][1:]
+    (bars / "odd.csv").write_text("\n".join(lines) + "\n")
+    files = [str(bars / "nolabel.csv"), str(bars / "odd.csv")]
+    capsys.readouterr()
+    for where in (str(bars), str(bars / "newdir") + os.sep):
+        with pytest.raises(ValueError, match=r"--output .* is a directory"):
+            main(["score", ckpt, *files, "--output", where])
+    out = bars / "scores" / "s.csv"
+    main(["score", ckpt, *files, "--batch-size", "13", "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert f"scored 239 row(s) of 2 file(s) with {ckpt}" in printed
+    assert "note: skipped 1 malformed row(s) in the files, not scored" in printed and "nolabel.csv:5:" in printed
+    with open(out, newline="") as fh:
+        got = list(csv.DictReader(fh))
+    want_rows = [i for i in range(120) if i != 3] + list(range(120))
+    assert [(r["file"], int(r["row"])) for r in got] == [(files[0], i) for i in want_rows[:119]] + \
+        [(files[1], i) for i in want_rows[119:]]
+    # the model's own logits, computed here on the original labeled file, at another batch size
+    state = T.load_checkpoint(ckpt)
+    model = T.InterFormerCTR(InterFormerConfig(**state["model_config"])).eval()
+    model.load_state_dict(state["model"])
+    ds = TabularDataset([str(bars / "valid.csv")], Schema.from_dict(state["schema"]),
+                        T._vocabs_from_dict(state["vocabularies"]))
+    with torch.no_grad():
+        p = torch.sigmoid(torch.cat([model(*b.inputs()) for b in ds.batches(32, shuffle=False)]))
+    want = torch.cat([p[[i for i in range(120) if i != 3]], p])
+    scores = torch.tensor([float(r["score"]) for r in got], dtype=torch.float32)
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-7)
+    api = T.score_checkpoint(ckpt, files, batch_size=64)
+    assert torch.equal(api.score, scores)  # the printed digits give the float32 back
+    assert api.row.tolist() == want_rows and api.file.tolist() == [0] * 119 + [1] * 120 and api.skipped_rows == 1
+    torch.save(full_run, bars / "synthetic.pt")
+    with pytest.raises(ValueError, match="trained on synthetic data; it has no schema"):
+        main(["score", str(bars / "synthetic.pt"), files[0], "--output", str(bars / "x.csv")])
+    assert not (bars / "x.csv").exists()
 
 
 def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_path):
