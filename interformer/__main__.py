@@ -227,15 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     sc.add_argument("--output", required=True,
                     help="the CSV file to write: file,row,score (row: the row's 0-based index in its file, "
-                         "the header and blank lines not counted)")
+                         "the header and empty lines not counted)")
     return parser
 
 
-def _check_output_file(output: str, example: str) -> None:
-    """Refuse an ``--output`` that names a directory and make its folder, before any scoring (as
-    ``train`` makes ``--output-dir``), so that a mistake costs no scoring pass."""
+def _check_output_file(args, example: str) -> None:
+    """Refuse an ``--output`` that names a directory or a file the command reads (the checkpoint, a
+    data file), and make its folder, before any scoring (as ``train`` makes ``--output-dir``), so
+    that a mistake costs no scoring pass."""
+    from .train import refuse_overwriting
+
+    output = args.output
     if os.path.isdir(output) or not os.path.basename(output):
         raise ValueError(f"--output {output} is a directory; give a file name (e.g. {os.path.join(output, example)})")
+    refuse_overwriting(output, [args.checkpoint, *args.files])
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
 
 
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
     if args.command == "score":
         from .train import rate, score_checkpoint
 
-        _check_output_file(args.output, "scores.csv")
+        _check_output_file(args, "scores.csv")
         scores = score_checkpoint(args.checkpoint, args.files, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)
@@ -293,7 +298,7 @@ def main(argv=None) -> int:
     from .train import evaluate_checkpoint, json_safe, metric_notes, metrics_table
 
     if args.output:  # checked before the scoring, not after
-        _check_output_file(args.output, "metrics.json")
+        _check_output_file(args, "metrics.json")
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)

@@ -1574,8 +1574,8 @@ class TabularDataset:
     result is the same, ``False`` forces the per-row reference path).
 
     ``labels=False`` reads files without labels, for scoring: the label column is not read (a
-    file need not have it, and where it has one its cells are not checked) and every batch's
-    ``label`` is NaN.
+    file need not have it, and where it has one its cells are not parsed; bytes that are not UTF-8
+    still stop a CSV file's reading there, as anywhere in it) and every batch's ``label`` is NaN.
 
     ``num_rows`` (valid rows) is counted by one streaming pass the first time it is needed and
     cached; a complete pass of :meth:`batches` also fills it, and a later pass that finds a
@@ -1725,9 +1725,10 @@ class TabularDataset:
         )
 
     def _rank_rows_vectorized(self, columnar: _Columnar, shuffle: bool, seed: int, epoch: int, rank: int,
-                              world_size: int, positions: bool = False) -> Iterator[bytes]:
+                              world_size: int, positions: bool = False) -> Iterator:
         """:meth:`_rank_rows` for the vectorised path: each row packed as one ``bytes`` record of
-        ``_row_dtype`` (a few hundred bytes, so a full shuffle buffer stays small)."""
+        ``_row_dtype`` (a few hundred bytes, so a full shuffle buffer stays small); with
+        ``positions``, ``(record, file, row index)``."""
         order = self._file_order(shuffle, seed, epoch)
         first: Optional[bytes] = None
         taken = total = 0
@@ -1890,9 +1891,10 @@ class TabularDataset:
         """Every valid row once, in the files' order (no sharding, no shuffling), as ``(batch,
         file, row)`` (for scoring: which row each score belongs to). ``file[b]`` (int64) is the
         index in ``paths`` of the file that row ``b`` of ``batch`` comes from, ``row[b]`` its 0-based
-        index among that file's rows: the first row after the header is 0, blank CSV lines are not
-        rows, a malformed row is (a skipped one leaves a gap), and a row that spans lines under
-        ``csv_multiline`` is one. ``prefetch``: as :meth:`batches`."""
+        index among that file's rows: the first row after the header is 0, empty CSV lines are not
+        rows (a line of spaces is, a malformed one), a malformed row is (a skipped one leaves a
+        gap), and a row that spans lines under ``csv_multiline`` is one. Error messages give lines
+        instead (1-based, the header and empty lines counted). ``prefetch``: as :meth:`batches`."""
         _check_batch_args(batch_size, 0, 1, 0)
         _check_prefetch(prefetch)
 

@@ -520,7 +520,8 @@ def check_device(device: torch.device) -> None:
         return
     if not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"device {str(device)!r}: CUDA is not available here ({why}); pass --device cpu")
+        raise ValueError(f"device {str(device)!r}: CUDA is not available here ({why}); pass --device cpu "
+                         "(device='cpu' from Python)")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
         raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
@@ -1640,6 +1641,24 @@ def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: 
     return state, cfg, dev, model, amp_note
 
 
+def _path_list(paths) -> List[str]:
+    """``paths`` (one path, or an iterable of them: a generator is read once) as a list of strings."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    return [os.fspath(p) for p in paths]
+
+
+def refuse_overwriting(output, inputs) -> None:
+    """ValueError when the file ``output`` would be written over one of ``inputs`` (a data file or the
+    checkpoint being read): ``--output test.csv`` given by mistake would otherwise replace the data
+    with its scores."""
+    if not os.path.exists(output):
+        return
+    for p in inputs:
+        if os.path.exists(p) and os.path.samefile(output, p):
+            raise ValueError(f"--output {output} is {p}, which this command reads; give another file name")
+
+
 def _files_of(checkpoint, state: Dict[str, Any], cfg: TrainConfig, paths: List[str], data: Optional[str],
               labels: bool = True):
     """The :class:`~interformer.dataio.TabularDataset` of ``paths``, read with the checkpoint's
@@ -1673,7 +1692,7 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
 
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
     if paths:
-        splits = {"eval": _files_of(checkpoint, state, cfg, paths, data)}
+        splits = {"eval": _files_of(checkpoint, state, cfg, _path_list(paths), data)}
     elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
         _, splits, _, _ = build_data(cfg)
         splits.pop("train")
@@ -1703,7 +1722,7 @@ class Scores:
 
     ``paths``: the files, as given. ``file`` (int64): each score's file, an index into ``paths``.
     ``row`` (int64): its row's 0-based index among that file's rows (the first row after the
-    header is 0; blank CSV lines are not rows; a malformed row is, so a skipped one leaves a gap;
+    header is 0; empty CSV lines are not rows; a malformed row is, so a skipped one leaves a gap;
     :meth:`~interformer.dataio.TabularDataset.positioned_batches`). ``score`` (float32): the
     predicted click probability, ``sigmoid`` of the model's logit. ``skipped_rows``: the malformed
     rows left out (``on_bad_rows="skip"``), ``skipped_examples`` the first reasons. ``amp``: the
@@ -1722,9 +1741,11 @@ class Scores:
 
     def write_csv(self, path) -> None:
         """Write ``file,row,score`` (a header, then one line per score; the file as given, the score
-        with the 9 significant digits that give its float32 back exactly). The folder is made."""
+        with the 9 significant digits that give its float32 back exactly). The folder is made; a
+        ``path`` that is one of the scored files is refused."""
         import csv
 
+        refuse_overwriting(path, self.paths)
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         with open(path, "w", newline="", encoding="utf-8") as fh:
             out = csv.writer(fh)
@@ -1738,7 +1759,8 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
                      device: Optional[str] = None, backend: Optional[str] = None, amp: Optional[str] = None,
                      on_bad_rows: Optional[str] = None) -> Scores:
     """Click probabilities of a checkpoint's model for every row of ``paths`` (CSV/Parquet files read
-    with the checkpoint's schema and vocabularies): :class:`Scores`.
+    with the checkpoint's schema and vocabularies; one path or several): :class:`Scores`. A file
+    given twice is refused, as its rows' ``(file, row)`` would name two scores.
 
     The files need no label column; where they have one it is not read, so an unlabeled file with
     an empty label column scores too. ``data``, ``batch_size``, ``device``, ``backend``, ``amp``
@@ -1746,8 +1768,15 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
     row raises, naming its file and line, unless ``on_bad_rows`` (or the checkpoint's setting) is
     "skip"; then it has no score, and ``row`` says which rows the scores belong to. A file with no
     rows gives no scores (no error: there is nothing to score)."""
+    paths = _path_list(paths)
+    seen: Dict[str, str] = {}
+    for p in paths:
+        first = seen.setdefault(os.path.realpath(p), p)
+        if first is not p:
+            raise ValueError(f"{p} is given twice (also as {first}); each file is scored once, so that its "
+                             "file and row name one score")
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
-    ds = _files_of(checkpoint, state, cfg, list(paths), data, labels=False)
+    ds = _files_of(checkpoint, state, cfg, paths, data, labels=False)
     model.eval()
     files, rows, scores = [], [], []
     t0 = time.perf_counter()
@@ -1763,6 +1792,6 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
         return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype)
 
     score = cat(scores, torch.float32)
-    return Scores(paths=[str(p) for p in paths], file=cat(files, torch.int64), row=cat(rows, torch.int64),
+    return Scores(paths=paths, file=cat(files, torch.int64), row=cat(rows, torch.int64),
                   score=score, skipped_rows=ds.skipped, skipped_examples=ds.skipped_examples[:3], amp=cfg.amp,
                   amp_note=amp_note, samples_per_s=score.numel() / max(seconds, 1e-9))

@@ -1638,9 +1638,24 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     want = torch.cat([p[[i for i in range(120) if i != 3]], p])
     scores = torch.tensor([float(r["score"]) for r in got], dtype=torch.float32)
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-7)
-    api = T.score_checkpoint(ckpt, files, batch_size=64)
-    assert torch.equal(api.score, scores)  # the printed digits give the float32 back
+    api = T.score_checkpoint(ckpt, (f for f in files), batch_size=13)  # a generator of paths is read once
+    assert torch.equal(api.score, scores)  # the printed digits give the float32 back (same batches: same bits)
     assert api.row.tolist() == want_rows and api.file.tolist() == [0] * 119 + [1] * 120 and api.skipped_rows == 1
+    assert api.paths == files
+    one = T.score_checkpoint(ckpt, bars / "odd.csv", batch_size=13)  # one path, a Path
+    assert one.paths == files[1:] and torch.equal(one.score, scores[119:])
+    assert T.evaluate_checkpoint(ckpt, bars / "odd.csv")["eval"]["skipped_rows"] == 1  # the label 7 is read here
+    # written over what it reads: refused before scoring (the CLI) and before writing (Python)
+    for target in (files[1], ckpt):
+        with pytest.raises(ValueError, match="which this command reads"):
+            main(["score", ckpt, *files, "--output", target])
+    with pytest.raises(ValueError, match="which this command reads"):
+        one.write_csv(bars / "odd.csv")
+    with pytest.raises(ValueError, match="which this command reads"):
+        main(["evaluate", ckpt, files[1], "--output", files[1]])
+    assert (bars / "odd.csv").read_text() == "\n".join(lines) + "\n"
+    with pytest.raises(ValueError, match=r"odd\.csv is given twice"):
+        T.score_checkpoint(ckpt, [files[1], str(bars / "." / "odd.csv")])
     torch.save(full_run, bars / "synthetic.pt")
     with pytest.raises(ValueError, match="trained on synthetic data; it has no schema"):
         main(["score", str(bars / "synthetic.pt"), files[0], "--output", str(bars / "x.csv")])
