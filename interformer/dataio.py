@@ -124,7 +124,8 @@ Decisions (what the code below does, and why):
   without one read; where there is one, its cells are not checked, so an empty or unusual label
   does not make a row malformed) and gives NaN labels. :meth:`TabularDataset.positioned_batches`
   gives every valid row once in file order with its file and its 0-based row index in it, so that
-  scores can be joined back to rows even where malformed rows were skipped.
+  scores can be joined back to rows even where malformed rows were skipped. :class:`RowEncoder`
+  encodes rows held in memory (mappings ``{column: value}``) as a file's rows would be.
 * :class:`MemoryDataset` gives the same interface over an in-memory :class:`~interformer.data.Batch`
   (the synthetic data). Being in memory, it shuffles with a full permutation seeded by
   ``(seed, epoch)`` and then shards the permuted order, as ``DistributedSampler`` does, so the rows
@@ -164,6 +165,7 @@ __all__ = [
     "DataError",
     "DataWarning",
     "MemoryDataset",
+    "RowEncoder",
     "Schema",
     "TabularDataset",
     "Vocabulary",
@@ -1562,6 +1564,99 @@ def _shuffle_buffer(rows: Iterable, size: int, rng: random.Random) -> Iterator:
 _Row = Tuple[float, Tuple[float, ...], Tuple[int, ...], Tuple[Tuple[int, ...], ...], int, Optional[int]]
 
 
+class _Encoder:
+    """Parsed records (:data:`_Record`) to encoded rows (:data:`_Row`: ids from the vocabularies,
+    group keys) and encoded rows to a :class:`~interformer.data.Batch`: the per-row path's encoding,
+    shared by :class:`TabularDataset` and :class:`RowEncoder`."""
+
+    def __init__(self, schema: Schema, vocabs: Mapping[str, Vocabulary]) -> None:
+        self.schema = schema
+        self._sparse_index = [vocabs[c]._index for c in schema.sparse]
+        self._seq_index = [vocabs[c]._index for c in schema.sequences]
+
+    def encode(self, record: _Record) -> _Row:
+        label, dense, sparse, hists, user = record
+        # Tuples, not lists: a tuple of ints drops out of the cyclic garbage collector's view, which
+        # keeps a full shuffle buffer from slowing every collection down.
+        sparse_ids = tuple([index.get(raw, 1) if raw else 0 for index, raw in zip(self._sparse_index, sparse)])
+        seq_ids = tuple([tuple([index.get(t, 1) for t in events]) for index, events in zip(self._seq_index, hists)])
+        group = None if user is None else group_key(user)
+        return label, tuple(dense), sparse_ids, seq_ids, len(hists[0]), group
+
+    def collate(self, rows: List[_Row]) -> Batch:
+        B, k, T = len(rows), len(self.schema.sequences), self.schema.max_seq_len
+        flat = [0] * (B * k * T)
+        for b, row in enumerate(rows):
+            n, base = row[4], b * k * T
+            for ids in row[3]:
+                flat[base:base + n] = ids
+                base += T
+        group = None if self.schema.user is None else torch.tensor([r[5] for r in rows], dtype=torch.int64)
+        return Batch(
+            dense=torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(B, len(self.schema.dense)),
+            sparse=torch.tensor([r[2] for r in rows], dtype=torch.int64).reshape(B, len(self.schema.sparse)),
+            seq=torch.tensor(flat, dtype=torch.int64).view(B, k, T),
+            lengths=torch.tensor([r[4] for r in rows], dtype=torch.int64),
+            label=torch.tensor([r[0] for r in rows], dtype=torch.float32),
+            group=group,
+        )
+
+
+def _check_vocabs(schema: Schema, vocabs: Mapping[str, Vocabulary]) -> Dict[str, Vocabulary]:
+    """The vocabularies of the schema's sparse and sequence columns; ValueError naming any missing."""
+    missing = [c for c in [*schema.sparse, *schema.sequences] if c not in vocabs]
+    if missing:
+        raise ValueError(f"no vocabulary for column(s) {missing}")
+    return {c: vocabs[c] for c in [*schema.sparse, *schema.sequences]}
+
+
+class RowEncoder:
+    """In-memory rows, each a mapping ``{column: value}``, encoded into one
+    :class:`~interformer.data.Batch` exactly as :class:`TabularDataset` encodes a file's rows with
+    the same schema and vocabularies: for scoring a model on rows that are not in a file (online
+    requests, say; :func:`interformer.train.load_scorer` pairs one with a checkpoint's model).
+
+    A value is what a Parquet cell may hold, read as that cell would be (module docstring, "Raw
+    ids are strings"): a string, an int, a float (integral ones as integers, NaN as missing), a
+    bool, None (missing) or bytes; a history is a list (or tuple) of such events or a
+    ``seq_sep``-joined string. NumPy scalars and arrays and tensors are taken as their Python
+    values (``tolist()``). Keys the schema does not name are ignored. ``labels`` as in
+    :class:`TabularDataset`: False (the default here) reads no label.
+
+    Calling it with a list of rows returns their batch; a row that lacks a column, or that a file
+    reader would call malformed, raises ValueError naming the row (0-based) and the reason, and
+    no row is skipped (the caller decides what to do with it).
+    """
+
+    def __init__(self, schema: Schema, vocabs: Mapping[str, Vocabulary], labels: bool = False) -> None:
+        self.schema = schema
+        self.vocabs = _check_vocabs(schema, vocabs)
+        self._parser = _Parser(schema, bool(labels))
+        self._encoder = _Encoder(schema, self.vocabs)
+
+    def __call__(self, rows: Iterable[Mapping]) -> Batch:
+        columns = self._parser.columns
+        encoded = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"row {i}: expected a mapping {{column: value}}, got {type(row).__name__}")
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise ValueError(f"row {i}: missing column(s) {missing}")
+            values = [row[c] for c in columns]
+            values = [v.tolist() if hasattr(v, "tolist") else v for v in values]
+            try:
+                record = self._parser.parse([_parquet_cell(v) for v in values])
+            except _Malformed as e:
+                raise ValueError(f"row {i}: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"row {i}: bytes that are not UTF-8 ({e})") from None
+            encoded.append(self._encoder.encode(record))
+        if not encoded:
+            raise ValueError("no rows to encode")
+        return self._encoder.collate(encoded)
+
+
 class TabularDataset:
     """CSV/Parquet files of one split, streamed as :class:`~interformer.data.Batch` es.
 
@@ -1590,11 +1685,8 @@ class TabularDataset:
         _check_on_error(on_error)
         if not _is_int(shuffle_buffer) or shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be an integer >= 1, got {shuffle_buffer!r}")
-        missing = [c for c in [*schema.sparse, *schema.sequences] if c not in vocabs]
-        if missing:
-            raise ValueError(f"no vocabulary for column(s) {missing}")
         self.schema = schema
-        self.vocabs = {c: vocabs[c] for c in [*schema.sparse, *schema.sequences]}
+        self.vocabs = _check_vocabs(schema, vocabs)
         self.on_error = on_error
         self.shuffle_buffer = shuffle_buffer
         self.labels = bool(labels)
@@ -1603,8 +1695,7 @@ class TabularDataset:
         self._num_rows: Optional[int] = None
         self.skipped = 0
         self.skipped_examples: List[str] = []
-        self._sparse_index = [self.vocabs[c]._index for c in schema.sparse]
-        self._seq_index = [self.vocabs[c]._index for c in schema.sequences]
+        self._encoder = _Encoder(schema, self.vocabs)
         self.vectorized = vectorized
         self._lookups: Optional[list] = None  # vectorised path: [(Arrow tokens, [("sparse"|"seq", j), ...])]
         self._group_cache: Dict[str, int] = {}
@@ -1666,15 +1757,6 @@ class TabularDataset:
 
     # -- iteration
 
-    def _encode(self, record: _Record) -> _Row:
-        label, dense, sparse, hists, user = record
-        # Tuples, not lists: a tuple of ints drops out of the cyclic garbage collector's view, which
-        # keeps a full shuffle buffer from slowing every collection down.
-        sparse_ids = tuple([index.get(raw, 1) if raw else 0 for index, raw in zip(self._sparse_index, sparse)])
-        seq_ids = tuple([tuple([index.get(t, 1) for t in events]) for index, events in zip(self._seq_index, hists)])
-        group = None if user is None else group_key(user)
-        return label, tuple(dense), sparse_ids, seq_ids, len(hists[0]), group
-
     def _file_order(self, shuffle: bool, seed: int, epoch: int) -> Optional[List[int]]:
         """The order the files are read in: shuffled by (seed, epoch) alone, so every rank agrees on
         the row indices; None (as listed) without shuffling or with one file."""
@@ -1694,9 +1776,9 @@ class TabularDataset:
             if total % world_size == rank:
                 if positions:
                     f, i, record = record
-                    row = self._encode(record), f, i
+                    row = self._encoder.encode(record), f, i
                 else:
-                    row = self._encode(record)
+                    row = self._encoder.encode(record)
                 if first is None:
                     first = row
                 taken += 1
@@ -1705,24 +1787,6 @@ class TabularDataset:
         self._seen_total(total)
         if taken < -(-total // world_size):  # one short: repeat the first row (DistributedSampler padding)
             yield first
-
-    def _collate(self, rows: List[_Row]) -> Batch:
-        B, k, T = len(rows), len(self.schema.sequences), self.schema.max_seq_len
-        flat = [0] * (B * k * T)
-        for b, row in enumerate(rows):
-            n, base = row[4], b * k * T
-            for ids in row[3]:
-                flat[base:base + n] = ids
-                base += T
-        group = None if self.schema.user is None else torch.tensor([r[5] for r in rows], dtype=torch.int64)
-        return Batch(
-            dense=torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(B, len(self.schema.dense)),
-            sparse=torch.tensor([r[2] for r in rows], dtype=torch.int64).reshape(B, len(self.schema.sparse)),
-            seq=torch.tensor(flat, dtype=torch.int64).view(B, k, T),
-            lengths=torch.tensor([r[4] for r in rows], dtype=torch.int64),
-            label=torch.tensor([r[0] for r in rows], dtype=torch.float32),
-            group=group,
-        )
 
     def _rank_rows_vectorized(self, columnar: _Columnar, shuffle: bool, seed: int, epoch: int, rank: int,
                               world_size: int, positions: bool = False) -> Iterator:
@@ -1796,7 +1860,7 @@ class TabularDataset:
             if self.schema.user is not None:
                 out["group"] = self._group_keys(checked.user)
         for i, record in checked.records.items():  # rows the parser decided
-            label, dense, sparse_ids, seq_ids, n, group = self._encode(record)
+            label, dense, sparse_ids, seq_ids, n, group = self._encoder.encode(record)
             out["label"][i] = label
             out["dense"][i] = dense
             out["sparse"][i] = sparse_ids
@@ -1877,7 +1941,7 @@ class TabularDataset:
         columnar = self._columnar()
         if columnar is None:
             rows: Iterable = self._rank_rows(shuffle, seed, epoch, rank, world_size)
-            collate: Callable[[list], Batch] = self._collate
+            collate: Callable[[list], Batch] = self._encoder.collate
         else:
             rows = self._rank_rows_vectorized(columnar, shuffle, seed, epoch, rank, world_size)
             collate = self._collate_packed
@@ -1902,7 +1966,7 @@ class TabularDataset:
             columnar = self._columnar()
             if columnar is None:
                 rows: Iterable = self._rank_rows(False, 0, 0, 0, 1, positions=True)
-                collate: Callable[[list], Batch] = self._collate
+                collate: Callable[[list], Batch] = self._encoder.collate
             else:
                 rows = self._rank_rows_vectorized(columnar, False, 0, 0, 0, 1, positions=True)
                 collate = self._collate_packed

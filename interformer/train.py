@@ -1795,3 +1795,44 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
     return Scores(paths=paths, file=cat(files, torch.int64), row=cat(rows, torch.int64),
                   score=score, skipped_rows=ds.skipped, skipped_examples=ds.skipped_examples[:3], amp=cfg.amp,
                   amp_note=amp_note, samples_per_s=score.numel() / max(seconds, 1e-9))
+
+
+class Scorer:
+    """A checkpoint's model with the schema and vocabularies it was trained with, for rows held in
+    memory (:func:`load_scorer` makes one). ``scorer(rows)``: the click probabilities (float32, on
+    the CPU, in the rows' order) of ``rows``, mappings ``{column: value}`` encoded as
+    :class:`~interformer.dataio.RowEncoder` says (no label needed); the model runs on
+    ``batch_size`` rows at a time, in eval mode, without gradients, under the autocast ``amp``
+    (``amp_note``: why it is not the checkpoint's, or None). A row that lacks a column or that a
+    file reader would call malformed raises ValueError naming it (0-based), before any row is scored.
+    ``model`` and ``encoder`` are its parts."""
+
+    def __init__(self, model: InterFormerCTR, encoder, cfg: TrainConfig, device: torch.device,
+                 amp_note: Optional[str], batch_size: int) -> None:
+        self.model, self.encoder, self.device, self.batch_size = model.eval(), encoder, device, batch_size
+        self.amp, self.amp_note, self._cfg = cfg.amp, amp_note, cfg
+
+    @torch.no_grad()
+    def __call__(self, rows) -> torch.Tensor:
+        rows = list(rows)
+        if not rows:
+            return torch.zeros(0, dtype=torch.float32)
+        batch = self.encoder(rows)
+        self.model.eval()
+        parts = [torch.sigmoid(_logits(self.model, batch[start:start + self.batch_size], self.device, self._cfg))
+                 for start in range(0, len(rows), self.batch_size)]
+        return torch.cat(parts).cpu()
+
+
+def load_scorer(checkpoint, device: Optional[str] = None, backend: Optional[str] = None, amp: Optional[str] = None,
+                batch_size: int = 1024) -> Scorer:
+    """A :class:`Scorer` of a checkpoint of ``python -m interformer train`` trained on files (it needs
+    their schema and vocabularies, which the checkpoint carries). ``device``, ``backend`` and ``amp``
+    as for :func:`score_checkpoint`, whose scores it gives for the same rows and ``batch_size``."""
+    from .dataio import RowEncoder, Schema
+
+    state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, None)
+    if state["schema"] is None:
+        raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to encode rows with")
+    encoder = RowEncoder(Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"]))
+    return Scorer(model, encoder, cfg, dev, amp_note, batch_size)

@@ -26,6 +26,7 @@ from interformer.dataio import (
     DataError,
     DataWarning,
     MemoryDataset,
+    RowEncoder,
     Schema,
     TabularDataset,
     Vocabulary,
@@ -595,6 +596,39 @@ def test_positioned_batches_give_each_rows_index_in_its_file(tmp_path, amazon, s
     assert len(want) == 4 and bit_identical(ds.batches(8), want)
     with pytest.raises(DataError, match=r"missing required column\(s\) \['label'\]"):
         list(TabularDataset(tmp_path / "nolabel.csv", schema, vocabs, vectorized=vectorized).batches(8))
+
+
+def test_row_encoder_encodes_rows_held_in_memory_as_the_file_reader_does(tmp_path, amazon):
+    """The same rows as Python values (ints, floats, None, lists), as the CSV's strings, or as NumPy
+    values and tensors: the batch the file gives, bit for bit (labels NaN without them). A row
+    without a column, a malformed row, a row that is not a mapping and no rows at all raise,
+    naming the row."""
+    np = pytest.importorskip("numpy")
+    path, schema, vocabs, rows = amazon
+    whole = list(TabularDataset(path, schema, vocabs).batches(len(rows)))
+    assert len(whole) == 1
+    with open(path, newline="", encoding="utf-8") as fh:
+        as_strings = list(csv.DictReader(fh))
+    as_numpy = [{k: np.array(v) if isinstance(v, list) else np.float64(v) if isinstance(v, float)
+                 else torch.tensor(v) if isinstance(v, int) else v for k, v in r.items()} for r in rows]
+    for given in (rows, as_strings, as_numpy):
+        assert bit_identical([RowEncoder(schema, vocabs, labels=True)(given)], whole)
+    unlabeled = [{k: v for k, v in r.items() if k != "label"} for r in rows]
+    want = dataclasses.replace(whole[0], label=torch.full_like(whole[0].label, float("nan")))
+    assert bit_identical([RowEncoder(schema, vocabs)(unlabeled)], [want])
+    encode = RowEncoder(schema, vocabs)
+    with pytest.raises(ValueError, match=r"^row 1: missing column\(s\) \['item_id'\]$"):
+        encode([rows[0], {k: v for k, v in rows[1].items() if k != "item_id"}])
+    with pytest.raises(ValueError, match=r"^row 2: column 'item_history': empty event"):
+        encode([rows[0], rows[1], dict(rows[2], item_history="3^^4", cate_history="c1^c2^c3")])
+    with pytest.raises(ValueError, match="row 0: column 'price': dense value must be finite"):
+        encode([dict(rows[0], price=float("inf"))])
+    with pytest.raises(TypeError, match="row 0: expected a mapping"):
+        encode([list(rows[0].values())])
+    with pytest.raises(ValueError, match="no rows to encode"):
+        encode([])
+    with pytest.raises(ValueError, match=r"no vocabulary for column\(s\) \['cate_id'\]"):
+        RowEncoder(schema, {k: v for k, v in vocabs.items() if k != "cate_id"})
 
 
 def test_parquet_malformed_row_number(tmp_path):
@@ -1380,7 +1414,7 @@ def test_prefetch_iterator_collected_in_its_own_thread(amazon, monkeypatch):
             return collate(rows)
         return wrapped
 
-    ds._collate_packed, ds._collate = collating(ds._collate_packed), collating(ds._collate)
+    ds._collate_packed, ds._encoder.collate = collating(ds._collate_packed), collating(ds._encoder.collate)
 
     class Holder:
         pass

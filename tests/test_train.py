@@ -1656,10 +1656,20 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     assert (bars / "odd.csv").read_text() == "\n".join(lines) + "\n"
     with pytest.raises(ValueError, match=r"odd\.csv is given twice"):
         T.score_checkpoint(ckpt, [files[1], str(bars / "." / "odd.csv")])
+    # rows held in memory: load_scorer encodes them as the file's rows and gives the same scores
+    scorer = T.load_scorer(ckpt, batch_size=13)
+    with open(bars / "odd.csv", newline="") as fh:
+        in_memory = list(csv.DictReader(fh))
+    assert torch.equal(scorer(in_memory), one.score) and scorer([]).shape == (0,)
+    del in_memory[4]["price"]
+    with pytest.raises(ValueError, match=r"^row 4: missing column\(s\) \['price'\]$"):
+        scorer(in_memory)
     torch.save(full_run, bars / "synthetic.pt")
     with pytest.raises(ValueError, match="trained on synthetic data; it has no schema"):
         main(["score", str(bars / "synthetic.pt"), files[0], "--output", str(bars / "x.csv")])
     assert not (bars / "x.csv").exists()
+    with pytest.raises(ValueError, match="trained on synthetic data; it has no schema"):
+        T.load_scorer(bars / "synthetic.pt")
 
 
 def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_path):
