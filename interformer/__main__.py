@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the checkpoint's own setting)")
     ev.add_argument("--output", default=None, help="also write the metrics to this JSON file")
     sc.add_argument("--output", required=True,
-                    help="the CSV file to write: file,row,score (row: the row's 0-based index in its file, "
-                         "the header and empty lines not counted)")
+                    help="the file to write: columns file, row, score (row: the row's 0-based index in its file, "
+                         "the header and empty lines not counted); CSV, or Parquet for a name ending in .parquet "
+                         "or .pq")
     return parser
 
 
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
         scores = score_checkpoint(args.checkpoint, args.files, data=args.data, batch_size=args.batch_size,
                                   device=args.device, backend=args.backend, amp=args.amp,
                                   on_bad_rows=args.on_bad_rows)
-        scores.write_csv(args.output)
+        scores.write(args.output)
         print(f"scored {scores.score.numel()} row(s) of {len(scores.paths)} file(s) with {args.checkpoint} "
               f"(amp {scores.amp}, {rate(scores.samples_per_s)} rows/s): wrote {args.output}")
         if scores.amp_note:

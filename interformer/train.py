@@ -1739,14 +1739,27 @@ class Scores:
     amp_note: Optional[str]
     samples_per_s: float
 
-    def write_csv(self, path) -> None:
-        """Write ``file,row,score`` (a header, then one line per score; the file as given, the score
-        with the 9 significant digits that give its float32 back exactly). The folder is made; a
-        ``path`` that is one of the scored files is refused."""
-        import csv
-
+    def write(self, path) -> None:
+        """Write the columns ``file``, ``row`` and ``score``: as Parquet when ``path`` ends in
+        ``.parquet`` or ``.pq`` (string, int64 and float32 columns; needs pyarrow), else as CSV (a
+        header, then one line per score; the file as given, the score with the 9 significant digits
+        that give its float32 back exactly). The folder is made; a ``path`` that is one of the
+        scored files is refused."""
         refuse_overwriting(path, self.paths)
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        if os.fspath(path).lower().endswith((".parquet", ".pq")):
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise ImportError("writing Parquet needs pyarrow: pip install pyarrow (or write a .csv)") from e
+            files = pa.DictionaryArray.from_arrays(pa.array(self.file.numpy()), pa.array(self.paths, pa.string()))
+            table = pa.table({"file": files.dictionary_decode(), "row": pa.array(self.row.numpy()),
+                              "score": pa.array(self.score.numpy())})
+            pq.write_table(table, path)
+            return
+        import csv
+
         with open(path, "w", newline="", encoding="utf-8") as fh:
             out = csv.writer(fh)
             out.writerow(["file", "row", "score"])

@@ -1645,12 +1645,17 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     one = T.score_checkpoint(ckpt, bars / "odd.csv", batch_size=13)  # one path, a Path
     assert one.paths == files[1:] and torch.equal(one.score, scores[119:])
     assert T.evaluate_checkpoint(ckpt, bars / "odd.csv")["eval"]["skipped_rows"] == 1  # the label 7 is read here
+    pq = pytest.importorskip("pyarrow.parquet")
+    api.write(bars / "s.parquet")  # Parquet for that suffix: the same columns, the exact scores
+    table = pq.read_table(bars / "s.parquet")
+    assert table.column_names == ["file", "row", "score"] and table["file"].to_pylist() == [r["file"] for r in got]
+    assert table["row"].to_pylist() == want_rows and torch.equal(torch.tensor(table["score"].to_numpy()), scores)
     # written over what it reads: refused before scoring (the CLI) and before writing (Python)
     for target in (files[1], ckpt):
         with pytest.raises(ValueError, match="which this command reads"):
             main(["score", ckpt, *files, "--output", target])
     with pytest.raises(ValueError, match="which this command reads"):
-        one.write_csv(bars / "odd.csv")
+        one.write(bars / "odd.csv")
     with pytest.raises(ValueError, match="which this command reads"):
         main(["evaluate", ckpt, files[1], "--output", files[1]])
     assert (bars / "odd.csv").read_text() == "\n".join(lines) + "\n"
