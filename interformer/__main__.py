@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     ev.add_argument("files", nargs="*", help="CSV/Parquet files read with the checkpoint's schema and vocabularies")
     sc = sub.add_parser("score", help="click probabilities of a checkpoint's model for every row of files (no "
-                                      "labels needed), written to a CSV file")
+                                      "labels needed), written to a CSV or Parquet file")
     sc.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
     sc.add_argument("files", nargs="+", help="CSV/Parquet files read with the checkpoint's schema and vocabularies; "
                                              "a label column is not needed (and not read)")

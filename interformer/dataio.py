@@ -1619,13 +1619,15 @@ class RowEncoder:
     A value is what a Parquet cell may hold, read as that cell would be (module docstring, "Raw
     ids are strings"): a string, an int, a float (integral ones as integers, NaN as missing), a
     bool, None (missing) or bytes; a history is a list (or tuple) of such events or a
-    ``seq_sep``-joined string. NumPy scalars and arrays and tensors are taken as their Python
-    values (``tolist()``). Keys the schema does not name are ignored. ``labels`` as in
-    :class:`TabularDataset`: False (the default here) reads no label.
+    ``seq_sep``-joined string. NumPy scalars and arrays and tensors, and the events of a list, are
+    taken as their Python values (``tolist()``). Keys the schema does not name are ignored.
+    ``labels`` as in :class:`TabularDataset`: False (the default here) reads no label.
 
-    Calling it with a list of rows returns their batch; a row that lacks a column, or that a file
-    reader would call malformed, raises ValueError naming the row (0-based) and the reason, and
-    no row is skipped (the caller decides what to do with it).
+    Calling it with a list of rows returns their batch; a row that lacks a column, holds a list
+    outside a sequence column, a list of lists, a set or a mapping as a value (which a Parquet
+    file's schema would refuse), or that a file reader would call malformed, raises ValueError
+    naming the row (0-based), the column and the reason, and no row is skipped (the caller decides
+    what to do with it).
     """
 
     def __init__(self, schema: Schema, vocabs: Mapping[str, Vocabulary], labels: bool = False) -> None:
@@ -1635,7 +1637,10 @@ class RowEncoder:
         self._encoder = _Encoder(schema, self.vocabs)
 
     def __call__(self, rows: Iterable[Mapping]) -> Batch:
+        if isinstance(rows, Mapping):
+            raise TypeError("expected a list of rows, got one mapping: pass [row]")
         columns = self._parser.columns
+        sequences = set(self.schema.sequences)
         encoded = []
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
@@ -1643,18 +1648,44 @@ class RowEncoder:
             missing = [c for c in columns if c not in row]
             if missing:
                 raise ValueError(f"row {i}: missing column(s) {missing}")
-            values = [row[c] for c in columns]
-            values = [v.tolist() if hasattr(v, "tolist") else v for v in values]
+            cells = []
+            for c in columns:
+                try:
+                    cells.append(_row_cell(row[c], c in sequences))
+                except _Malformed as e:
+                    raise ValueError(f"row {i}: column {c!r}: {e}") from None
             try:
-                record = self._parser.parse([_parquet_cell(v) for v in values])
+                record = self._parser.parse(cells)
             except _Malformed as e:
                 raise ValueError(f"row {i}: {e}") from None
-            except UnicodeDecodeError as e:
-                raise ValueError(f"row {i}: bytes that are not UTF-8 ({e})") from None
             encoded.append(self._encoder.encode(record))
         if not encoded:
             raise ValueError("no rows to encode")
         return self._encoder.collate(encoded)
+
+
+def _plain(v):
+    """A NumPy value or a tensor as its Python value (``tolist()``); anything else as it is."""
+    return v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v
+
+
+def _row_cell(v, sequence: bool):
+    """One value of a :class:`RowEncoder` row as a Parquet cell of that column would be read
+    (:func:`_parquet_cell`); :class:`_Malformed` (the caller names the row and the column) for a
+    value a Parquet column could not hold there."""
+    v = _plain(v)
+    if isinstance(v, (list, tuple)):
+        if not sequence:
+            raise _Malformed(f"a list ({v!r}) where one value is expected (only sequence columns hold lists)")
+        v = [_plain(x) for x in v]
+        if any(isinstance(x, (list, tuple, set, frozenset, Mapping)) for x in v):
+            raise _Malformed(f"a history's events must be single values, got {v!r}")
+    elif isinstance(v, (set, frozenset, Mapping)):
+        raise _Malformed(f"expected a single value{' or a list' if sequence else ''}, got a {type(v).__name__}")
+    try:
+        return _parquet_cell(v)
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the value)") from None
 
 
 class TabularDataset:

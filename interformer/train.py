@@ -1656,7 +1656,7 @@ def refuse_overwriting(output, inputs) -> None:
         return
     for p in inputs:
         if os.path.exists(p) and os.path.samefile(output, p):
-            raise ValueError(f"--output {output} is {p}, which this command reads; give another file name")
+            raise ValueError(f"{output} is {p}, which is read here; write the output to another file")
 
 
 def _files_of(checkpoint, state: Dict[str, Any], cfg: TrainConfig, paths: List[str], data: Optional[str],
@@ -1842,8 +1842,9 @@ def load_scorer(checkpoint, device: Optional[str] = None, backend: Optional[str]
     """A :class:`Scorer` of a checkpoint of ``python -m interformer train`` trained on files (it needs
     their schema and vocabularies, which the checkpoint carries). ``device``, ``backend`` and ``amp``
     as for :func:`score_checkpoint`, whose scores it gives for the same rows and ``batch_size``."""
-    from .dataio import RowEncoder, Schema
+    from .dataio import RowEncoder, Schema, _check_batch_args
 
+    _check_batch_args(batch_size, 0, 1, 0)
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, None)
     if state["schema"] is None:
         raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to encode rows with")

@@ -625,6 +625,19 @@ def test_row_encoder_encodes_rows_held_in_memory_as_the_file_reader_does(tmp_pat
         encode([dict(rows[0], price=float("inf"))])
     with pytest.raises(TypeError, match="row 0: expected a mapping"):
         encode([list(rows[0].values())])
+    with pytest.raises(TypeError, match=r"got one mapping: pass \[row\]"):
+        encode(rows[0])
+    # the events of a list as their Python values too; what a Parquet file's schema would refuse
+    some = [r for r in rows if r["item_history"]][:5]
+    with_numpy_events = [dict(r, item_history=[np.float32(h) for h in r["item_history"]],
+                              cate_history=tuple(np.str_(c) for c in r["cate_history"])) for r in some]
+    assert bit_identical([encode(with_numpy_events)], [encode(some)])
+    for value, column, reason in [([5], "item_id", "a list"), (np.array([0.5]), "price", "a list"),
+                                  ([[1, 2]], "item_history", "events must be single values"),
+                                  ({1, 2}, "item_history", "got a set"), ({"a": 1}, "cate_id", "got a dict"),
+                                  (b"\xff", "cate_id", "not valid UTF-8")]:
+        with pytest.raises(ValueError, match=rf"^row 1: column '{column}': .*{reason}"):
+            encode([rows[0], dict(rows[1], **{column: value})])
     with pytest.raises(ValueError, match="no rows to encode"):
         encode([])
     with pytest.raises(ValueError, match=r"no vocabulary for column\(s\) \['cate_id'\]"):

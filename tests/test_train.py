@@ -1652,11 +1652,11 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     assert table["row"].to_pylist() == want_rows and torch.equal(torch.tensor(table["score"].to_numpy()), scores)
     # written over what it reads: refused before scoring (the CLI) and before writing (Python)
     for target in (files[1], ckpt):
-        with pytest.raises(ValueError, match="which this command reads"):
+        with pytest.raises(ValueError, match="which is read here"):
             main(["score", ckpt, *files, "--output", target])
-    with pytest.raises(ValueError, match="which this command reads"):
+    with pytest.raises(ValueError, match="which is read here"):
         one.write(bars / "odd.csv")
-    with pytest.raises(ValueError, match="which this command reads"):
+    with pytest.raises(ValueError, match="which is read here"):
         main(["evaluate", ckpt, files[1], "--output", files[1]])
     assert (bars / "odd.csv").read_text() == "\n".join(lines) + "\n"
     with pytest.raises(ValueError, match=r"odd\.csv is given twice"):
@@ -1666,6 +1666,8 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     with open(bars / "odd.csv", newline="") as fh:
         in_memory = list(csv.DictReader(fh))
     assert torch.equal(scorer(in_memory), one.score) and scorer([]).shape == (0,)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        T.load_scorer(ckpt, batch_size=0)
     del in_memory[4]["price"]
     with pytest.raises(ValueError, match=r"^row 4: missing column\(s\) \['price'\]$"):
         scorer(in_memory)
