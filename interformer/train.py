@@ -1782,12 +1782,12 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
     "skip"; then it has no score, and ``row`` says which rows the scores belong to. A file with no
     rows gives no scores (no error: there is nothing to score)."""
     paths = _path_list(paths)
-    seen: Dict[str, str] = {}
-    for p in paths:
-        first = seen.setdefault(os.path.realpath(p), p)
-        if first is not p:
-            raise ValueError(f"{p} is given twice (also as {first}); each file is scored once, so that its "
-                             "file and row name one score")
+    seen: Dict[str, int] = {}
+    for i, p in enumerate(paths):
+        first = seen.setdefault(os.path.realpath(p), i)
+        if first != i:
+            raise ValueError(f"{p} is given twice (also as {paths[first]}); each file is scored once, so that "
+                             "its file and row name one score")
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
     ds = _files_of(checkpoint, state, cfg, paths, data, labels=False)
     model.eval()

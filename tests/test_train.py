@@ -1659,8 +1659,9 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     with pytest.raises(ValueError, match="which is read here"):
         main(["evaluate", ckpt, files[1], "--output", files[1]])
     assert (bars / "odd.csv").read_text() == "\n".join(lines) + "\n"
-    with pytest.raises(ValueError, match=r"odd\.csv is given twice"):
-        T.score_checkpoint(ckpt, [files[1], str(bars / "." / "odd.csv")])
+    for twice in ([files[1], str(bars / "." / "odd.csv")], files[1:] * 2):  # also one string object twice
+        with pytest.raises(ValueError, match=r"odd\.csv is given twice"):
+            T.score_checkpoint(ckpt, twice)
     # rows held in memory: load_scorer encodes them as the file's rows and gives the same scores
     scorer = T.load_scorer(ckpt, batch_size=13)
     with open(bars / "odd.csv", newline="") as fh:
