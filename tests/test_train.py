@@ -1561,12 +1561,22 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "last.pt").exists()
 
 
+def _model_and_file(ckpt, path):
+    """A checkpoint's eager model (eval mode) built here from its settings and weights, and ``path``
+    read with its schema and vocabularies: the independent side of the evaluate and score tests."""
+    from interformer.dataio import Schema, TabularDataset
+
+    state = T.load_checkpoint(ckpt)
+    model = T.InterFormerCTR(InterFormerConfig(**state["model_config"])).eval()
+    model.load_state_dict(state["model"])
+    return model, TabularDataset([str(path)], Schema.from_dict(state["schema"]), T._vocabs_from_dict(state["vocabularies"]))
+
+
 def test_evaluate_reports_skipped_rows_scores_right_and_names_an_empty_file(bars, capsys):
     """A checkpoint trained with on_bad_rows=skip: evaluate says how many rows of the file it left
     out (it said nothing); its metrics are those of the model's own logits; a header-only file
     raises naming it."""
     from interformer import metrics as M
-    from interformer.dataio import Schema, TabularDataset
 
     T.train(_bars_config(bars, valid=[], on_bad_rows="skip"), log=quiet)
     ckpt = str(bars / "run" / "last.pt")
@@ -1577,11 +1587,7 @@ def test_evaluate_reports_skipped_rows_scores_right_and_names_an_empty_file(bars
     assert m["samples"] == 120 and m["skipped_rows"] == 2
     assert "note: skipped 2 malformed row(s) in eval" in printed and "bad.csv:122:" in printed
     # the same numbers from the loaded model's logits, computed here
-    state = T.load_checkpoint(ckpt)
-    model = T.InterFormerCTR(InterFormerConfig(**state["model_config"])).eval()
-    model.load_state_dict(state["model"])
-    ds = TabularDataset([str(bars / "valid.csv")], Schema.from_dict(state["schema"]),
-                        T._vocabs_from_dict(state["vocabularies"]))
+    model, ds = _model_and_file(ckpt, bars / "valid.csv")
     with torch.no_grad():
         parts = [(model(*b.inputs()), b.label, b.group) for b in ds.batches(32, shuffle=False)]
     logits, labels, groups = (torch.cat(x) for x in zip(*parts))
@@ -1601,8 +1607,6 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     its file, its 0-based row and sigmoid of the logit that the checkpoint's model, loaded here,
     gives that row; the CSV's text reads back to the exact float32 scores. A directory as --output
     is refused before scoring; a checkpoint of synthetic data has no schema to read files with."""
-    from interformer.dataio import Schema, TabularDataset
-
     T.train(_bars_config(bars, valid=[], on_bad_rows="skip"), log=quiet)
     ckpt = str(bars / "run" / "last.pt")
     lines = (bars / "valid.csv").read_text().splitlines()
@@ -1628,11 +1632,7 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     assert [(r["file"], int(r["row"])) for r in got] == [(files[0], i) for i in want_rows[:119]] + \
         [(files[1], i) for i in want_rows[119:]]
     # the model's own logits, computed here on the original labeled file, at another batch size
-    state = T.load_checkpoint(ckpt)
-    model = T.InterFormerCTR(InterFormerConfig(**state["model_config"])).eval()
-    model.load_state_dict(state["model"])
-    ds = TabularDataset([str(bars / "valid.csv")], Schema.from_dict(state["schema"]),
-                        T._vocabs_from_dict(state["vocabularies"]))
+    model, ds = _model_and_file(ckpt, bars / "valid.csv")
     with torch.no_grad():
         p = torch.sigmoid(torch.cat([model(*b.inputs()) for b in ds.batches(32, shuffle=False)]))
     want = torch.cat([p[[i for i in range(120) if i != 3]], p])
