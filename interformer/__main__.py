@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -242,6 +243,12 @@ def _check_output_file(args, example: str) -> None:
     if os.path.isdir(output) or not os.path.basename(output):
         raise ValueError(f"--output {output} is a directory; give a file name (e.g. {os.path.join(output, example)})")
     refuse_overwriting(output, [args.checkpoint, *args.files])
+    if output.lower().endswith((".parquet", ".pq")):
+        try:
+            importlib.import_module("pyarrow.parquet")  # Scores.write needs it, after the scoring
+        except ImportError:
+            raise ValueError(f"--output {output}: writing Parquet needs pyarrow (pip install pyarrow), or name "
+                             "a .csv file") from None
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
 
 

@@ -1680,6 +1680,14 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
         T.load_scorer(bars / "synthetic.pt")
 
 
+def test_score_to_parquet_without_pyarrow_is_refused_before_scoring(tmp_path, monkeypatch):
+    """Parquet output needs pyarrow: without it the command stops before it reads the checkpoint
+    (here there is none), not after scoring every row."""
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet raises ImportError
+    with pytest.raises(ValueError, match="writing Parquet needs pyarrow"):
+        main(["score", str(tmp_path / "none.pt"), str(tmp_path / "none.csv"), "--output", str(tmp_path / "s.pq")])
+
+
 def test_checkpoint_vocabularies_round_trip_packed_and_old_ones_still_read(tmp_path):
     """The packed form a checkpoint holds (loadable with weights_only=True, and fast to load) gives
     back the same tokens, counts and shared tables; the unpacked dict of older checkpoints reads too."""
