@@ -620,7 +620,7 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
     the training files' malformed rows is not shown: the training split's dataset counts the same
     rows, and :func:`train` reports them once (the ``data:`` line gives each split's count, the
     closing note examples), not as a raw warning pointing into this module."""
-    from .dataio import DataWarning, MemoryDataset, Schema, TabularDataset, build_vocabularies
+    from .dataio import DataWarning, MemoryDataset, Schema, build_vocabularies
 
     if cfg.data == "synthetic":
         model_cfg = InterFormerConfig(**{**cfg.model, "backend": "eager"})
@@ -637,13 +637,19 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
             warnings.simplefilter("ignore", DataWarning)
             vocabs, _ = build_vocabularies(cfg.train, schema, fmt=_format_of(cfg.train, cfg.data),
                                            on_error=cfg.on_bad_rows)
-    splits = {}
-    for split in ("train", "valid", "test"):
-        paths = getattr(cfg, split)
-        if paths:
-            splits[split] = TabularDataset(paths, schema, vocabs, fmt=_format_of(paths, cfg.data),
-                                           on_error=cfg.on_bad_rows)
+    splits = {split: _dataset(cfg, getattr(cfg, split), schema, vocabs)
+              for split in ("train", "valid", "test") if getattr(cfg, split)}
     return splits["train"].model_overrides(), splits, vocabs, schema.to_dict()
+
+
+def _dataset(cfg: TrainConfig, paths, schema, vocabs, data: Optional[str] = None, labels: bool = True):
+    """The :class:`~interformer.dataio.TabularDataset` of one split's files, as training, ``evaluate``
+    and ``score`` read them: in the format ``data`` names, else by their suffixes, else ``cfg.data``
+    (:func:`_format_of`); malformed rows as ``cfg.on_bad_rows`` says."""
+    from .dataio import TabularDataset
+
+    return TabularDataset(paths, schema, vocabs, fmt=data or _format_of(paths, cfg.data), on_error=cfg.on_bad_rows,
+                          labels=labels)
 
 
 def _vocabs_to_dict(vocabs) -> Optional[dict]:
@@ -1659,16 +1665,14 @@ def refuse_overwriting(output, inputs) -> None:
             raise ValueError(f"{output} is {p}, which is read here; write the output to another file")
 
 
-def _files_of(checkpoint, state: Dict[str, Any], cfg: TrainConfig, paths: List[str], data: Optional[str],
-              labels: bool = True):
-    """The :class:`~interformer.dataio.TabularDataset` of ``paths``, read with the checkpoint's
-    schema and vocabularies (``data``: their format, None: by suffix, else the checkpoint's)."""
-    from .dataio import Schema, TabularDataset
+def _schema_and_vocabs(checkpoint, state: Dict[str, Any], what: str) -> tuple:
+    """The :class:`~interformer.dataio.Schema` and vocabularies a checkpoint carries, to read files
+    or encode rows with (``what``, for the error); ValueError for a checkpoint of synthetic data."""
+    from .dataio import Schema
 
     if state["schema"] is None:
-        raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to read files with")
-    return TabularDataset(paths, Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"]),
-                          fmt=data or _format_of(paths, cfg.data), on_error=cfg.on_bad_rows, labels=labels)
+        raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to {what} with")
+    return Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"])
 
 
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
@@ -1688,19 +1692,18 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     except where that cannot run: a bf16 checkpoint evaluated on the fused path on a CPU (Triton's
     interpreter has no bfloat16) is scored without autocast and says so. Each split's metrics give
     the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason."""
-    from .dataio import Schema, TabularDataset
+    from .dataio import TabularDataset
 
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
     if paths:
-        splits = {"eval": _files_of(checkpoint, state, cfg, _path_list(paths), data)}
+        splits = {"eval": _dataset(cfg, _path_list(paths), *_schema_and_vocabs(checkpoint, state, "read files"), data)}
     elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
         _, splits, _, _ = build_data(cfg)
         splits.pop("train")
     else:  # the validation/test files its config names; the training files need not exist any more
-        schema, vocabs = Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"])
-        splits = {name: TabularDataset(getattr(cfg, name), schema, vocabs, fmt=_format_of(getattr(cfg, name), cfg.data),
-                                       on_error=cfg.on_bad_rows)
-                  for name in ("valid", "test") if getattr(cfg, name)}
+        schema, vocabs = _schema_and_vocabs(checkpoint, state, "read files")
+        splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
+                  if getattr(cfg, name)}
     if not splits:
         raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
     results = {}
@@ -1789,7 +1792,7 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
             raise ValueError(f"{p} is given twice (also as {paths[first]}); each file is scored once, so that "
                              "its file and row name one score")
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
-    ds = _files_of(checkpoint, state, cfg, paths, data, labels=False)
+    ds = _dataset(cfg, paths, *_schema_and_vocabs(checkpoint, state, "read files"), data, labels=False)
     model.eval()
     files, rows, scores = [], [], []
     t0 = time.perf_counter()
@@ -1842,11 +1845,9 @@ def load_scorer(checkpoint, device: Optional[str] = None, backend: Optional[str]
     """A :class:`Scorer` of a checkpoint of ``python -m interformer train`` trained on files (it needs
     their schema and vocabularies, which the checkpoint carries). ``device``, ``backend`` and ``amp``
     as for :func:`score_checkpoint`, whose scores it gives for the same rows and ``batch_size``."""
-    from .dataio import RowEncoder, Schema, _check_batch_args
+    from .dataio import RowEncoder, _check_batch_args
 
     _check_batch_args(batch_size, 0, 1, 0)
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, None)
-    if state["schema"] is None:
-        raise ValueError(f"{checkpoint} was trained on synthetic data; it has no schema to encode rows with")
-    encoder = RowEncoder(Schema.from_dict(state["schema"]), _vocabs_from_dict(state["vocabularies"]))
+    encoder = RowEncoder(*_schema_and_vocabs(checkpoint, state, "encode rows"))
     return Scorer(model, encoder, cfg, dev, amp_note, batch_size)
