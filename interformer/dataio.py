@@ -1845,18 +1845,14 @@ class TabularDataset:
                 run = np.flatnonzero(checked.ok[start:stop]) + start  # valid rows before the stop
                 mine = run[(total + np.arange(len(run))) % world_size == rank]
                 total += len(run)
-                if len(mine) and positions:
-                    for i in mine.tolist():
-                        yield packed[i].tobytes(), file, base + i
-                    taken += len(mine)
-                elif len(mine):
+                if len(mine):
                     buf = packed[mine].tobytes()
-                    for at in range(0, len(buf), size):
+                    for i, at in zip(mine.tolist(), range(0, len(buf), size)):
                         row = buf[at:at + size]
                         if first is None:
                             first = row
                         taken += 1
-                        yield row
+                        yield (row, file, base + i) if positions else row
                 if reason is not None:
                     _stop(chunk, stop, reason, self.on_error, self._on_skip)
                 start = stop + 1
