@@ -1818,7 +1818,7 @@ class Scorer:
     memory (:func:`load_scorer` makes one). ``scorer(rows)``: the click probabilities (float32, on
     the CPU, in the rows' order) of ``rows``, mappings ``{column: value}`` encoded as
     :class:`~interformer.dataio.RowEncoder` says (no label needed); the model runs on
-    ``batch_size`` rows at a time, in eval mode, without gradients, under the autocast ``amp``
+    ``batch_size`` rows at a time, in eval mode (set once, here), without gradients, under the autocast ``amp``
     (``amp_note``: why it is not the checkpoint's, or None). A row that lacks a column or that a
     file reader would call malformed raises ValueError naming it (0-based), before any row is scored.
     ``model`` and ``encoder`` are its parts."""
@@ -1834,7 +1834,6 @@ class Scorer:
         if not rows:
             return torch.zeros(0, dtype=torch.float32)
         batch = self.encoder(rows)
-        self.model.eval()
         parts = [torch.sigmoid(_logits(self.model, batch[start:start + self.batch_size], self.device, self._cfg))
                  for start in range(0, len(rows), self.batch_size)]
         return torch.cat(parts).cpu()
