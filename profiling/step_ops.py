@@ -25,14 +25,21 @@ counts do not read). One warm-up step, then one counted step:
 
 ``--inference`` counts the forward alone under ``torch.no_grad()`` (no backward, no nodes).
 ``--time`` also times each backend's step on this machine with the launches still skipped, at the
-shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching):
-on a CPU, a rough proxy of the plain step's host time. On 2026-11-27 the CI CPU gave 1.54-1.60x
-for the fused inference against eager in three runs (the H200 measured 1.43x for the plain
-inference step) and 1.28-1.34x for the training step (the H200, backward on the calling thread:
-1.18x; the proxy leaves out the launches' own cost, 89 of them a fused step). One machine against
-one GPU: read it as a direction, not a number. Autocast on a CPU
-follows the CPU's op lists, which differ from CUDA's in a few ops (e.g. which casts a LayerNorm
-gets), so a GPU's counts differ slightly.
+shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching): on
+a CPU, a rough proxy of the plain step's host time. It does so twice: as run, and with every
+``nn.Linear`` skipped (:func:`linears_skipped`). The second is the proxy to read. On this CPU a bf16
+GEMM costs about 16 us whatever its size, against 3.5 us in fp32 (no native bf16: oneDNN's path),
+and a forward calls 25 linear layers, in both backends alike. As run, they took 0.9-1.1 ms of the
+fused inference forward's 2.7-3.0 ms on 2026-11-28, which pulled the ratio towards 1. As run the CI CPU
+gave 1.54-1.60x for the fused inference against eager (2026-11-27) and 1.53-1.62x (2026-11-28), with the
+linears skipped 1.78-1.90x; the training step 1.39x as run and 1.76x skipped (2026-11-28). The H200
+measured 1.43x and 1.59x for the plain inference step (two leases) and 1.13-1.18x for the training
+step on the calling thread. The proxy leaves out the launches' own cost (40 of them an inference
+forward, 109 a training step; 12-21 us each on the H200's host in ``launch_overhead.py``) and the
+GPU's host may weigh aten ops, Python and the autograd engine otherwise than this CPU. One machine
+against one GPU: read it as a direction, not a number. Autocast on a CPU follows the CPU's op lists,
+which differ from CUDA's in a few ops (e.g. which casts a LayerNorm gets), so a GPU's counts differ
+slightly.
 """
 
 from __future__ import annotations
@@ -221,13 +228,56 @@ def count(model, inputs, label, inference: bool) -> Dict[str, object]:
     return result
 
 
-def seconds_per_step(model, inputs, label, inference: bool, steps: int = 20) -> float:
-    """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``)."""
+class _LinearSkipped(torch.autograd.Function):
+    """The autograd node :func:`linears_skipped` puts where a linear layer's nodes were: its
+    gradients are uninitialised tensors of the inputs' shapes (what a timing needs, not values)."""
+
+    @staticmethod
+    def forward(ctx, out, x, weight, bias):
+        ctx.like = [None if t is None else (t.shape, t.dtype) for t in (x, weight, bias)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *(None if like is None else grad.new_empty(like[0], dtype=like[1]) for like in ctx.like))
+
+
+@contextlib.contextmanager
+def linears_skipped():
+    """Every ``nn.Linear`` returns an uninitialised output of its shape and dtype (the autocast
+    dtype where autocast is on) and, with grad on, one autograd node that returns uninitialised
+    gradients to its input, weight and bias: the graph keeps its shape, the layer's arithmetic and
+    its own aten ops (casts, ``addmm``) are gone. Why: on a CPU without native bf16 a bf16 GEMM
+    costs about 16 us however small (``addmm`` through oneDNN; 3.5 us in fp32), and the casts of
+    the weights grow with their size, so the 25 linear layers a forward calls, which neither backend fuses,
+    weigh on both steps by CPU-specific amounts: 0.9-1.1 ms of the fused inference forward's
+    2.7-3.0 ms at :data:`TIMING_SIZES` on the CI CPU (2026-11-28), where a GPU's host only queues
+    their kernels."""
+    plain = torch.nn.Linear.forward
+
+    def forward(self, x):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        out = x.new_empty((*x.shape[:-1], self.out_features), dtype=dtype)
+        if torch.is_grad_enabled():
+            out = _LinearSkipped.apply(out, x, self.weight, self.bias)
+        return out
+
+    torch.nn.Linear.forward = forward
+    try:
+        yield
+    finally:
+        torch.nn.Linear.forward = plain
+
+
+def seconds_per_step(model, inputs, label, inference: bool, steps: int = 20, skip_linears: bool = False) -> float:
+    """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``);
+    ``skip_linears``: under :func:`linears_skipped`."""
     from interformer.profiling import triton_launches
 
     forward, backward, grad_mode = _step(model, inputs, label, inference)
     best = float("inf")
-    with triton_launches(run=False), grad_mode:
+    with triton_launches(run=False), grad_mode, linears_skipped() if skip_linears else contextlib.nullcontext():
         backward(forward())
         for _ in range(3):
             t0 = time.perf_counter()
@@ -298,7 +348,8 @@ def main(argv=None) -> int:
         if args.time:
             model, inputs, label = build(args.shape, backend, **TIMING_SIZES)
             model.train(not args.inference)
-            seconds[backend] = seconds_per_step(model, inputs, label, args.inference)
+            seconds[backend] = [seconds_per_step(model, inputs, label, args.inference, skip_linears=skip)
+                                for skip in (False, True)]
     what = "inference forward" if args.inference else "training step (forward, loss, backward)"
     print(f"one {what} at {args.shape}'s sizes (batch {args.batch}), bf16 autocast on "
           f"{common.DEVICE.type}, Triton launches counted and skipped")
@@ -310,9 +361,12 @@ def main(argv=None) -> int:
         sizes = ", ".join(f"{k} = {v}" for k, v in TIMING_SIZES.items())
         print(f"\nstep time with every launch skipped, at {sizes} (this machine's host; on a CPU a rough proxy, "
               f"see --help):")
-        for backend, s in seconds.items():
-            print(f"  {backend:<7} {s * 1e3:8.3f} ms")
-        print(f"  eager / triton: {seconds['eager'] / seconds['triton']:.2f}x")
+        print(f"  {'':<7} {'as run':>10} {'nn.Linear skipped':>18}")
+        for backend, (run, skipped) in seconds.items():
+            print(f"  {backend:<7} {run * 1e3:7.3f} ms {skipped * 1e3:15.3f} ms")
+        ratios = [e / t for e, t in zip(seconds["eager"], seconds["triton"])]
+        print(f"  eager / triton: {ratios[0]:.2f}x as run, {ratios[1]:.2f}x with nn.Linear skipped "
+              f"(linears_skipped: the CPU's bf16 GEMMs are not host time)")
     return 0
 
 

@@ -593,6 +593,60 @@ def test_step_ops_inference_and_timing(step_ops, capsys):
         step_ops.main(["--batch", "1"])
 
 
+def test_step_ops_linears_skipped_keep_the_graph_and_drop_the_arithmetic(step_ops):
+    """Under ``linears_skipped`` every ``nn.Linear`` issues no GEMM, its output has the layer's shape
+    and the autocast dtype, a training step's loss still reaches every parameter (one
+    ``AccumulateGrad`` each, as without it) and the backward runs; afterwards the layers compute
+    again."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = torch.nn.Linear(6, 5)
+    x = torch.randn(2, 3, 6)
+    with step_ops.linears_skipped(), Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (2, 3, 5) and y.dtype == torch.bfloat16
+    assert not {"addmm", "mm", "matmul", "linear", "_to_copy"} & set(ops.names), ops.names
+    torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)  # restored
+
+    def reached(model, inputs, label):
+        loss = model.loss(model(*inputs), label)
+        names, seen, todo = [], set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                names.append(type(node).__name__)
+                todo.extend(fn for fn, _ in node.next_functions)
+        loss.backward()
+        return names
+
+    model, inputs, label = step_ops.build("smoke", "eager", B=2)
+    with_layers = reached(model, inputs, label)
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in model.modules()
+             if isinstance(m, torch.nn.Linear)]
+    with step_ops.linears_skipped():
+        skipped = reached(model, inputs, label)
+    for h in hooks:
+        h.remove()
+    n_params = len(list(model.parameters()))
+    assert with_layers.count("AccumulateGrad") == skipped.count("AccumulateGrad") == n_params
+    # one node per layer call in place of its GEMM's (the eager reference has functional GEMMs too)
+    assert skipped.count("_LinearSkippedBackward") == len(calls) > 0
+    assert skipped.count("AddmmBackward0") < with_layers.count("AddmmBackward0")
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_step_ops_hooks_leave_the_grouped_lookups_alone(step_ops):
     """No embedding table gets a hook from the counting (a hooked table sends the fused tokenizers
     down their per-table path, which would change what is counted): with the hooks on, each fused
