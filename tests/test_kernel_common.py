@@ -91,6 +91,27 @@ def test_launches_go_to_the_first_tensor_arguments_device(monkeypatch):
     assert entered == [1, "exit"]
 
 
+def test_the_inline_tracing_flag_is_per_thread():
+    """``launch`` records a traced launch only in the thread whose op is being traced into its
+    kernels (``inline_when_compiled``): another thread launching meanwhile (a serving thread, the
+    autograd engine's device thread) gets the kernel itself."""
+    import threading
+
+    from interformer.kernels import _dispatch as D
+
+    kernel = object()
+    assert not D._decomposing() and D.launch(kernel) is kernel
+    D._TRACE.on = True
+    try:
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append((D._decomposing(), D.launch(kernel) is kernel)))
+        worker.start()
+        worker.join()
+        assert seen == [(False, True)] and D._decomposing()
+    finally:
+        D._TRACE.on = False
+
+
 def test_interpreted_says_how_triton_built_the_kernels():
     assert C.interpreted() == (os.environ.get("TRITON_INTERPRET") == "1")
 
