@@ -7,7 +7,8 @@ TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || 
 STAMP  := $(VENV)/.installed
 # Test processes (pytest-xdist): one per core, at most 4 (each holds about 1 GB), each with its share
 # of torch's threads (tests/conftest.py). On the 2-core CI machine (2026-11-27) the suite took 417 s
-# in two processes, 580 s in two without the thread split, about 700 s in one.
+# in two processes, 580 s in two without the thread split, about 700 s in one; it has grown since
+# (the README gives the latest time).
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test test-gpu bench bench-smoke report audit clean
