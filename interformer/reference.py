@@ -228,12 +228,14 @@ def attention(
     if causal:
         tri = torch.arange(Lk, device=k.device)[None, :] <= torch.arange(Lq, device=k.device)[:, None]
         visible = visible & tri[None, None]
-    # Softmax in at least fp32. The fill is the finite minimum of that accumulation dtype, so a row
-    # with no visible key stays free of NaN (its softmax is uniform and is zeroed below).
+    # Softmax in at least fp32. A masked key's score is -inf, so it takes no weight whatever the
+    # visible scores are (with a finite fill, finfo.min, a row whose visible scores were all -inf
+    # gave its weight to the masked keys instead of 0/0 = NaN); a row with no visible key is all
+    # zeros instead, free of NaN (its softmax is uniform and is zeroed below).
     acc = torch.promote_types(scores.dtype, torch.float32)
-    scores = scores.to(acc).masked_fill(~visible, torch.finfo(acc).min)
-    p = torch.softmax(scores, dim=-1).to(q.dtype)
     keep = visible.any(dim=-1, keepdim=True)  # [B,1,Lq or 1,1]
+    scores = scores.to(acc).masked_fill(~visible, -math.inf).masked_fill(~keep, 0.0)
+    p = torch.softmax(scores, dim=-1).to(q.dtype)
     if mask_queries:
         keep = keep & row_mask(lengths, Lq)[:, None, :, None]
     p = p * keep.to(p.dtype)

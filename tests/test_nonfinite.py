@@ -182,22 +182,28 @@ def test_attention_nonfinite_scores_reach_the_output(target, idx, dtype, backwar
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_attention_row_of_minus_inf_scores_is_nan(dtype):
+@pytest.mark.parametrize("masked", ["none", "padding", "causal"])
+def test_attention_row_of_minus_inf_scores_is_nan(dtype, masked):
     """Every visible score of a row -inf (a -inf in q against keys of one sign): softmax is 0/0,
-    NaN in the reference (no key masked: length = L); the fused op gives NaN too, not the zeros of a
-    row with no visible key (which it still gives for a row of length 0)."""
+    NaN in the reference and in the fused op, not the zeros of a row with no visible key (which
+    both still give for a row of length 0); also when the row has masked keys (padding past the
+    length, or later keys under ``causal``), which take no weight. The reference once filled masked
+    scores with fp32's finite minimum, above -inf, so there the masked keys took the row's weight and
+    it returned their values' mean (an op fuzzing helper's find)."""
     g = torch.Generator().manual_seed(3)
     B, L, H, dh = 2, 5, 1, 16
     q, k, v = (_rnd(g, dtype, B, L, H, dh) for _ in range(3))
     k[..., 0] = k[..., 0].abs() + 0.5
     q[0, 2, 0, 0] = -math.inf
-    lengths = torch.tensor([L, 0], device=DEVICE)
-    ref = R.attention(q, k, v, lengths)
-    out = A.attention(q, k, v, lengths)
-    assert torch.isnan(ref[0, 2]).all()
+    lengths = torch.tensor([3 if masked == "padding" else L, 0], device=DEVICE)
+    causal = masked == "causal"
+    ref = R.attention(q, k, v, lengths, causal=causal)
+    out = A.attention(q, k, v, lengths, causal=causal)
+    assert torch.isnan(ref[0, 2]).all(), "the reference gave a row of -inf scores finite values"
     assert torch.isnan(out[0, 2]).all(), "a row of -inf scores gave finite values"
-    assert torch.isfinite(out[0, [0, 1, 3, 4]]).all()
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    live = [0, 1] if masked == "padding" else [0, 1, 3, 4]
+    assert torch.isfinite(out[0, live]).all() and torch.isfinite(ref[0, live]).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
 
 
 def _fused_and_float64_attention(q, k, v, lengths, grad):
