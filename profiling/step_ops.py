@@ -230,7 +230,7 @@ def count(model, inputs, label, inference: bool) -> Dict[str, object]:
 
 class _LinearSkipped(torch.autograd.Function):
     """The autograd node :func:`linears_skipped` puts where a linear layer's nodes were: its
-    gradients are uninitialised tensors of the inputs' shapes (what a timing needs, not values)."""
+    gradients are zeros of the inputs' shapes (what a timing needs, not values)."""
 
     @staticmethod
     def forward(ctx, out, x, weight, bias):
@@ -239,26 +239,27 @@ class _LinearSkipped(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *(None if like is None else grad.new_empty(like[0], dtype=like[1]) for like in ctx.like))
+        return (None, *(None if like is None else grad.new_zeros(like[0], dtype=like[1]) for like in ctx.like))
 
 
 @contextlib.contextmanager
 def linears_skipped():
-    """Every ``nn.Linear`` returns an uninitialised output of its shape and dtype (the autocast
-    dtype where autocast is on) and, with grad on, one autograd node that returns uninitialised
-    gradients to its input, weight and bias: the graph keeps its shape, the layer's arithmetic and
-    its own aten ops (casts, ``addmm``) are gone. Why: on a CPU without native bf16 a bf16 GEMM
-    costs about 16 us however small (``addmm`` through oneDNN; 3.5 us in fp32), and the casts of
-    the weights grow with their size, so the 25 linear layers a forward calls, which neither backend fuses,
-    weigh on both steps by CPU-specific amounts: 0.9-1.1 ms of the fused inference forward's
-    2.7-3.0 ms at :data:`TIMING_SIZES` on the CI CPU (2026-11-28), where a GPU's host only queues
-    their kernels."""
+    """Every ``nn.Linear`` returns zeros of its output's shape and dtype (the autocast dtype where
+    autocast is on) and, with grad on, one autograd node that returns zeros as the gradients of its
+    input, weight and bias: the graph keeps its shape, the layer's arithmetic and its own aten ops
+    (casts, ``addmm``) are gone. Why: on a CPU without native bf16 a bf16 GEMM costs about 16 us
+    however small (``addmm`` through oneDNN; 3.5 us in fp32), and the casts of the weights grow
+    with their size, so the 25 linear layers a forward calls, which neither backend fuses, weigh
+    on both steps by CPU-specific amounts: 0.9-1.1 ms of the fused inference forward's 2.7-3.0 ms
+    at :data:`TIMING_SIZES` on the CI CPU (2026-11-28), where a GPU's host only queues their
+    kernels. Zeros, not uninitialised memory: whatever bits ``torch.empty`` returned would flow
+    through the rest of the step, and denormals or NaNs can make a CPU's arithmetic much slower."""
     plain = torch.nn.Linear.forward
 
     def forward(self, x):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        out = x.new_empty((*x.shape[:-1], self.out_features), dtype=dtype)
+        out = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
         if torch.is_grad_enabled():
             out = _LinearSkipped.apply(out, x, self.weight, self.bias)
         return out
@@ -270,14 +271,29 @@ def linears_skipped():
         torch.nn.Linear.forward = plain
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to one, then restored. The host proxy times dispatching, which
+    is one thread's work; with two threads on a two-core machine where another process kept one
+    core busy, every parallel region waited for the descheduled thread and a step took 50 to 100
+    times as long (2026-11-28: an eager inference forward 186-318 ms instead of 3.6)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def seconds_per_step(model, inputs, label, inference: bool, steps: int = 20, skip_linears: bool = False) -> float:
-    """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``);
-    ``skip_linears``: under :func:`linears_skipped`."""
+    """Wall seconds per step with every Triton launch skipped (best of 3 runs of ``steps``), on one
+    torch thread (:func:`_one_thread`); ``skip_linears``: under :func:`linears_skipped`."""
     from interformer.profiling import triton_launches
 
     forward, backward, grad_mode = _step(model, inputs, label, inference)
     best = float("inf")
-    with triton_launches(run=False), grad_mode, linears_skipped() if skip_linears else contextlib.nullcontext():
+    with (triton_launches(run=False), grad_mode, _one_thread(),
+          linears_skipped() if skip_linears else contextlib.nullcontext()):
         backward(forward())
         for _ in range(3):
             t0 = time.perf_counter()
