@@ -417,8 +417,10 @@ class PoolingMultiHeadAttention(FusedModule):
     gradient on this path; on the eager path its gradient is rounding noise around zero. Outside
     tracing a sequence wider than autocast's dtype (fp32 under bf16 autocast) is not copied to that
     dtype: the kernels round each tile as they load it, and its gradient comes back in fp32 from
-    them (the eager projections each cast it; in the model it arrives in the autocast dtype
-    already). The kernel takes heads up to 128 wide, so a module with ``d_model > 128`` keeps the
+    them (the eager projections each cast it; in a fully fused model it arrives in the autocast
+    dtype already, but behind eager modules it may be fp32, and then a compiled model, whose traced
+    path casts it first, rounds its gradient otherwise than an uncompiled one: both about equally
+    far from float64, a compile fuzzing helper found). The kernel takes heads up to 128 wide, so a module with ``d_model > 128`` keeps the
     unfolded path (``d_model / num_heads``-wide heads). The math of both paths: ``pooled_attention`` in
     :mod:`interformer.reference` and :mod:`interformer.kernels.attention`.
     """
