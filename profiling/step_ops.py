@@ -25,21 +25,21 @@ counts do not read). One warm-up step, then one counted step:
 
 ``--inference`` counts the forward alone under ``torch.no_grad()`` (no backward, no nodes).
 ``--time`` also times each backend's step on this machine with the launches still skipped, at the
-shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching): on
-a CPU, a rough proxy of the plain step's host time. It does so twice: as run, and with every
-``nn.Linear`` skipped (:func:`linears_skipped`). The second is the proxy to read. On this CPU a bf16
-GEMM costs about 16 us whatever its size, against 3.5 us in fp32 (no native bf16: oneDNN's path),
-and a forward calls 25 linear layers, in both backends alike. As run, they took 0.9-1.1 ms of the
-fused inference forward's 2.7-3.0 ms on 2026-11-28, which pulled the ratio towards 1. As run the CI CPU
-gave 1.54-1.60x for the fused inference against eager (2026-11-27) and 1.53-1.62x (2026-11-28), with the
-linears skipped 1.78-1.90x; the training step 1.39x as run and 1.76x skipped (2026-11-28). The H200
-measured 1.43x and 1.59x for the plain inference step (two leases) and 1.13-1.18x for the training
-step on the calling thread. The proxy leaves out the launches' own cost (40 of them an inference
-forward, 109 a training step; 12-21 us each on the H200's host in ``launch_overhead.py``) and the
-GPU's host may weigh aten ops, Python and the autograd engine otherwise than this CPU. One machine
-against one GPU: read it as a direction, not a number. Autocast on a CPU follows the CPU's op lists,
-which differ from CUDA's in a few ops (e.g. which casts a LayerNorm gets), so a GPU's counts differ
-slightly.
+shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching), on
+one torch thread: on a CPU, a rough proxy of the plain step's host time. It does so twice: as run,
+and with every ``nn.Linear`` skipped (:func:`linears_skipped`). The second is the proxy to read. On
+this CPU a bf16 GEMM costs about 16 us whatever its size, against 3.5 us in fp32 (no native bf16:
+oneDNN's path), and a forward calls 25 linear layers, in both backends alike. As run, they took
+1.2-1.3 ms of the fused inference forward's 3.1-3.2 ms on 2026-11-28, which pulled the ratio towards
+one. The CI CPU gave, for the fused inference against eager, 1.54-1.60x as run on 2026-11-27 (two
+threads) and 1.54-1.65x on 2026-11-28, 1.85-1.92x with the linears skipped; for the training step
+1.34-1.42x as run and 1.58-1.72x skipped (2026-11-28, three runs each). The H200 measured 1.43x and
+1.59x for the plain inference step (two leases) and 1.13-1.18x for the training step on the calling
+thread. The proxy leaves out the launches' own cost (40 of them an inference forward, 109 a training
+step; 12-21 us each on the H200's host in ``launch_overhead.py``) and the GPU's host may weigh aten
+ops, Python and the autograd engine otherwise than this CPU. One machine against one GPU: read it as
+a direction, not a number. Autocast on a CPU follows the CPU's op lists, which differ from CUDA's in
+a few ops (e.g. which casts a LayerNorm gets), so a GPU's counts differ slightly.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def linears_skipped():
     (casts, ``addmm``) are gone. Why: on a CPU without native bf16 a bf16 GEMM costs about 16 us
     however small (``addmm`` through oneDNN; 3.5 us in fp32), and the casts of the weights grow
     with their size, so the 25 linear layers a forward calls, which neither backend fuses, weigh
-    on both steps by CPU-specific amounts: 0.9-1.1 ms of the fused inference forward's 2.7-3.0 ms
+    on both steps by CPU-specific amounts: 1.2-1.3 ms of the fused inference forward's 3.1-3.2 ms
     at :data:`TIMING_SIZES` on the CI CPU (2026-11-28), where a GPU's host only queues their
     kernels. Zeros, not uninitialised memory: whatever bits ``torch.empty`` returned would flow
     through the rest of the step, and denormals or NaNs can make a CPU's arithmetic much slower."""
