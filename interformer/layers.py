@@ -413,16 +413,16 @@ class PoolingMultiHeadAttention(FusedModule):
     training step and ``torch.compile`` see the parameters as they are), and outside tracing the
     whole fused op is one autograd node with closed-form gradients
     (:func:`interformer.kernels.attention.pooled_attention`), the fold one Triton launch and its
-    gradients one more. ``k_proj.bias`` has an exact zero
-    gradient on this path; on the eager path its gradient is rounding noise around zero. Outside
-    tracing a sequence wider than autocast's dtype (fp32 under bf16 autocast) is not copied to that
-    dtype: the kernels round each tile as they load it, and its gradient comes back in fp32 from
-    them (the eager projections each cast it; in a fully fused model it arrives in the autocast
-    dtype already, but behind eager modules it may be fp32, and then a compiled model, whose traced
-    path casts it first, rounds its gradient otherwise than an uncompiled one: both about equally
-    far from float64, a compile fuzzing helper found). The kernel takes heads up to 128 wide, so a module with ``d_model > 128`` keeps the
-    unfolded path (``d_model / num_heads``-wide heads). The math of both paths: ``pooled_attention`` in
-    :mod:`interformer.reference` and :mod:`interformer.kernels.attention`.
+    gradients one more. ``k_proj.bias`` has an exact zero gradient on this path; on the eager path
+    its gradient is rounding noise around zero. Outside tracing a sequence wider than autocast's
+    dtype (fp32 under bf16 autocast) is not copied to that dtype: the kernels round each tile as
+    they load it, and its gradient comes back in fp32 from them (the eager projections each cast it;
+    in a fully fused model it arrives in the autocast dtype already, but behind eager modules it may
+    be fp32, and then a compiled model, whose traced path casts it first, rounds its gradient
+    otherwise than an uncompiled one: both about equally far from float64, a compile fuzzing helper
+    found). The kernel takes heads up to 128 wide, so a module with ``d_model > 128`` keeps the
+    unfolded path (``d_model / num_heads``-wide heads). The math of both paths: ``pooled_attention``
+    in :mod:`interformer.reference` and :mod:`interformer.kernels.attention`.
     """
 
     kernel_ops = (("attention", "pooled_attention"),)

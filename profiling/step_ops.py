@@ -27,19 +27,24 @@ counts do not read). One warm-up step, then one counted step:
 ``--time`` also times each backend's step on this machine with the launches still skipped, at the
 shape's structure with d = 16, T = 6 and B = 2 (so that arithmetic is small next to dispatching), on
 one torch thread: on a CPU, a rough proxy of the plain step's host time. It does so twice: as run,
-and with every ``nn.Linear`` skipped (:func:`linears_skipped`). The second is the proxy to read. On
-this CPU a bf16 GEMM costs about 16 us whatever its size, against 3.5 us in fp32 (no native bf16:
-oneDNN's path), and a forward calls 25 linear layers, in both backends alike. As run, they took
-1.2-1.3 ms of the fused inference forward's 3.1-3.2 ms on 2026-11-28, which pulled the ratio towards
-one. The CI CPU gave, for the fused inference against eager, 1.54-1.60x as run on 2026-11-27 (two
-threads) and 1.54-1.65x on 2026-11-28, 1.85-1.92x with the linears skipped; for the training step
-1.34-1.42x as run and 1.58-1.72x skipped (2026-11-28, three runs each). The H200 measured 1.43x and
-1.59x for the plain inference step (two leases) and 1.13-1.18x for the training step on the calling
-thread. The proxy leaves out the launches' own cost (40 of them an inference forward, 109 a training
-step; 12-21 us each on the H200's host in ``launch_overhead.py``) and the GPU's host may weigh aten
-ops, Python and the autograd engine otherwise than this CPU. One machine against one GPU: read it as
-a direction, not a number. Autocast on a CPU follows the CPU's op lists, which differ from CUDA's in
-a few ops (e.g. which casts a LayerNorm gets), so a GPU's counts differ slightly.
+and with every ``nn.Linear`` skipped (:func:`linears_skipped`). The two columns bracket what the
+linear layers cost a GPU's host: as run they cost this CPU's arithmetic, skipped nothing, where a
+GPU's host pays a dispatch for each (the H200's plain inference profile at 80ba0f2 showed 42 us of
+self CPU time per ``addmm``). That arithmetic is the casts of the weights under autocast and bf16
+GEMMs, and it grows with the weights: the DOT projection alone is 378 x 448 at these sizes. The
+fused forward calls 25 linear layers, eager's 31 (on the fused path the Interaction Arch's FFN is
+one op). As run, they took 1.2-1.3 ms of the fused inference forward's 3.1-3.2 ms on 2026-11-28.
+Eager's reference math has GEMMs of its own as well (60 in an inference forward, against the fused
+path's 4), which both columns time as run. The CI CPU gave, for the fused inference against eager,
+1.54-1.60x as run on 2026-11-27 (two threads) and 1.54-1.65x on 2026-11-28, 1.85-1.92x with the
+linears skipped; for the training step 1.34-1.42x as run and 1.58-1.72x skipped (2026-11-28, three
+runs each). The H200 measured 1.43x and 1.59x for the plain inference step (two leases) and
+1.13-1.18x for the training step on the calling thread. The proxy leaves out the launches' own cost
+(40 of them an inference forward, 109 a training step; 12-21 us each on the H200's host in
+``launch_overhead.py``) and the GPU's host may weigh aten ops, Python and the autograd engine
+otherwise than this CPU. One machine against one GPU: read it as a direction, not a number. Autocast
+on a CPU follows the CPU's op lists, which differ from CUDA's in a few ops (e.g. which casts a
+LayerNorm gets), so a GPU's counts differ slightly.
 """
 
 from __future__ import annotations
@@ -245,23 +250,25 @@ class _LinearSkipped(torch.autograd.Function):
 @contextlib.contextmanager
 def linears_skipped():
     """Every ``nn.Linear`` returns zeros of its output's shape and dtype (the autocast dtype where
-    autocast is on) and, with grad on, one autograd node that returns zeros as the gradients of its
-    input, weight and bias: the graph keeps its shape, the layer's arithmetic and its own aten ops
-    (casts, ``addmm``) are gone. Why: on a CPU without native bf16 a bf16 GEMM costs about 16 us
-    however small (``addmm`` through oneDNN; 3.5 us in fp32), and the casts of the weights grow
-    with their size, so the 25 linear layers a forward calls, which neither backend fuses, weigh
-    on both steps by CPU-specific amounts: 1.2-1.3 ms of the fused inference forward's 3.1-3.2 ms
-    at :data:`TIMING_SIZES` on the CI CPU (2026-11-28), where a GPU's host only queues their
-    kernels. Zeros, not uninitialised memory: whatever bits ``torch.empty`` returned would flow
-    through the rest of the step, and denormals or NaNs can make a CPU's arithmetic much slower."""
+    autocast is on, whatever the input's) and, with grad on, one autograd node that returns zeros
+    as the gradients of its input, weight and bias: the graph keeps its shape, the layer's
+    arithmetic and its own aten ops (casts, ``addmm``) are gone. ``nn.Linear.forward`` itself is
+    replaced, process-wide, while the context is active: a subclass that overrides ``forward`` and
+    a layer given its own ``forward`` attribute run as they are. Why: under autocast on a CPU a
+    linear layer casts its weight and runs a bf16 GEMM, both growing with the weight, so the
+    layers, which neither backend fuses, weigh on both steps by CPU-specific amounts (1.2-1.3 ms
+    of the fused inference forward's 3.1-3.2 ms at :data:`TIMING_SIZES` on the CI CPU,
+    2026-11-28), where a GPU's host only queues their kernels. Zeros, not uninitialised memory:
+    whatever bits ``torch.empty`` returned would flow through the rest of the step, and denormals
+    or NaNs can make a CPU's arithmetic much slower."""
     plain = torch.nn.Linear.forward
 
-    def forward(self, x):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        out = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
+    def forward(self, input):  # nn.Linear.forward's parameter name: layer(input=x) works too
+        dev = input.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else input.dtype
+        out = input.new_zeros((*input.shape[:-1], self.out_features), dtype=dtype)
         if torch.is_grad_enabled():
-            out = _LinearSkipped.apply(out, x, self.weight, self.bias)
+            out = _LinearSkipped.apply(out, input, self.weight, self.bias)
         return out
 
     torch.nn.Linear.forward = forward
@@ -382,7 +389,7 @@ def main(argv=None) -> int:
             print(f"  {backend:<7} {run * 1e3:7.3f} ms {skipped * 1e3:15.3f} ms")
         ratios = [e / t for e, t in zip(seconds["eager"], seconds["triton"])]
         print(f"  eager / triton: {ratios[0]:.2f}x as run, {ratios[1]:.2f}x with nn.Linear skipped "
-              f"(linears_skipped: the CPU's bf16 GEMMs are not host time)")
+              f"(the two bracket the linear layers' host cost on a GPU: see --help)")
     return 0
 
 

@@ -203,6 +203,9 @@ def test_attention_row_of_minus_inf_scores_is_nan(dtype, masked):
     assert torch.isnan(out[0, 2]).all(), "a row of -inf scores gave finite values"
     live = [0, 1] if masked == "padding" else [0, 1, 3, 4]
     assert torch.isfinite(out[0, live]).all() and torch.isfinite(ref[0, live]).all()
+    if masked == "padding":  # query rows past the length: exact zeros on both paths
+        for t in (out, ref):
+            assert torch.equal(t[0, 3:], torch.zeros_like(t[0, 3:]))
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(ref[1], torch.zeros_like(ref[1]))
 
 

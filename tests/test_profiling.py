@@ -589,8 +589,16 @@ def test_step_ops_inference_and_timing(step_ops, capsys):
     import torch
 
     threads = torch.get_num_threads()
-    assert step_ops.main(["--shape", "smoke", "--inference", "--time"]) == 0
-    assert torch.get_num_threads() == threads
+    seen, real = [], torch.set_num_threads
+    torch.set_num_threads(2)
+    try:
+        torch.set_num_threads = lambda n: (seen.append(n), real(n))[1]
+        assert step_ops.main(["--shape", "smoke", "--inference", "--time"]) == 0
+        torch.set_num_threads = real
+        assert torch.get_num_threads() == 2 and 1 in seen, seen
+    finally:
+        torch.set_num_threads = real
+        real(threads)
     out = capsys.readouterr().out
     assert "forward aten ops, all" in out and "backward aten ops" not in out and "autograd nodes" not in out
     assert "eager / triton:" in out
@@ -620,6 +628,8 @@ def test_step_ops_linears_skipped_keep_the_graph_and_drop_the_arithmetic(step_op
     with step_ops.linears_skipped(), Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.shape == (2, 3, 5) and y.dtype == torch.bfloat16 and not y.any()  # zeros: no stray bits
+    with step_ops.linears_skipped():
+        assert layer(input=x).shape == (2, 3, 5)  # nn.Linear.forward's keyword, as a caller may pass it
     assert not {"addmm", "mm", "matmul", "linear", "_to_copy"} & set(ops.names), ops.names
     torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)  # restored
 
