@@ -606,6 +606,18 @@ def test_step_ops_inference_and_timing(step_ops, capsys):
         step_ops.main(["--batch", "1"])
 
 
+def _node_names(root) -> list:
+    """The class names of the autograd nodes reachable from ``root`` (a grad_fn), each node once."""
+    names, seen, todo = [], set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(type(node).__name__)
+            todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
 def test_step_ops_linears_skipped_keep_the_graph_and_drop_the_arithmetic(step_ops):
     """Under ``linears_skipped`` every ``nn.Linear`` issues no GEMM, its output has the layer's shape
     and the autocast dtype, a training step's loss still reaches every parameter (one
@@ -635,13 +647,7 @@ def test_step_ops_linears_skipped_keep_the_graph_and_drop_the_arithmetic(step_op
 
     def reached(model, inputs, label):
         loss = model.loss(model(*inputs), label)
-        names, seen, todo = [], set(), [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is not None and node not in seen:
-                seen.add(node)
-                names.append(type(node).__name__)
-                todo.extend(fn for fn, _ in node.next_functions)
+        names = _node_names(loss.grad_fn)
         loss.backward()
         return names
 
@@ -672,13 +678,7 @@ def test_step_ops_hooks_leave_the_grouped_lookups_alone(step_ops):
     where = step_ops._Where(model)
     try:
         assert any(m._forward_pre_hooks for m in model.modules() if isinstance(m, torch.nn.Linear))
-        names, seen, todo = [], set(), [model.loss(model(*inputs), label).grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is not None and node not in seen:
-                seen.add(node)
-                names.append(type(node).__name__)
-                todo.extend(fn for fn, _ in node.next_functions)
+        names = _node_names(model.loss(model(*inputs), label).grad_fn)
     finally:
         where.remove()
     assert names.count("_GroupedEmbeddingBackward") == 2 and "EmbeddingBackward0" not in names
