@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     if args.output:  # checked before the scoring, not after
         _check_output_file(args, "metrics.json")
     results = evaluate_checkpoint(args.checkpoint, args.files or None, data=args.data, batch_size=args.batch_size,
-                                  device=args.device, backend=args.backend, amp=args.amp,
+                                  device=args.device, backend=args.backend, amp=args.amp, output=args.output,
                                   on_bad_rows=args.on_bad_rows)
     amp = next(iter(results.values()))["amp"]
     print(metrics_table(results, title=f"metrics of {args.checkpoint} (amp {amp})"))

@@ -1677,7 +1677,8 @@ def _schema_and_vocabs(checkpoint, state: Dict[str, Any], what: str) -> tuple:
 
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
                         batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
-                        amp: Optional[str] = None, on_bad_rows: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+                        amp: Optional[str] = None, on_bad_rows: Optional[str] = None,
+                        output: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
     own validation/test splits when ``paths`` is not given: the files its config names, read with
     the schema and vocabularies it carries (the schema file it was trained from is not read).
@@ -1691,7 +1692,11 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     under; None (the default) takes the checkpoint's, so that a split scores as it did in training,
     except where that cannot run: a bf16 checkpoint evaluated on the fused path on a CPU (Triton's
     interpreter has no bfloat16) is scored without autocast and says so. Each split's metrics give
-    the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason."""
+    the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason. ``output``:
+    a file the caller will write the results to; without ``paths`` it is refused (ValueError, before
+    any scoring) when it is one of the checkpoint's own validation/test files, which
+    ``evaluate --output`` once wrote its metrics over. (With ``paths`` the caller can check those
+    before the checkpoint is loaded, as the command does.)"""
     from .dataio import TabularDataset
 
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
@@ -1701,6 +1706,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         _, splits, _, _ = build_data(cfg)
         splits.pop("train")
     else:  # the validation/test files its config names; the training files need not exist any more
+        if output is not None:  # (files given: the caller can check them before loading the checkpoint)
+            refuse_overwriting(output, [p for name in ("valid", "test") for p in _path_list(getattr(cfg, name) or [])])
         schema, vocabs = _schema_and_vocabs(checkpoint, state, "read files")
         splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
                   if getattr(cfg, name)}

@@ -864,6 +864,10 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     # the schema file nor the training files need to exist any more)
     (bars / "schema.yaml").unlink()
     (bars / "train.csv").unlink()
+    valid_text = (bars / "valid.csv").read_text()
+    with pytest.raises(ValueError, match="which is read here"):  # its own split's file: refused, not replaced
+        main(["evaluate", str(out / "best.pt"), "--output", str(bars / "valid.csv")])
+    assert (bars / "valid.csv").read_text() == valid_text
     main(["evaluate", str(out / "best.pt"), "--output", str(bars / "own.json")])
     own = json.loads((bars / "own.json").read_text())["valid"]
     for k in ("auc", "gauc", "logloss", "ne"):
