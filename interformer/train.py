@@ -433,12 +433,18 @@ def _given_fields(cfg: TrainConfig) -> frozenset:
 def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
     """ValueError when a resumed run's ``epochs`` or ``max_steps`` is below what its ``last.pt`` has
     already done: nothing could be trained, and ``run.json`` would record a limit its own history
-    exceeds (e.g. the original settings file, ``epochs: 3``, given to a run extended to 7)."""
-    for name, limit, done in (("epochs", cfg.epochs, state["epoch"]), ("max_steps", cfg.max_steps, state["step"])):
-        if limit is not None and limit < done:
+    exceeds (e.g. the original settings file, ``epochs: 3``, given to a run extended to 7). A run
+    stopped partway into an epoch has begun that epoch: ``epochs`` must count it (``epochs`` equal
+    to the epochs completed was once taken as "finished", and the final metrics were those of
+    weights trained past it)."""
+    begun = state["epoch"] + (1 if state.get("batch_in_epoch", 0) > 0 else 0)
+    for name, limit, need in (("epochs", cfg.epochs, begun), ("max_steps", cfg.max_steps, state["step"])):
+        if limit is not None and limit < need:
             flag = "--" + name.replace("_", "-")
+            done = (f"{state['epoch']} epoch(s) and {state['batch_in_epoch']} batch(es) of the next"
+                    if name == "epochs" and need > state["epoch"] else f"{need}")
             raise ValueError(f"resume: {name} {limit} is below the {done} this run has already done ({name} of its "
-                             f"last.pt); give {flag} {done} or more to continue, or leave {name} out to keep the "
+                             f"last.pt); give {flag} {need} or more to continue, or leave {name} out to keep the "
                              "checkpoint's")
 
 
