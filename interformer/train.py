@@ -737,15 +737,19 @@ def build_model(cfg: TrainConfig, overrides: Dict[str, Any], backend: Optional[s
 
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
-    """AdamW for dense parameters (decay on matrices only) plus the embedding optimiser."""
+    """AdamW for dense parameters (decay on the weight matrices only) plus the embedding optimiser.
+
+    A weight matrix is a parameter of two or more dimensions that is not a bias: the cross nets'
+    biases are ``[D, 1]`` (torchrec's layout; named ``bias.<i>``), and were once told apart by
+    shape (no size of 1), which also left out matrices with one row, such as the CTR head's output
+    layer ``[1, width]`` or PMA's learned queries with one query (a CLI fuzzing helper's find)."""
     tables = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     table_ids = {id(m.weight) for m in tables}
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if id(p) in table_ids:
             continue
-        # matrices only: a [D, 1] tensor (torchrec's DCN bias layout) is a bias, not a matrix
-        (decay if p.dim() >= 2 and min(p.shape) > 1 else no_decay).append(p)
+        (decay if p.dim() >= 2 and "bias" not in name.split(".") else no_decay).append(p)
     emb_params = [m.weight for m in tables]
     emb_lr = cfg.embedding_lr or cfg.lr
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

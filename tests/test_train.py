@@ -1259,12 +1259,20 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, bar
     assert all((out / n).exists() for n in ("last.pt", "run.json"))
 
 
-def test_dcn_biases_get_no_weight_decay():
+def test_weight_decay_takes_every_weight_matrix_and_no_bias():
+    """Decay on every parameter of two or more dimensions except the cross nets' ``[D, 1]`` biases
+    (and the embedding tables, which have their own optimiser): the head's ``[1, width]`` output
+    weight too, which a shape rule (no size of 1) once left out."""
     model = T.build_model(T.TrainConfig(model=dict(TINY)), {})
     decay = {id(p) for p in T.build_optimizers(model, T.TrainConfig())[0].param_groups[0]["params"]}
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     names = {n for n, p in model.named_parameters() if id(p) in decay}
-    assert names and all(p.dim() >= 2 and min(p.shape) > 1 for n, p in model.named_parameters() if n in names)
-    assert not any(".bias" in n for n in names)
+    dcn_biases = [n for n, p in model.named_parameters() if ".bias." in n and p.dim() == 2]
+    assert dcn_biases and not set(dcn_biases) & names and not any(".bias" in n for n in names)
+    assert names == {n for n, p in model.named_parameters()
+                     if p.dim() >= 2 and id(p) not in tables and n not in dcn_biases}
+    out = f"head.{len(model.head) - 1}.weight"
+    assert out in names and model.head[-1].weight.shape[0] == 1
 
 
 def test_a_resume_below_the_runs_progress_is_refused(tmp_path):
