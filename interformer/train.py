@@ -205,7 +205,15 @@ class TrainConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _train_config_hints()[f.name]))
         for name in ("train", "valid", "test"):
             value = getattr(self, name)
-            setattr(self, name, [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value or []])
+            if isinstance(value, (str, os.PathLike)):
+                value = [value]
+            elif not isinstance(value, (list, tuple)) and value is not None:
+                raise ValueError(f"{name} must be a file path or a list of them, got {value!r}")
+            setattr(self, name, [os.fspath(v) if isinstance(v, os.PathLike) else str(v) for v in value or []])
+        if self.model is None:  # a settings file's ``model:`` section with every key commented out
+            self.model = {}
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping of InterFormerConfig fields, got {self.model!r}")
         # paths as text: a checkpoint holds the config, and must hold plain values only (load_checkpoint)
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
@@ -346,14 +354,21 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     field takes ``"1e3"`` or ``2.0``, not ``2.5``; ``True`` is not a number), ``true/false/yes/no/
     on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field, text ones included (so
     ``--device none`` and ``--compile-mode none`` unset a settings file's value, as ``--patience
-    none`` does). Anything else raises ValueError naming the field. Other fields pass through
-    unchanged."""
+    none`` does); text fields take text (a path, a ``torch.device`` as its name, None for their own
+    checks to judge), not a number. Anything else raises ValueError naming the field. Other fields
+    pass through unchanged."""
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) is typing.Union and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else hint
     unset = optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
     if base is str:
-        return None if unset else value
+        if unset or value is None:  # (None for a text field that takes none is refused by its own check)
+            return None
+        if isinstance(value, torch.device):
+            return str(value)
+        if not isinstance(value, (str, os.PathLike)):  # (a settings file's ``device: 5`` reached torch)
+            raise ValueError(f"{name} must be text{' or None' if optional else ''}, got {value!r}")
+        return value
     if base not in (int, float, bool):
         return value
     if value is None or unset:
@@ -449,17 +464,20 @@ def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
 
 
 def load_settings(path: str) -> Dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON settings file as a dict (a UTF-8 byte-order mark, as some
-    Windows editors write, is skipped)."""
+    """A YAML (``.yaml``/``.yml``, in any case) or JSON settings file as a dict (a UTF-8 byte-order
+    mark, as some Windows editors write, is skipped)."""
     text = Path(path).read_text(encoding="utf-8-sig")
-    if str(path).endswith((".yaml", ".yml")):
+    if str(path).lower().endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError as e:  # pragma: no cover - pyyaml is installed by make
             raise ImportError("YAML settings need PyYAML: pip install pyyaml") from e
         d = yaml.safe_load(text) or {}
     else:
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); settings files are JSON, or YAML named .yaml or .yml") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: settings must be a mapping, got {type(d).__name__}")
     return d

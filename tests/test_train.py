@@ -179,6 +179,10 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(embedding_lr="inf"), "embedding_lr must be a finite number"),
     (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite number"),
     (dict(synthetic_valid=-1), "synthetic_valid must be >= 0"),
+    # values of the wrong kind from a settings file (they ended in a TypeError or PyTorch's error)
+    (dict(valid=3), "valid must be a file path or a list of them, got 3"),
+    (dict(device=5), "device must be text or None, got 5"),
+    (dict(model=[1]), "model must be a mapping"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -1350,6 +1354,21 @@ def test_cli_none_unsets_a_settings_file_value(tmp_path):
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "s.json").read_bytes())  # a Windows editor's
     assert T.load_settings(str(tmp_path / "bom.json"))["patience"] == 3
     assert T.TrainConfig(data="synthetic").data == "synthetic"  # a text setting that cannot be None is kept
+
+
+def test_settings_files_of_any_suffix_case_and_an_empty_model_section(tmp_path):
+    """``S.YAML`` is read as YAML (it was read as JSON, failing with a message that named no file);
+    a file that is not valid JSON is named; a ``model:`` section whose keys are all commented out
+    (YAML null) is an empty one (it raised a TypeError); a ``torch.device`` from Python is kept as
+    its name."""
+    (tmp_path / "S.YAML").write_text("patience: 2\nmodel:\n  # d_model: 64\n")
+    settings = T.load_settings(str(tmp_path / "S.YAML"))
+    assert settings == {"patience": 2, "model": None}
+    assert T.TrainConfig.from_dict(settings).model == {}
+    (tmp_path / "s.txt").write_text("patience: 2\n")
+    with pytest.raises(ValueError, match=r"s\.txt: not valid JSON .* YAML named \.yaml or \.yml"):
+        T.load_settings(str(tmp_path / "s.txt"))
+    assert T.TrainConfig(device=torch.device("cpu")).device == "cpu"
 
 
 def test_json_safe_writes_strict_json_and_evaluate_infers_the_format():
