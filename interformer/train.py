@@ -477,7 +477,8 @@ def load_settings(path: str) -> Dict[str, Any]:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); settings files are JSON, or YAML named .yaml or .yml") from None
+            raise ValueError(f"{path}: not valid JSON ({e}); settings files are JSON, or YAML named .yaml or "
+                             ".yml") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: settings must be a mapping, got {type(d).__name__}")
     return d

@@ -1298,7 +1298,8 @@ def test_a_resume_below_the_runs_progress_is_refused(tmp_path):
     # did (it was taken as "finished", with the final metrics of weights trained past epoch 1)
     part = tmp_path / "part"
     T.train(tiny_config(part, synthetic_train=128, synthetic_valid=0, epochs=2, max_steps=3), log=quiet)
-    assert (T.load_checkpoint(part / "last.pt")["epoch"], T.load_checkpoint(part / "last.pt")["batch_in_epoch"]) == (1, 1)
+    stopped = T.load_checkpoint(part / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"]) == (1, 1)
     with pytest.raises(ValueError, match=r"resume: epochs 1 is below the 1 epoch\(s\) and 1 batch\(es\) of the next "
                                          r".* --epochs 2 or more"):
         T.train(tiny_config(part, synthetic_train=128, synthetic_valid=0, epochs=1, max_steps=None, resume=True),
