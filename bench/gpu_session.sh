@@ -128,7 +128,14 @@ if [ "${PACK:-0}" = 1 ]; then PACK_DEST="$OUT"; OUT="$(mktemp -d)"; fi
 # file that changes under it ("file changed as we read it" fails the pack).
 SESSION_LOG="$(mktemp)"
 exec > >(tee -a "$SESSION_LOG") 2>&1
+PACKS=0
 pack() {
+  # tee appends to the log in its own time: print a mark and wait (5 s at most) until the log holds
+  # it, so that the copy has every line printed before it (the stage's "== stage ... took" line was
+  # missing from a packed log once, on a loaded CI machine)
+  PACKS=$((PACKS + 1)); local mark="(packing the results, $PACKS)"
+  echo "$mark"
+  for _ in $(seq 50); do grep -qxF "$mark" "$SESSION_LOG" && break; sleep 0.1; done
   cp "$SESSION_LOG" "$OUT/session.log"
   [ -n "${PACK_DEST:-}" ] && tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"
 }
