@@ -707,6 +707,11 @@ def _parquet_chunks(path: Path, columns: List[str], list_columns: Sequence[str])
         row += rb.num_rows
 
 
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    """Why a value (a Parquet cell, a :class:`RowEncoder` value) could not be read as text."""
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the value)"
+
+
 def _parquet_row_cells(path: Path, where: str, columns: List[str], values: Sequence) -> list:
     """One Parquet row's values as :func:`_parquet_cell` s; a binary value that is not UTF-8 raises
     :class:`DataError` naming the file, the row and the column (as undecodable CSV bytes do)."""
@@ -720,8 +725,7 @@ def _parquet_row_cells(path: Path, where: str, columns: List[str], values: Seque
                 _cell_str(x)
             except UnicodeDecodeError as e:
                 what = f"event {j + 1} of column {name!r}" if isinstance(v, (list, tuple)) else f"column {name!r}"
-                raise DataError(path, where, f"{what}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte "
-                                             f"{e.start + 1} of the value)") from None
+                raise DataError(path, where, f"{what}: {_not_utf8(e)}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -1685,7 +1689,7 @@ def _row_cell(v, sequence: bool):
     try:
         return _parquet_cell(v)
     except UnicodeDecodeError as e:
-        raise _Malformed(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the value)") from None
+        raise _Malformed(_not_utf8(e)) from None
 
 
 class TabularDataset:

@@ -1722,21 +1722,23 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     except where that cannot run: a bf16 checkpoint evaluated on the fused path on a CPU (Triton's
     interpreter has no bfloat16) is scored without autocast and says so. Each split's metrics give
     the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason. ``output``:
-    a file the caller will write the results to; without ``paths`` it is refused (ValueError, before
-    any scoring) when it is one of the checkpoint's own validation/test files, which
-    ``evaluate --output`` once wrote its metrics over. (With ``paths`` the caller can check those
-    before the checkpoint is loaded, as the command does.)"""
+    a file the caller will write the results to, refused (ValueError, before any scoring) when it is
+    the checkpoint or a file read: ``evaluate --output`` once wrote its metrics over the
+    checkpoint's own validation file."""
     from .dataio import TabularDataset
 
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, on_bad_rows)
     if paths:
-        splits = {"eval": _dataset(cfg, _path_list(paths), *_schema_and_vocabs(checkpoint, state, "read files"), data)}
+        paths = _path_list(paths)
+        if output is not None:
+            refuse_overwriting(output, [checkpoint, *paths])
+        splits = {"eval": _dataset(cfg, paths, *_schema_and_vocabs(checkpoint, state, "read files"), data)}
     elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
         _, splits, _, _ = build_data(cfg)
         splits.pop("train")
     else:  # the validation/test files its config names; the training files need not exist any more
-        if output is not None:  # (files given: the caller can check them before loading the checkpoint)
-            refuse_overwriting(output, [p for name in ("valid", "test") for p in _path_list(getattr(cfg, name) or [])])
+        if output is not None:
+            refuse_overwriting(output, [checkpoint, *cfg.valid, *cfg.test])
         schema, vocabs = _schema_and_vocabs(checkpoint, state, "read files")
         splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
                   if getattr(cfg, name)}

@@ -871,6 +871,10 @@ def test_bars_csv_trains_end_to_end_and_evaluates(bars, capsys):
     valid_text = (bars / "valid.csv").read_text()
     with pytest.raises(ValueError, match="which is read here"):  # its own split's file: refused, not replaced
         main(["evaluate", str(out / "best.pt"), "--output", str(bars / "valid.csv")])
+    for read in (bars / "valid.csv", out / "best.pt"):  # from Python too, files given or not
+        for files in (None, [bars / "valid.csv"]):
+            with pytest.raises(ValueError, match="which is read here"):
+                T.evaluate_checkpoint(str(out / "best.pt"), files, output=str(read))
     assert (bars / "valid.csv").read_text() == valid_text
     main(["evaluate", str(out / "best.pt"), "--output", str(bars / "own.json")])
     own = json.loads((bars / "own.json").read_text())["valid"]
