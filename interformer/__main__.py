@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seed of the synthetic data (default %(default)s)")
     ex.add_argument("--output-dir", default=example["output_dir"].default,
                     help="the run directory the settings file names (default %(default)s)")
+    ex.add_argument("--overwrite", action="store_true",
+                    help="replace files of these names that example-data did not write (refused otherwise)")
 
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on files, or on its own validation/test splits")
     ev.add_argument("checkpoint", help="a best.pt or last.pt written by `train`")
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
         from .data import write_example_files
 
         paths = write_example_files(args.directory, args.train, args.valid, args.test, seed=args.seed,
-                                    output_dir=args.output_dir)
+                                    output_dir=args.output_dir, overwrite=args.overwrite)
         print("wrote " + ", ".join(paths.values()))
         print(f"train on them: python -m interformer train --config {shlex.quote(paths['settings'])}")
         return 0

@@ -102,6 +102,23 @@ def _count(where: str, name: str, value, minimum: int, alternative: str = "") ->
     return n
 
 
+def check_seed(seed) -> int:
+    """``seed`` if it is a signed 64-bit integer (a bool is refused, numpy integers are taken), else
+    ValueError naming it. Why that range: the generators take seeds up to ``2**64 - 1``, and the
+    commands derive a few from the one given (``seed + 1`` and ``seed + 2`` for the validation and
+    test samples, ``seed + 7`` in the demo); a larger one failed deep inside with "Overflow when
+    unpacking long long", naming no setting."""
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        n = operator.index(seed)
+    except TypeError:
+        n = None
+    if n is None or not -2**63 <= n < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    return n
+
+
 def make_synthetic(
     num_samples: int,
     config: Optional[InterFormerConfig] = None,
@@ -221,8 +238,19 @@ batch_size: 256
 """
 
 
+def _written_here(path: str, first_line: str) -> bool:
+    """Whether the file at ``path`` starts with ``first_line`` (as :func:`write_example_files`
+    writes each of its files); False for a file it cannot read as text."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(first_line.encode()) + 1)
+    except OSError:
+        return False
+    return head.startswith(first_line.encode())
+
+
 def write_example_files(directory, train: int = 4096, valid: int = 1024, test: int = 1024, seed: int = 0,
-                        output_dir: str = "runs/example") -> dict:
+                        output_dir: str = "runs/example", overwrite: bool = False) -> dict:
     """Write the synthetic data (:func:`make_synthetic`, default config: 4 dense features, 4 sparse
     fields, 2 behaviour channels) as BARS-layout CSV files ``train.csv``, ``valid.csv`` and
     ``test.csv`` (seeds ``seed``, ``seed + 1``, ``seed + 2``) in ``directory`` (created if needed), with
@@ -233,16 +261,33 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     Why: the README's file-based commands need files; these let a newcomer run them end to end.
 
     Decision: the paths inside ``settings.yaml`` are written as ``directory`` was given, since a
-    settings file's paths are taken relative to the directory ``train`` runs from. Files already
-    in ``directory`` under these names are replaced."""
+    settings file's paths are taken relative to the directory ``train`` runs from. A file already
+    in ``directory`` under one of these names is replaced if this function wrote it (its first line
+    is the one written here: the CSV header, the YAML files' comment), so the command can be run
+    again; any other such file is refused, before anything is written, unless ``overwrite``
+    (``example-data DIR`` pointed at a directory of one's own click logs replaced ``train.csv``)."""
     import json
     import os
     import shlex
 
     sizes = {name: _count("write_example_files", name, n, 1) for name, n in (("train", train), ("valid", valid),
                                                                             ("test", test))}
-    os.makedirs(directory, exist_ok=True)
+    seed = check_seed(seed)
     paths = {name: os.path.join(directory, f"{name}.csv") for name in sizes}
+    paths["schema"] = os.path.join(directory, "schema.yaml")
+    paths["settings"] = os.path.join(directory, "settings.yaml")
+    first_lines = {name: ",".join(EXAMPLE_COLUMNS) + "\n" for name in sizes}  # how each file starts
+    first_lines.update(schema=_EXAMPLE_SCHEMA.split("{files}")[0], settings=_EXAMPLE_SETTINGS.split("{settings_arg}")[0])
+    folders = [os.path.basename(p) for p in paths.values() if os.path.isdir(p)]
+    if folders:
+        raise IsADirectoryError(f"{directory}: {', '.join(folders)} is a directory, where example-data writes a file")
+    taken = [os.path.basename(p) for k, p in paths.items()
+             if os.path.lexists(p) and not _written_here(p, first_lines[k])]
+    if taken and not overwrite:
+        raise FileExistsError(f"{directory} already holds {', '.join(taken)}, not written by example-data; give "
+                              "another directory, or --overwrite (overwrite=True) to replace "
+                              + ("them" if len(taken) > 1 else "it"))
+    os.makedirs(directory, exist_ok=True)
     config = InterFormerConfig()
     dense_columns = [c for c in EXAMPLE_COLUMNS if c.startswith("dense_")]
     assert len(dense_columns) == config.n_dense, "EXAMPLE_COLUMNS must name every dense feature of the config"
@@ -256,11 +301,9 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
                 ids = ",".join(str(int(v)) for v in b.sparse[r].tolist())
                 dense = ",".join(f"{float(v):.5f}" for v in b.dense[r].tolist())
                 fh.write(f"{int(b.label[r])},{ids},{dense},{hist[0]},{hist[1]}\n")
-    paths["schema"] = os.path.join(directory, "schema.yaml")
     with open(paths["schema"], "w", encoding="utf-8") as fh:
         fh.write(_EXAMPLE_SCHEMA.format(files=", ".join(os.path.basename(paths[n]) for n in sizes),
                                         dense=", ".join(dense_columns), max_seq_len=config.max_seq_len))
-    paths["settings"] = os.path.join(directory, "settings.yaml")
     with open(paths["settings"], "w", encoding="utf-8") as fh:
         # paths as JSON strings, which YAML reads as they are (spaces, colons, quotes and all)
         quoted = {k: json.dumps(v) for k, v in paths.items() if k != "settings"}

@@ -21,7 +21,7 @@ import torch
 from . import optimize
 from .backend import triton_available
 from .config import InterFormerConfig
-from .data import iterate_batches, make_synthetic
+from .data import check_seed, iterate_batches, make_synthetic
 from .backend import FusedModule
 from .metrics import auc, logloss
 from .model import InterFormerCTR
@@ -209,9 +209,10 @@ def _check_lr_and_seed(args) -> None:
     lr = args.lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise DemoSettingError(f"lr must be a finite number >= 0, got {lr!r}")
-    seed = args.seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
-        raise DemoSettingError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    try:
+        check_seed(args.seed)
+    except ValueError as e:
+        raise DemoSettingError(str(e)) from None
 
 
 def demo_device(name) -> torch.device:

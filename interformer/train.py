@@ -29,7 +29,8 @@ Decisions:
   epoch, position in the epoch, global step, best AUC, early-stopping counter, metric history, the
   run status (``running``, ``stopped``, ``early_stopped`` or ``finished``), the RNG states of every
   rank (torch, the CUDA generator of the rank's own device, ``random``, NumPy), the full config, the
-  schema and the vocabularies, so ``evaluate`` needs nothing else (not even the schema file).
+  schema and the vocabularies, so ``evaluate`` needs nothing else (not even the schema file), and
+  each split's row count and data file's size, which a resume compares (:func:`_check_same_data`).
   Written to a temporary file and renamed, so a crash never leaves half a checkpoint. Only tensors
   and plain Python values, so :func:`load_checkpoint` reads them with ``weights_only=True``.
 * **Resume** (``--resume``) continues from ``last.pt`` with the checkpoint's own settings, so
@@ -134,7 +135,7 @@ from torch import nn
 
 from . import __version__
 from .config import InterFormerConfig
-from .data import Batch, make_synthetic
+from .data import Batch, check_seed, make_synthetic
 from .dataio import ON_ERROR as ON_BAD_ROWS
 from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
@@ -241,6 +242,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        self.seed = check_seed(self.seed)
         for name in ("lr", "embedding_lr", "weight_decay", "clip_grad_norm"):  # NaN passes every comparison below
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -461,6 +463,38 @@ def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
             raise ValueError(f"resume: {name} {limit} is below the {done} this run has already done ({name} of its "
                              f"last.pt); give {flag} {need} or more to continue, or leave {name} out to keep the "
                              "checkpoint's")
+
+
+def _data_record(cfg: TrainConfig, rows: Dict[str, int]) -> Dict[str, Any]:
+    """What a checkpoint records of the data its run reads, for a resume to compare
+    (:func:`_check_same_data`): each split's row count (malformed rows skipped excluded) and each
+    data file's size in bytes."""
+    files = {str(p): Path(p).stat().st_size for n in ("train", "valid", "test") for p in getattr(cfg, n)}
+    return {"rows": dict(rows), "file_bytes": files}
+
+
+def _check_same_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any], last: Path) -> None:
+    """ValueError when the data a resumed run reads is not what ``last.pt`` recorded
+    (:func:`_data_record`): a split with another row count, or a data file of another size.
+
+    Decision: refused, not warned about. A resumed run skips the batches of the interrupted epoch
+    already trained, by position in an order drawn from the row count, and keeps the checkpoint's
+    vocabularies; on changed files it would train a different run, silently (a run's settings
+    that differ are refused for the same reason, :func:`resume_config`). Sizes and counts do not
+    see an edit that keeps both; reading every byte again to hash it would cost a resume a pass
+    over the data. A checkpoint from before this record has none, and is not checked."""
+    if saved is None:
+        return
+    changed = [f"{name}: {then:,} rows then, {now['rows'].get(name, 0):,} now" for name, then in saved["rows"].items()
+               if now["rows"].get(name, 0) != then]
+    changed += [f"{name}: {then:,} bytes then, {now['file_bytes'][name]:,} now"
+                for name, then in saved["file_bytes"].items()
+                if name in now["file_bytes"] and now["file_bytes"][name] != then]
+    if changed:
+        raise ValueError(f"resume: the data changed since {last} was written ({'; '.join(changed)}); a resumed run "
+                         "must read the data it started on (it skips the batches already trained by their position). "
+                         "Restore the files, or start a new run on the new data (--overwrite, or another "
+                         "--output-dir)")
 
 
 def load_settings(path: str) -> Dict[str, Any]:
@@ -1288,6 +1322,9 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
         raise ValueError(f"{', '.join(empty)}: no rows (an empty file, or every row skipped as malformed)")
     # the counting pass above was the first full pass: ``skipped`` now holds one pass's bad rows
     skipped = {k: v.skipped for k, v in splits.items()}
+    data_record = _data_record(cfg, rows)
+    if resume_state is not None:
+        _check_same_data(resume_state.get("data"), data_record, out_dir / "last.pt")
     if cfg.patience is not None and "valid" not in splits:
         say(f"warning: patience {cfg.patience} has no effect: early stopping follows the validation AUC, and "
             "this run has no validation split (valid files, or synthetic_valid > 0)")
@@ -1360,7 +1397,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             "stale_epochs": stale, "history": history, "rng": rngs, "world_size": d.world_size,
             "epoch_loss": epoch_losses, "status": status,
             "train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "schema": schema,
-            "vocabularies": _vocabs_to_dict(vocabs), "versions": versions(),
+            "vocabularies": _vocabs_to_dict(vocabs), "data": data_record, "versions": versions(),
         }
         save_checkpoint(out_dir / name, state)
 

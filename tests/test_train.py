@@ -179,6 +179,9 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(embedding_lr="inf"), "embedding_lr must be a finite number"),
     (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite number"),
     (dict(synthetic_valid=-1), "synthetic_valid must be >= 0"),
+    # a seed past 64 bits failed in the generator with "Overflow when unpacking long long"
+    (dict(seed=2**63), r"seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
+    (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     # values of the wrong kind from a settings file (they ended in a TypeError or PyTorch's error)
     (dict(valid=3), "valid must be a file path or a list of them, got 3"),
     (dict(device=5), "device must be text or None, got 5"),
@@ -768,6 +771,40 @@ def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewh
         main(["train", "--resume", "--output-dir", "abs", "--epochs", "2"])
 
 
+def test_a_resume_on_changed_data_files_is_refused_naming_what_changed(bars, monkeypatch):
+    """A data file that changed between the stop and the resume (rows appended to the training file,
+    the validation file cut short) is refused, with the split's row counts and the file's sizes
+    then and now: the resumed epoch would skip the wrong batches (it went unnoticed). Restored, the
+    run resumes; a checkpoint without the record (written before it) resumes unchecked."""
+    monkeypatch.chdir(bars)
+    settings = dict(data="csv", train=["train.csv"], valid=["valid.csv"], schema="schema.yaml", epochs=1,
+                    batch_size=64, max_steps=2, progress=False,
+                    model={k: v for k, v in TINY.items() if k not in ("max_seq_len", "backend")})
+    (bars / "settings.json").write_text(json.dumps(settings))
+    main(["train", "--config", "settings.json", "--output-dir", "run"])
+    train, valid = (bars / "train.csv").read_text(), (bars / "valid.csv").read_text()
+    size = len(train.encode())
+    extra = "".join(valid.splitlines(keepends=True)[1:11])  # ten more rows, no header
+    (bars / "train.csv").write_text(train + extra)
+    with pytest.raises(ValueError, match=rf"^resume: the data changed since run.last\.pt was written \(train: "
+                                         rf"320 rows then, 330 now; train\.csv: {size:,} bytes then, "
+                                         rf"{size + len(extra.encode()):,} now\); a resumed run must read the data "
+                                         r"it started on .*\(--overwrite, or another --output-dir\)$"):
+        main(["train", "--resume", "--output-dir", "run", "--max-steps", "3"])
+    (bars / "train.csv").write_text(train)
+    (bars / "valid.csv").write_text("".join(valid.splitlines(keepends=True)[:-1]))  # one row fewer
+    with pytest.raises(ValueError, match=r"\(valid: 120 rows then, 119 now; valid\.csv: "):
+        main(["train", "--resume", "--output-dir", "run", "--max-steps", "3"])
+    (bars / "valid.csv").write_text(valid)
+    assert main(["train", "--resume", "--output-dir", "run", "--max-steps", "3"]) == 0
+    assert T.load_checkpoint(bars / "run" / "last.pt")["step"] == 3
+    state = T.load_checkpoint(bars / "run" / "last.pt")
+    del state["data"]  # as written before the record existed
+    T.save_checkpoint(bars / "run" / "last.pt", state)
+    (bars / "train.csv").write_text(train + extra)
+    assert main(["train", "--resume", "--output-dir", "run", "--max-steps", "4"]) == 0
+
+
 def test_model_sizes_the_data_decides_are_refused_when_they_differ(bars):
     """With files, n_dense, the vocabulary sizes and max_seq_len come from the schema and the
     vocabularies: a model setting that gives another value is refused naming both (it was replaced
@@ -956,6 +993,43 @@ def test_example_data_writes_files_a_run_trains_and_evaluates_on(tmp_path, capsy
     assert json.loads((tmp_path / "m.json").read_text())["eval"]["samples"] == 48
     with pytest.raises(ValueError, match="valid must be an int >= 1"):
         write_example_files(tmp_path / "x", valid=0)
+
+
+def test_example_data_replaces_only_its_own_files_unless_told(tmp_path, capsys):
+    """``example-data DIR`` run again replaces the files it wrote; a ``train.csv`` (or schema or
+    settings file) of one's own there is refused, naming it, before any file is written (it was
+    replaced without a word), and ``--overwrite`` replaces it; a directory under one of the names
+    is refused even then."""
+    from interformer.data import write_example_files
+
+    small = ["--train", "8", "--valid", "4", "--test", "4"]
+    main(["example-data", str(tmp_path), *small])
+    main(["example-data", str(tmp_path), *small, "--seed", "3"])  # its own files: replaced
+    fresh = write_example_files(tmp_path / "seed3", 8, 4, 4, seed=3)
+    assert (tmp_path / "train.csv").read_text() == Path(fresh["train"]).read_text()
+    mine = {"train.csv": "label,clicked_at\n1,2\n", "settings.yaml": "epochs: 9\n"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path))} already holds train\.csv, settings\.yaml, "
+                                              r"not written by example-data; give another directory, or --overwrite "
+                                              r"\(overwrite=True\) to replace them$"):
+        main(["example-data", str(tmp_path), *small])
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before  # nothing written
+    (tmp_path / "settings.yaml").unlink()
+    with pytest.raises(FileExistsError, match=r"holds train\.csv, not written .* to replace it$"):
+        write_example_files(tmp_path, 8, 4, 4)
+    main(["example-data", str(tmp_path), *small, "--overwrite"])
+    assert (tmp_path / "train.csv").read_text().startswith("label,user_id,")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "schema.yaml").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match=r"d: schema\.yaml is a directory, where example-data writes"):
+            write_example_files(tmp_path / "d", 8, 4, 4, overwrite=overwrite)
+    assert sorted(f.name for f in (tmp_path / "d").iterdir()) == ["schema.yaml"]
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[-2\*\*63, 2\*\*63\), got 18446744073709551616$"):
+        main(["example-data", str(tmp_path / "e"), *small, "--seed", str(2**64)])
+    assert not (tmp_path / "e").exists()
 
 
 def test_example_data_reads_back_as_the_synthetic_samples(tmp_path):
