@@ -465,6 +465,20 @@ def _check_not_below_progress(cfg: TrainConfig, state: Dict[str, Any]) -> None:
                              "checkpoint's")
 
 
+@contextlib.contextmanager
+def _paths_of_the_run(paths: List[str], reader: str):
+    """Adds to a FileNotFoundError raised inside, where one of ``paths`` (data files named by a
+    checkpoint's config, as the run was started with them) is relative and missing here, that such
+    a path is relative to the directory the run was started in, and which directory this is."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        if not any(not Path(p).is_absolute() and not Path(p).exists() for p in paths):
+            raise
+        raise FileNotFoundError(f"{e} ({reader} reads its checkpoint's data files, and a relative path there is "
+                                f"relative to the directory the run was started in; this one is {os.getcwd()})") from e
+
+
 def _data_record(cfg: TrainConfig, rows: Dict[str, int]) -> Dict[str, Any]:
     """What a checkpoint records of the data its run reads, for a resume to compare
     (:func:`_check_same_data`): each split's row count (malformed rows skipped excluded) and each
@@ -1300,16 +1314,8 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
 
     seed_everything(cfg.seed)
     if resume_state is not None:
-        try:
+        with _paths_of_the_run(cfg.train + cfg.valid + cfg.test, "a resumed run"):
             data = build_data(cfg, _vocabs_from_dict(resume_state["vocabularies"]), resume_state["schema"])
-        except FileNotFoundError as e:  # the checkpoint's paths, as the run was started with them
-            lost = [p for n in ("train", "valid", "test") for p in getattr(cfg, n)
-                    if not Path(p).is_absolute() and not Path(p).exists()]
-            if not lost:
-                raise
-            raise FileNotFoundError(f"{e} (a resumed run reads its checkpoint's data files, and a relative path there "
-                                    f"is relative to the directory the run was started in; this one is "
-                                    f"{os.getcwd()})") from e
     else:
         data = build_data(cfg)
     overrides, splits, vocabs, schema = data
@@ -1777,8 +1783,9 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         if output is not None:
             refuse_overwriting(output, [checkpoint, *cfg.valid, *cfg.test])
         schema, vocabs = _schema_and_vocabs(checkpoint, state, "read files")
-        splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
-                  if getattr(cfg, name)}
+        with _paths_of_the_run(cfg.valid + cfg.test, "evaluate without files"):
+            splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
+                      if getattr(cfg, name)}
     if not splits:
         raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
     results = {}

@@ -745,7 +745,8 @@ def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewh
     """Resuming a CSV run with another --train (with or without --data csv) is refused naming the
     checkpoint's file and the given one (it used to say that data is 'synthetic', or that csv needs
     a schema: the checks ran before the checkpoint's settings were merged in). A run started with
-    relative paths and resumed from another directory says where they are relative to."""
+    relative paths and resumed (or evaluated on its own splits) from another directory says where
+    they are relative to."""
     monkeypatch.chdir(bars)
     settings = dict(data="csv", train=["train.csv"], valid=["valid.csv"], schema="schema.yaml", epochs=1,
                     batch_size=64, progress=False,
@@ -762,6 +763,10 @@ def test_a_resumed_file_run_names_a_changed_data_file_and_a_path_relative_elsewh
                                                 r"a relative path there is relative to the directory the run was "
                                                 r"started in"):
         main(["train", "--resume", "--output-dir", str(bars / "run"), "--epochs", "2"])
+    with pytest.raises(FileNotFoundError, match=r"valid.csv \(evaluate without files reads its checkpoint's data "
+                                                r"files, and a relative path there is relative to the directory the "
+                                                rf"run was started in; this one is {re.escape(os.getcwd())}\)$"):
+        main(["evaluate", str(bars / "run" / "last.pt")])
     monkeypatch.chdir(bars)
     assert main(["train", "--resume", "--output-dir", "run", "--epochs", "2"]) == 0
     # a missing absolute path gets no such hint
