@@ -21,7 +21,8 @@ Decisions (what the code below does, and why):
 * **Raw ids are strings.** A cell is stripped of surrounding whitespace. Parquet values are turned
   into the string a CSV writer would produce for them, with integral floats written as integers
   (``123.0`` -> ``"123"``), a float NaN as an empty cell (missing, as a null is: pandas' ``to_csv``
-  writes it so, and a Spark-written file may hold NaN where pandas would have stored a null) and
+  writes it so, and a Spark-written file may hold NaN where pandas would have stored a null; so is
+  pandas' ``pd.NA``, which a :class:`RowEncoder` row made from a DataFrame may hold) and
   booleans as ``"1"``/``"0"``, so that CSV ``123`` and Parquet ``123`` share one key. (A CSV cell
   ``123.0`` stays the string ``"123.0"``: in a text file it is a different token.)
 * **Histories.** A history cell is split on ``seq_sep`` (Parquet cells may also hold lists); an
@@ -454,9 +455,19 @@ def _check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+def _missing_marker(v) -> bool:
+    """Whether ``v`` is pandas' missing value (``pd.NA``, as ``df.to_dict("records")`` gives a
+    nullable integer or string column's gaps, or ``pd.NaT``), told by its type's name and module so
+    that pandas need not be imported."""
+    kind = type(v)
+    return kind.__name__ in ("NAType", "NaTType") and kind.__module__.split(".")[0] == "pandas"
+
+
 def _cell_str(v) -> str:
-    """A Parquet scalar as the string a CSV file would hold (see the module docstring)."""
-    if v is None:
+    """A Parquet scalar as the string a CSV file would hold (see the module docstring). pandas'
+    ``pd.NA`` and ``pd.NaT`` are missing, as None is (written as ``"<NA>"``, ``pd.NA`` was an id,
+    the unknown one)."""
+    if v is None or _missing_marker(v):
         return ""
     if isinstance(v, str):
         return v
@@ -1622,7 +1633,7 @@ class RowEncoder:
 
     A value is what a Parquet cell may hold, read as that cell would be (module docstring, "Raw
     ids are strings"): a string, an int, a float (integral ones as integers, NaN as missing), a
-    bool, None (missing) or bytes; a history is a list (or tuple) of such events or a
+    bool, None or pandas' ``pd.NA`` (missing) or bytes; a history is a list (or tuple) of such events or a
     ``seq_sep``-joined string. NumPy scalars and arrays and tensors, and the events of a list, are
     taken as their Python values (``tolist()``). Keys the schema does not name are ignored.
     ``labels`` as in :class:`TabularDataset`: False (the default here) reads no label.

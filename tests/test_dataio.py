@@ -644,6 +644,34 @@ def test_row_encoder_encodes_rows_held_in_memory_as_the_file_reader_does(tmp_pat
         RowEncoder(schema, {k: v for k, v in vocabs.items() if k != "cate_id"})
 
 
+def _pandas_missing():
+    """pandas' ``pd.NA`` and ``pd.NaT``, or, where pandas is not installed (CI), stand-ins of the same
+    type names and module."""
+    try:
+        import pandas as pd
+
+        return [pd.NA, pd.NaT]
+    except ImportError:
+        kinds = [type(name, (), {"__module__": "pandas._libs.missing", "__str__": lambda self: "<NA>"})
+                 for name in ("NAType", "NaTType")]
+        return [kind() for kind in kinds]
+
+
+def test_row_encoder_reads_pandas_missing_values_as_missing(amazon):
+    """``pd.NA`` (a nullable column's gap in ``df.to_dict("records")``) and ``pd.NaT`` are missing,
+    as None is: the same batch bit for bit. Written as ``"<NA>"`` they were an id, the unknown one
+    (1, where missing is 0). An object of another module with that type name is not."""
+    path, schema, vocabs, rows = amazon
+    encode = RowEncoder(schema, vocabs)
+    with_none = [dict(r, item_id=None, cate_id=None) for r in rows[:4]]
+    for marker in _pandas_missing():
+        with_marker = [dict(r, item_id=marker, cate_id=marker) for r in rows[:4]]
+        assert bit_identical([encode(with_marker)], [encode(with_none)])
+    assert int(encode(with_none).sparse[:, 1].max()) == 0
+    lookalike = type("NAType", (), {"__module__": "mylib", "__str__": lambda self: "<NA>"})()
+    assert bool((encode([dict(r, item_id=lookalike) for r in rows[:4]]).sparse[:, 1] == 1).all())
+
+
 def test_parquet_malformed_row_number(tmp_path):
     rows = amazon_rows(10)
     rows[6]["label"] = 3
