@@ -156,7 +156,7 @@ def train_config_from_args(args: argparse.Namespace):
             for item in value:
                 key, sep, text = item.partition("=")
                 if not sep:
-                    raise SystemExit(f"--model expects KEY=VALUE, got {item!r}")
+                    raise ValueError(f"--model expects KEY=VALUE (e.g. --model d_model=64), got {item!r}")
                 model[key.strip()] = _parse_value(text)
             value = model
         settings[f.name] = value

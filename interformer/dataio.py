@@ -217,6 +217,40 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def read_settings_file(path: PathLike, what: str, as_yaml: bool):
+    """The value a JSON or (``as_yaml``) YAML file holds, read as UTF-8 with or without a byte-order
+    mark (as some Windows editors write). Every failure names the file: a missing one or a
+    directory (as ``what``, e.g. "schema file"), bytes that are not UTF-8 and text that does not
+    parse (ValueError, with the parser's reason and where). Why: these files are named on the
+    command line, whose errors are one line (``python -m interformer``); a YAML error was a
+    traceback naming ``"<unicode string>"``, a JSON one named no file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
+    if not as_yaml:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    try:
+        import yaml
+    except ImportError as e:  # pragma: no cover - pyyaml is in the train/test extras
+        raise ImportError(f"reading {path} needs PyYAML: pip install pyyaml (or write it as .json)") from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f": line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML ({reason}{where})") from None
+
+
 @dataclass
 class Schema:
     """Which column of the files plays which part (validated at construction).
@@ -323,21 +357,12 @@ class Schema:
     @classmethod
     def from_file(cls, path: PathLike) -> "Schema":
         """Read a ``.json``, ``.yaml`` or ``.yml`` schema file (UTF-8, with or without a byte-order mark);
-        errors name the file and the key."""
+        errors name the file and the key (:func:`read_settings_file`)."""
         path = Path(path)
         suffix = path.suffix.lower()
-        with open(path, encoding="utf-8-sig") as fh:
-            if suffix == ".json":
-                d = json.load(fh)
-            elif suffix in (".yaml", ".yml"):
-                try:
-                    import yaml
-                except ImportError as e:  # pragma: no cover - pyyaml is in the train/test extras
-                    raise ImportError("reading a YAML schema needs PyYAML: pip install pyyaml "
-                                      "(or write the schema as .json)") from e
-                d = yaml.safe_load(fh)
-            else:
-                raise ValueError(f"{path}: a schema file must end in .json, .yaml or .yml")
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"{path}: a schema file must end in .json, .yaml or .yml")
+        d = read_settings_file(path, "schema file", as_yaml=suffix != ".json")
         try:
             return cls.from_dict(d)
         except ValueError as e:

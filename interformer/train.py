@@ -514,19 +514,17 @@ def _check_same_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any], last:
 def load_settings(path: str) -> Dict[str, Any]:
     """A YAML (``.yaml``/``.yml``, in any case) or JSON settings file as a dict (a UTF-8 byte-order
     mark, as some Windows editors write, is skipped)."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    if str(path).lower().endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as e:  # pragma: no cover - pyyaml is installed by make
-            raise ImportError("YAML settings need PyYAML: pip install pyyaml") from e
-        d = yaml.safe_load(text) or {}
-    else:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); settings files are JSON, or YAML named .yaml or "
-                             ".yml") from None
+    from .dataio import read_settings_file
+
+    as_yaml = str(path).lower().endswith((".yaml", ".yml"))
+    try:
+        d = read_settings_file(path, "settings file", as_yaml)
+    except ValueError as e:
+        if as_yaml or "not valid JSON" not in str(e):
+            raise
+        raise ValueError(f"{e}; settings files are JSON, or YAML named .yaml or .yml") from None
+    if d is None and as_yaml:  # an empty YAML file, or one of comments only
+        d = {}
     if not isinstance(d, dict):
         raise ValueError(f"{path}: settings must be a mapping, got {type(d).__name__}")
     return d
@@ -1230,6 +1228,27 @@ def _clear_old_run(out_dir: Path, say) -> None:
             (out_dir / name).unlink(missing_ok=True)
 
 
+def _missing_dirs(path: Path) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first (what making
+    ``path`` creates)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(dirs: List[Path]) -> None:
+    """Remove ``dirs`` (deepest first) while each is an empty directory: a run that failed before it
+    wrote anything (bad settings, a malformed file, a refused resume) leaves no empty output
+    directory behind, as if it had never started. One that wrote a file keeps it."""
+    for p in dirs:
+        try:
+            p.rmdir()
+        except OSError:  # not empty, not made (another rank's), or gone
+            return
+
+
 def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     """Run (or resume) training as ``cfg`` says (module docstring: output directory, resume).
 
@@ -1247,9 +1266,13 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     joins = distributed and not dist.is_initialized()
     d = None
+    made = _missing_dirs(Path(cfg.output_dir))
     try:
         d, device = setup_distributed(cfg.device)
         result = _train(cfg, log, d, device)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         if distributed:  # also when the group is the caller's, and after an exception

@@ -1852,6 +1852,51 @@ def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
     assert "error: interformer: a fused Triton op was given bfloat16 tensors" in bf16.stderr
 
 
+def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no_directory(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A settings or schema file that is missing, a directory, not UTF-8 or not valid YAML/JSON, and a
+    ``--model`` without ``=``, end the command with one ``error:`` line naming the file (status 2).
+    Before, broken YAML was a traceback naming "<unicode string>" (status 1), broken JSON in a
+    schema named no file, a missing file was a bare "[Errno 2]", and ``--model`` exited with status
+    1 and no ``error:``. A run that fails before writing anything (here, a training file without
+    the schema's columns) removes the output directory it made, parents too (it left them empty),
+    and keeps one that was there."""
+    from interformer.__main__ import cli
+
+    monkeypatch.delenv("INTERFORMER_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.yaml").write_text("epochs: [1\n")
+    (tmp_path / "b.json").write_text('{"epochs": ')
+    (tmp_path / "bin.yaml").write_bytes(b"epochs: 1\n\xff\n")
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    (tmp_path / "bad.csv").write_text("label,user_id\n1,2\n")
+    csv_run = ["--data", "csv", "--train", "bad.csv"]
+    yaml_error = "not valid YAML (expected ',' or ']', but got '<stream end>': line 2 column 1)"
+    for argv, message in [
+        (["--config", "b.yaml"], f"b.yaml: {yaml_error}"),
+        (["--config", "b.json"], "b.json: not valid JSON (Expecting value: line 1 column 12 (char 11)); settings files "
+                                 "are JSON, or YAML named .yaml or .yml"),
+        (["--config", "bin.yaml"], "bin.yaml: not valid UTF-8 (byte 0xff at byte 11)"),
+        (["--config", "missing.yaml"], "settings file not found: missing.yaml"),
+        (["--config", "dir.yaml"], "settings file dir.yaml is a directory, not a file"),
+        ([*csv_run, "--schema", "b.yaml"], f"b.yaml: {yaml_error}"),
+        ([*csv_run, "--schema", "b.json"], "b.json: not valid JSON (Expecting value: line 1 column 12 (char 11))"),
+        ([*csv_run, "--schema", "missing.json"], "schema file not found: missing.json"),
+        (["--model", '{"d_model": 8}'], "--model expects KEY=VALUE (e.g. --model d_model=64), got '{\"d_model\": 8}'"),
+        ([*csv_run, "--schema", "schema.yaml"], "bad.csv:1: missing required column(s) ['price', 'item_id', "
+                                                "'cate_id', 'context', 'item_history', 'cate_history']; the file has "
+                                                "['label', 'user_id']"),
+    ]:
+        assert cli(["train", *argv, "--output-dir", "out/run"]) == 2, argv
+        assert capsys.readouterr().err == (f"python -m interformer: error: {message}\n"
+                                           "(INTERFORMER_TRACEBACK=1 shows where it was raised)\n"), argv
+        assert not (tmp_path / "out").exists(), argv
+    (tmp_path / "out").mkdir()
+    assert cli(["train", *csv_run, "--schema", "schema.yaml", "--output-dir", "out/run"]) == 2
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "run").exists()
+
+
 def test_every_train_flag_says_what_it_does_and_its_default(capsys):
     """``train --help`` had no text for most flags and showed defaults only for the enumerated ones:
     each TrainConfig field's flag now has a description, and its default where it has one."""
