@@ -1182,6 +1182,9 @@ def _open_output_dir(cfg: TrainConfig, say) -> Optional[Dict[str, Any]]:
     that no other run lives there (ValueError) unless ``overwrite`` (:func:`_clear_old_run` deletes
     it later)."""
     out_dir = Path(cfg.output_dir)
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # mkdir's "[Errno 17] File exists" named no setting
+        raise ValueError(f"--output-dir {out_dir}: {blocked} is a file, not a directory; give a directory")
     last = out_dir / "last.pt"
     if cfg.resume and last.is_file():
         return load_checkpoint(last)

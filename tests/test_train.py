@@ -1858,7 +1858,8 @@ def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no
     ``--model`` without ``=``, end the command with one ``error:`` line naming the file (status 2).
     Before, broken YAML was a traceback naming "<unicode string>" (status 1), broken JSON in a
     schema named no file, a missing file was a bare "[Errno 2]", and ``--model`` exited with status
-    1 and no ``error:``. A run that fails before writing anything (here, a training file without
+    1 and no ``error:``; an ``--output-dir`` that is a file (or under one) said "[Errno 17] File
+    exists". A run that fails before writing anything (here, a training file without
     the schema's columns) removes the output directory it made, parents too (it left them empty),
     and keeps one that was there."""
     from interformer.__main__ import cli
@@ -1892,6 +1893,10 @@ def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no
         assert capsys.readouterr().err == (f"python -m interformer: error: {message}\n"
                                            "(INTERFORMER_TRACEBACK=1 shows where it was raised)\n"), argv
         assert not (tmp_path / "out").exists(), argv
+    for out in ("bad.csv", "bad.csv/run"):  # mkdir said "[Errno 17] File exists" ("[Errno 20] Not a directory")
+        assert cli(["train", "--output-dir", out]) == 2
+        assert capsys.readouterr().err.startswith(f"python -m interformer: error: --output-dir {out}: bad.csv is a "
+                                                  "file, not a directory; give a directory\n")
     (tmp_path / "out").mkdir()
     assert cli(["train", *csv_run, "--schema", "schema.yaml", "--output-dir", "out/run"]) == 2
     assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "run").exists()
