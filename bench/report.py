@@ -72,13 +72,18 @@ def _valid(ms) -> bool:
 
 
 def load_rows(paths):
+    """Every row of ``paths`` (pytest-benchmark JSON or ``.jsonl``); ValueError naming the file and
+    line of text that is not JSON (an empty file, a run cut short while writing)."""
     rows = []
     for path in paths:
         with open(path) as f:
-            if path.endswith(".jsonl"):
-                rows += [json.loads(line) for line in f if line.strip()]
-                continue
-            data = json.load(f)
+            try:
+                if path.endswith(".jsonl"):
+                    rows += [json.loads(line) for line in f if line.strip()]
+                    continue
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info") or {}
             if "median_ms" in info:
@@ -114,11 +119,19 @@ def _cell(row) -> str:
     return f"{ms:.4g}" if _valid(ms) else "invalid"
 
 
+def _timing(rows) -> str:
+    """What the medians are of: bench/common.py times a GPU's rows with CUDA events and a CPU's
+    (a smoke run) with the wall clock."""
+    cpu = {str(r.get("device", "")).startswith("cpu") for r in rows}
+    return {frozenset({False}): "CUDA-event timings", frozenset({True}): "wall-clock timings (a CPU)"}.get(
+        frozenset(cpu), "CUDA-event timings (GPU rows) and wall-clock timings (CPU rows)")
+
+
 def markdown(rows) -> str:
     if not rows:
         return "_no benchmark rows_\n"
     out = [f"Device: **{_values(rows, 'device')}**, torch {_values(rows, 'torch')}, triton {_values(rows, 'triton')}, "
-           f"commit `{_values(rows, 'commit')}`, dtype {_values(rows, 'dtype')}. Median of CUDA-event timings (ms).", ""]
+           f"commit `{_values(rows, 'commit')}`, dtype {_values(rows, 'dtype')}. Median of {_timing(rows)} (ms).", ""]
     ceilings = _ceilings(rows)
     if ceilings:
         out += ["Measured ceilings: " + "; ".join(ceilings) + ".", ""]
@@ -366,9 +379,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+")
     parser.add_argument("--out", default=None, help="output stem (default: the first JSON path without .json)")
+    parser.add_argument("--force", action="store_true", help="replace an existing .md or .png of that stem")
     args = parser.parse_args(argv)
-    rows = load_rows(args.json)
     stem = args.out or os.path.splitext(args.json[0])[0]
+    # Decision: the tables committed beside a lease's rows (bench/results) are that lease's record; a
+    # report regenerated to look at them replaced them without a word. `make report` rewrites
+    # latest.md after every `make bench`, so that stem is always replaced.
+    existing = [stem + ext for ext in (".md", ".png") if os.path.exists(stem + ext)]
+    if existing and not args.force and os.path.basename(stem) != "latest":
+        parser.error(f"{' and '.join(existing)} exist(s); pass --force to replace, or --out another stem")
+    missing = [p for p in args.json if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}" + (" (run `make bench` first)" if any(
+            os.path.basename(p) == "latest.json" for p in missing) else ""))
+    try:
+        rows = load_rows(args.json)
+    except ValueError as e:
+        parser.error(str(e))
     md = markdown(rows)
     with open(stem + ".md", "w") as f:
         f.write(md)

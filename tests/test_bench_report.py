@@ -7,6 +7,7 @@ apart. Rows here are written by hand (the report is pure bookkeeping over them).
 
 import importlib.util
 import json
+import re
 import os
 
 import pytest
@@ -233,3 +234,37 @@ def test_an_absent_flash_attn_is_reported_under_the_table(report):
     mixed = report.markdown([att("eager", flash_attn="2.7.4"), att("flash_attn", flash_attn="2.7.4"),
                              att("eager", device="other", flash_attn="absent")])
     assert "did not import on other," in mixed and "dev" not in mixed.split("**Not measured**")[1]
+
+
+def test_the_header_says_what_the_medians_time(report):
+    """GPU rows are CUDA-event timings, a CPU smoke run's wall-clock ones (the header said CUDA
+    events for both), and a mix says which is which."""
+    gpu, cpu = _row("eager", 2.0), _row("fused", 1.0, device="cpu (smoke)")
+    assert "Median of CUDA-event timings (ms)." in report.markdown([gpu])
+    assert "Median of wall-clock timings (a CPU) (ms)." in report.markdown([cpu])
+    assert "Median of CUDA-event timings (GPU rows) and wall-clock timings (CPU rows) (ms)." in report.markdown([gpu, cpu])
+
+
+def test_main_keeps_existing_tables_and_names_unreadable_input(report, tmp_path, capsys):
+    """A committed lease's .md and .png beside its rows are kept unless --force (regenerating one to
+    look at it replaced it without a word); latest.md, which `make report` rewrites after each
+    `make bench`, is replaced. A missing input, and one that is not JSON, are named in one usage
+    error, not a traceback."""
+    rows = tmp_path / "lease.jsonl"
+    rows.write_text(json.dumps(_row("eager", 2.0)) + "\n" + json.dumps(_row("fused", 1.0)) + "\n")
+    (tmp_path / "lease.md").write_text("measured\n")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(rows)])
+    assert exit_.value.code == 2 and "lease.md exist(s); pass --force to replace" in capsys.readouterr().err
+    assert (tmp_path / "lease.md").read_text() == "measured\n"
+    assert report.main([str(rows), "--force"]) == 0 and "| model-train |" in (tmp_path / "lease.md").read_text()
+    latest = tmp_path / "latest.jsonl"
+    latest.write_text(rows.read_text())
+    (tmp_path / "latest.md").write_text("old\n")
+    assert report.main([str(latest)]) == 0 and "| model-train |" in (tmp_path / "latest.md").read_text()
+    (tmp_path / "empty.json").write_text("")
+    for argv, message in (([str(tmp_path / "latest.json")], "no such file: .*latest.json \\(run `make bench` first\\)"),
+                          ([str(tmp_path / "empty.json")], "empty.json: not valid JSON \\(Expecting value")):
+        with pytest.raises(SystemExit):
+            report.main(argv)
+        assert re.search(message, capsys.readouterr().err), argv
