@@ -301,6 +301,12 @@ def run_demo(args) -> None:
     print(f"  {'path':<6} {'AUC':>7} {'LogLoss':>8} {'train samples/s':>16} {'infer samples/s':>16}")
     for name, a, ll, tr, inf in rows:
         print(f"  {name:<6} {a:>7.4f} {ll:>8.4f} {tr:>16,.0f} {inf:>16,.0f}")
+    for name, a, ll, *_ in rows:  # a bare nan in the table, said why (as `train` and `evaluate` do)
+        if math.isnan(a):
+            label = test_data.label
+            why = ("the test samples hold one label class only, and AUC needs both (more --test-samples)"
+                   if bool((label == label[0]).all()) else "the model's scores are not all finite (a lower --lr?)")
+            print(f"  note: the {name} path's AUC is undefined: {why}")
     print(f"  ({warmup_note(args)})")
     if device.type != "cuda":
         print("\n  note: on a CPU only the eager path trains here; the fused kernels need a GPU to be fast" +

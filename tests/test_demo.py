@@ -141,6 +141,21 @@ def test_run_demo_on_the_cpu_without_the_interpreter_skips_the_fused_check(monke
     assert re.search(r"^\s+eager\s+\S+\s+\S+", out, re.M), out
 
 
+def test_demo_says_why_an_auc_is_undefined(monkeypatch, capsys):
+    """With one test sample (one label class) the demo's AUC is nan, and a note says why; it was a
+    bare nan, where train and evaluate explain theirs."""
+    import argparse
+
+    from interformer.demo import run_demo
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the eager path alone: the check is skipped
+    run_demo(argparse.Namespace(train_samples=8, test_samples=1, batch_size=4, epochs=1, lr=2e-3, seed=0,
+                                device="cpu", no_progress=True))
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+eager\s+nan\s", out, re.M), out
+    assert "note: the eager path's AUC is undefined: the test samples hold one label class only" in out, out
+
+
 def test_demo_throughput_leaves_out_the_warm_up_steps(monkeypatch):
     """The demo's samples/s start after the first steps, which compile the Triton kernels on a GPU
     (seconds, once): a clock that charges 10 s to each warm-up step and 1 s to every later one must
