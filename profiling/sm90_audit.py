@@ -134,8 +134,13 @@ def main(argv=None) -> int:
                         help="compare two --json files kernel by kernel (SASS fingerprints, registers) instead of "
                              "building; exit status 1 when a kernel's code differs")
     args = parser.parse_args(argv)
-    if args.compare:
-        text, same = compare(*args.compare)
+    if args.compare:  # exit 1 means "the code differs": an unreadable file is a usage error (2), not that
+        try:
+            text, same = compare(*args.compare)
+        except (OSError, ValueError) as e:
+            parser.error(f"--compare: {e}")
+        except KeyError as e:
+            parser.error(f"--compare: not an sm90_audit --json file (no {e} key)")
         print(text)
         return 0 if same else 1
 

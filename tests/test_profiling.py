@@ -276,8 +276,9 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
 
 def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, capsys):
     """``--compare BEFORE AFTER`` names each specialisation whose SASS fingerprint or registers
-    differ, or that one run lacks, and exits 1; two runs with the same code exit 0. Two builds of one
-    kernel with the same constexprs but another argument dtype are told apart."""
+    differ, or that one run lacks, and exits 1; two runs with the same code exit 0; a file it cannot
+    read exits 2 (it raised, status 1, as a difference does). Two builds of one kernel with the same
+    constexprs but another argument dtype are told apart."""
     import json
 
     def build(kernel, sha, regs=64, x="bf16", **consts):
@@ -297,6 +298,14 @@ def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, cap
     out = capsys.readouterr().out
     assert "differs: _k BLOCK=32: registers 64 -> 64, SASS bbbb -> eeee" in out
     assert "only in before: _j" in out and "only in after: _i" in out and "cccc" not in out
+    # a file that cannot be compared is a usage error (status 2), never the status 1 of "differs"
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "other.json").write_text("{}")
+    for name, message in (("missing.json", "No such file"), ("empty.json", "Expecting value"),
+                          ("other.json", "not an sm90_audit --json file")):
+        with pytest.raises(SystemExit) as exit_:
+            sm90_audit.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / name)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, name
 
 
 def test_recorded_argument_types_match_tritons_own_specialisation():
