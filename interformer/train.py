@@ -1274,7 +1274,8 @@ def train(cfg: TrainConfig, log=print) -> Dict[str, Any]:
         d, device = setup_distributed(cfg.device)
         result = _train(cfg, log, d, device)
     except BaseException:
-        _remove_if_empty(made)
+        if d is None or d.is_main:  # rank 0 makes the directory (and may still be writing to it)
+            _remove_if_empty(made)
         raise
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
