@@ -32,7 +32,8 @@ Decisions (what the code below does, and why):
   events are kept; ``seq_order="newest_first"`` files are reversed on read, so that ``seq`` is
   always oldest -> newest at positions ``0..len-1`` with zeros after (DESIGN §2).
 * **Labels** must parse as the number 0 or 1 (``"0"``, ``"1"``, ``"0.0"``, ``"1.0"``, ...). Dense
-  cells must be finite numbers inside the float32 range; an empty dense cell takes ``dense_fill``
+  cells must be finite numbers that float32 holds (that round to a finite float32: ``3.4028235e38``,
+  as NumPy prints float32's largest value, is taken); an empty dense cell takes ``dense_fill``
   (or is malformed when ``dense_fill`` is None).
 * **Malformed rows are never dropped silently.** With ``on_error="raise"`` (the default) the first
   one raises :class:`DataError` ``"<path>:<line>: <reason>"``, where ``<line>`` is the physical
@@ -137,6 +138,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import decimal
 import gzip
 import hashlib
 import itertools
@@ -183,7 +186,9 @@ PathsArg = Union[PathLike, Sequence[PathLike]]
 
 ON_ERROR = ("raise", "skip")  # what a malformed row may do (on_error; train's on_bad_rows)
 _MAX_EXAMPLES = 10  # malformed-row messages kept in ``skipped_examples``
-_FLOAT32_MAX = 3.4028234663852886e38
+# the smallest magnitude float32 rounds to inf: a dense value below it is stored finite (3.4028235e38,
+# how NumPy prints float32's largest value, parses above that value and rounds to it)
+_FLOAT32_INF = 2.0**128 * (1 - 2.0**-25)
 _PARQUET_READ_ROWS = 8192  # rows per Parquet record batch: small enough for long histories
 _WHITESPACE = re.compile(r"\s")
 
@@ -335,7 +340,7 @@ class Schema:
             raise ValueError(f"schema key 'min_count': expected an integer >= 1, got {self.min_count!r}")
         if self.dense_fill is not None:
             if isinstance(self.dense_fill, bool) or not isinstance(self.dense_fill, (int, float)) \
-                    or not math.isfinite(self.dense_fill) or abs(self.dense_fill) > _FLOAT32_MAX:
+                    or not math.isfinite(self.dense_fill) or abs(self.dense_fill) >= _FLOAT32_INF:
                 raise ValueError(f"schema key 'dense_fill': expected a finite number or null, got {self.dense_fill!r}")
             self.dense_fill = float(self.dense_fill)
         if not isinstance(self.csv_multiline, bool):
@@ -424,7 +429,7 @@ class Vocabulary:
         """Id of one raw value: 0 for an empty cell (or None), 1 if unknown."""
         if raw is None:
             return self.MISSING
-        s = (raw if isinstance(raw, str) else _cell_str(raw)).strip()
+        s = (raw if isinstance(raw, str) else _cell_str(_plain(raw))).strip()  # NumPy scalars as RowEncoder reads them
         return self._index.get(s, self.OOV) if s else self.MISSING
 
     def to_dict(self) -> dict:
@@ -833,7 +838,7 @@ class _Parser:
                 v = float(raw)
             except ValueError:
                 raise _Malformed(f"column {name!r}: not a number: {raw!r}") from None
-            if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:
+            if not math.isfinite(v) or abs(v) >= _FLOAT32_INF:
                 raise _Malformed(f"column {name!r}: dense value must be finite (in float32 range), got {raw!r}")
             dense.append(v)
         sparse = [c.strip() for c in cells[self.s0:self.q0]]
@@ -1283,14 +1288,14 @@ class _Columnar:
                 if isinstance(col, _Floats):  # _cell_str then float() gives the value itself, -0.0 as 0.0
                     empty = ~col.valid
                     v = col.values + 0.0
-                    ok = col.valid & np.isfinite(v) & (np.abs(v) <= _FLOAT32_MAX)
+                    ok = col.valid & np.isfinite(v) & (np.abs(v) < _FLOAT32_INF)
                 else:
                     t = pc.utf8_trim(col, _PY_WHITESPACE)
                     length = _np(pc.binary_length(t))
                     empty = length == 0
                     number = _np(pc.match_substring_regex(t, _NUMBER_RE)) & (length <= _NUMBER_MAX_LEN)
                     v = _np(pc.cast(pc.if_else(pa.array(number), t, null), pa.float64()))
-                    ok = number & np.isfinite(v) & (np.abs(v) <= _FLOAT32_MAX)
+                    ok = number & np.isfinite(v) & (np.abs(v) < _FLOAT32_INF)
             if s.dense_fill is None:
                 need |= ~ok
                 out.dense[:, j] = np.where(ok, v, 0.0)
@@ -1565,6 +1570,22 @@ def group_key(raw_user: Optional[str]) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _order_args(seed, epoch) -> Tuple[int, int]:
+    """``seed`` and ``epoch`` as Python ints (NumPy and tensor integers taken), else ValueError.
+    Why: the order they seed is drawn from their ``repr`` (:func:`_seed_of`), in which
+    ``np.int64(3)`` is not ``3``: a caller restoring the epoch as a NumPy integer got another order
+    than the run it resumes, and skip_batches skipped the wrong rows."""
+    out = []
+    for name, v in (("seed", seed), ("epoch", epoch)):
+        try:
+            if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.is_floating_point()):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise ValueError(f"{name} must be an integer, got {v!r}") from None
+    return out[0], out[1]
+
+
 def _check_batch_args(batch_size, rank, world_size, skip_batches) -> None:
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -1709,10 +1730,17 @@ def _plain(v):
     return v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v
 
 
+#: the Python values a Parquet cell of a scalar column reads as (``pyarrow``'s ``to_pylist``: strings,
+#: numbers, booleans, bytes, decimals, dates, times, durations), which a :class:`RowEncoder` takes
+_SCALARS = (str, int, float, bool, bytes, decimal.Decimal, datetime.date, datetime.time, datetime.timedelta)
+
+
 def _row_cell(v, sequence: bool):
     """One value of a :class:`RowEncoder` row as a Parquet cell of that column would be read
     (:func:`_parquet_cell`); :class:`_Malformed` (the caller names the row and the column) for a
-    value a Parquet column could not hold there."""
+    value a Parquet column could not hold there. A value of another kind (a ``range``, a
+    generator, a ``deque``, a complex number, any object) is refused: its ``str`` was taken as one
+    id, the unknown one, so a history given as a deque scored as one unknown event."""
     v = _plain(v)
     if isinstance(v, (list, tuple)):
         if not sequence:
@@ -1720,8 +1748,15 @@ def _row_cell(v, sequence: bool):
         v = [_plain(x) for x in v]
         if any(isinstance(x, (list, tuple, set, frozenset, Mapping)) for x in v):
             raise _Malformed(f"a history's events must be single values, got {v!r}")
+        odd = next((x for x in v if not (x is None or _missing_marker(x) or isinstance(x, _SCALARS))), None)
+        if odd is not None:
+            raise _Malformed(f"a history's events must be single values (ids), got a {type(odd).__name__}")
     elif isinstance(v, (set, frozenset, Mapping)):
         raise _Malformed(f"expected a single value{' or a list' if sequence else ''}, got a {type(v).__name__}")
+    elif not (v is None or _missing_marker(v) or isinstance(v, _SCALARS)):
+        hint = " (give a history as a list or a tuple)" if sequence and hasattr(v, "__iter__") else ""
+        raise _Malformed(f"expected a single value{' or a list' if sequence else ''}, got a {type(v).__name__}"
+                         + hint)
     try:
         return _parquet_cell(v)
     except UnicodeDecodeError as e:
@@ -1996,6 +2031,7 @@ class TabularDataset:
         """
         _check_batch_args(batch_size, rank, world_size, skip_batches)
         _check_prefetch(prefetch)
+        seed, epoch = _order_args(seed, epoch)
         if world_size > 1 and self.num_rows < world_size:
             raise ValueError(f"{self.num_rows} valid rows cannot be shared among {world_size} ranks")
 
@@ -2146,6 +2182,7 @@ class MemoryDataset:
                 prefetch: int = 0) -> Iterator[Batch]:
         _check_batch_args(batch_size, rank, world_size, skip_batches)
         _check_prefetch(prefetch)
+        seed, epoch = _order_args(seed, epoch)
         n = len(self.data)
         if world_size > 1 and n < world_size:
             raise ValueError(f"{n} rows cannot be shared among {world_size} ranks")

@@ -660,7 +660,8 @@ def _pandas_missing():
 def test_row_encoder_reads_pandas_missing_values_as_missing(amazon):
     """``pd.NA`` (a nullable column's gap in ``df.to_dict("records")``) and ``pd.NaT`` are missing,
     as None is: the same batch bit for bit. Written as ``"<NA>"`` they were an id, the unknown one
-    (1, where missing is 0). An object of another module with that type name is not."""
+    (1, where missing is 0). An object of another module with that type name is not: it is refused,
+    as any object that is not a value a Parquet cell holds."""
     path, schema, vocabs, rows = amazon
     encode = RowEncoder(schema, vocabs)
     with_none = [dict(r, item_id=None, cate_id=None) for r in rows[:4]]
@@ -669,7 +670,8 @@ def test_row_encoder_reads_pandas_missing_values_as_missing(amazon):
         assert bit_identical([encode(with_marker)], [encode(with_none)])
     assert int(encode(with_none).sparse[:, 1].max()) == 0
     lookalike = type("NAType", (), {"__module__": "mylib", "__str__": lambda self: "<NA>"})()
-    assert bool((encode([dict(r, item_id=lookalike) for r in rows[:4]]).sparse[:, 1] == 1).all())
+    with pytest.raises(ValueError, match="row 0: column 'item_id': expected a single value, got a NAType"):
+        encode([dict(r, item_id=lookalike) for r in rows[:4]])
 
 
 def test_parquet_malformed_row_number(tmp_path):
@@ -1026,9 +1028,11 @@ MESSY = dict(label="label", dense=["price", "score"], sparse=["user_id", "item_i
              shared_vocab={"item_history": "item_id", "cate_history": "cate_id"}, max_seq_len=6)
 GOOD_LABELS = ["0", "1", "1.0", " 0 ", "0.00", "+1", "-0", "1e0", "\u30001"]
 BAD_LABELS = ["2", "yes", "", "nan", "0x1"]
+# 3.4028235e38 is how NumPy prints float32's largest value: it parses above that value and rounds to it
+# (it was refused); 3.4028236e38 rounds to inf
 GOOD_DENSE = ["1e5", " 3.5 ", "", "-0", "+.5", "5.", "1_0", "\u0663", "1e-320", "-1e-45", "3.4028234663852886e38",
-              "0.1", "-2.5E-3", "00012", "  "]
-BAD_DENSE = ["inf", "nan", "1e39", "abc", "0x10", "3.4028235e38", "1e400"]
+              "0.1", "-2.5E-3", "00012", "  ", "3.4028235e38", "-3.4028235e+38"]
+BAD_DENSE = ["inf", "nan", "1e39", "abc", "0x10", "3.4028236e38", "1e400"]
 
 
 def messy_rows(n, seed, n_items=60, bad=0.06, quotes_from=0):
@@ -1529,7 +1533,7 @@ def test_plain_decimal_literals_parse_like_float():
     got = pc.cast(pa.array(accepted), pa.float64()).to_numpy()
     want = np.array([float(x) for x in accepted])
     assert got.tobytes() == want.tobytes()
-    finite = want[np.isfinite(want) & (np.abs(want) <= 3.4028234663852886e38)]
+    finite = want[np.isfinite(want) & (np.abs(want) < 2.0**128 * (1 - 2.0**-25))]  # those float32 holds
     assert finite.astype(np.float32).tobytes() == torch.tensor(finite.tolist(), dtype=torch.float32).numpy().tobytes()
 
 
@@ -1564,3 +1568,83 @@ def test_batch_to_moves_every_field_and_blocks_unless_the_target_is_cuda():
     assert m.group.device.type == "cpu" and torch.equal(m.group, b.group)
     c = b.to("cpu")
     assert all(torch.equal(getattr(c, f), getattr(b, f)) for f in ("dense", "sparse", "seq", "lengths", "label"))
+
+
+def test_row_encoder_refuses_values_a_parquet_cell_cannot_be(amazon):
+    """A history as a range, a generator or a deque, and a sparse value that is an object or a
+    complex number, raise naming the row and column: their ``str`` was one id, the unknown one (a
+    deque history scored as one unknown event). A tuple history, and the values pyarrow reads a
+    decimal or date cell as, are taken."""
+    import collections
+    import datetime
+    import decimal
+
+    path, schema, vocabs, rows = amazon
+    encode = RowEncoder(schema, vocabs)
+    events = [7, 8, 9]
+    for column, value, reason in [
+        ("item_history", range(7, 10), "got a range \\(give a history as a list or a tuple\\)"),
+        ("item_history", (e for e in events), "got a generator \\(give a history as a list"),
+        ("item_history", collections.deque(events), "got a deque \\(give a history as a list"),
+        ("item_history", [7, object(), 9], "events must be single values \\(ids\\), got a object"),
+        ("item_id", object(), "expected a single value, got a object$"),
+        ("item_id", 7j, "expected a single value, got a complex$"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^row 1: column '{column}': .*{reason}"):
+            encode([rows[0], dict(rows[1], **{column: value})])
+    as_tuple = dict(rows[1], item_history=tuple(rows[1]["item_history"]), cate_history=tuple(rows[1]["cate_history"]))
+    assert bit_identical([encode([as_tuple])], [encode([rows[1]])])
+    encode([dict(rows[1], item_id=decimal.Decimal("7"), cate_id=datetime.date(2026, 1, 2))])
+
+
+def test_vocabulary_lookup_reads_numpy_scalars_as_row_encoder_does():
+    """``lookup(np.float32(7.0))`` is 7's id and ``np.float32('nan')`` is missing, as RowEncoder
+    reads them (through ``tolist()``); they were the tokens "7.0" and "nan", the unknown id."""
+    np = pytest.importorskip("numpy")
+    vocab = Vocabulary(["7", "1"])
+    seven, one = vocab.lookup(7), vocab.lookup(True)
+    assert seven > 1 and one > 1
+    for value, want in [(np.float32(7.0), seven), (np.float16(7.0), seven), (np.int8(7), seven),
+                        (np.True_, one), (np.float32("nan"), Vocabulary.MISSING), (torch.tensor(7), seven)]:
+        assert vocab.lookup(value) == want, value
+
+
+def test_the_order_depends_on_the_values_of_seed_and_epoch_not_their_types(amazon):
+    """NumPy and tensor integers give the order their int gives (the order was drawn from their
+    repr, in which np.int64(3) is not 3: a caller restoring the epoch as a NumPy integer skipped
+    the wrong rows on resume); a float or a bool is refused."""
+    np = pytest.importorskip("numpy")
+    path, schema, vocabs, rows = amazon
+    memory = MemoryDataset(next(iter(TabularDataset(path, schema, vocabs).batches(len(rows)))))
+    for ds in (TabularDataset(path, schema, vocabs, shuffle_buffer=64), memory):
+        want = list(ds.batches(16, shuffle=True, seed=3, epoch=1, skip_batches=2))
+        for seed, epoch in ((np.int64(3), 1), (3, np.int32(1)), (torch.tensor(3), torch.tensor(1))):
+            assert bit_identical(ds.batches(16, shuffle=True, seed=seed, epoch=epoch, skip_batches=2), want)
+        for bad in (dict(seed=3.0), dict(epoch=True), dict(seed=torch.tensor(3.0))):
+            name = next(iter(bad))
+            with pytest.raises(ValueError, match=rf"^{name} must be an integer, got "):
+                ds.batches(16, shuffle=True, **bad)
+
+
+def test_float32s_largest_value_as_numpy_prints_it_is_a_dense_value(tmp_path):
+    """A CSV dense cell ``3.4028235e+38`` (``str(np.finfo(np.float32).max)``) reads as float32's
+    largest value, as the same value in a Parquet float32 column does; it was refused as outside the
+    float32 range (it parses above that value, and rounds to it). ``3.4028236e38`` rounds to inf
+    and is refused; so is a dense_fill that does."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    schema = Schema(label="label", dense=["x"], sparse=["u"], sequences=["h"], max_seq_len=2)
+    biggest = float(torch.finfo(torch.float32).max)
+    write_text(tmp_path / "a.csv", "label,x,u,h\n1,3.4028235e+38,a,\n0,-3.4028235e38,b,\n")
+    pq.write_table(pa.table({"label": [1, 0], "x": pa.array([biggest, -biggest], pa.float32()), "u": ["a", "b"],
+                             "h": ["", ""]}), tmp_path / "a.parquet")
+    vocabs, _ = build_vocabularies(tmp_path / "a.csv", schema)
+    got = [next(iter(TabularDataset(tmp_path / f"a.{ext}", schema, vocabs).batches(2))).dense[:, 0].tolist()
+           for ext in ("csv", "parquet")]
+    assert got == [[biggest, -biggest]] * 2
+    write_text(tmp_path / "b.csv", "label,x,u,h\n1,3.4028236e38,a,\n")
+    with pytest.raises(DataError, match="dense value must be finite"):
+        list(TabularDataset(tmp_path / "b.csv", schema, vocabs).batches(2))
+    Schema(label="label", dense=["x"], sequences=["h"], dense_fill=3.4028235e38)
+    with pytest.raises(ValueError, match="dense_fill"):
+        Schema(label="label", dense=["x"], sequences=["h"], dense_fill=3.4028236e38)
