@@ -161,7 +161,7 @@ bench() {  # bench STAGE FILES... : time-boxed pytest-benchmark run, rows to JSO
     ${sel:+-k "$sel"} --benchmark-json="$OUT/$stage.json" --benchmark-columns=median >"$OUT/$stage.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/$stage.log" | tail -n 3
   grep -E "^(FAILED|ERROR)" "$OUT/$stage.log" | head -n 20
-  [ -s "$OUT/$stage.jsonl" ] && python3 bench/report.py "$OUT/$stage.jsonl" --out "$OUT/$stage" | tail -n 70
+  [ -s "$OUT/$stage.jsonl" ] && python3 bench/report.py "$OUT/$stage.jsonl" --out "$OUT/$stage" --force | tail -n 70
 }
 for stage in "$@"; do
   start=$(date +%s)

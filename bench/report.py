@@ -1,6 +1,10 @@
 """Turn pytest-benchmark JSON into a markdown table and a PNG speedup chart.
 
-    python bench/report.py bench/results/latest.json [more.json ...] [--out bench/results/NAME]
+    python bench/report.py bench/results/latest.json [more.json ...] [--out bench/results/NAME] [--force]
+
+The table and chart go to ``NAME.md`` and ``NAME.png`` (default: the first input without its
+suffix); existing ones are kept unless ``--force`` (a lease's committed table is its record),
+except ``latest``'s, which ``make report`` rewrites after every ``make bench``.
 
 Inputs are pytest-benchmark JSON files or ``.jsonl`` files of rows (one per line, as written when
 ``$INTERFORMER_BENCH_ROWS`` is set; such a file survives a run that was cut short).
@@ -77,10 +81,14 @@ def load_rows(paths):
     rows = []
     for path in paths:
         with open(path) as f:
+            if path.endswith(".jsonl"):
+                for number, line in enumerate(f, 1):
+                    try:
+                        rows += [json.loads(line)] if line.strip() else []
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+                continue
             try:
-                if path.endswith(".jsonl"):
-                    rows += [json.loads(line) for line in f if line.strip()]
-                    continue
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
@@ -385,13 +393,13 @@ def main(argv=None) -> int:
     # Decision: the tables committed beside a lease's rows (bench/results) are that lease's record; a
     # report regenerated to look at them replaced them without a word. `make report` rewrites
     # latest.md after every `make bench`, so that stem is always replaced.
-    existing = [stem + ext for ext in (".md", ".png") if os.path.exists(stem + ext)]
-    if existing and not args.force and os.path.basename(stem) != "latest":
-        parser.error(f"{' and '.join(existing)} exist(s); pass --force to replace, or --out another stem")
     missing = [p for p in args.json if not os.path.isfile(p)]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}" + (" (run `make bench` first)" if any(
             os.path.basename(p) == "latest.json" for p in missing) else ""))
+    existing = [stem + ext for ext in (".md", ".png") if os.path.exists(stem + ext)]
+    if existing and not args.force and os.path.basename(stem) != "latest":
+        parser.error(f"{' and '.join(existing)} exist(s); pass --force to replace, or --out another stem")
     try:
         rows = load_rows(args.json)
     except ValueError as e:

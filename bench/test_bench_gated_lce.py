@@ -11,7 +11,8 @@ mode captured in a CUDA graph: device time alone, see bench/common.py). Without 
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
 ``test_gated_lce_bandwidth`` runs ``full`` mode at 32x taobao's batch (``taobao-b64k``), where the
 bytes, not the launches, set the time, with also the fused variants of :data:`SETTINGS` (other
-launch plans for the forward and the backward).
+launch plans for the forward and the backward); without a GPU it runs those variants alone, at the
+smoke shape (``test_gated_lce`` times eager and fused there).
 
 Bytes (each tensor read or written once, in the benchmark dtype): forward reads x and the four
 parameters and writes out; backward reads x, the parameters and the upstream gradient and writes dx
@@ -95,7 +96,7 @@ def test_gated_lce_bandwidth(benchmark, monkeypatch, use, provider):
     :data:`SETTINGS` rows change one of those choices each, to see which is faster there."""
     from interformer.kernels import gated_lce
 
-    if not common.ON_GPU and provider not in SETTINGS:  # else two rows for one cell of the report
+    if not common.ON_GPU and provider in common.CPU_PROVIDERS:  # else two rows for one cell of the report
         pytest.skip(f"{provider}: without a GPU the bandwidth rows run at the smoke shape, where test_gated_lce "
                     "times this provider already")
     for name, value in SETTINGS.get(provider.removesuffix(common.GRAPH_SUFFIX), {}).items():

@@ -102,20 +102,25 @@ def _count(where: str, name: str, value, minimum: int, alternative: str = "") ->
     return n
 
 
+#: the largest seed :func:`check_seed` takes: the generators take seeds up to ``2**64 - 1``, and the
+#: commands derive a few from the one given (``seed + 1`` and ``seed + 2`` for the validation and test
+#: samples, ``seed + 7`` in the demo)
+MAX_SEED = 2**64 - 8
+
+
 def check_seed(seed) -> int:
-    """``seed`` if it is a signed 64-bit integer (a bool is refused, numpy integers are taken), else
-    ValueError naming it. Why that range: the generators take seeds up to ``2**64 - 1``, and the
-    commands derive a few from the one given (``seed + 1`` and ``seed + 2`` for the validation and
-    test samples, ``seed + 7`` in the demo); a larger one failed deep inside with "Overflow when
-    unpacking long long", naming no setting."""
+    """``seed`` if it is an integer in ``[-2**63, MAX_SEED]`` (a bool is refused, NumPy integers are
+    taken), else ValueError naming it. A larger one failed deep inside with "Overflow when unpacking
+    long long", naming no setting. (The range is every seed that ran before the check: checkpoints
+    of such runs resume and evaluate.)"""
     try:
         if isinstance(seed, bool):
             raise TypeError
         n = operator.index(seed)
     except TypeError:
         n = None
-    if n is None or not -2**63 <= n < 2**63:
-        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+    if n is None or not -2**63 <= n <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 8], got {seed!r}")
     return n
 
 
@@ -239,14 +244,20 @@ batch_size: 256
 
 
 def _written_here(path: str, first_line: str) -> bool:
-    """Whether the file at ``path`` starts with ``first_line`` (as :func:`write_example_files`
-    writes each of its files); False for a file it cannot read as text."""
+    """Whether the first line of the file at ``path`` is ``first_line`` as :func:`write_example_files`
+    writes it: the whole line, where ``first_line`` holds one ``{field}`` (a template's first line)
+    the text before and after it (a hand-written schema starting "# the columns of our logs" is
+    not); False for a file it cannot read."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(len(first_line.encode()) + 1)
-    except OSError:
+            line = fh.readline(4096).decode("utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
         return False
-    return head.startswith(first_line.encode())
+    if "{" not in first_line:
+        return line == first_line
+    head, rest = first_line.split("{", 1)
+    tail = rest.split("}", 1)[1]
+    return line.startswith(head) and line.endswith(tail) and len(line) > len(head) + len(tail)
 
 
 def write_example_files(directory, train: int = 4096, valid: int = 1024, test: int = 1024, seed: int = 0,
@@ -276,8 +287,8 @@ def write_example_files(directory, train: int = 4096, valid: int = 1024, test: i
     paths = {name: os.path.join(directory, f"{name}.csv") for name in sizes}
     paths["schema"] = os.path.join(directory, "schema.yaml")
     paths["settings"] = os.path.join(directory, "settings.yaml")
-    first_lines = {name: ",".join(EXAMPLE_COLUMNS) + "\n" for name in sizes}  # how each file starts
-    first_lines.update(schema=_EXAMPLE_SCHEMA.split("{files}")[0], settings=_EXAMPLE_SETTINGS.split("{settings_arg}")[0])
+    first_lines = {name: ",".join(EXAMPLE_COLUMNS) for name in sizes}  # how each file starts
+    first_lines.update(schema=_EXAMPLE_SCHEMA.splitlines()[0], settings=_EXAMPLE_SETTINGS.splitlines()[0])
     folders = [os.path.basename(p) for p in paths.values() if os.path.isdir(p)]
     if folders:
         raise IsADirectoryError(f"{directory}: {', '.join(folders)} is a directory, where example-data writes a file")

@@ -232,7 +232,7 @@ def read_settings_file(path: PathLike, what: str, as_yaml: bool):
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{what} {path} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():  # (a pipe, as <(...) gives, is no file but is read)
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         text = path.read_text(encoding="utf-8-sig")

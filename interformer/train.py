@@ -491,10 +491,12 @@ def _check_same_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any], last:
     """ValueError when the data a resumed run reads is not what ``last.pt`` recorded
     (:func:`_data_record`): a split with another row count, or a data file of another size.
 
-    Decision: refused, not warned about. A resumed run skips the batches of the interrupted epoch
-    already trained, by position in an order drawn from the row count, and keeps the checkpoint's
-    vocabularies; on changed files it would train a different run, silently (a run's settings
-    that differ are refused for the same reason, :func:`resume_config`). Sizes and counts do not
+    Decision: refused, not warned about, for every split and also where a finished run is
+    continued with more epochs. A resumed run skips the batches of the interrupted epoch already
+    trained, by position in an order drawn from the row count, keeps the checkpoint's vocabularies,
+    and compares its validation metrics with those of earlier epochs (early stopping, best.pt); on
+    changed files it would be a different run, silently (a run's settings that differ are refused
+    for the same reason, :func:`resume_config`). New data is a new run. Sizes and counts do not
     see an edit that keeps both; reading every byte again to hash it would cost a resume a pass
     over the data. A checkpoint from before this record has none, and is not checked."""
     if saved is None:
@@ -506,9 +508,9 @@ def _check_same_data(saved: Optional[Dict[str, Any]], now: Dict[str, Any], last:
                 if name in now["file_bytes"] and now["file_bytes"][name] != then]
     if changed:
         raise ValueError(f"resume: the data changed since {last} was written ({'; '.join(changed)}); a resumed run "
-                         "must read the data it started on (it skips the batches already trained by their position). "
-                         "Restore the files, or start a new run on the new data (--overwrite, or another "
-                         "--output-dir)")
+                         "reads the data it started on (its vocabularies, its metrics and its place in the epoch are "
+                         "that data's). Restore the files, or train a new run on the new data: the command without "
+                         "--resume, naming the data, with --overwrite or another --output-dir")
 
 
 def load_settings(path: str) -> Dict[str, Any]:

@@ -139,8 +139,8 @@ def main(argv=None) -> int:
             text, same = compare(*args.compare)
         except (OSError, ValueError) as e:
             parser.error(f"--compare: {e}")
-        except KeyError as e:
-            parser.error(f"--compare: not an sm90_audit --json file (no {e} key)")
+        except (KeyError, TypeError) as e:
+            parser.error(f"--compare: not an sm90_audit --json file ({type(e).__name__}: {e})")
         print(text)
         return 0 if same else 1
 

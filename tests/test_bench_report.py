@@ -263,8 +263,12 @@ def test_main_keeps_existing_tables_and_names_unreadable_input(report, tmp_path,
     (tmp_path / "latest.md").write_text("old\n")
     assert report.main([str(latest)]) == 0 and "| model-train |" in (tmp_path / "latest.md").read_text()
     (tmp_path / "empty.json").write_text("")
+    (tmp_path / "cut.jsonl").write_text(rows.read_text() + '{"op": "x", "me')  # a run cut short while writing
+    (tmp_path / "gone.md").write_text("kept\n")
     for argv, message in (([str(tmp_path / "latest.json")], "no such file: .*latest.json \\(run `make bench` first\\)"),
-                          ([str(tmp_path / "empty.json")], "empty.json: not valid JSON \\(Expecting value")):
+                          ([str(tmp_path / "gone.jsonl")], "no such file: .*gone.jsonl$"),
+                          ([str(tmp_path / "empty.json")], "empty.json: not valid JSON \\(Expecting value"),
+                          ([str(tmp_path / "cut.jsonl")], "cut.jsonl:3: not valid JSON \\(Unterminated string")):
         with pytest.raises(SystemExit):
             report.main(argv)
-        assert re.search(message, capsys.readouterr().err), argv
+        assert re.search(message, capsys.readouterr().err.strip()), argv

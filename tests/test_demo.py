@@ -228,7 +228,7 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
              (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
              (dict(lr=float("nan")), "lr must be a finite number >= 0"),
              (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
-             (dict(seed=2**64 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+             (dict(seed=2**64 - 7), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\]"),
              (dict(seed=-2**63 - 1), "seed must be an integer")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):

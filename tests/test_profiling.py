@@ -301,8 +301,9 @@ def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, cap
     # a file that cannot be compared is a usage error (status 2), never the status 1 of "differs"
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "other.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[]")
     for name, message in (("missing.json", "No such file"), ("empty.json", "Expecting value"),
-                          ("other.json", "not an sm90_audit --json file")):
+                          ("other.json", "not an sm90_audit --json file"), ("list.json", "not an sm90_audit")):
         with pytest.raises(SystemExit) as exit_:
             sm90_audit.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / name)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, name

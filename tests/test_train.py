@@ -180,8 +180,8 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite number"),
     (dict(synthetic_valid=-1), "synthetic_valid must be >= 0"),
     # a seed past 64 bits failed in the generator with "Overflow when unpacking long long"
-    (dict(seed=2**63), r"seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223372036854775808"),
-    (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    (dict(seed=2**64 - 7), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\], got 18446744073709551609"),
+    (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\]"),
     # values of the wrong kind from a settings file (they ended in a TypeError or PyTorch's error)
     (dict(valid=3), "valid must be a file path or a list of them, got 3"),
     (dict(device=5), "device must be text or None, got 5"),
@@ -190,6 +190,18 @@ def test_settings_file_then_flags_win(tmp_path):
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         T.TrainConfig.from_dict(bad)
+
+
+def test_the_largest_seed_trains_and_resumes(tmp_path):
+    """A seed of 2**64 - 8 (MAX_SEED: the generators take up to 2**64 - 1, and the runs derive
+    seed + 2 for their test samples) trains and resumes; such seeds ran before the range check
+    (a first version of it, [-2**63, 2**63), refused their checkpoints)."""
+    from interformer.data import MAX_SEED
+
+    cfg = tiny_config(tmp_path, seed=MAX_SEED, max_steps=1, synthetic_train=64, synthetic_valid=32, synthetic_test=32)
+    assert T.train(cfg, log=quiet)["step"] == 1
+    resumed = T.TrainConfig.from_dict(dict(resume=True, output_dir=str(tmp_path), max_steps=2))
+    assert T.train(resumed, log=quiet)["step"] == 2
 
 
 def test_a_backend_in_the_model_settings_is_kept():
@@ -793,8 +805,9 @@ def test_a_resume_on_changed_data_files_is_refused_naming_what_changed(bars, mon
     (bars / "train.csv").write_text(train + extra)
     with pytest.raises(ValueError, match=rf"^resume: the data changed since run.last\.pt was written \(train: "
                                          rf"320 rows then, 330 now; train\.csv: {size:,} bytes then, "
-                                         rf"{size + len(extra.encode()):,} now\); a resumed run must read the data "
-                                         r"it started on .*\(--overwrite, or another --output-dir\)$"):
+                                         rf"{size + len(extra.encode()):,} now\); a resumed run reads the data it "
+                                         r"started on .* the command without --resume, naming the data, with "
+                                         r"--overwrite or another --output-dir$"):
         main(["train", "--resume", "--output-dir", "run", "--max-steps", "3"])
     (bars / "train.csv").write_text(train)
     (bars / "valid.csv").write_text("".join(valid.splitlines(keepends=True)[:-1]))  # one row fewer
@@ -1012,16 +1025,18 @@ def test_example_data_replaces_only_its_own_files_unless_told(tmp_path, capsys):
     main(["example-data", str(tmp_path), *small, "--seed", "3"])  # its own files: replaced
     fresh = write_example_files(tmp_path / "seed3", 8, 4, 4, seed=3)
     assert (tmp_path / "train.csv").read_text() == Path(fresh["train"]).read_text()
-    mine = {"train.csv": "label,clicked_at\n1,2\n", "settings.yaml": "epochs: 9\n"}
+    mine = {"train.csv": "label,clicked_at\n1,2\n", "settings.yaml": "epochs: 9\n",
+            "schema.yaml": "# the columns of our click logs, by hand\nlabel: clicked\n"}  # the template's start
     for name, text in mine.items():
         (tmp_path / name).write_text(text)
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
-    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path))} already holds train\.csv, settings\.yaml, "
-                                              r"not written by example-data; give another directory, or --overwrite "
-                                              r"\(overwrite=True\) to replace them$"):
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path))} already holds train\.csv, schema\.yaml, "
+                                              r"settings\.yaml, not written by example-data; give another directory, "
+                                              r"or --overwrite \(overwrite=True\) to replace them$"):
         main(["example-data", str(tmp_path), *small])
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before  # nothing written
     (tmp_path / "settings.yaml").unlink()
+    (tmp_path / "schema.yaml").unlink()
     with pytest.raises(FileExistsError, match=r"holds train\.csv, not written .* to replace it$"):
         write_example_files(tmp_path, 8, 4, 4)
     main(["example-data", str(tmp_path), *small, "--overwrite"])
@@ -1032,7 +1047,7 @@ def test_example_data_replaces_only_its_own_files_unless_told(tmp_path, capsys):
         with pytest.raises(IsADirectoryError, match=r"d: schema\.yaml is a directory, where example-data writes"):
             write_example_files(tmp_path / "d", 8, 4, 4, overwrite=overwrite)
     assert sorted(f.name for f in (tmp_path / "d").iterdir()) == ["schema.yaml"]
-    with pytest.raises(ValueError, match=r"^seed must be an integer in \[-2\*\*63, 2\*\*63\), got 18446744073709551616$"):
+    with pytest.raises(ValueError, match=r"^seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\], got 18446744073709551616$"):
         main(["example-data", str(tmp_path / "e"), *small, "--seed", str(2**64)])
     assert not (tmp_path / "e").exists()
 
@@ -1900,6 +1915,19 @@ def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no
     (tmp_path / "out").mkdir()
     assert cli(["train", *csv_run, "--schema", "schema.yaml", "--output-dir", "out/run"]) == 2
     assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "run").exists()
+
+
+def test_a_settings_file_may_be_a_pipe(tmp_path):
+    """``--config <(...)`` (a pipe, no regular file) is read, as before the one reader of settings
+    and schema files, which first called it "not found"."""
+    import threading
+
+    fifo = tmp_path / "settings.json"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text('{"epochs": 3}'), daemon=True)
+    writer.start()
+    assert T.load_settings(str(fifo)) == {"epochs": 3}
+    writer.join(timeout=10)
 
 
 def test_every_train_flag_says_what_it_does_and_its_default(capsys):
