@@ -111,8 +111,9 @@ MAX_SEED = 2**64 - 8
 def check_seed(seed) -> int:
     """``seed`` if it is an integer in ``[-2**63, MAX_SEED]`` (a bool is refused, NumPy integers are
     taken), else ValueError naming it. A larger one failed deep inside with "Overflow when unpacking
-    long long", naming no setting. (The range is every seed that ran before the check: checkpoints
-    of such runs resume and evaluate.)"""
+    long long", naming no setting. (Every seed that a synthetic run or the demo could use before the
+    check is in the range, so their checkpoints resume and evaluate; a run on files could also have
+    used the 7 values above it, whose checkpoints are now refused.)"""
     try:
         if isinstance(seed, bool):
             raise TypeError
