@@ -88,15 +88,20 @@ def synthetic_config(**overrides) -> InterFormerConfig:
     return InterFormerConfig(**overrides)
 
 
+def _integer(value) -> Optional[int]:
+    """``value`` as an int (NumPy integers are taken), or None where it is not one (a bool is not)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _count(where: str, name: str, value, minimum: int, alternative: str = "") -> int:
     """``value`` as an int (a bool is refused; numpy integers are taken), or ``ValueError`` naming it
     if it is not one or is below ``minimum``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = None
+    n = _integer(value)
     if n is None or n < minimum:
         raise ValueError(f"{where}: {name} must be an int >= {minimum}{alternative}, got {value!r}")
     return n
@@ -114,12 +119,7 @@ def check_seed(seed) -> int:
     long long", naming no setting. (Every seed that a synthetic run or the demo could use before the
     check is in the range, so their checkpoints resume and evaluate; a run on files could also have
     used the 7 values above it, whose checkpoints are now refused.)"""
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        n = operator.index(seed)
-    except TypeError:
-        n = None
+    n = _integer(seed)
     if n is None or not -2**63 <= n <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 8], got {seed!r}")
     return n
