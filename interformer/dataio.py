@@ -162,7 +162,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import numpy as np
 import torch
 
-from .data import Batch
+from .data import Batch, _integer
 from .metrics import NO_GROUP
 
 __all__ = [
@@ -222,11 +222,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def read_settings_file(path: PathLike, what: str, as_yaml: bool):
+def read_settings_file(path: PathLike, what: str, as_yaml: bool, json_hint: str = ""):
     """The value a JSON or (``as_yaml``) YAML file holds, read as UTF-8 with or without a byte-order
     mark (as some Windows editors write). Every failure names the file: a missing one or a
     directory (as ``what``, e.g. "schema file"), bytes that are not UTF-8 and text that does not
-    parse (ValueError, with the parser's reason and where). Why: these files are named on the
+    parse (ValueError, with the parser's reason and where; ``json_hint`` ends a JSON one). Why: these files are named on the
     command line, whose errors are one line (``python -m interformer``); a YAML error was a
     traceback naming ``"<unicode string>"``, a JSON one named no file."""
     path = Path(path)
@@ -237,12 +237,12 @@ def read_settings_file(path: PathLike, what: str, as_yaml: bool):
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1})") from None
+        raise ValueError(f"{path}: {_not_utf8(e, of='')}") from None
     if not as_yaml:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ValueError(f"{path}: not valid JSON ({e}){json_hint}") from None
     try:
         import yaml
     except ImportError as e:  # pragma: no cover - pyyaml is in the train/test extras
@@ -748,9 +748,10 @@ def _parquet_chunks(path: Path, columns: List[str], list_columns: Sequence[str])
         row += rb.num_rows
 
 
-def _not_utf8(e: UnicodeDecodeError) -> str:
-    """Why a value (a Parquet cell, a :class:`RowEncoder` value) could not be read as text."""
-    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1} of the value)"
+def _not_utf8(e: UnicodeDecodeError, of: str = " of the value") -> str:
+    """Why bytes could not be read as text: a value (a Parquet cell, a :class:`RowEncoder` value)
+    or, with ``of=""``, a whole file (:func:`read_settings_file`)."""
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start + 1}{of})"
 
 
 def _parquet_row_cells(path: Path, where: str, columns: List[str], values: Sequence) -> list:
@@ -1577,12 +1578,10 @@ def _order_args(seed, epoch) -> Tuple[int, int]:
     than the run it resumes, and skip_batches skipped the wrong rows."""
     out = []
     for name, v in (("seed", seed), ("epoch", epoch)):
-        try:
-            if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.is_floating_point()):
-                raise TypeError
-            out.append(operator.index(v))
-        except TypeError:
-            raise ValueError(f"{name} must be an integer, got {v!r}") from None
+        n = _integer(v)
+        if n is None:
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+        out.append(n)
     return out[0], out[1]
 
 
@@ -1735,6 +1734,11 @@ def _plain(v):
 _SCALARS = (str, int, float, bool, bytes, decimal.Decimal, datetime.date, datetime.time, datetime.timedelta)
 
 
+def _scalar(v) -> bool:
+    """Whether ``v`` is one value a Parquet cell holds (:data:`_SCALARS`) or a missing one."""
+    return v is None or _missing_marker(v) or isinstance(v, _SCALARS)
+
+
 def _row_cell(v, sequence: bool):
     """One value of a :class:`RowEncoder` row as a Parquet cell of that column would be read
     (:func:`_parquet_cell`); :class:`_Malformed` (the caller names the row and the column) for a
@@ -1748,12 +1752,12 @@ def _row_cell(v, sequence: bool):
         v = [_plain(x) for x in v]
         if any(isinstance(x, (list, tuple, set, frozenset, Mapping)) for x in v):
             raise _Malformed(f"a history's events must be single values, got {v!r}")
-        odd = next((x for x in v if not (x is None or _missing_marker(x) or isinstance(x, _SCALARS))), None)
+        odd = next((x for x in v if not _scalar(x)), None)
         if odd is not None:
             raise _Malformed(f"a history's events must be single values (ids), got a {type(odd).__name__}")
     elif isinstance(v, (set, frozenset, Mapping)):
         raise _Malformed(f"expected a single value{' or a list' if sequence else ''}, got a {type(v).__name__}")
-    elif not (v is None or _missing_marker(v) or isinstance(v, _SCALARS)):
+    elif not _scalar(v):
         hint = " (give a history as a list or a tuple)" if sequence and hasattr(v, "__iter__") else ""
         raise _Malformed(f"expected a single value{' or a list' if sequence else ''}, got a {type(v).__name__}"
                          + hint)

@@ -519,12 +519,8 @@ def load_settings(path: str) -> Dict[str, Any]:
     from .dataio import read_settings_file
 
     as_yaml = str(path).lower().endswith((".yaml", ".yml"))
-    try:
-        d = read_settings_file(path, "settings file", as_yaml)
-    except ValueError as e:
-        if as_yaml or "not valid JSON" not in str(e):
-            raise
-        raise ValueError(f"{e}; settings files are JSON, or YAML named .yaml or .yml") from None
+    d = read_settings_file(path, "settings file", as_yaml, json_hint="; settings files are JSON, or YAML named "
+                                                                     ".yaml or .yml")
     if d is None and as_yaml:  # an empty YAML file, or one of comments only
         d = {}
     if not isinstance(d, dict):
