@@ -1,6 +1,6 @@
 """What each Triton kernel compiles to on an H100 (sm_90), found without a GPU.
 
-Two parts:
+Three parts:
 
 * :func:`record_launches` -- a context manager that records every ``kernel[grid](...)`` launch made
   inside it as a *case*: the kernel's module and name, its constexprs, the types of its other
@@ -17,9 +17,13 @@ Two parts:
   the SASS instructions (addresses and encodings left out): a change meant to leave a kernel's
   machine code as it was (a refactor of its source) shows that it did when the fingerprints of
   ``profiling/sm90_audit.py --json`` before and after agree.
+* :func:`inductor_writes` -- for the same cases, which pointer arguments ``torch.compile``'s
+  analysis of a traced Triton kernel takes it to write (the graph copies each of them before the
+  launch), found the way Inductor finds them, on the kernel's TTIR.
 
-``profiling/sm90_audit.py`` runs both over a training step and prints the table; the tests use
-:func:`build_sm90` to check shared-memory limits and compiler choices at chosen shapes. The result
+``profiling/sm90_audit.py`` runs the first two over a training step and prints the table; the tests use
+:func:`build_sm90` to check shared-memory limits and compiler choices at chosen shapes, and
+:func:`inductor_writes` to check that no inlined kernel has an input taken for an output. The result
 depends on the Triton that compiles: run it with the version a GPU machine has (e.g. a second
 environment on ``PYTHONPATH``) to see what that machine builds.
 
@@ -134,9 +138,7 @@ def build_sm90(cases: Sequence[dict], workers: int = 1, timeout: int = 900) -> L
     """Compile each case (see the module docstring) for sm_90 in ``workers`` child processes; returns
     the cases, in the given order, with ``shared``, ``wgmma``, ``async_copies`` added, and
     ``registers``, ``stack``, ``spill_stores``, ``spill_loads`` where Triton ships ``cuobjdump``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), root) if p])
+    env, root = _child_env()
     workers = max(1, workers)
     indexed = [dict(case, _index=i) for i, case in enumerate(cases)]
     chunks = [c for c in (indexed[i::workers] for i in range(workers)) if c]
@@ -155,6 +157,91 @@ def build_sm90(cases: Sequence[dict], workers: int = 1, timeout: int = 900) -> L
     if len(results) != len(cases):
         raise RuntimeError(f"{len(results)} sm_90 builds for {len(cases)} cases")
     return [{k: v for k, v in r.items() if k != "_index"} for r in sorted(results, key=lambda r: r["_index"])]
+
+
+def _child_env():
+    """``(environment, package root)`` for a child process that runs Triton's compiler: this one's
+    environment without ``TRITON_INTERPRET`` (which replaces ``triton.jit``), the package importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([p for p in (env.get("PYTHONPATH"), root) if p])
+    return env, root
+
+
+_WRITES_SCRIPT = r"""
+import importlib, inspect, json, logging, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+
+
+class Sm90Driver:  # all the analysis asks of a driver: the target to build the TTIR for (no GPU)
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+triton.runtime.driver.set_active(Sm90Driver())
+from torch._higher_order_ops import triton_kernel_wrap as W
+
+failures = []
+
+
+class Failures(logging.Handler):  # the analysis logs its exception and takes every input as written
+    def emit(self, record):
+        failures.append(record.getMessage() + ("\n" + logging.Formatter().formatException(record.exc_info)
+                                               if record.exc_info else ""))
+
+
+logging.getLogger(W.__name__).addHandler(Failures())
+
+
+def argument(spec, unaligned):
+    if isinstance(spec, str):  # a pointer: a small CPU tensor of its dtype (16-byte aligned unless not)
+        dtype = getattr(torch, spec)
+        return torch.empty(64, dtype=dtype)[1:] if unaligned else torch.empty(64, dtype=dtype)
+    return spec  # an int of the recorded class, a float, a bool, None
+
+
+for case in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    unaligned = set(case.get("unaligned", ()))
+    kwargs = {n: case["consts"][n] if n in case["consts"] else argument(case["args"].get(n, 0), n in unaligned)
+              for n in fn.arg_names}
+    failures.clear()
+    if hasattr(W, "identify_accessed_tensors"):  # torch 2.12 on
+        written = [d.name for d in W.identify_accessed_tensors(fn, kwargs, {}).read_writes.writes]
+    elif len(inspect.signature(W.identify_mutated_tensors).parameters) == 3:
+        written = W.identify_mutated_tensors(fn, kwargs, {})
+    else:
+        written = W.identify_mutated_tensors(fn, kwargs)
+    print(json.dumps(dict(case, written=sorted(written), analysis_error="\n".join(failures))), flush=True)
+"""
+
+
+def inductor_writes(cases: Sequence[dict], timeout: int = 600) -> List[dict]:
+    """Which pointer arguments Inductor takes each case's kernel to write: the analysis that
+    ``torch.compile`` runs on a user-defined Triton kernel it traces (torch's ``triton_kernel_wrap``,
+    on the kernel's TTIR for sm_90 before inlining), run in a child process without a GPU. A traced
+    launch copies every argument found here before the kernel runs (``tensors_to_clone``), so an
+    input taken for an output costs a copy per launch in every compiled graph that inlines the op.
+    Returns the cases, in order, with ``written`` (sorted names) and ``analysis_error`` (the
+    analysis's logged failure, after which it takes every pointer as written; "" when none).
+    Pointers are described by dtype as :func:`record_launches` records them; tuples of pointers
+    (the cross nets' kernels, which no compiled graph inlines) are not supported."""
+    env, root = _child_env()
+    res = subprocess.run([sys.executable, "-c", _WRITES_SCRIPT, json.dumps(list(cases))], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"the write analysis failed:\n{res.stderr[-3000:]}")
+    results = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    if len(results) != len(cases):
+        raise RuntimeError(f"{len(results)} write analyses for {len(cases)} cases")
+    return results
 
 
 def _constexpr_names(fn) -> set:

@@ -635,17 +635,21 @@ def _attn_bwd_fused_kernel(
 
 
 @triton.jit
-def _general_query_block(Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks,
+def _general_query_block(Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len,
                          sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
                          CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, MASK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                          DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's query block in the general backward's dq and delta kernels: ``(b, h, bh,
-    offs_m, k_lim, q_lim, hi)`` and :func:`_bwd_query_block`'s tiles, where ``hi`` ends the keys its
-    rows see (0 for a block of masked rows)."""
-    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    """What the general backward's dq and delta kernels need of their query block ``offs_m``
+    (from ``start_m``) of ``(b, h)``: ``(k_lim, q_lim, hi)`` and :func:`_bwd_query_block`'s tiles,
+    where ``hi`` ends the keys its rows see (0 for a block of masked rows).
+
+    The program's indices are arguments, formed by the kernels, not results: Inductor's analysis of
+    what a kernel writes (torch's ``triton_kernel_wrap``, on the TTIR before inlining) follows a
+    stored address back through every argument of the call that made any part of it, so an address
+    built from this call's results would count Q, DO, STATS, LENS and TAB as written, and a compiled
+    graph would copy them before each launch (seen on the H200 at 7bea4b3;
+    ``tests/test_compile_inline.py`` runs that analysis on every inlined kernel)."""
     k_lim, q_lim = _limits(LENS, b, Lq, Lk, MASK_Q)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     q, do, row_ok, m_row, lg_row = _bwd_query_block(Q, DO, STATS, b, h, bh, offs_m, q_lim, k_lim, Lq,
                                                     sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod, TAB, tab_len,
                                                     ROPE_Q, DH, DHP, SPLIT)
@@ -653,7 +657,7 @@ def _general_query_block(Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks
     if CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
     hi = tl.where(start_m < q_lim, hi, 0)
-    return b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row
+    return k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row
 
 
 @triton.jit
@@ -687,9 +691,12 @@ def _attn_bwd_delta_kernel(
     pass inside the dq kernel, tf32x3 dots beside its accumulator, built to 32 registers and a 7.9 KB
     stack at 128-wide heads, sm_90, Triton 3.6)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
-        Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks, sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
-        CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
+        Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
+        sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
     _store_delta_pass(DELTA, bh, Lq, q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim,
                       m_row, lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
                       BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
@@ -789,9 +796,12 @@ def _attn_bwd_dq_kernel(
     kernel, which runs after it; otherwise it reads the delta kernel's or the preprocess kernel's."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    b, h, bh, offs_m, k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
-        Q, DO, STATS, LENS, TAB, Lq, Lk, H, tab_len, n_m_blocks, sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
-        CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
+        Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
+        sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, DHP], tl.float32)

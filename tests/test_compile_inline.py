@@ -293,6 +293,46 @@ def test_written_params_finds_the_outputs_and_no_input_of_each_inlined_kernel(mo
     assert not reads & found, reads & found
 
 
+def test_inductors_own_write_analysis_takes_no_input_of_an_inlined_kernel_for_written(monkeypatch):
+    """What ``torch.compile`` itself takes each inlined kernel to write (torch's analysis of the
+    kernel's TTIR, run for sm_90 without a GPU: :func:`interformer.kernel_audit.inductor_writes`),
+    for every specialisation the cases above launch, in fp32 and fp16, with the general attention
+    backward in both forms of delta and the gated LCE in both gate-weight modes: at most the
+    kernel's outputs, and some. A traced launch copies every argument taken as written before the
+    kernel runs. The analysis follows a stored address back through every argument of a call that
+    made part of it, so the general backward's dq and delta kernels, whose addresses came from a
+    helper that also loaded Q, DO, STATS, LENS and TAB, had those five copied at each launch (the
+    H200's run of the tests above at 7bea4b3, where the graphs launch Triton's analysis; the
+    interpreter's stand-in, ``written_params``, follows only the stores)."""
+    from interformer.kernel_audit import inductor_writes, record_launches, unique_cases
+    from interformer.kernels import attention, gated_lce
+
+    writes = {kernel: w for (_, kernel), (w, _) in KERNEL_POINTERS.items()}
+    with record_launches() as cases:
+        for dtype in (torch.float32, torch.float16):
+            for name, (build, make_inputs, _) in sorted(CASES.items()):
+                settings = [("", "", "")]
+                if name in ("attention", "pooled_attention"):  # the general backward too, both deltas
+                    settings += [("_FUSED_BWD_MAX_LQ", 0, d) for d in ("probs", "output")]
+                if name == "gated_lce":
+                    settings += [("GW_MODE", m, "") for m in ("store", "acc")]
+                for attr, value, delta in settings:
+                    with monkeypatch.context() as m:
+                        if attr:
+                            m.setattr(gated_lce if name == "gated_lce" else attention, attr, value)
+                        if delta:
+                            m.setattr(attention, "BACKWARD_DELTA", delta)
+                        torch.manual_seed(0)
+                        out = build().to(device=DEVICE, dtype=dtype)(*make_inputs(dtype))
+                        sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    inlined = [c for c in unique_cases(cases) if c["kernel"] in writes]
+    assert {c["kernel"] for c in inlined} == set(writes), set(writes) - {c["kernel"] for c in inlined}
+    for c in inductor_writes(inlined):
+        found = set(c["written"])
+        assert not c["analysis_error"], (c["kernel"], c["analysis_error"])
+        assert found and found <= writes[c["kernel"]], (c["kernel"], c["consts"], found - writes[c["kernel"]])
+
+
 @pytest.mark.parametrize("module", sorted({m for m, _ in KERNEL_POINTERS}))
 def test_every_launch_of_an_inlined_op_goes_through_launch(module):
     """A launch written ``_kernel[grid](...)`` instead of ``launch(_kernel)[grid](...)`` would run
