@@ -245,9 +245,9 @@ def test_a_half_fused_model_with_the_smallest_ln_eps_has_finite_gradients():
     for eps in (1e-12, 2.0 ** -126):
         cfg = tiny_config(ln_eps=eps, num_layers=1)
         torch.manual_seed(0)
-        fused = optimize(InterFormerCTR(cfg), "triton").half()
+        fused = optimize(InterFormerCTR(cfg).to(DEVICE), "triton").half()
         perturb_constant_parameters(fused)
-        dense, sparse, seq, lengths, label = random_batch(cfg, [0, 3, 6], 6)
+        dense, sparse, seq, lengths, label = [t.to(DEVICE) for t in random_batch(cfg, [0, 3, 6], 6)]
         logits = fused(dense.half(), sparse, seq, lengths)
         fused.loss(logits, label).backward()
         assert torch.isfinite(logits).all(), eps

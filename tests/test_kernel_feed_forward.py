@@ -380,27 +380,33 @@ def test_autocast_fp32_parameters(x_dtype):
         assert_lowp(k, e, r, name)
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16], ids=DTYPE_IDS)
-def test_autocast_rounds_the_inputs_as_autocast_would(x_dtype):
+@pytest.mark.parametrize("x_in", ["float32", "autocast-dtype"])
+def test_autocast_rounds_the_inputs_as_autocast_would(x_in):
     """Under autocast the kernels read x and the fp32 parameters as they are and round each tile to
     the compute dtype in registers, "as eager's casts would": they therefore give bit for bit what
-    they give, outside autocast, on inputs rounded beforehand (the output; every gradient, returned
-    in its input's dtype, rounded to the compute dtype equals that run's, both being one rounding of
-    the same fp32 sums). Reading an input unrounded (more accurate, hence invisible to the accuracy
-    rule) fails here."""
+    they give, outside autocast, on the same inputs cast beforehand as autocast casts them (the
+    output; every gradient, returned in its input's dtype, rounded to the compute dtype equals that
+    run's, both being one rounding of the same fp32 sums). Reading an input unrounded (more
+    accurate, hence invisible to the accuracy rule) fails here. x is fp32 or already in the compute
+    dtype: an fp16 x under bf16 autocast (a GPU) would have its gradient rounded twice, to fp16 by
+    the kernel and to bf16 here, which need not equal one rounding."""
     ac = _cpu_fp16_autocast_or_skip()
+    x_dtype = torch.float32 if x_in == "float32" else ac
     gen = gen_for("autocast-rounding")
     masters = make_masters((3, 66), 40, 33, 24, gen)  # several row blocks, a partial hidden chunk
     grad = torch.randn(3, 66, 24, generator=gen, dtype=F64).to(DEVICE, ac)
     results = []
     for autocast in (True, False):
-        dtypes = (x_dtype, torch.float32) if autocast else (ac, ac)
-        xa = layout_x(masters[0].to(DEVICE, dtypes[0]), "token_slice").requires_grad_()
-        params = [m.to(DEVICE, dtypes[1]).requires_grad_() for m in masters[1:]]
+        # the inputs as autocast receives them; the reference run gets them cast to ac from there
+        x, *params = [m.to(DEVICE, dt) for m, dt in zip(masters, [x_dtype] + [torch.float32] * 4)]
+        if not autocast:
+            x, params = x.to(ac), [p.to(ac) for p in params]
+        xa = layout_x(x, "token_slice").requires_grad_()
+        params = [p.requires_grad_() for p in params]
         with torch.autocast(DEVICE.type, dtype=ac, enabled=autocast):
             out = K.feed_forward(xa, *params)
         out.backward(grad)
-        assert xa.grad.dtype == dtypes[0] and all(p.grad.dtype == dtypes[1] for p in params)
+        assert xa.grad.dtype == xa.dtype and all(p.grad.dtype == p.dtype for p in params)
         results.append([out.detach(), xa.grad.to(ac)] + [p.grad.to(ac) for p in params])
     for name, a, b in zip(NAMES, *results):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: {rel_err(a, b):.3e}"
@@ -747,7 +753,7 @@ def _subclass(m):
         def forward(self, x):
             return super().forward(x) + 1.0
 
-    extra = MyLinear(m[0].in_features, m[0].out_features)
+    extra = MyLinear(m[0].in_features, m[0].out_features).to(m[0].weight.device)
     extra.load_state_dict(m[0].state_dict())
     m[0] = extra
 
@@ -758,7 +764,7 @@ def _object_forward(m):
 
 def _no_bias(m):
     torch.manual_seed(7)
-    m[2] = nn.Linear(m[2].in_features, m[2].out_features, bias=False)
+    m[2] = nn.Linear(m[2].in_features, m[2].out_features, bias=False).to(m[2].weight.device)
 
 
 def _borrowed_forward(m):
