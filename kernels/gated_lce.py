@@ -37,7 +37,9 @@ reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm
 with Triton 3.6, the GPU machines' version (``profiling/sm90_audit.py``; bf16 at the DESIGN shapes,
 2026-11-28): the forward takes 97-206 registers, no spills; the backward 140-255, one 8-warp
 program per SM, 6 spill stores (a 24-byte stack) at long's 8 -> 8 summary (d = 128); fp32 spills
-more (correct, not tuned). These are the knobs to tune on a GPU.
+more (correct, not tuned). The "acc" backward of taobao's d = 64 plans runs two programs an SM
+under a 128-register cap (:func:`_acc_plan`, timed on an H200). Larger blocks, one forward program
+per block and deeper pipelines were timed there too and lost (see :func:`_config`).
 
 Forward (``_glce_fwd_kernel``): one launch, programs looping over sample blocks
 -------------------------------------------------------------------------------
@@ -85,11 +87,12 @@ one of two ways (``_gw_mode``, chosen from the bytes each moves):
   (cuBLAS, fp32 accumulation) forms dgate_weight -- the one place this op uses cuBLAS: a fused split-K would need either atomics or
   per-program ``[d, d]`` fp32 partials, which cost more bytes than dZ and Y when few samples share a
   program (e.g. ``long``: d = 128, B = 512);
-* ``"acc"``: ``G`` = SM-count persistent programs (2 under the interpreter, so tests run the loop)
-  loop over sample blocks ``pid, pid + G, ...`` and accumulate dgate_weight in fp32 registers;
-  chosen when the ``[G, d, d]`` fp32 partials move fewer than half the bytes of dZ and Y (large
-  batches with many output tokens per sample; at the DESIGN shapes on an H100, 132 SMs, "store"
-  wins everywhere, the seq summary at B = 2048 only just: 8.7 MB of partials vs 8.4 MB).
+* ``"acc"``: ``G`` = one or two persistent programs an SM (:func:`_acc_plan`; under the
+  interpreter 2 or 4, so tests run the loop) loop over sample blocks ``pid, pid + G, ...`` and
+  accumulate dgate_weight in fp32 registers; chosen when the ``[G, d, d]`` fp32 partials move fewer
+  than half the bytes of dZ and Y (large batches with many output tokens per sample; at the DESIGN
+  shapes on an H100, 132 SMs, "store" wins everywhere: the seq summary at B = 2048 by 8.4 MB of dZ
+  and Y against 8.7 MB of partials with one program an SM, 17.3 MB with the two of taobao's plans).
 
 Each program writes its cross-sample partial sums (dgate_bias, dW, dbias, and in "acc" mode
 dgate_weight) once to an fp32 ``[programs, P]`` buffer, which :func:`._common.sum_partials` reduces in a
@@ -361,10 +364,14 @@ def _glce_bwd_kernel(
 # ============================================================================ launchers
 # Settings, module attributes read at every launch (tests and the bandwidth benchmark's providers set
 # them; each is described where it is defined): GW_MODE (the backward's dgate_weight strategy),
-# BWD_TILE, ACC_PROGRAMS_PER_SM and ACC_MAXNREG (the backward's blocks, grid and register cap),
-# FWD_PROGRAMS_PER_SM (the forward's grid), FWD_STAGES and BWD_STAGES (pipeline depths). Their
-# defaults are the plan in use; the others are kept to be timed against it on a GPU, and go once
-# a GPU has said which wins.
+# ACC_PROGRAMS_PER_SM and ACC_MAXNREG (overrides of the "acc" backward's grid and register cap, whose
+# rule is :func:`_acc_plan`) and FWD_PROGRAMS_PER_SM (the forward's grid). Their defaults are the
+# plans in use. The launch plans kept beside them for measurement were timed on an H200 (torch 2.11,
+# Triton 3.6, bf16, CUDA-graphed forward+backward at taobao-b64k, commit 7bea4b3) and decided by the
+# team's pre-registered rule: a variant faster than the default by more than the rows' p20-p80
+# spread in both uses becomes the default, the others go. Two capped "acc" programs an SM won
+# (:func:`_acc_plan`); larger backward blocks and deeper pipelines (:func:`_config`) and one forward
+# program per block (:func:`_fwd_programs`) lost, and were deleted with their settings.
 def _bwd_launch_options(dtype: torch.dtype) -> dict:
     """Dot precision, pipelining and parameter loads of the backward kernel.
 
@@ -374,7 +381,8 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
     (n_in=20, n_out=4, d=64, both dgate_weight modes), which then poisoned the CUDA context; bf16
     runs were clean. This setting keeps fp32 off the tensor-core and multi-buffered paths where that
     read came from. It is a mitigation not yet re-run on a GPU (no device was lent since), and fp32
-    is a correctness mode here, not a performance target. fp16/bf16 keep the tuned defaults.
+    is a correctness mode here, not a performance target. fp16/bf16 keep the tuned defaults
+    (Triton's 3 stages; see :func:`_config` for deeper ones).
 
     ``PARAMS_ONCE``: the gate weight and both biases are loaded once per program, before the block
     loop (fp16/bf16; sm_90 builds with Triton 3.6 at taobao: 160 -> 140 registers for the 20 -> 4
@@ -383,10 +391,9 @@ def _bwd_launch_options(dtype: torch.dtype) -> dict:
     weight and its operand copies took 263,168 bytes of shared memory at the limit corner, n_in 128,
     n_out 64, d 128, in the "acc" mode, more than an H100 has; reloaded, 212,992).
     """
-    stages = _stages("BWD_STAGES", BWD_STAGES)
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1, "PARAMS_ONCE": False}
-    return {"PREC": dot_precision(dtype), "PARAMS_ONCE": True, **stages}
+    return {"PREC": dot_precision(dtype), "PARAMS_ONCE": True}
 
 
 def _fwd_launch_options(dtype: torch.dtype) -> dict:
@@ -396,92 +403,85 @@ def _fwd_launch_options(dtype: torch.dtype) -> dict:
     memory: at the limit corner (n_in 128, n_out 64, d 128) the looping fp32 forward built to
     425,984 bytes with three stages and tf32x3 dots, 294,912 with one stage (Triton 3.9), against an
     H100's 232,448; "ieee" and one stage, 196,608 (3.6) and 98,304 (3.9). fp16/bf16 keep Triton's
-    defaults (or :data:`FWD_STAGES`)."""
-    stages = _stages("FWD_STAGES", FWD_STAGES)
+    defaults (3 stages; deeper ones were slower on an H200, see :func:`_config`)."""
     if dtype == torch.float32:
         return {"PREC": "ieee", "num_stages": 1}
-    return {"PREC": dot_precision(dtype), **stages}
-
-
-#: Software-pipeline depth of the fp16/bf16 forward's and backward's block loops (Triton's
-#: ``num_stages``: how many x tiles are being fetched ahead; None: Triton's default, 3), kept for
-#: measurement (the bandwidth benchmark's ``fused-deep``: 5 and 6). Why: at 32x taobao's batch one
-#: backward program an SM with 3 stages has about 19 KB of loads in flight (two x and upstream-
-#: gradient tiles ahead), below the roughly 30 KB an SM needs to keep an H100's memory busy. Deeper
-#: stages cost shared memory, hardly registers (sm_90, Triton 3.6, bf16, 2026-11-28): the backward at
-#: 6 stages 135 registers and 80 KB at the 20 -> 4 summary (137 and 48 KB at 3), 177 and 71 KB at
-#: the 8 -> 8 one (215 and 46 KB), one program an SM either way; the forward at 5 stages 103
-#: registers and 90 KB (97, 57 KB), 163 and 66 KB (168, 49 KB), 2 and 3 programs an SM as at 3.
-#: fp32 keeps one stage (:func:`_bwd_launch_options`). Not timed yet.
-FWD_STAGES: Optional[int] = None
-BWD_STAGES: Optional[int] = None
-
-
-def _stages(name: str, value: Optional[int]) -> dict:
-    """``{"num_stages": value}``, or nothing for None; ValueError naming the setting for anything
-    but an int in [1, 8]."""
-    value = int_setting(name, value, 1, 8)
-    return {} if value is None else {"num_stages": value}
+    return {"PREC": dot_precision(dtype)}
 
 
 @functools.lru_cache(maxsize=None)
-def _config(n_in: int, n_out: int, d: int, backward: bool,
-            tile: Optional[Tuple[int, int, Optional[int]]] = None) -> Tuple[int, int, int, int, int]:
-    """(samples per block, KX, RO, DP, num_warps); see the module docstring. ``tile``: ``(token rows,
-    output rows, warps)`` a block aims at instead of the rule's (warps None: the rule's), as
-    :data:`BWD_TILE` sets it for the backward."""
+def _config(n_in: int, n_out: int, d: int, backward: bool) -> Tuple[int, int, int, int, int]:
+    """(samples per block, KX, RO, DP, num_warps); see the module docstring.
+
+    Timed on an H200 against this plan and deleted (torch 2.11, Triton 3.6, bf16, CUDA-graphed
+    forward+backward at taobao-b64k, commit 7bea4b3; median ms, this plan 0.4418 in the
+    non-sequence use and 0.2932 in the sequence one), so not to be re-added without a new reason:
+
+    * larger backward blocks, 128 token rows and 64 output rows (6 samples a block instead of 3 in
+      the non-sequence use, 8 instead of 4 in the sequence one; 206 and 255 registers, one program
+      an SM as here): 0.4113 and 0.3363 ms, 7% faster in one use and 15% slower in the other. Over
+      a grid of plans (sm_90 builds, 2026-11-27: 16 to 128 token rows, 16 to 64 output rows, 2, 4
+      and 8 warps) none held more than 8 warps an SM without spilling: the five dots' operand
+      layouts, not the tile, set the registers;
+    * deeper software pipelines of the fp16/bf16 block loops, 5 tiles fetched ahead in the forward
+      and 6 in the backward instead of Triton's 3 (more shared memory, the same programs an SM):
+      0.4474 and 0.3047 ms, 1-4% slower in both uses.
+    """
     dp = max(16, next_pow2(d))
     rows_x = max(16, (4096 if backward else 8192) // dp)   # target token rows per block
     rows_o = 32 if backward else 64                          # cap on output rows per block
-    warps = None
-    if tile is not None:
-        rows_x, rows_o, warps = tile
     n_per = max(1, min(rows_x // n_in, rows_o // n_out))
     kx = max(16, next_pow2(n_per * n_in))
     ro = max(16, next_pow2(n_per * n_out))
-    if warps is None:
-        warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
+    warps = 8 if max(kx, ro) * dp >= 8192 or (backward and dp >= 64) else 4
     return n_per, kx, ro, dp, warps
 
 
-#: Backward block plan, kept for measurement (the bandwidth benchmark's ``fused-bigtile``): None (the rule of
-#: :func:`_config`: about ``4096 / DP`` token rows and at most 32 output rows a block, 8 warps at d >=
-#: 64), or ``(token rows, output rows, warps)`` a block aims at (warps None: the rule's). Why: at
-#: taobao's 32x batch the fused forward+backward reached 23-34% of the copy bandwidth on an H200
-#: (issue 3 asks 70%), and the "acc" backward built (Triton 3.6, sm_90, bf16) to 138 registers (20 ->
-#: 4 tokens) and 219 (8 -> 8) at 8 warps: one program, 8 warps, an SM (137 and 215 since the parameters
-#: are loaded once a program, 2026-11-28; :data:`ACC_MAXNREG` is the way to two). Over a grid of plans
-#: (16 to 128 token rows, 16 to 64 output rows, 2, 4 and 8 warps; 2026-11-27) none held more than 8
-#: warps an SM without spilling (2 warps: 4 programs, but 15 to 646 spill stores; 4 warps: 205-255
-#: registers, 2 programs): the five dots' operand layouts, not the tile, set the registers. What a plan
-#: changes is the bytes each program has in flight per dependent chain of dots: ``BIG_TILE`` of
-#: bench/test_bench_gated_lce.py doubles them. Not timed yet.
-BWD_TILE: Optional[Tuple[int, int, Optional[int]]] = None
-#: Persistent programs per SM of the backward's "acc" mode (1 by default: one per SM).
-ACC_PROGRAMS_PER_SM = 1
-#: Register cap of the "acc" backward (Triton's ``maxnreg`` launch option; None: none), kept for
-#: measurement with ``ACC_PROGRAMS_PER_SM = 2`` (the bandwidth benchmark's ``fused-acc2``). Why: at
-#: 32x taobao's batch the "acc" backward builds (sm_90, Triton 3.6, bf16) to 137 registers at the 20
-#: -> 4 summary and 215 at the 8 -> 8 one, so one 8-warp program an SM; capped at 128 they build to
-#: two an SM, the 20 -> 4 one without a spill, the 8 -> 8 one with 17 spill stores (all before
-#: the block loop) and three 4-byte stack loads a block. At d = 128 a program's shared memory
-#: already keeps it alone on its SM, and 4-warp or 64 x 32 tiles spill heavily under the cap
-#: (d 24 and 40: 166-318 spill stores): so not a default. Not timed yet.
+#: Overrides of :func:`_acc_plan`'s rule for the backward's "acc" mode: persistent programs per SM
+#: (an int >= 1) and the register cap, Triton's ``maxnreg`` (an int in [24, 255]); None, the
+#: default, leaves each to the rule. ACC_PROGRAMS_PER_SM replaces the rule's pair (its cap is then
+#: ACC_MAXNREG's, None: no cap): ``1`` is the plan before the rule. Tests and measurements set them.
+#: The rule (two programs an SM capped at 128 registers for 16-bit inputs at d = 64 or 48, else one
+#: uncapped) was the default's challenger ``fused-acc2`` until an H200 timed it 12.5% and 6.6%
+#: faster at taobao-b64k (commit 7bea4b3; the numbers are in :func:`_acc_plan`).
+ACC_PROGRAMS_PER_SM: Optional[int] = None
 ACC_MAXNREG: Optional[int] = None
+_ACC_CAPPED = (2, 128)  # the rule's programs per SM and maxnreg where it caps
 
 
-def _bwd_settings() -> Tuple[Optional[Tuple[int, int, Optional[int]]], int]:
-    """``(BWD_TILE, ACC_PROGRAMS_PER_SM)``, checked (ValueError naming the bad one; also checks
-    ``ACC_MAXNREG``)."""
-    if BWD_TILE is not None:
-        ok = (isinstance(BWD_TILE, tuple) and len(BWD_TILE) == 3 and all(isinstance(v, int) and v >= 1
-                                                                            for v in BWD_TILE[:2])
-              and BWD_TILE[2] in (None, 1, 2, 4, 8, 16))
-        if not ok:
-            raise ValueError(f"BWD_TILE must be None or (token rows >= 1, output rows >= 1, warps in None, 1, 2, 4, "
-                             f"8, 16), got {BWD_TILE!r}")
+def _acc_plan(dtype: torch.dtype, d: int, dp: int, warps: int) -> Tuple[int, Optional[int]]:
+    """``(programs per SM, maxnreg or None)`` of the backward's "acc" mode for inputs of ``dtype``
+    and a backward plan of ``dp`` columns and ``warps`` warps at ``d``: two programs an SM under a
+    128-register cap for fp16/bf16 with the plan at 8 warps and DP = 64 and d a multiple of 16
+    (d = 48 or 64: one build, as Triton specialises d on its divisibility by 16), one program an
+    SM and no cap otherwise; :data:`ACC_PROGRAMS_PER_SM` and :data:`ACC_MAXNREG` override it
+    (ValueError naming a bad one). The launcher passes the cap in the "acc" mode only, and its
+    ``_gw_mode`` weighs this many programs' partials.
+
+    Why: at 32x taobao's batch the "acc" backward builds (sm_90, Triton 3.6, bf16) to 137 registers
+    at the 20 -> 4 summary and 215 at the 8 -> 8 one, so one 8-warp program an SM; capped at 128
+    they build to two an SM, the 20 -> 4 one without a spill, the 8 -> 8 one with 17 spill stores
+    (all before the block loop) and three 4-byte stack loads a block. An H200 (torch 2.11, Triton
+    3.6, bf16, CUDA-graphed forward+backward at taobao-b64k, where ``_gw_mode`` picks "acc" either
+    way; commit 7bea4b3) timed the two capped programs an SM against one uncapped: median 0.3866 ms
+    (p20-p80 0.3859-0.3874) against 0.4418 (0.4415-0.4424) in the non-sequence use, -12.5%, and
+    0.2739 (0.2727-0.2751) against 0.2932 (0.2926-0.2937) in the sequence one, -6.6%: far past
+    the spreads in both, so by the pre-registered rule the default, where those builds hold. Not
+    elsewhere: at d = 128 a program's shared memory already keeps it alone on its SM, and 4-warp
+    plans (d 24) and padded d (d 40) spill heavily under the cap (Triton 3.6: 166-318 spill
+    stores). Capped builds with Triton 3.9 (2026-11-28; the 8 -> 8 plan there 38 spill stores) show
+    the padded d, not the 64 x 32 blocks an older note blamed, as the cause: 123 spill stores at d
+    40 and 56 with taobao's 20 -> 4 plan (none at d 48 and 64), 196 at d 40 with 64 x 32 blocks (6
+    at d 64). fp32 (the correctness mode: "ieee" dots, one stage, the parameters reloaded a block)
+    is never capped unless ACC_MAXNREG says so. Timed at d = 64 only (taobao's two plans); d = 48
+    gets the same builds."""
     int_setting("ACC_MAXNREG", ACC_MAXNREG, 24, 255)
-    return BWD_TILE, int_setting("ACC_PROGRAMS_PER_SM", ACC_PROGRAMS_PER_SM, 1, optional=False)
+    per_sm = int_setting("ACC_PROGRAMS_PER_SM", ACC_PROGRAMS_PER_SM, 1)
+    if per_sm is not None:
+        return per_sm, ACC_MAXNREG
+    rule = _ACC_CAPPED if (dtype in (torch.float16, torch.bfloat16) and warps == 8 and dp == 64
+                           and d % 16 == 0) else (1, None)
+    return rule[0], rule[1] if ACC_MAXNREG is None else ACC_MAXNREG
 
 
 #: Forward grid: None (the default) runs one program per sample block the first time a kernel
@@ -505,9 +505,14 @@ def _fwd_programs(n_blocks: int, key: tuple, device: torch.device) -> int:
     registers at taobao's 20 -> 4 tokens). One wave, not more programs: a program's work is fixed
     by its share of the blocks, so a second, partial wave would add a whole program's time. Before
     the first launch R is not known; one program per block is then the safe grid (the hardware
-    balances it). Under the interpreter: ``num_sms`` = 2 programs, so tests run the loop. Under
-    ``torch.compile`` with ``set_compile_inline`` the grid is fixed when the graph is traced: one
-    program per block if no plain forward of that specialisation ran before.
+    balances it). Timed against one program per block on an H200 (torch 2.11, Triton 3.6, bf16,
+    CUDA-graphed forward+backward at taobao-b64k, commit 7bea4b3), the one looping wave made the
+    step 16-18% faster: median 0.4418 against 0.5247 ms in the non-sequence use, 0.2932 against
+    0.3579 in the sequence one (that variant, a provider of the bandwidth benchmark, was then
+    deleted; ``FWD_PROGRAMS_PER_SM`` of a batch's block count or more still gives it). Under the
+    interpreter: ``num_sms`` = 2 programs, so tests run the loop. Under ``torch.compile`` with
+    ``set_compile_inline`` the grid is fixed when the graph is traced: one program per block if no
+    plain forward of that specialisation ran before.
     """
     per_sm = int_setting("FWD_PROGRAMS_PER_SM", FWD_PROGRAMS_PER_SM, 1)
     if per_sm is None:
@@ -534,7 +539,8 @@ GW_MODE = None
 def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
     """"store": write dZ and Y once (``4 * B * n_out * d * elt`` bytes with the GEMM's read-back) and
     let cuBLAS form ``dZ^T Y``; "acc": accumulate it in registers of ``G`` persistent programs and
-    reduce ``[G, d, d]`` fp32 partials (``2 * G * d * d * 4`` bytes). "acc" must win by 2x: its
+    reduce ``[G, d, d]`` fp32 partials (``2 * G * d * d * 4`` bytes; G: :func:`_acc_plan`'s programs
+    per SM times the SMs, so its two-program plans need twice the batch). "acc" must win by 2x: its
     persistent programs hide less memory latency than one program per block."""
     if GW_MODE is not None:
         return GW_MODE
@@ -573,8 +579,8 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     n_out = weight.shape[1]
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
-    tile, acc_per_sm = _bwd_settings()
-    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True, tile)
+    n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
+    acc_per_sm, acc_cap = _acc_plan(x.dtype, d, dp, warps)
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:
@@ -585,7 +591,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     mode = _gw_mode(B, n_out, d, x.element_size(), acc_programs)
     store = mode == "store"
     # "store": about one block per program (4 per SM; fewer partial rows to reduce than one program
-    # per block); "acc": ACC_PROGRAMS_PER_SM persistent programs per SM (one by default)
+    # per block); "acc": _acc_plan's persistent programs per SM (one or two), under its register cap
     G = min(n_blocks, 4 * num_sms(x.device) if store else acc_programs)
     P = d + n_in * n_out + n_out + (0 if store else d * d)
     part = torch.empty((G, P), device=x.device, dtype=torch.float32)
@@ -601,7 +607,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
         **_bwd_launch_options(x.dtype), num_warps=warps,
-        **({"maxnreg": ACC_MAXNREG} if ACC_MAXNREG is not None and not store else {}),
+        **({"maxnreg": acc_cap} if acc_cap is not None and not store else {}),
     )
     if not params:
         return dx, None, None, None, None

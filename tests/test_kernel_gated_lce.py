@@ -247,67 +247,95 @@ def test_resident_programs_of_a_compiled_kernel(monkeypatch):
     assert K._FWD_RESIDENT == {("k",): 3}
 
 
-@pytest.mark.parametrize("tile, per_sm, cap", [((128, 64, None), 1, None), ((16, 16, 4), 2, 128),
-                                               ((32, 64, 2), 3, None)])
-def test_backward_tile_settings_keep_the_results(tile, per_sm, cap, monkeypatch):
-    """``BWD_TILE``, ``ACC_PROGRAMS_PER_SM`` and ``ACC_MAXNREG`` (kept for measurement) change the
-    backward's blocks, warps, persistent grid and register cap, not its results: in both
-    dgate_weight modes, every output and gradient still meets the references (fp32), and the block
-    plan, grid and cap (the "acc" mode's only) the launcher uses are the ones the settings ask for."""
+@pytest.mark.parametrize("per_sm, cap", [(None, None), (2, 128), (3, None), (None, 64)])
+def test_acc_overrides_keep_the_results(per_sm, cap, monkeypatch):
+    """``ACC_PROGRAMS_PER_SM`` and ``ACC_MAXNREG`` change the "acc" backward's persistent grid and
+    register cap, not its results: in both dgate_weight modes every output and gradient still meets
+    the references (fp32, where the rule is one program an SM, no cap), and the grid and cap (the
+    "acc" mode's only) the launcher uses are the ones the settings ask for."""
     B, n_in, n_out, d = 37, 6, 4, 16
     gen = torch.Generator().manual_seed(7)
     masters = make_masters(B, n_in, n_out, d, gen)
     grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
     eager = run(R.gated_lce, masters, torch.float32, "contiguous", grad)
     ref64 = run(R.gated_lce, masters, torch.float64, "contiguous", grad)
-    monkeypatch.setattr(K, "BWD_TILE", tile)
     monkeypatch.setattr(K, "ACC_PROGRAMS_PER_SM", per_sm)
     monkeypatch.setattr(K, "ACC_MAXNREG", cap)
-    plan = K._config(n_in, n_out, d, True, tile)
-    assert plan[0] == max(1, min(tile[0] // n_in, tile[1] // n_out)) and plan != K._config(n_in, n_out, d, True)
-    assert plan[4] == (tile[2] or K._config(n_in, n_out, d, True)[4])
     x, *params = (m.to(DEVICE, torch.float32) for m in masters)
-    n_blocks = -(-B // plan[0])
+    n_blocks = -(-B // K._config(n_in, n_out, d, True)[0])
     for mode in ("acc", "store"):
         monkeypatch.setattr(K, "GW_MODE", mode)
         compare(run(K.gated_lce, masters, torch.float32, "contiguous", grad), eager, ref64, torch.float32)
         with record_launches() as cases:  # the same backward, launches recorded and skipped
             K._gated_lce_bwd_impl(grad.to(DEVICE, torch.float32), x, *params)
         (case,) = [c for c in cases if c["kernel"] == "_glce_bwd_kernel"]
-        assert (case["consts"]["KX"], case["consts"]["RO"], case["num_warps"]) == (plan[1], plan[2], plan[4])
-        expected = min(n_blocks, (4 if mode == "store" else per_sm) * K.num_sms(torch.device(DEVICE)))
+        expected = min(n_blocks, (4 if mode == "store" else per_sm or 1) * K.num_sms(torch.device(DEVICE)))
         assert case["programs"] == expected, (mode, case["programs"])
         assert case.get("maxnreg") == (cap if mode == "acc" else None), (mode, case)
 
 
-def test_pipeline_depth_settings_reach_the_launches(monkeypatch):
-    """``FWD_STAGES`` / ``BWD_STAGES`` (kept for measurement) set the fp16/bf16 kernels' ``num_stages``
-    and nothing else: fp32 launches keep one stage (the H100 sanitizer mitigation), and the results
-    stay within the references (fp16, the DESIGN §5 rule)."""
-    monkeypatch.setattr(K, "FWD_STAGES", 5)
-    monkeypatch.setattr(K, "BWD_STAGES", 6)
-    B, n_in, n_out, d = 37, 6, 4, 16
-    gen = torch.Generator().manual_seed(9)
-    masters = make_masters(B, n_in, n_out, d, gen)
-    grad = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
-    for dtype, want in ((torch.float16, {"_glce_fwd_kernel": 5, "_glce_bwd_kernel": 6}),
-                        (torch.float32, {"_glce_fwd_kernel": 1, "_glce_bwd_kernel": 1})):
-        x, *params = (m.to(DEVICE, dtype) for m in masters)
+#: (dtype, n_in, n_out, d, the backward plan's (warps, DP), the rule's (programs per SM, maxnreg))
+ACC_RULE_CASES = [
+    (torch.bfloat16, 20, 4, 64, (8, 64), (2, 128)),   # taobao's non-sequence LCE, timed on an H200
+    (torch.float16, 8, 8, 64, (8, 64), (2, 128)),     # taobao's sequence LCE
+    (torch.bfloat16, 16, 8, 48, (8, 64), (2, 128)),   # d a multiple of 16: the same builds as d = 64
+    (torch.float32, 20, 4, 64, (8, 64), (1, None)),   # fp32: never capped by the rule
+    (torch.bfloat16, 5, 4, 24, (4, 32), (1, None)),   # a 4-warp plan
+    (torch.bfloat16, 13, 8, 40, (8, 64), (1, None)),  # 8 warps, DP 64, but d padded: spills under the cap
+    (torch.bfloat16, 64, 4, 128, (8, 128), (1, None)),  # d = 128: shared memory keeps a program alone
+]
+
+
+@pytest.mark.parametrize("dtype, n_in, n_out, d, plan, want", ACC_RULE_CASES,
+                         ids=lambda v: DTYPE_IDS(v) if isinstance(v, torch.dtype) else None)
+def test_acc_rule_reaches_the_backward_launch(dtype, n_in, n_out, d, plan, want, monkeypatch):
+    """The "acc" backward runs two programs an SM under ``maxnreg=128`` exactly for fp16/bf16 with
+    the backward plan at 8 warps and DP = 64 and d a multiple of 16, one program an SM with no cap
+    otherwise (fp32, d 24, 40, 128), as the launch the kernel receives shows (132 "SMs", a batch of
+    more blocks than two programs an SM take); ``_gw_mode`` weighs the same grid, and the "store"
+    mode is never capped. ``ACC_PROGRAMS_PER_SM`` replaces the rule's pair (with ``ACC_MAXNREG``'s
+    cap), ``ACC_MAXNREG`` alone its cap. Launches are recorded and skipped (the interpreter cannot
+    honour maxnreg nor run bf16; a GPU-sized batch costs only its allocations)."""
+    sms = 132
+    monkeypatch.setattr(K, "num_sms", lambda device: sms)
+    B = 4096
+    x = torch.zeros(B, n_in, d, dtype=dtype)
+    params = [torch.zeros(*shape, dtype=dtype) for shape in ((n_in, n_out), (n_out,), (d, d), (d,))]
+    grad = torch.zeros(B, n_out, d, dtype=dtype)
+    n_per, _, _, dp, warps = K._config(n_in, n_out, d, True)
+    n_blocks = -(-B // n_per)
+    assert (warps, dp) == plan and n_blocks > 2 * sms
+
+    def launched(mode, per_sm=None, cap=None):
+        monkeypatch.setattr(K, "GW_MODE", mode)
+        monkeypatch.setattr(K, "ACC_PROGRAMS_PER_SM", per_sm)
+        monkeypatch.setattr(K, "ACC_MAXNREG", cap)
         with record_launches() as cases:
-            K._gated_lce_fwd_impl(x, *params)
-            K._gated_lce_bwd_impl(grad.to(DEVICE, dtype), x, *params)
-        assert {c["kernel"]: c.get("num_stages") for c in cases if c["kernel"] in want} == want, (dtype, cases)
-    compare(run(K.gated_lce, masters, torch.float16, "contiguous", grad),
-            run(R.gated_lce, masters, torch.float16, "contiguous", grad),
-            run(R.gated_lce, masters, torch.float64, "contiguous", grad), torch.float16)
+            K._gated_lce_bwd_impl(grad, x, *params)
+        (case,) = [c for c in cases if c["kernel"] == "_glce_bwd_kernel"]
+        assert (case["num_warps"], case["consts"]["DP"]) == plan
+        return case["programs"], case.get("maxnreg")
+
+    per_sm, cap = want
+    assert launched("acc") == (min(n_blocks, per_sm * sms), cap)
+    assert launched("store") == (min(n_blocks, 4 * sms), None)
+    assert launched("acc", per_sm=1) == (sms, None)
+    assert launched("acc", per_sm=3, cap=200) == (3 * sms, 200)
+    assert launched("acc", cap=96) == (min(n_blocks, per_sm * sms), 96)
+    assert launched("store", per_sm=2, cap=128) == (min(n_blocks, 4 * sms), None)
+    # the mode choice weighs the rule's grid
+    weighed = []
+    real = K._gw_mode
+    monkeypatch.setattr(K, "_gw_mode", lambda *a: weighed.append(a[-1]) or real(*a))
+    launched(None)
+    launched(None, per_sm=3)
+    assert weighed == [per_sm * sms, 3 * sms]
 
 
-@pytest.mark.parametrize("setting, value", [("BWD_TILE", (64, 32)), ("BWD_TILE", (0, 32, 4)),
-                                            ("BWD_TILE", (64, 32, 3)), ("ACC_PROGRAMS_PER_SM", 0),
-                                            ("ACC_PROGRAMS_PER_SM", True), ("ACC_PROGRAMS_PER_SM", None),
-                                            ("ACC_MAXNREG", 16), ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0),
-                                            ("FWD_STAGES", 0), ("BWD_STAGES", 9), ("BWD_STAGES", True)])
-def test_backward_tile_settings_are_checked(setting, value, monkeypatch):
+@pytest.mark.parametrize("setting, value", [("ACC_PROGRAMS_PER_SM", 0), ("ACC_PROGRAMS_PER_SM", True),
+                                            ("ACC_PROGRAMS_PER_SM", 1.5), ("ACC_MAXNREG", 16),
+                                            ("ACC_MAXNREG", 256), ("ACC_MAXNREG", 128.0)])
+def test_acc_settings_are_checked(setting, value, monkeypatch):
     monkeypatch.setattr(K, setting, value)
     masters = make_masters(3, 5, 4, 16, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=setting):
