@@ -12,108 +12,51 @@
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
 #   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
 #                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
-# Seen on an H200 (2026-11-27, third lease, bench/results/nvidia-h200-2026-11-27c.md): a start about
-# 30 s, each call's install and transfers 10-25 s; 384 listed tests in 15 shards of 165 s took 139 s
-# (the slowest shard 130 s); 14 op rows 44 s; four plain taobao model rows 35 s; one compiled
-# training row about 45 s (a box of 110 s held the compiled row and failed the inlined one). The
-# lease's first call hung after its tests on a bare `wait` (fixed since) and brought back nothing.
-# Planned for the next lease (two calls; device-tool timeout_s 360 and 400; issue call 2 as soon as
-# call 1 returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=165 OPS_TIMEOUT=100 MODEL_TIMEOUT=55 \
-#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_feed_forward.py \
+# Seen on an H200 (2026-11-28, bench/results/nvidia-h200-2026-11-28.md): a start and each call's
+# install and transfers about 30 s; call 1 (tests ops model) 315 s: the 165 s test box cut 4 of 16
+# shards (each held a line of 36-48 parametrised cases: the list now names such cases one by one, so
+# round-robin spreads them), 31 graphed op rows filled their 100 s box (the last two lost), 4 plain
+# model rows 30 s; compiled model rows 45-60 s each (6 of 10 in a box of 330 s); a plain profile 47 s.
+# Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
+# Planned for the next lease (device-tool timeout_s 360, then 330, then what is left; issue each call
+# as soon as the last returns: an idle machine is given back after about 30 s):
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=150 OPS_TIMEOUT=110 MODEL_TIMEOUT=45 \
+#      OPS_FILES="bench/test_bench_feed_forward.py bench/test_bench_gated_lce.py bench/test_bench_crossnet.py \
 #      bench/test_bench_attention.py" \
-#      OPS_K="(crossnet and low and taobao and full and (fused-cudagraph or fused-fphases-cudagraph or \
-#      fused-deep-cudagraph or compile-cudagraph)) or (bandwidth and (fused-cudagraph or fused-bigtile-cudagraph or \
-#      fused-acc2-cudagraph or fused-blockgrid-cudagraph or fused-deep-cudagraph)) or \
-#      ((attention or pma or feed_forward) and full and ((taobao and (fused-cudagraph or eager-cudagraph or \
-#      compile-cudagraph)) or (long and (fused-cudagraph or eager-cudagraph or fused-delta-output-cudagraph)))) or \
-#      (self_attention and full and amazon and (fused-cudagraph or fused-delta-output-cudagraph)) or \
-#      (pma and full and long and fused-delta-output-cudagraph)" \
+#      OPS_K="(feed_forward and full and (eager-cudagraph or compile-cudagraph or fused-cudagraph)) or \
+#      (bandwidth and (fused-cudagraph or fused-store-cudagraph)) or (crossnet and low and taobao and \
+#      (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
+#      (pma and full and long and (fused-cudagraph or fused-delta-output-cudagraph))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      (selection checked on a CPU with torch.cuda.is_available patched to True: 31 op rows, the
-#      gated LCE's bandwidth rows first (10, at 32x taobao's batch), 4 of them Inductor compiles; a box
-#      of 100 s keeps the rows measured before it ends, so the attention rows, last, are the ones a
-#      short box loses;
-#      the tests of gpu_rerun.txt, 593 (counted with a CUDA-patched collection; 424 before the
-#      twenty-fourth session, whose 75 are mostly the gated LCE's, 24 of the twenty-fifth's
-#      LayerNorm, PMA and empty-batch changes, the twenty-sixth's 65: its new tests at the end,
-#      new cases and backward paths of listed attention tests where those are, and the
-#      twenty-seventh's 5, the last lines), in 16 shards of about 37 (the
-#      third H200 lease's slowest shard of 26 took 130 s: hence a box of 165 s; the three boxes and
-#      the install fill about 330 of the call's 360 s): the three that failed at c77021c, the fp32 casts of
-#      float arguments under Inductor (the inlined model, plain and reduce-overhead), every attention
-#      test after the softmax-statistics change, in fp32, fp16 and bf16, and the nineteenth session's
-#      new settings' tests; then, graphed, in one process: the low-rank cross net with
-#      LOW_RANK_FORWARD = "phases" (fused-fphases: its one-launch forward ran 49 us in 128
-#      one-per-SM programs in the 80ba0f2 step profile) and with LOW_RANK_MAX_STAGES = 5 (fused-deep:
-#      5 pipeline stages in the forward and rows kernels, twenty-fourth session) beside the default
-#      and Inductor (issue 4: 0.1359 against 0.1244 ms at c77021c); the gated LCE bandwidth rows
-#      (issue 3: 34% / 23% of copy at c77021c): the default (since the twenty-fourth session the
-#      forward's programs loop over the sample blocks in one wave, and the backward loads its
-#      parameters once a program), beside fused-blockgrid (the looping forward on the old grid, one
-#      program per block: what one wave of looping programs gains), fused-bigtile (BWD_TILE = (128,
-#      64, None)), fused-acc2 (two "acc" backward programs an SM under a 128-register cap,
-#      ACC_MAXNREG) and fused-deep (5 and 6 pipeline stages instead of 3, FWD_STAGES / BWD_STAGES);
-#      attention and PMA at taobao and long beside the 80ba0f2 rows (taobao attention fused 4.45x
-#      Inductor; PMA fused 0.110 / 0.251 ms): the statistics change moved registers (profiling/
-#      sm90-audit-triton3.6.md: taobao's PMA backward from 5 to 4 programs per SM), and this says
-#      whether it cost time; then the plain taobao model rows, which repeat poorly (c77021c: inference
-#      1.59x, training 1.13x). The twentieth session added the fused feed-forward block (the
-#      Interaction Arch's FFN; its tests are at the end of gpu_rerun.txt, its graphed op rows beside
-#      eager and Inductor are in the selection above; never run on a GPU). The twenty-second session
-#      changed the single-block attention backward (ONE_BLOCK: delta = rowsum(P * dP) where the keys
-#      fit one block, taobao's attention and PMA; sm_90 builds with Triton 3.6: PMA 98 -> 96 registers,
-#      4 -> 5 programs per SM, self-attention 151 -> 155, 3 per SM): the attention and PMA rows above say
-#      whether it cost time, and its test is at the end of gpu_rerun.txt with the ONNX export's.
-#      The twenty-sixth session extended that delta to keys past one block and to the general
-#      backward (a pass of its own over the key blocks, BACKWARD_DELTA = "probs"; sm_90 builds in
-#      profiling/sm90-audit-triton3.6.md): the self-attention rows at amazon and long and PMA's at
-#      long time it beside fused-delta-output (the stored-output delta it replaced), graphed. Same
-#      variant rule as below, but a loss keeps the pass (it fixes a 0.76 fp16 dq error): the rows say
-#      what it costs.
-#      Reading the gated LCE and cross-net variant rows (graphed, same process): a variant that beats
-#      the default by more than the rows' p20-p80 spread in both uses becomes the default (its
-#      builds are in profiling/sm90-audit-triton3.6.md and the settings' comments), and the settings
-#      that lose are deleted with their providers and tests.
-#      Device-tool timeout_s 360)
-#   2. PACK=1 MODEL_TIMEOUT=340 MODEL_FILES="$(for p in taobao-train-compile taobao-train-fused-compile-inline \
-#      taobao-train-fused-compile taobao-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
-#      amazon-train-compile amazon-train-fused-compile-inline amazon-train-fused-compile \
-#      taobao-inference-compile taobao-inference-fused-compile-inline; do \
-#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
+#      Tests: bench/gpu_rerun.txt's header. Ops, in order of need: the fused feed-forward block at
+#      every shape beside eager and Inductor (at long it was 4.1x slower than eager, its first timing;
+#      taobao's eager row was lost), the gated LCE's bandwidth rows with the new default (two capped
+#      "acc" programs an SM: 0.3866 / 0.2739 ms as fused-acc2 at 7bea4b3) beside "store", the low-rank
+#      cross net's 5-stage plan beside the default in both modes (2.0% faster in training, one row:
+#      the variant rule below wants the inference row too), PMA at long with both delta forms (cut
+#      last time): 21 rows (selection checked on a CPU with torch.cuda.is_available patched to True).
+#      Then the plain taobao model rows.
+#   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile-inline \
+#      taobao-inference-compile taobao-inference-fused-compile-inline taobao-train-compile \
+#      taobao-train-fused-compile-inline; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT model
-#      (issue 6's compile target, fused + compile >= 1.15x compile, in one process, rows in order of
-#      need: compile, fused-compile-inline (the kept ops traced into their Triton kernels, so that
-#      Inductor launches them; it failed at c77021c on the fp64 scale), fused-compile (the default
-#      set kept as opaque custom ops); then the same comparison as CUDA graphs (reduce-overhead: device
-#      time, which repeats where a plain compiled row moves by 10-23% between processes; the H100's
-#      was 1.29x, never run on an H200); then amazon's training rows, then the inference rows (no
-#      target: whether the compiled fused inference is still slower than the plain one). Compiled rows
-#      took about 35-45 s each, so the box of 340 s will likely end in the amazon rows, and the
-#      inference rows run only if the rows before them are quicker. bench/conftest.py
-#      resets dynamo before each row. If the inline rows fail again, call 1's tests
-#      (tests/test_fused_model.py's inlined cases) say where. At c77021c taobao compile training was
-#      26.34 ms; at 80ba0f2 fused-compile 25.09 against 25.17)
-#   3. If 120 s or more are left: PACK=1 PROFILE_BACKENDS="triton eager" PROFILE_ARGS="--inference --host"
-#      PROFILE_TIMEOUT=50 bench/gpu_session.sh COMMIT profile (where the plain inference's host time goes,
-#      fused and eager: the per-op CPU times of the torch profiler and the cProfile groups. Issue 6's
-#      plain 2x is the target furthest off, and counting its dispatches at the H200's per-op costs
-#      predicts 2.6x where 1.43-1.59x was measured, with both paths' totals several ms above the count:
-#      docs/benchmarks.md, "What the numbers say". This says what that shared host time is.)
-#   Then, or in a later lease: PACK=1 KERNELS_TIMEOUT=90 bench/gpu_session.sh COMMIT kernels (each
-#      cross-net kernel's device time: fused, both phased settings, Inductor, eager; which kernel of
-#      the fused op is slower than Inductor's code). For the gated LCE:
-#      KERNELS_ARGS="--ops gated_lce_nonseq,gated_lce_seq --shape taobao-b64k --providers fused --set
-#      gated_lce.GW_MODE=acc" (forward against backward at the bandwidth shape).
+#      (issue 6's compile target, fused + compile >= 1.15x compile: taobao training 1.09x plain and
+#      1.06x under reduce-overhead at 7bea4b3, the inlined model's first compile on a GPU; amazon's
+#      inlined row and the compiled inference rows were never reached. One process; each pair in order.)
+#   3. With 120 s or more left: PACK=1 KERNELS_TIMEOUT=90 KERNELS_ARGS="--ops feed_forward --shape long \
+#      --providers fused,eager" bench/gpu_session.sh COMMIT kernels (each kernel of the fused feed-forward
+#      block against cuBLAS's at long: sm_90 builds there have 64- and 32-row tiles over 16- and 32-wide
+#      hidden chunks, one 8-warp program an SM, about 4 waves).
+#   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'
+#   p20-p80 spread in both uses becomes the default (its builds are in profiling/sm90-audit-triton3.6.md
+#   and the settings' comments); the settings that lose are deleted with their providers and tests.
 #   Left for a later lease: the compiled inference profiles, plain and inlined (PROFILE_BACKENDS=triton
-#   PROFILE_ARGS="--compile --inference" bench/gpu_session.sh COMMIT profile; the same with OUT="$OUT/inline"
-#   INTERFORMER_COMPILE_INLINE=1 PACK=1 PROFILE_BACKENDS=triton PROFILE_ARGS="--compile --inference"
-#   bench/gpu_session.sh COMMIT profile), the host stage, the eager training profiles, the op stage at amazon
-#   and long, amazon's fused-compile-attention row, and call 3's profile again with
-#   DISABLE_ADDMM_CUDA_LT=1 (whether addmm's cuBLASLt path is the 42 us of self CPU time a call seen
-#   in the plain inference profile at 80ba0f2).
+#   PROFILE_ARGS="--compile --inference" bench/gpu_session.sh COMMIT profile; the same with
+#   INTERFORMER_COMPILE_INLINE=1), the host stage, the eager training profiles, the op stage at amazon
+#   and long, and the plain inference profile again with DISABLE_ADDMM_CUDA_LT=1 (F.linear took 164 us
+#   a call under cProfile in the fused inference profile of 2026-11-28).
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1

@@ -80,3 +80,17 @@ def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
     log = packed["kernels.log"]
     assert "dot_interaction, fused: built and ran once" in log and "layernorm_dhen, eager: built and ran once" in log
     assert log.count("no device kernels to time") == 2 and "== stage kernels took" in packed["session.log"]
+
+
+def test_every_id_of_the_rerun_list_names_a_test():
+    """``bench/gpu_rerun.txt`` (the next lease's tests) names each test by id: one that a later
+    change renamed or deleted would make its shard fail to collect and run nothing. Every listed id
+    must collect here (bf16 cases too: they are collected and skipped without a GPU)."""
+    listed = [line for line in (ROOT / "bench" / "gpu_rerun.txt").read_text().splitlines()
+              if "::" in line and not line.lstrip().startswith("#")]
+    assert listed
+    code = "import sys, pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider'] + sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, *listed], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    collected = [line for line in res.stdout.splitlines() if "::" in line]
+    assert len(collected) >= len(listed), (len(collected), len(listed))
