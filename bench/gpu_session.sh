@@ -23,20 +23,22 @@
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=150 OPS_TIMEOUT=110 MODEL_TIMEOUT=45 \
 #      OPS_FILES="bench/test_bench_feed_forward.py bench/test_bench_gated_lce.py bench/test_bench_crossnet.py \
 #      bench/test_bench_attention.py" \
-#      OPS_K="(feed_forward and full and (eager-cudagraph or compile-cudagraph or fused-cudagraph)) or \
+#      OPS_K="(feed_forward and full and (eager-cudagraph or compile-cudagraph or fused-cudagraph or \
+#      fused-wide-cudagraph)) or \
 #      (bandwidth and (fused-cudagraph or fused-store-cudagraph)) or (crossnet and low and taobao and \
 #      (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
 #      (pma and full and long and (fused-cudagraph or fused-delta-output-cudagraph))" \
 #      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
 #      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
 #      bench/gpu_session.sh COMMIT tests ops model
-#      Tests: bench/gpu_rerun.txt's header. Ops, in order of need: the fused feed-forward block at
-#      every shape beside eager and Inductor (at long it was 4.1x slower than eager, its first timing;
-#      taobao's eager row was lost), the gated LCE's bandwidth rows with the new default (two capped
+#      Tests: bench/gpu_rerun.txt's header. Ops, in order of need: the feed-forward block at every
+#      shape, eager, Inductor, fused (the kernels up to 64 wide, eager past that since its first
+#      timing: at long the kernels were 4.1x slower than eager) and fused-wide (the kernels at every
+#      width; taobao's eager row was lost), the gated LCE's bandwidth rows with the new default (two capped
 #      "acc" programs an SM: 0.3866 / 0.2739 ms as fused-acc2 at 7bea4b3) beside "store", the low-rank
 #      cross net's 5-stage plan beside the default in both modes (2.0% faster in training, one row:
 #      the variant rule below wants the inference row too), PMA at long with both delta forms (cut
-#      last time): 21 rows (selection checked on a CPU with torch.cuda.is_available patched to True).
+#      last time): 24 rows (selection checked on a CPU with torch.cuda.is_available patched to True).
 #      Then the plain taobao model rows.
 #   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile-inline \
 #      taobao-inference-compile taobao-inference-fused-compile-inline taobao-train-compile \
@@ -46,7 +48,8 @@
 #      1.06x under reduce-overhead at 7bea4b3, the inlined model's first compile on a GPU; amazon's
 #      inlined row and the compiled inference rows were never reached. One process; each pair in order.)
 #   3. With 120 s or more left: PACK=1 KERNELS_TIMEOUT=90 KERNELS_ARGS="--ops feed_forward --shape long \
-#      --providers fused,eager" bench/gpu_session.sh COMMIT kernels (each kernel of the fused feed-forward
+#      --providers fused,eager --set feed_forward.FUSED_MAX_FEATURES=256" bench/gpu_session.sh COMMIT kernels
+#      (each kernel of the fused feed-forward
 #      block against cuBLAS's at long: sm_90 builds there have 64- and 32-row tiles over 16- and 32-wide
 #      hidden chunks, one 8-warp program an SM, about 4 waves).
 #   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'

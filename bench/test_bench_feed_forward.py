@@ -14,11 +14,14 @@ no autocast.
 Providers, each computing ``feed_forward(x, w1, b1, w2, b2)``: ``eager``
 (:func:`interformer.reference.feed_forward`: two ``F.linear`` and ``F.silu``), ``compile``
 (``torch.compile`` of it), ``compile-max-autotune``, ``fused``
-(:func:`interformer.kernels.feed_forward.feed_forward`), ``fused-compile`` (``torch.compile`` around
-the fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``compile-cudagraph`` /
-``fused-cudagraph`` (``full`` mode captured in a CUDA graph: device time alone, see
-bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke shape, under
-the Triton interpreter; the others are skipped with their reason.
+(:func:`interformer.kernels.feed_forward.feed_forward`, which runs the eager reference for blocks
+wider than its ``FUSED_MAX_FEATURES``, 64: at ``long`` the kernels lost to cuBLAS), ``fused-wide``
+(the same with that limit raised to ``MAX_FEATURES``: the kernels at every shape, what a change to
+their wider tiers must beat eager with), ``fused-compile`` (``torch.compile`` around the fused
+function; the custom ops stay opaque), and ``eager-cudagraph`` / ``compile-cudagraph`` /
+``fused-cudagraph`` / ``fused-wide-cudagraph`` (``full`` mode captured in a CUDA graph: device
+time alone, see bench/common.py). Without a GPU only ``eager``, ``fused`` and ``fused-wide`` run, on the tiny smoke
+shape, under the Triton interpreter; the others are skipped with their reason.
 
 Bytes (each tensor read or written once): forward reads x (fp32) and the four parameters (fp32)
 and writes out (bf16 on a GPU); backward reads x, the parameters and the upstream gradient (out's
@@ -39,8 +42,8 @@ import torch
 import common
 from interformer import reference as R
 
-PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "eager-cudagraph", "compile-cudagraph",
-             "fused-cudagraph"]
+PROVIDERS = ["eager", "compile", "compile-max-autotune", "fused", "fused-compile", "fused-wide", "eager-cudagraph",
+             "compile-cudagraph", "fused-cudagraph", "fused-wide-cudagraph"]
 #: element size of x and the parameters: fp32 (the model's stream and parameters, autocast or not)
 X_ELT = P_ELT = 4
 
@@ -65,8 +68,13 @@ def ffn_flops(rows: int, K: int, H: int, N: int, mode: str) -> float:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", common.MODES)
 @pytest.mark.parametrize("shape_name", common.SHAPE_NAMES)
-def test_feed_forward(benchmark, shape_name, mode, provider):
-    common.skip_unless_runnable(provider, mode, shape_name=shape_name)
+def test_feed_forward(benchmark, monkeypatch, shape_name, mode, provider):
+    common.skip_unless_runnable(provider, mode, cpu_providers=common.CPU_PROVIDERS + ("fused-wide",),
+                                shape_name=shape_name)
+    if common.base_provider(provider) == "fused-wide":  # the kernels at every width they hold
+        from interformer.kernels import feed_forward as ffn
+
+        monkeypatch.setattr(ffn, "FUSED_MAX_FEATURES", ffn.MAX_FEATURES)
     shape = common.ALL_SHAPES[shape_name]
     rows, K, H, N = sizes(shape)
     g = torch.Generator().manual_seed(0)

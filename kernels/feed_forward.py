@@ -50,7 +50,9 @@ gradient) the weight kernel and the reduction are skipped; when x needs no gradi
 
 Sizes: ``K`` and ``N`` up to :data:`MAX_FEATURES` (256; padded to ``KP``/``NP``, the next power of
 two >= 16, held whole in registers), any ``H`` (looped). A larger ``K`` or ``N`` goes to the eager
-reference (the model's FFN is ``d`` wide: 64 or 128 at the DESIGN shapes). Tiles are fixed by the
+reference (the model's FFN is ``d`` wide: 64 or 128 at the DESIGN shapes), and so, by default,
+does one wider than :data:`FUSED_MAX_FEATURES` (64): at ``long``'s 128 the kernels were 4.1x slower
+than cuBLAS on an H200, so the model's FFN is fused at ``taobao`` and ``amazon`` only. Tiles are fixed by the
 shape (no autotune; ``_TIERS``), by the wider of ``KP`` and ``NP``, as rows x hidden units of the
 forward, the dx and the weight kernel and the warps of all three: up to 64, 64 x 32 each, 4 warps;
 128, 64 x 32, 32 x 32 and 32 x 16, 8 warps; 256, 32 x 16 each, 8 warps. Built ahead of time for
@@ -89,8 +91,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device,
-                      persistent_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2,
+                      on_input_device, persistent_programs, sum_partials)
 from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only,
                         saving_forward, tracing)
 
@@ -99,6 +101,17 @@ __all__ = ["feed_forward"]
 _DTYPES = KERNEL_DTYPES
 #: widest input (K) and output (N) the kernels hold in registers; wider blocks take the reference
 MAX_FEATURES = 256
+#: widest K or N that :func:`feed_forward` sends to the kernels (at most :data:`MAX_FEATURES`); a
+#: wider block runs the eager reference (two cuBLAS GEMMs and SiLU). 64, from the first GPU timing
+#: of the kernels (an H200, torch 2.11, Triton 3.6, bf16 autocast, CUDA-graphed forward+backward,
+#: commit 7bea4b3, 2026-11-28): at ``long``'s FFN (32,768 rows, 128 -> 512 -> 128, the 128 tier)
+#: they took 1.199 ms (p20-p80 1.197-1.201) against eager's 0.2915 (0.2899-0.2929), 4.1x slower,
+#: about 3% of the bf16 peak (sm_90 builds: 64- and 32-row tiles over 16- and 32-wide hidden
+#: chunks, one 8-warp program an SM); at ``taobao``'s (64 wide) 0.1515 ms against Inductor's 0.1366
+#: (eager's row was not reached), close enough that the one launch's saving in a plain step keeps
+#: them. The tests of the wider tiers, and the benchmark's ``fused-wide`` provider (what a change
+#: to those tiers must beat eager with), set it to MAX_FEATURES.
+FUSED_MAX_FEATURES = 64
 
 
 @triton.jit
@@ -430,7 +443,8 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     :func:`interformer.reference.feed_forward` (see the module docstring for the kernel design).
 
     x ``[..., K]`` (any strides), w1 ``[H, K]``, b1 ``[H]``, w2 ``[N, H]``, b2 ``[N]`` -> contiguous
-    ``[..., N]``. K or N above :data:`MAX_FEATURES` runs the eager reference.
+    ``[..., N]``. K or N above :data:`FUSED_MAX_FEATURES` (64) runs the eager reference: wider,
+    cuBLAS was faster on a GPU (see there).
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
         return fx_call(feed_forward, x, w1, b1, w2, b2)
@@ -445,8 +459,10 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     elif any(t.dtype != x.dtype for t in (w1, b1, w2, b2)):
         raise ValueError(f"feed_forward: x, w1, b1, w2 and b2 must share one dtype outside autocast, got "
                          f"{x.dtype}, {w1.dtype}, {b1.dtype}, {w2.dtype}, {b2.dtype}")
-    # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
-    if x.shape[-1] > MAX_FEATURES or w2.shape[0] > MAX_FEATURES or reference_only():
+    # wider than the kernels win at (or than they hold), or under a torch.func transform, ONNX export
+    # (_dispatch.reference_only): the reference
+    widest = min(int_setting("FUSED_MAX_FEATURES", FUSED_MAX_FEATURES, 0, optional=False), MAX_FEATURES)
+    if x.shape[-1] > widest or w2.shape[0] > widest or reference_only():
         from interformer import reference
 
         return reference.feed_forward(x, w1, b1, w2, b2)

@@ -14,7 +14,8 @@ padding around a slice is NaN, so a read outside the view shows. Upstream gradie
 ``out.sum()`` and an explicit ``expand`` (stride 0).
 
 Also: non-contiguous parameters (transposed, sliced, stride-0 biases); no rows, zero-sized K, H
-or N; K or N past ``MAX_FEATURES`` (lowered by monkeypatch) running the reference with no launch;
+or N; K or N past ``MAX_FEATURES`` (lowered by monkeypatch) running the reference with no launch,
+and past ``FUSED_MAX_FEATURES`` as shipped (64; every other test raises it to ``MAX_FEATURES``);
 autocast with fp32 x and parameters (accuracy, dtypes, no cast copies, and bitwise the same as on
 pre-rounded inputs);
 input validation; frozen and partially frozen parameters (which kernels run); several row blocks
@@ -44,6 +45,16 @@ from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, CountOps, assert_c
                    assert_rel, rel_err)
 
 K = pytest.importorskip("interformer.kernels.feed_forward")
+#: FUSED_MAX_FEATURES as the package ships it (the fixture below raises it for every other test)
+SHIPPED_FUSED_MAX = K.FUSED_MAX_FEATURES
+
+
+@pytest.fixture(autouse=True)
+def _every_tier_fused(monkeypatch):
+    """The kernels at every width they hold: by default :func:`feed_forward` sends K or N past 64
+    to the reference (``FUSED_MAX_FEATURES``, a GPU's timing), and the wider tiers are what many of
+    these tests check. The tests of that default set it back."""
+    monkeypatch.setattr(K, "FUSED_MAX_FEATURES", K.MAX_FEATURES)
 
 NAMES = ["out", "dx", "dw1", "db1", "dw2", "db2"]
 PARAMS = ["w1", "b1", "w2", "b2"]
@@ -335,6 +346,41 @@ def test_sizes_past_max_features_use_the_reference(k, n, fused, monkeypatch):
         assert not launched, dict(launched)
         for name, a, b in zip(NAMES, got, ref):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("k, n, fused", [(65, 24, False), (24, 72, False), (128, 128, False), (64, 64, True)],
+                         ids=["K-65", "N-72", "long-128", "at-64"])
+def test_blocks_wider_than_64_run_the_reference_by_default(k, n, fused, monkeypatch):
+    """As shipped (``FUSED_MAX_FEATURES`` = 64), K or N past 64 runs the eager reference: no launch,
+    bitwise its output and gradients (the kernels' 128 tier was 4.1x slower than cuBLAS at
+    ``long``'s FFN on an H200); 64 wide is fused. The module, as the model builds it, too."""
+    monkeypatch.setattr(K, "FUSED_MAX_FEATURES", SHIPPED_FUSED_MAX)
+    assert SHIPPED_FUSED_MAX == 64
+    masters = make_masters((2, 5), k, 40, n, gen_for(f"shipped-{k}-{n}"))
+    grad = torch.randn(2, 5, n, generator=gen_for("shipped-g"), dtype=F64)
+    with triton_launches() as launched:
+        got = run(K.feed_forward, masters, torch.float32, "token_slice", grad)
+    ref = run(R.feed_forward, masters, torch.float32, "token_slice", grad)
+    if fused:
+        assert dict(launched) == ALL_KERNELS
+        compare(got, ref, run(R.feed_forward, masters, torch.float32, "token_slice", grad, compute=F64), torch.float32)
+    else:
+        assert not launched, dict(launched)
+        for name, a, b in zip(NAMES, got, ref):
+            assert torch.equal(a, b), name
+    module = FeedForward(k, 40, n, backend="triton").to(DEVICE)
+    with triton_launches() as launched:
+        module(torch.randn(2, 5, k, device=DEVICE)).sum().backward()
+    assert bool(launched) == fused, dict(launched)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, None, "64"])
+def test_fused_max_features_is_checked(bad, monkeypatch):
+    monkeypatch.setattr(K, "FUSED_MAX_FEATURES", bad)
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="FUSED_MAX_FEATURES"):
+        K.feed_forward(x, torch.randn(8, 8, device=DEVICE), torch.randn(8, device=DEVICE),
+                       torch.randn(8, 8, device=DEVICE), torch.randn(8, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- autocast
