@@ -635,6 +635,17 @@ def _attn_bwd_fused_kernel(
 
 
 @triton.jit
+def _query_rows(n_m_blocks, H, BLOCK_M: tl.constexpr):
+    """``(bh, b, h, start_m, offs_m)``: this program's (b, h) and its block of query rows, in the
+    general backward's dq and delta kernels. It takes no pointer, so that an address built from
+    its results is not traced back to one by Inductor's write analysis (see
+    :func:`_general_query_block`)."""
+    pid_m, bh, b, h = _program_block(n_m_blocks, H)
+    start_m = pid_m * BLOCK_M
+    return bh, b, h, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _general_query_block(Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len,
                          sqb, sql, sqh, sqd, sdob, sdol, sdoh, sdod,
                          CAUSAL: tl.constexpr, ROPE_Q: tl.constexpr, MASK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -643,7 +654,7 @@ def _general_query_block(Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq,
     (from ``start_m``) of ``(b, h)``: ``(k_lim, q_lim, hi)`` and :func:`_bwd_query_block`'s tiles,
     where ``hi`` ends the keys its rows see (0 for a block of masked rows).
 
-    The program's indices are arguments, formed by the kernels, not results: Inductor's analysis of
+    The program's indices are arguments (:func:`_query_rows`), not results: Inductor's analysis of
     what a kernel writes (torch's ``triton_kernel_wrap``, on the TTIR before inlining) follows a
     stored address back through every argument of the call that made any part of it, so an address
     built from this call's results would count Q, DO, STATS, LENS and TAB as written, and a compiled
@@ -691,9 +702,7 @@ def _attn_bwd_delta_kernel(
     pass inside the dq kernel, tf32x3 dots beside its accumulator, built to 32 registers and a 7.9 KB
     stack at 128-wide heads, sm_90, Triton 3.6)."""
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid_m, bh, b, h = _program_block(n_m_blocks, H)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, start_m, offs_m = _query_rows(n_m_blocks, H, BLOCK_M)
     k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
         Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
         sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
@@ -796,9 +805,7 @@ def _attn_bwd_dq_kernel(
     kernel, which runs after it; otherwise it reads the delta kernel's or the preprocess kernel's."""
     sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 from Inductor: _dispatch.py, "Float arguments"
-    pid_m, bh, b, h = _program_block(n_m_blocks, H)
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, start_m, offs_m = _query_rows(n_m_blocks, H, BLOCK_M)
     k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
         Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
         sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)

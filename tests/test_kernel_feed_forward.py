@@ -334,8 +334,14 @@ def test_sizes_past_max_features_use_the_reference(k, n, fused, monkeypatch):
     """MAX_FEATURES lowered to 16: K or N above it runs the eager reference (bitwise the same output
     and gradients, no Triton launch); K = N = 16 is still fused."""
     monkeypatch.setattr(K, "MAX_FEATURES", 16)
-    masters = make_masters((3, 5), k, 33, n, gen_for(f"limit-{k}-{n}"))
-    grad = torch.randn(3, 5, n, generator=gen_for("limit-g"), dtype=F64)
+    _check_fused_or_reference((3, 5), k, 33, n, fused, f"limit-{k}-{n}")
+
+
+def _check_fused_or_reference(lead, k, h, n, fused, tag):
+    """feed_forward on an fp32 block ``[*lead, k] -> h -> n``: with ``fused``, every kernel once and
+    the accuracy rule; without, no launch and bitwise the reference's output and gradients."""
+    masters = make_masters(lead, k, h, n, gen_for(tag))
+    grad = torch.randn(*lead, n, generator=gen_for(tag + "-g"), dtype=F64)
     with triton_launches() as launched:
         got = run(K.feed_forward, masters, torch.float32, "token_slice", grad)
     ref = run(R.feed_forward, masters, torch.float32, "token_slice", grad)
@@ -356,18 +362,7 @@ def test_blocks_wider_than_64_run_the_reference_by_default(k, n, fused, monkeypa
     ``long``'s FFN on an H200); 64 wide is fused. The module, as the model builds it, too."""
     monkeypatch.setattr(K, "FUSED_MAX_FEATURES", SHIPPED_FUSED_MAX)
     assert SHIPPED_FUSED_MAX == 64
-    masters = make_masters((2, 5), k, 40, n, gen_for(f"shipped-{k}-{n}"))
-    grad = torch.randn(2, 5, n, generator=gen_for("shipped-g"), dtype=F64)
-    with triton_launches() as launched:
-        got = run(K.feed_forward, masters, torch.float32, "token_slice", grad)
-    ref = run(R.feed_forward, masters, torch.float32, "token_slice", grad)
-    if fused:
-        assert dict(launched) == ALL_KERNELS
-        compare(got, ref, run(R.feed_forward, masters, torch.float32, "token_slice", grad, compute=F64), torch.float32)
-    else:
-        assert not launched, dict(launched)
-        for name, a, b in zip(NAMES, got, ref):
-            assert torch.equal(a, b), name
+    _check_fused_or_reference((2, 5), k, 40, n, fused, f"shipped-{k}-{n}")
     module = FeedForward(k, 40, n, backend="triton").to(DEVICE)
     with triton_launches() as launched:
         module(torch.randn(2, 5, k, device=DEVICE)).sum().backward()
