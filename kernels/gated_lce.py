@@ -140,8 +140,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
                       num_sms, on_input_device, resident_programs, sum_partials)
-from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
-                        reference_only, saving_forward, tracing, unused_arg)
+from ._dispatch import (_decomposing, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
+                        needs_grad, reference_only, saving_forward, tracing, unused_arg)
 
 __all__ = ["gated_lce"]
 
@@ -449,7 +449,7 @@ ACC_MAXNREG: Optional[int] = None
 _ACC_CAPPED = (2, 128)  # the rule's programs per SM and maxnreg where it caps
 
 
-def _acc_plan(dtype: torch.dtype, d: int, dp: int, warps: int) -> Tuple[int, Optional[int]]:
+def _acc_plan(dtype: torch.dtype, d: int, dp: int, warps: int, traced: bool = False) -> Tuple[int, Optional[int]]:
     """``(programs per SM, maxnreg or None)`` of the backward's "acc" mode for inputs of ``dtype``
     and a backward plan of ``dp`` columns and ``warps`` warps at ``d``: two programs an SM under a
     128-register cap for fp16/bf16 with the plan at 8 warps and DP = 64 and d a multiple of 16
@@ -474,13 +474,19 @@ def _acc_plan(dtype: torch.dtype, d: int, dp: int, warps: int) -> Tuple[int, Opt
     40 and 56 with taobao's 20 -> 4 plan (none at d 48 and 64), 196 at d 40 with 64 x 32 blocks (6
     at d 64). fp32 (the correctness mode: "ieee" dots, one stage, the parameters reloaded a block)
     is never capped unless ACC_MAXNREG says so. Timed at d = 64 only (taobao's two plans); d = 48
-    gets the same builds."""
+    gets the same builds.
+
+    ``traced``: a launch traced into a compiled graph (``interformer.set_compile_inline``) takes
+    one program an SM, uncapped. Inductor's launch of a traced kernel keeps ``num_warps`` and
+    ``num_stages`` but drops ``maxnreg`` (torch 2.11 to 2.13), so the two programs an SM, a grid
+    fixed when the graph is traced, would build uncapped, fit one an SM and run in two waves with
+    twice the partials to reduce."""
     int_setting("ACC_MAXNREG", ACC_MAXNREG, 24, 255)
     per_sm = int_setting("ACC_PROGRAMS_PER_SM", ACC_PROGRAMS_PER_SM, 1)
     if per_sm is not None:
         return per_sm, ACC_MAXNREG
     rule = _ACC_CAPPED if (dtype in (torch.float16, torch.bfloat16) and warps == 8 and dp == 64
-                           and d % 16 == 0) else (1, None)
+                           and d % 16 == 0 and not traced) else (1, None)
     return rule[0], rule[1] if ACC_MAXNREG is None else ACC_MAXNREG
 
 
@@ -580,7 +586,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
-    acc_per_sm, acc_cap = _acc_plan(x.dtype, d, dp, warps)
+    acc_per_sm, acc_cap = _acc_plan(x.dtype, d, dp, warps, traced=_decomposing())
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
     if n_blocks == 0:

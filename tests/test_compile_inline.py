@@ -36,6 +36,7 @@ import torch
 import interformer
 from interformer import InterFormerCTR
 
+from interformer.profiling import replaced_triton_run
 from utils import DEVICE, KERNEL_DTYPES, bad_compile_setting_run
 
 LAUNCH = "triton_kernel_wrapper_functional"
@@ -65,6 +66,7 @@ def _compiled(fn, dynamic=None):
     def keep(gm, example_inputs):
         targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         LAUNCHES.extend(_launch(n) for n in gm.graph.nodes if str(n.target) == LAUNCH)
+        GRIDS.extend(_grid(n) for n in gm.graph.nodes if str(n.target) == LAUNCH)
         return make_boxed_func(gm)
 
     def backend(gm, example_inputs):
@@ -75,6 +77,8 @@ def _compiled(fn, dynamic=None):
 
 #: (kernel name, arguments the traced launch copies as written) of every launch traced by _compiled
 LAUNCHES = []
+#: (kernel name, programs along the grid's first axis, its maxnreg launch option or None) of the same
+GRIDS = []
 
 
 def _launch(node):
@@ -86,6 +90,24 @@ def _launch(node):
     while not inspect.isfunction(kernel):  # an Autotuner (launch options), a JITFunction, a stand-in
         kernel = kernel.fn
     return kernel.__name__, set(node.kwargs["tensors_to_clone"])
+
+
+def _grid(node):
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    name = _launch(node)[0]
+    options = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]), **node.kwargs["kwargs"]}
+    return name, node.kwargs["grid"][0][0], options.get("maxnreg")
+
+
+def _recording(original, out):
+    """A Triton ``run`` that appends (kernel name, programs along the grid's first axis, its
+    ``maxnreg`` or None) to ``out`` and launches."""
+    def run(self, *args, grid=None, **kwargs):
+        dims = grid(dict(zip(self.arg_names, args))) if callable(grid) else grid
+        out.append((self.fn.__name__, dims[0], kwargs.get("maxnreg")))
+        return original(self, *args, grid=grid, **kwargs)
+    return run
 
 
 def _custom_ops(targets):
@@ -159,6 +181,28 @@ def test_inlined_gated_lce_in_both_gate_weight_modes(mode, settings, monkeypatch
 
     monkeypatch.setattr(gated_lce, "GW_MODE", mode)
     _check_inlined("gated_lce", torch.float32, settings)
+
+
+def test_inlined_gated_lce_acc_backward_takes_one_uncapped_program_an_sm(settings, monkeypatch):
+    """The "acc" backward's two programs an SM under a 128-register cap (``_acc_plan``; fp16, d = 64,
+    8 warps), traced into a graph, become one program an SM, uncapped: Inductor drops the traced
+    launch's ``maxnreg``, and uncapped the two would not fit on an SM together. Plain, the same
+    call takes the capped pair (the interpreter's 2 "SMs": 4 programs against 2)."""
+    from interformer.kernels import gated_lce
+
+    monkeypatch.setattr(gated_lce, "GW_MODE", "acc")
+    module = interformer.GatedLCE(5, 3, 64, backend="triton").to(device=DEVICE, dtype=torch.float16)
+    x = torch.randn(48, 5, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)  # 5 blocks of 10
+    plain = []
+    with replaced_triton_run(lambda original: _recording(original, plain)):
+        module(x).float().square().sum().backward()
+    assert [(g, o) for name, g, o in plain if name == "_glce_bwd_kernel"] == [(4, 128)], plain
+    settings(True)
+    compiled, targets = _compiled(module)
+    LAUNCHES.clear()
+    GRIDS.clear()
+    compiled(x.detach().requires_grad_()).float().square().sum().backward()
+    assert [(g, o) for name, g, o in GRIDS if name == "_glce_bwd_kernel"] == [(2, None)], GRIDS
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -297,7 +341,8 @@ def test_inductors_own_write_analysis_takes_no_input_of_an_inlined_kernel_for_wr
     """What ``torch.compile`` itself takes each inlined kernel to write (torch's analysis of the
     kernel's TTIR, run for sm_90 without a GPU: :func:`interformer.kernel_audit.inductor_writes`),
     for every specialisation the cases above launch, in fp32 and fp16, with the general attention
-    backward in both forms of delta and the gated LCE in both gate-weight modes: at most the
+    backward in both forms of delta, causal attention on both backward paths, and the gated LCE in
+    both gate-weight modes: at most the
     kernel's outputs, and some. A traced launch copies every argument taken as written before the
     kernel runs. The analysis follows a stored address back through every argument of a call that
     made part of it, so the general backward's dq and delta kernels, whose addresses came from a
@@ -325,6 +370,15 @@ def test_inductors_own_write_analysis_takes_no_input_of_an_inlined_kernel_for_wr
                         torch.manual_seed(0)
                         out = build().to(device=DEVICE, dtype=dtype)(*make_inputs(dtype))
                         sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+            for general, delta in ((False, "probs"), (True, "probs"), (True, "output")):  # causal attention
+                with monkeypatch.context() as m:
+                    if general:
+                        m.setattr(attention, "_FUSED_BWD_MAX_LQ", 0)
+                    m.setattr(attention, "BACKWARD_DELTA", delta)
+                    q, k, v = (torch.randn(2, 40, 2, 16, device=DEVICE, dtype=dtype, requires_grad=True)
+                               for _ in range(3))
+                    lengths = torch.tensor([40, 7], device=DEVICE)
+                    attention.attention(q, k, v, lengths, rope_base=1e4, causal=True).float().sum().backward()
     inlined = [c for c in unique_cases(cases) if c["kernel"] in writes]
     assert {c["kernel"] for c in inlined} == set(writes), set(writes) - {c["kernel"] for c in inlined}
     for c in inductor_writes(inlined):
