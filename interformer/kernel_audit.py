@@ -207,7 +207,7 @@ def argument(spec, unaligned):
     return spec  # an int of the recorded class, a float, a bool, None
 
 
-for case in json.loads(sys.argv[1]):
+for case in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
     unaligned = set(case.get("unaligned", ()))
     kwargs = {n: case["consts"][n] if n in case["consts"] else argument(case["args"].get(n, 0), n in unaligned)
@@ -219,6 +219,8 @@ for case in json.loads(sys.argv[1]):
         written = W.identify_mutated_tensors(fn, kwargs, {})
     else:
         written = W.identify_mutated_tensors(fn, kwargs)
+    # the tensors among them, as Inductor keeps them (an analysis may also name a scalar argument)
+    written = [n for n in written if isinstance(kwargs.get(n), torch.Tensor)]
     print(json.dumps(dict(case, written=sorted(written), analysis_error="\n".join(failures))), flush=True)
 """
 
@@ -234,8 +236,8 @@ def inductor_writes(cases: Sequence[dict], timeout: int = 600) -> List[dict]:
     Pointers are described by dtype as :func:`record_launches` records them; tuples of pointers
     (the cross nets' kernels, which no compiled graph inlines) are not supported."""
     env, root = _child_env()
-    res = subprocess.run([sys.executable, "-c", _WRITES_SCRIPT, json.dumps(list(cases))], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run([sys.executable, "-c", _WRITES_SCRIPT], input=json.dumps(list(cases)), env=env, cwd=root,
+                         capture_output=True, text=True, timeout=timeout)  # on stdin: no limit on an argument's length
     if res.returncode != 0:
         raise RuntimeError(f"the write analysis failed:\n{res.stderr[-3000:]}")
     results = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
