@@ -26,9 +26,10 @@ choice inside a compiled model. :func:`set_compile_reference_ops` names the ops 
 whatever the module's backend; outside tracing nothing changes. The default is
 :data:`DEFAULT_COMPILE_REFERENCE`, ``{"add_layer_norm", "cross_net", "feed_forward",
 "grouped_embedding", "low_rank_cross_net"}``. ``feed_forward`` (the fused ``Linear -> SiLU ->
-Linear`` block) is in it unmeasured: before the op existed a compiled model handed those layers to
-Inductor (cuBLAS GEMMs, SiLU fused into a neighbour), and it keeps doing so until a GPU shows the
-kernel faster inside a compiled graph. Decision, from device time measured op by op on an H200 (bf16,
+Linear`` block) is in it: before the op existed a compiled model handed those layers to Inductor
+(cuBLAS GEMMs, SiLU fused into a neighbour), and the first GPU timing of the op keeps it so
+(an H200, 2026-11-28: graphed forward+backward at ``taobao`` 0.1515 ms fused against 0.1366 for
+Inductor's code; ``bench/results/nvidia-h200-2026-11-28.md``). Decision, from device time measured op by op on an H200 (bf16,
 ``taobao``, forward+backward replayed from CUDA graphs, one process;
 ``bench/results/nvidia-h200-2026-11-27b.md``): Inductor's code for the reference took 0.99x the
 fused time for the full-rank cross net and 0.88x for the low-rank one, and 1.4-4.5x longer for

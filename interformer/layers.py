@@ -516,7 +516,8 @@ class FeedForward(FusedModule, nn.Sequential):
     and ``state_dict`` as the plain ``nn.Sequential`` it replaces: ``0.weight``, ``0.bias`` and
     ``2.*``, or ``3.*`` with the dropout), whose forward on the fused path runs the whole block as
     one op (:func:`interformer.kernels.feed_forward.feed_forward`: the hidden activation never goes
-    to memory), computing ``silu(x W1^T + b1) W2^T + b2`` (:func:`interformer.reference.feed_forward`)
+    to memory; a block wider than 64 runs the eager math there, two cuBLAS GEMMs, which a GPU
+    timed faster: its ``FUSED_MAX_FEATURES``), computing ``silu(x W1^T + b1) W2^T + b2`` (:func:`interformer.reference.feed_forward`)
     from the two layers' parameters. The model uses it for the Interaction Arch's FFN (the sequence
     tokenizer's mask MLP has the same form but stays a plain ``nn.Sequential``: DESIGN §3 keeps the
     tokenizers eager).
