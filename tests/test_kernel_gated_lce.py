@@ -299,9 +299,9 @@ def test_acc_rule_reaches_the_backward_launch(dtype, n_in, n_out, d, plan, want,
     sms = 132
     monkeypatch.setattr(K, "num_sms", lambda device: sms)
     B = 4096
-    x = torch.zeros(B, n_in, d, dtype=dtype)
-    params = [torch.zeros(*shape, dtype=dtype) for shape in ((n_in, n_out), (n_out,), (d, d), (d,))]
-    grad = torch.zeros(B, n_out, d, dtype=dtype)
+    x = torch.zeros(B, n_in, d, dtype=dtype, device=DEVICE)
+    params = [torch.zeros(*shape, dtype=dtype, device=DEVICE) for shape in ((n_in, n_out), (n_out,), (d, d), (d,))]
+    grad = torch.zeros(B, n_out, d, dtype=dtype, device=DEVICE)
     n_per, _, _, dp, warps = K._config(n_in, n_out, d, True)
     n_blocks = -(-B // n_per)
     assert (warps, dp) == plan and n_blocks > 2 * sms
