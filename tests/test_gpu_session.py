@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
@@ -45,7 +46,13 @@ def _run(tmp_path: Path, env: dict, *stages: str) -> tuple[int, str, dict]:
     return proc.returncode, console, packed
 
 
+#: these check the script's plumbing by its CPU output (the interpreter, the smoke shape); on a GPU
+#: the lease runs the script itself
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the script's output without a GPU")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@CPU_ONLY
 def test_the_tests_and_ops_stages_end_and_pack_their_logs(tmp_path):
     ids = tmp_path / "ids.txt"
     ids.write_text("# a comment line, skipped\n"
@@ -68,6 +75,7 @@ def test_the_tests_and_ops_stages_end_and_pack_their_logs(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@CPU_ONLY
 def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
     """The ``kernels`` stage (profiling/op_kernels.py) runs once per ";"-separated set of
     ``KERNELS_ARGS`` and packs the log of all of them (on the CPU: the callables run once, no times)."""

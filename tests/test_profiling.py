@@ -257,6 +257,7 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
 
     from interformer.kernel_audit import record_launches
     from interformer.kernels import gated_lce
+    from utils import DEVICE
 
     busiest = max((b for b in builds if b["kernel"] == "_glce_bwd_kernel"), key=lambda b: b["registers"])
     cap = max(24, busiest["registers"] // 8 * 4)
@@ -268,7 +269,7 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
         gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = cap, "acc"
         with record_launches() as cases:
             shapes = ((3, 5, 16), (5, 4), (4,), (16, 16), (16,))
-            gated_lce.gated_lce(*(torch.randn(*s, requires_grad=True) for s in shapes)).sum().backward()
+            gated_lce.gated_lce(*(torch.randn(*s, device=DEVICE, requires_grad=True) for s in shapes)).sum().backward()
     finally:
         gated_lce.ACC_MAXNREG, gated_lce.GW_MODE = old
     assert [c.get("maxnreg") for c in cases if c["kernel"] == "_glce_bwd_kernel"] == [cap]
@@ -371,14 +372,19 @@ def test_recorded_cases_are_the_same_on_cpu_and_cuda(sm90_audit):
         return json.dumps({k: v for k, v in case.items() if k not in ("programs", "launches", "unaligned")},
                           sort_keys=True)
 
+    from interformer.kernels import _common
+
     seen = {}
     for device in ("cuda", "cpu"):
-        old = common.DEVICE
+        old = common.DEVICE, _common._INTERPRETED
         common.DEVICE = torch.device(device)
+        # the launchers' CPU-tensor check wants the interpreter, which this GPU process has off; the
+        # launches are recorded and skipped, so none reaches Triton
+        _common._INTERPRETED = device == "cpu" or old[1]
         try:
             seen[device] = {key(c) for c in unique_cases(sm90_audit.step_cases("smoke", "train"))}
         finally:
-            common.DEVICE = old
+            common.DEVICE, _common._INTERPRETED = old
     assert seen["cuda"] == seen["cpu"], (sorted(seen["cuda"] - seen["cpu"]), sorted(seen["cpu"] - seen["cuda"]))
 
 
