@@ -36,7 +36,6 @@ import torch
 import interformer
 from interformer import InterFormerCTR
 
-from interformer.profiling import replaced_triton_run
 from utils import DEVICE, KERNEL_DTYPES, bad_compile_setting_run
 
 LAUNCH = "triton_kernel_wrapper_functional"
@@ -98,16 +97,6 @@ def _grid(node):
     name = _launch(node)[0]
     options = {**kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"]), **node.kwargs["kwargs"]}
     return name, node.kwargs["grid"][0][0], options.get("maxnreg")
-
-
-def _recording(original, out):
-    """A Triton ``run`` that appends (kernel name, programs along the grid's first axis, its
-    ``maxnreg`` or None) to ``out`` and launches."""
-    def run(self, *args, grid=None, **kwargs):
-        dims = grid(dict(zip(self.arg_names, args))) if callable(grid) else grid
-        out.append((self.fn.__name__, dims[0], kwargs.get("maxnreg")))
-        return original(self, *args, grid=grid, **kwargs)
-    return run
 
 
 def _custom_ops(targets):
@@ -188,15 +177,16 @@ def test_inlined_gated_lce_acc_backward_takes_one_uncapped_program_an_sm(setting
     8 warps), traced into a graph, become one program an SM, uncapped: Inductor drops the traced
     launch's ``maxnreg``, and uncapped the two would not fit on an SM together. Plain, the same
     call takes the capped pair (the interpreter's 2 "SMs": 4 programs against 2)."""
+    from interformer.kernel_audit import record_launches
     from interformer.kernels import gated_lce
 
     monkeypatch.setattr(gated_lce, "GW_MODE", "acc")
     module = interformer.GatedLCE(5, 3, 64, backend="triton").to(device=DEVICE, dtype=torch.float16)
     x = torch.randn(48, 5, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)  # 5 blocks of 10
-    plain = []
-    with replaced_triton_run(lambda original: _recording(original, plain)):
+    with record_launches() as plain:
         module(x).float().square().sum().backward()
-    assert [(g, o) for name, g, o in plain if name == "_glce_bwd_kernel"] == [(4, 128)], plain
+    bwd = [(c["programs"], c.get("maxnreg")) for c in plain if c["kernel"] == "_glce_bwd_kernel"]
+    assert bwd == [(4, 128)], plain
     settings(True)
     compiled, targets = _compiled(module)
     LAUNCHES.clear()
