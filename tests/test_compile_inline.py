@@ -176,23 +176,27 @@ def test_inlined_gated_lce_acc_backward_takes_one_uncapped_program_an_sm(setting
     """The "acc" backward's two programs an SM under a 128-register cap (``_acc_plan``; fp16, d = 64,
     8 warps), traced into a graph, become one program an SM, uncapped: Inductor drops the traced
     launch's ``maxnreg``, and uncapped the two would not fit on an SM together. Plain, the same
-    call takes the capped pair (the interpreter's 2 "SMs": 4 programs against 2)."""
+    call takes the capped pair. The batch has one row block more than two an SM, so that both
+    grids are capped by the SM count (the interpreter's 2 "SMs": 4 programs against 2; an H200's
+    132: 264 against 132)."""
     from interformer.kernel_audit import record_launches
     from interformer.kernels import gated_lce
+    from interformer.kernels._common import num_sms
 
     monkeypatch.setattr(gated_lce, "GW_MODE", "acc")
+    sms, rows_per_block = num_sms(DEVICE), gated_lce._config(5, 3, 64, True)[0]
     module = interformer.GatedLCE(5, 3, 64, backend="triton").to(device=DEVICE, dtype=torch.float16)
-    x = torch.randn(48, 5, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)  # 5 blocks of 10
+    x = torch.randn(rows_per_block * (2 * sms + 1), 5, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
     with record_launches() as plain:
         module(x).float().square().sum().backward()
     bwd = [(c["programs"], c.get("maxnreg")) for c in plain if c["kernel"] == "_glce_bwd_kernel"]
-    assert bwd == [(4, 128)], plain
+    assert bwd == [(2 * sms, 128)], plain
     settings(True)
     compiled, targets = _compiled(module)
     LAUNCHES.clear()
     GRIDS.clear()
     compiled(x.detach().requires_grad_()).float().square().sum().backward()
-    assert [(g, o) for name, g, o in GRIDS if name == "_glce_bwd_kernel"] == [(2, None)], GRIDS
+    assert [(g, o) for name, g, o in GRIDS if name == "_glce_bwd_kernel"] == [(sms, None)], GRIDS
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
