@@ -103,10 +103,10 @@ print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else 
 PY
 bench() {  # bench STAGE FILES... : time-boxed pytest-benchmark run, rows to JSONL, report from them
   local stage="$1" sel="$2"; shift 2
-  INTERFORMER_BENCH_ROWS="$OUT/$stage.jsonl" timeout "${TIMEOUT}" python3 -m pytest "$@" -q -p no:cacheprovider \
+  INTERFORMER_BENCH_ROWS="$OUT/$stage.jsonl" timeout "${TIMEOUT}" python3 -m pytest "$@" -q -rs -p no:cacheprovider \
     ${sel:+-k "$sel"} --benchmark-json="$OUT/$stage.json" --benchmark-columns=median >"$OUT/$stage.log" 2>&1
   echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/$stage.log" | tail -n 3
-  grep -E "^(FAILED|ERROR)" "$OUT/$stage.log" | head -n 20
+  grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/$stage.log" | cut -c1-300 | head -n 20
   [ -s "$OUT/$stage.jsonl" ] && python3 bench/report.py "$OUT/$stage.jsonl" --out "$OUT/$stage" --force | tail -n 70
 }
 for stage in "$@"; do
