@@ -481,25 +481,26 @@ def run(
 #: model more (opaque graph boundaries, a dispatch each) than their kernels save.
 COMPILE_KEEPS = {"fused-compile-attention": ("attention", "pooled_attention")}
 
-#: Fused providers compiled with the kept custom ops traced into their Triton kernels
-#: (``interformer.set_compile_inline``): Inductor launches the kernels from its own code. Against
-#: ``fused-compile`` (same kept ops, opaque) it says what the custom ops' dispatch costs a compiled
-#: step.
-COMPILE_INLINE = ("fused-compile-inline",)
+#: Fused providers compiled under a forced inline setting (``interformer.set_compile_inline``), by
+#: name -> the setting. ``fused-compile`` has the default, which on a GPU traces the kept custom ops
+#: into their Triton kernels (Inductor launches them from its own code); ``fused-compile-opaque``
+#: keeps them opaque custom ops, to keep measured what their dispatch costs a compiled step (the
+#: default until the H200 leases of 2026-11-28; ``fused-compile-inline`` in their results).
+COMPILE_INLINE = {"fused-compile-opaque": False}
 
 
 @contextlib.contextmanager
 def compile_reference(provider: str):
     """Inside the block, the compile settings ``provider`` names hold: the ops it leaves to Inductor
     take the reference while ``torch.compile`` traces (the providers of :data:`COMPILE_KEEPS`), and
-    the kept ops are traced into their kernels (:data:`COMPILE_INLINE`); both settings are restored
+    the kept ops are inlined or not as :data:`COMPILE_INLINE` says; both settings are restored
     on leaving. Hold it over the compiled model's every call: dynamo guards on the first."""
     keeps = COMPILE_KEEPS.get(base_provider(provider))
     inline = base_provider(provider) in COMPILE_INLINE
     from interformer.backend import FUSED_OPS, set_compile_inline, set_compile_reference_ops
 
     before = set_compile_reference_ops([op for op in FUSED_OPS if op not in keeps]) if keeps is not None else None
-    inline_before = set_compile_inline(True) if inline else None
+    inline_before = set_compile_inline(COMPILE_INLINE[base_provider(provider)]) if inline else None
     try:
         yield
     finally:

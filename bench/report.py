@@ -38,14 +38,16 @@ from collections import defaultdict
 
 PREFERRED = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn",
              "flex", "flash_attn", "nn.MultiheadAttention", "fused", "fused-compile", "fused-compile-attention",
-             "fused-compile-inline", "fused-streams",
+             "fused-compile-inline", "fused-compile-opaque", "fused-streams",
              "eager-cudagraph", "compile-cudagraph", "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph",
              "nn.MultiheadAttention-cudagraph", "compile-reduce-overhead", "fused-cudagraph",
              "fused-compile-reduce-overhead"]
 GRAPHED_SUFFIXES = ("-cudagraph", "-reduce-overhead")
 #: The fused path as a user runs it (plain; the graphed variants add a suffix of GRAPHED_SUFFIXES):
 #: the providers the "fused" speedup columns choose from. Any other ``fused-*`` provider is a
-#: setting variant measured beside the default (bench/test_bench_crossnet.py, test_bench_gated_lce.py).
+#: setting variant measured beside the default (bench/test_bench_crossnet.py, test_bench_gated_lce.py,
+#: ``fused-compile-opaque``). ``fused-compile-inline`` is the inlined compile of results from before it
+#: became ``fused-compile``'s default on a GPU.
 FUSED_DEFAULTS = ("fused", "fused-compile", "fused-compile-attention", "fused-compile-inline", "fused-streams")
 #: Columns that tell lines apart when the rows hold more than one value of them.
 SPLIT_KEYS = ("device", "dtype")

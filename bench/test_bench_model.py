@@ -4,9 +4,9 @@ and inference forward, at the DESIGN §6 shapes, for every provider.
 Providers: ``eager``; ``compile`` and ``compile-max-autotune`` (torch.compile of the eager model);
 ``fused`` (every op on its Triton kernel); ``fused-compile``; ``fused-compile-attention`` (the
 fused model compiled with only the attention kernels kept as custom ops, every other op left to
-Inductor: :data:`common.COMPILE_KEEPS`); ``fused-compile-inline`` (the fused model compiled with
-the kept ops traced into their Triton kernels, which Inductor then launches itself:
-``interformer.set_compile_inline``); ``fused-streams`` (fused, with the
+Inductor: :data:`common.COMPILE_KEEPS`); ``fused-compile-opaque`` (the fused model compiled with
+the kept ops left opaque custom ops, where ``fused-compile`` on a GPU has them traced into their
+Triton kernels, which Inductor then launches itself: ``interformer.set_compile_inline``); ``fused-streams`` (fused, with the
 Interaction and Sequence arches of each block on two CUDA streams); ``eager-cudagraph`` /
 ``fused-cudagraph``: the inference forward, or the whole training step (forward and backward,
 gradients written into static buffers), captured once in a CUDA graph and replayed
@@ -38,7 +38,7 @@ import common
 from interformer import InterFormerConfig, InterFormerCTR, optimize
 
 PROVIDERS = ["eager", "compile", "compile-max-autotune", "compile-reduce-overhead", "fused", "fused-compile",
-             "fused-compile-attention", "fused-compile-inline", "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph",
+             "fused-compile-attention", "fused-compile-opaque", "fused-streams", "fused-compile-reduce-overhead", "eager-cudagraph",
              "fused-cudagraph", "fused-streams-cudagraph"]
 
 

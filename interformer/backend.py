@@ -49,29 +49,36 @@ construction (as a bad ``INTERFORMER_BACKEND`` does), not the import. The choice
 compiled graph; dynamo guards on it, and a change recompiles on the next call. Calling an op
 function of :mod:`interformer.kernels` directly is not affected.
 
-The ops a compiled model keeps are opaque custom ops by default. :func:`set_compile_inline`
-(environment variable ``INTERFORMER_COMPILE_INLINE``: ``1``/``0``, also true/false, yes/no, on/off;
-read once at import) makes them transparent instead, for the ops whose launchers allow it
-(attention, PFFN, the gated LCE, DOT, add + LayerNorm, the feed-forward block): while AOTAutograd
-traces, each such op is replaced by what its launcher does, its allocations as aten ops and its
-Triton launches as ``torch.library.wrap_triton`` calls, so Inductor launches the same kernels from
-its own generated code (no custom-op dispatch and none of this package's launcher code per call) and
-plans their buffers with the rest of the graph. The kernels and their arguments are the launchers'
-own: under ``aot_eager`` the results are bitwise those of the custom ops (tested on the CPU); under
-Inductor the aten ops around the launches become Inductor's code and may round differently (a
-reduction, a cast), within the usual tolerance. Only graphs traced with static sizes are inlined
-(the launchers pick block sizes from the sizes): after the recompile that makes a compiled model's
-sizes dynamic (a second batch size), its graph keeps the custom ops, so compile with
-``dynamic=False`` where inlining matters. This is what ``torch.library.triton_op`` does, kept
-switchable here (``kernels/_dispatch.py``,
-:func:`~interformer.kernels._dispatch.inline_when_compiled`). Off by default. Its one GPU timing (an
-H200, 2026-11-28, commit 7bea4b3, ``taobao`` training, bf16, one process) favours it: 27.29 ms a
-step against 36.33 ms with the ops opaque and 29.81 ms for ``torch.compile`` of the eager model.
-But ``amazon`` and the compiled inference rows were not reached, and turning it on by default would
-change ``torch.compiler.config.cache_key_tag`` at import for every user. So it stays a switch until
-those rows agree (benchmark provider ``fused-compile-inline``). Like the reference set, dynamo guards on it
-(a change recompiles on the next call), and it is part of the compile caches' key. ``torch.export``
-always keeps the custom ops.
+What a compiled model does with the ops it keeps is :func:`set_compile_inline`'s (environment
+variable ``INTERFORMER_COMPILE_INLINE``: ``auto``, ``1``/``0``, also true/false, yes/no, on/off; read
+once at import). Inlined, an op is transparent, for the ops whose launchers allow it (attention,
+PFFN, the gated LCE, DOT, add + LayerNorm, the feed-forward block): while AOTAutograd traces, each
+such op is replaced by what its launcher does, its allocations as aten ops and its Triton launches
+as ``torch.library.wrap_triton`` calls, so Inductor launches the same kernels from its own generated
+code (no custom-op dispatch and none of this package's launcher code per call) and plans their
+buffers with the rest of the graph. Otherwise it is one opaque custom op. The kernels and their
+arguments are the launchers' own: under ``aot_eager`` the results are bitwise those of the custom
+ops (tested on the CPU); under Inductor the aten ops around the launches become Inductor's code and
+may round differently (a reduction, a cast), within the usual tolerance. Only graphs traced with
+static sizes are inlined (the launchers pick block sizes from the sizes): after the recompile that
+makes a compiled model's sizes dynamic (a second batch size), its graph keeps the custom ops, so
+compile with ``dynamic=False`` where inlining matters. This is what ``torch.library.triton_op``
+does, kept switchable here (``kernels/_dispatch.py``,
+:func:`~interformer.kernels._dispatch.inline_when_compiled`).
+
+The default, ``"auto"`` (``None``), inlines the calls whose tensors are on a CUDA device and keeps
+the others opaque: Inductor launches Triton kernels on a GPU only, and a CPU graph (the interpreter)
+with launches in it fails to compile there. ``True`` inlines on every device (for ``aot_eager`` on
+the CPU, as the tests do), ``False`` never. Why inlined is the GPU default: on an H200 (bf16, two
+leases of 2026-11-28, ``bench/results/nvidia-h200-2026-11-28*``) the opaque ops cost a compiled
+model more than their kernels saved, 36.33 ms a ``taobao`` training step against 29.81 ms for
+``torch.compile`` of the eager model (and 12.16 against 5.29 ms for inference, 31.39 against 25.33
+ms for ``amazon`` training, earlier leases), where inlined they took 27.29 and 23.12 ms against
+29.81 and 30.75 ms, 4.49 against 5.84 ms for ``taobao`` inference, and at ``amazon`` 20.74 against
+22.57 ms or 23.75 against 20.02 ms (whichever of the two ran second in the process was the slower).
+Like the reference set, dynamo guards on it (a change recompiles on the next call), and a forced
+setting is part of the compile caches' key (``torch.compiler.config.cache_key_tag``; the default
+leaves the tag alone). ``torch.export`` always keeps the custom ops.
 """
 
 from __future__ import annotations
@@ -134,31 +141,33 @@ except ValueError as _exc:  # raised where a module is built (check_compile_envi
 
 INLINE_ENV_VAR = "INTERFORMER_COMPILE_INLINE"
 _FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-               "off": False, "": False}
+               "off": False, "auto": None, "": None}
 
 
 def _inline_from_env():
-    """``(flag, error)`` from ``$INTERFORMER_COMPILE_INLINE`` (unset: off)."""
+    """``(setting, error)`` from ``$INTERFORMER_COMPILE_INLINE`` (unset: None, "auto")."""
     value = os.environ.get(INLINE_ENV_VAR, "")
     word = value.strip().lower()
     if word not in _FLAG_WORDS:
-        return False, f"${INLINE_ENV_VAR} must be one of 1, 0, true, false, yes, no, on, off; got {value!r}"
+        return None, (f"${INLINE_ENV_VAR} must be one of auto, 1, 0, true, false, yes, no, on, off; "
+                      f"got {value!r}")
     return _FLAG_WORDS[word], None
 
 
-_INLINE_TAG = "interformer-inline"
+#: the compile caches' tag of each forced inline setting (the default, None, adds none)
+_INLINE_TAGS = {True: "interformer-inline", False: "interformer-opaque"}
 
 
-def _tag_compile_caches(enabled: bool) -> None:
-    """Put the inline setting into ``torch.compiler.config.cache_key_tag`` (when on; off leaves the
-    tag as the user set it). Reason: the graph dynamo hands to AOTAutograd is the same either way,
-    so without it the compile caches (AOTAutograd's and Inductor's, on disk) would hand back a
-    graph compiled under the other setting. The user's own tag is kept."""
+def _tag_compile_caches(setting: Optional[bool]) -> None:
+    """Put a forced inline setting into ``torch.compiler.config.cache_key_tag`` (the default, None,
+    leaves the tag as the user set it). Reason: the graph dynamo hands to AOTAutograd is the same
+    either way, so without it the compile caches (AOTAutograd's and Inductor's, on disk) would hand
+    back a graph compiled under another setting. The user's own tag is kept."""
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "cache_key_tag"):  # an older torch: no such key
         return
-    parts = [p for p in config.cache_key_tag.split(";") if p and p != _INLINE_TAG]
-    config.cache_key_tag = ";".join(parts + ([_INLINE_TAG] if enabled else []))
+    parts = [p for p in config.cache_key_tag.split(";") if p and p not in _INLINE_TAGS.values()]
+    config.cache_key_tag = ";".join(parts + ([_INLINE_TAGS[setting]] if setting is not None else []))
 
 
 _COMPILE_INLINE, _INLINE_ENV_ERROR = _inline_from_env()
@@ -183,27 +192,35 @@ def _check_inline_environment() -> None:
         raise ValueError(_INLINE_ENV_ERROR)
 
 
-def compile_inline() -> bool:
-    """Whether the custom ops a compiled model keeps are traced into their kernels (see the module
-    docstring); False by default. Raises the error of a bad ``$INTERFORMER_COMPILE_INLINE`` (not of
-    the other setting's variable: an op of :mod:`interformer.kernels` called directly in a compiled
-    function reads this setting alone)."""
+def compile_inline() -> Optional[bool]:
+    """How the custom ops a compiled model keeps are traced (see the module docstring): None (the
+    default, "auto": inlined where their tensors are on a CUDA device, opaque elsewhere), True
+    (inlined on every device) or False (opaque). Raises the error of a bad
+    ``$INTERFORMER_COMPILE_INLINE`` (not of the other setting's variable: an op of
+    :mod:`interformer.kernels` called directly in a compiled function reads this setting alone)."""
     _check_inline_environment()
     return _COMPILE_INLINE
 
 
-def set_compile_inline(enabled: bool) -> bool:
-    """Trace the kept custom ops into their Triton kernels (True) or keep them opaque (False);
-    returns the previous setting. Process-wide; like :func:`set_compile_reference_ops`, dynamo
-    guards on it where a fused-capable module picks its op, so a model compiled before a change
-    recompiles on its next call (a compiled function that calls an op of
-    :mod:`interformer.kernels` directly keeps its graph until ``torch.compiler.reset()``), and the
-    compile caches are keyed on it (``torch.compiler.config.cache_key_tag``). Inductor launches
-    Triton kernels on a GPU only: on CPU tensors (the interpreter) an inlined graph runs under
-    backends such as ``aot_eager``, and Inductor fails at compile time."""
+def inlines_on(device: torch.device) -> bool:
+    """Whether a compiled graph on ``device`` inlines the kept ops under the current setting."""
+    setting = compile_inline()
+    return device.type == "cuda" if setting is None else setting
+
+
+def set_compile_inline(enabled: Optional[bool]) -> Optional[bool]:
+    """Trace the kept custom ops into their Triton kernels (True), keep them opaque (False), or
+    inline them where their tensors are on a CUDA device (None, the default); returns the previous
+    setting. Process-wide; like :func:`set_compile_reference_ops`, dynamo guards on it where a
+    fused-capable module picks its op, so a model compiled before a change recompiles on its next
+    call (a compiled function that calls an op of :mod:`interformer.kernels` directly keeps its
+    graph until ``torch.compiler.reset()``), and the compile caches are keyed on a forced setting
+    (``torch.compiler.config.cache_key_tag``). Inductor launches Triton kernels on a GPU only: on
+    CPU tensors (the interpreter) a graph inlined by True runs under backends such as
+    ``aot_eager``, and Inductor fails at compile time."""
     global _COMPILE_INLINE, _INLINE_ENV_ERROR
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_compile_inline: enabled must be a bool, got {enabled!r}")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_compile_inline: enabled must be a bool or None (auto), got {enabled!r}")
     previous = _COMPILE_INLINE
     _COMPILE_INLINE, _INLINE_ENV_ERROR = enabled, None  # an explicit setting replaces the environment's
     _tag_compile_caches(enabled)
@@ -427,7 +444,7 @@ class FusedModule(torch.nn.Module):
         if torch.compiler.is_compiling():
             if op in _COMPILE_REFERENCE:
                 return getattr(reference, op)  # left to Inductor (set_compile_reference_ops)
-            if _COMPILE_INLINE:  # read while dynamo traces, so that it guards on the setting
+            if _COMPILE_INLINE is None:  # read while dynamo traces, so that it guards on the setting
                 pass  # (AOTAutograd acts on it: kernels/_dispatch.py, inline_when_compiled)
         backend = self._backend
         if backend == "auto":

@@ -22,10 +22,11 @@ records a custom op as a node and would record nothing of a launch), or any tens
 ``FakeTensor``/functional wrapper rather than a plain tensor; ``torch.fx.symbolic_trace`` records
 a call of the public function itself (:func:`fx_call`).
 
-Under ``torch.compile`` a custom op is one opaque call in the compiled code. With
-``interformer.set_compile_inline(True)`` the ops registered through :func:`inline_when_compiled`
-are traced into their launchers' aten ops and Triton launches instead (the last section of this
-file), which Inductor then runs from its own generated code.
+Under ``torch.compile`` the ops registered through :func:`inline_when_compiled` are traced into
+their launchers' aten ops and Triton launches (the last section of this file), which Inductor then
+runs from its own generated code, where their tensors are on a CUDA device
+(``interformer.set_compile_inline``: by default; True: on every device). Any other op, and every op
+under ``set_compile_inline(False)``, is one opaque call in the compiled code.
 """
 
 from __future__ import annotations
@@ -256,8 +257,9 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
 # What follows lets a compiled graph launch the kernels itself (``interformer.set_compile_inline``):
 # while AOTAutograd traces, a registered op runs its own Python body under FunctionalTensorMode, with
 # every launch going through ``torch.library.wrap_triton``. That is ``torch.library.triton_op``'s
-# mechanism; it is done by hand here so that it can be switched off (the default, until measured on a
-# GPU) and so that the eager path keeps launching the kernels directly: ``wrap_triton`` dispatches
+# mechanism; it is done by hand here so that it can be switched off (and is, by default, for tensors
+# off a GPU, where Inductor cannot launch Triton kernels) and so that the eager path keeps launching
+# the kernels directly: ``wrap_triton`` dispatches
 # through a higher-order op whenever it is enabled, which ``triton_op`` itself avoids in eager.
 #
 # Float arguments: a plain launch types a Python float fp32; Inductor, launching a traced kernel,
@@ -305,7 +307,8 @@ def unused_arg(like: torch.Tensor) -> torch.Tensor:
 def inline_when_compiled(*ops) -> None:
     """Register, for each ``torch.library.custom_op`` in ``ops``, the rule that replaces it by its own
     Python body while AOTAutograd traces a graph (FunctionalTensorMode), when
-    :func:`interformer.backend.compile_inline` is on and the call's sizes are static; otherwise
+    :func:`interformer.backend.compile_inline` asks for it (True; or None, the default, and a tensor
+    argument on a CUDA device: :func:`_inlines`) and the call's sizes are static; otherwise
     (dynamic shapes, see :func:`_symbolic`), and always for ``torch.export``, the op stays one
     opaque node. The body must launch through :func:`launch` and pass
     :func:`unused_arg` for aliases of outputs."""
@@ -327,7 +330,7 @@ def _inline_rule(body: Callable) -> Callable:
     def rule(mode, op, types, args, kwargs):
         from interformer.backend import compile_inline
 
-        if not compile_inline() or _export_keeps_ops() or _symbolic(args, kwargs):
+        if not _inlines(compile_inline(), args, kwargs) or _export_keeps_ops() or _symbolic(args, kwargs):
             return mode.__torch_dispatch__(op, types, args, kwargs)
         from torch._subclasses import FakeTensor
         from torch._subclasses.functional_tensor import FunctionalTensor
@@ -344,18 +347,28 @@ def _inline_rule(body: Callable) -> Callable:
     return rule
 
 
+def _tensors(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _inlines(setting, args, kwargs) -> bool:
+    """Whether a traced call is inlined under the setting ``setting`` (True, False, or None: where a
+    tensor argument is on a CUDA device, since Inductor launches Triton kernels on a GPU only)."""
+    if setting is None:
+        return any(t.device.type == "cuda" for t in _tensors(args, kwargs))
+    return setting
+
+
 def _symbolic(args, kwargs) -> bool:
     """Whether a tensor argument has a symbolic size or stride (a graph traced with dynamic shapes).
 
     Such a call stays one opaque op: the launchers choose block sizes and grids from the sizes,
     and a traced launch takes its constexprs as constants, so inlining it would pin the graph to
     one size (a guard per size) or fail in the launchers' caches."""
-    for a in (*args, *kwargs.values()):
-        for t in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(t, torch.Tensor) and any(
-                    isinstance(x, torch.SymInt) for x in (*t.shape, *t.stride())):
-                return True
-    return False
+    return any(isinstance(x, torch.SymInt) for t in _tensors(args, kwargs) for x in (*t.shape, *t.stride()))
 
 
 _INTERPRETED: dict = {}

@@ -150,10 +150,11 @@ def main(argv=None) -> int:
         averages = prof.key_averages()
         compiled = ""
         if args.compile:
-            from interformer import compile_inline, compile_reference_ops
+            from interformer import compile_reference_ops
+            from interformer.backend import inlines_on
 
             compiled = (f", compiled: reference ops {','.join(sorted(compile_reference_ops())) or 'none'}, "
-                        f"kept ops {'inlined' if compile_inline() else 'custom ops'}")
+                        f"kept ops {'inlined' if inlines_on(common.DEVICE) else 'custom ops'}")
         print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}{compiled}, "
               f"{common.environment()['device']})")
         print(range_table(averages, args.steps))

@@ -251,7 +251,7 @@ def test_compile_reference_environment_variable():
     # the other setting's query does not raise it: an op called directly in a compiled function
     # reads only the inline setting, and must compile
     assert bad_compile_setting_run("INTERFORMER_COMPILE_REFERENCE", "pffn", "compile_reference_ops",
-                                   "set_compile_reference_ops('none')", "compile_inline") == ("False", "[]")
+                                   "set_compile_reference_ops('none')", "compile_inline") == ("None", "[]")
 
 
 def _traced_custom_ops(model):

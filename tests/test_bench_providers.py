@@ -76,7 +76,7 @@ def _expected_compile_mode(provider):
         return "max-autotune-no-cudagraphs"
     if provider.endswith("reduce-overhead"):
         return "reduce-overhead"
-    if provider in ("compile", "fused-compile", "fused-compile-attention", "fused-compile-inline"):
+    if provider in ("compile", "fused-compile", "fused-compile-attention", "fused-compile-opaque"):
         return "default"
     return None
 
@@ -207,8 +207,8 @@ def test_model_providers_build_what_they_name(bench):
 
 def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkeypatch):
     """``fused-compile-attention`` runs (traces and calls) the compiled model with every op but
-    attention's left to Inductor, ``fused-compile-inline`` with the kept ops traced into their
-    kernels; each leaves the process's settings as it found them; the other providers run under
+    attention's left to Inductor, ``fused-compile-opaque`` with the kept ops left opaque custom
+    ops; each leaves the process's settings as it found them; the other providers run under
     the default settings."""
     common, _ = bench
     mod = importlib.import_module("test_bench_model")
@@ -221,14 +221,14 @@ def test_compile_keeping_providers_hold_their_setting_over_the_run(bench, monkey
         fn()
 
     monkeypatch.setattr(common, "run", run)
-    for provider in ("fused-compile", "fused-compile-attention", "fused-compile-inline"):
+    for provider in ("fused-compile", "fused-compile-attention", "fused-compile-opaque"):
         mod.test_model(None, "smoke", "inference", provider)
         assert interformer.compile_reference_ops() == before and interformer.compile_inline() == inline_before
     assert seen["fused-compile"] == (before, inline_before)
     assert seen["fused-compile-attention"] == (set(backend_mod.FUSED_OPS) - {"attention", "pooled_attention"},
                                                inline_before)
-    assert seen["fused-compile-inline"] == (before, True)
-    assert {"fused-compile-attention", "fused-compile-inline"} <= set(mod.PROVIDERS)
+    assert seen["fused-compile-opaque"] == (before, False)
+    assert {"fused-compile-attention", "fused-compile-opaque"} <= set(mod.PROVIDERS)
 
 
 class _Bench:
@@ -250,7 +250,7 @@ def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
     before = interformer.set_compile_reference_ops(None)
     try:
         rows = {}
-        for provider in ("fused", "compile", "fused-compile", "fused-compile-attention", "fused-compile-inline"):
+        for provider in ("fused", "compile", "fused-compile", "fused-compile-attention", "fused-compile-opaque"):
             with common.compile_reference(provider):
                 rows[provider] = common.run(_Bench(), lambda: None, op="x", shape=common.ALL_SHAPES["smoke"],
                                             provider=provider, mode="full")
@@ -258,8 +258,8 @@ def test_compiled_fused_rows_record_what_was_left_to_inductor(monkeypatch):
         interformer.set_compile_reference_ops(before)
         sys.modules.pop("common", None)
     assert not {"compile_reference", "compile_inline"} & (set(rows["fused"]) | set(rows["compile"]))
-    assert [rows[p]["compile_inline"] for p in ("fused-compile", "fused-compile-attention", "fused-compile-inline")] \
-        == [interformer.compile_inline(), interformer.compile_inline(), True]
+    assert [rows[p]["compile_inline"] for p in ("fused-compile", "fused-compile-attention", "fused-compile-opaque")] \
+        == [interformer.compile_inline(), interformer.compile_inline(), False]
     assert rows["fused-compile"]["compile_reference"] == \
         "add_layer_norm,cross_net,feed_forward,grouped_embedding,low_rank_cross_net"
     kept = {"attention", "pooled_attention"}

@@ -447,9 +447,9 @@ def test_a_change_of_setting_recompiles_a_compiled_module(settings):
 
 
 def test_the_setting_keys_the_compile_caches(settings):
-    """The graph dynamo builds is the same either way, so the setting goes into
-    ``torch.compiler.config.cache_key_tag``: on adds the package's tag, off removes it, and a tag
-    the user set stays."""
+    """The graph dynamo builds is the same either way, so a forced setting goes into
+    ``torch.compiler.config.cache_key_tag``: on and off each add their tag in place of the other's,
+    the default removes it, and a tag the user set stays."""
     config = torch.compiler.config
     before = config.cache_key_tag
     try:
@@ -459,14 +459,39 @@ def test_the_setting_keys_the_compile_caches(settings):
         settings(True)
         assert config.cache_key_tag.split(";") == ["mine", "interformer-inline"]
         settings(False)
+        assert config.cache_key_tag.split(";") == ["mine", "interformer-opaque"]
+        settings(None)
         assert config.cache_key_tag == "mine"
     finally:
         config.cache_key_tag = before
 
 
+def test_the_default_inlines_the_calls_on_a_gpu(settings):
+    """The default setting (None) inlines a traced call whose tensors are on a CUDA device and keeps
+    any other call opaque (Inductor launches Triton kernels on a GPU only); True and False hold on
+    every device. The rule, then a compiled module under the default on this machine's device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from interformer.kernels._dispatch import _inlines
+
+    with FakeTensorMode():
+        on_gpu = torch.empty(2, device="cuda")
+    on_cpu = torch.empty(2)
+    assert _inlines(None, (on_cpu, [on_gpu]), {}) and _inlines(None, (), {"x": on_gpu})
+    assert not _inlines(None, (on_cpu, 3), {"y": [on_cpu]}) and not _inlines(None, (), {})
+    assert _inlines(True, (on_cpu,), {}) and not _inlines(False, (on_gpu,), {})
+    settings(None)
+    assert interformer.compile_inline() is None
+    module = interformer.DotInteraction(4, 8, backend="triton").to(DEVICE)
+    compiled, targets = _compiled(module)
+    compiled(torch.randn(2, 4, 8, device=DEVICE))
+    assert (LAUNCH in targets) == (DEVICE.type == "cuda"), targets
+    assert ("interformer.dot_interaction_fwd.default" in targets) == (DEVICE.type != "cuda"), targets
+
+
 def test_setting_env_var_setter_and_errors():
     code = "import interformer as I; print(I.compile_inline())"
-    for value, expected in [("1", "True"), ("on", "True"), ("0", "False"), ("", "False")]:
+    for value, expected in [("1", "True"), ("on", "True"), ("0", "False"), ("", "None"), (" Auto ", "None")]:
         env = dict(os.environ, INTERFORMER_COMPILE_INLINE=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, (value, out.stdout)

@@ -314,16 +314,17 @@ def _module_level_tensors():
     return found
 
 
-def _set_inline(request, inlined: bool) -> None:
-    """``set_compile_inline(inlined)`` for one test, restored after it (with the compile caches' key
-    tag, so that a graph compiled under one setting is never handed back under the other)."""
+def _set_inline(request, inlined) -> None:
+    """``set_compile_inline(inlined)`` (True, False or None: the default) for one test, restored
+    after it (with the compile caches' key tag, so that a graph compiled under one setting is never
+    handed back under the other)."""
     import interformer
 
     before = interformer.set_compile_inline(inlined)
     request.addfinalizer(lambda: interformer.set_compile_inline(before))
 
 
-@pytest.mark.parametrize("setting", ["default", "none", "none, inlined"])
+@pytest.mark.parametrize("setting", ["default", "none, opaque", "none, inlined"])
 def test_fused_model_compiles_fullgraph(request, monkeypatch, setting):
     """No graph break through any fused op: the custom ops' fake implementations trace, their
     autograd formulas give the backward graph. aot_eager on CPU (no C++ toolchain needed);
@@ -331,15 +332,17 @@ def test_fused_model_compiles_fullgraph(request, monkeypatch, setting):
     first filled inside ``reduce-overhead``'s warm-up would sit in the CUDA-graph pool, which
     Inductor refuses (the rotary table did, on an H100). Under the default compile-reference set
     and under ``"none"``, where every fused op (the cross nets and LayerNorm too) stays a custom op
-    and the tokenizers' grouped Function is traced; ``"none, inlined"`` with those ops traced into
-    their kernels (``set_compile_inline``; on a GPU Inductor launches them itself)."""
+    and the tokenizers' grouped Function is traced: ``"default"`` under the default inline setting
+    (the kept ops traced into their kernels on a GPU, where Inductor launches them itself; opaque on
+    the CPU), ``"none, opaque"`` with every kept op a custom op and ``"none, inlined"`` with every
+    one traced into its kernels (``set_compile_inline``)."""
     from interformer import backend
     from interformer.kernels import attention
 
     # what set_compile_reference_ops / set_compile_inline set, restored at teardown
     reference, _, inlined = setting.partition(", ")
     monkeypatch.setattr(backend, "_COMPILE_REFERENCE", backend._compile_reference_set(reference, "test"))
-    _set_inline(request, bool(inlined))
+    _set_inline(request, {"": None, "opaque": False, "inlined": True}[inlined])
     torch._dynamo.reset()
     monkeypatch.setattr(attention, "_ROPE_TABLES", {})
     monkeypatch.setattr(attention, "_ROPE_RETIRED", [])  # tables earlier tests outgrew
@@ -348,7 +351,7 @@ def test_fused_model_compiles_fullgraph(request, monkeypatch, setting):
     eager, fused = _fused_pair(cfg, seed=1)
     compiled = torch.compile(fused, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
     compiled.loss = fused.loss
-    if HAS_CUDA and inlined:  # Inductor's forward code launches the package's kernels itself
+    if HAS_CUDA:  # inlined (the default on a GPU), Inductor's forward code launches the kernels itself
         import warnings
 
         from torch._inductor import config as inductor_config
@@ -358,7 +361,11 @@ def test_fused_model_compiles_fullgraph(request, monkeypatch, setting):
         with inductor_config.patch(force_disable_caches=True), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "dynamo_pgo force disabled", UserWarning)
             _, code = run_and_get_code(compiled, *_batch(cfg, seed=1)[:4])
-        assert "_attn_fwd_kernel" in "".join(code) and "interformer.attention_fwd" not in "".join(code)
+        code = "".join(code)
+        if inlined == "opaque":
+            assert "interformer.attention_fwd" in code and "_attn_fwd_kernel" not in code
+        else:
+            assert "_attn_fwd_kernel" in code and "interformer.attention_fwd" not in code
     _compare(eager, compiled, _batch(cfg, seed=1), TOL, "compiled")
     assert _module_level_tensors() == [], "a compiled step filled a module-level tensor cache"
     fused(*_batch(cfg, seed=2)[:4])  # the eager entry points do cache: the scan sees it
