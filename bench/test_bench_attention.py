@@ -28,6 +28,13 @@ Providers, each computing the same function:
   output, flash attention's form, instead of the default's pass over the key blocks; the kernel
   module's docstring, "Backward"): what the pass costs where keys span more than one block
   (self-attention at amazon and long, PMA at long; elsewhere the two rows run the same kernels).
+* ``fused-general`` (and its ``-cudagraph``) -- self-attention, ``bwd`` and ``full`` only: the fused
+  function with every backward on the general path (``_FUSED_BWD_MAX_LQ = 0``: a dq kernel over
+  query blocks, then a dk/dv kernel over key blocks), where the default takes one program per
+  (b, h) for up to 128 queries. At amazon (104 queries, dh 16) that program is one 8-warp program an
+  SM (171 registers, sm_90) over 8192 (b, h): in the compiled amazon training step of the H200
+  lease of 2026-11-28b it took 430 us a launch, many times its memory floor; the general path
+  launches two kernels of twice as many 4-warp programs, each on 64 rows (bf16, dh 16).
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,
@@ -53,10 +60,10 @@ the queries and the V projection into the output one, and the work left, ``~4 B 
 CUDA-graph variants (``<provider>-cudagraph``, ``full`` mode only; see bench/common.py): the same
 callable captured once and replayed, which times the device alone. Self-attention graphs ``eager``,
 the two SDPA backends that take a mask on every GPU (``sdpa-efficient``, ``sdpa-cudnn``), ``fused``
-and ``fused-delta-output``; PMA graphs ``nn.MultiheadAttention``, ``fused`` and
+``fused-delta-output`` and ``fused-general``; PMA graphs ``nn.MultiheadAttention``, ``fused`` and
 ``fused-delta-output``.
 
-Without a GPU only ``eager``, ``fused`` and ``fused-delta-output`` run, on the tiny smoke shape,
+Without a GPU only ``eager``, ``fused``, ``fused-delta-output`` and ``fused-general`` run, on the tiny smoke shape,
 under the Triton interpreter; every other provider is skipped with its reason.
 """
 
@@ -73,10 +80,11 @@ from interformer.layers import PoolingMultiHeadAttention
 BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
                   "flash_attn", "fused", "fused-delta-output", "eager-cudagraph", "compile-cudagraph",
-                  "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph", "fused-cudagraph", "fused-delta-output-cudagraph"]
+                  "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph", "fused-cudagraph", "fused-delta-output-cudagraph",
+                  "fused-general", "fused-general-cudagraph"]
 #: setting variants of the fused self-attention and PMA (provider, and its -cudagraph): the settings
 #: of interformer.kernels.attention they run with; each changes the backward only
-SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}}
+SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}, "fused-general": {"_FUSED_BWD_MAX_LQ": 0}}
 PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "fused-delta-output",
                  "compile-cudagraph", "nn.MultiheadAttention-cudagraph", "fused-cudagraph",
                  "fused-delta-output-cudagraph"]

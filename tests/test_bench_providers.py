@@ -306,6 +306,34 @@ def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, 
                                provider=provider)
 
 
+@pytest.mark.parametrize("provider, kernels", [
+    ("fused", {"_attn_bwd_fused_kernel"}),
+    ("fused-general", {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}),
+    ("fused-general-cudagraph", {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"})])
+def test_fused_general_runs_the_general_attention_backward(bench, monkeypatch, provider, kernels):
+    """``fused-general`` (and its graphed row) times the self-attention backward on the general path
+    (a dq kernel, then a dk/dv kernel) at a length the default gives the single-query-block kernel;
+    it skips the forward-only mode, which it leaves as the default's."""
+    mod = importlib.import_module("test_bench_attention")
+    import interformer.kernels.attention as A
+
+    launched, real = [], A.launch
+
+    def spy(kernel):
+        launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+        return real(kernel)
+
+    monkeypatch.setattr(A, "launch", spy)
+    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
+                            provider=provider)
+    # fp32 on the smoke shape: the general path forms delta in a kernel of its own
+    assert {n for n in launched if "_bwd_" in n} - {"_attn_bwd_delta_kernel"} == kernels, launched
+    if provider != "fused":
+        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
+            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
+                                    provider=provider)
+
+
 @pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [
     ("fused", 4, "cublas", "rows", "rows", 3), ("fused-8warps", 8, "cublas", "rows", "rows", 3),
     ("fused-triton-gemm", 4, "triton", "rows", "rows", 3), ("fused-phases", 4, "cublas", "phases", "rows", 3),
