@@ -34,7 +34,10 @@ Providers, each computing the same function:
   (b, h) for up to 128 queries. At amazon (104 queries, dh 16) that program is one 8-warp program an
   SM (171 registers, sm_90) over 8192 (b, h): in the compiled amazon training step of the H200
   lease of 2026-11-28b it took 430 us a launch, many times its memory floor; the general path
-  launches two kernels of twice as many 4-warp programs, each on 64 rows (bf16, dh 16).
+  launches two kernels of twice as many 4-warp programs, each on 64 rows. sm_90 builds with
+  Triton 3.9 at amazon (bf16, dh 16, ``interformer.kernel_audit``): the default 174 registers, one
+  program an SM, 62 waves; the general dq kernel 127 (four an SM, 31 waves), its dk/dv kernel 169
+  (two an SM, 62 waves), none spilling.
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,
