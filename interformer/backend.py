@@ -69,22 +69,30 @@ does, kept switchable here (``kernels/_dispatch.py``,
 The default, ``"auto"`` (``None``), inlines the calls whose tensors are on a CUDA device and keeps
 the others opaque: Inductor launches Triton kernels on a GPU only, and a CPU graph (the interpreter)
 with launches in it fails to compile there. ``True`` inlines on every device (for ``aot_eager`` on
-the CPU, as the tests do), ``False`` never. Why inlined is the GPU default: on an H200 (bf16, two
-leases of 2026-11-28, ``bench/results/nvidia-h200-2026-11-28*``) the opaque ops cost a compiled
-model more than their kernels saved, 36.33 ms a ``taobao`` training step against 29.81 ms for
-``torch.compile`` of the eager model (and 12.16 against 5.29 ms for inference, 31.39 against 25.33
-ms for ``amazon`` training, earlier leases), where inlined they took 27.29 and 23.12 ms against
-29.81 and 30.75 ms, 4.49 against 5.84 ms for ``taobao`` inference, and at ``amazon`` 20.74 against
-22.57 ms or 23.75 against 20.02 ms (whichever of the two ran second in the process was the slower).
-Like the reference set, dynamo guards on it (a change recompiles on the next call), and a forced
-setting is part of the compile caches' key (``torch.compiler.config.cache_key_tag``; the default
-leaves the tag alone). ``torch.export`` always keeps the custom ops.
+the CPU, as the tests do), ``False`` never. Why inlined is the GPU default (plain compiled steps,
+bf16, ``bench/results/``): on the H200, opaque, the compiled fused model lost to or tied with
+``torch.compile`` of the eager model, ``taobao`` training 36.33 against 29.81 ms (``7bea4b3``) and
+25.09 against 25.17 (``80ba0f2``), ``amazon`` training 31.39 against 25.33 (``6da4f2b``) and 26.91
+against 20.53 (``80ba0f2``); on the H100 (``4648e15``) it won, 23.06 against 32.90. Inlined, on the
+H200, it won or tied: ``taobao`` training 27.29 against 29.81 ms (``7bea4b3``, where opaque took
+36.33 in the same process) and 23.12 against 30.75 (``5eea83c``), ``taobao`` inference 4.49 against
+5.84, ``amazon`` training 20.74 against 22.57 and 23.75 against 20.02 (whichever ran second in the
+process was the slower: a tie). Not yet timed inlined: ``mode="reduce-overhead"`` (opaque: 8.764
+against 9.284 ms, ``7bea4b3``), which the default now inlines too. Like the reference set, dynamo guards on it (a change recompiles on the next call), and it is
+part of the compile caches' key with a hash of the kernels' source (``torch.compiler.config.
+cache_key_tag``, :func:`_tag_compile_caches`). ``torch.export`` always keeps the custom ops.
+:func:`compile_inline` returns the setting (None by default, also where the ops do inline);
+:func:`inlines_on` says what it does on a device.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 from types import MethodType
 from typing import Callable, Optional, Tuple
 
@@ -154,20 +162,39 @@ def _inline_from_env():
     return _FLAG_WORDS[word], None
 
 
-#: the compile caches' tag of each forced inline setting (the default, None, adds none)
-_INLINE_TAGS = {True: "interformer-inline", False: "interformer-opaque"}
+#: the inline setting's word in the compile caches' tag
+_INLINE_WORDS = {True: "inline", False: "opaque", None: "auto"}
+_TAG_PREFIX = "interformer-"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_source_hash() -> str:
+    """A short hash of the kernel modules' source (``interformer/kernels/*.py``: the kernels and
+    their launchers, whose plans an inlined graph bakes in)."""
+    spec = importlib.util.find_spec("interformer.kernels")  # (not imported: installed from kernels/)
+    digest = hashlib.sha1()
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        for path in sorted(Path(folder).glob("*.py")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _tag_compile_caches(setting: Optional[bool]) -> None:
-    """Put a forced inline setting into ``torch.compiler.config.cache_key_tag`` (the default, None,
-    leaves the tag as the user set it). Reason: the graph dynamo hands to AOTAutograd is the same
-    either way, so without it the compile caches (AOTAutograd's and Inductor's, on disk) would hand
-    back a graph compiled under another setting. The user's own tag is kept."""
+    """Put the inline setting and a hash of the kernels' source into
+    ``torch.compiler.config.cache_key_tag`` (``interformer-<auto|inline|opaque>-<hash>``), keeping the
+    user's own tag. Reason: the compile caches (AOTAutograd's and Inductor's, on disk) key a graph on
+    what dynamo traced, which holds this package's custom ops and nothing of what they become. So
+    without the setting in the tag they would hand back a graph compiled under another setting, and
+    without the hash an inlined graph compiled by an earlier version of the kernels or their
+    launchers (its kernels and block sizes baked in). A process that imports the package thus keys
+    all of its compiled graphs on this tag (one cache miss per package version for the user's other
+    models too). The launchers' module settings (``FUSED_MAX_FEATURES`` and the like, kept for
+    measurement) are not in the key: change them only with the caches off or cleared."""
     config = getattr(torch.compiler, "config", None)
     if config is None or not hasattr(config, "cache_key_tag"):  # an older torch: no such key
         return
-    parts = [p for p in config.cache_key_tag.split(";") if p and p not in _INLINE_TAGS.values()]
-    config.cache_key_tag = ";".join(parts + ([_INLINE_TAGS[setting]] if setting is not None else []))
+    parts = [p for p in config.cache_key_tag.split(";") if p and not p.startswith(_TAG_PREFIX)]
+    config.cache_key_tag = ";".join(parts + [f"{_TAG_PREFIX}{_INLINE_WORDS[setting]}-{_kernels_source_hash()}"])
 
 
 _COMPILE_INLINE, _INLINE_ENV_ERROR = _inline_from_env()

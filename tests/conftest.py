@@ -52,6 +52,20 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(params=[None, False], ids=["default", "opaque"])
+def inline_setting(request):
+    """An Inductor compile test run twice: under the default inline setting (on a GPU the kept ops
+    are traced into their Triton kernels, which Inductor launches itself) and with the ops opaque
+    custom ops (``interformer.set_compile_inline``); the setting restored after."""
+    import interformer
+
+    before = interformer.set_compile_inline(request.param)
+    torch._dynamo.reset()
+    yield request.param
+    interformer.set_compile_inline(before)
+    torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -447,23 +447,58 @@ def test_a_change_of_setting_recompiles_a_compiled_module(settings):
 
 
 def test_the_setting_keys_the_compile_caches(settings):
-    """The graph dynamo builds is the same either way, so a forced setting goes into
-    ``torch.compiler.config.cache_key_tag``: on and off each add their tag in place of the other's,
-    the default removes it, and a tag the user set stays."""
+    """The graph dynamo builds is the same whatever the setting, and holds the custom ops alone, so
+    ``torch.compiler.config.cache_key_tag`` carries the setting and a hash of the kernels' source:
+    each setting replaces the package's tag of the one before, and a tag the user set stays."""
+    from interformer.backend import _kernels_source_hash
+
     config = torch.compiler.config
     before = config.cache_key_tag
     try:
         config.cache_key_tag = "mine"
-        settings(True)
-        assert config.cache_key_tag.split(";") == ["mine", "interformer-inline"]
-        settings(True)
-        assert config.cache_key_tag.split(";") == ["mine", "interformer-inline"]
-        settings(False)
-        assert config.cache_key_tag.split(";") == ["mine", "interformer-opaque"]
-        settings(None)
-        assert config.cache_key_tag == "mine"
+        for setting, word in ((True, "inline"), (True, "inline"), (False, "opaque"), (None, "auto")):
+            settings(setting)
+            assert config.cache_key_tag.split(";") == ["mine", f"interformer-{word}-{_kernels_source_hash()}"]
     finally:
         config.cache_key_tag = before
+
+
+def test_the_kernels_source_hash_follows_every_kernel_module(monkeypatch, tmp_path):
+    """The tag's hash changes with any kernel module's source (an inlined graph bakes in the kernels
+    and the launchers' plans), and not with other files."""
+    import importlib.util
+
+    from interformer import backend
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):  # the package's modules in tmp_path
+        if name != "interformer.kernels":
+            return real(name, *args)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(tmp_path)]
+        return spec
+
+    def digest():
+        backend._kernels_source_hash.cache_clear()
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        try:
+            return backend._kernels_source_hash()
+        finally:
+            monkeypatch.setattr(importlib.util, "find_spec", real)
+            backend._kernels_source_hash.cache_clear()
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    first = digest()
+    (tmp_path / "notes.txt").write_text("not a module")
+    assert digest() == first
+    (tmp_path / "b.py").write_text("y = 3\n")
+    assert digest() != first
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert digest() == first
+    (tmp_path / "c.py").write_text("")
+    assert digest() != first
 
 
 def test_the_default_inlines_the_calls_on_a_gpu(settings):

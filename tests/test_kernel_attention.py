@@ -1235,8 +1235,9 @@ def test_gpu_bf16_benchmark_shapes(B, Bq, Lq, Lk, H, dh, mask_q, rope):
 
 @NO_POISON
 @pytest.mark.gpu
-def test_gpu_inductor_compile():
-    """Inductor traces the custom ops (forward and backward) around the projections of the module.
+def test_gpu_inductor_compile(inline_setting):
+    """Inductor compiles the op (forward and backward; inlined into its kernels or opaque custom ops,
+    ``inline_setting``) around the projections of the module.
     (The op is called directly: compiling the nn.Module itself goes through interformer.backend's
     importlib-based kernel lookup, which dynamo refuses to trace.)"""
     lin = torch.nn.Linear(64, 192).cuda()

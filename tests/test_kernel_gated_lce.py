@@ -527,8 +527,9 @@ def test_gpu_bf16_benchmark_shapes(B, n_in, n_out, d):
 
 @NO_POISON
 @pytest.mark.gpu
-def test_gpu_inductor_compile():
-    """Inductor traces the custom ops (forward and backward) with surrounding ops."""
+def test_gpu_inductor_compile(inline_setting):
+    """Inductor compiles the op (forward and backward; inlined into its kernels or opaque custom ops,
+    ``inline_setting``) with surrounding ops."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64).cuda()
     w, b = torch.randn(20, 4, device="cuda"), torch.randn(4, device="cuda")

@@ -551,8 +551,9 @@ def test_gpu_bf16_benchmark_shapes(mode, B, L, d, n_sum):
 @NO_POISON
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
-def test_gpu_inductor_compile(mode):
-    """Inductor traces the custom ops (forward and backward) with surrounding ops."""
+def test_gpu_inductor_compile(mode, inline_setting):
+    """Inductor compiles the op (forward and backward; inlined into its kernels or opaque custom ops,
+    ``inline_setting``) with surrounding ops."""
     B, L, d = 64, 54, 64
     gen = torch.Generator().manual_seed(1)
     leaves = [m.float().cuda().requires_grad_() for m in make_masters(mode, B, L, d, 4, gen)]
