@@ -150,6 +150,24 @@ same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA
   self-attention and PMA); the near one-hot case over 66 and 130 keys gives its 0.76 error again
   (tests/test_kernel_attention.py).
 
+Pivoted dS in fp32 (``_pivot_pass``; constexpr branches on q's dtype, so fp16/bf16 build to the
+same machine code as before: the SASS fingerprints of every 16-bit backward kernel agree, sm_90,
+Triton 3.6). Even from P and dP, ``dP - delta`` carries the rounding of delta, an ulp of dP's size,
+and in a row whose softmax is near one-hot that is large against the true ``dS`` of its most
+probable key (of the size of the other keys' P): under the interpreter fp32 dq was at eager's error
+(2.4e-4, eager rounds the same way), on the H200 at 4x it (1.17e-3 over two keys, past DESIGN's
+1e-3), where ``ex2.approx`` and the log2 leave ``rowsum(P)`` off 1 and ``div.full.f32`` (Triton's
+fp32 ``/``) rounds the division by it (``profiling/near_one_hot_emulation.py`` replays the kernel
+with that arithmetic: 1.1e-3). So fp32 keeps delta as ``c + t``: ``c`` is dP at the row's most
+probable key, ``t = rowsum(P * (dP - c)) / rowsum(P)`` (small where the softmax is peaked), and
+``dS = P * ((dP - c) - t)``: 0 for ``dP - c`` at that key, exactly; dq and dk 4.2e-6 there under the
+interpreter, 1.6e-6 in the emulation. The pass moves ``c`` when a later key block holds a more
+probable key (``t += (c_old - c_new) * rowsum(P so far)``). The general backward stores ``c`` where
+the 16-bit paths store delta and ``t`` in a second half of the buffer (``_pivot_rows``); with
+``BACKWARD_DELTA = "output"`` ``c`` is ``rowsum(dO * O)`` and ``t`` is 0 (the same dS as before).
+Cost: a row maximum and a masked one per key block (the fp32 builds at the test shapes: registers
+within 4 of before, the 64 x 32 fused kernel's spill stores 8 -> 6).
+
 Two structures, chosen by the shape:
 
 * **single query block** (``Lq <= 128``: taobao, amazon, PMA; in fp32 only while ``next_pow2(Lq) *
@@ -548,6 +566,55 @@ def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
 
 
 @triton.jit
+def _pivot(p, p_top, dp):
+    """fp32 dS's pivot ``c`` of each row of a ``[query rows, key rows]`` tile (:func:`_pivot_pass`):
+    ``dP`` at the row's most probable key (the largest of them at a tie), 0 in a row with no weight."""
+    c = tl.max(tl.where(p == p_top[:, None], dp, float("-inf")), 1)
+    return tl.where(p_top > 0, c, 0.0)
+
+
+@triton.jit
+def _pivot_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd,
+                TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
+                SPLIT: tl.constexpr, PREC: tl.constexpr, NEG: tl.constexpr):
+    """fp32's :func:`_delta_pass`: ``(c, t)`` with ``delta = c + t``, where ``c`` is ``dP`` at the
+    row's most probable key and ``t = rowsum(P * (dP - c)) / rowsum(P)``, so that the gradient loop
+    forms ``dP - delta`` as ``(dP - c) - t`` (module docstring, "Backward": the pivoted dS). ``c``
+    changes when a later key block holds a more probable key; the sum so far is moved to the new
+    pivot by ``(c_old - c_new) * rowsum(P so far)``, which is small where the softmax is near
+    one-hot (the earlier blocks' weight is). Same loads, dots and loop as :func:`_delta_pass`."""
+    c = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)
+    p_top = tl.zeros([BLOCK_M], tl.float32)
+    p_sum = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in tl.range(0, hi, BLOCK_N, num_stages=1):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                        DH, DHP, SPLIT)
+        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        p_blk = tl.max(p, 1)
+        new = p_blk > p_top
+        c_new = tl.where(new, _pivot(p, p_blk, dp), c)
+        t = tl.where(new, t + (c - c_new) * p_sum, t) + tl.sum(p * (dp - c_new[:, None]), 1)
+        p_sum += tl.sum(p, 1)
+        p_top = tl.maximum(p_top, p_blk)
+        c = c_new
+    return c, t / tl.where(p_sum > 0, p_sum, 1.0)
+
+
+@triton.jit
+def _pivot_rows(DELTA, bh, n_blocks, Lq, offs_m):
+    """fp32's stored delta of query rows ``offs_m`` (:func:`_pivot_pass`'s ``(c, t)``): ``c`` where
+    the other dtypes keep delta (``DELTA [B, H, Lq]``), ``t`` in a second ``[B, H, Lq]`` half after it.
+    ``B * H`` is the grid's size over ``n_blocks``, the row or column blocks of one (b, h)."""
+    half = (tl.num_programs(0) // n_blocks).to(tl.int64) * Lq
+    ptr = DELTA + bh * Lq + offs_m
+    return ptr, ptr + half
+
+
+@triton.jit
 def _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len,
                   ROPE_Q: tl.constexpr, BLOCK_M: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
                   SPLIT: tl.constexpr):
@@ -602,13 +669,21 @@ def _attn_bwd_fused_kernel(
     hi = tl.where(q_lim > 0, hi, 0)
     # delta (module docstring, "Backward"): rowsum(P * dP) in the loop's single pass (_DELTA_IN_LOOP)
     # or in a pass of its own (_DELTA_PASS), or rowsum(dO * O) from the stored output
+    # fp32 forms dP - delta as (dP - c) - t (_pivot_pass; module docstring, "Backward"), the other
+    # dtypes (and fp32 with delta from O) as it is
+    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32 and DELTA != 1
     if DELTA == 1:  # _DELTA_FROM_O
         o = _load_rows(O + b * sob + h * soh, offs_m, q_lim, sol, sod, TAB, tab_len, False, DH, DHP, SPLIT)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     elif DELTA == 2:  # _DELTA_PASS
-        delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd,
-                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC,
-                            NEG)
+        if PIVOT:
+            piv, t = _pivot_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl,
+                                 skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP,
+                                 SPLIT, PREC, NEG)
+        else:
+            delta = _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl,
+                                skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M, BLOCK_N, DH, DHP,
+                                SPLIT, PREC, NEG)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
@@ -616,10 +691,17 @@ def _attn_bwd_fused_kernel(
         p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if DELTA == 0:  # _DELTA_IN_LOOP, divided by rowsum(P) as in _delta_pass
-            p_sum = tl.sum(p, 1)
-            delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0, p_sum, 1.0)
-        ds = p * (dp - delta[:, None])
+        if PIVOT:
+            if DELTA == 0:  # _DELTA_IN_LOOP: _pivot_pass's (c, t) of the one block
+                p_sum = tl.sum(p, 1)
+                piv = _pivot(p, tl.max(p, 1), dp)
+                t = tl.sum(p * (dp - piv[:, None]), 1) / tl.where(p_sum > 0, p_sum, 1.0)
+            ds = p * ((dp - piv[:, None]) - t[:, None])
+        else:
+            if DELTA == 0:  # _DELTA_IN_LOOP, divided by rowsum(P) as in _delta_pass
+                p_sum = tl.sum(p, 1)
+                delta = tl.sum(p * dp, 1) / tl.where(p_sum > 0, p_sum, 1.0)
+            ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if ROPE_K:
@@ -706,9 +788,17 @@ def _attn_bwd_delta_kernel(
     k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
         Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
         sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
-    _store_delta_pass(DELTA, bh, Lq, q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim,
-                      m_row, lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
-                      BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
+    if Q.dtype.element_ty == tl.float32:  # (c, t) of the pivoted dS (_pivot_pass, _pivot_rows)
+        piv, t = _pivot_pass(q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim, m_row,
+                             lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
+                             BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
+        c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_m_blocks, Lq, offs_m)
+        tl.store(c_ptr, piv, mask=offs_m < Lq)
+        tl.store(t_ptr, t, mask=offs_m < Lq)
+    else:
+        _store_delta_pass(DELTA, bh, Lq, q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi,
+                          k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV,
+                          BLOCK_M, BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
 
 
 @triton.jit
@@ -754,6 +844,7 @@ def _attn_bwd_dkdv_kernel(
     k, v = _load_kv(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len,
                     Q.dtype.element_ty, ROPE_K, SAME_KV, DH, DHP, SPLIT)
     kv_ok = (offs_n < k_lim)[:, None]
+    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_rows)
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
@@ -769,7 +860,12 @@ def _attn_bwd_dkdv_kernel(
         q = _load_rows(q_base, offs_m, q_lim, sql, sqd, TAB, tab_len, ROPE_Q, DH, DHP, SPLIT)
         do = _load_rows(do_base, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
         m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        if PIVOT:
+            c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_n_blocks, Lq, offs_m)
+            piv = tl.load(c_ptr, mask=row_ok, other=0.0)
+            t = tl.load(t_ptr, mask=row_ok, other=0.0)
+        else:
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s_t = _raw_scores(k, q, PREC, NEG)  # [BLOCK_N, BLOCK_M]
         vis = kv_ok & row_ok[None, :]
         if CAUSAL:
@@ -777,7 +873,10 @@ def _attn_bwd_dkdv_kernel(
         p_t = tl.where(vis, tl.exp2((s_t - m_row[None, :]) * qk_scale - lg_row[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
+        if PIVOT:
+            ds_t = p_t * ((dp_t - piv[None, :]) - t[None, :])
+        else:
+            ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
     dk = dk * sm_scale
     if ROPE_K:
@@ -812,10 +911,16 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, DHP], tl.float32)
+    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_rows)
+    tl.static_assert(not (PIVOT and DELTA_PASS), "fp32 forms its delta in _attn_bwd_delta_kernel")
     if DELTA_PASS:
         delta = _store_delta_pass(DELTA, bh, Lq, q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
                                   qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
                                   BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
+    elif PIVOT:
+        c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_m_blocks, Lq, offs_m)
+        piv = tl.load(c_ptr, mask=row_ok, other=0.0)
+        t = tl.load(t_ptr, mask=row_ok, other=0.0)
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     for start_n in range(0, hi, BLOCK_N):
@@ -824,7 +929,10 @@ def _attn_bwd_dq_kernel(
                         DH, DHP, SPLIT)
         p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        if PIVOT:
+            ds = p * ((dp - piv[:, None]) - t[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     _bwd_store_dq(DQ, dq, sm_scale, b, h, offs_m, q_lim, Lq, sdqb, sdql, sdqh, sdqd, TAB, tab_len, ROPE_Q, BLOCK_M,
                   DH, DHP, SPLIT)
@@ -1080,13 +1188,17 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
             )
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
-            delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+            # fp32: (c, t) of the pivoted dS, two [B, H, Lq] halves (_pivot_rows)
+            fp32 = q.dtype == torch.float32
+            delta = torch.empty((2, B, H, Lq) if fp32 else (B, H, Lq), device=q.device, dtype=torch.float32)
             n_m = cdiv(Lq, q_bm)
             # delta (module docstring, "Backward"): a pass over the keys, in the dq kernel (fp16/bf16)
             # or in a kernel of its own (fp32), even over one key block; or from O
             by_pass = _backward_delta() == "probs"
-            delta_pass = by_pass and q.dtype != torch.float32
+            delta_pass = by_pass and not fp32
             if not by_pass:
+                if fp32:  # c = rowsum(dO * O), t = 0
+                    delta[1].zero_()
                 n_pre = cdiv(Lq, 64)
                 launch(_attn_bwd_preprocess_kernel)[(B * H * n_pre,)](
                     delta, do, out, Lq, H, n_pre, *do.stride(), *out.stride(), BLOCK_M=64, DH=dh, DHP=dhp,
