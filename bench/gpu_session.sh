@@ -12,54 +12,44 @@
 #   TESTS_K           pytest -k expression for the test stage (default: everything)
 #   TESTS_IDS         a file of test ids (one per line) to run instead of collecting (e.g.
 #                     bench/gpu_rerun.txt: what the last lease did not reach or must rerun)
-# Seen on an H200 (2026-11-28, bench/results/nvidia-h200-2026-11-28.md): a start and each call's
-# install and transfers about 30 s; call 1 (tests ops model) 315 s: the 165 s test box cut 4 of 16
-# shards (each held a line of 36-48 parametrised cases: the list now names such cases one by one, so
-# round-robin spreads them), 31 graphed op rows filled their 100 s box (the last two lost), 4 plain
-# model rows 30 s; compiled model rows 45-60 s each (6 of 10 in a box of 330 s); a plain profile 47 s.
-# Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
-# Planned for the next lease (device-tool timeout_s 360, then 330, then what is left; issue each call
+# Seen on an H200 (the second lease of 2026-11-28, bench/results/nvidia-h200-2026-11-28b.md): a start
+# and each call's install and transfers about 30 s; call 1 (tests ops model) 195 s: 217 tests in 16
+# shards 74 s (the longest shard 66 s), 20 graphed op rows 58 s, 4 plain model rows 46 s; compiled
+# model rows about 45 s each (6 in 276 s); a plain profile 12 s, a compiled one 37 s; a kernels
+# stage 11 s. Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
+# Planned for the next lease (device-tool timeout_s 420, then 330, then what is left; issue each call
 # as soon as the last returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=150 OPS_TIMEOUT=110 MODEL_TIMEOUT=45 \
-#      OPS_FILES="bench/test_bench_feed_forward.py bench/test_bench_gated_lce.py bench/test_bench_crossnet.py \
-#      bench/test_bench_attention.py" \
-#      OPS_K="(feed_forward and full and (eager-cudagraph or compile-cudagraph or fused-cudagraph or \
-#      fused-wide-cudagraph)) or \
-#      (bandwidth and (fused-cudagraph or fused-store-cudagraph)) or (crossnet and low and taobao and \
-#      (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
-#      (pma and full and long and (fused-cudagraph or fused-delta-output-cudagraph))" \
-#      MODEL_FILES="$(for p in inference-eager inference-fused train-calling-thread-fused train-calling-thread-eager; do \
-#      printf 'bench/test_bench_model.py::test_model[taobao-%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT tests ops model
-#      Tests: bench/gpu_rerun.txt's header. Ops, in order of need: the feed-forward block at every
-#      shape, eager, Inductor, fused (the kernels up to 64 wide, eager past that since its first
-#      timing: at long the kernels were 4.1x slower than eager) and fused-wide (the kernels at every
-#      width; taobao's eager row was lost), the gated LCE's bandwidth rows with the new default (two capped
-#      "acc" programs an SM: 0.3866 / 0.2739 ms as fused-acc2 at 7bea4b3) beside "store", the low-rank
-#      cross net's 5-stage plan beside the default in both modes (2.0% faster in training, one row:
-#      the variant rule below wants the inference row too), PMA at long with both delta forms (cut
-#      last time): 24 rows (selection checked on a CPU with torch.cuda.is_available patched to True).
-#      Then the plain taobao model rows.
-#   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-compile amazon-train-fused-compile-inline \
-#      taobao-inference-compile taobao-inference-fused-compile-inline taobao-train-compile \
-#      taobao-train-fused-compile-inline; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" \
-#      bench/gpu_session.sh COMMIT model
-#      (issue 6's compile target, fused + compile >= 1.15x compile: taobao training 1.09x plain and
-#      1.06x under reduce-overhead at 7bea4b3, the inlined model's first compile on a GPU; amazon's
-#      inlined row and the compiled inference rows were never reached. One process; each pair in order.)
-#   3. With 120 s or more left: PACK=1 KERNELS_TIMEOUT=90 KERNELS_ARGS="--ops feed_forward --shape long \
-#      --providers fused,eager --set feed_forward.FUSED_MAX_FEATURES=256" bench/gpu_session.sh COMMIT kernels
-#      (each kernel of the fused feed-forward
-#      block against cuBLAS's at long: sm_90 builds there have 64- and 32-row tiles over 16- and 32-wide
-#      hidden chunks, one 8-warp program an SM, about 4 waves).
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=100 \
+#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_attention.py" \
+#      OPS_K="(crossnet and low and taobao and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or \
+#      compile-cudagraph)) or (self_attention and amazon and full and (fused-cudagraph or \
+#      fused-general-cudagraph or fused-delta-output-cudagraph))" \
+#      bench/gpu_session.sh COMMIT tests ops
+#      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, every test that
+#      compiles now that the kept ops are inlined on a GPU by default). Ops (9 rows, selection checked
+#      on a CPU with torch.cuda.is_available patched to True): the low-rank cross net's 5-stage plan
+#      (fused-deep: 2.0% and 2.8% faster in training in the two leases of 2026-11-28) in its forward's
+#      graphed row, which the variant rule below still wants (the benchmarks graphed full mode only
+#      until now); self-attention at amazon with every backward on the general path (fused-general:
+#      the single-query-block backward took 430 us a launch in the compiled amazon step, one 8-warp
+#      program an SM) and with delta from the output.
+#   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-fused-compile-reduce-overhead \
+#      amazon-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
+#      taobao-train-compile-reduce-overhead amazon-train-compile amazon-train-fused-compile; do \
+#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT model
+#      (issue 6's compile target, fused + compile >= 1.15x compile, under the new default (the kept
+#      ops inlined): amazon is a tie in plain steps (0.84x and 1.09x in two orders at 5eea83c) with
+#      1.69x the device speed under the profiler, so its reduce-overhead pair decides; inlined under
+#      reduce-overhead has never been timed (opaque: 8.764 against 9.284 ms at taobao, 7bea4b3); then
+#      a third plain amazon pair. One process; each pair in order.)
+#   3. With 120 s or more left: PACK=1 PROFILE_TIMEOUT=100 PROFILE_ARGS="--compile --inference" \
+#      bench/gpu_session.sh COMMIT profile (the compiled fused inference step, inlined by default: its
+#      host and device time; 4.49 ms a plain step at 5eea83c).
 #   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'
 #   p20-p80 spread in both uses becomes the default (its builds are in profiling/sm90-audit-triton3.6.md
 #   and the settings' comments); the settings that lose are deleted with their providers and tests.
-#   Left for a later lease: the compiled inference profiles, plain and inlined (PROFILE_BACKENDS=triton
-#   PROFILE_ARGS="--compile --inference" bench/gpu_session.sh COMMIT profile; the same with
-#   INTERFORMER_COMPILE_INLINE=1), the host stage, the eager training profiles, the op stage at amazon
-#   and long, and the plain inference profile again with DISABLE_ADDMM_CUDA_LT=1 (F.linear took 164 us
-#   a call under cProfile in the fused inference profile of 2026-11-28).
+#   Left for a later lease: the host stage, the eager training profiles, the op stage at amazon and
+#   long, the gated LCE's bandwidth (36% / 30% of copy at 5eea83c; issue 3 asks for 70%).
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
