@@ -310,7 +310,8 @@ def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, 
 @pytest.mark.parametrize("provider, kernels", [
     ("fused", {"_attn_bwd_fused_kernel"}),
     ("fused-general", {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}),
-    ("fused-general-cudagraph", {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"})])
+    ("fused-general-cudagraph", {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"})],
+    ids=["fused", "fused-general", "fused-general-cudagraph"])
 def test_fused_general_runs_the_general_attention_backward(bench, monkeypatch, provider, kernels):
     """``fused-general`` (and its graphed row) times the self-attention backward on the general path
     (a dq kernel, then a dk/dv kernel) at a length the default gives the single-query-block kernel;
