@@ -151,8 +151,8 @@ same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA
   (tests/test_kernel_attention.py).
 
 Pivoted dS in fp32 (``_pivot_pass``; constexpr branches on q's dtype, so fp16/bf16 build to the
-same machine code as before: the SASS fingerprints of every 16-bit backward kernel agree, sm_90,
-Triton 3.6). Even from P and dP, ``dP - delta`` carries the rounding of delta, an ulp of dP's size,
+same machine code as before: the SASS fingerprints of the 16 fp16/bf16 backward specialisations at
+the test and DESIGN head widths agree before and after, sm_90, Triton 3.9). Even from P and dP, ``dP - delta`` carries the rounding of delta, an ulp of dP's size,
 and in a row whose softmax is near one-hot that is large against the true ``dS`` of its most
 probable key (of the size of the other keys' P): under the interpreter fp32 dq was at eager's error
 (2.4e-4, eager rounds the same way), on the H200 at 4x it (1.17e-3 over two keys, past DESIGN's
