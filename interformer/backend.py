@@ -78,9 +78,12 @@ H200, it won or tied: ``taobao`` training 27.29 against 29.81 ms (``7bea4b3``, w
 36.33 in the same process) and 23.12 against 30.75 (``5eea83c``), ``taobao`` inference 4.49 against
 5.84, ``amazon`` training 20.74 against 22.57 and 23.75 against 20.02 (whichever ran second in the
 process was the slower: a tie). Not yet timed inlined: ``mode="reduce-overhead"`` (opaque: 8.764
-against 9.284 ms, ``7bea4b3``), which the default now inlines too. Like the reference set, dynamo guards on it (a change recompiles on the next call), and it is
-part of the compile caches' key with a hash of the kernels' source (``torch.compiler.config.
-cache_key_tag``, :func:`_tag_compile_caches`). ``torch.export`` always keeps the custom ops.
+against 9.284 ms, ``7bea4b3``), which the default now inlines too.
+
+Like the reference set, dynamo guards on the setting (a change recompiles on the next call), and it
+is part of the compile caches' key with a hash of the kernels' source
+(``torch.compiler.config.cache_key_tag``, :func:`_tag_compile_caches`). ``torch.export`` always
+keeps the custom ops.
 :func:`compile_inline` returns the setting (None by default, also where the ops do inline);
 :func:`inlines_on` says what it does on a device.
 """
@@ -241,8 +244,8 @@ def set_compile_inline(enabled: Optional[bool]) -> Optional[bool]:
     setting. Process-wide; like :func:`set_compile_reference_ops`, dynamo guards on it where a
     fused-capable module picks its op, so a model compiled before a change recompiles on its next
     call (a compiled function that calls an op of :mod:`interformer.kernels` directly keeps its
-    graph until ``torch.compiler.reset()``), and the compile caches are keyed on a forced setting
-    (``torch.compiler.config.cache_key_tag``). Inductor launches Triton kernels on a GPU only: on
+    graph until ``torch.compiler.reset()``), and the compile caches are keyed on it
+    (``torch.compiler.config.cache_key_tag``, :func:`_tag_compile_caches`). Inductor launches Triton kernels on a GPU only: on
     CPU tensors (the interpreter) a graph inlined by True runs under backends such as
     ``aot_eager``, and Inductor fails at compile time."""
     global _COMPILE_INLINE, _INLINE_ENV_ERROR

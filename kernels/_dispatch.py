@@ -259,8 +259,8 @@ def lean_function(name: str, forward: Callable, backward: Callable, batched_back
 # every launch going through ``torch.library.wrap_triton``. That is ``torch.library.triton_op``'s
 # mechanism; it is done by hand here so that it can be switched off (and is, by default, for tensors
 # off a GPU, where Inductor cannot launch Triton kernels) and so that the eager path keeps launching
-# the kernels directly: ``wrap_triton`` dispatches
-# through a higher-order op whenever it is enabled, which ``triton_op`` itself avoids in eager.
+# the kernels directly: ``wrap_triton`` dispatches through a higher-order op whenever it is enabled,
+# which ``triton_op`` itself avoids in eager.
 #
 # Float arguments: a plain launch types a Python float fp32; Inductor, launching a traced kernel,
 # types it fp64 (``_use_fp64_for_unbacked_floats``, to keep a float's precision). A scale or an
