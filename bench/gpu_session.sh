@@ -23,16 +23,17 @@
 #      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_attention.py" \
 #      OPS_K="(crossnet and low and taobao and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or \
 #      compile-cudagraph)) or (self_attention and amazon and full and (fused-cudagraph or \
-#      fused-general-cudagraph or fused-delta-output-cudagraph))" \
+#      fused-general-cudagraph or fused-narrow-cudagraph or fused-delta-output-cudagraph))" \
 #      bench/gpu_session.sh COMMIT tests ops
 #      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, every test that
-#      compiles now that the kept ops are inlined on a GPU by default). Ops (9 rows, selection checked
+#      compiles now that the kept ops are inlined on a GPU by default). Ops (10 rows, selection checked
 #      on a CPU with torch.cuda.is_available patched to True): the low-rank cross net's 5-stage plan
 #      (fused-deep: 2.0% and 2.8% faster in training in the two leases of 2026-11-28) in its forward's
 #      graphed row, which the variant rule below still wants (the benchmarks graphed full mode only
 #      until now); self-attention at amazon with every backward on the general path (fused-general:
 #      the single-query-block backward took 430 us a launch in the compiled amazon step, one 8-warp
-#      program an SM) and with delta from the output.
+#      program an SM), with that backward on 16-key tiles at 4 warps (fused-narrow: three programs an
+#      SM) and with delta from the output.
 #   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-fused-compile-reduce-overhead \
 #      amazon-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
 #      taobao-train-compile-reduce-overhead amazon-train-compile amazon-train-fused-compile; do \

@@ -38,6 +38,10 @@ Providers, each computing the same function:
   Triton 3.9 at amazon (bf16, dh 16, ``interformer.kernel_audit``): the default 174 registers, one
   program an SM, 62 waves; the general dq kernel 127 (four an SM, 31 waves), its dk/dv kernel 169
   (two an SM, 62 waves), none spilling.
+* ``fused-narrow`` (and its ``-cudagraph``) -- self-attention, ``bwd`` and ``full`` only: the
+  single-query-block backward on 16-key tiles at 4 warps (``FUSED_BWD_TILE = (16, 4)``; at amazon
+  134 registers, three programs an SM, against the default's one), the other candidate for that
+  launch.
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,
@@ -63,10 +67,11 @@ the queries and the V projection into the output one, and the work left, ``~4 B 
 CUDA-graph variants (``<provider>-cudagraph``, ``full`` mode only; see bench/common.py): the same
 callable captured once and replayed, which times the device alone. Self-attention graphs ``eager``,
 the two SDPA backends that take a mask on every GPU (``sdpa-efficient``, ``sdpa-cudnn``), ``fused``
-``fused-delta-output`` and ``fused-general``; PMA graphs ``nn.MultiheadAttention``, ``fused`` and
+``fused-delta-output``, ``fused-general`` and ``fused-narrow``; PMA graphs ``nn.MultiheadAttention``, ``fused`` and
 ``fused-delta-output``.
 
-Without a GPU only ``eager``, ``fused``, ``fused-delta-output`` and ``fused-general`` run, on the tiny smoke shape,
+Without a GPU only ``eager``, ``fused`` and the setting variants (``fused-delta-output``,
+``fused-general``, ``fused-narrow``) run, on the tiny smoke shape,
 under the Triton interpreter; every other provider is skipped with its reason.
 """
 
@@ -84,10 +89,11 @@ BASE = 10000.0
 SELF_PROVIDERS = ["eager", "compile", "compile-max-autotune", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex",
                   "flash_attn", "fused", "fused-delta-output", "eager-cudagraph", "compile-cudagraph",
                   "sdpa-efficient-cudagraph", "sdpa-cudnn-cudagraph", "fused-cudagraph", "fused-delta-output-cudagraph",
-                  "fused-general", "fused-general-cudagraph"]
+                  "fused-general", "fused-general-cudagraph", "fused-narrow", "fused-narrow-cudagraph"]
 #: setting variants of the fused self-attention and PMA (provider, and its -cudagraph): the settings
 #: of interformer.kernels.attention they run with; each changes the backward only
-SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}, "fused-general": {"_FUSED_BWD_MAX_LQ": 0}}
+SETTINGS = {"fused-delta-output": {"BACKWARD_DELTA": "output"}, "fused-general": {"_FUSED_BWD_MAX_LQ": 0},
+            "fused-narrow": {"FUSED_BWD_TILE": (16, 4)}}
 PMA_PROVIDERS = ["eager", "compile", "compile-max-autotune", "nn.MultiheadAttention", "fused", "fused-delta-output",
                  "compile-cudagraph", "nn.MultiheadAttention-cudagraph", "fused-cudagraph",
                  "fused-delta-output-cudagraph"]

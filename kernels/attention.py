@@ -251,6 +251,15 @@ _DTYPES = KERNEL_DTYPES
 # Largest query length handled by the single-program-per-(b, h) backward.
 _FUSED_BWD_MAX_LQ = 128
 
+#: The single-query-block backward's ``(BLOCK_N, num_warps)`` in place of :func:`_fused_bwd_config`'s
+#: where not None: a setting kept for measurement (benchmark provider ``fused-narrow``: ``(16, 4)``).
+#: Why: at amazon (bf16, dh 16, 104 queries over 8192 (b, h)) the default 128 x 64 tile at 8 warps
+#: builds to 174 registers, one program an SM (62 waves of 8 warps); 128 x 16 at 4 warps to 134,
+#: three an SM (21 waves, 12 warps resident); 128 x 32 at 4 warps to 236, two (sm_90, Triton 3.9,
+#: ``interformer.kernel_audit``). In the compiled amazon training step of the second H200 lease of
+#: 2026-11-28 that kernel took 430 us a launch. Not timed yet.
+FUSED_BWD_TILE = None
+
 #: How the backward forms ``delta = rowsum(P * dP)`` where the keys span more than one block, and in
 #: the general backward (module docstring, "Backward"): ``"probs"`` (the default) sums ``P * dP`` in a
 #: first pass over the key blocks, as the reference's softmax backward does; ``"output"`` reads
@@ -974,7 +983,8 @@ def _use_fused_bwd(Lq: int, dhp: int, dtype: torch.dtype) -> bool:
 
 
 def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (``_use_fused_bwd``)."""
+    """(BLOCK_M, BLOCK_N, num_warps) of the single-query-block backward (``_use_fused_bwd``);
+    :data:`FUSED_BWD_TILE` overrides the last two."""
     block_m = max(16, next_pow2(Lq))
     block_n = min(max(16, next_pow2(Lk)), 128 if block_m <= 32 else 64)
     if dhp >= 128:
@@ -982,6 +992,12 @@ def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[i
     elif dtype == torch.float32:
         block_n = min(block_n, 16 if block_m >= 128 or dhp >= 64 else 32)
     num_warps = 8 if block_m * block_n >= 128 * 64 or block_m >= 128 or block_m * dhp >= 64 * 64 else 4
+    if FUSED_BWD_TILE is not None:
+        tile = FUSED_BWD_TILE
+        if not (isinstance(tile, tuple) and len(tile) == 2 and tile[0] in (16, 32, 64, 128) and tile[1] in (2, 4, 8)):
+            raise ValueError("attention: FUSED_BWD_TILE must be None or (BLOCK_N, num_warps) with BLOCK_N in "
+                             f"16, 32, 64, 128 and num_warps in 2, 4, 8; got {tile!r}")
+        block_n, num_warps = tile
     return block_m, block_n, num_warps
 
 

@@ -336,6 +336,35 @@ def test_fused_general_runs_the_general_attention_backward(bench, monkeypatch, p
                                     provider=provider)
 
 
+@pytest.mark.parametrize("provider, tile", [("fused", None), ("fused-narrow", (16, 4)),
+                                            ("fused-narrow-cudagraph", (16, 4))],
+                         ids=["fused", "fused-narrow", "fused-narrow-cudagraph"])
+def test_fused_narrow_runs_the_single_block_backward_on_narrow_tiles(bench, monkeypatch, provider, tile):
+    """``fused-narrow`` (and its graphed row) times the self-attention backward with
+    ``FUSED_BWD_TILE = (16, 4)``, plain ``fused`` with the default tile (what the single-query-block
+    backward's launcher is given); the forward-only mode is skipped."""
+    mod = importlib.import_module("test_bench_attention")
+    import interformer.kernels.attention as A
+
+    seen, real = [], A._fused_bwd_config
+
+    def spy(*args):
+        config = real(*args)
+        seen.append((A.FUSED_BWD_TILE, config[1:]))
+        return config
+
+    monkeypatch.setattr(A, "_fused_bwd_config", spy)
+    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
+                            provider=provider)
+    assert seen and {setting for setting, _ in seen} == {tile}, seen
+    if tile is not None:
+        assert {config for _, config in seen} == {tile}, seen
+    if provider != "fused":
+        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
+            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
+                                    provider=provider)
+
+
 @pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [
     ("fused", 4, "cublas", "rows", "rows", 3), ("fused-8warps", 8, "cublas", "rows", "rows", 3),
     ("fused-triton-gemm", 4, "triton", "rows", "rows", 3), ("fused-phases", 4, "cublas", "phases", "rows", 3),
