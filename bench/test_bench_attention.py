@@ -41,7 +41,8 @@ Providers, each computing the same function:
 * ``fused-narrow`` (and its ``-cudagraph``) -- self-attention, ``bwd`` and ``full`` only: the
   single-query-block backward on 16-key tiles at 4 warps (``FUSED_BWD_TILE = (16, 4)``; at amazon
   134 registers, three programs an SM, against the default's one), the other candidate for that
-  launch.
+  launch. Where the keys fit the default's tile but not 16 (taobao's 64), the narrow tile also
+  moves delta to a pass of its own: there the row times both.
 
 FLOPs count only valid work: ``4 * H * dh * sum_b n_b^2`` for the forward (QK^T and PV over the
 ``n_b = valid_length_b`` live queries and keys), 2x that for the backward (dV = P^T dO, dP = dO V^T,

@@ -152,21 +152,26 @@ same 2.4e-4: a review's measurement, interpreter). Where (the launcher's ``DELTA
 
 Pivoted dS in fp32 (``_pivot_pass``; constexpr branches on q's dtype, so fp16/bf16 build to the
 same machine code as before: the SASS fingerprints of the 16 fp16/bf16 backward specialisations at
-the test and DESIGN head widths agree before and after, sm_90, Triton 3.9). Even from P and dP, ``dP - delta`` carries the rounding of delta, an ulp of dP's size,
-and in a row whose softmax is near one-hot that is large against the true ``dS`` of its most
-probable key (of the size of the other keys' P): under the interpreter fp32 dq was at eager's error
-(2.4e-4, eager rounds the same way), on the H200 at 4x it (1.17e-3 over two keys, past DESIGN's
-1e-3), where ``ex2.approx`` and the log2 leave ``rowsum(P)`` off 1 and ``div.full.f32`` (Triton's
-fp32 ``/``) rounds the division by it (``profiling/near_one_hot_emulation.py`` replays the kernel
-with that arithmetic: 1.1e-3). So fp32 keeps delta as ``c + t``: ``c`` is dP at the row's most
-probable key, ``t = rowsum(P * (dP - c)) / rowsum(P)`` (small where the softmax is peaked), and
-``dS = P * ((dP - c) - t)``: 0 for ``dP - c`` at that key, exactly; dq and dk 4.2e-6 there under the
-interpreter, 1.6e-6 in the emulation. The pass moves ``c`` when a later key block holds a more
-probable key (``t += (c_old - c_new) * rowsum(P so far)``). The general backward stores ``c`` where
-the 16-bit paths store delta and ``t`` in a second half of the buffer (``_pivot_rows``); with
+the test and DESIGN head widths agree before and after, sm_90, Triton 3.9). Even from P and dP,
+``dP - delta`` carries the rounding of delta, an ulp of dP's size, and in a row whose softmax is
+near one-hot that is large against the true ``dS`` of its most probable key (of the size of the
+other keys' P): under the interpreter fp32 dq was at eager's error (2.4e-4, eager rounds the same
+way), on the H200 at 4x it (1.17e-3 over two keys, past DESIGN's 1e-3), where ``ex2.approx`` and
+the log2 leave ``rowsum(P)`` off 1 and ``div.full.f32`` (Triton's fp32 ``/``) rounds the division
+by it (``profiling/near_one_hot_emulation.py`` replays the kernel with that arithmetic: 1.1e-3).
+So fp32 keeps delta as ``c + t``: ``c`` is dP at the row's most probable key, ``t = rowsum(P *
+(dP - c)) / rowsum(P)`` (small where the softmax is peaked), and ``dS = P * ((dP - c) - t)``:
+``dP - c`` is 0 at that key, exactly where the loop's dP there is bitwise the pass's (the same
+dots in the single-query-block kernel; in the general backward the dk/dv kernel's transposed dot
+may differ by an ulp on a GPU, which would leave that ulp in its dk); dq 4.2e-6 and dk 4.6e-6 there
+under the interpreter, 1.6e-6 in the emulation. The pass moves ``c`` when a later key block holds a
+more probable key (``t += (c_old - c_new) * rowsum(P so far)``). The general backward stores ``c``
+where the 16-bit paths store delta and ``t`` in a second half of the buffer (``_pivot_rows``, which
+takes B * H from the grid: the delta, dq and dk/dv grids must stay ``B * H * blocks``); with
 ``BACKWARD_DELTA = "output"`` ``c`` is ``rowsum(dO * O)`` and ``t`` is 0 (the same dS as before).
 Cost: a row maximum and a masked one per key block (the fp32 builds at the test shapes: registers
-within 4 of before, the 64 x 32 fused kernel's spill stores 8 -> 6).
+within 4 of before, the 64 x 32 fused kernel's spill stores 8 -> 6; at 128-wide heads more spills:
+the fused kernel's stores 87 -> 100, the delta kernel's 1702 -> 1810, Triton 3.9).
 
 Two structures, chosen by the shape:
 
@@ -252,7 +257,10 @@ _DTYPES = KERNEL_DTYPES
 _FUSED_BWD_MAX_LQ = 128
 
 #: The single-query-block backward's ``(BLOCK_N, num_warps)`` in place of :func:`_fused_bwd_config`'s
-#: where not None: a setting kept for measurement (benchmark provider ``fused-narrow``: ``(16, 4)``).
+#: where not None, BLOCK_N capped at the default's (a wider key tile than the default's caps for the
+#: dtype and head width can exceed shared memory): a setting kept for measurement (benchmark provider
+#: ``fused-narrow``: ``(16, 4)``). A key tile narrower than the keys also moves delta from the one
+#: block's loop to a pass of its own (:func:`_delta_form`).
 #: Why: at amazon (bf16, dh 16, 104 queries over 8192 (b, h)) the default 128 x 64 tile at 8 warps
 #: builds to 174 registers, one program an SM (62 waves of 8 warps); 128 x 16 at 4 warps to 134,
 #: three an SM (21 waves, 12 warps resident); 128 x 32 at 4 warps to 236, two (sm_90, Triton 3.9,
@@ -994,10 +1002,11 @@ def _fused_bwd_config(Lq: int, Lk: int, dhp: int, dtype: torch.dtype) -> Tuple[i
     num_warps = 8 if block_m * block_n >= 128 * 64 or block_m >= 128 or block_m * dhp >= 64 * 64 else 4
     if FUSED_BWD_TILE is not None:
         tile = FUSED_BWD_TILE
-        if not (isinstance(tile, tuple) and len(tile) == 2 and tile[0] in (16, 32, 64, 128) and tile[1] in (2, 4, 8)):
+        if not (isinstance(tile, tuple) and len(tile) == 2 and all(type(t) is int for t in tile)
+                and tile[0] in (16, 32, 64, 128) and tile[1] in (2, 4, 8)):
             raise ValueError("attention: FUSED_BWD_TILE must be None or (BLOCK_N, num_warps) with BLOCK_N in "
                              f"16, 32, 64, 128 and num_warps in 2, 4, 8; got {tile!r}")
-        block_n, num_warps = tile
+        block_n, num_warps = min(tile[0], block_n), tile[1]
     return block_m, block_n, num_warps
 
 
@@ -1226,6 +1235,7 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                     *do.stride(), *q_strides, *k.stride(), *v.stride(),
                     BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
                 )
+            # (the delta, dq and dk/dv grids stay B * H * blocks: fp32's _pivot_rows takes B * H from them)
             launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
                 dq_buf, do, q, k, v, stats, delta, lengths, tab,
                 scale, qk_scale, Lq, Lk, H, tab_len, n_m,
