@@ -461,9 +461,9 @@ def written_params(fn, _seen=None) -> frozenset:
     the block-pointer helpers pass pointers through and are followed); constexpr branches are not
     resolved, so an output written only in some configurations counts. It would miss a helper
     called through an attribute (``module.helper(...)``), a pointer cast (``ptr.to(...)``), a
-    store through a tensor descriptor, and a store through a pointer a helper returns (fp32's
-    ``_pivot_rows`` in ``_attn_bwd_delta_kernel``: DELTA counts there only through the 16-bit
-    branch's store helper); the kernels here use no other. Used for the interpreter's
+    store through a tensor descriptor, and a store through a pointer a helper returns (the kernels
+    form such addresses themselves and take offsets from pointer-free helpers, e.g. attention's
+    ``_pivot_half``); the kernels here use none of these. Used for the interpreter's
     stand-in kernels, where Triton's own IR cannot be built; ``tests/test_compile_inline.py`` checks
     it against every kernel an inlined op launches."""
     import ast

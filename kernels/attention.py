@@ -166,7 +166,7 @@ dots in the single-query-block kernel; in the general backward the dk/dv kernel'
 may differ by an ulp on a GPU, which would leave that ulp in its dk); dq 4.2e-6 and dk 4.6e-6 there
 under the interpreter, 1.6e-6 in the emulation. The pass moves ``c`` when a later key block holds a
 more probable key (``t += (c_old - c_new) * rowsum(P so far)``). The general backward stores ``c``
-where the 16-bit paths store delta and ``t`` in a second half of the buffer (``_pivot_rows``, which
+where the 16-bit paths store delta and ``t`` in a second half of the buffer (``_pivot_half``, which
 takes B * H from the grid: the delta, dq and dk/dv grids must stay ``B * H * blocks``); with
 ``BACKWARD_DELTA = "output"`` ``c`` is ``rowsum(dO * O)`` and ``t`` is 0 (the same dS as before).
 Cost: a row maximum and a masked one per key block (the fp32 builds at the test shapes: registers
@@ -622,13 +622,13 @@ def _pivot_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
 
 
 @triton.jit
-def _pivot_rows(DELTA, bh, n_blocks, Lq, offs_m):
-    """fp32's stored delta of query rows ``offs_m`` (:func:`_pivot_pass`'s ``(c, t)``): ``c`` where
-    the other dtypes keep delta (``DELTA [B, H, Lq]``), ``t`` in a second ``[B, H, Lq]`` half after it.
-    ``B * H`` is the grid's size over ``n_blocks``, the row or column blocks of one (b, h)."""
-    half = (tl.num_programs(0) // n_blocks).to(tl.int64) * Lq
-    ptr = DELTA + bh * Lq + offs_m
-    return ptr, ptr + half
+def _pivot_half(n_blocks, Lq):
+    """Where fp32's stored delta (:func:`_pivot_pass`'s ``(c, t)``) keeps ``t``, in elements past
+    ``c``: ``c`` is where the other dtypes keep delta (``DELTA [B, H, Lq]``), ``t`` in a second
+    ``[B, H, Lq]`` half after it. ``B * H`` is the grid's size over ``n_blocks``, the row or column
+    blocks of one (b, h). Pointer-free, so that the kernels form their addresses from DELTA
+    themselves (what the interpreter's write analysis, ``written_params``, follows)."""
+    return (tl.num_programs(0) // n_blocks).to(tl.int64) * Lq
 
 
 @triton.jit
@@ -805,13 +805,13 @@ def _attn_bwd_delta_kernel(
     k_lim, q_lim, hi, q, do, row_ok, m_row, lg_row = _general_query_block(
         Q, DO, STATS, LENS, TAB, b, h, bh, start_m, offs_m, Lq, Lk, tab_len, sqb, sql, sqh, sqd, sdob, sdol, sdoh,
         sdod, CAUSAL, ROPE_Q, MASK_Q, BLOCK_M, DH, DHP, SPLIT)
-    if Q.dtype.element_ty == tl.float32:  # (c, t) of the pivoted dS (_pivot_pass, _pivot_rows)
+    if Q.dtype.element_ty == tl.float32:  # (c, t) of the pivoted dS (_pivot_pass, _pivot_half)
         piv, t = _pivot_pass(q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi, k_lim, m_row,
                              lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
                              BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
-        c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_m_blocks, Lq, offs_m)
+        c_ptr = DELTA + bh * Lq + offs_m
         tl.store(c_ptr, piv, mask=offs_m < Lq)
-        tl.store(t_ptr, t, mask=offs_m < Lq)
+        tl.store(c_ptr + _pivot_half(n_m_blocks, Lq), t, mask=offs_m < Lq)
     else:
         _store_delta_pass(DELTA, bh, Lq, q, do, K + b * skb + h * skh, V + b * svb + h * svh, offs_m, row_ok, hi,
                           k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV,
@@ -861,7 +861,7 @@ def _attn_bwd_dkdv_kernel(
     k, v = _load_kv(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len,
                     Q.dtype.element_ty, ROPE_K, SAME_KV, DH, DHP, SPLIT)
     kv_ok = (offs_n < k_lim)[:, None]
-    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_rows)
+    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_half)
 
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
@@ -878,9 +878,9 @@ def _attn_bwd_dkdv_kernel(
         do = _load_rows(do_base, offs_m, q_lim, sdol, sdod, TAB, tab_len, False, DH, DHP, SPLIT)
         m_row, lg_row = _load_stats(STATS, bh, Lq, offs_m, row_ok)
         if PIVOT:
-            c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_n_blocks, Lq, offs_m)
+            c_ptr = DELTA + bh * Lq + offs_m
             piv = tl.load(c_ptr, mask=row_ok, other=0.0)
-            t = tl.load(t_ptr, mask=row_ok, other=0.0)
+            t = tl.load(c_ptr + _pivot_half(n_n_blocks, Lq), mask=row_ok, other=0.0)
         else:
             delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         s_t = _raw_scores(k, q, PREC, NEG)  # [BLOCK_N, BLOCK_M]
@@ -928,16 +928,16 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, DHP], tl.float32)
-    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_rows)
+    PIVOT: tl.constexpr = Q.dtype.element_ty == tl.float32  # DELTA holds (c, t) (_pivot_half)
     tl.static_assert(not (PIVOT and DELTA_PASS), "fp32 forms its delta in _attn_bwd_delta_kernel")
     if DELTA_PASS:
         delta = _store_delta_pass(DELTA, bh, Lq, q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
                                   qk_scale, skl, skd, svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_M,
                                   BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
     elif PIVOT:
-        c_ptr, t_ptr = _pivot_rows(DELTA, bh, n_m_blocks, Lq, offs_m)
+        c_ptr = DELTA + bh * Lq + offs_m
         piv = tl.load(c_ptr, mask=row_ok, other=0.0)
-        t = tl.load(t_ptr, mask=row_ok, other=0.0)
+        t = tl.load(c_ptr + _pivot_half(n_m_blocks, Lq), mask=row_ok, other=0.0)
     else:
         delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
     for start_n in range(0, hi, BLOCK_N):
@@ -1213,7 +1213,7 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
             )
         else:
             (kv_bm, kv_bn), (q_bm, q_bn), warps = _general_bwd_config(dhp, q.dtype)
-            # fp32: (c, t) of the pivoted dS, two [B, H, Lq] halves (_pivot_rows)
+            # fp32: (c, t) of the pivoted dS, two [B, H, Lq] halves (_pivot_half)
             fp32 = q.dtype == torch.float32
             delta = torch.empty((2, B, H, Lq) if fp32 else (B, H, Lq), device=q.device, dtype=torch.float32)
             n_m = cdiv(Lq, q_bm)
@@ -1235,7 +1235,7 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
                     *do.stride(), *q_strides, *k.stride(), *v.stride(),
                     BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=warps, num_stages=2, **flags,
                 )
-            # (the delta, dq and dk/dv grids stay B * H * blocks: fp32's _pivot_rows takes B * H from them)
+            # (the delta, dq and dk/dv grids stay B * H * blocks: fp32's _pivot_half takes B * H from them)
             launch(_attn_bwd_dq_kernel)[(B * H * n_m,)](
                 dq_buf, do, q, k, v, stats, delta, lengths, tab,
                 scale, qk_scale, Lq, Lk, H, tab_len, n_m,
