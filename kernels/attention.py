@@ -556,6 +556,21 @@ def _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale,
 
 
 @triton.jit
+def _pass_block(q, do, k_base, v_base, start_n, offs_m, row_ok, k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd,
+                TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
+                BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                NEG: tl.constexpr):
+    """``(P, dP)`` of the key block at ``start_n`` for query rows ``offs_m``: the loads and dots of the
+    gradient loops, shared by the delta passes (:func:`_delta_pass`, :func:`_pivot_pass`) so that
+    their values are the loops' own."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
+                    DH, DHP, SPLIT)
+    p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
+    return p, tl.dot(do, tl.trans(v), input_precision=PREC)
+
+
+@triton.jit
 def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row, qk_scale, skl, skd, svl, svd,
                 TAB, tab_len, CAUSAL: tl.constexpr, ROPE_K: tl.constexpr, SAME_KV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DH: tl.constexpr, DHP: tl.constexpr,
@@ -572,11 +587,8 @@ def _delta_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
     delta = tl.zeros([BLOCK_M], tl.float32)
     p_sum = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, hi, BLOCK_N, num_stages=1):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
-                        DH, DHP, SPLIT)
-        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        p, dp = _pass_block(q, do, k_base, v_base, start_n, offs_m, row_ok, k_lim, m_row, lg_row, qk_scale, skl, skd,
+                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
         delta += tl.sum(p * dp, 1)
         p_sum += tl.sum(p, 1)
     return delta / tl.where(p_sum > 0, p_sum, 1.0)
@@ -606,11 +618,8 @@ def _pivot_pass(q, do, k_base, v_base, offs_m, row_ok, hi, k_lim, m_row, lg_row,
     p_top = tl.zeros([BLOCK_M], tl.float32)
     p_sum = tl.zeros([BLOCK_M], tl.float32)
     for start_n in tl.range(0, hi, BLOCK_N, num_stages=1):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, offs_n, k_lim, skl, skd, svl, svd, TAB, tab_len, q.dtype, ROPE_K, SAME_KV,
-                        DH, DHP, SPLIT)
-        p = _bwd_probs(q, k, offs_m, offs_n, row_ok, k_lim, m_row, lg_row, qk_scale, CAUSAL, PREC, NEG)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        p, dp = _pass_block(q, do, k_base, v_base, start_n, offs_m, row_ok, k_lim, m_row, lg_row, qk_scale, skl, skd,
+                            svl, svd, TAB, tab_len, CAUSAL, ROPE_K, SAME_KV, BLOCK_N, DH, DHP, SPLIT, PREC, NEG)
         p_blk = tl.max(p, 1)
         new = p_blk > p_top
         c_new = tl.where(new, _pivot(p, p_blk, dp), c)
