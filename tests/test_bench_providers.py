@@ -280,6 +280,17 @@ def test_timing_quantiles_and_plain_timing_on_cpu(bench):
         assert len(calls) == 1
 
 
+def _run_attention_provider(monkeypatch, provider, test="test_self_attention"):
+    """The attention benchmark ``test`` for ``provider`` at the smoke shape in full mode; a setting
+    variant (not plain ``fused``) must then skip the forward-only mode, which it leaves as the
+    default's."""
+    run = getattr(importlib.import_module("test_bench_attention"), test)
+    run(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full", provider=provider)
+    if provider != "fused":
+        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
+            run(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd", provider=provider)
+
+
 @pytest.mark.parametrize("test", ["test_self_attention", "test_pma"])
 @pytest.mark.parametrize("provider, delta", [("fused", "probs"), ("fused-delta-output", "output"),
                                              ("fused-delta-output-cudagraph", "output")])
@@ -288,7 +299,6 @@ def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, 
     ``BACKWARD_DELTA = "output"`` in effect, plain ``fused`` with the default (the setting seen where
     the backward chooses its delta form); the variant skips the forward-only mode, which it leaves
     as the default's."""
-    mod = importlib.import_module("test_bench_attention")
     import interformer.kernels.attention as A
 
     seen = []
@@ -299,12 +309,8 @@ def test_attention_setting_providers_run_with_their_setting(bench, monkeypatch, 
         return real()
 
     monkeypatch.setattr(A, "_backward_delta", spy)  # read by every backward launch
-    getattr(mod, test)(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full", provider=provider)
+    _run_attention_provider(monkeypatch, provider, test)
     assert seen and set(seen) == {delta}, seen
-    if provider != "fused":
-        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
-            getattr(mod, test)(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
-                               provider=provider)
 
 
 @pytest.mark.parametrize("provider, kernels", [
@@ -316,24 +322,11 @@ def test_fused_general_runs_the_general_attention_backward(bench, monkeypatch, p
     """``fused-general`` (and its graphed row) times the self-attention backward on the general path
     (a dq kernel, then a dk/dv kernel) at a length the default gives the single-query-block kernel;
     it skips the forward-only mode, which it leaves as the default's."""
-    mod = importlib.import_module("test_bench_attention")
-    import interformer.kernels.attention as A
+    from test_kernel_attention import _backward_kernels
 
-    launched, real = [], A.launch
-
-    def spy(kernel):
-        launched.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
-        return real(kernel)
-
-    monkeypatch.setattr(A, "launch", spy)
-    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
-                            provider=provider)
+    _, launched = _backward_kernels(monkeypatch, lambda: _run_attention_provider(monkeypatch, provider))
     # fp32 on the smoke shape: the general path forms delta in a kernel of its own
     assert {n for n in launched if "_bwd_" in n} - {"_attn_bwd_delta_kernel"} == kernels, launched
-    if provider != "fused":
-        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
-            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
-                                    provider=provider)
 
 
 @pytest.mark.parametrize("provider, tile", [("fused", None), ("fused-narrow", (16, 4)),
@@ -343,7 +336,6 @@ def test_fused_narrow_runs_the_single_block_backward_on_narrow_tiles(bench, monk
     """``fused-narrow`` (and its graphed row) times the self-attention backward with
     ``FUSED_BWD_TILE = (16, 4)``, plain ``fused`` with the default tile (what the single-query-block
     backward's launcher is given); the forward-only mode is skipped."""
-    mod = importlib.import_module("test_bench_attention")
     import interformer.kernels.attention as A
 
     seen, real = [], A._fused_bwd_config
@@ -354,15 +346,10 @@ def test_fused_narrow_runs_the_single_block_backward_on_narrow_tiles(bench, monk
         return config
 
     monkeypatch.setattr(A, "_fused_bwd_config", spy)
-    mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="full",
-                            provider=provider)
+    _run_attention_provider(monkeypatch, provider)
     assert seen and {setting for setting, _ in seen} == {tile}, seen
     if tile is not None:
         assert {config for _, config in seen} == {tile}, seen
-    if provider != "fused":
-        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
-            mod.test_self_attention(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", mode="fwd",
-                                    provider=provider)
 
 
 @pytest.mark.parametrize("provider, warps, gemm, backward, forward, stages", [
