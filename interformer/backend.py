@@ -234,8 +234,15 @@ def compile_inline() -> Optional[bool]:
 
 def inlines_on(device: torch.device) -> bool:
     """Whether a compiled graph on ``device`` inlines the kept ops under the current setting."""
-    setting = compile_inline()
-    return device.type == "cuda" if setting is None else setting
+    return inline_decision(compile_inline(), (device.type,))
+
+
+def inline_decision(setting: Optional[bool], device_types) -> bool:
+    """Whether a traced op whose tensors are on ``device_types`` is inlined under ``setting``: True
+    and False hold everywhere; None (the default) inlines where one of them is CUDA, since Inductor
+    launches Triton kernels on a GPU only. The one rule :func:`inlines_on` and the inlining itself
+    (``kernels/_dispatch.py``) apply."""
+    return any(t == "cuda" for t in device_types) if setting is None else setting
 
 
 def set_compile_inline(enabled: Optional[bool]) -> Optional[bool]:

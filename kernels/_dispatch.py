@@ -356,10 +356,10 @@ def _tensors(args, kwargs):
 
 def _inlines(setting, args, kwargs) -> bool:
     """Whether a traced call is inlined under the setting ``setting`` (True, False, or None: where a
-    tensor argument is on a CUDA device, since Inductor launches Triton kernels on a GPU only)."""
-    if setting is None:
-        return any(t.device.type == "cuda" for t in _tensors(args, kwargs))
-    return setting
+    tensor argument is on a CUDA device; :func:`interformer.backend.inline_decision`)."""
+    from interformer.backend import inline_decision
+
+    return inline_decision(setting, (t.device.type for t in _tensors(args, kwargs)))
 
 
 def _symbolic(args, kwargs) -> bool:
