@@ -35,7 +35,7 @@ output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in =
 sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
 reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm_90 ahead of time
 with Triton 3.6, the GPU machines' version (``profiling/sm90_audit.py``; bf16 at the DESIGN shapes,
-2026-11-28): the forward takes 97-206 registers, no spills; the backward 140-255, one 8-warp
+2026-11-28): the forward takes 80-192 registers, no spills; the backward 140-255, one 8-warp
 program per SM, 6 spill stores (a 24-byte stack) at long's 8 -> 8 summary (d = 128); fp32 spills
 more (correct, not tuned). The "acc" backward of taobao's d = 64 plans runs two programs an SM
 under a 128-register cap (:func:`_acc_plan`, timed on an H200). Larger blocks, one forward program
@@ -53,15 +53,15 @@ launch has shown how many programs of that build an SM holds, then one wave of t
 
 Non-finite inputs: in ``Wbd @ x`` the zeros between samples multiply every token of the block, so
 one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the reference's output
-is non-finite in that sample only. The forward checks its x tile (one max-reduction) and, when it
-holds an inf or a NaN, computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
+is non-finite in that sample only. The forward checks each block (one max-reduction of its x tile
+or of ``Y``, whichever is smaller: :func:`_check_x`) and, when it holds an inf or a NaN, stores
+nothing from the dot and computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
 broadcast multiply-adds of gathered rows): the output then has exactly the reference's non-finite
-elements (tests/test_nonfinite.py). Cost, from sm_90 builds with Triton 3.9 (2026-11-27): bf16
-registers 74-150 -> 77-217 at the DESIGN shapes (the 8 -> 8 sequence summary at d = 64 takes 217:
-two 4-warp programs per SM, at taobao's 256 programs one wave either way), no spills; shared memory
-at most 81,920 bytes (fp32 corner 196,608). With Triton 3.6, the GPU machines' version, at taobao
-(``profiling/sm90_audit.py``): the 20 -> 4 summary's forward 153 -> 117 registers (1 -> 2 programs
-per SM), the 8 -> 8 one's 112 -> 130 (4 -> 3 per SM), no spills. Not timed on a GPU. The backward keeps the dot: with a
+elements (tests/test_nonfinite.py). On the finite path the check costs one reduction of the
+smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
+:func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
+against 566 when the x tile was checked before the dot (sm_90, Triton 3.6; :func:`_check_x` has
+the other shapes). The backward keeps the dot: with a
 non-finite x or upstream gradient some of the reference's parameter gradients are non-finite too
 (so a GradScaler skips the step either way). On top of the reference's, the dot spreads NaN to the
 tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
@@ -179,7 +179,7 @@ def _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm
     sample: n_in broadcast multiply-adds of gathered token rows (operands rounded to the compute
     dtype, as the dot's are; fp32 sums) instead of the block-diagonal ``tl.dot``, in which the zero
     weights between samples times an inf or a NaN of one sample put NaN into every other sample of
-    the block. The slow path of :func:`_glce_recompute`, for a tile that holds an inf or a NaN."""
+    the block. The forward's slow path (:func:`_glce_fwd_kernel`), for a block whose ``Y`` is not finite."""
     r = tl.arange(0, RO)
     rs = r // N_OUT
     rm = r - rs * N_OUT
@@ -227,37 +227,48 @@ def _sigmoid_and_slope(z):
 
 
 @triton.jit
-def _glce_recompute(Xb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd, swn, swm,
-                    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
-                    PER_SAMPLE_NONFINITE: tl.constexpr):
+def _glce_compress(Xb, bias, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
+                   KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr):
     """Token tile x ``[KX, DP]`` of the ``nb`` samples of a block (``Xb`` points at its first sample;
-    offsets inside the block are int32, see :func:`._common.int32_block`; padding zero), then ``Y``
-    and the gate pre-activation ``Z`` as ``[RO, DP]`` fp32, and the output-row validity (``bias``,
-    ``gw``, ``gb``: :func:`_glce_params`).
-
-    ``PER_SAMPLE_NONFINITE`` (the forward): a tile that holds an inf or a NaN takes
-    :func:`_glce_compress_per_sample` for ``Y`` instead of the dot, so that the value stays in its
-    own sample's output, as in the reference (the dot would make every sample of the block NaN).
-    The check is one reduction of the tile, the fast path's only extra work. The backward keeps the
-    dot: with a non-finite x the reference's parameter gradients are non-finite anyway, so only
-    which of the block's dx rows are NaN differs (its registers are the tighter budget)."""
+    offsets inside the block are int32, see :func:`._common.int32_block`; padding zero), ``Y = Wbd @
+    x + bias`` as ``[RO, DP]`` fp32 (``bias``: :func:`_glce_params`), and the output-row validity."""
     k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
     j = tl.arange(0, DP)
-    j_ok = j < D
-    xm = (k < nb * N_IN)[:, None] & j_ok[None, :]
+    xm = (k < nb * N_IN)[:, None] & (j < D)[None, :]
     x = tl.load(Xb + (ks * sxb + kn * sxn)[:, None] + j[None, :] * sxd, mask=xm, other=0.0)
-    if PER_SAMPLE_NONFINITE:
-        xf = x.to(tl.float32)
-        if tl.max(((xf != xf) | (tl.abs(xf) == float("inf"))).to(tl.int32)) > 0:
-            y = _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, x.dtype, RO, DP)
-        else:
-            y = tl.dot(wbd, x, input_precision=PREC)
-    else:
-        y = tl.dot(wbd, x, input_precision=PREC)
-    y = y + bias[:, None]
-    z = tl.dot(y.to(x.dtype), tl.trans(gw), input_precision=PREC) + gb[None, :]
-    row_ok = r < nb * N_OUT
-    return x, y, z, row_ok
+    y = tl.dot(wbd, x, input_precision=PREC) + bias[:, None]
+    return x, y, r < nb * N_OUT
+
+
+@triton.jit
+def _glce_gate_pre(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr):
+    """The gate's pre-activation ``Z = Y @ gate_weight^T + gate_bias`` (``[RO, DP]`` fp32; Y rounded
+    to the compute dtype ``CDT`` for the dot)."""
+    return tl.dot(y.to(CDT), tl.trans(gw), input_precision=PREC) + gb[None, :]
+
+
+@triton.jit
+def _glce_gated(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr):
+    """A block's output before its cast, ``Y * sigmoid(Z)`` (``[RO, DP]`` fp32)."""
+    return y * tl.sigmoid(_glce_gate_pre(y, gw, gb, CDT, PREC))
+
+
+@triton.jit
+def _glce_store_out(OUTb, out, row_ok, N_OUT, D, sob, som, sod, RO: tl.constexpr, DP: tl.constexpr):
+    """Store a block's output rows (``out`` ``[RO, DP]``; ``OUTb`` points at its first sample's output,
+    ``row_ok`` masks the rows)."""
+    r = tl.arange(0, RO)
+    rs = r // N_OUT
+    j = tl.arange(0, DP)
+    tl.store(OUTb + (rs * sob + (r - rs * N_OUT) * som)[:, None] + j[None, :] * sod,
+             out.to(OUTb.dtype.element_ty), mask=row_ok[:, None] & (j < D)[None, :])
+
+
+@triton.jit
+def _any_nonfinite(t):
+    """Whether the tile ``t`` holds an inf or a NaN (a scalar; one reduction over the program)."""
+    tf = t.to(tl.float32)
+    return tl.max(((tf != tf) | (tl.abs(tf) == float("inf"))).to(tl.int32)) > 0
 
 
 @triton.jit
@@ -266,23 +277,43 @@ def _glce_fwd_kernel(
     X, W, BIAS, GW, GB,
     B, N_IN, N_OUT, D, n_per, n_blocks,
     sxb, sxn, sxd, swn, swm, sgo, sgi, sob, som, sod,
-    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
+    KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr, CHECK_X: tl.constexpr,
 ):
+    """One wave of programs, each over the sample blocks ``pid, pid + G, ...`` (module docstring).
+
+    Non-finite inputs: each block is checked for an inf or a NaN, in its x tile (``CHECK_X``) or in
+    ``Y`` (``[RO, DP]`` fp32, still in the dot's registers), whichever is smaller (:func:`_check_x`).
+    Either finds a non-finite x: the dot's zeros between samples times it give NaN in every row of
+    ``Y``. A finite block stores its output; one that is not stores nothing in the dot's pass (its
+    store is masked off by the program-wide flag) and then recomputes ``Y`` sample by sample
+    (:func:`_glce_compress_per_sample`), so that each value stays in its own sample's output, as in
+    the reference, and stores that. A finite x whose ``Y`` overflows takes the slow path too, which
+    gives the same sums. Two things about this form are deliberate (sm_90 builds, Triton 3.6):
+    no ``Y`` is merged across the branch (the merge made the compiler move the dot's ``Y`` into a
+    layout both branches share, through shared memory, every block), and nothing is stored twice
+    (overwriting the dot's output after a barrier took the block loop's software pipelining away)."""
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
     bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
-    k, ks, kn, r, rs, rm, k_ok, r_ok = _glce_tile_index(N_IN, N_OUT, n_per, KX, RO)
-    j = tl.arange(0, DP)
     for blk in range(pid, n_blocks, G):
         b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
-        x, y, z, row_ok = _glce_recompute(X + b0 * sxb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per,
-                                          sxb, sxn, sxd, swn, swm, KX, RO, DP, PREC, True)
-        out = y * tl.sigmoid(z)
-        tl.store(OUT + b0 * sob + (rs * sob + rm * som)[:, None] + j[None, :] * sod, out.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & (j < D)[None, :])
+        x, y, row_ok = _glce_compress(X + b0 * sxb, bias, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
+                                      KX, RO, DP, PREC)
+        if CHECK_X:
+            nonfinite = _any_nonfinite(x)
+        else:
+            nonfinite = _any_nonfinite(y)
+        # (``tl.where``: the interpreter refuses a mask made with ``&`` from a program-wide scalar)
+        _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC), tl.where(nonfinite, False, row_ok), N_OUT,
+                        D, sob, som, sod, RO, DP)
+        if nonfinite:
+            y = _glce_compress_per_sample(X + b0 * sxb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, CDT, RO,
+                                          DP) + bias[:, None]
+            _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC), row_ok, N_OUT, D, sob, som, sod,
+                            RO, DP)
 
 
 @triton.jit
@@ -315,8 +346,9 @@ def _glce_bwd_kernel(
         nb = tl.minimum(B - b0, n_per).to(tl.int32)
         if not PARAMS_ONCE:
             bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
-        x, y, z, row_ok = _glce_recompute(X + b0 * sxb, W, bias, gw, gb, wbd, nb, N_IN, N_OUT, D, n_per,
-                                          sxb, sxn, sxd, swn, swm, KX, RO, DP, PREC, False)
+        x, y, row_ok = _glce_compress(X + b0 * sxb, bias, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
+                                      KX, RO, DP, PREC)
+        z = _glce_gate_pre(y, gw, gb, CDT, PREC)
         om = row_ok[:, None] & j_ok[None, :]
         do = tl.load(DO + b0 * sdob + (rs * sdob + rm * sdom)[:, None] + j[None, :] * sdod, mask=om,
                      other=0.0).to(tl.float32)
@@ -553,6 +585,27 @@ def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
     return "acc" if 2 * (2 * G * d * d * 4) < 4 * B * n_out * d * elt else "store"
 
 
+def _check_x(kx: int, ro: int) -> bool:
+    """Which tile the forward checks for an inf or a NaN (:func:`_glce_fwd_kernel`): the x tile
+    (``[KX, DP]``, True) or ``Y`` (``[RO, DP]`` fp32, False), whichever has fewer rows; x on a tie.
+    Either finds a non-finite x, so this is a choice of cost alone. It was made from sm_90 builds
+    with Triton 3.6 (bf16, 2026-11-28), counting in the SASS the instructions a warp issues per
+    sample block on the loop's finite path, before this form (the x tile checked, then the branch),
+    checking x, checking Y:
+
+    * taobao's 20 -> 4 summary (KX 128, RO 32, d 64, 8 warps): 566, 485, 345;
+    * long's 64 -> 4 (64, 16, d 128, 8 warps): 628, 477, 350;
+    * the 8 -> 8 summaries (64, 64) at d 64 (4 warps): 933, 866, 832; at d 128 (8 warps): 1016, 981,
+      1176. At d 128, checking Y took 230 registers against 192 for x, and its two dots got
+      different warp layouts, so ``Y`` moved between them through shared memory every block.
+
+    With the rule, the registers (before -> after) are 103 -> 104, 128 -> 80, 166 -> 168 and 206 ->
+    192: the same programs an SM everywhere but long's 64 -> 4, which gains one (2 -> 3). The tie
+    takes x at d 64 too, where Y would save 4% more: one rule for both 8 -> 8 builds. Not timed on a
+    GPU yet."""
+    return ro >= kx
+
+
 @on_input_device
 def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
@@ -569,7 +622,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per, n_blocks,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, num_warps=warps, **_fwd_launch_options(x.dtype),
+        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), num_warps=warps, **_fwd_launch_options(x.dtype),
     )
     _note_resident(key, compiled, x.device)
     return out

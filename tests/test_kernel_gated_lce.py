@@ -604,7 +604,8 @@ def test_limit_corner_builds_within_h100_shared_memory():
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, False)
         opts = K._fwd_launch_options(dtype)
         cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel", args=dict(OUT=name, **ptrs),
-                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC")), num_warps=warps, **opts))
+                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC"), CHECK_X=K._check_x(kx, ro)),
+                          num_warps=warps, **opts))
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
