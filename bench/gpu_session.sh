@@ -2,7 +2,8 @@
 # What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
 #   benchmarks), profile (per-range and per-kernel tables of one training step), kernels (every
-#   kernel's device time in one call of an op, per provider: profiling/op_kernels.py), embed (the
+#   kernel's device time in one call of an op, per provider: profiling/op_kernels.py), ncu (Nsight
+#   Compute's details pages of named kernels in one call of ops: profiling/ncu.sh), embed (the
 #   tokenizers' embedding backward, profiling/embedding_backward.py), host (per-launch host cost, plain
 #   vs CUDA-graph step time and where the host time goes, fused and eager; profiling/step_ops.py), threads (the autograd
 #   device thread's host cost: profiling/autograd_threads.py). Logs, JSON and JSONL go to $OUT.
@@ -17,40 +18,47 @@
 # shards 74 s (the longest shard 66 s), 20 graphed op rows 58 s, 4 plain model rows 46 s; compiled
 # model rows about 45 s each (6 in 276 s); a plain profile 12 s, a compiled one 37 s; a kernels
 # stage 11 s. Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
-# Planned for the next lease (device-tool timeout_s 420, then 330, then what is left; issue each call
+# Planned for the next lease (device-tool timeout_s 420, then 240, then what is left; issue each call
 # as soon as the last returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=100 \
-#      OPS_FILES="bench/test_bench_crossnet.py bench/test_bench_attention.py" \
-#      OPS_K="(crossnet and low and taobao and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or \
-#      compile-cudagraph)) or (self_attention and amazon and full and (fused-cudagraph or \
-#      fused-general-cudagraph or fused-narrow-cudagraph or fused-delta-output-cudagraph))" \
-#      bench/gpu_session.sh COMMIT tests ops
-#      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, every test that
-#      compiles now that the kept ops are inlined on a GPU by default). Ops (10 rows, selection checked
-#      on a CPU with torch.cuda.is_available patched to True): the low-rank cross net's 5-stage plan
-#      (fused-deep: 2.0% and 2.8% faster in training in the two leases of 2026-11-28) in its forward's
-#      graphed row, which the variant rule below still wants (the benchmarks graphed full mode only
-#      until now); self-attention at amazon with every backward on the general path (fused-general:
-#      the single-query-block backward took 430 us a launch in the compiled amazon step, one 8-warp
-#      program an SM), with that backward on 16-key tiles at 4 warps (fused-narrow: three programs an
-#      SM) and with delta from the output.
-#   2. PACK=1 MODEL_TIMEOUT=300 MODEL_FILES="$(for p in amazon-train-fused-compile-reduce-overhead \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=110 \
+#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_attention.py" \
+#      OPS_K="(gated_lce_bandwidth and fused-cudagraph) or (crossnet and low and taobao and (fwd or full) and \
+#      (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or (self_attention and amazon and full \
+#      and (fused-cudagraph or fused-general-cudagraph or fused-narrow-cudagraph or \
+#      fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops
+#      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, the gated LCE
+#      forward rewritten in the thirty-third session, every test that compiles now that the kept ops
+#      are inlined on a GPU by default). Ops (12 rows, selection checked on a CPU with
+#      torch.cuda.is_available patched to True): the gated LCE at 32x taobao's batch with the new
+#      forward (its non-finite check on Y, its store masked: 566 -> 345 instructions a warp per block
+#      of the 20 -> 4 summary in sm_90 builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross
+#      net's 5-stage plan (fused-deep: 2.0% and 2.8% faster in training in the two leases of
+#      2026-11-28) in its forward's graphed row, which the variant rule below still wants; self-
+#      attention at amazon with every backward on the general path (fused-general: the single-
+#      query-block backward took 430 us a launch in the compiled amazon step, one 8-warp program an
+#      SM), with that backward on 16-key tiles at 4 warps (fused-narrow: three programs an SM) and
+#      with delta from the output.
+#   2. PACK=1 MODEL_TIMEOUT=210 MODEL_FILES="$(for p in amazon-train-fused-compile-reduce-overhead \
 #      amazon-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
-#      taobao-train-compile-reduce-overhead amazon-train-compile amazon-train-fused-compile; do \
-#      printf 'bench/test_bench_model.py::test_model[%s] ' $p; done)" bench/gpu_session.sh COMMIT model
+#      taobao-train-compile-reduce-overhead; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; \
+#      done)" bench/gpu_session.sh COMMIT model
 #      (issue 6's compile target, fused + compile >= 1.15x compile, under the new default (the kept
 #      ops inlined): amazon is a tie in plain steps (0.84x and 1.09x in two orders at 5eea83c) with
 #      1.69x the device speed under the profiler, so its reduce-overhead pair decides; inlined under
-#      reduce-overhead has never been timed (opaque: 8.764 against 9.284 ms at taobao, 7bea4b3); then
-#      a third plain amazon pair. One process; each pair in order.)
-#   3. With 120 s or more left: PACK=1 PROFILE_TIMEOUT=100 PROFILE_ARGS="--compile --inference" \
-#      bench/gpu_session.sh COMMIT profile (the compiled fused inference step, inlined by default: its
-#      host and device time; 4.49 ms a plain step at 5eea83c).
+#      reduce-overhead has never been timed (opaque: 8.764 against 9.284 ms at taobao, 7bea4b3).
+#      One process; each pair in order.)
+#   3. With 150 s or more left: PACK=1 NCU_TIMEOUT=110 bench/gpu_session.sh COMMIT ncu (Nsight Compute
+#      on the gated LCE's forward and backward at 32x taobao's batch, both uses, then on the low-rank
+#      cross net's three kernels at taobao: where issue 3's 70% of copy and issue 4's 1.2x Inductor
+#      are lost. sm_90 builds count 345-832 instructions a warp per forward block and 355-523 per
+#      backward block, with 5-11 barriers: the kernels look latency-bound, and the stall reasons
+#      would say so or not. No lease has run ncu yet: the first run also tells whether it works.)
+#      With less left: PACK=1 PROFILE_TIMEOUT=100 PROFILE_ARGS="--compile --inference" ... profile.
 #   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'
 #   p20-p80 spread in both uses becomes the default (its builds are in profiling/sm90-audit-triton3.6.md
 #   and the settings' comments); the settings that lose are deleted with their providers and tests.
 #   Left for a later lease: the host stage, the eager training profiles, the op stage at amazon and
-#   long, the gated LCE's bandwidth (36% / 30% of copy at 5eea83c; issue 3 asks for 70%).
+#   long, the third plain amazon compile pair, the compiled inference profile.
 set -uo pipefail
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
@@ -160,6 +168,22 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                echo "op_kernels ${arg_sets[$i]} exit $?"
              done
              head -n 150 "$OUT/kernels.log" ;;
+    ncu)     # Nsight Compute (--set full) on one call of fused ops (profiling/ncu.sh with NCU_SCRIPT=op_kernels):
+             # NCU_RUNS, runs separated by ";", each "KERNEL_REGEX COUNT op_kernels.py flags" (COUNT: the
+             # matching launches to profile). Default: the gated LCE's forward and backward at 32x taobao's
+             # batch in both uses, then the low-rank cross net's three kernels at taobao. Details pages go
+             # to ncu.log; the console shows the throughput and stall lines. The .ncu-rep reports stay
+             # out of $OUT (a file over 16 MiB would not come back, and the packed results with it).
+             ncu_reports=$(mktemp -d)
+             IFS=';' read -r -a runs <<< "${NCU_RUNS:-_glce_(fwd|bwd)_kernel 4 --ops gated_lce_nonseq,gated_lce_seq --providers fused --shape taobao-b64k;_lr_(fwd|bwd) 3 --ops crossnet_low --providers fused --shape taobao}"
+             for i in "${!runs[@]}"; do
+               read -r regex count args <<< "${runs[$i]}"
+               NCU_SCRIPT=op_kernels NCU_COUNT="$count" NCU_OUT="$ncu_reports/ncu-$i" timeout "${NCU_TIMEOUT:-240}" \
+                 bash profiling/ncu.sh "$regex" $args >>"$OUT/ncu.log" 2>&1
+               echo "ncu $regex exit $?"
+             done
+             grep -E "^  [_A-Za-z][^ ]* \(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued|Stall|One or More Eligible" \
+               "$OUT/ncu.log" | head -n 120 ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1

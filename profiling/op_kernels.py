@@ -2,10 +2,13 @@
 
     python profiling/op_kernels.py [--ops crossnet_low,gated_lce_seq] [--providers fused,compile,eager]
                                    [--shape taobao] [--calls 20] [--set crossnet.LOW_RANK_BACKWARD=phases ...]
+                                   [--ncu]
 
 Why: a benchmark row gives one number per op and provider (the low-rank cross net's fused forward
 + backward took 0.136 ms graphed, Inductor's 0.124 ms) and says nothing of which kernel costs it.
-This script lists each kernel of one call, so the slow one can be looked at (``ncu.sh`` then says why).
+This script lists each kernel of one call, so the slow one can be looked at (``ncu.sh`` then says why:
+``NCU_SCRIPT=op_kernels profiling/ncu.sh REGEX --ops ... --shape ...`` runs this script with ``--ncu``,
+which makes the calls between ``cudaProfilerStart`` and ``cudaProfilerStop`` instead of timing them).
 
 Each (op, provider) runs the callable its benchmark times (``bench/test_bench_<op>.py``, ``full``
 mode: forward and backward; ``op_host.benchmarked_callable``), with any setting the benchmark makes
@@ -209,8 +212,26 @@ def profile(fn, calls: int, warmup: int):
     return prof.key_averages()
 
 
-def run_one(op: str, provider: str, shape_name: str, calls: int, warmup: int) -> bool:
-    """Print one (op, provider) section; False if its callable could not be built or run."""
+def bracketed(fn, calls: int, warmup: int) -> None:
+    """``calls`` calls of ``fn`` between ``cudaProfilerStart`` and ``cudaProfilerStop``, after
+    ``warmup`` calls outside them (GPU only): what an outside profiler started with
+    ``--profile-from-start off`` sees (``ncu.sh`` with ``NCU_SCRIPT=op_kernels``). No
+    ``torch.profiler`` here: its CUPTI session would share the device with Nsight Compute's."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    try:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.profiler.stop()
+
+
+def run_one(op: str, provider: str, shape_name: str, calls: int, warmup: int, ncu: bool = False) -> bool:
+    """Print one (op, provider) section; False if its callable could not be built or run. With
+    ``ncu``, the calls run for an outside profiler (:func:`bracketed`) and no times are printed."""
     import common
     import pytest
 
@@ -234,10 +255,16 @@ def run_one(op: str, provider: str, shape_name: str, calls: int, warmup: int) ->
                 fn()
                 print(f"{title}{extra}: built and ran once on the CPU")
                 return True
-            averages = profile(fn, calls, warmup)
+            if ncu:
+                bracketed(fn, calls, warmup)
+            else:
+                averages = profile(fn, calls, warmup)
     except Exception as exc:
         print(f"{title}{extra}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return False
+    if ncu:
+        print(f"{title}{extra}: {calls} call(s) between cudaProfilerStart and cudaProfilerStop")
+        return True
     print(f"{title}{extra}:")
     print(per_call_table(averages, calls))
     return True
@@ -256,6 +283,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled calls first (GPU)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                         help="a setting of interformer.kernels.MODULE for the run (repeatable)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="no torch.profiler: run the calls between cudaProfilerStart/Stop for Nsight Compute "
+                             "(profiling/ncu.sh with NCU_SCRIPT=op_kernels), print no times")
     args = parser.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in op_host.OPS]
@@ -281,7 +311,7 @@ def main(argv=None) -> int:
     with settings(args.settings):
         for op in ops:
             for provider in providers:
-                ok = run_one(op, provider, args.shape, args.calls, args.warmup) and ok
+                ok = run_one(op, provider, args.shape, args.calls, args.warmup, args.ncu) and ok
     if not common.ON_GPU:
         print("no GPU: each callable above ran once on the CPU; there are no device kernels to time, "
               "so no times are printed")

@@ -90,6 +90,41 @@ def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
     assert log.count("no device kernels to time") == 2 and "== stage kernels took" in packed["session.log"]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@CPU_ONLY
+def test_the_ncu_stage_profiles_each_run_and_packs_its_log(tmp_path):
+    """The ``ncu`` stage calls profiling/ncu.sh once per ";"-separated run of ``NCU_RUNS`` ("REGEX
+    COUNT op_kernels.py flags") with op_kernels.py as the profiled program, and packs the log but
+    not the reports (a stand-in ncu here: it logs its arguments, runs the program it wraps and
+    writes the report)."""
+    fake = tmp_path / "ncu"
+    calls = tmp_path / "ncu_calls"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    f'printf "%s\\n" "$*" >> "{calls}"\n'
+                    'if [[ " $* " == *" --import "* ]]; then echo "  _fake_kernel (1, 1, 1)x(32, 1, 1), CC 9.0"; '
+                    'echo "    Duration    us    1.00"; exit 0; fi\n'
+                    'out=""; while [[ $# -gt 0 ]]; do case "$1" in -o) out="$2"; shift 2;; '
+                    '--profile-from-start|--kernel-name|--launch-skip|--launch-count|--set|--clock-control) shift 2;; '
+                    '--force-overwrite) shift;; *) break;; esac; done\n'
+                    '"$@" && touch "$out.ncu-rep"\n')
+    fake.chmod(0o755)
+    rc, console, packed = _run(tmp_path, {
+        "NCU": str(fake), "PYTHON": sys.executable,
+        "NCU_RUNS": "_dot_(fwd|bwd)_kernel 2 --shape smoke --ops dot_interaction --providers fused;"
+                    "_lr_ 3 --shape smoke --ops crossnet_low --providers fused",
+    }, "ncu")
+    assert rc == 0, console[-3000:]
+    assert "ncu _dot_(fwd|bwd)_kernel exit 0" in console and "ncu _lr_ exit 0" in console, console[-3000:]
+    assert "_fake_kernel (1, 1, 1)" in console and "Duration" in console
+    profiled = [line for line in calls.read_text().splitlines() if "--import" not in line]
+    assert len(profiled) == 2 and " --launch-count 2 " in profiled[0] and " --launch-count 3 " in profiled[1]
+    assert all("op_kernels.py --ncu --calls 1 --warmup 3 --shape smoke" in line for line in profiled), profiled
+    log = packed["ncu.log"]
+    assert "dot_interaction, fused: built and ran once" in log and "crossnet_low, fused: built and ran once" in log
+    assert "== stage ncu took" in packed["session.log"]
+    assert not any(name.endswith(".ncu-rep") for name in packed)  # reports stay behind (16 MiB a file)
+
+
 def test_every_id_of_the_rerun_list_names_a_test():
     """``bench/gpu_rerun.txt`` (the next lease's tests) names each test by id: one that a later
     change renamed or deleted would make its shard fail to collect and run nothing. Every listed id

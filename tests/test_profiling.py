@@ -1007,6 +1007,18 @@ def test_ncu_script_profiles_the_measured_steps_and_prints_the_page(tmp_path):
     assert f"-o {copy}/out/ncu-_attn__fwd_bwd_ " in log.read_text() and " --launch-skip 4 " in log.read_text()
     assert (copy / "out" / "ncu-_attn__fwd_bwd_.ncu-rep").exists()
 
+    # one call of ops instead of training steps (op_kernels.py brackets its calls itself)
+    log.unlink()
+    done = _run_script("ncu.sh", ["_glce_(fwd|bwd)_kernel", "--ops", "gated_lce_seq", "--shape", "taobao-b64k"],
+                       dict(env, NCU_SCRIPT="op_kernels", NCU_COUNT="2"), where=copy)
+    assert done.returncode == 0, done.stderr
+    profile = log.read_text().splitlines()[0]
+    assert " --launch-count 2 --set full --clock-control none " in profile, profile
+    assert profile.endswith(f"{bin_dir}/python {copy}/op_kernels.py --ncu --calls 1 --warmup 3 --ops gated_lce_seq "
+                            "--shape taobao-b64k"), profile
+    done = _run_script("ncu.sh", ["_x"], dict(env, NCU_SCRIPT="nsys"), where=copy)
+    assert done.returncode == 2 and "NCU_SCRIPT must be train_step or op_kernels" in done.stderr
+
     env.update(NO_REPORT="1", NCU_OUT=str(tmp_path / "none"))
     done = _run_script("ncu.sh", ["_no_such_kernel"], env)
     assert done.returncode == 1 and "no launch of a kernel matching 'regex:_no_such_kernel'" in done.stderr
@@ -1098,6 +1110,34 @@ def test_op_kernels_runs_each_provider_once_without_a_gpu(op_kernels, capsys):
     assert op_kernels.main(argv[:-1] + ["compile"]) == 0
     if not torch.cuda.is_available():  # the benchmark's skip, with its reason, not a failure
         assert "dot_interaction, compile: skipped by the benchmark: compile: GPU only" in capsys.readouterr().out
+
+
+def test_op_kernels_ncu_mode_brackets_the_calls_for_an_outside_profiler(op_kernels, monkeypatch):
+    """``--ncu``: the warm-up calls run before ``cudaProfilerStart``, the measured ones between it and
+    ``cudaProfilerStop`` (synchronised before the stop, so their kernels ran inside), with no
+    ``torch.profiler`` (its CUPTI session and Nsight Compute's would share the device); the stop
+    comes even when a call fails. The flag reaches :func:`run_one`."""
+    import torch
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: events.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: events.append("stop"))
+    monkeypatch.setattr(torch.profiler, "profile", lambda *a, **k: pytest.fail("torch.profiler under --ncu"))
+    op_kernels.bracketed(lambda: events.append("call"), calls=2, warmup=3)
+    assert events == ["call"] * 3 + ["sync", "start", "call", "call", "sync", "stop"]
+
+    def failing():
+        raise RuntimeError("boom")
+    events.clear()
+    with pytest.raises(RuntimeError):
+        op_kernels.bracketed(failing, calls=1, warmup=0)
+    assert events == ["sync", "start", "stop"]
+
+    seen = []
+    monkeypatch.setattr(op_kernels, "run_one", lambda *a: seen.append(a) or True)
+    assert op_kernels.main(["--ncu", "--calls", "1", "--ops", "dot_interaction", "--providers", "fused"]) == 0
+    assert seen and seen[0][-1] is True
 
 
 def test_op_kernels_set_applies_and_restores_settings(op_kernels):
