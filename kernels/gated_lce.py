@@ -35,8 +35,8 @@ output rows in 32; seq summary 8 -> 8: 8 samples, 64/64 rows; long nonseq n_in =
 sample), backward ``min(4096/DP // n_in, 32 // n_out)`` (more live tiles); 4 warps, 8 when a tile
 reaches 8192 elements or in the backward at d >= 64. Checked by compiling for sm_90 ahead of time
 with Triton 3.6, the GPU machines' version (``profiling/sm90_audit.py``; bf16 at the DESIGN shapes,
-2026-11-28): the forward takes 80-192 registers, no spills; the backward 140-255, one 8-warp
-program per SM, 6 spill stores (a 24-byte stack) at long's 8 -> 8 summary (d = 128); fp32 spills
+2026-11-28): the forward takes 80-192 registers, no spills; the backward 138-255, one 8-warp
+program per SM, 7 spill stores (a 24-byte stack) at long's 8 -> 8 summary (d = 128); fp32 spills
 more (correct, not tuned). The "acc" backward of taobao's d = 64 plans runs two programs an SM
 under a 128-register cap (:func:`_acc_plan`, timed on an H200). Larger blocks, one forward program
 per block and deeper pipelines were timed there too and lost (see :func:`_config`).
@@ -335,7 +335,12 @@ def _glce_bwd_kernel(
     j_ok = j < D
 
     acc_p = tl.zeros([KX, RO], tl.float32)    # x @ dY^T; its same-sample entries sum to dW
-    acc_db = tl.zeros([RO], tl.float32)
+    # dY summed over the blocks as a tile, reduced over its columns once at the end: a row of dY spans
+    # the warps, so a per-block row sum crossed them through shared memory (sm_90, Triton 3.6: 355 -> 325
+    # instructions a warp per block of the 20 -> 4 summary, 11 -> 9 barriers; 523 -> 457 and 11 -> 10
+    # for the 8 -> 8 one, at 8 more registers a thread under the same cap: 3 more spill loads and 2
+    # spill stores a block)
+    acc_db = tl.zeros([RO, DP], tl.float32)
     acc_gb = tl.zeros([DP], tl.float32)
     if PARAMS_ONCE:  # (see _bwd_launch_options)
         bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
@@ -358,7 +363,7 @@ def _glce_bwd_kernel(
         dy = do * s + tl.dot(dz_c, gw, input_precision=PREC)
         dy_c = dy.to(CDT)
         acc_gb += tl.sum(dz, 0)
-        acc_db += tl.sum(dy, 1)
+        acc_db += dy
         acc_p += tl.dot(x, tl.trans(dy_c), input_precision=PREC)
         if STORE_DZY:
             zy_off = b0 * N_OUT * D
@@ -379,7 +384,7 @@ def _glce_bwd_kernel(
     sel_n = ((kn[None, :] == n_i[:, None]) & k_ok[None, :]).to(tl.float32)       # [NIP, KX]
     sel_m = ((rm[:, None] == m_i[None, :]) & r_ok[:, None]).to(tl.float32)       # [RO, NOP]
     dw = tl.dot(tl.dot(sel_n, acc_p, input_precision="ieee"), sel_m, input_precision="ieee")  # [NIP, NOP]
-    db = tl.sum(acc_db[:, None] * sel_m, 0)                                       # [NOP]
+    db = tl.sum(tl.sum(acc_db, 1)[:, None] * sel_m, 0)                            # [NOP]
 
     # partial sums of this program: [dgate_bias (d) | dW (n_in*n_out) | dbias (n_out) | dgate_weight (d*d)]
     base = PART + pid * spg
