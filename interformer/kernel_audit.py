@@ -8,12 +8,15 @@ Three parts:
   (as with :func:`interformer.profiling.triton_launches` ``(run=False)``), so a whole training step
   at a benchmark shape costs only its eager parts, under the interpreter too: block sizes are
   chosen by the launchers from the shapes alone, never from the device, so the cases are the ones
-  a GPU would compile (grid sizes, which are not part of a kernel's specialisation, aside).
+  a GPU would compile (grid sizes, which are not part of a kernel's specialisation, aside), with
+  one exception: whether 16-bit inputs take inline-assembly math, which a launcher asks of the
+  device (:func:`gpu_math` answers as a GPU would, inside its block).
 * :func:`build_sm90` -- compiles cases ahead of time for ``GPUTarget("cuda", 90, 32)`` in child
   processes (without ``TRITON_INTERPRET``, which replaces ``triton.jit``) and reports, per case, the
   shared memory, the number of warp-group (``wgmma``) dots and async copies in the TTGIR, and from
   the cubin (``cuobjdump``, bundled with Triton's NVIDIA backend) the registers per thread, the
-  stack frame, the spill store / load instructions in the SASS and ``sass_sha``, a fingerprint of
+  stack frame, the spill store / load instructions in the SASS, the SASS instruction count
+  (``instructions``) and ``sass_sha``, a fingerprint of
   the SASS instructions (addresses and encodings left out): a change meant to leave a kernel's
   machine code as it was (a refactor of its source) shows that it did when the fingerprints of
   ``profiling/sm90_audit.py --json`` before and after agree.
@@ -119,7 +122,8 @@ def cubin_usage(cubin):
     instructions = "\n".join(i.strip() for i in re.findall(r"/\*[0-9a-f]{4,}\*/\s*([^;]*;)", sass))
     return dict(registers=int(m.group(1)), stack=int(m.group(2)),
                 spill_stores=len(re.findall(r"\bSTL\b", sass)), spill_loads=len(re.findall(r"\bLDL\b", sass)),
-                sass_sha=hashlib.sha256(instructions.encode()).hexdigest()[:16])
+                sass_sha=hashlib.sha256(instructions.encode()).hexdigest()[:16],
+                instructions=instructions.count(";"))
 
 
 for case in json.loads(sys.argv[1]):
@@ -311,6 +315,29 @@ def gpu_sized(sms: int = H100_SMS) -> Iterator[None]:
     finally:
         for mod, attr, value in saved:
             setattr(mod, attr, value)
+
+
+def _gpu_fast_math(device: torch.device, dtype: torch.dtype) -> bool:
+    """:func:`interformer.kernels._common.fast_math`'s answer on an NVIDIA GPU, whatever the device."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def gpu_math() -> Iterator[None]:
+    """Inside the block, every kernel module's ``fast_math`` answers as on an NVIDIA GPU (16-bit inputs
+    take the inline-assembly math), so that recorded launches (:func:`record_launches`) are built as
+    a GPU builds them. Only for launches that are recorded and skipped: the interpreter cannot run
+    those kernels (no inline assembly)."""
+    from interformer.kernels import kernel_modules
+
+    saved = [(mod, mod.fast_math) for mod in kernel_modules() if hasattr(mod, "fast_math")]
+    for mod, _ in saved:
+        mod.fast_math = _gpu_fast_math
+    try:
+        yield
+    finally:
+        for mod, original in saved:
+            mod.fast_math = original
 
 
 @contextlib.contextmanager

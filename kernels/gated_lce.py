@@ -112,6 +112,12 @@ registers (eager rounds them to the low dtype), and operands are cast to the com
 before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
+fp16/bf16 inputs on a GPU form the gate's sigmoid (and the backward its slope, up to d = 64) with
+one approximate exponential and one approximate reciprocal, inline PTX (``FAST``: :func:`_sigmoid`,
+:func:`_sigmoid_and_slope`, :func:`._common.fast_math`), 1-2 ulp of fp32 where Triton's own math
+is 2 (only denormal results differ: flushed to zero), far below the 16-bit output's rounding. The
+interpreter cannot run inline assembly, so the CPU tests check the other branch, and a GPU run
+the fast one.
 
 Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
 the eager reference (same math, same autograd). The bound is the backward's shared memory: its
@@ -138,8 +144,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
-                      num_sms, on_input_device, resident_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, fast_exp2, fast_math, fast_rcp, int32_block,
+                      int_setting, next_pow2, num_sms, on_input_device, resident_programs, sum_partials)
 from ._dispatch import (_decomposing, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
                         needs_grad, reference_only, saving_forward, tracing, unused_arg)
 
@@ -179,7 +185,8 @@ def _glce_compress_per_sample(Xb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm
     sample: n_in broadcast multiply-adds of gathered token rows (operands rounded to the compute
     dtype, as the dot's are; fp32 sums) instead of the block-diagonal ``tl.dot``, in which the zero
     weights between samples times an inf or a NaN of one sample put NaN into every other sample of
-    the block. The forward's slow path (:func:`_glce_fwd_kernel`), for a block whose ``Y`` is not finite."""
+    the block. The forward's slow path (:func:`_glce_fwd_kernel`), for a block whose x tile or ``Y`` is
+    not finite."""
     r = tl.arange(0, RO)
     rs = r // N_OUT
     rm = r - rs * N_OUT
@@ -209,8 +216,25 @@ def _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT: tl.constexp
     return bias, gw, gb
 
 
+#: log2(e): ``exp(x) = 2 ** (x * LOG2E)``
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
 @triton.jit
-def _sigmoid_and_slope(z):
+def _sigmoid(z, FAST: tl.constexpr):
+    """``sigmoid(z)`` in fp32: ``tl.sigmoid``, or with ``FAST`` (:func:`._common.fast_math`) one
+    approximate exponential and one approximate reciprocal, ``1 / (1 + 2**(-z log2 e))``: 0 for z
+    far below zero (the power overflows to inf), 1 far above it. On sm_90 (Triton 3.6, bf16) that
+    cut the forward's block of taobao's 8 -> 8 summary, 32 sigmoids a thread, from 866 to 609
+    instructions a warp, and the 20 -> 4 one's from 345 to 280, at the same registers."""
+    if FAST:
+        return fast_rcp(1.0 + fast_exp2(z * -LOG2E))
+    else:
+        return tl.sigmoid(z)
+
+
+@triton.jit
+def _sigmoid_and_slope(z, FAST: tl.constexpr):
     """``(sigmoid(z), sigmoid'(z))`` in fp32, the slope without cancellation: ``s * (1 - s)`` loses
     ``1 - s`` to rounding once ``s`` is within a few ulps of 1 (fp32: z past about 8; past about 17,
     ``s`` is 1 and the slope 0 where it is ``e**-z``), and eager's sigmoid backward forms it that way.
@@ -220,9 +244,20 @@ def _sigmoid_and_slope(z):
     infinite z give what ``s * (1 - s)`` gave). Measured under the interpreter in fp32, gates about
     16 (``test_saturated_gates_keep_their_slope``): dgate_weight 0.7% off float64 with
     ``s * (1 - s)`` (eager's: 0.7%), 2e-7 with this. In fp16 and under autocast Z itself comes from
-    a rounded Y, and the slope's form matters far less (closing note of the twenty-seventh session)."""
-    t = tl.exp(-tl.abs(z))
-    r = 1.0 / (1.0 + t)
+    a rounded Y, and the slope's form matters far less (closing note of the twenty-seventh session).
+
+    With ``FAST`` (:func:`._common.fast_math`: 16-bit inputs on a GPU) ``t`` and ``r`` come from one
+    approximate exponential and reciprocal each; ``t`` is then 0 past ``|z|`` of about 87 instead of
+    a denormal, and the slope 0 there, as eager's ``s * (1 - s)`` gives it already past 17. On sm_90
+    (Triton 3.6, bf16, taobao-b64k) that cut a backward block from 325 to 292 instructions a warp
+    (20 -> 4 summary) and from 457 to 394 (8 -> 8, one more spill load and store a block under its
+    128-register cap)."""
+    if FAST:
+        t = fast_exp2(tl.abs(z) * -LOG2E)
+        r = fast_rcp(1.0 + t)
+    else:
+        t = tl.exp(-tl.abs(z))
+        r = 1.0 / (1.0 + t)
     return tl.where(z >= 0, r, t * r), t * r * r
 
 
@@ -248,9 +283,9 @@ def _glce_gate_pre(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _glce_gated(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr):
+def _glce_gated(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     """A block's output before its cast, ``Y * sigmoid(Z)`` (``[RO, DP]`` fp32)."""
-    return y * tl.sigmoid(_glce_gate_pre(y, gw, gb, CDT, PREC))
+    return y * _sigmoid(_glce_gate_pre(y, gw, gb, CDT, PREC), FAST)
 
 
 @triton.jit
@@ -278,20 +313,25 @@ def _glce_fwd_kernel(
     B, N_IN, N_OUT, D, n_per, n_blocks,
     sxb, sxn, sxd, swn, swm, sgo, sgi, sob, som, sod,
     KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr, CHECK_X: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """One wave of programs, each over the sample blocks ``pid, pid + G, ...`` (module docstring).
 
     Non-finite inputs: each block is checked for an inf or a NaN, in its x tile (``CHECK_X``) or in
     ``Y`` (``[RO, DP]`` fp32, still in the dot's registers), whichever is smaller (:func:`_check_x`).
-    Either finds a non-finite x: the dot's zeros between samples times it give NaN in every row of
-    ``Y``. A finite block stores its output; one that is not stores nothing in the dot's pass (its
-    store is masked off by the program-wide flag) and then recomputes ``Y`` sample by sample
+    Either finds a non-finite x: in its column, the dot's zeros between samples times it give NaN,
+    and its own sample's weights inf or NaN, so every row of ``Y`` is non-finite there. A finite
+    block stores its output; one that is not stores nothing in the dot's pass (its store is masked
+    off by the program-wide flag) and then recomputes ``Y`` sample by sample
     (:func:`_glce_compress_per_sample`), so that each value stays in its own sample's output, as in
-    the reference, and stores that. A finite x whose ``Y`` overflows takes the slow path too, which
-    gives the same sums. Two things about this form are deliberate (sm_90 builds, Triton 3.6):
-    no ``Y`` is merged across the branch (the merge made the compiler move the dot's ``Y`` into a
-    layout both branches share, through shared memory, every block), and nothing is stored twice
-    (overwriting the dot's output after a barrier took the block loop's software pipelining away)."""
+    the reference, and stores that. Where ``Y`` is checked, a finite x whose ``Y`` overflows takes
+    the slow path too (the same sums, in another order); where x is, it stays on the dot's path
+    (its zeros times finite values add nothing to the other samples). Two things about this form
+    are deliberate (sm_90 builds, Triton 3.6): no ``Y`` is merged across the branch (the merge made
+    the compiler move the dot's ``Y`` into a layout both branches share, through shared memory,
+    every block), and nothing is stored twice (overwriting the dot's output after a barrier took
+    the block loop's software pipelining away; without the barrier two threads could write an
+    element in either order, which tests/memcheck.py fails)."""
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
     CDT: tl.constexpr = X.dtype.element_ty
@@ -307,13 +347,13 @@ def _glce_fwd_kernel(
         else:
             nonfinite = _any_nonfinite(y)
         # (``tl.where``: the interpreter refuses a mask made with ``&`` from a program-wide scalar)
-        _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC), tl.where(nonfinite, False, row_ok), N_OUT,
-                        D, sob, som, sod, RO, DP)
-        if nonfinite:
-            y = _glce_compress_per_sample(X + b0 * sxb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, CDT, RO,
-                                          DP) + bias[:, None]
-            _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC), row_ok, N_OUT, D, sob, som, sod,
-                            RO, DP)
+        _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC, FAST), tl.where(nonfinite, False, row_ok),
+                        N_OUT, D, sob, som, sod, RO, DP)
+        if nonfinite:  # (its own name: nothing of the slow path is merged with the dot's Y)
+            y_ps = _glce_compress_per_sample(X + b0 * sxb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, CDT,
+                                             RO, DP) + bias[:, None]
+            _glce_store_out(OUT + b0 * sob, _glce_gated(y_ps, gw, gb, CDT, PREC, FAST), row_ok, N_OUT, D, sob, som,
+                            sod, RO, DP)
 
 
 @triton.jit
@@ -324,7 +364,7 @@ def _glce_bwd_kernel(
     sdxb, sdxn, sdxd, sdob, sdom, sdod,
     sxb, sxn, sxd, swn, swm, sgo, sgi, spg,
     STORE_DZY: tl.constexpr, KX: tl.constexpr, RO: tl.constexpr, DP: tl.constexpr,
-    NIP: tl.constexpr, NOP: tl.constexpr, PREC: tl.constexpr, PARAMS_ONCE: tl.constexpr,
+    NIP: tl.constexpr, NOP: tl.constexpr, PREC: tl.constexpr, PARAMS_ONCE: tl.constexpr, FAST: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
@@ -339,7 +379,8 @@ def _glce_bwd_kernel(
     # the warps, so a per-block row sum crossed them through shared memory (sm_90, Triton 3.6: 355 -> 325
     # instructions a warp per block of the 20 -> 4 summary, 11 -> 9 barriers; 523 -> 457 and 11 -> 10
     # for the 8 -> 8 one, at 8 more registers a thread under the same cap: 3 more spill loads and 2
-    # spill stores a block)
+    # spill stores a block; long's 8 -> 8 one, at d = 128 and 255 registers already, 1 -> 7 spill
+    # stores and 1 -> 6 loads a program)
     acc_db = tl.zeros([RO, DP], tl.float32)
     acc_gb = tl.zeros([DP], tl.float32)
     if PARAMS_ONCE:  # (see _bwd_launch_options)
@@ -357,7 +398,7 @@ def _glce_bwd_kernel(
         om = row_ok[:, None] & j_ok[None, :]
         do = tl.load(DO + b0 * sdob + (rs * sdob + rm * sdom)[:, None] + j[None, :] * sdod, mask=om,
                      other=0.0).to(tl.float32)
-        s, slope = _sigmoid_and_slope(z)
+        s, slope = _sigmoid_and_slope(z, FAST)
         dz = do * y * slope
         dz_c = dz.to(CDT)
         dy = do * s + tl.dot(dz_c, gw, input_precision=PREC)
@@ -604,11 +645,20 @@ def _check_x(kx: int, ro: int) -> bool:
       1176. At d 128, checking Y took 230 registers against 192 for x, and its two dots got
       different warp layouts, so ``Y`` moved between them through shared memory every block.
 
-    With the rule, the registers (before -> after) are 103 -> 104, 128 -> 80, 166 -> 168 and 206 ->
-    192: the same programs an SM everywhere but long's 64 -> 4, which gains one (2 -> 3). The tie
+    With the rule, the registers (before -> after, bf16 inputs and parameters, as the bandwidth
+    benchmark builds them) are 103 -> 104, 128 -> 80, 166 -> 168 and 206 -> 192 (the training step's,
+    with fp32 parameters under autocast: 97 -> 104, 128 -> 80, 168 -> 168, 206 -> 192): the same
+    programs an SM everywhere but long's 64 -> 4, which gains one (2 -> 3). The tie
     takes x at d 64 too, where Y would save 4% more: one rule for both 8 -> 8 builds. Not timed on a
     GPU yet."""
     return ro >= kx
+
+
+def _bwd_fast_math(device: torch.device, dtype: torch.dtype, dp: int) -> bool:
+    """The backward's ``FAST`` (:func:`._common.fast_math`), for plans up to 64 columns: at long's
+    d = 128 the 8 -> 8 summary's backward already takes 255 registers, and the fast math took its
+    spill stores from 7 to 12 a program (sm_90, Triton 3.6, bf16)."""
+    return dp <= 64 and fast_math(device, dtype)
 
 
 @on_input_device
@@ -627,7 +677,8 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per, n_blocks,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), num_warps=warps, **_fwd_launch_options(x.dtype),
+        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), FAST=fast_math(x.device, x.dtype), num_warps=warps,
+        **_fwd_launch_options(x.dtype),
     )
     _note_resident(key, compiled, x.device)
     return out
@@ -670,7 +721,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
-        **_bwd_launch_options(x.dtype), num_warps=warps,
+        FAST=_bwd_fast_math(x.device, x.dtype, dp), **_bwd_launch_options(x.dtype), num_warps=warps,
         **({"maxnreg": acc_cap} if acc_cap is not None and not store else {}),
     )
     if not params:

@@ -30,7 +30,10 @@ shared memory only):
   raises too: the threads that load an element of a tile need not be those that stored it, and
   Triton orders global memory between a program's threads only at a barrier. (Where the layouts
   happen to give both to the same thread the access is safe; the check does not know layouts, so
-  a kernel re-reading its own output needs the barrier anyway, as the cross nets' have.)
+  a kernel re-reading its own output needs the barrier anyway, as the cross nets' have.) So does
+  a program that stores an element twice with no barrier between: two of its threads may write
+  it in either order (the interpreter runs the stores in program order and hides that; the gated
+  LCE's forward masks its first store off instead of overwriting it).
 
 Masked-off lanes are not checked: their addresses are never dereferenced, on a GPU either. Not
 caught: an access that leaves one argument's view but lands in another's (the check asks only
@@ -104,11 +107,14 @@ class _Launch:
             return
         self.checked += int(addr.size)
         self._accesses[what].append((addr, self.program))
+        if self._unfenced and np.isin(addr, np.concatenate(self._unfenced)).any():
+            if what == "load":
+                raise AccessError(f"{self.name}: a load of an element this program stored with no "
+                                  "tl.debug_barrier() since (another thread of the program may not see the store yet)")
+            raise AccessError(f"{self.name}: a store to an element this program stored with no tl.debug_barrier() "
+                              "since (two threads of the program may write it, in no set order)")
         if what == "store":
             self._unfenced.append(addr)
-        elif self._unfenced and np.isin(addr, np.concatenate(self._unfenced)).any():
-            raise AccessError(f"{self.name}: a load of an element this program stored with no tl.debug_barrier() "
-                              "since (another thread of the program may not see the store yet)")
         end = addr + np.uint64(itemsize)
         inside = np.zeros(addr.shape, dtype=bool)
         for lo, hi in zip(self.starts, self.ends):  # a handful of arguments; views may overlap

@@ -562,7 +562,7 @@ def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"),
-                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"))
+                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"), FAST=dtype != torch.float32)  # as a GPU runs them
             ptrs = dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, X=name, W=name, BIAS=name, GW=name, GB=name)
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=ptrs, num_warps=warps, dtype=name, store=store, **opts))
@@ -592,6 +592,60 @@ def test_sizes_past_the_kernel_limits_use_the_reference(n_in, n_out, monkeypatch
         assert_rel(g, r, FP32_TOL, name)
 
 
+def test_fast_math_is_for_16_bit_inputs_on_a_compiled_nvidia_gpu(monkeypatch):
+    """The inline-assembly math (``_common.fast_math``): 16-bit inputs on a CUDA device in a process
+    whose kernels are compiled; never under the interpreter (it runs no inline assembly), for fp32
+    (the correctness mode), for CPU tensors or on ROCm. The backward takes it up to 64 columns."""
+    from interformer.kernels import _common
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(_common, "_INTERPRETED", False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert _common.fast_math(cuda, torch.bfloat16) and _common.fast_math(cuda, torch.float16)
+    assert not _common.fast_math(cuda, torch.float32) and not _common.fast_math(cpu, torch.float16)
+    assert K._bwd_fast_math(cuda, torch.bfloat16, 64) and not K._bwd_fast_math(cuda, torch.bfloat16, 128)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not _common.fast_math(cuda, torch.float16)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(_common, "_INTERPRETED", True)
+    assert not _common.fast_math(cuda, torch.float16)
+
+
+def test_fast_math_builds_for_sm90_with_fewer_instructions_and_writes_only_the_outputs(monkeypatch):
+    """The kernels' fast-math builds (``FAST``: 16-bit inputs on a GPU, where the interpreter cannot
+    run them) compile for sm_90, each with fewer SASS instructions than the same kernel without it
+    (taobao's 20 -> 4 plans, bf16, both dgate_weight modes, several blocks a program), and torch's
+    analysis of the traced kernel (``torch.compile`` with the ops inlined) takes them to write their
+    outputs only: the inline assembly is pure. (Spills are not compared: the capped "acc" build
+    spills none either way with Triton 3.6, the GPU machines', and 9 against 3 with Triton 3.9.)"""
+    import json
+
+    from interformer.kernel_audit import gpu_math, inductor_writes, record_launches, unique_cases
+
+    g = torch.Generator().manual_seed(0)
+    recorded = []
+    for mode in ("store", "acc"):
+        masters = [t.to(torch.float16).requires_grad_() for t in make_masters(40, 20, 4, 64, g)]
+        monkeypatch.setattr(K, "GW_MODE", mode)
+        with gpu_math(), record_launches() as launches:
+            K.gated_lce(*masters).float().sum().backward()
+        recorded += launches
+    cases = [json.loads(json.dumps(c).replace('"float16"', '"bfloat16"')) for c in unique_cases(recorded)
+             if c["kernel"].startswith("_glce_")]
+    assert len(cases) == 3 and all(c["consts"]["FAST"] for c in cases), [c["consts"] for c in cases]
+    # several blocks a program, so that the block loop is built (Triton specialises a count of 1)
+    assert all(c["args"]["n_blocks"] > 1 for c in cases)
+    plain = [dict(c, consts=dict(c["consts"], FAST=False)) for c in cases]
+    builds = aot_build_sm90(cases + plain, workers=2)
+    assert "instructions" in builds[0], "no SASS counted: Triton's bundled cuobjdump is missing"
+    for fast, slow in zip(builds[:3], builds[3:]):
+        assert fast["instructions"] < slow["instructions"], (fast["kernel"], fast["consts"])
+    outputs = {"_glce_fwd_kernel": {"OUT"}, "_glce_bwd_kernel": {"DX", "PART", "DZ", "YS"}}
+    for c in inductor_writes(cases):
+        assert not c["analysis_error"], (c["kernel"], c["analysis_error"])
+        assert c["written"] and set(c["written"]) <= outputs[c["kernel"]], (c["kernel"], c["written"])
+
+
 def test_limit_corner_builds_within_h100_shared_memory():
     """At the largest sizes the fused op accepts (n_in 128, n_out 64, d 128) both kernels, in fp32
     and bf16 and both dgate_weight strategies, compile for sm_90 within an H100's 232,448 bytes of
@@ -603,14 +657,17 @@ def test_limit_corner_builds_within_h100_shared_memory():
         ptrs = dict(X=name, W=name, BIAS=name, GW=name, GB=name)
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, False)
         opts = K._fwd_launch_options(dtype)
-        cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel", args=dict(OUT=name, **ptrs),
-                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC"), CHECK_X=K._check_x(kx, ro)),
+        cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel",
+                          args=dict(OUT=name, **ptrs),
+                          consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC"), CHECK_X=K._check_x(kx, ro),
+                                      FAST=dtype != torch.float32),  # as a GPU runs it
                           num_warps=warps, **opts))
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=K.next_pow2(n_in), NOP=K.next_pow2(n_out),
-                          PREC=opts.pop("PREC"), PARAMS_ONCE=opts.pop("PARAMS_ONCE"))
+                          PREC=opts.pop("PREC"), PARAMS_ONCE=opts.pop("PARAMS_ONCE"),
+                          FAST=dtype != torch.float32 and dp <= 64)  # as a GPU runs it (_bwd_fast_math)
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, **ptrs), num_warps=warps,
                               **opts))

@@ -114,6 +114,27 @@ def test_reading_back_a_store_needs_a_barrier():
     assert isinstance(_cause(e), AccessError) and "no tl.debug_barrier()" in str(_cause(e))
 
 
+@triton.jit
+def _store_twice(Y, BARRIER: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o, o.to(tl.float32))
+    if BARRIER:
+        tl.debug_barrier()
+    tl.store(Y + BLOCK - 1 - o, o.to(tl.float32))  # element i written again, by the thread that holds BLOCK-1-i
+
+
+def test_storing_an_element_twice_needs_a_barrier():
+    """Two stores of one element by one program: on a GPU two threads may make them in either order
+    unless a barrier lies between (the interpreter makes them in program order, so the last wins)."""
+    y = torch.empty(8)
+    with checked_accesses():
+        _store_twice[(1,)](y, BARRIER=True, BLOCK=8)
+    assert torch.equal(y, torch.arange(8.0).flip(0))
+    with checked_accesses(), pytest.raises(Exception) as e:
+        _store_twice[(1,)](y, BARRIER=False, BLOCK=8)
+    assert isinstance(_cause(e), AccessError) and "a store to an element this program stored" in str(_cause(e))
+
+
 def test_view_range_covers_strided_transposed_and_empty_views():
     t = torch.empty(4, 6)
     es = t.element_size()
