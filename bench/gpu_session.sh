@@ -29,9 +29,10 @@
 #      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, the gated LCE
 #      forward rewritten in the thirty-third session, every test that compiles now that the kept ops
 #      are inlined on a GPU by default). Ops (12 rows, selection checked on a CPU with
-#      torch.cuda.is_available patched to True): the gated LCE at 32x taobao's batch with the new
-#      forward (its non-finite check on Y, its store masked: 566 -> 345 instructions a warp per block
-#      of the 20 -> 4 summary in sm_90 builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross
+#      torch.cuda.is_available patched to True): the gated LCE at 32x taobao's batch after the
+#      thirty-third session's changes (docs/benchmarks.md, "Since H200-5": 566 -> 288 and 933 -> 641
+#      instructions a warp per forward block, 355 -> 296 and 523 -> 402 per backward block in sm_90
+#      builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross
 #      net's 5-stage plan (fused-deep: 2.0% and 2.8% faster in training in the two leases of
 #      2026-11-28) in its forward's graphed row, which the variant rule below still wants; self-
 #      attention at amazon with every backward on the general path (fused-general: the single-
@@ -50,9 +51,10 @@
 #   3. With 150 s or more left: PACK=1 NCU_TIMEOUT=110 bench/gpu_session.sh COMMIT ncu (Nsight Compute
 #      on the gated LCE's forward and backward at 32x taobao's batch, both uses, then on the low-rank
 #      cross net's three kernels at taobao: where issue 3's 70% of copy and issue 4's 1.2x Inductor
-#      are lost. sm_90 builds count 345-832 instructions a warp per forward block and 355-523 per
-#      backward block, with 5-11 barriers: the kernels look latency-bound, and the stall reasons
-#      would say so or not. No lease has run ncu yet: the first run also tells whether it works.)
+#      are lost. sm_90 builds count 288-641 instructions a warp per forward block and 296-402 per
+#      backward block, with 5-10 barriers: the kernels look bound by issue and latency, and the stall
+#      reasons would say so or not. No lease has run ncu yet: the first run also tells whether it
+#      works.)
 #      With less left: PACK=1 PROFILE_TIMEOUT=100 PROFILE_ARGS="--compile --inference" ... profile.
 #   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'
 #   p20-p80 spread in both uses becomes the default (its builds are in profiling/sm90-audit-triton3.6.md

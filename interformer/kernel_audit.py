@@ -8,9 +8,7 @@ Three parts:
   (as with :func:`interformer.profiling.triton_launches` ``(run=False)``), so a whole training step
   at a benchmark shape costs only its eager parts, under the interpreter too: block sizes are
   chosen by the launchers from the shapes alone, never from the device, so the cases are the ones
-  a GPU would compile (grid sizes, which are not part of a kernel's specialisation, aside), with
-  one exception: whether 16-bit inputs take inline-assembly math, which a launcher asks of the
-  device (:func:`gpu_math` answers as a GPU would, inside its block).
+  a GPU would compile (grid sizes, which are not part of a kernel's specialisation, aside).
 * :func:`build_sm90` -- compiles cases ahead of time for ``GPUTarget("cuda", 90, 32)`` in child
   processes (without ``TRITON_INTERPRET``, which replaces ``triton.jit``) and reports, per case, the
   shared memory, the number of warp-group (``wgmma``) dots and async copies in the TTGIR, and from
@@ -315,29 +313,6 @@ def gpu_sized(sms: int = H100_SMS) -> Iterator[None]:
     finally:
         for mod, attr, value in saved:
             setattr(mod, attr, value)
-
-
-def _gpu_fast_math(device: torch.device, dtype: torch.dtype) -> bool:
-    """:func:`interformer.kernels._common.fast_math`'s answer on an NVIDIA GPU, whatever the device."""
-    return dtype in (torch.float16, torch.bfloat16)
-
-
-@contextlib.contextmanager
-def gpu_math() -> Iterator[None]:
-    """Inside the block, every kernel module's ``fast_math`` answers as on an NVIDIA GPU (16-bit inputs
-    take the inline-assembly math), so that recorded launches (:func:`record_launches`) are built as
-    a GPU builds them. Only for launches that are recorded and skipped: the interpreter cannot run
-    those kernels (no inline assembly)."""
-    from interformer.kernels import kernel_modules
-
-    saved = [(mod, mod.fast_math) for mod in kernel_modules() if hasattr(mod, "fast_math")]
-    for mod, _ in saved:
-        mod.fast_math = _gpu_fast_math
-    try:
-        yield
-    finally:
-        for mod, original in saved:
-            mod.fast_math = original
 
 
 @contextlib.contextmanager

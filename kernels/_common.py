@@ -139,36 +139,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def fast_math(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a kernel may use :func:`fast_exp2` and :func:`fast_rcp` for inputs of ``dtype`` on
-    ``device``: 16-bit inputs on an NVIDIA GPU, compiled. Not under the interpreter (it runs no inline
-    assembly: the tests there run the other branch, Triton's own math), not for fp32 (the
-    correctness mode keeps Triton's math, as the interpreter checks it), not on ROCm (no PTX). A
-    kernel takes the answer as a constexpr, so each choice is its own build.
-    ``interformer.kernel_audit.gpu_math`` answers as a GPU would, for ahead-of-time builds."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not interpreted()
-            and torch.version.hip is None)
-
-
-@triton.jit
-def fast_exp2(x):
-    """``2 ** x`` for fp32 ``x`` by one ``ex2.approx.ftz.f32`` (about 2 ulp; a result below fp32's
-    smallest normal, 2**-126, is flushed to zero) where ``tl.exp2``'s ``ex2.approx.f32`` takes four
-    instructions on sm_90 (denormal results are scaled into range and back). Only where
-    :func:`fast_math` allows it."""
-    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
-def fast_rcp(x):
-    """``1 / x`` for fp32 ``x`` by one ``rcp.approx.ftz.f32`` (1 ulp; denormal inputs and results
-    flushed to zero) where fp32 division is a 2-ulp sequence of five instructions on sm_90 with fix-ups
-    for divisors past 2**126. Only where :func:`fast_math` allows it."""
-    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                     pack=1)
-
-
 @functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """The GPU's SM count; 2 under the interpreter, so that persistent loops run several times in tests."""

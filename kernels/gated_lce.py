@@ -60,11 +60,11 @@ broadcast multiply-adds of gathered rows): the output then has exactly the refer
 elements (tests/test_nonfinite.py). On the finite path the check costs one reduction of the
 smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
 :func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
-against 566 when the x tile was checked before the dot (sm_90, Triton 3.6; :func:`_check_x` has
-the other shapes). The backward keeps the dot: with a
-non-finite x or upstream gradient some of the reference's parameter gradients are non-finite too
-(so a GradScaler skips the step either way). On top of the reference's, the dot spreads NaN to the
-tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
+against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``;
+288 with the fast sigmoid, :func:`_sigmoid`; :func:`_check_x` has the other shapes). The
+backward keeps the dot: with a non-finite x or upstream gradient some of the reference's
+parameter gradients are non-finite too (so a GradScaler skips the step either way). On top of the
+reference's, the dot spreads NaN to the tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
 samples and of the tile's padding rows (zero weights times the inf), more entries of every
 parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample block (n_in
 48, n_out 5 padded to 16 rows, d 100) made all of dgate_bias NaN, and in the "acc" mode all of
@@ -112,12 +112,11 @@ registers (eager rounds them to the low dtype), and operands are cast to the com
 before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
-fp16/bf16 inputs on a GPU form the gate's sigmoid (and the backward its slope, up to d = 64) with
-one approximate exponential and one approximate reciprocal, inline PTX (``FAST``: :func:`_sigmoid`,
-:func:`_sigmoid_and_slope`, :func:`._common.fast_math`), 1-2 ulp of fp32 where Triton's own math
-is 2 (only denormal results differ: flushed to zero), far below the 16-bit output's rounding. The
-interpreter cannot run inline assembly, so the CPU tests check the other branch, and a GPU run
-the fast one.
+fp16/bf16 inputs form the gate's sigmoid (and the backward its slope, up to d = 64) with
+``tl.exp2`` and ``tl.math.rsqrt``, which build to one approximate instruction each (``FAST``:
+:func:`_sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): 1-3 ulp of fp32 where
+``tl.sigmoid`` is about 2 (denormal results flushed to zero), far below the 16-bit output's
+rounding, in fewer instructions.
 
 Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
 the eager reference (same math, same autograd). The bound is the backward's shared memory: its
@@ -144,8 +143,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, fast_exp2, fast_math, fast_rcp, int32_block,
-                      int_setting, next_pow2, num_sms, on_input_device, resident_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
+                      num_sms, on_input_device, resident_programs, sum_partials)
 from ._dispatch import (_decomposing, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
                         needs_grad, reference_only, saving_forward, tracing, unused_arg)
 
@@ -222,13 +221,17 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _sigmoid(z, FAST: tl.constexpr):
-    """``sigmoid(z)`` in fp32: ``tl.sigmoid``, or with ``FAST`` (:func:`._common.fast_math`) one
-    approximate exponential and one approximate reciprocal, ``1 / (1 + 2**(-z log2 e))``: 0 for z
-    far below zero (the power overflows to inf), 1 far above it. On sm_90 (Triton 3.6, bf16) that
-    cut the forward's block of taobao's 8 -> 8 summary, 32 sigmoids a thread, from 866 to 609
-    instructions a warp, and the 20 -> 4 one's from 345 to 280, at the same registers."""
+    """``sigmoid(z)`` in fp32: ``tl.sigmoid``, or with ``FAST`` (16-bit inputs: :func:`_fast_math`)
+    ``q * q`` with ``q = rsqrt(1 + 2**(-z log2 e))``: 0 for z far below zero (the power overflows to
+    inf), 1 far above it. ``tl.exp2`` and ``tl.math.rsqrt`` build to one ``ex2.approx.ftz.f32`` and
+    one ``rsqrt.approx.ftz.f32`` each (1-2 ulp; denormal results flushed to zero), where
+    ``tl.sigmoid``'s ``ex2.approx.f32`` carries four instructions of denormal-range fix-ups and its
+    division five (sm_90). On sm_90 (Triton 3.6, bf16) that cut the forward's block of taobao's
+    8 -> 8 summary, 32 sigmoids a thread, from 866 to 641 instructions a warp, and the 20 -> 4 one's
+    from 345 to 288, at the same registers."""
     if FAST:
-        return fast_rcp(1.0 + fast_exp2(z * -LOG2E))
+        q = tl.math.rsqrt(1.0 + tl.exp2(z * -LOG2E))
+        return q * q
     else:
         return tl.sigmoid(z)
 
@@ -246,15 +249,15 @@ def _sigmoid_and_slope(z, FAST: tl.constexpr):
     ``s * (1 - s)`` (eager's: 0.7%), 2e-7 with this. In fp16 and under autocast Z itself comes from
     a rounded Y, and the slope's form matters far less (closing note of the twenty-seventh session).
 
-    With ``FAST`` (:func:`._common.fast_math`: 16-bit inputs on a GPU) ``t`` and ``r`` come from one
-    approximate exponential and reciprocal each; ``t`` is then 0 past ``|z|`` of about 87 instead of
-    a denormal, and the slope 0 there, as eager's ``s * (1 - s)`` gives it already past 17. On sm_90
-    (Triton 3.6, bf16, taobao-b64k) that cut a backward block from 325 to 292 instructions a warp
-    (20 -> 4 summary) and from 457 to 394 (8 -> 8, one more spill load and store a block under its
-    128-register cap)."""
+    With ``FAST`` (16-bit inputs: :func:`_fast_math`) ``t = 2**(-|z| log2 e)`` and ``r = rsqrt((1 +
+    t)**2)``, one approximate instruction each (see :func:`_sigmoid`); ``t`` is then 0 past ``|z|``
+    of about 87 instead of a denormal, and the slope 0 there, as eager's ``s * (1 - s)`` gives it
+    already past 17. On sm_90 (Triton 3.6, bf16, taobao-b64k) that cut a backward block from 325 to
+    296 instructions a warp (20 -> 4 summary) and from 457 to 402 (8 -> 8, one more spill load and
+    store a block under its 128-register cap)."""
     if FAST:
-        t = fast_exp2(tl.abs(z) * -LOG2E)
-        r = fast_rcp(1.0 + t)
+        t = tl.exp2(tl.abs(z) * -LOG2E)
+        r = tl.math.rsqrt((1.0 + t) * (1.0 + t))
     else:
         t = tl.exp(-tl.abs(z))
         r = 1.0 / (1.0 + t)
@@ -635,9 +638,9 @@ def _check_x(kx: int, ro: int) -> bool:
     """Which tile the forward checks for an inf or a NaN (:func:`_glce_fwd_kernel`): the x tile
     (``[KX, DP]``, True) or ``Y`` (``[RO, DP]`` fp32, False), whichever has fewer rows; x on a tie.
     Either finds a non-finite x, so this is a choice of cost alone. It was made from sm_90 builds
-    with Triton 3.6 (bf16, 2026-11-28), counting in the SASS the instructions a warp issues per
-    sample block on the loop's finite path, before this form (the x tile checked, then the branch),
-    checking x, checking Y:
+    with Triton 3.6 (bf16, 2026-11-28, with ``tl.sigmoid``: before ``FAST``), counting in the SASS
+    the instructions a warp issues per sample block on the loop's finite path, before this form (the
+    x tile checked, then the branch), checking x, checking Y:
 
     * taobao's 20 -> 4 summary (KX 128, RO 32, d 64, 8 warps): 566, 485, 345;
     * long's 64 -> 4 (64, 16, d 128, 8 warps): 628, 477, 350;
@@ -654,11 +657,13 @@ def _check_x(kx: int, ro: int) -> bool:
     return ro >= kx
 
 
-def _bwd_fast_math(device: torch.device, dtype: torch.dtype, dp: int) -> bool:
-    """The backward's ``FAST`` (:func:`._common.fast_math`), for plans up to 64 columns: at long's
-    d = 128 the 8 -> 8 summary's backward already takes 255 registers, and the fast math took its
-    spill stores from 7 to 12 a program (sm_90, Triton 3.6, bf16)."""
-    return dp <= 64 and fast_math(device, dtype)
+def _fast_math(dtype: torch.dtype, dp: int, backward: bool) -> bool:
+    """The kernels' ``FAST`` (:func:`_sigmoid`, :func:`_sigmoid_and_slope`): the approximate
+    exponential and reciprocal square root for fp16/bf16 inputs, whose outputs round far more than
+    those instructions err; fp32, the correctness mode, keeps the exact formulas. The backward takes
+    it for plans up to 64 columns: at long's d = 128 its 8 -> 8 summary already takes 255 registers,
+    and there the fast math took its spill stores from 7 to 12 a program (sm_90, Triton 3.6, bf16)."""
+    return dtype in (torch.float16, torch.bfloat16) and (dp <= 64 or not backward)
 
 
 @on_input_device
@@ -677,7 +682,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per, n_blocks,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), FAST=fast_math(x.device, x.dtype), num_warps=warps,
+        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), FAST=_fast_math(x.dtype, dp, False), num_warps=warps,
         **_fwd_launch_options(x.dtype),
     )
     _note_resident(key, compiled, x.device)
@@ -721,7 +726,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
-        FAST=_bwd_fast_math(x.device, x.dtype, dp), **_bwd_launch_options(x.dtype), num_warps=warps,
+        FAST=_fast_math(x.dtype, dp, True), **_bwd_launch_options(x.dtype), num_warps=warps,
         **({"maxnreg": acc_cap} if acc_cap is not None and not store else {}),
     )
     if not params:

@@ -5,8 +5,7 @@
 
 Runs one ``InterFormerCTR`` step at a DESIGN §6 shape (bf16 autocast, the bench config) with every
 Triton launch recorded and skipped (:func:`interformer.kernel_audit.record_launches`, grids and
-SM-count choices sized for an H100, 16-bit inputs taking the GPU's inline-assembly math:
-:func:`interformer.kernel_audit.gpu_math`), compiles each distinct kernel specialisation ahead of time
+SM-count choices sized for an H100), compiles each distinct kernel specialisation ahead of time
 for sm_90 (:func:`interformer.kernel_audit.build_sm90`) and prints, per specialisation: launches per
 step, warps and stages, registers per thread, the stack frame and spill store / load
 instructions in the SASS, shared memory, and the TTGIR's warp-group dots (wgmma) and async copies;
@@ -46,7 +45,7 @@ def step_cases(shape_name: str, step: str):
     from test_bench_model import batch_for, config_for
 
     from interformer import InterFormerCTR, optimize
-    from interformer.kernel_audit import gpu_math, gpu_sized, record_launches
+    from interformer.kernel_audit import gpu_sized, record_launches
 
     shape = common.ALL_SHAPES[shape_name]
     cfg = config_for(shape)
@@ -54,7 +53,7 @@ def step_cases(shape_name: str, step: str):
     model = optimize(InterFormerCTR(cfg).to(common.DEVICE), "triton")
     inputs, label = batch_for(shape, cfg)
     autocast = torch.autocast(common.DEVICE.type, dtype=torch.bfloat16)
-    with gpu_sized(), gpu_math(), record_launches() as cases:
+    with gpu_sized(), record_launches() as cases:
         if step == "train":
             with autocast:
                 loss = model.loss(model(*inputs), label)

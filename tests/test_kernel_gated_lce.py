@@ -592,42 +592,43 @@ def test_sizes_past_the_kernel_limits_use_the_reference(n_in, n_out, monkeypatch
         assert_rel(g, r, FP32_TOL, name)
 
 
-def test_fast_math_is_for_16_bit_inputs_on_a_compiled_nvidia_gpu(monkeypatch):
-    """The inline-assembly math (``_common.fast_math``): 16-bit inputs on a CUDA device in a process
-    whose kernels are compiled; never under the interpreter (it runs no inline assembly), for fp32
-    (the correctness mode), for CPU tensors or on ROCm. The backward takes it up to 64 columns."""
-    from interformer.kernels import _common
+def test_fast_math_is_for_16_bit_inputs():
+    """``FAST`` (the approximate sigmoid, :func:`gated_lce._fast_math`): fp16 and bf16 inputs, fp32
+    never (the correctness mode keeps the exact formulas); the backward up to 64 columns. The
+    launches pass it so (recorded here for fp16 and fp32, d 64 and 128)."""
+    from interformer.kernel_audit import record_launches
 
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(_common, "_INTERPRETED", False)
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert _common.fast_math(cuda, torch.bfloat16) and _common.fast_math(cuda, torch.float16)
-    assert not _common.fast_math(cuda, torch.float32) and not _common.fast_math(cpu, torch.float16)
-    assert K._bwd_fast_math(cuda, torch.bfloat16, 64) and not K._bwd_fast_math(cuda, torch.bfloat16, 128)
-    monkeypatch.setattr(torch.version, "hip", "6.2")
-    assert not _common.fast_math(cuda, torch.float16)
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(_common, "_INTERPRETED", True)
-    assert not _common.fast_math(cuda, torch.float16)
+    assert K._fast_math(torch.float16, 64, True) and K._fast_math(torch.bfloat16, 128, False)
+    assert not K._fast_math(torch.float32, 64, False) and not K._fast_math(torch.float16, 128, True)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.float32):
+        for d in (64, 128):
+            masters = [t.to(dtype).requires_grad_() for t in make_masters(3, 5, 2, d, g)]
+            with record_launches() as cases:
+                K.gated_lce(*masters).float().sum().backward()
+            fast = {c["kernel"]: c["consts"]["FAST"] for c in cases if c["kernel"].startswith("_glce_")}
+            assert fast == {"_glce_fwd_kernel": dtype != torch.float32,
+                            "_glce_bwd_kernel": dtype != torch.float32 and d <= 64}, (dtype, d, fast)
 
 
 def test_fast_math_builds_for_sm90_with_fewer_instructions_and_writes_only_the_outputs(monkeypatch):
-    """The kernels' fast-math builds (``FAST``: 16-bit inputs on a GPU, where the interpreter cannot
-    run them) compile for sm_90, each with fewer SASS instructions than the same kernel without it
-    (taobao's 20 -> 4 plans, bf16, both dgate_weight modes, several blocks a program), and torch's
-    analysis of the traced kernel (``torch.compile`` with the ops inlined) takes them to write their
-    outputs only: the inline assembly is pure. (Spills are not compared: the capped "acc" build
-    spills none either way with Triton 3.6, the GPU machines', and 9 against 3 with Triton 3.9.)"""
+    """The kernels' fast-math builds (``FAST``: 16-bit inputs) compile for sm_90, each with fewer
+    SASS instructions than the same kernel without it (taobao's 20 -> 4 plans, bf16, both
+    dgate_weight modes, several blocks a program: ``tl.exp2`` and ``tl.math.rsqrt`` are single
+    approximate instructions where ``tl.sigmoid``, ``tl.exp`` and fp32 division carry fix-ups), and
+    torch's analysis of the traced kernels (``torch.compile`` with the ops inlined) takes them to
+    write their outputs only. (Spills are not compared: the capped "acc" build spills none either
+    way with Triton 3.6, the GPU machines', and more with FAST under Triton 3.9.)"""
     import json
 
-    from interformer.kernel_audit import gpu_math, inductor_writes, record_launches, unique_cases
+    from interformer.kernel_audit import inductor_writes, record_launches, unique_cases
 
     g = torch.Generator().manual_seed(0)
     recorded = []
     for mode in ("store", "acc"):
         masters = [t.to(torch.float16).requires_grad_() for t in make_masters(40, 20, 4, 64, g)]
         monkeypatch.setattr(K, "GW_MODE", mode)
-        with gpu_math(), record_launches() as launches:
+        with record_launches() as launches:
             K.gated_lce(*masters).float().sum().backward()
         recorded += launches
     cases = [json.loads(json.dumps(c).replace('"float16"', '"bfloat16"')) for c in unique_cases(recorded)
