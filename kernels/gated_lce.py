@@ -64,9 +64,9 @@ against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with 
 288 with the fast sigmoid, :func:`_sigmoid`; :func:`_check_x` has the other shapes). The
 backward keeps the dot: with a non-finite x or upstream gradient some of the reference's
 parameter gradients are non-finite too (so a GradScaler skips the step either way). On top of the
-reference's, the dot spreads NaN to the tile's other rows: the block's other samples (their dx), and, through the Y, Z and dZ of those
-samples and of the tile's padding rows (zero weights times the inf), more entries of every
-parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample block (n_in
+reference's, the dot spreads NaN to the tile's other rows: the block's other samples (their dx),
+and, through the Y, Z and dZ of those samples and of the tile's padding rows (zero weights times
+the inf), more entries of every parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample block (n_in
 48, n_out 5 padded to 16 rows, d 100) made all of dgate_bias NaN, and in the "acc" mode all of
 dgate_weight ("store" stores dZ and Y of valid rows only), where the reference's are non-finite in
 one entry, and in one row and one column; dW and dbias are non-finite in both. Every gradient
