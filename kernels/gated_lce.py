@@ -57,20 +57,20 @@ is non-finite in that sample only. The forward checks each block (one max-reduct
 or of ``Y``, whichever is smaller: :func:`_check_x`) and, when it holds an inf or a NaN, stores
 nothing from the dot and computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
 broadcast multiply-adds of gathered rows): the output then has exactly the reference's non-finite
-elements (tests/test_nonfinite.py). On the finite path the check costs one reduction of the
-smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
+elements (tests/test_nonfinite.py). On the finite path the check costs one reduction of the smaller
+tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
 :func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
-against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``;
-288 with the fast sigmoid, :func:`_sigmoid`; :func:`_check_x` has the other shapes). The
-backward keeps the dot: with a non-finite x or upstream gradient some of the reference's
-parameter gradients are non-finite too (so a GradScaler skips the step either way). On top of the
-reference's, the dot spreads NaN to the tile's other rows: the block's other samples (their dx),
-and, through the Y, Z and dZ of those samples and of the tile's padding rows (zero weights times
-the inf), more entries of every parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample block (n_in
-48, n_out 5 padded to 16 rows, d 100) made all of dgate_bias NaN, and in the "acc" mode all of
-dgate_weight ("store" stores dZ and Y of valid rows only), where the reference's are non-finite in
-one entry, and in one row and one column; dW and dbias are non-finite in both. Every gradient
-entry the reference makes non-finite is non-finite here too (tests/test_nonfinite.py).
+against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288
+with the fast sigmoid, :func:`_sigmoid`; :func:`_check_x` has the other shapes). The backward keeps
+the dot: with a non-finite x or upstream gradient some of the reference's parameter gradients are
+non-finite too (so a GradScaler skips the step either way). On top of the reference's, the dot
+spreads NaN to the tile's other rows: the block's other samples (their dx), and, through the Y, Z
+and dZ of those samples and of the tile's padding rows (zero weights times the inf), more entries
+of every parameter gradient. A fuzzing helper's case (2026-11-28): one inf in x of a one-sample
+block (n_in 48, n_out 5 padded to 16 rows, d 100) made all of dgate_bias NaN, and in the "acc" mode
+all of dgate_weight ("store" stores dZ and Y of valid rows only), where the reference's are
+non-finite in one entry, and in one row and one column; dW and dbias are non-finite in both. Every
+gradient entry the reference makes non-finite is non-finite here too (tests/test_nonfinite.py).
 
 Backward (``_glce_bwd_kernel`` + one reduction): ``Y``, ``Z`` recomputed, nothing else saved
 -----------------------------------------------------------------------------------------
