@@ -20,16 +20,19 @@
 # stage 11 s. Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
 # Planned for the next lease (device-tool timeout_s 420, then 240, then what is left; issue each call
 # as soon as the last returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=110 \
-#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_crossnet.py bench/test_bench_attention.py" \
-#      OPS_K="(gated_lce_bandwidth and fused-cudagraph) or (crossnet and low and taobao and (fwd or full) and \
-#      (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or (self_attention and amazon and full \
-#      and (fused-cudagraph or fused-general-cudagraph or fused-narrow-cudagraph or \
-#      fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops
-#      Tests: bench/gpu_rerun.txt's header (the fp32 attention backward's pivoted dS, the gated LCE
-#      forward rewritten in the thirty-third session, every test that compiles now that the kept ops
-#      are inlined on a GPU by default). Ops (12 rows, selection checked on a CPU with
-#      torch.cuda.is_available patched to True): the gated LCE at 32x taobao's batch after the
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=130 \
+#      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_feed_forward.py bench/test_bench_crossnet.py \
+#      bench/test_bench_attention.py" OPS_K="(gated_lce_bandwidth and fused-cudagraph) or (feed_forward and \
+#      (taobao or amazon) and full and (fused-cudagraph or compile-cudagraph)) or (crossnet and low and taobao \
+#      and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
+#      (self_attention and amazon and full and (fused-cudagraph or fused-general-cudagraph or \
+#      fused-narrow-cudagraph or fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops
+#      Tests: bench/gpu_rerun.txt's header (590 tests: the fp32 attention backward's pivoted dS, the
+#      gated LCE and the feed-forward block as the thirty-third session changed them, every test that
+#      compiles now that the kept ops are inlined on a GPU by default). Ops (16 rows, selection checked on a CPU with
+#      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
+#      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 975
+#      instructions a warp; 0.91x and 1.19x Inductor at 5eea83c); the gated LCE at 32x taobao's batch after the
 #      thirty-third session's changes (docs/benchmarks.md, "Since H200-5": 566 -> 288 and 933 -> 641
 #      instructions a warp per forward block, 355 -> 296 and 523 -> 402 per backward block in sm_90
 #      builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross

@@ -139,6 +139,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+#: log2(e): ``exp(x) = 2 ** (x * LOG2E)``
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def sigmoid(z, FAST: tl.constexpr):
+    """``sigmoid(z)`` of an fp32 tile: ``tl.sigmoid``, or with ``FAST`` ``q * q`` for ``q = rsqrt(1 +
+    2**(-z log2 e))``, which is 0 for z far below zero (the power overflows to inf) and 1 far above
+    it. ``tl.exp2`` and ``tl.math.rsqrt`` build to one ``ex2.approx.ftz.f32`` and one
+    ``rsqrt.approx.ftz.f32`` (1-3 ulp of fp32 together, denormal results flushed to zero; NaN stays
+    NaN), where ``tl.sigmoid``'s exponential (``ex2.approx.f32``) carries four instructions of
+    denormal-range fix-ups and its division five (sm_90, Triton 3.6 and 3.9). Kernels pass ``FAST``
+    for fp16/bf16 inputs, whose results round far more than that; fp32, the correctness mode, keeps
+    ``tl.sigmoid``. The interpreter runs both (numpy's exact functions)."""
+    if FAST:
+        q = tl.math.rsqrt(1.0 + tl.exp2(z * -LOG2E))
+        return q * q
+    else:
+        return tl.sigmoid(z)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """The GPU's SM count; 2 under the interpreter, so that persistent loops run several times in tests."""

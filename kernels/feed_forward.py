@@ -26,6 +26,14 @@ One program per block of ``BM`` rows: x's rows ``[BM, KP]`` stay in registers; f
 ``BH`` hidden units ``h = x w1[c]^T + b1[c]`` (fp32 accumulation), ``a = silu(h)`` in fp32, rounded
 once to the compute dtype, and ``acc += a w2[:, c]^T``. Then ``out = acc + b2``, cast on store.
 
+The sigmoid, forward and backward, is :func:`._common.sigmoid`: for a 16-bit compute dtype one
+approximate exponential and one approximate reciprocal square root (1-3 ulp of fp32, far below the
+rounding of the 16-bit activation it feeds), ``tl.sigmoid`` for fp32. Built for sm_90 (Triton 3.6,
+bf16, taobao's 64-wide tier) that cut the hidden-chunk loop from 398 to 285 instructions a warp in
+the forward, 456 to 346 in the dx kernel and 1087 to 975 in the weight kernel: ``tl.sigmoid``'s
+exponential and division, with their fix-ups for denormal and huge values, had taken half the
+forward's. The programs an SM stay as they were (registers 124 -> 121, 128 -> 103, 188 -> 218).
+
 Backward: ``_ffn_bwd_dx_kernel``, ``_ffn_bwd_w_kernel``, :func:`~interformer.kernels._common.sum_partials`
 -------------------------------------------------------------------------------------------------------
 With ``dy`` the output gradient: ``da = dy w2``, ``dh = da * silu'(h)`` where
@@ -92,7 +100,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2,
-                      on_input_device, persistent_programs, sum_partials)
+                      on_input_device, persistent_programs, sigmoid, sum_partials)
 from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only,
                         saving_forward, tracing)
 
@@ -152,9 +160,9 @@ def _out_weight_chunk(W2, nn, hh, N, H, stride_w2n, stride_w2h, DT: tl.constexpr
 
 
 @triton.jit
-def _dsilu(h, da):
-    """``da * silu'(h)``, fp32."""
-    s = tl.sigmoid(h)
+def _dsilu(h, da, FAST: tl.constexpr):
+    """``da * silu'(h)``, fp32 (``FAST``: :func:`._common.sigmoid`'s)."""
+    s = sigmoid(h, FAST)
     return da * s * (1.0 + h * (1.0 - s))
 
 
@@ -168,6 +176,7 @@ def _ffn_fwd_kernel(
     COL64: tl.constexpr,
 ):
     DT: tl.constexpr = OUT.dtype.element_ty  # the compute dtype (autocast's, or x's)
+    FAST: tl.constexpr = DT != tl.float32  # the approximate sigmoid for 16-bit (._common.sigmoid)
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
@@ -177,7 +186,7 @@ def _ffn_fwd_kernel(
     for h0 in range(0, H, BH):
         hh = h0 + tl.arange(0, BH)
         _, h = _hidden_chunk(x, W1, B1, hh, kk, H, K, stride_w1h, stride_w1k, stride_b1, DT, PREC)
-        a = h * tl.sigmoid(h)
+        a = h * sigmoid(h, FAST)
         w2 = _out_weight_chunk(W2, nn, hh, N, H, stride_w2n, stride_w2h, DT)
         acc = tl.dot(a.to(DT), tl.trans(w2), acc, input_precision=PREC)
     n_ok = nn < N
@@ -195,6 +204,7 @@ def _ffn_bwd_dx_kernel(
     COL64: tl.constexpr,
 ):
     DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
+    FAST: tl.constexpr = DT != tl.float32  # the approximate sigmoid for 16-bit (._common.sigmoid)
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r_ok = r < R
     kk = tl.arange(0, KP)
@@ -206,7 +216,7 @@ def _ffn_bwd_dx_kernel(
         hh = h0 + tl.arange(0, BH)
         w1, h = _hidden_chunk(x, W1, B1, hh, kk, H, K, stride_w1h, stride_w1k, stride_b1, DT, PREC)
         da = tl.dot(dy, _out_weight_chunk(W2, nn, hh, N, H, stride_w2n, stride_w2h, DT), input_precision=PREC)
-        dx = tl.dot(_dsilu(h, da).to(DT), w1, dx, input_precision=PREC)
+        dx = tl.dot(_dsilu(h, da, FAST).to(DT), w1, dx, input_precision=PREC)
     tl.store(DX + r[:, None] * K + kk[None, :], dx.to(DX.dtype.element_ty), mask=r_ok[:, None] & (kk < K)[None, :])
 
 
@@ -220,6 +230,7 @@ def _ffn_bwd_w_kernel(
     COL64: tl.constexpr,
 ):
     DT: tl.constexpr = DY.dtype.element_ty  # the compute dtype: the forward's output dtype
+    FAST: tl.constexpr = DT != tl.float32  # the approximate sigmoid for 16-bit (._common.sigmoid)
     g = tl.program_id(0)
     c = tl.program_id(1)
     kk = tl.arange(0, KP)
@@ -239,8 +250,8 @@ def _ffn_bwd_w_kernel(
         x = _load_rows(X, r, r_ok, R2, stride_x1, stride_x2, stride_xk, kk, K, COL64).to(DT)
         dy = _load_rows(DY, r, r_ok, R2, stride_dy1, stride_dy2, stride_dyn, nn, N, COL64)
         _, h = _hidden_chunk(x, W1, B1, hh, kk, H, K, stride_w1h, stride_w1k, stride_b1, DT, PREC)
-        dh = _dsilu(h, tl.dot(dy, w2, input_precision=PREC))  # rows past R: dy = 0, so dh = 0
-        a = h * tl.sigmoid(h)  # rows past R: silu(b1) != 0, but their dy rows are 0
+        dh = _dsilu(h, tl.dot(dy, w2, input_precision=PREC), FAST)  # rows past R: dy = 0, so dh = 0
+        a = h * sigmoid(h, FAST)  # rows past R: silu(b1) != 0, but their dy rows are 0
         dw1 = tl.dot(tl.trans(dh.to(DT)), x, dw1, input_precision=PREC)
         dw2 = tl.dot(tl.trans(dy), a.to(DT), dw2, input_precision=PREC)
         db1 += tl.sum(dh, 0)

@@ -61,7 +61,7 @@ elements (tests/test_nonfinite.py). On the finite path the check costs one reduc
 tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
 :func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
 against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288
-with the fast sigmoid, :func:`_sigmoid`; :func:`_check_x` has the other shapes). The backward keeps
+with the fast sigmoid, :func:`._common.sigmoid`; :func:`_check_x` has the other shapes). The backward keeps
 the dot: with a non-finite x or upstream gradient some of the reference's parameter gradients are
 non-finite too (so a GradScaler skips the step either way). On top of the reference's, the dot
 spreads NaN to the tile's other rows: the block's other samples (their dx), and, through the Y, Z
@@ -114,7 +114,7 @@ the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` a
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
 fp16/bf16 inputs form the gate's sigmoid (and the backward its slope, up to d = 64) with
 ``tl.exp2`` and ``tl.math.rsqrt``, which build to one approximate instruction each (``FAST``:
-:func:`_sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): 1-3 ulp of fp32 where
+:func:`._common.sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): 1-3 ulp of fp32 where
 ``tl.sigmoid`` is about 2 (denormal results flushed to zero), far below the 16-bit output's
 rounding, in fewer instructions.
 
@@ -143,8 +143,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
-                      num_sms, on_input_device, resident_programs, sum_partials)
+from ._common import (KERNEL_DTYPES, LOG2E, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
+                      num_sms, on_input_device, resident_programs, sigmoid, sum_partials)
 from ._dispatch import (_decomposing, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
                         needs_grad, reference_only, saving_forward, tracing, unused_arg)
 
@@ -215,27 +215,6 @@ def _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT: tl.constexp
     return bias, gw, gb
 
 
-#: log2(e): ``exp(x) = 2 ** (x * LOG2E)``
-LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _sigmoid(z, FAST: tl.constexpr):
-    """``sigmoid(z)`` in fp32: ``tl.sigmoid``, or with ``FAST`` (16-bit inputs: :func:`_fast_math`)
-    ``q * q`` with ``q = rsqrt(1 + 2**(-z log2 e))``: 0 for z far below zero (the power overflows to
-    inf), 1 far above it. ``tl.exp2`` and ``tl.math.rsqrt`` build to one ``ex2.approx.ftz.f32`` and
-    one ``rsqrt.approx.ftz.f32`` each (1-2 ulp; denormal results flushed to zero), where
-    ``tl.sigmoid``'s ``ex2.approx.f32`` carries four instructions of denormal-range fix-ups and its
-    division five (sm_90). On sm_90 (Triton 3.6, bf16) that cut the forward's block of taobao's
-    8 -> 8 summary, 32 sigmoids a thread, from 866 to 641 instructions a warp, and the 20 -> 4 one's
-    from 345 to 288, at the same registers."""
-    if FAST:
-        q = tl.math.rsqrt(1.0 + tl.exp2(z * -LOG2E))
-        return q * q
-    else:
-        return tl.sigmoid(z)
-
-
 @triton.jit
 def _sigmoid_and_slope(z, FAST: tl.constexpr):
     """``(sigmoid(z), sigmoid'(z))`` in fp32, the slope without cancellation: ``s * (1 - s)`` loses
@@ -250,9 +229,9 @@ def _sigmoid_and_slope(z, FAST: tl.constexpr):
     a rounded Y, and the slope's form matters far less (closing note of the twenty-seventh session).
 
     With ``FAST`` (16-bit inputs: :func:`_fast_math`) ``t = 2**(-|z| log2 e)`` and ``r = rsqrt((1 +
-    t)**2)``, one approximate instruction each (see :func:`_sigmoid`); ``t`` is then 0 past ``|z|``
-    of about 87 instead of a denormal, and the slope 0 there, as eager's ``s * (1 - s)`` gives it
-    already past 17. On sm_90 (Triton 3.6, bf16, taobao-b64k) that cut a backward block from 325 to
+    t)**2)``, one approximate instruction each (see :func:`._common.sigmoid`); ``t`` is then 0 past
+    ``|z|`` of about 87 instead of a denormal, and the slope 0 there, as eager's ``s * (1 - s)``
+    gives it already past 17. On sm_90 (Triton 3.6, bf16, taobao-b64k) that cut a backward block from 325 to
     296 instructions a warp (20 -> 4 summary) and from 457 to 402 (8 -> 8, one more spill load and
     store a block under its 128-register cap)."""
     if FAST:
@@ -288,7 +267,7 @@ def _glce_gate_pre(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _glce_gated(y, gw, gb, CDT: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     """A block's output before its cast, ``Y * sigmoid(Z)`` (``[RO, DP]`` fp32)."""
-    return y * _sigmoid(_glce_gate_pre(y, gw, gb, CDT, PREC), FAST)
+    return y * sigmoid(_glce_gate_pre(y, gw, gb, CDT, PREC), FAST)
 
 
 @triton.jit
@@ -658,11 +637,13 @@ def _check_x(kx: int, ro: int) -> bool:
 
 
 def _fast_math(dtype: torch.dtype, dp: int, backward: bool) -> bool:
-    """The kernels' ``FAST`` (:func:`_sigmoid`, :func:`_sigmoid_and_slope`): the approximate
+    """The kernels' ``FAST`` (:func:`._common.sigmoid`, :func:`_sigmoid_and_slope`): the approximate
     exponential and reciprocal square root for fp16/bf16 inputs, whose outputs round far more than
-    those instructions err; fp32, the correctness mode, keeps the exact formulas. The backward takes
-    it for plans up to 64 columns: at long's d = 128 its 8 -> 8 summary already takes 255 registers,
-    and there the fast math took its spill stores from 7 to 12 a program (sm_90, Triton 3.6, bf16)."""
+    those instructions err; fp32, the correctness mode, keeps the exact formulas. On sm_90 (Triton
+    3.6, bf16, taobao-b64k) it cut the forward's block of the 8 -> 8 summary, 32 sigmoids a thread,
+    from 866 to 641 instructions a warp and the 20 -> 4 one's from 345 to 288, at the same registers.
+    The backward takes it for plans up to 64 columns: at long's d = 128 its 8 -> 8 summary already
+    takes 255 registers, and there the fast math took its spill stores from 7 to 12 a program."""
     return dtype in (torch.float16, torch.bfloat16) and (dp <= 64 or not backward)
 
 
