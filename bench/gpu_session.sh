@@ -51,13 +51,13 @@
 #      1.69x the device speed under the profiler, so its reduce-overhead pair decides; inlined under
 #      reduce-overhead has never been timed (opaque: 8.764 against 9.284 ms at taobao, 7bea4b3).
 #      One process; each pair in order.)
-#   3. With 150 s or more left: PACK=1 NCU_TIMEOUT=110 bench/gpu_session.sh COMMIT ncu (Nsight Compute
+#   3. With 150 s or more left: PACK=1 NCU_TIMEOUT=100 bench/gpu_session.sh COMMIT ncu (Nsight Compute
 #      on the gated LCE's forward and backward at 32x taobao's batch, both uses, then on the low-rank
 #      cross net's three kernels at taobao: where issue 3's 70% of copy and issue 4's 1.2x Inductor
 #      are lost. sm_90 builds count 288-641 instructions a warp per forward block and 296-402 per
 #      backward block, with 5-10 barriers: the kernels look bound by issue and latency, and the stall
 #      reasons would say so or not. No lease has run ncu yet: the first run also tells whether it
-#      works.)
+#      works. Each run is packed when it ends, so a call cut at its limit keeps the gated LCE's.)
 #      With less left: PACK=1 PROFILE_TIMEOUT=100 PROFILE_ARGS="--compile --inference" ... profile.
 #   Variant rule (graphed rows, one process): a variant that beats the default by more than the rows'
 #   p20-p80 spread in both uses becomes the default (its builds are in profiling/sm90-audit-triton3.6.md
@@ -176,19 +176,22 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     ncu)     # Nsight Compute (--set full) on one call of fused ops (profiling/ncu.sh with NCU_SCRIPT=op_kernels):
              # NCU_RUNS, runs separated by ";", each "KERNEL_REGEX COUNT op_kernels.py flags" (COUNT: the
              # matching launches to profile). Default: the gated LCE's forward and backward at 32x taobao's
-             # batch in both uses, then the low-rank cross net's three kernels at taobao. Details pages go
-             # to ncu.log; the console shows the throughput and stall lines. The .ncu-rep reports stay
-             # out of $OUT (a file over 16 MiB would not come back, and the packed results with it).
+             # batch in both uses, then the low-rank cross net's three kernels at taobao. Each run's
+             # details page and stall metrics go to ncu-<run>.log, packed as soon as the run ends (a call
+             # cut short keeps the runs done); the console shows their throughput, stall and error lines.
+             # The .ncu-rep reports stay out of $OUT (a file over 16 MiB would not come back, and the
+             # packed results with it).
              ncu_reports=$(mktemp -d)
              IFS=';' read -r -a runs <<< "${NCU_RUNS:-_glce_(fwd|bwd)_kernel 4 --ops gated_lce_nonseq,gated_lce_seq --providers fused --shape taobao-b64k;_lr_(fwd|bwd) 3 --ops crossnet_low --providers fused --shape taobao}"
              for i in "${!runs[@]}"; do
                read -r regex count args <<< "${runs[$i]}"
-               NCU_SCRIPT=op_kernels NCU_COUNT="$count" NCU_OUT="$ncu_reports/ncu-$i" timeout "${NCU_TIMEOUT:-240}" \
-                 bash profiling/ncu.sh "$regex" $args >>"$OUT/ncu.log" 2>&1
+               PYTHON=python3 NCU_SCRIPT=op_kernels NCU_COUNT="$count" NCU_OUT="$ncu_reports/ncu-$i" \
+                 timeout -k 10 "${NCU_TIMEOUT:-240}" bash profiling/ncu.sh "$regex" $args >"$OUT/ncu-$i.log" 2>&1
                echo "ncu $regex exit $?"
-             done
-             grep -E "^  [_A-Za-z][^ ]* \(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued|Stall|One or More Eligible" \
-               "$OUT/ncu.log" | head -n 120 ;;
+               grep -iE "^  [_A-Za-z][^ ]* \(|==ERROR==|==WARNING==|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued|stall|One or More Eligible" \
+                 "$OUT/ncu-$i.log" | head -n 90
+               pack
+             done ;;
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1

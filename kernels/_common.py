@@ -148,11 +148,14 @@ def sigmoid(z, FAST: tl.constexpr):
     """``sigmoid(z)`` of an fp32 tile: ``tl.sigmoid``, or with ``FAST`` ``q * q`` for ``q = rsqrt(1 +
     2**(-z log2 e))``, which is 0 for z far below zero (the power overflows to inf) and 1 far above
     it. ``tl.exp2`` and ``tl.math.rsqrt`` build to one ``ex2.approx.ftz.f32`` and one
-    ``rsqrt.approx.ftz.f32`` (1-3 ulp of fp32 together, denormal results flushed to zero; NaN stays
-    NaN), where ``tl.sigmoid``'s exponential (``ex2.approx.f32``) carries four instructions of
-    denormal-range fix-ups and its division five (sm_90, Triton 3.6 and 3.9). Kernels pass ``FAST``
-    for fp16/bf16 inputs, whose results round far more than that; fp32, the correctness mode, keeps
-    ``tl.sigmoid``. The interpreter runs both (numpy's exact functions)."""
+    ``rsqrt.approx.ftz.f32`` (denormal results flushed to zero; NaN stays NaN), where
+    ``tl.sigmoid``'s exponential (``ex2.approx.f32``) carries four instructions of denormal-range
+    fix-ups and its division five (sm_90, Triton 3.6 and 3.9). Error: a float32 emulation at the two
+    instructions' error bounds (a review, 2026-11-28) gave up to about 13 ulp of fp32 for ``|z| <
+    4``, against about 5 for ``tl.sigmoid``'s form, growing for very negative z in both (the
+    rounding of ``z log2 e``); an fp16 result's half ulp is about 4096. Kernels pass ``FAST`` for
+    fp16/bf16 inputs; fp32, the correctness mode, keeps ``tl.sigmoid``. The interpreter runs both
+    branches with numpy's exact functions, so the approximation itself shows only on a GPU."""
     if FAST:
         q = tl.math.rsqrt(1.0 + tl.exp2(z * -LOG2E))
         return q * q

@@ -27,7 +27,7 @@ One program per block of ``BM`` rows: x's rows ``[BM, KP]`` stay in registers; f
 once to the compute dtype, and ``acc += a w2[:, c]^T``. Then ``out = acc + b2``, cast on store.
 
 The sigmoid, forward and backward, is :func:`._common.sigmoid`: for a 16-bit compute dtype one
-approximate exponential and one approximate reciprocal square root (1-3 ulp of fp32, far below the
+approximate exponential and one approximate reciprocal square root (some ulp of fp32, far below the
 rounding of the 16-bit activation it feeds), ``tl.sigmoid`` for fp32. Built for sm_90 (Triton 3.6,
 bf16, taobao's 64-wide tier) that cut the hidden-chunk loop from 398 to 285 instructions a warp in
 the forward, 456 to 346 in the dx kernel and 1087 to 975 in the weight kernel: ``tl.sigmoid``'s

@@ -114,9 +114,8 @@ the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` a
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
 fp16/bf16 inputs form the gate's sigmoid (and the backward its slope, up to d = 64) with
 ``tl.exp2`` and ``tl.math.rsqrt``, which build to one approximate instruction each (``FAST``:
-:func:`._common.sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): 1-3 ulp of fp32 where
-``tl.sigmoid`` is about 2 (denormal results flushed to zero), far below the 16-bit output's
-rounding, in fewer instructions.
+:func:`._common.sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): some ulp of fp32
+(denormal results flushed to zero), far below the 16-bit output's rounding, in fewer instructions.
 
 Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
 the eager reference (same math, same autograd). The bound is the backward's shared memory: its

@@ -30,13 +30,20 @@ case "${NCU_SCRIPT:-train_step}" in
   op_kernels) run=("$here/op_kernels.py" --ncu --calls 1 --warmup 3) ;;
   *) echo "error: NCU_SCRIPT must be train_step or op_kernels, not '${NCU_SCRIPT}'" >&2; exit 2 ;;
 esac
+# the profiled program's failure (e.g. one of several ops failed to build) still prints what was
+# profiled: its status is kept and returned at the end
+status=0
 "$ncu" --profile-from-start off --kernel-name "regex:$kernel" --launch-skip "${NCU_SKIP:-0}" \
   --launch-count "${NCU_COUNT:-1}" --set full --clock-control none --force-overwrite -o "$out" \
-  "$python" "${run[@]}" "$@"
+  "$python" "${run[@]}" "$@" || status=$?
 if [[ ! -f "$out.ncu-rep" ]]; then
-  echo "error: no launch of a kernel matching 'regex:$kernel' was profiled (after skipping ${NCU_SKIP:-0});" \
+  echo "error: no launch of a kernel matching 'regex:$kernel' was profiled (after skipping ${NCU_SKIP:-0}," \
+       "ncu exit $status; its ==ERROR== lines above say why when it could not profile at all);" \
        "the names are the @triton.jit functions' (e.g. _attn_fwd_kernel; train_step.py --torch-profiler and op_kernels.py list them)" >&2
   exit 1
 fi
-# the whole details page (not piped into head: under pipefail a closed pipe failed the script)
+# the whole details page (not piped into head: under pipefail a closed pipe failed the script), then
+# every warp-stall metric the set collected, per kernel (the details page gives only their sum)
 "$ncu" --import "$out.ncu-rep" --page details --print-units base
+"$ncu" --import "$out.ncu-rep" --page raw --print-units base --metrics "regex:issue_stalled" || true
+exit "$status"

@@ -94,9 +94,9 @@ def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
 @CPU_ONLY
 def test_the_ncu_stage_profiles_each_run_and_packs_its_log(tmp_path):
     """The ``ncu`` stage calls profiling/ncu.sh once per ";"-separated run of ``NCU_RUNS`` ("REGEX
-    COUNT op_kernels.py flags") with op_kernels.py as the profiled program, and packs the log but
-    not the reports (a stand-in ncu here: it logs its arguments, runs the program it wraps and
-    writes the report)."""
+    COUNT op_kernels.py flags") with op_kernels.py as the profiled program, and packs each run's
+    log as it ends, but not the reports (a stand-in ncu here: it logs its arguments, runs the
+    program it wraps and writes the report)."""
     fake = tmp_path / "ncu"
     calls = tmp_path / "ncu_calls"
     fake.write_text('#!/usr/bin/env bash\n'
@@ -119,8 +119,8 @@ def test_the_ncu_stage_profiles_each_run_and_packs_its_log(tmp_path):
     profiled = [line for line in calls.read_text().splitlines() if "--import" not in line]
     assert len(profiled) == 2 and " --launch-count 2 " in profiled[0] and " --launch-count 3 " in profiled[1]
     assert all("op_kernels.py --ncu --calls 1 --warmup 3 --shape smoke" in line for line in profiled), profiled
-    log = packed["ncu.log"]
-    assert "dot_interaction, fused: built and ran once" in log and "crossnet_low, fused: built and ran once" in log
+    assert "dot_interaction, fused: built and ran once" in packed["ncu-0.log"]
+    assert "crossnet_low, fused: built and ran once" in packed["ncu-1.log"]
     assert "== stage ncu took" in packed["session.log"]
     assert not any(name.endswith(".ncu-rep") for name in packed)  # reports stay behind (16 MiB a file)
 

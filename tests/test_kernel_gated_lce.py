@@ -562,7 +562,7 @@ def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"),
-                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"), FAST=dtype != torch.float32)  # as a GPU runs them
+                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"), FAST=K._fast_math(dtype, dp, True))
             ptrs = dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, X=name, W=name, BIAS=name, GW=name, GB=name)
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=ptrs, num_warps=warps, dtype=name, store=store, **opts))
@@ -661,14 +661,14 @@ def test_limit_corner_builds_within_h100_shared_memory():
         cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel",
                           args=dict(OUT=name, **ptrs),
                           consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC"), CHECK_X=K._check_x(kx, ro),
-                                      FAST=dtype != torch.float32),  # as a GPU runs it
+                                      FAST=K._fast_math(dtype, dp, False)),
                           num_warps=warps, **opts))
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=K.next_pow2(n_in), NOP=K.next_pow2(n_out),
                           PREC=opts.pop("PREC"), PARAMS_ONCE=opts.pop("PARAMS_ONCE"),
-                          FAST=dtype != torch.float32 and dp <= 64)  # as a GPU runs it (_bwd_fast_math)
+                          FAST=K._fast_math(dtype, dp, True))  # as the launcher passes it
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, **ptrs), num_warps=warps,
                               **opts))

@@ -950,11 +950,13 @@ def _fake_tools(tmp_path, details_lines=5000):
     scripts = {
         "nsys": 'if [[ "$1" == profile && -z "${NO_REPORT:-}" ]]; then\n'
                 '  while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && touch "$2.nsys-rep"; shift; done\nfi\n',
-        "ncu": 'if [[ " $* " == *" --import "* ]]; then\n'
+        "ncu": 'if [[ " $* " == *" --page raw "* ]]; then echo "    smsp__issue_stalled_barrier 1.0"; exit 0; fi\n'
+               'if [[ " $* " == *" --import "* ]]; then\n'
                f'  for i in $(seq 1 {details_lines}); do echo "    Metric $i ...................... 1.0"; done\n'
                '  exit 0\nfi\n'
                'if [[ -z "${NO_REPORT:-}" ]]; then\n'
-               '  while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && touch "$2.ncu-rep"; shift; done\nfi\n',
+               '  while [[ $# -gt 0 ]]; do [[ "$1" == -o ]] && touch "$2.ncu-rep"; shift; done\nfi\n'
+               'exit "${APP_STATUS:-0}"\n',
         "python": "",
     }
     for name, body in scripts.items():
@@ -979,14 +981,16 @@ def test_ncu_script_profiles_the_measured_steps_and_prints_the_page(tmp_path):
     cudaProfilerStart after its warm-up), names the report after the regex without its special
     characters, and prints the whole details page with exit status 0 (it piped the page into
     ``head -n 120`` under ``pipefail``: a page longer than the pipe buffer ended the script with
-    141). A run that profiled nothing says so."""
+    141), then the warp-stall metrics of the raw page. A profiled program that fails still gets its
+    pages printed, and its status returned. A run that profiled nothing says so."""
     bin_dir, log = _fake_tools(tmp_path)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NCU_OUT": str(tmp_path / "out" / "report"),
            "PYTHON": str(bin_dir / "python")}
     done = _run_script("ncu.sh", ["_attn_(fwd|bwd)", "--shape", "tao bao"], env)
     assert done.returncode == 0, (done.returncode, done.stderr)
-    assert len(done.stdout.splitlines()) == 5000
-    profile, show = log.read_text().splitlines()[:2]
+    assert len(done.stdout.splitlines()) == 5001 and done.stdout.splitlines()[-1].endswith("stalled_barrier 1.0")
+    profile, show, stalls = log.read_text().splitlines()[:3]
+    assert stalls.endswith("--page raw --print-units base --metrics regex:issue_stalled"), stalls
     assert profile.startswith("ncu --profile-from-start off --kernel-name regex:_attn_(fwd|bwd) --launch-skip 0 "
                               "--launch-count 1 --set full"), profile
     assert profile.endswith(f"-o {tmp_path}/out/report {bin_dir}/python {ROOT}/profiling/train_step.py "
@@ -1018,6 +1022,9 @@ def test_ncu_script_profiles_the_measured_steps_and_prints_the_page(tmp_path):
                             "--shape taobao-b64k"), profile
     done = _run_script("ncu.sh", ["_x"], dict(env, NCU_SCRIPT="nsys"), where=copy)
     assert done.returncode == 2 and "NCU_SCRIPT must be train_step or op_kernels" in done.stderr
+    # the profiled program failed after some launches were profiled: the pages, then its status
+    done = _run_script("ncu.sh", ["_x"], dict(env, APP_STATUS="3"), where=copy)
+    assert done.returncode == 3 and len(done.stdout.splitlines()) == 5001, (done.returncode, done.stderr)
 
     env.update(NO_REPORT="1", NCU_OUT=str(tmp_path / "none"))
     done = _run_script("ncu.sh", ["_no_such_kernel"], env)
