@@ -112,7 +112,7 @@ registers (eager rounds them to the low dtype), and operands are cast to the com
 before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
-fp16/bf16 inputs form the gate's sigmoid (and the backward its slope, up to d = 64) with
+fp16/bf16 inputs form the gate's sigmoid (and the backward its slope) with
 ``tl.exp2`` and ``tl.math.rsqrt``, which build to one approximate instruction each (``FAST``:
 :func:`._common.sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): some ulp of fp32
 (denormal results flushed to zero), far below the 16-bit output's rounding, in fewer instructions.
@@ -635,15 +635,15 @@ def _check_x(kx: int, ro: int) -> bool:
     return ro >= kx
 
 
-def _fast_math(dtype: torch.dtype, dp: int, backward: bool) -> bool:
+def _fast_math(dtype: torch.dtype) -> bool:
     """The kernels' ``FAST`` (:func:`._common.sigmoid`, :func:`_sigmoid_and_slope`): the approximate
     exponential and reciprocal square root for fp16/bf16 inputs, whose outputs round far more than
     those instructions err; fp32, the correctness mode, keeps the exact formulas. On sm_90 (Triton
-    3.6, bf16, taobao-b64k) it cut the forward's block of the 8 -> 8 summary, 32 sigmoids a thread,
-    from 866 to 641 instructions a warp and the 20 -> 4 one's from 345 to 288, at the same registers.
-    The backward takes it for plans up to 64 columns: at long's d = 128 its 8 -> 8 summary already
-    takes 255 registers, and there the fast math took its spill stores from 7 to 12 a program."""
-    return dtype in (torch.float16, torch.bfloat16) and (dp <= 64 or not backward)
+    3.6, bf16) it cut the forward's block of taobao's 8 -> 8 summary, 32 sigmoids a thread, from 866
+    to 641 instructions a warp and the 20 -> 4 one's from 345 to 288, and the backward's from 457 to
+    402 and 325 to 296 (taobao-b64k), and at long's 8 -> 8 summary (d = 128, 255 registers, 7 spill
+    stores either way) from 820 to 706, at the same registers and programs an SM."""
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 @on_input_device
@@ -662,7 +662,7 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
         out, x, weight, bias, gate_weight, gate_bias,
         B, n_in, n_out, d, n_per, n_blocks,
         *x.stride(), *weight.stride(), *gate_weight.stride(), *out.stride(),
-        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), FAST=_fast_math(x.dtype, dp, False), num_warps=warps,
+        KX=kx, RO=ro, DP=dp, CHECK_X=_check_x(kx, ro), FAST=_fast_math(x.dtype), num_warps=warps,
         **_fwd_launch_options(x.dtype),
     )
     _note_resident(key, compiled, x.device)
@@ -706,7 +706,7 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
         *dx.stride(), *grad_out.stride(),
         *x.stride(), *weight.stride(), *gate_weight.stride(), part.stride(0),
         STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=max(16, next_pow2(n_in)), NOP=max(16, next_pow2(n_out)),
-        FAST=_fast_math(x.dtype, dp, True), **_bwd_launch_options(x.dtype), num_warps=warps,
+        FAST=_fast_math(x.dtype), **_bwd_launch_options(x.dtype), num_warps=warps,
         **({"maxnreg": acc_cap} if acc_cap is not None and not store else {}),
     )
     if not params:

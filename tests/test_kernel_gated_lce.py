@@ -562,7 +562,7 @@ def test_fp32_backward_avoids_the_paths_of_the_h100_sanitizer_report():
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=32, NOP=16, PREC=opts.pop("PREC"),
-                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"), FAST=K._fast_math(dtype, dp, True))
+                          PARAMS_ONCE=opts.pop("PARAMS_ONCE"), FAST=K._fast_math(dtype))
             ptrs = dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, X=name, W=name, BIAS=name, GW=name, GB=name)
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=ptrs, num_warps=warps, dtype=name, store=store, **opts))
@@ -594,12 +594,11 @@ def test_sizes_past_the_kernel_limits_use_the_reference(n_in, n_out, monkeypatch
 
 def test_fast_math_is_for_16_bit_inputs():
     """``FAST`` (the approximate sigmoid, :func:`gated_lce._fast_math`): fp16 and bf16 inputs, fp32
-    never (the correctness mode keeps the exact formulas); the backward up to 64 columns. The
-    launches pass it so (recorded here for fp16 and fp32, d 64 and 128)."""
+    never (the correctness mode keeps the exact formulas). The launches pass it so (recorded here
+    for fp16 and fp32, d 64 and 128)."""
     from interformer.kernel_audit import record_launches
 
-    assert K._fast_math(torch.float16, 64, True) and K._fast_math(torch.bfloat16, 128, False)
-    assert not K._fast_math(torch.float32, 64, False) and not K._fast_math(torch.float16, 128, True)
+    assert K._fast_math(torch.float16) and K._fast_math(torch.bfloat16) and not K._fast_math(torch.float32)
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.float32):
         for d in (64, 128):
@@ -607,8 +606,7 @@ def test_fast_math_is_for_16_bit_inputs():
             with record_launches() as cases:
                 K.gated_lce(*masters).float().sum().backward()
             fast = {c["kernel"]: c["consts"]["FAST"] for c in cases if c["kernel"].startswith("_glce_")}
-            assert fast == {"_glce_fwd_kernel": dtype != torch.float32,
-                            "_glce_bwd_kernel": dtype != torch.float32 and d <= 64}, (dtype, d, fast)
+            assert fast == dict.fromkeys(("_glce_fwd_kernel", "_glce_bwd_kernel"), dtype != torch.float32), (dtype, d)
 
 
 def test_fast_math_builds_for_sm90_with_fewer_instructions_and_writes_only_the_outputs(monkeypatch):
@@ -661,14 +659,14 @@ def test_limit_corner_builds_within_h100_shared_memory():
         cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_fwd_kernel",
                           args=dict(OUT=name, **ptrs),
                           consts=dict(KX=kx, RO=ro, DP=dp, PREC=opts.pop("PREC"), CHECK_X=K._check_x(kx, ro),
-                                      FAST=K._fast_math(dtype, dp, False)),
+                                      FAST=K._fast_math(dtype)),
                           num_warps=warps, **opts))
         _, kx, ro, dp, warps = K._config(n_in, n_out, d, True)
         for store in (True, False):
             opts = K._bwd_launch_options(dtype)
             consts = dict(STORE_DZY=store, KX=kx, RO=ro, DP=dp, NIP=K.next_pow2(n_in), NOP=K.next_pow2(n_out),
                           PREC=opts.pop("PREC"), PARAMS_ONCE=opts.pop("PARAMS_ONCE"),
-                          FAST=K._fast_math(dtype, dp, True))  # as the launcher passes it
+                          FAST=K._fast_math(dtype))  # as the launcher passes it
             cases.append(dict(module="interformer.kernels.gated_lce", kernel="_glce_bwd_kernel", consts=consts,
                               args=dict(DX=name, PART="fp32", DZ=name, YS=name, DO=name, **ptrs), num_warps=warps,
                               **opts))
