@@ -31,7 +31,7 @@
 #      gated LCE and the feed-forward block as the thirty-third session changed them, every test that
 #      compiles now that the kept ops are inlined on a GPU by default). Ops (16 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
-#      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 975
+#      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 806
 #      instructions a warp; 0.91x and 1.19x Inductor at 5eea83c); the gated LCE at 32x taobao's batch after the
 #      thirty-third session's changes (docs/benchmarks.md, "Since H200-5": 566 -> 288 and 933 -> 641
 #      instructions a warp per forward block, 355 -> 296 and 523 -> 402 per backward block in sm_90

@@ -30,9 +30,10 @@ The sigmoid, forward and backward, is :func:`._common.sigmoid`: for a 16-bit com
 approximate exponential and one approximate reciprocal square root (some ulp of fp32, far below the
 rounding of the 16-bit activation it feeds), ``tl.sigmoid`` for fp32. Built for sm_90 (Triton 3.6,
 bf16, taobao's 64-wide tier) that cut the hidden-chunk loop from 398 to 285 instructions a warp in
-the forward, 456 to 346 in the dx kernel and 1087 to 975 in the weight kernel: ``tl.sigmoid``'s
+the forward, 456 to 346 in the dx kernel and 1087 to 975 in the weight kernel (806 with its db2
+summed on the tensor cores, ``_ffn_bwd_w_kernel``): ``tl.sigmoid``'s
 exponential and division, with their fix-ups for denormal and huge values, had taken half the
-forward's. The programs an SM stay as they were (registers 124 -> 121, 128 -> 103, 188 -> 218).
+forward's. The programs an SM stay as they were (registers 124 -> 121, 128 -> 103, 188 -> 219).
 
 Backward: ``_ffn_bwd_dx_kernel``, ``_ffn_bwd_w_kernel``, :func:`~interformer.kernels._common.sum_partials`
 -------------------------------------------------------------------------------------------------------
@@ -242,7 +243,12 @@ def _ffn_bwd_w_kernel(
     dw1 = tl.zeros([BH, KP], dtype=tl.float32)
     dw2 = tl.zeros([NP, BH], dtype=tl.float32)
     db1 = tl.zeros([BH], dtype=tl.float32)
-    db2 = tl.zeros([NP], dtype=tl.float32)
+    # db2 as ones @ dy, 16 equal rows (a dot's least), on the tensor cores: summed across the warps
+    # every row block it took 180 of the loop's 975 instructions a warp and 3 of its 10 barriers
+    # (sm_90, Triton 3.6, bf16, taobao's tier), in every program though only chunk 0 stores it. The
+    # products are exact, the sums fp32 ("ieee" for fp32 dy, where tf32x3 would round dy).
+    db2 = tl.zeros([16, NP], dtype=tl.float32)
+    ones = tl.full([16, BM], 1.0, DT)
     w2 = _out_weight_chunk(W2, nn, hh, N, H, stride_w2n, stride_w2h, DT)
     for blk in range(g, ROW_BLOCKS, tl.num_programs(0)):
         r = tl.cast(blk, tl.int64) * BM + tl.arange(0, BM)  # (under the interpreter blk is a Python int)
@@ -255,12 +261,13 @@ def _ffn_bwd_w_kernel(
         dw1 = tl.dot(tl.trans(dh.to(DT)), x, dw1, input_precision=PREC)
         dw2 = tl.dot(tl.trans(dy), a.to(DT), dw2, input_precision=PREC)
         db1 += tl.sum(dh, 0)
-        db2 += tl.sum(dy.to(tl.float32), 0)
+        db2 = tl.dot(ones, dy, db2, input_precision="ieee")
     # row g of the partial sums: [dw1 (H K) | db1 (H) | dw2 (N H) | db2 (N)], this chunk's columns
     row = PART + g.to(tl.int64) * stride_part
     tl.store(row + hh[:, None] * K + kk[None, :], dw1, mask=h_ok[:, None] & k_ok[None, :])
     tl.store(row + H * K + hh, db1, mask=h_ok)
     tl.store(row + H * K + H + nn[:, None] * H + hh[None, :], dw2, mask=n_ok[:, None] & h_ok[None, :])
+    db2 = tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, db2, 0.0), 0)  # its first row, exactly
     tl.store(row + H * K + H + N * H + nn, db2, mask=nn < tl.where(c == 0, N, 0))  # chunk 0 only
 
 
