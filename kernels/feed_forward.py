@@ -31,9 +31,9 @@ approximate exponential and one approximate reciprocal square root (some ulp of 
 rounding of the 16-bit activation it feeds), ``tl.sigmoid`` for fp32. Built for sm_90 (Triton 3.6,
 bf16, taobao's 64-wide tier) that cut the hidden-chunk loop from 398 to 285 instructions a warp in
 the forward, 456 to 346 in the dx kernel and 1087 to 975 in the weight kernel (806 with its db2
-summed on the tensor cores, ``_ffn_bwd_w_kernel``): ``tl.sigmoid``'s
-exponential and division, with their fix-ups for denormal and huge values, had taken half the
-forward's. The programs an SM stay as they were (registers 124 -> 121, 128 -> 103, 188 -> 219).
+summed on the tensor cores, ``_ffn_bwd_w_kernel``): ``tl.sigmoid``'s exponential and division, with
+their fix-ups for denormal and huge values, had taken half the forward's. The programs an SM stay
+as they were (registers 124 -> 121, 128 -> 103, 188 -> 219).
 
 Backward: ``_ffn_bwd_dx_kernel``, ``_ffn_bwd_w_kernel``, :func:`~interformer.kernels._common.sum_partials`
 -------------------------------------------------------------------------------------------------------
