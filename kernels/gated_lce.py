@@ -56,9 +56,14 @@ one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the r
 is non-finite in that sample only. The forward checks each block (one max-reduction of its x tile
 or of ``Y``, whichever is smaller: :func:`_check_x`) and, when it holds an inf or a NaN, stores
 nothing from the dot and computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
-broadcast multiply-adds of gathered rows): the output then has exactly the reference's non-finite
-elements (tests/test_nonfinite.py). On the finite path the check costs one reduction of the smaller
-tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
+broadcast multiply-adds of gathered rows, ``Y``'s padding columns set to zero): the output then
+has exactly the reference's non-finite elements, NaN where it has NaN and the same infinity where
+it has one (tests/test_nonfinite.py). A non-finite ``weight`` or ``bias`` takes the slow path too:
+the ``Y`` check sees it, and where x is checked each program checks its ``Wbd`` and bias once. (The
+dot's padding columns of ``Y``, ``bias`` or ``inf * 0``, times the gate weight's zero padding made
+a whole row of ``Z`` NaN where the reference's could be infinite: until 2026-11-29 an inf bias with
+a one-signed gate weight row gave NaN there, the reference inf.) On the finite path the check costs
+one reduction of the smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
 :func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
 against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288
 with the fast sigmoid, :func:`._common.sigmoid`; :func:`_check_x` has the other shapes). The backward keeps
@@ -307,7 +312,9 @@ def _glce_fwd_kernel(
     (:func:`_glce_compress_per_sample`), so that each value stays in its own sample's output, as in
     the reference, and stores that. Where ``Y`` is checked, a finite x whose ``Y`` overflows takes
     the slow path too (the same sums, in another order); where x is, it stays on the dot's path
-    (its zeros times finite values add nothing to the other samples). Two things about this form
+    (its zeros times finite values add nothing to the other samples), unless the program's ``Wbd``
+    or bias is not finite (checked once, before the loop: 2 more instructions a block at taobao's
+    8 -> 8 summary, 641 -> 643). Two things about this form
     are deliberate (sm_90 builds, Triton 3.6): no ``Y`` is merged across the branch (the merge made
     the compiler move the dot's ``Y`` into a layout both branches share, through shared memory,
     every block), and nothing is stored twice (overwriting the dot's output after a barrier took
@@ -318,13 +325,15 @@ def _glce_fwd_kernel(
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
     bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
+    if CHECK_X:  # (the Y check sees a non-finite weight or bias in Y's valid columns)
+        params_nonfinite = _any_nonfinite(wbd) | _any_nonfinite(bias)
     for blk in range(pid, n_blocks, G):
         b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
         x, y, row_ok = _glce_compress(X + b0 * sxb, bias, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
                                       KX, RO, DP, PREC)
         if CHECK_X:
-            nonfinite = _any_nonfinite(x)
+            nonfinite = _any_nonfinite(x) | params_nonfinite
         else:
             nonfinite = _any_nonfinite(y)
         # (``tl.where``: the interpreter refuses a mask made with ``&`` from a program-wide scalar)
@@ -332,7 +341,10 @@ def _glce_fwd_kernel(
                         N_OUT, D, sob, som, sod, RO, DP)
         if nonfinite:  # (its own name: nothing of the slow path is merged with the dot's Y)
             y_ps = _glce_compress_per_sample(X + b0 * sxb, W, nb, N_IN, N_OUT, D, sxb, sxn, sxd, swn, swm, CDT,
-                                             RO, DP) + bias[:, None]
+                                             RO, DP)
+            # padding columns zero: an inf weight times the zero padding of x is NaN there, an inf bias
+            # inf, and either times the gate weight's zero padding would make the whole row of Z NaN
+            y_ps = tl.where((tl.arange(0, DP) < D)[None, :], y_ps + bias[:, None], 0.0)
             _glce_store_out(OUT + b0 * sob, _glce_gated(y_ps, gw, gb, CDT, PREC, FAST), row_ok, N_OUT, D, sob, som,
                             sod, RO, DP)
 

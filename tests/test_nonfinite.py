@@ -420,28 +420,42 @@ def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, ch
                 assert not swallowed.any(), f"x[{sample}]={name}: d{k} finite where the reference's is not"
 
 
+@pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)], ids=["checks-Y", "checks-x"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_gated_lce_nonfinite_parameters_and_gradient(dtype):
-    """inf / NaN in a parameter or in the upstream gradient: the output has the reference's
-    non-finite elements, and every gradient element the reference makes non-finite is non-finite
-    (the dW fold of the backward may add NaN to other entries of the same gradients)."""
-    B, n_in, n_out, d = 5, 3, 2, 24
+def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, check_x):
+    """inf / NaN in a parameter or in the upstream gradient: the output is the reference's at every
+    non-finite element (NaN where it is NaN, the same infinity where it is infinite), and every
+    gradient element the reference makes non-finite is non-finite (the dW fold of the backward may
+    add NaN to other entries of the same gradients). x is positive and the gate weight too, so that
+    an inf weight or bias makes a row of Y and of Z +inf and the output +inf, not NaN: at d = 24
+    (padded to 32 columns) the dot's padding columns of Y times the gate weight's zero padding once
+    made the whole row of Z NaN there. Both of the forward's checks (``gated_lce._check_x``) are
+    run: the x check alone does not see a non-finite parameter."""
+    d = 24
+    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
+    assert G._check_x(kx, ro) == check_x and d < 32
     g = torch.Generator().manual_seed(1)
-    args = dict(x=_rnd(g, dtype, B, n_in, d), weight=_rnd(g, dtype, n_in, n_out, scale=n_in ** -0.5),
-                bias=_rnd(g, dtype, n_out, scale=0.5), gate_weight=_rnd(g, dtype, d, d, scale=d ** -0.5),
+    args = dict(x=_rnd(g, dtype, B, n_in, d).abs(), weight=_rnd(g, dtype, n_in, n_out, scale=n_in ** -0.5),
+                bias=_rnd(g, dtype, n_out, scale=0.5), gate_weight=_rnd(g, dtype, d, d, scale=d ** -0.5).abs(),
                 gate_bias=_rnd(g, dtype, d, scale=0.5))
     grad = _rnd(g, dtype, B, n_out, d)
     diff = list(args)
     cases = [("weight", (1, 0)), ("bias", (1,)), ("gate_weight", (3, 4)), ("gate_bias", (5,)), ("grad", (2, 1, 3))]
+    infinite_outputs = 0
     for target, idx in cases:
         for name, value in VALUES.items():
             a, gr = _poked(args, grad, target, idx, value)
             fo, fg = _run(G.gated_lce, a, diff, gr)
             eo, eg = _run(R.gated_lce, a, diff, gr)
             assert_same_nonfinite(fo, eo, f"{target}={name}: output")
+            inf = torch.isinf(eo)
+            assert torch.equal(torch.isnan(fo), torch.isnan(eo)), f"{target}={name}: NaN elsewhere than the reference's"
+            assert torch.equal(fo[inf], eo[inf]), f"{target}={name}: infinities of other signs than the reference's"
+            infinite_outputs += int(inf.sum())
             for k in eg:
                 swallowed = ~torch.isfinite(eg[k]) & torch.isfinite(fg[k])
                 assert not swallowed.any(), f"{target}={name}: d{k} finite where the reference's is not"
+    assert infinite_outputs >= 2 * B * d  # the +inf weight's and bias's rows (what the test is about)
 
 
 # ============================================================================ PFFN
