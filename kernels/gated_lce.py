@@ -294,7 +294,8 @@ def _any_nonfinite(t):
     where testing each element (``t != t | abs(t) == inf``, then a max) took about five: sm_90,
     Triton 3.6, bf16, per warp and sample block, 643 -> 524 instructions at taobao's and amazon's
     8 -> 8 summary (of which the check of the x tile had been 171), 288 -> 269 at taobao's 20 -> 4
-    one, 758 -> 640 and 293 -> 272 at long's 8 -> 8 and 64 -> 4, at the same registers. The product
+    one, 758 -> 640 and 293 -> 272 at long's 8 -> 8 and 64 -> 4, at the same registers but at long's
+    8 -> 8 (192 -> 194, one program an SM either way). The product
     must not be folded to zero: LLVM and ptxas keep ``x * 0.0`` (no fast-math flags; the SASS has
     the multiplies), and tests/test_nonfinite.py fails a check that never fires."""
     return tl.sum(t * 0.0) != 0.0
