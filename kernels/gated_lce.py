@@ -53,17 +53,20 @@ launch has shown how many programs of that build an SM holds, then one wave of t
 
 Non-finite inputs: in ``Wbd @ x`` the zeros between samples multiply every token of the block, so
 one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the reference's output
-is non-finite in that sample only. The forward checks each block (one max-reduction of its x tile
-or of ``Y``, whichever is smaller: :func:`_check_x`) and, when it holds an inf or a NaN, stores
+is non-finite in that sample only. The forward checks each block (one reduction of its x tile
+or of ``Y``, whichever is smaller: :func:`_check_x`, :func:`_any_nonfinite`) and, when it holds an
+inf or a NaN, stores
 nothing from the dot and computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
 broadcast multiply-adds of gathered rows, ``Y``'s padding columns set to zero): the output then
 has exactly the reference's non-finite elements, NaN where it has NaN and the same infinity where
-it has one (tests/test_nonfinite.py). A non-finite ``weight`` or ``bias`` takes the slow path too:
-the ``Y`` check sees it, and where x is checked each program checks its ``Wbd`` and bias once. (The
-dot's padding columns of ``Y``, ``bias`` or ``inf * 0``, times the gate weight's zero padding made
-a whole row of ``Z`` NaN where the reference's could be infinite: until 2026-11-29 an inf bias with
-a one-signed gate weight row gave NaN there, the reference inf.) On the finite path the check costs
-one reduction of the smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
+it has one (tests/test_nonfinite.py; for finite inputs the fp32 ``Y`` can stay finite where
+eager's 16-bit one overflows: see "Dtypes and precision"). A non-finite ``weight`` or ``bias``
+takes the slow path too: the ``Y`` check sees it, and each program checks its bias, rounded to the
+compute dtype, and where x is checked its ``Wbd``, once. (The dot's padding columns of ``Y``,
+``bias`` or ``inf * 0``, times the gate weight's zero padding made a whole row of ``Z`` NaN where
+the reference's could be finite or infinite: until 2026-11-29 an inf bias with a one-signed gate
+weight row, or under fp16 autocast an fp32 bias past 65504, gave NaN there.) On the finite path
+the check costs one reduction of the smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
 :func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
 against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288
 with the fast sigmoid, :func:`._common.sigmoid`; 269 with the check a sum, :func:`_any_nonfinite`;
@@ -159,6 +162,7 @@ _DTYPES = KERNEL_DTYPES
 MAX_D = 128
 MAX_N_IN = 128
 MAX_N_OUT = 64
+_MAX_N_OUT = tl.constexpr(MAX_N_OUT)
 
 
 # ============================================================================ kernels
@@ -302,6 +306,22 @@ def _any_nonfinite(t):
 
 
 @triton.jit
+def _params_nonfinite(BIAS, N_OUT, wbd, CHECK_W: tl.constexpr, CDT: tl.constexpr):
+    """Whether the bias, rounded to the compute dtype, or with ``CHECK_W`` the block-diagonal weight
+    ``wbd`` holds an inf or a NaN (:func:`_any_nonfinite`'s sum, one for both). The bias is loaded
+    again for this, as a ``[MAX_N_OUT]`` vector: checking the ``[RO]`` row-bias tile of
+    :func:`_glce_params`, or the two checks apart, cost registers (sm_90, Triton 3.6, bf16: 104 ->
+    126 at taobao's 20 -> 4 summary and 80 -> 102 at long's 64 -> 4, 3 -> 2 programs an SM there;
+    168 -> 170 at the 8 -> 8 one in the model's build, fp32 parameters under autocast, 3 -> 2
+    programs an SM); this form takes 106, 80 and 168."""
+    i = tl.arange(0, _MAX_N_OUT)
+    s = tl.sum(tl.load(BIAS + i, mask=i < N_OUT, other=0.0).to(CDT) * 0.0)
+    if CHECK_W:
+        s += tl.sum(wbd * 0.0)
+    return s != 0.0
+
+
+@triton.jit
 def _glce_fwd_kernel(
     OUT,
     X, W, BIAS, GW, GB,
@@ -334,8 +354,12 @@ def _glce_fwd_kernel(
     CDT: tl.constexpr = X.dtype.element_ty
     wbd = _glce_block_diag(W, N_IN, N_OUT, n_per, swn, swm, CDT, KX, RO)
     bias, gw, gb = _glce_params(BIAS, GW, GB, N_IN, N_OUT, D, n_per, sgo, sgi, CDT, KX, RO, DP)
-    if CHECK_X:  # (the Y check sees a non-finite weight or bias in Y's valid columns)
-        params_nonfinite = _any_nonfinite(wbd) | _any_nonfinite(bias)
+    # The parameters, once a program: a bias that is not finite in the compute dtype (an fp32 bias
+    # past fp16's range under autocast, which the fp32 Y check does not see) and, where x is checked,
+    # a non-finite weight (the Y check sees that one) send every block down the slow path, whose Y
+    # has zero padding columns: in the dot's Y they hold the bias, which rounded to inf for the gate
+    # dot and, times the gate weight's zero padding, would make the row of Z NaN.
+    params_nonfinite = _params_nonfinite(BIAS, N_OUT, wbd, CHECK_X, CDT)
     for blk in range(pid, n_blocks, G):
         b0 = tl.cast(blk, tl.int64) * n_per  # (under the interpreter the loop variable is a Python int)
         nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
@@ -344,7 +368,7 @@ def _glce_fwd_kernel(
         if CHECK_X:
             nonfinite = _any_nonfinite(x) | params_nonfinite
         else:
-            nonfinite = _any_nonfinite(y)
+            nonfinite = _any_nonfinite(y) | params_nonfinite
         # (``tl.where``: the interpreter refuses a mask made with ``&`` from a program-wide scalar)
         _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC, FAST), tl.where(nonfinite, False, row_ok),
                         N_OUT, D, sob, som, sod, RO, DP)

@@ -458,6 +458,33 @@ def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, chec
     assert infinite_outputs >= 2 * B * d  # the +inf weight's and bias's rows (what the test is about)
 
 
+@pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)], ids=["checks-Y", "checks-x"])
+def test_gated_lce_fp32_bias_past_fp16s_range_under_autocast(B, n_in, n_out, check_x):
+    """fp16 autocast with fp32 parameters and a bias of 1e5, finite in fp32 but past fp16's 65504:
+    the reference's Y row is 1e5 (fp32), its gate pre-activation inf (the linear casts Y to fp16),
+    so its output row is 1e5, inf once rounded to fp16. The kernel's fp32 ``Y`` is finite, so the
+    ``Y`` check passed it, but the dot's ``Y`` holds the bias in its padding columns too (d = 24 of
+    32), and rounded to fp16 for the gate dot those were inf: times the gate weight's zero padding,
+    a NaN row. Each program now checks its bias in the compute dtype: the output is the reference's
+    rounded to fp16, NaN nowhere, the same infinities, the finite elements close."""
+    d = 24
+    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
+    assert G._check_x(kx, ro) == check_x
+    g = torch.Generator().manual_seed(2)
+    args = dict(x=_rnd(g, torch.float32, B, n_in, d).abs(), weight=_rnd(g, torch.float32, n_in, n_out, scale=0.5),
+                bias=torch.zeros(n_out, device=DEVICE), gate_weight=_rnd(g, torch.float32, d, d, scale=0.1).abs() + 0.01,
+                gate_bias=torch.zeros(d, device=DEVICE))
+    args["bias"][1] = 1e5
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        fo = G.gated_lce(**args)
+        eo = R.gated_lce(**args).to(fo.dtype)
+    assert fo.dtype == torch.float16 and torch.isinf(eo[:, 1]).all() and torch.isfinite(eo[:, 0]).all()
+    assert not torch.isnan(fo).any(), f"{int(torch.isnan(fo).sum())} NaN elements"
+    inf = torch.isinf(eo)
+    assert torch.equal(torch.isinf(fo), inf) and torch.equal(fo[inf], eo[inf])
+    assert_rel(fo[~inf].float(), eo[~inf].float(), 2e-2, "finite outputs")
+
+
 # ============================================================================ PFFN
 _FB, _FL, _FD, _FNS = 3, 5, 16, 2
 _FLENS = [5, 0, 3]
