@@ -37,8 +37,12 @@ def _read_as_called(*modules: nn.Module, cls: type) -> bool:
     module hook. The modules below that read a child's parameters (into the fused op or the
     reference alike) call the child instead when this is False, so that the hook runs, the pruned
     weight is the one used, the swapped-in class computes, as in a plain ``nn.Module`` tree."""
-    return not global_module_hooks() and all(
-        type(m) is cls and m.weight is not None and m.bias is not None and called_as_defined(m) for m in modules)
+    if global_module_hooks():
+        return False
+    for m in modules:  # (a loop, not ``all`` over a generator: once or twice every module call)
+        if type(m) is not cls or m.weight is None or m.bias is None or not called_as_defined(m):
+            return False
+    return True
 
 
 def _sizes(module: nn.Module, minimum: int = 1, **sizes) -> None:
@@ -74,15 +78,29 @@ def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False
     the fused one raised. A drop-in must fail alike. Values (lengths in range, ids in their
     vocabularies) are :func:`interformer.validate_batch`'s: reading them costs a device sync.
     torch.fx's Proxies pass (they have no sizes to check)."""
-    if isinstance(t, torch.fx.Proxy):
-        return
-    leading = sizes[:1] == (...,)
-    tail = sizes[1:] if leading else sizes
-    ok = isinstance(t, torch.Tensor) and (t.dim() >= len(tail) if leading else t.dim() == len(tail)) and all(
-        want is None or have == want for have, want in zip(t.shape[t.dim() - len(tail):], tail))
-    if ok:
-        ok = (not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool) if integer \
-            else t.is_floating_point()
+    # (a plain loop, not ``all`` over a generator: this runs for every input of every module call,
+    # about 60 times a plain inference forward at taobao, and took 1.0 us a call on the CI CPU, 0.4-0.6 so)
+    if isinstance(t, torch.Tensor):
+        shape = t.shape
+        if sizes and sizes[0] is ...:
+            tail = sizes[1:]
+            ok = len(shape) >= len(tail)
+            shape = shape[len(shape) - len(tail):]
+        else:
+            tail = sizes
+            ok = len(shape) == len(tail)
+        if ok:
+            for have, want in zip(shape, tail):
+                if want is not None and have != want:
+                    ok = False
+                    break
+        if ok:
+            ok = (not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool) if integer \
+                else t.is_floating_point()
+    else:
+        if isinstance(t, torch.fx.Proxy):
+            return
+        ok = False
     if not ok:
         want = "[" + ", ".join("..." if n is ... else "*" if n is None else str(n) for n in sizes) + "]"
         got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
