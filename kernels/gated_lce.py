@@ -55,23 +55,22 @@ Non-finite inputs: in ``Wbd @ x`` the zeros between samples multiply every token
 one inf or NaN in x made the whole block's output NaN (``0 * inf``), where the reference's output
 is non-finite in that sample only. The forward checks each block (one reduction of its x tile
 or of ``Y``, whichever is smaller: :func:`_check_x`, :func:`_any_nonfinite`) and, when it holds an
-inf or a NaN, stores
-nothing from the dot and computes ``Y`` sample by sample (``_glce_compress_per_sample``: n_in
-broadcast multiply-adds of gathered rows, ``Y``'s padding columns set to zero): the output then
-has exactly the reference's non-finite elements, NaN where it has NaN and the same infinity where
-it has one (tests/test_nonfinite.py; for finite inputs the fp32 ``Y`` can stay finite where
-eager's 16-bit one overflows: see "Dtypes and precision"). A non-finite ``weight`` or ``bias``
-takes the slow path too: the ``Y`` check sees it, and each program checks its bias, rounded to the
-compute dtype, and where x is checked its ``Wbd``, once. (The dot's padding columns of ``Y``,
-``bias`` or ``inf * 0``, times the gate weight's zero padding made a whole row of ``Z`` NaN where
-the reference's could be finite or infinite: until 2026-11-29 an inf bias with a one-signed gate
-weight row, or under fp16 autocast an fp32 bias past 65504, gave NaN there.) On the finite path
-the check costs one reduction of the smaller tile. With this form (``Y`` checked there, and no ``Y`` merged across the branch:
-:func:`_glce_fwd_kernel`) a block of taobao's 20 -> 4 summary costs a warp 345 instructions,
-against 566 when the x tile was checked before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288
-with the fast sigmoid, :func:`._common.sigmoid`; 269 with the check a sum, :func:`_any_nonfinite`;
-:func:`_check_x` has the other shapes). The backward keeps
-the dot: with a non-finite x or upstream gradient some of the reference's parameter gradients are
+inf or a NaN, stores nothing from the dot and computes ``Y`` sample by sample
+(``_glce_compress_per_sample``: n_in broadcast multiply-adds of gathered rows, ``Y``'s padding
+columns set to zero): the output then has exactly the reference's non-finite elements, NaN where
+it has NaN and the same infinity where it has one (tests/test_nonfinite.py; for finite inputs the
+fp32 ``Y`` can stay finite where eager's 16-bit one overflows: see "Dtypes and precision"). A
+non-finite ``weight`` or ``bias`` takes the slow path too: the ``Y`` check sees it, and each
+program checks its bias, rounded to the compute dtype, and where x is checked its ``Wbd``, once.
+(The dot's padding columns of ``Y``, ``bias`` or ``inf * 0``, times the gate weight's zero padding
+made a whole row of ``Z`` NaN where the reference's could be finite or infinite: until 2026-11-29
+an inf bias with a one-signed gate weight row, or under fp16 autocast an fp32 bias past 65504, gave
+NaN there.) On the finite path the check costs one reduction of the smaller tile. With this form
+(``Y`` checked there, and no ``Y`` merged across the branch: :func:`_glce_fwd_kernel`) a block of
+taobao's 20 -> 4 summary costs a warp 345 instructions, against 566 when the x tile was checked
+before the dot (sm_90, Triton 3.6, with ``tl.sigmoid``; 288 with the fast sigmoid,
+:func:`._common.sigmoid`; 270 with the check a sum, :func:`_any_nonfinite`; :func:`_check_x` has
+the other shapes). The backward keeps the dot: with a non-finite x or upstream gradient some of the reference's parameter gradients are
 non-finite too (so a GradScaler skips the step either way). On top of the reference's, the dot
 spreads NaN to the tile's other rows: the block's other samples (their dx), and, through the Y, Z
 and dZ of those samples and of the tile's padding rows (zero weights times the inf), more entries
@@ -295,13 +294,14 @@ def _any_nonfinite(t):
     """Whether the tile ``t`` holds an inf or a NaN (a scalar; one reduction over the program): the
     sum of ``t * 0`` is a zero for a finite tile and NaN for one with an inf (``inf * 0``) or a NaN.
     That is one multiply-add an element in ``t``'s own dtype (a 16-bit x tile needs no conversion),
-    where testing each element (``t != t | abs(t) == inf``, then a max) took about five: sm_90,
-    Triton 3.6, bf16, per warp and sample block, 643 -> 524 instructions at taobao's and amazon's
-    8 -> 8 summary (of which the check of the x tile had been 171), 288 -> 269 at taobao's 20 -> 4
-    one, 758 -> 640 and 293 -> 272 at long's 8 -> 8 and 64 -> 4, at the same registers but at long's
-    8 -> 8 (192 -> 194, one program an SM either way). The product
-    must not be folded to zero: LLVM and ptxas keep ``x * 0.0`` (no fast-math flags; the SASS has
-    the multiplies), and tests/test_nonfinite.py fails a check that never fires."""
+    where testing each element (``t != t | abs(t) == inf``, then a max) took about five. sm_90,
+    Triton 3.6, bf16, instructions a warp issues per sample block of the forward (with
+    :func:`_params_nonfinite`'s flag in both forms): 643 -> 523 at taobao's and amazon's 8 -> 8
+    summary (of which the check of the x tile had been 171), 288 -> 270 at taobao's 20 -> 4 one,
+    758 -> 639 and 293 -> 269 at long's 8 -> 8 and 64 -> 4; the model's builds keep their registers
+    (profiling/sm90-audit-triton3.6.md). The product must not be folded to zero: LLVM and ptxas keep
+    ``x * 0.0`` (no fast-math flags; the SASS has the multiplies, fused into FMAs), and
+    tests/test_nonfinite.py fails a check that never fires."""
     return tl.sum(t * 0.0) != 0.0
 
 
@@ -341,9 +341,9 @@ def _glce_fwd_kernel(
     (:func:`_glce_compress_per_sample`), so that each value stays in its own sample's output, as in
     the reference, and stores that. Where ``Y`` is checked, a finite x whose ``Y`` overflows takes
     the slow path too (the same sums, in another order); where x is, it stays on the dot's path
-    (its zeros times finite values add nothing to the other samples), unless the program's ``Wbd``
-    or bias is not finite (checked once, before the loop: 2 more instructions a block at taobao's
-    8 -> 8 summary, 641 -> 643). Two things about this form
+    (its zeros times finite values add nothing to the other samples). Either check is or-ed with a
+    flag each program sets once, before its loop, from its parameters (:func:`_params_nonfinite`).
+    Two things about this form
     are deliberate (sm_90 builds, Triton 3.6): no ``Y`` is merged across the branch (the merge made
     the compiler move the dot's ``Y`` into a layout both branches share, through shared memory,
     every block), and nothing is stored twice (overwriting the dot's output after a barrier took
