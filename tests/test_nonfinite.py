@@ -50,6 +50,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 DTYPES = [torch.float32, torch.float16]
 DT_IDS = ["float32", "float16"]
+#: the gated LCE's tests run bf16 too, on a GPU: its forward's check of a bf16 x tile is a bf16
+#: multiply-add (``gated_lce._any_nonfinite``), an instruction the fp16 and fp32 runs do not reach
+GLCE_DTYPES = DTYPES + [pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+GLCE_DT_IDS = DT_IDS + ["bfloat16"]
 VALUES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
@@ -374,7 +378,7 @@ def test_pooled_attention_nonfinite_key_bias(path, dtype, monkeypatch):
 
 # ============================================================================ gated LCE
 @pytest.mark.parametrize("n_in, n_out, B, check_x", [(3, 2, 72, False), (2, 4, 40, True)], ids=["checks-Y", "checks-x"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", GLCE_DTYPES, ids=GLCE_DT_IDS)
 def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, check_x):
     """An inf or a NaN in one sample's x: the reference's output is non-finite in that sample only
     (for an inf, in only the elements it reaches). The forward kernel computes a block of samples
@@ -421,7 +425,7 @@ def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, ch
 
 
 @pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)], ids=["checks-Y", "checks-x"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("dtype", GLCE_DTYPES, ids=GLCE_DT_IDS)
 def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, check_x):
     """inf / NaN in a parameter or in the upstream gradient: the output is the reference's at every
     non-finite element (NaN where it is NaN, the same infinity where it is infinite), and every
