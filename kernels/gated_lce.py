@@ -302,7 +302,14 @@ def _any_nonfinite(t):
     (profiling/sm90-audit-triton3.6.md). The product must not be folded to zero: LLVM and ptxas keep
     ``x * 0.0`` (no fast-math flags; the SASS has the multiplies, fused into FMAs), and
     tests/test_nonfinite.py fails a check that never fires."""
-    return tl.sum(t * 0.0) != 0.0
+    return _nonfinite_sum(t) != 0.0
+
+
+@triton.jit
+def _nonfinite_sum(t):
+    """``sum(t * 0)``: a zero when the tile is finite, NaN when it holds an inf or a NaN (the
+    reduction :func:`_any_nonfinite` compares with zero)."""
+    return tl.sum(t * 0.0)
 
 
 @triton.jit
@@ -315,9 +322,9 @@ def _params_nonfinite(BIAS, N_OUT, wbd, CHECK_W: tl.constexpr, CDT: tl.constexpr
     168 -> 170 at the 8 -> 8 one in the model's build, fp32 parameters under autocast, 3 -> 2
     programs an SM); this form takes 106, 80 and 168."""
     i = tl.arange(0, _MAX_N_OUT)
-    s = tl.sum(tl.load(BIAS + i, mask=i < N_OUT, other=0.0).to(CDT) * 0.0)
+    s = _nonfinite_sum(tl.load(BIAS + i, mask=i < N_OUT, other=0.0).to(CDT))
     if CHECK_W:
-        s += tl.sum(wbd * 0.0)
+        s += _nonfinite_sum(wbd)
     return s != 0.0
 
 
@@ -343,12 +350,11 @@ def _glce_fwd_kernel(
     the slow path too (the same sums, in another order); where x is, it stays on the dot's path
     (its zeros times finite values add nothing to the other samples). Either check is or-ed with a
     flag each program sets once, before its loop, from its parameters (:func:`_params_nonfinite`).
-    Two things about this form
-    are deliberate (sm_90 builds, Triton 3.6): no ``Y`` is merged across the branch (the merge made
-    the compiler move the dot's ``Y`` into a layout both branches share, through shared memory,
-    every block), and nothing is stored twice (overwriting the dot's output after a barrier took
-    the block loop's software pipelining away; without the barrier two threads could write an
-    element in either order, which tests/memcheck.py fails)."""
+    Two things about this form are deliberate (sm_90 builds, Triton 3.6): no ``Y`` is merged across
+    the branch (the merge made the compiler move the dot's ``Y`` into a layout both branches share,
+    through shared memory, every block), and nothing is stored twice (overwriting the dot's output
+    after a barrier took the block loop's software pipelining away; without the barrier two threads
+    could write an element in either order, which tests/memcheck.py fails)."""
     pid = tl.program_id(0).to(tl.int64)
     G = tl.num_programs(0)
     CDT: tl.constexpr = X.dtype.element_ty
@@ -365,10 +371,7 @@ def _glce_fwd_kernel(
         nb = tl.minimum(B - b0, n_per).to(tl.int32)  # samples in this block
         x, y, row_ok = _glce_compress(X + b0 * sxb, bias, wbd, nb, N_IN, N_OUT, D, n_per, sxb, sxn, sxd,
                                       KX, RO, DP, PREC)
-        if CHECK_X:
-            nonfinite = _any_nonfinite(x) | params_nonfinite
-        else:
-            nonfinite = _any_nonfinite(y) | params_nonfinite
+        nonfinite = _any_nonfinite(x if CHECK_X else y) | params_nonfinite
         # (``tl.where``: the interpreter refuses a mask made with ``&`` from a program-wide scalar)
         _glce_store_out(OUT + b0 * sob, _glce_gated(y, gw, gb, CDT, PREC, FAST), tl.where(nonfinite, False, row_ok),
                         N_OUT, D, sob, som, sod, RO, DP)
