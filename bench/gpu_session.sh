@@ -18,30 +18,33 @@
 # shards 74 s (the longest shard 66 s), 20 graphed op rows 58 s, 4 plain model rows 46 s; compiled
 # model rows about 45 s each (6 in 276 s); a plain profile 12 s, a compiled one 37 s; a kernels
 # stage 11 s. Earlier leases' plans and results: git log of this file, docs/benchmarks.md.
-# Planned for the next lease (device-tool timeout_s 420, then 240, then what is left; issue each call
+# Planned for the next lease (device-tool timeout_s 460, then 240, then what is left; issue each call
 # as soon as the last returns: an idle machine is given back after about 30 s):
-#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=130 \
+#   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=130 KERNELS_TIMEOUT=50 \
+#      KERNELS_ARGS="--ops gated_lce_nonseq,gated_lce_seq --shape taobao-b64k --providers fused" \
 #      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_feed_forward.py bench/test_bench_crossnet.py \
 #      bench/test_bench_attention.py" OPS_K="(gated_lce_bandwidth and fused-cudagraph) or (feed_forward and \
 #      (taobao or amazon) and full and (fused-cudagraph or compile-cudagraph)) or (crossnet and low and taobao \
 #      and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
 #      (self_attention and amazon and full and (fused-cudagraph or fused-general-cudagraph or \
-#      fused-narrow-cudagraph or fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops
+#      fused-narrow-cudagraph or fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
 #      Tests: bench/gpu_rerun.txt's header (598 tests: the fp32 attention backward's pivoted dS, the
 #      gated LCE and the feed-forward block as the thirty-third session changed them, every test that
 #      compiles now that the kept ops are inlined on a GPU by default). Ops (16 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
 #      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 806
 #      instructions a warp; 0.91x and 1.19x Inductor at 5eea83c); the gated LCE at 32x taobao's batch after the
-#      thirty-third session's changes (docs/benchmarks.md, "Since H200-5": 566 -> 288 and 933 -> 641
-#      instructions a warp per forward block, 355 -> 296 and 523 -> 402 per backward block in sm_90
-#      builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross
+#      thirty-third and thirty-fourth sessions' changes (docs/benchmarks.md, "Since H200-5": 566 -> 270 and
+#      933 -> 523 instructions a warp per forward block, 355 -> 296 and 523 -> 402 per backward block in
+#      sm_90 builds; 0.3796 / 0.2705 ms at 5eea83c); the low-rank cross
 #      net's 5-stage plan (fused-deep: 2.0% and 2.8% faster in training in the two leases of
 #      2026-11-28) in its forward's graphed row, which the variant rule below still wants; self-
 #      attention at amazon with every backward on the general path (fused-general: the single-
 #      query-block backward took 430 us a launch in the compiled amazon step, one 8-warp program an
 #      SM), with that backward on 16-key tiles at 4 warps (fused-narrow: three programs an SM) and
-#      with delta from the output.
+#      with delta from the output. Kernels (about 15 s: the ops stage has built them): the device time of
+#      each gated LCE kernel at 32x taobao's batch, so the bandwidth row splits into forward, backward
+#      and the partials' reduction (no lease has timed them apart; the ncu stage of call 3 may not run).
 #   2. PACK=1 MODEL_TIMEOUT=210 MODEL_FILES="$(for p in amazon-train-fused-compile-reduce-overhead \
 #      amazon-train-compile-reduce-overhead taobao-train-fused-compile-reduce-overhead \
 #      taobao-train-compile-reduce-overhead; do printf 'bench/test_bench_model.py::test_model[%s] ' $p; \
