@@ -6,7 +6,7 @@ Public function (same name and signature as :func:`interformer.reference.dot_int
 
 The output is ordered as ``torch.triu_indices(N, N, 1)`` (row-major, i < j): pair ``(i, j)`` sits at
 ``i (N - 1) - i (i - 1) / 2 + (j - i - 1)``. A new contiguous tensor in z's dtype. ``N = 1`` (no pair)
-returns ``[B, 0]`` and a zero gradient.
+returns ``[B, 0]`` and a zero gradient; ``d = 0`` gives zeros through the eager reference.
 
 Forward (``_dot_fwd_kernel``)
 -----------------------------
@@ -69,9 +69,22 @@ MAX_BLOCK_N = 64
 TARGET_PROGRAMS = 512
 
 
+def _wide_pairs(N: int) -> bool:
+    """Whether :func:`_pair_index` needs int64 at N tokens: its products ``i (N - 1)`` and ``i (i -
+    1)`` stay below N**2, which passes int32's 2**31 from N = 46341 on, while the index itself
+    (below N (N - 1) / 2) would still fit up to N = 65536 (a review found the wrap at N = 46344:
+    pair offsets 2**31 too small, out of bounds on a GPU). The kernels take token indices in int32
+    below that, where the DESIGN shapes (N <= 72) are."""
+    return N * N >= 2**31
+
+
 @triton.jit
-def _pair_index(i, j, N):
-    """Packed position of pair ``(i, j)``, ``i < j``, in ``triu_indices(N, N, 1)`` order."""
+def _pair_index(i, j, N, WIDE: tl.constexpr):
+    """Packed position of pair ``(i, j)``, ``i < j``, in ``triu_indices(N, N, 1)`` order; in int64 when
+    ``WIDE`` (:func:`_wide_pairs`)."""
+    if WIDE:
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
     return i * (N - 1) - (i * (i - 1)) // 2 + (j - i - 1)
 
 
@@ -95,7 +108,7 @@ def _dot_fwd_kernel(
     B, N, DM, M,
     stride_zb, stride_zn, stride_zd,
     SAMPLES: tl.constexpr, SINGLE: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     bi = tl.program_id(1)
     bj = tl.program_id(2)
@@ -105,7 +118,7 @@ def _dot_fwd_kernel(
         i = ri[:, None]
         j = rj[None, :]
         keep = i < j
-        idx = tl.where(keep & (j < N), _pair_index(i, j, N), 0)
+        idx = tl.where(keep & (j < N), _pair_index(i, j, N, WIDE), 0)
         for s in range(0, SAMPLES):
             b = tl.program_id(0).to(tl.int64) * SAMPLES + s
             n_b = tl.where(b < B, N, 0)  # rows of this sample (none past the batch)
@@ -123,13 +136,13 @@ def _dot_fwd_kernel(
 
 @triton.jit
 def _sym_grad_times_z(acc, gb, zb, ri, bj, n_b, N, dd, DM, stride_gm, stride_zn, stride_zd,
-                      BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """``acc += (G + G^T)[ri, rj] Z[rj, dd]`` for token block bj, G gathered from the packed gradient."""
     rj = bj * BLOCK_N + tl.arange(0, BLOCK_N)
     i = ri[:, None]
     j = rj[None, :]
     keep = (i != j) & (i < n_b) & (j < n_b)
-    idx = tl.where(keep, _pair_index(tl.minimum(i, j), tl.maximum(i, j), N), 0)
+    idx = tl.where(keep, _pair_index(tl.minimum(i, j), tl.maximum(i, j), N, WIDE), 0)
     gs = tl.load(gb + idx * stride_gm, mask=keep, other=0.0)
     zj = tl.load(zb + rj[:, None] * stride_zn + dd[None, :] * stride_zd,
                  mask=(rj < n_b)[:, None] & (dd < DM)[None, :], other=0.0)
@@ -143,7 +156,7 @@ def _dot_bwd_kernel(
     stride_gb, stride_gm,
     stride_zb, stride_zn, stride_zd,
     NUM_BLOCKS, SAMPLES: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     DT: tl.constexpr = Z.dtype.element_ty
     bi = tl.program_id(1)
@@ -157,7 +170,7 @@ def _dot_bwd_kernel(
             dd = tl.arange(0, BLOCK_D)
             acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             acc = _sym_grad_times_z(acc, gb, zb, ri, 0, n_b, N, dd, DM, stride_gm, stride_zn, stride_zd,
-                                    BLOCK_N, DT, PREC)
+                                    BLOCK_N, DT, PREC, WIDE)
             tl.store(DZ + (b * N + ri[:, None]) * DM + dd[None, :], acc.to(DZ.dtype.element_ty),
                      mask=(ri < n_b)[:, None] & (dd < DM)[None, :])
         else:
@@ -166,7 +179,7 @@ def _dot_bwd_kernel(
                 acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
                 for bj in range(0, NUM_BLOCKS):
                     acc = _sym_grad_times_z(acc, gb, zb, ri, bj, n_b, N, dd, DM, stride_gm, stride_zn, stride_zd,
-                                            BLOCK_N, DT, PREC)
+                                            BLOCK_N, DT, PREC, WIDE)
                 tl.store(DZ + (b * N + ri[:, None]) * DM + dd[None, :], acc.to(DZ.dtype.element_ty),
                          mask=(ri < n_b)[:, None] & (dd < DM)[None, :])
 
@@ -192,7 +205,8 @@ def _fwd_impl(z: torch.Tensor) -> torch.Tensor:
     bn, bd, nb, spp, warps = _config(B, N, d)
     launch(_dot_fwd_kernel)[(cdiv(B, spp), nb, nb)](
         out, z, B, N, d, M, *z.stride(),
-        SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
+        SAMPLES=spp, SINGLE=nb == 1, ONE_CHUNK=d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype),
+        WIDE=_wide_pairs(N), num_warps=warps,
     )
     return out
 
@@ -208,7 +222,8 @@ def _bwd_impl(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     bn, bd, nb, spp, warps = _config(B, N, d)
     launch(_dot_bwd_kernel)[(cdiv(B, spp), nb)](
         dz, grad, z, B, N, d, M, *grad.stride(), *z.stride(), nb,
-        SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype), num_warps=warps,
+        SAMPLES=spp, ONE_TILE=nb == 1 and d <= bd, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(z.dtype),
+        WIDE=_wide_pairs(N), num_warps=warps,
     )
     return dz
 
@@ -274,12 +289,12 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
     if z.dtype not in _DTYPES:
         raise ValueError(f"dot_interaction: z must be one of {_DTYPES}, got {z.dtype}")
-    if z.shape[2] < 1:
-        raise ValueError(f"dot_interaction: z {tuple(z.shape)} needs d >= 1")
     dev = z.device.type
     if torch.is_autocast_enabled(dev):
         z = z.to(torch.get_autocast_dtype(dev))
-    if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
+    # a torch.func transform, ONNX export (_dispatch.reference_only), or d = 0 (every product an empty
+    # sum: zeros, and a zero gradient): the reference
+    if reference_only() or z.shape[2] == 0:
         from interformer import reference
 
         return reference.dot_interaction(z)

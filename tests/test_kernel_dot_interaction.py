@@ -92,6 +92,56 @@ def test_several_token_blocks_and_several_d_chunks_together(monkeypatch):
     _check(torch.randn(2, 40, 130, device=DEVICE), torch.float32)
 
 
+def test_pair_index_past_int32_products():
+    """The packed index at token counts whose products ``i (N - 1)``, ``i (i - 1)`` pass 2**31 while
+    the index fits int32 (from N = 46341; a review found offsets 2**31 too small at N = 46344), and
+    past where the index itself does not (N > 65536): ``_pair_index`` under the launchers' own
+    choice (``_wide_pairs``), on int32 token indices as the kernels give it, against Python's
+    integers, for the first, middle and last pairs. Without the int64 path it fails (the
+    interpreter wraps int32 products as a GPU does)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(OUT, I, J, N, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+        k = tl.arange(0, BLOCK)
+        tl.store(OUT + k, K._pair_index(tl.load(I + k), tl.load(J + k), N, WIDE).to(tl.int64))
+
+    assert not K._wide_pairs(72) and not K._wide_pairs(46340)  # the DESIGN shapes stay in int32
+    for N in (40, 46340, 46341, 46344, 65536, 65537, 100_000):
+        pairs = [(0, 1), (0, N - 1), (N // 2, N // 2 + 1), (N // 2 - 1, N - 1), (N - 3, N - 2), (N - 2, N - 1)]
+        pairs += [pairs[-1]] * (16 - len(pairs))
+        i = torch.tensor([p[0] for p in pairs], dtype=torch.int32, device=DEVICE)
+        j = torch.tensor([p[1] for p in pairs], dtype=torch.int32, device=DEVICE)
+        out = torch.empty(16, dtype=torch.int64, device=DEVICE)
+        probe[(1,)](out, i, j, N, WIDE=K._wide_pairs(N), BLOCK=16)
+        want = [a * (N - 1) - a * (a - 1) // 2 + (b - a - 1) for a, b in pairs]
+        assert out.tolist() == want, (N, out.tolist(), want)
+        assert want[-1] == N * (N - 1) // 2 - 1
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_int64_pair_index_path(dtype, monkeypatch):
+    """Both kernels with the int64 pair index (what N > 46340 takes, forced here at N = 40 in token
+    blocks of 16, the gathers of the backward's off-diagonal blocks included) give what the int32
+    path gives."""
+    monkeypatch.setattr(K, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(K, "_wide_pairs", lambda N: True)
+    _check(torch.randn(3, 40, 24, device=DEVICE).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_zero_width_tokens_give_zeros(dtype):
+    """d = 0: every inner product is an empty sum, as the reference gives it (zeros, a zero
+    gradient); it raised before (a review's find)."""
+    z = torch.randn(3, 5, 0, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = K.dot_interaction(z)
+    want = R.dot_interaction(z.detach())
+    assert out.shape == want.shape == (3, 10) and out.dtype == want.dtype and not out.any()
+    out.sum().backward()
+    assert z.grad is not None and z.grad.shape == z.shape
+
+
 def test_noncontiguous_z_and_stride0_grad():
     base = torch.randn(3, 24, 13, device=DEVICE)
     results = []
