@@ -42,7 +42,8 @@ reduces in a fixed order into the parameters' gradients. No atomics: determinist
 
 Block sizes (fixed by N, no autotune): ``BLOCK_N = max(16, next_pow2(N))``, ``BLOCK_M = max(1,
 min(64, 4096 // BLOCK_N))`` rows, 4 warps (8 from 8192-element tiles). Rows wider than 16384 features
-go to the eager reference (not this package's use).
+(not this package's use) and rows of no features go to the eager reference, its output in the
+dtype below.
 
 Dtypes: x, residual, weight and bias may each be fp32, fp16 or bf16; the kernels read every tensor
 in its own dtype and compute in fp32. The output dtype is that of ``x + residual`` (type promotion),
@@ -360,7 +361,8 @@ def add_layer_norm(
         from interformer import reference
 
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        return reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps)
+        out = reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps)
+        return out if out.dtype == out_dtype else out.to(out_dtype)  # CPU autocast: the kernels' fp32
     if tracing(tensors):
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):

@@ -165,7 +165,8 @@ def test_zero_rows_and_wide_rows():
 def test_wide_rows_take_parameters_in_any_float_dtype(x_dt, r_dt, p_dt, autocast):
     """The kernels read weight and bias in any float dtype; so does the eager fallback for rows wider
     than MAX_N, which gives exactly what ``F.layer_norm`` gives with the parameters in the dtype of
-    ``x + residual`` (parameters it takes as they are, fp32 with a 16-bit input, stay as they are)."""
+    ``x + residual`` (parameters it takes as they are, fp32 with a 16-bit input, stay as they are),
+    in the kernels' output dtype (under autocast fp32, which CPU autocast's ``layer_norm`` is not)."""
     from interformer import reference
 
     g = torch.Generator().manual_seed(3)
@@ -177,7 +178,22 @@ def test_wide_rows_take_parameters_in_any_float_dtype(x_dt, r_dt, p_dt, autocast
     with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
         out = K.add_layer_norm(x, r, w, b, 1e-5)
         want = reference.add_layer_norm(x, r, *want_p, 1e-5)
+    if autocast:
+        want = want.float()
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_fallbacks_give_the_kernels_dtype_under_autocast():
+    """Rows of no features and rows wider than MAX_N take the eager reference; under autocast their
+    output has the kernels' dtype, fp32, whatever the device's autocast does with ``layer_norm`` (a
+    review found CPU autocast's fp16 there, beside the kernels' fp32)."""
+    x = torch.randn(2, K.MAX_N + 1).to(DEVICE, torch.float16)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        kern = K.add_layer_norm(x[:, :8].contiguous(), None, None, None, 1e-5)
+        wide = K.add_layer_norm(x, None, None, None, 1e-5)
+        empty = K.add_layer_norm(x[:, :0], None, None, None, 1e-5)
+    assert (kern.dtype, wide.dtype, empty.dtype) == (torch.float32,) * 3
+    assert empty.shape == (2, 0)
 
 
 def test_a_broken_kernel_is_caught(monkeypatch):
