@@ -85,10 +85,11 @@ def int32_block(t: torch.Tensor, samples: int) -> torch.Tensor:
     of its first dimension could reach 2**31.
 
     Kernels take the offset of a block's first sample (or of a sample) in int64 and the offsets
-    inside it in int32 (half the registers of an int64 offset tile). A contiguous block is as small
-    as the kernel's tiles (a few thousand elements), so a contiguous tensor is returned at once;
-    only a view whose strides are huge (e.g. a slice of an enormous buffer) can pass 2**31, and it
-    is copied (contiguous, its block is tile-sized again).
+    inside it in int32 (half the registers of an int64 offset tile). A contiguous block spans only
+    its own elements, so a contiguous tensor is returned at once (an offset inside it passes 2**31
+    only if one block holds 2**31 elements, e.g. one sample of 16.8M tokens of width 128, which no
+    launcher here guards); a view whose strides are huge (a slice of an enormous buffer, a
+    time-major buffer seen batch-major) can pass 2**31, and it is copied.
     ``tests/test_int64_offsets.py`` runs every op on such views."""
     if t.is_contiguous():  # the common case, decided without a loop over the dimensions (host time)
         return t

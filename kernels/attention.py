@@ -243,7 +243,7 @@ import triton.language as tl
 
 from interformer import reference
 
-from ._common import KERNEL_DTYPES, cdiv, describe_shape, dot_precision, next_pow2, on_input_device
+from ._common import KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, on_input_device
 from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
                         saving_forward, tracing)
 
@@ -1137,9 +1137,20 @@ def _tab(q, k, rope_base, Lq, Lk, dh, table=None):
     return table, table.shape[1]
 
 
+def _int32_rows(q, k, v):
+    """q, k and v, each as it is or, where one sample's rows could lie 2**31 elements apart (a
+    time-major buffer seen batch-major: row stride B H dh), a contiguous copy: the kernels form the
+    offsets inside one (sample, head) slice, row index times row stride, in int32
+    (:func:`._common.int32_block`). k and v one tensor stay one."""
+    same = k is v
+    q, k = int32_block(q, 1), int32_block(k, 1)
+    return q, k, k if same else int32_block(v, 1)
+
+
 @on_input_device
 def _attention_fwd_impl(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale, rope_table=None):
     lengths = lengths.contiguous()  # read as lengths[b] with stride 1
+    q, k, v = _int32_rows(q, k, v)
     B, Lk, H, dh = k.shape
     Lq = q.shape[1]
     out = torch.empty((B, Lq, H, dh), device=k.device, dtype=q.dtype)
@@ -1185,6 +1196,9 @@ def _attention_bwd_impl(do, q, k, v, out, stats, lengths, causal, rope_base, rop
     ``same_kv`` (k and v one tensor, the caller's promise): the kernels write the gradient of that
     tensor, dk + dv, into dk, and dv comes back None; autograd would otherwise add the two."""
     lengths = lengths.contiguous()
+    q, k, v = _int32_rows(q, k, v)
+    if do is not None:
+        do = int32_block(do, 1)
     B, Lk, H, dh = k.shape
     Bq, Lq = q.shape[0], q.shape[1]
     shared = Bq == 1 and B != 1  # (B = 0 too: dq is then [1, ...] zeros, as the fake says)

@@ -27,7 +27,8 @@ the full-rank cross net's wide-layer kernels take contiguous copies (below).
 
 The ``*_rows`` cases do the same with the rows (dim 1, tokens) of each sample ``2**30 + a little``
 elements apart (``far_rows``: a time-major buffer seen batch-major): the offsets inside one
-sample, which the kernels form in int32, would pass 2**31 at row 2; PFFN and DOT then copy the view
+sample, which the kernels form in int32, would pass 2**31 at row 2; PFFN, DOT and attention (q, k,
+v and the upstream gradient; a review found its rows unguarded, 2026-11-29) then copy the view
 (``int32_block`` with one sample), the gated LCE and LayerNorm already did; the feed-forward block
 copies nothing (its kernels form every row's offset in int64).
 
@@ -57,7 +58,7 @@ CASES = ["dot_interaction", "gated_lce", "gated_lce_wide", "pffn_mlp", "pffn_lin
 #: sample starts past 2**31 (a time-major buffer seen batch-major has such strides): the offsets
 #: inside one sample, which the kernels form in int32, would overflow; the launchers copy such views
 ROW_CASES = ["dot_interaction_rows", "pffn_mlp_rows", "pffn_linear_rows", "gated_lce_rows", "add_layer_norm_rows",
-             "feed_forward_rows"]
+             "feed_forward_rows", "attention_rows"]
 #: an op given feature-major views (the last dimension's stride FAR: column 2 past 2**31), input and
 #: upstream gradient; the feed-forward kernels read x and dy through their strides, columns in int64
 COL_CASES = ["feed_forward_cols"]
@@ -126,6 +127,9 @@ def _inputs(case: str, device):
         elif case == "gated_lce_rows":
             fn, batch = gated_lce.gated_lce, [r(B, 3, 8)]
             rest, grads = [r(3, 3, scale=0.5), r(3), r(8, 8, scale=0.3), r(8)], [0, 1, 2, 3, 4]
+        elif case == "attention_rows":  # q, k, v and the upstream gradient time-major
+            fn = lambda q, k, v: attention.attention(q, k, v, row_lengths, causal=True, rope_base=10000.0)  # noqa: E731
+            batch, rest, grads = [r(B, 3, 2, 16), r(B, 3, 2, 16), r(B, 3, 2, 16)], [], [0, 1, 2]
         elif case == "feed_forward_rows":  # no copy: the kernels take every row's offset in int64
             fn, batch = feed_forward.feed_forward, [r(B, 3, 8)]
             rest, grads = [r(40, 8, scale=0.3), r(40), r(8, 40, scale=0.2), r(8)], [0, 1, 2, 3, 4]
