@@ -361,8 +361,8 @@ def add_layer_norm(
         from interformer import reference
 
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        out = reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps)
-        return out if out.dtype == out_dtype else out.to(out_dtype)  # CPU autocast: the kernels' fp32
+        # in the kernels' dtype: under CPU autocast the reference's is x's, the kernels' fp32 (.to: no-op else)
+        return reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps).to(out_dtype)
     if tracing(tensors):
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):
