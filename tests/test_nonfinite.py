@@ -377,6 +377,19 @@ def test_pooled_attention_nonfinite_key_bias(path, dtype, monkeypatch):
 
 
 # ============================================================================ gated LCE
+def _glce_samples_per_block(n_in: int, n_out: int, d: int, check_x: bool) -> int:
+    """The forward's samples per block at these sizes, after asserting that its plan checks the
+    tile ``check_x`` says (``gated_lce._check_x``: the x tile, or Y): the tests run both checks."""
+    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
+    assert G._check_x(kx, ro) == check_x, (n_in, n_out, d)
+    return n_per
+
+
+#: a case of each of the forward's checks for the parameter tests (d = 24)
+GLCE_PARAM_CASES = pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)],
+                                           ids=["checks-Y", "checks-x"])
+
+
 @pytest.mark.parametrize("n_in, n_out, B, check_x", [(3, 2, 72, False), (2, 4, 40, True)], ids=["checks-Y", "checks-x"])
 @pytest.mark.parametrize("dtype", GLCE_DTYPES, ids=GLCE_DT_IDS)
 def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, check_x):
@@ -393,8 +406,8 @@ def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, ch
     Backward: every gradient the reference makes non-finite is non-finite (dx of the block's other
     samples may be NaN too: see the module docstring)."""
     d = 24
-    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
-    assert G._check_x(kx, ro) == check_x and 2 * n_per < B < 3 * n_per  # three forward blocks, the last partial
+    n_per = _glce_samples_per_block(n_in, n_out, d, check_x)
+    assert 2 * n_per < B < 3 * n_per  # three forward blocks, the last partial
     g = torch.Generator().manual_seed(0)
     masters = dict(x=torch.randn(B, n_in, d, generator=g, dtype=torch.float64),
                    weight=torch.randn(n_in, n_out, generator=g, dtype=torch.float64) * n_in ** -0.5,
@@ -424,7 +437,7 @@ def test_gated_lce_nonfinite_input_stays_in_its_sample(dtype, n_in, n_out, B, ch
                 assert not swallowed.any(), f"x[{sample}]={name}: d{k} finite where the reference's is not"
 
 
-@pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)], ids=["checks-Y", "checks-x"])
+@GLCE_PARAM_CASES
 @pytest.mark.parametrize("dtype", GLCE_DTYPES, ids=GLCE_DT_IDS)
 def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, check_x):
     """inf / NaN in a parameter or in the upstream gradient: the output is the reference's at every
@@ -436,8 +449,8 @@ def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, chec
     made the whole row of Z NaN there. Both of the forward's checks (``gated_lce._check_x``) are
     run: the x check alone does not see a non-finite parameter."""
     d = 24
-    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
-    assert G._check_x(kx, ro) == check_x and d < 32
+    _glce_samples_per_block(n_in, n_out, d, check_x)
+    assert d < 32
     g = torch.Generator().manual_seed(1)
     args = dict(x=_rnd(g, dtype, B, n_in, d).abs(), weight=_rnd(g, dtype, n_in, n_out, scale=n_in ** -0.5),
                 bias=_rnd(g, dtype, n_out, scale=0.5), gate_weight=_rnd(g, dtype, d, d, scale=d ** -0.5).abs(),
@@ -462,7 +475,7 @@ def test_gated_lce_nonfinite_parameters_and_gradient(dtype, B, n_in, n_out, chec
     assert infinite_outputs >= 2 * B * d  # the +inf weight's and bias's rows (what the test is about)
 
 
-@pytest.mark.parametrize("B, n_in, n_out, check_x", [(5, 3, 2, False), (40, 2, 4, True)], ids=["checks-Y", "checks-x"])
+@GLCE_PARAM_CASES
 def test_gated_lce_fp32_bias_past_fp16s_range_under_autocast(B, n_in, n_out, check_x):
     """fp16 autocast with fp32 parameters and a bias of 1e5, finite in fp32 but past fp16's 65504:
     the reference's Y row is 1e5 (fp32), its gate pre-activation inf (the linear casts Y to fp16),
@@ -472,8 +485,7 @@ def test_gated_lce_fp32_bias_past_fp16s_range_under_autocast(B, n_in, n_out, che
     a NaN row. Each program now checks its bias in the compute dtype: the output is the reference's
     rounded to fp16, NaN nowhere, the same infinities, the finite elements close."""
     d = 24
-    n_per, kx, ro, *_ = G._config(n_in, n_out, d, False)
-    assert G._check_x(kx, ro) == check_x
+    _glce_samples_per_block(n_in, n_out, d, check_x)
     g = torch.Generator().manual_seed(2)
     args = dict(x=_rnd(g, torch.float32, B, n_in, d).abs(), weight=_rnd(g, torch.float32, n_in, n_out, scale=0.5),
                 bias=torch.zeros(n_out, device=DEVICE), gate_weight=_rnd(g, torch.float32, d, d, scale=0.1).abs() + 0.01,
