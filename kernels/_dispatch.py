@@ -31,8 +31,9 @@ under ``set_compile_inline(False)``, is one opaque call in the compiled code.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -129,17 +130,44 @@ def forward_ad() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def reference_only() -> bool:
+def reference_only(t: Optional[torch.Tensor] = None) -> bool:
     """True where a fused op must run its eager reference instead of its kernels: inside a
     ``torch.func`` transform (:func:`transformed`), inside a forward-mode AD level
-    (:func:`forward_ad`) and while ``torch.onnx.export`` traces (:func:`onnx_exporting`).
+    (:func:`forward_ad`), while ``torch.onnx.export`` traces (:func:`onnx_exporting`), and when
+    ``t`` (the op's main input) is on the meta device.
+
+    Decision for meta tensors: they have shapes and dtypes but no data (a model built on the meta
+    device, run to infer shapes or count FLOPs). The reference's aten ops have meta kernels and
+    give the shapes and dtypes eager gives; a launcher has nothing to read. The modules already
+    routed a meta model to the reference (``interformer.backend``); before 2026-11-29 the public
+    op functions raised on meta inputs instead (autocast has no meta device type: :func:`autocast_dtype`).
+    A ``FakeTensor`` (``torch.compile``, ``torch.export``) is not a meta tensor here: it goes to the
+    custom op, whose fake implementation is what tracing needs.
 
     Decision for ONNX: an ONNX graph runs on ONNX Runtime, TensorRT and the like, with their own
     kernels; the custom ops (``interformer::*``) have no ONNX translation, and one for each would
     only restate the reference math in ONNX operators. So the fused ops record the reference's aten
     ops, which the exporter translates, and a fused model exports to the same graph as the eager
     one (same parameters, same outputs). ``torch.export`` itself still keeps the custom ops."""
-    return transformed() or forward_ad() or onnx_exporting()
+    return (t is not None and t.is_meta) or transformed() or forward_ad() or onnx_exporting()
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on ``device_type`` where it is on, else None; None also for a
+    device type autocast does not know (``meta``), where ``torch.is_autocast_enabled`` raises and
+    eager's aten ops do not autocast."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type`` (the references' fallbacks run in the dtype
+    they are given); nothing for a device type autocast does not know (``meta``: entering
+    ``torch.autocast`` there raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:

@@ -244,8 +244,8 @@ import triton.language as tl
 from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, on_input_device
-from ._dispatch import (inline_when_compiled, launch, lean_function, needed as _needed, needs_grad, reference_only,
-                        saving_forward, tracing)
+from ._dispatch import (autocast_dtype, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
+                        reference_only, saving_forward, tracing)
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1538,7 +1538,7 @@ def attention(
     _check(q, k, v, lengths, rope_base, sm_scale)
     # wider heads than the register tiles hold, or a torch.func transform, ONNX export (_dispatch.reference_only):
     # the reference, same math
-    if k.shape[3] > MAX_HEAD_DIM or reference_only():
+    if k.shape[3] > MAX_HEAD_DIM or reference_only(k):
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     tensors = (q, k, v, lengths)
@@ -1574,7 +1574,7 @@ def attention_packed(
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(2)
     if not (PACK_QKV and qkv.requires_grad and torch.is_grad_enabled() and qkv.is_contiguous() and qkv.numel()
-            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not reference_only()):
+            and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not reference_only(qkv)):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base, sm_scale)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
@@ -1610,10 +1610,8 @@ def _compute_dtype(s: torch.Tensor, k_weight: torch.Tensor) -> torch.dtype:
     """The dtype the folded products run in: autocast's where it is on (as for the GEMMs of the
     eager path's projections), else the projections' (the eager path casts the query to its keys'
     dtype; a query of another dtype used to set the dtype of every product here)."""
-    dev = s.device.type
-    if torch.is_autocast_enabled(dev) and k_weight.dtype in _DTYPES:
-        return torch.get_autocast_dtype(dev)
-    return k_weight.dtype
+    cast = autocast_dtype(s.device.type)
+    return cast if cast is not None and k_weight.dtype in _DTYPES else k_weight.dtype
 
 
 def _key_weight(k_weight, k_bias):
@@ -1958,10 +1956,10 @@ def pooled_attention(
     tensors = (s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias)
     # outside autocast the eager path's projections need s's dtype in their weights and biases (it
     # casts the query to the keys' dtype itself): refused alike
-    if len({t.dtype for t in (s,) + tensors[3:]}) > 1 and not torch.is_autocast_enabled(s.device.type):
+    if len({t.dtype for t in (s,) + tensors[3:]}) > 1 and autocast_dtype(s.device.type) is None:
         raise ValueError(f"pooled_attention: s and the projections must share one dtype outside autocast, got s "
                          f"{s.dtype}, projections {[str(t.dtype) for t in tensors[3:]]}")
-    if reference_only():  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
+    if reference_only(s):  # a torch.func transform, ONNX export (_dispatch.reference_only): the reference
         return reference.pooled_attention(*tensors, num_heads)
     if d > MAX_HEAD_DIM:
         return reference.projected_pma(attention, s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight,

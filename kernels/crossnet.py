@@ -234,8 +234,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (_functorch_wrapped, fx_call, lean_function, needed as _needed, needs_grad, reference_only,
-                        tracing)
+from ._dispatch import (_functorch_wrapped, autocast_dtype, autocast_off, fx_call, lean_function, needed as _needed,
+                        needs_grad, reference_only, tracing)
 
 __all__ = ["cross_net", "low_rank_cross_net"]
 
@@ -1411,12 +1411,12 @@ def _check_common(op: str, x0, named_lists) -> Tuple[int, int]:
 def _compute_dtype(op: str, x0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """x0 cast to the autocast dtype under autocast (parameters may then keep one dtype of their
     own); outside autocast every tensor must share x0's dtype."""
-    dev = x0.device.type
     pdts = {t.dtype for t in params}
-    if torch.is_autocast_enabled(dev):
+    cast = autocast_dtype(x0.device.type)
+    if cast is not None:
         if len(pdts) > 1:
             raise ValueError(f"{op}: all parameters must share one dtype, got {sorted(map(str, pdts))}")
-        return x0.to(torch.get_autocast_dtype(dev))
+        return x0.to(cast)
     if pdts - {x0.dtype}:
         raise ValueError(f"{op}: x0 ({x0.dtype}) and all parameters must share one dtype outside autocast, "
                          f"got parameters in {sorted(map(str, pdts))}")
@@ -1427,7 +1427,7 @@ def _eager(op_name: str, x0: torch.Tensor, *lists):
     """The eager reference in x0's dtype (fallback for shapes the kernels do not take)."""
     from interformer import reference
 
-    with torch.autocast(x0.device.type, enabled=False):
+    with autocast_off(x0.device.type):
         return getattr(reference, op_name)(x0, *([t.to(x0.dtype) for t in lst] for lst in lists))
 
 
@@ -1457,7 +1457,7 @@ def low_rank_cross_net(
             raise ValueError(f"{op}: v_kernels[{i}] {describe_shape(v)} must be [r={R}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + vs + bs)
     # shapes the kernels do not take, or a torch.func transform, ONNX export (_dispatch.reference_only): the reference
-    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or reference_only():
+    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or reference_only(x0):
         return _eager(op, x0, ws, vs, bs)
     tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):
@@ -1484,7 +1484,7 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
         if w.shape != (D, D):
             raise ValueError(f"{op}: kernels[{i}] {describe_shape(w)} must be [D={D}, D={D}]")
     x0 = _compute_dtype(op, x0, ws + bs)
-    if B == 0 or reference_only():  # as in low_rank_cross_net
+    if B == 0 or reference_only(x0):  # as in low_rank_cross_net
         return _eager(op, x0, ws, bs)
     tensors = [x0, *ws, *bs]
     if tracing(tensors):

@@ -56,8 +56,8 @@ import triton
 import triton.language as tl
 
 from ._common import KERNEL_DTYPES, cdiv, dot_precision, int32_block, next_pow2, on_input_device
-from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needs_grad, reference_only,
-                        saving_forward, tracing)
+from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needs_grad,
+                        reference_only, saving_forward, tracing)
 
 __all__ = ["dot_interaction"]
 
@@ -290,11 +290,12 @@ def dot_interaction(z: torch.Tensor) -> torch.Tensor:
     if z.dtype not in _DTYPES:
         raise ValueError(f"dot_interaction: z must be one of {_DTYPES}, got {z.dtype}")
     dev = z.device.type
-    if torch.is_autocast_enabled(dev):
-        z = z.to(torch.get_autocast_dtype(dev))
+    cast = autocast_dtype(dev)
+    if cast is not None:
+        z = z.to(cast)
     # a torch.func transform, ONNX export (_dispatch.reference_only), or d = 0 (every product an empty
     # sum: zeros, and a zero gradient): the reference
-    if reference_only() or z.shape[2] == 0:
+    if reference_only(z) or z.shape[2] == 0:
         from interformer import reference
 
         return reference.dot_interaction(z)

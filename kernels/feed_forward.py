@@ -106,8 +106,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2,
                       on_input_device, persistent_programs, sigmoid, sum_partials)
-from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed, needs_grad, reference_only,
-                        saving_forward, tracing)
+from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed, needs_grad,
+                        reference_only, saving_forward, tracing)
 
 __all__ = ["feed_forward"]
 
@@ -473,18 +473,19 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.
     _check(x, w1, b1, w2, b2)
     dev = x.device.type
     dtype = x.dtype
-    if torch.is_autocast_enabled(dev):
+    cast = autocast_dtype(dev)
+    if cast is not None:
         # x is read as it is (an fp32 token stream under bf16 autocast, say): the kernels round each
         # tile to the compute dtype as they load it, which is what eager's cast of x does, without
         # the cast's copy and its backward's (dx comes back in x's dtype from the kernel)
-        dtype = torch.get_autocast_dtype(dev)
+        dtype = cast
     elif any(t.dtype != x.dtype for t in (w1, b1, w2, b2)):
         raise ValueError(f"feed_forward: x, w1, b1, w2 and b2 must share one dtype outside autocast, got "
                          f"{x.dtype}, {w1.dtype}, {b1.dtype}, {w2.dtype}, {b2.dtype}")
     # wider than the kernels win at (or than they hold), or under a torch.func transform, ONNX export
     # (_dispatch.reference_only): the reference
     widest = min(int_setting("FUSED_MAX_FEATURES", FUSED_MAX_FEATURES, 0, optional=False), MAX_FEATURES)
-    if x.shape[-1] > widest or w2.shape[0] > widest or reference_only():
+    if x.shape[-1] > widest or w2.shape[0] > widest or reference_only(x):
         from interformer import reference
 
         return reference.feed_forward(x, w1, b1, w2, b2)

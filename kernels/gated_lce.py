@@ -152,8 +152,9 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, LOG2E, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
                       num_sms, on_input_device, resident_programs, sigmoid, sum_partials)
-from ._dispatch import (_decomposing, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
-                        needs_grad, reference_only, saving_forward, tracing, unused_arg)
+from ._dispatch import (_decomposing, autocast_dtype, autocast_off, fx_call, inline_when_compiled, launch,
+                        lean_function, needed as _needed, needs_grad, reference_only, saving_forward, tracing,
+                        unused_arg)
 
 __all__ = ["gated_lce"]
 
@@ -879,8 +880,9 @@ def gated_lce(
         return fx_call(gated_lce, x, weight, bias, gate_weight, gate_bias)
     _check(x, weight, bias, gate_weight, gate_bias)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
+    cast = autocast_dtype(dev)
+    if cast is not None:
+        x = x.to(cast)
     else:
         dtypes = {t.dtype for t in (x, weight, bias, gate_weight, gate_bias)}
         if len(dtypes) != 1:
@@ -891,10 +893,10 @@ def gated_lce(
     B, n_in, d = x.shape
     # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
     if (d > MAX_D or n_in > MAX_N_IN or weight.shape[1] > MAX_N_OUT or x.numel() == 0 or weight.shape[1] == 0
-            or reference_only()):
+            or reference_only(x)):
         from interformer import reference
 
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             return reference.gated_lce(x, *(t.to(x.dtype) for t in (weight, bias, gate_weight, gate_bias)))
     args = (x, weight, bias, gate_weight, gate_bias)
     if tracing(args):

@@ -74,8 +74,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, layer_norm_params, next_pow2,
                       on_input_device, persistent_programs, sum_partials)
-from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
-                        reference_only, tracing, unused_arg)
+from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
+                        needs_grad, reference_only, tracing, unused_arg)
 
 __all__ = ["add_layer_norm"]
 
@@ -351,13 +351,13 @@ def add_layer_norm(
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_dtype(x.device.type) is not None:
         out_dtype = torch.float32  # CUDA autocast runs layer_norm in fp32 (the module docstring: CPU)
     else:
         out_dtype = _grad_dtype(x, residual)
     # not this package's sizes, or a torch.func transform, ONNX export (_dispatch.reference_only): the eager
     # reference, same math and autograd
-    if N == 0 or N > MAX_N or reference_only():
+    if N == 0 or N > MAX_N or reference_only(x):
         from interformer import reference
 
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)

@@ -97,8 +97,8 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, dot_precision, int32_block,
                       layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials)
-from ._dispatch import (fx_call, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
-                        reference_only, saving_forward, tracing)
+from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
+                        needs_grad, reference_only, saving_forward, tracing)
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -566,12 +566,13 @@ def pffn_mlp(
         raise ValueError(f"{op}: w_b must be float32, float16 or bfloat16, got {w_b.dtype}")
     _check_devices(op, (s, lengths, w_b, ln_weight, ln_bias))
     dev = s.device.type
-    if torch.is_autocast_enabled(dev):
-        w_b = w_b.to(torch.get_autocast_dtype(dev))  # s stays as it is: _autocast_s
+    cast = autocast_dtype(dev)
+    if cast is not None:
+        w_b = w_b.to(cast)  # s stays as it is: _autocast_s
         s = _autocast_s(s, w_b.dtype)
     elif w_b.dtype != s.dtype:
         raise ValueError(f"{op}: s and w_b must share one dtype outside autocast, got {s.dtype} and {w_b.dtype}")
-    if d > MAX_D or reference_only():  # as in pffn_linear
+    if d > MAX_D or reference_only(s):  # as in pffn_linear
         return _fallback(op, s, lengths, w_b, ln_weight, ln_bias, eps)
     ln_weight, ln_bias = affine_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, w_b, ln_weight, ln_bias)
@@ -612,15 +613,16 @@ def pffn_linear(
             raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     _check_devices(op, (s, lengths, x_sum, a, ln_weight, ln_bias))
     dev = s.device.type
-    if torch.is_autocast_enabled(dev):
-        x_sum = x_sum.to(torch.get_autocast_dtype(dev))
+    cast = autocast_dtype(dev)
+    if cast is not None:
+        x_sum = x_sum.to(cast)
         s = _autocast_s(s, x_sum.dtype)
     elif x_sum.dtype != s.dtype or a.dtype != s.dtype:
         raise ValueError(
             f"{op}: s, x_sum and a must share one dtype outside autocast, got {s.dtype}, {x_sum.dtype}, {a.dtype}"
         )
     # past the kernels' limits, or under a torch.func transform, ONNX export (_dispatch.reference_only): the reference
-    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or reference_only():
+    if d > MAX_D or n_sum == 0 or not _linear_fits(n_sum, d, s.dtype) or reference_only(s):
         return _fallback(op, s, lengths, x_sum, a.to(s.dtype), ln_weight, ln_bias, eps)
     ln_weight, ln_bias = affine_params(s, ln_weight, ln_bias)
     tensors = (s, lengths, x_sum, a, ln_weight, ln_bias)

@@ -235,8 +235,10 @@ def _feed_forward(autocast=False):
         x, w1, b1, w2, b2 = leaf(B, F_T, F_K), leaf(F_H, F_K), leaf(F_H), leaf(F_N, F_H), leaf(F_N)
 
         def fn():
+            if not autocast:
+                return feed_forward.feed_forward(x, w1, b1, w2, b2)
             # fp16 autocast on DEVICE (the interpreter has no bf16): x and the parameters stay fp32
-            with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
                 return feed_forward.feed_forward(x, w1, b1, w2, b2)
         return fn, [x, w1, b1, w2, b2]
     return build
@@ -421,3 +423,38 @@ def test_fused_op_is_deterministic(case: Case, monkeypatch):
         g = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out)
         runs.append([out.detach(), *torch.autograd.grad(out, inputs, g)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _shapes(tensors) -> list:
+    return [None if t is None else (tuple(t.shape), t.dtype, t.device.type) for t in tensors]
+
+
+# the fp16-autocast case enters torch.autocast on its inputs' device type, which has none for meta
+META_CASES = [c for c in CASES if "autocast" not in c.name]
+
+
+@pytest.mark.parametrize("case", META_CASES, ids=[c.name for c in META_CASES])
+def test_fused_op_runs_its_reference_on_meta_tensors(case: Case, monkeypatch):
+    """Meta tensors (shapes and dtypes, no data: a model built on the meta device to infer shapes
+    or count FLOPs) take the op's eager reference (``_dispatch.reference_only``), as the modules
+    already routed them: forward and backward launch nothing and give meta tensors of the shapes
+    and dtypes the same call gives on a real device, with CPU autocast on or off (eager's aten ops
+    do not autocast meta tensors, and neither does the op). Before 2026-11-29 every public op
+    function raised on meta inputs (``torch.is_autocast_enabled("meta")``: autocast has no meta
+    device type)."""
+    case.apply(monkeypatch)
+    fn, inputs = case.build()
+    with triton_launches(run=False):  # only the shapes and dtypes are compared
+        out = fn()
+        expected = _shapes([out, *torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)])
+    meta = torch.device("meta")
+    monkeypatch.setitem(globals(), "DEVICE", meta)  # where the builders make their tensors
+    for autocast in (False, True):
+        fn, inputs = case.build()
+        assert all(t.is_meta for t in inputs)
+        with triton_launches(run=False) as launches, \
+                torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            out = fn()
+            got = _shapes([out, *torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)])
+        assert not launches, dict(launches)
+        assert got == [None if e is None else (e[0], e[1], "meta") for e in expected], (autocast, got, expected)
