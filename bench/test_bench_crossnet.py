@@ -141,7 +141,8 @@ def test_crossnet(benchmark, monkeypatch, shape_name, rank, mode, provider):
         params = [[_leaf(D, r, scale=0.5 / math.sqrt(r), g=g) for _ in range(L)],
                   [_leaf(r, D, scale=1.0 / math.sqrt(D), g=g) for _ in range(L)]]
         name = "low_rank_cross_net"
-    params.append([_leaf(D, 1, scale=0.1, g=g) for _ in range(L)])
+    bias_shape = (D, 1) if r is None else (D,)  # the modules' (torchrec's) layouts
+    params.append([_leaf(*bias_shape, scale=0.1, g=g) for _ in range(L)])
     fn = _fn(provider, name)
 
     def forward():

@@ -243,12 +243,17 @@ class PersonalizedFFN(FusedModule):
         return f"d_model={self.d_model}, n_sum={self.n_sum}, mode={self.mode!r}, {super().extra_repr()}"
 
 
-def _load_bias_column(state_dict, prefix, num_layers):
-    """Accept biases saved as ``[D]`` (older torchrec) by viewing them as ``[D, 1]``."""
-    for i in range(num_layers):
+def _load_biases(module, state_dict, prefix) -> None:
+    """Accept a cross net's biases saved as ``[D]`` or as ``[D, 1]``, whichever the module holds, by
+    viewing them in its own shape: torchrec's ``LowRankCrossNet`` keeps ``[D]`` in its current
+    releases and ``[D, 1]`` in earlier ones (as this package did before 2026-11-29), and its
+    ``CrossNet`` ``[D, 1]``. Any other shape is left to ``load_state_dict``'s size-mismatch error."""
+    for i, own in enumerate(module.bias):
         key = f"{prefix}bias.{i}"
-        if key in state_dict and state_dict[key].dim() == 1:
-            state_dict[key] = state_dict[key].unsqueeze(-1)
+        saved = state_dict.get(key)
+        D = own.numel()
+        if isinstance(saved, torch.Tensor) and saved.shape != own.shape and saved.shape in ((D,), (D, 1)):
+            state_dict[key] = saved.reshape(own.shape)
 
 
 class CrossNet(FusedModule):
@@ -259,9 +264,11 @@ class CrossNet(FusedModule):
     ``state_dict``s load unchanged.
 
     Decision: under ``torch.autocast`` the fused path returns the autocast dtype, where the eager
-    path, whose last ops are element-wise with x0, returns x0's (fp32 for an fp32 x0). The kernels
-    hold each ``x_i`` in fp32 and round once, on store: half the output's bytes. In the model the
-    output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway. Alone
+    path, whose last ops are element-wise with x0, returns x0's (fp32 for an fp32 x0): half the
+    output's bytes. Each ``x_i`` between layers is stored in the autocast dtype too: the next
+    layer's GEMM operand, which eager rounds alike, and its residual, which eager keeps in fp32
+    (:class:`LowRankCrossNet`'s kernels keep ``x_i`` in fp32 registers and never store it). In the
+    model the output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway. Alone
     under fp16 autocast, an output past fp16's range (65504) is inf, where eager's fp32 output can
     hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
     (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
@@ -281,7 +288,7 @@ class CrossNet(FusedModule):
         self.bias = nn.ParameterList([nn.Parameter(torch.zeros(in_features, 1)) for _ in range(num_layers)])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _load_bias_column(state_dict, prefix, self._num_layers)
+        _load_biases(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @ranged("CrossNet")
@@ -298,8 +305,13 @@ class LowRankCrossNet(FusedModule):
     """DCNv2 low-rank cross layers, a drop-in for ``torchrec.modules.crossnet.LowRankCrossNet``.
 
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
-    (``[r, D]``), both Xavier-normal, and ``bias`` (``[D, 1]``, zeros) -- torchrec's names and shapes.
+    (``[r, D]``), both Xavier-normal, and ``bias`` (``[D]``, zeros) -- torchrec's names and shapes.
     Under autocast the fused path returns the autocast dtype, as :class:`CrossNet`'s does.
+
+    Decision: the biases are ``[D]``, as torchrec's current ``LowRankCrossNet`` holds them (its
+    earlier releases, and this package before 2026-11-29, held ``[D, 1]``), so that a ``state_dict``
+    goes both ways between the two modules; a ``[D, 1]`` one loads too, viewed as ``[D]``, and a
+    resumed training run reshapes its optimiser's saved state to match (``interformer.train``).
     """
 
     kernel_ops = (("crossnet", "low_rank_cross_net"),)
@@ -317,10 +329,10 @@ class LowRankCrossNet(FusedModule):
         self.V_kernels = nn.ParameterList(
             [nn.Parameter(nn.init.xavier_normal_(torch.empty(low_rank, in_features))) for _ in range(num_layers)]
         )
-        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(in_features, 1)) for _ in range(num_layers)])
+        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(in_features)) for _ in range(num_layers)])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _load_bias_column(state_dict, prefix, self._num_layers)
+        _load_biases(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @ranged("LowRankCrossNet")

@@ -117,7 +117,7 @@ def cross_net(
 ) -> torch.Tensor:
     """Full-rank DCNv2 cross layers, ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``.
 
-    x0 ``[B, D]``; kernels ``[D, D]`` each; biases ``[D, 1]`` each (torchrec layout).
+    x0 ``[B, D]``; kernels ``[D, D]`` each; biases ``[D, 1]`` (torchrec's layout) or ``[D]`` each.
     """
     x = x0
     for w, b in zip(kernels, biases):
@@ -133,7 +133,8 @@ def low_rank_cross_net(
 ) -> torch.Tensor:
     """Low-rank cross layers, ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i``.
 
-    w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D, 1]`` each.
+    w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D]`` (torchrec's current layout) or
+    ``[D, 1]`` each.
     """
     x = x0
     for w, v, b in zip(w_kernels, v_kernels, biases):

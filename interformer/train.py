@@ -137,6 +137,7 @@ from . import __version__
 from .config import InterFormerConfig
 from .data import Batch, check_seed, make_synthetic
 from .dataio import ON_ERROR as ON_BAD_ROWS
+from .layers import LowRankCrossNet
 from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
 from .validation import validate_batch, values_checked
@@ -802,7 +803,7 @@ def build_model(cfg: TrainConfig, overrides: Dict[str, Any], backend: Optional[s
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Optimizer]:
     """AdamW for dense parameters (decay on the weight matrices only) plus the embedding optimiser.
 
-    A weight matrix is a parameter of two or more dimensions that is not a bias: the cross nets'
+    A weight matrix is a parameter of two or more dimensions that is not a bias: ``CrossNet``'s
     biases are ``[D, 1]`` (torchrec's layout; named ``bias.<i>``), and were once told apart by
     shape (no size of 1), which also left out matrices with one row, such as the CTR head's output
     layer ``[1, width]`` or PMA's learned queries with one query (a CLI fuzzing helper's find)."""
@@ -825,6 +826,21 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> List[torch.optim.Opt
     for m in tables:
         m.sparse = True
     return [dense_opt, torch.optim.SparseAdam(emb_params, lr=emb_lr)]
+
+
+def _bias_state_in_param_shapes(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Reshape an optimiser's saved ``[D, 1]`` state of a ``LowRankCrossNet`` bias (AdamW's moments,
+    from a checkpoint written before 2026-11-29, when those biases were ``[D, 1]``; they are ``[D]``
+    now, as torchrec's) to the bias's ``[D]``: the module's ``state_dict`` hook views the bias itself
+    in its shape, and ``Optimizer.load_state_dict`` checks no shapes, so the moments would broadcast
+    against the ``[D]`` gradient at the first step and fail there. Only those biases' state is
+    touched; anything else keeps its saved shape."""
+    for m in model.modules():
+        if isinstance(m, LowRankCrossNet):
+            for p in m.bias:
+                for k, v in opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.shape == (p.numel(), 1):
+                        opt.state[p][k] = v.reshape(p.shape)
 
 
 def warmup_schedulers(optimizers, warmup_steps: int) -> list:
@@ -1376,6 +1392,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
         model.load_state_dict(resume_state["model"])
         for opt, s in zip(optimizers, resume_state["optimizers"], strict=True):
             opt.load_state_dict(s)
+            _bias_state_in_param_shapes(model, opt)
         for sch, s in zip(schedulers, resume_state["schedulers"], strict=True):
             sch.load_state_dict(s)
         scaler.load_state_dict(resume_state["scaler"])

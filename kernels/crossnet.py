@@ -6,8 +6,9 @@ Public functions (same names and signatures as :mod:`interformer.reference`)::
     low_rank_cross_net(x0, w_kernels, v_kernels, biases)  # x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i
 
 x0 ``[B, D]``; torchrec layouts: ``kernels[i]`` (W) ``[D, D]`` (the layer computes ``x_i @ W^T``),
-``w_kernels[i]`` (U) ``[D, r]``, ``v_kernels[i]`` (V) ``[r, D]``, ``biases[i]`` ``[D, 1]`` (``[D]`` also
-accepted). Output: a new contiguous ``[B, D]`` tensor in x0's dtype. Any number of layers ``L >= 1``
+``w_kernels[i]`` (U) ``[D, r]``, ``v_kernels[i]`` (V) ``[r, D]``, ``biases[i]`` ``[D, 1]`` or ``[D]``
+(torchrec's ``CrossNet`` holds ``[D, 1]``, its current ``LowRankCrossNet`` ``[D]``; each gradient comes
+back in its bias's shape). Output: a new contiguous ``[B, D]`` tensor in x0's dtype. Any number of layers ``L >= 1``
 (``L = 0`` returns x0, as the reference does).
 
 How the per-layer parameter lists reach the kernels
@@ -1440,7 +1441,7 @@ def low_rank_cross_net(
     """Fused low-rank cross layers ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i``; same contract as
     :func:`interformer.reference.low_rank_cross_net` (see the module docstring for the design).
 
-    x0 ``[B, D]``; w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D, 1]`` each.
+    x0 ``[B, D]``; w_kernels (U) ``[D, r]`` each, v_kernels (V) ``[r, D]`` each, biases ``[D]`` (or ``[D, 1]``) each.
     """
     ws, vs, bs = list(w_kernels), list(v_kernels), list(biases)
     if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)
@@ -1471,7 +1472,7 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
     """Fused full-rank cross layers ``x_{i+1} = x0 * (W_i x_i + b_i) + x_i``; same contract as
     :func:`interformer.reference.cross_net` (see the module docstring for the design).
 
-    x0 ``[B, D]``; kernels ``[D, D]`` each (``x_i @ W^T``); biases ``[D, 1]`` each.
+    x0 ``[B, D]``; kernels ``[D, D]`` each (``x_i @ W^T``); biases ``[D, 1]`` (or ``[D]``) each.
     """
     ws, bs = list(kernels), list(biases)
     if isinstance(x0, torch.fx.Proxy):  # torch.fx.symbolic_trace: record this call (_dispatch.fx_call)

@@ -1,5 +1,6 @@
 """CrossNet / LowRankCrossNet as drop-ins for torchrec's: parameter names and shapes, a golden test
-with hand-computed numbers, old-style ``[D]`` biases, and an FX trace (torchrec's own test habits).
+with hand-computed numbers, biases saved in the other layout (``[D]`` or ``[D, 1]``), and an FX trace
+(torchrec's own test habits).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def test_low_rank_crossnet_parameter_names_and_shapes():
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     expected = {}
     for i in range(2):
-        expected.update({f"W_kernels.{i}": (6, 3), f"V_kernels.{i}": (3, 6), f"bias.{i}": (6, 1)})
+        expected.update({f"W_kernels.{i}": (6, 3), f"V_kernels.{i}": (3, 6), f"bias.{i}": (6,)})  # torchrec's current
     assert shapes == expected
     assert all(not b.any() for b in m.bias)
 
@@ -50,7 +51,7 @@ def test_crossnet_golden():
 
 def test_low_rank_crossnet_golden():
     m = LowRankCrossNet(2, 2, 1, backend="eager")
-    _set(m, W_kernels=[[[1], [2]], [[0], [1]]], V_kernels=[[[3, -1]], [[1, 1]]], bias=[[[1], [0]], [[0], [-2]]])
+    _set(m, W_kernels=[[[1], [2]], [[0], [1]]], V_kernels=[[[3, -1]], [[1, 1]]], bias=[[1, 0], [0, -2]])
     x0 = torch.tensor([[1.0, 2.0]])
     # layer 0: V0 x0 = 3 - 2 = 1; U0 * 1 = [1, 2]; + b0 = [2, 2]; x0 * . = [2, 4]; + x0 -> x1 = [3, 6]
     # layer 1: V1 x1 = 9;        U1 * 9 = [0, 9]; + b1 = [0, 7]; x0 * . = [0, 14]; + x1 -> x2 = [3, 20]
@@ -58,25 +59,29 @@ def test_low_rank_crossnet_golden():
 
 
 @pytest.mark.parametrize("low_rank", [None, 2])
-def test_loads_torchrec_state_dicts_with_1d_bias(low_rank):
-    """Older torchrec saved the bias as ``[D]``; it must load (as ``[D, 1]``) and give the same output."""
+@pytest.mark.parametrize("saved", [(4,), (4, 1)], ids=["D", "D-1"])
+def test_loads_biases_saved_in_either_layout(low_rank, saved):
+    """Biases saved as ``[D]`` (torchrec's current ``LowRankCrossNet``) or ``[D, 1]`` (its
+    ``CrossNet``, its earlier ``LowRankCrossNet``, this package's before 2026-11-29) load into either
+    module, in the module's own shape, and give the same output; any other shape is refused."""
     D, L = 4, 2
-    src = CrossNet(D, L, backend="eager") if low_rank is None else LowRankCrossNet(D, L, low_rank, backend="eager")
+
+    def make():
+        return CrossNet(D, L, backend="eager") if low_rank is None else LowRankCrossNet(D, L, low_rank, backend="eager")
+
+    src = make()
     with torch.no_grad():
         for b in src.bias:
             b.normal_()
-    sd = {k: v.clone() for k, v in src.state_dict().items()}
-    old = {k: (v.reshape(-1) if k.startswith("bias.") else v) for k, v in sd.items()}
-    assert old["bias.0"].shape == (D,)
-    dst = CrossNet(D, L, backend="eager") if low_rank is None else LowRankCrossNet(D, L, low_rank, backend="eager")
-    dst.load_state_dict(old)  # strict
-    assert all(b.shape == (D, 1) for b in dst.bias)
+    own = tuple(src.bias[0].shape)
+    sd = {k: (v.reshape(saved) if k.startswith("bias.") else v).clone() for k, v in src.state_dict().items()}
+    dst = make()
+    dst.load_state_dict(sd)  # strict
+    assert all(tuple(b.shape) == own for b in dst.bias)
     x = torch.randn(3, D)
     assert torch.equal(dst(x), src(x))
-    # the current [D, 1] layout loads too
-    dst2 = CrossNet(D, L, backend="eager") if low_rank is None else LowRankCrossNet(D, L, low_rank, backend="eager")
-    dst2.load_state_dict(sd)
-    assert torch.equal(dst2(x), src(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        make().load_state_dict({**sd, "bias.1": torch.zeros(1, D)})
 
 
 @pytest.mark.parametrize("cls", [CrossNet, LowRankCrossNet])

@@ -27,6 +27,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from interformer import reference as R
 from interformer.layers import CrossNet, LowRankCrossNet
@@ -42,7 +43,7 @@ def _lr_inputs(B, D, r, L, dtype, device=DEVICE):
     x0 = torch.randn(B, D, device=device)
     ws = [torch.randn(D, r, device=device) * (0.5 / math.sqrt(r)) for _ in range(L)]
     vs = [torch.randn(r, D, device=device) / math.sqrt(D) for _ in range(L)]
-    bs = [torch.randn(D, 1, device=device) * 0.1 for _ in range(L)]
+    bs = [torch.randn(D, device=device) * 0.1 for _ in range(L)]  # LowRankCrossNet's (torchrec's) [D]
     return [t.to(dtype) for t in (x0, *ws, *vs, *bs)]
 
 
@@ -567,9 +568,10 @@ def test_module_triton_vs_eager(make):
         assert_rel(k, e, FP32_TOL, f"grad {name}")
 
 
-# torchrec (not installed) -- a minimal copy of the public module logic of torchrec.modules.crossnet,
-# written from its documentation: parameters kept as [D, D] / [D, r] / [r, D] matrices and [D, 1]
-# biases, the input handled as a column per sample ([B, D, 1]).
+# torchrec (not installed) -- minimal stand-ins for the public module logic of torchrec.modules.crossnet:
+# parameters kept as [D, D] / [D, r] / [r, D] matrices; CrossNet with [D, 1] biases and the input as a
+# column per sample ([B, D, 1]); LowRankCrossNet in its current form ([D] biases, rows through
+# F.linear) and in its earlier one (as CrossNet: [D, 1] biases, columns).
 class _TorchrecCrossNet(nn.Module):
     def __init__(self, in_features: int, num_layers: int) -> None:
         super().__init__()
@@ -587,36 +589,50 @@ class _TorchrecCrossNet(nn.Module):
 
 
 class _TorchrecLowRankCrossNet(nn.Module):
-    def __init__(self, in_features: int, num_layers: int, low_rank: int = 1) -> None:
+    def __init__(self, in_features: int, num_layers: int, low_rank: int = 1, earlier: bool = False) -> None:
         super().__init__()
-        self._num_layers = num_layers
+        self._num_layers, self._earlier = num_layers, earlier
         self.W_kernels = nn.ParameterList(
             nn.Parameter(nn.init.xavier_normal_(torch.empty(in_features, low_rank))) for _ in range(num_layers))
         self.V_kernels = nn.ParameterList(
             nn.Parameter(nn.init.xavier_normal_(torch.empty(low_rank, in_features))) for _ in range(num_layers))
-        self.bias = nn.ParameterList(nn.Parameter(nn.init.zeros_(torch.empty(in_features, 1))) for _ in range(num_layers))
+        shape = (in_features, 1) if earlier else (in_features,)
+        self.bias = nn.ParameterList(nn.Parameter(nn.init.zeros_(torch.empty(shape))) for _ in range(num_layers))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x_0 = input.unsqueeze(2)
-        x_l = x_0
+        if self._earlier:  # columns, as _TorchrecCrossNet
+            x_0 = input.unsqueeze(2)
+            x_l = x_0
+            for layer in range(self._num_layers):
+                xl_w = torch.matmul(self.W_kernels[layer], torch.matmul(self.V_kernels[layer], x_l))
+                x_l = x_0 * (xl_w + self.bias[layer]) + x_l
+            return torch.squeeze(x_l, dim=2)
+        x_l = input
         for layer in range(self._num_layers):
-            xl_w = torch.matmul(self.W_kernels[layer], torch.matmul(self.V_kernels[layer], x_l))
-            x_l = x_0 * (xl_w + self.bias[layer]) + x_l
-        return torch.squeeze(x_l, dim=2)
+            xl_w = F.linear(F.linear(x_l, self.V_kernels[layer]), self.W_kernels[layer])
+            x_l = input * (xl_w + self.bias[layer]) + x_l
+        return x_l
 
 
 @pytest.mark.parametrize("backend", ["triton", "eager"])
-@pytest.mark.parametrize("low_rank", [None, 6])
-def test_torchrec_state_dict_round_trip(low_rank, backend):
+@pytest.mark.parametrize("low_rank,earlier", [(None, False), (6, False), (6, True)],
+                         ids=["full", "low-rank", "low-rank-earlier-torchrec"])
+def test_torchrec_state_dict_round_trip(low_rank, earlier, backend):
+    """A torchrec module's ``state_dict`` loads (strict) and gives its outputs; ours loads back into
+    torchrec's current modules as it is, and into the earlier ``LowRankCrossNet`` (``[D, 1]``
+    biases) with its biases viewed in that shape."""
     D, L = 40, 2
     if low_rank is None:
         theirs, ours = _TorchrecCrossNet(D, L), CrossNet(D, L, backend=backend)
     else:
-        theirs, ours = _TorchrecLowRankCrossNet(D, L, low_rank), LowRankCrossNet(D, L, low_rank, backend=backend)
+        theirs, ours = _TorchrecLowRankCrossNet(D, L, low_rank, earlier), LowRankCrossNet(D, L, low_rank, backend=backend)
     _randomize(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert list(ours.state_dict()) == list(theirs.state_dict())
-    theirs.load_state_dict(ours.state_dict(), strict=True)  # and back
+    back = ours.state_dict()
+    if earlier:  # its [D, 1] biases: ours are [D]
+        back = {k: v.view_as(theirs.state_dict()[k]) for k, v in back.items()}
+    theirs.load_state_dict(back, strict=True)  # and back (a shape mismatch raises)
     x = torch.randn(3, D)
     expected = theirs(x)
     assert_rel(ours.to(DEVICE)(x.to(DEVICE)), expected, FP32_TOL)
@@ -640,7 +656,7 @@ def test_golden_2x3():
         full.bias[1].zero_()
         low.W_kernels[0].copy_(torch.tensor([[1.0], [0.0], [2.0]]))
         low.V_kernels[0].copy_(torch.tensor([[1.0, 1.0, 0.0]]))
-        low.bias[0].copy_(torch.tensor([[0.0], [0.0], [1.0]]))
+        low.bias[0].copy_(torch.tensor([0.0, 0.0, 1.0]))
     expected_full = torch.tensor([[4.2, 31.2, 87.6], [1.2, 0.0, 16.8]], device=DEVICE)
     expected_low = torch.tensor([[4.0, 2.0, 24.0], [0.25, -1.0, 2.0]], device=DEVICE)
     torch.testing.assert_close(full(x0), expected_full, rtol=1e-5, atol=1e-5)
@@ -703,17 +719,20 @@ def test_compile_fullgraph_through_the_ops():
 
 
 # ----------------------------------------------------------------------------- eager entry vs custom op
-LEAN_CASES = [  # (id, rank or None, B, D, L, requires_grad of x0 / of the parameters, 1-D biases)
+LEAN_CASES = [  # (id, rank or None, B, D, L, requires_grad of x0 / of the parameters, biases in the
+    # other layout than the module's: [D, 1] for the low rank, [D] for the full rank)
     ("low-rank", 8, 3, 40, 2, True, True, False),
-    ("low-rank-frozen-params-1d-bias", 24, 2, 40, 3, True, False, True),
+    ("low-rank-frozen-params-column-bias", 24, 2, 40, 3, True, False, True),
     ("full-rank-one-launch", None, 3, 40, 3, True, True, False),
-    ("full-rank-per-layer-frozen-x0", None, 2, 160, 2, False, True, True),
+    ("full-rank-per-layer-frozen-x0-1d-bias", None, 2, 160, 2, False, True, True),
 ]
 
 
-def _lean_masters(rank, B, D, L, bias_1d):
+def _lean_masters(rank, B, D, L, other_bias):
     flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
-    return flat[:-L] + [b.reshape(-1) for b in flat[-L:]] if bias_1d else flat
+    if not other_bias:
+        return flat
+    return flat[:-L] + [b.reshape((-1,) if rank is None else (-1, 1)) for b in flat[-L:]]
 
 
 def _lean_leaves(masters, req_x0, req_p):
@@ -728,12 +747,12 @@ def test_eager_entry_matches_custom_op_bitwise(case, monkeypatch):
     same dtypes, shapes and differentiable outputs; the public function with the custom-op route
     forced gives the same too; under no_grad, or with no input requiring grad, the forward launcher
     alone gives the same output."""
-    cid, rank, B, D, L, req_x0, req_p, bias_1d = case
+    cid, rank, B, D, L, req_x0, req_p, other_bias = case
     kinds = 2 if rank is None else 3
     lean_fn, op, public = ((C._CrossNet, torch.ops.interformer.cross_net_fwd, C.cross_net) if rank is None else
                            (C._LowRankCrossNet, torch.ops.interformer.low_rank_cross_net_fwd, C.low_rank_cross_net))
     grad = torch.randn(B, D, device=DEVICE)
-    masters = _lean_masters(rank, B, D, L, bias_1d)
+    masters = _lean_masters(rank, B, D, L, other_bias)
 
     def go(path):
         leaves = _lean_leaves(masters, req_x0, req_p)
@@ -909,13 +928,16 @@ def test_noncontiguous_parameters(rank):
     x0, *lists = _split(flat, L, kinds)
     # leaves: transposed copies of every matrix, and one [D, L] tensor holding all biases
     mats = [m.t().contiguous().requires_grad_() for lst in lists[:-1] for m in lst]
-    bcat = torch.cat(list(lists[-1]), dim=1).contiguous().requires_grad_()
+    bcat = torch.stack([b.reshape(-1) for b in lists[-1]], dim=1).contiguous().requires_grad_()
+
+    def bias_views(t):  # in the module's layout: [D, 1] full rank, [D] low rank (each a stride-L view)
+        return [t[:, i:i + 1] if rank is None else t[:, i] for i in range(L)]
     x0 = x0.clone().requires_grad_()
     g = torch.randn(B, D, device=DEVICE)
 
     def params():
         views = [m.t() for m in mats]
-        biases = [bcat[:, i:i + 1] for i in range(L)]
+        biases = bias_views(bcat)
         assert not any(v.is_contiguous() for v in views) and not biases[0].reshape(-1).is_contiguous()
         return [views[k * L:(k + 1) * L] for k in range(kinds - 1)] + [biases]
 
@@ -924,7 +946,7 @@ def test_noncontiguous_parameters(rank):
     leaves64 = [t.detach().double().requires_grad_() for t in (x0, *mats, bcat)]
     x64, *mats64, b64 = leaves64
     views64 = [m.t() for m in mats64]
-    lists64 = [views64[k * L:(k + 1) * L] for k in range(kinds - 1)] + [[b64[:, i:i + 1] for i in range(L)]]
+    lists64 = [views64[k * L:(k + 1) * L] for k in range(kinds - 1)] + [bias_views(b64)]
     out64 = ref(x64, *lists64)
     grads64 = torch.autograd.grad(out64, leaves64, g.double())
     assert_rel(out, out64, FP32_TOL, "out")

@@ -110,11 +110,12 @@ def cross_f(P, x0, num_layers, pre=""):
 
 
 def low_rank_cross_f(P, x0, num_layers, pre=""):
-    """Low-rank DCNv2: ``W_i = U_i V_i`` (``W_kernels`` = U [D, r], ``V_kernels`` = V [r, D])."""
+    """Low-rank DCNv2: ``W_i = U_i V_i`` (``W_kernels`` = U [D, r], ``V_kernels`` = V [r, D], ``bias`` [D])."""
     x = x0
     for i in range(num_layers):
-        U, V = P[f"{pre}W_kernels.{i}"], P[f"{pre}V_kernels.{i}"]
-        x = x0 * (torch.einsum("ir,rj,bj->bi", U, V, x) + P[f"{pre}bias.{i}"][:, 0]) + x
+        U, V, b = P[f"{pre}W_kernels.{i}"], P[f"{pre}V_kernels.{i}"], P[f"{pre}bias.{i}"]
+        assert b.shape == x0.shape[1:], b.shape  # torchrec's current layout
+        x = x0 * (torch.einsum("ir,rj,bj->bi", U, V, x) + b) + x
     return x
 
 

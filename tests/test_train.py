@@ -1364,19 +1364,22 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, bar
 
 
 def test_weight_decay_takes_every_weight_matrix_and_no_bias():
-    """Decay on every parameter of two or more dimensions except the cross nets' ``[D, 1]`` biases
-    (and the embedding tables, which have their own optimiser): the head's ``[1, width]`` output
-    weight too, which a shape rule (no size of 1) once left out."""
-    model = T.build_model(T.TrainConfig(model=dict(TINY)), {})
-    decay = {id(p) for p in T.build_optimizers(model, T.TrainConfig())[0].param_groups[0]["params"]}
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    names = {n for n, p in model.named_parameters() if id(p) in decay}
-    dcn_biases = [n for n, p in model.named_parameters() if ".bias." in n and p.dim() == 2]
-    assert dcn_biases and not set(dcn_biases) & names and not any(".bias" in n for n in names)
-    assert names == {n for n, p in model.named_parameters()
-                     if p.dim() >= 2 and id(p) not in tables and n not in dcn_biases}
-    out = f"head.{len(model.head) - 1}.weight"
-    assert out in names and model.head[-1].weight.shape[0] == 1
+    """Decay on every parameter of two or more dimensions except the cross nets' biases (``[D, 1]``
+    in ``CrossNet``, ``[D]`` in ``LowRankCrossNet``; the model is built with each) and the embedding
+    tables, which have their own optimiser: the head's ``[1, width]`` output weight too, which a
+    shape rule (no size of 1) once left out."""
+    for rank in (TINY["dcn_rank"], None):
+        model = T.build_model(T.TrainConfig(model={**TINY, "dcn_rank": rank}), {})
+        decay = {id(p) for p in T.build_optimizers(model, T.TrainConfig())[0].param_groups[0]["params"]}
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        names = {n for n, p in model.named_parameters() if id(p) in decay}
+        dcn_biases = [n for n, p in model.named_parameters() if ".bias." in n]  # ParameterList entries
+        assert {p.dim() for n, p in model.named_parameters() if n in dcn_biases} == {1 if rank else 2}
+        assert dcn_biases and not set(dcn_biases) & names and not any(".bias" in n for n in names)
+        assert names == {n for n, p in model.named_parameters()
+                         if p.dim() >= 2 and id(p) not in tables and n not in dcn_biases}
+        out = f"head.{len(model.head) - 1}.weight"
+        assert out in names and model.head[-1].weight.shape[0] == 1
 
 
 def test_a_resume_below_the_runs_progress_is_refused(tmp_path):
@@ -1639,6 +1642,35 @@ def test_a_checkpoint_with_numpy_rng_state_from_before_still_loads_and_resumes(t
     with pytest.raises(Exception):  # what it holds is not plain: the allowlist below is what loads it
         torch.load(out / "last.pt", weights_only=True)
     assert isinstance(T.load_checkpoint(out / "last.pt")["rng"][0]["numpy"][1], np.ndarray)
+    T.train(tiny_config(out, resume=True, max_steps=100), log=quiet)
+    assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
+
+
+def test_a_checkpoint_with_the_earlier_low_rank_bias_layout_resumes(tmp_path, full_run):
+    """Checkpoints written before 2026-11-29 hold the ``LowRankCrossNet`` biases as ``[D, 1]`` (now
+    ``[D]``, as torchrec's), and AdamW's moments of them in that shape. Such a last.pt resumes to the
+    weights of the uninterrupted run: the module's load hook views the biases as ``[D]``, and
+    ``train._bias_state_in_param_shapes`` the moments (without it the first step's update fails)."""
+    from interformer.layers import LowRankCrossNet
+
+    out = tmp_path / "part"
+    cfg = tiny_config(out, max_steps=11)
+    T.train(cfg, log=quiet)
+    state = T.load_checkpoint(out / "last.pt")
+    model = T.build_model(cfg, {})  # the run's model and dense optimiser: their parameter order
+    order = [p for g in T.build_optimizers(model, cfg)[0].param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    moved = 0
+    for m in model.modules():
+        if isinstance(m, LowRankCrossNet):
+            for p in m.bias:
+                state["model"][names[id(p)]] = state["model"][names[id(p)]].reshape(-1, 1)
+                saved = state["optimizers"][0]["state"][next(i for i, q in enumerate(order) if q is p)]
+                for k in ("exp_avg", "exp_avg_sq"):
+                    saved[k] = saved[k].reshape(-1, 1)
+                    moved += 1
+    assert moved
+    torch.save(state, out / "last.pt")
     T.train(tiny_config(out, resume=True, max_steps=100), log=quiet)
     assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
 
