@@ -69,7 +69,9 @@ s may be fp32, fp16 or bf16; out and ds are in s's dtype. w_b (x_sum, a) must ha
 except under ``torch.autocast`` on s's device type, where w_b and x_sum are cast to the autocast
 dtype (as eager's bmm casts its operands) and the products run in it, while an fp32 s stays fp32:
 the kernels read it in fp32, add the residual in fp32 and give out and ds in fp32, as eager's
-``s + bmm(...)`` does (a 16-bit s of the other 16-bit dtype is cast); ``a`` may stay fp32: it is
+``s + bmm(...)`` does; a 16-bit s of the other 16-bit dtype (bf16 under fp16 autocast, say) is
+converted to fp32 first, since eager's sum promotes the two 16-bit dtypes to fp32, so out is fp32
+there too and ds comes back in s's dtype through the conversion; ``a`` may stay fp32: it is
 read in its own dtype and cast in registers, and its gradient comes back in its own dtype.
 ln_weight/ln_bias may be any float dtype (read as fp32; eager's autocast runs LayerNorm in fp32
 too); their gradients come back in their dtype. ``None`` means weight 1 / bias 0. The normalised rows are rounded to the compute dtype only as
@@ -527,8 +529,10 @@ def _linear_fits(n_sum: int, d: int, dtype: torch.dtype) -> bool:
 def _autocast_s(s: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     """s under autocast: as it is when it is fp32 or already ``cdt`` (eager rounds only the bmm's
     operands and adds the residual to s as it is, so an fp32 s gives an fp32 result), else (the
-    other 16-bit dtype) cast to ``cdt``."""
-    return s if s.dtype in (torch.float32, cdt) else s.to(cdt)
+    other 16-bit dtype) converted to fp32, exactly: eager's ``s + bmm(...)`` promotes bf16 and fp16
+    to fp32, and so the output is fp32 there too (until 2026-11-29 s was cast to ``cdt``, which
+    rounded it and gave a ``cdt`` output)."""
+    return s if s.dtype in (torch.float32, cdt) else s.float()
 
 
 def _fallback(fn_name, s, *args):

@@ -346,12 +346,13 @@ def test_module_eps_reaches_the_kernels_and_follows_norm_eps(mode):
 
 
 @pytest.mark.parametrize("mode", ["mlp", "linear"])
-@pytest.mark.parametrize("s_dtype", ["autocast dtype", "float32"])
+@pytest.mark.parametrize("s_dtype", ["autocast dtype", "float32", "other 16-bit dtype"])
 def test_autocast_keeps_fp32_parameters(mode, s_dtype):
     """Under autocast the products run in the autocast dtype (w_b / x_sum cast to it), LayerNorm
     parameters and ``A`` stay fp32 (their gradients too); s keeps its dtype, so an fp32 s gives an
-    fp32 output and gradient with the residual added in fp32, as eager's ``s + bmm(...)`` does;
-    accuracy obeys the low-precision rule against eager autocast."""
+    fp32 output and gradient with the residual added in fp32, as eager's ``s + bmm(...)`` does; an
+    s of the other 16-bit dtype gives an fp32 output, as eager's sum promotes it (its gradient
+    comes back in its dtype); accuracy obeys the low-precision rule against eager autocast."""
     if not HAS_CUDA:
         try:
             with torch.autocast("cpu", dtype=torch.float16):
@@ -369,14 +370,16 @@ def test_autocast_keeps_fp32_parameters(mode, s_dtype):
     grad = torch.randn(B, L, d, dtype=torch.float64, device=DEVICE)
     lengths = torch.tensor([L, 0, 4], device=DEVICE)
     results = []
-    s_dt = ac_dtype if s_dtype == "autocast dtype" else torch.float32
+    other = torch.float16 if ac_dtype == torch.bfloat16 else torch.bfloat16
+    s_dt = {"autocast dtype": ac_dtype, "float32": torch.float32, "other 16-bit dtype": other}[s_dtype]
+    out_dt = torch.float32 if s_dt == other else s_dt
     for backend in ("triton", "eager"):
         mod.backend = backend
         mod.zero_grad(set_to_none=True)
         s, x = s0.to(s_dt).requires_grad_(), x0.float().requires_grad_()
         with torch.autocast(DEVICE.type, dtype=ac_dtype):
             out = mod(s, x, lengths)
-        assert out.dtype == s_dt, backend
+        assert out.dtype == out_dt, backend
         out.backward(grad.to(out.dtype))
         assert s.grad.dtype == s_dt, backend
         assert all(p.grad.dtype == torch.float32 for p in mod.parameters())

@@ -19,7 +19,10 @@ result is finite there, and right). Known differences that are not checked (none
 whether some gradient is non-finite, which is what GradScaler looks at): the gated LCE's backward
 spreads a non-finite value of one sample to the dx of the other samples of its block; the fused
 PMA gives ``k_bias`` an exact zero gradient (softmax ignores the shift it adds) and ``v_bias`` its
-closed-form gradient, where the reference's are NaN whenever the probabilities are.
+closed-form gradient, where the reference's are NaN whenever the probabilities are; with an inf in
+PFFN's LayerNorm bias, its weight gradients are NaN where the reference's are inf, when a backward
+row block reaches past the last row (there ``h`` is the bias and the upstream gradient zero: a
+review's find, 2026-11-29).
 
 Tiny shapes, float32 and float16 (the interpreter has no bfloat16); each test takes a few seconds
 under ``TRITON_INTERPRET=1``. Fresh allocations are poisoned with NaN (tests/poison.py), so an
