@@ -68,6 +68,7 @@
 #   Left for a later lease: the host stage, the eager training profiles, the op stage at amazon and
 #   long, the third plain amazon compile pair, the compiled inference profile.
 set -uo pipefail
+if [ $# -lt 1 ]; then echo "usage: bench/gpu_session.sh COMMIT STAGE... (see the header)" >&2; exit 2; fi
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
 OUT="${OUT:-$(pwd)/bench/results/tmp}"; mkdir -p "$OUT"
@@ -90,7 +91,16 @@ pack() {
   echo "$mark"
   for _ in $(seq 50); do grep -qxF "$mark" "$SESSION_LOG" && break; sleep 0.1; done
   cp "$SESSION_LOG" "$OUT/session.log"
-  [ -n "${PACK_DEST:-}" ] && tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"
+  if [ -n "${PACK_DEST:-}" ]; then
+    tar -czf "$PACK_DEST/results.part" -C "$OUT" . && mv "$PACK_DEST/results.part" "$PACK_DEST/results.tgz"
+  fi
+}
+# The script's exit status: 0 when every pytest run, shard and program it ran exited 0 (a stage cut
+# at its time box exits 124), else 1, with the failures named on the last line. Until 2026-11-29
+# it returned the last pack's status (1 without PACK=1, 0 with it), whatever had failed.
+FAILED=""
+note_exit() {  # note_exit WHAT CODE: print "WHAT exit CODE" and remember a non-zero CODE
+  echo "$1 exit $2"; [ "$2" = 0 ] || FAILED="$FAILED $1:$2"
 }
 # SKIP_INSTALL=1: use the installed package as it is (the CPU test of this script, tests/test_gpu_session.py,
 # which must not point an environment's editable install at its checkout)
@@ -112,7 +122,7 @@ bench() {  # bench STAGE FILES... : time-boxed pytest-benchmark run, rows to JSO
   local stage="$1" sel="$2"; shift 2
   INTERFORMER_BENCH_ROWS="$OUT/$stage.jsonl" timeout "${TIMEOUT}" python3 -m pytest "$@" -q -rs -p no:cacheprovider \
     ${sel:+-k "$sel"} --benchmark-json="$OUT/$stage.json" --benchmark-columns=median >"$OUT/$stage.log" 2>&1
-  echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/$stage.log" | tail -n 3
+  note_exit pytest $?; grep -E "passed|failed|error" "$OUT/$stage.log" | tail -n 3
   grep -E "^(FAILED|ERROR|SKIPPED)" "$OUT/$stage.log" | cut -c1-300 | head -n 20
   [ -s "$OUT/$stage.jsonl" ] && python3 bench/report.py "$OUT/$stage.jsonl" --out "$OUT/$stage" --force | tail -n 70
 }
@@ -125,15 +135,17 @@ for stage in "$@"; do
              # logs are joined into one tests.log because only a handful of files come back.
              TIMEOUT="${TESTS_TIMEOUT:-300}"; logs=$(mktemp -d); jobs="${TESTS_JOBS:-8}"
              if [ -n "${TESTS_IDS:-}" ]; then
+               [ -r "$TESTS_IDS" ] || { echo "TESTS_IDS: no file $TESTS_IDS"; exit 2; }
                grep -v '^[[:space:]]*#' "$TESTS_IDS" | grep "::" > "$logs/ids.txt"; : > "$logs/collect.log"
              else
                python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} tests \
                  > "$logs/collect.log" 2>&1
-               echo "collection exit $?"  # a file that fails to import is listed here, not in the shards
+               note_exit collection $?  # a file that fails to import is listed here, not in the shards
                grep -E "^(ERROR|E  )" "$logs/collect.log" | head -n 20
                grep "::" "$logs/collect.log" > "$logs/ids.txt"
              fi
              echo "$(wc -l < "$logs/ids.txt") tests in $jobs shards"
+             [ -s "$logs/ids.txt" ] || note_exit "tests (none selected)" 5  # pytest's "no tests ran"
              for i in $(seq 0 $((jobs - 1))); do awk -v n="$jobs" -v i="$i" 'NR % n == i' "$logs/ids.txt" > "$logs/shard$i.ids"; done
              for i in $(seq 0 $((jobs - 1))); do
                ( timeout "$TIMEOUT" python3 -c 'import sys, pytest
@@ -145,6 +157,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              for f in "$logs"/collect.log "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done \
                > "$OUT/tests.log"
              for f in "$logs"/shard*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
+             grep -qv " exit 0$" "$OUT/tests_summary.txt" && FAILED="$FAILED tests:$(grep -cv " exit 0$" "$OUT/tests_summary.txt")-shards"
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
     ops)     # OPS_FILES: the op benchmark files in the order to run them (default: all, alphabetically)
              TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" ${OPS_FILES:-bench --ignore=bench/test_bench_model.py} ;;
@@ -152,10 +165,10 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              TIMEOUT="${MODEL_TIMEOUT:-500}" bench model "${MODEL_K:-}" ${MODEL_FILES:-bench/test_bench_model.py} ;;
     embed)   # the tokenizers' embedding backward against two other eager formulations (plain, graphed, deterministic)
              timeout "${EMBED_TIMEOUT:-60}" python3 profiling/embedding_backward.py >"$OUT/embed.log" 2>&1
-             echo "exit $?"; cat "$OUT/embed.log" ;;
+             note_exit embed $?; cat "$OUT/embed.log" ;;
     threads) # where the plain backward's extra host time on the engine's device thread goes
              timeout "${THREADS_TIMEOUT:-120}" python3 profiling/autograd_threads.py >"$OUT/threads.log" 2>&1
-             echo "exit $?"; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
+             note_exit threads $?; grep -v "^USDT" "$OUT/threads.log" | head -n 60 ;;
     profile) # PROFILE_BACKENDS (default triton); PROFILE_ARGS: more train_step.py flags, several runs
              # separated by ";" (e.g. "--compile --inference;--inference --host"), each run per backend
              IFS=';' read -r -a arg_sets <<< "${PROFILE_ARGS:-}"; [ ${#arg_sets[@]} -gt 0 ] || arg_sets=("")
@@ -164,7 +177,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                  log="$OUT/profile-$be$([ "$i" -gt 0 ] && echo "-$i").log"
                  timeout "${PROFILE_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                    --torch-profiler ${arg_sets[$i]} >"$log" 2>&1
-                 echo "profile $be ${arg_sets[$i]} exit $?"; head -n 70 "$log"
+                 note_exit "profile $be ${arg_sets[$i]}" $?; head -n 70 "$log"
                done
              done ;;
     kernels) # the device time of every kernel of one op call, per provider (profiling/op_kernels.py);
@@ -173,7 +186,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              IFS=';' read -r -a arg_sets <<< "${KERNELS_ARGS:---ops crossnet_low,crossnet_full --providers fused,fused-phases,fused-fphases,compile,eager}"
              for i in "${!arg_sets[@]}"; do
                timeout "${KERNELS_TIMEOUT:-150}" python3 profiling/op_kernels.py ${arg_sets[$i]} >>"$OUT/kernels.log" 2>&1
-               echo "op_kernels ${arg_sets[$i]} exit $?"
+               note_exit "op_kernels ${arg_sets[$i]}" $?
              done
              head -n 150 "$OUT/kernels.log" ;;
     ncu)     # Nsight Compute (--set full) on one call of fused ops (profiling/ncu.sh with NCU_SCRIPT=op_kernels):
@@ -190,7 +203,7 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
                read -r regex count args <<< "${runs[$i]}"
                PYTHON=python3 NCU_SCRIPT=op_kernels NCU_COUNT="$count" NCU_OUT="$ncu_reports/ncu-$i" \
                  timeout -k 10 "${NCU_TIMEOUT:-240}" bash profiling/ncu.sh "$regex" $args >"$OUT/ncu-$i.log" 2>&1
-               echo "ncu $regex exit $?"
+               note_exit "ncu $regex" $?
                grep -iE "^  [_A-Za-z][^ ]* \(|==ERROR==|==WARNING==|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|Warp Cycles Per Issued|stall|One or More Eligible" \
                  "$OUT/ncu-$i.log" | head -n 90
                pack
@@ -198,25 +211,26 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
     host)    # host cost of one launch (PyTorch op, Triton JIT, Triton direct), of one fused op (op_host.py), then plain vs CUDA-graph
              # step time and the host time by group, both backends
              timeout "${LAUNCH_TIMEOUT:-60}" python3 profiling/launch_overhead.py >"$OUT/launch.log" 2>&1
-             echo "launch_overhead exit $?"; tail -n 10 "$OUT/launch.log"
+             note_exit launch_overhead $?; tail -n 10 "$OUT/launch.log"
              # one fused op's plain fwd+bwd: as benchmarked, with its Triton launches skipped, eager
              timeout "${OP_HOST_TIMEOUT:-90}" python3 profiling/op_host.py --profile >"$OUT/op_host.log" 2>&1
-             echo "op_host exit $?"; grep -E "^  [a-z_]+ +(fused|eager)" "$OUT/op_host.log"
+             note_exit op_host $?; grep -E "^  [a-z_]+ +(fused|eager)" "$OUT/op_host.log"
              # what a step issues (aten ops, launches, autograd nodes by arch) under CUDA's autocast, and
              # its time with the launches skipped (the host time minus the launches' own)
              for mode in "" --inference; do
                timeout "${STEP_OPS_TIMEOUT:-60}" python3 profiling/step_ops.py --shape taobao --time $mode \
                  >>"$OUT/step_ops.log" 2>&1
-               echo "step_ops $mode exit $?"
+               note_exit "step_ops $mode" $?
              done
              tail -n 40 "$OUT/step_ops.log"
              for be in triton eager; do
                timeout "${HOST_TIMEOUT:-120}" python3 profiling/train_step.py --shape taobao --backend $be \
                  --steps 10 --host >"$OUT/host-$be.log" 2>&1
-               echo "host $be exit $?"; head -n 12 "$OUT/host-$be.log"
+               note_exit "host $be" $?; head -n 12 "$OUT/host-$be.log"
              done ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "== stage $stage took $(( $(date +%s) - start ))s"
   pack
 done
+if [ -n "$FAILED" ]; then echo "== failed:$FAILED"; exit 1; fi

@@ -92,6 +92,35 @@ def test_the_kernels_stage_runs_each_argument_set_and_packs_its_log(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 @CPU_ONLY
+@pytest.mark.parametrize("pack", ["0", "1"])
+def test_the_exit_status_says_whether_everything_it_ran_succeeded(tmp_path, pack):
+    """0 when every program it ran exited 0, with or without PACK; 1 when one failed, named on the
+    last line, the stages after it still run. Until 2026-11-29 it returned the last pack's status:
+    1 after any run without PACK=1, 0 with it even when a stage had failed (a review's find)."""
+    good = "--shape smoke --calls 1 --ops dot_interaction --providers fused"
+    rc, console, _ = _run(tmp_path / "good", {"PACK": pack, "KERNELS_ARGS": good}, "kernels")
+    assert rc == 0 and "== failed" not in console, console[-3000:]
+    rc, console, packed = _run(tmp_path / "bad", {"PACK": pack, "KERNELS_ARGS": f"--ops no_such_op;{good}"},
+                               "kernels")
+    assert rc == 1, console[-3000:]
+    assert console.rstrip().endswith("== failed: op_kernels --ops no_such_op:2"), console[-3000:]
+    assert f"op_kernels {good} exit 0" in console  # the next run still ran
+    assert ("session.log" in packed) == (pack == "1")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@CPU_ONLY
+def test_a_missing_rerun_list_or_commit_is_refused(tmp_path):
+    """A TESTS_IDS file that does not exist stops the script (exit 2) instead of running no tests and
+    reporting success; no arguments at all print the usage (it was bash's "unbound variable")."""
+    rc, console, _ = _run(tmp_path, {"TESTS_IDS": str(tmp_path / "no_such_list.txt")}, "tests")
+    assert rc == 2 and "TESTS_IDS: no file" in console and "tests in" not in console, console[-3000:]
+    res = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("usage: bench/gpu_session.sh COMMIT STAGE"), res.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@CPU_ONLY
 def test_the_ncu_stage_profiles_each_run_and_packs_its_log(tmp_path):
     """The ``ncu`` stage calls profiling/ncu.sh once per ";"-separated run of ``NCU_RUNS`` ("REGEX
     COUNT op_kernels.py flags") with op_kernels.py as the profiled program, and packs each run's
