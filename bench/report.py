@@ -77,23 +77,36 @@ def _valid(ms) -> bool:
     return isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms) and ms > 0
 
 
+def _json_kind(value) -> str:
+    """JSON's name for the type of a parsed value."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(value), "value")
+
+
 def load_rows(paths):
     """Every row of ``paths`` (pytest-benchmark JSON or ``.jsonl``); ValueError naming the file and
-    line of text that is not JSON (an empty file, a run cut short while writing)."""
+    line of text that is not JSON (an empty file, a run cut short while writing) or not a row (a
+    JSON value other than an object), and a JSON file that is not pytest-benchmark's object."""
     rows = []
     for path in paths:
         with open(path) as f:
             if path.endswith(".jsonl"):
                 for number, line in enumerate(f, 1):
                     try:
-                        rows += [json.loads(line)] if line.strip() else []
+                        row = json.loads(line) if line.strip() else None
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
+                    if line.strip() and not isinstance(row, dict):
+                        raise ValueError(f"{path}:{number}: not a row (a JSON {_json_kind(row)}, not an object)")
+                    rows += [row] if row is not None else []
                 continue
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a pytest-benchmark JSON file (a JSON {_json_kind(data)}, not an object)")
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info") or {}
             if "median_ms" in info:
@@ -330,23 +343,43 @@ def _versus_best(times: dict, best_fused) -> str:
     return f"{other[1] / best_fused[1]:.2f}× ({other[0]})" if other and best_fused else "–"
 
 
-def speedups(rows) -> dict:
-    """``{label: {provider: speedup}}`` for the chart: each line of the table (label ``op/shape/mode``,
-    plus the device and dtype where the rows hold several) with an eager row, each provider's valid
-    time over eager of the same kind: graphed providers over ``eager-cudagraph``, plain ones over
-    ``eager``; a provider with no valid time or no eager of its kind has no entry."""
+def _labelled_times(rows):
+    """``[(label, {provider: valid median ms})]``, one per line of the table: label ``op/shape/mode``,
+    plus the device and dtype where the rows hold several."""
     groups, _, split = _group(rows)
+    return [("/".join(list(key[:3]) + [key[3 + SPLIT_KEYS.index(k)] for k in split]),
+             {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))})
+            for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))]
+
+
+def _baseline(ms: dict, provider: str):
+    """The eager time a provider's speedup is taken over: ``eager-cudagraph`` for a graphed one,
+    ``eager`` for a plain one (None when that row is missing)."""
+    return ms.get("eager-cudagraph") if is_graphed(provider) else ms.get("eager")
+
+
+def speedups(rows) -> dict:
+    """``{label: {provider: speedup}}`` for the chart: each line of the table with an eager row, each
+    provider's valid time over eager of the same kind (:func:`_baseline`); a provider with no valid
+    time or no eager of its kind has no entry (:func:`unplotted` names those)."""
     out = {}
-    for key, by in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
-        ms = {p: r["median_ms"] for p, r in by.items() if _valid(r.get("median_ms"))}
+    for label, ms in _labelled_times(rows):
         if "eager" not in ms and "eager-cudagraph" not in ms:
             continue
-        label = "/".join(list(key[:3]) + [key[3 + SPLIT_KEYS.index(k)] for k in split])
-        out[label] = {}
-        for p, t in ms.items():
-            base = ms.get("eager-cudagraph") if is_graphed(p) else ms.get("eager")
-            if base:
-                out[label][p] = base / t
+        out[label] = {p: _baseline(ms, p) / t for p, t in ms.items() if _baseline(ms, p)}
+    return out
+
+
+def unplotted(rows) -> list:
+    """What the chart leaves out though it was timed: ``"label: provider, ..."`` for each line of the
+    table with providers that have a valid time but no eager row of their kind to divide by (a
+    graphed provider where no ``eager-cudagraph`` ran, say). The report prints these, so that a
+    missing bar is not taken for a provider that did not run."""
+    out = []
+    for label, ms in _labelled_times(rows):
+        left = [p for p in order_providers(set(ms)) if p not in ("eager", "eager-cudagraph") and not _baseline(ms, p)]
+        if left:
+            out.append(f"{label}: {', '.join(left)}")
     return out
 
 
@@ -365,8 +398,8 @@ def chart(rows, path: str) -> str:
     keys = list(bars)
     providers = [p for p in order_providers({r["provider"] for r in rows}) if p not in ("eager", "eager-cudagraph")]
 
-    def speedup(label, p):
-        return bars[label].get(p, 0.0)  # no bar: not run, or no eager of its kind to divide
+    def speedup(label, p):  # a gap, not a zero bar: not run, or no eager of its kind (unplotted)
+        return bars[label].get(p, float("nan"))
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(keys) * max(1, len(providers)) / 3), 5))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
@@ -407,11 +440,17 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     md = markdown(rows)
+    if os.path.dirname(stem):
+        os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".md", "w") as f:
         f.write(md)
     why_not = chart(rows, stem + ".png")
     print(md)
     print(f"wrote {stem}.md" + (f" (no chart: {why_not})" if why_not else f" and {stem}.png"))
+    left = unplotted(rows)
+    if left and not why_not:
+        print("not in the chart (no eager row of their kind, plain or graphed, to divide by):")
+        print("\n".join(f"  {line}" for line in left))
     return 0
 
 

@@ -144,6 +144,10 @@ def main(argv=None) -> int:
         print(text)
         return 0 if same else 1
 
+    import common
+
+    if args.shape not in common.ALL_SHAPES:  # (a typo was a KeyError traceback)
+        parser.error(f"--shape {args.shape!r}: not a bench shape (one of {', '.join(common.ALL_SHAPES)})")
     cases = unique_cases(step_cases(args.shape, args.step))
     builds = build_sm90(cases, workers=args.workers)
     print(f"sm_90 builds of the fused {args.step} step at {args.shape} (bf16 autocast), Triton {triton.__version__}: "

@@ -684,3 +684,23 @@ def test_rows_record_their_counts_and_the_ceilings_their_floor_is_taken_against(
     assert (row["bytes_moved"], row["flops"], row["ceil_copy_GBps"], row["ceil_bf16_TFLOPs"]) == (3.0e6, 1.6e9, 3000.0, 800.0)
     assert row["floor_ms"] == pytest.approx(2e-3)  # 1.6 GFLOP at 800 TFLOP/s: 2 us; 3 MB at 3 TB/s: 1 us
     assert row["x_floor"] == pytest.approx(row["median_ms"] / 2e-3)
+
+
+def test_attention_rows_fail_on_our_errors_and_skip_on_outside_ones(bench):
+    """The attention benchmarks' ``_try``: an error of the fused path or of the eager reference
+    fails the row; an outside implementation that rejects the call (an SDPA backend, flex,
+    flash_attn, Inductor, ``nn.MultiheadAttention``) is a skip. Every RuntimeError was a skip, so a
+    kernel fault on a GPU lease showed only as a missing column (a review's find, 2026-11-29)."""
+    mod = importlib.import_module("test_bench_attention")
+
+    def fault():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    for provider in ("fused", "fused-cudagraph", "fused-general", "fused-delta-output-cudagraph", "eager",
+                     "eager-cudagraph"):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            mod._try(fault, provider)
+    for provider in ("sdpa-flash", "sdpa-cudnn-cudagraph", "flex", "flash_attn", "compile",
+                     "nn.MultiheadAttention-cudagraph"):
+        with pytest.raises(pytest.skip.Exception, match="unsupported here"):
+            mod._try(fault, provider)

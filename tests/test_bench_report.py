@@ -272,3 +272,31 @@ def test_main_keeps_existing_tables_and_names_unreadable_input(report, tmp_path,
         with pytest.raises(SystemExit):
             report.main(argv)
         assert re.search(message, capsys.readouterr().err.strip()), argv
+
+
+def test_rows_without_an_eager_of_their_kind_are_named_not_charted_as_zero(report, tmp_path, capsys):
+    """A graphed provider timed where no ``eager-cudagraph`` ran (PMA's graphed rows until
+    2026-11-29) has no speedup to chart: the report names it under "not in the chart", and the chart
+    leaves a gap (the bar was drawn at zero, like a provider that never ran: a review's find)."""
+    rows = [_row("eager", 4.0), _row("fused", 2.0), _row("fused-cudagraph", 1.0), _row("compile-cudagraph", 1.5)]
+    assert report.speedups(rows) == {"model-train/taobao/train": {"eager": 1.0, "fused": 2.0}}
+    assert report.unplotted(rows) == ["model-train/taobao/train: compile-cudagraph, fused-cudagraph"]
+    assert report.unplotted(rows + [_row("eager-cudagraph", 3.0)]) == []
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report.main([str(path), "--out", str(tmp_path / "new" / "dir" / "report")]) == 0  # its folder made
+    out = capsys.readouterr().out
+    assert (tmp_path / "new" / "dir" / "report.md").exists()
+    if "no chart" not in out:  # (matplotlib present)
+        assert "not in the chart" in out and "model-train/taobao/train: compile-cudagraph, fused-cudagraph" in out
+
+
+def test_input_that_is_json_but_not_rows_is_named(report, tmp_path):
+    """A ``.jsonl`` line that is JSON but not an object, and a JSON file that is not an object, raise
+    the error naming the file (and line) that unreadable input gets (they were an AttributeError)."""
+    (tmp_path / "null.jsonl").write_text(json.dumps(_row("eager", 2.0)) + "\nnull\n")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"null.jsonl:2: not a row \(a JSON null"):
+        report.load_rows([str(tmp_path / "null.jsonl")])
+    with pytest.raises(ValueError, match=r"list.json: not a pytest-benchmark JSON file \(a JSON array"):
+        report.load_rows([str(tmp_path / "list.json")])

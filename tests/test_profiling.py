@@ -308,6 +308,10 @@ def test_sm90_audit_compares_two_runs_kernel_by_kernel(sm90_audit, tmp_path, cap
         with pytest.raises(SystemExit) as exit_:
             sm90_audit.main(["--compare", str(tmp_path / "before.json"), str(tmp_path / name)])
         assert exit_.value.code == 2 and message in capsys.readouterr().err, name
+    # an unknown shape too (it was a KeyError traceback after the argument parsing)
+    with pytest.raises(SystemExit) as exit_:
+        sm90_audit.main(["--shape", "tobao"])
+    assert exit_.value.code == 2 and "--shape 'tobao': not a bench shape (one of taobao," in capsys.readouterr().err
 
 
 def test_recorded_argument_types_match_tritons_own_specialisation():
