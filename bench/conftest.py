@@ -34,3 +34,13 @@ def _fresh_dynamo():
     yield
     if common is not None:
         common._ROW_START = None
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table
+def pytest_terminal_summary(terminalreporter):
+    """On a machine without a GPU, say under pytest-benchmark's console table what its times are
+    (each row's skip reason and the report say it too, but the table itself did not)."""
+    common = sys.modules.get("common")
+    if common is not None and not common.ON_GPU:
+        terminalreporter.write_line(f"note: {common.SMOKE_NOTE} (the README's Benchmarks section: the GPU run)",
+                                    yellow=True)

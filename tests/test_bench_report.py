@@ -300,3 +300,22 @@ def test_input_that_is_json_but_not_rows_is_named(report, tmp_path):
         report.load_rows([str(tmp_path / "null.jsonl")])
     with pytest.raises(ValueError, match=r"list.json: not a pytest-benchmark JSON file \(a JSON array"):
         report.load_rows([str(tmp_path / "list.json")])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="a CPU run's output (a GPU run selects no smoke-shape row and prints no note)")
+def test_a_benchmark_run_without_a_gpu_says_its_times_are_not_meaningful():
+    """Under pytest-benchmark's console table, a run on a machine without a GPU says that its times
+    are the interpreter's, not a GPU's (only the skip reasons and the report said so)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(BENCH, "test_bench_dot_interaction.py"), "-k",
+                          "smoke and fwd and fused and not cudagraph"],
+                         cwd=os.path.dirname(BENCH), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    notes = [i for i, line in enumerate(lines) if "timings are not meaningful" in line]
+    table = [i for i, line in enumerate(lines) if line.startswith("Name (time in")]
+    assert len(notes) == 1 and table and notes[0] > table[0], res.stdout[-2000:]
