@@ -276,13 +276,25 @@ class InterFormerCTR(nn.Module):
     def __init__(self, config: Optional[InterFormerConfig] = None) -> None:
         super().__init__()
         self.backbone = InterFormer(config)
-        c = self.config = self.backbone.config
+        c = self.config
         layers, width = [], (c.n_sum + c.n_ssum) * c.d_model
         for h in c.head:
             layers += [nn.Linear(width, h), nn.SiLU(), nn.Dropout(c.dropout)]
             width = h
         layers.append(nn.Linear(width, 1))
         self.head = nn.Sequential(*layers)
+
+    @property
+    def config(self) -> InterFormerConfig:
+        """The backbone's config, one object: ``interformer.optimize(model.backbone, ...)`` replaces
+        that one's backend, and ``InterFormerCTR(model.config)`` builds the same model (this was a
+        copy of the reference taken at construction, which such a call left stale: a review's find,
+        2026-11-29)."""
+        return self.backbone.config
+
+    @config.setter
+    def config(self, value: InterFormerConfig) -> None:
+        self.backbone.config = value
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         x_sum, s_sum = self.backbone(dense, sparse, seq, lengths)

@@ -88,6 +88,11 @@ def test_optimize_leaves_a_shared_config_alone():
     # the model and its backbone shared one config object, and share its one copy: a setting the
     # user changes on model.config (validate_inputs) still reaches the backbone's forward
     assert a.config is a.backbone.config
+    # optimize of the backbone alone: model.config is the backbone's, so it names the new backend
+    # too (it was a reference taken at construction, left naming the old one: a review's find)
+    optimize(b.backbone, "triton")
+    assert b.config is b.backbone.config and b.config.backend == "triton" and cfg.backend == "eager"
+    assert all(m.backend == "triton" for m in fused_modules(InterFormerCTR(b.config)))
 
 
 def test_a_model_that_ran_on_two_streams_still_copies_and_saves():
