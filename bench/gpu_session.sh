@@ -157,7 +157,8 @@ sys.exit(pytest.main(["-q", "-rfE", "-p", "no:cacheprovider"] + ids) if ids else
              for f in "$logs"/collect.log "$logs"/shard*.log; do echo "===== $(basename "$f" .log)"; cat "$f"; done \
                > "$OUT/tests.log"
              for f in "$logs"/shard*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f")"; done
-             grep -qv " exit 0$" "$OUT/tests_summary.txt" && FAILED="$FAILED tests:$(grep -cv " exit 0$" "$OUT/tests_summary.txt")-shards"
+             bad=$(grep -cv " exit 0$" "$OUT/tests_summary.txt")
+             [ "$bad" = 0 ] || FAILED="$FAILED tests:$bad-shards"
              grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 40 ;;
     ops)     # OPS_FILES: the op benchmark files in the order to run them (default: all, alphabetically)
              TIMEOUT="${OPS_TIMEOUT:-500}" bench ops "${OPS_K:-}" ${OPS_FILES:-bench --ignore=bench/test_bench_model.py} ;;

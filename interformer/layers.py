@@ -268,9 +268,9 @@ class CrossNet(FusedModule):
     output's bytes. Each ``x_i`` between layers is stored in the autocast dtype too: the next
     layer's GEMM operand, which eager rounds alike, and its residual, which eager keeps in fp32
     (:class:`LowRankCrossNet`'s kernels keep ``x_i`` in fp32 registers and never store it). In the
-    model the output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype anyway. Alone
-    under fp16 autocast, an output past fp16's range (65504) is inf, where eager's fp32 output can
-    hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
+    model the output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype
+    anyway. Alone under fp16 autocast, an output past fp16's range (65504) is inf, where eager's
+    fp32 output can hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
     (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
     "Dtypes and precision".)
     """
@@ -551,9 +551,10 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
             return
         h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
-            if p is not None and p.dtype != h and not (p.dtype == torch.float32 and h in (torch.float16, torch.bfloat16)):
-                raise ValueError(f"ResidualLayerNorm: {name} is {p.dtype} for a {h} input outside autocast; like "
-                                 "nn.LayerNorm it takes parameters of the input's dtype, or fp32 ones with a 16-bit input")
+            if p is None or p.dtype == h or (p.dtype == torch.float32 and h in (torch.float16, torch.bfloat16)):
+                continue
+            raise ValueError(f"ResidualLayerNorm: {name} is {p.dtype} for a {h} input outside autocast; like "
+                             "nn.LayerNorm it takes parameters of the input's dtype, or fp32 ones with a 16-bit input")
 
     def extra_repr(self) -> str:
         return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"

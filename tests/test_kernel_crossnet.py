@@ -625,7 +625,8 @@ def test_torchrec_state_dict_round_trip(low_rank, earlier, backend):
     if low_rank is None:
         theirs, ours = _TorchrecCrossNet(D, L), CrossNet(D, L, backend=backend)
     else:
-        theirs, ours = _TorchrecLowRankCrossNet(D, L, low_rank, earlier), LowRankCrossNet(D, L, low_rank, backend=backend)
+        theirs = _TorchrecLowRankCrossNet(D, L, low_rank, earlier)
+        ours = LowRankCrossNet(D, L, low_rank, backend=backend)
     _randomize(theirs)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert list(ours.state_dict()) == list(theirs.state_dict())
