@@ -267,10 +267,10 @@ def main(argv=None) -> int:
         from .demo import DemoSettingError, run_demo
 
         try:
-            run_demo(args)
+            agree = run_demo(args)
         except DemoSettingError as exc:  # checked before any work: a usage error, as argparse reports its own
             args.usage_error(str(exc))
-        return 0
+        return 0 if agree else 1  # 1: eager and fused disagree
     if args.command == "train":
         cfg = train_config_from_args(args)
         _interpret_on_cpu(cfg.device)

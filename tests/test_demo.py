@@ -295,3 +295,36 @@ def test_the_demo_command_reports_a_bad_setting_as_a_usage_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "error: lr must be a finite number >= 0, got inf" in err and "Traceback" not in err
+
+
+def test_a_nan_gradient_on_the_fused_path_is_a_disagreement(monkeypatch, capsys):
+    """One parameter's fused gradient NaN (not the first: Python's max() keeps a NaN only when it
+    comes first, so the worst difference read 0 and the demo and the test above passed; a review's
+    find, 2026-11-29): the worst gradient difference is NaN, the demo says the paths disagree and
+    ``python -m interformer demo`` exits 1. With the paths as they are it says they agree, exit 0."""
+    import math
+
+    from interformer import demo
+    from interformer.config import InterFormerConfig
+    from interformer.data import make_synthetic
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the demo runs by default
+    small = ["demo", "--train-samples", "64", "--test-samples", "64", "--batch-size", "64", "--no-progress"]
+    assert main(small) == 0
+    assert f"they agree: each difference must be at most {demo.agreement_tolerance(dev):g}" in capsys.readouterr().out
+    real = demo.optimize_available
+
+    def poisoned(model):
+        model = real(model)
+        last = list(model.parameters())[-1]
+        last.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return model
+
+    monkeypatch.setattr(demo, "optimize_available", poisoned)
+    cfg = InterFormerConfig(d_model=16, num_heads=1, num_layers=1, max_seq_len=8, pffn_hidden=32, head=(32,),
+                            dcn_rank=4, backend="eager")
+    diff = demo.compare_paths(cfg, make_synthetic(4, cfg, seed=3), dev)
+    assert math.isnan(diff["max_grad"]) and diff["logits"] <= demo.agreement_tolerance(dev), diff
+    assert main(small) == 1
+    out = capsys.readouterr().out
+    assert "THEY DISAGREE" in out and "worst parameter gradient nan" in out and "exit status 1" in out, out
