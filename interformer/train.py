@@ -1399,6 +1399,10 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
         epoch, batch_in_epoch, step = resume_state["epoch"], resume_state["batch_in_epoch"], resume_state["step"]
         best_auc, stale, history = resume_state["best_auc"], resume_state["stale_epochs"], resume_state["history"]
         carry_loss = tuple(resume_state["epoch_loss"][d.rank])
+        if resume_state.get("epoch_loss_per") != "sample":  # written before 2026-11-29: (sum, count)
+            # of batch means; the interrupted epoch's batches so far were full, so per sample that is
+            # each times the batch size, exactly
+            carry_loss = (carry_loss[0] * cfg.batch_size, carry_loss[1] * cfg.batch_size)
         set_rng_state(resume_state["rng"][d.rank], device)
         say(f"resumed from {out_dir / 'last.pt'} ({resume_state.get('status', 'running')}): epoch {epoch + 1}, "
             f"batch {batch_in_epoch}, step {step}")
@@ -1427,8 +1431,9 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             "slower than eager (backend auto or eager trains on the CPU at PyTorch's speed)")
 
     def checkpoint(name: str, status: str, epoch_loss=(0.0, 0)) -> None:
-        """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's losses so far in an
-        unfinished epoch, so a resumed run reports the same epoch loss as an uninterrupted one."""
+        """Rank 0 writes ``name``; ``epoch_loss`` = (sum, count) of this rank's per-sample losses so
+        far in an unfinished epoch, so a resumed run reports the same epoch loss as an uninterrupted
+        one."""
         mine = (rng_state(device), tuple(epoch_loss))
         if d.enabled:
             per_rank = [None] * d.world_size
@@ -1443,7 +1448,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_auc": best_auc,
             "stale_epochs": stale, "history": history, "rng": rngs, "world_size": d.world_size,
-            "epoch_loss": epoch_losses, "status": status,
+            "epoch_loss": epoch_losses, "epoch_loss_per": "sample", "status": status,
             "train_config": cfg.to_dict(), "model_config": model.config.to_dict(), "schema": schema,
             "vocabularies": _vocabs_to_dict(vocabs), "data": data_record, "versions": versions(),
         }
@@ -1510,8 +1515,10 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
                 step += 1
                 batch_in_epoch += 1
                 seen += len(b)
-                loss_sum += loss.detach().double()
-                loss_n += 1
+                # per sample: the epoch's loss is the mean over its samples, so a last partial batch
+                # weighs its size (a mean of batch means weighed it as a full one: a review's find)
+                loss_sum += loss.detach().double() * len(b)
+                loss_n += len(b)
                 if bar is not None:
                     bar.update(1)
                     if batch_in_epoch % cfg.log_every == 0:
@@ -1541,11 +1548,12 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_sps = seen * d.world_size / max(time.perf_counter() - t0, 1e-9)
-            train_loss = (loss_sum / max(loss_n, 1)).item()
-            if d.enabled:
-                t = torch.tensor([train_loss], device=device)
+            if d.enabled:  # pooled over the ranks' samples
+                t = torch.stack([loss_sum, torch.tensor(float(loss_n), device=device, dtype=torch.float64)])
                 dist.all_reduce(t)
-                train_loss = t.item() / d.world_size
+                train_loss = (t[0] / t[1].clamp_min(1)).item()
+            else:
+                train_loss = (loss_sum / max(loss_n, 1)).item()
             record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_samples_per_s": train_sps,
                       "lr": schedulers[0].get_last_lr()[0]}
             if "valid" in splits:

@@ -1675,6 +1675,33 @@ def test_a_checkpoint_with_the_earlier_low_rank_bias_layout_resumes(tmp_path, fu
     assert_same_training_state(full_run, T.load_checkpoint(out / "last.pt"))
 
 
+def test_the_epoch_train_loss_is_the_mean_over_its_samples(tmp_path, monkeypatch):
+    """65 samples in batches of 32: the epoch's train loss is the mean over the 65 samples, the last
+    batch of one weighing one sample (it was the mean of the three batch means, that sample
+    weighing as much as a full batch: a review's find, 2026-11-29). The same after a stop at the
+    first batch and a resume, also from a checkpoint written before, which held (sum, count) of
+    batch means: its full batches are converted exactly. A stand-in loss of 1 for a full batch and
+    0 for the partial one makes the means 64 / 65 against the old 2 / 3."""
+    monkeypatch.setattr(T.InterFormerCTR, "loss",
+                        staticmethod(lambda logits, label: logits.sum() * 0 + float(len(label) == 32)))
+
+    def cfg(out, **kw):
+        return tiny_config(out, synthetic_train=65, synthetic_valid=0, batch_size=32, epochs=1, **kw)
+
+    whole = T.train(cfg(tmp_path / "whole"), log=quiet)
+    assert whole["epochs"][0]["train_loss"] == pytest.approx(64 / 65)
+    for earlier in (False, True):
+        out = tmp_path / f"part-{earlier}"
+        T.train(cfg(out, max_steps=1), log=quiet)
+        if earlier:  # as such a checkpoint held it: the first batch's mean, one batch
+            state = T.load_checkpoint(out / "last.pt")
+            assert state.pop("epoch_loss_per") == "sample" and state["epoch_loss"] == [(32.0, 32)]
+            state["epoch_loss"] = [(1.0, 1)]
+            torch.save(state, out / "last.pt")
+        resumed = T.train(cfg(out, resume=True, max_steps=100), log=quiet)
+        assert resumed["epochs"][0]["train_loss"] == pytest.approx(64 / 65), earlier
+
+
 def test_an_unreadable_or_foreign_checkpoint_raises_naming_the_file(tmp_path):
     """Truncated, empty, a bare state_dict, a directory: each error names the path and says what is
     wrong (they were OSError "[Errno 22] Invalid argument", EOFError, KeyError 'train_config')."""
