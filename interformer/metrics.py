@@ -85,7 +85,7 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     :func:`auc`.
     """
     scores = scores.detach().double().flatten().cpu()
-    groups = groups.detach().flatten().cpu()
+    groups = _group_ids(groups)
     if not (scores.numel() == labels.numel() == groups.numel()):
         raise ValueError(f"gauc: scores, labels and groups must have the same length, got "
                          f"{scores.numel()}, {labels.numel()}, {groups.numel()}")
@@ -129,11 +129,19 @@ def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> fl
     return float((clicks * group_auc).sum() / clicks.sum())
 
 
+def _group_ids(groups: torch.Tensor) -> torch.Tensor:
+    """Group ids flattened on the CPU, integer ones as int64: in an unsigned dtype ``!= NO_GROUP``
+    compared with -1 wrapped to the dtype's largest value (uint8: 255), so that group was dropped
+    as "no group" (a review's find, 2026-11-29)."""
+    groups = groups.detach().flatten().cpu()
+    return groups if groups.is_floating_point() else groups.long()
+
+
 def scored_groups(labels: torch.Tensor, groups: torch.Tensor) -> int:
     """How many groups :func:`gauc` scores: those (other than :data:`NO_GROUP`) holding both a click
     and a non-click. Zero is why gAUC is NaN on finite scores, which a metrics report can say."""
     labels = _binary_labels("scored_groups", labels).flatten()
-    groups = groups.detach().flatten().cpu()
+    groups = _group_ids(groups)
     if labels.numel() != groups.numel():
         raise ValueError(f"scored_groups: labels and groups must have the same length, got {labels.numel()}, "
                          f"{groups.numel()}")

@@ -148,6 +148,12 @@ def test_gauc_leaves_out_samples_without_a_group():
     assert math.isnan(gauc(s, y, torch.full((5,), -1)))
     # other negative ids (signed 64-bit hashes, say) are groups like any
     assert math.isclose(gauc(s, y, torch.tensor([1, 1, -7, -7, -7])), 1.0 / 3.0, abs_tol=1e-15)
+    # and so is an unsigned dtype's largest id: uint8's 255 compared with -1 wrapped to it, and its
+    # samples were left out as ungrouped (a review's find, 2026-11-29)
+    for dtype in (torch.uint8, torch.int16, torch.int64):
+        ids = torch.tensor([1, 1, 255, 255, 255], dtype=dtype)
+        assert math.isclose(gauc(s, y, ids), 1.0 / 3.0, abs_tol=1e-15), dtype
+        assert scored_groups(y, ids) == 2, dtype
 
 
 @pytest.mark.parametrize("seed", range(3))
