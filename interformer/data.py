@@ -83,11 +83,6 @@ class Batch:
         return Batch(*fields, group=None if any(g is None for g in groups) else torch.cat(groups))
 
 
-def synthetic_config(**overrides) -> InterFormerConfig:
-    """A config whose schema matches :func:`make_synthetic` (the config defaults already do)."""
-    return InterFormerConfig(**overrides)
-
-
 def _integer(value) -> Optional[int]:
     """``value`` as an int (NumPy integers are taken), or None where it is not one (a bool is not)."""
     if isinstance(value, bool):

@@ -315,8 +315,9 @@ def _decomposing() -> bool:
 
 def launch(kernel):
     """``kernel`` itself, or while :func:`inline_when_compiled` traces an op, a traceable wrapper
-    that records the launch in the graph (``kernel[grid](...)`` either way). Every launcher writes
-    its launches as ``launch(_my_kernel)[grid](...)``."""
+    that records the launch in the graph (``kernel[grid](...)`` either way). Every launcher of an
+    op registered with :func:`inline_when_compiled` writes its launches as
+    ``launch(_my_kernel)[grid](...)`` (the cross nets' are not registered, and launch directly)."""
     return _traceable(kernel) if _decomposing() else kernel
 
 

@@ -250,7 +250,6 @@ from ._dispatch import (autocast_dtype, inline_when_compiled, launch, lean_funct
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 128
 _DTYPES = KERNEL_DTYPES
 # Largest query length handled by the single-program-per-(b, h) backward.

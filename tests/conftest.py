@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 # Under pytest-xdist (`make test` runs one test process per core) each process gets its share of the
 # cores for torch's intra-op threads, rather than every process starting one thread per core.
@@ -45,11 +44,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def device():
-    return DEVICE
 
 
 @pytest.fixture(params=[None, False], ids=["default", "opaque"])

@@ -101,7 +101,6 @@ OPS = {
     "attention_op": (lambda be: _AttentionOp(False, be), [(B, L, 2, 4)] * 3 + ["lengths"]),
     "attention_packed_op": (lambda be: _AttentionOp(True, be), [(B, L, 3, 2, 4), "lengths"]),
 }
-FLOAT_INPUTS = [n for n in NAMES if n != "grouped_embedding"]  # the tokenizer's only input is its ids
 #: its gradient is exactly zero on the fused path (folded PMA) and rounding noise on the eager one
 ZERO_ON_FUSED = "k_proj.bias"
 

@@ -4,8 +4,10 @@ The other kernel tests show that the fused ops compute the right numbers; these 
 the way their docstrings (and issues #3-#5) say, which is where the speed comes from:
 
 * the forward of every op is ONE Triton launch (PFFN: LayerNorm, per-sample matmul and residual;
-  cross nets: all layers; gated LCE: compression and gate), and the backward launches exactly the
-  kernels its docstring lists;
+  cross nets: all layers; gated LCE: compression and gate), but where a docstring names more (the
+  full-rank cross net past D = 128: one element-wise launch per layer beside cuBLAS; the low-rank
+  one's phased forward: one per layer and one for the output), and the backward launches exactly
+  the kernels its docstring lists;
 * no aten op does compute next to the kernels, except the cuBLAS GEMMs a docstring names (the
   full-rank cross net's weight gradients and wide layers, the gated LCE's ``dZ^T Y`` in "store" mode)
   and the reduction of a shared query's gradient over the batch -- in particular no element-wise
