@@ -6,8 +6,8 @@ the way their docstrings (and issues #3-#5) say, which is where the speed comes 
 * the forward of every op is ONE Triton launch (PFFN: LayerNorm, per-sample matmul and residual;
   cross nets: all layers; gated LCE: compression and gate), but where a docstring names more (the
   full-rank cross net past D = 128: one element-wise launch per layer beside cuBLAS; the low-rank
-  one's phased forward: one per layer and one for the output), and the backward launches exactly
-  the kernels its docstring lists;
+  one's phased forward: one per layer and one for the output; PMA's folded pooling: the fold of its
+  parameters), and the backward launches exactly the kernels its docstring lists;
 * no aten op does compute next to the kernels, except the cuBLAS GEMMs a docstring names (the
   full-rank cross net's weight gradients and wide layers, the gated LCE's ``dZ^T Y`` in "store" mode)
   and the reduction of a shared query's gradient over the batch -- in particular no element-wise
@@ -221,6 +221,18 @@ def _one_kv(Lq, Lk, shared):
     return build
 
 
+def _pooled(Lk, nq=5):
+    """PMA on the folded op (``attention.pooled_attention``): s ``[A_B, Lk, d]``, ``nq`` learned
+    queries and the K, V, O projections."""
+    def build():
+        d = A_H * A_DH
+        s, query = leaf(A_B, Lk, d), leaf(nq, d)
+        params = [leaf(d, d) if i % 2 == 0 else leaf(d) for i in range(6)]  # k, v, o: weight, bias
+        lengths = torch.tensor([0, Lk - 4], device=DEVICE)
+        return (lambda: attention.pooled_attention(s, lengths, query, *params, A_H)), [s, query, *params]
+    return build
+
+
 def _kv_sized(Lk, n):
     """(description, predicate, n): the backward writes one [B, Lk, H, dh] tensor for the shared k/v
     (plus dq where q is as large), and neither a separate dv nor a sum of dk and dv."""
@@ -313,6 +325,18 @@ CASES = [
     Case("attention, k and v one tensor, L=129", _one_kv(129, 129, False), {"_attn_fwd_kernel": 1},
          {"_attn_bwd_delta_kernel": 1, "_attn_bwd_dkdv_kernel": 1, "_attn_bwd_dq_kernel": 1},
          never=_scores(129, 129), bwd_at_most=_kv_sized(129, 2)),
+    # PMA folded: the fold of the parameters is its own launch, forward and backward; K and V are never
+    # formed (no [B, Lk, d] tensor but ds); aten: the output projection on cuBLAS (addmm, and its two
+    # mm in the backward), the zeroed rows of empty samples (gt, the mask's cast, mul), and the sums
+    # of the shared queries' and the bias's gradients over the batch
+    Case("pooled_attention (PMA folded), 5 queries, 33 keys", _pooled(33), {"_pma_fold_kernel": 1, "_attn_fwd_kernel": 1},
+         {"_attn_bwd_fused_kernel": 1, "_pma_fold_bwd_kernel": 1},
+         fwd_compute=frozenset({"addmm.out", "gt.Scalar", "_to_copy.default", "mul_.Tensor"}),
+         bwd_compute=frozenset({"mm.default", "mul.Tensor", "sum.dim_IntList"}),
+         never=(f"a {5 * A_H} x 33 score matrix or a boolean key mask (a sample's flag is fine)",
+                lambda m: has_adjacent(m.shape, 5 * A_H, 33) or (m.dtype == torch.bool and numel(m) > A_B)),
+         fwd_at_most=("[B, Lk, d] tensors (K or V)", lambda m: numel(m) == A_B * 33 * A_H * A_DH, 0),
+         bwd_at_most=("[B, Lk, d] tensors (only ds)", lambda m: numel(m) == A_B * 33 * A_H * A_DH, 1)),
     Case("add_layer_norm", _layernorm, {"_ln_fwd_kernel": 1}, {"_ln_bwd_kernel": 1, SUM_PARTIALS: 1}),
     # the hidden activation is recomputed in both backward kernels, never stored
     Case("feed_forward", _feed_forward(), {"_ffn_fwd_kernel": 1},
