@@ -1097,15 +1097,24 @@ def _rope_table(length: int, dh: int, base: float, device: torch.device) -> torc
     return grown
 
 
+_FP32 = torch.finfo(torch.float32)
+
+
 def _resolve_scale(sm_scale: Optional[float], dh: int) -> float:
     """The softmax scale: ``1 / sqrt(dh)`` by default. A given one must be finite and nonzero: the
     kernels scale differences of raw scores (module docstring), and a zero scale would turn the
-    masked keys' ``-inf - m`` into ``0 * inf`` = NaN (a zero-scale softmax is a plain average)."""
+    masked keys' ``-inf - m`` into ``0 * inf`` = NaN (a zero-scale softmax is a plain average). So
+    must the fp32 ``|sm_scale| * log2(e)`` the kernels take (:func:`_scale_args`): a scale below
+    about 8e-39 passed the check and rounded to zero there, or to a denormal a GPU flushes, and gave
+    NaN (a review's find, 2026-11-29); one above about 2.4e38 rounds to inf."""
     if sm_scale is None:
         return 1.0 / math.sqrt(dh)
     scale = float(sm_scale)
     if not math.isfinite(scale) or scale == 0:
         raise ValueError(f"attention: sm_scale must be a finite nonzero number, got {sm_scale!r}")
+    if not _FP32.tiny <= abs(scale) * LOG2E <= _FP32.max:
+        raise ValueError(f"attention: |sm_scale| * log2(e) must be a normal fp32 number (|sm_scale| from about "
+                         f"{_FP32.tiny / LOG2E:.1e} to {_FP32.max / LOG2E:.1e}), got {sm_scale!r}")
     return scale
 
 
@@ -1529,10 +1538,13 @@ def attention(
 
     q ``[Bq, Lq, H, dh]`` (Bq = B or 1), k, v ``[B, Lk, H, dh]`` (any strides), lengths ``[B]``
     -> contiguous ``[B, Lq, H, dh]``. ``sm_scale`` (default ``1/sqrt(dh)``) must be finite and
-    nonzero (``ValueError``; the reference takes any float). The output is saved for the backward
-    (past one key block its delta is read from it), as SDPA's is: modified in place before the
-    backward, autograd refuses the backward with its version-counter error, where the reference's
-    einsum output can be (the modules apply their output projection to it first).
+    nonzero, with ``|sm_scale| * log2(e)`` a normal fp32 number (``ValueError``; the reference takes
+    any float). The output is saved for the backward, as SDPA's is (the :data:`BACKWARD_DELTA`
+    setting ``"output"`` reads delta from it past one key block; the default forms delta from the
+    probabilities and does not read it, but the setting is read when the backward runs): modified
+    in place before the backward, autograd refuses the backward with its version-counter error,
+    where the reference's einsum output can be (the modules apply their output projection to it
+    first, which saves the same tensor, so saving it costs them no memory).
     """
     _check(q, k, v, lengths, rope_base, sm_scale)
     # wider heads than the register tiles hold, or a torch.func transform, ONNX export (_dispatch.reference_only):

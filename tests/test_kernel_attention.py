@@ -41,8 +41,8 @@ def attention64(q, k, v, lengths, causal=False, rope_base=None, rope_q=True, mas
 
     Kept apart from ``reference.attention`` so that the float64 check does not rest on the code it
     checks (the reference once filled masked scores with a finite minimum, which made its softmax
-    behave otherwise at the extremes). This copy keeps the rotary of the reference (its fp32 angle
-    table) and does everything else in float64.
+    behave otherwise at the extremes). This copy takes the rotary from the reference, which builds
+    its angle table in float64 for float64 inputs, and does everything else in float64 too.
     """
     q, k, v = q.double(), k.double(), v.double()
     B, Lk, H, dh = k.shape
@@ -1178,6 +1178,13 @@ def test_invalid_inputs_raise_value_error():
             A.attention(q, q, q, lengths, sm_scale=bad)
         with pytest.raises(ValueError, match="sm_scale must be a finite nonzero"):
             A.attention_packed(torch.stack([q, q, q], 2), lengths, sm_scale=bad)
+    # scales whose fp32 |scale| * log2(e) is not a normal number (it rounded to zero in the kernels
+    # and gave NaN: a review's find); the ends of the range still run
+    for bad in (1e-46, -1e-40, 1e39):
+        with pytest.raises(ValueError, match="must be a normal fp32 number"):
+            A.attention(q, q, q, lengths, sm_scale=bad)
+    for fine in (1e-37, -1e38):
+        assert torch.isfinite(A.attention(q, q, q, lengths, sm_scale=fine)).all()
 
 
 def test_harness_catches_a_wrong_kernel():
