@@ -34,7 +34,8 @@ from interformer.layers import CrossNet, LowRankCrossNet
 from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
-C = pytest.importorskip("interformer.kernels.crossnet")
+pytest.importorskip("triton")  # (a machine without Triton skips the file)
+from interformer.kernels import crossnet as C  # noqa: E402  (an import error fails, not skips)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -22,7 +22,8 @@ from interformer.layers import ResidualLayerNorm
 from poison import NO_POISON
 from utils import DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_lowp, assert_rel
 
-K = pytest.importorskip("interformer.kernels.layernorm")
+pytest.importorskip("triton")  # (a machine without Triton skips the file)
+from interformer.kernels import layernorm as K  # noqa: E402  (an import error fails, not skips)
 
 
 def _inputs(shape, dtype, residual=True, r_dtype=None):
