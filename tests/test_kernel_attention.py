@@ -187,7 +187,9 @@ def check_case(case: Case, lengths, gen, dtype):
 
     out, g_k = run(A.attention, case, masters, build, lengths, grad, dtype)
     out_e, g_e = run(R.attention, case, masters, build, lengths, grad, dtype)
-    out_64, g_64 = run(attention64, case, masters, build, lengths, grad, torch.float64)
+    # float64 on the inputs the kernel saw (rounded to dtype; see test_kernel_pffn)
+    out_64, g_64 = run(attention64, case, [m.to(dtype).double() for m in masters], build, lengths,
+                       grad.to(dtype).double(), torch.float64)
 
     assert out.shape == (case.B, case.Lq, case.H, case.dh) and out.dtype == dtype and out.is_contiguous()
     names = ["out", "dq", "dk", "dv"]

@@ -101,7 +101,9 @@ def test_gated_lce_matches_reference(case, dtype, gw_mode, monkeypatch):
     grad = None if grad_kind == "sum" else torch.randn(B, n_out, d, generator=gen, dtype=torch.float64)
     kern = run(K.gated_lce, masters, dtype, layout, grad)
     eager = run(R.gated_lce, masters, dtype, layout, grad)
-    ref64 = run(R.gated_lce, masters, torch.float64, layout, grad)
+    # float64 on the inputs the kernel saw (rounded to dtype; see test_kernel_pffn)
+    ref64 = run(R.gated_lce, [m.to(dtype).double() for m in masters], torch.float64, layout,
+                None if grad is None else grad.to(dtype).double())
     out = kern[0]
     assert out.shape == (B, n_out, d) and out.dtype == dtype and out.is_contiguous()
     for g, m in zip(kern[1:], masters):
@@ -357,9 +359,9 @@ def test_module_triton_matches_eager(n_in, n_out, d, dtype):
     grad = torch.randn(3, n_out, d, dtype=torch.float64, device=DEVICE)
     results = []
     for mod, dt in ((fused, dtype), (eager, dtype), (ref, torch.float64)):
-        x = x0.to(dt).requires_grad_()
+        x = x0.to(dtype).to(dt).requires_grad_()  # float64 on the rounded inputs the others see
         out = mod(x)
-        out.backward(grad.to(dt))
+        out.backward(grad.to(dtype).to(dt))
         results.append([out.detach(), x.grad] + [p.grad for _, p in sorted(mod.named_parameters())])
     names = ["out", "dx"] + [n for n, _ in sorted(eager.named_parameters())]
     for name, k, e, r in zip(names, *results):
