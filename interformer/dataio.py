@@ -157,7 +157,8 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+import typing
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -220,6 +221,74 @@ class DataWarning(UserWarning):
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_KIND = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def coerce_setting(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` says, for the int, float and bool fields and the optional text
+    fields (each optionally None).
+
+    Settings files and ``KEY=VALUE`` text give strings for some numbers (PyYAML reads ``1e-3`` as a
+    string: YAML 1.1 floats need a dot). Accepted: numbers or numeric strings for numbers (an int
+    field takes ``"1e3"`` or ``2.0``, not ``2.5``; ``True`` is not a number), ``true/false/yes/no/
+    on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field, text ones included (so
+    ``--device none`` and ``--compile-mode none`` unset a settings file's value, as ``--patience
+    none`` does); text fields take text (a path, a ``torch.device`` as its name, None for their own
+    checks to judge), not a number. Anything else raises ValueError naming the field. Other fields
+    pass through unchanged."""
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is typing.Union and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    unset = optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
+    if base is str:
+        if unset or value is None:  # (None for a text field that takes none is refused by its own check)
+            return None
+        if isinstance(value, torch.device):
+            return str(value)
+        if not isinstance(value, (str, os.PathLike)):  # (a settings file's ``device: 5`` reached torch)
+            raise ValueError(f"{name} must be text{' or None' if optional else ''}, got {value!r}")
+        return value
+    if base not in (int, float, bool):
+        return value
+    if value is None or unset:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {_KIND[base]}, got None")
+    bad = ValueError(f"{name} must be {_KIND[base]}{' or None' if optional else ''}, got {value!r}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        if base is float:
+            return float(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+        number = float(value)
+    except ValueError:
+        raise bad from None
+    if not number.is_integer():
+        raise bad
+    return int(number)
+
+
+def _number_hint(hint: Any) -> bool:
+    """Whether ``hint`` is int or float, optionally None (the schema keys :meth:`Schema.from_dict`
+    converts with :func:`coerce_setting`; the others are checked by their own code)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+    return any(a in (int, float) for a in args)
 
 
 def read_settings_file(path: PathLike, what: str, as_yaml: bool, json_hint: str = ""):
@@ -357,7 +426,12 @@ class Schema:
             raise ValueError(f"unknown schema key(s) {unknown}; known keys: {known}")
         if "label" not in d:
             raise ValueError("schema key 'label' is required")
-        return cls(**dict(d))
+        # numbers as strings (PyYAML reads `dense_fill: 1e-3` as one) converted, as the README says of
+        # settings files, whose other sections did (a review found them refused here); the
+        # true/false keys stay strict, as they were
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: coerce_setting(f"schema key '{k}'", v, hints[k]) if _number_hint(hints[k]) else v
+                      for k, v in d.items()})
 
     @classmethod
     def from_file(cls, path: PathLike) -> "Schema":

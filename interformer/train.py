@@ -137,6 +137,7 @@ from . import __version__
 from .config import InterFormerConfig
 from .data import Batch, check_seed, make_synthetic
 from .dataio import ON_ERROR as ON_BAD_ROWS
+from .dataio import coerce_setting as _coerce
 from .layers import LowRankCrossNet
 from .metrics import auc, gauc, logloss, normalized_entropy, scored_groups
 from .model import InterFormerCTR
@@ -342,67 +343,6 @@ _INVOCATION = ("output_dir", "resume", "overwrite")
 @functools.lru_cache(maxsize=None)
 def _train_config_hints() -> Dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
-
-
-_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-_KIND = {int: "an integer", float: "a number", bool: "true or false"}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """``value`` as the type ``hint`` says, for the int, float and bool fields and the optional text
-    fields (each optionally None).
-
-    Settings files and ``KEY=VALUE`` text give strings for some numbers (PyYAML reads ``1e-3`` as a
-    string: YAML 1.1 floats need a dot). Accepted: numbers or numeric strings for numbers (an int
-    field takes ``"1e3"`` or ``2.0``, not ``2.5``; ``True`` is not a number), ``true/false/yes/no/
-    on/off/1/0`` for booleans, ``"none"``/``"null"`` for an optional field, text ones included (so
-    ``--device none`` and ``--compile-mode none`` unset a settings file's value, as ``--patience
-    none`` does); text fields take text (a path, a ``torch.device`` as its name, None for their own
-    checks to judge), not a number. Anything else raises ValueError naming the field. Other fields
-    pass through unchanged."""
-    args = typing.get_args(hint)
-    optional = typing.get_origin(hint) is typing.Union and type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else hint
-    unset = optional and isinstance(value, str) and value.strip().lower() in ("none", "null")
-    if base is str:
-        if unset or value is None:  # (None for a text field that takes none is refused by its own check)
-            return None
-        if isinstance(value, torch.device):
-            return str(value)
-        if not isinstance(value, (str, os.PathLike)):  # (a settings file's ``device: 5`` reached torch)
-            raise ValueError(f"{name} must be text{' or None' if optional else ''}, got {value!r}")
-        return value
-    if base not in (int, float, bool):
-        return value
-    if value is None or unset:
-        if optional:
-            return None
-        raise ValueError(f"{name} must be {_KIND[base]}, got None")
-    bad = ValueError(f"{name} must be {_KIND[base]}{' or None' if optional else ''}, got {value!r}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
-            return value.strip().lower() in _TRUE_WORDS
-        raise bad
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise bad
-    try:
-        if base is float:
-            return float(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return int(value)
-        number = float(value)
-    except ValueError:
-        raise bad from None
-    if not number.is_integer():
-        raise bad
-    return int(number)
 
 
 def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:

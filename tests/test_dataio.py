@@ -147,6 +147,15 @@ dense_fill: null
     for name in ("s.json", "s.yaml"):  # as a Windows editor may save them: a byte-order mark first
         (tmp_path / f"bom-{name}").write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
         assert Schema.from_file(tmp_path / f"bom-{name}") == a
+    # numbers as strings, as PyYAML reads `1e-3` (YAML 1.1 floats need a dot) or as quoted: converted,
+    # as the README says of settings files (they were refused here: a review's find, 2026-11-29)
+    quoted = yaml_text.replace("max_seq_len: 8", "max_seq_len: '8'").replace("min_count: 2", "min_count: '2'")
+    (tmp_path / "q.yaml").write_text(quoted.replace("dense_fill: null", "dense_fill: 1e-3"))
+    q = Schema.from_file(tmp_path / "q.yaml")
+    assert (q.max_seq_len, q.min_count, q.dense_fill) == (8, 2, 1e-3) and q == dataclasses.replace(a, dense_fill=1e-3)
+    with pytest.raises(ValueError, match=r"q.yaml: schema key 'max_seq_len' must be an integer, got '8.5'"):
+        (tmp_path / "q.yaml").write_text(quoted.replace("max_seq_len: '8'", "max_seq_len: '8.5'"))
+        Schema.from_file(tmp_path / "q.yaml")
 
 
 @pytest.mark.parametrize("change, key", [
