@@ -41,6 +41,6 @@ def pytest_terminal_summary(terminalreporter):
     """On a machine without a GPU, say under pytest-benchmark's console table what its times are
     (each row's skip reason and the report say it too, but the table itself did not)."""
     common = sys.modules.get("common")
-    if common is not None and not common.ON_GPU:
+    if getattr(common, "ON_GPU", True) is False:  # (a stand-in common, as a test of this file uses, has none)
         terminalreporter.write_line(f"note: {common.SMOKE_NOTE} (the README's Benchmarks section: the GPU run)",
                                     yellow=True)

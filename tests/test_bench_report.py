@@ -310,10 +310,11 @@ def test_a_benchmark_run_without_a_gpu_says_its_times_are_not_meaningful():
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not as an xdist worker
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           os.path.join(BENCH, "test_bench_dot_interaction.py"), "-k",
                           "smoke and fwd and fused and not cudagraph"],
-                         cwd=os.path.dirname(BENCH), capture_output=True, text=True, timeout=300)
+                         cwd=os.path.dirname(BENCH), capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     lines = res.stdout.splitlines()
     notes = [i for i, line in enumerate(lines) if "timings are not meaningful" in line]
