@@ -505,6 +505,31 @@ def test_gated_lce_fp32_bias_past_fp16s_range_under_autocast(B, n_in, n_out, che
     assert_rel(fo[~inf].float(), eo[~inf].float(), 2e-2, "finite outputs")
 
 
+@GLCE_PARAM_CASES
+def test_gated_lce_slow_path_rounds_the_parameters_as_the_dot_path_does(B, n_in, n_out, check_x):
+    """fp16 autocast with fp32 parameters and an inf in sample 0: its block takes the per-sample slow
+    path, whose other samples must come out as the dot path gives them (the same call with sample
+    0 finite): weights, bias and gate rounded to fp16 alike. The outputs differ only where the two
+    fp32 sums of other orders straddle an fp16 rounding boundary (none under the interpreter). A
+    mutation test (2026-11-29) left the slow path's weight unrounded, 4.5e-4 off, and the suite
+    passed it."""
+    d = 24
+    per_block = _glce_samples_per_block(n_in, n_out, d, check_x)
+    assert per_block >= 2  # sample 0's block holds others
+    g = torch.Generator().manual_seed(3)
+    args = dict(x=_rnd(g, torch.float32, B, n_in, d), weight=_rnd(g, torch.float32, n_in, n_out, scale=0.5),
+                bias=_rnd(g, torch.float32, n_out), gate_weight=_rnd(g, torch.float32, d, d, scale=0.3),
+                gate_bias=_rnd(g, torch.float32, d))
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        dot_path = G.gated_lce(**args)
+        args["x"] = args["x"].clone()
+        args["x"][0, 0, 0] = float("inf")
+        slow = G.gated_lce(**args)
+    same_block = slice(1, min(B, per_block))
+    assert torch.isfinite(slow[same_block]).all()
+    assert (slow[same_block] != dot_path[same_block]).float().mean() <= 0.01
+
+
 # ============================================================================ PFFN
 _FB, _FL, _FD, _FNS = 3, 5, 16, 2
 _FLENS = [5, 0, 3]
