@@ -485,3 +485,22 @@ def test_fused_op_runs_its_reference_on_meta_tensors(case: Case, monkeypatch):
             got = _shapes([out, *torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)])
         assert not launches, dict(launches)
         assert got == [None if e is None else (e[0], e[1], "meta") for e in expected], (autocast, got, expected)
+
+
+@pytest.mark.parametrize("forward", ["rows", "phases"])
+@pytest.mark.parametrize("backward", ["rows", "phases"])
+def test_low_rank_cross_net_keeps_its_projections_in_fp32(forward, backward, monkeypatch):
+    """16-bit x0: the projections ``P [L, B, r]`` the forward saves, their gradients ``dP`` and the
+    phased kernels' partial sums of either ``[L, S, B, r]`` are fp32 buffers, as the module
+    docstring says (every other tensor of the op is in x0's or the parameters' dtype). A mutation
+    test (2026-11-29) allocated dP in fp16: at these sizes the 2x-eager rule let it through."""
+    monkeypatch.setattr(crossnet, "LOW_RANK_FORWARD", forward)
+    monkeypatch.setattr(crossnet, "LOW_RANK_BACKWARD", backward)
+    D, r, L = 40, 4, 4
+    x0 = leaf(B, D, dtype=torch.float16)
+    us, vs = [leaf(D, r, dtype=torch.float16) for _ in range(L)], [leaf(r, D, dtype=torch.float16) for _ in range(L)]
+    bs = [leaf(D, dtype=torch.float16) for _ in range(L)]
+    fwd, bwd, _ = run_phases(lambda: crossnet.low_rank_cross_net(x0, us, vs, bs), [x0, *us, *vs, *bs])
+    projections = [(m.op, m.shape, m.dtype) for m in fwd.new() + bwd.new() if m.shape[-2:] == (B, r)]
+    assert any(s[0] == L for _, s, _ in projections) and len(projections) >= 2, projections  # P and dP
+    assert all(dt == torch.float32 for _, _, dt in projections), projections
