@@ -22,6 +22,7 @@ import torch.nn as nn
 from . import reference
 from .backend import FusedModule, called_as_defined, global_module_hooks
 from .config import _FP32_TINY
+from .kernels._dispatch import autocast_dtype  # (torch only: no Triton import)
 from .profiling import ranged
 from .reference import row_mask
 
@@ -546,8 +547,7 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
         input with fp16 parameters ran there and raised on the eager path (a review's find,
         2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
         the kernel does on every device (CPU autocast does not: the kernel's "Dtypes")."""
-        dev = x.device.type
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        if autocast_dtype(x.device.type) is not None:
             return
         h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
