@@ -179,10 +179,11 @@ def _cross_net(D, L):
     return build
 
 
-def _low_rank(D, r, L):
+def _low_rank(D, r, L, dtype=torch.float32):
     def build():
-        x0 = leaf(B, D)
-        us, vs, bs = [leaf(D, r) for _ in range(L)], [leaf(r, D) for _ in range(L)], [leaf(D, 1) for _ in range(L)]
+        x0 = leaf(B, D, dtype=dtype)
+        us, vs = [leaf(D, r, dtype=dtype) for _ in range(L)], [leaf(r, D, dtype=dtype) for _ in range(L)]
+        bs = [leaf(D, 1, dtype=dtype) for _ in range(L)]
         return (lambda: crossnet.low_rank_cross_net(x0, us, vs, bs)), [x0, *us, *vs, *bs]
     return build
 
@@ -496,11 +497,8 @@ def test_low_rank_cross_net_keeps_its_projections_in_fp32(forward, backward, mon
     test (2026-11-29) allocated dP in fp16: at these sizes the 2x-eager rule let it through."""
     monkeypatch.setattr(crossnet, "LOW_RANK_FORWARD", forward)
     monkeypatch.setattr(crossnet, "LOW_RANK_BACKWARD", backward)
-    D, r, L = 40, 4, 4
-    x0 = leaf(B, D, dtype=torch.float16)
-    us, vs = [leaf(D, r, dtype=torch.float16) for _ in range(L)], [leaf(r, D, dtype=torch.float16) for _ in range(L)]
-    bs = [leaf(D, dtype=torch.float16) for _ in range(L)]
-    fwd, bwd, _ = run_phases(lambda: crossnet.low_rank_cross_net(x0, us, vs, bs), [x0, *us, *vs, *bs])
+    r, L = 4, 4
+    fwd, bwd, _ = run_phases(*_low_rank(40, r, L, torch.float16)())
     projections = [(m.op, m.shape, m.dtype) for m in fwd.new() + bwd.new() if m.shape[-2:] == (B, r)]
     assert any(s[0] == L for _, s, _ in projections) and len(projections) >= 2, projections  # P and dP
     assert all(dt == torch.float32 for _, _, dt in projections), projections
