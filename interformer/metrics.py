@@ -64,15 +64,25 @@ def _logits_and_labels(name: str, logits: torch.Tensor, labels: torch.Tensor):
     return logits, _binary_labels(name, labels)
 
 
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean of ``-log sigmoid(z)`` over the clicked samples and ``-log(1 - sigmoid(z))`` over
+    the others, as ``softplus(s) = max(s, 0) + log1p(exp(-|s|))`` of ``s = -z`` and ``s = z``: an
+    infinite logit costs its limit, 0 on the side of its label and inf on the other, where the
+    usual ``max(z, 0) - z y + log1p(exp(-|z|))`` gives ``inf - inf`` = NaN for ``+inf`` with a click.
+    (``torch``'s ``softplus`` returns ``s`` itself past 20, dropping up to 2e-9 a sample.)"""
+    s = torch.where(labels, -logits, logits)
+    return float((s.clamp(min=0) + torch.log1p(torch.exp(-s.abs()))).mean())
+
+
 def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean binary cross-entropy of ``sigmoid(logits)`` against ``labels``.
 
     As in :func:`auc`, labels must be 0 or 1 (any dtype) and as many as ``logits`` (any shape, taken
     flat): anything else raises ValueError (a label of -1 or 2 would otherwise give a plausible,
-    negative-weighted number). NaN logits give NaN; no samples give NaN.
+    negative-weighted number). NaN logits give NaN; no samples give NaN. An infinite logit costs
+    its limit: 0 on the side of its label, inf on the other.
     """
-    logits, labels = _logits_and_labels("logloss", logits, labels)
-    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double()))
+    return _mean_cross_entropy(*_logits_and_labels("logloss", logits, labels))
 
 
 def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
@@ -165,4 +175,4 @@ def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     if p <= 0.0 or p >= 1.0:
         return float("nan")
     base = -(p * math.log(p) + (1 - p) * math.log(1 - p))
-    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.double())) / base
+    return _mean_cross_entropy(logits, labels) / base

@@ -273,3 +273,17 @@ def test_gauc_against_its_definition_with_ties_odd_ids_and_low_precision_scores(
     # many small groups (every group's AUC is formed at once, each group's ranks restarting at 1)
     many = torch.randint(0, 150, (n,), generator=g)
     assert math.isclose(gauc(scores, labels, many), _gauc_by_definition(scores, labels, many), abs_tol=1e-12)
+
+
+def test_an_infinite_logit_costs_its_limit():
+    """``-log sigmoid(+inf)`` is 0 and ``-log(1 - sigmoid(+inf))`` is inf (and the mirror for
+    ``-inf``): logloss and Normalized Entropy give those limits. BCE-with-logits' one formula,
+    ``max(z, 0) - z y + log1p(exp(-|z|))``, gave ``inf - inf`` = NaN for ``+inf`` with a click."""
+    inf = float("inf")
+    right = (torch.tensor([inf, -inf, 3.0, -2.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    finite = (right[0][2:], right[1][2:])
+    assert math.isclose(logloss(*right), logloss(*finite) / 2, rel_tol=1e-15)
+    assert logloss(torch.tensor([inf, 0.0]), torch.tensor([0.0, 1.0])) == inf
+    assert logloss(torch.tensor([-inf, 0.0]), torch.tensor([1.0, 0.0])) == inf
+    assert math.isnan(logloss(torch.tensor([float("nan"), 0.0]), torch.tensor([1.0, 0.0])))
+    assert math.isclose(normalized_entropy(*right), logloss(*right) / math.log(2), rel_tol=1e-15)
