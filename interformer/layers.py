@@ -22,7 +22,7 @@ import torch.nn as nn
 from . import reference
 from .backend import FusedModule, called_as_defined, global_module_hooks
 from .config import _FP32_TINY
-from .kernels._dispatch import autocast_dtype  # (torch only: no Triton import)
+from .kernels._dispatch import autocast_dtype, layer_norm_takes  # (torch only: no Triton import)
 from .profiling import ranged
 from .reference import row_mask
 
@@ -551,7 +551,7 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
             return
         h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
-            if p is None or p.dtype == h or (p.dtype == torch.float32 and h in (torch.float16, torch.bfloat16)):
+            if p is None or layer_norm_takes(p.dtype, h):
                 continue
             raise ValueError(f"ResidualLayerNorm: {name} is {p.dtype} for a {h} input outside autocast; like "
                              "nn.LayerNorm it takes parameters of the input's dtype, or fp32 ones with a 16-bit input")

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from interformer import backend as _backend
 
-from ._dispatch import launch, unused_arg
+from ._dispatch import launch, layer_norm_takes, unused_arg
 
 #: the dtypes every kernel takes (one definition, shared with ``backend="auto"``'s choice)
 KERNEL_DTYPES = _backend.KERNEL_DTYPES
@@ -114,14 +114,10 @@ def affine_params(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
 def layer_norm_params(dtype: torch.dtype, *params):
     """LayerNorm parameters as ``F.layer_norm`` takes them for an input of ``dtype`` (the eager
     fallbacks of shapes the kernels do not take; the kernels read them in any float dtype): as they
-    are when they have that dtype, or are fp32 with a 16-bit input (it takes those, and rounding
-    them would change the result); else cast to ``dtype`` (it refuses, e.g., fp16 parameters for an
-    fp32 input). None stays None."""
-    def fit(p):
-        if p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
-            return p
-        return p.to(dtype)
-    return tuple(fit(p) for p in params)
+    are where it takes them (:func:`._dispatch.layer_norm_takes`: their dtype is ``dtype``, or fp32
+    with a 16-bit input, and rounding those would change the result); else cast to ``dtype``. None
+    stays None."""
+    return tuple(p if p is None or layer_norm_takes(p.dtype, dtype) else p.to(dtype) for p in params)
 
 
 def describe_shape(t) -> str:

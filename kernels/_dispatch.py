@@ -170,6 +170,15 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def layer_norm_takes(param_dtype: torch.dtype, input_dtype: torch.dtype) -> bool:
+    """Whether ``F.layer_norm`` outside autocast takes parameters of ``param_dtype`` for an input
+    of ``input_dtype``: the input's own dtype, or fp32 with a 16-bit input (it refuses, e.g., fp16
+    parameters for an fp32 input). The one statement of the rule: the fused path's eager fallbacks
+    cast parameters it refuses (``_common.layer_norm_params``), ``ResidualLayerNorm`` raises."""
+    return param_dtype == input_dtype or (param_dtype == torch.float32
+                                          and input_dtype in (torch.float16, torch.bfloat16))
+
+
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
