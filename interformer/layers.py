@@ -129,19 +129,13 @@ class GatedLCE(FusedModule):
     ``gate = nn.Linear(d_model, d_model)``. The paper prints the gate alone; like every port we
     multiply it by ``Y``. ``weight`` is initialised as ``nn.Linear(n_in, n_out)`` would be.
 
-    Under ``torch.autocast`` with fp32 parameters the fused path returns the autocast dtype, where
-    eager's type promotion (the fp32 bias) returns fp32 (:mod:`interformer.kernels.gated_lce`,
-    "Dtypes and precision"). What that costs, measured on the CPU under fp16 autocast (a whole-model
-    fuzzing helper, 2026-11-28): the gradient coming back is rounded to fp16 before the bias
-    gradient sums it over samples and width, and where that sum nearly cancels (the output feeds
-    LayerNorms, whose input gradient has zero mean over the width) the bias gradient's error grew
-    to about 5x eager's (a one-layer model at d = 16, T = 1: 2.5e-2 against 4.7e-3 relative to
-    float64; the model's gradients as a whole 2.5x). Eager with only this module's output cast to
-    fp16 errs as much (2.47e-2). Each op alone meets DESIGN §5's 2x-eager rule; the tested
-    configurations meet it as a whole model; this one failed it in 2 of 6 batches. Kept for now:
-    the output is the Cross Arch's summary tokens, and an fp32 output would send fp32 into the ops
-    after it; the choice is to be weighed with a GPU's numbers (under bf16, which keeps 8 significant
-    bits against fp16's 11, the rounding is coarser still).
+    Under ``torch.autocast`` both paths return eager's dtype (fp32 with an fp32 bias: ``Y``'s
+    type promotion), and the fused backward sums the bias gradient from that fp32 upstream gradient
+    as eager does (:mod:`interformer.kernels.gated_lce`, "Dtypes and precision"). Decision
+    (2026-11-29): the fused path returned the autocast dtype until then, which rounded the gradient
+    coming back to 16 bits before that sum; where it nearly cancels (the output feeds LayerNorms,
+    whose input gradient has zero mean over the width) the bias gradient's error reached 4-5x
+    eager's under fp16 autocast, against DESIGN §5's 2x (a fuzzing helper and a review).
     """
 
     kernel_ops = (("gated_lce", "gated_lce"),)

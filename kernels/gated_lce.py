@@ -110,12 +110,19 @@ after ``out.sum()`` is fine). ``GW_MODE`` forces a mode (tests run both).
 
 Dtypes and precision
 --------------------
-x may be fp32, fp16 or bf16; the output and dx are in x's dtype. The four parameters must have x's
-dtype, except under ``torch.autocast`` on x's device type where x is first cast to the autocast
-dtype (as eager's einsum/linear would) and the parameters may stay fp32: the kernels read them in
-their own dtype, cast them to the compute dtype in registers, and return their gradients in their
-own dtype (no cast kernels, no ``ToCopyBackward``). Under autocast the output is in the autocast
-dtype (eager's type promotion returns fp32 there). Accumulation is fp32; Y and the gate stay fp32 in
+x may be fp32, fp16 or bf16; dx is in x's dtype. The four parameters must have x's dtype, except
+under ``torch.autocast`` on x's device type where x is first cast to the autocast dtype (as eager's
+einsum/linear would) and the parameters may stay fp32: the kernels read them in their own dtype,
+cast them to the compute dtype in registers, and return their gradients in their own dtype (no cast
+kernels, no ``ToCopyBackward``). The output's dtype is eager's, ``promote_types(x, bias)`` of the
+cast x: x's outside autocast, fp32 under autocast with an fp32 bias (``Y = x W + bias`` promotes,
+and ``Y * sigmoid(...)`` keeps it). Decision (2026-11-29): until then the output was in the autocast
+dtype, which saved half its bytes but made the fused module no drop-in (another dtype out) and
+rounded the upstream gradient to 16 bits before the bias gradient summed it: in a model whose
+summary tokens feed LayerNorms (input gradients of zero mean, so that sum nearly cancels) the bias
+gradient's error reached 4-5x eager's under fp16 autocast, against DESIGN §5's 2x (a review's and
+a fuzzing helper's finds). The backward reads the upstream gradient in whatever dtype it comes (fp32
+here) and forms dY, dZ and the sums from it in fp32. Accumulation is fp32; Y and the gate stay fp32 in
 registers (eager rounds them to the low dtype), and operands are cast to the compute dtype just
 before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
@@ -152,7 +159,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, LOG2E, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
                       num_sms, on_input_device, resident_programs, sigmoid, sum_partials)
-from ._dispatch import (_decomposing, autocast_dtype, autocast_off, fx_call, inline_when_compiled, launch,
+from ._dispatch import (_decomposing, autocast_dtype, fx_call, inline_when_compiled, launch,
                         lean_function, needed as _needed, needs_grad, reference_only, saving_forward, tracing,
                         unused_arg)
 
@@ -696,12 +703,17 @@ def _fast_math(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def _out_dtype(x: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
+    """The output's dtype, eager's: ``promote_types(x, bias)`` (module docstring, "Dtypes")."""
+    return torch.promote_types(x.dtype, bias.dtype)
+
+
 @on_input_device
 def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     B, n_in, d = x.shape
     bias, gate_bias = bias.contiguous(), gate_bias.contiguous()  # read as unit-stride rows
     n_out = weight.shape[1]
-    out = torch.empty((B, n_out, d), device=x.device, dtype=x.dtype)
+    out = torch.empty((B, n_out, d), device=x.device, dtype=_out_dtype(x, bias))
     if out.numel() == 0:
         return out
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
@@ -781,13 +793,13 @@ def gated_lce_fwd(
     gate_weight: torch.Tensor,
     gate_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """Forward: ``[B, n_out, d]`` in x's dtype."""
+    """Forward: ``[B, n_out, d]`` in ``promote_types(x, bias)`` (x's, unless under autocast)."""
     return _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias)
 
 
 @gated_lce_fwd.register_fake
 def _gated_lce_fwd_fake(x, weight, bias, gate_weight, gate_bias):
-    return x.new_empty((x.shape[0], weight.shape[1], x.shape[2]))
+    return x.new_empty((x.shape[0], weight.shape[1], x.shape[2]), dtype=_out_dtype(x, bias))
 
 
 @torch.library.custom_op("interformer::gated_lce_bwd", mutates_args=())
@@ -896,8 +908,8 @@ def gated_lce(
             or reference_only(x)):
         from interformer import reference
 
-        with autocast_off(dev):
-            return reference.gated_lce(x, *(t.to(x.dtype) for t in (weight, bias, gate_weight, gate_bias)))
+        # eager's own math and dtypes, autocast included (x's cast is the one eager's einsum makes)
+        return reference.gated_lce(x, weight, bias, gate_weight, gate_bias)
     args = (x, weight, bias, gate_weight, gate_bias)
     if tracing(args):
         return torch.ops.interformer.gated_lce_fwd(*args)

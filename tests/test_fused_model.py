@@ -202,27 +202,35 @@ def test_fused_model_under_activation_checkpointing(monkeypatch):
         [n for n in g1 if g1[n] is None or not torch.equal(g1[n], g2[n])]
 
 
+@pytest.mark.parametrize("how", ["half", "autocast"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_model_in_float16_meets_the_low_precision_rule(variant):
+def test_fused_model_in_float16_meets_the_low_precision_rule(variant, how):
     """The whole model in float16 (``model.half()``, fp16 parameters and dense input; bf16 where
-    the hardware has it is the same code), against the same weights in float64, by DESIGN §5's
-    rule: the fused path's error at most twice the eager path's in the same precision, for the
-    logits, the loss and the gradients. Gradients are compared as one vector in which every
-    parameter's gradient is scaled by its float64 norm (floored at 1e-3 of the whole gradient),
-    so that each parameter counts, not only the largest."""
+    the hardware has it is the same code), or in fp32 under fp16 autocast, against the same
+    weights in float64, by DESIGN §5's rule: the fused path's error at most twice the eager path's
+    in the same precision, for the logits, the loss and the gradients. Gradients are compared as one
+    vector in which every parameter's gradient is scaled by its float64 norm (floored at 1e-3 of
+    the whole gradient), so that each parameter counts, not only the largest. Under autocast the
+    logits have eager's dtype on both paths."""
     low = torch.float16
     cfg = _variant(variant)
     eager, fused = _fused_pair(cfg)
     batch = _batch(cfg)
+    dtypes = []
 
     def run(model, dtype):
-        model = copy.deepcopy(model).to(dtype)
-        logits = model(batch[0].to(dtype), *batch[1:4])
-        loss = model.loss(logits, batch[4].to(dtype))
+        lowp = dtype == low and how == "autocast"
+        model = copy.deepcopy(model).to(torch.float32 if lowp else dtype)
+        dense = batch[0].to(torch.float32 if lowp else dtype)
+        with torch.autocast(DEVICE.type, dtype=low, enabled=lowp):
+            logits = model(dense, *batch[1:4])
+        dtypes.append(logits.dtype)
+        loss = model.loss(logits, batch[4].to(torch.float32 if lowp else dtype))
         loss.backward()
         return logits.detach().double(), loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
 
     (l64, s64, g64), (le, se, ge), (lf, sf, gf) = run(eager, torch.float64), run(eager, low), run(fused, low)
+    assert dtypes[1] == dtypes[2], dtypes  # eager's logits and the fused ones
     total = float(torch.sqrt(sum(g.norm() ** 2 for g in g64.values())))
     scale = {n: 1.0 / max(float(g.norm()), 1e-3 * total) for n, g in g64.items()}
 
@@ -235,7 +243,7 @@ def test_fused_model_in_float16_meets_the_low_precision_rule(variant):
     for name, f, e, r, floor in (("logits", lf, le, l64, 1e-6), ("loss", sf, se, s64, 2.0**-11),
                                  ("gradients", flat(gf), flat(ge), flat(g64), 1e-6)):
         f_err, e_err = rel_err(f, r), rel_err(e, r)
-        assert f_err <= 2 * max(e_err, floor), f"{variant}, {name}: fused fp16 error {f_err:.2e} > 2 x eager's {e_err:.2e}"
+        assert f_err <= 2 * max(e_err, floor), f"{variant} ({how}), {name}: fused fp16 error {f_err:.2e} > 2 x eager's {e_err:.2e}"
 
 
 def test_a_half_fused_model_with_the_smallest_ln_eps_has_finite_gradients():
