@@ -88,7 +88,7 @@ def gated_lce_f(P, x, pre=""):
     return Y * sigmoid(lin(Y, P[pre + "gate.weight"], P[pre + "gate.bias"]))
 
 
-def pffn_f(P, s, x_sum, lengths, mode, pre=""):
+def pffn_f(P, s, x_sum, lengths, mode, pre="", eps=EPS):
     """``S + LN(S) @ W_b`` with W_b from the hypernetwork (mlp) or ``X_sum_b^T A`` (linear); padded rows 0."""
     B, L, d = s.shape
     if mode == "mlp":
@@ -96,7 +96,7 @@ def pffn_f(P, s, x_sum, lengths, mode, pre=""):
         Wb = lin(h, P[pre + "hyper.2.weight"], P[pre + "hyper.2.bias"]).reshape(B, d, d) / math.sqrt(d)
     else:
         Wb = torch.einsum("bni,nj->bij", x_sum, P[pre + "A"])  # X_sum_b^T [d, n] @ A [n, d]
-    hn = layer_norm(s, P[pre + "norm.weight"], P[pre + "norm.bias"])
+    hn = layer_norm(s, P[pre + "norm.weight"], P[pre + "norm.bias"], eps)
     out = s + torch.einsum("bli,bij->blj", hn, Wb)
     return out * valid_rows(lengths, L)
 
@@ -229,7 +229,7 @@ def dense_f(P, dense, mode):
 
 
 def sequence_arch_f(P, s, x_sum, vlen, c: InterFormerConfig):
-    s_mid = pffn_f(P, s, x_sum, vlen, c.pffn_mode, pre="pffn.")
+    s_mid = pffn_f(P, s, x_sum, vlen, c.pffn_mode, pre="pffn.", eps=c.ln_eps)
     a = rotary_mha_f(P, layer_norm(s_mid, P["attn_norm.weight"], P["attn_norm.bias"], c.ln_eps), vlen,
                      c.num_heads, c.rope_base, pre="attn.")
     return s_mid + a
@@ -491,9 +491,12 @@ def arch_config(**kw):
 
 
 @pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
-@pytest.mark.parametrize("d,H,lengths", [(24, 3, [7, 0, 4]), (40, 4, [1, 7, 0])])
-def test_sequence_arch(pffn_mode, d, H, lengths):
-    c = arch_config(d_model=d, num_heads=H, pffn_mode=pffn_mode)
+@pytest.mark.parametrize("d,H,lengths,ln_eps", [(24, 3, [7, 0, 4], 1e-5), (40, 4, [1, 7, 0], 1e-5),
+                                                (24, 3, [7, 0, 4], 0.05)])
+def test_sequence_arch(pffn_mode, d, H, lengths, ln_eps):
+    """(``ln_eps = 0.05``: every LayerNorm must take the config's eps; at the default 1e-5 one that
+    kept nn.LayerNorm's own default passed, the two being equal.)"""
+    c = arch_config(d_model=d, num_heads=H, pffn_mode=pffn_mode, ln_eps=ln_eps)
     m = SequenceArch(c).double()
     assert perturb_constant_parameters(m)  # LayerNorms 1/0, zero cross biases: they would hide a term
     B, T = len(lengths), c.max_seq_len
@@ -504,9 +507,12 @@ def test_sequence_arch(pffn_mode, d, H, lengths):
                           lambda P, s, xs, v: sequence_arch_f(P, s, xs, v, c))
 
 
-@pytest.mark.parametrize("backbone,dcn_rank,dhen_layers", [("dhen", 5, 2), ("dhen", None, 1), ("dot", 5, 1), ("dcn", 3, 1)])
-def test_interaction_arch(backbone, dcn_rank, dhen_layers):
-    c = arch_config(backbone=backbone, dcn_rank=dcn_rank, dhen_layers=dhen_layers)
+@pytest.mark.parametrize("backbone,dcn_rank,dhen_layers,ln_eps", [("dhen", 5, 2, 1e-5), ("dhen", None, 1, 1e-5),
+                                                                  ("dot", 5, 1, 1e-5), ("dcn", 3, 1, 1e-5),
+                                                                  ("dhen", 5, 2, 0.05)])
+def test_interaction_arch(backbone, dcn_rank, dhen_layers, ln_eps):
+    """(``ln_eps = 0.05``: as in :func:`test_sequence_arch`.)"""
+    c = arch_config(backbone=backbone, dcn_rank=dcn_rank, dhen_layers=dhen_layers, ln_eps=ln_eps)
     m = InteractionArch(c).double()
     assert perturb_constant_parameters(m)  # LayerNorms 1/0, zero cross biases: they would hide a term
     B = 3
@@ -629,3 +635,82 @@ def test_rotary_positions_start_at_zero(L, dh):
         for h in range(H):
             p = softmax(q[0, :, h] @ rope_f(k[b, :n, h], base).T / math.sqrt(dh))
             assert rel_err(out[b, :, h], p @ v[b, :n, h]) <= TOL
+
+
+# ---- The reference functions no eager module calls, and precision and settings no float64 formula
+# ---- above could see (a mutation test of the eager code, 2026-11-29: each test below fails on the
+# ---- mutant its docstring names).
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_rotary_angles_are_float64_up_to_rounding(dtype):
+    """DESIGN §3's rotary at ``long``'s T = 1000: the rotary of an fp16/bf16 input is the float64
+    rotary of that same input up to rounding (measured 0.7 unit roundoffs). Angles
+    ``p * base^(-2i/dh)`` formed in the input's dtype were off by up to half a radian near p = 1000
+    (42 and 86 unit roundoffs); the fused kernels read the same table, so no fused-against-eager
+    test could see it, and DESIGN §5's 2x-eager rule would have loosened with it."""
+    from interformer import reference as R
+
+    L, H, dh, base = 1000, 3, 16, 10000.0
+    x = randn(2, L, H, dh).to(dtype)
+    want = torch.stack([torch.stack([rope_f(x[b, :, h].double(), base) for h in range(H)], dim=1) for b in range(2)])
+    got = R.rotary(x, base)
+    u = torch.finfo(dtype).eps / 2
+    assert got.dtype == dtype and rel_err(got, want) <= 2 * u, rel_err(got, want) / u
+
+
+def test_loss_is_the_mean_binary_cross_entropy_with_logits():
+    """``InterFormerCTR.loss``: the mean (not the sum) of BCE with logits, an fp32 scalar."""
+    from interformer import InterFormerCTR
+
+    logits = torch.tensor([2.5, -1.0, 0.0, 7.0, -3.25], dtype=F64)
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], dtype=F64)
+    p = sigmoid(logits)
+    want = -(label * torch.log(p) + (1 - label) * torch.log(1 - p)).mean()
+    got = InterFormerCTR.loss(logits, label)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert abs(float(got) - float(want)) <= 1e-6 * float(want), (float(got), float(want))
+
+
+def test_every_layernorm_takes_the_configs_ln_eps():
+    """Every LayerNorm of the model is built at ``config.ln_eps``: per block the DHEN layers', the
+    Interaction Arch's, the PFFN's and the attention's pre-norm."""
+    from interformer import InterFormerCTR
+
+    c = arch_config(dhen_layers=2, num_layers=2, ln_eps=0.05)
+    norms = {n: m.eps for n, m in InterFormerCTR(c).named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert len(norms) == c.num_layers * (c.dhen_layers + 3), sorted(norms)
+    assert all(e == c.ln_eps for e in norms.values()), norms
+
+
+def test_reference_feed_forward_is_designs_ffn():
+    """``reference.feed_forward`` (the fused FFN's reference; the eager ``FeedForward`` calls its own
+    layers instead) is DESIGN §3's ``Linear -> SiLU -> Linear``."""
+    from interformer import reference as R
+
+    x, w1, b1, w2, b2 = randn(3, 5, 24), randn(96, 24), randn(96), randn(24, 96), randn(24)
+    assert rel_err(R.feed_forward(x, w1, b1, w2, b2), lin(silu(lin(x, w1, b1)), w2, b2)) <= TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_attention_outputs_zero_at_padded_queries(causal):
+    """``reference.attention`` with ``mask_queries=True`` (the fused attention's reference; the
+    eager module zeroes padded rows again after its output projection): DESIGN §3's padded query
+    rows output 0, the valid rows attend over the valid keys (``causal``: up to the query)."""
+    from interformer import reference as R
+
+    B, L, H, dh, base = 3, 7, 2, 8, 10000.0
+    q, k, v = randn(B, L, H, dh), randn(B, L, H, dh), randn(B, L, H, dh)
+    lens = torch.tensor([7, 0, 3])
+    got = R.attention(q, k, v, lens, causal=causal, rope_base=base, mask_queries=True)
+    want = torch.zeros(B, L, H, dh, dtype=F64)
+    for b in range(B):
+        n = int(lens[b])
+        for h in range(H):
+            if n:
+                sc = rope_f(q[b, :n, h], base) @ rope_f(k[b, :n, h], base).T / math.sqrt(dh)
+                if causal:
+                    sc = sc.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+                want[b, :n, h] = softmax(sc) @ v[b, :n, h]
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[2, 3:], torch.zeros_like(got[2, 3:]))
+    assert rel_err(got, want) <= TOL
