@@ -268,6 +268,16 @@ class CrossNet(FusedModule):
     fp32 output can hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
     (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
     "Dtypes and precision".)
+
+    Open (a review, 2026-11-29): alone under fp16 autocast with an fp32 x0 and an fp32 upstream
+    gradient, the fused bias gradients are at fp16's rounding (this module's ``bias.1`` 4.8e-4
+    relative to float64 at D = 24, the low-rank one's 2.2e-4) where eager's are at fp32's (5.5e-8):
+    the kernels round x0 to the autocast dtype, and eager's element-wise ``x0 * (...)`` keeps it
+    fp32, so DESIGN §5's 2x-eager rule fails there. In the model, whose cross nets get fp16-valued
+    gradients from the DHEN mix on both paths, no such failure was seen (eight seeds, CPU). Keeping
+    x0 in its own dtype in the kernels, and returning eager's dtype as :class:`GatedLCE` does since
+    2026-11-29, changes every cross-net kernel's loads and tile plans: left for a session whose GPU
+    can time it and build its plans.
     """
 
     kernel_ops = (("crossnet", "cross_net"),)
