@@ -179,6 +179,15 @@ def layer_norm_takes(param_dtype: torch.dtype, input_dtype: torch.dtype) -> bool
                                           and input_dtype in (torch.float16, torch.bfloat16))
 
 
+def savable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it is an inference tensor (made under ``torch.inference_mode``, in a data
+    loader's collate say) a copy of it: autograd refuses to save inference tensors, and the fused
+    ops save ``lengths`` for their backward where eager saves only the masks built from it (so
+    eager trained on such lengths and the fused path raised; a review, 2026-11-29). Called on the
+    eager entry's path where some input needs a gradient; B integers, no copy otherwise."""
+    return t.clone() if t.is_inference() else t
+
+
 def needs_grad(tensors: Sequence[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 

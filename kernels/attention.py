@@ -245,7 +245,7 @@ from interformer import reference
 
 from ._common import KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int32_block, next_pow2, on_input_device
 from ._dispatch import (autocast_dtype, inline_when_compiled, launch, lean_function, needed as _needed, needs_grad,
-                        reference_only, saving_forward, tracing)
+                        reference_only, savable, saving_forward, tracing)
 
 __all__ = ["attention", "attention_packed", "pooled_attention"]
 
@@ -1556,7 +1556,7 @@ def attention(
     if tracing(tensors):
         out, _ = torch.ops.interformer.attention_fwd(*tensors, *flags, _traced_table(q, k, rope_base))
     elif needs_grad(tensors):
-        out, _ = _Attention.apply(*tensors, *flags)
+        out, _ = _Attention.apply(q, k, v, savable(lengths), *flags)
     else:
         out, _ = _attention_fwd_impl(*tensors, *flags)
     return out
@@ -1592,7 +1592,7 @@ def attention_packed(
     if tracing((qkv, lengths)):  # a tensor subclass
         out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))
     else:
-        out, _ = _AttentionQKV.apply(qkv, lengths, *flags)
+        out, _ = _AttentionQKV.apply(qkv, savable(lengths), *flags)
     return out
 
 
@@ -1985,5 +1985,5 @@ def pooled_attention(
                          f"{[str(t.dtype) for t in tensors[3:]]}")
     _check_lengths_and_device("pooled_attention", "s, lengths and the parameters", lengths, s.shape[0], tensors[2:] + (s,))
     if needs_grad(tensors):
-        return _PooledAttention.apply(*tensors, num_heads)
+        return _PooledAttention.apply(tensors[0], savable(lengths), *tensors[2:], num_heads)
     return _pooled_forward(s, lengths, query, k_weight, k_bias, v_weight, v_bias, o_weight, o_bias, num_heads)[0]

@@ -100,7 +100,7 @@ import triton.language as tl
 from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, dot_precision, int32_block,
                       layer_norm_params, next_pow2, on_input_device, persistent_programs, sum_partials)
 from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
-                        needs_grad, reference_only, saving_forward, tracing)
+                        needs_grad, reference_only, savable, saving_forward, tracing)
 
 __all__ = ["pffn_mlp", "pffn_linear"]
 
@@ -583,7 +583,7 @@ def pffn_mlp(
     if tracing(tensors):
         return torch.ops.interformer.pffn_mlp_fwd(*tensors, float(eps))
     if needs_grad(tensors):
-        return _PFFNMLP.apply(*tensors, float(eps))
+        return _PFFNMLP.apply(s, savable(lengths), *tensors[2:], float(eps))
     return _mlp_fwd_impl(*tensors, float(eps))
 
 
@@ -633,5 +633,5 @@ def pffn_linear(
     if tracing(tensors):
         return torch.ops.interformer.pffn_linear_fwd(*tensors, float(eps))
     if needs_grad(tensors):
-        return _PFFNLinear.apply(*tensors, float(eps))
+        return _PFFNLinear.apply(s, savable(lengths), *tensors[2:], float(eps))
     return _linear_fwd_impl(*tensors, float(eps))

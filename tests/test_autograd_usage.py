@@ -551,3 +551,25 @@ def test_fused_model_with_frozen_parameters_and_reentrant_checkpointing_matches_
     _close(grads[1], grads[0], "fused vs eager")
     names = ["dense"] + [n for n, p in eager.named_parameters() if p.requires_grad]
     _close(dict(zip(names, jacobians[1])), dict(zip(names, jacobians[0])), "Jacobian rows")
+
+
+# ---------------------------------------------------------------- lengths made under inference_mode
+@by_name(["pffn_mlp", "pffn_linear", "rotary_attention", "pooled_attention", "attention_op", "attention_packed_op"])
+def test_lengths_made_under_inference_mode_train_as_on_eager(case):
+    """``lengths`` made under ``torch.inference_mode`` (a data loader's collate, say) and a training
+    forward: eager saves only the masks it builds from them, and trains; the fused ops save
+    ``lengths`` itself for their backward, which autograd refuses for an inference tensor
+    ("Inference tensors cannot be saved for backward", a review's find). They save a copy of such
+    lengths (``_dispatch.savable``), and give eager's gradients."""
+    eager, fused, inputs = case
+    grads = []
+    for m in (eager, fused):
+        args = inputs()
+        with torch.inference_mode():
+            lengths = torch.tensor(LENGTHS, device=DEVICE)
+        assert lengths.is_inference()
+        args = tuple(lengths if isinstance(a, torch.Tensor) and not a.is_floating_point() else a for a in args)
+        grads.append(_grads(m, args))
+    (_, pe, ie), (_, pf, if_) = grads
+    _close(pf, pe, "parameters")
+    _close(dict(enumerate(if_)), dict(enumerate(ie)), "inputs")
