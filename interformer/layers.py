@@ -258,26 +258,23 @@ class CrossNet(FusedModule):
     ``[D, D]``, Xavier-normal) and ``bias`` (ParameterList of ``[D, 1]``, zeros), so torchrec
     ``state_dict``s load unchanged.
 
-    Decision: under ``torch.autocast`` the fused path returns the autocast dtype, where the eager
-    path, whose last ops are element-wise with x0, returns x0's (fp32 for an fp32 x0): half the
-    output's bytes. Each ``x_i`` between layers is stored in the autocast dtype too: the next
-    layer's GEMM operand, which eager rounds alike, and its residual, which eager keeps in fp32
-    (:class:`LowRankCrossNet`'s kernels keep ``x_i`` in fp32 registers and never store it). In the
-    model the output feeds a ``Linear`` (the DHEN mix), whose input autocast casts to that dtype
-    anyway. Alone under fp16 autocast, an output past fp16's range (65504) is inf, where eager's
-    fp32 output can hold it (eager's own fp16 GEMMs overflow too once their inputs grow that large).
-    (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``; :mod:`interformer.kernels.crossnet`,
-    "Dtypes and precision".)
+    Under ``torch.autocast`` both paths return eager's dtype (x0's and the bias's promoted: fp32
+    with fp32 parameters; until 2026-11-29 the fused path returned the autocast dtype, half the
+    output's bytes but no drop-in). Inside, x0 is rounded to the autocast dtype, and each ``x_i``
+    between layers is stored in it: the next layer's GEMM operand, which eager rounds alike, and
+    its residual, which eager keeps in fp32 (:class:`LowRankCrossNet`'s kernels keep ``x_i`` in
+    fp32 registers and never store it). (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``;
+    :mod:`interformer.kernels.crossnet`, "Dtypes and precision".)
 
     Open (a review, 2026-11-29): alone under fp16 autocast with an fp32 x0 and an fp32 upstream
     gradient, the fused bias gradients are at fp16's rounding (this module's ``bias.1`` 4.8e-4
     relative to float64 at D = 24, the low-rank one's 2.2e-4) where eager's are at fp32's (5.5e-8):
-    the kernels round x0 to the autocast dtype, and eager's element-wise ``x0 * (...)`` keeps it
+    the kernels round x0 to the autocast dtype, where eager's element-wise ``x0 * (...)`` keeps it
     fp32, so DESIGN §5's 2x-eager rule fails there. In the model, whose cross nets get fp16-valued
     gradients from the DHEN mix on both paths, no such failure was seen (eight seeds, CPU). Keeping
-    x0 in its own dtype in the kernels, and returning eager's dtype as :class:`GatedLCE` does since
-    2026-11-29, changes every cross-net kernel's loads and tile plans: left for a session whose GPU
-    can time it and build its plans.
+    x0 in its own dtype in the kernels changes every cross-net kernel's loads and tile plans (fp32
+    x0 tiles double their shared memory): left for a session whose GPU can time it and whose sm_90
+    builds can size the plans.
     """
 
     kernel_ops = (("crossnet", "cross_net"),)
@@ -311,7 +308,8 @@ class LowRankCrossNet(FusedModule):
 
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
     (``[r, D]``), both Xavier-normal, and ``bias`` (``[D]``, zeros) -- torchrec's names and shapes.
-    Under autocast the fused path returns the autocast dtype, as :class:`CrossNet`'s does.
+    Under autocast both paths return eager's dtype, as :class:`CrossNet`'s do (and the same open
+    case of its docstring applies).
 
     Decision: the biases are ``[D]``, as torchrec's current ``LowRankCrossNet`` holds them (its
     earlier releases, and this package before 2026-11-29, held ``[D, 1]``), so that a ``state_dict``

@@ -200,9 +200,14 @@ Dtypes and precision
 fp32, fp16, bf16. Parameters must have x0's dtype, except under ``torch.autocast`` on x0's device
 type, where x0 is cast to the autocast dtype (as eager's ``F.linear`` would) and the parameters may
 stay in their own dtype (all one dtype): the kernels read them as they are, cast to the compute
-dtype in registers, and return their gradients in their own dtype. Under autocast the output is in
-the autocast dtype (eager's type promotion returns fp32 there, and eager keeps the element-wise
-part in fp32 while only its GEMMs run in the autocast dtype). fp32 accumulation everywhere;
+dtype in registers, and return their gradients in their own dtype. The output has eager's dtype,
+``promote_types`` of x0's and the bias's (fp32 under autocast with fp32 parameters; the public
+functions cast the rare wider case, an fp32 x0 with 16-bit parameters under autocast, as eager's
+element-wise part promotes to x0's dtype): until 2026-11-29 it was the autocast dtype. The low-rank
+backward reads an fp32 upstream gradient as it comes; the full-rank cuBLAS path rounds it to the
+compute dtype for its GEMMs. Eager keeps the element-wise part in fp32 while only its GEMMs run in
+the autocast dtype; here x0 is rounded first (``interformer.layers.CrossNet``'s "Open"). fp32
+accumulation everywhere;
 operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
 inputs). fp32 inputs use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32
 accuracy); under ``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made
@@ -235,7 +240,7 @@ import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2, on_input_device,
                       persistent_programs, sum_partials)
-from ._dispatch import (_functorch_wrapped, autocast_dtype, autocast_off, fx_call, lean_function, needed as _needed,
+from ._dispatch import (_functorch_wrapped, autocast_dtype, fx_call, lean_function, needed as _needed,
                         needs_grad, reference_only, tracing)
 
 __all__ = ["cross_net", "low_rank_cross_net"]
@@ -727,6 +732,14 @@ def _flat_bias(bs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     return tuple(b.reshape(-1).contiguous() for b in bs)
 
 
+def _out_dtype(x0: torch.Tensor, bs: Sequence[torch.Tensor]) -> torch.dtype:
+    """The output's dtype: ``promote_types(x0, bias)`` of the x0 the kernels get (cast to the
+    autocast dtype under autocast), as eager's ``x0 * (linear + b) + x`` promotes (module
+    docstring, "Dtypes and precision"; the public functions see to the corner where eager's x0 is
+    wider than the kernels')."""
+    return torch.promote_types(x0.dtype, bs[0].dtype)
+
+
 @on_input_device
 def _lr_fwd_impl(x0, ws, vs, bs):
     x0 = x0.contiguous()
@@ -735,7 +748,7 @@ def _lr_fwd_impl(x0, ws, vs, bs):
     bs = _flat_bias(bs)
     B, D = x0.shape
     L, R = len(ws), ws[0].shape[1]
-    out = torch.empty((B, D), device=x0.device, dtype=x0.dtype)
+    out = torch.empty((B, D), device=x0.device, dtype=_out_dtype(x0, bs))
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
     plan = _lr_plan_or_raise(x0, ws, L)
     bd, stages = plan.fwd
@@ -1051,7 +1064,7 @@ def _fr_fwd_impl(x0, ws, bs):
     B, D = x0.shape
     L = len(ws)
     dev, dt = x0.device, x0.dtype
-    out = torch.empty((B, D), device=dev, dtype=dt)
+    out = torch.empty((B, D), device=dev, dtype=_out_dtype(x0, bs))
     xs = torch.empty((L - 1, B, D), device=dev, dtype=dt)
     ys = torch.empty((L, B, D), device=dev, dtype=dt)
     if _use_cublas(D, dt):
@@ -1095,7 +1108,7 @@ def _fr_bwd_cublas(g, x0, ws, xs, ys, weights, biases):
     s_buf = [torch.empty((B, D), device=dev, dtype=torch.float32) for _ in range(min(L - 1, 2))]
     c = torch.empty((B, D), device=dev, dtype=dt)
     g_buf = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
-    g_in, s_in = g, None
+    g_in, s_in = g.to(dt), None  # the addmm's operand (an fp32 output's gradient under autocast: rounded)
     with torch.autocast(dev.type, enabled=False):
         for i in reversed(range(L)):
             last = i == 0
@@ -1187,7 +1200,8 @@ def low_rank_cross_net_fwd(
 @low_rank_cross_net_fwd.register_fake
 def _lr_fwd_fake(x0, w_kernels, v_kernels, biases):
     B, D = x0.shape
-    return x0.new_empty((B, D)), x0.new_empty((len(w_kernels), B, w_kernels[0].shape[1]), dtype=torch.float32)
+    return (x0.new_empty((B, D), dtype=_out_dtype(x0, biases)),
+            x0.new_empty((len(w_kernels), B, w_kernels[0].shape[1]), dtype=torch.float32))
 
 
 @torch.library.custom_op("interformer::low_rank_cross_net_bwd", mutates_args=())
@@ -1316,7 +1330,7 @@ def cross_net_fwd(
 def _fr_fwd_fake(x0, kernels, biases):
     B, D = x0.shape
     L = len(kernels)
-    return x0.new_empty((B, D)), x0.new_empty((L - 1, B, D)), x0.new_empty((L, B, D))
+    return x0.new_empty((B, D), dtype=_out_dtype(x0, biases)), x0.new_empty((L - 1, B, D)), x0.new_empty((L, B, D))
 
 
 @torch.library.custom_op("interformer::cross_net_bwd", mutates_args=())
@@ -1425,11 +1439,19 @@ def _compute_dtype(op: str, x0: torch.Tensor, params: Sequence[torch.Tensor]) ->
 
 
 def _eager(op_name: str, x0: torch.Tensor, *lists):
-    """The eager reference in x0's dtype (fallback for shapes the kernels do not take)."""
+    """The eager reference on the caller's x0 and parameters, autocast as it is: eager's math and
+    dtypes (the fallback for shapes the kernels do not take)."""
     from interformer import reference
 
-    with autocast_off(x0.device.type):
-        return getattr(reference, op_name)(x0, *([t.to(x0.dtype) for t in lst] for lst in lists))
+    return getattr(reference, op_name)(x0, *lists)
+
+
+def _as_eager_dtype(out: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The kernels' output in eager's dtype for the caller's ``x0``: :func:`_out_dtype` is that,
+    except under autocast for an x0 wider than the parameters (fp32 x0, 16-bit parameters), where
+    eager's element-wise ``x0 * (...)`` promotes to x0's dtype."""
+    want = torch.promote_types(out.dtype, x0.dtype)
+    return out if want == out.dtype else out.to(want)
 
 
 def low_rank_cross_net(
@@ -1456,16 +1478,18 @@ def low_rank_cross_net(
             raise ValueError(f"{op}: w_kernels[{i}] {describe_shape(w)} must be [D={D}, r] with one r >= 1 for all layers")
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {describe_shape(v)} must be [r={R}, D={D}]")
-    x0 = _compute_dtype(op, x0, ws + vs + bs)
+    given, x0 = x0, _compute_dtype(op, x0, ws + vs + bs)
     # shapes the kernels do not take, or a torch.func transform, ONNX export (_dispatch.reference_only): the reference
     if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or reference_only(x0):
-        return _eager(op, x0, ws, vs, bs)
+        return _eager(op, given, ws, vs, bs)
     tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):
-        return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
-    if needs_grad(tensors):
-        return _LowRankCrossNet.apply(x0, len(ws), *ws, *vs, *bs)[0]
-    return _lr_fwd_impl(x0, ws, vs, bs)[0]
+        out = torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
+    elif needs_grad(tensors):
+        out = _LowRankCrossNet.apply(x0, len(ws), *ws, *vs, *bs)[0]
+    else:
+        out = _lr_fwd_impl(x0, ws, vs, bs)[0]
+    return _as_eager_dtype(out, given)
 
 
 def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -1484,12 +1508,14 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
     for i, w in enumerate(ws):
         if w.shape != (D, D):
             raise ValueError(f"{op}: kernels[{i}] {describe_shape(w)} must be [D={D}, D={D}]")
-    x0 = _compute_dtype(op, x0, ws + bs)
+    given, x0 = x0, _compute_dtype(op, x0, ws + bs)
     if B == 0 or reference_only(x0):  # as in low_rank_cross_net
-        return _eager(op, x0, ws, bs)
+        return _eager(op, given, ws, bs)
     tensors = [x0, *ws, *bs]
     if tracing(tensors):
-        return torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
-    if needs_grad(tensors):
-        return _CrossNet.apply(x0, len(ws), *ws, *bs)[0]
-    return _fr_fwd_impl(x0, ws, bs)[0]
+        out = torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
+    elif needs_grad(tensors):
+        out = _CrossNet.apply(x0, len(ws), *ws, *bs)[0]
+    else:
+        out = _fr_fwd_impl(x0, ws, bs)[0]
+    return _as_eager_dtype(out, given)

@@ -507,9 +507,10 @@ def test_noncontiguous_x0_and_stride0_grad(rank):
 def test_autocast_fp32_parameters(rank, D):
     """Under autocast x0 goes to the autocast dtype, fp32 parameters are read as they are (the Triton
     GEMMs cast them in registers; the cuBLAS path at D = 312 casts a copy) and get fp32 gradients.
-    Everything but the parameters is then computed in the autocast dtype (eager's autocast would keep
-    the element-wise part in fp32), so the low-precision baseline is the eager path run in that dtype
-    throughout."""
+    The output has eager's dtype under autocast, fp32 (since 2026-11-29; it was fp16). x0 is
+    rounded to the autocast dtype (eager's autocast keeps the element-wise part in fp32: the open
+    case of ``interformer.layers.CrossNet``'s docstring), so the low-precision baseline is the eager
+    path run in that dtype throughout."""
     B, L = 3, 2
     flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
     kinds = 2 if rank is None else 3
@@ -517,13 +518,37 @@ def test_autocast_fp32_parameters(rank, D):
     g = torch.randn(B, D)
     with torch.autocast("cpu", dtype=torch.float16):
         out, grads, _ = _run(fused, flat, L, kinds, grad_out=g)
+        eager_dtype = _run(ref, flat, L, kinds, grad_out=g)[0].dtype
     e_out, e_grads, _ = _run(ref, [t.half() for t in flat], L, kinds, grad_out=g)
     out64, grads64, _ = _run(ref, [t.double() for t in flat], L, kinds, grad_out=g.double())
-    assert out.dtype == torch.float16
+    assert out.dtype == eager_dtype == torch.float32
     for name, k, e, r64 in zip(["out"] + _names(L, kinds), [out, *grads], [e_out, *e_grads], [out64, *grads64]):
         if name != "out":
             assert k.dtype == torch.float32, f"{name}: gradient dtype {k.dtype}"
         assert_lowp(k, e, r64, name)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check (fp16; the interpreter has no bf16)")
+@pytest.mark.parametrize("rank,D", [(None, 40), (None, 312), (8, 40)])
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                             (torch.float16, torch.float16)], ids=["fp32-x0", "fp16-x0", "all-fp16"])
+def test_autocast_output_and_gradients_have_eagers_dtypes(rank, D, x_dtype, p_dtype):
+    """Under fp16 autocast, whatever the mix of x0's and the parameters' dtypes, the output and every
+    gradient have the dtype eager's autocast gives them (fp32 x0 with fp16 parameters: fp32, as
+    eager's element-wise ``x0 * (...)`` promotes; the kernels' output, fp16 there, is cast), on the
+    Triton path (D = 40) and the cuBLAS one (D = 312), and the values stay near eager's."""
+    B, L = 3, 2
+    kinds = 2 if rank is None else 3
+    flat = _fr_inputs(B, D, L, p_dtype) if rank is None else _lr_inputs(B, D, rank, L, p_dtype)
+    flat[0] = flat[0].to(x_dtype)
+    fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
+    g = torch.randn(B, D)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, grads, _ = _run(fused, flat, L, kinds, grad_out=g)
+        e_out, e_grads, _ = _run(ref, flat, L, kinds, grad_out=g)
+    for name, k, e in zip(["out"] + _names(L, kinds), [out, *grads], [e_out, *e_grads]):
+        assert k.dtype == e.dtype, f"{name}: {k.dtype}, eager's {e.dtype}"
+        assert_rel(k, e, 2e-2, name)  # fp16 GEMM operands on both paths, rounded in other places
 
 
 def test_a_perturbed_reference_is_caught():
@@ -808,7 +833,8 @@ def test_eager_entry_matches_custom_op_bitwise(case, monkeypatch):
 @pytest.mark.parametrize("rank", [None, 8])
 def test_eager_entry_matches_custom_op_under_autocast(rank, monkeypatch):
     """Under autocast (x0 cast to fp16, fp32 parameters read as they are) both routes of the public
-    function give the same fp16 output and the same gradients (fp32 for the parameters)."""
+    function give the same output (fp32, eager's dtype) and the same gradients (fp32 for the
+    parameters)."""
     B, D, L = 3, 40, 2
     kinds = 2 if rank is None else 3
     public = C.cross_net if rank is None else C.low_rank_cross_net
@@ -823,7 +849,7 @@ def test_eager_entry_matches_custom_op_under_autocast(rank, monkeypatch):
                 out, grads, _ = _run(public, flat, L, kinds, grad_out=g)
         results.append((out, grads))
     (out, grads), (op_out, op_grads) = results
-    assert out.dtype == op_out.dtype == torch.float16 and torch.equal(out, op_out)
+    assert out.dtype == op_out.dtype == torch.float32 and torch.equal(out, op_out)
     for a, b in zip(grads, op_grads):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
 

@@ -426,6 +426,30 @@ def test_autocast_fp16_params_stay_fp32(B, n_in, n_out, d):
         assert_lowp(k, e, r, name)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check (fp16; the interpreter has no bf16)")
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32),
+                                             (torch.float16, torch.float16)], ids=["fp32-x", "fp16-x", "all-fp16"])
+@pytest.mark.parametrize("n_in", [5, 200], ids=["kernel", "reference-fallback"])
+def test_autocast_output_and_gradients_have_eagers_dtypes(x_dtype, p_dtype, n_in):
+    """Under fp16 autocast, whatever the mix of x's and the parameters' dtypes, the output and every
+    gradient have the dtype eager's autocast gives them (the output ``promote_types`` of fp16 and
+    the bias's), on the kernels and on the reference fallback past ``MAX_N_IN``, and the values stay
+    near eager's."""
+    gen = torch.Generator().manual_seed(9)
+    x, *params = make_masters(3, n_in, 4, 24, gen)
+    leaves = [x.to(DEVICE, x_dtype)] + [t.to(DEVICE, p_dtype) for t in params]
+    g = torch.randn(3, 4, 24, generator=gen).to(DEVICE)
+    results = []
+    for fn in (K.gated_lce, R.gated_lce):
+        ls = [t.clone().requires_grad_() for t in leaves]
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = fn(*ls)
+        results.append([out.detach()] + list(torch.autograd.grad(out, ls, g.to(out.dtype))))
+    for name, k, e in zip(NAMES, *results):
+        assert k.dtype == e.dtype, f"{name}: {k.dtype}, eager's {e.dtype}"
+        assert_rel(k, e, 2e-2, name)  # fp16 GEMM operands on both paths, rounded in other places
+
+
 # ----------------------------------------------------------------------------- torch.library
 def test_opcheck():
     gen = torch.Generator().manual_seed(2)
