@@ -123,14 +123,15 @@ summary tokens feed LayerNorms (input gradients of zero mean, so that sum nearly
 gradient's error reached 4-5x eager's under fp16 autocast, against DESIGN §5's 2x (a review's and
 a fuzzing helper's finds). The backward reads the upstream gradient in whatever dtype it comes (fp32
 here) and forms dY, dZ and the sums from it in fp32. Accumulation is fp32; Y and the gate stay fp32 in
-registers (eager rounds them to the low dtype), and operands are cast to the compute dtype just
-before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
+registers (eager's Y is fp32 with an fp32 bias, in the low dtype otherwise, and its gate in the
+low dtype), and operands are cast to the compute dtype just before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
 fp16/bf16 inputs form the gate's sigmoid (and the backward its slope) with
 ``tl.exp2`` and ``tl.math.rsqrt``, which build to one approximate instruction each (``FAST``:
 :func:`._common.sigmoid`, :func:`_sigmoid_and_slope`, :func:`_fast_math`): some ulp of fp32
-(denormal results flushed to zero), far below the 16-bit output's rounding, in fewer instructions.
+(denormal results flushed to zero), far below the rounding of the gate's 16-bit pre-activation
+(the dot's operands), in fewer instructions.
 
 Limits: d <= 128, n_in <= 128 and n_out <= 64; larger sizes, and inputs with no elements, go to
 the eager reference (same math, same autograd). The bound is the backward's shared memory: its

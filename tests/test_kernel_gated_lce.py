@@ -384,8 +384,9 @@ def test_empty_batch():
     assert torch.all(w.grad == 0) and torch.all(gw.grad == 0)
 
 
+@pytest.mark.parametrize("saturated", [False, True], ids=["gate", "saturated-gate"])
 @pytest.mark.parametrize("B,n_in,n_out,d", [(5, 13, 4, 40), (1, 5, 1, 24), (3, 7, 2, 40)])
-def test_autocast_fp16_params_stay_fp32(B, n_in, n_out, d):
+def test_autocast_fp16_params_stay_fp32(B, n_in, n_out, d, saturated):
     """Under autocast, x is cast to the autocast dtype and fp32 parameters are read as they are; the
     result is in eager's dtype on both paths (fp32: the fp32 bias promotes Y), parameter gradients
     in fp32, and the accuracy obeys the low-precision rule against eager autocast (both vs float64).
@@ -393,7 +394,10 @@ def test_autocast_fp16_params_stay_fp32(B, n_in, n_out, d):
     One fp32 upstream gradient for all three, read by the fused backward as it comes. Until
     2026-11-29 the fused output was in the autocast dtype, its gradient rounded to it, and the bias
     gradient's error reached 4x eager's (a fuzzing helper, 7 of 40 small cases, the test then
-    rounding the gradient for all paths to compare like with like)."""
+    rounding the gradient for all paths to compare like with like). With a saturated gate (weight 0,
+    bias 20: ``out = Y``, ``dY = dO``) eager's bias gradient is a plain fp32 sum of the gradient:
+    there a backward that rounded the fp32 gradient to 16 bits as it read it was over 1000x eager's
+    error (a review's mutation, which the random gate's cases let through)."""
     if not HAS_CUDA:
         try:
             with torch.autocast("cpu", dtype=torch.float16):
@@ -403,6 +407,10 @@ def test_autocast_fp16_params_stay_fp32(B, n_in, n_out, d):
     ac_dtype = torch.bfloat16 if HAS_CUDA else torch.float16
     torch.manual_seed(0)
     mod = GatedLCE(n_in, n_out, d, backend="eager").to(DEVICE)
+    if saturated:
+        with torch.no_grad():
+            mod.gate.weight.zero_()
+            mod.gate.bias.fill_(20.0)
     ref = copy.deepcopy(mod).double()
     x0 = torch.randn(B, n_in, d, device=DEVICE, dtype=torch.float64)
     grad = torch.randn(B, n_out, d, device=DEVICE, dtype=torch.float32).double()
@@ -760,9 +768,11 @@ def test_strided_weights_and_upstream_gradient(how, gw_mode, monkeypatch):
         assert_rel(k, r, FP32_TOL, f"{name} ({how}, {gw_mode})")
 
 
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.float16], ids=["fp32-grad", "fp16-grad"])
 @pytest.mark.parametrize("gw_mode", ["acc", "store"])
-def test_backward_op_returns_each_gradient_in_its_parameters_dtype(gw_mode, monkeypatch):
-    """The autocast case at the op level: fp16 x and upstream gradient with fp32 parameters.
+def test_backward_op_returns_each_gradient_in_its_parameters_dtype(gw_mode, g_dtype, monkeypatch):
+    """The autocast case at the op level: fp16 x with fp32 parameters, and the upstream gradient
+    fp32 (what autograd hands the op under autocast: the output is fp32) or fp16 (a direct call).
     ``gated_lce_bwd`` promises each gradient "shaped and typed like its input" (its fake says so,
     and torch.compile relies on it), so dgate_weight must be fp32 in both modes ("store": cuBLAS's
     fp16 ``dZ^T Y`` cast back; "acc": reduced straight into an fp32 buffer). Through autograd the
@@ -774,11 +784,11 @@ def test_backward_op_returns_each_gradient_in_its_parameters_dtype(gw_mode, monk
     x, w, b, gw, gb = (m.to(DEVICE) for m in make_masters(B, n_in, n_out, d, gen))
     g = torch.randn(B, n_out, d, generator=gen, dtype=torch.float64).to(DEVICE)
     params = [t.float() for t in (w, b, gw, gb)]
-    got = torch.ops.interformer.gated_lce_bwd(g.half(), x.half(), *params)
+    got = torch.ops.interformer.gated_lce_bwd(g.to(g_dtype), x.half(), *params)
     for name, k, t in zip(NAMES[1:], got, (x.half(), *params)):
         assert k.dtype == t.dtype and k.shape == t.shape, f"{name}: {k.dtype} {tuple(k.shape)}"
     leaves = [t.double().requires_grad_() for t in (x.half(), *params)]
-    ref = torch.autograd.grad(R.gated_lce(*leaves), leaves, g.half().double())
+    ref = torch.autograd.grad(R.gated_lce(*leaves), leaves, g.to(g_dtype).double())
     for name, k, r in zip(NAMES[1:], got, ref):
         assert_rel(k, r, 5e-3, name)  # fp16 operands of the dots (Y, dZ, dY rounded): ~5e-4 here
 
