@@ -182,9 +182,12 @@ def layer_norm_takes(param_dtype: torch.dtype, input_dtype: torch.dtype) -> bool
 def savable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or where it is an inference tensor (made under ``torch.inference_mode``, in a data
     loader's collate say) a copy of it: autograd refuses to save inference tensors, and the fused
-    ops save ``lengths`` for their backward where eager saves only the masks built from it (so
-    eager trained on such lengths and the fused path raised; a review, 2026-11-29). Called on the
-    eager entry's path where some input needs a gradient; B integers, no copy otherwise."""
+    ops save ``lengths`` for their backward where eager saves only the masks built from it, and
+    the add + LayerNorm op its two inputs where eager saves only their sum (so eager trained on
+    such tensors and the fused path raised; reviews, 2026-11-29). Called on the eager entry's path
+    where some input needs a gradient: no copy otherwise. Not under ``torch.compile``, where
+    Dynamo refuses ``is_inference()`` and a copy on every call would cost a kernel: there the
+    custom ops raise autograd's error on such tensors."""
     return t.clone() if t.is_inference() else t
 
 

@@ -75,7 +75,7 @@ import triton.language as tl
 from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, layer_norm_params, next_pow2,
                       on_input_device, persistent_programs, sum_partials)
 from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
-                        needs_grad, reference_only, tracing, unused_arg)
+                        needs_grad, reference_only, savable, tracing, unused_arg)
 
 __all__ = ["add_layer_norm"]
 
@@ -366,5 +366,7 @@ def add_layer_norm(
     if tracing(tensors):
         return torch.ops.interformer.add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[0]
     if needs_grad(tensors):
+        if residual is not None:  # eager saves only x + residual, a tensor of its own (_dispatch.savable)
+            x, residual = savable(x), savable(residual)
         return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), out_dtype)[0]
     return _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=False)[0]

@@ -573,3 +573,21 @@ def test_lengths_made_under_inference_mode_train_as_on_eager(case):
     (_, pe, ie), (_, pf, if_) = grads
     _close(pf, pe, "parameters")
     _close(dict(enumerate(if_)), dict(enumerate(ie)), "inputs")
+
+
+@by_name(["add_layer_norm"])
+def test_an_input_made_under_inference_mode_with_a_residual_trains_as_on_eager(case):
+    """``ResidualLayerNorm(x, residual)`` with x made under ``torch.inference_mode`` (frozen features,
+    say) and a residual that needs a gradient: eager saves only ``x + residual``, its own tensor,
+    and trains; the fused op saves x and the residual, and saves a copy of an inference tensor (a
+    review's find: it raised)."""
+    eager, fused, inputs = case
+    grads = []
+    for m in (eager, fused):
+        _, residual = inputs()
+        with torch.inference_mode():
+            x = torch.randn(B, 4, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        grads.append(_grads(m, (x, residual)))
+    (_, pe, ie), (_, pf, if_) = grads
+    _close(pf, pe, "parameters")
+    _close(dict(enumerate(if_)), dict(enumerate(ie)), "inputs")
