@@ -535,28 +535,28 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
         _expect(self, "x", x, (..., *self.normalized_shape))
         if residual is not None and isinstance(x, torch.Tensor):  # LayerNorm(x + residual), not broadcast
             _expect(self, "residual", residual, tuple(x.shape))
-        w = self.weight
-        if (w is not None and isinstance(x, torch.Tensor) and (w.dtype != x.dtype or (
+        w, b = self.weight, self.bias
+        if (w is not None and isinstance(x, torch.Tensor) and (w.dtype != x.dtype or b.dtype != x.dtype or (
                 isinstance(residual, torch.Tensor) and residual.dtype != x.dtype))):  # (not an fx Proxy)
-            self._check_dtypes(x, residual)  # (the common case, all one dtype, pays one comparison)
+            self._check_dtypes(x, residual)  # (the common case, all one dtype, pays two comparisons)
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
 
     def _check_dtypes(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         """ValueError, on both backends, for parameters ``nn.LayerNorm`` refuses outside autocast:
-        of a dtype other than the input's (``x + residual``'s), except fp32 ones with a 16-bit
-        input. The fused kernel takes any mix (:mod:`interformer.kernels.layernorm`), so an fp32
+        not all of the input's dtype (``x + residual``'s) and not all fp32 with a 16-bit input
+        (:func:`interformer.kernels._dispatch.layer_norm_takes`). The fused kernel takes any mix (:mod:`interformer.kernels.layernorm`), so an fp32
         input with fp16 parameters ran there and raised on the eager path (a review's find,
         2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
         the kernel does on every device (CPU autocast does not: the kernel's "Dtypes")."""
         if autocast_dtype(x.device.type) is not None:
             return
         h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        for name, p in (("weight", self.weight), ("bias", self.bias)):
-            if p is None or layer_norm_takes(p.dtype, h):
-                continue
-            raise ValueError(f"ResidualLayerNorm: {name} is {p.dtype} for a {h} input outside autocast; like "
-                             "nn.LayerNorm it takes parameters of the input's dtype, or fp32 ones with a 16-bit input")
+        params = {n: p.dtype for n, p in (("weight", self.weight), ("bias", self.bias)) if p is not None}
+        if not layer_norm_takes(params.values(), h):
+            raise ValueError(f"ResidualLayerNorm: parameters {params} for a {h} input outside autocast; like "
+                             "nn.LayerNorm it takes parameters all of the input's dtype, or all fp32 with a 16-bit "
+                             "input")
 
     def extra_repr(self) -> str:
         return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"

@@ -114,10 +114,12 @@ def affine_params(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optiona
 def layer_norm_params(dtype: torch.dtype, *params):
     """LayerNorm parameters as ``F.layer_norm`` takes them for an input of ``dtype`` (the eager
     fallbacks of shapes the kernels do not take; the kernels read them in any float dtype): as they
-    are where it takes them (:func:`._dispatch.layer_norm_takes`: their dtype is ``dtype``, or fp32
-    with a 16-bit input, and rounding those would change the result); else cast to ``dtype``. None
-    stays None."""
-    return tuple(p if p is None or layer_norm_takes(p.dtype, dtype) else p.to(dtype) for p in params)
+    are where it takes them (:func:`._dispatch.layer_norm_takes`: all of dtype ``dtype``, or all
+    fp32 with a 16-bit input, and rounding those would change the result); else cast to fp32, which
+    is exact for every dtype the kernels take and which it takes with any of them. None stays None."""
+    if layer_norm_takes([p.dtype for p in params if p is not None], dtype):
+        return params
+    return tuple(None if p is None else p.float() for p in params)
 
 
 def describe_shape(t) -> str:

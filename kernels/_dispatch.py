@@ -170,13 +170,16 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def layer_norm_takes(param_dtype: torch.dtype, input_dtype: torch.dtype) -> bool:
-    """Whether ``F.layer_norm`` outside autocast takes parameters of ``param_dtype`` for an input
-    of ``input_dtype``: the input's own dtype, or fp32 with a 16-bit input (it refuses, e.g., fp16
-    parameters for an fp32 input). The one statement of the rule: the fused path's eager fallbacks
-    cast parameters it refuses (``_common.layer_norm_params``), ``ResidualLayerNorm`` raises."""
-    return param_dtype == input_dtype or (param_dtype == torch.float32
-                                          and input_dtype in (torch.float16, torch.bfloat16))
+def layer_norm_takes(param_dtypes, input_dtype: torch.dtype) -> bool:
+    """Whether ``F.layer_norm`` outside autocast takes parameters of ``param_dtypes`` (those of the
+    weight and the bias it is given, together) for an input of ``input_dtype``: all of the input's
+    dtype, or all fp32 with a 16-bit input. It refuses, e.g., fp16 parameters for an fp32 input,
+    and an fp32 weight with an fp16 bias for an fp16 input (a review found the rule, stated per
+    parameter until then, taking that pair). The one statement of the rule: the fused path's eager
+    fallbacks cast parameters it refuses (``_common.layer_norm_params``), ``ResidualLayerNorm``
+    raises."""
+    dtypes = set(param_dtypes)
+    return dtypes <= {input_dtype} or (dtypes == {torch.float32} and input_dtype in (torch.float16, torch.bfloat16))
 
 
 def savable(t: torch.Tensor) -> torch.Tensor:

@@ -236,18 +236,24 @@ def test_module_is_a_drop_in_layernorm():
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_module_takes_the_parameter_dtypes_nn_layernorm_takes(backend):
-    """Outside autocast the module takes what ``nn.LayerNorm`` takes -- parameters of the input's
-    dtype (``x + residual``'s), or fp32 ones with a 16-bit input -- and refuses the rest with one
+    """Outside autocast the module takes what ``nn.LayerNorm`` takes -- parameters all of the input's
+    dtype (``x + residual``'s), or all fp32 with a 16-bit input -- and refuses the rest with one
     ValueError on both backends: fp16 parameters for an fp32 input ran on the fused path and raised
-    PyTorch's "mixed dtype" on the eager one (a review's find, 2026-11-29)."""
+    PyTorch's "mixed dtype" on the eager one (a review's find, 2026-11-29), and so did an fp32 weight
+    with an fp16 bias, or the reverse, for an fp16 input (another review's)."""
     m = ResidualLayerNorm(24, backend=backend).to(DEVICE)
     x16, x32 = torch.randn(5, 24, device=DEVICE, dtype=torch.float16), torch.randn(5, 24, device=DEVICE)
     assert m(x16).dtype == torch.float16 and m(x32).dtype == torch.float32  # fp32 parameters
     m.half()
     assert m(x16).dtype == torch.float16
     for x, r in ((x32, None), (x16, x32), (x32, x16)):
-        with pytest.raises(ValueError, match="ResidualLayerNorm: weight is torch.float16 for a torch.float32 input"):
+        with pytest.raises(ValueError, match=r"ResidualLayerNorm: parameters .* for a torch.float32 input"):
             m(x, r)
+    for name in ("weight", "bias"):  # one of the two fp32, the other fp16, for an fp16 input
+        mixed = ResidualLayerNorm(24, backend=backend).to(DEVICE).half()
+        getattr(mixed, name).data = getattr(mixed, name).data.float()
+        with pytest.raises(ValueError, match=r"ResidualLayerNorm: parameters .* for a torch.float16 input"):
+            mixed(x16)
 
 
 def test_module_symbolic_trace():
