@@ -124,7 +124,10 @@ Decisions (what the code below does, and why):
   complete pass it is exact. Each DDP rank reads in its own process.
 * **Scoring.** ``TabularDataset(..., labels=False)`` does not read the label column (files
   without one read; where there is one, its cells are not checked, so an empty or unusual label
-  does not make a row malformed) and gives NaN labels. :meth:`TabularDataset.positioned_batches`
+  does not make a row malformed) and gives NaN labels. Nor does it read a ``schema.user`` column
+  that is not a sparse feature, and its batches have no ``group``: gAUC needs labels, and new
+  traffic need not carry the column the training data grouped by (a user column that is a sparse
+  feature is a model input, read as always). :meth:`TabularDataset.positioned_batches`
   gives every valid row once in file order with its file and its 0-based row index in it, so that
   scores can be joined back to rows even where malformed rows were skipped. :class:`RowEncoder`
   encodes rows held in memory (mappings ``{column: value}``) as a file's rows would be.
@@ -454,10 +457,14 @@ class Schema:
             out[f.name] = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
         return out
 
-    def columns(self) -> List[str]:
-        """Every column the files must have: label, dense, sparse, sequences, then user if extra."""
-        cols = [self.label, *self.dense, *self.sparse, *self.sequences]
-        if self.user is not None and self.user not in cols:
+    def columns(self, labels: bool = True) -> List[str]:
+        """Every column the files must have: label, dense, sparse, sequences, then user if extra.
+        ``labels=False`` (scoring): the model's input columns only (dense, sparse, sequences), so a
+        file needs neither the label nor a user column that serves only the gAUC groups: without
+        labels there is no metric to group. (A user column that is also a sparse feature is
+        an input, and stays required.)"""
+        cols = [*([self.label] if labels else []), *self.dense, *self.sparse, *self.sequences]
+        if labels and self.user is not None and self.user not in cols:
             cols.append(self.user)
         return cols
 
@@ -873,17 +880,20 @@ _Record = Tuple[float, List[float], List[str], List[List[str]], Optional[str]]
 
 class _Parser:
     """Validates one row's cells (in ``columns`` order) into a :data:`_Record`. ``labels=False``:
-    the label column is not read (not among ``columns``) and every record's label is NaN."""
+    neither the label nor the gAUC group is read (:meth:`Schema.columns`); every record's label is
+    NaN and its user None, and ``groups`` is False (batches have no ``group``)."""
 
     def __init__(self, schema: Schema, labels: bool = True) -> None:
         self.schema, self.labels = schema, labels
-        #: the columns a row's cells hold: ``schema.columns()``, without the label when it is not read
-        self.columns = cols = schema.columns()[0 if labels else 1:]
+        #: the columns a row's cells hold: ``schema.columns(labels)``
+        self.columns = cols = schema.columns(labels)
         self.nd, self.ns, self.nk = len(schema.dense), len(schema.sparse), len(schema.sequences)
         self.d0 = 1 if labels else 0
         self.s0 = self.d0 + self.nd
         self.q0 = self.s0 + self.ns
-        self.user_pos = None if schema.user is None else cols.index(schema.user)
+        self.user_pos = cols.index(schema.user) if labels and schema.user is not None else None
+        #: whether records carry a user and batches a ``group`` (gAUC): only where labels are read
+        self.groups = self.user_pos is not None
         self.T = schema.max_seq_len
         self.reverse = schema.seq_order == "newest_first"
 
@@ -1703,8 +1713,8 @@ class _Encoder:
     group keys) and encoded rows to a :class:`~interformer.data.Batch`: the per-row path's encoding,
     shared by :class:`TabularDataset` and :class:`RowEncoder`."""
 
-    def __init__(self, schema: Schema, vocabs: Mapping[str, Vocabulary]) -> None:
-        self.schema = schema
+    def __init__(self, schema: Schema, vocabs: Mapping[str, Vocabulary], groups: bool) -> None:
+        self.schema, self.groups = schema, groups  # groups: the parser's (records carry a user)
         self._sparse_index = [vocabs[c]._index for c in schema.sparse]
         self._seq_index = [vocabs[c]._index for c in schema.sequences]
 
@@ -1725,7 +1735,7 @@ class _Encoder:
             for ids in row[3]:
                 flat[base:base + n] = ids
                 base += T
-        group = None if self.schema.user is None else torch.tensor([r[5] for r in rows], dtype=torch.int64)
+        group = torch.tensor([r[5] for r in rows], dtype=torch.int64) if self.groups else None
         return Batch(
             dense=torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(B, len(self.schema.dense)),
             sparse=torch.tensor([r[2] for r in rows], dtype=torch.int64).reshape(B, len(self.schema.sparse)),
@@ -1755,7 +1765,8 @@ class RowEncoder:
     bool, None or pandas' ``pd.NA`` (missing) or bytes; a history is a list (or tuple) of such events or a
     ``seq_sep``-joined string. NumPy scalars and arrays and tensors, and the events of a list, are
     taken as their Python values (``tolist()``). Keys the schema does not name are ignored.
-    ``labels`` as in :class:`TabularDataset`: False (the default here) reads no label.
+    ``labels`` as in :class:`TabularDataset`: False (the default here) reads no label, and no user
+    column that is not a sparse feature (the batch's ``group`` is None).
 
     Calling it with a list of rows returns their batch; a row that lacks a column, holds a list
     outside a sequence column, a list of lists, a set or a mapping as a value (which a Parquet
@@ -1768,7 +1779,7 @@ class RowEncoder:
         self.schema = schema
         self.vocabs = _check_vocabs(schema, vocabs)
         self._parser = _Parser(schema, bool(labels))
-        self._encoder = _Encoder(schema, self.vocabs)
+        self._encoder = _Encoder(schema, self.vocabs, self._parser.groups)
 
     def __call__(self, rows: Iterable[Mapping]) -> Batch:
         if isinstance(rows, Mapping):
@@ -1854,7 +1865,9 @@ class TabularDataset:
 
     ``labels=False`` reads files without labels, for scoring: the label column is not read (a
     file need not have it, and where it has one its cells are not parsed; bytes that are not UTF-8
-    still stop a CSV file's reading there, as anywhere in it) and every batch's ``label`` is NaN.
+    still stop a CSV file's reading there, as anywhere in it) and every batch's ``label`` is NaN;
+    nor is a user column that only gives the gAUC groups, and ``group`` is None (module docstring,
+    "Scoring").
 
     ``num_rows`` (valid rows) is counted by one streaming pass the first time it is needed and
     cached; a complete pass of :meth:`batches` also fills it, and a later pass that finds a
@@ -1879,7 +1892,8 @@ class TabularDataset:
         self._num_rows: Optional[int] = None
         self.skipped = 0
         self.skipped_examples: List[str] = []
-        self._encoder = _Encoder(schema, self.vocabs)
+        self._groups = self._source.parser.groups
+        self._encoder = _Encoder(schema, self.vocabs, self._groups)
         self.vectorized = vectorized
         self._lookups: Optional[list] = None  # vectorised path: [(Arrow tokens, [("sparse"|"seq", j), ...])]
         self._group_cache: Dict[str, int] = {}
@@ -2037,7 +2051,7 @@ class TabularDataset:
                         sparse[:, j] = part_ids
                     else:
                         seq[checked.rows, j, checked.pos] = part_ids
-            if self.schema.user is not None:
+            if self._groups:
                 out["group"] = self._group_keys(checked.user)
         for i, record in checked.records.items():  # rows the parser decided
             label, dense, sparse_ids, seq_ids, n, group = self._encoder.encode(record)
@@ -2094,7 +2108,7 @@ class TabularDataset:
             seq=column("seq", np.int64),
             lengths=column("length", np.int64),
             label=column("label", np.float32),
-            group=None if self.schema.user is None else column("group", np.int64),
+            group=column("group", np.int64) if self._groups else None,
         )
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,

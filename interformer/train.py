@@ -1851,7 +1851,9 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
     given twice is refused, as its rows' ``(file, row)`` would name two scores.
 
     The files need no label column; where they have one it is not read, so an unlabeled file with
-    an empty label column scores too. ``data``, ``batch_size``, ``device``, ``backend``, ``amp``
+    an empty label column scores too. Nor do they need the schema's ``user`` column where it only
+    groups gAUC (it is not a sparse feature): scores need no groups, and new traffic may lack the
+    column the training data grouped by. ``data``, ``batch_size``, ``device``, ``backend``, ``amp``
     and ``on_bad_rows`` are those of :func:`evaluate_checkpoint`, defaults included: a malformed
     row raises, naming its file and line, unless ``on_bad_rows`` (or the checkpoint's setting) is
     "skip"; then it has no score, and ``row`` says which rows the scores belong to. A file with no
@@ -1889,7 +1891,7 @@ class Scorer:
     """A checkpoint's model with the schema and vocabularies it was trained with, for rows held in
     memory (:func:`load_scorer` makes one). ``scorer(rows)``: the click probabilities (float32, on
     the CPU, in the rows' order) of ``rows``, mappings ``{column: value}`` encoded as
-    :class:`~interformer.dataio.RowEncoder` says (no label needed); the model runs on
+    :class:`~interformer.dataio.RowEncoder` says (no label needed, nor a user column that only groups gAUC); the model runs on
     ``batch_size`` rows at a time, in eval mode (set once, here), without gradients, under the autocast ``amp``
     (``amp_note``: why it is not the checkpoint's, or None). A row that lacks a column or that a
     file reader would call malformed raises ValueError naming it (0-based), before any row is scored.

@@ -600,7 +600,7 @@ def test_positioned_batches_give_each_rows_index_in_its_file(tmp_path, amazon, s
     text = (tmp_path / "c.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     write_text(tmp_path / "nolabel.csv", "".join(line.split(",", 1)[1] for line in text))
     ds = TabularDataset(tmp_path / "nolabel.csv", schema, vocabs, vectorized=vectorized, labels=False)
-    want = [dataclasses.replace(b, label=torch.full_like(b.label, float("nan")))
+    want = [dataclasses.replace(b, label=torch.full_like(b.label, float("nan")), group=None)
             for b in TabularDataset(tmp_path / "c.csv", schema, vocabs).batches(8)]
     assert len(want) == 4 and bit_identical(ds.batches(8), want)
     with pytest.raises(DataError, match=r"missing required column\(s\) \['label'\]"):
@@ -623,7 +623,7 @@ def test_row_encoder_encodes_rows_held_in_memory_as_the_file_reader_does(tmp_pat
     for given in (rows, as_strings, as_numpy):
         assert bit_identical([RowEncoder(schema, vocabs, labels=True)(given)], whole)
     unlabeled = [{k: v for k, v in r.items() if k != "label"} for r in rows]
-    want = dataclasses.replace(whole[0], label=torch.full_like(whole[0].label, float("nan")))
+    want = dataclasses.replace(whole[0], label=torch.full_like(whole[0].label, float("nan")), group=None)
     assert bit_identical([RowEncoder(schema, vocabs)(unlabeled)], [want])
     encode = RowEncoder(schema, vocabs)
     with pytest.raises(ValueError, match=r"^row 1: missing column\(s\) \['item_id'\]$"):
@@ -651,6 +651,40 @@ def test_row_encoder_encodes_rows_held_in_memory_as_the_file_reader_does(tmp_pat
         encode([])
     with pytest.raises(ValueError, match=r"no vocabulary for column\(s\) \['cate_id'\]"):
         RowEncoder(schema, {k: v for k, v in vocabs.items() if k != "cate_id"})
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_scoring_reads_no_user_column_that_only_groups_gauc(tmp_path, vectorized):
+    """Without labels (scoring) there is no metric, so a ``user`` column that is not a sparse feature
+    is not read: a file, or a row in memory, without it scores, and the batches have no group (the
+    model's inputs as with the column). It was required, so new traffic without the column the
+    training data grouped by could not be scored. A user column that is a sparse feature is a model
+    input and is still required."""
+    rows = amazon_rows(40)
+    schema = Schema(label="label", dense=["price"], sparse=["item_id", "cate_id"],
+                    sequences=["item_history", "cate_history"], user="user_id", max_seq_len=8,
+                    shared_vocab={"item_history": "item_id", "cate_history": "cate_id"})
+    full = write_csv(tmp_path / "full.csv", rows)
+    vocabs, _ = build_vocabularies(full, schema)
+    text = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    no_user = write_text(tmp_path / "no_user.csv", "".join(
+        ",".join(cells[:1] + cells[2:]) for cells in (line.split(",") for line in text)))
+    want = [dataclasses.replace(b, label=torch.full_like(b.label, float("nan")), group=None)
+            for b in TabularDataset(full, schema, vocabs).batches(16)]
+    for path in (full, no_user):
+        ds = TabularDataset(path, schema, vocabs, vectorized=vectorized, labels=False)
+        assert bit_identical(ds.batches(16), want), path
+    in_memory = [{k: v for k, v in r.items() if k not in ("label", "user_id")} for r in rows[:16]]
+    assert bit_identical([RowEncoder(schema, vocabs)(in_memory)], want[:1])
+    with pytest.raises(DataError, match=r"missing required column\(s\) \['user_id'\]"):
+        list(TabularDataset(no_user, schema, vocabs, vectorized=vectorized).batches(16))  # with labels: gAUC needs it
+    # the user column as a sparse feature: an input, required with or without labels
+    as_feature = Schema(label="label", dense=["price"], **{k: v for k, v in AMAZON.items() if k != "label"})
+    vocabs, _ = build_vocabularies(full, as_feature)
+    with pytest.raises(DataError, match=r"missing required column\(s\) \['user_id'\]"):
+        list(TabularDataset(no_user, as_feature, vocabs, vectorized=vectorized, labels=False).batches(16))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['user_id'\]"):
+        RowEncoder(as_feature, vocabs)(in_memory)
 
 
 def _pandas_missing():

@@ -1881,6 +1881,35 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
         T.load_scorer(bars / "synthetic.pt")
 
 
+def test_scoring_needs_no_user_column_that_only_groups_gauc(bars, capsys):
+    """A schema whose ``user`` is not a sparse feature: the model never reads that column, so ``score``,
+    :func:`score_checkpoint` and :func:`load_scorer` take rows without it, and score them as the
+    same rows with it (before, each refused them: "missing required column(s) ['user_id']"; new
+    traffic need not carry the id the training data grouped by). ``evaluate`` still needs it: gAUC."""
+    from interformer.__main__ import cli
+
+    schema = dict(label="label", dense=["price"], sparse=["item_id", "cate_id", "context"],
+                  sequences=["item_history", "cate_history"], user="user_id", max_seq_len=10,
+                  shared_vocab={"item_history": "item_id", "cate_history": "cate_id"})
+    T.train(_bars_config(bars, schema=schema, valid=[]), log=quiet)
+    ckpt = str(bars / "run" / "last.pt")
+    lines = (bars / "valid.csv").read_text().splitlines()
+    (bars / "new.csv").write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i not in (0, 1))
+                                            for line in lines[:21]) + "\n")  # no label, no user_id: 20 rows
+    with_user = T.score_checkpoint(ckpt, [bars / "valid.csv"], batch_size=20)
+    new = T.score_checkpoint(ckpt, [bars / "new.csv"], batch_size=20)
+    assert torch.equal(new.score, with_user.score[:20])
+    assert cli(["score", ckpt, str(bars / "new.csv"), "--output", str(bars / "s.csv")]) == 0
+    assert len((bars / "s.csv").read_text().splitlines()) == 21
+    with open(bars / "new.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert "user_id" not in rows[0]
+    assert torch.equal(T.load_scorer(ckpt, batch_size=20)(rows), new.score)
+    capsys.readouterr()
+    assert cli(["evaluate", ckpt, str(bars / "new.csv")]) == 2  # metrics need the label and the groups
+    assert "missing required column(s) ['label', 'user_id']" in capsys.readouterr().err
+
+
 def test_score_to_parquet_without_pyarrow_is_refused_before_scoring(tmp_path, monkeypatch):
     """Parquet output needs pyarrow: without it the command stops before it reads the checkpoint
     (here there is none), not after scoring every row."""
