@@ -25,7 +25,7 @@ from .data import check_seed, iterate_batches, make_synthetic
 from .backend import FusedModule
 from .metrics import auc, logloss
 from .model import InterFormerCTR
-from .train import check_device, interactive_stderr, on_device
+from .train import check_device, interactive_stderr, on_device, parse_device
 
 
 def _progress(iterable, total, desc, disable):
@@ -226,14 +226,9 @@ def demo_device(name) -> torch.device:
     failed after the header with torch's "Torch not compiled with CUDA enabled")."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise DemoSettingError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}")
-    try:
-        check_device(device)  # the train command's check: CUDA there, and a GPU of that index
+    try:  # the train command's checks: cpu or cuda, then CUDA there and a GPU of that index
+        device = parse_device(name)
+        check_device(device)
     except ValueError as exc:
         raise DemoSettingError(str(exc)) from None
     return device

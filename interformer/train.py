@@ -234,6 +234,8 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES} (or unset), got {self.compile_mode!r}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.embedding_optimizer!r}")
+        if self.device is not None:
+            parse_device(self.device)  # cpu or cuda: a mistyped name is a setting's error, not torch's traceback
         for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -501,15 +503,35 @@ def _device_for(device: Optional[str], d: "Dist") -> torch.device:
     """The device a process uses: under torchrun CUDA device ``LOCAL_RANK`` (unless ``device`` names
     another type; ``cuda:N`` only selects CUDA), else ``device`` or CUDA when there is one."""
     if d.enabled:
-        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        use_cuda = torch.cuda.is_available() and (device is None or parse_device(device).type == "cuda")
         return torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
     return _default_device(device)
 
 
+#: the device types the commands (and :func:`load_model`) run on
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def parse_device(name: str) -> torch.device:
+    """The device ``name`` names, or ValueError unless it is the CPU or a CUDA device (``cpu``,
+    ``cuda``, ``cuda:N``). Decision: refused where the settings are checked, before any work. A name
+    torch cannot read (``gpu``, ``cuda:x``) was torch's RuntimeError, a traceback with exit status
+    1, and another device type (``mps``, ``meta``) got as far as moving the model or reading the
+    data; neither is a device the package is built or tested for. Whether CUDA and a GPU of that
+    index are there is :func:`check_device`'s (a config may be written on another machine)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be cpu or cuda (optionally cuda:N), got {name!r}")
+    return device
+
+
 def _default_device(device: Optional[str]) -> torch.device:
-    """``device``, or CUDA when there is one, else the CPU (one process: ``train``, ``evaluate``,
-    :func:`load_model`)."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device`` (:func:`parse_device`), or CUDA when there is one, else the CPU (one process:
+    ``train``, ``evaluate``, :func:`load_model`)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else parse_device(device)
 
 
 def _interpret_on_cpu(device: torch.device) -> None:
@@ -1692,13 +1714,15 @@ def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: 
     :func:`score_checkpoint`: the checkpoint, its training settings with the given ``amp`` and
     ``on_bad_rows`` (None: its own), the device and the model on it, and why the amp used is not
     the checkpoint's (None when it is)."""
+    dev = _default_device(device)  # before the checkpoint is read
+    check_device(dev)
     state = load_checkpoint(checkpoint)
     # a given on_bad_rows or amp replaces the checkpoint's, checked by TrainConfig as every setting is
     given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
-    cfg = TrainConfig.from_dict({**state["train_config"], **given})
-    cfg.eval_batch_size, cfg.device = batch_size, device
-    dev = _default_device(device)
-    check_device(dev)
+    # the device is this call's (the run's own is not checked: one of another type, from before
+    # parse_device, does not stop its checkpoint from being scored here)
+    cfg = TrainConfig.from_dict({**state["train_config"], **given, "device": device})
+    cfg.eval_batch_size = batch_size
     model = _model_of(state, backend, dev)
     amp_note = None
     if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":

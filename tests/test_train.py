@@ -185,6 +185,8 @@ def test_settings_file_then_flags_win(tmp_path):
     # values of the wrong kind from a settings file (they ended in a TypeError or PyTorch's error)
     (dict(valid=3), "valid must be a file path or a list of them, got 3"),
     (dict(device=5), "device must be text or None, got 5"),
+    (dict(device="gpu"), r"device must be cpu or cuda \(optionally cuda:N\), got 'gpu'"),
+    (dict(device="mps"), r"device must be cpu or cuda \(optionally cuda:N\), got 'mps'"),
     (dict(model=[1]), "model must be a mapping"),
 ])
 def test_bad_settings_are_named(bad, match):
@@ -1753,6 +1755,37 @@ def test_an_unusable_cuda_device_is_refused_before_the_data_are_read(tmp_path, m
         T.train(tiny_config(tmp_path / "new", device=device), log=quiet)
     with pytest.raises(ValueError, match=rf"device '{device}'"):
         T.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), device=device)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "mps", "meta"],
+                         ids=["typo", "bad-index", "mps", "meta"])  # (an id "gpu" would mark it a GPU test: conftest)
+def test_a_device_other_than_cpu_or_cuda_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, device):
+    """``--device gpu`` or ``cuda:x`` (names torch cannot read) was torch's RuntimeError, a traceback
+    with status 1, and ``mps`` or ``meta`` got as far as reading the data or moving the model. Each
+    command refuses them as the demo does: one ``error:`` line, status 2, before any work (no
+    output directory made, the checkpoint, here missing, not read); :func:`load_model` too."""
+    from interformer.__main__ import cli
+
+    monkeypatch.delenv("INTERFORMER_TRACEBACK", raising=False)
+    message = f"python -m interformer: error: device must be cpu or cuda (optionally cuda:N), got {device!r}\n"
+    missing = str(tmp_path / "none.pt")
+    for argv in (["train", "--output-dir", str(tmp_path / "run"), "--no-progress"], ["evaluate", missing],
+                 ["score", missing, str(tmp_path / "none.csv"), "--output", str(tmp_path / "s.csv")]):
+        assert cli([*argv, "--device", device]) == 2, argv
+        assert capsys.readouterr().err.startswith(message), argv
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        T.load_model(missing, device=device)
+
+
+def test_a_checkpoint_whose_run_named_another_device_type_still_evaluates_elsewhere(tmp_path):
+    """A run's own device is not checked when its checkpoint is scored on the device given (a run on
+    ``mps``, say, from before devices were limited to cpu and cuda)."""
+    T.train(tiny_config(tmp_path / "run", epochs=1, synthetic_train=64, synthetic_valid=32), log=quiet)
+    state = T.load_checkpoint(tmp_path / "run" / "last.pt")
+    state["train_config"]["device"] = "mps"
+    torch.save(state, tmp_path / "mps.pt")
+    assert T.evaluate_checkpoint(str(tmp_path / "mps.pt"), device="cpu")["valid"]["samples"] == 32
 
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
