@@ -151,8 +151,11 @@ def train_config_from_args(args: argparse.Namespace):
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if f.name == "model":
-            model = dict(settings.get("model") or {})
+        if f.name == "model":  # --model KEY=VALUE adds to the settings file's model section
+            model = settings.get("model") or {}
+            if not isinstance(model, dict):  # TrainConfig's check, before dict() made it a TypeError
+                raise ValueError(f"model must be a mapping of InterFormerConfig fields, got {model!r}")
+            model = dict(model)
             for item in value:
                 key, sep, text = item.partition("=")
                 if not sep:

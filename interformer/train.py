@@ -222,6 +222,8 @@ class TrainConfig:
             self.output_dir = os.fspath(self.output_dir)
         if isinstance(self.schema, os.PathLike):
             self.schema = os.fspath(self.schema)
+        if self.schema is not None and not isinstance(self.schema, (str, dict)):  # (a TypeError once read)
+            raise ValueError(f"schema must be the path of a schema file or a mapping of schema keys, got {self.schema!r}")
         if self.data not in DATA_KINDS:
             raise ValueError(f"data must be one of {DATA_KINDS}, got {self.data!r}")
         if not self.resume:  # a resumed run's data settings are its checkpoint's (check_data_source)

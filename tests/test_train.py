@@ -188,6 +188,9 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(device="gpu"), r"device must be cpu or cuda \(optionally cuda:N\), got 'gpu'"),
     (dict(device="mps"), r"device must be cpu or cuda \(optionally cuda:N\), got 'mps'"),
     (dict(model=[1]), "model must be a mapping"),
+    (dict(data="csv", train=["t.csv"], schema=["label", "user_id"]),
+     r"schema must be the path of a schema file or a mapping of schema keys, got \['label', 'user_id'\]"),
+    (dict(data="csv", train=["t.csv"], schema=5), "schema must be the path of a schema file .*, got 5"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -1993,8 +1996,9 @@ def test_the_command_reports_a_users_mistake_in_one_line(tmp_path):
 
 def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no_directory(tmp_path, capsys,
                                                                                            monkeypatch):
-    """A settings or schema file that is missing, a directory, not UTF-8 or not valid YAML/JSON, and a
-    ``--model`` without ``=``, end the command with one ``error:`` line naming the file (status 2).
+    """A settings or schema file that is missing, a directory, not UTF-8 or not valid YAML/JSON, a
+    ``--model`` without ``=``, and a ``schema`` or ``model`` setting of the wrong kind (a list, a
+    number), end the command with one ``error:`` line naming the file or the key (status 2).
     Before, broken YAML was a traceback naming "<unicode string>" (status 1), broken JSON in a
     schema named no file, a missing file was a bare "[Errno 2]", and ``--model`` exited with status
     1 and no ``error:``; an ``--output-dir`` that is a file (or under one) said "[Errno 17] File
@@ -2009,6 +2013,9 @@ def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no
     (tmp_path / "b.json").write_text('{"epochs": ')
     (tmp_path / "bin.yaml").write_bytes(b"epochs: 1\n\xff\n")
     (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "list_schema.yaml").write_text("data: csv\ntrain: [bad.csv]\nschema: [label, user_id]\n")
+    (tmp_path / "int_schema.yaml").write_text("data: csv\ntrain: [bad.csv]\nschema: 5\n")
+    (tmp_path / "list_model.yaml").write_text("model: [1, 2]\n")
     (tmp_path / "schema.yaml").write_text(SCHEMA)
     (tmp_path / "bad.csv").write_text("label,user_id\n1,2\n")
     csv_run = ["--data", "csv", "--train", "bad.csv"]
@@ -2024,6 +2031,13 @@ def test_unreadable_settings_and_schema_files_are_named_in_one_line_and_leave_no
         ([*csv_run, "--schema", "b.json"], "b.json: not valid JSON (Expecting value: line 1 column 12 (char 11))"),
         ([*csv_run, "--schema", "missing.json"], "schema file not found: missing.json"),
         (["--model", '{"d_model": 8}'], "--model expects KEY=VALUE (e.g. --model d_model=64), got '{\"d_model\": 8}'"),
+        # settings of the wrong kind (they were TypeErrors: a traceback, status 1)
+        (["--config", "list_schema.yaml"], "schema must be the path of a schema file or a mapping of schema keys, "
+                                           "got ['label', 'user_id']"),
+        (["--config", "int_schema.yaml"], "schema must be the path of a schema file or a mapping of schema keys, "
+                                          "got 5"),
+        (["--config", "list_model.yaml", "--model", "d_model=16"], "model must be a mapping of InterFormerConfig "
+                                                                   "fields, got [1, 2]"),
         ([*csv_run, "--schema", "schema.yaml"], "bad.csv:1: missing required column(s) ['price', 'item_id', "
                                                 "'cate_id', 'context', 'item_history', 'cate_history']; the file has "
                                                 "['label', 'user_id']"),
