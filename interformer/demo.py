@@ -206,17 +206,29 @@ def _check_counts(args) -> None:
             raise DemoSettingError(f"{name} must be a positive integer, got {value!r}")
 
 
+#: the largest seed ``torch.Generator.manual_seed`` takes
+_GENERATOR_MAX_SEED = 2**64 - 1
+
+
 def _check_lr_and_seed(args) -> None:
     """``--lr`` must be a finite number >= 0 (AdamW takes an infinite one, and the run then printed a
-    table of NaNs) and ``--seed`` a signed 64-bit integer (the seeds derived from it, ``seed + 7`` at
-    most, must fit the generators): ValueError naming the setting, before any work."""
+    table of NaNs) and ``--seed`` an integer whose every derived seed fits the generators (at most
+    ``2**64 - 1``): ``seed + 7`` (the fused check's batch; :func:`~interformer.data.check_seed`'s
+    range) and ``seed + epoch``, the batch order of each epoch, so ``seed + epochs - 1`` too. A
+    ValueError naming the setting, before any work. (The epochs' seeds were once left out: ``--seed
+    2**64 - 8 --epochs 9`` passed the check and failed in its ninth epoch with torch's "Overflow when
+    unpacking long long". Called after :func:`_check_counts`, so ``epochs`` is a positive integer.)"""
     lr = args.lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise DemoSettingError(f"lr must be a finite number >= 0, got {lr!r}")
     try:
-        check_seed(args.seed)
+        seed = check_seed(args.seed)
     except ValueError as e:
         raise DemoSettingError(str(e)) from None
+    if seed + args.epochs - 1 > _GENERATOR_MAX_SEED:
+        raise DemoSettingError(f"seed must be at most 2**64 - epochs ({_GENERATOR_MAX_SEED + 1 - args.epochs}) for "
+                               f"{args.epochs} epochs, whose batch orders are seeded with seed + epoch (the "
+                               f"generators take up to 2**64 - 1), got {args.seed}")
 
 
 def demo_device(name) -> torch.device:

@@ -211,8 +211,8 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
     """--device foo failed in torch.device (RuntimeError), --device meta was taken for the CPU and
     failed inside the training loop, --device cuda without CUDA failed after the header with
     "Torch not compiled with CUDA enabled", --lr inf trained to NaN and printed a table of NaNs, and
-    a seed past 64 bits overflowed in the data generator: each is a ValueError naming the setting
-    now, before anything is printed."""
+    a seed past 64 bits, or one whose last epoch's seed (seed + epochs - 1) is, overflowed in a
+    generator: each is a ValueError naming the setting now, before anything is printed."""
     import argparse
 
     import pytest
@@ -233,7 +233,10 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
              (dict(lr=float("nan")), "lr must be a finite number >= 0"),
              (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
              (dict(seed=2**64 - 7), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\]"),
-             (dict(seed=-2**63 - 1), "seed must be an integer")]
+             (dict(seed=-2**63 - 1), "seed must be an integer"),
+             # the epochs' batch-order seeds, seed + epoch: passed, then overflowed in the ninth epoch
+             (dict(seed=2**64 - 8, epochs=9), rf"seed must be at most 2\*\*64 - epochs \({2**64 - 9}\) for 9 epochs"),
+             (dict(seed=2**64 - 9, epochs=10), "seed must be at most 2\\*\\*64 - epochs")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             run_demo(args(**kw))
@@ -249,6 +252,21 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
     assert demo_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert demo_device(None) == torch.device("cpu")
+
+
+def test_the_largest_seed_the_epochs_allow_runs_every_epoch(monkeypatch, capsys):
+    """``--seed 2**64 - 9 --epochs 9``: the ninth epoch's batch order takes seed + 8 = 2**64 - 1, the
+    generators' largest seed, so the check above lets it through and the run ends (a seed one larger
+    is refused there)."""
+    import argparse
+
+    from interformer import demo
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no eager-vs-fused check: this test is about the seeds
+    args = argparse.Namespace(train_samples=4, test_samples=4, batch_size=4, epochs=9, lr=2e-3, seed=2**64 - 9,
+                              device="cpu", no_progress=True)
+    assert demo.run_demo(args) is True
+    assert re.search(r"^\s+eager\s+\S+\s+\S+\s+[\d,]+\s+[\d,]+$", capsys.readouterr().out, re.M)
 
 
 def test_demo_prints_the_metrics_of_its_held_out_logits_and_is_reproducible(monkeypatch, capsys):
