@@ -654,16 +654,10 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
     the training files' malformed rows is not shown: the training split's dataset counts the same
     rows, and :func:`train` reports them once (the ``data:`` line gives each split's count, the
     closing note examples), not as a raw warning pointing into this module."""
-    from .dataio import DataWarning, MemoryDataset, Schema, build_vocabularies
+    from .dataio import DataWarning, Schema, build_vocabularies
 
     if cfg.data == "synthetic":
-        model_cfg = InterFormerConfig(**{**cfg.model, "backend": "eager"})
-        splits = {"train": MemoryDataset(make_synthetic(cfg.synthetic_train, model_cfg, seed=cfg.seed))}
-        if cfg.synthetic_valid:
-            splits["valid"] = MemoryDataset(make_synthetic(cfg.synthetic_valid, model_cfg, seed=cfg.seed + 1))
-        if cfg.synthetic_test:
-            splits["test"] = MemoryDataset(make_synthetic(cfg.synthetic_test, model_cfg, seed=cfg.seed + 2))
-        return {}, splits, None, None
+        return {}, _synthetic_splits(cfg, ("train", "valid", "test")), None, None
     source = cfg.schema if schema is None else schema
     schema = Schema.from_dict(source) if isinstance(source, dict) else Schema.from_file(source)
     if vocabs is None:
@@ -674,6 +668,22 @@ def build_data(cfg: TrainConfig, vocabs=None, schema: Optional[dict] = None) -> 
     splits = {split: _dataset(cfg, getattr(cfg, split), schema, vocabs)
               for split in ("train", "valid", "test") if getattr(cfg, split)}
     return splits["train"].model_overrides(), splits, vocabs, schema.to_dict()
+
+
+def _synthetic_splits(cfg: TrainConfig, names) -> Dict[str, Any]:
+    """The synthetic splits of ``names`` (``"train"``, ``"valid"``, ``"test"``) as
+    :class:`~interformer.dataio.MemoryDataset` s; a validation or test split of 0 samples is left out.
+    Each split is drawn from its own seed (``seed``, ``seed + 1``, ``seed + 2``) by its own generator,
+    so one is the same whether or not the others are drawn: ``evaluate`` draws only the two it
+    scores, not the training split (often the largest; at T = 50 its ``seq`` tensor alone takes
+    160 MB per 200k rows)."""
+    from .dataio import MemoryDataset
+
+    model_cfg = InterFormerConfig(**{**cfg.model, "backend": "eager"})
+    sizes = {"train": cfg.synthetic_train, "valid": cfg.synthetic_valid, "test": cfg.synthetic_test}
+    return {name: MemoryDataset(make_synthetic(sizes[name], model_cfg, seed=cfg.seed + offset))
+            for offset, name in enumerate(("train", "valid", "test"))
+            if name in names and (sizes[name] or name == "train")}
 
 
 def _dataset(cfg: TrainConfig, paths, schema, vocabs, data: Optional[str] = None, labels: bool = True):
@@ -1792,9 +1802,8 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         if output is not None:
             refuse_overwriting(output, [checkpoint, *paths])
         splits = {"eval": _dataset(cfg, paths, *_schema_and_vocabs(checkpoint, state, "read files"), data)}
-    elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed
-        _, splits, _, _ = build_data(cfg)
-        splits.pop("train")
+    elif state["schema"] is None:  # synthetic: the splits are regenerated from the seed, the training one not
+        splits = _synthetic_splits(cfg, ("valid", "test"))
     else:  # the validation/test files its config names; the training files need not exist any more
         if output is not None:
             refuse_overwriting(output, [checkpoint, *cfg.valid, *cfg.test])

@@ -626,6 +626,20 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tmp_path, 
         main(["train", *SYNTH, *TINY_FLAGS, "--output-dir", str(out)])
 
 
+def test_evaluate_of_a_synthetic_checkpoint_draws_only_the_splits_it_scores(tmp_path, monkeypatch):
+    """``evaluate`` of a synthetic run draws its validation and test splits again from the seed, and
+    not its training split, which it used to draw in full and throw away; the splits are the run's
+    own (each has its own seed), so the metrics are the run's final ones."""
+    s = T.train(tiny_config(tmp_path / "run", epochs=1, synthetic_train=320, synthetic_valid=48, synthetic_test=40),
+                log=quiet)
+    drawn, real = [], T.make_synthetic
+    monkeypatch.setattr(T, "make_synthetic", lambda n, *a, **k: drawn.append(n) or real(n, *a, **k))
+    got = T.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert sorted(drawn) == [40, 48]
+    for split in ("valid", "test"):
+        assert (got[split]["auc"], got[split]["logloss"]) == (s["final"][split]["auc"], s["final"][split]["logloss"])
+
+
 def test_the_final_table_ignores_a_best_pt_this_run_did_not_write(tmp_path, capsys):
     """A run without validation, resumed in a directory where a best.pt of another run appeared:
     its final metrics are its own last weights."""
