@@ -268,7 +268,7 @@ class TrainConfig:
 
     def check_data_source(self) -> None:
         """ValueError unless ``data`` and the files agree: files need ``train`` and a ``schema``, and
-        ``synthetic`` takes no file. Run at construction, except for a config with ``resume`` set:
+        ``synthetic`` takes no file and needs ``synthetic_train >= 1``. Run at construction, except for a config with ``resume`` set:
         its command line may name a file and leave ``data`` to the checkpoint, whose settings
         :func:`resume_config` merges in first (and refuses a file that differs from the checkpoint's,
         naming both); a resume that finds no checkpoint starts a new run and checks it then, before
@@ -283,6 +283,11 @@ class TrainConfig:
         if self.data == "synthetic" and given_files:
             raise ValueError(f"{', '.join(given_files)} given but data is 'synthetic' (the default): set data to "
                              "'csv' or 'parquet' to train on the files")
+        # a setting's error, not the run's "train: no rows (an empty file, ...)" once the other splits
+        # are drawn; a run on files ignores the synthetic sizes (evaluate and score never train)
+        if self.data == "synthetic" and self.synthetic_train < 1:
+            raise ValueError(f"synthetic_train must be >= 1 when data is 'synthetic' (the training samples), got "
+                             f"{self.synthetic_train}")
 
     def model_backend(self) -> Optional[str]:
         """The backend a new run builds its model with: ``backend`` when it names one, else

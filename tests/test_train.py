@@ -179,6 +179,8 @@ def test_settings_file_then_flags_win(tmp_path):
     (dict(embedding_lr="inf"), "embedding_lr must be a finite number"),
     (dict(clip_grad_norm=float("nan")), "clip_grad_norm must be a finite number"),
     (dict(synthetic_valid=-1), "synthetic_valid must be >= 0"),
+    # trained on nothing: the run failed later with "train: no rows (an empty file, ...)", of no file
+    (dict(synthetic_train=0), "synthetic_train must be >= 1 when data is 'synthetic' .*, got 0"),
     # a seed past 64 bits failed in the generator with "Overflow when unpacking long long"
     (dict(seed=2**64 - 7), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\], got 18446744073709551609"),
     (dict(seed=-2**63 - 1), r"seed must be an integer in \[-2\*\*63, 2\*\*64 - 8\]"),
@@ -195,6 +197,23 @@ def test_settings_file_then_flags_win(tmp_path):
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         T.TrainConfig.from_dict(bad)
+
+
+def test_no_synthetic_training_samples_is_a_settings_error_of_synthetic_runs_only(tmp_path, capsys, monkeypatch):
+    """``synthetic_train: 0`` trained on nothing: the run drew its other splits, then failed with
+    "train: no rows (an empty file, or every row skipped as malformed)", of no file. It is refused
+    as a setting (the CLI's one-line error, no output directory made), also by a ``--resume`` that
+    finds no checkpoint and so starts a new run; a run on files ignores the synthetic sizes."""
+    from interformer.__main__ import cli
+
+    monkeypatch.delenv("INTERFORMER_TRACEBACK", raising=False)
+    assert cli(["train", "--synthetic-train", "0", "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "error: synthetic_train must be >= 1 when data is 'synthetic'" in capsys.readouterr().err
+    cfg = T.TrainConfig.from_dict(dict(resume=True, synthetic_train=0, output_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="synthetic_train must be >= 1"):
+        T.train(cfg, log=quiet)
+    assert not (tmp_path / "run").exists()
+    T.TrainConfig.from_dict(dict(data="csv", train=["t.csv"], schema="s.yaml", synthetic_train=0))
 
 
 def test_the_largest_seed_trains_and_resumes(tmp_path):
