@@ -253,9 +253,11 @@ def _interpreter_on() -> bool:
 
 
 def agreement_tolerance(device: torch.device) -> float:
-    """The bound the eager-vs-fused check holds each relative difference to (DESIGN §5, fp32): 1e-3
-    on a GPU, where tf32 is allowed where documented, and 1e-4 on the CPU, where the interpreter's
-    exact fp32 ops meet 1e-5 per op and a whole model's logits, loss and gradients sum many ops."""
+    """The bound the eager-vs-fused check holds each relative difference to: a bound for a whole model
+    in fp32, chosen by this project, not DESIGN §5's, which bounds each op (fp32: 1e-5 under the
+    interpreter, 1e-3 on a GPU). On a GPU it is 1e-3, the per-op bound there (tf32 allowed where
+    documented); on the CPU 1e-4, ten times the interpreter's per-op bound: each fp32 op meets 1e-5
+    there, and a whole model's logits, loss and gradients sum the errors of many ops."""
     return 1e-3 if device.type == "cuda" else 1e-4
 
 
@@ -295,7 +297,8 @@ def run_demo(args) -> bool:
               f"loss {diff['loss']:.2e}, worst parameter gradient {diff['max_grad']:.2e}")
         tol = agreement_tolerance(device)
         agree = all(diff[k] <= tol for k in ("logits", "loss", "max_grad"))  # (False for a NaN)
-        print(f"  {'they agree' if agree else 'THEY DISAGREE'}: each difference must be at most {tol:g} (DESIGN §5)")
+        print(f"  {'they agree' if agree else 'THEY DISAGREE'}: each difference must be at most {tol:g} (the "
+              "demo's bound for a whole model, not DESIGN §5's per-op one: fp32 1e-5 interpreted, 1e-3 on a GPU)")
         print(f"  forward+backward on that batch: eager {diff['eager_sps']:,.1f} samples/s, "
               f"fused {diff['fused_sps']:,.1f} samples/s")
         if device.type != "cuda":

@@ -16,12 +16,13 @@ def test_demo_prints_agreement_throughputs_and_metrics(capsys):
     m = re.search(r"rel\. diff logits (\S+), loss (\S+), worst parameter gradient (\S+)", out)
     assert m, out
     logits, loss, grad = (float(v) for v in m.groups())
-    # DESIGN §5 fp32 model-level tolerance on the CPU (interpreter) path
+    # the demo's model-level fp32 bound on the CPU (interpreter) path (agreement_tolerance; not DESIGN §5's per-op one)
     assert logits < 1e-4 and loss < 1e-4 and grad < 1e-4, out
     from interformer.demo import agreement_tolerance
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the demo runs by default
     assert f"they agree: each difference must be at most {agreement_tolerance(dev):g}" in out, out
+    assert not _credits_the_demo_bound_to_design(out), out
     m = re.search(r"eager ([\d,.]+) samples/s, fused ([\d,.]+) samples/s", out)
     assert m and all(float(v.replace(",", "")) > 0 for v in m.groups()), out
 
@@ -31,6 +32,35 @@ def test_demo_prints_agreement_throughputs_and_metrics(capsys):
     assert row, out
     auc, ll = float(row.group(1)), float(row.group(2))
     assert 0.0 <= auc <= 1.0 and ll > 0
+
+
+def _credits_the_demo_bound_to_design(text: str) -> list:
+    """The sentences of ``text`` that give the demo's CPU bound (:func:`agreement_tolerance`'s, as
+    1e-4 or 0.0001) beside "DESIGN §5" without saying that it is not DESIGN §5's."""
+    from interformer.demo import agreement_tolerance
+
+    tol = agreement_tolerance(torch.device("cpu"))
+    forms = {f"{tol:g}", f"{tol:.0e}".replace("e-0", "e-")}
+    sentences = re.split(r"(?<=[.)])\s+(?=[A-Z`(])", " ".join(text.split()))
+    return [s for s in sentences if "DESIGN §5" in s and any(f in s for f in forms) and "not DESIGN §5's" not in s]
+
+
+def test_the_demo_bound_is_the_projects_not_design_5s():
+    """DESIGN §5 bounds each op, fp32 at 1e-5 under the interpreter; the demo's CPU bound, 1e-4, is one
+    for a whole model that the project chose (:func:`agreement_tolerance`). The README, that
+    docstring and the demo's output called 1e-4 DESIGN §5's bound; where they name DESIGN §5 beside
+    it now, they say it is not DESIGN's (the printed line: the demo test above)."""
+    from pathlib import Path
+
+    from interformer.demo import agreement_tolerance
+
+    root = Path(__file__).resolve().parents[1]
+    design = re.search(r"fp32 ≤ (\S+) \(interpreter\)", (root / "DESIGN.md").read_text(encoding="utf-8"))
+    assert design and float(design.group(1)) < agreement_tolerance(torch.device("cpu"))
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "1e-4 on a CPU" in readme  # the README still gives the bound
+    for text in (readme, agreement_tolerance.__doc__):
+        assert not _credits_the_demo_bound_to_design(text)
 
 
 def test_demo_progress_bar_only_where_it_renders(monkeypatch):
