@@ -1667,21 +1667,28 @@ def metrics_table(results: Dict[str, Dict[str, float]], source: str = "", title:
 
 
 def plot_curves(history: List[Dict[str, Any]], path: Path) -> Path:
-    """Train loss and validation LogLoss / AUC per epoch, as a PNG."""
+    """Train loss and validation LogLoss / AUC per epoch, as a PNG. The AUC panel is drawn only where
+    every epoch was validated: a run without a validation split gets the loss panel alone (an empty
+    AUC panel, and matplotlib's warning that its legend had nothing to show, came before)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    validated = all("valid" in r for r in history)
+    fig, axes = plt.subplots(1, 2 if validated else 1, figsize=(9 if validated else 4.5, 3.5), squeeze=False)
+    ax_loss = axes[0][0]
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train loss")
-    if all("valid" in r for r in history):
+    panels = [(ax_loss, "loss")]
+    if validated:
+        ax_auc = axes[0][1]
         ax_loss.plot(epochs, [r["valid"]["logloss"] for r in history], marker="o", label="valid LogLoss")
         ax_auc.plot(epochs, [r["valid"]["auc"] for r in history], marker="o", label="valid AUC")
         if all("gauc" in r["valid"] for r in history):
             ax_auc.plot(epochs, [r["valid"]["gauc"] for r in history], marker="o", label="valid gAUC")
-    for ax, title in ((ax_loss, "loss"), (ax_auc, "AUC")):
+        panels.append((ax_auc, "AUC"))
+    for ax, title in panels:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)

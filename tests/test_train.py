@@ -1824,6 +1824,20 @@ def test_a_checkpoint_whose_run_named_another_device_type_still_evaluates_elsewh
     assert T.evaluate_checkpoint(str(tmp_path / "mps.pt"), device="cpu")["valid"]["samples"] == 32
 
 
+def test_the_plot_has_an_auc_panel_only_where_there_is_validation(tmp_path):
+    """``curves.png`` of a run without a validation split is the loss panel alone (half the width),
+    drawn without a warning; it had an empty AUC panel, and matplotlib warned that its legend had
+    nothing to show. With validation: both panels."""
+    image = pytest.importorskip("matplotlib.image")
+    history = [{"epoch": e, "train_loss": 0.7 - 0.1 * e} for e in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone = image.imread(T.plot_curves(history, tmp_path / "alone.png"))
+        valid = [dict(r, valid={"logloss": 0.6, "auc": 0.7, "gauc": 0.65}) for r in history]
+        both = image.imread(T.plot_curves(valid, tmp_path / "both.png"))
+    assert (alone.shape[1], both.shape[1]) == (450, 900)
+
+
 def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when it is not installed
     with pytest.raises(ImportError, match="--plot .*needs matplotlib"):
