@@ -536,8 +536,9 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
         if residual is not None and isinstance(x, torch.Tensor):  # LayerNorm(x + residual), not broadcast
             _expect(self, "residual", residual, tuple(x.shape))
         w, b = self.weight, self.bias
-        if (w is not None and isinstance(x, torch.Tensor) and (w.dtype != x.dtype or b.dtype != x.dtype or (
-                isinstance(residual, torch.Tensor) and residual.dtype != x.dtype))):  # (not an fx Proxy)
+        if w is not None and isinstance(x, torch.Tensor) and (  # (not an fx Proxy)
+                w.dtype != x.dtype or (b is not None and b.dtype != x.dtype)
+                or (isinstance(residual, torch.Tensor) and residual.dtype != x.dtype)):
             self._check_dtypes(x, residual)  # (the common case, all one dtype, pays two comparisons)
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
