@@ -28,7 +28,7 @@
 #      and (fwd or full) and (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
 #      (self_attention and amazon and full and (fused-cudagraph or fused-general-cudagraph or \
 #      fused-narrow-cudagraph or fused-delta-output-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
-#      Tests: bench/gpu_rerun.txt's header (664 tests: the fp32 attention backward's pivoted dS, the
+#      Tests: bench/gpu_rerun.txt's header (676 tests: the fp32 attention backward's pivoted dS, the
 #      gated LCE and the feed-forward block as the thirty-third session changed them, every test that
 #      compiles now that the kept ops are inlined on a GPU by default). Ops (16 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against

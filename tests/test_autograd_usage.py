@@ -22,7 +22,10 @@ with the same weights, at tiny sizes, and must behave as the eager one does:
   overwritten after the forward change nothing);
 * gradients accumulate over micro-batches, and ``zero_grad(set_to_none=False)`` restarts them;
 * an input or parameter modified in place between forward and backward either raises autograd's
-  version-counter error or leaves the gradients of the forward that ran: never a silent mix.
+  version-counter error or leaves the gradients of the forward that ran: never a silent mix;
+* lengths (or a LayerNorm's input beside its residual) made under ``torch.inference_mode`` train as
+  on eager, which never saves them;
+* under autocast the outputs and gradients have eager's dtypes.
 
 Each pinned behaviour was checked to fail against a deliberately broken fused op (a backward that
 scribbles on a saved tensor, returns gradients shifted past a frozen input, reads the upstream
@@ -591,3 +594,29 @@ def test_an_input_made_under_inference_mode_with_a_residual_trains_as_on_eager(c
     (_, pe, ie), (_, pf, if_) = grads
     _close(pf, pe, "parameters")
     _close(dict(enumerate(if_)), dict(enumerate(ie)), "inputs")
+
+
+# ---------------------------------------------------------------- dtypes under autocast
+@by_name(NAMES)
+def test_under_autocast_outputs_and_gradients_have_eagers_dtypes(case):
+    """Under fp16 autocast (fp32 parameters and inputs) every fused module returns the dtype eager's
+    autocast gives, and every parameter and input gradient eager's dtype: a drop-in is one in
+    dtypes too. The gated LCE and the cross nets returned fp16 where eager returns fp32 (their fp32
+    biases promote) until 2026-11-29, which in the model turned the sequence stream fp16 on the
+    fused path alone (reviews' finds). Values within fp16's rounding of eager's."""
+    eager, fused, inputs = case
+    got = []
+    for m in (eager, fused):
+        args = inputs()
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            out = m(*args)
+        leaves = [p for p in m.parameters() if p.requires_grad] + _floats(args)
+        grads = torch.autograd.grad(out, leaves, _upstream(out), allow_unused=True)
+        got.append((out, grads))
+    (e_out, e_grads), (f_out, f_grads) = got
+    assert f_out.dtype == e_out.dtype, (f_out.dtype, e_out.dtype)
+    assert rel_err(f_out, e_out) <= 2e-2
+    for i, (f, e) in enumerate(zip(f_grads, e_grads)):
+        assert (f is None) == (e is None), i
+        if e is not None:
+            assert f.dtype == e.dtype, (i, f.dtype, e.dtype)
