@@ -152,7 +152,8 @@ def train_config_from_args(args: argparse.Namespace):
         if value is None:
             continue
         if f.name == "model":  # --model KEY=VALUE adds to the settings file's model section
-            model = settings.get("model") or {}
+            model = settings.get("model")
+            model = {} if model is None else model
             if not isinstance(model, dict):  # TrainConfig's check, before dict() made it a TypeError
                 raise ValueError(f"model must be a mapping of InterFormerConfig fields, got {model!r}")
             model = dict(model)

@@ -236,6 +236,8 @@ class TrainConfig:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES} (or unset), got {self.compile_mode!r}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.embedding_optimizer!r}")
+        if self.device == "":  # empty: unset, the default device (as it always read; settings from before parse_device)
+            self.device = None
         if self.device is not None:
             parse_device(self.device)  # cpu or cuda: a mistyped name is a setting's error, not torch's traceback
         for name in ("batch_size", "eval_batch_size", "epochs", "log_every"):
@@ -384,6 +386,12 @@ def resume_config(saved: Dict[str, Any], given: TrainConfig) -> tuple:
         raise ValueError(f"resume: {'; '.join(conflicts)}: a resumed run keeps the checkpoint's settings except "
                          f"{', '.join(n for n in RUN_CONTROL if n not in _INVOCATION)}; drop the other(s), or start "
                          "a new run (another --output-dir, or --overwrite)")
+    if merged.get("device") not in (None, "") and "device" not in given_names:
+        try:  # a device of another type, saved before parse_device refused it (mps, say)
+            parse_device(merged["device"])
+        except ValueError as exc:
+            raise ValueError(f"resume: the checkpoint's device setting: {exc}; --device cpu or --device cuda "
+                             "resumes the run there") from None
     return TrainConfig.from_dict(merged), changed
 
 
@@ -538,7 +546,9 @@ def parse_device(name: str) -> torch.device:
 def _default_device(device: Optional[str]) -> torch.device:
     """``device`` (:func:`parse_device`), or CUDA when there is one, else the CPU (one process:
     ``train``, ``evaluate``, :func:`load_model`)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else parse_device(device)
+    if device is None or device == "":  # (empty: unset, as the settings read it)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(device)
 
 
 def _interpret_on_cpu(device: torch.device) -> None:
@@ -1745,7 +1755,8 @@ def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: 
     given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
     # the device is this call's (the run's own is not checked: one of another type, from before
     # parse_device, does not stop its checkpoint from being scored here)
-    cfg = TrainConfig.from_dict({**state["train_config"], **given, "device": device})
+    cfg = TrainConfig.from_dict({**state["train_config"], **given,
+                                 "device": None if device is None or device == "" else str(dev)})  # (0: "cuda:0")
     cfg.eval_batch_size = batch_size
     model = _model_of(state, backend, dev)
     amp_note = None

@@ -1824,6 +1824,43 @@ def test_a_checkpoint_whose_run_named_another_device_type_still_evaluates_elsewh
     assert T.evaluate_checkpoint(str(tmp_path / "mps.pt"), device="cpu")["valid"]["samples"] == 32
 
 
+def test_an_empty_device_is_the_default_and_a_resumed_run_names_a_refused_saved_one(tmp_path):
+    """``device: ""`` reads as unset, the default device, as it did before devices were checked
+    (``None or "cuda"``): in a settings file, for ``evaluate``, and in a run saved with it, which
+    resumes. A run saved with a device now refused (``mps``) resumes with ``--device`` given, and
+    without it the error says the value is the checkpoint's and how to resume (a review's finds);
+    ``evaluate_checkpoint`` takes a device as ``load_model`` does, a ``torch.device`` or text."""
+    assert T.TrainConfig(device="").device is None
+    T.train(tiny_config(tmp_path / "run", epochs=4, max_steps=1, synthetic_train=64, synthetic_valid=32,
+                        device=""), log=quiet)
+    assert T.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), device="")["valid"]["samples"] == 32
+    assert T.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), device=torch.device("cpu"))["valid"]["samples"] == 32
+    assert T.train(T.TrainConfig.from_dict(dict(resume=True, output_dir=str(tmp_path / "run"), max_steps=2)),
+                   log=quiet)["step"] == 2
+    state = T.load_checkpoint(tmp_path / "run" / "last.pt")
+    state["train_config"]["device"] = "mps"
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match=r"resume: the checkpoint's device setting: .*'mps'.*--device cpu"):
+        T.train(T.TrainConfig.from_dict(dict(resume=True, output_dir=str(tmp_path / "run"), max_steps=3)), log=quiet)
+    resumed = T.TrainConfig.from_dict(dict(resume=True, output_dir=str(tmp_path / "run"), max_steps=3, device="cpu"))
+    assert T.train(resumed, log=quiet)["step"] == 3
+
+
+def test_a_falsy_model_section_that_is_not_a_mapping_is_refused_beside_model_flags(tmp_path, capsys, monkeypatch):
+    """``model: ""`` (or ``[]``, ``0``) in a settings file with ``--model KEY=VALUE`` on the command
+    line: refused as without the flag, not read as an empty section (a review's find)."""
+    from interformer.__main__ import cli
+
+    monkeypatch.delenv("INTERFORMER_TRACEBACK", raising=False)
+    for value in ('""', "[]", "0"):
+        settings = tmp_path / "s.yaml"
+        settings.write_text(f"model: {value}\nsynthetic_train: 64\n")
+        assert cli(["train", "--config", str(settings), "--model", "d_model=16", "--output-dir",
+                    str(tmp_path / "run"), "--no-progress"]) == 2, value
+        assert "model must be a mapping" in capsys.readouterr().err, value
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_plot_has_an_auc_panel_only_where_there_is_validation(tmp_path):
     """``curves.png`` of a run without a validation split is the loss panel alone (half the width),
     drawn without a warning; it had an empty AUC panel, and matplotlib warned that its legend had
