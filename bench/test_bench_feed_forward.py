@@ -18,8 +18,9 @@ Providers, each computing ``feed_forward(x, w1, b1, w2, b2)``: ``eager``
 wider than its ``FUSED_MAX_FEATURES``, 64: at ``long`` the kernels lost to cuBLAS), ``fused-wide``
 (the same with that limit raised to ``MAX_FEATURES``: the kernels at every shape, what a change to
 their wider tiers must beat eager with), ``fused-compile`` (``torch.compile`` around the fused
-function; the custom ops stay opaque; past 64 wide, as at ``long``, it is Inductor compiling the
-reference, like ``compile``), and ``eager-cudagraph`` / ``compile-cudagraph`` /
+function: on a GPU Inductor inlines the op into its Triton kernels, ``interformer.set_compile_inline``'s
+default, and each row records ``compile_inline``; past 64 wide, as at ``long``, it is Inductor
+compiling the reference, like ``compile``), and ``eager-cudagraph`` / ``compile-cudagraph`` /
 ``fused-cudagraph`` / ``fused-wide-cudagraph`` (``full`` mode captured in a CUDA graph: device
 time alone, see bench/common.py). Without a GPU only ``eager``, ``fused`` and ``fused-wide`` run, on the tiny smoke
 shape, under the Triton interpreter; the others are skipped with their reason.

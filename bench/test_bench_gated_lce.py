@@ -6,7 +6,8 @@
 Providers, each computing ``gated_lce(x, weight, bias, gate_weight, gate_bias)``: ``eager``
 (:func:`interformer.reference.gated_lce`), ``compile`` (``torch.compile`` of it), ``fused``
 (:func:`interformer.kernels.gated_lce.gated_lce`) and ``fused-compile`` (``torch.compile`` around the
-fused function; the custom ops stay opaque), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full``
+fused function: on a GPU Inductor inlines the ops into their Triton kernels,
+``interformer.set_compile_inline``'s default, and each row records ``compile_inline``), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full``
 mode captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the
 tiny smoke shape, under the Triton interpreter; the compile providers are skipped with their reason.
 ``test_gated_lce_bandwidth`` runs ``full`` mode at 32x taobao's batch (``taobao-b64k``), where the

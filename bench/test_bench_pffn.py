@@ -9,8 +9,9 @@ are valid (len uniform in ``[0, T]``, one empty and one full row, as ``common.le
 
 Providers, each computing the same function: ``eager`` (:mod:`interformer.reference`), ``compile``
 (``torch.compile`` of it), ``fused`` (:mod:`interformer.kernels.pffn`) and ``fused-compile``
-(``torch.compile`` around the fused function: the custom ops stay opaque, so this measures what the
-op costs inside a compiled model), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full`` mode
+(``torch.compile`` around the fused function, what the op costs inside a compiled model: on a GPU
+Inductor inlines the ops into their Triton kernels, ``interformer.set_compile_inline``'s default,
+and each row records ``compile_inline``), and ``eager-cudagraph`` / ``fused-cudagraph`` (``full`` mode
 captured in a CUDA graph: device time alone, see bench/common.py). Without a GPU only ``eager`` and ``fused`` run, on the tiny smoke
 shape, under the Triton interpreter; the compile providers are skipped with their reason.
 
