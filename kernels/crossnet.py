@@ -207,8 +207,7 @@ element-wise part promotes to x0's dtype): until 2026-11-29 it was the autocast 
 backward reads an fp32 upstream gradient as it comes; the full-rank cuBLAS path rounds it to the
 compute dtype for its GEMMs. Eager keeps the element-wise part in fp32 while only its GEMMs run in
 the autocast dtype; here x0 is rounded first (``interformer.layers.CrossNet``'s "Open"). fp32
-accumulation everywhere;
-operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
+accumulation everywhere; operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
 inputs). fp32 inputs use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32
 accuracy); under ``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made
 contiguous (a copy only when they are not).

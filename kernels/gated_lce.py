@@ -121,10 +121,11 @@ dtype, which saved half its bytes but made the fused module no drop-in (another 
 rounded the upstream gradient to 16 bits before the bias gradient summed it: in a model whose
 summary tokens feed LayerNorms (input gradients of zero mean, so that sum nearly cancels) the bias
 gradient's error reached 4-5x eager's under fp16 autocast, against DESIGN §5's 2x (a review's and
-a fuzzing helper's finds). The backward reads the upstream gradient in whatever dtype it comes (fp32
-here) and forms dY, dZ and the sums from it in fp32. Accumulation is fp32; Y and the gate stay fp32 in
-registers (eager's Y is fp32 with an fp32 bias, in the low dtype otherwise, and its gate in the
-low dtype), and operands are cast to the compute dtype just before each ``tl.dot``. fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
+a fuzzing helper's finds). The backward reads the upstream gradient in whatever dtype it comes
+(fp32 here) and forms dY, dZ and the sums from it in fp32. Accumulation is fp32; Y and the gate
+stay fp32 in registers (eager's Y is fp32 with an fp32 bias, in the low dtype otherwise, and its
+gate in the low dtype), and operands are cast to the compute dtype just before each ``tl.dot``.
+fp32 inputs take exact fp32 FMA dots (``input_precision="ieee"``, not
 the tensor cores) in both kernels, for the reasons :func:`_bwd_launch_options` and
 :func:`_fwd_launch_options` give: fp32 is a correctness mode here, not a performance target.
 fp16/bf16 inputs form the gate's sigmoid (and the backward its slope) with
