@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...
+# What one GPU lease runs, in one call:  bench/gpu_session.sh COMMIT STAGE...  (-h/--help: the usage;
+#   no COMMIT, no STAGE, an option or an unknown stage: the usage and exit 2, before anything is run)
 #   stages: tests (CUDA test suite, fp32/fp16/bf16), ops (per-op benchmarks), model (whole-model
 #   benchmarks), profile (per-range and per-kernel tables of one training step), kernels (every
 #   kernel's device time in one call of an op, per provider: profiling/op_kernels.py), ncu (Nsight
@@ -68,7 +69,17 @@
 #   Left for a later lease: the host stage, the eager training profiles, the op stage at amazon and
 #   long, the third plain amazon compile pair, the compiled inference profile.
 set -uo pipefail
-if [ $# -lt 1 ]; then echo "usage: bench/gpu_session.sh COMMIT STAGE... (see the header)" >&2; exit 2; fi
+# The arguments are checked before anything is done: until 2026-12 only their number was, so
+# `bench/gpu_session.sh --help` took "--help" for the COMMIT, ran the editable install (re-pointing
+# the caller's environment at this checkout) and exited 0.
+STAGES="tests ops model profile kernels ncu embed host threads"  # the case below, in the order of the header
+usage() { echo "usage: bench/gpu_session.sh COMMIT STAGE... (stages: $STAGES; see the header)"; }
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+if [ $# -lt 2 ]; then usage >&2; exit 2; fi
+case "$1" in -*) echo "not a commit: $1" >&2; usage >&2; exit 2 ;; esac
+for stage in "${@:2}"; do
+  case " $STAGES " in *" $stage "*) ;; *) echo "unknown stage $stage" >&2; usage >&2; exit 2 ;; esac
+done
 commit="$1"; shift
 export INTERFORMER_COMMIT="$commit" PYTHONUNBUFFERED=1
 OUT="${OUT:-$(pwd)/bench/results/tmp}"; mkdir -p "$OUT"

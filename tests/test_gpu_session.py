@@ -120,6 +120,24 @@ def test_a_missing_rerun_list_or_commit_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_help_and_bad_arguments_do_nothing_but_answer(tmp_path):
+    """-h/--help print the usage and exit 0; a COMMIT without a STAGE, an option for the COMMIT and an
+    unknown stage print it and exit 2; none of them installs or writes anything ($OUT is not made).
+    Until 2026-12 only "no arguments" was refused: ``--help`` was taken for the COMMIT, the package
+    installed (SKIP_INSTALL=1 here, so that a regression cannot re-point this environment), env.txt
+    written, and 0 returned."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "SKIP_INSTALL": "1"}
+    for args, rc in ((["--help"], 0), (["-h"], 0), (["-h", "tests"], 0), (["HEAD"], 2), (["--help-me", "tests"], 2),
+                     (["HEAD", "tests", "no_such_stage"], 2)):
+        res = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        usage = res.stdout if rc == 0 else res.stderr
+        assert res.returncode == rc and "usage: bench/gpu_session.sh COMMIT STAGE" in usage, (args, res)
+        assert "tests ops model" in usage and not out.exists(), (args, res)
+    assert "unknown stage no_such_stage" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 @CPU_ONLY
 def test_the_ncu_stage_profiles_each_run_and_packs_its_log(tmp_path):
     """The ``ncu`` stage calls profiling/ncu.sh once per ";"-separated run of ``NCU_RUNS`` ("REGEX
