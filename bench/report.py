@@ -7,7 +7,13 @@ suffix); existing ones are kept unless ``--force`` (a lease's committed table is
 except ``latest``'s, which ``make report`` rewrites after every ``make bench``.
 
 Inputs are pytest-benchmark JSON files or ``.jsonl`` files of rows (one per line, as written when
-``$INTERFORMER_BENCH_ROWS`` is set; such a file survives a run that was cut short).
+``$INTERFORMER_BENCH_ROWS`` is set; such a file survives a run that was cut short). A row needs
+:data:`ROW_FIELDS` (``op``, ``shape``, ``mode`` and ``provider`` strings, and a ``median_ms``, which
+may be ``invalid``: see below); input that is not JSON, a ``.jsonl`` line that is not such a row, and
+inputs that hold no row at all (an empty ``.jsonl``, pytest-benchmark JSON of no benchmark or of
+none written by bench/common.py) are usage errors (exit 2) that name the file and line, and nothing
+is written: an empty table would read as a run that measured nothing, where a wrong path or a run
+that never wrote a row is more likely.
 
 Each benchmark row carries its measurements in ``extra_info`` (see bench/common.py). The table
 has one line per (op, shape, mode, device, dtype): the median time of every provider, the fused
@@ -49,6 +55,10 @@ GRAPHED_SUFFIXES = ("-cudagraph", "-reduce-overhead")
 #: ``fused-compile-opaque``). ``fused-compile-inline`` is the inlined compile of results from before it
 #: became ``fused-compile``'s default on a GPU.
 FUSED_DEFAULTS = ("fused", "fused-compile", "fused-compile-attention", "fused-compile-inline", "fused-streams")
+#: What a row must hold: the keys of its line in the table and its provider (strings), and its
+#: median, whose value may be anything (a row whose median is not a positive finite number is shown
+#: as ``invalid``). bench/common.py writes them all in every row.
+ROW_FIELDS = ("op", "shape", "mode", "provider", "median_ms")
 #: Columns that tell lines apart when the rows hold more than one value of them.
 SPLIT_KEYS = ("device", "dtype")
 
@@ -84,10 +94,24 @@ def _json_kind(value) -> str:
     return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(value), "value")
 
 
+def _not_a_row(row) -> str:
+    """Why ``row`` (a parsed object) is not a row the report can use, or "": a field of
+    :data:`ROW_FIELDS` missing, or one of the keys not a string."""
+    missing = [k for k in ROW_FIELDS if k not in row]
+    if missing:
+        return f"not a row (no {', '.join(missing)}" + ("" if len(missing) == len(ROW_FIELDS) else
+                                                        f"; a row needs {', '.join(ROW_FIELDS)}") + ")"
+    wrong = [f"{k} is a JSON {_json_kind(row[k])}" for k in ROW_FIELDS[:4] if not isinstance(row[k], str)]
+    return f"not a row ({', '.join(wrong)}, not a string)" if wrong else ""
+
+
 def load_rows(paths):
     """Every row of ``paths`` (pytest-benchmark JSON or ``.jsonl``); ValueError naming the file and
     line of text that is not JSON (an empty file, a run cut short while writing) or not a row (a
-    JSON value other than an object), and a JSON file that is not pytest-benchmark's object."""
+    JSON value other than an object, or an object without :data:`ROW_FIELDS`: it was a KeyError),
+    a JSON file that is not pytest-benchmark's object, and a benchmark of one whose ``extra_info``
+    has a ``median_ms`` but not the rest of a row (one without a ``median_ms`` is not bench/common.py's
+    and is skipped). No rows at all is not an error here: :func:`main` refuses it."""
     rows = []
     for path in paths:
         with open(path) as f:
@@ -99,6 +123,8 @@ def load_rows(paths):
                         raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
                     if line.strip() and not isinstance(row, dict):
                         raise ValueError(f"{path}:{number}: not a row (a JSON {_json_kind(row)}, not an object)")
+                    if row is not None and _not_a_row(row):
+                        raise ValueError(f"{path}:{number}: {_not_a_row(row)}")
                     rows += [row] if row is not None else []
                 continue
             try:
@@ -110,6 +136,8 @@ def load_rows(paths):
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info") or {}
             if "median_ms" in info:
+                if _not_a_row(info):
+                    raise ValueError(f"{path}: benchmark {bench.get('name', '?')}: extra_info is {_not_a_row(info)}")
                 rows.append(info)
     return rows
 
@@ -439,6 +467,8 @@ def main(argv=None) -> int:
         rows = load_rows(args.json)
     except ValueError as e:
         parser.error(str(e))
+    if not rows:  # (an empty table and the chart's "no eager row" would hide that nothing was read)
+        parser.error(f"no rows in {', '.join(args.json)}")
     md = markdown(rows)
     if os.path.dirname(stem):
         os.makedirs(os.path.dirname(stem), exist_ok=True)

@@ -302,6 +302,38 @@ def test_input_that_is_json_but_not_rows_is_named(report, tmp_path):
         report.load_rows([str(tmp_path / "list.json")])
 
 
+def test_objects_that_are_not_rows_and_input_without_rows_are_named(report, tmp_path, capsys):
+    """A ``.jsonl`` object without a field the report needs (``{}``, ``{"op": "x"}``: a KeyError
+    traceback), or with a key that is not a string, and pytest-benchmark JSON whose row lacks one,
+    raise the error naming the file and line (or benchmark). Input that holds no row at all (an
+    empty ``.jsonl``, ``"benchmarks": []``) is a usage error, "no rows in" the files, and writes
+    nothing (it wrote "_no benchmark rows_", exited 0 and said "no row group has an eager row")."""
+    good = json.dumps(_row("eager", 2.0))
+    for text, message in (("{}", r"bad.jsonl:2: not a row \(no op, shape, mode, provider, median_ms\)$"),
+                          ('{"op": "x"}', r"bad.jsonl:2: not a row \(no shape, mode, provider, median_ms; a row needs"),
+                          (json.dumps({k: v for k, v in _row("fused", 1.0).items() if k != "median_ms"}),
+                           r"bad.jsonl:2: not a row \(no median_ms;"),
+                          (json.dumps(_row("fused", 1.0, shape=64)),
+                           r"bad.jsonl:2: not a row \(shape is a JSON number, not a string\)$")):
+        (tmp_path / "bad.jsonl").write_text(f"{good}\n{text}\n")
+        with pytest.raises(ValueError, match=message):
+            report.load_rows([str(tmp_path / "bad.jsonl")])
+    (tmp_path / "bad.json").write_text(json.dumps({"benchmarks": [
+        {"name": "test_op[a]", "extra_info": _row("eager", 2.0)}, {"name": "test_other", "extra_info": {}},
+        {"name": "test_op[b]", "extra_info": {"median_ms": 1.0}}]}))
+    with pytest.raises(ValueError, match=r"bad.json: benchmark test_op\[b\]: extra_info is not a row \(no op, shape"):
+        report.load_rows([str(tmp_path / "bad.json")])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "none.json").write_text('{"benchmarks": []}')
+    for names in (["empty.jsonl"], ["none.json"], ["empty.jsonl", "none.json"]):
+        paths = [str(tmp_path / n) for n in names]
+        with pytest.raises(SystemExit) as exit_:
+            report.main(paths + ["--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.strip().endswith(f"error: no rows in {', '.join(paths)}"), err
+        assert not list(tmp_path.glob("out.*"))
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(),
                     reason="a CPU run's output (a GPU run selects no smoke-shape row and prints no note)")
 def test_a_benchmark_run_without_a_gpu_says_its_times_are_not_meaningful():
