@@ -22,6 +22,11 @@ engine's device thread, the same step captured in a CUDA graph and replayed (dev
 and a cProfile of the plain steps, summed by where the Python time is spent (Triton's launcher,
 the fused ops' launchers, the model code, ``torch.nn`` module machinery, the autograd engine, which
 includes the C++ of every backward op and the fused ops' backward launchers) plus the top entries.
+
+Without a GPU the kernels run under the Triton interpreter: only the ``smoke`` shape (the default
+there) runs in reasonable time, so another shape is refused unless ``--allow-cpu`` is given; the
+run says its timings are not meaningful, the ``--torch-profiler`` tables have no device-time
+columns (there is no device) and ``--host`` names the interpreter, not Triton's launcher.
 """
 
 from __future__ import annotations
@@ -108,9 +113,16 @@ def main(argv=None) -> int:
     parser.add_argument("--inference", action="store_true", help="the forward alone, under torch.no_grad()")
     parser.add_argument("--no-backward-ranges", action="store_true",
                         help="mark the forward only (the backward ranges add two autograd nodes per marked call)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="without a GPU, run a shape other than smoke anyway (the interpreter takes hours)")
     args = parser.parse_args(argv)
     if args.compile_backend is not None and not args.compile:
         parser.error("--compile-backend needs --compile")
+    if not common.ON_GPU and args.shape != "smoke" and not args.allow_cpu:
+        parser.error(f"--shape {args.shape}: no GPU, so every kernel runs under the Triton interpreter, which "
+                     "takes hours at this shape; use --shape smoke, or --allow-cpu to run it anyway")
+    if not common.ON_GPU:
+        print(f"note: {common.SMOKE_NOTE}")
     args.compile_backend = args.compile_backend or "inductor"
 
     _, make_step = build(args.shape, args.backend, args.compile, args.compile_backend, args.inference)
@@ -157,11 +169,15 @@ def main(argv=None) -> int:
                         f"kept ops {'inlined' if inlines_on(common.DEVICE) else 'custom ops'}")
         print(f"\nper-range time over {args.steps} steps ({args.shape}, backend={args.backend}{compiled}, "
               f"{common.environment()['device']})")
-        print(range_table(averages, args.steps))
-        print("\nthis package's Triton kernels by device time:")
-        print(kernel_table(averages, args.steps, package_kernel_names()))
-        print("\nkernels by device time:")
-        print(averages.table(sort_by="device_time_total" if common.ON_GPU else "cpu_time_total", row_limit=15))
+        print(range_table(averages, args.steps, device=common.ON_GPU))
+        if common.ON_GPU:
+            print("\nthis package's Triton kernels by device time:")
+            print(kernel_table(averages, args.steps, package_kernel_names()))
+            print("\nkernels by device time:")
+            print(averages.table(sort_by="device_time_total", row_limit=15))
+        else:
+            print("\nops by CPU time (no GPU: no device kernels or device time):")
+            print(averages.table(sort_by="cpu_time_total", row_limit=15))
     return 0
 
 
@@ -177,7 +193,7 @@ def _kernel_rows(averages):
             and evt.key not in RANGES and not getattr(evt, "is_user_annotation", False)]
 
 
-def range_table(averages, steps: int) -> str:
+def range_table(averages, steps: int, device: bool = True) -> str:
     """The per-range table of a ``torch.profiler`` run (its ``key_averages()``).
 
     The profiler reports a named range twice: a host row (its CPU time, its call count, and the
@@ -189,7 +205,8 @@ def range_table(averages, steps: int) -> str:
     its ``<name>.backward`` range (opened on that thread) the backward's; ``backward`` is the
     ``backward()`` call on the calling thread (its host time; on a GPU its kernels are launched from
     the device thread and show under the ``.backward`` ranges). The last line is the device time of
-    all kernels per step (range rows excluded)."""
+    all kernels per step (range rows excluded). ``device=False`` (no GPU) leaves the device columns
+    and that line out: there is no device time to show."""
     cpu_type = torch.autograd.DeviceType.CPU
     host, span = {}, defaultdict(float)
     for evt in averages:
@@ -199,6 +216,11 @@ def range_table(averages, steps: int) -> str:
                 host[evt.key] = (evt.count, evt.cpu_time_total, device_total)
             else:
                 span[evt.key] += device_total
+    if not device:
+        lines = [f"{'range':<28} {'calls/step':>10} {'CPU ms':>9}   (per step; no GPU: no device time)"]
+        lines += [f"{name:<28} {host[name][0] / steps:>10.1f} {host[name][1] / 1e3 / steps:>9.3f}"
+                  for name in RANGES if name in host]
+        return "\n".join(lines)
     kernels_total = sum(_self_device_time(evt) for evt in _kernel_rows(averages))
     lines = [f"{'range':<28} {'calls/step':>10} {'CPU ms':>9} {'kernels ms':>11} {'GPU span ms':>12}   (per step)"]
     for name in RANGES:
@@ -238,14 +260,16 @@ def kernel_table(averages, steps: int, names: set) -> str:
 HOST_GROUPS = (("triton/", "Triton launcher (triton.runtime)"), ("interformer/kernels/", "fused-op launchers"),
                ("/kernels/", "fused-op launchers"), ("interformer/", "model code (interformer)"),
                ("torch/nn/", "torch.nn module machinery"), ("run_backward", "autograd engine (backward ops, C++ and Python)"))
+#: without a GPU ``triton/`` is the interpreter running the kernels, not a launcher
+INTERPRETER_GROUP = "Triton interpreter (triton/: runs the kernels, no GPU)"
 
 
-def _group(func) -> str:
+def _group(func, on_gpu: bool = True) -> str:
     filename, _, name = func
     where = f"{filename}:{name}"
     for fragment, group in HOST_GROUPS:
         if fragment in where:
-            return group
+            return group if on_gpu or fragment != "triton/" else INTERPRETER_GROUP
     return "torch ops and the rest"
 
 
@@ -279,7 +303,7 @@ def host_breakdown(make_step, steps: int) -> dict:
     stats = pstats.Stats(prof)
     groups = defaultdict(float)
     for func, (_, _, tottime, _, _) in stats.stats.items():
-        groups[_group(func)] += tottime
+        groups[_group(func, common.ON_GPU)] += tottime
     total = sum(groups.values())
     print(f"\nplain step: {plain:.2f} ms" + (f"; the same step as a CUDA graph replay: {graphed:.2f} ms "
                                               f"(device time; the plain step is {plain / graphed:.2f}x that)"

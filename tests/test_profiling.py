@@ -40,9 +40,36 @@ def test_host_breakdown_groups_the_profile(train_step, capsys):
     assert train_step.main(["--shape", "smoke", "--steps", "1", "--warmup", "0", "--host"]) == 0
     out = capsys.readouterr().out
     assert "plain step:" in out and "by group:" in out and "backward on the calling thread" in out
-    # the fused path's time is found where it is spent: Triton's launcher (the interpreter on CPU)
-    # and the fused ops' own launchers are both named
-    assert "Triton launcher" in out and "fused-op launchers" in out
+    # the fused path's time is found where it is spent: Triton's launcher (on a CPU the interpreter,
+    # named as such: it runs the kernels) and the fused ops' own launchers are both named
+    assert "fused-op launchers" in out
+    if train_step.torch.cuda.is_available():
+        assert "Triton launcher" in out
+    else:
+        assert "Triton interpreter" in out and "Triton launcher" not in out
+        assert out.startswith("note: CPU smoke run under the Triton interpreter: timings are not meaningful\n")
+
+
+def test_train_step_refuses_big_shapes_without_a_gpu(train_step, capsys, monkeypatch):
+    """Without a GPU a shape other than smoke runs for hours under the interpreter, silently: it is
+    refused, naming --allow-cpu, which lets it through."""
+    if train_step.torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without a GPU")
+
+    class Built(Exception):
+        pass
+
+    def build(shape, *args, **kwargs):  # stops before the model is built: no hours-long run either way
+        raise Built(shape)
+
+    monkeypatch.setattr(train_step, "build", build)
+    with pytest.raises(SystemExit) as exc:
+        train_step.main(["--shape", "taobao"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--shape taobao" in err and "interpreter" in err and "--allow-cpu" in err
+    with pytest.raises(Built, match="taobao"):
+        train_step.main(["--shape", "taobao", "--allow-cpu"])
 
 
 def test_groups_by_file(train_step):
@@ -940,6 +967,9 @@ def test_train_step_table_has_the_backward_ranges(train_step, capsys):
     rows = {line.split()[0] for line in out.split("per-range time", 1)[1].splitlines()[2:] if line.strip()}
     assert {"train_step", "backward", "SequenceArch", "SequenceArch.backward", "GatedLCE.backward",
             "InteractionArch.backward"} <= rows, rows
+    if not train_step.torch.cuda.is_available():  # no device columns or tables of CPU ops as "kernels"
+        assert "timings are not meaningful" in out and "no GPU: no device time" in out
+        assert "kernels ms" not in out and "GPU span" not in out and "by device time" not in out
     with pytest.raises(SystemExit):
         train_step.main(["--shape", "smoke", "--compile-backend", "eager"])
 
