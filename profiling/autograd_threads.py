@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10 if common.ON_GPU else 1)
     parser.add_argument("--ops", type=int, default=200 if common.ON_GPU else 2)
     args = parser.parse_args(argv)
+    for name in ("steps", "ops"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     where = torch.cuda.get_device_name() if common.ON_GPU else "CPU (no device thread: both modes run on this thread)"
     print(f"autograd's device thread vs the calling thread, {where}; torch {torch.__version__}")
 

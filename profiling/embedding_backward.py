@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="taobao" if common.ON_GPU else "smoke", choices=list(common.ALL_SHAPES))
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
     shape = common.ALL_SHAPES[args.shape]
     env = common.environment()
     print(f"embedding forward+backward per table, shape {args.shape} (vocabulary {VOCAB}, d {shape.d}), "

@@ -179,6 +179,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=500 if torch.cuda.is_available() else 20)
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter: not launch cost)"
     print(f"host time per launch, {args.calls} calls each, {where}; torch {torch.__version__}, triton {triton.__version__}")
     result = measure(args.calls)

@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=100 if common.ON_GPU else 3)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of each fused op")
     args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in OPS]
     if unknown:

@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.compile_backend is not None and not args.compile:
         parser.error("--compile-backend needs --compile")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     if not common.ON_GPU and args.shape != "smoke" and not args.allow_cpu:
         parser.error(f"--shape {args.shape}: no GPU, so every kernel runs under the Triton interpreter, which "
                      "takes hours at this shape; use --shape smoke, or --allow-cpu to run it anyway")

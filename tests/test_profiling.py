@@ -50,6 +50,26 @@ def test_host_breakdown_groups_the_profile(train_step, capsys):
         assert out.startswith("note: CPU smoke run under the Triton interpreter: timings are not meaningful\n")
 
 
+@pytest.mark.parametrize("script, argv", [
+    ("launch_overhead", ["--calls", "0"]),
+    ("op_host", ["--shape", "smoke", "--calls", "0", "--ops", "dot_interaction"]),
+    ("embedding_backward", ["--shape", "smoke", "--calls", "0"]),
+    ("autograd_threads", ["--shape", "smoke", "--steps", "0", "--ops", "1"]),
+    ("autograd_threads", ["--shape", "smoke", "--steps", "1", "--ops", "0"]),
+    ("train_step", ["--shape", "smoke", "--backend", "eager", "--steps", "0", "--warmup", "0"]),
+    ("train_step", ["--shape", "smoke", "--backend", "eager", "--steps", "1", "--warmup", "-1"]),
+])
+def test_a_count_of_zero_is_refused(script, argv, request, capsys):
+    """A count that something is divided by (calls, steps, ops per backward) must be at least 1: 0
+    ended the scripts with a ZeroDivisionError after the work; a negative warm-up is refused too
+    (0 warm-up steps is fine). As op_kernels.py does, argparse's usage error (status 2)."""
+    mod = _load(script) if script == "launch_overhead" else request.getfixturevalue(script)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(argv)
+    flag = argv[argv.index("0" if "0" in argv else "-1") - 1]
+    assert exc.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err
+
+
 def test_train_step_refuses_big_shapes_without_a_gpu(train_step, capsys, monkeypatch):
     """Without a GPU a shape other than smoke runs for hours under the interpreter, silently: it is
     refused, naming --allow-cpu, which lets it through."""
