@@ -44,3 +44,20 @@ find_python() {
   echo "error: no python found; set PYTHON to the interpreter that has torch and interformer" >&2
   return 127
 }
+
+# usage SCRIPT: print SCRIPT's header comment (its usage), without the "# ".
+usage() {
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$1"
+}
+
+# no_torch_profiler ARG...: refuse train_step.py's --torch-profiler (it and Nsight both want CUPTI).
+no_torch_profiler() {
+  local arg
+  for arg in "$@"; do
+    if [[ "$arg" == --torch-profiler ]]; then
+      echo "error: --torch-profiler cannot run under Nsight (both want CUPTI); run" \
+           "python profiling/train_step.py --torch-profiler on its own instead" >&2
+      return 2
+    fi
+  done
+}

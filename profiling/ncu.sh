@@ -13,9 +13,12 @@
 # Environment: NCU (the ncu binary), PYTHON, NCU_OUT (report path without extension), NCU_SKIP, NCU_COUNT,
 # NCU_SCRIPT (train_step, the default: 2 steps after 3 of warm-up; op_kernels: one call of each op and
 # provider named, after 3 of warm-up).
+# -h/--help as the first argument prints this; --torch-profiler is refused (it and ncu both want CUPTI).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/_nsight.sh"
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then usage "${BASH_SOURCE[0]}"; exit 0; fi
+no_torch_profiler "$@" || exit 2
 kernel="${1:?usage: profiling/ncu.sh KERNEL_REGEX [train_step.py arguments...]}"; shift
 ncu="$(find_tool ncu "${NCU:-}" /usr/local/cuda/bin/ncu /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu)" \
   || exit 127

@@ -3,9 +3,15 @@
 #   profiling/nsys.sh [train_step.py arguments...]      e.g. profiling/nsys.sh --shape taobao --backend triton
 # Environment: NSYS (the nsys binary, if not on the PATH), PYTHON (default python, else python3),
 # NSYS_OUT (the report's path without extension; default profiling/out/interformer).
+# -h/--help prints this (for train_step.py's own: python profiling/train_step.py --help);
+# --torch-profiler is refused (it and nsys both want CUPTI).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/_nsight.sh"
+for arg in "$@"; do
+  if [[ "$arg" == -h || "$arg" == --help ]]; then usage "${BASH_SOURCE[0]}"; exit 0; fi
+done
+no_torch_profiler "$@" || exit 2
 nsys="$(find_tool nsys "${NSYS:-}" /usr/local/cuda/bin/nsys /usr/local/cuda*/bin/nsys \
         /opt/nvidia/nsight-systems/*/bin/nsys)" || exit 127
 python="$(find_python)" || exit 127

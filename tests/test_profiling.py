@@ -1111,6 +1111,26 @@ def test_nsys_script_command_lines_and_missing_tools(tmp_path):
     assert done.returncode == 1 and "wrote no" in done.stderr
 
 
+@pytest.mark.skipif(not __import__("shutil").which("bash"), reason="needs bash")
+@pytest.mark.parametrize("script", ["nsys.sh", "ncu.sh"])
+def test_nsight_scripts_print_their_usage_and_refuse_the_torch_profiler(script, tmp_path):
+    """-h/--help prints the header comment's usage with status 0 and runs nothing (ncu.sh took it for
+    the kernel regex, nsys.sh passed it to train_step.py under nsys); --torch-profiler, which wants
+    CUPTI as Nsight does, is refused with status 2 before anything runs."""
+    bin_dir, log = _fake_tools(tmp_path)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "NSYS_OUT": str(tmp_path / "rep"),
+           "NCU_OUT": str(tmp_path / "rep"), "PYTHON": str(bin_dir / "python")}
+    for flag in ("-h", "--help"):
+        done = _run_script(script, [flag], env)
+        assert done.returncode == 0 and done.stdout.startswith(("Training steps under Nsight Systems",
+                                                                "Nsight Compute (--set full)")), done
+        assert f"profiling/{script} " in done.stdout and "Environment:" in done.stdout and "#" not in done.stdout
+    args = ["--shape", "smoke", "--torch-profiler"] if script == "nsys.sh" else ["_attn_fwd", "--torch-profiler"]
+    done = _run_script(script, args, env)
+    assert done.returncode == 2 and "--torch-profiler" in done.stderr and "CUPTI" in done.stderr, done
+    assert not log.exists()
+
+
 @pytest.fixture(scope="module")
 def op_kernels():
     yield from _with_bench("op_kernels")
