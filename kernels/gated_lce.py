@@ -665,6 +665,8 @@ def _gw_mode(B: int, n_out: int, d: int, elt: int, G: int) -> str:
     reduce ``[G, d, d]`` fp32 partials (``2 * G * d * d * 4`` bytes; G: :func:`_acc_plan`'s programs
     per SM times the SMs, so its two-program plans need twice the batch). "acc" must win by 2x: its
     persistent programs hide less memory latency than one program per block."""
+    if GW_MODE not in (None, "acc", "store"):  # any other value ran as "acc", under its own label
+        raise ValueError(f'GW_MODE must be None, "acc" or "store", got {GW_MODE!r}')
     if GW_MODE is not None:
         return GW_MODE
     return "acc" if 2 * (2 * G * d * d * 4) < 4 * B * n_out * d * elt else "store"

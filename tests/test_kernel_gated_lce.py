@@ -111,6 +111,21 @@ def test_gated_lce_matches_reference(case, dtype, gw_mode, monkeypatch):
     compare(kern, eager, ref64, dtype)
 
 
+def test_an_unknown_gw_mode_is_refused(monkeypatch):
+    """GW_MODE is None (by bytes moved), "acc" or "store"; anything else (``op_kernels.py --set
+    gated_lce.GW_MODE=bogus``) ran as "acc" and was labelled as its own run: a ValueError naming the
+    setting and its values, from the backward too."""
+    for mode in (None, "acc", "store"):
+        monkeypatch.setattr(K, "GW_MODE", mode)
+        assert K._gw_mode(64, 4, 16, 4, 2) in ("acc", "store") and mode in (None, K._gw_mode(64, 4, 16, 4, 2))
+    monkeypatch.setattr(K, "GW_MODE", "bogus")
+    with pytest.raises(ValueError, match=r'GW_MODE must be None, "acc" or "store", got \'bogus\''):
+        K._gw_mode(64, 4, 16, 4, 2)
+    masters = make_masters(2, 3, 2, 16, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="GW_MODE"):
+        run(K.gated_lce, masters, torch.float32, "contiguous", None)
+
+
 @pytest.mark.parametrize("gw_mode", ["acc", "store"])
 def test_many_blocks_per_program(gw_mode, monkeypatch):
     """Many sample blocks: in "acc" mode each of the 2 persistent programs loops over about ten of
