@@ -1,7 +1,7 @@
 """Host cost of one kernel launch on this machine: a PyTorch op, a Triton kernel through its JIT
 launcher (few and many arguments), and the same compiled Triton kernel launched directly.
 
-    python profiling/launch_overhead.py [--calls 2000]
+    python profiling/launch_overhead.py [--calls 500]    (the default on a GPU; 20 without one)
 
 Why: at the DESIGN §6 shapes a plain (not CUDA-graphed) training step is bound by the host, so
 what one launch costs on the host decides how much the fused path can gain outside a graph. The

@@ -100,6 +100,15 @@ def test_groups_by_file(train_step):
     assert train_step._group(("~", 0, "<built-in method torch.mm>")) == "torch ops and the rest"
 
 
+def test_launch_overhead_example_stays_under_the_launch_queue():
+    """The docstring's example ``--calls`` stays below the ~1,000 launches the driver queues, the
+    reason it gives for the default of 500 (the example said 2000)."""
+    doc = _load("launch_overhead").__doc__
+    examples = [int(n) for n in re.findall(r"--calls (\d+)", doc)]
+    assert examples and all(1 <= n < 1000 for n in examples), examples
+    assert "default 500 calls stay below the roughly 1,000 launches" in " ".join(doc.split())
+
+
 def test_launch_overhead_measures_every_launcher():
     import torch
 
