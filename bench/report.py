@@ -123,8 +123,9 @@ def load_rows(paths):
                         raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno})") from None
                     if line.strip() and not isinstance(row, dict):
                         raise ValueError(f"{path}:{number}: not a row (a JSON {_json_kind(row)}, not an object)")
-                    if row is not None and _not_a_row(row):
-                        raise ValueError(f"{path}:{number}: {_not_a_row(row)}")
+                    why = _not_a_row(row) if row is not None else ""
+                    if why:
+                        raise ValueError(f"{path}:{number}: {why}")
                     rows += [row] if row is not None else []
                 continue
             try:
@@ -136,8 +137,9 @@ def load_rows(paths):
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info") or {}
             if "median_ms" in info:
-                if _not_a_row(info):
-                    raise ValueError(f"{path}: benchmark {bench.get('name', '?')}: extra_info is {_not_a_row(info)}")
+                why = _not_a_row(info)
+                if why:
+                    raise ValueError(f"{path}: benchmark {bench.get('name', '?')}: extra_info is {why}")
                 rows.append(info)
     return rows
 
