@@ -70,11 +70,11 @@ Decisions (what the code below does, and why):
   reads 8192 rows (one Parquet record batch) ahead. Either way the first batch arrives before the
   rest of the file has been read. Reading CSV raises the process-wide ``csv.field_size_limit`` so
   that long histories fit in one field.
-* **Groups for gAUC.** When ``schema.user`` is set and labels are read, ``Batch.group`` holds a stable 63-bit hash
-  (blake2b, 8 bytes) of the raw user string, not the vocabulary id: users unseen in training
-  would otherwise all collapse into the OOV id and be scored as one user. A sample whose user is
-  missing (empty, or null in Parquet) gets the key -1, no group: gAUC leaves it out rather than
-  score every anonymous sample as one user.
+* **Groups for gAUC.** When ``schema.user`` is set and labels are read, ``Batch.group`` holds a
+  stable 63-bit hash (blake2b, 8 bytes) of the raw user string, not the vocabulary id: users
+  unseen in training would otherwise all collapse into the OOV id and be scored as one user. A
+  sample whose user is missing (empty, or null in Parquet) gets the key -1, no group: gAUC leaves
+  it out rather than score every anonymous sample as one user.
 * **Sharding, shuffling, resuming** (:meth:`TabularDataset.batches`): rank ``r`` of ``world_size``
   takes the valid rows whose index ``i`` (counted over the files in the order they are read) has
   ``i % world_size == r``. Every rank yields exactly ``ceil(num_rows / world_size)`` rows, a rank

@@ -546,9 +546,9 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
     def _check_dtypes(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
         """ValueError, on both backends, for parameters ``nn.LayerNorm`` refuses outside autocast:
         not all of the input's dtype (``x + residual``'s) and not all fp32 with a 16-bit input
-        (:func:`interformer.kernels._dispatch.layer_norm_takes`). The fused kernel takes any mix (:mod:`interformer.kernels.layernorm`), so an fp32
-        input with fp16 parameters ran there and raised on the eager path (a review's find,
-        2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
+        (:func:`interformer.kernels._dispatch.layer_norm_takes`). The fused kernel takes any mix
+        (:mod:`interformer.kernels.layernorm`), so an fp32 input with fp16 parameters ran there and
+        raised on the eager path (a review's find, 2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
         the kernel does on every device (CPU autocast does not: the kernel's "Dtypes")."""
         if autocast_dtype(x.device.type) is not None:
             return

@@ -270,8 +270,8 @@ class TrainConfig:
 
     def check_data_source(self) -> None:
         """ValueError unless ``data`` and the files agree: files need ``train`` and a ``schema``, and
-        ``synthetic`` takes no file and needs ``synthetic_train >= 1``. Run at construction, except for a config with ``resume`` set:
-        its command line may name a file and leave ``data`` to the checkpoint, whose settings
+        ``synthetic`` takes no file and needs ``synthetic_train >= 1``. Run at construction, except
+        for a config with ``resume`` set: its command line may name a file and leave ``data`` to the checkpoint, whose settings
         :func:`resume_config` merges in first (and refuses a file that differs from the checkpoint's,
         naming both); a resume that finds no checkpoint starts a new run and checks it then, before
         it makes the output directory.
@@ -1949,8 +1949,8 @@ class Scorer:
     """A checkpoint's model with the schema and vocabularies it was trained with, for rows held in
     memory (:func:`load_scorer` makes one). ``scorer(rows)``: the click probabilities (float32, on
     the CPU, in the rows' order) of ``rows``, mappings ``{column: value}`` encoded as
-    :class:`~interformer.dataio.RowEncoder` says (no label needed, nor a user column that only groups gAUC); the model runs on
-    ``batch_size`` rows at a time, in eval mode (set once, here), without gradients, under the autocast ``amp``
+    :class:`~interformer.dataio.RowEncoder` says (no label needed, nor a user column that only groups
+    gAUC); the model runs on ``batch_size`` rows at a time, in eval mode (set once, here), without gradients, under the autocast ``amp``
     (``amp_note``: why it is not the checkpoint's, or None). A row that lacks a column or that a
     file reader would call malformed raises ValueError naming it (0-based), before any row is scored.
     ``model`` and ``encoder`` are its parts."""
