@@ -37,9 +37,9 @@ arguments are typed, "fp32" (the default: a plain launch) or "fp64" (Inductor la
 a compiled graph, which types Python floats fp64 to keep their precision). Other pointers are taken
 as 16-byte aligned. An int is specialised as Triton does: 1 becomes the constexpr 1, a multiple of 16 an i32 with that
 divisibility, one outside int32 an i64; a bool is a u1; None is the constexpr None; an argument a
-case does not name is a plain i32. Not modelled: ``do_not_specialize`` (no kernel here uses it)
-and constexprs that are not JSON values (a ``tl.dtype``: recording one raises). Other keys pass
-through to the result.
+case does not name is a plain i32. A constexpr ``tl.dtype`` (a kernel's compute dtype) is
+``{"tl_dtype": "bf16"}``; other constexprs that are not JSON values raise when recorded. Not
+modelled: ``do_not_specialize`` (no kernel here uses it). Other keys pass through to the result.
 """
 
 from __future__ import annotations
@@ -64,6 +64,15 @@ _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int6
 _ALIGNED = [["tt.divisibility", 16]]
 
 
+def const_value(spec):
+    """A case's constexpr as the kernel takes it: ``{"tl_dtype": name}`` is that ``tl.dtype``."""
+    if isinstance(spec, dict) and set(spec) == {"tl_dtype"}:
+        import triton.language as tl
+
+        return tl.dtype(spec["tl_dtype"])
+    return spec
+
+
 def triton_signature(case: dict, arg_names: Sequence[str]):
     """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` from a case (see the
     module docstring), for a kernel whose parameters are ``arg_names``."""
@@ -72,7 +81,7 @@ def triton_signature(case: dict, arg_names: Sequence[str]):
     for i, name in enumerate(arg_names):
         a = case.get("args", {}).get(name, 0)
         if name in case["consts"]:
-            sig[name], consts[(i,)] = "constexpr", case["consts"][name]
+            sig[name], consts[(i,)] = "constexpr", const_value(case["consts"][name])
         elif a is None or (type(a) is int and a == 1):  # Triton specialises these as constexprs
             sig[name], consts[(i,)] = "constexpr", a
         elif isinstance(a, list):  # a tuple of pointers
@@ -190,6 +199,8 @@ class Sm90Driver:  # all the analysis asks of a driver: the target to build the 
 triton.runtime.driver.set_active(Sm90Driver())
 from torch._higher_order_ops import triton_kernel_wrap as W
 
+from interformer.kernel_audit import const_value
+
 failures = []
 
 
@@ -212,7 +223,8 @@ def argument(spec, unaligned):
 for case in json.loads(sys.stdin.read()):
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
     unaligned = set(case.get("unaligned", ()))
-    kwargs = {n: case["consts"][n] if n in case["consts"] else argument(case["args"].get(n, 0), n in unaligned)
+    consts = case["consts"]
+    kwargs = {n: const_value(consts[n]) if n in consts else argument(case["args"].get(n, 0), n in unaligned)
               for n in fn.arg_names}
     failures.clear()
     if hasattr(W, "identify_accessed_tensors"):  # torch 2.12 on
@@ -284,7 +296,11 @@ def _unaligned(args: dict) -> List[str]:
 def _const_spec(value):
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
-    raise TypeError(f"cannot describe a constexpr of type {type(value).__name__} (e.g. a tl.dtype) as JSON")
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": value.name}
+    raise TypeError(f"cannot describe a constexpr of type {type(value).__name__} as JSON")
 
 
 #: SMs of an H100 SXM (the H200 has the same)

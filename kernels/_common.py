@@ -138,6 +138,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+#: torch.promote_types over the kernel dtypes, built once: the call is an aten op (a dispatcher call,
+#: host time, each time), a read-only table look-up is not (and torch.compile traces it without a
+#: cache-wrapper warning)
+_PROMOTED = {(a, b): torch.promote_types(a, b) for a in KERNEL_DTYPES for b in KERNEL_DTYPES}
+
+
+def promote_dtypes(a: torch.dtype, b: torch.dtype, *more: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` of two or more dtypes; by :data:`_PROMOTED` for the kernel dtypes."""
+    out = _PROMOTED.get((a, b)) or torch.promote_types(a, b)
+    return promote_dtypes(out, *more) if more else out
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """Triton's dtype for a kernel dtype, to pass as a ``tl.constexpr`` (a kernel whose dot operands
+    are rounded to a dtype no pointer argument has: the autocast dtype, with fp32 x0 and parameters)."""
+    return _TL_DTYPES[dtype]
+
+
 #: log2(e): ``exp(x) = 2 ** (x * LOG2E)``
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -274,11 +295,16 @@ def _refusing_bf16(run):
 
     Decision: checked at the interpreter's ``run``, the launch itself, so that launches counted and
     skipped (:func:`interformer.profiling.triton_launches` with ``run=False``, which replaces ``run``
-    and does not call it) still work at bf16 on a CPU; a bf16 output tensor is among the arguments
-    of every kernel whose compute dtype is bf16 (the kernels take it from their output's type)."""
+    and does not call it) still work at bf16 on a CPU. A kernel computes in bf16 when a bf16 tensor
+    is among its arguments (most take the compute dtype from their output's type) or when it is
+    given ``tl.bfloat16`` as a constexpr (the cross nets' ``DT``, with fp32 tensors under bf16
+    autocast)."""
+    def bf16(a):
+        return (isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16) or (
+            isinstance(a, tl.dtype) and a == tl.bfloat16)
+
     def checked(self, *args, **kwargs):
-        if self.fn.__module__.startswith(__package__) and any(
-                isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in (*args, *kwargs.values())):
+        if self.fn.__module__.startswith(__package__) and any(bf16(a) for a in (*args, *kwargs.values())):
             raise RuntimeError(_BF16_INTERPRETED)
         return run(self, *args, **kwargs)
     checked.interformer_refuses_bf16 = True

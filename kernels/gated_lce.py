@@ -160,7 +160,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, LOG2E, cdiv, describe_shape, dot_precision, int32_block, int_setting, next_pow2,
-                      num_sms, on_input_device, resident_programs, sigmoid, sum_partials)
+                      num_sms, on_input_device, promote_dtypes, resident_programs, sigmoid, sum_partials)
 from ._dispatch import (_decomposing, autocast_dtype, fx_call, inline_when_compiled, launch,
                         lean_function, needed as _needed, needs_grad, reference_only, saving_forward, tracing,
                         unused_arg)
@@ -709,7 +709,7 @@ def _fast_math(dtype: torch.dtype) -> bool:
 
 def _out_dtype(x: torch.Tensor, bias: torch.Tensor) -> torch.dtype:
     """The output's dtype, eager's: ``promote_types(x, bias)`` (module docstring, "Dtypes")."""
-    return torch.promote_types(x.dtype, bias.dtype)
+    return promote_dtypes(x.dtype, bias.dtype)
 
 
 @on_input_device

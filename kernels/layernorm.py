@@ -73,7 +73,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, affine_params, cdiv, describe_shape, layer_norm_params, next_pow2,
-                      on_input_device, persistent_programs, sum_partials)
+                      on_input_device, persistent_programs, promote_dtypes, sum_partials)
 from ._dispatch import (autocast_dtype, fx_call, inline_when_compiled, launch, lean_function, needed as _needed,
                         needs_grad, reference_only, savable, tracing, unused_arg)
 
@@ -194,15 +194,8 @@ def _fwd_impl(x, residual, weight, bias, eps, out_dtype, stats=True):
     return y, mean, rstd
 
 
-#: torch.promote_types over the kernel dtypes, built once: the call is an op dispatch each time, a
-#: read-only table look-up is not (and torch.compile traces it without a cache-wrapper warning)
-_PROMOTED = {(a, b): torch.promote_types(a, b) for a in _DTYPES for b in _DTYPES}
-
-
 def _grad_dtype(x, residual):
-    if residual is None:
-        return x.dtype
-    return _PROMOTED.get((x.dtype, residual.dtype)) or torch.promote_types(x.dtype, residual.dtype)
+    return x.dtype if residual is None else promote_dtypes(x.dtype, residual.dtype)
 
 
 @on_input_device
@@ -360,7 +353,7 @@ def add_layer_norm(
     if N == 0 or N > MAX_N or reference_only(x):
         from interformer import reference
 
-        h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        h_dtype = x.dtype if residual is None else promote_dtypes(x.dtype, residual.dtype)
         # in the kernels' dtype: under CPU autocast the reference's is x's, the kernels' fp32 (.to: no-op else)
         return reference.add_layer_norm(x, residual, *layer_norm_params(h_dtype, weight, bias), eps).to(out_dtype)
     if tracing(tensors):
