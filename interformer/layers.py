@@ -258,23 +258,15 @@ class CrossNet(FusedModule):
     ``[D, D]``, Xavier-normal) and ``bias`` (ParameterList of ``[D, 1]``, zeros), so torchrec
     ``state_dict``s load unchanged.
 
-    Under ``torch.autocast`` both paths return eager's dtype (x0's and the bias's promoted: fp32
-    with fp32 parameters; until 2026-11-29 the fused path returned the autocast dtype, half the
-    output's bytes but no drop-in). Inside, x0 is rounded to the autocast dtype, and each ``x_i``
-    between layers is stored in it: the next layer's GEMM operand, which eager rounds alike, and
-    its residual, which eager keeps in fp32 (:class:`LowRankCrossNet`'s kernels keep ``x_i`` in
-    fp32 registers and never store it). (``tests/test_kernel_crossnet.py::test_autocast_fp32_parameters``;
-    :mod:`interformer.kernels.crossnet`, "Dtypes and precision".)
-
-    Open (a review, 2026-11-29): alone under fp16 autocast with an fp32 x0 and an fp32 upstream
-    gradient, the fused bias gradients are at fp16's rounding (this module's ``bias.1`` 4.8e-4
-    relative to float64 at D = 24, the low-rank one's 2.2e-4) where eager's are at fp32's (5.5e-8):
-    the kernels round x0 to the autocast dtype, where eager's element-wise ``x0 * (...)`` keeps it
-    fp32, so DESIGN §5's 2x-eager rule fails there. In the model, whose cross nets get fp16-valued
-    gradients from the DHEN mix on both paths, no such failure was seen (eight seeds, CPU). Keeping
-    x0 in its own dtype in the kernels changes every cross-net kernel's loads and tile plans (fp32
-    x0 tiles double their shared memory): left for a session whose GPU can time it and whose sm_90
-    builds can size the plans.
+    Under ``torch.autocast`` both paths return eager's dtype (x0's, the autocast dtype and the bias's
+    promoted: fp32 with fp32 parameters; until 2026-11-29 the fused path returned the autocast dtype,
+    half the output's bytes but no drop-in), and the fused path rounds what eager rounds: the GEMM
+    operands (``x_i``, and the parameters' copies), not x0 in ``x0 * (W x_i + b)``, the bias, the
+    running ``x_i`` or the carried gradient, which stay fp32 as in eager. (Until 2026-11-29 the
+    kernels rounded x0 first, which put the bias gradients at fp16's rounding, 4.8e-4 relative to
+    float64 against eager's 5.5e-8, out of DESIGN §5's 2x.) See
+    ``tests/test_kernel_crossnet.py::test_autocast_meets_the_design_rule_per_parameter`` and
+    :mod:`interformer.kernels.crossnet`, "Dtypes and precision".
     """
 
     kernel_ops = (("crossnet", "cross_net"),)
@@ -308,8 +300,8 @@ class LowRankCrossNet(FusedModule):
 
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
     (``[r, D]``), both Xavier-normal, and ``bias`` (``[D]``, zeros) -- torchrec's names and shapes.
-    Under autocast both paths return eager's dtype, as :class:`CrossNet`'s do (and the same open
-    case of its docstring applies).
+    Under autocast both paths return eager's dtype and round what eager rounds, as :class:`CrossNet`'s
+    do (the kernels keep each ``x_i`` in fp32 registers and never store it).
 
     Decision: the biases are ``[D]``, as torchrec's current ``LowRankCrossNet`` holds them (its
     earlier releases, and this package before 2026-11-29, held ``[D, 1]``), so that a ``state_dict``

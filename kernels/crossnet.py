@@ -8,8 +8,9 @@ Public functions (same names and signatures as :mod:`interformer.reference`)::
 x0 ``[B, D]``; torchrec layouts: ``kernels[i]`` (W) ``[D, D]`` (the layer computes ``x_i @ W^T``),
 ``w_kernels[i]`` (U) ``[D, r]``, ``v_kernels[i]`` (V) ``[r, D]``, ``biases[i]`` ``[D, 1]`` or ``[D]``
 (torchrec's ``CrossNet`` holds ``[D, 1]``, its current ``LowRankCrossNet`` ``[D]``; each gradient comes
-back in its bias's shape). Output: a new contiguous ``[B, D]`` tensor in x0's dtype. Any number of layers ``L >= 1``
-(``L = 0`` returns x0, as the reference does).
+back in its bias's shape). Output: a new contiguous ``[B, D]`` tensor in eager's dtype (x0's outside
+autocast; "Dtypes and precision"). Any number of layers ``L >= 1`` (``L = 0`` returns x0, as the
+reference does).
 
 How the per-layer parameter lists reach the kernels
 ---------------------------------------------------
@@ -71,9 +72,11 @@ of a taobao step's low-rank backward against 51 us for the weight kernel. Instea
   store it in ``dP``).
 
 The weight kernel follows, with its batch split aimed at about 4 programs per SM as well instead
-of 128 programs in all, and its fp32 partials allowed up to twice x0's bytes instead of once (at
-taobao on an H100: SPLIT 13, 364 programs of 160 rows, 12 MB of partials, against SPLIT 5, 140
-programs of 416 rows; 51 us on the H200 with the latter). ``L + 1`` launches where the rows kernel
+of 128 programs in all, and its fp32 partials allowed up to twice x0's bytes (x0 counted in the
+compute dtype) instead of once (at the model's taobao call on an H100, 16-row tiles: SPLIT 15, 420
+programs of 144 rows, 14 MB of partials, against SPLIT 5, 140 programs of 416 rows; with the
+32-row tiles of the bf16 x0 the model passed before 2026-11-29, SPLIT 13 of 160 rows against 5 of
+416, and 51 us on the H200 with the latter). ``L + 1`` launches where the rows kernel
 is one (more host time per call) and ``L * S * B * r`` more fp32 partials (2.6 MB at taobao); the
 same sums in a fixed order (deterministic). Tiles, stages and warps are the rows kernel's plan, each loop's
 loads a subset of its loops' (so its shared-memory estimate bounds them; the sm_90 builds are
@@ -93,7 +96,8 @@ fit an H100's 227 KiB (232448 bytes) of shared memory per program by an upper es
 ``LOW_RANK_MAX_STAGES``, another setting kept for measurement), then fewer down to 1, each from the widest tile down to
 16 columns: at most ``min(32 w, 2048 w // BLOCK_R)`` columns at ``w`` warps (``min(128, 8192 //
 BLOCK_R)`` at the default 4) for the forward and rows kernels, ``32``
-(then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel. The estimate is the
+(then 16) rows x ``min(64, 4096 // BLOCK_R)`` columns for the weight kernel (16 rows only, when it
+reads fp32 x0 / gradient tiles for 16-bit dots: the 32-row tile spilled there). The estimate is the
 largest over a kernel's loops of ``num_stages`` copies of every tile the loop loads (stored dtype:
 x0 / gradient ``[16, BLOCK_D]``, U / V ``[BLOCK_D, BLOCK_R]``, fp32 P / dP rows ``[16, BLOCK_R]``,
 the loop-invariant ones included), at least two copies of the weight kernel's loop-invariant fp32
@@ -132,7 +136,8 @@ benchmark provider ``fused-fphases``) is the same split for it:
 
 x_i still never goes to memory. ``P`` is the one-launch forward's up to fp32 rounding (the sums
 split over column ranges), so either backward takes it. Tiles and stages are the one-launch
-forward's. Built with Triton 3.6 for sm_90 at the model's taobao call (bf16 x0, fp32 parameters):
+forward's. Built with Triton 3.6 for sm_90 at the model's taobao call of the time (x0 cast to bf16,
+fp32 parameters; x0 is read as fp32 since 2026-11-29):
 the phase kernels take 56 and 128 registers and 40 and 77 KB of shared memory (5 and 2 programs per
 SM; 640 programs), the output kernel 114 registers (4 per SM; 1792 programs), where the one-launch
 kernel takes 168 registers and runs 128 programs, one per SM. Not timed yet: the H200 profile of a
@@ -155,8 +160,10 @@ epilogue) runs all layers, ``tl.debug_barrier`` between them.
 
 *Wide layers (D > 128, every DESIGN shape)*, the setting ``FULL_RANK_GEMM``:
 
-* ``"cublas"`` (default): per layer, cuBLAS computes ``y_i`` with the bias in its epilogue
-  (``torch.addmm`` into ``ys[i]``) and ``_fr_residual_kernel`` writes ``x_{i+1}``. Decision: measured
+* ``"cublas"`` (default): per layer, cuBLAS computes ``lin_i = x_i W_i^T`` (``torch.mm`` into
+  ``ys[i]``) and ``_fr_residual_kernel`` writes ``x_{i+1} = x0 * (lin_i + b_i) + x_i``, the bias
+  added in fp32 as eager adds it to its GEMM's rounded output (until 2026-11-29 the bias was the
+  ``torch.addmm``'s addend, rounded to the GEMM's dtype under autocast). Decision: measured
   on an H200 (bf16, taobao, 2 layers of ``2048 x 1792 x 1792``) the Triton GEMM of the other setting
   ran the forward in 0.172 ms against eager's 0.084 (cuBLAS plus three element-wise kernels per
   layer): a Triton GEMM at half of cuBLAS costs more than the element-wise passes that fusing saves.
@@ -165,10 +172,14 @@ epilogue) runs all layers, ``tl.debug_barrier`` between them.
   whole rows: ``B / BLOCK_M`` = 16-32 programs for a compute-bound GEMM; a grid-wide barrier would
   deadlock the interpreter). Kept for measurement on other GPUs and shapes.
 
-Both write ``x_i`` (i = 1 .. L-1) and ``y_i`` and save them for backward (``xs [L-1, B, D]``, ``ys [L, B,
-D]`` in the input dtype; ``x_i`` is the next GEMM's operand anyway, and ``y_i`` -- needed by ``dx0`` --
-could only be recomputed by another GEMM). Since both save the same tensors, the backward follows
-the setting at its own call, whatever the forward used.
+Both write ``x_i`` (i = 1 .. L-1) and ``lin_i`` and save them for backward (``xs [L-1, B, D]``, ``ys
+[L, B, D]``, both in the compute dtype, the GEMMs' operand dtype: ``x_i`` is the next GEMM's operand
+anyway, eager saves the same rounded copy for its ``dW``, and ``lin_i`` -- ``y_i = lin_i + b_i`` is
+needed by ``dx0`` -- could only be recomputed by another GEMM; the bias is added again where ``y_i`` is
+read). When the output is wider than the compute dtype (fp32 under autocast with fp32 x0 or
+parameters) the running ``x_i`` is also kept in the output's dtype, as eager keeps it, for the
+residual of the next layer: in ``out`` itself, updated in place tile by tile. Since both settings
+save the same tensors, the backward follows the setting at its own call, whatever the forward used.
 
 *Backward* (``g_L`` = the upstream gradient): ``dy_i = g_{i+1} * x0``, ``db_i = sum_b dy_i``,
 ``dW_i = dy_i^T x_i``, ``g_i = g_{i+1} + dy_i W_i``, ``dx0 = g_0 + sum_i g_{i+1} * y_i``.
@@ -177,13 +188,18 @@ the setting at its own call, whatever the forward used.
   column sums (for ``db``) and the running sum ``s = sum_{j >= i} g_{j+1} * y_j`` (fp32); cuBLAS then
   computes ``dW_i`` (``torch.mm``) and ``g_i`` with the residual as the GEMM's addend
   (``torch.addmm(g_{i+1}, dy_i, W_i)``). At the last layer the kernel writes ``C = g_1 + s`` instead,
-  and ``torch.addmm(C, dy_0, W_0)`` is dx0. ``3 L + 1`` launches.
+  and ``torch.addmm(C, dy_0, W_0)`` is dx0. ``3 L + 1`` launches. When the upstream gradient is wider
+  than the GEMMs' dtype (an fp32 output under autocast), ``g`` is carried in its dtype, as eager
+  carries it: ``torch.mm`` gives ``dy_i W_i`` in the GEMMs' dtype, the next layer's element-wise
+  kernel adds it to ``g_{i+1}`` (and writes ``g_i`` back, in place), and ``torch.add(C, dy_0 W_0)`` is
+  dx0: ``3 L + 1`` launches still.
 * ``"triton"`` (and every narrow D), one launch of ``_fr_bwd_kernel`` per layer: the GEMM
   ``dy_i @ W_i`` with ``g_i = g_{i+1} + acc`` in its epilogue, which also writes the next layer's
   ``dy_{i-1} = g_i * x0``, its per-tile column sums and the running ``s`` (carried as ``g_1 + s`` into
   the last layer, whose epilogue writes ``dx0 = g_0 + s``). The top layer's ``A`` operand
   ``dy_{L-1} = g_L * x0`` is formed while loading (its programs with ``pid_n == 0`` also store it, for
-  ``dW``). ``dW_i`` on cuBLAS (a ``[D, B] x [B, D]`` GEMM with nothing to fuse).
+  ``dW``). ``dW_i`` on cuBLAS (a ``[D, B] x [B, D]`` GEMM with nothing to fuse). The carried ``g`` has
+  the upstream gradient's dtype (fp32 under autocast), the GEMM operand ``dy`` the compute dtype.
 
 Either way ``db`` partial sums are reduced by :func:`._common.sum_partials`. The cuBLAS GEMMs run in the
 compute dtype (parameters of another dtype, under autocast, are cast to it first, as eager's
@@ -191,31 +207,35 @@ autocast does), outside autocast, with fp32 accumulation; fp32 GEMMs follow
 ``torch.backends.cuda.matmul.allow_tf32`` as eager's do (off by default: full fp32).
 
 Block sizes of the Triton GEMMs: ``BLOCK_M = min(128, next_pow2(B))``, ``BLOCK_N = min(128, next_pow2(D))``, ``BLOCK_K =
-min(64, next_pow2(D))`` (32 for fp32), all at least 16, ``GROUP_M = 8``, 8 warps for 128 x 128
-tiles (4 otherwise), 3 stages (4 for 16-bit). The element-wise kernels: 1024 elements (forward) and
-32 x 128 tiles (backward) per program, 4 warps.
+min(64, next_pow2(D))`` (32 for fp32, and for 16-bit dots that load fp32 x0 or parameters under
+autocast: their shared memory is sized by the loads), all at least 16, ``GROUP_M = 8``, 8 warps for
+128 x 128 tiles (4 otherwise), 3 stages (4 for 16-bit); checked by sm_90 builds in the tests. The
+element-wise kernels: 32 x 128 tiles per program, 4 warps.
 
 Dtypes and precision
 --------------------
 fp32, fp16, bf16. Parameters must have x0's dtype, except under ``torch.autocast`` on x0's device
-type, where x0 is cast to the autocast dtype (as eager's ``F.linear`` would) and the parameters may
-stay in their own dtype (all one dtype): the kernels read them as they are, cast to the compute
-dtype in registers, and return their gradients in their own dtype. The output has eager's dtype,
-``promote_types`` of x0's and the bias's (fp32 under autocast with fp32 parameters; the public
-functions cast the rare wider case, an fp32 x0 with 16-bit parameters under autocast, as eager's
-element-wise part promotes to x0's dtype): until 2026-11-29 it was the autocast dtype. The low-rank
-backward reads an fp32 upstream gradient as it comes; the full-rank cuBLAS path rounds it to the
-compute dtype for its GEMMs. Eager keeps the element-wise part in fp32 while only its GEMMs run in
-the autocast dtype; here x0 is rounded first (``interformer.layers.CrossNet``'s "Open"). fp32
-accumulation everywhere; operands are cast to the compute dtype just before each ``tl.dot`` (as eager rounds its GEMM
-inputs). fp32 inputs use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32
-accuracy); under ``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made
-contiguous (a copy only when they are not).
+type, where the dots' operands are rounded to the autocast dtype (the *compute dtype*, as eager's
+GEMMs round theirs) and x0 and the parameters may keep dtypes of their own (the parameters all
+one): the kernels read every tensor as it is, cast dot operands to the compute dtype in registers
+and do the element-wise work in fp32, and return each gradient in its tensor's dtype. So, as in
+eager, only the GEMMs run in the autocast dtype: x0 enters ``x0 * (lin + b)`` unrounded, the bias is
+added in fp32, and the running ``x_i`` and the carried gradient stay fp32 when the output is.
+(Until 2026-11-29 x0 was cast to the autocast dtype first, which put the bias gradients at the
+autocast dtype's rounding, 4.8e-4 against eager's 5.5e-8 at fp16, out of DESIGN §5's 2x; a fused
+model, whose cross nets take an fp32 x0 under autocast, read and wrote that cast copy.) The
+custom ops take the compute dtype as an argument (``compute_dtype``, None for x0's), saved for
+their backward. The output has eager's dtype, ``promote_types`` of x0's, the compute dtype and the
+bias's (fp32 under autocast with fp32 x0 or parameters). fp32 accumulation everywhere. fp32 dots
+use ``input_precision="tf32x3"`` on GPU (three tf32 passes, about fp32 accuracy); under
+``TRITON_INTERPRET=1`` dots are exact fp32. x0 and the upstream gradient are made contiguous (a
+copy only when they are not).
 
 ``torch.library``: ``interformer::low_rank_cross_net_fwd`` -> ``(out, P)``,
 ``interformer::low_rank_cross_net_bwd`` -> ``(dx0, dU [L,D,r], dV [L,r,D], db [L,D])``,
 ``interformer::cross_net_fwd`` -> ``(out, xs, ys)``, ``interformer::cross_net_bwd`` ->
-``(dx0, dW [L,D,D], db [L,D])``; parameter lists are ``Tensor[]``. All are ``custom_op`` s with fake
+``(dx0, dW [L,D,D], db [L,D])``; parameter lists are ``Tensor[]``, the last argument of each the
+``ScalarType?`` compute dtype. All are ``custom_op`` s with fake
 implementations; each forward's autograd formula calls its backward op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward. Under ``torch.fx.symbolic_trace`` the
 public functions record a call of themselves as a node (``_dispatch.fx_call``), which runs them,
@@ -238,7 +258,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KERNEL_DTYPES, cdiv, describe_shape, dot_precision, int_setting, next_pow2, on_input_device,
-                      persistent_programs, sum_partials)
+                      persistent_programs, promote_dtypes, sum_partials, tl_dtype)
 from ._dispatch import (_functorch_wrapped, autocast_dtype, fx_call, lean_function, needed as _needed,
                         needs_grad, reference_only, tracing)
 
@@ -344,8 +364,7 @@ def _lr_fwd_kernel(
     B, D, R,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
-):
-    DT: tl.constexpr = X0.dtype.element_ty
+ DT: tl.constexpr,):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rk = tl.arange(0, BLOCK_R)
@@ -375,8 +394,7 @@ def _lr_bwd_rows_kernel(
     B, D, R,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
-):
-    DT: tl.constexpr = X0.dtype.element_ty
+ DT: tl.constexpr,):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rk = tl.arange(0, BLOCK_R)
@@ -411,8 +429,7 @@ def _lr_bwd_weights_kernel(
     B, D, R, ROWS_PER_SPLIT, TOTAL,
     NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
-):
-    DT: tl.constexpr = X0.dtype.element_ty
+ DT: tl.constexpr,):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -504,13 +521,12 @@ def _lr_bwd_phase_kernel(
     B, D, R, S, CHUNKS,
     LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, PREC: tl.constexpr,
-):
+ DT: tl.constexpr,):
     """``LOW_RANK_BACKWARD = "phases"``, one launch per layer from the top: program ``(row block,
     s)`` adds up ``(g_{LAYER+1} * x0) U_LAYER`` over its ``CHUNKS`` column tiles into the partial
     ``DPP[LAYER, s]``. ``g_{LAYER+1}`` is rebuilt on each tile from the upstream gradient and the
     layers above: ``dp_{LAYER+1}`` summed here from its partials (the ``s = 0`` programs also store
     it, final, in ``DP``), the ones above that read from ``DP``."""
-    DT: tl.constexpr = X0.dtype.element_ty
     rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     s = tl.program_id(1)
     if LAYER + 1 < NUM_LAYERS:
@@ -539,12 +555,11 @@ def _lr_bwd_dx0_kernel(
     B, D, R, S,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
-):
+ DT: tl.constexpr,):
     """``LOW_RANK_BACKWARD = "phases"``, after the phase launches: ``dx0 = g_0 + sum_i g_{i+1} * y_i``
     on one ``[BLOCK_B, BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with
     ``dp_0`` summed from its partials (the column-tile-0 programs store it, final, in ``DP`` for the
     weight kernel) and the other ``dp_i`` read from ``DP``."""
-    DT: tl.constexpr = DX0.dtype.element_ty  # x0's, the dots' operand dtype (as in the rows kernel)
     rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -573,13 +588,12 @@ def _lr_fwd_phase_kernel(
     B, D, R, S, CHUNKS,
     LAYER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
-):
+ DT: tl.constexpr,):
     """``LOW_RANK_FORWARD = "phases"``, one launch per layer from the bottom: program ``(row block,
     s)`` adds up ``x_LAYER V_LAYER^T`` over its ``CHUNKS`` column tiles into the partial ``PP[LAYER,
     s]``. ``x_LAYER`` is rebuilt on each tile from x0 and the layers below: ``p_{LAYER-1}`` summed
     here from its partials (the ``s = 0`` programs also store it, final, in ``P``), the ones below
     that read from ``P``."""
-    DT: tl.constexpr = X0.dtype.element_ty
     rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     s = tl.program_id(1)
     if LAYER > 0:
@@ -604,12 +618,11 @@ def _lr_fwd_out_kernel(
     B, D, R, S,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
-):
+ DT: tl.constexpr,):
     """``LOW_RANK_FORWARD = "phases"``, after the phase launches: the output ``x_L`` on one ``[BLOCK_B,
     BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with ``p_{L-1}`` summed
     from its partials (the column-tile-0 programs store it, final, in ``P`` for the backward) and
     the other ``p_j`` read from ``P``."""
-    DT: tl.constexpr = X0.dtype.element_ty
     rows, row_ok, rk, r_ok = _lr_row_block(B, R, BLOCK_B, BLOCK_R)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -635,27 +648,31 @@ class _LRPlan(NamedTuple):
 _LR_BLOCK_B = 16
 
 
-def _lr_smem(kind: str, L: int, bb: int, bd: int, br: int, stages: int, x_bytes: int, p_bytes: int) -> int:
+def _lr_smem(kind: str, L: int, bb: int, bd: int, br: int, stages: int, x_bytes: int, p_bytes: int,
+             dot_bytes: Optional[int] = None) -> int:
     """Upper estimate (bytes) of the shared memory of one program of a low-rank kernel (``kind`` =
     ``"fwd"``, ``"rows"`` or ``"weights"``): the largest over the kernel's D / row loops of
 
     * ``num_stages`` copies of every tile the loop loads, in its stored dtype (x0 / gradient
-      ``[bb, bd]`` in x0's dtype; U, V ``[bd, br]`` and biases in the parameters' dtype; P, dP
-      ``[bb, br]`` fp32), loop-invariant ones (P / dP rows, hoisted out of the D loop) included: the
-      software pipeline keeps ``num_stages - 1`` buffers per load, plus one for the operand's staging;
-    * at least two copies of the loop-invariant fp32 weight tiles of the weight kernel (``tf32x3``
-      stages their hi and lo halves), and
-    * a staging copy of each dot operand computed in registers (two, hi and lo, for fp32).
+      ``[bb, bd]`` at ``x_bytes``, the wider of the two; U, V ``[bd, br]`` and biases in the
+      parameters' dtype; P, dP ``[bb, br]`` fp32), loop-invariant ones (P / dP rows, hoisted out of
+      the D loop) included: the software pipeline keeps ``num_stages - 1`` buffers per load, plus
+      one for the operand's staging;
+    * at least two copies of the loop-invariant fp32 weight tiles of the weight kernel when the dots
+      are fp32 (``tf32x3`` stages their hi and lo halves), and
+    * a staging copy of each dot operand computed in registers, in the dots' dtype (``dot_bytes``,
+      default ``x_bytes``; two, hi and lo, for fp32).
 
     Checked against the ``metadata.shared`` of ahead-of-time sm_90 builds over a grid of tiles,
     stages, ranks and layers: the estimate was 1.1x to 8x the compiled value (the planned kernels are
     built and checked by tests/test_kernel_crossnet.py)."""
-    fp32 = x_bytes == 4
+    dot_bytes = x_bytes if dot_bytes is None else dot_bytes
+    fp32 = dot_bytes == 4
     x = bb * bd * x_bytes
     w = bd * br * p_bytes
     b = bd * p_bytes
     pt = bb * br * 4
-    stage = bb * bd * (8 if fp32 else x_bytes)
+    stage = bb * bd * (8 if fp32 else dot_bytes)
     loops = []  # (bytes loaded per iteration, loop-invariant bytes, invariant copies, staged bytes)
     if kind == "fwd":  # pass k: x0, U_j and b_j (j < k), V_k (k < L); P_j rows invariant
         for k in range(L + 1):
@@ -672,8 +689,8 @@ def _lr_smem(kind: str, L: int, bb: int, bd: int, br: int, stages: int, x_bytes:
     return max(stages * per_iter + copies * inv + staged for per_iter, inv, copies, staged in loops)
 
 
-def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: int, p_bytes: int, budget: int,
-             max_stages: int = 3):
+def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: int, p_bytes: int, dot_bytes: int,
+             budget: int, max_stages: int = 3):
     """The first ``(BLOCK_B, BLOCK_D, num_stages)`` whose :func:`_lr_smem` is within ``budget``:
     ``max_stages`` stages (3, Triton's default, unless :data:`LOW_RANK_MAX_STAGES` says otherwise)
     before fewer, down to 1, then the widest tile; None if even 16 columns and one stage do not fit."""
@@ -681,7 +698,7 @@ def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: 
         for bb in bbs:
             bd = cap
             while bd >= 16:
-                if _lr_smem(kind, L, bb, bd, br, stages, x_bytes, p_bytes) <= budget:
+                if _lr_smem(kind, L, bb, bd, br, stages, x_bytes, p_bytes, dot_bytes) <= budget:
                     return bb, bd, stages
                 bd //= 2
     return None
@@ -689,37 +706,46 @@ def _lr_pick(kind: str, L: int, br: int, cap: int, bbs: Sequence[int], x_bytes: 
 
 @functools.lru_cache(maxsize=4096)
 def _lr_plan(D: int, R: int, L: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
-             budget: int = SMEM_LIMIT, row_warps: int = 4, row_stages: int = 3) -> Optional[_LRPlan]:
+             budget: int = SMEM_LIMIT, row_warps: int = 4, row_stages: int = 3,
+             dot_dtype: Optional[torch.dtype] = None) -> Optional[_LRPlan]:
     """Block sizes and stages of the three low-rank kernels, or None when they cannot run (``BLOCK_R >
     512``, or no tile of 16 columns fits ``budget`` bytes of shared memory: large ranks with many
-    layers; the public function then uses the eager reference). ``row_warps`` and ``row_stages``: see
+    layers; the public function then uses the eager reference). ``x_dtype``: the wider of x0's and
+    the upstream gradient's (the output's) dtypes; ``dot_dtype``: the dots' operand dtype (default
+    ``x_dtype``; the autocast dtype under autocast). ``row_warps`` and ``row_stages``: see
     :data:`LOW_RANK_ROW_WARPS` and :data:`LOW_RANK_MAX_STAGES`."""
     br = max(16, next_pow2(R))
     if br > MAX_BLOCK_R:
         return None
     xb, pb = x_dtype.itemsize, p_dtype.itemsize
+    db = xb if dot_dtype is None else dot_dtype.itemsize
     dp2 = max(16, next_pow2(D))
     row_cap = max(16, min(32 * row_warps, 2048 * row_warps // br, dp2))
     w_cap = max(16, min(64, 4096 // br, dp2))
-    fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget, row_stages)
-    rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, budget, row_stages)
-    weights = _lr_pick("weights", L, br, w_cap, (32, 16), xb, pb, budget)
+    fwd = _lr_pick("fwd", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, db, budget, row_stages)
+    rows = _lr_pick("rows", L, br, row_cap, (_LR_BLOCK_B,), xb, pb, db, budget, row_stages)
+    # fp32 x0 / gradient tiles with 16-bit dots (autocast, the model's call): 16 rows, as 32 spill
+    # (Triton 3.6, sm_90, taobao: 255 registers and 19 spill stores in the row loop; 16 rows: 234, none)
+    weights = _lr_pick("weights", L, br, w_cap, (16,) if xb == 4 and db == 2 else (32, 16), xb, pb, db, budget)
     if fwd is None or rows is None or weights is None:
         return None
     return _LRPlan(br, fwd[1:], rows[1:], weights)
 
 
-def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], L: int) -> Optional[_LRPlan]:
+def _lr_plan_for(x0: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], L: int,
+                 dt: torch.dtype) -> Optional[_LRPlan]:
+    """The plan for these inputs with compute dtype ``dt``: the [B, D] tiles at the output's (the
+    upstream gradient's) dtype, which is at least as wide as x0's."""
     if LOW_RANK_ROW_WARPS not in (4, 8):  # the tile caps (32 columns a warp) must stay powers of two
         raise ValueError(f"LOW_RANK_ROW_WARPS must be 4 or 8, got {LOW_RANK_ROW_WARPS!r}")
     stages = int_setting("LOW_RANK_MAX_STAGES", LOW_RANK_MAX_STAGES, 1, 8, optional=False)
     plan = _lr_plan.__wrapped__ if torch.compiler.is_compiling() else _lr_plan  # dynamo: no cache wrapper
-    return plan(x0.shape[1], ws[0].shape[1], L, x0.dtype, ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS,
-                row_stages=stages)
+    return plan(x0.shape[1], ws[0].shape[1], L, _out_dtype(x0, bs, dt), ws[0].dtype, row_warps=LOW_RANK_ROW_WARPS,
+                row_stages=stages, dot_dtype=dt)
 
 
-def _lr_plan_or_raise(x0, ws, L) -> _LRPlan:
-    plan = _lr_plan_for(x0, ws, L)
+def _lr_plan_or_raise(x0, ws, bs, L, dt) -> _LRPlan:
+    plan = _lr_plan_for(x0, ws, bs, L, dt)
     if plan is None:
         raise ValueError(f"low_rank_cross_net: no kernel configuration for D={x0.shape[1]}, r={ws[0].shape[1]}, "
                          f"L={L} (rank above {MAX_BLOCK_R}, or too large for shared memory): use the public "
@@ -731,28 +757,36 @@ def _flat_bias(bs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     return tuple(b.reshape(-1).contiguous() for b in bs)
 
 
-def _out_dtype(x0: torch.Tensor, bs: Sequence[torch.Tensor]) -> torch.dtype:
-    """The output's dtype: ``promote_types(x0, bias)`` of the x0 the kernels get (cast to the
-    autocast dtype under autocast), as eager's ``x0 * (linear + b) + x`` promotes (module
-    docstring, "Dtypes and precision"; the public functions see to the corner where eager's x0 is
-    wider than the kernels')."""
-    return torch.promote_types(x0.dtype, bs[0].dtype)
+def _out_dtype(x0: torch.Tensor, bs: Sequence[torch.Tensor], dt: torch.dtype) -> torch.dtype:
+    """The output's dtype for compute dtype ``dt``: eager's ``x0 * (linear + b) + x`` promotes
+    x0's dtype, the linear's (``dt``) and the bias's (module docstring, "Dtypes and precision")."""
+    return promote_dtypes(x0.dtype, dt, bs[0].dtype)
+
+
+def _dot_dtype(x0: torch.Tensor, dt: Optional[torch.dtype]) -> torch.dtype:
+    """The ops' ``compute_dtype``: the dots' operand dtype, x0's when not given."""
+    if dt is None:
+        return x0.dtype
+    if dt not in _DTYPES:
+        raise ValueError(f"compute_dtype must be one of {_DTYPES}, got {dt}")
+    return dt
 
 
 @on_input_device
-def _lr_fwd_impl(x0, ws, vs, bs):
+def _lr_fwd_impl(x0, ws, vs, bs, dt=None):
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
     vs = tuple(v.contiguous() for v in vs)
     bs = _flat_bias(bs)
     B, D = x0.shape
     L, R = len(ws), ws[0].shape[1]
-    out = torch.empty((B, D), device=x0.device, dtype=_out_dtype(x0, bs))
+    dt = _dot_dtype(x0, dt)
+    out = torch.empty((B, D), device=x0.device, dtype=_out_dtype(x0, bs, dt))
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
-    plan = _lr_plan_or_raise(x0, ws, L)
+    plan = _lr_plan_or_raise(x0, ws, bs, L, dt)
     bd, stages = plan.fwd
     row_blocks = cdiv(B, _LR_BLOCK_B)
-    kw = dict(BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(x0.dtype),
+    kw = dict(BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=plan.block_r, PREC=dot_precision(dt), DT=tl_dtype(dt),
               num_warps=LOW_RANK_ROW_WARPS, num_stages=stages)
     if _low_rank_forward() == "rows":
         _lr_fwd_kernel[(row_blocks,)](out, p, x0, ws, vs, bs, B, D, R, NUM_LAYERS=L, **kw)
@@ -801,7 +835,7 @@ def _lr_phase_split(row_blocks: int, col_tiles: int, device: torch.device) -> Tu
 
 
 @on_input_device
-def _lr_bwd_impl(g, x0, ws, vs, bs, p, weights: bool = True):
+def _lr_bwd_impl(g, x0, ws, vs, bs, p, dt=None, weights: bool = True):
     """``(dx0, dU, dV, db)``; with ``weights=False`` (no parameter needs a gradient: the eager
     path's frozen cross nets) only dx0, the rest None, and the weight-gradient kernel is not run."""
     g = g.contiguous()
@@ -813,15 +847,16 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p, weights: bool = True):
     L, R = len(ws), ws[0].shape[1]
     pdt = ws[0].dtype
     dev = x0.device
-    prec = dot_precision(x0.dtype)
-    plan = _lr_plan_or_raise(x0, ws, L)
+    dt = _dot_dtype(x0, dt)
+    prec = dot_precision(dt)
+    plan = _lr_plan_or_raise(x0, ws, bs, L, dt)
     BR = plan.block_r
     bd, stages = plan.rows
     BBW, BDW, w_stages = plan.weights
     dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
     row_blocks = cdiv(B, _LR_BLOCK_B)
-    rows_kw = dict(NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec,
+    rows_kw = dict(NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, DT=tl_dtype(dt),
                    num_warps=LOW_RANK_ROW_WARPS, num_stages=stages)
     mode = _low_rank_backward()
     if mode == "rows":
@@ -840,13 +875,13 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p, weights: bool = True):
     db = torch.empty((L, D), device=dev, dtype=pdt)
     # "phases" fills the GPU here too: about 4 programs per SM, partials up to twice x0's bytes
     wide = {} if mode == "rows" else dict(target=max(_TARGET_PROGRAMS, persistent_programs(dev)), cap=2)
-    split, rows = _lr_split(B, D, R, L, BBW, BDW, x0.element_size(), **wide)
+    split, rows = _lr_split(B, D, R, L, BBW, BDW, dt.itemsize, **wide)  # partials: bytes of x0 in dt
     total = L * (2 * D * R + D)
     part = du if split == 1 else torch.empty((split, total), device=dev, dtype=torch.float32)
     _lr_bwd_weights_kernel[(cdiv(D, BDW), split)](
         du, dv, db, part, g, x0, p, dp, ws, vs, bs, B, D, R, rows, total,
-        NUM_LAYERS=L, DIRECT=split == 1, BLOCK_B=BBW, BLOCK_D=BDW, BLOCK_R=BR, PREC=prec, num_warps=4,
-        num_stages=w_stages,
+        NUM_LAYERS=L, DIRECT=split == 1, BLOCK_B=BBW, BLOCK_D=BDW, BLOCK_R=BR, PREC=prec, DT=tl_dtype(dt),
+        num_warps=4, num_stages=w_stages,
     )
     if split > 1:
         sum_partials(part, (du, dv, db))
@@ -869,61 +904,80 @@ def _grouped_tile(pid, B, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 @triton.jit
 def _fr_fwd_kernel(
-    DST, XS, YS,
-    SRC, X0, Ws, Bs,
+    OUT, XS, YS,
+    X0, Ws, Bs,
     B, D,
-    NUM_LAYERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PREC: tl.constexpr,
+    FIRST: tl.constexpr, NUM_LAYERS: tl.constexpr, TOTAL: tl.constexpr, RUNNING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
-    """Layers ``0 .. NUM_LAYERS-1`` of this launch; layer l reads ``x_l`` from SRC (l = 0) or
-    ``XS[l-1]`` and writes ``y_l`` to ``YS[l]`` and ``x_{l+1}`` to ``XS[l]`` (DST for the last one).
-    More than one layer per launch only when one column tile covers D (each program owns its rows)."""
-    DT: tl.constexpr = X0.dtype.element_ty
+    """Layers ``FIRST .. FIRST+NUM_LAYERS-1`` of ``TOTAL`` (:func:`_fr_fwd_layer`). More than one
+    layer per launch only when one column tile covers D (each program owns its rows)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    for j in tl.static_range(NUM_LAYERS):
+        _fr_fwd_layer(OUT, XS, YS, X0, Ws[FIRST + j], Bs[FIRST + j], B, D, rows, cols, FIRST + j, TOTAL, RUNNING,
+                      BLOCK_M, BLOCK_N, BLOCK_K, PREC, DT)
+
+
+@triton.jit
+def _fr_fwd_layer(OUT, XS, YS, X0, W, Bias, B, D, rows, cols, LAYER: tl.constexpr, TOTAL: tl.constexpr,
+                  RUNNING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PREC: tl.constexpr, DT: tl.constexpr):
+    """Layer ``l = LAYER`` on a program's tile: multiplies ``x_l`` (X0 for l = 0, else ``XS[l-1]``) by
+    ``W_l^T``, writes ``lin_l`` (DT, no bias) to ``YS[l]``, then ``x_{l+1} = x0 * (lin_l + b_l) +
+    x_l``: to OUT at the last layer, else to ``XS[l]`` (DT, the next GEMM's operand) and, when
+    RUNNING (the output wider than DT: an fp32 running ``x``, as eager's), to OUT in its dtype too,
+    where the next layer reads its residual ``x_l`` (the same program reads and writes a tile)."""
     row_ok = rows < B
     col_ok = cols < D
     m = row_ok[:, None] & col_ok[None, :]
-    for l in tl.static_range(NUM_LAYERS):
-        if l == 0:
-            src = SRC + rows[:, None] * D
-        else:
-            src = XS + ((l - 1) * B + rows[:, None]) * D
-        w_ptr = Ws[l]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            a = tl.load(src + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(DT), w.to(DT), acc, input_precision=PREC)
-        b = tl.load(Bs[l] + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = acc + b[None, :]
-        tl.store(YS + (l * B + rows[:, None]) * D + cols[None, :], y.to(YS.dtype.element_ty), mask=m)
+    off = rows[:, None] * D + cols[None, :]
+    if LAYER == 0:
+        src = X0 + rows[:, None] * D
+    else:
+        src = XS + ((LAYER - 1) * B + rows[:, None]) * D
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(src + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(DT), w.to(DT), acc, input_precision=PREC)
+    lin = acc.to(DT)
+    tl.store(YS + LAYER * B * D + off, lin, mask=m)
+    y = lin.to(tl.float32) + tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    x0 = tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+    if LAYER == 0:
+        xi = x0
+    elif RUNNING:
+        xi = tl.load(OUT + off, mask=m, other=0.0).to(tl.float32)
+    else:
         xi = tl.load(src + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        x0 = tl.load(X0 + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        xn = (x0 * y + xi).to(DST.dtype.element_ty)
-        if l == NUM_LAYERS - 1:
-            tl.store(DST + rows[:, None] * D + cols[None, :], xn, mask=m)
-        else:
-            tl.store(XS + (l * B + rows[:, None]) * D + cols[None, :], xn, mask=m)
-            tl.debug_barrier()
+    xn = x0 * y + xi
+    if LAYER == TOTAL - 1:
+        tl.store(OUT + off, xn.to(OUT.dtype.element_ty), mask=m)
+    else:
+        tl.store(XS + LAYER * B * D + off, xn.to(DT), mask=m)
+        if RUNNING:
+            tl.store(OUT + off, xn.to(OUT.dtype.element_ty), mask=m)
+        tl.debug_barrier()
 
 
 @triton.jit
 def _fr_bwd_kernel(
     DY_OUT, G_OUT, S_OUT, DX0, DBP, DY_TOP,
-    DY_IN, G_IN, S_IN, X0, W, Y_CUR, Y_PREV,
+    DY_IN, G_IN, S_IN, X0, W, Y_CUR, Y_PREV, B_CUR, B_PREV,
     B, D, DB_ROW, DB_ROW_TOP, DB_STRIDE,
     TOP: tl.constexpr, LAST: tl.constexpr, NEXT_LAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DT: tl.constexpr,
 ):
     """Layer i of the backward: ``g_i = g_{i+1} + dy_i W_i`` plus the element-wise epilogue (see the
     module docstring). TOP: i = L-1 (A operand ``g_L * x0`` formed on load, stored by pid_n == 0);
-    LAST: i = 0 (writes dx0); NEXT_LAST: i = 1 (carries ``g_1 + s`` in G_OUT)."""
-    DT: tl.constexpr = X0.dtype.element_ty
+    LAST: i = 0 (writes dx0); NEXT_LAST: i = 1 (carries ``g_1 + s`` in G_OUT). ``y_i = lin_i + b_i``
+    from the saved ``lin`` (Y_CUR, Y_PREV) and the biases (B_CUR, B_PREV), in fp32."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), B, D, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -952,17 +1006,17 @@ def _fr_bwd_kernel(
     g = g_next + acc
     if LAST:
         if TOP:
-            g += g_next * tl.load(Y_CUR + off, mask=m, other=0.0).to(tl.float32)
+            g += g_next * _fr_y(Y_CUR, B_CUR, off, cols, m, col_ok)
         tl.store(DX0 + off, g.to(DX0.dtype.element_ty), mask=m)
     else:
         if TOP:
-            s = g_next * tl.load(Y_CUR + off, mask=m, other=0.0).to(tl.float32)
+            s = g_next * _fr_y(Y_CUR, B_CUR, off, cols, m, col_ok)
         else:
             s = tl.load(S_IN + off, mask=m, other=0.0).to(tl.float32)
         dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
         tl.store(DY_OUT + off, dy.to(DY_OUT.dtype.element_ty), mask=m)
         tl.store(DBP + pid_m * DB_STRIDE + DB_ROW + cols, tl.sum(dy, axis=0), mask=col_ok)
-        s += g * tl.load(Y_PREV + off, mask=m, other=0.0).to(tl.float32)
+        s += g * _fr_y(Y_PREV, B_PREV, off, cols, m, col_ok)
         if NEXT_LAST:
             tl.store(G_OUT + off, (g + s).to(G_OUT.dtype.element_ty), mask=m)
         else:
@@ -971,28 +1025,43 @@ def _fr_bwd_kernel(
 
 
 @triton.jit
-def _fr_residual_kernel(DST, X0, Y, XI, N, BLOCK: tl.constexpr):
-    """``DST = X0 * Y + XI`` over N elements (fp32 math): a cross layer's epilogue after a cuBLAS
-    ``Y = x_i W^T + b``."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    x0 = tl.load(X0 + offs, mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(Y + offs, mask=ok, other=0.0).to(tl.float32)
-    xi = tl.load(XI + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DST + offs, (x0 * y + xi).to(DST.dtype.element_ty), mask=ok)
+def _fr_y(LIN, BIAS, off, cols, m, col_ok):
+    """``y = lin + b`` on a tile, fp32, from a layer's saved ``lin = x W^T`` and its bias."""
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.load(LIN + off, mask=m, other=0.0).to(tl.float32) + b[None, :]
+
+
+@triton.jit
+def _fr_residual_kernel(DST, COPY, X0, LIN, BIAS, XI, B, D, HAS_COPY: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """``DST = X0 * (LIN + BIAS) + XI`` (fp32 math) on a ``[BLOCK_M, BLOCK_N]`` tile: a cross layer's
+    epilogue after a cuBLAS ``LIN = x_i W^T``; with HAS_COPY the result also to COPY (in its dtype:
+    the next GEMM's operand, when DST keeps the wider running ``x``)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    m = (rows < B)[:, None] & col_ok[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    x0 = tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
+    xi = tl.load(XI + off, mask=m, other=0.0).to(tl.float32)
+    xn = x0 * _fr_y(LIN, BIAS, off, cols, m, col_ok) + xi
+    tl.store(DST + off, xn.to(DST.dtype.element_ty), mask=m)
+    if HAS_COPY:
+        tl.store(COPY + off, xn.to(COPY.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _fr_bwd_eltwise_kernel(
-    DY, S_OUT, C_OUT, DBP,
-    G, X0, Y, S_IN,
+    DY, S_OUT, C_OUT, G_OUT, DBP,
+    G, M, X0, LIN, BIAS, S_IN,
     B, D, DB_ROW, DB_STRIDE,
-    HAS_S: tl.constexpr, LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_M: tl.constexpr, LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Layer i's element-wise backward around the cuBLAS GEMMs, from ``g = g_{i+1}``:
-    ``dy_i = g * x0`` (to DY, and its column sums over this row tile to DBP, for ``db_i``) and the
-    dx0 running sum ``s = S_IN + g * y_i`` (to S_OUT in fp32); at the last layer (i = 0) instead
-    ``C = g + s`` (to C_OUT), so that ``dx0 = C + dy_0 W_0`` is one cuBLAS ``addmm``."""
+    """Layer i's element-wise backward around the cuBLAS GEMMs, from ``g = g_{i+1}``: G, plus M with
+    HAS_M (``M = dy_{i+1} W_{i+1}`` from cuBLAS, when the gradient is carried wider than the GEMMs'
+    dtype: ``g`` then goes back to G_OUT, unless LAST). ``dy_i = g * x0`` (to DY, and its column sums
+    over this row tile to DBP, for ``db_i``) and the dx0 running sum ``s = S_IN + g * y_i`` (to S_OUT in
+    fp32); at the last layer (i = 0) instead ``C = g + s`` (to C_OUT), so that ``dx0 = C + dy_0 W_0``."""
     pid_m = tl.program_id(0)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1000,10 +1069,14 @@ def _fr_bwd_eltwise_kernel(
     m = (rows < B)[:, None] & col_ok[None, :]
     off = rows[:, None] * D + cols[None, :]
     g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+    if HAS_M:
+        g += tl.load(M + off, mask=m, other=0.0).to(tl.float32)
+        if not LAST:
+            tl.store(G_OUT + off, g.to(G_OUT.dtype.element_ty), mask=m)
     dy = g * tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
     tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
     tl.store(DBP + pid_m * DB_STRIDE + DB_ROW + cols, tl.sum(dy, axis=0), mask=col_ok)
-    s = g * tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+    s = g * _fr_y(LIN, BIAS, off, cols, m, col_ok)
     if HAS_S:
         s += tl.load(S_IN + off, mask=m, other=0.0)
     if LAST:
@@ -1013,13 +1086,16 @@ def _fr_bwd_eltwise_kernel(
 
 
 # ============================================================================ full rank: launchers
-def _fr_config(B: int, D: int, dtype: torch.dtype) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the full-rank GEMM kernels."""
+def _fr_config(B: int, D: int, dtype: torch.dtype, wide: bool = False) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the full-rank GEMM kernels for dots in
+    ``dtype``; ``wide``: an operand is loaded as fp32 (x0 or the parameters, under autocast), which
+    takes fp32's K tile and stages (their shared memory is sized by the loads, not the dots)."""
+    fp32 = dtype == torch.float32 or wide
     bm = max(16, min(128, next_pow2(B)))
     bn = max(16, min(128, next_pow2(D)))
-    bk = max(16, min(32 if dtype == torch.float32 else 64, next_pow2(D)))
+    bk = max(16, min(32 if fp32 else 64, next_pow2(D)))
     warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = 3 if dtype == torch.float32 else 4
+    stages = 3 if fp32 else 4
     return bm, bn, bk, warps, stages
 
 
@@ -1032,8 +1108,7 @@ _GROUP_M = 8
 #: with the element-wise work in their epilogues. Read at each call; both save the same ``xs``/``ys``,
 #: so a backward never depends on which one its forward took. See the module docstring.
 FULL_RANK_GEMM = "cublas"
-_ELTWISE_BLOCK = 1024
-_BWD_TILE = (32, 128)  # rows x columns of a program of _fr_bwd_eltwise_kernel
+_BWD_TILE = (32, 128)  # rows x columns of a program of the element-wise kernels (_fr_residual_kernel too)
 
 
 def _use_cublas(D: int, dtype: torch.dtype) -> bool:
@@ -1055,77 +1130,104 @@ def _weight_grad(dw_i: torch.Tensor, dy: torch.Tensor, x_i: torch.Tensor) -> Non
         dw_i.copy_(torch.mm(dy.t(), x_i))
 
 
+def _fr_wide(x0: torch.Tensor, ws: Sequence[torch.Tensor], dt: torch.dtype) -> bool:
+    """Whether the Triton GEMMs load an operand wider than their dots (fp32 x0 or parameters with
+    16-bit dots): :func:`_fr_config`'s ``wide``."""
+    return dt != torch.float32 and torch.float32 in (x0.dtype, ws[0].dtype)
+
+
 @on_input_device
-def _fr_fwd_impl(x0, ws, bs):
+def _fr_fwd_impl(x0, ws, bs, dt=None):
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
     bs = _flat_bias(bs)
     B, D = x0.shape
     L = len(ws)
-    dev, dt = x0.device, x0.dtype
-    out = torch.empty((B, D), device=dev, dtype=_out_dtype(x0, bs))
+    dev = x0.device
+    dt = _dot_dtype(x0, dt)
+    out = torch.empty((B, D), device=dev, dtype=_out_dtype(x0, bs, dt))
+    running = out.dtype != dt  # x_i kept in the output's wider dtype between layers, as eager keeps it
     xs = torch.empty((L - 1, B, D), device=dev, dtype=dt)
     ys = torch.empty((L, B, D), device=dev, dtype=dt)
     if _use_cublas(D, dt):
-        grid = (cdiv(B * D, _ELTWISE_BLOCK),)
+        bm, bn = _BWD_TILE
+        grid = (cdiv(B, bm), cdiv(D, bn))
         with torch.autocast(dev.type, enabled=False):
             for i in range(L):
-                src = x0 if i == 0 else xs[i - 1]
-                dst = out if i == L - 1 else xs[i]
-                torch.addmm(_in_dtype(bs[i], dt), src, _in_dtype(ws[i], dt).t(), out=ys[i])
-                _fr_residual_kernel[grid](dst, x0, ys[i], src, B * D, BLOCK=_ELTWISE_BLOCK, num_warps=4)
+                last = i == L - 1
+                torch.mm(_in_dtype(x0, dt) if i == 0 else xs[i - 1], _in_dtype(ws[i], dt).t(), out=ys[i])
+                dst = out if last or running else xs[i]
+                xi = x0 if i == 0 else (out if running else xs[i - 1])
+                copy = xs[i] if running and not last else dst
+                _fr_residual_kernel[grid](dst, copy, x0, ys[i], bs[i], xi, B, D, HAS_COPY=copy is not dst,
+                                          BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
         return out, xs, ys
-    bm, bn, bk, warps, stages = _fr_config(B, D, dt)
+    bm, bn, bk, warps, stages = _fr_config(B, D, dt, _fr_wide(x0, ws, dt))
     grid = (cdiv(B, bm) * cdiv(D, bn),)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
-                num_warps=warps, num_stages=stages)
-    xs_arg = xs if L > 1 else out  # never hand Triton an empty tensor
+    meta = dict(TOTAL=L, RUNNING=running, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M,
+                PREC=dot_precision(dt), DT=tl_dtype(dt), num_warps=warps, num_stages=stages)
+    xs_arg = xs if L > 1 else ys  # never hand Triton an empty tensor (unused at L = 1)
     if D <= bn:  # one column tile: every program owns its rows, all layers in one launch
-        _fr_fwd_kernel[grid](out, xs_arg, ys, x0, x0, ws, bs, B, D, NUM_LAYERS=L, **meta)
+        _fr_fwd_kernel[grid](out, xs_arg, ys, x0, ws, bs, B, D, FIRST=0, NUM_LAYERS=L, **meta)
     else:
         for i in range(L):
-            src = x0 if i == 0 else xs[i - 1]
-            dst = out if i == L - 1 else xs[i]
-            _fr_fwd_kernel[grid](dst, xs_arg, ys[i], src, x0, (ws[i],), (bs[i],), B, D, NUM_LAYERS=1, **meta)
+            _fr_fwd_kernel[grid](out, xs_arg, ys, x0, ws, bs, B, D, FIRST=i, NUM_LAYERS=1, **meta)
     return out, xs, ys
 
 
-def _fr_bwd_cublas(g, x0, ws, xs, ys, weights, biases):
+def _fr_bwd_cublas(g, x0, ws, bs, xs, ys, dt, weights, biases):
     """Backward with cuBLAS GEMMs, from the top layer down: ``_fr_bwd_eltwise_kernel`` forms
     ``dy_i`` (and ``db_i`` partials, and the dx0 running sum), then ``dW_i = dy_i^T x_i`` and
-    ``g_i = g_{i+1} + dy_i W_i`` (one ``addmm``; at i = 0 it yields dx0 directly)."""
+    ``dy_i W_i``. With the gradient in the GEMMs' dtype, ``g_i = g_{i+1} + dy_i W_i`` is one
+    ``addmm`` (at i = 0 it yields dx0 directly); with a wider gradient (an fp32 output under
+    autocast) ``g`` is carried in fp32, as eager carries it: ``torch.mm`` gives ``dy_i W_i`` in the
+    GEMMs' dtype and the next element-wise kernel adds it (at i = 0, ``torch.add`` gives dx0)."""
     B, D = x0.shape
     L = len(ws)
-    dev, dt, pdt = x0.device, x0.dtype, ws[0].dtype
+    dev, pdt = x0.device, ws[0].dtype
+    ct = promote_dtypes(g.dtype, dt)  # the carried gradient's dtype
+    fused = ct == dt
     bm, bn = _BWD_TILE
     n_m = cdiv(B, bm)
     grid = (n_m, cdiv(D, bn))
-    dx0 = torch.empty((B, D), device=dev, dtype=dt)
+    dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dw, db = _fr_grad_buffers(L, D, dev, pdt, weights, biases)
     dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
     dy = torch.empty((B, D), device=dev, dtype=dt)
     s_buf = [torch.empty((B, D), device=dev, dtype=torch.float32) for _ in range(min(L - 1, 2))]
-    c = torch.empty((B, D), device=dev, dtype=dt)
-    g_buf = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
-    g_in, s_in = g.to(dt), None  # the addmm's operand (an fp32 output's gradient under autocast: rounded)
+    c = torch.empty((B, D), device=dev, dtype=ct)
+    if fused:
+        g_buf = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
+    else:
+        mm = torch.empty((B, D), device=dev, dtype=dt)
+        g_carry = torch.empty((B, D), device=dev, dtype=ct) if L > 2 else c
+    g_in, s_in, has_m = g, None, False
     with torch.autocast(dev.type, enabled=False):
         for i in reversed(range(L)):
             last = i == 0
             s_out = s_buf[i % len(s_buf)] if not last else c  # unused at the last layer (LAST stores C)
+            g_out = g_carry if has_m and not last else c  # written only with HAS_M and not LAST
             _fr_bwd_eltwise_kernel[grid](
-                dy, s_out, c, dbp, g_in, x0, ys[i], s_in if s_in is not None else g_in,
-                B, D, i * D, L * D,
-                HAS_S=s_in is not None, LAST=last, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+                dy, s_out, c, g_out, dbp, g_in, mm if has_m else g_in, x0, ys[i], bs[i],
+                s_in if s_in is not None else g_in, B, D, i * D, L * D,
+                HAS_S=s_in is not None, HAS_M=has_m, LAST=last, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
             )
             if weights[i]:
-                _weight_grad(dw[i], dy, x0 if last else xs[i - 1])
+                _weight_grad(dw[i], dy, _in_dtype(x0, dt) if last else xs[i - 1])
             w = _in_dtype(ws[i], dt)
-            if last:
-                torch.addmm(c, dy, w, out=dx0)
+            if fused:
+                if last:
+                    torch.addmm(c, dy, w, out=dx0)
+                else:
+                    g_out = g_buf[i % len(g_buf)]
+                    torch.addmm(g_in, dy, w, out=g_out)
+                    g_in, s_in = g_out, s_out
             else:
-                g_out = g_buf[i % len(g_buf)]
-                torch.addmm(g_in, dy, w, out=g_out)
-                g_in, s_in = g_out, s_out
+                torch.mm(dy, w, out=mm)
+                if last:
+                    torch.add(c, mm, out=dx0)
+                else:
+                    g_in, s_in, has_m = (g_out if has_m else g_in), s_out, True
     if db is not None:
         sum_partials(dbp.view(n_m, L * D), (db,))
     return dx0, dw, db
@@ -1139,29 +1241,32 @@ def _fr_grad_buffers(L, D, dev, pdt, weights, biases):
 
 
 @on_input_device
-def _fr_bwd_impl(g, x0, ws, bs, xs, ys, weights: Optional[Sequence[bool]] = None, biases: bool = True):
+def _fr_bwd_impl(g, x0, ws, bs, xs, ys, dt=None, weights: Optional[Sequence[bool]] = None, biases: bool = True):
     """``(dx0, dW, db)``. ``weights`` (one flag per layer; None: all) and ``biases`` say which
     parameter gradients to compute (the eager path's frozen layers): a layer without its flag skips
     its ``dW_i`` GEMM (its slice of dW is left unwritten), and dW or db is None when none is needed."""
     g = g.contiguous()
     x0 = x0.contiguous()
     ws = tuple(w.contiguous() for w in ws)
+    bs = _flat_bias(bs)
     B, D = x0.shape
     L = len(ws)
     weights = (True,) * L if weights is None else tuple(weights)
-    dev, dt, pdt = x0.device, x0.dtype, ws[0].dtype
+    dev, pdt = x0.device, ws[0].dtype
+    dt = _dot_dtype(x0, dt)
     if _use_cublas(D, dt):
-        return _fr_bwd_cublas(g, x0, ws, xs, ys, weights, biases)
-    bm, bn, bk, warps, stages = _fr_config(B, D, dt)
+        return _fr_bwd_cublas(g, x0, ws, bs, xs, ys, dt, weights, biases)
+    bm, bn, bk, warps, stages = _fr_config(B, D, dt, _fr_wide(x0, ws, dt))
     n_m = cdiv(B, bm)
     grid = (n_m * cdiv(D, bn),)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt),
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=_GROUP_M, PREC=dot_precision(dt), DT=tl_dtype(dt),
                 num_warps=warps, num_stages=stages)
-    dx0 = torch.empty((B, D), device=dev, dtype=dt)
+    ct = promote_dtypes(g.dtype, dt)  # the carried gradient's dtype (fp32 for an fp32 output)
+    dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
     dw, db = _fr_grad_buffers(L, D, dev, pdt, weights, biases)
     dbp = torch.empty((n_m, L, D), device=dev, dtype=torch.float32)
     dy = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L, 2))]
-    carry_g = [torch.empty((B, D), device=dev, dtype=dt) for _ in range(min(L - 1, 2))]
+    carry_g = [torch.empty((B, D), device=dev, dtype=ct) for _ in range(min(L - 1, 2))]
     # the running dx0 sum stays fp32 between layers (as the cuBLAS path's s_buf does)
     carry_s = [torch.empty((B, D), device=dev, dtype=torch.float32) for _ in range(min(L - 2, 2))] if L >= 3 else []
     g_in, s_in = g, x0  # s_in unused at the top layer
@@ -1171,16 +1276,16 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys, weights: Optional[Sequence[bool]] = None
         dy_out = dy[(i - 1) % 2] if not last else dy_i
         g_out = carry_g[i % len(carry_g)] if not last else g
         s_out = carry_s[i % len(carry_s)] if (not last and not next_last) else g
-        y_prev = ys[i - 1] if not last else ys[i]
+        prev = i - 1 if not last else i
         _fr_bwd_kernel[grid](
             dy_out, g_out, s_out, dx0, dbp, dy_i,
-            dy_i, g_in, s_in, x0, ws[i], ys[i], y_prev,
+            dy_i, g_in, s_in, x0, ws[i], ys[i], ys[prev], bs[i], bs[prev],
             B, D, max(i - 1, 0) * D, (L - 1) * D, L * D,
             TOP=top, LAST=last, NEXT_LAST=next_last, **meta,
         )
         if weights[i]:
             with torch.autocast(dev.type, enabled=False):
-                _weight_grad(dw[i], dy_i, x0 if i == 0 else xs[i - 1])
+                _weight_grad(dw[i], dy_i, _in_dtype(x0, dt) if i == 0 else xs[i - 1])
         g_in, s_in = g_out, s_out
     if db is not None:
         sum_partials(dbp.view(n_m, L * D), (db,))
@@ -1190,30 +1295,33 @@ def _fr_bwd_impl(g, x0, ws, bs, xs, ys, weights: Optional[Sequence[bool]] = None
 # ============================================================================ torch.library
 @torch.library.custom_op("interformer::low_rank_cross_net_fwd", mutates_args=())
 def low_rank_cross_net_fwd(
-    x0: torch.Tensor, w_kernels: List[torch.Tensor], v_kernels: List[torch.Tensor], biases: List[torch.Tensor]
+    x0: torch.Tensor, w_kernels: List[torch.Tensor], v_kernels: List[torch.Tensor], biases: List[torch.Tensor],
+    compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [B, D], P [L, B, r] fp32)``; P (``p_i = x_i V_i^T``) is saved for backward."""
-    return _lr_fwd_impl(x0, w_kernels, v_kernels, biases)
+    """Forward: ``(out [B, D], P [L, B, r] fp32)``; P (``p_i = x_i V_i^T``) is saved for backward.
+    ``compute_dtype``: the dots' operand dtype (None: x0's; the autocast dtype under autocast)."""
+    return _lr_fwd_impl(x0, w_kernels, v_kernels, biases, compute_dtype)
 
 
 @low_rank_cross_net_fwd.register_fake
-def _lr_fwd_fake(x0, w_kernels, v_kernels, biases):
+def _lr_fwd_fake(x0, w_kernels, v_kernels, biases, compute_dtype):
     B, D = x0.shape
-    return (x0.new_empty((B, D), dtype=_out_dtype(x0, biases)),
+    return (x0.new_empty((B, D), dtype=_out_dtype(x0, biases, _dot_dtype(x0, compute_dtype))),
             x0.new_empty((len(w_kernels), B, w_kernels[0].shape[1]), dtype=torch.float32))
 
 
 @torch.library.custom_op("interformer::low_rank_cross_net_bwd", mutates_args=())
 def low_rank_cross_net_bwd(
     grad_out: torch.Tensor, x0: torch.Tensor, w_kernels: List[torch.Tensor], v_kernels: List[torch.Tensor],
-    biases: List[torch.Tensor], p: torch.Tensor,
+    biases: List[torch.Tensor], p: torch.Tensor, compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dx0 [B, D], dU [L, D, r], dV [L, r, D], db [L, D])``, weights in their dtype."""
-    return _lr_bwd_impl(grad_out, x0, w_kernels, v_kernels, biases, p)
+    """Backward: ``(dx0 [B, D], dU [L, D, r], dV [L, r, D], db [L, D])``, dx0 in x0's dtype, weights
+    in their dtype; ``compute_dtype`` the forward's."""
+    return _lr_bwd_impl(grad_out, x0, w_kernels, v_kernels, biases, p, compute_dtype)
 
 
 @low_rank_cross_net_bwd.register_fake
-def _lr_bwd_fake(grad_out, x0, w_kernels, v_kernels, biases, p):
+def _lr_bwd_fake(grad_out, x0, w_kernels, v_kernels, biases, p, compute_dtype):
     B, D = x0.shape
     L, R = len(w_kernels), w_kernels[0].shape[1]
     pdt = w_kernels[0].dtype
@@ -1222,9 +1330,10 @@ def _lr_bwd_fake(grad_out, x0, w_kernels, v_kernels, biases, p):
 
 
 def _lr_setup_context(ctx, inputs, output):
-    x0, ws, vs, bs = inputs
+    x0, ws, vs, bs, dt = inputs
     _, p = output
     ctx.num_layers = len(ws)
+    ctx.compute_dtype = dt
     ctx.bias_shapes = [b.shape for b in bs]
     ctx.save_for_backward(x0, p, *ws, *vs, *bs)
 
@@ -1238,7 +1347,7 @@ def _lr_grads(ctx, grad_out, bwd):
     if grad_out is None:
         return None, [None] * L, [None] * L, [None] * L
     ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
-    dx0, du, dv, db = bwd(grad_out, x0, ws, vs, bs, p)
+    dx0, du, dv, db = bwd(grad_out, x0, ws, vs, bs, p, ctx.compute_dtype)
     if du is None:
         return dx0, [None] * L, [None] * L, [None] * L
     return (dx0, list(du.unbind(0)), list(dv.unbind(0)),
@@ -1246,31 +1355,32 @@ def _lr_grads(ctx, grad_out, bwd):
 
 
 def _lr_backward(ctx, grad_out, grad_p):
-    return _lr_grads(ctx, grad_out, torch.ops.interformer.low_rank_cross_net_bwd)
+    return (*_lr_grads(ctx, grad_out, torch.ops.interformer.low_rank_cross_net_bwd), None)  # compute_dtype: None
 
 
 low_rank_cross_net_fwd.register_autograd(_lr_backward, setup_context=_lr_setup_context)
 
 
-def _lr_lean_forward(ctx, x0, num_layers, *params):
+def _lr_lean_forward(ctx, x0, num_layers, compute_dtype, *params):
     """``(out, P)`` of the launcher; the parameters come flat (``*U, *V, *b``) so that autograd tracks them."""
     L = num_layers
     ws, vs, bs = params[:L], params[L:2 * L], params[2 * L:]
-    output = _lr_fwd_impl(x0, ws, vs, bs)
-    _lr_setup_context(ctx, (x0, ws, vs, bs), output)
+    output = _lr_fwd_impl(x0, ws, vs, bs, compute_dtype)
+    _lr_setup_context(ctx, (x0, ws, vs, bs, compute_dtype), output)
     return output
 
 
 def _lr_lean_backward(ctx, grad_out, grad_p):
-    need = ctx.needs_input_grad[2:]
+    need = ctx.needs_input_grad[3:]
     dx0, du, dv, db = _lr_grads(ctx, grad_out, functools.partial(_lr_bwd_impl, weights=any(need)))
-    return (dx0, None, *_needed((*du, *dv, *db), need))
+    return (dx0, None, None, *_needed((*du, *dv, *db), need))
 
 
 def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, params: Sequence[torch.Tensor],
-                     num_layers: int):
+                     num_layers: int, dt: Optional[torch.dtype]):
     """The gradients of ``x0`` and the flat parameters from the eager reference run again on the
-    saved inputs (each in x0's dtype, as :func:`_eager` does) and differentiated with ``grad_out``.
+    saved inputs (each cast to the compute dtype ``dt``, None: x0's) and differentiated with
+    ``grad_out``.
 
     For a batched ``grad_out`` (``torch.autograd.grad(..., is_grads_batched=True)``, see
     ``lean_function``): the launchers cannot read it, and the dispatcher's batching fallback takes
@@ -1282,9 +1392,11 @@ def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, par
 
     L = num_layers
 
+    dt = _dot_dtype(x0, dt)
+
     def ref(x, *flat):
-        cast = [t.to(x.dtype) for t in flat]
-        return getattr(reference, op_name)(x, *(cast[i * L:(i + 1) * L] for i in range(len(cast) // L)))
+        cast = [t.to(dt) for t in flat]
+        return getattr(reference, op_name)(x.to(dt), *(cast[i * L:(i + 1) * L] for i in range(len(cast) // L)))
 
     with torch.autocast(x0.device.type, enabled=False):
         if _functorch_wrapped(grad_out):
@@ -1297,16 +1409,16 @@ def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, par
 def _batched_backward(op_name: str, n_activations: int):
     """The lean Function's backward for batched gradients (``lean_function``) of ``op_name``, whose
     ``ctx.saved_tensors`` are x0, ``n_activations`` saved activations, then the flat parameters:
-    :func:`_reference_grads`, in the forward's argument order (x0, the layer count's None, the
-    parameters)."""
+    :func:`_reference_grads`, in the forward's argument order (x0, the layer count's and the compute
+    dtype's None, the parameters)."""
 
     def backward(ctx, grad_out, *unused_grads):
         x0, *rest = ctx.saved_tensors
         params = rest[n_activations:]
         if grad_out is None:
-            return (None, None, *[None] * len(params))
-        dx0, *dparams = _reference_grads(op_name, grad_out, x0, params, ctx.num_layers)
-        return (dx0, None, *dparams)
+            return (None, None, None, *[None] * len(params))
+        dx0, *dparams = _reference_grads(op_name, grad_out, x0, params, ctx.num_layers, ctx.compute_dtype)
+        return (dx0, None, None, *dparams)
 
     return backward
 
@@ -1318,31 +1430,36 @@ _LowRankCrossNet = lean_function("_LowRankCrossNet", _lr_lean_forward, _lr_lean_
 
 @torch.library.custom_op("interformer::cross_net_fwd", mutates_args=())
 def cross_net_fwd(
-    x0: torch.Tensor, kernels: List[torch.Tensor], biases: List[torch.Tensor]
+    x0: torch.Tensor, kernels: List[torch.Tensor], biases: List[torch.Tensor],
+    compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(out [B, D], xs [L-1, B, D], ys [L, B, D])``; ``xs`` (x_1 .. x_{L-1}) and ``ys``
-    (``y_i = x_i W_i^T + b_i``) are saved for backward."""
-    return _fr_fwd_impl(x0, kernels, biases)
+    (``lin_i = x_i W_i^T``, without the bias), both in ``compute_dtype`` (the GEMMs' operand dtype;
+    None: x0's), are saved for backward."""
+    return _fr_fwd_impl(x0, kernels, biases, compute_dtype)
 
 
 @cross_net_fwd.register_fake
-def _fr_fwd_fake(x0, kernels, biases):
+def _fr_fwd_fake(x0, kernels, biases, compute_dtype):
     B, D = x0.shape
     L = len(kernels)
-    return x0.new_empty((B, D), dtype=_out_dtype(x0, biases)), x0.new_empty((L - 1, B, D)), x0.new_empty((L, B, D))
+    dt = _dot_dtype(x0, compute_dtype)
+    return (x0.new_empty((B, D), dtype=_out_dtype(x0, biases, dt)), x0.new_empty((L - 1, B, D), dtype=dt),
+            x0.new_empty((L, B, D), dtype=dt))
 
 
 @torch.library.custom_op("interformer::cross_net_bwd", mutates_args=())
 def cross_net_bwd(
     grad_out: torch.Tensor, x0: torch.Tensor, kernels: List[torch.Tensor], biases: List[torch.Tensor],
-    xs: torch.Tensor, ys: torch.Tensor,
+    xs: torch.Tensor, ys: torch.Tensor, compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dx0 [B, D], dW [L, D, D], db [L, D])``, weights in their dtype."""
-    return _fr_bwd_impl(grad_out, x0, kernels, biases, xs, ys)
+    """Backward: ``(dx0 [B, D], dW [L, D, D], db [L, D])``, dx0 in x0's dtype, weights in their
+    dtype; ``compute_dtype`` the forward's."""
+    return _fr_bwd_impl(grad_out, x0, kernels, biases, xs, ys, compute_dtype)
 
 
 @cross_net_bwd.register_fake
-def _fr_bwd_fake(grad_out, x0, kernels, biases, xs, ys):
+def _fr_bwd_fake(grad_out, x0, kernels, biases, xs, ys, compute_dtype):
     B, D = x0.shape
     L = len(kernels)
     pdt = kernels[0].dtype
@@ -1350,9 +1467,10 @@ def _fr_bwd_fake(grad_out, x0, kernels, biases, xs, ys):
 
 
 def _fr_setup_context(ctx, inputs, output):
-    x0, ws, bs = inputs
+    x0, ws, bs, dt = inputs
     _, xs, ys = output
     ctx.num_layers = len(ws)
+    ctx.compute_dtype = dt
     ctx.bias_shapes = [b.shape for b in bs]
     ctx.save_for_backward(x0, xs, ys, *ws, *bs)
 
@@ -1365,32 +1483,32 @@ def _fr_grads(ctx, grad_out, bwd):
     if grad_out is None:
         return None, [None] * L, [None] * L
     ws, bs = params[:L], params[L:]
-    dx0, dw, db = bwd(grad_out, x0, ws, bs, xs, ys)
+    dx0, dw, db = bwd(grad_out, x0, ws, bs, xs, ys, ctx.compute_dtype)
     return (dx0, [None] * L if dw is None else list(dw.unbind(0)),
             [None] * L if db is None else [d.view(s) for d, s in zip(db.unbind(0), ctx.bias_shapes)])
 
 
 def _fr_backward(ctx, grad_out, grad_xs, grad_ys):
-    return _fr_grads(ctx, grad_out, torch.ops.interformer.cross_net_bwd)
+    return (*_fr_grads(ctx, grad_out, torch.ops.interformer.cross_net_bwd), None)  # compute_dtype: None
 
 
 cross_net_fwd.register_autograd(_fr_backward, setup_context=_fr_setup_context)
 
 
-def _fr_lean_forward(ctx, x0, num_layers, *params):
+def _fr_lean_forward(ctx, x0, num_layers, compute_dtype, *params):
     """``(out, xs, ys)`` of the launcher; the parameters come flat (``*W, *b``)."""
     ws, bs = params[:num_layers], params[num_layers:]
-    output = _fr_fwd_impl(x0, ws, bs)
-    _fr_setup_context(ctx, (x0, ws, bs), output)
+    output = _fr_fwd_impl(x0, ws, bs, compute_dtype)
+    _fr_setup_context(ctx, (x0, ws, bs, compute_dtype), output)
     return output
 
 
 def _fr_lean_backward(ctx, grad_out, grad_xs, grad_ys):
     L = ctx.num_layers
-    need = ctx.needs_input_grad[2:]
+    need = ctx.needs_input_grad[3:]
     bwd = functools.partial(_fr_bwd_impl, weights=need[:L], biases=any(need[L:]))
     dx0, dw, db = _fr_grads(ctx, grad_out, bwd)
-    return (dx0, None, *_needed((*dw, *db), need))
+    return (dx0, None, None, *_needed((*dw, *db), need))
 
 
 _CrossNet = lean_function("_CrossNet", _fr_lean_forward, _fr_lean_backward, _batched_backward("cross_net", 2))
@@ -1422,19 +1540,19 @@ def _check_common(op: str, x0, named_lists) -> Tuple[int, int]:
     return B, D
 
 
-def _compute_dtype(op: str, x0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """x0 cast to the autocast dtype under autocast (parameters may then keep one dtype of their
-    own); outside autocast every tensor must share x0's dtype."""
+def _compute_dtype(op: str, x0: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dots' operand dtype: the autocast dtype under autocast (x0 and the parameters may then
+    keep dtypes of their own, the parameters all one), else x0's, which every tensor must share."""
     pdts = {t.dtype for t in params}
     cast = autocast_dtype(x0.device.type)
     if cast is not None:
         if len(pdts) > 1:
             raise ValueError(f"{op}: all parameters must share one dtype, got {sorted(map(str, pdts))}")
-        return x0.to(cast)
+        return cast
     if pdts - {x0.dtype}:
         raise ValueError(f"{op}: x0 ({x0.dtype}) and all parameters must share one dtype outside autocast, "
                          f"got parameters in {sorted(map(str, pdts))}")
-    return x0
+    return x0.dtype
 
 
 def _eager(op_name: str, x0: torch.Tensor, *lists):
@@ -1443,14 +1561,6 @@ def _eager(op_name: str, x0: torch.Tensor, *lists):
     from interformer import reference
 
     return getattr(reference, op_name)(x0, *lists)
-
-
-def _as_eager_dtype(out: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The kernels' output in eager's dtype for the caller's ``x0``: :func:`_out_dtype` is that,
-    except under autocast for an x0 wider than the parameters (fp32 x0, 16-bit parameters), where
-    eager's element-wise ``x0 * (...)`` promotes to x0's dtype."""
-    want = torch.promote_types(out.dtype, x0.dtype)
-    return out if want == out.dtype else out.to(want)
 
 
 def low_rank_cross_net(
@@ -1477,18 +1587,16 @@ def low_rank_cross_net(
             raise ValueError(f"{op}: w_kernels[{i}] {describe_shape(w)} must be [D={D}, r] with one r >= 1 for all layers")
         if v.shape != (R, D):
             raise ValueError(f"{op}: v_kernels[{i}] {describe_shape(v)} must be [r={R}, D={D}]")
-    given, x0 = x0, _compute_dtype(op, x0, ws + vs + bs)
+    dt = _compute_dtype(op, x0, ws + vs + bs)
     # shapes the kernels do not take, or a torch.func transform, ONNX export (_dispatch.reference_only): the reference
-    if B == 0 or D == 0 or _lr_plan_for(x0, ws, len(ws)) is None or reference_only(x0):
-        return _eager(op, given, ws, vs, bs)
+    if B == 0 or D == 0 or _lr_plan_for(x0, ws, bs, len(ws), dt) is None or reference_only(x0):
+        return _eager(op, x0, ws, vs, bs)
     tensors = [x0, *ws, *vs, *bs]
     if tracing(tensors):
-        out = torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs)[0]
-    elif needs_grad(tensors):
-        out = _LowRankCrossNet.apply(x0, len(ws), *ws, *vs, *bs)[0]
-    else:
-        out = _lr_fwd_impl(x0, ws, vs, bs)[0]
-    return _as_eager_dtype(out, given)
+        return torch.ops.interformer.low_rank_cross_net_fwd(x0, ws, vs, bs, dt)[0]
+    if needs_grad(tensors):
+        return _LowRankCrossNet.apply(x0, len(ws), dt, *ws, *vs, *bs)[0]
+    return _lr_fwd_impl(x0, ws, vs, bs, dt)[0]
 
 
 def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -1507,14 +1615,12 @@ def cross_net(x0: torch.Tensor, kernels: Sequence[torch.Tensor], biases: Sequenc
     for i, w in enumerate(ws):
         if w.shape != (D, D):
             raise ValueError(f"{op}: kernels[{i}] {describe_shape(w)} must be [D={D}, D={D}]")
-    given, x0 = x0, _compute_dtype(op, x0, ws + bs)
+    dt = _compute_dtype(op, x0, ws + bs)
     if B == 0 or reference_only(x0):  # as in low_rank_cross_net
-        return _eager(op, given, ws, bs)
+        return _eager(op, x0, ws, bs)
     tensors = [x0, *ws, *bs]
     if tracing(tensors):
-        out = torch.ops.interformer.cross_net_fwd(x0, ws, bs)[0]
-    elif needs_grad(tensors):
-        out = _CrossNet.apply(x0, len(ws), *ws, *bs)[0]
-    else:
-        out = _fr_fwd_impl(x0, ws, bs)[0]
-    return _as_eager_dtype(out, given)
+        return torch.ops.interformer.cross_net_fwd(x0, ws, bs, dt)[0]
+    if needs_grad(tensors):
+        return _CrossNet.apply(x0, len(ws), dt, *ws, *bs)[0]
+    return _fr_fwd_impl(x0, ws, bs, dt)[0]

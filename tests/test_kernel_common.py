@@ -153,7 +153,8 @@ def test_a_fused_model_on_the_cpu_without_the_interpreter_raises_the_named_fix()
 def test_bf16_under_the_interpreter_raises_instead_of_computing_garbage():
     """The interpreter has no bfloat16: a bf16 ``tl.dot`` gave values off by 1e9 without an error
     (a model's LogLoss of 1.7e9 on the CPU with --amp bf16 --backend triton). A launch of one of our
-    kernels with a bf16 tensor raises, naming the fix; counted and skipped launches still pass."""
+    kernels with a bf16 tensor, or with ``tl.bfloat16`` as its compute dtype, raises, naming the fix;
+    counted and skipped launches still pass."""
     from interformer.kernels.gated_lce import gated_lce
     from interformer.profiling import triton_launches
 
@@ -165,6 +166,13 @@ def test_bf16_under_the_interpreter_raises_instead_of_computing_garbage():
     with triton_launches(run=False) as launched, torch.autocast("cpu", dtype=torch.bfloat16):
         gated_lce(*args)
     assert launched
+    # the cross nets under bf16 autocast: fp32 tensors in and out, bf16 dots by a constexpr (DT)
+    from interformer.kernels.crossnet import cross_net, low_rank_cross_net
+
+    x0, w, u, v, b = torch.randn(3, 8), torch.randn(8, 8), torch.randn(8, 2), torch.randn(2, 8), torch.randn(8)
+    for call in (lambda: cross_net(x0, [w], [b]), lambda: low_rank_cross_net(x0, [u], [v], [b])):
+        with pytest.raises(RuntimeError, match="has no bfloat16"), torch.autocast("cpu", dtype=torch.bfloat16):
+            call()
     with torch.autocast("cpu", dtype=torch.float16):
         assert torch.isfinite(gated_lce(*args)).all()
 

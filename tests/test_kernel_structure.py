@@ -285,7 +285,7 @@ CASES = [
     # D > 128 ("cublas"): GEMMs on cuBLAS, every element-wise chain in a Triton kernel
     Case("cross_net, D=136, 2 layers", _cross_net(136, 2), {"_fr_residual_kernel": 2},
          {"_fr_bwd_eltwise_kernel": 2, SUM_PARTIALS: 1},
-         fwd_compute=frozenset({"addmm.out"}), bwd_compute=frozenset({"mm.out", "addmm.out"})),
+         fwd_compute=frozenset({"mm.out"}), bwd_compute=frozenset({"mm.out", "addmm.out"})),
     Case("low_rank_cross_net, D=40, r=4, 2 layers", _low_rank(40, 4, 2), {"_lr_fwd_kernel": 1},
          {"_lr_bwd_rows_kernel": 1, "_lr_bwd_weights_kernel": 1},
          fwd_at_most=("[B, D] tensors (x_i never goes to memory; only the output)", lambda m: is_rows(m, 40), 1),
