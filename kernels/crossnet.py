@@ -210,7 +210,7 @@ Block sizes of the Triton GEMMs: ``BLOCK_M = min(128, next_pow2(B))``, ``BLOCK_N
 min(64, next_pow2(D))`` (32 for fp32, and for 16-bit dots that load fp32 x0 or parameters under
 autocast: their shared memory is sized by the loads), all at least 16, ``GROUP_M = 8``, 8 warps for
 128 x 128 tiles (4 otherwise), 3 stages (4 for 16-bit); checked by sm_90 builds in the tests. The
-element-wise kernels: 32 x 128 tiles per program, 4 warps.
+element-wise kernels: 8 x 128 (forward) and 32 x 128 (backward) tiles per program, 4 warps.
 
 Dtypes and precision
 --------------------
@@ -1108,7 +1108,10 @@ _GROUP_M = 8
 #: with the element-wise work in their epilogues. Read at each call; both save the same ``xs``/``ys``,
 #: so a backward never depends on which one its forward took. See the module docstring.
 FULL_RANK_GEMM = "cublas"
-_BWD_TILE = (32, 128)  # rows x columns of a program of the element-wise kernels (_fr_residual_kernel too)
+_BWD_TILE = (32, 128)  # rows x columns of a program of _fr_bwd_eltwise_kernel
+# ... and of _fr_residual_kernel: 1024 elements a program, as the 1-D kernel measured before the
+# bias moved into it (sm_90, Triton 3.6: 30 registers in bf16, 37-44 with fp32 x0; 32 x 128 took 56 / 128)
+_RES_TILE = (8, 128)
 
 
 def _use_cublas(D: int, dtype: torch.dtype) -> bool:
@@ -1150,7 +1153,7 @@ def _fr_fwd_impl(x0, ws, bs, dt=None):
     xs = torch.empty((L - 1, B, D), device=dev, dtype=dt)
     ys = torch.empty((L, B, D), device=dev, dtype=dt)
     if _use_cublas(D, dt):
-        bm, bn = _BWD_TILE
+        bm, bn = _RES_TILE
         grid = (cdiv(B, bm), cdiv(D, bn))
         with torch.autocast(dev.type, enabled=False):
             for i in range(L):

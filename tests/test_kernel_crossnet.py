@@ -951,7 +951,7 @@ def test_cublas_path_kernels_build_for_sm90():
     for x, dt in (("bf16", "bf16"), ("fp32", "bf16")):
         for has_copy in (False, True):
             cases.append(dict(module=mod, kernel="_fr_residual_kernel",
-                              consts=dict(HAS_COPY=has_copy, BLOCK_M=bm, BLOCK_N=bn),
+                              consts=dict(HAS_COPY=has_copy, BLOCK_M=C._RES_TILE[0], BLOCK_N=C._RES_TILE[1]),
                               args=dict(DST=x, COPY=dt, X0=x, LIN=dt, BIAS=x, XI=x, B=2048, D=1792)))
         for has_s, has_m, last in ((False, False, False), (True, x != dt, False), (True, x != dt, True),
                                    (False, x != dt, True)):
