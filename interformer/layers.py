@@ -260,9 +260,10 @@ class CrossNet(FusedModule):
 
     Under ``torch.autocast`` both paths return eager's dtype (x0's, the autocast dtype and the bias's
     promoted: fp32 with fp32 parameters; until 2026-11-29 the fused path returned the autocast dtype,
-    half the output's bytes but no drop-in), and the fused path rounds what eager rounds: the GEMM
+    half the output's bytes but no drop-in), and the fused path rounds no more than eager: the GEMM
     operands (``x_i``, and the parameters' copies), not x0 in ``x0 * (W x_i + b)``, the bias, the
-    running ``x_i`` or the carried gradient, which stay fp32 as in eager. (Until 2026-11-29 the
+    running ``x_i`` or the carried gradient, which stay fp32 as in eager (where eager rounds a GEMM's
+    output before adding the bias, the kernels keep ``y`` fp32 too). (Until 2026-11-29 the
     kernels rounded x0 first, which put the bias gradients at fp16's rounding, 4.8e-4 relative to
     float64 against eager's 5.5e-8, out of DESIGN §5's 2x.) See
     ``tests/test_kernel_crossnet.py::test_autocast_meets_the_design_rule_per_parameter`` and
@@ -300,8 +301,8 @@ class LowRankCrossNet(FusedModule):
 
     ``x_{i+1} = x0 * (U_i (V_i x_i) + b_i) + x_i`` with ``W_kernels`` (U, ``[D, r]``), ``V_kernels``
     (``[r, D]``), both Xavier-normal, and ``bias`` (``[D]``, zeros) -- torchrec's names and shapes.
-    Under autocast both paths return eager's dtype and round what eager rounds, as :class:`CrossNet`'s
-    do (the kernels keep each ``x_i`` in fp32 registers and never store it).
+    Under autocast both paths return eager's dtype and the fused path rounds no more than eager, as
+    :class:`CrossNet`'s do (the kernels keep each ``x_i`` in fp32 registers and never store it).
 
     Decision: the biases are ``[D]``, as torchrec's current ``LowRankCrossNet`` holds them (its
     earlier releases, and this package before 2026-11-29, held ``[D, 1]``), so that a ``state_dict``

@@ -192,7 +192,7 @@ save the same tensors, the backward follows the setting at its own call, whateve
   than the GEMMs' dtype (an fp32 output under autocast), ``g`` is carried in its dtype, as eager
   carries it: ``torch.mm`` gives ``dy_i W_i`` in the GEMMs' dtype, the next layer's element-wise
   kernel adds it to ``g_{i+1}`` (and writes ``g_i`` back, in place), and ``torch.add(C, dy_0 W_0)`` is
-  dx0: ``3 L + 1`` launches still.
+  dx0: ``3 L + 2`` launches.
 * ``"triton"`` (and every narrow D), one launch of ``_fr_bwd_kernel`` per layer: the GEMM
   ``dy_i @ W_i`` with ``g_i = g_{i+1} + acc`` in its epilogue, which also writes the next layer's
   ``dy_{i-1} = g_i * x0``, its per-tile column sums and the running ``s`` (carried as ``g_1 + s`` into
@@ -1382,8 +1382,8 @@ def _lr_lean_backward(ctx, grad_out, grad_p):
 def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, params: Sequence[torch.Tensor],
                      num_layers: int, dt: Optional[torch.dtype]):
     """The gradients of ``x0`` and the flat parameters from the eager reference run again on the
-    saved inputs (each cast to the compute dtype ``dt``, None: x0's) and differentiated with
-    ``grad_out``.
+    saved inputs (under the forward's autocast, dtype ``dt``, when ``dt`` differs from an input's
+    dtype: eager's roundings, not x0 or the biases cast) and differentiated with ``grad_out``.
 
     For a batched ``grad_out`` (``torch.autograd.grad(..., is_grads_batched=True)``, see
     ``lean_function``): the launchers cannot read it, and the dispatcher's batching fallback takes
@@ -1397,11 +1397,13 @@ def _reference_grads(op_name: str, grad_out: torch.Tensor, x0: torch.Tensor, par
 
     dt = _dot_dtype(x0, dt)
 
+    # the forward's autocast again (dt differs from x0's or the parameters' dtype only under autocast):
+    # eager rounds the GEMM operands only, x0, the biases, the running x and the carried gradient stay
     def ref(x, *flat):
-        cast = [t.to(dt) for t in flat]
-        return getattr(reference, op_name)(x.to(dt), *(cast[i * L:(i + 1) * L] for i in range(len(cast) // L)))
+        return getattr(reference, op_name)(x, *(flat[i * L:(i + 1) * L] for i in range(len(flat) // L)))
 
-    with torch.autocast(x0.device.type, enabled=False):
+    under = dt != x0.dtype or any(t.dtype != dt for t in params)
+    with torch.autocast(x0.device.type, dtype=dt, enabled=under):
         if _functorch_wrapped(grad_out):
             return torch.func.vjp(ref, x0.detach(), *(t.detach() for t in params))[1](grad_out)
         with torch.enable_grad():

@@ -556,7 +556,7 @@ def test_autocast_meets_the_design_rule_per_parameter(rank, D, gemm, L, p_dtype,
 def test_autocast_output_and_gradients_have_eagers_dtypes(rank, D, x_dtype, p_dtype):
     """Under fp16 autocast, whatever the mix of x0's and the parameters' dtypes, the output and every
     gradient have the dtype eager's autocast gives them (fp32 x0 with fp16 parameters: fp32, as
-    eager's element-wise ``x0 * (...)`` promotes; the kernels' output, fp16 there, is cast), on the
+    eager's element-wise ``x0 * (...)`` promotes, and the kernels write it so), on the
     Triton path (D = 40) and the cuBLAS one (D = 312), and the values stay near eager's."""
     B, L = 3, 2
     kinds = 2 if rank is None else 3
@@ -860,7 +860,7 @@ def test_eager_entry_matches_custom_op_bitwise(case, monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check")
 @pytest.mark.parametrize("rank", [None, 8])
 def test_eager_entry_matches_custom_op_under_autocast(rank, monkeypatch):
-    """Under autocast (x0 cast to fp16, fp32 parameters read as they are) both routes of the public
+    """Under autocast (fp32 x0 and parameters read as they are, fp16 dots) both routes of the public
     function give the same output (fp32, eager's dtype) and the same gradients (fp32 for the
     parameters)."""
     B, D, L = 3, 40, 2
@@ -1087,3 +1087,30 @@ def test_backward_ops_return_parameter_gradients_in_parameter_dtype(rank, x_dtyp
     assert dx0.dtype == x_dtype
     assert [t.dtype for t in param_grads] == [torch.float32] * len(param_grads)
     torch.library.opcheck(op.default, args)
+
+
+# ----------------------------------------------------------------------------- batched gradients
+@pytest.mark.skipif(HAS_CUDA, reason="CPU autocast check (fp16; the interpreter has no bf16)")
+@pytest.mark.parametrize("rank,D", [(None, 40), (None, 200), (8, 40)], ids=["full-one-launch", "full-cublas", "low-rank"])
+def test_batched_grads_under_autocast_meet_the_design_rule(rank, D):
+    """``is_grads_batched=True`` under fp16 autocast (fp32 x0, parameters, upstream gradients) goes
+    through ``_reference_grads``: each row of its gradients must meet DESIGN §5's 2x-eager rule, as
+    the kernels' own backward does. Until a review of 5c41efb it cast x0 and the biases to the
+    compute dtype and ran with autocast off, so the running x and the carried gradient were fp16
+    too: bias gradients at fp16's rounding (about 4e-4, 400x eager's 5e-8), dx0 at 2.1x (3 of 3
+    cases failed)."""
+    L, B, N = 2, 5, 3
+    kinds = 2 if rank is None else 3
+    torch.manual_seed(0)
+    flat = _fr_inputs(B, D, L, torch.float32) if rank is None else _lr_inputs(B, D, rank, L, torch.float32)
+    fused, ref = (C.cross_net, R.cross_net) if rank is None else (C.low_rank_cross_net, R.low_rank_cross_net)
+    G = torch.randn(N, B, D)
+    res = []
+    for fn, ac, dt in ((fused, True, torch.float32), (ref, True, torch.float32), (ref, False, torch.float64)):
+        leaves = [t.to(dt).detach().clone().requires_grad_() for t in flat]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=ac):
+            out = fn(*_split(leaves, L, kinds))
+        res.append(torch.autograd.grad(out, leaves, G.to(out.dtype), is_grads_batched=True))
+    for name, k, e, r64 in zip(_names(L, kinds), *res):
+        assert k.dtype == e.dtype, name
+        assert_lowp(k, e, r64, f"d{name} (batched)")
