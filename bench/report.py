@@ -91,7 +91,7 @@ def _json_kind(value) -> str:
     """JSON's name for the type of a parsed value."""
     if value is None:
         return "null"
-    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(value), "value")
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "value")
 
 
 def _not_a_row(row) -> str:
@@ -134,8 +134,17 @@ def load_rows(paths):
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a pytest-benchmark JSON file (a JSON {_json_kind(data)}, not an object)")
-        for bench in data.get("benchmarks", []):
-            info = bench.get("extra_info") or {}
+        benches = data.get("benchmarks", [])
+        if not isinstance(benches, list):
+            raise ValueError(f"{path}: not a pytest-benchmark JSON file (its benchmarks are a JSON "
+                             f"{_json_kind(benches)}, not an array)")
+        for number, bench in enumerate(benches):
+            info = bench.get("extra_info") if isinstance(bench, dict) else None
+            if not isinstance(bench, dict) or not isinstance(info or {}, dict):
+                what = f"a JSON {_json_kind(bench)}" if not isinstance(bench, dict) else \
+                    f"its extra_info a JSON {_json_kind(info)}"
+                raise ValueError(f"{path}: benchmarks[{number}] is not pytest-benchmark's ({what}, not an object)")
+            info = info or {}
             if "median_ms" in info:
                 why = _not_a_row(info)
                 if why:

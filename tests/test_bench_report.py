@@ -300,6 +300,14 @@ def test_input_that_is_json_but_not_rows_is_named(report, tmp_path):
         report.load_rows([str(tmp_path / "null.jsonl")])
     with pytest.raises(ValueError, match=r"list.json: not a pytest-benchmark JSON file \(a JSON array"):
         report.load_rows([str(tmp_path / "list.json")])
+    # pytest-benchmark's object with its parts of another kind (they were a TypeError or AttributeError)
+    for name, data, message in (("dict.json", {"benchmarks": {}}, r"its benchmarks are a JSON object, not an array"),
+                                ("str.json", {"benchmarks": ["x"]}, r"benchmarks\[0\] .*\(a JSON string, not an object"),
+                                ("info.json", {"benchmarks": [{"extra_info": [1]}]},
+                                 r"benchmarks\[0\] .*\(its extra_info a JSON array, not an object")):
+        (tmp_path / name).write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=name.replace(".", r"\.") + ": .*" + message):
+            report.load_rows([str(tmp_path / name)])
 
 
 def test_objects_that_are_not_rows_and_input_without_rows_are_named(report, tmp_path, capsys):
