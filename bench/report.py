@@ -140,11 +140,12 @@ def load_rows(paths):
                              f"{_json_kind(benches)}, not an array)")
         for number, bench in enumerate(benches):
             info = bench.get("extra_info") if isinstance(bench, dict) else None
-            if not isinstance(bench, dict) or not isinstance(info or {}, dict):
+            # only a missing or null extra_info is none (an empty array, "", 0 or false was taken for one)
+            if not isinstance(bench, dict) or not isinstance({} if info is None else info, dict):
                 what = f"a JSON {_json_kind(bench)}" if not isinstance(bench, dict) else \
                     f"its extra_info a JSON {_json_kind(info)}"
                 raise ValueError(f"{path}: benchmarks[{number}] is not pytest-benchmark's ({what}, not an object)")
-            info = info or {}
+            info = {} if info is None else info
             if "median_ms" in info:
                 why = _not_a_row(info)
                 if why:

@@ -304,10 +304,18 @@ def test_input_that_is_json_but_not_rows_is_named(report, tmp_path):
     for name, data, message in (("dict.json", {"benchmarks": {}}, r"its benchmarks are a JSON object, not an array"),
                                 ("str.json", {"benchmarks": ["x"]}, r"benchmarks\[0\] .*\(a JSON string, not an object"),
                                 ("info.json", {"benchmarks": [{"extra_info": [1]}]},
-                                 r"benchmarks\[0\] .*\(its extra_info a JSON array, not an object")):
+                                 r"benchmarks\[0\] .*\(its extra_info a JSON array, not an object"),
+                                # falsy ones too (they passed as no extra_info)
+                                ("empty.json", {"benchmarks": [{"extra_info": []}]}, r"its extra_info a JSON array"),
+                                ("zero.json", {"benchmarks": [{"extra_info": 0}]}, r"its extra_info a JSON number"),
+                                ("false.json", {"benchmarks": [{"extra_info": False}]}, r"its extra_info a JSON boolean"),
+                                ("blank.json", {"benchmarks": [{"extra_info": ""}]}, r"its extra_info a JSON string")):
         (tmp_path / name).write_text(json.dumps(data))
         with pytest.raises(ValueError, match=name.replace(".", r"\.") + ": .*" + message):
             report.load_rows([str(tmp_path / name)])
+    # a benchmark without extra_info, or with a null one, is not bench/common.py's: skipped
+    (tmp_path / "none.json").write_text(json.dumps({"benchmarks": [{"extra_info": None}, {"name": "x"}]}))
+    assert report.load_rows([str(tmp_path / "none.json")]) == []
 
 
 def test_objects_that_are_not_rows_and_input_without_rows_are_named(report, tmp_path, capsys):
