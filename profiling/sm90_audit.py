@@ -66,7 +66,9 @@ def step_cases(shape_name: str, step: str):
 
 def _consts(case: dict) -> str:
     cap = [f"maxnreg={case['maxnreg']}"] if case.get("maxnreg") is not None else []
-    return " ".join([f"{k}={v}" for k, v in case["consts"].items() if k != "PREC"] + cap)
+    # a tl.dtype constexpr (kernel_audit records it as {"tl_dtype": name}) shows as its name: DT=bf16
+    shown = {k: v["tl_dtype"] if isinstance(v, dict) and set(v) == {"tl_dtype"} else v for k, v in case["consts"].items()}
+    return " ".join([f"{k}={v}" for k, v in shown.items() if k != "PREC"] + cap)
 
 
 def table(builds) -> str:

@@ -299,6 +299,9 @@ def test_sm90_audit_builds_every_kernel_of_a_training_step(sm90_audit, capsys, t
         assert b["programs"] >= 1, b  # from the recorded grid
     assert f"{sum(b['launches'] for b in builds)} launches, {len(builds)} distinct kernels" in text
     assert "warps/SM" in text and "waves" in text
+    # the cross nets' compute dtype, a tl.dtype constexpr ({"tl_dtype": "bf16"} in the JSON), by its name
+    assert any(b["consts"].get("DT") == {"tl_dtype": "bf16"} for b in builds)
+    assert "DT=bf16" in text and "tl_dtype" not in text
     # the SASS fingerprint (for showing that a refactor leaves the machine code as it was): the same
     # for a case built again, different between two specialisations of one kernel
     from interformer.kernel_audit import build_sm90
