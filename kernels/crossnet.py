@@ -363,8 +363,8 @@ def _lr_fwd_kernel(
     X0, Us, Vs, Bs,
     B, D, R,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
- DT: tl.constexpr,):
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rk = tl.arange(0, BLOCK_R)
@@ -393,8 +393,8 @@ def _lr_bwd_rows_kernel(
     G, X0, P, Us, Vs, Bs,
     B, D, R,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
- DT: tl.constexpr,):
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     rk = tl.arange(0, BLOCK_R)
@@ -428,8 +428,8 @@ def _lr_bwd_weights_kernel(
     G, X0, P, DP, Us, Vs, Bs,
     B, D, R, ROWS_PER_SPLIT, TOTAL,
     NUM_LAYERS: tl.constexpr, DIRECT: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr,
- DT: tl.constexpr,):
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -520,8 +520,8 @@ def _lr_bwd_phase_kernel(
     G, X0, Us, Vs,
     B, D, R, S, CHUNKS,
     LAYER: tl.constexpr, NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, PREC: tl.constexpr,
- DT: tl.constexpr,):
+    BLOCK_R: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr,
+):
     """``LOW_RANK_BACKWARD = "phases"``, one launch per layer from the top: program ``(row block,
     s)`` adds up ``(g_{LAYER+1} * x0) U_LAYER`` over its ``CHUNKS`` column tiles into the partial
     ``DPP[LAYER, s]``. ``g_{LAYER+1}`` is rebuilt on each tile from the upstream gradient and the
@@ -554,8 +554,8 @@ def _lr_bwd_dx0_kernel(
     DPP, G, P, Us, Vs, Bs,
     B, D, R, S,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
- DT: tl.constexpr,):
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
     """``LOW_RANK_BACKWARD = "phases"``, after the phase launches: ``dx0 = g_0 + sum_i g_{i+1} * y_i``
     on one ``[BLOCK_B, BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with
     ``dp_0`` summed from its partials (the column-tile-0 programs store it, final, in ``DP`` for the
@@ -587,8 +587,8 @@ def _lr_fwd_phase_kernel(
     X0, Us, Vs, Bs,
     B, D, R, S, CHUNKS,
     LAYER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
- DT: tl.constexpr,):
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
     """``LOW_RANK_FORWARD = "phases"``, one launch per layer from the bottom: program ``(row block,
     s)`` adds up ``x_LAYER V_LAYER^T`` over its ``CHUNKS`` column tiles into the partial ``PP[LAYER,
     s]``. ``x_LAYER`` is rebuilt on each tile from x0 and the layers below: ``p_{LAYER-1}`` summed
@@ -617,8 +617,8 @@ def _lr_fwd_out_kernel(
     PP, X0, Us, Bs,
     B, D, R, S,
     NUM_LAYERS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr,
- DT: tl.constexpr,):
+    PREC: tl.constexpr, DT: tl.constexpr,
+):
     """``LOW_RANK_FORWARD = "phases"``, after the phase launches: the output ``x_L`` on one ``[BLOCK_B,
     BLOCK_D]`` tile per program (the grid covers every tile: no loop over D), with ``p_{L-1}`` summed
     from its partials (the column-tile-0 programs store it, final, in ``P`` for the backward) and
