@@ -283,8 +283,9 @@ def _sum_partials_kernel(
 _INTERPRETED = not isinstance(_sum_partials_kernel, triton.runtime.jit.JITFunction)
 
 _BF16_INTERPRETED = (
-    "interformer: a fused Triton op was given bfloat16 tensors under Triton's interpreter (TRITON_INTERPRET=1, "
-    "the fused path on the CPU), which has no bfloat16: its tl.dot results are wrong (garbage, not an error). "
+    "interformer: a fused Triton op was given bfloat16 tensors, or bfloat16 as its compute dtype (bf16 autocast), "
+    "under Triton's interpreter (TRITON_INTERPRET=1, the fused path on the CPU), which has no bfloat16: its tl.dot "
+    "results are wrong (garbage, not an error). "
     "On the CPU run the fused path in float32 or float16 (autocast dtype=torch.float16, or none), or "
     "backend='eager' for bfloat16; bfloat16 kernels need a GPU")
 

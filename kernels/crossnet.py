@@ -192,7 +192,9 @@ save the same tensors, the backward follows the setting at its own call, whateve
   than the GEMMs' dtype (an fp32 output under autocast), ``g`` is carried in its dtype, as eager
   carries it: ``torch.mm`` gives ``dy_i W_i`` in the GEMMs' dtype, the next layer's element-wise
   kernel adds it to ``g_{i+1}`` (and writes ``g_i`` back, in place), and ``torch.add(C, dy_0 W_0)`` is
-  dx0: ``3 L + 2`` launches.
+  dx0: ``3 L + 2`` launches, plus, as on every path with parameters (or x0) in another dtype than
+  the GEMMs', the casts of the parameters (and of x0, for ``dW_0``) and the roundings of the ``dW``
+  into the parameters' dtype.
 * ``"triton"`` (and every narrow D), one launch of ``_fr_bwd_kernel`` per layer: the GEMM
   ``dy_i @ W_i`` with ``g_i = g_{i+1} + acc`` in its epilogue, which also writes the next layer's
   ``dy_{i-1} = g_i * x0``, its per-tile column sums and the running ``s`` (carried as ``g_1 + s`` into
