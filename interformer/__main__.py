@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (ev, sc):  # the flags both share, with the same meanings and defaults
         p.add_argument("--data", choices=("csv", "parquet"), default=None,
                        help="format of the files (default: by their suffixes, else the checkpoint's data setting)")
-        p.add_argument("--batch-size", type=_positive_int, default=1024, help="scoring batch size (default %(default)s)")
+        p.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="scoring batch size (default: the checkpoint's eval_batch_size, so that its splits "
+                            "score as in training)")
         p.add_argument("--device", default=None, help=_DEVICE_HELP)
         p.add_argument("--backend", default=None, choices=BACKENDS,
                        help="the model's path (default: the one the checkpoint's model was built with)")

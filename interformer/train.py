@@ -1742,12 +1742,16 @@ def load_model(checkpoint, backend: Optional[str] = None, device: Optional[str] 
     return _model_of(load_checkpoint(checkpoint), backend, dev).eval()
 
 
-def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: Optional[str], amp: Optional[str],
-                   on_bad_rows: Optional[str]) -> tuple:
+def _scoring_setup(checkpoint, batch_size: Optional[int], device: Optional[str], backend: Optional[str],
+                   amp: Optional[str], on_bad_rows: Optional[str]) -> tuple:
     """``(state, cfg, device, model, amp_note)`` for :func:`evaluate_checkpoint` and
-    :func:`score_checkpoint`: the checkpoint, its training settings with the given ``amp`` and
-    ``on_bad_rows`` (None: its own), the device and the model on it, and why the amp used is not
-    the checkpoint's (None when it is)."""
+    :func:`score_checkpoint`: the checkpoint, its training settings with the given ``amp``,
+    ``on_bad_rows`` and ``batch_size`` (as ``cfg.eval_batch_size``; None: its own), the device and
+    the model on it, and why the amp used is not the checkpoint's (None when it is)."""
+    from .dataio import _check_batch_args
+
+    if batch_size is not None:
+        _check_batch_args(batch_size, 0, 1, 0)
     dev = _default_device(device)  # before the checkpoint is read
     check_device(dev)
     state = load_checkpoint(checkpoint)
@@ -1757,7 +1761,8 @@ def _scoring_setup(checkpoint, batch_size: int, device: Optional[str], backend: 
     # parse_device, does not stop its checkpoint from being scored here)
     cfg = TrainConfig.from_dict({**state["train_config"], **given,
                                  "device": None if device is None or device == "" else str(dev)})  # (0: "cuda:0")
-    cfg.eval_batch_size = batch_size
+    if batch_size is not None:
+        cfg.eval_batch_size = batch_size
     model = _model_of(state, backend, dev)
     amp_note = None
     if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
@@ -1797,7 +1802,7 @@ def _schema_and_vocabs(checkpoint, state: Dict[str, Any], what: str) -> tuple:
 
 
 def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data: Optional[str] = None,
-                        batch_size: int = 1024, device: Optional[str] = None, backend: Optional[str] = None,
+                        batch_size: Optional[int] = None, device: Optional[str] = None, backend: Optional[str] = None,
                         amp: Optional[str] = None, on_bad_rows: Optional[str] = None,
                         output: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Metrics of a checkpoint on files (with the checkpoint's schema and vocabularies) or on its
@@ -1813,7 +1818,10 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
     under; None (the default) takes the checkpoint's, so that a split scores as it did in training,
     except where that cannot run: a bf16 checkpoint evaluated on the fused path on a CPU (Triton's
     interpreter has no bfloat16) is scored without autocast and says so. Each split's metrics give
-    the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason. ``output``:
+    the ``amp`` used, and ``amp_note`` where it is not the checkpoint's for that reason.
+    ``batch_size``: rows scored at a time; None (the default) takes the run's ``eval_batch_size``,
+    so that its splits score in the batches of training's validation, to the last digit (a sum
+    over batches of another size differs in about the tenth). ``output``:
     a file the caller will write the results to, refused (ValueError, before any scoring) when it is
     the checkpoint or a file read: ``evaluate --output`` once wrote its metrics over the
     checkpoint's own validation file."""
@@ -1901,7 +1909,7 @@ class Scores:
 
 
 @torch.no_grad()
-def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = None, batch_size: int = 1024,
+def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = None, batch_size: Optional[int] = None,
                      device: Optional[str] = None, backend: Optional[str] = None, amp: Optional[str] = None,
                      on_bad_rows: Optional[str] = None) -> Scores:
     """Click probabilities of a checkpoint's model for every row of ``paths`` (CSV/Parquet files read
@@ -1928,7 +1936,7 @@ def score_checkpoint(checkpoint: str, paths: List[str], data: Optional[str] = No
     model.eval()
     files, rows, scores = [], [], []
     t0 = time.perf_counter()
-    for batch, f, r in _closing(ds.positioned_batches(batch_size, prefetch=cfg.prefetch)):
+    for batch, f, r in _closing(ds.positioned_batches(cfg.eval_batch_size, prefetch=cfg.prefetch)):
         scores.append(torch.sigmoid(_logits(model, batch, dev, cfg)))
         files.append(f)
         rows.append(r)
@@ -1972,13 +1980,12 @@ class Scorer:
 
 
 def load_scorer(checkpoint, device: Optional[str] = None, backend: Optional[str] = None, amp: Optional[str] = None,
-                batch_size: int = 1024) -> Scorer:
+                batch_size: Optional[int] = None) -> Scorer:
     """A :class:`Scorer` of a checkpoint of ``python -m interformer train`` trained on files (it needs
-    their schema and vocabularies, which the checkpoint carries). ``device``, ``backend`` and ``amp``
-    as for :func:`score_checkpoint`, whose scores it gives for the same rows and ``batch_size``."""
-    from .dataio import RowEncoder, _check_batch_args
+    their schema and vocabularies, which the checkpoint carries). ``device``, ``backend``, ``amp``
+    and ``batch_size`` as for :func:`score_checkpoint`, whose scores it gives for the same rows."""
+    from .dataio import RowEncoder
 
-    _check_batch_args(batch_size, 0, 1, 0)
     state, cfg, dev, model, amp_note = _scoring_setup(checkpoint, batch_size, device, backend, amp, None)
     encoder = RowEncoder(*_schema_and_vocabs(checkpoint, state, "encode rows"))
-    return Scorer(model, encoder, cfg, dev, amp_note, batch_size)
+    return Scorer(model, encoder, cfg, dev, amp_note, cfg.eval_batch_size)

@@ -645,6 +645,22 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tmp_path, 
         main(["train", *SYNTH, *TINY_FLAGS, "--output-dir", str(out)])
 
 
+def test_evaluate_scores_in_the_runs_eval_batches_by_default(tmp_path):
+    """``evaluate`` without a batch size scores in the run's ``eval_batch_size`` (here 50: four
+    batches of the 192 validation samples), so its metrics are the run's final ones to the last bit;
+    it scored in batches of 1024, whose sums differed in about the tenth digit (logloss 1.8e-10 off).
+    A given batch size still applies, and one that is not an integer >= 1 is refused."""
+    s = T.train(tiny_config(tmp_path / "run", epochs=1, eval_batch_size=50), log=quiet)
+    ckpt = str(tmp_path / "run" / "last.pt")
+    got = T.evaluate_checkpoint(ckpt)["valid"]
+    for k in ("auc", "gauc", "logloss", "ne"):
+        assert got[k] == s["final"]["valid"][k], k
+    assert T.evaluate_checkpoint(ckpt, batch_size=1024)["valid"]["samples"] == 192
+    for bad in (0, 2.5, "64"):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            T.evaluate_checkpoint(ckpt, batch_size=bad)
+
+
 def test_evaluate_of_a_synthetic_checkpoint_draws_only_the_splits_it_scores(tmp_path, monkeypatch):
     """``evaluate`` of a synthetic run draws its validation and test splits again from the seed, and
     not its training split, which it used to draw in full and throw away; the splits are the run's
