@@ -33,6 +33,7 @@ OPS = {
     "test_bench_layernorm": ("test_layernorm", [dict(use="dhen")], "add_layer_norm", "layernorm", "add_layer_norm"),
     "test_bench_attention": ("test_self_attention", [{}], "attention", "attention", "attention"),
     "test_bench_feed_forward": ("test_feed_forward", [{}], "feed_forward", "feed_forward", "feed_forward"),
+    "test_bench_dcn_autocast": ("test_dcn_autocast", [dict(rank="full"), dict(rank="low")], None, "crossnet", None),
 }
 # providers whose implementation is neither the reference nor ours (a user's pipeline)
 FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
@@ -89,7 +90,8 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
     kmod = importlib.import_module(f"interformer.kernels.{kmod_name}")
     calls = []
     ref_names = [ref_name] if ref_name else {"test_bench_pffn": ["pffn_mlp", "pffn_linear"],
-                                              "test_bench_crossnet": ["cross_net", "low_rank_cross_net"]}[bench_module]
+                                              "test_bench_crossnet": ["cross_net", "low_rank_cross_net"],
+                                              "test_bench_dcn_autocast": ["cross_net", "low_rank_cross_net"]}[bench_module]
     for name in ref_names:
         _spy(monkeypatch, R, name, calls, "reference")
         _spy(monkeypatch, kmod, kfn_name or name, calls, "fused")
