@@ -948,7 +948,7 @@ def _fr_fwd_layer(OUT, XS, YS, X0, W, Bias, B, D, rows, cols, LAYER: tl.constexp
         w = tl.load(W + cols[None, :] * D + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(DT), w.to(DT), acc, input_precision=PREC)
     lin = acc.to(DT)
-    tl.store(YS + LAYER * B * D + off, lin, mask=m)
+    tl.store(YS + (LAYER * B + rows[:, None]) * D + cols[None, :], lin, mask=m)  # int64 (rows is): L B D > 2^31
     y = lin.to(tl.float32) + tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     x0 = tl.load(X0 + off, mask=m, other=0.0).to(tl.float32)
     if LAYER == 0:
@@ -961,7 +961,7 @@ def _fr_fwd_layer(OUT, XS, YS, X0, W, Bias, B, D, rows, cols, LAYER: tl.constexp
     if LAYER == TOTAL - 1:
         tl.store(OUT + off, xn.to(OUT.dtype.element_ty), mask=m)
     else:
-        tl.store(XS + LAYER * B * D + off, xn.to(DT), mask=m)
+        tl.store(XS + (LAYER * B + rows[:, None]) * D + cols[None, :], xn.to(DT), mask=m)
         if RUNNING:
             tl.store(OUT + off, xn.to(OUT.dtype.element_ty), mask=m)
         tl.debug_barrier()
