@@ -139,13 +139,14 @@ def load_rows(paths):
             raise ValueError(f"{path}: not a pytest-benchmark JSON file (its benchmarks are a JSON "
                              f"{_json_kind(benches)}, not an array)")
         for number, bench in enumerate(benches):
-            info = bench.get("extra_info") if isinstance(bench, dict) else None
+            not_ours = f"{path}: benchmarks[{number}] is not pytest-benchmark's"
+            if not isinstance(bench, dict):
+                raise ValueError(f"{not_ours} (a JSON {_json_kind(bench)}, not an object)")
             # only a missing or null extra_info is none (an empty array, "", 0 or false was taken for one)
-            if not isinstance(bench, dict) or not isinstance({} if info is None else info, dict):
-                what = f"a JSON {_json_kind(bench)}" if not isinstance(bench, dict) else \
-                    f"its extra_info a JSON {_json_kind(info)}"
-                raise ValueError(f"{path}: benchmarks[{number}] is not pytest-benchmark's ({what}, not an object)")
+            info = bench.get("extra_info")
             info = {} if info is None else info
+            if not isinstance(info, dict):
+                raise ValueError(f"{not_ours} (its extra_info a JSON {_json_kind(info)}, not an object)")
             if "median_ms" in info:
                 why = _not_a_row(info)
                 if why:
