@@ -1755,14 +1755,13 @@ def _scoring_setup(checkpoint, batch_size: Optional[int], device: Optional[str],
     dev = _default_device(device)  # before the checkpoint is read
     check_device(dev)
     state = load_checkpoint(checkpoint)
-    # a given on_bad_rows or amp replaces the checkpoint's, checked by TrainConfig as every setting is
-    given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp)) if value is not None}
+    # a given on_bad_rows, amp or batch size replaces the checkpoint's, checked by TrainConfig as every setting is
+    given = {name: value for name, value in (("on_bad_rows", on_bad_rows), ("amp", amp), ("eval_batch_size", batch_size))
+             if value is not None}
     # the device is this call's (the run's own is not checked: one of another type, from before
     # parse_device, does not stop its checkpoint from being scored here)
     cfg = TrainConfig.from_dict({**state["train_config"], **given,
                                  "device": None if device is None or device == "" else str(dev)})  # (0: "cuda:0")
-    if batch_size is not None:
-        cfg.eval_batch_size = batch_size
     model = _model_of(state, backend, dev)
     amp_note = None
     if amp is None and cfg.amp == "bf16" and dev.type == "cpu" and model.config.backend == "triton":
