@@ -64,12 +64,18 @@ _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int6
 _ALIGNED = [["tt.divisibility", 16]]
 
 
+def tl_dtype_name(spec):
+    """The dtype's name of a case's ``{"tl_dtype": name}`` constexpr, else None."""
+    return spec["tl_dtype"] if isinstance(spec, dict) and set(spec) == {"tl_dtype"} else None
+
+
 def const_value(spec):
     """A case's constexpr as the kernel takes it: ``{"tl_dtype": name}`` is that ``tl.dtype``."""
-    if isinstance(spec, dict) and set(spec) == {"tl_dtype"}:
+    name = tl_dtype_name(spec)
+    if name is not None:
         import triton.language as tl
 
-        return tl.dtype(spec["tl_dtype"])
+        return tl.dtype(name)
     return spec
 
 

@@ -65,9 +65,11 @@ def step_cases(shape_name: str, step: str):
 
 
 def _consts(case: dict) -> str:
+    from interformer.kernel_audit import tl_dtype_name
+
     cap = [f"maxnreg={case['maxnreg']}"] if case.get("maxnreg") is not None else []
-    # a tl.dtype constexpr (kernel_audit records it as {"tl_dtype": name}) shows as its name: DT=bf16
-    shown = {k: v["tl_dtype"] if isinstance(v, dict) and set(v) == {"tl_dtype"} else v for k, v in case["consts"].items()}
+    # a tl.dtype constexpr (recorded as {"tl_dtype": name}) shows as its name: DT=bf16
+    shown = {k: tl_dtype_name(v) or v for k, v in case["consts"].items()}
     return " ".join([f"{k}={v}" for k, v in shown.items() if k != "PREC"] + cap)
 
 
