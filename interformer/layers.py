@@ -31,17 +31,19 @@ _FFN_LAYERS = [nn.Linear, nn.SiLU, nn.Linear]
 _FFN_LAYERS_DROPOUT = [nn.Linear, nn.SiLU, nn.Dropout, nn.Linear]
 
 
-def _read_as_called(*modules: nn.Module, cls: type) -> bool:
+def _read_as_called(*modules: nn.Module, cls: type, bias: bool = True) -> bool:
     """Whether reading each of ``modules``' parameters computes what calling it would: exactly
     ``cls`` (a subclass may compute otherwise) with a weight and a bias, called as defined (no
     hook on it, ``prune`` included; no per-object forward; not ``Module.compile``'d) and no global
     module hook. The modules below that read a child's parameters (into the fused op or the
     reference alike) call the child instead when this is False, so that the hook runs, the pruned
-    weight is the one used, the swapped-in class computes, as in a plain ``nn.Module`` tree."""
+    weight is the one used, the swapped-in class computes, as in a plain ``nn.Module`` tree.
+    ``bias=False``: a bias is not needed (:func:`_expect_dtype` asks only whether calling the layer
+    runs ``cls``'s forward)."""
     if global_module_hooks():
         return False
     for m in modules:  # (a loop, not ``all`` over a generator: once or twice every module call)
-        if type(m) is not cls or m.weight is None or m.bias is None or not called_as_defined(m):
+        if type(m) is not cls or m.weight is None or (bias and m.bias is None) or not called_as_defined(m):
             return False
     return True
 
@@ -77,7 +79,8 @@ def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False
     broadcasts: a ``[B, 1, d]`` input to a ``GatedLCE`` of three tokens, lengths of shape ``[1]`` or
     ``[B, 1]``, float lengths or a residual of another shape ran on the eager path, silently, where
     the fused one raised. A drop-in must fail alike. Values (lengths in range, ids in their
-    vocabularies) are :func:`interformer.validate_batch`'s: reading them costs a device sync.
+    vocabularies) are :func:`interformer.validate_batch`'s: reading them costs a device sync. An
+    input's dtype against the parameters' is :func:`_expect_dtype`'s.
     torch.fx's Proxies pass (they have no sizes to check)."""
     # (a plain loop, not ``all`` over a generator: this runs for every input of every module call,
     # about 60 times a plain inference forward at taobao, and took 1.0 us a call on the CI CPU, 0.4-0.6 so)
@@ -107,6 +110,53 @@ def _expect(module: nn.Module, name: str, t, sizes: tuple, integer: bool = False
         got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         kind = "an integer" if integer else "a floating-point"
         raise ValueError(f"{type(module).__name__}: {name} must be {kind} tensor {want}, got {got}")
+
+
+def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
+    """ValueError, naming ``module``'s class, the argument and both dtypes, where ``t``'s dtype is not
+    the parameters' outside autocast: where the eager path fails on it. ``like`` is what ``t`` meets
+    first on that path: a tensor a GEMM takes only in ``t``'s dtype (a parameter, or ``W_b`` made from
+    them), or a child layer ``t`` is given to, an ``nn.Linear`` or an ``nn.Sequential`` whose first
+    layer is one, whose weight counts only where calling it runs ``nn.Linear``'s forward and nothing
+    else (``_read_as_called``'s conditions, a bias not needed; ``called_as_defined`` for the
+    Sequential): a hook or another class may cast the input, and eager then runs.
+
+    Decision (2026-11-29): a ``ValueError``, as the other input checks (:func:`_expect`) and
+    ``ResidualLayerNorm``'s own dtype rule raise, before the op, so that both backends fail alike.
+    Until then the eager path raised PyTorch's ``RuntimeError`` from its first GEMM ("mat1 and mat2
+    must have the same dtype", "expected scalar type Half but found Float", ...) and the fused one
+    the op's ``ValueError`` ("... must share one dtype outside autocast", or "x0 must be one of
+    (float32, ...)" for a float64 input), or both the ``RuntimeError`` where both call a child layer
+    first (the rotary attention's ``qkv``, the DOT's ``proj``, the PFFN's hypernetwork): an audit of
+    2026-11-29 listed them. Only where eager fails: under autocast for ``t``'s device type a mismatch
+    is legal and both paths run, and on the meta device (no data; both backends run the reference
+    there, whose ``F.linear`` takes mixed dtypes) nothing is checked; ``ResidualLayerNorm`` has its
+    own rule (a 16-bit input with fp32 parameters is legal, as in ``nn.LayerNorm``). Refused whatever
+    the sizes: an empty batch (``GatedLCE``'s einsum) or an empty sequence (the PFFN's ``bmm``) ran
+    on the eager path, type-promoted, where the same call with one row fails, and the fused op
+    refused it.
+
+    Cost: an ``isinstance`` and a dtype comparison per input (and a child's ``weight`` read); the
+    rest only on a mismatch. Nothing reads the tensor's data. torch.fx's Proxies pass (reading their
+    ``dtype`` would record a node); under ``torch.compile`` dynamo folds the comparison."""
+    if not isinstance(t, torch.Tensor):  # an fx Proxy
+        return
+    layer = seq = None
+    if isinstance(like, nn.Module):
+        layer = like
+        if type(like) is nn.Sequential:  # (its first layer, without Sequential.__getitem__'s 0.8 us)
+            seq, layer = like, next(iter(like._modules.values()), None)
+        like = getattr(layer, "weight", None)
+        if not isinstance(like, torch.Tensor):
+            return
+    if t.dtype == like.dtype or t.is_meta or autocast_dtype(t.device.type) is not None:
+        return
+    if layer is not None and not (_read_as_called(layer, cls=nn.Linear, bias=False)
+                                  and (seq is None or called_as_defined(seq))):
+        return  # a hook or another class may cast the input: left to the layer
+    raise ValueError(f"{type(module).__name__}: {name} is {t.dtype} but the parameters are {like.dtype}: outside "
+                     "autocast an input must have the parameters' dtype (convert one to the other's, or run under "
+                     "torch.autocast)")
 
 
 __all__ = [
@@ -154,6 +204,7 @@ class GatedLCE(FusedModule):
     @ranged("GatedLCE")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _expect(self, "x", x, (None, self.n_in, self.d_model))
+        _expect_dtype(self, "x", x, self.weight)  # (both paths' first op: einsum with weight)
         if not _read_as_called(self.gate, cls=nn.Linear):  # a hooked, pruned or swapped gate: call it
             return reference._gated_lce_with(x, self.weight, self.bias, self.gate)
         fn = self._op("gated_lce", "gated_lce")
@@ -216,7 +267,9 @@ class PersonalizedFFN(FusedModule):
         """``W_b [B, d, d]`` (materialised; the fused linear mode never calls this)."""
         d = self.d_model
         if self.mode == "mlp":
+            _expect_dtype(self, "x_sum", x_sum, self.hyper)
             return self.hyper(x_sum.flatten(1)).view(-1, d, d) / math.sqrt(d)
+        _expect_dtype(self, "x_sum", x_sum, self.A)
         return torch.matmul(x_sum.transpose(1, 2), self.A)
 
     @ranged("PersonalizedFFN")
@@ -224,13 +277,20 @@ class PersonalizedFFN(FusedModule):
         _expect(self, "s", s, (None, None, self.d_model))
         _expect(self, "x_sum", x_sum, (_batch(s), self.n_sum, self.d_model))
         _expect(self, "lengths", lengths, (_batch(s),), integer=True)
+        # dtypes (_expect_dtype): x_sum meets the hypernetwork (in personal_weight) or A; s meets W_b or A
+        # through the norm, whose output has s's dtype, except a hooked norm's (it may cast): s unchecked
         if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
             if self.mode == "mlp":
                 return reference._pffn_mlp_with(s, lengths, self.personal_weight(x_sum), self.norm)
+            _expect_dtype(self, "x_sum", x_sum, self.A)
             return reference._pffn_linear_with(s, lengths, x_sum, self.A, self.norm)
         if self.mode == "mlp":
+            w_b = self.personal_weight(x_sum)
+            _expect_dtype(self, "s", s, w_b)
             fn = self._op("pffn", "pffn_mlp")
-            return fn(s, lengths, self.personal_weight(x_sum), self.norm.weight, self.norm.bias, self.eps)
+            return fn(s, lengths, w_b, self.norm.weight, self.norm.bias, self.eps)
+        _expect_dtype(self, "s", s, self.A)
+        _expect_dtype(self, "x_sum", x_sum, self.A)
         fn = self._op("pffn", "pffn_linear")
         return fn(s, lengths, x_sum, self.A, self.norm.weight, self.norm.bias, self.eps)
 
@@ -289,6 +349,7 @@ class CrossNet(FusedModule):
     @ranged("CrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         _expect(self, "x0", x0, (None, self.in_features))
+        _expect_dtype(self, "x0", x0, self.kernels[0])
         fn = self._op("crossnet", "cross_net")
         return fn(x0, list(self.kernels), list(self.bias))
 
@@ -334,6 +395,7 @@ class LowRankCrossNet(FusedModule):
     @ranged("LowRankCrossNet")
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         _expect(self, "x0", x0, (None, self.in_features))
+        _expect_dtype(self, "x0", x0, self.V_kernels[0])
         fn = self._op("crossnet", "low_rank_cross_net")
         return fn(x0, list(self.W_kernels), list(self.V_kernels), list(self.bias))
 
@@ -364,6 +426,7 @@ class DotInteraction(FusedModule):
     @ranged("DotInteraction")
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         _expect(self, "z", z, (None, self.num_tokens, self.d_model))
+        _expect_dtype(self, "z", z, self.proj)  # (the products have z's dtype)
         fn = self._op("dot_interaction", "dot_interaction")
         return self.proj(fn(z)).view(z.shape[0], self.num_tokens, self.d_model)
 
@@ -408,6 +471,7 @@ class RotaryMultiHeadAttention(FusedModule):
     def forward(self, s: torch.Tensor, valid_lengths: torch.Tensor) -> torch.Tensor:
         _expect(self, "s", s, (None, None, self.d_model))
         _expect(self, "valid_lengths", valid_lengths, (_batch(s),), integer=True)
+        _expect_dtype(self, "s", s, self.qkv)
         B, L, _ = s.shape
         qkv = self.qkv(s).view(B, L, 3, self.num_heads, self.head_dim)
         fn = self._op("attention", "attention")
@@ -488,6 +552,7 @@ class PoolingMultiHeadAttention(FusedModule):
         if not _read_as_called(self.k_proj, self.v_proj, self.o_proj, cls=nn.Linear):  # hooked, pruned, swapped
             return reference._pma_with(reference.attention, s, lengths, self.query, self.k_proj, self.v_proj,
                                        self.o_proj, self.num_heads)
+        _expect_dtype(self, "s", s, self.k_proj.weight)
         fn = self._op("attention", "pooled_attention")
         return fn(s, lengths, self.query, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
                   self.o_proj.weight, self.o_proj.bias, self.num_heads)
@@ -614,8 +679,10 @@ class FeedForward(FusedModule, nn.Sequential):
 
     @ranged("FeedForward")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self[0], nn.Linear):  # (a user's own first layer checks its input itself)
-            _expect(self, "x", x, (..., self[0].in_features))
+        first = self[0]
+        if isinstance(first, nn.Linear):  # (a user's own first layer checks its input itself)
+            _expect(self, "x", x, (..., first.in_features))
+            _expect_dtype(self, "x", x, first)
         if self._backend != "eager" and self._plain():
             fn = self._op("feed_forward", "feed_forward")
             if fn is not reference.feed_forward:

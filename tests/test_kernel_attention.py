@@ -1485,17 +1485,23 @@ def test_pma_output_can_be_modified_in_place(frozen):
 
 def test_pma_refuses_mixed_dtypes_outside_autocast():
     """s in another dtype than the parameters: the eager module fails (its projections' GEMMs), so
-    the fused one refuses it too (it ran, rounding s to the parameters' dtype: an API audit
-    helper's case); under autocast both run."""
+    the fused op refuses it too (it ran, rounding s to the parameters' dtype: an API audit
+    helper's case); the module refuses it first, with one ValueError on both backends
+    (``layers._expect_dtype``; eager's was PyTorch's RuntimeError until 2026-11-29); under
+    autocast both run."""
     eager, fused = _module_pair(PoolingMultiHeadAttention, (2, 16, 2), torch.float32)
     s = torch.randn(3, 5, 16, device=DEVICE, dtype=torch.float16)
     lengths = torch.tensor([5, 0, 3], device=DEVICE)
-    with pytest.raises(RuntimeError):
-        eager(s, lengths)
+    for module in (eager, fused):
+        with pytest.raises(ValueError, match="^PoolingMultiHeadAttention: s is torch.float16 but the parameters "
+                                             "are torch.float32"):
+            module(s, lengths)
+    params = [fused.query, fused.k_proj.weight, fused.k_proj.bias, fused.v_proj.weight, fused.v_proj.bias,
+              fused.o_proj.weight, fused.o_proj.bias]
     with pytest.raises(ValueError, match="must share one dtype outside autocast"):
-        fused(s, lengths)
+        A.pooled_attention(s, lengths, *params, 2)
     with pytest.raises(ValueError, match="must share one dtype outside autocast"):
-        fused.half()(s.float(), lengths)
+        A.pooled_attention(s.float(), lengths, *[p.half() for p in params], 2)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16 if DEVICE.type == "cuda" else torch.float16):
         assert fused.float()(s, lengths).shape == (3, 2, 16)
     # a query of another dtype: eager casts it to the keys' dtype, and so does the fused path (it

@@ -5,7 +5,9 @@ The fused ops check their inputs; the eager reference is PyTorch code that broad
 lengths or a residual of another shape used to run on the eager path without a word (a wrong result,
 or a wrongly shaped one) where the fused path raised. Each module now checks the ranks, sizes and
 kinds of its inputs before its op (``layers._expect``), so that both backends raise the same
-``ValueError``, naming the module and the argument (an audit of 2026-11-28 listed the cases).
+``ValueError``, naming the module and the argument (an audit of 2026-11-28 listed the cases); and,
+outside autocast, an input of another dtype than the parameters (``layers._expect_dtype``; eager
+raised PyTorch's RuntimeError there until 2026-11-29).
 """
 
 from __future__ import annotations
@@ -222,3 +224,74 @@ def test_a_traced_fused_module_calls_its_op_as_the_module_does(name):
         assert out_gm.dtype == out_m.dtype and torch.equal(out_gm, out_m), (autocast, out_gm.dtype, out_m.dtype)
         assert all(torch.equal(a, b) for a, b in zip(g_gm, g_m)), autocast
         assert n_gm == n_m and (n_m == 0) == name.endswith("past-the-kernel-limit"), (n_gm, n_m)
+
+
+# ----------------------------------------------------------------------------- dtypes outside autocast
+HALF, DOUBLE = torch.float16, torch.float64
+
+# (module factory, parameters' dtype, inputs (given the dtype of the odd one out), argument named, its dtype)
+DTYPE_CASES = {
+    "gated_lce": (lambda b: GatedLCE(3, 2, 4, backend=b), torch.float32, lambda t: (_randn(B, 3, 4).to(t),), "x", HALF),
+    "pffn-mlp-x_sum": (lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b), torch.float32,
+                       lambda t: (_randn(B, L, 4), _randn(B, 2, 4).to(t), _lengths(B)), "x_sum", HALF),
+    "pffn-mlp-s": (lambda b: PersonalizedFFN(4, 2, hidden=8, backend=b), torch.float32,
+                   lambda t: (_randn(B, L, 4).to(t), _randn(B, 2, 4), _lengths(B)), "s", HALF),
+    "pffn-linear-s": (lambda b: PersonalizedFFN(4, 2, mode="linear", backend=b), HALF,
+                      lambda t: (_randn(B, L, 4).to(t), _randn(B, 2, 4).half(), _lengths(B)), "s", torch.float32),
+    "pffn-linear-x_sum": (lambda b: PersonalizedFFN(4, 2, mode="linear", backend=b), torch.float32,
+                          lambda t: (_randn(B, L, 4), _randn(B, 2, 4).to(t), _lengths(B)), "x_sum", HALF),
+    "cross_net": (lambda b: CrossNet(6, 2, backend=b), torch.float32, lambda t: (_randn(B, 6).to(t),), "x0", DOUBLE),
+    "low_rank_cross_net": (lambda b: LowRankCrossNet(6, 2, 2, backend=b), HALF, lambda t: (_randn(B, 6).to(t),), "x0",
+                           torch.float32),
+    "dot": (lambda b: DotInteraction(3, 4, backend=b), torch.float32, lambda t: (_randn(B, 3, 4).to(t),), "z", DOUBLE),
+    "rotary": (lambda b: RotaryMultiHeadAttention(8, 2, backend=b), torch.float32,
+               lambda t: (_randn(B, L, 8).to(t), _lengths(B)), "s", HALF),
+    "pma": (lambda b: PoolingMultiHeadAttention(2, 8, 2, backend=b), torch.float32,
+            lambda t: (_randn(B, L, 8).to(t), _lengths(B)), "s", HALF),
+    "feed_forward": (lambda b: FeedForward(4, 8, 4, backend=b), torch.float32, lambda t: (_randn(B, L, 4).to(t),),
+                     "x", HALF),
+}
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("case", list(DTYPE_CASES))
+def test_an_input_of_another_dtype_than_the_parameters_raises_one_value_error(case, backend):
+    """Outside autocast an input whose dtype is not the parameters' fails on the eager path (its
+    first GEMM), and the fused path must fail alike. It used to be PyTorch's RuntimeError there
+    ("mat1 and mat2 must have the same dtype", ...) and the fused op's ValueError ("... must share
+    one dtype", "x0 must be one of ...") or the same RuntimeError, by module; now each module
+    raises one ValueError on both backends, naming itself, the argument and both dtypes
+    (``layers._expect_dtype``), as ResidualLayerNorm did (tests/test_kernel_layernorm.py)."""
+    make, param_dtype, inputs, arg, dtype = DTYPE_CASES[case]
+    module = make(backend).to(DEVICE, param_dtype)
+    with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} is {dtype} but the parameters are "
+                                         rf"{param_dtype}: outside autocast "):
+        module(*inputs(dtype))
+
+
+def test_under_autocast_an_input_of_another_dtype_still_runs_alike():
+    """What the check leaves alone: under autocast for the input's device a mismatch is legal (the
+    GEMMs cast), and both backends run it, to the same results, as before; so does a mismatch a
+    forward pre-hook casts away on the child layer the input meets first (eager runs it, so the
+    module lets it through); outside autocast, the same call raises the module's ValueError."""
+    low = torch.float16 if DEVICE.type == "cpu" else torch.bfloat16  # (the interpreter has no bfloat16)
+    cast = lambda layer, args: (args[0].to(layer.weight.dtype),)  # noqa: E731
+    for case in ("gated_lce", "pffn-mlp-s", "pffn-linear-x_sum", "cross_net", "dot", "rotary", "pma",
+                 "feed_forward"):
+        make, _, inputs, arg, _ = DTYPE_CASES[case]
+        outs = []
+        for backend in ("eager", "triton"):
+            torch.manual_seed(0)
+            module = make(backend).to(DEVICE, torch.float32)
+            torch.manual_seed(1)
+            args = inputs(low)
+            with torch.autocast(DEVICE.type, dtype=low):
+                outs.append(module(*args))
+            with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} is {low} but the parameters"):
+                module(*args)
+        tol = 2e-2 if low == torch.float16 else 8e-2  # (a few of the low dtype's rounding steps)
+        torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol, msg=case)
+    for backend in ("eager", "triton"):
+        module = RotaryMultiHeadAttention(8, 2, backend=backend).to(DEVICE)
+        module.qkv.register_forward_pre_hook(cast)
+        assert module(_randn(B, L, 8).half(), _lengths(B)).dtype == torch.float32
