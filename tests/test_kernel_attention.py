@@ -306,7 +306,7 @@ def _near_one_hot_case(L, lengths, shared_grad, keys):
 
 
 def _run_near_one_hot(case, fn, dtype):
-    """[out, dq, dk, dv] of ``fn`` on a :func:`_near_one_hot_case` in ``dtype``."""
+    """[out, dq, dk, dv] of ``fn`` on a :func:`_near_one_hot_case` (or a case of its form) in ``dtype``."""
     q, k, v, go, lengths, sm_scale = case
     leaves = [t.to(DEVICE, dtype, copy=True).requires_grad_() for t in (q, k, v)]  # (a copy: never the case's own)
     out = fn(*leaves, lengths, mask_queries=False, sm_scale=sm_scale)
@@ -425,6 +425,105 @@ def test_a_near_one_hot_softmax_over_one_key_block_divides_by_the_recomputed_row
     eager, exact = run(R.attention, torch.float32), run(R.attention, torch.float64)
     for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
         assert_rel(f, x, max(FP32_TOL, 2 * rel_err(e, x)), name)
+
+
+def _cancelling_scores_case(Lq, Lk, seed):
+    """A :func:`_near_one_hot_case`-shaped fp16 case (q, k, v, upstream gradient, lengths, scale;
+    float64 values the fp16 kernel sees exactly) whose scores are small sums of large cancelling
+    terms: q and k, standard normal over a head of 16, hold ``X = 128`` in their first dimension and
+    ``X`` (queries) or ``-X`` (keys) in their last, so every score is ``X^2 - X^2 + (the rest)``:
+    fp32 sums the rest at the ulps of ``X^2`` (about 2e-3), in an order that depends on the tile
+    shape. The values are ``16 + 0.25 * N(0, 1)``: a common offset, so that every key's ``dP = dO .
+    v`` carries ``16 * sum(dO)``, which ``dP - delta`` cancels only where delta is a weighted mean of
+    dP. Two samples, the second a third of the keys long; one head."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, dh, X = 2, 1, 16, 128.0
+    q = torch.randn(B, Lq, H, dh, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Lk, H, dh, generator=g, dtype=torch.float64)
+    q[..., 0] = q[..., -1] = X
+    k[..., 0], k[..., -1] = X, -X
+    v = 16.0 + 0.25 * torch.randn(B, Lk, H, dh, generator=g, dtype=torch.float64)
+    go = torch.randn(B, Lq, H, dh, generator=g, dtype=torch.float64)
+    q, k, v, go = (t.half().double() for t in (q, k, v, go))
+    return q, k, v, go, torch.tensor([Lk, Lk // 3], device=DEVICE), dh ** -0.5
+
+
+@pytest.mark.parametrize("Lk,form", [(40, A._DELTA_IN_LOOP), (100, A._DELTA_PASS)], ids=["in-loop", "pass"])
+def test_fp16_delta_divides_by_the_recomputed_row_sum(monkeypatch, Lk, form):
+    """fp16 queries past one forward query block (64 < Lq <= 128: the forward's 64-row tiles, the
+    backward's one 128-row tile) on scores summed from large cancelling terms
+    (:func:`_cancelling_scores_case`): the backward's recomputed scores differ from the forward's by
+    ulps of the terms (a numpy replay of the two tilings: about 6% of the scores, by up to 7e-3),
+    and ``rowsum(P)`` of the recomputed P is off 1 by up to about 2e-4. ``delta = rowsum(P * dP)``
+    must be divided by it, in the loop's one pass (every key in one block) and in the pass of its
+    own (past one block, ``_delta_pass``): without the division, ``dS = P * (dP - delta)``
+    sums over the keys to ``(1 - rowsum(P)) * rowsum(P * dP)`` instead of 0, dP holding the values'
+    common offset (16 times dO's sum), and dq's two large dimensions (``X * sum(dS)``, 0 in exact
+    arithmetic) take it: dq 20-53x eager's error (3.3e-1 to 8.9e-1 against float64, eager 1.5-2.0e-2,
+    where its fp16 scores and P weigh; seven seeds of each form, 2026-11-29), and neither the
+    near one-hot cases nor the reference cases see it (in fp16 the drift of ``rowsum(P)`` is
+    otherwise far below eager's rounding). With it, out, dq, dk and dv meet DESIGN §5's rule with
+    margin: at most 1.2x eager's error in those seeds (dv, whose recomputed P carries the row sum's
+    drift itself; dq 0.5-0.7x). The fp32 paths' divisions: the tests above."""
+    Lq, dtype = 100, torch.float16
+    dhp = A._padded_dh(16)
+    block_m, block_n, _ = A._fused_bwd_config(Lq, Lk, dhp, dtype)
+    assert A._fwd_config(Lq, Lk, dhp, dtype)[0] < block_m
+    assert A._delta_form(Lk, block_n) == form
+    case = _cancelling_scores_case(Lq, Lk, seed=Lk)
+    fused, launched = _backward_kernels(monkeypatch, lambda: _run_near_one_hot(case, A.attention, dtype))
+    assert {n for n in launched if "_bwd_" in n} == {"_attn_bwd_fused_kernel"}, launched
+    eager, exact = _run_near_one_hot(case, R.attention, dtype), _run_near_one_hot(case, attention64, torch.float64)
+    for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
+        assert_lowp(f, e, x, name)
+
+
+def _paired_query_blocks_case(seed, dtype=torch.float16):
+    """A :func:`_near_one_hot_case`-shaped case (float64 values exact in ``dtype``) for the general
+    backward's dk/dv kernel, whose programs loop over query blocks of ``blk`` rows
+    (``_general_bwd_config``): two pairs of blocks, each pair the same ``blk`` queries twice with
+    upstream gradients ``16 g`` and ``-16 g``, then 44 rows of standard normal queries and
+    gradients, over 64 standard normal keys and values (one sample, two heads of 16, no masking).
+    The two blocks of a pair give every key's dk (and dv) the same partial sum with opposite signs
+    (bitwise where equal rows get equal arithmetic: under the interpreter the kernel's errors are
+    the same with the pairs' gradients not scaled by 16), so dk is the last 44 rows' alone, while the
+    partial sum after the first block of a pair is about 20 times as large (gradients 16 times as
+    large, over 64 rows)."""
+    dh = 16
+    (blk, _), _, _ = A._general_bwd_config(A._padded_dh(dh), dtype)
+    g = torch.Generator().manual_seed(seed)
+    B, H, Lk, rest = 1, 2, 64, 44
+    qs, gs = [], []
+    for _ in range(2):
+        qb = torch.randn(B, blk, H, dh, generator=g, dtype=torch.float64)
+        gb = 16 * torch.randn(B, blk, H, dh, generator=g, dtype=torch.float64)
+        qs += [qb, qb]
+        gs += [gb, -gb]
+    q = torch.cat(qs + [torch.randn(B, rest, H, dh, generator=g, dtype=torch.float64)], 1)
+    go = torch.cat(gs + [torch.randn(B, rest, H, dh, generator=g, dtype=torch.float64)], 1)
+    k, v = (torch.randn(B, Lk, H, dh, generator=g, dtype=torch.float64) for _ in range(2))
+    q, k, v, go = (t.to(dtype).double() for t in (q, k, v, go))
+    return q, k, v, go, torch.tensor([Lk] * B, device=DEVICE), dh ** -0.5
+
+
+def test_fp16_dk_accumulates_over_the_query_blocks_in_fp32(monkeypatch):
+    """The general backward's dk/dv kernel sums a key block's dk (and dv) over the query blocks in
+    an fp32 accumulator and rounds it to fp16 once, at the store. Rounded after each query block
+    instead, dk would carry the rounding of every partial sum, which matters where the partial sums
+    are far larger than the total: :func:`_paired_query_blocks_case`, whose pairs of query blocks
+    cancel exactly and leave the last 44 rows' dk. Rounded per block (a mutation, 2026-11-29): dk
+    10-14x eager's error (5.1-6.4e-3 against float64, eager 4.7-5.7e-4; six seeds), dv likewise
+    10-12x when dv's accumulator is rounded; as the kernel is, 0.5-0.7x eager for every output (the
+    cancelling pairs cost neither eager nor the fp32 sum anything); this file's other fp16 cases
+    pass with either mutation. DESIGN §5's rule on out, dq, dk and dv."""
+    dtype = torch.float16
+    case = _paired_query_blocks_case(seed=0, dtype=dtype)
+    assert not A._use_fused_bwd(case[0].shape[1], A._padded_dh(16), dtype)
+    fused, launched = _backward_kernels(monkeypatch, lambda: _run_near_one_hot(case, A.attention, dtype))
+    assert {n for n in launched if "_bwd_" in n} == {"_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"}, launched
+    eager, exact = _run_near_one_hot(case, R.attention, dtype), _run_near_one_hot(case, attention64, torch.float64)
+    for name, f, e, x in zip(("out", "dq", "dk", "dv"), fused, eager, exact):
+        assert_lowp(f, e, x, name)
 
 
 @pytest.mark.parametrize("dtype,factor", [(torch.float16, 10), (torch.float32, 5)], ids=["fp16", "fp32"])
