@@ -55,7 +55,12 @@ dx_sum) need no reduction. Nothing goes to cuBLAS.
 
 Block sizes (fixed by the shape, no autotune; ``_config``): forward ``BLOCK_L = 64`` rows (less for
 short sequences, at least 16 for ``tl.dot``), backward ``BLOCK_L = 32`` (it keeps the weight, the
-fp32 ``[DP, DP]`` weight-gradient accumulator and about six ``[BLOCK_L, DP]`` fp32 tiles live);
+fp32 ``[DP, DP]`` weight-gradient accumulator and about six ``[BLOCK_L, DP]`` fp32 tiles live), 16
+when s is fp32 (the model's sequence stream under autocast, or an fp32 model), whose row tiles then
+come in fp32 beside their 16-bit dot copies: Triton 3.6's sm_90 builds of the model's autocast case
+spilled at 32 rows (3/2 spill instructions at d = 64, 43/42 at d = 128 in mlp mode, 31/25 in linear
+mode) and at 16 take 246 registers and none, 3/2 and none, with two programs an SM at d = 64
+either way (untimed; ``test_backward_of_fp32_rows_takes_the_row_block_that_spills_less``);
 4 warps, 8 when ``DP = 128``. d <= 128 (``MAX_D``); larger d goes to the eager reference, and so
 do linear-mode shapes whose backward tiles would not fit the shared memory (``_linear_fits``).
 Checked by compiling for sm_90 ahead of time (16-byte aligned contiguous inputs), bf16 at the DESIGN
@@ -275,11 +280,14 @@ def _pffn_bwd_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _config(L: int, d: int, n_sum: int, backward: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_L, DP, NP, num_warps); see the module docstring."""
+def _config(L: int, d: int, n_sum: int, backward: bool, fp32_rows: bool = False) -> Tuple[int, int, int, int]:
+    """(BLOCK_L, DP, NP, num_warps); see the module docstring. ``fp32_rows``: s (and so the incoming
+    gradient) is fp32, the model's sequence stream under autocast or an fp32 model; the backward then
+    takes 16-row blocks (its fp32 row tiles and their 16-bit dot copies spilled at 32; the module
+    docstring has the sm_90 builds)."""
     dp = max(16, next_pow2(d))
     np_ = max(16, next_pow2(n_sum))
-    block_l = min(32 if backward else 64, max(16, next_pow2(L)))
+    block_l = min((16 if fp32_rows else 32) if backward else 64, max(16, next_pow2(L)))
     warps = 8 if dp >= 128 else 4
     return block_l, dp, np_, warps
 
@@ -332,7 +340,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear, para
             if t is not None:
                 t.zero_()
         return ds, dwx, da, dgamma, dbeta
-    block_l, dp, np_, warps = _config(L, d, n_sum, True)
+    block_l, dp, np_, warps = _config(L, d, n_sum, True, s.dtype == torch.float32)
     G = min(B, persistent_programs(s.device))
     P = 2 * d + (n_sum * d if linear else 0)
     part = torch.empty((G, P), device=s.device, dtype=torch.float32)
