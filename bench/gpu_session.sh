@@ -31,9 +31,10 @@
 #      (self_attention and amazon and full and (fused-cudagraph or fused-general-cudagraph or \
 #      fused-narrow-cudagraph or fused-delta-output-cudagraph)) or (dcn_autocast and low and taobao and \
 #      (fwd or full) and (fused-cudagraph or fused-cast-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
-#      Tests: bench/gpu_rerun.txt's header (744 tests: the fp32 attention backward's pivoted dS, every
+#      Tests: bench/gpu_rerun.txt's header (764 tests: the fp32 attention backward's pivoted dS, every
 #      cross-net kernel as the thirty-eighth session changed them (x0 read in its own dtype under
-#      autocast), the gated LCE and the feed-forward block as the thirty-third session changed them, every test that
+#      autocast), the PFFN backward's 16-row blocks for an fp32 s (thirty-ninth session), the gated LCE and the
+#      feed-forward block as the thirty-third session changed them, every test that
 #      compiles now that the kept ops are inlined on a GPU by default). Ops (20 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
 #      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 806
