@@ -301,7 +301,7 @@ def test_evaluate_of_a_bf16_fused_checkpoint_on_a_cpu_scores_without_autocast_an
     """The checkpoint's bf16 cannot run on the fused path on a CPU (Triton's interpreter has no
     bfloat16): ``evaluate`` without ``--amp`` scores it without autocast and says why, where it used
     to stop with the interpreter's error; a given ``--amp bf16`` still raises that error."""
-    T.train(tiny_config(tmp_path, epochs=1, amp="bf16"), log=quiet)
+    T.train(tiny_config(tmp_path, epochs=1, amp="bf16", synthetic_train=128, synthetic_valid=24), log=quiet)
     state = T.load_checkpoint(tmp_path / "last.pt")
     state["model_config"]["backend"] = "triton"  # as a run trained on the fused path on a GPU saves it
     torch.save(state, tmp_path / "fused.pt")
