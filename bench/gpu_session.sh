@@ -24,18 +24,19 @@
 #   1. PACK=1 TESTS_IDS=bench/gpu_rerun.txt TESTS_JOBS=16 TESTS_TIMEOUT=260 OPS_TIMEOUT=130 KERNELS_TIMEOUT=50 \
 #      KERNELS_ARGS="--ops gated_lce_nonseq,gated_lce_seq --shape taobao-b64k --providers fused" \
 #      OPS_FILES="bench/test_bench_gated_lce.py bench/test_bench_feed_forward.py bench/test_bench_crossnet.py \
-#      bench/test_bench_attention.py bench/test_bench_dcn_autocast.py" \
+#      bench/test_bench_attention.py bench/test_bench_dcn_autocast.py bench/test_bench_pffn_autocast.py" \
 #      OPS_K="(gated_lce_bandwidth and fused-cudagraph) or (feed_forward and (taobao or amazon) and full and \
 #      (fused-cudagraph or compile-cudagraph)) or (crossnet and low and taobao and (fwd or full) and \
 #      (fused-cudagraph or fused-deep-cudagraph or compile-cudagraph)) or \
 #      (self_attention and amazon and full and (fused-cudagraph or fused-general-cudagraph or \
 #      fused-narrow-cudagraph or fused-delta-output-cudagraph)) or (dcn_autocast and low and taobao and \
-#      (fwd or full) and (fused-cudagraph or fused-cast-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
+#      (fwd or full) and (fused-cudagraph or fused-cast-cudagraph)) or (pffn_autocast and taobao and mlp and \
+#      full and (fused-cudagraph or fused-rows32-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
 #      Tests: bench/gpu_rerun.txt's header (764 tests: the fp32 attention backward's pivoted dS, every
 #      cross-net kernel as the thirty-eighth session changed them (x0 read in its own dtype under
 #      autocast), the PFFN backward's 16-row blocks for an fp32 s (thirty-ninth session), the gated LCE and the
 #      feed-forward block as the thirty-third session changed them, every test that
-#      compiles now that the kept ops are inlined on a GPU by default). Ops (20 rows, selection checked on a CPU with
+#      compiles now that the kept ops are inlined on a GPU by default). Ops (22 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
 #      Inductor with the fast sigmoid (sm_90: its loops 398 -> 285, 456 -> 346 and 1087 -> 806
 #      instructions a warp; 0.91x and 1.19x Inductor at 5eea83c); the gated LCE at 32x taobao's batch after the
@@ -49,7 +50,10 @@
 #      SM), with that backward on 16-key tiles at 4 warps (fused-narrow: three programs an SM) and
 #      with delta from the output; the low-rank cross net as the model calls it (fp32 x0 and parameters,
 #      bf16 autocast), x0 read as fp32 (fused, the default since the thirty-eighth session) against x0
-#      cast to bf16 first (fused-cast, the way before), graphed, forward and training. Kernels (about
+#      cast to bf16 first (fused-cast, the way before), graphed, forward and training; the PFFN as the
+#      model calls it (fp32 s, bf16 autocast), its backward on 16-row blocks (fused, the default since the
+#      thirty-ninth session: no spill in sm_90 builds) against 32 (fused-rows32, the plan before: 3/2
+#      spill instructions), graphed training at taobao. Kernels (about
 #      15 s: the ops stage has built them): the device time of
 #      each gated LCE kernel at 32x taobao's batch, so the bandwidth row splits into forward, backward
 #      and the partials' reduction (no lease has timed them apart; the ncu stage of call 3 may not run).

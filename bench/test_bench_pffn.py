@@ -46,12 +46,16 @@ def _fn(pffn_mode: str, provider: str):
     return common.compiled(base, provider)
 
 
-def pffn_bytes(shape: common.Shape, pffn_mode: str, elt: int, mode: str) -> float:
+def pffn_bytes(shape: common.Shape, pffn_mode: str, elt: int, mode: str, weight_elt: int = 0) -> float:
+    """Bytes moved with ``elt`` bytes an element; ``weight_elt``, if given, for the weights (w_b, or
+    x_sum and a) and the LayerNorm parameters (bench/test_bench_pffn_autocast.py: fp32 rows, bf16
+    w_b)."""
     B, L, d, n_sum = shape.B, shape.L, shape.d, shape.n_sum
     rows = B * L * d
     weight = B * d * d if pffn_mode == "mlp" else B * n_sum * d + n_sum * d
-    fwd = (2 * rows + weight + 2 * d) * elt
-    bwd = (3 * rows + 2 * weight + 4 * d) * elt  # s, dout in, ds out; weight(s) and LN params in, their grads out
+    welt = weight_elt or elt
+    fwd = 2 * rows * elt + (weight + 2 * d) * welt
+    bwd = 3 * rows * elt + (2 * weight + 4 * d) * welt  # s, dout in, ds out; weight(s) and LN params in, their grads out
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 

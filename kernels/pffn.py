@@ -60,7 +60,8 @@ when s is fp32 (the model's sequence stream under autocast, or an fp32 model), w
 come in fp32 beside their 16-bit dot copies: Triton 3.6's sm_90 builds of the model's autocast case
 spilled at 32 rows (3/2 spill instructions at d = 64, 43/42 at d = 128 in mlp mode, 31/25 in linear
 mode) and at 16 take 246 registers and none, 3/2 and none, with two programs an SM at d = 64
-either way (untimed; ``test_backward_of_fp32_rows_takes_the_row_block_that_spills_less``);
+either way (untimed: :data:`FP32_BACKWARD_ROWS` keeps 32 as a setting for a GPU to time;
+``test_backward_of_fp32_rows_takes_the_row_block_that_spills_less``);
 4 warps, 8 when ``DP = 128``. d <= 128 (``MAX_D``); larger d goes to the eager reference, and so
 do linear-mode shapes whose backward tiles would not fit the shared memory (``_linear_fits``).
 Checked by compiling for sm_90 ahead of time (16-byte aligned contiguous inputs), bf16 at the DESIGN
@@ -112,6 +113,14 @@ __all__ = ["pffn_mlp", "pffn_linear"]
 _DTYPES = KERNEL_DTYPES
 MAX_D = 128
 _FWD_CHUNK_ROWS = 256
+_BWD_ROWS = 32  # the backward's row block for a 16-bit s (module docstring, "Block sizes")
+
+#: The backward's row block for an fp32 s (the model's sequence stream under autocast, an fp32
+#: model): 16, the default since 2026-11-29 (at 32 the sm_90 builds spilled: ``_config``), or 32,
+#: the plan before, which a 16-bit s keeps. A setting so that a GPU can time the two
+#: (``bench/test_bench_pffn_autocast.py``'s ``fused-rows32`` provider) before the choice counts as
+#: measured; ValueError at the launch for any other value.
+FP32_BACKWARD_ROWS = 16
 
 
 # ============================================================================ kernels
@@ -280,16 +289,27 @@ def _pffn_bwd_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _config(L: int, d: int, n_sum: int, backward: bool, fp32_rows: bool = False) -> Tuple[int, int, int, int]:
-    """(BLOCK_L, DP, NP, num_warps); see the module docstring. ``fp32_rows``: s (and so the incoming
-    gradient) is fp32, the model's sequence stream under autocast or an fp32 model; the backward then
-    takes 16-row blocks (its fp32 row tiles and their 16-bit dot copies spilled at 32; the module
+def _config(L: int, d: int, n_sum: int, backward: bool, bwd_rows: int = _BWD_ROWS) -> Tuple[int, int, int, int]:
+    """(BLOCK_L, DP, NP, num_warps); see the module docstring. ``bwd_rows``: the backward's row
+    block before it is fitted to L (:func:`_bwd_rows`: 32, or :data:`FP32_BACKWARD_ROWS` for an
+    fp32 s, whose fp32 row tiles and their 16-bit dot copies spilled at 32 rows; the module
     docstring has the sm_90 builds)."""
     dp = max(16, next_pow2(d))
     np_ = max(16, next_pow2(n_sum))
-    block_l = min((16 if fp32_rows else 32) if backward else 64, max(16, next_pow2(L)))
+    block_l = min(bwd_rows if backward else 64, max(16, next_pow2(L)))
     warps = 8 if dp >= 128 else 4
     return block_l, dp, np_, warps
+
+
+def _bwd_rows(dtype: torch.dtype) -> int:
+    """The backward's row block for an s of ``dtype``: :data:`FP32_BACKWARD_ROWS` (checked) for fp32,
+    32 otherwise."""
+    if dtype != torch.float32:
+        return _BWD_ROWS
+    rows = FP32_BACKWARD_ROWS
+    if type(rows) is not int or rows not in (16, 32):
+        raise ValueError(f"pffn: FP32_BACKWARD_ROWS must be 16 or 32, got {rows!r}")
+    return rows
 
 
 def _int32_views(s, wx, a):
@@ -340,7 +360,7 @@ def _bwd_impl(grad_out, s, lengths, wx, a, ln_weight, ln_bias, eps, linear, para
             if t is not None:
                 t.zero_()
         return ds, dwx, da, dgamma, dbeta
-    block_l, dp, np_, warps = _config(L, d, n_sum, True, s.dtype == torch.float32)
+    block_l, dp, np_, warps = _config(L, d, n_sum, True, _bwd_rows(s.dtype))
     G = min(B, persistent_programs(s.device))
     P = 2 * d + (n_sum * d if linear else 0)
     part = torch.empty((G, P), device=s.device, dtype=torch.float32)

@@ -34,6 +34,8 @@ OPS = {
     "test_bench_attention": ("test_self_attention", [{}], "attention", "attention", "attention"),
     "test_bench_feed_forward": ("test_feed_forward", [{}], "feed_forward", "feed_forward", "feed_forward"),
     "test_bench_dcn_autocast": ("test_dcn_autocast", [dict(rank="full"), dict(rank="low")], None, "crossnet", None),
+    "test_bench_pffn_autocast": ("test_pffn_autocast", [dict(pffn_mode="mlp"), dict(pffn_mode="linear")], None, "pffn",
+                                 None),
 }
 # providers whose implementation is neither the reference nor ours (a user's pipeline)
 FOREIGN = ("sdpa", "flex", "flash_attn", "nn.MultiheadAttention")
@@ -91,7 +93,8 @@ def test_op_providers_run_what_they_name(bench, monkeypatch, bench_module):
     calls = []
     ref_names = [ref_name] if ref_name else {"test_bench_pffn": ["pffn_mlp", "pffn_linear"],
                                               "test_bench_crossnet": ["cross_net", "low_rank_cross_net"],
-                                              "test_bench_dcn_autocast": ["cross_net", "low_rank_cross_net"]}[bench_module]
+                                              "test_bench_dcn_autocast": ["cross_net", "low_rank_cross_net"],
+                                              "test_bench_pffn_autocast": ["pffn_mlp", "pffn_linear"]}[bench_module]
     for name in ref_names:
         _spy(monkeypatch, R, name, calls, "reference")
         _spy(monkeypatch, kmod, kfn_name or name, calls, "fused")
@@ -384,6 +387,37 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
     prefix = "_fr" if rank == "full" else "_lr"
     assert {name for name, *_ in seen} == {f"{prefix}_fwd_impl", f"{prefix}_bwd_impl"}, seen
     assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward, forward, stages)}, seen
+
+
+@pytest.mark.parametrize("provider, rows", [("fused", 16), ("fused-rows32", 32), ("fused-rows32-cudagraph", 32)])
+@pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
+def test_pffn_autocast_setting_providers_run_with_their_setting(bench, monkeypatch, provider, rows, pffn_mode):
+    """``fused-rows32`` (and its graphed row) times the PFFN's fp32 backward with
+    ``FP32_BACKWARD_ROWS = 32`` in effect, plain ``fused`` with the default 16: the backward's row
+    block as its launcher plans it (the smoke shape's fp32, on the CPU as the rows' fp32 s under
+    autocast on a GPU); in ``fwd`` mode the variant is skipped, its forward being the default's."""
+    common, _ = bench
+    mod = importlib.import_module("test_bench_pffn_autocast")
+    import interformer.kernels.pffn as K
+
+    seen = []
+    real = K._config
+
+    def spy(*args):
+        seen.append(args)
+        return real(*args)
+
+    spy.__wrapped__ = real.__wrapped__
+    monkeypatch.setattr(K, "_config", spy)
+    monkeypatch.setattr(common, "ON_GPU", False)  # the graphed provider's body runs as its base's here
+    kwargs = dict(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", pffn_mode=pffn_mode, provider=provider)
+    mod.test_pffn_autocast(mode="full", **kwargs)
+    # the forward's plan, then the backward's, asked with its row block (the smoke shape's few rows
+    # fit one 16-row block either way: the request, not the block, tells the setting)
+    assert [a[3:] for a in seen] == [(False,), (True, rows)], seen
+    if provider != "fused":
+        with pytest.raises(pytest.skip.Exception, match="a backward setting"):
+            mod.test_pffn_autocast(mode="fwd", **kwargs)
 
 
 def test_model_train_modes_run_the_backward_where_they_say(bench, monkeypatch):

@@ -689,8 +689,39 @@ def test_kernels_at_their_limits_fit_h100_shared_memory():
         assert b["shared"] <= 232448, (b["kernel"], b["shape"], b["shared"])
 
 
+@pytest.mark.parametrize("rows", [16, 32])
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_fp32_backward_rows_setting(monkeypatch, mode, rows):
+    """:data:`FP32_BACKWARD_ROWS` (the fp32 backward's row block: 16, the default, or 32, the plan
+    a benchmark times against it) gives the float64 result either way, on lengths that end inside
+    a block, at its edge and at 0 (L = 40: two 16-row blocks and a partial one, or one 32-row
+    block and a partial one, then the zero-fill of the rows past the length); any other value is a
+    ValueError at the launch."""
+    monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", rows)
+    launched = []
+    real = K._config
+
+    def spy(*args):
+        launched.append(real(*args))
+        return launched[-1]
+
+    spy.__wrapped__ = real.__wrapped__  # (_linear_fits reads the uncached function)
+    monkeypatch.setattr(K, "_config", spy)
+    gen = torch.Generator().manual_seed(rows)
+    masters = make_masters(mode, 3, 40, 24, 3, gen)
+    lengths = torch.tensor([37, 0, 32], device=DEVICE)
+    kern = run(True, mode, masters, lengths, torch.float32, "contiguous", None)
+    ref = run(False, mode, masters, lengths, torch.float64, "contiguous", None)
+    for name, k, r in zip(names_for(mode), kern, ref):
+        assert_rel(k, r, FP32_TOL, name)
+    assert launched[-1][0] == rows  # the backward's plan, the last one asked for
+    monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", 64)
+    with pytest.raises(ValueError, match="FP32_BACKWARD_ROWS must be 16 or 32, got 64"):
+        run(True, mode, masters, lengths, torch.float32, "contiguous", None)
+
+
 def test_backward_of_fp32_rows_takes_the_row_block_that_spills_less():
-    """The backward's 16-row blocks for an fp32 s (``_config(..., fp32_rows=True)``) against the
+    """The backward's 16-row blocks for an fp32 s (:data:`FP32_BACKWARD_ROWS`, the default) against the
     32 rows a 16-bit s keeps, built for sm_90 in the model's autocast case (fp32 s, incoming and
     outgoing gradient; bf16 weight, fp32 ``a`` and LayerNorm parameters) at d = 64 and 128, both
     modes: the 16-row build spills no more in any case and less in all of them together. (With
@@ -699,8 +730,8 @@ def test_backward_of_fp32_rows_takes_the_row_block_that_spills_less():
     cubin with the ``cuobjdump`` Triton's wheel ships."""
     cases = []
     for d, linear in [(64, False), (128, False), (64, True), (128, True)]:
-        tile, dp, np_, warps = K._config(54, d, 4, True, True)
-        assert tile == 16 and K._config(54, d, 4, True)[0] == 32
+        tile, dp, np_, warps = K._config(54, d, 4, True, K._bwd_rows(torch.float32))
+        assert tile == 16 and K._config(54, d, 4, True, K._bwd_rows(torch.bfloat16))[0] == 32
         args = dict(DS="fp32", DWX="bf16", PART="fp32", DO="fp32", S="fp32", LENS="i64", WX="bf16",
                     A="fp32" if linear else "bf16", LNW="fp32", LNB="fp32", eps=1e-5, B=17, L=17, D=17, NS=17,
                     slen=1, spg=16)  # contiguous tensors: unit inner strides, the others multiples of 16
