@@ -277,22 +277,43 @@ class PersonalizedFFN(FusedModule):
         _expect(self, "s", s, (None, None, self.d_model))
         _expect(self, "x_sum", x_sum, (_batch(s), self.n_sum, self.d_model))
         _expect(self, "lengths", lengths, (_batch(s),), integer=True)
-        # dtypes (_expect_dtype): x_sum meets the hypernetwork (in personal_weight) or A; s meets W_b or A
-        # through the norm, whose output has s's dtype, except a hooked norm's (it may cast): s unchecked
+        # dtypes (_expect_dtype): x_sum meets the hypernetwork (in personal_weight) or A; s meets the norm's
+        # parameters (_check_norm_dtypes), then W_b or A through the norm, whose output has s's dtype, except a
+        # hooked norm's (it may cast): s unchecked
         if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
             if self.mode == "mlp":
                 return reference._pffn_mlp_with(s, lengths, self.personal_weight(x_sum), self.norm)
             _expect_dtype(self, "x_sum", x_sum, self.A)
             return reference._pffn_linear_with(s, lengths, x_sum, self.A, self.norm)
+        ln_w, ln_b = self.norm.weight, self.norm.bias
         if self.mode == "mlp":
             w_b = self.personal_weight(x_sum)
             _expect_dtype(self, "s", s, w_b)
+            self._check_norm_dtypes(s, ln_w, ln_b)
             fn = self._op("pffn", "pffn_mlp")
-            return fn(s, lengths, w_b, self.norm.weight, self.norm.bias, self.eps)
+            return fn(s, lengths, w_b, ln_w, ln_b, self.eps)
         _expect_dtype(self, "s", s, self.A)
         _expect_dtype(self, "x_sum", x_sum, self.A)
+        self._check_norm_dtypes(s, ln_w, ln_b)
         fn = self._op("pffn", "pffn_linear")
-        return fn(s, lengths, x_sum, self.A, self.norm.weight, self.norm.bias, self.eps)
+        return fn(s, lengths, x_sum, self.A, ln_w, ln_b, self.eps)
+
+    def _check_norm_dtypes(self, s: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> None:
+        """ValueError, on both backends, for norm parameters ``nn.LayerNorm`` refuses for ``s`` outside
+        autocast (:func:`interformer.kernels._dispatch.layer_norm_takes`, as
+        :meth:`ResidualLayerNorm._check_dtypes`): s meets the norm first, and the eager path failed
+        there with PyTorch's RuntimeError (an fp32 s with fp16 norm parameters) where the fused
+        kernels, which take any mix, ran (a review's find, 2026-11-29). Not on the meta device, not
+        under autocast (as :func:`_expect_dtype`). After the checks of s against ``W_b`` or ``A``, whose
+        message covers an s of another dtype than all the parameters."""
+        if not isinstance(s, torch.Tensor) or (ln_w.dtype == s.dtype and ln_b.dtype == s.dtype):
+            return  # an fx Proxy, or the common case, all one dtype: two comparisons
+        if s.is_meta or autocast_dtype(s.device.type) is not None:
+            return
+        if not layer_norm_takes((ln_w.dtype, ln_b.dtype), s.dtype):
+            raise ValueError(f"PersonalizedFFN: s is {s.dtype} but the norm's parameters are {ln_w.dtype} (weight) and "
+                             f"{ln_b.dtype} (bias): outside autocast, like nn.LayerNorm, the norm takes parameters of "
+                             "s's dtype, or fp32 ones with a 16-bit s")
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_sum={self.n_sum}, mode={self.mode!r}, {super().extra_repr()}"

@@ -295,3 +295,30 @@ def test_under_autocast_an_input_of_another_dtype_still_runs_alike():
         module = RotaryMultiHeadAttention(8, 2, backend=backend).to(DEVICE)
         module.qkv.register_forward_pre_hook(cast)
         assert module(_randn(B, L, 8).half(), _lengths(B)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_pffn_refuses_norm_parameters_layer_norm_refuses_for_s(mode, backend):
+    """s meets the norm first: an fp32 s with fp16 norm parameters (all else fp32) fails on the eager
+    path (``F.layer_norm``'s RuntimeError) and ran on the fused one, whose kernels take any mix (a
+    review's find, 2026-11-29); both now raise one ValueError. The mixes ``nn.LayerNorm`` takes still
+    run: a 16-bit s with fp32 norm parameters (the rest of s's dtype), and any mix under CUDA's autocast.
+    (Under CPU autocast, which does not cast layer_norm's operands, the mix is left to the op, as
+    ``ResidualLayerNorm`` leaves it.)"""
+    def make(norm_dtype, rest_dtype):
+        torch.manual_seed(0)
+        m = PersonalizedFFN(4, 2, mode=mode, hidden=8, backend=backend).to(DEVICE, rest_dtype)
+        m.norm.to(norm_dtype)
+        return m
+
+    torch.manual_seed(1)
+    s, x_sum, lengths = _randn(B, L, 4), _randn(B, 2, 4), torch.tensor([L, 2, 0], device=DEVICE)
+    with pytest.raises(ValueError, match=r"^PersonalizedFFN: s is torch.float32 but the norm's parameters are "
+                                         r"torch.float16 \(weight\) and torch.float16 \(bias\): outside autocast"):
+        make(torch.float16, torch.float32)(s, x_sum, lengths)
+    half = make(torch.float32, torch.float16)
+    assert half(s.half(), x_sum.half(), lengths).dtype == torch.float16
+    if DEVICE.type == "cuda":  # (CPU autocast leaves layer_norm's dtypes alone: eager fails there, as above)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            make(torch.float16, torch.float32)(s, x_sum, lengths)
