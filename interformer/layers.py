@@ -129,7 +129,9 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
     (float32, ...)" for a float64 input), or both the ``RuntimeError`` where both call a child layer
     first (the rotary attention's ``qkv``, the DOT's ``proj``, the PFFN's hypernetwork): an audit of
     2026-11-29 listed them. Only where eager fails: under autocast for ``t``'s device type a mismatch
-    is legal and both paths run, and on the meta device (no data; both backends run the reference
+    is legal and both paths run (except with float64 on either side, which autocast leaves uncast, so
+    that eager's GEMMs fail there as well, and the fused ops refused float64: refused alike, a
+    review's find of 2026-11-29), and on the meta device (no data; both backends run the reference
     there, whose ``F.linear`` takes mixed dtypes) nothing is checked; ``ResidualLayerNorm`` has its
     own rule (a 16-bit input with fp32 parameters is legal, as in ``nn.LayerNorm``). Refused whatever
     the sizes: an empty batch (``GatedLCE``'s einsum) or an empty sequence (the PFFN's ``bmm``) ran
@@ -149,11 +151,18 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
         like = getattr(layer, "weight", None)
         if not isinstance(like, torch.Tensor):
             return
-    if t.dtype == like.dtype or t.is_meta or autocast_dtype(t.device.type) is not None:
+    if t.dtype == like.dtype or t.is_meta:
         return
+    autocast = autocast_dtype(t.device.type) is not None
+    if autocast and t.dtype != torch.float64 and like.dtype != torch.float64:
+        return  # (autocast casts fp32 operands, never float64 ones: a float64 mix fails there too)
     if layer is not None and not (_read_as_called(layer, cls=nn.Linear, bias=False)
                                   and (seq is None or called_as_defined(seq))):
         return  # a hook or another class may cast the input: left to the layer
+    if autocast:
+        raise ValueError(f"{type(module).__name__}: {name} is {t.dtype} but the parameters are {like.dtype}: "
+                         "autocast does not cast float64, so under it too an input must have the parameters' dtype "
+                         "where one of them is float64")
     raise ValueError(f"{type(module).__name__}: {name} is {t.dtype} but the parameters are {like.dtype}: outside "
                      "autocast an input must have the parameters' dtype (convert one to the other's, or run under "
                      "torch.autocast)")
@@ -628,15 +637,16 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
         (:func:`interformer.kernels._dispatch.layer_norm_takes`). The fused kernel takes any mix
         (:mod:`interformer.kernels.layernorm`), so an fp32 input with fp16 parameters ran there and
         raised on the eager path (a review's find, 2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
-        the kernel does on every device (CPU autocast does not: the kernel's "Dtypes")."""
-        if autocast_dtype(x.device.type) is not None:
-            return
+        the kernel does on every device (CPU autocast does not: the kernel's "Dtypes"), except a mix
+        with float64, which autocast leaves uncast, so that eager fails on it there too."""
         h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         params = {n: p.dtype for n, p in (("weight", self.weight), ("bias", self.bias)) if p is not None}
+        if autocast_dtype(x.device.type) is not None and torch.float64 not in (h, *params.values()):
+            return  # (autocast never casts float64: a float64 mix fails in eager's layer_norm there too)
         if not layer_norm_takes(params.values(), h):
-            raise ValueError(f"ResidualLayerNorm: parameters {params} for a {h} input outside autocast; like "
-                             "nn.LayerNorm it takes parameters all of the input's dtype, or all fp32 with a 16-bit "
-                             "input")
+            raise ValueError(f"ResidualLayerNorm: parameters {params} for a {h} input outside autocast (or with "
+                             "float64 under it); like nn.LayerNorm it takes parameters all of the input's dtype, or "
+                             "all fp32 with a 16-bit input")
 
     def extra_repr(self) -> str:
         return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"

@@ -322,3 +322,23 @@ def test_pffn_refuses_norm_parameters_layer_norm_refuses_for_s(mode, backend):
     if DEVICE.type == "cuda":  # (CPU autocast leaves layer_norm's dtypes alone: eager fails there, as above)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             make(torch.float16, torch.float32)(s, x_sum, lengths)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("case", list(DTYPE_CASES))
+def test_under_autocast_a_float64_input_raises_one_value_error(case, backend):
+    """Autocast casts fp32 operands to its dtype and leaves float64 ones alone, so under it a float64
+    input with fp32 parameters still fails on the eager path (PyTorch's RuntimeError, "expected
+    scalar type Double but found Half") and the fused ops refused float64 with their own ValueError
+    ("x must be float32, float16 or bfloat16"); both backends now raise the module's ValueError (a
+    review's find, 2026-11-29). ResidualLayerNorm alike (its own message)."""
+    make, _, inputs, arg, _ = DTYPE_CASES[case]
+    module = make(backend).to(DEVICE, torch.float32)
+    norm = ResidualLayerNorm(4, backend=backend).to(DEVICE)
+    low = torch.float16 if DEVICE.type == "cpu" else torch.bfloat16
+    with torch.autocast(DEVICE.type, dtype=low):
+        with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} is torch.float64 but the parameters "
+                                             rf"are torch\.\w+: autocast does not cast float64"):
+            module(*inputs(torch.float64))
+        with pytest.raises(ValueError, match=r"^ResidualLayerNorm: parameters .* for a torch.float64 input"):
+            norm(_randn(B, 4).double())
