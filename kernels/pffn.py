@@ -57,7 +57,7 @@ Block sizes (fixed by the shape, no autotune; ``_config``): forward ``BLOCK_L = 
 short sequences, at least 16 for ``tl.dot``), backward ``BLOCK_L = 32`` (it keeps the weight, the
 fp32 ``[DP, DP]`` weight-gradient accumulator and about six ``[BLOCK_L, DP]`` fp32 tiles live), 16
 when s is fp32 (the model's sequence stream under autocast, or an fp32 model), whose row tiles then
-come in fp32 beside their 16-bit dot copies: Triton 3.6's sm_90 builds of the model's autocast case
+come in fp32 (beside their 16-bit dot copies under autocast): Triton 3.6's sm_90 builds of the model's autocast case
 spilled at 32 rows (3/2 spill instructions at d = 64, 43/42 at d = 128 in mlp mode, 31/25 in linear
 mode) and at 16 take 246 registers and none, 3/2 and none, with two programs an SM at d = 64
 either way (untimed: :data:`FP32_BACKWARD_ROWS` keeps 32 as a setting for a GPU to time;
