@@ -389,32 +389,58 @@ def test_crossnet_setting_providers_run_with_their_setting(bench, monkeypatch, p
     assert {tuple(settings) for _, *settings in seen} == {(warps, gemm, backward, forward, stages)}, seen
 
 
+@pytest.mark.parametrize("as_on_gpu", [False, True], ids=["here", "as-on-gpu"])
 @pytest.mark.parametrize("provider, rows", [("fused", 16), ("fused-rows32", 32), ("fused-rows32-cudagraph", 32)])
 @pytest.mark.parametrize("pffn_mode", ["mlp", "linear"])
-def test_pffn_autocast_setting_providers_run_with_their_setting(bench, monkeypatch, provider, rows, pffn_mode):
+def test_pffn_autocast_setting_providers_run_with_their_setting(bench, monkeypatch, provider, rows, pffn_mode,
+                                                                as_on_gpu):
     """``fused-rows32`` (and its graphed row) times the PFFN's fp32 backward with
     ``FP32_BACKWARD_ROWS = 32`` in effect, plain ``fused`` with the default 16: the backward's row
-    block as its launcher plans it (the smoke shape's fp32, on the CPU as the rows' fp32 s under
-    autocast on a GPU); in ``fwd`` mode the variant is skipped, its forward being the default's."""
+    block as its launcher plans it; in ``fwd`` mode the variant is skipped, its forward being the
+    default's. The op is given the model's dtypes (an fp32 s and LayerNorm parameters, mlp's w_b in
+    ``common.DTYPE``, the hypernetwork's output under autocast, linear's x_sum and a in fp32), and
+    its backward gets them as autocast makes them (x_sum cast to ``common.DTYPE`` by the op).
+    ``here``: as this machine runs the rows (on the CPU all fp32, autocast off); ``as-on-gpu``: as
+    a GPU does, ``ON_GPU`` set and autocast on (on the CPU in fp16, the interpreter having no bf16).
+    (Until 2026-11-29 the test set ``ON_GPU`` False, which on a GPU turned autocast off with a bf16
+    w_b: pffn_mlp's ValueError in every mlp case.)"""
     common, _ = bench
     mod = importlib.import_module("test_bench_pffn_autocast")
     import interformer.kernels.pffn as K
 
-    seen = []
-    real = K._config
+    if as_on_gpu and not common.ON_GPU:
+        monkeypatch.setattr(common, "ON_GPU", True)  # autocast_for: on, on the CPU device
+        monkeypatch.setattr(common, "DTYPE", torch.float16)
+    seen, dtypes = [], []
+    real, real_bwd = K._config, K._bwd_impl
 
     def spy(*args):
         seen.append(args)
         return real(*args)
 
+    def bwd_spy(grad_out, s, lengths, wx, a, ln_weight, ln_bias, *rest):
+        dtypes.append((grad_out.dtype, s.dtype, wx.dtype, None if a is None else a.dtype, ln_weight.dtype))
+        return real_bwd(grad_out, s, lengths, wx, a, ln_weight, ln_bias, *rest)
+
+    def op_spy(*args, _real=getattr(K, f"pffn_{pffn_mode}")):
+        given.append(tuple(t.dtype for t in args if isinstance(t, torch.Tensor)))
+        return _real(*args)
+
+    given = []
     spy.__wrapped__ = real.__wrapped__
     monkeypatch.setattr(K, "_config", spy)
-    monkeypatch.setattr(common, "ON_GPU", False)  # the graphed provider's body runs as its base's here
+    monkeypatch.setattr(K, "_bwd_impl", bwd_spy)
+    monkeypatch.setattr(K, f"pffn_{pffn_mode}", op_spy)
     kwargs = dict(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", pffn_mode=pffn_mode, provider=provider)
     mod.test_pffn_autocast(mode="full", **kwargs)
     # the forward's plan, then the backward's, asked with its row block (the smoke shape's few rows
     # fit one 16-row block either way: the request, not the block, tells the setting)
     assert [a[3:] for a in seen] == [(False,), (True, rows)], seen
+    f32 = torch.float32
+    # given: s, lengths, w_b (the hypernetwork's output, in the autocast dtype) or x_sum and a (fp32), LN parameters
+    weights = (common.DTYPE,) if pffn_mode == "mlp" else (f32, f32)
+    assert given == [(f32, torch.int64, *weights, f32, f32)], given
+    assert dtypes == [(f32, f32, common.DTYPE, None if pffn_mode == "mlp" else f32, f32)], dtypes
     if provider != "fused":
         with pytest.raises(pytest.skip.Exception, match="a backward setting"):
             mod.test_pffn_autocast(mode="fwd", **kwargs)
