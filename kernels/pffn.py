@@ -119,7 +119,9 @@ _BWD_ROWS = 32  # the backward's row block for a 16-bit s (module docstring, "Bl
 #: model): 16, the default since 2026-11-29 (at 32 the sm_90 builds spilled: ``_config``), or 32,
 #: the plan before, which a 16-bit s keeps. A setting so that a GPU can time the two
 #: (``bench/test_bench_pffn_autocast.py``'s ``fused-rows32`` provider) before the choice counts as
-#: measured; ValueError at the launch for any other value.
+#: measured; ValueError at the backward's launch for any other value, whatever s's dtype. Read at
+#: every eager (or opaque compiled) launch; a compiled graph that inlines the op (``torch.compile``
+#: on a GPU, by default: ``interformer.backend``) reads it once, when traced, and keeps that plan.
 FP32_BACKWARD_ROWS = 16
 
 
@@ -292,8 +294,8 @@ def _pffn_bwd_kernel(
 def _config(L: int, d: int, n_sum: int, backward: bool, bwd_rows: int = _BWD_ROWS) -> Tuple[int, int, int, int]:
     """(BLOCK_L, DP, NP, num_warps); see the module docstring. ``bwd_rows``: the backward's row
     block before it is fitted to L (:func:`_bwd_rows`: 32, or :data:`FP32_BACKWARD_ROWS` for an
-    fp32 s, whose fp32 row tiles and their 16-bit dot copies spilled at 32 rows; the module
-    docstring has the sm_90 builds)."""
+    fp32 s, whose fp32 row tiles, beside their 16-bit dot copies under autocast, spilled at 32 rows;
+    the module docstring has the sm_90 builds)."""
     dp = max(16, next_pow2(d))
     np_ = max(16, next_pow2(n_sum))
     block_l = min(bwd_rows if backward else 64, max(16, next_pow2(L)))
@@ -302,14 +304,13 @@ def _config(L: int, d: int, n_sum: int, backward: bool, bwd_rows: int = _BWD_ROW
 
 
 def _bwd_rows(dtype: torch.dtype) -> int:
-    """The backward's row block for an s of ``dtype``: :data:`FP32_BACKWARD_ROWS` (checked) for fp32,
-    32 otherwise."""
-    if dtype != torch.float32:
-        return _BWD_ROWS
+    """The backward's row block for an s of ``dtype``: :data:`FP32_BACKWARD_ROWS` for fp32, 32
+    otherwise; the setting is checked whatever the dtype (as attention's settings are at every
+    backward launch), so that a bad value fails a 16-bit run too instead of going unnoticed."""
     rows = FP32_BACKWARD_ROWS
     if type(rows) is not int or rows not in (16, 32):
         raise ValueError(f"pffn: FP32_BACKWARD_ROWS must be 16 or 32, got {rows!r}")
-    return rows
+    return rows if dtype == torch.float32 else _BWD_ROWS
 
 
 def _int32_views(s, wx, a):

@@ -721,6 +721,32 @@ def test_fp32_backward_rows_setting(monkeypatch, mode, rows):
         run(True, mode, masters, lengths, torch.float32, "contiguous", None)
 
 
+@pytest.mark.parametrize("mode", ["mlp", "linear"])
+def test_fp32_backward_rows_setting_is_checked_for_a_16_bit_s_too(monkeypatch, mode):
+    """A 16-bit s keeps the 32-row backward whatever :data:`FP32_BACKWARD_ROWS` says, but a bad
+    value of the setting is a ValueError at its backward's launch as well (it went unnoticed there
+    until 2026-11-29: only an fp32 s checked it)."""
+    gen = torch.Generator().manual_seed(5)
+    masters = make_masters(mode, 2, 40, 24, 3, gen)
+    lengths = torch.tensor([37, 32], device=DEVICE)
+    monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", 16)
+    launched = []
+    real = K._config
+
+    def spy(*args):
+        launched.append(real(*args))
+        return launched[-1]
+
+    spy.__wrapped__ = real.__wrapped__
+    monkeypatch.setattr(K, "_config", spy)
+    run(True, mode, masters, lengths, torch.float16, "contiguous", None)
+    assert launched[-1][0] == 32  # the backward's plan: 32 rows for a 16-bit s
+    for bad in (64, "16", 16.0):
+        monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", bad)
+        with pytest.raises(ValueError, match="FP32_BACKWARD_ROWS must be 16 or 32"):
+            run(True, mode, masters, lengths, torch.float16, "contiguous", None)
+
+
 def test_backward_of_fp32_rows_takes_the_row_block_that_spills_less():
     """The backward's 16-row blocks for an fp32 s (:data:`FP32_BACKWARD_ROWS`, the default) against the
     32 rows a 16-bit s keeps, built for sm_90 in the model's autocast case (fp32 s, incoming and
