@@ -305,7 +305,7 @@ def _config(L: int, d: int, n_sum: int, backward: bool, bwd_rows: int = _BWD_ROW
 
 def _bwd_rows(dtype: torch.dtype) -> int:
     """The backward's row block for an s of ``dtype``: :data:`FP32_BACKWARD_ROWS` for fp32, 32
-    otherwise; the setting is checked whatever the dtype (as attention's settings are at every
+    otherwise; the setting is checked whatever the dtype (as attention's BACKWARD_DELTA is at every
     backward launch), so that a bad value fails a 16-bit run too instead of going unnoticed."""
     rows = FP32_BACKWARD_ROWS
     if type(rows) is not int or rows not in (16, 32):
