@@ -142,8 +142,9 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
     rest only on a mismatch, or under autocast where the dtypes differ. Nothing reads the tensor's
     data. Measured on the CI CPU (2026-11-29): 0.6-1.4 us a call with the module attribute reads,
     about 30 calls an inference forward at taobao, +1% of ``profiling/step_ops.py --inference
-    --time``'s fused step with the linear layers skipped (1.937 -> 1.957 ms, four alternating pairs). torch.fx's Proxies pass (reading their
-    ``dtype`` would record a node); under ``torch.compile`` dynamo folds the comparison."""
+    --time``'s fused step with the linear layers skipped (1.937 -> 1.957 ms, four alternating
+    pairs). torch.fx's Proxies pass (reading their ``dtype`` would record a node); under
+    ``torch.compile`` dynamo folds the comparison."""
     if not isinstance(t, torch.Tensor):  # an fx Proxy
         return
     layer = seq = None
