@@ -190,7 +190,9 @@ def savable(t: torch.Tensor) -> torch.Tensor:
     such tensors and the fused path raised; reviews, 2026-11-29). Called on the eager entry's path
     where some input needs a gradient: no copy otherwise. Not under ``torch.compile``, where
     Dynamo refuses ``is_inference()`` and a copy on every call would cost a kernel: there the
-    custom ops raise autograd's error on such tensors."""
+    custom ops raise autograd's error on such tensors, as ``torch.compile`` of the eager model does
+    (its compiled autograd function saves the inference tensor as well: a training step of the tiny
+    model, torch 2.13 on a CPU, 2026-11-29), so the two paths still fail alike there."""
     return t.clone() if t.is_inference() else t
 
 
