@@ -376,6 +376,22 @@ def dynamo_counts() -> tuple:
 _ROW_START: Optional[tuple] = None
 
 
+def apply_setting_variant(monkeypatch, module, settings: dict, provider: str, mode: Optional[str] = None) -> None:
+    """A setting-variant provider's settings (``settings[provider without -cudagraph]``: kernel-module
+    attribute -> value) set on ``module`` for this row; nothing for another provider. ``mode``, for
+    a variant that changes the backward only: a ``fwd`` row is skipped (it would time the default's
+    forward again)."""
+    values = settings.get(base_provider(provider))
+    if values is None:
+        return
+    if mode == "fwd":
+        import pytest
+
+        pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
+    for name, value in values.items():
+        monkeypatch.setattr(module, name, value)
+
+
 def start_row() -> None:
     """Mark the start of a benchmark for the dynamo counts of its row (see :data:`_ROW_START`)."""
     global _ROW_START

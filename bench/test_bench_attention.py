@@ -122,12 +122,9 @@ def _skip_or_apply(provider: str, mode: str, shape_name: str, monkeypatch) -> No
         return
     common.skip_unless_runnable(provider, mode, cpu_providers=(*common.CPU_PROVIDERS, *SETTINGS),
                                 shape_name=shape_name)
-    if mode == "fwd":
-        pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
     import interformer.kernels.attention as kernel
 
-    for name, value in settings.items():
-        monkeypatch.setattr(kernel, name, value)
+    common.apply_setting_variant(monkeypatch, kernel, SETTINGS, provider, mode)
 
 
 def _try(fn, provider: str):

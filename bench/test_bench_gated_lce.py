@@ -90,8 +90,7 @@ def test_gated_lce_bandwidth(benchmark, monkeypatch, use, provider):
     if not common.ON_GPU and provider in common.CPU_PROVIDERS:  # else two rows for one cell of the report
         pytest.skip(f"{provider}: without a GPU the bandwidth rows run at the smoke shape, where test_gated_lce "
                     "times this provider already")
-    for name, value in SETTINGS.get(provider.removesuffix(common.GRAPH_SUFFIX), {}).items():
-        monkeypatch.setattr(gated_lce, name, value)
+    common.apply_setting_variant(monkeypatch, gated_lce, SETTINGS, provider)
     _bench(benchmark, "taobao-b64k" if common.ON_GPU else "smoke", use, "full", provider)
 
 

@@ -51,12 +51,9 @@ def test_pffn_autocast(benchmark, monkeypatch, shape_name, pffn_mode, mode, prov
     base = common.base_provider(provider)
     common.skip_unless_runnable(provider, mode, cpu_providers=("eager", "fused", "fused-rows32"), shape_name=shape_name)
     if base in SETTINGS:
-        if mode == "fwd":
-            pytest.skip(f"{provider}: a backward setting (the forward is the default's)")
         from interformer.kernels import pffn as K
 
-        for name, value in SETTINGS[base].items():
-            monkeypatch.setattr(K, name, value)
+        common.apply_setting_variant(monkeypatch, K, SETTINGS, provider, mode)
     shape = common.ALL_SHAPES[shape_name]
     B, L, d, n_sum = shape.B, shape.L, shape.d, shape.n_sum
     g = torch.Generator().manual_seed(0)
