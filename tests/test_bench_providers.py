@@ -19,7 +19,7 @@ import torch
 import interformer
 from interformer import backend as backend_mod
 from interformer import reference as R
-from utils import backward_threading
+from utils import backward_threading, recorded_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -411,12 +411,8 @@ def test_pffn_autocast_setting_providers_run_with_their_setting(bench, monkeypat
     if as_on_gpu and not common.ON_GPU:
         monkeypatch.setattr(common, "ON_GPU", True)  # autocast_for: on, on the CPU device
         monkeypatch.setattr(common, "DTYPE", torch.float16)
-    seen, dtypes = [], []
-    real, real_bwd = K._config, K._bwd_impl
-
-    def spy(*args):
-        seen.append(args)
-        return real(*args)
+    dtypes = []
+    real_bwd = K._bwd_impl
 
     def bwd_spy(grad_out, s, lengths, wx, a, ln_weight, ln_bias, *rest):
         dtypes.append((grad_out.dtype, s.dtype, wx.dtype, None if a is None else a.dtype, ln_weight.dtype))
@@ -427,15 +423,14 @@ def test_pffn_autocast_setting_providers_run_with_their_setting(bench, monkeypat
         return _real(*args)
 
     given = []
-    spy.__wrapped__ = real.__wrapped__
-    monkeypatch.setattr(K, "_config", spy)
+    seen = recorded_calls(monkeypatch, K, "_config")
     monkeypatch.setattr(K, "_bwd_impl", bwd_spy)
     monkeypatch.setattr(K, f"pffn_{pffn_mode}", op_spy)
     kwargs = dict(benchmark=None, monkeypatch=monkeypatch, shape_name="smoke", pffn_mode=pffn_mode, provider=provider)
     mod.test_pffn_autocast(mode="full", **kwargs)
     # the forward's plan, then the backward's, asked with its row block (the smoke shape's few rows
     # fit one 16-row block either way: the request, not the block, tells the setting)
-    assert [a[3:] for a in seen] == [(False,), (True, rows)], seen
+    assert [args[3:] for args, _ in seen] == [(False,), (True, rows)], seen
     f32 = torch.float32
     # given: s, lengths, w_b (the hypernetwork's output, in the autocast dtype) or x_sum and a (fp32), LN parameters
     weights = (common.DTYPE,) if pffn_mode == "mlp" else (f32, f32)

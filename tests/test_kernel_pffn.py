@@ -26,7 +26,7 @@ from interformer import reference as R
 from interformer.layers import PersonalizedFFN
 from poison import NO_POISON
 from utils import (DEVICE, FP32_TOL, HAS_CUDA, KERNEL_DTYPES, aot_build_sm90, assert_compiled_grads_match, assert_lowp,
-                   assert_rel, perturb_constant_parameters, random_lengths, rel_err)
+                   assert_rel, perturb_constant_parameters, random_lengths, recorded_calls, rel_err)
 
 pytest.importorskip("triton")  # (a machine without Triton skips the file)
 from interformer.kernels import pffn as K  # noqa: E402  (an import error fails, not skips)
@@ -699,15 +699,7 @@ def test_fp32_backward_rows_setting(monkeypatch, mode, rows):
     block and a partial one, then the zero-fill of the rows past the length); any other value is a
     ValueError at the launch."""
     monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", rows)
-    launched = []
-    real = K._config
-
-    def spy(*args):
-        launched.append(real(*args))
-        return launched[-1]
-
-    spy.__wrapped__ = real.__wrapped__  # (_linear_fits reads the uncached function)
-    monkeypatch.setattr(K, "_config", spy)
+    plans = recorded_calls(monkeypatch, K, "_config")
     gen = torch.Generator().manual_seed(rows)
     masters = make_masters(mode, 3, 40, 24, 3, gen)
     lengths = torch.tensor([37, 0, 32], device=DEVICE)
@@ -715,7 +707,7 @@ def test_fp32_backward_rows_setting(monkeypatch, mode, rows):
     ref = run(False, mode, masters, lengths, torch.float64, "contiguous", None)
     for name, k, r in zip(names_for(mode), kern, ref):
         assert_rel(k, r, FP32_TOL, name)
-    assert launched[-1][0] == rows  # the backward's plan, the last one asked for
+    assert plans[-1][1][0] == rows  # the backward's plan, the last one asked for
     monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", 64)
     with pytest.raises(ValueError, match="FP32_BACKWARD_ROWS must be 16 or 32, got 64"):
         run(True, mode, masters, lengths, torch.float32, "contiguous", None)
@@ -730,17 +722,9 @@ def test_fp32_backward_rows_setting_is_checked_for_a_16_bit_s_too(monkeypatch, m
     masters = make_masters(mode, 2, 40, 24, 3, gen)
     lengths = torch.tensor([37, 32], device=DEVICE)
     monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", 16)
-    launched = []
-    real = K._config
-
-    def spy(*args):
-        launched.append(real(*args))
-        return launched[-1]
-
-    spy.__wrapped__ = real.__wrapped__
-    monkeypatch.setattr(K, "_config", spy)
+    plans = recorded_calls(monkeypatch, K, "_config")
     run(True, mode, masters, lengths, torch.float16, "contiguous", None)
-    assert launched[-1][0] == 32  # the backward's plan: 32 rows for a 16-bit s
+    assert plans[-1][1][0] == 32  # the backward's plan: 32 rows for a 16-bit s
     for bad in (64, "16", 16.0):
         monkeypatch.setattr(K, "FP32_BACKWARD_ROWS", bad)
         with pytest.raises(ValueError, match="FP32_BACKWARD_ROWS must be 16 or 32"):

@@ -105,6 +105,22 @@ def random_lengths(B: int, L: int, generator=None) -> torch.Tensor:
     return lengths
 
 
+def recorded_calls(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` for the test by a wrapper that records ``(args, result)`` of each call
+    (positional arguments) in the list it returns. A ``functools.lru_cache``'d function keeps its
+    ``__wrapped__``, which callers that bypass the cache read (``pffn._linear_fits``; dynamo)."""
+    real, calls = getattr(module, name), []
+
+    def recording(*args):
+        calls.append((args, real(*args)))
+        return calls[-1][1]
+
+    if hasattr(real, "__wrapped__"):
+        recording.__wrapped__ = real.__wrapped__
+    monkeypatch.setattr(module, name, recording)
+    return calls
+
+
 def aot_build_sm90(cases, timeout: int = 900, workers: int = 1):
     """Compile each case for sm_90 without a GPU (:func:`interformer.kernel_audit.build_sm90`, where
     the case format is described); returns the cases with ``shared``, ``wgmma``, ``async_copies``
