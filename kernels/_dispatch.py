@@ -176,8 +176,8 @@ def layer_norm_takes(param_dtypes, input_dtype: torch.dtype) -> bool:
     dtype, or all fp32 with a 16-bit input. It refuses, e.g., fp16 parameters for an fp32 input,
     and an fp32 weight with an fp16 bias for an fp16 input (a review found the rule, stated per
     parameter until then, taking that pair). The one statement of the rule: the fused path's eager
-    fallbacks cast parameters it refuses (``_common.layer_norm_params``), ``ResidualLayerNorm``
-    raises."""
+    fallbacks cast parameters it refuses (``_common.layer_norm_params``), ``ResidualLayerNorm`` and
+    ``PersonalizedFFN`` (for its norm) raise."""
     dtypes = set(param_dtypes)
     return dtypes <= {input_dtype} or (dtypes == {torch.float32} and input_dtype in (torch.float16, torch.bfloat16))
 
