@@ -172,6 +172,38 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
                      "torch.autocast)")
 
 
+
+def _expect_norm_dtypes(module: nn.Module, name: str, x: torch.Tensor, input_dtype: torch.dtype,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    """ValueError, naming ``module``'s class and the argument, where ``F.layer_norm`` refuses the norm
+    parameters ``weight`` and ``bias`` (None: absent) for an input of ``input_dtype`` (``x``'s, or
+    ``x + residual``'s): the one check of the rule for ``ResidualLayerNorm`` and ``PersonalizedFFN``'s
+    norm, on both backends, since the fused kernels take any mix and the eager path fails.
+
+    Where it applies, as :func:`_expect_dtype`: outside autocast for ``x``'s device type the rule is
+    :func:`interformer.kernels._dispatch.layer_norm_takes`; under autocast only a mix with float64
+    is refused (autocast never casts float64, so eager's ``layer_norm`` fails on it there too; other
+    mixes are left to the op: CUDA's autocast runs ``layer_norm`` in fp32 and takes any, as the
+    kernels do, CPU autocast does not cast its operands and the op's reference fallback decides).
+    Not on the meta device, where ``layer_norm``'s meta kernel takes any mix. Until 2026-11-29 the two
+    modules each had a copy of this with different corners: the PFFN let every mix through under
+    autocast (so float64 norm parameters ran fused where eager failed), and ``ResidualLayerNorm``
+    refused mixes on the meta device that ``nn.LayerNorm`` runs. torch.fx's Proxies pass (reading
+    their ``dtype`` would record a node)."""
+    if not isinstance(x, torch.Tensor) or x.is_meta or (
+            (weight is None or weight.dtype == input_dtype) and (bias is None or bias.dtype == input_dtype)):
+        return  # (an fx Proxy; the common case, all one dtype, pays two comparisons)
+    params = {n: p.dtype for n, p in (("weight", weight), ("bias", bias)) if p is not None}
+    autocast = autocast_dtype(x.device.type) is not None
+    if autocast and torch.float64 not in (input_dtype, *params.values()):
+        return
+    if not layer_norm_takes(params.values(), input_dtype):
+        got = " and ".join(f"{d} ({n})" for n, d in params.items())
+        when = "under autocast, which does not cast float64," if autocast else "outside autocast"
+        raise ValueError(f"{type(module).__name__}: {name} is {input_dtype} but the norm's parameters are {got}: "
+                         f"{when} the norm, like nn.LayerNorm, takes parameters of the input's dtype, or fp32 ones "
+                         "with a 16-bit input")
+
 __all__ = [
     "GatedLCE",
     "PersonalizedFFN",
@@ -291,7 +323,7 @@ class PersonalizedFFN(FusedModule):
         _expect(self, "x_sum", x_sum, (_batch(s), self.n_sum, self.d_model))
         _expect(self, "lengths", lengths, (_batch(s),), integer=True)
         # dtypes (_expect_dtype): x_sum meets the hypernetwork (in personal_weight) or A; s meets the norm's
-        # parameters (_check_norm_dtypes), then W_b or A through the norm, whose output has s's dtype, except a
+        # parameters (_expect_norm_dtypes), then W_b or A through the norm, whose output has s's dtype, except a
         # hooked norm's (it may cast): s unchecked
         if not _read_as_called(self.norm, cls=nn.LayerNorm):  # a hooked, pruned or swapped norm: call it
             if self.mode == "mlp":
@@ -302,31 +334,14 @@ class PersonalizedFFN(FusedModule):
         if self.mode == "mlp":
             w_b = self.personal_weight(x_sum)
             _expect_dtype(self, "s", s, w_b)
-            self._check_norm_dtypes(s, ln_w, ln_b)
+            _expect_norm_dtypes(self, "s", s, s.dtype, ln_w, ln_b)
             fn = self._op("pffn", "pffn_mlp")
             return fn(s, lengths, w_b, ln_w, ln_b, self.eps)
         _expect_dtype(self, "s", s, self.A)
         _expect_dtype(self, "x_sum", x_sum, self.A)
-        self._check_norm_dtypes(s, ln_w, ln_b)
+        _expect_norm_dtypes(self, "s", s, s.dtype, ln_w, ln_b)
         fn = self._op("pffn", "pffn_linear")
         return fn(s, lengths, x_sum, self.A, ln_w, ln_b, self.eps)
-
-    def _check_norm_dtypes(self, s: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> None:
-        """ValueError, on both backends, for norm parameters ``nn.LayerNorm`` refuses for ``s`` outside
-        autocast (:func:`interformer.kernels._dispatch.layer_norm_takes`, as
-        :meth:`ResidualLayerNorm._check_dtypes`): s meets the norm first, and the eager path failed
-        there with PyTorch's RuntimeError (an fp32 s with fp16 norm parameters) where the fused
-        kernels, which take any mix, ran (a review's find, 2026-11-29). Not on the meta device, not
-        under autocast (as :func:`_expect_dtype`). After the checks of s against ``W_b`` or ``A``, whose
-        message covers an s of another dtype than all the parameters."""
-        if not isinstance(s, torch.Tensor) or (ln_w.dtype == s.dtype and ln_b.dtype == s.dtype):
-            return  # an fx Proxy, or the common case, all one dtype: two comparisons
-        if s.is_meta or autocast_dtype(s.device.type) is not None:
-            return
-        if not layer_norm_takes((ln_w.dtype, ln_b.dtype), s.dtype):
-            raise ValueError(f"PersonalizedFFN: s is {s.dtype} but the norm's parameters are {ln_w.dtype} (weight) and "
-                             f"{ln_b.dtype} (bias): outside autocast, like nn.LayerNorm, the norm takes parameters of "
-                             "s's dtype, or fp32 ones with a 16-bit s")
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_sum={self.n_sum}, mode={self.mode!r}, {super().extra_repr()}"
@@ -627,30 +642,15 @@ class ResidualLayerNorm(FusedModule, nn.LayerNorm):
         _expect(self, "x", x, (..., *self.normalized_shape))
         if residual is not None and isinstance(x, torch.Tensor):  # LayerNorm(x + residual), not broadcast
             _expect(self, "residual", residual, tuple(x.shape))
-        w, b = self.weight, self.bias
-        if w is not None and isinstance(x, torch.Tensor) and (  # (not an fx Proxy)
-                w.dtype != x.dtype or (b is not None and b.dtype != x.dtype)
-                or (isinstance(residual, torch.Tensor) and residual.dtype != x.dtype)):
-            self._check_dtypes(x, residual)  # (the common case, all one dtype, pays two comparisons)
+        if isinstance(x, torch.Tensor):  # (not an fx Proxy)
+            h, name = x.dtype, "x"
+            if isinstance(residual, torch.Tensor):
+                name = "x + residual"
+                if residual.dtype != h:
+                    h = torch.promote_types(h, residual.dtype)
+            _expect_norm_dtypes(self, name, x, h, self.weight, self.bias)
         fn = self._op("layernorm", "add_layer_norm")
         return fn(x, residual, self.weight, self.bias, self.eps)
-
-    def _check_dtypes(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
-        """ValueError, on both backends, for parameters ``nn.LayerNorm`` refuses outside autocast:
-        not all of the input's dtype (``x + residual``'s) and not all fp32 with a 16-bit input
-        (:func:`interformer.kernels._dispatch.layer_norm_takes`). The fused kernel takes any mix
-        (:mod:`interformer.kernels.layernorm`), so an fp32 input with fp16 parameters ran there and
-        raised on the eager path (a review's find, 2026-11-29). Not under autocast, where CUDA's runs layer_norm in fp32 and takes any mix, as
-        the kernel does on every device (CPU autocast does not: the kernel's "Dtypes"), except a mix
-        with float64, which autocast leaves uncast, so that eager fails on it there too."""
-        h = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        params = {n: p.dtype for n, p in (("weight", self.weight), ("bias", self.bias)) if p is not None}
-        if autocast_dtype(x.device.type) is not None and torch.float64 not in (h, *params.values()):
-            return  # (autocast never casts float64: a float64 mix fails in eager's layer_norm there too)
-        if not layer_norm_takes(params.values(), h):
-            raise ValueError(f"ResidualLayerNorm: parameters {params} for a {h} input outside autocast (or with "
-                             "float64 under it); like nn.LayerNorm it takes parameters all of the input's dtype, or "
-                             "all fp32 with a 16-bit input")
 
     def extra_repr(self) -> str:
         return f"{nn.LayerNorm.extra_repr(self)}, {FusedModule.extra_repr(self)}"

@@ -246,13 +246,14 @@ def test_module_takes_the_parameter_dtypes_nn_layernorm_takes(backend):
     assert m(x16).dtype == torch.float16 and m(x32).dtype == torch.float32  # fp32 parameters
     m.half()
     assert m(x16).dtype == torch.float16
-    for x, r in ((x32, None), (x16, x32), (x32, x16)):
-        with pytest.raises(ValueError, match=r"ResidualLayerNorm: parameters .* for a torch.float32 input"):
+    for x, r, name in ((x32, None, "x"), (x16, x32, r"x \+ residual"), (x32, x16, r"x \+ residual")):
+        with pytest.raises(ValueError, match=rf"^ResidualLayerNorm: {name} is torch.float32 but the norm's parameters "
+                                             r"are torch.float16 \(weight\) and torch.float16 \(bias\): outside autocast"):
             m(x, r)
     for name in ("weight", "bias"):  # one of the two fp32, the other fp16, for an fp16 input
         mixed = ResidualLayerNorm(24, backend=backend).to(DEVICE).half()
         getattr(mixed, name).data = getattr(mixed, name).data.float()
-        with pytest.raises(ValueError, match=r"ResidualLayerNorm: parameters .* for a torch.float16 input"):
+        with pytest.raises(ValueError, match=r"^ResidualLayerNorm: x is torch.float16 but the norm's parameters are "):
             mixed(x16)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from interformer.layers import (CrossNet, DotInteraction, FeedForward, GatedLCE, LowRankCrossNet, PersonalizedFFN,
                                 PoolingMultiHeadAttention, ResidualLayerNorm, RotaryMultiHeadAttention)
@@ -325,6 +326,36 @@ def test_pffn_refuses_norm_parameters_layer_norm_refuses_for_s(mode, backend):
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_both_norms_follow_layer_norms_rule_in_its_corners(backend):
+    """ResidualLayerNorm and the PFFN's norm check their parameters by one helper
+    (``layers._expect_norm_dtypes``), which closed two corners where they differed (2026-11-29):
+    under autocast, float64 norm parameters with an fp32 input fail in eager's ``layer_norm``
+    (autocast never casts float64), and the PFFN let them through, to run on the fused path; on the
+    meta device ``nn.LayerNorm`` takes any mix, and ResidualLayerNorm refused it."""
+    low = torch.float16 if DEVICE.type == "cpu" else torch.bfloat16
+    ln = nn.LayerNorm(4).to(DEVICE, torch.float64)
+    with torch.autocast(DEVICE.type, dtype=low), pytest.raises(RuntimeError):
+        ln(_randn(B, L, 4))  # the fact the check stands for
+    for mode in ("mlp", "linear"):
+        torch.manual_seed(0)
+        m = PersonalizedFFN(4, 2, mode=mode, hidden=8, backend=backend).to(DEVICE)
+        m.norm.double()
+        s, x_sum, lengths = _randn(B, L, 4), _randn(B, 2, 4), torch.tensor([L, 2, 0], device=DEVICE)
+        with torch.autocast(DEVICE.type, dtype=low), pytest.raises(
+                ValueError, match=r"^PersonalizedFFN: s is torch.float32 but the norm's parameters are torch.float64 "
+                                  r"\(weight\) and torch.float64 \(bias\): under autocast"):
+            m(s, x_sum, lengths)
+    norm = ResidualLayerNorm(4, backend=backend).to(DEVICE, torch.float64)
+    with torch.autocast(DEVICE.type, dtype=low), pytest.raises(ValueError, match=r"^ResidualLayerNorm: x is "
+                                                                             r"torch.float32 but .* under autocast"):
+        norm(_randn(B, 4))
+    x = torch.empty(B, 4, device="meta")
+    for norm in (ResidualLayerNorm(4, backend=backend).to("meta", torch.float16), nn.LayerNorm(4).to("meta").half()):
+        y = norm(x)
+        assert y.is_meta and y.shape == x.shape and y.dtype == nn.LayerNorm(4).to("meta").half()(x).dtype
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("case", list(DTYPE_CASES))
 def test_under_autocast_a_float64_input_raises_one_value_error(case, backend):
     """Autocast casts fp32 operands to its dtype and leaves float64 ones alone, so under it a float64
@@ -340,5 +371,6 @@ def test_under_autocast_a_float64_input_raises_one_value_error(case, backend):
         with pytest.raises(ValueError, match=rf"^{type(module).__name__}: {arg} is torch.float64 but the parameters "
                                              rf"are torch\.\w+: autocast does not cast float64"):
             module(*inputs(torch.float64))
-        with pytest.raises(ValueError, match=r"^ResidualLayerNorm: parameters .* for a torch.float64 input"):
+        with pytest.raises(ValueError, match=r"^ResidualLayerNorm: x is torch.float64 but the norm's parameters are "
+                                             r"torch.float32 \(weight\) and torch.float32 \(bias\): under autocast"):
             norm(_randn(B, 4).double())
