@@ -14,10 +14,15 @@ import typing
 
 
 def _runs_on_cpu(device) -> bool:
-    """Whether a command given ``--device device`` (None: cuda when available) runs on the CPU."""
+    """Whether a command given ``--device device`` (None or empty: cuda when available) runs on the CPU.
+
+    An empty ``--device ""`` (``--device "$DEVICE"`` with the variable unset) is unset, as the
+    commands read it (:func:`interformer.train._default_device`, ``TrainConfig``); it was taken for
+    a bad name here, so ``evaluate`` or ``score`` of a fused checkpoint on a machine without a GPU
+    ran on the CPU without Triton's interpreter and failed at the first fused op."""
     import torch
 
-    if device is None:
+    if device is None or device == "":
         return not torch.cuda.is_available()
     try:
         return torch.device(device).type == "cpu"

@@ -232,11 +232,12 @@ def _check_lr_and_seed(args) -> None:
 
 
 def demo_device(name) -> torch.device:
-    """The device ``--device name`` names (None: cuda when available, else cpu): a CPU or an existing
+    """The device ``--device name`` names (None or empty, as ``train``, ``evaluate`` and ``score`` read
+    an empty one: cuda when available, else cpu): a CPU or an existing
     CUDA device, else ValueError saying why (before any work: an unknown name, a device type the demo
     does not run on, such as ``meta``, which it took for the CPU, or cuda where there is none, which
     failed after the header with torch's "Torch not compiled with CUDA enabled")."""
-    if name is None:
+    if name is None or name == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # the train command's checks: cpu or cuda, then CUDA there and a GPU of that index
         device = parse_device(name)

@@ -123,7 +123,7 @@ def test_interpret_on_cpu_whenever_the_command_runs_on_the_cpu(monkeypatch):
     import interformer.__main__ as cli
 
     for gpu, device, expected in ((True, "cpu", "1"), (True, "cpu:0", "1"), (True, None, None), (True, "cuda", None),
-                                  (False, None, "1"), (False, "cpu", "1")):
+                                  (False, None, "1"), (False, "cpu", "1"), (False, "", "1"), (True, "", None)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         cli._interpret_on_cpu(device)
@@ -280,8 +280,9 @@ def test_demo_refuses_a_bad_device_lr_or_seed_before_any_work(monkeypatch, capsy
 
     assert demo_device("cuda:0") == torch.device("cuda:0") and demo_device(None) == torch.device("cuda")
     assert demo_device("cpu") == torch.device("cpu")
+    assert demo_device("") == torch.device("cuda")  # empty: unset, as train, evaluate and score read it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert demo_device(None) == torch.device("cpu")
+    assert demo_device(None) == demo_device("") == torch.device("cpu")
 
 
 def test_the_largest_seed_the_epochs_allow_runs_every_epoch(monkeypatch, capsys):
