@@ -127,7 +127,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -1969,6 +1969,9 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, rows) -> torch.Tensor:
+        if isinstance(rows, Mapping):  # (list() made one row its keys: "row 0: expected a mapping, got str",
+            # and an empty one no rows, scored silently as none)
+            raise TypeError("expected a list of rows, got one mapping: pass [row]")
         rows = list(rows)
         if not rows:
             return torch.zeros(0, dtype=torch.float32)

@@ -2006,6 +2006,9 @@ def test_score_writes_each_rows_probability_and_where_it_is(bars, capsys, full_r
     assert torch.equal(scorer(in_memory), one.score) and scorer([]).shape == (0,)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         T.load_scorer(ckpt, batch_size=0)
+    for one_row in (in_memory[0], {}):  # one mapping, not a list of them: RowEncoder's error, not its keys as rows
+        with pytest.raises(TypeError, match=r"got one mapping: pass \[row\]"):
+            scorer(one_row)
     del in_memory[4]["price"]
     with pytest.raises(ValueError, match=r"^row 4: missing column\(s\) \['price'\]$"):
         scorer(in_memory)
