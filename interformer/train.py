@@ -134,6 +134,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
+from .backend import check_backend
 from .config import InterFormerConfig
 from .data import Batch, check_seed, make_synthetic
 from .dataio import ON_ERROR as ON_BAD_ROWS
@@ -264,6 +265,14 @@ class TrainConfig:
         unknown = set(self.model) - {f.name for f in dataclasses.fields(InterFormerConfig)}
         if unknown:
             raise ValueError(f"model: unknown InterFormerConfig field(s) {sorted(unknown)}")
+        # a misspelt backend is a setting's error, not build_model's once the vocabularies and row
+        # counts have been read (passes over the training files); None: $INTERFORMER_BACKEND
+        for name, value in (("backend", self.backend), ("model.backend", self.model.get("backend"))):
+            if value is not None:
+                try:
+                    check_backend(value)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         # numbers written as strings (PyYAML reads ``1e-6`` as one) are converted here too
         hints = typing.get_type_hints(InterFormerConfig)
         self.model = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in self.model.items()}
