@@ -173,6 +173,35 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
 
 
 
+def _one_dtype(tensors) -> bool:
+    """Whether the parameters ``tensors`` that a module hands its fused op (None entries skipped)
+    share one dtype.
+
+    Decision (2026-11-30): a module whose op parameters do not (a bias or a gate left in another
+    dtype than its weight: one converted by hand, or loaded with ``load_state_dict(assign=True)``
+    from a checkpoint that stored it so) runs the eager reference on every backend, the function
+    the ``eager`` backend calls, so that it runs, or fails, exactly as eager does. The fused ops
+    refuse such a mix with their own ``ValueError`` ("... must share one dtype ..."), where
+    eager's type promotion ran a low-precision bias (``GatedLCE``, the cross nets), a float64
+    query (``PoolingMultiHeadAttention``, whose ``triton`` backend read the query's dtype as the
+    module's and refused it) or failed with PyTorch's ``RuntimeError`` from a GEMM (a review's
+    find). Not ``PersonalizedFFN``, whose op takes fp32 norm parameters beside 16-bit ones by
+    :func:`interformer.kernels._dispatch.layer_norm_takes`' rule, nor the modules that call their
+    child layers. Cost: a dtype comparison per parameter and call. torch.fx's Proxies pass (reading
+    their ``dtype`` would record a node; the traced module calls the public fused function, which
+    checks the dtypes it is given when it runs)."""
+    first = None
+    for t in tensors:
+        if t is not None:
+            if not isinstance(t, torch.Tensor):  # an fx Proxy
+                return True
+            if first is None:
+                first = t.dtype
+            elif t.dtype != first:
+                return False
+    return True
+
+
 def _expect_norm_dtypes(module: nn.Module, name: str, x: torch.Tensor, input_dtype: torch.dtype,
                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     """ValueError, naming ``module``'s class and the argument, where ``F.layer_norm`` refuses the norm
@@ -252,8 +281,9 @@ class GatedLCE(FusedModule):
         _expect_dtype(self, "x", x, self.weight)  # (both paths' first op: einsum with weight)
         if not _read_as_called(self.gate, cls=nn.Linear):  # a hooked, pruned or swapped gate: call it
             return reference._gated_lce_with(x, self.weight, self.bias, self.gate)
-        fn = self._op("gated_lce", "gated_lce")
-        return fn(x, self.weight, self.bias, self.gate.weight, self.gate.bias)
+        params = (self.weight, self.bias, self.gate.weight, self.gate.bias)
+        fn = self._op("gated_lce", "gated_lce") if _one_dtype(params) else reference.gated_lce  # (_one_dtype)
+        return fn(x, *params)
 
     def extra_repr(self) -> str:
         return f"n_in={self.n_in}, n_out={self.n_out}, d_model={self.d_model}, {super().extra_repr()}"
@@ -399,8 +429,9 @@ class CrossNet(FusedModule):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         _expect(self, "x0", x0, (None, self.in_features))
         _expect_dtype(self, "x0", x0, self.kernels[0])
-        fn = self._op("crossnet", "cross_net")
-        return fn(x0, list(self.kernels), list(self.bias))
+        kernels, biases = list(self.kernels), list(self.bias)
+        fn = self._op("crossnet", "cross_net") if _one_dtype(kernels + biases) else reference.cross_net  # (_one_dtype)
+        return fn(x0, kernels, biases)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_layers={self._num_layers}, {super().extra_repr()}"
@@ -445,8 +476,10 @@ class LowRankCrossNet(FusedModule):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         _expect(self, "x0", x0, (None, self.in_features))
         _expect_dtype(self, "x0", x0, self.V_kernels[0])
-        fn = self._op("crossnet", "low_rank_cross_net")
-        return fn(x0, list(self.W_kernels), list(self.V_kernels), list(self.bias))
+        w, v, biases = list(self.W_kernels), list(self.V_kernels), list(self.bias)
+        fused = _one_dtype(w + v + biases)  # (else the reference: _one_dtype)
+        fn = self._op("crossnet", "low_rank_cross_net") if fused else reference.low_rank_cross_net
+        return fn(x0, w, v, biases)
 
     def extra_repr(self) -> str:
         return (
@@ -602,9 +635,10 @@ class PoolingMultiHeadAttention(FusedModule):
             return reference._pma_with(reference.attention, s, lengths, self.query, self.k_proj, self.v_proj,
                                        self.o_proj, self.num_heads)
         _expect_dtype(self, "s", s, self.k_proj.weight)
-        fn = self._op("attention", "pooled_attention")
-        return fn(s, lengths, self.query, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
-                  self.o_proj.weight, self.o_proj.bias, self.num_heads)
+        params = (self.query, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
+                  self.o_proj.weight, self.o_proj.bias)
+        fn = self._op("attention", "pooled_attention") if _one_dtype(params) else reference.pooled_attention
+        return fn(s, lengths, *params, self.num_heads)  # (the reference where the dtypes differ: _one_dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -719,10 +753,11 @@ class FeedForward(FusedModule, nn.Sequential):
             _expect(self, "x", x, (..., first.in_features))
             _expect_dtype(self, "x", x, first)
         if self._backend != "eager" and self._plain():
-            fn = self._op("feed_forward", "feed_forward")
-            if fn is not reference.feed_forward:
-                first, last = self[0], self[-1]
-                return fn(x, first.weight, first.bias, last.weight, last.bias)
+            first, last = self[0], self[-1]
+            params = (first.weight, first.bias, last.weight, last.bias)
+            fn = self._op("feed_forward", "feed_forward") if _one_dtype(params) else reference.feed_forward
+            if fn is not reference.feed_forward:  # (mixed dtypes: the layers, as eager: _one_dtype)
+                return fn(x, *params)
         return nn.Sequential.forward(self, x)
 
     def extra_repr(self) -> str:

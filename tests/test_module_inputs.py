@@ -374,3 +374,71 @@ def test_under_autocast_a_float64_input_raises_one_value_error(case, backend):
         with pytest.raises(ValueError, match=r"^ResidualLayerNorm: x is torch.float64 but the norm's parameters are "
                                              r"torch.float32 \(weight\) and torch.float32 \(bias\): under autocast"):
             norm(_randn(B, 4).double())
+
+
+def _to_dtype(module, path, dtype):
+    """Convert the parameter (or child layer) at ``path`` of ``module`` alone to ``dtype``."""
+    *parents, last = path.split(".")
+    owner = module
+    for name in parents:
+        owner = getattr(owner, name)
+    child = getattr(owner, last)
+    if isinstance(child, nn.Module):
+        child.to(dtype)
+    else:
+        setattr(owner, last, nn.Parameter(child.detach().to(dtype)))
+
+
+MIXED = {  # module factory, inputs, the parameter or child converted, its dtype
+    "gated_lce-fp16-bias": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (_randn(B, 3, 4),), "bias", torch.float16),
+    "gated_lce-fp64-gate-bias": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (_randn(B, 3, 4),), "gate.bias",
+                                 torch.float64),
+    "gated_lce-fp16-gate": (lambda b: GatedLCE(3, 2, 4, backend=b), lambda: (_randn(B, 3, 4),), "gate", torch.float16),
+    "cross_net-fp16-bias": (lambda b: CrossNet(6, 2, backend=b), lambda: (_randn(B, 6),), "bias.0", torch.float16),
+    "low_rank-fp64-bias": (lambda b: LowRankCrossNet(6, 2, 2, backend=b), lambda: (_randn(B, 6),), "bias.1",
+                           torch.float64),
+    "low_rank-fp16-u": (lambda b: LowRankCrossNet(6, 2, 2, backend=b), lambda: (_randn(B, 6),), "W_kernels.1",
+                        torch.float16),
+    "pma-fp64-query": (lambda b: PoolingMultiHeadAttention(2, 8, 2, backend=b),
+                       lambda: (_randn(B, L, 8), torch.tensor([5, 0, 2], **I)), "query", torch.float64),
+    "pma-fp16-v": (lambda b: PoolingMultiHeadAttention(2, 8, 2, backend=b),
+                   lambda: (_randn(B, L, 8), torch.tensor([5, 0, 2], **I)), "v_proj", torch.float16),
+    "feed_forward-fp16-bias": (lambda b: FeedForward(4, 8, 4, backend=b), lambda: (_randn(B, 4),), "2.bias",
+                               torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+def test_parameters_of_mixed_dtypes_run_or_fail_as_on_eager(case):
+    """A module whose op parameters are of more than one dtype (a bias left in another dtype than
+    its weight) runs its eager reference on the fused backend (``layers._one_dtype``): the same
+    output and gradients where eager's type promotion runs it, the same exception where eager
+    fails. The fused ops refused every such mix with their own ValueError, and the PMA's triton
+    backend refused a float64 query as a float64 module."""
+    make, inputs, path, dtype = MIXED[case]
+    outcomes = []
+    for backend in ("eager", "triton"):
+        torch.manual_seed(0)
+        module = make(backend).to(DEVICE)
+        _to_dtype(module, path, dtype)
+        torch.manual_seed(1)
+        args = tuple(a.requires_grad_() if a.is_floating_point() else a for a in inputs())
+        try:
+            out = module(*args)
+            out.float().square().sum().backward()
+        except (RuntimeError, ValueError) as exc:
+            outcomes.append((type(exc), str(exc)))
+            continue
+        outcomes.append((out.detach(), [a.grad for a in args if a.is_floating_point()],
+                         {n: p.grad for n, p in module.named_parameters()}))
+    eager, fused = outcomes
+    if isinstance(eager[0], type) or isinstance(fused[0], type):
+        assert eager == fused
+        return
+    assert fused[0].dtype == eager[0].dtype
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=1e-6)
+    for f, e in zip(fused[1], eager[1]):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+    assert fused[2].keys() == eager[2].keys()
+    for name in eager[2]:
+        torch.testing.assert_close(fused[2][name], eager[2][name], rtol=1e-5, atol=1e-6, msg=name)
