@@ -177,7 +177,7 @@ def _one_dtype(tensors) -> bool:
     """Whether the parameters ``tensors`` that a module hands its fused op (None entries skipped)
     share one dtype.
 
-    Decision (2026-11-30): a module whose op parameters do not (a bias or a gate left in another
+    Decision (2026-11-29): a module whose op parameters do not (a bias or a gate left in another
     dtype than its weight: one converted by hand, or loaded with ``load_state_dict(assign=True)``
     from a checkpoint that stored it so) runs the eager reference on every backend, the function
     the ``eager`` backend calls, so that it runs, or fails, exactly as eager does. The fused ops
