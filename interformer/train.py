@@ -1492,6 +1492,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             batches = train_set.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=d.rank,
                                         world_size=d.world_size, skip_batches=batch_in_epoch, prefetch=cfg.prefetch)
             halted = False
+            lr_used = schedulers[0].get_last_lr()[0]  # (an epoch that takes no step: the next step's)
             for batch in _closing(batches):
                 b, checked = on_device(batch, device, net)
                 with checked, autocast(cfg, device):
@@ -1508,6 +1509,7 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
                 scaler.update()
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
+                lr_used = schedulers[0].get_last_lr()[0]  # the step just taken used it: the history's "lr"
                 for sch in schedulers:
                     sch.step()
                 step += 1
@@ -1553,7 +1555,8 @@ def _train(cfg: TrainConfig, log, d: Dist, device: torch.device) -> Dict[str, An
             else:
                 train_loss = (loss_sum / max(loss_n, 1)).item()
             record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_samples_per_s": train_sps,
-                      "lr": schedulers[0].get_last_lr()[0]}
+                      "lr": lr_used}  # the dense parameters' rate at the epoch's last step (get_last_lr() after
+            # it is the next step's, past the epoch during warm-up: a review's find, 2026-11-29)
             if "valid" in splits:
                 valid = evaluate_split(model, splits["valid"], cfg, device) if d.is_main else None
                 valid = _broadcast(valid, d)
