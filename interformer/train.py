@@ -1853,8 +1853,10 @@ def evaluate_checkpoint(checkpoint: str, paths: Optional[List[str]] = None, data
         with _paths_of_the_run(cfg.valid + cfg.test, "evaluate without files"):
             splits = {name: _dataset(cfg, getattr(cfg, name), schema, vocabs) for name in ("valid", "test")
                       if getattr(cfg, name)}
-    if not splits:
-        raise ValueError(f"{checkpoint}: no validation or test split in its config; pass files to evaluate")
+    if not splits:  # (a synthetic run's checkpoint has no schema to read files with: its own splits only)
+        why = ("its run drew synthetic data with synthetic_valid = synthetic_test = 0, and it has no schema to "
+               "read files with: nothing to evaluate" if state["schema"] is None else "pass files to evaluate")
+        raise ValueError(f"{checkpoint}: no validation or test split in its config; {why}")
     results = {}
     for name, ds in splits.items():
         results[name] = evaluate_split(model, ds, cfg, dev)

@@ -334,11 +334,16 @@ def test_warmup_step_k_uses_lr_times_k_over_warmup_steps():
 def test_the_history_records_the_rate_of_each_epochs_last_step(tmp_path):
     """Each epoch's ``lr`` in the history (``run.json``) is the rate its last optimiser step used:
     with 128 samples in batches of 32 (4 steps an epoch) and a 10-step warm-up, 4/10 and 8/10 of
-    ``lr``, not the next step's 5/10 and 9/10 as it recorded until 2026-11-29."""
+    ``lr``, not the next step's 5/10 and 9/10 as it recorded until 2026-11-29. The same run (synthetic,
+    no validation split) then shows ``evaluate``'s reason for having nothing to score: it asked for
+    files, which a checkpoint without a schema cannot read."""
     run = T.train(tiny_config(tmp_path, lr=0.02, warmup_steps=10, synthetic_train=128, synthetic_valid=0,
                               batch_size=32), log=quiet)
     assert [r["step"] for r in run["epochs"]] == [4, 8]
     assert [r["lr"] for r in run["epochs"]] == pytest.approx([0.02 * 4 / 10, 0.02 * 8 / 10])
+    # (no validation or test split, no schema: evaluate names why rather than asking for files it cannot read)
+    with pytest.raises(ValueError, match=r"synthetic_valid = synthetic_test = 0, and it has no schema to read files"):
+        T.evaluate_checkpoint(str(tmp_path / "last.pt"))
 
 
 def test_deterministic_turns_on_deterministic_algorithms_for_the_run(tmp_path, monkeypatch):
