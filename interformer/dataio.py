@@ -542,8 +542,11 @@ def _as_paths(paths: PathsArg) -> List[Path]:
         if p.is_dir():
             raise IsADirectoryError(f"{p} is a directory; give the data files in it (.csv, .csv.gz, .parquet, "
                                     ".pq), not the directory")
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"data file not found: {p}")
+        if not p.is_file():  # a pipe (``<(zcat ...)``), a device: it is there, but was reported missing
+            raise ValueError(f"{p} is not a regular file (a pipe?): the data files are read several times "
+                             "(vocabularies, row count, every epoch), so give a file")
     return out
 
 

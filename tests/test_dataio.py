@@ -803,6 +803,19 @@ def test_a_directory_is_reported_as_a_directory(tmp_path, amazon):
         build_vocabularies([tmp_path / "train.parquet"], schema)
 
 
+def test_a_pipe_is_reported_as_no_regular_file_not_as_missing(tmp_path, amazon):
+    # ``--train <(zcat train.csv.gz)`` names a pipe that exists: "data file not found" sent the user
+    # looking for a typo; the files are read several times, which a pipe cannot be
+    import os
+    _, schema, vocabs, _ = amazon
+    fifo = tmp_path / "piped.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"piped\.csv is not a regular file \(a pipe\?\)"):
+        TabularDataset(fifo, schema, vocabs)
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        build_vocabularies([tmp_path / "absent.csv"], schema)
+
+
 def test_unreadable_parquet_raises_a_data_error_naming_the_file(tmp_path, amazon, small_chunks):
     """A truncated file, a file that is not Parquet and a corrupt page raise DataError naming the
     path (pyarrow's ArrowInvalid/OSError named no file), on both paths and whatever on_error says;
