@@ -1651,7 +1651,13 @@ def _seed_of(*parts) -> int:
 def group_key(raw_user: Optional[str]) -> int:
     """The gAUC group key of a raw user string: blake2b (8 bytes) masked to 63 bits, so >= 0;
     :data:`NO_GROUP` for a missing user (empty or None), which would otherwise make every anonymous
-    sample one "user" and weigh that group by all their clicks."""
+    sample one "user" and weigh that group by all their clicks.
+
+    The string is stripped first, as the readers strip a cell, so that the key of a raw cell is the
+    one its batches carry (``" u1 "`` is ``"u1"``, a blank cell is missing). Why: the readers
+    called it on stripped strings only, so called on a raw cell it gave another key, and a blank
+    user a group of its own."""
+    raw_user = raw_user.strip() if raw_user else raw_user
     if not raw_user:
         return NO_GROUP
     digest = hashlib.blake2b(raw_user.encode("utf-8"), digest_size=8).digest()

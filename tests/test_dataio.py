@@ -251,6 +251,18 @@ def test_a_sample_without_a_user_has_no_group(tmp_path, fmt, vectorized):
 
 
 @pytest.mark.parametrize("vectorized", [False, True])
+def test_group_key_of_a_raw_cell_is_the_key_its_batch_carries(tmp_path, vectorized):
+    from interformer.dataio import group_key
+    from interformer.metrics import NO_GROUP
+    path = write_text(tmp_path / "g.csv", "label,u,s,h\n1, u1 ,a,x\n0,\t ,b,y\n1,u1,c,z\n")
+    schema = Schema(label="label", sparse=["s"], sequences=["h"], user="u")
+    vocabs, _ = build_vocabularies(path, schema, vectorized=vectorized)
+    batch = next(TabularDataset(path, schema, vocabs, vectorized=vectorized).batches(4))
+    assert batch.group.tolist() == [group_key(" u1 "), group_key("\t "), group_key("u1")]
+    assert group_key(" u1 ") == group_key("u1") and group_key("\t ") == group_key("") == group_key(None) == NO_GROUP
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
 def test_whitespace_around_a_history_is_stripped_before_it_is_split(tmp_path, vectorized):
     """A cell is stripped of surrounding whitespace, a history cell too, before it is split: with a
     whitespace ``seq_sep`` (space-separated histories) a leading or trailing space made an empty
