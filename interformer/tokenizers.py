@@ -49,7 +49,10 @@ class DenseTokenizer(nn.Module):
         if self.num_tokens == 0:
             return dense.new_zeros(dense.shape[0], 0, self.d_model)
         if self.mode == "single":
-            return self.linear(dense.to(self.linear.weight.dtype)).unsqueeze(1)
+            weight = getattr(self.linear, "weight", None)
+            if isinstance(weight, torch.Tensor):  # (a dynamically quantized layer has a method there, and
+                dense = dense.to(weight.dtype)    # takes the float32 batch as it is: quantize_dynamic works)
+            return self.linear(dense).unsqueeze(1)
         return dense.to(self.weight.dtype).unsqueeze(-1) * self.weight + self.bias
 
 
