@@ -1610,6 +1610,9 @@ def vocabularies_from_dict(d: Mapping, where: str = "vocabularies") -> Dict[str,
     """Inverse of :func:`vocabularies_to_dict` (``where`` names the source in errors)."""
     if not isinstance(d, Mapping) or d.get("format") != _VOCAB_FORMAT:
         raise ValueError(f"{where}: not vocabularies written by save_vocabularies / vocabularies_to_dict")
+    missing = [k for k in ("vocabularies", "columns") if not isinstance(d.get(k), Mapping)]
+    if missing:  # (a KeyError or an AttributeError until 2026-11-29: a review's note)
+        raise ValueError(f"{where}: no mapping {missing} in these vocabularies (a truncated or edited file?)")
     tables = {name: Vocabulary.from_dict(t) for name, t in d["vocabularies"].items()}
     try:
         return {col: tables[name] for col, name in d["columns"].items()}
@@ -1621,13 +1624,18 @@ def save_vocabularies(vocabs: Mapping[str, Vocabulary], path: PathLike) -> None:
     """Write ``{column: Vocabulary}`` as JSON; columns holding the same object stay shared on load.
 
     The file is written next to its destination and renamed into place, so a reader never sees a
-    half-written file.
+    half-written file; where writing fails (a full disk, a value JSON cannot take), the partial
+    file is removed and the error raised.
     """
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(vocabularies_to_dict(vocabs), fh)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(vocabularies_to_dict(vocabs), fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_vocabularies(path: PathLike) -> Dict[str, Vocabulary]:

@@ -327,6 +327,18 @@ def test_vocabularies_save_load_keeps_sharing(tmp_path, amazon):
     for c in vocabs:
         assert loaded[c].to_dict() == vocabs[c].to_dict()
     assert Vocabulary.from_dict(vocabs["cate_id"].to_dict()).tokens == vocabs["cate_id"].tokens
+    # a file without its tables or its columns: one ValueError naming it (was a KeyError)
+    for key in ("vocabularies", "columns"):
+        d = json.loads((tmp_path / "vocab.json").read_text())
+        del d[key]
+        (tmp_path / "cut.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=rf"cut.json: no mapping \['{key}'\] in these vocabularies"):
+            load_vocabularies(tmp_path / "cut.json")
+    # a write that fails leaves no partial file beside the destination
+    bad = dict(vocabs, broken=object())
+    with pytest.raises(Exception):
+        save_vocabularies(bad, tmp_path / "never.json")
+    assert not list(tmp_path.glob("never.json*"))
 
 
 # ------------------------------------------------------------------------------------------ parsing
