@@ -720,6 +720,8 @@ def _gated_lce_fwd_impl(x, weight, bias, gate_weight, gate_bias):
     out = torch.empty((B, n_out, d), device=x.device, dtype=_out_dtype(x, bias))
     if out.numel() == 0:
         return out
+    if n_in == 0:  # a direct op call (gated_lce takes the reference): Y = bias, as from one zero token of zero weight
+        x, weight, n_in = x.new_zeros((B, 1, d)), weight.new_zeros((1, n_out)), 1  # (_config divides by n_in)
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, False)
     x = int32_block(x, n_per)
     n_blocks = cdiv(B, n_per)
@@ -745,14 +747,18 @@ def _gated_lce_bwd_impl(grad_out, x, weight, bias, gate_weight, gate_bias, param
     n_out = weight.shape[1]
     dx = torch.empty((B, n_in, d), device=x.device, dtype=x.dtype)
     dgb, dw, db = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (gate_bias, weight, bias))
+    if B == 0 or n_out == 0:  # an empty output (n_out = 0: a direct op call): zero gradients
+        if not params:
+            return dx.zero_(), None, None, None, None
+        return dx.zero_(), dw.zero_(), db.zero_(), gate_weight.new_zeros(gate_weight.shape), dgb.zero_()  # contiguous, as the fake
+    if n_in == 0:  # a direct op call: the forward's zero token of zero weight (_gated_lce_fwd_impl), its gradients dropped
+        grads = _gated_lce_bwd_impl(grad_out, x.new_zeros((B, 1, d)), weight.new_zeros((1, n_out)), bias, gate_weight,
+                                    gate_bias, params)
+        return (dx, dw if params else None, *grads[2:])
     n_per, kx, ro, dp, warps = _config(n_in, n_out, d, True)
     acc_per_sm, acc_cap = _acc_plan(x.dtype, d, dp, warps, traced=_decomposing())
     x, grad_out = int32_block(x, n_per), int32_block(grad_out, n_per)
     n_blocks = cdiv(B, n_per)
-    if n_blocks == 0:
-        if not params:
-            return dx, None, None, None, None
-        return dx, dw.zero_(), db.zero_(), gate_weight.new_zeros(gate_weight.shape), dgb.zero_()  # contiguous, as the fake
     acc_programs = acc_per_sm * num_sms(x.device)
     mode = _gw_mode(B, n_out, d, x.element_size(), acc_programs)
     store = mode == "store"

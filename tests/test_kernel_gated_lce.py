@@ -488,6 +488,28 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, empty)
 
 
+@pytest.mark.parametrize("n_in, n_out", [(0, 3), (5, 0), (0, 0)], ids=["no-tokens-in", "no-tokens-out", "neither"])
+def test_ops_take_no_tokens_in_or_out(n_in, n_out):
+    """The custom ops on x with no tokens (n_in = 0: out = Y * sigmoid(...) with Y = bias, not empty)
+    or an empty output (n_out = 0): eager's output and gradients, and opcheck passes. Reachable by a
+    direct op call only (:func:`gated_lce` takes the reference there); until this test the launchers
+    divided by n_in or n_out (``_config``: ZeroDivisionError)."""
+    gen = torch.Generator().manual_seed(21)
+    masters = make_masters(3, max(n_in, 1), n_out, 24, gen)
+    masters[:2] = masters[0][:, :n_in], masters[1][:n_in]
+    args = [m.float().to(DEVICE).requires_grad_() for m in masters]
+    torch.library.opcheck(torch.ops.interformer.gated_lce_fwd.default, tuple(args))
+    g = torch.randn(3, n_out, 24, generator=gen).to(DEVICE)
+    torch.library.opcheck(torch.ops.interformer.gated_lce_bwd.default, (g, *(t.detach() for t in args)))
+    out = torch.ops.interformer.gated_lce_fwd(*(t.detach() for t in args))
+    grads = torch.ops.interformer.gated_lce_bwd(g, *(t.detach() for t in args))
+    ref = R.gated_lce(*args)
+    ref_grads = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
+    for name, k, e in zip(NAMES, (out, *grads), (ref.detach(), *ref_grads)):
+        assert k.shape == e.shape and k.dtype == e.dtype, f"{name}: {k.shape} {k.dtype}, eager's {e.shape} {e.dtype}"
+        assert_rel(k, e, FP32_TOL, name)
+
+
 @NO_POISON
 def test_compile_fullgraph_traces_forward_and_backward():
     """torch.compile(fullgraph=True) through the custom ops (aot_eager: Inductor is a GPU test)."""
