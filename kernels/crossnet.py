@@ -785,6 +785,8 @@ def _lr_fwd_impl(x0, ws, vs, bs, dt=None):
     dt = _dot_dtype(x0, dt)
     out = torch.empty((B, D), device=x0.device, dtype=_out_dtype(x0, bs, dt))
     p = torch.empty((L, B, R), device=x0.device, dtype=torch.float32)
+    if B == 0 or D == 0:  # a direct op call (low_rank_cross_net takes the reference): the splits divide by zero
+        return out, p.zero_()
     plan = _lr_plan_or_raise(x0, ws, bs, L, dt)
     bd, stages = plan.fwd
     row_blocks = cdiv(B, _LR_BLOCK_B)
@@ -856,6 +858,9 @@ def _lr_bwd_impl(g, x0, ws, vs, bs, p, dt=None, weights: bool = True):
     bd, stages = plan.rows
     BBW, BDW, w_stages = plan.weights
     dx0 = torch.empty((B, D), device=dev, dtype=x0.dtype)
+    if B == 0 or D == 0:  # a direct op call (low_rank_cross_net takes the reference): the splits divide by zero
+        return dx0, *((None,) * 3 if not weights else
+                      (torch.zeros(s, device=dev, dtype=pdt) for s in ((L, D, R), (L, R, D), (L, D))))
     dp = torch.empty((L, B, R), device=dev, dtype=torch.float32)
     row_blocks = cdiv(B, _LR_BLOCK_B)
     rows_kw = dict(NUM_LAYERS=L, BLOCK_B=_LR_BLOCK_B, BLOCK_D=bd, BLOCK_R=BR, PREC=prec, DT=tl_dtype(dt),

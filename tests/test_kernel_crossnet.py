@@ -743,6 +743,30 @@ def test_opcheck_low_rank(dt):
     torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("mode", ["rows", "phases"])
+@pytest.mark.parametrize("B,D", [(0, 40), (3, 0)], ids=["empty-batch", "no-features"])
+def test_opcheck_low_rank_empty(B, D, mode, monkeypatch):
+    """The low-rank ops on an empty batch or zero features: opcheck passes, the output is empty and
+    the weight gradients zero. Reachable by a direct op call only (:func:`C.low_rank_cross_net`
+    takes the reference there); until this test the backward's split plans (and the phased
+    forward's) divided by zero."""
+    monkeypatch.setattr(C, "LOW_RANK_FORWARD", mode)
+    monkeypatch.setattr(C, "LOW_RANK_BACKWARD", mode)
+    x0, *params = _lr_inputs(B, D, 8, 2, torch.float32)
+    ws, vs, bs = params[:2], params[2:4], params[4:]
+    args = (x0.requires_grad_(), [w.requires_grad_() for w in ws], [v.requires_grad_() for v in vs],
+            [b.requires_grad_() for b in bs], None)
+    torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_fwd.default, args)
+    out, p = torch.ops.interformer.low_rank_cross_net_fwd(*args)
+    assert out.shape == (B, D) and not p.any()
+    bwd_args = (torch.randn(B, D, device=DEVICE), x0.detach(), [w.detach() for w in ws], [v.detach() for v in vs],
+                [b.detach() for b in bs], p.detach(), None)
+    torch.library.opcheck(torch.ops.interformer.low_rank_cross_net_bwd.default, bwd_args)
+    dx0, *dparams = torch.ops.interformer.low_rank_cross_net_bwd(*bwd_args)
+    assert dx0.shape == (B, D) and [tuple(t.shape) for t in dparams] == [(2, D, 8), (2, 8, D), (2, D)]
+    assert not any(t.any() for t in dparams)
+
+
 @OP_DTS
 @pytest.mark.parametrize("D", [40, 312], ids=["one-launch", "wide"])
 def test_opcheck_full_rank(D, dt):
