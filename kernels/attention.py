@@ -1522,6 +1522,18 @@ def _flags(causal, rope_base, rope_q, mask_queries, sm_scale) -> tuple:
             None if sm_scale is None else float(sm_scale))
 
 
+def _autocast_qkv(*ts: torch.Tensor) -> tuple:
+    """The tensors in the autocast dtype where autocast is on for their device and they are in
+    another, as are the operands of the reference's einsums (whose output is then in that dtype);
+    else as they are. (Until 2026-11-30 the kernels ran fp32 inputs in fp32 under a 16-bit
+    autocast and returned fp32 where the reference, and this function's own wide-head fallback,
+    returned the autocast dtype: a review's find.)"""
+    cast = autocast_dtype(ts[0].device.type)
+    if cast is None or all(t.dtype == cast for t in ts):
+        return ts
+    return tuple(t.to(cast) for t in ts)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1537,7 +1549,9 @@ def attention(
     :func:`interformer.reference.attention` (see the module docstring for the kernel design).
 
     q ``[Bq, Lq, H, dh]`` (Bq = B or 1), k, v ``[B, Lk, H, dh]`` (any strides), lengths ``[B]``
-    -> contiguous ``[B, Lq, H, dh]``. ``sm_scale`` (default ``1/sqrt(dh)``) must be finite and
+    -> contiguous ``[B, Lq, H, dh]`` in their dtype, or under ``torch.autocast`` on their device in
+    the autocast dtype, as the reference's einsums give (q, k and v are cast to it first:
+    :func:`_autocast_qkv`). ``sm_scale`` (default ``1/sqrt(dh)``) must be finite and
     nonzero, with ``|sm_scale| * log2(e)`` a normal fp32 number (``ValueError``; the reference takes
     any float). The output is saved for the backward, as SDPA's is (the :data:`BACKWARD_DELTA`
     setting ``"output"`` reads delta from it past one key block; the default forms delta from the
@@ -1551,6 +1565,7 @@ def attention(
     # the reference, same math
     if k.shape[3] > MAX_HEAD_DIM or reference_only(k):
         return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    q, k, v = _autocast_qkv(q, k, v)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     tensors = (q, k, v, lengths)
     if tracing(tensors):
@@ -1588,6 +1603,7 @@ def attention_packed(
             and not torch.compiler.is_compiling() and qkv.shape[4] <= MAX_HEAD_DIM and not reference_only(qkv)):
         return attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
     _check(q, k, v, lengths, rope_base, sm_scale)
+    (qkv,) = _autocast_qkv(qkv)  # a contiguous result that needs a gradient, as qkv
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     if tracing((qkv, lengths)):  # a tensor subclass
         out, _ = torch.ops.interformer.attention_qkv_fwd(qkv, lengths, *flags, _traced_table(q, k, rope_base))

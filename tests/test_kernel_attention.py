@@ -907,6 +907,38 @@ def test_pooled_attention_on_an_empty_batch():
         assert torch.equal(p.grad, torch.zeros_like(p)), p.shape
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["generic", "packed"])
+@pytest.mark.parametrize("rope", [None, 10000.0], ids=["plain", "rotary"])
+def test_attention_under_autocast_gives_the_autocast_dtype(rope, packed):
+    """fp32 q, k, v under a 16-bit autocast (fp16 here, bf16 on a GPU): the output is in the
+    autocast dtype, as the reference's einsums give it (and as this function's own wide-head
+    fallback did), within DESIGN §5's low-precision rule against float64; the gradients come back
+    in fp32. Until this test the kernels ran such inputs in fp32 and returned fp32 (a review's find)."""
+    low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    gen = torch.Generator().manual_seed(17)
+    B, L, H, dh = 3, 9, 2, 16
+    qkv64 = torch.randn(B, L, 3, H, dh, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([L, 0, 5], device=DEVICE)
+    g = torch.randn(B, L, H, dh, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        qkv = qkv64.to(DEVICE, torch.float32).requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=low):
+            out = fn(qkv)
+        (out.float() * g.to(DEVICE, torch.float32)).sum().backward()
+        return out.detach(), qkv.grad
+
+    fused = A.attention_packed if packed else (lambda qkv, *a, **k: A.attention(*qkv.unbind(2), *a, **k))
+    out, dqkv = run(lambda qkv: fused(qkv, lengths, rope_base=rope))
+    eager_out, eager_dqkv = run(lambda qkv: R.attention(*qkv.unbind(2), lengths, rope_base=rope))
+    q64 = qkv64.to(DEVICE).requires_grad_()
+    ref = attention64(*q64.unbind(2), lengths, rope_base=rope)
+    (ref * g.to(DEVICE)).sum().backward()
+    assert out.dtype == eager_out.dtype == low and dqkv.dtype == torch.float32
+    assert_lowp(out, eager_out, ref.detach(), "out")
+    assert_lowp(dqkv, eager_dqkv, q64.grad, "dqkv")
+
+
 @pytest.mark.parametrize("nq,H", [(2, 2), (33, 4)], ids=["fused-backward", "general-backward"])
 def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is(nq, H):
     """Under autocast (fp16 here, bf16 on a GPU) with an fp32 sequence (a standalone module's input;
