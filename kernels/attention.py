@@ -1563,8 +1563,8 @@ def attention(
     _check(q, k, v, lengths, rope_base, sm_scale)
     # wider heads than the register tiles hold, or a torch.func transform, ONNX export (_dispatch.reference_only):
     # the reference, same math
-    if k.shape[3] > MAX_HEAD_DIM or reference_only(k):
-        return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale)
+    if k.shape[3] > MAX_HEAD_DIM or reference_only(k):  # contiguous, as stated (the einsum's output is not)
+        return reference.attention(q, k, v, lengths, causal, rope_base, rope_q, mask_queries, sm_scale).contiguous()
     q, k, v = _autocast_qkv(q, k, v)
     flags = _flags(causal, rope_base, rope_q, mask_queries, sm_scale)
     tensors = (q, k, v, lengths)

@@ -918,8 +918,9 @@ def gated_lce(
             or reference_only(x)):
         from interformer import reference
 
-        # eager's own math and dtypes, autocast included (x's cast is the one eager's einsum makes)
-        return reference.gated_lce(x, weight, bias, gate_weight, gate_bias)
+        # eager's own math and dtypes, autocast included (x's cast is the one eager's einsum makes); contiguous, as
+        # stated (the einsum's [B, n_out, d] is a permuted view)
+        return reference.gated_lce(x, weight, bias, gate_weight, gate_bias).contiguous()
     args = (x, weight, bias, gate_weight, gate_bias)
     if tracing(args):
         return torch.ops.interformer.gated_lce_fwd(*args)

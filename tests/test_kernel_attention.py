@@ -260,6 +260,17 @@ def test_heads_wider_than_128_use_the_reference(monkeypatch):
     assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
+def test_wide_head_reference_output_is_contiguous():
+    """Past the kernels' head width (and under a torch.func transform) :func:`A.attention` returns
+    the reference's result, made contiguous as its docstring states: the reference's einsum gives a
+    permuted view at H > 1 (strides (780, 130, 390, 1) for [2, 3, 2, 130]; a review's find)."""
+    q, k, v = (torch.randn(2, 3, 2, 130, device=DEVICE) for _ in range(3))
+    lengths = torch.tensor([3, 1], device=DEVICE)
+    out = A.attention(q, k, v, lengths)
+    assert out.is_contiguous(), out.stride()
+    assert_rel(out, attention64(q, k, v, lengths), FP32_TOL, "out")
+
+
 def test_length_zero_row_amid_full_rows_large_scores():
     """A zero-length row next to rows whose scores are huge (fp16 overflow territory for naive code)."""
     B, L, H, dh = 3, 33, 2, 16

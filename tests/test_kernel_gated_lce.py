@@ -662,6 +662,20 @@ def test_sizes_past_the_kernel_limits_use_the_reference(n_in, n_out, monkeypatch
         assert_rel(g, r, FP32_TOL, name)
 
 
+@pytest.mark.parametrize("n_in, d", [(5, K.MAX_D + 8), (0, 24)], ids=["wide", "no-tokens"])
+def test_reference_fallback_output_is_contiguous(n_in, d):
+    """Where :func:`K.gated_lce` runs the reference (d past the kernels' limit, x with no tokens) its
+    output is contiguous, as the docstring states: the reference's einsum gives a permuted view
+    (strides (n_out * d, 1, n_out); a review's find), with the same values."""
+    gen = torch.Generator().manual_seed(23)
+    masters = make_masters(2, max(n_in, 1), 3, d, gen)
+    masters[:2] = masters[0][:, :n_in], masters[1][:n_in]
+    args = [m.float().to(DEVICE) for m in masters]
+    out = K.gated_lce(*args)
+    assert out.is_contiguous(), out.stride()
+    assert_rel(out, R.gated_lce(*args), FP32_TOL)
+
+
 def test_fast_math_is_for_16_bit_inputs():
     """``FAST`` (the approximate sigmoid, :func:`gated_lce._fast_math`): fp16 and bf16 inputs, fp32
     never (the correctness mode keeps the exact formulas). The launches pass it so (recorded here
