@@ -1525,7 +1525,7 @@ def _flags(causal, rope_base, rope_q, mask_queries, sm_scale) -> tuple:
 def _autocast_qkv(*ts: torch.Tensor) -> tuple:
     """The tensors in the autocast dtype where autocast is on for their device and they are in
     another, as are the operands of the reference's einsums (whose output is then in that dtype);
-    else as they are. (Until 2026-11-30 the kernels ran fp32 inputs in fp32 under a 16-bit
+    else as they are. (Until 2026-11-29 the kernels ran fp32 inputs in fp32 under a 16-bit
     autocast and returned fp32 where the reference, and this function's own wide-head fallback,
     returned the autocast dtype: a review's find.)"""
     cast = autocast_dtype(ts[0].device.type)
