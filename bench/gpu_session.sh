@@ -32,9 +32,10 @@
 #      fused-narrow-cudagraph or fused-delta-output-cudagraph)) or (dcn_autocast and low and taobao and \
 #      (fwd or full) and (fused-cudagraph or fused-cast-cudagraph)) or (pffn_autocast and taobao and mlp and \
 #      full and (fused-cudagraph or fused-rows32-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
-#      Tests: bench/gpu_rerun.txt's header (794 tests: the fp32 attention backward's pivoted dS, every
+#      Tests: bench/gpu_rerun.txt's header (819 tests: the fp32 attention backward's pivoted dS, every
 #      cross-net kernel as the thirty-eighth session changed them (x0 read in its own dtype under
-#      autocast), the PFFN backward's 16-row blocks for an fp32 s (thirty-ninth session), the gated LCE and the
+#      autocast), the PFFN backward's 16-row blocks for an fp32 s (thirty-ninth session), attention's fp32
+#      inputs under autocast (fortieth), the gated LCE and the
 #      feed-forward block as the thirty-third session changed them, every test that
 #      compiles now that the kept ops are inlined on a GPU by default). Ops (22 rows, selection checked on a CPU with
 #      torch.cuda.is_available patched to True): the feed-forward block at taobao and amazon against
