@@ -172,7 +172,6 @@ def _expect_dtype(module: nn.Module, name: str, t, like) -> None:
                      "torch.autocast)")
 
 
-
 def _one_dtype(tensors) -> bool:
     """Whether the parameters ``tensors`` that a module hands its fused op (None entries skipped)
     share one dtype.
@@ -232,6 +231,7 @@ def _expect_norm_dtypes(module: nn.Module, name: str, x: torch.Tensor, input_dty
         raise ValueError(f"{type(module).__name__}: {name} is {input_dtype} but the norm's parameters are {got}: "
                          f"{when} the norm, like nn.LayerNorm, takes parameters of the input's dtype, or fp32 ones "
                          "with a 16-bit input")
+
 
 __all__ = [
     "GatedLCE",
