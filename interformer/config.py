@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 import operator
@@ -41,7 +42,10 @@ class InterFormerConfig:
     and settings files convert strings before they get here) are refused. A NumPy bool is a bool
     (stored as ``bool``), and the three real numbers are stored as Python ``float`` (a NumPy
     ``float32`` or a ``Fraction`` would not serialise to JSON, and ``nn.Dropout`` fails on a
-    ``Fraction`` only when it first drops in training).
+    ``Fraction`` only when it first drops in training). The three tuple fields take any
+    ordered iterable (a list, a NumPy array); a set or a dict is refused: a set's order is its
+    hashes' (``{2001, 1001, 51, 25}`` was taken as ``(2001, 51, 1001, 25)``, each field given
+    another field's vocabulary) and a dict's entries are its keys.
 
     Decision on the ranges of the real numbers: ``ln_eps`` must be finite and at least the smallest
     normal fp32 number (``2**-126``): the LayerNorm kernels add it in fp32, where a smaller value
@@ -91,7 +95,8 @@ class InterFormerConfig:
             self.dcn_rank = _as_int("dcn_rank", self.dcn_rank)
         for name in _INT_TUPLE_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            if (isinstance(value, (str, bytes, collections.abc.Set, collections.abc.Mapping))
+                    or not hasattr(value, "__iter__")):  # a set has no order, a dict's entries are its keys
                 raise ValueError(f"InterFormerConfig.{name} must be a sequence of integers, got {value!r}")
             setattr(self, name, tuple(_as_int(f"{name}[{i}]", v) for i, v in enumerate(value)))
         for name in _BOOL_FIELDS:

@@ -522,3 +522,19 @@ def test_a_data_parallel_replica_runs_its_checks():
     b["lengths"] = b["lengths"].to("meta")
     with pytest.raises(ValueError, match=r"^lengths: is on meta, expected cpu \(the device of dense\)"):
         replica(**b)
+
+
+@pytest.mark.parametrize("field", ["sparse_vocab_sizes", "seq_vocab_sizes", "head"])
+@pytest.mark.parametrize("kind", ["set", "frozenset", "dict"])
+def test_config_refuses_unordered_tuple_fields(field, kind):
+    """A set of vocabulary sizes was taken in its hashes' order (``{2001, 1001, 51, 25}`` became
+    ``(2001, 51, 1001, 25)``: each field built with another field's vocabulary), and a dict as its
+    keys; both are refused naming the field. Ordered iterables (list, tuple, NumPy array) still pass."""
+    import numpy as np
+
+    values = list(CFG[field])
+    given = {"set": set, "frozenset": frozenset, "dict": dict.fromkeys}[kind](values)
+    with pytest.raises(ValueError, match=rf"^InterFormerConfig\.{field} must be a sequence of integers, got "):
+        InterFormerConfig(**{**CFG, field: given})
+    for ordered in (values, tuple(values), np.array(values)):
+        assert getattr(InterFormerConfig(**{**CFG, field: ordered}), field) == tuple(values)
