@@ -123,7 +123,8 @@ class InterFormerConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if (self.d_model // self.num_heads) % 2:
-            raise ValueError(f"rotary attention needs an even head dim, got {self.d_model // self.num_heads}")
+            raise ValueError(f"rotary attention needs an even head dim, got d_model={self.d_model} / "
+                             f"num_heads={self.num_heads} = {self.d_model // self.num_heads}")
         if self.dense_tokens not in ("single", "per_field"):
             raise ValueError(f"dense_tokens must be 'single' or 'per_field', got {self.dense_tokens!r}")
         if self.backbone not in ("dhen", "dot", "dcn"):
@@ -134,8 +135,11 @@ class InterFormerConfig:
             raise ValueError(f"dcn_rank must be None (full rank) or >= 1, got {self.dcn_rank}")
         if not self.seq_vocab_sizes:
             raise ValueError("seq_vocab_sizes needs at least one behaviour channel")
-        if any(v < 2 for v in self.sparse_vocab_sizes + self.seq_vocab_sizes):
-            raise ValueError("every vocabulary needs size >= 2 (id 0 is reserved for missing/padding)")
+        for name in ("sparse_vocab_sizes", "seq_vocab_sizes"):
+            for i, v in enumerate(getattr(self, name)):
+                if v < 2:
+                    raise ValueError(f"InterFormerConfig.{name}[{i}]: every vocabulary needs size >= 2 (id 0 is "
+                                     f"reserved for missing/padding), got {v}")
         if self.n_tokens < 1:
             raise ValueError("the model needs at least one non-sequence token (n_dense > 0 or a sparse field)")
         if not 0.0 <= self.dropout < 1.0:

@@ -538,3 +538,17 @@ def test_config_refuses_unordered_tuple_fields(field, kind):
         InterFormerConfig(**{**CFG, field: given})
     for ordered in (values, tuple(values), np.array(values)):
         assert getattr(InterFormerConfig(**{**CFG, field: ordered}), field) == tuple(values)
+
+
+@pytest.mark.parametrize("field,sizes,i", [("sparse_vocab_sizes", (10, 1), 1), ("seq_vocab_sizes", (0, 4), 0)])
+def test_config_vocabulary_too_small_names_the_entry(field, sizes, i):
+    """The message named neither the field nor the entry nor the value ("every vocabulary needs size >= 2")."""
+    with pytest.raises(ValueError, match=rf"^InterFormerConfig\.{field}\[{i}\]: every vocabulary needs size >= 2 "
+                                         rf".*, got {sizes[i]}$"):
+        InterFormerConfig(**{**CFG, field: sizes})
+
+
+def test_config_odd_head_dim_names_d_model_and_num_heads():
+    """The message gave the head dim alone ("got 3"), a number that is no field of the config."""
+    with pytest.raises(ValueError, match=r"even head dim, got d_model=6 / num_heads=2 = 3$"):
+        InterFormerConfig(**{**CFG, "d_model": 6, "num_heads": 2})
