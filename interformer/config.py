@@ -42,7 +42,10 @@ class InterFormerConfig:
     and settings files convert strings before they get here) are refused. A NumPy bool is a bool
     (stored as ``bool``), and the three real numbers are stored as Python ``float`` (a NumPy
     ``float32`` or a ``Fraction`` would not serialise to JSON, and ``nn.Dropout`` fails on a
-    ``Fraction`` only when it first drops in training). The three tuple fields take any
+    ``Fraction`` only when it first drops in training). Likewise a ``str`` subclass given for
+    ``dense_tokens``, ``backbone`` or ``pffn_mode`` (a NumPy ``str_``, a ``str`` Enum member) is
+    stored as the plain ``str`` it equals: a checkpoint holds ``to_dict()``, and
+    ``torch.load(weights_only=True)`` refuses a NumPy string in it. The three tuple fields take any
     ordered iterable (a list, a NumPy array); a set or a dict is refused: a set's order is its
     hashes' (``{2001, 1001, 51, 25}`` was taken as ``(2001, 51, 1001, 25)``, each field given
     another field's vocabulary) and a dict's entries are its keys.
@@ -125,6 +128,10 @@ class InterFormerConfig:
         if (self.d_model // self.num_heads) % 2:
             raise ValueError(f"rotary attention needs an even head dim, got d_model={self.d_model} / "
                              f"num_heads={self.num_heads} = {self.d_model // self.num_heads}")
+        for name in _CHOICE_FIELDS:  # a str subclass (numpy.str_, a str Enum) as the plain str it equals
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, str.__str__(value))
         if self.dense_tokens not in ("single", "per_field"):
             raise ValueError(f"dense_tokens must be 'single' or 'per_field', got {self.dense_tokens!r}")
         if self.backbone not in ("dhen", "dot", "dcn"):
@@ -182,6 +189,7 @@ _INT_FIELDS = ("n_dense", "max_seq_len", "d_model", "num_heads", "num_layers", "
                "n_ssum", "dhen_layers", "dcn_layers", "pffn_hidden")
 _INT_TUPLE_FIELDS = ("sparse_vocab_sizes", "seq_vocab_sizes", "head")
 _BOOL_FIELDS = ("causal", "validate_inputs")
+_CHOICE_FIELDS = ("dense_tokens", "backbone", "pffn_mode")  # (backend: check_backend returns a plain str)
 _FLOAT_FIELDS = ("dropout", "rope_base", "ln_eps")
 _FP32_TINY = 2.0**-126  # the smallest normal fp32 number
 

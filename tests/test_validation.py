@@ -552,3 +552,25 @@ def test_config_odd_head_dim_names_d_model_and_num_heads():
     """The message gave the head dim alone ("got 3"), a number that is no field of the config."""
     with pytest.raises(ValueError, match=r"even head dim, got d_model=6 / num_heads=2 = 3$"):
         InterFormerConfig(**{**CFG, "d_model": 6, "num_heads": 2})
+
+
+def test_config_stores_choice_strings_as_plain_str():
+    """A NumPy string (as read from a NumPy or pandas table) or a ``str`` Enum member for
+    ``backbone``, ``pffn_mode`` or ``dense_tokens`` was stored as given: a checkpoint holding
+    ``to_dict()`` then failed ``torch.load(weights_only=True)`` (the trainer's ``load_checkpoint``)."""
+    import enum
+    import io
+
+    import numpy as np
+
+    class Mode(str, enum.Enum):
+        LINEAR = "linear"
+
+    c = InterFormerConfig(**{**CFG, "backbone": np.str_("dot"), "pffn_mode": Mode.LINEAR,
+                             "dense_tokens": np.str_("per_field")})
+    assert (c.backbone, c.pffn_mode, c.dense_tokens) == ("dot", "linear", "per_field")
+    assert all(type(getattr(c, n)) is str for n in ("backbone", "pffn_mode", "dense_tokens", "backend"))
+    buf = io.BytesIO()
+    torch.save({"model_config": c.to_dict()}, buf)
+    buf.seek(0)
+    assert InterFormerConfig(**torch.load(buf, weights_only=True)["model_config"]) == c
