@@ -120,6 +120,19 @@ def check_seed(seed) -> int:
     return n
 
 
+def _generator_seed(where: str, seed) -> int:
+    """``seed`` as an int that ``torch.Generator.manual_seed`` takes (``[-2**63, 2**64 - 1]``; NumPy
+    integers are taken, a bool is refused), else ``ValueError`` naming it. Wider than
+    :func:`check_seed`'s range, since the commands pass ``seed + 1`` .. ``seed + 7`` of a checked
+    seed. Without it a NumPy ``int64`` seed raised ``TypeError: an integer is required`` (where a
+    NumPy ``num_samples`` is taken), and a float, a string or a seed past the range raised an
+    error from the generator that named no argument (``Overflow when unpacking long long``)."""
+    n = _integer(seed)
+    if n is None or not -2**63 <= n <= 2**64 - 1:
+        raise ValueError(f"{where}: seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+    return n
+
+
 def make_synthetic(
     num_samples: int,
     config: Optional[InterFormerConfig] = None,
@@ -134,6 +147,7 @@ def make_synthetic(
     """
     c = config if config is not None else InterFormerConfig()
     num_samples = _count("make_synthetic", "num_samples", num_samples, 0)
+    seed = _generator_seed("make_synthetic", seed)
     if max_seq_len is not None:
         max_seq_len = _count("make_synthetic", "max_seq_len", max_seq_len, 1, " or None (the config's)")
     if len(c.sparse_vocab_sizes) != 4 or len(c.seq_vocab_sizes) != 2:
@@ -198,9 +212,10 @@ def make_synthetic(
 
 
 def iterate_batches(data: Batch, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
-    """Mini-batches of ``data`` (the last one may be smaller). A bad ``batch_size`` raises here, not
-    at the first ``next``."""
-    return _batches(data, _count("iterate_batches", "batch_size", batch_size, 1), shuffle, seed)
+    """Mini-batches of ``data`` (the last one may be smaller). A bad ``batch_size`` or ``seed`` raises
+    here, not at the first ``next``."""
+    return _batches(data, _count("iterate_batches", "batch_size", batch_size, 1), shuffle,
+                    _generator_seed("iterate_batches", seed))
 
 
 def _batches(data: Batch, batch_size: int, shuffle: bool, seed: int) -> Iterator[Batch]:

@@ -99,3 +99,24 @@ def test_iterate_batches_refuses_a_bad_batch_size_when_called():
     for bad in (0, -3, 1.5):
         with pytest.raises(ValueError, match=r"^iterate_batches: batch_size must be an int >= 1"):
             iterate_batches(data, bad)  # before the first next()
+
+
+def test_make_synthetic_and_iterate_batches_check_their_seed():
+    """A NumPy integer seed raised ``TypeError: an integer is required`` (a NumPy ``num_samples`` is
+    taken), and a float, a string or an out-of-range seed raised the generator's own error naming no
+    argument; a bad ``iterate_batches`` seed only at the first ``next``. The whole range the
+    generator takes is kept (the commands pass ``seed + 1`` .. ``seed + 7`` of a checked seed)."""
+    import numpy as np
+
+    cfg = InterFormerConfig(**CONFIG)
+    want = make_synthetic(3, cfg, seed=5)
+    got = make_synthetic(3, cfg, seed=np.int64(5))
+    assert all(torch.equal(a, b) for a, b in zip(got.inputs(), want.inputs()))
+    for edge in (-2**63, 2**64 - 1):
+        assert len(make_synthetic(2, cfg, seed=edge)) == 2
+    for bad in (2**64, -2**63 - 1, 1.5, "3", True, None):
+        with pytest.raises(ValueError, match=r"^make_synthetic: seed must be an integer in \[-2\*\*63, 2\*\*64 - 1\], got "):
+            make_synthetic(3, cfg, seed=bad)
+        with pytest.raises(ValueError, match=r"^iterate_batches: seed must be an integer"):
+            iterate_batches(want, 2, seed=bad)  # before the first next()
+    assert [len(b) for b in iterate_batches(want, 2, seed=np.int64(1))] == [2, 1]
