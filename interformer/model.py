@@ -208,6 +208,14 @@ class InterFormerBlock(nn.Module):
         return x_next, s_next
 
 
+def _check_config(model: nn.Module, config) -> None:
+    """TypeError naming ``model``'s class unless ``config`` is None or an :class:`InterFormerConfig`
+    (a dict of its fields failed with an AttributeError on the first one read)."""
+    if config is not None and not isinstance(config, InterFormerConfig):
+        raise TypeError(f"{type(model).__name__}: config must be an InterFormerConfig (InterFormerConfig(**d) for "
+                        f"a dict of its fields), got {type(config).__name__}")
+
+
 class InterFormer(nn.Module):
     """The InterFormer backbone: tokenizers, ``num_layers`` blocks and a final Cross Arch.
 
@@ -221,6 +229,7 @@ class InterFormer(nn.Module):
 
     def __init__(self, config: Optional[InterFormerConfig] = None) -> None:
         super().__init__()
+        _check_config(self, config)
         self.config = c = config if config is not None else InterFormerConfig()
         self.dense_tokenizer = DenseTokenizer(c.n_dense, c.d_model, c.dense_tokens)
         self.sparse_tokenizer = SparseTokenizer(c.sparse_vocab_sizes, c.d_model, backend=c.backend)
@@ -275,6 +284,7 @@ class InterFormerCTR(nn.Module):
 
     def __init__(self, config: Optional[InterFormerConfig] = None) -> None:
         super().__init__()
+        _check_config(self, config)
         self.backbone = InterFormer(config)
         c = self.config
         layers, width = [], (c.n_sum + c.n_ssum) * c.d_model

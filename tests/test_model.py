@@ -296,6 +296,16 @@ def test_the_model_wires_its_arches_as_design_says(overrides):
     assert bb.blocks[0].cross.summarize_nonseq(x).abs().amax() > 1e-3
 
 
+def test_a_config_of_another_type_is_named():
+    """A dict of config fields (or anything but an InterFormerConfig) is a TypeError naming the
+    model class, where it failed with an AttributeError on the first field read."""
+    from interformer import InterFormer
+
+    for cls in (InterFormerCTR, InterFormer):
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}: config must be an InterFormerConfig .*got dict$"):
+            cls(dict(TINY))
+
+
 def test_defaults_are_designs():
     """DESIGN §3 "Defaults" (and §3's fixed choices: rotary base 10000, DHEN, the mlp PFFN, SiLU)."""
     c = InterFormerConfig()
