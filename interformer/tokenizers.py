@@ -50,8 +50,11 @@ class DenseTokenizer(nn.Module):
             return dense.new_zeros(dense.shape[0], 0, self.d_model)
         if self.mode == "single":
             weight = getattr(self.linear, "weight", None)
-            if isinstance(weight, torch.Tensor):  # (a dynamically quantized layer has a method there, and
-                dense = dense.to(weight.dtype)    # takes the float32 batch as it is: quantize_dynamic works)
+            # (a dynamically quantized layer has a method there, and takes the float32 batch as it is:
+            # quantize_dynamic works; under torch.fx.symbolic_trace the weight is a Proxy, and the cast
+            # is recorded, so that the traced module casts as the module does)
+            if isinstance(weight, (torch.Tensor, torch.fx.Proxy)):
+                dense = dense.to(weight.dtype)
             return self.linear(dense).unsqueeze(1)
         return dense.to(self.weight.dtype).unsqueeze(-1) * self.weight + self.bias
 

@@ -243,6 +243,23 @@ def test_a_dynamically_quantized_model_runs_near_the_float_one(backend):
     assert out.shape == ref.shape and float((out - ref).abs().max()) <= 0.25 * float(ref.std())
 
 
+@pytest.mark.parametrize("mode", ["single", "per_field"])
+def test_dense_tokenizer_traced_by_fx_casts_the_batch_as_the_module(mode):
+    """``torch.fx.symbolic_trace`` of a DenseTokenizer of another dtype than the float32 batch (a
+    ``.half()`` model) records the cast to the parameters' dtype: the traced module gives the
+    module's output. The quantize_dynamic guard (cast only where the layer's weight is a tensor)
+    took the weight's Proxy for a quantized layer's method, and the traced module failed with
+    PyTorch's 'mat1 and mat2 must have the same dtype'."""
+    from interformer.tokenizers import DenseTokenizer
+
+    torch.manual_seed(0)
+    tok = DenseTokenizer(3, 8, mode).half()
+    dense = torch.randn(2, 3)
+    gm = torch.fx.symbolic_trace(tok)
+    out = gm(dense)
+    assert out.dtype == torch.float16 and torch.equal(out, tok(dense))
+
+
 def test_sparse_tokenizer_is_one_lookup_per_field_and_traces():
     """Field j's ids go through table j (the columns are taken with one ``unbind``), and
     ``torch.fx.symbolic_trace`` still records the module (a Proxy cannot be unbound)."""
