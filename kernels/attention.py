@@ -1527,11 +1527,18 @@ def _autocast_qkv(*ts: torch.Tensor) -> tuple:
     another, as are the operands of the reference's einsums (whose output is then in that dtype);
     else as they are. (Until 2026-11-29 the kernels ran fp32 inputs in fp32 under a 16-bit
     autocast and returned fp32 where the reference, and this function's own wide-head fallback,
-    returned the autocast dtype: a review's find.)"""
+    returned the autocast dtype: a review's find.) One tensor given twice (k and v the same object,
+    PMA's folded call ``attention(q, s, s, ...)``) is cast once and stays one object, so the
+    ``SAME_KV`` kernels still take it (cast one by one it became two copies, read and differentiated
+    apart, with autograd adding their gradients)."""
     cast = autocast_dtype(ts[0].device.type)
     if cast is None or all(t.dtype == cast for t in ts):
         return ts
-    return tuple(t.to(cast) for t in ts)
+    out = []
+    for i, t in enumerate(ts):
+        same = [out[j] for j in range(i) if ts[j] is t]
+        out.append(same[0] if same else t.to(cast))
+    return tuple(out)
 
 
 def attention(

@@ -950,6 +950,43 @@ def test_attention_under_autocast_gives_the_autocast_dtype(rope, packed):
     assert_lowp(dqkv, eager_dqkv, q64.grad, "dqkv")
 
 
+def test_one_fp32_tensor_as_k_and_v_under_autocast_stays_one():
+    """fp32 q and one fp32 tensor s given as both k and v (``attention(q, s, s, ...)``, the folded
+    PMA's call) under a 16-bit autocast: the cast to the autocast dtype (``_autocast_qkv``) makes one
+    copy of s, not two, so the forward and backward kernels still take k and v as one tensor
+    (``SAME_KV``: one load a key tile, dk + dv stored as one gradient); cast one by one they lost it.
+    Output and s's gradient within DESIGN §5's low-precision rule against float64."""
+    from interformer.kernel_audit import record_launches
+
+    low = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    gen = torch.Generator().manual_seed(19)
+    B, L, H, dh = 3, 9, 2, 16
+    q64, s64 = torch.randn(1, 2, H, dh, generator=gen, dtype=torch.float64), torch.randn(B, L, H, dh, generator=gen,
+                                                                                           dtype=torch.float64)
+    g = torch.randn(B, 2, H, dh, generator=gen, dtype=torch.float64).to(DEVICE)
+    lengths = torch.tensor([L, 0, 5], device=DEVICE)
+
+    def run(fn):
+        q, s = (t.to(DEVICE, torch.float32).requires_grad_() for t in (q64, s64))
+        with torch.autocast(DEVICE.type, dtype=low):
+            out = fn(q, s, s, lengths, mask_queries=False)
+        (out.float() * g.float()).sum().backward()
+        return out.detach(), s.grad
+
+    with record_launches() as cases:  # (the launches skipped: their constants recorded)
+        run(A.attention)
+    kernels = [(c["kernel"], c["consts"].get("SAME_KV")) for c in cases if c["module"] == A.__name__]
+    assert kernels and all(same for _, same in kernels), kernels
+    out, ds = run(A.attention)
+    eager_out, eager_ds = run(R.attention)
+    q, s = (t.to(DEVICE).requires_grad_() for t in (q64, s64))
+    ref = attention64(q, s, s, lengths, mask_queries=False)
+    (ref * g).sum().backward()
+    assert out.dtype == eager_out.dtype == low and ds.dtype == torch.float32
+    assert_lowp(out, eager_out, ref.detach(), "out")
+    assert_lowp(ds, eager_ds, s.grad, "ds")
+
+
 @pytest.mark.parametrize("nq,H", [(2, 2), (33, 4)], ids=["fused-backward", "general-backward"])
 def test_pooled_attention_under_autocast_reads_the_sequence_as_it_is(nq, H):
     """Under autocast (fp16 here, bf16 on a GPU) with an fp32 sequence (a standalone module's input;
