@@ -32,7 +32,7 @@
 #      fused-narrow-cudagraph or fused-delta-output-cudagraph)) or (dcn_autocast and low and taobao and \
 #      (fwd or full) and (fused-cudagraph or fused-cast-cudagraph)) or (pffn_autocast and taobao and mlp and \
 #      full and (fused-cudagraph or fused-rows32-cudagraph))" bench/gpu_session.sh COMMIT tests ops kernels
-#      Tests: bench/gpu_rerun.txt's header (819 tests: the fp32 attention backward's pivoted dS, every
+#      Tests: bench/gpu_rerun.txt's header (820 tests: the fp32 attention backward's pivoted dS, every
 #      cross-net kernel as the thirty-eighth session changed them (x0 read in its own dtype under
 #      autocast), the PFFN backward's 16-row blocks for an fp32 s (thirty-ninth session), attention's fp32
 #      inputs under autocast (fortieth), the gated LCE and the

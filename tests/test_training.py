@@ -10,7 +10,8 @@ the last 10 events, so the whole history counts). Held-out AUCs seen while choos
 (data seed s, test seed s + 1000, model seed s), sequence vs blanked:
 s=0 0.731 / 0.656, s=1 0.735 / 0.656, s=2 0.724 / 0.663, s=3 0.724 / 0.652, s=4 0.719 / 0.639.
 The model needs a few epochs before it starts to use the history (3 epochs were not enough for
-s=1: 0.678 / 0.671), hence 5. About 30 s on 2 CPU threads.
+s=1: 0.678 / 0.671), hence 5. About 30 s on 2 CPU threads (its share of the cores under pytest-xdist: one thread on a
+2-core machine).
 """
 
 from __future__ import annotations
@@ -51,16 +52,15 @@ def train_and_score(cfg, train: Batch, test: Batch) -> float:
 
 @pytest.fixture(scope="module")
 def aucs():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        cfg = InterFormerConfig(**CONFIG)
-        train = make_synthetic(N_TRAIN, cfg, seed=SEED)
-        test = make_synthetic(N_TEST, cfg, seed=SEED + 1000)
-        with_seq = train_and_score(cfg, train, test)
-        without = train_and_score(cfg, blank(train), blank(test))
-    finally:
-        torch.set_num_threads(threads)
+    # (torch's threads as the process has them: its share of the cores under pytest-xdist,
+    # tests/conftest.py. This fixture set 2, so that on the 2-core CI machine its two threads
+    # shared the cores with the other worker's: on the CPU of 2026-11-29 it took 657 s, where it
+    # had taken about 100 s, as each parallel region waited for a descheduled thread)
+    cfg = InterFormerConfig(**CONFIG)
+    train = make_synthetic(N_TRAIN, cfg, seed=SEED)
+    test = make_synthetic(N_TEST, cfg, seed=SEED + 1000)
+    with_seq = train_and_score(cfg, train, test)
+    without = train_and_score(cfg, blank(train), blank(test))
     print(f"\nheld-out AUC: with sequence {with_seq:.4f}, sequence blanked {without:.4f}")
     return with_seq, without
 
